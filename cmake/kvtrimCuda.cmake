@@ -1,0 +1,42 @@
+# CUDA support: check_language, then a separate INTERFACE target kvtrim::cuda
+# (CUDA::cudart, CCCL from the toolkit, KVTRIM_HAS_CUDA) so the core target
+# never needs nvcc.
+set(KVTRIM_HAS_CUDA OFF)
+string(TOUPPER "${KVTRIM_CUDA}" _kvtrim_cuda_mode)
+if(NOT _kvtrim_cuda_mode MATCHES "^(AUTO|ON|OFF)$")
+  message(FATAL_ERROR "kvtrim: KVTRIM_CUDA must be AUTO, ON or OFF, got '${KVTRIM_CUDA}'")
+endif()
+
+if(NOT _kvtrim_cuda_mode STREQUAL "OFF")
+  include(CheckLanguage)
+  check_language(CUDA)
+  if(CMAKE_CUDA_COMPILER)
+    if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
+      # Hopper (H100/H200) with its arch-specific features; override with
+      # -DCMAKE_CUDA_ARCHITECTURES=80;90a etc.
+      set(CMAKE_CUDA_ARCHITECTURES 90a)
+    endif()
+    enable_language(CUDA)
+    find_package(CUDAToolkit REQUIRED)
+    set(KVTRIM_HAS_CUDA ON)
+  elseif(_kvtrim_cuda_mode STREQUAL "ON")
+    message(FATAL_ERROR "kvtrim: KVTRIM_CUDA=ON but no CUDA compiler was found. Put nvcc on PATH, "
+                        "set CMAKE_CUDA_COMPILER=/path/to/nvcc, or configure with -DKVTRIM_CUDA=AUTO/OFF.")
+  else()
+    message(STATUS "kvtrim: no CUDA compiler found; building the CPU backend only")
+  endif()
+endif()
+
+if(KVTRIM_HAS_CUDA)
+  add_library(kvtrim_cuda INTERFACE)
+  add_library(kvtrim::cuda ALIAS kvtrim_cuda)
+  set_target_properties(kvtrim_cuda PROPERTIES EXPORT_NAME cuda)
+  target_link_libraries(kvtrim_cuda INTERFACE kvtrim::kvtrim CUDA::cudart)
+  target_compile_definitions(kvtrim_cuda INTERFACE KVTRIM_HAS_CUDA=1)
+  target_compile_features(kvtrim_cuda INTERFACE cuda_std_20)
+  # Eigen's headers (for Eigen::half) under nvcc: constexpr host functions are
+  # called from host-device ones, and defaulted members carry annotations nvcc
+  # notes; both are harmless and not ours.
+  target_compile_options(kvtrim_cuda INTERFACE
+    $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr -diag-suppress=20012,20013,20015>)
+endif()

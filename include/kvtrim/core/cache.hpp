@@ -1,0 +1,62 @@
+// kvtrim/core/cache.hpp — an owning cache for examples, tests and quick use.
+//
+// Engines usually hand kvtrim views over their own memory; this type allocates
+// the memory itself (through the scheme's backend: host memory for cpu, device
+// memory for cuda) and exposes the very same view, so nothing downstream knows
+// the difference. Allocation happens once, here, never on a hot path.
+#pragma once
+
+#include <cstddef>
+#include <utility>
+
+namespace kvtrim {
+
+template <class Scheme>
+class cache {
+ public:
+  using scheme_type = Scheme;
+  using view_type = typename Scheme::cache_view;
+  using backend = typename Scheme::backend;
+
+  /// Arguments are those of the layout's view::bytes / view::bind (for
+  /// layout::contiguous: shape, batch, capacity, codec config).
+  template <class... Args>
+  explicit cache(const Args&... args) : bytes_(view_type::bytes(args...)), memory_(backend::allocate(bytes_)) {
+    view_ = view_type::bind(memory_, args...);
+  }
+
+  cache(const cache&) = delete;
+  cache& operator=(const cache&) = delete;
+  cache(cache&& other) noexcept
+      : bytes_(std::exchange(other.bytes_, 0)), memory_(std::exchange(other.memory_, nullptr)), view_(other.view_) {}
+  cache& operator=(cache&& other) noexcept {
+    if (this != &other) {
+      release();
+      bytes_ = std::exchange(other.bytes_, 0);
+      memory_ = std::exchange(other.memory_, nullptr);
+      view_ = other.view_;
+    }
+    return *this;
+  }
+  ~cache() { release(); }
+
+  view_type& view() { return view_; }
+  const view_type& view() const { return view_; }
+  operator view_type&() { return view_; }
+  operator const view_type&() const { return view_; }
+
+  /// Bytes allocated for the stored tokens (what the cache costs in memory).
+  std::size_t bytes() const { return bytes_; }
+
+ private:
+  void release() {
+    if (memory_ != nullptr) backend::deallocate(memory_);
+    memory_ = nullptr;
+  }
+
+  std::size_t bytes_ = 0;
+  void* memory_ = nullptr;
+  view_type view_{};
+};
+
+}  // namespace kvtrim

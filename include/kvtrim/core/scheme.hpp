@@ -1,0 +1,226 @@
+// kvtrim/core/scheme.hpp — a compression scheme: Layout × Scorer × Budget × Codec × Backend.
+//
+// The whole pipeline is written here once, against implementation<Policy, Backend>:
+//
+//   keys, values [B,H,T,D] ─► Scorer ─► scores [B,H,T] ─► Budget ─► keep counts [B·H]
+//        ─► select_top_k ─► selection (CSR, ascending tokens) ─► Layout::compact ─► cache
+//   append(new keys/values) ─► Layout::append;   attend(q [B,Hq,D]) ─► decode_attention
+//
+// Swapping backend::cpu for backend::cuda changes which specialisations run,
+// not this code. Rules about which policies combine are static_asserts with a
+// sentence each, checked when the scheme type is named.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string_view>
+#include <type_traits>
+
+#include "kvtrim/core/cache.hpp"
+#include "kvtrim/core/concepts.hpp"
+#include "kvtrim/core/element.hpp"
+#include "kvtrim/core/implementation.hpp"
+#include "kvtrim/core/selection.hpp"
+#include "kvtrim/core/shape.hpp"
+#include "kvtrim/core/view.hpp"
+#include "kvtrim/core/workspace.hpp"
+
+namespace kvtrim {
+
+namespace detail {
+template <class T, std::size_t Rank, class Space>
+tensor_view<const std::remove_const_t<T>, Rank, Space> as_const(const tensor_view<T, Rank, Space>& view) {
+  return {view.data, view.extents, view.strides};
+}
+}  // namespace detail
+
+template <Layout LayoutT, Scorer ScorerT, Budget BudgetT, Codec CodecT, Backend BackendT>
+struct scheme {
+  static_assert(LayoutT::ragged_heads || !BudgetT::ragged_heads,
+                "kvtrim::scheme: this layout gives every head the same length (e.g. layout::contiguous), but this "
+                "budget gives heads different lengths (e.g. budget::adaptive, budget::per_head); use layout::paged "
+                "or layout::flat, or a uniform budget.");
+  static_assert(LayoutT::ragged_heads || !ScorerT::ragged_heads,
+                "kvtrim::scheme: this layout gives every head the same length (e.g. layout::contiguous), but this "
+                "scorer keeps different lengths per head (score::retrieval_head keeps every token of retrieval "
+                "heads); use layout::paged or layout::flat.");
+  static_assert(implemented_on<ScorerT, BackendT>,
+                "kvtrim::scheme: this scorer has no implementation on this backend (no "
+                "kvtrim::implementation<Scorer, Backend> specialisation; did you include kvtrim/kvtrim.hpp, or "
+                "kvtrim/cuda.cuh for backend::cuda?).");
+  static_assert(implemented_on<BudgetT, BackendT>,
+                "kvtrim::scheme: this budget has no implementation on this backend (no "
+                "kvtrim::implementation<Budget, Backend> specialisation).");
+  static_assert(implemented_on<LayoutT, BackendT>,
+                "kvtrim::scheme: this layout has no implementation on this backend (no "
+                "kvtrim::implementation<Layout, Backend> specialisation).");
+  static_assert(implemented_on<stage::select_top_k, BackendT> && implemented_on<stage::decode_attention, BackendT>,
+                "kvtrim::scheme: this backend lacks the shared stages select_top_k / decode_attention.");
+
+  using layout = LayoutT;
+  using scorer = ScorerT;
+  using budget = BudgetT;
+  using codec = CodecT;
+  using backend = BackendT;
+  using space = typename BackendT::space;
+  using stream_type = typename BackendT::stream_type;
+  using cache_view = typename LayoutT::template view<CodecT, space>;
+  using cache = kvtrim::cache<scheme>;
+
+  /// Longest prefill one compress() call takes (kept token indices are int32).
+  static constexpr std::int64_t max_tokens = 2147483647;
+
+  /// Every runtime knob of the scheme, with the papers' defaults.
+  struct config {
+    typename ScorerT::config score{};
+    typename BudgetT::config budget{};
+    typename CodecT::config codec{};
+
+    void validate(std::string_view function) const {
+      score.validate(function);
+      budget.validate(function);
+      codec.validate(function);
+    }
+  };
+
+  /// An owning cache (allocated through the backend) with capacity slots per head.
+  template <class... Args>
+  static cache make_cache(const Args&... args) {
+    return cache(args...);
+  }
+
+  // ---- compress --------------------------------------------------------------
+
+  /// Scratch bytes compress() needs for `batch` sequences of `tokens` tokens.
+  static std::size_t compress_workspace(const model_shape& shape, std::int64_t batch, std::int64_t tokens,
+                                        const config& cfg) {
+    workspace_carver carver;
+    carve_compress(carver, shape, batch, tokens, cfg);
+    return carver.bytes();
+  }
+
+  /// Scores the prefill's keys, keeps each head's budget, and writes the kept
+  /// tokens into `cache` (replacing what it held). `window_queries` are the
+  /// last queries of the prefill (only scorers with needs_queries read them).
+  template <class KeyT, class QueryT>
+  static void compress(tensor_view<KeyT, 4, space> keys, tensor_view<KeyT, 4, space> values,
+                       tensor_view<QueryT, 4, space> window_queries, cache_view& cache, const config& cfg,
+                       workspace scratch, stream_type stream = {}) {
+    constexpr std::string_view function = "kvtrim::scheme::compress";
+    cfg.validate(function);
+    layout::check(function, cache);
+    const model_shape& shape = cache.shape;
+    const std::int64_t batch = cache.batch;
+    detail::check_view(function, "keys", keys, {batch, shape.kv_heads, -1, shape.head_dim}, true);
+    const std::int64_t tokens = keys.extent(2);
+    if (tokens < 1) detail::fail(function, "keys", "at least one token", "0 tokens");
+    if (tokens > max_tokens)
+      detail::fail(function, "keys", detail::cat("at most ", max_tokens, " tokens (token indices are 32-bit)"),
+                   detail::cat(tokens, " tokens"));
+    detail::check_view(function, "values", values, {batch, shape.kv_heads, tokens, shape.head_dim}, true);
+    if constexpr (ScorerT::needs_queries) {
+      detail::check_view(function, "window_queries", window_queries, {batch, shape.q_heads, -1, shape.head_dim},
+                         true);
+      const std::int64_t window = window_queries.extent(2);
+      if (window < 1 || window > tokens)
+        detail::fail(function, "window_queries", detail::cat("between 1 and ", tokens, " (the prefill length) queries"),
+                     detail::cat(window, " queries"));
+    }
+    const std::int64_t keep_bound = BudgetT::max_keep(cfg.budget, tokens);
+    if constexpr (!LayoutT::ragged_heads) {
+      if (keep_bound > cache.capacity)
+        detail::fail(function, "config.budget.keep", detail::cat("at most the cache capacity = ", cache.capacity,
+                                                                 " tokens per head"),
+                     detail::cat(keep_bound, " tokens (of ", tokens, ")"));
+    }
+    const std::size_t needed = compress_workspace(shape, batch, tokens, cfg);
+    detail::check_workspace(function, scratch, needed);
+
+    workspace_carver carver(scratch);
+    const auto parts = carve_compress(carver, shape, batch, tokens, cfg);
+    const auto keys_in = detail::as_const(keys);
+    const auto values_in = detail::as_const(values);
+    const auto queries_in = detail::as_const(window_queries);
+    const score_view<space> scores{parts.scores, {batch, shape.kv_heads, tokens},
+                                   row_major_strides<3>({batch, shape.kv_heads, tokens})};
+
+    implementation<ScorerT, BackendT>::score(cfg.score, shape, keys_in, values_in, queries_in, scores, stream);
+    implementation<BudgetT, BackendT>::keep_counts(cfg.budget, detail::as_const(scores), parts.keep_counts, stream);
+    implementation<stage::select_top_k, BackendT>::select(detail::as_const(scores), parts.keep_counts, parts.offsets,
+                                                          parts.tokens, parts.select_scratch, stream);
+    const selection_view<space> kept{parts.offsets, parts.tokens, batch * shape.kv_heads};
+    const std::int64_t uniform_keep = BudgetT::ragged_heads || ScorerT::ragged_heads ? -1 : keep_bound;
+    implementation<LayoutT, BackendT>::compact(cache, keys_in, values_in, kept, uniform_keep, stream);
+  }
+
+  /// compress() for scorers that read no queries.
+  template <class KeyT>
+    requires(!ScorerT::needs_queries)
+  static void compress(tensor_view<KeyT, 4, space> keys, tensor_view<KeyT, 4, space> values, cache_view& cache,
+                       const config& cfg, workspace scratch, stream_type stream = {}) {
+    compress(keys, values, tensor_view<const std::remove_const_t<KeyT>, 4, space>{}, cache, cfg, scratch, stream);
+  }
+
+  // ---- append ----------------------------------------------------------------
+
+  /// Appends `new_keys`/`new_values` [B, H, n, D] to every head, after what it holds.
+  template <class KeyT>
+  static void append(cache_view& cache, tensor_view<KeyT, 4, space> new_keys, tensor_view<KeyT, 4, space> new_values,
+                     stream_type stream = {}) {
+    constexpr std::string_view function = "kvtrim::scheme::append";
+    layout::check(function, cache);
+    const model_shape& shape = cache.shape;
+    detail::check_view(function, "new_keys", new_keys, {cache.batch, shape.kv_heads, -1, shape.head_dim}, true);
+    const std::int64_t count = new_keys.extent(2);
+    if (count < 1) detail::fail(function, "new_keys", "at least one token", "0 tokens");
+    detail::check_view(function, "new_values", new_values, {cache.batch, shape.kv_heads, count, shape.head_dim}, true);
+    implementation<LayoutT, BackendT>::append(cache, detail::as_const(new_keys), detail::as_const(new_values), stream);
+  }
+
+  // ---- decode attention ------------------------------------------------------
+
+  /// Scratch bytes attend() needs for this cache as it is now.
+  static std::size_t attend_workspace(const cache_view& cache) {
+    return implementation<stage::decode_attention, BackendT>::workspace_bytes(cache);
+  }
+
+  /// out[b, j] = softmax_i(q[b, j]·k_i / √D) · v_i over every token i the cache
+  /// holds for kv head j / group_size (fp32 softmax and accumulation).
+  template <class QueryT, class OutT>
+  static void attend(tensor_view<QueryT, 3, space> queries, const cache_view& cache, tensor_view<OutT, 3, space> out,
+                     workspace scratch, stream_type stream = {}) {
+    constexpr std::string_view function = "kvtrim::scheme::attend";
+    layout::check(function, cache);
+    const model_shape& shape = cache.shape;
+    detail::check_view(function, "queries", queries, {cache.batch, shape.q_heads, shape.head_dim}, true);
+    detail::check_view(function, "out", out, {cache.batch, shape.q_heads, shape.head_dim}, true);
+    detail::check_workspace(function, scratch, attend_workspace(cache));
+    implementation<stage::decode_attention, BackendT>::attend(detail::as_const(queries), cache, out, scratch, stream);
+  }
+
+ private:
+  struct compress_parts {
+    float* scores = nullptr;
+    std::int32_t* keep_counts = nullptr;
+    std::int64_t* offsets = nullptr;
+    std::int32_t* tokens = nullptr;
+    workspace select_scratch{};
+  };
+
+  template <class Carver>
+  static compress_parts carve_compress(Carver& carver, const model_shape& shape, std::int64_t batch,
+                                       std::int64_t tokens, const config& cfg) {
+    const std::int64_t heads = batch * shape.kv_heads;
+    compress_parts parts;
+    parts.scores = carver.template take<float>(heads * tokens);
+    parts.keep_counts = carver.template take<std::int32_t>(heads);
+    parts.offsets = carver.template take<std::int64_t>(heads + 1);
+    parts.tokens = carver.template take<std::int32_t>(heads * BudgetT::max_keep(cfg.budget, tokens));
+    const std::size_t select_bytes = implementation<stage::select_top_k, BackendT>::workspace_bytes(heads, tokens);
+    parts.select_scratch = workspace{carver.template take<std::byte>(static_cast<std::int64_t>(select_bytes)),
+                                     select_bytes};
+    return parts;
+  }
+};
+
+}  // namespace kvtrim

@@ -1,0 +1,60 @@
+// kvtrim/core/workspace.hpp — scratch space, the CUB way.
+//
+// Hot calls never allocate. Each call that needs scratch has a sibling
+// `*_workspace(...)` returning the bytes it needs; the caller hands that much
+// memory back (host memory for backend::cpu, device memory for backend::cuda).
+// Both the sizing and the real call carve the buffer with the same
+// `workspace_carver` code path, so the two can never disagree.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string_view>
+
+#include "kvtrim/core/error.hpp"
+
+namespace kvtrim {
+
+/// Caller-owned scratch memory.
+struct workspace {
+  void* data = nullptr;
+  std::size_t bytes = 0;
+};
+
+/// Cuts aligned pieces out of a workspace. Constructed without memory it only
+/// counts bytes (sizing pass); with memory it hands out pointers (real pass).
+class workspace_carver {
+ public:
+  static constexpr std::size_t alignment = 256;  // a full cache-line group; what CUB uses
+
+  workspace_carver() = default;
+  explicit workspace_carver(workspace memory) : memory_(memory) {}
+
+  /// Reserves `count` objects of T; returns nullptr in the sizing pass.
+  template <class T>
+  T* take(std::int64_t count) {
+    const std::size_t begin = (used_ + alignment - 1) / alignment * alignment;
+    used_ = begin + static_cast<std::size_t>(count > 0 ? count : 0) * sizeof(T);
+    if (memory_.data == nullptr) return nullptr;
+    return reinterpret_cast<T*>(static_cast<std::byte*>(memory_.data) + begin);
+  }
+
+  /// Bytes reserved so far, padding included.
+  std::size_t bytes() const { return used_; }
+
+ private:
+  workspace memory_{};
+  std::size_t used_ = 0;
+};
+
+namespace detail {
+/// Throws unless the caller's workspace holds `needed` bytes.
+inline void check_workspace(std::string_view function, const workspace& given, std::size_t needed) {
+  if (needed > 0 && given.data == nullptr)
+    fail(function, "workspace", cat("a buffer of ", needed, " bytes (ask the matching *_workspace function)"),
+         "nullptr");
+  if (given.bytes < needed)
+    fail(function, "workspace", cat("at least ", needed, " bytes"), cat(given.bytes, " bytes"));
+}
+}  // namespace detail
+}  // namespace kvtrim
