@@ -1,6 +1,6 @@
 // A type that is not a Scorer (no config, no needs_queries) is rejected by the
 // Scorer concept, and the compiler names the concept.
-// expect-error: satisfaction of .Scorer<ScorerT>
+// expect-error: satisfaction of .*Scorer<ScorerT>
 #include <kvtrim/kvtrim.hpp>
 
 struct not_a_scorer {};
