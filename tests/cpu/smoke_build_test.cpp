@@ -1,3 +1,9 @@
 #include <gtest/gtest.h>
-#include <kvtrim/kvtrim.hpp>
-TEST(Build, Compiles) { EXPECT_EQ(kvtrim::version_major, 0); }
+
+#include "common/oracle.hpp"
+#include "common/tensors.hpp"
+
+TEST(Build, TestHelpersCompile) {
+  auto keys = kvtrim::testing::random_tensor<kvtrim::half, 4>({1, 1, 3, 4}, 1, 1.0f, {0, 0, 1, 2});
+  EXPECT_FALSE(keys.view.is_contiguous());
+}
