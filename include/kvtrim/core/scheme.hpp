@@ -34,6 +34,20 @@ tensor_view<const std::remove_const_t<T>, Rank, Space> as_const(const tensor_vie
 }
 }  // namespace detail
 
+/// The runtime knobs of a scheme: one config struct per policy that has knobs.
+template <Scorer ScorerT, Budget BudgetT, Codec CodecT>
+struct scheme_config {
+  typename ScorerT::config score{};
+  typename BudgetT::config budget{};
+  typename CodecT::config codec{};
+
+  void validate(std::string_view function) const {
+    score.validate(function);
+    budget.validate(function);
+    codec.validate(function);
+  }
+};
+
 template <Layout LayoutT, Scorer ScorerT, Budget BudgetT, Codec CodecT, Backend BackendT>
 struct scheme {
   static_assert(LayoutT::ragged_heads || !BudgetT::ragged_heads,
@@ -70,18 +84,9 @@ struct scheme {
   /// Longest prefill one compress() call takes (kept token indices are int32).
   static constexpr std::int64_t max_tokens = 2147483647;
 
-  /// Every runtime knob of the scheme, with the papers' defaults.
-  struct config {
-    typename ScorerT::config score{};
-    typename BudgetT::config budget{};
-    typename CodecT::config codec{};
-
-    void validate(std::string_view function) const {
-      score.validate(function);
-      budget.validate(function);
-      codec.validate(function);
-    }
-  };
+  /// Every runtime knob of the scheme, with the papers' defaults (the same
+  /// type for every backend, so one config drives the CPU and the GPU).
+  using config = scheme_config<ScorerT, BudgetT, CodecT>;
 
   /// An owning cache (allocated through the backend) with capacity slots per head.
   template <class... Args>
