@@ -8,12 +8,14 @@
 //    block each, sized so one wave of blocks fills the GPU even for batch 1;
 //    each block writes its partial output and log-sum-exp to the workspace and
 //    a second kernel merges them: out = Σ_s 2^(lse_s − lse) · o_s.
-//  * Inside a block, `LanesPerToken = head_dim / 8` lanes share a token row,
-//    each holding 8 elements (one 16-byte load for 16-bit types); a warp holds
-//    32 / LanesPerToken tokens at once and `Unroll` of them are in flight per
-//    lane before the first is used. Dot products finish with xor-shuffles inside
-//    the lane group; softmax is online (running max m, sum l, accumulator) in
-//    fp32, in base 2 with log2(e)/√D folded into the query.
+//  * K/V tiles (16 KB each for 16-bit storage) stream into shared memory
+//    through a 4-stage cp.async pipeline: 64 KB in flight per block without
+//    spending registers on it, which is what keeps HBM busy.
+//  * Inside a block, `lanes_per_token = head_dim / 8` lanes share a token row,
+//    each reading 8 elements (16 bytes for 16-bit types) from shared memory and
+//    widening them once; dot products finish with xor-shuffles inside the lane
+//    group; softmax is online (running max m, sum l, accumulator) in fp32, in
+//    base 2 with log2(e)/√D folded into the query.
 //  * Partial states of the token groups are merged through shared memory.
 // Same math as the CPU reference (backend/cpu/decode_attention.hpp).
 #pragma once
@@ -35,10 +37,39 @@ namespace cuda_detail {
 
 inline constexpr int decode_warps = 4;
 inline constexpr int decode_threads = decode_warps * 32;
+/// Tokens each lane group handles per tile.
 inline constexpr int decode_unroll = 4;
 /// A split never gets fewer tokens than this (below it the merge costs more than it saves).
 inline constexpr std::int64_t decode_min_tokens_per_split = 128;
 inline constexpr std::int64_t decode_max_splits = 256;
+
+/// Compile-time geometry of one decode block.
+template <int HeadDim, class StoreT, int Group>
+struct decode_geometry {
+  static constexpr int lanes_per_token = HeadDim / 8;               // 8 elements per lane
+  static constexpr int tokens_per_warp = 32 / lanes_per_token;
+  static constexpr int token_groups = decode_warps * tokens_per_warp;
+  static constexpr int tile_tokens = token_groups * decode_unroll;  // 16 KB of K+V per tile for 16-bit types
+  static constexpr int tile_elements = tile_tokens * HeadDim;
+  static constexpr int chunk_elements = 16 / static_cast<int>(sizeof(StoreT));  // one cp.async moves 16 bytes
+  static constexpr int chunks_per_row = HeadDim / chunk_elements;
+  /// Tiles in flight: 4 for 16-bit storage (64 KB), 2 for fp32 (the same bytes).
+  static constexpr int stages = sizeof(StoreT) == 2 ? 4 : 2;
+  static constexpr std::size_t pipeline_bytes = std::size_t{stages} * 2 * tile_elements * sizeof(StoreT);
+  static constexpr std::size_t merge_bytes = std::size_t{token_groups} * Group * (HeadDim + 2) * sizeof(float);
+  static constexpr std::size_t shared_bytes = pipeline_bytes > merge_bytes ? pipeline_bytes : merge_bytes;
+};
+
+/// 16-byte asynchronous global → shared copy; `bytes` = 0 zero-fills the destination.
+__device__ __forceinline__ void copy_async16(void* shared_destination, const void* global_source, int bytes) {
+  const auto destination = static_cast<unsigned>(__cvta_generic_to_shared(shared_destination));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(destination), "l"(global_source), "r"(bytes));
+}
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int Pending>
+__device__ __forceinline__ void copy_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
+}
 
 template <class View, class QueryT, class OutT>
 struct decode_params {
@@ -54,18 +85,21 @@ struct decode_params {
   float query_scale;  // log2(e) / √head_dim
 };
 
+/// One block: one (split, kv head, sequence). K/V tiles stream through a
+/// `stages`-deep cp.async pipeline in shared memory (bytes in flight do not
+/// cost registers); lane groups read their rows from shared memory.
 template <int HeadDim, int Group, class StoreT, class View, class QueryT, class OutT>
 __global__ void __launch_bounds__(decode_threads)
     decode_attention_split(const __grid_constant__ decode_params<View, QueryT, OutT> params) {
-  constexpr int lanes_per_token = HeadDim / 8;
-  constexpr int tokens_per_warp = 32 / lanes_per_token;
-  constexpr int token_groups = decode_warps * tokens_per_warp;
-  constexpr int tokens_per_step = token_groups * decode_unroll;
+  using geometry = decode_geometry<HeadDim, StoreT, Group>;
+  constexpr int lanes_per_token = geometry::lanes_per_token;
+  constexpr int token_groups = geometry::token_groups;
+  constexpr int tile_tokens = geometry::tile_tokens;
+  constexpr int stages = geometry::stages;
   constexpr float negative_infinity = -std::numeric_limits<float>::infinity();
 
-  __shared__ float shared_max[token_groups][Group];
-  __shared__ float shared_sum[token_groups][Group];
-  __shared__ float shared_accumulator[token_groups][Group][HeadDim];
+  extern __shared__ __align__(16) unsigned char shared_memory[];
+  auto* tiles = reinterpret_cast<StoreT*>(shared_memory);  // [stages][keys, values][tile_tokens][HeadDim]
 
   const View& cache = params.cache;
   const int split = blockIdx.x;
@@ -73,12 +107,38 @@ __global__ void __launch_bounds__(decode_threads)
   const std::int64_t b = blockIdx.z;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int token_group = warp * tokens_per_warp + lane / lanes_per_token;
+  const int token_group = warp * geometry::tokens_per_warp + lane / lanes_per_token;
   const int first_dim = (lane % lanes_per_token) * 8;
 
   const std::int64_t length = cache.head_length(b, h);
   const std::int64_t begin = split * params.tokens_per_split;
   const std::int64_t end = std::min<std::int64_t>(length, begin + params.tokens_per_split);
+  const int tile_count = end > begin ? static_cast<int>((end - begin + tile_tokens - 1) / tile_tokens) : 0;
+
+  const auto* keys = reinterpret_cast<const StoreT*>(cache.storage.keys);
+  const auto* values = reinterpret_cast<const StoreT*>(cache.storage.values);
+
+  // Every thread moves tile_tokens · chunks_per_row / decode_threads 16-byte chunks of K and of V.
+  const auto issue_tile = [&](int tile) {
+    StoreT* key_tile = tiles + (tile % stages) * 2 * geometry::tile_elements;
+    StoreT* value_tile = key_tile + geometry::tile_elements;
+    const std::int64_t first_token = begin + std::int64_t{tile} * tile_tokens;
+    for (int chunk = threadIdx.x; chunk < tile_tokens * geometry::chunks_per_row; chunk += decode_threads) {
+      const int row = chunk / geometry::chunks_per_row;
+      const int column = (chunk % geometry::chunks_per_row) * geometry::chunk_elements;
+      const std::int64_t token = first_token + row;
+      const bool valid = token < end;
+      const std::int64_t source = valid ? cache.slot(b, h, token) * HeadDim + column : 0;
+      copy_async16(key_tile + row * HeadDim + column, keys + source, valid ? 16 : 0);
+      copy_async16(value_tile + row * HeadDim + column, values + source, valid ? 16 : 0);
+    }
+  };
+
+#pragma unroll
+  for (int tile = 0; tile < stages - 1; ++tile) {
+    if (tile < tile_count) issue_tile(tile);
+    copy_async_commit();  // empty groups keep the group count uniform
+  }
 
   float query[Group][8];
 #pragma unroll
@@ -97,63 +157,84 @@ __global__ void __launch_bounds__(decode_threads)
     for (int i = 0; i < 8; ++i) accumulator[g][i] = 0.0f;
   }
 
-  const auto* keys = reinterpret_cast<const StoreT*>(cache.storage.keys);
-  const auto* values = reinterpret_cast<const StoreT*>(cache.storage.values);
+  for (int tile = 0; tile < tile_count; ++tile) {
+    if (tile + stages - 1 < tile_count) issue_tile(tile + stages - 1);
+    copy_async_commit();
+    copy_async_wait<stages - 1>();  // this tile's group has landed
+    __syncthreads();
 
-  for (std::int64_t step = begin; step < end; step += tokens_per_step) {
-    packed8<StoreT> key[decode_unroll], value[decode_unroll];
-    bool valid[decode_unroll];
+    const StoreT* key_tile = tiles + (tile % stages) * 2 * geometry::tile_elements;
+    const StoreT* value_tile = key_tile + geometry::tile_elements;
+    const std::int64_t first_token = begin + std::int64_t{tile} * tile_tokens;
+
+    float score[Group][decode_unroll];
 #pragma unroll
     for (int u = 0; u < decode_unroll; ++u) {
-      const std::int64_t token = step + u * token_groups + token_group;
-      valid[u] = token < end;
-      if (valid[u]) {
-        const std::int64_t row = cache.slot(b, h, token) * HeadDim + first_dim;
-        key[u] = load_packed8(keys + row);
-        value[u] = load_packed8(values + row);
-      } else {
-        key[u] = value[u] = zero_packed8<StoreT>();
-      }
-    }
+      const int row = u * token_groups + token_group;
+      const bool valid = first_token + row < end;
+      const auto key = *reinterpret_cast<const packed8<StoreT>*>(key_tile + row * HeadDim + first_dim);
+      float key_row[8];
 #pragma unroll
-    for (int g = 0; g < Group; ++g) {
-      float score[decode_unroll];
+      for (int i = 0; i < 8; ++i) key_row[i] = key[i];
 #pragma unroll
-      for (int u = 0; u < decode_unroll; ++u) {
+      for (int g = 0; g < Group; ++g) {
         float dot = 0.0f;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) dot = fmaf(query[g][i], key[u][i], dot);
+        for (int i = 0; i < 8; ++i) dot = fmaf(query[g][i], key_row[i], dot);
 #pragma unroll
         for (int offset = lanes_per_token / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-        score[u] = valid[u] ? dot : negative_infinity;
+        score[g][u] = valid ? dot : negative_infinity;
       }
-      float step_max = running_max[g];
+    }
+
+    float weight[Group][decode_unroll];
 #pragma unroll
-      for (int u = 0; u < decode_unroll; ++u) step_max = fmaxf(step_max, score[u]);
-      if (step_max == negative_infinity) continue;  // no valid token yet for this lane group
-      const float rescale = exp2f(running_max[g] - step_max);
-      running_max[g] = step_max;
+    for (int g = 0; g < Group; ++g) {
+      float tile_max = running_max[g];
+#pragma unroll
+      for (int u = 0; u < decode_unroll; ++u) tile_max = fmaxf(tile_max, score[g][u]);
+      // A lane group that has seen only padding keeps its empty state (avoids −∞ − −∞).
+      const float rescale = tile_max == negative_infinity ? 1.0f : exp2f(running_max[g] - tile_max);
+      running_max[g] = tile_max;
       running_sum[g] *= rescale;
 #pragma unroll
       for (int i = 0; i < 8; ++i) accumulator[g][i] *= rescale;
 #pragma unroll
       for (int u = 0; u < decode_unroll; ++u) {
-        const float weight = exp2f(score[u] - step_max);  // 0 for invalid tokens
-        running_sum[g] += weight;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) accumulator[g][i] = fmaf(weight, value[u][i], accumulator[g][i]);
+        weight[g][u] = tile_max == negative_infinity ? 0.0f : exp2f(score[g][u] - tile_max);
+        running_sum[g] += weight[g][u];
       }
     }
-  }
 
-  // Merge the token groups' partial states.
+#pragma unroll
+    for (int u = 0; u < decode_unroll; ++u) {
+      const int row = u * token_groups + token_group;
+      const auto value = *reinterpret_cast<const packed8<StoreT>*>(value_tile + row * HeadDim + first_dim);
+      float value_row[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) value_row[i] = value[i];  // padding rows are zero-filled
+#pragma unroll
+      for (int g = 0; g < Group; ++g)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) accumulator[g][i] = fmaf(weight[g][u], value_row[i], accumulator[g][i]);
+    }
+    __syncthreads();  // the next iteration refills this stage
+  }
+  copy_async_wait<0>();
+  __syncthreads();
+
+  // Merge the token groups' partial states through (reused) shared memory.
+  auto* shared_max = reinterpret_cast<float*>(shared_memory);           // [token_groups][Group]
+  auto* shared_sum = shared_max + token_groups * Group;                  // [token_groups][Group]
+  auto* shared_accumulator = shared_sum + token_groups * Group;          // [token_groups][Group][HeadDim]
 #pragma unroll
   for (int g = 0; g < Group; ++g) {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) shared_accumulator[token_group][g][first_dim + i] = accumulator[g][i];
+    for (int i = 0; i < 8; ++i)
+      shared_accumulator[(token_group * Group + g) * HeadDim + first_dim + i] = accumulator[g][i];
     if (first_dim == 0) {
-      shared_max[token_group][g] = running_max[g];
-      shared_sum[token_group][g] = running_sum[g];
+      shared_max[token_group * Group + g] = running_max[g];
+      shared_sum[token_group * Group + g] = running_sum[g];
     }
   }
   __syncthreads();
@@ -163,14 +244,15 @@ __global__ void __launch_bounds__(decode_threads)
     const int d = index % HeadDim;
     float block_max = negative_infinity;
 #pragma unroll
-    for (int t = 0; t < token_groups; ++t) block_max = fmaxf(block_max, shared_max[t][g]);
+    for (int t = 0; t < token_groups; ++t) block_max = fmaxf(block_max, shared_max[t * Group + g]);
     float sum = 0.0f, output = 0.0f;
     if (block_max != negative_infinity) {
 #pragma unroll
       for (int t = 0; t < token_groups; ++t) {
-        const float weight = shared_max[t][g] == negative_infinity ? 0.0f : exp2f(shared_max[t][g] - block_max);
-        sum += weight * shared_sum[t][g];
-        output += weight * shared_accumulator[t][g][d];
+        const float group_max = shared_max[t * Group + g];
+        const float scale = group_max == negative_infinity ? 0.0f : exp2f(group_max - block_max);
+        sum += scale * shared_sum[t * Group + g];
+        output += scale * shared_accumulator[(t * Group + g) * HeadDim + d];
       }
     }
     const std::int64_t q_head = h * Group + g;
@@ -256,11 +338,16 @@ struct implementation<stage::decode_attention, backend::cuda> {
       cuda_detail::dispatch_group_size(cache.shape.group_size(), function, [&](auto group_constant) {
         constexpr int group = decltype(group_constant)::value;
         const auto kernel = cuda_detail::decode_attention_split<head_dim, group, store_type, View, query_type, out_type>;
+        constexpr std::size_t shared_bytes = cuda_detail::decode_geometry<head_dim, store_type, group>::shared_bytes;
+        // Above 48 KB a kernel must opt in to dynamic shared memory (once per instantiation).
+        static const cudaError_t opted_in = cudaFuncSetAttribute(
+            kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes));
+        detail::check_cuda(opted_in, function, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
         // One wave of blocks fills the GPU: size the split count by this
-        // kernel's real occupancy (registers differ with head_dim and group).
+        // kernel's real occupancy (shared memory and registers differ per instantiation).
         int blocks_per_multiprocessor = 0;
         detail::check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_multiprocessor, kernel,
-                                                                         cuda_detail::decode_threads, 0),
+                                                                         cuda_detail::decode_threads, shared_bytes),
                            function, "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
         const int splits = cuda_detail::decode_splits(
             cache.batch * cache.shape.kv_heads, cache.length,
@@ -283,7 +370,7 @@ struct implementation<stage::decode_attention, backend::cuda> {
                                  static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(head_dim)))};
         const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(cache.shape.kv_heads),
                         static_cast<unsigned>(cache.batch));
-        kernel<<<grid, cuda_detail::decode_threads, 0, stream>>>(params);
+        kernel<<<grid, cuda_detail::decode_threads, shared_bytes, stream>>>(params);
         detail::check_launch(function, "decode_attention_split");
         if (splits > 1) {
           const auto rows = static_cast<unsigned>(cache.batch * cache.shape.q_heads);
