@@ -70,6 +70,54 @@ struct alignas(16) packed8 {
   __device__ __forceinline__ float operator[](int i) const { return to_float(elements[i]); }
 };
 
+/// Widens all eight elements (pairwise conversions for 16-bit types).
+template <class T>
+__device__ __forceinline__ void widen(const packed8<T>& packed, float (&out)[8]) {
+#pragma unroll
+  for (int i = 0; i < 8; i += 2) {
+    if constexpr (std::is_same_v<T, __half>) {
+      const float2 pair = __half22float2(*reinterpret_cast<const __half2*>(&packed.elements[i]));
+      out[i] = pair.x, out[i + 1] = pair.y;
+    } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      const float2 pair = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&packed.elements[i]));
+      out[i] = pair.x, out[i + 1] = pair.y;
+    } else {
+      out[i] = packed.elements[i], out[i + 1] = packed.elements[i + 1];
+    }
+  }
+}
+
+/// Sums each of `values[0..Count)` over the `Lanes` consecutive lanes of a lane
+/// group (Count ≤ Lanes, both powers of two) and leaves every lane with all
+/// Count sums. A plain butterfly costs Count · log2(Lanes) shuffles; this one
+/// first halves the values at each step (lanes with the step's bit set keep the
+/// upper half, their partners the lower), so a lane ends with the sum for
+/// value index lane_in_group / (Lanes / Count), then finishes the low bits and
+/// gathers: (Count − 1) + log2(Lanes / Count) + Count shuffles.
+template <int Lanes, int Count>
+__device__ __forceinline__ void lane_group_sum(float (&values)[Count]) {
+  static_assert(Count <= Lanes && (Lanes & (Lanes - 1)) == 0 && (Count & (Count - 1)) == 0);
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int offset = Lanes / 2, remaining = Count; remaining > 1; offset /= 2, remaining /= 2) {
+    const bool upper = lane & offset;
+#pragma unroll
+    for (int j = 0; j < remaining / 2; ++j) {
+      const float send = upper ? values[j] : values[j + remaining / 2];
+      const float keep = upper ? values[j + remaining / 2] : values[j];
+      values[j] = keep + __shfl_xor_sync(0xffffffffu, send, offset);
+    }
+  }
+#pragma unroll
+  for (int offset = Lanes / Count / 2; offset > 0; offset /= 2) values[0] += __shfl_xor_sync(0xffffffffu, values[0], offset);
+  if constexpr (Count > 1) {
+    const float mine = values[0];
+    const int group_base = lane & ~(Lanes - 1);
+#pragma unroll
+    for (int j = 0; j < Count; ++j) values[j] = __shfl_sync(0xffffffffu, mine, group_base + j * (Lanes / Count));
+  }
+}
+
 template <class T>
 __device__ __forceinline__ packed8<T> load_packed8(const T* source) {
   packed8<T> result;

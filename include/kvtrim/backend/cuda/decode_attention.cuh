@@ -13,8 +13,8 @@
 //    spending registers on it, which is what keeps HBM busy.
 //  * Inside a block, `lanes_per_token = head_dim / 8` lanes share a token row,
 //    each reading 8 elements (16 bytes for 16-bit types) from shared memory and
-//    widening them once; dot products finish with xor-shuffles inside the lane
-//    group; softmax is online (running max m, sum l, accumulator) in fp32, in
+//    widening them once; the Group dot products finish with one transposed
+//    shuffle reduction inside the lane group (lane_group_sum); softmax is online (running max m, sum l, accumulator) in fp32, in
 //    base 2 with log2(e)/√D folded into the query.
 //  * Partial states of the token groups are merged through shared memory.
 // Same math as the CPU reference (backend/cpu/decode_attention.hpp).
@@ -172,19 +172,18 @@ __global__ void __launch_bounds__(decode_threads)
     for (int u = 0; u < decode_unroll; ++u) {
       const int row = u * token_groups + token_group;
       const bool valid = first_token + row < end;
-      const auto key = *reinterpret_cast<const packed8<StoreT>*>(key_tile + row * HeadDim + first_dim);
       float key_row[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) key_row[i] = key[i];
+      widen(*reinterpret_cast<const packed8<StoreT>*>(key_tile + row * HeadDim + first_dim), key_row);
+      float dots[Group];
 #pragma unroll
       for (int g = 0; g < Group; ++g) {
-        float dot = 0.0f;
+        dots[g] = 0.0f;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) dot = fmaf(query[g][i], key_row[i], dot);
-#pragma unroll
-        for (int offset = lanes_per_token / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-        score[g][u] = valid ? dot : negative_infinity;
+        for (int i = 0; i < 8; ++i) dots[g] = fmaf(query[g][i], key_row[i], dots[g]);
       }
+      lane_group_sum<lanes_per_token>(dots);
+#pragma unroll
+      for (int g = 0; g < Group; ++g) score[g][u] = valid ? dots[g] : negative_infinity;
     }
 
     float weight[Group][decode_unroll];
@@ -209,10 +208,8 @@ __global__ void __launch_bounds__(decode_threads)
 #pragma unroll
     for (int u = 0; u < decode_unroll; ++u) {
       const int row = u * token_groups + token_group;
-      const auto value = *reinterpret_cast<const packed8<StoreT>*>(value_tile + row * HeadDim + first_dim);
-      float value_row[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) value_row[i] = value[i];  // padding rows are zero-filled
+      float value_row[8];  // padding rows are zero-filled
+      widen(*reinterpret_cast<const packed8<StoreT>*>(value_tile + row * HeadDim + first_dim), value_row);
 #pragma unroll
       for (int g = 0; g < Group; ++g)
 #pragma unroll
