@@ -13,7 +13,8 @@ print(f"device: {torch_rows[0]['device']}, torch {torch_rows[0]['torch']}, measu
 print("| batch | tokens | q heads | kv heads | head dim | kvtrim µs | kvtrim TB/s | % of copy | torch µs | torch TB/s | kvtrim speed / torch |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
 for row in torch_rows:
-    key = f"batch:{row['batch']}/tokens:{row['tokens']}/q_heads:{row['q_heads']}/kv_heads:{row['kv_heads']}/head_dim:{row['head_dim']}"
+    key = (f"batch:{row['batch']}/tokens:{row['tokens']}/q_heads:{row['q_heads']}/kv_heads:{row['kv_heads']}/"
+           f"head_dim:{row['head_dim']}/")
     match = [b for b in kvtrim["benchmarks"] if key in b["name"]]
     if not match:
         continue
@@ -21,3 +22,4 @@ for row in torch_rows:
     print(f"| {row['batch']} | {row['tokens']} | {row['q_heads']} | {row['kv_heads']} | {row['head_dim']} | "
           f"{ours['median_us']:.1f} | {ours['cache_TBps']:.2f} | {100 * ours.get('fraction_of_copy', float('nan')):.1f} | "
           f"{row['median_us']:.1f} | {row['cache_TBps']:.2f} | {row['median_us'] / ours['median_us']:.2f}× |")
+

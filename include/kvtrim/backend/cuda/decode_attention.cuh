@@ -8,9 +8,9 @@
 //    block each, sized so one wave of blocks fills the GPU even for batch 1;
 //    each block writes its partial output and log-sum-exp to the workspace and
 //    a second kernel merges them: out = Σ_s 2^(lse_s − lse) · o_s.
-//  * K/V tiles (16 KB each for 16-bit storage) stream into shared memory
-//    through a 4-stage cp.async pipeline: 64 KB in flight per block without
-//    spending registers on it, which is what keeps HBM busy.
+//  * K/V tiles (32 KB each for 16-bit storage) stream into shared memory
+//    through a 3-stage cp.async pipeline: up to 96 KB in flight per block
+//    without spending registers on it, which is what keeps HBM busy.
 //  * Inside a block, `lanes_per_token = head_dim / 8` lanes share a token row,
 //    each reading 8 elements (16 bytes for 16-bit types) from shared memory and
 //    widening them once; the Group dot products finish with one transposed
@@ -35,7 +35,7 @@ namespace kvtrim {
 
 namespace cuda_detail {
 
-inline constexpr int decode_warps = 4;
+inline constexpr int decode_warps = 8;
 inline constexpr int decode_threads = decode_warps * 32;
 /// Tokens each lane group handles per tile.
 inline constexpr int decode_unroll = 4;
@@ -49,12 +49,12 @@ struct decode_geometry {
   static constexpr int lanes_per_token = HeadDim / 8;               // 8 elements per lane
   static constexpr int tokens_per_warp = 32 / lanes_per_token;
   static constexpr int token_groups = decode_warps * tokens_per_warp;
-  static constexpr int tile_tokens = token_groups * decode_unroll;  // 16 KB of K+V per tile for 16-bit types
+  static constexpr int tile_tokens = token_groups * decode_unroll;  // 32 KB of K+V per tile for 16-bit types
   static constexpr int tile_elements = tile_tokens * HeadDim;
   static constexpr int chunk_elements = 16 / static_cast<int>(sizeof(StoreT));  // one cp.async moves 16 bytes
   static constexpr int chunks_per_row = HeadDim / chunk_elements;
-  /// Tiles in flight: 4 for 16-bit storage (64 KB), 2 for fp32 (the same bytes).
-  static constexpr int stages = sizeof(StoreT) == 2 ? 4 : 2;
+  /// Tiles in flight: 3 for 16-bit storage (96 KB: two blocks per SM), 2 for fp32.
+  static constexpr int stages = sizeof(StoreT) == 2 ? 3 : 2;
   static constexpr std::size_t pipeline_bytes = std::size_t{stages} * 2 * tile_elements * sizeof(StoreT);
   static constexpr std::size_t merge_bytes = std::size_t{token_groups} * Group * (HeadDim + 2) * sizeof(float);
   static constexpr std::size_t shared_bytes = pipeline_bytes > merge_bytes ? pipeline_bytes : merge_bytes;
@@ -63,7 +63,7 @@ struct decode_geometry {
 /// 16-byte asynchronous global → shared copy; `bytes` = 0 zero-fills the destination.
 __device__ __forceinline__ void copy_async16(void* shared_destination, const void* global_source, int bytes) {
   const auto destination = static_cast<unsigned>(__cvta_generic_to_shared(shared_destination));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(destination), "l"(global_source), "r"(bytes));
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(destination), "l"(global_source), "r"(bytes));
 }
 __device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int Pending>
@@ -289,6 +289,8 @@ __global__ void __launch_bounds__(HeadDim) merge_decode_splits(const float* part
 /// How many chunks each head's tokens are cut into: enough blocks for one full
 /// wave of the GPU, never fewer than decode_min_tokens_per_split tokens each.
 inline int decode_splits(std::int64_t heads, std::int64_t length, int resident_blocks) {
+  // More splits than one wave measured no faster (2×, 4×, 8× the wave: within
+  // 1%) and half a wave 25% slower; see docs/results.md.
   const std::int64_t by_occupancy = std::max<std::int64_t>(1, resident_blocks / std::max<std::int64_t>(heads, 1));
   const std::int64_t by_length = std::max<std::int64_t>(1, length / decode_min_tokens_per_split);
   return static_cast<int>(std::min({by_occupancy, by_length, decode_max_splits}));
