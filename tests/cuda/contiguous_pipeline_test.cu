@@ -18,7 +18,7 @@ using kt::testing::device_tensor;
 
 namespace {
 
-struct pipeline_case {
+struct pipeline_case {  // printed by the name generator below
   std::int64_t batch, kv_heads, group, head_dim, tokens;
   kt::keep_amount keep;
   bool strided;  // inputs padded on every axis (non-contiguous views)
@@ -136,7 +136,12 @@ INSTANTIATE_TEST_SUITE_P(
         // 32768: a long head split across many blocks
         pipeline_case{1, 2, 4, 128, 32768, kt::keep_ratio{1.0}, false, 1},
         pipeline_case{2, 1, 8, 64, 32768, kt::keep_ratio{0.25}, false, 0},
-        pipeline_case{1, 1, 1, 128, 32768, kt::keep_tokens{4100}, true, 2}));
+        pipeline_case{1, 1, 1, 128, 32768, kt::keep_tokens{4100}, true, 2}),
+    [](const ::testing::TestParamInfo<pipeline_case>& info) {
+      const pipeline_case& c = info.param;
+      return kt::detail::cat("b", c.batch, "_kv", c.kv_heads, "_g", c.group, "_d", c.head_dim, "_t", c.tokens,
+                             c.strided ? "_strided" : "_dense", "_append", c.appended, "_", info.index);
+    });
 
 TEST(ContiguousPipelineErrors, UnsupportedHeadDimNamesTheArgument) {
   KVTRIM_SKIP_WITHOUT_GPU();

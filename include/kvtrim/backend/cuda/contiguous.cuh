@@ -20,11 +20,6 @@ namespace kvtrim {
 
 namespace cuda_detail {
 
-template <class T>
-struct is_plain_codec : std::false_type {};
-template <class T>
-struct is_plain_codec<codec::plain<T>> : std::true_type {};
-
 /// Where rows come from and go to. `tokens`/`offsets` null: row r reads token r.
 template <class InT, class StoreT>
 struct row_copy {
@@ -88,7 +83,7 @@ void launch_copy_rows(std::string_view function, layout::contiguous::view<CodecT
                       const kv_view<KeyT, device_space>& keys, const kv_view<KeyT, device_space>& values,
                       const std::int64_t* offsets, const std::int32_t* tokens, std::int64_t rows_per_head,
                       std::int64_t first_row, cudaStream_t stream) {
-  static_assert(is_plain_codec<CodecT>::value,
+  static_assert(codec::is_plain<CodecT>,
                 "kvtrim: backend::cuda stores layout::contiguous caches with codec::fp16 / bf16 / fp32 for now");
   using in_type = device_element_t<KeyT>;
   using store_type = device_element_t<typename CodecT::element>;

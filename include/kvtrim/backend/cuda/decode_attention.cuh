@@ -319,7 +319,7 @@ struct implementation<stage::decode_attention, backend::cuda> {
                      const tensor_view<OutT, 3, device_space>& out, workspace scratch, cudaStream_t stream) {
     static_assert(std::is_same_v<typename View::layout_type, layout::contiguous>,
                   "kvtrim: backend::cuda decode attention reads layout::contiguous caches for now");
-    static_assert(cuda_detail::is_plain_codec<typename View::codec>::value,
+    static_assert(codec::is_plain<typename View::codec>,
                   "kvtrim: backend::cuda decode attention reads codec::fp16 / bf16 / fp32 for now");
     using store_type = cuda_detail::device_element_t<typename View::codec::element>;
     using query_type = cuda_detail::device_element_t<QueryT>;
