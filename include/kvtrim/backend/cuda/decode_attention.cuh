@@ -85,6 +85,42 @@ struct decode_params {
   float query_scale;  // log2(e) / √head_dim
 };
 
+/// Combines the block's partial softmax states (max, sum, unnormalised output
+/// per part and query head, in shared memory) and writes the block's result:
+/// the output itself when there is one split, else the split's normalised
+/// partial output and its log-sum-exp (base 2) for merge_decode_splits.
+template <int HeadDim, int Group, int Parts, int Threads, class Params>
+__device__ __forceinline__ void finish_block(const Params& params, const float* shared_max, const float* shared_sum,
+                                             const float* shared_accumulator, int split, std::int64_t h,
+                                             std::int64_t b) {
+  constexpr float negative_infinity = -std::numeric_limits<float>::infinity();
+  for (int index = threadIdx.x; index < Group * HeadDim; index += Threads) {
+    const int g = index / HeadDim;
+    const int d = index % HeadDim;
+    float block_max = negative_infinity;
+#pragma unroll
+    for (int part = 0; part < Parts; ++part) block_max = fmaxf(block_max, shared_max[part * Group + g]);
+    float sum = 0.0f, output = 0.0f;
+    if (block_max != negative_infinity) {
+#pragma unroll
+      for (int part = 0; part < Parts; ++part) {
+        const float part_max = shared_max[part * Group + g];
+        const float scale = part_max == negative_infinity ? 0.0f : exp2f(part_max - block_max);
+        sum += scale * shared_sum[part * Group + g];
+        output += scale * shared_accumulator[(part * Group + g) * HeadDim + d];
+      }
+    }
+    const std::int64_t q_head = h * Group + g;
+    if (params.splits == 1) {
+      params.out[b * params.out_batch_stride + q_head * params.out_head_stride + d] = from_float<std::remove_pointer_t<decltype(params.out)>>(output / sum);
+    } else {
+      const std::int64_t partial = (b * gridDim.y * Group + q_head) * params.splits + split;
+      params.partial_out[partial * HeadDim + d] = sum > 0.0f ? output / sum : 0.0f;
+      if (d == 0) params.partial_lse[partial] = sum > 0.0f ? block_max + log2f(sum) : negative_infinity;
+    }
+  }
+}
+
 /// One block: one (split, kv head, sequence). K/V tiles stream through a
 /// `stages`-deep cp.async pipeline in shared memory (bytes in flight do not
 /// cost registers); lane groups read their rows from shared memory.
@@ -236,31 +272,235 @@ __global__ void __launch_bounds__(decode_threads)
   }
   __syncthreads();
 
-  for (int index = threadIdx.x; index < Group * HeadDim; index += decode_threads) {
-    const int g = index / HeadDim;
-    const int d = index % HeadDim;
-    float block_max = negative_infinity;
-#pragma unroll
-    for (int t = 0; t < token_groups; ++t) block_max = fmaxf(block_max, shared_max[t * Group + g]);
-    float sum = 0.0f, output = 0.0f;
-    if (block_max != negative_infinity) {
-#pragma unroll
-      for (int t = 0; t < token_groups; ++t) {
-        const float group_max = shared_max[t * Group + g];
-        const float scale = group_max == negative_infinity ? 0.0f : exp2f(group_max - block_max);
-        sum += scale * shared_sum[t * Group + g];
-        output += scale * shared_accumulator[(t * Group + g) * HeadDim + d];
-      }
+  finish_block<HeadDim, Group, token_groups, decode_threads>(params, shared_max, shared_sum, shared_accumulator, split,
+                                                            h, b);
+}
+
+// ---- tensor-core variant (GQA groups of 4 and 8, 16-bit storage) ------------
+//
+// At G ≥ 4 the CUDA-core kernel spends 2·G fp32 FMAs per cached element and
+// can no longer keep up with HBM (half the copy bandwidth at G = 8). Here the
+// products run on the tensor cores (mma.sync m16n8k16, fp32 accumulate), as in
+// FlashAttention-2: S = Q·Kᵀ with the group's query heads as the 16 rows
+// (heads ≥ G are zero padding), then O += P·V with P taken straight from S's
+// accumulator layout. Each warp owns 16 tokens of every 64-token tile. K/V
+// rows are padded by 16 bytes in shared memory so the 8 rows an ldmatrix reads
+// fall in distinct banks. The attention weights P are rounded to the storage
+// type (fp16/bf16) for the P·V product — FlashAttention's choice; the softmax
+// itself (max, exp2, sums) stays in fp32.
+
+template <int HeadDim, class StoreT, int Group>
+struct tensor_core_geometry {
+  static constexpr int warps = 4;
+  static constexpr int threads = warps * 32;
+  static constexpr int tile_tokens = warps * 16;
+  static constexpr int row_stride = HeadDim + 8;  // elements; +16 bytes per row
+  static constexpr int tile_elements = tile_tokens * row_stride;
+  static constexpr int chunks_per_row = HeadDim / 8;
+  static constexpr int stages = HeadDim <= 128 ? 3 : 2;
+  static constexpr std::size_t pipeline_bytes = std::size_t{stages} * 2 * tile_elements * sizeof(StoreT);
+  static constexpr std::size_t merge_bytes = std::size_t{warps} * Group * (HeadDim + 2) * sizeof(float);
+  static constexpr std::size_t shared_bytes = pipeline_bytes > merge_bytes ? pipeline_bytes : merge_bytes;
+};
+
+__device__ __forceinline__ void load_matrix_x4(unsigned (&fragment)[4], const void* shared_row) {
+  const auto address = static_cast<unsigned>(__cvta_generic_to_shared(shared_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(fragment[0]), "=r"(fragment[1]), "=r"(fragment[2]), "=r"(fragment[3])
+               : "r"(address));
+}
+__device__ __forceinline__ void load_matrix_x4_transposed(unsigned (&fragment)[4], const void* shared_row) {
+  const auto address = static_cast<unsigned>(__cvta_generic_to_shared(shared_row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(fragment[0]), "=r"(fragment[1]), "=r"(fragment[2]), "=r"(fragment[3])
+               : "r"(address));
+}
+
+/// c += a · b for one m16n8k16 tile, 16-bit inputs, fp32 accumulators.
+template <class T>
+__device__ __forceinline__ void mma_16x8x16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+/// Two floats rounded to T and packed as one 32-bit register (low = first).
+template <class T>
+__device__ __forceinline__ unsigned pack2(float low, float high) {
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 pair = __floats2half2_rn(low, high);
+    return *reinterpret_cast<const unsigned*>(&pair);
+  } else {
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(low, high);
+    return *reinterpret_cast<const unsigned*>(&pair);
+  }
+}
+
+template <int HeadDim, int Group, class StoreT, class View, class QueryT, class OutT>
+__global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::threads)
+    decode_attention_tensor_core(const __grid_constant__ decode_params<View, QueryT, OutT> params) {
+  using geometry = tensor_core_geometry<HeadDim, StoreT, Group>;
+  static_assert(sizeof(StoreT) == 2 && Group <= 8, "tensor-core decode: 16-bit storage, groups of at most 8");
+  constexpr int tile_tokens = geometry::tile_tokens;
+  constexpr int row_stride = geometry::row_stride;
+  constexpr int stages = geometry::stages;
+  constexpr int k_steps = HeadDim / 16;
+  constexpr int output_tiles = HeadDim / 8;
+  constexpr float negative_infinity = -std::numeric_limits<float>::infinity();
+
+  extern __shared__ __align__(16) unsigned char shared_memory[];
+  auto* tiles = reinterpret_cast<StoreT*>(shared_memory);  // [stages][keys, values][tile_tokens][row_stride]
+
+  const View& cache = params.cache;
+  const int split = blockIdx.x;
+  const std::int64_t h = blockIdx.y;
+  const std::int64_t b = blockIdx.z;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int quad = lane % 4;
+  const int head_row = lane / 4;  // this lane's accumulator row: query head h·G + head_row when < G
+
+  const std::int64_t length = cache.head_length(b, h);
+  const std::int64_t begin = split * params.tokens_per_split;
+  const std::int64_t end = std::min<std::int64_t>(length, begin + params.tokens_per_split);
+  const int tile_count = end > begin ? static_cast<int>((end - begin + tile_tokens - 1) / tile_tokens) : 0;
+  const auto* keys = reinterpret_cast<const StoreT*>(cache.storage.keys);
+  const auto* values = reinterpret_cast<const StoreT*>(cache.storage.values);
+
+  const auto issue_tile = [&](int tile) {
+    StoreT* key_tile = tiles + (tile % stages) * 2 * geometry::tile_elements;
+    StoreT* value_tile = key_tile + geometry::tile_elements;
+    const std::int64_t first_token = begin + std::int64_t{tile} * tile_tokens;
+    for (int chunk = threadIdx.x; chunk < tile_tokens * geometry::chunks_per_row; chunk += geometry::threads) {
+      const int row = chunk / geometry::chunks_per_row;
+      const int column = (chunk % geometry::chunks_per_row) * 8;
+      const std::int64_t token = first_token + row;
+      const bool valid = token < end;
+      const std::int64_t source = valid ? cache.slot(b, h, token) * HeadDim + column : 0;
+      copy_async16(key_tile + row * row_stride + column, keys + source, valid ? 16 : 0);
+      copy_async16(value_tile + row * row_stride + column, values + source, valid ? 16 : 0);
     }
-    const std::int64_t q_head = h * Group + g;
-    if (params.splits == 1) {
-      params.out[b * params.out_batch_stride + q_head * params.out_head_stride + d] = from_float<OutT>(output / sum);
-    } else {
-      const std::int64_t partial = (b * gridDim.y * Group + q_head) * params.splits + split;
-      params.partial_out[partial * HeadDim + d] = sum > 0.0f ? output / sum : 0.0f;
-      if (d == 0) params.partial_lse[partial] = sum > 0.0f ? block_max + log2f(sum) : negative_infinity;
+  };
+#pragma unroll
+  for (int tile = 0; tile < stages - 1; ++tile) {
+    if (tile < tile_count) issue_tile(tile);
+    copy_async_commit();
+  }
+
+  // Q as the A operand (rows = query heads of the group; rows ≥ G and 8..15 are zero).
+  unsigned query_fragment[k_steps][2];  // a0 (dims k..k+7), a2 (dims k+8..k+15) of row head_row
+#pragma unroll
+  for (int step = 0; step < k_steps; ++step)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float first = 0.0f, second = 0.0f;
+      if (head_row < Group) {
+        const QueryT* row =
+            params.queries + b * params.query_batch_stride + (h * Group + head_row) * params.query_head_stride;
+        const int dim = step * 16 + half * 8 + 2 * quad;
+        first = to_float(row[dim]);
+        second = to_float(row[dim + 1]);
+      }
+      query_fragment[step][half] = pack2<StoreT>(first, second);
+    }
+
+  float output[output_tiles][4];
+#pragma unroll
+  for (int tile = 0; tile < output_tiles; ++tile)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) output[tile][i] = 0.0f;
+  float running_max = negative_infinity;  // of row head_row, identical across the quad
+  float running_sum = 0.0f;               // this lane's columns only; summed over the quad at the end
+
+  for (int tile = 0; tile < tile_count; ++tile) {
+    if (tile + stages - 1 < tile_count) issue_tile(tile + stages - 1);
+    copy_async_commit();
+    copy_async_wait<stages - 1>();
+    __syncthreads();
+
+    const StoreT* key_rows = tiles + (tile % stages) * 2 * geometry::tile_elements + warp * 16 * row_stride;
+    const StoreT* value_rows = key_rows + geometry::tile_elements;
+
+    float score_tile[2][4] = {};  // S for this warp's 16 tokens: [token block of 8][accumulator]
+#pragma unroll
+    for (int step = 0; step < k_steps; ++step) {
+      unsigned key_fragment[4];
+      load_matrix_x4(key_fragment, key_rows + ((lane % 8) + (lane / 16) * 8) * row_stride + step * 16 + ((lane / 8) % 2) * 8);
+      const unsigned a[4] = {query_fragment[step][0], 0u, query_fragment[step][1], 0u};
+      mma_16x8x16<StoreT>(score_tile[0], a, key_fragment[0], key_fragment[1]);
+      mma_16x8x16<StoreT>(score_tile[1], a, key_fragment[2], key_fragment[3]);
+    }
+
+    const std::int64_t first_token = begin + std::int64_t{tile} * tile_tokens + warp * 16;
+    float score[4];
+#pragma unroll
+    for (int block = 0; block < 2; ++block)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const bool valid = first_token + block * 8 + 2 * quad + e < end;
+        score[block * 2 + e] = valid ? score_tile[block][e] * params.query_scale : negative_infinity;
+      }
+    float tile_max = running_max;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) tile_max = fmaxf(tile_max, score[i]);
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+    const float rescale = tile_max == negative_infinity ? 1.0f : exp2f(running_max - tile_max);
+    running_max = tile_max;
+    float weight[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) weight[i] = tile_max == negative_infinity ? 0.0f : exp2f(score[i] - tile_max);
+    running_sum = running_sum * rescale + (weight[0] + weight[1] + weight[2] + weight[3]);
+#pragma unroll
+    for (int tile_index = 0; tile_index < output_tiles; ++tile_index)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) output[tile_index][i] *= rescale;
+
+    // P from S's accumulator layout is already the A operand of P·V (rows 8..15 zero).
+    const unsigned weight_fragment[4] = {pack2<StoreT>(weight[0], weight[1]), 0u, pack2<StoreT>(weight[2], weight[3]), 0u};
+#pragma unroll
+    for (int pair = 0; pair < output_tiles / 2; ++pair) {
+      unsigned value_fragment[4];
+      load_matrix_x4_transposed(value_fragment,
+                                value_rows + ((lane % 8) + ((lane / 8) % 2) * 8) * row_stride + pair * 16 + (lane / 16) * 8);
+      mma_16x8x16<StoreT>(output[2 * pair], weight_fragment, value_fragment[0], value_fragment[1]);
+      mma_16x8x16<StoreT>(output[2 * pair + 1], weight_fragment, value_fragment[2], value_fragment[3]);
+    }
+    __syncthreads();
+  }
+  copy_async_wait<0>();
+  __syncthreads();
+
+  running_sum += __shfl_xor_sync(0xffffffffu, running_sum, 1);
+  running_sum += __shfl_xor_sync(0xffffffffu, running_sum, 2);
+
+  auto* shared_max = reinterpret_cast<float*>(shared_memory);             // [warps][Group]
+  auto* shared_sum = shared_max + geometry::warps * Group;                 // [warps][Group]
+  auto* shared_accumulator = shared_sum + geometry::warps * Group;         // [warps][Group][HeadDim]
+  if (head_row < Group) {
+#pragma unroll
+    for (int tile_index = 0; tile_index < output_tiles; ++tile_index)
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+        shared_accumulator[(warp * Group + head_row) * HeadDim + tile_index * 8 + 2 * quad + e] = output[tile_index][e];
+    if (quad == 0) {
+      shared_max[warp * Group + head_row] = running_max;
+      shared_sum[warp * Group + head_row] = running_sum;
     }
   }
+  __syncthreads();
+  finish_block<HeadDim, Group, geometry::warps, geometry::threads>(params, shared_max, shared_sum, shared_accumulator,
+                                                                   split, h, b);
 }
 
 /// out[b, j, :] = Σ_s 2^(lse_s − max) o_s / Σ_s 2^(lse_s − max).
@@ -306,7 +546,7 @@ struct implementation<stage::decode_attention, backend::cuda> {
   /// choose: the occupancy bound of 2048 threads per SM (16 blocks of 128).
   template <class View>
   static std::size_t workspace_bytes(const View& cache) {
-    const int most_resident = backend::cuda::multiprocessor_count() * (2048 / cuda_detail::decode_threads);
+    const int most_resident = backend::cuda::multiprocessor_count() * (2048 / 128);  // 128 = fewest threads per block
     const int splits = cuda_detail::decode_splits(cache.batch * cache.shape.kv_heads, cache.length, most_resident);
     if (splits == 1) return 0;
     workspace_carver carver;
@@ -336,18 +576,30 @@ struct implementation<stage::decode_attention, backend::cuda> {
       constexpr int head_dim = decltype(head_dim_constant)::value;
       cuda_detail::dispatch_group_size(cache.shape.group_size(), function, [&](auto group_constant) {
         constexpr int group = decltype(group_constant)::value;
-        const auto kernel = cuda_detail::decode_attention_split<head_dim, group, store_type, View, query_type, out_type>;
-        constexpr std::size_t shared_bytes = cuda_detail::decode_geometry<head_dim, store_type, group>::shared_bytes;
-        // Above 48 KB a kernel must opt in to dynamic shared memory (once per instantiation).
-        static const cudaError_t opted_in = cudaFuncSetAttribute(
-            kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes));
-        detail::check_cuda(opted_in, function, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+        // Groups of 4 and 8 over 16-bit storage run on the tensor cores; the rest on CUDA cores.
+        constexpr bool tensor_cores = sizeof(store_type) == 2 && group >= 4;
+        using tensor_core_geometry = cuda_detail::tensor_core_geometry<head_dim, store_type, group>;
+        using cuda_core_geometry = cuda_detail::decode_geometry<head_dim, store_type, group>;
+        constexpr std::size_t shared_bytes =
+            tensor_cores ? tensor_core_geometry::shared_bytes : cuda_core_geometry::shared_bytes;
+        constexpr int threads = tensor_cores ? tensor_core_geometry::threads : cuda_detail::decode_threads;
+        const auto kernel = [&] {
+          if constexpr (tensor_cores)
+            return cuda_detail::decode_attention_tensor_core<head_dim, group, store_type, View, query_type, out_type>;
+          else
+            return cuda_detail::decode_attention_split<head_dim, group, store_type, View, query_type, out_type>;
+        }();
+        // Above 48 KB a kernel must opt in to dynamic shared memory (per device, so on every call;
+        // it is a host-side attribute write, no synchronisation).
+        detail::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                static_cast<int>(shared_bytes)),
+                           function, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
         // One wave of blocks fills the GPU: size the split count by this
         // kernel's real occupancy (shared memory and registers differ per instantiation).
         int blocks_per_multiprocessor = 0;
-        detail::check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_multiprocessor, kernel,
-                                                                         cuda_detail::decode_threads, shared_bytes),
-                           function, "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+        detail::check_cuda(
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_multiprocessor, kernel, threads, shared_bytes),
+            function, "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
         const int splits = cuda_detail::decode_splits(
             cache.batch * cache.shape.kv_heads, cache.length,
             backend::cuda::multiprocessor_count() * std::max(blocks_per_multiprocessor, 1));
@@ -369,8 +621,8 @@ struct implementation<stage::decode_attention, backend::cuda> {
                                  static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(head_dim)))};
         const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(cache.shape.kv_heads),
                         static_cast<unsigned>(cache.batch));
-        kernel<<<grid, cuda_detail::decode_threads, shared_bytes, stream>>>(params);
-        detail::check_launch(function, "decode_attention_split");
+        kernel<<<grid, threads, shared_bytes, stream>>>(params);
+        detail::check_launch(function, tensor_cores ? "decode_attention_tensor_core" : "decode_attention_split");
         if (splits > 1) {
           const auto rows = static_cast<unsigned>(cache.batch * cache.shape.q_heads);
           cuda_detail::merge_decode_splits<head_dim, out_type><<<rows, head_dim, 0, stream>>>(
