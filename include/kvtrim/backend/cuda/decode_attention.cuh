@@ -291,13 +291,15 @@ __global__ void __launch_bounds__(decode_threads)
 
 template <int HeadDim, class StoreT, int Group>
 struct tensor_core_geometry {
-  static constexpr int warps = 4;
+  static constexpr int warps = HeadDim <= 128 ? 8 : 4;
   static constexpr int threads = warps * 32;
   static constexpr int tile_tokens = warps * 16;
   static constexpr int row_stride = HeadDim + 8;  // elements; +16 bytes per row
   static constexpr int tile_elements = tile_tokens * row_stride;
   static constexpr int chunks_per_row = HeadDim / 8;
-  static constexpr int stages = HeadDim <= 128 ? 3 : 2;
+  static constexpr std::size_t stage_bytes = std::size_t{2} * tile_elements * sizeof(StoreT);
+  /// As many stages as fit in ~200 KB of shared memory, between 2 and 4.
+  static constexpr int stages = static_cast<int>(std::clamp<std::size_t>(204800 / stage_bytes, 2, 4));
   static constexpr std::size_t pipeline_bytes = std::size_t{stages} * 2 * tile_elements * sizeof(StoreT);
   static constexpr std::size_t merge_bytes = std::size_t{warps} * Group * (HeadDim + 2) * sizeof(float);
   static constexpr std::size_t shared_bytes = pipeline_bytes > merge_bytes ? pipeline_bytes : merge_bytes;
