@@ -39,6 +39,7 @@
 #include "kvtrim/core/shape.hpp"
 #include "kvtrim/core/workspace.hpp"
 #include "kvtrim/layout/detail/compensation.hpp"
+#include "kvtrim/layout/detail/storage.hpp"
 
 namespace kvtrim::layout {
 
@@ -142,19 +143,15 @@ struct flat {
     static view carve(workspace_carver& carver, const model_shape& shape, std::int64_t batch, const pool_size& pool,
                       const typename CodecT::config& codec_config) {
       const std::int64_t heads = batch * shape.kv_heads;
-      const std::size_t storage_bytes = CodecT::storage_bytes(codec_config, pool.slots, heads, shape.head_dim);
-      std::byte* storage_memory = carver.take<std::byte>(static_cast<std::int64_t>(storage_bytes));
       view result;
-      if (storage_memory != nullptr)
-        result.storage = CodecT::template bind<Space>(codec_config, storage_memory, pool.slots, heads, shape.head_dim);
+      result.storage = detail::carve_codec_storage<CodecT, Space>(carver, codec_config, pool.slots, heads, shape.head_dim);
       result.shape = shape;
       result.batch = batch;
       result.capacity = pool.slots;
       result.offsets = carver.take<std::int64_t>(heads + 1);
       result.lengths = carver.take<std::int64_t>(heads);
       result.repacks = carver.take<std::int64_t>(1);
-      result.compensation.index = carver.take<std::int32_t>(heads);
-      result.compensation.bias = carver.take<float>(heads);
+      result.compensation = detail::compensation_table::carve(carver, heads);
       return result;
     }
   };

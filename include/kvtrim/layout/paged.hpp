@@ -39,6 +39,7 @@
 #include "kvtrim/core/shape.hpp"
 #include "kvtrim/core/workspace.hpp"
 #include "kvtrim/layout/detail/compensation.hpp"
+#include "kvtrim/layout/detail/storage.hpp"
 
 namespace kvtrim::layout {
 
@@ -145,11 +146,8 @@ struct paged {
                       const typename CodecT::config& codec_config) {
       const std::int64_t heads = batch * shape.kv_heads;
       const std::int64_t slots = pool.pages * pool.page_size;
-      const std::size_t storage_bytes = CodecT::storage_bytes(codec_config, slots, heads, shape.head_dim);
-      std::byte* storage_memory = carver.take<std::byte>(static_cast<std::int64_t>(storage_bytes));
       view result;
-      if (storage_memory != nullptr)
-        result.storage = CodecT::template bind<Space>(codec_config, storage_memory, slots, heads, shape.head_dim);
+      result.storage = detail::carve_codec_storage<CodecT, Space>(carver, codec_config, slots, heads, shape.head_dim);
       result.shape = shape;
       result.batch = batch;
       result.page_size = pool.page_size;
@@ -159,8 +157,7 @@ struct paged {
       result.last_page_len = carver.take<std::int32_t>(heads);
       result.free_pages = carver.take<std::int32_t>(pool.pages);
       result.free_count = carver.take<std::int32_t>(1);
-      result.compensation.index = carver.take<std::int32_t>(heads);
-      result.compensation.bias = carver.take<float>(heads);
+      result.compensation = detail::compensation_table::carve(carver, heads);
       return result;
     }
   };

@@ -13,7 +13,7 @@
 #include <string_view>
 
 #include "kvtrim/backend/cpu.hpp"
-#include "kvtrim/backend/cpu/contiguous.hpp"  // detail::encode_input_token
+#include "kvtrim/backend/cpu/detail/ragged_writes.hpp"
 #include "kvtrim/core/implementation.hpp"
 #include "kvtrim/core/selection.hpp"
 #include "kvtrim/layout/flat.hpp"
@@ -34,12 +34,7 @@ struct implementation<layout::flat, backend::cpu> {
     for (std::int64_t head = 0; head < kept.heads; ++head) cache.lengths[head] = kept.count(head);
     cache.place_evenly();
     cache.compensation.clear(cache.heads());
-    for (std::int64_t head = 0; head < kept.heads; ++head) {
-      const std::int64_t b = head / cache.shape.kv_heads;
-      const std::int64_t h = head % cache.shape.kv_heads;
-      for (std::int64_t i = 0; i < kept.count(head); ++i)
-        detail::encode_input_token(cache, keys, values, b, h, kept.tokens[kept.offsets[head] + i], cache.slot(b, h, i));
-    }
+    for (std::int64_t head = 0; head < kept.heads; ++head) detail::encode_kept_tokens(cache, keys, values, kept, head);
   }
 
   /// Appends new_keys/new_values [B, H, n, D] to every head.
@@ -116,8 +111,7 @@ struct implementation<layout::flat, backend::cpu> {
   static void write_next(const View& cache, const kv_view<KeyT>& new_keys, const kv_view<KeyT>& new_values,
                          std::int64_t b, std::int64_t h, std::int64_t count) {
     const std::int64_t length = cache.head_length(b, h);
-    for (std::int64_t i = 0; i < count; ++i)
-      detail::encode_input_token(cache, new_keys, new_values, b, h, i, cache.slot(b, h, length + i));
+    detail::encode_appended_tokens(cache, new_keys, new_values, b, h, length, count);
     cache.lengths[b * cache.shape.kv_heads + h] = length + count;
   }
 

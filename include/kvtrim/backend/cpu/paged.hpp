@@ -10,7 +10,7 @@
 #include <string_view>
 
 #include "kvtrim/backend/cpu.hpp"
-#include "kvtrim/backend/cpu/contiguous.hpp"  // detail::encode_input_token
+#include "kvtrim/backend/cpu/detail/ragged_writes.hpp"
 #include "kvtrim/core/implementation.hpp"
 #include "kvtrim/core/selection.hpp"
 #include "kvtrim/layout/paged.hpp"
@@ -42,11 +42,7 @@ struct implementation<layout::paged, backend::cpu> {
       for (std::int64_t p = 0; p < page_count; ++p) cache.indices[begin + p] = cache.free_pages[--*free_count];
       cache.indptr[head + 1] = static_cast<std::int32_t>(begin + page_count);
       cache.last_page_len[head] = static_cast<std::int32_t>(count == 0 ? 0 : (count - 1) % cache.page_size + 1);
-
-      const std::int64_t b = head / cache.shape.kv_heads;
-      const std::int64_t h = head % cache.shape.kv_heads;
-      for (std::int64_t i = 0; i < count; ++i)
-        detail::encode_input_token(cache, keys, values, b, h, kept.tokens[kept.offsets[head] + i], cache.slot(b, h, i));
+      detail::encode_kept_tokens(cache, keys, values, kept, head);
     }
   }
 
@@ -114,9 +110,7 @@ struct implementation<layout::paged, backend::cpu> {
   template <class View, class KeyT>
   static void write_last(const View& cache, const kv_view<KeyT>& new_keys, const kv_view<KeyT>& new_values,
                          std::int64_t b, std::int64_t h, std::int64_t count) {
-    const std::int64_t first = cache.head_length(b, h) - count;
-    for (std::int64_t i = 0; i < count; ++i)
-      detail::encode_input_token(cache, new_keys, new_values, b, h, i, cache.slot(b, h, first + i));
+    detail::encode_appended_tokens(cache, new_keys, new_values, b, h, cache.head_length(b, h) - count, count);
   }
 };
 

@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "kvtrim/core/config.hpp"
+#include "kvtrim/core/workspace.hpp"
 
 namespace kvtrim::detail {
 
@@ -28,6 +29,13 @@ struct compensation_table {
 
   KVTRIM_HOST_DEVICE float logit_bias(std::int64_t head, std::int64_t token) const {
     return index[head] == token ? bias[head] : 0.0f;
+  }
+  /// The table for `heads` heads, carved from a cache's memory (null pointers in the sizing pass).
+  static compensation_table carve(workspace_carver& carver, std::int64_t heads) {
+    compensation_table table;
+    table.index = carver.take<std::int32_t>(heads);
+    table.bias = carver.take<float>(heads);
+    return table;
   }
   /// Forgets every head's compensation token (host memory only).
   void clear(std::int64_t heads) const {
