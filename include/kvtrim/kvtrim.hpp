@@ -17,15 +17,27 @@
 #include "kvtrim/core/workspace.hpp"
 
 // policies
+#include "kvtrim/budget/by_scorer.hpp"
 #include "kvtrim/budget/uniform.hpp"
 #include "kvtrim/codec/plain.hpp"
 #include "kvtrim/layout/contiguous.hpp"
+#include "kvtrim/layout/flat.hpp"
+#include "kvtrim/layout/paged.hpp"
+#include "kvtrim/score/retrieval_head.hpp"
 #include "kvtrim/score/static_window.hpp"
 
 // CPU reference backend
 #include "kvtrim/backend/cpu.hpp"
 #include "kvtrim/backend/cpu/contiguous.hpp"
 #include "kvtrim/backend/cpu/decode_attention.hpp"
+#include "kvtrim/backend/cpu/flat.hpp"
+#include "kvtrim/backend/cpu/paged.hpp"
+#include "kvtrim/backend/cpu/retrieval_head.hpp"
 #include "kvtrim/backend/cpu/select_top_k.hpp"
 #include "kvtrim/backend/cpu/static_window.hpp"
 #include "kvtrim/backend/cpu/uniform.hpp"
+
+// calibration profiles (need nlohmann-json; kvtrim::kvtrim links it when CMake finds it)
+#if __has_include(<nlohmann/json.hpp>)
+#include "kvtrim/io/profile.hpp"
+#endif
