@@ -41,16 +41,18 @@ constexpr std::string_view to_string(group_reduction reduction) {
 }
 constexpr std::string_view to_string(pooling kind) { return kind == pooling::avg ? "avg" : "max"; }
 
-namespace detail {
+}  // namespace kvtrim::score
+
+namespace kvtrim::detail {
 
 /// Pooled value at token i of row[0, length) with an odd `kernel` (the same
 /// arithmetic order on every backend: left to right, then one division).
 KVTRIM_HOST_DEVICE inline float pool_at(const float* row, std::int64_t length, std::int64_t i, std::int64_t kernel,
-                                        pooling kind) {
+                                        score::pooling kind) {
   const std::int64_t half_width = kernel / 2;
   const std::int64_t first = i - half_width < 0 ? 0 : i - half_width;
   const std::int64_t last = i + half_width >= length ? length - 1 : i + half_width;
-  if (kind == pooling::avg) {
+  if (kind == score::pooling::avg) {
     float sum = 0.0f;
     for (std::int64_t j = first; j <= last; ++j) sum += row[j];
     return sum / static_cast<float>(kernel);
@@ -60,5 +62,4 @@ KVTRIM_HOST_DEVICE inline float pool_at(const float* row, std::int64_t length, s
   return best;
 }
 
-}  // namespace detail
-}  // namespace kvtrim::score
+}  // namespace kvtrim::detail

@@ -43,7 +43,7 @@ struct implementation<score::snapkv, backend::cpu> {
           if (cfg.reduction == score::window_reduction::mean)
             for (std::int64_t j = 0; j < prefix; ++j) accumulator[j] /= static_cast<float>(window);
           for (std::int64_t j = 0; j < prefix; ++j)
-            pooled[j] = score::detail::pool_at(accumulator, prefix, j, cfg.kernel, cfg.pooling);
+            pooled[j] = detail::pool_at(accumulator, prefix, j, cfg.kernel, cfg.pooling);
           detail::reduce_group(cfg.group, g == 0, pooled, row, prefix);
         }
         detail::finish_group(cfg.group, group, row, prefix);
