@@ -192,8 +192,9 @@ inline kept_sets adaptive_sets(const score_table& scores, const table_shape& s, 
     for (std::int64_t h = 0; h < s.heads; ++h) {
       const auto order = rank_order(scores, s, b, h);
       const std::int64_t p = protected_count(scores, s, b, h);
-      const std::int64_t guaranteed = kvpress_form ? static_cast<std::int64_t>(std::floor(alpha * static_cast<double>(k)))
-                                                   : p + static_cast<std::int64_t>(std::floor(alpha * static_cast<double>(k - p)));
+      const std::int64_t guaranteed =
+          kvpress_form ? static_cast<std::int64_t>(std::floor(alpha * static_cast<double>(k)))
+                       : std::max<std::int64_t>(1, p + static_cast<std::int64_t>(std::floor(alpha * static_cast<double>(k - p))));
       guaranteed_total += guaranteed;
       auto& set = kept[static_cast<std::size_t>(b * s.heads + h)];
       for (std::int64_t i = 0; i < s.tokens; ++i) {

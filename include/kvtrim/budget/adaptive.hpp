@@ -19,6 +19,10 @@
 //   kvpress form (kvpress_compatible; AdaKVPress): floor f = ⌊α·k⌋ of each head's
 //     best tokens (the protected ones among them), then the remaining H·(k − f)
 //     to the best of the rest across heads (kvpress: one bottom-k across heads).
+// The paper form also gives every head at least one token (attention over an
+// empty head is undefined; kvtrim's budgets never go below one token); the
+// kvpress form keeps kvpress's rule exactly (a head may end empty when
+// ⌊α·k⌋ = 0, and attend then throws).
 // Both keep exactly H·k tokens per sequence (Ada-KV's own code rounds each
 // head's count, so its total drifts; kvtrim's does not) and every head keeps at
 // least its floor. Each head's kept set is a prefix of its rank order, so the
@@ -32,6 +36,7 @@
 // Backends: cpu.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -78,7 +83,8 @@ struct adaptive {
                                " tokens the scorer protects (scored +inf) in kv head ", head),
                    detail::cat(budget, " tokens"));
     const std::int64_t rest = budget - protected_tokens;
-    return protected_tokens + static_cast<std::int64_t>(std::floor(cfg.alpha * static_cast<double>(rest)));
+    const std::int64_t floor = static_cast<std::int64_t>(std::floor(cfg.alpha * static_cast<double>(rest)));
+    return std::max<std::int64_t>(1, protected_tokens + floor);  // never an empty head
   }
 };
 
