@@ -10,9 +10,11 @@
 // M = T − window, L layers, layer l ∈ [0, L):
 //   min = B/β,  max = 2B − min;   if max ≥ M: max = M, min = 2B − max
 //   B_l = max − l·(max − min)/(L − 1)            (linear in l, Σ_l B_l = L·B)
-//   layer l keeps window + n_l per head, n_l = ⌊C(l+1)⌋ − ⌊C(l)⌋, C(l) = Σ_{i<l} B_i,
-// computed in exact integer arithmetic (B_l·β(L−1) is an integer), so the total
-// over layers is exactly L·k and each n_l is B_l rounded down or up.
+//   layer l keeps window + n_l per head, n_l = B_l rounded by largest remainder:
+//   ⌊B_l⌋ for every layer, +1 for the L·B − Σ⌊B_l⌋ layers with the largest
+//   fractional parts (ties to the lower layer). In exact integer arithmetic
+//   (B_l·β(L−1) is an integer), so the total over layers is exactly L·k, each n_l
+//   is B_l rounded down or up, and n_l never grows with depth.
 // kvpress form (kvpress_compatible; PyramidKVPress.get_layer_budget, in double):
 //   x = T·(1 − cr) (the keep ratio times T), max = 2x − x/β, min = x/β, capped as
 //   above at T − window; if not T ≥ max ≥ min ≥ window: n = round(x) (SnapKV
@@ -94,8 +96,20 @@ struct pyramid {
       b = 2 * (room - budget);
       c = steps;
     }
-    const auto cumulative = [&](std::int64_t l) { return (l * a - b * (l * (l - 1) / 2)) / c; };
-    return cfg.window + cumulative(cfg.layer + 1) - cumulative(cfg.layer);
+    // Largest remainder (Hamilton): every layer gets ⌊B_l⌋, the R = L·B − Σ⌊B_l⌋
+    // layers with the largest fractional parts (ties: the lower layer) one more.
+    // Exact total, n_l ∈ {⌊B_l⌋, ⌈B_l⌉}, and still non-increasing with depth.
+    const auto numerator = [&](std::int64_t l) { return a - l * b; };  // B_l = numerator / c
+    std::int64_t floors = 0;
+    for (std::int64_t l = 0; l < cfg.layers; ++l) floors += numerator(l) / c;
+    const std::int64_t remainder_layers = cfg.layers * budget - floors;
+    const std::int64_t own = numerator(cfg.layer) % c;
+    std::int64_t rank = 0;  // layers whose fractional part comes first
+    for (std::int64_t l = 0; l < cfg.layers; ++l) {
+      const std::int64_t other = numerator(l) % c;
+      rank += other > own || (other == own && l < cfg.layer) ? 1 : 0;
+    }
+    return cfg.window + numerator(cfg.layer) / c + (rank < remainder_layers ? 1 : 0);
   }
 
   /// Python's round(): to nearest, ties to even.
