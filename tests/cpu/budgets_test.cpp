@@ -162,6 +162,16 @@ TEST(Pyramid, PaperScheduleKeepsTheTotalExactlyAndFallsWithDepth) {
           EXPECT_TRUE(std::is_sorted(keeps.rbegin(), keeps.rend()));
           EXPECT_LE(keeps.front(), tokens);
           EXPECT_GE(keeps.back(), window);
+          // Each layer is B_l (the real-valued schedule) rounded down or up.
+          const double B = static_cast<double>(k - window), M = static_cast<double>(tokens - window);
+          double min = B / 20.0, max = 2.0 * B - min;
+          if (max >= M) max = M, min = 2.0 * B - max;
+          for (std::int64_t l = 0; l < layers; ++l) {
+            const double real = max - static_cast<double>(l) * (max - min) / static_cast<double>(layers - 1);
+            const double n = static_cast<double>(keeps[static_cast<std::size_t>(l)] - window);
+            EXPECT_GE(n, std::floor(real - 1e-9));
+            EXPECT_LE(n, std::ceil(real + 1e-9));
+          }
         }
 }
 

@@ -12,6 +12,8 @@
 // Output (stdout): one line per (b, h): "b h t0 t1 ..." in ascending token order.
 #include <kvtrim/kvtrim.hpp>
 
+#include "common/policy_oracle.hpp"
+
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -35,49 +37,18 @@ template <class Scorer, class Budget>
 void run(const typename Scorer::config& score_cfg, const typename Budget::config& budget_cfg, const model_shape& shape,
          std::int64_t batch, std::int64_t tokens, std::int64_t observed, const std::vector<float>& keys,
          const std::vector<float>& values, const std::vector<float>& queries) {
-  using scorer_impl = implementation<Scorer, backend::cpu>;
-  using budget_impl = implementation<Budget, backend::cpu>;
-  using select_impl = implementation<stage::select_top_k, backend::cpu>;
-  score_cfg.validate("kvpress_driver");
-  budget_cfg.validate("kvpress_driver");
   const std::array<std::int64_t, 4> kv_extents{batch, shape.kv_heads, tokens, shape.head_dim};
-  const auto k = make_view(keys.data(), kv_extents);
-  const auto v = make_view(values.data(), kv_extents);
   // The last `observed` of the T queries.
   const tensor_view<const float, 4> q{queries.data() + (tokens - observed) * shape.head_dim,
                                       {batch, shape.q_heads, observed, shape.head_dim},
                                       row_major_strides<4>({batch, shape.q_heads, tokens, shape.head_dim})};
-
-  workspace_carver sizing;
-  detail::carve_scratch<scorer_impl>(sizing, score_cfg, shape, batch, tokens);
-  detail::carve_scratch<budget_impl>(sizing, budget_cfg, shape, batch, tokens);
-  std::vector<std::byte> memory(sizing.bytes() + workspace_carver::alignment);
-  workspace_carver carver(workspace{memory.data(), memory.size()});
-  const workspace score_scratch = detail::carve_scratch<scorer_impl>(carver, score_cfg, shape, batch, tokens);
-  const workspace budget_scratch = detail::carve_scratch<budget_impl>(carver, budget_cfg, shape, batch, tokens);
-
-  const std::int64_t heads = batch * shape.kv_heads;
-  std::vector<float> scores(static_cast<std::size_t>(heads * tokens));
-  const auto score_out = make_view(scores.data(), std::array<std::int64_t, 3>{batch, shape.kv_heads, tokens});
-  if constexpr (detail::needs_scratch<scorer_impl, typename Scorer::config>)
-    scorer_impl::score(score_cfg, shape, k, v, q, score_out, score_scratch, backend::host_stream{});
-  else
-    scorer_impl::score(score_cfg, shape, k, v, q, score_out, backend::host_stream{});
-  const tensor_view<const float, 3> score_in = score_out;
-  std::vector<std::int32_t> counts(static_cast<std::size_t>(heads));
-  if constexpr (detail::needs_scratch<budget_impl, typename Budget::config>)
-    budget_impl::keep_counts(budget_cfg, score_in, counts.data(), budget_scratch, backend::host_stream{});
-  else
-    budget_impl::keep_counts(budget_cfg, score_in, counts.data(), backend::host_stream{});
-  std::vector<std::int64_t> offsets(static_cast<std::size_t>(heads + 1));
-  std::vector<std::int32_t> kept(static_cast<std::size_t>(heads * tokens));
-  std::vector<std::int32_t> order(static_cast<std::size_t>(tokens));
-  select_impl::select(score_in, counts.data(), offsets.data(), kept.data(),
-                      workspace{order.data(), order.size() * sizeof(std::int32_t)}, backend::host_stream{});
-  for (std::int64_t head = 0; head < heads; ++head) {
-    std::cout << head / shape.kv_heads << ' ' << head % shape.kv_heads;
-    for (std::int64_t i = offsets[static_cast<std::size_t>(head)]; i < offsets[static_cast<std::size_t>(head + 1)]; ++i)
-      std::cout << ' ' << kept[static_cast<std::size_t>(i)];
+  // The same stages scheme::compress runs, up to the selection (no layout needed).
+  const auto result = testing::run_selection<Scorer, Budget>(score_cfg, budget_cfg, shape,
+                                                             make_view(keys.data(), kv_extents),
+                                                             make_view(values.data(), kv_extents), q);
+  for (std::size_t head = 0; head < result.kept.size(); ++head) {
+    std::cout << static_cast<std::int64_t>(head) / shape.kv_heads << ' ' << static_cast<std::int64_t>(head) % shape.kv_heads;
+    for (const std::int64_t token : result.kept[head]) std::cout << ' ' << token;
     std::cout << '\n';
   }
 }

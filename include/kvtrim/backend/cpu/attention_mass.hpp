@@ -45,24 +45,39 @@ void accumulate_attention(const kv_view<const KeyT>& keys, const window_view<con
   }
 }
 
-/// Folds one query head's row into the kv head's score row (first head: copy).
-inline void reduce_group(score::group_reduction reduction, bool first_head, const float* row, float* scores_row,
-                         std::int64_t length) {
-  for (std::int64_t j = 0; j < length; ++j) {
-    if (first_head)
-      scores_row[j] = row[j];
-    else if (reduction == score::group_reduction::mean)
-      scores_row[j] += row[j];
-    else
-      scores_row[j] = std::fmax(scores_row[j], row[j]);
-  }
-}
-
-/// Finishes the group reduction (the mean divides once, after summing the group).
-inline void finish_group(score::group_reduction reduction, std::int64_t group, float* scores_row,
-                         std::int64_t length) {
-  if (reduction != score::group_reduction::mean) return;
-  for (std::int64_t j = 0; j < length; ++j) scores_row[j] /= static_cast<float>(group);
+/// The loop SnapKV and H2O share. For every (sequence b, kv head h): for each query
+/// head of h's group, accumulate its attention over observed queries [first, n_q)
+/// (accumulate_attention), let `query_head_row(accumulator)` turn that into the query
+/// head's scores over tokens [0, length) (returning a pointer to them), and reduce
+/// the group into scores(b, h, 0 .. length): mean = sum then one division, or max.
+/// Scratch: `attention_mass_scratch_floats(T)` floats at `scratch`.
+template <class KeyT, class QueryT, class QueryHeadRow>
+void reduce_attention_mass(const kv_view<const KeyT>& keys, const window_view<const QueryT>& queries,
+                           const model_shape& shape, const score_view<>& scores, score::group_reduction reduction,
+                           std::int64_t first, std::int64_t length, float* scratch, QueryHeadRow&& query_head_row) {
+  const std::int64_t tokens = keys.extent(2);
+  const std::int64_t group = shape.group_size();
+  float* logits = scratch;
+  float* accumulator = scratch + tokens;
+  for (std::int64_t b = 0; b < scores.extent(0); ++b)
+    for (std::int64_t h = 0; h < shape.kv_heads; ++h) {
+      float* row = &scores(b, h, 0);
+      for (std::int64_t g = 0; g < group; ++g) {
+        for (std::int64_t j = 0; j < tokens; ++j) accumulator[j] = 0.0f;
+        accumulate_attention(keys, queries, b, h, h * group + g, first, logits, accumulator);
+        const float* head_row = query_head_row(accumulator);
+        for (std::int64_t j = 0; j < length; ++j) {
+          if (g == 0)
+            row[j] = head_row[j];
+          else if (reduction == score::group_reduction::mean)
+            row[j] += head_row[j];
+          else
+            row[j] = std::fmax(row[j], head_row[j]);
+        }
+      }
+      if (reduction == score::group_reduction::mean)
+        for (std::int64_t j = 0; j < length; ++j) row[j] /= static_cast<float>(group);
+    }
 }
 
 }  // namespace kvtrim::detail

@@ -26,23 +26,16 @@ struct implementation<score::h2o, backend::cpu> {
                     workspace scratch, backend::host_stream) {
     const std::int64_t tokens = keys.extent(2);
     score::h2o::check("kvtrim::score::h2o", tokens, queries.extent(2));
-    const std::int64_t group = shape.group_size();
     const std::int64_t recent = score::h2o::recent_tokens(cfg, tokens);
-    auto* logits = static_cast<float*>(scratch.data);
-    float* accumulator = logits + tokens;
-    for (std::int64_t b = 0; b < scores.extent(0); ++b)
-      for (std::int64_t h = 0; h < shape.kv_heads; ++h) {
-        float* row = &scores(b, h, 0);
-        for (std::int64_t g = 0; g < group; ++g) {
-          for (std::int64_t j = 0; j < tokens; ++j) accumulator[j] = 0.0f;
-          detail::accumulate_attention(keys, queries, b, h, h * group + g, 0, logits, accumulator);
-          if (cfg.normalisation == score::h2o::normalisation::observed)
-            for (std::int64_t j = 0; j < tokens; ++j) accumulator[j] /= static_cast<float>(tokens - j);
-          detail::reduce_group(cfg.group, g == 0, accumulator, row, tokens);
-        }
-        detail::finish_group(cfg.group, group, row, tokens);
-        for (std::int64_t j = tokens - recent; j < tokens; ++j) row[j] = std::numeric_limits<float>::infinity();
-      }
+    detail::reduce_attention_mass(keys, queries, shape, scores, cfg.group, 0, tokens,
+                                  static_cast<float*>(scratch.data), [&](float* mass) {
+                                    if (cfg.normalisation == score::h2o::normalisation::observed)
+                                      for (std::int64_t j = 0; j < tokens; ++j) mass[j] /= static_cast<float>(tokens - j);
+                                    return mass;
+                                  });
+    for (std::int64_t b = 0; b < scores.extent(0); ++b)  // the recent window is always kept
+      for (std::int64_t h = 0; h < shape.kv_heads; ++h)
+        for (std::int64_t j = tokens - recent; j < tokens; ++j) scores(b, h, j) = std::numeric_limits<float>::infinity();
   }
 };
 

@@ -29,26 +29,19 @@ struct implementation<score::snapkv, backend::cpu> {
     score::snapkv::check("kvtrim::score::snapkv", cfg, tokens, queries.extent(2));
     const std::int64_t window = cfg.window;
     const std::int64_t prefix = tokens - window;
-    const std::int64_t group = shape.group_size();
-    auto* logits = static_cast<float*>(scratch.data);
-    float* accumulator = logits + tokens;
-    float* pooled = accumulator + tokens;
-    for (std::int64_t b = 0; b < scores.extent(0); ++b)
-      for (std::int64_t h = 0; h < shape.kv_heads; ++h) {
-        float* row = &scores(b, h, 0);
-        for (std::int64_t g = 0; g < group; ++g) {
-          for (std::int64_t j = 0; j < tokens; ++j) accumulator[j] = 0.0f;
-          detail::accumulate_attention(keys, queries, b, h, h * group + g, queries.extent(2) - window, logits,
-                                       accumulator);
-          if (cfg.reduction == score::window_reduction::mean)
-            for (std::int64_t j = 0; j < prefix; ++j) accumulator[j] /= static_cast<float>(window);
-          for (std::int64_t j = 0; j < prefix; ++j)
-            pooled[j] = detail::pool_at(accumulator, prefix, j, cfg.kernel, cfg.pooling);
-          detail::reduce_group(cfg.group, g == 0, pooled, row, prefix);
-        }
-        detail::finish_group(cfg.group, group, row, prefix);
-        for (std::int64_t j = prefix; j < tokens; ++j) row[j] = std::numeric_limits<float>::infinity();
-      }
+    auto* scratch_floats = static_cast<float*>(scratch.data);
+    float* pooled = scratch_floats + detail::attention_mass_scratch_floats(tokens);
+    detail::reduce_attention_mass(keys, queries, shape, scores, cfg.group, queries.extent(2) - window, prefix,
+                                  scratch_floats, [&](float* mass) {
+                                    if (cfg.reduction == score::window_reduction::mean)
+                                      for (std::int64_t j = 0; j < prefix; ++j) mass[j] /= static_cast<float>(window);
+                                    for (std::int64_t j = 0; j < prefix; ++j)
+                                      pooled[j] = detail::pool_at(mass, prefix, j, cfg.kernel, cfg.pooling);
+                                    return pooled;
+                                  });
+    for (std::int64_t b = 0; b < scores.extent(0); ++b)  // the window is always kept
+      for (std::int64_t h = 0; h < shape.kv_heads; ++h)
+        for (std::int64_t j = prefix; j < tokens; ++j) scores(b, h, j) = std::numeric_limits<float>::infinity();
   }
 };
 
