@@ -51,6 +51,25 @@ template <class T, std::size_t Rank, class Space>
 tensor_view<const std::remove_const_t<T>, Rank, Space> as_const(const tensor_view<T, Rank, Space>& view) {
   return {view.data, view.extents, view.strides};
 }
+
+/// A scorer or budget implementation that needs scratch declares
+/// `workspace_bytes(config, shape, batch, tokens)` and then takes a `workspace`
+/// argument just before the stream; the others take none.
+template <class Impl, class Config>
+concept needs_scratch = requires(const Config& config, const model_shape& shape, std::int64_t count) {
+  { Impl::workspace_bytes(config, shape, count, count) } -> std::convertible_to<std::size_t>;
+};
+
+template <class Impl, class Config>
+workspace carve_scratch(workspace_carver& carver, const Config& config, const model_shape& shape,
+                        std::int64_t batch, std::int64_t tokens) {
+  if constexpr (needs_scratch<Impl, Config>) {
+    const std::size_t bytes = Impl::workspace_bytes(config, shape, batch, tokens);
+    return workspace{carver.template take<std::byte>(static_cast<std::int64_t>(bytes)), bytes};
+  } else {
+    return workspace{};
+  }
+}
 }  // namespace detail
 
 /// The runtime knobs of a scheme: one config struct per policy that has knobs.
@@ -177,12 +196,18 @@ struct scheme {
     const score_view<space> scores{parts.scores, {batch, shape.kv_heads, tokens},
                                    row_major_strides<3>({batch, shape.kv_heads, tokens})};
 
-    implementation<ScorerT, BackendT>::score(cfg.score, shape, keys_in, values_in, queries_in, scores, stream);
-    if constexpr (detail::scorer_sets_keep_counts<ScorerT>)
-      implementation<ScorerT, BackendT>::keep_counts(cfg.score, shape, detail::as_const(scores), parts.keep_counts,
-                                                     stream);
+    using scorer_impl = implementation<ScorerT, BackendT>;
+    if constexpr (detail::needs_scratch<scorer_impl, typename ScorerT::config>)
+      scorer_impl::score(cfg.score, shape, keys_in, values_in, queries_in, scores, parts.score_scratch, stream);
     else
-      implementation<BudgetT, BackendT>::keep_counts(cfg.budget, detail::as_const(scores), parts.keep_counts, stream);
+      scorer_impl::score(cfg.score, shape, keys_in, values_in, queries_in, scores, stream);
+    using budget_impl = implementation<BudgetT, BackendT>;
+    if constexpr (detail::scorer_sets_keep_counts<ScorerT>)
+      scorer_impl::keep_counts(cfg.score, shape, detail::as_const(scores), parts.keep_counts, stream);
+    else if constexpr (detail::needs_scratch<budget_impl, typename BudgetT::config>)
+      budget_impl::keep_counts(cfg.budget, detail::as_const(scores), parts.keep_counts, parts.budget_scratch, stream);
+    else
+      budget_impl::keep_counts(cfg.budget, detail::as_const(scores), parts.keep_counts, stream);
     implementation<stage::select_top_k, BackendT>::select(detail::as_const(scores), parts.keep_counts, parts.offsets,
                                                           parts.tokens, parts.select_scratch, stream);
     const selection_view<space> kept{parts.offsets, parts.tokens, batch * shape.kv_heads};
@@ -269,6 +294,8 @@ struct scheme {
     std::int64_t* offsets = nullptr;
     std::int32_t* tokens = nullptr;
     workspace select_scratch{};
+    workspace score_scratch{};
+    workspace budget_scratch{};
   };
 
   template <class Carver>
@@ -283,6 +310,10 @@ struct scheme {
     const std::size_t select_bytes = implementation<stage::select_top_k, BackendT>::workspace_bytes(heads, tokens);
     parts.select_scratch = workspace{carver.template take<std::byte>(static_cast<std::int64_t>(select_bytes)),
                                      select_bytes};
+    parts.score_scratch =
+        detail::carve_scratch<implementation<ScorerT, BackendT>>(carver, cfg.score, shape, batch, tokens);
+    parts.budget_scratch =
+        detail::carve_scratch<implementation<BudgetT, BackendT>>(carver, cfg.budget, shape, batch, tokens);
     return parts;
   }
 };
