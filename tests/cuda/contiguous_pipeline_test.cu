@@ -23,6 +23,9 @@ struct pipeline_case {  // printed by the name generator below
   kt::keep_amount keep;
   bool strided;  // inputs padded on every axis (non-contiguous views)
   std::int64_t appended;
+  // Per-head windows L_h = 40 + 10·h longer than the budget: the kept set then
+  // depends on them (protected window tokens tie at +∞, lower index first).
+  bool per_head_windows = false;
 };
 
 std::string describe(const pipeline_case& c) {
@@ -46,6 +49,8 @@ void run_case(const pipeline_case& c) {
 
   typename cpu_scheme::config cfg;
   cfg.budget.keep = c.keep;
+  if (c.per_head_windows)
+    for (std::int64_t h = 0; h < c.kv_heads; ++h) cfg.score.windows.push_back(40 + 10 * h);
   const std::int64_t capacity = kt::budget::uniform::max_keep(cfg.budget, c.tokens) + c.appended;
 
   // CPU reference.
@@ -145,11 +150,15 @@ INSTANTIATE_TEST_SUITE_P(
         // 32768: a long head split across many blocks
         pipeline_case{1, 2, 4, 128, 32768, kt::keep_ratio{1.0}, false, 1},
         pipeline_case{2, 1, 8, 64, 32768, kt::keep_ratio{0.25}, false, 0},
-        pipeline_case{1, 1, 1, 128, 32768, kt::keep_tokens{4100}, true, 2}),
+        pipeline_case{1, 1, 1, 128, 32768, kt::keep_tokens{4100}, true, 2},
+        // per-head windows (static_window's RazorAttention/ALiBi extension)
+        pipeline_case{2, 4, 2, 128, 4097, kt::keep_tokens{30}, false, 1, true},
+        pipeline_case{1, 2, 4, 64, 50, kt::keep_tokens{45}, true, 0, true}),
     [](const ::testing::TestParamInfo<pipeline_case>& info) {
       const pipeline_case& c = info.param;
       return kt::detail::cat("b", c.batch, "_kv", c.kv_heads, "_g", c.group, "_d", c.head_dim, "_t", c.tokens,
-                             c.strided ? "_strided" : "_dense", "_append", c.appended, "_", info.index);
+                             c.strided ? "_strided" : "_dense", "_append", c.appended, c.per_head_windows ? "_windows" : "",
+                             "_", info.index);
     });
 
 TEST(ContiguousPipelineErrors, UnsupportedHeadDimNamesTheArgument) {

@@ -29,7 +29,7 @@
 // kv head takes the longest window of its query group.
 //
 // Defaults: sinks = 4 (the paper's choice for every model it studied); no per-head windows.
-// Backends: cpu (sinks and windows), cuda (sinks only).
+// Backends: cpu, cuda (sinks and per-head windows on both).
 #pragma once
 
 #include <algorithm>
