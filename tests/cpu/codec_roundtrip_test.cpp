@@ -318,6 +318,38 @@ TEST(LowRank, RefreshBuildsTheBasisFromAppendedTokensAndKeepsOldCoefficients) {
   EXPECT_LE(error, (1.0 - 0.999) * norm * 1.01);  // the refreshed basis holds ≥ 99.9% of their energy
 }
 
+TEST(LowRank, PreRopeBasesBeatPostRopeBasesOnRotatedLowRankKeys) {
+  // Rank-12 pre-RoPE keys; the engine's cache holds them rotated to positions 0…255.
+  constexpr std::int64_t dim = 64, tokens = 256, rank = 12;
+  const kt::rope rope{};
+  auto pre = structured_tensor({1, 1, tokens, dim}, rank, 0.02, 111, 0.9);
+  auto post = pre;
+  post.view.data = post.storage.data();
+  apply_rope_in_double(post, rope.theta, rope.rotary_dim, false);
+  const auto key_error = [&](const kt::codec::low_rank::config& cfg, const host_tensor<float, 4>& given) {
+    bound_codec<kt::codec::low_rank> codec(cfg, 1, tokens, dim);
+    compact_head<kt::codec::low_rank>(codec.store, given, given, 0, tokens);
+    double error = 0.0, norm = 0.0;
+    std::vector<float> row(dim);
+    for (std::int64_t t = 0; t < tokens; ++t) {
+      kt::codec::low_rank::decode_key(codec.store, 0, t, row.data());  // post-RoPE in both cases
+      for (std::int64_t d = 0; d < dim; ++d) {
+        error += std::pow(row[d] - post(0, 0, t, d), 2);
+        norm += std::pow(post(0, 0, t, d), 2);
+      }
+    }
+    return std::sqrt(error / norm);
+  };
+  const double pre_error = key_error({.rank = rank, .keys = kt::codec::key_space::pre_rope, .rope = rope}, pre);
+  const double post_error = key_error({.rank = rank}, post);
+  EXPECT_LT(pre_error, 0.05);              // the noise floor: 0.02 noise against unit-scale signal
+  EXPECT_GT(post_error, 5.0 * pre_error);  // RoPE spreads 12 directions over many more
+  const auto post_rank = kt::analysis::rank_for_energy(head_singular_values(post, 0), 0.98);
+  const auto pre_rank = kt::analysis::rank_for_energy(head_singular_values(pre, 0), 0.98);
+  EXPECT_LE(pre_rank, rank);
+  EXPECT_GT(post_rank, 2 * pre_rank);
+}
+
 TEST(LowRank, BadRanksAndBases) {
   EXPECT_THROW(kt::codec::low_rank::storage_bytes({.rank = 0}, 8, 1, 16), kt::error);
   EXPECT_THROW(kt::codec::low_rank::storage_bytes({.rank = 17}, 8, 1, 16), kt::error);
