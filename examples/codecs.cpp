@@ -1,21 +1,19 @@
 // examples/codecs.cpp — one cache stored in each codec.
 //
 // Builds one layer's keys and values with the structure real heads have (a few
-// dominant directions; pre-RoPE keys of low rank, rotated by RoPE as an engine's
-// cache holds them), stores the same 512-token prefill in every codec, and
-// prints per codec: bytes per token and head, the ratio against fp16, the
+// dominant directions; pre-RoPE keys of low rank, rotated by RoPE as an
+// engine's cache holds them), stores the same 512-token prefill in every codec,
+// and prints per codec: bytes per token and head, the ratio against fp16, the
 // measured key/value reconstruction error, and the relative error of decode
 // attention against an fp32 cache. Then the rank analysis of the heads (pre-
 // and post-RoPE keys, values), and the comparison of pre- and post-RoPE
 // low-rank bases at several ranks (docs/codecs.md quotes these numbers).
-#include <kvtrim/kvtrim.hpp>
-
 #include <Eigen/Dense>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <functional>
+#include <kvtrim/kvtrim.hpp>
 #include <random>
 #include <string>
 #include <vector>
@@ -29,7 +27,8 @@ constexpr std::int64_t tokens = 512, batch = 1, data_rank = 24;
 const kt::rope llama_rope{.theta = 10000.0, .rotary_dim = 0, .pairs = kt::rope::pairing::half_split};
 
 struct layer_data {
-  std::vector<float> pre_keys, keys, values, queries;  // [1, H, T, D] ×3, [1, Hq, D]
+  std::vector<float> pre_keys, keys, values,
+      queries;  // [1, H, T, D] ×3, [1, Hq, D]
   kt::kv_view<const float> view(const std::vector<float>& x) const {
     return kt::make_view(x.data(), std::array<std::int64_t, 4>{batch, shape.kv_heads, tokens, shape.head_dim});
   }
@@ -82,10 +81,11 @@ layer_data make_layer() {
 }
 
 template <class Codec>
-using scheme_for = kt::scheme<kt::layout::contiguous, kt::score::static_window, kt::budget::uniform, Codec,
-                              kt::backend::cpu>;
+using scheme_for =
+    kt::scheme<kt::layout::contiguous, kt::score::static_window, kt::budget::uniform, Codec, kt::backend::cpu>;
 
-/// Compresses the whole prefill (every token kept) into a `Codec` cache, then attends.
+/// Compresses the whole prefill (every token kept) into a `Codec` cache, then
+/// attends.
 template <class Codec>
 struct stored_layer {
   typename scheme_for<Codec>::cache cache;
@@ -101,7 +101,8 @@ struct stored_layer {
     cfg.codec = codec_config;
     std::vector<std::byte> scratch(scheme::compress_workspace(shape, batch, tokens, cfg));
     const auto& stored_keys = pre_rope ? data.pre_keys : data.keys;
-    scheme::compress(data.view(stored_keys), data.view(data.values), cache.view(), cfg, {scratch.data(), scratch.size()});
+    scheme::compress(data.view(stored_keys), data.view(data.values), cache.view(), cfg,
+                     {scratch.data(), scratch.size()});
     scheme::attend(data.query_view(), cache.view(),
                    kt::make_view(out.data(), std::array<std::int64_t, 3>{batch, shape.q_heads, shape.head_dim}), {});
     // Errors against what attention must see: post-RoPE keys.
@@ -124,8 +125,9 @@ double mean(const std::vector<kt::head_stats>& heads, double kt::head_stats::*me
   return sum / static_cast<double>(heads.size());
 }
 
-/// Share of each query head's 8 highest-scoring exact tokens that are also among
-/// its 8 highest scores through the codec's decoded keys ("exact recall").
+/// Share of each query head's 8 highest-scoring exact tokens that are also
+/// among its 8 highest scores through the codec's decoded keys ("exact
+/// recall").
 template <class Codec>
 double top8_recall(const stored_layer<Codec>& layer, const layer_data& data) {
   double found = 0.0;
@@ -159,43 +161,53 @@ int main() {
   const layer_data data = make_layer();
   const stored_layer<kt::codec::fp32> reference(data, {});
 
-  std::printf("One layer: %lld tokens, %lld kv heads (GQA group %lld), head_dim %lld; every token kept.\n\n",
-              static_cast<long long>(tokens), static_cast<long long>(shape.kv_heads),
-              static_cast<long long>(shape.group_size()), static_cast<long long>(shape.head_dim));
+  std::printf(
+      "One layer: %lld tokens, %lld kv heads (GQA group %lld), "
+      "head_dim %lld; every token kept.\n\n",
+      static_cast<long long>(tokens), static_cast<long long>(shape.kv_heads),
+      static_cast<long long>(shape.group_size()), static_cast<long long>(shape.head_dim));
   std::printf("%-34s %10s %8s %10s %10s %11s\n", "codec", "B/token", "vs fp16", "key err", "value err", "attn err");
   const auto report = [&](const char* label, const auto& layer) {
     const double per_token = layer.stats.bytes() / static_cast<double>(layer.stats.kept());
     std::printf("%-34s %10.1f %8.3f %10.2e %10.2e %11.2e\n", label, per_token, layer.stats.ratio(),
-                mean(layer.stats.heads, &kt::head_stats::key_error), mean(layer.stats.heads, &kt::head_stats::value_error),
-                relative_error(layer.out, reference.out));
+                mean(layer.stats.heads, &kt::head_stats::key_error),
+                mean(layer.stats.heads, &kt::head_stats::value_error), relative_error(layer.out, reference.out));
   };
   report("fp16", stored_layer<kt::codec::fp16>(data, {}));
   report("bf16", stored_layer<kt::codec::bf16>(data, {}));
   report("int8 (KIVI key groups of 32)", stored_layer<kt::codec::int8>(data, {}));
-  report("int8 per-token, asymmetric", stored_layer<kt::codec::int8>(
-                                           data, {.keys = kt::codec::key_scaling::per_token, .asymmetric = true}));
+  report("int8 per-token, asymmetric",
+         stored_layer<kt::codec::int8>(data, {.keys = kt::codec::key_scaling::per_token, .asymmetric = true}));
   report("int4 (key groups of 32, asym.)", stored_layer<kt::codec::int4>(data, {.asymmetric = true}));
   report("fp8 e4m3 (per-head scales)", stored_layer<kt::codec::fp8>(data, {}));
   report("low_rank post-RoPE (0.98, r<=32)",
          stored_layer<kt::codec::low_rank>(data, {.max_rank = 32, .update_freq = 0}));
-  report("low_rank pre-RoPE (0.98, r<=32)",
-         stored_layer<kt::codec::low_rank>(
-             data, {.max_rank = 32, .update_freq = 0, .keys = kt::codec::key_space::pre_rope, .rope = llama_rope}, true));
+  report(
+      "low_rank pre-RoPE (0.98, r<=32)",
+      stored_layer<kt::codec::low_rank>(
+          data, {.max_rank = 32, .update_freq = 0, .keys = kt::codec::key_space::pre_rope, .rope = llama_rope}, true));
   report("layered: 4+128 fp16, int4 rest",
          stored_layer<kt::codec::layered<kt::codec::int4>>(data, {.inner = {.asymmetric = true}}));
-  report("layered: 4+128 fp16, low_rank r=24",
-         stored_layer<kt::codec::layered<kt::codec::low_rank>>(
-             data, {.inner = {.rank = 24, .update_freq = 0, .keys = kt::codec::key_space::pre_rope, .rope = llama_rope}}, true));
+  report(
+      "layered: 4+128 fp16, low_rank r=24",
+      stored_layer<kt::codec::layered<kt::codec::low_rank>>(
+          data, {.inner = {.rank = 24, .update_freq = 0, .keys = kt::codec::key_space::pre_rope, .rope = llama_rope}},
+          true));
 
-  std::printf("\n(B/token: bytes per token per kv head, per-head state included; errors are relative L2.)\n");
-  std::printf("\nRank analysis of the heads, pre-RoPE keys:\n%s", kt::analysis::rank_table(
-      kt::analysis::analyze_heads(data.view(data.pre_keys))).c_str());
+  std::printf(
+      "\n(B/token: bytes per token per kv head, per-head state "
+      "included; errors are relative L2.)\n");
+  std::printf("\nRank analysis of the heads, pre-RoPE keys:\n%s",
+              kt::analysis::rank_table(kt::analysis::analyze_heads(data.view(data.pre_keys))).c_str());
   std::printf("post-RoPE keys:\n%s",
               kt::analysis::rank_table(kt::analysis::analyze_heads(data.view(data.keys))).c_str());
   std::printf("values:\n%s", kt::analysis::rank_table(kt::analysis::analyze_heads(data.view(data.values))).c_str());
 
-  std::printf("\nPre- vs post-RoPE bases at a fixed rank (keys only differ; values use the same bases):\n");
-  std::printf("%6s | %10s %10s %8s | %10s %10s %8s\n", "rank", "post: key", "attn", "top-8", "pre: key", "attn", "top-8");
+  std::printf(
+      "\nPre- vs post-RoPE bases at a fixed rank (keys only differ; "
+      "values use the same bases):\n");
+  std::printf("%6s | %10s %10s %8s | %10s %10s %8s\n", "rank", "post: key", "attn", "top-8", "pre: key", "attn",
+              "top-8");
   for (std::int64_t rank : {8, 16, 24, 32, 48, 64, 96}) {
     const stored_layer<kt::codec::low_rank> post(data, {.rank = rank, .update_freq = 0});
     const stored_layer<kt::codec::low_rank> pre(
@@ -206,8 +218,10 @@ int main() {
                 relative_error(pre.out, reference.out), top8_recall(pre, data));
   }
   const float concentration_example[6] = {0.6f, 0.2f, 0.1f, 0.05f, 0.03f, 0.02f};
-  std::printf("\nAda-KV concentration of a head with attention {0.6, 0.2, 0.1, 0.05, 0.03, 0.02}: %.3f of its tokens "
-              "hold 90%% of the mass\n",
-              kt::attention_concentration(concentration_example, 6));
+  std::printf(
+      "\nAda-KV concentration of a head with attention {0.6, 0.2, 0.1, "
+      "0.05, 0.03, 0.02}: %.3f of its tokens "
+      "hold 90%% of the mass\n",
+      kt::attention_concentration(concentration_example, 6));
   return 0;
 }

@@ -1,21 +1,21 @@
 // tests/common/structured.hpp — keys and values with the structure real heads
-// have (a few dominant directions plus noise), and RoPE written independently of
-// kvtrim's (in double, from RoFormer's formula) for oracles of pre-RoPE codecs.
+// have (a few dominant directions plus noise), and RoPE written independently
+// of kvtrim's (in double, from RoFormer's formula) for oracles of pre-RoPE
+// codecs.
 #pragma once
-
-#include <kvtrim/kvtrim.hpp>
 
 #include <cmath>
 #include <cstdint>
+#include <kvtrim/kvtrim.hpp>
 #include <random>
 
 #include "common/tensors.hpp"
 
 namespace kvtrim::testing {
 
-/// x[b, h, t, :] = Σ_{j<rank} z_{t,j} · w_{h,j} + noise·n, with w_{h,j} a random
-/// direction of norm ~√D scaled by decay^j (so the spectrum falls off) and
-/// z, n ~ N(0, 1). Each kv head h has its own directions, shared by every
+/// x[b, h, t, :] = Σ_{j<rank} z_{t,j} · w_{h,j} + noise·n, with w_{h,j} a
+/// random direction of norm ~√D scaled by decay^j (so the spectrum falls off)
+/// and z, n ~ N(0, 1). Each kv head h has its own directions, shared by every
 /// sequence b (as a model's head is); rank ≥ head_dim gives unstructured data.
 inline host_tensor<float, 4> structured_tensor(const std::array<std::int64_t, 4>& extents, std::int64_t rank,
                                                double noise, std::uint64_t seed, double decay = 0.85) {
@@ -28,12 +28,14 @@ inline host_tensor<float, 4> structured_tensor(const std::array<std::int64_t, 4>
     std::vector<double> directions(static_cast<std::size_t>(rank * dim));
     for (std::int64_t j = 0; j < rank; ++j)
       for (std::int64_t d = 0; d < dim; ++d)
-        directions[static_cast<std::size_t>(j * dim + d)] = normal(head_random) * std::pow(decay, static_cast<double>(j));
+        directions[static_cast<std::size_t>(j * dim + d)] =
+            normal(head_random) * std::pow(decay, static_cast<double>(j));
     for (std::int64_t t = 0; t < tokens; ++t) {
       std::vector<double> row(static_cast<std::size_t>(dim));
       for (std::int64_t j = 0; j < rank; ++j) {
         const double z = normal(random);
-        for (std::int64_t d = 0; d < dim; ++d) row[static_cast<std::size_t>(d)] += z * directions[static_cast<std::size_t>(j * dim + d)];
+        for (std::int64_t d = 0; d < dim; ++d)
+          row[static_cast<std::size_t>(d)] += z * directions[static_cast<std::size_t>(j * dim + d)];
       }
       for (std::int64_t d = 0; d < dim; ++d)
         tensor.view(head / extents[1], head % extents[1], t, d) =
@@ -43,7 +45,8 @@ inline host_tensor<float, 4> structured_tensor(const std::array<std::int64_t, 4>
   return tensor;
 }
 
-/// Rotates every token t of keys [B, H, T, D] to position t + offset (RoFormer, in double).
+/// Rotates every token t of keys [B, H, T, D] to position t + offset (RoFormer,
+/// in double).
 inline void apply_rope_in_double(host_tensor<float, 4>& keys, double theta, std::int64_t rotary_dim, bool interleaved,
                                  std::int64_t offset = 0) {
   const std::int64_t dim = keys.view.extent(3), rotated = rotary_dim == 0 ? dim : rotary_dim;

@@ -6,20 +6,21 @@
 // (GQA group 4), head_dim 64, batch 2. Two checks per codec:
 //  1. against the oracle over the codec's own decoded keys/values: isolates the
 //     attention path (the codec's reader, e.g. low rank's (q·U)·c, must agree
-//     with decoding); tolerance 1e-4 = fp32 accumulation over 64 channels and 46
-//     tokens of magnitude ≤ 10 (46 · 2^-24 · 10 · a few), vs a double oracle.
+//     with decoding); tolerance 1e-4 = fp32 accumulation over 64 channels and
+//     46 tokens of magnitude ≤ 10 (46 · 2^-24 · 10 · a few), vs a double
+//     oracle.
 //  2. against the oracle over the exact keys/values: the error must stay within
 //     the bound the codec's own reconstruction error implies,
-//        |out − out̂| ≤ max|v − v̂| + (e^{2δ} − 1)·max|v|,  δ = max_i |q·(k_i − k̂_i)|/√D
+//        |out − out̂| ≤ max|v − v̂| + (e^{2δ} − 1)·max|v|,  δ = max_i |q·(k_i −
+//        k̂_i)|/√D
 //     (softmax weights move by at most a factor e^{±2δ}), plus the same 1e-4.
 // For pre-RoPE low rank the exact keys are the keys rotated (by an independent
 // double-precision RoPE) to their positions: what attention must see.
 #include <gtest/gtest.h>
 
-#include <kvtrim/io/low_rank_profile.hpp>
-
 #include <cmath>
 #include <cstdio>
+#include <kvtrim/io/low_rank_profile.hpp>
 #include <vector>
 
 #include "common/oracle.hpp"
@@ -36,8 +37,8 @@ constexpr std::int64_t batch = 2, prefill = 80, keep = 40, sinks = 4, capacity =
 constexpr double fp32_tolerance = 1e-4;
 
 template <class Codec>
-using scheme_for = kt::scheme<kt::layout::contiguous, kt::score::static_window, kt::budget::uniform, Codec,
-                              kt::backend::cpu>;
+using scheme_for =
+    kt::scheme<kt::layout::contiguous, kt::score::static_window, kt::budget::uniform, Codec, kt::backend::cpu>;
 
 kt::kv_view<const float> tokens(const host_tensor<float, 4>& x, std::int64_t begin, std::int64_t count) {
   kt::kv_view<const float> view = x.cview();
@@ -47,13 +48,14 @@ kt::kv_view<const float> tokens(const host_tensor<float, 4>& x, std::int64_t beg
 }
 
 struct attention_errors {
-  double to_decoded = 0.0;     // vs the oracle over the codec's decoded tokens
-  double excess = 0.0;         // max over outputs of (error vs exact oracle) − bound
-  double to_exact = 0.0;       // max error vs the exact oracle (reported)
+  double to_decoded = 0.0;  // vs the oracle over the codec's decoded tokens
+  double excess = 0.0;      // max over outputs of (error vs exact oracle) − bound
+  double to_exact = 0.0;    // max error vs the exact oracle (reported)
 };
 
 struct inputs {
-  host_tensor<float, 4> keys = structured_tensor({batch, shape.kv_heads, prefill + appended, shape.head_dim}, 12, 0.05, 1);
+  host_tensor<float, 4> keys =
+      structured_tensor({batch, shape.kv_heads, prefill + appended, shape.head_dim}, 12, 0.05, 1);
   host_tensor<float, 4> values =
       structured_tensor({batch, shape.kv_heads, prefill + appended, shape.head_dim}, 12, 0.05, 2);
   host_tensor<float, 3> queries = random_tensor<float, 3>({batch, shape.q_heads, shape.head_dim}, 3);
@@ -67,7 +69,8 @@ std::vector<std::int64_t> kept_tokens_list() {
 }
 
 /// Runs the pipeline with `Codec` and measures both errors. `prepare(storage)`
-/// runs on the fresh cache (profile bases); `pre_rope` is the RoPE the codec applies.
+/// runs on the fresh cache (profile bases); `pre_rope` is the RoPE the codec
+/// applies.
 template <class Codec, class Prepare>
 attention_errors run_attention(const typename Codec::config& codec_config, const kt::rope* pre_rope,
                                Prepare&& prepare) {
@@ -83,14 +86,16 @@ attention_errors run_attention(const typename Codec::config& codec_config, const
   scheme::compress(tokens(in.keys, 0, prefill), tokens(in.values, 0, prefill), cache.view(), cfg,
                    {scratch.data(), scratch.size()});
   scheme::append(cache.view(), tokens(in.keys, prefill, 1), tokens(in.values, prefill, 1));
-  scheme::append(cache.view(), tokens(in.keys, prefill + 1, appended - 1), tokens(in.values, prefill + 1, appended - 1));
+  scheme::append(cache.view(), tokens(in.keys, prefill + 1, appended - 1),
+                 tokens(in.values, prefill + 1, appended - 1));
   const std::vector<std::int64_t> kept = kept_tokens_list();
   EXPECT_EQ(cache.view().length, static_cast<std::int64_t>(kept.size()));
 
   auto out = make_tensor<float, 3>({batch, shape.q_heads, shape.head_dim});
   scheme::attend(in.queries.cview(), cache.view(), out.view, {});
 
-  // What attention must see: keys rotated to their positions for pre-RoPE codecs.
+  // What attention must see: keys rotated to their positions for pre-RoPE
+  // codecs.
   host_tensor<float, 4> exact_keys = in.keys;
   exact_keys.view.data = exact_keys.storage.data();
   if (pre_rope)
@@ -115,7 +120,9 @@ attention_errors run_attention(const typename Codec::config& codec_config, const
                                                  return set;
                                                });
   const auto exact_oracle = oracle_attention(in.queries.cview(), exact_keys.cview(), in.values.cview(), shape.kv_heads,
-                                             [&](std::int64_t, std::int64_t) { return kept_tokens{kept, {}}; });
+                                             [&](std::int64_t, std::int64_t) {
+                                               return kept_tokens{kept, {}};
+                                             });
   attention_errors errors;
   errors.to_decoded = max_abs_error(out.cview(), decoded_oracle);
   const double scale = 1.0 / std::sqrt(static_cast<double>(shape.head_dim));
@@ -127,7 +134,8 @@ attention_errors run_attention(const typename Codec::config& codec_config, const
         double logit_error = 0.0;
         for (std::int64_t d = 0; d < shape.head_dim; ++d) {
           const double exact_value = in.values(b, h, kept[i], d);
-          logit_error += static_cast<double>(in.queries(b, j, d)) * (exact_keys(b, h, kept[i], d) - decoded_keys(b, h, i, d));
+          logit_error +=
+              static_cast<double>(in.queries(b, j, d)) * (exact_keys(b, h, kept[i], d) - decoded_keys(b, h, i, d));
           value_error = std::max(value_error, std::abs(exact_value - decoded_values(b, h, i, d)));
           value_max = std::max(value_max, std::abs(exact_value));
         }
@@ -135,8 +143,8 @@ attention_errors run_attention(const typename Codec::config& codec_config, const
       }
       const double bound = value_error + std::expm1(2.0 * delta) * value_max;
       for (std::int64_t d = 0; d < shape.head_dim; ++d) {
-        const double error =
-            std::abs(out(b, j, d) - exact_oracle[static_cast<std::size_t>((b * shape.q_heads + j) * shape.head_dim + d)]);
+        const double error = std::abs(
+            out(b, j, d) - exact_oracle[static_cast<std::size_t>((b * shape.q_heads + j) * shape.head_dim + d)]);
         errors.to_exact = std::max(errors.to_exact, error);
         errors.excess = std::max(errors.excess, error - bound);
       }
@@ -150,8 +158,10 @@ attention_errors run_attention(const typename Codec::config& codec_config, const
 }
 
 void expect_faithful(const attention_errors& errors, double exact_limit) {
-  std::printf("    max |out − oracle|: %.3g over decoded tokens, %.3g over exact tokens (limit %.3g)\n",
-              errors.to_decoded, errors.to_exact, exact_limit);
+  std::printf(
+      "    max |out − oracle|: %.3g over decoded tokens, %.3g over "
+      "exact tokens (limit %.3g)\n",
+      errors.to_decoded, errors.to_exact, exact_limit);
   EXPECT_LE(errors.to_decoded, fp32_tolerance);
   EXPECT_LE(errors.excess, fp32_tolerance);
   EXPECT_LE(errors.to_exact, exact_limit);
@@ -163,12 +173,11 @@ void expect_faithful(const attention_errors& errors, double exact_limit) {
 // catch a codec that got worse; the bound check above is the principled one.
 TEST(CodecAttention, Fp16) { expect_faithful(run_attention<kt::codec::fp16>({}), 5e-3); }
 
-TEST(CodecAttention, Int8KiviKeyGroups) {
-  expect_faithful(run_attention<kt::codec::int8>({}), 0.08);
-}
+TEST(CodecAttention, Int8KiviKeyGroups) { expect_faithful(run_attention<kt::codec::int8>({}), 0.08); }
 
 TEST(CodecAttention, Int8PerTokenAsymmetric) {
-  expect_faithful(run_attention<kt::codec::int8>({.keys = kt::codec::key_scaling::per_token, .asymmetric = true}), 0.08);
+  expect_faithful(run_attention<kt::codec::int8>({.keys = kt::codec::key_scaling::per_token, .asymmetric = true}),
+                  0.08);
 }
 
 TEST(CodecAttention, Int4AsymmetricGroupsOf16) {
@@ -199,8 +208,8 @@ TEST(CodecAttention, LowRankPreRope) {
 
 TEST(CodecAttention, LowRankPreRopeInterleavedPartial) {
   const kt::rope rope{.theta = 500000.0, .rotary_dim = 32, .pairs = kt::rope::pairing::interleaved};
-  const attention_errors errors = run_attention<kt::codec::low_rank>(
-      {.rank = 16, .keys = kt::codec::key_space::pre_rope, .rope = rope}, &rope);
+  const attention_errors errors =
+      run_attention<kt::codec::low_rank>({.rank = 16, .keys = kt::codec::key_space::pre_rope, .rope = rope}, &rope);
   expect_faithful(errors, 0.25);
 }
 

@@ -3,7 +3,6 @@
 #include <gtest/gtest.h>
 
 #include <Eigen/Dense>
-
 #include <cmath>
 #include <cstddef>
 #include <limits>
@@ -17,7 +16,8 @@ using namespace kvtrim::testing;
 
 namespace {
 
-/// Storage of `Codec` for `heads` heads of `capacity` slots each (head h owns slots h·capacity + i).
+/// Storage of `Codec` for `heads` heads of `capacity` slots each (head h owns
+/// slots h·capacity + i).
 template <class Codec>
 struct bound_codec {
   std::vector<std::byte> memory;
@@ -27,8 +27,9 @@ struct bound_codec {
         store(Codec::template bind<kt::host_space>(cfg, memory.data(), heads * capacity, heads, head_dim)) {}
 };
 
-/// Feeds head `head` (flattened) the tokens of x[0, head] as a compaction would:
-/// prepare_head over all of them, then encode each at its slot with its position.
+/// Feeds head `head` (flattened) the tokens of x[0, head] as a compaction
+/// would: prepare_head over all of them, then encode each at its slot with its
+/// position.
 template <class Codec>
 void compact_head(const typename Codec::template storage<kt::host_space>& store, const host_tensor<float, 4>& keys,
                   const host_tensor<float, 4>& values, std::int64_t head, std::int64_t capacity) {
@@ -48,7 +49,8 @@ constexpr double fp16_roundoff = kt::element_traits<kt::half>::unit_roundoff;
 
 template <class Codec>
 void check_integer_half_step(const typename Codec::config& cfg) {
-  constexpr std::int64_t heads = 2, capacity = 64, dim = 48, tokens = 50;  // group 0 sealed, group 1 still fp16
+  constexpr std::int64_t heads = 2, capacity = 64, dim = 48,
+                         tokens = 50;  // group 0 sealed, group 1 still fp16
   bound_codec<Codec> codec(cfg, heads, capacity, dim);
   auto keys = random_tensor<float, 4>({1, heads, tokens, dim}, 11, 2.0f);
   auto values = random_tensor<float, 4>({1, heads, tokens, dim}, 12, 2.0f);
@@ -63,12 +65,15 @@ void check_integer_half_step(const typename Codec::config& cfg) {
       const float value_step = Codec::value_step(codec.store, slot);
       EXPECT_GT(value_step, 0.0f);
       for (std::int64_t d = 0; d < dim; ++d) {
-        // Half a step, plus fp32 rounding of the dequantisation (a few ulps of |x|).
-        EXPECT_LE(std::abs(value[d] - values(0, head, t, d)), 0.5f * value_step + 4e-7f * std::abs(values(0, head, t, d)));
+        // Half a step, plus fp32 rounding of the dequantisation (a few ulps of
+        // |x|).
+        EXPECT_LE(std::abs(value[d] - values(0, head, t, d)),
+                  0.5f * value_step + 4e-7f * std::abs(values(0, head, t, d)));
         const float key_step = Codec::key_step(codec.store, slot, d);
         const float exact = keys(0, head, t, d);
         if (key_step == 0.0f) {
-          // Still in the fp16 residual window (the group has not filled): exact fp16.
+          // Still in the fp16 residual window (the group has not filled): exact
+          // fp16.
           ASSERT_TRUE(cfg.keys == kt::codec::key_scaling::per_channel_group);
           EXPECT_EQ(key[d], static_cast<float>(kt::half(exact)));
         } else {
@@ -80,8 +85,9 @@ void check_integer_half_step(const typename Codec::config& cfg) {
       }
     }
   if (cfg.keys == kt::codec::key_scaling::per_channel_group) {
-    EXPECT_GT(Codec::key_step(codec.store, 0, 0), 0.0f);                            // group 0 sealed
-    EXPECT_EQ(Codec::key_step(codec.store, tokens - 1, 0), 0.0f);                   // group 1 waits in fp16
+    EXPECT_GT(Codec::key_step(codec.store, 0, 0), 0.0f);  // group 0 sealed
+    EXPECT_EQ(Codec::key_step(codec.store, tokens - 1, 0),
+              0.0f);  // group 1 waits in fp16
   }
 }
 
@@ -98,7 +104,8 @@ TEST(Int4, HalfStepBoundAsymmetricPerToken) {
 }
 
 TEST(Int8, StepIsTheRangeOverTheLevels) {
-  // One value row [−1.27, …, 1.27]: symmetric step 0.01 exactly represents every multiple.
+  // One value row [−1.27, …, 1.27]: symmetric step 0.01 exactly represents
+  // every multiple.
   bound_codec<kt::codec::int8> codec({.keys = kt::codec::key_scaling::per_token}, 1, 4, 3);
   const float key[3] = {-1.27f, 0.5f, 1.27f}, value[3] = {-2.0f, 0.0f, 0.54f};
   kt::codec::int8::encode(codec.store, 0, 0, key, value);
@@ -111,18 +118,21 @@ TEST(Int8, StepIsTheRangeOverTheLevels) {
 }
 
 TEST(Int8, KeyGroupsRefuseSlotsOutOfOrder) {
-  // Tokens-major placement: token 0 of head 1 lands at slot 1, inside head 0's group.
+  // Tokens-major placement: token 0 of head 1 lands at slot 1, inside head 0's
+  // group.
   bound_codec<kt::codec::int8> codec({}, 2, 32, 8);
   const std::vector<float> row(8, 1.0f);
   kt::codec::int8::encode(codec.store, 0, 0, row.data(), row.data());
   EXPECT_THROW(kt::codec::int8::encode(codec.store, 1, 1, row.data(), row.data()), kt::error);
-  EXPECT_THROW(kt::codec::int8::encode(codec.store, 0, 2, row.data(), row.data()), kt::error);  // skips slot 1
+  EXPECT_THROW(kt::codec::int8::encode(codec.store, 0, 2, row.data(), row.data()),
+               kt::error);  // skips slot 1
 }
 
 TEST(Int8, GroupSizeMustDivideTheSlots) {
   EXPECT_THROW(kt::codec::int8::storage_bytes({.key_group = 32}, 2 * 40, 2, 64), kt::error);
   EXPECT_THROW(kt::codec::int8::storage_bytes({.key_group = 0}, 64, 2, 64), kt::error);
-  EXPECT_NO_THROW(kt::codec::int8::storage_bytes({.keys = kt::codec::key_scaling::per_token, .key_group = 0}, 80, 2, 64));
+  EXPECT_NO_THROW(
+      kt::codec::int8::storage_bytes({.keys = kt::codec::key_scaling::per_token, .key_group = 0}, 80, 2, 64));
   using scheme = kt::scheme<kt::layout::contiguous, kt::score::static_window, kt::budget::uniform, kt::codec::int8,
                             kt::backend::cpu>;
   EXPECT_THROW(scheme::make_cache(kt::model_shape{4, 2, 64}, 1, 40, kt::codec::int8::config{}), kt::error);
@@ -159,7 +169,8 @@ TEST(BadInputs, NonFiniteValuesAreAnError) {
   expect_non_finite_refused<kt::codec::layered<kt::codec::int8>>({});
 }
 
-// ---- fp8 -----------------------------------------------------------------------
+// ---- fp8
+// -----------------------------------------------------------------------
 
 TEST(Fp8, EveryCodeRoundTripsAndRoundingIsToNearestEven) {
   for (unsigned bits = 0; bits < 256; ++bits) {
@@ -173,11 +184,15 @@ TEST(Fp8, EveryCodeRoundTripsAndRoundingIsToNearestEven) {
   }
   EXPECT_EQ(kt::detail::from_e4m3(0x7E), 448.0f);
   EXPECT_EQ(kt::detail::from_e4m3(0x01), std::ldexp(1.0f, -9));
-  EXPECT_EQ(kt::detail::from_e4m3(kt::detail::to_e4m3(1.0625f)), 1.0f);     // tie → even mantissa 000
-  EXPECT_EQ(kt::detail::from_e4m3(kt::detail::to_e4m3(1.1875f)), 1.25f);    // tie → even mantissa 010
-  EXPECT_EQ(kt::detail::from_e4m3(kt::detail::to_e4m3(1000.0f)), 448.0f);   // saturates
+  EXPECT_EQ(kt::detail::from_e4m3(kt::detail::to_e4m3(1.0625f)),
+            1.0f);  // tie → even mantissa 000
+  EXPECT_EQ(kt::detail::from_e4m3(kt::detail::to_e4m3(1.1875f)),
+            1.25f);  // tie → even mantissa 010
+  EXPECT_EQ(kt::detail::from_e4m3(kt::detail::to_e4m3(1000.0f)),
+            448.0f);  // saturates
   EXPECT_EQ(kt::detail::from_e4m3(kt::detail::to_e4m3(-464.0f)), -448.0f);
-  EXPECT_EQ(kt::detail::from_e4m3(kt::detail::to_e4m3(std::ldexp(1.0f, -11))), 0.0f);  // below half the least subnormal
+  EXPECT_EQ(kt::detail::from_e4m3(kt::detail::to_e4m3(std::ldexp(1.0f, -11))),
+            0.0f);  // below half the least subnormal
 }
 
 TEST(Fp8, WithinE4m3PrecisionWithHeadScales) {
@@ -185,7 +200,8 @@ TEST(Fp8, WithinE4m3PrecisionWithHeadScales) {
   bound_codec<kt::codec::fp8> codec({}, heads, capacity, dim);
   auto keys = random_tensor<float, 4>({1, heads, capacity, dim}, 21, 3.0f);
   auto values = random_tensor<float, 4>({1, heads, capacity, dim}, 22, 0.01f);
-  for (std::int64_t head = 0; head < heads; ++head) compact_head<kt::codec::fp8>(codec.store, keys, values, head, capacity);
+  for (std::int64_t head = 0; head < heads; ++head)
+    compact_head<kt::codec::fp8>(codec.store, keys, values, head, capacity);
   std::vector<float> key(dim), value(dim);
   for (std::int64_t head = 0; head < heads; ++head) {
     const float key_scale = codec.store.key_scales[head], value_scale = codec.store.value_scales[head];
@@ -194,9 +210,11 @@ TEST(Fp8, WithinE4m3PrecisionWithHeadScales) {
       kt::codec::fp8::decode_value(codec.store, head, head * capacity + t, value.data());
       for (std::int64_t d = 0; d < dim; ++d) {
         const double k = keys(0, head, t, d), v = values(0, head, t, d);
-        // Half an ulp of 3 mantissa bits, or half the least subnormal (2^−10), in scaled units; + fp32 slack.
+        // Half an ulp of 3 mantissa bits, or half the least subnormal (2^−10),
+        // in scaled units; + fp32 slack.
         EXPECT_LE(std::abs(key[d] - k), key_scale * std::max(std::abs(k / key_scale) / 16.0, 0x1p-10) * (1 + 1e-6));
-        EXPECT_LE(std::abs(value[d] - v), value_scale * std::max(std::abs(v / value_scale) / 16.0, 0x1p-10) * (1 + 1e-6));
+        EXPECT_LE(std::abs(value[d] - v),
+                  value_scale * std::max(std::abs(v / value_scale) / 16.0, 0x1p-10) * (1 + 1e-6));
       }
     }
   }
@@ -208,13 +226,14 @@ TEST(Fp8, LargerThanTheRangeSaturates) {
   kt::codec::fp8::encode(codec.store, 0, 0, key, value);
   float out[2];
   kt::codec::fp8::decode_key(codec.store, 0, 0, out);
-  EXPECT_EQ(out[0], 224.0f);   // 448 · 0.5
+  EXPECT_EQ(out[0], 224.0f);  // 448 · 0.5
   EXPECT_EQ(out[1], -224.0f);
   EXPECT_THROW(kt::codec::fp8::set_head_scales(codec.store, 0, 0.0f, 1.0f), kt::error);
   EXPECT_THROW(kt::codec::fp8::set_head_scales(codec.store, 3, 1.0f, 1.0f), kt::error);
 }
 
-// ---- low rank --------------------------------------------------------------------
+// ---- low rank
+// --------------------------------------------------------------------
 
 namespace {
 std::vector<double> head_singular_values(const host_tensor<float, 4>& x, std::int64_t head) {
@@ -243,7 +262,8 @@ TEST(LowRank, ErrorEqualsTheDiscardedSingularEnergy) {
       for (std::size_t i = static_cast<std::size_t>(kept); i < singular.size(); ++i) sum += singular[i] * singular[i];
       return sum;
     };
-    // fp16 coefficients add ≈ ‖K‖²·u²/3 ≈ 4e-8·‖K‖² of error, ≤ 1e-3 of the discarded energy here.
+    // fp16 coefficients add ≈ ‖K‖²·u²/3 ≈ 4e-8·‖K‖² of error, ≤ 1e-3 of the
+    // discarded energy here.
     EXPECT_NEAR(key_error, discarded(head_singular_values(keys, 0)), 1e-3 * discarded(head_singular_values(keys, 0)));
     EXPECT_NEAR(value_error, discarded(head_singular_values(values, 0)),
                 1e-3 * discarded(head_singular_values(values, 0)));
@@ -251,10 +271,11 @@ TEST(LowRank, ErrorEqualsTheDiscardedSingularEnergy) {
 }
 
 TEST(LowRank, EnergyThresholdPicksTheSmallestRankReachingIt) {
-  const std::vector<double> singular{3.0, 2.0, 1.0, 0.5};  // energies 9, 4, 1, 0.25 of 14.25
-  EXPECT_EQ(kt::analysis::rank_for_energy(singular, 0.6), 1);     // e1 = 0.6316
-  EXPECT_EQ(kt::analysis::rank_for_energy(singular, 0.6317), 2);  // just above e1
-  EXPECT_EQ(kt::analysis::rank_for_energy(singular, 0.98), 3);    // e3 = 0.98246
+  const std::vector<double> singular{3.0, 2.0, 1.0, 0.5};      // energies 9, 4, 1, 0.25 of 14.25
+  EXPECT_EQ(kt::analysis::rank_for_energy(singular, 0.6), 1);  // e1 = 0.6316
+  EXPECT_EQ(kt::analysis::rank_for_energy(singular, 0.6317),
+            2);                                                 // just above e1
+  EXPECT_EQ(kt::analysis::rank_for_energy(singular, 0.98), 3);  // e3 = 0.98246
   EXPECT_EQ(kt::analysis::rank_for_energy(singular, 0.9825), 4);
   EXPECT_EQ(kt::analysis::rank_for_energy(singular, 1.0), 4);
   EXPECT_THROW(kt::analysis::rank_for_energy(singular, 0.0), kt::error);
@@ -284,10 +305,12 @@ TEST(LowRank, RefreshBuildsTheBasisFromAppendedTokensAndKeepsOldCoefficients) {
   for (std::int64_t t = 0; t < tokens; ++t) {
     kt::codec::low_rank::encode(codec.store, 0, t, &keys(0, 0, t, 0), &values(0, 0, t, 0));  // append, no prefill
     if (t == 6) {
-      EXPECT_EQ(codec.store.key_ranks[0], 0);  // no basis before the first refresh
+      EXPECT_EQ(codec.store.key_ranks[0],
+                0);  // no basis before the first refresh
     }
     if (t == 7) {
-      EXPECT_EQ(codec.store.key_ranks[0], 3);  // the data's rank: no directions of zero energy added
+      EXPECT_EQ(codec.store.key_ranks[0],
+                3);  // the data's rank: no directions of zero energy added
     }
   }
   EXPECT_EQ(codec.store.next_position[0], tokens);
@@ -297,7 +320,8 @@ TEST(LowRank, RefreshBuildsTheBasisFromAppendedTokensAndKeepsOldCoefficients) {
       EXPECT_NEAR(row[d], keys(0, 0, t, d), 4 * fp16_roundoff * 8.0) << "token " << t;
   }
 
-  // New directions appear after compaction: the basis grows, old coefficients stay.
+  // New directions appear after compaction: the basis grows, old coefficients
+  // stay.
   auto shifted = structured_tensor({1, 1, 8, dim}, 5, 0.0, 53);
   bound_codec<kt::codec::low_rank> grown({.energy = 0.999, .max_rank = 12, .update_freq = 8}, 1, tokens + 8, dim);
   compact_head<kt::codec::low_rank>(grown.store, keys, values, 0, tokens + 8);
@@ -315,11 +339,13 @@ TEST(LowRank, RefreshBuildsTheBasisFromAppendedTokensAndKeepsOldCoefficients) {
       norm += std::pow(shifted(0, 0, t, d), 2);
     }
   }
-  EXPECT_LE(error, (1.0 - 0.999) * norm * 1.01);  // the refreshed basis holds ≥ 99.9% of their energy
+  EXPECT_LE(error,
+            (1.0 - 0.999) * norm * 1.01);  // the refreshed basis holds ≥ 99.9% of their energy
 }
 
 TEST(LowRank, PreRopeBasesBeatPostRopeBasesOnRotatedLowRankKeys) {
-  // Rank-12 pre-RoPE keys; the engine's cache holds them rotated to positions 0…255.
+  // Rank-12 pre-RoPE keys; the engine's cache holds them rotated to positions
+  // 0…255.
   constexpr std::int64_t dim = 64, tokens = 256, rank = 12;
   const kt::rope rope{};
   auto pre = structured_tensor({1, 1, tokens, dim}, rank, 0.02, 111, 0.9);
@@ -332,7 +358,8 @@ TEST(LowRank, PreRopeBasesBeatPostRopeBasesOnRotatedLowRankKeys) {
     double error = 0.0, norm = 0.0;
     std::vector<float> row(dim);
     for (std::int64_t t = 0; t < tokens; ++t) {
-      kt::codec::low_rank::decode_key(codec.store, 0, t, row.data());  // post-RoPE in both cases
+      kt::codec::low_rank::decode_key(codec.store, 0, t,
+                                      row.data());  // post-RoPE in both cases
       for (std::int64_t d = 0; d < dim; ++d) {
         error += std::pow(row[d] - post(0, 0, t, d), 2);
         norm += std::pow(post(0, 0, t, d), 2);
@@ -342,8 +369,10 @@ TEST(LowRank, PreRopeBasesBeatPostRopeBasesOnRotatedLowRankKeys) {
   };
   const double pre_error = key_error({.rank = rank, .keys = kt::codec::key_space::pre_rope, .rope = rope}, pre);
   const double post_error = key_error({.rank = rank}, post);
-  EXPECT_LT(pre_error, 0.05);              // the noise floor: 0.02 noise against unit-scale signal
-  EXPECT_GT(post_error, 5.0 * pre_error);  // RoPE spreads 12 directions over many more
+  EXPECT_LT(pre_error,
+            0.05);  // the noise floor: 0.02 noise against unit-scale signal
+  EXPECT_GT(post_error,
+            5.0 * pre_error);  // RoPE spreads 12 directions over many more
   const auto post_rank = kt::analysis::rank_for_energy(head_singular_values(post, 0), 0.98);
   const auto pre_rank = kt::analysis::rank_for_energy(head_singular_values(pre, 0), 0.98);
   EXPECT_LE(pre_rank, rank);
@@ -355,17 +384,21 @@ TEST(LowRank, BadRanksAndBases) {
   EXPECT_THROW(kt::codec::low_rank::storage_bytes({.rank = 17}, 8, 1, 16), kt::error);
   EXPECT_THROW(kt::codec::low_rank::storage_bytes({.max_rank = 32}, 8, 1, 16), kt::error);
   EXPECT_THROW(kt::codec::low_rank::storage_bytes({.energy = 0.0}, 8, 1, 16), kt::error);
-  EXPECT_THROW(kt::codec::low_rank::storage_bytes({.rank = 4, .keys = kt::codec::key_space::pre_rope,
-                                                   .rope = {.rotary_dim = 7}},
-                                                  8, 1, 16),
+  EXPECT_THROW(kt::codec::low_rank::storage_bytes(
+                   {.rank = 4, .keys = kt::codec::key_space::pre_rope, .rope = {.rotary_dim = 7}}, 8, 1, 16),
                kt::error);
   bound_codec<kt::codec::low_rank> codec({.rank = 2, .source = kt::codec::basis_source::profile}, 1, 4, 3);
   const std::vector<float> row(3, 1.0f);
-  EXPECT_THROW(kt::codec::low_rank::encode(codec.store, 0, 0, row.data(), row.data()), kt::error);  // no basis yet
-  const float identity2[6] = {1, 0, 0, 1, 0, 0}, skewed[6] = {1, 1, 0, 1, 0, 0}, identity3[9] = {1, 0, 0, 0, 1, 0, 0, 0, 1};
-  EXPECT_THROW(kt::codec::low_rank::set_basis(codec.store, 0, identity3, 3, identity2, 2), kt::error);  // rank 3 > 2
-  EXPECT_THROW(kt::codec::low_rank::set_basis(codec.store, 0, skewed, 2, identity2, 2), kt::error);     // not orthonormal
-  EXPECT_THROW(kt::codec::low_rank::set_basis(codec.store, 1, identity2, 2, identity2, 2), kt::error);  // no head 1
+  EXPECT_THROW(kt::codec::low_rank::encode(codec.store, 0, 0, row.data(), row.data()),
+               kt::error);  // no basis yet
+  const float identity2[6] = {1, 0, 0, 1, 0, 0}, skewed[6] = {1, 1, 0, 1, 0, 0},
+              identity3[9] = {1, 0, 0, 0, 1, 0, 0, 0, 1};
+  EXPECT_THROW(kt::codec::low_rank::set_basis(codec.store, 0, identity3, 3, identity2, 2),
+               kt::error);  // rank 3 > 2
+  EXPECT_THROW(kt::codec::low_rank::set_basis(codec.store, 0, skewed, 2, identity2, 2),
+               kt::error);  // not orthonormal
+  EXPECT_THROW(kt::codec::low_rank::set_basis(codec.store, 1, identity2, 2, identity2, 2),
+               kt::error);  // no head 1
   kt::codec::low_rank::set_basis(codec.store, 0, identity2, 2, identity2, 2);
   const float key[3] = {0.5f, -2.0f, 7.0f};
   kt::codec::low_rank::encode(codec.store, 0, 0, key, key);
@@ -393,7 +426,8 @@ TEST(Rope, MatchesTheFormulaAndInverts) {
   }
 }
 
-// ---- layered ---------------------------------------------------------------------
+// ---- layered
+// ---------------------------------------------------------------------
 
 TEST(Layered, SinksAndNewestInFp16TheRestCrossIntoTheInnerCodec) {
   using codec = kt::codec::layered<kt::codec::int8>;
@@ -431,7 +465,8 @@ TEST(Layered, SinksAndNewestInFp16TheRestCrossIntoTheInnerCodec) {
   kt::codec::layered<kt::codec::fp8>::move_slot(moved.store, 0, 2, 6);
   kt::codec::layered<kt::codec::fp8>::decode_key(moved.store, 0, 6, key.data());
   EXPECT_EQ(key[0], static_cast<float>(kt::half(keys(0, 0, 2, 0))));
-  EXPECT_EQ(moved.store.row_slots[0], 6);  // token 2 took ring row 0 (from token 0); the row follows it
+  EXPECT_EQ(moved.store.row_slots[0],
+            6);  // token 2 took ring row 0 (from token 0); the row follows it
 }
 
 TEST(Layered, BadWindows) {

@@ -2,12 +2,11 @@
 // analysis and low-rank profiles on disk.
 #include <gtest/gtest.h>
 
-#include <kvtrim/io/low_rank_profile.hpp>
-
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <kvtrim/io/low_rank_profile.hpp>
 #include <string>
 #include <vector>
 
@@ -20,8 +19,8 @@ using namespace kvtrim::testing;
 namespace {
 
 template <class Codec>
-using scheme_for = kt::scheme<kt::layout::contiguous, kt::score::static_window, kt::budget::uniform, Codec,
-                              kt::backend::cpu>;
+using scheme_for =
+    kt::scheme<kt::layout::contiguous, kt::score::static_window, kt::budget::uniform, Codec, kt::backend::cpu>;
 
 constexpr kt::model_shape shape{.q_heads = 4, .kv_heads = 2, .head_dim = 64};
 
@@ -40,16 +39,19 @@ std::pair<kt::cache_stats, std::size_t> full_cache_stats(const typename Codec::c
 TEST(Stats, BytesPerTokenOfEveryCodec) {
   constexpr std::int64_t d = 128;
   EXPECT_EQ(kt::codec::fp16::bytes_per_token({}, d), 512.0);
-  // int8: codes 2·128, value scale 4, key scales 128·4 per 32 tokens + 1 flag byte per 32.
+  // int8: codes 2·128, value scale 4, key scales 128·4 per 32 tokens + 1 flag
+  // byte per 32.
   EXPECT_DOUBLE_EQ(kt::codec::int8::bytes_per_token({}, d), 256.0 + 4.0 + (512.0 + 1.0) / 32.0);
   EXPECT_DOUBLE_EQ(kt::codec::int8::bytes_per_token({.keys = kt::codec::key_scaling::per_token, .asymmetric = true}, d),
                    256.0 + 16.0);
   EXPECT_DOUBLE_EQ(kt::codec::int4::bytes_per_token({.keys = kt::codec::key_scaling::per_token}, d), 128.0 + 8.0);
-  EXPECT_DOUBLE_EQ(kt::codec::int8::bytes_per_head({}, d), 32.0 * 128.0 * 2.0 + 16.0);  // fp16 residual window
+  EXPECT_DOUBLE_EQ(kt::codec::int8::bytes_per_head({}, d),
+                   32.0 * 128.0 * 2.0 + 16.0);  // fp16 residual window
   EXPECT_EQ(kt::codec::fp8::bytes_per_token({}, d), 256.0);
   EXPECT_EQ(kt::codec::low_rank::bytes_per_token({.rank = 32}, d), 128.0);
   EXPECT_EQ(kt::codec::low_rank::bytes_per_token({.rank = 32, .keys = kt::codec::key_space::pre_rope}, d), 132.0);
-  EXPECT_EQ(kt::codec::low_rank::bytes_per_token({}, d), 256.0);  // energy-chosen: max_rank = 64 stored
+  EXPECT_EQ(kt::codec::low_rank::bytes_per_token({}, d),
+            256.0);  // energy-chosen: max_rank = 64 stored
   EXPECT_EQ((kt::codec::layered<kt::codec::fp8>::bytes_per_token({}, d)), 260.0);
 }
 
@@ -57,8 +59,8 @@ template <class Codec>
 void expect_accounting_matches_allocation(const typename Codec::config& cfg) {
   constexpr std::int64_t capacity = 96;
   const auto [stats, allocated] = full_cache_stats<Codec>(cfg, capacity);
-  // A full cache: the accounted bytes are what was allocated, up to the carver's
-  // 256-byte alignment of each of the codec's (at most 20) arrays.
+  // A full cache: the accounted bytes are what was allocated, up to the
+  // carver's 256-byte alignment of each of the codec's (at most 20) arrays.
   EXPECT_LE(stats.bytes(), static_cast<double>(allocated));
   EXPECT_GE(stats.bytes(), static_cast<double>(allocated) - 20 * 256.0) << stats;
   EXPECT_EQ(stats.kept(), shape.kv_heads * capacity);
@@ -82,11 +84,14 @@ TEST(Stats, MeasuredErrorsAndTable) {
   const auto [plain, plain_bytes] = full_cache_stats<kt::codec::fp16>({}, 32);
   for (const auto& head : plain.heads) EXPECT_LE(head.key_error, kt::element_traits<kt::half>::unit_roundoff);
   EXPECT_NEAR(plain.ratio(), 1.0, 1e-12);
-  const auto [int8_stats, int8_bytes] = full_cache_stats<kt::codec::int8>({.keys = kt::codec::key_scaling::per_token}, 32);
+  const auto [int8_stats, int8_bytes] =
+      full_cache_stats<kt::codec::int8>({.keys = kt::codec::key_scaling::per_token}, 32);
   EXPECT_NEAR(int8_stats.ratio(), (128.0 + 8.0) / 256.0, 1e-12);
   for (const auto& head : int8_stats.heads) {
-    EXPECT_GT(head.key_error, kt::element_traits<kt::half>::unit_roundoff);  // quantized: worse than fp16 …
-    EXPECT_LT(head.key_error, 0.02);                                          // … by about a step / √3 / amplitude
+    EXPECT_GT(head.key_error,
+              kt::element_traits<kt::half>::unit_roundoff);  // quantized: worse
+                                                             // than fp16 …
+    EXPECT_LT(head.key_error, 0.02);                         // … by about a step / √3 / amplitude
   }
   const std::string table = int8_stats.table();
   EXPECT_NE(table.find("codec int8"), std::string::npos) << table;
@@ -97,12 +102,14 @@ TEST(Stats, MeasuredErrorsAndTable) {
 
 TEST(Concentration, FractionOfTokensHoldingNinetyPercent) {
   const float peaked[4] = {0.1f, 0.5f, 0.1f, 0.3f};
-  EXPECT_DOUBLE_EQ(kt::attention_concentration(peaked, 4), 0.75);  // 0.5 + 0.3 + 0.1
+  EXPECT_DOUBLE_EQ(kt::attention_concentration(peaked, 4),
+                   0.75);  // 0.5 + 0.3 + 0.1
   EXPECT_DOUBLE_EQ(kt::attention_concentration(peaked, 4, 0.8), 0.5);
   const std::vector<float> flat(10, 1.0f);
   EXPECT_DOUBLE_EQ(kt::attention_concentration(flat.data(), 10), 0.9);
   std::vector<float> tensor{1, 0, 0, 0, 1, 1, 1, 1};  // [1, 2, 4]
-  const auto per_head = kt::head_concentration(kt::make_view(static_cast<const float*>(tensor.data()), std::array<std::int64_t, 3>{1, 2, 4}));
+  const auto per_head = kt::head_concentration(
+      kt::make_view(static_cast<const float*>(tensor.data()), std::array<std::int64_t, 3>{1, 2, 4}));
   ASSERT_EQ(per_head.size(), 2u);
   EXPECT_DOUBLE_EQ(per_head[0], 0.25);
   EXPECT_DOUBLE_EQ(per_head[1], 1.0);
@@ -151,8 +158,10 @@ TEST(LowRankProfile, SavesLoadsAndRefusesWrongShapes) {
   const auto store = kt::codec::low_rank::bind<kt::host_space>(cfg, memory.data(), 4 * 8, 4, 16);
   kt::io::load_profile(store, loaded, 1, 2);
   EXPECT_EQ(store.key_ranks[3], 4);
-  EXPECT_THROW(kt::io::load_profile(store, loaded, 1, 1), kt::error);  // 2 heads of profile vs 4 of cache / batch 1
-  EXPECT_THROW(kt::io::load_profile(store, loaded, 2, 2), kt::error);  // no layer 2
+  EXPECT_THROW(kt::io::load_profile(store, loaded, 1, 1),
+               kt::error);  // 2 heads of profile vs 4 of cache / batch 1
+  EXPECT_THROW(kt::io::load_profile(store, loaded, 2, 2),
+               kt::error);  // no layer 2
 
   auto wrong_dim = kt::io::low_rank_profile::empty(2, 2, 8);
   EXPECT_THROW(wrong_dim.calibrate_layer(0, keys.cview(), values.cview(), cfg), kt::error);

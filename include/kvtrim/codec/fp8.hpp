@@ -2,9 +2,11 @@
 // head for keys and one for values, as vLLM and FlashInfer store fp8 caches.
 //
 // Format e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; largest finite
-// 448, smallest normal 2^−6, subnormals down to 2^−9, no infinities, NaN = S.1111.111.
-// Math: x̂ = s · e4m3(x / s), round to nearest even, so for |x/s| ≤ 448
-//   |x − x̂| ≤ s · max(2^−4 · |x/s|, 2^−10)   (half an ulp: 3 mantissa bits, or half the subnormal step).
+// 448, smallest normal 2^−6, subnormals down to 2^−9, no infinities, NaN =
+// S.1111.111. Math: x̂ = s · e4m3(x / s), round to nearest even, so for |x/s| ≤
+// 448
+//   |x − x̂| ≤ s · max(2^−4 · |x/s|, 2^−10)   (half an ulp: 3 mantissa bits, or
+//   half the subnormal step).
 // Finite values beyond ±448·s saturate to ±448·s, as vLLM's conversion does;
 // NaN and ±Inf are an error (kvtrim::error naming head, slot and channel).
 // Scales: fp8_scaling::head_amax (default) sets each head's scale at compaction
@@ -12,8 +14,8 @@
 // later larger tokens saturate; fp8_scaling::fixed uses key_scale / value_scale
 // for every head (vLLM's default 1.0, or its calibrated k_scale / v_scale).
 // fp8::set_head_scales installs per-head calibrated scales.
-// Storage per slot: head_dim bytes each for key and value; per head: two fp32 scales.
-// Defaults: head_amax; fixed scales 1.0. Backends: cpu.
+// Storage per slot: head_dim bytes each for key and value; per head: two fp32
+// scales. Defaults: head_amax; fixed scales 1.0. Backends: cpu.
 #pragma once
 
 #include <algorithm>
@@ -43,7 +45,7 @@ inline std::uint8_t to_e4m3(float x) {
   }
   int exponent = 0;
   std::frexp(magnitude, &exponent);
-  exponent -= 1;  // magnitude = 1.f × 2^exponent
+  exponent -= 1;                                                          // magnitude = 1.f × 2^exponent
   double mantissa = std::nearbyint(std::ldexp(magnitude, 3 - exponent));  // in [8, 16]
   if (mantissa == 16.0) {
     mantissa = 8.0;
@@ -57,8 +59,9 @@ inline std::uint8_t to_e4m3(float x) {
 inline float from_e4m3(std::uint8_t bits) {
   const unsigned exponent = (bits >> 3) & 0xFu, mantissa = bits & 0x7u;
   if (exponent == 0xF && mantissa == 0x7) return std::numeric_limits<float>::quiet_NaN();
-  const double magnitude = exponent == 0 ? std::ldexp(static_cast<double>(mantissa), -9)
-                                         : std::ldexp(static_cast<double>(8 + mantissa), static_cast<int>(exponent) - 10);
+  const double magnitude = exponent == 0
+                               ? std::ldexp(static_cast<double>(mantissa), -9)
+                               : std::ldexp(static_cast<double>(8 + mantissa), static_cast<int>(exponent) - 10);
   return static_cast<float>(bits & 0x80 ? -magnitude : magnitude);
 }
 
@@ -73,15 +76,14 @@ struct fp8 {
 
   struct config {
     fp8_scaling scales = fp8_scaling::head_amax;
-    float key_scale = 1.0f;    // every head's scale before compaction, or always (fixed)
+    float key_scale = 1.0f;  // every head's scale before compaction, or always (fixed)
     float value_scale = 1.0f;
 
     void validate(std::string_view function) const {
       if (!(key_scale > 0.0f) || !std::isfinite(key_scale))
         detail::fail(function, "config.codec.key_scale", "a finite scale above 0", detail::cat(key_scale));
       if (!(value_scale > 0.0f) || !std::isfinite(value_scale))
-        detail::fail(function, "config.codec.value_scale", "a finite scale above 0",
-                             detail::cat(value_scale));
+        detail::fail(function, "config.codec.value_scale", "a finite scale above 0", detail::cat(value_scale));
     }
   };
 
@@ -119,9 +121,7 @@ struct fp8 {
 
   template <MemorySpace Space>
   static void check_storage(std::string_view function, const storage<Space>& store, std::int64_t head_dim) {
-    if (store.head_dim != head_dim)
-      detail::fail(function, "cache.storage.head_dim", detail::cat("the model's head_dim = ", head_dim),
-                           std::to_string(store.head_dim));
+    detail::check_storage_head_dim(function, store.head_dim, head_dim);
     if (!store.key_codes || !store.value_codes || !store.key_scales || !store.value_scales)
       detail::fail(function, "cache.storage", "every array of the codec bound (codec::bind)", "a null pointer");
   }
@@ -129,14 +129,14 @@ struct fp8 {
   /// Installs calibrated scales for one head (x is stored as e4m3(x / scale)).
   static void set_head_scales(const storage<host_space>& store, std::int64_t head, float key_scale, float value_scale) {
     constexpr std::string_view function = "kvtrim::codec::fp8::set_head_scales";
-    if (head < 0 || head >= store.heads)
-      detail::fail(function, "head", detail::cat("a head in [0, ", store.heads, ")"), std::to_string(head));
+    if (head < 0 || head >= store.heads) detail::fail_index(function, "head", head, store.heads);
     config{fp8_scaling::fixed, key_scale, value_scale}.validate(function);
     store.key_scales[head] = key_scale;
     store.value_scales[head] = value_scale;
   }
 
-  /// head_amax: the head's scales become max|x| / 448 over the tokens it is about to hold.
+  /// head_amax: the head's scales become max|x| / 448 over the tokens it is
+  /// about to hold.
   template <class Rows>
   static void prepare_head(const storage<host_space>& store, std::int64_t head, std::int64_t /*sequence_length*/,
                            std::int64_t count, const Rows& rows) {
@@ -161,10 +161,8 @@ struct fp8 {
   static void encode(const storage<host_space>& store, std::int64_t head, std::int64_t slot, const float* key,
                      const float* value) {
     constexpr std::string_view function = "kvtrim::codec::fp8::encode";
-    if (slot < 0 || slot >= store.slots)
-      detail::fail(function, "slot", detail::cat("a slot in [0, ", store.slots, ")"), std::to_string(slot));
-    if (head < 0 || head >= store.heads)
-      detail::fail(function, "head", detail::cat("a head in [0, ", store.heads, ")"), std::to_string(head));
+    if (slot < 0 || slot >= store.slots) detail::fail_index(function, "slot", slot, store.slots);
+    if (head < 0 || head >= store.heads) detail::fail_index(function, "head", head, store.heads);
     detail::check_finite_row(function, "key", key, store.head_dim, head, slot);
     detail::check_finite_row(function, "value", value, store.head_dim, head, slot);
     std::uint8_t* key_row = store.key_codes + slot * store.head_dim;

@@ -23,7 +23,8 @@
 //       Moves a stored token without decoding it (layout::flat's repack).
 //   attention_reader(storage, head, query)
 //       A reader for decode attention that need not rebuild keys (low rank:
-//       scores (q·U)·c, output (Σ p·c)·Uᵀ). Attention calls codec::attention_reader.
+//       scores (q·U)·c, output (Σ p·c)·Uᵀ). Attention calls
+//       codec::attention_reader.
 //   rotate_key(storage, position, key)
 //       For codecs fed pre-RoPE keys: turns a stored-form key into the key
 //       attention sees (the layered cache applies it to its fp16 rows).
@@ -32,8 +33,8 @@
 //       residual windows); memory accounting adds them (core/stats.hpp).
 //
 // The rules a layout must follow for group-based codecs (int8/int4 with KIVI
-// per-channel key groups): every aligned run of `key_group` slots belongs to one
-// head and is written in order; the codec checks this and throws otherwise.
+// per-channel key groups): every aligned run of `key_group` slots belongs to
+// one head and is written in order; the codec checks this and throws otherwise.
 #pragma once
 
 #include <array>
@@ -70,7 +71,8 @@ void encode_at(const Storage& store, std::int64_t head, std::int64_t slot, const
   C::encode(store, head, slot, key, value);
 }
 
-/// Bytes the codec spends per head beyond its per-token bytes (0 when it has no such state).
+/// Bytes the codec spends per head beyond its per-token bytes (0 when it has no
+/// such state).
 template <class C>
 double bytes_per_head(const typename C::config& cfg, std::int64_t head_dim) {
   if constexpr (requires { C::bytes_per_head(cfg, head_dim); })
@@ -125,17 +127,29 @@ auto attention_reader(const typename C::template storage<host_space>& store, std
     return decoding_reader<C>(store, head, query, head_dim);
 }
 
-
 }  // namespace kvtrim::codec
 
 namespace kvtrim::detail {
-/// Throws unless all `count` values are finite: quantizing codecs refuse NaN and
-/// ±Inf rather than store a silently wrong scale for a whole row or group.
+/// Throws unless all `count` values are finite: quantizing codecs refuse NaN
+/// and ±Inf rather than store a silently wrong scale for a whole row or group.
 inline void check_finite_row(std::string_view function, std::string_view argument, const float* values,
-                         std::int64_t count, std::int64_t head, std::int64_t slot) {
+                             std::int64_t count, std::int64_t head, std::int64_t slot) {
   for (std::int64_t d = 0; d < count; ++d)
     if (!std::isfinite(values[d]))
       fail(function, argument, "finite values (NaN and Inf cannot be quantized)",
-                           cat(values[d], " at channel ", d, " of head ", head, ", slot ", slot));
+           cat(values[d], " at channel ", d, " of head ", head, ", slot ", slot));
+}
+
+/// Throws for a codec's head or slot argument outside [0, count). Callers test
+/// the range themselves, so the compiler sees that an index past it never reaches memory.
+[[noreturn]] inline void fail_index(std::string_view function, std::string_view argument, std::int64_t index,
+                                    std::int64_t count) {
+  fail(function, argument, cat("a ", argument, " in [0, ", count, ")"), std::to_string(index));
+}
+
+/// Throws unless a codec's storage was bound for the model's head_dim.
+inline void check_storage_head_dim(std::string_view function, std::int64_t bound, std::int64_t head_dim) {
+  if (bound != head_dim)
+    fail(function, "cache.storage.head_dim", cat("the model's head_dim = ", head_dim), std::to_string(bound));
 }
 }  // namespace kvtrim::detail

@@ -6,28 +6,30 @@
 // TensorRT-LLM / vLLM int8 caches.
 //
 // Math (b bits; a "run" is the set of numbers sharing one scale):
-//   symmetric:  s = max|x| / (2^(b−1) − 1),  q = round(x / s) ∈ [−127, 127],  x̂ = q·s
-//   asymmetric: s = (max x − min x) / (2^b − 1), z = min x, q = round((x − z)/s) ∈ [0, 255], x̂ = q·s + z
-//   so |x − x̂| ≤ s/2 (half a step) for every element.
-//   values: one run per token and head (its head_dim channels).
-//   keys:   key_scaling::per_channel_group (KIVI, default): one run per channel
+//   symmetric:  s = max|x| / (2^(b−1) − 1),  q = round(x / s) ∈ [−127, 127],  x̂
+//   = q·s asymmetric: s = (max x − min x) / (2^b − 1), z = min x, q = round((x
+//   − z)/s) ∈ [0, 255], x̂ = q·s + z so |x − x̂| ≤ s/2 (half a step) for every
+//   element. values: one run per token and head (its head_dim channels). keys:
+//   key_scaling::per_channel_group (KIVI, default): one run per channel
 //           over each group of `key_group` tokens, because key outliers sit in
 //           fixed channels; the newest tokens of a head stay fp16 in a residual
-//           window until their group fills, then the group is quantized at once.
-//           key_scaling::per_token: one run per token, like values.
-// Storage per slot: head_dim codes each for key and value (b bits each, packed),
-// fp32 scales (and zero points); per group of slots: head_dim key scales (and
-// zero points); per head: a key_group × head_dim fp16 residual window.
-// Codes are unsigned: symmetric codes store q + 2^(b−1).
+//           window until their group fills, then the group is quantized at
+//           once. key_scaling::per_token: one run per token, like values.
+// Storage per slot: head_dim codes each for key and value (b bits each,
+// packed), fp32 scales (and zero points); per group of slots: head_dim key
+// scales (and zero points); per head: a key_group × head_dim fp16 residual
+// window. Codes are unsigned: symmetric codes store q + 2^(b−1).
 //
 // Layout contract (per_channel_group): the group of slot s is s / key_group, so
-// every aligned run of key_group slots must belong to one head and be written in
-// order (layout::contiguous heads-major with capacity % key_group == 0, layout::paged
-// with page_size % key_group == 0). encode checks it and throws otherwise; layouts
-// that place heads at arbitrary offsets (layout::flat) use key_scaling::per_token.
+// every aligned run of key_group slots must belong to one head and be written
+// in order (layout::contiguous heads-major with capacity % key_group == 0,
+// layout::paged with page_size % key_group == 0). encode checks it and throws
+// otherwise; layouts that place heads at arbitrary offsets (layout::flat) use
+// key_scaling::per_token.
 //
-// NaN or ±Inf in a key or value is an error (kvtrim::error naming head, slot and
-// channel): one bad element would otherwise poison the scale of a whole run.
+// NaN or ±Inf in a key or value is an error (kvtrim::error naming head, slot
+// and channel): one bad element would otherwise poison the scale of a whole
+// run.
 //
 // Defaults: per_channel_group keys, key_group 32 (KIVI), symmetric.
 // Backends: cpu.
@@ -88,8 +90,10 @@ struct integer_quantizer {
     }
   }
   static unsigned get(const std::uint8_t* row, std::int64_t d) {
-    if constexpr (Bits == 8) return row[d];
-    else return (row[d / 2] >> (d % 2 == 0 ? 0 : 4)) & 0xFu;
+    if constexpr (Bits == 8)
+      return row[d];
+    else
+      return (row[d / 2] >> (d % 2 == 0 ? 0 : 4)) & 0xFu;
   }
 };
 
@@ -114,19 +118,19 @@ struct quantized {
     void validate(std::string_view function) const {
       if (keys == key_scaling::per_channel_group && (key_group < 1 || key_group > 65536))
         detail::fail(function, "config.codec.key_group", "a group of 1 to 65536 tokens (KIVI: 32)",
-                             std::to_string(key_group));
+                     std::to_string(key_group));
     }
     bool grouped() const { return keys == key_scaling::per_channel_group; }
   };
 
   template <MemorySpace Space>
   struct storage {
-    std::uint8_t* key_codes = nullptr;    // [slots, row_bytes]
-    std::uint8_t* value_codes = nullptr;  // [slots, row_bytes]
-    float* key_scales = nullptr;          // per_token: [slots]; per_channel_group: [groups, head_dim]
-    float* key_zeros = nullptr;           // as key_scales, asymmetric only
-    float* value_scales = nullptr;        // [slots]
-    float* value_zeros = nullptr;         // [slots], asymmetric only
+    std::uint8_t* key_codes = nullptr;       // [slots, row_bytes]
+    std::uint8_t* value_codes = nullptr;     // [slots, row_bytes]
+    float* key_scales = nullptr;             // per_token: [slots]; per_channel_group: [groups, head_dim]
+    float* key_zeros = nullptr;              // as key_scales, asymmetric only
+    float* value_scales = nullptr;           // [slots]
+    float* value_zeros = nullptr;            // [slots], asymmetric only
     std::uint8_t* group_sealed = nullptr;    // [groups]: 1 once the group is quantized
     half* residual_keys = nullptr;           // [heads, key_group, head_dim]: the filling group, fp16
     std::int64_t* residual_group = nullptr;  // [heads]: group being filled, −1 none
@@ -138,8 +142,7 @@ struct quantized {
     bool asymmetric = false;
   };
 
-  static std::size_t storage_bytes(const config& cfg, std::int64_t slots, std::int64_t heads,
-                                   std::int64_t head_dim) {
+  static std::size_t storage_bytes(const config& cfg, std::int64_t slots, std::int64_t heads, std::int64_t head_dim) {
     workspace_carver carver;
     carve<host_space>(carver, cfg, slots, heads, head_dim);
     return carver.bytes();
@@ -148,8 +151,7 @@ struct quantized {
   static double bytes_per_token(const config& cfg, std::int64_t head_dim) {
     const double per_run = cfg.asymmetric ? 8.0 : 4.0;  // fp32 scale (+ zero point)
     const double key_params =
-        cfg.grouped() ? (static_cast<double>(head_dim) * per_run + 1.0) / static_cast<double>(cfg.key_group)
-                      : per_run;
+        cfg.grouped() ? (static_cast<double>(head_dim) * per_run + 1.0) / static_cast<double>(cfg.key_group) : per_run;
     return 2.0 * static_cast<double>(quantizer::row_bytes(head_dim)) + per_run + key_params;
   }
   static double bytes_per_head(const config& cfg, std::int64_t head_dim) {
@@ -175,16 +177,13 @@ struct quantized {
 
   template <MemorySpace Space>
   static void check_storage(std::string_view function, const storage<Space>& store, std::int64_t head_dim) {
-    if (store.head_dim != head_dim)
-      detail::fail(function, "cache.storage.head_dim",
-                           detail::cat("the model's head_dim = ", head_dim), std::to_string(store.head_dim));
+    detail::check_storage_head_dim(function, store.head_dim, head_dim);
     const bool complete = store.key_codes && store.value_codes && store.key_scales && store.value_scales &&
                           (!store.asymmetric || (store.key_zeros && store.value_zeros)) &&
                           (store.key_group == 0 ||
                            (store.group_sealed && store.residual_keys && store.residual_group && store.residual_count));
     if (!complete)
-      detail::fail(function, "cache.storage", "every array of the codec bound (codec::bind)",
-                           "a null pointer");
+      detail::fail(function, "cache.storage", "every array of the codec bound (codec::bind)", "a null pointer");
   }
 
   // --- reference (host) encode / decode -----------------------------------
@@ -199,7 +198,8 @@ struct quantized {
       quantize_row(store, key, store.key_codes, store.key_scales, store.key_zeros, slot);
       return;
     }
-    // KIVI: the key waits in the head's fp16 residual window until its group fills.
+    // KIVI: the key waits in the head's fp16 residual window until its group
+    // fills.
     const std::int64_t group = slot / store.key_group, place = slot % store.key_group;
     if (place == 0) {
       store.residual_group[head] = group;
@@ -208,12 +208,12 @@ struct quantized {
       detail::fail(
           function, "slot",
           detail::cat("the next slot of head ", head, "'s key group (slot ",
-                              store.residual_group[head] < 0
-                                  ? std::string("at a multiple of key_group = ") + std::to_string(store.key_group)
-                                  : std::to_string(store.residual_group[head] * store.key_group +
-                                                   store.residual_count[head]),
-                              "): per-channel key groups need each aligned run of key_group slots to belong to one "
-                              "head and be written in order (or use key_scaling::per_token)"),
+                      store.residual_group[head] < 0
+                          ? std::string("at a multiple of key_group = ") + std::to_string(store.key_group)
+                          : std::to_string(store.residual_group[head] * store.key_group + store.residual_count[head]),
+                      "): per-channel key groups need each aligned run of key_group "
+                      "slots to belong to one "
+                      "head and be written in order (or use key_scaling::per_token)"),
           std::to_string(slot));
     }
     half* residual = residual_row(store, head, place);
@@ -242,7 +242,7 @@ struct quantized {
     }
     if (store.residual_group[head] != group || place >= store.residual_count[head])
       detail::fail(Bits == 8 ? "kvtrim::codec::int8::decode_key" : "kvtrim::codec::int4::decode_key", "slot",
-                           detail::cat("a slot head ", head, " has written"), std::to_string(slot));
+                   detail::cat("a slot head ", head, " has written"), std::to_string(slot));
     const half* residual = residual_row(store, head, place);
     for (std::int64_t d = 0; d < store.head_dim; ++d) out[d] = static_cast<float>(residual[d]);
   }
@@ -254,13 +254,14 @@ struct quantized {
       out[d] = quantizer::value(quantizer::get(codes, d), s, store.asymmetric);
   }
 
-  /// Moves a token as stored (layout::flat's repack). Per-token key scales only:
-  /// a key group cannot be split.
+  /// Moves a token as stored (layout::flat's repack). Per-token key scales
+  /// only: a key group cannot be split.
   static void move_slot(const storage<host_space>& store, std::int64_t /*head*/, std::int64_t from, std::int64_t to) {
     if (store.key_group != 0)
       detail::fail(Bits == 8 ? "kvtrim::codec::int8::move_slot" : "kvtrim::codec::int4::move_slot", "config.codec.keys",
-                           "key_scaling::per_token (per-channel key groups cannot move slot by slot)",
-                           "key_scaling::per_channel_group");
+                   "key_scaling::per_token (per-channel key groups cannot move "
+                   "slot by slot)",
+                   "key_scaling::per_channel_group");
     const std::int64_t bytes = quantizer::row_bytes(store.head_dim);
     std::memmove(store.key_codes + to * bytes, store.key_codes + from * bytes, static_cast<std::size_t>(bytes));
     std::memmove(store.value_codes + to * bytes, store.value_codes + from * bytes, static_cast<std::size_t>(bytes));
@@ -272,8 +273,8 @@ struct quantized {
     }
   }
 
-  /// The quantization step (scale) of element d of the stored key at `slot`, or 0
-  /// while the key still waits in the fp16 residual window (tests and stats).
+  /// The quantization step (scale) of element d of the stored key at `slot`, or
+  /// 0 while the key still waits in the fp16 residual window (tests and stats).
   static float key_step(const storage<host_space>& store, std::int64_t slot, std::int64_t d) {
     if (store.key_group == 0) return store.key_scales[slot];
     const std::int64_t group = slot / store.key_group;
@@ -289,10 +290,11 @@ struct quantized {
     cfg.validate(function);
     if (cfg.grouped() && slots % cfg.key_group != 0)
       detail::fail(function, "slots",
-                           detail::cat("a multiple of key_group = ", cfg.key_group,
-                                               " (key groups are aligned runs of slots; make the capacity or page "
-                                               "size a multiple of key_group)"),
-                           std::to_string(slots));
+                   detail::cat("a multiple of key_group = ", cfg.key_group,
+                               " (key groups are aligned runs of slots; make "
+                               "the capacity or page "
+                               "size a multiple of key_group)"),
+                   std::to_string(slots));
     storage<Space> store;
     const std::int64_t bytes = quantizer::row_bytes(head_dim);
     const std::int64_t key_runs = cfg.grouped() ? slots / cfg.key_group * head_dim : slots;
@@ -320,19 +322,16 @@ struct quantized {
 
   static void check_place(std::string_view function, const storage<host_space>& store, std::int64_t head,
                           std::int64_t slot) {
-    if (slot < 0 || slot >= store.slots)
-      detail::fail(function, "slot", detail::cat("a slot in [0, ", store.slots, ")"),
-                           std::to_string(slot));
-    if (head < 0 || head >= store.heads)
-      detail::fail(function, "head", detail::cat("a head in [0, ", store.heads, ")"),
-                           std::to_string(head));
+    if (slot < 0 || slot >= store.slots) detail::fail_index(function, "slot", slot, store.slots);
+    if (head < 0 || head >= store.heads) detail::fail_index(function, "head", head, store.heads);
   }
 
   static half* residual_row(const storage<host_space>& store, std::int64_t head, std::int64_t place) {
     return store.residual_keys + (head * store.key_group + place) * store.head_dim;
   }
 
-  /// One run per token: codes into row `slot`, its step into scales[slot] (and zeros[slot]).
+  /// One run per token: codes into row `slot`, its step into scales[slot] (and
+  /// zeros[slot]).
   static void quantize_row(const storage<host_space>& store, const float* x, std::uint8_t* codes, float* scales,
                            float* zeros, std::int64_t slot) {
     float lowest = x[0], highest = x[0];
@@ -342,12 +341,14 @@ struct quantized {
     }
     const step s = quantizer::fit(lowest, highest, store.asymmetric);
     std::uint8_t* row = codes + slot * quantizer::row_bytes(store.head_dim);
-    for (std::int64_t d = 0; d < store.head_dim; ++d) quantizer::put(row, d, quantizer::code(x[d], s, store.asymmetric));
+    for (std::int64_t d = 0; d < store.head_dim; ++d)
+      quantizer::put(row, d, quantizer::code(x[d], s, store.asymmetric));
     scales[slot] = s.scale;
     if (store.asymmetric) zeros[slot] = s.zero;
   }
 
-  /// The group is full: one run per channel over its key_group fp16 residual keys.
+  /// The group is full: one run per channel over its key_group fp16 residual
+  /// keys.
   static void seal_group(const storage<host_space>& store, std::int64_t head, std::int64_t group) {
     const std::int64_t bytes = quantizer::row_bytes(store.head_dim);
     for (std::int64_t d = 0; d < store.head_dim; ++d) {

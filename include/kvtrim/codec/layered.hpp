@@ -1,30 +1,32 @@
-// kvtrim/codec/layered.hpp — a codec combinator: the sinks and the newest tokens
-// of each head in fp16, every older token in the `Inner` codec.
+// kvtrim/codec/layered.hpp — a codec combinator: the sinks and the newest
+// tokens of each head in fp16, every older token in the `Inner` codec.
 //
 // Source: the layered cache of the low-rank SVD article (../shared/seeds: a
-// short-term fp16 window over a compressed long-term store), with StreamingLLM's
-// sinks (Xiao et al., 2023) kept exact as well; KIVI's fp16 residual and
-// ShadowKV's exact outliers are the same idea inside one codec.
+// short-term fp16 window over a compressed long-term store), with
+// StreamingLLM's sinks (Xiao et al., 2023) kept exact as well; KIVI's fp16
+// residual and ShadowKV's exact outliers are the same idea inside one codec.
 //
 // Per head, in the order tokens are encoded since the head's last compaction:
 //   tokens 0 … sinks−1            fp16 (attention sinks; always)
 //   the newest `recent` tokens    fp16, in a ring; when a token arrives and the
 //                                 ring is full, the oldest one crosses the
-//                                 boundary and is read through Inner from then on
+//                                 boundary and is read through Inner from then
+//                                 on
 //   every other token             Inner
 // Every token is also encoded into Inner when it arrives, in arrival order, so
 // Inner sees exactly the stream it would see alone (group-based codecs such as
-// int8's KIVI key groups keep their in-order rule; low_rank refreshes as usual):
-// the fp16 rows only shadow it. Crossing the boundary is then just dropping the
-// shadow, and costs nothing on append. Keys given pre-RoPE (low_rank with
-// key_space::pre_rope) are kept pre-RoPE in the fp16 rows too and rotated with
-// Inner's rotate_key when read, so both kinds of row answer with the same key.
+// int8's KIVI key groups keep their in-order rule; low_rank refreshes as
+// usual): the fp16 rows only shadow it. Crossing the boundary is then just
+// dropping the shadow, and costs nothing on append. Keys given pre-RoPE
+// (low_rank with key_space::pre_rope) are kept pre-RoPE in the fp16 rows too
+// and rotated with Inner's rotate_key when read, so both kinds of row answer
+// with the same key.
 //
 // Storage: Inner's storage for every slot, plus an int32 per slot (its fp16 row
-// or −1), plus per head (sinks + recent) fp16 key and value rows with their slot
-// and position. As a combinator it is a codec, not a layout: it composes with
-// contiguous, paged and flat layouts and with every scorer.
-// Defaults: recent 128 (the article's short-term size, KIVI's residual), sinks 4.
+// or −1), plus per head (sinks + recent) fp16 key and value rows with their
+// slot and position. As a combinator it is a codec, not a layout: it composes
+// with contiguous, paged and flat layouts and with every scorer. Defaults:
+// recent 128 (the article's short-term size, KIVI's residual), sinks 4.
 // Backends: cpu.
 #pragma once
 
@@ -55,10 +57,10 @@ struct layered {
       inner.validate(function);
       if (recent < 0 || recent > (1 << 20))
         detail::fail(function, "config.codec.recent", "0 to 2^20 newest tokens kept fp16 (default 128)",
-                             std::to_string(recent));
+                     std::to_string(recent));
       if (sinks < 0 || sinks > (1 << 20))
         detail::fail(function, "config.codec.sinks", "0 to 2^20 sink tokens kept fp16 (default 4)",
-                             std::to_string(sinks));
+                     std::to_string(sinks));
     }
     std::int64_t rows() const { return sinks + recent; }
   };
@@ -66,13 +68,13 @@ struct layered {
   template <MemorySpace Space>
   struct storage {
     typename Inner::template storage<Space> inner{};
-    half* row_keys = nullptr;              // [heads, rows, head_dim]
-    half* row_values = nullptr;            // [heads, rows, head_dim]
-    std::int64_t* row_slots = nullptr;     // [heads, rows]
-    std::int64_t* row_positions = nullptr; // [heads, rows]
-    std::int32_t* slot_rows = nullptr;     // [slots]: fp16 row of the slot's head, −1: read through Inner
-    std::int64_t* arrived = nullptr;       // [heads]: tokens encoded since the last compaction
-    std::int64_t* next_position = nullptr; // [heads]
+    half* row_keys = nullptr;               // [heads, rows, head_dim]
+    half* row_values = nullptr;             // [heads, rows, head_dim]
+    std::int64_t* row_slots = nullptr;      // [heads, rows]
+    std::int64_t* row_positions = nullptr;  // [heads, rows]
+    std::int32_t* slot_rows = nullptr;      // [slots]: fp16 row of the slot's head, −1: read through Inner
+    std::int64_t* arrived = nullptr;        // [heads]: tokens encoded since the last compaction
+    std::int64_t* next_position = nullptr;  // [heads]
     std::int64_t head_dim = 0;
     std::int64_t slots = 0;
     std::int64_t heads = 0;
@@ -109,11 +111,10 @@ struct layered {
   template <MemorySpace Space>
   static void check_storage(std::string_view function, const storage<Space>& store, std::int64_t head_dim) {
     Inner::check_storage(function, store.inner, head_dim);
-    if (store.head_dim != head_dim)
-      detail::fail(function, "cache.storage.head_dim", detail::cat("the model's head_dim = ", head_dim),
-                           std::to_string(store.head_dim));
+    detail::check_storage_head_dim(function, store.head_dim, head_dim);
     if (!store.slot_rows || !store.arrived || !store.next_position ||
-        (store.sinks + store.recent > 0 && (!store.row_keys || !store.row_values || !store.row_slots || !store.row_positions)))
+        (store.sinks + store.recent > 0 &&
+         (!store.row_keys || !store.row_values || !store.row_slots || !store.row_positions)))
       detail::fail(function, "cache.storage", "every array of the codec bound (codec::bind)", "a null pointer");
   }
 
@@ -136,8 +137,7 @@ struct layered {
                      const float* value, std::int64_t position) {
     constexpr std::string_view function = "kvtrim::codec::layered::encode";
     check_head(function, store, head);
-    if (slot < 0 || slot >= store.slots)
-      detail::fail(function, "slot", detail::cat("a slot in [0, ", store.slots, ")"), std::to_string(slot));
+    if (slot < 0 || slot >= store.slots) detail::fail_index(function, "slot", slot, store.slots);
     codec::encode_at<Inner>(store.inner, head, slot, key, value, position);
     store.next_position[head] = std::max(store.next_position[head], position + 1);
     const std::int64_t order = store.arrived[head]++;
@@ -146,7 +146,8 @@ struct layered {
       row = order;
     } else if (store.recent > 0) {
       row = store.sinks + (order - store.sinks) % store.recent;
-      if (order - store.sinks >= store.recent) {  // the ring is full: its oldest token crosses into Inner
+      if (order - store.sinks >= store.recent) {  // the ring is full: its oldest
+                                                  // token crosses into Inner
         const std::int64_t leaving = store.row_slots[head * rows(store) + row];
         if (store.slot_rows[leaving] == row) store.slot_rows[leaving] = -1;
       }
@@ -179,11 +180,14 @@ struct layered {
       Inner::rotate_key(store.inner, position, key);
   }
 
-  /// Fp16 slots are read here; the rest through Inner's own reader (low rank: no keys rebuilt).
+  /// Fp16 slots are read here; the rest through Inner's own reader (low rank:
+  /// no keys rebuilt).
   class reader {
    public:
     reader(const storage<host_space>& store, std::int64_t head, const float* query)
-        : store_(store), head_(head), query_(query),
+        : store_(store),
+          head_(head),
+          query_(query),
           inner_(codec::attention_reader<Inner>(store.inner, head, query, store.head_dim)) {}
 
     float dot(std::int64_t slot) {
@@ -220,7 +224,8 @@ struct layered {
     return reader(store, head, query);
   }
 
-  /// Moves a token (layout::flat's repack): Inner's copy, and the fp16 row follows the slot.
+  /// Moves a token (layout::flat's repack): Inner's copy, and the fp16 row
+  /// follows the slot.
   static void move_slot(const storage<host_space>& store, std::int64_t head, std::int64_t from, std::int64_t to) {
     if constexpr (requires { Inner::move_slot(store.inner, head, from, to); }) {
       Inner::move_slot(store.inner, head, from, to);
@@ -240,7 +245,9 @@ struct layered {
 
  private:
   template <MemorySpace Space>
-  static std::int64_t rows(const storage<Space>& store) { return store.sinks + store.recent; }
+  static std::int64_t rows(const storage<Space>& store) {
+    return store.sinks + store.recent;
+  }
 
   template <MemorySpace Space>
   static storage<Space> carve(workspace_carver& carver, const config& cfg, std::int64_t slots, std::int64_t heads,
@@ -249,7 +256,8 @@ struct layered {
     storage<Space> store;
     const std::size_t inner_bytes = Inner::storage_bytes(cfg.inner, slots, heads, head_dim);
     std::byte* inner_memory = carver.take<std::byte>(static_cast<std::int64_t>(inner_bytes));
-    if (inner_memory != nullptr) store.inner = Inner::template bind<Space>(cfg.inner, inner_memory, slots, heads, head_dim);
+    if (inner_memory != nullptr)
+      store.inner = Inner::template bind<Space>(cfg.inner, inner_memory, slots, heads, head_dim);
     store.row_keys = carver.take<half>(heads * cfg.rows() * head_dim);
     store.row_values = carver.take<half>(heads * cfg.rows() * head_dim);
     store.row_slots = carver.take<std::int64_t>(heads * cfg.rows());
@@ -266,8 +274,7 @@ struct layered {
   }
 
   static void check_head(std::string_view function, const storage<host_space>& store, std::int64_t head) {
-    if (head < 0 || head >= store.heads)
-      detail::fail(function, "head", detail::cat("a head in [0, ", store.heads, ")"), std::to_string(head));
+    if (head < 0 || head >= store.heads) detail::fail_index(function, "head", head, store.heads);
   }
 
   static void read_row(const storage<host_space>& store, const half* table, std::int64_t head, std::int64_t row,

@@ -1,9 +1,9 @@
 // kvtrim/codec/low_rank.hpp — store each token as r coefficients in a per-head
 // orthonormal basis from the SVD of that head's keys (and, separately, values).
 //
-// Papers: Eigen Attention (Saxena et al., 2024: rank by cumulative energy 0.98);
-// Palu (Chang et al., 2024) and ShadowKV (Sun et al., 2024) for pre-RoPE bases
-// with RoPE applied after reconstruction; xKV (Chang et al., 2025).
+// Papers: Eigen Attention (Saxena et al., 2024: rank by cumulative energy
+// 0.98); Palu (Chang et al., 2024) and ShadowKV (Sun et al., 2024) for pre-RoPE
+// bases with RoPE applied after reconstruction; xKV (Chang et al., 2025).
 //
 // Math, per (sequence, kv head): U (head_dim × r, UᵀU = I) spans the top right
 // singular vectors of the head's T × D keys K. A key is stored as c = Uᵀk (r
@@ -15,13 +15,14 @@
 // `energy` (default 0.98), at most `max_rank` (default head_dim/2, which bounds
 // the memory: storage always holds max_rank coefficients per token).
 //
-// Post-RoPE keys (what an engine's cache holds) have a higher rank than pre-RoPE
-// keys: RoPE turns each position-independent direction into a position-dependent
-// pair of directions. key_space::pre_rope takes pre-RoPE keys with the engine's
-// RoPE settings (core/rope.hpp), stores each token's position (int32 per slot),
-// and rotates k̂ = U c by its position inside attention (the score then needs the
-// rebuilt key, since the rotation differs per token: O(D·r) per token, as ShadowKV).
-// docs/codecs.md measures which wins on structured data.
+// Post-RoPE keys (what an engine's cache holds) have a higher rank than
+// pre-RoPE keys: RoPE turns each position-independent direction into a
+// position-dependent pair of directions. key_space::pre_rope takes pre-RoPE
+// keys with the engine's RoPE settings (core/rope.hpp), stores each token's
+// position (int32 per slot), and rotates k̂ = U c by its position inside
+// attention (the score then needs the rebuilt key, since the rotation differs
+// per token: O(D·r) per token, as ShadowKV). docs/codecs.md measures which wins
+// on structured data.
 //
 // Where the basis comes from (basis_source):
 //   sequence: fitted at compaction from the head's kept tokens (prepare_head),
@@ -30,22 +31,23 @@
 //             new columns (up to the target rank), and those tokens are encoded
 //             again with them. Existing columns never change, so coefficients
 //             stored earlier stay valid and nothing else is re-encoded.
-//   profile:  calibrated offline from sample keys/values (io/low_rank_profile.hpp)
+//   profile:  calibrated offline from sample keys/values
+//   (io/low_rank_profile.hpp)
 //             and installed with set_basis / load_profile before compaction.
 // Positions: compaction passes each kept token's prefill index; append assumes
-// the token follows the head's last one (prepare_head starts it at the prefill length).
+// the token follows the head's last one (prepare_head starts it at the prefill
+// length).
 //
 // Storage per slot: 2·max_rank fp16 coefficients (+ an int32 position for
 // pre_rope). Per head: two D × max_rank fp32 bases, their ranks, and for
 // sequence bases with refresh an update_freq-token fp32 buffer of raw tokens.
-// NaN or ±Inf inputs are an error. Fitting a basis (an SVD, Eigen) allocates; it
-// runs at compaction and at each refresh, never in a decode step without one.
-// Defaults: energy 0.98, max_rank head_dim/2, sequence bases, update_freq 16,
-// post-RoPE keys. Backends: cpu.
+// NaN or ±Inf inputs are an error. Fitting a basis (an SVD, Eigen) allocates;
+// it runs at compaction and at each refresh, never in a decode step without
+// one. Defaults: energy 0.98, max_rank head_dim/2, sequence bases, update_freq
+// 16, post-RoPE keys. Backends: cpu.
 #pragma once
 
 #include <Eigen/Dense>
-
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -82,28 +84,29 @@ struct low_rank {
     void validate(std::string_view function) const {
       if (rank && *rank < 1)
         detail::fail(function, "config.codec.rank", "a rank of at least 1 (or unset: chosen by energy)",
-                             std::to_string(*rank));
+                     std::to_string(*rank));
       if (max_rank && *max_rank < 1)
         detail::fail(function, "config.codec.max_rank", "at least 1 (or unset: head_dim / 2)",
-                             std::to_string(*max_rank));
+                     std::to_string(*max_rank));
       if (!(energy > 0.0 && energy <= 1.0))
         detail::fail(function, "config.codec.energy", "an energy fraction in (0, 1] (default 0.98)",
-                             detail::cat(energy));
+                     detail::cat(energy));
       if (update_freq < 0 || update_freq > 65536)
         detail::fail(function, "config.codec.update_freq", "0 (never) to 65536 appended tokens",
-                             std::to_string(update_freq));
+                     std::to_string(update_freq));
     }
     void validate(std::string_view function, std::int64_t head_dim) const {
       validate(function);
       if (rank && *rank > head_dim)
         detail::fail(function, "config.codec.rank", detail::cat("a rank in [1, head_dim = ", head_dim, "]"),
-                             std::to_string(*rank));
+                     std::to_string(*rank));
       if (!rank && max_rank && *max_rank > head_dim)
-        detail::fail(function, "config.codec.max_rank",
-                             detail::cat("a rank in [1, head_dim = ", head_dim, "]"), std::to_string(*max_rank));
+        detail::fail(function, "config.codec.max_rank", detail::cat("a rank in [1, head_dim = ", head_dim, "]"),
+                     std::to_string(*max_rank));
       if (keys == key_space::pre_rope) rope.validate(function, head_dim);
     }
-    /// Coefficients stored per token: the fixed rank, or the cap on energy-chosen ranks.
+    /// Coefficients stored per token: the fixed rank, or the cap on
+    /// energy-chosen ranks.
     std::int64_t stored_rank(std::int64_t head_dim) const {
       if (rank) return *rank;
       return max_rank ? *max_rank : std::max<std::int64_t>(1, head_dim / 2);
@@ -114,7 +117,8 @@ struct low_rank {
   struct storage {
     half* key_coefficients = nullptr;    // [slots, stored_rank]
     half* value_coefficients = nullptr;  // [slots, stored_rank]
-    float* key_bases = nullptr;          // [heads, head_dim, stored_rank]; columns ≥ the head's rank are 0
+    float* key_bases = nullptr;          // [heads, head_dim, stored_rank]; columns ≥ the
+                                         // head's rank are 0
     float* value_bases = nullptr;
     std::int32_t* key_ranks = nullptr;  // [heads]
     std::int32_t* value_ranks = nullptr;
@@ -149,8 +153,9 @@ struct low_rank {
   static double bytes_per_head(const config& cfg, std::int64_t head_dim) {
     const double bases = 2.0 * static_cast<double>(head_dim * cfg.stored_rank(head_dim)) * sizeof(float) + 8.0 + 16.0;
     const std::int64_t buffered = refresh_tokens(cfg);
-    return bases + (buffered > 0 ? static_cast<double>(buffered) * (8.0 + 2.0 * static_cast<double>(head_dim) * 4.0) + 8.0
-                                 : 0.0);
+    return bases + (buffered > 0
+                        ? static_cast<double>(buffered) * (8.0 + 2.0 * static_cast<double>(head_dim) * 4.0) + 8.0
+                        : 0.0);
   }
 
   template <MemorySpace Space>
@@ -173,13 +178,12 @@ struct low_rank {
 
   template <MemorySpace Space>
   static void check_storage(std::string_view function, const storage<Space>& store, std::int64_t head_dim) {
-    if (store.head_dim != head_dim)
-      detail::fail(function, "cache.storage.head_dim", detail::cat("the model's head_dim = ", head_dim),
-                           std::to_string(store.head_dim));
-    const bool complete = store.key_coefficients && store.value_coefficients && store.key_bases && store.value_bases &&
-                          store.key_ranks && store.value_ranks && store.next_position && store.compaction_left &&
-                          store.pending_counts && (!store.pre_rope || store.positions) &&
-                          (store.update_freq == 0 || (store.pending_slots && store.pending_keys && store.pending_values));
+    detail::check_storage_head_dim(function, store.head_dim, head_dim);
+    const bool complete =
+        store.key_coefficients && store.value_coefficients && store.key_bases && store.value_bases && store.key_ranks &&
+        store.value_ranks && store.next_position && store.compaction_left && store.pending_counts &&
+        (!store.pre_rope || store.positions) &&
+        (store.update_freq == 0 || (store.pending_slots && store.pending_keys && store.pending_values));
     if (!complete)
       detail::fail(function, "cache.storage", "every array of the codec bound (codec::bind)", "a null pointer");
   }
@@ -198,13 +202,15 @@ struct low_rank {
   }
 
   /// The basis a config picks for `rows` (one token per row): the top right
-  /// singular vectors, as many as `fixed_rank` or as `energy` needs (≤ stored_rank).
+  /// singular vectors, as many as `fixed_rank` or as `energy` needs (≤
+  /// stored_rank).
   static Eigen::MatrixXd fit_basis(const Eigen::MatrixXd& rows, std::int64_t fixed_rank, double energy,
                                    std::int64_t stored_rank) {
     if (rows.rows() == 0) return Eigen::MatrixXd(rows.cols(), 0);
     const std::vector<double> singular = analysis::singular_values(rows);
     std::int64_t rank = fixed_rank > 0 ? fixed_rank : analysis::rank_for_energy(singular, energy);
-    // Directions with no energy are not directions of the data (fewer tokens than the rank).
+    // Directions with no energy are not directions of the data (fewer tokens
+    // than the rank).
     const double floor = singular.front() * 1e-7;
     std::int64_t meaningful = 0;
     while (meaningful < static_cast<std::int64_t>(singular.size()) && singular[meaningful] > floor) ++meaningful;
@@ -251,16 +257,16 @@ struct low_rank {
                      const float* value, std::int64_t position) {
     constexpr std::string_view function = "kvtrim::codec::low_rank::encode";
     check_head(function, store, head);
-    if (slot < 0 || slot >= store.slots)
-      detail::fail(function, "slot", detail::cat("a slot in [0, ", store.slots, ")"), std::to_string(slot));
+    if (slot < 0 || slot >= store.slots) detail::fail_index(function, "slot", slot, store.slots);
     if (position < 0 || position > std::numeric_limits<std::int32_t>::max())
       detail::fail(function, "position", "a position in [0, 2^31)", std::to_string(position));
     detail::check_finite_row(function, "key", key, store.head_dim, head, slot);
     detail::check_finite_row(function, "value", value, store.head_dim, head, slot);
     if (!store.from_sequence && (store.key_ranks[head] == 0 || store.value_ranks[head] == 0))
-      detail::fail(function, "cache", detail::cat("a basis for head ", head,
-                                                                  " (basis_source::profile: call set_basis or load_profile first)"),
-                           "none");
+      detail::fail(
+          function, "cache",
+          detail::cat("a basis for head ", head, " (basis_source::profile: call set_basis or load_profile first)"),
+          "none");
     if (store.pre_rope) store.positions[slot] = static_cast<std::int32_t>(position);
     store.next_position[head] = std::max(store.next_position[head], position + 1);
     project(store, head, slot, key, value);
@@ -279,7 +285,8 @@ struct low_rank {
     if (pending + 1 == store.update_freq) refresh(store, head);
   }
 
-  /// The key attention sees: U c, rotated to the token's position for pre-RoPE bases.
+  /// The key attention sees: U c, rotated to the token's position for pre-RoPE
+  /// bases.
   static void decode_key(const storage<host_space>& store, std::int64_t head, std::int64_t slot, float* out) {
     lift(store, store.key_bases, store.key_ranks[head], store.key_coefficients, head, slot, out);
     if (store.pre_rope) store.rope.apply(out, store.head_dim, store.positions[slot]);
@@ -288,7 +295,8 @@ struct low_rank {
     lift(store, store.value_bases, store.value_ranks[head], store.value_coefficients, head, slot, out);
   }
 
-  /// Pre-RoPE keys are stored unrotated: attention rotates them (layered uses this on its fp16 rows).
+  /// Pre-RoPE keys are stored unrotated: attention rotates them (layered uses
+  /// this on its fp16 rows).
   static void rotate_key(const storage<host_space>& store, std::int64_t position, float* key) {
     if (store.pre_rope) store.rope.apply(key, store.head_dim, position);
   }
@@ -299,10 +307,12 @@ struct low_rank {
     std::copy_n(store.value_coefficients + from * r, r, store.value_coefficients + to * r);
     if (store.pre_rope) store.positions[to] = store.positions[from];
     for (std::int64_t i = 0; store.update_freq > 0 && i < store.pending_counts[head]; ++i)
-      if (store.pending_slots[head * store.update_freq + i] == from) store.pending_slots[head * store.update_freq + i] = to;
+      if (store.pending_slots[head * store.update_freq + i] == from)
+        store.pending_slots[head * store.update_freq + i] = to;
   }
 
-  /// Decode attention without rebuilding keys: scores (Uᵀq)·c, output U_v (Σ p c^v).
+  /// Decode attention without rebuilding keys: scores (Uᵀq)·c, output U_v (Σ p
+  /// c^v).
   class reader {
    public:
     reader(const storage<host_space>& store, std::int64_t head, const float* query)
@@ -326,7 +336,8 @@ struct low_rank {
         for (std::int64_t j = 0; j < key_rank_; ++j) sum += projected_[j] * static_cast<float>(c[j]);
         return sum;
       }
-      // RoPE rotates each token by its own position, so the key is rebuilt and rotated.
+      // RoPE rotates each token by its own position, so the key is rebuilt and
+      // rotated.
       for (std::int64_t d = 0; d < store_.head_dim; ++d) {
         float component = 0.0f;
         for (std::int64_t j = 0; j < key_rank_; ++j)
@@ -406,28 +417,25 @@ struct low_rank {
   }
 
   static void check_head(std::string_view function, const storage<host_space>& store, std::int64_t head) {
-    if (head < 0 || head >= store.heads)
-      detail::fail(function, "head", detail::cat("a head in [0, ", store.heads, ")"), std::to_string(head));
+    if (head < 0 || head >= store.heads) detail::fail_index(function, "head", head, store.heads);
   }
 
   static void install(std::string_view function, std::string_view argument, const storage<host_space>& store,
                       const float* basis, std::int64_t rank, float* bases, std::int32_t* ranks, std::int64_t head) {
     if (rank < 1 || rank > store.stored_rank)
-      detail::fail(function, argument,
-                           detail::cat("a basis of rank 1 to ", store.stored_rank, " (the stored rank)"),
-                           detail::cat("rank ", rank));
+      detail::fail(function, argument, detail::cat("a basis of rank 1 to ", store.stored_rank, " (the stored rank)"),
+                   detail::cat("rank ", rank));
     if (basis == nullptr) detail::fail(function, argument, "a head_dim × rank basis", "nullptr");
-    Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> columns(basis, store.head_dim,
-                                                                                                   rank);
-    if (!columns.allFinite())
-      detail::fail(function, argument, "finite entries", "NaN or Inf");
+    Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> columns(
+        basis, store.head_dim, rank);
+    if (!columns.allFinite()) detail::fail(function, argument, "finite entries", "NaN or Inf");
     const double deviation =
         (columns.cast<double>().transpose() * columns.cast<double>() - Eigen::MatrixXd::Identity(rank, rank))
             .cwiseAbs()
             .maxCoeff();
     if (deviation > 1e-3)
       detail::fail(function, argument, "orthonormal columns (|UᵀU − I| ≤ 1e-3)",
-                           detail::cat("|UᵀU − I| = ", deviation));
+                   detail::cat("|UᵀU − I| = ", deviation));
     write_basis(store, columns.cast<double>(), bases, ranks, head);
   }
 

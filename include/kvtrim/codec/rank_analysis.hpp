@@ -3,10 +3,10 @@
 //
 // For the T × D matrix X of one head's keys (or values) with singular values
 // σ_1 ≥ … ≥ σ_n (n = min(T, D)):
-//   energy curve      e_r = Σ_{i≤r} σ_i² / Σ_i σ_i²       (fraction of ‖X‖_F² rank r keeps)
-//   rank for energy   smallest r with e_r ≥ threshold      (Eigen Attention: 0.98)
-//   effective rank    exp(−Σ p_i ln p_i), p_i = σ_i / Σ σ  (Roy & Vetterli, 2007)
-//   stable rank       Σ σ_i² / σ_1²                         (‖X‖_F² / ‖X‖_2²)
+//   energy curve      e_r = Σ_{i≤r} σ_i² / Σ_i σ_i²       (fraction of ‖X‖_F²
+//   rank r keeps) rank for energy   smallest r with e_r ≥ threshold      (Eigen
+//   Attention: 0.98) effective rank    exp(−Σ p_i ln p_i), p_i = σ_i / Σ σ (Roy
+//   & Vetterli, 2007) stable rank       Σ σ_i² / σ_1² (‖X‖_F² / ‖X‖_2²)
 // Eckart–Young–Mirsky: the best rank-r approximation X·U_r·U_rᵀ (U_r: the first
 // r right singular vectors) leaves exactly Σ_{i>r} σ_i² of squared error.
 // Computed in double with Eigen's divide-and-conquer SVD. Analysis helpers
@@ -14,7 +14,6 @@
 #pragma once
 
 #include <Eigen/Dense>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -48,7 +47,8 @@ Eigen::MatrixXd head_matrix(const kv_view<T>& x, std::int64_t b, std::int64_t h)
   return rows;
 }
 
-/// e_r for r = 1 … n: the fraction of the energy Σσ² the first r singular values hold.
+/// e_r for r = 1 … n: the fraction of the energy Σσ² the first r singular
+/// values hold.
 inline std::vector<double> energy_curve(const std::vector<double>& singular) {
   double total = 0.0;
   for (double s : singular) total += s * s;
@@ -61,7 +61,8 @@ inline std::vector<double> energy_curve(const std::vector<double>& singular) {
   return curve;
 }
 
-/// Smallest r with e_r ≥ threshold (0 for a matrix of zeros). threshold ∈ (0, 1].
+/// Smallest r with e_r ≥ threshold (0 for a matrix of zeros). threshold ∈ (0,
+/// 1].
 inline std::int64_t rank_for_energy(const std::vector<double>& singular, double threshold) {
   if (!(threshold > 0.0 && threshold <= 1.0))
     detail::fail("kvtrim::analysis::rank_for_energy", "threshold", "an energy fraction in (0, 1] (default 0.98)",
@@ -69,7 +70,8 @@ inline std::int64_t rank_for_energy(const std::vector<double>& singular, double 
   if (singular.empty() || singular.front() == 0.0) return 0;
   const std::vector<double> curve = energy_curve(singular);
   for (std::size_t r = 0; r < curve.size(); ++r)
-    // The relative slack absorbs the rounding of the running sum (e_n is 1 in exact arithmetic).
+    // The relative slack absorbs the rounding of the running sum (e_n is 1 in
+    // exact arithmetic).
     if (curve[r] >= threshold * (1.0 - 1e-12)) return static_cast<std::int64_t>(r + 1);
   return static_cast<std::int64_t>(curve.size());
 }
@@ -92,7 +94,8 @@ inline double stable_rank(const std::vector<double>& singular) {
   return energy / (singular.front() * singular.front());
 }
 
-/// The first `rank` right singular vectors of `rows` as a D × rank matrix (orthonormal columns).
+/// The first `rank` right singular vectors of `rows` as a D × rank matrix
+/// (orthonormal columns).
 inline Eigen::MatrixXd principal_basis(const Eigen::MatrixXd& rows, std::int64_t rank) {
   Eigen::BDCSVD<Eigen::MatrixXd> svd(rows, Eigen::ComputeThinV);
   return svd.matrixV().leftCols(rank);
@@ -131,12 +134,13 @@ inline std::string rank_table(const std::vector<head_rank>& heads, double energy
   std::ostringstream out;
   out << std::setw(5) << "batch" << std::setw(8) << "kv_head" << std::setw(10) << "dims" << std::setw(12)
       << ("r@" + std::to_string(static_cast<int>(std::lround(energy * 100))) + "%") << std::setw(11) << "eff.rank"
-      << std::setw(13) << "stable rank" << "\n";
+      << std::setw(13) << "stable rank"
+      << "\n";
   out << std::fixed << std::setprecision(2);
   for (const auto& head : heads)
-    out << std::setw(5) << head.batch << std::setw(8) << head.kv_head << std::setw(10)
-        << head.singular_values.size() << std::setw(12) << head.rank_at_energy << std::setw(11) << head.effective
-        << std::setw(13) << head.stable << "\n";
+    out << std::setw(5) << head.batch << std::setw(8) << head.kv_head << std::setw(10) << head.singular_values.size()
+        << std::setw(12) << head.rank_at_energy << std::setw(11) << head.effective << std::setw(13) << head.stable
+        << "\n";
   return out.str();
 }
 

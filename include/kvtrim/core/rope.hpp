@@ -1,4 +1,5 @@
-// kvtrim/core/rope.hpp — the engine's rotary position embedding (RoPE) settings.
+// kvtrim/core/rope.hpp — the engine's rotary position embedding (RoPE)
+// settings.
 //
 // Codecs that store pre-RoPE keys (codec::low_rank with key_space::pre_rope, as
 // Palu, ShadowKV and xKV do) rotate each key by its position after
@@ -6,10 +7,10 @@
 //   inv_freq_i = theta^(−2i / rotary_dim),  angle = position · inv_freq_i,
 //   (x_a, x_b) ↦ (x_a cos − x_b sin,  x_a sin + x_b cos)
 // for the pairs (a, b) = (i, i + rotary_dim/2) in the half-split form (Hugging
-// Face Llama/NeoX "rotate_half") or (2i, 2i + 1) in the interleaved form (GPT-J,
-// Meta's original Llama). Channels from rotary_dim on are left as they are
-// (partial rotary, e.g. GPT-NeoX, Phi).
-// Defaults: theta 10000, rotary_dim 0 (= head_dim), half-split.
+// Face Llama/NeoX "rotate_half") or (2i, 2i + 1) in the interleaved form
+// (GPT-J, Meta's original Llama). Channels from rotary_dim on are left as they
+// are (partial rotary, e.g. GPT-NeoX, Phi). Defaults: theta 10000, rotary_dim 0
+// (= head_dim), half-split.
 #pragma once
 
 #include <cmath>

@@ -2,10 +2,10 @@
 // accounting per head, measured reconstruction error, and Ada-KV's attention
 // concentration, printable as tables.
 //
-// Bytes: a codec's cost is bytes_per_token(config, head_dim) per stored token of
-// one head (codes, per-token scales and zero points, amortised per-group scales,
-// positions) plus bytes_per_head(config, head_dim) per head (bases, fp16
-// residual windows and rows, refresh buffers). Per head:
+// Bytes: a codec's cost is bytes_per_token(config, head_dim) per stored token
+// of one head (codes, per-token scales and zero points, amortised per-group
+// scales, positions) plus bytes_per_head(config, head_dim) per head (bases,
+// fp16 residual windows and rows, refresh buffers). Per head:
 //   bytes_h = kept_h · bytes_per_token + bytes_per_head,
 // and the ratio compares Σ bytes_h with fp16 storage of the same tokens
 // (kept · 2 · head_dim · 2 bytes). The stats take the layout's view and walk it
@@ -14,8 +14,8 @@
 //   ‖K̂ − K‖_F / ‖K‖_F  over the tokens the head holds (likewise values),
 // K̂ decoded through the codec (for pre-RoPE low rank, pass post-RoPE keys: the
 // codec answers with the key attention sees).
-// Ada-KV (Feng et al., 2024) concentration of a head: the fraction of its tokens
-// needed to hold `mass` (0.9) of its attention, i.e. the smallest k with
+// Ada-KV (Feng et al., 2024) concentration of a head: the fraction of its
+// tokens needed to hold `mass` (0.9) of its attention, i.e. the smallest k with
 // (sum of the k largest weights) ≥ mass · (sum of all weights), divided by T.
 // All of this runs on the host (analysis, not a hot path; it allocates).
 #pragma once
@@ -42,9 +42,9 @@ namespace kvtrim {
 struct head_stats {
   std::int64_t batch = 0;
   std::int64_t kv_head = 0;
-  std::int64_t kept = 0;       // tokens the head holds
-  double bytes = 0.0;          // kept · bytes_per_token + bytes_per_head
-  double key_error = std::numeric_limits<double>::quiet_NaN();    // relative, when measured
+  std::int64_t kept = 0;                                        // tokens the head holds
+  double bytes = 0.0;                                           // kept · bytes_per_token + bytes_per_head
+  double key_error = std::numeric_limits<double>::quiet_NaN();  // relative, when measured
   double value_error = std::numeric_limits<double>::quiet_NaN();
 };
 
@@ -77,7 +77,8 @@ struct cache_stats {
     out << "codec " << codec << ": " << std::fixed << std::setprecision(2) << bytes_per_token
         << " bytes per token per head + " << bytes_per_head << " per head\n";
     out << std::setw(5) << "batch" << std::setw(8) << "kv_head" << std::setw(8) << "kept" << std::setw(14) << "bytes"
-        << std::setw(10) << "vs fp16" << std::setw(11) << "key err" << std::setw(11) << "value err" << "\n";
+        << std::setw(10) << "vs fp16" << std::setw(11) << "key err" << std::setw(11) << "value err"
+        << "\n";
     for (const auto& head : heads) {
       const double fp16 = static_cast<double>(head.kept) * 4.0 * static_cast<double>(head_dim);
       out << std::setw(5) << head.batch << std::setw(8) << head.kv_head << std::setw(8) << head.kept << std::setw(14)
@@ -156,11 +157,13 @@ cache_stats stats(const View& cache, const typename View::codec::config& codec_c
 /// largest attention weights hold `mass` of the total (weights ≥ 0).
 inline double attention_concentration(const float* weights, std::int64_t count, double mass = 0.9) {
   constexpr std::string_view function = "kvtrim::attention_concentration";
-  if (!(mass > 0.0 && mass <= 1.0)) detail::fail(function, "mass", "a fraction in (0, 1] (Ada-KV: 0.9)", detail::cat(mass));
+  if (!(mass > 0.0 && mass <= 1.0))
+    detail::fail(function, "mass", "a fraction in (0, 1] (Ada-KV: 0.9)", detail::cat(mass));
   if (count < 1) detail::fail(function, "count", "at least one token", std::to_string(count));
   std::vector<double> sorted(weights, weights + count);
   for (double w : sorted)
-    if (!(w >= 0.0) || !std::isfinite(w)) detail::fail(function, "weights", "finite non-negative weights", detail::cat(w));
+    if (!(w >= 0.0) || !std::isfinite(w))
+      detail::fail(function, "weights", "finite non-negative weights", detail::cat(w));
   std::sort(sorted.begin(), sorted.end(), std::greater<>());
   double total = 0.0;
   for (double w : sorted) total += w;

@@ -1,5 +1,5 @@
-// kvtrim/io/low_rank_profile.hpp — offline-calibrated low-rank bases, saved as a
-// versioned JSON profile and installed into codec::low_rank storage.
+// kvtrim/io/low_rank_profile.hpp — offline-calibrated low-rank bases, saved as
+// a versioned JSON profile and installed into codec::low_rank storage.
 //
 // Calibration (basis_source::profile): per (layer, kv head), the SVD of sample
 // keys (and separately values) captured from a few prompts — all B·T sample
@@ -9,16 +9,16 @@
 // Pre-RoPE profiles are calibrated from pre-RoPE keys and only load into a
 // pre_rope codec (and post into post).
 //
-// File: {"format": "kvtrim.low_rank_profile", "version": 1, "layers", "kv_heads",
-// "head_dim", "keys": "post_rope"|"pre_rope", "bases": [{"layer", "kv_head",
-// "key_rank", "key_basis": [head_dim·key_rank floats, row-major], "value_rank",
-// "value_basis": [...]}]}. A wrong version, shape, or rank is a kvtrim::error.
+// File: {"format": "kvtrim.low_rank_profile", "version": 1, "layers",
+// "kv_heads", "head_dim", "keys": "post_rope"|"pre_rope", "bases": [{"layer",
+// "kv_head", "key_rank", "key_basis": [head_dim·key_rank floats, row-major],
+// "value_rank", "value_basis": [...]}]}. A wrong version, shape, or rank is a
+// kvtrim::error.
 #pragma once
-
-#include <nlohmann/json.hpp>
 
 #include <cstdint>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -65,7 +65,8 @@ struct low_rank_profile {
     return bases[static_cast<std::size_t>(index("kvtrim::io::low_rank_profile::at", layer, kv_head))];
   }
 
-  /// Fits layer `layer`'s bases from sample keys/values [B, kv_heads, T, head_dim].
+  /// Fits layer `layer`'s bases from sample keys/values [B, kv_heads, T,
+  /// head_dim].
   template <class T>
   void calibrate_layer(std::int64_t layer, const kv_view<T>& sample_keys, const kv_view<T>& sample_values,
                        const codec::low_rank::config& cfg) {
@@ -89,9 +90,10 @@ struct low_rank_profile {
   }
 
   nlohmann::json to_json() const {
-    nlohmann::json out = {{"format", format},     {"version", version},   {"layers", layers},
-                          {"kv_heads", kv_heads}, {"head_dim", head_dim},
-                          {"keys", keys == codec::key_space::pre_rope ? "pre_rope" : "post_rope"}};
+    nlohmann::json out = {
+        {"format", format},     {"version", version},
+        {"layers", layers},     {"kv_heads", kv_heads},
+        {"head_dim", head_dim}, {"keys", keys == codec::key_space::pre_rope ? "pre_rope" : "post_rope"}};
     out["bases"] = nlohmann::json::array();
     for (std::int64_t layer = 0; layer < layers; ++layer)
       for (std::int64_t h = 0; h < kv_heads; ++h) {
@@ -155,12 +157,14 @@ struct low_rank_profile {
     return from_json(parsed);
   }
 
-  /// Throws unless sizes are sane (and, with bases, every basis has its rank's shape).
+  /// Throws unless sizes are sane (and, with bases, every basis has its rank's
+  /// shape).
   void check(std::string_view function, bool with_bases) const {
     if (layers < 1) detail::fail(function, "layers", "at least one layer", std::to_string(layers));
     if (kv_heads < 1) detail::fail(function, "kv_heads", "at least one kv head", std::to_string(kv_heads));
     if (head_dim < 1 || head_dim > max_head_dim)
-      detail::fail(function, "head_dim", detail::cat("a head dimension in [1, ", max_head_dim, "]"), std::to_string(head_dim));
+      detail::fail(function, "head_dim", detail::cat("a head dimension in [1, ", max_head_dim, "]"),
+                   std::to_string(head_dim));
     if (!with_bases) return;
     for (std::int64_t layer = 0; layer < layers; ++layer)
       for (std::int64_t h = 0; h < kv_heads; ++h) {
@@ -171,8 +175,8 @@ struct low_rank_profile {
         if (!shape_ok(basis.key_rank, basis.key_basis) || !shape_ok(basis.value_rank, basis.value_basis))
           detail::fail(function, detail::cat("bases[layer ", layer, ", kv_head ", h, "]"),
                        detail::cat("ranks in [1, head_dim = ", head_dim, "] with head_dim × rank entries"),
-                       detail::cat("key rank ", basis.key_rank, " with ", basis.key_basis.size(), " entries, value rank ",
-                                   basis.value_rank, " with ", basis.value_basis.size()));
+                       detail::cat("key rank ", basis.key_rank, " with ", basis.key_basis.size(),
+                                   " entries, value rank ", basis.value_rank, " with ", basis.value_basis.size()));
       }
   }
 
@@ -195,7 +199,8 @@ struct low_rank_profile {
 };
 
 /// Installs layer `layer`'s calibrated bases into every head (b, h) of a
-/// low_rank storage bound for `batch` sequences (flattened head b·kv_heads + h).
+/// low_rank storage bound for `batch` sequences (flattened head b·kv_heads +
+/// h).
 inline void load_profile(const codec::low_rank::storage<host_space>& store, const low_rank_profile& profile,
                          std::int64_t layer, std::int64_t batch) {
   constexpr std::string_view function = "kvtrim::io::load_profile";
@@ -204,8 +209,7 @@ inline void load_profile(const codec::low_rank::storage<host_space>& store, cons
     detail::fail(function, "profile.head_dim", detail::cat("the cache's head_dim = ", store.head_dim),
                  std::to_string(profile.head_dim));
   if (batch * profile.kv_heads != store.heads)
-    detail::fail(function, "profile.kv_heads",
-                 detail::cat("the cache's heads / batch = ", store.heads, " / ", batch),
+    detail::fail(function, "profile.kv_heads", detail::cat("the cache's heads / batch = ", store.heads, " / ", batch),
                  std::to_string(profile.kv_heads));
   if ((profile.keys == codec::key_space::pre_rope) != store.pre_rope)
     detail::fail(function, "profile.keys", store.pre_rope ? "pre_rope bases" : "post_rope bases",
