@@ -11,9 +11,11 @@
 #include "kvtrim/core/implementation.hpp"
 #include "kvtrim/core/keep.hpp"
 #include "kvtrim/core/rank.hpp"
+#include "kvtrim/core/rope.hpp"
 #include "kvtrim/core/scheme.hpp"
 #include "kvtrim/core/selection.hpp"
 #include "kvtrim/core/shape.hpp"
+#include "kvtrim/core/stats.hpp"
 #include "kvtrim/core/view.hpp"
 #include "kvtrim/core/workspace.hpp"
 
@@ -23,7 +25,14 @@
 #include "kvtrim/budget/per_head.hpp"
 #include "kvtrim/budget/pyramid.hpp"
 #include "kvtrim/budget/uniform.hpp"
+#include "kvtrim/codec/fp8.hpp"
+#include "kvtrim/codec/hooks.hpp"
+#include "kvtrim/codec/int4.hpp"
+#include "kvtrim/codec/int8.hpp"
+#include "kvtrim/codec/layered.hpp"
+#include "kvtrim/codec/low_rank.hpp"
 #include "kvtrim/codec/plain.hpp"
+#include "kvtrim/codec/rank_analysis.hpp"
 #include "kvtrim/layout/contiguous.hpp"
 #include "kvtrim/layout/flat.hpp"
 #include "kvtrim/layout/paged.hpp"
@@ -57,5 +66,6 @@
 
 // calibration profiles (need nlohmann-json; kvtrim::kvtrim links it when CMake finds it)
 #if __has_include(<nlohmann/json.hpp>)
+#include "kvtrim/io/low_rank_profile.hpp"
 #include "kvtrim/io/profile.hpp"
 #endif

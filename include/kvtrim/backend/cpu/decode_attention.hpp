@@ -11,8 +11,10 @@
 //                                         weigh only N^{1/√D} copies)
 //   p_i   = exp(s_i − max s) / Σ exp(s − max s)
 //   out   = Σ p_i v_i
-// in fp32, two passes over the cache (the textbook form; keys are decoded
-// through the codec each pass, so the only scratch is a few head_dim rows).
+// in fp32, two passes over the cache (the textbook form; the only scratch is a
+// few head_dim rows). The cache is read through the codec's attention reader
+// (codec/hooks.hpp): by default it decodes rows; a codec may compute q·k and
+// Σ p·v its own way (low rank: (q·U)·c and (Σ p·c)·Uᵀ, no full keys rebuilt).
 #pragma once
 
 #include <array>
@@ -21,6 +23,7 @@
 #include <limits>
 
 #include "kvtrim/backend/cpu.hpp"
+#include "kvtrim/codec/hooks.hpp"
 #include "kvtrim/core/implementation.hpp"
 #include "kvtrim/core/shape.hpp"
 #include "kvtrim/core/workspace.hpp"
@@ -37,11 +40,11 @@ struct implementation<stage::decode_attention, backend::cpu> {
   template <class View, class QueryT, class OutT>
   static void attend(const tensor_view<QueryT, 3>& queries, const View& cache, const tensor_view<OutT, 3>& out,
                      workspace, backend::host_stream) {
-    using codec = typename View::codec;
+    using codec_type = typename View::codec;
     const std::int64_t head_dim = cache.shape.head_dim;
     const std::int64_t group = cache.shape.group_size();
     const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-    std::array<float, max_head_dim> query{}, row{}, accumulator{};
+    std::array<float, max_head_dim> query{}, accumulator{};
 
     for (std::int64_t b = 0; b < cache.batch; ++b)
       for (std::int64_t j = 0; j < cache.shape.q_heads; ++j) {
@@ -52,13 +55,10 @@ struct implementation<stage::decode_attention, backend::cpu> {
           detail::fail("kvtrim::scheme::attend", "cache", detail::cat("at least one token in every head"),
                        detail::cat("an empty head (sequence ", b, ", kv head ", h, ")"));
         for (std::int64_t d = 0; d < head_dim; ++d) query[d] = to_float(queries(b, j, d));
+        auto reader = codec::attention_reader<codec_type>(cache.storage, head, query.data(), head_dim);
 
         const auto logit = [&](std::int64_t i) {
-          const std::int64_t slot = cache.slot(b, h, i);
-          codec::decode_key(cache.storage, head, slot, row.data());
-          float dot = 0.0f;
-          for (std::int64_t d = 0; d < head_dim; ++d) dot += query[d] * row[d];
-          float value = dot * scale;
+          float value = reader.dot(cache.slot(b, h, i)) * scale;
           if constexpr (requires { cache.logit_bias(b, h, i); }) value += cache.logit_bias(b, h, i);
           return value;
         };
@@ -67,13 +67,12 @@ struct implementation<stage::decode_attention, backend::cpu> {
         for (std::int64_t i = 0; i < length; ++i) max_logit = std::fmax(max_logit, logit(i));
 
         float denominator = 0.0f;
-        for (std::int64_t d = 0; d < head_dim; ++d) accumulator[d] = 0.0f;
         for (std::int64_t i = 0; i < length; ++i) {
           const float weight = std::exp(logit(i) - max_logit);
           denominator += weight;
-          codec::decode_value(cache.storage, head, cache.slot(b, h, i), row.data());
-          for (std::int64_t d = 0; d < head_dim; ++d) accumulator[d] += weight * row[d];
+          reader.accumulate(cache.slot(b, h, i), weight);
         }
+        reader.finish(accumulator.data());
         for (std::int64_t d = 0; d < head_dim; ++d) out(b, j, d) = from_float<OutT>(accumulator[d] / denominator);
       }
   }

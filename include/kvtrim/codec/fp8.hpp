@@ -1,0 +1,207 @@
+// kvtrim/codec/fp8.hpp — 8-bit floating point (OCP e4m3fn) with one scale per
+// head for keys and one for values, as vLLM and FlashInfer store fp8 caches.
+//
+// Format e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; largest finite
+// 448, smallest normal 2^−6, subnormals down to 2^−9, no infinities, NaN =
+// S.1111.111. Math: x̂ = s · e4m3(x / s), round to nearest even, so for |x/s| ≤
+// 448
+//   |x − x̂| ≤ s · max(2^−4 · |x/s|, 2^−10)   (half an ulp: 3 mantissa bits, or
+//   half the subnormal step).
+// Finite values beyond ±448·s saturate to ±448·s, as vLLM's conversion does;
+// NaN and ±Inf are an error (kvtrim::error naming head, slot and channel).
+// Scales: fp8_scaling::head_amax (default) sets each head's scale at compaction
+// to max|x| / 448 over its kept tokens, so the prefill uses the whole range and
+// later larger tokens saturate; fp8_scaling::fixed uses key_scale / value_scale
+// for every head (vLLM's default 1.0, or its calibrated k_scale / v_scale).
+// fp8::set_head_scales installs per-head calibrated scales.
+// Storage per slot: head_dim bytes each for key and value; per head: two fp32
+// scales. Defaults: head_amax; fixed scales 1.0. Backends: cpu.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string_view>
+
+#include "kvtrim/codec/hooks.hpp"
+#include "kvtrim/core/view.hpp"
+#include "kvtrim/core/workspace.hpp"
+
+namespace kvtrim::detail {
+
+inline constexpr double e4m3_max = 448.0;
+
+/// Nearest e4m3fn code (ties to even) of a finite x; beyond ±448 saturates.
+inline std::uint8_t to_e4m3(float x) {
+  const unsigned sign = std::signbit(x) ? 0x80u : 0u;
+  const double magnitude = std::fabs(static_cast<double>(x));
+  if (magnitude >= e4m3_max) return static_cast<std::uint8_t>(sign | 0x7Eu);
+  if (magnitude < 0x1p-6) {  // subnormal: multiples of 2^−9
+    const double steps = std::nearbyint(magnitude * 512.0);
+    return static_cast<std::uint8_t>(sign | static_cast<unsigned>(steps));  // steps = 8 is the smallest normal
+  }
+  int exponent = 0;
+  std::frexp(magnitude, &exponent);
+  exponent -= 1;                                                          // magnitude = 1.f × 2^exponent
+  double mantissa = std::nearbyint(std::ldexp(magnitude, 3 - exponent));  // in [8, 16]
+  if (mantissa == 16.0) {
+    mantissa = 8.0;
+    ++exponent;
+  }
+  if (exponent > 8 || (exponent == 8 && mantissa > 14.0)) return static_cast<std::uint8_t>(sign | 0x7Eu);
+  return static_cast<std::uint8_t>(sign | static_cast<unsigned>(exponent + 7) << 3 |
+                                   (static_cast<unsigned>(mantissa) - 8u));
+}
+
+inline float from_e4m3(std::uint8_t bits) {
+  const unsigned exponent = (bits >> 3) & 0xFu, mantissa = bits & 0x7u;
+  if (exponent == 0xF && mantissa == 0x7) return std::numeric_limits<float>::quiet_NaN();
+  const double magnitude = exponent == 0
+                               ? std::ldexp(static_cast<double>(mantissa), -9)
+                               : std::ldexp(static_cast<double>(8 + mantissa), static_cast<int>(exponent) - 10);
+  return static_cast<float>(bits & 0x80 ? -magnitude : magnitude);
+}
+
+}  // namespace kvtrim::detail
+
+namespace kvtrim::codec {
+
+enum class fp8_scaling { head_amax, fixed };
+
+struct fp8 {
+  static constexpr std::string_view name = "fp8_e4m3";
+
+  struct config {
+    fp8_scaling scales = fp8_scaling::head_amax;
+    float key_scale = 1.0f;  // every head's scale before compaction, or always (fixed)
+    float value_scale = 1.0f;
+
+    void validate(std::string_view function) const {
+      if (!(key_scale > 0.0f) || !std::isfinite(key_scale))
+        detail::fail(function, "config.codec.key_scale", "a finite scale above 0", detail::cat(key_scale));
+      if (!(value_scale > 0.0f) || !std::isfinite(value_scale))
+        detail::fail(function, "config.codec.value_scale", "a finite scale above 0", detail::cat(value_scale));
+    }
+  };
+
+  template <MemorySpace Space>
+  struct storage {
+    std::uint8_t* key_codes = nullptr;    // [slots, head_dim]
+    std::uint8_t* value_codes = nullptr;  // [slots, head_dim]
+    float* key_scales = nullptr;          // [heads]
+    float* value_scales = nullptr;        // [heads]
+    std::int64_t head_dim = 0;
+    std::int64_t slots = 0;
+    std::int64_t heads = 0;
+    bool head_amax = true;
+  };
+
+  static std::size_t storage_bytes(const config& cfg, std::int64_t slots, std::int64_t heads, std::int64_t head_dim) {
+    workspace_carver carver;
+    carve<host_space>(carver, cfg, slots, heads, head_dim);
+    return carver.bytes();
+  }
+  static double bytes_per_token(const config&, std::int64_t head_dim) { return 2.0 * static_cast<double>(head_dim); }
+  static double bytes_per_head(const config&, std::int64_t) { return 2.0 * sizeof(float); }
+
+  template <MemorySpace Space>
+  static storage<Space> bind(const config& cfg, void* memory, std::int64_t slots, std::int64_t heads,
+                             std::int64_t head_dim) {
+    workspace_carver carver(workspace{memory, ~std::size_t{0}});
+    storage<Space> store = carve<Space>(carver, cfg, slots, heads, head_dim);
+    if constexpr (std::same_as<Space, host_space>) {
+      std::fill_n(store.key_scales, heads, cfg.key_scale);
+      std::fill_n(store.value_scales, heads, cfg.value_scale);
+    }
+    return store;
+  }
+
+  template <MemorySpace Space>
+  static void check_storage(std::string_view function, const storage<Space>& store, std::int64_t head_dim) {
+    detail::check_storage_head_dim(function, store.head_dim, head_dim);
+    if (!store.key_codes || !store.value_codes || !store.key_scales || !store.value_scales)
+      detail::fail(function, "cache.storage", "every array of the codec bound (codec::bind)", "a null pointer");
+  }
+
+  /// Installs calibrated scales for one head (x is stored as e4m3(x / scale)).
+  static void set_head_scales(const storage<host_space>& store, std::int64_t head, float key_scale, float value_scale) {
+    constexpr std::string_view function = "kvtrim::codec::fp8::set_head_scales";
+    if (head < 0 || head >= store.heads) detail::fail_index(function, "head", head, store.heads);
+    config{fp8_scaling::fixed, key_scale, value_scale}.validate(function);
+    store.key_scales[head] = key_scale;
+    store.value_scales[head] = value_scale;
+  }
+
+  /// head_amax: the head's scales become max|x| / 448 over the tokens it is
+  /// about to hold.
+  template <class Rows>
+  static void prepare_head(const storage<host_space>& store, std::int64_t head, std::int64_t /*sequence_length*/,
+                           std::int64_t count, const Rows& rows) {
+    if (!store.head_amax) return;
+    std::array<float, max_head_dim> key{}, value{};
+    float key_amax = 0.0f, value_amax = 0.0f;
+    for (std::int64_t i = 0; i < count; ++i) {
+      rows(i, key.data(), value.data());
+      detail::check_finite_row("kvtrim::codec::fp8::prepare_head", "key", key.data(), store.head_dim, head, i);
+      detail::check_finite_row("kvtrim::codec::fp8::prepare_head", "value", value.data(), store.head_dim, head, i);
+      for (std::int64_t d = 0; d < store.head_dim; ++d) {
+        key_amax = std::fmax(key_amax, std::fabs(key[d]));
+        value_amax = std::fmax(value_amax, std::fabs(value[d]));
+      }
+    }
+    // An all-zero head keeps its scale: any scale stores zeros exactly.
+    if (key_amax > 0.0f) store.key_scales[head] = static_cast<float>(key_amax / detail::e4m3_max);
+    if (value_amax > 0.0f) store.value_scales[head] = static_cast<float>(value_amax / detail::e4m3_max);
+  }
+
+  // --- reference (host) encode / decode -----------------------------------
+  static void encode(const storage<host_space>& store, std::int64_t head, std::int64_t slot, const float* key,
+                     const float* value) {
+    constexpr std::string_view function = "kvtrim::codec::fp8::encode";
+    if (slot < 0 || slot >= store.slots) detail::fail_index(function, "slot", slot, store.slots);
+    if (head < 0 || head >= store.heads) detail::fail_index(function, "head", head, store.heads);
+    detail::check_finite_row(function, "key", key, store.head_dim, head, slot);
+    detail::check_finite_row(function, "value", value, store.head_dim, head, slot);
+    std::uint8_t* key_row = store.key_codes + slot * store.head_dim;
+    std::uint8_t* value_row = store.value_codes + slot * store.head_dim;
+    for (std::int64_t d = 0; d < store.head_dim; ++d) {
+      key_row[d] = detail::to_e4m3(key[d] / store.key_scales[head]);
+      value_row[d] = detail::to_e4m3(value[d] / store.value_scales[head]);
+    }
+  }
+  static void decode_key(const storage<host_space>& store, std::int64_t head, std::int64_t slot, float* out) {
+    const std::uint8_t* row = store.key_codes + slot * store.head_dim;
+    for (std::int64_t d = 0; d < store.head_dim; ++d) out[d] = detail::from_e4m3(row[d]) * store.key_scales[head];
+  }
+  static void decode_value(const storage<host_space>& store, std::int64_t head, std::int64_t slot, float* out) {
+    const std::uint8_t* row = store.value_codes + slot * store.head_dim;
+    for (std::int64_t d = 0; d < store.head_dim; ++d) out[d] = detail::from_e4m3(row[d]) * store.value_scales[head];
+  }
+  static void move_slot(const storage<host_space>& store, std::int64_t /*head*/, std::int64_t from, std::int64_t to) {
+    const auto bytes = static_cast<std::size_t>(store.head_dim);
+    std::memmove(store.key_codes + to * store.head_dim, store.key_codes + from * store.head_dim, bytes);
+    std::memmove(store.value_codes + to * store.head_dim, store.value_codes + from * store.head_dim, bytes);
+  }
+
+ private:
+  template <MemorySpace Space>
+  static storage<Space> carve(workspace_carver& carver, const config& cfg, std::int64_t slots, std::int64_t heads,
+                              std::int64_t head_dim) {
+    cfg.validate("kvtrim::codec::fp8::bind");
+    storage<Space> store;
+    store.key_codes = carver.take<std::uint8_t>(slots * head_dim);
+    store.value_codes = carver.take<std::uint8_t>(slots * head_dim);
+    store.key_scales = carver.take<float>(heads);
+    store.value_scales = carver.take<float>(heads);
+    store.head_dim = head_dim;
+    store.slots = slots;
+    store.heads = heads;
+    store.head_amax = cfg.scales == fp8_scaling::head_amax;
+    return store;
+  }
+};
+
+}  // namespace kvtrim::codec

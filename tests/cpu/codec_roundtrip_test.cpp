@@ -1,0 +1,476 @@
+// Round trips through each codec on its own (bind, prepare_head, encode,
+// decode), with the bounds each codec's math promises, and its bad inputs.
+#include <gtest/gtest.h>
+
+#include <Eigen/Dense>
+#include <cmath>
+#include <cstddef>
+#include <limits>
+#include <vector>
+
+#include "common/structured.hpp"
+#include "common/tensors.hpp"
+
+namespace kt = kvtrim;
+using namespace kvtrim::testing;
+
+namespace {
+
+/// Storage of `Codec` for `heads` heads of `capacity` slots each (head h owns
+/// slots h·capacity + i).
+template <class Codec>
+struct bound_codec {
+  std::vector<std::byte> memory;
+  typename Codec::template storage<kt::host_space> store;
+  bound_codec(const typename Codec::config& cfg, std::int64_t heads, std::int64_t capacity, std::int64_t head_dim)
+      : memory(Codec::storage_bytes(cfg, heads * capacity, heads, head_dim)),
+        store(Codec::template bind<kt::host_space>(cfg, memory.data(), heads * capacity, heads, head_dim)) {}
+};
+
+/// Feeds head `head` (flattened) the tokens of x[0, head] as a compaction
+/// would: prepare_head over all of them, then encode each at its slot with its
+/// position.
+template <class Codec>
+void compact_head(const typename Codec::template storage<kt::host_space>& store, const host_tensor<float, 4>& keys,
+                  const host_tensor<float, 4>& values, std::int64_t head, std::int64_t capacity) {
+  const std::int64_t tokens = keys.view.extent(2);
+  const auto rows = [&](std::int64_t i, float* key, float* value) {
+    for (std::int64_t d = 0; d < keys.view.extent(3); ++d) {
+      key[d] = keys(0, head, i, d);
+      value[d] = values(0, head, i, d);
+    }
+  };
+  kt::codec::prepare_head<Codec>(store, head, tokens, tokens, rows);
+  for (std::int64_t t = 0; t < tokens; ++t)
+    kt::codec::encode_at<Codec>(store, head, head * capacity + t, &keys(0, head, t, 0), &values(0, head, t, 0), t);
+}
+
+constexpr double fp16_roundoff = kt::element_traits<kt::half>::unit_roundoff;
+
+template <class Codec>
+void check_integer_half_step(const typename Codec::config& cfg) {
+  constexpr std::int64_t heads = 2, capacity = 64, dim = 48,
+                         tokens = 50;  // group 0 sealed, group 1 still fp16
+  bound_codec<Codec> codec(cfg, heads, capacity, dim);
+  auto keys = random_tensor<float, 4>({1, heads, tokens, dim}, 11, 2.0f);
+  auto values = random_tensor<float, 4>({1, heads, tokens, dim}, 12, 2.0f);
+  for (std::int64_t d = 0; d < dim; ++d) keys(0, 0, 3, d) *= 10.0f;  // an outlier token
+  for (std::int64_t head = 0; head < heads; ++head) compact_head<Codec>(codec.store, keys, values, head, capacity);
+  std::vector<float> key(dim), value(dim);
+  for (std::int64_t head = 0; head < heads; ++head)
+    for (std::int64_t t = 0; t < tokens; ++t) {
+      const std::int64_t slot = head * capacity + t;
+      Codec::decode_key(codec.store, head, slot, key.data());
+      Codec::decode_value(codec.store, head, slot, value.data());
+      const float value_step = Codec::value_step(codec.store, slot);
+      EXPECT_GT(value_step, 0.0f);
+      for (std::int64_t d = 0; d < dim; ++d) {
+        // Half a step, plus fp32 rounding of the dequantisation (a few ulps of
+        // |x|).
+        EXPECT_LE(std::abs(value[d] - values(0, head, t, d)),
+                  0.5f * value_step + 4e-7f * std::abs(values(0, head, t, d)));
+        const float key_step = Codec::key_step(codec.store, slot, d);
+        const float exact = keys(0, head, t, d);
+        if (key_step == 0.0f) {
+          // Still in the fp16 residual window (the group has not filled): exact
+          // fp16.
+          ASSERT_TRUE(cfg.keys == kt::codec::key_scaling::per_channel_group);
+          EXPECT_EQ(key[d], static_cast<float>(kt::half(exact)));
+        } else {
+          // Groups quantize the fp16 residual, hence the fp16 rounding term.
+          const double fp16_term = cfg.keys == kt::codec::key_scaling::per_channel_group ? fp16_roundoff : 0.0;
+          EXPECT_LE(std::abs(key[d] - exact), 0.5 * key_step + (fp16_term + 4e-7) * std::abs(exact))
+              << "head " << head << " token " << t << " channel " << d;
+        }
+      }
+    }
+  if (cfg.keys == kt::codec::key_scaling::per_channel_group) {
+    EXPECT_GT(Codec::key_step(codec.store, 0, 0), 0.0f);  // group 0 sealed
+    EXPECT_EQ(Codec::key_step(codec.store, tokens - 1, 0),
+              0.0f);  // group 1 waits in fp16
+  }
+}
+
+}  // namespace
+
+TEST(Int8, HalfStepBoundSymmetricKeyGroups) { check_integer_half_step<kt::codec::int8>({}); }
+TEST(Int8, HalfStepBoundAsymmetricKeyGroups) { check_integer_half_step<kt::codec::int8>({.asymmetric = true}); }
+TEST(Int8, HalfStepBoundPerTokenKeys) {
+  check_integer_half_step<kt::codec::int8>({.keys = kt::codec::key_scaling::per_token});
+}
+TEST(Int4, HalfStepBoundSymmetric) { check_integer_half_step<kt::codec::int4>({.key_group = 16}); }
+TEST(Int4, HalfStepBoundAsymmetricPerToken) {
+  check_integer_half_step<kt::codec::int4>({.keys = kt::codec::key_scaling::per_token, .asymmetric = true});
+}
+
+TEST(Int8, StepIsTheRangeOverTheLevels) {
+  // One value row [−1.27, …, 1.27]: symmetric step 0.01 exactly represents
+  // every multiple.
+  bound_codec<kt::codec::int8> codec({.keys = kt::codec::key_scaling::per_token}, 1, 4, 3);
+  const float key[3] = {-1.27f, 0.5f, 1.27f}, value[3] = {-2.0f, 0.0f, 0.54f};
+  kt::codec::int8::encode(codec.store, 0, 0, key, value);
+  EXPECT_FLOAT_EQ(kt::codec::int8::value_step(codec.store, 0), 2.0f / 127.0f);
+  EXPECT_FLOAT_EQ(kt::codec::int8::key_step(codec.store, 0, 0), 1.27f / 127.0f);
+  float out[3];
+  kt::codec::int8::decode_key(codec.store, 0, 0, out);
+  EXPECT_FLOAT_EQ(out[0], -1.27f);
+  EXPECT_FLOAT_EQ(out[1], 50.0f * (1.27f / 127.0f));
+}
+
+TEST(Int8, KeyGroupsRefuseSlotsOutOfOrder) {
+  // Tokens-major placement: token 0 of head 1 lands at slot 1, inside head 0's
+  // group.
+  bound_codec<kt::codec::int8> codec({}, 2, 32, 8);
+  const std::vector<float> row(8, 1.0f);
+  kt::codec::int8::encode(codec.store, 0, 0, row.data(), row.data());
+  EXPECT_THROW(kt::codec::int8::encode(codec.store, 1, 1, row.data(), row.data()), kt::error);
+  EXPECT_THROW(kt::codec::int8::encode(codec.store, 0, 2, row.data(), row.data()),
+               kt::error);  // skips slot 1
+}
+
+TEST(Int8, GroupSizeMustDivideTheSlots) {
+  EXPECT_THROW(kt::codec::int8::storage_bytes({.key_group = 32}, 2 * 40, 2, 64), kt::error);
+  EXPECT_THROW(kt::codec::int8::storage_bytes({.key_group = 0}, 64, 2, 64), kt::error);
+  EXPECT_NO_THROW(
+      kt::codec::int8::storage_bytes({.keys = kt::codec::key_scaling::per_token, .key_group = 0}, 80, 2, 64));
+  using scheme = kt::scheme<kt::layout::contiguous, kt::score::static_window, kt::budget::uniform, kt::codec::int8,
+                            kt::backend::cpu>;
+  EXPECT_THROW(scheme::make_cache(kt::model_shape{4, 2, 64}, 1, 40, kt::codec::int8::config{}), kt::error);
+}
+
+TEST(Int8, KeyGroupsCannotMoveSlotBySlot) {
+  bound_codec<kt::codec::int8> grouped({}, 1, 32, 8);
+  EXPECT_THROW(kt::codec::int8::move_slot(grouped.store, 0, 0, 1), kt::error);
+}
+
+template <class Codec>
+void expect_non_finite_refused(const typename Codec::config& cfg) {
+  bound_codec<Codec> codec(cfg, 1, 32, 8);
+  std::vector<float> good(8, 0.5f), bad = good;
+  for (float poison : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                       -std::numeric_limits<float>::infinity()}) {
+    bad[5] = poison;
+    try {
+      kt::codec::encode_at<Codec>(codec.store, 0, 0, bad.data(), good.data(), 0);
+      ADD_FAILURE() << "accepted " << poison << " in a key";
+    } catch (const kt::error& e) {
+      EXPECT_NE(std::string(e.what()).find("finite values"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("channel 5"), std::string::npos) << e.what();
+    }
+    EXPECT_THROW(kt::codec::encode_at<Codec>(codec.store, 0, 0, good.data(), bad.data(), 0), kt::error);
+  }
+}
+
+TEST(BadInputs, NonFiniteValuesAreAnError) {
+  expect_non_finite_refused<kt::codec::int8>({});
+  expect_non_finite_refused<kt::codec::int4>({});
+  expect_non_finite_refused<kt::codec::fp8>({});
+  expect_non_finite_refused<kt::codec::low_rank>({.rank = 2});
+  expect_non_finite_refused<kt::codec::layered<kt::codec::int8>>({});
+}
+
+// ---- fp8
+// -----------------------------------------------------------------------
+
+TEST(Fp8, EveryCodeRoundTripsAndRoundingIsToNearestEven) {
+  for (unsigned bits = 0; bits < 256; ++bits) {
+    if ((bits & 0x7F) == 0x7F) {
+      EXPECT_TRUE(std::isnan(kt::detail::from_e4m3(static_cast<std::uint8_t>(bits))));
+      continue;
+    }
+    const float value = kt::detail::from_e4m3(static_cast<std::uint8_t>(bits));
+    if (bits == 0x80) continue;  // −0 encodes as −0: same bits
+    EXPECT_EQ(kt::detail::to_e4m3(value), bits) << value;
+  }
+  EXPECT_EQ(kt::detail::from_e4m3(0x7E), 448.0f);
+  EXPECT_EQ(kt::detail::from_e4m3(0x01), std::ldexp(1.0f, -9));
+  EXPECT_EQ(kt::detail::from_e4m3(kt::detail::to_e4m3(1.0625f)),
+            1.0f);  // tie → even mantissa 000
+  EXPECT_EQ(kt::detail::from_e4m3(kt::detail::to_e4m3(1.1875f)),
+            1.25f);  // tie → even mantissa 010
+  EXPECT_EQ(kt::detail::from_e4m3(kt::detail::to_e4m3(1000.0f)),
+            448.0f);  // saturates
+  EXPECT_EQ(kt::detail::from_e4m3(kt::detail::to_e4m3(-464.0f)), -448.0f);
+  EXPECT_EQ(kt::detail::from_e4m3(kt::detail::to_e4m3(std::ldexp(1.0f, -11))),
+            0.0f);  // below half the least subnormal
+}
+
+TEST(Fp8, WithinE4m3PrecisionWithHeadScales) {
+  constexpr std::int64_t heads = 2, capacity = 64, dim = 32;
+  bound_codec<kt::codec::fp8> codec({}, heads, capacity, dim);
+  auto keys = random_tensor<float, 4>({1, heads, capacity, dim}, 21, 3.0f);
+  auto values = random_tensor<float, 4>({1, heads, capacity, dim}, 22, 0.01f);
+  for (std::int64_t head = 0; head < heads; ++head)
+    compact_head<kt::codec::fp8>(codec.store, keys, values, head, capacity);
+  std::vector<float> key(dim), value(dim);
+  for (std::int64_t head = 0; head < heads; ++head) {
+    const float key_scale = codec.store.key_scales[head], value_scale = codec.store.value_scales[head];
+    for (std::int64_t t = 0; t < capacity; ++t) {
+      kt::codec::fp8::decode_key(codec.store, head, head * capacity + t, key.data());
+      kt::codec::fp8::decode_value(codec.store, head, head * capacity + t, value.data());
+      for (std::int64_t d = 0; d < dim; ++d) {
+        const double k = keys(0, head, t, d), v = values(0, head, t, d);
+        // Half an ulp of 3 mantissa bits, or half the least subnormal (2^−10),
+        // in scaled units; + fp32 slack.
+        EXPECT_LE(std::abs(key[d] - k), key_scale * std::max(std::abs(k / key_scale) / 16.0, 0x1p-10) * (1 + 1e-6));
+        EXPECT_LE(std::abs(value[d] - v),
+                  value_scale * std::max(std::abs(v / value_scale) / 16.0, 0x1p-10) * (1 + 1e-6));
+      }
+    }
+  }
+}
+
+TEST(Fp8, LargerThanTheRangeSaturates) {
+  bound_codec<kt::codec::fp8> codec({.scales = kt::codec::fp8_scaling::fixed, .key_scale = 0.5f}, 1, 4, 2);
+  const float key[2] = {1000.0f, -300.0f}, value[2] = {1.0f, 2.0f};
+  kt::codec::fp8::encode(codec.store, 0, 0, key, value);
+  float out[2];
+  kt::codec::fp8::decode_key(codec.store, 0, 0, out);
+  EXPECT_EQ(out[0], 224.0f);  // 448 · 0.5
+  EXPECT_EQ(out[1], -224.0f);
+  EXPECT_THROW(kt::codec::fp8::set_head_scales(codec.store, 0, 0.0f, 1.0f), kt::error);
+  EXPECT_THROW(kt::codec::fp8::set_head_scales(codec.store, 3, 1.0f, 1.0f), kt::error);
+}
+
+// ---- low rank
+// --------------------------------------------------------------------
+
+namespace {
+std::vector<double> head_singular_values(const host_tensor<float, 4>& x, std::int64_t head) {
+  return kt::analysis::singular_values(kt::analysis::head_matrix(x.cview(), 0, head));
+}
+}  // namespace
+
+TEST(LowRank, ErrorEqualsTheDiscardedSingularEnergy) {
+  constexpr std::int64_t dim = 64, tokens = 200, rank = 10;
+  auto keys = structured_tensor({1, 1, tokens, dim}, rank, 0.1, 31);
+  auto values = structured_tensor({1, 1, tokens, dim}, rank, 0.1, 32);
+  for (std::int64_t kept : {4, 10, 20}) {
+    bound_codec<kt::codec::low_rank> codec({.rank = kept}, 1, tokens, dim);
+    compact_head<kt::codec::low_rank>(codec.store, keys, values, 0, tokens);
+    EXPECT_EQ(codec.store.key_ranks[0], kept);
+    double key_error = 0.0, value_error = 0.0;
+    std::vector<float> row(dim);
+    for (std::int64_t t = 0; t < tokens; ++t) {
+      kt::codec::low_rank::decode_key(codec.store, 0, t, row.data());
+      for (std::int64_t d = 0; d < dim; ++d) key_error += std::pow(row[d] - keys(0, 0, t, d), 2);
+      kt::codec::low_rank::decode_value(codec.store, 0, t, row.data());
+      for (std::int64_t d = 0; d < dim; ++d) value_error += std::pow(row[d] - values(0, 0, t, d), 2);
+    }
+    const auto discarded = [&](const std::vector<double>& singular) {
+      double sum = 0.0;
+      for (std::size_t i = static_cast<std::size_t>(kept); i < singular.size(); ++i) sum += singular[i] * singular[i];
+      return sum;
+    };
+    // fp16 coefficients add ≈ ‖K‖²·u²/3 ≈ 4e-8·‖K‖² of error, ≤ 1e-3 of the
+    // discarded energy here.
+    EXPECT_NEAR(key_error, discarded(head_singular_values(keys, 0)), 1e-3 * discarded(head_singular_values(keys, 0)));
+    EXPECT_NEAR(value_error, discarded(head_singular_values(values, 0)),
+                1e-3 * discarded(head_singular_values(values, 0)));
+  }
+}
+
+TEST(LowRank, EnergyThresholdPicksTheSmallestRankReachingIt) {
+  const std::vector<double> singular{3.0, 2.0, 1.0, 0.5};      // energies 9, 4, 1, 0.25 of 14.25
+  EXPECT_EQ(kt::analysis::rank_for_energy(singular, 0.6), 1);  // e1 = 0.6316
+  EXPECT_EQ(kt::analysis::rank_for_energy(singular, 0.6317),
+            2);                                                 // just above e1
+  EXPECT_EQ(kt::analysis::rank_for_energy(singular, 0.98), 3);  // e3 = 0.98246
+  EXPECT_EQ(kt::analysis::rank_for_energy(singular, 0.9825), 4);
+  EXPECT_EQ(kt::analysis::rank_for_energy(singular, 1.0), 4);
+  EXPECT_THROW(kt::analysis::rank_for_energy(singular, 0.0), kt::error);
+  EXPECT_THROW(kt::analysis::rank_for_energy(singular, 1.5), kt::error);
+
+  // The codec fits exactly that rank to each head's keys and values.
+  constexpr std::int64_t dim = 32, tokens = 100;
+  auto keys = structured_tensor({1, 1, tokens, dim}, 12, 0.02, 41, 0.7);
+  auto values = structured_tensor({1, 1, tokens, dim}, 12, 0.02, 42, 0.7);
+  for (double energy : {0.9, 0.98, 0.999}) {
+    bound_codec<kt::codec::low_rank> codec({.energy = energy, .max_rank = dim}, 1, tokens, dim);
+    compact_head<kt::codec::low_rank>(codec.store, keys, values, 0, tokens);
+    EXPECT_EQ(codec.store.key_ranks[0], kt::analysis::rank_for_energy(head_singular_values(keys, 0), energy));
+    EXPECT_EQ(codec.store.value_ranks[0], kt::analysis::rank_for_energy(head_singular_values(values, 0), energy));
+  }
+  bound_codec<kt::codec::low_rank> capped({.energy = 0.999, .max_rank = 3}, 1, tokens, dim);
+  compact_head<kt::codec::low_rank>(capped.store, keys, values, 0, tokens);
+  EXPECT_EQ(capped.store.key_ranks[0], 3);
+}
+
+TEST(LowRank, RefreshBuildsTheBasisFromAppendedTokensAndKeepsOldCoefficients) {
+  constexpr std::int64_t dim = 16, tokens = 24;
+  auto keys = structured_tensor({1, 1, tokens, dim}, 3, 0.0, 51);
+  auto values = structured_tensor({1, 1, tokens, dim}, 3, 0.0, 52);
+  bound_codec<kt::codec::low_rank> codec({.rank = 6, .update_freq = 8}, 1, tokens, dim);
+  std::vector<float> row(dim);
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    kt::codec::low_rank::encode(codec.store, 0, t, &keys(0, 0, t, 0), &values(0, 0, t, 0));  // append, no prefill
+    if (t == 6) {
+      EXPECT_EQ(codec.store.key_ranks[0],
+                0);  // no basis before the first refresh
+    }
+    if (t == 7) {
+      EXPECT_EQ(codec.store.key_ranks[0],
+                3);  // the data's rank: no directions of zero energy added
+    }
+  }
+  EXPECT_EQ(codec.store.next_position[0], tokens);
+  for (std::int64_t t = 0; t < tokens; ++t) {  // exact rank 3 data: every token back to fp16 accuracy
+    kt::codec::low_rank::decode_key(codec.store, 0, t, row.data());
+    for (std::int64_t d = 0; d < dim; ++d)
+      EXPECT_NEAR(row[d], keys(0, 0, t, d), 4 * fp16_roundoff * 8.0) << "token " << t;
+  }
+
+  // New directions appear after compaction: the basis grows, old coefficients
+  // stay.
+  auto shifted = structured_tensor({1, 1, 8, dim}, 5, 0.0, 53);
+  bound_codec<kt::codec::low_rank> grown({.energy = 0.999, .max_rank = 12, .update_freq = 8}, 1, tokens + 8, dim);
+  compact_head<kt::codec::low_rank>(grown.store, keys, values, 0, tokens + 8);
+  const std::int32_t before = grown.store.key_ranks[0];
+  std::vector<kt::half> kept_coefficients(grown.store.key_coefficients, grown.store.key_coefficients + 12);
+  for (std::int64_t t = 0; t < 8; ++t)
+    kt::codec::low_rank::encode(grown.store, 0, tokens + t, &shifted(0, 0, t, 0), &shifted(0, 0, t, 0));
+  EXPECT_GT(grown.store.key_ranks[0], before);
+  for (std::int64_t j = 0; j < 12; ++j) EXPECT_EQ(grown.store.key_coefficients[j], kept_coefficients[j]);
+  double error = 0.0, norm = 0.0;
+  for (std::int64_t t = 0; t < 8; ++t) {
+    kt::codec::low_rank::decode_key(grown.store, 0, tokens + t, row.data());
+    for (std::int64_t d = 0; d < dim; ++d) {
+      error += std::pow(row[d] - shifted(0, 0, t, d), 2);
+      norm += std::pow(shifted(0, 0, t, d), 2);
+    }
+  }
+  EXPECT_LE(error,
+            (1.0 - 0.999) * norm * 1.01);  // the refreshed basis holds ≥ 99.9% of their energy
+}
+
+TEST(LowRank, PreRopeBasesBeatPostRopeBasesOnRotatedLowRankKeys) {
+  // Rank-12 pre-RoPE keys; the engine's cache holds them rotated to positions
+  // 0…255.
+  constexpr std::int64_t dim = 64, tokens = 256, rank = 12;
+  const kt::rope rope{};
+  auto pre = structured_tensor({1, 1, tokens, dim}, rank, 0.02, 111, 0.9);
+  auto post = pre;
+  post.view.data = post.storage.data();
+  apply_rope_in_double(post, rope.theta, rope.rotary_dim, false);
+  const auto key_error = [&](const kt::codec::low_rank::config& cfg, const host_tensor<float, 4>& given) {
+    bound_codec<kt::codec::low_rank> codec(cfg, 1, tokens, dim);
+    compact_head<kt::codec::low_rank>(codec.store, given, given, 0, tokens);
+    double error = 0.0, norm = 0.0;
+    std::vector<float> row(dim);
+    for (std::int64_t t = 0; t < tokens; ++t) {
+      kt::codec::low_rank::decode_key(codec.store, 0, t,
+                                      row.data());  // post-RoPE in both cases
+      for (std::int64_t d = 0; d < dim; ++d) {
+        error += std::pow(row[d] - post(0, 0, t, d), 2);
+        norm += std::pow(post(0, 0, t, d), 2);
+      }
+    }
+    return std::sqrt(error / norm);
+  };
+  const double pre_error = key_error({.rank = rank, .keys = kt::codec::key_space::pre_rope, .rope = rope}, pre);
+  const double post_error = key_error({.rank = rank}, post);
+  EXPECT_LT(pre_error,
+            0.05);  // the noise floor: 0.02 noise against unit-scale signal
+  EXPECT_GT(post_error,
+            5.0 * pre_error);  // RoPE spreads 12 directions over many more
+  const auto post_rank = kt::analysis::rank_for_energy(head_singular_values(post, 0), 0.98);
+  const auto pre_rank = kt::analysis::rank_for_energy(head_singular_values(pre, 0), 0.98);
+  EXPECT_LE(pre_rank, rank);
+  EXPECT_GT(post_rank, 2 * pre_rank);
+}
+
+TEST(LowRank, BadRanksAndBases) {
+  EXPECT_THROW(kt::codec::low_rank::storage_bytes({.rank = 0}, 8, 1, 16), kt::error);
+  EXPECT_THROW(kt::codec::low_rank::storage_bytes({.rank = 17}, 8, 1, 16), kt::error);
+  EXPECT_THROW(kt::codec::low_rank::storage_bytes({.max_rank = 32}, 8, 1, 16), kt::error);
+  EXPECT_THROW(kt::codec::low_rank::storage_bytes({.energy = 0.0}, 8, 1, 16), kt::error);
+  EXPECT_THROW(kt::codec::low_rank::storage_bytes(
+                   {.rank = 4, .keys = kt::codec::key_space::pre_rope, .rope = {.rotary_dim = 7}}, 8, 1, 16),
+               kt::error);
+  bound_codec<kt::codec::low_rank> codec({.rank = 2, .source = kt::codec::basis_source::profile}, 1, 4, 3);
+  const std::vector<float> row(3, 1.0f);
+  EXPECT_THROW(kt::codec::low_rank::encode(codec.store, 0, 0, row.data(), row.data()),
+               kt::error);  // no basis yet
+  const float identity2[6] = {1, 0, 0, 1, 0, 0}, skewed[6] = {1, 1, 0, 1, 0, 0},
+              identity3[9] = {1, 0, 0, 0, 1, 0, 0, 0, 1};
+  EXPECT_THROW(kt::codec::low_rank::set_basis(codec.store, 0, identity3, 3, identity2, 2),
+               kt::error);  // rank 3 > 2
+  EXPECT_THROW(kt::codec::low_rank::set_basis(codec.store, 0, skewed, 2, identity2, 2),
+               kt::error);  // not orthonormal
+  EXPECT_THROW(kt::codec::low_rank::set_basis(codec.store, 1, identity2, 2, identity2, 2),
+               kt::error);  // no head 1
+  kt::codec::low_rank::set_basis(codec.store, 0, identity2, 2, identity2, 2);
+  const float key[3] = {0.5f, -2.0f, 7.0f};
+  kt::codec::low_rank::encode(codec.store, 0, 0, key, key);
+  float out[3];
+  kt::codec::low_rank::decode_key(codec.store, 0, 0, out);
+  EXPECT_EQ(out[0], 0.5f);
+  EXPECT_EQ(out[1], -2.0f);
+  EXPECT_EQ(out[2], 0.0f);  // outside the basis
+}
+
+TEST(Rope, MatchesTheFormulaAndInverts) {
+  for (auto pairs : {kt::rope::pairing::half_split, kt::rope::pairing::interleaved}) {
+    const kt::rope rope{.theta = 10000.0, .rotary_dim = 12, .pairs = pairs};
+    auto keys = random_tensor<float, 4>({1, 1, 40, 16}, 61);
+    auto rotated = keys;
+    rotated.view.data = rotated.storage.data();
+    apply_rope_in_double(rotated, rope.theta, rope.rotary_dim, pairs == kt::rope::pairing::interleaved);
+    for (std::int64_t t = 0; t < 40; ++t) {
+      std::vector<float> row(&keys(0, 0, t, 0), &keys(0, 0, t, 0) + 16);
+      rope.apply(row.data(), 16, t);
+      for (std::int64_t d = 0; d < 16; ++d) EXPECT_NEAR(row[d], rotated(0, 0, t, d), 1e-5);
+      rope.apply(row.data(), 16, t, -1);
+      for (std::int64_t d = 0; d < 16; ++d) EXPECT_NEAR(row[d], keys(0, 0, t, d), 1e-5);
+    }
+  }
+}
+
+// ---- layered
+// ---------------------------------------------------------------------
+
+TEST(Layered, SinksAndNewestInFp16TheRestCrossIntoTheInnerCodec) {
+  using codec = kt::codec::layered<kt::codec::int8>;
+  constexpr std::int64_t dim = 16, capacity = 64, sinks = 4, recent = 8;
+  bound_codec<codec> layered({.recent = recent, .sinks = sinks}, 1, capacity, dim);
+  auto keys = random_tensor<float, 4>({1, 1, capacity, dim}, 71);
+  auto values = random_tensor<float, 4>({1, 1, capacity, dim}, 72);
+  std::vector<float> key(dim), value(dim);
+  const auto check = [&](std::int64_t held) {
+    for (std::int64_t t = 0; t < held; ++t) {
+      const bool fp16 = t < sinks || t >= held - recent;
+      EXPECT_EQ(codec::in_fp16(layered.store, t), fp16) << "token " << t << " of " << held;
+      codec::decode_key(layered.store, 0, t, key.data());
+      codec::decode_value(layered.store, 0, t, value.data());
+      if (fp16) {
+        for (std::int64_t d = 0; d < dim; ++d) {
+          EXPECT_EQ(key[d], static_cast<float>(kt::half(keys(0, 0, t, d))));
+          EXPECT_EQ(value[d], static_cast<float>(kt::half(values(0, 0, t, d))));
+        }
+      } else {  // as int8 alone would store it
+        std::vector<float> inner(dim);
+        kt::codec::int8::decode_value(layered.store.inner, 0, t, inner.data());
+        EXPECT_EQ(value, inner);
+      }
+    }
+  };
+  for (std::int64_t t = 0; t < 40; ++t) {
+    codec::encode(layered.store, 0, t, &keys(0, 0, t, 0), &values(0, 0, t, 0));
+    if (t == 9 || t == 20 || t == 39) check(t + 1);
+  }
+  // A token moved by a layout (flat's repack) keeps its fp16 row.
+  bound_codec<kt::codec::layered<kt::codec::fp8>> moved({.recent = 2, .sinks = 0}, 1, 8, dim);
+  for (std::int64_t t = 0; t < 3; ++t)
+    kt::codec::layered<kt::codec::fp8>::encode(moved.store, 0, t, &keys(0, 0, t, 0), &values(0, 0, t, 0));
+  kt::codec::layered<kt::codec::fp8>::move_slot(moved.store, 0, 2, 6);
+  kt::codec::layered<kt::codec::fp8>::decode_key(moved.store, 0, 6, key.data());
+  EXPECT_EQ(key[0], static_cast<float>(kt::half(keys(0, 0, 2, 0))));
+  EXPECT_EQ(moved.store.row_slots[0],
+            6);  // token 2 took ring row 0 (from token 0); the row follows it
+}
+
+TEST(Layered, BadWindows) {
+  using codec = kt::codec::layered<kt::codec::fp16>;
+  EXPECT_THROW(codec::storage_bytes({.recent = -1}, 8, 1, 16), kt::error);
+  EXPECT_THROW(codec::storage_bytes({.sinks = -2}, 8, 1, 16), kt::error);
+}
