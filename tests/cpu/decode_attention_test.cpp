@@ -28,6 +28,11 @@ std::string case_name(const testing::TestParamInfo<attention_case>& info) {
   return kt::detail::cat("B", c.batch, "_Hkv", c.kv_heads, "_G", c.group, "_D", c.head_dim, "_T", c.tokens);
 }
 
+void PrintTo(const attention_case& c, std::ostream* out) {
+  *out << kt::detail::cat("{batch ", c.batch, ", kv_heads ", c.kv_heads, ", group ", c.group, ", head_dim ", c.head_dim,
+                          ", tokens ", c.tokens, "}");
+}
+
 /// Fills a cache of exactly `tokens` slots by append (so every token is
 /// attended), attends, and returns the worst error / bound ratio.
 template <class Codec, class InputT, class OutT>
