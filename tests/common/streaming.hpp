@@ -4,6 +4,7 @@
 // it and read a cache back.
 #pragma once
 
+#include <gtest/gtest.h>
 #include <kvtrim/kvtrim.hpp>
 
 #include <algorithm>
@@ -14,6 +15,9 @@
 #include "common/oracle.hpp"
 
 namespace kvtrim::testing {
+
+/// The three plain codecs, for typed tests.
+using plain_codecs = ::testing::Types<codec::fp32, codec::fp16, codec::bf16>;
 
 template <class Codec>
 using streaming_scheme =

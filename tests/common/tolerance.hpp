@@ -36,6 +36,7 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <type_traits>
 #include <vector>
 
 #include "common/oracle.hpp"
@@ -43,6 +44,13 @@
 namespace kvtrim::testing {
 
 inline constexpr double fp32_unit_roundoff = element_traits<float>::unit_roundoff;
+
+/// The unit roundoff of rounding an fp32 value into T (0 for fp32 itself, which
+/// the fp32 arithmetic terms already cover).
+template <class T>
+constexpr double rounding_from_fp32() {
+  return std::is_same_v<T, float> ? 0.0 : element_traits<T>::unit_roundoff;
+}
 
 /// Unit roundoffs of what the pipeline rounds besides its fp32 arithmetic.
 struct rounding {

@@ -66,22 +66,26 @@ kts::bound_check attend_full_cache(const attention_case& c, kts::rounding extra,
   return kts::check_against(out.view, oracle, bounds);
 }
 
+/// attend_full_cache, then the worst error must be within the bound.
+template <class Codec, class InputT, class OutT>
+void expect_within_bound(const attention_case& c, kts::rounding extra, std::uint64_t seed, bool strided = false) {
+  const auto check = attend_full_cache<Codec, InputT, OutT>(c, extra, seed, strided);
+  EXPECT_LE(check.worst_ratio, 1.0) << "storage " << Codec::name << ", inputs "
+                                    << kt::element_traits<InputT>::name << ", output "
+                                    << kt::element_traits<OutT>::name << ": worst |error| " << check.worst_error;
+}
+
 class DecodeAttention : public testing::TestWithParam<attention_case> {};
 
-TEST_P(DecodeAttention, Fp32MatchesOracle) {
-  const auto check = attend_full_cache<kt::codec::fp32, float, float>(GetParam(), {}, 11);
-  EXPECT_LE(check.worst_ratio, 1.0) << "worst |error| " << check.worst_error;
-}
+TEST_P(DecodeAttention, Fp32MatchesOracle) { expect_within_bound<kt::codec::fp32, float, float>(GetParam(), {}, 11); }
 
 TEST_P(DecodeAttention, Fp16InputsStoredExactly) {
   // Inputs already fp16: the codec stores them exactly, only fp32 arithmetic errs.
-  const auto check = attend_full_cache<kt::codec::fp16, kt::half, float>(GetParam(), {}, 12);
-  EXPECT_LE(check.worst_ratio, 1.0) << "worst |error| " << check.worst_error;
+  expect_within_bound<kt::codec::fp16, kt::half, float>(GetParam(), {}, 12);
 }
 
 TEST_P(DecodeAttention, StridedInputsAndOutput) {
-  const auto check = attend_full_cache<kt::codec::fp32, float, float>(GetParam(), {}, 13, /*strided=*/true);
-  EXPECT_LE(check.worst_ratio, 1.0) << "worst |error| " << check.worst_error;
+  expect_within_bound<kt::codec::fp32, float, float>(GetParam(), {}, 13, /*strided=*/true);
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, DecodeAttention,
@@ -96,35 +100,23 @@ INSTANTIATE_TEST_SUITE_P(Shapes, DecodeAttention,
 
 template <class Codec>
 class StorageTypes : public testing::Test {};
-using plain_codecs = testing::Types<kt::codec::fp32, kt::codec::fp16, kt::codec::bf16>;
-TYPED_TEST_SUITE(StorageTypes, plain_codecs);
+TYPED_TEST_SUITE(StorageTypes, kts::plain_codecs);
 
 TYPED_TEST(StorageTypes, InputsOfTheStorageTypeAreStoredExactly) {
-  using codec = TypeParam;
-  using element = typename codec::element;
-  const attention_case c{2, 2, 4, 64, 50};
-  const auto check = attend_full_cache<codec, element, float>(c, {}, 21);
-  EXPECT_LE(check.worst_ratio, 1.0) << kt::element_traits<element>::name << ": worst |error| " << check.worst_error;
+  using element = typename TypeParam::element;
+  expect_within_bound<TypeParam, element, float>({2, 2, 4, 64, 50}, {}, 21);
 }
 
 TYPED_TEST(StorageTypes, Fp32InputsRoundedIntoStorage) {
   // The cache rounds fp32 keys and values to its element type: the bound grows
   // by the type's unit roundoff (keys through the logits, values directly).
-  using codec = TypeParam;
-  using element = typename codec::element;
-  const double unit_roundoff = std::is_same_v<element, float> ? 0.0 : kt::element_traits<element>::unit_roundoff;
-  const attention_case c{2, 2, 4, 128, 200};
-  const auto check = attend_full_cache<codec, float, float>(c, {.storage = unit_roundoff}, 22);
-  EXPECT_LE(check.worst_ratio, 1.0) << kt::element_traits<element>::name << ": worst |error| " << check.worst_error;
+  using element = typename TypeParam::element;
+  expect_within_bound<TypeParam, float, float>({2, 2, 4, 128, 200}, {.storage = kts::rounding_from_fp32<element>()}, 22);
 }
 
 TYPED_TEST(StorageTypes, OutputInTheStorageType) {
-  using codec = TypeParam;
-  using element = typename codec::element;
-  const double unit_roundoff = std::is_same_v<element, float> ? 0.0 : kt::element_traits<element>::unit_roundoff;
-  const attention_case c{1, 2, 8, 64, 64};
-  const auto check = attend_full_cache<codec, element, element>(c, {.output = unit_roundoff}, 23);
-  EXPECT_LE(check.worst_ratio, 1.0) << kt::element_traits<element>::name << ": worst |error| " << check.worst_error;
+  using element = typename TypeParam::element;
+  expect_within_bound<TypeParam, element, element>({1, 2, 8, 64, 64}, {.output = kts::rounding_from_fp32<element>()}, 23);
 }
 
 TYPED_TEST(StorageTypes, RoundToNearestOnStore) {

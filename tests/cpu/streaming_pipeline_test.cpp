@@ -182,8 +182,7 @@ TEST(StreamingPipelineLayouts, TokensMajorMappingStoresTokensHeadsInterleaved) {
 
 template <class Codec>
 class AppendAfterCompress : public testing::Test {};
-using plain_codecs = testing::Types<kt::codec::fp32, kt::codec::fp16, kt::codec::bf16>;
-TYPED_TEST_SUITE(AppendAfterCompress, plain_codecs);
+TYPED_TEST_SUITE(AppendAfterCompress, kts::plain_codecs);
 
 TYPED_TEST(AppendAfterCompress, NewTokensFollowTheKeptOnesExactly) {
   // One tensor holds the prefill (tokens 0..T−1) and three decode steps (T..T+2);
@@ -246,7 +245,7 @@ TYPED_TEST(AppendAfterCompress, Fp32InputsRoundedIntoStorageStayWithinBound) {
   using codec = TypeParam;
   using element = typename codec::element;
   using scheme = kts::streaming_scheme<codec>;
-  const double unit_roundoff = std::is_same_v<element, float> ? 0.0 : kt::element_traits<element>::unit_roundoff;
+  const double unit_roundoff = kts::rounding_from_fp32<element>();
   const kt::model_shape shape{.q_heads = 16, .kv_heads = 4, .head_dim = 128};
   const std::int64_t batch = 2, tokens = 500;
   auto keys = kts::random_tensor<float, 4>({batch, 4, tokens, 128}, 161);
