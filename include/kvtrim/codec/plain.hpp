@@ -96,6 +96,12 @@ struct plain {
   }
 };
 
+/// True for codec::plain<T> (kernels that read rows as they are specialise on it).
+template <class CodecT>
+inline constexpr bool is_plain = false;
+template <class T>
+inline constexpr bool is_plain<plain<T>> = true;
+
 using fp32 = plain<float>;
 using fp16 = plain<half>;
 using bf16 = plain<bfloat16>;

@@ -6,6 +6,11 @@
 //        ─► select_top_k ─► selection (CSR, ascending tokens) ─► Layout::compact ─► cache
 //   append(new keys/values) ─► Layout::append;   attend(q [B,Hq,D]) ─► decode_attention
 //
+// Two optional scorer hooks (RazorAttention needs both): a scorer with
+// `sets_keep_counts` gives the keep counts instead of the budget (which must be
+// budget::by_scorer), and one with `compensates` writes compensation tokens
+// into the cache right after Layout::compact.
+//
 // Swapping backend::cpu for backend::cuda changes which specialisations run,
 // not this code. Rules about which policies combine are static_asserts with a
 // sentence each, checked when the scheme type is named.
@@ -28,11 +33,58 @@
 namespace kvtrim {
 
 namespace detail {
+/// A scorer that decides each head's keep count itself (score::retrieval_head)
+/// declares `sets_keep_counts = true` and pairs with a budget that declares
+/// `defers_to_scorer = true` (budget::by_scorer). Absent members read as false.
+template <class S>
+inline constexpr bool scorer_sets_keep_counts = requires { requires S::sets_keep_counts; };
+template <class B>
+inline constexpr bool budget_defers_to_scorer = requires { requires B::defers_to_scorer; };
+/// A scorer that writes compensation tokens after compaction (`compensates = true`)
+/// needs a layout that stores them with their logit bias (`compensation_tokens = true`).
+template <class S>
+inline constexpr bool scorer_compensates = requires { requires S::compensates; };
+template <class L>
+inline constexpr bool layout_stores_compensation = requires { requires L::compensation_tokens; };
+
 template <class T, std::size_t Rank, class Space>
 tensor_view<const std::remove_const_t<T>, Rank, Space> as_const(const tensor_view<T, Rank, Space>& view) {
   return {view.data, view.extents, view.strides};
 }
+
+/// A scorer or budget implementation that needs scratch declares
+/// `workspace_bytes(config, shape, batch, tokens)` and then takes a `workspace`
+/// argument just before the stream; the others take none.
+template <class Impl, class Config>
+concept needs_scratch = requires(const Config& config, const model_shape& shape, std::int64_t count) {
+  { Impl::workspace_bytes(config, shape, count, count) } -> std::convertible_to<std::size_t>;
+};
+
+template <class Impl, class Config>
+workspace carve_scratch(workspace_carver& carver, const Config& config, const model_shape& shape,
+                        std::int64_t batch, std::int64_t tokens) {
+  if constexpr (needs_scratch<Impl, Config>) {
+    const std::size_t bytes = Impl::workspace_bytes(config, shape, batch, tokens);
+    return workspace{carver.template take<std::byte>(static_cast<std::int64_t>(bytes)), bytes};
+  } else {
+    return workspace{};
+  }
+}
 }  // namespace detail
+
+/// The runtime knobs of a scheme: one config struct per policy that has knobs.
+template <Scorer ScorerT, Budget BudgetT, Codec CodecT>
+struct scheme_config {
+  typename ScorerT::config score{};
+  typename BudgetT::config budget{};
+  typename CodecT::config codec{};
+
+  void validate(std::string_view function) const {
+    score.validate(function);
+    budget.validate(function);
+    codec.validate(function);
+  }
+};
 
 template <Layout LayoutT, Scorer ScorerT, Budget BudgetT, Codec CodecT, Backend BackendT>
 struct scheme {
@@ -44,6 +96,15 @@ struct scheme {
                 "kvtrim::scheme: this layout gives every head the same length (e.g. layout::contiguous), but this "
                 "scorer keeps different lengths per head (score::retrieval_head keeps every token of retrieval "
                 "heads); use layout::paged or layout::flat.");
+  static_assert(!detail::scorer_sets_keep_counts<ScorerT> || detail::budget_defers_to_scorer<BudgetT>,
+                "kvtrim::scheme: this scorer decides how many tokens each head keeps (e.g. score::retrieval_head); "
+                "use budget::by_scorer.");
+  static_assert(detail::scorer_sets_keep_counts<ScorerT> || !detail::budget_defers_to_scorer<BudgetT>,
+                "kvtrim::scheme: budget::by_scorer takes the keep counts from the scorer, but this scorer does not "
+                "set them; use budget::uniform or another budget.");
+  static_assert(!detail::scorer_compensates<ScorerT> || detail::layout_stores_compensation<LayoutT>,
+                "kvtrim::scheme: this scorer stores a compensation token with a logit bias per head (RazorAttention), "
+                "but this layout cannot hold one; use layout::paged or layout::flat.");
   static_assert(implemented_on<ScorerT, BackendT>,
                 "kvtrim::scheme: this scorer has no implementation on this backend (no "
                 "kvtrim::implementation<Scorer, Backend> specialisation; did you include kvtrim/kvtrim.hpp, or "
@@ -70,18 +131,9 @@ struct scheme {
   /// Longest prefill one compress() call takes (kept token indices are int32).
   static constexpr std::int64_t max_tokens = 2147483647;
 
-  /// Every runtime knob of the scheme, with the papers' defaults.
-  struct config {
-    typename ScorerT::config score{};
-    typename BudgetT::config budget{};
-    typename CodecT::config codec{};
-
-    void validate(std::string_view function) const {
-      score.validate(function);
-      budget.validate(function);
-      codec.validate(function);
-    }
-  };
+  /// Every runtime knob of the scheme, with the papers' defaults (the same
+  /// type for every backend, so one config drives the CPU and the GPU).
+  using config = scheme_config<ScorerT, BudgetT, CodecT>;
 
   /// An owning cache (allocated through the backend) with capacity slots per head.
   template <class... Args>
@@ -144,13 +196,25 @@ struct scheme {
     const score_view<space> scores{parts.scores, {batch, shape.kv_heads, tokens},
                                    row_major_strides<3>({batch, shape.kv_heads, tokens})};
 
-    implementation<ScorerT, BackendT>::score(cfg.score, shape, keys_in, values_in, queries_in, scores, stream);
-    implementation<BudgetT, BackendT>::keep_counts(cfg.budget, detail::as_const(scores), parts.keep_counts, stream);
+    using scorer_impl = implementation<ScorerT, BackendT>;
+    if constexpr (detail::needs_scratch<scorer_impl, typename ScorerT::config>)
+      scorer_impl::score(cfg.score, shape, keys_in, values_in, queries_in, scores, parts.score_scratch, stream);
+    else
+      scorer_impl::score(cfg.score, shape, keys_in, values_in, queries_in, scores, stream);
+    using budget_impl = implementation<BudgetT, BackendT>;
+    if constexpr (detail::scorer_sets_keep_counts<ScorerT>)
+      scorer_impl::keep_counts(cfg.score, shape, detail::as_const(scores), parts.keep_counts, stream);
+    else if constexpr (detail::needs_scratch<budget_impl, typename BudgetT::config>)
+      budget_impl::keep_counts(cfg.budget, detail::as_const(scores), parts.keep_counts, parts.budget_scratch, stream);
+    else
+      budget_impl::keep_counts(cfg.budget, detail::as_const(scores), parts.keep_counts, stream);
     implementation<stage::select_top_k, BackendT>::select(detail::as_const(scores), parts.keep_counts, parts.offsets,
                                                           parts.tokens, parts.select_scratch, stream);
     const selection_view<space> kept{parts.offsets, parts.tokens, batch * shape.kv_heads};
     const std::int64_t uniform_keep = BudgetT::ragged_heads || ScorerT::ragged_heads ? -1 : keep_bound;
     implementation<LayoutT, BackendT>::compact(cache, keys_in, values_in, kept, uniform_keep, stream);
+    if constexpr (detail::scorer_compensates<ScorerT>)
+      implementation<ScorerT, BackendT>::compensate(cfg.score, shape, keys_in, values_in, kept, cache, stream);
   }
 
   /// compress() for scorers that read no queries.
@@ -175,6 +239,31 @@ struct scheme {
     if (count < 1) detail::fail(function, "new_keys", "at least one token", "0 tokens");
     detail::check_view(function, "new_values", new_values, {cache.batch, shape.kv_heads, count, shape.head_dim}, true);
     implementation<LayoutT, BackendT>::append(cache, detail::as_const(new_keys), detail::as_const(new_values), stream);
+  }
+
+  /// Appends `new_keys`/`new_values` [n, D] to the one head (b, h), after what it
+  /// holds (layouts whose heads have their own lengths: paged, flat).
+  template <class KeyT>
+    requires(LayoutT::ragged_heads)
+  static void append_head(cache_view& cache, std::int64_t b, std::int64_t h, tensor_view<KeyT, 2, space> new_keys,
+                          tensor_view<KeyT, 2, space> new_values, stream_type stream = {}) {
+    constexpr std::string_view function = "kvtrim::scheme::append_head";
+    layout::check(function, cache);
+    if (b < 0 || b >= cache.batch)
+      detail::fail(function, "b", detail::cat("a sequence in [0, ", cache.batch, ")"), std::to_string(b));
+    if (h < 0 || h >= cache.shape.kv_heads)
+      detail::fail(function, "h", detail::cat("a kv head in [0, ", cache.shape.kv_heads, ")"), std::to_string(h));
+    detail::check_view(function, "new_keys", new_keys, {-1, cache.shape.head_dim}, true);
+    const std::int64_t count = new_keys.extent(0);
+    if (count < 1) detail::fail(function, "new_keys", "at least one token", "0 tokens");
+    detail::check_view(function, "new_values", new_values, {count, cache.shape.head_dim}, true);
+    // The rows seen as [batch, kv_heads, n, D] with zero strides on the first two
+    // axes, so the layout's append code reads them for head (b, h).
+    const auto as_head = [&](const tensor_view<KeyT, 2, space>& rows) {
+      return tensor_view<const std::remove_const_t<KeyT>, 4, space>{
+          rows.data, {cache.batch, cache.shape.kv_heads, count, cache.shape.head_dim}, {0, 0, rows.strides[0], rows.strides[1]}};
+    };
+    implementation<LayoutT, BackendT>::append_head(cache, b, h, as_head(new_keys), as_head(new_values), stream);
   }
 
   // ---- decode attention ------------------------------------------------------
@@ -205,6 +294,8 @@ struct scheme {
     std::int64_t* offsets = nullptr;
     std::int32_t* tokens = nullptr;
     workspace select_scratch{};
+    workspace score_scratch{};
+    workspace budget_scratch{};
   };
 
   template <class Carver>
@@ -219,6 +310,10 @@ struct scheme {
     const std::size_t select_bytes = implementation<stage::select_top_k, BackendT>::workspace_bytes(heads, tokens);
     parts.select_scratch = workspace{carver.template take<std::byte>(static_cast<std::int64_t>(select_bytes)),
                                      select_bytes};
+    parts.score_scratch =
+        detail::carve_scratch<implementation<ScorerT, BackendT>>(carver, cfg.score, shape, batch, tokens);
+    parts.budget_scratch =
+        detail::carve_scratch<implementation<BudgetT, BackendT>>(carver, cfg.budget, shape, batch, tokens);
     return parts;
   }
 };

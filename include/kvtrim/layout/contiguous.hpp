@@ -49,6 +49,7 @@ struct contiguous {
   /// A non-owning view of a contiguous cache stored with `CodecT`.
   template <Codec CodecT, MemorySpace Space>
   struct view {
+    using layout_type = contiguous;
     using codec = CodecT;
     using space = Space;
     using storage_type = typename CodecT::template storage<Space>;
@@ -91,6 +92,16 @@ struct contiguous {
       return result;
     }
   };
+
+  /// Throws unless `count` more tokens fit after what every head holds.
+  template <class View>
+  static void check_room(std::string_view function, const View& cache, std::int64_t count) {
+    if (cache.length + count > cache.capacity)
+      detail::fail(function, "new_keys",
+                   detail::cat("at most ", cache.capacity - cache.length, " tokens (capacity ", cache.capacity,
+                               ", holding ", cache.length, ")"),
+                   detail::cat(count, " tokens"));
+  }
 
   /// Throws unless the view's sizes and storage are sane.
   template <class View>

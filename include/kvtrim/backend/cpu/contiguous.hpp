@@ -57,11 +57,7 @@ struct implementation<layout::contiguous, backend::cpu> {
   static void append(layout::contiguous::view<CodecT, host_space>& cache, const kv_view<KeyT>& new_keys,
                      const kv_view<KeyT>& new_values, backend::host_stream) {
     const std::int64_t count = new_keys.extent(2);
-    if (cache.length + count > cache.capacity)
-      detail::fail("kvtrim::scheme::append", "new_keys",
-                   detail::cat("at most ", cache.capacity - cache.length, " tokens (capacity ", cache.capacity,
-                               ", holding ", cache.length, ")"),
-                   detail::cat(count, " tokens"));
+    layout::contiguous::check_room("kvtrim::scheme::append", cache, count);
     for (std::int64_t b = 0; b < cache.batch; ++b)
       for (std::int64_t h = 0; h < cache.shape.kv_heads; ++h)
         for (std::int64_t i = 0; i < count; ++i)

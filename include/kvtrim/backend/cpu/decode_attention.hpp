@@ -5,7 +5,10 @@
 // tokens the cache holds for (b, h):
 //   s_i   = (q · k_i) / √D  + bias_i     (bias_i: the layout's logit bias, e.g.
 //                                         RazorAttention's ln(N_dropped), added
-//                                         after the scale so it counts tokens exactly)
+//                                         after the scale so it counts tokens exactly:
+//                                         exp(q·k̂/√D + ln N) = N·exp(q·k̂/√D), N copies
+//                                         of the mean token; before the scale it would
+//                                         weigh only N^{1/√D} copies)
 //   p_i   = exp(s_i − max s) / Σ exp(s − max s)
 //   out   = Σ p_i v_i
 // in fp32, two passes over the cache (the textbook form; keys are decoded

@@ -1,19 +1,18 @@
 // kvtrim/backend/cpu/select_top_k.hpp — CPU reference of the selection stage.
 //
 // Per head: order tokens by (score descending, index ascending), keep the first
-// keep_count, and list them in ascending token order. NaN scores rank below
-// every number (a NaN token is kept only when the budget needs it), so the
-// order is a strict weak ordering whatever the inputs.
+// keep_count, and list them in ascending token order. The order is
+// detail::ranks_before (core/rank.hpp): NaN scores rank below every number, so
+// a NaN token is kept only when the budget needs it.
 #pragma once
 
 #include <algorithm>
-#include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <limits>
 
 #include "kvtrim/backend/cpu.hpp"
 #include "kvtrim/core/implementation.hpp"
+#include "kvtrim/core/rank.hpp"
 #include "kvtrim/core/workspace.hpp"
 
 namespace kvtrim {
@@ -36,16 +35,8 @@ struct implementation<stage::select_top_k, backend::cpu> {
       const std::int64_t b = head / kv_heads;
       const std::int64_t h = head % kv_heads;
       const std::int64_t keep = std::clamp<std::int64_t>(keep_counts[head], 0, tokens);
-      const auto rank_key = [&](std::int32_t token) {
-        const float value = scores(b, h, token);
-        return std::isnan(value) ? -std::numeric_limits<float>::infinity() : value;
-      };
       const auto more_important = [&](std::int32_t left, std::int32_t right) {
-        const float l = rank_key(left);
-        const float r = rank_key(right);
-        if (l != r) return l > r;
-        if (std::isnan(scores(b, h, left)) != std::isnan(scores(b, h, right))) return !std::isnan(scores(b, h, left));
-        return left < right;
+        return detail::ranks_before(scores(b, h, left), left, scores(b, h, right), right);
       };
       for (std::int32_t token = 0; token < tokens; ++token) order[token] = token;
       std::partial_sort(order, order + keep, order + tokens, more_important);

@@ -1,0 +1,147 @@
+// Decode attention over a contiguous fp16 cache on the GPU (backend::cuda).
+//
+// Reports bytes of cache read per second and that rate as a fraction of a
+// device-to-device copy's bandwidth measured in the same run (bytes read +
+// written), the ceiling for a kernel that must read the whole cache once.
+// Timed with CUDA events around each launch; L2 is flushed before every
+// repetition (a 256 MiB memset) so the cache is read from HBM, as in decode.
+//
+//   bench_cuda_decode_attention --benchmark_format=json > decode.json
+// bench/compare_torch.py joins this with bench/torch_sdpa.py's timings.
+#include <kvtrim/cuda.cuh>
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <vector>
+
+namespace kt = kvtrim;
+
+namespace {
+
+void check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(status));
+    std::exit(1);
+  }
+}
+
+/// Deterministic pseudo-random fill (a hash of the index), values in [-1, 1).
+__global__ void fill_random(__half* data, std::int64_t count, std::uint32_t seed) {
+  for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < count;
+       i += std::int64_t{gridDim.x} * blockDim.x) {
+    std::uint32_t x = static_cast<std::uint32_t>(i) * 2654435761u ^ seed;
+    x ^= x >> 15, x *= 2246822519u, x ^= x >> 13, x *= 3266489917u, x ^= x >> 16;
+    data[i] = __float2half(static_cast<float>(x & 0xffff) / 32768.0f - 1.0f);
+  }
+}
+
+struct l2_flusher {
+  void* buffer = nullptr;
+  std::size_t bytes = 256u << 20;
+  l2_flusher() { check(cudaMalloc(&buffer, bytes), "cudaMalloc(flush)"); }
+  ~l2_flusher() { cudaFree(buffer); }
+  void flush(cudaStream_t stream) { check(cudaMemsetAsync(buffer, 0, bytes, stream), "cudaMemsetAsync(flush)"); }
+};
+
+double measured_copy_bandwidth = 0.0;  // bytes/s, read + write
+
+void device_copy(benchmark::State& state) {
+  const std::size_t bytes = std::size_t{1} << 30;
+  void *source = nullptr, *target = nullptr;
+  check(cudaMalloc(&source, bytes), "cudaMalloc");
+  check(cudaMalloc(&target, bytes), "cudaMalloc");
+  check(cudaMemset(source, 1, bytes), "cudaMemset");
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start), cudaEventCreate(&stop);
+  std::vector<double> seconds;
+  for (auto _ : state) {
+    cudaEventRecord(start);
+    check(cudaMemcpyAsync(target, source, bytes, cudaMemcpyDeviceToDevice), "cudaMemcpyAsync");
+    cudaEventRecord(stop);
+    cudaEventSynchronize(stop);
+    float milliseconds = 0;
+    cudaEventElapsedTime(&milliseconds, start, stop);
+    state.SetIterationTime(milliseconds / 1e3);
+    seconds.push_back(milliseconds / 1e3);
+  }
+  std::sort(seconds.begin(), seconds.end());
+  measured_copy_bandwidth = 2.0 * static_cast<double>(bytes) / seconds[seconds.size() / 2];
+  state.SetBytesProcessed(static_cast<std::int64_t>(2 * bytes) * state.iterations());
+  state.counters["copy_TBps"] = measured_copy_bandwidth / 1e12;
+  cudaFree(source), cudaFree(target);
+  cudaEventDestroy(start), cudaEventDestroy(stop);
+}
+
+void decode_attention(benchmark::State& state) {
+  using scheme = kt::scheme<kt::layout::contiguous, kt::score::static_window, kt::budget::uniform, kt::codec::fp16,
+                            kt::backend::cuda>;
+  const std::int64_t batch = state.range(0), tokens = state.range(1);
+  const kt::model_shape shape{.q_heads = state.range(2), .kv_heads = state.range(3), .head_dim = state.range(4)};
+  auto cache = scheme::make_cache(shape, batch, tokens, kt::codec::fp16::config{});
+  const std::int64_t cache_elements = batch * shape.kv_heads * tokens * shape.head_dim;
+  fill_random<<<1024, 256>>>(reinterpret_cast<__half*>(cache.view().storage.keys), cache_elements, 1);
+  fill_random<<<1024, 256>>>(reinterpret_cast<__half*>(cache.view().storage.values), cache_elements, 2);
+  cache.view().length = tokens;
+
+  const std::int64_t query_elements = batch * shape.q_heads * shape.head_dim;
+  __half *queries = nullptr, *out = nullptr;
+  check(cudaMalloc(&queries, query_elements * sizeof(__half)), "cudaMalloc");
+  check(cudaMalloc(&out, query_elements * sizeof(__half)), "cudaMalloc");
+  fill_random<<<64, 256>>>(queries, query_elements, 3);
+  const std::array<std::int64_t, 3> query_extents{batch, shape.q_heads, shape.head_dim};
+  const auto query_view = kt::make_view<kt::device_space>(reinterpret_cast<kt::half*>(queries), query_extents);
+  const auto out_view = kt::make_view<kt::device_space>(reinterpret_cast<kt::half*>(out), query_extents);
+
+  const std::size_t scratch_bytes = scheme::attend_workspace(cache.view());
+  void* scratch = nullptr;
+  check(cudaMalloc(&scratch, std::max<std::size_t>(scratch_bytes, 1)), "cudaMalloc");
+  l2_flusher flusher;
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start), cudaEventCreate(&stop);
+  scheme::attend(query_view, cache.view(), out_view, {scratch, scratch_bytes}, stream);  // warm-up
+  check(cudaStreamSynchronize(stream), "warm-up");
+  std::vector<double> seconds;
+  for (auto _ : state) {
+    flusher.flush(stream);
+    cudaEventRecord(start, stream);
+    scheme::attend(query_view, cache.view(), out_view, {scratch, scratch_bytes}, stream);
+    cudaEventRecord(stop, stream);
+    check(cudaEventSynchronize(stop), "attend");
+    float milliseconds = 0;
+    cudaEventElapsedTime(&milliseconds, start, stop);
+    state.SetIterationTime(milliseconds / 1e3);
+    seconds.push_back(milliseconds / 1e3);
+  }
+  std::sort(seconds.begin(), seconds.end());
+  const double cache_bytes = 2.0 * static_cast<double>(cache_elements) * sizeof(__half);
+  const double median = seconds[seconds.size() / 2];
+  state.SetBytesProcessed(static_cast<std::int64_t>(cache_bytes) * state.iterations());
+  state.counters["median_us"] = median * 1e6;
+  state.counters["cache_TBps"] = cache_bytes / median / 1e12;
+  if (measured_copy_bandwidth > 0) state.counters["fraction_of_copy"] = cache_bytes / median / measured_copy_bandwidth;
+  cudaFree(queries), cudaFree(out), cudaFree(scratch);
+  cudaEventDestroy(start), cudaEventDestroy(stop);
+  cudaStreamDestroy(stream);
+}
+
+}  // namespace
+
+BENCHMARK(device_copy)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
+// batch, tokens, q heads, kv heads, head dim: Llama-3-8B's attention shape.
+BENCHMARK(decode_attention)
+    ->ArgNames({"batch", "tokens", "q_heads", "kv_heads", "head_dim"})
+    ->Args({8, 4096, 32, 8, 128})
+    ->Args({8, 32768, 32, 8, 128})
+    ->Args({1, 32768, 32, 8, 128})
+    ->Args({8, 4096, 32, 32, 128})
+    ->Args({8, 4096, 64, 8, 128})
+    ->Args({8, 4097, 32, 8, 64})
+    ->UseManualTime()
+    ->Iterations(50)
+    ->Unit(benchmark::kMicrosecond);
+
+BENCHMARK_MAIN();

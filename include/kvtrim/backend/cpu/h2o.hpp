@@ -1,0 +1,42 @@
+// kvtrim/backend/cpu/h2o.hpp — CPU reference of score::h2o.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+
+#include "kvtrim/backend/cpu.hpp"
+#include "kvtrim/backend/cpu/attention_mass.hpp"
+#include "kvtrim/core/implementation.hpp"
+#include "kvtrim/core/workspace.hpp"
+#include "kvtrim/score/h2o.hpp"
+
+namespace kvtrim {
+
+template <>
+struct implementation<score::h2o, backend::cpu> {
+  static std::size_t workspace_bytes(const score::h2o::config&, const model_shape&, std::int64_t /*batch*/,
+                                     std::int64_t tokens) {
+    return static_cast<std::size_t>(detail::attention_mass_scratch_floats(tokens)) * sizeof(float);
+  }
+
+  template <class KeyT, class QueryT>
+  static void score(const score::h2o::config& cfg, const model_shape& shape, const kv_view<KeyT>& keys,
+                    const kv_view<KeyT>&, const window_view<QueryT>& queries, const score_view<>& scores,
+                    workspace scratch, backend::host_stream) {
+    const std::int64_t tokens = keys.extent(2);
+    score::h2o::check("kvtrim::score::h2o", tokens, queries.extent(2));
+    const std::int64_t recent = score::h2o::recent_tokens(cfg, tokens);
+    detail::reduce_attention_mass(keys, queries, shape, scores, cfg.group, 0, tokens,
+                                  static_cast<float*>(scratch.data), [&](float* mass) {
+                                    if (cfg.normalisation == score::h2o::normalisation::observed)
+                                      for (std::int64_t j = 0; j < tokens; ++j) mass[j] /= static_cast<float>(tokens - j);
+                                    return mass;
+                                  });
+    for (std::int64_t b = 0; b < scores.extent(0); ++b)  // the recent window is always kept
+      for (std::int64_t h = 0; h < shape.kv_heads; ++h)
+        for (std::int64_t j = tokens - recent; j < tokens; ++j) scores(b, h, j) = std::numeric_limits<float>::infinity();
+  }
+};
+
+}  // namespace kvtrim

@@ -1,0 +1,48 @@
+// kvtrim/backend/cpu/snapkv.hpp — CPU reference of score::snapkv.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+
+#include "kvtrim/backend/cpu.hpp"
+#include "kvtrim/backend/cpu/attention_mass.hpp"
+#include "kvtrim/core/implementation.hpp"
+#include "kvtrim/core/workspace.hpp"
+#include "kvtrim/score/snapkv.hpp"
+
+namespace kvtrim {
+
+template <>
+struct implementation<score::snapkv, backend::cpu> {
+  /// Logits and accumulator rows, plus the window-reduced row the pooling reads.
+  static std::size_t workspace_bytes(const score::snapkv::config&, const model_shape&, std::int64_t /*batch*/,
+                                     std::int64_t tokens) {
+    return static_cast<std::size_t>(detail::attention_mass_scratch_floats(tokens) + tokens) * sizeof(float);
+  }
+
+  template <class KeyT, class QueryT>
+  static void score(const score::snapkv::config& cfg, const model_shape& shape, const kv_view<KeyT>& keys,
+                    const kv_view<KeyT>&, const window_view<QueryT>& queries, const score_view<>& scores,
+                    workspace scratch, backend::host_stream) {
+    const std::int64_t tokens = keys.extent(2);
+    score::snapkv::check("kvtrim::score::snapkv", cfg, tokens, queries.extent(2));
+    const std::int64_t window = cfg.window;
+    const std::int64_t prefix = tokens - window;
+    auto* scratch_floats = static_cast<float*>(scratch.data);
+    float* pooled = scratch_floats + detail::attention_mass_scratch_floats(tokens);
+    detail::reduce_attention_mass(keys, queries, shape, scores, cfg.group, queries.extent(2) - window, prefix,
+                                  scratch_floats, [&](float* mass) {
+                                    if (cfg.reduction == score::window_reduction::mean)
+                                      for (std::int64_t j = 0; j < prefix; ++j) mass[j] /= static_cast<float>(window);
+                                    for (std::int64_t j = 0; j < prefix; ++j)
+                                      pooled[j] = detail::pool_at(mass, prefix, j, cfg.kernel, cfg.pooling);
+                                    return pooled;
+                                  });
+    for (std::int64_t b = 0; b < scores.extent(0); ++b)  // the window is always kept
+      for (std::int64_t h = 0; h < shape.kv_heads; ++h)
+        for (std::int64_t j = prefix; j < tokens; ++j) scores(b, h, j) = std::numeric_limits<float>::infinity();
+  }
+};
+
+}  // namespace kvtrim

@@ -1,0 +1,156 @@
+// kvtrim/backend/cuda/contiguous.cuh — layout::contiguous on the GPU: compact
+// the selected tokens into the cache, and append at decode.
+//
+// Both are one row-copy kernel: thread t moves 8 consecutive elements of one
+// key row and the matching value row (16-byte loads and stores for 16-bit
+// types), converting the engine's element type to the stored one. The number of
+// tokens per head is known on the host for this layout (uniform budgets), so
+// the grid is sized without reading device memory and nothing synchronises.
+#pragma once
+
+#include <cstdint>
+
+#include "kvtrim/backend/cuda/common.cuh"
+#include "kvtrim/codec/plain.hpp"
+#include "kvtrim/core/implementation.hpp"
+#include "kvtrim/core/selection.hpp"
+#include "kvtrim/layout/contiguous.hpp"
+
+namespace kvtrim {
+
+namespace cuda_detail {
+
+/// Where rows come from and go to. `tokens`/`offsets` null: row r reads token r.
+template <class InT, class StoreT>
+struct row_copy {
+  const InT* keys;
+  const InT* values;
+  std::int64_t in_batch_stride, in_head_stride, in_token_stride;  // elements
+  const std::int64_t* offsets;                                    // selection CSR (or null)
+  const std::int32_t* tokens;
+  StoreT* out_keys;
+  StoreT* out_values;
+  layout::contiguous::mapping map;
+  std::int64_t kv_heads;
+  std::int64_t rows_per_head;
+  std::int64_t first_row;  // destination index of row 0 (cache length for append)
+  std::int64_t head_dim;
+};
+
+template <class InT, class StoreT, bool Vectorised>
+__global__ void copy_rows(const __grid_constant__ row_copy<InT, StoreT> copy) {
+  const std::int64_t chunks_per_row = copy.head_dim / 8;
+  const std::int64_t head = blockIdx.y;  // b · kv_heads + h
+  const std::int64_t b = head / copy.kv_heads;
+  const std::int64_t h = head % copy.kv_heads;
+  for (std::int64_t flat = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x;
+       flat < copy.rows_per_head * chunks_per_row; flat += std::int64_t{gridDim.x} * blockDim.x) {
+    const std::int64_t row = flat / chunks_per_row;
+    const std::int64_t chunk = flat % chunks_per_row;
+    const std::int64_t token = copy.tokens ? copy.tokens[copy.offsets[head] + row] : row;
+    const std::int64_t in_offset =
+        b * copy.in_batch_stride + h * copy.in_head_stride + token * copy.in_token_stride + chunk * 8;
+    const std::int64_t slot =
+        b * copy.map.batch_stride + h * copy.map.head_stride + (copy.first_row + row) * copy.map.token_stride;
+    const std::int64_t out_offset = slot * copy.head_dim + chunk * 8;
+    StoreT key_out[8], value_out[8];
+    if constexpr (Vectorised) {
+      float key_in[8], value_in[8];
+      load8(copy.keys + in_offset, key_in);
+      load8(copy.values + in_offset, value_in);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) key_out[i] = from_float<StoreT>(key_in[i]), value_out[i] = from_float<StoreT>(value_in[i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        key_out[i] = from_float<StoreT>(to_float(copy.keys[in_offset + i]));
+        value_out[i] = from_float<StoreT>(to_float(copy.values[in_offset + i]));
+      }
+    }
+    if constexpr (sizeof(StoreT) == 2) {
+      *reinterpret_cast<uint4*>(copy.out_keys + out_offset) = *reinterpret_cast<const uint4*>(key_out);
+      *reinterpret_cast<uint4*>(copy.out_values + out_offset) = *reinterpret_cast<const uint4*>(value_out);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) copy.out_keys[out_offset + i] = key_out[i], copy.out_values[out_offset + i] = value_out[i];
+    }
+  }
+}
+
+/// Launches copy_rows for `rows_per_head` rows of every head.
+template <class KeyT, class CodecT>
+void launch_copy_rows(std::string_view function, layout::contiguous::view<CodecT, device_space>& cache,
+                      const kv_view<KeyT, device_space>& keys, const kv_view<KeyT, device_space>& values,
+                      const std::int64_t* offsets, const std::int32_t* tokens, std::int64_t rows_per_head,
+                      std::int64_t first_row, cudaStream_t stream) {
+  static_assert(codec::is_plain<CodecT>,
+                "kvtrim: backend::cuda stores layout::contiguous caches with codec::fp16 / bf16 / fp32 for now");
+  using in_type = device_element_t<KeyT>;
+  using store_type = device_element_t<typename CodecT::element>;
+  const std::int64_t head_dim = cache.shape.head_dim;
+  if (head_dim % 8 != 0)
+    detail::fail(function, "shape.head_dim", "a multiple of 8 on backend::cuda", std::to_string(head_dim));
+  if (keys.strides != values.strides)
+    detail::fail(function, "values", "the same strides as keys on backend::cuda", "different strides");
+  check_aligned16(function, "cache.storage.keys", cache.storage.keys);
+  check_aligned16(function, "cache.storage.values", cache.storage.values);
+  if (rows_per_head == 0) return;
+  row_copy<in_type, store_type> copy{reinterpret_cast<const in_type*>(keys.data),
+                                     reinterpret_cast<const in_type*>(values.data),
+                                     keys.stride(0),
+                                     keys.stride(1),
+                                     keys.stride(2),
+                                     offsets,
+                                     tokens,
+                                     reinterpret_cast<store_type*>(cache.storage.keys),
+                                     reinterpret_cast<store_type*>(cache.storage.values),
+                                     cache.map,
+                                     cache.shape.kv_heads,
+                                     rows_per_head,
+                                     first_row,
+                                     head_dim};
+  // 16-byte loads need 16-byte aligned rows: an aligned base and strides that keep it so.
+  const std::int64_t vector_elements = 16 / static_cast<std::int64_t>(sizeof(in_type));
+  const bool aligned = reinterpret_cast<std::uintptr_t>(keys.data) % 16 == 0 &&
+                       reinterpret_cast<std::uintptr_t>(values.data) % 16 == 0 &&
+                       keys.stride(0) % vector_elements == 0 && keys.stride(1) % vector_elements == 0 &&
+                       keys.stride(2) % vector_elements == 0;
+  const std::int64_t heads = cache.batch * cache.shape.kv_heads;
+  if (heads > 65535) detail::fail(function, "cache.batch", "batch · kv_heads ≤ 65535 on backend::cuda", std::to_string(heads));
+  const dim3 grid(static_cast<unsigned>(std::clamp<std::int64_t>(ceil_div(rows_per_head * (head_dim / 8), 256), 1, 4096)),
+                  static_cast<unsigned>(heads));
+  if (aligned)
+    copy_rows<in_type, store_type, true><<<grid, 256, 0, stream>>>(copy);
+  else
+    copy_rows<in_type, store_type, false><<<grid, 256, 0, stream>>>(copy);
+  detail::check_launch(function, "copy_rows");
+}
+
+}  // namespace cuda_detail
+
+template <>
+struct implementation<layout::contiguous, backend::cuda> {
+  template <class CodecT, class KeyT>
+  static void compact(layout::contiguous::view<CodecT, device_space>& cache, const kv_view<KeyT, device_space>& keys,
+                      const kv_view<KeyT, device_space>& values, const selection_view<device_space>& kept,
+                      std::int64_t uniform_keep, cudaStream_t stream) {
+    constexpr std::string_view function = "kvtrim::layout::contiguous::compact";
+    if (uniform_keep < 0 || uniform_keep > cache.capacity)
+      detail::fail(function, "selection", detail::cat("one keep count in [0, capacity = ", cache.capacity, "] for every head"),
+                   std::to_string(uniform_keep));
+    cuda_detail::launch_copy_rows(function, cache, keys, values, kept.offsets, kept.tokens, uniform_keep, 0, stream);
+    cache.length = uniform_keep;
+  }
+
+  template <class CodecT, class KeyT>
+  static void append(layout::contiguous::view<CodecT, device_space>& cache, const kv_view<KeyT, device_space>& new_keys,
+                     const kv_view<KeyT, device_space>& new_values, cudaStream_t stream) {
+    const std::int64_t count = new_keys.extent(2);
+    layout::contiguous::check_room("kvtrim::scheme::append", cache, count);
+    cuda_detail::launch_copy_rows("kvtrim::scheme::append", cache, new_keys, new_values, nullptr, nullptr, count,
+                                  cache.length, stream);
+    cache.length += count;
+  }
+};
+
+}  // namespace kvtrim

@@ -1,0 +1,14 @@
+// kvtrim/cuda.cuh — kvtrim with the CUDA backend. Include from a .cu file
+// (compiled by nvcc with --expt-relaxed-constexpr; CMake users link kvtrim::cuda,
+// which sets it). Everything in kvtrim/kvtrim.hpp comes along.
+#pragma once
+
+#include "kvtrim/kvtrim.hpp"
+
+#include "kvtrim/backend/cuda.hpp"
+#include "kvtrim/backend/cuda/common.cuh"
+#include "kvtrim/backend/cuda/contiguous.cuh"
+#include "kvtrim/backend/cuda/decode_attention.cuh"
+#include "kvtrim/backend/cuda/select_top_k.cuh"
+#include "kvtrim/backend/cuda/static_window.cuh"
+#include "kvtrim/backend/cuda/uniform.cuh"

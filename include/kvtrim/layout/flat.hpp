@@ -1,0 +1,174 @@
+// kvtrim/layout/flat.hpp — every head's tokens back to back in one buffer (Ada-KV).
+//
+// Ada-KV (Feng et al., "Ada-KV: Optimizing KV Cache Eviction by Adaptive
+// Budget Allocation", 2024) stores a layer's ragged heads flattened: head
+// head = b·kv_heads + h owns the region [offsets[head], offsets[head+1]) of one
+// slot buffer, so varlen attention kernels read it with cu_seqlens-style
+// offsets and no padding. Ada-KV itself packs the regions tightly and copies
+// the whole layer at every decode append; kvtrim leaves headroom instead:
+//   offsets[heads + 1]  region of each head; offsets[heads] = capacity
+//   lengths[heads]      tokens the head holds (≤ its region); token i is slot offsets[head] + i
+// (flash-attn's varlen kernels take exactly this pair as cu_seqlens_k + seqused_k).
+// compact packs the kept tokens and spreads the free slots evenly over the
+// heads (free / heads each, the remainder to the first heads) — the split that
+// lasts longest when every head appends one token per step. append (every
+// head) and append_head (one head, for engines whose heads grow unevenly) write
+// into the headroom; when a growing head's region is full the layout repacks in
+// place (pack left, then spread right, no scratch): each growing head gets the
+// slots it asked for, then the rest is split evenly again. Each repack is
+// counted in *repacks so engines that copied `offsets` know to read them again.
+// Running out of slots altogether is a kvtrim::error raised before anything changes.
+//
+// The view is a trivially copyable struct of plain pointers and sizes (all
+// mutable state lives in the cache's memory), so a CUDA backend can pass it to
+// kernels by value and keep the metadata in device memory.
+//
+// Defaults: none (the capacity is the caller's choice).
+// Backends: cpu.
+#pragma once
+
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "kvtrim/core/concepts.hpp"
+#include "kvtrim/core/config.hpp"
+#include "kvtrim/core/error.hpp"
+#include "kvtrim/core/shape.hpp"
+#include "kvtrim/core/workspace.hpp"
+#include "kvtrim/layout/detail/compensation.hpp"
+#include "kvtrim/layout/detail/storage.hpp"
+
+namespace kvtrim::layout {
+
+struct flat {
+  static constexpr std::string_view name = "layout::flat";
+  static constexpr bool ragged_heads = true;
+  /// Stores a compensation token and its logit bias per head (see detail/compensation.hpp).
+  static constexpr bool compensation_tokens = true;
+
+  /// The buffer: `slots` token slots shared by every head of the layer.
+  struct pool_size {
+    std::int64_t slots = 0;
+  };
+
+  template <Codec CodecT, MemorySpace Space>
+  struct view {
+    using codec = CodecT;
+    using space = Space;
+    using storage_type = typename CodecT::template storage<Space>;
+
+    storage_type storage{};  // capacity slots
+    model_shape shape{};
+    std::int64_t batch = 0;
+    std::int64_t capacity = 0;  // slots in the buffer
+
+    std::int64_t* offsets = nullptr;  // [heads + 1]
+    std::int64_t* lengths = nullptr;  // [heads]
+    std::int64_t* repacks = nullptr;  // [1]: repacks since bind
+    detail::compensation_table compensation{};
+
+    KVTRIM_HOST_DEVICE std::int64_t heads() const { return batch * shape.kv_heads; }
+    KVTRIM_HOST_DEVICE std::int64_t region(std::int64_t head) const { return offsets[head + 1] - offsets[head]; }
+    KVTRIM_HOST_DEVICE std::int64_t head_length(std::int64_t b, std::int64_t h) const {
+      return lengths[b * shape.kv_heads + h];
+    }
+    KVTRIM_HOST_DEVICE std::int64_t slot(std::int64_t b, std::int64_t h, std::int64_t i) const {
+      return offsets[b * shape.kv_heads + h] + i;
+    }
+    KVTRIM_HOST_DEVICE float logit_bias(std::int64_t b, std::int64_t h, std::int64_t i) const {
+      return compensation.logit_bias(b * shape.kv_heads + h, i);
+    }
+    /// Tokens held by all heads together.
+    KVTRIM_HOST_DEVICE std::int64_t tokens_held() const {
+      std::int64_t total = 0;
+      for (std::int64_t head = 0; head < heads(); ++head) total += lengths[head];
+      return total;
+    }
+    /// Headroom of `head` after the even split of `free` slots over `heads` heads.
+    KVTRIM_HOST_DEVICE static constexpr std::int64_t even_share(std::int64_t head, std::int64_t heads,
+                                                                std::int64_t free) {
+      return free / heads + (head < free % heads ? 1 : 0);
+    }
+
+    /// Bytes an owning cache of this shape allocates (token storage and metadata).
+    static std::size_t bytes(const model_shape& shape, std::int64_t batch, const pool_size& pool,
+                             const typename CodecT::config& codec_config) {
+      check_arguments("kvtrim::layout::flat::view::bytes", shape, batch, pool);
+      workspace_carver carver;
+      carve(carver, shape, batch, pool, codec_config);
+      return carver.bytes();
+    }
+
+    /// A view over `memory` (of bytes(...) bytes, 256-byte aligned). Host memory
+    /// is initialised to an empty cache; a device backend clears it with its own reset.
+    static view bind(void* memory, const model_shape& shape, std::int64_t batch, const pool_size& pool,
+                     const typename CodecT::config& codec_config) {
+      check_arguments("kvtrim::layout::flat::view::bind", shape, batch, pool);
+      workspace_carver carver(workspace{memory, ~std::size_t{0}});
+      view result = carve(carver, shape, batch, pool, codec_config);
+      if constexpr (std::same_as<Space, host_space>) {
+        result.reset();
+        *result.repacks = 0;
+      }
+      return result;
+    }
+
+    /// Empties every head and splits the whole buffer evenly (host memory).
+    void reset() const {
+      for (std::int64_t head = 0; head < heads(); ++head) lengths[head] = 0;
+      place_evenly();
+      compensation.clear(heads());
+    }
+
+    /// Sets offsets from lengths: regions in head order, each its length plus an
+    /// even share of the free slots (host memory; moves no tokens).
+    void place_evenly() const {
+      const std::int64_t free = capacity - tokens_held();
+      offsets[0] = 0;
+      for (std::int64_t head = 0; head < heads(); ++head)
+        offsets[head + 1] = offsets[head] + lengths[head] + even_share(head, heads(), free);
+    }
+
+   private:
+    static void check_arguments(std::string_view function, const model_shape& shape, std::int64_t batch,
+                                const pool_size& pool) {
+      shape.validate(function);
+      if (batch < 1) detail::fail(function, "batch", "at least one sequence", std::to_string(batch));
+      if (pool.slots < 1) detail::fail(function, "pool.slots", "at least one token slot", std::to_string(pool.slots));
+    }
+
+    static view carve(workspace_carver& carver, const model_shape& shape, std::int64_t batch, const pool_size& pool,
+                      const typename CodecT::config& codec_config) {
+      const std::int64_t heads = batch * shape.kv_heads;
+      view result;
+      result.storage = detail::carve_codec_storage<CodecT, Space>(carver, codec_config, pool.slots, heads, shape.head_dim);
+      result.shape = shape;
+      result.batch = batch;
+      result.capacity = pool.slots;
+      result.offsets = carver.take<std::int64_t>(heads + 1);
+      result.lengths = carver.take<std::int64_t>(heads);
+      result.repacks = carver.take<std::int64_t>(1);
+      result.compensation = detail::compensation_table::carve(carver, heads);
+      return result;
+    }
+  };
+
+  /// Throws unless the view's sizes, metadata pointers and storage are sane.
+  template <class View>
+  static void check(std::string_view function, const View& cache) {
+    cache.shape.validate(function);
+    if (cache.batch < 1) detail::fail(function, "cache.batch", "at least one sequence", std::to_string(cache.batch));
+    if (cache.capacity < 1)
+      detail::fail(function, "cache.capacity", "at least one token slot", std::to_string(cache.capacity));
+    if (cache.offsets == nullptr || cache.lengths == nullptr || cache.repacks == nullptr ||
+        cache.compensation.index == nullptr || cache.compensation.bias == nullptr)
+      detail::fail(function, "cache", "non-null offsets, lengths and compensation table (a bound view)",
+                   "a null metadata pointer");
+    View::codec::check_storage(function, cache.storage, cache.shape.head_dim);
+  }
+};
+
+}  // namespace kvtrim::layout
