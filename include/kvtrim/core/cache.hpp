@@ -19,8 +19,11 @@ class cache {
   using backend = typename Scheme::backend;
 
   /// Arguments are those of the layout's view::bytes / view::bind (for
-  /// layout::contiguous: shape, batch, capacity, codec config).
+  /// layout::contiguous: shape, batch, capacity, codec config). bytes() checks
+  /// them, so nothing is allocated for a bad shape. (The constraint keeps this
+  /// template from posing as a copy constructor for a non-const cache.)
   template <class... Args>
+    requires requires(const Args&... args) { view_type::bytes(args...); }
   explicit cache(const Args&... args) : bytes_(view_type::bytes(args...)), memory_(backend::allocate(bytes_)) {
     view_ = view_type::bind(memory_, args...);
   }
@@ -28,13 +31,17 @@ class cache {
   cache(const cache&) = delete;
   cache& operator=(const cache&) = delete;
   cache(cache&& other) noexcept
-      : bytes_(std::exchange(other.bytes_, 0)), memory_(std::exchange(other.memory_, nullptr)), view_(other.view_) {}
+      : bytes_(std::exchange(other.bytes_, 0)),
+        memory_(std::exchange(other.memory_, nullptr)),
+        view_(std::exchange(other.view_, view_type{})) {}
   cache& operator=(cache&& other) noexcept {
     if (this != &other) {
       release();
       bytes_ = std::exchange(other.bytes_, 0);
       memory_ = std::exchange(other.memory_, nullptr);
-      view_ = other.view_;
+      // The moved-from cache keeps an empty view (capacity 0), which every
+      // call rejects, instead of one that still writes into our memory.
+      view_ = std::exchange(other.view_, view_type{});
     }
     return *this;
   }

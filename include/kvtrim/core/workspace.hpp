@@ -47,12 +47,20 @@ class workspace_carver {
   std::size_t used_ = 0;
 };
 
+/// Alignment a workspace's base pointer must have. The carver aligns pieces
+/// relative to the base, so the base must suit every piece's type (what
+/// malloc/new/cudaMalloc all return).
+inline constexpr std::size_t workspace_base_alignment = alignof(std::max_align_t);
+
 namespace detail {
-/// Throws unless the caller's workspace holds `needed` bytes.
+/// Throws unless the caller's workspace holds `needed` bytes at a usable alignment.
 inline void check_workspace(std::string_view function, const workspace& given, std::size_t needed) {
   if (needed > 0 && given.data == nullptr)
     fail(function, "workspace", cat("a buffer of ", needed, " bytes (ask the matching *_workspace function)"),
          "nullptr");
+  if (needed > 0 && reinterpret_cast<std::uintptr_t>(given.data) % workspace_base_alignment != 0)
+    fail(function, "workspace", cat("a pointer aligned to ", workspace_base_alignment, " bytes"),
+         cat(given.data, " (misaligned)"));
   if (given.bytes < needed)
     fail(function, "workspace", cat("at least ", needed, " bytes"), cat(given.bytes, " bytes"));
 }

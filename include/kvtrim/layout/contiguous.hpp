@@ -17,6 +17,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <string_view>
 
 #include "kvtrim/core/concepts.hpp"
@@ -67,8 +68,14 @@ struct contiguous {
     KVTRIM_HOST_DEVICE std::int64_t head_length(std::int64_t /*b*/, std::int64_t /*h*/) const { return length; }
 
     /// Bytes an owning cache of this shape allocates.
+    /// Throws kvtrim::error for a shape, batch or capacity no cache can have.
     static std::size_t bytes(const model_shape& shape, std::int64_t batch, std::int64_t capacity,
                              const typename CodecT::config& codec_config) {
+      constexpr std::string_view function = "kvtrim::layout::contiguous::view::bytes";
+      shape.validate(function);
+      if (batch < 1) detail::fail(function, "batch", "at least one sequence", std::to_string(batch));
+      if (capacity < 1) detail::fail(function, "capacity", "at least one slot per head", std::to_string(capacity));
+      codec_config.validate(function);
       return CodecT::storage_bytes(codec_config, batch * shape.kv_heads * capacity, batch * shape.kv_heads,
                                    shape.head_dim);
     }
@@ -106,6 +113,10 @@ struct contiguous {
     if (cache.length < 0 || cache.length > cache.capacity)
       detail::fail(function, "cache.length", detail::cat("a length in [0, capacity = ", cache.capacity, "]"),
                    std::to_string(cache.length));
+    if (cache.map.batch_stride < 0 || cache.map.head_stride < 0 || cache.map.token_stride < 0)
+      detail::fail(function, "cache.map", "non-negative slot strides",
+                   detail::cat("{", cache.map.batch_stride, ", ", cache.map.head_stride, ", ", cache.map.token_stride,
+                               "}"));
     View::codec::check_storage(function, cache.storage, cache.shape.head_dim);
   }
 };
