@@ -6,7 +6,7 @@
 //
 // Math: encode x ↦ round_T(x) (round to nearest even), decode exact.
 // Defaults: none (no knobs).
-// Backends: cpu (all three), cuda (fp16, bf16).
+// Backends: cpu (all three), cuda (all three; fp16/bf16 with tensor cores for GQA groups of 4 and 8).
 #pragma once
 
 #include <cstddef>
