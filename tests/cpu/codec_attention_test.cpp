@@ -1,5 +1,5 @@
-// Decode attention through every codec × layout::contiguous against the
-// double-precision oracle.
+// Decode attention through every codec × layout (contiguous, paged, flat)
+// against the double-precision oracle.
 //
 // Each case compresses an 80-token prefill to 4 sinks + 36 recent tokens,
 // appends 1 and then 5 tokens, and attends with 8 query heads over 2 kv heads
@@ -36,9 +36,22 @@ constexpr kt::model_shape shape{.q_heads = 8, .kv_heads = 2, .head_dim = 64};
 constexpr std::int64_t batch = 2, prefill = 80, keep = 40, sinks = 4, capacity = 64, appended = 6;
 constexpr double fp32_tolerance = 1e-4;
 
-template <class Codec>
-using scheme_for =
-    kt::scheme<kt::layout::contiguous, kt::score::static_window, kt::budget::uniform, Codec, kt::backend::cpu>;
+template <class Codec, class Layout>
+using scheme_for = kt::scheme<Layout, kt::score::static_window, kt::budget::uniform, Codec, kt::backend::cpu>;
+
+/// A cache of `capacity` tokens per head in each layout. Pages of 32 tokens: a
+/// KIVI key group (32 by default) must not straddle two pages.
+template <class Scheme>
+auto make_cache_for(const typename Scheme::codec::config& codec_config) {
+  using layout = typename Scheme::layout;
+  const std::int64_t heads = batch * shape.kv_heads;
+  if constexpr (std::is_same_v<layout, kt::layout::paged>)
+    return Scheme::make_cache(shape, batch, kt::layout::paged::pool_size{heads * (capacity / 32), 32}, codec_config);
+  else if constexpr (std::is_same_v<layout, kt::layout::flat>)
+    return Scheme::make_cache(shape, batch, kt::layout::flat::pool_size{heads * capacity}, codec_config);
+  else
+    return Scheme::make_cache(shape, batch, capacity, codec_config);
+}
 
 kt::kv_view<const float> tokens(const host_tensor<float, 4>& x, std::int64_t begin, std::int64_t count) {
   kt::kv_view<const float> view = x.cview();
@@ -71,16 +84,16 @@ std::vector<std::int64_t> kept_tokens_list() {
 /// Runs the pipeline with `Codec` and measures both errors. `prepare(storage)`
 /// runs on the fresh cache (profile bases); `pre_rope` is the RoPE the codec
 /// applies.
-template <class Codec, class Prepare>
+template <class Codec, class Layout, class Prepare>
 attention_errors run_attention(const typename Codec::config& codec_config, const kt::rope* pre_rope,
                                Prepare&& prepare) {
-  using scheme = scheme_for<Codec>;
+  using scheme = scheme_for<Codec, Layout>;
   const inputs in;
   typename scheme::config cfg;
   cfg.budget.keep = kt::keep_tokens{keep};
   cfg.score.sinks = sinks;
   cfg.codec = codec_config;
-  auto cache = scheme::make_cache(shape, batch, capacity, codec_config);
+  auto cache = make_cache_for<scheme>(codec_config);
   prepare(cache.view().storage);
   std::vector<std::byte> scratch(scheme::compress_workspace(shape, batch, prefill, cfg));
   scheme::compress(tokens(in.keys, 0, prefill), tokens(in.values, 0, prefill), cache.view(), cfg,
@@ -89,7 +102,9 @@ attention_errors run_attention(const typename Codec::config& codec_config, const
   scheme::append(cache.view(), tokens(in.keys, prefill + 1, appended - 1),
                  tokens(in.values, prefill + 1, appended - 1));
   const std::vector<std::int64_t> kept = kept_tokens_list();
-  EXPECT_EQ(cache.view().length, static_cast<std::int64_t>(kept.size()));
+  for (std::int64_t b = 0; b < batch; ++b)
+    for (std::int64_t h = 0; h < shape.kv_heads; ++h)
+      EXPECT_EQ(cache.view().head_length(b, h), static_cast<std::int64_t>(kept.size()));
 
   auto out = make_tensor<float, 3>({batch, shape.q_heads, shape.head_dim});
   scheme::attend(in.queries.cview(), cache.view(), out.view, {});
@@ -152,9 +167,9 @@ attention_errors run_attention(const typename Codec::config& codec_config, const
   return errors;
 }
 
-template <class Codec>
+template <class Codec, class Layout>
 attention_errors run_attention(const typename Codec::config& codec_config, const kt::rope* pre_rope = nullptr) {
-  return run_attention<Codec>(codec_config, pre_rope, [](const auto&) {});
+  return run_attention<Codec, Layout>(codec_config, pre_rope, [](const auto&) {});
 }
 
 void expect_faithful(const attention_errors& errors, double exact_limit) {
@@ -167,73 +182,84 @@ void expect_faithful(const attention_errors& errors, double exact_limit) {
   EXPECT_LE(errors.to_exact, exact_limit);
 }
 
+template <class Layout>
+class CodecAttention : public ::testing::Test {};
+using all_layouts = ::testing::Types<kt::layout::contiguous, kt::layout::paged, kt::layout::flat>;
+struct layout_names {
+  template <class Layout>
+  static std::string GetName(int) {
+    return std::string(Layout::name.substr(Layout::name.find("::") + 2));
+  }
+};
+TYPED_TEST_SUITE(CodecAttention, all_layouts, layout_names);
+
 }  // namespace
 
 // Exact-oracle limits below are the measured errors rounded up about 2×: they
 // catch a codec that got worse; the bound check above is the principled one.
-TEST(CodecAttention, Fp16) { expect_faithful(run_attention<kt::codec::fp16>({}), 5e-3); }
+TYPED_TEST(CodecAttention, Fp16) { expect_faithful(run_attention<kt::codec::fp16, TypeParam>({}), 5e-3); }
 
-TEST(CodecAttention, Int8KiviKeyGroups) { expect_faithful(run_attention<kt::codec::int8>({}), 0.08); }
+TYPED_TEST(CodecAttention, Int8KiviKeyGroups) { expect_faithful(run_attention<kt::codec::int8, TypeParam>({}), 0.08); }
 
-TEST(CodecAttention, Int8PerTokenAsymmetric) {
-  expect_faithful(run_attention<kt::codec::int8>({.keys = kt::codec::key_scaling::per_token, .asymmetric = true}),
+TYPED_TEST(CodecAttention, Int8PerTokenAsymmetric) {
+  expect_faithful(run_attention<kt::codec::int8, TypeParam>({.keys = kt::codec::key_scaling::per_token, .asymmetric = true}),
                   0.08);
 }
 
-TEST(CodecAttention, Int4AsymmetricGroupsOf16) {
-  expect_faithful(run_attention<kt::codec::int4>({.key_group = 16, .asymmetric = true}), 0.8);
+TYPED_TEST(CodecAttention, Int4AsymmetricGroupsOf16) {
+  expect_faithful(run_attention<kt::codec::int4, TypeParam>({.key_group = 16, .asymmetric = true}), 0.8);
 }
 
-TEST(CodecAttention, Fp8HeadScales) { expect_faithful(run_attention<kt::codec::fp8>({}), 0.7); }
+TYPED_TEST(CodecAttention, Fp8HeadScales) { expect_faithful(run_attention<kt::codec::fp8, TypeParam>({}), 0.7); }
 
-TEST(CodecAttention, Fp8FixedScale) {
-  expect_faithful(run_attention<kt::codec::fp8>({.scales = kt::codec::fp8_scaling::fixed}), 0.7);
+TYPED_TEST(CodecAttention, Fp8FixedScale) {
+  expect_faithful(run_attention<kt::codec::fp8, TypeParam>({.scales = kt::codec::fp8_scaling::fixed}), 0.7);
 }
 
-TEST(CodecAttention, LowRankPostRopeByEnergy) {
-  expect_faithful(run_attention<kt::codec::low_rank>({.energy = 0.999, .max_rank = 32}), 0.25);
+TYPED_TEST(CodecAttention, LowRankPostRopeByEnergy) {
+  expect_faithful(run_attention<kt::codec::low_rank, TypeParam>({.energy = 0.999, .max_rank = 32}), 0.25);
 }
 
-TEST(CodecAttention, LowRankFixedRankWithRefresh) {
+TYPED_TEST(CodecAttention, LowRankFixedRankWithRefresh) {
   // update_freq 2: the 6 appended tokens trigger three refreshes.
-  expect_faithful(run_attention<kt::codec::low_rank>({.rank = 16, .update_freq = 2}), 0.25);
+  expect_faithful(run_attention<kt::codec::low_rank, TypeParam>({.rank = 16, .update_freq = 2}), 0.25);
 }
 
-TEST(CodecAttention, LowRankPreRope) {
+TYPED_TEST(CodecAttention, LowRankPreRope) {
   const kt::rope rope{.theta = 10000.0, .rotary_dim = 0, .pairs = kt::rope::pairing::half_split};
-  const attention_errors errors = run_attention<kt::codec::low_rank>(
+  const attention_errors errors = run_attention<kt::codec::low_rank, TypeParam>(
       {.energy = 0.999, .max_rank = 32, .keys = kt::codec::key_space::pre_rope, .rope = rope}, &rope);
   expect_faithful(errors, 0.25);
 }
 
-TEST(CodecAttention, LowRankPreRopeInterleavedPartial) {
+TYPED_TEST(CodecAttention, LowRankPreRopeInterleavedPartial) {
   const kt::rope rope{.theta = 500000.0, .rotary_dim = 32, .pairs = kt::rope::pairing::interleaved};
   const attention_errors errors =
-      run_attention<kt::codec::low_rank>({.rank = 16, .keys = kt::codec::key_space::pre_rope, .rope = rope}, &rope);
+      run_attention<kt::codec::low_rank, TypeParam>({.rank = 16, .keys = kt::codec::key_space::pre_rope, .rope = rope}, &rope);
   expect_faithful(errors, 0.25);
 }
 
-TEST(CodecAttention, LowRankCalibratedProfile) {
+TYPED_TEST(CodecAttention, LowRankCalibratedProfile) {
   const kt::codec::low_rank::config cfg{.rank = 16, .source = kt::codec::basis_source::profile};
   const inputs in;
   auto profile = kt::io::low_rank_profile::empty(1, shape.kv_heads, shape.head_dim);
   profile.calibrate_layer(0, tokens(in.keys, 0, prefill), tokens(in.values, 0, prefill), cfg);
-  const attention_errors errors = run_attention<kt::codec::low_rank>(
+  const attention_errors errors = run_attention<kt::codec::low_rank, TypeParam>(
       cfg, nullptr, [&](const auto& storage) { kt::io::load_profile(storage, profile, 0, batch); });
   expect_faithful(errors, 0.25);
 }
 
-TEST(CodecAttention, LayeredInt8) {
-  expect_faithful(run_attention<kt::codec::layered<kt::codec::int8>>({.recent = 8, .sinks = 4}), 0.08);
+TYPED_TEST(CodecAttention, LayeredInt8) {
+  expect_faithful(run_attention<kt::codec::layered<kt::codec::int8>, TypeParam>({.recent = 8, .sinks = 4}), 0.08);
 }
 
-TEST(CodecAttention, LayeredLowRankPreRope) {
+TYPED_TEST(CodecAttention, LayeredLowRankPreRope) {
   const kt::rope rope{};
   const kt::codec::layered<kt::codec::low_rank>::config cfg{
       .inner = {.rank = 16, .keys = kt::codec::key_space::pre_rope, .rope = rope}, .recent = 8, .sinks = 4};
-  expect_faithful(run_attention<kt::codec::layered<kt::codec::low_rank>>(cfg, &rope), 0.2);
+  expect_faithful(run_attention<kt::codec::layered<kt::codec::low_rank>, TypeParam>(cfg, &rope), 0.2);
 }
 
-TEST(CodecAttention, LayeredFp8) {
-  expect_faithful(run_attention<kt::codec::layered<kt::codec::fp8>>({.recent = 16, .sinks = 4}), 0.6);
+TYPED_TEST(CodecAttention, LayeredFp8) {
+  expect_faithful(run_attention<kt::codec::layered<kt::codec::fp8>, TypeParam>({.recent = 16, .sinks = 4}), 0.6);
 }

@@ -25,7 +25,7 @@ struct cpu {
   using stream_type = host_stream;
 
   static constexpr std::size_t alignment = 256;
-  static void* allocate(std::size_t bytes) { return ::operator new(bytes > 0 ? bytes : 1, std::align_val_t{alignment}); }
+  static void* allocate(std::size_t bytes) { return ::operator new(bytes, std::align_val_t{alignment}); }
   static void deallocate(void* pointer) { ::operator delete(pointer, std::align_val_t{alignment}); }
 };
 

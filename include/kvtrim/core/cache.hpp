@@ -9,6 +9,8 @@
 #include <cstddef>
 #include <utility>
 
+#include "kvtrim/core/error.hpp"
+
 namespace kvtrim {
 
 template <class Scheme>
@@ -24,7 +26,7 @@ class cache {
   /// template from posing as a copy constructor for a non-const cache.)
   template <class... Args>
     requires requires(const Args&... args) { view_type::bytes(args...); }
-  explicit cache(const Args&... args) : bytes_(view_type::bytes(args...)), memory_(backend::allocate(bytes_)) {
+  explicit cache(const Args&... args) : bytes_(nonzero(view_type::bytes(args...))), memory_(backend::allocate(bytes_)) {
     view_ = view_type::bind(memory_, args...);
   }
 
@@ -59,6 +61,13 @@ class cache {
   void release() {
     if (memory_ != nullptr) backend::deallocate(memory_);
     memory_ = nullptr;
+  }
+
+  /// Every layout needs some memory; a zero here is a layout bug, and saying so
+  /// also keeps the compiler from reasoning about a 1-byte allocation path.
+  static std::size_t nonzero(std::size_t bytes) {
+    if (bytes == 0) detail::fail_call("kvtrim::cache", "view_type::bytes", "a layout asked for 0 bytes");
+    return bytes;
   }
 
   std::size_t bytes_ = 0;
