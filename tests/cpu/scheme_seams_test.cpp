@@ -240,3 +240,40 @@ TYPED_TEST(RaggedSeams, CompressAgainForgetsCompensationTokens) {
 }
 
 }  // namespace
+
+namespace {
+
+/// A compress that does not fit fails before touching the cache: what the previous
+/// compress stored is still there and still attends the same (engines may retry with
+/// a smaller budget without losing the layer).
+TYPED_TEST(RaggedSeams, FailedCompressKeepsThePreviousCache) {
+  using scheme = seam_scheme<TypeParam, score::static_window, budget::per_head>;
+  const model_shape shape{.q_heads = 4, .kv_heads = 2, .head_dim = 8};
+  const std::int64_t batch = 2, tokens = 40;
+  const auto keys = random_tensor<float, 4>({batch, 2, tokens, 8}, 51);
+  const auto values = random_tensor<float, 4>({batch, 2, tokens, 8}, 52);
+  typename scheme::config cfg{.budget = {.lengths = {4, 8}, .kv_heads = 2, .layer = 0}};
+  typename TypeParam::pool_size pool{};  // room for 2·(4 + 8) = 24 tokens and a little more
+  if constexpr (std::is_same_v<TypeParam, layout::paged>)
+    pool = {8, 4};  // 2·(1 + 2) = 6 pages of 4 needed
+  else
+    pool = {30};
+  auto cache = scheme::make_cache(shape, batch, pool, codec::fp32::config{});
+  std::vector<std::byte> scratch(scheme::compress_workspace(shape, batch, tokens, cfg));
+  scheme::compress(keys.cview(), values.cview(), cache.view(), cfg, workspace{scratch.data(), scratch.size()});
+  const auto queries = random_tensor<float, 3>({batch, 4, 8}, 53);
+  auto before = make_tensor<float, 3>({batch, 4, 8});
+  scheme::attend(queries.cview(), cache.view(), before.view, workspace{});
+
+  cfg.budget.lengths = {10, 20};  // paged: 2·(3 + 5) = 16 pages > 8; flat: 60 slots > 30
+  std::vector<std::byte> bigger(scheme::compress_workspace(shape, batch, tokens, cfg));
+  EXPECT_THROW(scheme::compress(keys.cview(), values.cview(), cache.view(), cfg, workspace{bigger.data(), bigger.size()}),
+               kvtrim::error);
+  EXPECT_EQ(cache.view().head_length(1, 0), 4);
+  EXPECT_EQ(cache.view().head_length(1, 1), 8);
+  auto after = make_tensor<float, 3>({batch, 4, 8});
+  scheme::attend(queries.cview(), cache.view(), after.view, workspace{});
+  EXPECT_EQ(after.storage, before.storage);
+}
+
+}  // namespace
