@@ -8,9 +8,9 @@
 // A scorer case: `scorer`, `label`, `config(shape)`, `queries(T)` (how many prefill
 // queries compress needs), `oracle(cfg, shape, keys, queries)` (scores from the
 // paper's math, +∞ = protected). A scorer that sets the keep counts itself also
-// has `kept(cfg, shape, b, h, T)` (its kept set by definition, in cache order,
-// with logit biases; compensation tokens are token T of the inputs extended by
-// `extended_inputs`). A budget case: `budget`, `label`, `config(shape)`,
+// has `kept(cfg, h, T, placeholder)` (its kept set by definition, in cache order,
+// with logit biases; a compensation token is token T of the inputs extended by
+// `extended_inputs`, or the placeholder S that the selection stage keeps). A budget case: `budget`, `label`, `config(shape)`,
 // `oracle(cfg, scores, table)` (kept sets by brute force) and `total(cfg, table)`
 // (tokens a sequence keeps over all its heads, exactly).
 #pragma once
