@@ -1,20 +1,20 @@
 // examples/adaptive_budget.cpp — uniform vs Ada-KV budgets on the same SnapKV scores.
 //
-// A layer with 8 kv heads whose attention ranges from sharp (a few tokens carry
-// the mass) to diffuse. Both budgets keep the same total (k tokens per head on
-// average); uniform gives every head k, Ada-KV moves tokens to where the scores
-// are. The program prints each head's kept length and the decode-attention error
-// of each choice against the full cache.
-//
-// Uniform runs the whole scheme on layout::contiguous. Ada-KV gives heads
-// different lengths, which layout::contiguous cannot hold: until layout::flat /
-// layout::paged are available it runs the same stages the scheme runs (scorer →
-// budget → select_top_k, through kvtrim::implementation) and attends over the
-// selection here. With a ragged layout it becomes one line:
-//   scheme<layout::flat, score::snapkv, budget::adaptive, codec::fp32, backend::cpu>.
+// A layer with 8 kv heads whose attention ranges from diffuse (head 0) to sharp
+// (head 7: a few tokens carry the mass). Both budgets keep the same total, k tokens
+// per head on average: uniform gives every head k, Ada-KV moves tokens to where
+// the scores are. Two real schemes, compress then decode attention:
+//   uniform: scheme<layout::contiguous, score::snapkv, budget::uniform,  codec::fp16, backend::cpu>
+//   Ada-KV:  scheme<layout::flat,       score::snapkv, budget::adaptive, codec::fp16, backend::cpu>
+// (layout::contiguous gives every head one length, so Ada-KV's ragged heads live in
+// layout::flat: all heads back to back, offsets per head). The program prints each
+// head's kept length and its decode-attention error against the uncompressed cache
+// (the same scheme keeping every token), and the bytes each cache holds.
 #include <kvtrim/kvtrim.hpp>
 
+#include <array>
 #include <cmath>
+#include <cstddef>
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -58,24 +58,6 @@ void make_layer(tensor4& keys, tensor4& values, tensor4& window_queries, std::ve
   }
 }
 
-/// Decode attention (fp32) of query head j over `kept` tokens of its kv head.
-std::vector<float> attend(const std::vector<float>& query, const tensor4& keys, const tensor4& values, std::int64_t j,
-                          const std::int32_t* kept, std::int64_t count) {
-  const std::int64_t h = j / (q_heads / kv_heads);
-  std::vector<float> logits(count), out(head_dim, 0.0f);
-  float top = -INFINITY, sum = 0.0f;
-  for (std::int64_t i = 0; i < count; ++i) {
-    float dot = 0.0f;
-    for (std::int64_t d = 0; d < head_dim; ++d) dot += query[j * head_dim + d] * keys.data[(h * tokens + kept[i]) * head_dim + d];
-    logits[i] = dot / std::sqrt(static_cast<float>(head_dim));
-    top = std::fmax(top, logits[i]);
-  }
-  for (std::int64_t i = 0; i < count; ++i) sum += (logits[i] = std::exp(logits[i] - top));
-  for (std::int64_t i = 0; i < count; ++i)
-    for (std::int64_t d = 0; d < head_dim; ++d) out[d] += logits[i] / sum * values.data[(h * tokens + kept[i]) * head_dim + d];
-  return out;
-}
-
 /// ‖got − want‖₂ (Ada-KV bounds the eviction loss of the attention output, not a
 /// relative error: a diffuse head's output is near zero, so relative errors explode).
 double output_error(const std::vector<float>& got, const std::vector<float>& want) {
@@ -84,76 +66,97 @@ double output_error(const std::vector<float>& got, const std::vector<float>& wan
   return std::sqrt(difference);
 }
 
+struct layer_inputs {
+  tensor4 keys, values, window_queries;
+  std::vector<float> decode_queries;
+};
+
+/// What one scheme kept and computed.
+struct run_result {
+  std::vector<float> out;            // [q_heads · head_dim] decode attention
+  std::vector<std::int64_t> kept;    // tokens per kv head
+  double bytes_held = 0.0;           // codec bytes of the kept tokens
+  std::size_t bytes_allocated = 0;   // what the owning cache allocated
+};
+
+/// compress → attend with `Scheme`, its cache built from `room` (a capacity or a pool).
+template <class Scheme, class Room>
+run_result run(layer_inputs& in, const typename Scheme::config& cfg, const Room& room) {
+  const kt::model_shape shape{q_heads, kv_heads, head_dim};
+  auto cache = Scheme::make_cache(shape, batch, room, kt::codec::fp16::config{});
+  std::vector<std::byte> scratch(Scheme::compress_workspace(shape, batch, tokens, cfg));
+  Scheme::compress(in.keys.view(), in.values.view(), in.window_queries.view(), cache.view(), cfg,
+                   kt::workspace{scratch.data(), scratch.size()});
+  run_result result;
+  result.out.resize(in.decode_queries.size());
+  std::vector<std::byte> attend_scratch(Scheme::attend_workspace(cache.view()));
+  Scheme::attend(kt::make_view(in.decode_queries.data(), std::array<std::int64_t, 3>{batch, q_heads, head_dim}),
+                 cache.view(), kt::make_view(result.out.data(), std::array<std::int64_t, 3>{batch, q_heads, head_dim}),
+                 kt::workspace{attend_scratch.data(), attend_scratch.size()});
+  for (std::int64_t h = 0; h < kv_heads; ++h) result.kept.push_back(cache.view().head_length(0, h));
+  for (auto count : result.kept)
+    result.bytes_held += static_cast<double>(count) * kt::codec::fp16::bytes_per_token({}, head_dim);
+  result.bytes_allocated = cache.bytes();
+  return result;
+}
+
 }  // namespace
 
 int main() {
-  const kt::model_shape shape{q_heads, kv_heads, head_dim};
-  tensor4 keys{std::vector<float>(batch * kv_heads * tokens * head_dim), {batch, kv_heads, tokens, head_dim}};
-  tensor4 values{keys.data, keys.extents};
-  tensor4 window_queries{std::vector<float>(batch * q_heads * window * head_dim), {batch, q_heads, window, head_dim}};
-  std::vector<float> decode_queries(batch * q_heads * head_dim);
-  make_layer(keys, values, window_queries, decode_queries);
+  layer_inputs in;
+  in.keys = {std::vector<float>(batch * kv_heads * tokens * head_dim), {batch, kv_heads, tokens, head_dim}};
+  in.values = in.keys;
+  in.window_queries = {std::vector<float>(batch * q_heads * window * head_dim), {batch, q_heads, window, head_dim}};
+  in.decode_queries.assign(batch * q_heads * head_dim, 0.0f);
+  make_layer(in.keys, in.values, in.window_queries, in.decode_queries);
 
-  // ---- full cache and uniform budget: the scheme on a contiguous layout --------------
-  const auto run_uniform = [&](kt::keep_amount keep) {
-    using scheme = kt::scheme<kt::layout::contiguous, kt::score::snapkv, kt::budget::uniform, kt::codec::fp32,
-                              kt::backend::cpu>;
-    scheme::config cfg{.score = {.window = window}, .budget = {.keep = keep}};
-    auto cache = scheme::make_cache(shape, batch, tokens, kt::codec::fp32::config{});
-    std::vector<std::byte> scratch(scheme::compress_workspace(shape, batch, tokens, cfg));
-    scheme::compress(keys.view(), values.view(), window_queries.view(), cache.view(), cfg,
-                     kt::workspace{scratch.data(), scratch.size()});
-    std::vector<float> out(decode_queries.size());
-    scheme::attend(kt::make_view(decode_queries.data(), std::array<std::int64_t, 3>{batch, q_heads, head_dim}), cache.view(),
-                   kt::make_view(out.data(), std::array<std::int64_t, 3>{batch, q_heads, head_dim}), kt::workspace{});
-    return out;
-  };
-  const std::vector<float> full = run_uniform(kt::keep_ratio{1.0});
-  const std::vector<float> uniform = run_uniform(kt::keep_tokens{keep_per_head});
+  using uniform_scheme = kt::scheme<kt::layout::contiguous, kt::score::snapkv, kt::budget::uniform, kt::codec::fp16,
+                                    kt::backend::cpu>;
+  using adaptive_scheme = kt::scheme<kt::layout::flat, kt::score::snapkv, kt::budget::adaptive, kt::codec::fp16,
+                                     kt::backend::cpu>;
+  const kt::score::snapkv::config snapkv{.window = window};
+  // The reference: the same scheme keeping every token (only fp16 storage, no eviction).
+  const run_result full = run<uniform_scheme>(in, {.score = snapkv, .budget = {.keep = kt::keep_ratio{1.0}}}, tokens);
+  const run_result uniform =
+      run<uniform_scheme>(in, {.score = snapkv, .budget = {.keep = kt::keep_tokens{keep_per_head}}}, keep_per_head);
+  // The flat buffer holds exactly the layer's budget: H·k slots, however Ada-KV splits them.
+  const run_result adaptive = run<adaptive_scheme>(
+      in, {.score = snapkv, .budget = {.keep = kt::keep_tokens{keep_per_head}, .alpha = 0.2}},
+      kt::layout::flat::pool_size{kv_heads * keep_per_head});
 
-  // ---- Ada-KV: the scheme's stages, then attention over the selection ---------------
-  using scorer = kt::implementation<kt::score::snapkv, kt::backend::cpu>;
-  using budget = kt::implementation<kt::budget::adaptive, kt::backend::cpu>;
-  using select = kt::implementation<kt::stage::select_top_k, kt::backend::cpu>;
-  const kt::score::snapkv::config score_cfg{.window = window};
-  const kt::budget::adaptive::config budget_cfg{.keep = kt::keep_tokens{keep_per_head}, .alpha = 0.2};
-  std::vector<float> scores(batch * kv_heads * tokens);
-  const auto score_view = kt::make_view(scores.data(), std::array<std::int64_t, 3>{batch, kv_heads, tokens});
-  std::vector<std::byte> score_scratch(scorer::workspace_bytes(score_cfg, shape, batch, tokens));
-  std::vector<std::byte> budget_scratch(budget::workspace_bytes(budget_cfg, shape, batch, tokens));
-  const auto keys_in = kt::tensor_view<const float, 4>(keys.view());
-  const auto queries_in = kt::tensor_view<const float, 4>(window_queries.view());
-  scorer::score(score_cfg, shape, keys_in, keys_in, queries_in, score_view,
-                kt::workspace{score_scratch.data(), score_scratch.size()}, {});
-  std::vector<std::int32_t> counts(batch * kv_heads), kept(batch * kv_heads * tokens), order(tokens);
-  std::vector<std::int64_t> offsets(batch * kv_heads + 1);
-  budget::keep_counts(budget_cfg, score_view, counts.data(), kt::workspace{budget_scratch.data(), budget_scratch.size()}, {});
-  select::select(score_view, counts.data(), offsets.data(), kept.data(),
-                 kt::workspace{order.data(), order.size() * sizeof(std::int32_t)}, {});
-
-  std::printf("%lld tokens, %lld kv heads (%lld query heads), head_dim %lld; SnapKV window %lld; budget %lld tokens "
-              "per head on average\n\n",
+  std::printf("%lld tokens, %lld kv heads (%lld query heads), head_dim %lld, fp16 storage; SnapKV window %lld; "
+              "budget %lld tokens per head on average (Ada-KV: alpha 0.2)\n\n",
               static_cast<long long>(tokens), static_cast<long long>(kv_heads), static_cast<long long>(q_heads),
               static_cast<long long>(head_dim), static_cast<long long>(window), static_cast<long long>(keep_per_head));
-  std::printf("kv head  sharpness  uniform: kept  ‖Δout‖₂   Ada-KV: kept  ‖Δout‖₂\n");
+  std::printf("kv head  sharpness  uniform: kept  |dout|_2   Ada-KV: kept  |dout|_2\n");
   const std::int64_t group = q_heads / kv_heads;
   double uniform_total = 0.0, adaptive_total = 0.0;
+  const auto group_rows = [&](const std::vector<float>& out, std::int64_t h) {
+    return std::vector<float>(out.begin() + h * group * head_dim, out.begin() + (h + 1) * group * head_dim);
+  };
   for (std::int64_t h = 0; h < kv_heads; ++h) {
-    std::vector<float> want, got_uniform, got_adaptive;
-    for (std::int64_t j = h * group; j < (h + 1) * group; ++j) {
-      want.insert(want.end(), full.begin() + j * head_dim, full.begin() + (j + 1) * head_dim);
-      got_uniform.insert(got_uniform.end(), uniform.begin() + j * head_dim, uniform.begin() + (j + 1) * head_dim);
-      const auto out = attend(decode_queries, keys, values, j, kept.data() + offsets[h], offsets[h + 1] - offsets[h]);
-      got_adaptive.insert(got_adaptive.end(), out.begin(), out.end());
-    }
-    const double e_uniform = output_error(got_uniform, want), e_adaptive = output_error(got_adaptive, want);
+    const auto want = group_rows(full.out, h);
+    const double e_uniform = output_error(group_rows(uniform.out, h), want);
+    const double e_adaptive = output_error(group_rows(adaptive.out, h), want);
     uniform_total += e_uniform * e_uniform;
     adaptive_total += e_adaptive * e_adaptive;
-    std::printf("%7lld  %9.2f  %13lld  %8.4f   %12d  %8.4f\n", static_cast<long long>(h), 0.05 + 0.35 * static_cast<double>(h),
-                static_cast<long long>(keep_per_head), e_uniform, counts[h], e_adaptive);
+    std::printf("%7lld  %9.2f  %13lld  %8.4f   %12lld  %8.4f\n", static_cast<long long>(h),
+                0.05 + 0.35 * static_cast<double>(h), static_cast<long long>(uniform.kept[h]), e_uniform,
+                static_cast<long long>(adaptive.kept[h]), e_adaptive);
   }
-  std::printf("\nlayer output error ‖Δout‖₂ over all heads: uniform %.4f, Ada-KV %.4f (both keep %lld tokens)\n",
-              std::sqrt(uniform_total), std::sqrt(adaptive_total),
-              static_cast<long long>(offsets[kv_heads]));
+  std::int64_t uniform_tokens = 0, adaptive_tokens = 0;
+  for (std::int64_t h = 0; h < kv_heads; ++h) {
+    uniform_tokens += uniform.kept[h];
+    adaptive_tokens += adaptive.kept[h];
+  }
+  std::printf("\nlayer output error |dout|_2 over all heads: uniform %.4f, Ada-KV %.4f\n", std::sqrt(uniform_total),
+              std::sqrt(adaptive_total));
+  std::printf("tokens kept: uniform %lld, Ada-KV %lld (of %lld)\n", static_cast<long long>(uniform_tokens),
+              static_cast<long long>(adaptive_tokens), static_cast<long long>(kv_heads * tokens));
+  std::printf("bytes of kept tokens: uniform %.0f, Ada-KV %.0f (full cache %.0f); allocated: uniform %zu "
+              "(contiguous, capacity %lld per head), Ada-KV %zu (flat, %lld slots + offsets)\n",
+              uniform.bytes_held, adaptive.bytes_held, full.bytes_held, uniform.bytes_allocated,
+              static_cast<long long>(keep_per_head), adaptive.bytes_allocated,
+              static_cast<long long>(kv_heads * keep_per_head));
   return 0;
 }

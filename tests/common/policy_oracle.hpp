@@ -15,6 +15,8 @@
 #include <numeric>
 #include <vector>
 
+#include "common/oracle.hpp"  // kept_tokens
+
 namespace kvtrim::testing {
 
 using score_table = std::vector<double>;                   // [B, H, T]
@@ -179,9 +181,15 @@ inline std::int64_t protected_count(const score_table& scores, const table_shape
   return count;
 }
 
-/// Ada-KV by brute force: each head's guaranteed prefix (paper: protected + ⌊α(k − P_h)⌋;
-/// kvpress: ⌊α·k⌋), then ALL other (head, token) pairs sorted by (score desc, head, token)
-/// and the first H·k − Σ guaranteed taken.
+/// Ada-KV's guaranteed tokens of a head with P protected tokens and per-head budget k:
+/// paper form max(1, P + ⌊α(k − P)⌋), kvpress form ⌊α·k⌋.
+inline std::int64_t adaptive_floor(std::int64_t k, double alpha, bool kvpress_form, std::int64_t p) {
+  if (kvpress_form) return static_cast<std::int64_t>(std::floor(alpha * static_cast<double>(k)));
+  return std::max<std::int64_t>(1, p + static_cast<std::int64_t>(std::floor(alpha * static_cast<double>(k - p))));
+}
+
+/// Ada-KV by brute force: each head's guaranteed prefix (adaptive_floor), then ALL other
+/// (head, token) pairs sorted by (score desc, head, token) and the first H·k − Σ guaranteed taken.
 inline kept_sets adaptive_sets(const score_table& scores, const table_shape& s, std::int64_t k, double alpha,
                                bool kvpress_form) {
   kept_sets kept(static_cast<std::size_t>(s.batch * s.heads));
@@ -192,9 +200,7 @@ inline kept_sets adaptive_sets(const score_table& scores, const table_shape& s, 
     for (std::int64_t h = 0; h < s.heads; ++h) {
       const auto order = rank_order(scores, s, b, h);
       const std::int64_t p = protected_count(scores, s, b, h);
-      const std::int64_t guaranteed =
-          kvpress_form ? static_cast<std::int64_t>(std::floor(alpha * static_cast<double>(k)))
-                       : std::max<std::int64_t>(1, p + static_cast<std::int64_t>(std::floor(alpha * static_cast<double>(k - p))));
+      const std::int64_t guaranteed = adaptive_floor(k, alpha, kvpress_form, p);
       guaranteed_total += guaranteed;
       auto& set = kept[static_cast<std::size_t>(b * s.heads + h)];
       for (std::int64_t i = 0; i < s.tokens; ++i) {
@@ -252,7 +258,9 @@ selection_result run_selection(const typename ScorerT::config& score_cfg, const 
     scorer_impl::score(score_cfg, shape, k, v, q, view, backend::host_stream{});
   const tensor_view<const float, 3> scores_in{view.data, view.extents, view.strides};
   std::vector<std::int32_t> counts(static_cast<std::size_t>(batch * heads));
-  if constexpr (detail::needs_scratch<budget_impl, typename BudgetT::config>)
+  if constexpr (detail::scorer_sets_keep_counts<ScorerT>)
+    scorer_impl::keep_counts(score_cfg, shape, scores_in, counts.data(), backend::host_stream{});
+  else if constexpr (detail::needs_scratch<budget_impl, typename BudgetT::config>)
     budget_impl::keep_counts(budget_cfg, scores_in, counts.data(), budget_scratch, backend::host_stream{});
   else
     budget_impl::keep_counts(budget_cfg, scores_in, counts.data(), backend::host_stream{});
@@ -269,6 +277,31 @@ selection_result run_selection(const typename ScorerT::config& score_cfg, const 
                              tokens_kept.begin() + offsets[static_cast<std::size_t>(head + 1)]);
   }
   return result;
+}
+
+/// RazorAttention's kept set of kv head h by the paper's definition (score::retrieval_head):
+/// a retrieval head, or one that would drop fewer than two tokens, keeps all T; any other
+/// keeps the S sinks, the compensation token (when on) and the recent W = max(W_min, ⌊ρT⌋).
+/// The compensation token is token T of inputs extended by with_mean_token (token_sets.hpp),
+/// with logit bias ln N_d, N_d = T − S − W. `placeholder` names it S instead (the selection
+/// stage keeps token S, which compress then overwrites).
+inline kept_tokens retrieval_head_kept(const score::retrieval_head::config& cfg, std::int64_t tokens, std::int64_t h,
+                                       bool placeholder = false) {
+  kept_tokens set;
+  const std::int64_t window = std::max(cfg.min_recent, static_cast<std::int64_t>(std::floor(cfg.recent_fraction *
+                                                                                             static_cast<double>(tokens))));
+  const std::int64_t dropped = tokens - cfg.sinks - window;
+  if (cfg.retrieval[static_cast<std::size_t>(h)] || dropped < 2) {
+    for (std::int64_t t = 0; t < tokens; ++t) set.tokens.push_back(t);
+    set.bias.assign(set.tokens.size(), 0.0);
+    return set;
+  }
+  for (std::int64_t t = 0; t < cfg.sinks; ++t) set.tokens.push_back(t);
+  if (cfg.compensation) set.tokens.push_back(placeholder ? cfg.sinks : tokens);
+  for (std::int64_t t = tokens - window; t < tokens; ++t) set.tokens.push_back(t);
+  set.bias.assign(set.tokens.size(), 0.0);
+  if (cfg.compensation) set.bias[static_cast<std::size_t>(cfg.sinks)] = std::log(static_cast<double>(dropped));
+  return set;
 }
 
 /// Largest |kvtrim − oracle| over finite oracle scores, relative to the largest |oracle|;

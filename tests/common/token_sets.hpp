@@ -24,6 +24,22 @@ host_tensor<T, 4> concat_tokens(const tensor_view<const T, 4>& a, const tensor_v
   return out;
 }
 
+/// [B, H, T + 1, D]: the input followed by one token per head holding the mean of its
+/// tokens [first, first + count) — RazorAttention's compensation token, summed in double
+/// and rounded once, as score::retrieval_head computes it.
+inline host_tensor<float, 4> with_mean_token(const tensor_view<const float, 4>& input, std::int64_t first,
+                                             std::int64_t count) {
+  auto mean = make_tensor<float, 4>({input.extent(0), input.extent(1), 1, input.extent(3)});
+  for (std::int64_t b = 0; b < input.extent(0); ++b)
+    for (std::int64_t h = 0; h < input.extent(1); ++h)
+      for (std::int64_t d = 0; d < input.extent(3); ++d) {
+        double sum = 0.0;
+        for (std::int64_t t = first; t < first + count; ++t) sum += static_cast<double>(input(b, h, t, d));
+        mean.view(b, h, 0, d) = static_cast<float>(sum / static_cast<double>(count));
+      }
+  return concat_tokens(input, mean.cview());
+}
+
 /// The tokens static_window keeps out of `tokens` with `keep` slots and `sinks` sinks.
 inline std::vector<std::int64_t> sinks_and_recent(std::int64_t tokens, std::int64_t keep, std::int64_t sinks) {
   std::vector<std::int64_t> kept;

@@ -1,13 +1,20 @@
 // io::profile: save/load round trips, and every malformed or mismatched file
-// is a kvtrim::error that names the offending JSON path.
+// is a kvtrim::error that names the offending JSON path; a loaded profile's
+// budgets and windows become budget::per_head / score::static_window configs.
 #include <gtest/gtest.h>
 
 #include <kvtrim/io/profile.hpp>
+#include <kvtrim/kvtrim.hpp>
 
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <vector>
+
+#include "common/oracle.hpp"
+#include "common/tensors.hpp"
+#include "common/token_sets.hpp"
 
 namespace kt = kvtrim;
 using nlohmann::json;
@@ -181,4 +188,99 @@ TEST(Profile, RazorCalibrationFillsTheProfile) {
   ASSERT_TRUE(data.razor.has_value());
   scores.layers = 3;
   EXPECT_THROW(data.set_retrieval_heads(scores, {}, {}), kt::error);
+}
+
+// ---- profile → policy configs ---------------------------------------------------------
+
+TEST(Profile, PerHeadBudgetAndWindowsComeFromTheLoadedProfile) {
+  const auto path = temp_path("configs");
+  kt::io::save_profile(sample_profile(), path);
+  const auto loaded = kt::io::load_profile(path, sample_profile().model);
+  std::filesystem::remove(path);
+  const kt::model_shape shape = loaded.model.shape;
+
+  const auto budget = loaded.per_head_budget(shape, 1);
+  EXPECT_EQ(budget.lengths, (std::vector<std::int64_t>{1, 2, 3, 4}));
+  EXPECT_EQ(budget.kv_heads, 4);
+  EXPECT_EQ(budget.layer, 0);  // a one-layer table
+  EXPECT_NO_THROW(budget.validate("test"));
+
+  const auto window = loaded.static_window_config(shape, 1, 2);
+  EXPECT_EQ(window.sinks, 2);
+  EXPECT_EQ(window.windows, (std::vector<std::int64_t>{4096, 512, 128, 100000}));
+  EXPECT_EQ(loaded.window_budget(shape, 1, 2).lengths, (std::vector<std::int64_t>{4098, 514, 130, 100002}));
+  EXPECT_EQ(loaded.static_window_config(shape, 1).sinks, 4);  // StreamingLLM's default
+}
+
+TEST(Profile, ConfigsForAnotherShapeOrAMissingLayerAreErrors) {
+  const auto data = sample_profile();
+  const kt::model_shape shape = data.model.shape;
+  const auto expect_error = [](auto&& call, const std::string& field, const std::string& detail) {
+    try {
+      call();
+      ADD_FAILURE() << "accepted; expected an error about " << field;
+    } catch (const kt::error& failure) {
+      const std::string message = failure.what();
+      EXPECT_NE(message.find(field), std::string::npos) << message;
+      EXPECT_NE(message.find(detail), std::string::npos) << message;
+    }
+  };
+  expect_error([&] { (void)data.per_head_budget(shape, 0); }, "layers[0].budgets", "none in this profile");
+  expect_error([&] { (void)data.static_window_config(shape, 0); }, "layers[0].windows", "none in this profile");
+  expect_error([&] { (void)data.per_head_budget(shape, 2); }, "'layer'", "[0, 2)");
+  expect_error([&] { (void)data.window_budget(shape, -1); }, "'layer'", "-1");
+  expect_error([&] { (void)data.per_head_budget({.q_heads = 8, .kv_heads = 2, .head_dim = 64}, 1); },
+               "model.kv_heads", "2 (the model's)");
+  expect_error([&] { (void)data.static_window_config({.q_heads = 16, .kv_heads = 4, .head_dim = 64}, 1); },
+               "model.q_heads", "8 (the profile's)");
+  expect_error([&] { (void)data.per_head_budget({.q_heads = 8, .kv_heads = 4, .head_dim = 128}, 1); },
+               "model.head_dim", "64");
+  auto bad = data;  // built in memory, never validated by a load
+  bad.layers[1].budgets = {1, 2, 3};
+  expect_error([&] { (void)bad.per_head_budget(shape, 1); }, "layers[1].budgets", "4 entries");
+  bad.layers[1].budgets = {1, 2, 3, 4};
+  expect_error([&] { (void)bad.static_window_config(shape, 1, -1); }, "config.score.sinks", "-1");
+}
+
+TEST(Profile, AlibiWindowsThroughAProfileKeepSinksAndWindowPerHead) {
+  // ALiBi windows L_h = ⌈c / m⌉ with c = 1 for slopes 2^-1 … 2^-8 over 8 query heads:
+  // 2, 4, …, 256; a kv head takes its pair's longer window: {4, 16, 64, 256}.
+  const kt::model_shape shape{.q_heads = 8, .kv_heads = 4, .head_dim = 8};
+  auto data = kt::io::profile::for_model({.layers = 1, .shape = shape, .encoding = kt::io::positions::alibi});
+  data.layers[0].windows = kt::score::static_window::alibi_windows(8, 4, 1.0);
+  ASSERT_EQ(data.layers[0].windows, (std::vector<std::int64_t>{4, 16, 64, 256}));
+  const auto path = temp_path("alibi");
+  kt::io::save_profile(data, path);
+  const auto loaded = kt::io::load_profile(path, data.model);
+  std::filesystem::remove(path);
+
+  using scheme = kt::scheme<kt::layout::paged, kt::score::static_window, kt::budget::per_head, kt::codec::fp32,
+                            kt::backend::cpu>;
+  const std::int64_t batch = 2, tokens = 300, sinks = 4;
+  const scheme::config cfg{.score = loaded.static_window_config(shape, 0, sinks),
+                           .budget = loaded.window_budget(shape, 0, sinks)};
+  const auto keys = kt::testing::random_tensor<float, 4>({batch, 4, tokens, 8}, 71);
+  const auto values = kt::testing::random_tensor<float, 4>({batch, 4, tokens, 8}, 72);
+  auto cache = scheme::make_cache(shape, batch, kt::layout::paged::pool_size{batch * 4 * 19}, kt::codec::fp32::config{});
+  std::vector<std::byte> scratch(scheme::compress_workspace(shape, batch, tokens, cfg));
+  scheme::compress(keys.cview(), values.cview(), cache.view(), cfg, kt::workspace{scratch.data(), scratch.size()});
+  const auto kept = [&](std::int64_t, std::int64_t h) {
+    const std::int64_t window = loaded.layers[0].windows[static_cast<std::size_t>(h)];
+    return kt::testing::kept_tokens{kt::testing::sinks_and_recent(tokens, sinks + window, sinks), {}};
+  };
+  for (std::int64_t b = 0; b < batch; ++b)
+    for (std::int64_t h = 0; h < 4; ++h) {
+      const auto set = kept(b, h).tokens;
+      ASSERT_EQ(cache.view().head_length(b, h), static_cast<std::int64_t>(set.size()));
+      for (std::size_t i = 0; i < set.size(); ++i)
+        EXPECT_EQ(kt::testing::stored_key(cache.view(), b, h, static_cast<std::int64_t>(i)),
+                  kt::testing::input_row(keys.cview(), b, h, set[i]));
+    }
+  const auto queries = kt::testing::random_tensor<float, 3>({batch, 8, 8}, 73);
+  auto out = kt::testing::make_tensor<float, 3>({batch, 8, 8});
+  scheme::attend(queries.cview(), cache.view(), out.view, kt::workspace{});
+  // fp32 attention over ≤ 260 tokens: ≲ (T + D)·2^-24·max|v| ≈ 1e-4 worst case; 1e-4.
+  EXPECT_LT(kt::testing::max_abs_error(out.view, kt::testing::oracle_attention(queries.cview(), keys.cview(),
+                                                                               values.cview(), 4, kept)),
+            1e-4);
 }

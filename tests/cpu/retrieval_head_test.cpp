@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common/oracle.hpp"
+#include "common/policy_oracle.hpp"
 #include "common/tensors.hpp"
 #include "common/token_sets.hpp"
 
@@ -266,37 +267,9 @@ struct razor_problem {
   }();
 };
 
-/// Keys/values with one more token per head: token T holds the mean of the dropped [S, T − W).
-kt::testing::host_tensor<float, 4> with_mean_token(const kt::tensor_view<const float, 4>& input, std::int64_t first,
-                                                   std::int64_t dropped) {
-  auto mean = kt::testing::make_tensor<float, 4>({input.extent(0), input.extent(1), 1, input.extent(3)});
-  for (std::int64_t b = 0; b < input.extent(0); ++b)
-    for (std::int64_t h = 0; h < input.extent(1); ++h)
-      for (std::int64_t d = 0; d < input.extent(3); ++d) {
-        double sum = 0.0;
-        for (std::int64_t t = first; t < first + dropped; ++t) sum += static_cast<double>(input(b, h, t, d));
-        mean.view(b, h, 0, d) = static_cast<float>(sum / static_cast<double>(dropped));
-      }
-  return kt::testing::concat_tokens(input, mean.cview());
-}
+using kt::testing::with_mean_token;
 
-/// RazorAttention's kept set by its definition, the compensation token being token `tokens` of the augmented inputs.
-kt::testing::kept_tokens razor_kept(const razor::config& cfg, std::int64_t tokens, std::int64_t h) {
-  kt::testing::kept_tokens set;
-  const std::int64_t window = razor::recent_window(cfg, tokens);
-  const std::int64_t dropped = tokens - cfg.sinks - window;
-  if (cfg.retrieval[static_cast<std::size_t>(h)] || dropped < 2) {
-    for (std::int64_t t = 0; t < tokens; ++t) set.tokens.push_back(t);
-    set.bias.assign(set.tokens.size(), 0.0);
-    return set;
-  }
-  for (std::int64_t t = 0; t < cfg.sinks; ++t) set.tokens.push_back(t);
-  if (cfg.compensation) set.tokens.push_back(tokens);
-  for (std::int64_t t = tokens - window; t < tokens; ++t) set.tokens.push_back(t);
-  set.bias.assign(set.tokens.size(), 0.0);
-  if (cfg.compensation) set.bias[static_cast<std::size_t>(cfg.sinks)] = std::log(static_cast<double>(dropped));
-  return set;
-}
+using kt::testing::retrieval_head_kept;
 
 template <class Layout>
 struct razor_run {
@@ -338,7 +311,7 @@ TYPED_TEST(RetrievalHeadCompression, CompressThenAttendMatchesOracle) {
   const auto keys = with_mean_token(run.keys.cview(), 4, dropped);
   const auto values = with_mean_token(run.values.cview(), 4, dropped);
   EXPECT_LT(run.attend_error(keys.cview(), values.cview(),
-                             [&](std::int64_t, std::int64_t h) { return razor_kept(run.p.cfg, run.p.tokens, h); }),
+                             [&](std::int64_t, std::int64_t h) { return retrieval_head_kept(run.p.cfg, run.p.tokens, h); }),
             tolerance);
 }
 
@@ -426,7 +399,7 @@ TYPED_TEST(RetrievalHeadCompression, CompressesOnlyWhenTwoOrMoreTokensWouldBeDro
     const auto keys = with_mean_token(run.keys.cview(), 4, 2);
     const auto values = with_mean_token(run.values.cview(), 4, 2);
     EXPECT_LT(run.attend_error(keys.cview(), values.cview(),
-                               [&](std::int64_t, std::int64_t h) { return razor_kept(run.p.cfg, tokens, h); }),
+                               [&](std::int64_t, std::int64_t h) { return retrieval_head_kept(run.p.cfg, tokens, h); }),
               tolerance)
         << "T = " << tokens;
   }
@@ -441,7 +414,7 @@ TYPED_TEST(RetrievalHeadCompression, WithoutCompensationKeepsSinksAndRecent) {
   EXPECT_EQ(run.cache.view().head_length(1, 2), 34);
   EXPECT_EQ(run.cache.view().compensation.index[5], -1);
   EXPECT_LT(run.attend_error(run.keys.cview(), run.values.cview(),
-                             [&](std::int64_t, std::int64_t h) { return razor_kept(problem.cfg, 60, h); }),
+                             [&](std::int64_t, std::int64_t h) { return retrieval_head_kept(problem.cfg, 60, h); }),
             tolerance);
 }
 
@@ -463,7 +436,7 @@ TYPED_TEST(RetrievalHeadCompression, AppendAfterCompressKeepsCompensationAndOrde
   const auto keys = kt::testing::concat_tokens(with_mean_keys.cview(), new_keys.cview());
   const auto values = kt::testing::concat_tokens(with_mean_values.cview(), new_values.cview());
   const auto kept = [&](std::int64_t, std::int64_t h) {
-    auto set = razor_kept(run.p.cfg, 60, h);
+    auto set = retrieval_head_kept(run.p.cfg, 60, h);
     for (std::int64_t t = 61; t < 68; ++t) {
       set.tokens.push_back(t);
       set.bias.push_back(0.0);

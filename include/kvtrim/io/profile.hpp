@@ -5,7 +5,8 @@
 // dimension, RoPE or ALiBi) and, per layer, per kv head: RazorAttention's
 // retrieval-head flags (with the echo / induction scores they came from),
 // static windows (e.g. ALiBi-derived), fixed budgets (budget::per_head), and
-// references to low-rank bases stored elsewhere. The file format is described
+// references to low-rank bases stored elsewhere. retrieval_config, per_head_budget,
+// static_window_config and window_budget turn a layer's entry into policy configs. The file format is described
 // in docs/profiles.md; in short:
 //
 //   { "format": "kvtrim.profile", "version": 1,
@@ -37,9 +38,11 @@
 #include <string_view>
 #include <vector>
 
+#include "kvtrim/budget/per_head.hpp"
 #include "kvtrim/core/error.hpp"
 #include "kvtrim/core/shape.hpp"
 #include "kvtrim/score/retrieval_head.hpp"
+#include "kvtrim/score/static_window.hpp"
 
 namespace kvtrim::io {
 
@@ -142,6 +145,37 @@ struct profile {
     return cfg;
   }
 
+  /// budget::per_head's config for `layer` of a model of `shape` (the engine's): the
+  /// layer's calibrated budgets (`layers[layer].budgets`) as a one-layer table
+  /// (config.layer = 0), so layers calibrated without budgets elsewhere do not matter.
+  /// Throws when the profile is for other heads, the layer does not exist, or it has no budgets.
+  budget::per_head::config per_head_budget(const model_shape& shape, std::int64_t layer) const {
+    constexpr std::string_view function = "kvtrim::io::profile::per_head_budget";
+    const layer_profile& entry = checked_layer(function, shape, layer);
+    require(function, layer, "budgets", entry.budgets.size(), "one budget per kv head (budget::per_head)");
+    return {.lengths = entry.budgets, .kv_heads = shape.kv_heads, .layer = 0};
+  }
+
+  /// score::static_window's config for `layer`: `sinks` sinks and the layer's calibrated
+  /// per-head windows (`layers[layer].windows`, e.g. ALiBi-derived). Same errors as per_head_budget.
+  score::static_window::config static_window_config(const model_shape& shape, std::int64_t layer,
+                                                    std::int64_t sinks = 4) const {
+    constexpr std::string_view function = "kvtrim::io::profile::static_window_config";
+    const layer_profile& entry = checked_layer(function, shape, layer);
+    require(function, layer, "windows", entry.windows.size(), "one window per kv head (score::static_window)");
+    score::static_window::config cfg{.sinks = sinks, .windows = entry.windows};
+    cfg.validate(function);
+    return cfg;
+  }
+
+  /// The budget that goes with static_window_config: head h keeps exactly its
+  /// sinks + windows[h] tokens (score::static_window::per_head_lengths), as a one-layer table.
+  budget::per_head::config window_budget(const model_shape& shape, std::int64_t layer, std::int64_t sinks = 4) const {
+    return {.lengths = score::static_window::per_head_lengths(static_window_config(shape, layer, sinks)),
+            .kv_heads = shape.kv_heads,
+            .layer = 0};
+  }
+
   /// Throws unless the profile is consistent (array lengths, values in range).
   void validate(std::string_view function) const {
     model.validate(function);
@@ -177,6 +211,27 @@ struct profile {
   }
 
   friend bool operator==(const profile&, const profile&) = default;
+
+ private:
+  /// The (validated) entry of `layer`, for a model whose heads are `shape`.
+  const layer_profile& checked_layer(std::string_view function, const model_shape& shape, std::int64_t layer) const {
+    validate(function);
+    const auto compare = [&](std::string_view field, std::int64_t want, std::int64_t got) {
+      if (want != got)
+        detail::fail(function, field, detail::cat(want, " (the model's)"), detail::cat(got, " (the profile's)"));
+    };
+    compare("model.q_heads", shape.q_heads, model.shape.q_heads);
+    compare("model.kv_heads", shape.kv_heads, model.shape.kv_heads);
+    compare("model.head_dim", shape.head_dim, model.shape.head_dim);
+    if (layer < 0 || layer >= model.layers)
+      detail::fail(function, "layer", detail::cat("a layer in [0, ", model.layers, ")"), std::to_string(layer));
+    return layers[static_cast<std::size_t>(layer)];
+  }
+  /// Throws when layers[layer].<field> is empty (validate already checked any other length).
+  static void require(std::string_view function, std::int64_t layer, std::string_view field, std::size_t size,
+                      std::string_view expected) {
+    if (size == 0) detail::fail(function, detail::cat("layers[", layer, "].", field), expected, "none in this profile");
+  }
 };
 
 }  // namespace kvtrim::io
