@@ -51,6 +51,8 @@ struct decode_geometry {
   static constexpr int token_groups = decode_warps * tokens_per_warp;
   static constexpr int tile_tokens = token_groups * decode_unroll;  // 32 KB of K+V per tile for 16-bit types
   static constexpr int tile_elements = tile_tokens * HeadDim;
+  static constexpr int chunk_elements = 16 / static_cast<int>(sizeof(StoreT));  // one cp.async moves 16 bytes
+  static constexpr int chunks_per_row = HeadDim / chunk_elements;
   /// Tiles in flight: 3 for 16-bit storage (96 KB: two blocks per SM), 2 for fp32.
   static constexpr int stages = sizeof(StoreT) == 2 ? 3 : 2;
   static constexpr std::size_t pipeline_bytes = std::size_t{stages} * 2 * tile_elements * sizeof(StoreT);
@@ -81,75 +83,6 @@ struct decode_params {
   int splits;
   std::int64_t tokens_per_split;
   float query_scale;  // log2(e) / √head_dim
-};
-
-/// The tokens [begin, end) one (split, kv head, sequence) block attends over,
-/// streamed as tiles of `TileTokens` K and V rows through `Stages` shared-memory
-/// stages with cp.async (rows padded to `RowStride` elements). Both decode
-/// kernels use it the same way:
-///   stream.prologue();  for each tile: stream.wait_for(tile) … use … __syncthreads();
-///   stream.drain();
-template <int HeadDim, int RowStride, int TileTokens, int Stages, int Threads, class StoreT, class View>
-struct kv_tile_stream {
-  static constexpr int tile_elements = TileTokens * RowStride;
-  static constexpr int chunk_elements = 16 / static_cast<int>(sizeof(StoreT));  // one cp.async moves 16 bytes
-  static constexpr int chunks_per_row = HeadDim / chunk_elements;
-
-  StoreT* tiles;  // [Stages][keys, values][TileTokens][RowStride]
-  const View& cache;
-  std::int64_t b, h, begin, end;
-  int tile_count;
-
-  __device__ kv_tile_stream(unsigned char* shared_memory, const View& view, std::int64_t tokens_per_split)
-      : tiles(reinterpret_cast<StoreT*>(shared_memory)), cache(view), b(blockIdx.z), h(blockIdx.y) {
-    begin = blockIdx.x * tokens_per_split;
-    end = std::min<std::int64_t>(cache.head_length(b, h), begin + tokens_per_split);
-    tile_count = end > begin ? static_cast<int>((end - begin + TileTokens - 1) / TileTokens) : 0;
-  }
-
-  __device__ const StoreT* keys_of(int tile) const { return tiles + (tile % Stages) * 2 * tile_elements; }
-  __device__ const StoreT* values_of(int tile) const { return keys_of(tile) + tile_elements; }
-  __device__ std::int64_t first_token(int tile) const { return begin + std::int64_t{tile} * TileTokens; }
-
-  /// Every thread moves TileTokens · chunks_per_row / Threads chunks of K and of V;
-  /// rows past `end` are zero-filled.
-  __device__ void issue(int tile) const {
-    StoreT* key_tile = tiles + (tile % Stages) * 2 * tile_elements;
-    StoreT* value_tile = key_tile + tile_elements;
-    const auto* keys = reinterpret_cast<const StoreT*>(cache.storage.keys);
-    const auto* values = reinterpret_cast<const StoreT*>(cache.storage.values);
-    for (int chunk = threadIdx.x; chunk < TileTokens * chunks_per_row; chunk += Threads) {
-      const int row = chunk / chunks_per_row;
-      const int column = (chunk % chunks_per_row) * chunk_elements;
-      const std::int64_t token = first_token(tile) + row;
-      const bool valid = token < end;
-      const std::int64_t source = valid ? cache.slot(b, h, token) * HeadDim + column : 0;
-      copy_async16(key_tile + row * RowStride + column, keys + source, valid ? 16 : 0);
-      copy_async16(value_tile + row * RowStride + column, values + source, valid ? 16 : 0);
-    }
-  }
-
-  __device__ void prologue() const {
-#pragma unroll
-    for (int tile = 0; tile < Stages - 1; ++tile) {
-      if (tile < tile_count) issue(tile);
-      copy_async_commit();  // empty groups keep the group count uniform
-    }
-  }
-
-  /// Refills the stage freed by the previous tile, then waits until `tile` has landed.
-  __device__ void wait_for(int tile) const {
-    if (tile + Stages - 1 < tile_count) issue(tile + Stages - 1);
-    copy_async_commit();
-    copy_async_wait<Stages - 1>();
-    __syncthreads();
-  }
-
-  /// After the last tile: no copy in flight, shared memory free for reuse.
-  __device__ void drain() const {
-    copy_async_wait<0>();
-    __syncthreads();
-  }
 };
 
 /// Combines the block's partial softmax states (max, sum, unnormalised output
@@ -202,15 +135,46 @@ __global__ void __launch_bounds__(decode_threads)
   constexpr float negative_infinity = -std::numeric_limits<float>::infinity();
 
   extern __shared__ __align__(16) unsigned char shared_memory[];
+  auto* tiles = reinterpret_cast<StoreT*>(shared_memory);  // [stages][keys, values][tile_tokens][HeadDim]
+
   const View& cache = params.cache;
-  const kv_tile_stream<HeadDim, HeadDim, tile_tokens, stages, decode_threads, StoreT, View> stream(
-      shared_memory, cache, params.tokens_per_split);
-  const std::int64_t b = stream.b, h = stream.h;
+  const int split = blockIdx.x;
+  const std::int64_t h = blockIdx.y;
+  const std::int64_t b = blockIdx.z;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int token_group = warp * geometry::tokens_per_warp + lane / lanes_per_token;
   const int first_dim = (lane % lanes_per_token) * 8;
-  stream.prologue();
+
+  const std::int64_t length = cache.head_length(b, h);
+  const std::int64_t begin = split * params.tokens_per_split;
+  const std::int64_t end = std::min<std::int64_t>(length, begin + params.tokens_per_split);
+  const int tile_count = end > begin ? static_cast<int>((end - begin + tile_tokens - 1) / tile_tokens) : 0;
+
+  const auto* keys = reinterpret_cast<const StoreT*>(cache.storage.keys);
+  const auto* values = reinterpret_cast<const StoreT*>(cache.storage.values);
+
+  // Every thread moves tile_tokens · chunks_per_row / decode_threads 16-byte chunks of K and of V.
+  const auto issue_tile = [&](int tile) {
+    StoreT* key_tile = tiles + (tile % stages) * 2 * geometry::tile_elements;
+    StoreT* value_tile = key_tile + geometry::tile_elements;
+    const std::int64_t first_token = begin + std::int64_t{tile} * tile_tokens;
+    for (int chunk = threadIdx.x; chunk < tile_tokens * geometry::chunks_per_row; chunk += decode_threads) {
+      const int row = chunk / geometry::chunks_per_row;
+      const int column = (chunk % geometry::chunks_per_row) * geometry::chunk_elements;
+      const std::int64_t token = first_token + row;
+      const bool valid = token < end;
+      const std::int64_t source = valid ? cache.slot(b, h, token) * HeadDim + column : 0;
+      copy_async16(key_tile + row * HeadDim + column, keys + source, valid ? 16 : 0);
+      copy_async16(value_tile + row * HeadDim + column, values + source, valid ? 16 : 0);
+    }
+  };
+
+#pragma unroll
+  for (int tile = 0; tile < stages - 1; ++tile) {
+    if (tile < tile_count) issue_tile(tile);
+    copy_async_commit();  // empty groups keep the group count uniform
+  }
 
   float query[Group][8];
 #pragma unroll
@@ -229,12 +193,15 @@ __global__ void __launch_bounds__(decode_threads)
     for (int i = 0; i < 8; ++i) accumulator[g][i] = 0.0f;
   }
 
-  for (int tile = 0; tile < stream.tile_count; ++tile) {
-    stream.wait_for(tile);
-    const StoreT* key_tile = stream.keys_of(tile);
-    const StoreT* value_tile = stream.values_of(tile);
-    const std::int64_t first_token = stream.first_token(tile);
-    const std::int64_t end = stream.end;
+  for (int tile = 0; tile < tile_count; ++tile) {
+    if (tile + stages - 1 < tile_count) issue_tile(tile + stages - 1);
+    copy_async_commit();
+    copy_async_wait<stages - 1>();  // this tile's group has landed
+    __syncthreads();
+
+    const StoreT* key_tile = tiles + (tile % stages) * 2 * geometry::tile_elements;
+    const StoreT* value_tile = key_tile + geometry::tile_elements;
+    const std::int64_t first_token = begin + std::int64_t{tile} * tile_tokens;
 
     float score[Group][decode_unroll];
 #pragma unroll
@@ -286,7 +253,8 @@ __global__ void __launch_bounds__(decode_threads)
     }
     __syncthreads();  // the next iteration refills this stage
   }
-  stream.drain();
+  copy_async_wait<0>();
+  __syncthreads();
 
   // Merge the token groups' partial states through (reused) shared memory.
   auto* shared_max = reinterpret_cast<float*>(shared_memory);           // [token_groups][Group]
@@ -304,8 +272,8 @@ __global__ void __launch_bounds__(decode_threads)
   }
   __syncthreads();
 
-  finish_block<HeadDim, Group, token_groups, decode_threads>(params, shared_max, shared_sum, shared_accumulator,
-                                                            static_cast<int>(blockIdx.x), h, b);
+  finish_block<HeadDim, Group, token_groups, decode_threads>(params, shared_max, shared_sum, shared_accumulator, split,
+                                                            h, b);
 }
 
 // ---- tensor-core variant (GQA groups of 4 and 8, 16-bit storage) ------------
@@ -328,6 +296,7 @@ struct tensor_core_geometry {
   static constexpr int tile_tokens = warps * 16;
   static constexpr int row_stride = HeadDim + 8;  // elements; +16 bytes per row
   static constexpr int tile_elements = tile_tokens * row_stride;
+  static constexpr int chunks_per_row = HeadDim / 8;
   static constexpr std::size_t stage_bytes = std::size_t{2} * tile_elements * sizeof(StoreT);
   /// As many stages as fit in ~200 KB of shared memory, between 2 and 4.
   static constexpr int stages = static_cast<int>(std::clamp<std::size_t>(204800 / stage_bytes, 2, 4));
@@ -392,15 +361,43 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
   constexpr float negative_infinity = -std::numeric_limits<float>::infinity();
 
   extern __shared__ __align__(16) unsigned char shared_memory[];
+  auto* tiles = reinterpret_cast<StoreT*>(shared_memory);  // [stages][keys, values][tile_tokens][row_stride]
+
   const View& cache = params.cache;
-  const kv_tile_stream<HeadDim, row_stride, tile_tokens, stages, geometry::threads, StoreT, View> stream(
-      shared_memory, cache, params.tokens_per_split);
-  const std::int64_t b = stream.b, h = stream.h;
+  const int split = blockIdx.x;
+  const std::int64_t h = blockIdx.y;
+  const std::int64_t b = blockIdx.z;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int quad = lane % 4;
   const int head_row = lane / 4;  // this lane's accumulator row: query head h·G + head_row when < G
-  stream.prologue();
+
+  const std::int64_t length = cache.head_length(b, h);
+  const std::int64_t begin = split * params.tokens_per_split;
+  const std::int64_t end = std::min<std::int64_t>(length, begin + params.tokens_per_split);
+  const int tile_count = end > begin ? static_cast<int>((end - begin + tile_tokens - 1) / tile_tokens) : 0;
+  const auto* keys = reinterpret_cast<const StoreT*>(cache.storage.keys);
+  const auto* values = reinterpret_cast<const StoreT*>(cache.storage.values);
+
+  const auto issue_tile = [&](int tile) {
+    StoreT* key_tile = tiles + (tile % stages) * 2 * geometry::tile_elements;
+    StoreT* value_tile = key_tile + geometry::tile_elements;
+    const std::int64_t first_token = begin + std::int64_t{tile} * tile_tokens;
+    for (int chunk = threadIdx.x; chunk < tile_tokens * geometry::chunks_per_row; chunk += geometry::threads) {
+      const int row = chunk / geometry::chunks_per_row;
+      const int column = (chunk % geometry::chunks_per_row) * 8;
+      const std::int64_t token = first_token + row;
+      const bool valid = token < end;
+      const std::int64_t source = valid ? cache.slot(b, h, token) * HeadDim + column : 0;
+      copy_async16(key_tile + row * row_stride + column, keys + source, valid ? 16 : 0);
+      copy_async16(value_tile + row * row_stride + column, values + source, valid ? 16 : 0);
+    }
+  };
+#pragma unroll
+  for (int tile = 0; tile < stages - 1; ++tile) {
+    if (tile < tile_count) issue_tile(tile);
+    copy_async_commit();
+  }
 
   // Q as the A operand (rows = query heads of the group; rows ≥ G and 8..15 are zero).
   unsigned query_fragment[k_steps][2];  // a0 (dims k..k+7), a2 (dims k+8..k+15) of row head_row
@@ -427,11 +424,14 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
   float running_max = negative_infinity;  // of row head_row, identical across the quad
   float running_sum = 0.0f;               // this lane's columns only; summed over the quad at the end
 
-  for (int tile = 0; tile < stream.tile_count; ++tile) {
-    stream.wait_for(tile);
-    const StoreT* key_rows = stream.keys_of(tile) + warp * 16 * row_stride;
-    const StoreT* value_rows = stream.values_of(tile) + warp * 16 * row_stride;
-    const std::int64_t end = stream.end;
+  for (int tile = 0; tile < tile_count; ++tile) {
+    if (tile + stages - 1 < tile_count) issue_tile(tile + stages - 1);
+    copy_async_commit();
+    copy_async_wait<stages - 1>();
+    __syncthreads();
+
+    const StoreT* key_rows = tiles + (tile % stages) * 2 * geometry::tile_elements + warp * 16 * row_stride;
+    const StoreT* value_rows = key_rows + geometry::tile_elements;
 
     float score_tile[2][4] = {};  // S for this warp's 16 tokens: [token block of 8][accumulator]
 #pragma unroll
@@ -443,7 +443,7 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
       mma_16x8x16<StoreT>(score_tile[1], a, key_fragment[2], key_fragment[3]);
     }
 
-    const std::int64_t first_token = stream.first_token(tile) + warp * 16;
+    const std::int64_t first_token = begin + std::int64_t{tile} * tile_tokens + warp * 16;
     float score[4];
 #pragma unroll
     for (int block = 0; block < 2; ++block)
@@ -478,9 +478,10 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
       mma_16x8x16<StoreT>(output[2 * pair], weight_fragment, value_fragment[0], value_fragment[1]);
       mma_16x8x16<StoreT>(output[2 * pair + 1], weight_fragment, value_fragment[2], value_fragment[3]);
     }
-    __syncthreads();  // the next iteration refills this stage
+    __syncthreads();
   }
-  stream.drain();
+  copy_async_wait<0>();
+  __syncthreads();
 
   running_sum += __shfl_xor_sync(0xffffffffu, running_sum, 1);
   running_sum += __shfl_xor_sync(0xffffffffu, running_sum, 2);
@@ -501,7 +502,7 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
   }
   __syncthreads();
   finish_block<HeadDim, Group, geometry::warps, geometry::threads>(params, shared_max, shared_sum, shared_accumulator,
-                                                                   static_cast<int>(blockIdx.x), h, b);
+                                                                   split, h, b);
 }
 
 /// out[b, j, :] = Σ_s 2^(lse_s − max) o_s / Σ_s 2^(lse_s − max).
