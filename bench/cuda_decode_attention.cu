@@ -83,7 +83,7 @@ void decode_attention(benchmark::State& state) {
   const std::int64_t cache_elements = batch * shape.kv_heads * tokens * shape.head_dim;
   fill_random<<<1024, 256>>>(reinterpret_cast<__half*>(cache.view().storage.keys), cache_elements, 1);
   fill_random<<<1024, 256>>>(reinterpret_cast<__half*>(cache.view().storage.values), cache_elements, 2);
-  cache.view().length = tokens;
+  *cache.view().length = tokens;
 
   const std::int64_t query_elements = batch * shape.q_heads * shape.head_dim;
   __half *queries = nullptr, *out = nullptr;

@@ -98,7 +98,6 @@ struct stored_layer {
     using scheme = scheme_for<Codec>;
     typename scheme::config cfg;
     cfg.budget.keep = kt::keep_tokens{tokens};
-    cfg.codec = codec_config;
     std::vector<std::byte> scratch(scheme::compress_workspace(shape, batch, tokens, cfg));
     const auto& stored_keys = pre_rope ? data.pre_keys : data.keys;
     scheme::compress(data.view(stored_keys), data.view(data.values), cache.view(), cfg,

@@ -9,6 +9,7 @@
 #include "kvtrim/core/element.hpp"
 #include "kvtrim/core/error.hpp"
 #include "kvtrim/core/implementation.hpp"
+#include "kvtrim/core/inspect.hpp"
 #include "kvtrim/core/keep.hpp"
 #include "kvtrim/core/rank.hpp"
 #include "kvtrim/core/rope.hpp"

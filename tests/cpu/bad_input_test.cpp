@@ -260,13 +260,14 @@ TEST(BadInput, AppendPastCapacity) {
   auto step = kts::random_tensor<float, 4>({2, 2, 5, 64}, 4);
   expect_error([&] { scheme::append(s.cache.view(), step.view, step.view); }, append_fn, "new_keys",
                "at most 4 tokens (capacity 16, holding 12)", "5 tokens");
-  EXPECT_EQ(s.cache.view().length, 12);  // nothing was written
+  EXPECT_EQ(*s.cache.view().length, 12);  // nothing was written
 }
 
 TEST(BadInput, CacheLengthBeyondCapacity) {
   valid s;
   scheme::cache_view broken = s.cache.view();
-  broken.length = 17;
+  std::int64_t too_long = 17;  // an engine-built view whose length counter says 17
+  broken.length = &too_long;
   expect_error([&] { scheme::attend(s.queries.view, broken, s.out.view, kt::workspace{}); }, attend_fn,
                "cache.length", "a length in [0, capacity = 16]", "17");
 }

@@ -26,14 +26,21 @@ static_assert(std::is_base_of_v<std::runtime_error, kt::error>);
 const kt::model_shape shape{.q_heads = 8, .kv_heads = 2, .head_dim = 64};
 
 TEST(OwningCache, BytesAreKeysThenValuesAtTheCarversAlignment) {
-  // 3 sequences × 2 kv heads × 100 slots × 64 dims: keys, then values on the next
-  // 256-byte boundary.
-  const std::size_t row_bytes_fp32 = 3 * 2 * 100 * 64 * sizeof(float);
-  const std::size_t aligned = (row_bytes_fp32 + 255) / 256 * 256;
+  // 3 sequences × 2 kv heads × 100 slots × 64 dims: keys, then values, then the
+  // layout's metadata — the one length (int64), a position per slot (int32), a
+  // next position per head (int64) — each piece on the next 256-byte boundary.
+  const auto align = [](std::size_t bytes) { return (bytes + 255) / 256 * 256; };
+  const auto expected = [&](std::size_t element_bytes) {
+    const std::size_t rows = 3 * 2 * 100 * 64 * element_bytes;
+    std::size_t end = align(rows) + rows;
+    end = align(end) + sizeof(std::int64_t);           // length
+    end = align(end) + 3 * 2 * 100 * sizeof(std::int32_t);  // slot positions
+    return align(end) + 3 * 2 * sizeof(std::int64_t);        // next positions
+  };
   EXPECT_EQ(fp32_scheme::make_cache(shape, std::int64_t{3}, std::int64_t{100}, kt::codec::fp32::config{}).bytes(),
-            aligned + row_bytes_fp32);
+            expected(sizeof(float)));
   EXPECT_EQ(fp16_scheme::make_cache(shape, std::int64_t{3}, std::int64_t{100}, kt::codec::fp16::config{}).bytes(),
-            row_bytes_fp32);  // half as much per row; 76800 is a multiple of 256
+            expected(2));
   EXPECT_EQ(kt::codec::fp16::bytes_per_token({}, 64), 2.0 * 64 * 2);
 }
 
@@ -43,7 +50,7 @@ TEST(OwningCache, StartsEmptyWithTheRequestedShape) {
   EXPECT_EQ(view.shape, shape);
   EXPECT_EQ(view.batch, 3);
   EXPECT_EQ(view.capacity, 100);
-  EXPECT_EQ(view.length, 0);
+  EXPECT_EQ(*view.length, 0);
   EXPECT_EQ(view.map.head_stride, 100);
   EXPECT_EQ(view.map.batch_stride, 200);
   EXPECT_EQ(view.map.token_stride, 1);
@@ -66,7 +73,7 @@ TEST(OwningCache, MoveTransfersMemoryAndContents) {
   fp32_cache moved(std::move(source));
   EXPECT_EQ(moved.view().storage.keys, memory);
   EXPECT_EQ(moved.bytes(), bytes);
-  EXPECT_EQ(moved.view().length, 10);
+  EXPECT_EQ(*moved.view().length, 10);
   fp32_scheme::attend(queries.view, moved.view(), after.view, kt::workspace{});
   EXPECT_EQ(before.storage, after.storage);
 

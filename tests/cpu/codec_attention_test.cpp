@@ -92,7 +92,6 @@ attention_errors run_attention(const typename Codec::config& codec_config, const
   typename scheme::config cfg;
   cfg.budget.keep = kt::keep_tokens{keep};
   cfg.score.sinks = sinks;
-  cfg.codec = codec_config;
   auto cache = make_cache_for<scheme>(codec_config);
   prepare(cache.view().storage);
   std::vector<std::byte> scratch(scheme::compress_workspace(shape, batch, prefill, cfg));

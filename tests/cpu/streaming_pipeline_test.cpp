@@ -61,7 +61,7 @@ void compress(const kt::tensor_view<InputT, 4>& keys, const kt::tensor_view<Inpu
 template <class View, class InputT>
 void expect_holds_exactly(const View& cache, const kt::tensor_view<InputT, 4>& keys,
                           const kt::tensor_view<InputT, 4>& values, const std::vector<std::int64_t>& kept) {
-  ASSERT_EQ(cache.length, static_cast<std::int64_t>(kept.size()));
+  ASSERT_EQ(*cache.length, static_cast<std::int64_t>(kept.size()));
   for (std::int64_t b = 0; b < cache.batch; ++b)
     for (std::int64_t h = 0; h < cache.shape.kv_heads; ++h)
       for (std::size_t n = 0; n < kept.size(); ++n) {
@@ -234,7 +234,7 @@ TYPED_TEST(AppendAfterCompress, CompressReplacesWhatTheCacheHeld) {
   cfg.budget.keep = kt::keep_tokens{8};
   auto cache = scheme::make_cache(shape, std::int64_t{1}, std::int64_t{10}, typename codec::config{});
   compress<scheme>(first.view, first.view, cache.view(), cfg);
-  ASSERT_EQ(cache.view().length, 8);
+  ASSERT_EQ(*cache.view().length, 8);
   compress<scheme>(second.view, second.view, cache.view(), cfg);  // a new prefill: not 8 + 8
   expect_holds_exactly(cache.view(), second.view, second.view, kts::streaming_kept(20, 4, 8));
 }

@@ -182,7 +182,7 @@ TEST(Workspace, HotCallsAllocateNothing) {
   }
   const std::int64_t allocations = allocation_count.load() - before;
   EXPECT_EQ(allocations, 0);
-  EXPECT_EQ(cache.view().length, 80);
+  EXPECT_EQ(*cache.view().length, 80);
 
   // The counter does count: building an error message allocates.
   const std::int64_t before_error = allocation_count.load();

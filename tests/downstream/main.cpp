@@ -25,8 +25,8 @@ int main() {
   std::vector<float> query(batch * 4 * 8, 0.5f), out(query.size());
   scheme::attend(kt::make_view(query.data(), std::array<std::int64_t, 3>{batch, 4, 8}), cache.view(),
                  kt::make_view(out.data(), std::array<std::int64_t, 3>{batch, 4, 8}), kt::workspace{});
-  const bool ok = cache.view().length == 12 && out[0] > 0.999f && out[0] < 1.001f;
-  std::printf("downstream: kept %lld tokens per head, out[0] = %g: %s\n", static_cast<long long>(cache.view().length),
+  const bool ok = *cache.view().length == 12 && out[0] > 0.999f && out[0] < 1.001f;
+  std::printf("downstream: kept %lld tokens per head, out[0] = %g: %s\n", static_cast<long long>(*cache.view().length),
               out[0], ok ? "ok" : "WRONG");
   return ok ? 0 : 1;
 }

@@ -71,6 +71,31 @@ void encode_at(const Storage& store, std::int64_t head, std::int64_t slot, const
   C::encode(store, head, slot, key, value);
 }
 
+/// Moves a stored token from slot `from` to slot `to` of head `head` (layout::flat's
+/// repack): as stored when the codec can, else decoded and encoded again at
+/// `position` (exact for codec::plain: decoding is exact and encoding a
+/// representable value returns it).
+template <class C, class Storage>
+void move_slot(const Storage& store, std::int64_t head, std::int64_t from, std::int64_t to, std::int64_t position) {
+  if constexpr (requires { C::move_slot(store, head, from, to); }) {
+    C::move_slot(store, head, from, to);
+  } else {
+    std::array<float, max_head_dim> key{}, value{};
+    C::decode_key(store, head, from, key.data());
+    C::decode_value(store, head, from, value.data());
+    encode_at<C>(store, head, to, key.data(), value.data(), position);
+  }
+}
+
+/// Slots a codec wants in one aligned run of one head (KIVI: its key group); 1 when it has no such state.
+template <class C>
+std::int64_t slot_alignment(const typename C::config& cfg) {
+  if constexpr (requires { C::slot_alignment(cfg); })
+    return C::slot_alignment(cfg);
+  else
+    return 1;
+}
+
 /// Bytes the codec spends per head beyond its per-token bytes (0 when it has no
 /// such state).
 template <class C>

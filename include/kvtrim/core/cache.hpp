@@ -56,6 +56,8 @@ class cache {
 
   /// Bytes allocated for the stored tokens (what the cache costs in memory).
   std::size_t bytes() const { return bytes_; }
+  /// The allocation itself (backend memory): tokens, codec state and layout metadata.
+  const void* data() const { return memory_; }
 
  private:
   void release() {

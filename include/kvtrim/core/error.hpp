@@ -7,6 +7,8 @@
 // formatted on the failure path, so checks cost nothing on hot calls.
 #pragma once
 
+#include <cstdint>
+#include <limits>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -41,6 +43,24 @@ std::string cat(const Parts&... parts) {
 [[noreturn]] inline void fail_call(std::string_view function, std::string_view call,
                                    std::string_view reason) {
   throw error(cat(function, ": ", call, " failed: ", reason));
+}
+
+/// a · b for sizes computed from inputs (both ≥ 0); throws naming `argument`
+/// instead of overflowing (UBSan: signed overflow) when the product passes 2^63 − 1.
+inline std::int64_t checked_mul(std::string_view function, std::string_view argument, std::int64_t a,
+                                std::int64_t b) {
+  std::int64_t product = 0;
+  if (a < 0 || b < 0 || __builtin_mul_overflow(a, b, &product))
+    fail(function, argument, "sizes whose product fits in 64 bits", cat(a, " × ", b));
+  return product;
+}
+/// a + b for sizes (both ≥ 0), checked like checked_mul.
+inline std::int64_t checked_add(std::string_view function, std::string_view argument, std::int64_t a,
+                                std::int64_t b) {
+  std::int64_t sum = 0;
+  if (a < 0 || b < 0 || __builtin_add_overflow(a, b, &sum))
+    fail(function, argument, "sizes whose sum fits in 64 bits", cat(a, " + ", b));
+  return sum;
 }
 
 }  // namespace detail

@@ -16,10 +16,13 @@
 // sentence each, checked when the scheme type is named.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <string_view>
 #include <type_traits>
+#include <vector>
 
 #include "kvtrim/core/cache.hpp"
 #include "kvtrim/core/concepts.hpp"
@@ -29,6 +32,7 @@
 #include "kvtrim/core/shape.hpp"
 #include "kvtrim/core/view.hpp"
 #include "kvtrim/core/workspace.hpp"
+#include "kvtrim/layout/detail/positions.hpp"
 
 namespace kvtrim {
 
@@ -46,6 +50,23 @@ template <class S>
 inline constexpr bool scorer_compensates = requires { requires S::compensates; };
 template <class L>
 inline constexpr bool layout_stores_compensation = requires { requires L::compensation_tokens; };
+
+/// The NaN/Inf rule (docs/composition.md §4): every key, value and window query
+/// a call reads must be finite, for every codec; the error names the sequence,
+/// head, token and channel. Host views only (a device backend checks on the device).
+template <class T>
+void check_finite(std::string_view function, std::string_view argument, const tensor_view<T, 4, host_space>& view,
+                  std::string_view head_name) {
+  for (std::int64_t b = 0; b < view.extent(0); ++b)
+    for (std::int64_t h = 0; h < view.extent(1); ++h)
+      for (std::int64_t t = 0; t < view.extent(2); ++t)
+        for (std::int64_t d = 0; d < view.extent(3); ++d) {
+          const float x = to_float(view(b, h, t, d));
+          if (!std::isfinite(x))
+            fail(function, argument, "finite values (NaN and Inf are refused for every codec)",
+                 cat(x, " at sequence ", b, ", ", head_name, " ", h, ", token ", t, ", channel ", d));
+        }
+}
 
 template <class T, std::size_t Rank, class Space>
 tensor_view<const std::remove_const_t<T>, Rank, Space> as_const(const tensor_view<T, Rank, Space>& view) {
@@ -72,17 +93,59 @@ workspace carve_scratch(workspace_carver& carver, const Config& config, const mo
 }
 }  // namespace detail
 
-/// The runtime knobs of a scheme: one config struct per policy that has knobs.
+/// The runtime knobs of a compress call: the scorer's and the budget's. The
+/// codec's knobs shape the storage, so they are given once, to make_cache (or
+/// to the layout's bind), and live in the cache: one source of truth.
 template <Scorer ScorerT, Budget BudgetT, Codec CodecT>
 struct scheme_config {
   typename ScorerT::config score{};
   typename BudgetT::config budget{};
-  typename CodecT::config codec{};
 
   void validate(std::string_view function) const {
     score.validate(function);
     budget.validate(function);
-    codec.validate(function);
+  }
+};
+
+/// Optional inputs and outputs of compress (docs/composition.md §1, §5).
+template <MemorySpace Space>
+struct compress_options {
+  /// Position of prefill token 0 (chunked prefill; a sequence that already held tokens).
+  std::int64_t start_position = 0;
+  /// When non-null, the selection is written here (the backend's memory): head
+  /// b·kv_heads + h kept tokens kept_tokens[kept_offsets[head] .. kept_offsets[head + 1]),
+  /// ascending prefill indices. kept_offsets has B·H + 1 entries; kept_tokens
+  /// holds kept_tokens_capacity entries (scheme::kept_tokens_capacity says how many suffice).
+  std::int64_t* kept_offsets = nullptr;
+  std::int32_t* kept_tokens = nullptr;
+  std::int64_t kept_tokens_capacity = 0;
+};
+
+/// What a compress of T tokens needs from the cache, before any scoring.
+struct capacity_plan {
+  std::int64_t sequences = 0;
+  std::int64_t kv_heads = 0;
+  std::int64_t max_head_tokens = 0;  ///< most tokens one head keeps (exact for uniform budgets)
+  std::int64_t total_tokens = 0;     ///< tokens all heads keep together
+  bool exact_total = false;          ///< total_tokens is exact (else an upper bound)
+  std::vector<std::int64_t> head_tokens;  ///< per kv head when the budget fixes it (empty: Ada-KV)
+
+  /// Pages of `page_size` a layout::paged pool needs: exact when per-head counts
+  /// are fixed, else the bound Σ⌈c_h/p⌉ ≤ ⌊(N + H·(p − 1))/p⌋ for the exact total N.
+  std::int64_t pages(std::int64_t page_size) const { return units(page_size); }
+  /// Slots a layout::flat buffer needs (regions in whole runs of `run` slots; 1
+  /// for codecs without key groups), before headroom for appends.
+  std::int64_t flat_slots(std::int64_t run) const { return units(run) * run; }
+
+ private:
+  std::int64_t units(std::int64_t size) const {
+    if (!head_tokens.empty()) {
+      std::int64_t total = 0;
+      for (const std::int64_t count : head_tokens) total += (count + size - 1) / size;
+      return total * sequences;
+    }
+    const std::int64_t heads = sequences * kv_heads;
+    return (total_tokens + heads * (size - 1)) / size;
   }
 };
 
@@ -141,11 +204,63 @@ struct scheme {
     return cache(args...);
   }
 
+  // ---- planning --------------------------------------------------------------
+
+  /// Entries kept_tokens needs in compress_options for `batch` sequences of `tokens` tokens.
+  static std::int64_t kept_tokens_capacity(const model_shape& shape, std::int64_t batch, std::int64_t tokens,
+                                           const config& cfg) {
+    constexpr std::string_view function = "kvtrim::scheme::kept_tokens_capacity";
+    return detail::checked_mul(function, "batch", detail::checked_mul(function, "batch", batch, shape.kv_heads),
+                               BudgetT::max_keep(cfg.budget, tokens));
+  }
+
+  /// What a compress of `tokens` tokens keeps, known before scoring: per-head
+  /// counts where the budget fixes them (uniform, pyramid, per_head,
+  /// RazorAttention), the exact total for Ada-KV. Size the cache from it
+  /// (plan.pages(page_size), plan.flat_slots(run), plan.max_head_tokens).
+  static capacity_plan plan_capacity(const model_shape& shape, std::int64_t batch, std::int64_t tokens,
+                                     const config& cfg) {
+    constexpr std::string_view function = "kvtrim::scheme::plan_capacity";
+    cfg.validate(function);
+    shape.validate(function);
+    if (batch < 1) detail::fail(function, "batch", "at least one sequence", std::to_string(batch));
+    if (tokens < 1 || tokens > max_tokens)
+      detail::fail(function, "tokens", detail::cat("between 1 and ", max_tokens, " tokens"), std::to_string(tokens));
+    detail::checked_mul(function, "batch", batch, shape.kv_heads);
+    capacity_plan plan;
+    plan.sequences = batch;
+    plan.kv_heads = shape.kv_heads;
+    if constexpr (detail::scorer_sets_keep_counts<ScorerT>) {
+      for (std::int64_t h = 0; h < shape.kv_heads; ++h)
+        plan.head_tokens.push_back(ScorerT::head_keep(cfg.score, shape, h, tokens));
+    } else if constexpr (requires { BudgetT::head_keep(cfg.budget, std::int64_t{}, tokens); }) {
+      for (std::int64_t h = 0; h < shape.kv_heads; ++h) plan.head_tokens.push_back(BudgetT::head_keep(cfg.budget, h, tokens));
+    } else if constexpr (!BudgetT::ragged_heads) {
+      plan.head_tokens.assign(static_cast<std::size_t>(shape.kv_heads), BudgetT::max_keep(cfg.budget, tokens));
+    }
+    if (!plan.head_tokens.empty()) {
+      std::int64_t per_sequence = 0;
+      for (const std::int64_t count : plan.head_tokens) per_sequence += count;
+      plan.total_tokens = detail::checked_mul(function, "batch", per_sequence, batch);
+      plan.max_head_tokens = *std::max_element(plan.head_tokens.begin(), plan.head_tokens.end());
+      plan.exact_total = true;
+    } else {
+      // Ada-KV: each sequence keeps exactly kv_heads · k; one head may take up to all its tokens.
+      const std::int64_t k = std::min(tokens, BudgetT::head_budget(cfg.budget, tokens));
+      plan.total_tokens = detail::checked_mul(function, "batch", batch * shape.kv_heads, k);
+      plan.max_head_tokens = BudgetT::max_keep(cfg.budget, tokens);
+      plan.exact_total = true;
+    }
+    return plan;
+  }
+
   // ---- compress --------------------------------------------------------------
 
   /// Scratch bytes compress() needs for `batch` sequences of `tokens` tokens.
   static std::size_t compress_workspace(const model_shape& shape, std::int64_t batch, std::int64_t tokens,
                                         const config& cfg) {
+    constexpr std::string_view function = "kvtrim::scheme::compress_workspace";
+    detail::checked_mul(function, "tokens", detail::checked_mul(function, "batch", batch, shape.kv_heads), tokens);
     workspace_carver carver;
     carve_compress(carver, shape, batch, tokens, cfg);
     return carver.bytes();
@@ -154,13 +269,15 @@ struct scheme {
   /// Scores the prefill's keys, keeps each head's budget, and writes the kept
   /// tokens into `cache` (replacing what it held). `window_queries` are the
   /// last queries of the prefill (only scorers with needs_queries read them).
+  /// Strong guarantee: everything is checked before the first write; a call
+  /// that throws leaves the cache as it was.
   template <class KeyT, class QueryT>
   static void compress(tensor_view<KeyT, 4, space> keys, tensor_view<KeyT, 4, space> values,
                        tensor_view<QueryT, 4, space> window_queries, cache_view& cache, const config& cfg,
-                       workspace scratch, stream_type stream = {}) {
+                       const compress_options<space>& options, workspace scratch, stream_type stream = {}) {
     constexpr std::string_view function = "kvtrim::scheme::compress";
     cfg.validate(function);
-    layout::check(function, cache);
+    layout::validate(function, cache);
     const model_shape& shape = cache.shape;
     const std::int64_t batch = cache.batch;
     detail::check_view(function, "keys", keys, {batch, shape.kv_heads, -1, shape.head_dim}, true);
@@ -178,6 +295,11 @@ struct scheme {
         detail::fail(function, "window_queries", detail::cat("between 1 and ", tokens, " (the prefill length) queries"),
                      detail::cat(window, " queries"));
     }
+    if (options.start_position < 0 || options.start_position > detail::position_table::max_position - tokens + 1)
+      detail::fail(function, "options.start_position",
+                   detail::cat("a position in [0, 2^31 − ", tokens, "] (positions of the ", tokens,
+                               " tokens are 32-bit)"),
+                   std::to_string(options.start_position));
     const std::int64_t keep_bound = BudgetT::max_keep(cfg.budget, tokens);
     if constexpr (!LayoutT::ragged_heads) {
       if (keep_bound > cache.capacity)
@@ -185,11 +307,31 @@ struct scheme {
                                                                  " tokens per head"),
                      detail::cat(keep_bound, " tokens (of ", tokens, ")"));
     }
+    const std::int64_t heads = batch * shape.kv_heads;
+    if (options.kept_offsets != nullptr || options.kept_tokens != nullptr) {
+      const std::int64_t needed = kept_tokens_capacity(shape, batch, tokens, cfg);
+      if (options.kept_offsets == nullptr || options.kept_tokens == nullptr || options.kept_tokens_capacity < needed)
+        detail::fail(function, "options.kept_tokens",
+                     detail::cat("both kept_offsets and kept_tokens, with room for ", needed,
+                                 " tokens (scheme::kept_tokens_capacity)"),
+                     detail::cat(options.kept_offsets ? "kept_offsets" : "no kept_offsets", ", ",
+                                 options.kept_tokens ? "kept_tokens" : "no kept_tokens", " with capacity ",
+                                 options.kept_tokens_capacity));
+    }
     const std::size_t needed = compress_workspace(shape, batch, tokens, cfg);
     detail::check_workspace(function, scratch, needed);
+    if constexpr (std::same_as<space, host_space>) {
+      detail::check_finite(function, "keys", keys, "kv head");
+      detail::check_finite(function, "values", values, "kv head");
+      if constexpr (ScorerT::needs_queries) detail::check_finite(function, "window_queries", window_queries, "query head");
+    }
 
     workspace_carver carver(scratch);
-    const auto parts = carve_compress(carver, shape, batch, tokens, cfg);
+    auto parts = carve_compress(carver, shape, batch, tokens, cfg);
+    if (options.kept_offsets != nullptr) {
+      parts.offsets = options.kept_offsets;
+      parts.tokens = options.kept_tokens;
+    }
     const auto keys_in = detail::as_const(keys);
     const auto values_in = detail::as_const(values);
     const auto queries_in = detail::as_const(window_queries);
@@ -210,11 +352,24 @@ struct scheme {
       budget_impl::keep_counts(cfg.budget, detail::as_const(scores), parts.keep_counts, stream);
     implementation<stage::select_top_k, BackendT>::select(detail::as_const(scores), parts.keep_counts, parts.offsets,
                                                           parts.tokens, parts.select_scratch, stream);
-    const selection_view<space> kept{parts.offsets, parts.tokens, batch * shape.kv_heads};
-    const std::int64_t uniform_keep = BudgetT::ragged_heads || ScorerT::ragged_heads ? -1 : keep_bound;
-    implementation<LayoutT, BackendT>::compact(cache, keys_in, values_in, kept, uniform_keep, stream);
-    if constexpr (detail::scorer_compensates<ScorerT>)
-      implementation<ScorerT, BackendT>::compensate(cfg.score, shape, keys_in, values_in, kept, cache, stream);
+    const selection_view<space> kept{parts.offsets, parts.tokens, heads};
+    compact_args args;
+    args.start_position = options.start_position;
+    args.uniform_keep = BudgetT::ragged_heads || ScorerT::ragged_heads ? -1 : keep_bound;
+    if constexpr (detail::scorer_compensates<ScorerT>) {
+      scorer_impl::compensation_rows(cfg.score, shape, keys_in, values_in, kept, options.start_position,
+                                     parts.compensation, stream);
+      args.compensation = &parts.compensation;
+    }
+    implementation<LayoutT, BackendT>::compact(cache, keys_in, values_in, kept, args, stream);
+  }
+
+  /// compress() with default options (positions from 0, no selection output).
+  template <class KeyT, class QueryT>
+  static void compress(tensor_view<KeyT, 4, space> keys, tensor_view<KeyT, 4, space> values,
+                       tensor_view<QueryT, 4, space> window_queries, cache_view& cache, const config& cfg,
+                       workspace scratch, stream_type stream = {}) {
+    compress(keys, values, window_queries, cache, cfg, compress_options<space>{}, scratch, stream);
   }
 
   /// compress() for scorers that read no queries.
@@ -222,22 +377,41 @@ struct scheme {
     requires(!ScorerT::needs_queries)
   static void compress(tensor_view<KeyT, 4, space> keys, tensor_view<KeyT, 4, space> values, cache_view& cache,
                        const config& cfg, workspace scratch, stream_type stream = {}) {
-    compress(keys, values, tensor_view<const std::remove_const_t<KeyT>, 4, space>{}, cache, cfg, scratch, stream);
+    compress(keys, values, tensor_view<const std::remove_const_t<KeyT>, 4, space>{}, cache, cfg,
+             compress_options<space>{}, scratch, stream);
+  }
+  template <class KeyT>
+    requires(!ScorerT::needs_queries)
+  static void compress(tensor_view<KeyT, 4, space> keys, tensor_view<KeyT, 4, space> values, cache_view& cache,
+                       const config& cfg, const compress_options<space>& options, workspace scratch,
+                       stream_type stream = {}) {
+    compress(keys, values, tensor_view<const std::remove_const_t<KeyT>, 4, space>{}, cache, cfg, options, scratch,
+             stream);
   }
 
   // ---- append ----------------------------------------------------------------
 
-  /// Appends `new_keys`/`new_values` [B, H, n, D] to every head, after what it holds.
+  /// Appends `new_keys`/`new_values` [B, H, n, D] to every head, after what it
+  /// holds, at each head's next positions. Strong guarantee, as compress.
   template <class KeyT>
   static void append(cache_view& cache, tensor_view<KeyT, 4, space> new_keys, tensor_view<KeyT, 4, space> new_values,
                      stream_type stream = {}) {
     constexpr std::string_view function = "kvtrim::scheme::append";
+    layout::validate(function, cache);
+    check_append(function, cache, new_keys, new_values, {cache.batch, cache.shape.kv_heads, -1, cache.shape.head_dim},
+                 -1);
+    implementation<LayoutT, BackendT>::append(cache, detail::as_const(new_keys), detail::as_const(new_values), stream);
+  }
+
+  /// append() without the O(pages) validation of the cache's tables (layout::check still runs):
+  /// for engines that validated their view once and call this every decode step.
+  template <class KeyT>
+  static void append_unchecked(cache_view& cache, tensor_view<KeyT, 4, space> new_keys,
+                               tensor_view<KeyT, 4, space> new_values, stream_type stream = {}) {
+    constexpr std::string_view function = "kvtrim::scheme::append_unchecked";
     layout::check(function, cache);
-    const model_shape& shape = cache.shape;
-    detail::check_view(function, "new_keys", new_keys, {cache.batch, shape.kv_heads, -1, shape.head_dim}, true);
-    const std::int64_t count = new_keys.extent(2);
-    if (count < 1) detail::fail(function, "new_keys", "at least one token", "0 tokens");
-    detail::check_view(function, "new_values", new_values, {cache.batch, shape.kv_heads, count, shape.head_dim}, true);
+    check_append(function, cache, new_keys, new_values, {cache.batch, cache.shape.kv_heads, -1, cache.shape.head_dim},
+                 -1);
     implementation<LayoutT, BackendT>::append(cache, detail::as_const(new_keys), detail::as_const(new_values), stream);
   }
 
@@ -248,22 +422,25 @@ struct scheme {
   static void append_head(cache_view& cache, std::int64_t b, std::int64_t h, tensor_view<KeyT, 2, space> new_keys,
                           tensor_view<KeyT, 2, space> new_values, stream_type stream = {}) {
     constexpr std::string_view function = "kvtrim::scheme::append_head";
-    layout::check(function, cache);
+    layout::validate(function, cache);
     if (b < 0 || b >= cache.batch)
       detail::fail(function, "b", detail::cat("a sequence in [0, ", cache.batch, ")"), std::to_string(b));
     if (h < 0 || h >= cache.shape.kv_heads)
       detail::fail(function, "h", detail::cat("a kv head in [0, ", cache.shape.kv_heads, ")"), std::to_string(h));
     detail::check_view(function, "new_keys", new_keys, {-1, cache.shape.head_dim}, true);
     const std::int64_t count = new_keys.extent(0);
-    if (count < 1) detail::fail(function, "new_keys", "at least one token", "0 tokens");
-    detail::check_view(function, "new_values", new_values, {count, cache.shape.head_dim}, true);
     // The rows seen as [batch, kv_heads, n, D] with zero strides on the first two
     // axes, so the layout's append code reads them for head (b, h).
     const auto as_head = [&](const tensor_view<KeyT, 2, space>& rows) {
       return tensor_view<const std::remove_const_t<KeyT>, 4, space>{
           rows.data, {cache.batch, cache.shape.kv_heads, count, cache.shape.head_dim}, {0, 0, rows.strides[0], rows.strides[1]}};
     };
-    implementation<LayoutT, BackendT>::append_head(cache, b, h, as_head(new_keys), as_head(new_values), stream);
+    detail::check_view(function, "new_values", new_values, {count, cache.shape.head_dim}, true);
+    const auto keys_in = as_head(new_keys);
+    const auto values_in = as_head(new_values);
+    check_append(function, cache, keys_in, values_in, {cache.batch, cache.shape.kv_heads, -1, cache.shape.head_dim},
+                 b * cache.shape.kv_heads + h);
+    implementation<LayoutT, BackendT>::append_head(cache, b, h, keys_in, values_in, stream);
   }
 
   // ---- decode attention ------------------------------------------------------
@@ -279,7 +456,24 @@ struct scheme {
   static void attend(tensor_view<QueryT, 3, space> queries, const cache_view& cache, tensor_view<OutT, 3, space> out,
                      workspace scratch, stream_type stream = {}) {
     constexpr std::string_view function = "kvtrim::scheme::attend";
+    layout::validate(function, cache);
+    attend_checked_view(function, queries, cache, out, scratch, stream);
+  }
+
+  /// attend() without the O(pages) validation of the cache's tables (layout::check still runs).
+  template <class QueryT, class OutT>
+  static void attend_unchecked(tensor_view<QueryT, 3, space> queries, const cache_view& cache,
+                               tensor_view<OutT, 3, space> out, workspace scratch, stream_type stream = {}) {
+    constexpr std::string_view function = "kvtrim::scheme::attend_unchecked";
     layout::check(function, cache);
+    attend_checked_view(function, queries, cache, out, scratch, stream);
+  }
+
+ private:
+  template <class QueryT, class OutT>
+  static void attend_checked_view(std::string_view function, tensor_view<QueryT, 3, space> queries,
+                                  const cache_view& cache, tensor_view<OutT, 3, space> out, workspace scratch,
+                                  stream_type stream) {
     const model_shape& shape = cache.shape;
     detail::check_view(function, "queries", queries, {cache.batch, shape.q_heads, shape.head_dim}, true);
     detail::check_view(function, "out", out, {cache.batch, shape.q_heads, shape.head_dim}, true);
@@ -287,7 +481,43 @@ struct scheme {
     implementation<stage::decode_attention, BackendT>::attend(detail::as_const(queries), cache, out, scratch, stream);
   }
 
- private:
+  /// The argument checks of append/append_head, all before the first write:
+  /// shapes, room for the positions, finite rows (host). `target` is one
+  /// flattened head (append_head) or −1 (every head).
+  template <class KeyT>
+  static void check_append(std::string_view function, const cache_view& cache, const tensor_view<KeyT, 4, space>& keys,
+                           const tensor_view<KeyT, 4, space>& values, const detail::expected_extents<4>& shape_wanted,
+                           std::int64_t target) {
+    detail::check_view(function, "new_keys", keys, shape_wanted, true);
+    const std::int64_t count = keys.extent(2);
+    if (count < 1) detail::fail(function, "new_keys", "at least one token", "0 tokens");
+    detail::check_view(function, "new_values", values, {cache.batch, cache.shape.kv_heads, count, cache.shape.head_dim},
+                       true);
+    if constexpr (std::same_as<space, host_space>) {
+      for (std::int64_t head = 0; head < cache.heads(); ++head) {
+        if (target >= 0 && head != target) continue;
+        const std::int64_t next = cache.positions.next_position[head];
+        if (next < 0 || next > detail::position_table::max_position - count + 1)
+          detail::fail(function, "new_keys",
+                       detail::cat(count, " tokens whose positions fit in 32 bits after head ", head, "'s position ", next),
+                       detail::cat("positions up to ", next + count - 1));
+      }
+      if (target >= 0) {
+        const auto row = [&](const tensor_view<KeyT, 4, space>& all) {
+          return tensor_view<KeyT, 4, space>{all.data + (target / cache.shape.kv_heads) * all.strides[0] +
+                                                 (target % cache.shape.kv_heads) * all.strides[1],
+                                             {1, 1, count, cache.shape.head_dim},
+                                             {0, 0, all.strides[2], all.strides[3]}};
+        };
+        detail::check_finite(function, "new_keys", row(keys), "kv head");
+        detail::check_finite(function, "new_values", row(values), "kv head");
+      } else {
+        detail::check_finite(function, "new_keys", keys, "kv head");
+        detail::check_finite(function, "new_values", values, "kv head");
+      }
+    }
+  }
+
   struct compress_parts {
     float* scores = nullptr;
     std::int32_t* keep_counts = nullptr;
@@ -296,6 +526,7 @@ struct scheme {
     workspace select_scratch{};
     workspace score_scratch{};
     workspace budget_scratch{};
+    detail::compensation_rows compensation{};
   };
 
   template <class Carver>
@@ -306,7 +537,8 @@ struct scheme {
     parts.scores = carver.template take<float>(heads * tokens);
     parts.keep_counts = carver.template take<std::int32_t>(heads);
     parts.offsets = carver.template take<std::int64_t>(heads + 1);
-    parts.tokens = carver.template take<std::int32_t>(heads * BudgetT::max_keep(cfg.budget, tokens));
+    parts.tokens = carver.template take<std::int32_t>(
+        detail::checked_mul("kvtrim::scheme::compress_workspace", "tokens", heads, BudgetT::max_keep(cfg.budget, tokens)));
     const std::size_t select_bytes = implementation<stage::select_top_k, BackendT>::workspace_bytes(heads, tokens);
     parts.select_scratch = workspace{carver.template take<std::byte>(static_cast<std::int64_t>(select_bytes)),
                                      select_bytes};
@@ -314,6 +546,13 @@ struct scheme {
         detail::carve_scratch<implementation<ScorerT, BackendT>>(carver, cfg.score, shape, batch, tokens);
     parts.budget_scratch =
         detail::carve_scratch<implementation<BudgetT, BackendT>>(carver, cfg.budget, shape, batch, tokens);
+    if constexpr (detail::scorer_compensates<ScorerT>) {
+      parts.compensation.index = carver.template take<std::int32_t>(heads);
+      parts.compensation.keys = carver.template take<float>(heads * shape.head_dim);
+      parts.compensation.values = carver.template take<float>(heads * shape.head_dim);
+      parts.compensation.bias = carver.template take<float>(heads);
+      parts.compensation.position = carver.template take<std::int64_t>(heads);
+    }
     return parts;
   }
 };

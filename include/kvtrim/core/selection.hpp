@@ -22,4 +22,23 @@ struct selection_view {
   KVTRIM_HOST_DEVICE std::int64_t count(std::int64_t head) const { return offsets[head + 1] - offsets[head]; }
 };
 
+namespace detail {
+/// Compensation tokens a scorer computes before compaction (RazorAttention), per
+/// flattened head, in the backend's memory (carved from the compress workspace).
+struct compensation_rows {
+  std::int32_t* index = nullptr;     // [heads]: logical index of the kept placeholder it replaces, −1 none
+  float* keys = nullptr;             // [heads, head_dim]
+  float* values = nullptr;           // [heads, head_dim]
+  float* bias = nullptr;             // [heads]: its logit bias (ln N_dropped)
+  std::int64_t* position = nullptr;  // [heads]: its position (the last dropped token's)
+};
+}  // namespace detail
+
+/// What Layout::compact needs besides the rows and the selection.
+struct compact_args {
+  std::int64_t start_position = 0;  // position of prefill token 0
+  std::int64_t uniform_keep = -1;   // tokens every head keeps when the budget is uniform, else −1
+  const detail::compensation_rows* compensation = nullptr;  // null: no compensation tokens
+};
+
 }  // namespace kvtrim

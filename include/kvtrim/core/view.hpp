@@ -157,7 +157,16 @@ void check_view(std::string_view function, std::string_view argument,
     }
     fail(function, argument, cat("shape ", wanted, "]"), format_extents(view.extents));
   }
-  if (view.size() > 0 && view.data == nullptr)
+  // Element count and the farthest element's offset must fit in 64 bits
+  // (tokens = 2^60 is an error here, not a wrapped product later).
+  std::int64_t count = 1, span = 0;
+  for (std::size_t axis = 0; axis < Rank; ++axis) {
+    count = checked_mul(function, argument, count, view.extents[axis]);
+    if (view.extents[axis] > 0)
+      span = checked_add(function, argument, span, checked_mul(function, argument, view.extents[axis] - 1,
+                                                               view.strides[axis]));
+  }
+  if (count > 0 && view.data == nullptr)
     fail(function, argument, "a non-null data pointer for a view of " + std::to_string(view.size()) + " elements",
          "nullptr");
   if (last_axis_contiguous && Rank > 0 && view.extents[Rank - 1] > 1 && view.strides[Rank - 1] != 1)

@@ -30,11 +30,18 @@ class workspace_carver {
   workspace_carver() = default;
   explicit workspace_carver(workspace memory) : memory_(memory) {}
 
-  /// Reserves `count` objects of T; returns nullptr in the sizing pass.
+  /// Reserves `count` objects of T; returns nullptr in the sizing pass. A size
+  /// past 2^63 bytes (sizes computed from absurd inputs) throws instead of wrapping.
   template <class T>
   T* take(std::int64_t count) {
-    const std::size_t begin = (used_ + alignment - 1) / alignment * alignment;
-    used_ = begin + static_cast<std::size_t>(count > 0 ? count : 0) * sizeof(T);
+    constexpr std::string_view function = "kvtrim::workspace_carver::take";
+    const std::int64_t bytes =
+        detail::checked_mul(function, "count", count > 0 ? count : 0, static_cast<std::int64_t>(sizeof(T)));
+    const std::int64_t padded = detail::checked_add(function, "count", static_cast<std::int64_t>(used_),
+                                                    static_cast<std::int64_t>(alignment - 1));
+    const std::size_t begin = static_cast<std::size_t>(padded) / alignment * alignment;
+    used_ = static_cast<std::size_t>(
+        detail::checked_add(function, "count", static_cast<std::int64_t>(begin), bytes));
     if (memory_.data == nullptr) return nullptr;
     return reinterpret_cast<T*>(static_cast<std::byte*>(memory_.data) + begin);
   }

@@ -10,19 +10,27 @@
 //   b·batch_stride + h·head_stride + i·token_stride.
 // The default is [batch, kv_head, token] ("HND"); an engine whose cache is
 // [batch, token, kv_head] ("NHD") sets head_stride = 1, token_stride = kv_heads.
-// The codec stores whatever a token needs at that slot index.
+// The codec stores whatever a token needs at that slot index; the layout keeps
+// each slot's position and the one length every head has (docs/composition.md).
 //
 // Backends: cpu, cuda.
 #pragma once
 
+#include <algorithm>
+#include <array>
 #include <cstddef>
 #include <cstdint>
+#include <utility>
 #include <string>
 #include <string_view>
 
+#include "kvtrim/codec/hooks.hpp"
 #include "kvtrim/core/concepts.hpp"
 #include "kvtrim/core/config.hpp"
 #include "kvtrim/core/shape.hpp"
+#include "kvtrim/core/workspace.hpp"
+#include "kvtrim/layout/detail/positions.hpp"
+#include "kvtrim/layout/detail/storage.hpp"
 
 namespace kvtrim::layout {
 
@@ -46,10 +54,19 @@ struct contiguous {
     }
   };
 
+  /// Slots between two heads of an owning cache: the capacity rounded up to the
+  /// codec's slot alignment (KIVI key groups), so every head starts a slot run.
+  template <Codec CodecT>
+  static std::int64_t head_stride_for(std::int64_t capacity, const typename CodecT::config& codec_config) {
+    const std::int64_t alignment = ::kvtrim::codec::slot_alignment<CodecT>(codec_config);
+    return detail::checked_mul("kvtrim::layout::contiguous::view::bytes", "capacity",
+                               (capacity + alignment - 1) / alignment, alignment);
+  }
+
   /// A non-owning view of a contiguous cache stored with `CodecT`.
   template <Codec CodecT, MemorySpace Space>
   struct view {
-    using layout_type = contiguous;
+    using layout_policy = contiguous;
     using codec = CodecT;
     using space = Space;
     using storage_type = typename CodecT::template storage<Space>;
@@ -58,66 +75,151 @@ struct contiguous {
     model_shape shape{};
     std::int64_t batch = 0;
     std::int64_t capacity = 0;  // slots per (sequence, kv head)
-    std::int64_t length = 0;    // tokens every (sequence, kv head) holds
     mapping map{};
+    /// Tokens every (sequence, kv head) holds: one number in the cache's memory
+    /// (the backend's space), so every copy of a view sees the same length.
+    std::int64_t* length = nullptr;
+    detail::position_table positions{};
 
     KVTRIM_HOST_DEVICE std::int64_t heads() const { return batch * shape.kv_heads; }
     KVTRIM_HOST_DEVICE std::int64_t slot(std::int64_t b, std::int64_t h, std::int64_t i) const {
       return b * map.batch_stride + h * map.head_stride + i * map.token_stride;
     }
-    KVTRIM_HOST_DEVICE std::int64_t head_length(std::int64_t /*b*/, std::int64_t /*h*/) const { return length; }
+    /// Reads the cache's memory: call it on the side that owns it (host for cpu, device for cuda).
+    KVTRIM_HOST_DEVICE std::int64_t head_length(std::int64_t /*b*/, std::int64_t /*h*/) const { return *length; }
+    KVTRIM_HOST_DEVICE float logit_bias(std::int64_t, std::int64_t, std::int64_t) const { return 0.0f; }
 
     /// Bytes an owning cache of this shape allocates.
     /// Throws kvtrim::error for a shape, batch or capacity no cache can have.
     static std::size_t bytes(const model_shape& shape, std::int64_t batch, std::int64_t capacity,
                              const typename CodecT::config& codec_config) {
-      constexpr std::string_view function = "kvtrim::layout::contiguous::view::bytes";
+      check_arguments("kvtrim::layout::contiguous::view::bytes", shape, batch, capacity, codec_config);
+      workspace_carver carver;
+      carve(carver, shape, batch, capacity, codec_config);
+      return carver.bytes();
+    }
+    /// An empty heads-major view over `memory` (of bytes(...) bytes). Host memory
+    /// is initialised to an empty cache; a device backend clears it with its own reset.
+    static view bind(void* memory, const model_shape& shape, std::int64_t batch, std::int64_t capacity,
+                     const typename CodecT::config& codec_config) {
+      check_arguments("kvtrim::layout::contiguous::view::bind", shape, batch, capacity, codec_config);
+      workspace_carver carver(workspace{memory, ~std::size_t{0}});
+      view result = carve(carver, shape, batch, capacity, codec_config);
+      if constexpr (std::same_as<Space, host_space>) {
+        *result.length = 0;
+        result.positions.clear(result.heads());
+      }
+      return result;
+    }
+
+   private:
+    static void check_arguments(std::string_view function, const model_shape& shape, std::int64_t batch,
+                                std::int64_t capacity, const typename CodecT::config& codec_config) {
       shape.validate(function);
       if (batch < 1) detail::fail(function, "batch", "at least one sequence", std::to_string(batch));
       if (capacity < 1) detail::fail(function, "capacity", "at least one slot per head", std::to_string(capacity));
+      if (capacity > detail::position_table::max_position)
+        detail::fail(function, "capacity", "at most 2^31 − 1 slots per head (positions are 32-bit)",
+                     std::to_string(capacity));
       codec_config.validate(function);
-      return CodecT::storage_bytes(codec_config, batch * shape.kv_heads * capacity, batch * shape.kv_heads,
-                                   shape.head_dim);
+      detail::checked_mul(function, "batch",
+                          detail::checked_mul(function, "batch", batch, shape.kv_heads),
+                          head_stride_for<CodecT>(capacity, codec_config));
     }
-    /// An empty heads-major view over `memory` (of bytes(...) bytes).
-    static view bind(void* memory, const model_shape& shape, std::int64_t batch, std::int64_t capacity,
-                     const typename CodecT::config& codec_config) {
+    static view carve(workspace_carver& carver, const model_shape& shape, std::int64_t batch, std::int64_t capacity,
+                      const typename CodecT::config& codec_config) {
+      const std::int64_t heads = batch * shape.kv_heads;
+      const std::int64_t stride = head_stride_for<CodecT>(capacity, codec_config);
+      const std::int64_t slots = heads * stride;
       view result;
-      result.storage = CodecT::template bind<Space>(codec_config, memory, batch * shape.kv_heads * capacity,
-                                                    batch * shape.kv_heads, shape.head_dim);
+      result.storage = detail::carve_codec_storage<CodecT, Space>(carver, codec_config, slots, heads, shape.head_dim,
+                                                                  ::kvtrim::codec::slot_alignment<CodecT>(codec_config));
       result.shape = shape;
       result.batch = batch;
       result.capacity = capacity;
-      result.map = mapping::heads_major(shape.kv_heads, capacity);
+      result.map = mapping{heads > 0 ? shape.kv_heads * stride : 0, stride, 1};
+      result.length = carver.take<std::int64_t>(1);
+      result.positions = detail::position_table::carve(carver, slots, heads);
       return result;
     }
   };
 
-  /// Throws unless `count` more tokens fit after what every head holds.
+  /// Throws unless `count` more tokens fit after what every head holds (host memory).
   template <class View>
   static void check_room(std::string_view function, const View& cache, std::int64_t count) {
-    if (cache.length + count > cache.capacity)
+    const std::int64_t length = *cache.length;
+    if (count > cache.capacity - length)
       detail::fail(function, "new_keys",
-                   detail::cat("at most ", cache.capacity - cache.length, " tokens (capacity ", cache.capacity,
-                               ", holding ", cache.length, ")"),
+                   detail::cat("at most ", cache.capacity - length, " tokens (capacity ", cache.capacity,
+                               ", holding ", length, ")"),
                    detail::cat(count, " tokens"));
   }
 
-  /// Throws unless the view's sizes and storage are sane.
+  /// Throws unless the view's sizes, pointers, mapping and storage are sane: O(1),
+  /// reads no memory of the cache (usable for device views from the host).
+  /// Every slot the mapping can name lies inside the codec's storage, heads do
+  /// not share slots, and the mapping keeps the codec's slot runs whole.
   template <class View>
   static void check(std::string_view function, const View& cache) {
     cache.shape.validate(function);
     if (cache.batch < 1) detail::fail(function, "cache.batch", "at least one sequence", std::to_string(cache.batch));
-    if (cache.capacity < 1)
-      detail::fail(function, "cache.capacity", "at least one slot per head", std::to_string(cache.capacity));
-    if (cache.length < 0 || cache.length > cache.capacity)
-      detail::fail(function, "cache.length", detail::cat("a length in [0, capacity = ", cache.capacity, "]"),
-                   std::to_string(cache.length));
-    if (cache.map.batch_stride < 0 || cache.map.head_stride < 0 || cache.map.token_stride < 0)
-      detail::fail(function, "cache.map", "non-negative slot strides",
-                   detail::cat("{", cache.map.batch_stride, ", ", cache.map.head_stride, ", ", cache.map.token_stride,
-                               "}"));
+    if (cache.capacity < 1 || cache.capacity > detail::position_table::max_position)
+      detail::fail(function, "cache.capacity", "between 1 and 2^31 − 1 slots per head", std::to_string(cache.capacity));
+    if (cache.length == nullptr || !cache.positions.bound())
+      detail::fail(function, "cache", "non-null length and position tables (a bound view)", "a null pointer");
+    const mapping& map = cache.map;
+    const auto strides = [&] {
+      return detail::cat("{", map.batch_stride, ", ", map.head_stride, ", ", map.token_stride, "}");
+    };
+    if (map.batch_stride < 0 || map.head_stride < 0 || map.token_stride < 0)
+      detail::fail(function, "cache.map", "non-negative slot strides", strides());
+    if ((cache.capacity > 1 && map.token_stride == 0) || (cache.shape.kv_heads > 1 && map.head_stride == 0) ||
+        (cache.batch > 1 && map.batch_stride == 0))
+      detail::fail(function, "cache.map", "non-zero strides on every axis longer than 1 (heads must not share slots)",
+                   strides());
+    {  // No two (b, h, i) share a slot: sorted by stride, each axis steps past the whole span of the smaller ones.
+      std::array<std::pair<std::int64_t, std::int64_t>, 3> axes{{{map.token_stride, cache.capacity},
+                                                                  {map.head_stride, cache.shape.kv_heads},
+                                                                  {map.batch_stride, cache.batch}}};
+      std::sort(axes.begin(), axes.end());
+      std::int64_t span = 1;  // slots covered by the smaller axes
+      for (const auto& [stride, extent] : axes) {
+        if (extent == 1) continue;
+        if (stride < span)
+          detail::fail(function, "cache.map",
+                       "strides under which no two (sequence, head, token) share a slot", strides());
+        span = detail::checked_mul(function, "cache.map", stride, extent);
+      }
+    }
+    const std::int64_t last_slot = detail::checked_add(
+        function, "cache.map",
+        detail::checked_add(function, "cache.map", detail::checked_mul(function, "cache.map", cache.batch - 1, map.batch_stride),
+                            detail::checked_mul(function, "cache.map", cache.shape.kv_heads - 1, map.head_stride)),
+        detail::checked_mul(function, "cache.map", cache.capacity - 1, map.token_stride));
+    const std::int64_t slots = detail::storage_slots(cache.storage);
+    if (slots >= 0 && last_slot >= slots)
+      detail::fail(function, "cache.map",
+                   detail::cat("strides whose last slot lies in the codec's storage of ", slots, " slots"),
+                   detail::cat(strides(), " reaching slot ", last_slot));
+    const std::int64_t run = detail::storage_slot_run(cache.storage);
+    if (run > 1 && (map.token_stride != 1 || map.head_stride % run != 0 || map.batch_stride % run != 0))
+      detail::fail(function, "cache.map",
+                   detail::cat("token_stride 1 and head/batch strides that are multiples of the codec's slot run ",
+                               run, " (its key groups span ", run, " adjacent slots of one head)"),
+                   strides());
     View::codec::check_storage(function, cache.storage, cache.shape.head_dim);
+  }
+
+  /// check(), plus what lives in the cache's memory (host views): the length.
+  template <class View>
+  static void validate(std::string_view function, const View& cache) {
+    check(function, cache);
+    if constexpr (std::same_as<typename View::space, host_space>) {
+      const std::int64_t length = *cache.length;
+      if (length < 0 || length > cache.capacity)
+        detail::fail(function, "cache.length", detail::cat("a length in [0, capacity = ", cache.capacity, "]"),
+                     std::to_string(length));
+    }
   }
 };
 

@@ -26,19 +26,23 @@
 // Backends: cpu.
 #pragma once
 
+#include <algorithm>
 #include <concepts>
+#include <numeric>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <string>
 #include <string_view>
 
+#include "kvtrim/codec/hooks.hpp"
 #include "kvtrim/core/concepts.hpp"
 #include "kvtrim/core/config.hpp"
 #include "kvtrim/core/error.hpp"
 #include "kvtrim/core/shape.hpp"
 #include "kvtrim/core/workspace.hpp"
 #include "kvtrim/layout/detail/compensation.hpp"
+#include "kvtrim/layout/detail/positions.hpp"
 #include "kvtrim/layout/detail/storage.hpp"
 
 namespace kvtrim::layout {
@@ -56,6 +60,14 @@ struct paged {
     std::int64_t page_size = default_page_size;
   };
 
+  /// The codec's slot run over pages of `page_size`: a page holds consecutive
+  /// tokens of one head starting at a multiple of page_size, so runs of
+  /// gcd(page_size, alignment) slots stay inside one key group (docs/composition.md §3).
+  template <class CodecT>
+  static std::int64_t slot_run(std::int64_t page_size, const typename CodecT::config& codec_config) {
+    return std::gcd(page_size, ::kvtrim::codec::slot_alignment<CodecT>(codec_config));
+  }
+
   /// Pages a head of `tokens` tokens occupies.
   KVTRIM_HOST_DEVICE static constexpr std::int64_t pages_for(std::int64_t tokens, std::int64_t page_size) {
     return (tokens + page_size - 1) / page_size;
@@ -63,6 +75,7 @@ struct paged {
 
   template <Codec CodecT, MemorySpace Space>
   struct view {
+    using layout_policy = paged;
     using codec = CodecT;
     using space = Space;
     using storage_type = typename CodecT::template storage<Space>;
@@ -79,6 +92,7 @@ struct paged {
     std::int32_t* free_pages = nullptr;     // [pages]: free page ids are free_pages[0 .. *free_count)
     std::int32_t* free_count = nullptr;     // [1]
     detail::compensation_table compensation{};
+    detail::position_table positions{};     // slot_position [pages · page_size], next_position [heads]
 
     KVTRIM_HOST_DEVICE std::int64_t heads() const { return batch * shape.kv_heads; }
     KVTRIM_HOST_DEVICE std::int64_t page_count(std::int64_t head) const { return indptr[head + 1] - indptr[head]; }
@@ -135,6 +149,7 @@ struct paged {
       for (std::int64_t k = 0; k < pages; ++k) free_pages[k] = static_cast<std::int32_t>(pages - 1 - k);
       *free_count = static_cast<std::int32_t>(pages);
       compensation.clear(heads());
+      positions.clear(heads());
     }
 
    private:
@@ -147,9 +162,10 @@ struct paged {
       if (pool.pages < 1 || pool.pages > std::numeric_limits<std::int32_t>::max())
         detail::fail(function, "pool.pages", "between 1 and 2^31 − 1 pages (page ids are 32-bit, as in FlashInfer)",
                      std::to_string(pool.pages));
-      if (batch * shape.kv_heads >= std::numeric_limits<std::int32_t>::max())
+      if (detail::checked_mul(function, "batch", batch, shape.kv_heads) >= std::numeric_limits<std::int32_t>::max())
         detail::fail(function, "batch", "fewer than 2^31 − 1 (sequence, kv head) pairs",
-                     std::to_string(batch * shape.kv_heads));
+                     detail::cat(batch, " × ", shape.kv_heads));
+      detail::checked_mul(function, "pool.pages", pool.pages, pool.page_size);
     }
 
     static view carve(workspace_carver& carver, const model_shape& shape, std::int64_t batch, const pool_size& pool,
@@ -157,7 +173,8 @@ struct paged {
       const std::int64_t heads = batch * shape.kv_heads;
       const std::int64_t slots = pool.pages * pool.page_size;
       view result;
-      result.storage = detail::carve_codec_storage<CodecT, Space>(carver, codec_config, slots, heads, shape.head_dim);
+      result.storage = detail::carve_codec_storage<CodecT, Space>(carver, codec_config, slots, heads, shape.head_dim,
+                                                                  slot_run<CodecT>(pool.page_size, codec_config));
       result.shape = shape;
       result.batch = batch;
       result.page_size = pool.page_size;
@@ -168,25 +185,91 @@ struct paged {
       result.free_pages = carver.take<std::int32_t>(pool.pages);
       result.free_count = carver.take<std::int32_t>(1);
       result.compensation = detail::compensation_table::carve(carver, heads);
+      result.positions = detail::position_table::carve(carver, slots, heads);
       return result;
     }
   };
 
-  /// Throws unless the view's sizes, metadata pointers and storage are sane.
+  /// Throws unless the view's sizes, metadata pointers and storage are sane:
+  /// O(1), reads none of the cache's memory (usable for device views from the host).
   template <class View>
   static void check(std::string_view function, const View& cache) {
     cache.shape.validate(function);
     if (cache.batch < 1) detail::fail(function, "cache.batch", "at least one sequence", std::to_string(cache.batch));
-    if (cache.page_size < 1)
-      detail::fail(function, "cache.page_size", "at least one token per page", std::to_string(cache.page_size));
+    if (cache.page_size < 1 || cache.page_size > detail::position_table::max_position)
+      detail::fail(function, "cache.page_size", "between 1 and 2^31 − 1 tokens per page",
+                   std::to_string(cache.page_size));
     if (cache.pages < 1 || cache.pages > std::numeric_limits<std::int32_t>::max())
       detail::fail(function, "cache.pages", "between 1 and 2^31 − 1 pages", std::to_string(cache.pages));
+    if (detail::checked_mul(function, "cache.batch", cache.batch, cache.shape.kv_heads) >=
+        std::numeric_limits<std::int32_t>::max())
+      detail::fail(function, "cache.batch", "fewer than 2^31 − 1 (sequence, kv head) pairs",
+                   detail::cat(cache.batch, " × ", cache.shape.kv_heads));
     if (cache.indptr == nullptr || cache.indices == nullptr || cache.last_page_len == nullptr ||
         cache.free_pages == nullptr || cache.free_count == nullptr || cache.compensation.index == nullptr ||
-        cache.compensation.bias == nullptr)
-      detail::fail(function, "cache", "non-null page tables, free list and compensation table (a bound view)",
+        cache.compensation.bias == nullptr || !cache.positions.bound())
+      detail::fail(function, "cache", "non-null page tables, free list, compensation and position tables (a bound view)",
                    "a null metadata pointer");
+    const std::int64_t slots = detail::checked_mul(function, "cache.pages", cache.pages, cache.page_size);
+    if (detail::storage_slots(cache.storage) < slots)
+      detail::fail(function, "cache.storage", detail::cat("a codec storage of at least pages · page_size = ", slots, " slots"),
+                   detail::cat(detail::storage_slots(cache.storage), " slots"));
+    const std::int64_t run = detail::storage_slot_run(cache.storage);
+    if (cache.page_size % run != 0)
+      detail::fail(function, "cache.page_size",
+                   detail::cat("a multiple of the codec's slot run ", run, " (the storage was bound for other pages)"),
+                   std::to_string(cache.page_size));
     View::codec::check_storage(function, cache.storage, cache.shape.head_dim);
+  }
+
+  /// check(), plus the page tables and the free list (host views, O(heads + pages)):
+  /// indptr starts at 0 and never decreases, every page id is in range, last
+  /// page lengths fit their pages, and the tables and free list together name
+  /// at most `pages` pages. An engine's hand-built table that fails this would
+  /// otherwise send a read or write outside the pool.
+  template <class View>
+  static void validate(std::string_view function, const View& cache) {
+    check(function, cache);
+    if constexpr (std::same_as<typename View::space, host_space>) {
+      const std::int64_t heads = cache.heads();
+      if (cache.indptr[0] != 0) detail::fail(function, "cache.indptr", "indptr[0] = 0", std::to_string(cache.indptr[0]));
+      for (std::int64_t head = 0; head < heads; ++head) {
+        const std::int64_t count = std::int64_t{cache.indptr[head + 1]} - cache.indptr[head];
+        if (count < 0 || cache.indptr[head + 1] > cache.pages)
+          detail::fail(function, "cache.indptr",
+                       detail::cat("non-decreasing entries in [0, pages = ", cache.pages, "]"),
+                       detail::cat("indptr[", head, "] = ", cache.indptr[head], ", indptr[", head + 1,
+                                   "] = ", cache.indptr[head + 1]));
+        const std::int64_t last = cache.last_page_len[head];
+        if (count == 0 ? last != 0 : (last < 1 || last > cache.page_size))
+          detail::fail(function, "cache.last_page_len",
+                       count == 0 ? std::string("0 for a head without pages")
+                                  : detail::cat("a length in [1, page_size = ", cache.page_size, "]"),
+                       detail::cat(last, " for head ", head));
+      }
+      const std::int64_t used = cache.indptr[heads];
+      for (std::int64_t k = 0; k < used; ++k)
+        if (cache.indices[k] < 0 || cache.indices[k] >= cache.pages)
+          detail::fail(function, "cache.indices", detail::cat("page ids in [0, ", cache.pages, ")"),
+                       detail::cat(cache.indices[k], " at indices[", k, "]"));
+      const std::int64_t free = *cache.free_count;
+      if (free < 0 || used + free > cache.pages)
+        detail::fail(function, "cache.free_count",
+                     detail::cat("a count in [0, pages − pages in tables = ", cache.pages - used, "]"),
+                     std::to_string(free));
+      for (std::int64_t k = 0; k < free; ++k)
+        if (cache.free_pages[k] < 0 || cache.free_pages[k] >= cache.pages)
+          detail::fail(function, "cache.free_pages", detail::cat("page ids in [0, ", cache.pages, ")"),
+                       detail::cat(cache.free_pages[k], " at free_pages[", k, "]"));
+      for (std::int64_t head = 0; head < heads; ++head) {
+        const std::int64_t index = cache.compensation.index[head];
+        const std::int64_t length = cache.head_length(head / cache.shape.kv_heads, head % cache.shape.kv_heads);
+        if (index != -1 && (index < 0 || index >= length))
+          detail::fail(function, "cache.compensation.index",
+                       detail::cat("−1 or a token the head holds (< ", length, ")"),
+                       detail::cat(index, " for head ", head));
+      }
+    }
   }
 };
 

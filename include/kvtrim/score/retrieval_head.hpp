@@ -65,7 +65,7 @@ struct retrieval_head {
   static constexpr bool ragged_heads = true;
   /// scheme takes the keep counts from this scorer (with budget::by_scorer) ...
   static constexpr bool sets_keep_counts = true;
-  /// ... and lets it write the compensation tokens after compaction.
+  /// ... and hands compaction a compensation token per compressed head.
   static constexpr bool compensates = true;
   static constexpr std::int64_t max_tokens = static_window::max_tokens;
 
@@ -92,12 +92,21 @@ struct retrieval_head {
   /// W = max(W_min, ⌊ρ·T⌋).
   static std::int64_t recent_window(const config& cfg, std::int64_t tokens) {
     const auto fraction = static_cast<std::int64_t>(std::floor(cfg.recent_fraction * static_cast<double>(tokens)));
-    return std::max(cfg.min_recent, fraction);
+    return std::min(tokens, std::max(cfg.min_recent, fraction));  // a window of INT64_MAX means "all"
   }
   /// Tokens a non-retrieval head drops (N_d), 0 when it is left whole (T − S − W − 1 ≤ 0).
   static std::int64_t dropped(const config& cfg, std::int64_t tokens) {
-    const std::int64_t drop = tokens - cfg.sinks - recent_window(cfg, tokens);
+    const std::int64_t drop = tokens - std::min(tokens, cfg.sinks) - recent_window(cfg, tokens);
     return drop - 1 > 0 ? drop : 0;
+  }
+  /// Tokens kv head h keeps out of `tokens` (scheme::plan_capacity).
+  static std::int64_t head_keep(const config& cfg, const model_shape& shape, std::int64_t h, std::int64_t tokens) {
+    cfg.validate("kvtrim::score::retrieval_head");
+    if (static_cast<std::int64_t>(cfg.retrieval.size()) != shape.kv_heads)
+      detail::fail("kvtrim::score::retrieval_head", "config.score.retrieval",
+                   detail::cat("one retrieval flag per kv head (", shape.kv_heads, ")"),
+                   detail::cat(cfg.retrieval.size(), " flags"));
+    return keep_count(cfg, cfg.retrieval[static_cast<std::size_t>(h)], tokens);
   }
   /// Tokens head `h` keeps out of `tokens`.
   static std::int64_t keep_count(const config& cfg, bool retrieval, std::int64_t tokens) {

@@ -2,10 +2,8 @@
 // selected tokens back to back with even headroom, append (to every head or to
 // one head) into the headroom, and repack in place when a head's region is full.
 //
-// Repacking moves tokens through the codec: a codec that can move a slot as
-// stored provides `move_slot(storage, head, from, to)`; otherwise the token is
-// decoded and encoded again, which is exact for codec::plain (decoding is
-// exact and encoding a representable value returns it).
+// Repacking moves tokens as stored (codec::move_slot) with their positions;
+// regions start at whole slot runs of the codec (docs/composition.md §3).
 #pragma once
 
 #include <array>
@@ -13,7 +11,7 @@
 #include <string_view>
 
 #include "kvtrim/backend/cpu.hpp"
-#include "kvtrim/backend/cpu/detail/ragged_writes.hpp"
+#include "kvtrim/backend/cpu/detail/writes.hpp"
 #include "kvtrim/core/implementation.hpp"
 #include "kvtrim/core/selection.hpp"
 #include "kvtrim/layout/flat.hpp"
@@ -24,17 +22,20 @@ template <>
 struct implementation<layout::flat, backend::cpu> {
   template <class CodecT, class KeyT>
   static void compact(layout::flat::view<CodecT, host_space>& cache, const kv_view<KeyT>& keys,
-                      const kv_view<KeyT>& values, const selection_view<host_space>& kept,
-                      std::int64_t /*uniform_keep*/, backend::host_stream) {
-    const std::int64_t total = kept.offsets[kept.heads];
-    if (total > cache.capacity)
+                      const kv_view<KeyT>& values, const selection_view<host_space>& kept, const compact_args& args,
+                      backend::host_stream) {
+    std::int64_t runs = 0;
+    for (std::int64_t head = 0; head < kept.heads; ++head) runs += cache.runs_for(kept.count(head));
+    if (runs * cache.run() > cache.capacity)
       detail::fail("kvtrim::layout::flat::compact", "cache",
-                   detail::cat("at least ", total, " slots for this selection"),
+                   detail::cat("at least ", runs * cache.run(), " slots for this selection (", kept.offsets[kept.heads],
+                               " tokens", cache.run() > 1 ? detail::cat(" in whole runs of ", cache.run()) : "", ")"),
                    detail::cat(cache.capacity, " slots (buffer exhausted)"));
+    const detail::kept_source<KeyT> source(keys, values, kept, args);
     for (std::int64_t head = 0; head < kept.heads; ++head) cache.lengths[head] = kept.count(head);
     cache.place_evenly();
-    cache.compensation.clear(cache.heads());
-    for (std::int64_t head = 0; head < kept.heads; ++head) detail::encode_kept_tokens(cache, keys, values, kept, head);
+    for (std::int64_t head = 0; head < kept.heads; ++head) detail::write_kept_head(cache, source, head);
+    detail::record_compensation(cache, args.compensation);
   }
 
   /// Appends new_keys/new_values [B, H, n, D] to every head.
@@ -65,19 +66,23 @@ struct implementation<layout::flat, backend::cpu> {
   template <class CodecT>
   static void repack(layout::flat::view<CodecT, host_space>& cache, std::int64_t target, std::int64_t count) {
     const std::int64_t heads = cache.heads();
-    std::int64_t packed = 0;
+    const std::int64_t run = cache.run();
+    std::int64_t packed = 0;  // a multiple of run: regions start at whole runs
     for (std::int64_t head = 0; head < heads; ++head) {
       for (std::int64_t i = 0; i < cache.lengths[head]; ++i)
         move_slot(cache, head, cache.offsets[head] + i, packed + i);
       cache.offsets[head] = packed;
-      packed += cache.lengths[head];
+      packed += cache.runs_for(cache.lengths[head]) * run;
     }
     const auto reserve = [&](std::int64_t head) { return target == every_head || head == target ? count : 0; };
-    const std::int64_t spare = cache.capacity - packed - (target == every_head ? heads * count : count);
+    std::int64_t needed_runs = 0;
+    for (std::int64_t head = 0; head < heads; ++head) needed_runs += cache.runs_for(cache.lengths[head] + reserve(head));
+    const std::int64_t spare = cache.capacity / run - needed_runs;
     std::int64_t end = cache.capacity;
     cache.offsets[heads] = cache.capacity;
     for (std::int64_t head = heads; head-- > 0;) {
-      const std::int64_t begin = end - cache.lengths[head] - reserve(head) - cache.even_share(head, heads, spare);
+      const std::int64_t begin =
+          end - (cache.runs_for(cache.lengths[head] + reserve(head)) + cache.even_share(head, heads, spare)) * run;
       for (std::int64_t i = cache.lengths[head]; i-- > 0;) move_slot(cache, head, cache.offsets[head] + i, begin + i);
       cache.offsets[head] = begin;
       end = begin;
@@ -94,13 +99,15 @@ struct implementation<layout::flat, backend::cpu> {
   template <class CodecT>
   static void make_room(layout::flat::view<CodecT, host_space>& cache, std::int64_t target, std::int64_t count) {
     const std::int64_t heads = cache.heads();
-    const std::int64_t needed = target == every_head ? heads * count : count;
-    const std::int64_t free = cache.capacity - cache.tokens_held();
-    if (free < needed)
+    std::int64_t needed_runs = 0;
+    for (std::int64_t head = 0; head < heads; ++head)
+      needed_runs += cache.runs_for(cache.lengths[head] + (target == every_head || head == target ? count : 0));
+    if (needed_runs * cache.run() > cache.capacity)
       detail::fail("kvtrim::layout::flat::append", "cache",
-                   detail::cat("a buffer with ", needed, " free slots for ", count, " more tokens",
-                               target == every_head ? " per head" : " in one head"),
-                   detail::cat(free, " free of ", cache.capacity, " (buffer exhausted)"));
+                   detail::cat("a buffer with room for ", count, " more tokens",
+                               target == every_head ? " per head" : " in one head", " (", needed_runs * cache.run(),
+                               " slots in all)"),
+                   detail::cat(cache.capacity - cache.tokens_held(), " free of ", cache.capacity, " (buffer exhausted)"));
     bool fits = true;
     for (std::int64_t head = 0; head < heads; ++head)
       if ((target == every_head || head == target) && cache.lengths[head] + count > cache.region(head)) fits = false;
@@ -111,22 +118,18 @@ struct implementation<layout::flat, backend::cpu> {
   static void write_next(const View& cache, const kv_view<KeyT>& new_keys, const kv_view<KeyT>& new_values,
                          std::int64_t b, std::int64_t h, std::int64_t count) {
     const std::int64_t length = cache.head_length(b, h);
-    detail::encode_appended_tokens(cache, new_keys, new_values, b, h, length, count);
+    detail::write_appended(cache, new_keys, new_values, b, h, length, count);
     cache.lengths[b * cache.shape.kv_heads + h] = length + count;
   }
 
+  /// Moves one stored token and its position; the codec moves what it keeps per
+  /// slot (and per run, when `from` starts one).
   template <class CodecT>
   static void move_slot(const layout::flat::view<CodecT, host_space>& cache, std::int64_t head, std::int64_t from,
                         std::int64_t to) {
     if (from == to) return;
-    if constexpr (requires { CodecT::move_slot(cache.storage, head, from, to); }) {
-      CodecT::move_slot(cache.storage, head, from, to);
-    } else {
-      std::array<float, max_head_dim> key{}, value{};
-      CodecT::decode_key(cache.storage, head, from, key.data());
-      CodecT::decode_value(cache.storage, head, from, value.data());
-      CodecT::encode(cache.storage, head, to, key.data(), value.data());
-    }
+    codec::move_slot<CodecT>(cache.storage, head, from, to, cache.positions.slot_position[from]);
+    cache.positions.slot_position[to] = cache.positions.slot_position[from];
   }
 };
 

@@ -10,7 +10,7 @@
 #include <string_view>
 
 #include "kvtrim/backend/cpu.hpp"
-#include "kvtrim/backend/cpu/detail/ragged_writes.hpp"
+#include "kvtrim/backend/cpu/detail/writes.hpp"
 #include "kvtrim/core/implementation.hpp"
 #include "kvtrim/core/selection.hpp"
 #include "kvtrim/layout/paged.hpp"
@@ -21,8 +21,8 @@ template <>
 struct implementation<layout::paged, backend::cpu> {
   template <class CodecT, class KeyT>
   static void compact(layout::paged::view<CodecT, host_space>& cache, const kv_view<KeyT>& keys,
-                      const kv_view<KeyT>& values, const selection_view<host_space>& kept,
-                      std::int64_t /*uniform_keep*/, backend::host_stream) {
+                      const kv_view<KeyT>& values, const selection_view<host_space>& kept, const compact_args& args,
+                      backend::host_stream) {
     constexpr std::string_view function = "kvtrim::layout::paged::compact";
     std::int64_t needed = 0;
     for (std::int64_t head = 0; head < kept.heads; ++head)
@@ -33,6 +33,7 @@ struct implementation<layout::paged, backend::cpu> {
                                " tokens for this selection (", kept.offsets[kept.heads], " tokens)"),
                    detail::cat(cache.pages, " pages (pool exhausted)"));
 
+    const detail::kept_source<KeyT> source(keys, values, kept, args);
     cache.reset();
     std::int32_t* free_count = cache.free_count;
     for (std::int64_t head = 0; head < kept.heads; ++head) {
@@ -42,8 +43,9 @@ struct implementation<layout::paged, backend::cpu> {
       for (std::int64_t p = 0; p < page_count; ++p) cache.indices[begin + p] = cache.free_pages[--*free_count];
       cache.indptr[head + 1] = static_cast<std::int32_t>(begin + page_count);
       cache.last_page_len[head] = static_cast<std::int32_t>(count == 0 ? 0 : (count - 1) % cache.page_size + 1);
-      detail::encode_kept_tokens(cache, keys, values, kept, head);
+      detail::write_kept_head(cache, source, head);
     }
+    detail::record_compensation(cache, args.compensation);
   }
 
   /// Appends new_keys/new_values [B, H, n, D] to every head.
@@ -110,7 +112,7 @@ struct implementation<layout::paged, backend::cpu> {
   template <class View, class KeyT>
   static void write_last(const View& cache, const kv_view<KeyT>& new_keys, const kv_view<KeyT>& new_values,
                          std::int64_t b, std::int64_t h, std::int64_t count) {
-    detail::encode_appended_tokens(cache, new_keys, new_values, b, h, cache.head_length(b, h) - count, count);
+    detail::write_appended(cache, new_keys, new_values, b, h, cache.head_length(b, h) - count, count);
   }
 };
 

@@ -45,42 +45,45 @@ struct implementation<score::retrieval_head, backend::cpu> {
           policy::keep_count(cfg, cfg.retrieval[static_cast<std::size_t>(head % shape.kv_heads)], tokens));
   }
 
-  /// Overwrites the placeholder at index S of every compressed head with the
-  /// mean of its dropped keys and values (accumulated in double) and records
-  /// the logit bias ln N_d in the layout's compensation table.
-  template <class View, class KeyT>
-  static void compensate(const policy::config& cfg, const model_shape& shape, const kv_view<KeyT>& keys,
-                         const kv_view<KeyT>& values, const selection_view<host_space>& kept, View& cache,
-                         backend::host_stream) {
-    if (!cfg.compensation) return;
+  /// The compensation token of every compressed head, computed before
+  /// compaction so the layout writes it in place of the placeholder it kept at
+  /// index S, through the codec's ordered encode like any other token: key and
+  /// value are the means of the dropped ones (accumulated in double), its logit
+  /// bias ln N_d, its position the last dropped token's (docs/composition.md §1).
+  template <class KeyT>
+  static void compensation_rows(const policy::config& cfg, const model_shape& shape, const kv_view<KeyT>& keys,
+                                const kv_view<KeyT>& values, const selection_view<host_space>& kept,
+                                std::int64_t start_position, const detail::compensation_rows& rows,
+                                backend::host_stream) {
     const std::int64_t tokens = keys.extent(2);
     const std::int64_t dropped = policy::dropped(cfg, tokens);
-    if (dropped == 0) return;
     const std::int64_t first = cfg.sinks;  // dropped tokens: [S, S + N_d) = [S, T − W)
+    const std::int64_t head_dim = shape.head_dim;
     std::array<double, max_head_dim> key_sum{}, value_sum{};
-    std::array<float, max_head_dim> key_mean{}, value_mean{};
-    for (std::int64_t b = 0; b < cache.batch; ++b)
-      for (std::int64_t h = 0; h < shape.kv_heads; ++h) {
-        const std::int64_t head = b * shape.kv_heads + h;
-        if (kept.count(head) == tokens) continue;  // a retrieval head
-        if (kept.tokens[kept.offsets[head] + first] != first)
-          detail::fail("kvtrim::score::retrieval_head::compensate", "selection",
-                       detail::cat("the placeholder token ", first, " kept at index ", first),
-                       detail::cat("token ", kept.tokens[kept.offsets[head] + first], " in head ", head));
-        for (std::int64_t d = 0; d < shape.head_dim; ++d) key_sum[d] = value_sum[d] = 0.0;
-        for (std::int64_t t = first; t < first + dropped; ++t)
-          for (std::int64_t d = 0; d < shape.head_dim; ++d) {
-            key_sum[d] += static_cast<double>(to_float(keys(b, h, t, d)));
-            value_sum[d] += static_cast<double>(to_float(values(b, h, t, d)));
-          }
-        for (std::int64_t d = 0; d < shape.head_dim; ++d) {
-          key_mean[d] = static_cast<float>(key_sum[d] / static_cast<double>(dropped));
-          value_mean[d] = static_cast<float>(value_sum[d] / static_cast<double>(dropped));
+    for (std::int64_t head = 0; head < kept.heads; ++head) {
+      rows.index[head] = -1;
+      rows.bias[head] = 0.0f;
+      rows.position[head] = 0;
+      if (!cfg.compensation || dropped == 0 || kept.count(head) == tokens) continue;  // whole (retrieval) head
+      if (kept.tokens[kept.offsets[head] + first] != first)
+        detail::fail("kvtrim::score::retrieval_head::compensate", "selection",
+                     detail::cat("the placeholder token ", first, " kept at index ", first),
+                     detail::cat("token ", kept.tokens[kept.offsets[head] + first], " in head ", head));
+      const std::int64_t b = head / shape.kv_heads, h = head % shape.kv_heads;
+      for (std::int64_t d = 0; d < head_dim; ++d) key_sum[d] = value_sum[d] = 0.0;
+      for (std::int64_t t = first; t < first + dropped; ++t)
+        for (std::int64_t d = 0; d < head_dim; ++d) {
+          key_sum[d] += static_cast<double>(to_float(keys(b, h, t, d)));
+          value_sum[d] += static_cast<double>(to_float(values(b, h, t, d)));
         }
-        View::codec::encode(cache.storage, head, cache.slot(b, h, first), key_mean.data(), value_mean.data());
-        cache.compensation.index[head] = static_cast<std::int32_t>(first);
-        cache.compensation.bias[head] = static_cast<float>(std::log(static_cast<double>(dropped)));
+      for (std::int64_t d = 0; d < head_dim; ++d) {
+        rows.keys[head * head_dim + d] = static_cast<float>(key_sum[d] / static_cast<double>(dropped));
+        rows.values[head * head_dim + d] = static_cast<float>(value_sum[d] / static_cast<double>(dropped));
       }
+      rows.index[head] = static_cast<std::int32_t>(first);
+      rows.bias[head] = static_cast<float>(std::log(static_cast<double>(dropped)));
+      rows.position[head] = start_position + first + dropped - 1;
+    }
   }
 };
 

@@ -559,7 +559,7 @@ struct implementation<stage::decode_attention, backend::cuda> {
   template <class View, class QueryT, class OutT>
   static void attend(const tensor_view<QueryT, 3, device_space>& queries, const View& cache,
                      const tensor_view<OutT, 3, device_space>& out, workspace scratch, cudaStream_t stream) {
-    static_assert(std::is_same_v<typename View::layout_type, layout::contiguous>,
+    static_assert(std::is_same_v<typename View::layout_policy, layout::contiguous>,
                   "kvtrim: backend::cuda decode attention reads layout::contiguous caches for now");
     static_assert(codec::is_plain<typename View::codec>,
                   "kvtrim: backend::cuda decode attention reads codec::fp16 / bf16 / fp32 for now");

@@ -1,0 +1,120 @@
+// kvtrim/backend/cpu/detail/writes.hpp — the one path by which the CPU reference
+// writes a token into any layout (docs/composition.md §1–2).
+//
+// Every layout decides where a head's logical index lives (view.slot); these
+// functions fill it: the codec's ordered encode with the token's position, and
+// the position in the layout's table. Compaction reads its rows from a
+// `kept_source`, which substitutes a scorer's compensation token
+// (RazorAttention) for the placeholder it kept, so that token goes through the
+// same encode as every other — in order, with a position — never a second
+// write to a slot already encoded.
+#pragma once
+
+#include <array>
+#include <cstdint>
+
+#include "kvtrim/codec/hooks.hpp"
+#include "kvtrim/core/element.hpp"
+#include "kvtrim/core/selection.hpp"
+#include "kvtrim/core/shape.hpp"
+#include "kvtrim/core/view.hpp"
+
+namespace kvtrim::detail {
+
+/// The rows compaction writes: kept token i of a head is input token kept.tokens[…],
+/// at position start_position + token, unless it is the head's compensation token.
+template <class KeyT>
+struct kept_source {
+  kv_view<KeyT> keys;
+  kv_view<KeyT> values;
+  selection_view<host_space> kept;
+  std::int64_t start_position = 0;
+  const compensation_rows* compensation = nullptr;
+
+  kept_source(const kv_view<KeyT>& keys_in, const kv_view<KeyT>& values_in, const selection_view<host_space>& kept_in,
+              const compact_args& args)
+      : keys(keys_in), values(values_in), kept(kept_in), start_position(args.start_position),
+        compensation(args.compensation) {}
+
+  std::int64_t count(std::int64_t head) const { return kept.count(head); }
+  std::int64_t sequence_length() const { return keys.extent(2); }
+
+  /// Fills key/value (head_dim floats) for kept row i of (b, h); returns its position.
+  std::int64_t row(std::int64_t b, std::int64_t h, std::int64_t head, std::int64_t i, float* key,
+                   float* value) const {
+    const std::int64_t head_dim = keys.extent(3);
+    if (compensation != nullptr && compensation->index[head] == i) {
+      for (std::int64_t d = 0; d < head_dim; ++d) {
+        key[d] = compensation->keys[head * head_dim + d];
+        value[d] = compensation->values[head * head_dim + d];
+      }
+      return compensation->position[head];
+    }
+    const std::int64_t token = kept.tokens[kept.offsets[head] + i];
+    for (std::int64_t d = 0; d < head_dim; ++d) {
+      key[d] = to_float(keys(b, h, token, d));
+      value[d] = to_float(values(b, h, token, d));
+    }
+    return start_position + token;
+  }
+};
+
+/// Encodes one token at `slot` of flattened head `head` and records its position.
+template <class View>
+void write_token(const View& cache, std::int64_t head, std::int64_t slot, std::int64_t position, const float* key,
+                 const float* value) {
+  codec::encode_at<typename View::codec>(cache.storage, head, slot, key, value, position);
+  cache.positions.slot_position[slot] = static_cast<std::int32_t>(position);
+}
+
+/// Rewrites flattened head `head` with its kept rows at logical indices 0, 1, …
+/// (ascending token order), after letting a stateful codec (low-rank bases, fp8
+/// scales, key groups) prepare the head from exactly those rows; sets the
+/// head's next position to the end of the prefill.
+template <class View, class KeyT>
+void write_kept_head(const View& cache, const kept_source<KeyT>& source, std::int64_t head) {
+  const std::int64_t b = head / cache.shape.kv_heads;
+  const std::int64_t h = head % cache.shape.kv_heads;
+  const auto rows = [&](std::int64_t i, float* key, float* value) { source.row(b, h, head, i, key, value); };
+  codec::prepare_head<typename View::codec>(cache.storage, head, source.sequence_length(), source.count(head), rows);
+  std::array<float, max_head_dim> key{}, value{};
+  for (std::int64_t i = 0; i < source.count(head); ++i) {
+    const std::int64_t position = source.row(b, h, head, i, key.data(), value.data());
+    write_token(cache, head, cache.slot(b, h, i), position, key.data(), value.data());
+  }
+  cache.positions.next_position[head] = source.start_position + source.sequence_length();
+}
+
+/// Writes tokens 0..count−1 of input head (b, h) to the head's logical indices
+/// first, first + 1, … at its next positions, and advances its next position.
+template <class View, class KeyT>
+void write_appended(const View& cache, const kv_view<KeyT>& keys, const kv_view<KeyT>& values, std::int64_t b,
+                    std::int64_t h, std::int64_t first, std::int64_t count) {
+  const std::int64_t head = b * cache.shape.kv_heads + h;
+  std::array<float, max_head_dim> key{}, value{};
+  const std::int64_t next = cache.positions.next_position[head];
+  for (std::int64_t i = 0; i < count; ++i) {
+    for (std::int64_t d = 0; d < cache.shape.head_dim; ++d) {
+      key[d] = to_float(keys(b, h, i, d));
+      value[d] = to_float(values(b, h, i, d));
+    }
+    write_token(cache, head, cache.slot(b, h, first + i), next + i, key.data(), value.data());
+  }
+  cache.positions.next_position[head] = next + count;
+}
+
+/// Copies a layout's compensation entries from the rows a scorer computed.
+template <class View>
+void record_compensation(const View& cache, const compensation_rows* compensation) {
+  if constexpr (requires { cache.compensation; }) {
+    cache.compensation.clear(cache.heads());
+    if (compensation == nullptr) return;
+    for (std::int64_t head = 0; head < cache.heads(); ++head)
+      if (compensation->index[head] >= 0) {
+        cache.compensation.index[head] = compensation->index[head];
+        cache.compensation.bias[head] = compensation->bias[head];
+      }
+  }
+}
+
+}  // namespace kvtrim::detail
