@@ -8,6 +8,7 @@ option(KVTRIM_BUILD_CPU_TESTS "Build the CPU test suite (off in CUDA-only builds
 option(KVTRIM_BUILD_BENCH "Build kvtrim's benchmarks" ${PROJECT_IS_TOP_LEVEL})
 option(KVTRIM_BUILD_EXAMPLES "Build kvtrim's examples" ${PROJECT_IS_TOP_LEVEL})
 option(KVTRIM_INSTALL "Generate kvtrim's install rules" ${PROJECT_IS_TOP_LEVEL})
+option(KVTRIM_OPENMP "Thread the CPU backend over (sequence, head) with OpenMP when the compiler has it (results do not depend on it)" ON)
 set(KVTRIM_CUDA "AUTO" CACHE STRING "Use CUDA: AUTO (when nvcc is found), ON (required), OFF")
 set_property(CACHE KVTRIM_CUDA PROPERTY STRINGS AUTO ON OFF)
 

@@ -13,11 +13,13 @@
 // (= head_dim), half-split.
 #pragma once
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <string_view>
 
 #include "kvtrim/core/error.hpp"
+#include "kvtrim/core/shape.hpp"
 
 namespace kvtrim {
 
@@ -40,14 +42,34 @@ struct rope {
                    std::to_string(rotary_dim));
   }
 
+  /// inv_freq_i = theta^(−2i / dim) for i < dim / 2, computed once per (theta,
+  /// dim) and thread (the last one used is kept): apply() no longer calls pow per
+  /// pair per token, with the same bits.
+  const double* inverse_frequencies(std::int64_t dim) const {
+    struct table {
+      double theta = 0.0;
+      std::int64_t dim = 0;
+      std::array<double, max_head_dim / 2> inv_freq{};
+    };
+    thread_local table cached;
+    if (cached.theta != theta || cached.dim != dim) {
+      for (std::int64_t i = 0; i < dim / 2; ++i)
+        cached.inv_freq[static_cast<std::size_t>(i)] =
+            std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(dim));
+      cached.theta = theta;
+      cached.dim = dim;
+    }
+    return cached.inv_freq.data();
+  }
+
   /// Rotates x (head_dim floats) in place to `position`; `sign` −1 undoes it.
   void apply(float* x, std::int64_t head_dim, std::int64_t position, int sign = 1) const {
     const std::int64_t dim = rotated(head_dim);
     const std::int64_t pair_count = dim / 2;
+    const double* inv_freq = inverse_frequencies(dim);
     for (std::int64_t i = 0; i < pair_count; ++i) {
       // double: positions reach 10^6 and a float angle would lose its fraction.
-      const double angle = static_cast<double>(sign) * static_cast<double>(position) *
-                           std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(dim));
+      const double angle = static_cast<double>(sign) * static_cast<double>(position) * inv_freq[i];
       const double cosine = std::cos(angle), sine = std::sin(angle);
       const std::int64_t a = pairs == pairing::half_split ? i : 2 * i;
       const std::int64_t b = pairs == pairing::half_split ? i + pair_count : 2 * i + 1;

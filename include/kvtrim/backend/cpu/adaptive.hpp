@@ -5,6 +5,13 @@
 // the layer's budget out by merging the heads' remaining ranked tokens — an
 // H-way merge in the order ranks_before(score, h·T + token), i.e. one top-k
 // across heads with ties to the lower (head, token) index.
+//
+// Ranking once (issue 9): nothing here sorts. The guaranteed prefix of each
+// head is a partition (std::nth_element) and the merge is one partition of the
+// remaining candidates at the pool size — the same counts as the sort-and-merge
+// it replaced (ranks_before is a strict total order, so "the first n" is one
+// set), in O(H·T). The only ordering a compress then does is select_top_k's
+// partition of each head and the sort of its kept indices.
 #pragma once
 
 #include <algorithm>
@@ -38,45 +45,46 @@ struct implementation<budget::adaptive, backend::cpu> {
     const parts p = carve(carver, heads, tokens);
     for (std::int64_t b = 0; b < batch; ++b) {
       std::int64_t pool = heads * budget;  // what the guaranteed prefixes leave to share
+      std::int64_t candidates = 0;
       for (std::int64_t h = 0; h < heads; ++h) {
-        std::int32_t* order = p.order + h * tokens;
-        for (std::int32_t j = 0; j < tokens; ++j) order[j] = j;
-        std::sort(order, order + tokens, [&](std::int32_t left, std::int32_t right) {
-          return detail::ranks_before(scores(b, h, left), left, scores(b, h, right), right);
-        });
         std::int64_t protected_tokens = 0;
         for (std::int64_t j = 0; j < tokens; ++j) protected_tokens += scores(b, h, j) == std::numeric_limits<float>::infinity() ? 1 : 0;
         p.count[h] = budget::adaptive::guaranteed(cfg, budget, protected_tokens, h);
         pool -= p.count[h];
+        const std::int64_t guaranteed = std::clamp<std::int64_t>(p.count[h], 0, tokens);
+        // The head's first `guaranteed` in rank order: a partition, not a sort.
+        std::int32_t* order = p.order;
+        for (std::int32_t j = 0; j < tokens; ++j) order[j] = j;
+        if (guaranteed > 0 && guaranteed < tokens)
+          std::nth_element(order, order + guaranteed - 1, order + tokens, [&](std::int32_t left, std::int32_t right) {
+            return detail::ranks_before(scores(b, h, left), left, scores(b, h, right), right);
+          });
+        for (std::int64_t j = guaranteed; j < tokens; ++j) p.candidates[candidates++] = h * tokens + order[j];
       }
-      for (; pool > 0; --pool) {  // one pool token at a time: the best front among the heads
-        std::int64_t best = -1;
-        for (std::int64_t h = 0; h < heads; ++h) {
-          if (p.count[h] >= tokens) continue;
-          const std::int32_t token = p.order[h * tokens + p.count[h]];
-          if (best < 0) {
-            best = h;
-            continue;
-          }
-          const std::int32_t best_token = p.order[best * tokens + p.count[best]];
-          if (detail::ranks_before(scores(b, h, token), h * tokens + token, scores(b, best, best_token),
-                                   best * tokens + best_token))
-            best = h;
-        }
-        ++p.count[best];
-      }
+      // Merging the heads' ranked remainders and taking `pool` of them is taking the
+      // `pool` best candidates in ranks_before(score, h·T + token) order.
+      const auto score_of = [&](std::int64_t index) { return scores(b, index / tokens, index % tokens); };
+      const std::int64_t taken = std::clamp<std::int64_t>(pool, 0, candidates);
+      if (taken > 0 && taken < candidates)
+        std::nth_element(p.candidates, p.candidates + taken - 1, p.candidates + candidates,
+                         [&](std::int64_t left, std::int64_t right) {
+                           return detail::ranks_before(score_of(left), left, score_of(right), right);
+                         });
+      for (std::int64_t c = 0; c < taken; ++c) ++p.count[p.candidates[c] / tokens];
       for (std::int64_t h = 0; h < heads; ++h) keep_counts[b * heads + h] = static_cast<std::int32_t>(p.count[h]);
     }
   }
 
  private:
   struct parts {
-    std::int32_t* order = nullptr;  // [heads, tokens]: each head's tokens in rank order
-    std::int64_t* count = nullptr;  // [heads]: tokens taken so far
+    std::int32_t* order = nullptr;       // [tokens]: one head's tokens, partitioned
+    std::int64_t* candidates = nullptr;  // [heads·tokens]: h·T + token past each head's guaranteed prefix
+    std::int64_t* count = nullptr;       // [heads]: tokens kept
   };
   static parts carve(workspace_carver& carver, std::int64_t heads, std::int64_t tokens) {
     parts p;
-    p.order = carver.take<std::int32_t>(heads * tokens);
+    p.order = carver.take<std::int32_t>(tokens);
+    p.candidates = carver.take<std::int64_t>(heads * tokens);
     p.count = carver.take<std::int64_t>(heads);
     return p;
   }

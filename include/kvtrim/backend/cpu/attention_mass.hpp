@@ -1,12 +1,36 @@
 // kvtrim/backend/cpu/attention_mass.hpp — CPU reference of the attention mass
 // shared by score::snapkv and score::h2o (see score/attention_mass.hpp).
+//
+// Math (unchanged from the scalar reference it replaced; the test
+// tests/cpu/cpu_speed_test.cpp keeps that scalar code and checks these bits
+// against it): for observed query t of query head g at position p = T − n_q + t,
+//   l_j = (q_t · k_j) · (1/√D)   in fp32, the dot summed over d = 0, 1, …, D−1 in order,
+//   m   = max_j≤p l_j,  e_j = exp(l_j − m),  Z = Σ_{j≤p} e_j left to right,
+//   accumulator_g[j] += e_j / Z   (t in order; torch's fp32 softmax).
+//
+// How it runs: per (sequence, kv head) unit — units on OpenMP threads
+// (backend/cpu.hpp) — the unit's keys are converted to fp32 once (K read once
+// for the whole GQA group), and the group's observed queries, stacked g-major
+// (rows (g, t)), are multiplied by Kᵀ with one Eigen matrix product per block
+// of `row_block` rows and `column_block` keys: logits[rows, keys ≤ the block's
+// last position]. Eigen's GEMM micro-kernel sums each dot over d in order from
+// zero, exactly as the scalar loop, when rows and columns fill its panels: rows
+// are padded to a multiple of 48, products are a multiple of 32 columns, depth
+// ≤ 512; remainders use the scalar loop (see attention_mass_column_block).
+// tests/cpu/cpu_speed_test.cpp checks the bits against the scalar reference. The softmax per row then runs on the
+// stored logits with each exp computed once (the scalar reference computed it
+// twice, with the same result).
 #pragma once
 
-#include <array>
+#include <Eigen/Core>
+
+#include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <limits>
 
+#include "kvtrim/backend/cpu.hpp"
 #include "kvtrim/core/element.hpp"
 #include "kvtrim/core/shape.hpp"
 #include "kvtrim/core/view.hpp"
@@ -14,70 +38,163 @@
 
 namespace kvtrim::detail {
 
-/// Scratch floats per (sequence, kv head) at a time: one row of logits, one accumulator row.
-inline std::int64_t attention_mass_scratch_floats(std::int64_t tokens) { return 2 * tokens; }
+/// Query rows multiplied by Kᵀ per product. Rows are padded to a multiple of 48
+/// (three packets of 16, 8 or 4 floats: Eigen's widest row panel on AVX-512, AVX
+/// and SSE), so every row goes through the micro-kernel's full panel.
+inline constexpr std::int64_t attention_mass_row_block = 96;
+inline constexpr std::int64_t attention_mass_row_pad = 48;
 
-/// accumulator[j] += softmax_j(q_t·k_j/√D) for each observed query t ∈ [first, n_q) of
-/// query head `q_head`, keys j ≤ its position T − n_q + t (causal), in fp32: logits,
-/// max, Σ exp(l − max) left to right, then p = exp(l − max) / Σ, as torch's softmax.
-template <class KeyT, class QueryT>
-void accumulate_attention(const kv_view<const KeyT>& keys, const window_view<const QueryT>& queries, std::int64_t b,
-                          std::int64_t kv_head, std::int64_t q_head, std::int64_t first, float* logits,
-                          float* accumulator) {
-  const std::int64_t tokens = keys.extent(2);
-  const std::int64_t observed = queries.extent(2);
-  const std::int64_t head_dim = keys.extent(3);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  std::array<float, max_head_dim> query{};
-  for (std::int64_t t = first; t < observed; ++t) {
-    const std::int64_t position = tokens - observed + t;
-    for (std::int64_t d = 0; d < head_dim; ++d) query[static_cast<std::size_t>(d)] = to_float(queries(b, q_head, t, d));
-    float max_logit = -std::numeric_limits<float>::infinity();
-    for (std::int64_t j = 0; j <= position; ++j) {
-      float dot = 0.0f;
-      for (std::int64_t d = 0; d < head_dim; ++d) dot += query[static_cast<std::size_t>(d)] * to_float(keys(b, kv_head, j, d));
-      logits[j] = dot * scale;
-      max_logit = std::fmax(max_logit, logits[j]);
-    }
-    float denominator = 0.0f;
-    for (std::int64_t j = 0; j <= position; ++j) denominator += std::exp(logits[j] - max_logit);
-    for (std::int64_t j = 0; j <= position; ++j) accumulator[j] += std::exp(logits[j] - max_logit) / denominator;
+/// Key columns per product: Eigen packs [head_dim, columns] of Kᵀ, kept ≤ 96 KiB
+/// so its packing buffer stays on the stack (no allocation in a hot call). Products
+/// are a multiple of 32 columns wide (narrower remainders take Eigen paths that sum
+/// in another order; the last < 32 columns of a block use the scalar loop), and
+/// only for head_dim ≤ 512 (deeper products are split along d by Eigen's blocking:
+/// head dims above 512, which no current model has, use the scalar loop).
+inline constexpr std::int64_t attention_mass_column_pad = 32;
+inline constexpr std::int64_t attention_mass_max_gemm_depth = 512;
+inline std::int64_t attention_mass_column_block(std::int64_t head_dim) {
+  return std::max<std::int64_t>(attention_mass_column_pad, 24576 / std::max<std::int64_t>(head_dim, 1) /
+                                                               attention_mass_column_pad * attention_mass_column_pad);
+}
+
+/// Scratch floats one thread needs: the unit's fp32 keys [T, D], a block of
+/// queries [row_block, D], a block of logits [row_block, T], the accumulator [T]
+/// and a spare row [T] the scorer may use (SnapKV's pooled row), each rounded to
+/// 64 floats (256-byte alignment).
+inline std::int64_t attention_mass_round(std::int64_t n) { return (n + 63) / 64 * 64; }
+inline std::int64_t attention_mass_thread_floats(std::int64_t tokens, std::int64_t head_dim) {
+  return attention_mass_round(tokens * head_dim) + attention_mass_round(attention_mass_row_block * head_dim) +
+         attention_mass_round(attention_mass_row_block * tokens) + 2 * attention_mass_round(tokens);
+}
+
+/// Workspace bytes for the attention mass of `batch` sequences: one thread's
+/// floats for each thread that can run (at most one per unit).
+inline std::size_t attention_mass_workspace_bytes(const model_shape& shape, std::int64_t batch,
+                                                  std::int64_t tokens) {
+  const std::int64_t threads = std::min(cpu_threads(), std::max<std::int64_t>(batch * shape.kv_heads, 1));
+  return static_cast<std::size_t>(threads * attention_mass_thread_floats(tokens, shape.head_dim)) * sizeof(float);
+}
+
+/// One softmax row: `logits[0..count)` hold q·k (unscaled); adds softmax(l·scale)
+/// to accumulator[0..count) in the reference's arithmetic (see the header comment).
+inline void accumulate_softmax_row(float* logits, std::int64_t count, float scale, float* accumulator) {
+  for (std::int64_t j = 0; j < count; ++j) logits[j] *= scale;
+  // max is exact whatever the order: eight lanes, then fold (vectorises).
+  float lanes[8];
+  for (float& lane : lanes) lane = -std::numeric_limits<float>::infinity();
+  std::int64_t j = 0;
+  for (; j + 8 <= count; j += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] = std::fmax(lanes[l], logits[j + l]);
+  float max_logit = -std::numeric_limits<float>::infinity();
+  for (float lane : lanes) max_logit = std::fmax(max_logit, lane);
+  for (; j < count; ++j) max_logit = std::fmax(max_logit, logits[j]);
+  float denominator = 0.0f;  // left to right, as the reference
+  for (j = 0; j < count; ++j) {
+    logits[j] = std::exp(logits[j] - max_logit);
+    denominator += logits[j];
   }
+  for (j = 0; j < count; ++j) accumulator[j] += logits[j] / denominator;
 }
 
 /// The loop SnapKV and H2O share. For every (sequence b, kv head h): for each query
 /// head of h's group, accumulate its attention over observed queries [first, n_q)
-/// (accumulate_attention), let `query_head_row(accumulator)` turn that into the query
-/// head's scores over tokens [0, length) (returning a pointer to them), and reduce
-/// the group into scores(b, h, 0 .. length): mean = sum then one division, or max.
-/// Scratch: `attention_mass_scratch_floats(T)` floats at `scratch`.
+/// (causal: query t sees keys j ≤ T − n_q + t), let
+/// `query_head_row(accumulator, spare)` turn that into the query head's scores over
+/// tokens [0, length) (returning a pointer to them; `spare` is a free row of T floats
+/// of the same thread), and reduce the group into scores(b, h, 0 .. length): mean =
+/// sum then one division, or max. Scratch: attention_mass_workspace_bytes.
 template <class KeyT, class QueryT, class QueryHeadRow>
 void reduce_attention_mass(const kv_view<const KeyT>& keys, const window_view<const QueryT>& queries,
                            const model_shape& shape, const score_view<>& scores, score::group_reduction reduction,
-                           std::int64_t first, std::int64_t length, float* scratch, QueryHeadRow&& query_head_row) {
+                           std::int64_t first, std::int64_t length, workspace scratch, QueryHeadRow&& query_head_row) {
+  using row_matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   const std::int64_t tokens = keys.extent(2);
+  const std::int64_t head_dim = keys.extent(3);
+  const std::int64_t observed = queries.extent(2);
   const std::int64_t group = shape.group_size();
-  float* logits = scratch;
-  float* accumulator = scratch + tokens;
-  for (std::int64_t b = 0; b < scores.extent(0); ++b)
-    for (std::int64_t h = 0; h < shape.kv_heads; ++h) {
-      float* row = &scores(b, h, 0);
-      for (std::int64_t g = 0; g < group; ++g) {
-        for (std::int64_t j = 0; j < tokens; ++j) accumulator[j] = 0.0f;
-        accumulate_attention(keys, queries, b, h, h * group + g, first, logits, accumulator);
-        const float* head_row = query_head_row(accumulator);
-        for (std::int64_t j = 0; j < length; ++j) {
-          if (g == 0)
-            row[j] = head_row[j];
-          else if (reduction == score::group_reduction::mean)
-            row[j] += head_row[j];
-          else
-            row[j] = std::fmax(row[j], head_row[j]);
-        }
+  const std::int64_t per_query_head = observed - first;
+  const std::int64_t rows = group * per_query_head;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  const std::int64_t thread_floats = attention_mass_thread_floats(tokens, head_dim);
+  const std::int64_t units = scores.extent(0) * shape.kv_heads;
+  const std::int64_t threads = cpu_threads_for(units, static_cast<std::size_t>(thread_floats) * sizeof(float),
+                                               scratch.bytes);
+
+  const std::int64_t column_block = attention_mass_column_block(head_dim);
+
+  cpu_parallel_for(units, threads, [&](std::int64_t unit, std::int64_t thread) {
+    const std::int64_t b = unit / shape.kv_heads;
+    const std::int64_t h = unit % shape.kv_heads;
+    float* key_rows = static_cast<float*>(scratch.data) + thread * thread_floats;
+    float* query_rows = key_rows + attention_mass_round(tokens * head_dim);
+    float* logits = query_rows + attention_mass_round(attention_mass_row_block * head_dim);
+    float* accumulator = logits + attention_mass_round(attention_mass_row_block * tokens);
+    float* spare = accumulator + attention_mass_round(tokens);
+
+    for (std::int64_t j = 0; j < tokens; ++j)  // K read once for the whole group
+      for (std::int64_t d = 0; d < head_dim; ++d) key_rows[j * head_dim + d] = to_float(keys(b, h, j, d));
+    const Eigen::Map<const row_matrix> key_matrix(key_rows, tokens, head_dim);
+
+    float* row = &scores(b, h, 0);
+    const auto finish_query_head = [&](std::int64_t g) {
+      const float* head_row = query_head_row(accumulator, spare);
+      for (std::int64_t j = 0; j < length; ++j) {
+        if (g == 0)
+          row[j] = head_row[j];
+        else if (reduction == score::group_reduction::mean)
+          row[j] += head_row[j];
+        else
+          row[j] = std::fmax(row[j], head_row[j]);
       }
-      if (reduction == score::group_reduction::mean)
-        for (std::int64_t j = 0; j < length; ++j) row[j] /= static_cast<float>(group);
+    };
+
+    std::int64_t current_g = -1;
+    for (std::int64_t r0 = 0; r0 < rows; r0 += attention_mass_row_block) {
+      const std::int64_t count = std::min(attention_mass_row_block, rows - r0);
+      const std::int64_t padded = (count + attention_mass_row_pad - 1) / attention_mass_row_pad * attention_mass_row_pad;
+      std::int64_t columns = 0;  // the block's last position bounds the keys it reads (causal)
+      for (std::int64_t r = r0; r < r0 + count; ++r)
+        columns = std::max(columns, tokens - observed + first + r % per_query_head + 1);
+      std::fill(query_rows, query_rows + padded * head_dim, 0.0f);
+      for (std::int64_t r = 0; r < count; ++r) {
+        const std::int64_t g = (r0 + r) / per_query_head, t = first + (r0 + r) % per_query_head;
+        for (std::int64_t d = 0; d < head_dim; ++d)
+          query_rows[r * head_dim + d] = to_float(queries(b, h * group + g, t, d));
+      }
+      const Eigen::Map<const row_matrix> query_matrix(query_rows, padded, head_dim);
+      const auto scalar_columns = [&](std::int64_t begin, std::int64_t end) {
+        for (std::int64_t r = 0; r < count; ++r)
+          for (std::int64_t j = begin; j < end; ++j) {
+            float dot = 0.0f;
+            for (std::int64_t d = 0; d < head_dim; ++d) dot += query_rows[r * head_dim + d] * key_rows[j * head_dim + d];
+            logits[r * tokens + j] = dot;
+          }
+      };
+      for (std::int64_t c0 = 0; c0 < columns; c0 += column_block) {
+        const std::int64_t width = std::min(column_block, columns - c0);
+        const std::int64_t gemm_width =
+            head_dim <= attention_mass_max_gemm_depth ? width / attention_mass_column_pad * attention_mass_column_pad : 0;
+        if (gemm_width > 0) {
+          Eigen::Map<row_matrix, 0, Eigen::OuterStride<>> logit_block(logits + c0, padded, gemm_width,
+                                                                      Eigen::OuterStride<>(tokens));
+          logit_block.noalias() = query_matrix * key_matrix.middleRows(c0, gemm_width).transpose();
+        }
+        scalar_columns(c0 + gemm_width, c0 + width);
+      }
+      for (std::int64_t r = 0; r < count; ++r) {
+        const std::int64_t g = (r0 + r) / per_query_head, t = first + (r0 + r) % per_query_head;
+        if (g != current_g) {
+          if (current_g >= 0) finish_query_head(current_g);
+          current_g = g;
+          std::fill(accumulator, accumulator + tokens, 0.0f);
+        }
+        accumulate_softmax_row(logits + r * tokens, tokens - observed + t + 1, scale, accumulator);
+      }
     }
+    if (current_g >= 0) finish_query_head(current_g);
+    if (reduction == score::group_reduction::mean)
+      for (std::int64_t j = 0; j < length; ++j) row[j] /= static_cast<float>(group);
+  });
 }
 
 }  // namespace kvtrim::detail

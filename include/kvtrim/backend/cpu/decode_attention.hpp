@@ -1,5 +1,5 @@
-// kvtrim/backend/cpu/decode_attention.hpp — CPU reference of decode attention
-// over any layout and codec.
+// kvtrim/backend/cpu/decode_attention.hpp — CPU decode attention over any
+// layout and codec.
 //
 // For query head j of sequence b, with kv head h = j / group_size and the n
 // tokens the cache holds for (b, h):
@@ -11,22 +11,99 @@
 //                                         weigh only N^{1/√D} copies)
 //   p_i   = exp(s_i − max s) / Σ exp(s − max s)
 //   out   = Σ p_i v_i
-// in fp32, two passes over the cache (the textbook form; the only scratch is a
-// few head_dim rows). The cache is read through the codec's attention reader
-// (codec/hooks.hpp): by default it decodes rows; a codec may compute q·k and
-// Σ p·v its own way (low rank: (q·U)·c and (Σ p·c)·Uᵀ, no full keys rebuilt).
+// in fp32, in one pass over the cache with an online softmax (Milakov &
+// Gimelshein 2018; FlashAttention's form): tokens go in blocks; each q·k is
+// computed once, and when a block raises the running max m to m', the sums so
+// far are scaled by exp(m − m'). Against the two-pass textbook form (the double
+// oracle of the tests) this changes only rounding: tests/cpu/decode_attention_test
+// and codec_attention_test bound it (a few fp32 ulps per term).
+//
+// Two paths:
+//   - codec::plain (fp16, bf16, fp32): all query heads of a kv head's group at
+//     once, so each key and value row is read and converted once per group;
+//     rows are converted a block at a time (branch-free fp16 → fp32, exact), dot
+//     products and Σ p·v run in vectorisable loops.
+//   - every other codec: through the codec's attention reader (codec/hooks.hpp),
+//     one query head at a time. The reader's interface is reached at exactly
+//     two places (make_reader, reader_dot below), so a change of that interface
+//     is a two-line change here.
+// Threads: (sequence, kv head) units over OpenMP (backend/cpu.hpp); each unit
+// is computed by one thread in a fixed order, so the result does not depend on
+// the thread count. No scratch: rows live on the stack.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <optional>
+#include <type_traits>
 
 #include "kvtrim/backend/cpu.hpp"
 #include "kvtrim/codec/hooks.hpp"
+#include "kvtrim/codec/plain.hpp"
+#include "kvtrim/core/element.hpp"
 #include "kvtrim/core/implementation.hpp"
 #include "kvtrim/core/shape.hpp"
 #include "kvtrim/core/workspace.hpp"
+
+namespace kvtrim::detail {
+
+/// fp16 → fp32 for a row, exact (the same bits as Eigen::half's conversion, also
+/// for subnormals, ±Inf and NaN), without branches so the loop vectorises.
+inline void half_row_to_float(const half* in, float* out, std::int64_t count) {
+  const auto* bits = reinterpret_cast<const std::uint16_t*>(in);
+  constexpr std::uint32_t shifted_exponent = 0x7c00u << 13;
+  constexpr float magic = 6.103515625e-05f;  // 2^-14: bits 113 << 23
+  for (std::int64_t i = 0; i < count; ++i) {
+    const std::uint32_t h = bits[i];
+    std::uint32_t o = (h & 0x7fffu) << 13;
+    const std::uint32_t exponent = o & shifted_exponent;
+    o += (127u - 15u) << 23;
+    o += exponent == shifted_exponent ? (128u - 16u) << 23 : 0u;  // Inf / NaN
+    float normal, subnormal;
+    std::memcpy(&normal, &o, sizeof o);
+    const std::uint32_t o_subnormal = o + (1u << 23);
+    std::memcpy(&subnormal, &o_subnormal, sizeof o_subnormal);
+    subnormal -= magic;
+    float value = exponent == 0 ? subnormal : normal;
+    std::uint32_t value_bits;
+    std::memcpy(&value_bits, &value, sizeof value);
+    value_bits |= (h & 0x8000u) << 16;
+    std::memcpy(&out[i], &value_bits, sizeof value_bits);
+  }
+}
+
+/// Any element row → fp32 (fp16 branch-free, bf16 a shift, fp32 a copy).
+template <class T>
+inline void row_to_float(const T* in, float* out, std::int64_t count) {
+  if constexpr (std::is_same_v<T, half>) {
+    half_row_to_float(in, out, count);
+  } else if constexpr (std::is_same_v<T, bfloat16>) {
+    const auto* bits = reinterpret_cast<const std::uint16_t*>(in);
+    for (std::int64_t i = 0; i < count; ++i) {
+      const std::uint32_t value = static_cast<std::uint32_t>(bits[i]) << 16;
+      std::memcpy(&out[i], &value, sizeof value);
+    }
+  } else {
+    for (std::int64_t i = 0; i < count; ++i) out[i] = to_float(in[i]);
+  }
+}
+
+/// q·k over `count` floats in eight lanes (vectorises; fixed order).
+inline float dot_lanes(const float* a, const float* b, std::int64_t count) {
+  float lanes[8] = {};
+  std::int64_t d = 0;
+  for (; d + 8 <= count; d += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] += a[d + l] * b[d + l];
+  float sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+  for (; d < count; ++d) sum += a[d] * b[d];
+  return sum;
+}
+
+}  // namespace kvtrim::detail
 
 namespace kvtrim {
 
@@ -40,41 +117,155 @@ struct implementation<stage::decode_attention, backend::cpu> {
   template <class View, class QueryT, class OutT>
   static void attend(const tensor_view<QueryT, 3>& queries, const View& cache, const tensor_view<OutT, 3>& out,
                      workspace, backend::host_stream) {
-    using codec_type = typename View::codec;
-    const std::int64_t head_dim = cache.shape.head_dim;
-    const std::int64_t group = cache.shape.group_size();
-    const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-    std::array<float, max_head_dim> query{}, accumulator{};
-
-    for (std::int64_t b = 0; b < cache.batch; ++b)
-      for (std::int64_t j = 0; j < cache.shape.q_heads; ++j) {
-        const std::int64_t h = j / group;
-        const std::int64_t head = b * cache.shape.kv_heads + h;
-        const std::int64_t length = cache.head_length(b, h);
-        if (length < 1)
+    for (std::int64_t b = 0; b < cache.batch; ++b)  // refuse before any thread starts
+      for (std::int64_t h = 0; h < cache.shape.kv_heads; ++h)
+        if (cache.head_length(b, h) < 1)
           detail::fail("kvtrim::scheme::attend", "cache", detail::cat("at least one token in every head"),
                        detail::cat("an empty head (sequence ", b, ", kv head ", h, ")"));
-        for (std::int64_t d = 0; d < head_dim; ++d) query[d] = to_float(queries(b, j, d));
-        auto reader = codec::attention_reader<codec_type>(cache.storage, head, query.data(), head_dim);
+    const std::int64_t units = cache.batch * cache.shape.kv_heads;
+    detail::cpu_parallel_for(units, detail::cpu_threads_for(units, 0, 0), [&](std::int64_t unit, std::int64_t) {
+      const std::int64_t b = unit / cache.shape.kv_heads, h = unit % cache.shape.kv_heads;
+      if constexpr (codec::is_plain<typename View::codec>)
+        attend_plain(queries, cache, out, b, h);
+      else
+        for (std::int64_t g = 0; g < cache.shape.group_size(); ++g) attend_generic(queries, cache, out, b, h, g);
+    });
+  }
 
-        const auto logit = [&](std::int64_t i) {
-          float value = reader.dot(cache.slot(b, h, i)) * scale;
-          if constexpr (requires { cache.logit_bias(b, h, i); }) value += cache.logit_bias(b, h, i);
-          return value;
-        };
+ private:
+  static constexpr std::int64_t block_floats = 4096;  // a block of converted rows: 16 KiB
+  static constexpr std::int64_t max_heads_at_once = 8;
 
-        float max_logit = -std::numeric_limits<float>::infinity();
-        for (std::int64_t i = 0; i < length; ++i) max_logit = std::fmax(max_logit, logit(i));
+  template <class View>
+  static float bias_of(const View& cache, std::int64_t b, std::int64_t h, std::int64_t i) {
+    if constexpr (requires { cache.logit_bias(b, h, i); })
+      return cache.logit_bias(b, h, i);
+    else
+      return 0.0f;
+  }
 
-        float denominator = 0.0f;
-        for (std::int64_t i = 0; i < length; ++i) {
-          const float weight = std::exp(logit(i) - max_logit);
-          denominator += weight;
-          reader.accumulate(cache.slot(b, h, i), weight);
+  /// codec::plain: the group's query heads (up to 8 at a time) over blocks of
+  /// rows converted once.
+  template <class View, class QueryT, class OutT>
+  static void attend_plain(const tensor_view<QueryT, 3>& queries, const View& cache, const tensor_view<OutT, 3>& out,
+                           std::int64_t b, std::int64_t h) {
+    const std::int64_t head_dim = cache.shape.head_dim;
+    const std::int64_t group = cache.shape.group_size();
+    const std::int64_t length = cache.head_length(b, h);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+    const std::int64_t block = std::max<std::int64_t>(1, std::min<std::int64_t>(64, block_floats / head_dim));
+    const auto& store = cache.storage;
+
+    alignas(64) std::array<float, block_floats> key_block, value_block;
+    alignas(64) std::array<float, max_heads_at_once * max_head_dim> query, accumulator;
+    std::array<float, max_heads_at_once * 64> logits;
+    std::array<float, max_heads_at_once> max_logit, denominator;
+
+    for (std::int64_t g0 = 0; g0 < group; g0 += max_heads_at_once) {
+      const std::int64_t heads = std::min(max_heads_at_once, group - g0);
+      for (std::int64_t g = 0; g < heads; ++g) {
+        for (std::int64_t d = 0; d < head_dim; ++d) {
+          query[g * head_dim + d] = to_float(queries(b, h * group + g0 + g, d));
+          accumulator[g * head_dim + d] = 0.0f;
         }
-        reader.finish(accumulator.data());
-        for (std::int64_t d = 0; d < head_dim; ++d) out(b, j, d) = from_float<OutT>(accumulator[d] / denominator);
+        max_logit[g] = -std::numeric_limits<float>::infinity();
+        denominator[g] = 0.0f;
       }
+      for (std::int64_t i0 = 0; i0 < length; i0 += block) {
+        const std::int64_t count = std::min(block, length - i0);
+        for (std::int64_t i = 0; i < count; ++i) {
+          const std::int64_t slot = cache.slot(b, h, i0 + i);
+          detail::row_to_float(store.keys + slot * store.head_dim, key_block.data() + i * head_dim, head_dim);
+          detail::row_to_float(store.values + slot * store.head_dim, value_block.data() + i * head_dim, head_dim);
+        }
+        for (std::int64_t g = 0; g < heads; ++g) {
+          float* s = logits.data() + g * 64;
+          float block_max = -std::numeric_limits<float>::infinity();
+          for (std::int64_t i = 0; i < count; ++i) {
+            s[i] = detail::dot_lanes(query.data() + g * head_dim, key_block.data() + i * head_dim, head_dim) * scale +
+                   bias_of(cache, b, h, i0 + i);
+            block_max = std::fmax(block_max, s[i]);
+          }
+          if (block_max > max_logit[g]) {  // rescale what was summed against the old max
+            const float factor = std::exp(max_logit[g] - block_max);
+            denominator[g] *= factor;
+            for (std::int64_t d = 0; d < head_dim; ++d) accumulator[g * head_dim + d] *= factor;
+            max_logit[g] = block_max;
+          }
+          for (std::int64_t i = 0; i < count; ++i) {
+            s[i] = std::exp(s[i] - max_logit[g]);
+            denominator[g] += s[i];
+          }
+        }
+        for (std::int64_t i = 0; i < count; ++i) {
+          const float* v = value_block.data() + i * head_dim;
+          for (std::int64_t g = 0; g < heads; ++g) {
+            const float weight = logits[g * 64 + i];
+            float* acc = accumulator.data() + g * head_dim;
+            for (std::int64_t d = 0; d < head_dim; ++d) acc[d] += weight * v[d];
+          }
+        }
+      }
+      for (std::int64_t g = 0; g < heads; ++g)
+        for (std::int64_t d = 0; d < head_dim; ++d)
+          out(b, h * group + g0 + g, d) = from_float<OutT>(accumulator[g * head_dim + d] / denominator[g]);
+    }
+  }
+
+  /// Every other codec, through its attention reader: one query head.
+  template <class View, class QueryT, class OutT>
+  static void attend_generic(const tensor_view<QueryT, 3>& queries, const View& cache, const tensor_view<OutT, 3>& out,
+                             std::int64_t b, std::int64_t h, std::int64_t g) {
+    using codec_type = typename View::codec;
+    const std::int64_t head_dim = cache.shape.head_dim;
+    const std::int64_t j = h * cache.shape.group_size() + g;
+    const std::int64_t head = b * cache.shape.kv_heads + h;
+    const std::int64_t length = cache.head_length(b, h);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+    std::array<float, max_head_dim> query{}, accumulator{}, partial{};
+    for (std::int64_t d = 0; d < head_dim; ++d) query[d] = to_float(queries(b, j, d));
+
+    // The two places that know the reader's interface.
+    const auto make_reader = [&] { return codec::attention_reader<codec_type>(cache.storage, head, query.data(), head_dim); };
+    const auto reader_dot = [&](auto& reader, std::int64_t i) { return reader.dot(cache.slot(b, h, i)); };
+    using reader_type = decltype(make_reader());
+
+    // Invariant: accumulator + (what `reader` holds) = Σ_{i seen} exp(s_i − max_logit)·v_i.
+    std::optional<reader_type> reader;
+    reader.emplace(make_reader());
+    bool reader_used = false;
+    float max_logit = -std::numeric_limits<float>::infinity(), denominator = 0.0f;
+    constexpr std::int64_t block = 64;
+    std::array<float, block> s;
+    for (std::int64_t i0 = 0; i0 < length; i0 += block) {
+      const std::int64_t count = std::min(block, length - i0);
+      float block_max = -std::numeric_limits<float>::infinity();
+      for (std::int64_t i = 0; i < count; ++i) {
+        s[i] = reader_dot(*reader, i0 + i) * scale + bias_of(cache, b, h, i0 + i);
+        block_max = std::fmax(block_max, s[i]);
+      }
+      if (block_max > max_logit) {  // fold the reader into the accumulator, rescaled; start a fresh reader
+        const float factor = std::exp(max_logit - block_max);
+        if (reader_used) {
+          reader->finish(partial.data());
+          for (std::int64_t d = 0; d < head_dim; ++d) accumulator[d] += partial[d];
+          reader.reset();
+          reader.emplace(make_reader());
+          reader_used = false;
+        }
+        for (std::int64_t d = 0; d < head_dim; ++d) accumulator[d] *= factor;
+        denominator *= factor;
+        max_logit = block_max;
+      }
+      for (std::int64_t i = 0; i < count; ++i) {
+        const float weight = std::exp(s[i] - max_logit);
+        denominator += weight;
+        reader->accumulate(cache.slot(b, h, i0 + i), weight);
+      }
+      reader_used = true;
+    }
+    reader->finish(partial.data());
+    for (std::int64_t d = 0; d < head_dim; ++d) out(b, j, d) = from_float<OutT>((accumulator[d] + partial[d]) / denominator);
   }
 };
 

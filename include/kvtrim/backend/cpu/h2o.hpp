@@ -15,9 +15,9 @@ namespace kvtrim {
 
 template <>
 struct implementation<score::h2o, backend::cpu> {
-  static std::size_t workspace_bytes(const score::h2o::config&, const model_shape&, std::int64_t /*batch*/,
+  static std::size_t workspace_bytes(const score::h2o::config&, const model_shape& shape, std::int64_t batch,
                                      std::int64_t tokens) {
-    return static_cast<std::size_t>(detail::attention_mass_scratch_floats(tokens)) * sizeof(float);
+    return detail::attention_mass_workspace_bytes(shape, batch, tokens);
   }
 
   template <class KeyT, class QueryT>
@@ -28,7 +28,7 @@ struct implementation<score::h2o, backend::cpu> {
     score::h2o::check("kvtrim::score::h2o", tokens, queries.extent(2));
     const std::int64_t recent = score::h2o::recent_tokens(cfg, tokens);
     detail::reduce_attention_mass(keys, queries, shape, scores, cfg.group, 0, tokens,
-                                  static_cast<float*>(scratch.data), [&](float* mass) {
+                                  scratch, [&](float* mass, float*) {
                                     if (cfg.normalisation == score::h2o::normalisation::observed)
                                       for (std::int64_t j = 0; j < tokens; ++j) mass[j] /= static_cast<float>(tokens - j);
                                     return mass;

@@ -15,10 +15,10 @@ namespace kvtrim {
 
 template <>
 struct implementation<score::snapkv, backend::cpu> {
-  /// Logits and accumulator rows, plus the window-reduced row the pooling reads.
-  static std::size_t workspace_bytes(const score::snapkv::config&, const model_shape&, std::int64_t /*batch*/,
+  /// Per thread: the unit's fp32 keys, a block of logits, the accumulator and the pooled row.
+  static std::size_t workspace_bytes(const score::snapkv::config&, const model_shape& shape, std::int64_t batch,
                                      std::int64_t tokens) {
-    return static_cast<std::size_t>(detail::attention_mass_scratch_floats(tokens) + tokens) * sizeof(float);
+    return detail::attention_mass_workspace_bytes(shape, batch, tokens);
   }
 
   template <class KeyT, class QueryT>
@@ -29,10 +29,8 @@ struct implementation<score::snapkv, backend::cpu> {
     score::snapkv::check("kvtrim::score::snapkv", cfg, tokens, queries.extent(2));
     const std::int64_t window = cfg.window;
     const std::int64_t prefix = tokens - window;
-    auto* scratch_floats = static_cast<float*>(scratch.data);
-    float* pooled = scratch_floats + detail::attention_mass_scratch_floats(tokens);
     detail::reduce_attention_mass(keys, queries, shape, scores, cfg.group, queries.extent(2) - window, prefix,
-                                  scratch_floats, [&](float* mass) {
+                                  scratch, [&](float* mass, float* pooled) {
                                     if (cfg.reduction == score::window_reduction::mean)
                                       for (std::int64_t j = 0; j < prefix; ++j) mass[j] /= static_cast<float>(window);
                                     for (std::int64_t j = 0; j < prefix; ++j)
