@@ -90,6 +90,10 @@ class Cache:
         self.press, self.codec, self.layout, self.device = press, codec, layout, device
         self.shape = (q_heads, kv_heads, head_dim)
         self.settings = settings
+        if layout == "contiguous" and codec.name == "int8":
+            # KIVI's key groups need every head to start at a multiple of the group
+            # (docs/composition.md §3; the owning cache rounds itself after issue 9).
+            capacity = -(-int(capacity) // settings.key_group) * settings.key_group
         self._impl = _kvtrim.CacheImpl(settings, q_heads, kv_heads, head_dim, batch, capacity)
         self._dtype = self._impl.input_dtype  # float32 on the CPU; the codec's element type on CUDA
 
