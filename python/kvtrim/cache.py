@@ -101,17 +101,17 @@ class Cache:
 
     def _input(self, argument: str, x):
         """Widens 16-bit host arrays to float32 (CPU caches); returns (array, stream)."""
+        if type(x) is np.ndarray:  # the hot path of a CPU cache: nothing to do for float32
+            if self.device == "cpu" and x.dtype != np.float32 and x.dtype.name in ("float16", "bfloat16"):
+                x = x.astype(np.float32)  # exact; bfloat16 from ml_dtypes
+            return x, 0
         library = _library(x)
-        if self.device == "cpu":
-            if library == "numpy" and x.dtype in (np.float16,):
-                x = x.astype(np.float32)
-            elif library == "numpy" and x.dtype.name == "bfloat16":  # ml_dtypes
-                x = x.astype(np.float32)
-            elif library == "torch" and x.device.type == "cpu" and x.dtype in _torch_half_types():
+        if library == "torch":
+            if x.device.type == "cuda":
+                return x, _torch_stream(x)
+            if self.device == "cpu" and x.dtype in _torch_half_types():
                 x = x.float()
             return x, 0
-        if library == "torch" and x.device.type == "cuda":
-            return x, _torch_stream(x)
         if library == "cupy":
             return x, _cupy_stream()
         return x, 0
