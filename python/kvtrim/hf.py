@@ -119,7 +119,9 @@ class KvtrimLayer(DynamicLayer):
         return self.seen
 
     def get_mask_sizes(self, cache_position, *args, **kwargs):
-        return self.seen + cache_position.shape[0], 0
+        # (kv_length, kv_offset); later transformers pass the query length instead of cache_position
+        query_length = cache_position if isinstance(cache_position, int) else cache_position.shape[0]
+        return self.seen + query_length, 0
 
     def get_max_cache_shape(self, *args, **kwargs) -> int:
         return -1
@@ -195,7 +197,7 @@ def register() -> None:
 def enable(model) -> None:
     """Makes `model` attend through kvtrim (prefill: SDPA; decode: kvtrim over the compressed cache)."""
     register()
-    if hasattr(model, "set_attn_implementation"):
+    try:
         model.set_attn_implementation(ATTENTION_NAME)
-    else:  # older transformers
+    except (AttributeError, ValueError, KeyError):  # transformers without set_attn_implementation
         model.config._attn_implementation = ATTENTION_NAME
