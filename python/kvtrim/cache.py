@@ -107,6 +107,8 @@ class Cache:
             return x, 0
         library = _library(x)
         if library == "torch":
+            if x.requires_grad:
+                x = x.detach()  # DLPack exports no tensor that requires grad; kvtrim only reads it
             if x.device.type == "cuda":
                 return x, _torch_stream(x)
             if self.device == "cpu" and x.dtype in _torch_half_types():
