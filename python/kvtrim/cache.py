@@ -116,6 +116,9 @@ class Cache:
             return x, 0
         if library == "cupy":
             return x, _cupy_stream()
+        if not hasattr(x, "__dlpack__"):
+            raise _kvtrim.Error(f"kvtrim.Cache: argument '{argument}': expected a NumPy array, torch tensor or CuPy "
+                                f"array (DLPack), got {type(x).__name__}")
         return x, 0
 
     def _new_output(self, queries):

@@ -112,3 +112,18 @@ def test_cpu_cache_rejects_nothing_on_other_devices_it_cannot_see():
     # A CPU cache names the device it wants (arrays on cuda are checked where torch is present: test_torch.py).
     cache = small_cache()
     assert cache.device == "cpu" and cache.codec.name == "fp16"
+
+
+def test_edge_cases(rng):
+    cache = small_cache()
+    keys, values, _ = random_layer(rng, 1, 4, 2, 64, 16)
+    with pytest.raises(kvtrim.Error, match=r"argument 'keys': expected at least one token, got 0 tokens"):
+        cache.compress(keys[:, :, :0], values[:, :, :0])
+    with pytest.raises(kvtrim.Error, match=r"argument 'keys': expected a NumPy array, torch tensor or CuPy array \(DLPack\), got list"):
+        cache.compress(keys.tolist(), values)
+    with pytest.raises(kvtrim.Error, match=r"argument 'keys': expected shape \[1, 2, \*, 16\], got \[2, 2, 64, 16\]"):
+        cache.compress(np.concatenate([keys, keys]), np.concatenate([values, values]))
+    cache.compress(keys, values)  # a failed call leaves the cache usable
+    assert list(cache.head_lengths()) == [16, 16]
+    with pytest.raises(kvtrim.Error, match=r"kvtrim.Cache.read: argument 'h': expected a kv head in \[0, 2\), got 2"):
+        cache.read(0, 2)
