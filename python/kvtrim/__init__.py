@@ -12,7 +12,7 @@ ValueError whose message is kvtrim's: function, argument, what was expected, wha
 """
 
 from . import _kvtrim
-from ._kvtrim import Error, Settings, has_cuda, has_profiles
+from ._kvtrim import Calibration, Error, Probe, Settings, has_cuda, has_profiles
 from .cache import Cache, schemes
 from .presses import (
     BF16,
@@ -38,7 +38,7 @@ if has_profiles:
 __version__ = "0.1.0"
 
 __all__ = [
-    "Error", "Settings", "Cache", "schemes", "has_cuda", "has_profiles",
+    "Error", "Settings", "Probe", "Calibration", "Cache", "schemes", "has_cuda", "has_profiles",
     "Press", "StreamingLLM", "SnapKV", "H2O", "ObservedAttention", "KeyNorm", "Knorm", "AdaKV", "Pyramid",
     "RazorAttention", "Codec", "FP16", "BF16", "FP32", "KIVI",
 ] + (["Profile"] if has_profiles else [])

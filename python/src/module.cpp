@@ -340,6 +340,71 @@ NB_MODULE(_kvtrim, m) {
                                    kt::layout::flat::pool_size{.slots = slots});
         });
 
+  // ---- RazorAttention calibration: probe → captured attention → retrieval heads ----
+  using razor = kt::score::retrieval_head;
+  nb::class_<razor::probe_config>(m, "Probe", "RazorAttention's calibration probe: BOS + `block` random ids, `repeats` times.")
+      .def(nb::new_([](std::int64_t block, std::int64_t repeats, std::int32_t first_id, std::int32_t end_id,
+                       std::int32_t bos_id, std::uint64_t seed) {
+             razor::probe_config probe{block, repeats, first_id, end_id, bos_id, seed};
+             probe.validate("kvtrim.Probe");
+             return probe;
+           }),
+           nb::arg("block") = 2500, nb::arg("repeats") = 4, nb::arg("first_id") = 10000, nb::arg("end_id") = 12500,
+           nb::arg("bos_id") = 1, nb::arg("seed") = 0)
+      .def_rw("block", &razor::probe_config::block)
+      .def_rw("repeats", &razor::probe_config::repeats)
+      .def_rw("first_id", &razor::probe_config::first_id)
+      .def_rw("end_id", &razor::probe_config::end_id)
+      .def_rw("bos_id", &razor::probe_config::bos_id)
+      .def_rw("seed", &razor::probe_config::seed)
+      .def_prop_ro("length", &razor::probe_config::length)
+      .def("tokens", [](const razor::probe_config& probe) { return vector_array(razor::make_probe(probe)); },
+           "The probe's token ids (int32) for the model to run.");
+
+  struct py_calibration {
+    std::int64_t layers;
+    kt::model_shape shape;
+    razor::calibration impl;
+  };
+  nb::class_<py_calibration>(m, "Calibration",
+                             "RazorAttention's head scores, accumulated from the attention the model computes on a Probe.")
+      .def(nb::new_([](std::int64_t layers, std::int64_t q_heads, std::int64_t kv_heads, std::int64_t head_dim,
+                       const razor::probe_config& probe) {
+             const kt::model_shape shape{q_heads, kv_heads, head_dim};
+             return py_calibration{layers, shape, razor::calibration(layers, shape, probe)};
+           }),
+           nb::arg("layers"), nb::arg("q_heads"), nb::arg("kv_heads"), nb::arg("head_dim"), nb::arg("probe"))
+      .def("accumulate",
+           [](py_calibration& self, std::int64_t layer, nb::ndarray<nb::ro> attention, std::int64_t first_row) {
+             const kp::array a = to_array("kvtrim.Calibration.accumulate", "attention", attention, 3,
+                                          "[q_heads, rows, probe length] of probabilities");
+             if (a.type != kp::element_type::f32 || a.on_device)
+               kt::detail::fail("kvtrim.Calibration.accumulate", "attention", "a float32 array on the cpu", a.describe());
+             const kt::tensor_view<const float, 3> view{static_cast<const float*>(a.data), {a.extents[0], a.extents[1], a.extents[2]},
+                                                        {a.strides[0], a.strides[1], a.strides[2]}};
+             self.impl.accumulate(layer, view, first_row);
+           },
+           nb::arg("layer"), nb::arg("attention"), nb::arg("first_row"),
+           "Adds rows [first_row, first_row + rows) of one layer's attention on the probe.")
+      .def("scores", [](const py_calibration& self) {
+        const razor::head_scores scores = self.impl.scores();
+        nb::dict result;
+        result["echo"] = scores.echo_kv;
+        result["induction"] = scores.induction_kv;
+        return result;
+      }, "Echo and induction scores per (layer, kv head), flattened layer·kv_heads + h.")
+#ifdef KVTRIM_PYTHON_PROFILES
+      .def("profile",
+           [](const py_calibration& self, double induction_fraction, double echo_fraction) {
+             auto result = kt::io::profile::for_model({.layers = self.layers, .shape = self.shape});
+             result.set_retrieval_heads(self.impl.scores(), {induction_fraction, echo_fraction}, self.impl.probe());
+             return result;
+           },
+           nb::arg("induction_fraction") = 0.14, nb::arg("echo_fraction") = 0.01,
+           "A profile whose retrieval heads are the top induction and echo heads (RazorAttention's selection).")
+#endif
+      ;
+
 #ifdef KVTRIM_PYTHON_PROFILES
   nb::class_<kt::io::profile>(m, "Profile", "A calibration profile (kvtrim::io::profile, versioned JSON).")
       .def_static("load", [](const std::string& path) { return kt::io::load_profile(path); }, nb::arg("path"))
