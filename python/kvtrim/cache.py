@@ -1,0 +1,210 @@
+"""kvtrim.Cache: one layer's compressed KV cache, owned by kvtrim, driven from Python.
+
+Arrays are passed through DLPack without copies: NumPy arrays for a CPU cache,
+torch or CuPy tensors for a CUDA cache (read on torch's current stream, or
+CuPy's, when one of theirs is given). A CPU cache computes in float32: float16
+and bfloat16 inputs are widened first (exactly, so results equal those of a C++
+caller passing the 16-bit arrays); a CUDA cache reads its codec's own element
+type in place (torch.float16 for FP16(), ...).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _kvtrim
+from .presses import FP16, Codec, Press
+
+__all__ = ["Cache", "schemes"]
+
+_LAYOUTS = ("contiguous", "flat", "paged")
+
+
+def schemes():
+    """Every compiled scheme as (device, layout, scorer, budget, codec)."""
+    return list(_kvtrim.schemes())
+
+
+def _library(x) -> str:
+    module = type(x).__module__.split(".")[0]
+    return module if module in ("numpy", "torch", "cupy") else "other"
+
+
+def _torch_stream(x) -> int:
+    import torch  # only reached for torch tensors
+
+    return torch.cuda.current_stream(x.device).cuda_stream
+
+
+def _cupy_stream() -> int:
+    import cupy  # only reached for CuPy arrays
+
+    return cupy.cuda.get_current_stream().ptr
+
+
+class Cache:
+    """One layer's KV cache compressed with ``press`` and stored with ``codec`` in ``layout``.
+
+    shape: (q_heads, kv_heads, head_dim). capacity: token slots — per head for
+    ``layout="contiguous"``, in the whole pool for ``"flat"`` and ``"paged"``
+    (paged: rounded up to pages of ``page_size``). ``layer``/``layers`` place the
+    cache in the model (Pyramid's schedule and RazorAttention's flags read them).
+    """
+
+    def __init__(
+        self,
+        press: Press,
+        codec: Optional[Codec] = None,
+        layout: str = "contiguous",
+        shape: Sequence[int] = (),
+        batch: int = 1,
+        capacity: int = 0,
+        *,
+        device: str = "cpu",
+        layer: int = 0,
+        layers: int = 1,
+        page_size: int = 16,
+    ):
+        if not isinstance(press, Press):
+            raise _kvtrim.Error(f"kvtrim.Cache: argument 'press': expected a press (StreamingLLM(), SnapKV(), ...), got {press!r}")
+        codec = FP16() if codec is None else codec
+        if not isinstance(codec, Codec):
+            raise _kvtrim.Error(f"kvtrim.Cache: argument 'codec': expected a codec (FP16(), BF16(), FP32(), KIVI()), got {codec!r}")
+        if layout not in _LAYOUTS:
+            raise _kvtrim.Error(f"kvtrim.Cache: argument 'layout': expected one of {', '.join(map(repr, _LAYOUTS))}, got {layout!r}")
+        try:
+            q_heads, kv_heads, head_dim = (int(x) for x in shape)
+        except (TypeError, ValueError):
+            raise _kvtrim.Error(f"kvtrim.Cache: argument 'shape': expected (q_heads, kv_heads, head_dim), got {shape!r}") from None
+        device = str(device)
+        if device.startswith("cuda"):
+            device = "cuda"
+        settings = _kvtrim.Settings()
+        settings.device = device
+        settings.layout = layout
+        settings.page_size = page_size
+        press._fill(settings, layer, layers)
+        codec._fill(settings)
+        self.press, self.codec, self.layout, self.device = press, codec, layout, device
+        self.shape = (q_heads, kv_heads, head_dim)
+        self.settings = settings
+        if layout == "contiguous" and codec.name == "int8":
+            # KIVI's key groups need every head to start at a multiple of the group
+            # (docs/composition.md §3; the owning cache rounds itself after issue 9).
+            capacity = -(-int(capacity) // settings.key_group) * settings.key_group
+        self._impl = _kvtrim.CacheImpl(settings, q_heads, kv_heads, head_dim, batch, capacity)
+        self._dtype = self._impl.input_dtype  # float32 on the CPU; the codec's element type on CUDA
+
+    # ---- arrays ------------------------------------------------------------------------
+
+    def _input(self, argument: str, x):
+        """Widens 16-bit host arrays to float32 (CPU caches); returns (array, stream)."""
+        if type(x) is np.ndarray:  # the hot path of a CPU cache: nothing to do for float32
+            if self.device == "cpu" and x.dtype != np.float32 and x.dtype.name in ("float16", "bfloat16"):
+                x = x.astype(np.float32)  # exact; bfloat16 from ml_dtypes
+            return x, 0
+        library = _library(x)
+        if library == "torch":
+            if x.requires_grad:
+                x = x.detach()  # DLPack exports no tensor that requires grad; kvtrim only reads it
+            if x.device.type == "cuda":
+                return x, _torch_stream(x)
+            if self.device == "cpu" and x.dtype in _torch_half_types():
+                x = x.float()
+            return x, 0
+        if library == "cupy":
+            return x, _cupy_stream()
+        if not hasattr(x, "__dlpack__"):
+            raise _kvtrim.Error(f"kvtrim.Cache: argument '{argument}': expected a NumPy array, torch tensor or CuPy "
+                                f"array (DLPack), got {type(x).__name__}")
+        return x, 0
+
+    def _new_output(self, queries):
+        library = _library(queries)
+        if library == "torch":
+            import torch
+
+            return torch.empty(tuple(queries.shape), dtype=queries.dtype, device=queries.device)
+        if library == "cupy":
+            import cupy
+
+            return cupy.empty(queries.shape, dtype=queries.dtype)
+        return np.empty(tuple(np.shape(queries)), dtype=np.float32 if self.device == "cpu" else queries.dtype)
+
+    # ---- the pipeline --------------------------------------------------------------------
+
+    def compress(self, keys, values, window_queries=None) -> None:
+        """Scores the prefill's keys/values [B, H_kv, T, D], keeps each head's budget, replaces what the cache held.
+
+        window_queries [B, H_q, w, D]: the last prefill queries (SnapKV reads its
+        window of them; H2O all T). Ignored by scorers that read none.
+        """
+        keys, stream = self._input("keys", keys)
+        values, _ = self._input("values", values)
+        if window_queries is not None:
+            window_queries, _ = self._input("window_queries", window_queries)
+            if not self._impl.needs_queries:
+                window_queries = None
+        self._impl.compress(keys, values, window_queries, stream)
+
+    def append(self, keys, values) -> None:
+        """Appends keys/values [B, H_kv, n, D] after what every head holds."""
+        keys, stream = self._input("keys", keys)
+        values, _ = self._input("values", values)
+        self._impl.append(keys, values, stream)
+
+    def attend(self, queries, out=None):
+        """Decode attention of queries [B, H_q, D] over the cache; returns out [B, H_q, D]."""
+        queries, stream = self._input("queries", queries)
+        if out is None:
+            out = self._new_output(queries)
+        self._impl.attend(queries, out, stream)
+        return out
+
+    # ---- what the cache holds ------------------------------------------------------------------
+
+    def head_lengths(self) -> np.ndarray:
+        """Tokens each (sequence, kv head) holds, flattened b·H_kv + h."""
+        return self._impl.head_lengths()
+
+    def kept(self) -> Tuple[np.ndarray, np.ndarray]:
+        """The last compress's selection: (offsets [B·H_kv + 1] int64, tokens int32), CSR over flattened heads.
+
+        Raises NotImplementedError until kvtrim's compress reports it (issue 9).
+        """
+        return self._impl.kept()
+
+    def positions(self) -> np.ndarray:
+        """Every held token's position, head after head (CSR like kept(); lengths from head_lengths()).
+
+        Raises NotImplementedError until kvtrim's layouts store positions (issue 9).
+        """
+        return self._impl.positions()
+
+    def read(self, b: int, h: int) -> Tuple[np.ndarray, np.ndarray]:
+        """The dequantized keys and values [n, D] (float32) head (b, h) holds (CPU caches)."""
+        return self._impl.read(b, h)
+
+    def stats(self) -> dict:
+        """Memory accounting (kvtrim::stats): kept tokens and bytes per head, totals, ratio to fp16, a table."""
+        return self._impl.stats()
+
+    @property
+    def bytes(self) -> int:
+        """Bytes the cache allocated."""
+        return self._impl.bytes
+
+    @property
+    def name(self) -> str:
+        return self._impl.name
+
+    def __repr__(self) -> str:
+        return f"kvtrim.Cache({self.name}, shape={self.shape}, batch={self._impl.batch}, bytes={self.bytes})"
+
+
+def _torch_half_types():
+    import torch
+
+    return (torch.float16, torch.bfloat16)

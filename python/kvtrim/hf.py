@@ -1,0 +1,203 @@
+"""Hugging Face transformers integration: a Cache whose layers are kvtrim caches.
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+    import kvtrim, kvtrim.hf
+
+    model = LlamaForCausalLM(LlamaConfig(...))
+    kvtrim.hf.enable(model)                       # kvtrim's attention for this model
+    cache = kvtrim.hf.KvtrimCache(model.config, kvtrim.AdaKV(kvtrim.SnapKV(window=8, compression_ratio=0.5)),
+                                  layout="flat", max_new_tokens=32)
+    model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
+
+What happens: at prefill every layer attends over the whole prompt as usual
+(torch's SDPA, causal), then kvtrim compresses the layer's keys and values — with
+the prompt's last queries for SnapKV/H2O — into a kvtrim cache sized for the
+kept tokens plus ``max_new_tokens`` (ragged per-head budgets in a flat or paged
+layout: only the kept tokens are stored, no masking). The prompt's full keys and
+values are dropped. At every decode step the layer appends the new token's key
+and value to its kvtrim cache and kvtrim's decode attention computes the output.
+
+Limits: one sequence or a batch of equal-length prompts without padding; one
+token per step after prefill (no beam search, no assisted decoding); kvtrim's
+softmax scale is 1/√head_dim (Llama's). On the GPU only the schemes kvtrim runs
+on CUDA are available (StreamingLLM, contiguous, FP16/BF16/FP32); the others run
+with a CPU model. Written against transformers' layered Cache API (CacheLayerMixin,
+transformers ≥ 4.56 / 5.x); checked on the GPU machine only (torch and
+transformers are not installed in CI).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Optional
+
+import torch
+
+from .cache import Cache as _KvtrimCache
+from .presses import FP16, Codec, Press
+
+try:
+    from transformers.cache_utils import Cache as _HFCache
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+except ImportError as failure:  # pragma: no cover - depends on the installed transformers
+    raise ImportError(
+        "kvtrim.hf needs transformers with the layered Cache API (transformers.cache_utils.DynamicLayer, "
+        "transformers >= 4.56)"
+    ) from failure
+
+__all__ = ["ATTENTION_NAME", "KvtrimCache", "KvtrimLayer", "enable", "register"]
+
+ATTENTION_NAME = "kvtrim"
+_active = threading.local()  # the layer whose update() ran last: its attention comes next
+
+
+class KvtrimLayer(DynamicLayer):
+    """One decoder layer's cache: the prompt's keys/values until compression, then a kvtrim cache."""
+
+    def __init__(self, press: Press, codec: Codec, layout: str, layer_idx: int, layers: int, max_new_tokens: int,
+                 page_size: int = 16):
+        super().__init__()
+        self.press, self.codec, self.layout = press, codec, layout
+        self.layer_idx, self.layers, self.max_new_tokens, self.page_size = layer_idx, layers, max_new_tokens, page_size
+        self.kvtrim: Optional[_KvtrimCache] = None
+        self.pending = None  # (keys, values) of the prefill, until compress
+        self.seen = 0        # tokens processed (positions), not tokens held
+
+    def lazy_initialization(self, key_states, value_states=None):
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = torch.empty(0, dtype=self.dtype, device=self.device)  # kvtrim holds the tokens
+        self.values = torch.empty(0, dtype=self.dtype, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, cache_kwargs=None, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states)
+        _active.layer = self
+        count = key_states.shape[-2]
+        if self.kvtrim is None:
+            if self.pending is not None:
+                raise NotImplementedError("kvtrim.hf: a second prefill chunk before compression (chunked prefill)")
+            self.pending = (key_states, value_states)
+            self.seen += count
+            return key_states, value_states  # prefill attends over the whole prompt
+        if count != 1:
+            raise NotImplementedError(f"kvtrim.hf: {count} tokens in one step after prefill (one per step is supported)")
+        k, v = self._cast(key_states), self._cast(value_states)
+        self.kvtrim.append(k, v)
+        self.seen += count
+        return key_states, value_states
+
+    def _cast(self, x):
+        want = torch.float32 if self.kvtrim.device == "cpu" else _TORCH_DTYPES[self.kvtrim._dtype]
+        return x if x.dtype == want else x.to(want)
+
+    def compress(self, query_states):
+        """Compresses the pending prefill with kvtrim (called by the attention function after prefill attention)."""
+        keys, values = self.pending
+        batch, kv_heads, tokens, head_dim = keys.shape
+        q_heads = query_states.shape[1]
+        heads = batch * kv_heads
+        if self.layout == "contiguous":
+            capacity = self.press.max_keep(tokens) + self.max_new_tokens
+        else:
+            capacity = self.press.total_keep(tokens, heads) + heads * self.max_new_tokens
+            if self.layout == "paged":
+                capacity += heads * self.page_size  # each head's last page may be partly filled
+        device = "cuda" if keys.device.type == "cuda" else "cpu"
+        self.kvtrim = _KvtrimCache(self.press, self.codec, self.layout, (q_heads, kv_heads, head_dim), batch, capacity,
+                                   device=device, layer=self.layer_idx, layers=self.layers, page_size=self.page_size)
+        window = self.press.window_queries
+        queries = None
+        if window:
+            queries = query_states if window < 0 else query_states[:, :, -window:]
+            queries = self._cast(queries)
+        self.kvtrim.compress(self._cast(keys), self._cast(values), queries)
+        self.pending = None
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, cache_position, *args, **kwargs):
+        # (kv_length, kv_offset); later transformers pass the query length instead of cache_position
+        query_length = cache_position if isinstance(cache_position, int) else cache_position.shape[0]
+        return self.seen + query_length, 0
+
+    def get_max_cache_shape(self, *args, **kwargs) -> int:
+        return -1
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("kvtrim.hf: cropping a compressed cache")
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError("kvtrim.hf: beam search over a compressed cache")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("kvtrim.hf: repeating the batch of a compressed cache")
+
+    def batch_select_indices(self, indices) -> None:
+        raise NotImplementedError("kvtrim.hf: selecting sequences of a compressed cache")
+
+
+class KvtrimCache(DynamicCache):
+    """A transformers Cache (DynamicCache-like) whose layers compress with kvtrim after prefill.
+
+    config: the model's config (num_hidden_layers). press/codec/layout: as for kvtrim.Cache.
+    max_new_tokens: the room every head keeps for generated tokens.
+    """
+
+    def __init__(self, config, press: Press, codec: Optional[Codec] = None, layout: str = "contiguous",
+                 max_new_tokens: int = 256, page_size: int = 16):
+        layers_count = config.get_text_config(decoder=True).num_hidden_layers if hasattr(config, "get_text_config") \
+            else config.num_hidden_layers
+        codec = codec or FP16()
+        layers = [KvtrimLayer(press, codec, layout, i, layers_count, max_new_tokens, page_size) for i in range(layers_count)]
+        _HFCache.__init__(self, layers=layers)  # not DynamicCache.__init__: its layers are built here
+
+    def kvtrim_caches(self):
+        """The kvtrim.Cache of every layer (None before prefill)."""
+        return [layer.kvtrim for layer in self.layers]
+
+    def bytes(self) -> int:
+        """Bytes the kvtrim caches allocated, all layers together."""
+        return sum(layer.kvtrim.bytes for layer in self.layers if layer.kvtrim is not None)
+
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def kvtrim_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: SDPA at prefill (then compress), kvtrim decode attention after."""
+    layer = getattr(_active, "layer", None)
+    if layer is None or layer.layer_idx != getattr(module, "layer_idx", layer.layer_idx):
+        raise RuntimeError("kvtrim.hf: attention without a KvtrimCache (pass past_key_values=KvtrimCache(...))")
+    head_dim = query.shape[-1]
+    if scaling is not None and not math.isclose(scaling, head_dim ** -0.5, rel_tol=1e-6):
+        raise NotImplementedError(f"kvtrim.hf: softmax scale {scaling} (kvtrim uses 1/sqrt(head_dim) = {head_dim ** -0.5})")
+    if layer.kvtrim is None:  # prefill
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        output = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        layer.compress(query)
+        return output
+    queries = layer._cast(query[:, :, 0])  # [B, H_q, D]
+    out = layer.kvtrim.attend(queries)
+    return out.to(query.dtype).unsqueeze(1), None  # [B, 1, H_q, D]
+
+
+def register() -> None:
+    """Registers kvtrim's attention (and SDPA's mask builder) under the name 'kvtrim'."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, kvtrim_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def enable(model) -> None:
+    """Makes `model` attend through kvtrim (prefill: SDPA; decode: kvtrim over the compressed cache)."""
+    register()
+    try:
+        model.set_attn_implementation(ATTENTION_NAME)
+    except (AttributeError, ValueError, KeyError):  # transformers without set_attn_implementation
+        model.config._attn_implementation = ATTENTION_NAME

@@ -1,0 +1,439 @@
+// python/src/module.cpp — the nanobind module kvtrim._kvtrim.
+//
+// Arrays come in through DLPack (nanobind's ndarray): NumPy on the CPU, torch
+// or CuPy on the GPU, never copied here. This file checks what every argument
+// is (rank, element type, device) and hands a plain `array` to the type-erased
+// cache (binding.hpp); kvtrim itself checks shapes and strides and throws
+// kvtrim::error, which Python sees as kvtrim.Error (a ValueError) with the
+// C++ message.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/unique_ptr.h>
+#include <nanobind/stl/vector.h>
+
+#include <Python.h>
+
+#include <optional>
+
+#include "binding.hpp"
+
+#if __has_include(<nlohmann/json.hpp>)
+#define KVTRIM_PYTHON_PROFILES 1
+#include <kvtrim/io/profile.hpp>
+#endif
+
+namespace nb = nanobind;
+namespace kp = kvtrim::python;
+
+namespace {
+
+using input_array = nb::ndarray<nb::ro>;
+using output_array = nb::ndarray<>;
+
+const kp::registry& schemes() {
+  static const kp::registry all = [] {
+    kp::registry into;
+    kp::register_cpu_schemes(into);
+#ifdef KVTRIM_PYTHON_CUDA
+    kp::register_cuda_schemes(into);
+#endif
+    return into;
+  }();
+  return all;
+}
+
+std::string dtype_name(const nb::dlpack::dtype& type) {
+  const auto code = static_cast<nb::dlpack::dtype_code>(type.code);
+  std::string kind = code == nb::dlpack::dtype_code::Float    ? "float"
+                     : code == nb::dlpack::dtype_code::Bfloat ? "bfloat"
+                     : code == nb::dlpack::dtype_code::Int    ? "int"
+                     : code == nb::dlpack::dtype_code::UInt   ? "uint"
+                     : code == nb::dlpack::dtype_code::Bool   ? "bool"
+                                                              : "complex";
+  return kind + std::to_string(type.bits) + (type.lanes != 1 ? "x" + std::to_string(type.lanes) : "");
+}
+
+/// Rank, element type and device of one argument; what kvtrim checks itself (shape, strides) it checks.
+template <class Array>
+kp::array to_array(std::string_view function, std::string_view argument, const Array& given, std::size_t rank,
+                   std::string_view layout) {
+  kp::array result;
+  const nb::dlpack::dtype type = given.dtype();
+  const auto code = static_cast<nb::dlpack::dtype_code>(type.code);
+  std::string shape = "[";
+  for (std::size_t axis = 0; axis < given.ndim(); ++axis)
+    shape += (axis ? ", " : "") + std::to_string(given.shape(axis));
+  shape += "]";
+  const bool on_cpu = given.device_type() == nb::device::cpu::value;
+  const bool on_cuda = given.device_type() == nb::device::cuda::value;
+  const std::string device = on_cpu ? "cpu" : on_cuda ? "cuda:" + std::to_string(given.device_id()) : "an unsupported device";
+  const std::string came = kvtrim::detail::cat(dtype_name(type), " ", shape, " on ", device);
+  if (given.ndim() != rank)
+    kvtrim::detail::fail(function, argument, kvtrim::detail::cat("a ", rank, "-d array ", layout), came);
+  if (type.lanes != 1) kvtrim::detail::fail(function, argument, "float32, float16 or bfloat16 elements", came);
+  if (code == nb::dlpack::dtype_code::Float && type.bits == 32)
+    result.type = kp::element_type::f32;
+  else if (code == nb::dlpack::dtype_code::Float && type.bits == 16)
+    result.type = kp::element_type::f16;
+  else if (code == nb::dlpack::dtype_code::Bfloat && type.bits == 16)
+    result.type = kp::element_type::bf16;
+  else
+    kvtrim::detail::fail(function, argument, "float32, float16 or bfloat16 elements", came);
+  if (!on_cpu && !on_cuda) kvtrim::detail::fail(function, argument, "an array on the cpu or a cuda device", came);
+  result.on_device = on_cuda;
+  result.device_id = given.device_id();
+  result.data = const_cast<void*>(static_cast<const void*>(given.data()));
+  result.rank = rank;
+  for (std::size_t axis = 0; axis < rank; ++axis) {
+    result.extents[axis] = static_cast<std::int64_t>(given.shape(axis));
+    result.strides[axis] = given.stride(axis);
+  }
+  return result;
+}
+
+/// The Python-side object: one kvtrim cache of one compiled scheme.
+class py_cache {
+ public:
+  py_cache(const kp::settings& s, std::int64_t q_heads, std::int64_t kv_heads, std::int64_t head_dim,
+           std::int64_t batch, std::int64_t capacity) {
+    const kp::scheme_key key{s.device, s.layout, s.scorer, s.budget, s.codec};
+    const auto found = schemes().find(key);
+    if (found == schemes().end())
+      kvtrim::detail::fail("kvtrim.Cache", "scheme",
+                           "one of the compiled schemes (kvtrim.schemes() lists them; contiguous layouts take "
+                           "uniform and pyramid budgets only, CUDA has static_window/uniform/contiguous/fp16-bf16-fp32)",
+                           kvtrim::detail::cat("device=", s.device, " layout=", s.layout, " scorer=", s.scorer,
+                                               " budget=", s.budget, " codec=", s.codec));
+    impl_ = found->second(s, kvtrim::model_shape{q_heads, kv_heads, head_dim}, batch, capacity);
+  }
+
+  void compress(const input_array& keys, const input_array& values, const std::optional<input_array>& window_queries,
+                std::uintptr_t stream) {
+    constexpr std::string_view function = "kvtrim.Cache.compress";
+    const auto k = to_array(function, "keys", keys, 4, "[batch, kv_heads, tokens, head_dim]");
+    const auto v = to_array(function, "values", values, 4, "[batch, kv_heads, tokens, head_dim]");
+    std::optional<kp::array> q;
+    if (window_queries) q = to_array(function, "window_queries", *window_queries, 4, "[batch, q_heads, window, head_dim]");
+    nb::gil_scoped_release release;
+    impl_->compress(k, v, q ? &*q : nullptr, stream);
+  }
+
+  void append(const input_array& keys, const input_array& values, std::uintptr_t stream) {
+    constexpr std::string_view function = "kvtrim.Cache.append";
+    const auto k = to_array(function, "keys", keys, 4, "[batch, kv_heads, new_tokens, head_dim]");
+    const auto v = to_array(function, "values", values, 4, "[batch, kv_heads, new_tokens, head_dim]");
+    nb::gil_scoped_release release;
+    impl_->append(k, v, stream);
+  }
+
+  void attend(const input_array& queries, const output_array& out, std::uintptr_t stream) {
+    constexpr std::string_view function = "kvtrim.Cache.attend";
+    const auto q = to_array(function, "queries", queries, 3, "[batch, q_heads, head_dim]");
+    const auto o = to_array(function, "out", out, 3, "[batch, q_heads, head_dim]");
+    nb::gil_scoped_release release;
+    impl_->attend(q, o, stream);
+  }
+
+  kp::cache_base& impl() { return *impl_; }
+
+ private:
+  std::unique_ptr<kp::cache_base> impl_;
+};
+
+nb::ndarray<nb::numpy, float> float_matrix(std::vector<float> data, std::size_t rows, std::size_t columns) {
+  auto* owned = new std::vector<float>(std::move(data));
+  nb::capsule owner(owned, [](void* p) noexcept { delete static_cast<std::vector<float>*>(p); });
+  return nb::ndarray<nb::numpy, float>(owned->data(), {rows, columns}, owner);
+}
+
+template <class T>
+nb::ndarray<nb::numpy, T> vector_array(std::vector<T> data) {
+  auto* owned = new std::vector<T>(std::move(data));
+  nb::capsule owner(owned, [](void* p) noexcept { delete static_cast<std::vector<T>*>(p); });
+  return nb::ndarray<nb::numpy, T>(owned->data(), {owned->size()}, owner);
+}
+
+// ---- a direct C++ call path (tests compare the registry's results with it) ----------
+
+/// compress → append → attend through the statically named scheme, no registry,
+/// no settings: what a C++ caller writes (tests/test_direct.py).
+template <class Scheme>
+nb::tuple direct_run(const typename Scheme::config& cfg, nb::ndarray<const float, nb::ndim<4>, nb::c_contig> keys,
+                     nb::ndarray<const float, nb::ndim<4>, nb::c_contig> values,
+                     nb::ndarray<const float, nb::ndim<4>, nb::c_contig> window_queries,
+                     nb::ndarray<const float, nb::ndim<4>, nb::c_contig> new_keys,
+                     nb::ndarray<const float, nb::ndim<4>, nb::c_contig> new_values,
+                     nb::ndarray<const float, nb::ndim<3>, nb::c_contig> queries, std::int64_t q_heads,
+                     auto room) {
+  namespace kt = kvtrim;
+  const std::int64_t batch = static_cast<std::int64_t>(keys.shape(0)), kv_heads = static_cast<std::int64_t>(keys.shape(1));
+  const std::int64_t tokens = static_cast<std::int64_t>(keys.shape(2)), dim = static_cast<std::int64_t>(keys.shape(3));
+  const kt::model_shape shape{q_heads, kv_heads, dim};
+  auto cache = Scheme::make_cache(shape, batch, room, cfg.codec);
+  const auto view4 = [](const auto& a) {
+    return kt::make_view(a.data(), std::array<std::int64_t, 4>{static_cast<std::int64_t>(a.shape(0)), static_cast<std::int64_t>(a.shape(1)),
+                                                                static_cast<std::int64_t>(a.shape(2)), static_cast<std::int64_t>(a.shape(3))});
+  };
+  std::vector<std::byte> scratch(Scheme::compress_workspace(shape, batch, tokens, cfg) + 256);
+  void* aligned = scratch.data();
+  std::size_t space = scratch.size();
+  std::align(256, space - 256, aligned, space);
+  if constexpr (Scheme::scorer::needs_queries)
+    Scheme::compress(view4(keys), view4(values), view4(window_queries), cache.view(), cfg, kt::workspace{aligned, space});
+  else
+    Scheme::compress(view4(keys), view4(values), cache.view(), cfg, kt::workspace{aligned, space});
+  if (new_keys.shape(2) > 0) Scheme::append(cache.view(), view4(new_keys), view4(new_values));
+  std::vector<float> out(static_cast<std::size_t>(batch * q_heads * dim));
+  std::vector<std::byte> attend_scratch(Scheme::attend_workspace(cache.view()) + 256);
+  aligned = attend_scratch.data();
+  space = attend_scratch.size();
+  std::align(256, space - 256, aligned, space);
+  Scheme::attend(kt::make_view(queries.data(), std::array<std::int64_t, 3>{batch, q_heads, dim}), cache.view(),
+                 kt::make_view(out.data(), std::array<std::int64_t, 3>{batch, q_heads, dim}), kt::workspace{aligned, space});
+  std::vector<std::int64_t> lengths;
+  for (std::int64_t b = 0; b < batch; ++b)
+    for (std::int64_t h = 0; h < kv_heads; ++h) lengths.push_back(cache.view().head_length(b, h));
+  return nb::make_tuple(float_matrix(std::move(out), static_cast<std::size_t>(batch * q_heads), static_cast<std::size_t>(dim)),
+                        vector_array(std::move(lengths)));
+}
+
+}  // namespace
+
+NB_MODULE(_kvtrim, m) {
+  m.doc() = "kvtrim's compiled core: type-erased caches over an explicit list of kvtrim schemes";
+
+  // kvtrim::error → kvtrim.Error (a ValueError) with the C++ message.
+  static nb::exception<kvtrim::error> error(m, "Error", PyExc_ValueError);
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const kp::not_implemented& e) {
+      PyErr_SetString(PyExc_NotImplementedError, e.what());
+    }
+  });
+
+  m.attr("version") = nb::make_tuple(kvtrim::version_major, kvtrim::version_minor, kvtrim::version_patch);
+#ifdef KVTRIM_PYTHON_CUDA
+  m.attr("has_cuda") = true;
+#else
+  m.attr("has_cuda") = false;
+#endif
+#ifdef KVTRIM_PYTHON_PROFILES
+  m.attr("has_profiles") = true;
+#else
+  m.attr("has_profiles") = false;
+#endif
+
+  m.def("schemes", [] {
+    std::vector<std::tuple<std::string, std::string, std::string, std::string, std::string>> result;
+    for (const auto& [key, make] : schemes()) result.emplace_back(key.device, key.layout, key.scorer, key.budget, key.codec);
+    return result;
+  }, "Every compiled scheme as (device, layout, scorer, budget, codec).");
+
+  nb::class_<kp::settings>(m, "Settings", "Every runtime knob of a scheme (filled by the presses and codecs).")
+      .def(nb::init<>())
+      .def_rw("device", &kp::settings::device)
+      .def_rw("layout", &kp::settings::layout)
+      .def_rw("scorer", &kp::settings::scorer)
+      .def_rw("budget", &kp::settings::budget)
+      .def_rw("codec", &kp::settings::codec)
+      .def_rw("compression_ratio", &kp::settings::compression_ratio)
+      .def_rw("keep_tokens", &kp::settings::keep_tokens)
+      .def_rw("sinks", &kp::settings::sinks)
+      .def_rw("windows", &kp::settings::windows)
+      .def_rw("window", &kp::settings::window)
+      .def_rw("kernel", &kp::settings::kernel)
+      .def_rw("pooling", &kp::settings::pooling)
+      .def_rw("reduction", &kp::settings::reduction)
+      .def_rw("group", &kp::settings::group)
+      .def_rw("recent_ratio", &kp::settings::recent_ratio)
+      .def_rw("recent_tokens", &kp::settings::recent_tokens)
+      .def_rw("protect_recent", &kp::settings::protect_recent)
+      .def_rw("normalisation", &kp::settings::normalisation)
+      .def_rw("retrieval", &kp::settings::retrieval)
+      .def_rw("min_recent", &kp::settings::min_recent)
+      .def_rw("recent_fraction", &kp::settings::recent_fraction)
+      .def_rw("compensation", &kp::settings::compensation)
+      .def_rw("alpha", &kp::settings::alpha)
+      .def_rw("kvpress_compatible", &kp::settings::kvpress_compatible)
+      .def_rw("pyramid_window", &kp::settings::pyramid_window)
+      .def_rw("beta", &kp::settings::beta)
+      .def_rw("layer", &kp::settings::layer)
+      .def_rw("layers", &kp::settings::layers)
+      .def_rw("key_group", &kp::settings::key_group)
+      .def_rw("asymmetric", &kp::settings::asymmetric)
+      .def_rw("page_size", &kp::settings::page_size);
+
+  nb::class_<py_cache>(m, "CacheImpl", "One kvtrim cache of one compiled scheme (wrapped by kvtrim.Cache).")
+      .def(nb::init<const kp::settings&, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t>(),
+           nb::arg("settings"), nb::arg("q_heads"), nb::arg("kv_heads"), nb::arg("head_dim"), nb::arg("batch"),
+           nb::arg("capacity"))
+      .def("compress", &py_cache::compress, nb::arg("keys"), nb::arg("values"), nb::arg("window_queries").none(),
+           nb::arg("stream") = 0)
+      .def("append", &py_cache::append, nb::arg("keys"), nb::arg("values"), nb::arg("stream") = 0)
+      .def("attend", &py_cache::attend, nb::arg("queries"), nb::arg("out"), nb::arg("stream") = 0)
+      .def("head_lengths", [](py_cache& self) { return vector_array(self.impl().head_lengths()); })
+      .def("kept", [](py_cache& self) {
+        auto kept = self.impl().kept();
+        return nb::make_tuple(vector_array(std::move(kept.offsets)), vector_array(std::move(kept.tokens)));
+      })
+      .def("positions", [](py_cache& self) { return vector_array(self.impl().positions()); })
+      .def("read", [](py_cache& self, std::int64_t b, std::int64_t h) {
+        auto [keys, values] = self.impl().read_head(b, h);
+        const auto dim = static_cast<std::size_t>(self.impl().shape().head_dim);
+        const std::size_t rows = keys.size() / dim;
+        return nb::make_tuple(float_matrix(std::move(keys), rows, dim), float_matrix(std::move(values), rows, dim));
+      }, nb::arg("b"), nb::arg("h"))
+      .def("stats", [](py_cache& self) {
+        const kp::stats_result s = self.impl().stats();
+        nb::dict result;
+        result["codec"] = s.codec;
+        result["head_dim"] = s.head_dim;
+        result["bytes_per_token"] = s.bytes_per_token;
+        result["bytes_per_head"] = s.bytes_per_head;
+        result["kept"] = s.kept;
+        result["bytes"] = s.bytes;
+        result["total_bytes"] = s.total_bytes;
+        result["fp16_bytes"] = s.fp16_bytes;
+        result["ratio"] = s.ratio;
+        result["allocated_bytes"] = s.allocated_bytes;
+        result["table"] = s.table;
+        return result;
+      })
+      .def_prop_ro("bytes", [](py_cache& self) { return self.impl().bytes(); })
+      .def_prop_ro("batch", [](py_cache& self) { return self.impl().batch(); })
+      .def_prop_ro("input_dtype", [](py_cache& self) { return std::string(kp::name_of(self.impl().input_type())); })
+      .def_prop_ro("needs_queries", [](py_cache& self) { return self.impl().needs_queries(); })
+      .def_prop_ro("name", [](py_cache& self) { return self.impl().name(); });
+
+  // The direct path for tests: two statically named schemes (also in the registry).
+  namespace kt = kvtrim;
+  using streaming = kt::scheme<kt::layout::contiguous, kt::score::static_window, kt::budget::uniform, kt::codec::fp32,
+                               kt::backend::cpu>;
+  using adakv = kt::scheme<kt::layout::flat, kt::score::snapkv, kt::budget::adaptive, kt::codec::fp16, kt::backend::cpu>;
+  m.def("_direct_streaming",
+        [](std::int64_t sinks, std::int64_t keep, nb::ndarray<const float, nb::ndim<4>, nb::c_contig> keys,
+           nb::ndarray<const float, nb::ndim<4>, nb::c_contig> values,
+           nb::ndarray<const float, nb::ndim<4>, nb::c_contig> new_keys,
+           nb::ndarray<const float, nb::ndim<4>, nb::c_contig> new_values,
+           nb::ndarray<const float, nb::ndim<3>, nb::c_contig> queries, std::int64_t q_heads, std::int64_t capacity) {
+          streaming::config cfg;
+          cfg.score.sinks = sinks;
+          cfg.budget.keep = kt::keep_tokens{keep};
+          return direct_run<streaming>(cfg, keys, values, keys, new_keys, new_values, queries, q_heads, capacity);
+        });
+  m.def("_direct_adakv",
+        [](double compression_ratio, double alpha, std::int64_t window, std::int64_t kernel,
+           nb::ndarray<const float, nb::ndim<4>, nb::c_contig> keys, nb::ndarray<const float, nb::ndim<4>, nb::c_contig> values,
+           nb::ndarray<const float, nb::ndim<4>, nb::c_contig> window_queries,
+           nb::ndarray<const float, nb::ndim<4>, nb::c_contig> new_keys,
+           nb::ndarray<const float, nb::ndim<4>, nb::c_contig> new_values,
+           nb::ndarray<const float, nb::ndim<3>, nb::c_contig> queries, std::int64_t q_heads, std::int64_t slots) {
+          adakv::config cfg;
+          cfg.score = kt::kvpress::snapkv(window, kernel);
+          cfg.budget = kt::kvpress::adakv(compression_ratio, alpha);
+          return direct_run<adakv>(cfg, keys, values, window_queries, new_keys, new_values, queries, q_heads,
+                                   kt::layout::flat::pool_size{.slots = slots});
+        });
+
+  // ---- RazorAttention calibration: probe → captured attention → retrieval heads ----
+  using razor = kt::score::retrieval_head;
+  nb::class_<razor::probe_config>(m, "Probe", "RazorAttention's calibration probe: BOS + `block` random ids, `repeats` times.")
+      .def(nb::new_([](std::int64_t block, std::int64_t repeats, std::int32_t first_id, std::int32_t end_id,
+                       std::int32_t bos_id, std::uint64_t seed) {
+             razor::probe_config probe{block, repeats, first_id, end_id, bos_id, seed};
+             probe.validate("kvtrim.Probe");
+             return probe;
+           }),
+           nb::arg("block") = 2500, nb::arg("repeats") = 4, nb::arg("first_id") = 10000, nb::arg("end_id") = 12500,
+           nb::arg("bos_id") = 1, nb::arg("seed") = 0)
+      .def_rw("block", &razor::probe_config::block)
+      .def_rw("repeats", &razor::probe_config::repeats)
+      .def_rw("first_id", &razor::probe_config::first_id)
+      .def_rw("end_id", &razor::probe_config::end_id)
+      .def_rw("bos_id", &razor::probe_config::bos_id)
+      .def_rw("seed", &razor::probe_config::seed)
+      .def_prop_ro("length", &razor::probe_config::length)
+      .def("tokens", [](const razor::probe_config& probe) { return vector_array(razor::make_probe(probe)); },
+           "The probe's token ids (int32) for the model to run.");
+
+  struct py_calibration {
+    std::int64_t layers;
+    kt::model_shape shape;
+    razor::calibration impl;
+  };
+  nb::class_<py_calibration>(m, "Calibration",
+                             "RazorAttention's head scores, accumulated from the attention the model computes on a Probe.")
+      .def(nb::new_([](std::int64_t layers, std::int64_t q_heads, std::int64_t kv_heads, std::int64_t head_dim,
+                       const razor::probe_config& probe) {
+             const kt::model_shape shape{q_heads, kv_heads, head_dim};
+             return py_calibration{layers, shape, razor::calibration(layers, shape, probe)};
+           }),
+           nb::arg("layers"), nb::arg("q_heads"), nb::arg("kv_heads"), nb::arg("head_dim"), nb::arg("probe"))
+      .def("accumulate",
+           [](py_calibration& self, std::int64_t layer, nb::ndarray<nb::ro> attention, std::int64_t first_row) {
+             const kp::array a = to_array("kvtrim.Calibration.accumulate", "attention", attention, 3,
+                                          "[q_heads, rows, probe length] of probabilities");
+             if (a.type != kp::element_type::f32 || a.on_device)
+               kt::detail::fail("kvtrim.Calibration.accumulate", "attention", "a float32 array on the cpu", a.describe());
+             const kt::tensor_view<const float, 3> view{static_cast<const float*>(a.data), {a.extents[0], a.extents[1], a.extents[2]},
+                                                        {a.strides[0], a.strides[1], a.strides[2]}};
+             self.impl.accumulate(layer, view, first_row);
+           },
+           nb::arg("layer"), nb::arg("attention"), nb::arg("first_row"),
+           "Adds rows [first_row, first_row + rows) of one layer's attention on the probe.")
+      .def("scores", [](const py_calibration& self) {
+        const razor::head_scores scores = self.impl.scores();
+        nb::dict result;
+        result["echo"] = scores.echo_kv;
+        result["induction"] = scores.induction_kv;
+        return result;
+      }, "Echo and induction scores per (layer, kv head), flattened layer·kv_heads + h.")
+#ifdef KVTRIM_PYTHON_PROFILES
+      .def("profile",
+           [](const py_calibration& self, double induction_fraction, double echo_fraction) {
+             auto result = kt::io::profile::for_model({.layers = self.layers, .shape = self.shape});
+             result.set_retrieval_heads(self.impl.scores(), {induction_fraction, echo_fraction}, self.impl.probe());
+             return result;
+           },
+           nb::arg("induction_fraction") = 0.14, nb::arg("echo_fraction") = 0.01,
+           "A profile whose retrieval heads are the top induction and echo heads (RazorAttention's selection).")
+#endif
+      ;
+
+#ifdef KVTRIM_PYTHON_PROFILES
+  nb::class_<kt::io::profile>(m, "Profile", "A calibration profile (kvtrim::io::profile, versioned JSON).")
+      .def_static("load", [](const std::string& path) { return kt::io::load_profile(path); }, nb::arg("path"))
+      .def_static("parse", [](const std::string& text) { return kt::io::parse_profile(text); }, nb::arg("text"))
+      .def("save", [](const kt::io::profile& self, const std::string& path) { kt::io::save_profile(self, path); },
+           nb::arg("path"))
+      .def_prop_ro("layers", [](const kt::io::profile& self) { return self.model.layers; })
+      .def_prop_ro("q_heads", [](const kt::io::profile& self) { return self.model.shape.q_heads; })
+      .def_prop_ro("kv_heads", [](const kt::io::profile& self) { return self.model.shape.kv_heads; })
+      .def_prop_ro("head_dim", [](const kt::io::profile& self) { return self.model.shape.head_dim; })
+      .def_prop_ro("positions", [](const kt::io::profile& self) { return std::string(kt::io::to_string(self.model.encoding)); })
+      .def("retrieval", [](const kt::io::profile& self, std::int64_t layer) { return self.retrieval_config(layer).retrieval; },
+           nb::arg("layer"), "RazorAttention's retrieval-head flags of `layer` (one per kv head).")
+      .def_static("for_retrieval_heads",
+                  [](const std::vector<std::vector<bool>>& flags, std::int64_t q_heads, std::int64_t head_dim) {
+                    if (flags.empty()) kt::detail::fail("kvtrim.Profile.for_retrieval_heads", "flags", "at least one layer", "none");
+                    const auto kv_heads = static_cast<std::int64_t>(flags.front().size());
+                    auto result = kt::io::profile::for_model(
+                        {.layers = static_cast<std::int64_t>(flags.size()), .shape = {q_heads, kv_heads, head_dim}});
+                    for (std::size_t l = 0; l < flags.size(); ++l) {
+                      if (static_cast<std::int64_t>(flags[l].size()) != kv_heads)
+                        kt::detail::fail("kvtrim.Profile.for_retrieval_heads", kt::detail::cat("flags[", l, "]"),
+                                         kt::detail::cat(kv_heads, " flags (one per kv head)"),
+                                         kt::detail::cat(flags[l].size(), " flags"));
+                      result.layers[l].retrieval = flags[l];
+                    }
+                    return result;
+                  },
+                  nb::arg("flags"), nb::arg("q_heads"), nb::arg("head_dim"),
+                  "A profile holding only retrieval-head flags [layer][kv head] (RazorAttention without calibration data).");
+#endif
+}
