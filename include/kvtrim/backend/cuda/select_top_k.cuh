@@ -35,22 +35,29 @@ __device__ __forceinline__ std::uint32_t rank_key(float score) {
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
-__global__ void prepare_selection(const float* scores, std::uint32_t* rank_keys, std::int32_t* token_indices,
-                                  std::uint8_t* kept_flags, std::int64_t* segment_offsets, std::int64_t heads,
+// The kernels are templates (over the CSR's index types: Token and Count int32,
+// Offset int64 here) so that any number of translation units may include this
+// header: a template's instantiations merge at link time, while a plain
+// __global__ function's host stub is an ordinary external function that two .cu
+// files would both define (issue 9; tests/link/).
+template <class Token, class Offset>
+__global__ void prepare_selection(const float* scores, std::uint32_t* rank_keys, Token* token_indices,
+                                  std::uint8_t* kept_flags, Offset* segment_offsets, std::int64_t heads,
                                   std::int64_t tokens) {
   const std::int64_t total = heads * tokens;
   for (std::int64_t flat = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; flat <= total;
        flat += std::int64_t{gridDim.x} * blockDim.x) {
     if (flat < total) {
       rank_keys[flat] = rank_key(scores[flat]);
-      token_indices[flat] = static_cast<std::int32_t>(flat % tokens);
+      token_indices[flat] = static_cast<Token>(flat % tokens);
       kept_flags[flat] = 0;
     }
-    if (flat % tokens == 0) segment_offsets[flat / tokens] = flat;
+    if (flat % tokens == 0) segment_offsets[flat / tokens] = static_cast<Offset>(flat);
   }
 }
 
-__global__ void flag_top_tokens(const std::int32_t* sorted_tokens, const std::int32_t* keep_counts,
+template <class Token, class Count>
+__global__ void flag_top_tokens(const Token* sorted_tokens, const Count* keep_counts,
                                 std::uint8_t* kept_flags, std::int64_t heads, std::int64_t tokens) {
   const std::int64_t total = heads * tokens;
   for (std::int64_t flat = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; flat < total;
@@ -61,12 +68,13 @@ __global__ void flag_top_tokens(const std::int32_t* sorted_tokens, const std::in
   }
 }
 
-__global__ void clamp_counts(const std::int32_t* keep_counts, std::int64_t* offsets_plus_one, std::int64_t heads,
+template <class Count, class Offset>
+__global__ void clamp_counts(const Count* keep_counts, Offset* offsets_plus_one, std::int64_t heads,
                              std::int64_t tokens) {
   for (std::int64_t head = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; head < heads;
        head += std::int64_t{gridDim.x} * blockDim.x) {
     const std::int64_t count = keep_counts[head];
-    offsets_plus_one[head] = count < 0 ? 0 : (count > tokens ? tokens : count);
+    offsets_plus_one[head] = static_cast<Offset>(count < 0 ? 0 : (count > tokens ? tokens : count));
   }
 }
 
@@ -141,22 +149,22 @@ struct implementation<stage::select_top_k, backend::cuda> {
     workspace_carver carver(scratch);
     parts p = carve(carver, heads, tokens);
 
-    cuda_detail::prepare_selection<<<cuda_detail::grid_for(items + 1), 256, 0, stream>>>(
+    cuda_detail::prepare_selection<std::int32_t, std::int64_t><<<cuda_detail::grid_for(items + 1), 256, 0, stream>>>(
         scores.data, p.rank_keys, p.token_indices, p.kept_flags, p.segment_offsets, heads, tokens);
     detail::check_launch(function, "prepare_selection");
     detail::check_cuda(cub::DeviceSegmentedSort::StableSortPairsDescending(
                            p.cub_scratch, p.cub_bytes, p.rank_keys, p.sorted_keys, p.token_indices, p.sorted_tokens,
                            items, heads, p.segment_offsets, p.segment_offsets + 1, stream),
                        function, "cub::DeviceSegmentedSort::StableSortPairsDescending");
-    cuda_detail::flag_top_tokens<<<cuda_detail::grid_for(items), 256, 0, stream>>>(p.sorted_tokens, keep_counts,
-                                                                                    p.kept_flags, heads, tokens);
+    cuda_detail::flag_top_tokens<std::int32_t, std::int32_t><<<cuda_detail::grid_for(items), 256, 0, stream>>>(
+        p.sorted_tokens, keep_counts, p.kept_flags, heads, tokens);
     detail::check_launch(function, "flag_top_tokens");
     detail::check_cuda(cub::DeviceSelect::Flagged(p.cub_scratch, p.cub_bytes, p.token_indices, p.kept_flags,
                                                   kept_tokens, p.selected_count, items, stream),
                        function, "cub::DeviceSelect::Flagged");
     detail::check_cuda(cudaMemsetAsync(offsets, 0, sizeof(std::int64_t), stream), function, "cudaMemsetAsync");
-    cuda_detail::clamp_counts<<<cuda_detail::grid_for(heads), 256, 0, stream>>>(keep_counts, offsets + 1, heads,
-                                                                                tokens);
+    cuda_detail::clamp_counts<std::int32_t, std::int64_t><<<cuda_detail::grid_for(heads), 256, 0, stream>>>(
+        keep_counts, offsets + 1, heads, tokens);
     detail::check_launch(function, "clamp_counts");
     detail::check_cuda(cub::DeviceScan::InclusiveSum(p.cub_scratch, p.cub_bytes, offsets + 1, heads, stream),
                        function, "cub::DeviceScan::InclusiveSum");

@@ -15,13 +15,19 @@ namespace kvtrim {
 namespace cuda_detail {
 inline constexpr int max_window_heads = 512;
 
+template <int MaxWindowHeads>
 struct static_window_parameters {
   float* scores;  // dense [batch, kv_heads, tokens]
   std::int64_t heads, kv_heads, tokens, sinks;
-  std::int32_t window[max_window_heads];  // per kv head; all 0 without per-head windows
+  std::int32_t window[MaxWindowHeads];  // per kv head; all 0 without per-head windows
 };
 
-__global__ void static_window_scores(const __grid_constant__ static_window_parameters p) {
+// A template (over the parameter block's capacity) so that any number of
+// translation units may include this header: a template's instantiations merge
+// at link time, a plain __global__ function's host stub would be defined in
+// every .cu file that includes it (issue 9; tests/link/).
+template <int MaxWindowHeads>
+__global__ void static_window_scores(const __grid_constant__ static_window_parameters<MaxWindowHeads> p) {
   const std::int64_t total = p.heads * p.tokens;
   for (std::int64_t flat = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; flat < total;
        flat += std::int64_t{gridDim.x} * blockDim.x) {
@@ -50,13 +56,13 @@ struct implementation<score::static_window, backend::cuda> {
                    detail::cat("per-head windows for at most ", cuda_detail::max_window_heads, " kv heads on backend::cuda"),
                    detail::cat(kv_heads, " kv heads"));
     // scores is the dense [B, H, T] buffer the scheme carved from the workspace.
-    cuda_detail::static_window_parameters parameters{scores.data, scores.extent(0) * kv_heads, kv_heads, tokens,
-                                                     cfg.sinks, {}};
+    cuda_detail::static_window_parameters<cuda_detail::max_window_heads> parameters{
+        scores.data, scores.extent(0) * kv_heads, kv_heads, tokens, cfg.sinks, {}};
     for (std::int64_t h = 0; h < static_cast<std::int64_t>(cfg.windows.size()); ++h)
       parameters.window[h] = static_cast<std::int32_t>(std::min<std::int64_t>(cfg.windows[h], tokens));
     const auto blocks = static_cast<unsigned>(
         std::min<std::int64_t>(cuda_detail::ceil_div(parameters.heads * tokens, 256), 65535));
-    cuda_detail::static_window_scores<<<blocks, 256, 0, stream>>>(parameters);
+    cuda_detail::static_window_scores<cuda_detail::max_window_heads><<<blocks, 256, 0, stream>>>(parameters);
     detail::check_launch(function, "static_window_scores");
   }
 };

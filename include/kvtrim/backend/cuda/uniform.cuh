@@ -9,7 +9,11 @@
 namespace kvtrim {
 
 namespace cuda_detail {
-__global__ void fill_int32(std::int32_t* out, std::int64_t count, std::int32_t value) {
+// A template so that any number of translation units may include this header:
+// a template's instantiations merge at link time, a plain __global__ function's
+// host stub would be defined in every .cu file that includes it (issue 9).
+template <class T>
+__global__ void fill(T* out, std::int64_t count, T value) {
   for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < count;
        i += std::int64_t{gridDim.x} * blockDim.x)
     out[i] = value;
@@ -23,8 +27,8 @@ struct implementation<budget::uniform, backend::cuda> {
     const auto keep = static_cast<std::int32_t>(budget::uniform::max_keep(cfg, scores.extent(2)));
     const std::int64_t heads = scores.extent(0) * scores.extent(1);
     const auto blocks = static_cast<unsigned>(std::min<std::int64_t>(cuda_detail::ceil_div(heads, 256), 65535));
-    cuda_detail::fill_int32<<<blocks, 256, 0, stream>>>(keep_counts, heads, keep);
-    detail::check_launch("kvtrim::budget::uniform", "fill_int32");
+    cuda_detail::fill<std::int32_t><<<blocks, 256, 0, stream>>>(keep_counts, heads, keep);
+    detail::check_launch("kvtrim::budget::uniform", "fill");
   }
 };
 

@@ -1,0 +1,61 @@
+// Shared by the two TUs of kvtrim_link_cuda: kvtrim/cuda.cuh, and one helper
+// template both TUs instantiate with the same arguments, so the same kernel
+// template instantiations (copy_rows<__half, __half, …>) are emitted in both
+// and must merge, while every non-template kernel of the headers is emitted in
+// both and must not collide.
+#pragma once
+
+#include <kvtrim/cuda.cuh>
+
+#include <array>
+#include <cstdint>
+
+namespace link_test {
+
+namespace kt = kvtrim;
+
+template <class Codec>
+using streaming = kt::scheme<kt::layout::contiguous, kt::score::static_window, kt::budget::uniform, Codec,
+                             kt::backend::cuda>;
+inline const kt::model_shape shape{.q_heads = 4, .kv_heads = 2, .head_dim = 64};
+inline constexpr std::int64_t batch = 1, tokens = 32, keep = 12, appended = 2;
+
+/// Zeroed device memory, freed at scope exit.
+struct device_bytes {
+  void* data = nullptr;
+  explicit device_bytes(std::size_t bytes) {
+    kt::detail::check_cuda(cudaMalloc(&data, bytes > 0 ? bytes : 1), "link test", "cudaMalloc");
+    kt::detail::check_cuda(cudaMemset(data, 0, bytes > 0 ? bytes : 1), "link test", "cudaMemset");
+  }
+  device_bytes(const device_bytes&) = delete;
+  device_bytes& operator=(const device_bytes&) = delete;
+  ~device_bytes() { cudaFree(data); }
+};
+
+/// Compresses `tokens` zero rows of KeyT with scheme streaming<Codec>, appends
+/// `appended` more, and returns the tokens per head the cache then holds.
+template <class Codec, class KeyT>
+std::int64_t compress_and_append() {
+  using scheme = streaming<Codec>;
+  typename scheme::config cfg;
+  cfg.budget.keep = kt::keep_tokens{keep};
+  auto cache = scheme::make_cache(shape, batch, keep + appended, typename Codec::config{});
+  const std::array<std::int64_t, 4> extents{batch, shape.kv_heads, tokens, shape.head_dim};
+  const std::array<std::int64_t, 4> new_extents{batch, shape.kv_heads, appended, shape.head_dim};
+  const std::size_t rows = static_cast<std::size_t>(batch * shape.kv_heads * tokens * shape.head_dim);
+  device_bytes keys(rows * sizeof(KeyT)), values(rows * sizeof(KeyT));
+  device_bytes scratch(scheme::compress_workspace(shape, batch, tokens, cfg));
+  scheme::compress(kt::make_view<kt::device_space>(static_cast<KeyT*>(keys.data), extents),
+                   kt::make_view<kt::device_space>(static_cast<KeyT*>(values.data), extents), cache.view(), cfg,
+                   kt::workspace{scratch.data, scheme::compress_workspace(shape, batch, tokens, cfg)});
+  scheme::append(cache.view(), kt::make_view<kt::device_space>(static_cast<KeyT*>(keys.data), new_extents),
+                 kt::make_view<kt::device_space>(static_cast<KeyT*>(values.data), new_extents));
+  kt::detail::check_cuda(cudaDeviceSynchronize(), "link test", "cudaDeviceSynchronize");
+  return cache.view().length;
+}
+
+std::int64_t fp16_in_a();   // link_cuda_a.cu
+std::int64_t fp16_in_b();   // link_cuda_b.cu
+std::int64_t bf16_in_b();   // link_cuda_b.cu: a second combination (fp32 rows stored as bf16)
+
+}  // namespace link_test
