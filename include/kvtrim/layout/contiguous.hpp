@@ -20,6 +20,7 @@
 #include <string>
 #include <string_view>
 
+#include "kvtrim/codec/hooks.hpp"
 #include "kvtrim/core/concepts.hpp"
 #include "kvtrim/core/config.hpp"
 #include "kvtrim/core/shape.hpp"
@@ -76,15 +77,17 @@ struct contiguous {
       if (batch < 1) detail::fail(function, "batch", "at least one sequence", std::to_string(batch));
       if (capacity < 1) detail::fail(function, "capacity", "at least one slot per head", std::to_string(capacity));
       codec_config.validate(function);
+      // Interim (issue 9, until the layout rewrite lands): U = G.
       return CodecT::storage_bytes(codec_config, batch * shape.kv_heads * capacity, batch * shape.kv_heads,
-                                   shape.head_dim);
+                                   shape.head_dim, ::kvtrim::codec::slot_alignment<CodecT>(codec_config));
     }
     /// An empty heads-major view over `memory` (of bytes(...) bytes).
     static view bind(void* memory, const model_shape& shape, std::int64_t batch, std::int64_t capacity,
                      const typename CodecT::config& codec_config) {
       view result;
       result.storage = CodecT::template bind<Space>(codec_config, memory, batch * shape.kv_heads * capacity,
-                                                    batch * shape.kv_heads, shape.head_dim);
+                                                    batch * shape.kv_heads, shape.head_dim,
+                                                    ::kvtrim::codec::slot_alignment<CodecT>(codec_config));
       result.shape = shape;
       result.batch = batch;
       result.capacity = capacity;

@@ -144,7 +144,10 @@ struct flat {
                       const typename CodecT::config& codec_config) {
       const std::int64_t heads = batch * shape.kv_heads;
       view result;
-      result.storage = detail::carve_codec_storage<CodecT, Space>(carver, codec_config, pool.slots, heads, shape.head_dim);
+      // Interim (issue 9, until the layout rewrite lands): U = G.
+      result.storage = detail::carve_codec_storage<CodecT, Space>(carver, codec_config, pool.slots, heads,
+                                                                  shape.head_dim,
+                                                                  ::kvtrim::codec::slot_alignment<CodecT>(codec_config));
       result.shape = shape;
       result.batch = batch;
       result.capacity = pool.slots;

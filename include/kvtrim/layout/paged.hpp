@@ -157,7 +157,10 @@ struct paged {
       const std::int64_t heads = batch * shape.kv_heads;
       const std::int64_t slots = pool.pages * pool.page_size;
       view result;
-      result.storage = detail::carve_codec_storage<CodecT, Space>(carver, codec_config, slots, heads, shape.head_dim);
+      // Interim (issue 9, until the layout rewrite lands): U = gcd(page_size, G).
+      const std::int64_t slot_run = std::gcd(pool.page_size, ::kvtrim::codec::slot_alignment<CodecT>(codec_config));
+      result.storage =
+          detail::carve_codec_storage<CodecT, Space>(carver, codec_config, slots, heads, shape.head_dim, slot_run);
       result.shape = shape;
       result.batch = batch;
       result.page_size = pool.page_size;

@@ -4,7 +4,7 @@
 // The two helpers in detail:: are what every layout's compact/append calls (see
 // codec/hooks.hpp): prepare_kept_head once per head before its kept tokens are
 // encoded, then encode_input_token per token, with the token's prefill index as
-// its position in compact and no position (-1) in append.
+// its position in compact and (interim) its logical index in append.
 #pragma once
 
 #include <array>
@@ -21,19 +21,20 @@ namespace kvtrim {
 
 namespace detail {
 /// Encodes token `token` of input head (b, h) into `slot` of the cache through its
-/// codec; `position` is the token's position in the sequence (its prefill index
-/// in compact), or -1 in append (the codec then counts positions itself).
+/// codec; `position` (≥ 0) is the token's position in the sequence (its prefill
+/// index in compact). Interim (issue 9): append passes the head's logical index
+/// until the layouts store next_position.
 template <class View, class KeyT>
 void encode_input_token(const View& cache, const kv_view<KeyT>& keys, const kv_view<KeyT>& values, std::int64_t b,
-                        std::int64_t h, std::int64_t token, std::int64_t slot, std::int64_t position = -1) {
+                        std::int64_t h, std::int64_t token, std::int64_t slot, std::int64_t position) {
   std::array<float, max_head_dim> key_row{};
   std::array<float, max_head_dim> value_row{};
   for (std::int64_t d = 0; d < cache.shape.head_dim; ++d) {
     key_row[d] = to_float(keys(b, h, token, d));
     value_row[d] = to_float(values(b, h, token, d));
   }
-  codec::encode_at<typename View::codec>(cache.storage, b * cache.shape.kv_heads + h, slot, key_row.data(),
-                                         value_row.data(), position);
+  View::codec::encode(cache.storage, b * cache.shape.kv_heads + h, slot, position, key_row.data(),
+                       value_row.data());
 }
 
 /// Tells the codec that head (b, h) is about to be rewritten with its kept
@@ -88,7 +89,8 @@ struct implementation<layout::contiguous, backend::cpu> {
     for (std::int64_t b = 0; b < cache.batch; ++b)
       for (std::int64_t h = 0; h < cache.shape.kv_heads; ++h)
         for (std::int64_t i = 0; i < count; ++i)
-          detail::encode_input_token(cache, new_keys, new_values, b, h, i, cache.slot(b, h, cache.length + i));
+          detail::encode_input_token(cache, new_keys, new_values, b, h, i, cache.slot(b, h, cache.length + i),
+                                     cache.length + i);
     cache.length += count;
   }
 };

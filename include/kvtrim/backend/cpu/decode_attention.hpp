@@ -13,8 +13,8 @@
 //   out   = Σ p_i v_i
 // in fp32, two passes over the cache (the textbook form; the only scratch is a
 // few head_dim rows). The cache is read through the codec's attention reader
-// (codec/hooks.hpp): by default it decodes rows; a codec may compute q·k and
-// Σ p·v its own way (low rank: (q·U)·c and (Σ p·c)·Uᵀ, no full keys rebuilt).
+// (codec/hooks.hpp): by default it loads rows (key i at its position, from the
+// layout); a codec may compute q·k and Σ p·v its own way (low rank: (q·U)·c and (Σ p·c)·Uᵀ, no full keys rebuilt).
 #pragma once
 
 #include <array>
@@ -58,7 +58,7 @@ struct implementation<stage::decode_attention, backend::cpu> {
         auto reader = codec::attention_reader<codec_type>(cache.storage, head, query.data(), head_dim);
 
         const auto logit = [&](std::int64_t i) {
-          float value = reader.dot(cache.slot(b, h, i)) * scale;
+          float value = reader.dot(cache.slot(b, h, i), codec::position_of(cache, b, h, i)) * scale;
           if constexpr (requires { cache.logit_bias(b, h, i); }) value += cache.logit_bias(b, h, i);
           return value;
         };

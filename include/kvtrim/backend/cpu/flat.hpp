@@ -123,9 +123,11 @@ struct implementation<layout::flat, backend::cpu> {
       CodecT::move_slot(cache.storage, head, from, to);
     } else {
       std::array<float, max_head_dim> key{}, value{};
-      CodecT::decode_key(cache.storage, head, from, key.data());
-      CodecT::decode_value(cache.storage, head, from, value.data());
-      CodecT::encode(cache.storage, head, to, key.data(), value.data());
+      // Exact for codec::plain, the only codec without move_slot; the position
+      // is unused by it.
+      CodecT::load_key(cache.storage, head, from, 0, key.data());
+      CodecT::load_value(cache.storage, head, from, value.data());
+      CodecT::encode(cache.storage, head, to, 0, key.data(), value.data());
     }
   }
 };

@@ -77,7 +77,9 @@ struct implementation<score::retrieval_head, backend::cpu> {
           key_mean[d] = static_cast<float>(key_sum[d] / static_cast<double>(dropped));
           value_mean[d] = static_cast<float>(value_sum[d] / static_cast<double>(dropped));
         }
-        View::codec::encode(cache.storage, head, cache.slot(b, h, first), key_mean.data(), value_mean.data());
+        // Position: the last dropped token's (docs/composition.md §1).
+        View::codec::encode(cache.storage, head, cache.slot(b, h, first), first + dropped - 1, key_mean.data(),
+                            value_mean.data());
         cache.compensation.index[head] = static_cast<std::int32_t>(first);
         cache.compensation.bias[head] = static_cast<float>(std::log(static_cast<double>(dropped)));
       }

@@ -30,7 +30,7 @@ template <class View, class KeyT>
 void encode_appended_tokens(const View& cache, const kv_view<KeyT>& new_keys, const kv_view<KeyT>& new_values,
                             std::int64_t b, std::int64_t h, std::int64_t first, std::int64_t count) {
   for (std::int64_t i = 0; i < count; ++i)
-    encode_input_token(cache, new_keys, new_values, b, h, i, cache.slot(b, h, first + i));
+    encode_input_token(cache, new_keys, new_values, b, h, i, cache.slot(b, h, first + i), first + i);
 }
 
 }  // namespace kvtrim::detail
