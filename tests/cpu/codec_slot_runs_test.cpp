@@ -183,6 +183,8 @@ TEST(SlotRuns, MoveSlotCarriesAlignedRunsSealedOrFilling) {
   const placement contiguous = placement::contiguous(capacity);
   bound<kt::codec::int8> reference({}, contiguous.slots(), heads, dim, group);
   write_tokens<kt::codec::int8>(reference.store, contiguous, keys, values, 0, total);
+  bound<kt::codec::int8> reference_before({}, contiguous.slots(), heads, dim, group);
+  write_tokens<kt::codec::int8>(reference_before.store, contiguous, keys, values, 0, before_move);
 
   // Pages of 16 in a pool of twice the room; head 0's pages 1 (sealed, group 0)
   // and 3 (filling, group 1) move to free pages, as a repack would.
@@ -198,7 +200,7 @@ TEST(SlotRuns, MoveSlotCarriesAlignedRunsSealedOrFilling) {
   }
   // Misaligned moves are refused: a run's scales cannot be split.
   EXPECT_THROW(kt::codec::int8::move_slot(codec.store, 0, where.slot(0, 0), where.slot(0, 0) + 1), kt::error);
-  expect_same_decode<kt::codec::int8>(reference.store, contiguous, codec.store, where, before_move);
+  expect_same_decode<kt::codec::int8>(reference_before.store, contiguous, codec.store, where, before_move);
   // Head 0's filling group completes at its new place; the group seals there.
   for (std::int64_t i = before_move; i < total; ++i)
     for (std::int64_t h = 0; h < heads; ++h)
