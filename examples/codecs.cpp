@@ -137,7 +137,8 @@ double top8_recall(const stored_layer<Codec>& layer, const layer_data& data) {
     std::vector<std::pair<float, std::int64_t>> exact, approximate;
     for (std::int64_t t = 0; t < tokens; ++t) {
       const float* k = &data.keys[static_cast<std::size_t>((h * tokens + t) * shape.head_dim)];
-      Codec::decode_key(layer.cache.view().storage, h, layer.cache.view().slot(0, h, t), key.data());
+      Codec::load_key(layer.cache.view().storage, h, layer.cache.view().slot(0, h, t),
+                      kt::codec::position_of(layer.cache.view(), 0, h, t), key.data());
       float exact_dot = 0.0f, approximate_dot = 0.0f;
       for (std::int64_t d = 0; d < shape.head_dim; ++d) {
         exact_dot += q[d] * k[d];

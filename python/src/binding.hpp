@@ -283,7 +283,6 @@ typename Scheme::config config(const settings& s) {
   typename Scheme::config cfg;
   cfg.score = score(std::type_identity<typename Scheme::scorer>{}, s);
   cfg.budget = budget(std::type_identity<typename Scheme::budget>{}, s);
-  cfg.codec = codec(std::type_identity<typename Scheme::codec>{}, s);
   return cfg;
 }
 
@@ -351,7 +350,8 @@ class typed_cache final : public cache_base {
 
   typed_cache(const settings& s, const model_shape& shape, std::int64_t batch, std::int64_t capacity)
       : config_(validated(convert::config<Scheme>(s))),
-        cache_(Scheme::make_cache(shape, batch, convert::room<layout_type>(s, capacity), config_.codec)) {}
+        codec_config_(convert::codec(std::type_identity<codec_type>{}, s)),
+        cache_(Scheme::make_cache(shape, batch, convert::room<layout_type>(s, capacity), codec_config_)) {}
 
   void compress(const array& keys, const array& values, const array* window_queries, std::uintptr_t stream) override {
     constexpr std::string_view function = "kvtrim.Cache.compress";
@@ -397,34 +397,37 @@ class typed_cache final : public cache_base {
     return lengths;
   }
 
-  /// The selection of the last compress (CSR over flattened heads). THE one place
-  /// that knows how kept indices are obtained; see run_compress.
+  /// The selection of the last compress (CSR over flattened heads), from
+  /// compress's kept-index output (docs/composition.md §5); see run_compress.
   kept_indices kept() const override {
     if (!kept_.offsets.empty()) return kept_;
-    throw not_implemented(
-        "kvtrim.Cache.kept: this kvtrim does not report the selection yet (scheme::compress has no kept-index "
-        "output and layouts store no positions; docs/composition.md §1 and §5, issue 9)");
+    detail::fail("kvtrim.Cache.kept", "cache", "a cache that was compressed", "no compress yet");
   }
 
   /// Each held token's position in its sequence, per flattened head (CSR like kept()).
   std::vector<std::int32_t> positions() const override {
-    if constexpr (requires(const typename Scheme::cache_view& view) { view.positions; }) {
-      const auto& view = cache_.view();
-      std::vector<std::int32_t> result;
+    const auto& view = cache_.view();
+    std::vector<std::int32_t> result;
+    if constexpr (on_host) {
+      for (std::int64_t b = 0; b < view.batch; ++b)
+        for (std::int64_t h = 0; h < view.shape.kv_heads; ++h) {
+          const std::vector<std::int32_t> head = kvtrim::head_positions(view, b, h);
+          result.insert(result.end(), head.begin(), head.end());
+        }
+    } else if constexpr (!layout_type::ragged_heads) {
       for (std::int64_t b = 0; b < view.batch; ++b)
         for (std::int64_t h = 0; h < view.shape.kv_heads; ++h)
           for (std::int64_t i = 0; i < view.head_length(b, h); ++i) result.push_back(read_position(view.slot(b, h, i)));
-      return result;
     } else {
-      throw not_implemented(
-          "kvtrim.Cache.positions: this kvtrim's layouts store no positions yet (docs/composition.md §1, issue 9)");
+      throw not_implemented("kvtrim.Cache.positions: ragged layouts in device memory are not read back yet");
     }
+    return result;
   }
 
   stats_result stats() const override {
     stats_result result;
     if constexpr (on_host || !layout_type::ragged_heads) {
-      const cache_stats s = kvtrim::stats(cache_.view(), config_.codec);
+      const cache_stats s = kvtrim::stats(cache_.view(), codec_config_);
       result.codec = s.codec;
       result.head_dim = s.head_dim;
       result.bytes_per_token = s.bytes_per_token;
@@ -455,10 +458,10 @@ class typed_cache final : public cache_base {
       const std::int64_t n = view.head_length(b, h), dim = view.shape.head_dim;
       std::vector<float> keys(static_cast<std::size_t>(n * dim)), values(keys.size());
       for (std::int64_t i = 0; i < n; ++i) {
-        // Issue 9 gives decoders the token's position (load_key/load_value); adapt here.
-        codec_type::decode_key(view.storage, b * view.shape.kv_heads + h, view.slot(b, h, i), keys.data() + i * dim);
-        codec_type::decode_value(view.storage, b * view.shape.kv_heads + h, view.slot(b, h, i),
-                                 values.data() + i * dim);
+        const std::int64_t slot = view.slot(b, h, i);
+        codec_type::load_key(view.storage, b * view.shape.kv_heads + h, slot, view.positions.slot_position[slot],
+                             keys.data() + i * dim);
+        codec_type::load_value(view.storage, b * view.shape.kv_heads + h, slot, values.data() + i * dim);
       }
       return {std::move(keys), std::move(values)};
     } else {
@@ -480,35 +483,45 @@ class typed_cache final : public cache_base {
  private:
   using stream_type = typename Scheme::stream_type;
 
-  /// THE one call of Scheme::compress. When compress gains its trailing
-  /// compress_options (docs/composition.md §5), pass
-  ///   options.kept_offsets = kept_offsets_buffer, options.kept_tokens = kept_tokens_buffer
-  /// (device buffers on CUDA, then copy_to_host) and fill kept_ here; kept() then works as is.
+  /// THE one call of Scheme::compress. On the host the selection comes back
+  /// through compress_options (docs/composition.md §5); on the GPU (contiguous
+  /// only today) it is read back from the positions the layout stores.
   void run_compress(tensor_view<const InputT, 4, space> k, tensor_view<const InputT, 4, space> v,
                     tensor_view<const InputT, 4, space> q, workspace scratch, stream_type stream) {
     kept_ = {};
+    compress_options<space> options;
+    std::vector<std::int64_t> offsets;
+    std::vector<std::int32_t> tokens;
+    const auto& view = cache_.view();
+    if constexpr (on_host) {
+      offsets.resize(static_cast<std::size_t>(view.batch * view.shape.kv_heads + 1));
+      tokens.resize(static_cast<std::size_t>(
+          Scheme::kept_tokens_capacity(view.shape, view.batch, k.extent(2), config_)));
+      options.kept_offsets = offsets.data();
+      options.kept_tokens = tokens.data();
+      options.kept_tokens_capacity = static_cast<std::int64_t>(tokens.size());
+    }
     if constexpr (scorer_type::needs_queries)
-      Scheme::compress(k, v, q, cache_.view(), config_, scratch, stream);
+      Scheme::compress(k, v, q, cache_.view(), config_, options, scratch, stream);
     else
-      Scheme::compress(k, v, cache_.view(), config_, scratch, stream);
-    // Until then, where layouts store positions (issue 9), the kept tokens are the
-    // positions the heads hold right after compress (start_position 0).
-    if constexpr (requires(const typename Scheme::cache_view& view) { view.positions; }) {
-      if constexpr (on_host || !layout_type::ragged_heads) {
-        const auto& view = cache_.view();
-        kept_.offsets.push_back(0);
-        for (std::int64_t b = 0; b < view.batch; ++b)
-          for (std::int64_t h = 0; h < view.shape.kv_heads; ++h) {
-            for (std::int64_t i = 0; i < view.head_length(b, h); ++i)
-              kept_.tokens.push_back(read_position(view.slot(b, h, i)));
-            kept_.offsets.push_back(static_cast<std::int64_t>(kept_.tokens.size()));
-          }
-      }
+      Scheme::compress(k, v, cache_.view(), config_, options, scratch, stream);
+    if constexpr (on_host) {
+      tokens.resize(static_cast<std::size_t>(offsets.back()));
+      kept_.offsets = std::move(offsets);
+      kept_.tokens = std::move(tokens);
+    } else if constexpr (!layout_type::ragged_heads) {
+      kept_.offsets.push_back(0);
+      for (std::int64_t b = 0; b < view.batch; ++b)
+        for (std::int64_t h = 0; h < view.shape.kv_heads; ++h) {
+          for (std::int64_t i = 0; i < view.head_length(b, h); ++i)
+            kept_.tokens.push_back(read_position(view.slot(b, h, i)));
+          kept_.offsets.push_back(static_cast<std::int64_t>(kept_.tokens.size()));
+        }
     }
   }
 
   std::int32_t read_position(std::int64_t slot) const {
-    const std::int32_t* where = cache_.view().positions + slot;
+    const std::int32_t* where = cache_.view().positions.slot_position + slot;
     if constexpr (on_host) {
       return *where;
     } else {
@@ -560,6 +573,7 @@ class typed_cache final : public cache_base {
   }
 
   typename Scheme::config config_;
+  typename codec_type::config codec_config_;
   typename Scheme::cache cache_;
   scratch_buffer<backend_type> compress_scratch_;
   scratch_buffer<backend_type> attend_scratch_;

@@ -173,7 +173,7 @@ nb::tuple direct_run(const typename Scheme::config& cfg, nb::ndarray<const float
   const std::int64_t batch = static_cast<std::int64_t>(keys.shape(0)), kv_heads = static_cast<std::int64_t>(keys.shape(1));
   const std::int64_t tokens = static_cast<std::int64_t>(keys.shape(2)), dim = static_cast<std::int64_t>(keys.shape(3));
   const kt::model_shape shape{q_heads, kv_heads, dim};
-  auto cache = Scheme::make_cache(shape, batch, room, cfg.codec);
+  auto cache = Scheme::make_cache(shape, batch, room);
   const auto view4 = [](const auto& a) {
     return kt::make_view(a.data(), std::array<std::int64_t, 4>{static_cast<std::int64_t>(a.shape(0)), static_cast<std::int64_t>(a.shape(1)),
                                                                 static_cast<std::int64_t>(a.shape(2)), static_cast<std::int64_t>(a.shape(3))});

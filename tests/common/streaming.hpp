@@ -57,9 +57,10 @@ std::vector<float> cached_row(const View& cache, std::int64_t b, std::int64_t h,
   std::vector<float> row(static_cast<std::size_t>(cache.shape.head_dim));
   const std::int64_t head = b * cache.shape.kv_heads + h;
   if (value)
-    View::codec::decode_value(cache.storage, head, cache.slot(b, h, index), row.data());
+    View::codec::load_value(cache.storage, head, cache.slot(b, h, index), row.data());
   else
-    View::codec::decode_key(cache.storage, head, cache.slot(b, h, index), row.data());
+    View::codec::load_key(cache.storage, head, cache.slot(b, h, index), kvtrim::codec::position_of(cache, b, h, index),
+                          row.data());
   return row;
 }
 

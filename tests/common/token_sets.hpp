@@ -53,13 +53,14 @@ inline std::vector<std::int64_t> sinks_and_recent(std::int64_t tokens, std::int6
 template <class View>
 std::vector<float> stored_key(const View& cache, std::int64_t b, std::int64_t h, std::int64_t i) {
   std::vector<float> row(static_cast<std::size_t>(cache.shape.head_dim));
-  View::codec::decode_key(cache.storage, b * cache.shape.kv_heads + h, cache.slot(b, h, i), row.data());
+  View::codec::load_key(cache.storage, b * cache.shape.kv_heads + h, cache.slot(b, h, i),
+                        kvtrim::codec::position_of(cache, b, h, i), row.data());
   return row;
 }
 template <class View>
 std::vector<float> stored_value(const View& cache, std::int64_t b, std::int64_t h, std::int64_t i) {
   std::vector<float> row(static_cast<std::size_t>(cache.shape.head_dim));
-  View::codec::decode_value(cache.storage, b * cache.shape.kv_heads + h, cache.slot(b, h, i), row.data());
+  View::codec::load_value(cache.storage, b * cache.shape.kv_heads + h, cache.slot(b, h, i), row.data());
   return row;
 }
 

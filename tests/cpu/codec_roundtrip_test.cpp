@@ -17,14 +17,20 @@ using namespace kvtrim::testing;
 namespace {
 
 /// Storage of `Codec` for `heads` heads of `capacity` slots each (head h owns
-/// slots h·capacity + i).
+/// slots h·capacity + i), bound with slot run `slot_run` (default: the codec's
+/// alignment, as the contiguous layout binds it).
 template <class Codec>
 struct bound_codec {
   std::vector<std::byte> memory;
   typename Codec::template storage<kt::host_space> store;
-  bound_codec(const typename Codec::config& cfg, std::int64_t heads, std::int64_t capacity, std::int64_t head_dim)
-      : memory(Codec::storage_bytes(cfg, heads * capacity, heads, head_dim)),
-        store(Codec::template bind<kt::host_space>(cfg, memory.data(), heads * capacity, heads, head_dim)) {}
+  bound_codec(const typename Codec::config& cfg, std::int64_t heads, std::int64_t capacity, std::int64_t head_dim,
+              std::int64_t slot_run = 0)
+      : memory(Codec::storage_bytes(cfg, heads * capacity, heads, head_dim, run(cfg, slot_run))),
+        store(Codec::template bind<kt::host_space>(cfg, memory.data(), heads * capacity, heads, head_dim,
+                                                   run(cfg, slot_run))) {}
+  static std::int64_t run(const typename Codec::config& cfg, std::int64_t slot_run) {
+    return slot_run > 0 ? slot_run : kt::codec::slot_alignment<Codec>(cfg);
+  }
 };
 
 /// Feeds head `head` (flattened) the tokens of x[0, head] as a compaction
@@ -42,7 +48,7 @@ void compact_head(const typename Codec::template storage<kt::host_space>& store,
   };
   kt::codec::prepare_head<Codec>(store, head, tokens, tokens, rows);
   for (std::int64_t t = 0; t < tokens; ++t)
-    kt::codec::encode_at<Codec>(store, head, head * capacity + t, &keys(0, head, t, 0), &values(0, head, t, 0), t);
+    Codec::encode(store, head, head * capacity + t, t, &keys(0, head, t, 0), &values(0, head, t, 0));
 }
 
 constexpr double fp16_roundoff = kt::element_traits<kt::half>::unit_roundoff;
@@ -60,8 +66,8 @@ void check_integer_half_step(const typename Codec::config& cfg) {
   for (std::int64_t head = 0; head < heads; ++head)
     for (std::int64_t t = 0; t < tokens; ++t) {
       const std::int64_t slot = head * capacity + t;
-      Codec::decode_key(codec.store, head, slot, key.data());
-      Codec::decode_value(codec.store, head, slot, value.data());
+      Codec::load_key(codec.store, head, slot, t, key.data());
+      Codec::load_value(codec.store, head, slot, value.data());
       const float value_step = Codec::value_step(codec.store, slot);
       EXPECT_GT(value_step, 0.0f);
       for (std::int64_t d = 0; d < dim; ++d) {
@@ -108,11 +114,11 @@ TEST(Int8, StepIsTheRangeOverTheLevels) {
   // every multiple.
   bound_codec<kt::codec::int8> codec({.keys = kt::codec::key_scaling::per_token}, 1, 4, 3);
   const float key[3] = {-1.27f, 0.5f, 1.27f}, value[3] = {-2.0f, 0.0f, 0.54f};
-  kt::codec::int8::encode(codec.store, 0, 0, key, value);
+  kt::codec::int8::encode(codec.store, 0, 0, 0, key, value);
   EXPECT_FLOAT_EQ(kt::codec::int8::value_step(codec.store, 0), 2.0f / 127.0f);
   EXPECT_FLOAT_EQ(kt::codec::int8::key_step(codec.store, 0, 0), 1.27f / 127.0f);
   float out[3];
-  kt::codec::int8::decode_key(codec.store, 0, 0, out);
+  kt::codec::int8::load_key(codec.store, 0, 0, 0, out);
   EXPECT_FLOAT_EQ(out[0], -1.27f);
   EXPECT_FLOAT_EQ(out[1], 50.0f * (1.27f / 127.0f));
 }
@@ -122,17 +128,21 @@ TEST(Int8, KeyGroupsRefuseSlotsOutOfOrder) {
   // group.
   bound_codec<kt::codec::int8> codec({}, 2, 32, 8);
   const std::vector<float> row(8, 1.0f);
-  kt::codec::int8::encode(codec.store, 0, 0, row.data(), row.data());
-  EXPECT_THROW(kt::codec::int8::encode(codec.store, 1, 1, row.data(), row.data()), kt::error);
-  EXPECT_THROW(kt::codec::int8::encode(codec.store, 0, 2, row.data(), row.data()),
+  kt::codec::int8::encode(codec.store, 0, 0, 0, row.data(), row.data());
+  EXPECT_THROW(kt::codec::int8::encode(codec.store, 1, 1, 0, row.data(), row.data()), kt::error);
+  EXPECT_THROW(kt::codec::int8::encode(codec.store, 0, 2, 1, row.data(), row.data()),
                kt::error);  // skips slot 1
 }
 
 TEST(Int8, GroupSizeMustDivideTheSlots) {
-  EXPECT_THROW(kt::codec::int8::storage_bytes({.key_group = 32}, 2 * 40, 2, 64), kt::error);
-  EXPECT_THROW(kt::codec::int8::storage_bytes({.key_group = 0}, 64, 2, 64), kt::error);
+  // Slots must be whole runs of slot_run, which must divide key_group.
+  EXPECT_THROW(kt::codec::int8::storage_bytes({.key_group = 32}, 2 * 40, 2, 64, 32), kt::error);
+  EXPECT_NO_THROW(kt::codec::int8::storage_bytes({.key_group = 32}, 2 * 40, 2, 64, 16));
+  EXPECT_THROW(kt::codec::int8::storage_bytes({.key_group = 32}, 2 * 48, 2, 64, 12), kt::error);
+  EXPECT_THROW(kt::codec::int8::storage_bytes({.key_group = 32}, 2 * 48, 2, 64, 0), kt::error);
+  EXPECT_THROW(kt::codec::int8::storage_bytes({.key_group = 0}, 64, 2, 64, 1), kt::error);
   EXPECT_NO_THROW(
-      kt::codec::int8::storage_bytes({.keys = kt::codec::key_scaling::per_token, .key_group = 0}, 80, 2, 64));
+      kt::codec::int8::storage_bytes({.keys = kt::codec::key_scaling::per_token, .key_group = 0}, 80, 2, 64, 1));
   using scheme = kt::scheme<kt::layout::contiguous, kt::score::static_window, kt::budget::uniform, kt::codec::int8,
                             kt::backend::cpu>;
   EXPECT_THROW(scheme::make_cache(kt::model_shape{4, 2, 64}, 1, 40, kt::codec::int8::config{}), kt::error);
@@ -151,13 +161,13 @@ void expect_non_finite_refused(const typename Codec::config& cfg) {
                        -std::numeric_limits<float>::infinity()}) {
     bad[5] = poison;
     try {
-      kt::codec::encode_at<Codec>(codec.store, 0, 0, bad.data(), good.data(), 0);
+      Codec::encode(codec.store, 0, 0, 0, bad.data(), good.data());
       ADD_FAILURE() << "accepted " << poison << " in a key";
     } catch (const kt::error& e) {
       EXPECT_NE(std::string(e.what()).find("finite values"), std::string::npos) << e.what();
       EXPECT_NE(std::string(e.what()).find("channel 5"), std::string::npos) << e.what();
     }
-    EXPECT_THROW(kt::codec::encode_at<Codec>(codec.store, 0, 0, good.data(), bad.data(), 0), kt::error);
+    EXPECT_THROW(Codec::encode(codec.store, 0, 0, 0, good.data(), bad.data()), kt::error);
   }
 }
 
@@ -206,8 +216,8 @@ TEST(Fp8, WithinE4m3PrecisionWithHeadScales) {
   for (std::int64_t head = 0; head < heads; ++head) {
     const float key_scale = codec.store.key_scales[head], value_scale = codec.store.value_scales[head];
     for (std::int64_t t = 0; t < capacity; ++t) {
-      kt::codec::fp8::decode_key(codec.store, head, head * capacity + t, key.data());
-      kt::codec::fp8::decode_value(codec.store, head, head * capacity + t, value.data());
+      kt::codec::fp8::load_key(codec.store, head, head * capacity + t, t, key.data());
+      kt::codec::fp8::load_value(codec.store, head, head * capacity + t, value.data());
       for (std::int64_t d = 0; d < dim; ++d) {
         const double k = keys(0, head, t, d), v = values(0, head, t, d);
         // Half an ulp of 3 mantissa bits, or half the least subnormal (2^−10),
@@ -223,9 +233,9 @@ TEST(Fp8, WithinE4m3PrecisionWithHeadScales) {
 TEST(Fp8, LargerThanTheRangeSaturates) {
   bound_codec<kt::codec::fp8> codec({.scales = kt::codec::fp8_scaling::fixed, .key_scale = 0.5f}, 1, 4, 2);
   const float key[2] = {1000.0f, -300.0f}, value[2] = {1.0f, 2.0f};
-  kt::codec::fp8::encode(codec.store, 0, 0, key, value);
+  kt::codec::fp8::encode(codec.store, 0, 0, 0, key, value);
   float out[2];
-  kt::codec::fp8::decode_key(codec.store, 0, 0, out);
+  kt::codec::fp8::load_key(codec.store, 0, 0, 0, out);
   EXPECT_EQ(out[0], 224.0f);  // 448 · 0.5
   EXPECT_EQ(out[1], -224.0f);
   EXPECT_THROW(kt::codec::fp8::set_head_scales(codec.store, 0, 0.0f, 1.0f), kt::error);
@@ -252,9 +262,9 @@ TEST(LowRank, ErrorEqualsTheDiscardedSingularEnergy) {
     double key_error = 0.0, value_error = 0.0;
     std::vector<float> row(dim);
     for (std::int64_t t = 0; t < tokens; ++t) {
-      kt::codec::low_rank::decode_key(codec.store, 0, t, row.data());
+      kt::codec::low_rank::load_key(codec.store, 0, t, t, row.data());
       for (std::int64_t d = 0; d < dim; ++d) key_error += std::pow(row[d] - keys(0, 0, t, d), 2);
-      kt::codec::low_rank::decode_value(codec.store, 0, t, row.data());
+      kt::codec::low_rank::load_value(codec.store, 0, t, row.data());
       for (std::int64_t d = 0; d < dim; ++d) value_error += std::pow(row[d] - values(0, 0, t, d), 2);
     }
     const auto discarded = [&](const std::vector<double>& singular) {
@@ -303,7 +313,7 @@ TEST(LowRank, RefreshBuildsTheBasisFromAppendedTokensAndKeepsOldCoefficients) {
   bound_codec<kt::codec::low_rank> codec({.rank = 6, .update_freq = 8}, 1, tokens, dim);
   std::vector<float> row(dim);
   for (std::int64_t t = 0; t < tokens; ++t) {
-    kt::codec::low_rank::encode(codec.store, 0, t, &keys(0, 0, t, 0), &values(0, 0, t, 0));  // append, no prefill
+    kt::codec::low_rank::encode(codec.store, 0, t, t, &keys(0, 0, t, 0), &values(0, 0, t, 0));  // append, no prefill
     if (t == 6) {
       EXPECT_EQ(codec.store.key_ranks[0],
                 0);  // no basis before the first refresh
@@ -313,9 +323,8 @@ TEST(LowRank, RefreshBuildsTheBasisFromAppendedTokensAndKeepsOldCoefficients) {
                 3);  // the data's rank: no directions of zero energy added
     }
   }
-  EXPECT_EQ(codec.store.next_position[0], tokens);
   for (std::int64_t t = 0; t < tokens; ++t) {  // exact rank 3 data: every token back to fp16 accuracy
-    kt::codec::low_rank::decode_key(codec.store, 0, t, row.data());
+    kt::codec::low_rank::load_key(codec.store, 0, t, t, row.data());
     for (std::int64_t d = 0; d < dim; ++d)
       EXPECT_NEAR(row[d], keys(0, 0, t, d), 4 * fp16_roundoff * 8.0) << "token " << t;
   }
@@ -328,12 +337,12 @@ TEST(LowRank, RefreshBuildsTheBasisFromAppendedTokensAndKeepsOldCoefficients) {
   const std::int32_t before = grown.store.key_ranks[0];
   std::vector<kt::half> kept_coefficients(grown.store.key_coefficients, grown.store.key_coefficients + 12);
   for (std::int64_t t = 0; t < 8; ++t)
-    kt::codec::low_rank::encode(grown.store, 0, tokens + t, &shifted(0, 0, t, 0), &shifted(0, 0, t, 0));
+    kt::codec::low_rank::encode(grown.store, 0, tokens + t, tokens + t, &shifted(0, 0, t, 0), &shifted(0, 0, t, 0));
   EXPECT_GT(grown.store.key_ranks[0], before);
   for (std::int64_t j = 0; j < 12; ++j) EXPECT_EQ(grown.store.key_coefficients[j], kept_coefficients[j]);
   double error = 0.0, norm = 0.0;
   for (std::int64_t t = 0; t < 8; ++t) {
-    kt::codec::low_rank::decode_key(grown.store, 0, tokens + t, row.data());
+    kt::codec::low_rank::load_key(grown.store, 0, tokens + t, tokens + t, row.data());
     for (std::int64_t d = 0; d < dim; ++d) {
       error += std::pow(row[d] - shifted(0, 0, t, d), 2);
       norm += std::pow(shifted(0, 0, t, d), 2);
@@ -358,8 +367,7 @@ TEST(LowRank, PreRopeBasesBeatPostRopeBasesOnRotatedLowRankKeys) {
     double error = 0.0, norm = 0.0;
     std::vector<float> row(dim);
     for (std::int64_t t = 0; t < tokens; ++t) {
-      kt::codec::low_rank::decode_key(codec.store, 0, t,
-                                      row.data());  // post-RoPE in both cases
+      kt::codec::low_rank::load_key(codec.store, 0, t, t, row.data());  // post-RoPE in both cases
       for (std::int64_t d = 0; d < dim; ++d) {
         error += std::pow(row[d] - post(0, 0, t, d), 2);
         norm += std::pow(post(0, 0, t, d), 2);
@@ -380,16 +388,16 @@ TEST(LowRank, PreRopeBasesBeatPostRopeBasesOnRotatedLowRankKeys) {
 }
 
 TEST(LowRank, BadRanksAndBases) {
-  EXPECT_THROW(kt::codec::low_rank::storage_bytes({.rank = 0}, 8, 1, 16), kt::error);
-  EXPECT_THROW(kt::codec::low_rank::storage_bytes({.rank = 17}, 8, 1, 16), kt::error);
-  EXPECT_THROW(kt::codec::low_rank::storage_bytes({.max_rank = 32}, 8, 1, 16), kt::error);
-  EXPECT_THROW(kt::codec::low_rank::storage_bytes({.energy = 0.0}, 8, 1, 16), kt::error);
+  EXPECT_THROW(kt::codec::low_rank::storage_bytes({.rank = 0}, 8, 1, 16, 1), kt::error);
+  EXPECT_THROW(kt::codec::low_rank::storage_bytes({.rank = 17}, 8, 1, 16, 1), kt::error);
+  EXPECT_THROW(kt::codec::low_rank::storage_bytes({.max_rank = 32}, 8, 1, 16, 1), kt::error);
+  EXPECT_THROW(kt::codec::low_rank::storage_bytes({.energy = 0.0}, 8, 1, 16, 1), kt::error);
   EXPECT_THROW(kt::codec::low_rank::storage_bytes(
-                   {.rank = 4, .keys = kt::codec::key_space::pre_rope, .rope = {.rotary_dim = 7}}, 8, 1, 16),
+                   {.rank = 4, .keys = kt::codec::key_space::pre_rope, .rope = {.rotary_dim = 7}}, 8, 1, 16, 1),
                kt::error);
   bound_codec<kt::codec::low_rank> codec({.rank = 2, .source = kt::codec::basis_source::profile}, 1, 4, 3);
   const std::vector<float> row(3, 1.0f);
-  EXPECT_THROW(kt::codec::low_rank::encode(codec.store, 0, 0, row.data(), row.data()),
+  EXPECT_THROW(kt::codec::low_rank::encode(codec.store, 0, 0, 0, row.data(), row.data()),
                kt::error);  // no basis yet
   const float identity2[6] = {1, 0, 0, 1, 0, 0}, skewed[6] = {1, 1, 0, 1, 0, 0},
               identity3[9] = {1, 0, 0, 0, 1, 0, 0, 0, 1};
@@ -401,9 +409,9 @@ TEST(LowRank, BadRanksAndBases) {
                kt::error);  // no head 1
   kt::codec::low_rank::set_basis(codec.store, 0, identity2, 2, identity2, 2);
   const float key[3] = {0.5f, -2.0f, 7.0f};
-  kt::codec::low_rank::encode(codec.store, 0, 0, key, key);
+  kt::codec::low_rank::encode(codec.store, 0, 0, 0, key, key);
   float out[3];
-  kt::codec::low_rank::decode_key(codec.store, 0, 0, out);
+  kt::codec::low_rank::load_key(codec.store, 0, 0, 0, out);
   EXPECT_EQ(out[0], 0.5f);
   EXPECT_EQ(out[1], -2.0f);
   EXPECT_EQ(out[2], 0.0f);  // outside the basis
@@ -440,8 +448,8 @@ TEST(Layered, SinksAndNewestInFp16TheRestCrossIntoTheInnerCodec) {
     for (std::int64_t t = 0; t < held; ++t) {
       const bool fp16 = t < sinks || t >= held - recent;
       EXPECT_EQ(codec::in_fp16(layered.store, t), fp16) << "token " << t << " of " << held;
-      codec::decode_key(layered.store, 0, t, key.data());
-      codec::decode_value(layered.store, 0, t, value.data());
+      codec::load_key(layered.store, 0, t, t, key.data());
+      codec::load_value(layered.store, 0, t, value.data());
       if (fp16) {
         for (std::int64_t d = 0; d < dim; ++d) {
           EXPECT_EQ(key[d], static_cast<float>(kt::half(keys(0, 0, t, d))));
@@ -449,21 +457,21 @@ TEST(Layered, SinksAndNewestInFp16TheRestCrossIntoTheInnerCodec) {
         }
       } else {  // as int8 alone would store it
         std::vector<float> inner(dim);
-        kt::codec::int8::decode_value(layered.store.inner, 0, t, inner.data());
+        kt::codec::int8::load_value(layered.store.inner, 0, t, inner.data());
         EXPECT_EQ(value, inner);
       }
     }
   };
   for (std::int64_t t = 0; t < 40; ++t) {
-    codec::encode(layered.store, 0, t, &keys(0, 0, t, 0), &values(0, 0, t, 0));
+    codec::encode(layered.store, 0, t, t, &keys(0, 0, t, 0), &values(0, 0, t, 0));
     if (t == 9 || t == 20 || t == 39) check(t + 1);
   }
   // A token moved by a layout (flat's repack) keeps its fp16 row.
   bound_codec<kt::codec::layered<kt::codec::fp8>> moved({.recent = 2, .sinks = 0}, 1, 8, dim);
   for (std::int64_t t = 0; t < 3; ++t)
-    kt::codec::layered<kt::codec::fp8>::encode(moved.store, 0, t, &keys(0, 0, t, 0), &values(0, 0, t, 0));
+    kt::codec::layered<kt::codec::fp8>::encode(moved.store, 0, t, t, &keys(0, 0, t, 0), &values(0, 0, t, 0));
   kt::codec::layered<kt::codec::fp8>::move_slot(moved.store, 0, 2, 6);
-  kt::codec::layered<kt::codec::fp8>::decode_key(moved.store, 0, 6, key.data());
+  kt::codec::layered<kt::codec::fp8>::load_key(moved.store, 0, 6, 2, key.data());
   EXPECT_EQ(key[0], static_cast<float>(kt::half(keys(0, 0, 2, 0))));
   EXPECT_EQ(moved.store.row_slots[0],
             6);  // token 2 took ring row 0 (from token 0); the row follows it
@@ -471,6 +479,6 @@ TEST(Layered, SinksAndNewestInFp16TheRestCrossIntoTheInnerCodec) {
 
 TEST(Layered, BadWindows) {
   using codec = kt::codec::layered<kt::codec::fp16>;
-  EXPECT_THROW(codec::storage_bytes({.recent = -1}, 8, 1, 16), kt::error);
-  EXPECT_THROW(codec::storage_bytes({.sinks = -2}, 8, 1, 16), kt::error);
+  EXPECT_THROW(codec::storage_bytes({.recent = -1}, 8, 1, 16, 1), kt::error);
+  EXPECT_THROW(codec::storage_bytes({.sinks = -2}, 8, 1, 16, 1), kt::error);
 }

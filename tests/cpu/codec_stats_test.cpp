@@ -45,11 +45,14 @@ TEST(Stats, BytesPerTokenOfEveryCodec) {
   EXPECT_DOUBLE_EQ(kt::codec::int8::bytes_per_token({.keys = kt::codec::key_scaling::per_token, .asymmetric = true}, d),
                    256.0 + 16.0);
   EXPECT_DOUBLE_EQ(kt::codec::int4::bytes_per_token({.keys = kt::codec::key_scaling::per_token}, d), 128.0 + 8.0);
+  // Runs of 16 slots (pages of 16): the key scales and flag per 16 tokens.
+  EXPECT_DOUBLE_EQ(kt::codec::int8::bytes_per_token({}, d, 16), 256.0 + 4.0 + (512.0 + 1.0) / 16.0);
   EXPECT_DOUBLE_EQ(kt::codec::int8::bytes_per_head({}, d),
-                   32.0 * 128.0 * 2.0 + 16.0);  // fp16 residual window
+                   32.0 * (128.0 * 2.0 + 8.0) + 8.0);  // fp16 residual window, its slots, its count
   EXPECT_EQ(kt::codec::fp8::bytes_per_token({}, d), 256.0);
   EXPECT_EQ(kt::codec::low_rank::bytes_per_token({.rank = 32}, d), 128.0);
-  EXPECT_EQ(kt::codec::low_rank::bytes_per_token({.rank = 32, .keys = kt::codec::key_space::pre_rope}, d), 132.0);
+  // Pre-RoPE: positions live in the layout, not the codec.
+  EXPECT_EQ(kt::codec::low_rank::bytes_per_token({.rank = 32, .keys = kt::codec::key_space::pre_rope}, d), 128.0);
   EXPECT_EQ(kt::codec::low_rank::bytes_per_token({}, d),
             256.0);  // energy-chosen: max_rank = 64 stored
   EXPECT_EQ((kt::codec::layered<kt::codec::fp8>::bytes_per_token({}, d)), 260.0);
@@ -78,6 +81,25 @@ TEST(Stats, AccountingMatchesWhatTheCacheAllocates) {
   expect_accounting_matches_allocation<kt::codec::fp8>({});
   expect_accounting_matches_allocation<kt::codec::low_rank>({.rank = 16});
   expect_accounting_matches_allocation<kt::codec::layered<kt::codec::int8>>({});
+}
+
+TEST(Stats, PagedRunsOf16AreCountedAsAllocated) {
+  // int8 with KIVI groups of 32 in pages of 16: key scales per 16-slot run.
+  using scheme = kt::scheme<kt::layout::paged, kt::score::static_window, kt::budget::uniform, kt::codec::int8,
+                            kt::backend::cpu>;
+  constexpr std::int64_t pages_per_head = 6, page = 16, tokens = pages_per_head * page;
+  auto keys = structured_tensor({1, shape.kv_heads, tokens, shape.head_dim}, 8, 0.05, 83);
+  auto cache = scheme::make_cache(shape, 1, kt::layout::paged::pool_size{shape.kv_heads * pages_per_head, page},
+                                  kt::codec::int8::config{});
+  scheme::append(cache.view(), keys.cview(), keys.cview());
+  EXPECT_EQ(cache.view().storage.slot_run, 16);
+  const kt::cache_stats stats = kt::stats(cache.view(), kt::codec::int8::config{});
+  EXPECT_DOUBLE_EQ(stats.bytes_per_token, kt::codec::int8::bytes_per_token({}, shape.head_dim, 16));
+  // Codec storage only (page tables and the compensation table come on top).
+  const double codec_bytes = static_cast<double>(
+      kt::codec::int8::storage_bytes({}, shape.kv_heads * tokens, shape.kv_heads, shape.head_dim, 16));
+  EXPECT_LE(stats.bytes(), codec_bytes);
+  EXPECT_GE(stats.bytes(), codec_bytes - 20 * 256.0) << stats;
 }
 
 TEST(Stats, MeasuredErrorsAndTable) {
@@ -154,8 +176,8 @@ TEST(LowRankProfile, SavesLoadsAndRefusesWrongShapes) {
   const auto loaded = kt::io::low_rank_profile::load(path);
   EXPECT_EQ(loaded.at(1, 1).key_basis, profile.at(1, 1).key_basis);
 
-  std::vector<std::byte> memory(kt::codec::low_rank::storage_bytes(cfg, 4 * 8, 4, 16));
-  const auto store = kt::codec::low_rank::bind<kt::host_space>(cfg, memory.data(), 4 * 8, 4, 16);
+  std::vector<std::byte> memory(kt::codec::low_rank::storage_bytes(cfg, 4 * 8, 4, 16, 1));
+  const auto store = kt::codec::low_rank::bind<kt::host_space>(cfg, memory.data(), 4 * 8, 4, 16, 1);
   kt::io::load_profile(store, loaded, 1, 2);
   EXPECT_EQ(store.key_ranks[3], 4);
   EXPECT_THROW(kt::io::load_profile(store, loaded, 1, 1),

@@ -19,6 +19,8 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
+#include <bit>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -27,6 +29,7 @@
 #include <string_view>
 
 #include "kvtrim/codec/hooks.hpp"
+#include "kvtrim/core/config.hpp"
 #include "kvtrim/core/view.hpp"
 #include "kvtrim/core/workspace.hpp"
 
@@ -56,13 +59,35 @@ inline std::uint8_t to_e4m3(float x) {
                                    (static_cast<unsigned>(mantissa) - 8u));
 }
 
-inline float from_e4m3(std::uint8_t bits) {
-  const unsigned exponent = (bits >> 3) & 0xFu, mantissa = bits & 0x7u;
-  if (exponent == 0xF && mantissa == 0x7) return std::numeric_limits<float>::quiet_NaN();
-  const double magnitude = exponent == 0
-                               ? std::ldexp(static_cast<double>(mantissa), -9)
-                               : std::ldexp(static_cast<double>(8 + mantissa), static_cast<int>(exponent) - 10);
-  return static_cast<float>(bits & 0x80 ? -magnitude : magnitude);
+/// The fp32 bits of e4m3fn code `bits` (exact: every e4m3 value is an fp32
+/// value); integer arithmetic only, so it runs on host and device.
+KVTRIM_HOST_DEVICE constexpr std::uint32_t e4m3_to_fp32_bits(std::uint8_t bits) {
+  const std::uint32_t sign = static_cast<std::uint32_t>(bits & 0x80u) << 24;
+  const std::uint32_t exponent = (bits >> 3) & 0xFu, mantissa = bits & 0x7u;
+  if (exponent == 0xF && mantissa == 0x7) return sign | 0x7FC00000u;  // NaN
+  if (exponent != 0) return sign | (exponent + 120u) << 23 | mantissa << 20;  // bias 7 → 127
+  if (mantissa == 0) return sign;                                             // ±0
+  // Subnormal m · 2^−9: normalise on the leading bit p of m (m = 2^p + rest).
+  const std::uint32_t p = mantissa >= 4 ? 2u : mantissa >= 2 ? 1u : 0u;
+  return sign | (p + 118u) << 23 | (mantissa - (1u << p)) << (23 - p);
+}
+
+/// The 256 e4m3fn values, for the host decode (one load per element).
+inline constexpr std::array<float, 256> e4m3_table = [] {
+  std::array<float, 256> table{};
+  for (unsigned code = 0; code < 256; ++code)
+    table[code] = std::bit_cast<float>(e4m3_to_fp32_bits(static_cast<std::uint8_t>(code)));
+  return table;
+}();
+
+/// The value of e4m3fn code `bits`: a table on the host, the bit conversion on
+/// the device.
+KVTRIM_HOST_DEVICE inline float from_e4m3(std::uint8_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(e4m3_to_fp32_bits(bits));
+#else
+  return e4m3_table[bits];
+#endif
 }
 
 }  // namespace kvtrim::detail
@@ -94,12 +119,15 @@ struct fp8 {
     float* key_scales = nullptr;          // [heads]
     float* value_scales = nullptr;        // [heads]
     std::int64_t head_dim = 0;
-    std::int64_t slots = 0;
+    std::int64_t slots = 0;  // capacity
     std::int64_t heads = 0;
+    std::int64_t slot_run = 1;  // no runs: always 1
     bool head_amax = true;
   };
 
-  static std::size_t storage_bytes(const config& cfg, std::int64_t slots, std::int64_t heads, std::int64_t head_dim) {
+  static std::size_t storage_bytes(const config& cfg, std::int64_t slots, std::int64_t heads, std::int64_t head_dim,
+                                   std::int64_t slot_run) {
+    detail::check_any_slot_run("kvtrim::codec::fp8::storage_bytes", slot_run);
     workspace_carver carver;
     carve<host_space>(carver, cfg, slots, heads, head_dim);
     return carver.bytes();
@@ -109,7 +137,8 @@ struct fp8 {
 
   template <MemorySpace Space>
   static storage<Space> bind(const config& cfg, void* memory, std::int64_t slots, std::int64_t heads,
-                             std::int64_t head_dim) {
+                             std::int64_t head_dim, std::int64_t slot_run) {
+    detail::check_any_slot_run("kvtrim::codec::fp8::bind", slot_run);
     workspace_carver carver(workspace{memory, ~std::size_t{0}});
     storage<Space> store = carve<Space>(carver, cfg, slots, heads, head_dim);
     if constexpr (std::same_as<Space, host_space>) {
@@ -157,9 +186,10 @@ struct fp8 {
     if (value_amax > 0.0f) store.value_scales[head] = static_cast<float>(value_amax / detail::e4m3_max);
   }
 
-  // --- reference (host) encode / decode -----------------------------------
-  static void encode(const storage<host_space>& store, std::int64_t head, std::int64_t slot, const float* key,
-                     const float* value) {
+  // --- element operations -------------------------------------------------
+  /// Host only (it validates; the e4m3 rounding uses frexp).
+  static void encode(const storage<host_space>& store, std::int64_t head, std::int64_t slot,
+                     std::int64_t /*position*/, const float* key, const float* value) {
     constexpr std::string_view function = "kvtrim::codec::fp8::encode";
     if (slot < 0 || slot >= store.slots) detail::fail_index(function, "slot", slot, store.slots);
     if (head < 0 || head >= store.heads) detail::fail_index(function, "head", head, store.heads);
@@ -172,13 +202,19 @@ struct fp8 {
       value_row[d] = detail::to_e4m3(value[d] / store.value_scales[head]);
     }
   }
-  static void decode_key(const storage<host_space>& store, std::int64_t head, std::int64_t slot, float* out) {
+  template <MemorySpace Space>
+  KVTRIM_HOST_DEVICE static void load_key(const storage<Space>& store, std::int64_t head, std::int64_t slot,
+                                          std::int64_t /*position*/, float* out) {
     const std::uint8_t* row = store.key_codes + slot * store.head_dim;
-    for (std::int64_t d = 0; d < store.head_dim; ++d) out[d] = detail::from_e4m3(row[d]) * store.key_scales[head];
+    const float scale = store.key_scales[head];
+    for (std::int64_t d = 0; d < store.head_dim; ++d) out[d] = detail::from_e4m3(row[d]) * scale;
   }
-  static void decode_value(const storage<host_space>& store, std::int64_t head, std::int64_t slot, float* out) {
+  template <MemorySpace Space>
+  KVTRIM_HOST_DEVICE static void load_value(const storage<Space>& store, std::int64_t head, std::int64_t slot,
+                                            float* out) {
     const std::uint8_t* row = store.value_codes + slot * store.head_dim;
-    for (std::int64_t d = 0; d < store.head_dim; ++d) out[d] = detail::from_e4m3(row[d]) * store.value_scales[head];
+    const float scale = store.value_scales[head];
+    for (std::int64_t d = 0; d < store.head_dim; ++d) out[d] = detail::from_e4m3(row[d]) * scale;
   }
   static void move_slot(const storage<host_space>& store, std::int64_t /*head*/, std::int64_t from, std::int64_t to) {
     const auto bytes = static_cast<std::size_t>(store.head_dim);

@@ -1,40 +1,54 @@
-// kvtrim/codec/hooks.hpp — the optional half of the Codec protocol, and the
-// one-line helpers through which layouts and decode attention reach it.
+// kvtrim/codec/hooks.hpp — the element operations every codec provides, the
+// optional half of the Codec protocol, and the one-line helpers through which
+// layouts and decode attention reach them (docs/composition.md §2–3).
 //
-// Every codec has per-token `encode(storage, head, slot, key, value)` and
-// `decode_key` / `decode_value` (core/concepts.hpp). Codecs that keep state per
-// head or per group of slots (KIVI key groups, fp8 per-head scales, low-rank
-// bases, the layered cache's fp16 rows) may add any of these static members;
-// each is detected with `requires`, so codec::plain and every layout written
-// before them keep working unchanged:
+// A codec is an accessor policy: it defines its storage and these static
+// element operations (KVTRIM_HOST_DEVICE where the codec has no host-only
+// state, so one CUDA decode kernel template can take the codec as a parameter):
+//
+//   encode(storage, head, slot, position, key, value)
+//       Stores one token (head_dim floats each) of flattened head `head` at
+//       `slot`. `position` (≥ 0) is the token's position in its sequence, given
+//       by the layout (codecs never count positions). Encodes are ordered per
+//       head: the layout writes a head's tokens in logical order.
+//   load_key(storage, head, slot, position, out)
+//       The key attention sees, dequantized to float (post-RoPE: pre-RoPE codecs
+//       rotate by `position`).
+//   load_value(storage, head, slot, out)
+//   attention_reader(storage, head, query)            (optional, see below)
+//
+// Optional hooks, each detected with `requires`:
 //
 //   prepare_head(storage, head, sequence_length, count, rows)
 //       A layout is about to replace everything head `head` holds with `count`
 //       tokens of a `sequence_length`-token prefill; rows(i, key, value) fills
-//       the i-th one (head_dim floats each). Per-head state is reset here and
-//       fitted here (a low-rank basis from the head's keys, an fp8 scale from
-//       their largest magnitude). Layouts call codec::prepare_head below in
-//       compact, before encoding the head's first kept token.
-//   encode(storage, head, slot, key, value, position)
-//       As encode, with the token's position in the sequence (its prefill index
-//       in compact). Without a position a codec assumes the token follows the
-//       last one it saw for the head (append). Layouts call codec::encode_at.
+//       the i-th one. Per-head state is reset and fitted here (a low-rank basis,
+//       an fp8 scale, the start of a KIVI key group). Layouts call
+//       codec::prepare_head below before encoding the head's first kept token.
 //   move_slot(storage, head, from, to)
 //       Moves a stored token without decoding it (layout::flat's repack).
+//   slot_alignment(config)
+//       The codec's run alignment G (int8/int4 KIVI key groups: key_group;
+//       default 1). A layout binds storage with a slot run U dividing G and
+//       guarantees every aligned run of U slots belongs to one head and holds
+//       consecutive logical indices [kU, (k+1)U) written in order (§3).
 //   attention_reader(storage, head, query)
-//       A reader for decode attention that need not rebuild keys (low rank:
-//       scores (q·U)·c, output (Σ p·c)·Uᵀ). Attention calls
-//       codec::attention_reader.
+//       A reader for decode attention that need not rebuild keys (low rank).
+//       Readers provide dot(slot, position), accumulate(slot, weight) and
+//       finish(out). Attention calls codec::attention_reader.
 //   rotate_key(storage, position, key)
 //       For codecs fed pre-RoPE keys: turns a stored-form key into the key
 //       attention sees (the layered cache applies it to its fp16 rows).
 //   bytes_per_head(config, head_dim)
-//       Bytes a codec spends per head beyond its per-token bytes (bases, fp16
-//       residual windows); memory accounting adds them (core/stats.hpp).
+//       Bytes a codec spends per head beyond its per-token bytes.
+//   check_row(function, head, token, key, value)
+//       Extra validation of one row before any write (codec::check_row below
+//       always checks finiteness first, the rule for every codec).
 //
-// The rules a layout must follow for group-based codecs (int8/int4 with KIVI
-// per-channel key groups): every aligned run of `key_group` slots belongs to
-// one head and is written in order; the codec checks this and throws otherwise.
+// Storage: storage_bytes(cfg, slots, heads, head_dim, slot_run) and
+// bind<Space>(cfg, memory, slots, heads, head_dim, slot_run); every storage
+// records `slots` (capacity) and `slot_run` (the U it was bound with; 1 for
+// codecs without runs), so layouts can check slot indices and mappings.
 #pragma once
 
 #include <array>
@@ -42,6 +56,7 @@
 #include <cstdint>
 #include <string_view>
 
+#include "kvtrim/core/config.hpp"
 #include "kvtrim/core/element.hpp"
 #include "kvtrim/core/error.hpp"
 #include "kvtrim/core/shape.hpp"
@@ -57,23 +72,19 @@ void prepare_head(const Storage& store, std::int64_t head, std::int64_t sequence
     C::prepare_head(store, head, sequence_length, count, rows);
 }
 
-/// Encodes one token; passes `position` (≥ 0) to codecs that take positions.
-/// A negative position means "the token after the head's last one" (append).
-template <class C, class Storage>
-void encode_at(const Storage& store, std::int64_t head, std::int64_t slot, const float* key, const float* value,
-               std::int64_t position) {
-  if constexpr (requires { C::encode(store, head, slot, key, value, position); }) {
-    if (position >= 0) {
-      C::encode(store, head, slot, key, value, position);
-      return;
-    }
-  }
-  C::encode(store, head, slot, key, value);
+/// The codec's slot alignment G (1 when it has no runs): layouts bind its
+/// storage with a slot run U that divides G (docs/composition.md §3).
+template <class C>
+std::int64_t slot_alignment(const typename C::config& cfg) {
+  if constexpr (requires { C::slot_alignment(cfg); })
+    return C::slot_alignment(cfg);
+  else
+    return 1;
 }
 
 /// Moves a stored token from slot `from` to slot `to` of head `head` (layout::flat's
-/// repack): as stored when the codec can, else decoded and encoded again at
-/// `position` (exact for codec::plain: decoding is exact and encoding a
+/// repack): as stored when the codec can, else loaded and encoded again at
+/// `position` (exact for codec::plain: loading is exact and encoding a
 /// representable value returns it).
 template <class C, class Storage>
 void move_slot(const Storage& store, std::int64_t head, std::int64_t from, std::int64_t to, std::int64_t position) {
@@ -81,19 +92,10 @@ void move_slot(const Storage& store, std::int64_t head, std::int64_t from, std::
     C::move_slot(store, head, from, to);
   } else {
     std::array<float, max_head_dim> key{}, value{};
-    C::decode_key(store, head, from, key.data());
-    C::decode_value(store, head, from, value.data());
-    encode_at<C>(store, head, to, key.data(), value.data(), position);
+    C::load_key(store, head, from, position, key.data());
+    C::load_value(store, head, from, value.data());
+    C::encode(store, head, to, position, key.data(), value.data());
   }
-}
-
-/// Slots a codec wants in one aligned run of one head (KIVI: its key group); 1 when it has no such state.
-template <class C>
-std::int64_t slot_alignment(const typename C::config& cfg) {
-  if constexpr (requires { C::slot_alignment(cfg); })
-    return C::slot_alignment(cfg);
-  else
-    return 1;
 }
 
 /// Bytes the codec spends per head beyond its per-token bytes (0 when it has no
@@ -106,30 +108,50 @@ double bytes_per_head(const typename C::config& cfg, std::int64_t head_dim) {
     return 0.0;
 }
 
+/// Bytes one token of one head costs in storage bound with `slot_run` (per-run
+/// state amortised over the run); codecs without runs ignore slot_run.
+template <class C>
+double bytes_per_token(const typename C::config& cfg, std::int64_t head_dim, std::int64_t slot_run) {
+  if constexpr (requires { C::bytes_per_token(cfg, head_dim, slot_run); })
+    return C::bytes_per_token(cfg, head_dim, slot_run);
+  else
+    return C::bytes_per_token(cfg, head_dim);
+}
+
+/// Validates one row before it is written: every value finite (the rule for
+/// every codec; kvtrim::error naming the argument, head and token), then the
+/// codec's own check_row when it has one.
+template <class C>
+void check_row(std::string_view function, std::int64_t head, std::int64_t token, const float* key,
+               const float* value, std::int64_t head_dim);
+
 /// The reader decode attention uses when a codec has none of its own: it
-/// decodes each key and value row through the codec.
-///   dot(slot)              q · k_slot
+/// loads each key and value row through the codec.
+///   dot(slot, position)    q · k_slot (the key at its position)
 ///   accumulate(slot, w)    acc += w · v_slot
 ///   finish(out)            out = acc (head_dim floats, not normalised)
-template <class C>
+template <class C, class Space = host_space>
 class decoding_reader {
  public:
-  using storage_type = typename C::template storage<host_space>;
+  using storage_type = typename C::template storage<Space>;
 
-  decoding_reader(const storage_type& store, std::int64_t head, const float* query, std::int64_t head_dim)
-      : store_(store), head_(head), query_(query), head_dim_(head_dim) {}
+  KVTRIM_HOST_DEVICE decoding_reader(const storage_type& store, std::int64_t head, const float* query,
+                                     std::int64_t head_dim)
+      : store_(store), head_(head), query_(query), head_dim_(head_dim) {
+    for (std::int64_t d = 0; d < head_dim_; ++d) accumulator_[d] = 0.0f;
+  }
 
-  float dot(std::int64_t slot) {
-    C::decode_key(store_, head_, slot, row_.data());
+  KVTRIM_HOST_DEVICE float dot(std::int64_t slot, std::int64_t position) {
+    C::load_key(store_, head_, slot, position, row_);
     float sum = 0.0f;
     for (std::int64_t d = 0; d < head_dim_; ++d) sum += query_[d] * row_[d];
     return sum;
   }
-  void accumulate(std::int64_t slot, float weight) {
-    C::decode_value(store_, head_, slot, row_.data());
+  KVTRIM_HOST_DEVICE void accumulate(std::int64_t slot, float weight) {
+    C::load_value(store_, head_, slot, row_);
     for (std::int64_t d = 0; d < head_dim_; ++d) accumulator_[d] += weight * row_[d];
   }
-  void finish(float* out) const {
+  KVTRIM_HOST_DEVICE void finish(float* out) const {
     for (std::int64_t d = 0; d < head_dim_; ++d) out[d] = accumulator_[d];
   }
 
@@ -138,18 +160,25 @@ class decoding_reader {
   std::int64_t head_;
   const float* query_;
   std::int64_t head_dim_;
-  std::array<float, max_head_dim> row_{};
-  std::array<float, max_head_dim> accumulator_{};
+  float row_[max_head_dim];
+  float accumulator_[max_head_dim];
 };
 
 /// The codec's own reader when it has one, else a decoding_reader.
-template <class C>
-auto attention_reader(const typename C::template storage<host_space>& store, std::int64_t head, const float* query,
+template <class C, class Space = host_space>
+auto attention_reader(const typename C::template storage<Space>& store, std::int64_t head, const float* query,
                       std::int64_t head_dim) {
   if constexpr (requires { C::attention_reader(store, head, query); })
     return C::attention_reader(store, head, query);
   else
-    return decoding_reader<C>(store, head, query, head_dim);
+    return decoding_reader<C, Space>(store, head, query, head_dim);
+}
+
+/// The position of the i-th token of head (b, h) of a (host) layout view: the
+/// layout's `positions.slot_position[slot]` (docs/composition.md §1).
+template <class View>
+std::int64_t position_of(const View& cache, std::int64_t b, std::int64_t h, std::int64_t i) {
+  return cache.positions.slot_position[cache.slot(b, h, i)];
 }
 
 }  // namespace kvtrim::codec
@@ -172,9 +201,40 @@ inline void check_finite_row(std::string_view function, std::string_view argumen
   fail(function, argument, cat("a ", argument, " in [0, ", count, ")"), std::to_string(index));
 }
 
+/// Throws unless `slot_run` is a run a codec of slot alignment `alignment` can
+/// be bound with (U ≥ 1 dividing the alignment) and `slots` is a whole number
+/// of runs (docs/composition.md §3).
+inline void check_slot_run(std::string_view function, std::int64_t slots, std::int64_t slot_run,
+                           std::int64_t alignment) {
+  if (slot_run < 1 || alignment % slot_run != 0)
+    fail(function, "slot_run",
+         cat("a run of slots dividing the codec's slot alignment ", alignment,
+             " (codec::slot_alignment; paged: gcd(page_size, alignment))"),
+         std::to_string(slot_run));
+  if (slots < 0 || slots % slot_run != 0)
+    fail(function, "slots", cat("a multiple of slot_run = ", slot_run, " (whole runs of slots)"),
+         std::to_string(slots));
+}
+
+/// Throws unless slot_run ≥ 1: codecs without runs accept any U and ignore it.
+inline void check_any_slot_run(std::string_view function, std::int64_t slot_run) {
+  if (slot_run < 1) fail(function, "slot_run", "a run of at least 1 slot", std::to_string(slot_run));
+}
+
 /// Throws unless a codec's storage was bound for the model's head_dim.
 inline void check_storage_head_dim(std::string_view function, std::int64_t bound, std::int64_t head_dim) {
   if (bound != head_dim)
     fail(function, "cache.storage.head_dim", cat("the model's head_dim = ", head_dim), std::to_string(bound));
 }
 }  // namespace kvtrim::detail
+
+namespace kvtrim::codec {
+template <class C>
+void check_row(std::string_view function, std::int64_t head, std::int64_t token, const float* key,
+               const float* value, std::int64_t head_dim) {
+  detail::check_finite_row(function, "key", key, head_dim, head, token);
+  detail::check_finite_row(function, "value", value, head_dim, head, token);
+  if constexpr (requires { C::check_row(function, head, token, key, value); })
+    C::check_row(function, head, token, key, value);
+}
+}  // namespace kvtrim::codec

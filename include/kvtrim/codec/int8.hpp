@@ -16,16 +16,24 @@
 //           window until their group fills, then the group is quantized at
 //           once. key_scaling::per_token: one run per token, like values.
 // Storage per slot: head_dim codes each for key and value (b bits each,
-// packed), fp32 scales (and zero points); per group of slots: head_dim key
-// scales (and zero points); per head: a key_group × head_dim fp16 residual
-// window. Codes are unsigned: symmetric codes store q + 2^(b−1).
+// packed), fp32 scales (and zero points); per aligned run of slot_run slots:
+// head_dim key scales (and zero points) and a sealed flag; per head: a
+// key_group × head_dim fp16 residual window and the key_group slots of its
+// tokens. Codes are unsigned: symmetric codes store q + 2^(b−1).
 //
-// Layout contract (per_channel_group): the group of slot s is s / key_group, so
-// every aligned run of key_group slots must belong to one head and be written
-// in order (layout::contiguous heads-major with capacity % key_group == 0,
-// layout::paged with page_size % key_group == 0). encode checks it and throws
-// otherwise; layouts that place heads at arbitrary offsets (layout::flat) use
-// key_scaling::per_token.
+// Slot runs (per_channel_group; docs/composition.md §3): a head's key groups
+// are logical — group k is the head's tokens [kG, (k+1)G) in write order since
+// prepare_head — and the slots they land in are the layout's business. The
+// storage is bound with a slot run U dividing G (slot_alignment = key_group):
+// the layout guarantees every aligned run of U slots belongs to one head and
+// holds consecutive logical indices [jU, (j+1)U), written in order. Key scales
+// (and zero points, and a sealed flag) are kept per U-run (slot / U), so a
+// group spanning two pages of 16 stores its scales in both pages' runs. While a
+// group fills, its keys wait in the head's fp16 residual window and
+// residual_slots remembers where each one goes; sealing writes the codes at
+// those slots and the group's scales into every run it covers. encode checks
+// the run rule (slot % U = logical index % U, consecutive within a run) and
+// throws otherwise.
 //
 // NaN or ±Inf in a key or value is an error (kvtrim::error naming head, slot
 // and channel): one bad element would otherwise poison the scale of a whole
@@ -44,6 +52,7 @@
 #include <string_view>
 
 #include "kvtrim/codec/hooks.hpp"
+#include "kvtrim/core/config.hpp"
 #include "kvtrim/core/element.hpp"
 #include "kvtrim/core/view.hpp"
 #include "kvtrim/core/workspace.hpp"
@@ -75,12 +84,12 @@ struct integer_quantizer {
     const float q = std::clamp(std::nearbyint(x / s.scale), -float(symmetric_max), float(symmetric_max));
     return static_cast<unsigned>(static_cast<int>(q) + symmetric_offset);
   }
-  static float value(unsigned code, step s, bool asymmetric) {
+  KVTRIM_HOST_DEVICE static float value(unsigned code, step s, bool asymmetric) {
     if (asymmetric) return static_cast<float>(code) * s.scale + s.zero;
     return static_cast<float>(static_cast<int>(code) - symmetric_offset) * s.scale;
   }
 
-  static constexpr std::int64_t row_bytes(std::int64_t head_dim) { return (head_dim * Bits + 7) / 8; }
+  KVTRIM_HOST_DEVICE static constexpr std::int64_t row_bytes(std::int64_t head_dim) { return (head_dim * Bits + 7) / 8; }
   static void put(std::uint8_t* row, std::int64_t d, unsigned code) {
     if constexpr (Bits == 8) {
       row[d] = static_cast<std::uint8_t>(code);
@@ -89,7 +98,7 @@ struct integer_quantizer {
       row[d / 2] = static_cast<std::uint8_t>((row[d / 2] & ~(0xF << shift)) | (code << shift));
     }
   }
-  static unsigned get(const std::uint8_t* row, std::int64_t d) {
+  KVTRIM_HOST_DEVICE static unsigned get(const std::uint8_t* row, std::int64_t d) {
     if constexpr (Bits == 8)
       return row[d];
     else
@@ -127,48 +136,63 @@ struct quantized {
   struct storage {
     std::uint8_t* key_codes = nullptr;       // [slots, row_bytes]
     std::uint8_t* value_codes = nullptr;     // [slots, row_bytes]
-    float* key_scales = nullptr;             // per_token: [slots]; per_channel_group: [groups, head_dim]
+    float* key_scales = nullptr;             // per_token: [slots]; per_channel_group: [slots / slot_run, head_dim]
     float* key_zeros = nullptr;              // as key_scales, asymmetric only
     float* value_scales = nullptr;           // [slots]
     float* value_zeros = nullptr;            // [slots], asymmetric only
-    std::uint8_t* group_sealed = nullptr;    // [groups]: 1 once the group is quantized
+    std::uint8_t* run_sealed = nullptr;      // [slots / slot_run]: 1 once the run's keys are quantized
     half* residual_keys = nullptr;           // [heads, key_group, head_dim]: the filling group, fp16
-    std::int64_t* residual_group = nullptr;  // [heads]: group being filled, −1 none
-    std::int64_t* residual_count = nullptr;  // [heads]: tokens of it written so far
+    std::int64_t* residual_slots = nullptr;  // [heads, key_group]: the slots of the filling group's tokens
+    std::int64_t* residual_count = nullptr;  // [heads]: tokens of the filling group written so far
     std::int64_t head_dim = 0;
-    std::int64_t slots = 0;
+    std::int64_t slots = 0;  // capacity
     std::int64_t heads = 0;
     std::int64_t key_group = 0;  // 0 when keys are scaled per token
+    std::int64_t slot_run = 1;   // U: key scales per aligned run of U slots (1 for per-token keys)
     bool asymmetric = false;
   };
 
-  static std::size_t storage_bytes(const config& cfg, std::int64_t slots, std::int64_t heads, std::int64_t head_dim) {
+  /// KIVI key groups need runs of slots that divide key_group (1 for per-token keys).
+  static std::int64_t slot_alignment(const config& cfg) { return cfg.grouped() ? cfg.key_group : 1; }
+
+  static std::size_t storage_bytes(const config& cfg, std::int64_t slots, std::int64_t heads, std::int64_t head_dim,
+                                   std::int64_t slot_run) {
     workspace_carver carver;
-    carve<host_space>(carver, cfg, slots, heads, head_dim);
+    carve<host_space>(carver, cfg, slots, heads, head_dim, slot_run);
     return carver.bytes();
   }
 
-  static double bytes_per_token(const config& cfg, std::int64_t head_dim) {
+  /// Per token of one head: codes, value scale (+ zero), and the key scales (+
+  /// zeros) and sealed flag of its run amortised over the run's slot_run slots
+  /// (per-token keys: one scale each).
+  static double bytes_per_token(const config& cfg, std::int64_t head_dim, std::int64_t slot_run) {
     const double per_run = cfg.asymmetric ? 8.0 : 4.0;  // fp32 scale (+ zero point)
-    const double key_params =
-        cfg.grouped() ? (static_cast<double>(head_dim) * per_run + 1.0) / static_cast<double>(cfg.key_group) : per_run;
+    const double key_params = cfg.grouped()
+                                  ? (static_cast<double>(head_dim) * per_run + 1.0) / static_cast<double>(slot_run)
+                                  : per_run;
     return 2.0 * static_cast<double>(quantizer::row_bytes(head_dim)) + per_run + key_params;
   }
+  /// As above for runs of the full key_group (the contiguous and flat layouts).
+  static double bytes_per_token(const config& cfg, std::int64_t head_dim) {
+    return bytes_per_token(cfg, head_dim, slot_alignment(cfg));
+  }
+  /// Per head: the fp16 residual window, its slots and its count.
   static double bytes_per_head(const config& cfg, std::int64_t head_dim) {
-    return cfg.grouped() ? static_cast<double>(cfg.key_group * head_dim) * sizeof(half) + 16.0 : 0.0;
+    return cfg.grouped() ? static_cast<double>(cfg.key_group) * (static_cast<double>(head_dim) * sizeof(half) + 8.0) +
+                               8.0
+                         : 0.0;
   }
 
   template <MemorySpace Space>
   static storage<Space> bind(const config& cfg, void* memory, std::int64_t slots, std::int64_t heads,
-                             std::int64_t head_dim) {
+                             std::int64_t head_dim, std::int64_t slot_run) {
     workspace_carver carver(workspace{memory, ~std::size_t{0}});
-    storage<Space> store = carve<Space>(carver, cfg, slots, heads, head_dim);
+    storage<Space> store = carve<Space>(carver, cfg, slots, heads, head_dim, slot_run);
     if constexpr (std::same_as<Space, host_space>) {
-      // No group is quantized and no head has a filling group yet. (A device
+      // No run is quantized and no head has a filling group yet. (A device
       // port clears the same arrays with cudaMemsetAsync.)
       if (cfg.grouped()) {
-        std::fill_n(store.group_sealed, slots / cfg.key_group, std::uint8_t{0});
-        std::fill_n(store.residual_group, heads, std::int64_t{-1});
+        std::fill_n(store.run_sealed, slots / store.slot_run, std::uint8_t{0});
         std::fill_n(store.residual_count, heads, std::int64_t{0});
       }
     }
@@ -181,18 +205,52 @@ struct quantized {
     const bool complete = store.key_codes && store.value_codes && store.key_scales && store.value_scales &&
                           (!store.asymmetric || (store.key_zeros && store.value_zeros)) &&
                           (store.key_group == 0 ||
-                           (store.group_sealed && store.residual_keys && store.residual_group && store.residual_count));
+                           (store.run_sealed && store.residual_keys && store.residual_slots && store.residual_count));
     if (!complete)
       detail::fail(function, "cache.storage", "every array of the codec bound (codec::bind)", "a null pointer");
+    if (store.slot_run < 1 || (store.key_group > 0 && store.key_group % store.slot_run != 0))
+      detail::fail(function, "cache.storage.slot_run",
+                   detail::cat("a run dividing key_group = ", store.key_group, " (codec::bind)"),
+                   std::to_string(store.slot_run));
   }
 
-  // --- reference (host) encode / decode -----------------------------------
-  static void encode(const storage<host_space>& store, std::int64_t head, std::int64_t slot, const float* key,
-                     const float* value) {
-    constexpr std::string_view function = Bits == 8 ? "kvtrim::codec::int8::encode" : "kvtrim::codec::int4::encode";
+  /// A head is about to be rewritten (compaction): its next token starts a new
+  /// key group. (Whatever the head's filling group held is dropped.)
+  template <class Rows>
+  static void prepare_head(const storage<host_space>& store, std::int64_t head, std::int64_t /*sequence_length*/,
+                           std::int64_t /*count*/, const Rows& /*rows*/) {
+    if (head < 0 || head >= store.heads) detail::fail_index(prepare_function, "head", head, store.heads);
+    if (store.key_group != 0) store.residual_count[head] = 0;
+  }
+
+  // --- element operations ---------------------------------------------------
+  /// Host only (it validates and seals groups).
+  static void encode(const storage<host_space>& store, std::int64_t head, std::int64_t slot, std::int64_t position,
+                     const float* key, const float* value) {
+    constexpr std::string_view function = encode_function;
     check_place(function, store, head, slot);
+    if (position < 0) detail::fail(function, "position", "a position ≥ 0", std::to_string(position));
     detail::check_finite_row(function, "key", key, store.head_dim, head, slot);
     detail::check_finite_row(function, "value", value, store.head_dim, head, slot);
+    const std::int64_t place = store.key_group == 0 ? 0 : store.residual_count[head];
+    const std::int64_t run = store.slot_run;
+    if (store.key_group != 0) {
+      // The run rule: logical index ≡ slot (mod U), consecutive within a run.
+      const bool starts_run = place % run == 0;
+      const bool in_order = slot % run == place % run &&
+                            (starts_run || store.residual_slots[head * store.key_group + place - 1] == slot - 1);
+      if (!in_order)
+        detail::fail(function, "slot",
+                     detail::cat("slot ", slot, " is not where head ", head, "'s token ", place,
+                                 " of its key group can go: every aligned run of slot_run = ", run,
+                                 " slots must belong to one head and hold consecutive tokens, written in order "
+                                 "(expected a slot ≡ ",
+                                 place % run, " mod ", run,
+                                 starts_run ? "" : detail::cat(", right after slot ",
+                                                               store.residual_slots[head * store.key_group + place - 1]),
+                                 "; or use key_scaling::per_token)"),
+                     std::to_string(slot));
+    }
     quantize_row(store, value, store.value_codes, store.value_scales, store.value_zeros, slot);
     if (store.key_group == 0) {
       quantize_row(store, key, store.key_codes, store.key_scales, store.key_zeros, slot);
@@ -200,30 +258,19 @@ struct quantized {
     }
     // KIVI: the key waits in the head's fp16 residual window until its group
     // fills.
-    const std::int64_t group = slot / store.key_group, place = slot % store.key_group;
-    if (place == 0) {
-      store.residual_group[head] = group;
-      store.residual_count[head] = 0;
-    } else if (store.residual_group[head] != group || store.residual_count[head] != place) {
-      detail::fail(
-          function, "slot",
-          detail::cat("the next slot of head ", head, "'s key group (slot ",
-                      store.residual_group[head] < 0
-                          ? std::string("at a multiple of key_group = ") + std::to_string(store.key_group)
-                          : std::to_string(store.residual_group[head] * store.key_group + store.residual_count[head]),
-                      "): per-channel key groups need each aligned run of key_group "
-                      "slots to belong to one "
-                      "head and be written in order (or use key_scaling::per_token)"),
-          std::to_string(slot));
-    }
+    if (slot % run == 0) store.run_sealed[slot / run] = 0;
     half* residual = residual_row(store, head, place);
     for (std::int64_t d = 0; d < store.head_dim; ++d) residual[d] = half(key[d]);
+    store.residual_slots[head * store.key_group + place] = slot;
     store.residual_count[head] = place + 1;
-    store.group_sealed[group] = 0;
-    if (place + 1 == store.key_group) seal_group(store, head, group);
+    if (place + 1 == store.key_group) seal_group(store, head);
   }
 
-  static void decode_key(const storage<host_space>& store, std::int64_t head, std::int64_t slot, float* out) {
+  /// The stored key, dequantized (a key of a filling group: its fp16 residual
+  /// row, found by slot).
+  template <MemorySpace Space>
+  KVTRIM_HOST_DEVICE static void load_key(const storage<Space>& store, std::int64_t head, std::int64_t slot,
+                                          std::int64_t /*position*/, float* out) {
     const std::uint8_t* codes = store.key_codes + slot * quantizer::row_bytes(store.head_dim);
     if (store.key_group == 0) {
       const step s{store.key_scales[slot], store.asymmetric ? store.key_zeros[slot] : 0.0f};
@@ -231,73 +278,109 @@ struct quantized {
         out[d] = quantizer::value(quantizer::get(codes, d), s, store.asymmetric);
       return;
     }
-    const std::int64_t group = slot / store.key_group, place = slot % store.key_group;
-    if (store.group_sealed[group]) {
+    const std::int64_t run = slot / store.slot_run;
+    if (store.run_sealed[run]) {
+      const float* scales = store.key_scales + run * store.head_dim;
+      const float* zeros = store.asymmetric ? store.key_zeros + run * store.head_dim : nullptr;
       for (std::int64_t d = 0; d < store.head_dim; ++d) {
-        const std::int64_t channel = group * store.head_dim + d;
-        const step s{store.key_scales[channel], store.asymmetric ? store.key_zeros[channel] : 0.0f};
+        const step s{scales[d], zeros ? zeros[d] : 0.0f};
         out[d] = quantizer::value(quantizer::get(codes, d), s, store.asymmetric);
       }
       return;
     }
-    if (store.residual_group[head] != group || place >= store.residual_count[head])
-      detail::fail(Bits == 8 ? "kvtrim::codec::int8::decode_key" : "kvtrim::codec::int4::decode_key", "slot",
-                   detail::cat("a slot head ", head, " has written"), std::to_string(slot));
-    const half* residual = residual_row(store, head, place);
-    for (std::int64_t d = 0; d < store.head_dim; ++d) out[d] = static_cast<float>(residual[d]);
+    const std::int64_t* slots = store.residual_slots + head * store.key_group;
+    for (std::int64_t place = store.residual_count[head]; place-- > 0;)
+      if (slots[place] == slot) {
+        const half* residual = store.residual_keys + (head * store.key_group + place) * store.head_dim;
+        for (std::int64_t d = 0; d < store.head_dim; ++d) out[d] = static_cast<float>(residual[d]);
+        return;
+      }
+#if defined(__CUDA_ARCH__)
+    for (std::int64_t d = 0; d < store.head_dim; ++d) out[d] = __int_as_float(0x7fc00000);  // never written
+#else
+    detail::fail(load_key_function, "slot", detail::cat("a slot head ", head, " has written"),
+                 std::to_string(slot));
+#endif
   }
 
-  static void decode_value(const storage<host_space>& store, std::int64_t /*head*/, std::int64_t slot, float* out) {
+  template <MemorySpace Space>
+  KVTRIM_HOST_DEVICE static void load_value(const storage<Space>& store, std::int64_t /*head*/, std::int64_t slot,
+                                            float* out) {
     const std::uint8_t* codes = store.value_codes + slot * quantizer::row_bytes(store.head_dim);
     const step s{store.value_scales[slot], store.asymmetric ? store.value_zeros[slot] : 0.0f};
     for (std::int64_t d = 0; d < store.head_dim; ++d)
       out[d] = quantizer::value(quantizer::get(codes, d), s, store.asymmetric);
   }
 
-  /// Moves a token as stored (layout::flat's repack). Per-token key scales
-  /// only: a key group cannot be split.
-  static void move_slot(const storage<host_space>& store, std::int64_t /*head*/, std::int64_t from, std::int64_t to) {
-    if (store.key_group != 0)
-      detail::fail(Bits == 8 ? "kvtrim::codec::int8::move_slot" : "kvtrim::codec::int4::move_slot", "config.codec.keys",
-                   "key_scaling::per_token (per-channel key groups cannot move "
-                   "slot by slot)",
-                   "key_scaling::per_channel_group");
+  /// Moves a token as stored (layout::flat's repack): its codes and per-token
+  /// scales, its run's key scales and sealed flag when `from` starts a run, and
+  /// its place in the head's filling group. Key groups need from ≡ to (mod
+  /// slot_run): a layout moves whole aligned runs.
+  static void move_slot(const storage<host_space>& store, std::int64_t head, std::int64_t from, std::int64_t to) {
+    constexpr std::string_view function = move_function;
+    check_place(function, store, head, from);
+    check_place(function, store, head, to);
+    const std::int64_t run = store.slot_run;
+    if (store.key_group != 0 && from % run != to % run)
+      detail::fail(function, "to",
+                   detail::cat("a slot ≡ ", from % run, " mod slot_run = ", run,
+                               " (key groups move by whole aligned runs)"),
+                   std::to_string(to));
     const std::int64_t bytes = quantizer::row_bytes(store.head_dim);
     std::memmove(store.key_codes + to * bytes, store.key_codes + from * bytes, static_cast<std::size_t>(bytes));
     std::memmove(store.value_codes + to * bytes, store.value_codes + from * bytes, static_cast<std::size_t>(bytes));
-    store.key_scales[to] = store.key_scales[from];
     store.value_scales[to] = store.value_scales[from];
-    if (store.asymmetric) {
-      store.key_zeros[to] = store.key_zeros[from];
-      store.value_zeros[to] = store.value_zeros[from];
+    if (store.asymmetric) store.value_zeros[to] = store.value_zeros[from];
+    if (store.key_group == 0) {
+      store.key_scales[to] = store.key_scales[from];
+      if (store.asymmetric) store.key_zeros[to] = store.key_zeros[from];
+      return;
     }
+    if (from % run == 0) {
+      const std::int64_t source = from / run, target = to / run;
+      std::copy_n(store.key_scales + source * store.head_dim, store.head_dim, store.key_scales + target * store.head_dim);
+      if (store.asymmetric)
+        std::copy_n(store.key_zeros + source * store.head_dim, store.head_dim, store.key_zeros + target * store.head_dim);
+      store.run_sealed[target] = store.run_sealed[source];
+    }
+    std::int64_t* slots = store.residual_slots + head * store.key_group;
+    for (std::int64_t place = 0; place < store.residual_count[head]; ++place)
+      if (slots[place] == from) slots[place] = to;
   }
 
   /// The quantization step (scale) of element d of the stored key at `slot`, or
   /// 0 while the key still waits in the fp16 residual window (tests and stats).
   static float key_step(const storage<host_space>& store, std::int64_t slot, std::int64_t d) {
     if (store.key_group == 0) return store.key_scales[slot];
-    const std::int64_t group = slot / store.key_group;
-    return store.group_sealed[group] ? store.key_scales[group * store.head_dim + d] : 0.0f;
+    const std::int64_t run = slot / store.slot_run;
+    return store.run_sealed[run] ? store.key_scales[run * store.head_dim + d] : 0.0f;
   }
   static float value_step(const storage<host_space>& store, std::int64_t slot) { return store.value_scales[slot]; }
 
  private:
+  // Names in messages.
+  static constexpr std::string_view encode_function = Bits == 8 ? "kvtrim::codec::int8::encode" : "kvtrim::codec::int4::encode";
+  static constexpr std::string_view load_key_function =
+      Bits == 8 ? "kvtrim::codec::int8::load_key" : "kvtrim::codec::int4::load_key";
+  static constexpr std::string_view move_function =
+      Bits == 8 ? "kvtrim::codec::int8::move_slot" : "kvtrim::codec::int4::move_slot";
+  static constexpr std::string_view prepare_function =
+      Bits == 8 ? "kvtrim::codec::int8::prepare_head" : "kvtrim::codec::int4::prepare_head";
+  static constexpr std::string_view bind_function = Bits == 8 ? "kvtrim::codec::int8::bind" : "kvtrim::codec::int4::bind";
+
   template <MemorySpace Space>
   static storage<Space> carve(workspace_carver& carver, const config& cfg, std::int64_t slots, std::int64_t heads,
-                              std::int64_t head_dim) {
-    constexpr std::string_view function = "kvtrim::codec::int8::bind";
+                              std::int64_t head_dim, std::int64_t slot_run) {
+    constexpr std::string_view function = bind_function;
     cfg.validate(function);
-    if (cfg.grouped() && slots % cfg.key_group != 0)
-      detail::fail(function, "slots",
-                   detail::cat("a multiple of key_group = ", cfg.key_group,
-                               " (key groups are aligned runs of slots; make "
-                               "the capacity or page "
-                               "size a multiple of key_group)"),
-                   std::to_string(slots));
+    if (cfg.grouped())
+      detail::check_slot_run(function, slots, slot_run, cfg.key_group);
+    else
+      detail::check_any_slot_run(function, slot_run);
+    const std::int64_t run = cfg.grouped() ? slot_run : 1;
     storage<Space> store;
     const std::int64_t bytes = quantizer::row_bytes(head_dim);
-    const std::int64_t key_runs = cfg.grouped() ? slots / cfg.key_group * head_dim : slots;
+    const std::int64_t key_runs = cfg.grouped() ? slots / run * head_dim : slots;
     store.key_codes = carver.take<std::uint8_t>(slots * bytes);
     store.value_codes = carver.take<std::uint8_t>(slots * bytes);
     store.key_scales = carver.take<float>(key_runs);
@@ -307,15 +390,16 @@ struct quantized {
       store.value_zeros = carver.take<float>(slots);
     }
     if (cfg.grouped()) {
-      store.group_sealed = carver.take<std::uint8_t>(slots / cfg.key_group);
+      store.run_sealed = carver.take<std::uint8_t>(slots / run);
       store.residual_keys = carver.take<half>(heads * cfg.key_group * head_dim);
-      store.residual_group = carver.take<std::int64_t>(heads);
+      store.residual_slots = carver.take<std::int64_t>(heads * cfg.key_group);
       store.residual_count = carver.take<std::int64_t>(heads);
     }
     store.head_dim = head_dim;
     store.slots = slots;
     store.heads = heads;
     store.key_group = cfg.grouped() ? cfg.key_group : 0;
+    store.slot_run = run;
     store.asymmetric = cfg.asymmetric;
     return store;
   }
@@ -347,10 +431,12 @@ struct quantized {
     if (store.asymmetric) zeros[slot] = s.zero;
   }
 
-  /// The group is full: one run per channel over its key_group fp16 residual
-  /// keys.
-  static void seal_group(const storage<host_space>& store, std::int64_t head, std::int64_t group) {
-    const std::int64_t bytes = quantizer::row_bytes(store.head_dim);
+  /// The head's group is full: one run of numbers per channel over its
+  /// key_group fp16 residual keys; codes go to the slots the tokens were
+  /// written at, the channel scales into every slot run the group covers.
+  static void seal_group(const storage<host_space>& store, std::int64_t head) {
+    const std::int64_t bytes = quantizer::row_bytes(store.head_dim), run = store.slot_run;
+    const std::int64_t* slots = store.residual_slots + head * store.key_group;
     for (std::int64_t d = 0; d < store.head_dim; ++d) {
       float lowest = std::numeric_limits<float>::infinity(), highest = -lowest;
       for (std::int64_t place = 0; place < store.key_group; ++place) {
@@ -361,14 +447,14 @@ struct quantized {
       const step s = quantizer::fit(lowest, highest, store.asymmetric);
       for (std::int64_t place = 0; place < store.key_group; ++place) {
         const float x = static_cast<float>(residual_row(store, head, place)[d]);
-        quantizer::put(store.key_codes + (group * store.key_group + place) * bytes, d,
-                       quantizer::code(x, s, store.asymmetric));
+        quantizer::put(store.key_codes + slots[place] * bytes, d, quantizer::code(x, s, store.asymmetric));
       }
-      store.key_scales[group * store.head_dim + d] = s.scale;
-      if (store.asymmetric) store.key_zeros[group * store.head_dim + d] = s.zero;
+      for (std::int64_t place = 0; place < store.key_group; place += run) {
+        store.key_scales[slots[place] / run * store.head_dim + d] = s.scale;
+        if (store.asymmetric) store.key_zeros[slots[place] / run * store.head_dim + d] = s.zero;
+      }
     }
-    store.group_sealed[group] = 1;
-    store.residual_group[head] = -1;
+    for (std::int64_t place = 0; place < store.key_group; place += run) store.run_sealed[slots[place] / run] = 1;
     store.residual_count[head] = 0;
   }
 };

@@ -19,12 +19,13 @@
 // usual): the fp16 rows only shadow it. Crossing the boundary is then just
 // dropping the shadow, and costs nothing on append. Keys given pre-RoPE
 // (low_rank with key_space::pre_rope) are kept pre-RoPE in the fp16 rows too
-// and rotated with Inner's rotate_key when read, so both kinds of row answer
-// with the same key.
+// and rotated with Inner's rotate_key to the position load_key / reader.dot
+// receives, so both kinds of row answer with the same key. The codec stores no
+// positions: the layout passes them (docs/composition.md §1).
 //
-// Storage: Inner's storage for every slot, plus an int32 per slot (its fp16 row
-// or −1), plus per head (sinks + recent) fp16 key and value rows with their
-// slot and position. As a combinator it is a codec, not a layout: it composes
+// Storage: Inner's storage for every slot (bound with the same slot run), plus
+// an int32 per slot (its fp16 row or −1), plus per head (sinks + recent) fp16
+// key and value rows with their slot. As a combinator it is a codec, not a layout: it composes
 // with contiguous, paged and flat layouts and with every scorer. Defaults:
 // recent 128 (the article's short-term size, KIVI's residual), sinks 4.
 // Backends: cpu.
@@ -37,6 +38,7 @@
 #include <string_view>
 
 #include "kvtrim/codec/hooks.hpp"
+#include "kvtrim/codec/plain.hpp"
 #include "kvtrim/core/concepts.hpp"
 #include "kvtrim/core/element.hpp"
 #include "kvtrim/core/workspace.hpp"
@@ -71,39 +73,44 @@ struct layered {
     half* row_keys = nullptr;               // [heads, rows, head_dim]
     half* row_values = nullptr;             // [heads, rows, head_dim]
     std::int64_t* row_slots = nullptr;      // [heads, rows]
-    std::int64_t* row_positions = nullptr;  // [heads, rows]
     std::int32_t* slot_rows = nullptr;      // [slots]: fp16 row of the slot's head, −1: read through Inner
     std::int64_t* arrived = nullptr;        // [heads]: tokens encoded since the last compaction
-    std::int64_t* next_position = nullptr;  // [heads]
     std::int64_t head_dim = 0;
-    std::int64_t slots = 0;
+    std::int64_t slots = 0;  // capacity
     std::int64_t heads = 0;
+    std::int64_t slot_run = 1;  // Inner's (the run it was bound with)
     std::int64_t sinks = 0;
     std::int64_t recent = 0;
   };
 
-  static std::size_t storage_bytes(const config& cfg, std::int64_t slots, std::int64_t heads, std::int64_t head_dim) {
+  /// Inner's alignment: the combinator adds no runs of its own.
+  static std::int64_t slot_alignment(const config& cfg) { return codec::slot_alignment<Inner>(cfg.inner); }
+
+  static std::size_t storage_bytes(const config& cfg, std::int64_t slots, std::int64_t heads, std::int64_t head_dim,
+                                   std::int64_t slot_run) {
     workspace_carver carver;
-    carve<host_space>(carver, cfg, slots, heads, head_dim);
+    carve<host_space>(carver, cfg, slots, heads, head_dim, slot_run);
     return carver.bytes();
+  }
+  static double bytes_per_token(const config& cfg, std::int64_t head_dim, std::int64_t slot_run) {
+    return codec::bytes_per_token<Inner>(cfg.inner, head_dim, slot_run) + sizeof(std::int32_t);
   }
   static double bytes_per_token(const config& cfg, std::int64_t head_dim) {
     return Inner::bytes_per_token(cfg.inner, head_dim) + sizeof(std::int32_t);
   }
   static double bytes_per_head(const config& cfg, std::int64_t head_dim) {
-    const double row = 2.0 * static_cast<double>(head_dim) * sizeof(half) + 16.0;
-    return codec::bytes_per_head<Inner>(cfg.inner, head_dim) + static_cast<double>(cfg.rows()) * row + 16.0;
+    const double row = 2.0 * static_cast<double>(head_dim) * sizeof(half) + 8.0;  // key, value, slot
+    return codec::bytes_per_head<Inner>(cfg.inner, head_dim) + static_cast<double>(cfg.rows()) * row + 8.0;
   }
 
   template <MemorySpace Space>
   static storage<Space> bind(const config& cfg, void* memory, std::int64_t slots, std::int64_t heads,
-                             std::int64_t head_dim) {
+                             std::int64_t head_dim, std::int64_t slot_run) {
     workspace_carver carver(workspace{memory, ~std::size_t{0}});
-    storage<Space> store = carve<Space>(carver, cfg, slots, heads, head_dim);
+    storage<Space> store = carve<Space>(carver, cfg, slots, heads, head_dim, slot_run);
     if constexpr (std::same_as<Space, host_space>) {
       std::fill_n(store.slot_rows, slots, -1);
       std::fill_n(store.arrived, heads, std::int64_t{0});
-      std::fill_n(store.next_position, heads, std::int64_t{0});
     }
     return store;
   }
@@ -112,9 +119,8 @@ struct layered {
   static void check_storage(std::string_view function, const storage<Space>& store, std::int64_t head_dim) {
     Inner::check_storage(function, store.inner, head_dim);
     detail::check_storage_head_dim(function, store.head_dim, head_dim);
-    if (!store.slot_rows || !store.arrived || !store.next_position ||
-        (store.sinks + store.recent > 0 &&
-         (!store.row_keys || !store.row_values || !store.row_slots || !store.row_positions)))
+    if (!store.slot_rows || !store.arrived ||
+        (store.sinks + store.recent > 0 && (!store.row_keys || !store.row_values || !store.row_slots)))
       detail::fail(function, "cache.storage", "every array of the codec bound (codec::bind)", "a null pointer");
   }
 
@@ -123,23 +129,17 @@ struct layered {
                            std::int64_t count, const Rows& rows) {
     check_head("kvtrim::codec::layered::prepare_head", store, head);
     store.arrived[head] = 0;
-    store.next_position[head] = sequence_length;
     codec::prepare_head<Inner>(store.inner, head, sequence_length, count, rows);
   }
 
-  static void encode(const storage<host_space>& store, std::int64_t head, std::int64_t slot, const float* key,
-                     const float* value) {
-    check_head("kvtrim::codec::layered::encode", store, head);
-    encode(store, head, slot, key, value, store.next_position[head]);
-  }
-
-  static void encode(const storage<host_space>& store, std::int64_t head, std::int64_t slot, const float* key,
-                     const float* value, std::int64_t position) {
+  /// Encodes into Inner (every token, in arrival order) and keeps an fp16
+  /// shadow for sinks and the newest tokens.
+  static void encode(const storage<host_space>& store, std::int64_t head, std::int64_t slot, std::int64_t position,
+                     const float* key, const float* value) {
     constexpr std::string_view function = "kvtrim::codec::layered::encode";
     check_head(function, store, head);
     if (slot < 0 || slot >= store.slots) detail::fail_index(function, "slot", slot, store.slots);
-    codec::encode_at<Inner>(store.inner, head, slot, key, value, position);
-    store.next_position[head] = std::max(store.next_position[head], position + 1);
+    Inner::encode(store.inner, head, slot, position, key, value);
     const std::int64_t order = store.arrived[head]++;
     std::int64_t row = -1;
     if (order < store.sinks) {
@@ -160,18 +160,18 @@ struct layered {
       store.row_values[at * store.head_dim + d] = half(value[d]);
     }
     store.row_slots[at] = slot;
-    store.row_positions[at] = position;
   }
 
-  static void decode_key(const storage<host_space>& store, std::int64_t head, std::int64_t slot, float* out) {
+  static void load_key(const storage<host_space>& store, std::int64_t head, std::int64_t slot, std::int64_t position,
+                       float* out) {
     const std::int32_t row = store.slot_rows[slot];
-    if (row < 0) return Inner::decode_key(store.inner, head, slot, out);
+    if (row < 0) return Inner::load_key(store.inner, head, slot, position, out);
     read_row(store, store.row_keys, head, row, out);
-    rotate(store, head, row, out);
+    rotate_key(store, position, out);
   }
-  static void decode_value(const storage<host_space>& store, std::int64_t head, std::int64_t slot, float* out) {
+  static void load_value(const storage<host_space>& store, std::int64_t head, std::int64_t slot, float* out) {
     const std::int32_t row = store.slot_rows[slot];
-    if (row < 0) return Inner::decode_value(store.inner, head, slot, out);
+    if (row < 0) return Inner::load_value(store.inner, head, slot, out);
     read_row(store, store.row_values, head, row, out);
   }
 
@@ -190,11 +190,11 @@ struct layered {
           query_(query),
           inner_(codec::attention_reader<Inner>(store.inner, head, query, store.head_dim)) {}
 
-    float dot(std::int64_t slot) {
+    float dot(std::int64_t slot, std::int64_t position) {
       const std::int32_t row = store_.slot_rows[slot];
-      if (row < 0) return inner_.dot(slot);
+      if (row < 0) return inner_.dot(slot, position);
       read_row(store_, store_.row_keys, head_, row, row_.data());
-      rotate(store_, head_, row, row_.data());
+      rotate_key(store_, position, row_.data());
       float sum = 0.0f;
       for (std::int64_t d = 0; d < store_.head_dim; ++d) sum += query_[d] * row_[d];
       return sum;
@@ -230,10 +230,12 @@ struct layered {
     if constexpr (requires { Inner::move_slot(store.inner, head, from, to); }) {
       Inner::move_slot(store.inner, head, from, to);
     } else {
+      // Only codecs whose load is exact and stateless may move this way (plain).
+      static_assert(is_plain<Inner>, "kvtrim::codec::layered::move_slot: the inner codec needs a move_slot");
       std::array<float, max_head_dim> key{}, value{};
-      Inner::decode_key(store.inner, head, from, key.data());
-      Inner::decode_value(store.inner, head, from, value.data());
-      Inner::encode(store.inner, head, to, key.data(), value.data());
+      Inner::load_key(store.inner, head, from, 0, key.data());
+      Inner::load_value(store.inner, head, from, value.data());
+      Inner::encode(store.inner, head, to, 0, key.data(), value.data());
     }
     const std::int32_t row = store.slot_rows[from];
     store.slot_rows[to] = row;
@@ -251,20 +253,20 @@ struct layered {
 
   template <MemorySpace Space>
   static storage<Space> carve(workspace_carver& carver, const config& cfg, std::int64_t slots, std::int64_t heads,
-                              std::int64_t head_dim) {
+                              std::int64_t head_dim, std::int64_t slot_run) {
     cfg.validate("kvtrim::codec::layered::bind");
     storage<Space> store;
-    const std::size_t inner_bytes = Inner::storage_bytes(cfg.inner, slots, heads, head_dim);
+    const std::size_t inner_bytes = Inner::storage_bytes(cfg.inner, slots, heads, head_dim, slot_run);
     std::byte* inner_memory = carver.take<std::byte>(static_cast<std::int64_t>(inner_bytes));
-    if (inner_memory != nullptr)
-      store.inner = Inner::template bind<Space>(cfg.inner, inner_memory, slots, heads, head_dim);
+    if (inner_memory != nullptr) {
+      store.inner = Inner::template bind<Space>(cfg.inner, inner_memory, slots, heads, head_dim, slot_run);
+      store.slot_run = store.inner.slot_run;
+    }
     store.row_keys = carver.take<half>(heads * cfg.rows() * head_dim);
     store.row_values = carver.take<half>(heads * cfg.rows() * head_dim);
     store.row_slots = carver.take<std::int64_t>(heads * cfg.rows());
-    store.row_positions = carver.take<std::int64_t>(heads * cfg.rows());
     store.slot_rows = carver.take<std::int32_t>(slots);
     store.arrived = carver.take<std::int64_t>(heads);
-    store.next_position = carver.take<std::int64_t>(heads);
     store.head_dim = head_dim;
     store.slots = slots;
     store.heads = heads;
@@ -281,10 +283,6 @@ struct layered {
                        float* out) {
     const half* source = table + (head * rows(store) + row) * store.head_dim;
     for (std::int64_t d = 0; d < store.head_dim; ++d) out[d] = static_cast<float>(source[d]);
-  }
-
-  static void rotate(const storage<host_space>& store, std::int64_t head, std::int64_t row, float* key) {
-    rotate_key(store, store.row_positions[head * rows(store) + row], key);
   }
 };
 

@@ -18,10 +18,10 @@
 // Post-RoPE keys (what an engine's cache holds) have a higher rank than
 // pre-RoPE keys: RoPE turns each position-independent direction into a
 // position-dependent pair of directions. key_space::pre_rope takes pre-RoPE
-// keys with the engine's RoPE settings (core/rope.hpp), stores each token's
-// position (int32 per slot), and rotates k̂ = U c by its position inside
-// attention (the score then needs the rebuilt key, since the rotation differs
-// per token: O(D·r) per token, as ShadowKV). docs/codecs.md measures which wins
+// keys with the engine's RoPE settings (core/rope.hpp) and rotates k̂ = U c by
+// the token's position inside attention — the position the layout stores and
+// passes to load_key / reader.dot (the score then needs the rebuilt key, since
+// the rotation differs per token: O(D·r) per token, as ShadowKV). docs/codecs.md measures which wins
 // on structured data.
 //
 // Where the basis comes from (basis_source):
@@ -34,12 +34,10 @@
 //   profile:  calibrated offline from sample keys/values
 //   (io/low_rank_profile.hpp)
 //             and installed with set_basis / load_profile before compaction.
-// Positions: compaction passes each kept token's prefill index; append assumes
-// the token follows the head's last one (prepare_head starts it at the prefill
-// length).
+// Positions: the codec stores none; every encode, load_key and reader.dot
+// receives the token's position from the layout (docs/composition.md §1).
 //
-// Storage per slot: 2·max_rank fp16 coefficients (+ an int32 position for
-// pre_rope). Per head: two D × max_rank fp32 bases, their ranks, and for
+// Storage per slot: 2·max_rank fp16 coefficients. Per head: two D × max_rank fp32 bases, their ranks, and for
 // sequence bases with refresh an update_freq-token fp32 buffer of raw tokens.
 // NaN or ±Inf inputs are an error. Fitting a basis (an SVD, Eigen) allocates;
 // it runs at compaction and at each refresh, never in a decode step without
@@ -122,8 +120,6 @@ struct low_rank {
     float* value_bases = nullptr;
     std::int32_t* key_ranks = nullptr;  // [heads]
     std::int32_t* value_ranks = nullptr;
-    std::int32_t* positions = nullptr;        // [slots], pre_rope only
-    std::int64_t* next_position = nullptr;    // [heads]
     std::int64_t* compaction_left = nullptr;  // [heads]: encodes still part of the last compaction
     std::int64_t* pending_counts = nullptr;   // [heads]: tokens appended since the last refresh
     std::int64_t* pending_slots = nullptr;    // [heads, update_freq]
@@ -131,8 +127,9 @@ struct low_rank {
     float* pending_values = nullptr;
     std::int64_t head_dim = 0;
     std::int64_t stored_rank = 0;
-    std::int64_t slots = 0;
+    std::int64_t slots = 0;  // capacity
     std::int64_t heads = 0;
+    std::int64_t slot_run = 1;     // no runs: always 1
     std::int64_t update_freq = 0;  // 0: no refresh (profile bases, or update_freq 0)
     std::int64_t fixed_rank = 0;   // 0: by energy
     double energy = 0.98;
@@ -141,35 +138,37 @@ struct low_rank {
     kvtrim::rope rope{};
   };
 
-  static std::size_t storage_bytes(const config& cfg, std::int64_t slots, std::int64_t heads, std::int64_t head_dim) {
+  static std::size_t storage_bytes(const config& cfg, std::int64_t slots, std::int64_t heads, std::int64_t head_dim,
+                                   std::int64_t slot_run) {
+    detail::check_any_slot_run("kvtrim::codec::low_rank::storage_bytes", slot_run);
     workspace_carver carver;
     carve<host_space>(carver, cfg, slots, heads, head_dim);
     return carver.bytes();
   }
   static double bytes_per_token(const config& cfg, std::int64_t head_dim) {
-    return 2.0 * static_cast<double>(cfg.stored_rank(head_dim)) * sizeof(half) +
-           (cfg.keys == key_space::pre_rope ? sizeof(std::int32_t) : 0.0);
+    return 2.0 * static_cast<double>(cfg.stored_rank(head_dim)) * sizeof(half);
   }
   static double bytes_per_head(const config& cfg, std::int64_t head_dim) {
+    // Two bases, their two int32 ranks, compaction_left and pending_counts.
     const double bases = 2.0 * static_cast<double>(head_dim * cfg.stored_rank(head_dim)) * sizeof(float) + 8.0 + 16.0;
     const std::int64_t buffered = refresh_tokens(cfg);
     return bases + (buffered > 0
-                        ? static_cast<double>(buffered) * (8.0 + 2.0 * static_cast<double>(head_dim) * 4.0) + 8.0
+                        ? static_cast<double>(buffered) * (8.0 + 2.0 * static_cast<double>(head_dim) * 4.0)
                         : 0.0);
   }
 
   template <MemorySpace Space>
   static storage<Space> bind(const config& cfg, void* memory, std::int64_t slots, std::int64_t heads,
-                             std::int64_t head_dim) {
+                             std::int64_t head_dim, std::int64_t slot_run) {
+    detail::check_any_slot_run("kvtrim::codec::low_rank::bind", slot_run);
     workspace_carver carver(workspace{memory, ~std::size_t{0}});
     storage<Space> store = carve<Space>(carver, cfg, slots, heads, head_dim);
     if constexpr (std::same_as<Space, host_space>) {
-      // Every head starts with no basis, at position 0, with nothing pending.
+      // Every head starts with no basis and nothing pending.
       std::fill_n(store.key_bases, heads * head_dim * store.stored_rank, 0.0f);
       std::fill_n(store.value_bases, heads * head_dim * store.stored_rank, 0.0f);
       std::fill_n(store.key_ranks, heads, 0);
       std::fill_n(store.value_ranks, heads, 0);
-      std::fill_n(store.next_position, heads, std::int64_t{0});
       std::fill_n(store.compaction_left, heads, std::int64_t{0});
       std::fill_n(store.pending_counts, heads, std::int64_t{0});
     }
@@ -181,8 +180,7 @@ struct low_rank {
     detail::check_storage_head_dim(function, store.head_dim, head_dim);
     const bool complete =
         store.key_coefficients && store.value_coefficients && store.key_bases && store.value_bases && store.key_ranks &&
-        store.value_ranks && store.next_position && store.compaction_left && store.pending_counts &&
-        (!store.pre_rope || store.positions) &&
+        store.value_ranks && store.compaction_left && store.pending_counts &&
         (store.update_freq == 0 || (store.pending_slots && store.pending_keys && store.pending_values));
     if (!complete)
       detail::fail(function, "cache.storage", "every array of the codec bound (codec::bind)", "a null pointer");
@@ -220,11 +218,10 @@ struct low_rank {
 
   /// Sequence bases: fit the head's bases to the tokens it is about to hold.
   template <class Rows>
-  static void prepare_head(const storage<host_space>& store, std::int64_t head, std::int64_t sequence_length,
+  static void prepare_head(const storage<host_space>& store, std::int64_t head, std::int64_t /*sequence_length*/,
                            std::int64_t count, const Rows& rows) {
     constexpr std::string_view function = "kvtrim::codec::low_rank::prepare_head";
     check_head(function, store, head);
-    store.next_position[head] = sequence_length;
     store.compaction_left[head] = count;
     store.pending_counts[head] = 0;
     if (!store.from_sequence) return;
@@ -245,16 +242,12 @@ struct low_rank {
                 store.value_ranks, head);
   }
 
-  // --- reference (host) encode / decode -----------------------------------
+  // --- element operations (host: the projection and refresh use Eigen) ----
 
-  static void encode(const storage<host_space>& store, std::int64_t head, std::int64_t slot, const float* key,
-                     const float* value) {
-    check_head("kvtrim::codec::low_rank::encode", store, head);
-    encode(store, head, slot, key, value, store.next_position[head]);
-  }
-
-  static void encode(const storage<host_space>& store, std::int64_t head, std::int64_t slot, const float* key,
-                     const float* value, std::int64_t position) {
+  /// Stores c = Uᵀk and c^v = U_vᵀv. `position` is checked (pre-RoPE keys are
+  /// rotated by it when read) but not stored: the layout keeps positions.
+  static void encode(const storage<host_space>& store, std::int64_t head, std::int64_t slot, std::int64_t position,
+                     const float* key, const float* value) {
     constexpr std::string_view function = "kvtrim::codec::low_rank::encode";
     check_head(function, store, head);
     if (slot < 0 || slot >= store.slots) detail::fail_index(function, "slot", slot, store.slots);
@@ -267,8 +260,6 @@ struct low_rank {
           function, "cache",
           detail::cat("a basis for head ", head, " (basis_source::profile: call set_basis or load_profile first)"),
           "none");
-    if (store.pre_rope) store.positions[slot] = static_cast<std::int32_t>(position);
-    store.next_position[head] = std::max(store.next_position[head], position + 1);
     project(store, head, slot, key, value);
 
     if (store.update_freq == 0) return;
@@ -285,13 +276,13 @@ struct low_rank {
     if (pending + 1 == store.update_freq) refresh(store, head);
   }
 
-  /// The key attention sees: U c, rotated to the token's position for pre-RoPE
-  /// bases.
-  static void decode_key(const storage<host_space>& store, std::int64_t head, std::int64_t slot, float* out) {
+  /// The key attention sees: U c, rotated to `position` for pre-RoPE bases.
+  static void load_key(const storage<host_space>& store, std::int64_t head, std::int64_t slot, std::int64_t position,
+                       float* out) {
     lift(store, store.key_bases, store.key_ranks[head], store.key_coefficients, head, slot, out);
-    if (store.pre_rope) store.rope.apply(out, store.head_dim, store.positions[slot]);
+    if (store.pre_rope) store.rope.apply(out, store.head_dim, position);
   }
-  static void decode_value(const storage<host_space>& store, std::int64_t head, std::int64_t slot, float* out) {
+  static void load_value(const storage<host_space>& store, std::int64_t head, std::int64_t slot, float* out) {
     lift(store, store.value_bases, store.value_ranks[head], store.value_coefficients, head, slot, out);
   }
 
@@ -305,7 +296,6 @@ struct low_rank {
     const std::int64_t r = store.stored_rank;
     std::copy_n(store.key_coefficients + from * r, r, store.key_coefficients + to * r);
     std::copy_n(store.value_coefficients + from * r, r, store.value_coefficients + to * r);
-    if (store.pre_rope) store.positions[to] = store.positions[from];
     for (std::int64_t i = 0; store.update_freq > 0 && i < store.pending_counts[head]; ++i)
       if (store.pending_slots[head * store.update_freq + i] == from)
         store.pending_slots[head * store.update_freq + i] = to;
@@ -329,7 +319,7 @@ struct low_rank {
         projected_[j] = sum;
       }
     }
-    float dot(std::int64_t slot) {
+    float dot(std::int64_t slot, std::int64_t position) {
       const half* c = store_.key_coefficients + slot * store_.stored_rank;
       float sum = 0.0f;
       if (!store_.pre_rope) {
@@ -344,7 +334,7 @@ struct low_rank {
           component += key_basis_[d * store_.stored_rank + j] * static_cast<float>(c[j]);
         row_[d] = component;
       }
-      store_.rope.apply(row_.data(), store_.head_dim, store_.positions[slot]);
+      store_.rope.apply(row_.data(), store_.head_dim, position);
       for (std::int64_t d = 0; d < store_.head_dim; ++d) sum += query_[d] * row_[d];
       return sum;
     }
@@ -394,8 +384,6 @@ struct low_rank {
     store.value_bases = carver.take<float>(heads * head_dim * r);
     store.key_ranks = carver.take<std::int32_t>(heads);
     store.value_ranks = carver.take<std::int32_t>(heads);
-    if (cfg.keys == key_space::pre_rope) store.positions = carver.take<std::int32_t>(slots);
-    store.next_position = carver.take<std::int64_t>(heads);
     store.compaction_left = carver.take<std::int64_t>(heads);
     store.pending_counts = carver.take<std::int64_t>(heads);
     if (buffered > 0) {

@@ -13,6 +13,8 @@
 #include <cstdint>
 #include <string_view>
 
+#include "kvtrim/codec/hooks.hpp"
+#include "kvtrim/core/config.hpp"
 #include "kvtrim/core/element.hpp"
 #include "kvtrim/core/view.hpp"
 #include "kvtrim/core/workspace.hpp"
@@ -34,10 +36,13 @@ struct plain {
     T* keys = nullptr;
     T* values = nullptr;
     std::int64_t head_dim = 0;
+    std::int64_t slots = 0;     // capacity
+    std::int64_t slot_run = 1;  // no runs: always 1
   };
 
-  static std::size_t storage_bytes(const config&, std::int64_t slots, std::int64_t /*heads*/,
-                                   std::int64_t head_dim) {
+  static std::size_t storage_bytes(const config&, std::int64_t slots, std::int64_t /*heads*/, std::int64_t head_dim,
+                                   std::int64_t slot_run) {
+    detail::check_any_slot_run("kvtrim::codec::plain::storage_bytes", slot_run);
     workspace_carver carver;
     carve<host_space>(carver, slots, head_dim);
     return carver.bytes();
@@ -48,9 +53,11 @@ struct plain {
   }
 
   /// Lays storage for `slots` tokens over `memory` (of storage_bytes bytes).
+  /// slot_run is accepted for the common protocol and ignored (no runs).
   template <MemorySpace Space>
   static storage<Space> bind(const config&, void* memory, std::int64_t slots, std::int64_t /*heads*/,
-                             std::int64_t head_dim) {
+                             std::int64_t head_dim, std::int64_t slot_run) {
+    detail::check_any_slot_run("kvtrim::codec::plain::bind", slot_run);
     workspace_carver carver(workspace{memory, ~std::size_t{0}});
     return carve<Space>(carver, slots, head_dim);
   }
@@ -65,24 +72,28 @@ struct plain {
     if (store.values == nullptr) detail::fail(function, "cache.storage.values", "a non-null pointer", "nullptr");
   }
 
-  // --- reference (host) encode / decode -----------------------------------
-  static void encode(const storage<host_space>& store, std::int64_t /*head*/, std::int64_t slot,
-                     const float* key, const float* value) {
+  // --- element operations (host and device) ---------------------------------
+  template <MemorySpace Space>
+  KVTRIM_HOST_DEVICE static void encode(const storage<Space>& store, std::int64_t /*head*/, std::int64_t slot,
+                                        std::int64_t /*position*/, const float* key, const float* value) {
     T* key_row = store.keys + slot * store.head_dim;
     T* value_row = store.values + slot * store.head_dim;
     for (std::int64_t d = 0; d < store.head_dim; ++d) {
-      key_row[d] = from_float<T>(key[d]);
-      value_row[d] = from_float<T>(value[d]);
+      key_row[d] = static_cast<T>(key[d]);  // round to nearest even
+      value_row[d] = static_cast<T>(value[d]);
     }
   }
-  static void decode_key(const storage<host_space>& store, std::int64_t /*head*/, std::int64_t slot, float* out) {
+  template <MemorySpace Space>
+  KVTRIM_HOST_DEVICE static void load_key(const storage<Space>& store, std::int64_t /*head*/, std::int64_t slot,
+                                          std::int64_t /*position*/, float* out) {
     const T* row = store.keys + slot * store.head_dim;
-    for (std::int64_t d = 0; d < store.head_dim; ++d) out[d] = to_float(row[d]);
+    for (std::int64_t d = 0; d < store.head_dim; ++d) out[d] = static_cast<float>(row[d]);
   }
-  static void decode_value(const storage<host_space>& store, std::int64_t /*head*/, std::int64_t slot,
-                           float* out) {
+  template <MemorySpace Space>
+  KVTRIM_HOST_DEVICE static void load_value(const storage<Space>& store, std::int64_t /*head*/, std::int64_t slot,
+                                            float* out) {
     const T* row = store.values + slot * store.head_dim;
-    for (std::int64_t d = 0; d < store.head_dim; ++d) out[d] = to_float(row[d]);
+    for (std::int64_t d = 0; d < store.head_dim; ++d) out[d] = static_cast<float>(row[d]);
   }
 
  private:
@@ -92,6 +103,7 @@ struct plain {
     store.keys = carver.take<T>(slots * head_dim);
     store.values = carver.take<T>(slots * head_dim);
     store.head_dim = head_dim;
+    store.slots = slots;
     return store;
   }
 };

@@ -55,8 +55,9 @@ concept Codec = named_policy<C> && requires(const typename C::config& config, st
   typename C::config;
   typename C::template storage<host_space>;
   typename C::template storage<device_space>;
-  /// Bytes of storage for `slots` tokens spread over `heads` flattened heads.
-  { C::storage_bytes(config, n, n, n) } -> std::convertible_to<std::size_t>;
+  /// Bytes of storage for `slots` tokens spread over `heads` flattened heads,
+  /// bound with slot run `slot_run` (codec/hooks.hpp).
+  { C::storage_bytes(config, n, n, n, n) } -> std::convertible_to<std::size_t>;
   /// Bytes one token of one head costs on average, everything included.
   { C::bytes_per_token(config, n) } -> std::convertible_to<double>;
   /// Throws kvtrim::error unless a storage view is usable for this head_dim.

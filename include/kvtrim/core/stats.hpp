@@ -2,9 +2,10 @@
 // accounting per head, measured reconstruction error, and Ada-KV's attention
 // concentration, printable as tables.
 //
-// Bytes: a codec's cost is bytes_per_token(config, head_dim) per stored token
-// of one head (codes, per-token scales and zero points, amortised per-group
-// scales, positions) plus bytes_per_head(config, head_dim) per head (bases,
+// Bytes: a codec's cost is bytes_per_token(config, head_dim, slot_run) per
+// stored token of one head (codes, per-token scales and zero points, per-run
+// key scales and flags amortised over the slot run the storage was bound with)
+// plus bytes_per_head(config, head_dim) per head (bases,
 // fp16 residual windows and rows, refresh buffers). Per head:
 //   bytes_h = kept_h · bytes_per_token + bytes_per_head,
 // and the ratio compares Σ bytes_h with fp16 storage of the same tokens
@@ -100,7 +101,8 @@ cache_stats stats(const View& cache, const typename View::codec::config& codec_c
   cache_stats result;
   result.codec = std::string(codec_type::name);
   result.head_dim = cache.shape.head_dim;
-  result.bytes_per_token = codec_type::bytes_per_token(codec_config, cache.shape.head_dim);
+  result.bytes_per_token =
+      codec::bytes_per_token<codec_type>(codec_config, cache.shape.head_dim, cache.storage.slot_run);
   result.bytes_per_head = codec::bytes_per_head<codec_type>(codec_config, cache.shape.head_dim);
   for (std::int64_t b = 0; b < cache.batch; ++b)
     for (std::int64_t h = 0; h < cache.shape.kv_heads; ++h) {
@@ -134,13 +136,14 @@ cache_stats stats(const View& cache, const typename View::codec::config& codec_c
         detail::fail("kvtrim::stats", "token_of", detail::cat("a token in [0, ", keys.extent(2), ")"),
                      std::to_string(token));
       const std::int64_t slot = cache.slot(head.batch, head.kv_head, i);
-      codec_type::decode_key(cache.storage, flat, slot, row.data());
+      codec_type::load_key(cache.storage, flat, slot, codec::position_of(cache, head.batch, head.kv_head, i),
+                           row.data());
       for (std::int64_t d = 0; d < head_dim; ++d) {
         const double want = to_float(keys(head.batch, head.kv_head, token, d));
         key_difference += (row[d] - want) * (row[d] - want);
         key_norm += want * want;
       }
-      codec_type::decode_value(cache.storage, flat, slot, row.data());
+      codec_type::load_value(cache.storage, flat, slot, row.data());
       for (std::int64_t d = 0; d < head_dim; ++d) {
         const double want = to_float(values(head.batch, head.kv_head, token, d));
         value_difference += (row[d] - want) * (row[d] - want);

@@ -24,7 +24,9 @@
 //     rows are converted a block at a time (branch-free fp16 → fp32, exact), dot
 //     products and Σ p·v run in vectorisable loops.
 //   - every other codec: through the codec's attention reader (codec/hooks.hpp),
-//     one query head at a time. The reader's interface is reached at exactly
+//     one query head at a time (low rank computes (q·U)·c and (Σ p·c)·Uᵀ without
+//     rebuilding keys; pre-RoPE codecs rotate key i by its position, read from
+//     the layout). The reader's interface is reached at exactly
 //     two places (make_reader, reader_dot below), so a change of that interface
 //     is a two-line change here.
 // Threads: (sequence, kv head) units over OpenMP (backend/cpu.hpp); each unit
@@ -227,7 +229,9 @@ struct implementation<stage::decode_attention, backend::cpu> {
 
     // The two places that know the reader's interface.
     const auto make_reader = [&] { return codec::attention_reader<codec_type>(cache.storage, head, query.data(), head_dim); };
-    const auto reader_dot = [&](auto& reader, std::int64_t i) { return reader.dot(cache.slot(b, h, i)); };
+    const auto reader_dot = [&](auto& reader, std::int64_t i) {
+      return reader.dot(cache.slot(b, h, i), codec::position_of(cache, b, h, i));  // key i at its position (pre-RoPE codecs)
+    };
     using reader_type = decltype(make_reader());
 
     // Invariant: accumulator + (what `reader` holds) = Σ_{i seen} exp(s_i − max_logit)·v_i.

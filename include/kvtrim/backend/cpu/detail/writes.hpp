@@ -63,7 +63,7 @@ struct kept_source {
 template <class View>
 void write_token(const View& cache, std::int64_t head, std::int64_t slot, std::int64_t position, const float* key,
                  const float* value) {
-  codec::encode_at<typename View::codec>(cache.storage, head, slot, key, value, position);
+  View::codec::encode(cache.storage, head, slot, position, key, value);
   cache.positions.slot_position[slot] = static_cast<std::int32_t>(position);
 }
 
