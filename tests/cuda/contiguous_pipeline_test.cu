@@ -82,9 +82,9 @@ void run_case(const pipeline_case& c) {
   cudaStreamDestroy(stream);
 
   // Identical kept tokens: the stored rows are the same bits.
-  ASSERT_EQ(gpu_cache.view().length, cpu_cache.view().length);
+  ASSERT_EQ(*gpu_cache.view().length, *cpu_cache.view().length);
   const std::int64_t rows = c.batch * c.kv_heads * capacity;
-  const std::int64_t used_bytes = cpu_cache.view().length * c.head_dim * static_cast<std::int64_t>(sizeof(Element));
+  const std::int64_t used_bytes = *cpu_cache.view().length * c.head_dim * static_cast<std::int64_t>(sizeof(Element));
   const auto gpu_keys = kt::testing::download_bytes(gpu_cache.view().storage.keys, rows * c.head_dim * sizeof(Element));
   const auto gpu_values = kt::testing::download_bytes(gpu_cache.view().storage.values, rows * c.head_dim * sizeof(Element));
   for (std::int64_t head = 0; head < c.batch * c.kv_heads; ++head) {
@@ -103,7 +103,28 @@ void run_case(const pipeline_case& c) {
   // P·V product (FlashAttention's choice): |Σ δp·v| / Σ p ≤ u · max|v|, with u
   // the storage type's unit roundoff.
   const auto gpu_out = device_out.download();
-  const double length = static_cast<double>(cpu_cache.view().length);
+  // Positions (docs/composition.md §1): every used slot's position and every head's next position equal the CPU's.
+  {
+    const auto gpu_positions =
+        kt::testing::download_bytes(gpu_cache.view().positions.slot_position, rows * sizeof(std::int32_t));
+    const auto gpu_next =
+        kt::testing::download_bytes(gpu_cache.view().positions.next_position, c.batch * c.kv_heads * sizeof(std::int64_t));
+    for (std::int64_t head = 0; head < c.batch * c.kv_heads; ++head) {
+      const std::int64_t b = head / c.kv_heads, h = head % c.kv_heads;
+      const std::vector<std::int32_t> expected = kt::head_positions(cpu_cache.view(), b, h);
+      for (std::size_t i = 0; i < expected.size(); ++i) {
+        std::int32_t got = 0;
+        std::memcpy(&got, gpu_positions.data() + (head * capacity + static_cast<std::int64_t>(i)) * sizeof(std::int32_t),
+                    sizeof(got));
+        ASSERT_EQ(got, expected[i]) << "position of slot " << i << " of head " << head;
+      }
+      std::int64_t next = 0;
+      std::memcpy(&next, gpu_next.data() + head * sizeof(std::int64_t), sizeof(next));
+      ASSERT_EQ(next, kt::next_position(cpu_cache.view(), b, h)) << "next position of head " << head;
+    }
+  }
+
+  const double length = static_cast<double>(*cpu_cache.view().length);
   double largest_value = 0.0;
   for (const auto& tensor : {&values, &new_values})
     kt::testing::for_each_index(tensor->view.extents, [&](auto... index) {
@@ -166,7 +187,7 @@ TEST(ContiguousPipelineErrors, UnsupportedHeadDimNamesTheArgument) {
   using gpu_scheme = kt::scheme<kt::layout::contiguous, kt::score::static_window, kt::budget::uniform, kt::codec::fp16, kt::backend::cuda>;
   const kt::model_shape shape{.q_heads = 2, .kv_heads = 1, .head_dim = 96};
   auto cache = gpu_scheme::make_cache(shape, std::int64_t{1}, std::int64_t{8}, kt::codec::fp16::config{});
-  cache.view().length = 4;
+  *cache.view().length = 4;
   device_buffer<kt::half> queries(2 * 96), out(2 * 96);
   const std::array<std::int64_t, 3> extents{1, 2, 96};
   try {
@@ -183,7 +204,7 @@ TEST(ContiguousPipelineErrors, UnsupportedGroupSizeNamesTheArgument) {
   using gpu_scheme = kt::scheme<kt::layout::contiguous, kt::score::static_window, kt::budget::uniform, kt::codec::fp16, kt::backend::cuda>;
   const kt::model_shape shape{.q_heads = 3, .kv_heads = 1, .head_dim = 64};
   auto cache = gpu_scheme::make_cache(shape, std::int64_t{1}, std::int64_t{8}, kt::codec::fp16::config{});
-  cache.view().length = 4;
+  *cache.view().length = 4;
   device_buffer<kt::half> queries(3 * 64), out(3 * 64);
   const std::array<std::int64_t, 3> extents{1, 3, 64};
   try {

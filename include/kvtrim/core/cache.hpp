@@ -7,9 +7,12 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
+#include <memory>
 #include <utility>
 
 #include "kvtrim/core/error.hpp"
+#include "kvtrim/core/implementation.hpp"
 
 namespace kvtrim {
 
@@ -27,7 +30,16 @@ class cache {
   template <class... Args>
     requires requires(const Args&... args) { view_type::bytes(args...); }
   explicit cache(const Args&... args) : bytes_(nonzero(view_type::bytes(args...))), memory_(backend::allocate(bytes_)) {
-    view_ = view_type::bind(memory_, args...);
+    if constexpr (requires { requires view_type::length_in_host_memory; }) {
+      // A device contiguous cache keeps its one length on the host (layout/contiguous.hpp).
+      host_length_ = std::make_unique<std::int64_t>(0);
+      view_ = view_type::bind_with_host_length(host_length_.get(), memory_, args...);
+    } else {
+      view_ = view_type::bind(memory_, args...);
+    }
+    // Device memory is cleared by the backend (bind initialises host memory itself).
+    if constexpr (requires { implementation<typename Scheme::layout, backend>::reset(view_); })
+      implementation<typename Scheme::layout, backend>::reset(view_);
   }
 
   cache(const cache&) = delete;
@@ -35,12 +47,14 @@ class cache {
   cache(cache&& other) noexcept
       : bytes_(std::exchange(other.bytes_, 0)),
         memory_(std::exchange(other.memory_, nullptr)),
+        host_length_(std::move(other.host_length_)),
         view_(std::exchange(other.view_, view_type{})) {}
   cache& operator=(cache&& other) noexcept {
     if (this != &other) {
       release();
       bytes_ = std::exchange(other.bytes_, 0);
       memory_ = std::exchange(other.memory_, nullptr);
+      host_length_ = std::move(other.host_length_);
       // The moved-from cache keeps an empty view (capacity 0), which every
       // call rejects, instead of one that still writes into our memory.
       view_ = std::exchange(other.view_, view_type{});
@@ -74,6 +88,7 @@ class cache {
 
   std::size_t bytes_ = 0;
   void* memory_ = nullptr;
+  std::unique_ptr<std::int64_t> host_length_;  // device contiguous caches only
   view_type view_{};
 };
 

@@ -237,18 +237,22 @@ struct scheme {
       for (std::int64_t h = 0; h < shape.kv_heads; ++h) plan.head_tokens.push_back(BudgetT::head_keep(cfg.budget, h, tokens));
     } else if constexpr (!BudgetT::ragged_heads) {
       plan.head_tokens.assign(static_cast<std::size_t>(shape.kv_heads), BudgetT::max_keep(cfg.budget, tokens));
+    } else {
+      static_assert(requires { BudgetT::head_budget(cfg.budget, tokens); },
+                    "kvtrim::scheme::plan_capacity: a ragged budget must fix per-head counts (head_keep) or a "
+                    "per-head average whose total is exact (head_budget, as Ada-KV)");
+      // Ada-KV: each sequence keeps exactly kv_heads · k; one head may take up to all its tokens.
+      const std::int64_t k = std::min(tokens, BudgetT::head_budget(cfg.budget, tokens));
+      plan.total_tokens =
+          detail::checked_mul(function, "batch", detail::checked_mul(function, "batch", batch, shape.kv_heads), k);
+      plan.max_head_tokens = BudgetT::max_keep(cfg.budget, tokens);
+      plan.exact_total = true;
     }
     if (!plan.head_tokens.empty()) {
       std::int64_t per_sequence = 0;
       for (const std::int64_t count : plan.head_tokens) per_sequence += count;
       plan.total_tokens = detail::checked_mul(function, "batch", per_sequence, batch);
       plan.max_head_tokens = *std::max_element(plan.head_tokens.begin(), plan.head_tokens.end());
-      plan.exact_total = true;
-    } else {
-      // Ada-KV: each sequence keeps exactly kv_heads · k; one head may take up to all its tokens.
-      const std::int64_t k = std::min(tokens, BudgetT::head_budget(cfg.budget, tokens));
-      plan.total_tokens = detail::checked_mul(function, "batch", batch * shape.kv_heads, k);
-      plan.max_head_tokens = BudgetT::max_keep(cfg.budget, tokens);
       plan.exact_total = true;
     }
     return plan;

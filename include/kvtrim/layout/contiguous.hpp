@@ -76,8 +76,12 @@ struct contiguous {
     std::int64_t batch = 0;
     std::int64_t capacity = 0;  // slots per (sequence, kv head)
     mapping map{};
-    /// Tokens every (sequence, kv head) holds: one number in the cache's memory
-    /// (the backend's space), so every copy of a view sees the same length.
+    /// Tokens every (sequence, kv head) holds: ONE number that every copy of the
+    /// view points to. It is host memory on every backend — contiguous is the
+    /// host-planned layout (the engine's scheduler knows this length; CUDA
+    /// kernels receive it by value) — while positions live in the cache's
+    /// memory space. (Layouts planned on the device, whose lengths live in
+    /// device memory, are paged and flat.)
     std::int64_t* length = nullptr;
     detail::position_table positions{};
 
@@ -85,32 +89,44 @@ struct contiguous {
     KVTRIM_HOST_DEVICE std::int64_t slot(std::int64_t b, std::int64_t h, std::int64_t i) const {
       return b * map.batch_stride + h * map.head_stride + i * map.token_stride;
     }
-    /// Reads the cache's memory: call it on the side that owns it (host for cpu, device for cuda).
-    KVTRIM_HOST_DEVICE std::int64_t head_length(std::int64_t /*b*/, std::int64_t /*h*/) const { return *length; }
+    /// Host only (the length is host memory; device code receives it by value).
+    std::int64_t head_length(std::int64_t /*b*/, std::int64_t /*h*/) const { return *length; }
     KVTRIM_HOST_DEVICE float logit_bias(std::int64_t, std::int64_t, std::int64_t) const { return 0.0f; }
 
     /// Bytes an owning cache of this shape allocates.
     /// Throws kvtrim::error for a shape, batch or capacity no cache can have.
     static std::size_t bytes(const model_shape& shape, std::int64_t batch, std::int64_t capacity,
-                             const typename CodecT::config& codec_config) {
+                             const typename CodecT::config& codec_config = {}) {
       check_arguments("kvtrim::layout::contiguous::view::bytes", shape, batch, capacity, codec_config);
       workspace_carver carver;
       carve(carver, shape, batch, capacity, codec_config);
       return carver.bytes();
     }
     /// An empty heads-major view over `memory` (of bytes(...) bytes). Host memory
-    /// is initialised to an empty cache; a device backend clears it with its own reset.
+    /// is initialised to an empty cache. A device view's length lives in host
+    /// memory the caller provides (`host_length`; the owning cache does), and the
+    /// device backend clears the device part with its own reset.
     static view bind(void* memory, const model_shape& shape, std::int64_t batch, std::int64_t capacity,
-                     const typename CodecT::config& codec_config) {
+                     const typename CodecT::config& codec_config = {}) {
+      return bind_with_host_length(nullptr, memory, shape, batch, capacity, codec_config);
+    }
+    /// bind() for a device view, whose length is the host int64 at `host_length`.
+    static view bind_with_host_length(std::int64_t* host_length, void* memory, const model_shape& shape,
+                                      std::int64_t batch, std::int64_t capacity,
+                                      const typename CodecT::config& codec_config = {}) {
       check_arguments("kvtrim::layout::contiguous::view::bind", shape, batch, capacity, codec_config);
       workspace_carver carver(workspace{memory, ~std::size_t{0}});
       view result = carve(carver, shape, batch, capacity, codec_config);
       if constexpr (std::same_as<Space, host_space>) {
-        *result.length = 0;
         result.positions.clear(result.heads());
+      } else {
+        result.length = host_length;
       }
+      if (result.length != nullptr) *result.length = 0;
       return result;
     }
+    /// The length of a device view is host memory outside the allocation.
+    static constexpr bool length_in_host_memory = !std::same_as<Space, host_space>;
 
    private:
     static void check_arguments(std::string_view function, const model_shape& shape, std::int64_t batch,
@@ -138,7 +154,7 @@ struct contiguous {
       result.batch = batch;
       result.capacity = capacity;
       result.map = mapping{heads > 0 ? shape.kv_heads * stride : 0, stride, 1};
-      result.length = carver.take<std::int64_t>(1);
+      if constexpr (std::same_as<Space, host_space>) result.length = carver.take<std::int64_t>(1);
       result.positions = detail::position_table::carve(carver, slots, heads);
       return result;
     }
@@ -210,16 +226,14 @@ struct contiguous {
     View::codec::check_storage(function, cache.storage, cache.shape.head_dim);
   }
 
-  /// check(), plus what lives in the cache's memory (host views): the length.
+  /// check(), plus the length (host memory on every backend).
   template <class View>
   static void validate(std::string_view function, const View& cache) {
     check(function, cache);
-    if constexpr (std::same_as<typename View::space, host_space>) {
-      const std::int64_t length = *cache.length;
-      if (length < 0 || length > cache.capacity)
-        detail::fail(function, "cache.length", detail::cat("a length in [0, capacity = ", cache.capacity, "]"),
-                     std::to_string(length));
-    }
+    const std::int64_t length = *cache.length;
+    if (length < 0 || length > cache.capacity)
+      detail::fail(function, "cache.length", detail::cat("a length in [0, capacity = ", cache.capacity, "]"),
+                   std::to_string(length));
   }
 };
 

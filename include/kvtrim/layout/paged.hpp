@@ -113,7 +113,7 @@ struct paged {
 
     /// Bytes an owning cache of this shape allocates (token storage and metadata).
     static std::size_t bytes(const model_shape& shape, std::int64_t batch, const pool_size& pool,
-                             const typename CodecT::config& codec_config) {
+                             const typename CodecT::config& codec_config = {}) {
       check_arguments("kvtrim::layout::paged::view::bytes", shape, batch, pool);
       workspace_carver carver;
       carve(carver, shape, batch, pool, codec_config);
@@ -123,7 +123,7 @@ struct paged {
     /// A view over `memory` (of bytes(...) bytes, 256-byte aligned). Host memory
     /// is initialised to an empty cache; a device backend clears it with its own reset.
     static view bind(void* memory, const model_shape& shape, std::int64_t batch, const pool_size& pool,
-                     const typename CodecT::config& codec_config) {
+                     const typename CodecT::config& codec_config = {}) {
       check_arguments("kvtrim::layout::paged::view::bind", shape, batch, pool);
       workspace_carver carver(workspace{memory, ~std::size_t{0}});
       view result = carve(carver, shape, batch, pool, codec_config);

@@ -35,6 +35,11 @@ struct row_copy {
   std::int64_t rows_per_head;
   std::int64_t first_row;  // destination index of row 0 (cache length for append)
   std::int64_t head_dim;
+  // Positions (docs/composition.md §1): compact writes start_position + token;
+  // append (tokens null) writes next_position[head] + row.
+  std::int32_t* slot_position;
+  const std::int64_t* next_position;
+  std::int64_t start_position;
 };
 
 template <class InT, class StoreT, bool Vectorised>
@@ -53,6 +58,9 @@ __global__ void copy_rows(const __grid_constant__ row_copy<InT, StoreT> copy) {
     const std::int64_t slot =
         b * copy.map.batch_stride + h * copy.map.head_stride + (copy.first_row + row) * copy.map.token_stride;
     const std::int64_t out_offset = slot * copy.head_dim + chunk * 8;
+    if (chunk == 0)
+      copy.slot_position[slot] = static_cast<std::int32_t>(
+          copy.tokens ? copy.start_position + token : copy.next_position[head] + row);
     StoreT key_out[8], value_out[8];
     if constexpr (Vectorised) {
       float key_in[8], value_in[8];
@@ -82,7 +90,7 @@ template <class KeyT, class CodecT>
 void launch_copy_rows(std::string_view function, layout::contiguous::view<CodecT, device_space>& cache,
                       const kv_view<KeyT, device_space>& keys, const kv_view<KeyT, device_space>& values,
                       const std::int64_t* offsets, const std::int32_t* tokens, std::int64_t rows_per_head,
-                      std::int64_t first_row, cudaStream_t stream) {
+                      std::int64_t first_row, std::int64_t start_position, cudaStream_t stream) {
   static_assert(codec::is_plain<CodecT>,
                 "kvtrim: backend::cuda stores layout::contiguous caches with codec::fp16 / bf16 / fp32 for now");
   using in_type = device_element_t<KeyT>;
@@ -108,7 +116,10 @@ void launch_copy_rows(std::string_view function, layout::contiguous::view<CodecT
                                      cache.shape.kv_heads,
                                      rows_per_head,
                                      first_row,
-                                     head_dim};
+                                     head_dim,
+                                     cache.positions.slot_position,
+                                     cache.positions.next_position,
+                                     start_position};
   // 16-byte loads need 16-byte aligned rows: an aligned base and strides that keep it so.
   const std::int64_t vector_elements = 16 / static_cast<std::int64_t>(sizeof(in_type));
   const bool aligned = reinterpret_cast<std::uintptr_t>(keys.data) % 16 == 0 &&
@@ -126,20 +137,50 @@ void launch_copy_rows(std::string_view function, layout::contiguous::view<CodecT
   detail::check_launch(function, "copy_rows");
 }
 
+/// next_position[head] = value (set) or += value (advance), for every head.
+template <bool Advance>
+__global__ void update_next_positions(std::int64_t* next_position, std::int64_t heads, std::int64_t value) {
+  for (std::int64_t head = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; head < heads;
+       head += std::int64_t{gridDim.x} * blockDim.x)
+    next_position[head] = Advance ? next_position[head] + value : value;
+}
+
+template <bool Advance>
+void launch_update_next_positions(std::string_view function, std::int64_t* next_position, std::int64_t heads,
+                                  std::int64_t value, cudaStream_t stream) {
+  const auto blocks = static_cast<unsigned>(std::clamp<std::int64_t>(ceil_div(heads, 256), 1, 1024));
+  update_next_positions<Advance><<<blocks, 256, 0, stream>>>(next_position, heads, value);
+  detail::check_launch(function, "update_next_positions");
+}
+
 }  // namespace cuda_detail
 
+/// layout::contiguous on the GPU. Its one length is host memory (the
+/// host-planned layout); positions are device memory, written by the same
+/// kernels that write the rows.
 template <>
 struct implementation<layout::contiguous, backend::cuda> {
+  /// Clears a fresh owning cache's device metadata (next positions 0).
+  template <class CodecT>
+  static void reset(const layout::contiguous::view<CodecT, device_space>& cache) {
+    detail::check_cuda(cudaMemset(cache.positions.next_position, 0, sizeof(std::int64_t) * cache.heads()),
+                       "kvtrim::cache", "cudaMemset(next_position)");
+  }
+
   template <class CodecT, class KeyT>
   static void compact(layout::contiguous::view<CodecT, device_space>& cache, const kv_view<KeyT, device_space>& keys,
                       const kv_view<KeyT, device_space>& values, const selection_view<device_space>& kept,
-                      std::int64_t uniform_keep, cudaStream_t stream) {
+                      const compact_args& args, cudaStream_t stream) {
     constexpr std::string_view function = "kvtrim::layout::contiguous::compact";
+    const std::int64_t uniform_keep = args.uniform_keep;
     if (uniform_keep < 0 || uniform_keep > cache.capacity)
       detail::fail(function, "selection", detail::cat("one keep count in [0, capacity = ", cache.capacity, "] for every head"),
                    std::to_string(uniform_keep));
-    cuda_detail::launch_copy_rows(function, cache, keys, values, kept.offsets, kept.tokens, uniform_keep, 0, stream);
-    cache.length = uniform_keep;
+    cuda_detail::launch_copy_rows(function, cache, keys, values, kept.offsets, kept.tokens, uniform_keep, 0,
+                                  args.start_position, stream);
+    cuda_detail::launch_update_next_positions<false>(function, cache.positions.next_position, cache.heads(),
+                                                     args.start_position + keys.extent(2), stream);
+    *cache.length = uniform_keep;
   }
 
   template <class CodecT, class KeyT>
@@ -148,8 +189,10 @@ struct implementation<layout::contiguous, backend::cuda> {
     const std::int64_t count = new_keys.extent(2);
     layout::contiguous::check_room("kvtrim::scheme::append", cache, count);
     cuda_detail::launch_copy_rows("kvtrim::scheme::append", cache, new_keys, new_values, nullptr, nullptr, count,
-                                  cache.length, stream);
-    cache.length += count;
+                                  *cache.length, 0, stream);
+    cuda_detail::launch_update_next_positions<true>("kvtrim::scheme::append", cache.positions.next_position,
+                                                    cache.heads(), count, stream);
+    *cache.length += count;
   }
 };
 

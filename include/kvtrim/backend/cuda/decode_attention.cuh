@@ -83,6 +83,7 @@ struct decode_params {
   int splits;
   std::int64_t tokens_per_split;
   float query_scale;  // log2(e) / √head_dim
+  std::int64_t length;  // tokens every head holds (layout::contiguous keeps it on the host)
 };
 
 /// Combines the block's partial softmax states (max, sum, unnormalised output
@@ -146,7 +147,7 @@ __global__ void __launch_bounds__(decode_threads)
   const int token_group = warp * geometry::tokens_per_warp + lane / lanes_per_token;
   const int first_dim = (lane % lanes_per_token) * 8;
 
-  const std::int64_t length = cache.head_length(b, h);
+  const std::int64_t length = params.length;
   const std::int64_t begin = split * params.tokens_per_split;
   const std::int64_t end = std::min<std::int64_t>(length, begin + params.tokens_per_split);
   const int tile_count = end > begin ? static_cast<int>((end - begin + tile_tokens - 1) / tile_tokens) : 0;
@@ -372,7 +373,7 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
   const int quad = lane % 4;
   const int head_row = lane / 4;  // this lane's accumulator row: query head h·G + head_row when < G
 
-  const std::int64_t length = cache.head_length(b, h);
+  const std::int64_t length = params.length;
   const std::int64_t begin = split * params.tokens_per_split;
   const std::int64_t end = std::min<std::int64_t>(length, begin + params.tokens_per_split);
   const int tile_count = end > begin ? static_cast<int>((end - begin + tile_tokens - 1) / tile_tokens) : 0;
@@ -549,7 +550,7 @@ struct implementation<stage::decode_attention, backend::cuda> {
   template <class View>
   static std::size_t workspace_bytes(const View& cache) {
     const int most_resident = backend::cuda::multiprocessor_count() * (2048 / 128);  // 128 = fewest threads per block
-    const int splits = cuda_detail::decode_splits(cache.batch * cache.shape.kv_heads, cache.length, most_resident);
+    const int splits = cuda_detail::decode_splits(cache.batch * cache.shape.kv_heads, *cache.length, most_resident);
     if (splits == 1) return 0;
     workspace_carver carver;
     carve(carver, cache, splits);
@@ -566,7 +567,8 @@ struct implementation<stage::decode_attention, backend::cuda> {
     using store_type = cuda_detail::device_element_t<typename View::codec::element>;
     using query_type = cuda_detail::device_element_t<QueryT>;
     using out_type = cuda_detail::device_element_t<OutT>;
-    if (cache.length < 1)
+    const std::int64_t length = *cache.length;
+    if (length < 1)
       detail::fail(function, "cache", "at least one token in every head", "an empty cache (length 0)");
     if (cache.batch > 65535 || cache.shape.kv_heads > 65535)
       detail::fail(function, "cache", "batch and kv_heads ≤ 65535 on backend::cuda",
@@ -603,11 +605,11 @@ struct implementation<stage::decode_attention, backend::cuda> {
             cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_multiprocessor, kernel, threads, shared_bytes),
             function, "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
         const int splits = cuda_detail::decode_splits(
-            cache.batch * cache.shape.kv_heads, cache.length,
+            cache.batch * cache.shape.kv_heads, length,
             backend::cuda::multiprocessor_count() * std::max(blocks_per_multiprocessor, 1));
         workspace_carver carver(scratch);
         const auto [partial_out, partial_lse] = carve(carver, cache, splits);
-        const std::int64_t tokens_per_split = cuda_detail::ceil_div(cache.length, splits);
+        const std::int64_t tokens_per_split = cuda_detail::ceil_div(length, splits);
         using params_type = cuda_detail::decode_params<View, query_type, out_type>;
         const params_type params{cache,
                                  reinterpret_cast<const query_type*>(queries.data),
@@ -620,7 +622,8 @@ struct implementation<stage::decode_attention, backend::cuda> {
                                  partial_lse,
                                  splits,
                                  tokens_per_split,
-                                 static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(head_dim)))};
+                                 static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(head_dim))),
+                                 length};
         const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(cache.shape.kv_heads),
                         static_cast<unsigned>(cache.batch));
         kernel<<<grid, threads, shared_bytes, stream>>>(params);
