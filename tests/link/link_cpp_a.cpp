@@ -7,7 +7,7 @@ namespace link_test {
 std::int64_t compress_in_a() {
   auto cache = streaming::make_cache(shape, batch, std::int64_t{16}, streaming::codec::config{});
   compress_ones<streaming>(cache);
-  return cache.view().length;
+  return *cache.view().length;
 }
 }  // namespace link_test
 

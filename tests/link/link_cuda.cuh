@@ -51,7 +51,7 @@ std::int64_t compress_and_append() {
   scheme::append(cache.view(), kt::make_view<kt::device_space>(static_cast<KeyT*>(keys.data), new_extents),
                  kt::make_view<kt::device_space>(static_cast<KeyT*>(values.data), new_extents));
   kt::detail::check_cuda(cudaDeviceSynchronize(), "link test", "cudaDeviceSynchronize");
-  return cache.view().length;
+  return *cache.view().length;
 }
 
 std::int64_t fp16_in_a();   // link_cuda_a.cu
