@@ -14,7 +14,8 @@
 // in fp32, two passes over the cache (the textbook form; the only scratch is a
 // few head_dim rows). The cache is read through the codec's attention reader
 // (codec/hooks.hpp): by default it loads rows (key i at its position, from the
-// layout); a codec may compute q·k and Σ p·v its own way (low rank: (q·U)·c and (Σ p·c)·Uᵀ, no full keys rebuilt).
+// layout); a codec may compute q·k and Σ p·v its own way (low rank: (q·U)·c
+// and (Σ p·c)·Uᵀ, no full keys rebuilt).
 #pragma once
 
 #include <array>
