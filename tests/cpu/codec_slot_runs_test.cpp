@@ -329,7 +329,6 @@ std::vector<float> pipeline(const typename Codec::config& codec_config) {
   typename scheme::config cfg;
   cfg.budget.keep = kt::keep_tokens{keep};
   cfg.score.sinks = 4;
-  cfg.codec = codec_config;
   auto cache = [&] {
     if constexpr (std::is_same_v<Layout, kt::layout::paged>)
       return scheme::make_cache(pipeline_shape, pipeline_batch,

@@ -164,14 +164,25 @@ class decoding_reader {
   float accumulator_[max_head_dim];
 };
 
-/// The codec's own reader when it has one, else a decoding_reader.
+/// Whether codec C brings its own attention reader (host only: low_rank, layered).
+template <class C, class Space>
+concept has_own_reader = requires(const typename C::template storage<Space>& store, const float* query) {
+  C::attention_reader(store, std::int64_t{}, query);
+};
+
+/// The codec's own reader when it has one (host) ...
 template <class C, class Space = host_space>
+  requires has_own_reader<C, Space>
 auto attention_reader(const typename C::template storage<Space>& store, std::int64_t head, const float* query,
-                      std::int64_t head_dim) {
-  if constexpr (requires { C::attention_reader(store, head, query); })
-    return C::attention_reader(store, head, query);
-  else
-    return decoding_reader<C, Space>(store, head, query, head_dim);
+                      std::int64_t /*head_dim*/) {
+  return C::attention_reader(store, head, query);
+}
+/// ... else a decoding_reader (host and device).
+template <class C, class Space = host_space>
+  requires(!has_own_reader<C, Space>)
+KVTRIM_HOST_DEVICE auto attention_reader(const typename C::template storage<Space>& store, std::int64_t head,
+                                         const float* query, std::int64_t head_dim) {
+  return decoding_reader<C, Space>(store, head, query, head_dim);
 }
 
 /// The position of the i-th token of head (b, h) of a (host) layout view: the
