@@ -187,7 +187,9 @@ void expect_faithful(const attention_errors& errors, double exact_limit) {
 /// count positions, so attention needs the layout's.
 template <class Layout>
 constexpr bool stores_positions =
-    requires(const typename Layout::template view<kt::codec::fp16, kt::host_space>& view) { view.positions[0]; };
+    requires(const typename Layout::template view<kt::codec::fp16, kt::host_space>& view) {
+      view.positions.slot_position[0];
+    };
 
 #define SKIP_WITHOUT_LAYOUT_POSITIONS()                                                                 \
   if constexpr (!stores_positions<TypeParam>) GTEST_SKIP() << "needs positions stored by the layout " \
