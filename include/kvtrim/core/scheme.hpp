@@ -20,10 +20,12 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <string_view>
 #include <type_traits>
 #include <vector>
 
+#include "kvtrim/codec/plain.hpp"
 #include "kvtrim/core/cache.hpp"
 #include "kvtrim/core/concepts.hpp"
 #include "kvtrim/core/element.hpp"
@@ -53,8 +55,11 @@ inline constexpr bool layout_stores_compensation = requires { requires L::compen
 
 /// The NaN/Inf rule (docs/composition.md §4): every key, value and window query
 /// a call reads must be finite, for every codec; the error names the sequence,
-/// head, token and channel. Host views only (a device backend checks on the device).
-template <class T>
+/// head, token and channel. With `Stored` = the element type a plain codec
+/// stores (fp16, bf16), a value must also stay finite once rounded to it: 1e5
+/// is finite in fp32 but +Inf in fp16. Host views only (a device backend checks
+/// on the device).
+template <class Stored = float, class T>
 void check_finite(std::string_view function, std::string_view argument, const tensor_view<T, 4, host_space>& view,
                   std::string_view head_name) {
   for (std::int64_t b = 0; b < view.extent(0); ++b)
@@ -65,8 +70,27 @@ void check_finite(std::string_view function, std::string_view argument, const te
           if (!std::isfinite(x))
             fail(function, argument, "finite values (NaN and Inf are refused for every codec)",
                  cat(x, " at sequence ", b, ", ", head_name, " ", h, ", token ", t, ", channel ", d));
+          if constexpr (!std::is_same_v<Stored, float>) {
+            if (!std::isfinite(to_float(from_float<Stored>(x))))
+              fail(function, argument,
+                   cat("finite values that stay finite in the cache's ", element_traits<Stored>::name,
+                       " storage (|x| below ", static_cast<double>(std::numeric_limits<Stored>::max()),
+                       " after rounding)"),
+                   cat(x, " at sequence ", b, ", ", head_name, " ", h, ", token ", t, ", channel ", d));
+          }
         }
 }
+
+/// The element type a codec stores rows in when it stores them as they are
+/// (codec::plain<T>), else float (quantizing codecs scale any finite value).
+template <class CodecT>
+struct stored_element {
+  using type = float;
+};
+template <class T>
+struct stored_element<codec::plain<T>> {
+  using type = T;
+};
 
 template <class T, std::size_t Rank, class Space>
 tensor_view<const std::remove_const_t<T>, Rank, Space> as_const(const tensor_view<T, Rank, Space>& view) {
@@ -325,8 +349,9 @@ struct scheme {
     const std::size_t needed = compress_workspace(shape, batch, tokens, cfg);
     detail::check_workspace(function, scratch, needed);
     if constexpr (std::same_as<space, host_space>) {
-      detail::check_finite(function, "keys", keys, "kv head");
-      detail::check_finite(function, "values", values, "kv head");
+      using stored = typename detail::stored_element<CodecT>::type;
+      detail::check_finite<stored>(function, "keys", keys, "kv head");
+      detail::check_finite<stored>(function, "values", values, "kv head");
       if constexpr (ScorerT::needs_queries) detail::check_finite(function, "window_queries", window_queries, "query head");
     }
 
@@ -498,6 +523,7 @@ struct scheme {
     detail::check_view(function, "new_values", values, {cache.batch, cache.shape.kv_heads, count, cache.shape.head_dim},
                        true);
     if constexpr (std::same_as<space, host_space>) {
+      using stored = typename detail::stored_element<CodecT>::type;
       for (std::int64_t head = 0; head < cache.heads(); ++head) {
         if (target >= 0 && head != target) continue;
         const std::int64_t next = cache.positions.next_position[head];
@@ -513,11 +539,11 @@ struct scheme {
                                              {1, 1, count, cache.shape.head_dim},
                                              {0, 0, all.strides[2], all.strides[3]}};
         };
-        detail::check_finite(function, "new_keys", row(keys), "kv head");
-        detail::check_finite(function, "new_values", row(values), "kv head");
+        detail::check_finite<stored>(function, "new_keys", row(keys), "kv head");
+        detail::check_finite<stored>(function, "new_values", row(values), "kv head");
       } else {
-        detail::check_finite(function, "new_keys", keys, "kv head");
-        detail::check_finite(function, "new_values", values, "kv head");
+        detail::check_finite<stored>(function, "new_keys", keys, "kv head");
+        detail::check_finite<stored>(function, "new_values", values, "kv head");
       }
     }
   }
