@@ -342,18 +342,17 @@ TEST(HostileViews, PagedCompensationIndexOutOfRange) {
   view.compensation.index[1] = -1;
 }
 
-// DISABLED: layout::paged::validate does not detect a page named twice (by two
-// page tables, or by a table and the free list): every id is in range and the
-// counts add up, so the append below is accepted and writes head 1's token into
-// head 0's page (reported to the lead; layout/paged.hpp is theirs). Enable once
-// validate checks that page ids are distinct (O(pages) with a bitmap).
-TEST(HostileViews, DISABLED_PagedTwoHeadsSharingAPage) {
+// A page named twice (by two page tables, or by a table and the free list):
+// every id is in range and the counts add up, but head 1 would write into
+// head 0's page. The writers' validate marks pages in place and refuses it.
+TEST(HostileViews, PagedTwoHeadsSharingAPage) {
   paged_setup s;
   const auto& view = s.cache.view();
   const std::int32_t page = view.indices[view.indptr[1]];
   view.indices[view.indptr[1]] = view.indices[0];
   expect_refused(s.cache, [&] { s.append(s.cache.view()); }, append_fn, "cache.indices",
-                 "each page in at most one page table or the free list", kt::detail::cat(view.indices[0]));
+                 "each page in at most one page table or the free list",
+                 kt::detail::cat("page ", view.indices[0], " named twice"));
   view.indices[view.indptr[1]] = page;
 }
 
@@ -617,18 +616,16 @@ TEST(HostileValues, NanAndInfIntoABf16Cache) {
                  "new_values", "finite values", "nan at sequence 1, kv head 0, token 0, channel 4");
 }
 
-// DISABLED: 1e5 is finite in fp32 but rounds to +Inf in fp16 (largest finite
-// 65504). The append is accepted, the fp16 cache stores +Inf, and every later
-// attend over that head returns NaN (checked below) — the NaN/Inf rule of
-// docs/composition.md §4 covers non-finite inputs, not finite inputs that the
-// storage type cannot hold. Reported; enable once the rule covers it (refuse
-// |x| > 65504 for fp16 storage, or saturate).
-TEST(HostileValues, DISABLED_FiniteInputsBeyondTheFp16Range) {
+// 1e5 is finite in fp32 but rounds to +Inf in fp16 (largest finite 65504): the
+// NaN/Inf rule (docs/composition.md §4) refuses it before any write, so later
+// attention stays finite.
+TEST(HostileValues, FiniteInputsBeyondTheFp16Range) {
   paged_setup s;
   const auto large = poisoned(s.values, 0, 0, tokens + 1, 3, 1e5f);
   expect_refused(s.cache, [&] { paged_fp16::append(s.cache.view(), rows(s.keys, tokens + 1, 1), rows(large, tokens + 1, 1)); },
-                 append_fn, "new_values", "finite values", "100000 at sequence 0, kv head 0, token 0, channel 3");
-  s.attend(s.cache.view());  // when the append was accepted: NaN for every query head of kv head (0, 0)
+                 append_fn, "new_values", "finite values that stay finite in the cache's fp16 storage",
+                 "100000 at sequence 0, kv head 0, token 0, channel 3");
+  s.attend(s.cache.view());
   for (std::int64_t j = 0; j < shape.group_size(); ++j) EXPECT_TRUE(std::isfinite(s.out(0, j, 3))) << "query head " << j;
 }
 

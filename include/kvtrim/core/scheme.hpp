@@ -305,7 +305,7 @@ struct scheme {
                        const compress_options<space>& options, workspace scratch, stream_type stream = {}) {
     constexpr std::string_view function = "kvtrim::scheme::compress";
     cfg.validate(function);
-    layout::validate(function, cache);
+    layout::validate(function, cache, /*exclusive=*/true);
     const model_shape& shape = cache.shape;
     const std::int64_t batch = cache.batch;
     detail::check_view(function, "keys", keys, {batch, shape.kv_heads, -1, shape.head_dim}, true);
@@ -426,7 +426,7 @@ struct scheme {
   static void append(cache_view& cache, tensor_view<KeyT, 4, space> new_keys, tensor_view<KeyT, 4, space> new_values,
                      stream_type stream = {}) {
     constexpr std::string_view function = "kvtrim::scheme::append";
-    layout::validate(function, cache);
+    layout::validate(function, cache, /*exclusive=*/true);
     check_append(function, cache, new_keys, new_values, {cache.batch, cache.shape.kv_heads, -1, cache.shape.head_dim},
                  -1);
     implementation<LayoutT, BackendT>::append(cache, detail::as_const(new_keys), detail::as_const(new_values), stream);
@@ -451,7 +451,7 @@ struct scheme {
   static void append_head(cache_view& cache, std::int64_t b, std::int64_t h, tensor_view<KeyT, 2, space> new_keys,
                           tensor_view<KeyT, 2, space> new_values, stream_type stream = {}) {
     constexpr std::string_view function = "kvtrim::scheme::append_head";
-    layout::validate(function, cache);
+    layout::validate(function, cache, /*exclusive=*/true);
     if (b < 0 || b >= cache.batch)
       detail::fail(function, "b", detail::cat("a sequence in [0, ", cache.batch, ")"), std::to_string(b));
     if (h < 0 || h >= cache.shape.kv_heads)

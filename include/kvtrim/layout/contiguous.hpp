@@ -228,7 +228,7 @@ struct contiguous {
 
   /// check(), plus the length (host memory on every backend).
   template <class View>
-  static void validate(std::string_view function, const View& cache) {
+  static void validate(std::string_view function, const View& cache, bool /*exclusive*/ = false) {
     check(function, cache);
     const std::int64_t length = *cache.length;
     if (length < 0 || length > cache.capacity)

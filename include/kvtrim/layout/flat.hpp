@@ -212,7 +212,7 @@ struct flat {
   /// check(), plus offsets and lengths (host views, O(heads)): regions in head
   /// order inside the buffer, starting at whole slot runs, each holding its length.
   template <class View>
-  static void validate(std::string_view function, const View& cache) {
+  static void validate(std::string_view function, const View& cache, bool /*exclusive*/ = false) {
     check(function, cache);
     if constexpr (std::same_as<typename View::space, host_space>) {
       if (cache.offsets[0] != 0) detail::fail(function, "cache.offsets", "offsets[0] = 0", std::to_string(cache.offsets[0]));

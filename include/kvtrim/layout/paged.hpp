@@ -146,6 +146,7 @@ struct paged {
 #pragma GCC diagnostic pop
 #endif
       for (std::int64_t head = 0; head < heads(); ++head) last_page_len[head] = 0;
+      for (std::int64_t k = 0; k < pages; ++k) indices[k] = 0;  // unused entries stay ≥ 0 (validate's marking)
       for (std::int64_t k = 0; k < pages; ++k) free_pages[k] = static_cast<std::int32_t>(pages - 1 - k);
       *free_count = static_cast<std::int32_t>(pages);
       compensation.clear(heads());
@@ -222,13 +223,44 @@ struct paged {
     View::codec::check_storage(function, cache.storage, cache.shape.head_dim);
   }
 
+  /// Throws when a page id appears twice among the tables' `used` entries and
+  /// the `free` free pages (see validate). In place: indices[p] < 0 marks page p.
+  template <class View>
+  static void check_pages_distinct(std::string_view function, const View& cache, std::int64_t used,
+                                   std::int64_t free) {
+    const auto original = [](std::int32_t entry) { return entry < 0 ? ~entry : entry; };
+    std::int64_t repeated = -1;
+    const auto mark = [&](std::int32_t page) {
+      if (cache.indices[page] < 0) return false;
+      cache.indices[page] = ~cache.indices[page];
+      return true;
+    };
+    for (std::int64_t k = 0; k < used && repeated < 0; ++k)
+      if (!mark(original(cache.indices[k]))) repeated = original(cache.indices[k]);
+    for (std::int64_t k = 0; k < free && repeated < 0; ++k)
+      if (!mark(cache.free_pages[k])) repeated = cache.free_pages[k];
+    for (std::int64_t k = 0; k < cache.pages; ++k) cache.indices[k] = original(cache.indices[k]);
+    if (repeated >= 0)
+      detail::fail(function, "cache.indices", "each page in at most one page table or the free list",
+                   detail::cat("page ", repeated, " named twice"));
+  }
+
   /// check(), plus the page tables and the free list (host views, O(heads + pages)):
   /// indptr starts at 0 and never decreases, every page id is in range, last
   /// page lengths fit their pages, and the tables and free list together name
   /// at most `pages` pages. An engine's hand-built table that fails this would
   /// otherwise send a read or write outside the pool.
+  ///
+  /// With `exclusive` (the writers: compress, append, append_head, which own the
+  /// cache for the call) it also checks that no page is named twice — by two
+  /// tables, or by a table and the free list — which would let two heads
+  /// overwrite each other's tokens. It marks pages in place (the sign bit of
+  /// indices[page], restored before returning, so the cache's bytes are
+  /// unchanged and nothing is allocated); unused entries of `indices` (beyond
+  /// indptr[heads]) must therefore be ≥ 0 (bind and reset write zeros).
+  /// Readers (attend) skip this part: they may run concurrently.
   template <class View>
-  static void validate(std::string_view function, const View& cache) {
+  static void validate(std::string_view function, const View& cache, bool exclusive = false) {
     check(function, cache);
     if constexpr (std::same_as<typename View::space, host_space>) {
       const std::int64_t heads = cache.heads();
@@ -261,6 +293,12 @@ struct paged {
         if (cache.free_pages[k] < 0 || cache.free_pages[k] >= cache.pages)
           detail::fail(function, "cache.free_pages", detail::cat("page ids in [0, ", cache.pages, ")"),
                        detail::cat(cache.free_pages[k], " at free_pages[", k, "]"));
+      for (std::int64_t k = used; k < cache.pages; ++k)
+        if (cache.indices[k] < 0)
+          detail::fail(function, "cache.indices",
+                       detail::cat("unused entries (beyond indptr[heads] = ", used, ") ≥ 0"),
+                       detail::cat(cache.indices[k], " at indices[", k, "]"));
+      if (exclusive) check_pages_distinct(function, cache, used, free);
       for (std::int64_t head = 0; head < heads; ++head) {
         const std::int64_t index = cache.compensation.index[head];
         const std::int64_t length = cache.head_length(head / cache.shape.kv_heads, head % cache.shape.kv_heads);
