@@ -90,10 +90,6 @@ class Cache:
         self.press, self.codec, self.layout, self.device = press, codec, layout, device
         self.shape = (q_heads, kv_heads, head_dim)
         self.settings = settings
-        if layout == "contiguous" and codec.name == "int8":
-            # KIVI's key groups need every head to start at a multiple of the group
-            # (docs/composition.md §3; the owning cache rounds itself after issue 9).
-            capacity = -(-int(capacity) // settings.key_group) * settings.key_group
         self._impl = _kvtrim.CacheImpl(settings, q_heads, kv_heads, head_dim, batch, capacity)
         self._dtype = self._impl.input_dtype  # float32 on the CPU; the codec's element type on CUDA
 
@@ -172,14 +168,16 @@ class Cache:
     def kept(self) -> Tuple[np.ndarray, np.ndarray]:
         """The last compress's selection: (offsets [B·H_kv + 1] int64, tokens int32), CSR over flattened heads.
 
-        Raises NotImplementedError until kvtrim's compress reports it (issue 9).
+        Host caches get it from compress's kept-index output (compress_options);
+        contiguous CUDA caches read it back from the positions the layout stores.
         """
         return self._impl.kept()
 
     def positions(self) -> np.ndarray:
         """Every held token's position, head after head (CSR like kept(); lengths from head_lengths()).
 
-        Raises NotImplementedError until kvtrim's layouts store positions (issue 9).
+        After compress(keys, ...) the kept tokens' indices into ``keys`` (the prefill starts at
+        position 0); appended tokens continue from the next position of their head.
         """
         return self._impl.positions()
 

@@ -94,3 +94,24 @@ def random_layer(rng, batch=1, q_heads=4, kv_heads=2, tokens=64, dim=16, window=
     values = rng.standard_normal((batch, kv_heads, tokens, dim)).astype(dtype)
     queries = rng.standard_normal((batch, q_heads, window or tokens, dim)).astype(dtype)
     return keys, values, queries
+
+
+# ---- reading what a kvtrim.Cache reports (kept() and positions() as lists per flattened head) ----
+
+
+def kept_by_head(cache):
+    """kept() as one sorted list per flattened head, after checking its CSR form."""
+    offsets, tokens = cache.kept()
+    assert offsets.dtype == np.int64 and tokens.dtype == np.int32
+    assert offsets[0] == 0 and len(offsets) == len(cache.head_lengths()) + 1 and offsets[-1] == len(tokens)
+    heads = [list(tokens[offsets[i]:offsets[i + 1]]) for i in range(len(offsets) - 1)]
+    assert all(head == sorted(head) for head in heads)  # ascending per head
+    return heads
+
+
+def positions_by_head(cache):
+    """positions() split by head_lengths() (the same CSR as kept())."""
+    positions, lengths = cache.positions(), cache.head_lengths()
+    assert positions.dtype == np.int32 and len(positions) == lengths.sum()
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    return [list(positions[starts[i]:starts[i + 1]]) for i in range(len(lengths))]

@@ -96,16 +96,18 @@ def test_python_side_arguments():
         small_cache(press=kvtrim.SnapKV(pooling="mean"))
 
 
-def test_kept_is_not_implemented_in_one_place_until_issue_9(rng):
+def test_kept_and_positions_report_the_selection(rng):
     cache = small_cache()
+    with pytest.raises(kvtrim.Error, match=r"kvtrim.Cache.kept: argument 'cache': expected a cache that was compressed, got no compress yet"):
+        cache.kept()
+    assert len(cache.positions()) == 0
     keys, values, _ = random_layer(rng, 1, 4, 2, 64, 16)
     cache.compress(keys, values)
-    try:
-        offsets, tokens = cache.kept()
-    except NotImplementedError as failure:
-        assert "issue 9" in str(failure)
-    else:  # once compress reports its selection
-        assert list(offsets) == [0, 16, 32] and list(tokens[:16]) == [0, 1, 2, 3] + list(range(52, 64))
+    offsets, tokens = cache.kept()
+    want = [0, 1, 2, 3] + list(range(52, 64))
+    assert list(offsets) == [0, 16, 32] and list(tokens) == want * 2
+    cache.append(keys[:, :, :2], values[:, :, :2])
+    assert list(cache.positions()) == (want + [64, 65]) * 2
 
 
 def test_cpu_cache_rejects_nothing_on_other_devices_it_cannot_see():

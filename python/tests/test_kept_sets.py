@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import kvtrim
-from oracle import attention, attention_bound, random_layer, resolve_keep, snapkv_scores, streaming_kept, top_k
+from oracle import (attention, attention_bound, kept_by_head, positions_by_head, random_layer, resolve_keep, snapkv_scores,
+                    streaming_kept, top_k)
 
 
 def kept_tokens(cache, keys, b, h):
@@ -48,6 +49,8 @@ def test_streaming_llm_kept_set_and_attention(rng, layout, batch, q_heads, kv_he
             assert kept_tokens(cache, keys, b, h) == want
             kept_k[b].append(keys[b, h, want]), kept_v[b].append(values[b, h, want])
     assert list(cache.head_lengths()) == [len(want)] * (batch * kv_heads)
+    assert kept_by_head(cache) == [want] * (batch * kv_heads)
+    assert positions_by_head(cache) == [want] * (batch * kv_heads)  # the prefill starts at position 0
     out = cache.attend(queries)
     assert out.dtype == np.float32 and out.shape == queries.shape
     oracle = attention(queries, kept_k, kept_v, kv_heads)
@@ -68,6 +71,7 @@ def test_snapkv_kept_set_and_attention(rng, layout, batch, q_heads, kv_heads, to
     keep = resolve_keep(tokens, compression_ratio=ratio)
     cache = kvtrim.Cache(press, kvtrim.FP32(), layout, (q_heads, kv_heads, dim), batch, capacity_for(layout, batch, kv_heads, keep))
     cache.compress(keys, values, window_queries)
+    kept, positions = kept_by_head(cache), positions_by_head(cache)
     kept_k, kept_v = [], []
     for b in range(batch):
         scores = snapkv_scores(keys[b], window_queries[b], window, kernel)
@@ -75,6 +79,7 @@ def test_snapkv_kept_set_and_attention(rng, layout, batch, q_heads, kv_heads, to
         for h in range(kv_heads):
             want = top_k(list(scores[h]), keep)
             assert kept_tokens(cache, keys, b, h) == want, (b, h)
+            assert kept[b * kv_heads + h] == want and positions[b * kv_heads + h] == want, (b, h)
             kept_k[b].append(keys[b, h, want]), kept_v[b].append(values[b, h, want])
     out = cache.attend(queries)
     oracle = attention(queries, kept_k, kept_v, kv_heads)
@@ -90,8 +95,11 @@ def test_adakv_keeps_the_layer_total_and_protects_the_window(rng):
     lengths = cache.head_lengths()
     k = resolve_keep(tokens, compression_ratio=0.6)
     assert lengths.sum() == kv_heads * k
+    reported = kept_by_head(cache)
+    assert positions_by_head(cache) == reported
     for h in range(kv_heads):
         kept = kept_tokens(cache, keys, 0, h)
+        assert reported[h] == kept
         assert int(np.floor(0.2 * k)) <= len(kept)
         assert set(range(tokens - window, tokens)) <= set(kept)  # the observation window (+inf) stays
 
@@ -112,6 +120,8 @@ def test_append_then_attend_reads_the_new_tokens(rng):
         for h in range(kv_heads):
             stored, _ = cache.read(0, h)
             assert np.array_equal(stored, kept_k[0][h])
+        assert kept_by_head(cache) == [want] * kv_heads  # append does not change the last compress's selection
+        assert positions_by_head(cache) == [want + [tokens, tokens + 1, tokens + 2]] * kv_heads, layout
         out = cache.attend(queries)
         oracle = attention(queries, kept_k, kept_v, kv_heads)
         assert np.all(np.abs(out - oracle) <= attention_bound(queries, kept_k, kept_v, kv_heads)), layout

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import kvtrim
-from oracle import attention, attention_bound, random_layer
+from oracle import attention, attention_bound, kept_by_head, positions_by_head, random_layer
 
 CPU_SCHEMES = [s for s in kvtrim.schemes() if s[0] == "cpu"]
 CODECS = {"fp16": kvtrim.FP16(), "bf16": kvtrim.BF16(), "fp32": kvtrim.FP32(), "int8": kvtrim.KIVI(bits=8, group=8)}
@@ -39,8 +39,6 @@ def test_the_list_is_the_documented_one():
 @pytest.mark.parametrize("scheme", CPU_SCHEMES, ids=["-".join(s[1:]) for s in CPU_SCHEMES])
 def test_scheme_round_trip(rng, scheme):
     _, layout, scorer, budget, codec = scheme
-    if layout == "flat" and codec == "int8":
-        pytest.xfail("flat regions are not aligned to KIVI key groups yet (docs/composition.md §3, issue 9)")
     keys, values, queries_all = random_layer(rng, BATCH, Q_HEADS, KV_HEADS, TOKENS, DIM)
     new_k, new_v, _ = random_layer(rng, BATCH, Q_HEADS, KV_HEADS, APPENDED, DIM)
     queries = rng.standard_normal((BATCH, Q_HEADS, DIM)).astype(np.float32)
@@ -53,8 +51,18 @@ def test_scheme_round_trip(rng, scheme):
     assert np.all(before >= 1) and np.all(before <= TOKENS)
     if budget == "uniform" and scorer != "retrieval_head":
         assert np.all(before == TOKENS // 2)
+    kept = kept_by_head(cache)
+    assert [len(head) for head in kept] == list(before)
+    assert all(0 <= head[0] and head[-1] < TOKENS for head in kept)
+    assert positions_by_head(cache) == kept  # no compensation token here: positions are the kept tokens
+    if codec == "fp32":  # rows stored exactly: the rows held are those of the kept tokens
+        for b in range(BATCH):
+            for h in range(KV_HEADS):
+                assert np.array_equal(cache.read(b, h)[0], keys[b, h, kept[b * KV_HEADS + h]])
     cache.append(new_k, new_v)
     assert np.array_equal(cache.head_lengths(), before + APPENDED)
+    assert kept_by_head(cache) == kept
+    assert positions_by_head(cache) == [head + list(range(TOKENS, TOKENS + APPENDED)) for head in kept]
     out = cache.attend(queries)
     held = [[cache.read(b, h) for h in range(KV_HEADS)] for b in range(BATCH)]
     kept_k = [[k for k, _ in row] for row in held]
@@ -79,6 +87,14 @@ def test_razor_attention_with_compensation_runs(rng):
     cache.compress(keys, values)
     lengths = cache.head_lengths()
     assert lengths[1] == 64 and lengths[0] == 2 + 8 + 1  # sinks + recent + the compensation token
+    # The compensation token stands for the dropped span [2, 56) and carries its last position
+    # (docs/composition.md §1); kept() reports the slot the selection gave it.
+    positions = positions_by_head(cache)
+    assert positions[0] == [0, 1, 55] + list(range(56, 64)) and positions[1] == list(range(64))
+    kept = kept_by_head(cache)
+    assert kept[0][:2] == [0, 1] and kept[0][3:] == list(range(56, 64)) and kept[1] == list(range(64))
+    cache.append(keys[:, :, :1], values[:, :, :1])
+    assert positions_by_head(cache) == [positions[0] + [64], positions[1] + [64]]  # the compensation token does not advance it
     assert np.all(np.isfinite(cache.attend(rng.standard_normal((1, 4, 16)).astype(np.float32))))
 
 
@@ -93,3 +109,15 @@ def test_razor_attention_from_a_saved_profile(rng, tmp_path):
     cache = kvtrim.Cache(press, kvtrim.FP16(), "flat", (4, 2, 16), 1, 256, layer=0, layers=2)
     cache.compress(keys, values)
     assert cache.head_lengths()[0] == 64
+
+
+def test_contiguous_kivi_capacity_is_the_one_asked_for(rng):
+    """The owning contiguous cache pads its head stride to whole key groups itself; the capacity stays as given."""
+    keys, values, _ = random_layer(rng, 1, 4, 2, 64, 16)
+    cache = kvtrim.Cache(kvtrim.StreamingLLM(sinks=2, tokens=20), kvtrim.KIVI(group=8), "contiguous", (4, 2, 16), 1, 21)
+    cache.compress(keys, values)
+    cache.append(keys[:, :, :1], values[:, :, :1])
+    assert list(cache.head_lengths()) == [21, 21]
+    assert positions_by_head(cache) == [[0, 1] + list(range(46, 64)) + [64]] * 2
+    with pytest.raises(kvtrim.Error, match=r"expected at most 0 tokens \(capacity 21, holding 21\), got 1 tokens"):
+        cache.append(keys[:, :, :1], values[:, :, :1])
