@@ -89,8 +89,11 @@ class KvtrimLayer(DynamicLayer):
         return key_states, value_states
 
     def _cast(self, x):
+        # Contiguous as well: HF's keys come out of RoPE while values are a
+        # transposed projection, and the CUDA backend reads keys and values
+        # with one set of strides.
         want = torch.float32 if self.kvtrim.device == "cpu" else _TORCH_DTYPES[self.kvtrim._dtype]
-        return x if x.dtype == want else x.to(want)
+        return (x if x.dtype == want else x.to(want)).contiguous()
 
     def compress(self, query_states):
         """Compresses the pending prefill with kvtrim (called by the attention function after prefill attention)."""
