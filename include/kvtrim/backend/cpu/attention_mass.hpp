@@ -31,6 +31,7 @@
 #include <limits>
 
 #include "kvtrim/backend/cpu.hpp"
+#include "kvtrim/core/workspace.hpp"
 #include "kvtrim/core/element.hpp"
 #include "kvtrim/core/shape.hpp"
 #include "kvtrim/core/view.hpp"
