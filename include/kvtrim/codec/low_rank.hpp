@@ -184,6 +184,17 @@ struct low_rank {
         (store.update_freq == 0 || (store.pending_slots && store.pending_keys && store.pending_values));
     if (!complete)
       detail::fail(function, "cache.storage", "every array of the codec bound (codec::bind)", "a null pointer");
+    // basis_source::profile: every head needs its bases before any write (checked
+    // here, before the first write, so a call never fails halfway through the heads).
+    if constexpr (std::same_as<Space, host_space>) {
+      if (!store.from_sequence)
+        for (std::int64_t head = 0; head < store.heads; ++head)
+          if (store.key_ranks[head] == 0 || store.value_ranks[head] == 0)
+            detail::fail(function, "cache.storage",
+                         detail::cat("a basis for every head (basis_source::profile: call set_basis or load the "
+                                     "profile's bases first)"),
+                         detail::cat("none for head ", head));
+    }
   }
 
   // --- bases -----------------------------------------------------------------

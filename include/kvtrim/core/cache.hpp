@@ -30,6 +30,17 @@ class cache {
   template <class... Args>
     requires requires(const Args&... args) { view_type::bytes(args...); }
   explicit cache(const Args&... args) : bytes_(nonzero(view_type::bytes(args...))), memory_(backend::allocate(bytes_)) {
+    try {
+      bind_view(args...);
+    } catch (...) {
+      release();  // a constructor that throws runs no destructor
+      throw;
+    }
+  }
+
+ private:
+  template <class... Args>
+  void bind_view(const Args&... args) {
     if constexpr (requires { requires view_type::length_in_host_memory; }) {
       // A device contiguous cache keeps its one length on the host (layout/contiguous.hpp).
       host_length_ = std::make_unique<std::int64_t>(0);
@@ -42,6 +53,7 @@ class cache {
       implementation<typename Scheme::layout, backend>::reset(view_);
   }
 
+ public:
   cache(const cache&) = delete;
   cache& operator=(const cache&) = delete;
   cache(cache&& other) noexcept

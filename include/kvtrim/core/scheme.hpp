@@ -25,6 +25,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "kvtrim/codec/layered.hpp"
 #include "kvtrim/codec/plain.hpp"
 #include "kvtrim/core/cache.hpp"
 #include "kvtrim/core/concepts.hpp"
@@ -90,6 +91,11 @@ struct stored_element {
 template <class T>
 struct stored_element<codec::plain<T>> {
   using type = T;
+};
+/// layered<C> keeps its sinks and recent tokens as fp16 rows.
+template <class Inner>
+struct stored_element<codec::layered<Inner>> {
+  using type = half;
 };
 
 template <class T, std::size_t Rank, class Space>
@@ -329,6 +335,14 @@ struct scheme {
                                " tokens are 32-bit)"),
                    std::to_string(options.start_position));
     const std::int64_t keep_bound = BudgetT::max_keep(cfg.budget, tokens);
+    if constexpr (!std::same_as<space, host_space> && !LayoutT::ragged_heads) {
+      // Device contiguous caches advance positions on the device, unchecked: refuse
+      // here a start position whose later appends (up to the capacity) would pass 2^31.
+      if (options.start_position > detail::position_table::max_position - tokens - (cache.capacity - std::min(keep_bound, cache.capacity)) + 1)
+        detail::fail(function, "options.start_position",
+                     detail::cat("a position whose prefill and appends up to the capacity stay below 2^31"),
+                     std::to_string(options.start_position));
+    }
     if constexpr (!LayoutT::ragged_heads) {
       if (keep_bound > cache.capacity)
         detail::fail(function, "config.budget.keep", detail::cat("at most the cache capacity = ", cache.capacity,

@@ -165,7 +165,8 @@ struct flat {
     /// The buffer's slots: pool.slots rounded up to whole slot runs of the codec.
     static std::int64_t buffer_slots(const pool_size& pool, const typename CodecT::config& codec_config) {
       const std::int64_t run = ::kvtrim::codec::slot_alignment<CodecT>(codec_config);
-      return detail::checked_mul("kvtrim::layout::flat::view::bytes", "pool.slots", (pool.slots + run - 1) / run, run);
+      constexpr std::string_view function = "kvtrim::layout::flat::view::bytes";
+      return detail::checked_mul(function, "pool.slots", detail::checked_add(function, "pool.slots", pool.slots, run - 1) / run, run);
     }
 
     static view carve(workspace_carver& carver, const model_shape& shape, std::int64_t batch, const pool_size& pool,
@@ -203,6 +204,8 @@ struct flat {
     if (detail::storage_slots(cache.storage) < cache.capacity)
       detail::fail(function, "cache.storage", detail::cat("a codec storage of at least capacity = ", cache.capacity, " slots"),
                    detail::cat(detail::storage_slots(cache.storage), " slots"));
+    if (cache.run() < 1)
+      detail::fail(function, "cache.storage.slot_run", "a slot run of at least 1", std::to_string(cache.run()));
     if (cache.capacity % cache.run() != 0)
       detail::fail(function, "cache.capacity", detail::cat("a multiple of the codec's slot run ", cache.run()),
                    std::to_string(cache.capacity));

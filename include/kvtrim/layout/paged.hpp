@@ -216,6 +216,7 @@ struct paged {
       detail::fail(function, "cache.storage", detail::cat("a codec storage of at least pages · page_size = ", slots, " slots"),
                    detail::cat(detail::storage_slots(cache.storage), " slots"));
     const std::int64_t run = detail::storage_slot_run(cache.storage);
+    if (run < 1) detail::fail(function, "cache.storage.slot_run", "a slot run of at least 1", std::to_string(run));
     if (cache.page_size % run != 0)
       detail::fail(function, "cache.page_size",
                    detail::cat("a multiple of the codec's slot run ", run, " (the storage was bound for other pages)"),
