@@ -41,9 +41,6 @@
 //       attention sees (the layered cache applies it to its fp16 rows).
 //   bytes_per_head(config, head_dim)
 //       Bytes a codec spends per head beyond its per-token bytes.
-//   check_row(function, head, token, key, value)
-//       Extra validation of one row before any write (codec::check_row below
-//       always checks finiteness first, the rule for every codec).
 //
 // Storage: storage_bytes(cfg, slots, heads, head_dim, slot_run) and
 // bind<Space>(cfg, memory, slots, heads, head_dim, slot_run); every storage
@@ -117,13 +114,6 @@ double bytes_per_token(const typename C::config& cfg, std::int64_t head_dim, std
   else
     return C::bytes_per_token(cfg, head_dim);
 }
-
-/// Validates one row before it is written: every value finite (the rule for
-/// every codec; kvtrim::error naming the argument, head and token), then the
-/// codec's own check_row when it has one.
-template <class C>
-void check_row(std::string_view function, std::int64_t head, std::int64_t token, const float* key,
-               const float* value, std::int64_t head_dim);
 
 /// The reader decode attention uses when a codec has none of its own: it
 /// loads each key and value row through the codec.
@@ -239,13 +229,3 @@ inline void check_storage_head_dim(std::string_view function, std::int64_t bound
 }
 }  // namespace kvtrim::detail
 
-namespace kvtrim::codec {
-template <class C>
-void check_row(std::string_view function, std::int64_t head, std::int64_t token, const float* key,
-               const float* value, std::int64_t head_dim) {
-  detail::check_finite_row(function, "key", key, head_dim, head, token);
-  detail::check_finite_row(function, "value", value, head_dim, head, token);
-  if constexpr (requires { C::check_row(function, head, token, key, value); })
-    C::check_row(function, head, token, key, value);
-}
-}  // namespace kvtrim::codec
