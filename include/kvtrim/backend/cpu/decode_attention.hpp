@@ -22,7 +22,9 @@
 //   - codec::plain (fp16, bf16, fp32): all query heads of a kv head's group at
 //     once, so each key and value row is read and converted once per group;
 //     rows are converted a block at a time (branch-free fp16 → fp32, exact), dot
-//     products and Σ p·v run in vectorisable loops.
+//     products and Σ p·v run in vectorisable loops — on x86 CPUs with AVX2,
+//     FMA and F16C, the hand-vectorised forms in detail/x86.hpp (chosen at run
+//     time; the portable loops otherwise: same math, see there for rounding).
 //   - every other codec: through the codec's attention reader (codec/hooks.hpp),
 //     one query head at a time (low rank computes (q·U)·c and (Σ p·c)·Uᵀ without
 //     rebuilding keys; pre-RoPE codecs rotate key i by its position, read from
@@ -44,6 +46,7 @@
 #include <type_traits>
 
 #include "kvtrim/backend/cpu.hpp"
+#include "kvtrim/backend/cpu/detail/x86.hpp"
 #include "kvtrim/codec/hooks.hpp"
 #include "kvtrim/codec/plain.hpp"
 #include "kvtrim/core/element.hpp"
@@ -146,6 +149,25 @@ struct implementation<stage::decode_attention, backend::cpu> {
       return 0.0f;
   }
 
+  /// One stored row → fp32: F16C / AVX2 when `fast`, else the portable loop (the same bits).
+  template <class T>
+  static void convert_row(bool fast, const T* in, float* out, std::int64_t count) {
+#if KVTRIM_X86_DISPATCH
+    if constexpr (std::is_same_v<T, half> || std::is_same_v<T, bfloat16>) {
+      if (fast) {
+        const auto* bits = reinterpret_cast<const std::uint16_t*>(in);
+        if constexpr (std::is_same_v<T, half>)
+          detail::x86::half_to_float(bits, out, count);
+        else
+          detail::x86::bfloat16_to_float(bits, out, count);
+        return;
+      }
+    }
+#endif
+    (void)fast;
+    detail::row_to_float(in, out, count);
+  }
+
   /// codec::plain: the group's query heads (up to 8 at a time) over blocks of
   /// rows converted once.
   template <class View, class QueryT, class OutT>
@@ -157,6 +179,7 @@ struct implementation<stage::decode_attention, backend::cpu> {
     const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
     const std::int64_t block = std::max<std::int64_t>(1, std::min<std::int64_t>(64, block_floats / head_dim));
     const auto& store = cache.storage;
+    const bool fast = detail::x86::has_avx2_fma_f16c();  // detail/x86.hpp: same math, AVX2+FMA+F16C loops
 
     alignas(64) std::array<float, block_floats> key_block, value_block;
     alignas(64) std::array<float, max_heads_at_once * max_head_dim> query, accumulator;
@@ -177,15 +200,21 @@ struct implementation<stage::decode_attention, backend::cpu> {
         const std::int64_t count = std::min(block, length - i0);
         for (std::int64_t i = 0; i < count; ++i) {
           const std::int64_t slot = cache.slot(b, h, i0 + i);
-          detail::row_to_float(store.keys + slot * store.head_dim, key_block.data() + i * head_dim, head_dim);
-          detail::row_to_float(store.values + slot * store.head_dim, value_block.data() + i * head_dim, head_dim);
+          convert_row(fast, store.keys + slot * store.head_dim, key_block.data() + i * head_dim, head_dim);
+          convert_row(fast, store.values + slot * store.head_dim, value_block.data() + i * head_dim, head_dim);
         }
         for (std::int64_t g = 0; g < heads; ++g) {
           float* s = logits.data() + g * 64;
           float block_max = -std::numeric_limits<float>::infinity();
+#if KVTRIM_X86_DISPATCH
+          if (fast)
+            detail::x86::dot_rows(query.data() + g * head_dim, key_block.data(), count, head_dim, s);
+          else
+#endif
+            for (std::int64_t i = 0; i < count; ++i)
+              s[i] = detail::dot_lanes(query.data() + g * head_dim, key_block.data() + i * head_dim, head_dim);
           for (std::int64_t i = 0; i < count; ++i) {
-            s[i] = detail::dot_lanes(query.data() + g * head_dim, key_block.data() + i * head_dim, head_dim) * scale +
-                   bias_of(cache, b, h, i0 + i);
+            s[i] = s[i] * scale + bias_of(cache, b, h, i0 + i);
             block_max = std::fmax(block_max, s[i]);
           }
           if (block_max > max_logit[g]) {  // rescale what was summed against the old max
@@ -199,6 +228,13 @@ struct implementation<stage::decode_attention, backend::cpu> {
             denominator[g] += s[i];
           }
         }
+#if KVTRIM_X86_DISPATCH
+        if (fast) {
+          detail::x86::accumulate_rows(accumulator.data(), logits.data(), 64, heads, value_block.data(), count,
+                                       head_dim);
+          continue;
+        }
+#endif
         for (std::int64_t i = 0; i < count; ++i) {
           const float* v = value_block.data() + i * head_dim;
           for (std::int64_t g = 0; g < heads; ++g) {
