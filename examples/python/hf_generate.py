@@ -21,10 +21,13 @@ import kvtrim
 import kvtrim.hf
 
 
-def tiny_llama(seed=0, dtype=torch.float32, device="cpu"):
+def tiny_llama(seed=0, dtype=torch.float32, device="cpu", head_dim=None):
+    # head_dim=None: hidden_size / heads = 16. The GPU model asks for 64: kvtrim's
+    # CUDA decode kernel is compiled for head dims 64, 128 and 256.
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024)
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
+                         **({"head_dim": head_dim} if head_dim else {}))
     config._attn_implementation = "sdpa"
     return LlamaForCausalLM(config).to(dtype=dtype, device=device).eval()
 
@@ -66,7 +69,7 @@ def main():
     print(f"  agreement with the reference: {agreement:.0%}")
 
     if torch.cuda.is_available() and kvtrim.has_cuda:
-        gpu = tiny_llama(dtype=torch.float16, device="cuda")
+        gpu = tiny_llama(dtype=torch.float16, device="cuda", head_dim=64)
         ids = input_ids.cuda()
         reference = generate(gpu, ids, args.new, DynamicCache())
         kvtrim.hf.enable(gpu)

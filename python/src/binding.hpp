@@ -15,7 +15,9 @@
 
 #include <kvtrim/kvtrim.hpp>
 
+#include <algorithm>
 #include <array>
+#include <chrono>
 #include <compare>
 #include <concepts>
 #include <cstddef>
@@ -148,6 +150,13 @@ class cache_base {
                         std::uintptr_t stream) = 0;
   virtual void append(const array& keys, const array& values, std::uintptr_t stream) = 0;
   virtual void attend(const array& queries, const array& out, std::uintptr_t stream) = 0;
+  /// Host seconds per Scheme::attend call over `calls` calls made from C++ with the
+  /// views converted once: the bare C++ cost that bench/python_overhead.py subtracts
+  /// from the Python call's (issue 14's ≤ 20 µs). No synchronisation, like the
+  /// Python side's timing: on a GPU it is launch time (or kernel time once the
+  /// launch queue is full, equally for both).
+  virtual double attend_seconds_from_cxx(const array& queries, const array& out, std::uintptr_t stream,
+                                         std::int64_t calls) = 0;
   virtual std::vector<std::int64_t> head_lengths() const = 0;
   virtual kept_indices kept() const = 0;
   virtual std::vector<std::int32_t> positions() const = 0;
@@ -383,6 +392,19 @@ class typed_cache final : public cache_base {
     const auto o = as_mutable_view<3>(function, "out", out);
     const workspace scratch = attend_scratch_.get(Scheme::attend_workspace(cache_.view()));
     Scheme::attend(q, cache_.view(), o, scratch, to_stream(stream));
+  }
+
+  double attend_seconds_from_cxx(const array& queries, const array& out, std::uintptr_t stream,
+                                 std::int64_t calls) override {
+    constexpr std::string_view function = "kvtrim.Cache._attend_seconds_from_cxx";
+    const auto q = as_view<3>(function, "queries", queries);
+    const auto o = as_mutable_view<3>(function, "out", out);
+    const workspace scratch = attend_scratch_.get(Scheme::attend_workspace(cache_.view()));
+    Scheme::attend(q, cache_.view(), o, scratch, to_stream(stream));  // warm: first-call costs are not the steady state
+    const auto start = std::chrono::steady_clock::now();
+    for (std::int64_t i = 0; i < calls; ++i) Scheme::attend(q, cache_.view(), o, scratch, to_stream(stream));
+    const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start;
+    return elapsed.count() / static_cast<double>(std::max<std::int64_t>(calls, 1));
   }
 
   std::vector<std::int64_t> head_lengths() const override {

@@ -138,6 +138,15 @@ class py_cache {
     impl_->attend(q, o, stream);
   }
 
+  double attend_seconds_from_cxx(const input_array& queries, const output_array& out, std::uintptr_t stream,
+                                 std::int64_t calls) {
+    constexpr std::string_view function = "kvtrim.Cache._attend_seconds_from_cxx";
+    const auto q = to_array(function, "queries", queries, 3, "[batch, q_heads, head_dim]");
+    const auto o = to_array(function, "out", out, 3, "[batch, q_heads, head_dim]");
+    nb::gil_scoped_release release;
+    return impl_->attend_seconds_from_cxx(q, o, stream, calls);
+  }
+
   kp::cache_base& impl() { return *impl_; }
 
  private:
@@ -276,6 +285,9 @@ NB_MODULE(_kvtrim, m) {
            nb::arg("stream") = 0)
       .def("append", &py_cache::append, nb::arg("keys"), nb::arg("values"), nb::arg("stream") = 0)
       .def("attend", &py_cache::attend, nb::arg("queries"), nb::arg("out"), nb::arg("stream") = 0)
+      .def("_attend_seconds_from_cxx", &py_cache::attend_seconds_from_cxx, nb::arg("queries"), nb::arg("out"),
+           nb::arg("stream"), nb::arg("calls"),
+           "Host seconds per C++ Scheme::attend call, `calls` calls in a loop (bench/python_overhead.py's baseline).")
       .def("head_lengths", [](py_cache& self) { return vector_array(self.impl().head_lengths()); })
       .def("kept", [](py_cache& self) {
         auto kept = self.impl().kept();

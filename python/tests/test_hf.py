@@ -10,10 +10,12 @@ import kvtrim  # noqa: E402
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 
-def tiny_llama(dtype=torch.float32, device="cpu"):
+def tiny_llama(dtype=torch.float32, device="cpu", head_dim=None):
+    # The GPU test asks for head_dim 64 (kvtrim's CUDA decode: 64, 128 or 256); the CPU ones use 64 / 4 = 16.
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         **({"head_dim": head_dim} if head_dim else {}))
     config._attn_implementation = "sdpa"
     return LlamaForCausalLM(config).to(dtype=dtype, device=device).eval()
 
@@ -57,7 +59,7 @@ def test_adakv_compresses_for_real_on_ragged_layouts(layout):
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and kvtrim.has_cuda), reason="needs a GPU and kvtrim built with CUDA")
 def test_streaming_llm_on_the_gpu():
-    model = tiny_llama(torch.float16, "cuda")
+    model = tiny_llama(torch.float16, "cuda", head_dim=64)
     ids = prompt(model, device="cuda")
     hf.enable(model)
     cache = hf.KvtrimCache(model.config, kvtrim.StreamingLLM(sinks=4, compression_ratio=0.5), kvtrim.FP16(),

@@ -1,0 +1,10 @@
+// python/src/registry_cpu_flat.cpp — the CPU schemes on layout::flat (registry_cpu.cpp).
+#include "registry_cpu.hpp"
+
+namespace kvtrim::python::cpu_list {
+
+void add_flat(registry& into) {
+  add_layout<layout::flat>(into);
+}
+
+}  // namespace kvtrim::python::cpu_list

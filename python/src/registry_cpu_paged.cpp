@@ -1,0 +1,10 @@
+// python/src/registry_cpu_paged.cpp — the CPU schemes on layout::paged (registry_cpu.cpp).
+#include "registry_cpu.hpp"
+
+namespace kvtrim::python::cpu_list {
+
+void add_paged(registry& into) {
+  add_layout<layout::paged>(into);
+}
+
+}  // namespace kvtrim::python::cpu_list
