@@ -1,0 +1,297 @@
+// kvtrim/backend/cuda/writes.cuh — what the ragged layouts (paged, flat) share
+// on the GPU, mirroring backend/cpu/detail/writes.hpp: the one kernel that
+// writes tokens into a layout, the block-wide helpers of their planning
+// kernels, and the status words through which the device reports a failure.
+//
+// Each device call of a ragged layout is two launches on the caller's stream:
+//   1. a planning kernel (ONE block): the CPU's checks (pool size, free
+//      pages, free slots, positions), then the metadata updates (page tables,
+//      free list, offsets; the in-place repack of layout::flat) exactly as the
+//      CPU orders them, so both backends hand out the same page ids. Metadata
+//      is O(batch · kv_heads + pages): one block walks it with cub::BlockScan
+//      over tiles of heads. (cub::DeviceScan would need temporary storage, and
+//      append takes no workspace; the heads' data is far smaller than a block
+//      can scan in microseconds.) On failure it writes nothing but the status
+//      words (layout/detail/status.hpp).
+//   2. write_rows (many blocks): every token of the call, through the layout's
+//      view.slot(b, h, i) — which reads the tables the planning kernel just
+//      wrote — with its position; it returns at once when step 1 failed.
+// Nothing is read back on the host, so a call never synchronises and can be
+// captured in a CUDA graph; kvtrim::check_status(cache, stream) is the one
+// (synchronising) place where a failure becomes a kvtrim::error.
+//
+// Codecs: the device writes rows with codec::plain (fp16, bf16, fp32). The
+// other codecs' encode is host-only today (per-group scales, fp8 scales,
+// low-rank bases, layered rows); their device encode is issue 12, and naming
+// them with backend::cuda is refused at compile time (require_device_codec).
+#pragma once
+
+#include <cub/block/block_scan.cuh>
+
+#include <algorithm>
+#include <cstdint>
+#include <string_view>
+
+#include "kvtrim/backend/cuda/common.cuh"
+#include "kvtrim/codec/plain.hpp"
+#include "kvtrim/core/selection.hpp"
+#include "kvtrim/layout/detail/status.hpp"
+
+namespace kvtrim {
+
+namespace cuda_detail {
+
+/// Compile-time refusal of codecs the device cannot encode yet (issue 12).
+template <class CodecT>
+constexpr void require_device_codec() {
+  static_assert(codec::is_plain<CodecT>,
+                "kvtrim: backend::cuda writes layout::paged and layout::flat caches with codec::fp16 / bf16 / fp32 "
+                "only; the device encode of int8/int4 (KIVI), fp8, low_rank and layered is issue 12");
+}
+
+/// Threads of a layout's planning kernel (one block).
+inline constexpr int plan_threads = 512;
+using plan_scan = cub::BlockScan<std::int64_t, plan_threads>;
+
+/// Block-wide exclusive scan of value(i) over i in [0, n), in tiles of the
+/// block: emit(i, Σ_{j<i} value(j)) for every i; returns the total to every
+/// thread. Every thread of the block must call it.
+template <class Value, class Emit>
+__device__ std::int64_t block_scan_tiles(typename plan_scan::TempStorage& temp, std::int64_t n, Value value,
+                                         Emit emit) {
+  std::int64_t running = 0;
+  for (std::int64_t base = 0; base < n; base += plan_threads) {
+    const std::int64_t i = base + threadIdx.x;
+    const std::int64_t x = i < n ? value(i) : 0;
+    std::int64_t prefix = 0, tile_total = 0;
+    plan_scan(temp).ExclusiveSum(x, prefix, tile_total);
+    if (i < n) emit(i, running + prefix);
+    running += tile_total;
+    __syncthreads();  // temp is reused by the next tile
+  }
+  return running;
+}
+
+/// Block-wide Σ value(i) over i in [0, n), to every thread.
+template <class Value>
+__device__ std::int64_t block_sum(typename plan_scan::TempStorage& temp, std::int64_t n, Value value) {
+  return block_scan_tiles(temp, n, value, [](std::int64_t, std::int64_t) {});
+}
+
+/// Moves `rows` consecutive items from [from, from + rows) to [to, to + rows)
+/// of one array in place, with the whole block: copy(source, destination)
+/// moves one item. Chunks are at most |to − from| items, so a chunk's sources
+/// and destinations never overlap; they go in the direction of the move
+/// (ascending to the left, descending to the right) with a barrier between,
+/// so no item is overwritten before it is read — the CPU's sequential order,
+/// chunk by chunk. Every thread must call it with the same arguments.
+template <class Copy>
+__device__ void block_move(std::int64_t from, std::int64_t to, std::int64_t rows, std::int64_t parts_per_row,
+                           Copy copy) {
+  if (from == to || rows <= 0) return;
+  constexpr std::int64_t max_chunk = 1024;
+  const std::int64_t distance = to > from ? to - from : from - to;
+  const std::int64_t chunk = distance < max_chunk ? distance : max_chunk;
+  for (std::int64_t done = 0; done < rows; done += chunk) {
+    const std::int64_t n = rows - done < chunk ? rows - done : chunk;
+    const std::int64_t first = to < from ? done : rows - done - n;
+    for (std::int64_t e = threadIdx.x; e < n * parts_per_row; e += blockDim.x) {
+      const std::int64_t row = first + e / parts_per_row;
+      copy(from + row, to + row, e % parts_per_row);
+    }
+    __syncthreads();
+  }
+}
+
+/// Moves one stored token (8 elements of its key or value row, or its
+/// position: parts 0 .. 2·head_dim/8) of a codec::plain storage, as stored.
+template <class StoreT>
+struct plain_slot_mover {
+  StoreT* keys;
+  StoreT* values;
+  std::int32_t* slot_position;
+  std::int64_t head_dim;
+
+  __device__ std::int64_t parts() const { return 2 * (head_dim / 8) + 1; }
+  __device__ void operator()(std::int64_t from, std::int64_t to, std::int64_t part) const {
+    const std::int64_t vectors = head_dim / 8;
+    if (part < 2 * vectors) {
+      StoreT* base = part < vectors ? keys : values;
+      const std::int64_t offset = (part % vectors) * 8;
+      *reinterpret_cast<packed8<StoreT>*>(base + to * head_dim + offset) =
+          *reinterpret_cast<const packed8<StoreT>*>(base + from * head_dim + offset);
+    } else {
+      slot_position[to] = slot_position[from];
+    }
+  }
+};
+
+/// Records a failure found by a planning kernel (call from one thread): this
+/// call's write kernels skip, and the first failure since the last check is kept.
+__device__ inline void record_failure(std::int64_t* status, std::int64_t code, std::int64_t needed,
+                                      std::int64_t available, std::int64_t count, std::int64_t target,
+                                      std::int64_t pool, std::int64_t unit) {
+  using s = detail::layout_status;
+  status[s::call_failed] = 1;
+  if (status[s::code] != s::none) return;
+  status[s::code] = code;
+  status[s::needed] = needed;
+  status[s::available] = available;
+  status[s::count] = count;
+  status[s::target] = target;
+  status[s::pool] = pool;
+  status[s::unit] = unit;
+}
+
+/// What write_rows writes. Compaction (kept_offsets non-null): head
+/// b·kv_heads + h gets its kept tokens at logical indices 0, 1, … (the
+/// compensation row instead of the kept placeholder, as the CPU's
+/// kept_source), positions start_position + token. Append: `count` tokens per
+/// head (or for head `target` only) after what the head holds — the planning
+/// kernel already lengthened it — at positions next_position − count + i.
+template <class View, class InT>
+struct layout_write {
+  View cache;
+  const InT* keys;
+  const InT* values;
+  std::int64_t batch_stride, head_stride, token_stride;  // elements (keys and values alike)
+  const std::int64_t* kept_offsets;
+  const std::int32_t* kept_tokens;
+  detail::compensation_rows compensation;
+  bool has_compensation;
+  std::int64_t start_position;
+  std::int64_t count;
+  std::int64_t target;  // −1: every head
+};
+
+template <class View, class InT, bool Vectorised>
+__global__ void write_rows(const __grid_constant__ layout_write<View, InT> w) {
+  using store_type = device_element_t<typename View::codec::element>;
+  if (w.cache.status[detail::layout_status::call_failed] != 0) return;
+  const std::int64_t head_dim = w.cache.shape.head_dim;
+  const std::int64_t chunks_per_row = head_dim / 8;
+  const std::int64_t heads = w.cache.heads();
+  const bool compact = w.kept_offsets != nullptr;
+  auto* out_keys = reinterpret_cast<store_type*>(w.cache.storage.keys);
+  auto* out_values = reinterpret_cast<store_type*>(w.cache.storage.values);
+  for (std::int64_t head = w.target >= 0 ? w.target : std::int64_t{blockIdx.y}; head < heads;
+       head += w.target >= 0 ? heads : std::int64_t{gridDim.y}) {
+    const std::int64_t b = head / w.cache.shape.kv_heads;
+    const std::int64_t h = head % w.cache.shape.kv_heads;
+    const std::int64_t rows = compact ? w.kept_offsets[head + 1] - w.kept_offsets[head] : w.count;
+    const std::int64_t first = compact ? 0 : w.cache.head_length(b, h) - w.count;
+    const std::int64_t next = compact ? 0 : w.cache.positions.next_position[head] - w.count;
+    const std::int64_t substitute =
+        compact && w.has_compensation ? std::int64_t{w.compensation.index[head]} : std::int64_t{-1};
+    for (std::int64_t flat = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; flat < rows * chunks_per_row;
+         flat += std::int64_t{gridDim.x} * blockDim.x) {
+      const std::int64_t row = flat / chunks_per_row;
+      const std::int64_t chunk = flat % chunks_per_row;
+      const std::int64_t slot = w.cache.slot(b, h, first + row);
+      float key[8], value[8];
+      std::int64_t position = 0;
+      if (row == substitute) {
+        const float* key_row = w.compensation.keys + head * head_dim + chunk * 8;
+        const float* value_row = w.compensation.values + head * head_dim + chunk * 8;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) key[i] = key_row[i], value[i] = value_row[i];
+        position = w.compensation.position[head];
+      } else {
+        const std::int64_t token = compact ? std::int64_t{w.kept_tokens[w.kept_offsets[head] + row]} : row;
+        const std::int64_t in_offset = b * w.batch_stride + h * w.head_stride + token * w.token_stride + chunk * 8;
+        if constexpr (Vectorised) {
+          load8(w.keys + in_offset, key);
+          load8(w.values + in_offset, value);
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) key[i] = to_float(w.keys[in_offset + i]), value[i] = to_float(w.values[in_offset + i]);
+        }
+        position = compact ? w.start_position + token : next + row;
+      }
+      if (chunk == 0) w.cache.positions.slot_position[slot] = static_cast<std::int32_t>(position);
+      packed8<store_type> key_out, value_out;
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        key_out.elements[i] = from_float<store_type>(key[i]), value_out.elements[i] = from_float<store_type>(value[i]);
+      const std::int64_t out_offset = slot * head_dim + chunk * 8;
+      *reinterpret_cast<packed8<store_type>*>(out_keys + out_offset) = key_out;
+      *reinterpret_cast<packed8<store_type>*>(out_values + out_offset) = value_out;
+    }
+    if (w.target >= 0) break;
+  }
+}
+
+/// Host-side checks every ragged device call makes before its first launch
+/// (O(1), no device reads): 8-element rows, aligned storage, equal strides.
+template <class View, class KeyT>
+void check_rows(std::string_view function, const View& cache, const kv_view<KeyT, device_space>& keys,
+                const kv_view<KeyT, device_space>& values) {
+  if (cache.shape.head_dim % 8 != 0)
+    detail::fail(function, "shape.head_dim", "a multiple of 8 on backend::cuda", std::to_string(cache.shape.head_dim));
+  if (keys.strides != values.strides)
+    detail::fail(function, "values", "the same strides as keys on backend::cuda", "different strides");
+  check_aligned16(function, "cache.storage.keys", cache.storage.keys);
+  check_aligned16(function, "cache.storage.values", cache.storage.values);
+}
+
+/// Launches write_rows: `rows_bound` is a host-known bound on the rows of one
+/// head (the prefill length for compaction, the appended count for append).
+template <class View, class KeyT>
+void launch_write_rows(std::string_view function, const View& cache, const kv_view<KeyT, device_space>& keys,
+                       const kv_view<KeyT, device_space>& values, const std::int64_t* kept_offsets,
+                       const std::int32_t* kept_tokens, const detail::compensation_rows* compensation,
+                       std::int64_t start_position, std::int64_t count, std::int64_t target, std::int64_t rows_bound,
+                       cudaStream_t stream) {
+  using in_type = device_element_t<KeyT>;
+  layout_write<View, in_type> w{cache,
+                                reinterpret_cast<const in_type*>(keys.data),
+                                reinterpret_cast<const in_type*>(values.data),
+                                keys.stride(0),
+                                keys.stride(1),
+                                keys.stride(2),
+                                kept_offsets,
+                                kept_tokens,
+                                compensation != nullptr ? *compensation : detail::compensation_rows{},
+                                compensation != nullptr,
+                                start_position,
+                                count,
+                                target};
+  const std::int64_t vector_elements = 16 / static_cast<std::int64_t>(sizeof(in_type));
+  const bool aligned = reinterpret_cast<std::uintptr_t>(keys.data) % 16 == 0 &&
+                       reinterpret_cast<std::uintptr_t>(values.data) % 16 == 0 &&
+                       keys.stride(0) % vector_elements == 0 && keys.stride(1) % vector_elements == 0 &&
+                       keys.stride(2) % vector_elements == 0;
+  const std::int64_t heads = target >= 0 ? 1 : cache.heads();
+  const dim3 grid(
+      static_cast<unsigned>(std::clamp<std::int64_t>(ceil_div(rows_bound * (cache.shape.head_dim / 8), 256), 1, 4096)),
+      static_cast<unsigned>(std::min<std::int64_t>(heads, 65535)));
+  if (aligned)
+    write_rows<View, in_type, true><<<grid, 256, 0, stream>>>(w);
+  else
+    write_rows<View, in_type, false><<<grid, 256, 0, stream>>>(w);
+  detail::check_launch(function, "write_rows");
+}
+
+}  // namespace cuda_detail
+
+/// Throws the kvtrim::error a CPU call would have thrown when a device call on
+/// `cache` (layout::paged or layout::flat on backend::cuda) found the pool or
+/// buffer short, or positions past 2^31, since the last check; clears the
+/// record. Synchronises `stream` (call it where a host sync is acceptable: after
+/// compress, every few decode steps, or after replaying a graph).
+template <class View>
+  requires requires(const View& view) { view.status; }
+void check_status(const View& cache, cudaStream_t stream) {
+  constexpr std::string_view function = "kvtrim::check_status";
+  if (cache.status == nullptr) detail::fail(function, "cache.status", "a bound cache view", "a null pointer");
+  std::int64_t words[detail::layout_status::words] = {};
+  detail::check_cuda(cudaMemcpyAsync(words, cache.status, sizeof words, cudaMemcpyDeviceToHost, stream), function,
+                     "cudaMemcpyAsync(status)");
+  detail::check_cuda(cudaStreamSynchronize(stream), function, "cudaStreamSynchronize");
+  if (words[detail::layout_status::code] == detail::layout_status::none) return;
+  detail::check_cuda(cudaMemsetAsync(cache.status, 0, sizeof words, stream), function, "cudaMemsetAsync(status)");
+  detail::check_cuda(cudaStreamSynchronize(stream), function, "cudaStreamSynchronize");
+  detail::raise_layout_status(words);
+}
+
+}  // namespace kvtrim
