@@ -8,8 +8,8 @@
 // an exclusive scan of the regions' sizes (cub::BlockScan over tiles of
 // heads), and the repack is the CPU's in-place algorithm (pack every region to
 // the left in head order, then spread them to their new regions from the
-// right), each head's tokens moved by the whole block in chunks no longer than
-// the move's distance (writes/block_move), so nothing needs scratch. Then
+// right), each head's tokens moved by the whole block a chunk at a time, staged in
+// registers (writes/block_move), so nothing needs scratch. Then
 // write_rows encodes the call's tokens through the new offsets. A repack runs
 // in that one block: it is rare (every ~free/heads decode steps) and moves
 // only the tokens held; engines that append one token per step to every head
@@ -105,7 +105,7 @@ __device__ void flat_repack(const View& cache, std::int64_t run, std::int64_t ta
   std::int64_t packed = 0;  // a multiple of run: regions start at whole runs
   for (std::int64_t head = 0; head < heads; ++head) {
     const std::int64_t length = cache.lengths[head];
-    block_move(cache.offsets[head], packed, length, mover.parts(), mover);
+    block_move<move_items>(cache.offsets[head], packed, length, mover);
     __syncthreads();  // every thread has read offsets[head]
     if (threadIdx.x == 0) cache.offsets[head] = packed;
     packed += runs_for(length, run) * run;
@@ -117,7 +117,7 @@ __device__ void flat_repack(const View& cache, std::int64_t run, std::int64_t ta
     const std::int64_t length = cache.lengths[head];
     const std::int64_t reserve = target < 0 || head == target ? count : 0;
     const std::int64_t begin = end - (runs_for(length + reserve, run) + View::even_share(head, heads, spare)) * run;
-    block_move(cache.offsets[head], begin, length, mover.parts(), mover);
+    block_move<move_items>(cache.offsets[head], begin, length, mover);
     __syncthreads();
     if (threadIdx.x == 0) cache.offsets[head] = begin;
     end = begin;

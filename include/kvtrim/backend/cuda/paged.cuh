@@ -137,9 +137,7 @@ __global__ void __launch_bounds__(plan_threads) paged_plan_append(const View cac
     const std::int64_t end = cache.indptr[head + 1];
     shift -= extra;
     __syncthreads();  // every thread has read indptr before thread 0 rewrites it below
-    block_move(begin, begin + shift, end - begin, 1, [&](std::int64_t from, std::int64_t to, std::int64_t) {
-      cache.indices[to] = cache.indices[from];
-    });
+    block_move<move_items>(begin, begin + shift, end - begin, int32_mover{cache.indices});
     for (std::int64_t k = threadIdx.x; k < extra; k += blockDim.x)
       cache.indices[end + shift + k] = cache.free_pages[free_before - 1 - popped - k];
     popped += extra;

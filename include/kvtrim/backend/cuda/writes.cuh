@@ -78,33 +78,41 @@ __device__ std::int64_t block_sum(typename plan_scan::TempStorage& temp, std::in
   return block_scan_tiles(temp, n, value, [](std::int64_t, std::int64_t) {});
 }
 
-/// Moves `rows` consecutive items from [from, from + rows) to [to, to + rows)
-/// of one array in place, with the whole block: copy(source, destination)
-/// moves one item. Chunks are at most |to − from| items, so a chunk's sources
-/// and destinations never overlap; they go in the direction of the move
-/// (ascending to the left, descending to the right) with a barrier between,
-/// so no item is overwritten before it is read — the CPU's sequential order,
-/// chunk by chunk. Every thread must call it with the same arguments.
-template <class Copy>
-__device__ void block_move(std::int64_t from, std::int64_t to, std::int64_t rows, std::int64_t parts_per_row,
-                           Copy copy) {
+/// Moves `rows` consecutive items (rows of `mover.parts()` 16-byte parts)
+/// from [from, from + rows) to [to, to + rows) of one array in place, with the
+/// whole block: each chunk of rows is first loaded into registers (Items parts
+/// per thread), then, after a barrier, stored. Chunks go in the direction of
+/// the move (ascending to the left, descending to the right), so a chunk's
+/// loads never see an earlier chunk's stores and its stores only land on rows
+/// already read — the CPU's sequential order, a chunk at a time, whatever the
+/// distance. Every thread must call it with the same arguments.
+template <int Items, class Mover>
+__device__ void block_move(std::int64_t from, std::int64_t to, std::int64_t rows, const Mover& mover) {
   if (from == to || rows <= 0) return;
-  constexpr std::int64_t max_chunk = 1024;
-  const std::int64_t distance = to > from ? to - from : from - to;
-  const std::int64_t chunk = distance < max_chunk ? distance : max_chunk;
+  const std::int64_t parts = mover.parts();
+  const std::int64_t capacity = std::int64_t{Items} * blockDim.x;
+  const std::int64_t chunk = capacity / parts > 0 ? capacity / parts : 1;
   for (std::int64_t done = 0; done < rows; done += chunk) {
     const std::int64_t n = rows - done < chunk ? rows - done : chunk;
     const std::int64_t first = to < from ? done : rows - done - n;
-    for (std::int64_t e = threadIdx.x; e < n * parts_per_row; e += blockDim.x) {
-      const std::int64_t row = first + e / parts_per_row;
-      copy(from + row, to + row, e % parts_per_row);
+    uint4 staged[Items];
+#pragma unroll
+    for (int k = 0; k < Items; ++k) {
+      const std::int64_t e = threadIdx.x + std::int64_t{k} * blockDim.x;
+      if (e < n * parts) staged[k] = mover.load(from + first + e / parts, e % parts);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < Items; ++k) {
+      const std::int64_t e = threadIdx.x + std::int64_t{k} * blockDim.x;
+      if (e < n * parts) mover.store(to + first + e / parts, e % parts, staged[k]);
     }
     __syncthreads();
   }
 }
 
-/// Moves one stored token (8 elements of its key or value row, or its
-/// position: parts 0 .. 2·head_dim/8) of a codec::plain storage, as stored.
+/// A stored token of a codec::plain storage, as stored: its key row and value
+/// row in 16-byte parts, then its position (layout::flat's repack).
 template <class StoreT>
 struct plain_slot_mover {
   StoreT* keys;
@@ -112,19 +120,37 @@ struct plain_slot_mover {
   std::int32_t* slot_position;
   std::int64_t head_dim;
 
-  __device__ std::int64_t parts() const { return 2 * (head_dim / 8) + 1; }
-  __device__ void operator()(std::int64_t from, std::int64_t to, std::int64_t part) const {
-    const std::int64_t vectors = head_dim / 8;
-    if (part < 2 * vectors) {
-      StoreT* base = part < vectors ? keys : values;
-      const std::int64_t offset = (part % vectors) * 8;
-      *reinterpret_cast<packed8<StoreT>*>(base + to * head_dim + offset) =
-          *reinterpret_cast<const packed8<StoreT>*>(base + from * head_dim + offset);
-    } else {
-      slot_position[to] = slot_position[from];
+  __device__ std::int64_t vectors() const { return head_dim * static_cast<std::int64_t>(sizeof(StoreT)) / 16; }
+  __device__ std::int64_t parts() const { return 2 * vectors() + 1; }
+  __device__ uint4 load(std::int64_t slot, std::int64_t part) const {
+    if (part == 2 * vectors()) return make_uint4(static_cast<unsigned>(slot_position[slot]), 0u, 0u, 0u);
+    const StoreT* base = part < vectors() ? keys : values;
+    return reinterpret_cast<const uint4*>(base + slot * head_dim)[part % vectors()];
+  }
+  __device__ void store(std::int64_t slot, std::int64_t part, uint4 value) const {
+    if (part == 2 * vectors()) {
+      slot_position[slot] = static_cast<std::int32_t>(value.x);
+      return;
     }
+    StoreT* base = part < vectors() ? keys : values;
+    reinterpret_cast<uint4*>(base + slot * head_dim)[part % vectors()] = value;
   }
 };
+
+/// Entries of an int32 array (layout::paged's page lists).
+struct int32_mover {
+  std::int32_t* entries;
+  __device__ std::int64_t parts() const { return 1; }
+  __device__ uint4 load(std::int64_t index, std::int64_t) const {
+    return make_uint4(static_cast<unsigned>(entries[index]), 0u, 0u, 0u);
+  }
+  __device__ void store(std::int64_t index, std::int64_t, uint4 value) const {
+    entries[index] = static_cast<std::int32_t>(value.x);
+  }
+};
+
+/// Registers of staging per thread in block_move (8 × 16 bytes).
+inline constexpr int move_items = 8;
 
 /// Records a failure found by a planning kernel (call from one thread): this
 /// call's write kernels skip, and the first failure since the last check is kept.
