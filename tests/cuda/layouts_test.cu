@@ -485,6 +485,12 @@ TEST_P(FlatCuda, SchemePipelineMatchesCpuFp16) {
   run_pipeline<kt::layout::flat, kt::half>(GetParam(), kt::keep_ratio{0.3});
 }
 
+TEST(LayoutsCuda, Fp32RaggedCompactAppendsAndRepacksMatchCpu) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  run_ragged<kt::layout::paged, float>(layout_case{2, 3, 64, 17, 16, true, 20});
+  run_ragged<kt::layout::flat, float>(layout_case{2, 3, 128, 17, 16, true, 20});
+}
+
 INSTANTIATE_TEST_SUITE_P(AwkwardSizes, PagedCuda, layout_cases,
                          [](const ::testing::TestParamInfo<layout_case>& info) { return name_of(info.param, info.index); });
 INSTANTIATE_TEST_SUITE_P(AwkwardSizes, FlatCuda, layout_cases,
