@@ -674,4 +674,46 @@ TEST(LayoutsCuda, AppendsReplayFromACudaGraph) {
   cudaStreamDestroy(stream);
 }
 
+/// One append_head captured in a CUDA graph and replayed: the planning block
+/// decides on the device when to repack (a cooperative launch inside the
+/// graph) and, once the buffer is full, refuses.
+TEST(LayoutsCuda, FlatAppendHeadRepacksFromACudaGraph) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  const kt::layout::flat::pool_size pool{5 + 3 + 0 + 7 + 12};  // 12 free slots, 3 per head after compaction
+  auto cpu = flat_cpu::make_cache(small_shape, std::int64_t{2}, pool, kt::codec::fp16::config{});
+  auto gpu = flat_gpu::make_cache(small_shape, std::int64_t{2}, pool, kt::codec::fp16::config{});
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  compact_both<kt::layout::flat>(cpu, gpu, ragged_selection(4, 20, 9, {5, 3, 0, 7}), 20, 0, stream);
+  const token_batch<kt::half> batch(2, 2, 2, 64, 15);
+  cudaGraph_t graph = nullptr;
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
+  flat_gpu::append_head(gpu.view(), 0, 0, head_rows(batch.device_keys.view, 0, 0), head_rows(batch.device_values.view, 0, 0),
+                        stream);
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  std::string message;
+  for (int step = 0; step < 8; ++step) {  // repacks from the second call; the 12 free slots are spent after six
+    ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+    if (message.empty())
+      message = cpu_error([&] {
+        flat_cpu::append_head(cpu.view(), 0, 0, head_rows(batch.keys.cview(), 0, 0), head_rows(batch.values.cview(), 0, 0));
+      });
+  }
+  ASSERT_FALSE(message.empty()) << "the buffer was meant to fill";
+  EXPECT_GE(*cpu.view().repacks, 2);
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  try {
+    kt::check_status(gpu.view(), stream);
+    FAIL() << "check_status did not throw; expected: " << message;
+  } catch (const kt::error& e) {
+    EXPECT_EQ(std::string(e.what()), message);
+  }
+  expect_matches(gpu, cpu.view(), stream);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+}
+
 }  // namespace

@@ -6,14 +6,14 @@
 //
 // One planning block per call does the CPU's checks and metadata: offsets are
 // an exclusive scan of the regions' sizes (cub::BlockScan over tiles of
-// heads), and the repack is the CPU's in-place algorithm (pack every region to
-// the left in head order, then spread them to their new regions from the
-// right), each head's tokens moved by the whole block a chunk at a time, staged in
-// registers (writes/block_move), so nothing needs scratch. Then
-// write_rows encodes the call's tokens through the new offsets. A repack runs
-// in that one block: it is rare (every ~free/heads decode steps) and moves
-// only the tokens held; engines that append one token per step to every head
-// see none until the even headroom is spent.
+// heads). The repack is the CPU's in-place algorithm (pack every region to the
+// left in head order, then spread them to their new regions from the right)
+// run by a cooperative grid, one block per SM: each head's tokens move a
+// grid-wide chunk at a time, staged in registers between grid barriers
+// (writes/grid_move), so nothing needs scratch; it is launched on every append
+// and returns at once unless the planning block asked for it (a repack is
+// rare: every ~free/heads steps). Then write_rows encodes the call's tokens
+// through the new offsets.
 //
 // Where the CPU throws before writing (buffer exhausted, positions past
 // 2^31), the device writes nothing and records the failure in the cache's
@@ -91,42 +91,49 @@ __global__ void __launch_bounds__(plan_threads)
   }
 }
 
-/// The CPU's repack (backend/cpu/flat.hpp), in order: pack left in head order,
-/// then spread right in reverse head order; `count` slots reserved for head
-/// `target` (every head when −1). Every thread of the block calls it.
+/// The CPU's repack (backend/cpu/flat.hpp), in order — pack left in head
+/// order, then spread right in reverse head order; `count` slots reserved for
+/// head `target` (every head when −1) — by the whole grid of a cooperative
+/// launch, each head's move a grid-wide grid_move. It runs after the planning
+/// block, which has already lengthened the growing heads (the tokens to move
+/// are lengths − reserve) and left the runs the new layout needs in
+/// status[repack] (0: no repack, and every block returns at once).
 template <class View>
-__device__ void flat_repack(const View& cache, std::int64_t run, std::int64_t target, std::int64_t count,
-                            std::int64_t needed_runs) {
+__global__ void __launch_bounds__(plan_threads)
+    flat_repack(const View cache, std::int64_t run, std::int64_t target, std::int64_t count) {
   using store_type = device_element_t<typename View::codec::element>;
+  const std::int64_t needed_runs = cache.status[detail::layout_status::repack];
+  if (needed_runs == 0) return;
+  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  grid.sync();  // every block has read the flag before it is cleared below
   const plain_slot_mover<store_type> mover{reinterpret_cast<store_type*>(cache.storage.keys),
                                            reinterpret_cast<store_type*>(cache.storage.values),
                                            cache.positions.slot_position, cache.shape.head_dim};
   const std::int64_t heads = cache.heads();
+  const auto reserve = [&](std::int64_t head) { return target < 0 || head == target ? count : std::int64_t{0}; };
   std::int64_t packed = 0;  // a multiple of run: regions start at whole runs
   for (std::int64_t head = 0; head < heads; ++head) {
-    const std::int64_t length = cache.lengths[head];
-    block_move<move_items>(cache.offsets[head], packed, length, mover);
-    __syncthreads();  // every thread has read offsets[head]
-    if (threadIdx.x == 0) cache.offsets[head] = packed;
+    const std::int64_t length = cache.lengths[head] - reserve(head);
+    grid_move<move_items>(grid, cache.offsets[head], packed, length, mover);
     packed += runs_for(length, run) * run;
   }
-  __syncthreads();
+  grid.sync();  // the old offsets are read; from here on they are rewritten
   const std::int64_t spare = cache.capacity / run - needed_runs;
   std::int64_t end = cache.capacity;
   for (std::int64_t head = heads; head-- > 0;) {
-    const std::int64_t length = cache.lengths[head];
-    const std::int64_t reserve = target < 0 || head == target ? count : 0;
-    const std::int64_t begin = end - (runs_for(length + reserve, run) + View::even_share(head, heads, spare)) * run;
-    block_move<move_items>(cache.offsets[head], begin, length, mover);
-    __syncthreads();
-    if (threadIdx.x == 0) cache.offsets[head] = begin;
+    const std::int64_t length = cache.lengths[head] - reserve(head);
+    packed -= runs_for(length, run) * run;  // where the pack left the head
+    const std::int64_t begin =
+        end - (runs_for(length + reserve(head), run) + View::even_share(head, heads, spare)) * run;
+    grid_move<move_items>(grid, packed, begin, length, mover);
+    if (grid.thread_rank() == 0) cache.offsets[head] = begin;
     end = begin;
   }
-  if (threadIdx.x == 0) {
+  if (grid.thread_rank() == 0) {
     cache.offsets[heads] = cache.capacity;
     ++*cache.repacks;
+    cache.status[detail::layout_status::repack] = 0;
   }
-  __syncthreads();
 }
 
 /// Append's planning block: the CPU's make_room (room in the whole buffer, a
@@ -153,6 +160,7 @@ __global__ void __launch_bounds__(plan_threads) flat_plan_append(const View cach
   const std::int64_t held = block_sum(temp, heads, [&](std::int64_t head) { return cache.lengths[head]; });
   if (first_overflow != ~0ull || needed_runs * run > cache.capacity) {
     if (threadIdx.x == 0) {
+      cache.status[detail::layout_status::repack] = 0;
       if (first_overflow != ~0ull) {
         const auto head = static_cast<std::int64_t>(first_overflow);
         record_failure(cache.status, detail::layout_status::position_overflow, 0, cache.positions.next_position[head],
@@ -164,7 +172,9 @@ __global__ void __launch_bounds__(plan_threads) flat_plan_append(const View cach
     }
     return;
   }
-  if (full) flat_repack(cache, run, target, count, needed_runs);
+  // lengths grow below, after every thread has read them; the repack kernel moves lengths − reserve tokens.
+  __syncthreads();
+  if (threadIdx.x == 0) cache.status[detail::layout_status::repack] = full ? needed_runs : 0;
   for (std::int64_t head = threadIdx.x; head < heads; head += blockDim.x)
     if (grows(head)) {
       cache.lengths[head] += count;
@@ -228,8 +238,18 @@ struct implementation<layout::flat, backend::cuda> {
     constexpr std::string_view function = "kvtrim::layout::flat::append";
     cuda_detail::check_rows(function, cache, keys, values);
     const std::int64_t count = keys.extent(2);
-    cuda_detail::flat_plan_append<<<1, cuda_detail::plan_threads, 0, stream>>>(cache, cache.run(), target, count);
+    std::int64_t run = cache.run();
+    cuda_detail::flat_plan_append<<<1, cuda_detail::plan_threads, 0, stream>>>(cache, run, target, count);
     detail::check_launch(function, "flat_plan_append");
+    // The repack, when the planning block asked for one: one block per
+    // multiprocessor (co-resident, as a cooperative launch requires; 512
+    // threads of ≤ 128 registers always fit one per SM). Without a repack
+    // every block returns after reading one word.
+    const void* kernel = reinterpret_cast<const void*>(&cuda_detail::flat_repack<layout::flat::view<CodecT, device_space>>);
+    void* arguments[] = {&cache, &run, &target, const_cast<std::int64_t*>(&count)};
+    detail::check_cuda(cudaLaunchCooperativeKernel(kernel, dim3(static_cast<unsigned>(backend::cuda::multiprocessor_count())),
+                                                   dim3(cuda_detail::plan_threads), arguments, 0, stream),
+                       function, "cudaLaunchCooperativeKernel(flat_repack)");
     cuda_detail::launch_write_rows(function, cache, keys, values, nullptr, nullptr, nullptr, 0, count, target, count,
                                    stream);
   }

@@ -26,6 +26,7 @@
 // them with backend::cuda is refused at compile time (require_device_codec).
 #pragma once
 
+#include <cooperative_groups.h>
 #include <cub/block/block_scan.cuh>
 
 #include <algorithm>
@@ -108,6 +109,37 @@ __device__ void block_move(std::int64_t from, std::int64_t to, std::int64_t rows
       if (e < n * parts) mover.store(to + first + e / parts, e % parts, staged[k]);
     }
     __syncthreads();
+  }
+}
+
+/// block_move over the whole grid of a cooperative launch: each chunk (Items
+/// parts per thread of the grid) is loaded, the grid synchronises, then it is
+/// stored and the grid synchronises again. Same ordering argument as block_move.
+template <int Items, class Mover>
+__device__ void grid_move(const cooperative_groups::grid_group& grid, std::int64_t from, std::int64_t to,
+                          std::int64_t rows, const Mover& mover) {
+  if (from == to || rows <= 0) return;
+  const std::int64_t parts = mover.parts();
+  const auto threads = static_cast<std::int64_t>(grid.num_threads());
+  const auto rank = static_cast<std::int64_t>(grid.thread_rank());
+  const std::int64_t capacity = std::int64_t{Items} * threads;
+  const std::int64_t chunk = capacity / parts > 0 ? capacity / parts : 1;
+  for (std::int64_t done = 0; done < rows; done += chunk) {
+    const std::int64_t n = rows - done < chunk ? rows - done : chunk;
+    const std::int64_t first = to < from ? done : rows - done - n;
+    uint4 staged[Items];
+#pragma unroll
+    for (int k = 0; k < Items; ++k) {
+      const std::int64_t e = rank + std::int64_t{k} * threads;
+      if (e < n * parts) staged[k] = mover.load(from + first + e / parts, e % parts);
+    }
+    grid.sync();
+#pragma unroll
+    for (int k = 0; k < Items; ++k) {
+      const std::int64_t e = rank + std::int64_t{k} * threads;
+      if (e < n * parts) mover.store(to + first + e / parts, e % parts, staged[k]);
+    }
+    grid.sync();
   }
 }
 

@@ -15,6 +15,7 @@
 //   words[pool]      the pool's size (pages or slots)
 //   words[unit]      its unit (page_size, or the codec's slot run)
 //   words[call_failed]  1 when the latest call failed (its write kernels then do nothing)
+//   words[repack]    layout::flat: runs the latest append's repack needs (0: no repack)
 // The first failure since the last check is kept (a later one does not
 // overwrite it). kvtrim::check_status(cache, stream) (backend/cuda/writes.cuh)
 // synchronises, clears the words and throws the very kvtrim::error the CPU
@@ -29,8 +30,11 @@
 namespace kvtrim::detail {
 
 struct layout_status {
-  static constexpr int words = 8;
-  enum word : int { code = 0, needed = 1, available = 2, count = 3, target = 4, pool = 5, unit = 6, call_failed = 7 };
+  static constexpr int words = 9;
+  enum word : int {
+    code = 0, needed = 1, available = 2, count = 3, target = 4, pool = 5, unit = 6, call_failed = 7,
+    repack = 8,  // layout::flat: slots the latest append's repack needs (0: none), planning → repack kernel
+  };
   enum failure : std::int64_t {
     none = 0,
     paged_compact_pool = 1,    // layout::paged::compact: the selection needs more pages than the pool
