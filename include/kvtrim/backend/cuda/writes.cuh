@@ -3,11 +3,14 @@
 // writes tokens into a layout, the block-wide helpers of their planning
 // kernels, and the status words through which the device reports a failure.
 //
-// Each device call of a ragged layout is two launches on the caller's stream:
+// Each device call of a ragged layout is two launches on the caller's stream
+// (three for a flat append):
 //   1. a planning kernel (ONE block): the CPU's checks (pool size, free
 //      pages, free slots, positions), then the metadata updates (page tables,
-//      free list, offsets; the in-place repack of layout::flat) exactly as the
-//      CPU orders them, so both backends hand out the same page ids. Metadata
+//      free list, offsets) exactly as the CPU orders them, so both backends
+//      hand out the same page ids. (layout::flat's in-place repack, when the
+//      planning block asks for one, is a cooperative grid launched between
+//      steps 1 and 2: flat.cuh.) Metadata
 //      is O(batch · kv_heads + pages): one block walks it with cub::BlockScan
 //      over tiles of heads. (cub::DeviceScan would need temporary storage, and
 //      append takes no workspace; the heads' data is far smaller than a block
