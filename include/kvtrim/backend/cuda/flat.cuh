@@ -10,10 +10,11 @@
 // left in head order, then spread them to their new regions from the right)
 // run by a cooperative grid, one block per SM: each head's tokens move a
 // grid-wide chunk at a time, staged in registers between grid barriers
-// (writes/grid_move), so nothing needs scratch; it is launched on every append
-// and returns at once unless the planning block asked for it (a repack is
-// rare: every ~free/heads steps). Then write_rows encodes the call's tokens
-// through the new offsets.
+// (writes/grid_move), so nothing needs scratch. An append is therefore ONE
+// cooperative launch (flat_append): block 0 plans while the others wait at a
+// grid barrier, the grid repacks when the plan asks (rare: every ~free/heads
+// steps), then writes the call's tokens through the new offsets. Compaction is
+// a planning block and write_rows.
 //
 // Where the CPU throws before writing (buffer exhausted, positions past
 // 2^31), the device writes nothing and records the failure in the cache's
@@ -91,57 +92,12 @@ __global__ void __launch_bounds__(plan_threads)
   }
 }
 
-/// The CPU's repack (backend/cpu/flat.hpp), in order — pack left in head
-/// order, then spread right in reverse head order; `count` slots reserved for
-/// head `target` (every head when −1) — by the whole grid of a cooperative
-/// launch, each head's move a grid-wide grid_move. It runs after the planning
-/// block, which has already lengthened the growing heads (the tokens to move
-/// are lengths − reserve) and left the runs the new layout needs in
-/// status[repack] (0: no repack, and every block returns at once).
+/// Append's planning (block 0 of flat_append): the CPU's make_room — room in
+/// the whole buffer, a repack when a growing head's region is full — then the
+/// new lengths and next positions. Leaves status[repack] = the runs the
+/// repacked layout needs (0: no repack) and status[call_failed].
 template <class View>
-__global__ void __launch_bounds__(plan_threads)
-    flat_repack(const View cache, std::int64_t run, std::int64_t target, std::int64_t count) {
-  using store_type = device_element_t<typename View::codec::element>;
-  const std::int64_t needed_runs = cache.status[detail::layout_status::repack];
-  if (needed_runs == 0) return;
-  cooperative_groups::grid_group grid = cooperative_groups::this_grid();
-  grid.sync();  // every block has read the flag before it is cleared below
-  const plain_slot_mover<store_type> mover{reinterpret_cast<store_type*>(cache.storage.keys),
-                                           reinterpret_cast<store_type*>(cache.storage.values),
-                                           cache.positions.slot_position, cache.shape.head_dim};
-  const std::int64_t heads = cache.heads();
-  const auto reserve = [&](std::int64_t head) { return target < 0 || head == target ? count : std::int64_t{0}; };
-  std::int64_t packed = 0;  // a multiple of run: regions start at whole runs
-  for (std::int64_t head = 0; head < heads; ++head) {
-    const std::int64_t length = cache.lengths[head] - reserve(head);
-    grid_move<move_items>(grid, cache.offsets[head], packed, length, mover);
-    packed += runs_for(length, run) * run;
-  }
-  grid.sync();  // the old offsets are read; from here on they are rewritten
-  const std::int64_t spare = cache.capacity / run - needed_runs;
-  std::int64_t end = cache.capacity;
-  for (std::int64_t head = heads; head-- > 0;) {
-    const std::int64_t length = cache.lengths[head] - reserve(head);
-    packed -= runs_for(length, run) * run;  // where the pack left the head
-    const std::int64_t begin =
-        end - (runs_for(length + reserve(head), run) + View::even_share(head, heads, spare)) * run;
-    grid_move<move_items>(grid, packed, begin, length, mover);
-    if (grid.thread_rank() == 0) cache.offsets[head] = begin;
-    end = begin;
-  }
-  if (grid.thread_rank() == 0) {
-    cache.offsets[heads] = cache.capacity;
-    ++*cache.repacks;
-    cache.status[detail::layout_status::repack] = 0;
-  }
-}
-
-/// Append's planning block: the CPU's make_room (room in the whole buffer, a
-/// repack when a growing head's region is full), then the new lengths and
-/// next positions.
-template <class View>
-__global__ void __launch_bounds__(plan_threads) flat_plan_append(const View cache, std::int64_t run, std::int64_t target,
-                                                                 std::int64_t count) {
+__device__ void flat_plan_append(const View& cache, std::int64_t run, std::int64_t target, std::int64_t count) {
   __shared__ typename plan_scan::TempStorage temp;
   __shared__ unsigned long long first_overflow;
   __shared__ int full;  // some growing head lacks `count` free slots in its region
@@ -172,7 +128,7 @@ __global__ void __launch_bounds__(plan_threads) flat_plan_append(const View cach
     }
     return;
   }
-  // lengths grow below, after every thread has read them; the repack kernel moves lengths − reserve tokens.
+  // Lengths grow below, after every thread has read them; the repack moves lengths − reserve tokens.
   __syncthreads();
   if (threadIdx.x == 0) cache.status[detail::layout_status::repack] = full ? needed_runs : 0;
   for (std::int64_t head = threadIdx.x; head < heads; head += blockDim.x)
@@ -181,6 +137,64 @@ __global__ void __launch_bounds__(plan_threads) flat_plan_append(const View cach
       cache.positions.next_position[head] += count;
     }
   if (threadIdx.x == 0) cache.status[detail::layout_status::call_failed] = 0;
+}
+
+/// The CPU's repack (backend/cpu/flat.hpp), in order — pack left in head
+/// order, then spread right in reverse head order; `count` slots reserved for
+/// head `target` (every head when −1) — by the whole cooperative grid, each
+/// head's move a grid-wide grid_move. The growing heads are already
+/// lengthened (the tokens to move are lengths − reserve).
+template <class View>
+__device__ void flat_repack(const cooperative_groups::grid_group& grid, const View& cache, std::int64_t run,
+                            std::int64_t target, std::int64_t count, std::int64_t needed_runs) {
+  using store_type = device_element_t<typename View::codec::element>;
+  const plain_slot_mover<store_type> mover{reinterpret_cast<store_type*>(cache.storage.keys),
+                                           reinterpret_cast<store_type*>(cache.storage.values),
+                                           cache.positions.slot_position, cache.shape.head_dim};
+  const std::int64_t heads = cache.heads();
+  const auto reserve = [&](std::int64_t head) { return target < 0 || head == target ? count : std::int64_t{0}; };
+  std::int64_t packed = 0;  // a multiple of run: regions start at whole runs
+  for (std::int64_t head = 0; head < heads; ++head) {
+    const std::int64_t length = cache.lengths[head] - reserve(head);
+    grid_move<move_items>(grid, cache.offsets[head], packed, length, mover);
+    packed += runs_for(length, run) * run;
+  }
+  grid.sync();  // the old offsets are read; from here on they are rewritten
+  const std::int64_t spare = cache.capacity / run - needed_runs;
+  std::int64_t end = cache.capacity;
+  for (std::int64_t head = heads; head-- > 0;) {
+    const std::int64_t length = cache.lengths[head] - reserve(head);
+    packed -= runs_for(length, run) * run;  // where the pack left the head
+    const std::int64_t begin =
+        end - (runs_for(length + reserve(head), run) + View::even_share(head, heads, spare)) * run;
+    grid_move<move_items>(grid, packed, begin, length, mover);
+    if (grid.thread_rank() == 0) cache.offsets[head] = begin;
+    end = begin;
+  }
+  if (grid.thread_rank() == 0) {
+    cache.offsets[heads] = cache.capacity;
+    ++*cache.repacks;
+  }
+}
+
+/// append / append_head as ONE cooperative launch (one block per SM): block 0
+/// plans; after a grid barrier every block reads the plan's verdict (the same
+/// words, so every block takes the same path to every barrier); the grid
+/// repacks when asked, then writes the new rows.
+template <class View, class InT, bool Vectorised>
+__global__ void __launch_bounds__(plan_threads) flat_append(const __grid_constant__ layout_write<View, InT> w,
+                                                            std::int64_t run) {
+  const cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+  if (blockIdx.x == 0) flat_plan_append(w.cache, run, w.target, w.count);
+  grid.sync();
+  if (w.cache.status[detail::layout_status::call_failed] != 0) return;
+  const std::int64_t needed_runs = w.cache.status[detail::layout_status::repack];
+  if (needed_runs != 0) {
+    flat_repack(grid, w.cache, run, w.target, w.count, needed_runs);
+    grid.sync();  // the new offsets are written
+  }
+  write_appended_rows<Vectorised>(w, static_cast<std::int64_t>(grid.thread_rank()),
+                                  static_cast<std::int64_t>(grid.num_threads()));
 }
 
 }  // namespace cuda_detail
@@ -237,21 +251,20 @@ struct implementation<layout::flat, backend::cuda> {
     cuda_detail::require_device_codec<CodecT>();
     constexpr std::string_view function = "kvtrim::layout::flat::append";
     cuda_detail::check_rows(function, cache, keys, values);
-    const std::int64_t count = keys.extent(2);
+    using view_type = layout::flat::view<CodecT, device_space>;
+    using in_type = cuda_detail::device_element_t<KeyT>;
+    cuda_detail::layout_write<view_type, in_type> w =
+        cuda_detail::make_layout_write(cache, keys, values, nullptr, nullptr, nullptr, 0, keys.extent(2), target);
     std::int64_t run = cache.run();
-    cuda_detail::flat_plan_append<<<1, cuda_detail::plan_threads, 0, stream>>>(cache, run, target, count);
-    detail::check_launch(function, "flat_plan_append");
-    // The repack, when the planning block asked for one: one block per
-    // multiprocessor (co-resident, as a cooperative launch requires; 512
-    // threads of ≤ 128 registers always fit one per SM). Without a repack
-    // every block returns after reading one word.
-    const void* kernel = reinterpret_cast<const void*>(&cuda_detail::flat_repack<layout::flat::view<CodecT, device_space>>);
-    void* arguments[] = {&cache, &run, &target, const_cast<std::int64_t*>(&count)};
+    // One block per multiprocessor: co-resident, as a cooperative launch
+    // requires (512 threads of ≤ 128 registers always fit one per SM).
+    const void* kernel = cuda_detail::rows_aligned(keys, values)
+                             ? reinterpret_cast<const void*>(&cuda_detail::flat_append<view_type, in_type, true>)
+                             : reinterpret_cast<const void*>(&cuda_detail::flat_append<view_type, in_type, false>);
+    void* arguments[] = {&w, &run};
     detail::check_cuda(cudaLaunchCooperativeKernel(kernel, dim3(static_cast<unsigned>(backend::cuda::multiprocessor_count())),
                                                    dim3(cuda_detail::plan_threads), arguments, 0, stream),
-                       function, "cudaLaunchCooperativeKernel(flat_repack)");
-    cuda_detail::launch_write_rows(function, cache, keys, values, nullptr, nullptr, nullptr, 0, count, target, count,
-                                   stream);
+                       function, "cudaLaunchCooperativeKernel(flat_append)");
   }
 };
 

@@ -4,13 +4,11 @@
 // kernels, and the status words through which the device reports a failure.
 //
 // Each device call of a ragged layout is two launches on the caller's stream
-// (three for a flat append):
+// (a flat append is one cooperative launch doing both steps, see flat.cuh):
 //   1. a planning kernel (ONE block): the CPU's checks (pool size, free
 //      pages, free slots, positions), then the metadata updates (page tables,
 //      free list, offsets) exactly as the CPU orders them, so both backends
-//      hand out the same page ids. (layout::flat's in-place repack, when the
-//      planning block asks for one, is a cooperative grid launched between
-//      steps 1 and 2: flat.cuh.) Metadata
+//      hand out the same page ids. Metadata
 //      is O(batch · kv_heads + pages): one block walks it with cub::BlockScan
 //      over tiles of heads. (cub::DeviceScan would need temporary storage, and
 //      append takes no workspace; the heads' data is far smaller than a block
@@ -225,61 +223,119 @@ struct layout_write {
   std::int64_t target;  // −1: every head
 };
 
+/// Writes 8 elements (`chunk`) of the key and value rows of logical index
+/// first + row of head b·kv_heads + h, and the token's position with chunk 0.
+/// `next` is the position of appended row 0; `substitute` the kept index the
+/// compensation row replaces (−1: none).
+template <bool Vectorised, class View, class InT>
+__device__ void write_row_chunk(const layout_write<View, InT>& w, std::int64_t head, std::int64_t row,
+                                std::int64_t chunk, std::int64_t first, std::int64_t next, std::int64_t substitute) {
+  using store_type = device_element_t<typename View::codec::element>;
+  const std::int64_t head_dim = w.cache.shape.head_dim;
+  const std::int64_t b = head / w.cache.shape.kv_heads;
+  const std::int64_t h = head % w.cache.shape.kv_heads;
+  const bool compact = w.kept_offsets != nullptr;
+  const std::int64_t slot = w.cache.slot(b, h, first + row);
+  float key[8], value[8];
+  std::int64_t position = 0;
+  if (row == substitute) {
+    const float* key_row = w.compensation.keys + head * head_dim + chunk * 8;
+    const float* value_row = w.compensation.values + head * head_dim + chunk * 8;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) key[i] = key_row[i], value[i] = value_row[i];
+    position = w.compensation.position[head];
+  } else {
+    const std::int64_t token = compact ? std::int64_t{w.kept_tokens[w.kept_offsets[head] + row]} : row;
+    const std::int64_t in_offset = b * w.batch_stride + h * w.head_stride + token * w.token_stride + chunk * 8;
+    if constexpr (Vectorised) {
+      load8(w.keys + in_offset, key);
+      load8(w.values + in_offset, value);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) key[i] = to_float(w.keys[in_offset + i]), value[i] = to_float(w.values[in_offset + i]);
+    }
+    position = compact ? w.start_position + token : next + row;
+  }
+  if (chunk == 0) w.cache.positions.slot_position[slot] = static_cast<std::int32_t>(position);
+  packed8<store_type> key_out, value_out;
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+    key_out.elements[i] = from_float<store_type>(key[i]), value_out.elements[i] = from_float<store_type>(value[i]);
+  const std::int64_t out_offset = slot * head_dim + chunk * 8;
+  *reinterpret_cast<packed8<store_type>*>(reinterpret_cast<store_type*>(w.cache.storage.keys) + out_offset) = key_out;
+  *reinterpret_cast<packed8<store_type>*>(reinterpret_cast<store_type*>(w.cache.storage.values) + out_offset) = value_out;
+}
+
 template <class View, class InT, bool Vectorised>
 __global__ void write_rows(const __grid_constant__ layout_write<View, InT> w) {
-  using store_type = device_element_t<typename View::codec::element>;
   if (w.cache.status[detail::layout_status::call_failed] != 0) return;
-  const std::int64_t head_dim = w.cache.shape.head_dim;
-  const std::int64_t chunks_per_row = head_dim / 8;
+  const std::int64_t chunks_per_row = w.cache.shape.head_dim / 8;
   const std::int64_t heads = w.cache.heads();
   const bool compact = w.kept_offsets != nullptr;
-  auto* out_keys = reinterpret_cast<store_type*>(w.cache.storage.keys);
-  auto* out_values = reinterpret_cast<store_type*>(w.cache.storage.values);
   for (std::int64_t head = w.target >= 0 ? w.target : std::int64_t{blockIdx.y}; head < heads;
        head += w.target >= 0 ? heads : std::int64_t{gridDim.y}) {
-    const std::int64_t b = head / w.cache.shape.kv_heads;
-    const std::int64_t h = head % w.cache.shape.kv_heads;
     const std::int64_t rows = compact ? w.kept_offsets[head + 1] - w.kept_offsets[head] : w.count;
-    const std::int64_t first = compact ? 0 : w.cache.head_length(b, h) - w.count;
+    const std::int64_t first =
+        compact ? 0 : w.cache.head_length(head / w.cache.shape.kv_heads, head % w.cache.shape.kv_heads) - w.count;
     const std::int64_t next = compact ? 0 : w.cache.positions.next_position[head] - w.count;
     const std::int64_t substitute =
         compact && w.has_compensation ? std::int64_t{w.compensation.index[head]} : std::int64_t{-1};
     for (std::int64_t flat = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; flat < rows * chunks_per_row;
-         flat += std::int64_t{gridDim.x} * blockDim.x) {
-      const std::int64_t row = flat / chunks_per_row;
-      const std::int64_t chunk = flat % chunks_per_row;
-      const std::int64_t slot = w.cache.slot(b, h, first + row);
-      float key[8], value[8];
-      std::int64_t position = 0;
-      if (row == substitute) {
-        const float* key_row = w.compensation.keys + head * head_dim + chunk * 8;
-        const float* value_row = w.compensation.values + head * head_dim + chunk * 8;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) key[i] = key_row[i], value[i] = value_row[i];
-        position = w.compensation.position[head];
-      } else {
-        const std::int64_t token = compact ? std::int64_t{w.kept_tokens[w.kept_offsets[head] + row]} : row;
-        const std::int64_t in_offset = b * w.batch_stride + h * w.head_stride + token * w.token_stride + chunk * 8;
-        if constexpr (Vectorised) {
-          load8(w.keys + in_offset, key);
-          load8(w.values + in_offset, value);
-        } else {
-#pragma unroll
-          for (int i = 0; i < 8; ++i) key[i] = to_float(w.keys[in_offset + i]), value[i] = to_float(w.values[in_offset + i]);
-        }
-        position = compact ? w.start_position + token : next + row;
-      }
-      if (chunk == 0) w.cache.positions.slot_position[slot] = static_cast<std::int32_t>(position);
-      packed8<store_type> key_out, value_out;
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-        key_out.elements[i] = from_float<store_type>(key[i]), value_out.elements[i] = from_float<store_type>(value[i]);
-      const std::int64_t out_offset = slot * head_dim + chunk * 8;
-      *reinterpret_cast<packed8<store_type>*>(out_keys + out_offset) = key_out;
-      *reinterpret_cast<packed8<store_type>*>(out_values + out_offset) = value_out;
-    }
+         flat += std::int64_t{gridDim.x} * blockDim.x)
+      write_row_chunk<Vectorised>(w, head, flat / chunks_per_row, flat % chunks_per_row, first, next, substitute);
     if (w.target >= 0) break;
   }
+}
+
+/// An append's rows (w.count per head, or for head w.target only), as items
+/// `begin`, `begin + stride`, … of one flat index space (a grid-stride loop
+/// in a kernel that is not laid out by heads). The heads were lengthened already.
+template <bool Vectorised, class View, class InT>
+__device__ void write_appended_rows(const layout_write<View, InT>& w, std::int64_t begin, std::int64_t stride) {
+  const std::int64_t chunks_per_row = w.cache.shape.head_dim / 8;
+  const std::int64_t per_head = w.count * chunks_per_row;
+  const std::int64_t items = (w.target >= 0 ? 1 : w.cache.heads()) * per_head;
+  for (std::int64_t flat = begin; flat < items; flat += stride) {
+    const std::int64_t head = w.target >= 0 ? w.target : flat / per_head;
+    const std::int64_t row = flat % per_head / chunks_per_row;
+    const std::int64_t length = w.cache.head_length(head / w.cache.shape.kv_heads, head % w.cache.shape.kv_heads);
+    write_row_chunk<Vectorised>(w, head, row, flat % chunks_per_row, length - w.count,
+                                w.cache.positions.next_position[head] - w.count, -1);
+  }
+}
+
+/// What write_rows needs for one call (see layout_write).
+template <class View, class KeyT>
+layout_write<View, device_element_t<KeyT>> make_layout_write(const View& cache, const kv_view<KeyT, device_space>& keys,
+                                                             const kv_view<KeyT, device_space>& values,
+                                                             const std::int64_t* kept_offsets,
+                                                             const std::int32_t* kept_tokens,
+                                                             const detail::compensation_rows* compensation,
+                                                             std::int64_t start_position, std::int64_t count,
+                                                             std::int64_t target) {
+  using in_type = device_element_t<KeyT>;
+  return {cache,
+          reinterpret_cast<const in_type*>(keys.data),
+          reinterpret_cast<const in_type*>(values.data),
+          keys.stride(0),
+          keys.stride(1),
+          keys.stride(2),
+          kept_offsets,
+          kept_tokens,
+          compensation != nullptr ? *compensation : detail::compensation_rows{},
+          compensation != nullptr,
+          start_position,
+          count,
+          target};
+}
+
+/// 16-byte loads need 16-byte aligned rows: aligned bases and strides that keep them so.
+template <class KeyT>
+bool rows_aligned(const kv_view<KeyT, device_space>& keys, const kv_view<KeyT, device_space>& values) {
+  const std::int64_t vector_elements = 16 / static_cast<std::int64_t>(sizeof(KeyT));
+  return reinterpret_cast<std::uintptr_t>(keys.data) % 16 == 0 && reinterpret_cast<std::uintptr_t>(values.data) % 16 == 0 &&
+         keys.stride(0) % vector_elements == 0 && keys.stride(1) % vector_elements == 0 &&
+         keys.stride(2) % vector_elements == 0;
 }
 
 /// Host-side checks every ragged device call makes before its first launch
@@ -304,24 +360,9 @@ void launch_write_rows(std::string_view function, const View& cache, const kv_vi
                        std::int64_t start_position, std::int64_t count, std::int64_t target, std::int64_t rows_bound,
                        cudaStream_t stream) {
   using in_type = device_element_t<KeyT>;
-  layout_write<View, in_type> w{cache,
-                                reinterpret_cast<const in_type*>(keys.data),
-                                reinterpret_cast<const in_type*>(values.data),
-                                keys.stride(0),
-                                keys.stride(1),
-                                keys.stride(2),
-                                kept_offsets,
-                                kept_tokens,
-                                compensation != nullptr ? *compensation : detail::compensation_rows{},
-                                compensation != nullptr,
-                                start_position,
-                                count,
-                                target};
-  const std::int64_t vector_elements = 16 / static_cast<std::int64_t>(sizeof(in_type));
-  const bool aligned = reinterpret_cast<std::uintptr_t>(keys.data) % 16 == 0 &&
-                       reinterpret_cast<std::uintptr_t>(values.data) % 16 == 0 &&
-                       keys.stride(0) % vector_elements == 0 && keys.stride(1) % vector_elements == 0 &&
-                       keys.stride(2) % vector_elements == 0;
+  const layout_write<View, in_type> w = make_layout_write(cache, keys, values, kept_offsets, kept_tokens, compensation,
+                                                          start_position, count, target);
+  const bool aligned = rows_aligned(keys, values);
   const std::int64_t heads = target >= 0 ? 1 : cache.heads();
   const dim3 grid(
       static_cast<unsigned>(std::clamp<std::int64_t>(ceil_div(rows_bound * (cache.shape.head_dim / 8), 256), 1, 4096)),
