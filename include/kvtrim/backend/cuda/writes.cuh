@@ -8,9 +8,8 @@
 //   1. a planning kernel (ONE block): the CPU's checks (pool size, free
 //      pages, free slots, positions), then the metadata updates (page tables,
 //      free list, offsets) exactly as the CPU orders them, so both backends
-//      hand out the same page ids. Metadata
-//      is O(batch · kv_heads + pages): one block walks it with cub::BlockScan
-//      over tiles of heads. (cub::DeviceScan would need temporary storage, and
+//      hand out the same page ids. Metadata is O(batch · kv_heads + pages):
+//      one block walks it with cub::BlockScan over tiles of heads. (cub::DeviceScan would need temporary storage, and
 //      append takes no workspace; the heads' data is far smaller than a block
 //      can scan in microseconds.) On failure it writes nothing but the status
 //      words (layout/detail/status.hpp).
