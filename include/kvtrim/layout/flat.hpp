@@ -25,8 +25,13 @@
 // mutable state lives in the cache's memory), so a CUDA backend can pass it to
 // kernels by value and keep the metadata in device memory.
 //
+// On backend::cuda the same checks run on the device: a call that finds the
+// buffer short writes nothing and records the failure in the view's `status`
+// words (detail/status.hpp); kvtrim::check_status(cache, stream) throws the
+// error the CPU would have thrown (docs/composition.md §6).
+//
 // Defaults: none (the capacity is the caller's choice).
-// Backends: cpu.
+// Backends: cpu, cuda (codec::plain; backend/cuda/flat.cuh).
 #pragma once
 
 #include <concepts>
@@ -43,6 +48,7 @@
 #include "kvtrim/core/workspace.hpp"
 #include "kvtrim/layout/detail/compensation.hpp"
 #include "kvtrim/layout/detail/positions.hpp"
+#include "kvtrim/layout/detail/status.hpp"
 #include "kvtrim/layout/detail/storage.hpp"
 
 namespace kvtrim::layout {
@@ -75,6 +81,7 @@ struct flat {
     std::int64_t* repacks = nullptr;  // [1]: repacks since bind
     detail::compensation_table compensation{};
     detail::position_table positions{};  // slot_position [capacity], next_position [heads]
+    std::int64_t* status = nullptr;      // [layout_status::words]: failures found on the device (detail/status.hpp)
 
     KVTRIM_HOST_DEVICE std::int64_t heads() const { return batch * shape.kv_heads; }
     KVTRIM_HOST_DEVICE std::int64_t region(std::int64_t head) const { return offsets[head + 1] - offsets[head]; }
@@ -124,6 +131,7 @@ struct flat {
       if constexpr (std::same_as<Space, host_space>) {
         result.reset();
         *result.repacks = 0;
+        for (int k = 0; k < detail::layout_status::words; ++k) result.status[k] = 0;
       }
       return result;
     }
@@ -184,6 +192,7 @@ struct flat {
       result.repacks = carver.take<std::int64_t>(1);
       result.compensation = detail::compensation_table::carve(carver, heads);
       result.positions = detail::position_table::carve(carver, slots, heads);
+      result.status = carver.take<std::int64_t>(detail::layout_status::words);
       return result;
     }
   };
@@ -201,6 +210,9 @@ struct flat {
         cache.compensation.index == nullptr || cache.compensation.bias == nullptr || !cache.positions.bound())
       detail::fail(function, "cache", "non-null offsets, lengths, compensation and position tables (a bound view)",
                    "a null metadata pointer");
+    if (!std::same_as<typename View::space, host_space> && cache.status == nullptr)
+      detail::fail(function, "cache.status", "non-null status words on a device view (device failures are reported there)",
+                   "a null pointer");
     if (detail::storage_slots(cache.storage) < cache.capacity)
       detail::fail(function, "cache.storage", detail::cat("a codec storage of at least capacity = ", cache.capacity, " slots"),
                    detail::cat(detail::storage_slots(cache.storage), " slots"));

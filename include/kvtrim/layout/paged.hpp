@@ -22,8 +22,13 @@
 // cache's memory), so a CUDA backend can pass it to kernels by value and keep
 // the metadata in device memory; the CPU backend updates it with host code.
 //
+// On backend::cuda the same checks run on the device: a call that finds the
+// pool short writes nothing and records the failure in the view's `status`
+// words (detail/status.hpp); kvtrim::check_status(cache, stream) throws the
+// error the CPU would have thrown (docs/composition.md §6).
+//
 // Defaults: page_size = 16 (vLLM's and FlashInfer's usual choice).
-// Backends: cpu.
+// Backends: cpu, cuda (codec::plain; backend/cuda/paged.cuh).
 #pragma once
 
 #include <algorithm>
@@ -43,6 +48,7 @@
 #include "kvtrim/core/workspace.hpp"
 #include "kvtrim/layout/detail/compensation.hpp"
 #include "kvtrim/layout/detail/positions.hpp"
+#include "kvtrim/layout/detail/status.hpp"
 #include "kvtrim/layout/detail/storage.hpp"
 
 namespace kvtrim::layout {
@@ -93,6 +99,7 @@ struct paged {
     std::int32_t* free_count = nullptr;     // [1]
     detail::compensation_table compensation{};
     detail::position_table positions{};     // slot_position [pages · page_size], next_position [heads]
+    std::int64_t* status = nullptr;         // [layout_status::words]: failures found on the device (detail/status.hpp)
 
     KVTRIM_HOST_DEVICE std::int64_t heads() const { return batch * shape.kv_heads; }
     KVTRIM_HOST_DEVICE std::int64_t page_count(std::int64_t head) const { return indptr[head + 1] - indptr[head]; }
@@ -127,7 +134,10 @@ struct paged {
       check_arguments("kvtrim::layout::paged::view::bind", shape, batch, pool);
       workspace_carver carver(workspace{memory, ~std::size_t{0}});
       view result = carve(carver, shape, batch, pool, codec_config);
-      if constexpr (std::same_as<Space, host_space>) result.reset();
+      if constexpr (std::same_as<Space, host_space>) {
+        result.reset();
+        for (int k = 0; k < detail::layout_status::words; ++k) result.status[k] = 0;
+      }
       return result;
     }
 
@@ -187,6 +197,7 @@ struct paged {
       result.free_count = carver.take<std::int32_t>(1);
       result.compensation = detail::compensation_table::carve(carver, heads);
       result.positions = detail::position_table::carve(carver, slots, heads);
+      result.status = carver.take<std::int64_t>(detail::layout_status::words);
       return result;
     }
   };
@@ -211,6 +222,9 @@ struct paged {
         cache.compensation.bias == nullptr || !cache.positions.bound())
       detail::fail(function, "cache", "non-null page tables, free list, compensation and position tables (a bound view)",
                    "a null metadata pointer");
+    if (!std::same_as<typename View::space, host_space> && cache.status == nullptr)
+      detail::fail(function, "cache.status", "non-null status words on a device view (device failures are reported there)",
+                   "a null pointer");
     const std::int64_t slots = detail::checked_mul(function, "cache.pages", cache.pages, cache.page_size);
     if (detail::storage_slots(cache.storage) < slots)
       detail::fail(function, "cache.storage", detail::cat("a codec storage of at least pages · page_size = ", slots, " slots"),

@@ -1,0 +1,398 @@
+// kvtrim/backend/cuda/writes.cuh — what the ragged layouts (paged, flat) share
+// on the GPU, mirroring backend/cpu/detail/writes.hpp: the one kernel that
+// writes tokens into a layout, the block-wide helpers of their planning
+// kernels, and the status words through which the device reports a failure.
+//
+// Each device call of a ragged layout is two launches on the caller's stream
+// (a flat append is one cooperative launch doing both steps, see flat.cuh):
+//   1. a planning kernel (ONE block): the CPU's checks (pool size, free
+//      pages, free slots, positions), then the metadata updates (page tables,
+//      free list, offsets) exactly as the CPU orders them, so both backends
+//      hand out the same page ids. Metadata is O(batch · kv_heads + pages):
+//      one block walks it with cub::BlockScan over tiles of heads. (cub::DeviceScan would need temporary storage, and
+//      append takes no workspace; the heads' data is far smaller than a block
+//      can scan in microseconds.) On failure it writes nothing but the status
+//      words (layout/detail/status.hpp).
+//   2. write_rows (many blocks): every token of the call, through the layout's
+//      view.slot(b, h, i) — which reads the tables the planning kernel just
+//      wrote — with its position; it returns at once when step 1 failed.
+// Nothing is read back on the host, so a call never synchronises and can be
+// captured in a CUDA graph; kvtrim::check_status(cache, stream) is the one
+// (synchronising) place where a failure becomes a kvtrim::error.
+//
+// Codecs: the device writes rows with codec::plain (fp16, bf16, fp32). The
+// other codecs' encode is host-only today (per-group scales, fp8 scales,
+// low-rank bases, layered rows); their device encode is issue 12, and naming
+// them with backend::cuda is refused at compile time (require_device_codec).
+#pragma once
+
+#include <cooperative_groups.h>
+#include <cub/block/block_scan.cuh>
+
+#include <algorithm>
+#include <cstdint>
+#include <string_view>
+
+#include "kvtrim/backend/cuda/common.cuh"
+#include "kvtrim/codec/plain.hpp"
+#include "kvtrim/core/selection.hpp"
+#include "kvtrim/layout/detail/status.hpp"
+
+namespace kvtrim {
+
+namespace cuda_detail {
+
+/// Compile-time refusal of codecs the device cannot encode yet (issue 12).
+template <class CodecT>
+constexpr void require_device_codec() {
+  static_assert(codec::is_plain<CodecT>,
+                "kvtrim: backend::cuda writes layout::paged and layout::flat caches with codec::fp16 / bf16 / fp32 "
+                "only; the device encode of int8/int4 (KIVI), fp8, low_rank and layered is issue 12");
+}
+
+/// Threads of a layout's planning kernel (one block).
+inline constexpr int plan_threads = 512;
+using plan_scan = cub::BlockScan<std::int64_t, plan_threads>;
+
+/// Block-wide exclusive scan of value(i) over i in [0, n), in tiles of the
+/// block: emit(i, Σ_{j<i} value(j)) for every i; returns the total to every
+/// thread. Every thread of the block must call it.
+template <class Value, class Emit>
+__device__ std::int64_t block_scan_tiles(typename plan_scan::TempStorage& temp, std::int64_t n, Value value,
+                                         Emit emit) {
+  std::int64_t running = 0;
+  for (std::int64_t base = 0; base < n; base += plan_threads) {
+    const std::int64_t i = base + threadIdx.x;
+    const std::int64_t x = i < n ? value(i) : 0;
+    std::int64_t prefix = 0, tile_total = 0;
+    plan_scan(temp).ExclusiveSum(x, prefix, tile_total);
+    if (i < n) emit(i, running + prefix);
+    running += tile_total;
+    __syncthreads();  // temp is reused by the next tile
+  }
+  return running;
+}
+
+/// Block-wide Σ value(i) over i in [0, n), to every thread.
+template <class Value>
+__device__ std::int64_t block_sum(typename plan_scan::TempStorage& temp, std::int64_t n, Value value) {
+  return block_scan_tiles(temp, n, value, [](std::int64_t, std::int64_t) {});
+}
+
+/// Moves `rows` consecutive items (rows of `mover.parts()` 16-byte parts)
+/// from [from, from + rows) to [to, to + rows) of one array in place, with the
+/// whole block: each chunk of rows is first loaded into registers (Items parts
+/// per thread), then, after a barrier, stored. Chunks go in the direction of
+/// the move (ascending to the left, descending to the right), so a chunk's
+/// loads never see an earlier chunk's stores and its stores only land on rows
+/// already read — the CPU's sequential order, a chunk at a time, whatever the
+/// distance. Every thread must call it with the same arguments.
+template <int Items, class Mover>
+__device__ void block_move(std::int64_t from, std::int64_t to, std::int64_t rows, const Mover& mover) {
+  if (from == to || rows <= 0) return;
+  const std::int64_t parts = mover.parts();
+  const std::int64_t capacity = std::int64_t{Items} * blockDim.x;
+  const std::int64_t chunk = capacity / parts > 0 ? capacity / parts : 1;
+  for (std::int64_t done = 0; done < rows; done += chunk) {
+    const std::int64_t n = rows - done < chunk ? rows - done : chunk;
+    const std::int64_t first = to < from ? done : rows - done - n;
+    uint4 staged[Items];
+#pragma unroll
+    for (int k = 0; k < Items; ++k) {
+      const std::int64_t e = threadIdx.x + std::int64_t{k} * blockDim.x;
+      if (e < n * parts) staged[k] = mover.load(from + first + e / parts, e % parts);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < Items; ++k) {
+      const std::int64_t e = threadIdx.x + std::int64_t{k} * blockDim.x;
+      if (e < n * parts) mover.store(to + first + e / parts, e % parts, staged[k]);
+    }
+    __syncthreads();
+  }
+}
+
+/// block_move over the whole grid of a cooperative launch: each chunk (Items
+/// parts per thread of the grid) is loaded, the grid synchronises, then it is
+/// stored and the grid synchronises again. Same ordering argument as block_move.
+template <int Items, class Mover>
+__device__ void grid_move(const cooperative_groups::grid_group& grid, std::int64_t from, std::int64_t to,
+                          std::int64_t rows, const Mover& mover) {
+  if (from == to || rows <= 0) return;
+  const std::int64_t parts = mover.parts();
+  const auto threads = static_cast<std::int64_t>(grid.num_threads());
+  const auto rank = static_cast<std::int64_t>(grid.thread_rank());
+  const std::int64_t capacity = std::int64_t{Items} * threads;
+  const std::int64_t chunk = capacity / parts > 0 ? capacity / parts : 1;
+  for (std::int64_t done = 0; done < rows; done += chunk) {
+    const std::int64_t n = rows - done < chunk ? rows - done : chunk;
+    const std::int64_t first = to < from ? done : rows - done - n;
+    uint4 staged[Items];
+#pragma unroll
+    for (int k = 0; k < Items; ++k) {
+      const std::int64_t e = rank + std::int64_t{k} * threads;
+      if (e < n * parts) staged[k] = mover.load(from + first + e / parts, e % parts);
+    }
+    grid.sync();
+#pragma unroll
+    for (int k = 0; k < Items; ++k) {
+      const std::int64_t e = rank + std::int64_t{k} * threads;
+      if (e < n * parts) mover.store(to + first + e / parts, e % parts, staged[k]);
+    }
+    grid.sync();
+  }
+}
+
+/// A stored token of a codec::plain storage, as stored: its key row and value
+/// row in 16-byte parts, then its position (layout::flat's repack).
+template <class StoreT>
+struct plain_slot_mover {
+  StoreT* keys;
+  StoreT* values;
+  std::int32_t* slot_position;
+  std::int64_t head_dim;
+
+  __device__ std::int64_t vectors() const { return head_dim * static_cast<std::int64_t>(sizeof(StoreT)) / 16; }
+  __device__ std::int64_t parts() const { return 2 * vectors() + 1; }
+  __device__ uint4 load(std::int64_t slot, std::int64_t part) const {
+    if (part == 2 * vectors()) return make_uint4(static_cast<unsigned>(slot_position[slot]), 0u, 0u, 0u);
+    const StoreT* base = part < vectors() ? keys : values;
+    return reinterpret_cast<const uint4*>(base + slot * head_dim)[part % vectors()];
+  }
+  __device__ void store(std::int64_t slot, std::int64_t part, uint4 value) const {
+    if (part == 2 * vectors()) {
+      slot_position[slot] = static_cast<std::int32_t>(value.x);
+      return;
+    }
+    StoreT* base = part < vectors() ? keys : values;
+    reinterpret_cast<uint4*>(base + slot * head_dim)[part % vectors()] = value;
+  }
+};
+
+/// Entries of an int32 array (layout::paged's page lists).
+struct int32_mover {
+  std::int32_t* entries;
+  __device__ std::int64_t parts() const { return 1; }
+  __device__ uint4 load(std::int64_t index, std::int64_t) const {
+    return make_uint4(static_cast<unsigned>(entries[index]), 0u, 0u, 0u);
+  }
+  __device__ void store(std::int64_t index, std::int64_t, uint4 value) const {
+    entries[index] = static_cast<std::int32_t>(value.x);
+  }
+};
+
+/// Registers of staging per thread in block_move (8 × 16 bytes).
+inline constexpr int move_items = 8;
+
+/// Records a failure found by a planning kernel (call from one thread): this
+/// call's write kernels skip, and the first failure since the last check is kept.
+__device__ inline void record_failure(std::int64_t* status, std::int64_t code, std::int64_t needed,
+                                      std::int64_t available, std::int64_t count, std::int64_t target,
+                                      std::int64_t pool, std::int64_t unit) {
+  using s = detail::layout_status;
+  status[s::call_failed] = 1;
+  if (status[s::code] != s::none) return;
+  status[s::code] = code;
+  status[s::needed] = needed;
+  status[s::available] = available;
+  status[s::count] = count;
+  status[s::target] = target;
+  status[s::pool] = pool;
+  status[s::unit] = unit;
+}
+
+/// What write_rows writes. Compaction (kept_offsets non-null): head
+/// b·kv_heads + h gets its kept tokens at logical indices 0, 1, … (the
+/// compensation row instead of the kept placeholder, as the CPU's
+/// kept_source), positions start_position + token. Append: `count` tokens per
+/// head (or for head `target` only) after what the head holds — the planning
+/// kernel already lengthened it — at positions next_position − count + i.
+template <class View, class InT>
+struct layout_write {
+  View cache;
+  const InT* keys;
+  const InT* values;
+  std::int64_t batch_stride, head_stride, token_stride;  // elements (keys and values alike)
+  const std::int64_t* kept_offsets;
+  const std::int32_t* kept_tokens;
+  detail::compensation_rows compensation;
+  bool has_compensation;
+  std::int64_t start_position;
+  std::int64_t count;
+  std::int64_t target;  // −1: every head
+};
+
+/// Writes 8 elements (`chunk`) of the key and value rows of logical index
+/// first + row of head b·kv_heads + h, and the token's position with chunk 0.
+/// `next` is the position of appended row 0; `substitute` the kept index the
+/// compensation row replaces (−1: none).
+template <bool Vectorised, class View, class InT>
+__device__ void write_row_chunk(const layout_write<View, InT>& w, std::int64_t head, std::int64_t row,
+                                std::int64_t chunk, std::int64_t first, std::int64_t next, std::int64_t substitute) {
+  using store_type = device_element_t<typename View::codec::element>;
+  const std::int64_t head_dim = w.cache.shape.head_dim;
+  const std::int64_t b = head / w.cache.shape.kv_heads;
+  const std::int64_t h = head % w.cache.shape.kv_heads;
+  const bool compact = w.kept_offsets != nullptr;
+  const std::int64_t slot = w.cache.slot(b, h, first + row);
+  float key[8], value[8];
+  std::int64_t position = 0;
+  if (row == substitute) {
+    const float* key_row = w.compensation.keys + head * head_dim + chunk * 8;
+    const float* value_row = w.compensation.values + head * head_dim + chunk * 8;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) key[i] = key_row[i], value[i] = value_row[i];
+    position = w.compensation.position[head];
+  } else {
+    const std::int64_t token = compact ? std::int64_t{w.kept_tokens[w.kept_offsets[head] + row]} : row;
+    const std::int64_t in_offset = b * w.batch_stride + h * w.head_stride + token * w.token_stride + chunk * 8;
+    if constexpr (Vectorised) {
+      load8(w.keys + in_offset, key);
+      load8(w.values + in_offset, value);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) key[i] = to_float(w.keys[in_offset + i]), value[i] = to_float(w.values[in_offset + i]);
+    }
+    position = compact ? w.start_position + token : next + row;
+  }
+  if (chunk == 0) w.cache.positions.slot_position[slot] = static_cast<std::int32_t>(position);
+  packed8<store_type> key_out, value_out;
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+    key_out.elements[i] = from_float<store_type>(key[i]), value_out.elements[i] = from_float<store_type>(value[i]);
+  const std::int64_t out_offset = slot * head_dim + chunk * 8;
+  *reinterpret_cast<packed8<store_type>*>(reinterpret_cast<store_type*>(w.cache.storage.keys) + out_offset) = key_out;
+  *reinterpret_cast<packed8<store_type>*>(reinterpret_cast<store_type*>(w.cache.storage.values) + out_offset) = value_out;
+}
+
+template <class View, class InT, bool Vectorised>
+__global__ void write_rows(const __grid_constant__ layout_write<View, InT> w) {
+  if (w.cache.status[detail::layout_status::call_failed] != 0) return;
+  const std::int64_t chunks_per_row = w.cache.shape.head_dim / 8;
+  const std::int64_t heads = w.cache.heads();
+  const bool compact = w.kept_offsets != nullptr;
+  for (std::int64_t head = w.target >= 0 ? w.target : std::int64_t{blockIdx.y}; head < heads;
+       head += w.target >= 0 ? heads : std::int64_t{gridDim.y}) {
+    const std::int64_t rows = compact ? w.kept_offsets[head + 1] - w.kept_offsets[head] : w.count;
+    const std::int64_t first =
+        compact ? 0 : w.cache.head_length(head / w.cache.shape.kv_heads, head % w.cache.shape.kv_heads) - w.count;
+    const std::int64_t next = compact ? 0 : w.cache.positions.next_position[head] - w.count;
+    const std::int64_t substitute =
+        compact && w.has_compensation ? std::int64_t{w.compensation.index[head]} : std::int64_t{-1};
+    for (std::int64_t flat = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; flat < rows * chunks_per_row;
+         flat += std::int64_t{gridDim.x} * blockDim.x)
+      write_row_chunk<Vectorised>(w, head, flat / chunks_per_row, flat % chunks_per_row, first, next, substitute);
+    if (w.target >= 0) break;
+  }
+}
+
+/// An append's rows (w.count per head, or for head w.target only), as items
+/// `begin`, `begin + stride`, … of one flat index space (a grid-stride loop
+/// in a kernel that is not laid out by heads). The heads were lengthened already.
+template <bool Vectorised, class View, class InT>
+__device__ void write_appended_rows(const layout_write<View, InT>& w, std::int64_t begin, std::int64_t stride) {
+  const std::int64_t chunks_per_row = w.cache.shape.head_dim / 8;
+  const std::int64_t per_head = w.count * chunks_per_row;
+  const std::int64_t items = (w.target >= 0 ? 1 : w.cache.heads()) * per_head;
+  for (std::int64_t flat = begin; flat < items; flat += stride) {
+    const std::int64_t head = w.target >= 0 ? w.target : flat / per_head;
+    const std::int64_t row = flat % per_head / chunks_per_row;
+    const std::int64_t length = w.cache.head_length(head / w.cache.shape.kv_heads, head % w.cache.shape.kv_heads);
+    write_row_chunk<Vectorised>(w, head, row, flat % chunks_per_row, length - w.count,
+                                w.cache.positions.next_position[head] - w.count, -1);
+  }
+}
+
+/// What write_rows needs for one call (see layout_write).
+template <class View, class KeyT>
+layout_write<View, device_element_t<KeyT>> make_layout_write(const View& cache, const kv_view<KeyT, device_space>& keys,
+                                                             const kv_view<KeyT, device_space>& values,
+                                                             const std::int64_t* kept_offsets,
+                                                             const std::int32_t* kept_tokens,
+                                                             const detail::compensation_rows* compensation,
+                                                             std::int64_t start_position, std::int64_t count,
+                                                             std::int64_t target) {
+  using in_type = device_element_t<KeyT>;
+  return {cache,
+          reinterpret_cast<const in_type*>(keys.data),
+          reinterpret_cast<const in_type*>(values.data),
+          keys.stride(0),
+          keys.stride(1),
+          keys.stride(2),
+          kept_offsets,
+          kept_tokens,
+          compensation != nullptr ? *compensation : detail::compensation_rows{},
+          compensation != nullptr,
+          start_position,
+          count,
+          target};
+}
+
+/// 16-byte loads need 16-byte aligned rows: aligned bases and strides that keep them so.
+template <class KeyT>
+bool rows_aligned(const kv_view<KeyT, device_space>& keys, const kv_view<KeyT, device_space>& values) {
+  const std::int64_t vector_elements = 16 / static_cast<std::int64_t>(sizeof(KeyT));
+  return reinterpret_cast<std::uintptr_t>(keys.data) % 16 == 0 && reinterpret_cast<std::uintptr_t>(values.data) % 16 == 0 &&
+         keys.stride(0) % vector_elements == 0 && keys.stride(1) % vector_elements == 0 &&
+         keys.stride(2) % vector_elements == 0;
+}
+
+/// Host-side checks every ragged device call makes before its first launch
+/// (O(1), no device reads): 8-element rows, aligned storage, equal strides.
+template <class View, class KeyT>
+void check_rows(std::string_view function, const View& cache, const kv_view<KeyT, device_space>& keys,
+                const kv_view<KeyT, device_space>& values) {
+  if (cache.shape.head_dim % 8 != 0)
+    detail::fail(function, "shape.head_dim", "a multiple of 8 on backend::cuda", std::to_string(cache.shape.head_dim));
+  if (keys.strides != values.strides)
+    detail::fail(function, "values", "the same strides as keys on backend::cuda", "different strides");
+  check_aligned16(function, "cache.storage.keys", cache.storage.keys);
+  check_aligned16(function, "cache.storage.values", cache.storage.values);
+}
+
+/// Launches write_rows: `rows_bound` is a host-known bound on the rows of one
+/// head (the prefill length for compaction, the appended count for append).
+template <class View, class KeyT>
+void launch_write_rows(std::string_view function, const View& cache, const kv_view<KeyT, device_space>& keys,
+                       const kv_view<KeyT, device_space>& values, const std::int64_t* kept_offsets,
+                       const std::int32_t* kept_tokens, const detail::compensation_rows* compensation,
+                       std::int64_t start_position, std::int64_t count, std::int64_t target, std::int64_t rows_bound,
+                       cudaStream_t stream) {
+  using in_type = device_element_t<KeyT>;
+  const layout_write<View, in_type> w = make_layout_write(cache, keys, values, kept_offsets, kept_tokens, compensation,
+                                                          start_position, count, target);
+  const bool aligned = rows_aligned(keys, values);
+  const std::int64_t heads = target >= 0 ? 1 : cache.heads();
+  const dim3 grid(
+      static_cast<unsigned>(std::clamp<std::int64_t>(ceil_div(rows_bound * (cache.shape.head_dim / 8), 256), 1, 4096)),
+      static_cast<unsigned>(std::min<std::int64_t>(heads, 65535)));
+  if (aligned)
+    write_rows<View, in_type, true><<<grid, 256, 0, stream>>>(w);
+  else
+    write_rows<View, in_type, false><<<grid, 256, 0, stream>>>(w);
+  detail::check_launch(function, "write_rows");
+}
+
+}  // namespace cuda_detail
+
+/// Throws the kvtrim::error a CPU call would have thrown when a device call on
+/// `cache` (layout::paged or layout::flat on backend::cuda) found the pool or
+/// buffer short, or positions past 2^31, since the last check; clears the
+/// record. Synchronises `stream` (call it where a host sync is acceptable: after
+/// compress, every few decode steps, or after replaying a graph).
+template <class View>
+  requires requires(const View& view) { view.status; }
+void check_status(const View& cache, cudaStream_t stream) {
+  constexpr std::string_view function = "kvtrim::check_status";
+  if (cache.status == nullptr) detail::fail(function, "cache.status", "a bound cache view", "a null pointer");
+  std::int64_t words[detail::layout_status::words] = {};
+  detail::check_cuda(cudaMemcpyAsync(words, cache.status, sizeof words, cudaMemcpyDeviceToHost, stream), function,
+                     "cudaMemcpyAsync(status)");
+  detail::check_cuda(cudaStreamSynchronize(stream), function, "cudaStreamSynchronize");
+  if (words[detail::layout_status::code] == detail::layout_status::none) return;
+  detail::check_cuda(cudaMemsetAsync(cache.status, 0, sizeof words, stream), function, "cudaMemsetAsync(status)");
+  detail::check_cuda(cudaStreamSynchronize(stream), function, "cudaStreamSynchronize");
+  detail::raise_layout_status(words);
+}
+
+}  // namespace kvtrim
