@@ -1,22 +1,41 @@
-// kvtrim/backend/cuda/select_top_k.cuh — the selection stage on the GPU, with CUB.
+// kvtrim/backend/cuda/select_top_k.cuh — the selection stage on the GPU: a
+// radix select per head, then a stable compaction.
 //
 // Same contract as the CPU reference (backend/cpu/select_top_k.hpp): per head,
 // the keep_count tokens of highest score, ties to the lower index, NaN below
-// every number, listed in ascending token order. Steps, all device-wide CUB:
-//   1. scores → order-preserving 32-bit keys (NaN → 0, below −∞'s key);
-//   2. DeviceSegmentedSort::StableSortPairsDescending per head (stable over
-//      ascending indices, so equal scores keep the lower index first);
-//   3. flag the first keep_count tokens of each head;
-//   4. DeviceSelect::Flagged over all heads' token indices: the kept tokens
-//      come out grouped by head and ascending within it, with no second sort;
-//   5. offsets = exclusive scan of keep counts (DeviceScan).
-// Compression is not the decode hot path; a radix-select for very long
-// contexts can replace step 2 later without changing the contract.
+// every number, −0 equal to +0, listed in ascending token order.
+//
+// Why a radix select and not a sort: a head keeps "every token above a
+// threshold score, and the first few (in token order) of the tokens AT the
+// threshold". Finding the threshold needs only counts, and counts come from
+// histograms of an order-preserving 32-bit key of the score — 4 passes of 8
+// bits (CUB's radix digit width on this hardware class), each a read of the
+// scores and one small decision per head. The full segmented sort it replaces
+// (cub::DeviceSegmentedSort, 64 segments of 32k at workload W) moved keys and
+// values through several passes and dominated the compress (issue 10); the
+// sort's output order was thrown away anyway (the kept list is in token order).
+//
+// The same threshold search serves budget::adaptive (backend/cuda/adaptive.cuh),
+// where a GROUP of heads (a sequence's kv heads) shares one threshold and the
+// count at a candidate threshold is Σ_h max(floor_h, tokens of h at or above it)
+// rather than a plain count; a head of select_top_k is a group of one head
+// with floor 0. Everything below is written for groups.
+//
+// Steps (all on the stream, no host round trip):
+//   1. offsets = exclusive scan of the clamped keep counts (cub::DeviceScan);
+//   2. for pass p = 0..3: radix_histogram (per head, the 256-bin histogram of
+//      key digit p among the tokens whose higher digits equal the group's
+//      prefix so far; shared-memory bins, one global atomic per bin and block),
+//      radix_decide (per group: the largest digit whose count-at-or-above still
+//      reaches the target; appends it to the prefix). After pass 3 the prefix
+//      is the threshold key v*, `above` counts keys > v* and `ties` keys = v*;
+//   3. compact_selected (one block per head): a block-wide scan of the packed
+//      pair (keys above v*, keys equal to v*) in token order gives every kept
+//      token its output slot: slot = above_before + min(ties_before, ties_kept).
 #pragma once
 
+#include <cub/block/block_scan.cuh>
 #include <cub/device/device_scan.cuh>
-#include <cub/device/device_segmented_sort.cuh>
-#include <cub/device/device_select.cuh>
 
 #include <algorithm>
 #include <cstdint>
@@ -29,42 +48,272 @@ namespace kvtrim {
 
 namespace cuda_detail {
 
+/// An order-preserving unsigned key: a larger key ranks first. NaN maps to 0,
+/// below −∞ (0x007fffff); −0 maps to +0's key (ranks_before calls them equal).
 __device__ __forceinline__ std::uint32_t rank_key(float score) {
   if (isnan(score)) return 0u;
-  const std::uint32_t bits = __float_as_uint(score);
+  const std::uint32_t bits = score == 0.0f ? 0u : __float_as_uint(score);
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
-// The kernels are templates (over the CSR's index types: Token and Count int32,
-// Offset int64 here) so that any number of translation units may include this
-// header: a template's instantiations merge at link time, while a plain
-// __global__ function's host stub is an ordinary external function that two .cu
-// files would both define (issue 9; tests/link/).
-template <class Token, class Offset>
-__global__ void prepare_selection(const float* scores, std::uint32_t* rank_keys, Token* token_indices,
-                                  std::uint8_t* kept_flags, Offset* segment_offsets, std::int64_t heads,
-                                  std::int64_t tokens) {
-  const std::int64_t total = heads * tokens;
-  for (std::int64_t flat = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; flat <= total;
-       flat += std::int64_t{gridDim.x} * blockDim.x) {
-    if (flat < total) {
-      rank_keys[flat] = rank_key(scores[flat]);
-      token_indices[flat] = static_cast<Token>(flat % tokens);
-      kept_flags[flat] = 0;
+/// rank_key(+∞): the key of a scorer's protected tokens.
+inline constexpr std::uint32_t infinity_key = 0xff800000u;
+
+inline constexpr int radix_bits = 8;
+inline constexpr int radix_bins = 1 << radix_bits;
+inline constexpr int radix_passes = 32 / radix_bits;
+
+/// Scores as the kernels read them: [batch, kv_heads, tokens] with any strides.
+struct score_rows {
+  const float* data;
+  std::int64_t kv_heads, tokens;
+  std::int64_t batch_stride, head_stride, token_stride;
+
+  __device__ __forceinline__ const float* row(std::int64_t head) const {
+    return data + (head / kv_heads) * batch_stride + (head % kv_heads) * head_stride;
+  }
+};
+
+inline score_rows rows_of(const tensor_view<const float, 3, device_space>& scores) {
+  return {scores.data, scores.extent(1), scores.extent(2), scores.stride(0), scores.stride(1), scores.stride(2)};
+}
+
+/// Per-head and per-group state of the threshold search (carved from the workspace).
+struct threshold_state {
+  std::uint32_t* histograms = nullptr;  // [heads × radix_bins]; zero between passes
+  std::uint32_t* infinities = nullptr;  // [heads]: tokens scored +∞ (filled in pass 0)
+  std::uint32_t* prefix = nullptr;      // [groups]: the key digits fixed so far; after pass 3, v*
+  std::int64_t* floors = nullptr;       // [heads]: tokens a head keeps whatever the threshold
+  std::int64_t* above = nullptr;        // [heads]: tokens whose key is above the prefix's range
+  std::int64_t* ties = nullptr;         // [heads]: tokens whose key equals v* (after pass 3)
+  std::int64_t* kept = nullptr;         // [heads]: the head's final count (after pass 3)
+
+  template <class Carver>
+  static threshold_state carve(Carver& carver, std::int64_t heads, std::int64_t groups) {
+    threshold_state s;
+    s.histograms = carver.template take<std::uint32_t>(heads * radix_bins);
+    s.infinities = carver.template take<std::uint32_t>(heads);
+    s.prefix = carver.template take<std::uint32_t>(groups);
+    s.floors = carver.template take<std::int64_t>(heads);
+    s.above = carver.template take<std::int64_t>(heads);
+    s.ties = carver.template take<std::int64_t>(heads);
+    s.kept = carver.template take<std::int64_t>(heads);
+    return s;
+  }
+};
+
+// Kernels are templates (over block shapes and the group rule) so that any
+// number of translation units may include this header: a template's
+// instantiations merge at link time, a plain __global__ function's host stub
+// would be defined in every .cu file that includes it (issue 9; tests/link/).
+
+/// Pass `pass` of the threshold search: per head, the histogram of key digit
+/// `pass` (most significant first) over the tokens whose higher digits equal
+/// the group's prefix. Work items are (head, chunk of Threads·Items tokens).
+template <int Threads, int Items>
+__global__ void __launch_bounds__(Threads) radix_histogram(score_rows scores, std::int64_t heads,
+                                                           std::int64_t heads_per_group, int pass,
+                                                           threshold_state state) {
+  __shared__ std::uint32_t bins[radix_bins];
+  __shared__ std::uint32_t infinities;
+  constexpr std::int64_t chunk_tokens = std::int64_t{Threads} * Items;
+  const std::int64_t chunks = (scores.tokens + chunk_tokens - 1) / chunk_tokens;
+  const int shift = 32 - radix_bits * (pass + 1);
+  const std::uint32_t high_mask = pass == 0 ? 0u : ~0u << (32 - radix_bits * pass);
+  for (std::int64_t work = blockIdx.x; work < heads * chunks; work += gridDim.x) {
+    const std::int64_t head = work / chunks;
+    const std::int64_t begin = (work % chunks) * chunk_tokens;
+    const std::int64_t end = begin + chunk_tokens < scores.tokens ? begin + chunk_tokens : scores.tokens;
+    for (int bin = threadIdx.x; bin < radix_bins; bin += Threads) bins[bin] = 0;
+    if (threadIdx.x == 0) infinities = 0;
+    __syncthreads();
+    const float* row = scores.row(head);
+    const std::uint32_t fixed = pass == 0 ? 0u : state.prefix[head / heads_per_group];
+    std::uint32_t my_infinities = 0;
+    for (std::int64_t token = begin + threadIdx.x; token < end; token += Threads) {
+      const std::uint32_t key = rank_key(row[token * scores.token_stride]);
+      if (((key ^ fixed) & high_mask) == 0) atomicAdd(&bins[(key >> shift) & (radix_bins - 1)], 1u);
+      my_infinities += key == infinity_key ? 1u : 0u;
     }
-    if (flat % tokens == 0) segment_offsets[flat / tokens] = static_cast<Offset>(flat);
+    if (pass == 0 && my_infinities > 0) atomicAdd(&infinities, my_infinities);
+    __syncthreads();
+    for (int bin = threadIdx.x; bin < radix_bins; bin += Threads)
+      if (bins[bin] > 0) atomicAdd(&state.histograms[head * radix_bins + bin], bins[bin]);
+    if (pass == 0 && threadIdx.x == 0 && infinities > 0) atomicAdd(&state.infinities[head], infinities);
+    __syncthreads();  // the bins are zeroed again for the next work item
   }
 }
 
-template <class Token, class Count>
-__global__ void flag_top_tokens(const Token* sorted_tokens, const Count* keep_counts,
-                                std::uint8_t* kept_flags, std::int64_t heads, std::int64_t tokens) {
-  const std::int64_t total = heads * tokens;
-  for (std::int64_t flat = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; flat < total;
-       flat += std::int64_t{gridDim.x} * blockDim.x) {
-    const std::int64_t head = flat / tokens;
-    const std::int64_t rank = flat % tokens;
-    if (rank < keep_counts[head]) kept_flags[head * tokens + sorted_tokens[flat]] = 1;
+/// Pass `pass` of the threshold search, one block of radix_bins threads per
+/// group. F(v) = Σ_h max(floor_h, tokens of h with key ≥ v) never grows with v;
+/// the search wants v* = the largest v with F(v) ≥ target. Thread d evaluates
+/// F at the lowest key of digit 255 − d (prefix so far, then that digit, then
+/// zeros); the chosen digit is the largest one whose F still reaches the target.
+/// After the last pass, `Rule` decides nothing more: the counts follow from
+/// above/ties/floors (see finish_group).
+template <class Rule>
+__global__ void __launch_bounds__(radix_bins) radix_decide(Rule rule, std::int64_t groups,
+                                                           std::int64_t heads_per_group, int pass,
+                                                           threshold_state state) {
+  using block_scan = cub::BlockScan<long long, radix_bins>;
+  __shared__ typename block_scan::TempStorage scan_storage;
+  __shared__ int chosen_digit;
+  const int lane = threadIdx.x;
+  const int shift = 32 - radix_bits * (pass + 1);
+  for (std::int64_t group = blockIdx.x; group < groups; group += gridDim.x) {
+    const std::int64_t first = group * heads_per_group;
+    const long long target = rule.target(group);
+    if (pass == 0) {
+      for (std::int64_t h = lane; h < heads_per_group; h += radix_bins) {
+        state.floors[first + h] = rule.floor(group, h, state.infinities[first + h]);
+        state.above[first + h] = 0;
+      }
+      __syncthreads();
+    }
+    // F at digit 255 − lane: the tokens with digit ≥ 255 − lane are an inclusive
+    // scan over the bins read from the top.
+    long long reached = 0;
+    for (std::int64_t h = 0; h < heads_per_group; ++h) {
+      const long long count = state.histograms[(first + h) * radix_bins + (radix_bins - 1 - lane)];
+      long long at_or_above = 0;
+      block_scan(scan_storage).InclusiveSum(count, at_or_above);
+      __syncthreads();
+      const long long floor = state.floors[first + h];
+      const long long tokens = state.above[first + h] + at_or_above;
+      reached += tokens > floor ? tokens : floor;
+    }
+    // F falls as the digit rises, i.e. rises with the lane: the lanes short of
+    // the target are the highest digits. F at digit 0 reaches the target (the
+    // previous pass chose this prefix for that), so at most 255 lanes fall short.
+    const int short_lanes = __syncthreads_count(reached < target);
+    if (lane == 0) chosen_digit = radix_bins - 1 - (short_lanes < radix_bins ? short_lanes : radix_bins - 1);
+    __syncthreads();
+    const int digit = chosen_digit;
+    // Tokens above the new prefix: add each head's bins above the chosen digit;
+    // tokens at it (the ties, once the prefix is the whole key): its own bin.
+    for (std::int64_t h = 0; h < heads_per_group; ++h) {
+      const long long count = state.histograms[(first + h) * radix_bins + (radix_bins - 1 - lane)];
+      long long at_or_above = 0;
+      block_scan(scan_storage).InclusiveSum(count, at_or_above);
+      __syncthreads();
+      if (radix_bins - 1 - lane == digit) {
+        state.above[first + h] += at_or_above - count;
+        state.ties[first + h] = count;
+      }
+    }
+    __syncthreads();
+    for (std::int64_t h = 0; h < heads_per_group; ++h)  // zero for the next pass (this block alone reads them)
+      state.histograms[(first + h) * radix_bins + lane] = 0;
+    if (lane == 0) {
+      const std::uint32_t prefix = (pass == 0 ? 0u : state.prefix[group]) | (std::uint32_t(digit) << shift);
+      state.prefix[group] = prefix;
+      if (pass == radix_passes - 1) {
+        // v* is fixed: every head keeps max(floor, above), and the tokens at v*
+        // fill the rest of the target in (head, token) order — the heads in
+        // order, each taking what its ties add over its floor.
+        long long remaining = target;
+        for (std::int64_t h = 0; h < heads_per_group; ++h) {
+          const long long floor = state.floors[first + h], above = state.above[first + h];
+          remaining -= above > floor ? above : floor;
+        }
+        for (std::int64_t h = 0; h < heads_per_group; ++h) {
+          const long long floor = state.floors[first + h], above = state.above[first + h];
+          const long long base = above > floor ? above : floor;
+          const long long full = above + state.ties[first + h] > floor ? above + state.ties[first + h] : floor;
+          long long take = full - base < remaining ? full - base : remaining;
+          take = take > 0 ? take : 0;
+          remaining -= take;
+          state.kept[first + h] = base + take;
+          rule.write_count(first + h, base + take);
+        }
+      }
+    }
+    __syncthreads();
+  }
+}
+
+/// select_top_k's rule: every head its own group, floor 0, target its clamped keep count.
+struct select_rule {
+  const std::int32_t* keep_counts;
+  std::int64_t tokens;
+  __device__ long long target(std::int64_t head) const {
+    const long long count = keep_counts[head];
+    return count < 0 ? 0 : (count > tokens ? tokens : count);
+  }
+  __device__ long long floor(std::int64_t, std::int64_t, std::uint32_t) const { return 0; }
+  __device__ void write_count(std::int64_t, long long) const {}
+};
+
+/// Runs the four passes of the threshold search on `stream`.
+template <class Rule>
+void find_thresholds(const score_rows& scores, std::int64_t heads, std::int64_t heads_per_group, const Rule& rule,
+                     const threshold_state& state, cudaStream_t stream, std::string_view function) {
+  constexpr int threads = 256, items = 16;
+  const std::int64_t groups = heads / heads_per_group;
+  detail::check_cuda(cudaMemsetAsync(state.histograms, 0, sizeof(std::uint32_t) * heads * radix_bins, stream),
+                     function, "cudaMemsetAsync(histograms)");
+  detail::check_cuda(cudaMemsetAsync(state.infinities, 0, sizeof(std::uint32_t) * heads, stream), function,
+                     "cudaMemsetAsync(infinities)");
+  const std::int64_t chunks = ceil_div(std::max<std::int64_t>(scores.tokens, 1), std::int64_t{threads} * items);
+  const auto histogram_blocks = static_cast<unsigned>(std::clamp<std::int64_t>(heads * chunks, 1, 1 << 20));
+  const auto decide_blocks = static_cast<unsigned>(std::clamp<std::int64_t>(groups, 1, 1 << 20));
+  for (int pass = 0; pass < radix_passes; ++pass) {
+    radix_histogram<threads, items><<<histogram_blocks, threads, 0, stream>>>(scores, heads, heads_per_group, pass,
+                                                                              state);
+    detail::check_launch(function, "radix_histogram");
+    radix_decide<Rule><<<decide_blocks, radix_bins, 0, stream>>>(rule, groups, heads_per_group, pass, state);
+    detail::check_launch(function, "radix_decide");
+  }
+}
+
+/// One block per head: lists the head's kept tokens in ascending order at
+/// kept_tokens[offsets[head] ...]: every token whose key is above v*, and the
+/// first kept − above of those at v*. Tiles of Threads·Items tokens, each thread
+/// Items consecutive ones; a block scan of the packed count pair (above in the
+/// high 32 bits, ties in the low 32; a head has < 2^31 tokens, so no carry)
+/// with a running prefix across tiles.
+template <int Threads, int Items>
+__global__ void __launch_bounds__(Threads) compact_selected(score_rows scores, std::int64_t heads,
+                                                            threshold_state state, const std::int64_t* offsets,
+                                                            std::int32_t* kept_tokens) {
+  using block_scan = cub::BlockScan<unsigned long long, Threads>;
+  __shared__ typename block_scan::TempStorage scan_storage;
+  constexpr std::int64_t tile_tokens = std::int64_t{Threads} * Items;
+  for (std::int64_t head = blockIdx.x; head < heads; head += gridDim.x) {
+    const std::uint32_t threshold = state.prefix[head];
+    const std::int64_t ties_kept = state.kept[head] - state.above[head];
+    std::int32_t* out = kept_tokens + offsets[head];
+    const float* row = scores.row(head);
+    unsigned long long running = 0;  // (above, ties) before this tile
+    for (std::int64_t tile = 0; tile < scores.tokens; tile += tile_tokens) {
+      const std::int64_t first = tile + std::int64_t{threadIdx.x} * Items;
+      std::uint32_t keys[Items];
+      unsigned long long mine = 0;
+#pragma unroll
+      for (int i = 0; i < Items; ++i) {
+        keys[i] = first + i < scores.tokens ? rank_key(row[(first + i) * scores.token_stride]) : 0u;
+        const bool inside = first + i < scores.tokens;
+        mine += !inside ? 0ull : keys[i] > threshold ? (1ull << 32) : keys[i] == threshold ? 1ull : 0ull;
+      }
+      unsigned long long before = 0, tile_total = 0;
+      block_scan(scan_storage).ExclusiveSum(mine, before, tile_total);
+      __syncthreads();  // the scan storage is reused by the next tile
+      before += running;
+      running += tile_total;
+#pragma unroll
+      for (int i = 0; i < Items; ++i) {
+        if (first + i >= scores.tokens) break;
+        const std::int64_t above = static_cast<std::int64_t>(before >> 32);
+        const std::int64_t ties = static_cast<std::int64_t>(before & 0xffffffffull);
+        if (keys[i] > threshold) {
+          out[above + (ties < ties_kept ? ties : ties_kept)] = static_cast<std::int32_t>(first + i);
+          before += 1ull << 32;
+        } else if (keys[i] == threshold) {
+          if (ties < ties_kept) out[above + ties] = static_cast<std::int32_t>(first + i);
+          before += 1ull;
+        }
+      }
+    }
   }
 }
 
@@ -89,55 +338,31 @@ struct implementation<stage::select_top_k, backend::cuda> {
   static constexpr std::string_view function = "kvtrim::stage::select_top_k";
 
   struct parts {
-    std::uint32_t* rank_keys = nullptr;
-    std::uint32_t* sorted_keys = nullptr;
-    std::int32_t* token_indices = nullptr;
-    std::int32_t* sorted_tokens = nullptr;
-    std::uint8_t* kept_flags = nullptr;
-    std::int64_t* segment_offsets = nullptr;
-    std::int64_t* selected_count = nullptr;
+    cuda_detail::threshold_state state;
     void* cub_scratch = nullptr;
     std::size_t cub_bytes = 0;
   };
 
-  static std::size_t cub_scratch_bytes(std::int64_t heads, std::int64_t tokens) {
-    const std::int64_t items = heads * tokens;
-    std::size_t sort_bytes = 0, select_bytes = 0, scan_bytes = 0;
-    detail::check_cuda(cub::DeviceSegmentedSort::StableSortPairsDescending(
-                           nullptr, sort_bytes, static_cast<const std::uint32_t*>(nullptr),
-                           static_cast<std::uint32_t*>(nullptr), static_cast<const std::int32_t*>(nullptr),
-                           static_cast<std::int32_t*>(nullptr), items, heads,
-                           static_cast<const std::int64_t*>(nullptr), static_cast<const std::int64_t*>(nullptr)),
-                       function, "cub::DeviceSegmentedSort::StableSortPairsDescending (sizing)");
-    detail::check_cuda(cub::DeviceSelect::Flagged(nullptr, select_bytes, static_cast<const std::int32_t*>(nullptr),
-                                                  static_cast<const std::uint8_t*>(nullptr),
-                                                  static_cast<std::int32_t*>(nullptr),
-                                                  static_cast<std::int64_t*>(nullptr), items),
-                       function, "cub::DeviceSelect::Flagged (sizing)");
+  static std::size_t cub_scratch_bytes(std::int64_t heads) {
+    std::size_t scan_bytes = 0;
     detail::check_cuda(cub::DeviceScan::InclusiveSum(nullptr, scan_bytes, static_cast<std::int64_t*>(nullptr), heads),
                        function, "cub::DeviceScan::InclusiveSum (sizing)");
-    return std::max({sort_bytes, select_bytes, scan_bytes});
+    return scan_bytes;
   }
 
   template <class Carver>
-  static parts carve(Carver& carver, std::int64_t heads, std::int64_t tokens) {
-    const std::int64_t items = heads * tokens;
+  static parts carve(Carver& carver, std::int64_t heads) {
     parts p;
-    p.rank_keys = carver.template take<std::uint32_t>(items);
-    p.sorted_keys = carver.template take<std::uint32_t>(items);
-    p.token_indices = carver.template take<std::int32_t>(items);
-    p.sorted_tokens = carver.template take<std::int32_t>(items);
-    p.kept_flags = carver.template take<std::uint8_t>(items);
-    p.segment_offsets = carver.template take<std::int64_t>(heads + 1);
-    p.selected_count = carver.template take<std::int64_t>(1);
-    p.cub_bytes = cub_scratch_bytes(heads, tokens);
+    p.state = cuda_detail::threshold_state::carve(carver, heads, heads);
+    p.cub_bytes = cub_scratch_bytes(heads);
     p.cub_scratch = carver.template take<std::byte>(static_cast<std::int64_t>(p.cub_bytes));
     return p;
   }
 
-  static std::size_t workspace_bytes(std::int64_t heads, std::int64_t tokens) {
+  /// O(heads): the search's histograms and state, not O(heads · tokens).
+  static std::size_t workspace_bytes(std::int64_t heads, std::int64_t /*tokens*/) {
     workspace_carver carver;
-    carve(carver, heads, tokens);
+    carve(carver, heads);
     return carver.bytes();
   }
 
@@ -145,29 +370,30 @@ struct implementation<stage::select_top_k, backend::cuda> {
                      std::int64_t* offsets, std::int32_t* kept_tokens, workspace scratch, cudaStream_t stream) {
     const std::int64_t tokens = scores.extent(2);
     const std::int64_t heads = scores.extent(0) * scores.extent(1);
-    const std::int64_t items = heads * tokens;
+    if (heads == 0) {
+      detail::check_cuda(cudaMemsetAsync(offsets, 0, sizeof(std::int64_t), stream), function, "cudaMemsetAsync");
+      return;
+    }
     workspace_carver carver(scratch);
-    parts p = carve(carver, heads, tokens);
+    const parts p = carve(carver, heads);
 
-    cuda_detail::prepare_selection<std::int32_t, std::int64_t><<<cuda_detail::grid_for(items + 1), 256, 0, stream>>>(
-        scores.data, p.rank_keys, p.token_indices, p.kept_flags, p.segment_offsets, heads, tokens);
-    detail::check_launch(function, "prepare_selection");
-    detail::check_cuda(cub::DeviceSegmentedSort::StableSortPairsDescending(
-                           p.cub_scratch, p.cub_bytes, p.rank_keys, p.sorted_keys, p.token_indices, p.sorted_tokens,
-                           items, heads, p.segment_offsets, p.segment_offsets + 1, stream),
-                       function, "cub::DeviceSegmentedSort::StableSortPairsDescending");
-    cuda_detail::flag_top_tokens<std::int32_t, std::int32_t><<<cuda_detail::grid_for(items), 256, 0, stream>>>(
-        p.sorted_tokens, keep_counts, p.kept_flags, heads, tokens);
-    detail::check_launch(function, "flag_top_tokens");
-    detail::check_cuda(cub::DeviceSelect::Flagged(p.cub_scratch, p.cub_bytes, p.token_indices, p.kept_flags,
-                                                  kept_tokens, p.selected_count, items, stream),
-                       function, "cub::DeviceSelect::Flagged");
     detail::check_cuda(cudaMemsetAsync(offsets, 0, sizeof(std::int64_t), stream), function, "cudaMemsetAsync");
     cuda_detail::clamp_counts<std::int32_t, std::int64_t><<<cuda_detail::grid_for(heads), 256, 0, stream>>>(
         keep_counts, offsets + 1, heads, tokens);
     detail::check_launch(function, "clamp_counts");
-    detail::check_cuda(cub::DeviceScan::InclusiveSum(p.cub_scratch, p.cub_bytes, offsets + 1, heads, stream),
-                       function, "cub::DeviceScan::InclusiveSum");
+    std::size_t cub_bytes = p.cub_bytes;
+    detail::check_cuda(cub::DeviceScan::InclusiveSum(p.cub_scratch, cub_bytes, offsets + 1, heads, stream), function,
+                       "cub::DeviceScan::InclusiveSum");
+    if (tokens == 0) return;
+
+    const cuda_detail::score_rows rows = cuda_detail::rows_of(scores);
+    cuda_detail::find_thresholds(rows, heads, 1, cuda_detail::select_rule{keep_counts, tokens}, p.state, stream,
+                                 function);
+    constexpr int threads = 512, items = 8;
+    cuda_detail::compact_selected<threads, items>
+        <<<static_cast<unsigned>(std::min<std::int64_t>(heads, 1 << 20)), threads, 0, stream>>>(rows, heads, p.state,
+                                                                                               offsets, kept_tokens);
+    detail::check_launch(function, "compact_selected");
   }
 };
 
