@@ -6,9 +6,12 @@
 #include "kvtrim/kvtrim.hpp"
 
 #include "kvtrim/backend/cuda.hpp"
+#include "kvtrim/backend/cuda/adaptive.cuh"
 #include "kvtrim/backend/cuda/common.cuh"
 #include "kvtrim/backend/cuda/contiguous.cuh"
 #include "kvtrim/backend/cuda/decode_attention.cuh"
+#include "kvtrim/backend/cuda/per_head.cuh"
+#include "kvtrim/backend/cuda/pyramid.cuh"
 #include "kvtrim/backend/cuda/select_top_k.cuh"
 #include "kvtrim/backend/cuda/static_window.cuh"
 #include "kvtrim/backend/cuda/uniform.cuh"
