@@ -21,21 +21,23 @@
 // rather than a plain count; a head of select_top_k is a group of one head
 // with floor 0. Everything below is written for groups.
 //
-// Steps (all on the stream, no host round trip):
-//   1. offsets = exclusive scan of the clamped keep counts (cub::DeviceScan);
-//   2. for pass p = 0..3: radix_histogram (per head, the 256-bin histogram of
-//      key digit p among the tokens whose higher digits equal the group's
-//      prefix so far; shared-memory bins, one global atomic per bin and block),
-//      radix_decide (per group: the largest digit whose count-at-or-above still
-//      reaches the target; appends it to the prefix). After pass 3 the prefix
-//      is the threshold key v*, `above` counts keys > v* and `ties` keys = v*;
+// Steps (all on the stream, no host round trip; 6 launches and one memset):
+//   1. keep_offsets: offsets = exclusive scan of the clamped keep counts (one
+//      block, cub::BlockScan);
+//   2. for pass p = 0..3, radix_pass: per head, the 256-bin histogram of key
+//      digit p among the tokens whose higher digits equal the group's prefix so
+//      far (shared-memory bins, one global atomic per bin and block); the block
+//      that finishes a group's last chunk (an arrival counter behind a
+//      threadfence) decides for the group: the largest digit whose
+//      count-at-or-above still reaches the target, appended to the prefix.
+//      After pass 3 the prefix is the threshold key v*, `above` counts keys
+//      > v* and `ties` keys = v*;
 //   3. compact_selected (one block per head): a block-wide scan of the packed
 //      pair (keys above v*, keys equal to v*) in token order gives every kept
 //      token its output slot: slot = above_before + min(ties_before, ties_kept).
 #pragma once
 
 #include <cub/block/block_scan.cuh>
-#include <cub/device/device_scan.cuh>
 
 #include <algorithm>
 #include <cstdint>
@@ -82,17 +84,25 @@ inline score_rows rows_of(const tensor_view<const float, 3, device_space>& score
 struct threshold_state {
   std::uint32_t* histograms = nullptr;  // [heads × radix_bins]; zero between passes
   std::uint32_t* infinities = nullptr;  // [heads]: tokens scored +∞ (filled in pass 0)
+  std::uint32_t* arrivals = nullptr;    // [groups]: blocks of this pass done with the group; zero between passes
   std::uint32_t* prefix = nullptr;      // [groups]: the key digits fixed so far; after pass 3, v*
   std::int64_t* floors = nullptr;       // [heads]: tokens a head keeps whatever the threshold
   std::int64_t* above = nullptr;        // [heads]: tokens whose key is above the prefix's range
   std::int64_t* ties = nullptr;         // [heads]: tokens whose key equals v* (after pass 3)
   std::int64_t* kept = nullptr;         // [heads]: the head's final count (after pass 3)
+  std::size_t zeroed_bytes = 0;         // histograms, infinities and arrivals: adjacent, one memset
 
   template <class Carver>
   static threshold_state carve(Carver& carver, std::int64_t heads, std::int64_t groups) {
     threshold_state s;
+    // heads·radix_bins·4 bytes is a multiple of the carver's 256-byte alignment,
+    // so these three are adjacent (no padding between) and one memset zeroes them.
     s.histograms = carver.template take<std::uint32_t>(heads * radix_bins);
     s.infinities = carver.template take<std::uint32_t>(heads);
+    s.arrivals = carver.template take<std::uint32_t>(groups);
+    if (s.histograms != nullptr)
+      s.zeroed_bytes = static_cast<std::size_t>(reinterpret_cast<const std::byte*>(s.arrivals + groups) -
+                                                reinterpret_cast<const std::byte*>(s.histograms));
     s.prefix = carver.template take<std::uint32_t>(groups);
     s.floors = carver.template take<std::int64_t>(heads);
     s.above = carver.template take<std::int64_t>(heads);
@@ -102,133 +112,170 @@ struct threshold_state {
   }
 };
 
+/// What the decision of one group needs in shared memory.
+struct decide_storage {
+  typename cub::BlockScan<long long, radix_bins>::TempStorage scan;
+  int chosen_digit;
+};
+
+/// One group's decision after pass `pass`, by a whole block of radix_bins threads.
+/// F(v) = Σ_h max(floor_h, tokens of h with key ≥ v) never grows with v; the
+/// search wants v* = the largest v with F(v) ≥ target. Thread `lane` evaluates
+/// F at the lowest key of digit 255 − lane (prefix so far, that digit, zeros);
+/// the chosen digit is the largest one whose F still reaches the target. After
+/// the last pass the counts follow from above/ties/floors.
+/// The histograms were written by other blocks' atomics in this same kernel:
+/// they (and everything this block reads) are loaded from L2 (__ldcg).
+template <class Rule>
+__device__ void decide_group(const Rule& rule, std::int64_t group, std::int64_t heads_per_group, int pass,
+                             const threshold_state& state, decide_storage& storage) {
+  using block_scan = cub::BlockScan<long long, radix_bins>;
+  constexpr int batch = 8;  // heads whose loads are issued together, ahead of their scans
+  const int lane = threadIdx.x;
+  const int shift = 32 - radix_bits * (pass + 1);
+  const std::int64_t first = group * heads_per_group;
+  const long long target = rule.target(group);
+  if (pass == 0) {
+    for (std::int64_t h = lane; h < heads_per_group; h += radix_bins) {
+      state.floors[first + h] = rule.floor(group, h, __ldcg(&state.infinities[first + h]));
+      state.above[first + h] = 0;
+    }
+    __syncthreads();
+  }
+  // F at digit 255 − lane: the tokens with digit ≥ 255 − lane are an inclusive
+  // scan over the bins read from the top.
+  long long reached = 0;
+  for (std::int64_t h0 = 0; h0 < heads_per_group; h0 += batch) {
+    long long count[batch], floor[batch], above[batch];
+#pragma unroll
+    for (int j = 0; j < batch; ++j) {
+      const bool inside = h0 + j < heads_per_group;
+      count[j] = inside ? __ldcg(&state.histograms[(first + h0 + j) * radix_bins + (radix_bins - 1 - lane)]) : 0;
+      floor[j] = inside ? __ldcg(&state.floors[first + h0 + j]) : 0;
+      above[j] = inside ? __ldcg(&state.above[first + h0 + j]) : 0;
+    }
+#pragma unroll
+    for (int j = 0; j < batch; ++j) {
+      if (h0 + j >= heads_per_group) break;
+      long long at_or_above = 0;
+      block_scan(storage.scan).InclusiveSum(count[j], at_or_above);
+      __syncthreads();
+      const long long tokens = above[j] + at_or_above;
+      reached += tokens > floor[j] ? tokens : floor[j];
+    }
+  }
+  // F falls as the digit rises, i.e. rises with the lane: the lanes short of
+  // the target are the highest digits. F at digit 0 reaches the target (the
+  // previous pass chose this prefix for that), so at most 255 lanes fall short.
+  const int short_lanes = __syncthreads_count(reached < target);
+  if (lane == 0) storage.chosen_digit = radix_bins - 1 - (short_lanes < radix_bins ? short_lanes : radix_bins - 1);
+  __syncthreads();
+  const int digit = storage.chosen_digit;
+  // Tokens above the new prefix: add each head's bins above the chosen digit;
+  // tokens at it (the ties, once the prefix is the whole key): its own bin.
+  for (std::int64_t h0 = 0; h0 < heads_per_group; h0 += batch) {
+    long long count[batch];
+#pragma unroll
+    for (int j = 0; j < batch; ++j)
+      count[j] = h0 + j < heads_per_group
+                     ? __ldcg(&state.histograms[(first + h0 + j) * radix_bins + (radix_bins - 1 - lane)])
+                     : 0;
+#pragma unroll
+    for (int j = 0; j < batch; ++j) {
+      if (h0 + j >= heads_per_group) break;
+      long long at_or_above = 0;
+      block_scan(storage.scan).InclusiveSum(count[j], at_or_above);
+      __syncthreads();
+      if (radix_bins - 1 - lane == digit) {
+        state.above[first + h0 + j] += at_or_above - count[j];
+        state.ties[first + h0 + j] = count[j];
+      }
+    }
+  }
+  __syncthreads();
+  for (std::int64_t h = 0; h < heads_per_group; ++h)  // zero for the next pass (this block alone reads them now)
+    state.histograms[(first + h) * radix_bins + lane] = 0;
+  if (lane == 0) {
+    const std::uint32_t prefix = (pass == 0 ? 0u : __ldcg(&state.prefix[group])) | (std::uint32_t(digit) << shift);
+    state.prefix[group] = prefix;
+    state.arrivals[group] = 0;  // every block of this pass has arrived; the next pass counts again
+    if (pass == radix_passes - 1) {
+      // v* is fixed: every head keeps max(floor, above), and the tokens at v*
+      // fill the rest of the target in (head, token) order — the heads in
+      // order, each taking what its ties add over its floor.
+      long long remaining = target;
+      for (std::int64_t h = 0; h < heads_per_group; ++h) {
+        const long long floor = state.floors[first + h], above = state.above[first + h];
+        remaining -= above > floor ? above : floor;
+      }
+      for (std::int64_t h = 0; h < heads_per_group; ++h) {
+        const long long floor = state.floors[first + h], above = state.above[first + h];
+        const long long base = above > floor ? above : floor;
+        const long long full = above + state.ties[first + h] > floor ? above + state.ties[first + h] : floor;
+        long long take = full - base < remaining ? full - base : remaining;
+        take = take > 0 ? take : 0;
+        remaining -= take;
+        state.kept[first + h] = base + take;
+        rule.write_count(first + h, base + take);
+      }
+    }
+  }
+  __syncthreads();
+}
+
 // Kernels are templates (over block shapes and the group rule) so that any
 // number of translation units may include this header: a template's
 // instantiations merge at link time, a plain __global__ function's host stub
 // would be defined in every .cu file that includes it (issue 9; tests/link/).
 
-/// Pass `pass` of the threshold search: per head, the histogram of key digit
-/// `pass` (most significant first) over the tokens whose higher digits equal
-/// the group's prefix. Work items are (head, chunk of Threads·Items tokens).
-template <int Threads, int Items>
-__global__ void __launch_bounds__(Threads) radix_histogram(score_rows scores, std::int64_t heads,
-                                                           std::int64_t heads_per_group, int pass,
-                                                           threshold_state state) {
+/// Pass `pass` of the threshold search. Work items are (head, chunk of
+/// radix_bins·Items tokens): each counts key digit `pass` (most significant
+/// first) of the tokens whose higher digits equal the group's prefix, in
+/// shared-memory bins added to the head's global histogram. The block that
+/// completes a group's last work item (an arrival counter; the threadfence
+/// pattern, so no second launch) makes the group's decision.
+template <int Items, class Rule>
+__global__ void __launch_bounds__(radix_bins) radix_pass(score_rows scores, std::int64_t heads,
+                                                         std::int64_t heads_per_group, int pass, Rule rule,
+                                                         threshold_state state) {
   __shared__ std::uint32_t bins[radix_bins];
   __shared__ std::uint32_t infinities;
-  constexpr std::int64_t chunk_tokens = std::int64_t{Threads} * Items;
-  const std::int64_t chunks = (scores.tokens + chunk_tokens - 1) / chunk_tokens;
+  __shared__ bool last_arrival;
+  __shared__ decide_storage storage;
+  constexpr std::int64_t chunk_tokens = std::int64_t{radix_bins} * Items;
+  const std::int64_t chunks = scores.tokens > 0 ? (scores.tokens + chunk_tokens - 1) / chunk_tokens : 1;
+  const std::int64_t group_items = heads_per_group * chunks;
   const int shift = 32 - radix_bits * (pass + 1);
   const std::uint32_t high_mask = pass == 0 ? 0u : ~0u << (32 - radix_bits * pass);
   for (std::int64_t work = blockIdx.x; work < heads * chunks; work += gridDim.x) {
     const std::int64_t head = work / chunks;
+    const std::int64_t group = head / heads_per_group;
     const std::int64_t begin = (work % chunks) * chunk_tokens;
     const std::int64_t end = begin + chunk_tokens < scores.tokens ? begin + chunk_tokens : scores.tokens;
-    for (int bin = threadIdx.x; bin < radix_bins; bin += Threads) bins[bin] = 0;
+    bins[threadIdx.x] = 0;
     if (threadIdx.x == 0) infinities = 0;
     __syncthreads();
     const float* row = scores.row(head);
-    const std::uint32_t fixed = pass == 0 ? 0u : state.prefix[head / heads_per_group];
+    const std::uint32_t fixed = pass == 0 ? 0u : __ldcg(&state.prefix[group]);
     std::uint32_t my_infinities = 0;
-    for (std::int64_t token = begin + threadIdx.x; token < end; token += Threads) {
+    for (std::int64_t token = begin + threadIdx.x; token < end; token += radix_bins) {
       const std::uint32_t key = rank_key(row[token * scores.token_stride]);
       if (((key ^ fixed) & high_mask) == 0) atomicAdd(&bins[(key >> shift) & (radix_bins - 1)], 1u);
       my_infinities += key == infinity_key ? 1u : 0u;
     }
     if (pass == 0 && my_infinities > 0) atomicAdd(&infinities, my_infinities);
     __syncthreads();
-    for (int bin = threadIdx.x; bin < radix_bins; bin += Threads)
-      if (bins[bin] > 0) atomicAdd(&state.histograms[head * radix_bins + bin], bins[bin]);
+    if (bins[threadIdx.x] > 0) atomicAdd(&state.histograms[head * radix_bins + threadIdx.x], bins[threadIdx.x]);
     if (pass == 0 && threadIdx.x == 0 && infinities > 0) atomicAdd(&state.infinities[head], infinities);
-    __syncthreads();  // the bins are zeroed again for the next work item
-  }
-}
-
-/// Pass `pass` of the threshold search, one block of radix_bins threads per
-/// group. F(v) = Σ_h max(floor_h, tokens of h with key ≥ v) never grows with v;
-/// the search wants v* = the largest v with F(v) ≥ target. Thread d evaluates
-/// F at the lowest key of digit 255 − d (prefix so far, then that digit, then
-/// zeros); the chosen digit is the largest one whose F still reaches the target.
-/// After the last pass, `Rule` decides nothing more: the counts follow from
-/// above/ties/floors (see finish_group).
-template <class Rule>
-__global__ void __launch_bounds__(radix_bins) radix_decide(Rule rule, std::int64_t groups,
-                                                           std::int64_t heads_per_group, int pass,
-                                                           threshold_state state) {
-  using block_scan = cub::BlockScan<long long, radix_bins>;
-  __shared__ typename block_scan::TempStorage scan_storage;
-  __shared__ int chosen_digit;
-  const int lane = threadIdx.x;
-  const int shift = 32 - radix_bits * (pass + 1);
-  for (std::int64_t group = blockIdx.x; group < groups; group += gridDim.x) {
-    const std::int64_t first = group * heads_per_group;
-    const long long target = rule.target(group);
-    if (pass == 0) {
-      for (std::int64_t h = lane; h < heads_per_group; h += radix_bins) {
-        state.floors[first + h] = rule.floor(group, h, state.infinities[first + h]);
-        state.above[first + h] = 0;
-      }
-      __syncthreads();
-    }
-    // F at digit 255 − lane: the tokens with digit ≥ 255 − lane are an inclusive
-    // scan over the bins read from the top.
-    long long reached = 0;
-    for (std::int64_t h = 0; h < heads_per_group; ++h) {
-      const long long count = state.histograms[(first + h) * radix_bins + (radix_bins - 1 - lane)];
-      long long at_or_above = 0;
-      block_scan(scan_storage).InclusiveSum(count, at_or_above);
-      __syncthreads();
-      const long long floor = state.floors[first + h];
-      const long long tokens = state.above[first + h] + at_or_above;
-      reached += tokens > floor ? tokens : floor;
-    }
-    // F falls as the digit rises, i.e. rises with the lane: the lanes short of
-    // the target are the highest digits. F at digit 0 reaches the target (the
-    // previous pass chose this prefix for that), so at most 255 lanes fall short.
-    const int short_lanes = __syncthreads_count(reached < target);
-    if (lane == 0) chosen_digit = radix_bins - 1 - (short_lanes < radix_bins ? short_lanes : radix_bins - 1);
+    __threadfence();  // this block's counts are visible device-wide before its arrival is
     __syncthreads();
-    const int digit = chosen_digit;
-    // Tokens above the new prefix: add each head's bins above the chosen digit;
-    // tokens at it (the ties, once the prefix is the whole key): its own bin.
-    for (std::int64_t h = 0; h < heads_per_group; ++h) {
-      const long long count = state.histograms[(first + h) * radix_bins + (radix_bins - 1 - lane)];
-      long long at_or_above = 0;
-      block_scan(scan_storage).InclusiveSum(count, at_or_above);
-      __syncthreads();
-      if (radix_bins - 1 - lane == digit) {
-        state.above[first + h] += at_or_above - count;
-        state.ties[first + h] = count;
-      }
-    }
+    if (threadIdx.x == 0)
+      last_arrival = atomicAdd(&state.arrivals[group], 1u) == static_cast<std::uint32_t>(group_items - 1);
     __syncthreads();
-    for (std::int64_t h = 0; h < heads_per_group; ++h)  // zero for the next pass (this block alone reads them)
-      state.histograms[(first + h) * radix_bins + lane] = 0;
-    if (lane == 0) {
-      const std::uint32_t prefix = (pass == 0 ? 0u : state.prefix[group]) | (std::uint32_t(digit) << shift);
-      state.prefix[group] = prefix;
-      if (pass == radix_passes - 1) {
-        // v* is fixed: every head keeps max(floor, above), and the tokens at v*
-        // fill the rest of the target in (head, token) order — the heads in
-        // order, each taking what its ties add over its floor.
-        long long remaining = target;
-        for (std::int64_t h = 0; h < heads_per_group; ++h) {
-          const long long floor = state.floors[first + h], above = state.above[first + h];
-          remaining -= above > floor ? above : floor;
-        }
-        for (std::int64_t h = 0; h < heads_per_group; ++h) {
-          const long long floor = state.floors[first + h], above = state.above[first + h];
-          const long long base = above > floor ? above : floor;
-          const long long full = above + state.ties[first + h] > floor ? above + state.ties[first + h] : floor;
-          long long take = full - base < remaining ? full - base : remaining;
-          take = take > 0 ? take : 0;
-          remaining -= take;
-          state.kept[first + h] = base + take;
-          rule.write_count(first + h, base + take);
-        }
-      }
+    if (last_arrival) {
+      __threadfence();
+      decide_group(rule, group, heads_per_group, pass, state, storage);
     }
-    __syncthreads();
   }
 }
 
@@ -248,21 +295,14 @@ struct select_rule {
 template <class Rule>
 void find_thresholds(const score_rows& scores, std::int64_t heads, std::int64_t heads_per_group, const Rule& rule,
                      const threshold_state& state, cudaStream_t stream, std::string_view function) {
-  constexpr int threads = 256, items = 16;
-  const std::int64_t groups = heads / heads_per_group;
-  detail::check_cuda(cudaMemsetAsync(state.histograms, 0, sizeof(std::uint32_t) * heads * radix_bins, stream),
-                     function, "cudaMemsetAsync(histograms)");
-  detail::check_cuda(cudaMemsetAsync(state.infinities, 0, sizeof(std::uint32_t) * heads, stream), function,
-                     "cudaMemsetAsync(infinities)");
-  const std::int64_t chunks = ceil_div(std::max<std::int64_t>(scores.tokens, 1), std::int64_t{threads} * items);
-  const auto histogram_blocks = static_cast<unsigned>(std::clamp<std::int64_t>(heads * chunks, 1, 1 << 20));
-  const auto decide_blocks = static_cast<unsigned>(std::clamp<std::int64_t>(groups, 1, 1 << 20));
+  constexpr int items = 16;
+  detail::check_cuda(cudaMemsetAsync(state.histograms, 0, state.zeroed_bytes, stream), function,
+                     "cudaMemsetAsync(histograms)");
+  const std::int64_t chunks = ceil_div(std::max<std::int64_t>(scores.tokens, 1), std::int64_t{radix_bins} * items);
+  const auto blocks = static_cast<unsigned>(std::clamp<std::int64_t>(heads * chunks, 1, 1 << 20));
   for (int pass = 0; pass < radix_passes; ++pass) {
-    radix_histogram<threads, items><<<histogram_blocks, threads, 0, stream>>>(scores, heads, heads_per_group, pass,
-                                                                              state);
-    detail::check_launch(function, "radix_histogram");
-    radix_decide<Rule><<<decide_blocks, radix_bins, 0, stream>>>(rule, groups, heads_per_group, pass, state);
-    detail::check_launch(function, "radix_decide");
+    radix_pass<items, Rule><<<blocks, radix_bins, 0, stream>>>(scores, heads, heads_per_group, pass, rule, state);
+    detail::check_launch(function, "radix_pass");
   }
 }
 
@@ -317,13 +357,26 @@ __global__ void __launch_bounds__(Threads) compact_selected(score_rows scores, s
   }
 }
 
-template <class Count, class Offset>
-__global__ void clamp_counts(const Count* keep_counts, Offset* offsets_plus_one, std::int64_t heads,
-                             std::int64_t tokens) {
-  for (std::int64_t head = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; head < heads;
-       head += std::int64_t{gridDim.x} * blockDim.x) {
-    const std::int64_t count = keep_counts[head];
-    offsets_plus_one[head] = static_cast<Offset>(count < 0 ? 0 : (count > tokens ? tokens : count));
+/// offsets[0] = 0, offsets[h + 1] = Σ_{h' ≤ h} clamp(keep_counts[h'], 0, tokens): one
+/// block (a CUB block scan over tiles of heads with a running total), one launch —
+/// heads are a few thousand at most, and the scan's result is needed by the
+/// compaction anyway; a device-wide scan would be two launches and a memset.
+template <int Threads>
+__global__ void __launch_bounds__(Threads) keep_offsets(const std::int32_t* keep_counts, std::int64_t* offsets,
+                                                        std::int64_t heads, std::int64_t tokens) {
+  using block_scan = cub::BlockScan<long long, Threads>;
+  __shared__ typename block_scan::TempStorage storage;
+  if (threadIdx.x == 0) offsets[0] = 0;
+  long long running = 0;
+  for (std::int64_t tile = 0; tile < heads; tile += Threads) {
+    const std::int64_t head = tile + threadIdx.x;
+    long long count = head < heads ? keep_counts[head] : 0;
+    count = count < 0 ? 0 : (count > tokens ? tokens : count);
+    long long inclusive = 0, tile_total = 0;
+    block_scan(storage).InclusiveSum(count, inclusive, tile_total);
+    __syncthreads();  // the scan storage is reused by the next tile
+    if (head < heads) offsets[head + 1] = running + inclusive;
+    running += tile_total;
   }
 }
 
@@ -337,32 +390,10 @@ template <>
 struct implementation<stage::select_top_k, backend::cuda> {
   static constexpr std::string_view function = "kvtrim::stage::select_top_k";
 
-  struct parts {
-    cuda_detail::threshold_state state;
-    void* cub_scratch = nullptr;
-    std::size_t cub_bytes = 0;
-  };
-
-  static std::size_t cub_scratch_bytes(std::int64_t heads) {
-    std::size_t scan_bytes = 0;
-    detail::check_cuda(cub::DeviceScan::InclusiveSum(nullptr, scan_bytes, static_cast<std::int64_t*>(nullptr), heads),
-                       function, "cub::DeviceScan::InclusiveSum (sizing)");
-    return scan_bytes;
-  }
-
-  template <class Carver>
-  static parts carve(Carver& carver, std::int64_t heads) {
-    parts p;
-    p.state = cuda_detail::threshold_state::carve(carver, heads, heads);
-    p.cub_bytes = cub_scratch_bytes(heads);
-    p.cub_scratch = carver.template take<std::byte>(static_cast<std::int64_t>(p.cub_bytes));
-    return p;
-  }
-
   /// O(heads): the search's histograms and state, not O(heads · tokens).
   static std::size_t workspace_bytes(std::int64_t heads, std::int64_t /*tokens*/) {
     workspace_carver carver;
-    carve(carver, heads);
+    cuda_detail::threshold_state::carve(carver, heads, heads);
     return carver.bytes();
   }
 
@@ -370,28 +401,19 @@ struct implementation<stage::select_top_k, backend::cuda> {
                      std::int64_t* offsets, std::int32_t* kept_tokens, workspace scratch, cudaStream_t stream) {
     const std::int64_t tokens = scores.extent(2);
     const std::int64_t heads = scores.extent(0) * scores.extent(1);
-    if (heads == 0) {
-      detail::check_cuda(cudaMemsetAsync(offsets, 0, sizeof(std::int64_t), stream), function, "cudaMemsetAsync");
-      return;
-    }
+    constexpr int offset_threads = 1024;
+    cuda_detail::keep_offsets<offset_threads><<<1, offset_threads, 0, stream>>>(keep_counts, offsets, heads, tokens);
+    detail::check_launch(function, "keep_offsets");
+    if (heads == 0 || tokens == 0) return;
+
     workspace_carver carver(scratch);
-    const parts p = carve(carver, heads);
-
-    detail::check_cuda(cudaMemsetAsync(offsets, 0, sizeof(std::int64_t), stream), function, "cudaMemsetAsync");
-    cuda_detail::clamp_counts<std::int32_t, std::int64_t><<<cuda_detail::grid_for(heads), 256, 0, stream>>>(
-        keep_counts, offsets + 1, heads, tokens);
-    detail::check_launch(function, "clamp_counts");
-    std::size_t cub_bytes = p.cub_bytes;
-    detail::check_cuda(cub::DeviceScan::InclusiveSum(p.cub_scratch, cub_bytes, offsets + 1, heads, stream), function,
-                       "cub::DeviceScan::InclusiveSum");
-    if (tokens == 0) return;
-
+    const auto state = cuda_detail::threshold_state::carve(carver, heads, heads);
     const cuda_detail::score_rows rows = cuda_detail::rows_of(scores);
-    cuda_detail::find_thresholds(rows, heads, 1, cuda_detail::select_rule{keep_counts, tokens}, p.state, stream,
+    cuda_detail::find_thresholds(rows, heads, 1, cuda_detail::select_rule{keep_counts, tokens}, state, stream,
                                  function);
     constexpr int threads = 512, items = 8;
     cuda_detail::compact_selected<threads, items>
-        <<<static_cast<unsigned>(std::min<std::int64_t>(heads, 1 << 20)), threads, 0, stream>>>(rows, heads, p.state,
+        <<<static_cast<unsigned>(std::min<std::int64_t>(heads, 1 << 20)), threads, 0, stream>>>(rows, heads, state,
                                                                                                offsets, kept_tokens);
     detail::check_launch(function, "compact_selected");
   }
