@@ -332,6 +332,56 @@ TEST(budgets_device, adaptive_clamps_protected_tokens_past_the_budget) {
   EXPECT_EQ(got, (std::vector<std::int32_t>{68, 4, 4, 4}));
 }
 
+/// No allocation, no synchronisation: adaptive keep_counts + select_top_k
+/// capture into a CUDA graph, and the graph's replay (on fresh inputs written
+/// into the same buffers) equals the CPU reference.
+TEST(budgets_device, adaptive_and_select_capture_in_a_cuda_graph) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  using adaptive = kt::implementation<kt::budget::adaptive, kt::backend::cuda>;
+  using select = kt::implementation<kt::stage::select_top_k, kt::backend::cuda>;
+  stream_holder stream;
+  const std::int64_t batch = 2, kv_heads = 8, tokens = 4097, heads = batch * kv_heads;
+  const host_scores first = make_scores(pattern::skewed, batch, kv_heads, tokens, 0, 31);
+  const host_scores second = make_scores(pattern::specials, batch, kv_heads, tokens, 0, 32);
+  device_scores device(first);
+  kt::budget::adaptive::config cfg;
+  cfg.keep = kt::keep_ratio{0.25};
+  const kt::model_shape shape{.q_heads = kv_heads, .kv_heads = kv_heads, .head_dim = 64};
+  device_buffer<std::byte> budget_scratch(adaptive::workspace_bytes(cfg, shape, batch, tokens));
+  device_buffer<std::byte> select_scratch(select::workspace_bytes(heads, tokens));
+  device_buffer<std::int32_t> counts(static_cast<std::size_t>(heads));
+  device_buffer<std::int64_t> offsets(static_cast<std::size_t>(heads + 1));
+  device_buffer<std::int32_t> kept(static_cast<std::size_t>(heads * tokens));
+  cudaGraph_t graph = nullptr;
+  ASSERT_EQ(cudaStreamBeginCapture(stream.stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  adaptive::keep_counts(cfg, device.view, counts.data(), {budget_scratch.data(), budget_scratch.size()}, stream.stream);
+  select::select(device.view, counts.data(), offsets.data(), kept.data(), {select_scratch.data(), select_scratch.size()},
+                 stream.stream);
+  ASSERT_EQ(cudaStreamEndCapture(stream.stream, &graph), cudaSuccess);
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  for (const host_scores* scores : {&first, &second}) {
+    device.buffer.upload(scores->storage);
+    ASSERT_EQ(cudaGraphLaunch(exec, stream.stream), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(stream.stream), cudaSuccess);
+    const auto expected = cpu_counts<kt::budget::adaptive>(cfg, *scores);
+    ASSERT_EQ(counts.download(), expected);
+    using cpu_select = kt::implementation<kt::stage::select_top_k, kt::backend::cpu>;
+    std::vector<std::int64_t> cpu_offsets(static_cast<std::size_t>(heads + 1));
+    std::vector<std::int32_t> cpu_kept(static_cast<std::size_t>(heads * tokens));
+    std::vector<std::byte> cpu_scratch(cpu_select::workspace_bytes(heads, tokens));
+    cpu_select::select(scores->view(), expected.data(), cpu_offsets.data(), cpu_kept.data(),
+                       {cpu_scratch.data(), cpu_scratch.size()}, {});
+    ASSERT_EQ(offsets.download(), cpu_offsets);
+    auto got = kept.download();
+    got.resize(static_cast<std::size_t>(cpu_offsets.back()));
+    cpu_kept.resize(got.size());
+    ASSERT_EQ(got, cpu_kept);
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+}
+
 INSTANTIATE_TEST_SUITE_P(sizes, budgets,
                          ::testing::Values(std::make_tuple(1, 1, 1), std::make_tuple(3, 1, 17),
                                            std::make_tuple(3, 8, 17), std::make_tuple(2, 32, 1),

@@ -114,88 +114,92 @@ struct threshold_state {
 
 /// What the decision of one group needs in shared memory.
 struct decide_storage {
-  typename cub::BlockScan<long long, radix_bins>::TempStorage scan;
+  unsigned long long reached[radix_bins];  // F at each candidate digit, from the top (index j: digit 255 − j)
   int chosen_digit;
 };
 
-/// One group's decision after pass `pass`, by a whole block of radix_bins threads.
-/// F(v) = Σ_h max(floor_h, tokens of h with key ≥ v) never grows with v; the
-/// search wants v* = the largest v with F(v) ≥ target. Thread `lane` evaluates
-/// F at the lowest key of digit 255 − lane (prefix so far, that digit, zeros);
-/// the chosen digit is the largest one whose F still reaches the target. After
-/// the last pass the counts follow from above/ties/floors.
+/// One head's bins as a warp sees them: lane l holds the 8 digits 255 − 8l − i
+/// (i = 0..7, from the top), their running sum within the lane, and the tokens
+/// in the digits of the lanes before it; tokens with digit ≥ 255 − 8l − i are
+/// then before + running[i] — a warp-wide suffix scan without block barriers.
+struct warp_bins {
+  static constexpr int per_lane = radix_bins / 32;
+  unsigned long long count[per_lane], running[per_lane], before;
+
+  __device__ void load(const std::uint32_t* histogram, int lane) {
+#pragma unroll
+    for (int i = 0; i < per_lane; ++i) count[i] = __ldcg(&histogram[radix_bins - 1 - (lane * per_lane + i)]);
+    unsigned long long sum = 0;
+#pragma unroll
+    for (int i = 0; i < per_lane; ++i) running[i] = sum += count[i];
+    unsigned long long inclusive = sum;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset *= 2) {
+      const unsigned long long other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+      if (lane >= offset) inclusive += other;
+    }
+    before = inclusive - sum;
+  }
+};
+
+/// One group's decision after pass `pass`, by a whole block of radix_bins threads
+/// (each warp one head at a time). F(v) = Σ_h max(floor_h, tokens of h with key
+/// ≥ v) never grows with v; the search wants v* = the largest v with F(v) ≥
+/// target. F is evaluated at the lowest key of every digit (prefix so far, that
+/// digit, zeros); the chosen digit is the largest one whose F still reaches the
+/// target. After the last pass the counts follow from above/ties/floors.
 /// The histograms were written by other blocks' atomics in this same kernel:
 /// they (and everything this block reads) are loaded from L2 (__ldcg).
 template <class Rule>
 __device__ void decide_group(const Rule& rule, std::int64_t group, std::int64_t heads_per_group, int pass,
                              const threshold_state& state, decide_storage& storage) {
-  using block_scan = cub::BlockScan<long long, radix_bins>;
-  constexpr int batch = 8;  // heads whose loads are issued together, ahead of their scans
-  const int lane = threadIdx.x;
+  constexpr int warps = radix_bins / 32;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int shift = 32 - radix_bits * (pass + 1);
   const std::int64_t first = group * heads_per_group;
   const long long target = rule.target(group);
-  if (pass == 0) {
-    for (std::int64_t h = lane; h < heads_per_group; h += radix_bins) {
+  if (pass == 0)
+    for (std::int64_t h = threadIdx.x; h < heads_per_group; h += radix_bins) {
       state.floors[first + h] = rule.floor(group, h, __ldcg(&state.infinities[first + h]));
       state.above[first + h] = 0;
     }
-    __syncthreads();
-  }
-  // F at digit 255 − lane: the tokens with digit ≥ 255 − lane are an inclusive
-  // scan over the bins read from the top.
-  long long reached = 0;
-  for (std::int64_t h0 = 0; h0 < heads_per_group; h0 += batch) {
-    long long count[batch], floor[batch], above[batch];
-#pragma unroll
-    for (int j = 0; j < batch; ++j) {
-      const bool inside = h0 + j < heads_per_group;
-      count[j] = inside ? __ldcg(&state.histograms[(first + h0 + j) * radix_bins + (radix_bins - 1 - lane)]) : 0;
-      floor[j] = inside ? __ldcg(&state.floors[first + h0 + j]) : 0;
-      above[j] = inside ? __ldcg(&state.above[first + h0 + j]) : 0;
-    }
-#pragma unroll
-    for (int j = 0; j < batch; ++j) {
-      if (h0 + j >= heads_per_group) break;
-      long long at_or_above = 0;
-      block_scan(storage.scan).InclusiveSum(count[j], at_or_above);
-      __syncthreads();
-      const long long tokens = above[j] + at_or_above;
-      reached += tokens > floor[j] ? tokens : floor[j];
-    }
-  }
-  // F falls as the digit rises, i.e. rises with the lane: the lanes short of
-  // the target are the highest digits. F at digit 0 reaches the target (the
-  // previous pass chose this prefix for that), so at most 255 lanes fall short.
-  const int short_lanes = __syncthreads_count(reached < target);
-  if (lane == 0) storage.chosen_digit = radix_bins - 1 - (short_lanes < radix_bins ? short_lanes : radix_bins - 1);
+  storage.reached[threadIdx.x] = 0;
   __syncthreads();
-  const int digit = storage.chosen_digit;
+  for (std::int64_t h = warp; h < heads_per_group; h += warps) {
+    warp_bins bins;
+    bins.load(state.histograms + (first + h) * radix_bins, lane);
+    const unsigned long long floor = static_cast<unsigned long long>(__ldcg(&state.floors[first + h]));
+    const unsigned long long above = static_cast<unsigned long long>(__ldcg(&state.above[first + h]));
+#pragma unroll
+    for (int i = 0; i < warp_bins::per_lane; ++i) {
+      const unsigned long long tokens = above + bins.before + bins.running[i];
+      atomicAdd(&storage.reached[lane * warp_bins::per_lane + i], tokens > floor ? tokens : floor);
+    }
+  }
+  __syncthreads();
+  // F falls as the digit rises, i.e. rises with the index j = 255 − digit: the
+  // entries short of the target are the highest digits. F at digit 0 reaches
+  // the target (the previous pass chose this prefix for that), so at most 255 fall short.
+  const int short_digits =
+      __syncthreads_count(static_cast<long long>(storage.reached[threadIdx.x]) < target);
+  const int digit = radix_bins - 1 - (short_digits < radix_bins ? short_digits : radix_bins - 1);
   // Tokens above the new prefix: add each head's bins above the chosen digit;
   // tokens at it (the ties, once the prefix is the whole key): its own bin.
-  for (std::int64_t h0 = 0; h0 < heads_per_group; h0 += batch) {
-    long long count[batch];
+  const int j = radix_bins - 1 - digit;
+  for (std::int64_t h = warp; h < heads_per_group; h += warps) {
+    warp_bins bins;
+    bins.load(state.histograms + (first + h) * radix_bins, lane);
 #pragma unroll
-    for (int j = 0; j < batch; ++j)
-      count[j] = h0 + j < heads_per_group
-                     ? __ldcg(&state.histograms[(first + h0 + j) * radix_bins + (radix_bins - 1 - lane)])
-                     : 0;
-#pragma unroll
-    for (int j = 0; j < batch; ++j) {
-      if (h0 + j >= heads_per_group) break;
-      long long at_or_above = 0;
-      block_scan(storage.scan).InclusiveSum(count[j], at_or_above);
-      __syncthreads();
-      if (radix_bins - 1 - lane == digit) {
-        state.above[first + h0 + j] += at_or_above - count[j];
-        state.ties[first + h0 + j] = count[j];
+    for (int i = 0; i < warp_bins::per_lane; ++i)
+      if (lane * warp_bins::per_lane + i == j) {
+        state.above[first + h] += static_cast<long long>(bins.before + bins.running[i] - bins.count[i]);
+        state.ties[first + h] = static_cast<long long>(bins.count[i]);
       }
-    }
   }
   __syncthreads();
   for (std::int64_t h = 0; h < heads_per_group; ++h)  // zero for the next pass (this block alone reads them now)
-    state.histograms[(first + h) * radix_bins + lane] = 0;
-  if (lane == 0) {
+    state.histograms[(first + h) * radix_bins + threadIdx.x] = 0;
+  if (threadIdx.x == 0) {
     const std::uint32_t prefix = (pass == 0 ? 0u : __ldcg(&state.prefix[group])) | (std::uint32_t(digit) << shift);
     state.prefix[group] = prefix;
     state.arrivals[group] = 0;  // every block of this pass has arrived; the next pass counts again
@@ -411,7 +415,7 @@ struct implementation<stage::select_top_k, backend::cuda> {
     const cuda_detail::score_rows rows = cuda_detail::rows_of(scores);
     cuda_detail::find_thresholds(rows, heads, 1, cuda_detail::select_rule{keep_counts, tokens}, state, stream,
                                  function);
-    constexpr int threads = 512, items = 8;
+    constexpr int threads = 1024, items = 16;  // 2 tiles for 32k tokens: few block-wide round trips
     cuda_detail::compact_selected<threads, items>
         <<<static_cast<unsigned>(std::min<std::int64_t>(heads, 1 << 20)), threads, 0, stream>>>(rows, heads, state,
                                                                                                offsets, kept_tokens);
