@@ -21,7 +21,7 @@
 // rather than a plain count; a head of select_top_k is a group of one head
 // with floor 0. Everything below is written for groups.
 //
-// Steps (all on the stream, no host round trip; 6 launches and one memset):
+// Steps (all on the stream, no host round trip; 7 launches and one memset):
 //   1. keep_offsets: offsets = exclusive scan of the clamped keep counts (one
 //      block, cub::BlockScan);
 //   2. for pass p = 0..3, radix_pass: per head, the 256-bin histogram of key
@@ -32,11 +32,14 @@
 //      count-at-or-above still reaches the target, appended to the prefix.
 //      After pass 3 the prefix is the threshold key v*, `above` counts keys
 //      > v* and `ties` keys = v*;
-//   3. compact_selected (one block per head): a block-wide scan of the packed
-//      pair (keys above v*, keys equal to v*) in token order gives every kept
-//      token its output slot: slot = above_before + min(ties_before, ties_kept).
+//   3. count_selected, then compact_selected, per (head, chunk of ≤ 1/256 of
+//      the head): each chunk's (keys above v*, keys equal to v*) counts; then
+//      each chunk, starting from its earlier chunks' sum, a block-wide scan of
+//      the packed pair in token order gives every kept token its output slot:
+//      slot = above_before + min(ties_before, ties_kept).
 #pragma once
 
+#include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
 #include <algorithm>
@@ -261,9 +264,21 @@ __global__ void __launch_bounds__(radix_bins) radix_pass(score_rows scores, std:
     __syncthreads();
     const float* row = scores.row(head);
     const std::uint32_t fixed = pass == 0 ? 0u : __ldcg(&state.prefix[group]);
+    // All Items loads first (coalesced across the block, independent of each
+    // other), then the counting: a loop that loads, counts and loads again keeps
+    // one load in flight per thread and waits a full memory latency per token
+    // (the first H200 profile: ~20 µs per pass, latency-bound).
+    float values[Items];
+#pragma unroll
+    for (int i = 0; i < Items; ++i) {
+      const std::int64_t token = begin + threadIdx.x + std::int64_t{i} * radix_bins;
+      values[i] = token < end ? row[token * scores.token_stride] : 0.0f;
+    }
     std::uint32_t my_infinities = 0;
-    for (std::int64_t token = begin + threadIdx.x; token < end; token += radix_bins) {
-      const std::uint32_t key = rank_key(row[token * scores.token_stride]);
+#pragma unroll
+    for (int i = 0; i < Items; ++i) {
+      if (begin + threadIdx.x + std::int64_t{i} * radix_bins >= end) break;
+      const std::uint32_t key = rank_key(values[i]);
       if (((key ^ fixed) & high_mask) == 0) atomicAdd(&bins[(key >> shift) & (radix_bins - 1)], 1u);
       my_infinities += key == infinity_key ? 1u : 0u;
     }
@@ -310,50 +325,137 @@ void find_thresholds(const score_rows& scores, std::int64_t heads, std::int64_t 
   }
 }
 
-/// One block per head: lists the head's kept tokens in ascending order at
-/// kept_tokens[offsets[head] ...]: every token whose key is above v*, and the
-/// first kept − above of those at v*. Tiles of Threads·Items tokens, each thread
-/// Items consecutive ones; a block scan of the packed count pair (above in the
-/// high 32 bits, ties in the low 32; a head has < 2^31 tokens, so no carry)
-/// with a running prefix across tiles.
-template <int Threads, int Items>
-__global__ void __launch_bounds__(Threads) compact_selected(score_rows scores, std::int64_t heads,
-                                                            threshold_state state, const std::int64_t* offsets,
-                                                            std::int32_t* kept_tokens) {
-  using block_scan = cub::BlockScan<unsigned long long, Threads>;
-  __shared__ typename block_scan::TempStorage scan_storage;
-  constexpr std::int64_t tile_tokens = std::int64_t{Threads} * Items;
-  for (std::int64_t head = blockIdx.x; head < heads; head += gridDim.x) {
+/// The compaction's work split: each head into at most max_chunks chunks of a
+/// whole number of tiles (radix_bins · compaction_items tokens), so a block
+/// finds its chunk's place by adding at most max_chunks − 1 earlier counts.
+inline constexpr int compaction_items = 16;
+inline constexpr std::int64_t compaction_tile = std::int64_t{radix_bins} * compaction_items;
+inline constexpr std::int64_t compaction_max_chunks = radix_bins;
+
+inline std::int64_t compaction_chunk_tokens(std::int64_t tokens) {
+  return ceil_div(ceil_div(std::max<std::int64_t>(tokens, 1), compaction_max_chunks), compaction_tile) *
+         compaction_tile;
+}
+inline std::int64_t compaction_chunks(std::int64_t tokens) {
+  return ceil_div(std::max<std::int64_t>(tokens, 1), compaction_chunk_tokens(tokens));
+}
+
+/// The packed pair counted for every token: (key above v*) in the high 32 bits,
+/// (key equal to v*) in the low 32. A head has < 2^31 tokens, so sums never carry.
+__device__ __forceinline__ unsigned long long selection_flags(std::uint32_t key, std::uint32_t threshold) {
+  return key > threshold ? (1ull << 32) : key == threshold ? 1ull : 0ull;
+}
+
+/// Per (head, chunk): the chunk's packed (above, ties) count. Loads are
+/// coalesced (token = tile + i·radix_bins + thread) and all issued before use.
+template <int Items>
+__global__ void __launch_bounds__(radix_bins) count_selected(score_rows scores, std::int64_t heads,
+                                                             std::int64_t chunk_tokens, std::int64_t chunks,
+                                                             threshold_state state, unsigned long long* chunk_counts) {
+  using block_reduce = cub::BlockReduce<unsigned long long, radix_bins>;
+  __shared__ typename block_reduce::TempStorage reduce_storage;
+  constexpr std::int64_t tile_tokens = std::int64_t{radix_bins} * Items;
+  for (std::int64_t work = blockIdx.x; work < heads * chunks; work += gridDim.x) {
+    const std::int64_t head = work / chunks;
+    const std::int64_t begin = (work % chunks) * chunk_tokens;
+    const std::int64_t end = begin + chunk_tokens < scores.tokens ? begin + chunk_tokens : scores.tokens;
+    const std::uint32_t threshold = state.prefix[head];
+    const float* row = scores.row(head);
+    unsigned long long mine = 0;
+    for (std::int64_t tile = begin; tile < end; tile += tile_tokens) {
+      float values[Items];
+#pragma unroll
+      for (int i = 0; i < Items; ++i) {
+        const std::int64_t token = tile + threadIdx.x + std::int64_t{i} * radix_bins;
+        values[i] = token < end ? row[token * scores.token_stride] : 0.0f;
+      }
+#pragma unroll
+      for (int i = 0; i < Items; ++i)
+        if (tile + threadIdx.x + std::int64_t{i} * radix_bins < end) mine += selection_flags(rank_key(values[i]), threshold);
+    }
+    const unsigned long long total = block_reduce(reduce_storage).Sum(mine);
+    if (threadIdx.x == 0) chunk_counts[work] = total;
+    __syncthreads();  // the reduce storage is reused by the next work item
+  }
+}
+
+/// Per (head, chunk): writes the chunk's kept tokens, in ascending order, at
+/// kept_tokens[offsets[head] + slot]: every token whose key is above v*, and
+/// the first kept − above (in token order) of those at v*; slot = above_before +
+/// min(ties_before, ties_kept). The chunk starts from the sum of the earlier
+/// chunks' counts; each tile is loaded coalesced into shared memory (one pad
+/// word per 16, so the blocked reads below hit 32 different banks), then each
+/// thread takes Items consecutive tokens and a block scan orders them.
+template <int Items>
+__global__ void __launch_bounds__(radix_bins) compact_selected(score_rows scores, std::int64_t heads,
+                                                               std::int64_t chunk_tokens, std::int64_t chunks,
+                                                               threshold_state state,
+                                                               const unsigned long long* chunk_counts,
+                                                               const std::int64_t* offsets, std::int32_t* kept_tokens) {
+  static_assert(Items == 16, "the shared tile's padding assumes 16 tokens per thread");
+  using block_scan = cub::BlockScan<unsigned long long, radix_bins>;
+  using block_reduce = cub::BlockReduce<unsigned long long, radix_bins>;
+  constexpr std::int64_t tile_tokens = std::int64_t{radix_bins} * Items;
+  __shared__ union {
+    typename block_scan::TempStorage scan;
+    typename block_reduce::TempStorage reduce;
+  } storage;
+  __shared__ std::uint32_t tile_keys[tile_tokens + tile_tokens / 16];
+  __shared__ unsigned long long chunk_start;
+  const auto padded = [](std::int64_t j) { return j + j / 16; };
+  for (std::int64_t work = blockIdx.x; work < heads * chunks; work += gridDim.x) {
+    const std::int64_t head = work / chunks, chunk = work % chunks;
+    const std::int64_t begin = chunk * chunk_tokens;
+    const std::int64_t end = begin + chunk_tokens < scores.tokens ? begin + chunk_tokens : scores.tokens;
     const std::uint32_t threshold = state.prefix[head];
     const std::int64_t ties_kept = state.kept[head] - state.above[head];
     std::int32_t* out = kept_tokens + offsets[head];
     const float* row = scores.row(head);
-    unsigned long long running = 0;  // (above, ties) before this tile
-    for (std::int64_t tile = 0; tile < scores.tokens; tile += tile_tokens) {
-      const std::int64_t first = tile + std::int64_t{threadIdx.x} * Items;
+    // chunks ≤ radix_bins: one earlier chunk per thread at most.
+    const unsigned long long earlier =
+        threadIdx.x < chunk ? chunk_counts[head * chunks + threadIdx.x] : 0ull;
+    unsigned long long running = block_reduce(storage.reduce).Sum(earlier);  // valid in thread 0
+    __syncthreads();
+    if (threadIdx.x == 0) chunk_start = running;
+    __syncthreads();
+    running = chunk_start;
+    for (std::int64_t tile = begin; tile < end; tile += tile_tokens) {
+      float values[Items];
+#pragma unroll
+      for (int i = 0; i < Items; ++i) {
+        const std::int64_t token = tile + threadIdx.x + std::int64_t{i} * radix_bins;
+        values[i] = token < end ? row[token * scores.token_stride] : 0.0f;
+      }
+#pragma unroll
+      for (int i = 0; i < Items; ++i) {
+        const std::int64_t j = threadIdx.x + std::int64_t{i} * radix_bins;
+        tile_keys[padded(j)] = rank_key(values[i]);
+      }
+      __syncthreads();
+      const std::int64_t first = std::int64_t{threadIdx.x} * Items;  // within the tile
       std::uint32_t keys[Items];
       unsigned long long mine = 0;
 #pragma unroll
       for (int i = 0; i < Items; ++i) {
-        keys[i] = first + i < scores.tokens ? rank_key(row[(first + i) * scores.token_stride]) : 0u;
-        const bool inside = first + i < scores.tokens;
-        mine += !inside ? 0ull : keys[i] > threshold ? (1ull << 32) : keys[i] == threshold ? 1ull : 0ull;
+        keys[i] = tile_keys[padded(first + i)];
+        mine += tile + first + i < end ? selection_flags(keys[i], threshold) : 0ull;
       }
       unsigned long long before = 0, tile_total = 0;
-      block_scan(scan_storage).ExclusiveSum(mine, before, tile_total);
-      __syncthreads();  // the scan storage is reused by the next tile
+      block_scan(storage.scan).ExclusiveSum(mine, before, tile_total);
+      __syncthreads();  // tile_keys and the scan storage are reused by the next tile
       before += running;
       running += tile_total;
 #pragma unroll
       for (int i = 0; i < Items; ++i) {
-        if (first + i >= scores.tokens) break;
+        if (tile + first + i >= end) break;
         const std::int64_t above = static_cast<std::int64_t>(before >> 32);
         const std::int64_t ties = static_cast<std::int64_t>(before & 0xffffffffull);
+        const auto token = static_cast<std::int32_t>(tile + first + i);
         if (keys[i] > threshold) {
-          out[above + (ties < ties_kept ? ties : ties_kept)] = static_cast<std::int32_t>(first + i);
+          out[above + (ties < ties_kept ? ties : ties_kept)] = token;
           before += 1ull << 32;
         } else if (keys[i] == threshold) {
-          if (ties < ties_kept) out[above + ties] = static_cast<std::int32_t>(first + i);
+          if (ties < ties_kept) out[above + ties] = token;
           before += 1ull;
         }
       }
@@ -394,10 +496,11 @@ template <>
 struct implementation<stage::select_top_k, backend::cuda> {
   static constexpr std::string_view function = "kvtrim::stage::select_top_k";
 
-  /// O(heads): the search's histograms and state, not O(heads · tokens).
-  static std::size_t workspace_bytes(std::int64_t heads, std::int64_t /*tokens*/) {
+  /// O(heads): the search's histograms and state, and ≤ 256 chunk counts per head — not O(heads · tokens).
+  static std::size_t workspace_bytes(std::int64_t heads, std::int64_t tokens) {
     workspace_carver carver;
     cuda_detail::threshold_state::carve(carver, heads, heads);
+    carver.take<unsigned long long>(heads * cuda_detail::compaction_chunks(tokens));
     return carver.bytes();
   }
 
@@ -412,13 +515,19 @@ struct implementation<stage::select_top_k, backend::cuda> {
 
     workspace_carver carver(scratch);
     const auto state = cuda_detail::threshold_state::carve(carver, heads, heads);
+    const std::int64_t chunk_tokens = cuda_detail::compaction_chunk_tokens(tokens);
+    const std::int64_t chunks = cuda_detail::compaction_chunks(tokens);
+    auto* chunk_counts = carver.take<unsigned long long>(heads * chunks);
     const cuda_detail::score_rows rows = cuda_detail::rows_of(scores);
     cuda_detail::find_thresholds(rows, heads, 1, cuda_detail::select_rule{keep_counts, tokens}, state, stream,
                                  function);
-    constexpr int threads = 1024, items = 16;  // 2 tiles for 32k tokens: few block-wide round trips
-    cuda_detail::compact_selected<threads, items>
-        <<<static_cast<unsigned>(std::min<std::int64_t>(heads, 1 << 20)), threads, 0, stream>>>(rows, heads, state,
-                                                                                               offsets, kept_tokens);
+    constexpr int items = cuda_detail::compaction_items;
+    const auto blocks = static_cast<unsigned>(std::min<std::int64_t>(heads * chunks, 1 << 20));
+    cuda_detail::count_selected<items><<<blocks, cuda_detail::radix_bins, 0, stream>>>(rows, heads, chunk_tokens, chunks,
+                                                                                       state, chunk_counts);
+    detail::check_launch(function, "count_selected");
+    cuda_detail::compact_selected<items><<<blocks, cuda_detail::radix_bins, 0, stream>>>(
+        rows, heads, chunk_tokens, chunks, state, chunk_counts, offsets, kept_tokens);
     detail::check_launch(function, "compact_selected");
   }
 };
