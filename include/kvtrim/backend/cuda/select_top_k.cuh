@@ -1,22 +1,46 @@
-// kvtrim/backend/cuda/select_top_k.cuh — the selection stage on the GPU, with CUB.
+// kvtrim/backend/cuda/select_top_k.cuh — the selection stage on the GPU: a
+// radix select per head, then a stable compaction.
 //
 // Same contract as the CPU reference (backend/cpu/select_top_k.hpp): per head,
 // the keep_count tokens of highest score, ties to the lower index, NaN below
-// every number, listed in ascending token order. Steps, all device-wide CUB:
-//   1. scores → order-preserving 32-bit keys (NaN → 0, below −∞'s key);
-//   2. DeviceSegmentedSort::StableSortPairsDescending per head (stable over
-//      ascending indices, so equal scores keep the lower index first);
-//   3. flag the first keep_count tokens of each head;
-//   4. DeviceSelect::Flagged over all heads' token indices: the kept tokens
-//      come out grouped by head and ascending within it, with no second sort;
-//   5. offsets = exclusive scan of keep counts (DeviceScan).
-// Compression is not the decode hot path; a radix-select for very long
-// contexts can replace step 2 later without changing the contract.
+// every number, −0 equal to +0, listed in ascending token order.
+//
+// Why a radix select and not a sort: a head keeps "every token above a
+// threshold score, and the first few (in token order) of the tokens AT the
+// threshold". Finding the threshold needs only counts, and counts come from
+// histograms of an order-preserving 32-bit key of the score — 4 passes of 8
+// bits (CUB's radix digit width on this hardware class), each a read of the
+// scores and one small decision per head. The full segmented sort it replaces
+// (cub::DeviceSegmentedSort, 64 segments of 32k at workload W) moved keys and
+// values through several passes and dominated the compress (issue 10); the
+// sort's output order was thrown away anyway (the kept list is in token order).
+//
+// The same threshold search serves budget::adaptive (backend/cuda/adaptive.cuh),
+// where a GROUP of heads (a sequence's kv heads) shares one threshold and the
+// count at a candidate threshold is Σ_h max(floor_h, tokens of h at or above it)
+// rather than a plain count; a head of select_top_k is a group of one head
+// with floor 0. Everything below is written for groups.
+//
+// Steps (all on the stream, no host round trip; 7 launches and one memset):
+//   1. keep_offsets: offsets = exclusive scan of the clamped keep counts (one
+//      block, cub::BlockScan);
+//   2. for pass p = 0..3, radix_pass: per head, the 256-bin histogram of key
+//      digit p among the tokens whose higher digits equal the group's prefix so
+//      far (shared-memory bins, one global atomic per bin and block); the block
+//      that finishes a group's last chunk (an arrival counter behind a
+//      threadfence) decides for the group: the largest digit whose
+//      count-at-or-above still reaches the target, appended to the prefix.
+//      After pass 3 the prefix is the threshold key v*, `above` counts keys
+//      > v* and `ties` keys = v*;
+//   3. count_selected, then compact_selected, per (head, chunk of ≤ 1/256 of
+//      the head): each chunk's (keys above v*, keys equal to v*) counts; then
+//      each chunk, starting from its earlier chunks' sum, a block-wide scan of
+//      the packed pair in token order gives every kept token its output slot:
+//      slot = above_before + min(ties_before, ties_kept).
 #pragma once
 
-#include <cub/device/device_scan.cuh>
-#include <cub/device/device_segmented_sort.cuh>
-#include <cub/device/device_select.cuh>
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
 
 #include <algorithm>
 #include <cstdint>
@@ -29,52 +53,436 @@ namespace kvtrim {
 
 namespace cuda_detail {
 
+/// An order-preserving unsigned key: a larger key ranks first. NaN maps to 0,
+/// below −∞ (0x007fffff); −0 maps to +0's key (ranks_before calls them equal).
 __device__ __forceinline__ std::uint32_t rank_key(float score) {
   if (isnan(score)) return 0u;
-  const std::uint32_t bits = __float_as_uint(score);
+  const std::uint32_t bits = score == 0.0f ? 0u : __float_as_uint(score);
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
-// The kernels are templates (over the CSR's index types: Token and Count int32,
-// Offset int64 here) so that any number of translation units may include this
-// header: a template's instantiations merge at link time, while a plain
-// __global__ function's host stub is an ordinary external function that two .cu
-// files would both define (issue 9; tests/link/).
-template <class Token, class Offset>
-__global__ void prepare_selection(const float* scores, std::uint32_t* rank_keys, Token* token_indices,
-                                  std::uint8_t* kept_flags, Offset* segment_offsets, std::int64_t heads,
-                                  std::int64_t tokens) {
-  const std::int64_t total = heads * tokens;
-  for (std::int64_t flat = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; flat <= total;
-       flat += std::int64_t{gridDim.x} * blockDim.x) {
-    if (flat < total) {
-      rank_keys[flat] = rank_key(scores[flat]);
-      token_indices[flat] = static_cast<Token>(flat % tokens);
-      kept_flags[flat] = 0;
+/// rank_key(+∞): the key of a scorer's protected tokens.
+inline constexpr std::uint32_t infinity_key = 0xff800000u;
+
+inline constexpr int radix_bits = 8;
+inline constexpr int radix_bins = 1 << radix_bits;
+inline constexpr int radix_passes = 32 / radix_bits;
+
+/// Scores as the kernels read them: [batch, kv_heads, tokens] with any strides.
+struct score_rows {
+  const float* data;
+  std::int64_t kv_heads, tokens;
+  std::int64_t batch_stride, head_stride, token_stride;
+
+  __device__ __forceinline__ const float* row(std::int64_t head) const {
+    return data + (head / kv_heads) * batch_stride + (head % kv_heads) * head_stride;
+  }
+};
+
+inline score_rows rows_of(const tensor_view<const float, 3, device_space>& scores) {
+  return {scores.data, scores.extent(1), scores.extent(2), scores.stride(0), scores.stride(1), scores.stride(2)};
+}
+
+/// Per-head and per-group state of the threshold search (carved from the workspace).
+struct threshold_state {
+  std::uint32_t* histograms = nullptr;  // [heads × radix_bins]; zero between passes
+  std::uint32_t* infinities = nullptr;  // [heads]: tokens scored +∞ (filled in pass 0)
+  std::uint32_t* arrivals = nullptr;    // [groups]: blocks of this pass done with the group; zero between passes
+  std::uint32_t* prefix = nullptr;      // [groups]: the key digits fixed so far; after pass 3, v*
+  std::int64_t* floors = nullptr;       // [heads]: tokens a head keeps whatever the threshold
+  std::int64_t* above = nullptr;        // [heads]: tokens whose key is above the prefix's range
+  std::int64_t* ties = nullptr;         // [heads]: tokens whose key equals v* (after pass 3)
+  std::int64_t* kept = nullptr;         // [heads]: the head's final count (after pass 3)
+  std::size_t zeroed_bytes = 0;         // histograms, infinities and arrivals: adjacent, one memset
+
+  template <class Carver>
+  static threshold_state carve(Carver& carver, std::int64_t heads, std::int64_t groups) {
+    threshold_state s;
+    // heads·radix_bins·4 bytes is a multiple of the carver's 256-byte alignment,
+    // so these three are adjacent (no padding between) and one memset zeroes them.
+    s.histograms = carver.template take<std::uint32_t>(heads * radix_bins);
+    s.infinities = carver.template take<std::uint32_t>(heads);
+    s.arrivals = carver.template take<std::uint32_t>(groups);
+    if (s.histograms != nullptr)
+      s.zeroed_bytes = static_cast<std::size_t>(reinterpret_cast<const std::byte*>(s.arrivals + groups) -
+                                                reinterpret_cast<const std::byte*>(s.histograms));
+    s.prefix = carver.template take<std::uint32_t>(groups);
+    s.floors = carver.template take<std::int64_t>(heads);
+    s.above = carver.template take<std::int64_t>(heads);
+    s.ties = carver.template take<std::int64_t>(heads);
+    s.kept = carver.template take<std::int64_t>(heads);
+    return s;
+  }
+};
+
+/// What the decision of one group needs in shared memory.
+struct decide_storage {
+  unsigned long long reached[radix_bins];  // F at each candidate digit, from the top (index j: digit 255 − j)
+  int chosen_digit;
+};
+
+/// One head's bins as a warp sees them: lane l holds the 8 digits 255 − 8l − i
+/// (i = 0..7, from the top), their running sum within the lane, and the tokens
+/// in the digits of the lanes before it; tokens with digit ≥ 255 − 8l − i are
+/// then before + running[i] — a warp-wide suffix scan without block barriers.
+struct warp_bins {
+  static constexpr int per_lane = radix_bins / 32;
+  unsigned long long count[per_lane], running[per_lane], before;
+
+  __device__ void load(const std::uint32_t* histogram, int lane) {
+#pragma unroll
+    for (int i = 0; i < per_lane; ++i) count[i] = __ldcg(&histogram[radix_bins - 1 - (lane * per_lane + i)]);
+    unsigned long long sum = 0;
+#pragma unroll
+    for (int i = 0; i < per_lane; ++i) running[i] = sum += count[i];
+    unsigned long long inclusive = sum;
+#pragma unroll
+    for (int offset = 1; offset < 32; offset *= 2) {
+      const unsigned long long other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+      if (lane >= offset) inclusive += other;
     }
-    if (flat % tokens == 0) segment_offsets[flat / tokens] = static_cast<Offset>(flat);
+    before = inclusive - sum;
+  }
+};
+
+/// One group's decision after pass `pass`, by a whole block of radix_bins threads
+/// (each warp one head at a time). F(v) = Σ_h max(floor_h, tokens of h with key
+/// ≥ v) never grows with v; the search wants v* = the largest v with F(v) ≥
+/// target. F is evaluated at the lowest key of every digit (prefix so far, that
+/// digit, zeros); the chosen digit is the largest one whose F still reaches the
+/// target. After the last pass the counts follow from above/ties/floors.
+/// The histograms were written by other blocks' atomics in this same kernel:
+/// they (and everything this block reads) are loaded from L2 (__ldcg).
+template <class Rule>
+__device__ void decide_group(const Rule& rule, std::int64_t group, std::int64_t heads_per_group, int pass,
+                             const threshold_state& state, decide_storage& storage) {
+  constexpr int warps = radix_bins / 32;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int shift = 32 - radix_bits * (pass + 1);
+  const std::int64_t first = group * heads_per_group;
+  const long long target = rule.target(group);
+  if (pass == 0)
+    for (std::int64_t h = threadIdx.x; h < heads_per_group; h += radix_bins) {
+      state.floors[first + h] = rule.floor(group, h, __ldcg(&state.infinities[first + h]));
+      state.above[first + h] = 0;
+    }
+  storage.reached[threadIdx.x] = 0;
+  __syncthreads();
+  for (std::int64_t h = warp; h < heads_per_group; h += warps) {
+    warp_bins bins;
+    bins.load(state.histograms + (first + h) * radix_bins, lane);
+    const unsigned long long floor = static_cast<unsigned long long>(__ldcg(&state.floors[first + h]));
+    const unsigned long long above = static_cast<unsigned long long>(__ldcg(&state.above[first + h]));
+#pragma unroll
+    for (int i = 0; i < warp_bins::per_lane; ++i) {
+      const unsigned long long tokens = above + bins.before + bins.running[i];
+      atomicAdd(&storage.reached[lane * warp_bins::per_lane + i], tokens > floor ? tokens : floor);
+    }
+  }
+  __syncthreads();
+  // F falls as the digit rises, i.e. rises with the index j = 255 − digit: the
+  // entries short of the target are the highest digits. F at digit 0 reaches
+  // the target (the previous pass chose this prefix for that), so at most 255 fall short.
+  const int short_digits =
+      __syncthreads_count(static_cast<long long>(storage.reached[threadIdx.x]) < target);
+  const int digit = radix_bins - 1 - (short_digits < radix_bins ? short_digits : radix_bins - 1);
+  // Tokens above the new prefix: add each head's bins above the chosen digit;
+  // tokens at it (the ties, once the prefix is the whole key): its own bin.
+  const int j = radix_bins - 1 - digit;
+  for (std::int64_t h = warp; h < heads_per_group; h += warps) {
+    warp_bins bins;
+    bins.load(state.histograms + (first + h) * radix_bins, lane);
+#pragma unroll
+    for (int i = 0; i < warp_bins::per_lane; ++i)
+      if (lane * warp_bins::per_lane + i == j) {
+        state.above[first + h] += static_cast<long long>(bins.before + bins.running[i] - bins.count[i]);
+        state.ties[first + h] = static_cast<long long>(bins.count[i]);
+      }
+  }
+  __syncthreads();
+  for (std::int64_t h = 0; h < heads_per_group; ++h)  // zero for the next pass (this block alone reads them now)
+    state.histograms[(first + h) * radix_bins + threadIdx.x] = 0;
+  if (threadIdx.x == 0) {
+    const std::uint32_t prefix = (pass == 0 ? 0u : __ldcg(&state.prefix[group])) | (std::uint32_t(digit) << shift);
+    state.prefix[group] = prefix;
+    state.arrivals[group] = 0;  // every block of this pass has arrived; the next pass counts again
+    if (pass == radix_passes - 1) {
+      // v* is fixed: every head keeps max(floor, above), and the tokens at v*
+      // fill the rest of the target in (head, token) order — the heads in
+      // order, each taking what its ties add over its floor.
+      long long remaining = target;
+      for (std::int64_t h = 0; h < heads_per_group; ++h) {
+        const long long floor = state.floors[first + h], above = state.above[first + h];
+        remaining -= above > floor ? above : floor;
+      }
+      for (std::int64_t h = 0; h < heads_per_group; ++h) {
+        const long long floor = state.floors[first + h], above = state.above[first + h];
+        const long long base = above > floor ? above : floor;
+        const long long full = above + state.ties[first + h] > floor ? above + state.ties[first + h] : floor;
+        long long take = full - base < remaining ? full - base : remaining;
+        take = take > 0 ? take : 0;
+        remaining -= take;
+        state.kept[first + h] = base + take;
+        rule.write_count(first + h, base + take);
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// Kernels are templates (over block shapes and the group rule) so that any
+// number of translation units may include this header: a template's
+// instantiations merge at link time, a plain __global__ function's host stub
+// would be defined in every .cu file that includes it (issue 9; tests/link/).
+
+/// Pass `pass` of the threshold search. Work items are (head, chunk of
+/// radix_bins·Items tokens): each counts key digit `pass` (most significant
+/// first) of the tokens whose higher digits equal the group's prefix, in
+/// shared-memory bins added to the head's global histogram. The block that
+/// completes a group's last work item (an arrival counter; the threadfence
+/// pattern, so no second launch) makes the group's decision.
+template <int Items, class Rule>
+__global__ void __launch_bounds__(radix_bins) radix_pass(score_rows scores, std::int64_t heads,
+                                                         std::int64_t heads_per_group, int pass, Rule rule,
+                                                         threshold_state state) {
+  __shared__ std::uint32_t bins[radix_bins];
+  __shared__ std::uint32_t infinities;
+  __shared__ bool last_arrival;
+  __shared__ decide_storage storage;
+  constexpr std::int64_t chunk_tokens = std::int64_t{radix_bins} * Items;
+  const std::int64_t chunks = scores.tokens > 0 ? (scores.tokens + chunk_tokens - 1) / chunk_tokens : 1;
+  const std::int64_t group_items = heads_per_group * chunks;
+  const int shift = 32 - radix_bits * (pass + 1);
+  const std::uint32_t high_mask = pass == 0 ? 0u : ~0u << (32 - radix_bits * pass);
+  for (std::int64_t work = blockIdx.x; work < heads * chunks; work += gridDim.x) {
+    const std::int64_t head = work / chunks;
+    const std::int64_t group = head / heads_per_group;
+    const std::int64_t begin = (work % chunks) * chunk_tokens;
+    const std::int64_t end = begin + chunk_tokens < scores.tokens ? begin + chunk_tokens : scores.tokens;
+    bins[threadIdx.x] = 0;
+    if (threadIdx.x == 0) infinities = 0;
+    __syncthreads();
+    const float* row = scores.row(head);
+    const std::uint32_t fixed = pass == 0 ? 0u : __ldcg(&state.prefix[group]);
+    // All Items loads first (coalesced across the block, independent of each
+    // other), then the counting: a loop that loads, counts and loads again keeps
+    // one load in flight per thread and waits a full memory latency per token
+    // (the first H200 profile: ~20 µs per pass, latency-bound).
+    float values[Items];
+#pragma unroll
+    for (int i = 0; i < Items; ++i) {
+      const std::int64_t token = begin + threadIdx.x + std::int64_t{i} * radix_bins;
+      values[i] = token < end ? row[token * scores.token_stride] : 0.0f;
+    }
+    std::uint32_t my_infinities = 0;
+#pragma unroll
+    for (int i = 0; i < Items; ++i) {
+      if (begin + threadIdx.x + std::int64_t{i} * radix_bins >= end) break;
+      const std::uint32_t key = rank_key(values[i]);
+      if (((key ^ fixed) & high_mask) == 0) atomicAdd(&bins[(key >> shift) & (radix_bins - 1)], 1u);
+      my_infinities += key == infinity_key ? 1u : 0u;
+    }
+    if (pass == 0 && my_infinities > 0) atomicAdd(&infinities, my_infinities);
+    __syncthreads();
+    if (bins[threadIdx.x] > 0) atomicAdd(&state.histograms[head * radix_bins + threadIdx.x], bins[threadIdx.x]);
+    if (pass == 0 && threadIdx.x == 0 && infinities > 0) atomicAdd(&state.infinities[head], infinities);
+    __threadfence();  // this block's counts are visible device-wide before its arrival is
+    __syncthreads();
+    if (threadIdx.x == 0)
+      last_arrival = atomicAdd(&state.arrivals[group], 1u) == static_cast<std::uint32_t>(group_items - 1);
+    __syncthreads();
+    if (last_arrival) {
+      __threadfence();
+      decide_group(rule, group, heads_per_group, pass, state, storage);
+    }
   }
 }
 
-template <class Token, class Count>
-__global__ void flag_top_tokens(const Token* sorted_tokens, const Count* keep_counts,
-                                std::uint8_t* kept_flags, std::int64_t heads, std::int64_t tokens) {
-  const std::int64_t total = heads * tokens;
-  for (std::int64_t flat = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; flat < total;
-       flat += std::int64_t{gridDim.x} * blockDim.x) {
-    const std::int64_t head = flat / tokens;
-    const std::int64_t rank = flat % tokens;
-    if (rank < keep_counts[head]) kept_flags[head * tokens + sorted_tokens[flat]] = 1;
+/// select_top_k's rule: every head its own group, floor 0, target its clamped keep count.
+struct select_rule {
+  const std::int32_t* keep_counts;
+  std::int64_t tokens;
+  __device__ long long target(std::int64_t head) const {
+    const long long count = keep_counts[head];
+    return count < 0 ? 0 : (count > tokens ? tokens : count);
+  }
+  __device__ long long floor(std::int64_t, std::int64_t, std::uint32_t) const { return 0; }
+  __device__ void write_count(std::int64_t, long long) const {}
+};
+
+/// Runs the four passes of the threshold search on `stream`.
+template <class Rule>
+void find_thresholds(const score_rows& scores, std::int64_t heads, std::int64_t heads_per_group, const Rule& rule,
+                     const threshold_state& state, cudaStream_t stream, std::string_view function) {
+  constexpr int items = 16;
+  detail::check_cuda(cudaMemsetAsync(state.histograms, 0, state.zeroed_bytes, stream), function,
+                     "cudaMemsetAsync(histograms)");
+  const std::int64_t chunks = ceil_div(std::max<std::int64_t>(scores.tokens, 1), std::int64_t{radix_bins} * items);
+  const auto blocks = static_cast<unsigned>(std::clamp<std::int64_t>(heads * chunks, 1, 1 << 20));
+  for (int pass = 0; pass < radix_passes; ++pass) {
+    radix_pass<items, Rule><<<blocks, radix_bins, 0, stream>>>(scores, heads, heads_per_group, pass, rule, state);
+    detail::check_launch(function, "radix_pass");
   }
 }
 
-template <class Count, class Offset>
-__global__ void clamp_counts(const Count* keep_counts, Offset* offsets_plus_one, std::int64_t heads,
-                             std::int64_t tokens) {
-  for (std::int64_t head = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; head < heads;
-       head += std::int64_t{gridDim.x} * blockDim.x) {
-    const std::int64_t count = keep_counts[head];
-    offsets_plus_one[head] = static_cast<Offset>(count < 0 ? 0 : (count > tokens ? tokens : count));
+/// The compaction's work split: each head into at most max_chunks chunks of a
+/// whole number of tiles (radix_bins · compaction_items tokens), so a block
+/// finds its chunk's place by adding at most max_chunks − 1 earlier counts.
+inline constexpr int compaction_items = 16;
+inline constexpr std::int64_t compaction_tile = std::int64_t{radix_bins} * compaction_items;
+inline constexpr std::int64_t compaction_max_chunks = radix_bins;
+
+inline std::int64_t compaction_chunk_tokens(std::int64_t tokens) {
+  return ceil_div(ceil_div(std::max<std::int64_t>(tokens, 1), compaction_max_chunks), compaction_tile) *
+         compaction_tile;
+}
+inline std::int64_t compaction_chunks(std::int64_t tokens) {
+  return ceil_div(std::max<std::int64_t>(tokens, 1), compaction_chunk_tokens(tokens));
+}
+
+/// The packed pair counted for every token: (key above v*) in the high 32 bits,
+/// (key equal to v*) in the low 32. A head has < 2^31 tokens, so sums never carry.
+__device__ __forceinline__ unsigned long long selection_flags(std::uint32_t key, std::uint32_t threshold) {
+  return key > threshold ? (1ull << 32) : key == threshold ? 1ull : 0ull;
+}
+
+/// Per (head, chunk): the chunk's packed (above, ties) count. Loads are
+/// coalesced (token = tile + i·radix_bins + thread) and all issued before use.
+template <int Items>
+__global__ void __launch_bounds__(radix_bins) count_selected(score_rows scores, std::int64_t heads,
+                                                             std::int64_t chunk_tokens, std::int64_t chunks,
+                                                             threshold_state state, unsigned long long* chunk_counts) {
+  using block_reduce = cub::BlockReduce<unsigned long long, radix_bins>;
+  __shared__ typename block_reduce::TempStorage reduce_storage;
+  constexpr std::int64_t tile_tokens = std::int64_t{radix_bins} * Items;
+  for (std::int64_t work = blockIdx.x; work < heads * chunks; work += gridDim.x) {
+    const std::int64_t head = work / chunks;
+    const std::int64_t begin = (work % chunks) * chunk_tokens;
+    const std::int64_t end = begin + chunk_tokens < scores.tokens ? begin + chunk_tokens : scores.tokens;
+    const std::uint32_t threshold = state.prefix[head];
+    const float* row = scores.row(head);
+    unsigned long long mine = 0;
+    for (std::int64_t tile = begin; tile < end; tile += tile_tokens) {
+      float values[Items];
+#pragma unroll
+      for (int i = 0; i < Items; ++i) {
+        const std::int64_t token = tile + threadIdx.x + std::int64_t{i} * radix_bins;
+        values[i] = token < end ? row[token * scores.token_stride] : 0.0f;
+      }
+#pragma unroll
+      for (int i = 0; i < Items; ++i)
+        if (tile + threadIdx.x + std::int64_t{i} * radix_bins < end) mine += selection_flags(rank_key(values[i]), threshold);
+    }
+    const unsigned long long total = block_reduce(reduce_storage).Sum(mine);
+    if (threadIdx.x == 0) chunk_counts[work] = total;
+    __syncthreads();  // the reduce storage is reused by the next work item
+  }
+}
+
+/// Per (head, chunk): writes the chunk's kept tokens, in ascending order, at
+/// kept_tokens[offsets[head] + slot]: every token whose key is above v*, and
+/// the first kept − above (in token order) of those at v*; slot = above_before +
+/// min(ties_before, ties_kept). The chunk starts from the sum of the earlier
+/// chunks' counts; each tile is loaded coalesced into shared memory (one pad
+/// word per 16, so the blocked reads below hit 32 different banks), then each
+/// thread takes Items consecutive tokens and a block scan orders them.
+template <int Items>
+__global__ void __launch_bounds__(radix_bins) compact_selected(score_rows scores, std::int64_t heads,
+                                                               std::int64_t chunk_tokens, std::int64_t chunks,
+                                                               threshold_state state,
+                                                               const unsigned long long* chunk_counts,
+                                                               const std::int64_t* offsets, std::int32_t* kept_tokens) {
+  static_assert(Items == 16, "the shared tile's padding assumes 16 tokens per thread");
+  using block_scan = cub::BlockScan<unsigned long long, radix_bins>;
+  using block_reduce = cub::BlockReduce<unsigned long long, radix_bins>;
+  constexpr std::int64_t tile_tokens = std::int64_t{radix_bins} * Items;
+  __shared__ union {
+    typename block_scan::TempStorage scan;
+    typename block_reduce::TempStorage reduce;
+  } storage;
+  __shared__ std::uint32_t tile_keys[tile_tokens + tile_tokens / 16];
+  __shared__ unsigned long long chunk_start;
+  const auto padded = [](std::int64_t j) { return j + j / 16; };
+  for (std::int64_t work = blockIdx.x; work < heads * chunks; work += gridDim.x) {
+    const std::int64_t head = work / chunks, chunk = work % chunks;
+    const std::int64_t begin = chunk * chunk_tokens;
+    const std::int64_t end = begin + chunk_tokens < scores.tokens ? begin + chunk_tokens : scores.tokens;
+    const std::uint32_t threshold = state.prefix[head];
+    const std::int64_t ties_kept = state.kept[head] - state.above[head];
+    std::int32_t* out = kept_tokens + offsets[head];
+    const float* row = scores.row(head);
+    // chunks ≤ radix_bins: one earlier chunk per thread at most.
+    const unsigned long long earlier =
+        threadIdx.x < chunk ? chunk_counts[head * chunks + threadIdx.x] : 0ull;
+    unsigned long long running = block_reduce(storage.reduce).Sum(earlier);  // valid in thread 0
+    __syncthreads();
+    if (threadIdx.x == 0) chunk_start = running;
+    __syncthreads();
+    running = chunk_start;
+    for (std::int64_t tile = begin; tile < end; tile += tile_tokens) {
+      float values[Items];
+#pragma unroll
+      for (int i = 0; i < Items; ++i) {
+        const std::int64_t token = tile + threadIdx.x + std::int64_t{i} * radix_bins;
+        values[i] = token < end ? row[token * scores.token_stride] : 0.0f;
+      }
+#pragma unroll
+      for (int i = 0; i < Items; ++i) {
+        const std::int64_t j = threadIdx.x + std::int64_t{i} * radix_bins;
+        tile_keys[padded(j)] = rank_key(values[i]);
+      }
+      __syncthreads();
+      const std::int64_t first = std::int64_t{threadIdx.x} * Items;  // within the tile
+      std::uint32_t keys[Items];
+      unsigned long long mine = 0;
+#pragma unroll
+      for (int i = 0; i < Items; ++i) {
+        keys[i] = tile_keys[padded(first + i)];
+        mine += tile + first + i < end ? selection_flags(keys[i], threshold) : 0ull;
+      }
+      unsigned long long before = 0, tile_total = 0;
+      block_scan(storage.scan).ExclusiveSum(mine, before, tile_total);
+      __syncthreads();  // tile_keys and the scan storage are reused by the next tile
+      before += running;
+      running += tile_total;
+#pragma unroll
+      for (int i = 0; i < Items; ++i) {
+        if (tile + first + i >= end) break;
+        const std::int64_t above = static_cast<std::int64_t>(before >> 32);
+        const std::int64_t ties = static_cast<std::int64_t>(before & 0xffffffffull);
+        const auto token = static_cast<std::int32_t>(tile + first + i);
+        if (keys[i] > threshold) {
+          out[above + (ties < ties_kept ? ties : ties_kept)] = token;
+          before += 1ull << 32;
+        } else if (keys[i] == threshold) {
+          if (ties < ties_kept) out[above + ties] = token;
+          before += 1ull;
+        }
+      }
+    }
+  }
+}
+
+/// offsets[0] = 0, offsets[h + 1] = Σ_{h' ≤ h} clamp(keep_counts[h'], 0, tokens): one
+/// block (a CUB block scan over tiles of heads with a running total), one launch —
+/// heads are a few thousand at most, and the scan's result is needed by the
+/// compaction anyway; a device-wide scan would be two launches and a memset.
+template <int Threads>
+__global__ void __launch_bounds__(Threads) keep_offsets(const std::int32_t* keep_counts, std::int64_t* offsets,
+                                                        std::int64_t heads, std::int64_t tokens) {
+  using block_scan = cub::BlockScan<long long, Threads>;
+  __shared__ typename block_scan::TempStorage storage;
+  if (threadIdx.x == 0) offsets[0] = 0;
+  long long running = 0;
+  for (std::int64_t tile = 0; tile < heads; tile += Threads) {
+    const std::int64_t head = tile + threadIdx.x;
+    long long count = head < heads ? keep_counts[head] : 0;
+    count = count < 0 ? 0 : (count > tokens ? tokens : count);
+    long long inclusive = 0, tile_total = 0;
+    block_scan(storage).InclusiveSum(count, inclusive, tile_total);
+    __syncthreads();  // the scan storage is reused by the next tile
+    if (head < heads) offsets[head + 1] = running + inclusive;
+    running += tile_total;
   }
 }
 
@@ -88,56 +496,11 @@ template <>
 struct implementation<stage::select_top_k, backend::cuda> {
   static constexpr std::string_view function = "kvtrim::stage::select_top_k";
 
-  struct parts {
-    std::uint32_t* rank_keys = nullptr;
-    std::uint32_t* sorted_keys = nullptr;
-    std::int32_t* token_indices = nullptr;
-    std::int32_t* sorted_tokens = nullptr;
-    std::uint8_t* kept_flags = nullptr;
-    std::int64_t* segment_offsets = nullptr;
-    std::int64_t* selected_count = nullptr;
-    void* cub_scratch = nullptr;
-    std::size_t cub_bytes = 0;
-  };
-
-  static std::size_t cub_scratch_bytes(std::int64_t heads, std::int64_t tokens) {
-    const std::int64_t items = heads * tokens;
-    std::size_t sort_bytes = 0, select_bytes = 0, scan_bytes = 0;
-    detail::check_cuda(cub::DeviceSegmentedSort::StableSortPairsDescending(
-                           nullptr, sort_bytes, static_cast<const std::uint32_t*>(nullptr),
-                           static_cast<std::uint32_t*>(nullptr), static_cast<const std::int32_t*>(nullptr),
-                           static_cast<std::int32_t*>(nullptr), items, heads,
-                           static_cast<const std::int64_t*>(nullptr), static_cast<const std::int64_t*>(nullptr)),
-                       function, "cub::DeviceSegmentedSort::StableSortPairsDescending (sizing)");
-    detail::check_cuda(cub::DeviceSelect::Flagged(nullptr, select_bytes, static_cast<const std::int32_t*>(nullptr),
-                                                  static_cast<const std::uint8_t*>(nullptr),
-                                                  static_cast<std::int32_t*>(nullptr),
-                                                  static_cast<std::int64_t*>(nullptr), items),
-                       function, "cub::DeviceSelect::Flagged (sizing)");
-    detail::check_cuda(cub::DeviceScan::InclusiveSum(nullptr, scan_bytes, static_cast<std::int64_t*>(nullptr), heads),
-                       function, "cub::DeviceScan::InclusiveSum (sizing)");
-    return std::max({sort_bytes, select_bytes, scan_bytes});
-  }
-
-  template <class Carver>
-  static parts carve(Carver& carver, std::int64_t heads, std::int64_t tokens) {
-    const std::int64_t items = heads * tokens;
-    parts p;
-    p.rank_keys = carver.template take<std::uint32_t>(items);
-    p.sorted_keys = carver.template take<std::uint32_t>(items);
-    p.token_indices = carver.template take<std::int32_t>(items);
-    p.sorted_tokens = carver.template take<std::int32_t>(items);
-    p.kept_flags = carver.template take<std::uint8_t>(items);
-    p.segment_offsets = carver.template take<std::int64_t>(heads + 1);
-    p.selected_count = carver.template take<std::int64_t>(1);
-    p.cub_bytes = cub_scratch_bytes(heads, tokens);
-    p.cub_scratch = carver.template take<std::byte>(static_cast<std::int64_t>(p.cub_bytes));
-    return p;
-  }
-
+  /// O(heads): the search's histograms and state, and ≤ 256 chunk counts per head — not O(heads · tokens).
   static std::size_t workspace_bytes(std::int64_t heads, std::int64_t tokens) {
     workspace_carver carver;
-    carve(carver, heads, tokens);
+    cuda_detail::threshold_state::carve(carver, heads, heads);
+    carver.take<unsigned long long>(heads * cuda_detail::compaction_chunks(tokens));
     return carver.bytes();
   }
 
@@ -145,29 +508,27 @@ struct implementation<stage::select_top_k, backend::cuda> {
                      std::int64_t* offsets, std::int32_t* kept_tokens, workspace scratch, cudaStream_t stream) {
     const std::int64_t tokens = scores.extent(2);
     const std::int64_t heads = scores.extent(0) * scores.extent(1);
-    const std::int64_t items = heads * tokens;
-    workspace_carver carver(scratch);
-    parts p = carve(carver, heads, tokens);
+    constexpr int offset_threads = 1024;
+    cuda_detail::keep_offsets<offset_threads><<<1, offset_threads, 0, stream>>>(keep_counts, offsets, heads, tokens);
+    detail::check_launch(function, "keep_offsets");
+    if (heads == 0 || tokens == 0) return;
 
-    cuda_detail::prepare_selection<std::int32_t, std::int64_t><<<cuda_detail::grid_for(items + 1), 256, 0, stream>>>(
-        scores.data, p.rank_keys, p.token_indices, p.kept_flags, p.segment_offsets, heads, tokens);
-    detail::check_launch(function, "prepare_selection");
-    detail::check_cuda(cub::DeviceSegmentedSort::StableSortPairsDescending(
-                           p.cub_scratch, p.cub_bytes, p.rank_keys, p.sorted_keys, p.token_indices, p.sorted_tokens,
-                           items, heads, p.segment_offsets, p.segment_offsets + 1, stream),
-                       function, "cub::DeviceSegmentedSort::StableSortPairsDescending");
-    cuda_detail::flag_top_tokens<std::int32_t, std::int32_t><<<cuda_detail::grid_for(items), 256, 0, stream>>>(
-        p.sorted_tokens, keep_counts, p.kept_flags, heads, tokens);
-    detail::check_launch(function, "flag_top_tokens");
-    detail::check_cuda(cub::DeviceSelect::Flagged(p.cub_scratch, p.cub_bytes, p.token_indices, p.kept_flags,
-                                                  kept_tokens, p.selected_count, items, stream),
-                       function, "cub::DeviceSelect::Flagged");
-    detail::check_cuda(cudaMemsetAsync(offsets, 0, sizeof(std::int64_t), stream), function, "cudaMemsetAsync");
-    cuda_detail::clamp_counts<std::int32_t, std::int64_t><<<cuda_detail::grid_for(heads), 256, 0, stream>>>(
-        keep_counts, offsets + 1, heads, tokens);
-    detail::check_launch(function, "clamp_counts");
-    detail::check_cuda(cub::DeviceScan::InclusiveSum(p.cub_scratch, p.cub_bytes, offsets + 1, heads, stream),
-                       function, "cub::DeviceScan::InclusiveSum");
+    workspace_carver carver(scratch);
+    const auto state = cuda_detail::threshold_state::carve(carver, heads, heads);
+    const std::int64_t chunk_tokens = cuda_detail::compaction_chunk_tokens(tokens);
+    const std::int64_t chunks = cuda_detail::compaction_chunks(tokens);
+    auto* chunk_counts = carver.take<unsigned long long>(heads * chunks);
+    const cuda_detail::score_rows rows = cuda_detail::rows_of(scores);
+    cuda_detail::find_thresholds(rows, heads, 1, cuda_detail::select_rule{keep_counts, tokens}, state, stream,
+                                 function);
+    constexpr int items = cuda_detail::compaction_items;
+    const auto blocks = static_cast<unsigned>(std::min<std::int64_t>(heads * chunks, 1 << 20));
+    cuda_detail::count_selected<items><<<blocks, cuda_detail::radix_bins, 0, stream>>>(rows, heads, chunk_tokens, chunks,
+                                                                                       state, chunk_counts);
+    detail::check_launch(function, "count_selected");
+    cuda_detail::compact_selected<items><<<blocks, cuda_detail::radix_bins, 0, stream>>>(
+        rows, heads, chunk_tokens, chunks, state, chunk_counts, offsets, kept_tokens);
+    detail::check_launch(function, "compact_selected");
   }
 };
 

@@ -1,0 +1,345 @@
+// Compression on the GPU (backend::cuda) at workload W of issue 10: batch 8,
+// 32 query heads, 8 kv heads, head dim 128, fp16, 32k tokens, keep 30%.
+//
+// Rows (CUDA events around each call; L2 flushed before every repetition with
+// a 256 MiB memset, so inputs come from HBM as after a prefill):
+//   device_copy                      the copy bandwidth of this run (read + write)
+//   select_top_k                     the selection stage alone on [8, 8, 32k] scores
+//   select_segmented_sort_baseline   the selection as it was before issue 10
+//                                    (cub::DeviceSegmentedSort + DeviceSelect),
+//                                    kept here to show what the radix select replaced
+//   adaptive_select                  budget::adaptive keep_counts + select_top_k
+//   compress_static_window_uniform   the whole scheme<contiguous, static_window,
+//                                    uniform, fp16, cuda>::compress
+// Each row reports its median time, the bytes a kernel must at least move
+// (see each row) per second, and that rate as a fraction of the copy's.
+//
+//   bench_cuda_compress --benchmark_format=json > compress.json
+// bench/torch_compress.py times torch's SnapKV pipeline (and kvpress's presses,
+// when installed) on the same workload.
+#include <kvtrim/cuda.cuh>
+
+#include <benchmark/benchmark.h>
+
+#include <cub/device/device_segmented_sort.cuh>
+#include <cub/device/device_select.cuh>
+
+#include <algorithm>
+#include <cstdio>
+#include <functional>
+#include <vector>
+
+namespace kt = kvtrim;
+
+namespace {
+
+void check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(status));
+    std::exit(1);
+  }
+}
+
+__device__ std::uint32_t hash(std::uint64_t i, std::uint32_t seed) {
+  std::uint32_t x = static_cast<std::uint32_t>(i) * 2654435761u ^ seed ^ static_cast<std::uint32_t>(i >> 32);
+  x ^= x >> 15, x *= 2246822519u, x ^= x >> 13, x *= 3266489917u, x ^= x >> 16;
+  return x;
+}
+
+/// Deterministic pseudo-random fp16 in [-1, 1).
+__global__ void fill_random(__half* data, std::int64_t count, std::uint32_t seed) {
+  for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < count;
+       i += std::int64_t{gridDim.x} * blockDim.x)
+    data[i] = __float2half(static_cast<float>(hash(i, seed) & 0xffff) / 32768.0f - 1.0f);
+}
+
+/// Scores like an attention scorer's: positive, heavy-tailed, on a per-head
+/// scale (head h of the 8: 2^h), so Ada-KV's pool is uneven across heads; the
+/// last 64 tokens of each head (the observation window) scored +∞.
+__global__ void fill_scores(float* scores, std::int64_t heads, std::int64_t kv_heads, std::int64_t tokens) {
+  for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < heads * tokens;
+       i += std::int64_t{gridDim.x} * blockDim.x) {
+    const std::int64_t token = i % tokens, h = (i / tokens) % kv_heads;
+    const float u = (static_cast<float>(hash(i, 7) >> 8) + 0.5f) / 16777216.0f;
+    scores[i] = token >= tokens - 64 ? INFINITY : -logf(u) * exp2f(static_cast<float>(h));
+  }
+}
+
+struct l2_flusher {
+  void* buffer = nullptr;
+  std::size_t bytes = 256u << 20;
+  l2_flusher() { check(cudaMalloc(&buffer, bytes), "cudaMalloc(flush)"); }
+  ~l2_flusher() { cudaFree(buffer); }
+  void flush(cudaStream_t stream) { check(cudaMemsetAsync(buffer, 0, bytes, stream), "cudaMemsetAsync(flush)"); }
+};
+
+double measured_copy_bandwidth = 0.0;  // bytes/s, read + write
+
+/// Times `call` with events (L2 flushed first), fills the state's counters with
+/// the median and `bytes` / median against the copy bandwidth.
+void time_calls(benchmark::State& state, double bytes, cudaStream_t stream, const std::function<void()>& call) {
+  l2_flusher flusher;
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start), cudaEventCreate(&stop);
+  call();  // warm-up
+  check(cudaStreamSynchronize(stream), "warm-up");
+  std::vector<double> seconds;
+  for (auto _ : state) {
+    flusher.flush(stream);
+    cudaEventRecord(start, stream);
+    call();
+    cudaEventRecord(stop, stream);
+    check(cudaEventSynchronize(stop), "timed call");
+    float milliseconds = 0;
+    cudaEventElapsedTime(&milliseconds, start, stop);
+    state.SetIterationTime(milliseconds / 1e3);
+    seconds.push_back(milliseconds / 1e3);
+  }
+  std::sort(seconds.begin(), seconds.end());
+  const double median = seconds[seconds.size() / 2];
+  state.SetBytesProcessed(static_cast<std::int64_t>(bytes) * state.iterations());
+  state.counters["median_us"] = median * 1e6;
+  state.counters["min_bytes_TBps"] = bytes / median / 1e12;
+  if (measured_copy_bandwidth > 0) state.counters["fraction_of_copy"] = bytes / median / measured_copy_bandwidth;
+  cudaEventDestroy(start), cudaEventDestroy(stop);
+}
+
+void device_copy(benchmark::State& state) {
+  const std::size_t bytes = std::size_t{1} << 30;
+  void *source = nullptr, *target = nullptr;
+  check(cudaMalloc(&source, bytes), "cudaMalloc");
+  check(cudaMalloc(&target, bytes), "cudaMalloc");
+  check(cudaMemset(source, 1, bytes), "cudaMemset");
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start), cudaEventCreate(&stop);
+  std::vector<double> seconds;
+  for (auto _ : state) {
+    cudaEventRecord(start);
+    check(cudaMemcpyAsync(target, source, bytes, cudaMemcpyDeviceToDevice), "cudaMemcpyAsync");
+    cudaEventRecord(stop);
+    cudaEventSynchronize(stop);
+    float milliseconds = 0;
+    cudaEventElapsedTime(&milliseconds, start, stop);
+    state.SetIterationTime(milliseconds / 1e3);
+    seconds.push_back(milliseconds / 1e3);
+  }
+  std::sort(seconds.begin(), seconds.end());
+  measured_copy_bandwidth = 2.0 * static_cast<double>(bytes) / seconds[seconds.size() / 2];
+  state.SetBytesProcessed(static_cast<std::int64_t>(2 * bytes) * state.iterations());
+  state.counters["copy_TBps"] = measured_copy_bandwidth / 1e12;
+  cudaFree(source), cudaFree(target);
+  cudaEventDestroy(start), cudaEventDestroy(stop);
+}
+
+/// Scores, counts and outputs of the selection rows.
+struct selection_buffers {
+  std::int64_t batch, kv_heads, tokens, heads;
+  float* scores = nullptr;
+  std::int32_t *counts = nullptr, *kept = nullptr;
+  std::int64_t* offsets = nullptr;
+  selection_buffers(std::int64_t b, std::int64_t h, std::int64_t t) : batch(b), kv_heads(h), tokens(t), heads(b * h) {
+    check(cudaMalloc(&scores, sizeof(float) * heads * tokens), "cudaMalloc");
+    check(cudaMalloc(&counts, sizeof(std::int32_t) * heads), "cudaMalloc");
+    check(cudaMalloc(&kept, sizeof(std::int32_t) * heads * tokens), "cudaMalloc");
+    check(cudaMalloc(&offsets, sizeof(std::int64_t) * (heads + 1)), "cudaMalloc");
+    fill_scores<<<1024, 256>>>(scores, heads, kv_heads, tokens);
+    check(cudaDeviceSynchronize(), "fill_scores");
+  }
+  ~selection_buffers() { cudaFree(scores), cudaFree(counts), cudaFree(kept), cudaFree(offsets); }
+  kt::tensor_view<const float, 3, kt::device_space> view() const {
+    return kt::make_view<kt::device_space>(static_cast<const float*>(scores),
+                                           std::array<std::int64_t, 3>{batch, kv_heads, tokens});
+  }
+  /// Reading the scores once and writing the kept indices: what any selection moves.
+  double min_bytes(double keep) const {
+    return static_cast<double>(heads * tokens) * (sizeof(float) + keep * sizeof(std::int32_t));
+  }
+};
+
+void select_top_k(benchmark::State& state) {
+  using select = kt::implementation<kt::stage::select_top_k, kt::backend::cuda>;
+  selection_buffers buffers(state.range(0), state.range(1), state.range(2));
+  const double keep = 0.3;
+  kt::budget::uniform::config cfg;
+  cfg.keep = kt::keep_ratio{keep};
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  kt::implementation<kt::budget::uniform, kt::backend::cuda>::keep_counts(cfg, buffers.view(), buffers.counts, stream);
+  const std::size_t bytes = select::workspace_bytes(buffers.heads, buffers.tokens);
+  void* scratch = nullptr;
+  check(cudaMalloc(&scratch, std::max<std::size_t>(bytes, 1)), "cudaMalloc");
+  time_calls(state, buffers.min_bytes(keep), stream, [&] {
+    select::select(buffers.view(), buffers.counts, buffers.offsets, buffers.kept, {scratch, bytes}, stream);
+  });
+  state.counters["workspace_MiB"] = static_cast<double>(bytes) / (1 << 20);
+  cudaFree(scratch);
+  cudaStreamDestroy(stream);
+}
+
+// ---- the selection before issue 10, for comparison only ---------------------
+template <class T>
+__global__ void baseline_prepare(const float* scores, std::uint32_t* keys, std::int32_t* tokens_out,
+                                 std::uint8_t* flags, std::int64_t* segment_offsets, std::int64_t heads,
+                                 std::int64_t tokens) {
+  const std::int64_t total = heads * tokens;
+  for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i <= total;
+       i += std::int64_t{gridDim.x} * blockDim.x) {
+    if (i < total) {
+      keys[i] = kt::cuda_detail::rank_key(scores[i]);
+      tokens_out[i] = static_cast<std::int32_t>(i % tokens);
+      flags[i] = 0;
+    }
+    if (i % tokens == 0) segment_offsets[i / tokens] = i;
+  }
+}
+template <class T>
+__global__ void baseline_flag(const std::int32_t* sorted_tokens, const std::int32_t* counts, std::uint8_t* flags,
+                              std::int64_t heads, std::int64_t tokens) {
+  for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < heads * tokens;
+       i += std::int64_t{gridDim.x} * blockDim.x)
+    if (i % tokens < counts[i / tokens]) flags[(i / tokens) * tokens + sorted_tokens[i]] = 1;
+}
+
+void select_segmented_sort_baseline(benchmark::State& state) {
+  selection_buffers buffers(state.range(0), state.range(1), state.range(2));
+  const std::int64_t items = buffers.heads * buffers.tokens;
+  const double keep = 0.3;
+  kt::budget::uniform::config cfg;
+  cfg.keep = kt::keep_ratio{keep};
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  kt::implementation<kt::budget::uniform, kt::backend::cuda>::keep_counts(cfg, buffers.view(), buffers.counts, stream);
+  std::uint32_t *keys = nullptr, *sorted_keys = nullptr;
+  std::int32_t *tokens = nullptr, *sorted_tokens = nullptr;
+  std::uint8_t* flags = nullptr;
+  std::int64_t *segments = nullptr, *selected = nullptr;
+  check(cudaMalloc(&keys, 4 * items), "cudaMalloc");
+  check(cudaMalloc(&sorted_keys, 4 * items), "cudaMalloc");
+  check(cudaMalloc(&tokens, 4 * items), "cudaMalloc");
+  check(cudaMalloc(&sorted_tokens, 4 * items), "cudaMalloc");
+  check(cudaMalloc(&flags, items), "cudaMalloc");
+  check(cudaMalloc(&segments, 8 * (buffers.heads + 1)), "cudaMalloc");
+  check(cudaMalloc(&selected, 8), "cudaMalloc");
+  std::size_t sort_bytes = 0, select_bytes = 0;
+  cub::DeviceSegmentedSort::StableSortPairsDescending(nullptr, sort_bytes, keys, sorted_keys, tokens, sorted_tokens,
+                                                      items, buffers.heads, segments, segments + 1);
+  cub::DeviceSelect::Flagged(nullptr, select_bytes, tokens, flags, buffers.kept, selected, items);
+  const std::size_t cub_bytes = std::max(sort_bytes, select_bytes);
+  void* cub_scratch = nullptr;
+  check(cudaMalloc(&cub_scratch, cub_bytes), "cudaMalloc");
+  const unsigned blocks = 1024;
+  time_calls(state, buffers.min_bytes(keep), stream, [&] {
+    baseline_prepare<int><<<blocks, 256, 0, stream>>>(buffers.scores, keys, tokens, flags, segments, buffers.heads,
+                                                      buffers.tokens);
+    std::size_t b = cub_bytes;
+    cub::DeviceSegmentedSort::StableSortPairsDescending(cub_scratch, b, keys, sorted_keys, tokens, sorted_tokens,
+                                                        items, buffers.heads, segments, segments + 1, stream);
+    baseline_flag<int><<<blocks, 256, 0, stream>>>(sorted_tokens, buffers.counts, flags, buffers.heads, buffers.tokens);
+    b = cub_bytes;
+    cub::DeviceSelect::Flagged(cub_scratch, b, tokens, flags, buffers.kept, selected, items, stream);
+  });
+  cudaFree(keys), cudaFree(sorted_keys), cudaFree(tokens), cudaFree(sorted_tokens), cudaFree(flags);
+  cudaFree(segments), cudaFree(selected), cudaFree(cub_scratch);
+  cudaStreamDestroy(stream);
+}
+
+void adaptive_select(benchmark::State& state) {
+  using select = kt::implementation<kt::stage::select_top_k, kt::backend::cuda>;
+  using adaptive = kt::implementation<kt::budget::adaptive, kt::backend::cuda>;
+  selection_buffers buffers(state.range(0), state.range(1), state.range(2));
+  const double keep = 0.3;
+  kt::budget::adaptive::config cfg;
+  cfg.keep = kt::keep_ratio{keep};
+  const kt::model_shape shape{.q_heads = 4 * buffers.kv_heads, .kv_heads = buffers.kv_heads, .head_dim = 128};
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  const std::size_t select_bytes = select::workspace_bytes(buffers.heads, buffers.tokens);
+  const std::size_t budget_bytes = adaptive::workspace_bytes(cfg, shape, buffers.batch, buffers.tokens);
+  void *select_scratch = nullptr, *budget_scratch = nullptr;
+  check(cudaMalloc(&select_scratch, std::max<std::size_t>(select_bytes, 1)), "cudaMalloc");
+  check(cudaMalloc(&budget_scratch, std::max<std::size_t>(budget_bytes, 1)), "cudaMalloc");
+  time_calls(state, buffers.min_bytes(keep), stream, [&] {
+    adaptive::keep_counts(cfg, buffers.view(), buffers.counts, {budget_scratch, budget_bytes}, stream);
+    select::select(buffers.view(), buffers.counts, buffers.offsets, buffers.kept, {select_scratch, select_bytes}, stream);
+  });
+  // How uneven Ada-KV made the heads of sequence 0 (kept tokens of its 8 heads).
+  std::vector<std::int32_t> counts(static_cast<std::size_t>(buffers.heads));
+  check(cudaMemcpy(counts.data(), buffers.counts, 4 * counts.size(), cudaMemcpyDeviceToHost), "cudaMemcpy");
+  state.counters["head0_keep"] = counts[0];
+  state.counters["head7_keep"] = counts[std::min<std::size_t>(7, counts.size() - 1)];
+  cudaFree(select_scratch), cudaFree(budget_scratch);
+  cudaStreamDestroy(stream);
+}
+
+void compress_static_window_uniform(benchmark::State& state) {
+  using scheme = kt::scheme<kt::layout::contiguous, kt::score::static_window, kt::budget::uniform, kt::codec::fp16,
+                            kt::backend::cuda>;
+  const std::int64_t batch = state.range(0), kv_heads = state.range(1), tokens = state.range(2);
+  const kt::model_shape shape{.q_heads = state.range(3), .kv_heads = kv_heads, .head_dim = state.range(4)};
+  const double keep = 0.3;
+  scheme::config cfg;
+  cfg.budget.keep = kt::keep_ratio{keep};
+  cfg.score.sinks = 4;
+  cfg.score.windows.assign(static_cast<std::size_t>(kv_heads), 64);
+  const std::int64_t kept = kt::budget::uniform::max_keep(cfg.budget, tokens);
+  const std::int64_t elements = batch * kv_heads * tokens * shape.head_dim;
+  __half *keys = nullptr, *values = nullptr;
+  check(cudaMalloc(&keys, sizeof(__half) * elements), "cudaMalloc");
+  check(cudaMalloc(&values, sizeof(__half) * elements), "cudaMalloc");
+  fill_random<<<1024, 256>>>(keys, elements, 1);
+  fill_random<<<1024, 256>>>(values, elements, 2);
+  const std::array<std::int64_t, 4> extents{batch, kv_heads, tokens, shape.head_dim};
+  const auto key_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(keys), extents);
+  const auto value_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(values), extents);
+  auto cache = scheme::make_cache(shape, batch, kept, kt::codec::fp16::config{});
+  const std::size_t bytes = scheme::compress_workspace(shape, batch, tokens, cfg);
+  void* scratch = nullptr;
+  check(cudaMalloc(&scratch, std::max<std::size_t>(bytes, 1)), "cudaMalloc");
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  auto view = cache.view();
+  // A static window reads only the kept rows: read them and write them once.
+  const double moved = 2.0 * 2.0 * static_cast<double>(batch * kv_heads * kept * shape.head_dim) * sizeof(__half);
+  time_calls(state, moved, stream, [&] { scheme::compress(key_view, value_view, view, cfg, {scratch, bytes}, stream); });
+  // Reading all of K and V once and writing the kept 30% (a scorer that reads K: SnapKV).
+  const double full = 2.0 * static_cast<double>(elements) * sizeof(__half) * (1.0 + keep);
+  if (measured_copy_bandwidth > 0)
+    state.counters["snapkv_floor_us"] = full / measured_copy_bandwidth * 1e6;
+  cudaFree(keys), cudaFree(values), cudaFree(scratch);
+  cudaStreamDestroy(stream);
+}
+
+}  // namespace
+
+BENCHMARK(device_copy)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
+// batch, kv heads, tokens (workload W: 8, 8, 32k).
+BENCHMARK(select_top_k)
+    ->ArgNames({"batch", "kv_heads", "tokens"})
+    ->Args({8, 8, 32768})
+    ->Args({1, 8, 32768})
+    ->Args({8, 8, 4096})
+    ->UseManualTime()
+    ->Iterations(50)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(select_segmented_sort_baseline)
+    ->ArgNames({"batch", "kv_heads", "tokens"})
+    ->Args({8, 8, 32768})
+    ->UseManualTime()
+    ->Iterations(20)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(adaptive_select)
+    ->ArgNames({"batch", "kv_heads", "tokens"})
+    ->Args({8, 8, 32768})
+    ->Args({1, 8, 32768})
+    ->UseManualTime()
+    ->Iterations(50)
+    ->Unit(benchmark::kMicrosecond);
+// batch, kv heads, tokens, q heads, head dim.
+BENCHMARK(compress_static_window_uniform)
+    ->ArgNames({"batch", "kv_heads", "tokens", "q_heads", "head_dim"})
+    ->Args({8, 8, 32768, 32, 128})
+    ->UseManualTime()
+    ->Iterations(30)
+    ->Unit(benchmark::kMicrosecond);
+
+BENCHMARK_MAIN();
