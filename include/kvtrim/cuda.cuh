@@ -11,6 +11,7 @@
 #include "kvtrim/backend/cuda/decode_attention.cuh"
 #include "kvtrim/backend/cuda/external.cuh"
 #include "kvtrim/backend/cuda/key_norm.cuh"
+#include "kvtrim/backend/cuda/retrieval_head.cuh"
 #include "kvtrim/backend/cuda/select_top_k.cuh"
 #include "kvtrim/backend/cuda/static_window.cuh"
 #include "kvtrim/backend/cuda/uniform.cuh"
