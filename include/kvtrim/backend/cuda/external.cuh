@@ -4,6 +4,7 @@
 // The scores must be in device memory, written before compress on its stream.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string_view>
 

@@ -7,6 +7,7 @@
 // that close to a float rounding boundary, then 1 ulp apart).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string_view>

@@ -24,6 +24,7 @@
 // 32 consecutive channels of every dropped token of one head.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string_view>
