@@ -6,6 +6,8 @@
 //   l_j = (q_t · k_j) · (1/√D)          fp32 (tensor cores: fp16/bf16 products are
 //                                       exact in fp32, the sum runs in another order)
 //   m   = max_j l_j,  Z = Σ_j exp(l_j − m),  mass_g[j] += exp(l_j − m) / Z
+// (the GPU multiplies by 1/Z, computed once per row: one rounding more than the
+// CPU's division, far inside the tolerance the tests derive)
 // exactly the CPU's normalisation: softmax over every key up to the query (window
 // keys included), fp32, expf (not __expf), then the scorer's per-query-head step
 // (SnapKV: mean over the window + pooling; H2O: the observed normalisation) and
@@ -116,11 +118,25 @@ using mass_smem_t = std::conditional_t<mass_uses_mma<KeyT, QueryT>, KeyT, float>
 template <class SmemT, int HeadDim>
 inline constexpr int mass_row_stride = sizeof(SmemT) == 2 ? HeadDim + 8 : HeadDim + 1;
 
+/// Three staged tiles (pass 1: Q and two K buffers; pass 2: K and two Q buffers),
+/// the logit tile, and per-row scalars (pass 2: two buffers of (m, 1/Z), a fold row).
 template <class KeyT, class QueryT, int HeadDim>
 constexpr std::size_t mass_shared_bytes() {
   using smem_t = mass_smem_t<KeyT, QueryT>;
-  return 2 * std::size_t{mass_tile} * mass_row_stride<smem_t, HeadDim> * sizeof(smem_t) +
-         std::size_t{mass_tile} * mass_logit_stride * sizeof(float) + 4 * mass_tile * sizeof(float);
+  return 3 * std::size_t{mass_tile} * mass_row_stride<smem_t, HeadDim> * sizeof(smem_t) +
+         std::size_t{mass_tile} * mass_logit_stride * sizeof(float) + 6 * mass_tile * sizeof(float);
+}
+
+/// cp.async of 16 bytes global → shared (sm_80+), zero-filled when !valid:
+/// the next tile loads while the current one is multiplied.
+__device__ __forceinline__ void mass_async_copy16(void* shared, const void* global, bool valid) {
+  const auto address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void mass_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int Pending>
+__device__ __forceinline__ void mass_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
 }
 
 /// Stages rows [row0, row0 + 64) ∩ [0, rows) of a [rows, D] matrix (row stride,
@@ -158,6 +174,28 @@ __device__ __forceinline__ void stage_tile(SmemT* tile, const T* base, std::int6
         tile[r * stride + c] = to_float(value);
     }
   }
+}
+
+/// stage_tile, asynchronously where it can be (16-bit tiles of the input type,
+/// vector-aligned rows): the copies complete at mass_async_wait; other tiles are
+/// staged synchronously here.
+template <int HeadDim, class SmemT, class T>
+__device__ __forceinline__ void stage_tile_async(SmemT* tile, const T* base, std::int64_t row_stride,
+                                                 std::int64_t channel_stride, std::int64_t row0, std::int64_t rows,
+                                                 bool vector_loads) {
+  if constexpr (std::is_same_v<SmemT, T> && sizeof(T) == 2) {
+    if (vector_loads) {
+      constexpr int stride = mass_row_stride<SmemT, HeadDim>;
+      constexpr int chunks = HeadDim / 8;
+      for (int i = threadIdx.x; i < mass_tile * chunks; i += mass_threads) {
+        const int r = i / chunks, c = (i % chunks) * 8;
+        const bool valid = row0 + r < rows;
+        mass_async_copy16(tile + r * stride + c, valid ? base + (row0 + r) * row_stride + c : base, valid);
+      }
+      return;
+    }
+  }
+  stage_tile<HeadDim>(tile, base, row_stride, channel_stride, row0, rows, vector_loads);
 }
 
 /// logits[r][c] = Σ_d q[r][d] · k[c][d] for the staged 64 × 64 tile (fp32).
@@ -199,7 +237,8 @@ __device__ __forceinline__ void tile_logits(const SmemT* q_tile, const SmemT* k_
 /// Pass 1: grid.x = units · row chunks (chunk fastest, so the blocks sharing a
 /// K split run together and share it through L2), grid.y = key splits. Each
 /// thread owns half of one row's 64 keys per tile and keeps an online
-/// (max, Σexp) for it; the two halves fold at the end.
+/// (max, Σexp) for it; the two halves fold at the end. K tiles are double
+/// buffered: tile i + 1 loads (cp.async) while tile i is multiplied.
 template <class KeyT, class QueryT, int HeadDim>
 __global__ void __launch_bounds__(mass_threads)
     attention_row_stats(const __grid_constant__ attention_mass_parameters<KeyT, QueryT> p) {
@@ -207,8 +246,8 @@ __global__ void __launch_bounds__(mass_threads)
   constexpr int stride = mass_row_stride<smem_t, HeadDim>;
   extern __shared__ __align__(128) unsigned char mass_shared[];
   smem_t* q_tile = reinterpret_cast<smem_t*>(mass_shared);
-  smem_t* k_tile = q_tile + mass_tile * stride;
-  float* logits = reinterpret_cast<float*>(k_tile + mass_tile * stride);
+  smem_t* k_tiles = q_tile + mass_tile * stride;  // two buffers
+  float* logits = reinterpret_cast<float*>(k_tiles + 2 * mass_tile * stride);
   float* fold = logits + mass_tile * mass_logit_stride;  // [2][64]: the upper halves' (max, sum)
 
   const std::int64_t row_chunks = p.group * p.chunks_per_head;
@@ -227,12 +266,26 @@ __global__ void __launch_bounds__(mass_threads)
   const std::int64_t position = p.tokens - p.observed + rows.t0 + r;  // this row sees keys ≤ position
   float running_max = -INFINITY, running_sum = 0.0f;
   const std::int64_t visible = mass_min(p.tokens, rows.last_position + 1);
+  const std::int64_t tile_begin = split * p.split_tiles;
   const std::int64_t tile_end = mass_min(mass_ceil_div(visible, mass_tile), (split + 1) * p.split_tiles);
-  for (std::int64_t tile = split * p.split_tiles; tile < tile_end; ++tile) {
+  if (tile_begin < tile_end) {
+    stage_tile_async<HeadDim>(k_tiles, key_base, p.key_token_stride, p.key_channel_stride, tile_begin * mass_tile,
+                              p.tokens, p.vector_loads);
+    mass_async_commit();
+  }
+  for (std::int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const std::int64_t j0 = tile * mass_tile;
-    __syncthreads();  // the previous tile's logits are consumed
-    stage_tile<HeadDim>(k_tile, key_base, p.key_token_stride, p.key_channel_stride, j0, p.tokens, p.vector_loads);
-    __syncthreads();
+    const smem_t* k_tile = k_tiles + ((tile - tile_begin) & 1) * mass_tile * stride;
+    if (tile + 1 < tile_end) {
+      // Into the other buffer: its last reader (tile − 1's product) finished before tile − 1's second barrier.
+      stage_tile_async<HeadDim>(k_tiles + ((tile + 1 - tile_begin) & 1) * mass_tile * stride, key_base,
+                                p.key_token_stride, p.key_channel_stride, j0 + mass_tile, p.tokens, p.vector_loads);
+      mass_async_commit();
+      mass_async_wait<1>();
+    } else {
+      mass_async_wait<0>();
+    }
+    __syncthreads();  // this tile is staged; the previous tile's logits are consumed
     tile_logits<HeadDim>(q_tile, k_tile, logits);
     __syncthreads();
     if (r < rows.count) {
@@ -290,61 +343,89 @@ __global__ void attention_fold_splits(const __grid_constant__ attention_mass_par
 
 /// Pass 2: grid.x = units · key tiles. The block stages its K tile once, then
 /// for each query head of the group and each of its row chunks that can see the
-/// tile, adds exp(l − m)/Z down each column; thread → column c = tid % 64 and
-/// half of the chunk's rows, the halves folded before the write.
+/// tile (causal: a suffix of the chunks, the same for every query head), adds
+/// exp(l − m)·(1/Z) down each column; thread → column c = tid % 64 and half of
+/// the chunk's rows, the halves folded before each query head's write. Q chunks
+/// are double buffered (cp.async), with their (m, 1/Z).
 template <class KeyT, class QueryT, int HeadDim>
 __global__ void __launch_bounds__(mass_threads)
     attention_column_mass(const __grid_constant__ attention_mass_parameters<KeyT, QueryT> p) {
   using smem_t = mass_smem_t<KeyT, QueryT>;
   constexpr int stride = mass_row_stride<smem_t, HeadDim>;
   extern __shared__ __align__(128) unsigned char mass_shared[];
-  smem_t* q_tile = reinterpret_cast<smem_t*>(mass_shared);
-  smem_t* k_tile = q_tile + mass_tile * stride;
-  float* logits = reinterpret_cast<float*>(k_tile + mass_tile * stride);
-  float* row_max = logits + mass_tile * mass_logit_stride;  // [64]
-  float* row_sum = row_max + mass_tile;                     // [64]
-  float* fold = row_sum + mass_tile;                        // [64]
+  smem_t* k_tile = reinterpret_cast<smem_t*>(mass_shared);
+  smem_t* q_tiles = k_tile + mass_tile * stride;  // two buffers
+  float* logits = reinterpret_cast<float*>(q_tiles + 2 * mass_tile * stride);
+  float* row_max = logits + mass_tile * mass_logit_stride;  // [2][64]
+  float* row_inverse = row_max + 2 * mass_tile;              // [2][64]: 1/Z
+  float* fold = row_inverse + 2 * mass_tile;                 // [64]
 
   const std::int64_t key_tiles = mass_ceil_div(p.length, mass_tile);
   const std::int64_t unit = blockIdx.x / key_tiles, tile = blockIdx.x % key_tiles;
   const std::int64_t b = unit / p.kv_heads, h = unit % p.kv_heads;
   const std::int64_t j0 = tile * mass_tile;
   const std::int64_t row_chunks = p.group * p.chunks_per_head;
-
-  stage_tile<HeadDim>(k_tile, p.keys + b * p.key_batch_stride + h * p.key_head_stride, p.key_token_stride,
-                      p.key_channel_stride, j0, p.tokens, p.vector_loads);
-  const int c = threadIdx.x % mass_tile, half = threadIdx.x / mass_tile;
-  for (std::int64_t g = 0; g < p.group; ++g) {
-    float column = 0.0f;
-    for (std::int64_t cc = 0; cc < p.chunks_per_head; ++cc) {
-      const std::int64_t chunk = g * p.chunks_per_head + cc;
-      const row_chunk rows = chunk_rows(p, chunk);
-      if (rows.last_position < j0) continue;  // causal: no row of the chunk sees this tile
-      __syncthreads();  // the previous chunk's logits and stats are consumed
-      stage_tile<HeadDim>(q_tile,
-                          p.queries + b * p.query_batch_stride + (h * p.group + g) * p.query_head_stride,
-                          p.query_token_stride, p.query_channel_stride, rows.t0, rows.t0 + rows.count,
-                          p.vector_loads);
-      if (threadIdx.x < mass_tile) {
-        const float2 s = threadIdx.x < rows.count
-                             ? p.stats[(unit * row_chunks + chunk) * mass_tile + threadIdx.x]
-                             : make_float2(0.0f, 1.0f);
-        row_max[threadIdx.x] = s.x, row_sum[threadIdx.x] = s.y;
-      }
-      __syncthreads();
-      tile_logits<HeadDim>(q_tile, k_tile, logits);
-      __syncthreads();
-      const std::int64_t j = j0 + c;
-      for (int r = half; r < rows.count; r += 2) {
-        const std::int64_t position = p.tokens - p.observed + rows.t0 + r;
-        if (j <= position) column += expf(logits[r * mass_logit_stride + c] * p.scale - row_max[r]) / row_sum[r];
-      }
+  // Chunks [first_chunk, chunks_per_head) of each query head see the tile (every
+  // head has one: the chunk of the last query sees every key).
+  std::int64_t first_chunk = 0;
+  while (first_chunk + 1 < p.chunks_per_head && chunk_rows(p, first_chunk).last_position < j0) ++first_chunk;
+  const std::int64_t per_head = p.chunks_per_head - first_chunk, items = p.group * per_head;
+  const QueryT* query_base = p.queries + b * p.query_batch_stride + h * p.group * p.query_head_stride;
+  const auto stage_item = [&](std::int64_t item) {
+    const std::int64_t g = item / per_head, chunk = g * p.chunks_per_head + first_chunk + item % per_head;
+    const row_chunk rows = chunk_rows(p, chunk);
+    stage_tile_async<HeadDim>(q_tiles + (item & 1) * mass_tile * stride, query_base + g * p.query_head_stride,
+                              p.query_token_stride, p.query_channel_stride, rows.t0, rows.t0 + rows.count,
+                              p.vector_loads);
+    mass_async_commit();
+  };
+  const auto load_stats = [&](std::int64_t item) {  // threads < 64: (m, 1/Z) of the item's rows
+    if (threadIdx.x < mass_tile) {
+      const std::int64_t g = item / per_head, chunk = g * p.chunks_per_head + first_chunk + item % per_head;
+      const float2 s = threadIdx.x < chunk_rows(p, chunk).count
+                           ? p.stats[(unit * row_chunks + chunk) * mass_tile + threadIdx.x]
+                           : make_float2(0.0f, 1.0f);
+      row_max[(item & 1) * mass_tile + threadIdx.x] = s.x;
+      row_inverse[(item & 1) * mass_tile + threadIdx.x] = 1.0f / s.y;
     }
+  };
+
+  stage_tile_async<HeadDim>(k_tile, p.keys + b * p.key_batch_stride + h * p.key_head_stride, p.key_token_stride,
+                            p.key_channel_stride, j0, p.tokens, p.vector_loads);
+  mass_async_commit();
+  stage_item(0);
+  load_stats(0);
+  const int c = threadIdx.x % mass_tile, half = threadIdx.x / mass_tile;
+  const std::int64_t j = j0 + c;
+  float column = 0.0f;
+  for (std::int64_t item = 0; item < items; ++item) {
+    const std::int64_t g = item / per_head;
+    const row_chunk rows = chunk_rows(p, g * p.chunks_per_head + first_chunk + item % per_head);
+    if (item + 1 < items) {
+      // Into the other buffer: its last reader (item − 1's product) finished before item − 1's second barrier.
+      stage_item(item + 1);
+      mass_async_wait<1>();
+    } else {
+      mass_async_wait<0>();
+    }
+    __syncthreads();  // K and this item's Q are staged; item − 1's logits and stats are consumed
+    if (item + 1 < items) load_stats(item + 1);  // read after the next item's first barrier
+    tile_logits<HeadDim>(q_tiles + (item & 1) * mass_tile * stride, k_tile, logits);
     __syncthreads();
-    if (half == 1) fold[c] = column;
-    __syncthreads();
-    if (half == 0 && j0 + c < p.length)
-      p.mass[((b * p.kv_heads + h) * p.group + g) * p.length + j0 + c] = column + fold[c];
+    const float* maxima = row_max + (item & 1) * mass_tile;
+    const float* inverses = row_inverse + (item & 1) * mass_tile;
+    for (int r = half; r < rows.count; r += 2) {
+      const std::int64_t position = p.tokens - p.observed + rows.t0 + r;
+      if (j <= position) column += expf(logits[r * mass_logit_stride + c] * p.scale - maxima[r]) * inverses[r];
+    }
+    if (item + 1 == items || (item + 1) / per_head != g) {  // the query head's last item: fold and write
+      __syncthreads();
+      if (half == 1) fold[c] = column;
+      __syncthreads();
+      if (half == 0 && j < p.length)
+        p.mass[((b * p.kv_heads + h) * p.group + g) * p.length + j] = column + fold[c];
+      column = 0.0f;
+    }
   }
 }
 
