@@ -199,40 +199,86 @@ __device__ __forceinline__ void stage_tile_async(SmemT* tile, const T* base, std
 }
 
 /// logits[r][c] = Σ_d q[r][d] · k[c][d] for the staged 64 × 64 tile (fp32).
-template <int HeadDim, class SmemT>
-__device__ __forceinline__ void tile_logits(const SmemT* q_tile, const SmemT* k_tile, float* logits) {
-  constexpr int stride = mass_row_stride<SmemT, HeadDim>;
-  if constexpr (sizeof(SmemT) == 2) {
-    namespace wmma = nvcuda::wmma;
-    const int warp = threadIdx.x / 32;  // 4 warps: 16 rows each, all 64 keys
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> accumulator[4];
+/// Tensor cores: the 4 warps split the tile 2 × 2 (32 rows × 32 keys each), and
+/// the operand that stays the same for the whole block (pass 1: its Q chunk;
+/// pass 2: its K tile, `HoldQueries` false) is held in registers for head dims
+/// ≤ 128, so each product reads only the other operand from shared memory once
+/// per warp pair (shared-memory bandwidth, not the tensor cores, bounds this
+/// loop). fp32 tiles: a plain loop, d in order, as the CPU's scalar loop.
+template <int HeadDim, class SmemT, bool HoldQueries>
+struct mass_product {
+  static constexpr int stride = mass_row_stride<SmemT, HeadDim>;
+  static constexpr bool tensor_cores = sizeof(SmemT) == 2;
+  static constexpr int steps = HeadDim / 16;
+  static constexpr bool resident = tensor_cores && HeadDim <= 128;
+  using element = std::conditional_t<tensor_cores, SmemT, __half>;  // any 16-bit type when unused
+  using a_fragment = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, element, nvcuda::wmma::row_major>;
+  using b_fragment = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, element, nvcuda::wmma::col_major>;
+  using held_fragment = std::conditional_t<HoldQueries, a_fragment, b_fragment>;
+  held_fragment held[resident ? 2 : 1][resident ? steps : 1];
+
+  __device__ __forceinline__ static int warp_rows() { return (threadIdx.x / 32) / 2 * 32; }
+  __device__ __forceinline__ static int warp_keys() { return (threadIdx.x / 32) % 2 * 32; }
+
+  /// Loads the held operand from its staged tile (after a barrier that made it visible).
+  __device__ __forceinline__ void hold(const SmemT* tile) {
+    if constexpr (resident) {
+      const int first = HoldQueries ? warp_rows() : warp_keys();
 #pragma unroll
-    for (int n = 0; n < 4; ++n) wmma::fill_fragment(accumulator[n], 0.0f);
+      for (int i = 0; i < 2; ++i)
 #pragma unroll
-    for (int k = 0; k < HeadDim; k += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, SmemT, wmma::row_major> a;
-      wmma::load_matrix_sync(a, q_tile + warp * 16 * stride + k, stride);
-#pragma unroll
-      for (int n = 0; n < 4; ++n) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, SmemT, wmma::col_major> b;  // Kᵀ: key rows are columns
-        wmma::load_matrix_sync(b, k_tile + n * 16 * stride + k, stride);
-        wmma::mma_sync(accumulator[n], a, b, accumulator[n]);
-      }
-    }
-#pragma unroll
-    for (int n = 0; n < 4; ++n)
-      wmma::store_matrix_sync(logits + warp * 16 * mass_logit_stride + n * 16, accumulator[n], mass_logit_stride,
-                              wmma::mem_row_major);
-  } else {
-    // Thread → key column c = tid % 64 and rows r ≡ tid / 64 (mod 2): d in order, as the CPU's scalar loop.
-    const int c = threadIdx.x % mass_tile;
-    for (int r = threadIdx.x / mass_tile; r < mass_tile; r += mass_threads / mass_tile) {
-      float dot = 0.0f;
-      for (int d = 0; d < HeadDim; ++d) dot += q_tile[r * stride + d] * k_tile[c * stride + d];
-      logits[r * mass_logit_stride + c] = dot;
+        for (int k = 0; k < steps; ++k)
+          nvcuda::wmma::load_matrix_sync(held[i][k], reinterpret_cast<const element*>(tile) + (first + 16 * i) * stride + 16 * k,
+                                         stride);
     }
   }
-}
+
+  __device__ __forceinline__ void run(const SmemT* q_tile, const SmemT* k_tile, float* logits) const {
+    if constexpr (tensor_cores) {
+      namespace wmma = nvcuda::wmma;
+      const int rows = warp_rows(), keys = warp_keys();
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> accumulator[2][2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::fill_fragment(accumulator[i][j], 0.0f);
+#pragma unroll
+      for (int k = 0; k < steps; ++k) {
+        a_fragment a[2];
+        b_fragment b[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          if constexpr (resident && HoldQueries)
+            a[i] = held[i][k];
+          else
+            wmma::load_matrix_sync(a[i], q_tile + (rows + 16 * i) * stride + 16 * k, stride);
+          if constexpr (resident && !HoldQueries)
+            b[i] = held[i][k];
+          else
+            wmma::load_matrix_sync(b[i], k_tile + (keys + 16 * i) * stride + 16 * k, stride);  // Kᵀ: keys are columns
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) wmma::mma_sync(accumulator[i][j], a[i], b[j], accumulator[i][j]);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+          wmma::store_matrix_sync(logits + (rows + 16 * i) * mass_logit_stride + keys + 16 * j, accumulator[i][j],
+                                  mass_logit_stride, wmma::mem_row_major);
+    } else {
+      // Thread → key column c = tid % 64 and rows r ≡ tid / 64 (mod 2): d in order, as the CPU's scalar loop.
+      const int c = threadIdx.x % mass_tile;
+      for (int r = threadIdx.x / mass_tile; r < mass_tile; r += mass_threads / mass_tile) {
+        float dot = 0.0f;
+        for (int d = 0; d < HeadDim; ++d) dot += q_tile[r * stride + d] * k_tile[c * stride + d];
+        logits[r * mass_logit_stride + c] = dot;
+      }
+    }
+  }
+};
 
 /// Pass 1: grid.x = units · row chunks (chunk fastest, so the blocks sharing a
 /// K split run together and share it through L2), grid.y = key splits. Each
@@ -261,6 +307,9 @@ __global__ void __launch_bounds__(mass_threads)
   stage_tile<HeadDim>(q_tile, query_base, p.query_token_stride, p.query_channel_stride, rows.t0,
                       rows.t0 + rows.count, p.vector_loads);
   const KeyT* key_base = p.keys + b * p.key_batch_stride + h * p.key_head_stride;
+  mass_product<HeadDim, smem_t, true> product;
+  __syncthreads();
+  product.hold(q_tile);
 
   const int r = threadIdx.x % mass_tile, half = threadIdx.x / mass_tile;
   const std::int64_t position = p.tokens - p.observed + rows.t0 + r;  // this row sees keys ≤ position
@@ -286,7 +335,7 @@ __global__ void __launch_bounds__(mass_threads)
       mass_async_wait<0>();
     }
     __syncthreads();  // this tile is staged; the previous tile's logits are consumed
-    tile_logits<HeadDim>(q_tile, k_tile, logits);
+    product.run(q_tile, k_tile, logits);
     __syncthreads();
     if (r < rows.count) {
       // Columns rotated by the row (see mass_logit_stride): conflict-free reads.
@@ -398,6 +447,7 @@ __global__ void __launch_bounds__(mass_threads)
   const int c = threadIdx.x % mass_tile, half = threadIdx.x / mass_tile;
   const std::int64_t j = j0 + c;
   float column = 0.0f;
+  mass_product<HeadDim, smem_t, false> product;
   for (std::int64_t item = 0; item < items; ++item) {
     const std::int64_t g = item / per_head;
     const row_chunk rows = chunk_rows(p, g * p.chunks_per_head + first_chunk + item % per_head);
@@ -410,7 +460,8 @@ __global__ void __launch_bounds__(mass_threads)
     }
     __syncthreads();  // K and this item's Q are staged; item − 1's logits and stats are consumed
     if (item + 1 < items) load_stats(item + 1);  // read after the next item's first barrier
-    tile_logits<HeadDim>(q_tiles + (item & 1) * mass_tile * stride, k_tile, logits);
+    if (item == 0) product.hold(k_tile);
+    product.run(q_tiles + (item & 1) * mass_tile * stride, k_tile, logits);
     __syncthreads();
     const float* maxima = row_max + (item & 1) * mass_tile;
     const float* inverses = row_inverse + (item & 1) * mass_tile;
