@@ -22,7 +22,7 @@
 // Defaults: recent = 10% of the prompt (the paper's recent ratio), no
 // normalisation, mean over the group. kvpress ObservedAttention: normalisation
 // observed, protect_recent = false (see kvtrim/kvpress.hpp).
-// Backends: cpu.
+// Backends: cpu, cuda.
 #pragma once
 
 #include <cstdint>

@@ -9,7 +9,7 @@
 // per kv head — exactly kvpress's KnormPress score (`-keys.norm(dim=-1)`).
 // Defaults: none (no knobs; pair it with static_window-style sinks via a budget
 // if wanted).
-// Backends: cpu.
+// Backends: cpu, cuda.
 #pragma once
 
 #include <string_view>

@@ -37,7 +37,7 @@
 // Defaults: S = 4 sinks (40 for 70B models in the paper), W_min = 4000,
 // ρ = 1/5, compensation on; probe N = 2500, R = 4, ids [10000, 12500);
 // fractions 14% induction, 1% echo.
-// Backends: cpu (compression); calibration is host code.
+// Backends: cpu, cuda (compression); calibration is host code.
 #pragma once
 
 #include <algorithm>

@@ -23,7 +23,7 @@
 // max pooling.
 // Queries: `window_queries` [B, Hq, n_q, D] are the last n_q ≥ window queries of
 // the prefill (after RoPE); SnapKV reads the last `window` of them.
-// Backends: cpu.
+// Backends: cpu, cuda.
 #pragma once
 
 #include <cstdint>

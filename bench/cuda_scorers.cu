@@ -1,0 +1,215 @@
+// The SnapKV scorer alone on the GPU (backend::cuda), and the whole SnapKV +
+// uniform + contiguous fp16 compress around it, at the issue's workload W:
+// batch 8, 32 query heads, 8 kv heads, head dim 128, fp16, 32k tokens, window 64.
+//
+// Reports, per call (median of CUDA-event timings, L2 flushed before each):
+// bytes/s over the bytes the scorer must move at least (keys and window queries
+// read once, scores written once; compress: + values read once and the kept 30%
+// of keys and values written) and that rate as a fraction of a device-to-device
+// copy measured in the same run; and the tensor-core work rate (the two passes
+// each multiply every window query by every key: 2 · 2·B·Hq·w·T·D flops).
+//
+//   bench_cuda_scorers --benchmark_format=json > scorers.json
+#include <kvtrim/cuda.cuh>
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <vector>
+
+namespace kt = kvtrim;
+
+namespace {
+
+void check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(status));
+    std::exit(1);
+  }
+}
+
+/// Deterministic pseudo-random fill (a hash of the index), values in [-1, 1) · scale.
+template <int Unused>
+__global__ void fill_random(__half* data, std::int64_t count, std::uint32_t seed, float scale) {
+  for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < count;
+       i += std::int64_t{gridDim.x} * blockDim.x) {
+    std::uint32_t x = static_cast<std::uint32_t>(i) * 2654435761u ^ seed;
+    x ^= x >> 15, x *= 2246822519u, x ^= x >> 13, x *= 3266489917u, x ^= x >> 16;
+    data[i] = __float2half((static_cast<float>(x & 0xffff) / 32768.0f - 1.0f) * scale);
+  }
+}
+
+struct l2_flusher {
+  void* buffer = nullptr;
+  std::size_t bytes = 256u << 20;
+  l2_flusher() { check(cudaMalloc(&buffer, bytes), "cudaMalloc(flush)"); }
+  ~l2_flusher() { cudaFree(buffer); }
+  void flush(cudaStream_t stream) { check(cudaMemsetAsync(buffer, 0, bytes, stream), "cudaMemsetAsync(flush)"); }
+};
+
+double measured_copy_bandwidth = 0.0;  // bytes/s, read + write
+
+void device_copy(benchmark::State& state) {
+  const std::size_t bytes = std::size_t{1} << 30;
+  void *source = nullptr, *target = nullptr;
+  check(cudaMalloc(&source, bytes), "cudaMalloc");
+  check(cudaMalloc(&target, bytes), "cudaMalloc");
+  check(cudaMemset(source, 1, bytes), "cudaMemset");
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start), cudaEventCreate(&stop);
+  std::vector<double> seconds;
+  for (auto _ : state) {
+    cudaEventRecord(start);
+    check(cudaMemcpyAsync(target, source, bytes, cudaMemcpyDeviceToDevice), "cudaMemcpyAsync");
+    cudaEventRecord(stop);
+    cudaEventSynchronize(stop);
+    float milliseconds = 0;
+    cudaEventElapsedTime(&milliseconds, start, stop);
+    state.SetIterationTime(milliseconds / 1e3);
+    seconds.push_back(milliseconds / 1e3);
+  }
+  std::sort(seconds.begin(), seconds.end());
+  measured_copy_bandwidth = 2.0 * static_cast<double>(bytes) / seconds[seconds.size() / 2];
+  state.SetBytesProcessed(static_cast<std::int64_t>(2 * bytes) * state.iterations());
+  state.counters["copy_TBps"] = measured_copy_bandwidth / 1e12;
+  cudaFree(source), cudaFree(target);
+  cudaEventDestroy(start), cudaEventDestroy(stop);
+}
+
+struct workload {
+  std::int64_t batch, tokens, window;
+  kt::model_shape shape;
+  __half *keys = nullptr, *values = nullptr, *queries = nullptr;
+
+  explicit workload(const benchmark::State& state)
+      : batch(state.range(0)), tokens(state.range(1)), window(state.range(5)),
+        shape{.q_heads = state.range(2), .kv_heads = state.range(3), .head_dim = state.range(4)} {
+    check(cudaMalloc(&keys, key_elements() * sizeof(__half)), "cudaMalloc(keys)");
+    check(cudaMalloc(&values, key_elements() * sizeof(__half)), "cudaMalloc(values)");
+    check(cudaMalloc(&queries, query_elements() * sizeof(__half)), "cudaMalloc(queries)");
+    fill_random<0><<<1024, 256>>>(keys, key_elements(), 1, 2.0f);
+    fill_random<0><<<1024, 256>>>(values, key_elements(), 2, 1.0f);
+    fill_random<0><<<1024, 256>>>(queries, query_elements(), 3, 2.0f);
+    check(cudaDeviceSynchronize(), "fill");
+  }
+  ~workload() { cudaFree(keys), cudaFree(values), cudaFree(queries); }
+  std::int64_t key_elements() const { return batch * shape.kv_heads * tokens * shape.head_dim; }
+  std::int64_t query_elements() const { return batch * shape.q_heads * window * shape.head_dim; }
+  kt::kv_view<const kt::half, kt::device_space> key_view(const __half* data) const {
+    return kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(data),
+                                           std::array<std::int64_t, 4>{batch, shape.kv_heads, tokens, shape.head_dim});
+  }
+  kt::window_view<const kt::half, kt::device_space> query_view() const {
+    return kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(queries),
+                                           std::array<std::int64_t, 4>{batch, shape.q_heads, window, shape.head_dim});
+  }
+  double flops() const {  // two passes, each 2·B·Hq·w·T·D
+    return 2.0 * 2.0 * static_cast<double>(batch * shape.q_heads * window) * static_cast<double>(tokens) *
+           static_cast<double>(shape.head_dim);
+  }
+};
+
+template <class Run>
+std::vector<double> time_calls(benchmark::State& state, cudaStream_t stream, Run&& run) {
+  l2_flusher flusher;
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start), cudaEventCreate(&stop);
+  run();  // warm-up
+  check(cudaStreamSynchronize(stream), "warm-up");
+  std::vector<double> seconds;
+  for (auto _ : state) {
+    flusher.flush(stream);
+    cudaEventRecord(start, stream);
+    run();
+    cudaEventRecord(stop, stream);
+    check(cudaEventSynchronize(stop), "run");
+    float milliseconds = 0;
+    cudaEventElapsedTime(&milliseconds, start, stop);
+    state.SetIterationTime(milliseconds / 1e3);
+    seconds.push_back(milliseconds / 1e3);
+  }
+  cudaEventDestroy(start), cudaEventDestroy(stop);
+  std::sort(seconds.begin(), seconds.end());
+  return seconds;
+}
+
+void report(benchmark::State& state, double bytes, double median, double flops) {
+  state.SetBytesProcessed(static_cast<std::int64_t>(bytes) * state.iterations());
+  state.counters["median_us"] = median * 1e6;
+  state.counters["moved_TBps"] = bytes / median / 1e12;
+  if (measured_copy_bandwidth > 0) state.counters["fraction_of_copy"] = bytes / median / measured_copy_bandwidth;
+  state.counters["tensor_TFLOPs"] = flops / median / 1e12;
+}
+
+void snapkv_score(benchmark::State& state) {
+  const workload w(state);
+  using impl = kt::implementation<kt::score::snapkv, kt::backend::cuda>;
+  const kt::score::snapkv::config cfg{.window = w.window};
+  float* scores = nullptr;
+  check(cudaMalloc(&scores, w.batch * w.shape.kv_heads * w.tokens * sizeof(float)), "cudaMalloc(scores)");
+  const std::size_t scratch_bytes = impl::workspace_bytes(cfg, w.shape, w.batch, w.tokens);
+  void* scratch = nullptr;
+  check(cudaMalloc(&scratch, std::max<std::size_t>(scratch_bytes, 1)), "cudaMalloc(scratch)");
+  const std::array<std::int64_t, 3> extents{w.batch, w.shape.kv_heads, w.tokens};
+  const kt::score_view<kt::device_space> score_view{scores, extents, kt::row_major_strides(extents)};
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  const auto seconds = time_calls(state, stream, [&] {
+    impl::score(cfg, w.shape, w.key_view(w.keys), w.key_view(w.values), w.query_view(), score_view,
+                {scratch, scratch_bytes}, stream);
+  });
+  const double bytes = static_cast<double>(w.key_elements() + w.query_elements()) * sizeof(__half) +
+                       static_cast<double>(w.batch * w.shape.kv_heads * w.tokens) * sizeof(float);
+  report(state, bytes, seconds[seconds.size() / 2], w.flops());
+  cudaFree(scores), cudaFree(scratch);
+  cudaStreamDestroy(stream);
+}
+
+void snapkv_compress(benchmark::State& state) {
+  const workload w(state);
+  using scheme = kt::scheme<kt::layout::contiguous, kt::score::snapkv, kt::budget::uniform, kt::codec::fp16,
+                            kt::backend::cuda>;
+  scheme::config cfg;
+  cfg.score.window = w.window;
+  cfg.budget.keep = kt::keep_ratio{0.3};
+  const std::int64_t capacity = kt::budget::uniform::max_keep(cfg.budget, w.tokens);
+  auto cache = scheme::make_cache(w.shape, w.batch, capacity, kt::codec::fp16::config{});
+  const std::size_t scratch_bytes = scheme::compress_workspace(w.shape, w.batch, w.tokens, cfg);
+  void* scratch = nullptr;
+  check(cudaMalloc(&scratch, std::max<std::size_t>(scratch_bytes, 1)), "cudaMalloc(scratch)");
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  const auto seconds = time_calls(state, stream, [&] {
+    scheme::compress(w.key_view(w.keys), w.key_view(w.values), w.query_view(), cache.view(), cfg,
+                     {scratch, scratch_bytes}, stream);
+  });
+  const double kept = static_cast<double>(w.batch * w.shape.kv_heads * capacity * w.shape.head_dim);
+  const double bytes = static_cast<double>(2 * w.key_elements() + w.query_elements()) * sizeof(__half) +
+                       2.0 * kept * sizeof(__half);
+  report(state, bytes, seconds[seconds.size() / 2], w.flops());
+  cudaFree(scratch);
+  cudaStreamDestroy(stream);
+}
+
+}  // namespace
+
+BENCHMARK(device_copy)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
+// batch, tokens, q heads, kv heads, head dim, window: W, then shorter and GQA-8 variants.
+BENCHMARK(snapkv_score)
+    ->ArgNames({"batch", "tokens", "q_heads", "kv_heads", "head_dim", "window"})
+    ->Args({8, 32768, 32, 8, 128, 64})
+    ->Args({8, 4096, 32, 8, 128, 64})
+    ->Args({1, 32768, 32, 8, 128, 64})
+    ->Args({8, 32768, 64, 8, 128, 64})
+    ->UseManualTime()
+    ->Iterations(20)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(snapkv_compress)
+    ->ArgNames({"batch", "tokens", "q_heads", "kv_heads", "head_dim", "window"})
+    ->Args({8, 32768, 32, 8, 128, 64})
+    ->UseManualTime()
+    ->Iterations(10)
+    ->Unit(benchmark::kMicrosecond);
+
+BENCHMARK_MAIN();

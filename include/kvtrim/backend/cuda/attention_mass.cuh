@@ -1,0 +1,664 @@
+// kvtrim/backend/cuda/attention_mass.cuh — the attention mass shared by
+// score::snapkv and score::h2o on the GPU (see score/attention_mass.hpp for the
+// math, backend/cpu/attention_mass.hpp for the reference it must match).
+//
+// For query head g, observed query t at position p_t = T − n_q + t and key j ≤ p_t:
+//   l_j = (q_t · k_j) · (1/√D)          fp32 (tensor cores: fp16/bf16 products are
+//                                       exact in fp32, the sum runs in another order)
+//   m   = max_j l_j,  Z = Σ_j exp(l_j − m),  mass_g[j] += exp(l_j − m) / Z
+// (the GPU multiplies by 1/Z, computed once per row: one rounding more than the
+// CPU's division, far inside the tolerance the tests derive)
+// exactly the CPU's normalisation: softmax over every key up to the query (window
+// keys included), fp32, expf (not __expf), then the scorer's per-query-head step
+// (SnapKV: mean over the window + pooling; H2O: the observed normalisation) and
+// the GQA group reduction (mean: sum then one division; max).
+//
+// Why two passes. A key's mass sums probabilities of many queries, each divided by
+// its own row's (m, Z); an online (flash-style) rescaling works along a row, but a
+// column sum over rows cannot be rescaled after the fact without keeping every
+// row's partial probabilities (G·w × T floats per kv head, gigabytes at 32k). So:
+//   pass 1  attention_row_stats:   per (row chunk of 64 queries, key split): the
+//           online (max, Σexp) of each row over its keys → partials; a small
+//           kernel folds the splits into (m, Z) per row;
+//   pass 2  attention_column_mass: per (kv head, tile of 64 keys): the K tile is
+//           loaded once and every query row of the GQA group is multiplied
+//           against it (K is never repeated per query head), probabilities use the
+//           final (m, Z), and each query head's column sums are written once
+//           (no atomics: the block owns its key tile);
+//   finish  attention_mass_finish: the scorer's per-query-head step, pooling over
+//           neighbouring tokens and the group reduction, per (kv head, token).
+// Both passes use one tile product: Q[64 × D] · K[64 × D]ᵀ on tensor cores (WMMA
+// 16×16×16, fp32 accumulators) when keys and queries share a 16-bit type, a
+// plain fp32 loop in d order otherwise (fp32 inputs, mixed types).
+//
+// Scratch (the scheme's two-phase workspace): partial (max, sum) per (row,
+// split), the final (m, Z) per row, and the per-query-head mass [B, Hq, length].
+// No allocation, no synchronisation, one stream; 64-bit offsets throughout.
+#pragma once
+
+#include <mma.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <string_view>
+#include <type_traits>
+
+#include "kvtrim/backend/cuda/common.cuh"
+#include "kvtrim/core/shape.hpp"
+#include "kvtrim/core/view.hpp"
+#include "kvtrim/core/workspace.hpp"
+#include "kvtrim/score/attention_mass.hpp"
+
+namespace kvtrim::cuda_detail {
+
+/// Query rows and keys per tile product; threads per block of both passes.
+inline constexpr int mass_tile = 64;
+inline constexpr int mass_threads = 128;
+/// Row stride of the fp32 logit tile in shared memory: 68 floats keeps WMMA's
+/// store legal (a multiple of 4) and, with the rotated column order of pass 1,
+/// the 32 rows a warp reads land in 32 different banks.
+inline constexpr int mass_logit_stride = mass_tile + 4;
+/// Pass 1 aims at this many blocks before it stops splitting keys.
+inline constexpr std::int64_t mass_target_blocks = 1024;
+inline constexpr std::int64_t mass_max_splits = 64;
+
+__host__ __device__ __forceinline__ std::int64_t mass_ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ __forceinline__ std::int64_t mass_min(std::int64_t a, std::int64_t b) { return a < b ? a : b; }
+
+/// What the two passes and the finish read (FlashInfer-style parameters by value).
+template <class KeyT, class QueryT>
+struct attention_mass_parameters {
+  const KeyT* keys;  // [B, H, T, D] strided
+  std::int64_t key_batch_stride, key_head_stride, key_token_stride, key_channel_stride;
+  const QueryT* queries;  // [B, Hq, n_q, D] strided
+  std::int64_t query_batch_stride, query_head_stride, query_token_stride, query_channel_stride;
+  bool vector_loads;  // channel strides 1, rows 16-byte aligned
+  std::int64_t batch, kv_heads, group, tokens, observed;
+  std::int64_t first;           // first observed query that counts: t ∈ [first, observed)
+  std::int64_t chunks_per_head; // ⌈(observed − first) / 64⌉ row chunks per query head
+  std::int64_t splits;          // key splits of pass 1
+  std::int64_t split_tiles;     // key tiles per split
+  std::int64_t length;          // keys whose mass is needed: [0, length)
+  float scale;                  // 1/√D
+  float2* partial;              // [units · G · chunks · 64, splits]: (max, Σexp) per split
+  float2* stats;                // [units · G · chunks · 64]: (m, Z)
+  float* mass;                  // [B, Hq, length]
+};
+
+/// Rows of one unit's row chunk `chunk` (g-major: chunk = g · chunks_per_head + c).
+struct row_chunk {
+  std::int64_t g, t0, count;  // query head in the group, first observed query, rows
+  std::int64_t last_position; // position of its last row: keys ≤ this are visible to some row
+};
+
+template <class Parameters>
+__device__ __forceinline__ row_chunk chunk_rows(const Parameters& p, std::int64_t chunk) {
+  row_chunk rows;
+  rows.g = chunk / p.chunks_per_head;
+  rows.t0 = p.first + (chunk % p.chunks_per_head) * mass_tile;
+  rows.count = mass_min(std::int64_t{mass_tile}, p.observed - rows.t0);
+  rows.last_position = p.tokens - p.observed + rows.t0 + rows.count - 1;
+  return rows;
+}
+
+/// The shared-memory element type of the tile product: the 16-bit input type
+/// itself when keys and queries share it (tensor cores), else fp32.
+template <class KeyT, class QueryT>
+inline constexpr bool mass_uses_mma =
+    std::is_same_v<KeyT, QueryT> && (std::is_same_v<KeyT, __half> || std::is_same_v<KeyT, __nv_bfloat16>);
+template <class KeyT, class QueryT>
+using mass_smem_t = std::conditional_t<mass_uses_mma<KeyT, QueryT>, KeyT, float>;
+
+/// Row stride (elements) of a staged Q or K tile: 16-byte padding for the 16-bit
+/// tiles (WMMA wants a multiple of 8 and 32-byte aligned fragments), one float
+/// for fp32 tiles (the fp32 loop reads K down a column: D + 1 avoids conflicts).
+template <class SmemT, int HeadDim>
+inline constexpr int mass_row_stride = sizeof(SmemT) == 2 ? HeadDim + 8 : HeadDim + 1;
+
+/// Three staged tiles (pass 1: Q and two K buffers; pass 2: K and two Q buffers),
+/// the logit tile, and per-row scalars (pass 2: two buffers of (m, 1/Z), a fold row).
+template <class KeyT, class QueryT, int HeadDim>
+constexpr std::size_t mass_shared_bytes() {
+  using smem_t = mass_smem_t<KeyT, QueryT>;
+  return 3 * std::size_t{mass_tile} * mass_row_stride<smem_t, HeadDim> * sizeof(smem_t) +
+         std::size_t{mass_tile} * mass_logit_stride * sizeof(float) + 6 * mass_tile * sizeof(float);
+}
+
+/// cp.async of 16 bytes global → shared (sm_80+), zero-filled when !valid:
+/// the next tile loads while the current one is multiplied.
+__device__ __forceinline__ void mass_async_copy16(void* shared, const void* global, bool valid) {
+  const auto address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void mass_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int Pending>
+__device__ __forceinline__ void mass_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
+}
+
+/// Stages rows [row0, row0 + 64) ∩ [0, rows) of a [rows, D] matrix (row stride,
+/// channel stride) into shared memory as SmemT; rows past the end are zero.
+template <int HeadDim, class SmemT, class T>
+__device__ __forceinline__ void stage_tile(SmemT* tile, const T* base, std::int64_t row_stride,
+                                           std::int64_t channel_stride, std::int64_t row0, std::int64_t rows,
+                                           bool vector_loads) {
+  constexpr int stride = mass_row_stride<SmemT, HeadDim>;
+  if (vector_loads) {
+    constexpr int chunks = HeadDim / 8;
+    for (int i = threadIdx.x; i < mass_tile * chunks; i += mass_threads) {
+      const int r = i / chunks, c = (i % chunks) * 8;
+      SmemT* out = tile + r * stride + c;
+      if (row0 + r < rows) {
+        const packed8<T> loaded = load_packed8(base + (row0 + r) * row_stride + c);
+        if constexpr (std::is_same_v<SmemT, T> && sizeof(T) == 2) {
+          *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(loaded.elements);
+        } else {
+#pragma unroll
+          for (int e = 0; e < 8; ++e) out[e] = static_cast<SmemT>(loaded[e]);
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) out[e] = from_float<SmemT>(0.0f);
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < mass_tile * HeadDim; i += mass_threads) {
+      const int r = i / HeadDim, c = i % HeadDim;
+      const T value = row0 + r < rows ? base[(row0 + r) * row_stride + c * channel_stride] : from_float<T>(0.0f);
+      if constexpr (std::is_same_v<SmemT, T>)
+        tile[r * stride + c] = value;
+      else
+        tile[r * stride + c] = to_float(value);
+    }
+  }
+}
+
+/// stage_tile, asynchronously where it can be (16-bit tiles of the input type,
+/// vector-aligned rows): the copies complete at mass_async_wait; other tiles are
+/// staged synchronously here.
+template <int HeadDim, class SmemT, class T>
+__device__ __forceinline__ void stage_tile_async(SmemT* tile, const T* base, std::int64_t row_stride,
+                                                 std::int64_t channel_stride, std::int64_t row0, std::int64_t rows,
+                                                 bool vector_loads) {
+  if constexpr (std::is_same_v<SmemT, T> && sizeof(T) == 2) {
+    if (vector_loads) {
+      constexpr int stride = mass_row_stride<SmemT, HeadDim>;
+      constexpr int chunks = HeadDim / 8;
+      for (int i = threadIdx.x; i < mass_tile * chunks; i += mass_threads) {
+        const int r = i / chunks, c = (i % chunks) * 8;
+        const bool valid = row0 + r < rows;
+        mass_async_copy16(tile + r * stride + c, valid ? base + (row0 + r) * row_stride + c : base, valid);
+      }
+      return;
+    }
+  }
+  stage_tile<HeadDim>(tile, base, row_stride, channel_stride, row0, rows, vector_loads);
+}
+
+/// logits[r][c] = Σ_d q[r][d] · k[c][d] for the staged 64 × 64 tile (fp32).
+/// Tensor cores: the 4 warps split the tile 2 × 2 (32 rows × 32 keys each), and
+/// the operand that stays the same for the whole block (pass 1: its Q chunk;
+/// pass 2: its K tile, `HoldQueries` false) is held in registers for head dims
+/// ≤ 128, so each product reads only the other operand from shared memory once
+/// per warp pair (shared-memory bandwidth, not the tensor cores, bounds this
+/// loop). fp32 tiles: a plain loop, d in order, as the CPU's scalar loop.
+template <int HeadDim, class SmemT, bool HoldQueries>
+struct mass_product {
+  static constexpr int stride = mass_row_stride<SmemT, HeadDim>;
+  static constexpr bool tensor_cores = sizeof(SmemT) == 2;
+  static constexpr int steps = HeadDim / 16;
+  static constexpr bool resident = tensor_cores && HeadDim <= 128;
+  using element = std::conditional_t<tensor_cores, SmemT, __half>;  // any 16-bit type when unused
+  using a_fragment = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, element, nvcuda::wmma::row_major>;
+  using b_fragment = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, element, nvcuda::wmma::col_major>;
+  using held_fragment = std::conditional_t<HoldQueries, a_fragment, b_fragment>;
+  held_fragment held[resident ? 2 : 1][resident ? steps : 1];
+
+  __device__ __forceinline__ static int warp_rows() { return (threadIdx.x / 32) / 2 * 32; }
+  __device__ __forceinline__ static int warp_keys() { return (threadIdx.x / 32) % 2 * 32; }
+
+  /// Loads the held operand from its staged tile (after a barrier that made it visible).
+  __device__ __forceinline__ void hold(const SmemT* tile) {
+    if constexpr (resident) {
+      const int first = HoldQueries ? warp_rows() : warp_keys();
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int k = 0; k < steps; ++k)
+          nvcuda::wmma::load_matrix_sync(held[i][k], reinterpret_cast<const element*>(tile) + (first + 16 * i) * stride + 16 * k,
+                                         stride);
+    }
+  }
+
+  __device__ __forceinline__ void run(const SmemT* q_tile, const SmemT* k_tile, float* logits) const {
+    if constexpr (tensor_cores) {
+      namespace wmma = nvcuda::wmma;
+      const int rows = warp_rows(), keys = warp_keys();
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> accumulator[2][2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::fill_fragment(accumulator[i][j], 0.0f);
+#pragma unroll
+      for (int k = 0; k < steps; ++k) {
+        a_fragment a[2];
+        b_fragment b[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          if constexpr (resident && HoldQueries)
+            a[i] = held[i][k];
+          else
+            wmma::load_matrix_sync(a[i], q_tile + (rows + 16 * i) * stride + 16 * k, stride);
+          if constexpr (resident && !HoldQueries)
+            b[i] = held[i][k];
+          else
+            wmma::load_matrix_sync(b[i], k_tile + (keys + 16 * i) * stride + 16 * k, stride);  // Kᵀ: keys are columns
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) wmma::mma_sync(accumulator[i][j], a[i], b[j], accumulator[i][j]);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+          wmma::store_matrix_sync(logits + (rows + 16 * i) * mass_logit_stride + keys + 16 * j, accumulator[i][j],
+                                  mass_logit_stride, wmma::mem_row_major);
+    } else {
+      // Thread → key column c = tid % 64 and rows r ≡ tid / 64 (mod 2): d in order, as the CPU's scalar loop.
+      const int c = threadIdx.x % mass_tile;
+      for (int r = threadIdx.x / mass_tile; r < mass_tile; r += mass_threads / mass_tile) {
+        float dot = 0.0f;
+        for (int d = 0; d < HeadDim; ++d) dot += q_tile[r * stride + d] * k_tile[c * stride + d];
+        logits[r * mass_logit_stride + c] = dot;
+      }
+    }
+  }
+};
+
+/// Pass 1: grid.x = units · row chunks (chunk fastest, so the blocks sharing a
+/// K split run together and share it through L2), grid.y = key splits. Each
+/// thread owns half of one row's 64 keys per tile and keeps an online
+/// (max, Σexp) for it; the two halves fold at the end. K tiles are double
+/// buffered: tile i + 1 loads (cp.async) while tile i is multiplied.
+template <class KeyT, class QueryT, int HeadDim>
+__global__ void __launch_bounds__(mass_threads)
+    attention_row_stats(const __grid_constant__ attention_mass_parameters<KeyT, QueryT> p) {
+  using smem_t = mass_smem_t<KeyT, QueryT>;
+  constexpr int stride = mass_row_stride<smem_t, HeadDim>;
+  extern __shared__ __align__(128) unsigned char mass_shared[];
+  smem_t* q_tile = reinterpret_cast<smem_t*>(mass_shared);
+  smem_t* k_tiles = q_tile + mass_tile * stride;  // two buffers
+  float* logits = reinterpret_cast<float*>(k_tiles + 2 * mass_tile * stride);
+  float* fold = logits + mass_tile * mass_logit_stride;  // [2][64]: the upper halves' (max, sum)
+
+  const std::int64_t row_chunks = p.group * p.chunks_per_head;
+  const std::int64_t unit = blockIdx.x / row_chunks, chunk = blockIdx.x % row_chunks;
+  const std::int64_t b = unit / p.kv_heads, h = unit % p.kv_heads;
+  const row_chunk rows = chunk_rows(p, chunk);
+  const std::int64_t split = blockIdx.y;
+
+  const QueryT* query_base =
+      p.queries + b * p.query_batch_stride + (h * p.group + rows.g) * p.query_head_stride;
+  stage_tile<HeadDim>(q_tile, query_base, p.query_token_stride, p.query_channel_stride, rows.t0,
+                      rows.t0 + rows.count, p.vector_loads);
+  const KeyT* key_base = p.keys + b * p.key_batch_stride + h * p.key_head_stride;
+  mass_product<HeadDim, smem_t, true> product;
+  __syncthreads();
+  product.hold(q_tile);
+
+  const int r = threadIdx.x % mass_tile, half = threadIdx.x / mass_tile;
+  const std::int64_t position = p.tokens - p.observed + rows.t0 + r;  // this row sees keys ≤ position
+  float running_max = -INFINITY, running_sum = 0.0f;
+  const std::int64_t visible = mass_min(p.tokens, rows.last_position + 1);
+  const std::int64_t tile_begin = split * p.split_tiles;
+  const std::int64_t tile_end = mass_min(mass_ceil_div(visible, mass_tile), (split + 1) * p.split_tiles);
+  if (tile_begin < tile_end) {
+    stage_tile_async<HeadDim>(k_tiles, key_base, p.key_token_stride, p.key_channel_stride, tile_begin * mass_tile,
+                              p.tokens, p.vector_loads);
+    mass_async_commit();
+  }
+  for (std::int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    const std::int64_t j0 = tile * mass_tile;
+    const smem_t* k_tile = k_tiles + ((tile - tile_begin) & 1) * mass_tile * stride;
+    if (tile + 1 < tile_end) {
+      // Into the other buffer: its last reader (tile − 1's product) finished before tile − 1's second barrier.
+      stage_tile_async<HeadDim>(k_tiles + ((tile + 1 - tile_begin) & 1) * mass_tile * stride, key_base,
+                                p.key_token_stride, p.key_channel_stride, j0 + mass_tile, p.tokens, p.vector_loads);
+      mass_async_commit();
+      mass_async_wait<1>();
+    } else {
+      mass_async_wait<0>();
+    }
+    __syncthreads();  // this tile is staged; the previous tile's logits are consumed
+    product.run(q_tile, k_tile, logits);
+    __syncthreads();
+    if (r < rows.count) {
+      // Columns rotated by the row (see mass_logit_stride): conflict-free reads.
+      float values[32];
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        const int c = half * 32 + (i + r) % 32;
+        const float l = j0 + c <= position ? logits[r * mass_logit_stride + c] * p.scale : -INFINITY;
+        values[i] = l;
+        tile_max = fmaxf(tile_max, l);
+      }
+      if (tile_max > -INFINITY) {
+        const float new_max = fmaxf(running_max, tile_max);
+        float sum = running_sum * expf(running_max - new_max);
+#pragma unroll
+        for (int i = 0; i < 32; ++i) sum += expf(values[i] - new_max);
+        running_max = new_max, running_sum = sum;
+      }
+    }
+  }
+  if (half == 1) fold[r] = running_max, fold[mass_tile + r] = running_sum;
+  __syncthreads();
+  if (half == 0 && r < rows.count) {
+    const float other_max = fold[r], other_sum = fold[mass_tile + r];
+    const float m = fmaxf(running_max, other_max);
+    const float sum = (running_max > -INFINITY ? running_sum * expf(running_max - m) : 0.0f) +
+                      (other_max > -INFINITY ? other_sum * expf(other_max - m) : 0.0f);
+    const std::int64_t row = (unit * row_chunks + chunk) * mass_tile + r;
+    p.partial[row * p.splits + split] = make_float2(m, sum);
+  }
+}
+
+/// Folds pass 1's splits into (m, Z) per row: one thread per row.
+template <class KeyT, class QueryT>
+__global__ void attention_fold_splits(const __grid_constant__ attention_mass_parameters<KeyT, QueryT> p) {
+  const std::int64_t rows = p.batch * p.kv_heads * p.group * p.chunks_per_head * mass_tile;
+  for (std::int64_t row = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; row < rows;
+       row += std::int64_t{gridDim.x} * blockDim.x) {
+    const std::int64_t in_chunk = row % mass_tile;
+    const row_chunk chunk = chunk_rows(p, (row / mass_tile) % (p.group * p.chunks_per_head));
+    if (in_chunk >= chunk.count) continue;
+    // Every block of pass 1 writes every row of its chunk (−∞, 0 where it saw no key).
+    float m = -INFINITY;
+    for (std::int64_t s = 0; s < p.splits; ++s) m = fmaxf(m, p.partial[row * p.splits + s].x);
+    float z = 0.0f;
+    for (std::int64_t s = 0; s < p.splits; ++s) {
+      const float2 part = p.partial[row * p.splits + s];
+      if (part.x > -INFINITY) z += part.y * expf(part.x - m);
+    }
+    p.stats[row] = make_float2(m, z);
+  }
+}
+
+/// Pass 2: grid.x = units · key tiles. The block stages its K tile once, then
+/// for each query head of the group and each of its row chunks that can see the
+/// tile (causal: a suffix of the chunks, the same for every query head), adds
+/// exp(l − m)·(1/Z) down each column; thread → column c = tid % 64 and half of
+/// the chunk's rows, the halves folded before each query head's write. Q chunks
+/// are double buffered (cp.async), with their (m, 1/Z).
+template <class KeyT, class QueryT, int HeadDim>
+__global__ void __launch_bounds__(mass_threads)
+    attention_column_mass(const __grid_constant__ attention_mass_parameters<KeyT, QueryT> p) {
+  using smem_t = mass_smem_t<KeyT, QueryT>;
+  constexpr int stride = mass_row_stride<smem_t, HeadDim>;
+  extern __shared__ __align__(128) unsigned char mass_shared[];
+  smem_t* k_tile = reinterpret_cast<smem_t*>(mass_shared);
+  smem_t* q_tiles = k_tile + mass_tile * stride;  // two buffers
+  float* logits = reinterpret_cast<float*>(q_tiles + 2 * mass_tile * stride);
+  float* row_max = logits + mass_tile * mass_logit_stride;  // [2][64]
+  float* row_inverse = row_max + 2 * mass_tile;              // [2][64]: 1/Z
+  float* fold = row_inverse + 2 * mass_tile;                 // [64]
+
+  const std::int64_t key_tiles = mass_ceil_div(p.length, mass_tile);
+  const std::int64_t unit = blockIdx.x / key_tiles, tile = blockIdx.x % key_tiles;
+  const std::int64_t b = unit / p.kv_heads, h = unit % p.kv_heads;
+  const std::int64_t j0 = tile * mass_tile;
+  const std::int64_t row_chunks = p.group * p.chunks_per_head;
+  // Chunks [first_chunk, chunks_per_head) of each query head see the tile (every
+  // head has one: the chunk of the last query sees every key).
+  std::int64_t first_chunk = 0;
+  while (first_chunk + 1 < p.chunks_per_head && chunk_rows(p, first_chunk).last_position < j0) ++first_chunk;
+  const std::int64_t per_head = p.chunks_per_head - first_chunk, items = p.group * per_head;
+  const QueryT* query_base = p.queries + b * p.query_batch_stride + h * p.group * p.query_head_stride;
+  const auto stage_item = [&](std::int64_t item) {
+    const std::int64_t g = item / per_head, chunk = g * p.chunks_per_head + first_chunk + item % per_head;
+    const row_chunk rows = chunk_rows(p, chunk);
+    stage_tile_async<HeadDim>(q_tiles + (item & 1) * mass_tile * stride, query_base + g * p.query_head_stride,
+                              p.query_token_stride, p.query_channel_stride, rows.t0, rows.t0 + rows.count,
+                              p.vector_loads);
+    mass_async_commit();
+  };
+  const auto load_stats = [&](std::int64_t item) {  // threads < 64: (m, 1/Z) of the item's rows
+    if (threadIdx.x < mass_tile) {
+      const std::int64_t g = item / per_head, chunk = g * p.chunks_per_head + first_chunk + item % per_head;
+      const float2 s = threadIdx.x < chunk_rows(p, chunk).count
+                           ? p.stats[(unit * row_chunks + chunk) * mass_tile + threadIdx.x]
+                           : make_float2(0.0f, 1.0f);
+      row_max[(item & 1) * mass_tile + threadIdx.x] = s.x;
+      row_inverse[(item & 1) * mass_tile + threadIdx.x] = 1.0f / s.y;
+    }
+  };
+
+  stage_tile_async<HeadDim>(k_tile, p.keys + b * p.key_batch_stride + h * p.key_head_stride, p.key_token_stride,
+                            p.key_channel_stride, j0, p.tokens, p.vector_loads);
+  mass_async_commit();
+  stage_item(0);
+  load_stats(0);
+  const int c = threadIdx.x % mass_tile, half = threadIdx.x / mass_tile;
+  const std::int64_t j = j0 + c;
+  float column = 0.0f;
+  mass_product<HeadDim, smem_t, false> product;
+  for (std::int64_t item = 0; item < items; ++item) {
+    const std::int64_t g = item / per_head;
+    const row_chunk rows = chunk_rows(p, g * p.chunks_per_head + first_chunk + item % per_head);
+    if (item + 1 < items) {
+      // Into the other buffer: its last reader (item − 1's product) finished before item − 1's second barrier.
+      stage_item(item + 1);
+      mass_async_wait<1>();
+    } else {
+      mass_async_wait<0>();
+    }
+    __syncthreads();  // K and this item's Q are staged; item − 1's logits and stats are consumed
+    if (item + 1 < items) load_stats(item + 1);  // read after the next item's first barrier
+    if (item == 0) product.hold(k_tile);
+    product.run(q_tiles + (item & 1) * mass_tile * stride, k_tile, logits);
+    __syncthreads();
+    const float* maxima = row_max + (item & 1) * mass_tile;
+    const float* inverses = row_inverse + (item & 1) * mass_tile;
+    for (int r = half; r < rows.count; r += 2) {
+      const std::int64_t position = p.tokens - p.observed + rows.t0 + r;
+      if (j <= position) column += expf(logits[r * mass_logit_stride + c] * p.scale - maxima[r]) * inverses[r];
+    }
+    if (item + 1 == items || (item + 1) / per_head != g) {  // the query head's last item: fold and write
+      __syncthreads();
+      if (half == 1) fold[c] = column;
+      __syncthreads();
+      if (half == 0 && j < p.length)
+        p.mass[((b * p.kv_heads + h) * p.group + g) * p.length + j] = column + fold[c];
+      column = 0.0f;
+    }
+  }
+}
+
+/// What the finish does per query head before the group reduction.
+enum class mass_finish_kind { snapkv, h2o };
+
+struct mass_finish_parameters {
+  const float* mass;  // [B, Hq, length]
+  float* scores;      // dense [B, H, T]
+  std::int64_t batch, kv_heads, group, tokens, length;
+  mass_finish_kind kind;
+  // snapkv: mass / window (when mean) then pooled over `kernel` neighbours of [0, length)
+  float window_divisor;  // 1 for window_reduction::sum
+  std::int64_t kernel;
+  score::pooling pooling;
+  // h2o: mass / (T − j) when observed
+  bool observed_normalisation;
+  score::group_reduction reduction;
+  std::int64_t protected_from;  // tokens ≥ this score +∞ (SnapKV's window, H2O's recent tokens)
+};
+
+/// One thread per (sequence, kv head, token): the CPU's per-query-head step and
+/// group reduction, in the CPU's order of operations.
+template <int Unused>
+__global__ void attention_mass_finish(const __grid_constant__ mass_finish_parameters p) {
+  const std::int64_t total = p.batch * p.kv_heads * p.tokens;
+  for (std::int64_t flat = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; flat < total;
+       flat += std::int64_t{gridDim.x} * blockDim.x) {
+    const std::int64_t j = flat % p.tokens, unit = flat / p.tokens;
+    if (j >= p.protected_from) {
+      p.scores[flat] = INFINITY;
+      continue;
+    }
+    float reduced = 0.0f;
+    for (std::int64_t g = 0; g < p.group; ++g) {
+      const float* row = p.mass + (unit * p.group + g) * p.length;
+      float value;
+      if (p.kind == mass_finish_kind::snapkv) {
+        // pool_at over row / window_divisor, the division applied per element first (as the CPU).
+        const std::int64_t half_width = p.kernel / 2;
+        const std::int64_t first = j - half_width < 0 ? 0 : j - half_width;
+        const std::int64_t last = j + half_width >= p.length ? p.length - 1 : j + half_width;
+        if (p.pooling == score::pooling::avg) {
+          float sum = 0.0f;
+          for (std::int64_t i = first; i <= last; ++i) sum += row[i] / p.window_divisor;
+          value = sum / static_cast<float>(p.kernel);
+        } else {
+          value = row[first] / p.window_divisor;
+          for (std::int64_t i = first + 1; i <= last; ++i) {
+            const float v = row[i] / p.window_divisor;
+            value = v > value ? v : value;
+          }
+        }
+      } else {
+        value = p.observed_normalisation ? row[j] / static_cast<float>(p.tokens - j) : row[j];
+      }
+      if (g == 0)
+        reduced = value;
+      else if (p.reduction == score::group_reduction::mean)
+        reduced += value;
+      else
+        reduced = fmaxf(reduced, value);
+    }
+    if (p.reduction == score::group_reduction::mean) reduced /= static_cast<float>(p.group);
+    p.scores[flat] = reduced;
+  }
+}
+
+/// Sizes of the two passes for one call (the same function sizes the workspace
+/// and launches, so they cannot disagree).
+struct mass_plan {
+  std::int64_t units, chunks_per_head, row_chunks, rows, splits, split_tiles, q_heads;
+};
+
+inline mass_plan plan_attention_mass(const model_shape& shape, std::int64_t batch, std::int64_t tokens,
+                                     std::int64_t per_head_queries) {
+  mass_plan plan;
+  plan.units = batch * shape.kv_heads;
+  plan.q_heads = batch * shape.q_heads;
+  plan.chunks_per_head = ceil_div(per_head_queries, mass_tile);
+  plan.row_chunks = shape.group_size() * plan.chunks_per_head;
+  plan.rows = plan.units * plan.row_chunks * mass_tile;
+  const std::int64_t key_tiles = ceil_div(tokens, mass_tile);
+  const std::int64_t wanted = ceil_div(mass_target_blocks, std::max<std::int64_t>(plan.units * plan.row_chunks, 1));
+  plan.splits = std::max<std::int64_t>(1, std::min({wanted, key_tiles, mass_max_splits}));
+  plan.split_tiles = ceil_div(key_tiles, plan.splits);
+  plan.splits = ceil_div(key_tiles, plan.split_tiles);
+  return plan;
+}
+
+/// The pieces of scratch, carved the same way in the sizing and the real pass.
+struct mass_scratch {
+  float2* partial = nullptr;
+  float2* stats = nullptr;
+  float* mass = nullptr;
+};
+
+inline mass_scratch carve_attention_mass(workspace_carver& carver, const mass_plan& plan, std::int64_t length) {
+  mass_scratch scratch;
+  constexpr std::string_view function = "kvtrim::score::attention_mass (backend::cuda)";
+  scratch.partial = carver.take<float2>(detail::checked_mul(function, "tokens", plan.rows, plan.splits));
+  scratch.stats = carver.take<float2>(plan.rows);
+  scratch.mass = carver.take<float>(detail::checked_mul(function, "tokens", plan.q_heads, std::max<std::int64_t>(length, 1)));
+  return scratch;
+}
+
+inline std::size_t attention_mass_workspace_bytes(const model_shape& shape, std::int64_t batch, std::int64_t tokens,
+                                                  std::int64_t per_head_queries, std::int64_t length) {
+  workspace_carver carver;
+  carve_attention_mass(carver, plan_attention_mass(shape, batch, tokens, per_head_queries), length);
+  return carver.bytes();
+}
+
+/// Runs both passes and the finish: scores(b, h, ·) from keys and the observed
+/// queries [first, n_q). `finish` carries the scorer's step; its mass, scores
+/// and shape fields are filled here.
+template <class KeyT, class QueryT>
+void attention_mass_scores(std::string_view function, const kv_view<KeyT, device_space>& keys,
+                           const window_view<QueryT, device_space>& queries, const model_shape& shape,
+                           const score_view<device_space>& scores, std::int64_t first, std::int64_t length,
+                           mass_finish_parameters finish, workspace scratch, cudaStream_t stream) {
+  using key_t = device_element_t<KeyT>;
+  using query_t = device_element_t<QueryT>;
+  const std::int64_t batch = scores.extent(0), tokens = keys.extent(2), observed = queries.extent(2);
+  const std::int64_t head_dim = keys.extent(3);
+  if (keys.extent(0) != batch || keys.extent(1) != shape.kv_heads || queries.extent(0) != batch ||
+      queries.extent(1) != shape.q_heads || queries.extent(3) != head_dim || head_dim != shape.head_dim)
+    detail::fail(function, "window_queries", "[batch, q_heads, n_q, head_dim] queries matching the keys",
+                 detail::cat("[", queries.extent(0), ", ", queries.extent(1), ", ", observed, ", ", queries.extent(3), "]"));
+  const mass_plan plan = plan_attention_mass(shape, batch, tokens, observed - first);
+  const std::size_t needed = attention_mass_workspace_bytes(shape, batch, tokens, observed - first, length);
+  detail::check_workspace(function, scratch, needed);
+  workspace_carver carver(scratch);
+  const mass_scratch pieces = carve_attention_mass(carver, plan, length);
+
+  const auto aligned = [](const void* pointer) { return reinterpret_cast<std::uintptr_t>(pointer) % 16 == 0; };
+  const bool vector_loads = keys.stride(3) == 1 && queries.stride(3) == 1 && aligned(keys.data) &&
+                            aligned(queries.data) && keys.stride(0) % 8 == 0 && keys.stride(1) % 8 == 0 &&
+                            keys.stride(2) % 8 == 0 && queries.stride(0) % 8 == 0 && queries.stride(1) % 8 == 0 &&
+                            queries.stride(2) % 8 == 0;
+  attention_mass_parameters<key_t, query_t> p{
+      reinterpret_cast<const key_t*>(keys.data), keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
+      reinterpret_cast<const query_t*>(queries.data), queries.stride(0), queries.stride(1), queries.stride(2),
+      queries.stride(3), vector_loads, batch, shape.kv_heads, shape.group_size(), tokens, observed, first,
+      plan.chunks_per_head, plan.splits, plan.split_tiles, length,
+      1.0f / std::sqrt(static_cast<float>(head_dim)), pieces.partial, pieces.stats, pieces.mass};
+
+  dispatch_head_dim(head_dim, function, [&](auto head_dim_constant) {
+    constexpr int D = decltype(head_dim_constant)::value;
+    constexpr std::size_t shared = mass_shared_bytes<key_t, query_t, D>();
+    const auto stats_kernel = attention_row_stats<key_t, query_t, D>;
+    const auto mass_kernel = attention_column_mass<key_t, query_t, D>;
+    detail::check_cuda(cudaFuncSetAttribute(stats_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared),
+                       function, "cudaFuncSetAttribute(attention_row_stats)");
+    detail::check_cuda(cudaFuncSetAttribute(mass_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared),
+                       function, "cudaFuncSetAttribute(attention_column_mass)");
+    if (plan.units * plan.row_chunks > 2147483647 || plan.splits > 65535)
+      detail::fail(function, "keys", "fewer row chunks than a grid holds", std::to_string(plan.units * plan.row_chunks));
+    stats_kernel<<<dim3(static_cast<unsigned>(plan.units * plan.row_chunks), static_cast<unsigned>(plan.splits)),
+                   mass_threads, shared, stream>>>(p);
+    detail::check_launch(function, "attention_row_stats");
+    attention_fold_splits<key_t, query_t>
+        <<<static_cast<unsigned>(std::min<std::int64_t>(ceil_div(plan.rows, 256), 65535)), 256, 0, stream>>>(p);
+    detail::check_launch(function, "attention_fold_splits");
+    if (length > 0) {
+      const std::int64_t blocks = plan.units * ceil_div(length, mass_tile);
+      if (blocks > 2147483647) detail::fail(function, "keys", "fewer key tiles than a grid holds", std::to_string(blocks));
+      mass_kernel<<<static_cast<unsigned>(blocks), mass_threads, shared, stream>>>(p);
+      detail::check_launch(function, "attention_column_mass");
+    }
+  });
+
+  finish.mass = pieces.mass;
+  finish.scores = scores.data;
+  finish.batch = batch;
+  finish.kv_heads = shape.kv_heads;
+  finish.group = shape.group_size();
+  finish.tokens = tokens;
+  finish.length = length;
+  attention_mass_finish<0><<<static_cast<unsigned>(std::min<std::int64_t>(ceil_div(batch * shape.kv_heads * tokens, 256), 65535)),
+                              256, 0, stream>>>(finish);
+  detail::check_launch(function, "attention_mass_finish");
+}
+
+}  // namespace kvtrim::cuda_detail
