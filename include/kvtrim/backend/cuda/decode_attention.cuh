@@ -64,8 +64,10 @@ __device__ __forceinline__ void copy_async_wait() {
 /// `Stages`-deep ring of shared memory ([stage][keys, values][token][RowStride]),
 /// filled by cp.async: tile t + Stages − 1 is requested while tile t is read.
 /// Rows past `end` are zero-filled. Every thread moves the same number of
-/// 16-byte chunks; it first resolves the slots of all its rows (independent
-/// loads of the page table, issued together), then issues the copies.
+/// 16-byte chunks; the slots of its rows of the next tile are resolved (for
+/// paged caches: independent page-table loads, issued together) right after
+/// the current tile's copies are issued, so their latency hides behind the
+/// block's compute instead of delaying the next tile's copies.
 template <class StoreT, int HeadDim, int RowStride, int TileTokens, int Stages, int Threads, class Rows>
 struct kv_tile_stream {
   static constexpr int chunk_elements = 16 / static_cast<int>(sizeof(StoreT));
@@ -81,6 +83,7 @@ struct kv_tile_stream {
   Rows rows;
   std::int64_t begin, end;
   int tile_count;
+  std::int64_t source[chunks_per_thread];  // element offsets of the next tile's rows to issue (−1: past the end)
 
   __device__ __forceinline__ kv_tile_stream(void* shared, const StoreT* keys_, const StoreT* values_, Rows rows_,
                                             std::int64_t begin_, std::int64_t end_)
@@ -93,17 +96,21 @@ struct kv_tile_stream {
   }
   __device__ __forceinline__ const StoreT* value_tile(int tile) const { return key_tile(tile) + tile_elements; }
 
-  __device__ __forceinline__ void issue(int tile) {
-    StoreT* key_destination = tiles + (tile % Stages) * 2 * tile_elements;
-    StoreT* value_destination = key_destination + tile_elements;
+  /// Resolves the slots of this thread's rows of `tile` (page-table loads, issued together and
+  /// left in flight: the tile after the one just issued is resolved while the block computes).
+  __device__ __forceinline__ void resolve(int tile) {
     const std::int64_t first = first_token(tile);
-    std::int64_t source[chunks_per_thread];
 #pragma unroll
     for (int k = 0; k < chunks_per_thread; ++k) {
       const int chunk = threadIdx.x + k * Threads;
       const std::int64_t token = first + chunk / chunks_per_row;
       source[k] = token < end ? rows.slot(token) * HeadDim + (chunk % chunks_per_row) * chunk_elements : -1;
     }
+  }
+  /// Issues the copies of `tile` (resolved before), then resolves the next one.
+  __device__ __forceinline__ void issue(int tile) {
+    StoreT* key_destination = tiles + (tile % Stages) * 2 * tile_elements;
+    StoreT* value_destination = key_destination + tile_elements;
 #pragma unroll
     for (int k = 0; k < chunks_per_thread; ++k) {
       const int chunk = threadIdx.x + k * Threads;
@@ -112,9 +119,11 @@ struct kv_tile_stream {
       copy_async16(key_destination + offset, keys + (valid ? source[k] : 0), valid ? 16 : 0);
       copy_async16(value_destination + offset, values + (valid ? source[k] : 0), valid ? 16 : 0);
     }
+    if (tile + 1 < tile_count) resolve(tile + 1);
   }
   /// Requests the first Stages − 1 tiles (empty groups keep the group count uniform).
   __device__ __forceinline__ void start() {
+    if (tile_count > 0) resolve(0);
 #pragma unroll
     for (int tile = 0; tile < Stages - 1; ++tile) {
       if (tile < tile_count) issue(tile);
@@ -211,6 +220,8 @@ struct decode_geometry {
 /// stream's shared-memory tiles.
 template <int HeadDim, int Group, class StoreT, class Params>
 __global__ void __launch_bounds__(decode_threads) decode_attention_cuda_core(const __grid_constant__ Params params) {
+  wait_for_prerequisite_grid();  // paged / flat: the plan's partition
+  allow_dependent_grid();        // the merge's blocks may be scheduled; they wait for this grid
   using geometry = decode_geometry<HeadDim, StoreT, Group>;
   constexpr int lanes_per_token = geometry::lanes_per_token;
   constexpr int token_groups = geometry::token_groups;
@@ -346,14 +357,19 @@ __global__ void __launch_bounds__(decode_threads) decode_attention_cuda_core(con
 
 template <int HeadDim, class StoreT, int Group>
 struct tensor_core_geometry {
-  static constexpr int warps = HeadDim <= 128 ? 8 : 4;
+  /// Four warps of 16 tokens: 64-token tiles, small enough that two blocks fit
+  /// on a multiprocessor at head dims ≤ 128 — one block's prologue, segment
+  /// switch and epilogue then overlap the other's streaming.
+  static constexpr int warps = 4;
   static constexpr int threads = warps * 32;
   static constexpr int tile_tokens = warps * 16;
   static constexpr int row_stride = HeadDim + 8;  // elements; +16 bytes per row
   static constexpr int tile_elements = tile_tokens * row_stride;
   static constexpr std::size_t stage_bytes = std::size_t{2} * tile_elements * sizeof(StoreT);
-  /// As many stages as fit in ~200 KB of shared memory, between 2 and 4.
-  static constexpr int stages = static_cast<int>(std::clamp<std::size_t>(204800 / stage_bytes, 2, 4));
+  /// As many stages as fit in 108 KB of shared memory (two blocks per SM) at head dims ≤ 128,
+  /// 200 KB at 256 (one block), between 2 and 4.
+  static constexpr std::size_t shared_budget = HeadDim <= 128 ? 110592 : 204800;
+  static constexpr int stages = static_cast<int>(std::clamp<std::size_t>(shared_budget / stage_bytes, 2, 4));
   template <class Rows>
   using stream = kv_tile_stream<StoreT, HeadDim, row_stride, tile_tokens, stages, threads, Rows>;
   static constexpr std::size_t pipeline_bytes = stream<strided_rows>::bytes;
@@ -407,6 +423,8 @@ __device__ __forceinline__ unsigned pack2(float low, float high) {
 template <int HeadDim, int Group, class StoreT, class Params>
 __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::threads)
     decode_attention_tensor_core(const __grid_constant__ Params params) {
+  wait_for_prerequisite_grid();  // paged / flat: the plan's partition
+  allow_dependent_grid();        // the merge's blocks may be scheduled; they wait for this grid
   using geometry = tensor_core_geometry<HeadDim, StoreT, Group>;
   static_assert(sizeof(StoreT) == 2 && Group <= 16, "tensor-core decode: 16-bit storage, groups of at most 16");
   constexpr int row_blocks = Group > 8 ? 2 : 1;  // accumulator rows head_row and head_row + 8
@@ -685,15 +703,23 @@ struct implementation<stage::decode_attention, backend::cuda> {
                                    tables.partial_lse,
                                    static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(head_dim))),
                                    page_shift};
-          kernel<<<static_cast<unsigned>(grid), choice::threads, choice::shared_bytes, stream>>>(params);
-          detail::check_launch(function,
-                               choice::tensor_cores ? "decode_attention_tensor_core" : "decode_attention_cuda_core");
+          const char* kernel_name =
+              choice::tensor_cores ? "decode_attention_tensor_core" : "decode_attention_cuda_core";
+          if constexpr (uniform) {
+            kernel<<<static_cast<unsigned>(grid), choice::threads, choice::shared_bytes, stream>>>(params);
+            detail::check_launch(function, kernel_name);
+          } else {
+            cuda_detail::launch_dependent(kernel, dim3(static_cast<unsigned>(grid)), dim3(choice::threads),
+                                          choice::shared_bytes, stream, function, kernel_name, params);
+          }
           if (merge) {
             const auto rows = static_cast<unsigned>(cache.batch * cache.shape.q_heads);
-            cuda_detail::merge_decode_partials<head_dim, group, partition_type, out_type><<<rows, head_dim, 0, stream>>>(
-                partition, tables.partial_out, tables.partial_lse, cache.shape.q_heads, cache.shape.kv_heads,
-                reinterpret_cast<out_type*>(out.data), out.stride(0), out.stride(1));
-            detail::check_launch(function, "merge_decode_partials");
+            cuda_detail::launch_dependent(cuda_detail::merge_decode_partials<head_dim, group, partition_type, out_type>,
+                                          dim3(rows), dim3(head_dim), 0, stream, function, "merge_decode_partials",
+                                          partition, static_cast<const float*>(tables.partial_out),
+                                          static_cast<const float*>(tables.partial_lse), cache.shape.q_heads,
+                                          cache.shape.kv_heads, reinterpret_cast<out_type*>(out.data), out.stride(0),
+                                          out.stride(1));
           }
         }
       });

@@ -39,7 +39,9 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string_view>
 #include <type_traits>
+#include <utility>
 
 #include "kvtrim/backend/cuda/common.cuh"
 #include "kvtrim/layout/contiguous.hpp"
@@ -47,6 +49,46 @@
 #include "kvtrim/layout/paged.hpp"
 
 namespace kvtrim::cuda_detail {
+
+// ---- programmatic dependent launch -----------------------------------------
+//
+// plan → attention → merge run back to back on one stream; each later kernel is
+// launched with programmatic stream serialisation (Hopper), so its blocks are
+// scheduled while the earlier kernel drains and wait at griddepcontrol.wait —
+// which returns once the earlier grid has finished and its writes are visible —
+// instead of paying a launch gap. Without the launch attribute (or before sm_90)
+// both instructions are no-ops and stream order alone applies.
+
+/// Waits until the grid this one depends on has completed (its memory visible).
+__device__ __forceinline__ void wait_for_prerequisite_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+/// Lets the next kernel on the stream be scheduled now (it still waits for this grid's completion).
+__device__ __forceinline__ void allow_dependent_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+#endif
+}
+
+/// Launches `kernel` on `stream` as a programmatic dependent of the previous kernel there.
+template <class... Parameters, class... Arguments>
+void launch_dependent(void (*kernel)(Parameters...), dim3 grid, dim3 block, std::size_t shared_bytes,
+                      cudaStream_t stream, std::string_view function, std::string_view name, Arguments&&... arguments) {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  detail::check_cuda(cudaLaunchKernelEx(&config, kernel, std::forward<Arguments>(arguments)...), function,
+                     detail::cat("cudaLaunchKernelEx(", name, ")"));
+}
 
 // ---- addressing -------------------------------------------------------------
 
@@ -166,6 +208,7 @@ template <class View>
 __global__ void __launch_bounds__(decode_plan_threads)
     plan_decode_partition(const __grid_constant__ View cache, std::int64_t blocks, decode_line* line,
                           std::int64_t* prefix, std::int32_t* first_head) {
+  allow_dependent_grid();  // the attention kernel's blocks may be scheduled; they wait for this plan
   using scan = cub::BlockScan<std::int64_t, decode_plan_threads>;
   __shared__ typename scan::TempStorage scan_storage;
   __shared__ std::int64_t shared_chunk;
@@ -225,6 +268,7 @@ __global__ void __launch_bounds__(HeadDim)
     merge_decode_partials(const __grid_constant__ Partition partition, const float* partial_out,
                           const float* partial_lse, std::int64_t q_heads, std::int64_t kv_heads, OutT* out,
                           std::int64_t out_batch_stride, std::int64_t out_head_stride) {
+  wait_for_prerequisite_grid();  // the attention kernel's partials
   const std::int64_t row = blockIdx.x;  // b · q_heads + j
   const std::int64_t b = row / q_heads, j = row % q_heads;
   const std::int64_t head = b * kv_heads + j / Group;
