@@ -37,6 +37,8 @@ for b in kvtrim["benchmarks"]:
         continue
     fields = dict(part.split(":") for part in b["name"].split("/")[1:] if ":" in part)
     layout = b["name"].split("/")[0].replace("decode_attention_", "")
+    if layout == "paged" and (fields.get("scattered") == "0" or fields.get("page") != "16"):
+        layout = f"paged {fields['page']}" + (", pages in order" if fields.get("scattered") == "0" else "")
     key = (layout, int(fields["tokens"]), int(fields["lengths"]))
     ours_by_key[key] = b
 for (layout, tokens, mode), b in sorted(ours_by_key.items()):

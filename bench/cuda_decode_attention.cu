@@ -158,6 +158,7 @@ template <class Layout>
 void ragged_decode(benchmark::State& state) {
   using view_type = typename Layout::template view<kt::codec::fp16, kt::device_space>;
   const std::int64_t batch = state.range(0), tokens = state.range(1), mode = state.range(5), page = state.range(6);
+  const bool scattered = state.range(7) != 0;  // paged: page ids shuffled through the pool (else in order)
   const kt::model_shape shape{.q_heads = state.range(2), .kv_heads = state.range(3), .head_dim = state.range(4)};
   const std::int64_t heads = batch * shape.kv_heads;
   const std::vector<std::int64_t> lengths = head_lengths(heads, tokens, mode);
@@ -176,7 +177,7 @@ void ragged_decode(benchmark::State& state) {
     // Pages scattered through the pool (a fixed permutation), as an engine's allocator leaves them.
     std::vector<std::int32_t> permutation(static_cast<std::size_t>(pages));
     std::iota(permutation.begin(), permutation.end(), 0);
-    std::shuffle(permutation.begin(), permutation.end(), std::mt19937_64(7));
+    if (scattered) std::shuffle(permutation.begin(), permutation.end(), std::mt19937_64(7));
     std::vector<std::int32_t> indptr(static_cast<std::size_t>(heads + 1), 0), last(static_cast<std::size_t>(heads));
     for (std::int64_t head = 0; head < heads; ++head) {
       indptr[head + 1] = indptr[head] + static_cast<std::int32_t>((lengths[head] + page - 1) / page);
@@ -262,25 +263,28 @@ BENCHMARK(decode_attention)
     ->Iterations(50)
     ->Unit(benchmark::kMicrosecond);
 
-// Workload W (batch 8, 32 q heads, 8 kv heads, D 128) over paged (pages of 16) and flat caches.
+// Workload W (batch 8, 32 q heads, 8 kv heads, D 128) over paged (pages of 16, scattered) and flat caches.
 // lengths: 0 every head full, 1 every head 30 %, 2 Ada-KV-like 5–90 % (mean 30 %).
 BENCHMARK(ragged_decode<kt::layout::paged>)
     ->Name("decode_attention_paged")
-    ->ArgNames({"batch", "tokens", "q_heads", "kv_heads", "head_dim", "lengths", "page"})
-    ->Args({8, 4096, 32, 8, 128, 0, 16})
-    ->Args({8, 32768, 32, 8, 128, 0, 16})
-    ->Args({8, 32768, 32, 8, 128, 1, 16})
-    ->Args({8, 32768, 32, 8, 128, 2, 16})
+    ->ArgNames({"batch", "tokens", "q_heads", "kv_heads", "head_dim", "lengths", "page", "scattered"})
+    ->Args({8, 4096, 32, 8, 128, 0, 16, 1})
+    ->Args({8, 32768, 32, 8, 128, 0, 16, 1})
+    ->Args({8, 32768, 32, 8, 128, 1, 16, 1})
+    ->Args({8, 32768, 32, 8, 128, 2, 16, 1})
+    // the cost of scattered pages: the same pool in order, and pages of 64
+    ->Args({8, 32768, 32, 8, 128, 0, 16, 0})
+    ->Args({8, 32768, 32, 8, 128, 0, 64, 1})
     ->UseManualTime()
     ->Iterations(50)
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(ragged_decode<kt::layout::flat>)
     ->Name("decode_attention_flat")
-    ->ArgNames({"batch", "tokens", "q_heads", "kv_heads", "head_dim", "lengths", "page"})
-    ->Args({8, 4096, 32, 8, 128, 0, 0})
-    ->Args({8, 32768, 32, 8, 128, 0, 0})
-    ->Args({8, 32768, 32, 8, 128, 1, 0})
-    ->Args({8, 32768, 32, 8, 128, 2, 0})
+    ->ArgNames({"batch", "tokens", "q_heads", "kv_heads", "head_dim", "lengths", "page", "scattered"})
+    ->Args({8, 4096, 32, 8, 128, 0, 0, 0})
+    ->Args({8, 32768, 32, 8, 128, 0, 0, 0})
+    ->Args({8, 32768, 32, 8, 128, 1, 0, 0})
+    ->Args({8, 32768, 32, 8, 128, 2, 0, 0})
     ->UseManualTime()
     ->Iterations(50)
     ->Unit(benchmark::kMicrosecond);
