@@ -1,4 +1,7 @@
-// Decode attention over a contiguous fp16 cache on the GPU (backend::cuda).
+// Decode attention on the GPU (backend::cuda) over fp16 caches of every
+// layout: contiguous, paged (per-(sequence, kv head) page tables, pages
+// scattered through the pool) and flat (per-head regions), with uniform or
+// ragged (Ada-KV-like) per-head lengths.
 //
 // Reports bytes of cache read per second and that rate as a fraction of a
 // device-to-device copy's bandwidth measured in the same run (bytes read +
@@ -13,7 +16,10 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
+#include <numeric>
+#include <random>
 #include <vector>
 
 namespace kt = kvtrim;
@@ -128,6 +134,118 @@ void decode_attention(benchmark::State& state) {
   cudaStreamDestroy(stream);
 }
 
+/// Per-head lengths for `heads` heads of at most `tokens`: mode 0 every head
+/// full, 1 every head 30 %, 2 Ada-KV-like — fractions in [5 %, 90 %] drawn as
+/// 0.05 + 0.85·x^2.4 (x uniform; mean 0.30), then scaled so the total is
+/// exactly 30 % of the full cache (± rounding), clamped to the range.
+std::vector<std::int64_t> head_lengths(std::int64_t heads, std::int64_t tokens, std::int64_t mode) {
+  std::vector<std::int64_t> lengths(static_cast<std::size_t>(heads), tokens);
+  if (mode == 1) std::fill(lengths.begin(), lengths.end(), static_cast<std::int64_t>(0.3 * static_cast<double>(tokens)));
+  if (mode == 2) {
+    std::mt19937_64 random(42);
+    std::uniform_real_distribution<double> uniform(0.0, 1.0);
+    std::vector<double> fraction(lengths.size());
+    for (double& f : fraction) f = 0.05 + 0.85 * std::pow(uniform(random), 2.4);
+    const double scale = 0.3 * static_cast<double>(heads) / std::accumulate(fraction.begin(), fraction.end(), 0.0);
+    for (std::size_t i = 0; i < lengths.size(); ++i)
+      lengths[i] = static_cast<std::int64_t>(std::clamp(fraction[i] * scale, 0.05, 0.9) * static_cast<double>(tokens));
+  }
+  return lengths;
+}
+
+/// Times attend over an fp16 cache of Layout (paged or flat) whose heads hold `lengths` tokens.
+template <class Layout>
+void ragged_decode(benchmark::State& state) {
+  using view_type = typename Layout::template view<kt::codec::fp16, kt::device_space>;
+  const std::int64_t batch = state.range(0), tokens = state.range(1), mode = state.range(5), page = state.range(6);
+  const bool scattered = state.range(7) != 0;  // paged: page ids shuffled through the pool (else in order)
+  const kt::model_shape shape{.q_heads = state.range(2), .kv_heads = state.range(3), .head_dim = state.range(4)};
+  const std::int64_t heads = batch * shape.kv_heads;
+  const std::vector<std::int64_t> lengths = head_lengths(heads, tokens, mode);
+  const std::int64_t held = std::accumulate(lengths.begin(), lengths.end(), std::int64_t{0});
+
+  // The layout's tables on the host, then copied over the device view's.
+  view_type view;
+  void* memory = nullptr;
+  std::int64_t slots = 0;
+  if constexpr (std::is_same_v<Layout, kt::layout::paged>) {
+    std::int64_t pages = 0;
+    for (const std::int64_t n : lengths) pages += (n + page - 1) / page;
+    const kt::layout::paged::pool_size pool{pages, page};
+    check(cudaMalloc(&memory, view_type::bytes(shape, batch, pool)), "cudaMalloc(cache)");
+    view = view_type::bind(memory, shape, batch, pool);
+    // Pages scattered through the pool (a fixed permutation), as an engine's allocator leaves them.
+    std::vector<std::int32_t> permutation(static_cast<std::size_t>(pages));
+    std::iota(permutation.begin(), permutation.end(), 0);
+    if (scattered) std::shuffle(permutation.begin(), permutation.end(), std::mt19937_64(7));
+    std::vector<std::int32_t> indptr(static_cast<std::size_t>(heads + 1), 0), last(static_cast<std::size_t>(heads));
+    for (std::int64_t head = 0; head < heads; ++head) {
+      indptr[head + 1] = indptr[head] + static_cast<std::int32_t>((lengths[head] + page - 1) / page);
+      last[head] = static_cast<std::int32_t>(lengths[head] == 0 ? 0 : (lengths[head] - 1) % page + 1);
+    }
+    check(cudaMemcpy(view.indptr, indptr.data(), indptr.size() * 4, cudaMemcpyHostToDevice), "indptr");
+    check(cudaMemcpy(view.indices, permutation.data(), permutation.size() * 4, cudaMemcpyHostToDevice), "indices");
+    check(cudaMemcpy(view.last_page_len, last.data(), last.size() * 4, cudaMemcpyHostToDevice), "last_page_len");
+    slots = pages * page;
+  } else {
+    const kt::layout::flat::pool_size pool{held};
+    check(cudaMalloc(&memory, view_type::bytes(shape, batch, pool)), "cudaMalloc(cache)");
+    view = view_type::bind(memory, shape, batch, pool);
+    std::vector<std::int64_t> offsets(static_cast<std::size_t>(heads + 1), 0);
+    for (std::int64_t head = 0; head < heads; ++head) offsets[head + 1] = offsets[head] + lengths[head];
+    check(cudaMemcpy(view.offsets, offsets.data(), offsets.size() * 8, cudaMemcpyHostToDevice), "offsets");
+    check(cudaMemcpy(view.lengths, lengths.data(), lengths.size() * 8, cudaMemcpyHostToDevice), "lengths");
+    slots = held;
+  }
+  check(cudaMemset(view.compensation.index, 0xff, heads * sizeof(std::int32_t)), "compensation");  // −1: none
+  fill_random<<<1024, 256>>>(reinterpret_cast<__half*>(view.storage.keys), slots * shape.head_dim, 1);
+  fill_random<<<1024, 256>>>(reinterpret_cast<__half*>(view.storage.values), slots * shape.head_dim, 2);
+
+  const std::int64_t query_elements = batch * shape.q_heads * shape.head_dim;
+  __half *queries = nullptr, *out = nullptr;
+  check(cudaMalloc(&queries, query_elements * sizeof(__half)), "cudaMalloc");
+  check(cudaMalloc(&out, query_elements * sizeof(__half)), "cudaMalloc");
+  fill_random<<<64, 256>>>(queries, query_elements, 3);
+  const std::array<std::int64_t, 3> query_extents{batch, shape.q_heads, shape.head_dim};
+  const auto query_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(queries), query_extents);
+  const auto out_view = kt::make_view<kt::device_space>(reinterpret_cast<kt::half*>(out), query_extents);
+  using attention = kt::implementation<kt::stage::decode_attention, kt::backend::cuda>;
+  const std::size_t scratch_bytes = attention::workspace_bytes(view);
+  void* scratch = nullptr;
+  check(cudaMalloc(&scratch, std::max<std::size_t>(scratch_bytes, 1)), "cudaMalloc");
+  l2_flusher flusher;
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start), cudaEventCreate(&stop);
+  Layout::check("bench", view);
+  attention::attend(query_view, view, out_view, {scratch, scratch_bytes}, stream);  // warm-up
+  check(cudaStreamSynchronize(stream), "warm-up");
+  std::vector<double> seconds;
+  for (auto _ : state) {
+    flusher.flush(stream);
+    cudaEventRecord(start, stream);
+    attention::attend(query_view, view, out_view, {scratch, scratch_bytes}, stream);
+    cudaEventRecord(stop, stream);
+    check(cudaEventSynchronize(stop), "attend");
+    float milliseconds = 0;
+    cudaEventElapsedTime(&milliseconds, start, stop);
+    state.SetIterationTime(milliseconds / 1e3);
+    seconds.push_back(milliseconds / 1e3);
+  }
+  std::sort(seconds.begin(), seconds.end());
+  const double cache_bytes = 2.0 * static_cast<double>(held * shape.head_dim) * sizeof(__half);
+  const double median = seconds[seconds.size() / 2];
+  state.SetBytesProcessed(static_cast<std::int64_t>(cache_bytes) * state.iterations());
+  state.counters["median_us"] = median * 1e6;
+  state.counters["cache_TBps"] = cache_bytes / median / 1e12;
+  state.counters["mean_tokens"] = static_cast<double>(held) / static_cast<double>(heads);
+  if (measured_copy_bandwidth > 0) state.counters["fraction_of_copy"] = cache_bytes / median / measured_copy_bandwidth;
+  cudaFree(queries), cudaFree(out), cudaFree(scratch), cudaFree(memory);
+  cudaEventDestroy(start), cudaEventDestroy(stop);
+  cudaStreamDestroy(stream);
+}
+
 }  // namespace
 
 BENCHMARK(device_copy)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
@@ -140,6 +258,33 @@ BENCHMARK(decode_attention)
     ->Args({8, 4096, 32, 32, 128})
     ->Args({8, 4096, 64, 8, 128})
     ->Args({8, 4097, 32, 8, 64})
+    ->Args({8, 9830, 32, 8, 128})
+    ->UseManualTime()
+    ->Iterations(50)
+    ->Unit(benchmark::kMicrosecond);
+
+// Workload W (batch 8, 32 q heads, 8 kv heads, D 128) over paged (pages of 16, scattered) and flat caches.
+// lengths: 0 every head full, 1 every head 30 %, 2 Ada-KV-like 5–90 % (mean 30 %).
+BENCHMARK(ragged_decode<kt::layout::paged>)
+    ->Name("decode_attention_paged")
+    ->ArgNames({"batch", "tokens", "q_heads", "kv_heads", "head_dim", "lengths", "page", "scattered"})
+    ->Args({8, 4096, 32, 8, 128, 0, 16, 1})
+    ->Args({8, 32768, 32, 8, 128, 0, 16, 1})
+    ->Args({8, 32768, 32, 8, 128, 1, 16, 1})
+    ->Args({8, 32768, 32, 8, 128, 2, 16, 1})
+    // the cost of scattered pages: the same pool in order, and pages of 64
+    ->Args({8, 32768, 32, 8, 128, 0, 16, 0})
+    ->Args({8, 32768, 32, 8, 128, 0, 64, 1})
+    ->UseManualTime()
+    ->Iterations(50)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(ragged_decode<kt::layout::flat>)
+    ->Name("decode_attention_flat")
+    ->ArgNames({"batch", "tokens", "q_heads", "kv_heads", "head_dim", "lengths", "page", "scattered"})
+    ->Args({8, 4096, 32, 8, 128, 0, 0, 0})
+    ->Args({8, 32768, 32, 8, 128, 0, 0, 0})
+    ->Args({8, 32768, 32, 8, 128, 1, 0, 0})
+    ->Args({8, 32768, 32, 8, 128, 2, 0, 0})
     ->UseManualTime()
     ->Iterations(50)
     ->Unit(benchmark::kMicrosecond);

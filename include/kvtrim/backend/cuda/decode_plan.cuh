@@ -1,0 +1,301 @@
+// kvtrim/backend/cuda/decode_plan.cuh — what decode attention reads and who
+// reads it: the per-layout row locators and the balanced split-K partition
+// (plan step, partition merge).
+//
+// Addressing (one kernel template over every layout): a `head_rows` for one
+// flattened head head = b·kv_heads + h maps token i to its storage slot,
+//   contiguous  base(b, h) + i·token_stride
+//   paged       indices[indptr[head] + i / page]·page + i % page
+//   flat        offsets[head] + i
+// plus the head's compensation token (RazorAttention): its logical index and
+// logit bias (layout/detail/compensation.hpp), added after the 1/√D scale as
+// the CPU does.
+//
+// Balanced partition (FlashDecoding's split-K, cut by tokens instead of by
+// heads): the heads' tokens are laid end to end on one line of
+// T = Σ_head n_head tokens (prefix[head] = Σ_{head' < head} n_head'), and block p
+// of a fixed grid of P blocks (one wave of the GPU) reads the tokens
+// [p·C, min(T, (p+1)·C)) with C = max(min_chunk, ⌈T / P⌉): every block reads the
+// same number of bytes whatever the heads' lengths, so a ragged cache costs
+// what its bytes cost. A block's range meets one or more heads; each piece
+// (segment) is one online softmax whose state goes to the workspace as a
+// partial (output, log-sum-exp) at index p + head — along the line each
+// segment boundary moves p, head or both forward, so p + head is unique — or,
+// when the segment is the whole head, straight to the output. The merge then
+// combines, per query head, the partials of blocks ⌊prefix[head] / C⌋ ..
+// ⌊(prefix[head+1] − 1) / C⌋ (FlashInfer's plan/run split, with the
+// persistent-partition balance of its "balanced" scheduler).
+//
+// Where the lengths live on the device (paged, flat), a one-block plan kernel
+// scans them (CUB BlockScan) into prefix[], T and C, and for each block its
+// first head — no host synchronisation, so attend stays capturable in a CUDA
+// graph. Contiguous caches have one host-known length n: prefix[head] = head·n
+// is arithmetic and no plan kernel runs.
+#pragma once
+
+#include <cub/block/block_scan.cuh>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+
+#include "kvtrim/backend/cuda/common.cuh"
+#include "kvtrim/layout/contiguous.hpp"
+#include "kvtrim/layout/flat.hpp"
+#include "kvtrim/layout/paged.hpp"
+
+namespace kvtrim::cuda_detail {
+
+// ---- programmatic dependent launch -----------------------------------------
+//
+// plan → attention → merge run back to back on one stream; each later kernel is
+// launched with programmatic stream serialisation (Hopper), so its blocks are
+// scheduled while the earlier kernel drains and wait at griddepcontrol.wait —
+// which returns once the earlier grid has finished and its writes are visible —
+// instead of paying a launch gap. Without the launch attribute (or before sm_90)
+// both instructions are no-ops and stream order alone applies.
+
+/// Waits until the grid this one depends on has completed (its memory visible).
+__device__ __forceinline__ void wait_for_prerequisite_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+/// Lets the next kernel on the stream be scheduled now (it still waits for this grid's completion).
+__device__ __forceinline__ void allow_dependent_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+#endif
+}
+
+/// Launches `kernel` on `stream` as a programmatic dependent of the previous kernel there.
+template <class... Parameters, class... Arguments>
+void launch_dependent(void (*kernel)(Parameters...), dim3 grid, dim3 block, std::size_t shared_bytes,
+                      cudaStream_t stream, std::string_view function, std::string_view name, Arguments&&... arguments) {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  detail::check_cuda(cudaLaunchKernelEx(&config, kernel, std::forward<Arguments>(arguments)...), function,
+                     detail::cat("cudaLaunchKernelEx(", name, ")"));
+}
+
+// ---- addressing -------------------------------------------------------------
+
+/// Token i of a contiguous head: base + i·stride.
+struct strided_rows {
+  std::int64_t base = 0;
+  std::int64_t stride = 1;
+  __device__ __forceinline__ std::int64_t slot(std::int64_t i) const { return base + i * stride; }
+};
+
+/// Token i of a paged head: its page id from the head's page table, then the offset in the page.
+struct paged_rows {
+  const std::int32_t* pages = nullptr;  // indices + indptr[head]
+  std::int64_t page_size = 1;
+  int page_shift = -1;  // log2(page_size) when a power of two (16/32/64: a shift, not a division)
+  __device__ __forceinline__ std::int64_t slot(std::int64_t i) const {
+    if (page_shift >= 0)
+      return (static_cast<std::int64_t>(__ldg(pages + (i >> page_shift))) << page_shift) + (i & (page_size - 1));
+    return static_cast<std::int64_t>(__ldg(pages + i / page_size)) * page_size + i % page_size;
+  }
+};
+
+/// log2(n) for a power of two, else −1 (host side, once per call).
+inline int power_of_two_shift(std::int64_t n) {
+  if (n < 1 || (n & (n - 1)) != 0) return -1;
+  int shift = 0;
+  while ((std::int64_t{1} << shift) < n) ++shift;
+  return shift;
+}
+
+template <class View>
+inline constexpr bool is_contiguous_view = std::is_same_v<typename View::layout_policy, layout::contiguous>;
+template <class View>
+inline constexpr bool is_paged_view = std::is_same_v<typename View::layout_policy, layout::paged>;
+template <class View>
+inline constexpr bool is_flat_view = std::is_same_v<typename View::layout_policy, layout::flat>;
+
+/// The row locator of one flattened head (b·kv_heads + h) of any layout's view.
+template <class View>
+__device__ __forceinline__ auto head_rows(const View& cache, std::int64_t head, int page_shift) {
+  const std::int64_t b = head / cache.shape.kv_heads, h = head % cache.shape.kv_heads;
+  if constexpr (is_contiguous_view<View>) {
+    (void)page_shift;
+    return strided_rows{cache.slot(b, h, 0), cache.map.token_stride};
+  } else if constexpr (is_paged_view<View>) {
+    return paged_rows{cache.indices + cache.indptr[head], cache.page_size, page_shift};
+  } else {
+    static_assert(is_flat_view<View>, "kvtrim: backend::cuda decode attention reads contiguous, paged and flat layouts");
+    (void)page_shift;
+    return strided_rows{cache.offsets[head], 1};
+  }
+}
+
+/// A head's compensation token: its logical index (−1: none) and its logit bias in base 2.
+struct head_bias {
+  std::int64_t index = -1;
+  float bias_log2 = 0.0f;
+  __device__ __forceinline__ float at(std::int64_t token) const { return token == index ? bias_log2 : 0.0f; }
+};
+
+template <class View>
+__device__ __forceinline__ head_bias compensation_of(const View& cache, std::int64_t head) {
+  if constexpr (requires { cache.compensation.index; }) {
+    // ln N → log2 N: the kernels' logits are in base 2 (log2(e)/√D is folded into the query).
+    return {cache.compensation.index[head], cache.compensation.bias[head] * 1.4426950408889634f};
+  } else {
+    (void)cache, (void)head;
+    return {};
+  }
+}
+
+// ---- the partition ----------------------------------------------------------
+
+/// A block never reads fewer tokens than this (below it the merge costs more than it saves).
+inline constexpr std::int64_t decode_min_chunk = 256;
+/// The partition's grid is one wave: multiprocessors × resident blocks, bounded
+/// by this many blocks per multiprocessor (2048 threads / 256) for the workspace's size.
+inline constexpr int decode_max_blocks_per_multiprocessor = 8;
+
+/// The line's length T and block chunk C, written by the plan kernel.
+struct decode_line {
+  std::int64_t total = 0;
+  std::int64_t chunk = decode_min_chunk;
+};
+
+__host__ __device__ inline std::int64_t decode_chunk(std::int64_t total, std::int64_t blocks) {
+  const std::int64_t even = (total + blocks - 1) / blocks;
+  return even > decode_min_chunk ? even : decode_min_chunk;
+}
+
+/// Contiguous: every head holds `length` tokens (host-known), so the line is arithmetic.
+struct uniform_partition {
+  std::int64_t heads = 0;
+  std::int64_t length = 0;  // ≥ 1
+  std::int64_t chunk = decode_min_chunk;
+  __device__ __forceinline__ decode_line line() const { return {heads * length, chunk}; }
+  __device__ __forceinline__ std::int64_t prefix(std::int64_t head) const { return head * length; }
+  __device__ __forceinline__ std::int64_t first_head(std::int64_t block) const { return block * chunk / length; }
+};
+
+/// Paged / flat: the plan kernel's scan of the device-side lengths.
+struct planned_partition {
+  std::int64_t heads = 0;
+  const decode_line* line_ = nullptr;      // [1]
+  const std::int64_t* prefix_ = nullptr;   // [heads + 1]
+  const std::int32_t* first_head_ = nullptr;  // [blocks]: the head holding token p·C (valid while p·C < T)
+  __device__ __forceinline__ decode_line line() const { return *line_; }
+  __device__ __forceinline__ std::int64_t prefix(std::int64_t head) const { return prefix_[head]; }
+  __device__ __forceinline__ std::int64_t first_head(std::int64_t block) const { return first_head_[block]; }
+};
+
+inline constexpr int decode_plan_threads = 256;
+
+/// One block: prefix[] = exclusive scan of the heads' lengths, T, C = max(min_chunk, ⌈T / blocks⌉),
+/// and first_head[p] for every block p whose range starts inside the line.
+template <class View>
+__global__ void __launch_bounds__(decode_plan_threads)
+    plan_decode_partition(const __grid_constant__ View cache, std::int64_t blocks, decode_line* line,
+                          std::int64_t* prefix, std::int32_t* first_head) {
+  allow_dependent_grid();  // the attention kernel's blocks may be scheduled; they wait for this plan
+  using scan = cub::BlockScan<std::int64_t, decode_plan_threads>;
+  __shared__ typename scan::TempStorage scan_storage;
+  __shared__ std::int64_t shared_chunk;
+  const std::int64_t heads = cache.heads();
+  std::int64_t running = 0;  // Σ lengths of the tiles before this one (every thread holds it)
+  for (std::int64_t tile = 0; tile < heads; tile += decode_plan_threads) {
+    const std::int64_t head = tile + threadIdx.x;
+    const std::int64_t length =
+        head < heads ? cache.head_length(head / cache.shape.kv_heads, head % cache.shape.kv_heads) : 0;
+    std::int64_t before = 0, tile_total = 0;
+    scan(scan_storage).ExclusiveSum(length, before, tile_total);
+    if (head < heads) prefix[head] = running + before;
+    running += tile_total;
+    __syncthreads();  // scan_storage is reused by the next tile
+  }
+  if (threadIdx.x == 0) {
+    prefix[heads] = running;
+    const std::int64_t chunk = decode_chunk(running, blocks);
+    *line = {running, chunk};
+    shared_chunk = chunk;
+  }
+  __syncthreads();  // prefix[] (global, this block's writes) and the chunk are visible to the block
+  const std::int64_t chunk = shared_chunk;
+  for (std::int64_t head = threadIdx.x; head < heads; head += decode_plan_threads) {
+    // Blocks whose first token p·C lies in [prefix[head], prefix[head + 1]) start in this head.
+    const std::int64_t first_block = (prefix[head] + chunk - 1) / chunk;
+    const std::int64_t end_block = std::min<std::int64_t>(blocks, (prefix[head + 1] + chunk - 1) / chunk);
+    for (std::int64_t block = first_block; block < end_block; ++block) first_head[block] = static_cast<std::int32_t>(head);
+  }
+}
+
+/// Calls body(head, begin, end, whole, partial_index) for every piece of a
+/// head that this block's range [p·C, min(T, (p+1)·C)) holds, in head order.
+template <class Partition, class Body>
+__device__ __forceinline__ void for_each_segment(const Partition& partition, Body&& body) {
+  const decode_line line = partition.line();
+  const std::int64_t block = blockIdx.x;
+  const std::int64_t start = block * line.chunk;
+  if (start >= line.total) return;
+  const std::int64_t stop = std::min(line.total, start + line.chunk);
+  for (std::int64_t head = partition.first_head(block); head < partition.heads; ++head) {
+    const std::int64_t head_begin = partition.prefix(head);
+    if (head_begin >= stop) break;
+    const std::int64_t head_end = partition.prefix(head + 1);
+    const std::int64_t begin = std::max(start, head_begin) - head_begin;
+    const std::int64_t end = std::min(stop, head_end) - head_begin;
+    if (end <= begin) continue;  // an empty head
+    body(head, begin, end, begin == 0 && end == head_end - head_begin, block + head);
+  }
+}
+
+/// out[b, j] = Σ_s 2^(lse_s − max) o_s / Σ_s 2^(lse_s − max) over the blocks
+/// that read head b·kv_heads + j / Group; heads read by one block were written
+/// by it; empty heads (a budget of 0) get zeros.
+template <int HeadDim, int Group, class Partition, class OutT>
+__global__ void __launch_bounds__(HeadDim)
+    merge_decode_partials(const __grid_constant__ Partition partition, const float* partial_out,
+                          const float* partial_lse, std::int64_t q_heads, std::int64_t kv_heads, OutT* out,
+                          std::int64_t out_batch_stride, std::int64_t out_head_stride) {
+  wait_for_prerequisite_grid();  // the attention kernel's partials
+  const std::int64_t row = blockIdx.x;  // b · q_heads + j
+  const std::int64_t b = row / q_heads, j = row % q_heads;
+  const std::int64_t head = b * kv_heads + j / Group;
+  const int g = static_cast<int>(j % Group);
+  const int d = threadIdx.x;
+  OutT* target = out + b * out_batch_stride + j * out_head_stride + d;
+  const decode_line line = partition.line();
+  const std::int64_t head_begin = partition.prefix(head), head_end = partition.prefix(head + 1);
+  if (head_end <= head_begin) {
+    *target = from_float<OutT>(0.0f);
+    return;
+  }
+  const std::int64_t first = head_begin / line.chunk, last = (head_end - 1) / line.chunk;
+  if (first == last) return;  // one block read the whole head and wrote the output
+  float max_lse = -std::numeric_limits<float>::infinity();
+  for (std::int64_t block = first; block <= last; ++block)
+    max_lse = fmaxf(max_lse, partial_lse[(block + head) * Group + g]);
+  float sum = 0.0f, output = 0.0f;
+  for (std::int64_t block = first; block <= last; ++block) {
+    const std::int64_t index = (block + head) * Group + g;
+    const float lse = partial_lse[index];
+    if (lse == -std::numeric_limits<float>::infinity()) continue;
+    const float weight = exp2f(lse - max_lse);
+    sum += weight;
+    output += weight * partial_out[index * HeadDim + d];
+  }
+  *target = from_float<OutT>(output / sum);
+}
+
+}  // namespace kvtrim::cuda_detail

@@ -1,0 +1,353 @@
+// Decode attention on backend::cuda over every layout (contiguous, paged,
+// flat) against the CPU reference (backend::cpu, the specification).
+//
+// The caches are built on the host with the CPU backend (append / append_head,
+// interleaved across heads so a paged head's pages are scattered through the
+// pool), given compensation tokens by hand, then the cache's whole memory
+// block (storage, page tables / offsets, lengths, compensation and position
+// tables: the views are plain pointers into one block) is copied to the device
+// and the same layout is bound over the copy. Nothing here depends on the CUDA
+// compress / append of paged and flat caches.
+//
+// Empty heads (a budget of 0): the CPU refuses to attend over them; the GPU
+// writes zeros (paged / flat lengths live on the device). The reference for the
+// other heads comes from a second build of the same cache in which each empty
+// head holds one extra token (heads are attended independently).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "common/tensors.hpp"
+#include "cuda/device_memory.cuh"
+
+namespace kt = kvtrim;
+using kt::testing::device_buffer;
+
+namespace {
+
+enum class layout_kind { contiguous, paged, flat };
+
+struct decode_case {
+  layout_kind layout;
+  std::int64_t batch, kv_heads, group, head_dim;
+  std::int64_t page_size;             // paged only
+  std::vector<std::int64_t> lengths;  // [batch · kv_heads] (contiguous: one length, repeated)
+  bool compensation;                  // a compensation token with a logit bias in most heads (paged, flat)
+};
+
+std::string name_of(const decode_case& c) {
+  const char* layout = c.layout == layout_kind::contiguous ? "contiguous" : c.layout == layout_kind::paged ? "paged" : "flat";
+  std::string lengths;
+  for (std::size_t i = 0; i < c.lengths.size() && i < 4; ++i) lengths += kt::detail::cat("_", c.lengths[i]);
+  return kt::detail::cat(layout, "_b", c.batch, "_kv", c.kv_heads, "_g", c.group, "_d", c.head_dim,
+                         c.layout == layout_kind::paged ? kt::detail::cat("_p", c.page_size) : std::string{}, "_n",
+                         lengths, c.compensation ? "_bias" : "");
+}
+
+/// 256-byte aligned host memory for a cache block.
+struct host_block {
+  std::unique_ptr<std::byte[]> raw;
+  void* data = nullptr;
+  explicit host_block(std::size_t bytes) : raw(new std::byte[bytes + 256]) {
+    const auto address = reinterpret_cast<std::uintptr_t>(raw.get());
+    data = raw.get() + ((256 - address % 256) % 256);
+  }
+};
+
+/// The tokens of every head: rows [length, D], normal(0, 1), one seed per head.
+template <class Element>
+struct head_data {
+  std::vector<kt::testing::host_tensor<Element, 2>> keys, values;
+};
+
+template <class Element>
+head_data<Element> make_heads(const decode_case& c, std::int64_t extra) {
+  head_data<Element> data;
+  for (std::size_t head = 0; head < c.lengths.size(); ++head) {
+    const std::int64_t n = std::max<std::int64_t>(c.lengths[head], 0) + extra;
+    data.keys.push_back(kt::testing::random_tensor<Element, 2>({std::max<std::int64_t>(n, 1), c.head_dim}, 100 + 2 * head));
+    data.values.push_back(kt::testing::random_tensor<Element, 2>({std::max<std::int64_t>(n, 1), c.head_dim}, 101 + 2 * head));
+  }
+  return data;
+}
+
+template <class T>
+kt::tensor_view<const T, 2> rows_of(const kt::testing::host_tensor<T, 2>& tensor, std::int64_t first, std::int64_t count) {
+  return {tensor.view.data + first * tensor.view.strides[0], {count, tensor.view.extents[1]}, tensor.view.strides};
+}
+
+/// The compensation entry of a head: index n / 3 and bias ln(1 + 37·(head mod 5)) (0, ln 38, …, ln 149),
+/// none for heads of fewer than 2 tokens and every sixth head.
+std::pair<std::int32_t, float> compensation_for(std::int64_t head, std::int64_t length) {
+  if (length < 2 || head % 6 == 5) return {-1, 0.0f};
+  return {static_cast<std::int32_t>(length / 3), std::log(1.0f + 37.0f * static_cast<float>(head % 5))};
+}
+
+template <class Layout, class Element>
+struct harness {
+  using codec = kt::codec::plain<Element>;
+  using cpu_scheme = kt::scheme<Layout, kt::score::static_window, kt::budget::uniform, codec, kt::backend::cpu>;
+  using host_view = typename Layout::template view<codec, kt::host_space>;
+  using device_view = typename Layout::template view<codec, kt::device_space>;
+
+  const decode_case& c;
+  kt::model_shape shape;
+  std::int64_t heads;
+
+  explicit harness(const decode_case& c_)
+      : c(c_), shape{.q_heads = c_.kv_heads * c_.group, .kv_heads = c_.kv_heads, .head_dim = c_.head_dim},
+        heads(c_.batch * c_.kv_heads) {}
+
+  auto pool(std::int64_t extra) const {
+    if constexpr (std::is_same_v<Layout, kt::layout::paged>) {
+      std::int64_t pages = 1;
+      for (const std::int64_t n : c.lengths) pages += (n + extra + c.page_size - 1) / c.page_size;
+      return kt::layout::paged::pool_size{pages, c.page_size};
+    } else if constexpr (std::is_same_v<Layout, kt::layout::flat>) {
+      return kt::layout::flat::pool_size{std::accumulate(c.lengths.begin(), c.lengths.end(), std::int64_t{0}) +
+                                         heads * (extra + 3)};
+    } else {
+      return c.lengths[0] + extra;  // capacity
+    }
+  }
+
+  /// Builds the cache in `block` through the CPU backend: every head's tokens
+  /// (its length, plus `extra_for_empty` for empty heads), appended in rounds.
+  host_view build(host_block& block, const head_data<Element>& data, std::int64_t extra_for_empty) const {
+    host_view view = host_view::bind(block.data, shape, c.batch, pool(extra_for_empty));
+    if constexpr (std::is_same_v<Layout, kt::layout::contiguous>) {
+      const std::int64_t n = c.lengths[0];
+      auto keys = kt::testing::make_tensor<Element, 4>({c.batch, c.kv_heads, n, c.head_dim});
+      auto values = kt::testing::make_tensor<Element, 4>({c.batch, c.kv_heads, n, c.head_dim});
+      for (std::int64_t head = 0; head < heads; ++head)
+        for (std::int64_t i = 0; i < n; ++i)
+          for (std::int64_t d = 0; d < c.head_dim; ++d) {
+            keys(head / c.kv_heads, head % c.kv_heads, i, d) = data.keys[head](i, d);
+            values(head / c.kv_heads, head % c.kv_heads, i, d) = data.values[head](i, d);
+          }
+      cpu_scheme::append(view, keys.cview(), values.cview());
+    } else {
+      // Rounds of a few pages' worth (not page-aligned) per head, so heads' pages interleave in the pool.
+      const std::int64_t step = std::is_same_v<Layout, kt::layout::paged> ? 3 * c.page_size + 5 : 1000;
+      std::vector<std::int64_t> wanted(c.lengths.size()), done(c.lengths.size(), 0);
+      for (std::size_t head = 0; head < wanted.size(); ++head)
+        wanted[head] = c.lengths[head] > 0 ? c.lengths[head] : extra_for_empty;
+      for (bool more = true; more;) {
+        more = false;
+        for (std::int64_t head = 0; head < heads; ++head) {
+          const std::int64_t count = std::min(step, wanted[head] - done[head]);
+          if (count <= 0) continue;
+          cpu_scheme::append_head(view, head / c.kv_heads, head % c.kv_heads, rows_of(data.keys[head], done[head], count),
+                                  rows_of(data.values[head], done[head], count));
+          done[head] += count;
+          more = true;
+        }
+      }
+      if (c.compensation)
+        for (std::int64_t head = 0; head < heads; ++head) {
+          const auto [index, bias] = compensation_for(head, c.lengths[head]);
+          view.compensation.index[head] = index;
+          view.compensation.bias[head] = bias;
+        }
+    }
+    return view;
+  }
+
+  void run() {
+    const head_data<Element> data = make_heads<Element>(c, 1);
+    auto queries = kt::testing::random_tensor<Element, 3>({c.batch, shape.q_heads, c.head_dim}, 7, 2.0f);
+    const bool any_empty = std::any_of(c.lengths.begin(), c.lengths.end(), [](std::int64_t n) { return n == 0; });
+
+    // The cache the GPU reads, and the CPU's reference (over the same cache, or its twin with the empty heads filled).
+    const std::size_t bytes = host_view::bytes(shape, c.batch, pool(0));
+    host_block block(bytes);
+    const host_view view = build(block, data, 0);
+    std::unique_ptr<host_block> twin_block;
+    host_view reference_view = view;
+    if (any_empty) {
+      twin_block = std::make_unique<host_block>(host_view::bytes(shape, c.batch, pool(1)));
+      reference_view = build(*twin_block, data, 1);
+    }
+    auto cpu_out = kt::testing::make_tensor<float, 3>({c.batch, shape.q_heads, c.head_dim});
+    cpu_scheme::attend(queries.cview(), reference_view, cpu_out.view, {});
+
+    // The same bytes on the device, the same layout bound over them.
+    device_buffer<std::byte> device_block(bytes);
+    kt::testing::check(cudaMemcpy(device_block.data(), block.data, bytes, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
+    std::int64_t host_length = 0;
+    const device_view gpu_view = [&] {
+      if constexpr (std::is_same_v<Layout, kt::layout::contiguous>) {
+        device_view bound = device_view::bind_with_host_length(&host_length, device_block.data(), shape, c.batch, pool(0));
+        host_length = c.lengths[0];
+        return bound;
+      } else {
+        return device_view::bind(device_block.data(), shape, c.batch, pool(0));
+      }
+    }();
+    Layout::check("decode_test", gpu_view);
+
+    kt::testing::device_tensor<Element, 3> device_queries(queries);
+    device_buffer<float> device_out(static_cast<std::size_t>(c.batch * shape.q_heads * c.head_dim));
+    device_out.fill_bytes(0xff);  // NaN: an unwritten output fails
+    using attention = kt::implementation<kt::stage::decode_attention, kt::backend::cuda>;
+    device_buffer<std::byte> scratch(attention::workspace_bytes(gpu_view));
+    cudaStream_t stream = nullptr;
+    ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+    const kt::tensor_view<const Element, 3, kt::device_space> query_view{device_queries.view.data, device_queries.view.extents,
+                                                                        device_queries.view.strides};
+    attention::attend(query_view, gpu_view,
+                      kt::make_view<kt::device_space>(device_out.data(),
+                                                      std::array<std::int64_t, 3>{c.batch, shape.q_heads, c.head_dim}),
+                      {scratch.data(), scratch.size()}, stream);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    cudaStreamDestroy(stream);
+    const std::vector<float> gpu_out = device_out.download();
+
+    // Tolerance, per query head (b, j) over its n tokens, with S = max_i Σ_d |q_d k_id| / √D + |bias_i|
+    // (the largest logit magnitude) and V = max |v_id|. Both backends read the same stored values and
+    // compute in fp32; each lands within the first-order bound of tests/common/tolerance.hpp of the exact
+    // result: logits off by δ ≤ (D + 8)·u·S (the dot product, the scale, log2(e) and the bias's addition),
+    // weights by e^(2δ + 4u) (exp / exp2f within 2 ulp), so |Σ (p̃ − p) v| ≤ (e^(2δ + 4u) − 1)·V for each.
+    // The summations of n weighted values: the worst case (2n + 1)·u·V is ~0.03 at n = 32768, too loose to
+    // catch a misread page (16 of 32768 tokens move the output by ~5e-4·V), so — as the contiguous test —
+    // the random-rounding model (Higham, Accuracy and Stability, §2.8: ~√n·u for independent roundings)
+    // with a margin of 8 on each side: 16·√(n + 1)·u·V, plus 8u·V for the split merges' rescalings.
+    // The tensor-core path (16-bit storage, groups ≥ 4) also rounds each weight to the storage type for
+    // P·V (FlashAttention's choice): |Σ δp·v| / Σ p ≤ u_s·V.
+    const double u = kt::element_traits<float>::unit_roundoff;
+    const double u_s = kt::element_traits<Element>::unit_roundoff;
+    const bool tensor_cores = c.group >= 4;
+    double worst_ratio = 0.0;
+    for (std::int64_t b = 0; b < c.batch; ++b)
+      for (std::int64_t j = 0; j < shape.q_heads; ++j) {
+        const std::int64_t head = b * c.kv_heads + j / c.group;
+        const std::int64_t n = c.lengths[head];
+        for (std::int64_t d = 0; d < c.head_dim; ++d) {
+          const float got = gpu_out[static_cast<std::size_t>((b * shape.q_heads + j) * c.head_dim + d)];
+          if (n == 0) ASSERT_EQ(got, 0.0f) << "empty head " << head << ": output " << j << "," << d << " should be 0";
+        }
+        if (n == 0) continue;
+        double largest_logit = 0.0, largest_value = 0.0;
+        const auto [bias_index, bias] = c.compensation ? compensation_for(head, n) : std::pair<std::int32_t, float>{-1, 0.0f};
+        for (std::int64_t i = 0; i < n; ++i) {
+          double magnitude = 0.0;
+          for (std::int64_t d = 0; d < c.head_dim; ++d) {
+            magnitude += std::abs(static_cast<double>(kt::to_float(queries(b, j, d))) *
+                                  static_cast<double>(kt::to_float(data.keys[head](i, d))));
+            largest_value = std::max(largest_value, std::abs(static_cast<double>(kt::to_float(data.values[head](i, d)))));
+          }
+          largest_logit = std::max(largest_logit, magnitude / std::sqrt(static_cast<double>(c.head_dim)) +
+                                                      (i == bias_index ? std::abs(bias) : 0.0));
+        }
+        const double logit_error = (static_cast<double>(c.head_dim) + 8.0) * u * largest_logit;
+        const double tolerance = 2.0 * std::expm1(2.0 * logit_error + 4.0 * u) * largest_value +
+                                 (16.0 * std::sqrt(static_cast<double>(n) + 1.0) + 8.0) * u * largest_value +
+                                 (tensor_cores ? u_s * largest_value : 0.0);
+        for (std::int64_t d = 0; d < c.head_dim; ++d) {
+          const float got = gpu_out[static_cast<std::size_t>((b * shape.q_heads + j) * c.head_dim + d)];
+          ASSERT_FALSE(std::isnan(got)) << "unwritten or NaN output at " << b << "," << j << "," << d;
+          const double error = std::abs(static_cast<double>(got) - cpu_out.view(b, j, d));
+          worst_ratio = std::max(worst_ratio, error / tolerance);
+          ASSERT_LE(error, tolerance) << "|cuda − cpu| at sequence " << b << ", q head " << j << ", dim " << d
+                                      << " (head of " << n << " tokens)";
+        }
+      }
+    ::testing::Test::RecordProperty("worst_error_over_tolerance", std::to_string(worst_ratio));
+  }
+};
+
+template <class Element>
+void run_case(const decode_case& c) {
+  SCOPED_TRACE(name_of(c));
+  switch (c.layout) {
+    case layout_kind::contiguous: harness<kt::layout::contiguous, Element>(c).run(); break;
+    case layout_kind::paged: harness<kt::layout::paged, Element>(c).run(); break;
+    case layout_kind::flat: harness<kt::layout::flat, Element>(c).run(); break;
+  }
+}
+
+class DecodeAttention : public ::testing::TestWithParam<decode_case> {};
+
+TEST_P(DecodeAttention, MatchesCpuReferenceFp16) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  run_case<kt::half>(GetParam());
+}
+TEST_P(DecodeAttention, MatchesCpuReferenceBf16) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  run_case<kt::bfloat16>(GetParam());
+}
+
+using L = layout_kind;
+INSTANTIATE_TEST_SUITE_P(
+    AwkwardLengths, DecodeAttention,
+    ::testing::Values(
+        // lengths 0, 1, 17, 4097 and mixed in one batch, with compensation tokens; GQA 4 (tensor cores)
+        decode_case{L::paged, 2, 4, 4, 128, 16, {0, 1, 17, 4097, 300, 3001, 31, 5}, true},
+        decode_case{L::flat, 2, 4, 4, 128, 0, {0, 1, 17, 4097, 300, 3001, 31, 5}, true},
+        // heads of one sequence 10× apart; one 32768-token head; GQA 1, pages of 32
+        decode_case{L::paged, 1, 2, 1, 64, 32, {32768, 3277}, true},
+        decode_case{L::flat, 2, 2, 2, 128, 0, {32768, 3277, 1, 0}, true},
+        // D 256, pages of 64, GQA 2 (CUDA cores)
+        decode_case{L::paged, 3, 2, 2, 256, 64, {17, 1000, 0, 64, 65, 129}, true},
+        // GQA 8 and 16 (tensor cores, 16 rows filled), D 64 / 256
+        decode_case{L::flat, 2, 2, 8, 64, 0, {10000, 1000, 1, 4097}, true},
+        decode_case{L::paged, 1, 2, 16, 256, 16, {4097, 409}, true},
+        decode_case{L::flat, 1, 1, 16, 128, 0, {32768}, false},
+        decode_case{L::paged, 2, 1, 16, 64, 64, {1, 2000}, true},
+        // contiguous: one length for every head, through the same kernels
+        decode_case{L::contiguous, 2, 2, 16, 128, 0, {4097, 4097, 4097, 4097}, false},
+        decode_case{L::contiguous, 1, 4, 1, 256, 0, {17, 17, 17, 17}, false},
+        decode_case{L::contiguous, 3, 1, 8, 64, 0, {1, 1, 1}, false},
+        // small caches cut across several blocks (the partition's 256-token minimum): blocks that read
+        // pieces of two heads, and the merge (the sanitizer runs take these)
+        decode_case{L::paged, 2, 2, 4, 64, 16, {300, 0, 33, 700}, true},
+        decode_case{L::flat, 1, 2, 2, 128, 0, {600, 70}, true},
+        decode_case{L::paged, 1, 2, 16, 128, 32, {513, 200}, true}),
+    [](const ::testing::TestParamInfo<decode_case>& info) {
+      return kt::detail::cat(name_of(info.param), "_", info.index);
+    });
+
+TEST(DecodeAttentionErrors, UnsupportedGroupNamesTheArgument) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  using view_type = kt::layout::flat::view<kt::codec::fp16, kt::device_space>;
+  const kt::model_shape shape{.q_heads = 6, .kv_heads = 2, .head_dim = 64};
+  device_buffer<std::byte> memory(view_type::bytes(shape, 1, {64}));
+  const view_type view = view_type::bind(memory.data(), shape, 1, {64});
+  device_buffer<kt::half> queries(6 * 64), out(6 * 64);
+  const std::array<std::int64_t, 3> extents{1, 6, 64};
+  using attention = kt::implementation<kt::stage::decode_attention, kt::backend::cuda>;
+  EXPECT_EQ(attention::workspace_bytes(view), 0u);
+  try {
+    attention::attend(kt::make_view<kt::device_space>(static_cast<const kt::half*>(queries.data()), extents), view,
+                      kt::make_view<kt::device_space>(out.data(), extents), {}, nullptr);
+    FAIL() << "expected kvtrim::error";
+  } catch (const kt::error& e) {
+    EXPECT_NE(std::string(e.what()).find("group size"), std::string::npos) << e.what();
+  }
+}
+
+TEST(DecodeAttentionErrors, Fp32StorageAtGroupSixteenIsRefused) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  using view_type = kt::layout::paged::view<kt::codec::fp32, kt::device_space>;
+  const kt::model_shape shape{.q_heads = 16, .kv_heads = 1, .head_dim = 64};
+  device_buffer<std::byte> memory(view_type::bytes(shape, 1, {4, 16}));
+  const view_type view = view_type::bind(memory.data(), shape, 1, {4, 16});
+  device_buffer<float> queries(16 * 64), out(16 * 64);
+  const std::array<std::int64_t, 3> extents{1, 16, 64};
+  using attention = kt::implementation<kt::stage::decode_attention, kt::backend::cuda>;
+  device_buffer<std::byte> scratch(attention::workspace_bytes(view));
+  try {
+    attention::attend(kt::make_view<kt::device_space>(static_cast<const float*>(queries.data()), extents), view,
+                      kt::make_view<kt::device_space>(out.data(), extents), {scratch.data(), scratch.size()}, nullptr);
+    FAIL() << "expected kvtrim::error";
+  } catch (const kt::error& e) {
+    EXPECT_NE(std::string(e.what()).find("cache.codec"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
