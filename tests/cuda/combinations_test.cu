@@ -1,0 +1,278 @@
+// Whole schemes on backend::cuda against the same schemes on backend::cpu, across
+// scorer × budget × layout (codec::fp16): compress with the kept-index output,
+// then decode attention over the compressed cache. The per-policy suites
+// (scorers_test, budgets_test, layouts_test, decode_test) test each stage; this
+// file tests that they compose — the defects of the past were in combinations
+// nobody ran (a budget's counts on a layout that pages, a scorer's window in a
+// ragged cache, a compensation row through a flat repack).
+//
+// What must hold:
+//   - Scores that are the same bits on both backends (score::external — the
+//     caller's scores; retrieval_head and static windows — integers): the kept
+//     CSR is identical, token for token.
+//   - SnapKV / key norm (fp32 sums in another order on the device: the scores
+//     differ in the last bits, see scorers_test): every head keeps the same
+//     number of tokens where the budget's counts do not depend on near-ties
+//     (uniform, pyramid, per_head), the per-sequence total always (Ada-KV's exact
+//     totals), and at least 99% of the kept tokens agree (a token flips only when
+//     its score is within a few ulps of the threshold).
+//   - Decode attention over the two caches agrees within 2e-3·max|v|: the device
+//     rounds its fp16 output (≤ 2^-11·|o| ≤ 4.9e-4·max|v|) and, on the
+//     tensor-core path, the probabilities to fp16 before P·V (≤ 2^-11 relative,
+//     again ≤ 4.9e-4·max|v|); fp32 summation order adds ~1e-6. A row stored in the
+//     wrong slot or a token missing moves the output by O(max|v| / kept).
+//     (Only where the kept sets are identical: elsewhere the caches differ by design.)
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <set>
+#include <vector>
+
+#include "cuda/device_memory.cuh"
+
+namespace kt = kvtrim;
+using kt::testing::device_buffer;
+
+namespace {
+
+constexpr std::int64_t batch = 2, kv_heads = 4, q_heads = 16, head_dim = 128, tokens = 257, window = 16;
+const kt::model_shape shape{.q_heads = q_heads, .kv_heads = kv_heads, .head_dim = head_dim};
+
+struct inputs {
+  std::vector<kt::half> keys, values, queries, decode_queries;
+  std::vector<float> scores;  // for score::external: [batch, kv_heads, tokens]
+  explicit inputs(unsigned seed) {
+    std::mt19937 random(seed);
+    std::normal_distribution<float> normal;
+    const auto fill = [&](std::vector<kt::half>& v, std::size_t n, float scale) {
+      v.resize(n);
+      for (auto& x : v) x = kt::from_float<kt::half>(scale * normal(random));
+    };
+    fill(keys, batch * kv_heads * tokens * head_dim, 1.0f);
+    fill(values, batch * kv_heads * tokens * head_dim, 1.0f);
+    fill(queries, batch * q_heads * window * head_dim, 1.0f);
+    fill(decode_queries, batch * q_heads * head_dim, 1.0f);
+    scores.resize(batch * kv_heads * tokens);
+    // Skewed per head (so Ada-KV moves budget between heads), quantised (ties).
+    for (std::size_t i = 0; i < scores.size(); ++i) {
+      const auto head = static_cast<int>(i / tokens % kv_heads);
+      scores[i] = std::round(8.0f * std::exp(normal(random) * (0.5f + 0.5f * static_cast<float>(head)))) / 8.0f;
+    }
+  }
+};
+
+template <class Layout>
+auto pool() {
+  if constexpr (std::is_same_v<Layout, kt::layout::paged>)
+    return kt::layout::paged::pool_size{batch * kv_heads * ((tokens + 15) / 16) + 8, 16};
+  else if constexpr (std::is_same_v<Layout, kt::layout::flat>)
+    return kt::layout::flat::pool_size{2 * batch * kv_heads * tokens};
+  else
+    return tokens;
+}
+
+struct kept_sets {
+  std::vector<std::int64_t> offsets;
+  std::vector<std::int32_t> tokens;
+  std::vector<kt::half> out;
+};
+
+/// compress + attend with scheme Scheme on its backend; returns the selection and the output.
+template <class Scheme>
+kept_sets run(const inputs& in, typename Scheme::config cfg, const std::vector<float>* device_scores_host) {
+  constexpr bool on_gpu = std::is_same_v<typename Scheme::backend, kt::backend::cuda>;
+  constexpr bool external = std::is_same_v<typename Scheme::scorer, kt::score::external>;
+  using space = std::conditional_t<on_gpu, kt::device_space, kt::host_space>;
+  const std::int64_t heads = batch * kv_heads;
+  const std::int64_t capacity = Scheme::kept_tokens_capacity(shape, batch, tokens, cfg);
+  const std::array<std::int64_t, 4> kv_extents{batch, kv_heads, tokens, head_dim};
+  const std::array<std::int64_t, 4> q_extents{batch, q_heads, window, head_dim};
+  const std::array<std::int64_t, 3> decode_extents{batch, q_heads, head_dim};
+  const std::array<std::int64_t, 3> score_extents{batch, kv_heads, tokens};
+  kept_sets result;
+  result.offsets.resize(static_cast<std::size_t>(heads + 1));
+  result.tokens.resize(static_cast<std::size_t>(capacity));
+  result.out.resize(in.decode_queries.size());
+  auto cache = Scheme::make_cache(shape, batch, pool<typename Scheme::layout>(), kt::codec::fp16::config{});
+  if constexpr (on_gpu) {
+    device_buffer<kt::half> keys(in.keys), values(in.values), queries(in.queries), decode(in.decode_queries),
+        out(in.decode_queries.size());
+    device_buffer<float> scores(device_scores_host ? *device_scores_host : std::vector<float>(1));
+    if constexpr (external)
+      cfg.score = kt::score::external::config::from(
+          kt::make_view<kt::device_space>(static_cast<const float*>(scores.data()), score_extents));
+    device_buffer<std::int64_t> offsets(result.offsets.size());
+    device_buffer<std::int32_t> kept(result.tokens.size());
+    device_buffer<std::byte> scratch(Scheme::compress_workspace(shape, batch, tokens, cfg));
+    kt::compress_options<space> options{0, offsets.data(), kept.data(), capacity};
+    auto view = cache.view();
+    Scheme::compress(kt::make_view<space>(static_cast<const kt::half*>(keys.data()), kv_extents),
+                     kt::make_view<space>(static_cast<const kt::half*>(values.data()), kv_extents),
+                     kt::make_view<space>(static_cast<const kt::half*>(queries.data()), q_extents), view, cfg, options,
+                     kt::workspace{scratch.data(), scratch.size()}, cudaStream_t{});
+    if constexpr (Scheme::layout::ragged_heads) kt::check_status(view, cudaStream_t{});
+    device_buffer<std::byte> attend_scratch(Scheme::attend_workspace(view));
+    Scheme::attend(kt::make_view<space>(static_cast<const kt::half*>(decode.data()), decode_extents), view,
+                   kt::make_view<space>(out.data(), decode_extents),
+                   kt::workspace{attend_scratch.data(), attend_scratch.size()}, cudaStream_t{});
+    kt::testing::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    result.offsets = offsets.download();
+    result.tokens = kept.download();
+    result.out = out.download();
+  } else {
+    if constexpr (external)
+      cfg.score = kt::score::external::config::from(
+          kt::make_view(static_cast<const float*>(device_scores_host->data()), score_extents));
+    std::vector<std::byte> scratch(Scheme::compress_workspace(shape, batch, tokens, cfg));
+    kt::compress_options<space> options{0, result.offsets.data(), result.tokens.data(), capacity};
+    auto view = cache.view();
+    Scheme::compress(kt::make_view(in.keys.data(), kv_extents), kt::make_view(in.values.data(), kv_extents),
+                     kt::make_view(in.queries.data(), q_extents), view, cfg, options,
+                     kt::workspace{scratch.data(), scratch.size()});
+    std::vector<std::byte> attend_scratch(Scheme::attend_workspace(view));
+    Scheme::attend(kt::make_view(in.decode_queries.data(), decode_extents), view,
+                   kt::make_view(result.out.data(), decode_extents),
+                   kt::workspace{attend_scratch.data(), attend_scratch.size()});
+  }
+  result.tokens.resize(static_cast<std::size_t>(result.offsets.back()));
+  return result;
+}
+
+std::set<std::pair<std::int64_t, std::int32_t>> as_set(const kept_sets& k) {
+  std::set<std::pair<std::int64_t, std::int32_t>> s;
+  for (std::size_t h = 0; h + 1 < k.offsets.size(); ++h)
+    for (auto i = k.offsets[h]; i < k.offsets[h + 1]; ++i) s.emplace(static_cast<std::int64_t>(h), k.tokens[static_cast<std::size_t>(i)]);
+  return s;
+}
+
+enum class agreement { exact, near_ties };
+
+template <class Layout, class Scorer, class Budget>
+void check_combination(typename kt::scheme<Layout, Scorer, Budget, kt::codec::fp16, kt::backend::cpu>::config cfg,
+                       agreement expected, bool counts_exact) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  using cpu_scheme = kt::scheme<Layout, Scorer, Budget, kt::codec::fp16, kt::backend::cpu>;
+  using gpu_scheme = kt::scheme<Layout, Scorer, Budget, kt::codec::fp16, kt::backend::cuda>;
+  const inputs in(1234);
+  const bool external = std::is_same_v<Scorer, kt::score::external>;
+  const auto cpu = run<cpu_scheme>(in, cfg, external ? &in.scores : nullptr);
+  typename gpu_scheme::config gpu_cfg;
+  gpu_cfg.score = cfg.score;
+  gpu_cfg.budget = cfg.budget;
+  const auto gpu = run<gpu_scheme>(in, gpu_cfg, external ? &in.scores : nullptr);
+
+  ASSERT_EQ(cpu.offsets.size(), gpu.offsets.size());
+  for (std::int64_t b = 0; b < batch; ++b)  // per-sequence totals: always
+    EXPECT_EQ(cpu.offsets[(b + 1) * kv_heads] - cpu.offsets[b * kv_heads],
+              gpu.offsets[(b + 1) * kv_heads] - gpu.offsets[b * kv_heads])
+        << "sequence " << b;
+  if (counts_exact) EXPECT_EQ(cpu.offsets, gpu.offsets) << "per-head keep counts";
+  const auto cpu_set = as_set(cpu), gpu_set = as_set(gpu);
+  if (expected == agreement::exact) {
+    EXPECT_EQ(cpu.tokens, gpu.tokens) << "kept tokens";
+  } else {
+    std::size_t common = 0;
+    for (const auto& t : cpu_set) common += gpu_set.count(t);
+    EXPECT_GE(static_cast<double>(common), 0.99 * static_cast<double>(cpu_set.size()))
+        << common << " of " << cpu_set.size() << " kept tokens agree";
+  }
+  if (cpu_set == gpu_set) {
+    float max_value = 0.0f;
+    for (const auto v : in.values) max_value = std::max(max_value, std::abs(kt::to_float(v)));
+    const float bound = 2e-3f * max_value;
+    for (std::size_t i = 0; i < cpu.out.size(); ++i)
+      ASSERT_NEAR(kt::to_float(gpu.out[i]), kt::to_float(cpu.out[i]), bound) << "output element " << i;
+  }
+}
+
+kt::budget::adaptive::config adaptive_budget() {
+  kt::budget::adaptive::config c;
+  c.keep = kt::keep_tokens{77};
+  return c;
+}
+kt::budget::uniform::config uniform_budget() {
+  kt::budget::uniform::config c;
+  c.keep = kt::keep_tokens{77};
+  return c;
+}
+kt::budget::pyramid::config pyramid_budget() {
+  kt::budget::pyramid::config c;
+  c.keep = kt::keep_tokens{77};
+  c.layer = 3;
+  c.layers = 8;
+  return c;
+}
+kt::budget::per_head::config per_head_budget() {
+  kt::budget::per_head::config c;
+  c.lengths = {1, 257, 31, 100};  // a length is at least 1 (the budget refuses 0)
+  c.kv_heads = kv_heads;
+  return c;
+}
+kt::score::snapkv::config snapkv_score() {
+  kt::score::snapkv::config c;
+  c.window = window;
+  return c;
+}
+
+template <class Layout, class Scorer, class Budget, class ScoreConfig, class BudgetConfig>
+void combination(ScoreConfig score, BudgetConfig budget, agreement expected, bool counts_exact) {
+  typename kt::scheme<Layout, Scorer, Budget, kt::codec::fp16, kt::backend::cpu>::config cfg;
+  cfg.score = score;
+  cfg.budget = budget;
+  check_combination<Layout, Scorer, Budget>(cfg, expected, counts_exact);
+}
+
+}  // namespace
+
+// Budgets × layouts with the caller's scores: identical selections, token for token.
+TEST(Combinations, ExternalAdaptiveFlat) {
+  combination<kt::layout::flat, kt::score::external, kt::budget::adaptive>(kt::score::external::config{}, adaptive_budget(),
+                                                                           agreement::exact, true);
+}
+TEST(Combinations, ExternalAdaptivePaged) {
+  combination<kt::layout::paged, kt::score::external, kt::budget::adaptive>(kt::score::external::config{}, adaptive_budget(),
+                                                                            agreement::exact, true);
+}
+TEST(Combinations, ExternalPyramidPaged) {
+  combination<kt::layout::paged, kt::score::external, kt::budget::pyramid>(kt::score::external::config{}, pyramid_budget(),
+                                                                           agreement::exact, true);
+}
+TEST(Combinations, ExternalPerHeadFlat) {
+  combination<kt::layout::flat, kt::score::external, kt::budget::per_head>(kt::score::external::config{}, per_head_budget(),
+                                                                           agreement::exact, true);
+}
+TEST(Combinations, ExternalUniformContiguous) {
+  combination<kt::layout::contiguous, kt::score::external, kt::budget::uniform>(kt::score::external::config{},
+                                                                                uniform_budget(), agreement::exact, true);
+}
+// RazorAttention: retrieval heads whole, the others sinks + recent + a compensation token.
+TEST(Combinations, RazorAttentionFlatAndPaged) {
+  kt::score::retrieval_head::config razor;
+  razor.retrieval = {false, true, false, false};
+  razor.sinks = 4;
+  razor.min_recent = 32;
+  razor.recent_fraction = 0.1;
+  combination<kt::layout::flat, kt::score::retrieval_head, kt::budget::by_scorer>(razor, kt::budget::by_scorer::config{},
+                                                                                 agreement::exact, true);
+  combination<kt::layout::paged, kt::score::retrieval_head, kt::budget::by_scorer>(razor, kt::budget::by_scorer::config{},
+                                                                                  agreement::exact, true);
+}
+// Ada-SnapKV on flat and paged (the seed system), SnapKV + uniform on paged, key norm + pyramid.
+TEST(Combinations, SnapKVAdaptiveFlat) {
+  combination<kt::layout::flat, kt::score::snapkv, kt::budget::adaptive>(snapkv_score(), adaptive_budget(),
+                                                                         agreement::near_ties, false);
+}
+TEST(Combinations, SnapKVAdaptivePaged) {
+  combination<kt::layout::paged, kt::score::snapkv, kt::budget::adaptive>(snapkv_score(), adaptive_budget(),
+                                                                          agreement::near_ties, false);
+}
+TEST(Combinations, SnapKVUniformPaged) {
+  combination<kt::layout::paged, kt::score::snapkv, kt::budget::uniform>(snapkv_score(), uniform_budget(),
+                                                                         agreement::near_ties, true);
+}
+TEST(Combinations, KeyNormPyramidFlat) {
+  combination<kt::layout::flat, kt::score::key_norm, kt::budget::pyramid>(kt::score::key_norm::config{}, pyramid_budget(),
+                                                                          agreement::near_ties, true);
+}
