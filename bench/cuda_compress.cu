@@ -21,6 +21,8 @@
 
 #include <benchmark/benchmark.h>
 
+#include "cuda_common.cuh"
+
 #include <cub/device/device_segmented_sort.cuh>
 #include <cub/device/device_select.cuh>
 
@@ -30,15 +32,12 @@
 #include <vector>
 
 namespace kt = kvtrim;
+using kvtrim_bench::check;
+using kvtrim_bench::device_copy;
+using kvtrim_bench::l2_flusher;
+using kvtrim_bench::measured_copy_bandwidth;
 
 namespace {
-
-void check(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(status));
-    std::exit(1);
-  }
-}
 
 __device__ std::uint32_t hash(std::uint64_t i, std::uint32_t seed) {
   std::uint32_t x = static_cast<std::uint32_t>(i) * 2654435761u ^ seed ^ static_cast<std::uint32_t>(i >> 32);
@@ -64,16 +63,6 @@ __global__ void fill_scores(float* scores, std::int64_t heads, std::int64_t kv_h
     scores[i] = token >= tokens - 64 ? INFINITY : -logf(u) * exp2f(static_cast<float>(h));
   }
 }
-
-struct l2_flusher {
-  void* buffer = nullptr;
-  std::size_t bytes = 256u << 20;
-  l2_flusher() { check(cudaMalloc(&buffer, bytes), "cudaMalloc(flush)"); }
-  ~l2_flusher() { cudaFree(buffer); }
-  void flush(cudaStream_t stream) { check(cudaMemsetAsync(buffer, 0, bytes, stream), "cudaMemsetAsync(flush)"); }
-};
-
-double measured_copy_bandwidth = 0.0;  // bytes/s, read + write
 
 /// Times `call` with events (L2 flushed first), fills the state's counters with
 /// the median and `bytes` / median against the copy bandwidth.
@@ -101,33 +90,6 @@ void time_calls(benchmark::State& state, double bytes, cudaStream_t stream, cons
   state.counters["median_us"] = median * 1e6;
   state.counters["min_bytes_TBps"] = bytes / median / 1e12;
   if (measured_copy_bandwidth > 0) state.counters["fraction_of_copy"] = bytes / median / measured_copy_bandwidth;
-  cudaEventDestroy(start), cudaEventDestroy(stop);
-}
-
-void device_copy(benchmark::State& state) {
-  const std::size_t bytes = std::size_t{1} << 30;
-  void *source = nullptr, *target = nullptr;
-  check(cudaMalloc(&source, bytes), "cudaMalloc");
-  check(cudaMalloc(&target, bytes), "cudaMalloc");
-  check(cudaMemset(source, 1, bytes), "cudaMemset");
-  cudaEvent_t start, stop;
-  cudaEventCreate(&start), cudaEventCreate(&stop);
-  std::vector<double> seconds;
-  for (auto _ : state) {
-    cudaEventRecord(start);
-    check(cudaMemcpyAsync(target, source, bytes, cudaMemcpyDeviceToDevice), "cudaMemcpyAsync");
-    cudaEventRecord(stop);
-    cudaEventSynchronize(stop);
-    float milliseconds = 0;
-    cudaEventElapsedTime(&milliseconds, start, stop);
-    state.SetIterationTime(milliseconds / 1e3);
-    seconds.push_back(milliseconds / 1e3);
-  }
-  std::sort(seconds.begin(), seconds.end());
-  measured_copy_bandwidth = 2.0 * static_cast<double>(bytes) / seconds[seconds.size() / 2];
-  state.SetBytesProcessed(static_cast<std::int64_t>(2 * bytes) * state.iterations());
-  state.counters["copy_TBps"] = measured_copy_bandwidth / 1e12;
-  cudaFree(source), cudaFree(target);
   cudaEventDestroy(start), cudaEventDestroy(stop);
 }
 

@@ -15,6 +15,8 @@
 
 #include <benchmark/benchmark.h>
 
+#include "cuda_common.cuh"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -23,15 +25,12 @@
 #include <vector>
 
 namespace kt = kvtrim;
+using kvtrim_bench::check;
+using kvtrim_bench::device_copy;
+using kvtrim_bench::l2_flusher;
+using kvtrim_bench::measured_copy_bandwidth;
 
 namespace {
-
-void check(cudaError_t status, const char* what) {
-  if (status != cudaSuccess) {
-    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(status));
-    std::exit(1);
-  }
-}
 
 /// Deterministic pseudo-random fill (a hash of the index), values in [-1, 1).
 __global__ void fill_random(__half* data, std::int64_t count, std::uint32_t seed) {
@@ -41,43 +40,6 @@ __global__ void fill_random(__half* data, std::int64_t count, std::uint32_t seed
     x ^= x >> 15, x *= 2246822519u, x ^= x >> 13, x *= 3266489917u, x ^= x >> 16;
     data[i] = __float2half(static_cast<float>(x & 0xffff) / 32768.0f - 1.0f);
   }
-}
-
-struct l2_flusher {
-  void* buffer = nullptr;
-  std::size_t bytes = 256u << 20;
-  l2_flusher() { check(cudaMalloc(&buffer, bytes), "cudaMalloc(flush)"); }
-  ~l2_flusher() { cudaFree(buffer); }
-  void flush(cudaStream_t stream) { check(cudaMemsetAsync(buffer, 0, bytes, stream), "cudaMemsetAsync(flush)"); }
-};
-
-double measured_copy_bandwidth = 0.0;  // bytes/s, read + write
-
-void device_copy(benchmark::State& state) {
-  const std::size_t bytes = std::size_t{1} << 30;
-  void *source = nullptr, *target = nullptr;
-  check(cudaMalloc(&source, bytes), "cudaMalloc");
-  check(cudaMalloc(&target, bytes), "cudaMalloc");
-  check(cudaMemset(source, 1, bytes), "cudaMemset");
-  cudaEvent_t start, stop;
-  cudaEventCreate(&start), cudaEventCreate(&stop);
-  std::vector<double> seconds;
-  for (auto _ : state) {
-    cudaEventRecord(start);
-    check(cudaMemcpyAsync(target, source, bytes, cudaMemcpyDeviceToDevice), "cudaMemcpyAsync");
-    cudaEventRecord(stop);
-    cudaEventSynchronize(stop);
-    float milliseconds = 0;
-    cudaEventElapsedTime(&milliseconds, start, stop);
-    state.SetIterationTime(milliseconds / 1e3);
-    seconds.push_back(milliseconds / 1e3);
-  }
-  std::sort(seconds.begin(), seconds.end());
-  measured_copy_bandwidth = 2.0 * static_cast<double>(bytes) / seconds[seconds.size() / 2];
-  state.SetBytesProcessed(static_cast<std::int64_t>(2 * bytes) * state.iterations());
-  state.counters["copy_TBps"] = measured_copy_bandwidth / 1e12;
-  cudaFree(source), cudaFree(target);
-  cudaEventDestroy(start), cudaEventDestroy(stop);
 }
 
 void decode_attention(benchmark::State& state) {

@@ -33,7 +33,7 @@
 // fall to its protected tokens). keep = 1024 tokens per head on average.
 // Errors: a head whose protected tokens exceed k (paper form) — the budget cannot
 // keep them all.
-// Backends: cpu.
+// Backends: cpu, cuda.
 #pragma once
 
 #include <algorithm>

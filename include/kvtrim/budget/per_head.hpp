@@ -7,7 +7,7 @@
 //
 // Math: head h of layer l keeps min(T, lengths[l·kv_heads + h]) tokens.
 // Defaults: none — the lengths are the policy.
-// Backends: cpu.
+// Backends: cpu, cuda.
 #pragma once
 
 #include <algorithm>

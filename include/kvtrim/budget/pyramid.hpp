@@ -24,7 +24,7 @@
 //
 // Defaults: β = 20 (PyramidKV, Ada-KV and kvpress); window 0 (set it to the
 // scorer's observation window, e.g. 64 for score::snapkv's default).
-// Backends: cpu.
+// Backends: cpu, cuda.
 #pragma once
 
 #include <cmath>
