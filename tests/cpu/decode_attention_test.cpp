@@ -4,10 +4,16 @@
 // outputs. Tolerances: tests/common/tolerance.hpp.
 #include <gtest/gtest.h>
 
+#include <kvtrim/kvtrim.hpp>
+
+#include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <random>
 #include <string>
+#include <vector>
 
 #include "common/oracle.hpp"
 #include "common/streaming.hpp"
@@ -210,3 +216,72 @@ TEST(DecodeAttentionValues, ToleranceCatchesOneMissingToken) {
 }
 
 }  // namespace
+
+// ---- the AVX2/FMA/F16C loops of decode attention (backend/cpu/detail/x86.hpp) ----------
+#if KVTRIM_X86_DISPATCH
+TEST(DecodeAttentionX86, HalfAndBfloatConversionMatchThePortableOnesForEveryBitPattern) {
+  if (!kvtrim::detail::x86::has_avx2_fma_f16c()) GTEST_SKIP() << "this CPU lacks AVX2/FMA/F16C";
+  std::vector<std::uint16_t> all(65536);
+  for (std::uint32_t i = 0; i < 65536; ++i) all[i] = static_cast<std::uint16_t>(i);
+  std::vector<float> portable(all.size()), vectorised(all.size());
+  // Lengths that are not multiples of 8 exercise the tails; offsets the unaligned loads.
+  for (const std::int64_t length : {std::int64_t{65536}, std::int64_t{65533}, std::int64_t{7}, std::int64_t{1}}) {
+    const std::int64_t offset = 65536 - length;
+    kvtrim::detail::half_row_to_float(reinterpret_cast<const kvtrim::half*>(all.data()) + offset, portable.data(), length);
+    kvtrim::detail::x86::half_to_float(all.data() + offset, vectorised.data(), length);
+    for (std::int64_t i = 0; i < length; ++i) {
+      if (std::isnan(portable[i]))  // vcvtph2ps quiets signalling NaNs; NaN never reaches a cache (scheme checks)
+        ASSERT_TRUE(std::isnan(vectorised[i])) << "half bits " << offset + i;
+      else
+        ASSERT_EQ(std::bit_cast<std::uint32_t>(portable[i]), std::bit_cast<std::uint32_t>(vectorised[i]))
+            << "half bits " << offset + i << ", length " << length;
+    }
+    kvtrim::detail::row_to_float(reinterpret_cast<const kvtrim::bfloat16*>(all.data()) + offset, portable.data(), length);
+    kvtrim::detail::x86::bfloat16_to_float(all.data() + offset, vectorised.data(), length);
+    for (std::int64_t i = 0; i < length; ++i)
+      ASSERT_EQ(std::bit_cast<std::uint32_t>(portable[i]), std::bit_cast<std::uint32_t>(vectorised[i]))
+          << "bf16 bits " << offset + i;
+  }
+}
+
+// dot_rows and accumulate_rows against double sums. Bound: a sum of n products in
+// fp32 (any order, with or without FMA) is within n·u·Σ|a_i b_i| of the exact
+// value (u = 2^-24; Jeannerod & Rump 2013, valid for any order of evaluation), so |got − exact| ≤
+// n·2^-24·Σ|terms| — the same bound the portable loops satisfy.
+TEST(DecodeAttentionX86, DotAndAccumulateWithinTheSummationBound) {
+  if (!kvtrim::detail::x86::has_avx2_fma_f16c()) GTEST_SKIP() << "this CPU lacks AVX2/FMA/F16C";
+  std::mt19937 random(11);
+  std::normal_distribution<float> normal;
+  for (const std::int64_t dim : {std::int64_t{1}, std::int64_t{7}, std::int64_t{8}, std::int64_t{24},
+                                 std::int64_t{100}, std::int64_t{128}, std::int64_t{256}}) {
+    const std::int64_t rows = 13, heads = 3, stride = 64;
+    std::vector<float> query(dim), keys(rows * dim), dots(rows), weights(heads * stride), accumulators(heads * dim);
+    for (auto& x : query) x = normal(random);
+    for (auto& x : keys) x = normal(random);
+    for (auto& x : weights) x = std::abs(normal(random));
+    for (auto& x : accumulators) x = normal(random);
+    const auto start = accumulators;
+    kvtrim::detail::x86::dot_rows(query.data(), keys.data(), rows, dim, dots.data());
+    for (std::int64_t i = 0; i < rows; ++i) {
+      double exact = 0.0, magnitude = 0.0;
+      for (std::int64_t d = 0; d < dim; ++d) {
+        exact += static_cast<double>(query[d]) * keys[i * dim + d];
+        magnitude += std::abs(static_cast<double>(query[d]) * keys[i * dim + d]);
+      }
+      EXPECT_NEAR(dots[i], exact, static_cast<double>(dim) * 0x1p-24 * magnitude + 1e-30) << "dim " << dim << " row " << i;
+    }
+    kvtrim::detail::x86::accumulate_rows(accumulators.data(), weights.data(), stride, heads, keys.data(), rows, dim);
+    for (std::int64_t g = 0; g < heads; ++g)
+      for (std::int64_t d = 0; d < dim; ++d) {
+        double exact = start[g * dim + d], magnitude = std::abs(exact);
+        for (std::int64_t i = 0; i < rows; ++i) {
+          exact += static_cast<double>(weights[g * stride + i]) * keys[i * dim + d];
+          magnitude += std::abs(static_cast<double>(weights[g * stride + i]) * keys[i * dim + d]);
+        }
+        EXPECT_NEAR(accumulators[g * dim + d], exact, static_cast<double>(rows + 1) * 0x1p-24 * magnitude)
+            << "dim " << dim << " head " << g << " d " << d;
+      }
+  }
+}
+#endif
+

@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <random>
 #include <set>
 #include <vector>
@@ -178,6 +179,15 @@ void check_combination(typename kt::scheme<Layout, Scorer, Budget, kt::codec::fp
     EXPECT_GE(static_cast<double>(common), 0.99 * static_cast<double>(cpu_set.size()))
         << common << " of " << cpu_set.size() << " kept tokens agree";
   }
+  if (cpu_set != gpu_set)  // the caches differ by design here: attention is compared where the kept sets agree
+    std::printf("  [info] %s: kept sets differ in %zu of %zu tokens (near-ties); attention not compared\n",
+                ::testing::UnitTest::GetInstance()->current_test_info()->name(),
+                cpu_set.size() + gpu_set.size() - 2 * [&] {
+                  std::size_t common = 0;
+                  for (const auto& t : cpu_set) common += gpu_set.count(t);
+                  return common;
+                }(),
+                cpu_set.size());
   if (cpu_set == gpu_set) {
     float max_value = 0.0f;
     for (const auto v : in.values) max_value = std::max(max_value, std::abs(kt::to_float(v)));

@@ -19,14 +19,18 @@
 // the portable path). Which form runs depends on the CPU, not on the thread
 // count, so results stay independent of the number of threads.
 //
-// Off when: not x86, not GCC/Clang, compiled by nvcc (its host pass sees the
-// same header; CUDA code never decodes on the host), or KVTRIM_NO_X86_DISPATCH.
+// Off when: not x86, not GCC/Clang, or KVTRIM_NO_X86_DISPATCH. nvcc's host pass
+// compiles it like g++ does (checked), so a program mixing .cpp and .cu files
+// gets the same inline bodies from both — which is also why the choice is made
+// at run time even when the compiler was told -mavx2: an inline function whose
+// body depended on each file's flags would differ between translation units.
+// Define KVTRIM_NO_X86_DISPATCH in every translation unit or in none.
 #pragma once
 
 #include <cstdint>
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && \
-    !defined(__CUDACC__) && !defined(KVTRIM_NO_X86_DISPATCH)
+    !defined(KVTRIM_NO_X86_DISPATCH)
 #define KVTRIM_X86_DISPATCH 1
 #include <immintrin.h>
 #else
@@ -41,15 +45,11 @@ namespace kvtrim::detail::x86 {
 
 /// True when this CPU runs AVX2, FMA and F16C (asked once per process).
 inline bool has_avx2_fma_f16c() {
-#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-  return true;  // the whole program is compiled for them already
-#else
   static const bool supported = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   }();
   return supported;
-#endif
 }
 
 /// fp16 bits → fp32, `count` elements (vcvtph2ps: exact, like the portable form).
