@@ -63,4 +63,31 @@ inline void device_copy(benchmark::State& state) {
   cudaEventDestroy(start), cudaEventDestroy(stop);
 }
 
+/// Times `run` once per benchmark iteration with CUDA events on `stream`, the L2
+/// flushed before each (after one untimed warm-up call); sets the manual
+/// iteration time and returns the seconds, sorted (the median is [size / 2]).
+template <class Run>
+std::vector<double> timed_seconds(benchmark::State& state, cudaStream_t stream, Run&& run) {
+  l2_flusher flusher;
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start), cudaEventCreate(&stop);
+  run();  // warm-up
+  check(cudaStreamSynchronize(stream), "warm-up");
+  std::vector<double> seconds;
+  for (auto _ : state) {
+    flusher.flush(stream);
+    cudaEventRecord(start, stream);
+    run();
+    cudaEventRecord(stop, stream);
+    check(cudaEventSynchronize(stop), "timed call");
+    float milliseconds = 0;
+    cudaEventElapsedTime(&milliseconds, start, stop);
+    state.SetIterationTime(milliseconds / 1e3);
+    seconds.push_back(milliseconds / 1e3);
+  }
+  cudaEventDestroy(start), cudaEventDestroy(stop);
+  std::sort(seconds.begin(), seconds.end());
+  return seconds;
+}
+
 }  // namespace kvtrim_bench

@@ -34,7 +34,6 @@
 namespace kt = kvtrim;
 using kvtrim_bench::check;
 using kvtrim_bench::device_copy;
-using kvtrim_bench::l2_flusher;
 using kvtrim_bench::measured_copy_bandwidth;
 
 namespace {
@@ -67,30 +66,12 @@ __global__ void fill_scores(float* scores, std::int64_t heads, std::int64_t kv_h
 /// Times `call` with events (L2 flushed first), fills the state's counters with
 /// the median and `bytes` / median against the copy bandwidth.
 void time_calls(benchmark::State& state, double bytes, cudaStream_t stream, const std::function<void()>& call) {
-  l2_flusher flusher;
-  cudaEvent_t start, stop;
-  cudaEventCreate(&start), cudaEventCreate(&stop);
-  call();  // warm-up
-  check(cudaStreamSynchronize(stream), "warm-up");
-  std::vector<double> seconds;
-  for (auto _ : state) {
-    flusher.flush(stream);
-    cudaEventRecord(start, stream);
-    call();
-    cudaEventRecord(stop, stream);
-    check(cudaEventSynchronize(stop), "timed call");
-    float milliseconds = 0;
-    cudaEventElapsedTime(&milliseconds, start, stop);
-    state.SetIterationTime(milliseconds / 1e3);
-    seconds.push_back(milliseconds / 1e3);
-  }
-  std::sort(seconds.begin(), seconds.end());
+  const std::vector<double> seconds = kvtrim_bench::timed_seconds(state, stream, call);
   const double median = seconds[seconds.size() / 2];
   state.SetBytesProcessed(static_cast<std::int64_t>(bytes) * state.iterations());
   state.counters["median_us"] = median * 1e6;
   state.counters["min_bytes_TBps"] = bytes / median / 1e12;
   if (measured_copy_bandwidth > 0) state.counters["fraction_of_copy"] = bytes / median / measured_copy_bandwidth;
-  cudaEventDestroy(start), cudaEventDestroy(stop);
 }
 
 /// Scores, counts and outputs of the selection rows.

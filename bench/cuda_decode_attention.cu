@@ -27,7 +27,6 @@
 namespace kt = kvtrim;
 using kvtrim_bench::check;
 using kvtrim_bench::device_copy;
-using kvtrim_bench::l2_flusher;
 using kvtrim_bench::measured_copy_bandwidth;
 
 namespace {
@@ -65,26 +64,10 @@ void decode_attention(benchmark::State& state) {
   const std::size_t scratch_bytes = scheme::attend_workspace(cache.view());
   void* scratch = nullptr;
   check(cudaMalloc(&scratch, std::max<std::size_t>(scratch_bytes, 1)), "cudaMalloc");
-  l2_flusher flusher;
   cudaStream_t stream;
   cudaStreamCreate(&stream);
-  cudaEvent_t start, stop;
-  cudaEventCreate(&start), cudaEventCreate(&stop);
-  scheme::attend(query_view, cache.view(), out_view, {scratch, scratch_bytes}, stream);  // warm-up
-  check(cudaStreamSynchronize(stream), "warm-up");
-  std::vector<double> seconds;
-  for (auto _ : state) {
-    flusher.flush(stream);
-    cudaEventRecord(start, stream);
-    scheme::attend(query_view, cache.view(), out_view, {scratch, scratch_bytes}, stream);
-    cudaEventRecord(stop, stream);
-    check(cudaEventSynchronize(stop), "attend");
-    float milliseconds = 0;
-    cudaEventElapsedTime(&milliseconds, start, stop);
-    state.SetIterationTime(milliseconds / 1e3);
-    seconds.push_back(milliseconds / 1e3);
-  }
-  std::sort(seconds.begin(), seconds.end());
+  const std::vector<double> seconds = kvtrim_bench::timed_seconds(
+      state, stream, [&] { scheme::attend(query_view, cache.view(), out_view, {scratch, scratch_bytes}, stream); });
   const double cache_bytes = 2.0 * static_cast<double>(cache_elements) * sizeof(__half);
   const double median = seconds[seconds.size() / 2];
   state.SetBytesProcessed(static_cast<std::int64_t>(cache_bytes) * state.iterations());
@@ -92,7 +75,6 @@ void decode_attention(benchmark::State& state) {
   state.counters["cache_TBps"] = cache_bytes / median / 1e12;
   if (measured_copy_bandwidth > 0) state.counters["fraction_of_copy"] = cache_bytes / median / measured_copy_bandwidth;
   cudaFree(queries), cudaFree(out), cudaFree(scratch);
-  cudaEventDestroy(start), cudaEventDestroy(stop);
   cudaStreamDestroy(stream);
 }
 
@@ -175,27 +157,11 @@ void ragged_decode(benchmark::State& state) {
   const std::size_t scratch_bytes = attention::workspace_bytes(view);
   void* scratch = nullptr;
   check(cudaMalloc(&scratch, std::max<std::size_t>(scratch_bytes, 1)), "cudaMalloc");
-  l2_flusher flusher;
   cudaStream_t stream;
   cudaStreamCreate(&stream);
-  cudaEvent_t start, stop;
-  cudaEventCreate(&start), cudaEventCreate(&stop);
   Layout::check("bench", view);
-  attention::attend(query_view, view, out_view, {scratch, scratch_bytes}, stream);  // warm-up
-  check(cudaStreamSynchronize(stream), "warm-up");
-  std::vector<double> seconds;
-  for (auto _ : state) {
-    flusher.flush(stream);
-    cudaEventRecord(start, stream);
-    attention::attend(query_view, view, out_view, {scratch, scratch_bytes}, stream);
-    cudaEventRecord(stop, stream);
-    check(cudaEventSynchronize(stop), "attend");
-    float milliseconds = 0;
-    cudaEventElapsedTime(&milliseconds, start, stop);
-    state.SetIterationTime(milliseconds / 1e3);
-    seconds.push_back(milliseconds / 1e3);
-  }
-  std::sort(seconds.begin(), seconds.end());
+  const std::vector<double> seconds = kvtrim_bench::timed_seconds(
+      state, stream, [&] { attention::attend(query_view, view, out_view, {scratch, scratch_bytes}, stream); });
   const double cache_bytes = 2.0 * static_cast<double>(held * shape.head_dim) * sizeof(__half);
   const double median = seconds[seconds.size() / 2];
   state.SetBytesProcessed(static_cast<std::int64_t>(cache_bytes) * state.iterations());
@@ -204,7 +170,6 @@ void ragged_decode(benchmark::State& state) {
   state.counters["mean_tokens"] = static_cast<double>(held) / static_cast<double>(heads);
   if (measured_copy_bandwidth > 0) state.counters["fraction_of_copy"] = cache_bytes / median / measured_copy_bandwidth;
   cudaFree(queries), cudaFree(out), cudaFree(scratch), cudaFree(memory);
-  cudaEventDestroy(start), cudaEventDestroy(stop);
   cudaStreamDestroy(stream);
 }
 

@@ -23,7 +23,6 @@
 namespace kt = kvtrim;
 using kvtrim_bench::check;
 using kvtrim_bench::device_copy;
-using kvtrim_bench::l2_flusher;
 using kvtrim_bench::measured_copy_bandwidth;
 
 namespace {
@@ -74,26 +73,7 @@ struct workload {
 
 template <class Run>
 std::vector<double> time_calls(benchmark::State& state, cudaStream_t stream, Run&& run) {
-  l2_flusher flusher;
-  cudaEvent_t start, stop;
-  cudaEventCreate(&start), cudaEventCreate(&stop);
-  run();  // warm-up
-  check(cudaStreamSynchronize(stream), "warm-up");
-  std::vector<double> seconds;
-  for (auto _ : state) {
-    flusher.flush(stream);
-    cudaEventRecord(start, stream);
-    run();
-    cudaEventRecord(stop, stream);
-    check(cudaEventSynchronize(stop), "run");
-    float milliseconds = 0;
-    cudaEventElapsedTime(&milliseconds, start, stop);
-    state.SetIterationTime(milliseconds / 1e3);
-    seconds.push_back(milliseconds / 1e3);
-  }
-  cudaEventDestroy(start), cudaEventDestroy(stop);
-  std::sort(seconds.begin(), seconds.end());
-  return seconds;
+  return kvtrim_bench::timed_seconds(state, stream, run);
 }
 
 void report(benchmark::State& state, double bytes, double median, double flops) {
