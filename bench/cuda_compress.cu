@@ -11,6 +11,12 @@
 //   adaptive_select                  budget::adaptive keep_counts + select_top_k
 //   compress_static_window_uniform   the whole scheme<contiguous, static_window,
 //                                    uniform, fp16, cuda>::compress
+//   compress_scheme<L, S, B>         the whole compress of the seed systems, per
+//                                    layout: SnapKV + uniform × {contiguous, flat,
+//                                    paged 16}, Ada-SnapKV × {flat, paged 16} (Ada-KV
+//                                    needs a ragged layout), RazorAttention
+//                                    (one retrieval head of 8) × {flat, paged 16};
+//                                    bytes: K and V read once, the kept rows written
 // Each row reports its median time, the bytes a kernel must at least move
 // (see each row) per second, and that rate as a fraction of the copy's.
 //
@@ -252,6 +258,84 @@ void compress_static_window_uniform(benchmark::State& state) {
   cudaStreamDestroy(stream);
 }
 
+template <class Layout>
+auto bench_pool(std::int64_t batch, std::int64_t kv_heads, std::int64_t tokens) {
+  if constexpr (std::is_same_v<Layout, kt::layout::paged>)
+    return kt::layout::paged::pool_size{batch * kv_heads * ((tokens + 15) / 16 + 1), 16};
+  else if constexpr (std::is_same_v<Layout, kt::layout::flat>)
+    return kt::layout::flat::pool_size{batch * kv_heads * tokens};
+  else
+    return tokens;
+}
+
+/// The whole compress of scheme<Layout, Scorer, Budget, fp16, cuda> at W, with the
+/// SnapKV scorer's 64 observation-window queries (RazorAttention reads none).
+template <class Layout, class Scorer, class Budget>
+void compress_scheme(benchmark::State& state) {
+  using scheme = kt::scheme<Layout, Scorer, Budget, kt::codec::fp16, kt::backend::cuda>;
+  const std::int64_t batch = state.range(0), kv_heads = state.range(1), tokens = state.range(2);
+  const kt::model_shape shape{.q_heads = state.range(3), .kv_heads = kv_heads, .head_dim = state.range(4)};
+  const std::int64_t window = 64;
+  const double keep = 0.3;
+  typename scheme::config cfg;
+  if constexpr (std::is_same_v<Scorer, kt::score::snapkv>) {
+    cfg.score.window = window;
+    cfg.budget.keep = kt::keep_ratio{keep};
+  } else {  // RazorAttention: head 0 of each layer a retrieval head (≈ 15 % in the paper), sinks 4, recent 20 %
+    cfg.score.retrieval.assign(static_cast<std::size_t>(kv_heads), false);
+    cfg.score.retrieval[0] = true;
+    cfg.score.sinks = 4;
+    cfg.score.min_recent = 64;
+    cfg.score.recent_fraction = 0.2;
+  }
+  const std::int64_t elements = batch * kv_heads * tokens * shape.head_dim;
+  const std::int64_t query_elements = batch * shape.q_heads * window * shape.head_dim;
+  __half *keys = nullptr, *values = nullptr, *queries = nullptr;
+  check(cudaMalloc(&keys, sizeof(__half) * elements), "cudaMalloc");
+  check(cudaMalloc(&values, sizeof(__half) * elements), "cudaMalloc");
+  check(cudaMalloc(&queries, sizeof(__half) * query_elements), "cudaMalloc");
+  fill_random<<<1024, 256>>>(keys, elements, 1);
+  fill_random<<<1024, 256>>>(values, elements, 2);
+  fill_random<<<1024, 256>>>(queries, query_elements, 3);
+  const std::array<std::int64_t, 4> extents{batch, kv_heads, tokens, shape.head_dim};
+  const std::array<std::int64_t, 4> query_extents{batch, shape.q_heads, window, shape.head_dim};
+  const auto key_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(keys), extents);
+  const auto value_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(values), extents);
+  const auto query_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(queries), query_extents);
+  auto cache = scheme::make_cache(shape, batch, bench_pool<Layout>(batch, kv_heads, tokens), kt::codec::fp16::config{});
+  const std::int64_t capacity = scheme::kept_tokens_capacity(shape, batch, tokens, cfg);
+  std::int64_t* offsets = nullptr;
+  std::int32_t* kept = nullptr;
+  check(cudaMalloc(&offsets, sizeof(std::int64_t) * (batch * kv_heads + 1)), "cudaMalloc");
+  check(cudaMalloc(&kept, sizeof(std::int32_t) * std::max<std::int64_t>(capacity, 1)), "cudaMalloc");
+  const std::size_t bytes = scheme::compress_workspace(shape, batch, tokens, cfg);
+  void* scratch = nullptr;
+  check(cudaMalloc(&scratch, std::max<std::size_t>(bytes, 1)), "cudaMalloc");
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  auto view = cache.view();
+  const kt::compress_options<kt::device_space> none{};
+  const auto call = [&](const kt::compress_options<kt::device_space>& options) {
+    if constexpr (Scorer::needs_queries)
+      scheme::compress(key_view, value_view, query_view, view, cfg, options, {scratch, bytes}, stream);
+    else
+      scheme::compress(key_view, value_view, view, cfg, options, {scratch, bytes}, stream);
+  };
+  // The kept total (for the bytes written), from one call with the selection output.
+  call(kt::compress_options<kt::device_space>{0, offsets, kept, capacity});
+  if constexpr (Layout::ragged_heads) kt::check_status(view, stream);
+  std::int64_t total_kept = 0;
+  check(cudaMemcpyAsync(&total_kept, offsets + batch * kv_heads, sizeof total_kept, cudaMemcpyDeviceToHost, stream),
+        "cudaMemcpyAsync");
+  check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+  const double row_bytes = 2.0 * static_cast<double>(shape.head_dim) * sizeof(__half);  // a K row and a V row
+  const double moved = static_cast<double>(elements) * 2.0 * sizeof(__half) + static_cast<double>(total_kept) * row_bytes;
+  time_calls(state, moved, stream, [&] { call(none); });
+  state.counters["kept_fraction"] = static_cast<double>(total_kept) / static_cast<double>(batch * kv_heads * tokens);
+  cudaFree(keys), cudaFree(values), cudaFree(queries), cudaFree(scratch), cudaFree(offsets), cudaFree(kept);
+  cudaStreamDestroy(stream);
+}
+
 }  // namespace
 
 BENCHMARK(device_copy)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
@@ -284,5 +368,21 @@ BENCHMARK(compress_static_window_uniform)
     ->UseManualTime()
     ->Iterations(30)
     ->Unit(benchmark::kMicrosecond);
+
+#define KVTRIM_COMPRESS_ROW(L, S, B)                                         \
+  BENCHMARK(compress_scheme<kt::layout::L, kt::score::S, kt::budget::B>)     \
+      ->Name("compress/" #S "/" #B "/" #L)                                   \
+      ->ArgNames({"batch", "kv_heads", "tokens", "q_heads", "head_dim"})     \
+      ->Args({8, 8, 32768, 32, 128})                                         \
+      ->UseManualTime()                                                      \
+      ->Iterations(20)                                                       \
+      ->Unit(benchmark::kMicrosecond)
+KVTRIM_COMPRESS_ROW(contiguous, snapkv, uniform);
+KVTRIM_COMPRESS_ROW(flat, snapkv, uniform);
+KVTRIM_COMPRESS_ROW(paged, snapkv, uniform);
+KVTRIM_COMPRESS_ROW(flat, snapkv, adaptive);
+KVTRIM_COMPRESS_ROW(paged, snapkv, adaptive);
+KVTRIM_COMPRESS_ROW(flat, retrieval_head, by_scorer);
+KVTRIM_COMPRESS_ROW(paged, retrieval_head, by_scorer);
 
 BENCHMARK_MAIN();
