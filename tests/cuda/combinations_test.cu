@@ -25,8 +25,10 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
+#include <optional>
 #include <random>
 #include <set>
 #include <vector>
@@ -286,3 +288,157 @@ TEST(Combinations, KeyNormPyramidFlat) {
   combination<kt::layout::flat, kt::score::key_norm, kt::budget::pyramid>(kt::score::key_norm::config{}, pyramid_budget(),
                                                                           agreement::near_ties, true);
 }
+
+// ---- One past 2^31 elements: 64-bit indexing end to end ---------------------
+// Every layout at a size where the inputs AND the cache hold more than 2^31
+// elements per tensor (2 kv heads × (2^24 + 17) tokens × 128 channels = 2^32 +
+// 4352 input elements; 14 680 078 kept tokens per head = 3.76·10^9 cache
+// elements), so any element offset computed in 32 bits lands in the wrong row.
+// Inputs are made on the device from a hash the host recomputes, so nothing of
+// 17 GB travels: keys k[h][t][d] ∈ [-1, 1) with 10 fraction bits (exact in
+// fp16); values v[h][t][d] = g(h, t) + c(d), g ∈ [-0.5, 0.5) and c(d) = (d mod
+// 16)/16 (8 fraction bits, exact); external scores 1 for t mod 8 ≠ 0 and 0
+// otherwise with a uniform budget of exactly that many tokens, so the kept set is
+// known: every t with t mod 8 ≠ 0.
+// Decode: the 4 query heads of kv head 0 are zero (uniform attention: the mean
+// of the kept values), those of kv head 1 are β·e_j for channels j = 0, 5, 77,
+// 127 (β = 8√128: logits β·k_j/√128 ∈ [-8, 8)); the host computes the softmax
+// means in double over all 14.7 M kept tokens. Tolerance 2e-3 (outputs ≤ 1.5):
+// the fp16 output rounds by ≤ 2^-11·1.5 = 7.3e-4; the tensor-core path rounds
+// the weights e^{s−m} ≤ 1 to fp16 (≤ 2^-11 relative for normals, ≤ 2^-25
+// absolute for subnormals against a mean weight ≥ 1/16: ≤ 4.9e-4 relative); the
+// fp32 sums of 1.5·10^7 terms in partitions add rounding errors of random sign
+// (a few · √n · 2^-24 ≈ 2.3e-4 per unit of sum). A row read from the wrong place
+// moves the output by O(1) (g of another token, c of another channel).
+namespace {
+
+constexpr std::int64_t big_tokens = (std::int64_t{1} << 24) + 17, big_heads = 2, big_q_heads = 8, big_dim = 128;
+constexpr std::array<std::int64_t, 4> big_channels{0, 5, 77, 127};  // e_j of kv head 1's four query heads
+
+__host__ __device__ inline std::uint32_t big_hash(std::uint64_t x) {
+  x ^= x >> 33, x *= 0xff51afd7ed558ccdull, x ^= x >> 33, x *= 0xc4ceb9fe1a85ec53ull, x ^= x >> 33;
+  return static_cast<std::uint32_t>(x);
+}
+__host__ __device__ inline float big_key(std::int64_t h, std::int64_t t, std::int64_t d) {
+  return static_cast<float>(static_cast<std::int32_t>(big_hash(((h * big_tokens + t) << 8) | d) >> 22) - 512) / 512.0f;
+}
+__host__ __device__ inline float big_g(std::int64_t h, std::int64_t t) {
+  return static_cast<float>(big_hash((h * big_tokens + t) * 7919 + 3) >> 24) / 256.0f - 0.5f;
+}
+__host__ __device__ inline float big_c(std::int64_t d) { return static_cast<float>(d % 16) / 16.0f; }
+
+template <class Unused>
+__global__ void fill_big_inputs(kt::half* keys, kt::half* values, float* scores) {
+  const std::int64_t rows = big_heads * big_tokens;
+  for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < rows * big_dim;
+       i += std::int64_t{gridDim.x} * blockDim.x) {
+    const std::int64_t d = i % big_dim, row = i / big_dim, t = row % big_tokens, h = row / big_tokens;
+    keys[i] = __float2half_rn(big_key(h, t, d));
+    values[i] = __float2half_rn(big_g(h, t) + big_c(d));
+    if (d == 0) scores[row] = t % 8 != 0 ? 1.0f : 0.0f;
+  }
+}
+
+template <class Layout>
+auto big_pool(std::int64_t kept) {
+  if constexpr (std::is_same_v<Layout, kt::layout::paged>)
+    return kt::layout::paged::pool_size{big_heads * ((kept + 15) / 16), 16};
+  else if constexpr (std::is_same_v<Layout, kt::layout::flat>)
+    return kt::layout::flat::pool_size{big_heads * kept};
+  else
+    return kept;
+}
+
+template <class Layout>
+void beyond_two_to_the_31() {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  std::size_t free_bytes = 0, total_bytes = 0;
+  kt::testing::check(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
+  const std::int64_t elements = big_heads * big_tokens * big_dim;
+  const std::int64_t kept = big_tokens - (big_tokens + 7) / 8;  // t mod 8 ≠ 0
+  if (free_bytes < static_cast<std::size_t>(4 * 2 * elements + (std::int64_t{2} << 30)))
+    GTEST_SKIP() << "needs ~" << (8 * elements >> 30) << " GiB of device memory, " << (free_bytes >> 30) << " free";
+  using scheme = kt::scheme<Layout, kt::score::external, kt::budget::uniform, kt::codec::fp16, kt::backend::cuda>;
+  const kt::model_shape shape{.q_heads = big_q_heads, .kv_heads = big_heads, .head_dim = big_dim};
+  std::vector<std::int64_t> offsets_host;
+  std::vector<std::int32_t> kept_host;
+  std::vector<kt::half> out_host;
+  {
+    // Inputs in optionals: they are freed before decode, so the cache alone is read.
+    std::optional<device_buffer<kt::half>> keys(std::in_place, static_cast<std::size_t>(elements)),
+        values(std::in_place, static_cast<std::size_t>(elements));
+    std::optional<device_buffer<float>> scores(std::in_place, static_cast<std::size_t>(big_heads * big_tokens));
+    fill_big_inputs<int><<<4096, 256>>>(keys->data(), values->data(), scores->data());
+    kt::testing::check(cudaGetLastError(), "fill_big_inputs");
+    const std::array<std::int64_t, 4> kv_extents{1, big_heads, big_tokens, big_dim};
+    typename scheme::config cfg;
+    cfg.score = kt::score::external::config::from(kt::make_view<kt::device_space>(
+        static_cast<const float*>(scores->data()), std::array<std::int64_t, 3>{1, big_heads, big_tokens}));
+    cfg.budget.keep = kt::keep_tokens{kept};
+    auto cache = scheme::make_cache(shape, 1, big_pool<Layout>(kept), kt::codec::fp16::config{});
+    const std::int64_t capacity = scheme::kept_tokens_capacity(shape, 1, big_tokens, cfg);
+    device_buffer<std::int64_t> offsets(big_heads + 1);
+    device_buffer<std::int32_t> kept_tokens(static_cast<std::size_t>(capacity));
+    auto view = cache.view();
+    {
+      device_buffer<std::byte> scratch(scheme::compress_workspace(shape, 1, big_tokens, cfg));
+      scheme::compress(kt::make_view<kt::device_space>(static_cast<const kt::half*>(keys->data()), kv_extents),
+                       kt::make_view<kt::device_space>(static_cast<const kt::half*>(values->data()), kv_extents), view,
+                       cfg, kt::compress_options<kt::device_space>{0, offsets.data(), kept_tokens.data(), capacity},
+                       kt::workspace{scratch.data(), scratch.size()}, cudaStream_t{});
+    }
+    if constexpr (Layout::ragged_heads) kt::check_status(view, cudaStream_t{});
+    kt::testing::check(cudaDeviceSynchronize(), "compress");
+    keys.reset(), values.reset(), scores.reset();
+    const float beta = 8.0f * std::sqrt(static_cast<float>(big_dim));
+    std::vector<kt::half> queries(big_q_heads * big_dim, kt::from_float<kt::half>(0.0f));
+    for (std::int64_t j = 0; j < 4; ++j) queries[(4 + j) * big_dim + big_channels[j]] = kt::from_float<kt::half>(beta);
+    device_buffer<kt::half> query(queries), out(queries.size());
+    const std::array<std::int64_t, 3> q_extents{1, big_q_heads, big_dim};
+    device_buffer<std::byte> attend_scratch(scheme::attend_workspace(view));
+    scheme::attend(kt::make_view<kt::device_space>(static_cast<const kt::half*>(query.data()), q_extents), view,
+                   kt::make_view<kt::device_space>(out.data(), q_extents),
+                   kt::workspace{attend_scratch.data(), attend_scratch.size()}, cudaStream_t{});
+    kt::testing::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    offsets_host = offsets.download();
+    kept_host = kept_tokens.download();
+    out_host = out.download();
+  }
+  // The selection: every t with t mod 8 ≠ 0, ascending, per head.
+  ASSERT_EQ(offsets_host.size(), static_cast<std::size_t>(big_heads + 1));
+  for (std::int64_t h = 0; h < big_heads; ++h) {
+    ASSERT_EQ(offsets_host[h + 1] - offsets_host[h], kept) << "head " << h;
+    std::int64_t i = offsets_host[h];
+    for (std::int64_t t = 0; t < big_tokens; ++t)
+      if (t % 8 != 0) ASSERT_EQ(kept_host[static_cast<std::size_t>(i++)], t) << "head " << h;
+  }
+  // Attention: kv head 0 (q heads 0–3) the mean of g; kv head 1 softmax means.
+  const auto expected = [&](std::int64_t q) {
+    const std::int64_t h = q / 4;
+    const double scale = 1.0 / std::sqrt(static_cast<double>(big_dim));
+    const double beta = 8.0 * std::sqrt(static_cast<double>(big_dim));
+    const auto logit = [&](std::int64_t t) { return h == 0 ? 0.0 : beta * scale * big_key(h, t, big_channels[q - 4]); };
+    double m = -1e300;
+    for (std::int64_t t = 0; t < big_tokens; ++t)
+      if (t % 8 != 0) m = std::max(m, logit(t));
+    double weights = 0.0, weighted = 0.0;
+    for (std::int64_t t = 0; t < big_tokens; ++t) {
+      if (t % 8 == 0) continue;
+      const double w = std::exp(logit(t) - m);
+      weights += w, weighted += w * big_g(h, t);
+    }
+    return weighted / weights;
+  };
+  for (std::int64_t q = 0; q < big_q_heads; ++q) {
+    const double mean_g = expected(q);
+    for (std::int64_t d = 0; d < big_dim; ++d)
+      ASSERT_NEAR(kt::to_float(out_host[static_cast<std::size_t>(q * big_dim + d)]), mean_g + big_c(d), 2e-3)
+          << "query head " << q << ", channel " << d;
+  }
+}
+
+}  // namespace
+
+TEST(Combinations, BeyondTwoToThe31ElementsContiguous) { beyond_two_to_the_31<kt::layout::contiguous>(); }
+TEST(Combinations, BeyondTwoToThe31ElementsFlat) { beyond_two_to_the_31<kt::layout::flat>(); }
+TEST(Combinations, BeyondTwoToThe31ElementsPaged) { beyond_two_to_the_31<kt::layout::paged>(); }
