@@ -36,6 +36,7 @@
 
 #include "kvtrim/backend/cuda/common.cuh"
 #include "kvtrim/backend/cuda/decode_plan.cuh"
+#include "kvtrim/backend/cuda/mma.cuh"
 #include "kvtrim/codec/plain.hpp"
 #include "kvtrim/core/implementation.hpp"
 #include "kvtrim/core/workspace.hpp"
@@ -376,37 +377,6 @@ struct tensor_core_geometry {
   static constexpr std::size_t merge_bytes = std::size_t{warps} * Group * (HeadDim + 2) * sizeof(float);
   static constexpr std::size_t shared_bytes = pipeline_bytes > merge_bytes ? pipeline_bytes : merge_bytes;
 };
-
-__device__ __forceinline__ void load_matrix_x4(unsigned (&fragment)[4], const void* shared_row) {
-  const auto address = static_cast<unsigned>(__cvta_generic_to_shared(shared_row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(fragment[0]), "=r"(fragment[1]), "=r"(fragment[2]), "=r"(fragment[3])
-               : "r"(address));
-}
-__device__ __forceinline__ void load_matrix_x4_transposed(unsigned (&fragment)[4], const void* shared_row) {
-  const auto address = static_cast<unsigned>(__cvta_generic_to_shared(shared_row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(fragment[0]), "=r"(fragment[1]), "=r"(fragment[2]), "=r"(fragment[3])
-               : "r"(address));
-}
-
-/// c += a · b for one m16n8k16 tile, 16-bit inputs, fp32 accumulators.
-template <class T>
-__device__ __forceinline__ void mma_16x8x16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-  if constexpr (std::is_same_v<T, __half>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
 
 /// Two floats rounded to T and packed as one 32-bit register (low = first).
 template <class T>
