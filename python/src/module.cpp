@@ -92,6 +92,16 @@ kp::array to_array(std::string_view function, std::string_view argument, const A
     result.extents[axis] = static_cast<std::int64_t>(given.shape(axis));
     result.strides[axis] = given.stride(axis);
   }
+  // A dimension of extent 1 is never stepped along, so its stride says nothing, and
+  // DLPack producers disagree on it: torch calls a [B, H, 1, D] view contiguous
+  // whatever its token stride, and HF's one-token keys (out of RoPE) and values (a
+  // transposed projection) differ exactly there. The canonical value (the next
+  // dimension's stride × extent) makes arrays that address the same elements the
+  // same to kvtrim, whose CUDA ragged writes require keys and values to share every
+  // stride (backend/cuda/writes.cuh check_rows; contiguous.cuh compares only extents > 1).
+  for (std::size_t axis = rank; axis-- > 0;)
+    if (result.extents[axis] == 1)
+      result.strides[axis] = axis + 1 < rank ? result.strides[axis + 1] * result.extents[axis + 1] : 1;
   return result;
 }
 

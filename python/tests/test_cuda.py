@@ -186,7 +186,7 @@ def compare_kept(scorer, budget, cpu, gpu, keys):
     return cpu_set == gpu_set
 
 
-def compare_caches(scorer, cpu, gpu, codec):
+def compare_caches(layout, scorer, cpu, gpu, codec):
     """Bit for bit where the kept sets agree (RazorAttention's compensation row within one storage ulp)."""
     assert np.array_equal(gpu["lengths"], cpu["lengths"])
     assert gpu["positions"] == cpu["positions"]
@@ -201,8 +201,12 @@ def compare_caches(scorer, cpu, gpu, codec):
         else:
             assert np.array_equal(gk, ck) and np.array_equal(gv, cv), f"head {head}"
     for field in ("codec", "head_dim", "bytes_per_token", "bytes_per_head", "kept", "bytes", "total_bytes",
-                  "fp16_bytes", "ratio", "allocated_bytes", "table"):
+                  "fp16_bytes", "ratio", "table"):
         assert gpu["stats"][field] == cpu["stats"][field], field
+    # The allocation: the same carve, except that a device contiguous cache keeps its one
+    # length in host memory (layout/contiguous.hpp), one 256-byte-aligned int64 less.
+    allocated_cpu, allocated_gpu = cpu["stats"]["allocated_bytes"], gpu["stats"]["allocated_bytes"]
+    assert allocated_cpu - allocated_gpu == (256 if layout == "contiguous" else 0)
 
 
 @pytest.mark.parametrize("layout,scorer,budget,codec", cuda_schemes(), ids=lambda x: str(x))
@@ -213,8 +217,8 @@ def test_cuda_scheme_equals_the_cpu_scheme(layout, scorer, budget, codec):
     identical = compare_kept(scorer, budget, cpu_compressed, gpu_compressed, inputs[0])
     if not identical:
         pytest.skip("kept sets differ at near-ties (allowed above); the caches differ by design, nothing more to compare")
-    compare_caches(scorer, cpu_compressed, gpu_compressed, codec)
-    compare_caches(scorer, cpu_final, gpu_final, codec)  # after the appends: each head's next rows and positions
+    compare_caches(layout, scorer, cpu_compressed, gpu_compressed, codec)
+    compare_caches(layout, scorer, cpu_final, gpu_final, codec)  # after the appends: each head's next rows and positions
     max_value = float(inputs[1].float().abs().max())
     held = int(gpu_final["lengths"].max())
     bound = 2 * (UNIT[codec] + UNIT[codec]) * max_value + (2 * held + DIM + 5) * U32 * max_value
@@ -277,3 +281,27 @@ def test_non_plain_codec_on_cuda_is_refused_clearly():
                                            r"issue 12.*got device=cuda layout=flat scorer=snapkv budget=adaptive codec=int8"):
         kvtrim.Cache(kvtrim.AdaKV(kvtrim.SnapKV(compression_ratio=0.5)), kvtrim.KIVI(), "flat", (4, 2, 64), 1, 256,
                      device="cuda")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "flat", "paged"])
+def test_one_token_views_whose_extent_one_strides_differ(layout):
+    # HF's decode step: keys [B, H, 1, D] out of RoPE and values, a transposed projection,
+    # both torch-"contiguous" but with different strides on the extent-1 token axis.
+    # The binding gives extent-1 axes their canonical stride, so both read the same.
+    inputs = make_inputs(3, torch.float16)
+    keys, values = inputs[0].cuda(), inputs[1].cuda()
+    press = kvtrim.StreamingLLM(sinks=4, compression_ratio=0.5)
+    cache = kvtrim.Cache(press, kvtrim.FP16(), layout, (Q_HEADS, KV_HEADS, DIM), BATCH, capacity(layout, press),
+                         device="cuda", page_size=PAGE_SIZE)
+    cache.compress(keys, values)
+    before = cache.head_lengths().copy()
+    k = torch.randn(BATCH, KV_HEADS, 1, DIM, device="cuda").half()                     # strides (H·D, D, D, 1)
+    v = torch.randn(BATCH, 1, KV_HEADS, DIM, device="cuda").half().transpose(1, 2)    # strides (H·D, D, H·D, 1)
+    assert k.is_contiguous() and v.is_contiguous() and k.stride() != v.stride()
+    cache.append(k, v)
+    assert np.array_equal(cache.head_lengths(), before + 1)
+    for b in range(BATCH):
+        for h in range(KV_HEADS):
+            rows_k, rows_v = cache.read(b, h)
+            assert np.array_equal(rows_k[-1], k[b, h, 0].float().cpu().numpy())
+            assert np.array_equal(rows_v[-1], v[b, h, 0].float().cpu().numpy())
