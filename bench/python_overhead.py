@@ -7,7 +7,9 @@ well under a microsecond on the CPU, through three doors:
   CacheImpl.attend  the nanobind entry point alone (DLPack import, checks, dispatch)
   nothing           an empty Python call, the floor
 On a GPU (torch tensors, a device="cuda" cache) the same is timed without
-synchronising, so it is host time per call: binding + kernel launch.
+synchronising, so it is host time per call: binding + kernel launch — for
+StreamingLLM in a contiguous cache and for SnapKV in a paged one (Ada-KV's
+ragged layouts: the paged decode plans per head on the device).
 
     python bench/python_overhead.py [--calls 20000]
 """
@@ -26,7 +28,7 @@ def measure(label, call, calls):
     return best
 
 
-def run(device, calls):
+def run(device, calls, layout="contiguous"):
     # CPU: a tiny head so kvtrim's own work (the reference loops) is negligible;
     # GPU: a Llama-8B layer's shape (host time is launch + binding either way).
     shape, batch = ((1, 1, 8) if device == "cpu" else (32, 8, 128)), 1
@@ -38,11 +40,17 @@ def run(device, calls):
 
         make = lambda *s: torch.ones(*s, dtype=torch.float16, device="cuda")
         stream = torch.cuda.current_stream().cuda_stream
-    cache = kvtrim.Cache(kvtrim.StreamingLLM(tokens=1), kvtrim.FP16(), "contiguous", shape, batch, 4096, device=device)
-    kv = make(batch, shape[1], 1, shape[2])
-    cache.compress(kv, kv)
+    if layout == "contiguous":
+        cache = kvtrim.Cache(kvtrim.StreamingLLM(tokens=1), kvtrim.FP16(), layout, shape, batch, 4096, device=device)
+        kv = make(batch, shape[1], 1, shape[2])
+        cache.compress(kv, kv)
+    else:  # SnapKV over an 8-token window of a 16-token prompt, one token kept per head
+        cache = kvtrim.Cache(kvtrim.SnapKV(window=8, kernel=5, tokens=1), kvtrim.FP16(), layout, shape, batch, 4096,
+                             device=device)
+        kv = make(batch, shape[1], 16, shape[2])
+        cache.compress(kv, kv, make(batch, shape[0], 8, shape[2]))
     q, out = make(batch, shape[0], shape[2]), make(batch, shape[0], shape[2])
-    print(f"{device}: {cache.name}, one token per head")
+    print(f"{device}: {cache.name}, one token per head ({cache.head_lengths().sum()} held)")
     floor = measure("nothing (empty lambda)", lambda: None, calls)
     # The bare C++ call: the same Scheme::attend on the same cache and arrays, looped in C++.
     cxx = min(cache._impl._attend_seconds_from_cxx(q, out, stream, calls) for _ in range(5))
@@ -68,6 +76,7 @@ def main():
 
         if torch.cuda.is_available() and kvtrim.has_cuda:
             run("cuda", args.calls)
+            run("cuda", args.calls, layout="paged")
     except ImportError:
         pass
 

@@ -5,7 +5,8 @@ Builds a small random Llama from a LlamaConfig (no downloads), then generates
   2. with kvtrim keeping every token (fp32 storage): the same greedy tokens,
   3. with Ada-KV over SnapKV keeping half of the prompt in a flat (ragged) layout,
 and prints the tokens and the bytes each cache holds. On a GPU (and a kvtrim
-built with CUDA) it also runs StreamingLLM in a contiguous fp16 cache on the device.
+built with CUDA) it also runs StreamingLLM in a contiguous fp16 cache and Ada-KV
+over SnapKV in a paged fp16 cache on the device.
 
     python examples/python/hf_generate.py [--tokens 256] [--new 32]
 
@@ -78,6 +79,14 @@ def main():
         tokens = generate(gpu, ids, args.new, cache)
         print("GPU fp16, StreamingLLM 50%, contiguous:", tokens)
         print(f"  bytes allocated on the GPU: {cache.bytes()}; agreement with DynamicCache: "
+              f"{sum(a == b for a, b in zip(tokens, reference)) / len(reference):.0%}")
+        press = kvtrim.AdaKV(kvtrim.SnapKV(window=16, kernel=5, compression_ratio=0.5), alpha=0.2)
+        ragged = kvtrim.hf.KvtrimCache(gpu.config, press, kvtrim.FP16(), layout="paged", max_new_tokens=args.new)
+        tokens = generate(gpu, ids, args.new, ragged)
+        print("GPU fp16, Ada-KV + SnapKV 50%, paged:", tokens)
+        print("  tokens held per kv head, per layer (read back from the device):",
+              [c.head_lengths().tolist() for c in ragged.kvtrim_caches()])
+        print(f"  bytes allocated on the GPU: {ragged.bytes()}; agreement with DynamicCache: "
               f"{sum(a == b for a, b in zip(tokens, reference)) / len(reference):.0%}")
 
 

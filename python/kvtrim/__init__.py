@@ -22,6 +22,7 @@ from .presses import (
     KIVI,
     AdaKV,
     Codec,
+    ExternalScores,
     KeyNorm,
     Knorm,
     ObservedAttention,
@@ -39,6 +40,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Error", "Settings", "Probe", "Calibration", "Cache", "schemes", "has_cuda", "has_profiles",
-    "Press", "StreamingLLM", "SnapKV", "H2O", "ObservedAttention", "KeyNorm", "Knorm", "AdaKV", "Pyramid",
+    "Press", "StreamingLLM", "SnapKV", "H2O", "ObservedAttention", "KeyNorm", "Knorm", "ExternalScores", "AdaKV", "Pyramid",
     "RazorAttention", "Codec", "FP16", "BF16", "FP32", "KIVI",
 ] + (["Profile"] if has_profiles else [])

@@ -140,11 +140,13 @@ class Cache:
 
     # ---- the pipeline --------------------------------------------------------------------
 
-    def compress(self, keys, values, window_queries=None) -> None:
+    def compress(self, keys, values, window_queries=None, scores=None) -> None:
         """Scores the prefill's keys/values [B, H_kv, T, D], keeps each head's budget, replaces what the cache held.
 
         window_queries [B, H_q, w, D]: the last prefill queries (SnapKV reads its
         window of them; H2O all T). Ignored by scorers that read none.
+        scores [B, H_kv, T] float32, on the cache's device: the caller's scores
+        (ExternalScores only; higher keeps first, +inf always kept). Ignored otherwise.
         """
         keys, stream = self._input("keys", keys)
         values, _ = self._input("values", values)
@@ -152,7 +154,12 @@ class Cache:
             window_queries, _ = self._input("window_queries", window_queries)
             if not self._impl.needs_queries:
                 window_queries = None
-        self._impl.compress(keys, values, window_queries, stream)
+        if scores is not None:
+            if not self._impl.needs_scores:
+                scores = None
+            elif type(scores) is not np.ndarray and _library(scores) == "torch" and scores.requires_grad:
+                scores = scores.detach()
+        self._impl.compress(keys, values, window_queries, scores, stream)
 
     def append(self, keys, values) -> None:
         """Appends keys/values [B, H_kv, n, D] after what every head holds."""
@@ -177,8 +184,8 @@ class Cache:
     def kept(self) -> Tuple[np.ndarray, np.ndarray]:
         """The last compress's selection: (offsets [B·H_kv + 1] int64, tokens int32), CSR over flattened heads.
 
-        Host caches get it from compress's kept-index output (compress_options);
-        contiguous CUDA caches read it back from the positions the layout stores.
+        From compress's kept-index output (compress_options); a CUDA cache keeps it in
+        device memory and copies it back here (on the stream of the cache's last call).
         """
         return self._impl.kept()
 
@@ -191,7 +198,12 @@ class Cache:
         return self._impl.positions()
 
     def read(self, b: int, h: int) -> Tuple[np.ndarray, np.ndarray]:
-        """The dequantized keys and values [n, D] (float32) head (b, h) holds (CPU caches)."""
+        """The dequantized keys and values [n, D] (float32) head (b, h) holds.
+
+        head_lengths, kept, positions, read and stats of a CUDA cache copy it back to
+        the host (cudaMemcpyAsync on the stream of its last compress/append/attend,
+        then a synchronisation of that stream): inspection, not a decode-step call.
+        """
         return self._impl.read(b, h)
 
     def stats(self) -> dict:

@@ -19,9 +19,10 @@ and value to its kvtrim cache and kvtrim's decode attention computes the output.
 
 Limits: one sequence or a batch of equal-length prompts without padding; one
 token per step after prefill (no beam search, no assisted decoding); kvtrim's
-softmax scale is 1/√head_dim (Llama's). On the GPU only the schemes kvtrim runs
-on CUDA are available (StreamingLLM, contiguous, FP16/BF16/FP32); the others run
-with a CPU model. Written against transformers' layered Cache API (CacheLayerMixin,
+softmax scale is 1/√head_dim (Llama's). On the GPU the CUDA list is available
+(every scorer and budget on every layout with FP16/BF16, RazorAttention on flat and
+paged; kvtrim.schemes() lists it — KIVI runs with a CPU model until issue 12), and
+the model's head_dim must be one the CUDA decode is compiled for (64, 128, 256). Written against transformers' layered Cache API (CacheLayerMixin,
 transformers ≥ 4.56 / 5.x); checked on the GPU machine only (torch and
 transformers are not installed in CI).
 """

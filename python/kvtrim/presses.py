@@ -27,6 +27,7 @@ __all__ = [
     "ObservedAttention",
     "KeyNorm",
     "Knorm",
+    "ExternalScores",
     "AdaKV",
     "Pyramid",
     "RazorAttention",
@@ -181,6 +182,24 @@ class KeyNorm(Press):
 
 
 Knorm = KeyNorm
+
+
+@dataclass
+class ExternalScores(Press):
+    """Scores the caller computed (score::external): any kvpress scorer, a trained evictor, an engine's statistics.
+
+    ``Cache.compress(keys, values, scores=s)`` takes them, ``s`` [B, H_kv, T] float32 on
+    the cache's device (NumPy for a CPU cache, torch/CuPy for a CUDA one); kvtrim's
+    budgets (uniform, or ``AdaKV(ExternalScores(...))``), layouts and codecs do the rest.
+    Higher keeps first; +inf is always kept (a protected window); NaN ranks below every number.
+    """
+
+    compression_ratio: float = 0.0
+    tokens: Optional[int] = None
+    scorer = "external"
+
+    def __post_init__(self):
+        _check_budget(self.compression_ratio, self.tokens)
 
 
 @dataclass

@@ -6,9 +6,9 @@
 // compiled scheme), and `typed_cache<Scheme, InputT>` (the one implementation
 // of that interface, written once against kvtrim::scheme). Which schemes exist
 // is decided by the instantiation lists in registry_cpu.cpp and
-// registry_cuda.cu, nowhere else.
+// registry_cuda.cuh, nowhere else.
 //
-// This header includes no nanobind (registry_cuda.cu includes it under nvcc);
+// This header includes no nanobind (the registry_cuda_<layout>.cu files include it under nvcc);
 // arrays arrive as `array`, a plain description of an already type-checked
 // DLPack tensor (module.cpp makes them from nanobind ndarrays).
 #pragma once
@@ -40,7 +40,7 @@ struct settings {
   // which scheme (names as in the registry)
   std::string device = "cpu";          // cpu | cuda
   std::string layout = "contiguous";   // contiguous | flat | paged
-  std::string scorer = "static_window";  // static_window | snapkv | h2o | key_norm | retrieval_head
+  std::string scorer = "static_window";  // static_window | snapkv | h2o | key_norm | external | retrieval_head
   std::string budget = "uniform";      // uniform | adaptive | pyramid | by_scorer
   std::string codec = "fp16";          // fp16 | bf16 | fp32 | int8
 
@@ -146,7 +146,8 @@ struct stats_result {
 class cache_base {
  public:
   virtual ~cache_base() = default;
-  virtual void compress(const array& keys, const array& values, const array* window_queries,
+  /// `scores` [B, H_kv, T] float32: the caller's scores (score::external only; null otherwise).
+  virtual void compress(const array& keys, const array& values, const array* window_queries, const array* scores,
                         std::uintptr_t stream) = 0;
   virtual void append(const array& keys, const array& values, std::uintptr_t stream) = 0;
   virtual void attend(const array& queries, const array& out, std::uintptr_t stream) = 0;
@@ -157,12 +158,17 @@ class cache_base {
   /// launch queue is full, equally for both).
   virtual double attend_seconds_from_cxx(const array& queries, const array& out, std::uintptr_t stream,
                                          std::int64_t calls) = 0;
+  // Inspection. A device cache is copied back to the host first (cudaMemcpyAsync on
+  // the stream of the cache's last compress/append/attend, then that stream is
+  // synchronised): not for a hot path, and the results are those of the same
+  // host code that inspects a CPU cache.
   virtual std::vector<std::int64_t> head_lengths() const = 0;
   virtual kept_indices kept() const = 0;
   virtual std::vector<std::int32_t> positions() const = 0;
   virtual stats_result stats() const = 0;
-  /// The dequantized keys and values [n, D] the head (b, h) holds, as float32 (host caches).
+  /// The dequantized keys and values [n, D] the head (b, h) holds, as float32.
   virtual std::pair<std::vector<float>, std::vector<float>> read_head(std::int64_t b, std::int64_t h) const = 0;
+  virtual bool needs_scores() const = 0;
   virtual std::size_t bytes() const = 0;
   virtual model_shape shape() const = 0;
   virtual std::int64_t batch() const = 0;
@@ -183,7 +189,7 @@ using factory = std::unique_ptr<cache_base> (*)(const settings&, const model_sha
 using registry = std::map<scheme_key, factory>;
 
 void register_cpu_schemes(registry& into);   // registry_cpu.cpp
-void register_cuda_schemes(registry& into);  // registry_cuda.cu (only when CUDA was found at build time)
+void register_cuda_schemes(registry& into);  // registry_cuda_contiguous.cu (only when CUDA was found at build time)
 
 // ---- policy names (the registry's keys) -------------------------------------------
 
@@ -193,6 +199,7 @@ template <> struct policy_name<score::static_window> { static constexpr std::str
 template <> struct policy_name<score::snapkv> { static constexpr std::string_view value = "snapkv"; };
 template <> struct policy_name<score::h2o> { static constexpr std::string_view value = "h2o"; };
 template <> struct policy_name<score::key_norm> { static constexpr std::string_view value = "key_norm"; };
+template <> struct policy_name<score::external> { static constexpr std::string_view value = "external"; };
 template <> struct policy_name<score::retrieval_head> { static constexpr std::string_view value = "retrieval_head"; };
 template <> struct policy_name<budget::uniform> { static constexpr std::string_view value = "uniform"; };
 template <> struct policy_name<budget::adaptive> { static constexpr std::string_view value = "adaptive"; };
@@ -251,6 +258,8 @@ inline score::h2o::config score(std::type_identity<score::h2o>, const settings& 
                                                 {{"mean", score::group_reduction::mean}, {"max", score::group_reduction::max}})};
 }
 inline score::key_norm::config score(std::type_identity<score::key_norm>, const settings&) { return {}; }
+/// The scores themselves come with each compress call (typed_cache::compress).
+inline score::external::config score(std::type_identity<score::external>, const settings&) { return {}; }
 inline score::retrieval_head::config score(std::type_identity<score::retrieval_head>, const settings& s) {
   score::retrieval_head::config cfg;
   cfg.retrieval = s.retrieval;
@@ -331,6 +340,8 @@ class scratch_buffer {
     }
     return workspace{memory_, bytes_};
   }
+  const void* data() const { return memory_; }
+  std::size_t size() const { return bytes_; }
 
  private:
   void release() {
@@ -344,8 +355,81 @@ class scratch_buffer {
 
 // ---- one implementation of cache_base for every compiled scheme -------------------------
 
-/// Reads device memory into host memory (defined by the CUDA translation unit; host caches never call it).
-void copy_to_host(void* host, const void* device, std::size_t bytes);
+/// Copies `bytes` of device memory to the host on `stream` and waits for that
+/// stream (defined in registry_cuda_contiguous.cu; host caches never call it).
+void copy_to_host(void* host, const void* device, std::size_t bytes, std::uintptr_t stream);
+
+namespace readback {
+
+/// Moves a pointer into a device allocation to the same offset in its host copy.
+struct rebaser {
+  const std::byte* device_base = nullptr;
+  std::byte* host_base = nullptr;
+  template <class P>
+  P* operator()(P* pointer) const {
+    if (pointer == nullptr) return nullptr;
+    return reinterpret_cast<P*>(host_base + (reinterpret_cast<const std::byte*>(pointer) - device_base));
+  }
+};
+
+template <class CodecT>
+inline constexpr bool is_plain = false;
+template <class T>
+inline constexpr bool is_plain<codec::plain<T>> = true;
+
+/// The codec storage of a device cache, over its host copy.
+template <class CodecT>
+typename CodecT::template storage<host_space> storage(const typename CodecT::template storage<device_space>& d,
+                                                      const rebaser& move) {
+  static_assert(is_plain<CodecT>,
+                "kvtrim.Cache read-back: only codec::plain storage runs on backend::cuda today (issue 12 brings "
+                "quantizing codecs); name this codec's storage fields here when it does");
+  typename CodecT::template storage<host_space> h;
+  h.keys = move(d.keys);
+  h.values = move(d.values);
+  h.head_dim = d.head_dim;
+  h.slots = d.slots;
+  h.slot_run = d.slot_run;
+  return h;
+}
+
+/// The host view of a device cache's copy: every field of the layout's view, pointers moved
+/// into the copy (the contiguous layout's length is host memory already and stays).
+template <class Layout, class CodecT>
+typename Layout::template view<CodecT, host_space> view(const typename Layout::template view<CodecT, device_space>& d,
+                                                        const rebaser& move) {
+  typename Layout::template view<CodecT, host_space> h;
+  h.storage = storage<CodecT>(d.storage, move);
+  h.shape = d.shape;
+  h.batch = d.batch;
+  h.positions = {move(d.positions.slot_position), move(d.positions.next_position)};
+  if constexpr (std::same_as<Layout, layout::contiguous>) {
+    h.capacity = d.capacity;
+    h.map = d.map;
+    h.length = d.length;
+  } else if constexpr (std::same_as<Layout, layout::flat>) {
+    h.capacity = d.capacity;
+    h.offsets = move(d.offsets);
+    h.lengths = move(d.lengths);
+    h.repacks = move(d.repacks);
+    h.compensation = {move(d.compensation.index), move(d.compensation.bias)};
+    h.status = move(d.status);
+  } else {
+    static_assert(std::same_as<Layout, layout::paged>, "kvtrim.Cache read-back: a layout without a host view here");
+    h.page_size = d.page_size;
+    h.pages = d.pages;
+    h.indptr = move(d.indptr);
+    h.indices = move(d.indices);
+    h.last_page_len = move(d.last_page_len);
+    h.free_pages = move(d.free_pages);
+    h.free_count = move(d.free_count);
+    h.compensation = {move(d.compensation.index), move(d.compensation.bias)};
+    h.status = move(d.status);
+  }
+  return h;
+}
+
+}  // namespace readback
 
 template <class Scheme, class InputT>
 class typed_cache final : public cache_base {
@@ -356,13 +440,16 @@ class typed_cache final : public cache_base {
   using layout_type = typename Scheme::layout;
   using scorer_type = typename Scheme::scorer;
   static constexpr bool on_host = std::same_as<space, host_space>;
+  static constexpr bool external_scores = std::same_as<scorer_type, score::external>;
+  using host_view = typename layout_type::template view<codec_type, host_space>;
 
   typed_cache(const settings& s, const model_shape& shape, std::int64_t batch, std::int64_t capacity)
       : config_(validated(convert::config<Scheme>(s))),
         codec_config_(convert::codec(std::type_identity<codec_type>{}, s)),
         cache_(Scheme::make_cache(shape, batch, convert::room<layout_type>(s, capacity), codec_config_)) {}
 
-  void compress(const array& keys, const array& values, const array* window_queries, std::uintptr_t stream) override {
+  void compress(const array& keys, const array& values, const array* window_queries, const array* scores,
+                std::uintptr_t stream) override {
     constexpr std::string_view function = "kvtrim.Cache.compress";
     const auto k = as_view<4>(function, "keys", keys);
     const auto v = as_view<4>(function, "values", values);
@@ -375,15 +462,24 @@ class typed_cache final : public cache_base {
                      "None");
       q = as_view<4>(function, "window_queries", *window_queries);
     }
+    typename Scheme::config cfg = config_;
+    if constexpr (external_scores) {
+      if (scores == nullptr)
+        detail::fail(function, "scores",
+                     detail::cat("the caller's scores [", batch(), ", ", shape().kv_heads, ", tokens] (ExternalScores)"),
+                     "None");
+      cfg.score = score::external::config::from(as_view<3, float>(function, "scores", *scores));
+    }
     const std::int64_t tokens = keys.extents[2];
-    const std::size_t bytes = Scheme::compress_workspace(cache_.view().shape, cache_.view().batch, tokens, config_);
-    run_compress(k, v, q, compress_scratch_.get(bytes), to_stream(stream));
+    const std::size_t bytes = Scheme::compress_workspace(cache_.view().shape, cache_.view().batch, tokens, cfg);
+    run_compress(k, v, q, cfg, compress_scratch_.get(bytes), stream);
   }
 
   void append(const array& keys, const array& values, std::uintptr_t stream) override {
     constexpr std::string_view function = "kvtrim.Cache.append";
     Scheme::append(cache_.view(), as_view<4>(function, "keys", keys), as_view<4>(function, "values", values),
                    to_stream(stream));
+    stream_ = stream;
   }
 
   void attend(const array& queries, const array& out, std::uintptr_t stream) override {
@@ -392,6 +488,7 @@ class typed_cache final : public cache_base {
     const auto o = as_mutable_view<3>(function, "out", out);
     const workspace scratch = attend_scratch_.get(Scheme::attend_workspace(cache_.view()));
     Scheme::attend(q, cache_.view(), o, scratch, to_stream(stream));
+    stream_ = stream;
   }
 
   double attend_seconds_from_cxx(const array& queries, const array& out, std::uintptr_t stream,
@@ -404,79 +501,80 @@ class typed_cache final : public cache_base {
     const auto start = std::chrono::steady_clock::now();
     for (std::int64_t i = 0; i < calls; ++i) Scheme::attend(q, cache_.view(), o, scratch, to_stream(stream));
     const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - start;
+    stream_ = stream;
     return elapsed.count() / static_cast<double>(std::max<std::int64_t>(calls, 1));
   }
 
   std::vector<std::int64_t> head_lengths() const override {
-    std::vector<std::int64_t> lengths;
-    if constexpr (on_host || !layout_type::ragged_heads) {
-      const auto& view = cache_.view();
+    return inspect([](const auto& view) {
+      std::vector<std::int64_t> lengths;
       for (std::int64_t b = 0; b < view.batch; ++b)
         for (std::int64_t h = 0; h < view.shape.kv_heads; ++h) lengths.push_back(view.head_length(b, h));
-    } else {
-      throw not_implemented("kvtrim.Cache.head_lengths: ragged layouts in device memory are not read back yet");
-    }
-    return lengths;
+      return lengths;
+    });
   }
 
   /// The selection of the last compress (CSR over flattened heads), from
   /// compress's kept-index output (docs/composition.md §5); see run_compress.
   kept_indices kept() const override {
+    if constexpr (!on_host) {
+      if (kept_.offsets.empty() && kept_on_device_) {
+        // Read back once: offsets first (they say how many tokens follow).
+        const auto heads = static_cast<std::size_t>(cache_.view().heads());
+        kept_.offsets.resize(heads + 1);
+        const auto* device_offsets = static_cast<const std::int64_t*>(kept_scratch_.data());
+        copy_to_host(kept_.offsets.data(), device_offsets, kept_.offsets.size() * sizeof(std::int64_t), stream_);
+        kept_.tokens.resize(static_cast<std::size_t>(kept_.offsets.back()));
+        copy_to_host(kept_.tokens.data(), kept_tokens_on_device(), kept_.tokens.size() * sizeof(std::int32_t),
+                     stream_);
+      }
+    }
     if (!kept_.offsets.empty()) return kept_;
     detail::fail("kvtrim.Cache.kept", "cache", "a cache that was compressed", "no compress yet");
   }
 
   /// Each held token's position in its sequence, per flattened head (CSR like kept()).
   std::vector<std::int32_t> positions() const override {
-    const auto& view = cache_.view();
-    std::vector<std::int32_t> result;
-    if constexpr (on_host) {
+    return inspect([](const auto& view) {
+      std::vector<std::int32_t> result;
       for (std::int64_t b = 0; b < view.batch; ++b)
         for (std::int64_t h = 0; h < view.shape.kv_heads; ++h) {
           const std::vector<std::int32_t> head = kvtrim::head_positions(view, b, h);
           result.insert(result.end(), head.begin(), head.end());
         }
-    } else if constexpr (!layout_type::ragged_heads) {
-      for (std::int64_t b = 0; b < view.batch; ++b)
-        for (std::int64_t h = 0; h < view.shape.kv_heads; ++h)
-          for (std::int64_t i = 0; i < view.head_length(b, h); ++i) result.push_back(read_position(view.slot(b, h, i)));
-    } else {
-      throw not_implemented("kvtrim.Cache.positions: ragged layouts in device memory are not read back yet");
-    }
-    return result;
+      return result;
+    });
   }
 
   stats_result stats() const override {
-    stats_result result;
-    if constexpr (on_host || !layout_type::ragged_heads) {
-      const cache_stats s = kvtrim::stats(cache_.view(), codec_config_);
-      result.codec = s.codec;
-      result.head_dim = s.head_dim;
-      result.bytes_per_token = s.bytes_per_token;
-      result.bytes_per_head = s.bytes_per_head;
+    stats_result result = inspect([this](const auto& view) {
+      stats_result r;
+      const cache_stats s = kvtrim::stats(view, codec_config_);
+      r.codec = s.codec;
+      r.head_dim = s.head_dim;
+      r.bytes_per_token = s.bytes_per_token;
+      r.bytes_per_head = s.bytes_per_head;
       for (const auto& head : s.heads) {
-        result.kept.push_back(head.kept);
-        result.bytes.push_back(head.bytes);
+        r.kept.push_back(head.kept);
+        r.bytes.push_back(head.bytes);
       }
-      result.total_bytes = s.bytes();
-      result.fp16_bytes = s.fp16_bytes();
-      result.ratio = s.kept() > 0 ? s.ratio() : 0.0;
-      result.table = s.table();
-    } else {
-      throw not_implemented("kvtrim.Cache.stats: ragged layouts in device memory are not read back yet");
-    }
+      r.total_bytes = s.bytes();
+      r.fp16_bytes = s.fp16_bytes();
+      r.ratio = s.kept() > 0 ? s.ratio() : 0.0;
+      r.table = s.table();
+      return r;
+    });
     result.allocated_bytes = cache_.bytes();
     return result;
   }
 
   std::pair<std::vector<float>, std::vector<float>> read_head(std::int64_t b, std::int64_t h) const override {
     constexpr std::string_view function = "kvtrim.Cache.read";
-    const auto& view = cache_.view();
-    if (b < 0 || b >= view.batch)
-      detail::fail(function, "b", detail::cat("a sequence in [0, ", view.batch, ")"), std::to_string(b));
-    if (h < 0 || h >= view.shape.kv_heads)
-      detail::fail(function, "h", detail::cat("a kv head in [0, ", view.shape.kv_heads, ")"), std::to_string(h));
-    if constexpr (on_host) {
+    if (b < 0 || b >= batch())
+      detail::fail(function, "b", detail::cat("a sequence in [0, ", batch(), ")"), std::to_string(b));
+    if (h < 0 || h >= shape().kv_heads)
+      detail::fail(function, "h", detail::cat("a kv head in [0, ", shape().kv_heads, ")"), std::to_string(h));
+    return inspect([b, h](const auto& view) {
       const std::int64_t n = view.head_length(b, h), dim = view.shape.head_dim;
       std::vector<float> keys(static_cast<std::size_t>(n * dim)), values(keys.size());
       for (std::int64_t i = 0; i < n; ++i) {
@@ -485,10 +583,8 @@ class typed_cache final : public cache_base {
                              keys.data() + i * dim);
         codec_type::load_value(view.storage, b * view.shape.kv_heads + h, slot, values.data() + i * dim);
       }
-      return {std::move(keys), std::move(values)};
-    } else {
-      throw not_implemented("kvtrim.Cache.read: reading rows back from a device cache is not offered yet");
-    }
+      return std::pair{std::move(keys), std::move(values)};
+    });
   }
 
   std::size_t bytes() const override { return cache_.bytes(); }
@@ -496,6 +592,7 @@ class typed_cache final : public cache_base {
   std::int64_t batch() const override { return cache_.view().batch; }
   element_type input_type() const override { return element_of<InputT>; }
   bool needs_queries() const override { return scorer_type::needs_queries; }
+  bool needs_scores() const override { return external_scores; }
   std::string name() const override {
     return detail::cat("scheme<layout::", policy_name<layout_type>::value, ", score::", policy_name<scorer_type>::value,
                        ", budget::", policy_name<typename Scheme::budget>::value, ", codec::",
@@ -505,51 +602,72 @@ class typed_cache final : public cache_base {
  private:
   using stream_type = typename Scheme::stream_type;
 
-  /// THE one call of Scheme::compress. On the host the selection comes back
-  /// through compress_options (docs/composition.md §5); on the GPU (contiguous
-  /// only today) it is read back from the positions the layout stores.
+  /// `inspect(view)` over a host view of the cache: the cache's own view on the
+  /// host; on a device, a view over a host copy of the cache's whole allocation
+  /// (tokens and metadata), copied on the stream of the last call that used the
+  /// cache, after which that stream is synchronised — so the same host code reads
+  /// a CPU and a CUDA cache and the results are comparable bit for bit.
+  template <class Inspect>
+  auto inspect(Inspect&& inspect_view) const {
+    if constexpr (on_host) {
+      return inspect_view(cache_.view());
+    } else {
+      std::vector<std::byte> copy(cache_.bytes());
+      copy_to_host(copy.data(), cache_.data(), copy.size(), stream_);
+      const readback::rebaser move{static_cast<const std::byte*>(cache_.data()), copy.data()};
+      const host_view view = readback::view<layout_type, codec_type>(cache_.view(), move);
+      return inspect_view(view);
+    }
+  }
+
+  const std::int32_t* kept_tokens_on_device() const {
+    const std::size_t heads = static_cast<std::size_t>(cache_.view().heads());
+    return reinterpret_cast<const std::int32_t*>(static_cast<const std::byte*>(kept_scratch_.data()) +
+                                                 kept_offsets_bytes(heads));
+  }
+  static std::size_t kept_offsets_bytes(std::size_t heads) {
+    return (sizeof(std::int64_t) * (heads + 1) + 255) / 256 * 256;
+  }
+
+  /// THE one call of Scheme::compress, with compress's kept-index output
+  /// (docs/composition.md §5) in the backend's memory: on the host it is kept_
+  /// at once; on a device it stays there until kept() reads it back.
   void run_compress(tensor_view<const InputT, 4, space> k, tensor_view<const InputT, 4, space> v,
-                    tensor_view<const InputT, 4, space> q, workspace scratch, stream_type stream) {
-    kept_ = {};
+                    tensor_view<const InputT, 4, space> q, const typename Scheme::config& cfg, workspace scratch,
+                    std::uintptr_t stream) {
     compress_options<space> options;
+    const auto& view = cache_.view();
+    const auto heads = static_cast<std::size_t>(view.batch * view.shape.kv_heads);
+    const std::int64_t capacity = Scheme::kept_tokens_capacity(view.shape, view.batch, k.extent(2), cfg);
     std::vector<std::int64_t> offsets;
     std::vector<std::int32_t> tokens;
-    const auto& view = cache_.view();
     if constexpr (on_host) {
-      offsets.resize(static_cast<std::size_t>(view.batch * view.shape.kv_heads + 1));
-      tokens.resize(static_cast<std::size_t>(
-          Scheme::kept_tokens_capacity(view.shape, view.batch, k.extent(2), config_)));
+      offsets.resize(heads + 1);
+      tokens.resize(static_cast<std::size_t>(capacity));
       options.kept_offsets = offsets.data();
       options.kept_tokens = tokens.data();
-      options.kept_tokens_capacity = static_cast<std::int64_t>(tokens.size());
+    } else {
+      const std::size_t kept_bytes = kept_offsets_bytes(heads) + sizeof(std::int32_t) * static_cast<std::size_t>(capacity);
+      // Growing the buffer frees the last selection: read it back first, so a
+      // compress that throws leaves kept() as it was.
+      if (kept_bytes > kept_scratch_.size() && kept_on_device_) static_cast<void>(kept());
+      const workspace buffer = kept_scratch_.get(kept_bytes);
+      options.kept_offsets = static_cast<std::int64_t*>(buffer.data);
+      options.kept_tokens = reinterpret_cast<std::int32_t*>(static_cast<std::byte*>(buffer.data) + kept_offsets_bytes(heads));
     }
+    options.kept_tokens_capacity = capacity;
     if constexpr (scorer_type::needs_queries)
-      Scheme::compress(k, v, q, cache_.view(), config_, options, scratch, stream);
+      Scheme::compress(k, v, q, cache_.view(), cfg, options, scratch, to_stream(stream));
     else
-      Scheme::compress(k, v, cache_.view(), config_, options, scratch, stream);
+      Scheme::compress(k, v, cache_.view(), cfg, options, scratch, to_stream(stream));
+    stream_ = stream;
+    kept_ = {};
     if constexpr (on_host) {
       tokens.resize(static_cast<std::size_t>(offsets.back()));
       kept_.offsets = std::move(offsets);
       kept_.tokens = std::move(tokens);
-    } else if constexpr (!layout_type::ragged_heads) {
-      kept_.offsets.push_back(0);
-      for (std::int64_t b = 0; b < view.batch; ++b)
-        for (std::int64_t h = 0; h < view.shape.kv_heads; ++h) {
-          for (std::int64_t i = 0; i < view.head_length(b, h); ++i)
-            kept_.tokens.push_back(read_position(view.slot(b, h, i)));
-          kept_.offsets.push_back(static_cast<std::int64_t>(kept_.tokens.size()));
-        }
-    }
-  }
-
-  std::int32_t read_position(std::int64_t slot) const {
-    const std::int32_t* where = cache_.view().positions.slot_position + slot;
-    if constexpr (on_host) {
-      return *where;
     } else {
-      std::int32_t value = 0;
-      copy_to_host(&value, where, sizeof(value));
-      return value;
+      kept_on_device_ = true;
     }
   }
 
@@ -565,22 +683,22 @@ class typed_cache final : public cache_base {
     return cfg;
   }
 
-  template <std::size_t Rank>
+  template <std::size_t Rank, class Element>
   static void check_array(std::string_view function, std::string_view argument, const array& given) {
     const bool device_ok = given.on_device != on_host;
-    if (given.rank != Rank || given.type != element_of<InputT> || !device_ok)
+    if (given.rank != Rank || given.type != element_of<Element> || !device_ok)
       detail::fail(function, argument,
-                   detail::cat("a ", Rank, "-d ", name_of(element_of<InputT>), " array on the ",
+                   detail::cat("a ", Rank, "-d ", name_of(element_of<Element>), " array on the ",
                                on_host ? "cpu" : "cuda device"),
                    given.describe());
   }
 
-  template <std::size_t Rank>
-  static tensor_view<const InputT, Rank, space> as_view(std::string_view function, std::string_view argument,
-                                                        const array& given) {
-    check_array<Rank>(function, argument, given);
-    tensor_view<const InputT, Rank, space> view;
-    view.data = static_cast<const InputT*>(given.data);
+  template <std::size_t Rank, class Element = InputT>
+  static tensor_view<const Element, Rank, space> as_view(std::string_view function, std::string_view argument,
+                                                         const array& given) {
+    check_array<Rank, Element>(function, argument, given);
+    tensor_view<const Element, Rank, space> view;
+    view.data = static_cast<const Element*>(given.data);
     for (std::size_t axis = 0; axis < Rank; ++axis) {
       view.extents[axis] = given.extents[axis];
       view.strides[axis] = given.strides[axis];
@@ -599,7 +717,10 @@ class typed_cache final : public cache_base {
   typename Scheme::cache cache_;
   scratch_buffer<backend_type> compress_scratch_;
   scratch_buffer<backend_type> attend_scratch_;
-  kept_indices kept_;
+  mutable scratch_buffer<backend_type> kept_scratch_;  // device caches: compress's kept-index output
+  mutable kept_indices kept_;                          // read back lazily on a device
+  bool kept_on_device_ = false;
+  std::uintptr_t stream_ = 0;  // the stream of the last call that used the cache (read-back waits for it)
 };
 
 template <class Scheme, class InputT>

@@ -92,6 +92,16 @@ kp::array to_array(std::string_view function, std::string_view argument, const A
     result.extents[axis] = static_cast<std::int64_t>(given.shape(axis));
     result.strides[axis] = given.stride(axis);
   }
+  // A dimension of extent 1 is never stepped along, so its stride says nothing, and
+  // DLPack producers disagree on it: torch calls a [B, H, 1, D] view contiguous
+  // whatever its token stride, and HF's one-token keys (out of RoPE) and values (a
+  // transposed projection) differ exactly there. The canonical value (the next
+  // dimension's stride × extent) makes arrays that address the same elements the
+  // same to kvtrim, whose CUDA ragged writes require keys and values to share every
+  // stride (backend/cuda/writes.cuh check_rows; contiguous.cuh compares only extents > 1).
+  for (std::size_t axis = rank; axis-- > 0;)
+    if (result.extents[axis] == 1)
+      result.strides[axis] = axis + 1 < rank ? result.strides[axis + 1] * result.extents[axis + 1] : 1;
   return result;
 }
 
@@ -102,24 +112,44 @@ class py_cache {
            std::int64_t batch, std::int64_t capacity) {
     const kp::scheme_key key{s.device, s.layout, s.scorer, s.budget, s.codec};
     const auto found = schemes().find(key);
+    const std::string asked = kvtrim::detail::cat("device=", s.device, " layout=", s.layout, " scorer=", s.scorer,
+                                                  " budget=", s.budget, " codec=", s.codec);
+    if (found == schemes().end() && s.device == "cuda") {
+#ifndef KVTRIM_PYTHON_CUDA
+      kvtrim::detail::fail("kvtrim.Cache", "scheme",
+                           "a CPU scheme: this kvtrim was built without CUDA (no CUDA toolkit at build time; "
+                           "KVTRIM_CUDA=ON pip install . with nvcc on PATH builds the CUDA list)",
+                           asked);
+#endif
+      const kp::scheme_key on_cpu{"cpu", s.layout, s.scorer, s.budget, s.codec};
+      const bool plain = s.codec == "fp16" || s.codec == "bf16" || s.codec == "fp32";
+      if (!plain && schemes().count(on_cpu) != 0)
+        kvtrim::detail::fail("kvtrim.Cache", "scheme",
+                             kvtrim::detail::cat("a CUDA scheme with a plain codec (FP16() or BF16()): codec ", s.codec,
+                                                 " is not compiled for CUDA — quantizing codecs on the GPU wait for "
+                                                 "issue 12 (this scheme runs with device=\"cpu\")"),
+                             asked);
+    }
     if (found == schemes().end())
       kvtrim::detail::fail("kvtrim.Cache", "scheme",
                            "one of the compiled schemes (kvtrim.schemes() lists them; contiguous layouts take "
-                           "uniform and pyramid budgets only, CUDA has static_window/uniform/contiguous/fp16-bf16-fp32)",
-                           kvtrim::detail::cat("device=", s.device, " layout=", s.layout, " scorer=", s.scorer,
-                                               " budget=", s.budget, " codec=", s.codec));
+                           "uniform and pyramid budgets only; CUDA: fp16/bf16 with every scorer and budget, "
+                           "fp32 for StreamingLLM/uniform/contiguous)",
+                           asked);
     impl_ = found->second(s, kvtrim::model_shape{q_heads, kv_heads, head_dim}, batch, capacity);
   }
 
   void compress(const input_array& keys, const input_array& values, const std::optional<input_array>& window_queries,
-                std::uintptr_t stream) {
+                const std::optional<input_array>& scores, std::uintptr_t stream) {
     constexpr std::string_view function = "kvtrim.Cache.compress";
     const auto k = to_array(function, "keys", keys, 4, "[batch, kv_heads, tokens, head_dim]");
     const auto v = to_array(function, "values", values, 4, "[batch, kv_heads, tokens, head_dim]");
     std::optional<kp::array> q;
     if (window_queries) q = to_array(function, "window_queries", *window_queries, 4, "[batch, q_heads, window, head_dim]");
+    std::optional<kp::array> s;
+    if (scores) s = to_array(function, "scores", *scores, 3, "[batch, kv_heads, tokens] of float32 scores");
     nb::gil_scoped_release release;
-    impl_->compress(k, v, q ? &*q : nullptr, stream);
+    impl_->compress(k, v, q ? &*q : nullptr, s ? &*s : nullptr, stream);
   }
 
   void append(const input_array& keys, const input_array& values, std::uintptr_t stream) {
@@ -282,7 +312,7 @@ NB_MODULE(_kvtrim, m) {
            nb::arg("settings"), nb::arg("q_heads"), nb::arg("kv_heads"), nb::arg("head_dim"), nb::arg("batch"),
            nb::arg("capacity"))
       .def("compress", &py_cache::compress, nb::arg("keys"), nb::arg("values"), nb::arg("window_queries").none(),
-           nb::arg("stream") = 0)
+           nb::arg("scores").none() = nb::none(), nb::arg("stream") = 0)
       .def("append", &py_cache::append, nb::arg("keys"), nb::arg("values"), nb::arg("stream") = 0)
       .def("attend", &py_cache::attend, nb::arg("queries"), nb::arg("out"), nb::arg("stream") = 0)
       .def("_attend_seconds_from_cxx", &py_cache::attend_seconds_from_cxx, nb::arg("queries"), nb::arg("out"),
@@ -320,6 +350,7 @@ NB_MODULE(_kvtrim, m) {
       .def_prop_ro("batch", [](py_cache& self) { return self.impl().batch(); })
       .def_prop_ro("input_dtype", [](py_cache& self) { return std::string(kp::name_of(self.impl().input_type())); })
       .def_prop_ro("needs_queries", [](py_cache& self) { return self.impl().needs_queries(); })
+      .def_prop_ro("needs_scores", [](py_cache& self) { return self.impl().needs_scores(); })
       .def_prop_ro("name", [](py_cache& self) { return self.impl().name(); });
 
   // The direct path for tests: two statically named schemes (also in the registry).

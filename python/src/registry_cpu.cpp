@@ -12,8 +12,10 @@
 //                                                 which give every head one length)
 //   layouts  contiguous, flat, paged
 //   codecs   fp16, bf16, fp32, int8 (KIVI key groups)
-// plus RazorAttention: score::retrieval_head + budget::by_scorer on flat, every codec.
-// 4 scorers × (2 + 3 + 3) layout-budget pairs × 4 codecs + 4 = 132 schemes.
+// plus score::external (ExternalScores: the caller's scores) with uniform on every
+// layout and adaptive on flat and paged, every codec (5 × 4 = 20), and
+// RazorAttention: score::retrieval_head + budget::by_scorer on flat and paged, every codec (8).
+// 4 scorers × (2 + 3 + 3) layout-budget pairs × 4 codecs + 20 + 8 = 156 schemes.
 // Adding a policy is one word in registry_cpu.hpp; `kvtrim.schemes()` lists what was compiled.
 // One translation unit per layout (registry_cpu_<layout>.cpp) so they compile in parallel.
 #include "registry_cpu.hpp"
@@ -24,7 +26,8 @@ void register_cpu_schemes(registry& into) {
   cpu_list::add_contiguous(into);
   cpu_list::add_flat(into);
   cpu_list::add_paged(into);
-  cpu_list::add_razor(into, cpu_list::codecs{});  // RazorAttention, flat (4 schemes, compiled here)
+  cpu_list::add_razor<layout::flat>(into, cpu_list::codecs{});  // RazorAttention (8 schemes, compiled here)
+  cpu_list::add_razor<layout::paged>(into, cpu_list::codecs{});
 }
 
 }  // namespace kvtrim::python

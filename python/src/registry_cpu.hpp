@@ -42,9 +42,16 @@ void add_layout(registry& into) {
   add_scorers<Layout>(into, scorers{});
 }
 
-template <class... Codec>
+/// The caller's scores (score::external, ExternalScores) with each budget of `Budget...`, every codec.
+template <class Layout, class... Budget>
+void add_external(registry& into) {
+  (add_codecs<Layout, score::external, Budget>(into, codecs{}), ...);
+}
+
+/// RazorAttention on `Layout` (flat or paged), every codec.
+template <class Layout, class... Codec>
 void add_razor(registry& into, list<Codec...>) {
-  (add<scheme<layout::flat, score::retrieval_head, budget::by_scorer, Codec, backend::cpu>, float>(into, "cpu"), ...);
+  (add<scheme<Layout, score::retrieval_head, budget::by_scorer, Codec, backend::cpu>, float>(into, "cpu"), ...);
 }
 
 void add_contiguous(registry& into);  // registry_cpu_contiguous.cpp

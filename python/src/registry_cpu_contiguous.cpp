@@ -5,6 +5,7 @@ namespace kvtrim::python::cpu_list {
 
 void add_contiguous(registry& into) {
   add_layout<layout::contiguous>(into);
+  add_external<layout::contiguous, budget::uniform>(into);
 }
 
 }  // namespace kvtrim::python::cpu_list

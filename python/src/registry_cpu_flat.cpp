@@ -5,6 +5,7 @@ namespace kvtrim::python::cpu_list {
 
 void add_flat(registry& into) {
   add_layout<layout::flat>(into);
+  add_external<layout::flat, budget::uniform, budget::adaptive>(into);
 }
 
 }  // namespace kvtrim::python::cpu_list

@@ -5,6 +5,7 @@ namespace kvtrim::python::cpu_list {
 
 void add_paged(registry& into) {
   add_layout<layout::paged>(into);
+  add_external<layout::paged, budget::uniform, budget::adaptive>(into);
 }
 
 }  // namespace kvtrim::python::cpu_list

@@ -66,3 +66,19 @@ def test_streaming_llm_on_the_gpu():
                            "contiguous", max_new_tokens=12)
     assert len(greedy(model, ids, cache)) == 12
     assert all((c.head_lengths() == 40 + 11).all() for c in cache.kvtrim_caches())
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and kvtrim.has_cuda), reason="needs a GPU and kvtrim built with CUDA")
+@pytest.mark.parametrize("layout", ["flat", "paged"])
+def test_adakv_on_the_gpu_in_a_ragged_layout(layout):
+    model = tiny_llama(torch.float16, "cuda", head_dim=64)
+    ids = prompt(model, device="cuda")
+    hf.enable(model)
+    press = kvtrim.AdaKV(kvtrim.SnapKV(window=8, compression_ratio=0.5))
+    cache = hf.KvtrimCache(model.config, press, kvtrim.FP16(), layout, max_new_tokens=12)
+    assert len(greedy(model, ids, cache)) == 12
+    for layer in cache.kvtrim_caches():
+        assert layer.device == "cuda" and "backend::cuda" in layer.name
+        # Read back from the device: H·k after compress (Ada-KV's exact total), then one token per head per step.
+        assert layer.head_lengths().sum() == 2 * 40 + 2 * 11
+        assert layer.stats()["kept"] == layer.head_lengths().tolist()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import kvtrim
-from oracle import attention, attention_bound, kept_by_head, positions_by_head, random_layer
+from oracle import attention, attention_bound, kept_by_head, positions_by_head, random_layer, top_k
 
 CPU_SCHEMES = [s for s in kvtrim.schemes() if s[0] == "cpu"]
 CODECS = {"fp16": kvtrim.FP16(), "bf16": kvtrim.BF16(), "fp32": kvtrim.FP32(), "int8": kvtrim.KIVI(bits=8, group=8)}
@@ -26,14 +26,18 @@ def make_press(scorer, budget):
         "snapkv": kvtrim.SnapKV(window=WINDOW, kernel=3, compression_ratio=0.5),
         "h2o": kvtrim.H2O(recent=0.1, compression_ratio=0.5),
         "key_norm": kvtrim.KeyNorm(compression_ratio=0.5),
+        "external": kvtrim.ExternalScores(compression_ratio=0.5),
     }[scorer]
     return {"uniform": inner, "adaptive": kvtrim.AdaKV(inner, alpha=0.2), "pyramid": kvtrim.Pyramid(inner, window=2)}[budget]
 
 
 def test_the_list_is_the_documented_one():
-    assert len(CPU_SCHEMES) == 132
+    assert len(CPU_SCHEMES) == 156
     assert ("cpu", "contiguous", "snapkv", "adaptive", "fp16") not in CPU_SCHEMES
     assert ("cpu", "flat", "retrieval_head", "by_scorer", "int8") in CPU_SCHEMES
+    assert ("cpu", "paged", "retrieval_head", "by_scorer", "fp16") in CPU_SCHEMES
+    assert ("cpu", "paged", "external", "adaptive", "int8") in CPU_SCHEMES
+    assert ("cpu", "contiguous", "external", "uniform", "bf16") in CPU_SCHEMES
 
 
 @pytest.mark.parametrize("scheme", CPU_SCHEMES, ids=["-".join(s[1:]) for s in CPU_SCHEMES])
@@ -46,7 +50,8 @@ def test_scheme_round_trip(rng, scheme):
     cache = kvtrim.Cache(make_press(scorer, budget), CODECS[codec], layout, (Q_HEADS, KV_HEADS, DIM), BATCH, capacity,
                          layer=1, layers=4)
     assert cache.name == f"scheme<layout::{layout}, score::{scorer}, budget::{budget}, codec::{codec}, backend::cpu>"
-    cache.compress(keys, values, queries_all)  # H2O reads all T queries, SnapKV the last WINDOW
+    scores = rng.standard_normal((BATCH, KV_HEADS, TOKENS)).astype(np.float32)  # ExternalScores only
+    cache.compress(keys, values, queries_all, scores=scores)  # H2O reads all T queries, SnapKV the last WINDOW
     before = cache.head_lengths().copy()
     assert np.all(before >= 1) and np.all(before <= TOKENS)
     if budget == "uniform" and scorer != "retrieval_head":
@@ -55,6 +60,8 @@ def test_scheme_round_trip(rng, scheme):
     assert [len(head) for head in kept] == list(before)
     assert all(0 <= head[0] and head[-1] < TOKENS for head in kept)
     assert positions_by_head(cache) == kept  # no compensation token here: positions are the kept tokens
+    if scorer == "external" and budget == "uniform":  # the caller's scores, top-k per head (ties: lower index)
+        assert kept == [top_k(list(scores[b, h]), TOKENS // 2) for b in range(BATCH) for h in range(KV_HEADS)]
     if codec == "fp32":  # rows stored exactly: the rows held are those of the kept tokens
         for b in range(BATCH):
             for h in range(KV_HEADS):

@@ -1,0 +1,307 @@
+"""Every CUDA scheme of the compiled list against the same scheme on the CPU (skipped without torch, a GPU or a CUDA build).
+
+One layer, the same 16-bit inputs to both (the CPU cache widens them to float32
+exactly and stores the same fp16/bf16 rows): compress, then two appends, then
+decode attention; each cache is inspected through the same calls (head_lengths,
+kept, positions, read, stats — a CUDA cache is copied back to the host for them).
+
+What must hold (the C++ suites' rules, tests/cuda/scorers_test.cu and
+combinations_test.cu):
+  - Scores that are the same bits on both backends — static windows and
+    RazorAttention (integers), external scores (a copy) — give the same kept
+    CSR, token for token.
+  - Key norm: both backends sum squares in double and round once to float, so
+    scores are equal or 1 ulp apart; the kept sets are identical unless a kept
+    and a dropped token have norms within 2 ulps of each other (a 1-ulp error
+    on each side can then swap them) — in the same head (uniform, pyramid) or in
+    the same sequence (Ada-KV shares one budget between heads), found from the
+    norms in float64 rounded once to float32.
+  - SnapKV / H2O (fp32 logits summed in another order on the device): every head
+    keeps the same number of tokens where the budget's counts do not depend on
+    near-ties (uniform, pyramid), the per-sequence totals always (Ada-KV's are
+    exact), and at least 99% of kept tokens agree.
+  - Where the kept sets are identical, the caches are identical bit for bit:
+    lengths, positions, stored rows (read), stats — RazorAttention's compensation
+    row excepted, a mean of doubles summed in another order: within one ulp of
+    the storage type.
+  - Decode attention where the kept sets agree:
+        |gpu − cpu| ≤ 2·(u_o + u_p)·max|v| + (2n + D + 5)·2^-24·max|v|.
+    The CPU computes in fp32 and returns fp32; the GPU rounds its output to the
+    storage type (≤ u_o·|o| ≤ u_o·max|v|, |o| ≤ max|v| as a convex combination)
+    and, on its tensor-core path, the probabilities to that type before P·V (≤ u_p
+    relative to each weight: ≤ u_p·max|v| in all); u = 2^-11 (fp16), 2^-8 (bf16),
+    0 for fp32 (no rounding of either). The last term is fp32 summation in two
+    orders (oracle.py's bound: D + 5 roundings in a logit, 2n + 1 in the softmax
+    and P·V over n tokens). For fp16 the first term is 2^-9·max|v| ≈ 2e-3·max|v|,
+    combinations_test's bound.
+"""
+
+import numpy as np
+import pytest
+
+import kvtrim
+from oracle import kept_by_head, positions_by_head
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and kvtrim.has_cuda),
+                                reason="needs a GPU and kvtrim built with CUDA")
+
+BATCH, Q_HEADS, KV_HEADS, TOKENS, DIM, WINDOW = 2, 8, 2, 203, 64, 16
+APPENDS = 2
+PAGE_SIZE = 16
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+UNIT = {"fp16": 2.0 ** -11, "bf16": 2.0 ** -8, "fp32": 0.0}
+U32 = 2.0 ** -24
+CODECS = {"fp16": kvtrim.FP16, "bf16": kvtrim.BF16, "fp32": kvtrim.FP32}
+LAYER, LAYERS = 3, 8  # where the cache sits in the model (Pyramid's schedule, RazorAttention's flags)
+RETRIEVAL = [[False, True]] * LAYERS  # kv head 1 keeps everything; head 0 is compressed with a compensation token
+
+
+def cuda_schemes():
+    if not kvtrim.has_cuda:
+        return []
+    return [s[1:] for s in kvtrim.schemes() if s[0] == "cuda"]
+
+
+def make_press(scorer, budget, ratio=0.6):
+    inner = {
+        "static_window": lambda: kvtrim.StreamingLLM(sinks=4, compression_ratio=ratio),
+        "snapkv": lambda: kvtrim.SnapKV(window=WINDOW, kernel=5, compression_ratio=ratio),
+        "h2o": lambda: kvtrim.H2O(recent=0.1, compression_ratio=ratio),
+        "key_norm": lambda: kvtrim.KeyNorm(compression_ratio=ratio),
+        "external": lambda: kvtrim.ExternalScores(compression_ratio=ratio),
+        "retrieval_head": lambda: kvtrim.RazorAttention(RETRIEVAL, sinks=4, min_recent=32, recent_fraction=0.1),
+    }[scorer]()
+    if budget == "adaptive":
+        return kvtrim.AdaKV(inner, alpha=0.2)
+    if budget == "pyramid":
+        return kvtrim.Pyramid(inner)
+    return inner
+
+
+def make_inputs(seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(BATCH, KV_HEADS, TOKENS, DIM, generator=g).to(dtype)
+    values = torch.randn(BATCH, KV_HEADS, TOKENS, DIM, generator=g).to(dtype)
+    queries = torch.randn(BATCH, Q_HEADS, TOKENS, DIM, generator=g).to(dtype)
+    new = [(torch.randn(BATCH, KV_HEADS, 1, DIM, generator=g).to(dtype),
+            torch.randn(BATCH, KV_HEADS, 1, DIM, generator=g).to(dtype)) for _ in range(APPENDS)]
+    decode = torch.randn(BATCH, Q_HEADS, DIM, generator=g).to(dtype)
+    # External scores: skewed per head (so Ada-KV moves budget between heads) and
+    # quantised to quarters (exact ties, broken to the lower index on both backends).
+    skew = torch.arange(BATCH * KV_HEADS, dtype=torch.float32).reshape(BATCH, KV_HEADS, 1)
+    scores = torch.round(4 * (torch.randn(BATCH, KV_HEADS, TOKENS, generator=g) + skew)) / 4
+    return keys, values, queries, new, decode, scores
+
+
+def capacity(layout, press):
+    if layout == "contiguous":
+        return TOKENS + APPENDS
+    heads = BATCH * KV_HEADS
+    slots = heads * (TOKENS + APPENDS)
+    return slots + (heads * PAGE_SIZE if layout == "paged" else 0)
+
+
+def run(device, layout, scorer, budget, codec, inputs, library="torch"):
+    keys, values, queries, new, decode, scores = inputs
+    press = make_press(scorer, budget)
+    cache = kvtrim.Cache(press, CODECS[codec](), layout, (Q_HEADS, KV_HEADS, DIM), BATCH, capacity(layout, press),
+                         device=device, layer=LAYER, layers=LAYERS, page_size=PAGE_SIZE)
+    if device == "cuda":
+        move = (lambda x: x.cuda()) if library == "torch" else (lambda x: cupy_of(x.cuda()))
+    else:
+        move = lambda x: x  # noqa: E731 - torch CPU tensors (widened to float32 by the CPU cache)
+    window = press.window_queries
+    q = None if window == 0 else (queries if window < 0 else queries[:, :, -window:].contiguous())
+    cache.compress(move(keys), move(values), None if q is None else move(q),
+                   scores=move(scores) if scorer == "external" else None)
+    snapshot_after_compress = inspect(cache)
+    for k, v in new:
+        cache.append(move(k), move(v))
+    out = cache.attend(move(decode))
+    if device == "cuda":
+        torch.cuda.synchronize()
+        out = torch.as_tensor(out.get()) if library == "cupy" else out.cpu()
+    return snapshot_after_compress, inspect(cache), out.float().numpy()
+
+
+def cupy_of(tensor):
+    import cupy
+
+    return cupy.from_dlpack(tensor)
+
+
+def inspect(cache):
+    heads = len(cache.head_lengths())
+    rows = [cache.read(b, h) for b in range(BATCH) for h in range(KV_HEADS)]
+    assert len(rows) == heads
+    return {"lengths": cache.head_lengths(), "kept": kept_by_head(cache), "positions": positions_by_head(cache),
+            "rows": rows, "stats": cache.stats()}
+
+
+def near_tie(norms, kept):
+    """True when a kept and a dropped norm are within 2 float32 ulps (adjacent in sorted order suffices)."""
+    order = np.argsort(norms, kind="stable")
+    n, label = norms[order], kept[order]
+    close = (n[1:] - n[:-1]) <= 2 * np.spacing(n[1:])
+    return bool(np.any(close & (label[1:] != label[:-1])))
+
+
+def key_norm_ties(keys, kept_cpu, budget):
+    """Flattened heads whose key-norm kept set may differ between backends by 1-ulp scores."""
+    norms = np.sqrt((keys.double().numpy() ** 2).sum(axis=-1)).astype(np.float32)  # [B, H, T], one rounding
+    mask = np.zeros(norms.shape, dtype=bool)
+    for head, tokens in enumerate(kept_cpu):
+        mask[head // KV_HEADS, head % KV_HEADS, tokens] = True
+    tied = set()
+    for b in range(BATCH):
+        if budget == "adaptive":  # one budget for the sequence's heads: ties across heads count
+            if near_tie(norms[b].ravel(), mask[b].ravel()):
+                tied |= {b * KV_HEADS + h for h in range(KV_HEADS)}
+        else:
+            tied |= {b * KV_HEADS + h for h in range(KV_HEADS) if near_tie(norms[b, h], mask[b, h])}
+    return tied
+
+
+def compare_kept(scorer, budget, cpu, gpu, keys):
+    """The kept-set rule of the module docstring; True where the kept sets are identical."""
+    lengths_cpu, lengths_gpu = cpu["lengths"], gpu["lengths"]
+    for b in range(BATCH):  # per-sequence totals: always
+        part = slice(b * KV_HEADS, (b + 1) * KV_HEADS)
+        assert lengths_cpu[part].sum() == lengths_gpu[part].sum(), f"sequence {b}"
+    if scorer in ("static_window", "external", "retrieval_head"):
+        assert gpu["kept"] == cpu["kept"]
+        return True
+    if scorer == "key_norm":
+        tied = key_norm_ties(keys, cpu["kept"], budget)
+        for head in range(BATCH * KV_HEADS):
+            if head not in tied:
+                assert gpu["kept"][head] == cpu["kept"][head], f"head {head}"
+        return gpu["kept"] == cpu["kept"]
+    if budget != "adaptive":  # counts that do not depend on near-ties
+        assert np.array_equal(lengths_cpu, lengths_gpu)
+    cpu_set = {(h, t) for h, head in enumerate(cpu["kept"]) for t in head}
+    gpu_set = {(h, t) for h, head in enumerate(gpu["kept"]) for t in head}
+    assert len(cpu_set & gpu_set) >= 0.99 * len(cpu_set), f"{len(cpu_set & gpu_set)} of {len(cpu_set)} kept tokens agree"
+    return cpu_set == gpu_set
+
+
+def compare_caches(layout, scorer, cpu, gpu, codec):
+    """Bit for bit where the kept sets agree (RazorAttention's compensation row within one storage ulp)."""
+    assert np.array_equal(gpu["lengths"], cpu["lengths"])
+    assert gpu["positions"] == cpu["positions"]
+    for head, ((ck, cv), (gk, gv)) in enumerate(zip(cpu["rows"], gpu["rows"])):
+        if scorer == "retrieval_head" and not RETRIEVAL[LAYER][head % KV_HEADS]:
+            compensation = 4  # the row after the sinks holds the dropped tokens' mean
+            ulp = 2 * (UNIT[codec] or U32)
+            for c, g in ((ck, gk), (cv, gv)):
+                assert np.all(np.abs(g[compensation] - c[compensation]) <= ulp * np.abs(c[compensation]) + 1e-30)
+                c, g = np.delete(c, compensation, axis=0), np.delete(g, compensation, axis=0)
+                assert np.array_equal(g, c), f"head {head}"
+        else:
+            assert np.array_equal(gk, ck) and np.array_equal(gv, cv), f"head {head}"
+    for field in ("codec", "head_dim", "bytes_per_token", "bytes_per_head", "kept", "bytes", "total_bytes",
+                  "fp16_bytes", "ratio", "table"):
+        assert gpu["stats"][field] == cpu["stats"][field], field
+    # The allocation: the same carve, except that a device contiguous cache keeps its one
+    # length in host memory (layout/contiguous.hpp), one 256-byte-aligned int64 less.
+    allocated_cpu, allocated_gpu = cpu["stats"]["allocated_bytes"], gpu["stats"]["allocated_bytes"]
+    assert allocated_cpu - allocated_gpu == (256 if layout == "contiguous" else 0)
+
+
+@pytest.mark.parametrize("layout,scorer,budget,codec", cuda_schemes(), ids=lambda x: str(x))
+def test_cuda_scheme_equals_the_cpu_scheme(layout, scorer, budget, codec):
+    inputs = make_inputs(7, DTYPES[codec])
+    cpu_compressed, cpu_final, cpu_out = run("cpu", layout, scorer, budget, codec, inputs)
+    gpu_compressed, gpu_final, gpu_out = run("cuda", layout, scorer, budget, codec, inputs)
+    identical = compare_kept(scorer, budget, cpu_compressed, gpu_compressed, inputs[0])
+    if not identical:
+        pytest.skip("kept sets differ at near-ties (allowed above); the caches differ by design, nothing more to compare")
+    compare_caches(layout, scorer, cpu_compressed, gpu_compressed, codec)
+    compare_caches(layout, scorer, cpu_final, gpu_final, codec)  # after the appends: each head's next rows and positions
+    max_value = float(inputs[1].float().abs().max())
+    held = int(gpu_final["lengths"].max())
+    bound = 2 * (UNIT[codec] + UNIT[codec]) * max_value + (2 * held + DIM + 5) * U32 * max_value
+    np.testing.assert_allclose(gpu_out, cpu_out, rtol=0, atol=bound)
+
+
+def test_the_cuda_list():
+    listed = set(cuda_schemes())
+    assert len(listed) == 79  # python/src/registry_cuda.cuh: 19 contiguous + 30 flat + 30 paged
+    for layout in ("contiguous", "flat", "paged"):
+        budgets = ("uniform", "pyramid") if layout == "contiguous" else ("uniform", "adaptive", "pyramid")
+        for scorer in ("static_window", "snapkv", "h2o", "key_norm"):
+            for budget in budgets:
+                for codec in ("fp16", "bf16"):
+                    assert (layout, scorer, budget, codec) in listed
+    for layout in ("flat", "paged"):
+        assert {(layout, "retrieval_head", "by_scorer", c) for c in ("fp16", "bf16")} <= listed
+        assert {(layout, "external", b, c) for b in ("uniform", "adaptive") for c in ("fp16", "bf16")} <= listed
+    assert ("contiguous", "external", "uniform", "fp16") in listed
+    assert ("contiguous", "static_window", "uniform", "fp32") in listed
+    assert not any(codec == "int8" for (_, _, _, codec) in listed)
+
+
+def test_cupy_arrays_into_a_ragged_cuda_cache():
+    pytest.importorskip("cupy")
+    scheme = ("paged", "snapkv", "adaptive", "fp16")
+    inputs = make_inputs(11, torch.float16)
+    _, via_torch, out_torch = run("cuda", *scheme, inputs)
+    _, via_cupy, out_cupy = run("cuda", *scheme, inputs, library="cupy")
+    # The same device code on the same bits: identical caches and outputs.
+    assert via_cupy["kept"] == via_torch["kept"] and via_cupy["positions"] == via_torch["positions"]
+    for (a, b), (c, d) in zip(via_cupy["rows"], via_torch["rows"]):
+        assert np.array_equal(a, c) and np.array_equal(b, d)
+    assert np.array_equal(out_cupy, out_torch)
+
+
+def test_read_back_waits_for_the_callers_stream():
+    # compress and append on a side stream, inspect without synchronising first:
+    # the read-back copies on the cache's last stream and waits for it.
+    inputs = make_inputs(5, torch.float16)
+    keys, values, _, new, _, _ = inputs
+    press = kvtrim.AdaKV(kvtrim.KeyNorm(compression_ratio=0.5))
+    cpu = kvtrim.Cache(press, kvtrim.FP16(), "flat", (Q_HEADS, KV_HEADS, DIM), BATCH, capacity("flat", press))
+    cpu.compress(keys, values)
+    cpu.append(*new[0])
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        gpu = kvtrim.Cache(press, kvtrim.FP16(), "flat", (Q_HEADS, KV_HEADS, DIM), BATCH, capacity("flat", press),
+                           device="cuda")
+        k, v, nk, nv = (x.cuda() for x in (keys, values, *new[0]))
+        gpu.compress(k, v)
+        gpu.append(nk, nv)
+        assert np.array_equal(gpu.head_lengths(), cpu.head_lengths())
+        assert positions_by_head(gpu) == positions_by_head(cpu)
+        assert kept_by_head(gpu) == kept_by_head(cpu)
+
+
+def test_non_plain_codec_on_cuda_is_refused_clearly():
+    with pytest.raises(kvtrim.Error, match=r"codec int8 is not compiled for CUDA — quantizing codecs on the GPU wait for "
+                                           r"issue 12.*got device=cuda layout=flat scorer=snapkv budget=adaptive codec=int8"):
+        kvtrim.Cache(kvtrim.AdaKV(kvtrim.SnapKV(compression_ratio=0.5)), kvtrim.KIVI(), "flat", (4, 2, 64), 1, 256,
+                     device="cuda")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "flat", "paged"])
+def test_one_token_views_whose_extent_one_strides_differ(layout):
+    # HF's decode step: keys [B, H, 1, D] out of RoPE and values, a transposed projection,
+    # both torch-"contiguous" but with different strides on the extent-1 token axis.
+    # The binding gives extent-1 axes their canonical stride, so both read the same.
+    inputs = make_inputs(3, torch.float16)
+    keys, values = inputs[0].cuda(), inputs[1].cuda()
+    press = kvtrim.StreamingLLM(sinks=4, compression_ratio=0.5)
+    cache = kvtrim.Cache(press, kvtrim.FP16(), layout, (Q_HEADS, KV_HEADS, DIM), BATCH, capacity(layout, press),
+                         device="cuda", page_size=PAGE_SIZE)
+    cache.compress(keys, values)
+    before = cache.head_lengths().copy()
+    k = torch.randn(BATCH, KV_HEADS, 1, DIM, device="cuda").half()                     # strides (H·D, D, D, 1)
+    v = torch.randn(BATCH, 1, KV_HEADS, DIM, device="cuda").half().transpose(1, 2)    # strides (H·D, D, H·D, 1)
+    assert k.is_contiguous() and v.is_contiguous() and k.stride() != v.stride()
+    cache.append(k, v)
+    assert np.array_equal(cache.head_lengths(), before + 1)
+    for b in range(BATCH):
+        for h in range(KV_HEADS):
+            rows_k, rows_v = cache.read(b, h)
+            assert np.array_equal(rows_k[-1], k[b, h, 0].float().cpu().numpy())
+            assert np.array_equal(rows_v[-1], v[b, h, 0].float().cpu().numpy())
