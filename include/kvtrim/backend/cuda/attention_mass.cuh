@@ -103,6 +103,15 @@ __device__ __forceinline__ row_chunk chunk_rows(const Parameters& p, std::int64_
   return rows;
 }
 
+/// Row chunks [this, chunks_per_head) of every query head see the key tile at
+/// j0 (causal; every head has one: the chunk of the last query sees every key).
+template <class Parameters>
+__device__ __forceinline__ std::int64_t first_chunk_seeing(const Parameters& p, std::int64_t j0) {
+  std::int64_t first = 0;
+  while (first + 1 < p.chunks_per_head && chunk_rows(p, first).last_position < j0) ++first;
+  return first;
+}
+
 /// The shared-memory element type of the tile product: the 16-bit input type
 /// itself when keys and queries share it (tensor cores), else fp32.
 template <class KeyT, class QueryT>
@@ -356,10 +365,7 @@ __global__ void __launch_bounds__(mass_threads)
   const std::int64_t b = unit / p.kv_heads, h = unit % p.kv_heads;
   const std::int64_t j0 = tile * mass_tile;
   const std::int64_t row_chunks = p.group * p.chunks_per_head;
-  // Chunks [first_chunk, chunks_per_head) of each query head see the tile (every
-  // head has one: the chunk of the last query sees every key).
-  std::int64_t first_chunk = 0;
-  while (first_chunk + 1 < p.chunks_per_head && chunk_rows(p, first_chunk).last_position < j0) ++first_chunk;
+  const std::int64_t first_chunk = first_chunk_seeing(p, j0);
   const std::int64_t per_head = p.chunks_per_head - first_chunk, items = p.group * per_head;
   const QueryT* query_base = p.queries + b * p.query_batch_stride + h * p.group * p.query_head_stride;
   const auto stage_item = [&](std::int64_t item) {
@@ -633,9 +639,7 @@ __global__ void __launch_bounds__(mass_threads, 3)
   const std::int64_t b = unit / p.kv_heads, h = unit % p.kv_heads;
   const std::int64_t j0 = key_tile * mass_tile;
   const std::int64_t row_chunks = p.group * p.chunks_per_head;
-  // Chunks [first_chunk, chunks_per_head) of each query head see the tile.
-  std::int64_t first_chunk = 0;
-  while (first_chunk + 1 < p.chunks_per_head && chunk_rows(p, first_chunk).last_position < j0) ++first_chunk;
+  const std::int64_t first_chunk = first_chunk_seeing(p, j0);
   const std::int64_t per_head = p.chunks_per_head - first_chunk, items = p.group * per_head;
   const T* query_base = p.queries + b * p.query_batch_stride + h * p.group * p.query_head_stride;
   const auto item_chunk = [&](std::int64_t item) {
