@@ -10,7 +10,8 @@
 // (every token of every head tied: the order is (head, token) over ALL heads,
 // so rank r's ties wait for every earlier rank's), ±0 (one key), NaN and ±∞,
 // protected windows (+∞) of different lengths, per-head scales 4^h (the pool
-// goes to one rank), tiny contexts (a head holds fewer tokens than the budget
+// goes to one rank), empty and tiny contexts (T = 0: every head keeps its floor
+// of one token; T = 1, 2: a head holds fewer tokens than the budget
 // asks, α = 1: floors equal to the whole head). Shards: even, uneven, empty
 // ranks, and replicated heads (counted = false).
 #include <gtest/gtest.h>
@@ -219,7 +220,7 @@ std::vector<budget_case> budget_cases() {
 
 TEST(DistributedBudget, SimulatedRanksMatchOneRankOnEveryPattern) {
   const std::int64_t batch = 3, heads = 8;
-  for (const std::int64_t tokens : {std::int64_t{1}, std::int64_t{2}, std::int64_t{37}, std::int64_t{300}})
+  for (const std::int64_t tokens : {std::int64_t{0}, std::int64_t{1}, std::int64_t{2}, std::int64_t{37}, std::int64_t{300}})
     for (const pattern p : all_patterns)
       for (const auto& bc : budget_cases()) {
         // Protected windows stay ≤ k (the paper form's error is tested below).
