@@ -10,8 +10,8 @@
 // (every token of every head tied: the order is (head, token) over ALL heads,
 // so rank r's ties wait for every earlier rank's), ±0 (one key), NaN and ±∞,
 // protected windows (+∞) of different lengths, per-head scales 4^h (the pool
-// goes to one rank), empty and tiny contexts (T = 0: every head keeps its floor
-// of one token; T = 1, 2: a head holds fewer tokens than the budget
+// goes to one rank), empty and tiny contexts (T = 0: the paper form's floor of
+// one token exceeds k = 0; T = 1, 2: a head holds fewer tokens than the budget
 // asks, α = 1: floors equal to the whole head). Shards: even, uneven, empty
 // ranks, and replicated heads (counted = false).
 #include <gtest/gtest.h>

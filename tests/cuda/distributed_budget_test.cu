@@ -120,6 +120,7 @@ result one_gpu(const kt::budget::adaptive::config& cfg, const problem& p) {
 
 struct rank_heads {
   std::int64_t first, count;
+  bool counted = true;  // false: a replica of heads another rank counts
 };
 std::vector<rank_heads> even_shards(std::int64_t heads, int ranks) {
   std::vector<rank_heads> shards;
@@ -138,6 +139,7 @@ result simulated(const kt::budget::adaptive::config& cfg, const problem& p, cons
   const int ranks = static_cast<int>(shards.size());
   result out{std::vector<std::int32_t>(static_cast<std::size_t>(p.batch * p.heads), -1),
              std::vector<std::vector<std::int32_t>>(static_cast<std::size_t>(p.batch * p.heads))};
+  result replica = out;  // what the replica ranks (counted = false) computed, at their layer heads
   kt::comm::simulated_device_group group(ranks, static_cast<std::size_t>(p.batch * std::max<std::int64_t>(256, p.heads + 1)));
   std::vector<std::exception_ptr> errors(shards.size());
   std::vector<std::thread> threads;
@@ -145,7 +147,7 @@ result simulated(const kt::budget::adaptive::config& cfg, const problem& p, cons
     threads.emplace_back([&, r] {
       try {
         const rank_heads mine = shards[static_cast<std::size_t>(r)];
-        const kt::budget::head_shard shard{mine.first, p.heads, true};
+        const kt::budget::head_shard shard{mine.first, p.heads, mine.counted};
         cudaStream_t stream = nullptr;
         check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
         device_buffer<std::byte> scratch(adaptive_cuda::sharded_workspace_bytes(cfg, p.batch, mine.count, p.tokens, shard));
@@ -156,11 +158,13 @@ result simulated(const kt::budget::adaptive::config& cfg, const problem& p, cons
         check(cudaStreamSynchronize(stream), "sharded keep_counts");
         const auto host = counts.download();
         const auto lists = kept_lists(view, counts.data(), stream);
+        auto& counts_out = mine.counted ? out.counts : replica.counts;
+        auto& lists_out = mine.counted ? out.lists : replica.lists;
         for (std::int64_t b = 0; b < p.batch; ++b)
           for (std::int64_t h = 0; h < mine.count; ++h) {  // disjoint slots per rank: no lock needed
             const auto layer = static_cast<std::size_t>(b * p.heads + mine.first + h);
-            out.counts[layer] = host[static_cast<std::size_t>(b * mine.count + h)];
-            out.lists[layer] = lists[static_cast<std::size_t>(b * mine.count + h)];
+            counts_out[layer] = host[static_cast<std::size_t>(b * mine.count + h)];
+            lists_out[layer] = lists[static_cast<std::size_t>(b * mine.count + h)];
           }
         check(cudaStreamDestroy(stream), "cudaStreamDestroy");
       } catch (...) {
@@ -170,6 +174,8 @@ result simulated(const kt::budget::adaptive::config& cfg, const problem& p, cons
   for (auto& t : threads) t.join();
   for (const auto& e : errors)
     if (e) std::rethrow_exception(e);
+  for (std::size_t i = 0; i < out.counts.size(); ++i)  // a replica computes the counts of the head it copies
+    if (replica.counts[i] != -1) EXPECT_EQ(replica.counts[i], out.counts[i]) << "replica of flattened head " << i;
   return out;
 }
 
@@ -230,6 +236,9 @@ TEST(DistributedBudgetCuda, SmallSimulatedRanks) {
   for (const int ranks : {1, 2, 4, 8})
     expect_same(expected, simulated(cfg, p, even_shards(heads, ranks)), "R = " + std::to_string(ranks));
   expect_same(expected, simulated(cfg, p, {{0, 3}, {3, 0}, {3, 5}}), "uneven");
+  // Replicated heads (engines replicate kv heads when ranks outnumber them): the
+  // copies on ranks 1 and 3 are not counted and must get the same counts.
+  expect_same(expected, simulated(cfg, p, {{0, 4, true}, {0, 4, false}, {4, 4, true}, {4, 4, false}}), "replicas");
 }
 
 /// W: batch 8, 32 q heads / 8 kv heads, head dim 128 (the budget reads only the
