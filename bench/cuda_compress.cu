@@ -17,6 +17,17 @@
 //                                    needs a ragged layout), RazorAttention
 //                                    (one retrieval head of 8) × {flat, paged 16};
 //                                    bytes: K and V read once, the kept rows written
+//   adaptive_budget                  budget::adaptive keep_counts alone, one GPU, on
+//                                    `heads` of the 8 kv heads (a rank's share)
+//   adaptive_budget_sharded          the sharded keep_counts of one rank of `ranks`
+//                                    (8 / ranks local heads of 8) with
+//                                    comm::single_process: the rank's kernels
+//                                    without the collectives' latency (issue 17)
+//   adaptive_budget_simulated_ranks  the whole sharded step, `ranks` ranks as host
+//                                    threads + streams on this one GPU
+//                                    (comm::simulated_device), wall time of the
+//                                    slowest rank: kernels, the simulated
+//                                    all-reduces and the host barriers
 // Each row reports its median time, the bytes a kernel must at least move
 // (see each row) per second, and that rate as a fraction of the copy's.
 //
@@ -32,9 +43,15 @@
 #include <cub/device/device_segmented_sort.cuh>
 #include <cub/device/device_select.cuh>
 
+#include <kvtrim/comm/simulated_device.cuh>
+#include <kvtrim/comm/single_process.hpp>
+
 #include <algorithm>
+#include <barrier>
+#include <chrono>
 #include <cstdio>
 #include <functional>
+#include <thread>
 #include <vector>
 
 namespace kt = kvtrim;
@@ -336,6 +353,113 @@ void compress_scheme(benchmark::State& state) {
   cudaStreamDestroy(stream);
 }
 
+// ---- issue 17: Ada-KV sharded over tensor-parallel ranks ----------------------
+/// The first `heads` of the 8 kv heads of [batch, 8, tokens] scores.
+kt::tensor_view<const float, 3, kt::device_space> first_heads(const selection_buffers& buffers, std::int64_t first,
+                                                             std::int64_t heads) {
+  return {buffers.scores + first * buffers.tokens,
+          {buffers.batch, heads, buffers.tokens},
+          {buffers.kv_heads * buffers.tokens, buffers.tokens, 1}};
+}
+
+void adaptive_budget(benchmark::State& state) {
+  using adaptive = kt::implementation<kt::budget::adaptive, kt::backend::cuda>;
+  selection_buffers buffers(state.range(0), 8, state.range(2));
+  const std::int64_t heads = state.range(1);
+  kt::budget::adaptive::config cfg;
+  cfg.keep = kt::keep_ratio{0.3};
+  const kt::model_shape shape{.q_heads = 4 * heads, .kv_heads = heads, .head_dim = 128};
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  const std::size_t bytes = adaptive::workspace_bytes(cfg, shape, buffers.batch, buffers.tokens);
+  void* scratch = nullptr;
+  check(cudaMalloc(&scratch, std::max<std::size_t>(bytes, 1)), "cudaMalloc");
+  const auto view = first_heads(buffers, 0, heads);
+  time_calls(state, static_cast<double>(buffers.batch * heads * buffers.tokens) * sizeof(float), stream,
+             [&] { adaptive::keep_counts(cfg, view, buffers.counts, {scratch, bytes}, stream); });
+  cudaFree(scratch);
+  cudaStreamDestroy(stream);
+}
+
+void adaptive_budget_sharded(benchmark::State& state) {
+  using adaptive = kt::implementation<kt::budget::adaptive, kt::backend::cuda>;
+  selection_buffers buffers(state.range(0), 8, state.range(2));
+  const std::int64_t heads = 8 / state.range(1);
+  kt::budget::adaptive::config cfg;
+  cfg.keep = kt::keep_ratio{0.3};
+  const kt::budget::head_shard shard{0, 8, true};
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  const std::size_t bytes = adaptive::sharded_workspace_bytes(cfg, buffers.batch, heads, buffers.tokens, shard);
+  void* scratch = nullptr;
+  check(cudaMalloc(&scratch, std::max<std::size_t>(bytes, 1)), "cudaMalloc");
+  const auto view = first_heads(buffers, 0, heads);
+  time_calls(state, static_cast<double>(buffers.batch * heads * buffers.tokens) * sizeof(float), stream, [&] {
+    adaptive::keep_counts(cfg, view, shard, kt::comm::single_process{}, buffers.counts, {scratch, bytes}, stream);
+  });
+  // What the collectives would carry per call: 4 · batch · 256 + batch · (H + 1) counts of 8 bytes.
+  state.counters["allreduce_bytes"] = static_cast<double>(8 * (4 * buffers.batch * 256 + buffers.batch * 9));
+  cudaFree(scratch);
+  cudaStreamDestroy(stream);
+}
+
+void adaptive_budget_simulated_ranks(benchmark::State& state) {
+  using adaptive = kt::implementation<kt::budget::adaptive, kt::backend::cuda>;
+  selection_buffers buffers(state.range(0), 8, state.range(2));
+  const int ranks = static_cast<int>(state.range(1));
+  const std::int64_t heads = 8 / ranks;
+  kt::budget::adaptive::config cfg;
+  cfg.keep = kt::keep_ratio{0.3};
+  kt::comm::simulated_device_group group(ranks, static_cast<std::size_t>(buffers.batch * 256));
+  std::vector<cudaStream_t> streams(static_cast<std::size_t>(ranks));
+  std::vector<void*> scratch(static_cast<std::size_t>(ranks));
+  std::vector<std::int32_t*> counts(static_cast<std::size_t>(ranks));
+  std::size_t bytes = 0;
+  for (int r = 0; r < ranks; ++r) {
+    const kt::budget::head_shard shard{r * heads, 8, true};
+    bytes = adaptive::sharded_workspace_bytes(cfg, buffers.batch, heads, buffers.tokens, shard);
+    cudaStreamCreateWithFlags(&streams[static_cast<std::size_t>(r)], cudaStreamNonBlocking);
+    check(cudaMalloc(&scratch[static_cast<std::size_t>(r)], bytes), "cudaMalloc");
+    check(cudaMalloc(&counts[static_cast<std::size_t>(r)], sizeof(std::int32_t) * buffers.batch * heads), "cudaMalloc");
+  }
+  // Persistent rank threads; each step: every rank calls keep_counts on its stream
+  // and waits for it; the step's time is the host wall time until all are done.
+  const int steps = static_cast<int>(state.max_iterations) + 1;  // + a warm-up step
+  std::barrier start(ranks + 1), done(ranks + 1);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < ranks; ++r)
+    threads.emplace_back([&, r] {
+      const auto i = static_cast<std::size_t>(r);
+      const kt::budget::head_shard shard{r * heads, 8, true};
+      const auto view = first_heads(buffers, r * heads, heads);
+      for (int step = 0; step < steps; ++step) {
+        start.arrive_and_wait();
+        adaptive::keep_counts(cfg, view, shard, kt::comm::simulated_device(group, r), counts[i], {scratch[i], bytes},
+                              streams[i]);
+        cudaStreamSynchronize(streams[i]);
+        done.arrive_and_wait();
+      }
+    });
+  start.arrive_and_wait();  // warm-up
+  done.arrive_and_wait();
+  std::vector<double> seconds;
+  for (auto _ : state) {
+    const auto begin = std::chrono::steady_clock::now();
+    start.arrive_and_wait();
+    done.arrive_and_wait();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count();
+    state.SetIterationTime(s);
+    seconds.push_back(s);
+  }
+  for (auto& t : threads) t.join();
+  std::sort(seconds.begin(), seconds.end());
+  state.counters["median_us"] = seconds[seconds.size() / 2] * 1e6;
+  for (int r = 0; r < ranks; ++r) {
+    cudaFree(scratch[static_cast<std::size_t>(r)]), cudaFree(counts[static_cast<std::size_t>(r)]);
+    cudaStreamDestroy(streams[static_cast<std::size_t>(r)]);
+  }
+}
+
 }  // namespace
 
 BENCHMARK(device_copy)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
@@ -367,6 +491,32 @@ BENCHMARK(compress_static_window_uniform)
     ->Args({8, 8, 32768, 32, 128})
     ->UseManualTime()
     ->Iterations(30)
+    ->Unit(benchmark::kMicrosecond);
+// issue 17 — batch, kv heads on this GPU (of 8), tokens.
+BENCHMARK(adaptive_budget)
+    ->ArgNames({"batch", "heads", "tokens"})
+    ->Args({8, 8, 32768})
+    ->Args({8, 4, 32768})
+    ->Args({8, 2, 32768})
+    ->UseManualTime()
+    ->Iterations(50)
+    ->Unit(benchmark::kMicrosecond);
+// batch, ranks (8 / ranks kv heads each), tokens.
+BENCHMARK(adaptive_budget_sharded)
+    ->ArgNames({"batch", "ranks", "tokens"})
+    ->Args({8, 1, 32768})
+    ->Args({8, 2, 32768})
+    ->Args({8, 4, 32768})
+    ->UseManualTime()
+    ->Iterations(50)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(adaptive_budget_simulated_ranks)
+    ->ArgNames({"batch", "ranks", "tokens"})
+    ->Args({8, 1, 32768})
+    ->Args({8, 2, 32768})
+    ->Args({8, 4, 32768})
+    ->UseManualTime()
+    ->Iterations(50)
     ->Unit(benchmark::kMicrosecond);
 
 #define KVTRIM_COMPRESS_ROW(L, S, B)                                         \

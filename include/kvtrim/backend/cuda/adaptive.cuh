@@ -29,6 +29,25 @@
 // exactly H·k and the layout's capacity (planned from H·k) is never exceeded.
 // Callers who need the error run the check where the scores are known (the
 // scorer's protected window is a host-side configuration: window ≤ k).
+//
+// Sharded (tensor parallelism; docs/tensor-parallel.md, the CPU reference's
+// sharded keep_counts is the specification): F(v) is a sum over heads, so each
+// rank evaluates its own heads' part and the communicator adds the ranks —
+// between the passes, on the stream. Per pass one launch, sharded_radix_pass:
+// each block first re-derives the prefix so far from the all-reduced totals of
+// the earlier passes (≤ 3 block-wide counts over 256 values in L2: no decision
+// kernel between the collective and the next pass), histograms its chunk into
+// the pass's buffer (two, alternating: the last block of a group still reads
+// the previous pass's), and the last block of a group (the arrival counter)
+// folds the previous pass's digit into `above`, clears that buffer, and writes
+// the rank's F at the 256 candidate digits: totals[pass][group]. Then
+// comm.all_reduce_sum(totals[pass]). After the fourth, sharded_finish writes
+// [Σ base, surplus per layer head] per sequence (zeros but this rank's slots),
+// one more all-reduce, and sharded_assign replays the one-GPU tie loop over
+// all H heads and writes this rank's counts. 6 launches, one memset, 5
+// collectives of 4 · batch · 256 + batch · (H + 1) 64-bit counts in all; no
+// host round trip, so the whole call is capturable when the communicator's
+// all-reduce is (NCCL's is).
 #pragma once
 
 #include <cmath>
@@ -37,6 +56,7 @@
 #include "kvtrim/backend/cuda/common.cuh"
 #include "kvtrim/backend/cuda/select_top_k.cuh"
 #include "kvtrim/budget/adaptive.hpp"
+#include "kvtrim/comm/communicator.hpp"
 #include "kvtrim/core/implementation.hpp"
 #include "kvtrim/core/shape.hpp"
 #include "kvtrim/core/workspace.hpp"
@@ -71,6 +91,212 @@ struct adaptive_rule {
   }
 };
 
+/// The sharded search's state (carved from the workspace). The first five are
+/// adjacent and zeroed by one memset per call: the totals and shares of a rank
+/// without heads are then the zeros it must send.
+struct sharded_state {
+  std::uint32_t* histograms = nullptr;  // [2 × heads × radix_bins]: pass p uses half p % 2
+  std::uint32_t* infinities = nullptr;  // [heads]: tokens scored +∞ (pass 0)
+  std::uint32_t* arrivals = nullptr;    // [groups]
+  unsigned long long* totals = nullptr;  // [radix_passes × groups × radix_bins]: F per candidate digit
+  unsigned long long* shares = nullptr;  // [groups × (H + 1)]: Σ base, surplus per layer head
+  std::size_t zeroed_bytes = 0;
+  std::int64_t* floors = nullptr;  // [heads]
+  std::int64_t* above = nullptr;   // [heads]: keys above the prefix's range
+  std::int64_t* ties = nullptr;    // [heads]: keys equal to v* (after sharded_finish)
+
+  template <class Carver>
+  static sharded_state carve(Carver& carver, std::int64_t heads, std::int64_t groups, std::int64_t layer_heads) {
+    sharded_state s;
+    s.histograms = carver.template take<std::uint32_t>(2 * heads * radix_bins);
+    s.infinities = carver.template take<std::uint32_t>(heads);
+    s.arrivals = carver.template take<std::uint32_t>(groups);
+    s.totals = carver.template take<unsigned long long>(radix_passes * groups * radix_bins);
+    s.shares = carver.template take<unsigned long long>(groups * (layer_heads + 1));
+    if (s.histograms != nullptr)
+      s.zeroed_bytes = static_cast<std::size_t>(reinterpret_cast<const std::byte*>(s.shares + groups * (layer_heads + 1)) -
+                                                reinterpret_cast<const std::byte*>(s.histograms));
+    s.floors = carver.template take<std::int64_t>(heads);
+    s.above = carver.template take<std::int64_t>(heads);
+    s.ties = carver.template take<std::int64_t>(heads);
+    return s;
+  }
+};
+
+/// The digit the all-reduced totals of one pass choose for a group: the largest
+/// whose F still reaches the target (decide_group's rule). Every thread of the
+/// block (radix_bins threads) calls it and gets the same digit.
+__device__ __forceinline__ int chosen_digit(const unsigned long long* totals, long long target) {
+  const int short_digits = __syncthreads_count(static_cast<long long>(__ldcg(&totals[threadIdx.x])) < target);
+  return radix_bins - 1 - (short_digits < radix_bins ? short_digits : radix_bins - 1);
+}
+
+/// Pass `pass` of the sharded search on this rank's heads (see the top of the file).
+template <int Items>
+__global__ void __launch_bounds__(radix_bins) sharded_radix_pass(score_rows scores, std::int64_t heads,
+                                                                 std::int64_t heads_per_group, int pass,
+                                                                 adaptive_rule rule, unsigned long long counted,
+                                                                 sharded_state state) {
+  __shared__ std::uint32_t bins[radix_bins];
+  __shared__ std::uint32_t infinities;
+  __shared__ bool last_arrival;
+  __shared__ unsigned long long reached[radix_bins];
+  constexpr std::int64_t chunk_tokens = std::int64_t{radix_bins} * Items;
+  const std::int64_t chunks = scores.tokens > 0 ? (scores.tokens + chunk_tokens - 1) / chunk_tokens : 1;
+  const std::int64_t group_items = heads_per_group * chunks;
+  const std::int64_t groups = heads_per_group > 0 ? heads / heads_per_group : 0;
+  const int shift = 32 - radix_bits * (pass + 1);
+  const std::uint32_t high_mask = pass == 0 ? 0u : ~0u << (32 - radix_bits * pass);
+  const long long target = rule.target(0);
+  std::uint32_t* histograms = state.histograms + (pass % 2) * heads * radix_bins;
+  for (std::int64_t work = blockIdx.x; work < heads * chunks; work += gridDim.x) {
+    const std::int64_t head = work / chunks;
+    const std::int64_t group = head / heads_per_group;
+    const std::int64_t begin = (work % chunks) * chunk_tokens;
+    const std::int64_t end = begin + chunk_tokens < scores.tokens ? begin + chunk_tokens : scores.tokens;
+    // The digits the earlier passes' all-reduced totals chose (the same on every rank).
+    std::uint32_t fixed = 0;
+    int previous_digit = 0;
+    for (int q = 0; q < pass; ++q) {
+      previous_digit = chosen_digit(state.totals + (q * groups + group) * radix_bins, target);
+      fixed |= std::uint32_t(previous_digit) << (32 - radix_bits * (q + 1));
+    }
+    bins[threadIdx.x] = 0;
+    if (threadIdx.x == 0) infinities = 0;
+    __syncthreads();
+    const float* row = scores.row(head);
+    float values[Items];
+#pragma unroll
+    for (int i = 0; i < Items; ++i) {
+      const std::int64_t token = begin + threadIdx.x + std::int64_t{i} * radix_bins;
+      values[i] = token < end ? row[token * scores.token_stride] : 0.0f;
+    }
+    std::uint32_t my_infinities = 0;
+#pragma unroll
+    for (int i = 0; i < Items; ++i) {
+      if (begin + threadIdx.x + std::int64_t{i} * radix_bins >= end) break;
+      const std::uint32_t key = rank_key(values[i]);
+      if (((key ^ fixed) & high_mask) == 0) atomicAdd(&bins[(key >> shift) & (radix_bins - 1)], 1u);
+      my_infinities += key == infinity_key ? 1u : 0u;
+    }
+    if (pass == 0 && my_infinities > 0) atomicAdd(&infinities, my_infinities);
+    __syncthreads();
+    if (bins[threadIdx.x] > 0) atomicAdd(&histograms[head * radix_bins + threadIdx.x], bins[threadIdx.x]);
+    if (pass == 0 && threadIdx.x == 0 && infinities > 0) atomicAdd(&state.infinities[head], infinities);
+    __threadfence();  // this block's counts are visible device-wide before its arrival is
+    __syncthreads();
+    if (threadIdx.x == 0)
+      last_arrival = atomicAdd(&state.arrivals[group], 1u) == static_cast<std::uint32_t>(group_items - 1);
+    __syncthreads();
+    if (!last_arrival) continue;
+    __threadfence();
+    // The group's last block: fold the previous pass's digit into `above` (keys
+    // of the digits above it), clear that pass's half for the pass after this,
+    // then this rank's F at the lowest key of each candidate digit.
+    const std::int64_t first = group * heads_per_group;
+    constexpr int warps = radix_bins / 32;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    if (pass == 0) {
+      for (std::int64_t h = threadIdx.x; h < heads_per_group; h += radix_bins) {
+        state.floors[first + h] = rule.floor(group, h, __ldcg(&state.infinities[first + h]));
+        state.above[first + h] = 0;
+      }
+    } else {
+      std::uint32_t* previous = state.histograms + ((pass - 1) % 2) * heads * radix_bins;
+      const int j = radix_bins - 1 - previous_digit;
+      for (std::int64_t h = warp; h < heads_per_group; h += warps) {
+        warp_bins wb;
+        wb.load(previous + (first + h) * radix_bins, lane);
+#pragma unroll
+        for (int i = 0; i < warp_bins::per_lane; ++i)
+          if (lane * warp_bins::per_lane + i == j)
+            state.above[first + h] += static_cast<long long>(wb.before + wb.running[i] - wb.count[i]);
+      }
+      __syncthreads();
+      for (std::int64_t h = 0; h < heads_per_group; ++h) previous[(first + h) * radix_bins + threadIdx.x] = 0;
+    }
+    reached[threadIdx.x] = 0;
+    __syncthreads();
+    for (std::int64_t h = warp; h < heads_per_group; h += warps) {
+      warp_bins wb;
+      wb.load(histograms + (first + h) * radix_bins, lane);
+      const auto floor = static_cast<unsigned long long>(__ldcg(&state.floors[first + h]));
+      const auto above = static_cast<unsigned long long>(__ldcg(&state.above[first + h]));
+#pragma unroll
+      for (int i = 0; i < warp_bins::per_lane; ++i) {
+        const unsigned long long tokens = above + wb.before + wb.running[i];
+        atomicAdd(&reached[lane * warp_bins::per_lane + i], tokens > floor ? tokens : floor);
+      }
+    }
+    __syncthreads();
+    state.totals[(std::int64_t{pass} * groups + group) * radix_bins + threadIdx.x] = counted * reached[threadIdx.x];
+    if (threadIdx.x == 0) state.arrivals[group] = 0;  // the next pass counts again
+    __syncthreads();
+  }
+}
+
+/// After the last all-reduce of totals: per group (one block), v*'s last digit,
+/// each local head's above and ties, and this rank's shares: Σ base at slot 0,
+/// each local head's surplus at 1 + its layer index. (A template only so that
+/// any number of translation units may include this header.)
+template <int Threads>
+__global__ void __launch_bounds__(radix_bins) sharded_finish(std::int64_t heads, std::int64_t heads_per_group,
+                                                             std::int64_t first_head, std::int64_t layer_heads,
+                                                             adaptive_rule rule, unsigned long long counted,
+                                                             sharded_state state) {
+  const std::int64_t group = blockIdx.x;
+  const std::int64_t groups = gridDim.x;
+  const long long target = rule.target(0);
+  const int digit = chosen_digit(state.totals + ((radix_passes - 1) * groups + group) * radix_bins, target);
+  const std::uint32_t* last = state.histograms + ((radix_passes - 1) % 2) * heads * radix_bins;
+  const std::int64_t first = group * heads_per_group;
+  constexpr int warps = radix_bins / 32;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int j = radix_bins - 1 - digit;
+  for (std::int64_t h = warp; h < heads_per_group; h += warps) {
+    warp_bins wb;
+    wb.load(last + (first + h) * radix_bins, lane);
+#pragma unroll
+    for (int i = 0; i < warp_bins::per_lane; ++i)
+      if (lane * warp_bins::per_lane + i == j) {
+        const long long floor = state.floors[first + h];
+        const long long above = state.above[first + h] + static_cast<long long>(wb.before + wb.running[i] - wb.count[i]);
+        const long long ties = static_cast<long long>(wb.count[i]);
+        state.above[first + h] = above;
+        state.ties[first + h] = ties;
+        const long long base = above > floor ? above : floor;
+        const long long full = above + ties > floor ? above + ties : floor;
+        unsigned long long* shares = state.shares + group * (layer_heads + 1);
+        atomicAdd(&shares[0], counted * static_cast<unsigned long long>(base));
+        shares[1 + first_head + h] = counted * static_cast<unsigned long long>(full - base);
+      }
+  }
+}
+
+/// After the all-reduce of the shares: per group (one thread), the one-GPU tie
+/// loop over all H layer heads in order; this rank writes its heads' counts.
+template <int Threads>
+__global__ void __launch_bounds__(Threads) sharded_assign(std::int64_t groups, std::int64_t heads_per_group,
+                                                           std::int64_t first_head, std::int64_t layer_heads,
+                                                           adaptive_rule rule, sharded_state state) {
+  const std::int64_t group = std::int64_t{blockIdx.x} * Threads + threadIdx.x;
+  if (group >= groups) return;
+  const unsigned long long* shares = state.shares + group * (layer_heads + 1);
+  long long remaining = rule.target(group) - static_cast<long long>(shares[0]);
+  for (std::int64_t g = 0; g < layer_heads; ++g) {
+    const auto surplus = static_cast<long long>(shares[1 + g]);
+    long long take = surplus < remaining ? surplus : remaining;
+    take = take > 0 ? take : 0;
+    remaining -= take;
+    const std::int64_t h = g - first_head;
+    if (h >= 0 && h < heads_per_group) {
+      const std::int64_t head = group * heads_per_group + h;
+      const long long floor = state.floors[head], above = state.above[head];
+      rule.write_count(head, (above > floor ? above : floor) + take);
+    }
+  }
+}
+
 }  // namespace cuda_detail
 
 template <>
@@ -94,6 +320,64 @@ struct implementation<budget::adaptive, backend::cuda> {
                                           cfg.kvpress_compatible, keep_counts};
     cuda_detail::find_thresholds(cuda_detail::rows_of(scores), batch * kv_heads, kv_heads, rule, state, stream,
                                  function);
+  }
+
+  /// Workspace of the sharded keep_counts: O(batch · (local heads + H) · 256), not O(tokens).
+  static std::size_t sharded_workspace_bytes(const budget::adaptive::config&, std::int64_t batch,
+                                             std::int64_t local_heads, std::int64_t /*tokens*/,
+                                             const budget::head_shard& shard) {
+    workspace_carver carver;
+    cuda_detail::sharded_state::carve(carver, batch * local_heads, batch, shard.total_heads);
+    return carver.bytes();
+  }
+
+  /// This rank's keep counts [batch, local heads] (device memory), equal to
+  /// those of keep_counts over all ranks' heads; the CPU's sharded keep_counts
+  /// is the specification. Every rank calls it with the same config, batch,
+  /// tokens and shard.total_heads. All on `stream`: the communicator's
+  /// all-reduces (5) are enqueued on it between the kernels. Unlike the CPU, a
+  /// head protecting more than k tokens (paper form) is clamped to k, as the
+  /// one-GPU budget does (the device never reports data to the host), and the
+  /// shards' consistency is the caller's (budget::head_shard).
+  template <comm::communicator<cudaStream_t> Comm>
+  static void keep_counts(const budget::adaptive::config& cfg, const tensor_view<const float, 3, device_space>& scores,
+                          const budget::head_shard& shard, const Comm& comm, std::int32_t* keep_counts,
+                          workspace scratch, cudaStream_t stream) {
+    constexpr std::string_view sharded_function = "kvtrim::budget::adaptive (sharded)";
+    const std::int64_t batch = scores.extent(0), heads = scores.extent(1), tokens = scores.extent(2);
+    shard.validate(sharded_function, heads);
+    if (batch == 0) return;  // the same on every rank: no collective
+    const std::int64_t layer_heads = shard.total_heads;
+    workspace_carver carver(scratch);
+    const auto state = cuda_detail::sharded_state::carve(carver, batch * heads, batch, layer_heads);
+    const cuda_detail::adaptive_rule rule{layer_heads, budget::adaptive::head_budget(cfg, tokens), cfg.alpha,
+                                          cfg.kvpress_compatible, keep_counts};
+    const unsigned long long counted = shard.counted ? 1ull : 0ull;
+    detail::check_cuda(cudaMemsetAsync(state.histograms, 0, state.zeroed_bytes, stream), sharded_function,
+                       "cudaMemsetAsync(sharded state)");
+    constexpr int items = 16;
+    const auto rows = cuda_detail::rows_of(scores);
+    const std::int64_t chunks =
+        cuda_detail::ceil_div(std::max<std::int64_t>(tokens, 1), std::int64_t{cuda_detail::radix_bins} * items);
+    const auto blocks = static_cast<unsigned>(std::clamp<std::int64_t>(batch * heads * chunks, 1, 1 << 20));
+    const auto digits = static_cast<std::size_t>(batch * cuda_detail::radix_bins);
+    for (int pass = 0; pass < cuda_detail::radix_passes; ++pass) {
+      cuda_detail::sharded_radix_pass<items><<<blocks, cuda_detail::radix_bins, 0, stream>>>(
+          rows, batch * heads, heads, pass, rule, counted, state);
+      detail::check_launch(sharded_function, "sharded_radix_pass");
+      comm.all_reduce_sum(reinterpret_cast<std::uint64_t*>(state.totals) + pass * digits, digits, stream);
+    }
+    cuda_detail::sharded_finish<cuda_detail::radix_bins><<<static_cast<unsigned>(batch), cuda_detail::radix_bins, 0,
+                                                           stream>>>(batch * heads, heads, shard.first_head,
+                                                                     layer_heads, rule, counted, state);
+    detail::check_launch(sharded_function, "sharded_finish");
+    comm.all_reduce_sum(reinterpret_cast<std::uint64_t*>(state.shares),
+                        static_cast<std::size_t>(batch * (layer_heads + 1)), stream);
+    constexpr int assign_threads = 128;
+    cuda_detail::sharded_assign<assign_threads>
+        <<<static_cast<unsigned>(cuda_detail::ceil_div(batch, assign_threads)), assign_threads, 0, stream>>>(
+            batch, heads, shard.first_head, layer_heads, rule, state);
+    detail::check_launch(sharded_function, "sharded_assign");
   }
 };
 
