@@ -99,7 +99,9 @@ class Attention(nn.Module):
         if capture is not None:
             capture.append((q, k, v))
         if prefix is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            group = c.q_heads // c.kv_heads  # each kv head serves `group` query heads (GQA)
+            out = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                                 is_causal=True)
         else:
             out = attend_over_prefix(q, k, v, prefix)
         return self.o(out.transpose(1, 2).reshape(B, L, c.q_heads * c.head_dim))
