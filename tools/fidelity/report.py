@@ -22,6 +22,8 @@ def rows_by_setup(data):
     """(setup, fraction) → {task: row}, in the order of the tables."""
     table = OrderedDict()
     for row in data["results"]:
+        if "error" in row:
+            continue
         table.setdefault((row["setup"], row["fraction"]), {})[row["task"]] = row
     def key(item):
         (setup, fraction), _ = item
@@ -68,7 +70,7 @@ def plots(data, directory):
     for ax, (task, metric, title) in zip(axes.flat, panels):
         for family in ORDER:
             points = sorted((r["bytes_per_token"] / fp16, r[metric]) for r in data["results"]
-                            if r["task"] == task and r["family"] == family)
+                            if r["task"] == task and r["family"] == family and "error" not in r)
             if points:
                 style = "--" if "int8" in family else "-"
                 ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", markersize=3, label=family)
