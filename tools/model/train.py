@@ -50,6 +50,22 @@ def held_out_bits_per_byte(model, held, seq, device, windows=64, seed=7):
     return total / count / math.log(2)
 
 
+def plant_needles(x, fraction, generator):
+    """Writes, into a `fraction` of the windows x [B, L+1], four KEY_xy = "value" lines early and one recall later."""
+    letters, alphabet = b"ABCDEFGH", b"abcdefghijklmnopqrstuvwxyz0123456789"
+    length = x.shape[1]
+    for row in np.nonzero(generator.random(x.shape[0]) < fraction)[0]:
+        names = [b"KEY_" + bytes([letters[i // 8], letters[i % 8]]) for i in generator.choice(64, 4, replace=False)]
+        values = [bytes(alphabet[j] for j in generator.integers(0, len(alphabet), 8)) for _ in names]
+        block = b"\n" + b"".join(n + b' = "' + v + b'"\n' for n, v in zip(names, values))
+        asked = int(generator.integers(4))
+        recall = b"\n" + names[asked] + b' = "' + values[asked] + b'"\n'
+        at = int(generator.integers(0, length // 3))
+        later = int(generator.integers(at + len(block) + 64, length - len(recall)))
+        for where, text in ((at, block), (later, recall)):
+            x[row, where:where + len(text)] = torch.tensor(list(text), dtype=x.dtype, device=x.device)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".model")
@@ -61,6 +77,9 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-seconds", type=float, default=1e9)
     parser.add_argument("--tiny", action="store_true", help="1 layer, short sequences, a few steps (a CPU smoke run)")
+    parser.add_argument("--needle-mix", type=float, default=0.0,
+                        help="fraction of training windows given a KEY_xy = \"...\" block and a later recall of one key "
+                             "(the needle task's format; 0: none, the model learns copying from code alone)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -96,6 +115,8 @@ def main():
             group["lr"] = args.lr * schedule(step)
         starts = torch.from_numpy(generator.integers(0, train.numel() - args.seq - 1, args.batch)).to(device)
         x = train[starts[:, None] + offsets].long()
+        if args.needle_mix > 0:
+            plant_needles(x, args.needle_mix, generator)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x[:, :-1])
         loss = F.cross_entropy(logits.float().reshape(-1, config.vocab), x[:, 1:].reshape(-1))
