@@ -54,6 +54,62 @@ def markdown(data):
     return "\n".join(lines)
 
 
+def model_section(data):
+    m, t = data["model"], data.get("training", {})
+    corpus = t.get("corpus", data.get("corpus", {}))
+    lines = ["| | |", "|---|---|",
+             f"| shape | {m['layers']} layers, width {m['width']}, {m['q_heads']} query heads over {m['kv_heads']} kv heads "
+             f"of {m['head_dim']}, SwiGLU {m['mlp']}, RoPE base {m['rope_base']:g}, byte vocabulary ({m['vocab']}) |"]
+    if t:
+        lines += [f"| parameters | {t['parameters'] / 1e6:.2f} M |",
+                  f"| training | {t['steps_run']} steps of {t['args']['batch']} × {t['args']['seq']} bytes "
+                  f"({t['tokens_seen'] / 1e6:.0f} M bytes), AdamW lr {t['args']['lr']:g} cosine, bf16 autocast, "
+                  f"seed {t['args']['seed']}, {t['seconds']:.0f} s on {t.get('gpu') or t['device']}"
+                  + (" — stopped early by its time guard" if t.get("stopped_early") else "") +
+                  (f", needle format planted in {t['args'].get('needle_mix', 0):.0%} of windows"
+                   if t["args"].get("needle_mix") else "") + " |",
+                  f"| held-out bits per byte | {t['final_held_out_bits_per_byte']:.3f} "
+                  f"(train curve: [img/fidelity-training.png](img/fidelity-training.png)) |"]
+    if corpus:
+        lines.append(f"| text | {corpus['files']} Python files installed on the GPU machine; "
+                     f"{corpus.get('train_bytes', 0) / 1e6:.0f} MB for training, {corpus['held_out_files']} files "
+                     f"({corpus['held_out_bytes'] / 1e6:.1f} MB) held out; list sha256 `{corpus['list_sha256'][:16]}…` |")
+    razor = data.get("razor", {})
+    if razor:
+        heads = [f"layer {l} kv head {h}" for l, flags in enumerate(razor["retrieval_heads"])
+                 for h, flag in enumerate(flags) if flag]
+        kv = m["kv_heads"]
+        scores = ", ".join(f"L{i // kv}h{i % kv} {x:.2f}" for i, x in enumerate(razor["induction"]))
+        lines.append(f"| RazorAttention calibration | kvtrim's probe ({razor['probe']['block']} random printable bytes × "
+                     f"{razor['probe']['repeats']}), top 14% by induction ∪ top 1% by echo: {', '.join(heads)}. "
+                     f"Induction scores: {scores} |")
+    return "\n".join(lines)
+
+
+def missing_section(data):
+    lines = [f"- {m}" for m in data.get("missing", [])]
+    checks = [c for c in data.get("cuda_checks", []) if "setup" in c]
+    if checks:
+        ok = [c for c in checks if c.get("kept_sets_identical")]
+        worst = max((c.get("attend_max_abs_difference", 0.0) for c in ok), default=0.0)
+        names = sorted({c["setup"] for c in checks})
+        lines.append(f"- CPU against CUDA: {len(checks)} configurations whose scheme is compiled for CUDA "
+                     f"({', '.join(names)}) were compressed on both from the same fp16 inputs: kept sets identical "
+                     f"in {len(ok)} of {len(checks)}, decode attention within {worst:.1e}. The table itself is the "
+                     f"CPU backend's (the GPU path lacks read-back for the continuation).")
+        for c in checks:
+            if "error" in c:
+                lines.append(f"  - {c['setup']} {c['fraction']:.0%}: {c['error']}")
+    elif data.get("cuda_checks"):
+        lines.append(f"- CPU against CUDA: {data['cuda_checks'][0].get('skipped', 'not run')}")
+    return "\n".join(lines)
+
+
+def replace(doc, marker, text):
+    return re.sub(rf"<!-- {marker} -->.*?<!-- /{marker} -->", lambda m: f"<!-- {marker} -->\n{text}\n<!-- /{marker} -->",
+                  doc, flags=re.S)
+
+
 def plots(data, directory):
     import matplotlib
     matplotlib.use("Agg")
@@ -122,9 +178,11 @@ def main():
     if os.path.exists(args.doc):
         with open(args.doc) as f:
             doc = f.read()
-        doc, n = re.subn(r"<!-- tables -->.*?<!-- /tables -->", lambda m: f"<!-- tables -->\n{table}\n<!-- /tables -->",
-                         doc, flags=re.S)
-        if n:
+        before = doc
+        doc = replace(doc, "tables", table)
+        doc = replace(doc, "model", model_section(data))
+        doc = replace(doc, "missing", missing_section(data))
+        if doc != before:
             with open(args.doc, "w") as f:
                 f.write(doc)
             print("updated", args.doc)
