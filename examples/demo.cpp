@@ -58,7 +58,10 @@ std::vector<float> unit(std::mt19937_64& random, std::int64_t dim) {
   std::normal_distribution<float> normal;
   std::vector<float> u(static_cast<std::size_t>(dim));
   float norm = 0.0f;
-  for (auto& x : u) norm += (x = normal(random)) * x;
+  for (auto& x : u) {
+    x = normal(random);
+    norm += x * x;
+  }
   for (auto& x : u) x /= std::sqrt(norm);
   return u;
 }
@@ -220,6 +223,11 @@ int main() {
                 held_bytes(r) >> 10,
                 relative_error(r.out, full.out, false), relative_error(r.out, full.out, true));
   }
+  std::printf("\nReading it: StreamingLLM keeps sinks and recent tokens, so it loses the heavy hitters and the fact.\n"
+              "SnapKV keeps what the prompt's last queries looked at: the heavy hitters, not the fact asked for later.\n"
+              "Ada-SnapKV moves budget to the heads whose scores are spread out; the retrieval head looked sharp to\n"
+              "the window, so it gets less. RazorAttention keeps the retrieval head whole (the answer survives, error 0)\n"
+              "and pays on the heads whose heavy hitters sit outside its recent window.\n");
   std::printf("\nOn a trained model: docs/fidelity.md (every policy and codec, with accuracy and needle recall).\n");
   return 0;
 }
