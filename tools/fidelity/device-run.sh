@@ -8,8 +8,8 @@
 # The package builds (CPU cores) while the model trains (GPU), then the study
 # runs with the package. Results in $OUT: fidelity.json (the study), train.json,
 # logs, and fidelity.tgz holding them all (a device call brings back few files).
-# Knobs (environment): FIDELITY_STEPS (training steps, 900), FIDELITY_SAMPLES
-# (examples per task, 32), FIDELITY_QUICK=1 (two kept fractions), KVTRIM_CUDA
+# Knobs (environment): FIDELITY_STEPS (training steps; train.py's default 1800),
+# FIDELITY_SAMPLES (examples per task, 24), FIDELITY_QUICK=1 (two kept fractions), KVTRIM_CUDA
 # (ON: also compare the GPU backend where a scheme is compiled for it; a failed
 # CUDA build falls back to the CPU backend), FIDELITY_TRAIN_SECONDS (a guard
 # that stops training early, recorded in train.json; default: none),
@@ -53,7 +53,7 @@ else
   builder=$!
 fi
 
-python3 "$tools/model/train.py" --out "$model" --steps "${FIDELITY_STEPS:-900}" \
+python3 "$tools/model/train.py" --out "$model" ${FIDELITY_STEPS:+--steps "$FIDELITY_STEPS"} \
   --max-seconds "${FIDELITY_TRAIN_SECONDS:-1e9}" ${FIDELITY_TRAIN_ARGS:-} 2>&1 | tee "$out/train.log"
 trained=${PIPESTATUS[0]}
 cp "$model/train.json" "$out/" 2>/dev/null
@@ -65,7 +65,7 @@ if [ "$trained" -eq 0 ] && [ "$(cat "$out/build.rc")" -eq 0 ]; then
   PYTHONPATH="$site" python3 -c "import kvtrim; print('kvtrim', kvtrim.__version__, 'has_cuda', kvtrim.has_cuda, len(kvtrim.schemes()), 'schemes')"
   left=$(( ${FIDELITY_DEADLINE:-100000} - SECONDS ))  # the study stops before the call's own limit; what it finished stays
   PYTHONPATH="$site" timeout "$left" python3 "$tools/fidelity/study.py" --model "$model" --out "$out/fidelity.json" \
-    --samples "${FIDELITY_SAMPLES:-32}" ${FIDELITY_QUICK:+--quick} 2>&1 | tee "$out/study.log"
+    --samples "${FIDELITY_SAMPLES:-24}" ${FIDELITY_QUICK:+--quick} 2>&1 | tee "$out/study.log"
   studied=${PIPESTATUS[0]}
 else
   tail -30 "$out"/build-*.log

@@ -217,6 +217,25 @@ def compress_layer(setup: Setup, layer: int, layers: int, shape, k, v, q_window,
             "compress_seconds": seconds, "compensated": compensated, "scheme": cache.name}
 
 
+def merge(parts):
+    """Joins compress_layer's results for consecutive batch slices (read-backs padded to the longest head)."""
+    if len(parts) == 1:
+        return parts[0]
+    P = max(p["keys"].shape[2] for p in parts)
+    pad = lambda a, value: np.pad(a, [(0, 0), (0, 0), (0, P - a.shape[2])] + [(0, 0)] * (a.ndim - 3),  # noqa: E731
+                                  constant_values=value)
+    out = {"keys": np.concatenate([pad(p["keys"], 0.0) for p in parts]),
+           "values": np.concatenate([pad(p["values"], 0.0) for p in parts]),
+           "bias": np.concatenate([pad(p["bias"], -np.inf) for p in parts]),
+           "positions": np.concatenate([pad(p["positions"], -1) for p in parts]),
+           "lengths": np.concatenate([p["lengths"] for p in parts]),
+           "attend": np.concatenate([np.asarray(p["attend"]) for p in parts])}
+    for key in ("held_bytes", "kept", "compress_seconds", "compensated"):
+        out[key] = sum(p[key] for p in parts)
+    out["scheme"] = parts[0]["scheme"]
+    return out
+
+
 def torch_decode(q_last, keys, values, bias):
     """The read-back computation kvtrim's attend must equal: q [B, Hq, D] over slots [B, Hkv, P, D]."""
     B, Hq, D = q_last.shape
@@ -294,15 +313,20 @@ def main():
                         "continuation_path_max_logit_difference": path_difference, **full})
         print(f"[{time.time() - started:6.1f} s] {task.name}: full cache {full}", flush=True)
         # compressions run on the pool a few setups ahead of the GPU (read-backs are large: bound what waits)
-        submit = lambda s: [pool.submit(compress_layer, s, layer, config.layers, shape, *caps[layer], T)  # noqa: E731
-                            for layer in range(config.layers)]
+        def submit(s):
+            # H2O scores every prefill query (T² work per head): its batch is split so that all cores share it
+            # (its budget is per head, so a split changes nothing; Ada-KV's shared budget is never split).
+            chunks = min(args.threads // 4, ids.shape[0]) if s.press(config.layers).window_queries < 0 else 1
+            edges = np.linspace(0, ids.shape[0], max(1, chunks) + 1).astype(int)
+            return [[pool.submit(compress_layer, s, layer, config.layers, shape, *(a[b0:b1] for a in caps[layer]), T)
+                     for b0, b1 in zip(edges[:-1], edges[1:])] for layer in range(config.layers)]
         ahead = max(2, args.threads // config.layers + 1)
         futures = [submit(s) for s in plan[:ahead]]
         for i, s in enumerate(plan):
             if i + ahead < len(plan):
                 futures.append(submit(plan[i + ahead]))
             try:
-                layers = [f.result() for f in futures[i]]
+                layers = [merge([f.result() for f in chunks]) for chunks in futures[i]]
             except Exception as failure:  # noqa: BLE001 - recorded in the results, the study goes on
                 results.append({"task": task.name, "setup": s.name, "family": s.family, "fraction": s.fraction,
                                 "error": repr(failure)})
