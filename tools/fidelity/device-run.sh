@@ -64,6 +64,7 @@ studied=1
 if [ "$trained" -eq 0 ] && [ "$(cat "$out/build.rc")" -eq 0 ]; then
   PYTHONPATH="$site" python3 -c "import kvtrim; print('kvtrim', kvtrim.__version__, 'has_cuda', kvtrim.has_cuda, len(kvtrim.schemes()), 'schemes')"
   left=$(( ${FIDELITY_DEADLINE:-100000} - SECONDS ))  # the study stops before the call's own limit; what it finished stays
+  [ "$left" -gt 10 ] || left=10  # (timeout 0 would mean no limit)
   PYTHONPATH="$site" timeout "$left" python3 "$tools/fidelity/study.py" --model "$model" --out "$out/fidelity.json" \
     --samples "${FIDELITY_SAMPLES:-24}" ${FIDELITY_QUICK:+--quick} 2>&1 | tee "$out/study.log"
   studied=${PIPESTATUS[0]}
