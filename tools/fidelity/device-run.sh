@@ -66,7 +66,8 @@ if [ "$trained" -eq 0 ] && [ "$(cat "$out/build.rc")" -eq 0 ]; then
   left=$(( ${FIDELITY_DEADLINE:-100000} - SECONDS ))  # the study stops before the call's own limit; what it finished stays
   [ "$left" -gt 10 ] || left=10  # (timeout 0 would mean no limit)
   PYTHONPATH="$site" timeout "$left" python3 "$tools/fidelity/study.py" --model "$model" --out "$out/fidelity.json" \
-    --samples "${FIDELITY_SAMPLES:-24}" ${FIDELITY_QUICK:+--quick} 2>&1 | tee "$out/study.log"
+    --samples "${FIDELITY_SAMPLES:-24}" ${FIDELITY_QUICK:+--quick} ${FIDELITY_DEADLINE:+--deadline $((left - 15))} \
+    2>&1 | tee "$out/study.log"
   studied=${PIPESTATUS[0]}
 else
   tail -30 "$out"/build-*.log

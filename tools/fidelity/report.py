@@ -22,7 +22,7 @@ def rows_by_setup(data):
     """(setup, fraction) → {task: row}, in the order of the tables."""
     table = OrderedDict()
     for row in data["results"]:
-        if "error" in row:
+        if "error" in row or "skipped" in row:
             continue
         table.setdefault((row["setup"], row["fraction"]), {})[row["task"]] = row
     def key(item):
@@ -92,6 +92,13 @@ def model_section(data):
 
 def missing_section(data):
     lines = [f"- {m}" for m in data.get("missing", [])]
+    skipped = [r for r in data["results"] if "skipped" in r]
+    if skipped:
+        lines.append("- Not run in this study's time budget (" + skipped[0]["skipped"] + "): " +
+                     ", ".join(f"{r['setup']} {r['fraction']:.0%} ({r['task']})" for r in skipped))
+    failed = [r for r in data["results"] if "error" in r]
+    for r in failed:
+        lines.append(f"- {r['setup']} {r['fraction']:.0%} ({r['task']}) failed: {r['error']}")
     checks = [c for c in data.get("cuda_checks", []) if "setup" in c]
     if checks:
         ok = [c for c in checks if c.get("kept_sets_identical")]
@@ -130,11 +137,11 @@ def plots(data, directory):
     for ax, (task, metric, title) in zip(axes.flat, panels):
         for family in ORDER:
             points = sorted((r["bytes_per_token"] / fp16, r[metric]) for r in data["results"]
-                            if r["task"] == task and r["family"] == family and "error" not in r)
+                            if r["task"] == task and r["family"] == family and "error" not in r and "skipped" not in r)
             if points:
                 style = "--" if "int8" in family else "-"
                 ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", markersize=3, label=family)
-        codecs = [r for r in data["results"] if r["task"] == task and r["family"] == "codec"]
+        codecs = [r for r in data["results"] if r["task"] == task and r["family"] == "codec" and "skipped" not in r]
         for r in codecs:
             ax.plot(r["bytes_per_token"] / fp16, r[metric], "k^", markersize=5)
         if task in full:
@@ -173,7 +180,7 @@ def plots(data, directory):
 
 def findings_section(data):
     """What holds and what does not, computed from the results (so the words follow the numbers of any rerun)."""
-    rows = {(r["task"], r["setup"], r["fraction"]): r for r in data["results"] if "error" not in r}
+    rows = {(r["task"], r["setup"], r["fraction"]): r for r in data["results"] if "error" not in r and "skipped" not in r}
     n = data["samples"]
 
     def get(task, setup, fraction=1.0):

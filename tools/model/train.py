@@ -77,7 +77,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-seconds", type=float, default=1e9)
     parser.add_argument("--tiny", action="store_true", help="1 layer, short sequences, a few steps (a CPU smoke run)")
-    parser.add_argument("--needle-mix", type=float, default=0.05,
+    parser.add_argument("--needle-mix", type=float, default=0.15,
                         help="fraction of training windows given a KEY_xy = \"...\" block and a later recall of one key "
                              "(the needle task's format, so the full model can do the task; 0: the model learns copying from code alone)")
     args = parser.parse_args()
