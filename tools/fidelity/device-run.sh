@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# tools/fidelity/device-run.sh — the fidelity study in one call on the GPU machine
+# (docs/fidelity.md): builds the Python package, trains the model, runs the study.
+#
+#   scripts/device-python stage                  # once: Eigen / nlohmann-json headers into .deps/
+#   run(command="tools/fidelity/device-run.sh", carry=[".deps"])
+#
+# The package builds (CPU cores) while the model trains (GPU), then the study
+# runs with the package. Results in $OUT: fidelity.json (the study), train.json,
+# logs, and fidelity.tgz holding them all (a device call brings back few files).
+# Knobs (environment): FIDELITY_STEPS (training steps; train.py's default 1800),
+# FIDELITY_SAMPLES (examples per task, 24), FIDELITY_QUICK=1 (two kept fractions), KVTRIM_CUDA
+# (ON: also compare the GPU backend where a scheme is compiled for it; a failed
+# CUDA build falls back to the CPU backend), FIDELITY_TRAIN_SECONDS (a guard
+# that stops training early, recorded in train.json; default: none),
+# FIDELITY_TRAIN_ARGS (more train.py arguments: --tiny for a CPU smoke run),
+# FIDELITY_SITE (a kvtrim package built before: skips the build),
+# FIDELITY_DEADLINE (seconds from the start by which the study must end: it is
+# stopped then, keeping the tasks it finished; default: none).
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+tools="$(dirname "$here")"
+repo="${KVTRIM_REPO:-$(cd "$tools/.." && pwd)}"
+out="${OUT:-device-out}"
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+model="${FIDELITY_MODEL:-$repo/.model}"
+site=/tmp/fidelity-site
+export PYTHONUNBUFFERED=1 PATH="/usr/local/cuda/bin:$PATH"
+if [ -d "$repo/.deps/usr" ]; then
+  export CMAKE_PREFIX_PATH="$repo/.deps/usr"
+elif [ -f "$here/deps.tgz" ]; then  # staged next to this script (a copy outside the checkout)
+  mkdir -p /tmp/fidelity-deps && tar xzf "$here/deps.tgz" -C /tmp/fidelity-deps
+  export CMAKE_PREFIX_PATH=/tmp/fidelity-deps/usr
+fi
+started=$SECONDS
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+
+build() {
+  rm -rf "$site"
+  (cd "$repo" && KVTRIM_CUDA="$1" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" python3 -m pip install --no-build-isolation \
+    --no-deps --target "$site" -C build-dir=/tmp/fidelity-build/{wheel_tag} -v . >"$out/build-$1.log" 2>&1)
+}
+if [ -n "${FIDELITY_SITE:-}" ]; then  # a package built before: no build
+  site="$FIDELITY_SITE"
+  echo 0 >"$out/build.rc"
+  builder=
+else
+  (
+    build "${KVTRIM_CUDA:-ON}" || { [ "${KVTRIM_CUDA:-ON}" = ON ] && build OFF; }
+    echo $? >"$out/build.rc"
+  ) &
+  builder=$!
+fi
+
+python3 "$tools/model/train.py" --out "$model" ${FIDELITY_STEPS:+--steps "$FIDELITY_STEPS"} \
+  --max-seconds "${FIDELITY_TRAIN_SECONDS:-1e9}" ${FIDELITY_TRAIN_ARGS:-} 2>&1 | tee "$out/train.log"
+trained=${PIPESTATUS[0]}
+cp "$model/train.json" "$out/" 2>/dev/null
+[ -n "$builder" ] && wait $builder
+echo "train: exit $trained; build: exit $(cat "$out/build.rc"), $((SECONDS - started)) s so far"
+
+studied=1
+if [ "$trained" -eq 0 ] && [ "$(cat "$out/build.rc")" -eq 0 ]; then
+  PYTHONPATH="$site" python3 -c "import kvtrim; print('kvtrim', kvtrim.__version__, 'has_cuda', kvtrim.has_cuda, len(kvtrim.schemes()), 'schemes')"
+  left=$(( ${FIDELITY_DEADLINE:-100000} - SECONDS ))  # the study stops before the call's own limit; what it finished stays
+  [ "$left" -gt 10 ] || left=10  # (timeout 0 would mean no limit)
+  PYTHONPATH="$site" timeout "$left" python3 "$tools/fidelity/study.py" --model "$model" --out "$out/fidelity.json" \
+    --samples "${FIDELITY_SAMPLES:-24}" ${FIDELITY_QUICK:+--quick} ${FIDELITY_DEADLINE:+--deadline $((left - 15))} \
+    2>&1 | tee "$out/study.log"
+  studied=${PIPESTATUS[0]}
+else
+  tail -30 "$out"/build-*.log
+fi
+echo "study: exit $studied, $((SECONDS - started)) s in all"
+(cd "$out" && tar czf fidelity.tgz --exclude fidelity.tgz ./*)
+exit $((trained || studied))

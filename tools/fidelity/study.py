@@ -1,0 +1,471 @@
+"""The fidelity study: every kvtrim policy and codec on the model of tools/model, through kvtrim's Python package.
+
+    python3 tools/fidelity/study.py --model .model --out results.json [--samples 32] [--quick]
+
+For each task (tools/model/data.py: lm, needle, aware) and each configuration:
+ 1. prefill the prefixes [B, T] with full attention, capturing each layer's
+    keys, values (after RoPE) and queries;
+ 2. per layer, a kvtrim.Cache (CPU backend, flat layout: ragged per-head
+    budgets) compresses the prefill keys/values (SnapKV and H2O read the
+    queries), the way kvpress compresses a prompt;
+ 3. the kept keys/values are read back (Cache.read: dequantized by the codec,
+    Cache.positions: which tokens) with their logit bias (padding; RazorAttention's
+    compensation token weighs N_d copies) and the continuation runs over them —
+    each continuation byte attends over the layer's compressed prefix plus the
+    continuation so far, uncompressed (generated tokens are not compressed, as in kvpress);
+ 4. scores: next-byte accuracy and bits per byte on the continuation, needle success
+    (all 8 value bytes right: what greedy decoding would write), bytes held per token
+    (kvtrim's stats: every layer's kept tokens × its codec's bytes per token).
+A check on every configuration: kvtrim's own decode attention (Cache.attend) of the last
+prefix query equals the read-back computation (max |difference| is recorded), so the
+scores are those of kvtrim's attention, not of a re-implementation.
+
+Where the package was built with CUDA and a scheme is compiled for it, the same
+compression runs on the GPU (contiguous layout) and its kept sets and attention
+are compared with the CPU's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "model"))
+from data import load_corpus, make_tasks  # noqa: E402
+from model import Config, Decoder, Prefix  # noqa: E402
+
+import kvtrim  # noqa: E402
+
+FRACTIONS = (0.1, 0.2, 0.3, 0.5, 0.7)
+SNAP_WINDOW, SNAP_KERNEL = 32, 5
+
+
+@dataclass
+class Setup:
+    """One configuration: a name, a family (the plots' series), the kept fraction asked for, a press and a codec."""
+    name: str
+    family: str
+    fraction: float
+    press: Callable[[int], kvtrim.Press]  # layer count → press (RazorAttention needs the profile)
+    codec: Callable[[], kvtrim.Codec]
+    note: str = ""
+
+
+def scheme_exists(device, layout, scorer, budget, codec) -> bool:
+    return (device, layout, scorer, budget, codec) in SCHEMES
+
+
+SCHEMES = set()
+
+
+def setups(flags, razor_recent: Dict[float, float], quick: bool) -> List[Setup]:
+    fp16, int8 = kvtrim.FP16, (lambda: kvtrim.KIVI(bits=8, group=32))
+    out: List[Setup] = [
+        Setup("kvtrim fp16, all tokens", "codec", 1.0, lambda L: kvtrim.StreamingLLM(compression_ratio=0.0), fp16),
+        Setup("kvtrim bf16, all tokens", "codec", 1.0, lambda L: kvtrim.StreamingLLM(compression_ratio=0.0), kvtrim.BF16),
+        Setup("kvtrim int8 KIVI g32, all tokens", "codec", 1.0, lambda L: kvtrim.StreamingLLM(compression_ratio=0.0), int8),
+    ]
+    fractions = (0.2, 0.5) if quick else FRACTIONS
+    for f in fractions:
+        r = round(1.0 - f, 6)
+        snap = lambda r=r: kvtrim.SnapKV(window=SNAP_WINDOW, kernel=SNAP_KERNEL, compression_ratio=r)
+        out += [
+            Setup("StreamingLLM", "StreamingLLM", f, lambda L, r=r: kvtrim.StreamingLLM(sinks=4, compression_ratio=r), fp16),
+            Setup("SnapKV", "SnapKV", f, lambda L, s=snap: s(), fp16),
+            Setup("Ada-SnapKV", "Ada-SnapKV", f, lambda L, s=snap: kvtrim.AdaKV(s(), alpha=0.2), fp16),
+            Setup("Pyramid-SnapKV", "Pyramid-SnapKV", f, lambda L, s=snap: kvtrim.Pyramid(s(), beta=20), fp16),
+            Setup("key norm", "key norm", f, lambda L, r=r: kvtrim.KeyNorm(compression_ratio=r), fp16),
+            Setup("Ada-SnapKV + int8", "Ada-SnapKV + int8", f, lambda L, s=snap: kvtrim.AdaKV(s(), alpha=0.2), int8),
+        ]
+    for f, rho in sorted(razor_recent.items()):
+        if quick and f not in (0.2, 0.5):
+            continue
+        press = lambda L, rho=rho: kvtrim.RazorAttention(flags, sinks=4, min_recent=16, recent_fraction=rho)
+        out.append(Setup("RazorAttention", "RazorAttention", f, press, fp16, f"recent fraction {rho:.3f}"))
+        out.append(Setup("RazorAttention + int8", "RazorAttention + int8", f, press, int8, f"recent fraction {rho:.3f}"))
+    # H2O last: it scores every prefill query against every key (T² per head, minutes of CPU at 2048 tokens), so
+    # under a deadline its least useful points are the ones dropped (main: --deadline)
+    for f in (0.2, 0.5, 0.1, 0.3, 0.7):
+        if f in fractions:
+            r = round(1.0 - f, 6)
+            out.append(Setup("H2O", "H2O", f, lambda L, r=r, f=f: kvtrim.H2O(recent=f / 2, compression_ratio=r), fp16,
+                             "half heavy hitters, half recent (the paper's split)"))
+    return out
+
+
+def missing_schemes() -> List[str]:
+    """What the study asks for that the package's registry does not compile (reported, not run)."""
+    codecs = {key[4] for key in SCHEMES}
+    wanted = {"int4": "int4 (KIVI 4-bit)", "fp8": "fp8 (e4m3)", "low_rank": "low-rank (post- and pre-RoPE)",
+              "layered": "layered (per-layer codecs)"}
+    found = [c for c in codecs]
+    out = []
+    for key, label in wanted.items():
+        if not any(key in c for c in found):
+            out.append(f"codec {label}: not in kvtrim.schemes() (codecs compiled: {', '.join(sorted(codecs))})")
+    out.append("RazorAttention + int4: int4 is not compiled; RazorAttention + int8 is run instead")
+    return out
+
+
+# ---- the model side -----------------------------------------------------------------------
+
+
+def load_model(directory, device):
+    with open(os.path.join(directory, "config.json")) as f:
+        config = Config(**json.load(f))
+    model = Decoder(config)
+    model.load_state_dict(torch.load(os.path.join(directory, "model.pt"), map_location="cpu"))
+    return model.to(device).eval(), config
+
+
+def calibrate_razor(model, config, device):
+    """RazorAttention's retrieval heads of this model, found by kvtrim's probe and calibration."""
+    # Bytes: random printable ids (33..126) repeated; a newline stands for BOS.
+    probe = kvtrim.Probe(block=90, repeats=4, first_id=33, end_id=127, bos_id=10, seed=0)
+    tokens = torch.from_numpy(probe.tokens().astype(np.int64))[None].to(device)
+    calibration = kvtrim.Calibration(config.layers, config.q_heads, config.kv_heads, config.head_dim, probe)
+    with torch.no_grad():
+        _, captured = model(tokens, capture=True)
+    L = tokens.shape[1]
+    group = config.q_heads // config.kv_heads
+    causal = torch.full((L, L), float("-inf"), device=device).triu(1)
+    for layer, (q, k, _) in enumerate(captured):
+        k = k.repeat_interleave(group, dim=1)
+        attention = torch.softmax(q[0].float() @ k[0].float().transpose(-1, -2) / math.sqrt(config.head_dim) + causal, -1)
+        calibration.accumulate(layer, np.ascontiguousarray(attention.cpu().numpy(), dtype=np.float32), 0)
+    scores = calibration.scores()
+    if kvtrim.has_profiles:
+        profile = calibration.profile(induction_fraction=0.14, echo_fraction=0.01)
+        flags = [list(profile.retrieval(layer)) for layer in range(config.layers)]
+    else:  # the same selection rule (retrieval_head.hpp): top ⌈14%⌉ by induction ∪ top ⌈1%⌉ by echo
+        n = config.layers * config.kv_heads
+        pick = set(np.argsort(-np.array(scores["induction"]), kind="stable")[:math.ceil(0.14 * n)].tolist())
+        pick |= set(np.argsort(-np.array(scores["echo"]), kind="stable")[:math.ceil(0.01 * n)].tolist())
+        flags = [[layer * config.kv_heads + h in pick for h in range(config.kv_heads)] for layer in range(config.layers)]
+    return flags, {"probe": {"block": probe.block, "repeats": probe.repeats, "ids": [33, 127], "length": probe.length},
+                   "induction": [round(float(x), 4) for x in scores["induction"]],
+                   "echo": [round(float(x), 4) for x in scores["echo"]], "retrieval_heads": flags}
+
+
+def razor_recent_fractions(flags, config, T, sinks=4, min_recent=16):
+    """The recent fraction ρ that makes RazorAttention keep each kept fraction of the cache (or the least it can)."""
+    heads = config.layers * config.kv_heads
+    retrieval = sum(sum(layer) for layer in flags)
+    floor_fraction = (retrieval * T + (heads - retrieval) * (sinks + min_recent + 1)) / (heads * T)
+    out = {}
+    for f in FRACTIONS:
+        if f <= floor_fraction + 1e-9:
+            out[round(floor_fraction, 3)] = 0.0
+            continue
+        per_head = (f * heads * T - retrieval * T) / (heads - retrieval)  # tokens a non-retrieval head keeps
+        out[f] = max(0.0, (per_head - sinks - 1) / T)
+    return out
+
+
+# ---- kvtrim side: compress one layer, read back -------------------------------------------
+
+
+def compress_layer(setup: Setup, layer: int, layers: int, shape, k, v, q_window, q_all, q_last, T, device="cpu"):
+    """Runs kvtrim on one layer of a batch; returns what the continuation needs, as NumPy."""
+    press, codec = setup.press(layers), setup.codec()
+    B, Hkv = k.shape[0], k.shape[1]
+    heads = B * Hkv
+    # KIVI stores each head's tokens in whole runs of its key group (32 slots): up to 31 more per head
+    capacity = (press.total_keep(T, heads) + heads * 32 + 31) // 32 * 32
+    cache = kvtrim.Cache(press, codec, "flat", shape, B, capacity, layer=layer, layers=layers)
+    window = press.window_queries
+    queries = None if window == 0 else (q_all if window < 0 else q_window[:, :, -window:])
+    started = time.perf_counter()
+    cache.compress(k, v, None if queries is None else np.ascontiguousarray(queries))
+    seconds = time.perf_counter() - started
+    lengths = cache.head_lengths().astype(np.int64)
+    positions = cache.positions()
+    P = int(lengths.max())
+    D = k.shape[-1]
+    keys = np.zeros((B, Hkv, P, D), np.float32)
+    values = np.zeros((B, Hkv, P, D), np.float32)
+    bias = np.full((B, Hkv, P), -np.inf, np.float32)
+    pos = np.full((B, Hkv, P), -1, np.int64)
+    offset = 0
+    compensated = 0
+    for b in range(B):
+        for h in range(Hkv):
+            n = int(lengths[b * Hkv + h])
+            kk, vv = cache.read(b, h)
+            keys[b, h, :n], values[b, h, :n] = kk, vv
+            bias[b, h, :n] = 0.0
+            pos[b, h, :n] = positions[offset:offset + n]
+            offset += n
+            if isinstance(press, kvtrim.RazorAttention) and not press.flags(layer)[h] and n < T:
+                # RazorAttention's compensation token: the mean of the N_d dropped tokens, kept at index `sinks`,
+                # weighs N_d copies (logit + ln N_d; retrieval_head.hpp). Read-back gives its key and value only;
+                # the attend check below confirms the bias.
+                recent = max(press.min_recent, math.floor(press.recent_fraction * T))
+                bias[b, h, press.sinks] = math.log(T - press.sinks - recent)
+                compensated += 1
+    stats = cache.stats()
+    out = cache.attend(np.ascontiguousarray(q_last))
+    return {"keys": keys, "values": values, "bias": bias, "positions": pos, "lengths": lengths,
+            "held_bytes": int(stats["total_bytes"]), "kept": int(np.sum(lengths)), "attend": out,
+            "compress_seconds": seconds, "compensated": compensated, "scheme": cache.name}
+
+
+def merge(parts):
+    """Joins compress_layer's results for consecutive batch slices (read-backs padded to the longest head)."""
+    if len(parts) == 1:
+        return parts[0]
+    P = max(p["keys"].shape[2] for p in parts)
+    pad = lambda a, value: np.pad(a, [(0, 0), (0, 0), (0, P - a.shape[2])] + [(0, 0)] * (a.ndim - 3),  # noqa: E731
+                                  constant_values=value)
+    out = {"keys": np.concatenate([pad(p["keys"], 0.0) for p in parts]),
+           "values": np.concatenate([pad(p["values"], 0.0) for p in parts]),
+           "bias": np.concatenate([pad(p["bias"], -np.inf) for p in parts]),
+           "positions": np.concatenate([pad(p["positions"], -1) for p in parts]),
+           "lengths": np.concatenate([p["lengths"] for p in parts]),
+           "attend": np.concatenate([np.asarray(p["attend"]) for p in parts])}
+    for key in ("held_bytes", "kept", "compress_seconds", "compensated"):
+        out[key] = sum(p[key] for p in parts)
+    out["scheme"] = parts[0]["scheme"]
+    return out
+
+
+def torch_decode(q_last, keys, values, bias):
+    """The read-back computation kvtrim's attend must equal: q [B, Hq, D] over slots [B, Hkv, P, D]."""
+    B, Hq, D = q_last.shape
+    Hkv = keys.shape[1]
+    qg = q_last.view(B, Hkv, Hq // Hkv, D)
+    logits = torch.einsum("bhgd,bhnd->bhgn", qg, keys) / math.sqrt(D) + bias[:, :, None]
+    return torch.einsum("bhgn,bhnd->bhgd", torch.softmax(logits, -1), values).reshape(B, Hq, D)
+
+
+def score(task, logits, ids):
+    """logits [B, C, V] of the continuation positions T.. ; ids [B, L]."""
+    T = task.prefix_len
+    log_probs = torch.log_softmax(logits.float(), -1)
+    bits, correct, success = [], [], []
+    for i, (first, last) in enumerate(task.scored):
+        rows = torch.arange(first - 1, last - 1, device=logits.device) - T  # position i-1 predicts byte i
+        target = ids[i, first:last]
+        lp = log_probs[i, rows].gather(-1, target[:, None])[:, 0]
+        hit = log_probs[i, rows].argmax(-1) == target
+        bits.append(float(-lp.sum()) / math.log(2))
+        correct.append(hit.float().sum().item())
+        success.append(bool(hit.all()))
+    n = sum(last - first for first, last in task.scored)
+    return {"bits_per_byte": sum(bits) / n, "accuracy": sum(correct) / n, "success": sum(success) / len(success)}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default=".model")
+    parser.add_argument("--out", default="fidelity.json")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--prefix", type=int, default=2048)
+    parser.add_argument("--continuation", type=int, default=128)
+    parser.add_argument("--quick", action="store_true", help="two kept fractions only")
+    parser.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 1))
+    parser.add_argument("--deadline", type=float, default=0.0,
+                        help="seconds the whole study may take (0: no limit); each task gets its share, and H2O "
+                             "points that would not fit are dropped (recorded as skipped)")
+    args = parser.parse_args()
+    started = time.time()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    SCHEMES.update(tuple(s) for s in kvtrim.schemes())
+
+    model, config = load_model(args.model, device)
+    corpus = load_corpus(max_train_bytes=0)
+    tasks = make_tasks(corpus.held_out, args.prefix, args.continuation, args.samples)
+    flags, razor = calibrate_razor(model, config, device)
+    print(f"retrieval heads (layer: kv heads): {flags}", flush=True)
+    T = args.prefix
+    razor_recent = razor_recent_fractions(flags, config, T)
+    plan = setups(flags, razor_recent, args.quick)
+    shape = (config.q_heads, config.kv_heads, config.head_dim)
+    fp16_bytes_per_token = config.layers * config.kv_heads * 2 * config.head_dim * 2
+    results = []
+    pool = cf.ThreadPoolExecutor(args.threads)  # compress releases the GIL: layers and setups run side by side
+    cuda_checks = []
+    for task in tasks:
+        ids = torch.tensor(np.array([np.frombuffer(e, dtype=np.uint8) for e in task.examples]), dtype=torch.long,
+                           device=device)
+        with torch.no_grad():
+            _, captured = model(ids[:, :T], capture=True)
+            reference = model(ids)[:, T:]  # full attention over prefix + continuation: the uncompressed model
+        caps = []
+        for q, k, v in captured:
+            caps.append((np.ascontiguousarray(k.float().cpu().numpy()), np.ascontiguousarray(v.float().cpu().numpy()),
+                         np.ascontiguousarray(q.float().cpu().numpy()[:, :, -SNAP_WINDOW:]),
+                         np.ascontiguousarray(q.float().cpu().numpy()), np.ascontiguousarray(q[:, :, -1].float().cpu().numpy())))
+        full = score(task, reference, ids)
+        with torch.no_grad():  # the continuation path over the exact prefill keys/values must be the full model
+            exact = [Prefix(k, v, torch.zeros(k.shape[:3], device=device)) for _, k, v in captured]
+            path_difference = float((model(ids[:, T:], start=T, prefix=exact) - reference).abs().max())
+        print(f"continuation path over the uncompressed prefix vs the full forward: max |logit difference| "
+              f"{path_difference:.1e}", flush=True)
+        del exact
+        results.append({"task": task.name, "setup": "full cache (no kvtrim)", "family": "full", "fraction": 1.0,
+                        "bytes_per_token": fp16_bytes_per_token, "kept_fraction": 1.0,
+                        "continuation_path_max_logit_difference": path_difference, **full})
+        print(f"[{time.time() - started:6.1f} s] {task.name}: full cache {full}", flush=True)
+        # compressions run on the pool a few setups ahead of the GPU (read-backs are large: bound what waits)
+        def submit(s):
+            # H2O scores every prefill query (T² work per head): its batch is split so that all cores share it
+            # (its budget is per head, so a split changes nothing; Ada-KV's shared budget is never split).
+            chunks = min(args.threads // 4, ids.shape[0]) if s.press(config.layers).window_queries < 0 else 1
+            edges = np.linspace(0, ids.shape[0], max(1, chunks) + 1).astype(int)
+            return [[pool.submit(compress_layer, s, layer, config.layers, shape, *(a[b0:b1] for a in caps[layer]), T)
+                     for b0, b1 in zip(edges[:-1], edges[1:])] for layer in range(config.layers)]
+        ahead = max(2, args.threads // config.layers + 1)
+        futures = [submit(s) for s in plan[:ahead]]
+        task_started, slowest_h2o, previous_done = time.time(), 0.0, time.time()
+        tasks_left = len(tasks) - tasks.index(task)
+        task_budget = (args.deadline - (time.time() - started)) / tasks_left if args.deadline else float("inf")
+        for i, s in enumerate(plan):
+            if s.family == "H2O" and time.time() - task_started + slowest_h2o > task_budget:
+                for j in range(i, len(plan)):  # out of this task's share of the deadline: the rest of H2O is dropped
+                    for chunks in futures[j] if j < len(futures) and futures[j] else []:
+                        for f in chunks:
+                            f.cancel()
+                    results.append({"task": task.name, "setup": plan[j].name, "family": plan[j].family,
+                                    "fraction": plan[j].fraction,
+                                    "skipped": f"time: this task's share of --deadline {args.deadline:.0f} s"})
+                print(f"{task.name}: H2O at {', '.join(f'{p.fraction:.0%}' for p in plan[i:])} skipped (deadline)",
+                      flush=True)
+                break
+            if i + ahead < len(plan):
+                futures.append(submit(plan[i + ahead]))
+            try:
+                layers = [merge([f.result() for f in chunks]) for chunks in futures[i]]
+            except Exception as failure:  # noqa: BLE001 - recorded in the results, the study goes on
+                results.append({"task": task.name, "setup": s.name, "family": s.family, "fraction": s.fraction,
+                                "error": repr(failure)})
+                print(f"{task.name} {s.name} {s.fraction}: {failure!r}", flush=True)
+                continue
+            finally:
+                futures[i] = None
+            prefixes, worst = [], 0.0
+            for layer, got in enumerate(layers):
+                keys = torch.from_numpy(got["keys"]).to(device)
+                values = torch.from_numpy(got["values"]).to(device)
+                bias = torch.from_numpy(got["bias"]).to(device)
+                q_last = torch.from_numpy(caps[layer][4]).to(device)
+                mine = torch_decode(q_last, keys, values, bias)
+                theirs = torch.from_numpy(np.asarray(got["attend"])).to(device).view_as(mine)
+                worst = max(worst, float((mine - theirs).abs().max()))
+                prefixes.append(Prefix(keys, values, bias))
+            with torch.no_grad():
+                logits = model(ids[:, T:], start=T, prefix=prefixes)
+            metrics = score(task, logits, ids)
+            if s.family == "H2O":
+                slowest_h2o = max(slowest_h2o, time.time() - previous_done)
+            previous_done = time.time()
+            held = sum(g["held_bytes"] for g in layers)
+            kept = sum(g["kept"] for g in layers)
+            row = {"task": task.name, "setup": s.name, "family": s.family, "fraction": s.fraction, "note": s.note,
+                   "scheme": layers[0]["scheme"], "bytes_per_token": held / (ids.shape[0] * T),
+                   "kept_fraction": kept / (ids.shape[0] * config.kv_heads * T * config.layers),
+                   "attend_max_abs_difference": worst,
+                   "compress_seconds": sum(g["compress_seconds"] for g in layers),
+                   "compensated_heads": sum(g["compensated"] for g in layers), **metrics}
+            results.append(row)
+            del layers, prefixes
+            print(f"[{time.time() - started:6.1f} s] {task.name:6s} {s.name:34s} {s.fraction:4.2f} kept "
+                  f"{row['kept_fraction']:.3f} {row['bytes_per_token']:7.1f} B/token  acc {metrics['accuracy']:.3f} "
+                  f"bpb {metrics['bits_per_byte']:.3f} needle {metrics['success']:.2f}  |attend diff| {worst:.1e}",
+                  flush=True)
+        if task.name == "lm":
+            cuda_checks = cross_check_cuda(plan, caps, config, shape, T)
+        write(args, config, T, fp16_bytes_per_token, razor, razor_recent, cuda_checks, corpus, started, device, results,
+              complete=task is tasks[-1])
+    pool.shutdown()
+
+
+def write(args, config, T, fp16_bytes_per_token, razor, razor_recent, cuda_checks, corpus, started, device, results,
+          complete):
+    """Writes the results so far (after every task: a run stopped by its deadline keeps what it finished)."""
+    out = {"complete": complete, "model": config.to_dict(), "prefix_bytes": T, "continuation_bytes": args.continuation,
+           "samples": args.samples, "fp16_bytes_per_token": fp16_bytes_per_token, "snapkv": {"window": SNAP_WINDOW, "kernel": SNAP_KERNEL},
+           "razor": razor, "razor_recent_fraction": {str(k): v for k, v in razor_recent.items()},
+           "missing": missing_schemes(), "cuda_checks": cuda_checks, "kvtrim_has_cuda": kvtrim.has_cuda,
+           "schemes_compiled": len(SCHEMES), "corpus": corpus.describe(), "seconds": round(time.time() - started, 1),
+           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "results": results}
+    train_log = os.path.join(args.model, "train.json")
+    if os.path.exists(train_log):
+        with open(train_log) as f:
+            out["training"] = json.load(f)
+    with open(args.out + ".tmp", "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
+    print(f"wrote {args.out}: {len(results)} rows, {time.time() - started:.0f} s", flush=True)
+
+
+def cross_check_cuda(plan, caps, config, shape, T):
+    """The same compression on the GPU where the scheme is compiled for CUDA: kept sets and attention vs the CPU."""
+    if not (kvtrim.has_cuda and torch.cuda.is_available()):
+        return [{"skipped": "kvtrim built without CUDA or no GPU"}]
+    checks = []
+    for s in plan:
+        press, codec = s.press(config.layers), s.codec()
+        settings = kvtrim.Settings()
+        press._fill(settings, 0, config.layers)
+        codec._fill(settings)
+        layout = "contiguous" if settings.budget in ("uniform", "pyramid") else "flat"
+        if not scheme_exists("cuda", layout, settings.scorer, settings.budget, settings.codec):
+            continue
+        try:
+            same_sets, worst = compare_on_cuda(press, codec, layout, caps, config, shape, T)
+        except Exception as failure:  # noqa: BLE001 - recorded, the study goes on
+            checks.append({"setup": s.name, "fraction": s.fraction, "layout": layout, "error": repr(failure)})
+            print(f"CUDA vs CPU: {s.name} {s.fraction}: {failure!r}", flush=True)
+            continue
+        checks.append({"setup": s.name, "fraction": s.fraction, "layout": layout, "kept_sets_identical": same_sets,
+                       "attend_max_abs_difference": worst})
+        print(f"CUDA vs CPU: {s.name} {s.fraction}: kept sets identical {same_sets}, |attend diff| {worst:.1e}", flush=True)
+    return checks
+
+
+def compare_on_cuda(press, codec, layout, caps, config, shape, T):
+    """Compresses every layer on the GPU and on the CPU from the same 16-bit inputs; (kept sets equal, max |attend diff|)."""
+    same_sets, worst = True, 0.0
+    for layer in range(config.layers):
+        k, v, q_window, q_all, q_last = caps[layer]
+        B = k.shape[0]
+        heads = B * config.kv_heads
+        capacity = press.max_keep(T) if layout == "contiguous" else press.total_keep(T, heads) + heads * 32
+        capacity = (capacity + 31) // 32 * 32
+        gpu = kvtrim.Cache(press, codec, layout, shape, B, capacity, device="cuda", layer=layer, layers=config.layers)
+        cpu = kvtrim.Cache(press, codec, layout, shape, B, capacity, layer=layer, layers=config.layers)
+        dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(gpu._dtype, torch.float32)
+        window = press.window_queries
+        queries = None if window == 0 else (q_all if window < 0 else q_window[:, :, -window:])
+        to_gpu = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to("cuda", dtype)  # noqa: E731
+        rounded = lambda a: to_gpu(a).float().cpu().numpy()  # noqa: E731 - the CPU gets the same rounded inputs
+        gpu.compress(to_gpu(k), to_gpu(v), None if queries is None else to_gpu(queries))
+        cpu.compress(rounded(k), rounded(v), None if queries is None else rounded(queries))
+        (offsets_gpu, tokens_gpu), (offsets_cpu, tokens_cpu) = gpu.kept(), cpu.kept()
+        if not (np.array_equal(offsets_gpu, offsets_cpu) and
+                all(set(tokens_gpu[a:b].tolist()) == set(tokens_cpu[a:b].tolist())
+                    for a, b in zip(offsets_cpu[:-1], offsets_cpu[1:]))):
+            same_sets = False
+        out_gpu = gpu.attend(to_gpu(q_last)).float().cpu().numpy()
+        out_cpu = np.asarray(cpu.attend(rounded(q_last)))
+        worst = max(worst, float(np.abs(out_gpu - out_cpu.reshape(out_gpu.shape)).max()))
+        torch.cuda.synchronize()
+    return same_sets, worst
+
+
+if __name__ == "__main__":
+    main()
