@@ -226,7 +226,7 @@ int main() {
   std::printf("\nReading it: StreamingLLM keeps sinks and recent tokens, so it loses the heavy hitters and the fact.\n"
               "SnapKV keeps what the prompt's last queries looked at: the heavy hitters, not the fact asked for later.\n"
               "Ada-SnapKV shares one budget by those scores: diffuse heads gain, sharp heads give; what the retrieval\n"
-              "head gets follows its window, not the question (less than SnapKV's at 20%, more at 30-50%).\n"
+              "head gets follows its window, not the question (less than SnapKV's at 20%%, more at 30-50%%).\n"
               "RazorAttention keeps the retrieval head whole (the answer survives, error 0)\n"
               "and pays on the heads whose heavy hitters sit outside its recent window.\n");
   std::printf("\nOn a trained model: docs/fidelity.md (every policy and codec, with accuracy and needle recall).\n");
