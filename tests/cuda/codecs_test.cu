@@ -7,7 +7,7 @@
 //    saturation range, signed zeros, fp32 subnormals and a million random
 //    finite floats: the same code, bit for bit. NaN: the hardware gives the NaN
 //    code, the CPU refuses the input.
-//  * CodecCache.*: one cache built twice from the same bytes — the CPU's host
+//  * CodecCache.*: (int8, int4, fp8, and layered<int8 | fp8>) one cache built twice from the same bytes — the CPU's host
 //    block after bind, copied to the device — then compacted (a ragged
 //    selection, compensation rows on some cases) and appended to (1, 17, 33
 //    tokens, and 31 to one head: KIVI groups of 32 sealed across calls, runs
@@ -125,7 +125,7 @@ TEST(Fp8Conversion, HardwareMatchesCpuOnEveryBoundary) {
 
 enum class layout_kind { contiguous, paged, flat };
 enum class codec_kind { int8_groups, int8_groups_zero_point, int8_tokens_zero_point, int4_groups_zero_point,
-                        int4_groups, fp8_head_amax, fp8_fixed };
+                        int4_groups, fp8_head_amax, fp8_fixed, layered_int8, layered_fp8 };
 
 struct codec_case {
   layout_kind layout;
@@ -138,8 +138,8 @@ struct codec_case {
 
 std::string name_of(const codec_case& c) {
   static const char* const layouts[] = {"contiguous", "paged", "flat"};
-  static const char* const codecs[] = {"int8_g32",   "int8_g32_zero", "int8_token_zero", "int4_g32_zero",
-                                       "int4_g32",   "fp8_amax",      "fp8_fixed"};
+  static const char* const codecs[] = {"int8_g32", "int8_g32_zero", "int8_token_zero", "int4_g32_zero", "int4_g32",
+                                       "fp8_amax", "fp8_fixed",     "layered_int8",    "layered_fp8"};
   return kt::detail::cat(layouts[static_cast<int>(c.layout)], "_", codecs[static_cast<int>(c.codec)], "_b", c.batch,
                          "_kv", c.kv_heads, "_g", c.group, "_d", c.head_dim,
                          c.layout == layout_kind::paged ? kt::detail::cat("_p", c.page_size) : std::string{},
@@ -173,7 +173,15 @@ std::vector<storage_range> ranges_of(const Storage& s, const std::byte* base) {
     if (p != nullptr)
       r.push_back({name, static_cast<const std::byte*>(p) - base, static_cast<std::size_t>(count) * element, element});
   };
-  if constexpr (requires { s.residual_keys; }) {
+  if constexpr (requires { s.inner; }) {  // layered<C>: C's arrays, then the fp16 rows and maps
+    r = ranges_of(s.inner, base);
+    const std::int64_t rows = s.sinks + s.recent;
+    add("layered.row_keys", s.row_keys, s.heads * rows * s.head_dim, 2);
+    add("layered.row_values", s.row_values, s.heads * rows * s.head_dim, 2);
+    add("layered.row_slots", s.row_slots, s.heads * rows, 8);
+    add("layered.slot_rows", s.slot_rows, s.slots, 4);
+    add("layered.arrived", s.arrived, s.heads, 8);
+  } else if constexpr (requires { s.residual_keys; }) {
     const std::int64_t rb = (s.head_dim * (std::is_same_v<Storage, kt::codec::int4::storage<kt::host_space>> ? 4 : 8) + 7) / 8;
     const std::int64_t runs = s.slots / s.slot_run;
     add("key_codes", s.key_codes, s.slots * rb, 1);
@@ -199,7 +207,9 @@ std::vector<storage_range> ranges_of(const Storage& s, const std::byte* base) {
 /// dequantization x̂ = q·s + z rounds relative to |q·s| + |z| ≤ |x̂| + 2|z|.
 template <class Storage>
 float key_zero(const Storage& s, std::int64_t slot, std::int64_t d) {
-  if constexpr (requires { s.residual_keys; }) {
+  if constexpr (requires { s.inner; }) {
+    return s.slot_rows[slot] >= 0 ? 0.0f : key_zero(s.inner, slot, d);
+  } else if constexpr (requires { s.residual_keys; }) {
     if (!s.asymmetric) return 0.0f;
     if (s.key_group == 0) return s.key_zeros[slot];
     const std::int64_t run = slot / s.slot_run;
@@ -210,7 +220,9 @@ float key_zero(const Storage& s, std::int64_t slot, std::int64_t d) {
 }
 template <class Storage>
 float value_zero(const Storage& s, std::int64_t slot) {
-  if constexpr (requires { s.residual_keys; })
+  if constexpr (requires { s.inner; })
+    return s.slot_rows[slot] >= 0 ? 0.0f : value_zero(s.inner, slot);
+  else if constexpr (requires { s.residual_keys; })
     return s.asymmetric ? s.value_zeros[slot] : 0.0f;
   else
     return 0.0f;
@@ -219,7 +231,14 @@ float value_zero(const Storage& s, std::int64_t slot) {
 template <class CodecT>
 typename CodecT::config config_of(codec_kind kind) {
   typename CodecT::config config{};
-  if constexpr (std::is_same_v<CodecT, kt::codec::fp8>) {
+  if constexpr (requires { config.inner; }) {
+    // 3 sinks and a ring of 40 (not a multiple of KIVI's 32): appends of 17 and 33 wrap it.
+    config.inner = config_of<typename CodecT::inner_codec>(kind == codec_kind::layered_int8
+                                                               ? codec_kind::int8_groups_zero_point
+                                                               : codec_kind::fp8_head_amax);
+    config.sinks = 3;
+    config.recent = 40;
+  } else if constexpr (std::is_same_v<CodecT, kt::codec::fp8>) {
     if (kind == codec_kind::fp8_fixed) {
       // Scales small enough that the larger inputs saturate (|x| / 0.005 > 448 for |x| > 2.24).
       config.scales = kt::codec::fp8_scaling::fixed;
@@ -530,6 +549,8 @@ TEST_P(CodecCache, EncodesBitIdenticallyAndAttendsWithinBound) {
     case codec_kind::int4_groups_zero_point: run_layout<kt::codec::int4>(c); break;
     case codec_kind::fp8_head_amax:
     case codec_kind::fp8_fixed: run_layout<kt::codec::fp8>(c); break;
+    case codec_kind::layered_int8: run_layout<kt::codec::layered<kt::codec::int8>>(c); break;
+    case codec_kind::layered_fp8: run_layout<kt::codec::layered<kt::codec::fp8>>(c); break;
   }
 }
 
@@ -543,6 +564,8 @@ INSTANTIATE_TEST_SUITE_P(
         codec_case{L::paged, K::int4_groups_zero_point, 1, 2, 8, 64, 32, {4097, 33}, false},
         codec_case{L::paged, K::fp8_head_amax, 2, 2, 16, 128, 16, {31, 4097, 1, 17}, true},
         codec_case{L::paged, K::int8_tokens_zero_point, 1, 3, 1, 64, 64, {17, 1, 300}, false},
+        // GQA 16 at head_dim 64 (tensor cores; plain fp32 storage has no kernel there)
+        codec_case{L::paged, K::int4_groups, 1, 1, 16, 64, 16, {33}, false},
         // flat: runs of 32, a repack during the appends
         codec_case{L::flat, K::int8_groups_zero_point, 2, 2, 2, 64, 0, {33, 1, 4097, 17}, true},
         codec_case{L::flat, K::int4_groups, 1, 4, 1, 128, 0, {31, 33, 17, 1}, false},
@@ -551,7 +574,11 @@ INSTANTIATE_TEST_SUITE_P(
         codec_case{L::contiguous, K::int8_tokens_zero_point, 2, 2, 4, 128, 0, {33}, false},
         codec_case{L::contiguous, K::int4_groups_zero_point, 1, 2, 16, 128, 0, {4097}, false},
         codec_case{L::contiguous, K::fp8_head_amax, 2, 1, 1, 64, 0, {17}, false},
-        codec_case{L::contiguous, K::int8_groups, 1, 2, 2, 64, 0, {31}, false}),
+        codec_case{L::contiguous, K::int8_groups, 1, 2, 2, 64, 0, {31}, false},
+        // layered<C>: 3 fp16 sinks and a ring of 40 newest tokens over int8 (KIVI, zero points) and fp8
+        codec_case{L::paged, K::layered_int8, 1, 2, 4, 128, 16, {4097, 17}, true},
+        codec_case{L::flat, K::layered_int8, 2, 2, 1, 64, 0, {33, 1, 100, 41}, false},
+        codec_case{L::contiguous, K::layered_fp8, 1, 2, 8, 128, 0, {45}, false}),
     [](const ::testing::TestParamInfo<codec_case>& info) { return kt::detail::cat(name_of(info.param), "_", info.index); });
 
 // ---- memory: kvtrim::stats counts what a device cache allocates --------------
@@ -612,26 +639,6 @@ TEST(CodecStats, BytesPerTokenAreWhatTheDeviceCacheAllocates) {
   EXPECT_DOUBLE_EQ(kt::codec::bytes_per_token<kt::codec::int8>(int8_groups, 128, 32), 256.0 + 4.0 + 513.0 / 32.0);
   EXPECT_DOUBLE_EQ(kt::codec::bytes_per_token<kt::codec::int4>(int4_zero, 128, 32), 128.0 + 8.0 + 1025.0 / 32.0);
   EXPECT_DOUBLE_EQ(kt::codec::bytes_per_token<kt::codec::fp8>({}, 128, 1), 256.0);
-}
-
-TEST(CodecCacheErrors, GroupSixteenAtHeadDimSixtyFourIsRefused) {
-  KVTRIM_SKIP_WITHOUT_GPU();
-  using view_type = kt::layout::paged::view<kt::codec::int8, kt::device_space>;
-  const kt::model_shape shape{.q_heads = 16, .kv_heads = 1, .head_dim = 64};
-  device_buffer<std::byte> memory(view_type::bytes(shape, 1, {4, 16}));
-  const view_type view = view_type::bind(memory.data(), shape, 1, {4, 16});
-  device_buffer<kt::half> queries(16 * 64);
-  device_buffer<float> out(16 * 64);
-  const std::array<std::int64_t, 3> extents{1, 16, 64};
-  using attention = kt::implementation<kt::stage::decode_attention, kt::backend::cuda>;
-  device_buffer<std::byte> scratch(attention::workspace_bytes(view));
-  try {
-    attention::attend(kt::make_view<kt::device_space>(static_cast<const kt::half*>(queries.data()), extents), view,
-                      kt::make_view<kt::device_space>(out.data(), extents), {scratch.data(), scratch.size()}, nullptr);
-    FAIL() << "expected kvtrim::error";
-  } catch (const kt::error& e) {
-    EXPECT_NE(std::string(e.what()).find("int8 storage"), std::string::npos) << e.what();
-  }
 }
 
 }  // namespace

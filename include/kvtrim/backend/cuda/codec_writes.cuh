@@ -19,6 +19,9 @@
 //   4. kivi_fill_residual (KIVI keys): the head's residual window as the CPU
 //      leaves it: the new filling group's fp16 keys and slots (its runs marked
 //      unsealed), the rows after it still those of the last sealed group, the count.
+//   5. layered_rows (codec::layered<C>, after C's steps): the fp16 rows of the
+//      sinks and newest tokens and the slot → row map, as the CPU's encode
+//      leaves them (below).
 // Step 3 reads the residual rows that step 4 rewrites, hence two launches.
 // Every step reads its inputs through the same source as the plain writes
 // (kept tokens, the compensation row in place of its placeholder, appended
@@ -37,6 +40,7 @@
 #include <type_traits>
 
 #include "kvtrim/backend/cuda/codec_fp8.cuh"
+#include "kvtrim/backend/cuda/codec_layered.cuh"
 #include "kvtrim/backend/cuda/codec_quantized.cuh"
 #include "kvtrim/backend/cuda/common.cuh"
 #include "kvtrim/core/selection.hpp"
@@ -51,6 +55,31 @@ template <int Bits>
 inline constexpr bool device_encoded_codec<codec::quantized<Bits>> = true;
 template <>
 inline constexpr bool device_encoded_codec<codec::fp8> = true;
+/// layered<C>: C's device encode, plus its fp16 rows (layered_rows below).
+template <class Inner>
+inline constexpr bool device_encoded_codec<codec::layered<Inner>> = device_encoded_codec<Inner>;
+
+/// The quantizing codec that encodes a codec's tokens (layered<C>: C) and its storage.
+template <class C>
+struct encoded_codec {
+  using type = C;
+  __host__ __device__ static const typename C::template storage<device_space>& of(
+      const typename C::template storage<device_space>& store) {
+    return store;
+  }
+};
+template <class Inner>
+struct encoded_codec<codec::layered<Inner>> {
+  using type = Inner;
+  __host__ __device__ static const typename Inner::template storage<device_space>& of(
+      const typename codec::layered<Inner>::template storage<device_space>& store) {
+    return store.inner;
+  }
+};
+template <class C>
+inline constexpr bool is_layered = false;
+template <class Inner>
+inline constexpr bool is_layered<codec::layered<Inner>> = true;
 
 /// What the codec write kernels write (layout_write's fields, plus what the
 /// contiguous layout knows on the host). Compaction: kept_offsets non-null.
@@ -115,6 +144,29 @@ __device__ __forceinline__ bool is_compensation_row(const codec_write<View, InT>
                                                     std::int64_t r) {
   return is_compaction(w) && w.has_compensation && w.compensation.index[head] == r;
 }
+/// Row r of the head's input, resolved once: its keys and values (the compensation row's, or the input's).
+template <class InT>
+struct source_row {
+  const float* compensation_key;  // non-null: the compensation row (fp32)
+  const float* compensation_value;
+  const InT* key;
+  const InT* value;
+  __device__ __forceinline__ float key_at(std::int64_t d) const {
+    return compensation_key != nullptr ? compensation_key[d] : to_float(key[d]);
+  }
+  __device__ __forceinline__ float value_at(std::int64_t d) const {
+    return compensation_value != nullptr ? compensation_value[d] : to_float(value[d]);
+  }
+};
+template <class View, class InT>
+__device__ __forceinline__ source_row<InT> row_of(const codec_write<View, InT>& w, std::int64_t head, std::int64_t r) {
+  if (is_compensation_row(w, head, r)) {
+    const std::int64_t at = head * w.cache.shape.head_dim;
+    return {w.compensation.keys + at, w.compensation.values + at, nullptr, nullptr};
+  }
+  const std::int64_t offset = source_offset(w, head, r);
+  return {nullptr, nullptr, w.keys + offset, w.values + offset};
+}
 template <class View, class InT>
 __device__ __forceinline__ float source_key(const codec_write<View, InT>& w, std::int64_t head, std::int64_t r,
                                             std::int64_t d) {
@@ -161,7 +213,9 @@ __global__ void __launch_bounds__(codec_write_threads) codec_head_amax(const __g
     __syncthreads();
     value_amax = reduce(temp).Reduce(value_amax, max_op);
     __syncthreads();
-    if (threadIdx.x == 0) codec_device<typename View::codec>::set_head_scales(w.cache.storage, head, key_amax, value_amax);
+    using encoded = encoded_codec<typename View::codec>;
+    if (threadIdx.x == 0)
+      codec_device<typename encoded::type>::set_head_scales(encoded::of(w.cache.storage), head, key_amax, value_amax);
   }
 }
 
@@ -178,6 +232,7 @@ __global__ void __launch_bounds__(codec_write_threads) codec_encode_rows(const _
     for (std::int64_t r = blockIdx.x * std::int64_t{warps} + threadIdx.x / 32; r < rows;
          r += std::int64_t{gridDim.x} * warps) {
       const std::int64_t slot = slot_of(w, head, first + r);
+      const source_row<InT> source = row_of(w, head, r);
       float key[8] = {}, value[8] = {};
 #pragma unroll
       for (int j = 0; j < 4; ++j)
@@ -185,11 +240,12 @@ __global__ void __launch_bounds__(codec_write_threads) codec_encode_rows(const _
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const std::int64_t d = 2 * lane + 64 * j + e;
-            key[2 * j + e] = source_key(w, head, r, d);
-            value[2 * j + e] = source_value(w, head, r, d);
+            key[2 * j + e] = source.key_at(d);
+            value[2 * j + e] = source.value_at(d);
           }
       if (lane == 0) w.cache.positions.slot_position[slot] = static_cast<std::int32_t>(position_of_row(w, head, r));
-      codec_device<typename View::codec>::encode_row(w.cache.storage, head, slot, lane, pairs, key, value);
+      using encoded = encoded_codec<typename View::codec>;
+      codec_device<typename encoded::type>::encode_row(encoded::of(w.cache.storage), head, slot, lane, pairs, key, value);
     }
   }
 }
@@ -199,19 +255,19 @@ __global__ void __launch_bounds__(codec_write_threads) codec_encode_rows(const _
 // is residual row s (s < rc) or new row s − rc.
 template <class View, class InT>
 __device__ __forceinline__ std::int64_t filling_count(const codec_write<View, InT>& w, std::int64_t head) {
-  return is_compaction(w) ? 0 : w.cache.storage.residual_count[head];
+  return is_compaction(w) ? 0 : encoded_codec<typename View::codec>::of(w.cache.storage).residual_count[head];
 }
 template <class View, class InT>
 __device__ __forceinline__ std::int64_t stream_slot(const codec_write<View, InT>& w, std::int64_t head, std::int64_t rc,
                                                     std::int64_t first, std::int64_t s) {
-  const auto& store = w.cache.storage;
+  const auto& store = encoded_codec<typename View::codec>::of(w.cache.storage);
   return s < rc ? store.residual_slots[head * store.key_group + s] : slot_of(w, head, first + s - rc);
 }
 /// The key as the residual window holds it (rounded to fp16).
 template <class View, class InT>
 __device__ __forceinline__ float stream_key(const codec_write<View, InT>& w, std::int64_t head, std::int64_t rc,
                                             std::int64_t s, std::int64_t d) {
-  const auto& store = w.cache.storage;
+  const auto& store = encoded_codec<typename View::codec>::of(w.cache.storage);
   if (s < rc)
     return __half2float(reinterpret_cast<const __half*>(store.residual_keys)[(head * store.key_group + s) * store.head_dim + d]);
   return __half2float(__float2half_rn(source_key(w, head, s - rc, d)));
@@ -222,8 +278,8 @@ inline constexpr int kivi_threads = 128;
 template <class View, class InT>
 __global__ void __launch_bounds__(kivi_threads) kivi_seal_groups(const __grid_constant__ codec_write<View, InT> w) {
   if (write_failed(w)) return;
-  using device = codec_device<typename View::codec>;
-  const auto& store = w.cache.storage;
+  using device = codec_device<typename encoded_codec<typename View::codec>::type>;
+  const auto& store = encoded_codec<typename View::codec>::of(w.cache.storage);
   const std::int64_t group = store.key_group, run = store.slot_run, head_dim = store.head_dim;
   const std::int64_t row_bytes = device::quantizer::row_bytes(head_dim);
   KVTRIM_FOR_EACH_WRITTEN_HEAD(w, head) {
@@ -265,7 +321,7 @@ __global__ void __launch_bounds__(kivi_threads) kivi_seal_groups(const __grid_co
 template <class View, class InT>
 __global__ void __launch_bounds__(kivi_threads) kivi_fill_residual(const __grid_constant__ codec_write<View, InT> w) {
   if (write_failed(w)) return;
-  const auto& store = w.cache.storage;
+  const auto& store = encoded_codec<typename View::codec>::of(w.cache.storage);
   const std::int64_t group = store.key_group, run = store.slot_run, head_dim = store.head_dim;
   auto* residual = reinterpret_cast<__half*>(store.residual_keys);
   for (std::int64_t head = w.target >= 0 ? w.target : std::int64_t{blockIdx.x}; head < w.cache.heads();
@@ -289,19 +345,89 @@ __global__ void __launch_bounds__(kivi_threads) kivi_fill_residual(const __grid_
   }
 }
 
+// 5. layered<C>'s fp16 rows, one block per head. The CPU gives token o (its
+// order since compaction) row o when o < sinks, else sinks + (o − sinks) mod
+// recent, and once the ring is full clears the slot → row entry of the row's
+// previous occupant (if it still points there) before taking the row. Only the
+// first sinks + 2·recent tokens of a call can displace an occupant from before
+// the call (stale entries included): thread 0 replays those in order. Every
+// later token displaces a token of this call, which therefore ends at −1, so
+// the rest is parallel: a token keeps its row iff no later token of the call
+// takes it, and the rows' bytes are their last writers'.
+inline constexpr int layered_threads = 128;
+
+template <class View, class InT>
+__global__ void __launch_bounds__(layered_threads) layered_rows(const __grid_constant__ codec_write<View, InT> w) {
+  if (write_failed(w)) return;
+  const auto& store = w.cache.storage;
+  const std::int64_t sinks = store.sinks, recent = store.recent, rows = sinks + recent, head_dim = store.head_dim;
+  auto* row_keys = reinterpret_cast<__half*>(store.row_keys);
+  auto* row_values = reinterpret_cast<__half*>(store.row_values);
+  const auto row_of_order = [&](std::int64_t order) -> std::int64_t {
+    return order < sinks ? order : recent > 0 ? sinks + (order - sinks) % recent : -1;
+  };
+  for (std::int64_t head = w.target >= 0 ? w.target : std::int64_t{blockIdx.x}; head < w.cache.heads();
+       head += w.target >= 0 ? w.cache.heads() : std::int64_t{gridDim.x}) {
+    const std::int64_t arrived = is_compaction(w) ? 0 : store.arrived[head];
+    const std::int64_t count = rows_of(w, head), first = first_of(w, head), end = arrived + count;
+    const std::int64_t replayed = end < arrived + sinks + 2 * recent ? end : arrived + sinks + 2 * recent;
+    std::int64_t* row_slots = store.row_slots + head * rows;
+    if (threadIdx.x == 0)
+      for (std::int64_t order = arrived; order < replayed; ++order) {
+        const std::int64_t row = row_of_order(order), slot = slot_of(w, head, first + order - arrived);
+        if (row >= sinks && order - sinks >= recent) {
+          const std::int64_t leaving = row_slots[row];
+          if (store.slot_rows[leaving] == row) store.slot_rows[leaving] = -1;
+        }
+        store.slot_rows[slot] = static_cast<std::int32_t>(row);
+        if (row >= 0) row_slots[row] = slot;
+      }
+    __syncthreads();
+    for (std::int64_t order = replayed + threadIdx.x; order < end; order += layered_threads) {
+      const std::int64_t row = row_of_order(order), slot = slot_of(w, head, first + order - arrived);
+      const bool stays = row >= 0 && order + recent >= end;
+      store.slot_rows[slot] = stays ? static_cast<std::int32_t>(row) : -1;
+      if (stays) row_slots[row] = slot;
+    }
+    // Replayed tokens that a later token of the call displaced.
+    for (std::int64_t order = (replayed - recent > arrived ? replayed - recent : arrived) + threadIdx.x; order < replayed;
+         order += layered_threads)
+      if (order >= sinks && recent > 0 && order + recent < end)
+        store.slot_rows[slot_of(w, head, first + order - arrived)] = -1;
+    // The rows' bytes: their last writers' (sinks, and the ring's last `recent` tokens).
+    const std::int64_t ring_first = end - recent > sinks ? end - recent : sinks;
+    for (std::int64_t order = arrived; order < end; ++order) {
+      const bool written = order < sinks || (recent > 0 && order >= ring_first);
+      if (!written) {
+        if (order < ring_first) order = ring_first - 1;  // skip to the ring's survivors
+        continue;
+      }
+      const std::int64_t at = (head * rows + row_of_order(order)) * head_dim;
+      const source_row<InT> source = row_of(w, head, order - arrived);
+      for (std::int64_t d = threadIdx.x; d < head_dim; d += layered_threads) {
+        row_keys[at + d] = __float2half_rn(source.key_at(d));
+        row_values[at + d] = __float2half_rn(source.value_at(d));
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) store.arrived[head] = end;
+  }
+}
+
 /// Launches the codec's write steps for `rows_bound` (a host-known bound on
 /// any head's rows) rows per head.
 template <class View, class InT>
 void launch_codec_writes(std::string_view function, const codec_write<View, InT>& w, std::int64_t rows_bound,
                          cudaStream_t stream) {
-  using codec_type = typename View::codec;
-  using device = codec_device<codec_type>;
+  using encoded = encoded_codec<typename View::codec>;
+  using device = codec_device<typename encoded::type>;
+  const auto& inner = encoded::of(w.cache.storage);
   const bool compaction = w.kept_offsets != nullptr;
   const std::int64_t heads = w.target >= 0 ? 1 : w.cache.heads();
   const auto head_blocks = static_cast<unsigned>(std::min<std::int64_t>(heads, 65535));
   if (rows_bound <= 0 && !compaction) return;
   if constexpr (device::head_scales) {
-    if (compaction && device::head_amax(w.cache.storage)) {
+    if (compaction && device::head_amax(inner)) {
       codec_head_amax<View, InT><<<static_cast<unsigned>(std::min<std::int64_t>(heads, 65535)), codec_write_threads, 0,
                                    stream>>>(w);
       detail::check_launch(function, "codec_head_amax");
@@ -314,8 +440,8 @@ void launch_codec_writes(std::string_view function, const codec_write<View, InT>
     detail::check_launch(function, "codec_encode_rows");
   }
   if constexpr (device::key_groups) {
-    if (w.cache.storage.key_group > 0) {
-      const std::int64_t group = w.cache.storage.key_group;
+    if (inner.key_group > 0) {
+      const std::int64_t group = inner.key_group;
       // Groups sealed per head: at most (rc + rows) / G with rc < G.
       const dim3 grid(static_cast<unsigned>(std::clamp<std::int64_t>((rows_bound + group - 1) / group, 1, 4096)),
                       head_blocks);
@@ -324,6 +450,10 @@ void launch_codec_writes(std::string_view function, const codec_write<View, InT>
       kivi_fill_residual<View, InT><<<head_blocks, kivi_threads, 0, stream>>>(w);
       detail::check_launch(function, "kivi_fill_residual");
     }
+  }
+  if constexpr (is_layered<typename View::codec>) {
+    layered_rows<View, InT><<<head_blocks, layered_threads, 0, stream>>>(w);
+    detail::check_launch(function, "layered_rows");
   }
 }
 
@@ -363,7 +493,10 @@ template <class CodecT>
 __global__ void codec_reset(const typename CodecT::template storage<device_space> store) {
   const std::int64_t first = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x;
   const std::int64_t stride = std::int64_t{gridDim.x} * blockDim.x;
-  if constexpr (std::is_same_v<CodecT, codec::fp8>) {
+  if constexpr (is_layered<CodecT>) {
+    for (std::int64_t slot = first; slot < store.slots; slot += stride) store.slot_rows[slot] = -1;
+    for (std::int64_t head = first; head < store.heads; head += stride) store.arrived[head] = 0;
+  } else if constexpr (std::is_same_v<CodecT, codec::fp8>) {
     for (std::int64_t head = first; head < store.heads; head += stride) {
       store.key_scales[head] = store.initial_key_scale;
       store.value_scales[head] = store.initial_value_scale;
@@ -380,6 +513,7 @@ template <class CodecT>
 void reset_codec_storage(std::string_view function, const typename CodecT::template storage<device_space>& store,
                          cudaStream_t stream) {
   if constexpr (device_encoded_codec<CodecT>) {
+    if constexpr (is_layered<CodecT>) reset_codec_storage<typename CodecT::inner_codec>(function, store.inner, stream);
     codec_reset<CodecT><<<256, 256, 0, stream>>>(store);
     detail::check_launch(function, "codec_reset");
   } else {
@@ -499,6 +633,40 @@ struct codec_slot_mover {
         if (slots[p] >= from && slots[p] < from + length) slots[p] += to - from;
     } else {
       (void)head, (void)from, (void)to, (void)length;
+    }
+  }
+};
+
+/// layered<C>: C's parts, then one with the slot's fp16 row (−1: none), which
+/// follows the slot; the row then remembers its new slot (moved), as the CPU's
+/// move_slot (row_slots[row] = to for a slot that holds a row).
+template <class Inner>
+struct codec_slot_mover<codec::layered<Inner>> {
+  codec_slot_mover<Inner> inner;
+  std::int32_t* slot_rows;
+  std::int64_t* row_slots;
+  std::int64_t rows;
+
+  __host__ __device__ codec_slot_mover(const typename codec::layered<Inner>::template storage<device_space>& store,
+                   std::int32_t* slot_position)
+      : inner{store.inner, slot_position}, slot_rows(store.slot_rows), row_slots(store.row_slots),
+        rows(store.sinks + store.recent) {}
+
+  __device__ std::int64_t parts() const { return inner.parts() + 1; }
+  __device__ uint4 load(std::int64_t slot, std::int64_t part) const {
+    if (part < inner.parts()) return inner.load(slot, part);
+    return make_uint4(static_cast<unsigned>(slot_rows[slot]), 0u, 0u, 0u);
+  }
+  __device__ void store(std::int64_t slot, std::int64_t part, uint4 value) const {
+    if (part < inner.parts()) return inner.store(slot, part, value);
+    slot_rows[slot] = static_cast<std::int32_t>(value.x);
+  }
+  __device__ void moved(std::int64_t head, std::int64_t from, std::int64_t to, std::int64_t length) const {
+    inner.moved(head, from, to, length);
+    if (from == to) return;
+    for (std::int64_t row = 0; row < rows; ++row) {
+      std::int64_t& slot = row_slots[head * rows + row];
+      if (slot >= from && slot < from + length && slot_rows[slot - from + to] == row) slot += to - from;
     }
   }
 };

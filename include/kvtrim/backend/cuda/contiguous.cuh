@@ -151,9 +151,9 @@ void launch_copy_rows(std::string_view function, layout::contiguous::view<CodecT
                       const std::int64_t* offsets, const std::int32_t* tokens, std::int64_t rows_per_head,
                       std::int64_t first_row, std::int64_t start_position, cudaStream_t stream) {
   static_assert(codec::is_plain<CodecT> || device_encoded_codec<CodecT>,
-                "kvtrim: backend::cuda stores layout::contiguous caches with codec::fp16 / bf16 / fp32, int8, int4 and "
-                "fp8_e4m3; the device encode of low_rank (bases fitted per head, pre-RoPE keys) and layered (fp16 "
-                "sinks and recent rows over another codec) is not written yet (issue 12)");
+                "kvtrim: backend::cuda stores layout::contiguous caches with codec::fp16 / bf16 / fp32, int8, int4, "
+                "fp8_e4m3 and layered over those three; the device encode of low_rank (bases fitted per head, "
+                "pre-RoPE keys) is not written yet (issue 12)");
   if constexpr (codec::is_plain<CodecT>) {
     launch_plain_copy_rows(function, cache, keys, values, offsets, tokens, rows_per_head, first_row, start_position,
                            stream);

@@ -747,9 +747,9 @@ struct implementation<stage::decode_attention, backend::cuda> {
   static void attend(const tensor_view<QueryT, 3, device_space>& queries, const View& cache,
                      const tensor_view<OutT, 3, device_space>& out, workspace scratch, cudaStream_t stream) {
     static_assert(codec::is_plain<typename View::codec> || cuda_detail::device_encoded_codec<typename View::codec>,
-                  "kvtrim: backend::cuda decode attention reads codec::fp16 / bf16 / fp32, int8, int4 and fp8_e4m3; "
-                  "low_rank ((Uᵀq)·c scores, U(Σp·c) outputs, RoPE from stored positions) and layered are not "
-                  "written yet (issue 12)");
+                  "kvtrim: backend::cuda decode attention reads codec::fp16 / bf16 / fp32, int8, int4, fp8_e4m3 and "
+                  "layered over those three; low_rank ((Uᵀq)·c scores, U(Σp·c) outputs, RoPE from stored "
+                  "positions) is not written yet (issue 12)");
     using query_type = cuda_detail::device_element_t<QueryT>;
     using out_type = cuda_detail::device_element_t<OutT>;
     constexpr bool uniform = cuda_detail::is_contiguous_view<View>;

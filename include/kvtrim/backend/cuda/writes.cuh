@@ -48,9 +48,9 @@ namespace cuda_detail {
 template <class CodecT>
 constexpr void require_device_codec() {
   static_assert(codec::is_plain<CodecT> || device_encoded_codec<CodecT>,
-                "kvtrim: backend::cuda writes caches with codec::fp16 / bf16 / fp32, int8, int4 and fp8_e4m3; the "
-                "device encode of low_rank (bases fitted per head, pre-RoPE keys) and layered (fp16 sinks and "
-                "recent rows over another codec) is not written yet (issue 12)");
+                "kvtrim: backend::cuda writes caches with codec::fp16 / bf16 / fp32, int8, int4, fp8_e4m3 and "
+                "layered over those three; the device encode of low_rank (bases fitted per head from the kept rows, "
+                "coefficients Uᵀx, pre-RoPE keys rotated from stored positions) is not written yet (issue 12)");
 }
 
 /// Threads of a layout's planning kernel (one block).
