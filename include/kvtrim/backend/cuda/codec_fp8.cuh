@@ -49,13 +49,6 @@ struct codec_device<codec::fp8> {
 
   static bool head_amax(const storage& store) { return store.head_amax; }
 
-  /// head_amax: the scale of head `head` from the largest magnitudes of its kept
-  /// keys and values (unchanged when 0).
-  __device__ static void set_head_scales(const storage& store, std::int64_t head, float key_amax, float value_amax) {
-    if (key_amax > 0.0f) store.key_scales[head] = static_cast<float>(static_cast<double>(key_amax) / 448.0);
-    if (value_amax > 0.0f) store.value_scales[head] = static_cast<float>(static_cast<double>(value_amax) / 448.0);
-  }
-
   /// Row-wise encode, one warp per token: this lane's `pairs` channel pairs
   /// (channels 2·lane + 64·j, + 1) of the key and the value.
   __device__ static void encode_row(const storage& store, std::int64_t head, std::int64_t slot, int lane, int pairs,

@@ -147,17 +147,23 @@ struct codec_device<codec::quantized<Bits>> {
         for (int i = 0; i < 8; ++i) out[i] = fmaf(out[i], scale, zero);
         return;
       }
+      // The run's flag and steps are loaded together (independent loads: one latency, not three);
+      // a run still filling has steps that are never used.
       const std::int64_t run = slot / store.slot_run;
-      if (__ldg(store.run_sealed + run)) {
+      const std::int64_t at = run * store.head_dim + first_dim;
+      const bool sealed = __ldg(store.run_sealed + run) != 0;
+      const float4 scale_low = __ldg(reinterpret_cast<const float4*>(store.key_scales + at));
+      const float4 scale_high = __ldg(reinterpret_cast<const float4*>(store.key_scales + at) + 1);
+      float4 zero_low{}, zero_high{};
+      if (store.asymmetric) {
+        zero_low = __ldg(reinterpret_cast<const float4*>(store.key_zeros + at));
+        zero_high = __ldg(reinterpret_cast<const float4*>(store.key_zeros + at) + 1);
+      }
+      if (sealed) {
         codes8(row, first_dim, code_offset(), out);
-        const std::int64_t at = run * store.head_dim + first_dim;
-        const float4 scale_low = __ldg(reinterpret_cast<const float4*>(store.key_scales + at));
-        const float4 scale_high = __ldg(reinterpret_cast<const float4*>(store.key_scales + at) + 1);
         const float scales[8] = {scale_low.x,  scale_low.y,  scale_low.z,  scale_low.w,
                                  scale_high.x, scale_high.y, scale_high.z, scale_high.w};
         if (store.asymmetric) {
-          const float4 zero_low = __ldg(reinterpret_cast<const float4*>(store.key_zeros + at));
-          const float4 zero_high = __ldg(reinterpret_cast<const float4*>(store.key_zeros + at) + 1);
           const float zeros[8] = {zero_low.x, zero_low.y, zero_low.z, zero_low.w,
                                   zero_high.x, zero_high.y, zero_high.z, zero_high.w};
 #pragma unroll

@@ -194,17 +194,41 @@ __device__ __forceinline__ std::int64_t position_of_row(const codec_write<View, 
 
 inline constexpr int codec_write_threads = 256;
 
-// 1. fp8 head_amax scales (compaction).
+// 1. fp8 head_amax scales (compaction), in three launches so that every head's
+// rows are read by many blocks: the scales are negated (a mark: scales are > 0),
+// each block reduces max|x| over a part of a head and raises the scale's bits
+// to it with atomicMax (any positive float's bits exceed a negative one's, and
+// order like the floats), then a mark still negative means an all-zero head,
+// which keeps its scale, and a maximum becomes max / 448 (in double, as the CPU).
+template <class Storage>
+__global__ void fp8_mark_scales(const Storage store) {
+  for (std::int64_t head = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; head < store.heads;
+       head += std::int64_t{gridDim.x} * blockDim.x) {
+    store.key_scales[head] = -store.key_scales[head];
+    store.value_scales[head] = -store.value_scales[head];
+  }
+}
+template <class Storage>
+__global__ void fp8_finish_scales(const Storage store) {
+  for (std::int64_t head = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; head < store.heads;
+       head += std::int64_t{gridDim.x} * blockDim.x) {
+    float* scales[2] = {store.key_scales + head, store.value_scales + head};
+    for (float* scale : scales) *scale = *scale < 0.0f ? -*scale : static_cast<float>(static_cast<double>(*scale) / 448.0);
+  }
+}
+
 template <class View, class InT>
 __global__ void __launch_bounds__(codec_write_threads) codec_head_amax(const __grid_constant__ codec_write<View, InT> w) {
   if (write_failed(w)) return;
   using reduce = cub::BlockReduce<float, codec_write_threads>;
   __shared__ typename reduce::TempStorage temp;
+  const auto& store = encoded_codec<typename View::codec>::of(w.cache.storage);
   const std::int64_t head_dim = w.cache.shape.head_dim;
-  for (std::int64_t head = blockIdx.x; head < w.cache.heads(); head += gridDim.x) {
+  for (std::int64_t head = blockIdx.y; head < w.cache.heads(); head += gridDim.y) {
     const std::int64_t elements = rows_of(w, head) * head_dim;
     float key_amax = 0.0f, value_amax = 0.0f;
-    for (std::int64_t e = threadIdx.x; e < elements; e += codec_write_threads) {
+    for (std::int64_t e = blockIdx.x * std::int64_t{codec_write_threads} + threadIdx.x; e < elements;
+         e += std::int64_t{gridDim.x} * codec_write_threads) {
       key_amax = fmaxf(key_amax, fabsf(source_key(w, head, e / head_dim, e % head_dim)));
       value_amax = fmaxf(value_amax, fabsf(source_value(w, head, e / head_dim, e % head_dim)));
     }
@@ -213,9 +237,10 @@ __global__ void __launch_bounds__(codec_write_threads) codec_head_amax(const __g
     __syncthreads();
     value_amax = reduce(temp).Reduce(value_amax, max_op);
     __syncthreads();
-    using encoded = encoded_codec<typename View::codec>;
-    if (threadIdx.x == 0)
-      codec_device<typename encoded::type>::set_head_scales(encoded::of(w.cache.storage), head, key_amax, value_amax);
+    if (threadIdx.x == 0) {
+      if (key_amax > 0.0f) atomicMax(reinterpret_cast<int*>(store.key_scales + head), __float_as_int(key_amax));
+      if (value_amax > 0.0f) atomicMax(reinterpret_cast<int*>(store.value_scales + head), __float_as_int(value_amax));
+    }
   }
 }
 
@@ -275,6 +300,11 @@ __device__ __forceinline__ float stream_key(const codec_write<View, InT>& w, std
 
 inline constexpr int kivi_threads = 128;
 
+/// Groups of at most this many fp16 keys are staged in shared memory first
+/// (all of a group's loads in flight at once); larger groups read them in place.
+inline constexpr int kivi_staged_keys = 8192;
+inline constexpr int kivi_staged_slots = 256;
+
 template <class View, class InT>
 __global__ void __launch_bounds__(kivi_threads) kivi_seal_groups(const __grid_constant__ codec_write<View, InT> w) {
   if (write_failed(w)) return;
@@ -282,11 +312,30 @@ __global__ void __launch_bounds__(kivi_threads) kivi_seal_groups(const __grid_co
   const auto& store = encoded_codec<typename View::codec>::of(w.cache.storage);
   const std::int64_t group = store.key_group, run = store.slot_run, head_dim = store.head_dim;
   const std::int64_t row_bytes = device::quantizer::row_bytes(head_dim);
+  const bool staged = group * head_dim <= kivi_staged_keys && group <= kivi_staged_slots;
+  __shared__ __half staged_keys[kivi_staged_keys];
+  __shared__ std::int64_t staged_slots[kivi_staged_slots];
   KVTRIM_FOR_EACH_WRITTEN_HEAD(w, head) {
     const std::int64_t rc = filling_count(w, head), first = first_of(w, head);
     const std::int64_t sealed = (rc + rows_of(w, head)) / group;
     for (std::int64_t k = blockIdx.x; k < sealed; k += gridDim.x) {
       const std::int64_t base = k * group;
+      if (staged) {
+        __syncthreads();  // the previous group's reads are done
+#pragma unroll 4
+        for (std::int64_t i = threadIdx.x; i < group * head_dim; i += kivi_threads)
+          staged_keys[i] = __float2half_rn(stream_key(w, head, rc, base + i / head_dim, i % head_dim));
+        for (std::int64_t p = threadIdx.x; p < group; p += kivi_threads)
+          staged_slots[p] = stream_slot(w, head, rc, first, base + p);
+        __syncthreads();
+      }
+      // The group's key p, channel d (as the residual window holds it), and its slot.
+      const auto key = [&](std::int64_t p, std::int64_t d) {
+        return staged ? __half2float(staged_keys[p * head_dim + d]) : stream_key(w, head, rc, base + p, d);
+      };
+      const auto slot_at = [&](std::int64_t p) {
+        return staged ? staged_slots[p] : stream_slot(w, head, rc, first, base + p);
+      };
       for (std::int64_t pair = threadIdx.x; 2 * pair < head_dim; pair += kivi_threads) {
         const std::int64_t d = 2 * pair;
         float lowest[2] = {__int_as_float(0x7f800000), __int_as_float(0x7f800000)};
@@ -294,17 +343,16 @@ __global__ void __launch_bounds__(kivi_threads) kivi_seal_groups(const __grid_co
         for (std::int64_t p = 0; p < group; ++p)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float x = stream_key(w, head, rc, base + p, d + e);
+            const float x = key(p, d + e);
             lowest[e] = fminf(lowest[e], x);
             highest[e] = fmaxf(highest[e], x);
           }
         const typename device::step steps[2] = {device::fit(lowest[0], highest[0], store.asymmetric),
                                                 device::fit(lowest[1], highest[1], store.asymmetric)};
         for (std::int64_t p = 0; p < group; ++p) {
-          const std::int64_t slot = stream_slot(w, head, rc, first, base + p);
-          device::put_pair(store.key_codes + slot * row_bytes, d,
-                           device::code(stream_key(w, head, rc, base + p, d), steps[0], store.asymmetric),
-                           device::code(stream_key(w, head, rc, base + p, d + 1), steps[1], store.asymmetric));
+          const std::int64_t slot = slot_at(p);
+          device::put_pair(store.key_codes + slot * row_bytes, d, device::code(key(p, d), steps[0], store.asymmetric),
+                           device::code(key(p, d + 1), steps[1], store.asymmetric));
           if (p % run == 0) {
             const std::int64_t at = slot / run * head_dim + d;
             store.key_scales[at] = steps[0].scale, store.key_scales[at + 1] = steps[1].scale;
@@ -313,7 +361,7 @@ __global__ void __launch_bounds__(kivi_threads) kivi_seal_groups(const __grid_co
         }
       }
       if (threadIdx.x == 0)
-        for (std::int64_t p = 0; p < group; p += run) store.run_sealed[stream_slot(w, head, rc, first, base + p) / run] = 1;
+        for (std::int64_t p = 0; p < group; p += run) store.run_sealed[slot_at(p) / run] = 1;
     }
   }
 }
@@ -428,9 +476,17 @@ void launch_codec_writes(std::string_view function, const codec_write<View, InT>
   if (rows_bound <= 0 && !compaction) return;
   if constexpr (device::head_scales) {
     if (compaction && device::head_amax(inner)) {
-      codec_head_amax<View, InT><<<static_cast<unsigned>(std::min<std::int64_t>(heads, 65535)), codec_write_threads, 0,
-                                   stream>>>(w);
+      using storage_type = std::remove_cvref_t<decltype(inner)>;
+      const auto head_grid = static_cast<unsigned>(std::clamp<std::int64_t>(ceil_div(heads, 256), 1, 1024));
+      fp8_mark_scales<storage_type><<<head_grid, 256, 0, stream>>>(inner);
+      detail::check_launch(function, "fp8_mark_scales");
+      const dim3 grid(
+          static_cast<unsigned>(std::clamp<std::int64_t>(ceil_div(rows_bound * w.cache.shape.head_dim, 16 * 256), 1, 1024)),
+          head_blocks);
+      codec_head_amax<View, InT><<<grid, codec_write_threads, 0, stream>>>(w);
       detail::check_launch(function, "codec_head_amax");
+      fp8_finish_scales<storage_type><<<head_grid, 256, 0, stream>>>(inner);
+      detail::check_launch(function, "fp8_finish_scales");
     }
   }
   constexpr int warps = codec_write_threads / 32;

@@ -497,7 +497,8 @@ __device__ __forceinline__ void dequantize_tile(const Reader& reader, const Rows
                                                 const std::uint8_t* value_codes, std::int64_t first_token,
                                                 std::int64_t end, __half* keys, __half* values, int row_stride) {
   constexpr int chunks_per_row = HeadDim / 8;
-#pragma unroll 2
+  // Unrolled so that several chunks' step loads are in flight together.
+#pragma unroll 4
   for (int chunk = threadIdx.x; chunk < TileTokens * chunks_per_row; chunk += Threads) {
     const int row = chunk / chunks_per_row, first_dim = (chunk % chunks_per_row) * 8;
     const std::int64_t token = first_token + row;
