@@ -1,7 +1,7 @@
 // kvtrim/backend/cuda/decode_attention.cuh — decode attention on the GPU: one
 // new query per query head over a compressed cache of any layout (contiguous,
 // paged, flat: decode_plan.cuh's row locators) with codec::fp16 / bf16 / fp32,
-// int8 / int4 (KIVI) and fp8_e4m3.
+// int8 / int4 (KIVI), fp8_e4m3 and layered over those.
 //
 // Memory-bound by design: the cache is read exactly once per step.
 //  * One kernel template over (layout addressing × head dim × group × storage
