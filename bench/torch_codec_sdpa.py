@@ -14,7 +14,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-SHAPES = [(8, 32768, 32, 8, 128), (8, 4096, 32, 8, 128)]
+SHAPES = [(8, 32768, 32, 8, 128), (8, 32768, 16, 8, 128)]
 GROUP = 32
 
 
