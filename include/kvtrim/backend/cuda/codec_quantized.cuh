@@ -113,6 +113,7 @@ struct codec_device<codec::quantized<Bits>> {
   struct reader {
     storage store;
     std::int64_t head;
+    int run_shift;  // log2(slot_run) when a power of two (every layout's default), else −1
 
     /// q − offset for the 8 codes of channels first_dim .. first_dim + 7 of a staged row, as
     /// floats: exact, built as the float 2^23 + q (its low mantissa bits are the code) minus
@@ -149,7 +150,8 @@ struct codec_device<codec::quantized<Bits>> {
       }
       // The run's flag and steps are loaded together (independent loads: one latency, not three);
       // a run still filling has steps that are never used.
-      const std::int64_t run = slot / store.slot_run;
+      // A shift, not a 64-bit division (emulated in dozens of instructions) per token and lane.
+      const std::int64_t run = run_shift >= 0 ? slot >> run_shift : slot / store.slot_run;
       const std::int64_t at = run * store.head_dim + first_dim;
       const bool sealed = __ldg(store.run_sealed + run) != 0;
       const float4 scale_low = __ldg(reinterpret_cast<const float4*>(store.key_scales + at));
@@ -192,7 +194,10 @@ struct codec_device<codec::quantized<Bits>> {
       for (int i = 0; i < 8; ++i) out[i] = fmaf(out[i], scale, zero);
     }
   };
-  __device__ static reader open(const storage& store, std::int64_t head) { return {store, head}; }
+  __device__ static reader open(const storage& store, std::int64_t head) {
+    const bool power_of_two = store.slot_run > 0 && (store.slot_run & (store.slot_run - 1)) == 0;
+    return {store, head, power_of_two ? __ffsll(static_cast<long long>(store.slot_run)) - 1 : -1};
+  }
 };
 
 }  // namespace kvtrim::cuda_detail
