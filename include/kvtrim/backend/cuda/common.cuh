@@ -165,6 +165,18 @@ void dispatch_group_size(std::int64_t group, std::string_view function, Fn&& fn)
   }
 }
 
+/// Throws unless keys and values step with the same strides: the kernels address
+/// both with one set. A dimension of extent 1 is never stepped along, so its
+/// stride may differ (torch calls [B, H, 1, D] views with any token stride
+/// contiguous: HF's one-token keys and values during decode are such views).
+template <class View>
+void check_same_strides(std::string_view function, const View& keys, const View& values) {
+  for (std::size_t d = 0; d < 4; ++d)
+    if (keys.extent(d) > 1 && keys.stride(d) != values.stride(d))
+      detail::fail(function, "values", "the same strides as keys on backend::cuda (dimensions of extent > 1)",
+                   detail::cat("stride ", values.stride(d), " against ", keys.stride(d), " in dimension ", d));
+}
+
 /// Throws unless `pointer` is aligned for 16-byte vector access.
 inline void check_aligned16(std::string_view function, std::string_view argument, const void* pointer) {
   if (reinterpret_cast<std::uintptr_t>(pointer) % 16 != 0)

@@ -99,13 +99,7 @@ void launch_plain_copy_rows(std::string_view function, layout::contiguous::view<
   const std::int64_t head_dim = cache.shape.head_dim;
   if (head_dim % 8 != 0)
     detail::fail(function, "shape.head_dim", "a multiple of 8 on backend::cuda", std::to_string(head_dim));
-  // One set of strides addresses both. A dimension of extent 1 is never stepped
-  // along, so its stride may differ (torch calls [B, H, 1, D] views with any token
-  // stride contiguous: HF's one-token values during decode are such views).
-  for (std::size_t d = 0; d < 4; ++d)
-    if (keys.extent(d) > 1 && keys.stride(d) != values.stride(d))
-      detail::fail(function, "values", "the same strides as keys on backend::cuda (dimensions of extent > 1)",
-                   detail::cat("stride ", values.stride(d), " against ", keys.stride(d), " in dimension ", d));
+  check_same_strides(function, keys, values);
   check_aligned16(function, "cache.storage.keys", cache.storage.keys);
   check_aligned16(function, "cache.storage.values", cache.storage.values);
   if (rows_per_head == 0) return;
@@ -160,10 +154,7 @@ void launch_copy_rows(std::string_view function, layout::contiguous::view<CodecT
   } else {
     if (cache.shape.head_dim % 8 != 0)
       detail::fail(function, "shape.head_dim", "a multiple of 8 on backend::cuda", std::to_string(cache.shape.head_dim));
-    for (std::size_t d = 0; d < 4; ++d)
-      if (keys.extent(d) > 1 && keys.stride(d) != values.stride(d))
-        detail::fail(function, "values", "the same strides as keys on backend::cuda (dimensions of extent > 1)",
-                     detail::cat("stride ", values.stride(d), " against ", keys.stride(d), " in dimension ", d));
+    check_same_strides(function, keys, values);
     if (cache.heads() > 65535)
       detail::fail(function, "cache.batch", "batch · kv_heads ≤ 65535 on backend::cuda", std::to_string(cache.heads()));
     // Compaction with no rows still starts every head's key group afresh; next positions advance after this call.

@@ -347,8 +347,7 @@ void check_rows(std::string_view function, const View& cache, const kv_view<KeyT
                 const kv_view<KeyT, device_space>& values) {
   if (cache.shape.head_dim % 8 != 0)
     detail::fail(function, "shape.head_dim", "a multiple of 8 on backend::cuda", std::to_string(cache.shape.head_dim));
-  if (keys.strides != values.strides)
-    detail::fail(function, "values", "the same strides as keys on backend::cuda", "different strides");
+  check_same_strides(function, keys, values);
   if constexpr (codec::is_plain<typename View::codec>) {
     check_aligned16(function, "cache.storage.keys", cache.storage.keys);
     check_aligned16(function, "cache.storage.values", cache.storage.values);
