@@ -186,6 +186,86 @@ TEST(EvictionMetric, DecodeAttentionMetricMatchesDoubleOracle) {
   }
 }
 
+TEST(EvictionMetric, SeedFromThePrefillWindowMatchesDoubleOracle) {
+  using scheme = kt::scheme<kt::layout::paged, kt::score::snapkv, kt::budget::uniform, kt::codec::fp32, kt::backend::cpu>;
+  const std::int64_t batch = 2, kv_heads = 2, group = 3, head_dim = 32, tokens = 150, observed = 8, window = 20;
+  const kt::model_shape shape{.q_heads = kv_heads * group, .kv_heads = kv_heads, .head_dim = head_dim};
+  auto keys = kts::random_tensor<float, 4>({batch, kv_heads, tokens, head_dim}, 31);
+  auto values = kts::random_tensor<float, 4>({batch, kv_heads, tokens, head_dim}, 32);
+  auto queries = kts::random_tensor<float, 4>({batch, shape.q_heads, observed, head_dim}, 33);
+  scheme::config cfg;
+  cfg.score.window = observed;
+  cfg.budget.keep = kt::keep_tokens{60};
+  auto cache = scheme::make_cache(shape, batch, kt::layout::paged::pool_size{batch * kv_heads * 4 + 1, 16});
+  std::vector<std::int64_t> offsets(static_cast<std::size_t>(batch * kv_heads + 1));
+  std::vector<std::int32_t> kept(static_cast<std::size_t>(scheme::kept_tokens_capacity(shape, batch, tokens, cfg)));
+  kt::compress_options<kt::host_space> options{.start_position = 5, .kept_offsets = offsets.data(),
+                                               .kept_tokens = kept.data(),
+                                               .kept_tokens_capacity = static_cast<std::int64_t>(kept.size())};
+  std::vector<std::byte> scratch(scheme::compress_workspace(shape, batch, tokens, cfg));
+  scheme::compress(keys.view, values.view, queries.view, cache.view(), cfg, options,
+                   kt::workspace{scratch.data(), scratch.size()});
+  const std::int64_t slots = cache.view().pages * cache.view().page_size;
+  std::vector<float> metric(static_cast<std::size_t>(slots), 7.0f);  // seeding overwrites everything
+  const ev::metric_output<> output{metric.data(), slots, ev::metric_kind::squared_sum, window};
+  ev::seed_metric(keys.cview(), queries.cview(), cache.view(), {offsets.data(), kept.data(), batch * kv_heads}, 5, output);
+
+  // Oracle in double: p of window query q over the keys it sees (causal), squared, summed
+  // over the window and the group. Bound: per probability the exponent error of
+  // common/tolerance.hpp ((D + 5)·u·S and 4u for exp) plus the T-term denominator
+  // (T·u); squared (×2); the sum of w·G terms ((w·G + 1)·u).
+  const double u = kts::fp32_unit_roundoff;
+  std::set<std::int64_t> held;
+  for (std::int64_t b = 0; b < batch; ++b)
+    for (std::int64_t h = 0; h < kv_heads; ++h) {
+      const std::int64_t head = b * kv_heads + h;
+      const std::int64_t next = kt::next_position(cache.view(), b, h);
+      EXPECT_EQ(next, 5 + tokens);
+      for (std::int64_t i = 0; i < cache.view().head_length(b, h); ++i) {
+        const std::int64_t t = kept[static_cast<std::size_t>(offsets[head] + i)];
+        const std::int64_t slot = cache.view().slot(b, h, i);
+        held.insert(slot);
+        double want = 0.0, largest_logit = 0.0;
+        for (std::int64_t g = 0; g < group; ++g)
+          for (std::int64_t q = 0; q < observed; ++q) {
+            const std::int64_t visible = tokens - observed + q + 1;
+            std::vector<double> logits(static_cast<std::size_t>(visible));
+            for (std::int64_t j = 0; j < visible; ++j) {
+              double dot = 0.0, magnitude = 0.0;
+              for (std::int64_t d = 0; d < head_dim; ++d) {
+                dot += double(queries(b, h * group + g, q, d)) * double(keys(b, h, j, d));
+                magnitude += std::abs(double(queries(b, h * group + g, q, d)) * double(keys(b, h, j, d)));
+              }
+              logits[j] = dot / std::sqrt(double(head_dim));
+              largest_logit = std::max(largest_logit, magnitude / std::sqrt(double(head_dim)));
+            }
+            if (t >= visible) continue;
+            const double top = *std::max_element(logits.begin(), logits.end());
+            double sum = 0.0;
+            for (double l : logits) sum += std::exp(l - top);
+            const double p = std::exp(logits[t] - top) / sum;
+            want += p * p;
+          }
+        if (next - (5 + t) <= window) want = 0.0;  // inside the protected window: not seeded
+        const double exponent = (double(head_dim) + 5.0) * u * largest_logit + 4.0 * u + double(tokens) * u;
+        const double bound = std::expm1(2.0 * exponent) * want + (double(observed * group) + 1.0) * u * want + 1e-38;
+        EXPECT_LE(std::abs(double(metric[slot]) - want), bound) << "head " << head << ", kept token " << i << " (" << t << ")";
+      }
+    }
+  for (std::int64_t slot = 0; slot < slots; ++slot)
+    if (!held.count(slot)) {
+      EXPECT_EQ(metric[static_cast<std::size_t>(slot)], 0.0f) << "slot " << slot;
+    }
+}
+
+TEST(EvictionMetric, DueEveryIntervalSteps) {
+  const ev::config cfg{.interval = 16};
+  EXPECT_FALSE(ev::due(0, cfg));
+  EXPECT_FALSE(ev::due(15, cfg));
+  EXPECT_TRUE(ev::due(16, cfg));
+  EXPECT_TRUE(ev::due(32, cfg));
+}
+
 // ---- the eviction step ----------------------------------------------------------
 
 struct paged_layout {
