@@ -112,7 +112,15 @@ struct report {
   std::int64_t units_over_target = 0;  ///< units still over it (protected tokens and floors exceed T)
 };
 
-/// Whether decode step `step` (counted from 1 after the prefill) is an eviction step.
-constexpr bool due(std::int64_t step, const config& cfg) { return step > 0 && step % cfg.interval == 0; }
+/// The eviction step's tag: implementation<eviction::step, Backend> (backend/cpu/eviction.hpp,
+/// backend/cuda/eviction.cuh).
+struct step {
+  static constexpr std::string_view name = "eviction::step";
+};
+
+/// Whether decode step `decode_step` (counted from 1 after the prefill) is an eviction step.
+constexpr bool due(std::int64_t decode_step, const config& cfg) {
+  return decode_step > 0 && decode_step % cfg.interval == 0;
+}
 
 }  // namespace kvtrim::eviction

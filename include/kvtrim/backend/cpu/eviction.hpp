@@ -112,13 +112,6 @@ bool codec_pins(const Storage& store, std::int64_t head, std::int64_t slot, std:
 
 namespace kvtrim {
 
-namespace eviction {
-/// The eviction step's tag (implementation<eviction::step, Backend>).
-struct step {
-  static constexpr std::string_view name = "eviction::step";
-};
-}  // namespace eviction
-
 template <>
 struct implementation<eviction::step, backend::cpu> {
   static constexpr std::string_view function = "kvtrim::evict";
