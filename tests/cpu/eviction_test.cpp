@@ -553,6 +553,12 @@ TYPED_TEST(EvictionStep, GroupedInt8EvictsWholeRuns) {
 TYPED_TEST(EvictionStep, OtherCodecs) {
   check_eviction_step<TypeParam, kt::codec::fp16>(ev::scope::per_layer, {}, 11);
   check_eviction_step<TypeParam, kt::codec::fp8>(ev::scope::cross_layer, {}, 12);
+  // layered: sinks and the newest tokens in fp16 rows (pinned), the rest in KIVI-grouped int8.
+  kt::codec::layered<kt::codec::int8>::config layered_config{};
+  layered_config.inner.key_group = 8;
+  layered_config.recent = 12;
+  layered_config.sinks = 2;
+  check_eviction_step<TypeParam, kt::codec::layered<kt::codec::int8>>(ev::scope::cross_layer, layered_config, 13);
 }
 
 TYPED_TEST(EvictionStep, RefusesBadInputAndChangesNothing) {
