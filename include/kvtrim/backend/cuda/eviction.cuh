@@ -68,12 +68,17 @@ __global__ void __launch_bounds__(metric_threads)
   for (std::int64_t i = std::int64_t{blockIdx.x} * metric_threads + threadIdx.x; i < length;
        i += std::int64_t{gridDim.x} * metric_threads) {
     const std::int64_t slot = rows.slot(i);
-    if (!eviction::outside_window(next, cache.positions.slot_position[slot], window)) continue;
+    // Loads first, the window test after: the loads do not wait for the position.
+    const std::int64_t position = cache.positions.slot_position[slot];
+    float logits[Group];
+#pragma unroll
+    for (int g = 0; g < Group; ++g) logits[g] = side.logits[g * side.stride + slot];
+    const float old = metric[slot];
+    if (!eviction::outside_window(next, position, window)) continue;
     float sum = 0.0f;
 #pragma unroll
-    for (int g = 0; g < Group; ++g)
-      sum += eviction::metric_term(kind, exp2f(side.logits[g * side.stride + slot] - lse[g]));
-    metric[slot] += sum * factor;
+    for (int g = 0; g < Group; ++g) sum += eviction::metric_term(kind, exp2f(logits[g] - lse[g]));
+    metric[slot] = old + sum * factor;
   }
 }
 
@@ -132,8 +137,10 @@ void attend(tensor_view<QueryT, 3, device_space> queries, const View& cache, ten
   if constexpr (cuda_detail::is_paged_view<View>) page_shift = cuda_detail::power_of_two_shift(cache.page_size);
   std::int64_t uniform_length = -1;
   if constexpr (cuda_detail::is_contiguous_view<View>) uniform_length = *cache.length;
+  // About eight resident waves of threads over all heads: each thread's few tokens are a chain
+  // of dependent loads (page table → slot → position, logits, metric), so parallelism hides them.
   const unsigned blocks_per_head = static_cast<unsigned>(std::clamp<std::int64_t>(
-      4 * backend::cuda::multiprocessor_count() / std::max<std::int64_t>(cache.heads(), 1), 1, 64));
+      16 * backend::cuda::multiprocessor_count() / std::max<std::int64_t>(cache.heads(), 1), 1, 1024));
   cuda_detail::dispatch_decode_group(shape.group_size(), function, [&](auto group_constant) {
     constexpr int group = decltype(group_constant)::value;
     cuda_detail::launch_dependent(cuda_detail::accumulate_decode_metric<group, View>,
