@@ -1,7 +1,8 @@
 // Decode attention on the GPU (backend::cuda) over fp16 caches of every
 // layout: contiguous, paged (per-(sequence, kv head) page tables, pages
 // scattered through the pool) and flat (per-head regions), with uniform or
-// ragged (Ada-KV-like) per-head lengths.
+// ragged (Ada-KV-like) per-head lengths; and over contiguous caches stored
+// with the quantizing codecs (int8, int4, fp8: codec_decode_*), encoded on the device.
 //
 // Reports bytes of cache read per second and that rate as a fraction of a
 // device-to-device copy's bandwidth measured in the same run (bytes read +
@@ -75,6 +76,96 @@ void decode_attention(benchmark::State& state) {
   state.counters["cache_TBps"] = cache_bytes / median / 1e12;
   if (measured_copy_bandwidth > 0) state.counters["fraction_of_copy"] = cache_bytes / median / measured_copy_bandwidth;
   cudaFree(queries), cudaFree(out), cudaFree(scratch);
+  cudaStreamDestroy(stream);
+}
+
+/// Decode attention over a contiguous cache stored with CodecT (issue 12), on
+/// the same rows as decode_attention's fp16 cache: random fp16 keys and values
+/// compacted into the cache on the device (every token kept: the codec's device
+/// encode), then attend timed as above. Bytes are those the codec stores per
+/// token (codes, steps and KIVI run scales: codec::bytes_per_token); the
+/// compaction (encode) is timed too, next to fp16's row copy in the same row set.
+/// codec arg: 0 fp16, 1 int8 (KIVI groups of 32), 2 int8 (zero points), 3 int4
+/// (KIVI, zero points), 4 fp8 e4m3 (head scales).
+template <class CodecT>
+void codec_decode(benchmark::State& state) {
+  using scheme = kt::scheme<kt::layout::contiguous, kt::score::static_window, kt::budget::uniform, CodecT,
+                            kt::backend::cuda>;
+  const std::int64_t batch = state.range(0), tokens = state.range(1);
+  const kt::model_shape shape{.q_heads = state.range(2), .kv_heads = state.range(3), .head_dim = state.range(4)};
+  typename CodecT::config config{};
+  if constexpr (requires { config.asymmetric; }) config.asymmetric = state.range(5) == 2 || state.range(5) == 3;
+  auto cache = scheme::make_cache(shape, batch, tokens, config);
+  const std::int64_t heads = batch * shape.kv_heads, elements = heads * tokens * shape.head_dim;
+  __half *keys = nullptr, *values = nullptr;
+  check(cudaMalloc(&keys, elements * sizeof(__half)), "cudaMalloc");
+  check(cudaMalloc(&values, elements * sizeof(__half)), "cudaMalloc");
+  fill_random<<<1024, 256>>>(keys, elements, 1);
+  fill_random<<<1024, 256>>>(values, elements, 2);
+  std::vector<std::int64_t> offsets(static_cast<std::size_t>(heads + 1));
+  for (std::int64_t head = 0; head <= heads; ++head) offsets[head] = head * tokens;
+  std::vector<std::int32_t> kept(static_cast<std::size_t>(heads * tokens));
+  for (std::int64_t i = 0; i < heads * tokens; ++i) kept[i] = static_cast<std::int32_t>(i % tokens);
+  std::int64_t* device_offsets = nullptr;
+  std::int32_t* device_kept = nullptr;
+  check(cudaMalloc(&device_offsets, offsets.size() * 8), "cudaMalloc");
+  check(cudaMalloc(&device_kept, kept.size() * 4), "cudaMalloc");
+  check(cudaMemcpy(device_offsets, offsets.data(), offsets.size() * 8, cudaMemcpyHostToDevice), "offsets");
+  check(cudaMemcpy(device_kept, kept.data(), kept.size() * 4, cudaMemcpyHostToDevice), "kept");
+  const std::array<std::int64_t, 4> kv_extents{batch, shape.kv_heads, tokens, shape.head_dim};
+  const auto key_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(keys), kv_extents);
+  const auto value_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(values), kv_extents);
+  kt::compact_args args;
+  args.uniform_keep = tokens;
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  const auto compact = [&] {
+    kt::implementation<kt::layout::contiguous, kt::backend::cuda>::compact(
+        cache.view(), key_view, value_view, kt::selection_view<kt::device_space>{device_offsets, device_kept, heads},
+        args, stream);
+  };
+  // The compaction (encode) alone: events around 10 calls after a warm-up, median.
+  std::vector<double> encode_seconds;
+  compact();
+  for (int i = 0; i < 10; ++i) {
+    cudaEvent_t start, stop;
+    cudaEventCreate(&start), cudaEventCreate(&stop);
+    cudaEventRecord(start, stream);
+    compact();
+    cudaEventRecord(stop, stream);
+    cudaEventSynchronize(stop);
+    float ms = 0.0f;
+    cudaEventElapsedTime(&ms, start, stop);
+    encode_seconds.push_back(ms * 1e-3);
+    cudaEventDestroy(start), cudaEventDestroy(stop);
+  }
+  std::sort(encode_seconds.begin(), encode_seconds.end());
+  check(cudaStreamSynchronize(stream), "compact");
+
+  const std::int64_t query_elements = batch * shape.q_heads * shape.head_dim;
+  __half *queries = nullptr, *out = nullptr;
+  check(cudaMalloc(&queries, query_elements * sizeof(__half)), "cudaMalloc");
+  check(cudaMalloc(&out, query_elements * sizeof(__half)), "cudaMalloc");
+  fill_random<<<64, 256>>>(queries, query_elements, 3);
+  const std::array<std::int64_t, 3> query_extents{batch, shape.q_heads, shape.head_dim};
+  const auto query_view = kt::make_view<kt::device_space>(reinterpret_cast<kt::half*>(queries), query_extents);
+  const auto out_view = kt::make_view<kt::device_space>(reinterpret_cast<kt::half*>(out), query_extents);
+  const std::size_t scratch_bytes = scheme::attend_workspace(cache.view());
+  void* scratch = nullptr;
+  check(cudaMalloc(&scratch, std::max<std::size_t>(scratch_bytes, 1)), "cudaMalloc");
+  const std::vector<double> seconds = kvtrim_bench::timed_seconds(
+      state, stream, [&] { scheme::attend(query_view, cache.view(), out_view, {scratch, scratch_bytes}, stream); });
+  const double per_token = kt::codec::bytes_per_token<CodecT>(config, shape.head_dim, kt::codec::slot_alignment<CodecT>(config));
+  const double cache_bytes = static_cast<double>(heads * tokens) * per_token;
+  const double median = seconds[seconds.size() / 2];
+  state.SetBytesProcessed(static_cast<std::int64_t>(cache_bytes) * state.iterations());
+  state.counters["median_us"] = median * 1e6;
+  state.counters["bytes_per_token_head"] = per_token;
+  state.counters["cache_TBps"] = cache_bytes / median / 1e12;
+  state.counters["encode_us"] = encode_seconds[encode_seconds.size() / 2] * 1e6;
+  if (measured_copy_bandwidth > 0) state.counters["fraction_of_copy"] = cache_bytes / median / measured_copy_bandwidth;
+  cudaFree(queries), cudaFree(out), cudaFree(scratch), cudaFree(keys), cudaFree(values), cudaFree(device_offsets),
+      cudaFree(device_kept);
   cudaStreamDestroy(stream);
 }
 
@@ -189,6 +280,21 @@ BENCHMARK(decode_attention)
     ->UseManualTime()
     ->Iterations(50)
     ->Unit(benchmark::kMicrosecond);
+
+// Issue 12: workload W at 32k tokens with each codec, fp16 first (the same encode-by-compaction path);
+// then GQA 2 (16 q heads: the CUDA-core kernel for every storage) on the same cache.
+#define KVTRIM_CODEC_ROWS(codec_id)                                                                     \
+  ->ArgNames({"batch", "tokens", "q_heads", "kv_heads", "head_dim", "codec"})                           \
+      ->Args({8, 32768, 32, 8, 128, codec_id})                                                          \
+      ->Args({8, 32768, 16, 8, 128, codec_id})                                                          \
+      ->UseManualTime()                                                                                 \
+      ->Iterations(50)                                                                                  \
+      ->Unit(benchmark::kMicrosecond)
+BENCHMARK(codec_decode<kt::codec::fp16>)->Name("codec_decode_fp16") KVTRIM_CODEC_ROWS(0);
+BENCHMARK(codec_decode<kt::codec::int8>)->Name("codec_decode_int8") KVTRIM_CODEC_ROWS(1);
+BENCHMARK(codec_decode<kt::codec::int8>)->Name("codec_decode_int8_zero_point") KVTRIM_CODEC_ROWS(2);
+BENCHMARK(codec_decode<kt::codec::int4>)->Name("codec_decode_int4_zero_point") KVTRIM_CODEC_ROWS(3);
+BENCHMARK(codec_decode<kt::codec::fp8>)->Name("codec_decode_fp8") KVTRIM_CODEC_ROWS(4);
 
 // Workload W (batch 8, 32 q heads, 8 kv heads, D 128) over paged (pages of 16, scattered) and flat caches.
 // lengths: 0 every head full, 1 every head 30 %, 2 Ada-KV-like 5–90 % (mean 30 %).

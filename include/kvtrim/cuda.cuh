@@ -7,6 +7,10 @@
 
 #include "kvtrim/backend/cuda.hpp"
 #include "kvtrim/backend/cuda/adaptive.cuh"
+#include "kvtrim/backend/cuda/codec_fp8.cuh"
+#include "kvtrim/backend/cuda/codec_layered.cuh"
+#include "kvtrim/backend/cuda/codec_quantized.cuh"
+#include "kvtrim/backend/cuda/codec_writes.cuh"
 #include "kvtrim/backend/cuda/common.cuh"
 #include "kvtrim/backend/cuda/contiguous.cuh"
 #include "kvtrim/backend/cuda/decode_attention.cuh"

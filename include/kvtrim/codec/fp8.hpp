@@ -15,7 +15,7 @@
 // for every head (vLLM's default 1.0, or its calibrated k_scale / v_scale).
 // fp8::set_head_scales installs per-head calibrated scales.
 // Storage per slot: head_dim bytes each for key and value; per head: two fp32
-// scales. Defaults: head_amax; fixed scales 1.0. Backends: cpu.
+// scales. Defaults: head_amax; fixed scales 1.0. Backends: cpu, cuda (backend/cuda/codec_fp8.cuh).
 #pragma once
 
 #include <algorithm>
@@ -123,6 +123,8 @@ struct fp8 {
     std::int64_t heads = 0;
     std::int64_t slot_run = 1;  // no runs: always 1
     bool head_amax = true;
+    float initial_key_scale = 1.0f;  // config's scales: bind fills host scales with them, a device reset likewise
+    float initial_value_scale = 1.0f;
   };
 
   static std::size_t storage_bytes(const config& cfg, std::int64_t slots, std::int64_t heads, std::int64_t head_dim,
@@ -236,6 +238,8 @@ struct fp8 {
     store.slots = slots;
     store.heads = heads;
     store.head_amax = cfg.scales == fp8_scaling::head_amax;
+    store.initial_key_scale = cfg.key_scale;
+    store.initial_value_scale = cfg.value_scale;
     return store;
   }
 };

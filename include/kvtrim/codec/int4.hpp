@@ -7,7 +7,7 @@
 // (asymmetric) coarser than int8's. Element d of a row sits in byte d/2, low
 // nibble for even d. KIVI reports 4-bit asymmetric keys and values as lossless
 // on LongBench (Mistral-7B 43.54 → 43.53); prefer asymmetric = true here.
-// Defaults: as int8. Backends: cpu.
+// Defaults: as int8. Backends: cpu, cuda (as int8).
 #pragma once
 
 #include "kvtrim/codec/int8.hpp"

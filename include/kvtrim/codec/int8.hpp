@@ -40,7 +40,7 @@
 // run.
 //
 // Defaults: per_channel_group keys, key_group 32 (KIVI), symmetric.
-// Backends: cpu.
+// Backends: cpu, cuda (backend/cuda/codec_quantized.cuh, codec_writes.cuh).
 #pragma once
 
 #include <algorithm>

@@ -6,10 +6,13 @@
 // types), converting the engine's element type to the stored one. The number of
 // tokens per head is known on the host for this layout (uniform budgets), so
 // the grid is sized without reading device memory and nothing synchronises.
+// The quantizing codecs (int8, int4, fp8) are encoded by codec_writes.cuh's
+// kernels instead of the row copy.
 #pragma once
 
 #include <cstdint>
 
+#include "kvtrim/backend/cuda/codec_writes.cuh"
 #include "kvtrim/backend/cuda/common.cuh"
 #include "kvtrim/codec/plain.hpp"
 #include "kvtrim/core/implementation.hpp"
@@ -85,14 +88,12 @@ __global__ void copy_rows(const __grid_constant__ row_copy<InT, StoreT> copy) {
   }
 }
 
-/// Launches copy_rows for `rows_per_head` rows of every head.
+/// Launches copy_rows for `rows_per_head` rows of every head (codec::plain).
 template <class KeyT, class CodecT>
-void launch_copy_rows(std::string_view function, layout::contiguous::view<CodecT, device_space>& cache,
-                      const kv_view<KeyT, device_space>& keys, const kv_view<KeyT, device_space>& values,
-                      const std::int64_t* offsets, const std::int32_t* tokens, std::int64_t rows_per_head,
-                      std::int64_t first_row, std::int64_t start_position, cudaStream_t stream) {
-  static_assert(codec::is_plain<CodecT>,
-                "kvtrim: backend::cuda stores layout::contiguous caches with codec::fp16 / bf16 / fp32 for now");
+void launch_plain_copy_rows(std::string_view function, layout::contiguous::view<CodecT, device_space>& cache,
+                            const kv_view<KeyT, device_space>& keys, const kv_view<KeyT, device_space>& values,
+                            const std::int64_t* offsets, const std::int32_t* tokens, std::int64_t rows_per_head,
+                            std::int64_t first_row, std::int64_t start_position, cudaStream_t stream) {
   using in_type = device_element_t<KeyT>;
   using store_type = device_element_t<typename CodecT::element>;
   const std::int64_t head_dim = cache.shape.head_dim;
@@ -142,6 +143,38 @@ void launch_copy_rows(std::string_view function, layout::contiguous::view<CodecT
   detail::check_launch(function, "copy_rows");
 }
 
+/// Writes `rows_per_head` rows of every head: copy_rows for codec::plain, the
+/// codec's device encode (codec_writes.cuh) for int8 / int4 / fp8.
+template <class KeyT, class CodecT>
+void launch_copy_rows(std::string_view function, layout::contiguous::view<CodecT, device_space>& cache,
+                      const kv_view<KeyT, device_space>& keys, const kv_view<KeyT, device_space>& values,
+                      const std::int64_t* offsets, const std::int32_t* tokens, std::int64_t rows_per_head,
+                      std::int64_t first_row, std::int64_t start_position, cudaStream_t stream) {
+  static_assert(codec::is_plain<CodecT> || device_encoded_codec<CodecT>,
+                "kvtrim: backend::cuda stores layout::contiguous caches with codec::fp16 / bf16 / fp32, int8, int4, "
+                "fp8_e4m3 and layered over those three; the device encode of low_rank (bases fitted per head, "
+                "pre-RoPE keys) is not written yet (issue 12)");
+  if constexpr (codec::is_plain<CodecT>) {
+    launch_plain_copy_rows(function, cache, keys, values, offsets, tokens, rows_per_head, first_row, start_position,
+                           stream);
+  } else {
+    if (cache.shape.head_dim % 8 != 0)
+      detail::fail(function, "shape.head_dim", "a multiple of 8 on backend::cuda", std::to_string(cache.shape.head_dim));
+    for (std::size_t d = 0; d < 4; ++d)
+      if (keys.extent(d) > 1 && keys.stride(d) != values.stride(d))
+        detail::fail(function, "values", "the same strides as keys on backend::cuda (dimensions of extent > 1)",
+                     detail::cat("stride ", values.stride(d), " against ", keys.stride(d), " in dimension ", d));
+    if (cache.heads() > 65535)
+      detail::fail(function, "cache.batch", "batch · kv_heads ≤ 65535 on backend::cuda", std::to_string(cache.heads()));
+    // Compaction with no rows still starts every head's key group afresh; next positions advance after this call.
+    if (rows_per_head == 0 && tokens == nullptr) return;
+    launch_codec_writes(function,
+                        make_codec_write(cache, keys, values, offsets, tokens, nullptr, start_position, rows_per_head,
+                                         -1, first_row, 0),
+                        rows_per_head, stream);
+  }
+}
+
 /// next_position[head] = value (set) or += value (advance), for every head.
 template <bool Advance>
 __global__ void update_next_positions(std::int64_t* next_position, std::int64_t heads, std::int64_t value) {
@@ -170,6 +203,8 @@ struct implementation<layout::contiguous, backend::cuda> {
   static void reset(const layout::contiguous::view<CodecT, device_space>& cache) {
     detail::check_cuda(cudaMemset(cache.positions.next_position, 0, sizeof(std::int64_t) * cache.heads()),
                        "kvtrim::cache", "cudaMemset(next_position)");
+    cuda_detail::reset_codec_storage<CodecT>("kvtrim::cache", cache.storage, nullptr);
+    detail::check_cuda(cudaStreamSynchronize(nullptr), "kvtrim::cache", "cudaStreamSynchronize");
   }
 
   template <class CodecT, class KeyT>

@@ -1,6 +1,7 @@
 // kvtrim/backend/cuda/decode_attention.cuh — decode attention on the GPU: one
 // new query per query head over a compressed cache of any layout (contiguous,
-// paged, flat: decode_plan.cuh's row locators) with codec::fp16 / bf16 / fp32.
+// paged, flat: decode_plan.cuh's row locators) with codec::fp16 / bf16 / fp32,
+// int8 / int4 (KIVI), fp8_e4m3 and layered over those.
 //
 // Memory-bound by design: the cache is read exactly once per step.
 //  * One kernel template over (layout addressing × head dim × group × storage
@@ -20,6 +21,14 @@
 //    Group dot products finish with one transposed shuffle reduction
 //    (lane_group_sum). Tensor cores (16-bit storage, groups 4, 8, 16): mma.sync
 //    m16n8k16 with the group's query heads as the 16 rows.
+//  * Codecs (codec_tiles): the tiles hold rows as stored — plain elements, or a
+//    quantizing codec's code bytes — and each lane dequantizes its 8 channels
+//    in registers after the shared-memory stage (codec_device<C>::reader: fp8
+//    by the exact conversion times the head's scale; int8 / int4 by their
+//    per-token or per-channel-run steps, KIVI's filling group from the fp16
+//    residual window). Groups 1 and 2 read them on CUDA cores; groups ≥ 4 on
+//    the tensor cores, the block writing each dequantized tile once as fp16
+//    K/V tiles that the mma loop reads as it reads 16-bit storage.
 //  * Softmax is online (running max m, sum l, accumulator) in fp32, in base 2
 //    with log2(e)/√D folded into the query; the compensation bias (natural log)
 //    is added after the scale as the CPU does, times log2(e).
@@ -34,6 +43,7 @@
 #include <limits>
 #include <utility>
 
+#include "kvtrim/backend/cuda/codec_writes.cuh"
 #include "kvtrim/backend/cuda/common.cuh"
 #include "kvtrim/backend/cuda/decode_plan.cuh"
 #include "kvtrim/codec/plain.hpp"
@@ -156,6 +166,49 @@ struct decode_metric {
   std::int64_t stride = 0;  // the layout's storage slots
 };
 
+/// How decode attention stages and reads a codec's rows: `stored` elements,
+/// `row_elements` of them per row, and a per-head reader giving a lane the 8
+/// channels first_dim.. of a staged row as floats. codec::plain: its rows as
+/// they are.
+template <class CodecT, int HeadDim>
+struct codec_tiles {
+  using stored = device_element_t<typename CodecT::element>;
+  static constexpr int row_elements = HeadDim;
+  using storage = typename CodecT::template storage<device_space>;
+  __host__ __device__ static const stored* key_rows(const storage& store) { return reinterpret_cast<const stored*>(store.keys); }
+  __host__ __device__ static const stored* value_rows(const storage& store) { return reinterpret_cast<const stored*>(store.values); }
+  struct reader {
+    template <class Rows>
+    __device__ __forceinline__ void key(const stored* row, int first_dim, std::int64_t, const Rows&,
+                                        float (&out)[8]) const {
+      widen(*reinterpret_cast<const packed8<stored>*>(row + first_dim), out);
+    }
+    template <class Rows>
+    __device__ __forceinline__ void value(const stored* row, int first_dim, std::int64_t, const Rows&,
+                                          float (&out)[8]) const {
+      widen(*reinterpret_cast<const packed8<stored>*>(row + first_dim), out);
+    }
+  };
+  __device__ static reader open(const storage&, std::int64_t) { return {}; }
+  /// Rows past the segment's end are zero-filled in the tiles: plain rows read them as zeros.
+  static constexpr bool reads_padding = true;
+};
+/// Quantizing codecs: code bytes, read through codec_device<C>::reader (which
+/// looks up steps by slot: rows past the segment's end are never read).
+template <class CodecT, int HeadDim>
+  requires device_encoded_codec<CodecT>
+struct codec_tiles<CodecT, HeadDim> {
+  using device = codec_device<CodecT>;
+  using stored = typename device::stored;
+  static constexpr int row_elements = device::template row_elements<HeadDim>;
+  using storage = typename CodecT::template storage<device_space>;
+  __host__ __device__ static const stored* key_rows(const storage& store) { return device::key_rows(store); }
+  __host__ __device__ static const stored* value_rows(const storage& store) { return device::value_rows(store); }
+  using reader = typename device::reader;
+  __device__ static reader open(const storage& store, std::int64_t head) { return device::open(store, head); }
+  static constexpr bool reads_padding = false;
+};
+
 template <class View, class Partition, class QueryT, class OutT>
 struct decode_params {
   View cache;
@@ -214,16 +267,17 @@ __device__ __forceinline__ void finish_segment(const Params& params, const float
 // ---- CUDA-core kernel (groups 1 and 2, fp32 storage) -------------------------
 
 /// Compile-time geometry of one CUDA-core decode block.
-template <int HeadDim, class StoreT, int Group>
+template <int HeadDim, class StoreT, int Group, int RowElements = HeadDim>
 struct decode_geometry {
   static constexpr int lanes_per_token = HeadDim / 8;               // 8 elements per lane
   static constexpr int tokens_per_warp = 32 / lanes_per_token;
   static constexpr int token_groups = decode_warps * tokens_per_warp;
   static constexpr int tile_tokens = token_groups * decode_unroll;  // 32 KB of K+V per tile for 16-bit types
-  /// Tiles in flight: 3 for 16-bit storage (96 KB: two blocks per SM), 2 for fp32.
-  static constexpr int stages = sizeof(StoreT) == 2 ? 3 : 2;
+  /// Tiles in flight: 3 for 16-bit storage (96 KB: two blocks per SM), 2 for fp32,
+  /// 4 for code bytes (8-bit: 64 KB at head_dim 128; int4 half that).
+  static constexpr int stages = sizeof(StoreT) == 2 ? 3 : sizeof(StoreT) == 1 ? 4 : 2;
   template <class Rows>
-  using stream = kv_tile_stream<StoreT, HeadDim, HeadDim, tile_tokens, stages, decode_threads, Rows>;
+  using stream = kv_tile_stream<StoreT, RowElements, RowElements, tile_tokens, stages, decode_threads, Rows>;
   static constexpr std::size_t pipeline_bytes = stream<strided_rows>::bytes;
   static constexpr std::size_t merge_bytes = std::size_t{token_groups} * Group * (HeadDim + 2) * sizeof(float);
   static constexpr std::size_t shared_bytes = pipeline_bytes > merge_bytes ? pipeline_bytes : merge_bytes;
@@ -235,7 +289,9 @@ template <int HeadDim, int Group, class StoreT, class Params>
 __global__ void __launch_bounds__(decode_threads) decode_attention_cuda_core(const __grid_constant__ Params params) {
   wait_for_prerequisite_grid();  // paged / flat: the plan's partition
   allow_dependent_grid();        // the merge's blocks may be scheduled; they wait for this grid
-  using geometry = decode_geometry<HeadDim, StoreT, Group>;
+  using tiles = codec_tiles<typename decltype(Params::cache)::codec, HeadDim>;
+  constexpr int row_elements = tiles::row_elements;
+  using geometry = decode_geometry<HeadDim, StoreT, Group, row_elements>;
   constexpr int lanes_per_token = geometry::lanes_per_token;
   constexpr int token_groups = geometry::token_groups;
   static_assert(Group <= lanes_per_token, "CUDA-core decode: at most head_dim / 8 query heads per group");
@@ -247,8 +303,8 @@ __global__ void __launch_bounds__(decode_threads) decode_attention_cuda_core(con
   const int lane = threadIdx.x % 32;
   const int token_group = warp * geometry::tokens_per_warp + lane / lanes_per_token;
   const int first_dim = (lane % lanes_per_token) * 8;
-  const auto* keys = reinterpret_cast<const StoreT*>(cache.storage.keys);
-  const auto* values = reinterpret_cast<const StoreT*>(cache.storage.values);
+  const StoreT* keys = tiles::key_rows(cache.storage);
+  const StoreT* values = tiles::value_rows(cache.storage);
 
   for_each_segment(params.partition, [&](std::int64_t head, std::int64_t begin, std::int64_t end, bool whole,
                                          std::int64_t partial_index) {
@@ -258,6 +314,7 @@ __global__ void __launch_bounds__(decode_threads) decode_attention_cuda_core(con
     stream.start();
     const head_bias bias = compensation_of(cache, head);
     const std::int64_t b = head / cache.shape.kv_heads, h = head % cache.shape.kv_heads;
+    const typename tiles::reader reader = tiles::open(cache.storage, head);
 
     float query[Group][8];
 #pragma unroll
@@ -286,8 +343,8 @@ __global__ void __launch_bounds__(decode_threads) decode_attention_cuda_core(con
       for (int u = 0; u < decode_unroll; ++u) {
         const int row = u * token_groups + token_group;
         const std::int64_t token = first_token + row;
-        float key_row[8];
-        widen(*reinterpret_cast<const packed8<StoreT>*>(key_tile + row * HeadDim + first_dim), key_row);
+        float key_row[8] = {};
+        if (tiles::reads_padding || token < end) reader.key(key_tile + row * row_elements, first_dim, token, rows, key_row);
         float dots[Group];
 #pragma unroll
         for (int g = 0; g < Group; ++g) {
@@ -329,8 +386,10 @@ __global__ void __launch_bounds__(decode_threads) decode_attention_cuda_core(con
 #pragma unroll
       for (int u = 0; u < decode_unroll; ++u) {
         const int row = u * token_groups + token_group;
-        float value_row[8];  // padding rows are zero-filled
-        widen(*reinterpret_cast<const packed8<StoreT>*>(value_tile + row * HeadDim + first_dim), value_row);
+        const std::int64_t token = first_token + row;
+        float value_row[8] = {};  // padding rows are zero-filled (plain) or not read (codecs)
+        if (tiles::reads_padding || token < end)
+          reader.value(value_tile + row * row_elements, first_dim, token, rows, value_row);
 #pragma unroll
         for (int g = 0; g < Group; ++g)
 #pragma unroll
@@ -373,8 +432,11 @@ __global__ void __launch_bounds__(decode_threads) decode_attention_cuda_core(con
 // shared memory so the 8 rows an ldmatrix reads fall in distinct banks. The
 // attention weights P are rounded to the storage type (fp16/bf16) for the P·V
 // product — FlashAttention's choice; the softmax itself stays in fp32.
+// Quantizing codecs (1-byte code tiles): after a tile lands, the block
+// dequantizes it through the codec's reader into one fp16 K/V tile (rounding
+// each dequantized element to fp16 once), and the same mma loop reads that.
 
-template <int HeadDim, class StoreT, int Group>
+template <int HeadDim, class StoreT, int Group, int RowElements = HeadDim>
 struct tensor_core_geometry {
   /// Four warps of 16 tokens: 64-token tiles, small enough that two blocks fit
   /// on a multiprocessor at head dims ≤ 128 — one block's prologue, segment
@@ -382,16 +444,22 @@ struct tensor_core_geometry {
   static constexpr int warps = 4;
   static constexpr int threads = warps * 32;
   static constexpr int tile_tokens = warps * 16;
-  static constexpr int row_stride = HeadDim + 8;  // elements; +16 bytes per row
+  static constexpr int row_stride = HeadDim + 8;  // elements of the mma tiles; +16 bytes per row
   static constexpr int tile_elements = tile_tokens * row_stride;
-  static constexpr std::size_t stage_bytes = std::size_t{2} * tile_elements * sizeof(StoreT);
+  /// Code bytes (quantizing codecs) are staged as stored, RowElements bytes a row, and
+  /// dequantized tile by tile into one fp16 K/V tile the mma reads (dequant_bytes, after the ring).
+  static constexpr bool dequantizes = sizeof(StoreT) == 1;
+  static constexpr int stream_row_stride = dequantizes ? RowElements : row_stride;
+  static constexpr std::size_t dequant_bytes = dequantizes ? std::size_t{2} * tile_elements * 2 : 0;
+  static constexpr std::size_t stage_bytes = std::size_t{2} * tile_tokens * stream_row_stride * sizeof(StoreT);
   /// As many stages as fit in 108 KB of shared memory (two blocks per SM) at head dims ≤ 128,
   /// 200 KB at 256 (one block), between 2 and 4.
   static constexpr std::size_t shared_budget = HeadDim <= 128 ? 110592 : 204800;
-  static constexpr int stages = static_cast<int>(std::clamp<std::size_t>(shared_budget / stage_bytes, 2, 4));
+  static constexpr int stages =
+      static_cast<int>(std::clamp<std::size_t>((shared_budget - dequant_bytes) / stage_bytes, 2, 4));
   template <class Rows>
-  using stream = kv_tile_stream<StoreT, HeadDim, row_stride, tile_tokens, stages, threads, Rows>;
-  static constexpr std::size_t pipeline_bytes = stream<strided_rows>::bytes;
+  using stream = kv_tile_stream<StoreT, RowElements, stream_row_stride, tile_tokens, stages, threads, Rows>;
+  static constexpr std::size_t pipeline_bytes = stream<strided_rows>::bytes + dequant_bytes;
   static constexpr std::size_t merge_bytes = std::size_t{warps} * Group * (HeadDim + 2) * sizeof(float);
   static constexpr std::size_t shared_bytes = pipeline_bytes > merge_bytes ? pipeline_bytes : merge_bytes;
 };
@@ -439,13 +507,49 @@ __device__ __forceinline__ unsigned pack2(float low, float high) {
   }
 }
 
+/// Quantizing codecs on the tensor cores: the block dequantizes a staged tile of
+/// code rows (RowElements bytes each) into fp16 K and V tiles of `row_stride`
+/// halves a row, 8 channels per thread and step, through the codec's reader
+/// (rows past `end` become zeros: their scores are masked), then synchronises.
+template <int HeadDim, int RowElements, int TileTokens, int Threads, class Reader, class Rows>
+__device__ __forceinline__ void dequantize_tile(const Reader& reader, const Rows& rows, const std::uint8_t* key_codes,
+                                                const std::uint8_t* value_codes, std::int64_t first_token,
+                                                std::int64_t end, __half* keys, __half* values, int row_stride) {
+  constexpr int chunks_per_row = HeadDim / 8;
+  // Unrolled so that several chunks' step loads are in flight together.
+#pragma unroll 4
+  for (int chunk = threadIdx.x; chunk < TileTokens * chunks_per_row; chunk += Threads) {
+    const int row = chunk / chunks_per_row, first_dim = (chunk % chunks_per_row) * 8;
+    const std::int64_t token = first_token + row;
+    float key[8] = {}, value[8] = {};
+    if (token < end) {
+      reader.key(key_codes + row * RowElements, first_dim, token, rows, key);
+      reader.value(value_codes + row * RowElements, first_dim, token, rows, value);
+    }
+    uint4 key_out, value_out;
+    auto* key_pairs = reinterpret_cast<__half2*>(&key_out);
+    auto* value_pairs = reinterpret_cast<__half2*>(&value_out);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      key_pairs[i] = __floats2half2_rn(key[2 * i], key[2 * i + 1]);
+      value_pairs[i] = __floats2half2_rn(value[2 * i], value[2 * i + 1]);
+    }
+    *reinterpret_cast<uint4*>(keys + row * row_stride + first_dim) = key_out;
+    *reinterpret_cast<uint4*>(values + row * row_stride + first_dim) = value_out;
+  }
+  __syncthreads();
+}
+
 template <int HeadDim, int Group, class StoreT, class Params>
 __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::threads)
     decode_attention_tensor_core(const __grid_constant__ Params params) {
   wait_for_prerequisite_grid();  // paged / flat: the plan's partition
   allow_dependent_grid();        // the merge's blocks may be scheduled; they wait for this grid
-  using geometry = tensor_core_geometry<HeadDim, StoreT, Group>;
-  static_assert(sizeof(StoreT) == 2 && Group <= 16, "tensor-core decode: 16-bit storage, groups of at most 16");
+  using tiles = codec_tiles<typename decltype(Params::cache)::codec, HeadDim>;
+  using geometry = tensor_core_geometry<HeadDim, StoreT, Group, tiles::row_elements>;
+  // 16-bit storage as stored, or code bytes dequantized to fp16 (geometry::dequantizes).
+  using mma_type = std::conditional_t<geometry::dequantizes, __half, StoreT>;
+  static_assert(sizeof(mma_type) == 2 && Group <= 16, "tensor-core decode: 16-bit operands, groups of at most 16");
   constexpr int row_blocks = Group > 8 ? 2 : 1;  // accumulator rows head_row and head_row + 8
   constexpr int row_stride = geometry::row_stride;
   constexpr int k_steps = HeadDim / 16;
@@ -458,8 +562,9 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
   const int lane = threadIdx.x % 32;
   const int quad = lane % 4;
   const int head_row = lane / 4;  // this lane's accumulator rows: query heads head_row (+ 8) of the group when < G
-  const auto* keys = reinterpret_cast<const StoreT*>(cache.storage.keys);
-  const auto* values = reinterpret_cast<const StoreT*>(cache.storage.values);
+  const StoreT* keys = tiles::key_rows(cache.storage);
+  const StoreT* values = tiles::value_rows(cache.storage);
+  auto* dequantized = reinterpret_cast<__half*>(shared_memory + (geometry::pipeline_bytes - geometry::dequant_bytes));
 
   for_each_segment(params.partition, [&](std::int64_t head, std::int64_t begin, std::int64_t end, bool whole,
                                          std::int64_t partial_index) {
@@ -469,6 +574,7 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
     stream.start();
     const head_bias bias = compensation_of(cache, head);
     const std::int64_t b = head / cache.shape.kv_heads, h = head % cache.shape.kv_heads;
+    const typename tiles::reader reader = tiles::open(cache.storage, head);
 
     // Q as the A operand: query_fragment[step][rb][half] = dims step·16 + half·8 + 2·quad (+1) of row head_row + 8·rb.
     unsigned query_fragment[k_steps][row_blocks][2];
@@ -486,7 +592,7 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
             first = to_float(q[dim]);
             second = to_float(q[dim + 1]);
           }
-          query_fragment[step][rb][half] = pack2<StoreT>(first, second);
+          query_fragment[step][rb][half] = pack2<mma_type>(first, second);
         }
 
     float output[output_tiles][4];  // [0..1]: row head_row, [2..3]: row head_row + 8
@@ -500,8 +606,19 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
 
     for (int tile = 0; tile < stream.tile_count; ++tile) {
       stream.wait(tile);
-      const StoreT* key_rows = stream.key_tile(tile) + warp * 16 * row_stride;
-      const StoreT* value_rows = stream.value_tile(tile) + warp * 16 * row_stride;
+      const mma_type* key_rows;
+      const mma_type* value_rows;
+      if constexpr (geometry::dequantizes) {
+        dequantize_tile<HeadDim, tiles::row_elements, geometry::tile_tokens, geometry::threads>(
+            reader, rows, stream.key_tile(tile), stream.value_tile(tile), stream.first_token(tile), end, dequantized,
+            dequantized + geometry::tile_elements, row_stride);
+        key_rows = dequantized + warp * 16 * row_stride;
+        value_rows = dequantized + geometry::tile_elements + warp * 16 * row_stride;
+      } else {
+        (void)reader;
+        key_rows = stream.key_tile(tile) + warp * 16 * row_stride;
+        value_rows = stream.value_tile(tile) + warp * 16 * row_stride;
+      }
 
       float score_tile[2][4] = {};  // S for this warp's 16 tokens: [token block of 8][accumulator]
 #pragma unroll
@@ -511,8 +628,8 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
                        key_rows + ((lane % 8) + (lane / 16) * 8) * row_stride + step * 16 + ((lane / 8) % 2) * 8);
         const unsigned a[4] = {query_fragment[step][0][0], row_blocks > 1 ? query_fragment[step][row_blocks - 1][0] : 0u,
                                query_fragment[step][0][1], row_blocks > 1 ? query_fragment[step][row_blocks - 1][1] : 0u};
-        mma_16x8x16<StoreT>(score_tile[0], a, key_fragment[0], key_fragment[1]);
-        mma_16x8x16<StoreT>(score_tile[1], a, key_fragment[2], key_fragment[3]);
+        mma_16x8x16<mma_type>(score_tile[0], a, key_fragment[0], key_fragment[1]);
+        mma_16x8x16<mma_type>(score_tile[1], a, key_fragment[2], key_fragment[3]);
       }
 
       const std::int64_t first_token = stream.first_token(tile) + warp * 16;
@@ -553,17 +670,17 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
 
       // P from S's accumulator layout is already the A operand of P·V.
       const unsigned weight_fragment[4] = {
-          pack2<StoreT>(weight[0][0], weight[0][1]),
-          row_blocks > 1 ? pack2<StoreT>(weight[row_blocks - 1][0], weight[row_blocks - 1][1]) : 0u,
-          pack2<StoreT>(weight[0][2], weight[0][3]),
-          row_blocks > 1 ? pack2<StoreT>(weight[row_blocks - 1][2], weight[row_blocks - 1][3]) : 0u};
+          pack2<mma_type>(weight[0][0], weight[0][1]),
+          row_blocks > 1 ? pack2<mma_type>(weight[row_blocks - 1][0], weight[row_blocks - 1][1]) : 0u,
+          pack2<mma_type>(weight[0][2], weight[0][3]),
+          row_blocks > 1 ? pack2<mma_type>(weight[row_blocks - 1][2], weight[row_blocks - 1][3]) : 0u};
 #pragma unroll
       for (int pair = 0; pair < output_tiles / 2; ++pair) {
         unsigned value_fragment[4];
         load_matrix_x4_transposed(
             value_fragment, value_rows + ((lane % 8) + ((lane / 8) % 2) * 8) * row_stride + pair * 16 + (lane / 16) * 8);
-        mma_16x8x16<StoreT>(output[2 * pair], weight_fragment, value_fragment[0], value_fragment[1]);
-        mma_16x8x16<StoreT>(output[2 * pair + 1], weight_fragment, value_fragment[2], value_fragment[3]);
+        mma_16x8x16<mma_type>(output[2 * pair], weight_fragment, value_fragment[0], value_fragment[1]);
+        mma_16x8x16<mma_type>(output[2 * pair + 1], weight_fragment, value_fragment[2], value_fragment[3]);
       }
       stream.release();
     }
@@ -614,15 +731,18 @@ void dispatch_decode_group(std::int64_t group, std::string_view function, Fn&& f
 }
 
 /// The kernel, its block size and shared memory for one (head dim, group, storage) instantiation.
-template <int HeadDim, int Group, class StoreT>
+template <int HeadDim, int Group, class StoreT, int RowElements = HeadDim>
 struct decode_kernel_choice {
   // Groups ≥ 4 over 16-bit storage run on the tensor cores; the rest on CUDA cores.
-  static constexpr bool tensor_cores = sizeof(StoreT) == 2 && Group >= 4;
+  // Code bytes (1-byte StoreT: quantizing codecs) are dequantized to fp16 tiles for the tensor cores.
+  static constexpr bool tensor_cores = sizeof(StoreT) <= 2 && Group >= 4;
   // fp32 storage at group 16 has no kernel: the CUDA-core lane groups hold at most head_dim / 8 heads.
   static constexpr bool supported = tensor_cores || Group <= HeadDim / 8;
-  static constexpr int threads = tensor_cores ? tensor_core_geometry<HeadDim, StoreT, Group>::threads : decode_threads;
-  static constexpr std::size_t shared_bytes = tensor_cores ? tensor_core_geometry<HeadDim, StoreT, Group>::shared_bytes
-                                                           : decode_geometry<HeadDim, StoreT, Group>::shared_bytes;
+  static constexpr int threads = tensor_cores ? tensor_core_geometry<HeadDim, StoreT, Group, RowElements>::threads
+                                              : decode_threads;
+  static constexpr std::size_t shared_bytes = tensor_cores
+                                                  ? tensor_core_geometry<HeadDim, StoreT, Group, RowElements>::shared_bytes
+                                                           : decode_geometry<HeadDim, StoreT, Group, RowElements>::shared_bytes;
   template <class Params>
   static auto kernel() {
     if constexpr (tensor_cores)
@@ -654,9 +774,10 @@ struct implementation<stage::decode_attention, backend::cuda> {
   static void attend(const tensor_view<QueryT, 3, device_space>& queries, const View& cache,
                      const tensor_view<OutT, 3, device_space>& out, workspace scratch, cudaStream_t stream,
                      const cuda_detail::decode_metric& metric = {}) {
-    static_assert(codec::is_plain<typename View::codec>,
-                  "kvtrim: backend::cuda decode attention reads codec::fp16 / bf16 / fp32 for now");
-    using store_type = cuda_detail::device_element_t<typename View::codec::element>;
+    static_assert(codec::is_plain<typename View::codec> || cuda_detail::device_encoded_codec<typename View::codec>,
+                  "kvtrim: backend::cuda decode attention reads codec::fp16 / bf16 / fp32, int8, int4, fp8_e4m3 and "
+                  "layered over those three; low_rank ((Uᵀq)·c scores, U(Σp·c) outputs, RoPE from stored "
+                  "positions) is not written yet (issue 12)");
     using query_type = cuda_detail::device_element_t<QueryT>;
     using out_type = cuda_detail::device_element_t<OutT>;
     constexpr bool uniform = cuda_detail::is_contiguous_view<View>;
@@ -670,19 +791,25 @@ struct implementation<stage::decode_attention, backend::cuda> {
         cache.batch * cache.shape.q_heads >= std::numeric_limits<std::int32_t>::max())
       detail::fail(function, "cache", "fewer than 2^31 − 1 (sequence, head) pairs on backend::cuda",
                    detail::cat("batch ", cache.batch, " × q_heads ", cache.shape.q_heads));
-    cuda_detail::check_aligned16(function, "cache.storage.keys", cache.storage.keys);
-    cuda_detail::check_aligned16(function, "cache.storage.values", cache.storage.values);
+    // cp.async copies 16-byte chunks of rows (of 16-byte multiples: head_dim 64, 128, 256).
+    cuda_detail::check_aligned16(function, "cache.storage.keys",
+                                 cuda_detail::codec_tiles<typename View::codec, 64>::key_rows(cache.storage));
+    cuda_detail::check_aligned16(function, "cache.storage.values",
+                                 cuda_detail::codec_tiles<typename View::codec, 64>::value_rows(cache.storage));
     int page_shift = -1;
     if constexpr (cuda_detail::is_paged_view<View>) page_shift = cuda_detail::power_of_two_shift(cache.page_size);
 
     cuda_detail::dispatch_head_dim(cache.shape.head_dim, function, [&](auto head_dim_constant) {
       constexpr int head_dim = decltype(head_dim_constant)::value;
+      using tiles = cuda_detail::codec_tiles<typename View::codec, head_dim>;
+      using store_type = typename tiles::stored;
       cuda_detail::dispatch_decode_group(cache.shape.group_size(), function, [&](auto group_constant) {
         constexpr int group = decltype(group_constant)::value;
-        using choice = cuda_detail::decode_kernel_choice<head_dim, group, store_type>;
+        using choice = cuda_detail::decode_kernel_choice<head_dim, group, store_type, tiles::row_elements>;
         if constexpr (!choice::supported) {
           detail::fail(function, "cache.codec",
-                       "fp16 or bf16 storage for a GQA group of 16 at head_dim 64 on backend::cuda", "fp32 storage");
+                       "fp16 or bf16 storage for a GQA group of 16 at head_dim 64 on backend::cuda",
+                       detail::cat(View::codec::name, " storage"));
         } else {
           using partition_type =
               std::conditional_t<uniform, cuda_detail::uniform_partition, cuda_detail::planned_partition>;

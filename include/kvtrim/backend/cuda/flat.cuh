@@ -147,16 +147,28 @@ __device__ void flat_plan_append(const View& cache, std::int64_t run, std::int64
 template <class View>
 __device__ void flat_repack(const cooperative_groups::grid_group& grid, const View& cache, std::int64_t run,
                             std::int64_t target, std::int64_t count, std::int64_t needed_runs) {
-  using store_type = device_element_t<typename View::codec::element>;
-  const plain_slot_mover<store_type> mover{reinterpret_cast<store_type*>(cache.storage.keys),
-                                           reinterpret_cast<store_type*>(cache.storage.values),
-                                           cache.positions.slot_position, cache.shape.head_dim};
+  const auto mover = [&] {
+    if constexpr (codec::is_plain<typename View::codec>) {
+      using store_type = device_element_t<typename View::codec::element>;
+      return plain_slot_mover<store_type>{reinterpret_cast<store_type*>(cache.storage.keys),
+                                          reinterpret_cast<store_type*>(cache.storage.values),
+                                          cache.positions.slot_position, cache.shape.head_dim};
+    } else {
+      return codec_slot_mover<typename View::codec>{cache.storage, cache.positions.slot_position};
+    }
+  }();
+  // A head's filling KIVI group remembers its slots: they move with the head.
+  const auto moved = [&](std::int64_t head, std::int64_t from, std::int64_t to, std::int64_t length) {
+    if constexpr (!codec::is_plain<typename View::codec>)
+      if (grid.thread_rank() == 0) mover.moved(head, from, to, length);
+  };
   const std::int64_t heads = cache.heads();
   const auto reserve = [&](std::int64_t head) { return target < 0 || head == target ? count : std::int64_t{0}; };
   std::int64_t packed = 0;  // a multiple of run: regions start at whole runs
   for (std::int64_t head = 0; head < heads; ++head) {
     const std::int64_t length = cache.lengths[head] - reserve(head);
     grid_move<move_items>(grid, cache.offsets[head], packed, length, mover);
+    moved(head, cache.offsets[head], packed, length);
     packed += runs_for(length, run) * run;
   }
   grid.sync();  // the old offsets are read; from here on they are rewritten
@@ -168,6 +180,7 @@ __device__ void flat_repack(const cooperative_groups::grid_group& grid, const Vi
     const std::int64_t begin =
         end - (runs_for(length + reserve(head), run) + View::even_share(head, heads, spare)) * run;
     grid_move<move_items>(grid, packed, begin, length, mover);
+    moved(head, packed, begin, length);
     if (grid.thread_rank() == 0) cache.offsets[head] = begin;
     end = begin;
   }
@@ -193,8 +206,10 @@ __global__ void __launch_bounds__(plan_threads) flat_append(const __grid_constan
     flat_repack(grid, w.cache, run, w.target, w.count, needed_runs);
     grid.sync();  // the new offsets are written
   }
-  write_appended_rows<Vectorised>(w, static_cast<std::int64_t>(grid.thread_rank()),
-                                  static_cast<std::int64_t>(grid.num_threads()));
+  // Quantizing codecs encode in the launches that follow (codec_writes.cuh).
+  if constexpr (codec::is_plain<typename View::codec>)
+    write_appended_rows<Vectorised>(w, static_cast<std::int64_t>(grid.thread_rank()),
+                                    static_cast<std::int64_t>(grid.num_threads()));
 }
 
 }  // namespace cuda_detail
@@ -207,6 +222,7 @@ struct implementation<layout::flat, backend::cuda> {
   static void reset(const layout::flat::view<CodecT, device_space>& cache, cudaStream_t stream = nullptr) {
     cuda_detail::flat_reset<<<1, cuda_detail::plan_threads, 0, stream>>>(cache, cache.run());
     detail::check_launch("kvtrim::layout::flat::reset", "flat_reset");
+    cuda_detail::reset_codec_storage<CodecT>("kvtrim::layout::flat::reset", cache.storage, stream);
     // The owning cache calls this once, with no stream: wait, so the cache is
     // ready for any stream (a construction, not a hot path).
     if (stream == nullptr)
@@ -265,6 +281,11 @@ struct implementation<layout::flat, backend::cuda> {
     detail::check_cuda(cudaLaunchCooperativeKernel(kernel, dim3(static_cast<unsigned>(backend::cuda::multiprocessor_count())),
                                                    dim3(cuda_detail::plan_threads), arguments, 0, stream),
                        function, "cudaLaunchCooperativeKernel(flat_append)");
+    if constexpr (!codec::is_plain<CodecT>)
+      cuda_detail::launch_codec_writes(function,
+                                       cuda_detail::make_codec_write(cache, keys, values, nullptr, nullptr, nullptr, 0,
+                                                                     keys.extent(2), target, -1, -keys.extent(2)),
+                                       keys.extent(2), stream);
   }
 };
 

@@ -167,6 +167,7 @@ struct implementation<layout::paged, backend::cuda> {
   static void reset(const layout::paged::view<CodecT, device_space>& cache, cudaStream_t stream = nullptr) {
     cuda_detail::paged_reset<<<1, cuda_detail::plan_threads, 0, stream>>>(cache);
     detail::check_launch("kvtrim::layout::paged::reset", "paged_reset");
+    cuda_detail::reset_codec_storage<CodecT>("kvtrim::layout::paged::reset", cache.storage, stream);
     // The owning cache calls this once, with no stream: wait, so the cache is
     // ready for any stream (a construction, not a hot path).
     if (stream == nullptr)

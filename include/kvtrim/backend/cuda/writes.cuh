@@ -20,10 +20,11 @@
 // captured in a CUDA graph; kvtrim::check_status(cache, stream) is the one
 // (synchronising) place where a failure becomes a kvtrim::error.
 //
-// Codecs: the device writes rows with codec::plain (fp16, bf16, fp32). The
-// other codecs' encode is host-only today (per-group scales, fp8 scales,
-// low-rank bases, layered rows); their device encode is issue 12, and naming
-// them with backend::cuda is refused at compile time (require_device_codec).
+// Codecs: write_rows copies the rows of codec::plain (fp16, bf16, fp32); the
+// quantizing codecs (int8, int4 with KIVI key groups, fp8) are encoded by
+// codec_writes.cuh's kernels in step 2 instead. low_rank and layered have no
+// device encode yet (issue 12), and naming them with backend::cuda is refused
+// at compile time (require_device_codec).
 #pragma once
 
 #include <cooperative_groups.h>
@@ -33,6 +34,7 @@
 #include <cstdint>
 #include <string_view>
 
+#include "kvtrim/backend/cuda/codec_writes.cuh"
 #include "kvtrim/backend/cuda/common.cuh"
 #include "kvtrim/codec/plain.hpp"
 #include "kvtrim/core/selection.hpp"
@@ -45,9 +47,10 @@ namespace cuda_detail {
 /// Compile-time refusal of codecs the device cannot encode yet (issue 12).
 template <class CodecT>
 constexpr void require_device_codec() {
-  static_assert(codec::is_plain<CodecT>,
-                "kvtrim: backend::cuda writes layout::paged and layout::flat caches with codec::fp16 / bf16 / fp32 "
-                "only; the device encode of int8/int4 (KIVI), fp8, low_rank and layered is issue 12");
+  static_assert(codec::is_plain<CodecT> || device_encoded_codec<CodecT>,
+                "kvtrim: backend::cuda writes caches with codec::fp16 / bf16 / fp32, int8, int4, fp8_e4m3 and "
+                "layered over those three; the device encode of low_rank (bases fitted per head from the kept rows, "
+                "coefficients Uᵀx, pre-RoPE keys rotated from stored positions) is not written yet (issue 12)");
 }
 
 /// Threads of a layout's planning kernel (one block).
@@ -346,18 +349,20 @@ void check_rows(std::string_view function, const View& cache, const kv_view<KeyT
     detail::fail(function, "shape.head_dim", "a multiple of 8 on backend::cuda", std::to_string(cache.shape.head_dim));
   if (keys.strides != values.strides)
     detail::fail(function, "values", "the same strides as keys on backend::cuda", "different strides");
-  check_aligned16(function, "cache.storage.keys", cache.storage.keys);
-  check_aligned16(function, "cache.storage.values", cache.storage.values);
+  if constexpr (codec::is_plain<typename View::codec>) {
+    check_aligned16(function, "cache.storage.keys", cache.storage.keys);
+    check_aligned16(function, "cache.storage.values", cache.storage.values);
+  }
 }
 
-/// Launches write_rows: `rows_bound` is a host-known bound on the rows of one
+/// Launches write_rows (codec::plain): `rows_bound` is a host-known bound on the rows of one
 /// head (the prefill length for compaction, the appended count for append).
 template <class View, class KeyT>
-void launch_write_rows(std::string_view function, const View& cache, const kv_view<KeyT, device_space>& keys,
-                       const kv_view<KeyT, device_space>& values, const std::int64_t* kept_offsets,
-                       const std::int32_t* kept_tokens, const detail::compensation_rows* compensation,
-                       std::int64_t start_position, std::int64_t count, std::int64_t target, std::int64_t rows_bound,
-                       cudaStream_t stream) {
+void launch_plain_write_rows(std::string_view function, const View& cache, const kv_view<KeyT, device_space>& keys,
+                             const kv_view<KeyT, device_space>& values, const std::int64_t* kept_offsets,
+                             const std::int32_t* kept_tokens, const detail::compensation_rows* compensation,
+                             std::int64_t start_position, std::int64_t count, std::int64_t target,
+                             std::int64_t rows_bound, cudaStream_t stream) {
   using in_type = device_element_t<KeyT>;
   const layout_write<View, in_type> w = make_layout_write(cache, keys, values, kept_offsets, kept_tokens, compensation,
                                                           start_position, count, target);
@@ -371,6 +376,27 @@ void launch_write_rows(std::string_view function, const View& cache, const kv_vi
   else
     write_rows<View, in_type, false><<<grid, 256, 0, stream>>>(w);
   detail::check_launch(function, "write_rows");
+}
+
+/// Writes the rows of one call: write_rows for codec::plain, else the codec's
+/// encode (codec_writes.cuh). `rows_bound` is a host-known bound on the rows of
+/// one head (the prefill length for compaction, the appended count for append).
+template <class View, class KeyT>
+void launch_write_rows(std::string_view function, const View& cache, const kv_view<KeyT, device_space>& keys,
+                       const kv_view<KeyT, device_space>& values, const std::int64_t* kept_offsets,
+                       const std::int32_t* kept_tokens, const detail::compensation_rows* compensation,
+                       std::int64_t start_position, std::int64_t count, std::int64_t target, std::int64_t rows_bound,
+                       cudaStream_t stream) {
+  if constexpr (codec::is_plain<typename View::codec>) {
+    launch_plain_write_rows(function, cache, keys, values, kept_offsets, kept_tokens, compensation, start_position,
+                            count, target, rows_bound, stream);
+  } else {
+    // The planning kernel already lengthened the heads and advanced their next positions.
+    launch_codec_writes(function,
+                        make_codec_write(cache, keys, values, kept_offsets, kept_tokens, compensation, start_position,
+                                         count, target, -1, -count),
+                        rows_bound, stream);
+  }
 }
 
 }  // namespace cuda_detail

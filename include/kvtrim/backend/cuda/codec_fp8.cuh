@@ -1,0 +1,112 @@
+// kvtrim/backend/cuda/codec_fp8.cuh — codec::fp8 (OCP e4m3fn, one scale per
+// head for keys and one for values) on the GPU: the device encode the write
+// paths call, and the reader decode attention dequantizes its tiles with.
+//
+// Encode: c = e4m3(x / s) with the hardware conversion (cvt.rn.satfinite.e4m3x2.f32
+// through cuda_fp8.h's __nv_cvt_float_to_fp8 with __NV_SATFINITE): round to
+// nearest even, finite values beyond ±448 saturate to ±448 — the CPU's
+// detail::to_e4m3 on every finite input (tests/cuda/codecs_test.cu checks
+// every e4m3 value, the midpoints between neighbours and their float
+// neighbours, the saturation range, signed zeros and fp32 subnormals). x / s
+// is one IEEE division (__fdiv_rn, as the host's `/`), so the stored bytes
+// equal the CPU's. NaN: the CPU refuses it (kvtrim::error); the device cannot
+// throw from a kernel and stores the conversion's NaN code 0x7F.
+// Scales (fp8_scaling::head_amax): at compaction each head's scale becomes
+// max|x| / 448 over its kept rows (the division in double, rounded to float,
+// as the CPU), an all-zero head keeping its scale; fixed scales are left as
+// bound.
+// Decode: x̂ = e4m3→f32(c) · s, the exact conversion then one rounding, as the CPU.
+#pragma once
+
+#include <cuda_fp8.h>
+
+#include <cstdint>
+
+#include "kvtrim/backend/cuda/common.cuh"
+#include "kvtrim/codec/fp8.hpp"
+
+namespace kvtrim::cuda_detail {
+
+/// The nearest e4m3fn code of x (ties to even), saturating beyond ±448.
+__device__ __forceinline__ std::uint8_t e4m3_of(float x) {
+  return static_cast<std::uint8_t>(__nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3));
+}
+
+/// The value of e4m3fn code c (exact).
+__device__ __forceinline__ float e4m3_value(std::uint8_t c) {
+  const __half_raw raw = __nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(c), __NV_E4M3);
+  return __half2float(__half(raw));
+}
+
+template <class CodecT>
+struct codec_device;
+
+template <>
+struct codec_device<codec::fp8> {
+  using storage = codec::fp8::storage<device_space>;
+  static constexpr bool key_groups = false;
+  static constexpr bool head_scales = true;
+
+  static bool head_amax(const storage& store) { return store.head_amax; }
+
+  /// Row-wise encode, one warp per token: this lane's `pairs` channel pairs
+  /// (channels 2·lane + 64·j, + 1) of the key and the value.
+  __device__ static void encode_row(const storage& store, std::int64_t head, std::int64_t slot, int lane, int pairs,
+                                    const float (&key)[8], const float (&value)[8]) {
+    const float key_scale = store.key_scales[head], value_scale = store.value_scales[head];
+    std::uint8_t* key_row = store.key_codes + slot * store.head_dim;
+    std::uint8_t* value_row = store.value_codes + slot * store.head_dim;
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      if (j < pairs) {
+        const std::int64_t d = 2 * lane + 64 * j;
+        key_row[d] = e4m3_of(__fdiv_rn(key[2 * j], key_scale));
+        key_row[d + 1] = e4m3_of(__fdiv_rn(key[2 * j + 1], key_scale));
+        value_row[d] = e4m3_of(__fdiv_rn(value[2 * j], value_scale));
+        value_row[d + 1] = e4m3_of(__fdiv_rn(value[2 * j + 1], value_scale));
+      }
+  }
+
+  // ---- decode attention's reader ----------------------------------------
+  using stored = std::uint8_t;
+  template <int HeadDim>
+  static constexpr int row_elements = HeadDim;  // one byte per channel
+  __host__ __device__ static const stored* key_rows(const storage& store) { return store.key_codes; }
+  __host__ __device__ static const stored* value_rows(const storage& store) { return store.value_codes; }
+
+  /// The per-head state a block reads once per segment.
+  struct reader {
+    float key_scale, value_scale;
+    /// Channels first_dim .. first_dim + 7 of a staged key row.
+    template <class Rows>
+    __device__ __forceinline__ void key(const stored* row, int first_dim, std::int64_t, const Rows&,
+                                        float (&out)[8]) const {
+      decode8(row + first_dim, key_scale, out);
+    }
+    template <class Rows>
+    __device__ __forceinline__ void value(const stored* row, int first_dim, std::int64_t, const Rows&,
+                                          float (&out)[8]) const {
+      decode8(row + first_dim, value_scale, out);
+    }
+    /// Two codes per conversion (cvt.rn.f16x2.e4m3x2: exact), then one rounding by the scale.
+    __device__ __forceinline__ static void decode8(const stored* codes, float scale, float (&out)[8]) {
+      const uint2 raw = *reinterpret_cast<const uint2*>(codes);
+      const unsigned words[2] = {raw.x, raw.y};
+#pragma unroll
+      for (int w = 0; w < 2; ++w)
+#pragma unroll
+        for (int pair = 0; pair < 2; ++pair) {
+          const __half2_raw halves = __nv_cvt_fp8x2_to_halfraw2(
+              static_cast<__nv_fp8x2_storage_t>(words[w] >> (16 * pair)), __NV_E4M3);
+          const float2 values = __half22float2(__half2(halves));
+          out[4 * w + 2 * pair] = values.x * scale;
+          out[4 * w + 2 * pair + 1] = values.y * scale;
+        }
+    }
+  };
+  __device__ static reader open(const storage& store, std::int64_t head) {
+    return {store.key_scales[head], store.value_scales[head]};
+  }
+};
+
+}  // namespace kvtrim::cuda_detail

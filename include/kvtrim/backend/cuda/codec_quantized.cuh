@@ -1,0 +1,203 @@
+// kvtrim/backend/cuda/codec_quantized.cuh — codec::int8 and codec::int4 (KIVI
+// per-channel key groups with an fp16 residual window, or per-token keys;
+// per-token values; symmetric or zero-point) on the GPU: the quantization
+// steps the device write paths use (codec_writes.cuh) and the reader decode
+// attention dequantizes its tiles with.
+//
+// Same arithmetic as the CPU (codec/int8.hpp), operation for operation, so the
+// stored bytes are identical: a run's minimum and maximum (exact in any
+// order), the scale as one IEEE division (__fdiv_rn, as the host's `/`),
+// codes rint(x / s) or rint((x − z) / s) (round half to even, as
+// std::nearbyint in the default rounding mode), clamped to the code range;
+// KIVI keys are rounded to fp16 (round to nearest even, as Eigen::half) before
+// their group is fitted. int4 stores two codes per byte (low nibble: even
+// channel): the device writes whole bytes from channel pairs, which is the
+// CPU's read-modify-write of both nibbles.
+// Decode: x̂ = (q − offset)·s + z (an fma; the CPU's integer_quantizer::value
+// rounds the same product and sum, at most once more).
+// A key of a run not yet sealed is read from the head's fp16 residual window
+// at place (logical index mod key_group): a head's key groups are its logical
+// tokens [kG, (k+1)G) since its compaction (codec/int8.hpp), and the filling
+// group is the last one.
+#pragma once
+
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "kvtrim/backend/cuda/common.cuh"
+#include "kvtrim/codec/int4.hpp"
+#include "kvtrim/codec/int8.hpp"
+
+namespace kvtrim::cuda_detail {
+
+template <class CodecT>
+struct codec_device;
+
+template <int Bits>
+struct codec_device<codec::quantized<Bits>> {
+  using storage = typename codec::quantized<Bits>::template storage<device_space>;
+  using quantizer = detail::integer_quantizer<Bits>;
+  using step = typename quantizer::step;
+  static constexpr int bits = Bits;
+  static constexpr bool key_groups = true;  // when the storage's key_group > 0
+  static constexpr bool head_scales = false;
+
+  // ---- quantization steps (the CPU's fit and code) ---------------------------
+  __device__ __forceinline__ static step fit(float lowest, float highest, bool asymmetric) {
+    if (asymmetric) return {__fdiv_rn(highest - lowest, static_cast<float>(quantizer::levels)), lowest};
+    return {__fdiv_rn(fmaxf(fabsf(lowest), fabsf(highest)), static_cast<float>(quantizer::symmetric_max)), 0.0f};
+  }
+  __device__ __forceinline__ static unsigned code(float x, step s, bool asymmetric) {
+    if (asymmetric) {
+      if (s.scale == 0.0f) return 0;
+      return static_cast<unsigned>(
+          fminf(fmaxf(rintf(__fdiv_rn(x - s.zero, s.scale)), 0.0f), static_cast<float>(quantizer::levels)));
+    }
+    if (s.scale == 0.0f) return quantizer::symmetric_offset;
+    const float q = fminf(fmaxf(rintf(__fdiv_rn(x, s.scale)), -static_cast<float>(quantizer::symmetric_max)),
+                          static_cast<float>(quantizer::symmetric_max));
+    return static_cast<unsigned>(static_cast<int>(q) + quantizer::symmetric_offset);
+  }
+  /// Stores the codes of channels d and d + 1 (d even).
+  __device__ __forceinline__ static void put_pair(std::uint8_t* row, std::int64_t d, unsigned first, unsigned second) {
+    if constexpr (Bits == 8) {
+      row[d] = static_cast<std::uint8_t>(first);
+      row[d + 1] = static_cast<std::uint8_t>(second);
+    } else {
+      row[d / 2] = static_cast<std::uint8_t>(first | second << 4);
+    }
+  }
+
+  /// One run per token, one warp per token: this lane's channel pairs
+  /// (2·lane + 64·j, + 1) of x; codes into row `slot`, the step into scales[slot] (zeros[slot]).
+  __device__ static void quantize_row(const storage& store, const float (&x)[8], int lane, int pairs,
+                                      std::uint8_t* codes, float* scales, float* zeros, std::int64_t slot) {
+    float lowest = __int_as_float(0x7f800000), highest = -lowest;
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      if (i < 2 * pairs) lowest = fminf(lowest, x[i]), highest = fmaxf(highest, x[i]);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+      lowest = fminf(lowest, __shfl_xor_sync(0xffffffffu, lowest, offset));
+      highest = fmaxf(highest, __shfl_xor_sync(0xffffffffu, highest, offset));
+    }
+    const step s = fit(lowest, highest, store.asymmetric);
+    std::uint8_t* row = codes + slot * quantizer::row_bytes(store.head_dim);
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      if (j < pairs)
+        put_pair(row, 2 * lane + 64 * j, code(x[2 * j], s, store.asymmetric), code(x[2 * j + 1], s, store.asymmetric));
+    if (lane == 0) {
+      scales[slot] = s.scale;
+      if (store.asymmetric) zeros[slot] = s.zero;
+    }
+  }
+
+  /// Row-wise encode: the value (and the key, when keys are scaled per token;
+  /// KIVI keys go through the group kernels of codec_writes.cuh).
+  __device__ static void encode_row(const storage& store, std::int64_t /*head*/, std::int64_t slot, int lane, int pairs,
+                                    const float (&key)[8], const float (&value)[8]) {
+    quantize_row(store, value, lane, pairs, store.value_codes, store.value_scales, store.value_zeros, slot);
+    if (store.key_group == 0)
+      quantize_row(store, key, lane, pairs, store.key_codes, store.key_scales, store.key_zeros, slot);
+  }
+
+  // ---- decode attention's reader ---------------------------------------------
+  using stored = std::uint8_t;
+  template <int HeadDim>
+  static constexpr int row_elements = HeadDim * Bits / 8;  // bytes of one row of codes
+  __host__ __device__ static const stored* key_rows(const storage& store) { return store.key_codes; }
+  __host__ __device__ static const stored* value_rows(const storage& store) { return store.value_codes; }
+
+  struct reader {
+    storage store;
+    std::int64_t head;
+    int run_shift;  // log2(slot_run) when a power of two (every layout's default), else −1
+
+    /// q − offset for the 8 codes of channels first_dim .. first_dim + 7 of a staged row, as
+    /// floats: exact, built as the float 2^23 + q (its low mantissa bits are the code) minus
+    /// 2^23 + offset, two full-rate instructions instead of a quarter-rate integer conversion.
+    __device__ __forceinline__ static void codes8(const stored* row, int first_dim, float offset, float (&out)[8]) {
+      const float bias = 8388608.0f + offset;
+      if constexpr (Bits == 8) {
+        const uint2 raw = *reinterpret_cast<const uint2*>(row + first_dim);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          out[i] = __int_as_float(static_cast<int>(__byte_perm(raw.x, 0x4B000000u, 0x7540u | i))) - bias;
+          out[4 + i] = __int_as_float(static_cast<int>(__byte_perm(raw.y, 0x4B000000u, 0x7540u | i))) - bias;
+        }
+      } else {
+        const unsigned raw = *reinterpret_cast<const unsigned*>(row + first_dim / 2);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) out[i] = __int_as_float(static_cast<int>(0x4B000000u | ((raw >> (4 * i)) & 0xFu))) - bias;
+      }
+    }
+    __device__ __forceinline__ float code_offset() const {
+      return store.asymmetric ? 0.0f : static_cast<float>(quantizer::symmetric_offset);
+    }
+    /// x̂ = (q − offset)·s + z, as integer_quantizer::value.
+    template <class Rows>
+    __device__ __forceinline__ void key(const stored* row, int first_dim, std::int64_t token, const Rows& rows,
+                                        float (&out)[8]) const {
+      const std::int64_t slot = rows.slot(token);
+      if (store.key_group == 0) {
+        codes8(row, first_dim, code_offset(), out);
+        const float scale = __ldg(store.key_scales + slot), zero = store.asymmetric ? __ldg(store.key_zeros + slot) : 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) out[i] = fmaf(out[i], scale, zero);
+        return;
+      }
+      // The run's flag and steps are loaded together (independent loads: one latency, not three);
+      // a run still filling has steps that are never used.
+      // A shift, not a 64-bit division (emulated in dozens of instructions) per token and lane.
+      const std::int64_t run = run_shift >= 0 ? slot >> run_shift : slot / store.slot_run;
+      const std::int64_t at = run * store.head_dim + first_dim;
+      const bool sealed = __ldg(store.run_sealed + run) != 0;
+      const float4 scale_low = __ldg(reinterpret_cast<const float4*>(store.key_scales + at));
+      const float4 scale_high = __ldg(reinterpret_cast<const float4*>(store.key_scales + at) + 1);
+      float4 zero_low{}, zero_high{};
+      if (store.asymmetric) {
+        zero_low = __ldg(reinterpret_cast<const float4*>(store.key_zeros + at));
+        zero_high = __ldg(reinterpret_cast<const float4*>(store.key_zeros + at) + 1);
+      }
+      if (sealed) {
+        codes8(row, first_dim, code_offset(), out);
+        const float scales[8] = {scale_low.x,  scale_low.y,  scale_low.z,  scale_low.w,
+                                 scale_high.x, scale_high.y, scale_high.z, scale_high.w};
+        if (store.asymmetric) {
+          const float zeros[8] = {zero_low.x, zero_low.y, zero_low.z, zero_low.w,
+                                  zero_high.x, zero_high.y, zero_high.z, zero_high.w};
+#pragma unroll
+          for (int i = 0; i < 8; ++i) out[i] = fmaf(out[i], scales[i], zeros[i]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) out[i] *= scales[i];
+        }
+        return;
+      }
+      // The filling group: fp16 in the head's residual window.
+      const auto* residual = reinterpret_cast<const __half*>(store.residual_keys) +
+                             (head * store.key_group + token % store.key_group) * store.head_dim + first_dim;
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(residual));
+      const auto* halves = reinterpret_cast<const __half*>(&raw);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) out[i] = __half2float(halves[i]);
+    }
+    template <class Rows>
+    __device__ __forceinline__ void value(const stored* row, int first_dim, std::int64_t token, const Rows& rows,
+                                          float (&out)[8]) const {
+      const std::int64_t slot = rows.slot(token);
+      codes8(row, first_dim, code_offset(), out);
+      const float scale = __ldg(store.value_scales + slot), zero = store.asymmetric ? __ldg(store.value_zeros + slot) : 0.0f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) out[i] = fmaf(out[i], scale, zero);
+    }
+  };
+  __device__ static reader open(const storage& store, std::int64_t head) {
+    const bool power_of_two = store.slot_run > 0 && (store.slot_run & (store.slot_run - 1)) == 0;
+    return {store, head, power_of_two ? __ffsll(static_cast<long long>(store.slot_run)) - 1 : -1};
+  }
+};
+
+}  // namespace kvtrim::cuda_detail

@@ -1,0 +1,645 @@
+// The quantizing codecs (int8, int4 with KIVI key groups, fp8 e4m3) on
+// backend::cuda against the CPU reference (backend::cpu, the specification).
+//
+//  * Fp8Conversion: the hardware e4m3 conversion (cvt.rn.satfinite through
+//    cuda_fp8.h) against the CPU's detail::to_e4m3 on every e4m3 value, every
+//    midpoint between neighbours and the float neighbours of both, the
+//    saturation range, signed zeros, fp32 subnormals and a million random
+//    finite floats: the same code, bit for bit. NaN: the hardware gives the NaN
+//    code, the CPU refuses the input.
+//  * CodecCache.*: (int8, int4, fp8, and layered<int8 | fp8>) one cache built twice from the same bytes — the CPU's host
+//    block after bind, copied to the device — then compacted (a ragged
+//    selection, compensation rows on some cases) and appended to (1, 17, 33
+//    tokens, and 97 to one head: KIVI groups of 32 sealed across calls, runs
+//    split over pages of 16, flat repacks) by both backends. After each call
+//    every array of the codec's storage (codes, scales, zero points, sealed
+//    flags, the fp16 residual window, its slots and count) is compared byte for
+//    byte, and every slot's position.
+//    Then decode attention over the CPU-encoded cache (its bytes copied to the
+//    device) against the CPU's attend, within the bound derived below.
+#include <gtest/gtest.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <array>
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/tensors.hpp"
+#include "cuda/device_memory.cuh"
+
+namespace kt = kvtrim;
+using kt::testing::device_buffer;
+using kt::testing::device_tensor;
+
+namespace {
+
+// ---- fp8: the hardware conversion against the CPU's -------------------------
+
+__global__ void convert_to_e4m3(const float* in, std::uint8_t* out, std::int64_t n) {
+  for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < n; i += std::int64_t{gridDim.x} * blockDim.x)
+    out[i] = kt::cuda_detail::e4m3_of(in[i]);
+}
+__global__ void convert_from_e4m3(std::uint8_t const* in, float* out, std::int64_t n) {
+  for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < n; i += std::int64_t{gridDim.x} * blockDim.x)
+    out[i] = kt::cuda_detail::e4m3_value(in[i]);
+}
+
+std::vector<std::uint8_t> device_e4m3(const std::vector<float>& inputs) {
+  device_buffer<float> in(inputs);
+  device_buffer<std::uint8_t> out(inputs.size());
+  convert_to_e4m3<<<256, 256>>>(in.data(), out.data(), static_cast<std::int64_t>(inputs.size()));
+  kt::testing::check(cudaDeviceSynchronize(), "convert_to_e4m3");
+  return out.download();
+}
+
+TEST(Fp8Conversion, HardwareMatchesCpuOnEveryBoundary) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  std::vector<float> inputs;
+  const auto both_signs = [&](float x) { inputs.push_back(x), inputs.push_back(-x); };
+  for (unsigned code = 0; code <= 0x7E; ++code) {
+    const float value = kt::detail::e4m3_table[code];
+    // Beyond 448 the next step would be 480: the tie at 464 and above saturate to 448 (both sides).
+    const float next = code < 0x7E ? kt::detail::e4m3_table[code + 1] : 480.0f;
+    const float middle = (value + next) / 2.0f;  // exact: neighbours differ in few bits
+    for (const float x : {value, middle, std::nextafter(middle, 0.0f), std::nextafter(middle, 1e30f),
+                          std::nextafter(value, 0.0f), std::nextafter(value, 1e30f)})
+      both_signs(x);
+  }
+  for (const float x : {0.0f, 448.0f, 463.99997f, 464.0f, 464.00003f, 1e6f, std::numeric_limits<float>::max(),
+                        0x1p-10f, std::nextafter(0x1p-10f, 1.0f), 0x3p-11f, 1e-40f, std::numeric_limits<float>::denorm_min(),
+                        std::numeric_limits<float>::min()})
+    both_signs(x);
+  std::mt19937_64 random(5);
+  while (inputs.size() < (1u << 20)) {
+    const float x = std::bit_cast<float>(static_cast<std::uint32_t>(random()));
+    if (std::isfinite(x)) inputs.push_back(x);
+  }
+  const std::vector<std::uint8_t> got = device_e4m3(inputs);
+  std::int64_t mismatches = 0;
+  for (std::size_t i = 0; i < inputs.size(); ++i) {
+    const std::uint8_t expected = kt::detail::to_e4m3(inputs[i]);
+    if (got[i] != expected && ++mismatches <= 8)
+      ADD_FAILURE() << "e4m3(" << inputs[i] << " = 0x" << std::hex << std::bit_cast<std::uint32_t>(inputs[i])
+                    << "): device 0x" << int{got[i]} << ", cpu 0x" << int{expected} << std::dec;
+  }
+  EXPECT_EQ(mismatches, 0) << "of " << inputs.size() << " inputs";
+
+  // Decoding: the device's conversion is exact, as the CPU's table.
+  std::vector<std::uint8_t> codes(256);
+  std::iota(codes.begin(), codes.end(), std::uint8_t{0});
+  device_buffer<std::uint8_t> device_codes(codes);
+  device_buffer<float> device_values(256);
+  convert_from_e4m3<<<1, 256>>>(device_codes.data(), device_values.data(), 256);
+  kt::testing::check(cudaDeviceSynchronize(), "convert_from_e4m3");
+  const std::vector<float> values = device_values.download();
+  for (unsigned code = 0; code < 256; ++code) {
+    if (std::isnan(kt::detail::e4m3_table[code])) {
+      EXPECT_TRUE(std::isnan(values[code])) << code;
+    } else {
+      EXPECT_EQ(std::bit_cast<std::uint32_t>(values[code]), std::bit_cast<std::uint32_t>(kt::detail::e4m3_table[code]))
+          << "code " << code;
+    }
+  }
+
+  // NaN: the device stores the NaN code (a kernel cannot throw); the CPU refuses it.
+  const std::vector<std::uint8_t> nan_codes = device_e4m3({std::numeric_limits<float>::quiet_NaN()});
+  EXPECT_EQ(nan_codes[0] & 0x7F, 0x7F);
+  const kt::codec::fp8::config config{};
+  std::vector<std::byte> memory(kt::codec::fp8::storage_bytes(config, 1, 1, 8, 1) + 256);
+  void* aligned = memory.data() + (256 - reinterpret_cast<std::uintptr_t>(memory.data()) % 256) % 256;
+  const auto store = kt::codec::fp8::bind<kt::host_space>(config, aligned, 1, 1, 8, 1);
+  float row[8] = {std::numeric_limits<float>::quiet_NaN()};
+  EXPECT_THROW(kt::codec::fp8::encode(store, 0, 0, 0, row, row), kt::error);
+}
+
+// ---- caches built by both backends -------------------------------------------
+
+enum class layout_kind { contiguous, paged, flat };
+enum class codec_kind { int8_groups, int8_groups_zero_point, int8_tokens_zero_point, int4_groups_zero_point,
+                        int4_groups, fp8_head_amax, fp8_fixed, layered_int8, layered_fp8 };
+
+struct codec_case {
+  layout_kind layout;
+  codec_kind codec;
+  std::int64_t batch, kv_heads, group, head_dim;
+  std::int64_t page_size;          // paged only
+  std::vector<std::int64_t> kept;  // per head (contiguous: kept[0] for every head)
+  bool compensation;               // paged / flat
+};
+
+std::string name_of(const codec_case& c) {
+  static const char* const layouts[] = {"contiguous", "paged", "flat"};
+  static const char* const codecs[] = {"int8_g32", "int8_g32_zero", "int8_token_zero", "int4_g32_zero", "int4_g32",
+                                       "fp8_amax", "fp8_fixed",     "layered_int8",    "layered_fp8"};
+  return kt::detail::cat(layouts[static_cast<int>(c.layout)], "_", codecs[static_cast<int>(c.codec)], "_b", c.batch,
+                         "_kv", c.kv_heads, "_g", c.group, "_d", c.head_dim,
+                         c.layout == layout_kind::paged ? kt::detail::cat("_p", c.page_size) : std::string{},
+                         c.compensation ? "_bias" : "");
+}
+
+struct host_block {
+  std::unique_ptr<std::byte[]> raw;
+  std::byte* data = nullptr;
+  std::size_t bytes = 0;
+  explicit host_block(std::size_t n) : raw(new std::byte[n + 256]), bytes(n) {
+    const auto address = reinterpret_cast<std::uintptr_t>(raw.get());
+    data = raw.get() + ((256 - address % 256) % 256);
+    std::mt19937_64 random(99);  // unwritten bytes: noise, the same on both sides (the device gets a copy)
+    for (std::size_t i = 0; i < n; ++i) data[i] = static_cast<std::byte>(random());
+  }
+};
+
+/// Named byte ranges of a codec's storage (offsets from the storage's first byte).
+struct storage_range {
+  const char* name;
+  std::ptrdiff_t offset;
+  std::size_t bytes;
+  std::size_t element;
+};
+
+template <class Storage>
+std::vector<storage_range> ranges_of(const Storage& s, const std::byte* base) {
+  std::vector<storage_range> r;
+  const auto add = [&](const char* name, const void* p, std::int64_t count, std::size_t element) {
+    if (p != nullptr)
+      r.push_back({name, static_cast<const std::byte*>(p) - base, static_cast<std::size_t>(count) * element, element});
+  };
+  if constexpr (requires { s.inner; }) {  // layered<C>: C's arrays, then the fp16 rows and maps
+    r = ranges_of(s.inner, base);
+    const std::int64_t rows = s.sinks + s.recent;
+    add("layered.row_keys", s.row_keys, s.heads * rows * s.head_dim, 2);
+    add("layered.row_values", s.row_values, s.heads * rows * s.head_dim, 2);
+    add("layered.row_slots", s.row_slots, s.heads * rows, 8);
+    add("layered.slot_rows", s.slot_rows, s.slots, 4);
+    add("layered.arrived", s.arrived, s.heads, 8);
+  } else if constexpr (requires { s.residual_keys; }) {
+    const std::int64_t rb = (s.head_dim * (std::is_same_v<Storage, kt::codec::int4::storage<kt::host_space>> ? 4 : 8) + 7) / 8;
+    const std::int64_t runs = s.slots / s.slot_run;
+    add("key_codes", s.key_codes, s.slots * rb, 1);
+    add("value_codes", s.value_codes, s.slots * rb, 1);
+    add("key_scales", s.key_scales, s.key_group > 0 ? runs * s.head_dim : s.slots, 4);
+    add("key_zeros", s.key_zeros, s.key_group > 0 ? runs * s.head_dim : s.slots, 4);
+    add("value_scales", s.value_scales, s.slots, 4);
+    add("value_zeros", s.value_zeros, s.slots, 4);
+    add("run_sealed", s.run_sealed, runs, 1);
+    add("residual_keys", s.residual_keys, s.heads * s.key_group * s.head_dim, 2);
+    add("residual_slots", s.residual_slots, s.heads * s.key_group, 8);
+    add("residual_count", s.residual_count, s.heads, 8);
+  } else {
+    add("key_codes", s.key_codes, s.slots * s.head_dim, 1);
+    add("value_codes", s.value_codes, s.slots * s.head_dim, 1);
+    add("key_scales", s.key_scales, s.heads, 4);
+    add("value_scales", s.value_scales, s.heads, 4);
+  }
+  return r;
+}
+
+/// Zero points of a stored key element / value (0 for symmetric and fp8): the
+/// dequantization x̂ = q·s + z rounds relative to |q·s| + |z| ≤ |x̂| + 2|z|.
+template <class Storage>
+float key_zero(const Storage& s, std::int64_t slot, std::int64_t d) {
+  if constexpr (requires { s.inner; }) {
+    return s.slot_rows[slot] >= 0 ? 0.0f : key_zero(s.inner, slot, d);
+  } else if constexpr (requires { s.residual_keys; }) {
+    if (!s.asymmetric) return 0.0f;
+    if (s.key_group == 0) return s.key_zeros[slot];
+    const std::int64_t run = slot / s.slot_run;
+    return s.run_sealed[run] ? s.key_zeros[run * s.head_dim + d] : 0.0f;
+  } else {
+    return 0.0f;
+  }
+}
+template <class Storage>
+float value_zero(const Storage& s, std::int64_t slot) {
+  if constexpr (requires { s.inner; })
+    return s.slot_rows[slot] >= 0 ? 0.0f : value_zero(s.inner, slot);
+  else if constexpr (requires { s.residual_keys; })
+    return s.asymmetric ? s.value_zeros[slot] : 0.0f;
+  else
+    return 0.0f;
+}
+
+template <class CodecT>
+typename CodecT::config config_of(codec_kind kind) {
+  typename CodecT::config config{};
+  if constexpr (requires { config.inner; }) {
+    // 3 sinks and a ring of 40 (not a multiple of KIVI's 32): appends of 17 and 33 wrap it.
+    config.inner = config_of<typename CodecT::inner_codec>(kind == codec_kind::layered_int8
+                                                               ? codec_kind::int8_groups_zero_point
+                                                               : codec_kind::fp8_head_amax);
+    config.sinks = 3;
+    config.recent = 40;
+  } else if constexpr (std::is_same_v<CodecT, kt::codec::fp8>) {
+    if (kind == codec_kind::fp8_fixed) {
+      // Scales small enough that the larger inputs saturate (|x| / 0.005 > 448 for |x| > 2.24).
+      config.scales = kt::codec::fp8_scaling::fixed;
+      config.key_scale = 0.005f;
+      config.value_scale = 0.02f;
+    }
+  } else {
+    config.key_group = 32;
+    config.asymmetric = kind == codec_kind::int8_groups_zero_point || kind == codec_kind::int8_tokens_zero_point ||
+                        kind == codec_kind::int4_groups_zero_point;
+    if (kind == codec_kind::int8_tokens_zero_point) config.keys = kt::codec::key_scaling::per_token;
+  }
+  return config;
+}
+
+
+/// Tokens append_head adds to head 1 (paged, flat): 3 KIVI groups and one token, more than the
+/// even share of a flat buffer's spare runs, so flat caches repack.
+constexpr std::int64_t head_appended = 97;
+
+template <class Layout, class CodecT>
+struct harness {
+  using host_view = typename Layout::template view<CodecT, kt::host_space>;
+  using device_view = typename Layout::template view<CodecT, kt::device_space>;
+  static constexpr bool contiguous = std::is_same_v<Layout, kt::layout::contiguous>;
+  static constexpr std::array<std::int64_t, 3> appended{1, 17, 33};
+
+  const codec_case& c;
+  typename CodecT::config config;
+  kt::model_shape shape;
+  std::int64_t heads;
+  std::vector<std::int64_t> kept;  // per head
+
+  explicit harness(const codec_case& c_)
+      : c(c_), config(config_of<CodecT>(c_.codec)),
+        shape{.q_heads = c_.kv_heads * c_.group, .kv_heads = c_.kv_heads, .head_dim = c_.head_dim},
+        heads(c_.batch * c_.kv_heads) {
+    for (std::int64_t head = 0; head < heads; ++head)
+      kept.push_back(contiguous ? c.kept[0] : c.kept[static_cast<std::size_t>(head) % c.kept.size()]);
+  }
+
+  std::int64_t final_length(std::int64_t head) const {
+    return kept[head] + 51 + (!contiguous && head == 1 % heads ? head_appended : 0);
+  }
+
+  auto pool() const {
+    if constexpr (std::is_same_v<Layout, kt::layout::paged>) {
+      std::int64_t pages = 2;
+      for (std::int64_t head = 0; head < heads; ++head) pages += (final_length(head) + c.page_size - 1) / c.page_size;
+      return kt::layout::paged::pool_size{pages, c.page_size};
+    } else if constexpr (std::is_same_v<Layout, kt::layout::flat>) {
+      // One spare run of 32 beyond what the final lengths need: appends run out of headroom and repack.
+      std::int64_t runs = 1;
+      for (std::int64_t head = 0; head < heads; ++head) runs += (final_length(head) + 31) / 32;
+      return kt::layout::flat::pool_size{runs * 32};
+    } else {
+      return kept[0] + 51;  // capacity
+    }
+  }
+
+  host_view bind_host(host_block& block) const { return host_view::bind(block.data, shape, c.batch, pool(), config); }
+  device_view bind_device(std::byte* memory, std::int64_t* host_length) const {
+    if constexpr (contiguous)
+      return device_view::bind_with_host_length(host_length, memory, shape, c.batch, pool(), config);
+    else
+      return device_view::bind(memory, shape, c.batch, pool(), config);
+  }
+
+  /// Every array of the codec's storage, byte for byte, and every held slot's position.
+  void expect_same_bytes(const host_view& cpu, const host_block& block, const device_view& gpu,
+                         const device_buffer<std::byte>& device_block, const char* step) const {
+    SCOPED_TRACE(step);
+    const std::vector<std::byte> got = kt::testing::download_bytes(device_block.data(), block.bytes);
+    const auto* device_base = reinterpret_cast<const std::byte*>(device_block.data());
+    for (const storage_range& range : ranges_of(cpu.storage, block.data)) {
+      std::int64_t differing = 0, first = -1;
+      for (std::size_t i = 0; i < range.bytes; ++i)
+        if (got[range.offset + i] != block.data[range.offset + i]) {
+          if (first < 0) first = static_cast<std::int64_t>(i);
+          ++differing;
+        }
+      if (differing > 0) {
+        std::uint64_t expected = 0, device = 0;
+        const std::size_t at = static_cast<std::size_t>(first) / range.element * range.element;
+        std::memcpy(&expected, block.data + range.offset + at, range.element);
+        std::memcpy(&device, got.data() + range.offset + at, range.element);
+        ADD_FAILURE() << range.name << ": " << differing << " of " << range.bytes << " bytes differ; first at element "
+                      << at / range.element << ": device 0x" << std::hex << device << ", cpu 0x" << expected << std::dec;
+      }
+    }
+    // Positions (the device view's own table: a contiguous device view lays it out without the host length).
+    const std::ptrdiff_t positions = reinterpret_cast<const std::byte*>(gpu.positions.slot_position) - device_base;
+    std::int64_t wrong_positions = 0;
+    for (std::int64_t head = 0; head < heads; ++head) {
+      const std::int64_t b = head / c.kv_heads, h = head % c.kv_heads;
+      for (std::int64_t i = 0; i < cpu.head_length(b, h); ++i) {
+        const std::int64_t slot = cpu.slot(b, h, i);
+        std::int32_t device_position = 0;
+        std::memcpy(&device_position, got.data() + positions + slot * 4, 4);
+        if (device_position != cpu.positions.slot_position[slot] && ++wrong_positions <= 4)
+          ADD_FAILURE() << "position of head " << head << " token " << i << ": device " << device_position << ", cpu "
+                        << cpu.positions.slot_position[slot];
+      }
+    }
+  }
+
+  /// Decode attention over the CPU's cache in `block`, its bytes copied to the device.
+  void expect_attention_matches(const host_view& cpu, const host_block& block, const char* step) const {
+    SCOPED_TRACE(step);
+    for (std::int64_t head = 0; head < heads; ++head)
+      if (cpu.head_length(head / c.kv_heads, head % c.kv_heads) < 1) return;  // the CPU refuses empty heads
+    auto queries = kt::testing::random_tensor<kt::half, 3>({c.batch, shape.q_heads, c.head_dim}, 77);
+    auto cpu_out = kt::testing::make_tensor<float, 3>({c.batch, shape.q_heads, c.head_dim});
+    kt::implementation<kt::stage::decode_attention, kt::backend::cpu>::attend(queries.cview(), cpu, cpu_out.view, {}, {});
+
+    device_buffer<std::byte> device_block(block.bytes);
+    kt::testing::check(cudaMemcpy(device_block.data(), block.data, block.bytes, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
+    std::int64_t host_length = 0;
+    const device_view gpu = bind_device(device_block.data(), &host_length);
+    if constexpr (contiguous) host_length = *cpu.length;
+    kt::testing::device_tensor<kt::half, 3> device_queries(queries);
+    device_buffer<float> device_out(static_cast<std::size_t>(c.batch * shape.q_heads * c.head_dim));
+    device_out.fill_bytes(0xff);  // NaN: an unwritten output fails
+    using attention = kt::implementation<kt::stage::decode_attention, kt::backend::cuda>;
+    device_buffer<std::byte> scratch(attention::workspace_bytes(gpu));
+    const kt::tensor_view<const kt::half, 3, kt::device_space> query_view{device_queries.view.data, device_queries.view.extents,
+                                                                         device_queries.view.strides};
+    attention::attend(query_view, gpu,
+                      kt::make_view<kt::device_space>(device_out.data(),
+                                                      std::array<std::int64_t, 3>{c.batch, shape.q_heads, c.head_dim}),
+                      {scratch.data(), scratch.size()}, nullptr);
+    kt::testing::check(cudaDeviceSynchronize(), "attend");
+    const std::vector<float> gpu_out = device_out.download();
+
+    // Tolerance, per query head over its n tokens. Both backends read the same codes and steps and
+    // compute in fp32 (u = 2^-24). Dequantizing x̂ = q·s + z costs each side ≤ 2u(|q·s| + |z|) ≤
+    // 2u(|x̂| + 2|z|) (a product and a sum, or one fma), so the keys the two backends see differ by
+    // ≤ 4u(|k̂| + 2|z|) per element, the values by ≤ 4u(|v̂| + 2|z|) (fp8 and symmetric codes: z = 0, and
+    // fp8's e4m3 → f32 conversion is exact on both sides). With S = max_i Σ_d |q_d|(|k̂_id| + 2|z_id|)/√D +
+    // |bias_i| and V = max_i,d |v̂_id| + 2|z_i|, the logits differ by δ ≤ (D + 8)·u·S (decode_test's bound:
+    // the dot product, scale, log2(e), bias) + 4u·S (the keys), the weights by e^(2δ + 4u), the output by
+    // (e^(2δ + 4u) − 1)·V twice, plus the sums' random-rounding model 16√(n + 1)·u·V + 8u·V
+    // (decode_test) and 4u·V for the values.
+    // Groups ≥ 4 run on the tensor cores: each dequantized key and value is rounded to fp16 once
+    // (u_h = 2^-11: logits move by ≤ u_h·S, outputs by ≤ u_h·V) and the weights P too (≤ u_h·V).
+    const double u = kt::element_traits<float>::unit_roundoff;
+    const double u_h = c.group >= 4 ? kt::element_traits<kt::half>::unit_roundoff : 0.0;
+    double worst = 0.0;
+    for (std::int64_t b = 0; b < c.batch; ++b)
+      for (std::int64_t j = 0; j < shape.q_heads; ++j) {
+        const std::int64_t h = j / c.group, head = b * c.kv_heads + h;
+        const std::int64_t n = cpu.head_length(b, h);
+        double largest_logit = 0.0, largest_value = 0.0;
+        float key[kt::max_head_dim], value[kt::max_head_dim];
+        std::int32_t bias_index = -1;
+        float bias = 0.0f;
+        if constexpr (requires { cpu.compensation.index; }) bias_index = cpu.compensation.index[head], bias = cpu.compensation.bias[head];
+        for (std::int64_t i = 0; i < n; ++i) {
+          const std::int64_t slot = cpu.slot(b, h, i);
+          CodecT::load_key(cpu.storage, head, slot, cpu.positions.slot_position[slot], key);
+          CodecT::load_value(cpu.storage, head, slot, value);
+          double magnitude = 0.0;
+          const double zv = std::abs(value_zero(cpu.storage, slot));
+          for (std::int64_t d = 0; d < c.head_dim; ++d) {
+            magnitude += std::abs(static_cast<double>(kt::to_float(queries(b, j, d)))) *
+                         (std::abs(static_cast<double>(key[d])) + 2.0 * std::abs(key_zero(cpu.storage, slot, d)));
+            largest_value = std::max(largest_value, std::abs(static_cast<double>(value[d])) + 2.0 * zv);
+          }
+          largest_logit = std::max(largest_logit, magnitude / std::sqrt(static_cast<double>(c.head_dim)) +
+                                                      (i == bias_index ? std::abs(bias) : 0.0));
+        }
+        const double logit_error = ((static_cast<double>(c.head_dim) + 12.0) * u + u_h) * largest_logit;
+        const double tolerance = 2.0 * std::expm1(2.0 * logit_error + 4.0 * u) * largest_value +
+                                 (16.0 * std::sqrt(static_cast<double>(n) + 1.0) + 12.0) * u * largest_value +
+                                 2.0 * u_h * largest_value;
+        for (std::int64_t d = 0; d < c.head_dim; ++d) {
+          const float got = gpu_out[static_cast<std::size_t>((b * shape.q_heads + j) * c.head_dim + d)];
+          ASSERT_FALSE(std::isnan(got)) << "unwritten or NaN output at " << b << "," << j << "," << d;
+          const double error = std::abs(static_cast<double>(got) - cpu_out.view(b, j, d));
+          worst = std::max(worst, error / tolerance);
+          ASSERT_LE(error, tolerance) << "|cuda − cpu| at sequence " << b << ", q head " << j << ", dim " << d << " (head of "
+                                      << n << " tokens)";
+        }
+      }
+    ::testing::Test::RecordProperty(kt::detail::cat("worst_error_over_tolerance_", step), std::to_string(worst));
+  }
+
+  void run() {
+    std::int64_t tokens = 1;
+    for (const std::int64_t k : kept) tokens = std::max(tokens, k + 40);
+    const auto keys = kt::testing::random_tensor<kt::half, 4>({c.batch, c.kv_heads, tokens, c.head_dim}, 31);
+    const auto values = kt::testing::random_tensor<kt::half, 4>({c.batch, c.kv_heads, tokens, c.head_dim}, 32);
+    // The selection: a random ascending subset of kept[head] tokens per head.
+    std::vector<std::int64_t> offsets{0};
+    std::vector<std::int32_t> chosen;
+    std::mt19937_64 random(33);
+    std::vector<std::int32_t> all(static_cast<std::size_t>(tokens));
+    std::iota(all.begin(), all.end(), 0);
+    for (std::int64_t head = 0; head < heads; ++head) {
+      std::shuffle(all.begin(), all.end(), random);
+      std::vector<std::int32_t> subset(all.begin(), all.begin() + kept[head]);
+      std::sort(subset.begin(), subset.end());
+      chosen.insert(chosen.end(), subset.begin(), subset.end());
+      offsets.push_back(static_cast<std::int64_t>(chosen.size()));
+    }
+    // Compensation rows on every second head keeping ≥ 2 tokens (replacing its middle kept token).
+    std::vector<std::int32_t> index;
+    std::vector<float> compensation_keys, compensation_values, bias;
+    std::vector<std::int64_t> position;
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    for (std::int64_t head = 0; head < heads; ++head) {
+      index.push_back(head % 2 == 0 && kept[head] >= 2 ? static_cast<std::int32_t>(kept[head] / 2) : -1);
+      for (std::int64_t d = 0; d < c.head_dim; ++d)
+        compensation_keys.push_back(normal(random)), compensation_values.push_back(normal(random));
+      bias.push_back(std::log(1.0f + static_cast<float>(head)));
+      position.push_back(5000 + head);
+    }
+
+    host_block block(host_view::bytes(shape, c.batch, pool(), config));
+    host_view cpu = bind_host(block);
+    device_buffer<std::byte> device_block(block.bytes);
+    kt::testing::check(cudaMemcpy(device_block.data(), block.data, block.bytes, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
+    std::int64_t host_length = 0;
+    device_view gpu = bind_device(device_block.data(), &host_length);
+    cudaStream_t stream = nullptr;
+    ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+
+    // Compaction.
+    kt::detail::compensation_rows cpu_rows{index.data(), compensation_keys.data(), compensation_values.data(), bias.data(),
+                                           position.data()};
+    device_buffer<std::int32_t> device_index(index);
+    device_buffer<float> device_compensation_keys(compensation_keys), device_compensation_values(compensation_values),
+        device_bias(bias);
+    device_buffer<std::int64_t> device_position(position);
+    kt::detail::compensation_rows gpu_rows{device_index.data(), device_compensation_keys.data(),
+                                           device_compensation_values.data(), device_bias.data(), device_position.data()};
+    kt::compact_args cpu_args;
+    cpu_args.start_position = 3;
+    if constexpr (contiguous) cpu_args.uniform_keep = kept[0];
+    if (c.compensation) cpu_args.compensation = &cpu_rows;
+    kt::compact_args gpu_args = cpu_args;
+    if (c.compensation) gpu_args.compensation = &gpu_rows;
+    kt::implementation<Layout, kt::backend::cpu>::compact(
+        cpu, keys.cview(), values.cview(), kt::selection_view<kt::host_space>{offsets.data(), chosen.data(), heads}, cpu_args, {});
+    device_tensor<kt::half, 4> device_keys(keys), device_values(values);
+    device_buffer<std::int64_t> device_offsets(offsets);
+    device_buffer<std::int32_t> device_chosen(chosen);
+    kt::implementation<Layout, kt::backend::cuda>::compact(
+        gpu, kt::detail::as_const(device_keys.view), kt::detail::as_const(device_values.view),
+        kt::selection_view<kt::device_space>{device_offsets.data(), device_chosen.data(), heads}, gpu_args, stream);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    expect_same_bytes(cpu, block, gpu, device_block, "compact");
+    expect_attention_matches(cpu, block, "compact");
+
+    // Appends of 1, 17 and 33 tokens to every head, then 97 to head 1.
+    std::uint64_t seed = 40;
+    for (const std::int64_t count : appended) {
+      const auto new_keys = kt::testing::random_tensor<kt::half, 4>({c.batch, c.kv_heads, count, c.head_dim}, ++seed);
+      const auto new_values = kt::testing::random_tensor<kt::half, 4>({c.batch, c.kv_heads, count, c.head_dim}, ++seed);
+      device_tensor<kt::half, 4> device_new_keys(new_keys), device_new_values(new_values);
+      kt::implementation<Layout, kt::backend::cpu>::append(cpu, new_keys.cview(), new_values.cview(), {});
+      kt::implementation<Layout, kt::backend::cuda>::append(gpu, kt::detail::as_const(device_new_keys.view),
+                                                            kt::detail::as_const(device_new_values.view), stream);
+      ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+      expect_same_bytes(cpu, block, gpu, device_block, kt::detail::cat("append ", count).c_str());
+    }
+    if constexpr (!contiguous) {
+      const std::int64_t target = 1 % heads, b = target / c.kv_heads, h = target % c.kv_heads;
+      const auto new_keys = kt::testing::random_tensor<kt::half, 4>({c.batch, c.kv_heads, head_appended, c.head_dim}, ++seed);
+      const auto new_values = kt::testing::random_tensor<kt::half, 4>({c.batch, c.kv_heads, head_appended, c.head_dim}, ++seed);
+      device_tensor<kt::half, 4> device_new_keys(new_keys), device_new_values(new_values);
+      kt::implementation<Layout, kt::backend::cpu>::append_head(cpu, b, h, new_keys.cview(), new_values.cview(), {});
+      kt::implementation<Layout, kt::backend::cuda>::append_head(gpu, b, h, kt::detail::as_const(device_new_keys.view),
+                                                                 kt::detail::as_const(device_new_values.view), stream);
+      ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+      expect_same_bytes(cpu, block, gpu, device_block, "append_head 97");
+      if constexpr (std::is_same_v<Layout, kt::layout::flat>) {
+        std::int64_t repacks = 0;
+        kt::testing::check(cudaMemcpy(&repacks, gpu.repacks, sizeof repacks, cudaMemcpyDeviceToHost), "repacks");
+        EXPECT_EQ(repacks, *cpu.repacks);
+        if (heads > 1) EXPECT_GE(*cpu.repacks, 1) << "the case was meant to repack";
+      }
+    }
+    cudaStreamDestroy(stream);
+    expect_attention_matches(cpu, block, "appended");
+  }
+};
+
+template <class CodecT>
+void run_layout(const codec_case& c) {
+  switch (c.layout) {
+    case layout_kind::contiguous: harness<kt::layout::contiguous, CodecT>(c).run(); break;
+    case layout_kind::paged: harness<kt::layout::paged, CodecT>(c).run(); break;
+    case layout_kind::flat: harness<kt::layout::flat, CodecT>(c).run(); break;
+  }
+}
+
+class CodecCache : public ::testing::TestWithParam<codec_case> {};
+
+TEST_P(CodecCache, EncodesBitIdenticallyAndAttendsWithinBound) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  const codec_case& c = GetParam();
+  SCOPED_TRACE(name_of(c));
+  switch (c.codec) {
+    case codec_kind::int8_groups:
+    case codec_kind::int8_groups_zero_point:
+    case codec_kind::int8_tokens_zero_point: run_layout<kt::codec::int8>(c); break;
+    case codec_kind::int4_groups:
+    case codec_kind::int4_groups_zero_point: run_layout<kt::codec::int4>(c); break;
+    case codec_kind::fp8_head_amax:
+    case codec_kind::fp8_fixed: run_layout<kt::codec::fp8>(c); break;
+    case codec_kind::layered_int8: run_layout<kt::codec::layered<kt::codec::int8>>(c); break;
+    case codec_kind::layered_fp8: run_layout<kt::codec::layered<kt::codec::fp8>>(c); break;
+  }
+}
+
+using L = layout_kind;
+using K = codec_kind;
+INSTANTIATE_TEST_SUITE_P(
+    AwkwardLengths, CodecCache,
+    ::testing::Values(
+        // KIVI groups of 32 around lengths 1, 17, 31, 33, 4097; runs of 16 (pages of 16) split each group over two pages
+        codec_case{L::paged, K::int8_groups, 2, 4, 4, 128, 16, {1, 17, 31, 33, 4097, 64, 32, 100}, true},
+        codec_case{L::paged, K::int4_groups_zero_point, 1, 2, 8, 64, 32, {4097, 33}, false},
+        codec_case{L::paged, K::fp8_head_amax, 2, 2, 16, 128, 16, {31, 4097, 1, 17}, true},
+        codec_case{L::paged, K::int8_tokens_zero_point, 1, 3, 1, 64, 64, {17, 1, 300}, false},
+        // GQA 16 at head_dim 64 (tensor cores; plain fp32 storage has no kernel there)
+        codec_case{L::paged, K::int4_groups, 1, 1, 16, 64, 16, {33}, false},
+        // flat: runs of 32, a repack during the appends
+        codec_case{L::flat, K::int8_groups_zero_point, 2, 2, 2, 64, 0, {33, 1, 4097, 17}, true},
+        codec_case{L::flat, K::int4_groups, 1, 4, 1, 128, 0, {31, 33, 17, 1}, false},
+        codec_case{L::flat, K::fp8_fixed, 1, 2, 4, 64, 0, {4097, 31}, false},
+        // contiguous: one length for every head
+        codec_case{L::contiguous, K::int8_tokens_zero_point, 2, 2, 4, 128, 0, {33}, false},
+        codec_case{L::contiguous, K::int4_groups_zero_point, 1, 2, 16, 128, 0, {4097}, false},
+        codec_case{L::contiguous, K::fp8_head_amax, 2, 1, 1, 64, 0, {17}, false},
+        codec_case{L::contiguous, K::int8_groups, 1, 2, 2, 64, 0, {31}, false},
+        // layered<C>: 3 fp16 sinks and a ring of 40 newest tokens over int8 (KIVI, zero points) and fp8
+        codec_case{L::paged, K::layered_int8, 1, 2, 4, 128, 16, {4097, 17}, true},
+        codec_case{L::flat, K::layered_int8, 2, 2, 1, 64, 0, {33, 1, 100, 41}, false},
+        codec_case{L::contiguous, K::layered_fp8, 1, 2, 8, 128, 0, {45}, false}),
+    [](const ::testing::TestParamInfo<codec_case>& info) { return kt::detail::cat(name_of(info.param), "_", info.index); });
+
+// ---- memory: kvtrim::stats counts what a device cache allocates --------------
+
+/// A full contiguous cache of `heads` heads × `capacity` tokens: stats' bytes
+/// (kept · bytes_per_token + bytes_per_head per head) against the codec storage a
+/// device cache carves (codec::storage_bytes, the same call on host and device),
+/// which pads each of its ≤ 10 arrays to 256 bytes (workspace_carver). The
+/// device view's own storage pointers span that storage: its first and last array.
+template <class CodecT>
+void expect_stats_count_the_allocation(const typename CodecT::config& config, const char* what) {
+  SCOPED_TRACE(what);
+  const kt::model_shape shape{.q_heads = 8, .kv_heads = 4, .head_dim = 128};
+  const std::int64_t batch = 2, capacity = 4096, heads = batch * shape.kv_heads;
+  using host_view = kt::layout::contiguous::view<CodecT, kt::host_space>;
+  host_block block(host_view::bytes(shape, batch, capacity, config));
+  host_view view = host_view::bind(block.data, shape, batch, capacity, config);
+  *view.length = capacity;
+  const kt::cache_stats stats = kt::stats(view, config);
+  const std::int64_t slots = heads * capacity;  // capacity is a multiple of every key group here
+  const std::size_t allocated = CodecT::storage_bytes(config, slots, heads, shape.head_dim,
+                                                      kt::codec::slot_alignment<CodecT>(config));
+  EXPECT_GE(static_cast<double>(allocated), stats.bytes());
+  EXPECT_LT(static_cast<double>(allocated), stats.bytes() + 10 * 256.0);
+
+  using device_view = kt::layout::contiguous::view<CodecT, kt::device_space>;
+  std::int64_t host_length = 0;
+  device_buffer<std::byte> memory(device_view::bytes(shape, batch, capacity, config));
+  const device_view device = device_view::bind_with_host_length(&host_length, memory.data(), shape, batch, capacity, config);
+  const auto* base = reinterpret_cast<const std::byte*>(memory.data());
+  const void* first_array = [&]() -> const void* {
+    if constexpr (requires { device.storage.key_codes; })
+      return device.storage.key_codes;
+    else
+      return device.storage.keys;
+  }();
+  EXPECT_EQ(static_cast<const std::byte*>(first_array), base);
+  const auto* positions = reinterpret_cast<const std::byte*>(device.positions.slot_position);
+  EXPECT_EQ(static_cast<std::size_t>(positions - base), (allocated + 255) / 256 * 256)
+      << "the device cache carves the codec storage stats count, then its positions";
+}
+
+TEST(CodecStats, BytesPerTokenAreWhatTheDeviceCacheAllocates) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  kt::codec::int8::config int8_groups{}, int8_zero{}, int8_tokens{};
+  int8_zero.asymmetric = true;
+  int8_tokens.keys = kt::codec::key_scaling::per_token;
+  kt::codec::int4::config int4_groups{}, int4_zero{};
+  int4_zero.asymmetric = true;
+  expect_stats_count_the_allocation<kt::codec::int8>(int8_groups, "int8 KIVI");
+  expect_stats_count_the_allocation<kt::codec::int8>(int8_zero, "int8 KIVI zero points");
+  expect_stats_count_the_allocation<kt::codec::int8>(int8_tokens, "int8 per-token keys");
+  expect_stats_count_the_allocation<kt::codec::int4>(int4_groups, "int4 KIVI");
+  expect_stats_count_the_allocation<kt::codec::int4>(int4_zero, "int4 KIVI zero points");
+  expect_stats_count_the_allocation<kt::codec::fp8>({}, "fp8");
+  expect_stats_count_the_allocation<kt::codec::fp16>({}, "fp16");
+  // The per-token figures of docs/codecs.md (head_dim 128, runs of 32).
+  EXPECT_DOUBLE_EQ(kt::codec::bytes_per_token<kt::codec::int8>(int8_groups, 128, 32), 256.0 + 4.0 + 513.0 / 32.0);
+  EXPECT_DOUBLE_EQ(kt::codec::bytes_per_token<kt::codec::int4>(int4_zero, 128, 32), 128.0 + 8.0 + 1025.0 / 32.0);
+  EXPECT_DOUBLE_EQ(kt::codec::bytes_per_token<kt::codec::fp8>({}, 128, 1), 256.0);
+}
+
+}  // namespace
