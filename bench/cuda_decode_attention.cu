@@ -323,3 +323,86 @@ BENCHMARK(ragged_decode<kt::layout::flat>)
     ->Unit(benchmark::kMicrosecond);
 
 BENCHMARK_MAIN();
+
+// ---- issue 16: the eviction metric's cost (eviction::attend with and without it) ----
+namespace {
+
+/// Workload W over a paged fp16 cache (pages of 16, scattered), every head `tokens` long:
+/// decode attention through eviction::attend, with the metric side output (metric = 1)
+/// or without (metric = 0). The bytes counted are the cache's K/V only, so the two rows'
+/// median_us give the metric's cost directly.
+void decode_attention_metric(benchmark::State& state) {
+  using view_type = kt::layout::paged::view<kt::codec::fp16, kt::device_space>;
+  const std::int64_t batch = state.range(0), tokens = state.range(1), page = 16;
+  const bool with_metric = state.range(5) != 0;
+  const kt::model_shape shape{.q_heads = state.range(2), .kv_heads = state.range(3), .head_dim = state.range(4)};
+  const std::int64_t heads = batch * shape.kv_heads, pages_per_head = (tokens + page - 1) / page;
+  const kt::layout::paged::pool_size pool{heads * pages_per_head, page};
+  void* memory = nullptr;
+  check(cudaMalloc(&memory, view_type::bytes(shape, batch, pool)), "cudaMalloc(cache)");
+  const view_type view = view_type::bind(memory, shape, batch, pool);
+  std::vector<std::int32_t> permutation(static_cast<std::size_t>(pool.pages));
+  std::iota(permutation.begin(), permutation.end(), 0);
+  std::shuffle(permutation.begin(), permutation.end(), std::mt19937_64(7));
+  std::vector<std::int32_t> indptr(static_cast<std::size_t>(heads + 1)), last(static_cast<std::size_t>(heads));
+  for (std::int64_t head = 0; head <= heads; ++head) indptr[head] = static_cast<std::int32_t>(head * pages_per_head);
+  for (std::int64_t head = 0; head < heads; ++head) last[head] = static_cast<std::int32_t>((tokens - 1) % page + 1);
+  // Positions 0 … tokens − 1 in every head, next position `tokens` (64-token window protected).
+  std::vector<std::int32_t> positions(static_cast<std::size_t>(pool.pages * page), 0);
+  for (std::int64_t head = 0; head < heads; ++head)
+    for (std::int64_t i = 0; i < tokens; ++i)
+      positions[static_cast<std::size_t>(permutation[head * pages_per_head + i / page] * page + i % page)] =
+          static_cast<std::int32_t>(i);
+  const std::vector<std::int64_t> next(static_cast<std::size_t>(heads), tokens);
+  check(cudaMemcpy(view.indptr, indptr.data(), indptr.size() * 4, cudaMemcpyHostToDevice), "indptr");
+  check(cudaMemcpy(view.indices, permutation.data(), permutation.size() * 4, cudaMemcpyHostToDevice), "indices");
+  check(cudaMemcpy(view.last_page_len, last.data(), last.size() * 4, cudaMemcpyHostToDevice), "last_page_len");
+  check(cudaMemcpy(view.positions.slot_position, positions.data(), positions.size() * 4, cudaMemcpyHostToDevice),
+        "positions");
+  check(cudaMemcpy(view.positions.next_position, next.data(), next.size() * 8, cudaMemcpyHostToDevice), "next");
+  check(cudaMemset(view.compensation.index, 0xff, heads * sizeof(std::int32_t)), "compensation");
+  fill_random<<<1024, 256>>>(reinterpret_cast<__half*>(view.storage.keys), pool.pages * page * shape.head_dim, 1);
+  fill_random<<<1024, 256>>>(reinterpret_cast<__half*>(view.storage.values), pool.pages * page * shape.head_dim, 2);
+
+  const std::int64_t query_elements = batch * shape.q_heads * shape.head_dim;
+  __half *queries = nullptr, *out = nullptr;
+  float* metric = nullptr;
+  check(cudaMalloc(&queries, query_elements * sizeof(__half)), "cudaMalloc");
+  check(cudaMalloc(&out, query_elements * sizeof(__half)), "cudaMalloc");
+  check(cudaMalloc(&metric, pool.pages * page * sizeof(float)), "cudaMalloc(metric)");
+  check(cudaMemset(metric, 0, pool.pages * page * sizeof(float)), "cudaMemset(metric)");
+  fill_random<<<64, 256>>>(queries, query_elements, 3);
+  const std::array<std::int64_t, 3> query_extents{batch, shape.q_heads, shape.head_dim};
+  const auto query_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(queries), query_extents);
+  const auto out_view = kt::make_view<kt::device_space>(reinterpret_cast<kt::half*>(out), query_extents);
+  const kt::eviction::metric_output<kt::device_space> output{with_metric ? metric : nullptr, pool.pages * page};
+  const std::size_t scratch_bytes = kt::eviction::attend_workspace(view, output);
+  void* scratch = nullptr;
+  check(cudaMalloc(&scratch, std::max<std::size_t>(scratch_bytes, 1)), "cudaMalloc");
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  const std::vector<double> seconds = kvtrim_bench::timed_seconds(state, stream, [&] {
+    kt::eviction::attend(query_view, view, out_view, output, {scratch, scratch_bytes}, stream);
+  });
+  const double cache_bytes = 2.0 * static_cast<double>(heads * tokens * shape.head_dim) * sizeof(__half);
+  const double median = seconds[seconds.size() / 2];
+  state.SetBytesProcessed(static_cast<std::int64_t>(cache_bytes) * state.iterations());
+  state.counters["median_us"] = median * 1e6;
+  state.counters["cache_TBps"] = cache_bytes / median / 1e12;
+  if (measured_copy_bandwidth > 0) state.counters["fraction_of_copy"] = cache_bytes / median / measured_copy_bandwidth;
+  cudaFree(queries), cudaFree(out), cudaFree(metric), cudaFree(scratch), cudaFree(memory);
+  cudaStreamDestroy(stream);
+}
+
+}  // namespace
+
+// W at 32k and 4k tokens, without and with the metric (the issue's goal: ≤ 5 % more at 32k).
+BENCHMARK(decode_attention_metric)
+    ->ArgNames({"batch", "tokens", "q_heads", "kv_heads", "head_dim", "metric"})
+    ->Args({8, 32768, 32, 8, 128, 0})
+    ->Args({8, 32768, 32, 8, 128, 1})
+    ->Args({8, 4096, 32, 8, 128, 0})
+    ->Args({8, 4096, 32, 8, 128, 1})
+    ->UseManualTime()
+    ->Iterations(50)
+    ->Unit(benchmark::kMicrosecond);

@@ -14,6 +14,7 @@
 #include "kvtrim/backend/cuda/common.cuh"
 #include "kvtrim/backend/cuda/contiguous.cuh"
 #include "kvtrim/backend/cuda/decode_attention.cuh"
+#include "kvtrim/backend/cuda/eviction.cuh"
 #include "kvtrim/backend/cuda/external.cuh"
 #include "kvtrim/backend/cuda/flat.cuh"
 #include "kvtrim/backend/cuda/h2o.cuh"

@@ -34,6 +34,14 @@
 // Threads: (sequence, kv head) units over OpenMP (backend/cpu.hpp); each unit
 // is computed by one thread in a fixed order, so the result does not depend on
 // the thread count. No scratch: rows live on the stack.
+//
+// Eviction metric (optional, eviction/metric.hpp): the same call can add each
+// token's c_i (Σ_g p², Σ_g p or their group means) to metric[slot] for tokens
+// older than the protected window. The probabilities are the ones this pass
+// computes: every logit s_gi (after scale and bias, the very float the
+// softmax used) is kept in the workspace, and once the head's final max m_g and
+// sum l_g are known, p_gi = exp(s_gi − m_g) / l_g — the CUDA kernel does the
+// same after its split-K merge. Scratch: per thread, group × head length floats.
 #pragma once
 
 #include <algorithm>
@@ -53,6 +61,7 @@
 #include "kvtrim/core/implementation.hpp"
 #include "kvtrim/core/shape.hpp"
 #include "kvtrim/core/workspace.hpp"
+#include "kvtrim/eviction/metric.hpp"
 
 namespace kvtrim::detail {
 
@@ -118,26 +127,94 @@ struct implementation<stage::decode_attention, backend::cpu> {
   static std::size_t workspace_bytes(const View&) {
     return 0;  // rows live on the stack (head_dim ≤ max_head_dim)
   }
+  /// With an eviction metric: every thread keeps its unit's logits (group × longest head).
+  template <class View>
+  static std::size_t workspace_bytes(const View& cache, const eviction::metric_output<host_space>& metric) {
+    if (!metric.enabled()) return 0;
+    const std::int64_t units = cache.batch * cache.shape.kv_heads;
+    return static_cast<std::size_t>(std::min(detail::cpu_threads(), std::max<std::int64_t>(units, 1)) *
+                                    metric_thread_floats(cache)) *
+           sizeof(float);
+  }
 
   template <class View, class QueryT, class OutT>
   static void attend(const tensor_view<QueryT, 3>& queries, const View& cache, const tensor_view<OutT, 3>& out,
-                     workspace, backend::host_stream) {
+                     workspace scratch, backend::host_stream stream) {
+    attend(queries, cache, out, scratch, stream, eviction::metric_output<host_space>{});
+  }
+
+  /// attend() that also adds the eviction metric of every token older than the
+  /// protected window to metric.values[slot] (eviction/metric.hpp).
+  template <class View, class QueryT, class OutT>
+  static void attend(const tensor_view<QueryT, 3>& queries, const View& cache, const tensor_view<OutT, 3>& out,
+                     workspace scratch, backend::host_stream, const eviction::metric_output<host_space>& metric) {
     for (std::int64_t b = 0; b < cache.batch; ++b)  // refuse before any thread starts
       for (std::int64_t h = 0; h < cache.shape.kv_heads; ++h)
         if (cache.head_length(b, h) < 1)
           detail::fail("kvtrim::scheme::attend", "cache", detail::cat("at least one token in every head"),
                        detail::cat("an empty head (sequence ", b, ", kv head ", h, ")"));
     const std::int64_t units = cache.batch * cache.shape.kv_heads;
-    detail::cpu_parallel_for(units, detail::cpu_threads_for(units, 0, 0), [&](std::int64_t unit, std::int64_t) {
+    const std::int64_t thread_floats = metric.enabled() ? metric_thread_floats(cache) : 0;
+    const std::int64_t threads =
+        detail::cpu_threads_for(units, static_cast<std::size_t>(thread_floats) * sizeof(float), scratch.bytes);
+    detail::cpu_parallel_for(units, threads, [&](std::int64_t unit, std::int64_t thread) {
       const std::int64_t b = unit / cache.shape.kv_heads, h = unit % cache.shape.kv_heads;
+      group_state state{};
+      if (metric.enabled()) {
+        state.logits = static_cast<float*>(scratch.data) + thread * thread_floats;
+        state.stride = logit_stride(cache);
+      }
       if constexpr (codec::is_plain<typename View::codec>)
-        attend_plain(queries, cache, out, b, h);
+        attend_plain(queries, cache, out, b, h, state);
       else
-        for (std::int64_t g = 0; g < cache.shape.group_size(); ++g) attend_generic(queries, cache, out, b, h, g);
+        for (std::int64_t g = 0; g < cache.shape.group_size(); ++g) attend_generic(queries, cache, out, b, h, g, state);
+      if (metric.enabled()) add_metric(cache, metric, b, h, state);
     });
   }
 
  private:
+  /// Where a unit's logits go when the metric is asked for (logits null: not asked).
+  struct group_state {
+    float* logits = nullptr;  // [group][stride]: s_gi after scale and bias
+    std::int64_t stride = 0;
+    std::array<float, 16> max_logit{}, denominator{};  // the final m_g, l_g (GQA groups ≤ 16 with a metric)
+  };
+
+  template <class View>
+  static std::int64_t logit_stride(const View& cache) {
+    std::int64_t longest = 0;
+    for (std::int64_t b = 0; b < cache.batch; ++b)
+      for (std::int64_t h = 0; h < cache.shape.kv_heads; ++h) longest = std::max(longest, cache.head_length(b, h));
+    return (longest + 63) / 64 * 64;
+  }
+  template <class View>
+  static std::int64_t metric_thread_floats(const View& cache) {
+    if (cache.shape.group_size() > 16)
+      detail::fail("kvtrim::scheme::attend", "metric", "a GQA group of at most 16 query heads with an eviction metric",
+                   std::to_string(cache.shape.group_size()));
+    return cache.shape.group_size() * logit_stride(cache);
+  }
+
+  /// metric[slot(i)] += c_i for the unit's tokens older than the window, from the logits kept.
+  template <class View>
+  static void add_metric(const View& cache, const eviction::metric_output<host_space>& metric, std::int64_t b,
+                         std::int64_t h, const group_state& state) {
+    const std::int64_t group = cache.shape.group_size();
+    const std::int64_t head = b * cache.shape.kv_heads + h;
+    const std::int64_t next = cache.positions.next_position[head];
+    const float factor = eviction::metric_group_factor(metric.kind, group);
+    for (std::int64_t i = 0; i < cache.head_length(b, h); ++i) {
+      const std::int64_t slot = cache.slot(b, h, i);
+      if (!eviction::outside_window(next, cache.positions.slot_position[slot], metric.protected_window)) continue;
+      float sum = 0.0f;
+      for (std::int64_t g = 0; g < group; ++g) {
+        const float probability = std::exp(state.logits[g * state.stride + i] - state.max_logit[g]) / state.denominator[g];
+        sum += eviction::metric_term(metric.kind, probability);
+      }
+      metric.values[slot] += sum * factor;
+    }
+  }
+
   static constexpr std::int64_t block_floats = 4096;  // a block of converted rows: 16 KiB
   static constexpr std::int64_t max_heads_at_once = 8;
 
@@ -172,7 +249,7 @@ struct implementation<stage::decode_attention, backend::cpu> {
   /// rows converted once.
   template <class View, class QueryT, class OutT>
   static void attend_plain(const tensor_view<QueryT, 3>& queries, const View& cache, const tensor_view<OutT, 3>& out,
-                           std::int64_t b, std::int64_t h) {
+                           std::int64_t b, std::int64_t h, group_state& state) {
     const std::int64_t head_dim = cache.shape.head_dim;
     const std::int64_t group = cache.shape.group_size();
     const std::int64_t length = cache.head_length(b, h);
@@ -217,6 +294,7 @@ struct implementation<stage::decode_attention, backend::cpu> {
             s[i] = s[i] * scale + bias_of(cache, b, h, i0 + i);
             block_max = std::fmax(block_max, s[i]);
           }
+          if (state.logits != nullptr) std::copy(s, s + count, state.logits + (g0 + g) * state.stride + i0);
           if (block_max > max_logit[g]) {  // rescale what was summed against the old max
             const float factor = std::exp(max_logit[g] - block_max);
             denominator[g] *= factor;
@@ -247,13 +325,18 @@ struct implementation<stage::decode_attention, backend::cpu> {
       for (std::int64_t g = 0; g < heads; ++g)
         for (std::int64_t d = 0; d < head_dim; ++d)
           out(b, h * group + g0 + g, d) = from_float<OutT>(accumulator[g * head_dim + d] / denominator[g]);
+      if (state.logits != nullptr)
+        for (std::int64_t g = 0; g < heads; ++g) {
+          state.max_logit[g0 + g] = max_logit[g];
+          state.denominator[g0 + g] = denominator[g];
+        }
     }
   }
 
   /// Every other codec, through its attention reader: one query head.
   template <class View, class QueryT, class OutT>
   static void attend_generic(const tensor_view<QueryT, 3>& queries, const View& cache, const tensor_view<OutT, 3>& out,
-                             std::int64_t b, std::int64_t h, std::int64_t g) {
+                             std::int64_t b, std::int64_t h, std::int64_t g, group_state& state) {
     using codec_type = typename View::codec;
     const std::int64_t head_dim = cache.shape.head_dim;
     const std::int64_t j = h * cache.shape.group_size() + g;
@@ -284,6 +367,7 @@ struct implementation<stage::decode_attention, backend::cpu> {
         s[i] = reader_dot(*reader, i0 + i) * scale + bias_of(cache, b, h, i0 + i);
         block_max = std::fmax(block_max, s[i]);
       }
+      if (state.logits != nullptr) std::copy(s.begin(), s.begin() + count, state.logits + g * state.stride + i0);
       if (block_max > max_logit) {  // fold the reader into the accumulator, rescaled; start a fresh reader
         const float factor = std::exp(max_logit - block_max);
         if (reader_used) {
@@ -306,6 +390,10 @@ struct implementation<stage::decode_attention, backend::cpu> {
     }
     reader->finish(partial.data());
     for (std::int64_t d = 0; d < head_dim; ++d) out(b, j, d) = from_float<OutT>((accumulator[d] + partial[d]) / denominator);
+    if (state.logits != nullptr) {
+      state.max_logit[g] = max_logit;
+      state.denominator[g] = denominator;
+    }
   }
 };
 

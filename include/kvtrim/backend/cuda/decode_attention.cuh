@@ -157,6 +157,16 @@ struct kv_tile_stream {
   }
 };
 
+/// The eviction metric's side output (backend/cuda/eviction.cuh finishes it):
+/// every logit s_gi (base 2, after scale and bias) at logits[g·stride + slot(i)],
+/// and every head's final log-sum-exp (base 2) at lse[head·Group + g], so that
+/// p_gi = 2^(s_gi − lse_g) once the split-K merge has run. No K/V is read for it.
+struct decode_metric {
+  float* logits = nullptr;  // [Group][stride], null: no metric
+  float* lse = nullptr;     // [heads · Group]
+  std::int64_t stride = 0;  // the layout's storage slots
+};
+
 /// How decode attention stages and reads a codec's rows: `stored` elements,
 /// `row_elements` of them per row, and a per-head reader giving a lane the 8
 /// channels first_dim.. of a staged row as floats. codec::plain: its rows as
@@ -212,6 +222,7 @@ struct decode_params {
   float* partial_lse;  // [(block + head) · Group + g], base 2
   float query_scale;   // log2(e) / √head_dim
   int page_shift;      // paged: log2(page_size) or −1
+  decode_metric metric;  // eviction metric side output (null logits: none)
 };
 
 /// Combines the block's partial softmax states of one segment (max, sum,
@@ -244,6 +255,8 @@ __device__ __forceinline__ void finish_segment(const Params& params, const float
     if (whole) {
       params.out[b * params.out_batch_stride + (h * Group + g) * params.out_head_stride + d] =
           from_float<out_type>(output / sum);
+      if (params.metric.logits != nullptr && d == 0)
+        params.metric.lse[head * Group + g] = sum > 0.0f ? block_max + log2f(sum) : negative_infinity;
     } else {
       const std::int64_t partial = partial_index * Group + g;
       params.partial_out[partial * HeadDim + d] = sum > 0.0f ? output / sum : 0.0f;
@@ -344,6 +357,12 @@ __global__ void __launch_bounds__(decode_threads) decode_attention_cuda_core(con
         const float token_bias = bias.at(token);
 #pragma unroll
         for (int g = 0; g < Group; ++g) score[g][u] = token < end ? dots[g] + token_bias : negative_infinity;
+        if (params.metric.logits != nullptr && token < end) {  // lane g of the token's lane group writes s_g
+          const std::int64_t slot = rows.slot(token);
+#pragma unroll
+          for (int g = 0; g < Group; ++g)
+            if (lane % lanes_per_token == g) params.metric.logits[g * params.metric.stride + slot] = score[g][u];
+        }
       }
 
       float weight[Group][decode_unroll];
@@ -597,6 +616,12 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
             score[block * 2 + e] =
                 token < end ? score_tile[block][rb * 2 + e] * params.query_scale + bias.at(token) : negative_infinity;
           }
+        if (params.metric.logits != nullptr && head_row + 8 * rb < Group)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const std::int64_t token = first_token + (i / 2) * 8 + 2 * quad + i % 2;
+            if (token < end) params.metric.logits[(head_row + 8 * rb) * params.metric.stride + rows.slot(token)] = score[i];
+          }
         float tile_max = running_max[rb];
 #pragma unroll
         for (int i = 0; i < 4; ++i) tile_max = fmaxf(tile_max, score[i]);
@@ -714,9 +739,11 @@ struct implementation<stage::decode_attention, backend::cuda> {
     return carver.bytes();
   }
 
+  /// `metric`: the eviction metric's side output (backend/cuda/eviction.cuh), none by default.
   template <class View, class QueryT, class OutT>
   static void attend(const tensor_view<QueryT, 3, device_space>& queries, const View& cache,
-                     const tensor_view<OutT, 3, device_space>& out, workspace scratch, cudaStream_t stream) {
+                     const tensor_view<OutT, 3, device_space>& out, workspace scratch, cudaStream_t stream,
+                     const cuda_detail::decode_metric& metric = {}) {
     static_assert(codec::is_plain<typename View::codec> || cuda_detail::device_encoded_codec<typename View::codec>,
                   "kvtrim: backend::cuda decode attention reads codec::fp16 / bf16 / fp32, int8, int4, fp8_e4m3 and "
                   "layered over those three; low_rank ((Uᵀq)·c scores, U(Σp·c) outputs, RoPE from stored "
@@ -799,7 +826,8 @@ struct implementation<stage::decode_attention, backend::cuda> {
                                    tables.partial_out,
                                    tables.partial_lse,
                                    static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(head_dim))),
-                                   page_shift};
+                                   page_shift,
+                                   metric};
           const char* kernel_name =
               choice::tensor_cores ? "decode_attention_tensor_core" : "decode_attention_cuda_core";
           if constexpr (uniform) {
@@ -816,7 +844,7 @@ struct implementation<stage::decode_attention, backend::cuda> {
                                           partition, static_cast<const float*>(tables.partial_out),
                                           static_cast<const float*>(tables.partial_lse), cache.shape.q_heads,
                                           cache.shape.kv_heads, reinterpret_cast<out_type*>(out.data), out.stride(0),
-                                          out.stride(1));
+                                          out.stride(1), metric.lse);
           }
         }
       });

@@ -262,12 +262,13 @@ __device__ __forceinline__ void for_each_segment(const Partition& partition, Bod
 
 /// out[b, j] = Σ_s 2^(lse_s − max) o_s / Σ_s 2^(lse_s − max) over the blocks
 /// that read head b·kv_heads + j / Group; heads read by one block were written
-/// by it; empty heads (a budget of 0) get zeros.
+/// by it; empty heads (a budget of 0) get zeros. With an eviction metric
+/// (metric_lse non-null) the head's merged log-sum-exp goes to metric_lse[row].
 template <int HeadDim, int Group, class Partition, class OutT>
 __global__ void __launch_bounds__(HeadDim)
     merge_decode_partials(const __grid_constant__ Partition partition, const float* partial_out,
                           const float* partial_lse, std::int64_t q_heads, std::int64_t kv_heads, OutT* out,
-                          std::int64_t out_batch_stride, std::int64_t out_head_stride) {
+                          std::int64_t out_batch_stride, std::int64_t out_head_stride, float* metric_lse) {
   wait_for_prerequisite_grid();  // the attention kernel's partials
   const std::int64_t row = blockIdx.x;  // b · q_heads + j
   const std::int64_t b = row / q_heads, j = row % q_heads;
@@ -296,6 +297,7 @@ __global__ void __launch_bounds__(HeadDim)
     output += weight * partial_out[index * HeadDim + d];
   }
   *target = from_float<OutT>(output / sum);
+  if (metric_lse != nullptr && d == 0) metric_lse[head * Group + g] = max_lse + log2f(sum);
 }
 
 }  // namespace kvtrim::cuda_detail

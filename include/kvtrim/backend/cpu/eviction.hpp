@@ -1,0 +1,531 @@
+// kvtrim/backend/cpu/eviction.hpp — CPU reference of decode-time eviction
+// (eviction/evict.hpp: the math; eviction/metric.hpp: the metric).
+//
+// Three entry points:
+//   kvtrim::evict<backend::cpu>(layers, metrics, cfg, workspace)   the eviction step
+//   eviction::attend(queries, cache, out, metric, workspace)        decode attention + metric
+//   eviction::seed_metric(keys, window_queries, cache, kept, …)     the prefill's metric
+//
+// The threshold is a radix select (radix_threshold below): four passes of a
+// 256-bin histogram over an order-preserving 32-bit key of the metric (the
+// CUDA select_top_k's key: NaN lowest, −0 = +0), each fixing 8 more bits of the
+// k-th largest key v*, and how many candidates equal to v* are kept (the
+// first ones in (head ordinal, token) order). Nothing is sorted and nothing
+// is stored per token: the kept set is "key > v*, or key = v* among the first
+// r", recomputed while compacting in the same order. Scratch: O(layers · heads).
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <bit>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <span>
+#include <string_view>
+#include <type_traits>
+
+#include "kvtrim/backend/cpu.hpp"
+#include "kvtrim/backend/cpu/decode_attention.hpp"
+#include "kvtrim/codec/hooks.hpp"
+#include "kvtrim/core/element.hpp"
+#include "kvtrim/core/error.hpp"
+#include "kvtrim/core/selection.hpp"
+#include "kvtrim/core/view.hpp"
+#include "kvtrim/core/workspace.hpp"
+#include "kvtrim/eviction/evict.hpp"
+#include "kvtrim/eviction/metric.hpp"
+#include "kvtrim/layout/detail/storage.hpp"
+#include "kvtrim/layout/flat.hpp"
+#include "kvtrim/layout/paged.hpp"
+
+namespace kvtrim::eviction_detail {
+
+/// An order-preserving key of a metric value: larger key ranks first; NaN is
+/// 0 (below −∞), −0 has +0's key (ranks_before calls them equal). The same map
+/// as backend/cuda/select_top_k.cuh's rank_key.
+inline std::uint32_t rank_key(float value) {
+  if (value != value) return 0u;
+  const std::uint32_t bits = value == 0.0f ? 0u : std::bit_cast<std::uint32_t>(value);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+/// The kept set of a top-`need` selection: every candidate with key > key, and
+/// the first `ties` (in candidate order) with key == key. `none`: keep nothing.
+struct threshold {
+  std::uint32_t key = 0;
+  std::int64_t ties = 0;
+  bool none = true;
+};
+
+/// The threshold of the `need` largest keys among the candidates `visit`
+/// enumerates (visit(callback) calls callback(key) once per candidate, in any
+/// order); 0 ≤ need ≤ candidates. Four 8-bit histogram passes, most significant
+/// digit first: after a pass the digits of v* fixed so far are `prefix`, and
+/// `remaining` is how many of the kept candidates still share that prefix.
+template <class Visit>
+threshold radix_threshold(std::int64_t need, Visit&& visit) {
+  if (need <= 0) return {};
+  std::uint32_t prefix = 0, mask = 0;
+  std::int64_t remaining = need;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    std::array<std::int64_t, 256> histogram{};
+    visit([&](std::uint32_t key) {
+      if ((key & mask) == prefix) ++histogram[(key >> shift) & 0xffu];
+    });
+    int digit = 255;
+    for (; digit > 0 && histogram[digit] < remaining; --digit) remaining -= histogram[digit];
+    prefix |= static_cast<std::uint32_t>(digit) << shift;
+    mask |= 0xffu << shift;
+  }
+  return {prefix, remaining, false};
+}
+
+/// Membership of candidates visited in candidate order (the tie counter is the state).
+struct threshold_walk {
+  threshold limit;
+  std::int64_t ties_seen = 0;
+  bool keeps(std::uint32_t key) {
+    if (limit.none || key < limit.key) return false;
+    if (key > limit.key) return true;
+    return ties_seen++ < limit.ties;
+  }
+};
+
+/// Whether the codec still holds token `i` (of `length`) of flattened head `head`
+/// in a side buffer that records slots by arrival — a filling KIVI key group
+/// (int8/int4), layered's fp16 rows. Such tokens move with move_slot but cannot
+/// be dropped without corrupting that buffer, so eviction protects them.
+template <class Storage>
+bool codec_pins(const Storage& store, std::int64_t head, std::int64_t slot, std::int64_t i, std::int64_t length) {
+  bool pinned = false;
+  if constexpr (requires { store.inner; }) pinned = codec_pins(store.inner, head, slot, i, length);
+  if constexpr (requires { store.slot_rows[slot]; })
+    if (store.slot_rows != nullptr && store.slot_rows[slot] >= 0) pinned = true;
+  if constexpr (requires { store.residual_count[head]; store.key_group; })
+    if (store.key_group != 0 && i >= length - store.residual_count[head]) pinned = true;
+  return pinned;
+}
+
+}  // namespace kvtrim::eviction_detail
+
+namespace kvtrim {
+
+template <>
+struct implementation<eviction::step, backend::cpu> {
+  static constexpr std::string_view function = "kvtrim::evict";
+
+  template <class View>
+  static std::size_t workspace_bytes(std::span<const View> layers) {
+    if (layers.empty()) return 0;
+    workspace_carver carver;
+    carve(carver, layers.size(), layers[0].heads());
+    return carver.bytes();
+  }
+
+  template <class View>
+  static eviction::report evict(std::span<const View> layers, std::span<const eviction::metric_output<host_space>> metrics,
+                                const eviction::config& cfg, workspace scratch, backend::host_stream) {
+    static_assert(View::layout_policy::ragged_heads,
+                  "kvtrim::evict: eviction gives heads different lengths; use layout::paged or layout::flat");
+    validate(layers, metrics, cfg, scratch);
+    const std::int64_t layer_count = static_cast<std::int64_t>(layers.size());
+    const View& first = layers[0];
+    const std::int64_t kv_heads = first.shape.kv_heads;
+    workspace_carver carver(scratch);
+    const parts p = carve(carver, layers.size(), first.heads());
+
+    eviction::report result;
+    // Units: the heads one threshold is taken over, as ranges of (layer, h) of one sequence.
+    struct unit_range {
+      std::int64_t layer_begin, layer_end, head_begin, head_end;
+    };
+    for (std::int64_t k = 0; k < layer_count * first.heads(); ++k) p.new_length[k] = -1;  // −1: untouched
+    for (std::int64_t b = 0; b < first.batch; ++b) {
+      const auto run_unit = [&](unit_range unit) {
+        unit_context<View> context{layers, metrics, cfg, p, b, unit.layer_begin, unit.layer_end, unit.head_begin,
+                                   unit.head_end};
+        context.run(result);
+      };
+      switch (cfg.scope) {
+        case eviction::scope::cross_layer: run_unit({0, layer_count, 0, kv_heads}); break;
+        case eviction::scope::per_layer:
+          for (std::int64_t l = 0; l < layer_count; ++l) run_unit({l, l + 1, 0, kv_heads});
+          break;
+        case eviction::scope::per_head:
+          for (std::int64_t l = 0; l < layer_count; ++l)
+            for (std::int64_t h = 0; h < kv_heads; ++h) run_unit({l, l + 1, h, h + 1});
+          break;
+      }
+    }
+    for (std::int64_t l = 0; l < layer_count; ++l)
+      result.freed_pages += close_up(layers[static_cast<std::size_t>(l)], p.new_length + l * first.heads());
+    return result;
+  }
+
+ private:
+  struct parts {
+    std::int64_t* new_length = nullptr;          // [layers · heads]: −1 untouched
+    eviction_detail::threshold* floors = nullptr;  // [layers · kv_heads]: one unit's floor thresholds
+    std::int64_t* floor_count = nullptr;         // [layers · kv_heads]
+  };
+  static parts carve(workspace_carver& carver, std::size_t layers, std::int64_t heads) {
+    parts p;
+    const std::int64_t count = static_cast<std::int64_t>(layers) * heads;
+    p.new_length = carver.take<std::int64_t>(count);
+    p.floors = carver.take<eviction_detail::threshold>(count);
+    p.floor_count = carver.take<std::int64_t>(count);
+    return p;
+  }
+
+  template <class View>
+  static void validate(std::span<const View> layers, std::span<const eviction::metric_output<host_space>> metrics,
+                       const eviction::config& cfg, workspace scratch) {
+    cfg.validate(function);
+    if (layers.empty()) ::kvtrim::detail::fail(function, "layers", "at least one layer's cache", "none");
+    if (metrics.size() != layers.size())
+      ::kvtrim::detail::fail(function, "metrics", ::kvtrim::detail::cat("one metric per layer (", layers.size(), ")"),
+                             std::to_string(metrics.size()));
+    ::kvtrim::detail::check_workspace(function, scratch, workspace_bytes(layers));
+    for (std::size_t l = 0; l < layers.size(); ++l) {
+      const View& cache = layers[l];
+      View::layout_policy::validate(function, cache, /*exclusive=*/true);
+      if (cache.shape.kv_heads != layers[0].shape.kv_heads || cache.batch != layers[0].batch)
+        ::kvtrim::detail::fail(function, "layers",
+                               ::kvtrim::detail::cat("every layer with layer 0's batch ", layers[0].batch, " and ",
+                                                     layers[0].shape.kv_heads, " kv heads"),
+                               ::kvtrim::detail::cat("layer ", l, ": batch ", cache.batch, ", ", cache.shape.kv_heads,
+                                                     " kv heads"));
+      if (metrics[l].values == nullptr)
+        ::kvtrim::detail::fail(function, "metrics", "a metric buffer for every layer",
+                               ::kvtrim::detail::cat("null for layer ", l));
+      eviction_detail::check_metric(function, metrics[l], ::kvtrim::detail::storage_slots(cache.storage));
+      if (metrics[l].protected_window != cfg.protected_window)
+        ::kvtrim::detail::fail(function, "metrics",
+                               ::kvtrim::detail::cat("the protected window the eviction uses (config.protected_window = ",
+                                                     cfg.protected_window, ")"),
+                               ::kvtrim::detail::cat(metrics[l].protected_window, " for layer ", l));
+    }
+  }
+
+  /// One unit: its heads, their candidates (tokens or runs), the thresholds, the compaction.
+  template <class View>
+  struct unit_context {
+    std::span<const View> layers;
+    std::span<const eviction::metric_output<host_space>> metrics;
+    const eviction::config& cfg;
+    const parts& p;
+    std::int64_t b, layer_begin, layer_end, head_begin, head_end;
+
+    std::int64_t kv_heads() const { return layers[0].shape.kv_heads; }
+    bool retrieval(std::int64_t l, std::int64_t h) const {
+      return cfg.retrieval_heads != nullptr && cfg.retrieval_heads[l * kv_heads() + h] != 0;
+    }
+    /// Calls fn(l, h) for the unit's heads in ordinal order (l·kv_heads + h), retrieval heads skipped.
+    template <class Fn>
+    void for_each_head(Fn&& fn) const {
+      for (std::int64_t l = layer_begin; l < layer_end; ++l)
+        for (std::int64_t h = head_begin; h < head_end; ++h)
+          if (!retrieval(l, h)) fn(l, h);
+    }
+
+    /// A head as eviction sees it.
+    struct head_ref {
+      const View& cache;
+      const float* metric;
+      std::int64_t head, b, h, length, run, next;
+      std::int64_t sinks, window;
+
+      std::int64_t items() const { return (length + run - 1) / run; }
+      bool token_protected(std::int64_t i) const {
+        const std::int64_t slot = cache.slot(b, h, i);
+        const std::int64_t position = cache.positions.slot_position[slot];
+        return position < sinks || !eviction::outside_window(next, position, window) ||
+               cache.compensation.index[head] == i ||
+               eviction_detail::codec_pins(cache.storage, head, slot, i, length);
+      }
+      /// Tokens of item j: [j·run, min((j+1)·run, length)).
+      std::int64_t item_end(std::int64_t j) const { return std::min((j + 1) * run, length); }
+      bool item_protected(std::int64_t j) const {
+        if (item_end(j) - j * run < run) return true;  // an incomplete run
+        for (std::int64_t i = j * run; i < item_end(j); ++i)
+          if (token_protected(i)) return true;
+        return false;
+      }
+      std::uint32_t item_key(std::int64_t j) const {
+        float sum = 0.0f;
+        for (std::int64_t i = j * run; i < item_end(j); ++i) sum += metric[cache.slot(b, h, i)];
+        return eviction_detail::rank_key(sum);
+      }
+      /// Tokens in protected items (the ones that stay whatever the threshold).
+      std::int64_t protected_tokens() const {
+        std::int64_t count = 0;
+        for (std::int64_t j = 0; j < items(); ++j)
+          if (item_protected(j)) count += item_end(j) - j * run;
+        return count;
+      }
+    };
+    head_ref ref(std::int64_t l, std::int64_t h) const {
+      const View& cache = layers[static_cast<std::size_t>(l)];
+      const std::int64_t head = b * cache.shape.kv_heads + h;
+      return head_ref{cache,
+                      metrics[static_cast<std::size_t>(l)].values,
+                      head,
+                      b,
+                      h,
+                      cache.head_length(b, h),
+                      ::kvtrim::detail::storage_slot_run(cache.storage),
+                      cache.positions.next_position[head],
+                      cfg.sinks,
+                      cfg.protected_window};
+    }
+    std::int64_t slot_index(std::int64_t l, std::int64_t h) const { return l * kv_heads() + h; }
+
+    void run(eviction::report& result) const {
+      const std::int64_t heads_per_layer = layers[0].heads();
+      const std::int64_t per_head_target = cfg.head_target();
+      std::int64_t held = 0, unit_heads = 0, protected_total = 0, run = 1;
+      for_each_head([&](std::int64_t l, std::int64_t h) {
+        const head_ref r = ref(l, h);
+        held += r.length;
+        ++unit_heads;
+        run = std::max(run, r.run);
+      });
+      const std::int64_t target = unit_heads * per_head_target;
+      if (unit_heads == 0 || held <= target) return;
+      ++result.units_evicted;
+
+      // Floors: each head's best candidates it keeps whatever the pool does.
+      std::int64_t floor_total = 0, candidates_left = 0;
+      for_each_head([&](std::int64_t l, std::int64_t h) {
+        const head_ref r = ref(l, h);
+        const std::int64_t protected_tokens = r.protected_tokens();
+        protected_total += protected_tokens;
+        std::int64_t candidates = 0;
+        for (std::int64_t j = 0; j < r.items(); ++j) candidates += r.item_protected(j) ? 0 : 1;
+        const std::int64_t room = std::max<std::int64_t>(0, per_head_target - protected_tokens);
+        std::int64_t floor_items =
+            cfg.scope == eviction::scope::per_head
+                ? room / r.run
+                : static_cast<std::int64_t>(std::floor(cfg.alpha * static_cast<double>(room))) / r.run;
+        if (protected_tokens == 0) floor_items = std::max<std::int64_t>(floor_items, 1);  // never an empty head
+        floor_items = std::min(floor_items, candidates);
+        const std::int64_t k = slot_index(l, h);
+        p.floor_count[k] = floor_items;
+        p.floors[k] = eviction_detail::radix_threshold(floor_items, [&](auto&& take) {
+          for (std::int64_t j = 0; j < r.items(); ++j)
+            if (!r.item_protected(j)) take(r.item_key(j));
+        });
+        floor_total += floor_items * r.run;
+        candidates_left += candidates - floor_items;
+      });
+
+      // The pool: the best of the remaining candidates of every head of the unit.
+      const std::int64_t pool_tokens = cfg.scope == eviction::scope::per_head
+                                           ? 0
+                                           : std::max<std::int64_t>(0, target - protected_total - floor_total);
+      const std::int64_t pool = std::min(pool_tokens / run, candidates_left);
+      const auto for_each_pool_candidate = [&](auto&& take) {  // (l, h, j, key) in ordinal order
+        for_each_head([&](std::int64_t l, std::int64_t h) {
+          const head_ref r = ref(l, h);
+          eviction_detail::threshold_walk floor{p.floors[slot_index(l, h)]};
+          for (std::int64_t j = 0; j < r.items(); ++j) {
+            if (r.item_protected(j)) continue;
+            const std::uint32_t key = r.item_key(j);
+            if (!floor.keeps(key)) take(l, h, j, key);
+          }
+        });
+      };
+      const eviction_detail::threshold pool_limit = eviction_detail::radix_threshold(
+          pool, [&](auto&& take) { for_each_pool_candidate([&](std::int64_t, std::int64_t, std::int64_t, std::uint32_t key) { take(key); }); });
+
+      // Compaction, in the same order as the walks above (the tie counters are their state).
+      eviction_detail::threshold_walk pool_walk{pool_limit};
+      std::int64_t kept_total = 0;
+      for_each_head([&](std::int64_t l, std::int64_t h) {
+        const head_ref r = ref(l, h);
+        eviction_detail::threshold_walk floor{p.floors[slot_index(l, h)]};
+        float* metric = metrics[static_cast<std::size_t>(l)].values;
+        const std::int32_t compensation = r.cache.compensation.index[r.head];
+        std::int32_t new_compensation = -1;
+        std::int64_t write = 0;
+        for (std::int64_t j = 0; j < r.items(); ++j) {
+          bool keep = r.item_protected(j);
+          if (!keep) {
+            const std::uint32_t key = r.item_key(j);
+            keep = floor.keeps(key) || pool_walk.keeps(key);
+          }
+          if (!keep) continue;
+          for (std::int64_t i = j * r.run; i < r.item_end(j); ++i, ++write) {
+            if (i == compensation) new_compensation = static_cast<std::int32_t>(write);
+            if (write != i) move_token(r.cache, metric, r.head, r.cache.slot(b, h, i), r.cache.slot(b, h, write));
+          }
+        }
+        for (std::int64_t i = write; i < r.length; ++i) metric[r.cache.slot(b, h, i)] = 0.0f;  // free slots read 0
+        r.cache.compensation.index[r.head] = new_compensation;
+        p.new_length[l * heads_per_layer + r.head] = write;
+        result.evicted_tokens += r.length - write;
+        kept_total += write;
+      });
+      if (kept_total > target) ++result.units_over_target;
+    }
+  };
+
+  /// Moves one stored token (as stored, codec::move_slot), its position and its metric.
+  template <class View>
+  static void move_token(const View& cache, float* metric, std::int64_t head, std::int64_t from, std::int64_t to) {
+    codec::move_slot<typename View::codec>(cache.storage, head, from, to, cache.positions.slot_position[from]);
+    cache.positions.slot_position[to] = cache.positions.slot_position[from];
+    metric[to] = metric[from];
+  }
+
+  /// Sets the layer's head lengths to new_length (−1: unchanged) after the tokens moved.
+  /// paged: whole pages past a head's new length go back to the free list, in head
+  /// order then page-table order, and the tables close up. Returns the pages freed.
+  template <class CodecT>
+  static std::int64_t close_up(const layout::paged::view<CodecT, host_space>& cache, const std::int64_t* new_length) {
+    std::int64_t freed = 0, write = 0, old_end = 0;
+    for (std::int64_t head = 0; head < cache.heads(); ++head) {
+      const std::int64_t old_begin = old_end;
+      old_end = cache.indptr[head + 1];
+      const std::int64_t old_length =
+          old_end == old_begin ? 0 : (old_end - old_begin - 1) * cache.page_size + cache.last_page_len[head];
+      const std::int64_t length = new_length[head] < 0 ? old_length : new_length[head];
+      const std::int64_t pages = layout::paged::pages_for(length, cache.page_size);
+      for (std::int64_t k = old_begin + pages; k < old_end; ++k) {
+        cache.free_pages[(*cache.free_count)++] = cache.indices[k];
+        ++freed;
+      }
+      for (std::int64_t k = old_begin; k < old_begin + pages; ++k) cache.indices[write++] = cache.indices[k];
+      cache.indptr[head + 1] = static_cast<std::int32_t>(write);
+      cache.last_page_len[head] = static_cast<std::int32_t>(length == 0 ? 0 : (length - 1) % cache.page_size + 1);
+    }
+    return freed;
+  }
+  /// flat: in place; the regions keep their offsets.
+  template <class CodecT>
+  static std::int64_t close_up(const layout::flat::view<CodecT, host_space>& cache, const std::int64_t* new_length) {
+    for (std::int64_t head = 0; head < cache.heads(); ++head)
+      if (new_length[head] >= 0) cache.lengths[head] = new_length[head];
+    return 0;
+  }
+};
+
+/// The scratch kvtrim::evict needs for these layers' caches.
+template <class Backend, class View>
+  requires std::same_as<Backend, backend::cpu>
+std::size_t evict_workspace(std::span<const View> layers) {
+  return implementation<eviction::step, Backend>::workspace_bytes(layers);
+}
+
+/// One eviction step over `layers` (one cache view per layer, the same batch and
+/// kv heads) and their metrics (one per layer, indexed by slot): see eviction/evict.hpp.
+template <class Backend, class View>
+  requires std::same_as<Backend, backend::cpu>
+eviction::report evict(std::span<const View> layers, std::span<const eviction::metric_output<host_space>> metrics,
+                       const eviction::config& cfg, workspace scratch, typename Backend::stream_type stream = {}) {
+  return implementation<eviction::step, Backend>::evict(layers, metrics, cfg, scratch, stream);
+}
+
+namespace eviction {
+
+/// Scratch eviction::attend needs (decode attention's plus the logits the metric is computed from).
+template <class View>
+  requires std::same_as<typename View::space, host_space>
+std::size_t attend_workspace(const View& cache, const metric_output<host_space>& metric) {
+  return implementation<stage::decode_attention, backend::cpu>::workspace_bytes(cache, metric);
+}
+
+/// scheme::attend plus the eviction metric (eviction/metric.hpp): out as attend
+/// computes it, and metric.values[slot] += c_i for every token older than the
+/// protected window. The cache's tables are validated as attend validates them.
+template <class View, class QueryT, class OutT>
+  requires std::same_as<typename View::space, host_space>
+void attend(tensor_view<QueryT, 3> queries, const View& cache, tensor_view<OutT, 3> out,
+            const metric_output<host_space>& metric, workspace scratch, backend::host_stream stream = {}) {
+  constexpr std::string_view function = "kvtrim::eviction::attend";
+  View::layout_policy::validate(function, cache);
+  const model_shape& shape = cache.shape;
+  ::kvtrim::detail::check_view(function, "queries", queries, {cache.batch, shape.q_heads, shape.head_dim}, true);
+  ::kvtrim::detail::check_view(function, "out", out, {cache.batch, shape.q_heads, shape.head_dim}, true);
+  eviction_detail::check_metric(function, metric, ::kvtrim::detail::storage_slots(cache.storage));
+  ::kvtrim::detail::check_workspace(function, scratch, attend_workspace(cache, metric));
+  const tensor_view<const std::remove_const_t<QueryT>, 3> const_queries{queries.data, queries.extents, queries.strides};
+  implementation<stage::decode_attention, backend::cpu>::attend(const_queries, cache, out, scratch, stream, metric);
+}
+
+/// The prefill's metric (vllm-kvcompress seeds it from the last queries of the
+/// prompt): every slot of `metric` is set to 0, then for each kept token i of
+/// head (b, h) — prefill token t = kept.tokens[kept.offsets[head] + i] at
+/// position start_position + t, older than the protected window —
+///   metric[slot(i)] = factor · Σ_{window queries q} Σ_g term(p_gq(t)),
+/// p the causal softmax of window query q (at position T − w + q) over all T
+/// prefill keys, exactly the probabilities score::snapkv's window attention
+/// takes (backend/cpu/attention_mass.hpp's arithmetic: l = (q·k)/√D, max, exp,
+/// sum left to right). The compensation token (RazorAttention) is seeded 0.
+/// `kept` is the selection compress wrote (compress_options); the cache is the
+/// one it filled. This is a second pass over the window (O(B·Hq·w·T·D), the
+/// scorer's cost): handing the scorer's probabilities over needs a hook in
+/// scheme::compress (docs/eviction.md).
+template <class View, class KeyT, class QueryT>
+  requires std::same_as<typename View::space, host_space>
+void seed_metric(const kv_view<const KeyT>& keys, const window_view<const QueryT>& window_queries, const View& cache,
+                 const selection_view<host_space>& kept, std::int64_t start_position,
+                 const metric_output<host_space>& metric) {
+  constexpr std::string_view function = "kvtrim::eviction::seed_metric";
+  const model_shape& shape = cache.shape;
+  const std::int64_t tokens = keys.extent(2), observed = window_queries.extent(2);
+  ::kvtrim::detail::check_view(function, "keys", keys, {cache.batch, shape.kv_heads, -1, shape.head_dim}, true);
+  ::kvtrim::detail::check_view(function, "window_queries", window_queries,
+                               {cache.batch, shape.q_heads, -1, shape.head_dim}, true);
+  if (observed < 1 || observed > tokens)
+    ::kvtrim::detail::fail(function, "window_queries", ::kvtrim::detail::cat("1 to ", tokens, " observed queries"),
+                           std::to_string(observed));
+  if (metric.values == nullptr) ::kvtrim::detail::fail(function, "metric", "a metric buffer", "null");
+  eviction_detail::check_metric(function, metric, ::kvtrim::detail::storage_slots(cache.storage));
+  if (kept.heads != cache.heads())
+    ::kvtrim::detail::fail(function, "kept", ::kvtrim::detail::cat("a selection over ", cache.heads(), " heads"),
+                           std::to_string(kept.heads));
+  for (std::int64_t head = 0; head < cache.heads(); ++head)
+    if (kept.count(head) != cache.head_length(head / shape.kv_heads, head % shape.kv_heads))
+      ::kvtrim::detail::fail(function, "kept", "the selection the cache was compressed with",
+                             ::kvtrim::detail::cat(kept.count(head), " tokens for head ", head, ", the cache holds ",
+                                                   cache.head_length(head / shape.kv_heads, head % shape.kv_heads)));
+  std::fill_n(metric.values, ::kvtrim::detail::storage_slots(cache.storage), 0.0f);
+
+  const std::int64_t group = shape.group_size(), head_dim = shape.head_dim;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  const float factor = metric_group_factor(metric.kind, group);
+  std::array<float, max_head_dim> query{};
+  for (std::int64_t b = 0; b < cache.batch; ++b)
+    for (std::int64_t h = 0; h < shape.kv_heads; ++h) {
+      const std::int64_t head = b * shape.kv_heads + h;
+      const std::int64_t next = cache.positions.next_position[head];
+      const std::int64_t count = kept.count(head);
+      // logits of one (query head, window query) row, then its terms for the kept tokens
+      for (std::int64_t g = 0; g < group; ++g)
+        for (std::int64_t q = 0; q < observed; ++q) {
+          for (std::int64_t d = 0; d < head_dim; ++d) query[d] = to_float(window_queries(b, h * group + g, q, d));
+          const std::int64_t visible = tokens - observed + q + 1;
+          float max_logit = -std::numeric_limits<float>::infinity(), denominator = 0.0f;
+          const auto logit = [&](std::int64_t j) {
+            float dot = 0.0f;
+            for (std::int64_t d = 0; d < head_dim; ++d) dot += query[d] * to_float(keys(b, h, j, d));
+            return dot * scale;
+          };
+          for (std::int64_t j = 0; j < visible; ++j) max_logit = std::fmax(max_logit, logit(j));
+          for (std::int64_t j = 0; j < visible; ++j) denominator += std::exp(logit(j) - max_logit);
+          for (std::int64_t i = 0; i < count; ++i) {
+            const std::int64_t t = kept.tokens[kept.offsets[head] + i];
+            if (t >= visible || cache.compensation.index[head] == i) continue;
+            if (!outside_window(next, start_position + t, metric.protected_window)) continue;
+            const float probability = std::exp(logit(t) - max_logit) / denominator;
+            metric.values[cache.slot(b, h, i)] += metric_term(metric.kind, probability) * factor;
+          }
+        }
+    }
+}
+
+}  // namespace eviction
+}  // namespace kvtrim

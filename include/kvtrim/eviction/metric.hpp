@@ -1,0 +1,105 @@
+// kvtrim/eviction/metric.hpp — the importance metric decode-time eviction ranks
+// tokens by, accumulated by decode attention as a side output.
+//
+// Paper: vllm-kvcompress (Rehg, "KV-Compress: Paged KV-Cache Compression with
+// Variable Compression Rates per Attention Head", arXiv 2410.00161): each
+// cached token of each kv head carries a running metric, the sum over decode
+// steps and over the query heads of its GQA group of its squared attention
+// probability; prefill seeds it from the last queries of the prompt (an
+// observation window, SnapKV-style); the most recent tokens are protected and
+// do not accumulate.
+//
+// Math, for kv head h of a sequence at a decode step, query heads g of h's
+// group G, p_gi the softmax probability of kept token i (the attention the
+// step computes anyway), n the head's next position, pos_i the token's:
+//   c_i = Σ_g p_gi²        squared_sum   (L2, vllm-kvcompress's default)
+//         Σ_g p_gi         sum           (L1, H2O's accumulated attention)
+//         (1/G) Σ_g p_gi²  squared_mean, (1/G) Σ_g p_gi  mean   (group-averaged)
+//   metric[slot(i)] += c_i   only when n − pos_i > window (older than the protected recent window)
+// Tokens inside the window neither accumulate nor can be evicted (eviction/evict.hpp
+// uses the same test), so a token starts accumulating when it leaves the window.
+//
+// Where the metric lives — an engine-owned buffer indexed by slot, not a
+// cache-owned array: one float per storage slot of the layout (slot =
+// view.slot(b, h, i), the index positions use), allocated by whoever owns the
+// cache memory. Why: an engine porting this to vLLM owns its memory (vllm-
+// kvcompress allocates its kv_metrics tensor beside the block tables); caches
+// that never evict pay nothing (layouts' bytes() and views are unchanged); and
+// indexing by slot keeps it next to the cache exactly like positions — the
+// kernel that reads token i's key writes metric[slot(i)], no second index. The
+// price: every call that moves slots must move the metric too. kvtrim::evict
+// does (it is the only mover when pages are freed in place); layout::flat's
+// append repack (a head out of headroom) does not know the buffer, so with flat
+// either size the buffer so a repack cannot happen between evictions (evict
+// leaves every head ≥ interval tokens of headroom when the buffer allows; it
+// reports whether it did) or call eviction::make_room before append.
+//
+// Defaults: squared_sum, protected window 64 (vllm-kvcompress's).
+// Backends: cpu (backend/cpu/decode_attention.hpp; seed: backend/cpu/eviction.hpp),
+// cuda (backend/cuda/decode_attention.cuh, a side output of the split-K kernel).
+#pragma once
+
+#include <cstdint>
+#include <string_view>
+
+#include "kvtrim/core/config.hpp"
+#include "kvtrim/core/error.hpp"
+#include "kvtrim/core/view.hpp"
+
+namespace kvtrim::eviction {
+
+enum class metric_kind : int {
+  squared_sum = 0,   ///< Σ_g p²  (L2; vllm-kvcompress)
+  sum = 1,           ///< Σ_g p   (L1; H2O)
+  squared_mean = 2,  ///< Σ_g p² / G
+  mean = 3,          ///< Σ_g p / G
+};
+
+inline constexpr std::int64_t default_protected_window = 64;
+
+/// What decode attention accumulates into: one float per storage slot.
+template <MemorySpace Space = host_space>
+struct metric_output {
+  float* values = nullptr;  ///< [slots], indexed like the cache's storage (null: no metric)
+  std::int64_t slots = 0;   ///< entries of `values` (≥ the layout's storage slots)
+  metric_kind kind = metric_kind::squared_sum;
+  std::int64_t protected_window = default_protected_window;  ///< tokens with next − pos ≤ window do not accumulate
+
+  KVTRIM_HOST_DEVICE bool enabled() const { return values != nullptr; }
+};
+
+/// Whether a token at `position` of a head whose next position is `next` is
+/// older than the protected recent window (it accumulates and may be evicted).
+KVTRIM_HOST_DEVICE constexpr bool outside_window(std::int64_t next, std::int64_t position, std::int64_t window) {
+  return next - position > window;
+}
+
+/// One query head's contribution to c_i before the group's (1/G) for the mean kinds.
+KVTRIM_HOST_DEVICE constexpr float metric_term(metric_kind kind, float probability) {
+  return kind == metric_kind::squared_sum || kind == metric_kind::squared_mean ? probability * probability
+                                                                                 : probability;
+}
+/// The factor applied to Σ_g terms: 1/G for the mean kinds.
+KVTRIM_HOST_DEVICE constexpr float metric_group_factor(metric_kind kind, std::int64_t group) {
+  return kind == metric_kind::squared_mean || kind == metric_kind::mean ? 1.0f / static_cast<float>(group) : 1.0f;
+}
+
+}  // namespace kvtrim::eviction
+
+namespace kvtrim::eviction_detail {
+/// Throws unless a metric output can be written for a layout of `slots` storage slots.
+template <MemorySpace Space>
+void check_metric(std::string_view function, const eviction::metric_output<Space>& metric, std::int64_t slots) {
+  if (metric.values == nullptr) return;
+  if (metric.slots < slots)
+    ::kvtrim::detail::fail(function, "metric.slots",
+                           ::kvtrim::detail::cat("one float per storage slot of the cache (", slots, ")"),
+                           std::to_string(metric.slots));
+  if (metric.protected_window < 0)
+    ::kvtrim::detail::fail(function, "metric.protected_window", "a window of ≥ 0 tokens",
+                           std::to_string(metric.protected_window));
+  const int kind = static_cast<int>(metric.kind);
+  if (kind < 0 || kind > 3)
+    ::kvtrim::detail::fail(function, "metric.kind", "squared_sum, sum, squared_mean or mean", std::to_string(kind));
+}
+}  // namespace kvtrim::eviction_detail

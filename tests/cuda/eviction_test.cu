@@ -1,0 +1,398 @@
+// Decode-time eviction on backend::cuda (issue 16): the eviction metric the
+// split-K decode kernel writes as a side output, against the CPU reference
+// (backend/cpu/decode_attention.hpp, the specification), over paged, flat and
+// contiguous caches, GQA groups 1, 2 (CUDA cores), 4, 8 (tensor cores), head
+// dims 64 / 128, lengths that cut across blocks and the merge, compensation
+// tokens, and every metric kind. The attention output with the metric must be
+// bit-identical to the output without it (the side output changes nothing).
+//
+// The caches are built on the host with the CPU backend and their memory block
+// copied to the device (as tests/cuda/decode_test.cu does); the metric buffer
+// starts from the same random values on both sides (so "+=" is tested, not "=").
+#include <gtest/gtest.h>
+
+#include <kvtrim/backend/cpu/eviction.hpp>
+
+#include <cmath>
+#include <limits>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/tensors.hpp"
+#include "cuda/device_memory.cuh"
+
+namespace kt = kvtrim;
+namespace ev = kvtrim::eviction;
+using kt::testing::device_buffer;
+
+namespace {
+
+enum class layout_kind { contiguous, paged, flat };
+
+struct metric_case {
+  layout_kind layout;
+  std::int64_t batch, kv_heads, group, head_dim, page_size;
+  std::vector<std::int64_t> lengths;  // [batch · kv_heads] (contiguous: one length repeated)
+  std::int64_t window;
+};
+
+std::string name_of(const metric_case& c) {
+  const char* layout = c.layout == layout_kind::contiguous ? "contiguous" : c.layout == layout_kind::paged ? "paged" : "flat";
+  return kt::detail::cat(layout, "_b", c.batch, "_kv", c.kv_heads, "_g", c.group, "_d", c.head_dim, "_n", c.lengths[0],
+                         "_w", c.window);
+}
+
+struct host_block {
+  std::unique_ptr<std::byte[]> raw;
+  void* data = nullptr;
+  explicit host_block(std::size_t bytes) : raw(new std::byte[bytes + 256]) {
+    const auto address = reinterpret_cast<std::uintptr_t>(raw.get());
+    data = raw.get() + ((256 - address % 256) % 256);
+  }
+};
+
+template <class Layout, class Element>
+struct harness {
+  using codec = kt::codec::plain<Element>;
+  using cpu_scheme = kt::scheme<Layout, kt::score::static_window, kt::budget::uniform, codec, kt::backend::cpu>;
+  using host_view = typename Layout::template view<codec, kt::host_space>;
+  using device_view = typename Layout::template view<codec, kt::device_space>;
+
+  const metric_case& c;
+  kt::model_shape shape;
+  std::int64_t heads;
+
+  explicit harness(const metric_case& c_)
+      : c(c_), shape{.q_heads = c_.kv_heads * c_.group, .kv_heads = c_.kv_heads, .head_dim = c_.head_dim},
+        heads(c_.batch * c_.kv_heads) {}
+
+  auto pool() const {
+    if constexpr (std::is_same_v<Layout, kt::layout::paged>) {
+      std::int64_t pages = 2;
+      for (const std::int64_t n : c.lengths) pages += (n + c.page_size - 1) / c.page_size;
+      return kt::layout::paged::pool_size{pages, c.page_size};
+    } else if constexpr (std::is_same_v<Layout, kt::layout::flat>) {
+      return kt::layout::flat::pool_size{std::accumulate(c.lengths.begin(), c.lengths.end(), std::int64_t{0}) + 7 * heads};
+    } else {
+      return c.lengths[0] + 3;
+    }
+  }
+
+  void run() {
+    // Keys and values of every head, appended in rounds so pages interleave.
+    const std::int64_t longest = *std::max_element(c.lengths.begin(), c.lengths.end());
+    auto keys = kt::testing::random_tensor<Element, 4>({c.batch, c.kv_heads, longest, c.head_dim}, 11);
+    auto values = kt::testing::random_tensor<Element, 4>({c.batch, c.kv_heads, longest, c.head_dim}, 12);
+    auto queries = kt::testing::random_tensor<Element, 3>({c.batch, shape.q_heads, c.head_dim}, 13, 2.0f);
+    const std::size_t bytes = host_view::bytes(shape, c.batch, pool());
+    host_block block(bytes);
+    host_view view = host_view::bind(block.data, shape, c.batch, pool());
+    if constexpr (std::is_same_v<Layout, kt::layout::contiguous>) {
+      cpu_scheme::append(view, keys.cview(), values.cview());
+    } else {
+      const std::int64_t step = 37;
+      std::vector<std::int64_t> done(static_cast<std::size_t>(heads), 0);
+      for (bool more = true; more;) {
+        more = false;
+        for (std::int64_t head = 0; head < heads; ++head) {
+          const std::int64_t count = std::min(step, c.lengths[head] - done[head]);
+          if (count <= 0) continue;
+          const std::int64_t b = head / c.kv_heads, h = head % c.kv_heads;
+          const kt::tensor_view<const Element, 2> k{&keys(b, h, done[head], 0), {count, c.head_dim},
+                                                    {keys.view.stride(2), keys.view.stride(3)}};
+          const kt::tensor_view<const Element, 2> v{&values(b, h, done[head], 0), {count, c.head_dim},
+                                                    {values.view.stride(2), values.view.stride(3)}};
+          cpu_scheme::append_head(view, b, h, k, v);
+          done[head] += count;
+          more = true;
+        }
+      }
+      for (std::int64_t head = 0; head < heads; ++head)  // a compensation token in every third head
+        if (head % 3 == 1 && c.lengths[head] > 2) {
+          view.compensation.index[head] = static_cast<std::int32_t>(c.lengths[head] / 2);
+          view.compensation.bias[head] = std::log(40.0f);
+        }
+    }
+    const std::int64_t slots = kt::detail::storage_slots(view.storage);
+    std::vector<float> initial(static_cast<std::size_t>(slots));
+    std::mt19937_64 random(5);
+    std::uniform_real_distribution<float> uniform(0.0f, 0.01f);
+    for (float& x : initial) x = uniform(random);
+
+    device_buffer<std::byte> device_block(bytes);
+    kt::testing::check(cudaMemcpy(device_block.data(), block.data, bytes, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
+    std::int64_t host_length = 0;
+    const device_view gpu_view = [&] {
+      if constexpr (std::is_same_v<Layout, kt::layout::contiguous>) {
+        device_view bound = device_view::bind_with_host_length(&host_length, device_block.data(), shape, c.batch, pool());
+        host_length = c.lengths[0];
+        return bound;
+      } else {
+        return device_view::bind(device_block.data(), shape, c.batch, pool());
+      }
+    }();
+    kt::testing::device_tensor<Element, 3> device_queries(queries);
+    const kt::tensor_view<const Element, 3, kt::device_space> query_view{
+        device_queries.view.data, device_queries.view.extents, device_queries.view.strides};
+    const std::array<std::int64_t, 3> out_extents{c.batch, shape.q_heads, c.head_dim};
+    cudaStream_t stream = nullptr;
+    ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+
+    // Without the metric, for the bit-identity check.
+    device_buffer<float> plain_out(static_cast<std::size_t>(c.batch * shape.q_heads * c.head_dim));
+    {
+      using attention = kt::implementation<kt::stage::decode_attention, kt::backend::cuda>;
+      device_buffer<std::byte> scratch(attention::workspace_bytes(gpu_view));
+      attention::attend(query_view, gpu_view, kt::make_view<kt::device_space>(plain_out.data(), out_extents),
+                        {scratch.data(), scratch.size()}, stream);
+    }
+
+    for (const ev::metric_kind kind : {ev::metric_kind::squared_sum, ev::metric_kind::mean}) {
+      SCOPED_TRACE(::testing::Message() << "kind " << int(kind));
+      std::vector<float> cpu_metric = initial;
+      const ev::metric_output<> cpu_output{cpu_metric.data(), slots, kind, c.window};
+      auto cpu_out = kt::testing::make_tensor<float, 3>(out_extents);
+      std::vector<std::byte> cpu_scratch(ev::attend_workspace(view, cpu_output));
+      ev::attend(queries.cview(), view, cpu_out.view, cpu_output, kt::workspace{cpu_scratch.data(), cpu_scratch.size()});
+
+      device_buffer<float> gpu_metric(initial);
+      device_buffer<float> gpu_out(static_cast<std::size_t>(c.batch * shape.q_heads * c.head_dim));
+      const ev::metric_output<kt::device_space> gpu_output{gpu_metric.data(), slots, kind, c.window};
+      device_buffer<std::byte> scratch(ev::attend_workspace(gpu_view, gpu_output));
+      ev::attend(query_view, gpu_view, kt::make_view<kt::device_space>(gpu_out.data(), out_extents), gpu_output,
+                 {scratch.data(), scratch.size()}, stream);
+      ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+      const std::vector<float> with_metric = gpu_out.download(), without = plain_out.download();
+      ASSERT_EQ(0, std::memcmp(with_metric.data(), without.data(), with_metric.size() * sizeof(float)))
+          << "the metric side output changed the attention output";
+      const std::vector<float> got = gpu_metric.download();
+
+      // Bound, per token, from the two first-order error budgets (no safety factor).
+      // Each backend computes p_gi with exponent error (natural-log units) at most
+      //   CPU: δ = (D + 5)·u·S (the dot product and the scale), exp within 2u, the
+      //        denominator's n-term sum and its ≤ n/64 + 1 rescalings: (n + 3(n/64 + 1) + 4)·u;
+      //   GPU: δ = (D + 8)·u·S (plus log2 e folded into the query), exp2f within 2u, the
+      //        partial sums (n terms) and the merge of at most n/256 + 2 partials (exp2f, log2f of
+      //        a sum ≤ n: 2u·(|lse| + 1) with |lse| ≤ S + ln n): (n + 3(n/256 + 2) + 4)·u + 2u·(S + ln n + 1),
+      // with S the largest |logit| including the compensation bias. A square doubles the
+      // exponent error, the G-term group sum, factor and += add (G + 2)·u of c + M0 on each side.
+      const double u = kt::element_traits<float>::unit_roundoff;
+      double worst = 0.0;
+      for (std::int64_t b = 0; b < c.batch; ++b)
+        for (std::int64_t h = 0; h < c.kv_heads; ++h) {
+          const std::int64_t head = b * c.kv_heads + h, n = c.lengths[head];
+          double largest_logit = 0.0;
+          for (std::int64_t g = 0; g < c.group; ++g)
+            for (std::int64_t i = 0; i < n; ++i) {
+              double magnitude = 0.0;
+              for (std::int64_t d = 0; d < c.head_dim; ++d)
+                magnitude += std::abs(double(kt::to_float(queries(b, h * c.group + g, d))) *
+                                      double(kt::to_float(keys(b, h, i, d))));
+              largest_logit = std::max(largest_logit, magnitude / std::sqrt(double(c.head_dim)));
+            }
+          if constexpr (!std::is_same_v<Layout, kt::layout::contiguous>)
+            if (view.compensation.index[head] >= 0) largest_logit += std::abs(double(view.compensation.bias[head]));
+          const double dn = double(n), D = double(c.head_dim);
+          const double cpu_exponent = (D + 5.0) * u * largest_logit + (dn + 3.0 * (dn / 64.0 + 1.0) + 4.0) * u;
+          const double gpu_exponent = (D + 8.0) * u * largest_logit + (dn + 3.0 * (dn / 256.0 + 2.0) + 4.0) * u +
+                                      2.0 * u * (largest_logit + std::log(dn) + 1.0);
+          const double power = kind == ev::metric_kind::squared_sum ? 2.0 : 1.0;
+          const double relative = std::expm1(power * (cpu_exponent + gpu_exponent));
+          for (std::int64_t i = 0; i < n; ++i) {
+            const std::int64_t slot = view.slot(b, h, i);
+            const double start = initial[slot], want = cpu_metric[slot], have = got[slot];
+            const double contribution = want - start;
+            const double bound = relative * std::abs(contribution) +
+                                 2.0 * (double(c.group) + 2.0) * u * (std::abs(contribution) + start) + 1e-38;
+            worst = std::max(worst, std::abs(have - want) / bound);
+            ASSERT_LE(std::abs(have - want), bound)
+                << "head " << head << " (" << n << " tokens), token " << i << ": cuda " << have << ", cpu " << want;
+          }
+        }
+      std::vector<bool> held(static_cast<std::size_t>(slots), false);
+      for (std::int64_t b = 0; b < c.batch; ++b)
+        for (std::int64_t h = 0; h < c.kv_heads; ++h)
+          for (std::int64_t i = 0; i < c.lengths[b * c.kv_heads + h]; ++i) held[view.slot(b, h, i)] = true;
+      for (std::int64_t slot = 0; slot < slots; ++slot)  // slots that hold no token are never written
+        if (!held[slot]) {
+          ASSERT_EQ(got[slot], initial[slot]) << "slot " << slot;
+        }
+      ::testing::Test::RecordProperty("worst_error_over_bound", std::to_string(worst));
+    }
+    cudaStreamDestroy(stream);
+  }
+};
+
+template <class Element>
+void run_case(const metric_case& c) {
+  SCOPED_TRACE(name_of(c));
+  switch (c.layout) {
+    case layout_kind::contiguous: harness<kt::layout::contiguous, Element>(c).run(); break;
+    case layout_kind::paged: harness<kt::layout::paged, Element>(c).run(); break;
+    case layout_kind::flat: harness<kt::layout::flat, Element>(c).run(); break;
+  }
+}
+
+class EvictionMetric : public ::testing::TestWithParam<metric_case> {};
+
+TEST_P(EvictionMetric, MatchesCpuReferenceFp16) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  run_case<kt::half>(GetParam());
+}
+TEST_P(EvictionMetric, MatchesCpuReferenceBf16) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  run_case<kt::bfloat16>(GetParam());
+}
+
+using L = layout_kind;
+INSTANTIATE_TEST_SUITE_P(
+    AwkwardLengths, EvictionMetric,
+    ::testing::Values(
+        // GQA 4 (tensor cores), heads cut across blocks and merged, compensation tokens
+        metric_case{L::paged, 2, 4, 4, 128, 16, {1, 17, 4097, 300, 3001, 31, 5, 64}, 64},
+        metric_case{L::flat, 2, 4, 4, 128, 0, {70, 1, 17, 4097, 300, 3001, 31, 5}, 64},
+        // GQA 1 and 2 (CUDA cores), D 64, pages of 32, window 0 (every token accumulates)
+        metric_case{L::paged, 1, 2, 1, 64, 32, {5000, 333}, 0},
+        metric_case{L::flat, 2, 2, 2, 128, 0, {1000, 257, 1, 64}, 7},
+        // GQA 8, one long head
+        metric_case{L::paged, 1, 2, 8, 128, 16, {20000, 409}, 64},
+        // contiguous: the uniform partition
+        metric_case{L::contiguous, 2, 2, 4, 128, 0, {2049, 2049, 2049, 2049}, 64},
+        metric_case{L::contiguous, 1, 2, 2, 64, 0, {300, 300}, 3}),
+    [](const ::testing::TestParamInfo<metric_case>& info) {
+      return kt::detail::cat(name_of(info.param), "_", info.index);
+    });
+
+
+// ---- the eviction step: CPU and CUDA evict the same tokens, byte for byte -------
+
+float awkward_metric(std::mt19937_64& random) {
+  static constexpr float table[] = {0.0f, -0.0f, 1.0f, 1.0f, 0.5f, 1e-30f, 3e38f, std::numeric_limits<float>::infinity(),
+                                    std::numeric_limits<float>::quiet_NaN()};
+  std::uniform_int_distribution<int> pick(0, 2 * static_cast<int>(std::size(table)));
+  const int k = pick(random);
+  return k < static_cast<int>(std::size(table)) ? table[k] : std::uniform_real_distribution<float>(0.0f, 1.0f)(random);
+}
+
+template <class Layout>
+void check_same_eviction(ev::scope scope, std::int64_t layers, std::int64_t batch, std::int64_t kv_heads,
+                         std::int64_t longest, std::uint64_t seed, bool retrieval) {
+  using codec = kt::codec::fp16;
+  using cpu_scheme = kt::scheme<Layout, kt::score::static_window, kt::budget::uniform, codec, kt::backend::cpu>;
+  using host_view = typename Layout::template view<codec, kt::host_space>;
+  using device_view = typename Layout::template view<codec, kt::device_space>;
+  const kt::model_shape shape{.q_heads = kv_heads * 2, .kv_heads = kv_heads, .head_dim = 64};
+  const auto pool = [&] {
+    if constexpr (std::is_same_v<Layout, kt::layout::paged>)
+      return kt::layout::paged::pool_size{batch * kv_heads * ((longest + 15) / 16) + 5, 16};
+    else
+      return kt::layout::flat::pool_size{batch * kv_heads * (longest + 9)};
+  }();
+  const std::size_t bytes = host_view::bytes(shape, batch, pool);
+  std::mt19937_64 random(seed);
+  std::uniform_int_distribution<std::int64_t> length(1, longest);
+  std::vector<std::unique_ptr<host_block>> blocks;
+  std::vector<host_view> host_views;
+  std::vector<std::vector<float>> metrics;
+  for (std::int64_t l = 0; l < layers; ++l) {
+    blocks.push_back(std::make_unique<host_block>(bytes));
+    host_views.push_back(host_view::bind(blocks.back()->data, shape, batch, pool));
+    auto keys = kt::testing::random_tensor<kt::half, 4>({batch, kv_heads, longest, shape.head_dim}, seed + 3 * l);
+    auto values = kt::testing::random_tensor<kt::half, 4>({batch, kv_heads, longest, shape.head_dim}, seed + 3 * l + 1);
+    // Rounds of 23 tokens per head, so pages interleave in the pool.
+    std::vector<std::int64_t> wanted(static_cast<std::size_t>(batch * kv_heads)), done(wanted.size(), 0);
+    for (auto& n : wanted) n = length(random);
+    for (bool more = true; more;) {
+      more = false;
+      for (std::int64_t head = 0; head < batch * kv_heads; ++head) {
+        const std::int64_t count = std::min<std::int64_t>(23, wanted[head] - done[head]);
+        if (count <= 0) continue;
+        const std::int64_t b = head / kv_heads, h = head % kv_heads;
+        const kt::tensor_view<const kt::half, 2> k{&keys(b, h, done[head], 0), {count, shape.head_dim},
+                                                   {keys.view.stride(2), keys.view.stride(3)}};
+        const kt::tensor_view<const kt::half, 2> v{&values(b, h, done[head], 0), {count, shape.head_dim},
+                                                   {values.view.stride(2), values.view.stride(3)}};
+        cpu_scheme::append_head(host_views.back(), b, h, k, v);
+        done[head] += count;
+        more = true;
+      }
+    }
+    const std::int64_t slots = kt::detail::storage_slots(host_views.back().storage);
+    metrics.emplace_back(static_cast<std::size_t>(slots), 0.0f);
+    for (std::int64_t b = 0; b < batch; ++b)
+      for (std::int64_t h = 0; h < kv_heads; ++h)
+        for (std::int64_t i = 0; i < host_views.back().head_length(b, h); ++i)
+          metrics.back()[host_views.back().slot(b, h, i)] = awkward_metric(random);
+  }
+  // The device copies, before the CPU evicts the host ones.
+  std::vector<std::unique_ptr<device_buffer<std::byte>>> device_blocks;
+  std::vector<std::unique_ptr<device_buffer<float>>> device_metrics;
+  std::vector<device_view> device_views;
+  std::vector<ev::metric_output<kt::device_space>> device_outputs;
+  std::vector<ev::metric_output<>> host_outputs;
+  ev::config cfg{.scope = scope, .keep = 60, .interval = 16, .sinks = 3, .protected_window = 9, .alpha = 0.3};
+  for (std::int64_t l = 0; l < layers; ++l) {
+    device_blocks.push_back(std::make_unique<device_buffer<std::byte>>(bytes));
+    kt::testing::check(cudaMemcpy(device_blocks.back()->data(), blocks[l]->data, bytes, cudaMemcpyHostToDevice), "H2D");
+    device_views.push_back(device_view::bind(device_blocks.back()->data(), shape, batch, pool));
+    device_metrics.push_back(std::make_unique<device_buffer<float>>(metrics[l]));
+    device_outputs.push_back({device_metrics.back()->data(), static_cast<std::int64_t>(metrics[l].size()),
+                              ev::metric_kind::squared_sum, cfg.protected_window});
+    host_outputs.push_back({metrics[l].data(), static_cast<std::int64_t>(metrics[l].size()),
+                            ev::metric_kind::squared_sum, cfg.protected_window});
+  }
+  std::vector<std::uint8_t> mask(static_cast<std::size_t>(layers * kv_heads), 0);
+  if (retrieval) mask[1] = 1, mask.back() = 1;
+  device_buffer<std::uint8_t> device_mask(mask);
+
+  ev::config host_cfg = cfg;
+  host_cfg.retrieval_heads = mask.data();
+  std::vector<std::byte> host_scratch(kt::evict_workspace<kt::backend::cpu>(std::span<const host_view>(host_views)));
+  const ev::report host_report = kt::evict<kt::backend::cpu>(
+      std::span<const host_view>(host_views), std::span<const ev::metric_output<>>(host_outputs), host_cfg,
+      kt::workspace{host_scratch.data(), host_scratch.size()});
+
+  device_buffer<std::byte> scratch(kt::evict_workspace<kt::backend::cuda>(std::span<const device_view>(device_views)));
+  device_buffer<ev::report> device_report(1);
+  kt::evict<kt::backend::cuda>(std::span<const device_view>(device_views),
+                               std::span<const ev::metric_output<kt::device_space>>(device_outputs), cfg,
+                               {scratch.data(), scratch.size()}, nullptr, device_report.data(), device_mask.data());
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const ev::report got_report = device_report.download()[0];
+  EXPECT_EQ(got_report.evicted_tokens, host_report.evicted_tokens);
+  EXPECT_EQ(got_report.freed_pages, host_report.freed_pages);
+  EXPECT_EQ(got_report.units_evicted, host_report.units_evicted);
+  EXPECT_EQ(got_report.units_over_target, host_report.units_over_target);
+  EXPECT_GT(host_report.evicted_tokens, 0) << "the case must evict something";
+  for (std::int64_t l = 0; l < layers; ++l) {
+    const auto device_bytes = kt::testing::download_bytes(device_blocks[l]->data(), bytes);
+    std::size_t first_difference = bytes;
+    for (std::size_t k = 0; k < bytes && first_difference == bytes; ++k)
+      if (device_bytes[k] != static_cast<const std::byte*>(blocks[l]->data)[k]) first_difference = k;
+    EXPECT_EQ(first_difference, bytes) << "layer " << l << ": the caches differ from byte " << first_difference
+                                       << " of " << bytes;
+    const std::vector<float> got_metric = device_metrics[l]->download();
+    EXPECT_EQ(0, std::memcmp(got_metric.data(), metrics[l].data(), metrics[l].size() * sizeof(float))) << "layer " << l;
+  }
+}
+
+TEST(EvictionStep, CudaEvictsWhatTheCpuEvictsPaged) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  for (const ev::scope scope : {ev::scope::per_head, ev::scope::per_layer, ev::scope::cross_layer}) {
+    SCOPED_TRACE(::testing::Message() << "scope " << int(scope));
+    check_same_eviction<kt::layout::paged>(scope, 3, 2, 3, 700, 41, true);
+  }
+}
+TEST(EvictionStep, CudaEvictsWhatTheCpuEvictsFlat) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  for (const ev::scope scope : {ev::scope::per_head, ev::scope::per_layer, ev::scope::cross_layer}) {
+    SCOPED_TRACE(::testing::Message() << "scope " << int(scope));
+    check_same_eviction<kt::layout::flat>(scope, 2, 3, 2, 1500, 43, scope == ev::scope::cross_layer);
+  }
+}
+
+}  // namespace
