@@ -159,7 +159,7 @@ struct implementation<score::retrieval_head, backend::cuda> {
                                 const detail::compensation_rows& rows, cudaStream_t stream) {
     constexpr std::string_view function = "kvtrim::score::retrieval_head::compensate";
     using element = cuda_detail::device_element_t<KeyT>;
-    check_same_strides(function, keys, values);
+    cuda_detail::check_same_strides(function, keys, values);
     if (kept.heads < 1) return;
     if (kept.heads > 2147483647)
       detail::fail(function, "selection", "fewer heads than a grid holds", std::to_string(kept.heads));
