@@ -34,14 +34,22 @@ class simulated_group {
   int size() const { return ranks_; }
 
   void all_reduce_sum(int rank, std::uint64_t* counts, std::size_t n) {
+    if (rank < 0 || rank >= ranks_)  // a misuse of the group itself: no barrier reached yet
+      detail::fail("kvtrim::comm::simulated::all_reduce_sum", "rank", detail::cat("a rank in [0, ", ranks_, ")"),
+                   std::to_string(rank));
     const auto me = static_cast<std::size_t>(rank);
     published_[me] = counts;
     lengths_[me] = n;
     sync_.arrive_and_wait();
     for (std::size_t r = 0; r < published_.size(); ++r)
-      if (lengths_[r] != n)  // every rank throws the same error here: nobody is left waiting
+      if (lengths_[r] != n) {
+        // Every rank sees the mismatch and throws; the extra barrier keeps a rank
+        // that catches and calls again from overwriting lengths_ while others read.
+        const std::size_t other = lengths_[r];
+        sync_.arrive_and_wait();
         detail::fail("kvtrim::comm::simulated::all_reduce_sum", "n", detail::cat(n, " counts on every rank"),
-                     detail::cat(lengths_[r], " on rank ", r));
+                     detail::cat(other, " on rank ", r));
+      }
     std::vector<std::uint64_t>& sum = sums_[me];
     sum.assign(n, 0);
     for (std::size_t r = 0; r < published_.size(); ++r)

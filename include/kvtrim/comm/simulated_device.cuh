@@ -87,19 +87,29 @@ class simulated_device_group {
   int size() const { return ranks_; }
 
   void all_reduce_sum(int rank, std::uint64_t* counts, std::size_t n, cudaStream_t stream) {
+    if (rank < 0 || rank >= ranks_)  // a misuse of the group itself: no barrier reached yet
+      detail::fail("kvtrim::comm::simulated_device::all_reduce_sum", "rank",
+                   detail::cat("a rank in [0, ", ranks_, ")"), std::to_string(rank));
     const auto me = static_cast<std::size_t>(rank);
-    if (n > capacity_)  // the same n on every rank (a collective's contract), so every rank throws here
-      detail::fail("kvtrim::comm::simulated_device::all_reduce_sum", "n",
-                   detail::cat("at most the group's capacity of ", capacity_, " counts"), std::to_string(n));
     published_[me] = reinterpret_cast<unsigned long long*>(counts);
     lengths_[me] = n;
     detail::check_cuda(cudaEventRecord(ready_[me], stream), function, "cudaEventRecord(ready)");
     sync_.arrive_and_wait();
+    // Mismatched or oversized n: every rank sees the same lengths_ and throws,
+    // after one more barrier (no rank left waiting, none overwriting lengths_
+    // while another reads them).
+    for (std::size_t r = 0; r < lengths_.size(); ++r)
+      if (lengths_[r] != n || n > capacity_) {
+        const std::size_t other = lengths_[r];
+        sync_.arrive_and_wait();
+        if (n > capacity_)
+          detail::fail("kvtrim::comm::simulated_device::all_reduce_sum", "n",
+                       detail::cat("at most the group's capacity of ", capacity_, " counts"), std::to_string(n));
+        detail::fail("kvtrim::comm::simulated_device::all_reduce_sum", "n", detail::cat(n, " counts on every rank"),
+                     detail::cat(other, " on rank ", r));
+      }
     simulated_detail::rank_vectors vectors{};
     for (std::size_t r = 0; r < published_.size(); ++r) {
-      if (lengths_[r] != n)
-        detail::fail("kvtrim::comm::simulated_device::all_reduce_sum", "n", detail::cat(n, " counts on every rank"),
-                     detail::cat(lengths_[r], " on rank ", r));
       vectors.data[r] = published_[r];
       if (r != me) detail::check_cuda(cudaStreamWaitEvent(stream, ready_[r], 0), function, "cudaStreamWaitEvent(ready)");
     }

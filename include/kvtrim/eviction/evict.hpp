@@ -120,7 +120,7 @@ struct step {
 
 /// Whether decode step `decode_step` (counted from 1 after the prefill) is an eviction step.
 constexpr bool due(std::int64_t decode_step, const config& cfg) {
-  return decode_step > 0 && decode_step % cfg.interval == 0;
+  return cfg.interval > 0 && decode_step > 0 && decode_step % cfg.interval == 0;
 }
 
 }  // namespace kvtrim::eviction

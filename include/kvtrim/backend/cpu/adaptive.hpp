@@ -131,8 +131,12 @@ struct implementation<budget::adaptive, backend::cpu> {
                           workspace scratch, backend::host_stream stream) {
     constexpr std::string_view function = "kvtrim::budget::adaptive (sharded)";
     const std::int64_t batch = scores.extent(0), heads = scores.extent(1), tokens = scores.extent(2);
+    cfg.validate(function);
     shard.validate(function, heads);
     if (batch == 0) return;  // the same on every rank: no collective
+    if (keep_counts == nullptr) detail::fail(function, "keep_counts", "a [batch, local heads] output", "null");
+    if (scores.data == nullptr && heads > 0 && tokens > 0) detail::fail(function, "scores", "scores", "null data");
+    detail::check_workspace(function, scratch, sharded_workspace_bytes(cfg, batch, heads, tokens, shard));
     const std::int64_t total_heads = shard.total_heads;
     const std::int64_t budget = budget::adaptive::head_budget(cfg, tokens);
     const auto target = static_cast<std::uint64_t>(total_heads * budget);

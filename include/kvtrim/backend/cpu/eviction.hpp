@@ -188,8 +188,25 @@ struct implementation<eviction::step, backend::cpu> {
       ::kvtrim::detail::fail(function, "metrics", ::kvtrim::detail::cat("one metric per layer (", layers.size(), ")"),
                              std::to_string(metrics.size()));
     ::kvtrim::detail::check_workspace(function, scratch, workspace_bytes(layers));
+    // A unit's target is (its heads) × head_target: at most every layer's heads (cross-layer).
+    ::kvtrim::detail::checked_mul(function, "config.keep",
+                                  static_cast<std::int64_t>(layers.size()) * layers[0].shape.kv_heads,
+                                  std::max<std::int64_t>(cfg.head_target(), 0));
     for (std::size_t l = 0; l < layers.size(); ++l) {
       const View& cache = layers[l];
+      // Two layers on one cache (or one metric buffer) would compact against stale
+      // lengths and free the same pages twice.
+      for (std::size_t other = 0; other < l; ++other) {
+        bool shared = false;
+        if constexpr (requires { cache.indptr; }) shared = layers[other].indptr == cache.indptr;    // paged
+        if constexpr (requires { cache.offsets; }) shared = layers[other].offsets == cache.offsets;  // flat
+        if (shared)
+          ::kvtrim::detail::fail(function, "layers", "a distinct cache per layer",
+                                 ::kvtrim::detail::cat("layers ", other, " and ", l, " share their page tables / offsets"));
+        if (metrics[other].values == metrics[l].values)
+          ::kvtrim::detail::fail(function, "metrics", "a distinct metric buffer per layer",
+                                 ::kvtrim::detail::cat("layers ", other, " and ", l, " share one"));
+      }
       View::layout_policy::validate(function, cache, /*exclusive=*/true);
       if (cache.shape.kv_heads != layers[0].shape.kv_heads || cache.batch != layers[0].batch)
         ::kvtrim::detail::fail(function, "layers",
@@ -482,8 +499,11 @@ void seed_metric(const kv_view<const KeyT>& keys, const window_view<const QueryT
   if (observed < 1 || observed > tokens)
     ::kvtrim::detail::fail(function, "window_queries", ::kvtrim::detail::cat("1 to ", tokens, " observed queries"),
                            std::to_string(observed));
+  View::layout_policy::validate(function, cache);
   if (metric.values == nullptr) ::kvtrim::detail::fail(function, "metric", "a metric buffer", "null");
   eviction_detail::check_metric(function, metric, ::kvtrim::detail::storage_slots(cache.storage));
+  if (kept.offsets == nullptr || kept.tokens == nullptr)
+    ::kvtrim::detail::fail(function, "kept", "the selection's offsets and tokens", "null");
   if (kept.heads != cache.heads())
     ::kvtrim::detail::fail(function, "kept", ::kvtrim::detail::cat("a selection over ", cache.heads(), " heads"),
                            std::to_string(kept.heads));
@@ -492,6 +512,13 @@ void seed_metric(const kv_view<const KeyT>& keys, const window_view<const QueryT
       ::kvtrim::detail::fail(function, "kept", "the selection the cache was compressed with",
                              ::kvtrim::detail::cat(kept.count(head), " tokens for head ", head, ", the cache holds ",
                                                    cache.head_length(head / shape.kv_heads, head % shape.kv_heads)));
+  if (cache.heads() > 0 && kept.offsets[0] < 0)  // counts match the cache's lengths (≥ 0): offsets ascend from here
+    ::kvtrim::detail::fail(function, "kept", "offsets from 0 or more", std::to_string(kept.offsets[0]));
+  for (std::int64_t head = 0; head < cache.heads(); ++head)
+    for (std::int64_t i = kept.offsets[head]; i < kept.offsets[head + 1]; ++i)
+      if (kept.tokens[i] < 0 || kept.tokens[i] >= tokens)
+        ::kvtrim::detail::fail(function, "kept", ::kvtrim::detail::cat("tokens in [0, ", tokens, ")"),
+                               ::kvtrim::detail::cat(kept.tokens[i], " for head ", head));
   std::fill_n(metric.values, ::kvtrim::detail::storage_slots(cache.storage), 0.0f);
 
   const std::int64_t group = shape.group_size(), head_dim = shape.head_dim;

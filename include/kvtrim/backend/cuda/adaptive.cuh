@@ -345,8 +345,14 @@ struct implementation<budget::adaptive, backend::cuda> {
                           workspace scratch, cudaStream_t stream) {
     constexpr std::string_view sharded_function = "kvtrim::budget::adaptive (sharded)";
     const std::int64_t batch = scores.extent(0), heads = scores.extent(1), tokens = scores.extent(2);
+    cfg.validate(sharded_function);
     shard.validate(sharded_function, heads);
     if (batch == 0) return;  // the same on every rank: no collective
+    if (keep_counts == nullptr)
+      detail::fail(sharded_function, "keep_counts", "a [batch, local heads] output", "null");
+    if (scores.data == nullptr && heads > 0 && tokens > 0)
+      detail::fail(sharded_function, "scores", "scores", "null data");
+    detail::check_workspace(sharded_function, scratch, sharded_workspace_bytes(cfg, batch, heads, tokens, shard));
     const std::int64_t layer_heads = shard.total_heads;
     workspace_carver carver(scratch);
     const auto state = cuda_detail::sharded_state::carve(carver, batch * heads, batch, layer_heads);
