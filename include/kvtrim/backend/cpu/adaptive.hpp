@@ -134,7 +134,7 @@ struct implementation<budget::adaptive, backend::cpu> {
     cfg.validate(function);
     shard.validate(function, heads);
     if (batch == 0) return;  // the same on every rank: no collective
-    if (keep_counts == nullptr) detail::fail(function, "keep_counts", "a [batch, local heads] output", "null");
+    if (keep_counts == nullptr && heads > 0) detail::fail(function, "keep_counts", "a [batch, local heads] output", "null");
     if (scores.data == nullptr && heads > 0 && tokens > 0) detail::fail(function, "scores", "scores", "null data");
     detail::check_workspace(function, scratch, sharded_workspace_bytes(cfg, batch, heads, tokens, shard));
     const std::int64_t total_heads = shard.total_heads;

@@ -348,7 +348,7 @@ struct implementation<budget::adaptive, backend::cuda> {
     cfg.validate(sharded_function);
     shard.validate(sharded_function, heads);
     if (batch == 0) return;  // the same on every rank: no collective
-    if (keep_counts == nullptr)
+    if (keep_counts == nullptr && heads > 0)
       detail::fail(sharded_function, "keep_counts", "a [batch, local heads] output", "null");
     if (scores.data == nullptr && heads > 0 && tokens > 0)
       detail::fail(sharded_function, "scores", "scores", "null data");
