@@ -27,16 +27,15 @@
 //           (no atomics: the block owns its key tile);
 //   finish  attention_mass_finish: the scorer's per-query-head step, pooling over
 //           neighbouring tokens and the group reduction, per (kv head, token).
-// Both passes use one tile product: Q[64 × D] · K[64 × D]ᵀ on tensor cores (WMMA
-// 16×16×16, fp32 accumulators) when keys and queries share a 16-bit type, a
-// plain fp32 loop in d order otherwise (fp32 inputs, mixed types).
+// Both passes use one tile product: Q[64 × D] · K[64 × D]ᵀ on tensor cores
+// (mma.sync m16n8k16, fp32 accumulators, the logits kept in registers: the
+// *_mma kernels) when keys and queries share a 16-bit type; a plain fp32 loop in
+// d order through a shared-memory logit tile otherwise (fp32 inputs, mixed types).
 //
 // Scratch (the scheme's two-phase workspace): partial (max, sum) per (row,
 // split), the final (m, Z) per row, and the per-query-head mass [B, Hq, length].
 // No allocation, no synchronisation, one stream; 64-bit offsets throughout.
 #pragma once
-
-#include <mma.h>
 
 #include <algorithm>
 #include <cmath>
@@ -47,6 +46,7 @@
 #include <type_traits>
 
 #include "kvtrim/backend/cuda/common.cuh"
+#include "kvtrim/backend/cuda/mma.cuh"
 #include "kvtrim/core/shape.hpp"
 #include "kvtrim/core/view.hpp"
 #include "kvtrim/core/workspace.hpp"
@@ -57,9 +57,8 @@ namespace kvtrim::cuda_detail {
 /// Query rows and keys per tile product; threads per block of both passes.
 inline constexpr int mass_tile = 64;
 inline constexpr int mass_threads = 128;
-/// Row stride of the fp32 logit tile in shared memory: 68 floats keeps WMMA's
-/// store legal (a multiple of 4) and, with the rotated column order of pass 1,
-/// the 32 rows a warp reads land in 32 different banks.
+/// Row stride of the fp32 path's logit tile in shared memory: with the rotated
+/// column order of pass 1, the 32 rows a warp reads land in 32 different banks.
 inline constexpr int mass_logit_stride = mass_tile + 4;
 /// Pass 1 aims at this many blocks before it stops splitting keys.
 inline constexpr std::int64_t mass_target_blocks = 1024;
@@ -104,6 +103,15 @@ __device__ __forceinline__ row_chunk chunk_rows(const Parameters& p, std::int64_
   return rows;
 }
 
+/// Row chunks [this, chunks_per_head) of every query head see the key tile at
+/// j0 (causal; every head has one: the chunk of the last query sees every key).
+template <class Parameters>
+__device__ __forceinline__ std::int64_t first_chunk_seeing(const Parameters& p, std::int64_t j0) {
+  std::int64_t first = 0;
+  while (first + 1 < p.chunks_per_head && chunk_rows(p, first).last_position < j0) ++first;
+  return first;
+}
+
 /// The shared-memory element type of the tile product: the 16-bit input type
 /// itself when keys and queries share it (tensor cores), else fp32.
 template <class KeyT, class QueryT>
@@ -112,9 +120,10 @@ inline constexpr bool mass_uses_mma =
 template <class KeyT, class QueryT>
 using mass_smem_t = std::conditional_t<mass_uses_mma<KeyT, QueryT>, KeyT, float>;
 
-/// Row stride (elements) of a staged Q or K tile: 16-byte padding for the 16-bit
-/// tiles (WMMA wants a multiple of 8 and 32-byte aligned fragments), one float
-/// for fp32 tiles (the fp32 loop reads K down a column: D + 1 avoids conflicts).
+/// Row stride (elements) of a staged Q or K tile: 16 bytes of padding for the
+/// 16-bit tiles (rows 16 bytes apart modulo 128: the 8 rows an ldmatrix reads
+/// fall in distinct banks), one float for fp32 tiles (the fp32 loop reads K down
+/// a column: D + 1 avoids conflicts).
 template <class SmemT, int HeadDim>
 inline constexpr int mass_row_stride = sizeof(SmemT) == 2 ? HeadDim + 8 : HeadDim + 1;
 
@@ -125,6 +134,12 @@ constexpr std::size_t mass_shared_bytes() {
   using smem_t = mass_smem_t<KeyT, QueryT>;
   return 3 * std::size_t{mass_tile} * mass_row_stride<smem_t, HeadDim> * sizeof(smem_t) +
          std::size_t{mass_tile} * mass_logit_stride * sizeof(float) + 6 * mass_tile * sizeof(float);
+}
+
+/// The tensor-core passes: three staged 16-bit tiles and a 64-entry fold row.
+template <class T, int HeadDim>
+constexpr std::size_t mass_mma_shared_bytes() {
+  return 3 * std::size_t{mass_tile} * mass_row_stride<T, HeadDim> * sizeof(T) + mass_tile * sizeof(float2);
 }
 
 /// cp.async of 16 bytes global → shared (sm_80+), zero-filled when !valid:
@@ -198,84 +213,20 @@ __device__ __forceinline__ void stage_tile_async(SmemT* tile, const T* base, std
   stage_tile<HeadDim>(tile, base, row_stride, channel_stride, row0, rows, vector_loads);
 }
 
-/// logits[r][c] = Σ_d q[r][d] · k[c][d] for the staged 64 × 64 tile (fp32).
-/// Tensor cores: the 4 warps split the tile 2 × 2 (32 rows × 32 keys each), and
-/// the operand that stays the same for the whole block (pass 1: its Q chunk;
-/// pass 2: its K tile, `HoldQueries` false) is held in registers for head dims
-/// ≤ 128, so each product reads only the other operand from shared memory once
-/// per warp pair (shared-memory bandwidth, not the tensor cores, bounds this
-/// loop). fp32 tiles: a plain loop, d in order, as the CPU's scalar loop.
+/// logits[r][c] = Σ_d q[r][d] · k[c][d] for a staged 64 × 64 fp32 tile (the
+/// path for fp32 and mixed-type inputs; 16-bit inputs take the tensor-core
+/// passes below): thread → key column c = tid % 64 and rows r ≡ tid / 64
+/// (mod 2), d in order, as the CPU's scalar loop.
 template <int HeadDim, class SmemT, bool HoldQueries>
 struct mass_product {
   static constexpr int stride = mass_row_stride<SmemT, HeadDim>;
-  static constexpr bool tensor_cores = sizeof(SmemT) == 2;
-  static constexpr int steps = HeadDim / 16;
-  static constexpr bool resident = tensor_cores && HeadDim <= 128;
-  using element = std::conditional_t<tensor_cores, SmemT, __half>;  // any 16-bit type when unused
-  using a_fragment = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, element, nvcuda::wmma::row_major>;
-  using b_fragment = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, element, nvcuda::wmma::col_major>;
-  using held_fragment = std::conditional_t<HoldQueries, a_fragment, b_fragment>;
-  held_fragment held[resident ? 2 : 1][resident ? steps : 1];
-
-  __device__ __forceinline__ static int warp_rows() { return (threadIdx.x / 32) / 2 * 32; }
-  __device__ __forceinline__ static int warp_keys() { return (threadIdx.x / 32) % 2 * 32; }
-
-  /// Loads the held operand from its staged tile (after a barrier that made it visible).
-  __device__ __forceinline__ void hold(const SmemT* tile) {
-    if constexpr (resident) {
-      const int first = HoldQueries ? warp_rows() : warp_keys();
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int k = 0; k < steps; ++k)
-          nvcuda::wmma::load_matrix_sync(held[i][k], reinterpret_cast<const element*>(tile) + (first + 16 * i) * stride + 16 * k,
-                                         stride);
-    }
-  }
-
+  __device__ __forceinline__ void hold(const SmemT*) {}
   __device__ __forceinline__ void run(const SmemT* q_tile, const SmemT* k_tile, float* logits) const {
-    if constexpr (tensor_cores) {
-      namespace wmma = nvcuda::wmma;
-      const int rows = warp_rows(), keys = warp_keys();
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> accumulator[2][2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::fill_fragment(accumulator[i][j], 0.0f);
-#pragma unroll
-      for (int k = 0; k < steps; ++k) {
-        a_fragment a[2];
-        b_fragment b[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          if constexpr (resident && HoldQueries)
-            a[i] = held[i][k];
-          else
-            wmma::load_matrix_sync(a[i], q_tile + (rows + 16 * i) * stride + 16 * k, stride);
-          if constexpr (resident && !HoldQueries)
-            b[i] = held[i][k];
-          else
-            wmma::load_matrix_sync(b[i], k_tile + (keys + 16 * i) * stride + 16 * k, stride);  // Kᵀ: keys are columns
-        }
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int j = 0; j < 2; ++j) wmma::mma_sync(accumulator[i][j], a[i], b[j], accumulator[i][j]);
-      }
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j)
-          wmma::store_matrix_sync(logits + (rows + 16 * i) * mass_logit_stride + keys + 16 * j, accumulator[i][j],
-                                  mass_logit_stride, wmma::mem_row_major);
-    } else {
-      // Thread → key column c = tid % 64 and rows r ≡ tid / 64 (mod 2): d in order, as the CPU's scalar loop.
-      const int c = threadIdx.x % mass_tile;
-      for (int r = threadIdx.x / mass_tile; r < mass_tile; r += mass_threads / mass_tile) {
-        float dot = 0.0f;
-        for (int d = 0; d < HeadDim; ++d) dot += q_tile[r * stride + d] * k_tile[c * stride + d];
-        logits[r * mass_logit_stride + c] = dot;
-      }
+    const int c = threadIdx.x % mass_tile;
+    for (int r = threadIdx.x / mass_tile; r < mass_tile; r += mass_threads / mass_tile) {
+      float dot = 0.0f;
+      for (int d = 0; d < HeadDim; ++d) dot += q_tile[r * stride + d] * k_tile[c * stride + d];
+      logits[r * mass_logit_stride + c] = dot;
     }
   }
 };
@@ -414,10 +365,7 @@ __global__ void __launch_bounds__(mass_threads)
   const std::int64_t b = unit / p.kv_heads, h = unit % p.kv_heads;
   const std::int64_t j0 = tile * mass_tile;
   const std::int64_t row_chunks = p.group * p.chunks_per_head;
-  // Chunks [first_chunk, chunks_per_head) of each query head see the tile (every
-  // head has one: the chunk of the last query sees every key).
-  std::int64_t first_chunk = 0;
-  while (first_chunk + 1 < p.chunks_per_head && chunk_rows(p, first_chunk).last_position < j0) ++first_chunk;
+  const std::int64_t first_chunk = first_chunk_seeing(p, j0);
   const std::int64_t per_head = p.chunks_per_head - first_chunk, items = p.group * per_head;
   const QueryT* query_base = p.queries + b * p.query_batch_stride + h * p.group * p.query_head_stride;
   const auto stage_item = [&](std::int64_t item) {
@@ -476,6 +424,310 @@ __global__ void __launch_bounds__(mass_threads)
       if (half == 0 && j < p.length)
         p.mass[((b * p.kv_heads + h) * p.group + g) * p.length + j] = column + fold[c];
       column = 0.0f;
+    }
+  }
+}
+
+// ---- The tensor-core passes (fp16/bf16 keys and queries of one type) --------
+// The same two passes with mma.sync m16n8k16 (mma.cuh) and the logits kept in
+// registers: no fp32 logit tile goes through shared memory, one barrier per tile.
+// The 64 × 64 tile product is split 2 × 2 over the 4 warps (32 rows × 32 keys
+// each); a thread holds, per tile, the logits of 4 rows (2 row fragments × rows
+// g, g + 8) × 8 keys (4 key fragments × columns 2t, 2t + 1). The operand fixed
+// for the whole block (pass 1: the Q chunk; pass 2: the K tile) is held in
+// registers for head dims ≤ 128; the other is read with ldmatrix once per warp.
+// Pass 1 keeps an online (max, Σexp) per row and thread, folded over the 4
+// threads of a row (shuffles) and the 2 warps of a row (shared memory) at the
+// end; pass 2 keeps per-thread column sums over its rows, folded over the 8 row
+// groups of a warp (shuffles) and the 2 warps of a column (shared memory) when a
+// query head's last chunk is done. Same math and order of operations per
+// element as the fp32 path (expf, l·(1/√D) − m, ·(1/Z)); sums run in another order.
+template <class T, int HeadDim>
+struct mass_mma {
+  static constexpr int stride = mass_row_stride<T, HeadDim>;
+  static constexpr int steps = HeadDim / 16;
+  static constexpr bool resident = HeadDim <= 128;  // 64 registers of held fragments at D = 128
+
+  __device__ __forceinline__ static int lane() { return threadIdx.x % 32; }
+  __device__ __forceinline__ static int warp_rows() { return (threadIdx.x / 32) / 2 * 32; }
+  __device__ __forceinline__ static int warp_keys() { return (threadIdx.x / 32) % 2 * 32; }
+  /// Row (within the 64-row chunk) of accumulator element (row fragment i, half h).
+  __device__ __forceinline__ static int row(int i, int h) { return warp_rows() + 16 * i + lane() / 4 + 8 * h; }
+  /// Key (within the 64-key tile) of accumulator element (key fragment n, e).
+  __device__ __forceinline__ static int key(int n, int e) { return warp_keys() + 8 * n + (lane() % 4) * 2 + e; }
+
+  /// A fragment: rows [row0, row0 + 16) × channels [16k, 16k + 16) of a staged tile.
+  __device__ __forceinline__ static void load_rows(unsigned (&a)[4], const T* tile, int row0, int k) {
+    load_matrix_x4(a, tile + (row0 + lane() % 16) * stride + 16 * k + (lane() / 16) * 8);
+  }
+  /// B fragments of keys [key0, key0 + 16) (two key fragments: {b[0], b[1]}, {b[2], b[3]}).
+  __device__ __forceinline__ static void load_keys(unsigned (&b)[4], const T* tile, int key0, int k) {
+    load_matrix_x4(b, tile + (key0 + lane() % 8 + (lane() / 16) * 8) * stride + 16 * k + ((lane() / 8) % 2) * 8);
+  }
+
+  /// logits[i][n][·] = Q[rows of row fragment i] · K[keys of key fragment n]ᵀ.
+  /// `held_rows` / `held_keys`: the resident operand (the other comes from its tile).
+  template <bool HoldRows, class Held>
+  __device__ __forceinline__ static void product(const Held& held, const T* q_tile, const T* k_tile,
+                                                 float (&logits)[2][4][4]) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int n = 0; n < 4; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) logits[i][n][e] = 0.0f;
+#pragma unroll
+    for (int k = 0; k < steps; ++k) {
+      unsigned a[2][4], b[2][4];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        if constexpr (HoldRows && resident) {
+#pragma unroll
+          for (int x = 0; x < 4; ++x) a[i][x] = held[i][k][x];
+        } else {
+          load_rows(a[i], q_tile, warp_rows() + 16 * i, k);
+        }
+        if constexpr (!HoldRows && resident) {
+#pragma unroll
+          for (int x = 0; x < 4; ++x) b[i][x] = held[i][k][x];
+        } else {
+          load_keys(b[i], k_tile, warp_keys() + 16 * i, k);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int n = 0; n < 4; ++n) mma_16x8x16<T>(logits[i][n], a[i], b[n / 2][(n % 2) * 2], b[n / 2][(n % 2) * 2 + 1]);
+    }
+  }
+};
+
+/// (max, Σexp) of two parts of a row.
+__device__ __forceinline__ float2 mass_merge_stats(float2 a, float2 b) {
+  const float m = fmaxf(a.x, b.x);
+  if (m == -INFINITY) return make_float2(-INFINITY, 0.0f);
+  return make_float2(m, (a.x > -INFINITY ? a.y * expf(a.x - m) : 0.0f) + (b.x > -INFINITY ? b.y * expf(b.x - m) : 0.0f));
+}
+
+/// Pass 1 on tensor cores (grid as attention_row_stats).
+template <class T, int HeadDim>
+__global__ void __launch_bounds__(mass_threads, 3)
+    attention_row_stats_mma(const __grid_constant__ attention_mass_parameters<T, T> p) {
+  using tile = mass_mma<T, HeadDim>;
+  constexpr int stride = tile::stride;
+  extern __shared__ __align__(128) unsigned char mass_shared[];
+  T* q_tile = reinterpret_cast<T*>(mass_shared);
+  T* k_tiles = q_tile + mass_tile * stride;  // two buffers
+  float2* fold = reinterpret_cast<float2*>(k_tiles + 2 * mass_tile * stride);  // [64]: the right key half's stats
+
+  const std::int64_t row_chunks = p.group * p.chunks_per_head;
+  const std::int64_t unit = blockIdx.x / row_chunks, chunk = blockIdx.x % row_chunks;
+  const std::int64_t b = unit / p.kv_heads, h = unit % p.kv_heads;
+  const row_chunk rows = chunk_rows(p, chunk);
+  const std::int64_t split = blockIdx.y;
+
+  const T* query_base = p.queries + b * p.query_batch_stride + (h * p.group + rows.g) * p.query_head_stride;
+  stage_tile<HeadDim>(q_tile, query_base, p.query_token_stride, p.query_channel_stride, rows.t0,
+                      rows.t0 + rows.count, p.vector_loads);
+  const T* key_base = p.keys + b * p.key_batch_stride + h * p.key_head_stride;
+  const std::int64_t visible = mass_min(p.tokens, rows.last_position + 1);
+  const std::int64_t tile_begin = split * p.split_tiles;
+  const std::int64_t tile_end = mass_min(mass_ceil_div(visible, mass_tile), (split + 1) * p.split_tiles);
+  if (tile_begin < tile_end) {
+    stage_tile_async<HeadDim>(k_tiles, key_base, p.key_token_stride, p.key_channel_stride, tile_begin * mass_tile,
+                              p.tokens, p.vector_loads);
+    mass_async_commit();
+  }
+  __syncthreads();  // the Q chunk is staged
+  unsigned held[tile::resident ? 2 : 1][tile::resident ? tile::steps : 1][4];
+  if constexpr (tile::resident) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int k = 0; k < tile::steps; ++k) tile::load_rows(held[i][k], q_tile, tile::warp_rows() + 16 * i, k);
+  }
+  std::int64_t position[2][2];  // this thread's rows see keys ≤ position
+  float2 stats[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      position[i][hh] = p.tokens - p.observed + rows.t0 + tile::row(i, hh);
+      stats[i][hh] = make_float2(-INFINITY, 0.0f);
+    }
+
+  for (std::int64_t t = tile_begin; t < tile_end; ++t) {
+    mass_async_wait<0>();
+    __syncthreads();  // tile t is staged; every warp is done with tile t − 1 (the other buffer)
+    if (t + 1 < tile_end) {
+      stage_tile_async<HeadDim>(k_tiles + ((t + 1 - tile_begin) & 1) * mass_tile * stride, key_base,
+                                p.key_token_stride, p.key_channel_stride, (t + 1) * mass_tile, p.tokens,
+                                p.vector_loads);
+      mass_async_commit();
+    }
+    float logits[2][4][4];
+    tile::template product<true>(held, q_tile, k_tiles + ((t - tile_begin) & 1) * mass_tile * stride, logits);
+    const std::int64_t j0 = t * mass_tile;
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        float values[8];
+        float tile_max = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < 4; ++n)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float l = j0 + tile::key(n, e) <= position[i][hh] ? logits[i][n][2 * hh + e] * p.scale : -INFINITY;
+            values[2 * n + e] = l;
+            tile_max = fmaxf(tile_max, l);
+          }
+        if (tile_max > -INFINITY) {
+          float2& s = stats[i][hh];
+          const float new_max = fmaxf(s.x, tile_max);
+          float sum = s.x > -INFINITY ? s.y * expf(s.x - new_max) : 0.0f;
+#pragma unroll
+          for (int v = 0; v < 8; ++v) sum += expf(values[v] - new_max);
+          s = make_float2(new_max, sum);
+        }
+      }
+  }
+  // Fold: the 4 threads of a row (lanes 4g … 4g + 3), then the two key halves.
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+      for (int offset = 1; offset <= 2; offset *= 2) {
+        const float2 other = make_float2(__shfl_xor_sync(0xffffffffu, stats[i][hh].x, offset),
+                                         __shfl_xor_sync(0xffffffffu, stats[i][hh].y, offset));
+        stats[i][hh] = mass_merge_stats(stats[i][hh], other);
+      }
+  const bool writer = tile::lane() % 4 == 0;
+  if (tile::warp_keys() != 0 && writer)
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) fold[tile::row(i, hh)] = stats[i][hh];
+  __syncthreads();
+  if (tile::warp_keys() == 0 && writer)
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int r = tile::row(i, hh);
+        if (r < rows.count) {
+          const std::int64_t row = (unit * row_chunks + chunk) * mass_tile + r;
+          p.partial[row * p.splits + split] = mass_merge_stats(stats[i][hh], fold[r]);
+        }
+      }
+}
+
+/// Pass 2 on tensor cores (grid as attention_column_mass).
+template <class T, int HeadDim>
+__global__ void __launch_bounds__(mass_threads, 3)
+    attention_column_mass_mma(const __grid_constant__ attention_mass_parameters<T, T> p) {
+  using tile = mass_mma<T, HeadDim>;
+  constexpr int stride = tile::stride;
+  extern __shared__ __align__(128) unsigned char mass_shared[];
+  T* k_tile = reinterpret_cast<T*>(mass_shared);
+  T* q_tiles = k_tile + mass_tile * stride;  // two buffers
+  float* fold = reinterpret_cast<float*>(q_tiles + 2 * mass_tile * stride);  // [64]: the lower rows' column sums
+
+  const std::int64_t key_tiles = mass_ceil_div(p.length, mass_tile);
+  const std::int64_t unit = blockIdx.x / key_tiles, key_tile = blockIdx.x % key_tiles;
+  const std::int64_t b = unit / p.kv_heads, h = unit % p.kv_heads;
+  const std::int64_t j0 = key_tile * mass_tile;
+  const std::int64_t row_chunks = p.group * p.chunks_per_head;
+  const std::int64_t first_chunk = first_chunk_seeing(p, j0);
+  const std::int64_t per_head = p.chunks_per_head - first_chunk, items = p.group * per_head;
+  const T* query_base = p.queries + b * p.query_batch_stride + h * p.group * p.query_head_stride;
+  const auto item_chunk = [&](std::int64_t item) {
+    return (item / per_head) * p.chunks_per_head + first_chunk + item % per_head;
+  };
+  const auto stage_item = [&](std::int64_t item) {
+    const row_chunk rows = chunk_rows(p, item_chunk(item));
+    stage_tile_async<HeadDim>(q_tiles + (item & 1) * mass_tile * stride, query_base + rows.g * p.query_head_stride,
+                              p.query_token_stride, p.query_channel_stride, rows.t0, rows.t0 + rows.count,
+                              p.vector_loads);
+    mass_async_commit();
+  };
+
+  stage_tile_async<HeadDim>(k_tile, p.keys + b * p.key_batch_stride + h * p.key_head_stride, p.key_token_stride,
+                            p.key_channel_stride, j0, p.tokens, p.vector_loads);
+  mass_async_commit();
+  stage_item(0);
+  unsigned held[tile::resident ? 2 : 1][tile::resident ? tile::steps : 1][4];
+  float column[4][2] = {};
+  for (std::int64_t item = 0; item < items; ++item) {
+    mass_async_wait<0>();
+    __syncthreads();  // K and this item's Q are staged; every warp is done with item − 1 (the other buffer)
+    if (tile::resident && item == 0) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int k = 0; k < tile::steps; ++k) tile::load_keys(held[i][k], k_tile, tile::warp_keys() + 16 * i, k);
+    }
+    if (item + 1 < items) stage_item(item + 1);
+    const std::int64_t chunk = item_chunk(item), g = item / per_head;
+    const row_chunk rows = chunk_rows(p, chunk);
+    // (m, 1/Z) of this thread's 4 rows; rows past the chunk add nothing.
+    float row_max[2][2], row_inverse[2][2];
+    std::int64_t position[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int r = tile::row(i, hh);
+        const float2 s = r < rows.count ? p.stats[(unit * row_chunks + chunk) * mass_tile + r] : make_float2(0.0f, 1.0f);
+        row_max[i][hh] = s.x, row_inverse[i][hh] = 1.0f / s.y;
+        position[i][hh] = r < rows.count ? p.tokens - p.observed + rows.t0 + r : -1;
+      }
+    float logits[2][4][4];
+    tile::template product<false>(held, q_tiles + (item & 1) * mass_tile * stride, k_tile, logits);
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const std::int64_t j = j0 + tile::key(n, e);
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh)
+            if (j <= position[i][hh])
+              column[n][e] += expf(logits[i][n][2 * hh + e] * p.scale - row_max[i][hh]) * row_inverse[i][hh];
+      }
+    if (item + 1 == items || (item + 1) / per_head != g) {  // the query head's last chunk: fold and write
+#pragma unroll
+      for (int n = 0; n < 4; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float v = column[n][e];
+          v += __shfl_xor_sync(0xffffffffu, v, 4);
+          v += __shfl_xor_sync(0xffffffffu, v, 8);
+          v += __shfl_xor_sync(0xffffffffu, v, 16);
+          column[n][e] = v;
+        }
+      // fold's last readers (the previous head's) passed this item's first barrier.
+      if (tile::warp_rows() != 0 && tile::lane() < 4)
+#pragma unroll
+        for (int n = 0; n < 4; ++n)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) fold[tile::key(n, e)] = column[n][e];
+      __syncthreads();
+      if (tile::warp_rows() == 0 && tile::lane() < 4)
+#pragma unroll
+        for (int n = 0; n < 4; ++n)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const std::int64_t j = j0 + tile::key(n, e);
+            if (j < p.length)
+              p.mass[((b * p.kv_heads + h) * p.group + g) * p.length + j] = column[n][e] + fold[tile::key(n, e)];
+          }
+#pragma unroll
+      for (int n = 0; n < 4; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) column[n][e] = 0.0f;
     }
   }
 }
@@ -626,9 +878,16 @@ void attention_mass_scores(std::string_view function, const kv_view<KeyT, device
 
   dispatch_head_dim(head_dim, function, [&](auto head_dim_constant) {
     constexpr int D = decltype(head_dim_constant)::value;
-    constexpr std::size_t shared = mass_shared_bytes<key_t, query_t, D>();
-    const auto stats_kernel = attention_row_stats<key_t, query_t, D>;
-    const auto mass_kernel = attention_column_mass<key_t, query_t, D>;
+    constexpr bool tensor_cores = mass_uses_mma<key_t, query_t>;
+    constexpr std::size_t shared = tensor_cores ? mass_mma_shared_bytes<key_t, D>() : mass_shared_bytes<key_t, query_t, D>();
+    const auto stats_kernel = [] {
+      if constexpr (tensor_cores) return attention_row_stats_mma<key_t, D>;
+      else return attention_row_stats<key_t, query_t, D>;
+    }();
+    const auto mass_kernel = [] {
+      if constexpr (tensor_cores) return attention_column_mass_mma<key_t, D>;
+      else return attention_column_mass<key_t, query_t, D>;
+    }();
     detail::check_cuda(cudaFuncSetAttribute(stats_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared),
                        function, "cudaFuncSetAttribute(attention_row_stats)");
     detail::check_cuda(cudaFuncSetAttribute(mass_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared),
