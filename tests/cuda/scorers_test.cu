@@ -11,11 +11,15 @@
 //   most δ_l = 3·D·u·A/√D (u = 2⁻²⁴: D·u·A for the CPU's sum, 2·D·u·A for the GPU's).
 //   A probability exp(l − m)/Z then differs relatively by at most e^{3δ_l} − 1 (its
 //   own logit, the row max, and Z, a positive sum of terms each off by e^{δ_l}),
+//   and by e^{2δ_a} more for the exponent's own roundings (δ_a = 9·u·A/√D: the
+//   GPU exponentiates in base 2, 2^(l·log2(e)/√D − m'), see attention_mass.cuh;
+//   it flushes terms below 2⁻¹²⁶ to zero: < rows·2⁻¹²⁶ < 1e-35 absolute per score,
+//   inside the comparison's absolute floor of 1e-30),
 //   plus the rounding of Z's sums: ≤ T·u for the CPU's left-to-right sum over ≤ T
 //   keys, ≤ (T/8 + 96)·u for the GPU's blocked one (a thread adds its 8 keys of
 //   each 64-key tile to its running sum; then the 4 threads of a row, the two key
 //   halves, the splits) and ≤ T/64·u more for its online rescaling (one exp and
-//   one product per 64-key tile), plus a few u for exp (CUDA's expf: 2 ulp), the
+//   one product per 64-key tile), plus a few u for exp (ex2.approx: 2 ulp), the
 //   division (the GPU multiplies by a rounded 1/Z: 2u) and the scale. The
 //   mass, window mean, pooling and group reduction are positive sums of such
 //   terms: their relative error is the largest of their terms', plus (rows +
@@ -173,7 +177,11 @@ double mass_tolerance(const kt::testing::host_tensor<K, 4>& keys, const kt::test
   const double tokens = static_cast<double>(keys.view.extent(2));
   const double a = largest_norm(keys) * largest_norm(queries, first_query);
   const double logit = 3.0 * head_dim * u32 * a / std::sqrt(head_dim);
-  return std::expm1(3.0 * logit) + (tokens + tokens * 9.0 / 64.0 + 96.0 + 8.0) * u32 +
+  // The exponent's own roundings: the CPU's fl(fl(l/√D) − m) is off by ≤ 3·u·A/√D
+  // (|l/√D|, |m| ≤ A/√D); the GPU's base-2 argument fma(l, fl(log2 e/√D), −fl(m'))
+  // by ≤ 6·u·A/√D (the rounded constant, m′'s product, the fma): 9·u·A/√D apart.
+  const double argument = 9.0 * u32 * a / std::sqrt(head_dim);
+  return std::expm1(3.0 * logit + 2.0 * argument) + (tokens + tokens * 9.0 / 64.0 + 96.0 + 8.0) * u32 +
          2.0 * u32 * static_cast<double>(rows + kernel + group + 8);
 }
 

@@ -8,8 +8,8 @@
 //   m   = max_j l_j,  Z = Σ_j exp(l_j − m),  mass_g[j] += exp(l_j − m) / Z
 // (the GPU multiplies by 1/Z, computed once per row: one rounding more than the
 // CPU's division, far inside the tolerance the tests derive)
-// exactly the CPU's normalisation: softmax over every key up to the query (window
-// keys included), fp32, expf (not __expf), then the scorer's per-query-head step
+// the CPU's normalisation: softmax over every key up to the query (window keys
+// included), fp32, then the scorer's per-query-head step
 // (SnapKV: mean over the window + pooling; H2O: the observed normalisation) and
 // the GQA group reduction (mean: sum then one division; max).
 //
@@ -31,6 +31,15 @@
 // (mma.sync m16n8k16, fp32 accumulators, the logits kept in registers: the
 // *_mma kernels) when keys and queries share a 16-bit type; a plain fp32 loop in
 // d order through a shared-memory logit tile otherwise (fp32 inputs, mixed types).
+//
+// Base 2. The GPU works with l'_j = l_j·log2(e) (one product by log2(e)/√D) and
+// exp2f: Z = Σ 2^(l'_j − m') is the same sum, and exp2f is one MUFU.EX2 (2 ulp)
+// where expf is a range reduction around it — the exponentials are the passes'
+// arithmetic bottleneck next to the tensor cores (one per logit against D = 128
+// multiply-adds of tensor work). The base change rounds the exponent a little
+// differently from the CPU's exp(l − m) (by ≤ 9·u·max|l|; the tests' bound
+// includes it). Tiles that every row of a chunk sees whole (all but a head's last
+// one or two) skip the per-key causal test.
 //
 // Scratch (the scheme's two-phase workspace): partial (max, sum) per (row,
 // split), the final (m, Z) per row, and the per-query-head mass [B, Hq, length].
@@ -60,8 +69,10 @@ inline constexpr int mass_threads = 128;
 /// Row stride of the fp32 path's logit tile in shared memory: with the rotated
 /// column order of pass 1, the 32 rows a warp reads land in 32 different banks.
 inline constexpr int mass_logit_stride = mass_tile + 4;
-/// Pass 1 aims at this many blocks before it stops splitting keys.
-inline constexpr std::int64_t mass_target_blocks = 1024;
+/// Pass 1 aims at this many blocks before it stops splitting keys: ~10 waves of
+/// 3 blocks on 132 SMs (an H200), so the last partial wave costs a few per cent
+/// (1024 left 2.6 waves: a third of the last wave idle).
+inline constexpr std::int64_t mass_target_blocks = 4096;
 inline constexpr std::int64_t mass_max_splits = 64;
 
 __host__ __device__ __forceinline__ std::int64_t mass_ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
@@ -81,7 +92,7 @@ struct attention_mass_parameters {
   std::int64_t splits;          // key splits of pass 1
   std::int64_t split_tiles;     // key tiles per split
   std::int64_t length;          // keys whose mass is needed: [0, length)
-  float scale;                  // 1/√D
+  float log2_scale;             // log2(e)/√D: logits in base-2 units (see the header)
   float2* partial;              // [units · G · chunks · 64, splits]: (max, Σexp) per split
   float2* stats;                // [units · G · chunks · 64]: (m, Z)
   float* mass;                  // [B, Hq, length]
@@ -295,15 +306,15 @@ __global__ void __launch_bounds__(mass_threads)
 #pragma unroll
       for (int i = 0; i < 32; ++i) {
         const int c = half * 32 + (i + r) % 32;
-        const float l = j0 + c <= position ? logits[r * mass_logit_stride + c] * p.scale : -INFINITY;
+        const float l = j0 + c <= position ? logits[r * mass_logit_stride + c] * p.log2_scale : -INFINITY;
         values[i] = l;
         tile_max = fmaxf(tile_max, l);
       }
       if (tile_max > -INFINITY) {
         const float new_max = fmaxf(running_max, tile_max);
-        float sum = running_sum * expf(running_max - new_max);
+        float sum = running_sum * exp2f(running_max - new_max);
 #pragma unroll
-        for (int i = 0; i < 32; ++i) sum += expf(values[i] - new_max);
+        for (int i = 0; i < 32; ++i) sum += exp2f(values[i] - new_max);
         running_max = new_max, running_sum = sum;
       }
     }
@@ -313,8 +324,8 @@ __global__ void __launch_bounds__(mass_threads)
   if (half == 0 && r < rows.count) {
     const float other_max = fold[r], other_sum = fold[mass_tile + r];
     const float m = fmaxf(running_max, other_max);
-    const float sum = (running_max > -INFINITY ? running_sum * expf(running_max - m) : 0.0f) +
-                      (other_max > -INFINITY ? other_sum * expf(other_max - m) : 0.0f);
+    const float sum = (running_max > -INFINITY ? running_sum * exp2f(running_max - m) : 0.0f) +
+                      (other_max > -INFINITY ? other_sum * exp2f(other_max - m) : 0.0f);
     const std::int64_t row = (unit * row_chunks + chunk) * mass_tile + r;
     p.partial[row * p.splits + split] = make_float2(m, sum);
   }
@@ -335,7 +346,7 @@ __global__ void attention_fold_splits(const __grid_constant__ attention_mass_par
     float z = 0.0f;
     for (std::int64_t s = 0; s < p.splits; ++s) {
       const float2 part = p.partial[row * p.splits + s];
-      if (part.x > -INFINITY) z += part.y * expf(part.x - m);
+      if (part.x > -INFINITY) z += part.y * exp2f(part.x - m);
     }
     p.stats[row] = make_float2(m, z);
   }
@@ -415,7 +426,7 @@ __global__ void __launch_bounds__(mass_threads)
     const float* inverses = row_inverse + (item & 1) * mass_tile;
     for (int r = half; r < rows.count; r += 2) {
       const std::int64_t position = p.tokens - p.observed + rows.t0 + r;
-      if (j <= position) column += expf(logits[r * mass_logit_stride + c] * p.scale - maxima[r]) * inverses[r];
+      if (j <= position) column += exp2f(logits[r * mass_logit_stride + c] * p.log2_scale - maxima[r]) * inverses[r];
     }
     if (item + 1 == items || (item + 1) / per_head != g) {  // the query head's last item: fold and write
       __syncthreads();
@@ -441,7 +452,7 @@ __global__ void __launch_bounds__(mass_threads)
 // end; pass 2 keeps per-thread column sums over its rows, folded over the 8 row
 // groups of a warp (shuffles) and the 2 warps of a column (shared memory) when a
 // query head's last chunk is done. Same math and order of operations per
-// element as the fp32 path (expf, l·(1/√D) − m, ·(1/Z)); sums run in another order.
+// element as the fp32 path (exp2f, l·log2(e)/√D − m, ·(1/Z)); sums run in another order.
 template <class T, int HeadDim>
 struct mass_mma {
   static constexpr int stride = mass_row_stride<T, HeadDim>;
@@ -506,10 +517,68 @@ struct mass_mma {
 __device__ __forceinline__ float2 mass_merge_stats(float2 a, float2 b) {
   const float m = fmaxf(a.x, b.x);
   if (m == -INFINITY) return make_float2(-INFINITY, 0.0f);
-  return make_float2(m, (a.x > -INFINITY ? a.y * expf(a.x - m) : 0.0f) + (b.x > -INFINITY ? b.y * expf(b.x - m) : 0.0f));
+  return make_float2(m, (a.x > -INFINITY ? a.y * exp2f(a.x - m) : 0.0f) + (b.x > -INFINITY ? b.y * exp2f(b.x - m) : 0.0f));
 }
 
-/// Pass 1 on tensor cores (grid as attention_row_stats).
+/// 2^x on the MUFU unit with subnormal results flushed to zero (ex2.approx.ftz:
+/// 2 ulp, like exp2f, without exp2f's rescaling around subnormals). A flushed
+/// term is a probability below 2⁻¹²⁶ of its row: every score it could reach
+/// moves by less than rows · 2⁻¹²⁶ < 10⁻³⁵ in absolute terms.
+__device__ __forceinline__ float mass_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+/// cp.async staging of 64-row tiles of one [rows, D] 16-bit matrix whose rows
+/// are 16-byte aligned with channel stride 1 (p.vector_loads). A thread's rows
+/// (r0, r0 + rows_per_pass, …) and 16-byte channel chunk are the same for every
+/// tile, so their offsets are computed once: a tile costs a pointer step and one
+/// copy per owned row (stage_tile_async recomputes 64-bit addresses per copy).
+template <class T, int HeadDim>
+struct mass_tile_loader {
+  static constexpr int chunks = HeadDim / 8;  // 16-byte chunks per row
+  static constexpr int rows_per_pass = mass_threads / chunks;
+  static constexpr int passes = mass_tile / rows_per_pass;
+  static constexpr int stride = mass_row_stride<T, HeadDim>;
+  static_assert(mass_threads % chunks == 0 && mass_tile % rows_per_pass == 0);
+
+  const T* matrix;      // row 0, channel 0
+  const T* thread_row;  // row r0, this thread's chunk
+  std::int64_t row_stride;
+  int r0, shared_offset;
+
+  __device__ __forceinline__ mass_tile_loader(const T* base, std::int64_t row_stride_)
+      : matrix(base), row_stride(row_stride_) {
+    r0 = static_cast<int>(threadIdx.x) / chunks;
+    const int c = (static_cast<int>(threadIdx.x) % chunks) * 8;
+    thread_row = base + r0 * row_stride + c;
+    shared_offset = r0 * stride + c;
+  }
+  /// Rows [row0, row0 + 64) ∩ [0, rows) of the matrix at `offset` elements from
+  /// `base` into `tile`; rows past the end are zero-filled (nothing is read).
+  __device__ __forceinline__ void load(T* tile, std::int64_t offset, std::int64_t row0, std::int64_t rows) const {
+    const T* source = thread_row + offset + row0 * row_stride;
+    const std::int64_t step = rows_per_pass * row_stride;
+    T* target = tile + shared_offset;
+    if (row0 + mass_tile <= rows) {
+#pragma unroll
+      for (int k = 0; k < passes; ++k) mass_async_copy16(target + k * rows_per_pass * stride, source + k * step, true);
+    } else {
+#pragma unroll
+      for (int k = 0; k < passes; ++k) {
+        const bool valid = row0 + r0 + k * rows_per_pass < rows;
+        mass_async_copy16(target + k * rows_per_pass * stride, valid ? source + k * step : matrix, valid);
+      }
+    }
+  }
+};
+
+/// Pass 1 on tensor cores (grid as attention_row_stats). Per tile and row the
+/// running (max, Σ) works on the raw logits l (the scale 1/√D·log2(e) is
+/// positive, so the max commutes with it): 2^(l·c − m·c) is one fma and one
+/// MUFU.EX2 per logit; m·c is rounded once per tile, exactly as pass 2 rounds
+/// the final m·c it subtracts.
 template <class T, int HeadDim>
 __global__ void __launch_bounds__(mass_threads, 3)
     attention_row_stats_mma(const __grid_constant__ attention_mass_parameters<T, T> p) {
@@ -520,9 +589,10 @@ __global__ void __launch_bounds__(mass_threads, 3)
   T* k_tiles = q_tile + mass_tile * stride;  // two buffers
   float2* fold = reinterpret_cast<float2*>(k_tiles + 2 * mass_tile * stride);  // [64]: the right key half's stats
 
-  const std::int64_t row_chunks = p.group * p.chunks_per_head;
-  const std::int64_t unit = blockIdx.x / row_chunks, chunk = blockIdx.x % row_chunks;
-  const std::int64_t b = unit / p.kv_heads, h = unit % p.kv_heads;
+  // Grid indices fit in 32 bits (the host checks the grid): no 64-bit division.
+  const unsigned row_chunks = static_cast<unsigned>(p.group * p.chunks_per_head);
+  const unsigned unit = blockIdx.x / row_chunks, chunk = blockIdx.x % row_chunks;
+  const std::int64_t b = unit / static_cast<unsigned>(p.kv_heads), h = unit % static_cast<unsigned>(p.kv_heads);
   const row_chunk rows = chunk_rows(p, chunk);
   const std::int64_t split = blockIdx.y;
 
@@ -530,14 +600,18 @@ __global__ void __launch_bounds__(mass_threads, 3)
   stage_tile<HeadDim>(q_tile, query_base, p.query_token_stride, p.query_channel_stride, rows.t0,
                       rows.t0 + rows.count, p.vector_loads);
   const T* key_base = p.keys + b * p.key_batch_stride + h * p.key_head_stride;
+  const mass_tile_loader<T, HeadDim> keys(key_base, p.key_token_stride);
+  const auto stage_keys = [&](T* buffer, std::int64_t row0) {
+    if (p.vector_loads)
+      keys.load(buffer, 0, row0, p.tokens);
+    else
+      stage_tile<HeadDim>(buffer, key_base, p.key_token_stride, p.key_channel_stride, row0, p.tokens, false);
+    mass_async_commit();
+  };
   const std::int64_t visible = mass_min(p.tokens, rows.last_position + 1);
   const std::int64_t tile_begin = split * p.split_tiles;
   const std::int64_t tile_end = mass_min(mass_ceil_div(visible, mass_tile), (split + 1) * p.split_tiles);
-  if (tile_begin < tile_end) {
-    stage_tile_async<HeadDim>(k_tiles, key_base, p.key_token_stride, p.key_channel_stride, tile_begin * mass_tile,
-                              p.tokens, p.vector_loads);
-    mass_async_commit();
-  }
+  if (tile_begin < tile_end) stage_keys(k_tiles, tile_begin * mass_tile);
   __syncthreads();  // the Q chunk is staged
   unsigned held[tile::resident ? 2 : 1][tile::resident ? tile::steps : 1][4];
   if constexpr (tile::resident) {
@@ -546,63 +620,73 @@ __global__ void __launch_bounds__(mass_threads, 3)
 #pragma unroll
       for (int k = 0; k < tile::steps; ++k) tile::load_rows(held[i][k], q_tile, tile::warp_rows() + 16 * i, k);
   }
-  std::int64_t position[2][2];  // this thread's rows see keys ≤ position
+  const float c = p.log2_scale;
+  const std::int64_t first_position = p.tokens - p.observed + rows.t0;  // the chunk's first row's
+  // Per row of this thread: the raw running max, and Σ 2^(l·c − max·c).
+  float raw_max[2][2], sum[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) raw_max[i][hh] = -INFINITY, sum[i][hh] = 0.0f;
+
+  for (std::int64_t t = tile_begin; t < tile_end; ++t) {
+    mass_async_wait<0>();
+    __syncthreads();  // tile t is staged; every warp is done with tile t − 1 (the other buffer)
+    if (t + 1 < tile_end) stage_keys(k_tiles + ((t + 1 - tile_begin) & 1) * mass_tile * stride, (t + 1) * mass_tile);
+    float logits[2][4][4];
+    tile::template product<true>(held, q_tile, k_tiles + ((t - tile_begin) & 1) * mass_tile * stride, logits);
+    const std::int64_t j0 = t * mass_tile;
+    // Every row of the chunk sees the whole tile (all tiles but the last one or
+    // two): no per-key causal test.
+    if (j0 + mass_tile - 1 > first_position) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const std::int64_t position = first_position + tile::row(i, hh);
+#pragma unroll
+          for (int n = 0; n < 4; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+              if (j0 + tile::key(n, e) > position) logits[i][n][2 * hh + e] = -INFINITY;
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        float tile_max = raw_max[i][hh];
+#pragma unroll
+        for (int n = 0; n < 4; ++n)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) tile_max = fmaxf(tile_max, logits[i][n][2 * hh + e]);
+        if (tile_max == -INFINITY) continue;  // nothing visible yet
+        const float shift = tile_max * c;
+        // Rescale only when the max moved (the first visible tile: sum = 0 and
+        // 2^(−∞) = 0, no test needed).
+        float s = tile_max == raw_max[i][hh] ? sum[i][hh] : sum[i][hh] * mass_exp2(fmaf(raw_max[i][hh], c, -shift));
+#pragma unroll
+        for (int n = 0; n < 4; ++n)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) s += mass_exp2(fmaf(logits[i][n][2 * hh + e], c, -shift));
+        raw_max[i][hh] = tile_max, sum[i][hh] = s;
+      }
+  }
+  // (m·c, Σ) per row, folded over the 4 threads of a row (lanes 4g … 4g + 3),
+  // then the two key halves.
   float2 stats[2][2];
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-      position[i][hh] = p.tokens - p.observed + rows.t0 + tile::row(i, hh);
-      stats[i][hh] = make_float2(-INFINITY, 0.0f);
-    }
-
-  for (std::int64_t t = tile_begin; t < tile_end; ++t) {
-    mass_async_wait<0>();
-    __syncthreads();  // tile t is staged; every warp is done with tile t − 1 (the other buffer)
-    if (t + 1 < tile_end) {
-      stage_tile_async<HeadDim>(k_tiles + ((t + 1 - tile_begin) & 1) * mass_tile * stride, key_base,
-                                p.key_token_stride, p.key_channel_stride, (t + 1) * mass_tile, p.tokens,
-                                p.vector_loads);
-      mass_async_commit();
-    }
-    float logits[2][4][4];
-    tile::template product<true>(held, q_tile, k_tiles + ((t - tile_begin) & 1) * mass_tile * stride, logits);
-    const std::int64_t j0 = t * mass_tile;
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        float values[8];
-        float tile_max = -INFINITY;
-#pragma unroll
-        for (int n = 0; n < 4; ++n)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float l = j0 + tile::key(n, e) <= position[i][hh] ? logits[i][n][2 * hh + e] * p.scale : -INFINITY;
-            values[2 * n + e] = l;
-            tile_max = fmaxf(tile_max, l);
-          }
-        if (tile_max > -INFINITY) {
-          float2& s = stats[i][hh];
-          const float new_max = fmaxf(s.x, tile_max);
-          float sum = s.x > -INFINITY ? s.y * expf(s.x - new_max) : 0.0f;
-#pragma unroll
-          for (int v = 0; v < 8; ++v) sum += expf(values[v] - new_max);
-          s = make_float2(new_max, sum);
-        }
-      }
-  }
-  // Fold: the 4 threads of a row (lanes 4g … 4g + 3), then the two key halves.
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh)
+      stats[i][hh] = make_float2(raw_max[i][hh] * c, sum[i][hh]);
 #pragma unroll
       for (int offset = 1; offset <= 2; offset *= 2) {
         const float2 other = make_float2(__shfl_xor_sync(0xffffffffu, stats[i][hh].x, offset),
                                          __shfl_xor_sync(0xffffffffu, stats[i][hh].y, offset));
         stats[i][hh] = mass_merge_stats(stats[i][hh], other);
       }
+    }
   const bool writer = tile::lane() % 4 == 0;
   if (tile::warp_keys() != 0 && writer)
 #pragma unroll
@@ -617,13 +701,15 @@ __global__ void __launch_bounds__(mass_threads, 3)
       for (int hh = 0; hh < 2; ++hh) {
         const int r = tile::row(i, hh);
         if (r < rows.count) {
-          const std::int64_t row = (unit * row_chunks + chunk) * mass_tile + r;
+          const std::int64_t row = (std::int64_t{unit} * row_chunks + chunk) * mass_tile + r;
           p.partial[row * p.splits + split] = mass_merge_stats(stats[i][hh], fold[r]);
         }
       }
 }
 
-/// Pass 2 on tensor cores (grid as attention_column_mass).
+/// Pass 2 on tensor cores (grid as attention_column_mass). The block's items are
+/// (query head g, row chunk c ≥ first) in g-major order, walked with counters
+/// (no 64-bit division per item).
 template <class T, int HeadDim>
 __global__ void __launch_bounds__(mass_threads, 3)
     attention_column_mass_mma(const __grid_constant__ attention_mass_parameters<T, T> p) {
@@ -634,31 +720,48 @@ __global__ void __launch_bounds__(mass_threads, 3)
   T* q_tiles = k_tile + mass_tile * stride;  // two buffers
   float* fold = reinterpret_cast<float*>(q_tiles + 2 * mass_tile * stride);  // [64]: the lower rows' column sums
 
-  const std::int64_t key_tiles = mass_ceil_div(p.length, mass_tile);
-  const std::int64_t unit = blockIdx.x / key_tiles, key_tile = blockIdx.x % key_tiles;
-  const std::int64_t b = unit / p.kv_heads, h = unit % p.kv_heads;
-  const std::int64_t j0 = key_tile * mass_tile;
+  // Grid indices fit in 32 bits (the host checks the grid): no 64-bit division.
+  const unsigned key_tiles = static_cast<unsigned>(mass_ceil_div(p.length, mass_tile));
+  const unsigned unit = blockIdx.x / key_tiles, key_tile = blockIdx.x % key_tiles;
+  const std::int64_t b = unit / static_cast<unsigned>(p.kv_heads), h = unit % static_cast<unsigned>(p.kv_heads);
+  const std::int64_t j0 = std::int64_t{key_tile} * mass_tile;
   const std::int64_t row_chunks = p.group * p.chunks_per_head;
   const std::int64_t first_chunk = first_chunk_seeing(p, j0);
-  const std::int64_t per_head = p.chunks_per_head - first_chunk, items = p.group * per_head;
+  const std::int64_t items = p.group * (p.chunks_per_head - first_chunk);
   const T* query_base = p.queries + b * p.query_batch_stride + h * p.group * p.query_head_stride;
-  const auto item_chunk = [&](std::int64_t item) {
-    return (item / per_head) * p.chunks_per_head + first_chunk + item % per_head;
+  const mass_tile_loader<T, HeadDim> queries(query_base, p.query_token_stride);
+  // Rows of chunk c of any query head (the same for every head): first observed query and count.
+  struct chunk_span {
+    std::int64_t t0, count;
   };
-  const auto stage_item = [&](std::int64_t item) {
-    const row_chunk rows = chunk_rows(p, item_chunk(item));
-    stage_tile_async<HeadDim>(q_tiles + (item & 1) * mass_tile * stride, query_base + rows.g * p.query_head_stride,
-                              p.query_token_stride, p.query_channel_stride, rows.t0, rows.t0 + rows.count,
-                              p.vector_loads);
+  const auto rows_of = [&](std::int64_t c) {
+    const std::int64_t t0 = p.first + c * mass_tile;
+    return chunk_span{t0, mass_min(std::int64_t{mass_tile}, p.observed - t0)};
+  };
+  const auto stage_item = [&](std::int64_t item, std::int64_t g, std::int64_t c) {
+    const auto [t0, count] = rows_of(c);
+    T* buffer = q_tiles + (item & 1) * mass_tile * stride;
+    if (p.vector_loads)
+      queries.load(buffer, g * p.query_head_stride, t0, t0 + count);
+    else
+      stage_tile<HeadDim>(buffer, query_base + g * p.query_head_stride, p.query_token_stride, p.query_channel_stride,
+                          t0, t0 + count, false);
     mass_async_commit();
   };
 
-  stage_tile_async<HeadDim>(k_tile, p.keys + b * p.key_batch_stride + h * p.key_head_stride, p.key_token_stride,
-                            p.key_channel_stride, j0, p.tokens, p.vector_loads);
-  mass_async_commit();
-  stage_item(0);
+  {
+    const T* key_base = p.keys + b * p.key_batch_stride + h * p.key_head_stride;
+    if (p.vector_loads)
+      mass_tile_loader<T, HeadDim>(key_base, p.key_token_stride).load(k_tile, 0, j0, p.tokens);
+    else
+      stage_tile<HeadDim>(k_tile, key_base, p.key_token_stride, p.key_channel_stride, j0, p.tokens, false);
+    mass_async_commit();
+  }
+  std::int64_t g = 0, c = first_chunk;            // the current item
+  stage_item(0, g, c);
   unsigned held[tile::resident ? 2 : 1][tile::resident ? tile::steps : 1][4];
   float column[4][2] = {};
+  const float scale = p.log2_scale;
   for (std::int64_t item = 0; item < items; ++item) {
     mass_async_wait<0>();
     __syncthreads();  // K and this item's Q are staged; every warp is done with item − 1 (the other buffer)
@@ -668,36 +771,50 @@ __global__ void __launch_bounds__(mass_threads, 3)
 #pragma unroll
         for (int k = 0; k < tile::steps; ++k) tile::load_keys(held[i][k], k_tile, tile::warp_keys() + 16 * i, k);
     }
-    if (item + 1 < items) stage_item(item + 1);
-    const std::int64_t chunk = item_chunk(item), g = item / per_head;
-    const row_chunk rows = chunk_rows(p, chunk);
-    // (m, 1/Z) of this thread's 4 rows; rows past the chunk add nothing.
+    const bool head_ends = c + 1 == p.chunks_per_head;  // this item is its query head's last chunk
+    if (item + 1 < items) stage_item(item + 1, head_ends ? g + 1 : g, head_ends ? first_chunk : c + 1);
+    const auto [t0, count] = rows_of(c);
+    const std::int64_t chunk = g * p.chunks_per_head + c;
+    // (m·c, 1/Z) of this thread's 4 rows; rows past the chunk get m = +∞, so
+    // 2^(l·c − m) = 0 and they add nothing without a test.
     float row_max[2][2], row_inverse[2][2];
-    std::int64_t position[2][2];
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         const int r = tile::row(i, hh);
-        const float2 s = r < rows.count ? p.stats[(unit * row_chunks + chunk) * mass_tile + r] : make_float2(0.0f, 1.0f);
+        const float2 s = r < count ? p.stats[(unit * row_chunks + chunk) * mass_tile + r] : make_float2(INFINITY, 1.0f);
         row_max[i][hh] = s.x, row_inverse[i][hh] = 1.0f / s.y;
-        position[i][hh] = r < rows.count ? p.tokens - p.observed + rows.t0 + r : -1;
       }
     float logits[2][4][4];
     tile::template product<false>(held, q_tiles + (item & 1) * mass_tile * stride, k_tile, logits);
+    // Every row of the chunk sees the whole key tile (all but the last one or
+    // two tiles of a head): no per-key causal test. l·c − m in one fma.
+    const std::int64_t first_position = p.tokens - p.observed + t0;
+    if (count < mass_tile || j0 + mass_tile - 1 > first_position) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          const int r = tile::row(i, hh);
+          const std::int64_t position = r < count ? first_position + r : -1;
+#pragma unroll
+          for (int n = 0; n < 4; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+              if (j0 + tile::key(n, e) > position) logits[i][n][2 * hh + e] = -INFINITY;
+        }
+    }
 #pragma unroll
     for (int n = 0; n < 4; ++n)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const std::int64_t j = j0 + tile::key(n, e);
+      for (int e = 0; e < 2; ++e)
 #pragma unroll
         for (int i = 0; i < 2; ++i)
 #pragma unroll
           for (int hh = 0; hh < 2; ++hh)
-            if (j <= position[i][hh])
-              column[n][e] += expf(logits[i][n][2 * hh + e] * p.scale - row_max[i][hh]) * row_inverse[i][hh];
-      }
-    if (item + 1 == items || (item + 1) / per_head != g) {  // the query head's last chunk: fold and write
+            column[n][e] += mass_exp2(fmaf(logits[i][n][2 * hh + e], scale, -row_max[i][hh])) * row_inverse[i][hh];
+    if (head_ends) {  // fold this query head's column sums and write them
 #pragma unroll
       for (int n = 0; n < 4; ++n)
 #pragma unroll
@@ -728,6 +845,9 @@ __global__ void __launch_bounds__(mass_threads, 3)
       for (int n = 0; n < 4; ++n)
 #pragma unroll
         for (int e = 0; e < 2; ++e) column[n][e] = 0.0f;
+      ++g, c = first_chunk;
+    } else {
+      ++c;
     }
   }
 }
@@ -874,7 +994,7 @@ void attention_mass_scores(std::string_view function, const kv_view<KeyT, device
       reinterpret_cast<const query_t*>(queries.data), queries.stride(0), queries.stride(1), queries.stride(2),
       queries.stride(3), vector_loads, batch, shape.kv_heads, shape.group_size(), tokens, observed, first,
       plan.chunks_per_head, plan.splits, plan.split_tiles, length,
-      1.0f / std::sqrt(static_cast<float>(head_dim)), pieces.partial, pieces.stats, pieces.mass};
+      static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(head_dim))), pieces.partial, pieces.stats, pieces.mass};
 
   dispatch_head_dim(head_dim, function, [&](auto head_dim_constant) {
     constexpr int D = decltype(head_dim_constant)::value;
