@@ -94,7 +94,7 @@ struct attention_mass_parameters {
   std::int64_t length;          // keys whose mass is needed: [0, length)
   float log2_scale;             // log2(e)/√D: logits in base-2 units (see the header)
   float2* partial;              // [units · G · chunks · 64, splits]: (max, Σexp) per split
-  float2* stats;                // [units · G · chunks · 64]: (m, Z)
+  float2* stats;                // [units · G · chunks · 64]: (m, 1/Z), the reciprocal taken once per row
   float* mass;                  // [B, Hq, length]
 };
 
@@ -348,7 +348,7 @@ __global__ void attention_fold_splits(const __grid_constant__ attention_mass_par
       const float2 part = p.partial[row * p.splits + s];
       if (part.x > -INFINITY) z += part.y * exp2f(part.x - m);
     }
-    p.stats[row] = make_float2(m, z);
+    p.stats[row] = make_float2(m, 1.0f / z);
   }
 }
 
@@ -394,7 +394,7 @@ __global__ void __launch_bounds__(mass_threads)
                            ? p.stats[(unit * row_chunks + chunk) * mass_tile + threadIdx.x]
                            : make_float2(0.0f, 1.0f);
       row_max[(item & 1) * mass_tile + threadIdx.x] = s.x;
-      row_inverse[(item & 1) * mass_tile + threadIdx.x] = 1.0f / s.y;
+      row_inverse[(item & 1) * mass_tile + threadIdx.x] = s.y;
     }
   };
 
@@ -655,21 +655,25 @@ __global__ void __launch_bounds__(mass_threads, 3)
     for (int i = 0; i < 2; ++i)
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
-        float tile_max = raw_max[i][hh];
+        // A tree max and two interleaved partial sums: short dependency chains
+        // (4 rows per thread are too few to hide MUFU and FADD latencies).
+        float pair_max[4];
 #pragma unroll
-        for (int n = 0; n < 4; ++n)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) tile_max = fmaxf(tile_max, logits[i][n][2 * hh + e]);
+        for (int n = 0; n < 4; ++n) pair_max[n] = fmaxf(logits[i][n][2 * hh], logits[i][n][2 * hh + 1]);
+        const float tile_max =
+            fmaxf(raw_max[i][hh], fmaxf(fmaxf(pair_max[0], pair_max[1]), fmaxf(pair_max[2], pair_max[3])));
         if (tile_max == -INFINITY) continue;  // nothing visible yet
         const float shift = tile_max * c;
         // Rescale only when the max moved (the first visible tile: sum = 0 and
         // 2^(−∞) = 0, no test needed).
         float s = tile_max == raw_max[i][hh] ? sum[i][hh] : sum[i][hh] * mass_exp2(fmaf(raw_max[i][hh], c, -shift));
+        float even = 0.0f, odd = 0.0f;
 #pragma unroll
-        for (int n = 0; n < 4; ++n)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) s += mass_exp2(fmaf(logits[i][n][2 * hh + e], c, -shift));
-        raw_max[i][hh] = tile_max, sum[i][hh] = s;
+        for (int n = 0; n < 4; ++n) {
+          even += mass_exp2(fmaf(logits[i][n][2 * hh], c, -shift));
+          odd += mass_exp2(fmaf(logits[i][n][2 * hh + 1], c, -shift));
+        }
+        raw_max[i][hh] = tile_max, sum[i][hh] = s + (even + odd);
       }
   }
   // (m·c, Σ) per row, folded over the 4 threads of a row (lanes 4g … 4g + 3),
@@ -759,6 +763,22 @@ __global__ void __launch_bounds__(mass_threads, 3)
   }
   std::int64_t g = 0, c = first_chunk;            // the current item
   stage_item(0, g, c);
+  // (m·c, 1/Z) of this thread's 4 rows of an item, loaded one item ahead (their
+  // latency hides behind the current item's product); rows past the chunk get
+  // m = +∞, so 2^(l·c − m) = 0 and they add nothing without a test.
+  const auto load_stats = [&](std::int64_t g_, std::int64_t c_, float2 (&out)[2][2]) {
+    const std::int64_t count_ = rows_of(c_).count;
+    const float2* row_stats = p.stats + (unit * row_chunks + g_ * p.chunks_per_head + c_) * mass_tile;
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int r = tile::row(i, hh);
+        out[i][hh] = r < count_ ? row_stats[r] : make_float2(INFINITY, 1.0f);
+      }
+  };
+  float2 next_stats[2][2];
+  load_stats(g, c, next_stats);
   unsigned held[tile::resident ? 2 : 1][tile::resident ? tile::steps : 1][4];
   float column[4][2] = {};
   const float scale = p.log2_scale;
@@ -772,20 +792,15 @@ __global__ void __launch_bounds__(mass_threads, 3)
         for (int k = 0; k < tile::steps; ++k) tile::load_keys(held[i][k], k_tile, tile::warp_keys() + 16 * i, k);
     }
     const bool head_ends = c + 1 == p.chunks_per_head;  // this item is its query head's last chunk
-    if (item + 1 < items) stage_item(item + 1, head_ends ? g + 1 : g, head_ends ? first_chunk : c + 1);
+    const std::int64_t next_g = head_ends ? g + 1 : g, next_c = head_ends ? first_chunk : c + 1;
+    if (item + 1 < items) stage_item(item + 1, next_g, next_c);
     const auto [t0, count] = rows_of(c);
-    const std::int64_t chunk = g * p.chunks_per_head + c;
-    // (m·c, 1/Z) of this thread's 4 rows; rows past the chunk get m = +∞, so
-    // 2^(l·c − m) = 0 and they add nothing without a test.
     float row_max[2][2], row_inverse[2][2];
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const int r = tile::row(i, hh);
-        const float2 s = r < count ? p.stats[(unit * row_chunks + chunk) * mass_tile + r] : make_float2(INFINITY, 1.0f);
-        row_max[i][hh] = s.x, row_inverse[i][hh] = 1.0f / s.y;
-      }
+      for (int hh = 0; hh < 2; ++hh) row_max[i][hh] = next_stats[i][hh].x, row_inverse[i][hh] = next_stats[i][hh].y;
+    if (item + 1 < items) load_stats(next_g, next_c, next_stats);
     float logits[2][4][4];
     tile::template product<false>(held, q_tiles + (item & 1) * mass_tile * stride, k_tile, logits);
     // Every row of the chunk sees the whole key tile (all but the last one or
@@ -805,15 +820,18 @@ __global__ void __launch_bounds__(mass_threads, 3)
               if (j0 + tile::key(n, e) > position) logits[i][n][2 * hh + e] = -INFINITY;
         }
     }
+    // Per column, the 4 rows' terms as two independent fma chains, then one add.
+    const auto term = [&](int i, int hh, int n, int e) {
+      return mass_exp2(fmaf(logits[i][n][2 * hh + e], scale, -row_max[i][hh]));
+    };
 #pragma unroll
     for (int n = 0; n < 4; ++n)
 #pragma unroll
-      for (int e = 0; e < 2; ++e)
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int hh = 0; hh < 2; ++hh)
-            column[n][e] += mass_exp2(fmaf(logits[i][n][2 * hh + e], scale, -row_max[i][hh])) * row_inverse[i][hh];
+      for (int e = 0; e < 2; ++e) {
+        const float upper = fmaf(term(0, 1, n, e), row_inverse[0][1], term(0, 0, n, e) * row_inverse[0][0]);
+        const float lower = fmaf(term(1, 1, n, e), row_inverse[1][1], term(1, 0, n, e) * row_inverse[1][0]);
+        column[n][e] += upper + lower;
+      }
     if (head_ends) {  // fold this query head's column sums and write them
 #pragma unroll
       for (int n = 0; n < 4; ++n)
