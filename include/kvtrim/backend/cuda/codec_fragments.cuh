@@ -45,7 +45,6 @@
 
 #include <cuda_fp16.h>
 
-#include <array>
 #include <cstdint>
 
 #include "kvtrim/backend/cuda/codec_fp8.cuh"
@@ -308,22 +307,19 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
   std::int64_t head;
   std::int64_t sealed_end;
   unsigned bias;  // half2(1024 + code offset)
-  // This lane's query channels (key_offset order) rounded to fp16 as the tensor-core path rounds
-  // every query: [step][rb][0] = channels j = 0, 1, [1] = j = 2, 3 (mma.cuh's a[0] / a[2] of row rb).
-  unsigned query[k_steps][row_blocks][2];
-  float query_scale;             // log2(e)/√D, applied to the fp32 scores
-  float query_sum[row_blocks];   // Σ_d q_d over the whole row × query_scale (per-token key zero points)
-  float value_zero_sum[row_blocks];  // Σ_t p_t z_t of this lane's tokens (rescaled with the softmax)
+  float query[k_steps][row_blocks][4];  // this lane's query channels (key_offset order), × log2(e)/√D
+  float query_sum[row_blocks];          // Σ_d q_d over the whole row (per-token key zero points)
+  float value_zero_sum[row_blocks];     // Σ_t p_t z_t of this lane's tokens (rescaled with the softmax)
   // The current warp block:
-  bool residual = false;  // keys from the fp16 residual window (the filling group)
+  bool residual = false;     // keys from the fp16 residual window (the filling group)
   float score_scale[row_blocks];
   float score_offset[row_blocks];
 
   /// `queries`: the group's first query row; `length`: the head's.
   template <class QueryT>
   __device__ __forceinline__ void open(const storage& store_, std::int64_t head_, std::int64_t length,
-                                       const QueryT* queries, std::int64_t head_stride, float query_scale_, int lane) {
-    store = store_, head = head_, query_scale = query_scale_;
+                                       const QueryT* queries, std::int64_t head_stride, float query_scale, int lane) {
+    store = store_, head = head_;
     sealed_end = store.key_group == 0 ? length : length - store.residual_count[head];
     bias = repeat_half(1024.0f + (store.asymmetric ? 0.0f : static_cast<float>(quantizer::symmetric_offset)));
     const int quad = lane % 4, head_row = lane / 4;
@@ -334,19 +330,16 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
 #pragma unroll
       for (int s = 0; s < k_steps; ++s)
 #pragma unroll
-        for (int pair = 0; pair < 2; ++pair) {
-          const auto q = [&](int j) {
-            return row < Group ? to_float(queries[row * head_stride + quad * layout::key_channels + layout::key_offset(s, j)])
-                               : 0.0f;
-          };
-          const __half2 halves = __floats2half2_rn(q(2 * pair), q(2 * pair + 1));
-          query[s][rb][pair] = *reinterpret_cast<const unsigned*>(&halves);
-          const float2 rounded = __half22float2(halves);
-          sum += rounded.x + rounded.y;
+        for (int j = 0; j < 4; ++j) {
+          const float q = row < Group ? to_float(queries[row * head_stride + quad * layout::key_channels +
+                                                         layout::key_offset(s, j)]) * query_scale
+                                      : 0.0f;
+          query[s][rb][j] = q;
+          sum += q;
         }
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      query_sum[rb] = sum * query_scale;
+      query_sum[rb] = sum;
       value_zero_sum[rb] = 0.0f;
     }
   }
@@ -357,86 +350,64 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
   __device__ __forceinline__ void block(const float* side_tile, int warp, std::int64_t first, std::int64_t end,
                                         int lane, unsigned (&a)[k_steps][4]) {
     residual = store.key_group != 0 && first >= sealed_end;
+    float query_step[k_steps][row_blocks][4];
     if (store.key_group != 0 && !residual && first < end) {
       // q'_d = q_d·s_d·2^e per row, e from the row's largest |q_d·s_d|; zero points: Σ_d q_d z_d.
-      // Two passes over this lane's steps in shared memory (the largest, then the operands): the
-      // products are not kept in registers between them.
+      // This lane's channels' steps (and zero points): 16-byte shared loads (16-byte aligned pieces).
       const int quad = lane % 4;
-      const float* steps = side_tile + side_type::run_steps_at + warp * HeadDim + quad * layout::key_channels;
-      const float* zeros = side_tile + side_type::run_zeros_at + warp * HeadDim + quad * layout::key_channels;
-      // Channels j of step s: 4 steps of one 16-byte piece (int8: piece s; int4: pieces of words s / 2).
-      const auto four = [&](const float* from, int s) {
-        float out[4];
-        if constexpr (Bits == 8) {
-          const float4 v = reinterpret_cast<const float4*>(from)[s];
-          out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
-        } else {
+      const int at = warp * HeadDim + quad * layout::key_channels;
+      float steps[layout::key_channels], zeros[layout::key_channels];
 #pragma unroll
-          for (int j = 0; j < 4; ++j) out[j] = from[layout::key_offset(s, j)];
-        }
-        return std::array<float, 4>{out[0], out[1], out[2], out[3]};
-      };
-      float largest[row_blocks], zero_dot[row_blocks];
-#pragma unroll
-      for (int rb = 0; rb < row_blocks; ++rb) largest[rb] = 0.0f, zero_dot[rb] = 0.0f;
-#pragma unroll
-      for (int s = 0; s < k_steps; ++s) {
-        const std::array<float, 4> step = four(steps, s);
-#pragma unroll
-        for (int rb = 0; rb < row_blocks; ++rb)
-#pragma unroll
-          for (int pair = 0; pair < 2; ++pair) {
-            const float2 q = __half22float2(*reinterpret_cast<const __half2*>(&query[s][rb][pair]));
-            largest[rb] = fmaxf(largest[rb], fmaxf(fabsf(q.x * step[2 * pair]), fabsf(q.y * step[2 * pair + 1])));
-          }
-        if (store.asymmetric) {
-          const std::array<float, 4> zero = four(zeros, s);
-#pragma unroll
-          for (int rb = 0; rb < row_blocks; ++rb)
-#pragma unroll
-            for (int pair = 0; pair < 2; ++pair) {
-              const float2 q = __half22float2(*reinterpret_cast<const __half2*>(&query[s][rb][pair]));
-              zero_dot[rb] = fmaf(q.x, zero[2 * pair], fmaf(q.y, zero[2 * pair + 1], zero_dot[rb]));
-            }
-        }
+      for (int i = 0; i < layout::key_channels / 4; ++i) {
+        *reinterpret_cast<float4*>(steps + 4 * i) =
+            reinterpret_cast<const float4*>(side_tile + side_type::run_steps_at + at)[i];
+        if (store.asymmetric)
+          *reinterpret_cast<float4*>(zeros + 4 * i) =
+              reinterpret_cast<const float4*>(side_tile + side_type::run_zeros_at + at)[i];
       }
-      float up[row_blocks];
 #pragma unroll
       for (int rb = 0; rb < row_blocks; ++rb) {
-        float row_largest = fmaxf(largest[rb], __shfl_xor_sync(0xffffffffu, largest[rb], 1));
-        row_largest = fmaxf(row_largest, __shfl_xor_sync(0xffffffffu, row_largest, 2));
-        float dot = zero_dot[rb] + __shfl_xor_sync(0xffffffffu, zero_dot[rb], 1);
-        dot += __shfl_xor_sync(0xffffffffu, dot, 2);
-        // 2^e with largest·2^e in [2^8, 2^9): exact powers of two (largest = 0 or below fp32's normals: e = 0).
-        const int exponent = (__float_as_int(row_largest) >> 23) & 0xFF;
-        const int e = exponent == 0 ? 0 : min(135 - exponent, 126);
-        up[rb] = __int_as_float((127 + e) << 23);
-        score_scale[rb] = __int_as_float((127 - e) << 23) * query_scale;
-        score_offset[rb] = dot * query_scale;
-      }
+        float largest = 0.0f, zero_dot = 0.0f;
 #pragma unroll
-      for (int s = 0; s < k_steps; ++s) {
-        const std::array<float, 4> step = four(steps, s);
+        for (int s = 0; s < k_steps; ++s)
 #pragma unroll
-        for (int rb = 0; rb < row_blocks; ++rb)
-#pragma unroll
-          for (int pair = 0; pair < 2; ++pair) {
-            const float2 q = __half22float2(*reinterpret_cast<const __half2*>(&query[s][rb][pair]));
-            // The product (one fp32 rounding), times 2^e (exact), rounded to fp16 once.
-            a[s][rb + 2 * pair] = pack_halves(q.x * step[2 * pair] * up[rb], q.y * step[2 * pair + 1] * up[rb]);
+          for (int j = 0; j < 4; ++j) {
+            query_step[s][rb][j] = query[s][rb][j] * steps[layout::key_offset(s, j)];
+            largest = fmaxf(largest, fabsf(query_step[s][rb][j]));
+            if (store.asymmetric) zero_dot = fmaf(query[s][rb][j], zeros[layout::key_offset(s, j)], zero_dot);
           }
+        largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, 1));
+        largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, 2));
+        zero_dot += __shfl_xor_sync(0xffffffffu, zero_dot, 1);
+        zero_dot += __shfl_xor_sync(0xffffffffu, zero_dot, 2);
+        // 2^e with largest·2^e in [2^8, 2^9): exact powers of two (largest = 0 or below fp32's normals: e = 0).
+        const int exponent = (__float_as_int(largest) >> 23) & 0xFF;
+        const int e = exponent == 0 ? 0 : min(135 - exponent, 126);
+        const float up = __int_as_float((127 + e) << 23), down = __int_as_float((127 - e) << 23);
+#pragma unroll
+        for (int s = 0; s < k_steps; ++s)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) query_step[s][rb][j] *= up;
+        score_scale[rb] = down;
+        score_offset[rb] = zero_dot;
       }
     } else {
 #pragma unroll
       for (int s = 0; s < k_steps; ++s)
 #pragma unroll
-        for (int rb = 0; rb < row_blocks; ++rb) a[s][rb] = query[s][rb][0], a[s][rb + 2] = query[s][rb][1];
+        for (int rb = 0; rb < row_blocks; ++rb)
 #pragma unroll
-      for (int rb = 0; rb < row_blocks; ++rb) score_scale[rb] = query_scale, score_offset[rb] = 0.0f;
+          for (int j = 0; j < 4; ++j) query_step[s][rb][j] = query[s][rb][j];
+#pragma unroll
+      for (int rb = 0; rb < row_blocks; ++rb) score_scale[rb] = 1.0f, score_offset[rb] = 0.0f;
     }
-    if constexpr (row_blocks == 1)
 #pragma unroll
-      for (int s = 0; s < k_steps; ++s) a[s][1] = 0u, a[s][3] = 0u;  // rows 8..15: no query heads
+    for (int s = 0; s < k_steps; ++s) {
+      a[s][0] = pack_halves(query_step[s][0][0], query_step[s][0][1]);
+      a[s][2] = pack_halves(query_step[s][0][2], query_step[s][0][3]);
+      a[s][1] = row_blocks > 1 ? pack_halves(query_step[s][row_blocks - 1][0], query_step[s][row_blocks - 1][1]) : 0u;
+      a[s][3] = row_blocks > 1 ? pack_halves(query_step[s][row_blocks - 1][2], query_step[s][row_blocks - 1][3]) : 0u;
+    }
   }
 
   /// Key operands of the 8 tokens [first, first + 8) of the block: this lane's token first + lane / 4,
@@ -471,7 +442,7 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
     if (store.key_group == 0) {
       const float step = side_tile[2 * tile_tokens + index];
       const float zero = store.asymmetric ? side_tile[3 * tile_tokens + index] : 0.0f;
-      return fmaf(accumulator, step * query_scale, zero * query_sum[rb]);
+      return fmaf(accumulator, step, zero * query_sum[rb]);
     }
     return fmaf(accumulator, score_scale[rb], score_offset[rb]);
   }

@@ -212,8 +212,6 @@ __device__ __forceinline__ std::int64_t position_of_row(const codec_write<View, 
        head += (w).target >= 0 ? (w).cache.heads() : std::int64_t{gridDim.y})
 
 inline constexpr int codec_write_threads = 256;
-/// Rows a warp of codec_encode_rows resolves and loads together.
-inline constexpr int codec_encode_rows_per_warp = 4;
 
 // 1. fp8 head_amax scales (compaction), in three launches so that every head's
 // rows are read by many blocks: the scales are negated (a mark: scales are > 0),
@@ -287,41 +285,23 @@ __global__ void __launch_bounds__(codec_write_threads) codec_encode_rows(const _
   KVTRIM_FOR_EACH_WRITTEN_HEAD(w, head) {
     const std::int64_t rows = rows_of(w, head), first = first_of(w, head);
     const head_coordinates coordinates = coordinates_of(w, head);
-    // codec_encode_rows_per_warp rows per warp and step: every row's index loads, then every row's
-    // elements, are issued together (a warp with one row at a time waits on three dependent loads).
-    constexpr int batch = codec_encode_rows_per_warp;
-    for (std::int64_t r0 = (blockIdx.x * std::int64_t{warps} + threadIdx.x / 32) * batch; r0 < rows;
-         r0 += std::int64_t{gridDim.x} * warps * batch) {
-      std::int64_t slot[batch];
-      source_row<InT> source[batch];
+    for (std::int64_t r = blockIdx.x * std::int64_t{warps} + threadIdx.x / 32; r < rows;
+         r += std::int64_t{gridDim.x} * warps) {
+      const std::int64_t slot = w.cache.slot(coordinates.b, coordinates.h, first + r);
+      const source_row<InT> source = row_of(w, head, r, coordinates);
+      float key[8] = {}, value[8] = {};
 #pragma unroll
-      for (int i = 0; i < batch; ++i)
-        if (r0 + i < rows) {
-          slot[i] = w.cache.slot(coordinates.b, coordinates.h, first + r0 + i);
-          source[i] = row_of(w, head, r0 + i, coordinates);
-        }
-      float key[batch][8] = {}, value[batch][8] = {};
+      for (int j = 0; j < 4; ++j)
+        if (j < pairs)
 #pragma unroll
-      for (int i = 0; i < batch; ++i)
-        if (r0 + i < rows)
-#pragma unroll
-          for (int j = 0; j < 4; ++j)
-            if (j < pairs)
-#pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                const std::int64_t d = 2 * lane + 64 * j + e;
-                if (row_keys) key[i][2 * j + e] = source[i].key_at(d);
-                value[i][2 * j + e] = source[i].value_at(d);
-              }
-#pragma unroll
-      for (int i = 0; i < batch; ++i)
-        if (r0 + i < rows) {
-          if (lane == 0)
-            w.cache.positions.slot_position[slot[i]] = static_cast<std::int32_t>(position_of_row(w, head, r0 + i));
-          using encoded = encoded_codec<typename View::codec>;
-          codec_device<typename encoded::type>::encode_row(encoded::of(w.cache.storage), head, slot[i], lane, pairs,
-                                                          key[i], value[i]);
-        }
+          for (int e = 0; e < 2; ++e) {
+            const std::int64_t d = 2 * lane + 64 * j + e;
+            if (row_keys) key[2 * j + e] = source.key_at(d);
+            value[2 * j + e] = source.value_at(d);
+          }
+      if (lane == 0) w.cache.positions.slot_position[slot] = static_cast<std::int32_t>(position_of_row(w, head, r));
+      using encoded = encoded_codec<typename View::codec>;
+      codec_device<typename encoded::type>::encode_row(encoded::of(w.cache.storage), head, slot, lane, pairs, key, value);
     }
   }
 }
@@ -376,27 +356,15 @@ __global__ void __launch_bounds__(kivi_threads) kivi_seal_groups(const __grid_co
         __syncthreads();  // the previous group's reads are done
         // A warp per key, resolved once (a residual row or the input's row), its channels coalesced:
         // no per-element index arithmetic (64-bit divisions are emulated).
-        // codec_encode_rows_per_warp keys per warp and step, their loads issued together.
-        constexpr int batch = codec_encode_rows_per_warp;
-        for (std::int64_t p0 = threadIdx.x / 32 * batch; p0 < group; p0 += kivi_threads / 32 * batch) {
-          source_row<InT> source[batch];
-#pragma unroll
-          for (int i = 0; i < batch; ++i) {
-            const std::int64_t s = base + p0 + i;
-            if (p0 + i < group && s >= rc) source[i] = row_of(w, head, s - rc, coordinates);
-          }
-          for (std::int64_t d = threadIdx.x % 32; d < head_dim; d += 32) {
-            __half key[batch];
-#pragma unroll
-            for (int i = 0; i < batch; ++i) {
-              const std::int64_t s = base + p0 + i;
-              if (p0 + i < group)
-                key[i] = s < rc ? reinterpret_cast<const __half*>(store.residual_keys)[(head * group + s) * head_dim + d]
-                                : __float2half_rn(source[i].key_at(d));
-            }
-#pragma unroll
-            for (int i = 0; i < batch; ++i)
-              if (p0 + i < group) staged_keys[(p0 + i) * head_dim + d] = key[i];
+        for (std::int64_t p = threadIdx.x / 32; p < group; p += kivi_threads / 32) {
+          const std::int64_t s = base + p;
+          __half* staged_row = staged_keys + p * head_dim;
+          if (s < rc) {
+            const auto* residual = reinterpret_cast<const __half*>(store.residual_keys) + (head * group + s) * head_dim;
+            for (std::int64_t d = threadIdx.x % 32; d < head_dim; d += 32) staged_row[d] = residual[d];
+          } else {
+            const source_row<InT> source = row_of(w, head, s - rc, coordinates);
+            for (std::int64_t d = threadIdx.x % 32; d < head_dim; d += 32) staged_row[d] = __float2half_rn(source.key_at(d));
           }
         }
         for (std::int64_t p = threadIdx.x; p < group; p += kivi_threads)
@@ -410,17 +378,7 @@ __global__ void __launch_bounds__(kivi_threads) kivi_seal_groups(const __grid_co
       const auto slot_at = [&](std::int64_t p) {
         return staged ? staged_slots[p] : stream_slot(w, head, rc, first, base + p);
       };
-      // A channel pair per thread; the block's threads beyond head_dim / 2 pairs take a share of the
-      // group's keys for the same pairs (each fits the pair over the whole group: the same steps).
-      const std::int64_t pairs = head_dim / 2;
-      const std::int64_t shares = pairs < kivi_threads ? kivi_threads / pairs : 1;  // ≥ 1 thread per pair
-      const std::int64_t share = threadIdx.x / pairs < shares ? threadIdx.x / pairs : shares;  // == shares: idle
-      // Keys of a share: an even split of the group.
-      const std::int64_t keys_per_share = (group + shares - 1) / shares;
-      const std::int64_t first_key = share * keys_per_share;
-      const std::int64_t last_key = first_key + keys_per_share < group ? first_key + keys_per_share : group;
-      for (std::int64_t pair = pairs < kivi_threads ? threadIdx.x % pairs : threadIdx.x; share < shares && pair < pairs;
-           pair += kivi_threads) {
+      for (std::int64_t pair = threadIdx.x; 2 * pair < head_dim; pair += kivi_threads) {
         const std::int64_t d = 2 * pair;
         float lowest[2] = {__int_as_float(0x7f800000), __int_as_float(0x7f800000)};
         float highest[2] = {-lowest[0], -lowest[1]};
@@ -433,19 +391,15 @@ __global__ void __launch_bounds__(kivi_threads) kivi_seal_groups(const __grid_co
           }
         const typename device::step steps[2] = {device::fit(lowest[0], highest[0], store.asymmetric),
                                                 device::fit(lowest[1], highest[1], store.asymmetric)};
-        // The run's steps go with its first key's slot; the place in the run is counted, not a
-        // 64-bit modulo per key.
-        std::int64_t in_run = first_key % run;
-        for (std::int64_t p = first_key; p < last_key; ++p) {
+        for (std::int64_t p = 0; p < group; ++p) {
           const std::int64_t slot = slot_at(p);
           device::put_pair(store.key_codes + slot * row_bytes, d, device::code(key(p, d), steps[0], store.asymmetric),
                            device::code(key(p, d + 1), steps[1], store.asymmetric));
-          if (in_run == 0) {
+          if (p % run == 0) {
             const std::int64_t at = slot / run * head_dim + d;
             store.key_scales[at] = steps[0].scale, store.key_scales[at + 1] = steps[1].scale;
             if (store.asymmetric) store.key_zeros[at] = steps[0].zero, store.key_zeros[at + 1] = steps[1].zero;
           }
-          if (++in_run == run) in_run = 0;
         }
       }
       if (threadIdx.x == 0)
@@ -579,9 +533,7 @@ void launch_codec_writes(std::string_view function, const codec_write<View, InT>
   }
   constexpr int warps = codec_write_threads / 32;
   if (rows_bound > 0) {
-    const dim3 grid(
-        static_cast<unsigned>(std::clamp<std::int64_t>(ceil_div(rows_bound, warps * codec_encode_rows_per_warp), 1, 4096)),
-        head_blocks);
+    const dim3 grid(static_cast<unsigned>(std::clamp<std::int64_t>(ceil_div(rows_bound, warps), 1, 4096)), head_blocks);
     codec_encode_rows<View, InT><<<grid, codec_write_threads, 0, stream>>>(w);
     detail::check_launch(function, "codec_encode_rows");
   }

@@ -462,16 +462,10 @@ struct tensor_core_geometry {
   static constexpr std::size_t dequant_bytes = dequantizes ? std::size_t{2} * tile_elements * 2 : 0;
   static constexpr std::size_t stage_bytes =
       std::size_t{2} * tile_tokens * stream_row_stride * sizeof(StoreT) + Side::bytes;
-  /// Code fragments at groups ≤ 8: three blocks per multiprocessor (12 warps: the conversions
-  /// and the per-run query scaling are latency-bound at 8; registers capped at 168 by the launch
-  /// bounds), 73 KB of shared memory each. Otherwise two blocks (108 KB each) at head dims ≤ 128,
-  /// one (200 KB) at 256.
-  static constexpr int blocks_per_multiprocessor = Fragments && Group <= 8 ? 3 : HeadDim <= 128 ? 2 : 1;
-  /// As many stages as fit, between 2 and 4 (6 for code fragments: their tiles are small, and
-  /// more of them in flight is what keeps HBM busy).
-  static constexpr std::size_t shared_budget = blocks_per_multiprocessor == 3 ? 74752
-                                               : blocks_per_multiprocessor == 2 ? 110592
-                                                                                : 204800;
+  /// As many stages as fit in 108 KB of shared memory (two blocks per SM) at head dims ≤ 128,
+  /// 200 KB at 256 (one block), between 2 and 4 (6 for code fragments: their tiles are small,
+  /// and more of them in flight is what keeps HBM busy).
+  static constexpr std::size_t shared_budget = HeadDim <= 128 ? 110592 : 204800;
   static constexpr int stages = static_cast<int>(
       std::clamp<std::size_t>((shared_budget - dequant_bytes) / stage_bytes, 2, Fragments ? 6 : 4));
   template <class Rows>
@@ -541,8 +535,7 @@ struct tensor_core_side<CodecT, HeadDim, Group, true> {
 /// multiple of 16 tokens); otherwise 16-bit storage through ldmatrix, or code tiles
 /// dequantized to fp16 tiles first (layered codecs, KIVI runs shorter than 16 slots, head_dim 256).
 template <int HeadDim, int Group, class StoreT, class Params, bool Fragments = false>
-__global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::threads,
-                                  tensor_core_geometry<HeadDim, StoreT, Group, HeadDim, Fragments>::blocks_per_multiprocessor)
+__global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::threads)
     decode_attention_tensor_core(const __grid_constant__ Params params) {
   wait_for_prerequisite_grid();  // paged / flat: the plan's partition
   allow_dependent_grid();        // the merge's blocks may be scheduled; they wait for this grid
