@@ -22,13 +22,16 @@
 //    (lane_group_sum). Tensor cores (16-bit storage, groups 4, 8, 16): mma.sync
 //    m16n8k16 with the group's query heads as the 16 rows.
 //  * Codecs (codec_tiles): the tiles hold rows as stored — plain elements, or a
-//    quantizing codec's code bytes — and each lane dequantizes its 8 channels
-//    in registers after the shared-memory stage (codec_device<C>::reader: fp8
-//    by the exact conversion times the head's scale; int8 / int4 by their
-//    per-token or per-channel-run steps, KIVI's filling group from the fp16
-//    residual window). Groups 1 and 2 read them on CUDA cores; groups ≥ 4 on
-//    the tensor cores, the block writing each dequantized tile once as fp16
-//    K/V tiles that the mma loop reads as it reads 16-bit storage.
+//    quantizing codec's code bytes. Groups 1 and 2 (CUDA cores): each lane
+//    dequantizes its 8 channels in registers after the shared-memory stage
+//    (codec_device<C>::reader: fp8 by the exact conversion times the head's
+//    scale; int8 / int4 by their per-token or per-channel-run steps, KIVI's
+//    filling group from the fp16 residual window). Groups ≥ 4 (tensor cores):
+//    int8 / int4 / fp8 codes go straight into the mma fragments, their steps
+//    folded into the query and the weights (codec_fragments.cuh, staged with
+//    the tiles as the pipeline's side data); layered codecs, KIVI runs shorter
+//    than 16 slots and head_dim 256 are dequantized tile by tile into fp16 K/V
+//    tiles that the mma loop reads as it reads 16-bit storage.
 //  * Softmax is online (running max m, sum l, accumulator) in fp32, in base 2
 //    with log2(e)/√D folded into the query; the compensation bias (natural log)
 //    is added after the scale as the CPU does, times log2(e).
@@ -438,9 +441,10 @@ __global__ void __launch_bounds__(decode_threads) decode_attention_cuda_core(con
 // shared memory so the 8 rows an ldmatrix reads fall in distinct banks. The
 // attention weights P are rounded to the storage type (fp16/bf16) for the P·V
 // product — FlashAttention's choice; the softmax itself stays in fp32.
-// Quantizing codecs (1-byte code tiles): after a tile lands, the block
-// dequantizes it through the codec's reader into one fp16 K/V tile (rounding
-// each dequantized element to fp16 once), and the same mma loop reads that.
+// Quantizing codecs (1-byte code tiles), Fragments: the codes become mma
+// operands in registers (codec_fragments.cuh). Otherwise, after a tile lands,
+// the block dequantizes it through the codec's reader into one fp16 K/V tile
+// (rounding each dequantized element to fp16 once), and the same mma loop reads that.
 
 template <int HeadDim, class StoreT, int Group, int RowElements = HeadDim, bool Fragments = false,
           class Side = no_tile_side>
