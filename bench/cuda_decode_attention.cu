@@ -86,7 +86,8 @@ void decode_attention(benchmark::State& state) {
 /// token (codes, steps and KIVI run scales: codec::bytes_per_token); the
 /// compaction (encode) is timed too, next to fp16's row copy in the same row set.
 /// codec arg: 0 fp16, 1 int8 (KIVI groups of 32), 2 int8 (zero points), 3 int4
-/// (KIVI, zero points), 4 fp8 e4m3 (head scales).
+/// (KIVI, zero points), 4 fp8 e4m3 (head amax scales), 5 int4 (KIVI, symmetric),
+/// 6 fp8 e4m3 (fixed scales: no amax pass in the encode).
 template <class CodecT>
 void codec_decode(benchmark::State& state) {
   using scheme = kt::scheme<kt::layout::contiguous, kt::score::static_window, kt::budget::uniform, CodecT,
@@ -95,6 +96,8 @@ void codec_decode(benchmark::State& state) {
   const kt::model_shape shape{.q_heads = state.range(2), .kv_heads = state.range(3), .head_dim = state.range(4)};
   typename CodecT::config config{};
   if constexpr (requires { config.asymmetric; }) config.asymmetric = state.range(5) == 2 || state.range(5) == 3;
+  if constexpr (requires { config.scales; })
+    config.scales = state.range(5) == 6 ? kt::codec::fp8_scaling::fixed : kt::codec::fp8_scaling::head_amax;
   auto cache = scheme::make_cache(shape, batch, tokens, config);
   const std::int64_t heads = batch * shape.kv_heads, elements = heads * tokens * shape.head_dim;
   __half *keys = nullptr, *values = nullptr;
@@ -295,6 +298,8 @@ BENCHMARK(codec_decode<kt::codec::int8>)->Name("codec_decode_int8") KVTRIM_CODEC
 BENCHMARK(codec_decode<kt::codec::int8>)->Name("codec_decode_int8_zero_point") KVTRIM_CODEC_ROWS(2);
 BENCHMARK(codec_decode<kt::codec::int4>)->Name("codec_decode_int4_zero_point") KVTRIM_CODEC_ROWS(3);
 BENCHMARK(codec_decode<kt::codec::fp8>)->Name("codec_decode_fp8") KVTRIM_CODEC_ROWS(4);
+BENCHMARK(codec_decode<kt::codec::int4>)->Name("codec_decode_int4") KVTRIM_CODEC_ROWS(5);
+BENCHMARK(codec_decode<kt::codec::fp8>)->Name("codec_decode_fp8_fixed_scales") KVTRIM_CODEC_ROWS(6);
 
 // Workload W (batch 8, 32 q heads, 8 kv heads, D 128) over paged (pages of 16, scattered) and flat caches.
 // lengths: 0 every head full, 1 every head 30 %, 2 Ada-KV-like 5–90 % (mean 30 %).

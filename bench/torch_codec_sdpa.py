@@ -98,5 +98,5 @@ def time_codec(codec, batch, tokens, q_heads, kv_heads, head_dim, repetitions=50
 
 
 if __name__ == "__main__":
-    codecs = ["fp16", "int8", "int8_zero_point", "int4_zero_point", "fp8"]
+    codecs = ["fp16", "int8", "int8_zero_point", "int4_zero_point", "int4", "fp8"]
     json.dump([time_codec(codec, *shape) for shape in SHAPES for codec in codecs], sys.stdout, indent=1)

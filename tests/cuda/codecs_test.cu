@@ -384,6 +384,11 @@ struct harness {
     // (decode_test) and 4u·V for the values.
     // Groups ≥ 4 run on the tensor cores: each dequantized key and value is rounded to fp16 once
     // (u_h = 2^-11: logits move by ≤ u_h·S, outputs by ≤ u_h·V) and the weights P too (≤ u_h·V).
+    // Read as fragments (codec_fragments.cuh) the codes stay exact and the roundings move: the
+    // query times the run's key steps (q_d·s_d·2^e, or q_d alone) is rounded to fp16 once, which
+    // moves a logit by ≤ u_h·Σ_d |q_d s_d c̄_d|/√D ≤ u_h·S (|s c̄| = |k̂ − z| ≤ |k̂| + |z|; channels that
+    // fall below fp16's normals lose ≤ 2^-25·|c̄|·2^-e each, far below u_h·S); the weights times the
+    // values' steps p·s_t are rounded once: outputs move by ≤ u_h·max|v̂ − z| ≤ u_h·V. Same terms.
     const double u = kt::element_traits<float>::unit_roundoff;
     const double u_h = c.group >= 4 ? kt::element_traits<kt::half>::unit_roundoff : 0.0;
     double worst = 0.0;
@@ -579,7 +584,16 @@ INSTANTIATE_TEST_SUITE_P(
         // layered<C>: 3 fp16 sinks and a ring of 40 newest tokens over int8 (KIVI, zero points) and fp8
         codec_case{L::paged, K::layered_int8, 1, 2, 4, 128, 16, {4097, 17}, true},
         codec_case{L::flat, K::layered_int8, 2, 2, 1, 64, 0, {33, 1, 100, 41}, false},
-        codec_case{L::contiguous, K::layered_fp8, 1, 2, 8, 128, 0, {45}, false}),
+        codec_case{L::contiguous, K::layered_fp8, 1, 2, 8, 128, 0, {45}, false},
+        // Tensor-core fragments (groups ≥ 4, head_dim ≤ 128): split-K segments starting inside a
+        // warp block (tiles start at a multiple of 16 tokens, the tokens before are masked), a
+        // one-token head (its group still filling: fp16 residual keys), ragged heads with
+        // compensation rows; pages of 8 (runs of 8 slots: the dequantize-tile path instead).
+        codec_case{L::contiguous, K::int8_groups, 2, 2, 4, 128, 0, {4097}, false},
+        codec_case{L::contiguous, K::int4_groups, 1, 2, 8, 128, 0, {1}, false},
+        codec_case{L::flat, K::int8_groups, 1, 3, 4, 64, 0, {17, 4097, 64}, true},
+        codec_case{L::paged, K::int8_groups_zero_point, 1, 2, 4, 128, 8, {40, 17}, false},
+        codec_case{L::paged, K::fp8_head_amax, 1, 2, 4, 64, 16, {33, 1}, true}),
     [](const ::testing::TestParamInfo<codec_case>& info) { return kt::detail::cat(name_of(info.param), "_", info.index); });
 
 // ---- memory: kvtrim::stats counts what a device cache allocates --------------

@@ -62,8 +62,7 @@ struct codec_device<codec::quantized<Bits>> {
   /// Stores the codes of channels d and d + 1 (d even).
   __device__ __forceinline__ static void put_pair(std::uint8_t* row, std::int64_t d, unsigned first, unsigned second) {
     if constexpr (Bits == 8) {
-      row[d] = static_cast<std::uint8_t>(first);
-      row[d + 1] = static_cast<std::uint8_t>(second);
+      *reinterpret_cast<std::uint16_t*>(row + d) = static_cast<std::uint16_t>(first | second << 8);  // d even: aligned
     } else {
       row[d / 2] = static_cast<std::uint8_t>(first | second << 4);
     }

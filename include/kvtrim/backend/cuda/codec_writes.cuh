@@ -131,13 +131,27 @@ template <class View, class InT>
 __device__ __forceinline__ std::int64_t slot_of(const codec_write<View, InT>& w, std::int64_t head, std::int64_t index) {
   return w.cache.slot(head / w.cache.shape.kv_heads, head % w.cache.shape.kv_heads, index);
 }
+/// A head's (sequence, kv head), computed once per head by the kernels that visit many of its rows
+/// (64-bit divisions are emulated: dozens of instructions each).
+struct head_coordinates {
+  std::int64_t b, h;
+};
+template <class View, class InT>
+__device__ __forceinline__ head_coordinates coordinates_of(const codec_write<View, InT>& w, std::int64_t head) {
+  return {head / w.cache.shape.kv_heads, head % w.cache.shape.kv_heads};
+}
 /// Channel d of row r of the head's input: (key, value); returns nothing, fills both.
 template <class View, class InT>
 __device__ __forceinline__ std::int64_t source_offset(const codec_write<View, InT>& w, std::int64_t head,
-                                                      std::int64_t r) {
-  const std::int64_t b = head / w.cache.shape.kv_heads, h = head % w.cache.shape.kv_heads;
+                                                      std::int64_t r, head_coordinates at) {
+  const std::int64_t b = at.b, h = at.h;
   const std::int64_t token = is_compaction(w) ? std::int64_t{w.kept_tokens[w.kept_offsets[head] + r]} : r;
   return b * w.batch_stride + h * w.head_stride + token * w.token_stride;
+}
+template <class View, class InT>
+__device__ __forceinline__ std::int64_t source_offset(const codec_write<View, InT>& w, std::int64_t head,
+                                                      std::int64_t r) {
+  return source_offset(w, head, r, coordinates_of(w, head));
 }
 template <class View, class InT>
 __device__ __forceinline__ bool is_compensation_row(const codec_write<View, InT>& w, std::int64_t head,
@@ -159,13 +173,18 @@ struct source_row {
   }
 };
 template <class View, class InT>
-__device__ __forceinline__ source_row<InT> row_of(const codec_write<View, InT>& w, std::int64_t head, std::int64_t r) {
+__device__ __forceinline__ source_row<InT> row_of(const codec_write<View, InT>& w, std::int64_t head, std::int64_t r,
+                                                  head_coordinates coordinates) {
   if (is_compensation_row(w, head, r)) {
     const std::int64_t at = head * w.cache.shape.head_dim;
     return {w.compensation.keys + at, w.compensation.values + at, nullptr, nullptr};
   }
-  const std::int64_t offset = source_offset(w, head, r);
+  const std::int64_t offset = source_offset(w, head, r, coordinates);
   return {nullptr, nullptr, w.keys + offset, w.values + offset};
+}
+template <class View, class InT>
+__device__ __forceinline__ source_row<InT> row_of(const codec_write<View, InT>& w, std::int64_t head, std::int64_t r) {
+  return row_of(w, head, r, coordinates_of(w, head));
 }
 template <class View, class InT>
 __device__ __forceinline__ float source_key(const codec_write<View, InT>& w, std::int64_t head, std::int64_t r,
@@ -222,15 +241,22 @@ __global__ void __launch_bounds__(codec_write_threads) codec_head_amax(const __g
   if (write_failed(w)) return;
   using reduce = cub::BlockReduce<float, codec_write_threads>;
   __shared__ typename reduce::TempStorage temp;
+  constexpr int warps = codec_write_threads / 32;
+  const int lane = threadIdx.x % 32;
   const auto& store = encoded_codec<typename View::codec>::of(w.cache.storage);
   const std::int64_t head_dim = w.cache.shape.head_dim;
   for (std::int64_t head = blockIdx.y; head < w.cache.heads(); head += gridDim.y) {
-    const std::int64_t elements = rows_of(w, head) * head_dim;
+    const std::int64_t rows = rows_of(w, head);
+    const head_coordinates coordinates = coordinates_of(w, head);
     float key_amax = 0.0f, value_amax = 0.0f;
-    for (std::int64_t e = blockIdx.x * std::int64_t{codec_write_threads} + threadIdx.x; e < elements;
-         e += std::int64_t{gridDim.x} * codec_write_threads) {
-      key_amax = fmaxf(key_amax, fabsf(source_key(w, head, e / head_dim, e % head_dim)));
-      value_amax = fmaxf(value_amax, fabsf(source_value(w, head, e / head_dim, e % head_dim)));
+    // A warp per row: the row is resolved once (no per-element index arithmetic), its channels coalesced.
+    for (std::int64_t r = blockIdx.x * std::int64_t{warps} + threadIdx.x / 32; r < rows;
+         r += std::int64_t{gridDim.x} * warps) {
+      const source_row<InT> source = row_of(w, head, r, coordinates);
+      for (int d = lane; d < head_dim; d += 32) {
+        key_amax = fmaxf(key_amax, fabsf(source.key_at(d)));
+        value_amax = fmaxf(value_amax, fabsf(source.value_at(d)));
+      }
     }
     const auto max_op = [](float a, float b) { return fmaxf(a, b); };
     key_amax = reduce(temp).Reduce(key_amax, max_op);
@@ -252,12 +278,17 @@ __global__ void __launch_bounds__(codec_write_threads) codec_encode_rows(const _
   const int lane = threadIdx.x % 32;
   const std::int64_t head_dim = w.cache.shape.head_dim;
   const int pairs = static_cast<int>((head_dim - 2 * lane + 63) / 64);  // channel pairs 2·lane + 64·j of this lane
+  // Keys encoded here (per-token runs, fp8 rows); KIVI keys are read by kivi_seal_groups instead.
+  bool row_keys = true;
+  if constexpr (codec_device<typename encoded_codec<typename View::codec>::type>::key_groups)
+    row_keys = encoded_codec<typename View::codec>::of(w.cache.storage).key_group == 0;
   KVTRIM_FOR_EACH_WRITTEN_HEAD(w, head) {
     const std::int64_t rows = rows_of(w, head), first = first_of(w, head);
+    const head_coordinates coordinates = coordinates_of(w, head);
     for (std::int64_t r = blockIdx.x * std::int64_t{warps} + threadIdx.x / 32; r < rows;
          r += std::int64_t{gridDim.x} * warps) {
-      const std::int64_t slot = slot_of(w, head, first + r);
-      const source_row<InT> source = row_of(w, head, r);
+      const std::int64_t slot = w.cache.slot(coordinates.b, coordinates.h, first + r);
+      const source_row<InT> source = row_of(w, head, r, coordinates);
       float key[8] = {}, value[8] = {};
 #pragma unroll
       for (int j = 0; j < 4; ++j)
@@ -265,7 +296,7 @@ __global__ void __launch_bounds__(codec_write_threads) codec_encode_rows(const _
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const std::int64_t d = 2 * lane + 64 * j + e;
-            key[2 * j + e] = source.key_at(d);
+            if (row_keys) key[2 * j + e] = source.key_at(d);
             value[2 * j + e] = source.value_at(d);
           }
       if (lane == 0) w.cache.positions.slot_position[slot] = static_cast<std::int32_t>(position_of_row(w, head, r));
@@ -318,13 +349,24 @@ __global__ void __launch_bounds__(kivi_threads) kivi_seal_groups(const __grid_co
   KVTRIM_FOR_EACH_WRITTEN_HEAD(w, head) {
     const std::int64_t rc = filling_count(w, head), first = first_of(w, head);
     const std::int64_t sealed = (rc + rows_of(w, head)) / group;
+    const head_coordinates coordinates = coordinates_of(w, head);
     for (std::int64_t k = blockIdx.x; k < sealed; k += gridDim.x) {
       const std::int64_t base = k * group;
       if (staged) {
         __syncthreads();  // the previous group's reads are done
-#pragma unroll 4
-        for (std::int64_t i = threadIdx.x; i < group * head_dim; i += kivi_threads)
-          staged_keys[i] = __float2half_rn(stream_key(w, head, rc, base + i / head_dim, i % head_dim));
+        // A warp per key, resolved once (a residual row or the input's row), its channels coalesced:
+        // no per-element index arithmetic (64-bit divisions are emulated).
+        for (std::int64_t p = threadIdx.x / 32; p < group; p += kivi_threads / 32) {
+          const std::int64_t s = base + p;
+          __half* staged_row = staged_keys + p * head_dim;
+          if (s < rc) {
+            const auto* residual = reinterpret_cast<const __half*>(store.residual_keys) + (head * group + s) * head_dim;
+            for (std::int64_t d = threadIdx.x % 32; d < head_dim; d += 32) staged_row[d] = residual[d];
+          } else {
+            const source_row<InT> source = row_of(w, head, s - rc, coordinates);
+            for (std::int64_t d = threadIdx.x % 32; d < head_dim; d += 32) staged_row[d] = __float2half_rn(source.key_at(d));
+          }
+        }
         for (std::int64_t p = threadIdx.x; p < group; p += kivi_threads)
           staged_slots[p] = stream_slot(w, head, rc, first, base + p);
         __syncthreads();

@@ -22,13 +22,16 @@
 //    (lane_group_sum). Tensor cores (16-bit storage, groups 4, 8, 16): mma.sync
 //    m16n8k16 with the group's query heads as the 16 rows.
 //  * Codecs (codec_tiles): the tiles hold rows as stored — plain elements, or a
-//    quantizing codec's code bytes — and each lane dequantizes its 8 channels
-//    in registers after the shared-memory stage (codec_device<C>::reader: fp8
-//    by the exact conversion times the head's scale; int8 / int4 by their
-//    per-token or per-channel-run steps, KIVI's filling group from the fp16
-//    residual window). Groups 1 and 2 read them on CUDA cores; groups ≥ 4 on
-//    the tensor cores, the block writing each dequantized tile once as fp16
-//    K/V tiles that the mma loop reads as it reads 16-bit storage.
+//    quantizing codec's code bytes. Groups 1 and 2 (CUDA cores): each lane
+//    dequantizes its 8 channels in registers after the shared-memory stage
+//    (codec_device<C>::reader: fp8 by the exact conversion times the head's
+//    scale; int8 / int4 by their per-token or per-channel-run steps, KIVI's
+//    filling group from the fp16 residual window). Groups ≥ 4 (tensor cores):
+//    int8 / int4 / fp8 codes go straight into the mma fragments, their steps
+//    folded into the query and the weights (codec_fragments.cuh, staged with
+//    the tiles as the pipeline's side data); layered codecs, KIVI runs shorter
+//    than 16 slots and head_dim 256 are dequantized tile by tile into fp16 K/V
+//    tiles that the mma loop reads as it reads 16-bit storage.
 //  * Softmax is online (running max m, sum l, accumulator) in fp32, in base 2
 //    with log2(e)/√D folded into the query; the compensation bias (natural log)
 //    is added after the scale as the CPU does, times log2(e).
@@ -43,6 +46,7 @@
 #include <limits>
 #include <utility>
 
+#include "kvtrim/backend/cuda/codec_fragments.cuh"
 #include "kvtrim/backend/cuda/codec_writes.cuh"
 #include "kvtrim/backend/cuda/common.cuh"
 #include "kvtrim/backend/cuda/decode_plan.cuh"
@@ -60,17 +64,6 @@ inline constexpr int decode_threads = decode_warps * 32;
 /// Tokens each lane group handles per tile.
 inline constexpr int decode_unroll = 4;
 
-/// 16-byte asynchronous global → shared copy; `bytes` = 0 zero-fills the destination.
-__device__ __forceinline__ void copy_async16(void* shared_destination, const void* global_source, int bytes) {
-  const auto destination = static_cast<unsigned>(__cvta_generic_to_shared(shared_destination));
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(destination), "l"(global_source), "r"(bytes));
-}
-__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int Pending>
-__device__ __forceinline__ void copy_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
-}
-
 /// A head's tokens [begin, end) as K/V tiles of TileTokens rows in a
 /// `Stages`-deep ring of shared memory ([stage][keys, values][token][RowStride]),
 /// filled by cp.async: tile t + Stages − 1 is requested while tile t is read.
@@ -78,15 +71,20 @@ __device__ __forceinline__ void copy_async_wait() {
 /// 16-byte chunks; the slots of its rows of the next tile are resolved (for
 /// paged caches: independent page-table loads, issued together) right after
 /// the current tile's copies are issued, so their latency hides behind the
-/// block's compute instead of delaying the next tile's copies.
-template <class StoreT, int HeadDim, int RowStride, int TileTokens, int Stages, int Threads, class Rows>
+/// block's compute instead of delaying the next tile's copies. `Side`: per-tile
+/// data a codec stages with the rows (codec_fragments.cuh: quantized_tile_side),
+/// after the K/V tiles of each stage.
+template <class StoreT, int HeadDim, int RowStride, int TileTokens, int Stages, int Threads, class Rows,
+          class Side = no_tile_side>
 struct kv_tile_stream {
   static constexpr int chunk_elements = 16 / static_cast<int>(sizeof(StoreT));
   static constexpr int chunks_per_row = HeadDim / chunk_elements;
   static constexpr int chunks_per_thread = TileTokens * chunks_per_row / Threads;
   static_assert(TileTokens * chunks_per_row % Threads == 0, "kv_tile_stream: chunks must split evenly over threads");
   static constexpr int tile_elements = TileTokens * RowStride;
-  static constexpr std::size_t bytes = std::size_t{Stages} * 2 * tile_elements * sizeof(StoreT);
+  static constexpr std::size_t tiles_bytes = std::size_t{Stages} * 2 * tile_elements * sizeof(StoreT);
+  static_assert(tiles_bytes % 16 == 0 && Side::bytes % 16 == 0, "kv_tile_stream: 16-byte aligned stages");
+  static constexpr std::size_t bytes = tiles_bytes + Stages * Side::bytes;
 
   StoreT* tiles;
   const StoreT* keys;
@@ -94,12 +92,20 @@ struct kv_tile_stream {
   Rows rows;
   std::int64_t begin, end;
   int tile_count;
+  Side side;
   std::int64_t source[chunks_per_thread];  // element offsets of the next tile's rows to issue (−1: past the end)
 
   __device__ __forceinline__ kv_tile_stream(void* shared, const StoreT* keys_, const StoreT* values_, Rows rows_,
-                                            std::int64_t begin_, std::int64_t end_)
+                                            std::int64_t begin_, std::int64_t end_, Side side_ = {})
       : tiles(static_cast<StoreT*>(shared)), keys(keys_), values(values_), rows(rows_), begin(begin_), end(end_),
-        tile_count(end_ > begin_ ? static_cast<int>((end_ - begin_ + TileTokens - 1) / TileTokens) : 0) {}
+        tile_count(end_ > begin_ ? static_cast<int>((end_ - begin_ + TileTokens - 1) / TileTokens) : 0),
+        side(side_) {}
+
+  /// The side data of `tile` (floats, after every stage's K/V tiles).
+  __device__ __forceinline__ float* side_tile(int tile) const {
+    return reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(tiles) + tiles_bytes +
+                                    (tile % Stages) * Side::bytes);
+  }
 
   __device__ __forceinline__ std::int64_t first_token(int tile) const { return begin + std::int64_t{tile} * TileTokens; }
   __device__ __forceinline__ const StoreT* key_tile(int tile) const {
@@ -117,6 +123,7 @@ struct kv_tile_stream {
       const std::int64_t token = first + chunk / chunks_per_row;
       source[k] = token < end ? rows.slot(token) * HeadDim + (chunk % chunks_per_row) * chunk_elements : -1;
     }
+    side.resolve(rows, first, end);
   }
   /// Issues the copies of `tile` (resolved before), then resolves the next one.
   __device__ __forceinline__ void issue(int tile) {
@@ -130,6 +137,7 @@ struct kv_tile_stream {
       copy_async16(key_destination + offset, keys + (valid ? source[k] : 0), valid ? 16 : 0);
       copy_async16(value_destination + offset, values + (valid ? source[k] : 0), valid ? 16 : 0);
     }
+    side.issue(side_tile(tile));
     if (tile + 1 < tile_count) resolve(tile + 1);
   }
   /// Requests the first Stages − 1 tiles (empty groups keep the group count uniform).
@@ -433,11 +441,13 @@ __global__ void __launch_bounds__(decode_threads) decode_attention_cuda_core(con
 // shared memory so the 8 rows an ldmatrix reads fall in distinct banks. The
 // attention weights P are rounded to the storage type (fp16/bf16) for the P·V
 // product — FlashAttention's choice; the softmax itself stays in fp32.
-// Quantizing codecs (1-byte code tiles): after a tile lands, the block
-// dequantizes it through the codec's reader into one fp16 K/V tile (rounding
-// each dequantized element to fp16 once), and the same mma loop reads that.
+// Quantizing codecs (1-byte code tiles), Fragments: the codes become mma
+// operands in registers (codec_fragments.cuh). Otherwise, after a tile lands,
+// the block dequantizes it through the codec's reader into one fp16 K/V tile
+// (rounding each dequantized element to fp16 once), and the same mma loop reads that.
 
-template <int HeadDim, class StoreT, int Group, int RowElements = HeadDim>
+template <int HeadDim, class StoreT, int Group, int RowElements = HeadDim, bool Fragments = false,
+          class Side = no_tile_side>
 struct tensor_core_geometry {
   /// Four warps of 16 tokens: 64-token tiles, small enough that two blocks fit
   /// on a multiprocessor at head dims ≤ 128 — one block's prologue, segment
@@ -447,19 +457,23 @@ struct tensor_core_geometry {
   static constexpr int tile_tokens = warps * 16;
   static constexpr int row_stride = HeadDim + 8;  // elements of the mma tiles; +16 bytes per row
   static constexpr int tile_elements = tile_tokens * row_stride;
-  /// Code bytes (quantizing codecs) are staged as stored, RowElements bytes a row, and
+  /// Code bytes (quantizing codecs) are staged as stored, RowElements bytes a row, and either
+  /// read straight into fragments (Fragments: codec_fragments.cuh; rows padded by 16 bytes so
+  /// the lanes' 16-byte reads of 8 rows fall in distinct banks, Side staged with them) or
   /// dequantized tile by tile into one fp16 K/V tile the mma reads (dequant_bytes, after the ring).
-  static constexpr bool dequantizes = sizeof(StoreT) == 1;
-  static constexpr int stream_row_stride = dequantizes ? RowElements : row_stride;
+  static constexpr bool dequantizes = sizeof(StoreT) == 1 && !Fragments;
+  static constexpr int stream_row_stride = Fragments ? RowElements + 16 : dequantizes ? RowElements : row_stride;
   static constexpr std::size_t dequant_bytes = dequantizes ? std::size_t{2} * tile_elements * 2 : 0;
-  static constexpr std::size_t stage_bytes = std::size_t{2} * tile_tokens * stream_row_stride * sizeof(StoreT);
+  static constexpr std::size_t stage_bytes =
+      std::size_t{2} * tile_tokens * stream_row_stride * sizeof(StoreT) + Side::bytes;
   /// As many stages as fit in 108 KB of shared memory (two blocks per SM) at head dims ≤ 128,
-  /// 200 KB at 256 (one block), between 2 and 4.
+  /// 200 KB at 256 (one block), between 2 and 4 (6 for code fragments: their tiles are small,
+  /// and more of them in flight is what keeps HBM busy).
   static constexpr std::size_t shared_budget = HeadDim <= 128 ? 110592 : 204800;
-  static constexpr int stages =
-      static_cast<int>(std::clamp<std::size_t>((shared_budget - dequant_bytes) / stage_bytes, 2, 4));
+  static constexpr int stages = static_cast<int>(
+      std::clamp<std::size_t>((shared_budget - dequant_bytes) / stage_bytes, 2, Fragments ? 6 : 4));
   template <class Rows>
-  using stream = kv_tile_stream<StoreT, RowElements, stream_row_stride, tile_tokens, stages, threads, Rows>;
+  using stream = kv_tile_stream<StoreT, RowElements, stream_row_stride, tile_tokens, stages, threads, Rows, Side>;
   static constexpr std::size_t pipeline_bytes = stream<strided_rows>::bytes + dequant_bytes;
   static constexpr std::size_t merge_bytes = std::size_t{warps} * Group * (HeadDim + 2) * sizeof(float);
   static constexpr std::size_t shared_bytes = pipeline_bytes > merge_bytes ? pipeline_bytes : merge_bytes;
@@ -510,18 +524,37 @@ __device__ __forceinline__ void dequantize_tile(const Reader& reader, const Rows
   __syncthreads();
 }
 
-template <int HeadDim, int Group, class StoreT, class Params>
+/// The per-tile side data the tensor-core kernel stages for a codec (code fragments only).
+template <class CodecT, int HeadDim, int Group, bool Fragments>
+struct tensor_core_side {
+  using type = no_tile_side;
+};
+template <class CodecT, int HeadDim, int Group>
+struct tensor_core_side<CodecT, HeadDim, Group, true> {
+  using type = typename fragment_decoder<CodecT, HeadDim, Group>::template side<4 * 32>;
+};
+
+/// Fragments: quantized codes read straight into the mma operands (codec_fragments.cuh's
+/// fragment_decoder: scales folded into the query and the weights, tiles starting at a
+/// multiple of 16 tokens); otherwise 16-bit storage through ldmatrix, or code tiles
+/// dequantized to fp16 tiles first (layered codecs, KIVI runs shorter than 16 slots, head_dim 256).
+template <int HeadDim, int Group, class StoreT, class Params, bool Fragments = false>
 __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::threads)
     decode_attention_tensor_core(const __grid_constant__ Params params) {
   wait_for_prerequisite_grid();  // paged / flat: the plan's partition
   allow_dependent_grid();        // the merge's blocks may be scheduled; they wait for this grid
-  using tiles = codec_tiles<typename decltype(Params::cache)::codec, HeadDim>;
-  using geometry = tensor_core_geometry<HeadDim, StoreT, Group, tiles::row_elements>;
-  // 16-bit storage as stored, or code bytes dequantized to fp16 (geometry::dequantizes).
-  using mma_type = std::conditional_t<geometry::dequantizes, __half, StoreT>;
+  using codec_type = typename decltype(Params::cache)::codec;
+  using tiles = codec_tiles<codec_type, HeadDim>;
+  using decoder = fragment_decoder<codec_type, HeadDim, Group>;
+  using side_type = typename tensor_core_side<codec_type, HeadDim, Group, Fragments>::type;
+  using geometry = tensor_core_geometry<HeadDim, StoreT, Group, tiles::row_elements, Fragments, side_type>;
+  static_assert(!Fragments || decoder::supported, "tensor-core decode: no fragment decoder for this codec");
+  // 16-bit storage as stored, or code bytes as fp16 (dequantized tiles or fragments).
+  using mma_type = std::conditional_t<sizeof(StoreT) == 1, __half, StoreT>;
   static_assert(sizeof(mma_type) == 2 && Group <= 16, "tensor-core decode: 16-bit operands, groups of at most 16");
   constexpr int row_blocks = Group > 8 ? 2 : 1;  // accumulator rows head_row and head_row + 8
   constexpr int row_stride = geometry::row_stride;
+  constexpr int code_stride = geometry::stream_row_stride;  // Fragments: bytes between staged code rows
   constexpr int k_steps = HeadDim / 16;
   constexpr int output_tiles = HeadDim / 8;
   constexpr float negative_infinity = -std::numeric_limits<float>::infinity();
@@ -539,31 +572,47 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
   for_each_segment(params.partition, [&](std::int64_t head, std::int64_t begin, std::int64_t end, bool whole,
                                          std::int64_t partial_index) {
     const auto rows = head_rows(cache, head, params.page_shift);
+    const std::int64_t b = head / cache.shape.kv_heads, h = head % cache.shape.kv_heads;
+    // Fragments: tiles start at a multiple of 16 tokens, so that a warp's 16 tokens are one KIVI
+    // run; the tokens before `begin` are read and masked.
+    const std::int64_t first = Fragments ? begin & ~std::int64_t{15} : begin;
+    const auto in_segment = [&](std::int64_t token) { return (!Fragments || token >= begin) && token < end; };
+    side_type side{};
+    [[maybe_unused]] decoder fragments;
+    if constexpr (Fragments) {
+      const std::int64_t length = params.partition.prefix(head + 1) - params.partition.prefix(head);
+      side = decoder::template make_side<geometry::threads>(cache.storage, head, length);
+      fragments.open(cache.storage, head, length,
+                     params.queries + b * params.query_batch_stride + h * Group * params.query_head_stride,
+                     params.query_head_stride, params.query_scale, lane);
+    }
     typename geometry::template stream<std::remove_const_t<decltype(rows)>> stream(shared_memory, keys, values, rows,
-                                                                                   begin, end);
+                                                                                   first, end, side);
     stream.start();
     const head_bias bias = compensation_of(cache, head);
-    const std::int64_t b = head / cache.shape.kv_heads, h = head % cache.shape.kv_heads;
     const typename tiles::reader reader = tiles::open(cache.storage, head);
 
     // Q as the A operand: query_fragment[step][rb][half] = dims step·16 + half·8 + 2·quad (+1) of row head_row + 8·rb.
     unsigned query_fragment[k_steps][row_blocks][2];
+    if constexpr (!Fragments) {
 #pragma unroll
-    for (int step = 0; step < k_steps; ++step)
+      for (int step = 0; step < k_steps; ++step)
 #pragma unroll
-      for (int rb = 0; rb < row_blocks; ++rb)
+        for (int rb = 0; rb < row_blocks; ++rb)
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          float first = 0.0f, second = 0.0f;
-          const int row = head_row + 8 * rb;
-          if (row < Group) {
-            const auto* q = params.queries + b * params.query_batch_stride + (h * Group + row) * params.query_head_stride;
-            const int dim = step * 16 + half * 8 + 2 * quad;
-            first = to_float(q[dim]);
-            second = to_float(q[dim + 1]);
+          for (int half = 0; half < 2; ++half) {
+            float first_value = 0.0f, second_value = 0.0f;
+            const int row = head_row + 8 * rb;
+            if (row < Group) {
+              const auto* q =
+                  params.queries + b * params.query_batch_stride + (h * Group + row) * params.query_head_stride;
+              const int dim = step * 16 + half * 8 + 2 * quad;
+              first_value = to_float(q[dim]);
+              second_value = to_float(q[dim + 1]);
+            }
+            query_fragment[step][rb][half] = pack2<mma_type>(first_value, second_value);
           }
-          query_fragment[step][rb][half] = pack2<mma_type>(first, second);
-        }
+    }
 
     float output[output_tiles][4];  // [0..1]: row head_row, [2..3]: row head_row + 8
 #pragma unroll
@@ -576,33 +625,48 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
 
     for (int tile = 0; tile < stream.tile_count; ++tile) {
       stream.wait(tile);
-      const mma_type* key_rows;
-      const mma_type* value_rows;
-      if constexpr (geometry::dequantizes) {
-        dequantize_tile<HeadDim, tiles::row_elements, geometry::tile_tokens, geometry::threads>(
-            reader, rows, stream.key_tile(tile), stream.value_tile(tile), stream.first_token(tile), end, dequantized,
-            dequantized + geometry::tile_elements, row_stride);
-        key_rows = dequantized + warp * 16 * row_stride;
-        value_rows = dequantized + geometry::tile_elements + warp * 16 * row_stride;
-      } else {
-        (void)reader;
-        key_rows = stream.key_tile(tile) + warp * 16 * row_stride;
-        value_rows = stream.value_tile(tile) + warp * 16 * row_stride;
-      }
-
-      float score_tile[2][4] = {};  // S for this warp's 16 tokens: [token block of 8][accumulator]
-#pragma unroll
-      for (int step = 0; step < k_steps; ++step) {
-        unsigned key_fragment[4];
-        load_matrix_x4(key_fragment,
-                       key_rows + ((lane % 8) + (lane / 16) * 8) * row_stride + step * 16 + ((lane / 8) % 2) * 8);
-        const unsigned a[4] = {query_fragment[step][0][0], row_blocks > 1 ? query_fragment[step][row_blocks - 1][0] : 0u,
-                               query_fragment[step][0][1], row_blocks > 1 ? query_fragment[step][row_blocks - 1][1] : 0u};
-        mma_16x8x16<mma_type>(score_tile[0], a, key_fragment[0], key_fragment[1]);
-        mma_16x8x16<mma_type>(score_tile[1], a, key_fragment[2], key_fragment[3]);
-      }
-
       const std::int64_t first_token = stream.first_token(tile) + warp * 16;
+      [[maybe_unused]] const float* side_tile = stream.side_tile(tile);
+      const mma_type* key_rows = nullptr;
+      const mma_type* value_rows = nullptr;
+      float score_tile[2][4] = {};  // S for this warp's 16 tokens: [token block of 8][accumulator]
+      if constexpr (Fragments) {
+        (void)reader;
+        unsigned query_operand[k_steps][4];
+        fragments.block(side_tile, warp, first_token, end, lane, query_operand);
+        const std::uint8_t* key_codes = stream.key_tile(tile) + warp * 16 * code_stride;
+#pragma unroll
+        for (int block = 0; block < 2; ++block) {
+          unsigned key_operand[k_steps][2];
+          fragments.keys(key_codes + (block * 8 + lane / 4) * code_stride, first_token + block * 8, lane, key_operand);
+#pragma unroll
+          for (int step = 0; step < k_steps; ++step)
+            mma_16x8x16<mma_type>(score_tile[block], query_operand[step], key_operand[step][0], key_operand[step][1]);
+        }
+      } else {
+        if constexpr (geometry::dequantizes) {
+          dequantize_tile<HeadDim, tiles::row_elements, geometry::tile_tokens, geometry::threads>(
+              reader, rows, stream.key_tile(tile), stream.value_tile(tile), stream.first_token(tile), end, dequantized,
+              dequantized + geometry::tile_elements, row_stride);
+          key_rows = dequantized + warp * 16 * row_stride;
+          value_rows = dequantized + geometry::tile_elements + warp * 16 * row_stride;
+        } else {
+          (void)reader;
+          key_rows = stream.key_tile(tile) + warp * 16 * row_stride;
+          value_rows = stream.value_tile(tile) + warp * 16 * row_stride;
+        }
+#pragma unroll
+        for (int step = 0; step < k_steps; ++step) {
+          unsigned key_fragment[4];
+          load_matrix_x4(key_fragment,
+                         key_rows + ((lane % 8) + (lane / 16) * 8) * row_stride + step * 16 + ((lane / 8) % 2) * 8);
+          const unsigned a[4] = {query_fragment[step][0][0], row_blocks > 1 ? query_fragment[step][row_blocks - 1][0] : 0u,
+                                 query_fragment[step][0][1], row_blocks > 1 ? query_fragment[step][row_blocks - 1][1] : 0u};
+          mma_16x8x16<mma_type>(score_tile[0], a, key_fragment[0], key_fragment[1]);
+          mma_16x8x16<mma_type>(score_tile[1], a, key_fragment[2], key_fragment[3]);
+        }
+      }
+
       float weight[row_blocks][4];
       float rescale[row_blocks];
 #pragma unroll
@@ -612,15 +676,20 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
         for (int block = 0; block < 2; ++block)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const std::int64_t token = first_token + block * 8 + 2 * quad + e;
-            score[block * 2 + e] =
-                token < end ? score_tile[block][rb * 2 + e] * params.query_scale + bias.at(token) : negative_infinity;
+            const int index = block * 8 + 2 * quad + e;  // the token's place in the warp's 16
+            const std::int64_t token = first_token + index;
+            float logit = 0.0f;
+            if constexpr (Fragments)
+              logit = fragments.score(score_tile[block][rb * 2 + e], rb, side_tile, warp * 16 + index);
+            else
+              logit = score_tile[block][rb * 2 + e] * params.query_scale;
+            score[block * 2 + e] = in_segment(token) ? logit + bias.at(token) : negative_infinity;
           }
         if (params.metric.logits != nullptr && head_row + 8 * rb < Group)
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             const std::int64_t token = first_token + (i / 2) * 8 + 2 * quad + i % 2;
-            if (token < end) params.metric.logits[(head_row + 8 * rb) * params.metric.stride + rows.slot(token)] = score[i];
+            if (in_segment(token)) params.metric.logits[(head_row + 8 * rb) * params.metric.stride + rows.slot(token)] = score[i];
           }
         float tile_max = running_max[rb];
 #pragma unroll
@@ -633,10 +702,21 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
         for (int i = 0; i < 4; ++i) weight[rb][i] = tile_max == negative_infinity ? 0.0f : exp2f(score[i] - tile_max);
         running_sum[rb] = running_sum[rb] * rescale[rb] + (weight[rb][0] + weight[rb][1] + weight[rb][2] + weight[rb][3]);
       }
+      // Rows 8..15 (accumulators 2, 3) hold query heads only at G = 16; below, they stay 0.
 #pragma unroll
       for (int tile_index = 0; tile_index < output_tiles; ++tile_index)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) output[tile_index][i] *= rescale[row_blocks > 1 ? i / 2 : 0];
+        for (int i = 0; i < 2 * row_blocks; ++i) output[tile_index][i] *= rescale[row_blocks > 1 ? i / 2 : 0];
+      if constexpr (Fragments) {
+        // P' = P times each token's value step (zero points: Σ p z aside, rescaled as the output).
+#pragma unroll
+        for (int rb = 0; rb < row_blocks; ++rb) {
+          fragments.rescale(rb, rescale[rb]);
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            weight[rb][i] = fragments.weight(weight[rb][i], rb, side_tile, warp * 16 + (i / 2) * 8 + 2 * quad + i % 2);
+        }
+      }
 
       // P from S's accumulator layout is already the A operand of P·V.
       const unsigned weight_fragment[4] = {
@@ -644,13 +724,22 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
           row_blocks > 1 ? pack2<mma_type>(weight[row_blocks - 1][0], weight[row_blocks - 1][1]) : 0u,
           pack2<mma_type>(weight[0][2], weight[0][3]),
           row_blocks > 1 ? pack2<mma_type>(weight[row_blocks - 1][2], weight[row_blocks - 1][3]) : 0u};
+      if constexpr (Fragments) {
+        unsigned value_operand[output_tiles][2];
+        fragments.values(stream.value_tile(tile) + warp * 16 * code_stride, code_stride, lane, value_operand);
 #pragma unroll
-      for (int pair = 0; pair < output_tiles / 2; ++pair) {
-        unsigned value_fragment[4];
-        load_matrix_x4_transposed(
-            value_fragment, value_rows + ((lane % 8) + ((lane / 8) % 2) * 8) * row_stride + pair * 16 + (lane / 16) * 8);
-        mma_16x8x16<mma_type>(output[2 * pair], weight_fragment, value_fragment[0], value_fragment[1]);
-        mma_16x8x16<mma_type>(output[2 * pair + 1], weight_fragment, value_fragment[2], value_fragment[3]);
+        for (int tile_index = 0; tile_index < output_tiles; ++tile_index)
+          mma_16x8x16<mma_type>(output[tile_index], weight_fragment, value_operand[tile_index][0],
+                                value_operand[tile_index][1]);
+      } else {
+#pragma unroll
+        for (int pair = 0; pair < output_tiles / 2; ++pair) {
+          unsigned value_fragment[4];
+          load_matrix_x4_transposed(
+              value_fragment, value_rows + ((lane % 8) + ((lane / 8) % 2) * 8) * row_stride + pair * 16 + (lane / 16) * 8);
+          mma_16x8x16<mma_type>(output[2 * pair], weight_fragment, value_fragment[0], value_fragment[1]);
+          mma_16x8x16<mma_type>(output[2 * pair + 1], weight_fragment, value_fragment[2], value_fragment[3]);
+        }
       }
       stream.release();
     }
@@ -664,14 +753,21 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
       float sum = running_sum[rb];
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      [[maybe_unused]] float zero_sum = 0.0f;
+      if constexpr (Fragments) zero_sum = fragments.zero_sum(rb);
       const int row = head_row + 8 * rb;
       if (row < Group) {
 #pragma unroll
         for (int tile_index = 0; tile_index < output_tiles; ++tile_index)
 #pragma unroll
-          for (int e = 0; e < 2; ++e)
-            shared_accumulator[(warp * Group + row) * HeadDim + tile_index * 8 + 2 * quad + e] =
-                output[tile_index][rb * 2 + e];
+          for (int e = 0; e < 2; ++e) {
+            if constexpr (Fragments)
+              shared_accumulator[(warp * Group + row) * HeadDim + decoder::layout::value_channel(tile_index, 2 * quad + e)] =
+                  fragments.output(output[tile_index][rb * 2 + e], zero_sum);
+            else
+              shared_accumulator[(warp * Group + row) * HeadDim + tile_index * 8 + 2 * quad + e] =
+                  output[tile_index][rb * 2 + e];
+          }
         if (quad == 0) {
           shared_max[warp * Group + row] = running_max[rb];
           shared_sum[warp * Group + row] = sum;
@@ -700,23 +796,23 @@ void dispatch_decode_group(std::int64_t group, std::string_view function, Fn&& f
   }
 }
 
-/// The kernel, its block size and shared memory for one (head dim, group, storage) instantiation.
-template <int HeadDim, int Group, class StoreT, int RowElements = HeadDim>
+/// The kernel, its block size and shared memory for one (head dim, group, storage) instantiation;
+/// Fragments (tensor cores over code bytes): the codec's fragment decoder, `Side` its staged steps.
+template <int HeadDim, int Group, class StoreT, int RowElements = HeadDim, bool Fragments = false,
+          class Side = no_tile_side>
 struct decode_kernel_choice {
-  // Groups ≥ 4 over 16-bit storage run on the tensor cores; the rest on CUDA cores.
-  // Code bytes (1-byte StoreT: quantizing codecs) are dequantized to fp16 tiles for the tensor cores.
+  // Groups ≥ 4 over 16-bit storage or code bytes run on the tensor cores; the rest on CUDA cores.
   static constexpr bool tensor_cores = sizeof(StoreT) <= 2 && Group >= 4;
   // fp32 storage at group 16 has no kernel: the CUDA-core lane groups hold at most head_dim / 8 heads.
   static constexpr bool supported = tensor_cores || Group <= HeadDim / 8;
-  static constexpr int threads = tensor_cores ? tensor_core_geometry<HeadDim, StoreT, Group, RowElements>::threads
-                                              : decode_threads;
-  static constexpr std::size_t shared_bytes = tensor_cores
-                                                  ? tensor_core_geometry<HeadDim, StoreT, Group, RowElements>::shared_bytes
-                                                           : decode_geometry<HeadDim, StoreT, Group, RowElements>::shared_bytes;
+  using tensor_geometry = tensor_core_geometry<HeadDim, StoreT, Group, RowElements, Fragments, Side>;
+  static constexpr int threads = tensor_cores ? tensor_geometry::threads : decode_threads;
+  static constexpr std::size_t shared_bytes =
+      tensor_cores ? tensor_geometry::shared_bytes : decode_geometry<HeadDim, StoreT, Group, RowElements>::shared_bytes;
   template <class Params>
   static auto kernel() {
     if constexpr (tensor_cores)
-      return decode_attention_tensor_core<HeadDim, Group, StoreT, Params>;
+      return decode_attention_tensor_core<HeadDim, Group, StoreT, Params, Fragments>;
     else
       return decode_attention_cuda_core<HeadDim, Group, StoreT, Params>;
   }
@@ -748,8 +844,6 @@ struct implementation<stage::decode_attention, backend::cuda> {
                   "kvtrim: backend::cuda decode attention reads codec::fp16 / bf16 / fp32, int8, int4, fp8_e4m3 and "
                   "layered over those three; low_rank ((Uᵀq)·c scores, U(Σp·c) outputs, RoPE from stored "
                   "positions) is not written yet (issue 12)");
-    using query_type = cuda_detail::device_element_t<QueryT>;
-    using out_type = cuda_detail::device_element_t<OutT>;
     constexpr bool uniform = cuda_detail::is_contiguous_view<View>;
     std::int64_t length = 0;  // contiguous: every head's length (host memory)
     if constexpr (uniform) {
@@ -771,87 +865,112 @@ struct implementation<stage::decode_attention, backend::cuda> {
 
     cuda_detail::dispatch_head_dim(cache.shape.head_dim, function, [&](auto head_dim_constant) {
       constexpr int head_dim = decltype(head_dim_constant)::value;
-      using tiles = cuda_detail::codec_tiles<typename View::codec, head_dim>;
-      using store_type = typename tiles::stored;
       cuda_detail::dispatch_decode_group(cache.shape.group_size(), function, [&](auto group_constant) {
         constexpr int group = decltype(group_constant)::value;
-        using choice = cuda_detail::decode_kernel_choice<head_dim, group, store_type, tiles::row_elements>;
-        if constexpr (!choice::supported) {
-          detail::fail(function, "cache.codec",
-                       "fp16 or bf16 storage for a GQA group of 16 at head_dim 64 on backend::cuda",
-                       detail::cat(View::codec::name, " storage"));
+        // Code bytes on the tensor cores: straight into the mma fragments where the codec's fragment
+        // decoder reads the storage (a runtime property: KIVI runs of whole warp blocks), else through
+        // dequantized fp16 tiles.
+        using decoder = cuda_detail::fragment_decoder<typename View::codec, head_dim, group>;
+        if constexpr (decoder::supported && group >= 4) {
+          if (decoder::always_reads || decoder::reads(cache.storage))
+            launch<head_dim, group, decoder::supported>(queries, cache, out, scratch, stream, metric, length, page_shift);
+          else if constexpr (!decoder::always_reads)
+            launch<head_dim, group, false>(queries, cache, out, scratch, stream, metric, length, page_shift);
         } else {
-          using partition_type =
-              std::conditional_t<uniform, cuda_detail::uniform_partition, cuda_detail::planned_partition>;
-          using params_type = cuda_detail::decode_params<View, partition_type, query_type, out_type>;
-          const auto kernel = choice::template kernel<params_type>();
-          // Above 48 KB a kernel must opt in to dynamic shared memory (per device, so on every call;
-          // it is a host-side attribute write, no synchronisation).
-          detail::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                  static_cast<int>(choice::shared_bytes)),
-                             function, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-          // One wave of blocks: this kernel's real occupancy (shared memory and registers differ per instantiation).
-          int blocks_per_multiprocessor = 0;
-          detail::check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_multiprocessor, kernel,
-                                                                           choice::threads, choice::shared_bytes),
-                             function, "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-          const std::int64_t blocks =
-              std::int64_t{backend::cuda::multiprocessor_count()} *
-              std::clamp(blocks_per_multiprocessor, 1, cuda_detail::decode_max_blocks_per_multiprocessor);
-
-          workspace_carver carver(scratch);
-          const scratch_tables tables = carve(carver, cache);
-          partition_type partition{};
-          std::int64_t grid = blocks;
-          bool merge = true;
-          if constexpr (uniform) {
-            const std::int64_t chunk = cuda_detail::decode_chunk(heads * length, blocks);
-            partition = {heads, length, chunk};
-            grid = cuda_detail::ceil_div(heads * length, chunk);
-            merge = chunk % length != 0;  // else every block starts a head and reads whole heads
-          } else {
-            partition = {heads, tables.line, tables.prefix, tables.first_head};
-            cuda_detail::plan_decode_partition<View><<<1, cuda_detail::decode_plan_threads, 0, stream>>>(
-                cache, blocks, tables.line, tables.prefix, tables.first_head);
-            detail::check_launch(function, "plan_decode_partition");
-          }
-          const params_type params{cache,
-                                   partition,
-                                   reinterpret_cast<const query_type*>(queries.data),
-                                   queries.stride(0),
-                                   queries.stride(1),
-                                   reinterpret_cast<out_type*>(out.data),
-                                   out.stride(0),
-                                   out.stride(1),
-                                   tables.partial_out,
-                                   tables.partial_lse,
-                                   static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(head_dim))),
-                                   page_shift,
-                                   metric};
-          const char* kernel_name =
-              choice::tensor_cores ? "decode_attention_tensor_core" : "decode_attention_cuda_core";
-          if constexpr (uniform) {
-            kernel<<<static_cast<unsigned>(grid), choice::threads, choice::shared_bytes, stream>>>(params);
-            detail::check_launch(function, kernel_name);
-          } else {
-            cuda_detail::launch_dependent(kernel, dim3(static_cast<unsigned>(grid)), dim3(choice::threads),
-                                          choice::shared_bytes, stream, function, kernel_name, params);
-          }
-          if (merge) {
-            const auto rows = static_cast<unsigned>(cache.batch * cache.shape.q_heads);
-            cuda_detail::launch_dependent(cuda_detail::merge_decode_partials<head_dim, group, partition_type, out_type>,
-                                          dim3(rows), dim3(head_dim), 0, stream, function, "merge_decode_partials",
-                                          partition, static_cast<const float*>(tables.partial_out),
-                                          static_cast<const float*>(tables.partial_lse), cache.shape.q_heads,
-                                          cache.shape.kv_heads, reinterpret_cast<out_type*>(out.data), out.stride(0),
-                                          out.stride(1), metric.lse);
-          }
+          launch<head_dim, group, false>(queries, cache, out, scratch, stream, metric, length, page_shift);
         }
       });
     });
   }
 
  private:
+  /// One kernel instantiation: its partition, launch and the merge of partials.
+  template <int head_dim, int group, bool fragments, class View, class QueryT, class OutT>
+  static void launch(const tensor_view<QueryT, 3, device_space>& queries, const View& cache,
+                     const tensor_view<OutT, 3, device_space>& out, workspace scratch, cudaStream_t stream,
+                     const cuda_detail::decode_metric& metric, std::int64_t length, int page_shift) {
+    using query_type = cuda_detail::device_element_t<QueryT>;
+    using out_type = cuda_detail::device_element_t<OutT>;
+    constexpr bool uniform = cuda_detail::is_contiguous_view<View>;
+    const std::int64_t heads = cache.batch * cache.shape.kv_heads;
+    using tiles = cuda_detail::codec_tiles<typename View::codec, head_dim>;
+    using store_type = typename tiles::stored;
+    using choice = cuda_detail::decode_kernel_choice<
+        head_dim, group, store_type, tiles::row_elements, fragments,
+        typename cuda_detail::tensor_core_side<typename View::codec, head_dim, group, fragments>::type>;
+    if constexpr (!choice::supported) {
+      detail::fail(function, "cache.codec",
+                   "fp16 or bf16 storage for a GQA group of 16 at head_dim 64 on backend::cuda",
+                   detail::cat(View::codec::name, " storage"));
+    } else {
+      using partition_type =
+          std::conditional_t<uniform, cuda_detail::uniform_partition, cuda_detail::planned_partition>;
+      using params_type = cuda_detail::decode_params<View, partition_type, query_type, out_type>;
+      const auto kernel = choice::template kernel<params_type>();
+      // Above 48 KB a kernel must opt in to dynamic shared memory (per device, so on every call;
+      // it is a host-side attribute write, no synchronisation).
+      detail::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(choice::shared_bytes)),
+                         function, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+      // One wave of blocks: this kernel's real occupancy (shared memory and registers differ per instantiation).
+      int blocks_per_multiprocessor = 0;
+      detail::check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_multiprocessor, kernel,
+                                                                       choice::threads, choice::shared_bytes),
+                         function, "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+      const std::int64_t blocks =
+          std::int64_t{backend::cuda::multiprocessor_count()} *
+          std::clamp(blocks_per_multiprocessor, 1, cuda_detail::decode_max_blocks_per_multiprocessor);
+
+      workspace_carver carver(scratch);
+      const scratch_tables tables = carve(carver, cache);
+      partition_type partition{};
+      std::int64_t grid = blocks;
+      bool merge = true;
+      if constexpr (uniform) {
+        const std::int64_t chunk = cuda_detail::decode_chunk(heads * length, blocks);
+        partition = {heads, length, chunk};
+        grid = cuda_detail::ceil_div(heads * length, chunk);
+        merge = chunk % length != 0;  // else every block starts a head and reads whole heads
+      } else {
+        partition = {heads, tables.line, tables.prefix, tables.first_head};
+        cuda_detail::plan_decode_partition<View><<<1, cuda_detail::decode_plan_threads, 0, stream>>>(
+            cache, blocks, tables.line, tables.prefix, tables.first_head);
+        detail::check_launch(function, "plan_decode_partition");
+      }
+      const params_type params{cache,
+                               partition,
+                               reinterpret_cast<const query_type*>(queries.data),
+                               queries.stride(0),
+                               queries.stride(1),
+                               reinterpret_cast<out_type*>(out.data),
+                               out.stride(0),
+                               out.stride(1),
+                               tables.partial_out,
+                               tables.partial_lse,
+                               static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(head_dim))),
+                               page_shift,
+                               metric};
+      const char* kernel_name =
+          choice::tensor_cores ? "decode_attention_tensor_core" : "decode_attention_cuda_core";
+      if constexpr (uniform) {
+        kernel<<<static_cast<unsigned>(grid), choice::threads, choice::shared_bytes, stream>>>(params);
+        detail::check_launch(function, kernel_name);
+      } else {
+        cuda_detail::launch_dependent(kernel, dim3(static_cast<unsigned>(grid)), dim3(choice::threads),
+                                      choice::shared_bytes, stream, function, kernel_name, params);
+      }
+      if (merge) {
+        const auto rows = static_cast<unsigned>(cache.batch * cache.shape.q_heads);
+        cuda_detail::launch_dependent(cuda_detail::merge_decode_partials<head_dim, group, partition_type, out_type>,
+                                      dim3(rows), dim3(head_dim), 0, stream, function, "merge_decode_partials",
+                                      partition, static_cast<const float*>(tables.partial_out),
+                                      static_cast<const float*>(tables.partial_lse), cache.shape.q_heads,
+                                      cache.shape.kv_heads, reinterpret_cast<out_type*>(out.data), out.stride(0),
+                                      out.stride(1), metric.lse);
+      }
+    }
+  }
+
   struct scratch_tables {
     float* partial_out = nullptr;  // [(blocks + heads) · group][head_dim]
     float* partial_lse = nullptr;  // [(blocks + heads) · group]

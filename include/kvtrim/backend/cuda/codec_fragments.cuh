@@ -1,0 +1,530 @@
+// kvtrim/backend/cuda/codec_fragments.cuh — quantized K/V read straight into
+// tensor-core fragments (decode attention, groups ≥ 4): int8 / int4 (KIVI
+// per-channel key groups or per-token keys; symmetric or zero points) and
+// fp8 e4m3, head_dim ≤ 128.
+//
+// Memory-bound by construction: the inner loops are code → fp16 conversions
+// (exact) and mma.sync; every scale is folded outside them.
+//  * Keys. The score of token t is Σ_d q_d k̂_td with k̂_td = c̄_td·s + z where
+//    c̄ = code − offset (an exact small integer in fp16):
+//      - KIVI (per-channel steps s_d, z_d of the run of U slots): the query is
+//        scaled once per run, q'_d = q_d·s_d·2^e (rounded to fp16 once, 2^e
+//        bringing the row's largest |q'_d| to [2^8, 2^9) so no channel leaves
+//        fp16's normal range), and s_t = 2^-e·(q'·c̄_t) + Σ_d q_d z_d: the run's
+//        zero points are one constant per query head. A warp's 16 tokens are
+//        one run: tiles start at a multiple of 16 tokens (tokens before the
+//        segment are read and masked) and runs are multiples of 16 slots
+//        (host dispatch; other runs take the dequantize-tile path). The
+//        filling group's keys are fp16 in the head's residual window: its
+//        blocks (the last length − residual_count tokens, whole groups) read
+//        them with the plain query.
+//      - per-token keys: s_t = s_t^k·(q·c̄_t) + z_t^k·Σ_d q_d.
+//      - fp8: s_t = s^k·(q·c_t) (one scale per head), c_t converted exactly
+//        (cvt.rn.f16x2.e4m3x2).
+//  * Values. O = Σ_t p_t (c̄_t·s_t + z_t) = Σ_t (p_t s_t)·c̄_t + Σ_t p_t z_t: the
+//    weights P are scaled per token before the P·V product (p'_t = p_t·s_t,
+//    rounded to fp16 once as P itself is for 16-bit storage) and the zero
+//    points add one running sum per query head to every channel. fp8: the
+//    head's value scale multiplies the output once.
+//  * Conversions: a code byte b becomes the fp16 1024 + b by placing 0x64 above
+//    it (prmt / lop3), then one half2 subtraction of 1024 + offset: two
+//    integer instructions and one fp16 one per two channels, no int → float
+//    conversion. int4 nibbles likewise (shift, mask | 0x6400). fp8: one cvt per
+//    two channels.
+//  * Fragment layouts (mma.cuh): a lane of quad t reads, for the S = Q·Kᵀ
+//    product, one contiguous piece of each key row — channels [t·D/4,
+//    (t+1)·D/4) — and the A (query) and B (key) operands use the same
+//    channel permutation (key_offset), so no byte shuffling across lanes is
+//    needed. For P·V, the lane of column g reads channels [g·D/8, (g+1)·D/8)
+//    of its four token rows; output column tile j, column g is channel
+//    g·D/8 + j (value_channel).
+//  * Per-token steps (values, per-token keys) and the KIVI runs' steps of a
+//    tile are staged in shared memory with the codes, by the same cp.async
+//    pipeline (quantized_tile_side), so no global latency sits in the loop.
+#pragma once
+
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "kvtrim/backend/cuda/codec_fp8.cuh"
+#include "kvtrim/backend/cuda/codec_quantized.cuh"
+#include "kvtrim/backend/cuda/common.cuh"
+
+namespace kvtrim::cuda_detail {
+
+// ---- cp.async (shared by the decode pipeline) --------------------------------
+
+/// 16-byte asynchronous global → shared copy; `bytes` = 0 zero-fills the destination.
+__device__ __forceinline__ void copy_async16(void* shared_destination, const void* global_source, int bytes) {
+  const auto destination = static_cast<unsigned>(__cvta_generic_to_shared(shared_destination));
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(destination), "l"(global_source), "r"(bytes));
+}
+/// 4-byte asynchronous copy (through L1: .cg takes only 16 bytes); `bytes` = 0 zero-fills.
+__device__ __forceinline__ void copy_async4(void* shared_destination, const void* global_source, int bytes) {
+  const auto destination = static_cast<unsigned>(__cvta_generic_to_shared(shared_destination));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(destination), "l"(global_source), "r"(bytes));
+}
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int Pending>
+__device__ __forceinline__ void copy_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
+}
+
+/// The decode pipeline's per-tile side data: none (plain storage, the dequantize-tile path).
+struct no_tile_side {
+  static constexpr std::size_t bytes = 0;
+  template <class Rows>
+  __device__ __forceinline__ void resolve(const Rows&, std::int64_t, std::int64_t) {}
+  __device__ __forceinline__ void issue(float*) const {}
+};
+
+/// int8 / int4 steps a tile of TileTokens tokens needs, staged with its codes:
+/// floats [0, T) value steps, [T, 2T) value zero points, [2T, 3T) per-token key
+/// steps, [3T, 4T) their zero points, then per warp block of 16 tokens its KIVI
+/// run's head_dim key steps, then their zero points. Tokens past the segment's
+/// end get zero steps (their weights are 0; 0·garbage could be NaN). Blocks of
+/// the filling group (or past the end) copy no run steps: they are not read.
+template <int HeadDim, int TileTokens, int Threads>
+struct quantized_tile_side {
+  static constexpr int blocks = TileTokens / 16;
+  static constexpr int run_chunks = blocks * HeadDim / 4;  // 16-byte pieces of the tile's run steps
+  static_assert(run_chunks <= Threads && TileTokens <= Threads, "quantized_tile_side: one copy of each kind per thread");
+  static constexpr int run_steps_at = 4 * TileTokens;
+  static constexpr int run_zeros_at = run_steps_at + blocks * HeadDim;
+  static constexpr std::size_t bytes = std::size_t{4} * (run_zeros_at + blocks * HeadDim);
+
+  const float* value_scales;
+  const float* value_zeros;
+  const float* key_scales;
+  const float* key_zeros;
+  std::int64_t sealed_end;  // tokens before it have sealed runs (KIVI)
+  int run_shift;            // log2(slot_run)
+  bool asymmetric;
+  bool token_keys;          // keys scaled per token (no runs)
+  std::int64_t token_slot = -1;   // threads < TileTokens: the slot of token first + threadIdx.x (−1: past the end)
+  std::int64_t run_offset = -1;   // threads < run_chunks: the float offset of its piece of run steps (−1: none)
+
+  template <class Rows>
+  __device__ __forceinline__ void resolve(const Rows& rows, std::int64_t first, std::int64_t end) {
+    const int t = threadIdx.x;
+    if (t < TileTokens) token_slot = first + t < end ? rows.slot(first + t) : -1;
+    if (!token_keys && t < run_chunks) {
+      const int block = t / (HeadDim / 4), piece = t % (HeadDim / 4);
+      const std::int64_t block_first = first + 16 * block;
+      run_offset = block_first < end && block_first < sealed_end
+                       ? (rows.slot(block_first) >> run_shift) * HeadDim + 4 * piece
+                       : -1;
+    }
+  }
+  __device__ __forceinline__ void issue(float* side) const {
+    const int t = threadIdx.x;
+    if (t < TileTokens) {
+      const bool valid = token_slot >= 0;
+      const std::int64_t slot = valid ? token_slot : 0;
+      const int bytes = valid ? 4 : 0;
+      copy_async4(side + t, value_scales + slot, bytes);
+      if (asymmetric) copy_async4(side + TileTokens + t, value_zeros + slot, bytes);
+      if (token_keys) {
+        copy_async4(side + 2 * TileTokens + t, key_scales + slot, bytes);
+        if (asymmetric) copy_async4(side + 3 * TileTokens + t, key_zeros + slot, bytes);
+      }
+    }
+    if (t < run_chunks && run_offset >= 0) {
+      const int block = t / (HeadDim / 4), piece = t % (HeadDim / 4);
+      copy_async16(side + run_steps_at + block * HeadDim + 4 * piece, key_scales + run_offset, 16);
+      if (asymmetric) copy_async16(side + run_zeros_at + block * HeadDim + 4 * piece, key_zeros + run_offset, 16);
+    }
+  }
+};
+
+// ---- code → fp16 conversions ---------------------------------------------------
+
+/// Two fp16 values 1024 + b0, 1024 + b1 from bytes b0, b1 of `word` chosen by `selector`
+/// (a prmt selector placing them at bytes 0 and 2, 0x64 above each).
+__device__ __forceinline__ unsigned biased_halves(unsigned word, unsigned selector) {
+  return __byte_perm(word, 0x64646464u, selector);
+}
+/// Nibbles k and k + 4 of `word` as fp16 1024 + n (bits 4k.. and 16 + 4k..).
+__device__ __forceinline__ unsigned biased_nibbles(unsigned word, int k) {
+  return ((word >> (4 * k)) & 0x000F000Fu) | 0x64006400u;
+}
+__device__ __forceinline__ unsigned subtract_halves(unsigned biased, unsigned bias) {
+  const __half2 result = __hsub2(*reinterpret_cast<const __half2*>(&biased), *reinterpret_cast<const __half2*>(&bias));
+  return *reinterpret_cast<const unsigned*>(&result);
+}
+/// The two e4m3 codes of the low (high) 16 bits of `word` as f16x2, exactly.
+__device__ __forceinline__ void e4m3_pairs(unsigned word, unsigned& low, unsigned& high) {
+  asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n cvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
+      : "=r"(low), "=r"(high)
+      : "r"(word));
+}
+template <int Bytes>
+__device__ __forceinline__ void load_shared_words(const std::uint8_t* source, unsigned (&words)[Bytes / 4]) {
+  if constexpr (Bytes % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < Bytes / 16; ++i) {
+      const uint4 v = reinterpret_cast<const uint4*>(source)[i];
+      words[4 * i] = v.x, words[4 * i + 1] = v.y, words[4 * i + 2] = v.z, words[4 * i + 3] = v.w;
+    }
+  } else if constexpr (Bytes == 8) {
+    const uint2 v = *reinterpret_cast<const uint2*>(source);
+    words[0] = v.x, words[1] = v.y;
+  } else {
+    static_assert(Bytes == 4, "load_shared_words: 4, 8 or a multiple of 16 bytes");
+    words[0] = *reinterpret_cast<const unsigned*>(source);
+  }
+}
+
+/// Where each channel sits in the fragments of one codec format (Bits per
+/// channel; Fp8: e4m3 codes) at head_dim HeadDim (mma.cuh's lane = 4·g + t).
+template <int HeadDim, int Bits, bool Fp8>
+struct fragment_layout {
+  static constexpr int k_steps = HeadDim / 16;
+  static constexpr int output_tiles = HeadDim / 8;
+  static constexpr int key_channels = HeadDim / 4;   // per lane and key row: [t·D/4, (t+1)·D/4)
+  static constexpr int value_channels = HeadDim / 8;  // per lane and value row: [g·D/8, (g+1)·D/8)
+  static constexpr int key_bytes = key_channels * Bits / 8;
+  static constexpr int value_bytes = value_channels * Bits / 8;
+  static_assert(Bits == 8 || (Bits == 4 && !Fp8), "fragment_layout: 8-bit codes or int4");
+
+  /// The channel (minus t·D/4) of A/B element j of k-step s: j = 0, 1 the low and
+  /// high half of the first register (k 2t, 2t + 1), j = 2, 3 of the second (k 2t + 8, + 9).
+  __host__ __device__ static constexpr int key_offset(int s, int j) {
+    if constexpr (Bits == 4) return 8 * (s / 2) + 2 * (s % 2) + j / 2 + 4 * (j % 2);  // nibbles k, k + 4 of a word
+    else return 4 * s + j;  // bytes 0..3 of word s
+  }
+  /// The channel of output column g of output tile j.
+  __host__ __device__ static constexpr int value_channel(int j, int g) { return g * value_channels + j; }
+
+  /// B operands (k-steps × 2 registers) of a key row (this lane's piece; t = quad),
+  /// `bias` = half2(1024 + offset) (integer codes).
+  __device__ __forceinline__ static void key_fragments(const std::uint8_t* row, int quad, unsigned bias,
+                                                       unsigned (&b)[k_steps][2]) {
+    unsigned words[key_bytes / 4];
+    load_shared_words<key_bytes>(row + quad * key_bytes, words);
+#pragma unroll
+    for (int s = 0; s < k_steps; ++s) {
+      if constexpr (Fp8) {
+        e4m3_pairs(words[s], b[s][0], b[s][1]);
+      } else if constexpr (Bits == 8) {
+        b[s][0] = subtract_halves(biased_halves(words[s], 0x4140u), bias);
+        b[s][1] = subtract_halves(biased_halves(words[s], 0x4342u), bias);
+      } else {
+        b[s][0] = subtract_halves(biased_nibbles(words[s / 2], 2 * (s % 2)), bias);
+        b[s][1] = subtract_halves(biased_nibbles(words[s / 2], 2 * (s % 2) + 1), bias);
+      }
+    }
+  }
+
+  /// B operands of P·V (output tiles × 2 registers) from the warp's 16 value rows
+  /// (`rows`, `row_stride` bytes apart): tokens 2t, 2t + 1 (first register) and
+  /// 2t + 8, 2t + 9 (second) at channels value_channel(j, g).
+  __device__ __forceinline__ static void value_fragments(const std::uint8_t* rows, int row_stride, int lane,
+                                                         unsigned bias, unsigned (&b)[output_tiles][2]) {
+    const int quad = lane % 4, column = lane / 4;
+    unsigned words[4][value_bytes / 4];  // rows 2t, 2t + 1, 2t + 8, 2t + 9
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+      load_shared_words<value_bytes>(rows + (2 * quad + (r % 2) + 8 * (r / 2)) * row_stride + column * value_bytes,
+                                     words[r]);
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+      for (int w = 0; w < value_bytes / 4; ++w) {
+        const unsigned first = words[2 * half][w], second = words[2 * half + 1][w];
+        if constexpr (Bits == 4) {
+          // Channels 8w..8w + 7: the low 16 bits of both rows, then the high ones.
+          const unsigned low = __byte_perm(first, second, 0x5410u), high = __byte_perm(first, second, 0x7632u);
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            b[8 * w + k][half] = subtract_halves(biased_nibbles(low, k), bias);
+            b[8 * w + 4 + k][half] = subtract_halves(biased_nibbles(high, k), bias);
+          }
+        } else {
+          // Channels 4w..4w + 3: bytes interleaved (first, second) pairwise.
+          const unsigned low = __byte_perm(first, second, 0x5140u), high = __byte_perm(first, second, 0x7362u);
+          if constexpr (Fp8) {
+            e4m3_pairs(low, b[4 * w][half], b[4 * w + 1][half]);
+            e4m3_pairs(high, b[4 * w + 2][half], b[4 * w + 3][half]);
+          } else {
+            b[4 * w][half] = subtract_halves(biased_halves(low, 0x4140u), bias);
+            b[4 * w + 1][half] = subtract_halves(biased_halves(low, 0x4342u), bias);
+            b[4 * w + 2][half] = subtract_halves(biased_halves(high, 0x4140u), bias);
+            b[4 * w + 3][half] = subtract_halves(biased_halves(high, 0x4342u), bias);
+          }
+        }
+      }
+  }
+};
+
+__device__ __forceinline__ unsigned pack_halves(float low, float high) {
+  const __half2 pair = __floats2half2_rn(low, high);
+  return *reinterpret_cast<const unsigned*>(&pair);
+}
+__device__ __forceinline__ unsigned repeat_half(float x) { return pack_halves(x, x); }
+
+/// The codecs decode attention reads through fragments (every other codec: the dequantize-tile path).
+template <class CodecT, int HeadDim, int Group>
+struct fragment_decoder {
+  static constexpr bool supported = false;
+  static constexpr bool always_reads = false;
+};
+
+/// int8 / int4: KIVI runs or per-token keys, per-token values, symmetric or zero points.
+/// One per (warp, segment); `open` loads the query, `block` prepares a warp block's
+/// query operand, `score` / `weight` apply the per-token steps, `finish` the output.
+template <int Bits, int HeadDim, int Group>
+  requires(HeadDim <= 128)
+struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
+  static constexpr bool supported = true;
+  using layout = fragment_layout<HeadDim, Bits, false>;
+  using storage = typename codec::quantized<Bits>::template storage<device_space>;
+  using quantizer = detail::integer_quantizer<Bits>;
+  static constexpr int k_steps = layout::k_steps;
+  static constexpr int row_blocks = Group > 8 ? 2 : 1;
+  static constexpr int tile_tokens = 64;
+  template <int Threads>
+  using side = quantized_tile_side<HeadDim, tile_tokens, Threads>;
+  using side_type = side<128>;
+
+  /// Whether the fragments can read this storage: per-token keys, or runs of whole warp blocks
+  /// (a power of two ≥ 16 slots: the run of a slot is a shift).
+  static constexpr bool always_reads = false;
+  __host__ __device__ static bool reads(const storage& store) {
+    return store.key_group == 0 || (store.slot_run % 16 == 0 && (store.slot_run & (store.slot_run - 1)) == 0);
+  }
+  template <int Threads>
+  __device__ static side<Threads> make_side(const storage& store, std::int64_t head, std::int64_t length) {
+    const bool token_keys = store.key_group == 0;
+    const std::int64_t sealed_end = token_keys ? length : length - store.residual_count[head];
+    const int run_shift = __ffsll(static_cast<long long>(store.slot_run)) - 1;
+    return {store.value_scales, store.value_zeros, store.key_scales, store.key_zeros, sealed_end,
+            run_shift,          store.asymmetric,  token_keys};
+  }
+
+  storage store;
+  std::int64_t head;
+  std::int64_t sealed_end;
+  unsigned bias;  // half2(1024 + code offset)
+  float query[k_steps][row_blocks][4];  // this lane's query channels (key_offset order), × log2(e)/√D
+  float query_sum[row_blocks];          // Σ_d q_d over the whole row (per-token key zero points)
+  float value_zero_sum[row_blocks];     // Σ_t p_t z_t of this lane's tokens (rescaled with the softmax)
+  // The current warp block:
+  bool residual = false;     // keys from the fp16 residual window (the filling group)
+  float score_scale[row_blocks];
+  float score_offset[row_blocks];
+
+  /// `queries`: the group's first query row; `length`: the head's.
+  template <class QueryT>
+  __device__ __forceinline__ void open(const storage& store_, std::int64_t head_, std::int64_t length,
+                                       const QueryT* queries, std::int64_t head_stride, float query_scale, int lane) {
+    store = store_, head = head_;
+    sealed_end = store.key_group == 0 ? length : length - store.residual_count[head];
+    bias = repeat_half(1024.0f + (store.asymmetric ? 0.0f : static_cast<float>(quantizer::symmetric_offset)));
+    const int quad = lane % 4, head_row = lane / 4;
+#pragma unroll
+    for (int rb = 0; rb < row_blocks; ++rb) {
+      const int row = head_row + 8 * rb;
+      float sum = 0.0f;
+#pragma unroll
+      for (int s = 0; s < k_steps; ++s)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float q = row < Group ? to_float(queries[row * head_stride + quad * layout::key_channels +
+                                                         layout::key_offset(s, j)]) * query_scale
+                                      : 0.0f;
+          query[s][rb][j] = q;
+          sum += q;
+        }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      query_sum[rb] = sum;
+      value_zero_sum[rb] = 0.0f;
+    }
+  }
+
+  /// The query operand of the warp block of 16 tokens starting at `first`: a[step][4] (mma.cuh's A).
+  /// A block past the segment's end (its scores are masked) reads codes with the plain query:
+  /// its run's steps were not staged.
+  __device__ __forceinline__ void block(const float* side_tile, int warp, std::int64_t first, std::int64_t end,
+                                        int lane, unsigned (&a)[k_steps][4]) {
+    residual = store.key_group != 0 && first >= sealed_end;
+    float query_step[k_steps][row_blocks][4];
+    if (store.key_group != 0 && !residual && first < end) {
+      // q'_d = q_d·s_d·2^e per row, e from the row's largest |q_d·s_d|; zero points: Σ_d q_d z_d.
+      // This lane's channels' steps (and zero points): 16-byte shared loads (16-byte aligned pieces).
+      const int quad = lane % 4;
+      const int at = warp * HeadDim + quad * layout::key_channels;
+      float steps[layout::key_channels], zeros[layout::key_channels];
+#pragma unroll
+      for (int i = 0; i < layout::key_channels / 4; ++i) {
+        *reinterpret_cast<float4*>(steps + 4 * i) =
+            reinterpret_cast<const float4*>(side_tile + side_type::run_steps_at + at)[i];
+        if (store.asymmetric)
+          *reinterpret_cast<float4*>(zeros + 4 * i) =
+              reinterpret_cast<const float4*>(side_tile + side_type::run_zeros_at + at)[i];
+      }
+#pragma unroll
+      for (int rb = 0; rb < row_blocks; ++rb) {
+        float largest = 0.0f, zero_dot = 0.0f;
+#pragma unroll
+        for (int s = 0; s < k_steps; ++s)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            query_step[s][rb][j] = query[s][rb][j] * steps[layout::key_offset(s, j)];
+            largest = fmaxf(largest, fabsf(query_step[s][rb][j]));
+            if (store.asymmetric) zero_dot = fmaf(query[s][rb][j], zeros[layout::key_offset(s, j)], zero_dot);
+          }
+        largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, 1));
+        largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, 2));
+        zero_dot += __shfl_xor_sync(0xffffffffu, zero_dot, 1);
+        zero_dot += __shfl_xor_sync(0xffffffffu, zero_dot, 2);
+        // 2^e with largest·2^e in [2^8, 2^9): exact powers of two (largest = 0 or below fp32's normals: e = 0).
+        const int exponent = (__float_as_int(largest) >> 23) & 0xFF;
+        const int e = exponent == 0 ? 0 : min(135 - exponent, 126);
+        const float up = __int_as_float((127 + e) << 23), down = __int_as_float((127 - e) << 23);
+#pragma unroll
+        for (int s = 0; s < k_steps; ++s)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) query_step[s][rb][j] *= up;
+        score_scale[rb] = down;
+        score_offset[rb] = zero_dot;
+      }
+    } else {
+#pragma unroll
+      for (int s = 0; s < k_steps; ++s)
+#pragma unroll
+        for (int rb = 0; rb < row_blocks; ++rb)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) query_step[s][rb][j] = query[s][rb][j];
+#pragma unroll
+      for (int rb = 0; rb < row_blocks; ++rb) score_scale[rb] = 1.0f, score_offset[rb] = 0.0f;
+    }
+#pragma unroll
+    for (int s = 0; s < k_steps; ++s) {
+      a[s][0] = pack_halves(query_step[s][0][0], query_step[s][0][1]);
+      a[s][2] = pack_halves(query_step[s][0][2], query_step[s][0][3]);
+      a[s][1] = row_blocks > 1 ? pack_halves(query_step[s][row_blocks - 1][0], query_step[s][row_blocks - 1][1]) : 0u;
+      a[s][3] = row_blocks > 1 ? pack_halves(query_step[s][row_blocks - 1][2], query_step[s][row_blocks - 1][3]) : 0u;
+    }
+  }
+
+  /// Key operands of the 8 tokens [first, first + 8) of the block: this lane's token first + lane / 4,
+  /// `row` its staged code row.
+  __device__ __forceinline__ void keys(const std::uint8_t* row, std::int64_t first, int lane,
+                                       unsigned (&b)[k_steps][2]) const {
+    const int quad = lane % 4;
+    if (!residual) {
+      layout::key_fragments(row, quad, bias, b);
+      return;
+    }
+    // The filling group: fp16 keys at place (logical index mod G) of the head's residual window.
+    const std::int64_t token = first + lane / 4;
+    const auto* source = reinterpret_cast<const __half*>(store.residual_keys) +
+                         (head * store.key_group + token % store.key_group) * HeadDim + quad * layout::key_channels;
+    __half channel[layout::key_channels];
+#pragma unroll
+    for (int i = 0; i < layout::key_channels / 8; ++i)
+      *reinterpret_cast<uint4*>(channel + 8 * i) = __ldg(reinterpret_cast<const uint4*>(source) + i);
+#pragma unroll
+    for (int s = 0; s < k_steps; ++s)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const __half2 pair = __halves2half2(channel[layout::key_offset(s, 2 * r)], channel[layout::key_offset(s, 2 * r + 1)]);
+        b[s][r] = *reinterpret_cast<const unsigned*>(&pair);
+      }
+  }
+
+  /// The logit (base 2, before the compensation bias) of a token from its accumulator;
+  /// `index` its place in the tile (side data).
+  __device__ __forceinline__ float score(float accumulator, int rb, const float* side_tile, int index) const {
+    if (store.key_group == 0) {
+      const float step = side_tile[2 * tile_tokens + index];
+      const float zero = store.asymmetric ? side_tile[3 * tile_tokens + index] : 0.0f;
+      return fmaf(accumulator, step, zero * query_sum[rb]);
+    }
+    return fmaf(accumulator, score_scale[rb], score_offset[rb]);
+  }
+  /// p' = p·s_t for the P·V product; Σ p z kept aside.
+  __device__ __forceinline__ float weight(float p, int rb, const float* side_tile, int index) {
+    if (store.asymmetric) value_zero_sum[rb] = fmaf(p, side_tile[tile_tokens + index], value_zero_sum[rb]);
+    return p * side_tile[index];
+  }
+  __device__ __forceinline__ void rescale(int rb, float factor) { value_zero_sum[rb] *= factor; }
+  /// The output of row block rb at a channel: the P·V accumulator plus Σ p z (this lane's part: summed over the quad).
+  __device__ __forceinline__ float output(float accumulator, float zero_sum) const { return accumulator + zero_sum; }
+  __device__ __forceinline__ float zero_sum(int rb) const {
+    float sum = value_zero_sum[rb];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    return sum;
+  }
+  __device__ __forceinline__ void values(const std::uint8_t* rows, int row_stride, int lane,
+                                         unsigned (&b)[layout::output_tiles][2]) const {
+    layout::value_fragments(rows, row_stride, lane, bias, b);
+  }
+};
+
+/// fp8 e4m3: one key and one value scale per head.
+template <int HeadDim, int Group>
+  requires(HeadDim <= 128)
+struct fragment_decoder<codec::fp8, HeadDim, Group> {
+  static constexpr bool supported = true;
+  using layout = fragment_layout<HeadDim, 8, true>;
+  using storage = codec::fp8::storage<device_space>;
+  static constexpr int k_steps = layout::k_steps;
+  static constexpr int row_blocks = Group > 8 ? 2 : 1;
+  template <int Threads>
+  using side = no_tile_side;
+
+  static constexpr bool always_reads = true;
+  __host__ __device__ static bool reads(const storage&) { return true; }
+  template <int Threads>
+  __device__ static side<Threads> make_side(const storage&, std::int64_t, std::int64_t) {
+    return {};
+  }
+
+  unsigned query_fragment[k_steps][4];
+  float key_scale, value_scale;
+
+  template <class QueryT>
+  __device__ __forceinline__ void open(const storage& store, std::int64_t head, std::int64_t,
+                                       const QueryT* queries, std::int64_t head_stride, float query_scale, int lane) {
+    key_scale = store.key_scales[head] * query_scale;
+    value_scale = store.value_scales[head];
+    const int quad = lane % 4, head_row = lane / 4;
+    const auto q = [&](int row, int s, int j) {
+      return row < Group ? to_float(queries[row * head_stride + quad * layout::key_channels + layout::key_offset(s, j)])
+                         : 0.0f;
+    };
+#pragma unroll
+    for (int s = 0; s < k_steps; ++s) {
+      query_fragment[s][0] = pack_halves(q(head_row, s, 0), q(head_row, s, 1));
+      query_fragment[s][2] = pack_halves(q(head_row, s, 2), q(head_row, s, 3));
+      query_fragment[s][1] = row_blocks > 1 ? pack_halves(q(head_row + 8, s, 0), q(head_row + 8, s, 1)) : 0u;
+      query_fragment[s][3] = row_blocks > 1 ? pack_halves(q(head_row + 8, s, 2), q(head_row + 8, s, 3)) : 0u;
+    }
+  }
+  __device__ __forceinline__ void block(const float*, int, std::int64_t, std::int64_t, int,
+                                        unsigned (&a)[k_steps][4]) const {
+#pragma unroll
+    for (int s = 0; s < k_steps; ++s)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[s][i] = query_fragment[s][i];
+  }
+  __device__ __forceinline__ void keys(const std::uint8_t* row, std::int64_t, int lane, unsigned (&b)[k_steps][2]) const {
+    layout::key_fragments(row, lane % 4, 0u, b);
+  }
+  __device__ __forceinline__ float score(float accumulator, int, const float*, int) const { return accumulator * key_scale; }
+  __device__ __forceinline__ float weight(float p, int, const float*, int) const { return p; }
+  __device__ __forceinline__ void rescale(int, float) const {}
+  __device__ __forceinline__ float zero_sum(int) const { return 0.0f; }
+  __device__ __forceinline__ float output(float accumulator, float) const { return accumulator * value_scale; }
+  __device__ __forceinline__ void values(const std::uint8_t* rows, int row_stride, int lane,
+                                         unsigned (&b)[layout::output_tiles][2]) const {
+    layout::value_fragments(rows, row_stride, lane, 0u, b);
+  }
+};
+
+}  // namespace kvtrim::cuda_detail
