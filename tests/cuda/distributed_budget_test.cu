@@ -11,15 +11,19 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <limits>
+#include <memory>
 #include <random>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "cuda/device_memory.cuh"
 #include "kvtrim/backend/cpu/adaptive.hpp"
+#include "kvtrim/comm/simulated.hpp"
 #include "kvtrim/comm/simulated_device.cuh"
 #include "kvtrim/comm/single_process.hpp"
 #if defined(KVTRIM_HAS_NCCL)
@@ -355,6 +359,265 @@ TEST(DistributedBudgetCuda, NcclRanksOnSeparateGpus) {
             << "rank " << r << ", sequence " << b << ", layer head " << mine.first + h;
   }
 #endif
+}
+
+// ---- the eviction step sharded over ranks (eviction/sharded.hpp) ----------------
+//
+// Each rank's caches (its kv heads of every layer) are built on the host, copied
+// to the device, and evicted twice: by the CPU's sharded step (R threads,
+// comm::simulated: the specification, equal to the one-rank step over all heads
+// per tests/cpu/distributed_eviction_test.cpp) and by the CUDA one (R threads and
+// streams, comm::simulated_device). The caches, metrics and reports must be
+// byte-identical: selections are exact and moves copy stored bits.
+
+namespace ev = kt::eviction;
+
+float eviction_metric(std::mt19937_64& random, bool all_equal) {
+  static constexpr float table[] = {0.0f, -0.0f, 1.0f, 1.0f, 0.5f, 0.5f, 3e38f,
+                                    std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                                    std::numeric_limits<float>::quiet_NaN()};
+  std::uniform_int_distribution<int> pick(0, 2 * static_cast<int>(std::size(table)));
+  const int k = pick(random);
+  if (all_equal) return 0.25f;
+  return k < static_cast<int>(std::size(table)) ? table[k] : std::uniform_real_distribution<float>(0.0f, 1.0f)(random);
+}
+
+template <class Layout>
+struct evict_rank {
+  using codec = kt::codec::fp16;
+  using cpu_scheme = kt::scheme<Layout, kt::score::static_window, kt::budget::uniform, codec, kt::backend::cpu>;
+  using host_view = typename cpu_scheme::cache_view;
+  using device_view = typename Layout::template view<codec, kt::device_space>;
+  std::vector<kt::cache<cpu_scheme>> host;
+  std::vector<std::vector<float>> host_metrics;
+  std::vector<host_view> host_views;
+  std::vector<ev::metric_output<>> host_outputs;
+  std::vector<std::unique_ptr<device_buffer<std::byte>>> blocks;
+  std::vector<std::unique_ptr<device_buffer<float>>> device_metrics;
+  std::vector<device_view> device_views;
+  std::vector<ev::metric_output<kt::device_space>> device_outputs;
+};
+
+template <class Layout>
+typename Layout::pool_size eviction_pool(std::int64_t heads, std::int64_t longest) {
+  if constexpr (std::is_same_v<Layout, kt::layout::paged>)
+    return kt::layout::paged::pool_size{heads * ((longest + 15) / 16) + 5, 16};
+  else
+    return kt::layout::flat::pool_size{heads * (longest + 9)};
+}
+
+/// Rank caches of kv heads [first, first + local) of every layer: a head's lengths,
+/// rows and metrics depend only on its (layer, sequence, layer head), not on the rank.
+template <class Layout>
+evict_rank<Layout> make_evict_rank(std::int64_t layers, std::int64_t batch, std::int64_t total_heads,
+                                   std::int64_t head_dim, std::int64_t longest, std::int64_t first, std::int64_t local,
+                                   std::int64_t window, std::uint64_t seed, bool all_equal) {
+  using rank_type = evict_rank<Layout>;
+  rank_type r;
+  if (local == 0) return r;
+  const kt::model_shape shape{.q_heads = 2 * local, .kv_heads = local, .head_dim = head_dim};
+  const auto pool = eviction_pool<Layout>(batch * local, longest);
+  for (std::int64_t l = 0; l < layers; ++l) {
+    r.host.push_back(rank_type::cpu_scheme::make_cache(shape, batch, pool));
+    auto& view = r.host.back().view();
+    for (std::int64_t b = 0; b < batch; ++b)
+      for (std::int64_t h = 0; h < local; ++h) {
+        const std::uint64_t head_seed = seed * 7919 + static_cast<std::uint64_t>((l * batch + b) * total_heads + first + h);
+        std::mt19937_64 random(head_seed);
+        const std::int64_t n = std::uniform_int_distribution<std::int64_t>(1, longest)(random);
+        auto keys = kt::testing::random_tensor<kt::half, 2>({n, head_dim}, head_seed * 2 + 1);
+        auto values = kt::testing::random_tensor<kt::half, 2>({n, head_dim}, head_seed * 2 + 2);
+        rank_type::cpu_scheme::append_head(view, b, h, keys.view, values.view);
+      }
+    r.host_metrics.emplace_back(static_cast<std::size_t>(kt::detail::storage_slots(view.storage)), 0.0f);
+    for (std::int64_t b = 0; b < batch; ++b)
+      for (std::int64_t h = 0; h < local; ++h) {
+        std::mt19937_64 random(seed * 104729 + static_cast<std::uint64_t>((l * batch + b) * total_heads + first + h));
+        for (std::int64_t i = 0; i < view.head_length(b, h); ++i)
+          r.host_metrics.back()[static_cast<std::size_t>(view.slot(b, h, i))] = eviction_metric(random, all_equal);
+      }
+    r.blocks.push_back(std::make_unique<device_buffer<std::byte>>(r.host.back().bytes()));
+    check(cudaMemcpy(r.blocks.back()->data(), r.host.back().data(), r.host.back().bytes(), cudaMemcpyHostToDevice), "H2D");
+    r.device_views.push_back(rank_type::device_view::bind(r.blocks.back()->data(), shape, batch, pool));
+    r.device_metrics.push_back(std::make_unique<device_buffer<float>>(r.host_metrics.back()));
+  }
+  for (std::int64_t l = 0; l < layers; ++l) {
+    r.host_views.push_back(r.host[l].view());
+    const auto slots = static_cast<std::int64_t>(r.host_metrics[l].size());
+    r.host_outputs.push_back({r.host_metrics[l].data(), slots, ev::metric_kind::squared_sum, window});
+    r.device_outputs.push_back({r.device_metrics[l]->data(), slots, ev::metric_kind::squared_sum, window});
+  }
+  return r;
+}
+
+template <class Body>
+std::vector<std::exception_ptr> on_rank_threads(int ranks, Body&& body) {
+  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(ranks));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < ranks; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        body(r);
+      } catch (...) {
+        errors[static_cast<std::size_t>(r)] = std::current_exception();
+      }
+    });
+  for (auto& t : threads) t.join();
+  return errors;
+}
+
+template <class Layout>
+void check_sharded_eviction(ev::scope scope, const std::vector<rank_heads>& shards, std::int64_t layers,
+                            std::int64_t batch, std::int64_t heads, std::int64_t head_dim, std::int64_t longest,
+                            std::uint64_t seed, bool all_equal) {
+  using rank_type = evict_rank<Layout>;
+  const int R = static_cast<int>(shards.size());
+  std::vector<std::uint8_t> mask(static_cast<std::size_t>(layers * heads), 0);
+  mask[static_cast<std::size_t>(heads / 2)] = 1;  // layer 0, the middle head (a shard boundary at R = 2)
+  const ev::config cfg{.scope = scope, .keep = longest / 3, .interval = 16, .sinks = 3, .protected_window = 9,
+                       .alpha = 0.3};
+  std::vector<rank_type> ranks;
+  for (const rank_heads& s : shards)
+    ranks.push_back(make_evict_rank<Layout>(layers, batch, heads, head_dim, longest, s.first, s.count,
+                                            cfg.protected_window, seed, all_equal));
+  const auto shard_of = [&](int r) {
+    const rank_heads& s = shards[static_cast<std::size_t>(r)];
+    return ev::shard{.heads = {s.first, heads, s.counted}, .batch = batch, .layers = layers};
+  };
+
+  // The CPU's sharded step on the host caches (the specification).
+  std::vector<ev::report> host_reports(shards.size());
+  kt::comm::simulated_group host_group(R);
+  ev::config host_cfg = cfg;
+  host_cfg.retrieval_heads = mask.data();
+  auto errors = on_rank_threads(R, [&](int r) {
+    const auto& mine = ranks[static_cast<std::size_t>(r)];
+    const auto views = std::span<const typename rank_type::host_view>(mine.host_views);
+    std::vector<std::byte> scratch(kt::evict_workspace<kt::backend::cpu>(views, shard_of(r)));
+    host_reports[static_cast<std::size_t>(r)] = kt::evict<kt::backend::cpu>(
+        views, std::span<const ev::metric_output<>>(mine.host_outputs), host_cfg, shard_of(r),
+        kt::comm::simulated(host_group, r), kt::workspace{scratch.data(), scratch.size()});
+  });
+  for (const auto& e : errors)
+    if (e) std::rethrow_exception(e);
+
+  // The CUDA sharded step on the device copies.
+  device_buffer<std::uint8_t> device_mask(mask);
+  const std::size_t capacity = static_cast<std::size_t>(batch * layers * std::max<std::int64_t>(256, heads) + 8);
+  kt::comm::simulated_device_group group(R, capacity);
+  std::vector<ev::report> device_reports(shards.size());
+  errors = on_rank_threads(R, [&](int r) {
+    const auto& mine = ranks[static_cast<std::size_t>(r)];
+    const auto views = std::span<const typename rank_type::device_view>(mine.device_views);
+    cudaStream_t stream = nullptr;
+    check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+    device_buffer<std::byte> scratch(kt::evict_workspace<kt::backend::cuda>(views, shard_of(r)));
+    device_buffer<ev::report> report(1);
+    kt::evict<kt::backend::cuda>(views, std::span<const ev::metric_output<kt::device_space>>(mine.device_outputs), cfg,
+                                 shard_of(r), kt::comm::simulated_device(group, r),
+                                 kt::workspace{scratch.data(), scratch.size()}, stream, report.data(), device_mask.data());
+    check(cudaStreamSynchronize(stream), "sharded evict");
+    device_reports[static_cast<std::size_t>(r)] = report.download()[0];
+    check(cudaStreamDestroy(stream), "cudaStreamDestroy");
+  });
+  for (const auto& e : errors)
+    if (e) std::rethrow_exception(e);
+
+  std::int64_t evicted = 0;
+  for (int r = 0; r < R; ++r) {
+    const auto& mine = ranks[static_cast<std::size_t>(r)];
+    const ev::report& want = host_reports[static_cast<std::size_t>(r)];
+    const ev::report& got = device_reports[static_cast<std::size_t>(r)];
+    EXPECT_EQ(got.evicted_tokens, want.evicted_tokens) << "rank " << r;
+    EXPECT_EQ(got.freed_pages, want.freed_pages) << "rank " << r;
+    EXPECT_EQ(got.units_evicted, want.units_evicted) << "rank " << r;
+    EXPECT_EQ(got.units_over_target, want.units_over_target) << "rank " << r;
+    evicted += want.evicted_tokens;
+    for (std::size_t l = 0; l < mine.host.size(); ++l) {
+      const std::size_t bytes = mine.host[l].bytes();
+      const auto device_bytes = kt::testing::download_bytes(mine.blocks[l]->data(), bytes);
+      EXPECT_EQ(0, std::memcmp(device_bytes.data(), mine.host[l].data(), bytes)) << "rank " << r << ", layer " << l;
+      const auto metric = mine.device_metrics[l]->download();
+      EXPECT_EQ(0, std::memcmp(metric.data(), mine.host_metrics[l].data(), metric.size() * sizeof(float)))
+          << "rank " << r << ", layer " << l << " metric";
+    }
+  }
+  EXPECT_GT(evicted, 0) << "the case must evict to test anything";
+}
+
+TEST(DistributedEvictionCuda, SimulatedRanksEvictWhatTheCpuEvicts) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  const std::vector<std::vector<rank_heads>> layouts = {
+      {{0, 4}}, {{0, 2}, {2, 2}}, {{0, 1}, {1, 1}, {2, 1}, {3, 1}}, {{0, 3}, {3, 0}, {3, 1}},
+      {{0, 2, true}, {0, 2, false}, {2, 2, true}, {2, 2, false}}};
+  for (const ev::scope scope : {ev::scope::per_layer, ev::scope::cross_layer})
+    for (std::size_t k = 0; k < layouts.size(); ++k)
+      for (const bool all_equal : {false, true}) {
+        SCOPED_TRACE(::testing::Message() << "scope " << int(scope) << ", layout " << k << ", all equal " << all_equal);
+        check_sharded_eviction<kt::layout::paged>(scope, layouts[k], 3, 2, 4, 64, 700, 51 + k, all_equal);
+        check_sharded_eviction<kt::layout::flat>(scope, layouts[k], 2, 3, 4, 128, 1100, 61 + k, all_equal);
+      }
+}
+
+/// Long heads (up to 20k tokens, head dim 128) at R = 2 and 4: the chunked walks past one block's reach.
+TEST(DistributedEvictionCuda, LongHeads) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  for (const int ranks : {2, 4})
+    check_sharded_eviction<kt::layout::paged>(ev::scope::cross_layer, even_shards(8, ranks), 4, 2, 8, 128, 20000, 71,
+                                              false);
+}
+
+/// A rank whose input is refused throws after taking part in every collective; the
+/// others return, evict nothing and report no unit; no cache changes anywhere.
+TEST(DistributedEvictionCuda, RefusedRankThrowsAndNobodyEvicts) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  using rank_type = evict_rank<kt::layout::paged>;
+  const std::vector<rank_heads> shards = {{0, 1}, {1, 2}, {3, 1}};
+  const std::int64_t layers = 2, batch = 2, heads = 4;
+  const ev::config cfg{.scope = ev::scope::cross_layer, .keep = 100, .interval = 16, .sinks = 3, .protected_window = 9};
+  std::vector<rank_type> ranks;
+  for (const rank_heads& s : shards)
+    ranks.push_back(make_evict_rank<kt::layout::paged>(layers, batch, heads, 64, 400, s.first, s.count,
+                                                       cfg.protected_window, 81, false));
+  ranks[1].device_outputs[1].protected_window = 4;  // rank 1's metric disagrees with the config
+  kt::comm::simulated_device_group group(3, static_cast<std::size_t>(batch * layers * 256 + 8));
+  std::vector<ev::report> reports(3);
+  const auto errors = on_rank_threads(3, [&](int r) {
+    const auto& mine = ranks[static_cast<std::size_t>(r)];
+    const auto views = std::span<const rank_type::device_view>(mine.device_views);
+    const ev::shard shard{.heads = {shards[r].first, heads, true}, .batch = batch, .layers = layers};
+    cudaStream_t stream = nullptr;
+    check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+    device_buffer<std::byte> scratch(kt::evict_workspace<kt::backend::cuda>(views, shard));
+    device_buffer<ev::report> report(1);
+    const auto finish = [&](bool read_report) {  // a throwing rank's report is never written
+      check(cudaStreamSynchronize(stream), "sharded evict");
+      if (read_report) reports[static_cast<std::size_t>(r)] = report.download()[0];
+      check(cudaStreamDestroy(stream), "cudaStreamDestroy");
+    };
+    try {
+      kt::evict<kt::backend::cuda>(views, std::span<const ev::metric_output<kt::device_space>>(mine.device_outputs),
+                                   cfg, shard, kt::comm::simulated_device(group, r),
+                                   kt::workspace{scratch.data(), scratch.size()}, stream, report.data());
+    } catch (...) {
+      finish(false);
+      throw;
+    }
+    finish(true);
+  });
+  ASSERT_TRUE(errors[1]) << "rank 1 must throw";
+  EXPECT_FALSE(errors[0]);
+  EXPECT_FALSE(errors[2]);
+  for (int r : {0, 2}) {
+    EXPECT_EQ(reports[r].units_evicted, 0) << "rank " << r;
+    EXPECT_EQ(reports[r].evicted_tokens, 0) << "rank " << r;
+  }
+  for (int r = 0; r < 3; ++r)
+    for (std::size_t l = 0; l < ranks[r].host.size(); ++l) {
+      const auto device_bytes = kt::testing::download_bytes(ranks[r].blocks[l]->data(), ranks[r].host[l].bytes());
+      EXPECT_EQ(0, std::memcmp(device_bytes.data(), ranks[r].host[l].data(), ranks[r].host[l].bytes()))
+          << "rank " << r << ", layer " << l << " changed";
+    }
 }
 
 }  // namespace
