@@ -28,6 +28,13 @@
 //                                    (comm::simulated_device), wall time of the
 //                                    slowest rank: kernels, the simulated
 //                                    all-reduces and the host barriers
+//   compress_sharded/<S>/<B>/<L>     issue 17: one rank's scheme::compress with a
+//                                    head_shard (comm::single_process) on kv_heads
+//                                    heads, against compress/<S>/<B>/<L> on as many
+//   evict_step[_sharded]/cross_layer/paged  issue 17: one eviction step (32 layers,
+//                                    keep 1024, every unit over target), one-GPU
+//                                    kvtrim::evict vs one rank's sharded step
+//                                    (comm::single_process) on `heads` kv heads
 // Each row reports its median time, the bytes a kernel must at least move
 // (see each row) per second, and that rate as a fraction of the copy's.
 //
@@ -51,6 +58,7 @@
 #include <chrono>
 #include <cstdio>
 #include <functional>
+#include <span>
 #include <thread>
 #include <vector>
 
@@ -287,7 +295,7 @@ auto bench_pool(std::int64_t batch, std::int64_t kv_heads, std::int64_t tokens) 
 
 /// The whole compress of scheme<Layout, Scorer, Budget, fp16, cuda> at W, with the
 /// SnapKV scorer's 64 observation-window queries (RazorAttention reads none).
-template <class Layout, class Scorer, class Budget>
+template <class Layout, class Scorer, class Budget, bool Sharded = false>
 void compress_scheme(benchmark::State& state) {
   using scheme = kt::scheme<Layout, Scorer, Budget, kt::codec::fp16, kt::backend::cuda>;
   const std::int64_t batch = state.range(0), kv_heads = state.range(1), tokens = state.range(2);
@@ -325,7 +333,14 @@ void compress_scheme(benchmark::State& state) {
   std::int32_t* kept = nullptr;
   check(cudaMalloc(&offsets, sizeof(std::int64_t) * (batch * kv_heads + 1)), "cudaMalloc");
   check(cudaMalloc(&kept, sizeof(std::int32_t) * std::max<std::int64_t>(capacity, 1)), "cudaMalloc");
-  const std::size_t bytes = scheme::compress_workspace(shape, batch, tokens, cfg);
+  // Sharded (issue 17): one rank's compress of these heads with the layer's head_shard,
+  // comm::single_process (the rank's own kernels, no collective latency).
+  const kt::budget::head_shard shard{0, kv_heads, true};
+  std::size_t bytes = 0;
+  if constexpr (Sharded)
+    bytes = scheme::compress_workspace(shape, batch, tokens, cfg, shard);
+  else
+    bytes = scheme::compress_workspace(shape, batch, tokens, cfg);
   void* scratch = nullptr;
   check(cudaMalloc(&scratch, std::max<std::size_t>(bytes, 1)), "cudaMalloc");
   cudaStream_t stream;
@@ -333,7 +348,10 @@ void compress_scheme(benchmark::State& state) {
   auto view = cache.view();
   const kt::compress_options<kt::device_space> none{};
   const auto call = [&](const kt::compress_options<kt::device_space>& options) {
-    if constexpr (Scorer::needs_queries)
+    if constexpr (Sharded)
+      scheme::compress(key_view, value_view, query_view, view, cfg, options, shard, kt::comm::single_process{},
+                       {scratch, bytes}, stream);
+    else if constexpr (Scorer::needs_queries)
       scheme::compress(key_view, value_view, query_view, view, cfg, options, {scratch, bytes}, stream);
     else
       scheme::compress(key_view, value_view, view, cfg, options, {scratch, bytes}, stream);
@@ -460,6 +478,119 @@ void adaptive_budget_simulated_ranks(benchmark::State& state) {
   }
 }
 
+// ---- issue 17: the eviction step with sharded heads -----------------------------
+
+/// Metric values in [0, 1) on every slot.
+__global__ void fill_metric(float* metric, std::int64_t count, std::uint32_t seed) {
+  for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < count;
+       i += std::int64_t{gridDim.x} * blockDim.x)
+    metric[i] = static_cast<float>(hash(i, seed) & 0xffffff) / 16777216.0f;
+}
+
+/// One eviction step (cross-layer, keep 1024, interval 16) over `layers` paged fp16
+/// caches of batch × heads heads holding `held` tokens each — every unit over its
+/// target. Sharded: the sharded step of one rank holding these heads, with
+/// comm::single_process (its kernels and memsets, no collective latency); else the
+/// one-GPU kvtrim::evict. Before each timed call the caches and metrics are restored
+/// from a snapshot (a copy larger than L2: the step reads from HBM).
+template <bool Sharded>
+void evict_step(benchmark::State& state) {
+  using scheme = kt::scheme<kt::layout::paged, kt::score::static_window, kt::budget::uniform, kt::codec::fp16,
+                            kt::backend::cuda>;
+  using view_type = scheme::cache_view;
+  const std::int64_t batch = state.range(0), heads = state.range(1), layers = state.range(2), held = state.range(3);
+  const kt::model_shape shape{.q_heads = 4 * heads, .kv_heads = heads, .head_dim = 128};
+  const kt::layout::paged::pool_size pool{batch * heads * ((held + 15) / 16) + 8, 16};
+  const std::int64_t elements = batch * heads * held * shape.head_dim, slots = pool.pages * pool.page_size;
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  __half *keys = nullptr, *values = nullptr;
+  check(cudaMalloc(&keys, sizeof(__half) * elements), "cudaMalloc");
+  check(cudaMalloc(&values, sizeof(__half) * elements), "cudaMalloc");
+  fill_random<<<1024, 256, 0, stream>>>(keys, elements, 5);
+  fill_random<<<1024, 256, 0, stream>>>(values, elements, 6);
+  const std::array<std::int64_t, 4> extents{batch, heads, held, shape.head_dim};
+  std::vector<kt::cache<scheme>> caches;
+  std::vector<view_type> views;
+  std::vector<float*> metrics(static_cast<std::size_t>(layers));
+  std::vector<void*> snapshots(static_cast<std::size_t>(2 * layers));
+  std::vector<kt::eviction::metric_output<kt::device_space>> outputs;
+  const kt::eviction::config cfg{.scope = kt::eviction::scope::cross_layer, .keep = 1024, .interval = 16};
+  for (std::int64_t l = 0; l < layers; ++l) {
+    caches.push_back(scheme::make_cache(shape, batch, pool, kt::codec::fp16::config{}));
+    auto view = caches.back().view();
+    scheme::append(view, kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(keys), extents),
+                   kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(values), extents), stream);
+    views.push_back(view);
+    const auto i = static_cast<std::size_t>(l);
+    check(cudaMalloc(&metrics[i], sizeof(float) * slots), "cudaMalloc");
+    fill_metric<<<1024, 256, 0, stream>>>(metrics[i], slots, static_cast<std::uint32_t>(7 + l));
+    outputs.push_back({metrics[i], slots, kt::eviction::metric_kind::squared_sum, cfg.protected_window});
+    check(cudaMalloc(&snapshots[2 * i], caches.back().bytes()), "cudaMalloc");
+    check(cudaMalloc(&snapshots[2 * i + 1], sizeof(float) * slots), "cudaMalloc");
+    check(cudaMemcpyAsync(snapshots[2 * i], caches.back().data(), caches.back().bytes(), cudaMemcpyDeviceToDevice, stream),
+          "snapshot");
+    check(cudaMemcpyAsync(snapshots[2 * i + 1], metrics[i], sizeof(float) * slots, cudaMemcpyDeviceToDevice, stream),
+          "snapshot");
+  }
+  const auto layer_views = std::span<const view_type>(views);
+  const auto layer_metrics = std::span<const kt::eviction::metric_output<kt::device_space>>(outputs);
+  const kt::eviction::shard shard{.heads = {0, heads, true}, .batch = batch, .layers = layers};
+  std::size_t bytes = 0;
+  if constexpr (Sharded)
+    bytes = kt::evict_workspace<kt::backend::cuda>(layer_views, shard);
+  else
+    bytes = kt::evict_workspace<kt::backend::cuda>(layer_views);
+  void* scratch = nullptr;
+  kt::eviction::report* report = nullptr;
+  check(cudaMalloc(&scratch, std::max<std::size_t>(bytes, 1)), "cudaMalloc");
+  check(cudaMalloc(&report, sizeof(kt::eviction::report)), "cudaMalloc");
+  const auto call = [&] {
+    if constexpr (Sharded)
+      kt::evict<kt::backend::cuda>(layer_views, layer_metrics, cfg, shard, kt::comm::single_process{}, {scratch, bytes},
+                                   stream, report);
+    else
+      kt::evict<kt::backend::cuda>(layer_views, layer_metrics, cfg, {scratch, bytes}, stream, report);
+  };
+  const auto restore = [&] {
+    for (std::int64_t l = 0; l < layers; ++l) {
+      const auto i = static_cast<std::size_t>(l);
+      check(cudaMemcpyAsync(const_cast<void*>(caches[i].data()), snapshots[2 * i], caches[i].bytes(),
+                            cudaMemcpyDeviceToDevice, stream), "restore");
+      check(cudaMemcpyAsync(metrics[i], snapshots[2 * i + 1], sizeof(float) * slots, cudaMemcpyDeviceToDevice, stream),
+            "restore");
+    }
+  };
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start), cudaEventCreate(&stop);
+  restore();
+  call();  // warm-up, and the evicted count
+  kt::eviction::report done{};
+  check(cudaMemcpyAsync(&done, report, sizeof done, cudaMemcpyDeviceToHost, stream), "report");
+  check(cudaStreamSynchronize(stream), "warm-up");
+  std::vector<double> seconds;
+  for (auto _ : state) {
+    restore();
+    cudaEventRecord(start, stream);
+    call();
+    cudaEventRecord(stop, stream);
+    check(cudaEventSynchronize(stop), "timed call");
+    float milliseconds = 0;
+    cudaEventElapsedTime(&milliseconds, start, stop);
+    state.SetIterationTime(milliseconds / 1e3);
+    seconds.push_back(milliseconds / 1e3);
+  }
+  std::sort(seconds.begin(), seconds.end());
+  state.counters["median_us"] = seconds[seconds.size() / 2] * 1e6;
+  state.counters["evicted_tokens"] = static_cast<double>(done.evicted_tokens);
+  state.counters["units_evicted"] = static_cast<double>(done.units_evicted);
+  cudaEventDestroy(start), cudaEventDestroy(stop);
+  for (void* p : snapshots) cudaFree(p);
+  for (float* p : metrics) cudaFree(p);
+  cudaFree(keys), cudaFree(values), cudaFree(scratch), cudaFree(report);
+  cudaStreamDestroy(stream);
+}
+
 }  // namespace
 
 BENCHMARK(device_copy)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
@@ -534,5 +665,44 @@ KVTRIM_COMPRESS_ROW(flat, snapkv, adaptive);
 KVTRIM_COMPRESS_ROW(paged, snapkv, adaptive);
 KVTRIM_COMPRESS_ROW(flat, retrieval_head, by_scorer);
 KVTRIM_COMPRESS_ROW(paged, retrieval_head, by_scorer);
+
+// issue 17 — a rank's share of W's compress (Ada-SnapKV, paged 16): one GPU on
+// `kv_heads` heads vs the sharded compress of those heads (comm::single_process).
+BENCHMARK(compress_scheme<kt::layout::paged, kt::score::snapkv, kt::budget::adaptive>)
+    ->Name("compress/snapkv/adaptive/paged")
+    ->ArgNames({"batch", "kv_heads", "tokens", "q_heads", "head_dim"})
+    ->Args({8, 4, 32768, 16, 128})
+    ->Args({8, 2, 32768, 8, 128})
+    ->UseManualTime()
+    ->Iterations(20)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(compress_scheme<kt::layout::paged, kt::score::snapkv, kt::budget::adaptive, true>)
+    ->Name("compress_sharded/snapkv/adaptive/paged")
+    ->ArgNames({"batch", "kv_heads", "tokens", "q_heads", "head_dim"})
+    ->Args({8, 8, 32768, 32, 128})
+    ->Args({8, 4, 32768, 16, 128})
+    ->Args({8, 2, 32768, 8, 128})
+    ->UseManualTime()
+    ->Iterations(20)
+    ->Unit(benchmark::kMicrosecond);
+// issue 17 — the eviction step: batch, kv heads on this GPU, layers, tokens held per head.
+BENCHMARK(evict_step<false>)
+    ->Name("evict_step/cross_layer/paged")
+    ->ArgNames({"batch", "heads", "layers", "held"})
+    ->Args({8, 8, 32, 1040})
+    ->Args({8, 4, 32, 1040})
+    ->Args({8, 2, 32, 1040})
+    ->UseManualTime()
+    ->Iterations(10)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(evict_step<true>)
+    ->Name("evict_step_sharded/cross_layer/paged")
+    ->ArgNames({"batch", "heads", "layers", "held"})
+    ->Args({8, 8, 32, 1040})
+    ->Args({8, 4, 32, 1040})
+    ->Args({8, 2, 32, 1040})
+    ->UseManualTime()
+    ->Iterations(10)
+    ->Unit(benchmark::kMicrosecond);
 
 BENCHMARK_MAIN();

@@ -559,6 +559,16 @@ TEST(DistributedEvictionCuda, SimulatedRanksEvictWhatTheCpuEvicts) {
       }
 }
 
+/// A small case for the sanitizers (memcheck, racecheck, initcheck): both scopes and
+/// layouts, R = 2 and an uneven layout with an empty rank, ties everywhere.
+TEST(DistributedEvictionCuda, SmallForSanitizers) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  for (const ev::scope scope : {ev::scope::per_layer, ev::scope::cross_layer}) {
+    check_sharded_eviction<kt::layout::paged>(scope, {{0, 2}, {2, 2}}, 2, 2, 4, 64, 300, 91, true);
+    check_sharded_eviction<kt::layout::flat>(scope, {{0, 3}, {3, 0}, {3, 1}}, 2, 2, 4, 64, 300, 92, false);
+  }
+}
+
 /// Long heads (up to 20k tokens, head dim 128) at R = 2 and 4: the chunked walks past one block's reach.
 TEST(DistributedEvictionCuda, LongHeads) {
   KVTRIM_SKIP_WITHOUT_GPU();
@@ -618,6 +628,159 @@ TEST(DistributedEvictionCuda, RefusedRankThrowsAndNobodyEvicts) {
       EXPECT_EQ(0, std::memcmp(device_bytes.data(), ranks[r].host[l].data(), ranks[r].host[l].bytes()))
           << "rank " << r << ", layer " << l << " changed";
     }
+}
+
+// ---- compress with a communicator on the GPU (scheme.hpp) ------------------------
+//
+// R simulated ranks each compress their kv heads' slice of the layer with the
+// layer's head_shard (Ada-KV inside compress over every rank's heads): the kept
+// token lists equal the one-GPU compress of all heads, per head — SnapKV scores
+// (random: few ties) and external scores with 4 values (ties everywhere),
+// R = 1, 2, 4, an uneven layout with an empty rank (compress_without_heads) and
+// replicas; the caches' lengths agree with the lists.
+
+template <class Scorer>
+using adaptive_gpu_scheme = kt::scheme<kt::layout::paged, Scorer, kt::budget::adaptive, kt::codec::fp16, kt::backend::cuda>;
+
+struct compress_problem {
+  static constexpr std::int64_t batch = 2, heads = 8, group = 4, head_dim = 128, tokens = 4097, window = 16;
+  device_buffer<kt::half> keys, values, queries;
+  device_buffer<float> scores;  // [batch, heads, tokens] for score::external
+  compress_problem()
+      : keys(random_halves(batch * heads * tokens * head_dim, 1)), values(random_halves(batch * heads * tokens * head_dim, 2)),
+        queries(random_halves(batch * heads * group * window * head_dim, 3)),
+        scores(make_scores(pattern::heavy_ties, batch, heads, tokens, 4)) {}
+  static std::vector<kt::half> random_halves(std::int64_t n, std::uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    std::vector<kt::half> out(static_cast<std::size_t>(n));
+    for (auto& x : out) x = kt::half(normal(rng));
+    return out;
+  }
+  /// kv heads [first, first + count) of keys or values; their query heads.
+  kt::tensor_view<const kt::half, 4, kt::device_space> kv(const device_buffer<kt::half>& all, std::int64_t first,
+                                                          std::int64_t count) const {
+    return {all.data() + first * tokens * head_dim, {batch, count, tokens, head_dim},
+            {heads * tokens * head_dim, tokens * head_dim, head_dim, 1}};
+  }
+  kt::tensor_view<const kt::half, 4, kt::device_space> q(std::int64_t first, std::int64_t count) const {
+    return {queries.data() + first * group * window * head_dim, {batch, count * group, window, head_dim},
+            {heads * group * window * head_dim, window * head_dim, head_dim, 1}};
+  }
+  kt::tensor_view<const float, 3, kt::device_space> score_rows(std::int64_t first, std::int64_t count) const {
+    return {scores.data() + first * tokens, {batch, count, tokens}, {heads * tokens, tokens, 1}};
+  }
+};
+
+template <class Scorer>
+typename adaptive_gpu_scheme<Scorer>::config compress_config(const compress_problem& p, std::int64_t first,
+                                                              std::int64_t count) {
+  typename adaptive_gpu_scheme<Scorer>::config cfg;
+  cfg.budget.keep = kt::keep_ratio{0.3};
+  cfg.budget.alpha = 0.2;
+  if constexpr (std::is_same_v<Scorer, kt::score::snapkv>) cfg.score.window = compress_problem::window;
+  if constexpr (std::is_same_v<Scorer, kt::score::external>)
+    cfg.score = kt::score::external::config::from(p.score_rows(first, count));
+  return cfg;
+}
+
+/// Kept lists per (b, local head) of a compress of kv heads [first, first + count).
+template <class Scorer, class Compress>
+std::vector<std::vector<std::int32_t>> compress_heads_on_gpu(const compress_problem& p, std::int64_t first,
+                                                             std::int64_t count, Compress&& compress) {
+  using scheme = adaptive_gpu_scheme<Scorer>;
+  using P = compress_problem;
+  const kt::model_shape shape{.q_heads = count * P::group, .kv_heads = count, .head_dim = P::head_dim};
+  typename scheme::config cfg = compress_config<Scorer>(p, first, count);
+  const std::int64_t capacity = scheme::kept_tokens_capacity(shape, P::batch, P::tokens, cfg);
+  auto cache = scheme::make_cache(shape, P::batch, kt::layout::paged::pool_size{P::batch * count * ((P::tokens + 15) / 16) + 8, 16});
+  device_buffer<std::int64_t> offsets(static_cast<std::size_t>(P::batch * count + 1));
+  device_buffer<std::int32_t> kept(static_cast<std::size_t>(capacity));
+  cudaStream_t stream = nullptr;
+  check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  auto view = cache.view();
+  compress(shape, cfg, view, kt::compress_options<kt::device_space>{0, offsets.data(), kept.data(), capacity}, stream);
+  kt::check_status(view, stream);
+  check(cudaStreamSynchronize(stream), "compress");
+  check(cudaStreamDestroy(stream), "cudaStreamDestroy");
+  const auto o = offsets.download();
+  std::vector<std::int32_t> k(static_cast<std::size_t>(o.back()));
+  check(cudaMemcpy(k.data(), kept.data(), sizeof(std::int32_t) * k.size(), cudaMemcpyDeviceToHost), "D2H");
+  std::vector<std::vector<std::int32_t>> lists;
+  for (std::size_t h = 0; h + 1 < o.size(); ++h) lists.emplace_back(k.begin() + o[h], k.begin() + o[h + 1]);
+  return lists;
+}
+
+template <class Scorer>
+void expect_sharded_compress_on_gpu(const compress_problem& p, const std::vector<rank_heads>& shards) {
+  using scheme = adaptive_gpu_scheme<Scorer>;
+  using P = compress_problem;
+  const auto whole = compress_heads_on_gpu<Scorer>(p, 0, P::heads, [&](const kt::model_shape& shape, const auto& cfg,
+                                                                       auto& view, const auto& options, cudaStream_t stream) {
+    device_buffer<std::byte> scratch(scheme::compress_workspace(shape, P::batch, P::tokens, cfg));
+    scheme::compress(p.kv(p.keys, 0, P::heads), p.kv(p.values, 0, P::heads), p.q(0, P::heads), view, cfg, options,
+                     kt::workspace{scratch.data(), scratch.size()}, stream);
+    check(cudaStreamSynchronize(stream), "one-GPU compress");
+  });
+  const int R = static_cast<int>(shards.size());
+  kt::comm::simulated_device_group group(R, static_cast<std::size_t>(P::batch * 256 + 8));
+  std::vector<std::vector<std::vector<std::int32_t>>> got(shards.size());
+  const auto errors = on_rank_threads(R, [&](int r) {
+    const rank_heads mine = shards[static_cast<std::size_t>(r)];
+    const kt::budget::head_shard shard{mine.first, P::heads, mine.counted};
+    const kt::comm::simulated_device comm(group, r);
+    if (mine.count == 0) {
+      const auto cfg = compress_config<Scorer>(p, 0, 1);
+      cudaStream_t stream = nullptr;
+      check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+      device_buffer<std::byte> scratch(scheme::compress_without_heads_workspace(P::batch, P::tokens, cfg, shard));
+      scheme::compress_without_heads(P::batch, P::tokens, cfg, shard, comm, kt::workspace{scratch.data(), scratch.size()},
+                                     stream);
+      check(cudaStreamSynchronize(stream), "compress_without_heads");
+      check(cudaStreamDestroy(stream), "cudaStreamDestroy");
+      return;
+    }
+    got[static_cast<std::size_t>(r)] = compress_heads_on_gpu<Scorer>(
+        p, mine.first, mine.count, [&](const kt::model_shape& shape, const auto& cfg, auto& view, const auto& options,
+                                       cudaStream_t stream) {
+          device_buffer<std::byte> scratch(scheme::compress_workspace(shape, P::batch, P::tokens, cfg, shard));
+          scheme::compress(p.kv(p.keys, mine.first, mine.count), p.kv(p.values, mine.first, mine.count),
+                           p.q(mine.first, mine.count), view, cfg, options, shard, comm,
+                           kt::workspace{scratch.data(), scratch.size()}, stream);
+          check(cudaStreamSynchronize(stream), "sharded compress");
+        });
+  });
+  for (int r = 0; r < R; ++r)
+    if (errors[r]) std::rethrow_exception(errors[r]);
+  for (int r = 0; r < R; ++r) {
+    const rank_heads mine = shards[static_cast<std::size_t>(r)];
+    for (std::int64_t b = 0; b < P::batch; ++b)
+      for (std::int64_t h = 0; h < mine.count; ++h)
+        ASSERT_EQ(got[r][static_cast<std::size_t>(b * mine.count + h)],
+                  whole[static_cast<std::size_t>(b * P::heads + mine.first + h)])
+            << "rank " << r << ", sequence " << b << ", kv head " << mine.first + h;
+  }
+}
+
+/// The sanitizers' compress case: R = 2, both scorers.
+TEST(DistributedCompressCuda, SmallForSanitizers) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  const compress_problem p;
+  expect_sharded_compress_on_gpu<kt::score::snapkv>(p, even_shards(8, 2));
+  expect_sharded_compress_on_gpu<kt::score::external>(p, {{0, 3}, {3, 0}, {3, 5}});
+}
+
+TEST(DistributedCompressCuda, SimulatedRanksKeepWhatOneGpuKeeps) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  const compress_problem p;
+  const std::vector<std::vector<rank_heads>> layouts = {
+      even_shards(8, 1), even_shards(8, 2), even_shards(8, 4), {{0, 3}, {3, 0}, {3, 5}},
+      {{0, 4, true}, {0, 4, false}, {4, 4, true}, {4, 4, false}}};
+  for (std::size_t k = 0; k < layouts.size(); ++k) {
+    SCOPED_TRACE(::testing::Message() << "layout " << k);
+    expect_sharded_compress_on_gpu<kt::score::snapkv>(p, layouts[k]);
+    expect_sharded_compress_on_gpu<kt::score::external>(p, layouts[k]);
+  }
 }
 
 }  // namespace
