@@ -492,7 +492,7 @@ __global__ void fill_metric(float* metric, std::int64_t count, std::uint32_t see
 /// target. Sharded: the sharded step of one rank holding these heads, with
 /// comm::single_process (its kernels and memsets, no collective latency); else the
 /// one-GPU kvtrim::evict. Before each timed call the caches and metrics are restored
-/// from a snapshot (a copy larger than L2: the step reads from HBM).
+/// from a snapshot, then L2 is flushed.
 template <bool Sharded>
 void evict_step(benchmark::State& state) {
   using scheme = kt::scheme<kt::layout::paged, kt::score::static_window, kt::budget::uniform, kt::codec::fp16,
@@ -561,30 +561,13 @@ void evict_step(benchmark::State& state) {
             "restore");
     }
   };
-  cudaEvent_t start, stop;
-  cudaEventCreate(&start), cudaEventCreate(&stop);
-  restore();
-  call();  // warm-up, and the evicted count
-  kt::eviction::report done{};
+  const std::vector<double> seconds = kvtrim_bench::timed_seconds(state, stream, call, restore);
+  kt::eviction::report done{};  // what one step did (the last timed one: each starts from the snapshot)
   check(cudaMemcpyAsync(&done, report, sizeof done, cudaMemcpyDeviceToHost, stream), "report");
-  check(cudaStreamSynchronize(stream), "warm-up");
-  std::vector<double> seconds;
-  for (auto _ : state) {
-    restore();
-    cudaEventRecord(start, stream);
-    call();
-    cudaEventRecord(stop, stream);
-    check(cudaEventSynchronize(stop), "timed call");
-    float milliseconds = 0;
-    cudaEventElapsedTime(&milliseconds, start, stop);
-    state.SetIterationTime(milliseconds / 1e3);
-    seconds.push_back(milliseconds / 1e3);
-  }
-  std::sort(seconds.begin(), seconds.end());
+  check(cudaStreamSynchronize(stream), "report");
   state.counters["median_us"] = seconds[seconds.size() / 2] * 1e6;
   state.counters["evicted_tokens"] = static_cast<double>(done.evicted_tokens);
   state.counters["units_evicted"] = static_cast<double>(done.units_evicted);
-  cudaEventDestroy(start), cudaEventDestroy(stop);
   for (void* p : snapshots) cudaFree(p);
   for (float* p : metrics) cudaFree(p);
   cudaFree(keys), cudaFree(values), cudaFree(scratch), cudaFree(report);

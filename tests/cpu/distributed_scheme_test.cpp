@@ -33,6 +33,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/rank_threads.hpp"
 #include "common/streaming.hpp"
 #include "common/tensors.hpp"
 
@@ -158,30 +159,8 @@ struct rank_shard {
   bool counted = true;
 };
 
-/// Runs `body(rank)` on one thread per rank; returns each rank's exception (null: none).
-template <class Body>
-std::vector<std::exception_ptr> run_ranks(int ranks, Body&& body) {
-  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(ranks));
-  std::vector<std::thread> threads;
-  for (int r = 0; r < ranks; ++r)
-    threads.emplace_back([&, r] {
-      try {
-        body(r);
-      } catch (...) {
-        errors[static_cast<std::size_t>(r)] = std::current_exception();
-      }
-    });
-  for (auto& t : threads) t.join();
-  return errors;
-}
-
-std::string message_of(const std::exception_ptr& error) {
-  try {
-    std::rethrow_exception(error);
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-}
+using kts::message_of;
+using kts::run_ranks;
 
 template <class Case, class Codec>
 void expect_sharded_equals_one_rank(ev::scope scope, const std::vector<rank_shard>& shards, metrics_kind kind,

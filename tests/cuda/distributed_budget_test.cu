@@ -21,6 +21,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/rank_threads.hpp"
 #include "cuda/device_memory.cuh"
 #include "kvtrim/backend/cpu/adaptive.hpp"
 #include "kvtrim/comm/simulated.hpp"
@@ -450,36 +451,26 @@ evict_rank<Layout> make_evict_rank(std::int64_t layers, std::int64_t batch, std:
   return r;
 }
 
-template <class Body>
-std::vector<std::exception_ptr> on_rank_threads(int ranks, Body&& body) {
-  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(ranks));
-  std::vector<std::thread> threads;
-  for (int r = 0; r < ranks; ++r)
-    threads.emplace_back([&, r] {
-      try {
-        body(r);
-      } catch (...) {
-        errors[static_cast<std::size_t>(r)] = std::current_exception();
-      }
-    });
-  for (auto& t : threads) t.join();
-  return errors;
-}
-
 template <class Layout>
 void check_sharded_eviction(ev::scope scope, const std::vector<rank_heads>& shards, std::int64_t layers,
                             std::int64_t batch, std::int64_t heads, std::int64_t head_dim, std::int64_t longest,
-                            std::uint64_t seed, bool all_equal) {
+                            std::uint64_t seed, bool all_equal, bool over_nccl = false) {
   using rank_type = evict_rank<Layout>;
   const int R = static_cast<int>(shards.size());
+  const auto on_device = [&](int r) {  // over NCCL rank r lives on GPU r, simulated ranks share GPU 0
+    check(cudaSetDevice(over_nccl ? r : 0), "cudaSetDevice");
+  };
   std::vector<std::uint8_t> mask(static_cast<std::size_t>(layers * heads), 0);
   mask[static_cast<std::size_t>(heads / 2)] = 1;  // layer 0, the middle head (a shard boundary at R = 2)
   const ev::config cfg{.scope = scope, .keep = longest / 3, .interval = 16, .sinks = 3, .protected_window = 9,
                        .alpha = 0.3};
   std::vector<rank_type> ranks;
-  for (const rank_heads& s : shards)
+  for (int r = 0; r < R; ++r) {
+    on_device(r);
+    const rank_heads& s = shards[static_cast<std::size_t>(r)];
     ranks.push_back(make_evict_rank<Layout>(layers, batch, heads, head_dim, longest, s.first, s.count,
                                             cfg.protected_window, seed, all_equal));
+  }
   const auto shard_of = [&](int r) {
     const rank_heads& s = shards[static_cast<std::size_t>(r)];
     return ev::shard{.heads = {s.first, heads, s.counted}, .batch = batch, .layers = layers};
@@ -490,7 +481,7 @@ void check_sharded_eviction(ev::scope scope, const std::vector<rank_heads>& shar
   kt::comm::simulated_group host_group(R);
   ev::config host_cfg = cfg;
   host_cfg.retrieval_heads = mask.data();
-  auto errors = on_rank_threads(R, [&](int r) {
+  auto errors = kt::testing::run_ranks(R, [&](int r) {
     const auto& mine = ranks[static_cast<std::size_t>(r)];
     const auto views = std::span<const typename rank_type::host_view>(mine.host_views);
     std::vector<std::byte> scratch(kt::evict_workspace<kt::backend::cpu>(views, shard_of(r)));
@@ -501,25 +492,52 @@ void check_sharded_eviction(ev::scope scope, const std::vector<rank_heads>& shar
   for (const auto& e : errors)
     if (e) std::rethrow_exception(e);
 
-  // The CUDA sharded step on the device copies.
-  device_buffer<std::uint8_t> device_mask(mask);
+  // The CUDA sharded step on the device copies: simulated ranks on GPU 0, or one GPU per rank over NCCL.
+  std::vector<std::unique_ptr<device_buffer<std::uint8_t>>> device_masks;
+  for (int r = 0; r < R; ++r) {
+    on_device(r);
+    device_masks.push_back(std::make_unique<device_buffer<std::uint8_t>>(mask));
+  }
+  on_device(0);
   const std::size_t capacity = static_cast<std::size_t>(batch * layers * std::max<std::int64_t>(256, heads) + 8);
-  kt::comm::simulated_device_group group(R, capacity);
+  kt::comm::simulated_device_group group(over_nccl ? 1 : R, capacity);
+#if defined(KVTRIM_HAS_NCCL)
+  std::vector<ncclComm_t> comms(static_cast<std::size_t>(R));
+  std::vector<int> device_list(static_cast<std::size_t>(R));
+  for (int r = 0; r < R; ++r) device_list[static_cast<std::size_t>(r)] = r;
+  if (over_nccl) ASSERT_EQ(ncclCommInitAll(comms.data(), R, device_list.data()), ncclSuccess);
+#else
+  ASSERT_FALSE(over_nccl) << "built without NCCL";
+#endif
   std::vector<ev::report> device_reports(shards.size());
-  errors = on_rank_threads(R, [&](int r) {
+  errors = kt::testing::run_ranks(R, [&](int r) {
+    on_device(r);
     const auto& mine = ranks[static_cast<std::size_t>(r)];
     const auto views = std::span<const typename rank_type::device_view>(mine.device_views);
     cudaStream_t stream = nullptr;
     check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
     device_buffer<std::byte> scratch(kt::evict_workspace<kt::backend::cuda>(views, shard_of(r)));
     device_buffer<ev::report> report(1);
-    kt::evict<kt::backend::cuda>(views, std::span<const ev::metric_output<kt::device_space>>(mine.device_outputs), cfg,
-                                 shard_of(r), kt::comm::simulated_device(group, r),
-                                 kt::workspace{scratch.data(), scratch.size()}, stream, report.data(), device_mask.data());
+    const auto step = [&](const auto& comm) {
+      kt::evict<kt::backend::cuda>(views, std::span<const ev::metric_output<kt::device_space>>(mine.device_outputs),
+                                   cfg, shard_of(r), comm, kt::workspace{scratch.data(), scratch.size()}, stream,
+                                   report.data(), device_masks[static_cast<std::size_t>(r)]->data());
+    };
+#if defined(KVTRIM_HAS_NCCL)
+    if (over_nccl)
+      step(kt::comm::nccl(comms[static_cast<std::size_t>(r)]));
+    else
+#endif
+      step(kt::comm::simulated_device(group, r));
     check(cudaStreamSynchronize(stream), "sharded evict");
     device_reports[static_cast<std::size_t>(r)] = report.download()[0];
     check(cudaStreamDestroy(stream), "cudaStreamDestroy");
   });
+#if defined(KVTRIM_HAS_NCCL)
+  if (over_nccl)
+    for (auto c : comms) ncclCommDestroy(c);
+#endif
+  on_device(0);
   for (const auto& e : errors)
     if (e) std::rethrow_exception(e);
 
@@ -592,7 +610,7 @@ TEST(DistributedEvictionCuda, RefusedRankThrowsAndNobodyEvicts) {
   ranks[1].device_outputs[1].protected_window = 4;  // rank 1's metric disagrees with the config
   kt::comm::simulated_device_group group(3, static_cast<std::size_t>(batch * layers * 256 + 8));
   std::vector<ev::report> reports(3);
-  const auto errors = on_rank_threads(3, [&](int r) {
+  const auto errors = kt::testing::run_ranks(3, [&](int r) {
     const auto& mine = ranks[static_cast<std::size_t>(r)];
     const auto views = std::span<const rank_type::device_view>(mine.device_views);
     const ev::shard shard{.heads = {shards[r].first, heads, true}, .batch = batch, .layers = layers};
@@ -711,10 +729,15 @@ std::vector<std::vector<std::int32_t>> compress_heads_on_gpu(const compress_prob
   return lists;
 }
 
+/// R ranks' sharded compress of their heads against the one-GPU compress of all heads:
+/// simulated ranks on GPU 0 sharing `p`, or (over_nccl) rank r on GPU r with its own
+/// copy of the inputs (the same seeds) and NCCL between them.
 template <class Scorer>
-void expect_sharded_compress_on_gpu(const compress_problem& p, const std::vector<rank_heads>& shards) {
+void expect_sharded_compress_on_gpu(const compress_problem& p, const std::vector<rank_heads>& shards,
+                                    bool over_nccl = false) {
   using scheme = adaptive_gpu_scheme<Scorer>;
   using P = compress_problem;
+  check(cudaSetDevice(0), "cudaSetDevice");
   const auto whole = compress_heads_on_gpu<Scorer>(p, 0, P::heads, [&](const kt::model_shape& shape, const auto& cfg,
                                                                        auto& view, const auto& options, cudaStream_t stream) {
     device_buffer<std::byte> scratch(scheme::compress_workspace(shape, P::batch, P::tokens, cfg));
@@ -723,33 +746,61 @@ void expect_sharded_compress_on_gpu(const compress_problem& p, const std::vector
     check(cudaStreamSynchronize(stream), "one-GPU compress");
   });
   const int R = static_cast<int>(shards.size());
-  kt::comm::simulated_device_group group(R, static_cast<std::size_t>(P::batch * 256 + 8));
+  std::vector<std::unique_ptr<compress_problem>> copies(shards.size());  // over NCCL: rank r's inputs on GPU r
+  for (int r = 0; r < R && over_nccl; ++r) {
+    check(cudaSetDevice(r), "cudaSetDevice");
+    copies[static_cast<std::size_t>(r)] = std::make_unique<compress_problem>();
+  }
+  check(cudaSetDevice(0), "cudaSetDevice");
+  kt::comm::simulated_device_group group(over_nccl ? 1 : R, static_cast<std::size_t>(P::batch * 256 + 8));
+#if defined(KVTRIM_HAS_NCCL)
+  std::vector<ncclComm_t> comms(static_cast<std::size_t>(R));
+  std::vector<int> device_list(static_cast<std::size_t>(R));
+  for (int r = 0; r < R; ++r) device_list[static_cast<std::size_t>(r)] = r;
+  if (over_nccl) ASSERT_EQ(ncclCommInitAll(comms.data(), R, device_list.data()), ncclSuccess);
+#else
+  ASSERT_FALSE(over_nccl) << "built without NCCL";
+#endif
   std::vector<std::vector<std::vector<std::int32_t>>> got(shards.size());
-  const auto errors = on_rank_threads(R, [&](int r) {
+  const auto errors = kt::testing::run_ranks(R, [&](int r) {
+    check(cudaSetDevice(over_nccl ? r : 0), "cudaSetDevice");
+    const compress_problem& mine_p = over_nccl ? *copies[static_cast<std::size_t>(r)] : p;
     const rank_heads mine = shards[static_cast<std::size_t>(r)];
     const kt::budget::head_shard shard{mine.first, P::heads, mine.counted};
-    const kt::comm::simulated_device comm(group, r);
-    if (mine.count == 0) {
-      const auto cfg = compress_config<Scorer>(p, 0, 1);
-      cudaStream_t stream = nullptr;
-      check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
-      device_buffer<std::byte> scratch(scheme::compress_without_heads_workspace(P::batch, P::tokens, cfg, shard));
-      scheme::compress_without_heads(P::batch, P::tokens, cfg, shard, comm, kt::workspace{scratch.data(), scratch.size()},
-                                     stream);
-      check(cudaStreamSynchronize(stream), "compress_without_heads");
-      check(cudaStreamDestroy(stream), "cudaStreamDestroy");
-      return;
-    }
-    got[static_cast<std::size_t>(r)] = compress_heads_on_gpu<Scorer>(
-        p, mine.first, mine.count, [&](const kt::model_shape& shape, const auto& cfg, auto& view, const auto& options,
-                                       cudaStream_t stream) {
-          device_buffer<std::byte> scratch(scheme::compress_workspace(shape, P::batch, P::tokens, cfg, shard));
-          scheme::compress(p.kv(p.keys, mine.first, mine.count), p.kv(p.values, mine.first, mine.count),
-                           p.q(mine.first, mine.count), view, cfg, options, shard, comm,
-                           kt::workspace{scratch.data(), scratch.size()}, stream);
-          check(cudaStreamSynchronize(stream), "sharded compress");
-        });
+    const auto run_with = [&](const auto& comm) {
+      if (mine.count == 0) {
+        const auto cfg = compress_config<Scorer>(mine_p, 0, 1);
+        cudaStream_t stream = nullptr;
+        check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+        device_buffer<std::byte> scratch(scheme::compress_without_heads_workspace(P::batch, P::tokens, cfg, shard));
+        scheme::compress_without_heads(P::batch, P::tokens, cfg, shard, comm,
+                                       kt::workspace{scratch.data(), scratch.size()}, stream);
+        check(cudaStreamSynchronize(stream), "compress_without_heads");
+        check(cudaStreamDestroy(stream), "cudaStreamDestroy");
+        return;
+      }
+      got[static_cast<std::size_t>(r)] = compress_heads_on_gpu<Scorer>(
+          mine_p, mine.first, mine.count,
+          [&](const kt::model_shape& shape, const auto& cfg, auto& view, const auto& options, cudaStream_t stream) {
+            device_buffer<std::byte> scratch(scheme::compress_workspace(shape, P::batch, P::tokens, cfg, shard));
+            scheme::compress(mine_p.kv(mine_p.keys, mine.first, mine.count),
+                             mine_p.kv(mine_p.values, mine.first, mine.count), mine_p.q(mine.first, mine.count), view,
+                             cfg, options, shard, comm, kt::workspace{scratch.data(), scratch.size()}, stream);
+            check(cudaStreamSynchronize(stream), "sharded compress");
+          });
+    };
+#if defined(KVTRIM_HAS_NCCL)
+    if (over_nccl)
+      run_with(kt::comm::nccl(comms[static_cast<std::size_t>(r)]));
+    else
+#endif
+      run_with(kt::comm::simulated_device(group, r));
   });
+#if defined(KVTRIM_HAS_NCCL)
+  if (over_nccl)
+    for (auto c : comms) ncclCommDestroy(c);
+#endif
+  check(cudaSetDevice(0), "cudaSetDevice");
   for (int r = 0; r < R; ++r)
     if (errors[r]) std::rethrow_exception(errors[r]);
   for (int r = 0; r < R; ++r) {
@@ -781,6 +832,29 @@ TEST(DistributedCompressCuda, SimulatedRanksKeepWhatOneGpuKeeps) {
     expect_sharded_compress_on_gpu<kt::score::snapkv>(p, layouts[k]);
     expect_sharded_compress_on_gpu<kt::score::external>(p, layouts[k]);
   }
+}
+
+/// The sharded eviction step and compress over NCCL, one rank per GPU (2 to 8):
+/// the same comparisons as the simulated cases above. Skips below 2 GPUs.
+TEST(DistributedEvictionCuda, NcclRanksOnSeparateGpus) {
+#if !defined(KVTRIM_HAS_NCCL)
+  GTEST_SKIP() << "built without NCCL (configure finds it through the CUDA toolkit or NCCL_ROOT: target kvtrim::nccl)";
+#else
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices < 2)
+    GTEST_SKIP() << "the NCCL case needs at least 2 visible GPUs; " << devices
+                 << " visible (the simulated ranks above cover one GPU)";
+  const int ranks = std::min(devices, 8);
+  for (const ev::scope scope : {ev::scope::per_layer, ev::scope::cross_layer}) {
+    SCOPED_TRACE(::testing::Message() << "scope " << int(scope) << ", " << ranks << " GPUs");
+    check_sharded_eviction<kt::layout::paged>(scope, even_shards(8, ranks), 4, 2, 8, 128, 5000, 101, false, true);
+    check_sharded_eviction<kt::layout::flat>(scope, even_shards(8, ranks), 2, 2, 8, 64, 900, 102, true, true);
+  }
+  check(cudaSetDevice(0), "cudaSetDevice");
+  const compress_problem p;
+  expect_sharded_compress_on_gpu<kt::score::snapkv>(p, even_shards(8, ranks), true);
+  expect_sharded_compress_on_gpu<kt::score::external>(p, even_shards(8, ranks), true);
+#endif
 }
 
 }  // namespace

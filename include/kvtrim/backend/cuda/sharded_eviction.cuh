@@ -124,6 +124,12 @@ struct sharded_head {
   }
 };
 
+/// A block's CUB scratch: a sum over the block or a scan, one at a time.
+union sharded_block_storage {
+  typename cub::BlockReduce<std::int64_t, evict_threads>::TempStorage reduce;
+  typename cub::BlockScan<std::int64_t, evict_threads>::TempStorage scan;
+};
+
 /// Floor membership of a candidate (key, token index) under (floor_key, cutoff).
 __device__ __forceinline__ bool in_floor(std::uint32_t key, std::int64_t i, std::uint32_t floor_key,
                                          std::int64_t cutoff) {
@@ -138,10 +144,7 @@ __global__ void __launch_bounds__(evict_threads)
                          const sharded_evict_scratch scratch) {
   using reduce = cub::BlockReduce<std::int64_t, evict_threads>;
   using scan = cub::BlockScan<std::int64_t, evict_threads>;
-  __shared__ union {
-    typename reduce::TempStorage reduce;
-    typename scan::TempStorage scan;
-  } storage;
+  __shared__ sharded_block_storage storage;
   __shared__ unsigned histogram[256];
   __shared__ std::uint32_t shared_prefix;
   __shared__ std::int64_t shared_remaining, shared_count, shared_cutoff;
@@ -324,10 +327,7 @@ __global__ void __launch_bounds__(evict_threads)
                           const sharded_evict_scratch scratch) {
   using scan = cub::BlockScan<std::int64_t, evict_threads>;
   using reduce = cub::BlockReduce<std::int64_t, evict_threads>;
-  __shared__ union {
-    typename reduce::TempStorage reduce;
-    typename scan::TempStorage scan;
-  } storage;
+  __shared__ sharded_block_storage storage;
   __shared__ std::int64_t stage_slot[evict_stage_tokens];
   __shared__ std::int64_t shared_before;
   extern __shared__ __align__(16) unsigned char stage[];
