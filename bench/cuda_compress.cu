@@ -31,8 +31,8 @@
 //   compress_sharded/<S>/<B>/<L>     issue 17: one rank's scheme::compress with a
 //                                    head_shard (comm::single_process) on kv_heads
 //                                    heads, against compress/<S>/<B>/<L> on as many
-//   evict_step[_sharded]/cross_layer/paged  issue 17: one eviction step (32 layers,
-//                                    keep 1024, every unit over target), one-GPU
+//   evict_step[_sharded]/paged      issue 17: one eviction step (32 layers, cross_layer
+//                                    or per_layer, keep 1024, every unit over target), one-GPU
 //                                    kvtrim::evict vs one rank's sharded step
 //                                    (comm::single_process) on `heads` kv heads
 // Each row reports its median time, the bytes a kernel must at least move
@@ -499,6 +499,7 @@ void evict_step(benchmark::State& state) {
                             kt::backend::cuda>;
   using view_type = scheme::cache_view;
   const std::int64_t batch = state.range(0), heads = state.range(1), layers = state.range(2), held = state.range(3);
+  const auto scope = static_cast<kt::eviction::scope>(state.range(4));
   const kt::model_shape shape{.q_heads = 4 * heads, .kv_heads = heads, .head_dim = 128};
   const kt::layout::paged::pool_size pool{batch * heads * ((held + 15) / 16) + 8, 16};
   const std::int64_t elements = batch * heads * held * shape.head_dim, slots = pool.pages * pool.page_size;
@@ -515,7 +516,7 @@ void evict_step(benchmark::State& state) {
   std::vector<float*> metrics(static_cast<std::size_t>(layers));
   std::vector<void*> snapshots(static_cast<std::size_t>(2 * layers));
   std::vector<kt::eviction::metric_output<kt::device_space>> outputs;
-  const kt::eviction::config cfg{.scope = kt::eviction::scope::cross_layer, .keep = 1024, .interval = 16};
+  const kt::eviction::config cfg{.scope = scope, .keep = 1024, .interval = 16};
   for (std::int64_t l = 0; l < layers; ++l) {
     caches.push_back(scheme::make_cache(shape, batch, pool, kt::codec::fp16::config{}));
     auto view = caches.back().view();
@@ -668,22 +669,25 @@ BENCHMARK(compress_scheme<kt::layout::paged, kt::score::snapkv, kt::budget::adap
     ->UseManualTime()
     ->Iterations(20)
     ->Unit(benchmark::kMicrosecond);
-// issue 17 — the eviction step: batch, kv heads on this GPU, layers, tokens held per head.
+// issue 17 — the eviction step: batch, kv heads on this GPU, layers, tokens held per head,
+// scope (1 per_layer, 2 cross_layer).
 BENCHMARK(evict_step<false>)
-    ->Name("evict_step/cross_layer/paged")
-    ->ArgNames({"batch", "heads", "layers", "held"})
-    ->Args({8, 8, 32, 1040})
-    ->Args({8, 4, 32, 1040})
-    ->Args({8, 2, 32, 1040})
+    ->Name("evict_step/paged")
+    ->ArgNames({"batch", "heads", "layers", "held", "scope"})
+    ->Args({8, 8, 32, 1040, 2})
+    ->Args({8, 4, 32, 1040, 2})
+    ->Args({8, 2, 32, 1040, 2})
+    ->Args({8, 8, 32, 1040, 1})
     ->UseManualTime()
     ->Iterations(10)
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(evict_step<true>)
-    ->Name("evict_step_sharded/cross_layer/paged")
-    ->ArgNames({"batch", "heads", "layers", "held"})
-    ->Args({8, 8, 32, 1040})
-    ->Args({8, 4, 32, 1040})
-    ->Args({8, 2, 32, 1040})
+    ->Name("evict_step_sharded/paged")
+    ->ArgNames({"batch", "heads", "layers", "held", "scope"})
+    ->Args({8, 8, 32, 1040, 2})
+    ->Args({8, 4, 32, 1040, 2})
+    ->Args({8, 2, 32, 1040, 2})
+    ->Args({8, 8, 32, 1040, 1})
     ->UseManualTime()
     ->Iterations(10)
     ->Unit(benchmark::kMicrosecond);

@@ -26,7 +26,8 @@
 //
 // Cost: 2 memsets, 12 launches (+1 close-up per call), 6 collectives. The
 // histogram passes read each candidate's metric and position (not K/V);
-// compaction is the one-GPU step's staged move, one block per head.
+// compaction stages up to 48 KB of moving rows per chunk (96 tokens of fp16 rows
+// of 128), one block per head; tokens before a head's first hole stay put.
 #pragma once
 
 #include <cub/block/block_reduce.cuh>
@@ -319,16 +320,27 @@ __global__ void __launch_bounds__(evict_threads)
     scratch.ties[(r.b * s.layers + r.l) * s.total + s.first + r.h] = static_cast<unsigned long long>(ties);
 }
 
+/// Largest chunk the compaction stages (one token per thread of the block).
+inline constexpr int sharded_stage_budget = 48 * 1024;  // bytes of K/V rows staged per chunk: 4 blocks per SM
+
+/// Tokens per staged chunk for rows of `row_bytes` (a K row and a V row each).
+inline int sharded_stage_tokens(std::int64_t row_bytes) {
+  return static_cast<int>(std::clamp<std::int64_t>(sharded_stage_budget / (2 * row_bytes), 1, evict_threads));
+}
+
 /// Compacts this item's head: protected tokens, its floor, the pool above v*, and its
 /// share of the unit's ties (what the heads before it in (layer, head) order leave).
+/// `chunk` tokens at a time: their kept rows that move are staged in shared memory
+/// (read whole before any is written: a token only moves to a lower index), in
+/// 16-byte units when rows allow; tokens before the head's first hole do not move.
 template <class View>
 __global__ void __launch_bounds__(evict_threads)
     sharded_evict_compact(const __grid_constant__ evict_layer_set<View> set, const sharded_evict_settings s,
-                          const sharded_evict_scratch scratch) {
+                          const sharded_evict_scratch scratch, int chunk) {
   using scan = cub::BlockScan<std::int64_t, evict_threads>;
   using reduce = cub::BlockReduce<std::int64_t, evict_threads>;
   __shared__ sharded_block_storage storage;
-  __shared__ std::int64_t stage_slot[evict_stage_tokens];
+  __shared__ std::int64_t stage_from[evict_threads], stage_to[evict_threads];
   __shared__ std::int64_t shared_before;
   extern __shared__ __align__(16) unsigned char stage[];
   const int tid = threadIdx.x;
@@ -354,13 +366,33 @@ __global__ void __launch_bounds__(evict_threads)
 
   using store_type = device_element_t<typename View::codec::element>;
   const std::int64_t head_dim = r.cache->shape.head_dim;
-  auto* keys = reinterpret_cast<store_type*>(r.cache->storage.keys);
-  auto* values = reinterpret_cast<store_type*>(r.cache->storage.values);
-  auto* staged = reinterpret_cast<store_type*>(stage);  // [evict_stage_tokens][2][head_dim]
+  auto* keys = reinterpret_cast<unsigned char*>(r.cache->storage.keys);
+  auto* values = reinterpret_cast<unsigned char*>(r.cache->storage.values);
+  // Rows copied in 16-byte units when a row is a whole number of them and the storage starts 16-byte aligned.
+  const std::int64_t row_bytes = head_dim * static_cast<std::int64_t>(sizeof(store_type));
+  const bool wide = row_bytes % 16 == 0 && reinterpret_cast<std::uintptr_t>(keys) % 16 == 0 &&
+                    reinterpret_cast<std::uintptr_t>(values) % 16 == 0;
+  const std::int64_t unit_bytes = wide ? 16 : static_cast<std::int64_t>(sizeof(store_type));
+  const std::int64_t row_units = row_bytes / unit_bytes;
+  // Copies unit e of the chunk's staged rows ([kept][K, V][row]) between the cache and the stage.
+  const auto copy_unit = [&](std::int64_t e, bool into_stage) {
+    const std::int64_t k = e / (2 * row_units), rest = e % (2 * row_units);
+    if (stage_from[k] == stage_to[k]) return;  // a token that keeps its slot
+    unsigned char* base = rest < row_units ? keys : values;
+    const std::int64_t offset = (rest % row_units) * unit_bytes;
+    unsigned char* cached = base + (into_stage ? stage_from[k] : stage_to[k]) * row_bytes + offset;
+    unsigned char* staged = stage + e * unit_bytes;
+    unsigned char* to = into_stage ? staged : cached;
+    const unsigned char* from = into_stage ? cached : staged;
+    if (wide)
+      *reinterpret_cast<uint4*>(to) = *reinterpret_cast<const uint4*>(from);
+    else
+      *reinterpret_cast<store_type*>(to) = *reinterpret_cast<const store_type*>(from);
+  };
   std::int64_t written = 0, ties_seen = 0;
-  for (std::int64_t c0 = 0; c0 < r.length; c0 += evict_stage_tokens) {
+  for (std::int64_t c0 = 0; c0 < r.length; c0 += chunk) {
     const std::int64_t i = c0 + tid;
-    const bool valid = tid < evict_stage_tokens && i < r.length;
+    const bool valid = tid < chunk && i < r.length;
     const std::int64_t slot = valid ? r.slot(i) : 0;
     const bool candidate = valid && !r.is_protected(s, i, slot);
     const std::uint32_t key = candidate ? evict_rank_key(r.metric[slot]) : 0u;
@@ -375,32 +407,27 @@ __global__ void __launch_bounds__(evict_threads)
     std::int64_t index = 0, kept_here = 0;
     scan(storage.scan).ExclusiveSum(keep ? 1 : 0, index, kept_here);
     __syncthreads();
-    // Stage the chunk's kept rows (every thread copies), then write them to their new slots.
+    const bool moves = keep && written + index != i;
     std::int32_t position = 0;
     float value = 0.0f;
     if (keep) {
-      position = r.cache->positions.slot_position[slot];
-      value = r.metric[slot];
-      stage_slot[index] = slot;
+      stage_from[index] = slot;
+      stage_to[index] = moves ? r.slot(written + index) : slot;
+      if (moves) {
+        position = r.cache->positions.slot_position[slot];
+        value = r.metric[slot];
+      }
     }
-    __syncthreads();
-    for (std::int64_t e = tid; e < kept_here * 2 * head_dim; e += evict_threads) {
-      const std::int64_t k = e / (2 * head_dim), rest = e % (2 * head_dim);
-      staged[e] = (rest < head_dim ? keys : values)[stage_slot[k] * head_dim + rest % head_dim];
+    if (__syncthreads_or(moves ? 1 : 0)) {  // (a barrier too) else nothing in this chunk moves
+      for (std::int64_t e = tid; e < kept_here * 2 * row_units; e += evict_threads) copy_unit(e, true);
+      __syncthreads();
+      if (moves) {
+        r.cache->positions.slot_position[stage_to[index]] = position;
+        r.metric[stage_to[index]] = value;
+      }
+      for (std::int64_t e = tid; e < kept_here * 2 * row_units; e += evict_threads) copy_unit(e, false);
     }
-    __syncthreads();
-    if (keep) {
-      if (r.compensation == i) r.cache->compensation.index[r.head] = static_cast<std::int32_t>(written + index);
-      const std::int64_t to = r.slot(written + index);
-      r.cache->positions.slot_position[to] = position;
-      r.metric[to] = value;
-      stage_slot[index] = to;
-    }
-    __syncthreads();
-    for (std::int64_t e = tid; e < kept_here * 2 * head_dim; e += evict_threads) {
-      const std::int64_t k = e / (2 * head_dim), rest = e % (2 * head_dim);
-      (rest < head_dim ? keys : values)[stage_slot[k] * head_dim + rest % head_dim] = staged[e];
-    }
+    if (keep && r.compensation == i) r.cache->compensation.index[r.head] = static_cast<std::int32_t>(written + index);
     __syncthreads();
     written += kept_here;
   }
@@ -555,13 +582,14 @@ struct sharded_step<backend::cuda> {
     comm.all_reduce_sum(reinterpret_cast<std::uint64_t*>(tables.ties), tie_counts, stream);
     if (items > 0) {
       using store_type = cuda_detail::device_element_t<typename View::codec::element>;
-      const std::size_t stage_bytes = std::size_t{cuda_detail::evict_stage_tokens} * 2 *
-                                      static_cast<std::size_t>(layers[0].shape.head_dim) * sizeof(store_type);
+      const std::int64_t row_bytes = layers[0].shape.head_dim * static_cast<std::int64_t>(sizeof(store_type));
+      const int chunk = cuda_detail::sharded_stage_tokens(row_bytes);
+      const auto stage_bytes = static_cast<std::size_t>(2 * row_bytes * chunk);
       const auto kernel = cuda_detail::sharded_evict_compact<View>;
       detail::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               static_cast<int>(stage_bytes)),
                          function, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-      kernel<<<grid, cuda_detail::evict_threads, stage_bytes, stream>>>(*set, settings, tables);
+      kernel<<<grid, cuda_detail::evict_threads, stage_bytes, stream>>>(*set, settings, tables, chunk);
       detail::check_launch(function, "sharded_evict_compact");
       cuda_detail::evict_scratch close{};
       close.new_length = tables.new_length;
