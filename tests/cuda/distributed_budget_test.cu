@@ -578,12 +578,15 @@ TEST(DistributedEvictionCuda, SimulatedRanksEvictWhatTheCpuEvicts) {
 }
 
 /// A small case for the sanitizers (memcheck, racecheck, initcheck): both scopes and
-/// layouts, R = 2 and an uneven layout with an empty rank, ties everywhere.
+/// layouts, R = 2 and an uneven layout with an empty rank, ties everywhere, rows of
+/// 16-byte multiples and not.
 TEST(DistributedEvictionCuda, SmallForSanitizers) {
   KVTRIM_SKIP_WITHOUT_GPU();
   for (const ev::scope scope : {ev::scope::per_layer, ev::scope::cross_layer}) {
     check_sharded_eviction<kt::layout::paged>(scope, {{0, 2}, {2, 2}}, 2, 2, 4, 64, 300, 91, true);
     check_sharded_eviction<kt::layout::flat>(scope, {{0, 3}, {3, 0}, {3, 1}}, 2, 2, 4, 64, 300, 92, false);
+    // head dim 12: fp16 rows of 24 bytes, moved in 2-byte units (not 16-byte ones)
+    check_sharded_eviction<kt::layout::paged>(scope, {{0, 1}, {1, 3}}, 2, 2, 4, 12, 300, 93, false);
   }
 }
 
