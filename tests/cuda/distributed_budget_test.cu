@@ -300,15 +300,20 @@ TEST(DistributedBudgetCuda, CapturedInAGraphWithTheSingleProcessCommunicator) {
   cudaStreamDestroy(stream);
 }
 
+/// GPUs the NCCL cases can use (0 when the runtime cannot count them).
+[[maybe_unused]] int visible_gpus() {
+  int devices = 0;
+  return cudaGetDeviceCount(&devices) == cudaSuccess ? devices : 0;
+}
+
 TEST(DistributedBudgetCuda, NcclRanksOnSeparateGpus) {
 #if !defined(KVTRIM_HAS_NCCL)
   GTEST_SKIP() << "built without NCCL (configure finds it through the CUDA toolkit or NCCL_ROOT: target kvtrim::nccl)";
 #else
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices < 2)
-    GTEST_SKIP() << "the NCCL case needs at least 2 visible GPUs; " << devices
+  const int ranks = std::min(visible_gpus(), 8);
+  if (ranks < 2)
+    GTEST_SKIP() << "the NCCL case needs at least 2 visible GPUs; " << ranks
                  << " visible (the simulated ranks above cover one GPU)";
-  const int ranks = std::min(devices, 8);
   const std::int64_t batch = 8, heads = 8, tokens = 32768;  // W
   const kt::budget::adaptive::config cfg{kt::keep_ratio{0.3}, 0.2, false};
   const auto host = make_scores(pattern::heavy_ties, batch, heads, tokens, 77);
@@ -451,6 +456,41 @@ evict_rank<Layout> make_evict_rank(std::int64_t layers, std::int64_t batch, std:
   return r;
 }
 
+/// The communicators of R ranks: simulated ranks sharing GPU 0, or, over NCCL, rank r
+/// on GPU r (ncclCommInitAll). with(r, fn) calls fn with rank r's communicator.
+struct rank_comms {
+  bool over_nccl;
+  mutable kt::comm::simulated_device_group group;
+#if defined(KVTRIM_HAS_NCCL)
+  std::vector<ncclComm_t> comms;
+#endif
+  rank_comms(int ranks, std::size_t capacity, bool nccl) : over_nccl(nccl), group(nccl ? 1 : ranks, capacity) {
+    if (!nccl) return;
+#if defined(KVTRIM_HAS_NCCL)
+    comms.resize(static_cast<std::size_t>(ranks));
+    std::vector<int> devices(static_cast<std::size_t>(ranks));
+    for (int r = 0; r < ranks; ++r) devices[static_cast<std::size_t>(r)] = r;
+    if (ncclCommInitAll(comms.data(), ranks, devices.data()) != ncclSuccess) throw kt::error("ncclCommInitAll failed");
+#else
+    throw kt::error("built without NCCL");
+#endif
+  }
+  rank_comms(const rank_comms&) = delete;
+  rank_comms& operator=(const rank_comms&) = delete;
+  ~rank_comms() {
+#if defined(KVTRIM_HAS_NCCL)
+    for (auto c : comms) ncclCommDestroy(c);
+#endif
+  }
+  template <class Fn>
+  void with(int r, Fn&& fn) const {
+#if defined(KVTRIM_HAS_NCCL)
+    if (over_nccl) return fn(kt::comm::nccl(comms[static_cast<std::size_t>(r)]));
+#endif
+    fn(kt::comm::simulated_device(group, r));
+  }
+};
+
 template <class Layout>
 void check_sharded_eviction(ev::scope scope, const std::vector<rank_heads>& shards, std::int64_t layers,
                             std::int64_t batch, std::int64_t heads, std::int64_t head_dim, std::int64_t longest,
@@ -499,16 +539,8 @@ void check_sharded_eviction(ev::scope scope, const std::vector<rank_heads>& shar
     device_masks.push_back(std::make_unique<device_buffer<std::uint8_t>>(mask));
   }
   on_device(0);
-  const std::size_t capacity = static_cast<std::size_t>(batch * layers * std::max<std::int64_t>(256, heads) + 8);
-  kt::comm::simulated_device_group group(over_nccl ? 1 : R, capacity);
-#if defined(KVTRIM_HAS_NCCL)
-  std::vector<ncclComm_t> comms(static_cast<std::size_t>(R));
-  std::vector<int> device_list(static_cast<std::size_t>(R));
-  for (int r = 0; r < R; ++r) device_list[static_cast<std::size_t>(r)] = r;
-  if (over_nccl) ASSERT_EQ(ncclCommInitAll(comms.data(), R, device_list.data()), ncclSuccess);
-#else
-  ASSERT_FALSE(over_nccl) << "built without NCCL";
-#endif
+  const rank_comms comms(R, static_cast<std::size_t>(batch * layers * std::max<std::int64_t>(256, heads) + 8),
+                         over_nccl);
   std::vector<ev::report> device_reports(shards.size());
   errors = kt::testing::run_ranks(R, [&](int r) {
     on_device(r);
@@ -523,20 +555,11 @@ void check_sharded_eviction(ev::scope scope, const std::vector<rank_heads>& shar
                                    cfg, shard_of(r), comm, kt::workspace{scratch.data(), scratch.size()}, stream,
                                    report.data(), device_masks[static_cast<std::size_t>(r)]->data());
     };
-#if defined(KVTRIM_HAS_NCCL)
-    if (over_nccl)
-      step(kt::comm::nccl(comms[static_cast<std::size_t>(r)]));
-    else
-#endif
-      step(kt::comm::simulated_device(group, r));
+    comms.with(r, step);
     check(cudaStreamSynchronize(stream), "sharded evict");
     device_reports[static_cast<std::size_t>(r)] = report.download()[0];
     check(cudaStreamDestroy(stream), "cudaStreamDestroy");
   });
-#if defined(KVTRIM_HAS_NCCL)
-  if (over_nccl)
-    for (auto c : comms) ncclCommDestroy(c);
-#endif
   on_device(0);
   for (const auto& e : errors)
     if (e) std::rethrow_exception(e);
@@ -755,15 +778,7 @@ void expect_sharded_compress_on_gpu(const compress_problem& p, const std::vector
     copies[static_cast<std::size_t>(r)] = std::make_unique<compress_problem>();
   }
   check(cudaSetDevice(0), "cudaSetDevice");
-  kt::comm::simulated_device_group group(over_nccl ? 1 : R, static_cast<std::size_t>(P::batch * 256 + 8));
-#if defined(KVTRIM_HAS_NCCL)
-  std::vector<ncclComm_t> comms(static_cast<std::size_t>(R));
-  std::vector<int> device_list(static_cast<std::size_t>(R));
-  for (int r = 0; r < R; ++r) device_list[static_cast<std::size_t>(r)] = r;
-  if (over_nccl) ASSERT_EQ(ncclCommInitAll(comms.data(), R, device_list.data()), ncclSuccess);
-#else
-  ASSERT_FALSE(over_nccl) << "built without NCCL";
-#endif
+  const rank_comms comms(R, static_cast<std::size_t>(P::batch * 256 + 8), over_nccl);
   std::vector<std::vector<std::vector<std::int32_t>>> got(shards.size());
   const auto errors = kt::testing::run_ranks(R, [&](int r) {
     check(cudaSetDevice(over_nccl ? r : 0), "cudaSetDevice");
@@ -792,17 +807,8 @@ void expect_sharded_compress_on_gpu(const compress_problem& p, const std::vector
             check(cudaStreamSynchronize(stream), "sharded compress");
           });
     };
-#if defined(KVTRIM_HAS_NCCL)
-    if (over_nccl)
-      run_with(kt::comm::nccl(comms[static_cast<std::size_t>(r)]));
-    else
-#endif
-      run_with(kt::comm::simulated_device(group, r));
+    comms.with(r, run_with);
   });
-#if defined(KVTRIM_HAS_NCCL)
-  if (over_nccl)
-    for (auto c : comms) ncclCommDestroy(c);
-#endif
   check(cudaSetDevice(0), "cudaSetDevice");
   for (int r = 0; r < R; ++r)
     if (errors[r]) std::rethrow_exception(errors[r]);
@@ -843,11 +849,10 @@ TEST(DistributedEvictionCuda, NcclRanksOnSeparateGpus) {
 #if !defined(KVTRIM_HAS_NCCL)
   GTEST_SKIP() << "built without NCCL (configure finds it through the CUDA toolkit or NCCL_ROOT: target kvtrim::nccl)";
 #else
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices < 2)
-    GTEST_SKIP() << "the NCCL case needs at least 2 visible GPUs; " << devices
+  const int ranks = std::min(visible_gpus(), 8);
+  if (ranks < 2)
+    GTEST_SKIP() << "the NCCL case needs at least 2 visible GPUs; " << ranks
                  << " visible (the simulated ranks above cover one GPU)";
-  const int ranks = std::min(devices, 8);
   for (const ev::scope scope : {ev::scope::per_layer, ev::scope::cross_layer}) {
     SCOPED_TRACE(::testing::Message() << "scope " << int(scope) << ", " << ranks << " GPUs");
     check_sharded_eviction<kt::layout::paged>(scope, even_shards(8, ranks), 4, 2, 8, 128, 5000, 101, false, true);
