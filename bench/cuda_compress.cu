@@ -28,6 +28,9 @@
 //                                    (comm::simulated_device), wall time of the
 //                                    slowest rank: kernels, the simulated
 //                                    all-reduces and the host barriers
+//   adaptive_budget_nccl             the same over NCCL, rank r on GPU r (skipped
+//                                    below `ranks` GPUs): the slowest rank's CUDA
+//                                    events around its call, collectives included
 //   compress_sharded/<S>/<B>/<L>     issue 17: one rank's scheme::compress with a
 //                                    head_shard (comm::single_process) on kv_heads
 //                                    heads, against compress/<S>/<B>/<L> on as many
@@ -52,12 +55,16 @@
 
 #include <kvtrim/comm/simulated_device.cuh>
 #include <kvtrim/comm/single_process.hpp>
+#if defined(KVTRIM_HAS_NCCL)
+#include <kvtrim/comm/nccl.cuh>
+#endif
 
 #include <algorithm>
 #include <barrier>
 #include <chrono>
 #include <cstdio>
 #include <functional>
+#include <memory>
 #include <span>
 #include <thread>
 #include <vector>
@@ -421,40 +428,85 @@ void adaptive_budget_sharded(benchmark::State& state) {
   cudaStreamDestroy(stream);
 }
 
-void adaptive_budget_simulated_ranks(benchmark::State& state) {
+/// The whole sharded Ada-KV step of `ranks` ranks, each on its own host thread and
+/// stream with its share of the 8 heads: over comm::simulated_device on this one GPU
+/// (Nccl = false; host wall time of the slowest rank: kernels, the simulated
+/// all-reduces, the host barriers), or over NCCL with rank r on GPU r (Nccl = true:
+/// skipped below `ranks` GPUs or without NCCL; the time is the slowest rank's CUDA
+/// events around its call, the collectives' waits included — issue 17's "≤ 1.3× the
+/// one-GPU adaptive_budget on the same per-rank heads").
+template <bool Nccl>
+void adaptive_budget_ranks(benchmark::State& state) {
   using adaptive = kt::implementation<kt::budget::adaptive, kt::backend::cuda>;
-  selection_buffers buffers(state.range(0), 8, state.range(2));
   const int ranks = static_cast<int>(state.range(1));
   const std::int64_t heads = 8 / ranks;
+  int devices = 0;
+  cudaGetDeviceCount(&devices);
+#if defined(KVTRIM_HAS_NCCL)
+  std::vector<ncclComm_t> comms(static_cast<std::size_t>(ranks));
+#endif
+  if constexpr (Nccl) {
+#if defined(KVTRIM_HAS_NCCL)
+    if (devices < ranks) {
+      state.SkipWithError("needs one GPU per rank");
+      return;
+    }
+    std::vector<int> device_list(static_cast<std::size_t>(ranks));
+    for (int r = 0; r < ranks; ++r) device_list[static_cast<std::size_t>(r)] = r;
+    if (ncclCommInitAll(comms.data(), ranks, device_list.data()) != ncclSuccess) {
+      state.SkipWithError("ncclCommInitAll failed");
+      return;
+    }
+#else
+    state.SkipWithError("built without NCCL");
+    return;
+#endif
+  }
   kt::budget::adaptive::config cfg;
   cfg.keep = kt::keep_ratio{0.3};
-  kt::comm::simulated_device_group group(ranks, static_cast<std::size_t>(buffers.batch * 256));
+  kt::comm::simulated_device_group group(Nccl ? 1 : ranks, static_cast<std::size_t>(state.range(0) * 256));
+  std::vector<std::unique_ptr<selection_buffers>> buffers(static_cast<std::size_t>(ranks));
   std::vector<cudaStream_t> streams(static_cast<std::size_t>(ranks));
+  std::vector<cudaEvent_t> starts(static_cast<std::size_t>(ranks)), stops(static_cast<std::size_t>(ranks));
   std::vector<void*> scratch(static_cast<std::size_t>(ranks));
   std::vector<std::int32_t*> counts(static_cast<std::size_t>(ranks));
   std::size_t bytes = 0;
   for (int r = 0; r < ranks; ++r) {
+    const auto i = static_cast<std::size_t>(r);
+    check(cudaSetDevice(Nccl ? r : 0), "cudaSetDevice");
+    if (Nccl || r == 0) buffers[i] = std::make_unique<selection_buffers>(state.range(0), 8, state.range(2));
     const kt::budget::head_shard shard{r * heads, 8, true};
-    bytes = adaptive::sharded_workspace_bytes(cfg, buffers.batch, heads, buffers.tokens, shard);
-    cudaStreamCreateWithFlags(&streams[static_cast<std::size_t>(r)], cudaStreamNonBlocking);
-    check(cudaMalloc(&scratch[static_cast<std::size_t>(r)], bytes), "cudaMalloc");
-    check(cudaMalloc(&counts[static_cast<std::size_t>(r)], sizeof(std::int32_t) * buffers.batch * heads), "cudaMalloc");
+    bytes = adaptive::sharded_workspace_bytes(cfg, state.range(0), heads, state.range(2), shard);
+    cudaStreamCreateWithFlags(&streams[i], cudaStreamNonBlocking);
+    cudaEventCreate(&starts[i]), cudaEventCreate(&stops[i]);
+    check(cudaMalloc(&scratch[i], bytes), "cudaMalloc");
+    check(cudaMalloc(&counts[i], sizeof(std::int32_t) * state.range(0) * heads), "cudaMalloc");
   }
   // Persistent rank threads; each step: every rank calls keep_counts on its stream
   // and waits for it; the step's time is the host wall time until all are done.
   const int steps = static_cast<int>(state.max_iterations) + 1;  // + a warm-up step
   std::barrier start(ranks + 1), done(ranks + 1);
+  std::vector<float> rank_ms(static_cast<std::size_t>(ranks));
   std::vector<std::thread> threads;
   for (int r = 0; r < ranks; ++r)
     threads.emplace_back([&, r] {
       const auto i = static_cast<std::size_t>(r);
+      cudaSetDevice(Nccl ? r : 0);
       const kt::budget::head_shard shard{r * heads, 8, true};
-      const auto view = first_heads(buffers, r * heads, heads);
+      const auto view = first_heads(*buffers[Nccl ? i : 0], r * heads, heads);
+      const auto call = [&](const auto& comm) {
+        adaptive::keep_counts(cfg, view, shard, comm, counts[i], {scratch[i], bytes}, streams[i]);
+      };
       for (int step = 0; step < steps; ++step) {
         start.arrive_and_wait();
-        adaptive::keep_counts(cfg, view, shard, kt::comm::simulated_device(group, r), counts[i], {scratch[i], bytes},
-                              streams[i]);
+        cudaEventRecord(starts[i], streams[i]);
+#if defined(KVTRIM_HAS_NCCL)
+        if constexpr (Nccl) call(kt::comm::nccl(comms[i]));
+#endif
+        if constexpr (!Nccl) call(kt::comm::simulated_device(group, r));
+        cudaEventRecord(stops[i], streams[i]);
         cudaStreamSynchronize(streams[i]);
+        cudaEventElapsedTime(&rank_ms[i], starts[i], stops[i]);
         done.arrive_and_wait();
       }
     });
@@ -465,7 +517,8 @@ void adaptive_budget_simulated_ranks(benchmark::State& state) {
     const auto begin = std::chrono::steady_clock::now();
     start.arrive_and_wait();
     done.arrive_and_wait();
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count();
+    const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count();
+    const double s = Nccl ? *std::max_element(rank_ms.begin(), rank_ms.end()) / 1e3 : wall;
     state.SetIterationTime(s);
     seconds.push_back(s);
   }
@@ -473,9 +526,18 @@ void adaptive_budget_simulated_ranks(benchmark::State& state) {
   std::sort(seconds.begin(), seconds.end());
   state.counters["median_us"] = seconds[seconds.size() / 2] * 1e6;
   for (int r = 0; r < ranks; ++r) {
-    cudaFree(scratch[static_cast<std::size_t>(r)]), cudaFree(counts[static_cast<std::size_t>(r)]);
-    cudaStreamDestroy(streams[static_cast<std::size_t>(r)]);
+    const auto i = static_cast<std::size_t>(r);
+    cudaSetDevice(Nccl ? r : 0);
+    cudaFree(scratch[i]), cudaFree(counts[i]);
+    cudaEventDestroy(starts[i]), cudaEventDestroy(stops[i]);
+    cudaStreamDestroy(streams[i]);
+    buffers[i].reset();
   }
+#if defined(KVTRIM_HAS_NCCL)
+  if constexpr (Nccl)
+    for (auto c : comms) ncclCommDestroy(c);
+#endif
+  cudaSetDevice(0);
 }
 
 // ---- issue 17: the eviction step with sharded heads -----------------------------
@@ -625,11 +687,22 @@ BENCHMARK(adaptive_budget_sharded)
     ->UseManualTime()
     ->Iterations(50)
     ->Unit(benchmark::kMicrosecond);
-BENCHMARK(adaptive_budget_simulated_ranks)
+BENCHMARK(adaptive_budget_ranks<false>)
+    ->Name("adaptive_budget_simulated_ranks")
     ->ArgNames({"batch", "ranks", "tokens"})
     ->Args({8, 1, 32768})
     ->Args({8, 2, 32768})
     ->Args({8, 4, 32768})
+    ->UseManualTime()
+    ->Iterations(50)
+    ->Unit(benchmark::kMicrosecond);
+// issue 17's acceptance row (two GPUs): compare with adaptive_budget at heads = 8 / ranks.
+BENCHMARK(adaptive_budget_ranks<true>)
+    ->Name("adaptive_budget_nccl")
+    ->ArgNames({"batch", "ranks", "tokens"})
+    ->Args({8, 2, 32768})
+    ->Args({8, 4, 32768})
+    ->Args({8, 8, 32768})
     ->UseManualTime()
     ->Iterations(50)
     ->Unit(benchmark::kMicrosecond);
