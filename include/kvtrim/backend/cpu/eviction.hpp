@@ -346,11 +346,15 @@ struct implementation<eviction::step, backend::cpu> {
       }
     }
 
-    /// Compacts head (l, h) to its protected items and the candidates keep(key) accepts
-    /// (asked once per candidate, in token order); returns the tokens it keeps.
-    template <class Keep>
-    std::int64_t compact(std::int64_t l, std::int64_t h, Keep&& keep_candidate, eviction::report& result) const {
+    /// Compacts head (l, h) to its protected items and the candidates its floor or the
+    /// pool keeps: `floor` is the head's floor threshold, `pool` the pool's walk as it
+    /// reaches this head (its tie counter continues across the unit's heads; the sharded
+    /// step passes a walk of this head's own tie share). Returns the tokens it keeps.
+    std::int64_t compact(std::int64_t l, std::int64_t h, const eviction_detail::threshold& floor_limit,
+                         eviction_detail::threshold_walk& pool, eviction::report& result) const {
       const head_ref r = ref(l, h);
+      eviction_detail::threshold_walk floor{floor_limit};
+      const auto keep_candidate = [&](std::uint32_t key) { return floor.keeps(key) || pool.keeps(key); };
       float* metric = metrics[static_cast<std::size_t>(l)].values;
       const std::int32_t compensation = r.cache.compensation.index[r.head];
       std::int32_t new_compensation = -1;
@@ -406,8 +410,7 @@ struct implementation<eviction::step, backend::cpu> {
       eviction_detail::threshold_walk pool_walk{pool_limit};
       std::int64_t kept_total = 0;
       for_each_head([&](std::int64_t l, std::int64_t h) {
-        eviction_detail::threshold_walk floor{p.floors[slot_index(l, h)]};
-        kept_total += compact(l, h, [&](std::uint32_t key) { return floor.keeps(key) || pool_walk.keeps(key); }, result);
+        kept_total += compact(l, h, p.floors[slot_index(l, h)], pool_walk, result);
       });
       if (kept_total > target) ++result.units_over_target;
     }

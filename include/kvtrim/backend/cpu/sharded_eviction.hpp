@@ -273,8 +273,8 @@ struct sharded_step<backend::cpu> {
           const std::int64_t h = g - first;
           if (s.active && h >= 0 && h < local && !ctx.retrieval(l, h)) {
             const threshold pool_limit{s.prefix, std::clamp<std::int64_t>(s.remaining - before, 0, ties), s.pool <= 0};
-            threshold_walk floor{p.floors[floor_index(b, l, h)]}, pool{pool_limit};
-            ctx.compact(l, h, [&](std::uint32_t key) { return floor.keeps(key) || pool.keeps(key); }, result);
+            threshold_walk pool{pool_limit};
+            ctx.compact(l, h, p.floors[floor_index(b, l, h)], pool, result);
           }
           before += ties;
         }

@@ -12,9 +12,12 @@
 //   (units: active, pool); then 4 × [sharded_evict_histogram; C(pass);
 //   sharded_evict_decide (the pass's digit)]; sharded_evict_ties; C6;
 //   sharded_evict_compact (the head's share of the unit's ties: what the heads
-//   before it in (layer, head) order leave; the moves staged through shared
-//   memory, token order kept, as the one-GPU step); evict_close_up (the one-GPU
-//   step's kernel: page tables closed up, pages freed in the CPU's order).
+//   before it in (layer, head) order leave; the moving rows staged through
+//   shared memory, token order kept); sharded_evict_close_up (page tables closed
+//   up, pages freed in the CPU's order).
+//
+// Self-contained (its own layer set, key and close-up): it shares no scratch
+// layout with the one-GPU step (backend/cuda/eviction.cuh), which is free to change.
 //
 // A rank whose own input is refused (views, metrics, shard) still makes the six
 // collectives — with a refusal flag in C1, zeros elsewhere — then throws; on
@@ -39,11 +42,35 @@
 #include <span>
 #include <string_view>
 
-#include "kvtrim/backend/cuda/eviction.cuh"
+#include "kvtrim/backend/cuda/common.cuh"
+#include "kvtrim/backend/cuda/decode_plan.cuh"
+#include "kvtrim/codec/plain.hpp"
+#include "kvtrim/core/workspace.hpp"
+#include "kvtrim/eviction/evict.hpp"
+#include "kvtrim/eviction/metric.hpp"
+#include "kvtrim/layout/detail/storage.hpp"
 #include "kvtrim/comm/communicator.hpp"
 #include "kvtrim/eviction/sharded.hpp"
 
 namespace kvtrim::cuda_detail {
+
+inline constexpr int sharded_threads = 256;
+
+/// Every layer's view and metric, by value (kernel parameters, up to ~30 KB).
+template <class View>
+struct sharded_layer_set {
+  static constexpr int capacity = static_cast<int>(30000 / (sizeof(View) + sizeof(float*)));
+  View views[capacity];
+  float* metrics[capacity];
+  int count = 0;
+};
+
+/// The order-preserving key of a metric value (select_top_k's: NaN lowest, −0 = +0).
+__device__ __forceinline__ std::uint32_t sharded_rank_key(float value) {
+  if (isnan(value)) return 0u;
+  const std::uint32_t bits = value == 0.0f ? 0u : __float_as_uint(value);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
 
 /// What every sharded kernel knows about the call.
 struct sharded_evict_settings {
@@ -100,7 +127,7 @@ struct sharded_head {
   std::int64_t b, l, h, head, length, next, compensation;
   bool retrieval;
 
-  __device__ __forceinline__ static sharded_head at(const evict_layer_set<View>& set,
+  __device__ __forceinline__ static sharded_head at(const sharded_layer_set<View>& set,
                                                     const sharded_evict_settings& s, std::int64_t item) {
     sharded_head r;
     r.b = item / (s.layers * s.local);
@@ -127,8 +154,8 @@ struct sharded_head {
 
 /// A block's CUB scratch: a sum over the block or a scan, one at a time.
 union sharded_block_storage {
-  typename cub::BlockReduce<std::int64_t, evict_threads>::TempStorage reduce;
-  typename cub::BlockScan<std::int64_t, evict_threads>::TempStorage scan;
+  typename cub::BlockReduce<std::int64_t, sharded_threads>::TempStorage reduce;
+  typename cub::BlockScan<std::int64_t, sharded_threads>::TempStorage scan;
 };
 
 /// Floor membership of a candidate (key, token index) under (floor_key, cutoff).
@@ -140,11 +167,11 @@ __device__ __forceinline__ bool in_floor(std::uint32_t key, std::int64_t i, std:
 /// Per item: protected tokens, candidates, the floor (radix select over the head's
 /// candidates, then the index of its last kept tie), and the item's share of C1.
 template <class View>
-__global__ void __launch_bounds__(evict_threads)
-    sharded_evict_floors(const __grid_constant__ evict_layer_set<View> set, const sharded_evict_settings s,
+__global__ void __launch_bounds__(sharded_threads)
+    sharded_evict_floors(const __grid_constant__ sharded_layer_set<View> set, const sharded_evict_settings s,
                          const sharded_evict_scratch scratch) {
-  using reduce = cub::BlockReduce<std::int64_t, evict_threads>;
-  using scan = cub::BlockScan<std::int64_t, evict_threads>;
+  using reduce = cub::BlockReduce<std::int64_t, sharded_threads>;
+  using scan = cub::BlockScan<std::int64_t, sharded_threads>;
   __shared__ sharded_block_storage storage;
   __shared__ unsigned histogram[256];
   __shared__ std::uint32_t shared_prefix;
@@ -161,7 +188,7 @@ __global__ void __launch_bounds__(evict_threads)
     return;
   }
   std::int64_t mine_protected = 0;
-  for (std::int64_t i = tid; i < r.length; i += evict_threads) mine_protected += r.is_protected(s, i, r.slot(i)) ? 1 : 0;
+  for (std::int64_t i = tid; i < r.length; i += sharded_threads) mine_protected += r.is_protected(s, i, r.slot(i)) ? 1 : 0;
   const std::int64_t protected_tokens = reduce(storage.reduce).Sum(mine_protected);
   if (tid == 0) shared_count = protected_tokens;
   __syncthreads();
@@ -175,13 +202,13 @@ __global__ void __launch_bounds__(evict_threads)
   if (tid == 0) shared_prefix = 0, shared_remaining = floor_items;
   __syncthreads();
   for (int shift = 24; shift >= 0 && floor_items > 0; shift -= 8) {
-    for (int k = tid; k < 256; k += evict_threads) histogram[k] = 0;
+    for (int k = tid; k < 256; k += sharded_threads) histogram[k] = 0;
     __syncthreads();
     const std::uint32_t prefix = shared_prefix, mask = shift == 24 ? 0u : ~0u << (shift + 8);
-    for (std::int64_t i = tid; i < r.length; i += evict_threads) {
+    for (std::int64_t i = tid; i < r.length; i += sharded_threads) {
       const std::int64_t slot = r.slot(i);
       if (r.is_protected(s, i, slot)) continue;
-      const std::uint32_t key = evict_rank_key(r.metric[slot]);
+      const std::uint32_t key = sharded_rank_key(r.metric[slot]);
       if ((key & mask) == prefix) atomicAdd(&histogram[(key >> shift) & 0xffu], 1u);
     }
     __syncthreads();
@@ -200,12 +227,12 @@ __global__ void __launch_bounds__(evict_threads)
   if (tid == 0) shared_cutoff = -1;
   __syncthreads();
   std::int64_t seen = 0;
-  for (std::int64_t c0 = 0; c0 < r.length && floor_items > 0 && seen < floor_ties; c0 += evict_threads) {
+  for (std::int64_t c0 = 0; c0 < r.length && floor_items > 0 && seen < floor_ties; c0 += sharded_threads) {
     const std::int64_t i = c0 + tid;
     bool tie = false;
     if (i < r.length) {
       const std::int64_t slot = r.slot(i);
-      tie = !r.is_protected(s, i, slot) && evict_rank_key(r.metric[slot]) == floor_key;
+      tie = !r.is_protected(s, i, slot) && sharded_rank_key(r.metric[slot]) == floor_key;
     }
     std::int64_t rank = 0, chunk_ties = 0;
     scan(storage.scan).ExclusiveSum(tie ? 1 : 0, rank, chunk_ties);
@@ -267,40 +294,40 @@ __global__ void __launch_bounds__(Threads)
 /// Pass `pass`: this item's pool candidates (unprotected, not in its floor) whose higher
 /// digits match the unit's prefix, counted by digit into the unit's bins.
 template <class View>
-__global__ void __launch_bounds__(evict_threads)
-    sharded_evict_histogram(const __grid_constant__ evict_layer_set<View> set, const sharded_evict_settings s,
+__global__ void __launch_bounds__(sharded_threads)
+    sharded_evict_histogram(const __grid_constant__ sharded_layer_set<View> set, const sharded_evict_settings s,
                             const sharded_evict_scratch scratch, int pass) {
   __shared__ unsigned histogram[256];
   const std::int64_t item = blockIdx.x;
   const sharded_head<View> r = sharded_head<View>::at(set, s, item);
   const sharded_unit unit = scratch.units[r.unit(s)];
   if (r.retrieval || unit.pool <= 0 || s.counted == 0) return;
-  for (int k = threadIdx.x; k < 256; k += evict_threads) histogram[k] = 0;
+  for (int k = threadIdx.x; k < 256; k += sharded_threads) histogram[k] = 0;
   __syncthreads();
   const int shift = 24 - 8 * pass;
   const std::uint32_t mask = pass == 0 ? 0u : ~0u << (shift + 8);
   const std::uint32_t floor_key = scratch.floor_key[item];
   const std::int64_t cutoff = scratch.floor_cutoff[item];
-  for (std::int64_t i = threadIdx.x; i < r.length; i += evict_threads) {
+  for (std::int64_t i = threadIdx.x; i < r.length; i += sharded_threads) {
     const std::int64_t slot = r.slot(i);
     if (r.is_protected(s, i, slot)) continue;
-    const std::uint32_t key = evict_rank_key(r.metric[slot]);
+    const std::uint32_t key = sharded_rank_key(r.metric[slot]);
     if (!in_floor(key, i, floor_key, cutoff) && (key & mask) == unit.prefix)
       atomicAdd(&histogram[(key >> shift) & 0xffu], 1u);
   }
   __syncthreads();
   unsigned long long* bins =
       scratch.bins + (static_cast<std::int64_t>(pass) * s.units + r.unit(s)) * eviction_detail::digit_bins;
-  for (int k = threadIdx.x; k < 256; k += evict_threads)
+  for (int k = threadIdx.x; k < 256; k += sharded_threads)
     if (histogram[k] != 0) atomicAdd(&bins[k], static_cast<unsigned long long>(histogram[k]));
 }
 
 /// This item's pool candidates tied at the unit's threshold v* (C6's entry of its head).
 template <class View>
-__global__ void __launch_bounds__(evict_threads)
-    sharded_evict_ties(const __grid_constant__ evict_layer_set<View> set, const sharded_evict_settings s,
+__global__ void __launch_bounds__(sharded_threads)
+    sharded_evict_ties(const __grid_constant__ sharded_layer_set<View> set, const sharded_evict_settings s,
                        const sharded_evict_scratch scratch) {
-  using reduce = cub::BlockReduce<std::int64_t, evict_threads>;
+  using reduce = cub::BlockReduce<std::int64_t, sharded_threads>;
   __shared__ typename reduce::TempStorage storage;
   const std::int64_t item = blockIdx.x;
   const sharded_head<View> r = sharded_head<View>::at(set, s, item);
@@ -309,10 +336,10 @@ __global__ void __launch_bounds__(evict_threads)
   const std::uint32_t floor_key = scratch.floor_key[item];
   const std::int64_t cutoff = scratch.floor_cutoff[item];
   std::int64_t mine = 0;
-  for (std::int64_t i = threadIdx.x; i < r.length; i += evict_threads) {
+  for (std::int64_t i = threadIdx.x; i < r.length; i += sharded_threads) {
     const std::int64_t slot = r.slot(i);
     if (r.is_protected(s, i, slot)) continue;
-    const std::uint32_t key = evict_rank_key(r.metric[slot]);
+    const std::uint32_t key = sharded_rank_key(r.metric[slot]);
     mine += !in_floor(key, i, floor_key, cutoff) && key == unit.prefix ? 1 : 0;
   }
   const std::int64_t ties = reduce(storage).Sum(mine);
@@ -325,7 +352,7 @@ inline constexpr int sharded_stage_budget = 48 * 1024;  // bytes of K/V rows sta
 
 /// Tokens per staged chunk for rows of `row_bytes` (a K row and a V row each).
 inline int sharded_stage_tokens(std::int64_t row_bytes) {
-  return static_cast<int>(std::clamp<std::int64_t>(sharded_stage_budget / (2 * row_bytes), 1, evict_threads));
+  return static_cast<int>(std::clamp<std::int64_t>(sharded_stage_budget / (2 * row_bytes), 1, sharded_threads));
 }
 
 /// Compacts this item's head: protected tokens, its floor, the pool above v*, and its
@@ -334,13 +361,13 @@ inline int sharded_stage_tokens(std::int64_t row_bytes) {
 /// (read whole before any is written: a token only moves to a lower index), in
 /// 16-byte units when rows allow; tokens before the head's first hole do not move.
 template <class View>
-__global__ void __launch_bounds__(evict_threads)
-    sharded_evict_compact(const __grid_constant__ evict_layer_set<View> set, const sharded_evict_settings s,
+__global__ void __launch_bounds__(sharded_threads)
+    sharded_evict_compact(const __grid_constant__ sharded_layer_set<View> set, const sharded_evict_settings s,
                           const sharded_evict_scratch scratch, int chunk) {
-  using scan = cub::BlockScan<std::int64_t, evict_threads>;
-  using reduce = cub::BlockReduce<std::int64_t, evict_threads>;
+  using scan = cub::BlockScan<std::int64_t, sharded_threads>;
+  using reduce = cub::BlockReduce<std::int64_t, sharded_threads>;
   __shared__ sharded_block_storage storage;
-  __shared__ std::int64_t stage_from[evict_threads], stage_to[evict_threads];
+  __shared__ std::int64_t stage_from[sharded_threads], stage_to[sharded_threads];
   __shared__ std::int64_t shared_before;
   extern __shared__ __align__(16) unsigned char stage[];
   const int tid = threadIdx.x;
@@ -353,7 +380,7 @@ __global__ void __launch_bounds__(evict_threads)
   const std::int64_t own = (r.b * s.layers + r.l) * s.total + s.first + r.h;
   const std::int64_t unit_first = s.cross ? r.b * s.layers * s.total : (r.b * s.layers + r.l) * s.total;
   std::int64_t mine = 0;
-  for (std::int64_t k = unit_first + tid; k < own; k += evict_threads) mine += static_cast<std::int64_t>(scratch.ties[k]);
+  for (std::int64_t k = unit_first + tid; k < own; k += sharded_threads) mine += static_cast<std::int64_t>(scratch.ties[k]);
   const std::int64_t before_sum = reduce(storage.reduce).Sum(mine);
   if (tid == 0) shared_before = before_sum;
   __syncthreads();
@@ -395,7 +422,7 @@ __global__ void __launch_bounds__(evict_threads)
     const bool valid = tid < chunk && i < r.length;
     const std::int64_t slot = valid ? r.slot(i) : 0;
     const bool candidate = valid && !r.is_protected(s, i, slot);
-    const std::uint32_t key = candidate ? evict_rank_key(r.metric[slot]) : 0u;
+    const std::uint32_t key = candidate ? sharded_rank_key(r.metric[slot]) : 0u;
     const bool pool_candidate = candidate && !in_floor(key, i, floor_key, cutoff);
     const bool pool_tie = pool_candidate && !pool_none && key == unit.prefix;
     std::int64_t rank = 0, chunk_ties = 0;
@@ -419,23 +446,81 @@ __global__ void __launch_bounds__(evict_threads)
       }
     }
     if (__syncthreads_or(moves ? 1 : 0)) {  // (a barrier too) else nothing in this chunk moves
-      for (std::int64_t e = tid; e < kept_here * 2 * row_units; e += evict_threads) copy_unit(e, true);
+      for (std::int64_t e = tid; e < kept_here * 2 * row_units; e += sharded_threads) copy_unit(e, true);
       __syncthreads();
       if (moves) {
         r.cache->positions.slot_position[stage_to[index]] = position;
         r.metric[stage_to[index]] = value;
       }
-      for (std::int64_t e = tid; e < kept_here * 2 * row_units; e += evict_threads) copy_unit(e, false);
+      for (std::int64_t e = tid; e < kept_here * 2 * row_units; e += sharded_threads) copy_unit(e, false);
     }
     if (keep && r.compensation == i) r.cache->compensation.index[r.head] = static_cast<std::int32_t>(written + index);
     __syncthreads();
     written += kept_here;
   }
-  for (std::int64_t i = written + tid; i < r.length; i += evict_threads) r.metric[r.slot(i)] = 0.0f;  // freed slots read 0
+  for (std::int64_t i = written + tid; i < r.length; i += sharded_threads) r.metric[r.slot(i)] = 0.0f;  // freed slots read 0
   if (tid == 0) {
     scratch.new_length[r.l * s.batch * s.local + r.head] = written;
     atomicAdd(reinterpret_cast<unsigned long long*>(&scratch.report->evicted_tokens),
               static_cast<unsigned long long>(r.length - written));
+  }
+}
+
+/// One block per layer: lengths from new_length (−1: unchanged); paged: pages past a head's
+/// new length pushed on the free list (head order, page-table order: the CPU's), tables
+/// closed up. (The one-GPU step's close-up as of issue 16's first version, kept here so
+/// this step does not depend on that step's scratch layout.)
+template <class View>
+__global__ void __launch_bounds__(sharded_threads)
+    sharded_evict_close_up(const __grid_constant__ sharded_layer_set<View> set, const sharded_evict_scratch scratch,
+                   std::int64_t heads_per_layer) {
+  const View& cache = set.views[blockIdx.x];
+  const std::int64_t* new_length = scratch.new_length + blockIdx.x * heads_per_layer;
+  if constexpr (is_flat_view<View>) {
+    for (std::int64_t head = threadIdx.x; head < heads_per_layer; head += sharded_threads)
+      if (new_length[head] >= 0) cache.lengths[head] = new_length[head];
+  } else {
+    static_assert(is_paged_view<View>, "kvtrim::evict: layout::paged or layout::flat");
+    __shared__ std::int64_t shared_write, shared_freed;
+    if (threadIdx.x == 0) shared_write = 0, shared_freed = 0;
+    __syncthreads();
+    const std::int64_t page_size = cache.page_size;
+    const std::int32_t free_base = *cache.free_count;
+    std::int64_t old_end_prev = 0;
+    for (std::int64_t head = 0; head < heads_per_layer; ++head) {  // in order: the CPU's order
+      const std::int64_t old_begin = old_end_prev, old_end = cache.indptr[head + 1];
+      const std::int64_t old_count = old_end - old_begin;
+      const std::int64_t old_length =
+          old_count == 0 ? 0 : (old_count - 1) * page_size + cache.last_page_len[head];
+      const std::int64_t length = new_length[head] < 0 ? old_length : new_length[head];
+      const std::int64_t pages = (length + page_size - 1) / page_size;
+      const std::int64_t write = shared_write, freed = shared_freed;
+      __syncthreads();
+      for (std::int64_t k = pages + threadIdx.x; k < old_count; k += sharded_threads)
+        cache.free_pages[free_base + freed + (k - pages)] = cache.indices[old_begin + k];
+      // Kept pages move left (write ≤ old_begin): chunk by chunk, each chunk read whole before written.
+      for (std::int64_t c0 = 0; c0 < pages; c0 += sharded_threads) {
+        const std::int64_t k = c0 + threadIdx.x;
+        const std::int32_t page = k < pages ? cache.indices[old_begin + k] : 0;
+        __syncthreads();
+        if (k < pages) cache.indices[write + k] = page;
+        __syncthreads();
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        cache.indptr[head + 1] = static_cast<std::int32_t>(write + pages);
+        cache.last_page_len[head] = static_cast<std::int32_t>(length == 0 ? 0 : (length - 1) % page_size + 1);
+        shared_write = write + pages;
+        shared_freed = freed + (old_count - pages);
+      }
+      old_end_prev = old_end;
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+      *cache.free_count = static_cast<std::int32_t>(free_base + shared_freed);
+      atomicAdd(reinterpret_cast<unsigned long long*>(&scratch.report->freed_pages),
+                static_cast<unsigned long long>(shared_freed));
+    }
   }
 }
 
@@ -461,7 +546,7 @@ struct sharded_step<backend::cuda> {
   template <class View>
   static void check_local(std::span<const View> layers, std::span<const eviction::metric_output<device_space>> metrics,
                           const eviction::config& cfg, const eviction::shard& shard) {
-    using set_type = cuda_detail::evict_layer_set<View>;
+    using set_type = cuda_detail::sharded_layer_set<View>;
     const std::int64_t local = layers.empty() ? 0 : layers[0].shape.kv_heads;
     shard.heads.validate(function, local);
     if (cfg.retrieval_heads != nullptr)
@@ -529,8 +614,8 @@ struct sharded_step<backend::cuda> {
                                        stream),
                        function, "cudaMemsetAsync(tables)");
     const auto decide = [&](int pass) {
-      cuda_detail::sharded_evict_decide<cuda_detail::evict_threads><<<static_cast<unsigned>(std::max<std::int64_t>(1, (units + cuda_detail::evict_threads - 1) / cuda_detail::evict_threads)),
-                                          cuda_detail::evict_threads, 0, stream>>>(settings, tables, pass);
+      cuda_detail::sharded_evict_decide<cuda_detail::sharded_threads><<<static_cast<unsigned>(std::max<std::int64_t>(1, (units + cuda_detail::sharded_threads - 1) / cuda_detail::sharded_threads)),
+                                          cuda_detail::sharded_threads, 0, stream>>>(settings, tables, pass);
       detail::check_launch(function, "sharded_evict_decide");
     };
 
@@ -547,7 +632,7 @@ struct sharded_step<backend::cuda> {
       throw;
     }
 
-    using set_type = cuda_detail::evict_layer_set<View>;
+    using set_type = cuda_detail::sharded_layer_set<View>;
     auto set = std::make_unique<set_type>();
     for (std::size_t l = 0; l < layers.size(); ++l) {
       set->views[l] = layers[l];
@@ -560,7 +645,7 @@ struct sharded_step<backend::cuda> {
                          function, "cudaMemsetAsync(new_length)");
     const unsigned grid = static_cast<unsigned>(items);
     if (items > 0) {
-      cuda_detail::sharded_evict_floors<View><<<grid, cuda_detail::evict_threads, 0, stream>>>(*set, settings, tables);
+      cuda_detail::sharded_evict_floors<View><<<grid, cuda_detail::sharded_threads, 0, stream>>>(*set, settings, tables);
       detail::check_launch(function, "sharded_evict_floors");
     }
     comm.all_reduce_sum(reinterpret_cast<std::uint64_t*>(tables.sums), c1, stream);
@@ -568,7 +653,7 @@ struct sharded_step<backend::cuda> {
     for (int pass = 0; pass < digit_passes; ++pass) {
       unsigned long long* bins = tables.bins + static_cast<std::int64_t>(pass) * units * digit_bins;
       if (items > 0) {
-        cuda_detail::sharded_evict_histogram<View><<<grid, cuda_detail::evict_threads, 0, stream>>>(*set, settings, tables,
+        cuda_detail::sharded_evict_histogram<View><<<grid, cuda_detail::sharded_threads, 0, stream>>>(*set, settings, tables,
                                                                                                   pass);
         detail::check_launch(function, "sharded_evict_histogram");
       }
@@ -576,7 +661,7 @@ struct sharded_step<backend::cuda> {
       decide(pass);
     }
     if (items > 0) {
-      cuda_detail::sharded_evict_ties<View><<<grid, cuda_detail::evict_threads, 0, stream>>>(*set, settings, tables);
+      cuda_detail::sharded_evict_ties<View><<<grid, cuda_detail::sharded_threads, 0, stream>>>(*set, settings, tables);
       detail::check_launch(function, "sharded_evict_ties");
     }
     comm.all_reduce_sum(reinterpret_cast<std::uint64_t*>(tables.ties), tie_counts, stream);
@@ -589,14 +674,12 @@ struct sharded_step<backend::cuda> {
       detail::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                               static_cast<int>(stage_bytes)),
                          function, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-      kernel<<<grid, cuda_detail::evict_threads, stage_bytes, stream>>>(*set, settings, tables, chunk);
+      kernel<<<grid, cuda_detail::sharded_threads, stage_bytes, stream>>>(*set, settings, tables, chunk);
       detail::check_launch(function, "sharded_evict_compact");
-      cuda_detail::evict_scratch close{};
-      close.new_length = tables.new_length;
-      close.report = tables.report;
-      cuda_detail::evict_close_up<View><<<static_cast<unsigned>(layers.size()), cuda_detail::evict_threads, 0, stream>>>(
-          *set, close, layers[0].heads());
-      detail::check_launch(function, "evict_close_up");
+      cuda_detail::sharded_evict_close_up<View>
+          <<<static_cast<unsigned>(layers.size()), cuda_detail::sharded_threads, 0, stream>>>(*set, tables,
+                                                                                            layers[0].heads());
+      detail::check_launch(function, "sharded_evict_close_up");
     }
     if (report != nullptr)
       detail::check_cuda(cudaMemcpyAsync(report, tables.report, sizeof(eviction::report), cudaMemcpyDeviceToDevice, stream),
