@@ -64,17 +64,21 @@ inline void device_copy(benchmark::State& state) {
 }
 
 /// Times `run` once per benchmark iteration with CUDA events on `stream`, the L2
-/// flushed before each (after one untimed warm-up call); sets the manual
-/// iteration time and returns the seconds, sorted (the median is [size / 2]).
-template <class Run>
-std::vector<double> timed_seconds(benchmark::State& state, cudaStream_t stream, Run&& run) {
+/// flushed before each (after one untimed warm-up call); `prepare`, untimed, runs
+/// before the warm-up and before each flush (e.g. restoring what `run` changes).
+/// Sets the manual iteration time and returns the seconds, sorted (the median is [size / 2]).
+template <class Run, class Prepare = void (*)()>
+std::vector<double> timed_seconds(benchmark::State& state, cudaStream_t stream, Run&& run,
+                                  Prepare&& prepare = [] {}) {
   l2_flusher flusher;
   cudaEvent_t start, stop;
   cudaEventCreate(&start), cudaEventCreate(&stop);
+  prepare();
   run();  // warm-up
   check(cudaStreamSynchronize(stream), "warm-up");
   std::vector<double> seconds;
   for (auto _ : state) {
+    prepare();
     flusher.flush(stream);
     cudaEventRecord(start, stream);
     run();

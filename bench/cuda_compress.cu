@@ -28,6 +28,16 @@
 //                                    (comm::simulated_device), wall time of the
 //                                    slowest rank: kernels, the simulated
 //                                    all-reduces and the host barriers
+//   adaptive_budget_nccl             the same over NCCL, rank r on GPU r (skipped
+//                                    below `ranks` GPUs): the slowest rank's CUDA
+//                                    events around its call, collectives included
+//   compress_sharded/<S>/<B>/<L>     issue 17: one rank's scheme::compress with a
+//                                    head_shard (comm::single_process) on kv_heads
+//                                    heads, against compress/<S>/<B>/<L> on as many
+//   evict_step[_sharded]/paged      issue 17: one eviction step (32 layers, cross_layer
+//                                    or per_layer, keep 1024, every unit over target), one-GPU
+//                                    kvtrim::evict vs one rank's sharded step
+//                                    (comm::single_process) on `heads` kv heads
 // Each row reports its median time, the bytes a kernel must at least move
 // (see each row) per second, and that rate as a fraction of the copy's.
 //
@@ -45,12 +55,17 @@
 
 #include <kvtrim/comm/simulated_device.cuh>
 #include <kvtrim/comm/single_process.hpp>
+#if defined(KVTRIM_HAS_NCCL)
+#include <kvtrim/comm/nccl.cuh>
+#endif
 
 #include <algorithm>
 #include <barrier>
 #include <chrono>
 #include <cstdio>
 #include <functional>
+#include <memory>
+#include <span>
 #include <thread>
 #include <vector>
 
@@ -287,7 +302,7 @@ auto bench_pool(std::int64_t batch, std::int64_t kv_heads, std::int64_t tokens) 
 
 /// The whole compress of scheme<Layout, Scorer, Budget, fp16, cuda> at W, with the
 /// SnapKV scorer's 64 observation-window queries (RazorAttention reads none).
-template <class Layout, class Scorer, class Budget>
+template <class Layout, class Scorer, class Budget, bool Sharded = false>
 void compress_scheme(benchmark::State& state) {
   using scheme = kt::scheme<Layout, Scorer, Budget, kt::codec::fp16, kt::backend::cuda>;
   const std::int64_t batch = state.range(0), kv_heads = state.range(1), tokens = state.range(2);
@@ -325,7 +340,14 @@ void compress_scheme(benchmark::State& state) {
   std::int32_t* kept = nullptr;
   check(cudaMalloc(&offsets, sizeof(std::int64_t) * (batch * kv_heads + 1)), "cudaMalloc");
   check(cudaMalloc(&kept, sizeof(std::int32_t) * std::max<std::int64_t>(capacity, 1)), "cudaMalloc");
-  const std::size_t bytes = scheme::compress_workspace(shape, batch, tokens, cfg);
+  // Sharded (issue 17): one rank's compress of these heads with the layer's head_shard,
+  // comm::single_process (the rank's own kernels, no collective latency).
+  const kt::budget::head_shard shard{0, kv_heads, true};
+  std::size_t bytes = 0;
+  if constexpr (Sharded)
+    bytes = scheme::compress_workspace(shape, batch, tokens, cfg, shard);
+  else
+    bytes = scheme::compress_workspace(shape, batch, tokens, cfg);
   void* scratch = nullptr;
   check(cudaMalloc(&scratch, std::max<std::size_t>(bytes, 1)), "cudaMalloc");
   cudaStream_t stream;
@@ -333,7 +355,10 @@ void compress_scheme(benchmark::State& state) {
   auto view = cache.view();
   const kt::compress_options<kt::device_space> none{};
   const auto call = [&](const kt::compress_options<kt::device_space>& options) {
-    if constexpr (Scorer::needs_queries)
+    if constexpr (Sharded)
+      scheme::compress(key_view, value_view, query_view, view, cfg, options, shard, kt::comm::single_process{},
+                       {scratch, bytes}, stream);
+    else if constexpr (Scorer::needs_queries)
       scheme::compress(key_view, value_view, query_view, view, cfg, options, {scratch, bytes}, stream);
     else
       scheme::compress(key_view, value_view, view, cfg, options, {scratch, bytes}, stream);
@@ -403,40 +428,85 @@ void adaptive_budget_sharded(benchmark::State& state) {
   cudaStreamDestroy(stream);
 }
 
-void adaptive_budget_simulated_ranks(benchmark::State& state) {
+/// The whole sharded Ada-KV step of `ranks` ranks, each on its own host thread and
+/// stream with its share of the 8 heads: over comm::simulated_device on this one GPU
+/// (Nccl = false; host wall time of the slowest rank: kernels, the simulated
+/// all-reduces, the host barriers), or over NCCL with rank r on GPU r (Nccl = true:
+/// skipped below `ranks` GPUs or without NCCL; the time is the slowest rank's CUDA
+/// events around its call, the collectives' waits included — issue 17's "≤ 1.3× the
+/// one-GPU adaptive_budget on the same per-rank heads").
+template <bool Nccl>
+void adaptive_budget_ranks(benchmark::State& state) {
   using adaptive = kt::implementation<kt::budget::adaptive, kt::backend::cuda>;
-  selection_buffers buffers(state.range(0), 8, state.range(2));
   const int ranks = static_cast<int>(state.range(1));
   const std::int64_t heads = 8 / ranks;
+  int devices = 0;
+  cudaGetDeviceCount(&devices);
+#if defined(KVTRIM_HAS_NCCL)
+  std::vector<ncclComm_t> comms(static_cast<std::size_t>(ranks));
+#endif
+  if constexpr (Nccl) {
+#if defined(KVTRIM_HAS_NCCL)
+    if (devices < ranks) {
+      state.SkipWithError("needs one GPU per rank");
+      return;
+    }
+    std::vector<int> device_list(static_cast<std::size_t>(ranks));
+    for (int r = 0; r < ranks; ++r) device_list[static_cast<std::size_t>(r)] = r;
+    if (ncclCommInitAll(comms.data(), ranks, device_list.data()) != ncclSuccess) {
+      state.SkipWithError("ncclCommInitAll failed");
+      return;
+    }
+#else
+    state.SkipWithError("built without NCCL");
+    return;
+#endif
+  }
   kt::budget::adaptive::config cfg;
   cfg.keep = kt::keep_ratio{0.3};
-  kt::comm::simulated_device_group group(ranks, static_cast<std::size_t>(buffers.batch * 256));
+  kt::comm::simulated_device_group group(Nccl ? 1 : ranks, static_cast<std::size_t>(state.range(0) * 256));
+  std::vector<std::unique_ptr<selection_buffers>> buffers(static_cast<std::size_t>(ranks));
   std::vector<cudaStream_t> streams(static_cast<std::size_t>(ranks));
+  std::vector<cudaEvent_t> starts(static_cast<std::size_t>(ranks)), stops(static_cast<std::size_t>(ranks));
   std::vector<void*> scratch(static_cast<std::size_t>(ranks));
   std::vector<std::int32_t*> counts(static_cast<std::size_t>(ranks));
   std::size_t bytes = 0;
   for (int r = 0; r < ranks; ++r) {
+    const auto i = static_cast<std::size_t>(r);
+    check(cudaSetDevice(Nccl ? r : 0), "cudaSetDevice");
+    if (Nccl || r == 0) buffers[i] = std::make_unique<selection_buffers>(state.range(0), 8, state.range(2));
     const kt::budget::head_shard shard{r * heads, 8, true};
-    bytes = adaptive::sharded_workspace_bytes(cfg, buffers.batch, heads, buffers.tokens, shard);
-    cudaStreamCreateWithFlags(&streams[static_cast<std::size_t>(r)], cudaStreamNonBlocking);
-    check(cudaMalloc(&scratch[static_cast<std::size_t>(r)], bytes), "cudaMalloc");
-    check(cudaMalloc(&counts[static_cast<std::size_t>(r)], sizeof(std::int32_t) * buffers.batch * heads), "cudaMalloc");
+    bytes = adaptive::sharded_workspace_bytes(cfg, state.range(0), heads, state.range(2), shard);
+    cudaStreamCreateWithFlags(&streams[i], cudaStreamNonBlocking);
+    cudaEventCreate(&starts[i]), cudaEventCreate(&stops[i]);
+    check(cudaMalloc(&scratch[i], bytes), "cudaMalloc");
+    check(cudaMalloc(&counts[i], sizeof(std::int32_t) * state.range(0) * heads), "cudaMalloc");
   }
   // Persistent rank threads; each step: every rank calls keep_counts on its stream
   // and waits for it; the step's time is the host wall time until all are done.
   const int steps = static_cast<int>(state.max_iterations) + 1;  // + a warm-up step
   std::barrier start(ranks + 1), done(ranks + 1);
+  std::vector<float> rank_ms(static_cast<std::size_t>(ranks));
   std::vector<std::thread> threads;
   for (int r = 0; r < ranks; ++r)
     threads.emplace_back([&, r] {
       const auto i = static_cast<std::size_t>(r);
+      cudaSetDevice(Nccl ? r : 0);
       const kt::budget::head_shard shard{r * heads, 8, true};
-      const auto view = first_heads(buffers, r * heads, heads);
+      const auto view = first_heads(*buffers[Nccl ? i : 0], r * heads, heads);
+      const auto call = [&](const auto& comm) {
+        adaptive::keep_counts(cfg, view, shard, comm, counts[i], {scratch[i], bytes}, streams[i]);
+      };
       for (int step = 0; step < steps; ++step) {
         start.arrive_and_wait();
-        adaptive::keep_counts(cfg, view, shard, kt::comm::simulated_device(group, r), counts[i], {scratch[i], bytes},
-                              streams[i]);
+        cudaEventRecord(starts[i], streams[i]);
+#if defined(KVTRIM_HAS_NCCL)
+        if constexpr (Nccl) call(kt::comm::nccl(comms[i]));
+#endif
+        if constexpr (!Nccl) call(kt::comm::simulated_device(group, r));
+        cudaEventRecord(stops[i], streams[i]);
         cudaStreamSynchronize(streams[i]);
+        cudaEventElapsedTime(&rank_ms[i], starts[i], stops[i]);
         done.arrive_and_wait();
       }
     });
@@ -447,7 +517,8 @@ void adaptive_budget_simulated_ranks(benchmark::State& state) {
     const auto begin = std::chrono::steady_clock::now();
     start.arrive_and_wait();
     done.arrive_and_wait();
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count();
+    const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - begin).count();
+    const double s = Nccl ? *std::max_element(rank_ms.begin(), rank_ms.end()) / 1e3 : wall;
     state.SetIterationTime(s);
     seconds.push_back(s);
   }
@@ -455,9 +526,115 @@ void adaptive_budget_simulated_ranks(benchmark::State& state) {
   std::sort(seconds.begin(), seconds.end());
   state.counters["median_us"] = seconds[seconds.size() / 2] * 1e6;
   for (int r = 0; r < ranks; ++r) {
-    cudaFree(scratch[static_cast<std::size_t>(r)]), cudaFree(counts[static_cast<std::size_t>(r)]);
-    cudaStreamDestroy(streams[static_cast<std::size_t>(r)]);
+    const auto i = static_cast<std::size_t>(r);
+    cudaSetDevice(Nccl ? r : 0);
+    cudaFree(scratch[i]), cudaFree(counts[i]);
+    cudaEventDestroy(starts[i]), cudaEventDestroy(stops[i]);
+    cudaStreamDestroy(streams[i]);
+    buffers[i].reset();
   }
+#if defined(KVTRIM_HAS_NCCL)
+  if constexpr (Nccl)
+    for (auto c : comms) ncclCommDestroy(c);
+#endif
+  cudaSetDevice(0);
+}
+
+// ---- issue 17: the eviction step with sharded heads -----------------------------
+
+/// Metric values in [0, 1) on every slot.
+__global__ void fill_metric(float* metric, std::int64_t count, std::uint32_t seed) {
+  for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < count;
+       i += std::int64_t{gridDim.x} * blockDim.x)
+    metric[i] = static_cast<float>(hash(i, seed) & 0xffffff) / 16777216.0f;
+}
+
+/// One eviction step (cross-layer, keep 1024, interval 16) over `layers` paged fp16
+/// caches of batch × heads heads holding `held` tokens each — every unit over its
+/// target. Sharded: the sharded step of one rank holding these heads, with
+/// comm::single_process (its kernels and memsets, no collective latency); else the
+/// one-GPU kvtrim::evict. Before each timed call the caches and metrics are restored
+/// from a snapshot, then L2 is flushed.
+template <bool Sharded>
+void evict_step(benchmark::State& state) {
+  using scheme = kt::scheme<kt::layout::paged, kt::score::static_window, kt::budget::uniform, kt::codec::fp16,
+                            kt::backend::cuda>;
+  using view_type = scheme::cache_view;
+  const std::int64_t batch = state.range(0), heads = state.range(1), layers = state.range(2), held = state.range(3);
+  const auto scope = static_cast<kt::eviction::scope>(state.range(4));
+  const kt::model_shape shape{.q_heads = 4 * heads, .kv_heads = heads, .head_dim = 128};
+  const kt::layout::paged::pool_size pool{batch * heads * ((held + 15) / 16) + 8, 16};
+  const std::int64_t elements = batch * heads * held * shape.head_dim, slots = pool.pages * pool.page_size;
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  __half *keys = nullptr, *values = nullptr;
+  check(cudaMalloc(&keys, sizeof(__half) * elements), "cudaMalloc");
+  check(cudaMalloc(&values, sizeof(__half) * elements), "cudaMalloc");
+  fill_random<<<1024, 256, 0, stream>>>(keys, elements, 5);
+  fill_random<<<1024, 256, 0, stream>>>(values, elements, 6);
+  const std::array<std::int64_t, 4> extents{batch, heads, held, shape.head_dim};
+  std::vector<kt::cache<scheme>> caches;
+  std::vector<view_type> views;
+  std::vector<float*> metrics(static_cast<std::size_t>(layers));
+  std::vector<void*> snapshots(static_cast<std::size_t>(2 * layers));
+  std::vector<kt::eviction::metric_output<kt::device_space>> outputs;
+  const kt::eviction::config cfg{.scope = scope, .keep = 1024, .interval = 16};
+  for (std::int64_t l = 0; l < layers; ++l) {
+    caches.push_back(scheme::make_cache(shape, batch, pool, kt::codec::fp16::config{}));
+    auto view = caches.back().view();
+    scheme::append(view, kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(keys), extents),
+                   kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(values), extents), stream);
+    views.push_back(view);
+    const auto i = static_cast<std::size_t>(l);
+    check(cudaMalloc(&metrics[i], sizeof(float) * slots), "cudaMalloc");
+    fill_metric<<<1024, 256, 0, stream>>>(metrics[i], slots, static_cast<std::uint32_t>(7 + l));
+    outputs.push_back({metrics[i], slots, kt::eviction::metric_kind::squared_sum, cfg.protected_window});
+    check(cudaMalloc(&snapshots[2 * i], caches.back().bytes()), "cudaMalloc");
+    check(cudaMalloc(&snapshots[2 * i + 1], sizeof(float) * slots), "cudaMalloc");
+    check(cudaMemcpyAsync(snapshots[2 * i], caches.back().data(), caches.back().bytes(), cudaMemcpyDeviceToDevice, stream),
+          "snapshot");
+    check(cudaMemcpyAsync(snapshots[2 * i + 1], metrics[i], sizeof(float) * slots, cudaMemcpyDeviceToDevice, stream),
+          "snapshot");
+  }
+  const auto layer_views = std::span<const view_type>(views);
+  const auto layer_metrics = std::span<const kt::eviction::metric_output<kt::device_space>>(outputs);
+  const kt::eviction::shard shard{.heads = {0, heads, true}, .batch = batch, .layers = layers};
+  std::size_t bytes = 0;
+  if constexpr (Sharded)
+    bytes = kt::evict_workspace<kt::backend::cuda>(layer_views, shard);
+  else
+    bytes = kt::evict_workspace<kt::backend::cuda>(layer_views);
+  void* scratch = nullptr;
+  kt::eviction::report* report = nullptr;
+  check(cudaMalloc(&scratch, std::max<std::size_t>(bytes, 1)), "cudaMalloc");
+  check(cudaMalloc(&report, sizeof(kt::eviction::report)), "cudaMalloc");
+  const auto call = [&] {
+    if constexpr (Sharded)
+      kt::evict<kt::backend::cuda>(layer_views, layer_metrics, cfg, shard, kt::comm::single_process{}, {scratch, bytes},
+                                   stream, report);
+    else
+      kt::evict<kt::backend::cuda>(layer_views, layer_metrics, cfg, {scratch, bytes}, stream, report);
+  };
+  const auto restore = [&] {
+    for (std::int64_t l = 0; l < layers; ++l) {
+      const auto i = static_cast<std::size_t>(l);
+      check(cudaMemcpyAsync(const_cast<void*>(caches[i].data()), snapshots[2 * i], caches[i].bytes(),
+                            cudaMemcpyDeviceToDevice, stream), "restore");
+      check(cudaMemcpyAsync(metrics[i], snapshots[2 * i + 1], sizeof(float) * slots, cudaMemcpyDeviceToDevice, stream),
+            "restore");
+    }
+  };
+  const std::vector<double> seconds = kvtrim_bench::timed_seconds(state, stream, call, restore);
+  kt::eviction::report done{};  // what one step did (the last timed one: each starts from the snapshot)
+  check(cudaMemcpyAsync(&done, report, sizeof done, cudaMemcpyDeviceToHost, stream), "report");
+  check(cudaStreamSynchronize(stream), "report");
+  state.counters["median_us"] = seconds[seconds.size() / 2] * 1e6;
+  state.counters["evicted_tokens"] = static_cast<double>(done.evicted_tokens);
+  state.counters["units_evicted"] = static_cast<double>(done.units_evicted);
+  for (void* p : snapshots) cudaFree(p);
+  for (float* p : metrics) cudaFree(p);
+  cudaFree(keys), cudaFree(values), cudaFree(scratch), cudaFree(report);
+  cudaStreamDestroy(stream);
 }
 
 }  // namespace
@@ -510,11 +687,22 @@ BENCHMARK(adaptive_budget_sharded)
     ->UseManualTime()
     ->Iterations(50)
     ->Unit(benchmark::kMicrosecond);
-BENCHMARK(adaptive_budget_simulated_ranks)
+BENCHMARK(adaptive_budget_ranks<false>)
+    ->Name("adaptive_budget_simulated_ranks")
     ->ArgNames({"batch", "ranks", "tokens"})
     ->Args({8, 1, 32768})
     ->Args({8, 2, 32768})
     ->Args({8, 4, 32768})
+    ->UseManualTime()
+    ->Iterations(50)
+    ->Unit(benchmark::kMicrosecond);
+// issue 17's acceptance row (two GPUs): compare with adaptive_budget at heads = 8 / ranks.
+BENCHMARK(adaptive_budget_ranks<true>)
+    ->Name("adaptive_budget_nccl")
+    ->ArgNames({"batch", "ranks", "tokens"})
+    ->Args({8, 2, 32768})
+    ->Args({8, 4, 32768})
+    ->Args({8, 8, 32768})
     ->UseManualTime()
     ->Iterations(50)
     ->Unit(benchmark::kMicrosecond);
@@ -534,5 +722,47 @@ KVTRIM_COMPRESS_ROW(flat, snapkv, adaptive);
 KVTRIM_COMPRESS_ROW(paged, snapkv, adaptive);
 KVTRIM_COMPRESS_ROW(flat, retrieval_head, by_scorer);
 KVTRIM_COMPRESS_ROW(paged, retrieval_head, by_scorer);
+
+// issue 17 — a rank's share of W's compress (Ada-SnapKV, paged 16): one GPU on
+// `kv_heads` heads vs the sharded compress of those heads (comm::single_process).
+BENCHMARK(compress_scheme<kt::layout::paged, kt::score::snapkv, kt::budget::adaptive>)
+    ->Name("compress/snapkv/adaptive/paged")
+    ->ArgNames({"batch", "kv_heads", "tokens", "q_heads", "head_dim"})
+    ->Args({8, 4, 32768, 16, 128})
+    ->Args({8, 2, 32768, 8, 128})
+    ->UseManualTime()
+    ->Iterations(20)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(compress_scheme<kt::layout::paged, kt::score::snapkv, kt::budget::adaptive, true>)
+    ->Name("compress_sharded/snapkv/adaptive/paged")
+    ->ArgNames({"batch", "kv_heads", "tokens", "q_heads", "head_dim"})
+    ->Args({8, 8, 32768, 32, 128})
+    ->Args({8, 4, 32768, 16, 128})
+    ->Args({8, 2, 32768, 8, 128})
+    ->UseManualTime()
+    ->Iterations(20)
+    ->Unit(benchmark::kMicrosecond);
+// issue 17 — the eviction step: batch, kv heads on this GPU, layers, tokens held per head,
+// scope (1 per_layer, 2 cross_layer).
+BENCHMARK(evict_step<false>)
+    ->Name("evict_step/paged")
+    ->ArgNames({"batch", "heads", "layers", "held", "scope"})
+    ->Args({8, 8, 32, 1040, 2})
+    ->Args({8, 4, 32, 1040, 2})
+    ->Args({8, 2, 32, 1040, 2})
+    ->Args({8, 8, 32, 1040, 1})
+    ->UseManualTime()
+    ->Iterations(10)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(evict_step<true>)
+    ->Name("evict_step_sharded/paged")
+    ->ArgNames({"batch", "heads", "layers", "held", "scope"})
+    ->Args({8, 8, 32, 1040, 2})
+    ->Args({8, 4, 32, 1040, 2})
+    ->Args({8, 2, 32, 1040, 2})
+    ->Args({8, 8, 32, 1040, 1})
+    ->UseManualTime()
+    ->Iterations(10)
+    ->Unit(benchmark::kMicrosecond);
 
 BENCHMARK_MAIN();

@@ -56,6 +56,7 @@
 #include "kvtrim/backend/cpu/external.hpp"
 #include "kvtrim/backend/cpu/decode_attention.hpp"
 #include "kvtrim/backend/cpu/eviction.hpp"
+#include "kvtrim/backend/cpu/sharded_eviction.hpp"
 #include "kvtrim/backend/cpu/flat.hpp"
 #include "kvtrim/backend/cpu/h2o.hpp"
 #include "kvtrim/backend/cpu/key_norm.hpp"

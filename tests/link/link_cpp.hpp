@@ -1,8 +1,12 @@
-// Shared by the two TUs of kvtrim_link_cpp: every public host header, and one
+// Shared by the two TUs of kvtrim_link_cpp: every public host header (the
+// communicators of kvtrim/comm/ included: they are not in kvtrim.hpp), and one
 // helper template that both TUs instantiate with the same arguments (its
 // instantiations, and every inline function of the library, must merge).
 #pragma once
 
+#include <kvtrim/comm/communicator.hpp>
+#include <kvtrim/comm/simulated.hpp>
+#include <kvtrim/comm/single_process.hpp>
 #include <kvtrim/kvpress.hpp>
 #include <kvtrim/kvtrim.hpp>
 #if __has_include(<nlohmann/json.hpp>)

@@ -1,11 +1,18 @@
-// Shared by the two TUs of kvtrim_link_cuda: kvtrim/cuda.cuh, and one helper
+// Shared by the two TUs of kvtrim_link_cuda: kvtrim/cuda.cuh and the
+// communicators (kvtrim/comm/: simulated_device's sum kernel is a template, and
+// nccl.cuh where NCCL is found), and one helper
 // template both TUs instantiate with the same arguments, so the same kernel
 // template instantiations (copy_rows<__half, __half, …>) are emitted in both
 // and must merge, while every non-template kernel of the headers is emitted in
 // both and must not collide.
 #pragma once
 
+#include <kvtrim/comm/simulated_device.cuh>
+#include <kvtrim/comm/single_process.hpp>
 #include <kvtrim/cuda.cuh>
+#if defined(KVTRIM_HAS_NCCL)
+#include <kvtrim/comm/nccl.cuh>
+#endif
 
 #include <array>
 #include <cstdint>

@@ -25,8 +25,10 @@
 #include <type_traits>
 #include <vector>
 
+#include "kvtrim/budget/head_shard.hpp"
 #include "kvtrim/codec/layered.hpp"
 #include "kvtrim/codec/plain.hpp"
+#include "kvtrim/comm/communicator.hpp"
 #include "kvtrim/core/cache.hpp"
 #include "kvtrim/core/concepts.hpp"
 #include "kvtrim/core/element.hpp"
@@ -109,6 +111,13 @@ tensor_view<const std::remove_const_t<T>, Rank, Space> as_const(const tensor_vie
 template <class Impl, class Config>
 concept needs_scratch = requires(const Config& config, const model_shape& shape, std::int64_t count) {
   { Impl::workspace_bytes(config, shape, count, count) } -> std::convertible_to<std::size_t>;
+};
+
+/// A budget implementation with a form over kv heads sharded across ranks
+/// (sharded_workspace_bytes + keep_counts with a head_shard and a communicator).
+template <class Impl, class Config>
+concept shards_heads = requires(const Config& config, std::int64_t count, const budget::head_shard& shard) {
+  { Impl::sharded_workspace_bytes(config, count, count, count, shard) } -> std::convertible_to<std::size_t>;
 };
 
 template <class Impl, class Config>
@@ -309,102 +318,94 @@ struct scheme {
   static void compress(tensor_view<KeyT, 4, space> keys, tensor_view<KeyT, 4, space> values,
                        tensor_view<QueryT, 4, space> window_queries, cache_view& cache, const config& cfg,
                        const compress_options<space>& options, workspace scratch, stream_type stream = {}) {
+    run_compress(keys, values, window_queries, cache, cfg, options, one_rank{}, scratch, stream);
+  }
+
+  // ---- compress with a layer's kv heads sharded across ranks ------------------
+  //
+  // Tensor parallelism (docs/tensor-parallel.md): each rank holds kv heads
+  // [shard.first_head, + cache.shape.kv_heads) of the layer (its cache, keys,
+  // values and window queries are those heads' and their query heads'), and
+  // calls compress with the layer's head_shard and its communicator. The
+  // budget's top-k spans every rank's heads (budget::adaptive's sharded
+  // keep_counts), so each rank keeps exactly the tokens the one-device compress
+  // of all heads keeps for its heads. Scorer, selection and layout run on the
+  // rank's own heads. Budgets without a sharded form are refused at compile time.
+  // Every rank makes the same collectives: on the CPU one vote (1 count: every
+  // rank's checks passed) then the budget's 5; on CUDA the budget's 5 (the
+  // device cannot vote without a host wait: the checks there are on shapes,
+  // pointers and sizes, the same on every rank of a consistent engine; one
+  // failing alone leaves the others in the first all-reduce, as a mismatched
+  // NCCL call does). Capacity: a rank's heads may keep up to min(H·k, local·T)
+  // tokens together (the pool goes where the scores are), not local·k.
+
+  /// Scratch bytes the sharded compress needs on this rank (shape: its local heads).
+  static std::size_t compress_workspace(const model_shape& shape, std::int64_t batch, std::int64_t tokens,
+                                        const config& cfg, const ::kvtrim::budget::head_shard& shard)
+    requires detail::shards_heads<implementation<BudgetT, BackendT>, typename BudgetT::config>
+  {
+    constexpr std::string_view function = "kvtrim::scheme::compress_workspace";
+    detail::checked_mul(function, "tokens", detail::checked_mul(function, "batch", batch, shape.kv_heads), tokens);
+    workspace_carver carver;
+    carve_compress(carver, shape, batch, tokens, cfg, &shard);
+    return carver.bytes();
+  }
+
+  /// compress() on this rank's kv heads of the layer, with the budget over every rank's heads.
+  template <class KeyT, class QueryT, class Comm>
+    requires detail::shards_heads<implementation<BudgetT, BackendT>, typename BudgetT::config> &&
+             comm::communicator<Comm, stream_type>
+  static void compress(tensor_view<KeyT, 4, space> keys, tensor_view<KeyT, 4, space> values,
+                       tensor_view<QueryT, 4, space> window_queries, cache_view& cache, const config& cfg,
+                       const compress_options<space>& options, const ::kvtrim::budget::head_shard& shard, const Comm& comm,
+                       workspace scratch, stream_type stream = {}) {
+    run_compress(keys, values, window_queries, cache, cfg, options, sharded_ranks<Comm>{shard, comm}, scratch, stream);
+  }
+  /// The sharded compress() for scorers that read no queries.
+  template <class KeyT, class Comm>
+    requires(!ScorerT::needs_queries) &&
+            detail::shards_heads<implementation<BudgetT, BackendT>, typename BudgetT::config> &&
+            comm::communicator<Comm, stream_type>
+  static void compress(tensor_view<KeyT, 4, space> keys, tensor_view<KeyT, 4, space> values, cache_view& cache,
+                       const config& cfg, const compress_options<space>& options,
+                       const ::kvtrim::budget::head_shard& shard, const Comm& comm, workspace scratch,
+                       stream_type stream = {}) {
+    run_compress(keys, values, tensor_view<const std::remove_const_t<KeyT>, 4, space>{}, cache, cfg, options,
+                 sharded_ranks<Comm>{shard, comm}, scratch, stream);
+  }
+
+  /// Scratch of compress_without_heads.
+  static std::size_t compress_without_heads_workspace(std::int64_t batch, std::int64_t tokens, const config& cfg,
+                                                      const ::kvtrim::budget::head_shard& shard)
+    requires detail::shards_heads<implementation<BudgetT, BackendT>, typename BudgetT::config>
+  {
+    return implementation<BudgetT, BackendT>::sharded_workspace_bytes(cfg.budget, batch, 0, tokens, shard);
+  }
+
+  /// A rank holding none of the layer's kv heads (uneven shards) takes part in the
+  /// sharded compress of `batch` sequences of `tokens` tokens: the same collectives, nothing kept.
+  template <class Comm>
+    requires detail::shards_heads<implementation<BudgetT, BackendT>, typename BudgetT::config> &&
+             comm::communicator<Comm, stream_type>
+  static void compress_without_heads(std::int64_t batch, std::int64_t tokens, const config& cfg,
+                                     const ::kvtrim::budget::head_shard& shard, const Comm& comm, workspace scratch,
+                                     stream_type stream = {}) {
     constexpr std::string_view function = "kvtrim::scheme::compress";
-    cfg.validate(function);
-    layout::validate(function, cache, /*exclusive=*/true);
-    const model_shape& shape = cache.shape;
-    const std::int64_t batch = cache.batch;
-    detail::check_view(function, "keys", keys, {batch, shape.kv_heads, -1, shape.head_dim}, true);
-    const std::int64_t tokens = keys.extent(2);
-    if (tokens < 1) detail::fail(function, "keys", "at least one token", "0 tokens");
-    if (tokens > max_tokens)
-      detail::fail(function, "keys", detail::cat("at most ", max_tokens, " tokens (token indices are 32-bit)"),
-                   detail::cat(tokens, " tokens"));
-    detail::check_view(function, "values", values, {batch, shape.kv_heads, tokens, shape.head_dim}, true);
-    if constexpr (ScorerT::needs_queries) {
-      detail::check_view(function, "window_queries", window_queries, {batch, shape.q_heads, -1, shape.head_dim},
-                         true);
-      const std::int64_t window = window_queries.extent(2);
-      if (window < 1 || window > tokens)
-        detail::fail(function, "window_queries", detail::cat("between 1 and ", tokens, " (the prefill length) queries"),
-                     detail::cat(window, " queries"));
-    }
-    if (options.start_position < 0 || options.start_position > detail::position_table::max_position - tokens + 1)
-      detail::fail(function, "options.start_position",
-                   detail::cat("a position in [0, 2^31 − ", tokens, "] (positions of the ", tokens,
-                               " tokens are 32-bit)"),
-                   std::to_string(options.start_position));
-    const std::int64_t keep_bound = BudgetT::max_keep(cfg.budget, tokens);
-    if constexpr (!std::same_as<space, host_space> && !LayoutT::ragged_heads) {
-      // Device contiguous caches advance positions on the device, unchecked: refuse
-      // here a start position whose later appends (up to the capacity) would pass 2^31.
-      if (options.start_position > detail::position_table::max_position - tokens - (cache.capacity - std::min(keep_bound, cache.capacity)) + 1)
-        detail::fail(function, "options.start_position",
-                     detail::cat("a position whose prefill and appends up to the capacity stay below 2^31"),
-                     std::to_string(options.start_position));
-    }
-    if constexpr (!LayoutT::ragged_heads) {
-      if (keep_bound > cache.capacity)
-        detail::fail(function, "config.budget.keep", detail::cat("at most the cache capacity = ", cache.capacity,
-                                                                 " tokens per head"),
-                     detail::cat(keep_bound, " tokens (of ", tokens, ")"));
-    }
-    const std::int64_t heads = batch * shape.kv_heads;
-    if (options.kept_offsets != nullptr || options.kept_tokens != nullptr) {
-      const std::int64_t needed = kept_tokens_capacity(shape, batch, tokens, cfg);
-      if (options.kept_offsets == nullptr || options.kept_tokens == nullptr || options.kept_tokens_capacity < needed)
-        detail::fail(function, "options.kept_tokens",
-                     detail::cat("both kept_offsets and kept_tokens, with room for ", needed,
-                                 " tokens (scheme::kept_tokens_capacity)"),
-                     detail::cat(options.kept_offsets ? "kept_offsets" : "no kept_offsets", ", ",
-                                 options.kept_tokens ? "kept_tokens" : "no kept_tokens", " with capacity ",
-                                 options.kept_tokens_capacity));
-    }
-    const std::size_t needed = compress_workspace(shape, batch, tokens, cfg);
-    detail::check_workspace(function, scratch, needed);
-    if constexpr (std::same_as<space, host_space>) {
-      using stored = typename detail::stored_element<CodecT>::type;
-      detail::check_finite<stored>(function, "keys", keys, "kv head");
-      detail::check_finite<stored>(function, "values", values, "kv head");
-      if constexpr (ScorerT::needs_queries) detail::check_finite(function, "window_queries", window_queries, "query head");
-    }
-
-    workspace_carver carver(scratch);
-    auto parts = carve_compress(carver, shape, batch, tokens, cfg);
-    if (options.kept_offsets != nullptr) {
-      parts.offsets = options.kept_offsets;
-      parts.tokens = options.kept_tokens;
-    }
-    const auto keys_in = detail::as_const(keys);
-    const auto values_in = detail::as_const(values);
-    const auto queries_in = detail::as_const(window_queries);
-    const score_view<space> scores{parts.scores, {batch, shape.kv_heads, tokens},
-                                   row_major_strides<3>({batch, shape.kv_heads, tokens})};
-
-    using scorer_impl = implementation<ScorerT, BackendT>;
-    if constexpr (detail::needs_scratch<scorer_impl, typename ScorerT::config>)
-      scorer_impl::score(cfg.score, shape, keys_in, values_in, queries_in, scores, parts.score_scratch, stream);
+    const auto check = [&] {
+      cfg.validate(function);
+      shard.validate(function, 0);
+      if (batch < 1 || tokens < 1 || tokens > max_tokens)
+        detail::fail(function, "tokens", "at least one sequence of 1 to 2^31 − 1 tokens",
+                     detail::cat(batch, " sequences of ", tokens));
+      detail::check_workspace(function, scratch, compress_without_heads_workspace(batch, tokens, cfg, shard));
+    };
+    if constexpr (std::same_as<space, host_space>)
+      vote(function, comm, stream, check);
     else
-      scorer_impl::score(cfg.score, shape, keys_in, values_in, queries_in, scores, stream);
-    using budget_impl = implementation<BudgetT, BackendT>;
-    if constexpr (detail::scorer_sets_keep_counts<ScorerT>)
-      scorer_impl::keep_counts(cfg.score, shape, detail::as_const(scores), parts.keep_counts, stream);
-    else if constexpr (detail::needs_scratch<budget_impl, typename BudgetT::config>)
-      budget_impl::keep_counts(cfg.budget, detail::as_const(scores), parts.keep_counts, parts.budget_scratch, stream);
-    else
-      budget_impl::keep_counts(cfg.budget, detail::as_const(scores), parts.keep_counts, stream);
-    implementation<stage::select_top_k, BackendT>::select(detail::as_const(scores), parts.keep_counts, parts.offsets,
-                                                          parts.tokens, parts.select_scratch, stream);
-    const selection_view<space> kept{parts.offsets, parts.tokens, heads};
-    compact_args args;
-    args.start_position = options.start_position;
-    args.uniform_keep = BudgetT::ragged_heads || ScorerT::ragged_heads ? -1 : keep_bound;
-    if constexpr (detail::scorer_compensates<ScorerT>) {
-      scorer_impl::compensation_rows(cfg.score, shape, keys_in, values_in, kept, options.start_position,
-                                     parts.compensation, stream);
-      args.compensation = &parts.compensation;
-    }
-    implementation<LayoutT, BackendT>::compact(cache, keys_in, values_in, kept, args, stream);
+      check();
+    const score_view<space> none{nullptr, {batch, 0, tokens}, {0, tokens, 1}};
+    implementation<BudgetT, BackendT>::keep_counts(cfg.budget, detail::as_const(none), shard, comm, nullptr, scratch,
+                                                   stream);
   }
 
   /// compress() with default options (positions from 0, no selection output).
@@ -562,6 +563,162 @@ struct scheme {
     }
   }
 
+  /// compress over all of a layer's heads on this device.
+  struct one_rank {
+    static constexpr bool sharded = false;
+    const ::kvtrim::budget::head_shard* shard_or_null() const { return nullptr; }
+  };
+  /// compress over this rank's heads, the budget over every rank's.
+  template <class Comm>
+  struct sharded_ranks {
+    static constexpr bool sharded = true;
+    const ::kvtrim::budget::head_shard& shard;
+    const Comm& comm;
+    const ::kvtrim::budget::head_shard* shard_or_null() const { return &shard; }
+  };
+
+  template <class Ranks>
+  static std::size_t workspace_needed(const model_shape& shape, std::int64_t batch, std::int64_t tokens,
+                                      const config& cfg, const Ranks& ranks) {
+    if constexpr (Ranks::sharded)
+      return compress_workspace(shape, batch, tokens, cfg, ranks.shard);
+    else
+      return compress_workspace(shape, batch, tokens, cfg);
+  }
+
+  /// Runs `checks` on this rank, then one all-reduce of every rank's verdict (host
+  /// communicators): if any rank refused, every rank throws — the refusing rank its
+  /// own error, the others one saying so — and no rank is left waiting in a later collective.
+  template <class Comm, class Checks>
+  static void vote(std::string_view function, const Comm& comm, stream_type stream, Checks&& checks) {
+    std::uint64_t refused = 0;
+    try {
+      checks();
+    } catch (...) {
+      refused = 1;
+      comm.all_reduce_sum(&refused, 1, stream);
+      throw;
+    }
+    comm.all_reduce_sum(&refused, 1, stream);
+    if (refused > 0)
+      detail::fail(function, "(another rank's input)", "every rank's arguments accepted",
+                   detail::cat(refused, " of ", comm.size(), " ranks refused theirs (their own errors say why)"));
+  }
+
+  template <class KeyT, class QueryT, class Ranks>
+  static void run_compress(tensor_view<KeyT, 4, space> keys, tensor_view<KeyT, 4, space> values,
+                           tensor_view<QueryT, 4, space> window_queries, cache_view& cache, const config& cfg,
+                           const compress_options<space>& options, const Ranks& ranks, workspace scratch,
+                           stream_type stream) {
+    constexpr std::string_view function = "kvtrim::scheme::compress";
+    const model_shape& shape = cache.shape;
+    const std::int64_t batch = cache.batch;
+    const std::int64_t tokens = keys.extent(2);
+    const std::int64_t heads = batch * shape.kv_heads;
+    // Every check, before the first write (and, sharded on the host, before the first collective).
+    const auto check = [&] {
+      cfg.validate(function);
+      layout::validate(function, cache, /*exclusive=*/true);
+      detail::check_view(function, "keys", keys, {batch, shape.kv_heads, -1, shape.head_dim}, true);
+      if (tokens < 1) detail::fail(function, "keys", "at least one token", "0 tokens");
+      if (tokens > max_tokens)
+        detail::fail(function, "keys", detail::cat("at most ", max_tokens, " tokens (token indices are 32-bit)"),
+                     detail::cat(tokens, " tokens"));
+      detail::check_view(function, "values", values, {batch, shape.kv_heads, tokens, shape.head_dim}, true);
+      if constexpr (ScorerT::needs_queries) {
+        detail::check_view(function, "window_queries", window_queries, {batch, shape.q_heads, -1, shape.head_dim},
+                           true);
+        const std::int64_t window = window_queries.extent(2);
+        if (window < 1 || window > tokens)
+          detail::fail(function, "window_queries", detail::cat("between 1 and ", tokens, " (the prefill length) queries"),
+                       detail::cat(window, " queries"));
+      }
+      if (options.start_position < 0 || options.start_position > detail::position_table::max_position - tokens + 1)
+        detail::fail(function, "options.start_position",
+                     detail::cat("a position in [0, 2^31 − ", tokens, "] (positions of the ", tokens,
+                                 " tokens are 32-bit)"),
+                     std::to_string(options.start_position));
+      const std::int64_t keep_bound = BudgetT::max_keep(cfg.budget, tokens);
+      if constexpr (!std::same_as<space, host_space> && !LayoutT::ragged_heads) {
+        // Device contiguous caches advance positions on the device, unchecked: refuse
+        // here a start position whose later appends (up to the capacity) would pass 2^31.
+        if (options.start_position > detail::position_table::max_position - tokens - (cache.capacity - std::min(keep_bound, cache.capacity)) + 1)
+          detail::fail(function, "options.start_position",
+                       detail::cat("a position whose prefill and appends up to the capacity stay below 2^31"),
+                       std::to_string(options.start_position));
+      }
+      if constexpr (!LayoutT::ragged_heads) {
+        if (keep_bound > cache.capacity)
+          detail::fail(function, "config.budget.keep", detail::cat("at most the cache capacity = ", cache.capacity,
+                                                                   " tokens per head"),
+                       detail::cat(keep_bound, " tokens (of ", tokens, ")"));
+      }
+      if (options.kept_offsets != nullptr || options.kept_tokens != nullptr) {
+        const std::int64_t needed = kept_tokens_capacity(shape, batch, tokens, cfg);
+        if (options.kept_offsets == nullptr || options.kept_tokens == nullptr || options.kept_tokens_capacity < needed)
+          detail::fail(function, "options.kept_tokens",
+                       detail::cat("both kept_offsets and kept_tokens, with room for ", needed,
+                                   " tokens (scheme::kept_tokens_capacity)"),
+                       detail::cat(options.kept_offsets ? "kept_offsets" : "no kept_offsets", ", ",
+                                   options.kept_tokens ? "kept_tokens" : "no kept_tokens", " with capacity ",
+                                   options.kept_tokens_capacity));
+      }
+      if constexpr (Ranks::sharded) ranks.shard.validate(function, shape.kv_heads);
+      detail::check_workspace(function, scratch, workspace_needed(shape, batch, tokens, cfg, ranks));
+      if constexpr (std::same_as<space, host_space>) {
+        using stored = typename detail::stored_element<CodecT>::type;
+        detail::check_finite<stored>(function, "keys", keys, "kv head");
+        detail::check_finite<stored>(function, "values", values, "kv head");
+        if constexpr (ScorerT::needs_queries) detail::check_finite(function, "window_queries", window_queries, "query head");
+      }
+    };
+    if constexpr (Ranks::sharded && std::same_as<space, host_space>)
+      vote(function, ranks.comm, stream, check);
+    else
+      check();
+    const std::int64_t keep_bound = BudgetT::max_keep(cfg.budget, tokens);
+
+    workspace_carver carver(scratch);
+    auto parts = carve_compress(carver, shape, batch, tokens, cfg, ranks.shard_or_null());
+    if (options.kept_offsets != nullptr) {
+      parts.offsets = options.kept_offsets;
+      parts.tokens = options.kept_tokens;
+    }
+    const auto keys_in = detail::as_const(keys);
+    const auto values_in = detail::as_const(values);
+    const auto queries_in = detail::as_const(window_queries);
+    const score_view<space> scores{parts.scores, {batch, shape.kv_heads, tokens},
+                                   row_major_strides<3>({batch, shape.kv_heads, tokens})};
+
+    using scorer_impl = implementation<ScorerT, BackendT>;
+    if constexpr (detail::needs_scratch<scorer_impl, typename ScorerT::config>)
+      scorer_impl::score(cfg.score, shape, keys_in, values_in, queries_in, scores, parts.score_scratch, stream);
+    else
+      scorer_impl::score(cfg.score, shape, keys_in, values_in, queries_in, scores, stream);
+    using budget_impl = implementation<BudgetT, BackendT>;
+    if constexpr (detail::scorer_sets_keep_counts<ScorerT>)
+      scorer_impl::keep_counts(cfg.score, shape, detail::as_const(scores), parts.keep_counts, stream);
+    else if constexpr (Ranks::sharded)
+      budget_impl::keep_counts(cfg.budget, detail::as_const(scores), ranks.shard, ranks.comm, parts.keep_counts,
+                               parts.budget_scratch, stream);
+    else if constexpr (detail::needs_scratch<budget_impl, typename BudgetT::config>)
+      budget_impl::keep_counts(cfg.budget, detail::as_const(scores), parts.keep_counts, parts.budget_scratch, stream);
+    else
+      budget_impl::keep_counts(cfg.budget, detail::as_const(scores), parts.keep_counts, stream);
+    implementation<stage::select_top_k, BackendT>::select(detail::as_const(scores), parts.keep_counts, parts.offsets,
+                                                          parts.tokens, parts.select_scratch, stream);
+    const selection_view<space> kept{parts.offsets, parts.tokens, heads};
+    compact_args args;
+    args.start_position = options.start_position;
+    args.uniform_keep = BudgetT::ragged_heads || ScorerT::ragged_heads ? -1 : keep_bound;
+    if constexpr (detail::scorer_compensates<ScorerT>) {
+      scorer_impl::compensation_rows(cfg.score, shape, keys_in, values_in, kept, options.start_position,
+                                     parts.compensation, stream);
+      args.compensation = &parts.compensation;
+    }
+    implementation<LayoutT, BackendT>::compact(cache, keys_in, values_in, kept, args, stream);
+  }
+
   struct compress_parts {
     float* scores = nullptr;
     std::int32_t* keep_counts = nullptr;
@@ -575,7 +732,8 @@ struct scheme {
 
   template <class Carver>
   static compress_parts carve_compress(Carver& carver, const model_shape& shape, std::int64_t batch,
-                                       std::int64_t tokens, const config& cfg) {
+                                       std::int64_t tokens, const config& cfg,
+                                       const ::kvtrim::budget::head_shard* shard = nullptr) {
     const std::int64_t heads = batch * shape.kv_heads;
     compress_parts parts;
     parts.scores = carver.template take<float>(heads * tokens);
@@ -588,8 +746,7 @@ struct scheme {
                                      select_bytes};
     parts.score_scratch =
         detail::carve_scratch<implementation<ScorerT, BackendT>>(carver, cfg.score, shape, batch, tokens);
-    parts.budget_scratch =
-        detail::carve_scratch<implementation<BudgetT, BackendT>>(carver, cfg.budget, shape, batch, tokens);
+    parts.budget_scratch = carve_budget_scratch(carver, shape, batch, tokens, cfg, shard);
     if constexpr (detail::scorer_compensates<ScorerT>) {
       parts.compensation.index = carver.template take<std::int32_t>(heads);
       parts.compensation.keys = carver.template take<float>(heads * shape.head_dim);
@@ -598,6 +755,20 @@ struct scheme {
       parts.compensation.position = carver.template take<std::int64_t>(heads);
     }
     return parts;
+  }
+
+  /// The budget's scratch: its sharded form's when `shard` is given.
+  template <class Carver>
+  static workspace carve_budget_scratch(Carver& carver, const model_shape& shape, std::int64_t batch,
+                                        std::int64_t tokens, const config& cfg, const ::kvtrim::budget::head_shard* shard) {
+    using budget_impl = implementation<BudgetT, BackendT>;
+    if constexpr (detail::shards_heads<budget_impl, typename BudgetT::config>) {
+      if (shard != nullptr) {
+        const std::size_t bytes = budget_impl::sharded_workspace_bytes(cfg.budget, batch, shape.kv_heads, tokens, *shard);
+        return workspace{carver.template take<std::byte>(static_cast<std::int64_t>(bytes)), bytes};
+      }
+    }
+    return detail::carve_scratch<budget_impl>(carver, cfg.budget, shape, batch, tokens);
   }
 };
 

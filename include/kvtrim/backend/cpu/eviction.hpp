@@ -108,6 +108,11 @@ bool codec_pins(const Storage& store, std::int64_t head, std::int64_t slot, std:
   return pinned;
 }
 
+/// The step over heads sharded across ranks (eviction/sharded.hpp): it composes this
+/// backend's per-head pieces with collectives between them.
+template <class Backend>
+struct sharded_step;
+
 }  // namespace kvtrim::eviction_detail
 
 namespace kvtrim {
@@ -115,6 +120,8 @@ namespace kvtrim {
 template <>
 struct implementation<eviction::step, backend::cpu> {
   static constexpr std::string_view function = "kvtrim::evict";
+  template <class>
+  friend struct eviction_detail::sharded_step;
 
   template <class View>
   static std::size_t workspace_bytes(std::span<const View> layers) {
@@ -299,8 +306,74 @@ struct implementation<eviction::step, backend::cpu> {
     }
     std::int64_t slot_index(std::int64_t l, std::int64_t h) const { return l * kv_heads() + h; }
 
+    // The per-head pieces of a unit's step (run below; eviction/sharded.hpp composes the
+    // same pieces with collectives between them when a unit's heads span ranks).
+
+    /// Head (l, h)'s floor: its best `items` candidates, whatever the pool does.
+    struct head_floor {
+      eviction_detail::threshold limit;
+      std::int64_t items = 0, protected_tokens = 0, candidates = 0, run = 1;
+    };
+    head_floor floor_of(std::int64_t l, std::int64_t h) const {
+      const head_ref r = ref(l, h);
+      head_floor f;
+      f.run = r.run;
+      f.protected_tokens = r.protected_tokens();
+      for (std::int64_t j = 0; j < r.items(); ++j) f.candidates += r.item_protected(j) ? 0 : 1;
+      const std::int64_t room = std::max<std::int64_t>(0, cfg.head_target() - f.protected_tokens);
+      f.items = cfg.scope == eviction::scope::per_head
+                    ? room / r.run
+                    : static_cast<std::int64_t>(std::floor(cfg.alpha * static_cast<double>(room))) / r.run;
+      if (f.protected_tokens == 0) f.items = std::max<std::int64_t>(f.items, 1);  // never an empty head
+      f.items = std::min(f.items, f.candidates);
+      f.limit = eviction_detail::radix_threshold(f.items, [&](auto&& take) {
+        for (std::int64_t j = 0; j < r.items(); ++j)
+          if (!r.item_protected(j)) take(r.item_key(j));
+      });
+      return f;
+    }
+
+    /// take(key) for head (l, h)'s pool candidates (unprotected, not in its floor), in token order.
+    template <class Take>
+    void pool_candidates(std::int64_t l, std::int64_t h, const eviction_detail::threshold& floor_limit,
+                         Take&& take) const {
+      const head_ref r = ref(l, h);
+      eviction_detail::threshold_walk floor{floor_limit};
+      for (std::int64_t j = 0; j < r.items(); ++j) {
+        if (r.item_protected(j)) continue;
+        const std::uint32_t key = r.item_key(j);
+        if (!floor.keeps(key)) take(key);
+      }
+    }
+
+    /// Compacts head (l, h) to its protected items and the candidates its floor or the
+    /// pool keeps: `floor` is the head's floor threshold, `pool` the pool's walk as it
+    /// reaches this head (its tie counter continues across the unit's heads; the sharded
+    /// step passes a walk of this head's own tie share). Returns the tokens it keeps.
+    std::int64_t compact(std::int64_t l, std::int64_t h, const eviction_detail::threshold& floor_limit,
+                         eviction_detail::threshold_walk& pool, eviction::report& result) const {
+      const head_ref r = ref(l, h);
+      eviction_detail::threshold_walk floor{floor_limit};
+      const auto keep_candidate = [&](std::uint32_t key) { return floor.keeps(key) || pool.keeps(key); };
+      float* metric = metrics[static_cast<std::size_t>(l)].values;
+      const std::int32_t compensation = r.cache.compensation.index[r.head];
+      std::int32_t new_compensation = -1;
+      std::int64_t write = 0;
+      for (std::int64_t j = 0; j < r.items(); ++j) {
+        if (!r.item_protected(j) && !keep_candidate(r.item_key(j))) continue;
+        for (std::int64_t i = j * r.run; i < r.item_end(j); ++i, ++write) {
+          if (i == compensation) new_compensation = static_cast<std::int32_t>(write);
+          if (write != i) move_token(r.cache, metric, r.head, r.cache.slot(b, h, i), r.cache.slot(b, h, write));
+        }
+      }
+      for (std::int64_t i = write; i < r.length; ++i) metric[r.cache.slot(b, h, i)] = 0.0f;  // free slots read 0
+      r.cache.compensation.index[r.head] = new_compensation;
+      p.new_length[l * layers[0].heads() + r.head] = write;
+      result.evicted_tokens += r.length - write;
+      return write;
+    }
+
     void run(eviction::report& result) const {
-      const std::int64_t heads_per_layer = layers[0].heads();
       const std::int64_t per_head_target = cfg.head_target();
       std::int64_t held = 0, unit_heads = 0, protected_total = 0, run = 1;
       for_each_head([&](std::int64_t l, std::int64_t h) {
@@ -316,26 +389,12 @@ struct implementation<eviction::step, backend::cpu> {
       // Floors: each head's best candidates it keeps whatever the pool does.
       std::int64_t floor_total = 0, candidates_left = 0;
       for_each_head([&](std::int64_t l, std::int64_t h) {
-        const head_ref r = ref(l, h);
-        const std::int64_t protected_tokens = r.protected_tokens();
-        protected_total += protected_tokens;
-        std::int64_t candidates = 0;
-        for (std::int64_t j = 0; j < r.items(); ++j) candidates += r.item_protected(j) ? 0 : 1;
-        const std::int64_t room = std::max<std::int64_t>(0, per_head_target - protected_tokens);
-        std::int64_t floor_items =
-            cfg.scope == eviction::scope::per_head
-                ? room / r.run
-                : static_cast<std::int64_t>(std::floor(cfg.alpha * static_cast<double>(room))) / r.run;
-        if (protected_tokens == 0) floor_items = std::max<std::int64_t>(floor_items, 1);  // never an empty head
-        floor_items = std::min(floor_items, candidates);
-        const std::int64_t k = slot_index(l, h);
-        p.floor_count[k] = floor_items;
-        p.floors[k] = eviction_detail::radix_threshold(floor_items, [&](auto&& take) {
-          for (std::int64_t j = 0; j < r.items(); ++j)
-            if (!r.item_protected(j)) take(r.item_key(j));
-        });
-        floor_total += floor_items * r.run;
-        candidates_left += candidates - floor_items;
+        const head_floor f = floor_of(l, h);
+        p.floors[slot_index(l, h)] = f.limit;
+        p.floor_count[slot_index(l, h)] = f.items;
+        protected_total += f.protected_tokens;
+        floor_total += f.items * f.run;
+        candidates_left += f.candidates - f.items;
       });
 
       // The pool: the best of the remaining candidates of every head of the unit.
@@ -343,47 +402,15 @@ struct implementation<eviction::step, backend::cpu> {
                                            ? 0
                                            : std::max<std::int64_t>(0, target - protected_total - floor_total);
       const std::int64_t pool = std::min(pool_tokens / run, candidates_left);
-      const auto for_each_pool_candidate = [&](auto&& take) {  // (l, h, j, key) in ordinal order
-        for_each_head([&](std::int64_t l, std::int64_t h) {
-          const head_ref r = ref(l, h);
-          eviction_detail::threshold_walk floor{p.floors[slot_index(l, h)]};
-          for (std::int64_t j = 0; j < r.items(); ++j) {
-            if (r.item_protected(j)) continue;
-            const std::uint32_t key = r.item_key(j);
-            if (!floor.keeps(key)) take(l, h, j, key);
-          }
-        });
-      };
-      const eviction_detail::threshold pool_limit = eviction_detail::radix_threshold(
-          pool, [&](auto&& take) { for_each_pool_candidate([&](std::int64_t, std::int64_t, std::int64_t, std::uint32_t key) { take(key); }); });
+      const eviction_detail::threshold pool_limit = eviction_detail::radix_threshold(pool, [&](auto&& take) {
+        for_each_head([&](std::int64_t l, std::int64_t h) { pool_candidates(l, h, p.floors[slot_index(l, h)], take); });
+      });
 
       // Compaction, in the same order as the walks above (the tie counters are their state).
       eviction_detail::threshold_walk pool_walk{pool_limit};
       std::int64_t kept_total = 0;
       for_each_head([&](std::int64_t l, std::int64_t h) {
-        const head_ref r = ref(l, h);
-        eviction_detail::threshold_walk floor{p.floors[slot_index(l, h)]};
-        float* metric = metrics[static_cast<std::size_t>(l)].values;
-        const std::int32_t compensation = r.cache.compensation.index[r.head];
-        std::int32_t new_compensation = -1;
-        std::int64_t write = 0;
-        for (std::int64_t j = 0; j < r.items(); ++j) {
-          bool keep = r.item_protected(j);
-          if (!keep) {
-            const std::uint32_t key = r.item_key(j);
-            keep = floor.keeps(key) || pool_walk.keeps(key);
-          }
-          if (!keep) continue;
-          for (std::int64_t i = j * r.run; i < r.item_end(j); ++i, ++write) {
-            if (i == compensation) new_compensation = static_cast<std::int32_t>(write);
-            if (write != i) move_token(r.cache, metric, r.head, r.cache.slot(b, h, i), r.cache.slot(b, h, write));
-          }
-        }
-        for (std::int64_t i = write; i < r.length; ++i) metric[r.cache.slot(b, h, i)] = 0.0f;  // free slots read 0
-        r.cache.compensation.index[r.head] = new_compensation;
-        p.new_length[l * heads_per_layer + r.head] = write;
-        result.evicted_tokens += r.length - write;
-        kept_total += write;
+        kept_total += compact(l, h, p.floors[slot_index(l, h)], pool_walk, result);
       });
       if (kept_total > target) ++result.units_over_target;
     }
