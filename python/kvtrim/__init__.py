@@ -17,9 +17,12 @@ from .cache import Cache, schemes
 from .presses import (
     BF16,
     FP16,
+    FP8,
     FP32,
     H2O,
     KIVI,
+    Layered,
+    LowRank,
     AdaKV,
     Codec,
     ExternalScores,
@@ -41,5 +44,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Error", "Settings", "Probe", "Calibration", "Cache", "schemes", "has_cuda", "has_profiles",
     "Press", "StreamingLLM", "SnapKV", "H2O", "ObservedAttention", "KeyNorm", "Knorm", "ExternalScores", "AdaKV", "Pyramid",
-    "RazorAttention", "Codec", "FP16", "BF16", "FP32", "KIVI",
+    "RazorAttention", "Codec", "FP16", "BF16", "FP32", "KIVI", "FP8", "LowRank", "Layered",
 ] + (["Profile"] if has_profiles else [])

@@ -122,19 +122,28 @@ class py_cache {
                            asked);
 #endif
       const kp::scheme_key on_cpu{"cpu", s.layout, s.scorer, s.budget, s.codec};
-      const bool plain = s.codec == "fp16" || s.codec == "bf16" || s.codec == "fp32";
-      if (!plain && schemes().count(on_cpu) != 0)
+      if (s.codec == "low_rank")
         kvtrim::detail::fail("kvtrim.Cache", "scheme",
-                             kvtrim::detail::cat("a CUDA scheme with a plain codec (FP16() or BF16()): codec ", s.codec,
-                                                 " is not compiled for CUDA — quantizing codecs on the GPU wait for "
-                                                 "issue 12 (this scheme runs with device=\"cpu\")"),
+                             "a CUDA scheme without codec low_rank: low-rank bases, coefficients and RoPE after "
+                             "reconstruction are not written for CUDA (kvtrim::scheme refuses it at compile time; "
+                             "this scheme runs with device=\"cpu\")",
+                             asked);
+      if (schemes().count(on_cpu) != 0)
+        kvtrim::detail::fail("kvtrim.Cache", "scheme",
+                             kvtrim::detail::cat("a compiled CUDA scheme: fp16/bf16 take every scorer and budget; int8, "
+                                                 "int4, fp8 and layered<int4> are compiled with StreamingLLM, SnapKV, "
+                                                 "Ada-SnapKV and RazorAttention on flat and paged layouts (this scheme "
+                                                 "runs with device=\"cpu\")"),
                              asked);
     }
     if (found == schemes().end())
       kvtrim::detail::fail("kvtrim.Cache", "scheme",
                            "one of the compiled schemes (kvtrim.schemes() lists them; contiguous layouts take "
-                           "uniform and pyramid budgets only; CUDA: fp16/bf16 with every scorer and budget, "
-                           "fp32 for StreamingLLM/uniform/contiguous)",
+                           "uniform and pyramid budgets and the codecs fp16/bf16/fp32/int8 only; CPU int4, fp8, "
+                           "low_rank, layered<int8|int4>: every scorer and budget on flat, StreamingLLM/SnapKV/"
+                           "Ada-SnapKV/RazorAttention on paged (not low_rank); CUDA: fp16/bf16 with every scorer "
+                           "and budget, fp32 for StreamingLLM/uniform/contiguous, int8/int4/fp8/layered<int4> with "
+                           "StreamingLLM/SnapKV/Ada-SnapKV/RazorAttention on flat and paged)",
                            asked);
     impl_ = found->second(s, kvtrim::model_shape{q_heads, kv_heads, head_dim}, batch, capacity);
   }
@@ -305,6 +314,19 @@ NB_MODULE(_kvtrim, m) {
       .def_rw("layers", &kp::settings::layers)
       .def_rw("key_group", &kp::settings::key_group)
       .def_rw("asymmetric", &kp::settings::asymmetric)
+      .def_rw("fp8_scales", &kp::settings::fp8_scales)
+      .def_rw("fp8_key_scale", &kp::settings::fp8_key_scale)
+      .def_rw("fp8_value_scale", &kp::settings::fp8_value_scale)
+      .def_rw("rank", &kp::settings::rank)
+      .def_rw("energy", &kp::settings::energy)
+      .def_rw("max_rank", &kp::settings::max_rank)
+      .def_rw("update_freq", &kp::settings::update_freq)
+      .def_rw("key_space", &kp::settings::key_space)
+      .def_rw("rope_theta", &kp::settings::rope_theta)
+      .def_rw("rotary_dim", &kp::settings::rotary_dim)
+      .def_rw("rope_pairs", &kp::settings::rope_pairs)
+      .def_rw("layered_sinks", &kp::settings::layered_sinks)
+      .def_rw("layered_recent", &kp::settings::layered_recent)
       .def_rw("page_size", &kp::settings::page_size);
 
   nb::class_<py_cache>(m, "CacheImpl", "One kvtrim cache of one compiled scheme (wrapped by kvtrim.Cache).")
