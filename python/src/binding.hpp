@@ -694,6 +694,13 @@ class typed_cache final : public cache_base {
     });
   }
 
+  /// The owned cache and its view, for the bindings that work on several layers' caches at once
+  /// (eviction.cpp: kvtrim::evict over every layer of a model) and find this type by dynamic_cast.
+  using scheme_type = Scheme;
+  typename Scheme::cache& owned() { return cache_; }
+  /// The scheme's config as compress uses it (eviction.cpp seeds the metric with the scorer's window).
+  const typename Scheme::config& scheme_config() const { return config_; }
+
   std::size_t bytes() const override { return cache_.bytes(); }
   model_shape shape() const override { return cache_.view().shape; }
   std::int64_t batch() const override { return cache_.view().batch; }

@@ -13,7 +13,10 @@ Three ways through the model:
                                         the keys before RoPE (what a pre-RoPE low-rank codec takes);
   forward(ids, start=T, prefix=layers)  the continuation over a compressed prefix: each layer
                                         attends over that layer's kept keys/values (read back
-                                        from kvtrim) plus the continuation itself, causally.
+                                        from kvtrim) plus the continuation itself, causally;
+                                        or, with a callable per layer, one decode step whose
+                                        attention the callable computes (q, k, v → out) over
+                                        the caller's own cache (decode-time eviction).
 """
 
 from __future__ import annotations
@@ -104,6 +107,8 @@ class Attention(nn.Module):
             group = c.q_heads // c.kv_heads  # each kv head serves `group` query heads (GQA)
             out = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
                                                  is_causal=True)
+        elif callable(prefix):  # a decode step through the caller's own cache: out = prefix(q, k, v), [B, Hq, L, D]
+            out = prefix(q, k, v)
         else:
             out = attend_over_prefix(q, k, v, prefix)
         return self.o(out.transpose(1, 2).reshape(B, L, c.q_heads * c.head_dim))
