@@ -20,7 +20,8 @@
 # from the start by which the study must end: it is stopped then, keeping the tasks it
 # finished; default: none), FIDELITY_CHECKS (pytest arguments, run from python/tests while the
 # model trains, once the package is there; e.g. "test_cuda.py test_codecs.py"),
-# FIDELITY_DEMO=1 (also the demo's GPU part, examples/python/demo_gpu.py, while the model trains).
+# FIDELITY_DEMO=1 (also the demo's GPU part, examples/python/demo_gpu.py, while the model trains),
+# FIDELITY_STUDY_ARGS (more study.py arguments, e.g. "--prefix 256 --no-eviction" for a smoke run).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 tools="$(dirname "$here")"
@@ -64,12 +65,12 @@ fi
   while [ ! -s "$out/build.rc" ]; do sleep 2; done
   [ "$(cat "$out/build.rc")" -eq 0 ] || exit 0
   if [ -n "${FIDELITY_CHECKS:-}" ]; then
-    (cd "${FIDELITY_TESTS:-$repo/python/tests}" && PYTHONPATH="$site" timeout 200 python3 -m pytest -q -rs \
+    (cd "${FIDELITY_TESTS:-$repo/python/tests}" && PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" timeout 200 python3 -m pytest -q -rs \
       ${FIDELITY_CHECKS} >"$out/pytest.log" 2>&1; echo "pytest exit $?" >>"$out/pytest.log")
     tail -4 "$out/pytest.log"
   fi
   if [ -n "${FIDELITY_DEMO:-}" ]; then
-    PYTHONPATH="$site" timeout 60 python3 "${FIDELITY_DEMO_SCRIPT:-$repo/examples/python/demo_gpu.py}" \
+    PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" timeout 60 python3 "${FIDELITY_DEMO_SCRIPT:-$repo/examples/python/demo_gpu.py}" \
       >"$out/demo.log" 2>&1
     echo "demo exit $?" >>"$out/demo.log"
     cat "$out/demo.log"
@@ -87,11 +88,12 @@ echo "train: exit $trained; build: exit $(cat "$out/build.rc"), $((SECONDS - sta
 
 studied=1
 if [ "$trained" -eq 0 ] && [ "$(cat "$out/build.rc")" -eq 0 ]; then
-  PYTHONPATH="$site" python3 -c "import kvtrim; print('kvtrim', kvtrim.__version__, 'has_cuda', kvtrim.has_cuda, len(kvtrim.schemes()), 'schemes')"
+  PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" python3 -c "import kvtrim; print('kvtrim', kvtrim.__version__, 'has_cuda', kvtrim.has_cuda, len(kvtrim.schemes()), 'schemes')"
   left=$(( ${FIDELITY_DEADLINE:-100000} - SECONDS ))  # the study stops before the call's own limit; what it finished stays
   [ "$left" -gt 10 ] || left=10  # (timeout 0 would mean no limit)
-  PYTHONPATH="$site" timeout "$left" python3 "$tools/fidelity/study.py" --model "$model" --out "$out/fidelity.json" \
+  PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}" timeout "$left" python3 "$tools/fidelity/study.py" --model "$model" --out "$out/fidelity.json" \
     --samples "${FIDELITY_SAMPLES:-24}" ${FIDELITY_QUICK:+--quick} ${FIDELITY_DEADLINE:+--deadline $((left - 15))} \
+    ${FIDELITY_STUDY_ARGS:-} \
     2>&1 | tee "$out/study.log"
   studied=${PIPESTATUS[0]}
 else
