@@ -60,7 +60,8 @@ else
   builder=$!
 fi
 
-# While the model trains: the package's tests and the demo's GPU part, once the package is there.
+# While the model trains (and beside the study if the build ends later): the package's tests and
+# the demo's GPU part, once the package is there.
 (
   while [ ! -s "$out/build.rc" ]; do sleep 2; done
   [ "$(cat "$out/build.rc")" -eq 0 ] || exit 0
@@ -83,7 +84,6 @@ python3 "$tools/model/train.py" --out "$model" ${FIDELITY_STEPS:+--steps "$FIDEL
 trained=${PIPESTATUS[0]}
 cp "$model/train.json" "$out/" 2>/dev/null
 [ -n "$builder" ] && wait $builder
-wait $checker
 echo "train: exit $trained; build: exit $(cat "$out/build.rc"), $((SECONDS - started)) s so far"
 
 studied=1
@@ -99,6 +99,7 @@ if [ "$trained" -eq 0 ] && [ "$(cat "$out/build.rc")" -eq 0 ]; then
 else
   tail -30 "$out"/build-*.log
 fi
+wait $checker  # pytest and the demo (they may still run beside the study when the package was built here)
 echo "study: exit $studied, $((SECONDS - started)) s in all"
 (cd "$out" && tar czf fidelity.tgz --exclude fidelity.tgz ./*)
 exit $((trained || studied))
