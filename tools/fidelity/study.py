@@ -95,6 +95,9 @@ def setups(flags, razor_recent: Dict[float, float], quick: bool, rope_theta: flo
                          lambda r=rank: kvtrim.LowRank(rank=r, max_rank=r, pre_rope=True, rope_theta=rope_theta),
                          f"rank {rank} of 64, keys before RoPE (rotated inside attention), values", pre_rope=True))
     fractions = (0.2, 0.5) if quick else FRACTIONS
+    # Order = what a --deadline drops last: the policies the findings compare (StreamingLLM, SnapKV, Ada-SnapKV,
+    # RazorAttention, the combinations) at every fraction, then Pyramid and key norm, then H2O.
+    later = []
     for f in fractions:
         r = round(1.0 - f, 6)
         snap = lambda r=r: kvtrim.SnapKV(window=SNAP_WINDOW, kernel=SNAP_KERNEL, compression_ratio=r)
@@ -102,9 +105,11 @@ def setups(flags, razor_recent: Dict[float, float], quick: bool, rope_theta: flo
             Setup("StreamingLLM", "StreamingLLM", f, lambda L, r=r: kvtrim.StreamingLLM(sinks=4, compression_ratio=r), fp16),
             Setup("SnapKV", "SnapKV", f, lambda L, s=snap: s(), fp16),
             Setup("Ada-SnapKV", "Ada-SnapKV", f, lambda L, s=snap: kvtrim.AdaKV(s(), alpha=0.2), fp16),
+            Setup("Ada-SnapKV + int8", "Ada-SnapKV + int8", f, lambda L, s=snap: kvtrim.AdaKV(s(), alpha=0.2), int8),
+        ]
+        later += [
             Setup("Pyramid-SnapKV", "Pyramid-SnapKV", f, lambda L, s=snap: kvtrim.Pyramid(s(), beta=20), fp16),
             Setup("key norm", "key norm", f, lambda L, r=r: kvtrim.KeyNorm(compression_ratio=r), fp16),
-            Setup("Ada-SnapKV + int8", "Ada-SnapKV + int8", f, lambda L, s=snap: kvtrim.AdaKV(s(), alpha=0.2), int8),
         ]
     for f, rho in sorted(razor_recent.items()):
         if quick and f not in (0.2, 0.5):
@@ -112,6 +117,7 @@ def setups(flags, razor_recent: Dict[float, float], quick: bool, rope_theta: flo
         press = lambda L, rho=rho: kvtrim.RazorAttention(flags, sinks=4, min_recent=16, recent_fraction=rho)
         out.append(Setup("RazorAttention", "RazorAttention", f, press, fp16, f"recent fraction {rho:.3f}"))
         out.append(Setup("RazorAttention + int4", "RazorAttention + int4", f, press, int4, f"recent fraction {rho:.3f}"))
+    out += later
     # H2O last: it scores every prefill query against every key (T² per head, minutes of CPU at 2048 tokens), so
     # under a deadline its least useful points are the ones dropped (main: --deadline)
     for f in (0.2, 0.5, 0.1, 0.3, 0.7):
