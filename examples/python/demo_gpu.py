@@ -101,11 +101,9 @@ def torch_policy(name, k, v, q_window, keep, others):
         floor = int(0.2 * keep)
         top = scores.topk(floor, dim=-1).indices
         boosted = scores.scatter(1, top, float("inf"))
-        chosen = boosted.flatten().topk(KV_HEADS * keep).indices
-        mask = torch.zeros(KV_HEADS * TOKENS, dtype=torch.bool, device=k.device)
-        mask[chosen] = True
-        mask = mask.view(KV_HEADS, TOKENS)
-        return [k[h][mask[h]] for h in range(KV_HEADS)], [v[h][mask[h]] for h in range(KV_HEADS)]
+        chosen = boosted.flatten().topk(KV_HEADS * keep).indices.sort().values  # head-major, token order
+        # the ragged result as kvpress-style flat rows (head h's tokens contiguous): one gather, no host sync
+        return k.flatten(0, 1)[chosen], v.flatten(0, 1)[chosen]
     # RazorAttention: the retrieval head whole; the others sinks + one compensation token (the mean of what is
     # dropped) + the recent window
     keys, values = [], []
