@@ -451,6 +451,9 @@ def main():
             elif key in cpu_kept:
                 cuda_checks.append(compare_backends(task.name, s, *cpu_kept.pop(key), [g["kept_sets"] for g in layers], row))
             del layers, prefixes
+            if len(results) % 16 == 0:  # a run killed mid-task keeps most of what it measured
+                write(args, config, T, fp16_bytes_per_token, razor, razor_recent, cuda_checks, corpus, started, device,
+                      results, complete=False)
             print(f"[{time.time() - started:6.1f} s] {task.name:6s} {s.device:4s} {s.name[:40]:40s} {s.fraction:4.2f} kept "
                   f"{row['kept_fraction']:.3f} {row['bytes_per_token']:7.1f} B/token  acc {metrics['accuracy']:.3f} "
                   f"bpb {metrics['bits_per_byte']:.3f} needle {metrics['success']:.2f}  |attend diff| {worst:.1e}",
