@@ -34,6 +34,12 @@ combinations_test.cu):
     orders (oracle.py's bound: D + 5 roundings in a logit, 2n + 1 in the softmax
     and P·V over n tokens). For fp16 the first term is 2^-9·max|v| ≈ 2e-3·max|v|,
     combinations_test's bound.
+  - Quantizing codecs (int8/int4 KIVI, fp8, layered int4; float32 inputs, layered float16): the device
+    encodes the same bytes as the CPU (issue 12), so the same rules hold for kept sets, lengths,
+    positions and read-back rows — except RazorAttention's compensation row, whose 1-ulp difference
+    may move the codes of its key group and its value row by one quantization step
+    (quantization_step) — and decode attention gets quantized_attention_bound (the tensor-core path
+    rounds the dequantized tiles and the query to fp16).
 """
 
 import numpy as np
