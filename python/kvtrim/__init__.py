@@ -14,12 +14,16 @@ ValueError whose message is kvtrim's: function, argument, what was expected, wha
 from . import _kvtrim
 from ._kvtrim import Calibration, Error, Probe, Settings, has_cuda, has_profiles
 from .cache import Cache, schemes
+from .eviction import Eviction
 from .presses import (
     BF16,
     FP16,
+    FP8,
     FP32,
     H2O,
     KIVI,
+    Layered,
+    LowRank,
     AdaKV,
     Codec,
     ExternalScores,
@@ -39,7 +43,7 @@ if has_profiles:
 __version__ = "0.1.0"
 
 __all__ = [
-    "Error", "Settings", "Probe", "Calibration", "Cache", "schemes", "has_cuda", "has_profiles",
+    "Error", "Settings", "Probe", "Calibration", "Cache", "schemes", "Eviction", "has_cuda", "has_profiles",
     "Press", "StreamingLLM", "SnapKV", "H2O", "ObservedAttention", "KeyNorm", "Knorm", "ExternalScores", "AdaKV", "Pyramid",
-    "RazorAttention", "Codec", "FP16", "BF16", "FP32", "KIVI",
+    "RazorAttention", "Codec", "FP16", "BF16", "FP32", "KIVI", "FP8", "LowRank", "Layered",
 ] + (["Profile"] if has_profiles else [])

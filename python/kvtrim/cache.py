@@ -80,7 +80,7 @@ class Cache:
             raise _kvtrim.Error(f"kvtrim.Cache: argument 'press': expected a press (StreamingLLM(), SnapKV(), ...), got {press!r}")
         codec = FP16() if codec is None else codec
         if not isinstance(codec, Codec):
-            raise _kvtrim.Error(f"kvtrim.Cache: argument 'codec': expected a codec (FP16(), BF16(), FP32(), KIVI()), got {codec!r}")
+            raise _kvtrim.Error(f"kvtrim.Cache: argument 'codec': expected a codec (FP16(), BF16(), FP32(), KIVI(), FP8(), LowRank(), Layered()), got {codec!r}")
         if layout not in _LAYOUTS:
             raise _kvtrim.Error(f"kvtrim.Cache: argument 'layout': expected one of {', '.join(map(repr, _LAYOUTS))}, got {layout!r}")
         try:

@@ -36,6 +36,9 @@ __all__ = [
     "BF16",
     "FP32",
     "KIVI",
+    "FP8",
+    "LowRank",
+    "Layered",
 ]
 
 
@@ -370,21 +373,111 @@ class FP32(Codec):
 
 @dataclass
 class KIVI(Codec):
-    """KIVI: keys quantized per channel in groups of ``group`` tokens, values per token (codec::int8)."""
+    """KIVI: keys quantized per channel in groups of ``group`` tokens (the group being filled stays fp16),
+    values per token; ``bits`` 8 (codec::int8) or 4 (codec::int4, two codes per byte); zero points when
+    ``asymmetric`` (KIVI's choice)."""
 
     bits: int = 8
     group: int = 32
     asymmetric: bool = True
 
     def __post_init__(self):
-        if self.bits != 8:
-            raise _kvtrim.Error(f"kvtrim.KIVI: argument 'bits': expected 8 (int4 is not in the compiled list), got {self.bits!r}")
+        if self.bits not in (4, 8):
+            raise _kvtrim.Error(f"kvtrim.KIVI: argument 'bits': expected 8 or 4, got {self.bits!r}")
 
     @property
     def name(self):
-        return "int8"
+        return f"int{self.bits}"
 
     def _fill(self, s):
-        s.codec = "int8"
+        s.codec = self.name
         s.key_group = self.group
         s.asymmetric = self.asymmetric
+
+
+@dataclass
+class FP8(Codec):
+    """fp8 e4m3 keys and values with one scale per head for each (codec::fp8).
+
+    ``scales="head_amax"`` (default) sets each head's scales from its largest magnitude at compaction
+    (later larger tokens saturate at ±448·scale); ``"fixed"`` uses ``key_scale`` / ``value_scale``.
+    """
+
+    scales: str = "head_amax"
+    key_scale: float = 1.0
+    value_scale: float = 1.0
+    name = "fp8"
+
+    def __post_init__(self):
+        if self.scales not in ("head_amax", "fixed"):
+            raise _kvtrim.Error(f"kvtrim.FP8: argument 'scales': expected 'head_amax' or 'fixed', got {self.scales!r}")
+
+    def _fill(self, s):
+        s.codec = "fp8"
+        s.fp8_scales = self.scales
+        s.fp8_key_scale = self.key_scale
+        s.fp8_value_scale = self.value_scale
+
+
+@dataclass
+class LowRank(Codec):
+    """Each token as ``rank`` fp16 coefficients in a per-head basis from the SVD of that head's keys (and
+    values) at compaction (codec::low_rank; Eigen Attention, Palu, ShadowKV). CPU only.
+
+    rank: a fixed rank, or None for the smallest rank reaching ``energy`` (Eigen Attention's 0.98), at most
+    ``max_rank`` (None: head_dim / 2; storage always holds max_rank coefficients per token).
+    pre_rope: the keys given to compress/append are pre-RoPE (Palu, ShadowKV: a lower rank); kvtrim rotates
+    each rebuilt key by its position with ``rope_theta`` / ``rotary_dim`` / ``interleaved`` inside attention.
+    update_freq: appended tokens between basis refreshes (0: never).
+    """
+
+    rank: Optional[int] = None
+    energy: float = 0.98
+    max_rank: Optional[int] = None
+    pre_rope: bool = False
+    rope_theta: float = 10000.0
+    rotary_dim: int = 0
+    interleaved: bool = False
+    update_freq: int = 16
+    name = "low_rank"
+
+    def __post_init__(self):
+        for argument in ("rank", "max_rank"):
+            value = getattr(self, argument)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise _kvtrim.Error(f"kvtrim.LowRank: argument '{argument}': expected at least 1 or None, got {value!r}")
+
+    def _fill(self, s):
+        s.codec = "low_rank"
+        s.rank = 0 if self.rank is None else self.rank
+        s.max_rank = 0 if self.max_rank is None else self.max_rank
+        s.energy = self.energy
+        s.update_freq = self.update_freq
+        s.key_space = "pre_rope" if self.pre_rope else "post_rope"
+        s.rope_theta = self.rope_theta
+        s.rotary_dim = self.rotary_dim
+        s.rope_pairs = "interleaved" if self.interleaved else "half_split"
+
+
+@dataclass
+class Layered(Codec):
+    """The first ``sinks`` and newest ``recent`` tokens of each head in fp16, the rest in ``inner``
+    (codec::layered; compiled inner codecs: KIVI(bits=8), KIVI(bits=4)). Keys and values come in as fp16."""
+
+    inner: Codec = field(default_factory=lambda: KIVI(bits=4))
+    sinks: int = 4
+    recent: int = 128
+
+    def __post_init__(self):
+        if not isinstance(self.inner, KIVI):
+            raise _kvtrim.Error(f"kvtrim.Layered: argument 'inner': expected KIVI(bits=8) or KIVI(bits=4), got {self.inner!r}")
+
+    @property
+    def name(self):
+        return f"layered<{self.inner.name}>"
+
+    def _fill(self, s):
+        self.inner._fill(s)
+        s.codec = self.name
+        s.layered_sinks = self.sinks
+        s.layered_recent = self.recent

@@ -42,7 +42,7 @@ struct settings {
   std::string layout = "contiguous";   // contiguous | flat | paged
   std::string scorer = "static_window";  // static_window | snapkv | h2o | key_norm | external | retrieval_head
   std::string budget = "uniform";      // uniform | adaptive | pyramid | by_scorer
-  std::string codec = "fp16";          // fp16 | bf16 | fp32 | int8
+  std::string codec = "fp16";          // fp16 | bf16 | fp32 | int8 | int4 | fp8 | low_rank | layered<int8> | layered<int4>
 
   // how much each head keeps: a kvpress compression ratio or a token count
   double compression_ratio = 0.0;  // kvpress: keep int(T·(1 − ratio)); used when keep_tokens == 0
@@ -75,9 +75,25 @@ struct settings {
   std::int64_t beta = 20;
   std::int64_t layer = 0;
   std::int64_t layers = 1;
-  // codec::int8 (KIVI)
+  // codec::int8 / codec::int4 (KIVI)
   std::int64_t key_group = 32;
   bool asymmetric = true;
+  // codec::fp8 (e4m3)
+  std::string fp8_scales = "head_amax";  // head_amax | fixed
+  double fp8_key_scale = 1.0;
+  double fp8_value_scale = 1.0;
+  // codec::low_rank
+  std::int64_t rank = 0;      // > 0: fixed rank; 0: the smallest rank reaching `energy`
+  double energy = 0.98;
+  std::int64_t max_rank = 0;  // 0: head_dim / 2
+  std::int64_t update_freq = 16;
+  std::string key_space = "post_rope";  // post_rope | pre_rope
+  double rope_theta = 10000.0;
+  std::int64_t rotary_dim = 0;
+  std::string rope_pairs = "half_split";  // half_split | interleaved
+  // codec::layered<C>: fp16 rows for the first `layered_sinks` and the newest `layered_recent` tokens per head
+  std::int64_t layered_sinks = 4;
+  std::int64_t layered_recent = 128;
   // layout::paged
   std::int64_t page_size = layout::paged::default_page_size;
 };
@@ -212,6 +228,11 @@ template <> struct policy_name<codec::fp16> { static constexpr std::string_view 
 template <> struct policy_name<codec::bf16> { static constexpr std::string_view value = "bf16"; };
 template <> struct policy_name<codec::fp32> { static constexpr std::string_view value = "fp32"; };
 template <> struct policy_name<codec::int8> { static constexpr std::string_view value = "int8"; };
+template <> struct policy_name<codec::int4> { static constexpr std::string_view value = "int4"; };
+template <> struct policy_name<codec::fp8> { static constexpr std::string_view value = "fp8"; };
+template <> struct policy_name<codec::low_rank> { static constexpr std::string_view value = "low_rank"; };
+template <> struct policy_name<codec::layered<codec::int8>> { static constexpr std::string_view value = "layered<int8>"; };
+template <> struct policy_name<codec::layered<codec::int4>> { static constexpr std::string_view value = "layered<int4>"; };
 template <> struct policy_name<backend::cpu> { static constexpr std::string_view value = "cpu"; };
 
 // ---- settings → policy configs ------------------------------------------------------
@@ -288,11 +309,44 @@ template <class T>
 typename codec::plain<T>::config codec(std::type_identity<codec::plain<T>>, const settings&) {
   return {};
 }
-inline codec::int8::config codec(std::type_identity<codec::int8>, const settings& s) {
-  codec::int8::config cfg;
+template <int Bits>
+typename codec::quantized<Bits>::config codec(std::type_identity<codec::quantized<Bits>>, const settings& s) {
+  typename codec::quantized<Bits>::config cfg;
   cfg.keys = codec::key_scaling::per_channel_group;
   cfg.key_group = s.key_group;
   cfg.asymmetric = s.asymmetric;
+  return cfg;
+}
+inline codec::fp8::config codec(std::type_identity<codec::fp8>, const settings& s) {
+  codec::fp8::config cfg;
+  cfg.scales = pick<codec::fp8_scaling>("fp8_scales", s.fp8_scales,
+                                        {{"head_amax", codec::fp8_scaling::head_amax}, {"fixed", codec::fp8_scaling::fixed}});
+  cfg.key_scale = static_cast<float>(s.fp8_key_scale);
+  cfg.value_scale = static_cast<float>(s.fp8_value_scale);
+  return cfg;
+}
+inline codec::low_rank::config codec(std::type_identity<codec::low_rank>, const settings& s) {
+  codec::low_rank::config cfg;
+  if (s.rank < 0) detail::fail(where, "rank", "a rank of at least 1, or 0 (chosen by energy)", std::to_string(s.rank));
+  if (s.max_rank < 0) detail::fail(where, "max_rank", "at least 1, or 0 (head_dim / 2)", std::to_string(s.max_rank));
+  if (s.rank > 0) cfg.rank = s.rank;
+  if (s.max_rank > 0) cfg.max_rank = s.max_rank;
+  cfg.energy = s.energy;
+  cfg.update_freq = s.update_freq;
+  cfg.keys = pick<codec::key_space>("key_space", s.key_space,
+                                    {{"post_rope", codec::key_space::post_rope}, {"pre_rope", codec::key_space::pre_rope}});
+  cfg.rope.theta = s.rope_theta;
+  cfg.rope.rotary_dim = s.rotary_dim;
+  cfg.rope.pairs = pick<rope::pairing>("rope_pairs", s.rope_pairs,
+                                       {{"half_split", rope::pairing::half_split}, {"interleaved", rope::pairing::interleaved}});
+  return cfg;
+}
+template <class Inner>
+typename codec::layered<Inner>::config codec(std::type_identity<codec::layered<Inner>>, const settings& s) {
+  typename codec::layered<Inner>::config cfg;
+  cfg.inner = codec(std::type_identity<Inner>{}, s);
+  cfg.sinks = s.layered_sinks;
+  cfg.recent = s.layered_recent;
   return cfg;
 }
 
@@ -372,24 +426,77 @@ struct rebaser {
   }
 };
 
-template <class CodecT>
-inline constexpr bool is_plain = false;
+/// The codec storage of a device cache, over its host copy: every pointer moved, every
+/// count copied. One overload per codec family that runs on backend::cuda (low-rank
+/// does not: scheme refuses it at compile time).
 template <class T>
-inline constexpr bool is_plain<codec::plain<T>> = true;
-
-/// The codec storage of a device cache, over its host copy.
-template <class CodecT>
-typename CodecT::template storage<host_space> storage(const typename CodecT::template storage<device_space>& d,
-                                                      const rebaser& move) {
-  static_assert(is_plain<CodecT>,
-                "kvtrim.Cache read-back: only codec::plain storage runs on backend::cuda today (issue 12 brings "
-                "quantizing codecs); name this codec's storage fields here when it does");
-  typename CodecT::template storage<host_space> h;
+typename codec::plain<T>::template storage<host_space> storage(
+    std::type_identity<codec::plain<T>>, const typename codec::plain<T>::template storage<device_space>& d,
+    const rebaser& move) {
+  typename codec::plain<T>::template storage<host_space> h;
   h.keys = move(d.keys);
   h.values = move(d.values);
   h.head_dim = d.head_dim;
   h.slots = d.slots;
   h.slot_run = d.slot_run;
+  return h;
+}
+template <int Bits>
+typename codec::quantized<Bits>::template storage<host_space> storage(
+    std::type_identity<codec::quantized<Bits>>, const typename codec::quantized<Bits>::template storage<device_space>& d,
+    const rebaser& move) {
+  typename codec::quantized<Bits>::template storage<host_space> h;
+  h.key_codes = move(d.key_codes);
+  h.value_codes = move(d.value_codes);
+  h.key_scales = move(d.key_scales);
+  h.key_zeros = move(d.key_zeros);
+  h.value_scales = move(d.value_scales);
+  h.value_zeros = move(d.value_zeros);
+  h.run_sealed = move(d.run_sealed);
+  h.residual_keys = move(d.residual_keys);
+  h.residual_slots = move(d.residual_slots);
+  h.residual_count = move(d.residual_count);
+  h.head_dim = d.head_dim;
+  h.slots = d.slots;
+  h.heads = d.heads;
+  h.key_group = d.key_group;
+  h.slot_run = d.slot_run;
+  h.asymmetric = d.asymmetric;
+  return h;
+}
+inline codec::fp8::storage<host_space> storage(std::type_identity<codec::fp8>,
+                                               const codec::fp8::storage<device_space>& d, const rebaser& move) {
+  codec::fp8::storage<host_space> h;
+  h.key_codes = move(d.key_codes);
+  h.value_codes = move(d.value_codes);
+  h.key_scales = move(d.key_scales);
+  h.value_scales = move(d.value_scales);
+  h.head_dim = d.head_dim;
+  h.slots = d.slots;
+  h.heads = d.heads;
+  h.slot_run = d.slot_run;
+  h.head_amax = d.head_amax;
+  h.initial_key_scale = d.initial_key_scale;
+  h.initial_value_scale = d.initial_value_scale;
+  return h;
+}
+template <class Inner>
+typename codec::layered<Inner>::template storage<host_space> storage(
+    std::type_identity<codec::layered<Inner>>, const typename codec::layered<Inner>::template storage<device_space>& d,
+    const rebaser& move) {
+  typename codec::layered<Inner>::template storage<host_space> h;
+  h.inner = storage(std::type_identity<Inner>{}, d.inner, move);
+  h.row_keys = move(d.row_keys);
+  h.row_values = move(d.row_values);
+  h.row_slots = move(d.row_slots);
+  h.slot_rows = move(d.slot_rows);
+  h.arrived = move(d.arrived);
+  h.head_dim = d.head_dim;
+  h.slots = d.slots;
+  h.heads = d.heads;
+  h.slot_run = d.slot_run;
+  h.sinks = d.sinks;
+  h.recent = d.recent;
   return h;
 }
 
@@ -399,7 +506,7 @@ template <class Layout, class CodecT>
 typename Layout::template view<CodecT, host_space> view(const typename Layout::template view<CodecT, device_space>& d,
                                                         const rebaser& move) {
   typename Layout::template view<CodecT, host_space> h;
-  h.storage = storage<CodecT>(d.storage, move);
+  h.storage = storage(std::type_identity<CodecT>{}, d.storage, move);
   h.shape = d.shape;
   h.batch = d.batch;
   h.positions = {move(d.positions.slot_position), move(d.positions.next_position)};
@@ -586,6 +693,13 @@ class typed_cache final : public cache_base {
       return std::pair{std::move(keys), std::move(values)};
     });
   }
+
+  /// The owned cache and its view, for the bindings that work on several layers' caches at once
+  /// (eviction.cpp: kvtrim::evict over every layer of a model) and find this type by dynamic_cast.
+  using scheme_type = Scheme;
+  typename Scheme::cache& owned() { return cache_; }
+  /// The scheme's config as compress uses it (eviction.cpp seeds the metric with the scorer's window).
+  const typename Scheme::config& scheme_config() const { return config_; }
 
   std::size_t bytes() const override { return cache_.bytes(); }
   model_shape shape() const override { return cache_.view().shape; }

@@ -20,6 +20,7 @@
 #include <optional>
 
 #include "binding.hpp"
+#include "eviction.hpp"
 
 #if __has_include(<nlohmann/json.hpp>)
 #define KVTRIM_PYTHON_PROFILES 1
@@ -122,19 +123,28 @@ class py_cache {
                            asked);
 #endif
       const kp::scheme_key on_cpu{"cpu", s.layout, s.scorer, s.budget, s.codec};
-      const bool plain = s.codec == "fp16" || s.codec == "bf16" || s.codec == "fp32";
-      if (!plain && schemes().count(on_cpu) != 0)
+      if (s.codec == "low_rank")
         kvtrim::detail::fail("kvtrim.Cache", "scheme",
-                             kvtrim::detail::cat("a CUDA scheme with a plain codec (FP16() or BF16()): codec ", s.codec,
-                                                 " is not compiled for CUDA — quantizing codecs on the GPU wait for "
-                                                 "issue 12 (this scheme runs with device=\"cpu\")"),
+                             "a CUDA scheme without codec low_rank: low-rank bases, coefficients and RoPE after "
+                             "reconstruction are not written for CUDA (kvtrim::scheme refuses it at compile time; "
+                             "this scheme runs with device=\"cpu\")",
+                             asked);
+      if (schemes().count(on_cpu) != 0)
+        kvtrim::detail::fail("kvtrim.Cache", "scheme",
+                             kvtrim::detail::cat("a compiled CUDA scheme: fp16/bf16 take every scorer and budget; int8, "
+                                                 "int4, fp8 and layered<int4> are compiled with StreamingLLM, SnapKV, "
+                                                 "Ada-SnapKV and RazorAttention on flat and paged layouts (this scheme "
+                                                 "runs with device=\"cpu\")"),
                              asked);
     }
     if (found == schemes().end())
       kvtrim::detail::fail("kvtrim.Cache", "scheme",
                            "one of the compiled schemes (kvtrim.schemes() lists them; contiguous layouts take "
-                           "uniform and pyramid budgets only; CUDA: fp16/bf16 with every scorer and budget, "
-                           "fp32 for StreamingLLM/uniform/contiguous)",
+                           "uniform and pyramid budgets and the codecs fp16/bf16/fp32/int8 only; CPU int4, fp8, "
+                           "low_rank, layered<int8|int4>: every scorer and budget on flat, StreamingLLM/SnapKV/"
+                           "Ada-SnapKV/RazorAttention on paged (not low_rank); CUDA: fp16/bf16 with every scorer "
+                           "and budget, fp32 for StreamingLLM/uniform/contiguous, int8/int4/fp8/layered<int4> with "
+                           "StreamingLLM/SnapKV/Ada-SnapKV/RazorAttention on flat and paged)",
                            asked);
     impl_ = found->second(s, kvtrim::model_shape{q_heads, kv_heads, head_dim}, batch, capacity);
   }
@@ -305,6 +315,19 @@ NB_MODULE(_kvtrim, m) {
       .def_rw("layers", &kp::settings::layers)
       .def_rw("key_group", &kp::settings::key_group)
       .def_rw("asymmetric", &kp::settings::asymmetric)
+      .def_rw("fp8_scales", &kp::settings::fp8_scales)
+      .def_rw("fp8_key_scale", &kp::settings::fp8_key_scale)
+      .def_rw("fp8_value_scale", &kp::settings::fp8_value_scale)
+      .def_rw("rank", &kp::settings::rank)
+      .def_rw("energy", &kp::settings::energy)
+      .def_rw("max_rank", &kp::settings::max_rank)
+      .def_rw("update_freq", &kp::settings::update_freq)
+      .def_rw("key_space", &kp::settings::key_space)
+      .def_rw("rope_theta", &kp::settings::rope_theta)
+      .def_rw("rotary_dim", &kp::settings::rotary_dim)
+      .def_rw("rope_pairs", &kp::settings::rope_pairs)
+      .def_rw("layered_sinks", &kp::settings::layered_sinks)
+      .def_rw("layered_recent", &kp::settings::layered_recent)
       .def_rw("page_size", &kp::settings::page_size);
 
   nb::class_<py_cache>(m, "CacheImpl", "One kvtrim cache of one compiled scheme (wrapped by kvtrim.Cache).")
@@ -352,6 +375,63 @@ NB_MODULE(_kvtrim, m) {
       .def_prop_ro("needs_queries", [](py_cache& self) { return self.impl().needs_queries(); })
       .def_prop_ro("needs_scores", [](py_cache& self) { return self.impl().needs_scores(); })
       .def_prop_ro("name", [](py_cache& self) { return self.impl().name(); });
+
+  // Decode-time eviction (issue 16; python/kvtrim/eviction.py wraps these; CPU, paged, fp16: eviction.hpp).
+  namespace ke = kp::evicting;
+  m.def("_eviction_metric_slots", [](py_cache& cache) { return ke::metric_slots(cache.impl()); }, nb::arg("cache"));
+  m.def("_eviction_seed", [](py_cache& cache, const input_array& keys, const input_array& window_queries,
+                             std::int64_t start_position, const output_array& metric, const ke::metric_settings& settings) {
+    constexpr std::string_view function = "kvtrim.Eviction.seed";
+    const auto k = to_array(function, "keys", keys, 4, "[batch, kv_heads, tokens, head_dim]");
+    const auto q = to_array(function, "window_queries", window_queries, 4, "[batch, q_heads, window, head_dim]");
+    const auto out = to_array(function, "metric", metric, 1, "[slots] of float32");
+    nb::gil_scoped_release release;
+    ke::seed(cache.impl(), k, q, start_position, out, settings);
+  }, nb::arg("cache"), nb::arg("keys"), nb::arg("window_queries"), nb::arg("start_position"), nb::arg("metric"),
+     nb::arg("settings"));
+  m.def("_eviction_attend", [](py_cache& cache, const input_array& queries, const output_array& out,
+                               const output_array& metric, const ke::metric_settings& settings) {
+    constexpr std::string_view function = "kvtrim.Eviction.attend";
+    const auto q = to_array(function, "queries", queries, 3, "[batch, q_heads, head_dim]");
+    const auto o = to_array(function, "out", out, 3, "[batch, q_heads, head_dim]");
+    const auto m = to_array(function, "metric", metric, 1, "[slots] of float32");
+    nb::gil_scoped_release release;
+    ke::attend(cache.impl(), q, o, m, settings);
+  }, nb::arg("cache"), nb::arg("queries"), nb::arg("out"), nb::arg("metric"), nb::arg("settings"));
+  m.def("_eviction_step", [](const std::vector<py_cache*>& caches, const std::vector<output_array>& metrics,
+                             const ke::step_settings& settings) {
+    std::vector<kp::cache_base*> layers;
+    std::vector<kp::array> buffers;
+    for (py_cache* cache : caches) {
+      if (cache == nullptr) kvtrim::detail::fail("kvtrim.Eviction.step", "caches", "a cache per layer", "None");
+      layers.push_back(&cache->impl());
+    }
+    for (const auto& metric : metrics)
+      buffers.push_back(to_array("kvtrim.Eviction.step", "metrics", metric, 1, "[slots] of float32"));
+    kvtrim::eviction::report report;
+    {
+      nb::gil_scoped_release release;
+      report = ke::step(layers, buffers, settings);
+    }
+    nb::dict result;
+    result["evicted_tokens"] = report.evicted_tokens;
+    result["freed_pages"] = report.freed_pages;
+    result["units_evicted"] = report.units_evicted;
+    result["units_over_target"] = report.units_over_target;
+    return result;
+  }, nb::arg("caches"), nb::arg("metrics"), nb::arg("settings"));
+  nb::class_<ke::metric_settings>(m, "EvictionMetricSettings")
+      .def(nb::init<>())
+      .def_rw("kind", &ke::metric_settings::kind)
+      .def_rw("protected_window", &ke::metric_settings::protected_window);
+  nb::class_<ke::step_settings>(m, "EvictionStepSettings")
+      .def(nb::init<>())
+      .def_rw("scope", &ke::step_settings::scope)
+      .def_rw("keep", &ke::step_settings::keep)
+      .def_rw("interval", &ke::step_settings::interval)
+      .def_rw("sinks", &ke::step_settings::sinks)
+      .def_rw("protected_window", &ke::step_settings::protected_window)
+      .def_rw("alpha", &ke::step_settings::alpha);
 
   // The direct path for tests: two statically named schemes (also in the registry).
   namespace kt = kvtrim;

@@ -15,7 +15,8 @@
 // plus score::external (ExternalScores: the caller's scores) with uniform on every
 // layout and adaptive on flat and paged, every codec (5 × 4 = 20), and
 // RazorAttention: score::retrieval_head + budget::by_scorer on flat and paged, every codec (8).
-// 4 scorers × (2 + 3 + 3) layout-budget pairs × 4 codecs + 20 + 8 = 156 schemes.
+// 4 scorers × (2 + 3 + 3) layout-budget pairs × 4 codecs + 20 + 8 = 156 schemes,
+// plus registry_cpu_codecs.cpp's 77 with int4, fp8, low-rank and layered codecs: 233.
 // Adding a policy is one word in registry_cpu.hpp; `kvtrim.schemes()` lists what was compiled.
 // One translation unit per layout (registry_cpu_<layout>.cpp) so they compile in parallel.
 #include "registry_cpu.hpp"
@@ -28,6 +29,7 @@ void register_cpu_schemes(registry& into) {
   cpu_list::add_paged(into);
   cpu_list::add_razor<layout::flat>(into, cpu_list::codecs{});  // RazorAttention (8 schemes, compiled here)
   cpu_list::add_razor<layout::paged>(into, cpu_list::codecs{});
+  cpu_list::add_more_codecs(into);
 }
 
 }  // namespace kvtrim::python

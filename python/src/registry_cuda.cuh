@@ -5,11 +5,16 @@
 // user would combine it:
 //   scorers  static_window, snapkv, h2o, key_norm   (StreamingLLM, SnapKV, H2O/ObservedAttention, KeyNorm)
 //   budgets  contiguous: uniform, pyramid;  flat and paged: uniform, adaptive, pyramid
-//   codecs   fp16, bf16 (codec::plain; quantizing codecs on CUDA wait for issue 12)
+//   codecs   fp16, bf16 (codec::plain)
 // plus score::external (ExternalScores: the caller's scores) with uniform (and
 // adaptive on flat/paged), RazorAttention (retrieval_head + by_scorer) on flat
 // and paged, and StreamingLLM/uniform/contiguous in fp32.
 // contiguous 4·2·2 + 2 + 1 = 19; flat and paged 4·3·2 + 2·2 + 2 = 30 each: 79 schemes.
+// The quantizing codecs issue 12 runs on the device (int8 and int4 KIVI, fp8,
+// layered<int4>) with the presses the fidelity study and most users combine them
+// with — StreamingLLM, SnapKV, Ada-SnapKV, RazorAttention — on flat and paged:
+// 4 · 4 · 2 = 32 more (registry_cuda_codecs.cu), 111 in all. Low-rank is CPU only
+// (kvtrim::scheme refuses it on CUDA at compile time).
 // Inputs are the codec's element type (torch.float16 for FP16(), ...), read in
 // place from the caller's tensors on the caller's stream.
 // The list is compiled by nvcc in one translation unit per layout
@@ -31,9 +36,9 @@ namespace cuda_list {
 template <class... T>
 struct list {};
 
-/// Plain codecs only: a quantizing codec (KIVI, ...) on backend::cuda is refused
-/// at compile time until issue 12 (module.cpp says so when one is asked for).
+/// Plain codecs for every scorer and budget; the quantizing ones (quantizing_codecs) for a few.
 using codecs = list<codec::fp16, codec::bf16>;
+using quantizing_codecs = list<codec::int8, codec::int4, codec::fp8, codec::layered<codec::int4>>;
 /// The scorers a kvpress user picks with any budget (StreamingLLM, SnapKV, H2O / ObservedAttention, KnormPress).
 using scorers = list<score::static_window, score::snapkv, score::h2o, score::key_norm>;
 
@@ -63,14 +68,15 @@ void add_external(registry& into) {
 }
 
 /// RazorAttention: score::retrieval_head + budget::by_scorer (ragged layouts).
-template <class Layout>
+template <class Layout, class Codecs = codecs>
 void add_razor(registry& into) {
-  add_codecs<Layout, score::retrieval_head, budget::by_scorer>(into, codecs{});
+  add_codecs<Layout, score::retrieval_head, budget::by_scorer>(into, Codecs{});
 }
 
 void add_contiguous(registry& into);  // registry_cuda_contiguous.cu
 void add_flat(registry& into);        // registry_cuda_flat.cu
 void add_paged(registry& into);       // registry_cuda_paged.cu
+void add_quantizing(registry& into);  // registry_cuda_codecs.cu
 
 }  // namespace cuda_list
 }  // namespace kvtrim::python

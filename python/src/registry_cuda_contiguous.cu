@@ -19,6 +19,7 @@ void register_cuda_schemes(registry& into) {
   cuda_list::add_contiguous(into);
   cuda_list::add_flat(into);
   cuda_list::add_paged(into);
+  cuda_list::add_quantizing(into);
 }
 
 void copy_to_host(void* host, const void* device, std::size_t bytes, std::uintptr_t stream) {

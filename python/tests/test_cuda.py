@@ -34,6 +34,12 @@ combinations_test.cu):
     orders (oracle.py's bound: D + 5 roundings in a logit, 2n + 1 in the softmax
     and P·V over n tokens). For fp16 the first term is 2^-9·max|v| ≈ 2e-3·max|v|,
     combinations_test's bound.
+  - Quantizing codecs (int8/int4 KIVI, fp8, layered int4; float32 inputs, layered float16): the device
+    encodes the same bytes as the CPU (issue 12), so the same rules hold for kept sets, lengths,
+    positions and read-back rows — except RazorAttention's compensation row, whose 1-ulp difference
+    may move the codes of its key group and its value row by one quantization step
+    (quantization_step) — and decode attention gets quantized_attention_bound (the tensor-core path
+    rounds the dequantized tiles and the query to fp16).
 """
 
 import numpy as np
@@ -49,10 +55,16 @@ pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and kvtrim.has_cu
 BATCH, Q_HEADS, KV_HEADS, TOKENS, DIM, WINDOW = 2, 8, 2, 203, 64, 16
 APPENDS = 2
 PAGE_SIZE = 16
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Inputs are each codec's element type on the device (detail::stored_element): float32 for the
+# quantizing codecs (they scale any finite value), float16 for layered<C> (its fp16 rows).
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.float32,
+          "int4": torch.float32, "fp8": torch.float32, "layered<int4>": torch.float16}
 UNIT = {"fp16": 2.0 ** -11, "bf16": 2.0 ** -8, "fp32": 0.0}
 U32 = 2.0 ** -24
-CODECS = {"fp16": kvtrim.FP16, "bf16": kvtrim.BF16, "fp32": kvtrim.FP32}
+CODECS = {"fp16": kvtrim.FP16, "bf16": kvtrim.BF16, "fp32": kvtrim.FP32, "int8": lambda: kvtrim.KIVI(bits=8),
+          "int4": lambda: kvtrim.KIVI(bits=4), "fp8": kvtrim.FP8, "layered<int4>": lambda: kvtrim.Layered(kvtrim.KIVI(bits=4))}
+QUANTIZING = ("int8", "int4", "fp8", "layered<int4>")
+KEY_GROUP = 32  # KIVI's default group: the paged caches of KIVI codecs use pages of whole groups
 LAYER, LAYERS = 3, 8  # where the cache sits in the model (Pyramid's schedule, RazorAttention's flags)
 RETRIEVAL = [[False, True]] * LAYERS  # kv head 1 keeps everything; head 0 is compressed with a compensation token
 
@@ -94,19 +106,26 @@ def make_inputs(seed, dtype):
     return keys, values, queries, new, decode, scores
 
 
-def capacity(layout, press):
+def page_size(codec):
+    return KEY_GROUP if codec in QUANTIZING else PAGE_SIZE
+
+
+def capacity(layout, press, codec="fp16"):
     if layout == "contiguous":
         return TOKENS + APPENDS
     heads = BATCH * KV_HEADS
     slots = heads * (TOKENS + APPENDS)
+    if codec in QUANTIZING:  # KIVI stores each head's tokens in whole key groups: up to a group more per head
+        return slots + heads * KEY_GROUP
     return slots + (heads * PAGE_SIZE if layout == "paged" else 0)
 
 
 def run(device, layout, scorer, budget, codec, inputs, library="torch"):
     keys, values, queries, new, decode, scores = inputs
     press = make_press(scorer, budget)
-    cache = kvtrim.Cache(press, CODECS[codec](), layout, (Q_HEADS, KV_HEADS, DIM), BATCH, capacity(layout, press),
-                         device=device, layer=LAYER, layers=LAYERS, page_size=PAGE_SIZE)
+    cache = kvtrim.Cache(press, CODECS[codec](), layout, (Q_HEADS, KV_HEADS, DIM), BATCH,
+                         capacity(layout, press, codec), device=device, layer=LAYER, layers=LAYERS,
+                         page_size=page_size(codec))
     if device == "cuda":
         move = (lambda x: x.cuda()) if library == "torch" else (lambda x: cupy_of(x.cuda()))
     else:
@@ -186,12 +205,30 @@ def compare_kept(scorer, budget, cpu, gpu, keys):
     return cpu_set == gpu_set
 
 
+def quantization_step(codec, rows, axis):
+    """One code step of `codec` over `rows` [n, D] (the largest a 1-ulp change of an input can move a
+    dequantized element, plus the element's own half step on each side): KIVI keys share scales per
+    channel over a group (axis 0), values per token (axis 1) — a range over the whole head bounds
+    the group's; b bits span (2^b − 1) steps. fp8 (e4m3, 3 mantissa bits): one step ≤ 2^-3·|x| above
+    the subnormals, whose step is 2^-9·scale, scale = amax/448 (head_amax)."""
+    if codec == "fp8":
+        return 2.0 ** -3 * np.abs(rows) + 2.0 ** -9 * np.abs(rows).max() / 448.0
+    bits = 4 if "int4" in codec else 8
+    spread = rows.max(axis=axis, keepdims=True) - rows.min(axis=axis, keepdims=True)
+    return np.broadcast_to(spread / (2 ** bits - 1), rows.shape) * (1 + 2.0 ** -20)
+
+
 def compare_caches(layout, scorer, cpu, gpu, codec):
-    """Bit for bit where the kept sets agree (RazorAttention's compensation row within one storage ulp)."""
+    """Bit for bit where the kept sets agree (RazorAttention's compensation row within one storage ulp;
+    with a quantizing codec, that row's 1-ulp difference can move the codes of its key group and its
+    own value row by one step: those rows within one quantization step)."""
     assert np.array_equal(gpu["lengths"], cpu["lengths"])
     assert gpu["positions"] == cpu["positions"]
     for head, ((ck, cv), (gk, gv)) in enumerate(zip(cpu["rows"], gpu["rows"])):
-        if scorer == "retrieval_head" and not RETRIEVAL[LAYER][head % KV_HEADS]:
+        if scorer == "retrieval_head" and not RETRIEVAL[LAYER][head % KV_HEADS] and codec in QUANTIZING:
+            assert np.all(np.abs(gk - ck) <= quantization_step(codec, ck, 0)), f"head {head} keys"
+            assert np.all(np.abs(gv - cv) <= quantization_step(codec, cv, 1)), f"head {head} values"
+        elif scorer == "retrieval_head" and not RETRIEVAL[LAYER][head % KV_HEADS]:
             compensation = 4  # the row after the sinks holds the dropped tokens' mean
             ulp = 2 * (UNIT[codec] or U32)
             for c, g in ((ck, gk), (cv, gv)):
@@ -221,13 +258,40 @@ def test_cuda_scheme_equals_the_cpu_scheme(layout, scorer, budget, codec):
     compare_caches(layout, scorer, cpu_final, gpu_final, codec)  # after the appends: each head's next rows and positions
     max_value = float(inputs[1].float().abs().max())
     held = int(gpu_final["lengths"].max())
+    if codec in QUANTIZING:  # a bound per (sequence, query head): [B, H_q, 1]
+        bound = quantized_attention_bound(codec, inputs[4], cpu_final["rows"], held)
+        error = np.abs(gpu_out - cpu_out.reshape(gpu_out.shape))
+        assert np.all(error <= bound), f"worst |gpu − cpu| {error.max():.3e}, bound there {np.broadcast_to(bound, error.shape).flat[error.argmax()]:.3e}"
+        return
     bound = 2 * (UNIT[codec] + UNIT[codec]) * max_value + (2 * held + DIM + 5) * U32 * max_value
     np.testing.assert_allclose(gpu_out, cpu_out, rtol=0, atol=bound)
 
 
+def quantized_attention_bound(codec, decode, rows, held):
+    """|gpu − cpu| for a quantizing codec, per (b, j). Both attend over the same stored codes; the CPU
+    dequantizes to fp32 and computes in fp32; the GPU (GQA group 4: the tensor-core path) dequantizes
+    each tile into fp16 and rounds the query to fp16 too (u = 2^-11 each), so a logit moves by at most
+    2u·L, L = max_i Σ_d |q_d k_id| / √D, and the weights by a factor within e^{±2·2uL}; the values
+    rounded to fp16 (u·max|v|), the weights to fp16 before P·V (u·max|v|), the output to the input
+    type (float32: none; layered: fp16, u·max|v|), plus fp32 summation in two orders as above."""
+    u = 2.0 ** -11
+    out_unit = u if DTYPES[codec] == torch.float16 else 0.0
+    q = decode.float().numpy().astype(np.float64)
+    group = Q_HEADS // KV_HEADS
+    bound = np.empty((BATCH, Q_HEADS, 1))
+    for b in range(BATCH):
+        for j in range(Q_HEADS):
+            k, v = (np.asarray(x, np.float64) for x in rows[b * KV_HEADS + j // group])
+            largest_logit = (np.abs(k * q[b, j]).sum(axis=1) / np.sqrt(DIM)).max()
+            largest_value = np.abs(v).max()
+            bound[b, j, 0] = (np.expm1(4 * u * largest_logit) + 2 * u + out_unit
+                              + (2 * held + DIM + 5) * U32) * largest_value
+    return bound
+
+
 def test_the_cuda_list():
     listed = set(cuda_schemes())
-    assert len(listed) == 79  # python/src/registry_cuda.cuh: 19 contiguous + 30 flat + 30 paged
+    assert len(listed) == 111  # python/src/registry_cuda.cuh: 19 contiguous + 30 flat + 30 paged + 32 quantizing
     for layout in ("contiguous", "flat", "paged"):
         budgets = ("uniform", "pyramid") if layout == "contiguous" else ("uniform", "adaptive", "pyramid")
         for scorer in ("static_window", "snapkv", "h2o", "key_norm"):
@@ -239,7 +303,12 @@ def test_the_cuda_list():
         assert {(layout, "external", b, c) for b in ("uniform", "adaptive") for c in ("fp16", "bf16")} <= listed
     assert ("contiguous", "external", "uniform", "fp16") in listed
     assert ("contiguous", "static_window", "uniform", "fp32") in listed
-    assert not any(codec == "int8" for (_, _, _, codec) in listed)
+    presses = (("static_window", "uniform"), ("snapkv", "uniform"), ("snapkv", "adaptive"), ("retrieval_head", "by_scorer"))
+    quantizing = {(layout, scorer, budget, codec) for layout in ("flat", "paged") for scorer, budget in presses
+                  for codec in QUANTIZING}
+    assert quantizing <= listed
+    assert {s for s in listed if s[3] in QUANTIZING} == quantizing
+    assert not any(codec == "low_rank" for (_, _, _, codec) in listed)
 
 
 def test_cupy_arrays_into_a_ragged_cuda_cache():
@@ -276,10 +345,14 @@ def test_read_back_waits_for_the_callers_stream():
         assert kept_by_head(gpu) == kept_by_head(cpu)
 
 
-def test_non_plain_codec_on_cuda_is_refused_clearly():
-    with pytest.raises(kvtrim.Error, match=r"codec int8 is not compiled for CUDA — quantizing codecs on the GPU wait for "
-                                           r"issue 12.*got device=cuda layout=flat scorer=snapkv budget=adaptive codec=int8"):
-        kvtrim.Cache(kvtrim.AdaKV(kvtrim.SnapKV(compression_ratio=0.5)), kvtrim.KIVI(), "flat", (4, 2, 64), 1, 256,
+def test_uncompiled_codec_schemes_on_cuda_are_refused_clearly():
+    with pytest.raises(kvtrim.Error, match=r"int8, int4, fp8 and layered<int4> are compiled with StreamingLLM, SnapKV, "
+                                           r"Ada-SnapKV and RazorAttention.*got device=cuda layout=flat scorer=h2o "
+                                           r"budget=adaptive codec=int8"):
+        kvtrim.Cache(kvtrim.AdaKV(kvtrim.H2O(compression_ratio=0.5)), kvtrim.KIVI(), "flat", (4, 2, 64), 1, 256,
+                     device="cuda")
+    with pytest.raises(kvtrim.Error, match=r"without codec low_rank.*got device=cuda layout=flat scorer=snapkv"):
+        kvtrim.Cache(kvtrim.SnapKV(compression_ratio=0.5), kvtrim.LowRank(rank=8), "flat", (4, 2, 64), 1, 256,
                      device="cuda")
 
 

@@ -73,11 +73,11 @@ def test_snapkv_needs_window_queries(rng):
 def test_scheme_not_in_the_list():
     with pytest.raises(kvtrim.Error, match=r"kvtrim.Cache: argument 'scheme': expected one of the compiled schemes.*got device=cpu layout=contiguous scorer=snapkv budget=adaptive codec=fp16"):
         small_cache(press=kvtrim.AdaKV(kvtrim.SnapKV(compression_ratio=0.5)))
-    # On CUDA: KIVI waits for issue 12 (a build with CUDA), or there is no CUDA list at all.
-    expected = (r"codec int8 is not compiled for CUDA — quantizing codecs on the GPU wait for issue 12"
+    # On CUDA: KIVI with H2O is not in the CUDA list (a build with CUDA), or there is no CUDA list at all.
+    expected = (r"int8, int4, fp8 and layered<int4> are compiled with StreamingLLM, SnapKV"
                 if kvtrim.has_cuda else r"expected a CPU scheme: this kvtrim was built without CUDA")
-    with pytest.raises(kvtrim.Error, match=expected + r".*got device=cuda layout=flat scorer=static_window budget=uniform codec=int8"):
-        kvtrim.Cache(kvtrim.StreamingLLM(), kvtrim.KIVI(), "flat", (4, 2, 16), 1, 64, device="cuda:0")
+    with pytest.raises(kvtrim.Error, match=expected + r".*got device=cuda layout=flat scorer=h2o budget=uniform codec=int8"):
+        kvtrim.Cache(kvtrim.H2O(), kvtrim.KIVI(), "flat", (4, 2, 16), 1, 64, device="cuda:0")
 
 
 def test_python_side_arguments():
@@ -85,8 +85,14 @@ def test_python_side_arguments():
         kvtrim.SnapKV(compression_ratio=1.0)
     with pytest.raises(kvtrim.Error, match=r"argument 'tokens': expected a token budget of at least 1, got 0"):
         kvtrim.KeyNorm(tokens=0)
-    with pytest.raises(kvtrim.Error, match=r"argument 'bits': expected 8"):
-        kvtrim.KIVI(bits=4)
+    with pytest.raises(kvtrim.Error, match=r"argument 'bits': expected 8 or 4, got 2"):
+        kvtrim.KIVI(bits=2)
+    with pytest.raises(kvtrim.Error, match=r"argument 'scales': expected 'head_amax' or 'fixed', got 'tensor'"):
+        kvtrim.FP8(scales="tensor")
+    with pytest.raises(kvtrim.Error, match=r"argument 'rank': expected at least 1 or None, got 0"):
+        kvtrim.LowRank(rank=0)
+    with pytest.raises(kvtrim.Error, match=r"argument 'inner': expected KIVI\(bits=8\) or KIVI\(bits=4\)"):
+        kvtrim.Layered(kvtrim.FP16())
     with pytest.raises(kvtrim.Error, match=r"argument 'layout': expected one of 'contiguous', 'flat', 'paged', got 'ragged'"):
         small_cache(layout="ragged")
     with pytest.raises(kvtrim.Error, match=r"argument 'shape': expected \(q_heads, kv_heads, head_dim\)"):

@@ -15,13 +15,38 @@ import re
 from collections import OrderedDict
 
 ORDER = ["StreamingLLM", "H2O", "SnapKV", "Ada-SnapKV", "Pyramid-SnapKV", "key norm", "RazorAttention",
-         "Ada-SnapKV + int8", "RazorAttention + int8"]
+         "Ada-SnapKV + int8", "RazorAttention + int8", "RazorAttention + int4"]
+
+
+def table_rows(data):
+    """The rows of the main table: the CPU backend's (GPU twins are compared in their own section), prefill
+    compression (the decode-loop rows have theirs)."""
+    return [r for r in data["results"] if r.get("backend", "cpu") == "cpu" and not r.get("family", "").startswith("decode")]
+
+
+def merge_earlier(data, earlier):
+    """Fills the needle and query-aware columns from an earlier complete run where this run has no row (this
+    run's device call ended early): per (task, setup, fraction), the earlier run's CPU row wins for those two
+    tasks so that each task's rows, its full-cache row included, come from one run wherever the earlier run has
+    them; the lm task stays this run's alone. Merged rows carry "earlier": True (the table marks them †)."""
+    keep_new = [r for r in data["results"] if r["task"] == "lm" or r.get("backend", "cpu") != "cpu"]
+    mine = {(r["task"], r["setup"], r["fraction"]): r for r in data["results"]
+            if r["task"] != "lm" and r.get("backend", "cpu") == "cpu" and "skipped" not in r and "error" not in r}
+    theirs = {(r["task"], r["setup"], r["fraction"]): dict(r, earlier=True) for r in earlier["results"]
+              if r["task"] != "lm" and r.get("backend", "cpu") == "cpu" and "skipped" not in r and "error" not in r}
+    merged = [theirs.get(key, row) for key, row in mine.items()] + [row for key, row in theirs.items() if key not in mine]
+    data["new_results"] = data["results"]
+    data["results"] = keep_new + merged
+    data["earlier"] = {"samples": earlier["samples"], "seconds": earlier["seconds"],
+                       "held_out_bits_per_byte": earlier.get("training", {}).get("final_held_out_bits_per_byte"),
+                       "rows": len(theirs)}
+    return data
 
 
 def rows_by_setup(data):
     """(setup, fraction) → {task: row}, in the order of the tables."""
     table = OrderedDict()
-    for row in data["results"]:
+    for row in table_rows(data):
         if "error" in row or "skipped" in row:
             continue
         table.setdefault((row["setup"], row["fraction"]), {})[row["task"]] = row
@@ -44,13 +69,23 @@ def markdown(data):
         lm, needle, aware = tasks.get("lm"), tasks.get("needle"), tasks.get("aware")
         first = lm or needle or aware
         diff = max((t.get("attend_max_abs_difference", 0.0) for t in tasks.values()), default=0.0)
+        mark = lambda row: "†" if row.get("earlier") else ""  # noqa: E731
         cells = [setup, f"{fraction:.0%}", f"{first['kept_fraction']:.1%}", f"{first['bytes_per_token']:.0f}",
                  f"{first['bytes_per_token'] / fp16:.1%}",
                  f"{lm['accuracy']:.3f}" if lm else "", f"{lm['bits_per_byte']:.3f}" if lm else "",
-                 f"{needle['success']:.0%} ({needle['accuracy']:.2f})" if needle else "",
-                 f"{aware['success']:.0%} ({aware['accuracy']:.2f})" if aware else "",
+                 f"{needle['success']:.0%} ({needle['accuracy']:.2f}){mark(needle)}" if needle else "",
+                 f"{aware['success']:.0%} ({aware['accuracy']:.2f}){mark(aware)}" if aware else "",
                  "—" if setup.startswith("full") else f"{diff:.1e}"]
         lines.append("| " + " | ".join(cells) + " |")
+    if "earlier" in data:
+        e = data["earlier"]
+        own = next((r for r in data.get("new_results", []) if r["task"] == "needle" and r.get("family") == "full"), None)
+        lines.append(f"\n† from the earlier run of the same script (a model trained the same way, held-out "
+                     f"{e['held_out_bits_per_byte']:.3f} bits per byte; {e['samples']} examples per task, CPU backend "
+                     f"only): this run measured its needle task only in part and did not finish its query-aware task. Unmarked needle "
+                     f"cells are this run's" + (f" ({data['samples']} examples; its full cache recalls the needle in "
+                     f"{own['success']:.0%}, bits per byte {own['bits_per_byte']:.3f} — compare them with each other, "
+                     f"not with † cells)" if own else "") + ".")
     return "\n".join(lines)
 
 
@@ -92,27 +127,83 @@ def model_section(data):
 
 def missing_section(data):
     lines = [f"- {m}" for m in data.get("missing", [])]
-    skipped = [r for r in data["results"] if "skipped" in r]
+    filled = {(r["task"], r["setup"], r["fraction"]) for r in data["results"] if r.get("earlier")}
+    skipped, seen = [], set()
+    for r in data.get("new_results", data["results"]):
+        key = (r["task"], r.get("setup"), r["fraction"])
+        if "skipped" in r and key not in filled and key not in seen:
+            seen.add(key)
+            skipped.append(r)
     if skipped:
-        lines.append("- Not run in this study's time budget (" + skipped[0]["skipped"] + "): " +
+        lines.append("- Not run in this study's time budget (" + skipped[0]["skipped"] + "; CPU and its GPU twin): " +
                      ", ".join(f"{r['setup']} {r['fraction']:.0%} ({r['task']})" for r in skipped))
+    if "earlier" in data:
+        lines.append(f"- The needle and query-aware tasks of this run: the needle task ran out of its share of the "
+                     f"deadline after its codec rows (the decode-loop eviction rows of the lm task took 98 s), and the "
+                     f"call's time ended during the query-aware task (results are written per task); "
+                     f"{data['earlier']['rows']} "
+                     f"needle and query-aware cells come from the earlier run (†), whose package had no int4, fp8, "
+                     f"low-rank or layered codecs, so those codecs have needle cells only where this run reached them "
+                     f"and no query-aware cells.")
     failed = [r for r in data["results"] if "error" in r]
     for r in failed:
         lines.append(f"- {r['setup']} {r['fraction']:.0%} ({r['task']}) failed: {r['error']}")
-    checks = [c for c in data.get("cuda_checks", []) if "setup" in c]
-    if checks:
-        ok = [c for c in checks if c.get("kept_sets_identical")]
-        worst = max((c.get("attend_max_abs_difference", 0.0) for c in ok), default=0.0)
-        names = sorted({c["setup"] for c in checks})
-        lines.append(f"- CPU against CUDA: {len(checks)} configurations whose scheme is compiled for CUDA "
-                     f"({', '.join(names)}) were compressed on both from the same fp16 inputs: kept sets identical "
-                     f"in {len(ok)} of {len(checks)}, decode attention within {worst:.1e}. The table itself is the "
-                     f"CPU backend's (the GPU path lacks read-back for the continuation).")
-        for c in checks:
-            if "error" in c:
-                lines.append(f"  - {c['setup']} {c['fraction']:.0%}: {c['error']}")
-    elif data.get("cuda_checks"):
-        lines.append(f"- CPU against CUDA: {data['cuda_checks'][0].get('skipped', 'not run')}")
+    if any("setup" in c and "task" not in c for c in data.get("cuda_checks", [])):  # results of the first study
+        lines.append("- CPU against CUDA: only the schemes CUDA then had were compared (results before the GPU twins).")
+    return "\n".join(lines)
+
+
+def cuda_section(data):
+    """CPU against CUDA: every setup whose scheme CUDA compiles ran on both backends from the same inputs."""
+    checks = [c for c in data.get("cuda_checks", []) if "setup" in c and "task" in c]
+    if not checks:
+        skipped = data.get("cuda_checks") or [{}]
+        return f"Not run here: {skipped[0].get('skipped', 'no GPU twin rows in these results')}."
+    grouped = OrderedDict()
+    for c in checks:
+        grouped.setdefault((c["setup"], c["fraction"]), []).append(c)
+    m = data["model"]
+    per_run = data["samples"] * m["kv_heads"] * data["prefix_bytes"] * m["layers"]  # prompt tokens over all kv heads
+    lines = ["| configuration | asked | tasks | kept sets identical | kept tokens differing (worst task) | "
+             "max abs difference: accuracy | bits / byte | needle | bytes / token |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    identical_all, worst = 0, {"accuracy": 0.0, "bits_per_byte": 0.0, "success": 0.0}
+    for (setup, fraction), group in grouped.items():
+        same = sum(c["kept_sets_identical"] for c in group)
+        identical_all += same == len(group)
+        deltas = {m: max(abs(c[f"{m}_cpu"] - c[f"{m}_cuda"]) for c in group)
+                  for m in ("accuracy", "bits_per_byte", "success", "bytes_per_token")}
+        for m in worst:
+            worst[m] = max(worst[m], deltas[m])
+        lines.append(f"| {setup} | {fraction:.0%} | {len(group)} | {same} of {len(group)} | "
+                     f"{max(round((1 - c['kept_tokens_agreeing']) * c['kept_fraction_cpu'] * per_run) for c in group)} of "
+                     f"{round(group[0]['kept_fraction_cpu'] * per_run)} | {deltas['accuracy']:.4f} | "
+                     f"{deltas['bits_per_byte']:.4f} | {deltas['success']:.3f} | {deltas['bytes_per_token']:.1f} |")
+    n = data["samples"]
+    summary = (f"{len(grouped)} configurations ({len(checks)} task runs) ran on both backends from the same "
+               f"fp16/fp32 inputs; kept sets identical in every task for {identical_all} of {len(grouped)} "
+               f"configurations; the table's metrics differ by at most {worst['accuracy']:.4f} in accuracy, "
+               f"{worst['bits_per_byte']:.4f} bits per byte and {worst['success']:.3f} in needle success "
+               f"(one example of {n} is {1 / n:.3f}; one byte of an lm continuation "
+               f"{1 / (n * data['continuation_bytes']):.5f}).")
+    return summary + "\n\n" + "\n".join(lines)
+
+
+def eviction_section(data):
+    rows = [r for r in data["results"] if r.get("family", "").startswith("decode") and "skipped" not in r]
+    if not rows:
+        return "Not run in these results."
+    reference = {(r["task"], r["fraction"]): r for r in table_rows(data) if r.get("setup") == "SnapKV"
+                 and "skipped" not in r and "error" not in r}
+    lines = ["| task | configuration | asked | tokens per kv head: cap | mean held | at the end | accuracy | "
+             "bits / byte | needle | SnapKV (prefill, teacher-forced) bits / byte, needle |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["task"], r["fraction"], r["family"])):
+        ref = reference.get((r["task"], r["fraction"]))
+        cap = r["keep_per_head"] if r["family"] == "decode eviction" else f"— (grows to {r['held_per_head_end']:.0f})"
+        lines.append(f"| {r['task']} | {r['setup']} | {r['fraction']:.0%} | {cap} | {r['held_per_head_mean']:.0f} | "
+                     f"{r['held_per_head_end']:.0f} | {r['accuracy']:.3f} | {r['bits_per_byte']:.3f} | "
+                     f"{r['success']:.0%} | " + (f"{ref['bits_per_byte']:.3f}, {ref['success']:.0%}" if ref else "") + " |")
     return "\n".join(lines)
 
 
@@ -133,17 +224,22 @@ def plots(data, directory):
               ("needle", "accuracy", "needle: value bytes recalled (question after compression)"),
               ("aware", "accuracy", "needle: value bytes recalled (question in the prompt)")]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), dpi=72)
-    full = {r["task"]: r for r in data["results"] if r["family"] == "full"}
+    results = table_rows(data)
+    full = {r["task"]: r for r in results if r.get("family") == "full"}
     for ax, (task, metric, title) in zip(axes.flat, panels):
         for family in ORDER:
-            points = sorted((r["bytes_per_token"] / fp16, r[metric]) for r in data["results"]
-                            if r["task"] == task and r["family"] == family and "error" not in r and "skipped" not in r)
+            points = sorted((r["bytes_per_token"] / fp16, r[metric]) for r in results
+                            if r["task"] == task and r.get("family") == family and "error" not in r and "skipped" not in r)
             if points:
-                style = "--" if "int8" in family else "-"
+                style = "--" if "int" in family else "-"
                 ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", markersize=3, label=family)
-        codecs = [r for r in data["results"] if r["task"] == task and r["family"] == "codec" and "skipped" not in r]
-        for r in codecs:
-            ax.plot(r["bytes_per_token"] / fp16, r[metric], "k^", markersize=5)
+        for family, marker, label in (("codec", "k^", "codecs, every token"),
+                                      ("low-rank post-RoPE", "bv", "low-rank post-RoPE r8/16/32"),
+                                      ("low-rank pre-RoPE", "gs", "low-rank pre-RoPE r8/16/32")):
+            points = [r for r in results if r["task"] == task and r.get("family") == family
+                      and "skipped" not in r and "error" not in r]
+            for i, r in enumerate(points):
+                ax.plot(r["bytes_per_token"] / fp16, r[metric], marker, markersize=5, label=label if i == 0 else None)
         if task in full:
             ax.axhline(full[task][metric], color="gray", linewidth=0.8, linestyle=":")
         ax.set_title(title, fontsize=10)
@@ -152,8 +248,11 @@ def plots(data, directory):
         ax.set_xlabel("memory held, fraction of the fp16 cache")
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=7, loc="upper right")
+    axes.flat[3].legend(fontsize=7, loc="center right")
     fig.suptitle(f"kvtrim on a {data['model']['layers']}-layer byte-level model, {data['prefix_bytes']}-byte prompts, "
-                 f"{data['samples']} examples per task (dotted: full cache; triangles: codecs, every token)", fontsize=10)
+                 f"{data['samples']} examples per task (dotted: full cache; triangles: codecs, every token)" +
+                 (f"\nneedle panels: mostly the earlier run of the same script ({data['earlier']['samples']} examples; "
+                  f"docs/fidelity.md's † cells)" if "earlier" in data else ""), fontsize=10)
     fig.tight_layout()
     path = os.path.join(directory, "fidelity-quality-vs-memory.png")
     fig.savefig(path)
@@ -180,7 +279,7 @@ def plots(data, directory):
 
 def findings_section(data):
     """What holds and what does not, computed from the results (so the words follow the numbers of any rerun)."""
-    rows = {(r["task"], r["setup"], r["fraction"]): r for r in data["results"] if "error" not in r and "skipped" not in r}
+    rows = {(r["task"], r["setup"], r["fraction"]): r for r in table_rows(data) if "error" not in r and "skipped" not in r}
     n = data["samples"]
 
     def get(task, setup, fraction=1.0):
@@ -196,7 +295,9 @@ def findings_section(data):
         text = (f"**The full model** (no compression): next-byte accuracy {lm['accuracy']:.3f}, "
                 f"{lm['bits_per_byte']:.3f} bits per byte on the continuations")
         if needle:
-            text += f"; needle recalled in {needle['success']:.0%} of {n} examples ({needle['accuracy']:.0%} of value bytes)"
+            examples = data["earlier"]["samples"] if needle.get("earlier") else n
+            text += (f"; needle recalled in {needle['success']:.0%} of {examples} examples ({needle['accuracy']:.0%} "
+                     f"of value bytes{', earlier run' if needle.get('earlier') else ''})")
         if aware:
             text += f", {aware['success']:.0%} with the question in the prompt ({aware['accuracy']:.0%})"
         text += "."
@@ -263,6 +364,8 @@ def findings_section(data):
                   f"{int8['bytes_per_token'] / fp16['bytes_per_token']:.0%} of fp16's bytes"]
         worst = abs(int8["bits_per_byte"] - fp16["bits_per_byte"])
         for base, combo in (("Ada-SnapKV", "Ada-SnapKV + int8"), ("RazorAttention", "RazorAttention + int8")):
+            if not fractions(combo):
+                continue
             deltas = [abs(get("lm", combo, f)["bits_per_byte"] - get("lm", base, f)["bits_per_byte"])
                       for f in fractions(combo) if get("lm", combo, f) and get("lm", base, f)]
             needle_deltas = [abs(get(t, combo, f)["accuracy"] - get(t, base, f)["accuracy"])
@@ -273,6 +376,62 @@ def findings_section(data):
                               f"{max(needle_deltas, default=0):.0%} needle byte accuracy of {base}")
         holds = worst <= 0.01
         out.append(f"**int8 (KIVI) near-lossless — {'holds' if holds else 'does not hold'}.** " + "; ".join(pieces) + ".")
+
+    # the other codecs (every token kept): int4 (KIVI: lossless at 4 bits), fp8, layered, low-rank pre vs post RoPE
+    if fp16:
+        def codec_delta(setup):
+            row = get("lm", setup)
+            return None if row is None else (row["bits_per_byte"] - fp16["bits_per_byte"],
+                                              row["bytes_per_token"] / fp16["bytes_per_token"], row)
+        int4 = codec_delta("kvtrim int4 KIVI g32, all tokens")
+        if int4:
+            pieces = [f"every token: {int4[2]['bits_per_byte']:.3f} vs {fp16['bits_per_byte']:.3f} bits per byte at "
+                      f"{int4[1]:.0%} of fp16's bytes"]
+            worst = abs(int4[0])
+            same_run = {(r["task"], r["setup"]): r for r in data.get("new_results", data["results"])
+                        if r.get("backend", "cpu") == "cpu" and "skipped" not in r and "error" not in r}
+            needle4 = same_run.get(("needle", "kvtrim int4 KIVI g32, all tokens"))
+            needle16 = same_run.get(("needle", "kvtrim fp16, all tokens"))
+            if needle4 and needle16:
+                pieces.append(f"needle {needle4['success']:.0%} vs {needle16['success']:.0%}")
+            combos = [(f, get("lm", "RazorAttention + int4", f), get("lm", "RazorAttention", f))
+                      for f in fractions("RazorAttention + int4")]
+            combos = [(f, c, b) for f, c, b in combos if c and b]
+            if combos:
+                deltas = [c["bits_per_byte"] - b["bits_per_byte"] for _, c, b in combos]
+                worst = max(worst, max(abs(d) for d in deltas))
+                pieces.append("RazorAttention + int4 vs RazorAttention: " + ", ".join(
+                    f"{f:.0%}: {c['bits_per_byte']:.3f} vs {b['bits_per_byte']:.3f}" for f, c, b in combos))
+            out.append(f"**int4 (KIVI, 4-bit keys per channel, values per token) near-lossless, as KIVI reports — "
+                       f"{'holds' if worst <= 0.02 else 'does not hold'}** (within 0.02 bits per byte): "
+                       + "; ".join(pieces) + ".")
+        fp8 = codec_delta("kvtrim fp8 e4m3, all tokens")
+        layered = codec_delta("kvtrim layered int4 (fp16 sinks 4 + recent 128), all tokens")
+        if fp8 or layered:
+            parts = []
+            if fp8:
+                parts.append(f"fp8 e4m3 (one scale per head) {fp8[2]['bits_per_byte']:.3f} bits per byte at "
+                             f"{fp8[1]:.0%} of fp16's bytes ({fp8[0]:+.3f})")
+            if layered and int4:
+                parts.append(f"layered int4 (the first 4 and newest 128 tokens of each head in fp16) "
+                             f"{layered[2]['bits_per_byte']:.3f} at {layered[1]:.0%} ({layered[0]:+.3f}; int4 alone "
+                             f"{int4[0]:+.3f})")
+            out.append("**Other codecs, every token kept:** " + "; ".join(parts) + ".")
+        ranks = []
+        for rank in (8, 16, 32):
+            post = get("lm", f"kvtrim low-rank post-RoPE r{rank}, all tokens")
+            pre = get("lm", f"kvtrim low-rank pre-RoPE r{rank}, all tokens")
+            if post and pre:
+                ranks.append((rank, post, pre))
+        if ranks:
+            better = sum(pre["bits_per_byte"] < post["bits_per_byte"] - 0.002 for _, post, pre in ranks)
+            out.append(f"**Low-rank keys: pre-RoPE needs a lower rank than post-RoPE (Palu, ShadowKV) — "
+                       f"{'holds' if better == len(ranks) else 'does not hold' if better == 0 else 'holds partly'}.** "
+                       f"lm bits per byte, pre- vs post-RoPE bases (values low-rank too, at the same rank of "
+                       f"{data['model']['head_dim']}): " + ", ".join(
+                           f"r{rank} ({post['bytes_per_token'] / fp16['bytes_per_token']:.0%} of fp16's bytes): "
+                           f"{pre['bits_per_byte']:.3f} vs {post['bits_per_byte']:.3f}" for rank, post, pre in ranks)
+                       + f" (fp16: {fp16['bits_per_byte']:.3f}).")
 
     # Pyramid on a shallow model
     retrieval_layers = [layer for layer, flags in enumerate(data.get("razor", {}).get("retrieval_heads", [])) if any(flags)]
@@ -313,7 +472,30 @@ def findings_section(data):
                        ")." + (" Continuing a file mostly needs its last lines, which a recent window keeps whole; "
                                "SnapKV spends part of the budget elsewhere." if setup == "StreamingLLM" and wins > losses
                                else ""))
-    if not data.get("complete", True):
+    # decode-time eviction against prefill-only compression
+    decode = {(r["task"], r["fraction"], r["family"]): r for r in data["results"]
+              if r.get("family", "").startswith("decode") and "skipped" not in r}
+    pairs = [(task, f, decode[(task, f, "decode eviction")], decode[(task, f, "decode prefill-only")])
+             for (task, f, family) in decode if family == "decode eviction" and (task, f, "decode prefill-only") in decode]
+    if pairs:
+        parts = []
+        for task, f, ev, pre in sorted(pairs, key=lambda p: (p[0], p[1])):
+            ref = get(task, "SnapKV", f)
+            parts.append(f"{task} {f:.0%}: eviction holds at most {ev['keep_per_head']} tokens per kv head "
+                         f"(mean {ev['held_per_head_mean']:.0f}) at {ev['bits_per_byte']:.3f} bits per byte; prefill-only "
+                         f"grows to {pre['held_per_head_end']:.0f} (mean {pre['held_per_head_mean']:.0f}) at "
+                         f"{pre['bits_per_byte']:.3f}" + (f" (teacher-forced SnapKV row: {ref['bits_per_byte']:.3f})"
+                                                           if ref else ""))
+        out.append("**Decode-time eviction (issue 16) under a cap:** " + "; ".join(parts) + ". The prefill-only decode "
+                   "loop (kvtrim's own decode attention, byte by byte) reproduces the teacher-forced SnapKV row, so the "
+                   "two paths measure the same thing.")
+    if "earlier" in data:
+        out.append(f"*This run measured its needle task only in part and did not finish its query-aware task: needle "
+                   f"and query-aware cells marked † and "
+                   f"the findings that rest on them (RazorAttention's needle, query-awareness, needle byte accuracy "
+                   f"of Ada-SnapKV) come from the earlier run of the same script ({data['earlier']['samples']} "
+                   f"examples, a model trained the same way).*")
+    elif not data.get("complete", True):
         out.append("*This run stopped before its last task; missing cells are empty.*")
     return "\n\n".join(out)
 
@@ -341,12 +523,16 @@ def main():
     parser.add_argument("--img", default="docs/img")
     parser.add_argument("--json", default="docs/fidelity-results.json", help="where to copy the results ('' : nowhere)")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--earlier", default="", help="an earlier complete run's JSON: fills the needle and "
+                        "query-aware rows this run lacks (marked †)")
     args = parser.parse_args()
     data = load(args.results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(data, f, indent=0)
         print("wrote", args.json)
+    if args.earlier:
+        data = merge_earlier(data, load(args.earlier))
     table = markdown(data)
     if os.path.exists(args.doc):
         with open(args.doc) as f:
@@ -356,6 +542,8 @@ def main():
         doc = replace(doc, "model", model_section(data))
         doc = replace(doc, "missing", missing_section(data))
         doc = replace(doc, "findings", findings_section(data))
+        doc = replace(doc, "cuda", cuda_section(data))
+        doc = replace(doc, "eviction", eviction_section(data))
         if doc != before:
             with open(args.doc, "w") as f:
                 f.write(doc)

@@ -61,6 +61,11 @@ class Setup:
     press: Callable[[int], kvtrim.Press]  # layer count → press (RazorAttention needs the profile)
     codec: Callable[[], kvtrim.Codec]
     note: str = ""
+    device: str = "cpu"       # the backend that compresses: "cuda" rows are the GPU twins of "cpu" rows
+    pre_rope: bool = False    # the codec takes the keys before RoPE (low-rank pre-RoPE)
+
+    def on(self, device: str) -> "Setup":
+        return Setup(self.name, self.family, self.fraction, self.press, self.codec, self.note, device, self.pre_rope)
 
 
 def scheme_exists(device, layout, scorer, budget, codec) -> bool:
@@ -70,14 +75,29 @@ def scheme_exists(device, layout, scorer, budget, codec) -> bool:
 SCHEMES = set()
 
 
-def setups(flags, razor_recent: Dict[float, float], quick: bool) -> List[Setup]:
+def setups(flags, razor_recent: Dict[float, float], quick: bool, rope_theta: float) -> List[Setup]:
     fp16, int8 = kvtrim.FP16, (lambda: kvtrim.KIVI(bits=8, group=32))
+    int4 = lambda: kvtrim.KIVI(bits=4, group=32)  # noqa: E731
+    everything = lambda L: kvtrim.StreamingLLM(compression_ratio=0.0)  # noqa: E731 - the codec alone
     out: List[Setup] = [
-        Setup("kvtrim fp16, all tokens", "codec", 1.0, lambda L: kvtrim.StreamingLLM(compression_ratio=0.0), fp16),
-        Setup("kvtrim bf16, all tokens", "codec", 1.0, lambda L: kvtrim.StreamingLLM(compression_ratio=0.0), kvtrim.BF16),
-        Setup("kvtrim int8 KIVI g32, all tokens", "codec", 1.0, lambda L: kvtrim.StreamingLLM(compression_ratio=0.0), int8),
+        Setup("kvtrim fp16, all tokens", "codec", 1.0, everything, fp16),
+        Setup("kvtrim bf16, all tokens", "codec", 1.0, everything, kvtrim.BF16),
+        Setup("kvtrim int8 KIVI g32, all tokens", "codec", 1.0, everything, int8),
+        Setup("kvtrim int4 KIVI g32, all tokens", "codec", 1.0, everything, int4),
+        Setup("kvtrim fp8 e4m3, all tokens", "codec", 1.0, everything, kvtrim.FP8),
+        Setup("kvtrim layered int4 (fp16 sinks 4 + recent 128), all tokens", "codec", 1.0, everything,
+              lambda: kvtrim.Layered(int4(), sinks=4, recent=128)),
     ]
+    for rank in (8, 16, 32):  # of head_dim 64; max_rank = rank, so storage holds exactly `rank` coefficients
+        out.append(Setup(f"kvtrim low-rank post-RoPE r{rank}, all tokens", "low-rank post-RoPE", 1.0, everything,
+                         lambda r=rank: kvtrim.LowRank(rank=r, max_rank=r), f"rank {rank} of 64, keys and values"))
+        out.append(Setup(f"kvtrim low-rank pre-RoPE r{rank}, all tokens", "low-rank pre-RoPE", 1.0, everything,
+                         lambda r=rank: kvtrim.LowRank(rank=r, max_rank=r, pre_rope=True, rope_theta=rope_theta),
+                         f"rank {rank} of 64, keys before RoPE (rotated inside attention), values", pre_rope=True))
     fractions = (0.2, 0.5) if quick else FRACTIONS
+    # Order = what a --deadline drops last: the policies the findings compare (StreamingLLM, SnapKV, Ada-SnapKV,
+    # RazorAttention, the combinations) at every fraction, then Pyramid and key norm, then H2O.
+    later = []
     for f in fractions:
         r = round(1.0 - f, 6)
         snap = lambda r=r: kvtrim.SnapKV(window=SNAP_WINDOW, kernel=SNAP_KERNEL, compression_ratio=r)
@@ -85,16 +105,19 @@ def setups(flags, razor_recent: Dict[float, float], quick: bool) -> List[Setup]:
             Setup("StreamingLLM", "StreamingLLM", f, lambda L, r=r: kvtrim.StreamingLLM(sinks=4, compression_ratio=r), fp16),
             Setup("SnapKV", "SnapKV", f, lambda L, s=snap: s(), fp16),
             Setup("Ada-SnapKV", "Ada-SnapKV", f, lambda L, s=snap: kvtrim.AdaKV(s(), alpha=0.2), fp16),
+            Setup("Ada-SnapKV + int8", "Ada-SnapKV + int8", f, lambda L, s=snap: kvtrim.AdaKV(s(), alpha=0.2), int8),
+        ]
+        later += [
             Setup("Pyramid-SnapKV", "Pyramid-SnapKV", f, lambda L, s=snap: kvtrim.Pyramid(s(), beta=20), fp16),
             Setup("key norm", "key norm", f, lambda L, r=r: kvtrim.KeyNorm(compression_ratio=r), fp16),
-            Setup("Ada-SnapKV + int8", "Ada-SnapKV + int8", f, lambda L, s=snap: kvtrim.AdaKV(s(), alpha=0.2), int8),
         ]
     for f, rho in sorted(razor_recent.items()):
         if quick and f not in (0.2, 0.5):
             continue
         press = lambda L, rho=rho: kvtrim.RazorAttention(flags, sinks=4, min_recent=16, recent_fraction=rho)
         out.append(Setup("RazorAttention", "RazorAttention", f, press, fp16, f"recent fraction {rho:.3f}"))
-        out.append(Setup("RazorAttention + int8", "RazorAttention + int8", f, press, int8, f"recent fraction {rho:.3f}"))
+        out.append(Setup("RazorAttention + int4", "RazorAttention + int4", f, press, int4, f"recent fraction {rho:.3f}"))
+    out += later
     # H2O last: it scores every prefill query against every key (T² per head, minutes of CPU at 2048 tokens), so
     # under a deadline its least useful points are the ones dropped (main: --deadline)
     for f in (0.2, 0.5, 0.1, 0.3, 0.7):
@@ -105,18 +128,39 @@ def setups(flags, razor_recent: Dict[float, float], quick: bool) -> List[Setup]:
     return out
 
 
+def with_gpu_twins(plan: List[Setup], layers: int) -> List[Setup]:
+    """Each setup followed by its CUDA twin where kvtrim compiled the scheme for CUDA on the flat layout."""
+    if not (kvtrim.has_cuda and torch.cuda.is_available()):
+        return plan
+    out = []
+    for s in plan:
+        out.append(s)
+        if cuda_scheme(s, layers) is not None:
+            out.append(s.on("cuda"))
+    return out
+
+
+def cuda_scheme(s: Setup, layers: int):
+    settings = kvtrim.Settings()
+    s.press(layers)._fill(settings, 0, layers)
+    s.codec()._fill(settings)
+    key = ("cuda", "flat", settings.scorer, settings.budget, settings.codec)
+    return key if key in SCHEMES else None
+
+
+# The element type each codec reads on CUDA (the CPU widens it to float32 exactly): every backend gets these
+# same rounded inputs, as an fp16 engine would hand its fp16 keys to kvtrim.
+INPUT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "layered<int8>": torch.float16,
+                "layered<int4>": torch.float16}
+
+
 def missing_schemes() -> List[str]:
     """What the study asks for that the package's registry does not compile (reported, not run)."""
     codecs = {key[4] for key in SCHEMES}
     wanted = {"int4": "int4 (KIVI 4-bit)", "fp8": "fp8 (e4m3)", "low_rank": "low-rank (post- and pre-RoPE)",
-              "layered": "layered (per-layer codecs)"}
-    found = [c for c in codecs]
-    out = []
-    for key, label in wanted.items():
-        if not any(key in c for c in found):
-            out.append(f"codec {label}: not in kvtrim.schemes() (codecs compiled: {', '.join(sorted(codecs))})")
-    out.append("RazorAttention + int4: int4 is not compiled; RazorAttention + int8 is run instead")
-    return out
+              "layered<int4>": "layered (fp16 sinks + recent over int4)"}
+    return [f"codec {label}: not in kvtrim.schemes() (codecs compiled: {', '.join(sorted(codecs))})"
+            for key, label in wanted.items() if key not in codecs]
 
 
 # ---- the model side -----------------------------------------------------------------------
@@ -141,7 +185,7 @@ def calibrate_razor(model, config, device):
     L = tokens.shape[1]
     group = config.q_heads // config.kv_heads
     causal = torch.full((L, L), float("-inf"), device=device).triu(1)
-    for layer, (q, k, _) in enumerate(captured):
+    for layer, (q, k, _, _) in enumerate(captured):
         k = k.repeat_interleave(group, dim=1)
         attention = torch.softmax(q[0].float() @ k[0].float().transpose(-1, -2) / math.sqrt(config.head_dim) + causal, -1)
         calibration.accumulate(layer, np.ascontiguousarray(attention.cpu().numpy(), dtype=np.float32), 0)
@@ -177,19 +221,28 @@ def razor_recent_fractions(flags, config, T, sinks=4, min_recent=16):
 # ---- kvtrim side: compress one layer, read back -------------------------------------------
 
 
-def compress_layer(setup: Setup, layer: int, layers: int, shape, k, v, q_window, q_all, q_last, T, device="cpu"):
-    """Runs kvtrim on one layer of a batch; returns what the continuation needs, as NumPy."""
+def compress_layer(setup: Setup, layer: int, layers: int, shape, k, v, q_window, q_all, q_last, k_pre, T):
+    """Runs kvtrim on one layer of a batch (setup.device's backend); returns what the continuation needs, as NumPy."""
     press, codec = setup.press(layers), setup.codec()
     B, Hkv = k.shape[0], k.shape[1]
     heads = B * Hkv
     # KIVI stores each head's tokens in whole runs of its key group (32 slots): up to 31 more per head
     capacity = (press.total_keep(T, heads) + heads * 32 + 31) // 32 * 32
-    cache = kvtrim.Cache(press, codec, "flat", shape, B, capacity, layer=layer, layers=layers)
+    cache = kvtrim.Cache(press, codec, "flat", shape, B, capacity, layer=layer, layers=layers, device=setup.device)
+    dtype = INPUT_DTYPES.get(codec.name, torch.float32)
+    if setup.device == "cuda":
+        arrive = lambda a: torch.from_numpy(a).to("cuda", dtype)  # noqa: E731
+    else:  # the same rounded values, widened back to float32 (exact) for the CPU backend
+        arrive = lambda a: a if dtype == torch.float32 else torch.from_numpy(a).to(dtype).float().numpy()  # noqa: E731
     window = press.window_queries
     queries = None if window == 0 else (q_all if window < 0 else q_window[:, :, -window:])
     started = time.perf_counter()
-    cache.compress(k, v, None if queries is None else np.ascontiguousarray(queries))
+    cache.compress(arrive(k_pre if setup.pre_rope else k), arrive(v),
+                   None if queries is None else arrive(np.ascontiguousarray(queries)))
+    if setup.device == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - started
+    kept_offsets, kept_tokens = (np.asarray(a).copy() for a in cache.kept())
     lengths = cache.head_lengths().astype(np.int64)
     positions = cache.positions()
     P = int(lengths.max())
@@ -216,10 +269,13 @@ def compress_layer(setup: Setup, layer: int, layers: int, shape, k, v, q_window,
                 bias[b, h, press.sinks] = math.log(T - press.sinks - recent)
                 compensated += 1
     stats = cache.stats()
-    out = cache.attend(np.ascontiguousarray(q_last))
+    out = cache.attend(arrive(np.ascontiguousarray(q_last)))
+    if setup.device == "cuda":
+        out = out.float().cpu().numpy()
     return {"keys": keys, "values": values, "bias": bias, "positions": pos, "lengths": lengths,
-            "held_bytes": int(stats["total_bytes"]), "kept": int(np.sum(lengths)), "attend": out,
-            "compress_seconds": seconds, "compensated": compensated, "scheme": cache.name}
+            "held_bytes": int(stats["total_bytes"]), "kept": int(np.sum(lengths)), "attend": np.asarray(out),
+            "compress_seconds": seconds, "compensated": compensated, "scheme": cache.name,
+            "kept_sets": [kept_tokens[a:b] for a, b in zip(kept_offsets[:-1], kept_offsets[1:])]}
 
 
 def merge(parts):
@@ -237,6 +293,7 @@ def merge(parts):
            "attend": np.concatenate([np.asarray(p["attend"]) for p in parts])}
     for key in ("held_bytes", "kept", "compress_seconds", "compensated"):
         out[key] = sum(p[key] for p in parts)
+    out["kept_sets"] = [head for p in parts for head in p["kept_sets"]]
     out["scheme"] = parts[0]["scheme"]
     return out
 
@@ -279,6 +336,8 @@ def main():
     parser.add_argument("--deadline", type=float, default=0.0,
                         help="seconds the whole study may take (0: no limit); each task gets its share, and H2O "
                              "points that would not fit are dropped (recorded as skipped)")
+    parser.add_argument("--no-eviction", dest="eviction", action="store_false",
+                        help="skip the decode-time eviction rows (lm and needle tasks, 20%% and 50%%)")
     args = parser.parse_args()
     started = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -292,12 +351,12 @@ def main():
     print(f"retrieval heads (layer: kv heads): {flags}", flush=True)
     T = args.prefix
     razor_recent = razor_recent_fractions(flags, config, T)
-    plan = setups(flags, razor_recent, args.quick)
+    plan = with_gpu_twins(setups(flags, razor_recent, args.quick, config.rope_base), config.layers)
     shape = (config.q_heads, config.kv_heads, config.head_dim)
     fp16_bytes_per_token = config.layers * config.kv_heads * 2 * config.head_dim * 2
     results = []
     pool = cf.ThreadPoolExecutor(args.threads)  # compress releases the GIL: layers and setups run side by side
-    cuda_checks = []
+    cuda_checks = []  # one per GPU twin row: kept sets and metrics against the CPU row
     for task in tasks:
         ids = torch.tensor(np.array([np.frombuffer(e, dtype=np.uint8) for e in task.examples]), dtype=torch.long,
                            device=device)
@@ -305,13 +364,14 @@ def main():
             _, captured = model(ids[:, :T], capture=True)
             reference = model(ids)[:, T:]  # full attention over prefix + continuation: the uncompressed model
         caps = []
-        for q, k, v in captured:
+        for q, k, v, k_pre in captured:
             caps.append((np.ascontiguousarray(k.float().cpu().numpy()), np.ascontiguousarray(v.float().cpu().numpy()),
                          np.ascontiguousarray(q.float().cpu().numpy()[:, :, -SNAP_WINDOW:]),
-                         np.ascontiguousarray(q.float().cpu().numpy()), np.ascontiguousarray(q[:, :, -1].float().cpu().numpy())))
+                         np.ascontiguousarray(q.float().cpu().numpy()), np.ascontiguousarray(q[:, :, -1].float().cpu().numpy()),
+                         np.ascontiguousarray(k_pre.float().cpu().numpy())))
         full = score(task, reference, ids)
         with torch.no_grad():  # the continuation path over the exact prefill keys/values must be the full model
-            exact = [Prefix(k, v, torch.zeros(k.shape[:3], device=device)) for _, k, v in captured]
+            exact = [Prefix(k, v, torch.zeros(k.shape[:3], device=device)) for _, k, v, _ in captured]
             path_difference = float((model(ids[:, T:], start=T, prefix=exact) - reference).abs().max())
         print(f"continuation path over the uncompressed prefix vs the full forward: max |logit difference| "
               f"{path_difference:.1e}", flush=True)
@@ -324,26 +384,29 @@ def main():
         def submit(s):
             # H2O scores every prefill query (T² work per head): its batch is split so that all cores share it
             # (its budget is per head, so a split changes nothing; Ada-KV's shared budget is never split).
-            chunks = min(args.threads // 4, ids.shape[0]) if s.press(config.layers).window_queries < 0 else 1
+            chunks = (min(args.threads // 4, ids.shape[0])
+                      if s.press(config.layers).window_queries < 0 and s.device == "cpu" else 1)
             edges = np.linspace(0, ids.shape[0], max(1, chunks) + 1).astype(int)
             return [[pool.submit(compress_layer, s, layer, config.layers, shape, *(a[b0:b1] for a in caps[layer]), T)
                      for b0, b1 in zip(edges[:-1], edges[1:])] for layer in range(config.layers)]
         ahead = max(2, args.threads // config.layers + 1)
         futures = [submit(s) for s in plan[:ahead]]
         task_started, slowest_h2o, previous_done = time.time(), 0.0, time.time()
+        cpu_kept = {}  # (setup, fraction) → kept sets per layer, until its GPU twin compares with them
         tasks_left = len(tasks) - tasks.index(task)
         task_budget = (args.deadline - (time.time() - started)) / tasks_left if args.deadline else float("inf")
         for i, s in enumerate(plan):
-            if s.family == "H2O" and time.time() - task_started + slowest_h2o > task_budget:
+            expected = slowest_h2o if s.family == "H2O" else 0.0
+            if time.time() - task_started + expected > task_budget:
                 for j in range(i, len(plan)):  # out of this task's share of the deadline: the rest of H2O is dropped
                     for chunks in futures[j] if j < len(futures) and futures[j] else []:
                         for f in chunks:
                             f.cancel()
                     results.append({"task": task.name, "setup": plan[j].name, "family": plan[j].family,
-                                    "fraction": plan[j].fraction,
+                                    "fraction": plan[j].fraction, "backend": plan[j].device,
                                     "skipped": f"time: this task's share of --deadline {args.deadline:.0f} s"})
-                print(f"{task.name}: H2O at {', '.join(f'{p.fraction:.0%}' for p in plan[i:])} skipped (deadline)",
-                      flush=True)
+                print(f"{task.name}: {len(plan) - i} setups skipped (deadline): "
+                      f"{', '.join(f'{p.name} {p.fraction:.0%} {p.device}' for p in plan[i:])}", flush=True)
                 break
             if i + ahead < len(plan):
                 futures.append(submit(plan[i + ahead]))
@@ -351,17 +414,18 @@ def main():
                 layers = [merge([f.result() for f in chunks]) for chunks in futures[i]]
             except Exception as failure:  # noqa: BLE001 - recorded in the results, the study goes on
                 results.append({"task": task.name, "setup": s.name, "family": s.family, "fraction": s.fraction,
-                                "error": repr(failure)})
+                                "backend": s.device, "error": repr(failure)})
                 print(f"{task.name} {s.name} {s.fraction}: {failure!r}", flush=True)
                 continue
             finally:
                 futures[i] = None
             prefixes, worst = [], 0.0
+            rounded = INPUT_DTYPES.get(s.codec().name, torch.float32)  # the queries kvtrim's attend was given
             for layer, got in enumerate(layers):
                 keys = torch.from_numpy(got["keys"]).to(device)
                 values = torch.from_numpy(got["values"]).to(device)
                 bias = torch.from_numpy(got["bias"]).to(device)
-                q_last = torch.from_numpy(caps[layer][4]).to(device)
+                q_last = torch.from_numpy(caps[layer][4]).to(device).to(rounded).float()
                 mine = torch_decode(q_last, keys, values, bias)
                 theirs = torch.from_numpy(np.asarray(got["attend"])).to(device).view_as(mine)
                 worst = max(worst, float((mine - theirs).abs().max()))
@@ -375,19 +439,28 @@ def main():
             held = sum(g["held_bytes"] for g in layers)
             kept = sum(g["kept"] for g in layers)
             row = {"task": task.name, "setup": s.name, "family": s.family, "fraction": s.fraction, "note": s.note,
-                   "scheme": layers[0]["scheme"], "bytes_per_token": held / (ids.shape[0] * T),
+                   "backend": s.device, "scheme": layers[0]["scheme"], "bytes_per_token": held / (ids.shape[0] * T),
                    "kept_fraction": kept / (ids.shape[0] * config.kv_heads * T * config.layers),
                    "attend_max_abs_difference": worst,
                    "compress_seconds": sum(g["compress_seconds"] for g in layers),
                    "compensated_heads": sum(g["compensated"] for g in layers), **metrics}
             results.append(row)
+            key = (s.name, s.fraction)
+            if s.device == "cpu":
+                cpu_kept[key] = ([g["kept_sets"] for g in layers], row)
+            elif key in cpu_kept:
+                cuda_checks.append(compare_backends(task.name, s, *cpu_kept.pop(key), [g["kept_sets"] for g in layers], row))
             del layers, prefixes
-            print(f"[{time.time() - started:6.1f} s] {task.name:6s} {s.name:34s} {s.fraction:4.2f} kept "
+            if len(results) % 16 == 0:  # a run killed mid-task keeps most of what it measured
+                write(args, config, T, fp16_bytes_per_token, razor, razor_recent, cuda_checks, corpus, started, device,
+                      results, complete=False)
+            print(f"[{time.time() - started:6.1f} s] {task.name:6s} {s.device:4s} {s.name[:40]:40s} {s.fraction:4.2f} kept "
                   f"{row['kept_fraction']:.3f} {row['bytes_per_token']:7.1f} B/token  acc {metrics['accuracy']:.3f} "
                   f"bpb {metrics['bits_per_byte']:.3f} needle {metrics['success']:.2f}  |attend diff| {worst:.1e}",
                   flush=True)
-        if task.name == "lm":
-            cuda_checks = cross_check_cuda(plan, caps, config, shape, T)
+        if args.eviction and task.name in ("lm", "needle"):
+            eviction_deadline = started + args.deadline - 20 if args.deadline else float("inf")
+            results += decode_rows(task, model, config, ids, caps, T, device, (0.2, 0.5), eviction_deadline)
         write(args, config, T, fp16_bytes_per_token, razor, razor_recent, cuda_checks, corpus, started, device, results,
               complete=task is tasks[-1])
     pool.shutdown()
@@ -412,59 +485,91 @@ def write(args, config, T, fp16_bytes_per_token, razor, razor_recent, cuda_check
     print(f"wrote {args.out}: {len(results)} rows, {time.time() - started:.0f} s", flush=True)
 
 
-def cross_check_cuda(plan, caps, config, shape, T):
-    """The same compression on the GPU where the scheme is compiled for CUDA: kept sets and attention vs the CPU."""
-    if not (kvtrim.has_cuda and torch.cuda.is_available()):
-        return [{"skipped": "kvtrim built without CUDA or no GPU"}]
-    checks = []
-    for s in plan:
-        press, codec = s.press(config.layers), s.codec()
-        settings = kvtrim.Settings()
-        press._fill(settings, 0, config.layers)
-        codec._fill(settings)
-        layout = "contiguous" if settings.budget in ("uniform", "pyramid") else "flat"
-        if not scheme_exists("cuda", layout, settings.scorer, settings.budget, settings.codec):
-            continue
-        try:
-            same_sets, worst = compare_on_cuda(press, codec, layout, caps, config, shape, T)
-        except Exception as failure:  # noqa: BLE001 - recorded, the study goes on
-            checks.append({"setup": s.name, "fraction": s.fraction, "layout": layout, "error": repr(failure)})
-            print(f"CUDA vs CPU: {s.name} {s.fraction}: {failure!r}", flush=True)
-            continue
-        checks.append({"setup": s.name, "fraction": s.fraction, "layout": layout, "kept_sets_identical": same_sets,
-                       "attend_max_abs_difference": worst})
-        print(f"CUDA vs CPU: {s.name} {s.fraction}: kept sets identical {same_sets}, |attend diff| {worst:.1e}", flush=True)
-    return checks
+EVICTION_INTERVAL = 16
 
 
-def compare_on_cuda(press, codec, layout, caps, config, shape, T):
-    """Compresses every layer on the GPU and on the CPU from the same 16-bit inputs; (kept sets equal, max |attend diff|)."""
-    same_sets, worst = True, 0.0
-    for layer in range(config.layers):
-        k, v, q_window, q_all, q_last = caps[layer]
-        B = k.shape[0]
-        heads = B * config.kv_heads
-        capacity = press.max_keep(T) if layout == "contiguous" else press.total_keep(T, heads) + heads * 32
-        capacity = (capacity + 31) // 32 * 32
-        gpu = kvtrim.Cache(press, codec, layout, shape, B, capacity, device="cuda", layer=layer, layers=config.layers)
-        cpu = kvtrim.Cache(press, codec, layout, shape, B, capacity, layer=layer, layers=config.layers)
-        dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(gpu._dtype, torch.float32)
-        window = press.window_queries
-        queries = None if window == 0 else (q_all if window < 0 else q_window[:, :, -window:])
-        to_gpu = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to("cuda", dtype)  # noqa: E731
-        rounded = lambda a: to_gpu(a).float().cpu().numpy()  # noqa: E731 - the CPU gets the same rounded inputs
-        gpu.compress(to_gpu(k), to_gpu(v), None if queries is None else to_gpu(queries))
-        cpu.compress(rounded(k), rounded(v), None if queries is None else rounded(queries))
-        (offsets_gpu, tokens_gpu), (offsets_cpu, tokens_cpu) = gpu.kept(), cpu.kept()
-        if not (np.array_equal(offsets_gpu, offsets_cpu) and
-                all(set(tokens_gpu[a:b].tolist()) == set(tokens_cpu[a:b].tolist())
-                    for a, b in zip(offsets_cpu[:-1], offsets_cpu[1:]))):
-            same_sets = False
-        out_gpu = gpu.attend(to_gpu(q_last)).float().cpu().numpy()
-        out_cpu = np.asarray(cpu.attend(rounded(q_last)))
-        worst = max(worst, float(np.abs(out_gpu - out_cpu.reshape(out_gpu.shape)).max()))
-        torch.cuda.synchronize()
-    return same_sets, worst
+def decode_rows(task, model, config, ids, caps, T, device, fractions, deadline_at):
+    """Decode-time eviction (issue 16) next to prefill-only compression, both through kvtrim's own decode attention.
+
+    Each layer gets a paged fp16 kvtrim.Cache; SnapKV compresses the prompt; then the continuation runs one byte at
+    a time: each layer appends the byte's key/value to its cache and attends through kvtrim (CPU). "prefill only"
+    compresses to `keep` tokens per kv head and lets the cache grow by the continuation; "eviction" compresses to
+    keep − 16, seeds the metric from the observation window, accumulates it in every decode attention and runs
+    kvtrim::evict (cross-layer scope, vllm-kvcompress's) every 16 steps, so no sequence ever holds more than keep
+    tokens per kv head on average. Rows report the tokens held per kv head (mean over the continuation and at
+    its end) next to accuracy and bits per byte."""
+    rows = []
+    B, L, Hkv = ids.shape[0], config.layers, config.kv_heads
+    C = ids.shape[1] - T
+    shape = (config.q_heads, Hkv, config.head_dim)
+    half = lambda a: torch.from_numpy(a).half().float().numpy()  # noqa: E731 - the fp16 values an engine holds
+    for f in fractions:
+        keep = max(EVICTION_INTERVAL + 1, int(round(f * T)))
+        for evict in (False, True):
+            if time.time() > deadline_at:
+                rows.append({"task": task.name, "setup": "decode loop", "fraction": f, "skipped": "time (deadline)"})
+                continue
+            started = time.time()
+            target = keep - EVICTION_INTERVAL if evict else keep
+            caches = [kvtrim.Cache(kvtrim.SnapKV(window=SNAP_WINDOW, kernel=SNAP_KERNEL, tokens=target), kvtrim.FP16(),
+                                   "paged", shape, B, B * Hkv * (keep + C + 32), layer=l, layers=L) for l in range(L)]
+            eviction = kvtrim.Eviction(caches, keep=keep, interval=EVICTION_INTERVAL, scope="cross_layer") if evict else None
+            for l, cache in enumerate(caches):
+                k, v, q_window = half(caps[l][0]), half(caps[l][1]), half(caps[l][2])
+                cache.compress(k, v, q_window)
+                if evict:
+                    eviction.seed(l, k, q_window)
+
+            def through(l):
+                def attend(q, k, v):  # one byte: [B, H, 1, D] on the model's device
+                    caches[l].append(half(k[:, :, :1].float().cpu().numpy()), half(v[:, :, :1].float().cpu().numpy()))
+                    query = half(np.ascontiguousarray(q[:, :, 0].float().cpu().numpy()))
+                    out = eviction.attend(l, query) if evict else caches[l].attend(query)
+                    return torch.from_numpy(np.asarray(out)).to(q.device, q.dtype)[:, :, None]
+                return attend
+
+            layers = [through(l) for l in range(L)]
+            logits, held, evicted = [], [], 0
+            with torch.no_grad():
+                for t in range(C):
+                    logits.append(model(ids[:, T + t:T + t + 1], start=T + t, prefix=layers))
+                    if evict and eviction.due(t + 1):
+                        evicted += eviction.step()["evicted_tokens"]
+                    held.append(sum(int(c.head_lengths().sum()) for c in caches) / (B * Hkv * L))
+            metrics = score(task, torch.cat(logits, dim=1), ids)
+            name = (f"SnapKV + eviction every {EVICTION_INTERVAL} (cross-layer)" if evict
+                    else "SnapKV prefill only (decode loop)")
+            rows.append({"task": task.name, "setup": name, "family": "decode eviction" if evict else "decode prefill-only",
+                         "fraction": f, "backend": "cpu", "keep_per_head": keep,
+                         "held_per_head_mean": float(np.mean(held)), "held_per_head_end": held[-1],
+                         "kept_fraction": float(np.mean(held)) / (T + C / 2),
+                         "bytes_per_token": float(np.mean(held)) * L * Hkv * 2 * config.head_dim * 2 / (T + C / 2),
+                         "evicted_tokens": evicted, "seconds": round(time.time() - started, 1), **metrics})
+            print(f"[decode loop] {task.name} {name} {f:.2f}: keep {keep}/head, held mean {np.mean(held):.1f} end "
+                  f"{held[-1]:.1f}, acc {metrics['accuracy']:.3f} bpb {metrics['bits_per_byte']:.3f} needle "
+                  f"{metrics['success']:.2f} ({time.time() - started:.1f} s)", flush=True)
+    return rows
+
+
+def compare_backends(task, s: Setup, cpu_sets, cpu_row, gpu_sets, gpu_row):
+    """The GPU twin against the CPU row: kept sets per layer and head, and the table's metrics."""
+    tokens = agree = 0
+    identical = True
+    for cpu_layer, gpu_layer in zip(cpu_sets, gpu_sets):
+        for a, b in zip(cpu_layer, gpu_layer):
+            a, b = set(a.tolist()), set(b.tolist())
+            tokens += len(a)
+            agree += len(a & b)
+            identical &= a == b
+    check = {"task": task, "setup": s.name, "fraction": s.fraction, "kept_sets_identical": bool(identical),
+             "kept_tokens_agreeing": agree / max(tokens, 1)}
+    for metric in ("accuracy", "bits_per_byte", "success", "bytes_per_token", "kept_fraction"):
+        check[f"{metric}_cpu"], check[f"{metric}_cuda"] = cpu_row[metric], gpu_row[metric]
+    check["attend_max_abs_difference_cuda"] = gpu_row["attend_max_abs_difference"]
+    print(f"CUDA vs CPU {task} {s.name} {s.fraction}: kept sets identical {identical} ({check['kept_tokens_agreeing']:.4f}), "
+          f"acc {cpu_row['accuracy']:.4f}/{gpu_row['accuracy']:.4f} bpb {cpu_row['bits_per_byte']:.4f}/"
+          f"{gpu_row['bits_per_byte']:.4f}", flush=True)
+    return check
 
 
 if __name__ == "__main__":

@@ -9,10 +9,14 @@ MLP, softmax scale 1/sqrt(head_dim) (kvtrim's). Vocabulary: the 256 byte values.
 Three ways through the model:
   forward(ids)                          training: causal SDPA over the whole sequence;
   forward(ids, capture=True)            prefill: also returns each layer's (q, k, v) after RoPE,
-                                        what kvtrim compresses (k, v) and scores with (q);
+                                        what kvtrim compresses (k, v) and scores with (q), and
+                                        the keys before RoPE (what a pre-RoPE low-rank codec takes);
   forward(ids, start=T, prefix=layers)  the continuation over a compressed prefix: each layer
                                         attends over that layer's kept keys/values (read back
-                                        from kvtrim) plus the continuation itself, causally.
+                                        from kvtrim) plus the continuation itself, causally;
+                                        or, with a callable per layer, one decode step whose
+                                        attention the callable computes (q, k, v → out) over
+                                        the caller's own cache (decode-time eviction).
 """
 
 from __future__ import annotations
@@ -95,13 +99,16 @@ class Attention(nn.Module):
         q = self.q(x).view(B, L, c.q_heads, c.head_dim).transpose(1, 2)
         k = self.k(x).view(B, L, c.kv_heads, c.head_dim).transpose(1, 2)
         v = self.v(x).view(B, L, c.kv_heads, c.head_dim).transpose(1, 2)
+        k_pre_rope = k
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if capture is not None:
-            capture.append((q, k, v))
+            capture.append((q, k, v, k_pre_rope))
         if prefix is None:
             group = c.q_heads // c.kv_heads  # each kv head serves `group` query heads (GQA)
             out = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
                                                  is_causal=True)
+        elif callable(prefix):  # a decode step through the caller's own cache: out = prefix(q, k, v), [B, Hq, L, D]
+            out = prefix(q, k, v)
         else:
             out = attend_over_prefix(q, k, v, prefix)
         return self.o(out.transpose(1, 2).reshape(B, L, c.q_heads * c.head_dim))

@@ -1,0 +1,87 @@
+"""Decode-time eviction (issue 16) from Python: kvtrim.Eviction over one model's per-layer caches.
+
+    caches = [kvtrim.Cache(kvtrim.SnapKV(window=32, tokens=keep - 16), kvtrim.FP16(), "paged", shape, B, capacity,
+                           layer=l, layers=L) for l in range(L)]
+    eviction = kvtrim.Eviction(caches, keep=keep, interval=16)      # keep: tokens per kv head between steps
+    for l, cache in enumerate(caches):
+        cache.compress(keys[l], values[l], window_queries[l])
+        eviction.seed(l, keys[l], window_queries[l])                  # the prefill's metric
+    for step in range(1, n + 1):                                      # decode
+        for l, cache in enumerate(caches):
+            cache.append(k_new[l], v_new[l])
+            out[l] = eviction.attend(l, q_new[l])                     # attention + the metric
+        if eviction.due(step):
+            eviction.step()                                           # kvtrim::evict over every layer
+
+The metric (eviction/metric.hpp: Σ over a GQA group of squared attention probabilities, tokens older
+than the protected window) lives in one float32 NumPy vector per layer, indexed by storage slot, owned
+here as an engine owns it beside its block tables. CPU caches on the paged layout with codec fp16 and
+StreamingLLM, SnapKV or AdaKV(SnapKV) prefill compression (python/src/eviction.hpp says why, and what
+the CUDA binding lacks).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from . import _kvtrim
+from .cache import Cache
+
+__all__ = ["Eviction"]
+
+_SCOPES = ("per_head", "per_layer", "cross_layer")
+_KINDS = ("squared_sum", "sum", "squared_mean", "mean")
+
+
+class Eviction:
+    """kvtrim::evict over ``caches`` (one per layer, one scheme), every ``interval`` decode steps.
+
+    keep: tokens per kv head the caches may hold on average between steps (a step keeps
+    keep − interval, so the next interval's appends fit); scope: "cross_layer" (one threshold over every
+    layer and kv head of a sequence, vllm-kvcompress), "per_layer" (Ada-KV floors) or "per_head";
+    sinks and protected_window: never evicted; alpha: the per-head floor fraction; kind: the metric.
+    """
+
+    def __init__(self, caches: Sequence[Cache], keep: int, interval: int = 16, scope: str = "cross_layer",
+                 sinks: int = 4, protected_window: int = 64, alpha: float = 0.2, kind: str = "squared_sum"):
+        if not caches or not all(isinstance(c, Cache) for c in caches):
+            raise _kvtrim.Error(f"kvtrim.Eviction: argument 'caches': expected one kvtrim.Cache per layer, got {caches!r}")
+        if scope not in _SCOPES:
+            raise _kvtrim.Error(f"kvtrim.Eviction: argument 'scope': expected one of {', '.join(map(repr, _SCOPES))}, got {scope!r}")
+        if kind not in _KINDS:
+            raise _kvtrim.Error(f"kvtrim.Eviction: argument 'kind': expected one of {', '.join(map(repr, _KINDS))}, got {kind!r}")
+        self.caches = list(caches)
+        self.metrics = [np.zeros(_kvtrim._eviction_metric_slots(c._impl), np.float32) for c in self.caches]
+        self._metric = _kvtrim.EvictionMetricSettings()
+        self._metric.kind = kind
+        self._metric.protected_window = protected_window
+        self._step = _kvtrim.EvictionStepSettings()
+        for name, value in (("scope", scope), ("keep", keep), ("interval", interval), ("sinks", sinks),
+                            ("protected_window", protected_window), ("alpha", alpha)):
+            setattr(self._step, name, value)
+        self.keep, self.interval = keep, interval
+
+    def seed(self, layer: int, keys, window_queries, start_position: int = 0) -> None:
+        """The prefill's metric of ``layer`` from its last prompt queries (after that cache's compress, with the
+        same float32 prefill keys [B, H_kv, T, D] and window queries [B, H_q, w, D])."""
+        _kvtrim._eviction_seed(self.caches[layer]._impl, np.ascontiguousarray(keys, np.float32),
+                               np.ascontiguousarray(window_queries, np.float32), start_position, self.metrics[layer],
+                               self._metric)
+
+    def attend(self, layer: int, queries) -> np.ndarray:
+        """Decode attention of ``layer`` ([B, H_q, D] float32) that also accumulates its metric."""
+        queries = np.ascontiguousarray(queries, np.float32)
+        out = np.empty_like(queries)
+        _kvtrim._eviction_attend(self.caches[layer]._impl, queries, out, self.metrics[layer], self._metric)
+        return out
+
+    def due(self, decode_step: int) -> bool:
+        """Whether decode step ``decode_step`` (from 1 after the prefill) is an eviction step."""
+        return decode_step > 0 and decode_step % self.interval == 0
+
+    def step(self) -> dict:
+        """One eviction step over every layer: what it did (evicted_tokens, freed_pages, units_evicted,
+        units_over_target)."""
+        return _kvtrim._eviction_step([c._impl for c in self.caches], self.metrics, self._step)

@@ -1,0 +1,145 @@
+// python/src/eviction.cpp — the eviction binding's definitions (eviction.hpp says what and why).
+#include "eviction.hpp"
+
+#include <kvtrim/backend/cpu/eviction.hpp>
+
+#include <cstddef>
+#include <span>
+
+namespace kvtrim::python::evicting {
+namespace {
+
+constexpr std::string_view where = "kvtrim.Eviction";
+
+template <class... S>
+struct schemes {};
+/// The schemes the binding is compiled for (eviction.hpp: paged, fp16, three presses).
+using supported = schemes<scheme<layout::paged, score::snapkv, budget::uniform, codec::fp16, backend::cpu>,
+                          scheme<layout::paged, score::snapkv, budget::adaptive, codec::fp16, backend::cpu>,
+                          scheme<layout::paged, score::static_window, budget::uniform, codec::fp16, backend::cpu>>;
+
+template <class Scheme>
+using typed = typed_cache<Scheme, float>;
+
+/// Calls visit(typed<S>&) for the compiled scheme S that `cache` is; throws for any other.
+template <class Visit, class... S>
+void with_scheme(cache_base& cache, Visit&& visit, schemes<S...>) {
+  const bool found = (... || [&] {
+    auto* known = dynamic_cast<typed<S>*>(&cache);
+    if (known != nullptr) visit(*known);
+    return known != nullptr;
+  }());
+  if (!found)
+    detail::fail(where, "cache",
+                 "a CPU cache on the paged layout with codec fp16 and StreamingLLM, SnapKV or AdaKV(SnapKV) "
+                 "(the schemes eviction is compiled for in Python)",
+                 cache.name());
+}
+template <class Visit>
+void with_scheme(cache_base& cache, Visit&& visit) {
+  with_scheme(cache, visit, supported{});
+}
+
+eviction::metric_kind kind_of(const std::string& kind) {
+  return convert::pick<eviction::metric_kind>("kind", kind,
+                                              {{"squared_sum", eviction::metric_kind::squared_sum},
+                                               {"sum", eviction::metric_kind::sum},
+                                               {"squared_mean", eviction::metric_kind::squared_mean},
+                                               {"mean", eviction::metric_kind::mean}});
+}
+
+template <std::size_t Rank>
+tensor_view<const float, Rank> host_view(std::string_view argument, const array& given) {
+  if (given.rank != Rank || given.type != element_type::f32 || given.on_device)
+    detail::fail(where, argument, detail::cat("a ", Rank, "-d float32 array on the cpu"), given.describe());
+  tensor_view<const float, Rank> view;
+  view.data = static_cast<const float*>(given.data);
+  for (std::size_t axis = 0; axis < Rank; ++axis) {
+    view.extents[axis] = given.extents[axis];
+    view.strides[axis] = given.strides[axis];
+  }
+  return view;
+}
+
+/// The metric buffer: a contiguous float32 vector of at least the cache's storage slots.
+eviction::metric_output<host_space> metric_of(const array& metric, const metric_settings& settings) {
+  const auto view = host_view<1>("metric", metric);
+  if (view.strides[0] != 1 && view.extents[0] > 1)
+    detail::fail(where, "metric", "a contiguous float32 vector", metric.describe());
+  return {.values = const_cast<float*>(view.data),
+          .slots = view.extents[0],
+          .kind = kind_of(settings.kind),
+          .protected_window = settings.protected_window};
+}
+
+}  // namespace
+
+std::int64_t metric_slots(cache_base& cache) {
+  std::int64_t slots = 0;
+  with_scheme(cache, [&](auto& known) { slots = detail::storage_slots(known.owned().view().storage); });
+  return slots;
+}
+
+void seed(cache_base& cache, const array& keys, const array& window_queries, std::int64_t start_position,
+          const array& metric, const metric_settings& settings) {
+  const kept_indices kept = cache.kept();
+  with_scheme(cache, [&](auto& known) {
+    const selection_view<host_space> selection{kept.offsets.data(), kept.tokens.data(),
+                                               static_cast<std::int64_t>(kept.offsets.size()) - 1};
+    eviction::seed_metric(host_view<4>("keys", keys), host_view<4>("window_queries", window_queries),
+                          known.owned().view(), selection, start_position, metric_of(metric, settings));
+  });
+}
+
+void attend(cache_base& cache, const array& queries, const array& out, const array& metric,
+            const metric_settings& settings) {
+  with_scheme(cache, [&](auto& known) {
+    const auto& view = known.owned().view();
+    const auto output = metric_of(metric, settings);
+    std::vector<std::byte> scratch(eviction::attend_workspace(view, output));
+    const auto o = host_view<3>("out", out);
+    eviction::attend(host_view<3>("queries", queries), view, tensor_view<float, 3>{const_cast<float*>(o.data), o.extents, o.strides},
+                     output, workspace{scratch.data(), scratch.size()});
+  });
+}
+
+eviction::report step(const std::vector<cache_base*>& layers, const std::vector<array>& metrics,
+                      const step_settings& settings) {
+  if (layers.empty()) detail::fail(where, "caches", "one cache per layer", "none");
+  if (metrics.size() != layers.size())
+    detail::fail(where, "metrics", detail::cat("one metric per cache (", layers.size(), ")"),
+                 std::to_string(metrics.size()));
+  eviction::config cfg;
+  cfg.scope = convert::pick<eviction::scope>("scope", settings.scope,
+                                             {{"per_head", eviction::scope::per_head},
+                                              {"per_layer", eviction::scope::per_layer},
+                                              {"cross_layer", eviction::scope::cross_layer}});
+  cfg.keep = settings.keep;
+  cfg.interval = settings.interval;
+  cfg.sinks = settings.sinks;
+  cfg.protected_window = settings.protected_window;
+  cfg.alpha = settings.alpha;
+  eviction::report report;
+  with_scheme(*layers.front(), [&](auto& first) {
+    using known_type = std::remove_reference_t<decltype(first)>;
+    using view_type = std::remove_cvref_t<decltype(first.owned().view())>;
+    std::vector<view_type> views;
+    std::vector<eviction::metric_output<host_space>> outputs;
+    const metric_settings metric{.protected_window = settings.protected_window};
+    for (std::size_t layer = 0; layer < layers.size(); ++layer) {
+      auto* same = dynamic_cast<known_type*>(layers[layer]);
+      if (same == nullptr)
+        detail::fail(where, "caches", detail::cat("every layer's cache of one scheme (", first.name(), ")"),
+                     detail::cat(layers[layer]->name(), " at layer ", layer));
+      views.push_back(same->owned().view());
+      outputs.push_back(metric_of(metrics[layer], metric));
+    }
+    const std::span<const view_type> all(views);
+    std::vector<std::byte> scratch(evict_workspace<backend::cpu>(all));
+    report = evict<backend::cpu>(all, std::span<const eviction::metric_output<host_space>>(outputs), cfg,
+                                 workspace{scratch.data(), scratch.size()});
+  });
+  return report;
+}
+
+}  // namespace kvtrim::python::evicting
