@@ -1030,8 +1030,12 @@ void attention_mass_scores(std::string_view function, const kv_view<KeyT, device
                        function, "cudaFuncSetAttribute(attention_row_stats)");
     detail::check_cuda(cudaFuncSetAttribute(mass_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared),
                        function, "cudaFuncSetAttribute(attention_column_mass)");
+    // Both grids are checked before the first launch (a refused call launches nothing).
     if (plan.units * plan.row_chunks > 2147483647 || plan.splits > 65535)
       detail::fail(function, "keys", "fewer row chunks than a grid holds", std::to_string(plan.units * plan.row_chunks));
+    const std::int64_t mass_blocks = plan.units * ceil_div(length, mass_tile);
+    if (mass_blocks > 2147483647)
+      detail::fail(function, "keys", "fewer key tiles than a grid holds", std::to_string(mass_blocks));
     stats_kernel<<<dim3(static_cast<unsigned>(plan.units * plan.row_chunks), static_cast<unsigned>(plan.splits)),
                    mass_threads, shared, stream>>>(p);
     detail::check_launch(function, "attention_row_stats");
@@ -1039,9 +1043,7 @@ void attention_mass_scores(std::string_view function, const kv_view<KeyT, device
         <<<static_cast<unsigned>(std::min<std::int64_t>(ceil_div(plan.rows, 256), 65535)), 256, 0, stream>>>(p);
     detail::check_launch(function, "attention_fold_splits");
     if (length > 0) {
-      const std::int64_t blocks = plan.units * ceil_div(length, mass_tile);
-      if (blocks > 2147483647) detail::fail(function, "keys", "fewer key tiles than a grid holds", std::to_string(blocks));
-      mass_kernel<<<static_cast<unsigned>(blocks), mass_threads, shared, stream>>>(p);
+      mass_kernel<<<static_cast<unsigned>(mass_blocks), mass_threads, shared, stream>>>(p);
       detail::check_launch(function, "attention_column_mass");
     }
   });

@@ -289,10 +289,15 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
   using side_type = side<128>;
 
   /// Whether the fragments can read this storage: per-token keys, or runs of whole warp blocks
-  /// (a power of two ≥ 16 slots: the run of a slot is a shift).
+  /// (a power of two ≥ 16 slots: the run of a slot is a shift) whose per-channel steps are
+  /// 16-byte aligned (they travel by 16-byte cp.async; an engine's own storage may not be:
+  /// then the dequantize-tile path reads it).
   static constexpr bool always_reads = false;
   __host__ __device__ static bool reads(const storage& store) {
-    return store.key_group == 0 || (store.slot_run % 16 == 0 && (store.slot_run & (store.slot_run - 1)) == 0);
+    if (store.key_group == 0) return true;
+    const bool aligned_steps = reinterpret_cast<std::uintptr_t>(store.key_scales) % 16 == 0 &&
+                               (!store.asymmetric || reinterpret_cast<std::uintptr_t>(store.key_zeros) % 16 == 0);
+    return aligned_steps && store.slot_run % 16 == 0 && (store.slot_run & (store.slot_run - 1)) == 0;
   }
   template <int Threads>
   __device__ static side<Threads> make_side(const storage& store, std::int64_t head, std::int64_t length) {
