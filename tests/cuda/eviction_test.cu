@@ -135,6 +135,17 @@ struct harness {
         return device_view::bind(device_block.data(), shape, c.batch, pool());
       }
     }();
+    // The memory block was copied whole, but a host contiguous view carves its length (one int64, 256 bytes
+    // with the carver's alignment) between the storage and the position tables, and a device view does not:
+    // the device view's positions would read the host's shifted by 64 slots (the contiguous cases' failure in
+    // the first device run: tokens just inside the window accumulated). Copy the tables to where the device
+    // view reads them.
+    kt::testing::check(cudaMemcpy(gpu_view.positions.slot_position, view.positions.slot_position,
+                                  sizeof(std::int32_t) * static_cast<std::size_t>(slots), cudaMemcpyHostToDevice),
+                       "cudaMemcpy H2D (slot positions)");
+    kt::testing::check(cudaMemcpy(gpu_view.positions.next_position, view.positions.next_position,
+                                  sizeof(std::int64_t) * static_cast<std::size_t>(heads), cudaMemcpyHostToDevice),
+                       "cudaMemcpy H2D (next positions)");
     kt::testing::device_tensor<Element, 3> device_queries(queries);
     const kt::tensor_view<const Element, 3, kt::device_space> query_view{
         device_queries.view.data, device_queries.view.extents, device_queries.view.strides};
