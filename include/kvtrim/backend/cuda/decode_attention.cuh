@@ -158,14 +158,34 @@ struct kv_tile_stream {
 };
 
 /// The eviction metric's side output (backend/cuda/eviction.cuh finishes it):
-/// every logit s_gi (base 2, after scale and bias) at logits[g·stride + slot(i)],
-/// and every head's final log-sum-exp (base 2) at lse[head·Group + g], so that
+/// every logit s_gi (base 2, after scale and bias) at logits[g·stride + x] with
+/// x = prefix(head) + i the token's place on the partition's line (consecutive
+/// tokens of a head are consecutive floats whatever the layout), and every
+/// head's final log-sum-exp (base 2) at lse[head·Group + g], so that
 /// p_gi = 2^(s_gi − lse_g) once the split-K merge has run. No K/V is read for it.
+/// The logits are stored with an L2 evict_last policy: the finishing kernel reads
+/// them back from L2 and discards the lines (discard.global.L2), so when they stay
+/// resident they never reach HBM (4·G bytes written + read per token otherwise).
 struct decode_metric {
   float* logits = nullptr;  // [Group][stride], null: no metric
   float* lse = nullptr;     // [heads · Group]
-  std::int64_t stride = 0;  // the layout's storage slots
+  std::int64_t stride = 0;  // ≥ the line's length, a multiple of 32 (whole 128-byte lines per warp)
+  bool keep_in_l2 = true;   // the evict_last store policy (false: plain stores; a benchmark's comparison)
 };
+
+/// Stores one metric logit: with an L2 evict_last policy (`policy` from metric_store_policy) or plainly.
+__device__ __forceinline__ void store_metric_logit(float* address, float value, bool keep_in_l2,
+                                                   std::uint64_t policy) {
+  if (keep_in_l2)
+    asm volatile("st.global.L2::cache_hint.f32 [%0], %1, %2;\n" ::"l"(address), "f"(value), "l"(policy) : "memory");
+  else
+    *address = value;
+}
+__device__ __forceinline__ std::uint64_t metric_store_policy() {
+  std::uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
 
 /// How decode attention stages and reads a codec's rows: `stored` elements,
 /// `row_elements` of them per row, and a per-head reader giving a lane the 8
@@ -316,6 +336,10 @@ __global__ void __launch_bounds__(decode_threads) decode_attention_cuda_core(con
     const head_bias bias = compensation_of(cache, head);
     const std::int64_t b = head / cache.shape.kv_heads, h = head % cache.shape.kv_heads;
     const typename tiles::reader reader = tiles::open(cache.storage, head);
+    // The metric's logits go to the head's place on the line (eviction metric only).
+    const std::int64_t metric_line = params.metric.logits != nullptr ? params.partition.prefix(head) : 0;
+    const std::uint64_t metric_policy =
+        params.metric.logits != nullptr && params.metric.keep_in_l2 ? metric_store_policy() : 0;
 
     float query[Group][8];
 #pragma unroll
@@ -358,10 +382,11 @@ __global__ void __launch_bounds__(decode_threads) decode_attention_cuda_core(con
 #pragma unroll
         for (int g = 0; g < Group; ++g) score[g][u] = token < end ? dots[g] + token_bias : negative_infinity;
         if (params.metric.logits != nullptr && token < end) {  // lane g of the token's lane group writes s_g
-          const std::int64_t slot = rows.slot(token);
 #pragma unroll
           for (int g = 0; g < Group; ++g)
-            if (lane % lanes_per_token == g) params.metric.logits[g * params.metric.stride + slot] = score[g][u];
+            if (lane % lanes_per_token == g)
+              store_metric_logit(params.metric.logits + g * params.metric.stride + metric_line + token, score[g][u],
+                                 params.metric.keep_in_l2, metric_policy);
         }
       }
 
@@ -545,6 +570,10 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
     const head_bias bias = compensation_of(cache, head);
     const std::int64_t b = head / cache.shape.kv_heads, h = head % cache.shape.kv_heads;
     const typename tiles::reader reader = tiles::open(cache.storage, head);
+    // The metric's logits go to the head's place on the line (eviction metric only).
+    const std::int64_t metric_line = params.metric.logits != nullptr ? params.partition.prefix(head) : 0;
+    const std::uint64_t metric_policy =
+        params.metric.logits != nullptr && params.metric.keep_in_l2 ? metric_store_policy() : 0;
 
     // Q as the A operand: query_fragment[step][rb][half] = dims step·16 + half·8 + 2·quad (+1) of row head_row + 8·rb.
     unsigned query_fragment[k_steps][row_blocks][2];
@@ -620,7 +649,9 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             const std::int64_t token = first_token + (i / 2) * 8 + 2 * quad + i % 2;
-            if (token < end) params.metric.logits[(head_row + 8 * rb) * params.metric.stride + rows.slot(token)] = score[i];
+            if (token < end)
+              store_metric_logit(params.metric.logits + (head_row + 8 * rb) * params.metric.stride + metric_line + token,
+                                 score[i], params.metric.keep_in_l2, metric_policy);
           }
         float tile_max = running_max[rb];
 #pragma unroll
@@ -737,6 +768,16 @@ struct implementation<stage::decode_attention, backend::cuda> {
     workspace_carver carver;
     carve(carver, cache);
     return carver.bytes();
+  }
+
+  /// Where attend laid a paged / flat cache's heads on the partition's line (the eviction
+  /// metric's logits are indexed by it): the plan's tables in `scratch`, filled on the
+  /// stream by attend's plan kernel.
+  template <class View>
+  static cuda_detail::planned_partition planned_partition(const View& cache, workspace scratch) {
+    workspace_carver carver(scratch);
+    const scratch_tables tables = carve(carver, cache);
+    return {cache.heads(), tables.line, tables.prefix, tables.first_head};
   }
 
   /// `metric`: the eviction metric's side output (backend/cuda/eviction.cuh), none by default.
