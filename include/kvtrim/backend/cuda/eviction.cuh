@@ -203,6 +203,8 @@ namespace kvtrim::cuda_detail {
 // Scratch: one uint32 per storage slot of each layer plus O(layers · heads).
 
 inline constexpr int evict_threads = 512;
+/// Consecutive tokens a thread takes in the chunked walks (fewer block-wide scans per head).
+inline constexpr int evict_per_thread = 4;
 /// Keys a prepare block keeps in shared memory (96 KB: two blocks per multiprocessor);
 /// longer heads read the rest back from the key array (L2).
 inline constexpr int evict_cached_keys = 24576;
@@ -270,6 +272,7 @@ struct evict_scratch {
   std::int64_t* candidates = nullptr;
   std::int64_t* tail = nullptr;        // first token of the protected tail
   std::int64_t* pool_ties = nullptr;   // pool candidates equal to the pool threshold
+  std::int64_t* pool_above = nullptr;  // pool candidates above it
   std::int64_t* new_length = nullptr;  // −1: untouched
   // per unit
   evict_unit_state* units = nullptr;
@@ -286,6 +289,7 @@ struct evict_scratch {
     s.candidates = carver.template take<std::int64_t>(count);
     s.tail = carver.template take<std::int64_t>(count);
     s.pool_ties = carver.template take<std::int64_t>(count);
+    s.pool_above = carver.template take<std::int64_t>(count);
     s.new_length = carver.template take<std::int64_t>(count);
     s.units = carver.template take<evict_unit_state>(units);
     s.histograms = carver.template take<unsigned>(evict_digit_passes * pooled_units * evict_bins);
@@ -449,23 +453,44 @@ __global__ void __launch_bounds__(evict_threads)
   }
 
   // Floor-kept candidates marked (ties: the first `remaining` in token order); the rest
-  // go to the unit's first-digit pool histogram.
+  // go to the unit's first-digit pool histogram. Each thread takes evict_per_thread
+  // consecutive tokens of a chunk; ties are ranked only in chunks that have some.
   for (int k = threadIdx.x; k < evict_bins; k += evict_threads) shared.histogram[k] = 0;
   __syncthreads();
-  std::int64_t ties_seen = 0;
-  for (std::int64_t c0 = 0; c0 < length; c0 += evict_threads) {
-    const std::int64_t i = c0 + threadIdx.x;
-    const std::int64_t slot = i < length ? cache.slot(b, h, i) : 0;
-    const std::uint32_t key = i < length ? key_at(i, slot) : evict_protected_key;
-    const bool candidate = key != evict_protected_key;
-    const bool tie = candidate && floor_count > 0 && key == prefix;
-    std::int64_t rank = 0, ties_here = 0;
-    evict_scan(shared.scan).ExclusiveSum(tie ? 1 : 0, rank, ties_here);
-    __syncthreads();
-    const bool floor_kept = candidate && floor_count > 0 && (key > prefix || (tie && ties_seen + rank < remaining));
-    ties_seen += ties_here;
-    if (floor_kept) keys[slot] = evict_floor_key;
-    else if (candidate) atomicAdd(&shared.histogram[key >> evict_digit_shift(0)], 1u);
+  {
+    constexpr int per_thread = evict_per_thread;
+    using count_scan = cub::BlockScan<int, evict_threads>;
+    auto& count_storage = reinterpret_cast<typename count_scan::TempStorage&>(shared.scan);
+    std::int64_t ties_seen = 0;
+    for (std::int64_t c0 = 0; c0 < length; c0 += std::int64_t{evict_threads} * per_thread) {
+      std::int64_t slot[per_thread];
+      std::uint32_t key[per_thread];
+      int my_ties = 0;
+#pragma unroll
+      for (int k = 0; k < per_thread; ++k) {
+        const std::int64_t i = c0 + std::int64_t{threadIdx.x} * per_thread + k;
+        slot[k] = i < length ? cache.slot(b, h, i) : 0;
+        key[k] = i < length ? key_at(i, slot[k]) : evict_protected_key;
+        my_ties += key[k] != evict_protected_key && floor_count > 0 && key[k] == prefix ? 1 : 0;
+      }
+      int ties_before = 0, chunk_ties = 0;
+      if (__syncthreads_or(my_ties)) {
+        count_scan(count_storage).ExclusiveSum(my_ties, ties_before, chunk_ties);
+        __syncthreads();
+      }
+      std::int64_t running = ties_seen + ties_before;
+#pragma unroll
+      for (int k = 0; k < per_thread; ++k) {
+        if (key[k] == evict_protected_key) continue;
+        const bool floor_kept =
+            floor_count > 0 && (key[k] > prefix || (key[k] == prefix && running++ < remaining));
+        if (floor_kept)
+          keys[slot[k]] = evict_floor_key;
+        else
+          atomicAdd(&shared.histogram[key[k] >> evict_digit_shift(0)], 1u);
+      }
+      ties_seen += chunk_ties;
+    }
   }
   __syncthreads();
   unsigned* pool_histogram = scratch.histograms + unit * evict_bins;  // pass 0
@@ -542,13 +567,19 @@ __global__ void __launch_bounds__(evict_threads)
   const std::uint32_t* keys = set.keys[l];
   const std::int64_t length = cache.head_length(b, h);
   if (pass == evict_digit_passes) {
-    std::int64_t mine = 0, total = 0;
+    std::int64_t ties = 0, above = 0, ties_total = 0, above_total = 0;
     for (std::int64_t i = threadIdx.x; i < length; i += evict_threads) {
       const std::uint32_t key = keys[cache.slot(b, h, i)];
-      mine += evict_candidate(key) && key == state.prefix ? 1 : 0;
+      ties += evict_candidate(key) && key == state.prefix ? 1 : 0;
+      above += evict_candidate(key) && key > state.prefix ? 1 : 0;
     }
-    evict_scan(shared.scan).ExclusiveSum(mine, mine, total);
-    if (threadIdx.x == 0) scratch.pool_ties[l * settings.heads_per_layer + head] = total;
+    evict_scan(shared.scan).ExclusiveSum(ties, ties, ties_total);
+    __syncthreads();
+    evict_scan(shared.scan).ExclusiveSum(above, above, above_total);
+    if (threadIdx.x == 0) {
+      scratch.pool_ties[l * settings.heads_per_layer + head] = ties_total;
+      scratch.pool_above[l * settings.heads_per_layer + head] = above_total;
+    }
     return;
   }
   const int shift = evict_digit_shift(pass);
@@ -567,12 +598,20 @@ __global__ void __launch_bounds__(evict_threads)
 }
 
 /// Block per head: the keep decisions and the moves (eviction/evict.hpp, "Layouts").
+/// K (kept tokens before the tail) is arithmetic: every candidate lies before the tail,
+/// and the head keeps its floor, its pool candidates above the threshold and its share
+/// of the threshold's ties. Then two walks, each thread taking evict_per_thread
+/// consecutive tokens of a chunk: the holes below K (listed by rank in the key array,
+/// dead by then: index r < holes ≤ K, already read), and the kept tokens in [K, tail),
+/// which fill them in order; then the tail shifts down.
 template <class View>
 __global__ void __launch_bounds__(evict_threads)
     evict_compact(const __grid_constant__ evict_layer_set<View> set, const evict_settings settings,
                   const evict_scratch scratch) {
+  constexpr int per_thread = evict_per_thread;
+  constexpr int chunk = evict_threads * per_thread;
   __shared__ evict_shared shared;
-  __shared__ std::int64_t move_from[evict_threads], move_to[evict_threads];  // a chunk's movers: slots
+  __shared__ std::int64_t move_from[chunk], move_to[chunk];  // a chunk's movers: slots
   const std::int64_t l = blockIdx.x / settings.heads_per_layer, head = blockIdx.x % settings.heads_per_layer;
   const std::int64_t b = head / settings.kv_heads, h = head % settings.kv_heads;
   if (settings.is_retrieval(l, h)) return;
@@ -586,64 +625,93 @@ __global__ void __launch_bounds__(evict_threads)
   const std::int64_t index = l * settings.heads_per_layer + head;
   const std::int64_t length = cache.head_length(b, h), tail = scratch.tail[index];
   const std::int64_t compensation = cache.compensation.index[head];
+  const bool pooled = state.none == 0;
 
   // Pool ties kept before this head: the unit's heads of lower ordinal (l·kv_heads + h).
   std::int64_t tie_offset = 0;
-  if (state.none == 0) {
+  if (pooled) {
     std::int64_t ub, l0, l1, h0, h1;
     settings.unit_range(unit, ub, l0, l1, h0, h1);
     const std::int64_t width = h1 - h0, before = (l - l0) * width + (h - h0);
     std::int64_t mine = 0, ignored = 0;
     for (std::int64_t k = threadIdx.x; k < before; k += evict_threads) {
       const std::int64_t ol = l0 + k / width, oh = h0 + k % width;
-      if (!settings.is_retrieval(ol, oh)) mine += scratch.pool_ties[ol * settings.heads_per_layer + b * settings.kv_heads + oh];
+      if (!settings.is_retrieval(ol, oh))
+        mine += scratch.pool_ties[ol * settings.heads_per_layer + b * settings.kv_heads + oh];
     }
     evict_scan(shared.scan).ExclusiveSum(mine, ignored, tie_offset);
     __syncthreads();
   }
-  // One chunk of decisions: thread's token i (valid: in range, key its rank key) → kept; `rank` and
-  // `chunk_total`: block-wide exclusive count and total of `kept` (count_kept) or of `!kept` in the
-  // chunk; `ties_seen` (pool ties passed in this head) advances. Both scans are block barriers.
-  const auto decide = [&](bool valid, std::uint32_t key, bool count_kept, std::int64_t& ties_seen, std::int64_t& rank,
-                          std::int64_t& chunk_total) {
-    const bool candidate = valid && evict_candidate(key);
-    const bool tie = candidate && state.none == 0 && key == state.prefix;
-    std::int64_t tie_rank = 0, ties_here = 0;
-    evict_scan(shared.scan).ExclusiveSum(tie ? 1 : 0, tie_rank, ties_here);
+  const std::int64_t pool_kept =
+      pooled ? scratch.pool_above[index] +
+                   std::clamp<std::int64_t>(state.remaining - tie_offset, 0, scratch.pool_ties[index])
+             : 0;
+  const std::int64_t dropped = scratch.candidates[index] - scratch.floor_count[index] - pool_kept;
+  const std::int64_t K = tail - dropped;
+
+  // A chunk's decisions: this thread's tokens c0 + per_thread·tid + k (valid below `end`) → kept[k],
+  // and flag_rank[k], the block-wide exclusive rank of token k among the chunk's flagged tokens
+  // (flag: kept, or not kept, as asked), `flagged` their count. `ties_seen` advances.
+  using count_scan = cub::BlockScan<int, evict_threads>;
+  auto& count_storage = reinterpret_cast<typename count_scan::TempStorage&>(shared.scan);
+  static_assert(sizeof(typename count_scan::TempStorage) <= sizeof(typename evict_scan::TempStorage));
+  std::int64_t ties_seen = 0;
+  const auto decide = [&](std::int64_t c0, std::int64_t end, bool flag_kept, const std::int64_t (&slot)[per_thread],
+                          bool (&kept)[per_thread], int (&flag_rank)[per_thread], int& flagged) {
+    bool tie[per_thread], candidate[per_thread];
+    int my_ties = 0;
+#pragma unroll
+    for (int k = 0; k < per_thread; ++k) {
+      const std::int64_t i = c0 + std::int64_t{threadIdx.x} * per_thread + k;
+      const std::uint32_t key = i < end ? keys[slot[k]] : evict_protected_key;
+      candidate[k] = evict_candidate(key);
+      tie[k] = candidate[k] && pooled && key == state.prefix;
+      kept[k] = i < end && (!candidate[k] || (pooled && key > state.prefix));
+      my_ties += tie[k] ? 1 : 0;
+    }
+    int ties_before = 0, chunk_ties = 0;
+    if (__syncthreads_or(my_ties)) {  // ties are rare: rank them only when the chunk has some
+      count_scan(count_storage).ExclusiveSum(my_ties, ties_before, chunk_ties);
+      __syncthreads();
+    }
+    std::int64_t running = tie_offset + ties_seen + ties_before;
+    int my_flags = 0;
+#pragma unroll
+    for (int k = 0; k < per_thread; ++k) {
+      const std::int64_t i = c0 + std::int64_t{threadIdx.x} * per_thread + k;
+      if (tie[k]) kept[k] = running++ < state.remaining;
+      flag_rank[k] = my_flags;
+      my_flags += i < end && kept[k] == flag_kept ? 1 : 0;
+    }
+    ties_seen += chunk_ties;
+    int flags_before = 0;
+    count_scan(count_storage).ExclusiveSum(my_flags, flags_before, flagged);
     __syncthreads();
-    const bool kept = valid && (!candidate || (state.none == 0 && key > state.prefix) ||
-                                (tie && tie_offset + ties_seen + tie_rank < state.remaining));
-    ties_seen += ties_here;
-    const bool flag = valid && (count_kept ? kept : !kept);
-    evict_scan(shared.scan).ExclusiveSum(flag ? 1 : 0, rank, chunk_total);
-    __syncthreads();
-    return kept;
+#pragma unroll
+    for (int k = 0; k < per_thread; ++k) flag_rank[k] += flags_before;
+  };
+  const auto slots_of = [&](std::int64_t c0, std::int64_t end, std::int64_t (&slot)[per_thread]) {
+#pragma unroll
+    for (int k = 0; k < per_thread; ++k) {
+      const std::int64_t i = c0 + std::int64_t{threadIdx.x} * per_thread + k;
+      slot[k] = i < end ? cache.slot(b, h, i) : 0;
+    }
   };
 
-  // K: the kept tokens before the tail.
-  std::int64_t kept_before_tail = 0;
-  {
-    std::int64_t ties_seen = 0;
-    for (std::int64_t c0 = 0; c0 < tail; c0 += evict_threads) {
-      const std::int64_t i = c0 + threadIdx.x;
-      const bool valid = i < tail;
-      const std::uint32_t key = valid ? keys[cache.slot(b, h, i)] : 0u;
-      std::int64_t rank, total;
-      decide(valid, key, true, ties_seen, rank, total);
-      kept_before_tail += total;
+  // The holes below K, by rank.
+  std::int64_t holes = 0;
+  for (std::int64_t c0 = 0; c0 < K; c0 += chunk) {
+    std::int64_t slot[per_thread];
+    bool kept[per_thread];
+    int rank[per_thread], flagged;
+    slots_of(c0, K, slot);
+    decide(c0, K, false, slot, kept, rank, flagged);  // (its scans are barriers: every key is read)
+#pragma unroll
+    for (int k = 0; k < per_thread; ++k) {
+      const std::int64_t i = c0 + std::int64_t{threadIdx.x} * per_thread + k;
+      if (i < K && !kept[k]) keys[cache.slot(b, h, holes + rank[k])] = static_cast<std::uint32_t>(i);
     }
-  }
-  const std::int64_t K = kept_before_tail;
-  // The holes below K, listed by rank in the key array (index r < holes ≤ K: keys already read).
-  std::int64_t ties_seen = 0, holes = 0;
-  for (std::int64_t c0 = 0; c0 < K; c0 += evict_threads) {
-    const std::int64_t i = c0 + threadIdx.x;
-    const bool valid = i < K;
-    const std::uint32_t key = valid ? keys[cache.slot(b, h, i)] : 0u;
-    std::int64_t rank, total;
-    const bool kept = decide(valid, key, false, ties_seen, rank, total);  // (the scans are the barrier)
-    if (valid && !kept) keys[cache.slot(b, h, holes + rank)] = static_cast<std::uint32_t>(i);
-    holes += total;
+    holes += flagged;
   }
   __syncthreads();  // the hole list is visible to the block
 
@@ -652,41 +720,45 @@ __global__ void __launch_bounds__(evict_threads)
   auto* key_rows = reinterpret_cast<uint4*>(cache.storage.keys);
   auto* value_rows = reinterpret_cast<uint4*>(cache.storage.values);
   // The compensation token's new index: a stayer keeps it, a mover's thread or the tail's shift sets it.
-  if (threadIdx.x == 0) shared.compensation = static_cast<std::int32_t>(compensation >= 0 && compensation < K ? compensation : -1);
+  if (threadIdx.x == 0)
+    shared.compensation = static_cast<std::int32_t>(compensation >= 0 && compensation < K ? compensation : -1);
   // Movers: kept tokens in [K, tail) fill the holes in order (sources ≥ K > destinations: no overlap).
   std::int64_t movers = 0;
-  for (std::int64_t c0 = K; c0 < tail; c0 += evict_threads) {
-    const std::int64_t i = c0 + threadIdx.x;
-    const bool valid = i < tail;
-    const std::int64_t slot = valid ? cache.slot(b, h, i) : 0;
-    const std::uint32_t key = valid ? keys[slot] : 0u;
-    std::int64_t rank, total;
-    const bool kept = decide(valid, key, true, ties_seen, rank, total);
-    if (valid && kept) {
-      const std::int64_t target = keys[cache.slot(b, h, movers + rank)];
-      const std::int64_t to = cache.slot(b, h, target);
-      positions[to] = positions[slot];
-      metric[to] = metric[slot];
-      move_from[rank] = slot;
-      move_to[rank] = to;
-      if (i == compensation) shared.compensation = static_cast<std::int32_t>(target);
+  for (std::int64_t c0 = K; c0 < tail; c0 += chunk) {
+    std::int64_t slot[per_thread];
+    bool kept[per_thread];
+    int rank[per_thread], flagged;
+    slots_of(c0, tail, slot);
+    decide(c0, tail, true, slot, kept, rank, flagged);
+#pragma unroll
+    for (int k = 0; k < per_thread; ++k) {
+      const std::int64_t i = c0 + std::int64_t{threadIdx.x} * per_thread + k;
+      if (i < tail && kept[k]) {
+        const std::int64_t target = keys[cache.slot(b, h, movers + rank[k])];
+        const std::int64_t to = cache.slot(b, h, target);
+        positions[to] = positions[slot[k]];
+        metric[to] = metric[slot[k]];
+        move_from[rank[k]] = slot[k];
+        move_to[rank[k]] = to;
+        if (i == compensation) shared.compensation = static_cast<std::int32_t>(target);
+      }
     }
     __syncthreads();
-    for (std::int64_t e = threadIdx.x; e < total * row_pieces; e += evict_threads) {
+    for (std::int64_t e = threadIdx.x; e < flagged * row_pieces; e += evict_threads) {
       const std::int64_t k = e / row_pieces, piece = e % row_pieces;
       key_rows[move_to[k] * row_pieces + piece] = key_rows[move_from[k] * row_pieces + piece];
       value_rows[move_to[k] * row_pieces + piece] = value_rows[move_from[k] * row_pieces + piece];
     }
-    movers += total;
+    movers += flagged;
     __syncthreads();
   }
   // The tail shifts down by tail − K, a chunk at a time, each read whole (registers) before written.
   const std::int64_t shift = tail - K;
   if (shift > 0) {
     constexpr int pieces_per_thread = 4;
-    const std::int64_t chunk = std::max<std::int64_t>(1, evict_threads * pieces_per_thread / row_pieces);
-    for (std::int64_t c0 = tail; c0 < length; c0 += chunk) {
-      const std::int64_t count = std::min(chunk, length - c0);
+    const std::int64_t tail_chunk = std::max<std::int64_t>(1, evict_threads * pieces_per_thread / row_pieces);
+    for (std::int64_t c0 = tail; c0 < length; c0 += tail_chunk) {
+      const std::int64_t count = std::min(tail_chunk, length - c0);
       uint4 staged[pieces_per_thread][2];
       std::int32_t position = 0;
       float value = 0.0f;
