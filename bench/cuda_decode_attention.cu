@@ -328,6 +328,40 @@ BENCHMARK_MAIN();
 // ---- issue 16: the eviction metric's cost (eviction::attend with and without it) ----
 namespace {
 
+/// Page tables of `heads` full heads of `tokens` tokens over pages of `page` scattered
+/// through the pool (a fixed shuffle), positions 0 … tokens − 1 in every head and next
+/// position `tokens`: the layout's tables for W's benchmarks, uploaded into a paged view.
+struct scattered_pages {
+  std::vector<std::int32_t> indices, indptr, last, positions;
+  std::vector<std::int64_t> next;
+  scattered_pages(std::int64_t heads, std::int64_t tokens, std::int64_t page) {
+    const std::int64_t pages_per_head = (tokens + page - 1) / page;
+    indices.resize(static_cast<std::size_t>(heads * pages_per_head));
+    std::iota(indices.begin(), indices.end(), 0);
+    std::shuffle(indices.begin(), indices.end(), std::mt19937_64(7));
+    indptr.resize(static_cast<std::size_t>(heads + 1));
+    last.assign(static_cast<std::size_t>(heads), static_cast<std::int32_t>((tokens - 1) % page + 1));
+    for (std::int64_t head = 0; head <= heads; ++head) indptr[head] = static_cast<std::int32_t>(head * pages_per_head);
+    positions.assign(indices.size() * static_cast<std::size_t>(page), 0);
+    for (std::int64_t head = 0; head < heads; ++head)
+      for (std::int64_t i = 0; i < tokens; ++i)
+        positions[static_cast<std::size_t>(indices[head * pages_per_head + i / page] * page + i % page)] =
+            static_cast<std::int32_t>(i);
+    next.assign(static_cast<std::size_t>(heads), tokens);
+  }
+  template <class View>
+  void upload(const View& view) const {
+    check(cudaMemcpy(view.indptr, indptr.data(), indptr.size() * 4, cudaMemcpyHostToDevice), "indptr");
+    check(cudaMemcpy(view.indices, indices.data(), indices.size() * 4, cudaMemcpyHostToDevice), "indices");
+    check(cudaMemcpy(view.last_page_len, last.data(), last.size() * 4, cudaMemcpyHostToDevice), "last_page_len");
+    check(cudaMemset(view.free_count, 0, sizeof(std::int32_t)), "free_count");
+    check(cudaMemcpy(view.positions.slot_position, positions.data(), positions.size() * 4, cudaMemcpyHostToDevice),
+          "positions");
+    check(cudaMemcpy(view.positions.next_position, next.data(), next.size() * 8, cudaMemcpyHostToDevice), "next");
+    check(cudaMemset(view.compensation.index, 0xff, next.size() * sizeof(std::int32_t)), "compensation");
+  }
+};
+
 /// Workload W over a paged fp16 cache (pages of 16, scattered), every head `tokens` long:
 /// decode attention through eviction::attend, with the metric side output (metric = 1)
 /// or without (metric = 0); metric = 2 stores the logits without the L2 evict_last policy
@@ -344,26 +378,7 @@ void decode_attention_metric(benchmark::State& state) {
   void* memory = nullptr;
   check(cudaMalloc(&memory, view_type::bytes(shape, batch, pool)), "cudaMalloc(cache)");
   const view_type view = view_type::bind(memory, shape, batch, pool);
-  std::vector<std::int32_t> permutation(static_cast<std::size_t>(pool.pages));
-  std::iota(permutation.begin(), permutation.end(), 0);
-  std::shuffle(permutation.begin(), permutation.end(), std::mt19937_64(7));
-  std::vector<std::int32_t> indptr(static_cast<std::size_t>(heads + 1)), last(static_cast<std::size_t>(heads));
-  for (std::int64_t head = 0; head <= heads; ++head) indptr[head] = static_cast<std::int32_t>(head * pages_per_head);
-  for (std::int64_t head = 0; head < heads; ++head) last[head] = static_cast<std::int32_t>((tokens - 1) % page + 1);
-  // Positions 0 … tokens − 1 in every head, next position `tokens` (64-token window protected).
-  std::vector<std::int32_t> positions(static_cast<std::size_t>(pool.pages * page), 0);
-  for (std::int64_t head = 0; head < heads; ++head)
-    for (std::int64_t i = 0; i < tokens; ++i)
-      positions[static_cast<std::size_t>(permutation[head * pages_per_head + i / page] * page + i % page)] =
-          static_cast<std::int32_t>(i);
-  const std::vector<std::int64_t> next(static_cast<std::size_t>(heads), tokens);
-  check(cudaMemcpy(view.indptr, indptr.data(), indptr.size() * 4, cudaMemcpyHostToDevice), "indptr");
-  check(cudaMemcpy(view.indices, permutation.data(), permutation.size() * 4, cudaMemcpyHostToDevice), "indices");
-  check(cudaMemcpy(view.last_page_len, last.data(), last.size() * 4, cudaMemcpyHostToDevice), "last_page_len");
-  check(cudaMemcpy(view.positions.slot_position, positions.data(), positions.size() * 4, cudaMemcpyHostToDevice),
-        "positions");
-  check(cudaMemcpy(view.positions.next_position, next.data(), next.size() * 8, cudaMemcpyHostToDevice), "next");
-  check(cudaMemset(view.compensation.index, 0xff, heads * sizeof(std::int32_t)), "compensation");
+  scattered_pages(heads, tokens, page).upload(view);  // positions 0 … tokens − 1: a 64-token window protected
   fill_random<<<1024, 256>>>(reinterpret_cast<__half*>(view.storage.keys), pool.pages * page * shape.head_dim, 1);
   fill_random<<<1024, 256>>>(reinterpret_cast<__half*>(view.storage.values), pool.pages * page * shape.head_dim, 2);
 
@@ -439,18 +454,7 @@ void eviction_step(benchmark::State& state) {
   const std::int64_t heads = batch * shape.kv_heads, pages_per_head = (tokens + page - 1) / page;
   const kt::layout::paged::pool_size pool{heads * pages_per_head, page};
   const std::size_t bytes = view_type::bytes(shape, batch, pool);
-  std::vector<std::int32_t> permutation(static_cast<std::size_t>(pool.pages));
-  std::iota(permutation.begin(), permutation.end(), 0);
-  std::shuffle(permutation.begin(), permutation.end(), std::mt19937_64(7));
-  std::vector<std::int32_t> indptr(static_cast<std::size_t>(heads + 1)), last(static_cast<std::size_t>(heads));
-  for (std::int64_t head = 0; head <= heads; ++head) indptr[head] = static_cast<std::int32_t>(head * pages_per_head);
-  for (std::int64_t head = 0; head < heads; ++head) last[head] = static_cast<std::int32_t>((tokens - 1) % page + 1);
-  std::vector<std::int32_t> positions(static_cast<std::size_t>(pool.pages * page), 0);
-  for (std::int64_t head = 0; head < heads; ++head)
-    for (std::int64_t i = 0; i < tokens; ++i)
-      positions[static_cast<std::size_t>(permutation[head * pages_per_head + i / page] * page + i % page)] =
-          static_cast<std::int32_t>(i);
-  const std::vector<std::int64_t> next(static_cast<std::size_t>(heads), tokens);
+  const scattered_pages tables(heads, tokens, page);
   const std::int64_t slots = pool.pages * page;
 
   std::vector<void*> memory(static_cast<std::size_t>(layers)), saved(static_cast<std::size_t>(layers));
@@ -461,14 +465,7 @@ void eviction_step(benchmark::State& state) {
   for (std::int64_t l = 0; l < layers; ++l) {
     check(cudaMalloc(&memory[l], bytes), "cudaMalloc(cache)");
     const view_type view = view_type::bind(memory[l], shape, batch, pool);
-    check(cudaMemcpy(view.indptr, indptr.data(), indptr.size() * 4, cudaMemcpyHostToDevice), "indptr");
-    check(cudaMemcpy(view.indices, permutation.data(), permutation.size() * 4, cudaMemcpyHostToDevice), "indices");
-    check(cudaMemcpy(view.last_page_len, last.data(), last.size() * 4, cudaMemcpyHostToDevice), "last_page_len");
-    check(cudaMemset(view.free_count, 0, sizeof(std::int32_t)), "free_count");
-    check(cudaMemcpy(view.positions.slot_position, positions.data(), positions.size() * 4, cudaMemcpyHostToDevice),
-          "positions");
-    check(cudaMemcpy(view.positions.next_position, next.data(), next.size() * 8, cudaMemcpyHostToDevice), "next");
-    check(cudaMemset(view.compensation.index, 0xff, heads * sizeof(std::int32_t)), "compensation");
+    tables.upload(view);
     fill_random<<<1024, 256>>>(reinterpret_cast<__half*>(view.storage.keys), slots * shape.head_dim, 1 + 3 * l);
     fill_random<<<1024, 256>>>(reinterpret_cast<__half*>(view.storage.values), slots * shape.head_dim, 2 + 3 * l);
     check(cudaMalloc(&metric[l], slots * sizeof(float)), "cudaMalloc(metric)");
