@@ -365,13 +365,15 @@ struct scattered_pages {
 /// Workload W over a paged fp16 cache (pages of 16, scattered), every head `tokens` long:
 /// decode attention through eviction::attend, with the metric side output (metric = 1)
 /// or without (metric = 0); metric = 2 stores the logits without the L2 evict_last policy
-/// (cuda_detail::metric_logits_in_l2 off: what keeping them in L2 saves). The bytes counted
+/// (cuda_detail::metric_logits_in_l2 off: what keeping them in L2 saves); metric = 3 also
+/// marks the K/V stream's lines evict_first (metric_kv_evict_first). The bytes counted
 /// are the cache's K/V only, so the rows' median_us give the metric's cost directly.
 void decode_attention_metric(benchmark::State& state) {
   using view_type = kt::layout::paged::view<kt::codec::fp16, kt::device_space>;
   const std::int64_t batch = state.range(0), tokens = state.range(1), page = 16;
   const bool with_metric = state.range(5) != 0;
   kt::cuda_detail::metric_logits_in_l2 = state.range(5) != 2;
+  kt::cuda_detail::metric_kv_evict_first = state.range(5) == 3;
   const kt::model_shape shape{.q_heads = state.range(2), .kv_heads = state.range(3), .head_dim = state.range(4)};
   const std::int64_t heads = batch * shape.kv_heads, pages_per_head = (tokens + page - 1) / page;
   const kt::layout::paged::pool_size pool{heads * pages_per_head, page};
@@ -420,6 +422,7 @@ BENCHMARK(decode_attention_metric)
     ->Args({8, 32768, 32, 8, 128, 0})
     ->Args({8, 32768, 32, 8, 128, 1})
     ->Args({8, 32768, 32, 8, 128, 2})
+    ->Args({8, 32768, 32, 8, 128, 3})
     ->Args({8, 4096, 32, 8, 128, 0})
     ->Args({8, 4096, 32, 8, 128, 1})
     ->UseManualTime()

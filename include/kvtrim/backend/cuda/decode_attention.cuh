@@ -65,6 +65,14 @@ __device__ __forceinline__ void copy_async16(void* shared_destination, const voi
   const auto destination = static_cast<unsigned>(__cvta_generic_to_shared(shared_destination));
   asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(destination), "l"(global_source), "r"(bytes));
 }
+/// The same copy with an L2 eviction-priority policy (createpolicy): the eviction metric's
+/// K/V stream marks its lines evict_first so the metric's logits stay resident (decode_metric).
+__device__ __forceinline__ void copy_async16(void* shared_destination, const void* global_source, int bytes,
+                                             std::uint64_t policy) {
+  const auto destination = static_cast<unsigned>(__cvta_generic_to_shared(shared_destination));
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(destination),
+               "l"(global_source), "r"(bytes), "l"(policy));
+}
 __device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int Pending>
 __device__ __forceinline__ void copy_async_wait() {
@@ -95,11 +103,15 @@ struct kv_tile_stream {
   std::int64_t begin, end;
   int tile_count;
   std::int64_t source[chunks_per_thread];  // element offsets of the next tile's rows to issue (−1: past the end)
+  bool hinted;           // copies carry `policy` (the eviction metric's evict_first K/V stream)
+  std::uint64_t policy;
 
   __device__ __forceinline__ kv_tile_stream(void* shared, const StoreT* keys_, const StoreT* values_, Rows rows_,
-                                            std::int64_t begin_, std::int64_t end_)
+                                            std::int64_t begin_, std::int64_t end_, bool hinted_ = false,
+                                            std::uint64_t policy_ = 0)
       : tiles(static_cast<StoreT*>(shared)), keys(keys_), values(values_), rows(rows_), begin(begin_), end(end_),
-        tile_count(end_ > begin_ ? static_cast<int>((end_ - begin_ + TileTokens - 1) / TileTokens) : 0) {}
+        tile_count(end_ > begin_ ? static_cast<int>((end_ - begin_ + TileTokens - 1) / TileTokens) : 0),
+        hinted(hinted_), policy(policy_) {}
 
   __device__ __forceinline__ std::int64_t first_token(int tile) const { return begin + std::int64_t{tile} * TileTokens; }
   __device__ __forceinline__ const StoreT* key_tile(int tile) const {
@@ -127,8 +139,13 @@ struct kv_tile_stream {
       const int chunk = threadIdx.x + k * Threads;
       const int offset = (chunk / chunks_per_row) * RowStride + (chunk % chunks_per_row) * chunk_elements;
       const bool valid = source[k] >= 0;
-      copy_async16(key_destination + offset, keys + (valid ? source[k] : 0), valid ? 16 : 0);
-      copy_async16(value_destination + offset, values + (valid ? source[k] : 0), valid ? 16 : 0);
+      if (hinted) {
+        copy_async16(key_destination + offset, keys + (valid ? source[k] : 0), valid ? 16 : 0, policy);
+        copy_async16(value_destination + offset, values + (valid ? source[k] : 0), valid ? 16 : 0, policy);
+      } else {
+        copy_async16(key_destination + offset, keys + (valid ? source[k] : 0), valid ? 16 : 0);
+        copy_async16(value_destination + offset, values + (valid ? source[k] : 0), valid ? 16 : 0);
+      }
     }
     if (tile + 1 < tile_count) resolve(tile + 1);
   }
@@ -171,6 +188,7 @@ struct decode_metric {
   float* lse = nullptr;     // [heads · Group]
   std::int64_t stride = 0;  // ≥ the line's length, a multiple of 32 (whole 128-byte lines per warp)
   bool keep_in_l2 = true;   // the evict_last store policy (false: plain stores; a benchmark's comparison)
+  bool stream_kv_evict_first = false;  // the K/V stream's lines marked evict_first (a benchmark's comparison)
 };
 
 /// Stores one metric logit: with an L2 evict_last policy (`policy` from metric_store_policy) or plainly.
@@ -180,6 +198,11 @@ __device__ __forceinline__ void store_metric_logit(float* address, float value, 
     asm volatile("st.global.L2::cache_hint.f32 [%0], %1, %2;\n" ::"l"(address), "f"(value), "l"(policy) : "memory");
   else
     *address = value;
+}
+__device__ __forceinline__ std::uint64_t kv_stream_policy() {
+  std::uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
 }
 __device__ __forceinline__ std::uint64_t metric_store_policy() {
   std::uint64_t policy;
@@ -330,8 +353,10 @@ __global__ void __launch_bounds__(decode_threads) decode_attention_cuda_core(con
   for_each_segment(params.partition, [&](std::int64_t head, std::int64_t begin, std::int64_t end, bool whole,
                                          std::int64_t partial_index) {
     const auto rows = head_rows(cache, head, params.page_shift);
-    typename geometry::template stream<std::remove_const_t<decltype(rows)>> stream(shared_memory, keys, values, rows,
-                                                                                   begin, end);
+    // With the eviction metric, optionally: K/V lines evict_first, so the metric's logits stay in L2.
+    const bool kv_hinted = params.metric.logits != nullptr && params.metric.stream_kv_evict_first;
+    typename geometry::template stream<std::remove_const_t<decltype(rows)>> stream(
+        shared_memory, keys, values, rows, begin, end, kv_hinted, kv_hinted ? kv_stream_policy() : 0);
     stream.start();
     const head_bias bias = compensation_of(cache, head);
     const std::int64_t b = head / cache.shape.kv_heads, h = head % cache.shape.kv_heads;
@@ -564,8 +589,10 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
   for_each_segment(params.partition, [&](std::int64_t head, std::int64_t begin, std::int64_t end, bool whole,
                                          std::int64_t partial_index) {
     const auto rows = head_rows(cache, head, params.page_shift);
-    typename geometry::template stream<std::remove_const_t<decltype(rows)>> stream(shared_memory, keys, values, rows,
-                                                                                   begin, end);
+    // With the eviction metric, optionally: K/V lines evict_first, so the metric's logits stay in L2.
+    const bool kv_hinted = params.metric.logits != nullptr && params.metric.stream_kv_evict_first;
+    typename geometry::template stream<std::remove_const_t<decltype(rows)>> stream(
+        shared_memory, keys, values, rows, begin, end, kv_hinted, kv_hinted ? kv_stream_policy() : 0);
     stream.start();
     const head_bias bias = compensation_of(cache, head);
     const std::int64_t b = head / cache.shape.kv_heads, h = head % cache.shape.kv_heads;

@@ -47,6 +47,9 @@ inline constexpr int metric_threads = 256;
 /// Whether the metric's logits are stored with the L2 evict_last policy and discarded
 /// after use (the default); bench/cuda_decode_attention.cu turns it off to measure it.
 inline bool metric_logits_in_l2 = true;
+/// Whether decode attention's K/V stream marks its lines evict_first while the metric is on
+/// (off by default; bench/cuda_decode_attention.cu measures it).
+inline bool metric_kv_evict_first = false;
 
 /// The head holding place x of the line (x < line.total): the block that reads x
 /// starts in partition.first_head(x / C); walk on past heads that end before x
@@ -143,6 +146,7 @@ void attend(tensor_view<QueryT, 3, device_space> queries, const View& cache, ten
   if (metric.enabled()) {
     side.stride = metric_logit_stride(cache);
     side.keep_in_l2 = cuda_detail::metric_logits_in_l2;
+    side.stream_kv_evict_first = cuda_detail::metric_kv_evict_first;
     side.logits = carver.take<float>(shape.group_size() * side.stride);
     side.lse = carver.take<float>(cache.heads() * shape.group_size());
   }
