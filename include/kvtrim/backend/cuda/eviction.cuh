@@ -278,6 +278,11 @@ struct evict_scratch {
   std::int64_t* pool_ties = nullptr;   // pool candidates equal to the pool threshold
   std::int64_t* pool_above = nullptr;  // pool candidates above it
   std::int64_t* new_length = nullptr;  // −1: untouched
+  std::int64_t* page_write = nullptr;  // close-up: the head's first entry in the closed-up page table
+  std::int64_t* page_freed = nullptr;  // close-up: pages freed by the layer's heads before this one
+  // per layer, [layers · (heads_per_layer + 1)]: each head's first key in the layer's key array
+  // (lengths rounded up to 4: every head's keys start 16-byte aligned)
+  std::int64_t* line = nullptr;
   // per unit
   evict_unit_state* units = nullptr;
   unsigned* histograms = nullptr;  // [passes][units][evict_bins]
@@ -295,6 +300,9 @@ struct evict_scratch {
     s.pool_ties = carver.template take<std::int64_t>(count);
     s.pool_above = carver.template take<std::int64_t>(count);
     s.new_length = carver.template take<std::int64_t>(count);
+    s.page_write = carver.template take<std::int64_t>(count);
+    s.page_freed = carver.template take<std::int64_t>(count);
+    s.line = carver.template take<std::int64_t>(layers * (heads_per_layer + 1));
     s.units = carver.template take<evict_unit_state>(units);
     s.histograms = carver.template take<unsigned>(evict_digit_passes * pooled_units * evict_bins);
     s.report = carver.template take<eviction::report>(1);
@@ -370,57 +378,126 @@ __device__ void evict_unit_totals(const evict_layer_set<View>& set, const evict_
   if (sum_a != nullptr) *sum_a = totals[2], *sum_b = totals[3], *sum_c = totals[4];
 }
 
+
+/// histogram[bin] += 1 for the lanes with `active`, one shared-memory atomic per distinct
+/// bin of the warp (metrics cluster in few exponents: plain atomics would serialise).
+/// Every lane of the warp calls it.
+__device__ __forceinline__ void evict_histogram_add(unsigned* histogram, unsigned bin, bool active) {
+  const unsigned lanes = __ballot_sync(0xffffffffu, active);
+  if (!active) return;
+  const unsigned peers = __match_any_sync(lanes, bin);
+  if (static_cast<unsigned>(__ffs(peers) - 1) == threadIdx.x % 32) atomicAdd(&histogram[bin], __popc(peers));
+}
+
+/// Block per layer: where each head's keys start in the layer's key array (lengths rounded up to 4).
 template <class View>
-struct evict_head_ref {
+__global__ void __launch_bounds__(evict_threads)
+    evict_lines(const __grid_constant__ evict_layer_set<View> set, const evict_settings settings,
+                const evict_scratch scratch) {
+  using scan = cub::BlockScan<std::int64_t, evict_threads>;
+  __shared__ typename scan::TempStorage storage;
+  const View& cache = set.views[blockIdx.x];
+  std::int64_t* line = scratch.line + blockIdx.x * (settings.heads_per_layer + 1);
+  std::int64_t running = 0;
+  for (std::int64_t tile = 0; tile < settings.heads_per_layer; tile += evict_threads) {
+    const std::int64_t head = tile + threadIdx.x;
+    const std::int64_t length =
+        head < settings.heads_per_layer ? cache.head_length(head / settings.kv_heads, head % settings.kv_heads) : 0;
+    std::int64_t before = 0, total = 0;
+    scan(storage).ExclusiveSum((length + 3) / 4 * 4, before, total);
+    if (head < settings.heads_per_layer) line[head] = running + before;
+    running += total;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) line[settings.heads_per_layer] = running;
+}
+
+/// A head's rows as the chunked walks read them: token i's slot, and four consecutive
+/// tokens' metrics and positions (one 16-byte load each where their slots are consecutive
+/// and aligned: within a page of a paged cache).
+template <class View>
+struct evict_rows {
   const View& cache;
-  std::int64_t l, head, b, h, length;
+  std::int64_t b, h, length;
   __device__ __forceinline__ std::int64_t slot(std::int64_t i) const { return cache.slot(b, h, i); }
+  __device__ __forceinline__ void load4(std::int64_t i0, const float* metric, float (&value)[4],
+                                        std::int32_t (&position)[4], std::int64_t (&slots)[4]) const {
+    slots[0] = i0 < length ? slot(i0) : 0;
+    const bool whole = i0 + 3 < length && slots[0] % 4 == 0 && slot(i0 + 3) == slots[0] + 3;
+    if (whole) {
+      const float4 v = *reinterpret_cast<const float4*>(metric + slots[0]);
+      const int4 p = *reinterpret_cast<const int4*>(cache.positions.slot_position + slots[0]);
+      value[0] = v.x, value[1] = v.y, value[2] = v.z, value[3] = v.w;
+      position[0] = p.x, position[1] = p.y, position[2] = p.z, position[3] = p.w;
+#pragma unroll
+      for (int k = 1; k < 4; ++k) slots[k] = slots[0] + k;
+    } else {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        slots[k] = i0 + k < length ? slot(i0 + k) : 0;
+        value[k] = i0 + k < length ? metric[slots[k]] : 0.0f;
+        position[k] = i0 + k < length ? cache.positions.slot_position[slots[k]] : 0;
+      }
+    }
+  }
 };
 
 struct evict_shared {
   typename evict_scan::TempStorage scan;
   unsigned histogram[evict_bins];
   int digit;
-  std::int64_t remaining, value;
+  std::int64_t remaining;
   std::int32_t compensation;
 };
 
 /// Block per head (blockIdx.x = l · heads_per_layer + head): keys, protected count, tail, floor.
+/// The walks take four consecutive tokens a thread (16-byte loads and stores).
 template <class View>
 __global__ void __launch_bounds__(evict_threads)
     evict_prepare(const __grid_constant__ evict_layer_set<View> set, const evict_settings settings,
                   const evict_scratch scratch) {
+  static_assert(evict_per_thread == 4 && evict_cached_keys % 4 == 0, "evict_prepare: 16-byte groups of keys");
+  constexpr std::int64_t chunk = std::int64_t{evict_threads} * evict_per_thread;
   __shared__ evict_shared shared;
-  extern __shared__ std::uint32_t cached_keys[];  // [evict_cached_keys]
+  extern __shared__ uint4 cached_keys[];  // [evict_cached_keys / 4]: the head's first keys
   const std::int64_t l = blockIdx.x / settings.heads_per_layer, head = blockIdx.x % settings.heads_per_layer;
   const std::int64_t b = head / settings.kv_heads, h = head % settings.kv_heads;
   if (settings.is_retrieval(l, h)) return;
   const std::int64_t unit = settings.unit_of(b, l, h);
-  std::int64_t held, unit_heads;
-  evict_unit_totals(set, settings, unit, shared.scan, held, unit_heads);
-  if (held <= unit_heads * settings.head_target) return;  // the unit is left as it is
+  if (scratch.units[unit].evicting == 0) return;  // the unit is left as it is (evict_pick, pass −1)
 
   const View& cache = set.views[l];
   const float* metric = set.metrics[l];
-  std::uint32_t* keys = set.keys[l];
+  uint4* keys = reinterpret_cast<uint4*>(set.keys[l] + scratch.line[l * (settings.heads_per_layer + 1) + head]);
   const std::int64_t length = cache.head_length(b, h), next = cache.positions.next_position[head];
   const std::int64_t compensation = cache.compensation.index[head];
-  const auto key_at = [&](std::int64_t i, std::int64_t slot) {
-    return i < evict_cached_keys ? cached_keys[i] : keys[slot];
-  };
+  const evict_rows<View> rows{cache, b, h, length};
+  // Keys i0 … i0 + 3 (i0 a multiple of 4; past the length: protected).
+  const auto keys_at = [&](std::int64_t i0) { return i0 < evict_cached_keys ? cached_keys[i0 / 4] : keys[i0 / 4]; };
+  const auto key_of = [](const uint4& four, int k) { return k == 0 ? four.x : k == 1 ? four.y : k == 2 ? four.z : four.w; };
 
   // Keys, the protected count and the tail (one past the last candidate).
   std::int64_t mine_protected = 0, mine_last = 0;
-  for (std::int64_t i = threadIdx.x; i < length; i += evict_threads) {
-    const std::int64_t slot = cache.slot(b, h, i);
-    const std::int64_t position = cache.positions.slot_position[slot];
-    const bool is_protected = position < settings.sinks || !eviction::outside_window(next, position, settings.window) ||
-                              compensation == i;
-    const std::uint32_t key = is_protected ? evict_protected_key : evict_rank_key(metric[slot]);
-    keys[slot] = key;
-    if (i < evict_cached_keys) cached_keys[i] = key;
-    mine_protected += is_protected ? 1 : 0;
-    if (!is_protected) mine_last = i + 1;
+  for (std::int64_t c0 = 0; c0 < length; c0 += chunk) {
+    const std::int64_t i0 = c0 + std::int64_t{threadIdx.x} * 4;
+    if (i0 >= length) continue;
+    float value[4];
+    std::int32_t position[4];
+    std::int64_t slots[4];
+    rows.load4(i0, metric, value, position, slots);
+    std::uint32_t key[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const std::int64_t i = i0 + k;
+      const bool is_protected = i >= length || position[k] < settings.sinks ||
+                                !eviction::outside_window(next, position[k], settings.window) || compensation == i;
+      key[k] = is_protected ? evict_protected_key : evict_rank_key(value[k]);
+      mine_protected += is_protected && i < length ? 1 : 0;
+      if (!is_protected) mine_last = i + 1;
+    }
+    const uint4 four = make_uint4(key[0], key[1], key[2], key[3]);
+    keys[i0 / 4] = four;
+    if (i0 < evict_cached_keys) cached_keys[i0 / 4] = four;
   }
   std::int64_t protected_tokens = 0, ignored = 0, tail = 0;
   evict_scan(shared.scan).ExclusiveSum(mine_protected, ignored, protected_tokens);
@@ -443,10 +520,16 @@ __global__ void __launch_bounds__(evict_threads)
     const int shift = evict_digit_shift(pass), bins = evict_digit_bins(pass);
     for (int k = threadIdx.x; k < evict_bins; k += evict_threads) shared.histogram[k] = 0;
     __syncthreads();
-    for (std::int64_t i = threadIdx.x; i < length; i += evict_threads) {
-      const std::uint32_t key = key_at(i, i < evict_cached_keys ? 0 : cache.slot(b, h, i));
-      if (key != evict_protected_key && (key & mask) == prefix)
-        atomicAdd(&shared.histogram[(key >> shift) & static_cast<unsigned>(bins - 1)], 1u);
+    for (std::int64_t c0 = 0; c0 < length; c0 += chunk) {  // every lane of a warp in every iteration
+      const std::int64_t i0 = c0 + std::int64_t{threadIdx.x} * 4;
+      const uint4 four = i0 < length ? keys_at(i0) : make_uint4(evict_protected_key, evict_protected_key,
+                                                                 evict_protected_key, evict_protected_key);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const std::uint32_t key = key_of(four, k);
+        evict_histogram_add(shared.histogram, (key >> shift) & static_cast<unsigned>(bins - 1),
+                            key != evict_protected_key && (key & mask) == prefix);
+      }
     }
     __syncthreads();
     int digit;
@@ -457,25 +540,22 @@ __global__ void __launch_bounds__(evict_threads)
   }
 
   // Floor-kept candidates marked (ties: the first `remaining` in token order); the rest
-  // go to the unit's first-digit pool histogram. Each thread takes evict_per_thread
-  // consecutive tokens of a chunk; ties are ranked only in chunks that have some.
+  // go to the unit's first-digit pool histogram. Ties are ranked only in chunks that have some.
   for (int k = threadIdx.x; k < evict_bins; k += evict_threads) shared.histogram[k] = 0;
   __syncthreads();
   {
-    constexpr int per_thread = evict_per_thread;
     using count_scan = cub::BlockScan<int, evict_threads>;
     auto& count_storage = reinterpret_cast<typename count_scan::TempStorage&>(shared.scan);
     std::int64_t ties_seen = 0;
-    for (std::int64_t c0 = 0; c0 < length; c0 += std::int64_t{evict_threads} * per_thread) {
-      std::int64_t slot[per_thread];
-      std::uint32_t key[per_thread];
+    for (std::int64_t c0 = 0; c0 < length; c0 += chunk) {
+      const std::int64_t i0 = c0 + std::int64_t{threadIdx.x} * 4;
+      const uint4 four = i0 < length ? keys_at(i0) : make_uint4(evict_protected_key, evict_protected_key,
+                                                                 evict_protected_key, evict_protected_key);
       int my_ties = 0;
 #pragma unroll
-      for (int k = 0; k < per_thread; ++k) {
-        const std::int64_t i = c0 + std::int64_t{threadIdx.x} * per_thread + k;
-        slot[k] = i < length ? cache.slot(b, h, i) : 0;
-        key[k] = i < length ? key_at(i, slot[k]) : evict_protected_key;
-        my_ties += key[k] != evict_protected_key && floor_count > 0 && key[k] == prefix ? 1 : 0;
+      for (int k = 0; k < 4; ++k) {
+        const std::uint32_t key = key_of(four, k);
+        my_ties += key != evict_protected_key && floor_count > 0 && key == prefix ? 1 : 0;
       }
       int ties_before = 0, chunk_ties = 0;
       if (__syncthreads_or(my_ties)) {
@@ -483,16 +563,17 @@ __global__ void __launch_bounds__(evict_threads)
         __syncthreads();
       }
       std::int64_t running = ties_seen + ties_before;
+      std::uint32_t marked[4];
 #pragma unroll
-      for (int k = 0; k < per_thread; ++k) {
-        if (key[k] == evict_protected_key) continue;
-        const bool floor_kept =
-            floor_count > 0 && (key[k] > prefix || (key[k] == prefix && running++ < remaining));
-        if (floor_kept)
-          keys[slot[k]] = evict_floor_key;
-        else
-          atomicAdd(&shared.histogram[key[k] >> evict_digit_shift(0)], 1u);
+      for (int k = 0; k < 4; ++k) {
+        const std::uint32_t key = key_of(four, k);
+        const bool candidate = key != evict_protected_key;
+        const bool floor_kept = candidate && floor_count > 0 && (key > prefix || (key == prefix && running++ < remaining));
+        marked[k] = floor_kept ? evict_floor_key : key;
+        evict_histogram_add(shared.histogram, key >> evict_digit_shift(0), candidate && !floor_kept);
       }
+      if (i0 < length && (marked[0] != four.x || marked[1] != four.y || marked[2] != four.z || marked[3] != four.w))
+        keys[i0 / 4] = make_uint4(marked[0], marked[1], marked[2], marked[3]);
       ties_seen += chunk_ties;
     }
   }
@@ -517,6 +598,15 @@ __global__ void __launch_bounds__(evict_threads)
   __shared__ evict_shared shared;
   const std::int64_t unit = blockIdx.x;
   evict_unit_state& state = scratch.units[unit];
+  if (pass < 0) {  // before prepare: whether the unit holds more than its target
+    std::int64_t held, unit_heads;
+    evict_unit_totals(set, settings, unit, shared.scan, held, unit_heads);
+    if (threadIdx.x == 0) {
+      state = evict_unit_state{};
+      state.evicting = unit_heads > 0 && held > unit_heads * settings.head_target ? 1 : 0;
+    }
+    return;
+  }
   if (pass == 0) {
     std::int64_t held, unit_heads, protected_total, floor_total, candidates;
     evict_unit_totals(set, settings, unit, shared.scan, held, unit_heads, scratch.protected_count, scratch.floor_count,
@@ -555,11 +645,12 @@ __global__ void __launch_bounds__(evict_threads)
 }
 
 /// Block per head: the pass's digit histogram of the pool candidates matching the unit's prefix
-/// (pass ≥ 1), or (pass = evict_digit_passes) the head's candidates equal to the threshold.
+/// (pass ≥ 1), or (pass = evict_digit_passes) the head's candidates above and at the threshold.
 template <class View>
 __global__ void __launch_bounds__(evict_threads)
     evict_histogram(const __grid_constant__ evict_layer_set<View> set, const evict_settings settings,
                     const evict_scratch scratch, int pass) {
+  constexpr std::int64_t chunk = std::int64_t{evict_threads} * evict_per_thread;
   __shared__ evict_shared shared;
   const std::int64_t l = blockIdx.x / settings.heads_per_layer, head = blockIdx.x % settings.heads_per_layer;
   const std::int64_t b = head / settings.kv_heads, h = head % settings.kv_heads;
@@ -567,15 +658,19 @@ __global__ void __launch_bounds__(evict_threads)
   const std::int64_t unit = settings.unit_of(b, l, h);
   const evict_unit_state state = scratch.units[unit];
   if (state.evicting == 0 || state.none != 0) return;
-  const View& cache = set.views[l];
-  const std::uint32_t* keys = set.keys[l];
-  const std::int64_t length = cache.head_length(b, h);
+  const std::int64_t length = set.views[l].head_length(b, h);
+  const uint4* keys = reinterpret_cast<const uint4*>(set.keys[l] + scratch.line[l * (settings.heads_per_layer + 1) + head]);
+  const auto key_of = [](const uint4& four, int k) { return k == 0 ? four.x : k == 1 ? four.y : k == 2 ? four.z : four.w; };
   if (pass == evict_digit_passes) {
     std::int64_t ties = 0, above = 0, ties_total = 0, above_total = 0;
-    for (std::int64_t i = threadIdx.x; i < length; i += evict_threads) {
-      const std::uint32_t key = keys[cache.slot(b, h, i)];
-      ties += evict_candidate(key) && key == state.prefix ? 1 : 0;
-      above += evict_candidate(key) && key > state.prefix ? 1 : 0;
+    for (std::int64_t i0 = std::int64_t{threadIdx.x} * 4; i0 < length; i0 += chunk) {
+      const uint4 four = keys[i0 / 4];  // (keys past the length are protected)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const std::uint32_t key = key_of(four, k);
+        ties += evict_candidate(key) && key == state.prefix ? 1 : 0;
+        above += evict_candidate(key) && key > state.prefix ? 1 : 0;
+      }
     }
     evict_scan(shared.scan).ExclusiveSum(ties, ties, ties_total);
     __syncthreads();
@@ -590,10 +685,16 @@ __global__ void __launch_bounds__(evict_threads)
   const unsigned digit_mask = static_cast<unsigned>(evict_digit_bins(pass) - 1);
   for (int k = threadIdx.x; k < evict_bins; k += evict_threads) shared.histogram[k] = 0;
   __syncthreads();
-  for (std::int64_t i = threadIdx.x; i < length; i += evict_threads) {
-    const std::uint32_t key = keys[cache.slot(b, h, i)];
-    if (evict_candidate(key) && (key & state.mask) == state.prefix)
-      atomicAdd(&shared.histogram[(key >> shift) & digit_mask], 1u);
+  for (std::int64_t c0 = 0; c0 < length; c0 += chunk) {  // every lane of a warp in every iteration
+    const std::int64_t i0 = c0 + std::int64_t{threadIdx.x} * 4;
+    const uint4 four = i0 < length ? keys[i0 / 4] : make_uint4(evict_protected_key, evict_protected_key,
+                                                               evict_protected_key, evict_protected_key);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const std::uint32_t key = key_of(four, k);
+      evict_histogram_add(shared.histogram, (key >> shift) & digit_mask,
+                          evict_candidate(key) && (key & state.mask) == state.prefix);
+    }
   }
   __syncthreads();
   unsigned* histogram = scratch.histograms + (pass * std::int64_t{settings.unit_count()} + unit) * evict_bins;
@@ -624,7 +725,6 @@ __global__ void __launch_bounds__(evict_threads)
   if (state.evicting == 0) return;
   const View& cache = set.views[l];
   float* metric = set.metrics[l];
-  std::uint32_t* keys = set.keys[l];
   std::int32_t* positions = cache.positions.slot_position;
   const std::int64_t index = l * settings.heads_per_layer + head;
   const std::int64_t length = cache.head_length(b, h), tail = scratch.tail[index];
@@ -653,24 +753,30 @@ __global__ void __launch_bounds__(evict_threads)
   const std::int64_t dropped = scratch.candidates[index] - scratch.floor_count[index] - pool_kept;
   const std::int64_t K = tail - dropped;
 
-  // A chunk's decisions: this thread's tokens c0 + per_thread·tid + k (valid below `end`) → kept[k],
-  // and flag_rank[k], the block-wide exclusive rank of token k among the chunk's flagged tokens
-  // (flag: kept, or not kept, as asked), `flagged` their count. `ties_seen` advances.
+  // A chunk's decisions: this thread's tokens c0 + 4·tid + k (valid in [begin, end)) → kept[k], and
+  // flag_rank[k], the block-wide exclusive rank of token k among the chunk's flagged tokens (flag:
+  // kept, or not kept, as asked), `flagged` their count. `ties_seen` advances.
+  static_assert(per_thread == 4, "evict_compact: 16-byte groups of keys");
+  std::uint32_t* keys = set.keys[l] + scratch.line[l * (settings.heads_per_layer + 1) + head];  // the head's, by token
   using count_scan = cub::BlockScan<int, evict_threads>;
   auto& count_storage = reinterpret_cast<typename count_scan::TempStorage&>(shared.scan);
   static_assert(sizeof(typename count_scan::TempStorage) <= sizeof(typename evict_scan::TempStorage));
   std::int64_t ties_seen = 0;
-  const auto decide = [&](std::int64_t c0, std::int64_t end, bool flag_kept, const std::int64_t (&slot)[per_thread],
+  const auto decide = [&](std::int64_t c0, std::int64_t begin, std::int64_t end, bool flag_kept,
                           bool (&kept)[per_thread], int (&flag_rank)[per_thread], int& flagged) {
-    bool tie[per_thread], candidate[per_thread];
+    const std::int64_t i0 = c0 + std::int64_t{threadIdx.x} * per_thread;
+    const uint4 four = i0 < end && i0 + per_thread > begin ? reinterpret_cast<const uint4*>(keys)[i0 / 4]
+                                : make_uint4(evict_protected_key, evict_protected_key, evict_protected_key,
+                                             evict_protected_key);
+    const std::uint32_t key[per_thread] = {four.x, four.y, four.z, four.w};
+    bool tie[per_thread];
     int my_ties = 0;
 #pragma unroll
     for (int k = 0; k < per_thread; ++k) {
-      const std::int64_t i = c0 + std::int64_t{threadIdx.x} * per_thread + k;
-      const std::uint32_t key = i < end ? keys[slot[k]] : evict_protected_key;
-      candidate[k] = evict_candidate(key);
-      tie[k] = candidate[k] && pooled && key == state.prefix;
-      kept[k] = i < end && (!candidate[k] || (pooled && key > state.prefix));
+      const bool valid = i0 + k >= begin && i0 + k < end;
+      const bool candidate = valid && evict_candidate(key[k]);
+      tie[k] = candidate && pooled && key[k] == state.prefix;
+      kept[k] = valid && (!candidate || (pooled && key[k] > state.prefix));
       my_ties += tie[k] ? 1 : 0;
     }
     int ties_before = 0, chunk_ties = 0;
@@ -682,10 +788,9 @@ __global__ void __launch_bounds__(evict_threads)
     int my_flags = 0;
 #pragma unroll
     for (int k = 0; k < per_thread; ++k) {
-      const std::int64_t i = c0 + std::int64_t{threadIdx.x} * per_thread + k;
       if (tie[k]) kept[k] = running++ < state.remaining;
       flag_rank[k] = my_flags;
-      my_flags += i < end && kept[k] == flag_kept ? 1 : 0;
+      my_flags += i0 + k >= begin && i0 + k < end && kept[k] == flag_kept ? 1 : 0;
     }
     ties_seen += chunk_ties;
     int flags_before = 0;
@@ -694,26 +799,17 @@ __global__ void __launch_bounds__(evict_threads)
 #pragma unroll
     for (int k = 0; k < per_thread; ++k) flag_rank[k] += flags_before;
   };
-  const auto slots_of = [&](std::int64_t c0, std::int64_t end, std::int64_t (&slot)[per_thread]) {
-#pragma unroll
-    for (int k = 0; k < per_thread; ++k) {
-      const std::int64_t i = c0 + std::int64_t{threadIdx.x} * per_thread + k;
-      slot[k] = i < end ? cache.slot(b, h, i) : 0;
-    }
-  };
 
-  // The holes below K, by rank.
+  // The holes below K, by rank (each chunk's keys are read before the scans, so before any write).
   std::int64_t holes = 0;
   for (std::int64_t c0 = 0; c0 < K; c0 += chunk) {
-    std::int64_t slot[per_thread];
     bool kept[per_thread];
     int rank[per_thread], flagged;
-    slots_of(c0, K, slot);
-    decide(c0, K, false, slot, kept, rank, flagged);  // (its scans are barriers: every key is read)
+    decide(c0, 0, K, false, kept, rank, flagged);
 #pragma unroll
     for (int k = 0; k < per_thread; ++k) {
       const std::int64_t i = c0 + std::int64_t{threadIdx.x} * per_thread + k;
-      if (i < K && !kept[k]) keys[cache.slot(b, h, holes + rank[k])] = static_cast<std::uint32_t>(i);
+      if (i < K && !kept[k]) keys[holes + rank[k]] = static_cast<std::uint32_t>(i);
     }
     holes += flagged;
   }
@@ -727,22 +823,22 @@ __global__ void __launch_bounds__(evict_threads)
   if (threadIdx.x == 0)
     shared.compensation = static_cast<std::int32_t>(compensation >= 0 && compensation < K ? compensation : -1);
   // Movers: kept tokens in [K, tail) fill the holes in order (sources ≥ K > destinations: no overlap).
+  // A chunk starting at K may start mid-group: its walk starts at the group holding K.
   std::int64_t movers = 0;
-  for (std::int64_t c0 = K; c0 < tail; c0 += chunk) {
-    std::int64_t slot[per_thread];
+  for (std::int64_t c0 = K / per_thread * per_thread; c0 < tail; c0 += chunk) {
     bool kept[per_thread];
     int rank[per_thread], flagged;
-    slots_of(c0, tail, slot);
-    decide(c0, tail, true, slot, kept, rank, flagged);
+    decide(c0, K, tail, true, kept, rank, flagged);
 #pragma unroll
     for (int k = 0; k < per_thread; ++k) {
       const std::int64_t i = c0 + std::int64_t{threadIdx.x} * per_thread + k;
-      if (i < tail && kept[k]) {
-        const std::int64_t target = keys[cache.slot(b, h, movers + rank[k])];
+      if (i >= K && i < tail && kept[k]) {
+        const std::int64_t from = cache.slot(b, h, i);
+        const std::int64_t target = keys[movers + rank[k]];
         const std::int64_t to = cache.slot(b, h, target);
-        positions[to] = positions[slot[k]];
-        metric[to] = metric[slot[k]];
-        move_from[rank[k]] = slot[k];
+        positions[to] = positions[from];
+        metric[to] = metric[from];
+        move_from[rank[k]] = from;
         move_to[rank[k]] = to;
         if (i == compensation) shared.compensation = static_cast<std::int32_t>(target);
       }
@@ -810,57 +906,71 @@ __global__ void __launch_bounds__(evict_threads)
 }
 
 /// One block per layer: lengths from new_length (−1: unchanged); paged: pages past a head's
-/// new length pushed on the free list (head order, page-table order), tables closed up.
+/// new length pushed on the free list (head order, page-table order: the CPU's), the page
+/// tables closed up. The old table is copied to the layer's key array (dead by now) first, so
+/// every entry moves in parallel; two scans over the heads give each its place in the new
+/// table and in the free list.
 template <class View>
 __global__ void __launch_bounds__(evict_threads)
     evict_close_up(const __grid_constant__ evict_layer_set<View> set, const evict_scratch scratch,
                    std::int64_t heads_per_layer) {
   const View& cache = set.views[blockIdx.x];
-  const std::int64_t* new_length = scratch.new_length + blockIdx.x * heads_per_layer;
+  std::int64_t* lengths = scratch.new_length + blockIdx.x * heads_per_layer;  // −1: unchanged
   if constexpr (is_flat_view<View>) {
     for (std::int64_t head = threadIdx.x; head < heads_per_layer; head += evict_threads)
-      if (new_length[head] >= 0) cache.lengths[head] = new_length[head];
+      if (lengths[head] >= 0) cache.lengths[head] = lengths[head];
   } else {
     static_assert(is_paged_view<View>, "kvtrim::evict: layout::paged or layout::flat");
-    __shared__ std::int64_t shared_write, shared_freed;
-    if (threadIdx.x == 0) shared_write = 0, shared_freed = 0;
-    __syncthreads();
-    const std::int64_t page_size = cache.page_size;
+    using scan = cub::BlockScan<std::int64_t, evict_threads>;
+    __shared__ typename scan::TempStorage storage;
+    std::int64_t* page_write = scratch.page_write + blockIdx.x * heads_per_layer;
+    std::int64_t* page_freed = scratch.page_freed + blockIdx.x * heads_per_layer;
+    auto* old_indices = reinterpret_cast<std::int32_t*>(set.keys[blockIdx.x]);
+    const std::int64_t page_size = cache.page_size, old_total = cache.indptr[heads_per_layer];
     const std::int32_t free_base = *cache.free_count;
-    std::int64_t old_end_prev = 0;
-    for (std::int64_t head = 0; head < heads_per_layer; ++head) {  // in order: the CPU's order
-      const std::int64_t old_begin = old_end_prev, old_end = cache.indptr[head + 1];
-      const std::int64_t old_count = old_end - old_begin;
-      const std::int64_t old_length =
-          old_count == 0 ? 0 : (old_count - 1) * page_size + cache.last_page_len[head];
-      const std::int64_t length = new_length[head] < 0 ? old_length : new_length[head];
-      const std::int64_t pages = (length + page_size - 1) / page_size;
-      const std::int64_t write = shared_write, freed = shared_freed;
-      __syncthreads();
-      for (std::int64_t k = pages + threadIdx.x; k < old_count; k += evict_threads)
-        cache.free_pages[free_base + freed + (k - pages)] = cache.indices[old_begin + k];
-      // Kept pages move left (write ≤ old_begin): chunk by chunk, each chunk read whole before written.
-      for (std::int64_t c0 = 0; c0 < pages; c0 += evict_threads) {
-        const std::int64_t k = c0 + threadIdx.x;
-        const std::int32_t page = k < pages ? cache.indices[old_begin + k] : 0;
-        __syncthreads();
-        if (k < pages) cache.indices[write + k] = page;
-        __syncthreads();
+    for (std::int64_t k = threadIdx.x; k < old_total; k += evict_threads) old_indices[k] = cache.indices[k];
+    // Per head: its new page count (kept pages first), where they go, where its freed pages go.
+    std::int64_t written = 0, freed = 0;
+    for (std::int64_t tile = 0; tile < heads_per_layer; tile += evict_threads) {
+      const std::int64_t head = tile + threadIdx.x;
+      std::int64_t pages = 0, old_count = 0;
+      if (head < heads_per_layer) {
+        old_count = cache.indptr[head + 1] - cache.indptr[head];
+        const std::int64_t old_length = old_count == 0 ? 0 : (old_count - 1) * page_size + cache.last_page_len[head];
+        const std::int64_t length = lengths[head] < 0 ? old_length : lengths[head];
+        lengths[head] = length;  // resolved (this thread's own entry)
+        pages = (length + page_size - 1) / page_size;
       }
+      std::int64_t write_before = 0, write_total = 0, freed_before = 0, freed_total = 0;
+      scan(storage).ExclusiveSum(pages, write_before, write_total);
       __syncthreads();
-      if (threadIdx.x == 0) {
-        cache.indptr[head + 1] = static_cast<std::int32_t>(write + pages);
-        cache.last_page_len[head] = static_cast<std::int32_t>(length == 0 ? 0 : (length - 1) % page_size + 1);
-        shared_write = write + pages;
-        shared_freed = freed + (old_count - pages);
+      scan(storage).ExclusiveSum(old_count - pages, freed_before, freed_total);
+      __syncthreads();
+      if (head < heads_per_layer) page_write[head] = written + write_before, page_freed[head] = freed + freed_before;
+      written += write_total, freed += freed_total;
+    }
+    __syncthreads();  // old_indices, page_write, page_freed visible to the block; every old table entry read
+    for (std::int64_t head = 0; head < heads_per_layer; ++head) {
+      const std::int64_t old_begin = cache.indptr[head], old_count = cache.indptr[head + 1] - old_begin;
+      const std::int64_t pages = (head + 1 < heads_per_layer ? page_write[head + 1] : written) - page_write[head];
+      for (std::int64_t k = threadIdx.x; k < old_count; k += evict_threads) {
+        const std::int32_t page = old_indices[old_begin + k];
+        if (k < pages)
+          cache.indices[page_write[head] + k] = page;
+        else
+          cache.free_pages[free_base + page_freed[head] + (k - pages)] = page;
       }
-      old_end_prev = old_end;
-      __syncthreads();
+    }
+    __syncthreads();  // every thread has read indptr before it changes
+    for (std::int64_t head = threadIdx.x; head < heads_per_layer; head += evict_threads) {
+      const std::int64_t length = lengths[head];
+      cache.indptr[head + 1] = static_cast<std::int32_t>(head + 1 < heads_per_layer ? page_write[head + 1] : written);
+      cache.last_page_len[head] = static_cast<std::int32_t>(length == 0 ? 0 : (length - 1) % page_size + 1);
     }
     if (threadIdx.x == 0) {
-      *cache.free_count = static_cast<std::int32_t>(free_base + shared_freed);
+      *cache.free_count = static_cast<std::int32_t>(free_base + freed);
       atomicAdd(reinterpret_cast<unsigned long long*>(&scratch.report->freed_pages),
-                static_cast<unsigned long long>(shared_freed));
+                static_cast<unsigned long long>(freed));
     }
   }
 }
@@ -959,6 +1069,10 @@ struct implementation<eviction::step, backend::cuda> {
     detail::check_cuda(cudaFuncSetAttribute(prepare, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(cached_bytes)),
                        function, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+    cuda_detail::evict_lines<View><<<static_cast<unsigned>(layer_count), threads, 0, stream>>>(*set, settings, tables);
+    detail::check_launch(function, "evict_lines");
+    cuda_detail::evict_pick<View><<<unit_grid, threads, 0, stream>>>(*set, settings, tables, -1);
+    detail::check_launch(function, "evict_pick");
     prepare<<<head_grid, threads, cached_bytes, stream>>>(*set, settings, tables);
     detail::check_launch(function, "evict_prepare");
     cuda_detail::evict_pick<View><<<unit_grid, threads, 0, stream>>>(*set, settings, tables, 0);
@@ -995,7 +1109,8 @@ struct implementation<eviction::step, backend::cuda> {
     const cuda_detail::evict_scratch tables =
         cuda_detail::evict_scratch::carve(carver, layer_count, heads, layer_count * heads, layer_count * layers[0].batch);
     for (std::size_t l = 0; l < layers.size(); ++l) {
-      std::uint32_t* layer_keys = carver.take<std::uint32_t>(detail::storage_slots(layers[l].storage));
+      std::uint32_t* layer_keys =
+          carver.take<std::uint32_t>(detail::storage_slots(layers[l].storage) + 4 * (layers[l].heads() + 1));
       if (keys != nullptr) keys[l] = layer_keys;
     }
     return tables;
