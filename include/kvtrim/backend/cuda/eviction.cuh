@@ -423,7 +423,10 @@ struct evict_rows {
   __device__ __forceinline__ void load4(std::int64_t i0, const float* metric, float (&value)[4],
                                         std::int32_t (&position)[4], std::int64_t (&slots)[4]) const {
     slots[0] = i0 < length ? slot(i0) : 0;
-    const bool whole = i0 + 3 < length && slots[0] % 4 == 0 && slot(i0 + 3) == slots[0] + 3;
+    // (the metric is the engine's buffer: its alignment is checked, not assumed)
+    const bool whole = i0 + 3 < length && slots[0] % 4 == 0 && slot(i0 + 3) == slots[0] + 3 &&
+                       reinterpret_cast<std::uintptr_t>(metric) % 16 == 0 &&
+                       reinterpret_cast<std::uintptr_t>(cache.positions.slot_position) % 16 == 0;
     if (whole) {
       const float4 v = *reinterpret_cast<const float4*>(metric + slots[0]);
       const int4 p = *reinterpret_cast<const int4*>(cache.positions.slot_position + slots[0]);
