@@ -181,8 +181,8 @@ struct kv_tile_stream {
 /// head's final log-sum-exp (base 2) at lse[head·Group + g], so that
 /// p_gi = 2^(s_gi − lse_g) once the split-K merge has run. No K/V is read for it.
 /// The logits are stored with an L2 evict_last policy: the finishing kernel reads
-/// them back from L2 and discards the lines (discard.global.L2), so when they stay
-/// resident they never reach HBM (4·G bytes written + read per token otherwise).
+/// them back and discards the lines (discard.global.L2), so those that stayed
+/// resident are never written back (at W most do not: docs/results.md, issue 16).
 struct decode_metric {
   float* logits = nullptr;  // [Group][stride], null: no metric
   float* lse = nullptr;     // [heads · Group]

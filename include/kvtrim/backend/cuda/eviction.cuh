@@ -11,8 +11,12 @@
 // accumulate_decode_metric below — one more dependent launch, a warp per 32
 // places of the line — adds c_i to metric[slot] for tokens older than the
 // protected window and discards the logits' L2 lines once read, so logits that
-// stayed resident never travel to HBM. Per token it then moves the position
-// (4 B) and the metric (8 B read + write) and never reads K or V. Same rule and
+// stayed resident are never written back. At W they mostly do not stay (1 GB of
+// K/V streams through the 50 MB L2; measured in docs/results.md: +16.7 % with
+// the policy, +14.0 % with the K/V stream also marked evict_first, which is off
+// by default until a device test has run with it). Per token the finisher moves
+// the position (4 B), the metric (8 B read + write) and the logits (4·G B, from
+// L2 or HBM) and never reads K or V. Same rule and
 // formulas as the CPU reference (backend/cpu/decode_attention.hpp): the
 // difference is fp32 rounding of exp2 in base 2 against exp in base e
 // (tests/cuda/eviction_test.cu bounds it).
