@@ -370,15 +370,14 @@ struct scattered_pages {
 /// Workload W over a paged fp16 cache (pages of 16, scattered), every head `tokens` long:
 /// decode attention through eviction::attend, with the metric side output (metric = 1)
 /// or without (metric = 0); metric = 2 stores the logits without the L2 evict_last policy
-/// (cuda_detail::metric_logits_in_l2 off: what keeping them in L2 saves); metric = 3 also
-/// marks the K/V stream's lines evict_first (metric_kv_evict_first). The bytes counted
+/// (metric_l2_hints::logits_in_l2 off: what keeping them in L2 saves); metric = 3 also
+/// marks the K/V stream's lines evict_first (metric_l2_hints::kv_evict_first). The bytes counted
 /// are the cache's K/V only, so the rows' median_us give the metric's cost directly.
 void decode_attention_metric(benchmark::State& state) {
   using view_type = kt::layout::paged::view<kt::codec::fp16, kt::device_space>;
   const std::int64_t batch = state.range(0), tokens = state.range(1), page = 16;
   const bool with_metric = state.range(5) != 0;
-  kt::cuda_detail::metric_logits_in_l2 = state.range(5) != 2;
-  kt::cuda_detail::metric_kv_evict_first = state.range(5) == 3;
+  const kt::eviction::metric_l2_hints hints{.logits_in_l2 = state.range(5) != 2, .kv_evict_first = state.range(5) == 3};
   const kt::model_shape shape{.q_heads = state.range(2), .kv_heads = state.range(3), .head_dim = state.range(4)};
   const std::int64_t heads = batch * shape.kv_heads, pages_per_head = (tokens + page - 1) / page;
   const kt::layout::paged::pool_size pool{heads * pages_per_head, page};
@@ -407,7 +406,7 @@ void decode_attention_metric(benchmark::State& state) {
   cudaStream_t stream;
   cudaStreamCreate(&stream);
   const std::vector<double> seconds = kvtrim_bench::timed_seconds(state, stream, [&] {
-    kt::eviction::attend(query_view, view, out_view, output, {scratch, scratch_bytes}, stream);
+    kt::eviction::attend(query_view, view, out_view, output, {scratch, scratch_bytes}, stream, hints);
   });
   const double cache_bytes = 2.0 * static_cast<double>(heads * tokens * shape.head_dim) * sizeof(__half);
   const double median = seconds[seconds.size() / 2];

@@ -48,12 +48,6 @@
 namespace kvtrim::cuda_detail {
 
 inline constexpr int metric_threads = 256;
-/// Whether the metric's logits are stored with the L2 evict_last policy and discarded
-/// after use (the default); bench/cuda_decode_attention.cu turns it off to measure it.
-inline bool metric_logits_in_l2 = true;
-/// Whether decode attention's K/V stream marks its lines evict_first while the metric is on
-/// (off by default; bench/cuda_decode_attention.cu measures it).
-inline bool metric_kv_evict_first = false;
 
 /// The head holding place x of the line (x < line.total): the block that reads x
 /// starts in partition.first_head(x / C); walk on past heads that end before x
@@ -107,6 +101,15 @@ __global__ void __launch_bounds__(metric_threads)
 
 namespace kvtrim::eviction {
 
+/// eviction::attend's L2 policies for the metric, per call (no process-wide state: callers
+/// on several threads each pass their own). bench/cuda_decode_attention.cu measures both.
+struct metric_l2_hints {
+  /// The logits stored with the L2 evict_last policy and discarded after use (the default).
+  bool logits_in_l2 = true;
+  /// Decode attention's K/V stream marks its lines evict_first while the metric is on.
+  bool kv_evict_first = false;
+};
+
 /// Floats per query head of the metric's logits: the line's longest length (every
 /// storage slot holds at most one token), rounded up to whole 128-byte lines.
 template <class View>
@@ -134,7 +137,8 @@ std::size_t attend_workspace(const View& cache, const metric_output<device_space
 template <class View, class QueryT, class OutT>
   requires std::same_as<typename View::space, device_space>
 void attend(tensor_view<QueryT, 3, device_space> queries, const View& cache, tensor_view<OutT, 3, device_space> out,
-            const metric_output<device_space>& metric, workspace scratch, cudaStream_t stream) {
+            const metric_output<device_space>& metric, workspace scratch, cudaStream_t stream,
+            metric_l2_hints hints = {}) {
   constexpr std::string_view function = "kvtrim::eviction::attend";
   View::layout_policy::check(function, cache);
   const model_shape& shape = cache.shape;
@@ -149,8 +153,8 @@ void attend(tensor_view<QueryT, 3, device_space> queries, const View& cache, ten
   cuda_detail::decode_metric side{};
   if (metric.enabled()) {
     side.stride = metric_logit_stride(cache);
-    side.keep_in_l2 = cuda_detail::metric_logits_in_l2;
-    side.stream_kv_evict_first = cuda_detail::metric_kv_evict_first;
+    side.keep_in_l2 = hints.logits_in_l2;
+    side.stream_kv_evict_first = hints.kv_evict_first;
     side.logits = carver.take<float>(shape.group_size() * side.stride);
     side.lse = carver.take<float>(cache.heads() * shape.group_size());
   }
@@ -428,7 +432,10 @@ struct evict_rows {
                                         std::int32_t (&position)[4], std::int64_t (&slots)[4]) const {
     slots[0] = i0 < length ? slot(i0) : 0;
     // (the metric is the engine's buffer: its alignment is checked, not assumed)
-    const bool whole = i0 + 3 < length && slots[0] % 4 == 0 && slot(i0 + 3) == slots[0] + 3 &&
+    // (all four slots checked: with pages of one token, i0 + 1 and i0 + 2 may lie anywhere
+    // even when i0 + 3 follows i0 by three)
+    const bool whole = i0 + 3 < length && slots[0] % 4 == 0 && slot(i0 + 1) == slots[0] + 1 &&
+                       slot(i0 + 2) == slots[0] + 2 && slot(i0 + 3) == slots[0] + 3 &&
                        reinterpret_cast<std::uintptr_t>(metric) % 16 == 0 &&
                        reinterpret_cast<std::uintptr_t>(cache.positions.slot_position) % 16 == 0;
     if (whole) {
@@ -547,7 +554,9 @@ __global__ void __launch_bounds__(evict_threads)
   }
 
   // Floor-kept candidates marked (ties: the first `remaining` in token order); the rest
-  // go to the unit's first-digit pool histogram. Ties are ranked only in chunks that have some.
+  // go to the unit's first-digit pool histogram (scopes with a pool only). Ties are ranked
+  // only in chunks that have some.
+  const bool pooled = settings.scope != 0;
   for (int k = threadIdx.x; k < evict_bins; k += evict_threads) shared.histogram[k] = 0;
   __syncthreads();
   {
@@ -577,7 +586,7 @@ __global__ void __launch_bounds__(evict_threads)
         const bool candidate = key != evict_protected_key;
         const bool floor_kept = candidate && floor_count > 0 && (key > prefix || (key == prefix && running++ < remaining));
         marked[k] = floor_kept ? evict_floor_key : key;
-        evict_histogram_add(shared.histogram, key >> evict_digit_shift(0), candidate && !floor_kept);
+        evict_histogram_add(shared.histogram, key >> evict_digit_shift(0), pooled && candidate && !floor_kept);
       }
       if (i0 < length && (marked[0] != four.x || marked[1] != four.y || marked[2] != four.z || marked[3] != four.w))
         keys[i0 / 4] = make_uint4(marked[0], marked[1], marked[2], marked[3]);
@@ -585,9 +594,11 @@ __global__ void __launch_bounds__(evict_threads)
     }
   }
   __syncthreads();
-  unsigned* pool_histogram = scratch.histograms + unit * evict_bins;  // pass 0
-  for (int k = threadIdx.x; k < evict_bins; k += evict_threads)
-    if (shared.histogram[k] != 0) atomicAdd(pool_histogram + k, shared.histogram[k]);
+  if (pooled) {  // per head has no pool and no histograms (carve sizes them for the pooled scopes' units)
+    unsigned* pool_histogram = scratch.histograms + unit * evict_bins;  // pass 0
+    for (int k = threadIdx.x; k < evict_bins; k += evict_threads)
+      if (shared.histogram[k] != 0) atomicAdd(pool_histogram + k, shared.histogram[k]);
+  }
   if (threadIdx.x == 0) {
     const std::int64_t index = l * settings.heads_per_layer + head;
     scratch.protected_count[index] = protected_tokens;
@@ -863,7 +874,9 @@ __global__ void __launch_bounds__(evict_threads)
   const std::int64_t shift = tail - K;
   if (shift > 0) {
     constexpr int pieces_per_thread = 4;
-    const std::int64_t tail_chunk = std::max<std::int64_t>(1, evict_threads * pieces_per_thread / row_pieces);
+    // At most one token per thread: each thread moves one token's position and metric.
+    const std::int64_t tail_chunk =
+        std::clamp<std::int64_t>(evict_threads * pieces_per_thread / row_pieces, 1, evict_threads);
     for (std::int64_t c0 = tail; c0 < length; c0 += tail_chunk) {
       const std::int64_t count = std::min(tail_chunk, length - c0);
       uint4 staged[pieces_per_thread][2];
@@ -1048,6 +1061,18 @@ struct implementation<eviction::step, backend::cuda> {
       set->views[l] = layers[l];
       set->metrics[l] = metrics[l].values;
     }
+    // The compaction moves rows in 16-byte units (evict_compact): a row must be a whole number
+    // of them and the storage 16-byte aligned (sharded_eviction.cuh has an element fallback).
+    using store_type = cuda_detail::device_element_t<typename View::codec::element>;
+    const std::int64_t row_bytes = layers[0].shape.head_dim * static_cast<std::int64_t>(sizeof(store_type));
+    if (row_bytes % 16 != 0)
+      detail::fail(function, "layers", "head_dim · element size a multiple of 16 bytes on backend::cuda",
+                   detail::cat(layers[0].shape.head_dim, " · ", sizeof(store_type), " = ", row_bytes, " bytes"));
+    for (std::size_t l = 0; l < layers.size(); ++l)
+      if (reinterpret_cast<std::uintptr_t>(layers[l].storage.keys) % 16 != 0 ||
+          reinterpret_cast<std::uintptr_t>(layers[l].storage.values) % 16 != 0)
+        detail::fail(function, "layers", "keys and values 16-byte aligned on backend::cuda",
+                     detail::cat("layer ", l, " storage not aligned"));
     set->count = static_cast<int>(layers.size());
     const std::int64_t layer_count = static_cast<std::int64_t>(layers.size());
     const std::int64_t kv_heads = layers[0].shape.kv_heads, batch = layers[0].batch, heads = layers[0].heads();
