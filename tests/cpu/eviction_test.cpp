@@ -343,11 +343,12 @@ std::vector<token_record> read_head(const View& cache, const std::vector<float>&
 }
 
 /// The eviction step restated with sorts (eviction/evict.hpp's math, literally):
-/// which logical indices each (layer, b, h) keeps.
+/// which logical indices each (layer, b, h) keeps and, in `tail`, where its
+/// protected tail (the longest run of protected items at its end) starts.
 template <class View>
-std::map<std::array<std::int64_t, 3>, std::vector<std::int64_t>> oracle_kept(const std::vector<View>& layers,
-                                                                            const std::vector<std::vector<float>>& metrics,
-                                                                            const ev::config& cfg) {
+std::map<std::array<std::int64_t, 3>, std::vector<std::int64_t>> oracle_kept(
+    const std::vector<View>& layers, const std::vector<std::vector<float>>& metrics, const ev::config& cfg,
+    std::map<std::array<std::int64_t, 3>, std::int64_t>& tail) {
   const std::int64_t kv_heads = layers[0].shape.kv_heads, batch = layers[0].batch, L = std::ssize(layers);
   std::map<std::array<std::int64_t, 3>, std::vector<std::int64_t>> kept;
   struct item {
@@ -382,6 +383,7 @@ std::map<std::array<std::int64_t, 3>, std::vector<std::int64_t>> oracle_kept(con
       };
       std::vector<item> candidates;
       std::int64_t protected_tokens = 0;
+      tail[{l, b, h}] = 0;
       for (std::int64_t j = 0; j * U < n; ++j) {
         const std::int64_t end = std::min((j + 1) * U, n);
         bool is_protected = end - j * U < U;
@@ -394,6 +396,7 @@ std::map<std::array<std::int64_t, 3>, std::vector<std::int64_t>> oracle_kept(con
           protected_tokens += end - j * U;
           keep_items[{l, h}].insert(j);
         } else {
+          tail[{l, b, h}] = end;  // the tail starts after the last candidate
           candidates.push_back({l, h, j, (l * kv_heads + h) * (std::int64_t{1} << 32) + j, sum});
         }
       }
@@ -445,6 +448,28 @@ std::map<std::array<std::int64_t, 3>, std::vector<std::int64_t>> oracle_kept(con
   return kept;
 }
 
+/// Where the kept tokens end up (eviction/evict.hpp, "Layouts"): kept items before the
+/// tail below K (their count) stay, those at K or later fill the holes below K in
+/// ascending order, the tail follows in order. `kept`: ascending logical indices.
+std::vector<std::int64_t> arranged(const std::vector<std::int64_t>& kept, std::int64_t run, std::int64_t tail) {
+  std::vector<std::int64_t> items;  // kept items before the tail, ascending
+  for (std::int64_t i : kept)
+    if (i < tail && (items.empty() || items.back() != i / run)) items.push_back(i / run);
+  const std::int64_t K = std::ssize(items);
+  std::vector<std::int64_t> order(static_cast<std::size_t>(K), -1);  // new item → old item
+  std::vector<std::int64_t> movers;
+  for (std::int64_t j : items) (j < K ? order[j] : movers.emplace_back(j)) = j;
+  std::size_t next = 0;
+  for (auto& slot : order)
+    if (slot < 0) slot = movers[next++];
+  std::vector<std::int64_t> tokens;
+  for (std::int64_t j : order)
+    for (std::int64_t i = j * run; i < (j + 1) * run; ++i) tokens.push_back(i);
+  for (std::int64_t i : kept)
+    if (i >= tail) tokens.push_back(i);
+  return tokens;
+}
+
 /// Every page exactly once in the tables or the free list; page counts fit the lengths.
 template <class CodecT>
 void expect_page_accounting(const kt::layout::paged::view<CodecT, kt::host_space>& cache) {
@@ -473,7 +498,8 @@ void check_eviction_step(ev::scope scope, const typename Codec::config& codec_co
                  .retrieval_heads = retrieval.data()};
   for (auto& output : m.outputs) output.protected_window = cfg.protected_window;
 
-  const auto expected_sets = oracle_kept(m.views, m.metrics, cfg);
+  std::map<std::array<std::int64_t, 3>, std::int64_t> tails;
+  const auto expected_sets = oracle_kept(m.views, m.metrics, cfg, tails);
   std::map<std::array<std::int64_t, 3>, std::vector<token_record>> before;
   std::int64_t pages_before = 0, tokens_before = 0;
   for (std::int64_t l = 0; l < m.layers; ++l) {
@@ -500,15 +526,23 @@ void check_eviction_step(ev::scope scope, const typename Codec::config& codec_co
       for (std::int64_t h = 0; h < shape.kv_heads; ++h) {
         const auto& old = before[{l, b, h}];
         const auto& keep = expected_sets.at({l, b, h});
-        std::vector<token_record> want;
-        for (std::int64_t i : keep) want.push_back(old[i]);
+        std::vector<token_record> want;  // heads of units that evict nothing stay as they are
+        for (std::int64_t i : tails.count({l, b, h}) ? arranged(keep, m.views[l].storage.slot_run, tails.at({l, b, h}))
+                                                     : keep)
+          want.push_back(old[i]);
         const auto got = read_head(cache, m.metrics[l], b, h);
         ASSERT_EQ(got.size(), want.size()) << "layer " << l << ", head " << b << "," << h;
         for (std::size_t i = 0; i < got.size(); ++i)
           ASSERT_TRUE(got[i] == want[i]) << "layer " << l << ", head " << b << "," << h << ", kept token " << i
                                          << ": position " << got[i].position << " vs " << want[i].position;
-        for (std::size_t i = 1; i < got.size(); ++i) EXPECT_LT(got[i - 1].position, got[i].position) << "token order";
         const std::int64_t next = kt::next_position(cache, b, h);
+        // The recent window stays a suffix in position order (the metric's window test relies on nothing
+        // else, but a suffix keeps decode's newest tokens together), and movers are whole runs.
+        for (std::size_t i = 1; i < got.size(); ++i)
+          if (next - got[i - 1].position <= cfg.protected_window) {
+            EXPECT_LE(next - got[i].position, cfg.protected_window) << "window suffix";
+            EXPECT_LT(got[i - 1].position, got[i].position) << "window order";
+          }
         for (const auto& token : old)  // sinks and the window survive; retrieval heads keep everything
           if (token.position < cfg.sinks || next - token.position <= cfg.protected_window || retrieval[l * 3 + h]) {
             EXPECT_TRUE(std::any_of(got.begin(), got.end(), [&](const token_record& t) { return t.position == token.position; }));
@@ -674,7 +708,11 @@ TEST(EvictionGeneration, TenThousandTokensStayUnderBudgetAndAttendOverTheKeptSet
     for (const auto& view : views)
       for (std::int64_t h = 0; h < kv_heads; ++h) {
         const auto positions = kt::head_positions(view, b, h);
-        EXPECT_TRUE(std::is_sorted(positions.begin(), positions.end()));
+        // Eviction keeps the protected tail (the window) a sorted suffix; movers fill holes out of order.
+        const auto window = std::find_if(positions.begin(), positions.end(),
+                                         [&](std::int32_t p) { return total - p <= cfg.protected_window; });
+        EXPECT_TRUE(std::is_sorted(window, positions.end()));
+        EXPECT_TRUE(std::all_of(window, positions.end(), [&](std::int32_t p) { return total - p <= cfg.protected_window; }));
         for (std::int64_t p = 0; p < cfg.sinks; ++p) EXPECT_EQ(positions[p], p) << "sinks survive 10k tokens";
         EXPECT_EQ(positions.back(), total - 1);
       }

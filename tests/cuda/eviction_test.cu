@@ -135,6 +135,17 @@ struct harness {
         return device_view::bind(device_block.data(), shape, c.batch, pool());
       }
     }();
+    // The memory block was copied whole, but a host contiguous view carves its length (one int64, 256 bytes
+    // with the carver's alignment) between the storage and the position tables, and a device view does not:
+    // the device view's positions would read the host's shifted by 64 slots (the contiguous cases' failure in
+    // the first device run: tokens just inside the window accumulated). Copy the tables to where the device
+    // view reads them.
+    kt::testing::check(cudaMemcpy(gpu_view.positions.slot_position, view.positions.slot_position,
+                                  sizeof(std::int32_t) * static_cast<std::size_t>(slots), cudaMemcpyHostToDevice),
+                       "cudaMemcpy H2D (slot positions)");
+    kt::testing::check(cudaMemcpy(gpu_view.positions.next_position, view.positions.next_position,
+                                  sizeof(std::int64_t) * static_cast<std::size_t>(heads), cudaMemcpyHostToDevice),
+                       "cudaMemcpy H2D (next positions)");
     kt::testing::device_tensor<Element, 3> device_queries(queries);
     const kt::tensor_view<const Element, 3, kt::device_space> query_view{
         device_queries.view.data, device_queries.view.extents, device_queries.view.strides};
@@ -280,21 +291,22 @@ float awkward_metric(std::mt19937_64& random) {
 
 template <class Layout>
 void check_same_eviction(ev::scope scope, std::int64_t layers, std::int64_t batch, std::int64_t kv_heads,
-                         std::int64_t longest, std::uint64_t seed, bool retrieval) {
+                         std::int64_t longest, std::uint64_t seed, bool retrieval, std::int64_t shortest = 1,
+                         std::int64_t page_size = 16, std::int64_t head_dim = 64, std::int64_t window = 9) {
   using codec = kt::codec::fp16;
   using cpu_scheme = kt::scheme<Layout, kt::score::static_window, kt::budget::uniform, codec, kt::backend::cpu>;
   using host_view = typename Layout::template view<codec, kt::host_space>;
   using device_view = typename Layout::template view<codec, kt::device_space>;
-  const kt::model_shape shape{.q_heads = kv_heads * 2, .kv_heads = kv_heads, .head_dim = 64};
+  const kt::model_shape shape{.q_heads = kv_heads * 2, .kv_heads = kv_heads, .head_dim = head_dim};
   const auto pool = [&] {
     if constexpr (std::is_same_v<Layout, kt::layout::paged>)
-      return kt::layout::paged::pool_size{batch * kv_heads * ((longest + 15) / 16) + 5, 16};
+      return kt::layout::paged::pool_size{batch * kv_heads * ((longest + page_size - 1) / page_size) + 5, page_size};
     else
       return kt::layout::flat::pool_size{batch * kv_heads * (longest + 9)};
   }();
   const std::size_t bytes = host_view::bytes(shape, batch, pool);
   std::mt19937_64 random(seed);
-  std::uniform_int_distribution<std::int64_t> length(1, longest);
+  std::uniform_int_distribution<std::int64_t> length(shortest, longest);
   std::vector<std::unique_ptr<host_block>> blocks;
   std::vector<host_view> host_views;
   std::vector<std::vector<float>> metrics;
@@ -321,6 +333,17 @@ void check_same_eviction(ev::scope scope, std::int64_t layers, std::int64_t batc
         more = true;
       }
     }
+    if constexpr (std::is_same_v<Layout, kt::layout::paged>) {
+      // Pages of one token: swap the page-table entries of tokens 4j + 1 and 4j + 2 of every head,
+      // so that four tokens whose first and last slots are 3 apart (a 23-token round is consecutive
+      // slots) have their middle two out of order — the device walks' 16-byte loads must not take them.
+      if (page_size == 1)
+        for (std::int64_t head = 0; head < batch * kv_heads; ++head) {
+          std::int32_t* table = host_views.back().indices + host_views.back().indptr[head];
+          const std::int64_t pages = host_views.back().indptr[head + 1] - host_views.back().indptr[head];
+          for (std::int64_t j = 0; 4 * j + 2 < pages; ++j) std::swap(table[4 * j + 1], table[4 * j + 2]);
+        }
+    }
     const std::int64_t slots = kt::detail::storage_slots(host_views.back().storage);
     metrics.emplace_back(static_cast<std::size_t>(slots), 0.0f);
     for (std::int64_t b = 0; b < batch; ++b)
@@ -334,7 +357,7 @@ void check_same_eviction(ev::scope scope, std::int64_t layers, std::int64_t batc
   std::vector<device_view> device_views;
   std::vector<ev::metric_output<kt::device_space>> device_outputs;
   std::vector<ev::metric_output<>> host_outputs;
-  ev::config cfg{.scope = scope, .keep = 60, .interval = 16, .sinks = 3, .protected_window = 9, .alpha = 0.3};
+  ev::config cfg{.scope = scope, .keep = 60, .interval = 16, .sinks = 3, .protected_window = window, .alpha = 0.3};
   for (std::int64_t l = 0; l < layers; ++l) {
     device_blocks.push_back(std::make_unique<device_buffer<std::byte>>(bytes));
     kt::testing::check(cudaMemcpy(device_blocks.back()->data(), blocks[l]->data, bytes, cudaMemcpyHostToDevice), "H2D");
@@ -349,6 +372,27 @@ void check_same_eviction(ev::scope scope, std::int64_t layers, std::int64_t batc
   if (retrieval) mask[1] = 1, mask.back() = 1;
   device_buffer<std::uint8_t> device_mask(mask);
 
+  device_buffer<std::byte> scratch(kt::evict_workspace<kt::backend::cuda>(std::span<const device_view>(device_views)));
+  device_buffer<ev::report> device_report(1);
+  const auto device_evict = [&] {
+    kt::evict<kt::backend::cuda>(std::span<const device_view>(device_views),
+                                 std::span<const ev::metric_output<kt::device_space>>(device_outputs), cfg,
+                                 {scratch.data(), scratch.size()}, nullptr, device_report.data(), device_mask.data());
+  };
+  if (head_dim * static_cast<std::int64_t>(sizeof(kt::half)) % 16 != 0) {
+    // Rows the device step does not move (16-byte units): refused before anything is written.
+    EXPECT_THROW(device_evict(), kt::error);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    for (std::int64_t l = 0; l < layers; ++l) {
+      const auto device_bytes = kt::testing::download_bytes(device_blocks[l]->data(), bytes);
+      EXPECT_EQ(0, std::memcmp(device_bytes.data(), blocks[l]->data, bytes)) << "layer " << l << ": the cache changed";
+      const std::vector<float> got_metric = device_metrics[l]->download();
+      EXPECT_EQ(0, std::memcmp(got_metric.data(), metrics[l].data(), metrics[l].size() * sizeof(float)))
+          << "layer " << l << ": the metric changed";
+    }
+    return;
+  }
+
   ev::config host_cfg = cfg;
   host_cfg.retrieval_heads = mask.data();
   std::vector<std::byte> host_scratch(kt::evict_workspace<kt::backend::cpu>(std::span<const host_view>(host_views)));
@@ -356,11 +400,7 @@ void check_same_eviction(ev::scope scope, std::int64_t layers, std::int64_t batc
       std::span<const host_view>(host_views), std::span<const ev::metric_output<>>(host_outputs), host_cfg,
       kt::workspace{host_scratch.data(), host_scratch.size()});
 
-  device_buffer<std::byte> scratch(kt::evict_workspace<kt::backend::cuda>(std::span<const device_view>(device_views)));
-  device_buffer<ev::report> device_report(1);
-  kt::evict<kt::backend::cuda>(std::span<const device_view>(device_views),
-                               std::span<const ev::metric_output<kt::device_space>>(device_outputs), cfg,
-                               {scratch.data(), scratch.size()}, nullptr, device_report.data(), device_mask.data());
+  device_evict();
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const ev::report got_report = device_report.download()[0];
   EXPECT_EQ(got_report.evicted_tokens, host_report.evicted_tokens);
@@ -386,6 +426,44 @@ TEST(EvictionStep, CudaEvictsWhatTheCpuEvictsPaged) {
     SCOPED_TRACE(::testing::Message() << "scope " << int(scope));
     check_same_eviction<kt::layout::paged>(scope, 3, 2, 3, 700, 41, true);
   }
+}
+// Heads longer than the prepare kernel's shared-memory key cache (24576 keys): the rest of
+// their keys are read back from the key array; keep 60 of ~30000 evicts nearly everything,
+// so the hole list and the moves are long.
+TEST(EvictionStep, CudaEvictsWhatTheCpuEvictsLongHeads) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  for (const ev::scope scope : {ev::scope::per_layer, ev::scope::cross_layer}) {
+    SCOPED_TRACE(::testing::Message() << "scope " << int(scope));
+    check_same_eviction<kt::layout::paged>(scope, 2, 1, 2, 30000, 47, false, 25000);
+  }
+}
+// Per head with 8 kv heads: units up to batch · layers · 8, more than the pooled scopes'
+// histograms are sized for (per head has no pool: prepare must not touch them).
+TEST(EvictionStep, CudaEvictsWhatTheCpuEvictsPerHeadEightHeads) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  check_same_eviction<kt::layout::paged>(ev::scope::per_head, 2, 2, 8, 400, 53, false);
+}
+// Pages of one token, their tables permuted within groups of four (see check_same_eviction):
+// the walks' 16-byte metric/position loads only where all four slots are consecutive.
+TEST(EvictionStep, CudaEvictsWhatTheCpuEvictsPagesOfOne) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  for (const ev::scope scope : {ev::scope::per_head, ev::scope::per_layer, ev::scope::cross_layer}) {
+    SCOPED_TRACE(::testing::Message() << "scope " << int(scope));
+    check_same_eviction<kt::layout::paged>(scope, 2, 2, 2, 300, 59, false, 1, 1);
+  }
+}
+// Head dims whose fp16 rows are not whole 16-byte units: 12 (24 bytes) is refused with
+// kvtrim::error and nothing written; 8 (16 bytes, one unit a row: 2048 / 1 tail rows per
+// chunk before the cap) is moved, the tail in chunks of at most one token per thread.
+TEST(EvictionStep, CudaRowsNotWhole16ByteUnitsAreRefused) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  check_same_eviction<kt::layout::paged>(ev::scope::per_layer, 1, 1, 2, 300, 61, false, 1, 16, 12);
+}
+TEST(EvictionStep, CudaEvictsWhatTheCpuEvictsSixteenByteRows) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  // A protected window of 1500 tokens: tails of ~1500 tokens shift down past the evicted ones,
+  // in chunks that rows of one 16-byte unit would have made 2048 tokens long (> 512 threads).
+  check_same_eviction<kt::layout::flat>(ev::scope::per_layer, 1, 1, 2, 2500, 67, false, 2000, 16, 8, 1500);
 }
 TEST(EvictionStep, CudaEvictsWhatTheCpuEvictsFlat) {
   KVTRIM_SKIP_WITHOUT_GPU();

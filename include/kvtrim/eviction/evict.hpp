@@ -39,24 +39,34 @@
 // floors alone exceed T (report::units_over_target); with an eviction every
 // `interval` steps, appends of one token per step keep every unit ≤ keep·H.
 //
-// Layouts. paged: each head's kept tokens are compacted to the front of its own
-// pages, in token order (keys/values as stored by the codec's move_slot,
-// positions, metric and the compensation index move along); whole pages past
-// its new length go back to the free list (pushed in head order, page-table
-// order: free_pages gains them on top), the page tables close up (indptr,
-// indices, last_page_len). flat: compacted in place inside each head's region
-// (offsets unchanged; the region's headroom grows). The metric of every slot
-// that no longer holds a token is set to 0, the value decode attention expects
-// for a new token (it accumulates only outside the window). contiguous: no
-// (every head the same length; a compile-time error).
+// Layouts. Each head's kept items move to its first slots without a full
+// compaction: with the head's protected tail (the longest run of protected
+// items at its end — the recent window, a KIVI filling group, an incomplete run)
+// and K kept items before it, kept items below K stay where they are, kept items
+// at K or later fill the holes below K in ascending order, and the tail shifts
+// down behind them in order. A step moves at most (evicted + tail) items per head
+// instead of every item after the first hole (at W over 32 layers: a few MB
+// instead of ~17 GB, what makes a 2 ms step possible). Token order is not kept:
+// attention is order-free (positions live per slot, RoPE'd keys carry their own,
+// pre-RoPE codecs rotate by the stored position), runs move whole so every token
+// keeps slot ≡ index (mod U), and the tail — the window, the codecs' side buffers,
+// the newest tokens — stays a suffix in order. Keys/values move as stored by the
+// codec's move_slot; positions, metric and the compensation index move along.
+// paged: whole pages past a head's new length go back to the free list (pushed in
+// head order, page-table order: free_pages gains them on top), the page tables
+// close up (indptr, indices, last_page_len). flat: in place inside each head's
+// region (offsets unchanged; the region's headroom grows). The metric of every
+// slot that no longer holds a token is set to 0, the value decode attention
+// expects for a new token (it accumulates only outside the window). contiguous:
+// no (every head the same length; a compile-time error).
 //
 // Strong guarantee: every argument, view and page table is validated before the
 // first write; a call that throws leaves caches and metrics as they were.
 //
 // Defaults: scope cross_layer, keep 1024 per kv head, interval 16, sinks 4,
 // protected window 64 (vllm-kvcompress's), α = 0.2 (Ada-KV's safeguard).
-// Backends: cpu (backend/cpu/eviction.hpp). cuda: the metric only (the
-// eviction step on the device is not written yet; docs/eviction.md).
+// Backends: cpu (backend/cpu/eviction.hpp), cuda (backend/cuda/eviction.cuh:
+// codec::plain over paged and flat, byte-identical to the CPU).
 #pragma once
 
 #include <cstdint>

@@ -347,25 +347,63 @@ struct implementation<eviction::step, backend::cpu> {
     }
 
     /// Compacts head (l, h) to its protected items and the candidates its floor or the
-    /// pool keeps: `floor` is the head's floor threshold, `pool` the pool's walk as it
-    /// reaches this head (its tie counter continues across the unit's heads; the sharded
-    /// step passes a walk of this head's own tie share). Returns the tokens it keeps.
+    /// pool keeps (eviction/evict.hpp, "Layouts"): the protected tail (the longest run of
+    /// protected items at the end, the recent window among them) and the kept items before
+    /// it that already lie below K (the kept count before the tail) stay; the kept items at
+    /// K or later fill the holes below K in order; the tail shifts down to follow. Token
+    /// order is not kept. `floor_limit` is the head's floor threshold, `pool` the pool's walk
+    /// as it reaches this head (its tie counter continues across the unit's heads; the
+    /// sharded step passes a walk of this head's own tie share). The keep decisions are the
+    /// walks', so each pass over the head restarts from copies of their state at its first
+    /// item; `pool` leaves as the counting pass leaves it. Returns the tokens it keeps.
     std::int64_t compact(std::int64_t l, std::int64_t h, const eviction_detail::threshold& floor_limit,
                          eviction_detail::threshold_walk& pool, eviction::report& result) const {
       const head_ref r = ref(l, h);
-      eviction_detail::threshold_walk floor{floor_limit};
-      const auto keep_candidate = [&](std::uint32_t key) { return floor.keeps(key) || pool.keeps(key); };
+      const eviction_detail::threshold_walk floor_start{floor_limit};
+      const eviction_detail::threshold_walk pool_start = pool;
       float* metric = metrics[static_cast<std::size_t>(l)].values;
-      const std::int32_t compensation = r.cache.compensation.index[r.head];
-      std::int32_t new_compensation = -1;
-      std::int64_t write = 0;
-      for (std::int64_t j = 0; j < r.items(); ++j) {
-        if (!r.item_protected(j) && !keep_candidate(r.item_key(j))) continue;
-        for (std::int64_t i = j * r.run; i < r.item_end(j); ++i, ++write) {
-          if (i == compensation) new_compensation = static_cast<std::int32_t>(write);
-          if (write != i) move_token(r.cache, metric, r.head, r.cache.slot(b, h, i), r.cache.slot(b, h, write));
+      // A cursor over the head's items before the tail: keeps() decides item j and moves on.
+      struct cursor {
+        const head_ref& r;
+        eviction_detail::threshold_walk floor, pool;
+        std::int64_t j = 0;
+        bool keeps() {
+          const bool keep = r.item_protected(j) || [&] {
+            const std::uint32_t key = r.item_key(j);
+            return floor.keeps(key) || pool.keeps(key);
+          }();
+          ++j;
+          return keep;
         }
+      };
+      const std::int64_t items = r.items();
+      std::int64_t tail = items;  // first item of the protected tail
+      while (tail > 0 && r.item_protected(tail - 1)) --tail;
+      cursor count{r, floor_start, pool_start};
+      std::int64_t kept = 0;  // K: kept items before the tail
+      while (count.j < tail) kept += count.keeps() ? 1 : 0;
+      pool = count.pool;  // the unit's walk continues after this head
+      cursor holes{r, floor_start, pool_start}, movers{r, floor_start, pool_start};
+      while (movers.j < kept) movers.keeps();  // the movers' cursor starts at item K
+      std::int32_t new_compensation = -1;
+      const std::int32_t compensation = r.cache.compensation.index[r.head];
+      const auto move_item = [&](std::int64_t from, std::int64_t to) {  // item → item, token by token
+        for (std::int64_t k = 0; k < r.item_end(from) - from * r.run; ++k) {
+          const std::int64_t i = from * r.run + k, destination = to * r.run + k;
+          if (i == compensation) new_compensation = static_cast<std::int32_t>(destination);
+          if (destination != i) move_token(r.cache, metric, r.head, r.cache.slot(b, h, i), r.cache.slot(b, h, destination));
+        }
+      };
+      for (std::int64_t j = 0; j < kept; ++j)  // the stayers: only the compensation index to note
+        if (compensation >= j * r.run && compensation < r.item_end(j)) new_compensation = compensation;
+      while (movers.j < tail) {
+        const std::int64_t from = movers.j;
+        if (!movers.keeps()) continue;
+        while (holes.keeps()) {}  // the next hole below K (there are as many as movers)
+        move_item(from, holes.j - 1);
       }
+      for (std::int64_t j = tail; j < items; ++j) move_item(j, kept + (j - tail));
+      const std::int64_t write = kept * r.run + (r.length - tail * r.run);
       for (std::int64_t i = write; i < r.length; ++i) metric[r.cache.slot(b, h, i)] = 0.0f;  // free slots read 0
       r.cache.compensation.index[r.head] = new_compensation;
       p.new_length[l * layers[0].heads() + r.head] = write;
@@ -406,7 +444,8 @@ struct implementation<eviction::step, backend::cpu> {
         for_each_head([&](std::int64_t l, std::int64_t h) { pool_candidates(l, h, p.floors[slot_index(l, h)], take); });
       });
 
-      // Compaction, in the same order as the walks above (the tie counters are their state).
+      // Compaction, head by head (compact() above), in the walks' order: the tie counters are
+      // their state, in (head ordinal, item) order.
       eviction_detail::threshold_walk pool_walk{pool_limit};
       std::int64_t kept_total = 0;
       for_each_head([&](std::int64_t l, std::int64_t h) {

@@ -60,6 +60,15 @@ __device__ __forceinline__ void copy_async16(void* shared_destination, const voi
   const auto destination = static_cast<unsigned>(__cvta_generic_to_shared(shared_destination));
   asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(destination), "l"(global_source), "r"(bytes));
 }
+/// The same copy with an L2 eviction-priority policy (createpolicy): the eviction metric's
+/// K/V stream marks its lines evict_first so the metric's logits stay resident
+/// (decode_attention.cuh: kv_copy_hint, decode_metric).
+__device__ __forceinline__ void copy_async16(void* shared_destination, const void* global_source, int bytes,
+                                             std::uint64_t policy) {
+  const auto destination = static_cast<unsigned>(__cvta_generic_to_shared(shared_destination));
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(destination),
+               "l"(global_source), "r"(bytes), "l"(policy));
+}
 /// 4-byte asynchronous copy (through L1: .cg takes only 16 bytes); `bytes` = 0 zero-fills.
 __device__ __forceinline__ void copy_async4(void* shared_destination, const void* global_source, int bytes) {
   const auto destination = static_cast<unsigned>(__cvta_generic_to_shared(shared_destination));

@@ -64,6 +64,14 @@ inline constexpr int decode_threads = decode_warps * 32;
 /// Tokens each lane group handles per tile.
 inline constexpr int decode_unroll = 4;
 
+/// An L2 eviction-priority hint for a K/V tile stream's copies: with the eviction metric
+/// on, its K/V lines may be marked evict_first (`policy` from kv_stream_policy) so the
+/// metric's logits stay resident (decode_metric.stream_kv_evict_first).
+struct kv_copy_hint {
+  bool evict_first = false;
+  std::uint64_t policy = 0;
+};
+
 /// A head's tokens [begin, end) as K/V tiles of TileTokens rows in a
 /// `Stages`-deep ring of shared memory ([stage][keys, values][token][RowStride]),
 /// filled by cp.async: tile t + Stages − 1 is requested while tile t is read.
@@ -94,12 +102,14 @@ struct kv_tile_stream {
   int tile_count;
   Side side;
   std::int64_t source[chunks_per_thread];  // element offsets of the next tile's rows to issue (−1: past the end)
+  kv_copy_hint hint;     // copies carry hint.policy when hint.evict_first
 
   __device__ __forceinline__ kv_tile_stream(void* shared, const StoreT* keys_, const StoreT* values_, Rows rows_,
-                                            std::int64_t begin_, std::int64_t end_, Side side_ = {})
+                                            std::int64_t begin_, std::int64_t end_, Side side_ = {},
+                                            kv_copy_hint hint_ = {})
       : tiles(static_cast<StoreT*>(shared)), keys(keys_), values(values_), rows(rows_), begin(begin_), end(end_),
         tile_count(end_ > begin_ ? static_cast<int>((end_ - begin_ + TileTokens - 1) / TileTokens) : 0),
-        side(side_) {}
+        side(side_), hint(hint_) {}
 
   /// The side data of `tile` (floats, after every stage's K/V tiles).
   __device__ __forceinline__ float* side_tile(int tile) const {
@@ -134,8 +144,13 @@ struct kv_tile_stream {
       const int chunk = threadIdx.x + k * Threads;
       const int offset = (chunk / chunks_per_row) * RowStride + (chunk % chunks_per_row) * chunk_elements;
       const bool valid = source[k] >= 0;
-      copy_async16(key_destination + offset, keys + (valid ? source[k] : 0), valid ? 16 : 0);
-      copy_async16(value_destination + offset, values + (valid ? source[k] : 0), valid ? 16 : 0);
+      if (hint.evict_first) {
+        copy_async16(key_destination + offset, keys + (valid ? source[k] : 0), valid ? 16 : 0, hint.policy);
+        copy_async16(value_destination + offset, values + (valid ? source[k] : 0), valid ? 16 : 0, hint.policy);
+      } else {
+        copy_async16(key_destination + offset, keys + (valid ? source[k] : 0), valid ? 16 : 0);
+        copy_async16(value_destination + offset, values + (valid ? source[k] : 0), valid ? 16 : 0);
+      }
     }
     side.issue(side_tile(tile));
     if (tile + 1 < tile_count) resolve(tile + 1);
@@ -166,14 +181,40 @@ struct kv_tile_stream {
 };
 
 /// The eviction metric's side output (backend/cuda/eviction.cuh finishes it):
-/// every logit s_gi (base 2, after scale and bias) at logits[g·stride + slot(i)],
-/// and every head's final log-sum-exp (base 2) at lse[head·Group + g], so that
+/// every logit s_gi (base 2, after scale and bias) at logits[g·stride + x] with
+/// x = prefix(head) + i the token's place on the partition's line (consecutive
+/// tokens of a head are consecutive floats whatever the layout), and every
+/// head's final log-sum-exp (base 2) at lse[head·Group + g], so that
 /// p_gi = 2^(s_gi − lse_g) once the split-K merge has run. No K/V is read for it.
+/// The logits are stored with an L2 evict_last policy: the finishing kernel reads
+/// them back and discards the lines (discard.global.L2), so those that stayed
+/// resident are never written back (at W most do not: docs/results.md, issue 16).
 struct decode_metric {
   float* logits = nullptr;  // [Group][stride], null: no metric
   float* lse = nullptr;     // [heads · Group]
-  std::int64_t stride = 0;  // the layout's storage slots
+  std::int64_t stride = 0;  // ≥ the line's length, a multiple of 32 (whole 128-byte lines per warp)
+  bool keep_in_l2 = true;   // the evict_last store policy (false: plain stores; a benchmark's comparison)
+  bool stream_kv_evict_first = false;  // the K/V stream's lines marked evict_first (a benchmark's comparison)
 };
+
+/// Stores one metric logit: with an L2 evict_last policy (`policy` from metric_store_policy) or plainly.
+__device__ __forceinline__ void store_metric_logit(float* address, float value, bool keep_in_l2,
+                                                   std::uint64_t policy) {
+  if (keep_in_l2)
+    asm volatile("st.global.L2::cache_hint.f32 [%0], %1, %2;\n" ::"l"(address), "f"(value), "l"(policy) : "memory");
+  else
+    *address = value;
+}
+__device__ __forceinline__ std::uint64_t kv_stream_policy() {
+  std::uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+__device__ __forceinline__ std::uint64_t metric_store_policy() {
+  std::uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
 
 /// How decode attention stages and reads a codec's rows: `stored` elements,
 /// `row_elements` of them per row, and a per-head reader giving a lane the 8
@@ -318,12 +359,19 @@ __global__ void __launch_bounds__(decode_threads) decode_attention_cuda_core(con
   for_each_segment(params.partition, [&](std::int64_t head, std::int64_t begin, std::int64_t end, bool whole,
                                          std::int64_t partial_index) {
     const auto rows = head_rows(cache, head, params.page_shift);
+    // With the eviction metric, optionally: K/V lines evict_first, so the metric's logits stay in L2.
+    const bool kv_hinted = params.metric.logits != nullptr && params.metric.stream_kv_evict_first;
+    const kv_copy_hint hint{kv_hinted, kv_hinted ? kv_stream_policy() : 0};
     typename geometry::template stream<std::remove_const_t<decltype(rows)>> stream(shared_memory, keys, values, rows,
-                                                                                   begin, end);
+                                                                                   begin, end, {}, hint);
     stream.start();
     const head_bias bias = compensation_of(cache, head);
     const std::int64_t b = head / cache.shape.kv_heads, h = head % cache.shape.kv_heads;
     const typename tiles::reader reader = tiles::open(cache.storage, head);
+    // The metric's logits go to the head's place on the line (eviction metric only).
+    const std::int64_t metric_line = params.metric.logits != nullptr ? params.partition.prefix(head) : 0;
+    const std::uint64_t metric_policy =
+        params.metric.logits != nullptr && params.metric.keep_in_l2 ? metric_store_policy() : 0;
 
     float query[Group][8];
 #pragma unroll
@@ -366,10 +414,11 @@ __global__ void __launch_bounds__(decode_threads) decode_attention_cuda_core(con
 #pragma unroll
         for (int g = 0; g < Group; ++g) score[g][u] = token < end ? dots[g] + token_bias : negative_infinity;
         if (params.metric.logits != nullptr && token < end) {  // lane g of the token's lane group writes s_g
-          const std::int64_t slot = rows.slot(token);
 #pragma unroll
           for (int g = 0; g < Group; ++g)
-            if (lane % lanes_per_token == g) params.metric.logits[g * params.metric.stride + slot] = score[g][u];
+            if (lane % lanes_per_token == g)
+              store_metric_logit(params.metric.logits + g * params.metric.stride + metric_line + token, score[g][u],
+                                 params.metric.keep_in_l2, metric_policy);
         }
       }
 
@@ -586,11 +635,18 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
                      params.queries + b * params.query_batch_stride + h * Group * params.query_head_stride,
                      params.query_head_stride, params.query_scale, lane);
     }
+    // With the eviction metric, optionally: K/V lines evict_first, so the metric's logits stay in L2.
+    const bool kv_hinted = params.metric.logits != nullptr && params.metric.stream_kv_evict_first;
+    const kv_copy_hint hint{kv_hinted, kv_hinted ? kv_stream_policy() : 0};
     typename geometry::template stream<std::remove_const_t<decltype(rows)>> stream(shared_memory, keys, values, rows,
-                                                                                   first, end, side);
+                                                                                   first, end, side, hint);
     stream.start();
     const head_bias bias = compensation_of(cache, head);
     const typename tiles::reader reader = tiles::open(cache.storage, head);
+    // The metric's logits go to the head's place on the line (eviction metric only).
+    const std::int64_t metric_line = params.metric.logits != nullptr ? params.partition.prefix(head) : 0;
+    const std::uint64_t metric_policy =
+        params.metric.logits != nullptr && params.metric.keep_in_l2 ? metric_store_policy() : 0;
 
     // Q as the A operand: query_fragment[step][rb][half] = dims step·16 + half·8 + 2·quad (+1) of row head_row + 8·rb.
     unsigned query_fragment[k_steps][row_blocks][2];
@@ -689,7 +745,9 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             const std::int64_t token = first_token + (i / 2) * 8 + 2 * quad + i % 2;
-            if (in_segment(token)) params.metric.logits[(head_row + 8 * rb) * params.metric.stride + rows.slot(token)] = score[i];
+            if (in_segment(token))  // not token < end: [first, begin) belongs to another block's segment
+              store_metric_logit(params.metric.logits + (head_row + 8 * rb) * params.metric.stride + metric_line + token,
+                                 score[i], params.metric.keep_in_l2, metric_policy);
           }
         float tile_max = running_max[rb];
 #pragma unroll
@@ -833,6 +891,16 @@ struct implementation<stage::decode_attention, backend::cuda> {
     workspace_carver carver;
     carve(carver, cache);
     return carver.bytes();
+  }
+
+  /// Where attend laid a paged / flat cache's heads on the partition's line (the eviction
+  /// metric's logits are indexed by it): the plan's tables in `scratch`, filled on the
+  /// stream by attend's plan kernel.
+  template <class View>
+  static cuda_detail::planned_partition planned_partition(const View& cache, workspace scratch) {
+    workspace_carver carver(scratch);
+    const scratch_tables tables = carve(carver, cache);
+    return {cache.heads(), tables.line, tables.prefix, tables.first_head};
   }
 
   /// `metric`: the eviction metric's side output (backend/cuda/eviction.cuh), none by default.

@@ -1,28 +1,30 @@
-// kvtrim/backend/cuda/eviction.cuh — the eviction metric on the GPU: decode
-// attention's side output (eviction/metric.hpp has the math).
+// kvtrim/backend/cuda/eviction.cuh — decode-time eviction on the GPU: the
+// metric (decode attention's side output; eviction/metric.hpp has the math) and
+// the eviction step (eviction/evict.hpp).
 //
-// The decode kernel is split-K: a token's probability p_gi = 2^(s_gi − lse_g)
-// is known only after the partial softmax states of the head are merged. So
-// the attention kernel writes each logit s_gi (base 2, the very float its
-// softmax uses) to the workspace by slot, finish_segment / the merge write each
-// head's final lse_g, and accumulate_decode_metric below — one more dependent
-// launch, reading 4·G bytes of logits, the position and the metric of each
-// token, never K or V — adds c_i to metric[slot] for tokens older than the
-// protected window. Same rule and formulas as the CPU reference
-// (backend/cpu/decode_attention.hpp): the difference is fp32 rounding of
-// exp2 in base 2 against exp in base e (tests/cuda/eviction_test.cu bounds it).
+// The metric. The decode kernel is split-K: a token's probability
+// p_gi = 2^(s_gi − lse_g) is known only after the partial softmax states of the
+// head are merged. So the attention kernel writes each logit s_gi (base 2, the
+// very float its softmax uses) at the token's place on the partition's line
+// (consecutive tokens, consecutive floats, whatever the layout), with an L2
+// evict_last policy; finish_segment / the merge write each head's final lse_g;
+// accumulate_decode_metric below — one more dependent launch, a warp per 32
+// places of the line — adds c_i to metric[slot] for tokens older than the
+// protected window and discards the logits' L2 lines once read, so logits that
+// stayed resident are never written back. At W they mostly do not stay (1 GB of
+// K/V streams through the 50 MB L2; measured in docs/results.md: +16.7 % with
+// the policy, +14.0 % with the K/V stream also marked evict_first, which is off
+// by default until a device test has run with it). Per token the finisher moves
+// the position (4 B), the metric (8 B read + write) and the logits (4·G B, from
+// L2 or HBM) and never reads K or V. Same rule and
+// formulas as the CPU reference (backend/cpu/decode_attention.hpp): the
+// difference is fp32 rounding of exp2 in base 2 against exp in base e
+// (tests/cuda/eviction_test.cu bounds it).
 //
-// The eviction step (kvtrim::evict<backend::cuda>, below): the CPU reference's
-// math and order exactly (eviction/evict.hpp), for codec::plain (fp16, bf16,
-// fp32: no slot runs, no side buffers) over paged and flat caches, with no host
-// synchronisation: one block per unit walks the unit's heads in ordinal order,
-// in chunks of tokens — the radix threshold's histograms in shared memory, the
-// tie ranks by cub::BlockScan, the moves staged through shared memory (a
-// token only moves to a lower index, so a chunk is read whole before it is
-// written) — then one block per layer closes the page tables up and pushes the
-// freed pages on the device free list in the CPU's order (head order, page-table
-// order). Correctness first: one block per unit does not use the whole GPU for
-// cross-layer units (docs/eviction.md).
+// The eviction step (kvtrim::evict<backend::cuda>, below): codec::plain (fp16,
+// bf16, fp32: no slot runs, no side buffers) over paged and flat caches, the CPU
+// reference's result byte for byte, as a chain of whole-GPU kernels with no host
+// synchronisation (described where they start).
 #pragma once
 
 #include <cub/block/block_scan.cuh>
@@ -47,44 +49,73 @@ namespace kvtrim::cuda_detail {
 
 inline constexpr int metric_threads = 256;
 
-/// metric[slot(i)] += factor · Σ_g term(2^(s_gi − lse_g)) for every token i of
-/// head blockIdx.y older than the protected window (grid-stride over tokens).
-template <int Group, class View>
+/// The head holding place x of the line (x < line.total): the block that reads x
+/// starts in partition.first_head(x / C); walk on past heads that end before x
+/// (a block's range meets few heads). Contiguous caches: x / length.
+__device__ __forceinline__ std::int64_t head_at(const uniform_partition& partition, const decode_line&, std::int64_t x) {
+  return x / partition.length;
+}
+__device__ __forceinline__ std::int64_t head_at(const planned_partition& partition, const decode_line& line,
+                                                std::int64_t x) {
+  std::int64_t head = partition.first_head(x / line.chunk);
+  while (partition.prefix(head + 1) <= x) ++head;
+  return head;
+}
+
+/// metric[slot(i)] += factor · Σ_g term(2^(s_gi − lse_g)) for every token older than
+/// the protected window, over the partition's line (grid-stride; a warp takes 32
+/// consecutive places, so its G logit reads are whole 128-byte lines, which it
+/// discards from L2 once read: the logits are dead, never written back to HBM).
+template <int Group, class View, class Partition>
 __global__ void __launch_bounds__(metric_threads)
-    accumulate_decode_metric(const __grid_constant__ View cache, decode_metric side, float* metric,
-                             eviction::metric_kind kind, std::int64_t window, int page_shift,
-                             std::int64_t uniform_length) {
+    accumulate_decode_metric(const __grid_constant__ View cache, const __grid_constant__ Partition partition,
+                             decode_metric side, float* metric, eviction::metric_kind kind, std::int64_t window,
+                             int page_shift) {
   wait_for_prerequisite_grid();  // the attention kernel's logits and the merge's lse
-  const std::int64_t head = blockIdx.y;
-  const std::int64_t b = head / cache.shape.kv_heads, h = head % cache.shape.kv_heads;
-  std::int64_t length = uniform_length;  // contiguous: its one host-known length
-  if constexpr (!is_contiguous_view<View>) length = cache.head_length(b, h);
-  const std::int64_t next = cache.positions.next_position[head];
-  const auto rows = head_rows(cache, head, page_shift);
-  float lse[Group];
-#pragma unroll
-  for (int g = 0; g < Group; ++g) lse[g] = side.lse[head * Group + g];
+  const decode_line line = partition.line();
   const float factor = eviction::metric_group_factor(kind, Group);
-  for (std::int64_t i = std::int64_t{blockIdx.x} * metric_threads + threadIdx.x; i < length;
-       i += std::int64_t{gridDim.x} * metric_threads) {
-    const std::int64_t slot = rows.slot(i);
-    // Loads first, the window test after: the loads do not wait for the position.
-    const std::int64_t position = cache.positions.slot_position[slot];
-    float logits[Group];
+  const int lane = threadIdx.x % 32;
+  for (std::int64_t base = std::int64_t{blockIdx.x} * metric_threads; base < line.total;
+       base += std::int64_t{gridDim.x} * metric_threads) {
+    const std::int64_t x = base + threadIdx.x;
+    if (x < line.total) {
+      const std::int64_t head = head_at(partition, line, x);
+      const std::int64_t slot = head_rows(cache, head, page_shift).slot(x - partition.prefix(head));
+      // Loads first, the window test after: the loads do not wait for the position.
+      const std::int64_t position = cache.positions.slot_position[slot];
+      const std::int64_t next = cache.positions.next_position[head];
+      float sum = 0.0f;
 #pragma unroll
-    for (int g = 0; g < Group; ++g) logits[g] = side.logits[g * side.stride + slot];
-    const float old = metric[slot];
-    if (!eviction::outside_window(next, position, window)) continue;
-    float sum = 0.0f;
-#pragma unroll
-    for (int g = 0; g < Group; ++g) sum += eviction::metric_term(kind, exp2f(logits[g] - lse[g]));
-    metric[slot] = old + sum * factor;
+      for (int g = 0; g < Group; ++g)
+        sum += eviction::metric_term(kind, exp2f(side.logits[g * side.stride + x] - side.lse[head * Group + g]));
+      if (eviction::outside_window(next, position, window)) metric[slot] += sum * factor;
+    }
+    __syncwarp();  // every lane has read its logits: the warp's lines are dead
+    const std::int64_t warp_first = base + (threadIdx.x - lane);
+    if (side.keep_in_l2 && lane < Group && warp_first < line.total)
+      asm volatile("discard.global.L2 [%0], 128;\n" ::"l"(side.logits + lane * side.stride + warp_first) : "memory");
   }
 }
 
 }  // namespace kvtrim::cuda_detail
 
 namespace kvtrim::eviction {
+
+/// eviction::attend's L2 policies for the metric, per call (no process-wide state: callers
+/// on several threads each pass their own). bench/cuda_decode_attention.cu measures both.
+struct metric_l2_hints {
+  /// The logits stored with the L2 evict_last policy and discarded after use (the default).
+  bool logits_in_l2 = true;
+  /// Decode attention's K/V stream marks its lines evict_first while the metric is on.
+  bool kv_evict_first = false;
+};
+
+/// Floats per query head of the metric's logits: the line's longest length (every
+/// storage slot holds at most one token), rounded up to whole 128-byte lines.
+template <class View>
+std::int64_t metric_logit_stride(const View& cache) {
+  return (::kvtrim::detail::storage_slots(cache.storage) + 31) / 32 * 32;
+}
 
 /// Scratch eviction::attend needs on the device: decode attention's, the logits
 /// ([group][slots] floats) and the heads' lse ([heads · group] floats).
@@ -95,7 +126,7 @@ std::size_t attend_workspace(const View& cache, const metric_output<device_space
   carver.take<std::byte>(static_cast<std::int64_t>(
       implementation<stage::decode_attention, backend::cuda>::workspace_bytes(cache)));
   if (metric.enabled()) {
-    carver.take<float>(cache.shape.group_size() * ::kvtrim::detail::storage_slots(cache.storage));
+    carver.take<float>(cache.shape.group_size() * metric_logit_stride(cache));
     carver.take<float>(cache.heads() * cache.shape.group_size());
   }
   return carver.bytes();
@@ -106,7 +137,8 @@ std::size_t attend_workspace(const View& cache, const metric_output<device_space
 template <class View, class QueryT, class OutT>
   requires std::same_as<typename View::space, device_space>
 void attend(tensor_view<QueryT, 3, device_space> queries, const View& cache, tensor_view<OutT, 3, device_space> out,
-            const metric_output<device_space>& metric, workspace scratch, cudaStream_t stream) {
+            const metric_output<device_space>& metric, workspace scratch, cudaStream_t stream,
+            metric_l2_hints hints = {}) {
   constexpr std::string_view function = "kvtrim::eviction::attend";
   View::layout_policy::check(function, cache);
   const model_shape& shape = cache.shape;
@@ -114,16 +146,15 @@ void attend(tensor_view<QueryT, 3, device_space> queries, const View& cache, ten
   ::kvtrim::detail::check_view(function, "out", out, {cache.batch, shape.q_heads, shape.head_dim}, true);
   eviction_detail::check_metric(function, metric, ::kvtrim::detail::storage_slots(cache.storage));
   ::kvtrim::detail::check_workspace(function, scratch, attend_workspace(cache, metric));
-  if (cache.heads() > 65535)
-    ::kvtrim::detail::fail(function, "cache", "at most 65535 (sequence, kv head) pairs with a metric on backend::cuda",
-                           std::to_string(cache.heads()));
 
   workspace_carver carver(scratch);
   const std::size_t attention_bytes = implementation<stage::decode_attention, backend::cuda>::workspace_bytes(cache);
   std::byte* attention_scratch = carver.take<std::byte>(static_cast<std::int64_t>(attention_bytes));
   cuda_detail::decode_metric side{};
   if (metric.enabled()) {
-    side.stride = ::kvtrim::detail::storage_slots(cache.storage);
+    side.stride = metric_logit_stride(cache);
+    side.keep_in_l2 = hints.logits_in_l2;
+    side.stream_kv_evict_first = hints.kv_evict_first;
     side.logits = carver.take<float>(shape.group_size() * side.stride);
     side.lse = carver.take<float>(cache.heads() * shape.group_size());
   }
@@ -135,19 +166,21 @@ void attend(tensor_view<QueryT, 3, device_space> queries, const View& cache, ten
   if (!metric.enabled()) return;
   int page_shift = -1;
   if constexpr (cuda_detail::is_paged_view<View>) page_shift = cuda_detail::power_of_two_shift(cache.page_size);
-  std::int64_t uniform_length = -1;
-  if constexpr (cuda_detail::is_contiguous_view<View>) uniform_length = *cache.length;
-  // About eight resident waves of threads over all heads: each thread's few tokens are a chain
-  // of dependent loads (page table → slot → position, logits, metric), so parallelism hides them.
-  const unsigned blocks_per_head = static_cast<unsigned>(std::clamp<std::int64_t>(
-      16 * backend::cuda::multiprocessor_count() / std::max<std::int64_t>(cache.heads(), 1), 1, 1024));
+  // One resident wave of threads, grid-striding over the line (its length lives on the device).
+  const unsigned blocks = static_cast<unsigned>(backend::cuda::multiprocessor_count()) * (2048 / cuda_detail::metric_threads);
   cuda_detail::dispatch_decode_group(shape.group_size(), function, [&](auto group_constant) {
     constexpr int group = decltype(group_constant)::value;
-    cuda_detail::launch_dependent(cuda_detail::accumulate_decode_metric<group, View>,
-                                  dim3(blocks_per_head, static_cast<unsigned>(cache.heads())),
-                                  dim3(cuda_detail::metric_threads), 0, stream, function, "accumulate_decode_metric",
-                                  cache, side, metric.values, metric.kind, metric.protected_window, page_shift,
-                                  uniform_length);
+    const auto launch = [&](const auto& partition) {
+      cuda_detail::launch_dependent(
+          cuda_detail::accumulate_decode_metric<group, View, std::remove_cvref_t<decltype(partition)>>, dim3(blocks),
+          dim3(cuda_detail::metric_threads), 0, stream, function, "accumulate_decode_metric", cache, partition, side,
+          metric.values, metric.kind, metric.protected_window, page_shift);
+    };
+    if constexpr (cuda_detail::is_contiguous_view<View>)
+      launch(cuda_detail::uniform_partition{cache.heads(), *cache.length, *cache.length});
+    else
+      launch(implementation<stage::decode_attention, backend::cuda>::planned_partition(
+          cache, workspace{attention_scratch, attention_bytes}));
   });
 }
 
@@ -156,17 +189,53 @@ void attend(tensor_view<QueryT, 3, device_space> queries, const View& cache, ten
 // ---- the eviction step ------------------------------------------------------
 
 namespace kvtrim::cuda_detail {
+// ---- the eviction step ------------------------------------------------------
+//
+// The CPU reference's math and result, byte for byte (backend/cpu/eviction.hpp),
+// as a chain of kernels over the whole GPU (no host synchronisation):
+//   prepare      one block per head: each token's 32-bit rank key (the metric's
+//                order-preserving key; protected tokens marked) written by slot
+//                to a scratch array the size of the metric, the head's protected
+//                count and tail (its protected suffix), its floor threshold (radix
+//                select on the block's own copy of the keys, in shared memory),
+//                floor-kept tokens marked, and the unit's pool histogram of the
+//                first digit;
+//   pick         one block per unit: the pool's target, then one digit of the
+//                pool threshold per call (11 + 11 + 10 bits: three passes);
+//   histogram    one block per head: the next digit's histogram of the pool
+//                candidates that match the digits fixed so far (unit-wide atomics);
+//   count ties   one block per head: its candidates equal to the threshold;
+//   compact      one block per head: the keep decisions (tie ranks in (head
+//                ordinal, token) order from the per-head tie counts), then the
+//                moves of eviction/evict.hpp's "Layouts": kept tokens at K or
+//                later fill the holes below K (their list is written by rank into
+//                the key array, which is dead by then), the protected tail shifts
+//                down behind them (staged: a chunk is read whole before written);
+//   close up     one block per layer: page tables and free list (the CPU's order).
+// Scratch: one uint32 per storage slot of each layer plus O(layers · heads).
 
-inline constexpr int evict_threads = 256;
-/// Tokens moved per staged chunk (their K/V rows go through shared memory).
-inline constexpr int evict_stage_tokens = 32;
+inline constexpr int evict_threads = 512;
+/// Consecutive tokens a thread takes in the chunked walks (fewer block-wide scans per head).
+inline constexpr int evict_per_thread = 4;
+/// Keys a prepare block keeps in shared memory (96 KB: two blocks per multiprocessor);
+/// longer heads read the rest back from the key array (L2).
+inline constexpr int evict_cached_keys = 24576;
+/// Rank keys no metric value has (rank keys are 0 for NaN, ≥ 0x007fffff otherwise).
+inline constexpr std::uint32_t evict_protected_key = 1u;
+inline constexpr std::uint32_t evict_floor_key = 2u;
+/// The threshold's digits, most significant first: bits 31–21, 20–10, 9–0.
+inline constexpr int evict_digit_passes = 3;
+inline constexpr int evict_bins = 2048;
+__host__ __device__ constexpr int evict_digit_shift(int pass) { return pass == 0 ? 21 : pass == 1 ? 10 : 0; }
+__host__ __device__ constexpr int evict_digit_bins(int pass) { return pass == 2 ? 1024 : 2048; }
 
-/// Every layer's view and metric, by value (kernel parameters, up to ~31 KB).
+/// Every layer's view, metric and key array, by value (kernel parameters, up to ~31 KB).
 template <class View>
 struct evict_layer_set {
-  static constexpr int capacity = static_cast<int>(30000 / (sizeof(View) + sizeof(float*)));
+  static constexpr int capacity = static_cast<int>(30000 / (sizeof(View) + sizeof(float*) + sizeof(std::uint32_t*)));
   View views[capacity];
   float* metrics[capacity];
+  std::uint32_t* keys[capacity];  // [the layer's storage slots]
   int count = 0;
 };
 
@@ -175,25 +244,75 @@ struct evict_settings {
   std::int64_t head_target = 0, sinks = 0, window = 0;
   double alpha = 0.0;
   const std::uint8_t* retrieval = nullptr;  // device [layers · kv_heads] or null
-  std::int64_t kv_heads = 0, batch = 0, heads_per_layer = 0;
+  std::int64_t kv_heads = 0, batch = 0, heads_per_layer = 0, layers = 0;
+
+  __host__ __device__ std::int64_t unit_count() const {
+    return scope == 2 ? batch : scope == 1 ? batch * layers : batch * layers * kv_heads;
+  }
+  __device__ __forceinline__ bool is_retrieval(std::int64_t l, std::int64_t h) const {
+    return retrieval != nullptr && retrieval[l * kv_heads + h] != 0;
+  }
+  /// The unit of (b, l, h) and its (layer, kv head) ranges.
+  __device__ __forceinline__ std::int64_t unit_of(std::int64_t b, std::int64_t l, std::int64_t h) const {
+    return scope == 2 ? b : scope == 1 ? b * layers + l : (b * layers + l) * kv_heads + h;
+  }
+  __device__ __forceinline__ void unit_range(std::int64_t unit, std::int64_t& b, std::int64_t& l0, std::int64_t& l1,
+                                             std::int64_t& h0, std::int64_t& h1) const {
+    if (scope == 2) {
+      b = unit, l0 = 0, l1 = layers, h0 = 0, h1 = kv_heads;
+    } else if (scope == 1) {
+      b = unit / layers, l0 = unit % layers, l1 = l0 + 1, h0 = 0, h1 = kv_heads;
+    } else {
+      b = unit / (layers * kv_heads), l0 = unit / kv_heads % layers, l1 = l0 + 1, h0 = unit % kv_heads, h1 = h0 + 1;
+    }
+  }
 };
 
-/// The eviction step's device scratch: O(layers · heads).
+/// One unit's pool threshold as the pick kernel builds it.
+struct evict_unit_state {
+  std::int64_t remaining = 0;  // kept candidates still sharing `prefix` (after the last pass: the ties kept)
+  std::uint32_t prefix = 0, mask = 0;
+  int evicting = 0;  // the unit holds more than its target
+  int none = 1;      // the pool keeps nothing
+};
+
+/// The eviction step's device scratch.
 struct evict_scratch {
-  std::uint32_t* floor_key = nullptr;   // [layers · kv_heads] (one unit at a time per sequence: indexed l·kv_heads + h
-  std::int64_t* floor_ties = nullptr;   //  within the sequence's own block, so per sequence: [batch · layers · kv_heads])
-  std::int8_t* floor_none = nullptr;
-  std::int64_t* new_length = nullptr;   // [layers · heads_per_layer], −1: untouched
-  eviction::report* report = nullptr;   // [1], accumulated with atomics
+  // per head, [layers · heads_per_layer]
+  std::int64_t* protected_count = nullptr;
+  std::int64_t* floor_count = nullptr;
+  std::int64_t* candidates = nullptr;
+  std::int64_t* tail = nullptr;        // first token of the protected tail
+  std::int64_t* pool_ties = nullptr;   // pool candidates equal to the pool threshold
+  std::int64_t* pool_above = nullptr;  // pool candidates above it
+  std::int64_t* new_length = nullptr;  // −1: untouched
+  std::int64_t* page_write = nullptr;  // close-up: the head's first entry in the closed-up page table
+  std::int64_t* page_freed = nullptr;  // close-up: pages freed by the layer's heads before this one
+  // per layer, [layers · (heads_per_layer + 1)]: each head's first key in the layer's key array
+  // (lengths rounded up to 4: every head's keys start 16-byte aligned)
+  std::int64_t* line = nullptr;
+  // per unit
+  evict_unit_state* units = nullptr;
+  unsigned* histograms = nullptr;  // [passes][units][evict_bins]
+  eviction::report* report = nullptr;  // [1], accumulated with atomics
 
   template <class Carver>
-  static evict_scratch carve(Carver& carver, std::int64_t layers, std::int64_t heads_per_layer) {
+  static evict_scratch carve(Carver& carver, std::int64_t layers, std::int64_t heads_per_layer, std::int64_t units,
+                             std::int64_t pooled_units) {
     evict_scratch s;
     const std::int64_t count = layers * heads_per_layer;
-    s.floor_key = carver.template take<std::uint32_t>(count);
-    s.floor_ties = carver.template take<std::int64_t>(count);
-    s.floor_none = carver.template take<std::int8_t>(count);
+    s.protected_count = carver.template take<std::int64_t>(count);
+    s.floor_count = carver.template take<std::int64_t>(count);
+    s.candidates = carver.template take<std::int64_t>(count);
+    s.tail = carver.template take<std::int64_t>(count);
+    s.pool_ties = carver.template take<std::int64_t>(count);
+    s.pool_above = carver.template take<std::int64_t>(count);
     s.new_length = carver.template take<std::int64_t>(count);
+    s.page_write = carver.template take<std::int64_t>(count);
+    s.page_freed = carver.template take<std::int64_t>(count);
+    s.line = carver.template take<std::int64_t>(layers * (heads_per_layer + 1));
+    s.units = carver.template take<evict_unit_state>(units);
+    s.histograms = carver.template take<unsigned>(evict_digit_passes * pooled_units * evict_bins);
     s.report = carver.template take<eviction::report>(1);
     return s;
   }
@@ -204,319 +323,674 @@ __device__ __forceinline__ std::uint32_t evict_rank_key(float value) {
   const std::uint32_t bits = value == 0.0f ? 0u : __float_as_uint(value);
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
+__device__ __forceinline__ bool evict_candidate(std::uint32_t key) {
+  return key != evict_protected_key && key != evict_floor_key;
+}
 
-/// One head of a unit as the walks see it.
+using evict_scan = cub::BlockScan<std::int64_t, evict_threads>;
+
+/// Block-wide: the digit of a radix pass (the CPU's rule: from the top digit down, the
+/// first whose count reaches `remaining`, digit 0 when reached) and the new `remaining`,
+/// from a histogram in shared or global memory. Every thread gets both.
+__device__ __forceinline__ void evict_pick_digit(const unsigned* histogram, int bins, std::int64_t remaining,
+                                                 typename evict_scan::TempStorage& scan_storage, int* shared_digit,
+                                                 std::int64_t* shared_remaining, int& digit,
+                                                 std::int64_t& new_remaining) {
+  const int per_thread = bins / evict_threads;  // 4 or 2: this thread's bins, in descending digit order
+  const int top = bins - 1 - threadIdx.x * per_thread;
+  std::int64_t mine = 0;
+  for (int k = 0; k < per_thread; ++k) mine += histogram[top - k];
+  std::int64_t above = 0;
+  evict_scan(scan_storage).ExclusiveSum(mine, above);
+  for (int k = 0; k < per_thread; ++k) {
+    const int d = top - k;
+    const std::int64_t count = histogram[d];
+    if (above < remaining && (above + count >= remaining || d == 0)) {
+      *shared_digit = d;
+      *shared_remaining = remaining - above;
+    }
+    above += count;
+  }
+  __syncthreads();
+  digit = *shared_digit;
+  new_remaining = *shared_remaining;
+  __syncthreads();
+}
+
+/// The unit's held tokens and heads (retrieval heads excluded), every thread of the block.
 template <class View>
-struct evict_head {
-  const View* cache;
-  float* metric;
-  std::int64_t layer, head, length, next, compensation, scratch_index;
-  __device__ __forceinline__ std::int64_t slot(std::int64_t i) const {
-    return cache->slot(head / cache->shape.kv_heads, head % cache->shape.kv_heads, i);
+__device__ void evict_unit_totals(const evict_layer_set<View>& set, const evict_settings& settings, std::int64_t unit,
+                                  typename evict_scan::TempStorage& scan_storage, std::int64_t& held,
+                                  std::int64_t& unit_heads, const std::int64_t* per_head_a = nullptr,
+                                  const std::int64_t* per_head_b = nullptr, const std::int64_t* per_head_c = nullptr,
+                                  std::int64_t* sum_a = nullptr, std::int64_t* sum_b = nullptr,
+                                  std::int64_t* sum_c = nullptr) {
+  std::int64_t b, l0, l1, h0, h1;
+  settings.unit_range(unit, b, l0, l1, h0, h1);
+  const std::int64_t width = h1 - h0, count = (l1 - l0) * width;
+  std::int64_t mine[5] = {0, 0, 0, 0, 0};
+  for (std::int64_t k = threadIdx.x; k < count; k += evict_threads) {
+    const std::int64_t l = l0 + k / width, h = h0 + k % width;
+    if (settings.is_retrieval(l, h)) continue;
+    mine[0] += set.views[l].head_length(b, h);
+    mine[1] += 1;
+    const std::int64_t index = l * settings.heads_per_layer + b * settings.kv_heads + h;
+    if (per_head_a != nullptr) mine[2] += per_head_a[index], mine[3] += per_head_b[index], mine[4] += per_head_c[index];
+  }
+  std::int64_t totals[5];
+  for (int k = 0; k < 5; ++k) {
+    evict_scan(scan_storage).ExclusiveSum(mine[k], mine[k], totals[k]);
+    __syncthreads();
+  }
+  held = totals[0], unit_heads = totals[1];
+  if (sum_a != nullptr) *sum_a = totals[2], *sum_b = totals[3], *sum_c = totals[4];
+}
+
+
+/// histogram[bin] += 1 for the lanes with `active`, one shared-memory atomic per distinct
+/// bin of the warp (metrics cluster in few exponents: plain atomics would serialise).
+/// Every lane of the warp calls it.
+__device__ __forceinline__ void evict_histogram_add(unsigned* histogram, unsigned bin, bool active) {
+  const unsigned lanes = __ballot_sync(0xffffffffu, active);
+  if (!active) return;
+  const unsigned peers = __match_any_sync(lanes, bin);
+  if (static_cast<unsigned>(__ffs(peers) - 1) == threadIdx.x % 32) atomicAdd(&histogram[bin], __popc(peers));
+}
+
+/// Block per layer: where each head's keys start in the layer's key array (lengths rounded up to 4).
+template <class View>
+__global__ void __launch_bounds__(evict_threads)
+    evict_lines(const __grid_constant__ evict_layer_set<View> set, const evict_settings settings,
+                const evict_scratch scratch) {
+  using scan = cub::BlockScan<std::int64_t, evict_threads>;
+  __shared__ typename scan::TempStorage storage;
+  const View& cache = set.views[blockIdx.x];
+  std::int64_t* line = scratch.line + blockIdx.x * (settings.heads_per_layer + 1);
+  std::int64_t running = 0;
+  for (std::int64_t tile = 0; tile < settings.heads_per_layer; tile += evict_threads) {
+    const std::int64_t head = tile + threadIdx.x;
+    const std::int64_t length =
+        head < settings.heads_per_layer ? cache.head_length(head / settings.kv_heads, head % settings.kv_heads) : 0;
+    std::int64_t before = 0, total = 0;
+    scan(storage).ExclusiveSum((length + 3) / 4 * 4, before, total);
+    if (head < settings.heads_per_layer) line[head] = running + before;
+    running += total;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) line[settings.heads_per_layer] = running;
+}
+
+/// A head's rows as the chunked walks read them: token i's slot, and four consecutive
+/// tokens' metrics and positions (one 16-byte load each where their slots are consecutive
+/// and aligned: within a page of a paged cache).
+template <class View>
+struct evict_rows {
+  const View& cache;
+  std::int64_t b, h, length;
+  __device__ __forceinline__ std::int64_t slot(std::int64_t i) const { return cache.slot(b, h, i); }
+  __device__ __forceinline__ void load4(std::int64_t i0, const float* metric, float (&value)[4],
+                                        std::int32_t (&position)[4], std::int64_t (&slots)[4]) const {
+    slots[0] = i0 < length ? slot(i0) : 0;
+    // (the metric is the engine's buffer: its alignment is checked, not assumed)
+    // (all four slots checked: with pages of one token, i0 + 1 and i0 + 2 may lie anywhere
+    // even when i0 + 3 follows i0 by three)
+    const bool whole = i0 + 3 < length && slots[0] % 4 == 0 && slot(i0 + 1) == slots[0] + 1 &&
+                       slot(i0 + 2) == slots[0] + 2 && slot(i0 + 3) == slots[0] + 3 &&
+                       reinterpret_cast<std::uintptr_t>(metric) % 16 == 0 &&
+                       reinterpret_cast<std::uintptr_t>(cache.positions.slot_position) % 16 == 0;
+    if (whole) {
+      const float4 v = *reinterpret_cast<const float4*>(metric + slots[0]);
+      const int4 p = *reinterpret_cast<const int4*>(cache.positions.slot_position + slots[0]);
+      value[0] = v.x, value[1] = v.y, value[2] = v.z, value[3] = v.w;
+      position[0] = p.x, position[1] = p.y, position[2] = p.z, position[3] = p.w;
+#pragma unroll
+      for (int k = 1; k < 4; ++k) slots[k] = slots[0] + k;
+    } else {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        slots[k] = i0 + k < length ? slot(i0 + k) : 0;
+        value[k] = i0 + k < length ? metric[slots[k]] : 0.0f;
+        position[k] = i0 + k < length ? cache.positions.slot_position[slots[k]] : 0;
+      }
+    }
   }
 };
 
-template <class View>
-struct evict_block_state {
-  using scan = cub::BlockScan<std::int64_t, evict_threads>;
-  typename scan::TempStorage scan_storage;
-  unsigned histogram[256];
-  std::uint32_t prefix, mask;
+struct evict_shared {
+  typename evict_scan::TempStorage scan;
+  unsigned histogram[evict_bins];
+  int digit;
   std::int64_t remaining;
-  std::int64_t stage_slot[evict_stage_tokens];  // the staged chunk's kept tokens: old slots, then new ones
+  std::int32_t compensation;
 };
 
-template <class View, class Storage>
-__device__ void evict_unit(const evict_layer_set<View>& set, const evict_settings& settings, const evict_scratch& scratch,
-                           Storage& shared, unsigned char* stage, std::int64_t b, std::int64_t l0, std::int64_t l1,
-                           std::int64_t h0, std::int64_t h1) {
-  using scan = typename Storage::scan;
-  const int tid = threadIdx.x;
-  const auto head_at = [&](std::int64_t l, std::int64_t h) {
-    const View& cache = set.views[l];
-    const std::int64_t head = b * settings.kv_heads + h;
-    return evict_head<View>{&cache, set.metrics[l], l, head, cache.head_length(b, h),
-                            cache.positions.next_position[head], cache.compensation.index[head],
-                            b * set.count * settings.kv_heads + l * settings.kv_heads + h};
-  };
-  const auto retrieval = [&](std::int64_t l, std::int64_t h) {
-    return settings.retrieval != nullptr && settings.retrieval[l * settings.kv_heads + h] != 0;
-  };
-  const auto token_protected = [&](const evict_head<View>& r, std::int64_t i, std::int64_t slot) {
-    const std::int64_t position = r.cache->positions.slot_position[slot];
-    return position < settings.sinks || r.next - position <= settings.window || r.compensation == i;
-  };
-  // A block-wide sum (every thread gets it).
-  const auto block_sum = [&](std::int64_t value) {
-    std::int64_t total = 0, before = 0;
-    scan(shared.scan_storage).ExclusiveSum(value, before, total);
+/// Block per head (blockIdx.x = l · heads_per_layer + head): keys, protected count, tail, floor.
+/// The walks take four consecutive tokens a thread (16-byte loads and stores).
+template <class View>
+__global__ void __launch_bounds__(evict_threads)
+    evict_prepare(const __grid_constant__ evict_layer_set<View> set, const evict_settings settings,
+                  const evict_scratch scratch) {
+  static_assert(evict_per_thread == 4 && evict_cached_keys % 4 == 0, "evict_prepare: 16-byte groups of keys");
+  constexpr std::int64_t chunk = std::int64_t{evict_threads} * evict_per_thread;
+  __shared__ evict_shared shared;
+  extern __shared__ uint4 cached_keys[];  // [evict_cached_keys / 4]: the head's first keys
+  const std::int64_t l = blockIdx.x / settings.heads_per_layer, head = blockIdx.x % settings.heads_per_layer;
+  const std::int64_t b = head / settings.kv_heads, h = head % settings.kv_heads;
+  if (settings.is_retrieval(l, h)) return;
+  const std::int64_t unit = settings.unit_of(b, l, h);
+  if (scratch.units[unit].evicting == 0) return;  // the unit is left as it is (evict_pick, pass −1)
+
+  const View& cache = set.views[l];
+  const float* metric = set.metrics[l];
+  uint4* keys = reinterpret_cast<uint4*>(set.keys[l] + scratch.line[l * (settings.heads_per_layer + 1) + head]);
+  const std::int64_t length = cache.head_length(b, h), next = cache.positions.next_position[head];
+  const std::int64_t compensation = cache.compensation.index[head];
+  const evict_rows<View> rows{cache, b, h, length};
+  // Keys i0 … i0 + 3 (i0 a multiple of 4; past the length: protected).
+  const auto keys_at = [&](std::int64_t i0) { return i0 < evict_cached_keys ? cached_keys[i0 / 4] : keys[i0 / 4]; };
+  const auto key_of = [](const uint4& four, int k) { return k == 0 ? four.x : k == 1 ? four.y : k == 2 ? four.z : four.w; };
+
+  // Keys, the protected count and the tail (one past the last candidate).
+  std::int64_t mine_protected = 0, mine_last = 0;
+  for (std::int64_t c0 = 0; c0 < length; c0 += chunk) {
+    const std::int64_t i0 = c0 + std::int64_t{threadIdx.x} * 4;
+    if (i0 >= length) continue;
+    float value[4];
+    std::int32_t position[4];
+    std::int64_t slots[4];
+    rows.load4(i0, metric, value, position, slots);
+    std::uint32_t key[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const std::int64_t i = i0 + k;
+      const bool is_protected = i >= length || position[k] < settings.sinks ||
+                                !eviction::outside_window(next, position[k], settings.window) || compensation == i;
+      key[k] = is_protected ? evict_protected_key : evict_rank_key(value[k]);
+      mine_protected += is_protected && i < length ? 1 : 0;
+      if (!is_protected) mine_last = i + 1;
+    }
+    const uint4 four = make_uint4(key[0], key[1], key[2], key[3]);
+    keys[i0 / 4] = four;
+    if (i0 < evict_cached_keys) cached_keys[i0 / 4] = four;
+  }
+  std::int64_t protected_tokens = 0, ignored = 0, tail = 0;
+  evict_scan(shared.scan).ExclusiveSum(mine_protected, ignored, protected_tokens);
+  __syncthreads();
+  evict_scan(shared.scan).InclusiveScan(mine_last, ignored,
+                                        [](std::int64_t x, std::int64_t y) { return x > y ? x : y; }, tail);
+  __syncthreads();
+
+  const std::int64_t candidates = length - protected_tokens;
+  const std::int64_t room = std::max<std::int64_t>(0, settings.head_target - protected_tokens);
+  std::int64_t floor_count =
+      settings.scope == 0 ? room : static_cast<std::int64_t>(::floor(settings.alpha * static_cast<double>(room)));
+  if (protected_tokens == 0) floor_count = std::max<std::int64_t>(floor_count, 1);  // never an empty head
+  floor_count = std::min(floor_count, candidates);
+
+  // The floor threshold: three digit passes over the head's candidates.
+  std::uint32_t prefix = 0, mask = 0;
+  std::int64_t remaining = floor_count;
+  for (int pass = 0; pass < evict_digit_passes && floor_count > 0; ++pass) {
+    const int shift = evict_digit_shift(pass), bins = evict_digit_bins(pass);
+    for (int k = threadIdx.x; k < evict_bins; k += evict_threads) shared.histogram[k] = 0;
     __syncthreads();
-    return total;
-  };
-
-  std::int64_t held = 0, unit_heads = 0;
-  for (std::int64_t l = l0; l < l1; ++l)
-    for (std::int64_t h = h0; h < h1; ++h)
-      if (!retrieval(l, h)) {
-        held += set.views[l].head_length(b, h);
-        ++unit_heads;
+    for (std::int64_t c0 = 0; c0 < length; c0 += chunk) {  // every lane of a warp in every iteration
+      const std::int64_t i0 = c0 + std::int64_t{threadIdx.x} * 4;
+      const uint4 four = i0 < length ? keys_at(i0) : make_uint4(evict_protected_key, evict_protected_key,
+                                                                 evict_protected_key, evict_protected_key);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const std::uint32_t key = key_of(four, k);
+        evict_histogram_add(shared.histogram, (key >> shift) & static_cast<unsigned>(bins - 1),
+                            key != evict_protected_key && (key & mask) == prefix);
       }
-  const std::int64_t target = unit_heads * settings.head_target;
-  if (unit_heads == 0 || held <= target) return;
-  if (tid == 0) atomicAdd(reinterpret_cast<unsigned long long*>(&scratch.report->units_evicted), 1ull);
-
-  // Radix threshold over whatever `for_each_key(take)` enumerates (every thread calls take for its own keys).
-  const auto radix_threshold = [&](std::int64_t need, auto&& for_each_key, std::uint32_t& key, std::int64_t& ties,
-                                   bool& none) {
-    none = need <= 0;
-    if (none) return;
-    if (tid == 0) shared.prefix = 0, shared.mask = 0, shared.remaining = need;
+    }
     __syncthreads();
-    for (int shift = 24; shift >= 0; shift -= 8) {
-      for (int k = tid; k < 256; k += evict_threads) shared.histogram[k] = 0;
-      __syncthreads();
-      const std::uint32_t prefix = shared.prefix, mask = shared.mask;
-      for_each_key([&](std::uint32_t candidate) {
-        if ((candidate & mask) == prefix) atomicAdd(&shared.histogram[(candidate >> shift) & 0xffu], 1u);
-      });
-      __syncthreads();
-      if (tid == 0) {
-        std::int64_t remaining = shared.remaining;
-        int digit = 255;
-        for (; digit > 0 && std::int64_t{shared.histogram[digit]} < remaining; --digit) remaining -= shared.histogram[digit];
-        shared.remaining = remaining;
-        shared.prefix |= static_cast<std::uint32_t>(digit) << shift;
-        shared.mask |= 0xffu << shift;
-      }
-      __syncthreads();
-    }
-    key = shared.prefix;
-    ties = shared.remaining;
-    __syncthreads();
-  };
+    int digit;
+    evict_pick_digit(shared.histogram, bins, remaining, shared.scan, &shared.digit, &shared.remaining, digit,
+                     remaining);
+    prefix |= static_cast<std::uint32_t>(digit) << shift;
+    mask |= static_cast<std::uint32_t>(bins - 1) << shift;
+  }
 
-  // Walks head r's tokens in order, `chunk` at a time (chunk ≤ evict_threads): fn(i, valid, candidate, key,
-  // floor_kept) on every thread for its token of the chunk (floor_kept: among the head's floor, by tie rank).
-  const auto walk = [&](const evict_head<View>& r, int chunk, auto&& fn) {
-    const bool floor_none = scratch.floor_none[r.scratch_index] != 0;
-    const std::uint32_t floor_key = scratch.floor_key[r.scratch_index];
-    const std::int64_t floor_ties = scratch.floor_ties[r.scratch_index];
-    std::int64_t floor_seen = 0;
-    for (std::int64_t c0 = 0; c0 < r.length; c0 += chunk) {
-      const std::int64_t i = c0 + tid;
-      const bool valid = tid < chunk && i < r.length;
-      const std::int64_t slot = valid ? r.slot(i) : 0;
-      const bool candidate = valid && !token_protected(r, i, slot);
-      const std::uint32_t key = candidate ? evict_rank_key(r.metric[slot]) : 0u;
-      const bool floor_tie = candidate && !floor_none && key == floor_key;
-      std::int64_t rank = 0, ties_here = 0;
-      scan(shared.scan_storage).ExclusiveSum(floor_tie ? 1 : 0, rank, ties_here);
-      __syncthreads();
-      const bool floor_kept = candidate && !floor_none && (key > floor_key || (floor_tie && floor_seen + rank < floor_ties));
-      floor_seen += ties_here;
-      fn(i, valid, slot, candidate, key, floor_kept);
-    }
-  };
-
-  // Per head: protected tokens, candidates, floor.
-  std::int64_t protected_total = 0, floor_total = 0, candidates_left = 0;
-  for (std::int64_t l = l0; l < l1; ++l)
-    for (std::int64_t h = h0; h < h1; ++h) {
-      if (retrieval(l, h)) continue;
-      const evict_head<View> r = head_at(l, h);
-      std::int64_t mine_protected = 0, mine_candidates = 0;
-      for (std::int64_t i = tid; i < r.length; i += evict_threads) {
-        const bool is_protected = token_protected(r, i, r.slot(i));
-        mine_protected += is_protected ? 1 : 0;
-        mine_candidates += is_protected ? 0 : 1;
+  // Floor-kept candidates marked (ties: the first `remaining` in token order); the rest
+  // go to the unit's first-digit pool histogram (scopes with a pool only). Ties are ranked
+  // only in chunks that have some.
+  const bool pooled = settings.scope != 0;
+  for (int k = threadIdx.x; k < evict_bins; k += evict_threads) shared.histogram[k] = 0;
+  __syncthreads();
+  {
+    using count_scan = cub::BlockScan<int, evict_threads>;
+    auto& count_storage = reinterpret_cast<typename count_scan::TempStorage&>(shared.scan);
+    std::int64_t ties_seen = 0;
+    for (std::int64_t c0 = 0; c0 < length; c0 += chunk) {
+      const std::int64_t i0 = c0 + std::int64_t{threadIdx.x} * 4;
+      const uint4 four = i0 < length ? keys_at(i0) : make_uint4(evict_protected_key, evict_protected_key,
+                                                                 evict_protected_key, evict_protected_key);
+      int my_ties = 0;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const std::uint32_t key = key_of(four, k);
+        my_ties += key != evict_protected_key && floor_count > 0 && key == prefix ? 1 : 0;
       }
-      const std::int64_t protected_tokens = block_sum(mine_protected), candidates = block_sum(mine_candidates);
-      const std::int64_t room = std::max(std::int64_t{0}, settings.head_target - protected_tokens);
-      std::int64_t floor_count =
-          settings.scope == 0 ? room : static_cast<std::int64_t>(::floor(settings.alpha * static_cast<double>(room)));
-      if (protected_tokens == 0) floor_count = std::max(floor_count, std::int64_t{1});  // never an empty head
-      floor_count = std::min(floor_count, candidates);
-      std::uint32_t key = 0;
-      std::int64_t ties = 0;
-      bool none = true;
-      radix_threshold(floor_count, [&](auto&& take) {
-        for (std::int64_t i = tid; i < r.length; i += evict_threads) {
-          const std::int64_t slot = r.slot(i);
-          if (!token_protected(r, i, slot)) take(evict_rank_key(r.metric[slot]));
-        }
-      }, key, ties, none);
-      if (tid == 0) {
-        scratch.floor_key[r.scratch_index] = key;
-        scratch.floor_ties[r.scratch_index] = ties;
-        scratch.floor_none[r.scratch_index] = none ? 1 : 0;
+      int ties_before = 0, chunk_ties = 0;
+      if (__syncthreads_or(my_ties)) {
+        count_scan(count_storage).ExclusiveSum(my_ties, ties_before, chunk_ties);
+        __syncthreads();
       }
-      __syncthreads();
-      protected_total += protected_tokens;
-      floor_total += floor_count;
-      candidates_left += candidates - floor_count;
-    }
-
-  // The pool over the unit's remaining candidates.
-  const std::int64_t pool =
-      settings.scope == 0 ? 0 : std::min(std::max(std::int64_t{0}, target - protected_total - floor_total), candidates_left);
-  std::uint32_t pool_key = 0;
-  std::int64_t pool_ties = 0;
-  bool pool_none = true;
-  radix_threshold(pool, [&](auto&& take) {
-    for (std::int64_t l = l0; l < l1; ++l)
-      for (std::int64_t h = h0; h < h1; ++h) {
-        if (retrieval(l, h)) continue;
-        walk(head_at(l, h), evict_threads, [&](std::int64_t, bool, std::int64_t, bool candidate, std::uint32_t key, bool floor_kept) {
-          if (candidate && !floor_kept) take(key);
-        });
+      std::int64_t running = ties_seen + ties_before;
+      std::uint32_t marked[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const std::uint32_t key = key_of(four, k);
+        const bool candidate = key != evict_protected_key;
+        const bool floor_kept = candidate && floor_count > 0 && (key > prefix || (key == prefix && running++ < remaining));
+        marked[k] = floor_kept ? evict_floor_key : key;
+        evict_histogram_add(shared.histogram, key >> evict_digit_shift(0), pooled && candidate && !floor_kept);
       }
-  }, pool_key, pool_ties, pool_none);
-
-  // Compaction, staged: each chunk's kept rows are read into shared memory, then written to their new slots.
-  using element = typename View::codec::element;
-  using store_type = device_element_t<element>;
-  std::int64_t pool_seen = 0, kept_total = 0, evicted_total = 0;
-  for (std::int64_t l = l0; l < l1; ++l)
-    for (std::int64_t h = h0; h < h1; ++h) {
-      if (retrieval(l, h)) continue;
-      const evict_head<View> r = head_at(l, h);
-      const std::int64_t head_dim = r.cache->shape.head_dim;
-      auto* keys = reinterpret_cast<store_type*>(r.cache->storage.keys);
-      auto* values = reinterpret_cast<store_type*>(r.cache->storage.values);
-      auto* staged = reinterpret_cast<store_type*>(stage);  // [evict_stage_tokens][2][head_dim]
-      std::int64_t written = 0;
-      walk(r, evict_stage_tokens, [&](std::int64_t i, bool valid, std::int64_t slot, bool candidate, std::uint32_t key,
-                                      bool floor_kept) {
-        const bool pool_candidate = candidate && !floor_kept;
-        const bool pool_tie = pool_candidate && !pool_none && key == pool_key;
-        std::int64_t rank = 0, ties_here = 0;
-        scan(shared.scan_storage).ExclusiveSum(pool_tie ? 1 : 0, rank, ties_here);
-        __syncthreads();
-        const bool pool_kept = pool_candidate && !pool_none && (key > pool_key || (pool_tie && pool_seen + rank < pool_ties));
-        pool_seen += ties_here;
-        const bool keep = valid && (!candidate || floor_kept || pool_kept);
-        std::int64_t index = 0, kept_here = 0;
-        scan(shared.scan_storage).ExclusiveSum(keep ? 1 : 0, index, kept_here);
-        __syncthreads();
-        // Stage: this chunk's kept tokens' rows (all threads), their positions and metrics (their own thread).
-        const int stage_row = static_cast<int>(index);
-        std::int32_t position = 0;
-        float value = 0.0f;
-        if (keep) {
-          position = r.cache->positions.slot_position[slot];
-          value = r.metric[slot];
-        }
-        // Every thread copies elements of the kept rows: (kept token k, element) pairs.
-        std::int64_t* stage_slot = shared.stage_slot;
-        if (keep) stage_slot[stage_row] = slot;
-        __syncthreads();
-        for (std::int64_t e = tid; e < kept_here * 2 * head_dim; e += evict_threads) {
-          const std::int64_t k = e / (2 * head_dim), rest = e % (2 * head_dim);
-          const store_type* source = rest < head_dim ? keys : values;
-          staged[e] = source[stage_slot[k] * head_dim + rest % head_dim];
-        }
-        __syncthreads();
-        if (keep && r.compensation == i) r.cache->compensation.index[r.head] = static_cast<std::int32_t>(written + index);
-        if (keep) {
-          const std::int64_t to = r.slot(written + index);
-          r.cache->positions.slot_position[to] = position;
-          r.metric[to] = value;
-          stage_slot[stage_row] = to;
-        }
-        __syncthreads();
-        for (std::int64_t e = tid; e < kept_here * 2 * head_dim; e += evict_threads) {
-          const std::int64_t k = e / (2 * head_dim), rest = e % (2 * head_dim);
-          store_type* target = rest < head_dim ? keys : values;
-          target[stage_slot[k] * head_dim + rest % head_dim] = staged[e];
-        }
-        __syncthreads();
-        written += kept_here;
-      });
-      for (std::int64_t i = written + tid; i < r.length; i += evict_threads) r.metric[r.slot(i)] = 0.0f;  // freed slots read 0
-      if (tid == 0) scratch.new_length[r.layer * settings.heads_per_layer + r.head] = written;
-      kept_total += written;
-      evicted_total += r.length - written;
-      __syncthreads();
+      if (i0 < length && (marked[0] != four.x || marked[1] != four.y || marked[2] != four.z || marked[3] != four.w))
+        keys[i0 / 4] = make_uint4(marked[0], marked[1], marked[2], marked[3]);
+      ties_seen += chunk_ties;
     }
-  if (tid == 0) {
-    atomicAdd(reinterpret_cast<unsigned long long*>(&scratch.report->evicted_tokens),
-              static_cast<unsigned long long>(evicted_total));
-    if (kept_total > target) atomicAdd(reinterpret_cast<unsigned long long*>(&scratch.report->units_over_target), 1ull);
+  }
+  __syncthreads();
+  if (pooled) {  // per head has no pool and no histograms (carve sizes them for the pooled scopes' units)
+    unsigned* pool_histogram = scratch.histograms + unit * evict_bins;  // pass 0
+    for (int k = threadIdx.x; k < evict_bins; k += evict_threads)
+      if (shared.histogram[k] != 0) atomicAdd(pool_histogram + k, shared.histogram[k]);
+  }
+  if (threadIdx.x == 0) {
+    const std::int64_t index = l * settings.heads_per_layer + head;
+    scratch.protected_count[index] = protected_tokens;
+    scratch.floor_count[index] = floor_count;
+    scratch.candidates[index] = candidates;
+    scratch.tail[index] = tail;
   }
 }
 
-/// One block per unit (sequence; sequence × layer; sequence × layer × kv head).
+/// Block per unit: (pass 0) whether it evicts and its pool's size, then the pass's digit.
 template <class View>
 __global__ void __launch_bounds__(evict_threads)
-    evict_units(const __grid_constant__ evict_layer_set<View> set, const evict_settings settings,
-                const evict_scratch scratch) {
-  __shared__ evict_block_state<View> shared;
-  extern __shared__ __align__(16) unsigned char stage[];
+    evict_pick(const __grid_constant__ evict_layer_set<View> set, const evict_settings settings,
+               const evict_scratch scratch, int pass) {
+  __shared__ evict_shared shared;
   const std::int64_t unit = blockIdx.x;
-  const std::int64_t layers = set.count, kv_heads = settings.kv_heads;
-  if (settings.scope == 2) {
-    evict_unit(set, settings, scratch, shared, stage, unit, 0, layers, 0, kv_heads);
-  } else if (settings.scope == 1) {
-    const std::int64_t b = unit / layers, l = unit % layers;
-    evict_unit(set, settings, scratch, shared, stage, b, l, l + 1, 0, kv_heads);
-  } else {
-    const std::int64_t b = unit / (layers * kv_heads), l = unit / kv_heads % layers, h = unit % kv_heads;
-    evict_unit(set, settings, scratch, shared, stage, b, l, l + 1, h, h + 1);
+  evict_unit_state& state = scratch.units[unit];
+  if (pass < 0) {  // before prepare: whether the unit holds more than its target
+    std::int64_t held, unit_heads;
+    evict_unit_totals(set, settings, unit, shared.scan, held, unit_heads);
+    if (threadIdx.x == 0) {
+      state = evict_unit_state{};
+      state.evicting = unit_heads > 0 && held > unit_heads * settings.head_target ? 1 : 0;
+    }
+    return;
+  }
+  if (pass == 0) {
+    std::int64_t held, unit_heads, protected_total, floor_total, candidates;
+    evict_unit_totals(set, settings, unit, shared.scan, held, unit_heads, scratch.protected_count, scratch.floor_count,
+                      scratch.candidates, &protected_total, &floor_total, &candidates);
+    const std::int64_t target = unit_heads * settings.head_target;
+    const bool evicting = unit_heads > 0 && held > target;
+    const std::int64_t pool_tokens =
+        settings.scope == 0 ? 0 : std::max<std::int64_t>(0, target - protected_total - floor_total);
+    const std::int64_t need = std::min(pool_tokens, candidates - floor_total);
+    if (threadIdx.x == 0) {
+      state = evict_unit_state{};
+      state.evicting = evicting ? 1 : 0;
+      state.none = need <= 0 ? 1 : 0;
+      state.remaining = need;
+      if (evicting) {
+        const std::int64_t kept = protected_total + floor_total + std::max<std::int64_t>(need, 0);
+        auto* report = reinterpret_cast<unsigned long long*>(scratch.report);
+        atomicAdd(report + 0, static_cast<unsigned long long>(held - kept));  // evicted_tokens
+        atomicAdd(report + 2, 1ull);                                           // units_evicted
+        if (kept > target) atomicAdd(report + 3, 1ull);                        // units_over_target
+      }
+    }
+    __syncthreads();
+  }
+  if (state.evicting == 0 || state.none != 0) return;
+  const int bins = evict_digit_bins(pass), shift = evict_digit_shift(pass);
+  int digit;
+  std::int64_t remaining;
+  evict_pick_digit(scratch.histograms + (pass * std::int64_t{gridDim.x} + unit) * evict_bins, bins, state.remaining,
+                   shared.scan, &shared.digit, &shared.remaining, digit, remaining);
+  if (threadIdx.x == 0) {
+    state.remaining = remaining;
+    state.prefix |= static_cast<std::uint32_t>(digit) << shift;
+    state.mask |= static_cast<std::uint32_t>(bins - 1) << shift;
+  }
+}
+
+/// Block per head: the pass's digit histogram of the pool candidates matching the unit's prefix
+/// (pass ≥ 1), or (pass = evict_digit_passes) the head's candidates above and at the threshold.
+template <class View>
+__global__ void __launch_bounds__(evict_threads)
+    evict_histogram(const __grid_constant__ evict_layer_set<View> set, const evict_settings settings,
+                    const evict_scratch scratch, int pass) {
+  constexpr std::int64_t chunk = std::int64_t{evict_threads} * evict_per_thread;
+  __shared__ evict_shared shared;
+  const std::int64_t l = blockIdx.x / settings.heads_per_layer, head = blockIdx.x % settings.heads_per_layer;
+  const std::int64_t b = head / settings.kv_heads, h = head % settings.kv_heads;
+  if (settings.is_retrieval(l, h)) return;
+  const std::int64_t unit = settings.unit_of(b, l, h);
+  const evict_unit_state state = scratch.units[unit];
+  if (state.evicting == 0 || state.none != 0) return;
+  const std::int64_t length = set.views[l].head_length(b, h);
+  const uint4* keys = reinterpret_cast<const uint4*>(set.keys[l] + scratch.line[l * (settings.heads_per_layer + 1) + head]);
+  const auto key_of = [](const uint4& four, int k) { return k == 0 ? four.x : k == 1 ? four.y : k == 2 ? four.z : four.w; };
+  if (pass == evict_digit_passes) {
+    std::int64_t ties = 0, above = 0, ties_total = 0, above_total = 0;
+    for (std::int64_t i0 = std::int64_t{threadIdx.x} * 4; i0 < length; i0 += chunk) {
+      const uint4 four = keys[i0 / 4];  // (keys past the length are protected)
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const std::uint32_t key = key_of(four, k);
+        ties += evict_candidate(key) && key == state.prefix ? 1 : 0;
+        above += evict_candidate(key) && key > state.prefix ? 1 : 0;
+      }
+    }
+    evict_scan(shared.scan).ExclusiveSum(ties, ties, ties_total);
+    __syncthreads();
+    evict_scan(shared.scan).ExclusiveSum(above, above, above_total);
+    if (threadIdx.x == 0) {
+      scratch.pool_ties[l * settings.heads_per_layer + head] = ties_total;
+      scratch.pool_above[l * settings.heads_per_layer + head] = above_total;
+    }
+    return;
+  }
+  const int shift = evict_digit_shift(pass);
+  const unsigned digit_mask = static_cast<unsigned>(evict_digit_bins(pass) - 1);
+  for (int k = threadIdx.x; k < evict_bins; k += evict_threads) shared.histogram[k] = 0;
+  __syncthreads();
+  for (std::int64_t c0 = 0; c0 < length; c0 += chunk) {  // every lane of a warp in every iteration
+    const std::int64_t i0 = c0 + std::int64_t{threadIdx.x} * 4;
+    const uint4 four = i0 < length ? keys[i0 / 4] : make_uint4(evict_protected_key, evict_protected_key,
+                                                               evict_protected_key, evict_protected_key);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const std::uint32_t key = key_of(four, k);
+      evict_histogram_add(shared.histogram, (key >> shift) & digit_mask,
+                          evict_candidate(key) && (key & state.mask) == state.prefix);
+    }
+  }
+  __syncthreads();
+  unsigned* histogram = scratch.histograms + (pass * std::int64_t{settings.unit_count()} + unit) * evict_bins;
+  for (int k = threadIdx.x; k < evict_bins; k += evict_threads)
+    if (shared.histogram[k] != 0) atomicAdd(histogram + k, shared.histogram[k]);
+}
+
+/// Block per head: the keep decisions and the moves (eviction/evict.hpp, "Layouts").
+/// K (kept tokens before the tail) is arithmetic: every candidate lies before the tail,
+/// and the head keeps its floor, its pool candidates above the threshold and its share
+/// of the threshold's ties. Then two walks, each thread taking evict_per_thread
+/// consecutive tokens of a chunk: the holes below K (listed by rank in the key array,
+/// dead by then: index r < holes ≤ K, already read), and the kept tokens in [K, tail),
+/// which fill them in order; then the tail shifts down.
+template <class View>
+__global__ void __launch_bounds__(evict_threads)
+    evict_compact(const __grid_constant__ evict_layer_set<View> set, const evict_settings settings,
+                  const evict_scratch scratch) {
+  constexpr int per_thread = evict_per_thread;
+  constexpr int chunk = evict_threads * per_thread;
+  __shared__ evict_shared shared;
+  __shared__ std::int64_t move_from[chunk], move_to[chunk];  // a chunk's movers: slots
+  const std::int64_t l = blockIdx.x / settings.heads_per_layer, head = blockIdx.x % settings.heads_per_layer;
+  const std::int64_t b = head / settings.kv_heads, h = head % settings.kv_heads;
+  if (settings.is_retrieval(l, h)) return;
+  const std::int64_t unit = settings.unit_of(b, l, h);
+  const evict_unit_state state = scratch.units[unit];
+  if (state.evicting == 0) return;
+  const View& cache = set.views[l];
+  float* metric = set.metrics[l];
+  std::int32_t* positions = cache.positions.slot_position;
+  const std::int64_t index = l * settings.heads_per_layer + head;
+  const std::int64_t length = cache.head_length(b, h), tail = scratch.tail[index];
+  const std::int64_t compensation = cache.compensation.index[head];
+  const bool pooled = state.none == 0;
+
+  // Pool ties kept before this head: the unit's heads of lower ordinal (l·kv_heads + h).
+  std::int64_t tie_offset = 0;
+  if (pooled) {
+    std::int64_t ub, l0, l1, h0, h1;
+    settings.unit_range(unit, ub, l0, l1, h0, h1);
+    const std::int64_t width = h1 - h0, before = (l - l0) * width + (h - h0);
+    std::int64_t mine = 0, ignored = 0;
+    for (std::int64_t k = threadIdx.x; k < before; k += evict_threads) {
+      const std::int64_t ol = l0 + k / width, oh = h0 + k % width;
+      if (!settings.is_retrieval(ol, oh))
+        mine += scratch.pool_ties[ol * settings.heads_per_layer + b * settings.kv_heads + oh];
+    }
+    evict_scan(shared.scan).ExclusiveSum(mine, ignored, tie_offset);
+    __syncthreads();
+  }
+  const std::int64_t pool_kept =
+      pooled ? scratch.pool_above[index] +
+                   std::clamp<std::int64_t>(state.remaining - tie_offset, 0, scratch.pool_ties[index])
+             : 0;
+  const std::int64_t dropped = scratch.candidates[index] - scratch.floor_count[index] - pool_kept;
+  const std::int64_t K = tail - dropped;
+
+  // A chunk's decisions: this thread's tokens c0 + 4·tid + k (valid in [begin, end)) → kept[k], and
+  // flag_rank[k], the block-wide exclusive rank of token k among the chunk's flagged tokens (flag:
+  // kept, or not kept, as asked), `flagged` their count. `ties_seen` advances.
+  static_assert(per_thread == 4, "evict_compact: 16-byte groups of keys");
+  std::uint32_t* keys = set.keys[l] + scratch.line[l * (settings.heads_per_layer + 1) + head];  // the head's, by token
+  using count_scan = cub::BlockScan<int, evict_threads>;
+  auto& count_storage = reinterpret_cast<typename count_scan::TempStorage&>(shared.scan);
+  static_assert(sizeof(typename count_scan::TempStorage) <= sizeof(typename evict_scan::TempStorage));
+  std::int64_t ties_seen = 0;
+  const auto decide = [&](std::int64_t c0, std::int64_t begin, std::int64_t end, bool flag_kept,
+                          bool (&kept)[per_thread], int (&flag_rank)[per_thread], int& flagged) {
+    const std::int64_t i0 = c0 + std::int64_t{threadIdx.x} * per_thread;
+    const uint4 four = i0 < end && i0 + per_thread > begin ? reinterpret_cast<const uint4*>(keys)[i0 / 4]
+                                : make_uint4(evict_protected_key, evict_protected_key, evict_protected_key,
+                                             evict_protected_key);
+    const std::uint32_t key[per_thread] = {four.x, four.y, four.z, four.w};
+    bool tie[per_thread];
+    int my_ties = 0;
+#pragma unroll
+    for (int k = 0; k < per_thread; ++k) {
+      const bool valid = i0 + k >= begin && i0 + k < end;
+      const bool candidate = valid && evict_candidate(key[k]);
+      tie[k] = candidate && pooled && key[k] == state.prefix;
+      kept[k] = valid && (!candidate || (pooled && key[k] > state.prefix));
+      my_ties += tie[k] ? 1 : 0;
+    }
+    int ties_before = 0, chunk_ties = 0;
+    if (__syncthreads_or(my_ties)) {  // ties are rare: rank them only when the chunk has some
+      count_scan(count_storage).ExclusiveSum(my_ties, ties_before, chunk_ties);
+      __syncthreads();
+    }
+    std::int64_t running = tie_offset + ties_seen + ties_before;
+    int my_flags = 0;
+#pragma unroll
+    for (int k = 0; k < per_thread; ++k) {
+      if (tie[k]) kept[k] = running++ < state.remaining;
+      flag_rank[k] = my_flags;
+      my_flags += i0 + k >= begin && i0 + k < end && kept[k] == flag_kept ? 1 : 0;
+    }
+    ties_seen += chunk_ties;
+    int flags_before = 0;
+    count_scan(count_storage).ExclusiveSum(my_flags, flags_before, flagged);
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < per_thread; ++k) flag_rank[k] += flags_before;
+  };
+
+  // The holes below K, by rank (each chunk's keys are read before the scans, so before any write).
+  std::int64_t holes = 0;
+  for (std::int64_t c0 = 0; c0 < K; c0 += chunk) {
+    bool kept[per_thread];
+    int rank[per_thread], flagged;
+    decide(c0, 0, K, false, kept, rank, flagged);
+#pragma unroll
+    for (int k = 0; k < per_thread; ++k) {
+      const std::int64_t i = c0 + std::int64_t{threadIdx.x} * per_thread + k;
+      if (i < K && !kept[k]) keys[holes + rank[k]] = static_cast<std::uint32_t>(i);
+    }
+    holes += flagged;
+  }
+  __syncthreads();  // the hole list is visible to the block
+
+  using store_type = device_element_t<typename View::codec::element>;
+  const std::int64_t row_pieces = cache.shape.head_dim * static_cast<std::int64_t>(sizeof(store_type)) / 16;
+  auto* key_rows = reinterpret_cast<uint4*>(cache.storage.keys);
+  auto* value_rows = reinterpret_cast<uint4*>(cache.storage.values);
+  // The compensation token's new index: a stayer keeps it, a mover's thread or the tail's shift sets it.
+  if (threadIdx.x == 0)
+    shared.compensation = static_cast<std::int32_t>(compensation >= 0 && compensation < K ? compensation : -1);
+  // Movers: kept tokens in [K, tail) fill the holes in order (sources ≥ K > destinations: no overlap).
+  // A chunk starting at K may start mid-group: its walk starts at the group holding K.
+  std::int64_t movers = 0;
+  for (std::int64_t c0 = K / per_thread * per_thread; c0 < tail; c0 += chunk) {
+    bool kept[per_thread];
+    int rank[per_thread], flagged;
+    decide(c0, K, tail, true, kept, rank, flagged);
+#pragma unroll
+    for (int k = 0; k < per_thread; ++k) {
+      const std::int64_t i = c0 + std::int64_t{threadIdx.x} * per_thread + k;
+      if (i >= K && i < tail && kept[k]) {
+        const std::int64_t from = cache.slot(b, h, i);
+        const std::int64_t target = keys[movers + rank[k]];
+        const std::int64_t to = cache.slot(b, h, target);
+        positions[to] = positions[from];
+        metric[to] = metric[from];
+        move_from[rank[k]] = from;
+        move_to[rank[k]] = to;
+        if (i == compensation) shared.compensation = static_cast<std::int32_t>(target);
+      }
+    }
+    __syncthreads();
+    for (std::int64_t e = threadIdx.x; e < flagged * row_pieces; e += evict_threads) {
+      const std::int64_t k = e / row_pieces, piece = e % row_pieces;
+      key_rows[move_to[k] * row_pieces + piece] = key_rows[move_from[k] * row_pieces + piece];
+      value_rows[move_to[k] * row_pieces + piece] = value_rows[move_from[k] * row_pieces + piece];
+    }
+    movers += flagged;
+    __syncthreads();
+  }
+  // The tail shifts down by tail − K, a chunk at a time, each read whole (registers) before written.
+  const std::int64_t shift = tail - K;
+  if (shift > 0) {
+    constexpr int pieces_per_thread = 4;
+    // At most one token per thread: each thread moves one token's position and metric.
+    const std::int64_t tail_chunk =
+        std::clamp<std::int64_t>(evict_threads * pieces_per_thread / row_pieces, 1, evict_threads);
+    for (std::int64_t c0 = tail; c0 < length; c0 += tail_chunk) {
+      const std::int64_t count = std::min(tail_chunk, length - c0);
+      uint4 staged[pieces_per_thread][2];
+      std::int32_t position = 0;
+      float value = 0.0f;
+#pragma unroll
+      for (int p = 0; p < pieces_per_thread; ++p) {
+        const std::int64_t e = threadIdx.x + std::int64_t{p} * evict_threads;
+        if (e < count * row_pieces) {
+          const std::int64_t from = cache.slot(b, h, c0 + e / row_pieces);
+          staged[p][0] = key_rows[from * row_pieces + e % row_pieces];
+          staged[p][1] = value_rows[from * row_pieces + e % row_pieces];
+        }
+      }
+      if (threadIdx.x < count) {
+        const std::int64_t from = cache.slot(b, h, c0 + threadIdx.x);
+        position = positions[from];
+        value = metric[from];
+      }
+      __syncthreads();
+#pragma unroll
+      for (int p = 0; p < pieces_per_thread; ++p) {
+        const std::int64_t e = threadIdx.x + std::int64_t{p} * evict_threads;
+        if (e < count * row_pieces) {
+          const std::int64_t to = cache.slot(b, h, c0 + e / row_pieces - shift);
+          key_rows[to * row_pieces + e % row_pieces] = staged[p][0];
+          value_rows[to * row_pieces + e % row_pieces] = staged[p][1];
+        }
+      }
+      if (threadIdx.x < count) {
+        const std::int64_t to = cache.slot(b, h, c0 + threadIdx.x - shift);
+        positions[to] = position;
+        metric[to] = value;
+      }
+      __syncthreads();
+    }
+  }
+  const std::int64_t new_length = K + (length - tail);
+  for (std::int64_t i = new_length + threadIdx.x; i < length; i += evict_threads)
+    metric[cache.slot(b, h, i)] = 0.0f;  // freed slots read 0
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    cache.compensation.index[head] =
+        compensation >= tail && compensation < length ? static_cast<std::int32_t>(compensation - shift) : shared.compensation;
+    scratch.new_length[index] = new_length;
   }
 }
 
 /// One block per layer: lengths from new_length (−1: unchanged); paged: pages past a head's
-/// new length pushed on the free list (head order, page-table order), tables closed up.
+/// new length pushed on the free list (head order, page-table order: the CPU's), the page
+/// tables closed up. The old table is copied to the layer's key array (dead by now) first, so
+/// every entry moves in parallel; two scans over the heads give each its place in the new
+/// table and in the free list.
 template <class View>
 __global__ void __launch_bounds__(evict_threads)
     evict_close_up(const __grid_constant__ evict_layer_set<View> set, const evict_scratch scratch,
                    std::int64_t heads_per_layer) {
   const View& cache = set.views[blockIdx.x];
-  const std::int64_t* new_length = scratch.new_length + blockIdx.x * heads_per_layer;
+  std::int64_t* lengths = scratch.new_length + blockIdx.x * heads_per_layer;  // −1: unchanged
   if constexpr (is_flat_view<View>) {
     for (std::int64_t head = threadIdx.x; head < heads_per_layer; head += evict_threads)
-      if (new_length[head] >= 0) cache.lengths[head] = new_length[head];
+      if (lengths[head] >= 0) cache.lengths[head] = lengths[head];
   } else {
     static_assert(is_paged_view<View>, "kvtrim::evict: layout::paged or layout::flat");
-    __shared__ std::int64_t shared_write, shared_freed;
-    if (threadIdx.x == 0) shared_write = 0, shared_freed = 0;
-    __syncthreads();
-    const std::int64_t page_size = cache.page_size;
+    using scan = cub::BlockScan<std::int64_t, evict_threads>;
+    __shared__ typename scan::TempStorage storage;
+    std::int64_t* page_write = scratch.page_write + blockIdx.x * heads_per_layer;
+    std::int64_t* page_freed = scratch.page_freed + blockIdx.x * heads_per_layer;
+    auto* old_indices = reinterpret_cast<std::int32_t*>(set.keys[blockIdx.x]);
+    const std::int64_t page_size = cache.page_size, old_total = cache.indptr[heads_per_layer];
     const std::int32_t free_base = *cache.free_count;
-    std::int64_t old_end_prev = 0;
-    for (std::int64_t head = 0; head < heads_per_layer; ++head) {  // in order: the CPU's order
-      const std::int64_t old_begin = old_end_prev, old_end = cache.indptr[head + 1];
-      const std::int64_t old_count = old_end - old_begin;
-      const std::int64_t old_length =
-          old_count == 0 ? 0 : (old_count - 1) * page_size + cache.last_page_len[head];
-      const std::int64_t length = new_length[head] < 0 ? old_length : new_length[head];
-      const std::int64_t pages = (length + page_size - 1) / page_size;
-      const std::int64_t write = shared_write, freed = shared_freed;
-      __syncthreads();
-      for (std::int64_t k = pages + threadIdx.x; k < old_count; k += evict_threads)
-        cache.free_pages[free_base + freed + (k - pages)] = cache.indices[old_begin + k];
-      // Kept pages move left (write ≤ old_begin): chunk by chunk, each chunk read whole before written.
-      for (std::int64_t c0 = 0; c0 < pages; c0 += evict_threads) {
-        const std::int64_t k = c0 + threadIdx.x;
-        const std::int32_t page = k < pages ? cache.indices[old_begin + k] : 0;
-        __syncthreads();
-        if (k < pages) cache.indices[write + k] = page;
-        __syncthreads();
+    for (std::int64_t k = threadIdx.x; k < old_total; k += evict_threads) old_indices[k] = cache.indices[k];
+    // Per head: its new page count (kept pages first), where they go, where its freed pages go.
+    std::int64_t written = 0, freed = 0;
+    for (std::int64_t tile = 0; tile < heads_per_layer; tile += evict_threads) {
+      const std::int64_t head = tile + threadIdx.x;
+      std::int64_t pages = 0, old_count = 0;
+      if (head < heads_per_layer) {
+        old_count = cache.indptr[head + 1] - cache.indptr[head];
+        const std::int64_t old_length = old_count == 0 ? 0 : (old_count - 1) * page_size + cache.last_page_len[head];
+        const std::int64_t length = lengths[head] < 0 ? old_length : lengths[head];
+        lengths[head] = length;  // resolved (this thread's own entry)
+        pages = (length + page_size - 1) / page_size;
       }
+      std::int64_t write_before = 0, write_total = 0, freed_before = 0, freed_total = 0;
+      scan(storage).ExclusiveSum(pages, write_before, write_total);
       __syncthreads();
-      if (threadIdx.x == 0) {
-        cache.indptr[head + 1] = static_cast<std::int32_t>(write + pages);
-        cache.last_page_len[head] = static_cast<std::int32_t>(length == 0 ? 0 : (length - 1) % page_size + 1);
-        shared_write = write + pages;
-        shared_freed = freed + (old_count - pages);
+      scan(storage).ExclusiveSum(old_count - pages, freed_before, freed_total);
+      __syncthreads();
+      if (head < heads_per_layer) page_write[head] = written + write_before, page_freed[head] = freed + freed_before;
+      written += write_total, freed += freed_total;
+    }
+    __syncthreads();  // old_indices, page_write, page_freed visible to the block; every old table entry read
+    for (std::int64_t head = 0; head < heads_per_layer; ++head) {
+      const std::int64_t old_begin = cache.indptr[head], old_count = cache.indptr[head + 1] - old_begin;
+      const std::int64_t pages = (head + 1 < heads_per_layer ? page_write[head + 1] : written) - page_write[head];
+      for (std::int64_t k = threadIdx.x; k < old_count; k += evict_threads) {
+        const std::int32_t page = old_indices[old_begin + k];
+        if (k < pages)
+          cache.indices[page_write[head] + k] = page;
+        else
+          cache.free_pages[free_base + page_freed[head] + (k - pages)] = page;
       }
-      old_end_prev = old_end;
-      __syncthreads();
+    }
+    __syncthreads();  // every thread has read indptr before it changes
+    for (std::int64_t head = threadIdx.x; head < heads_per_layer; head += evict_threads) {
+      const std::int64_t length = lengths[head];
+      cache.indptr[head + 1] = static_cast<std::int32_t>(head + 1 < heads_per_layer ? page_write[head + 1] : written);
+      cache.last_page_len[head] = static_cast<std::int32_t>(length == 0 ? 0 : (length - 1) % page_size + 1);
     }
     if (threadIdx.x == 0) {
-      *cache.free_count = static_cast<std::int32_t>(free_base + shared_freed);
+      *cache.free_count = static_cast<std::int32_t>(free_base + freed);
       atomicAdd(reinterpret_cast<unsigned long long*>(&scratch.report->freed_pages),
-                static_cast<unsigned long long>(shared_freed));
+                static_cast<unsigned long long>(freed));
     }
   }
 }
@@ -533,7 +1007,7 @@ struct implementation<eviction::step, backend::cuda> {
   static std::size_t workspace_bytes(std::span<const View> layers) {
     if (layers.empty()) return 0;
     workspace_carver carver;
-    cuda_detail::evict_scratch::carve(carver, static_cast<std::int64_t>(layers.size()), layers[0].heads());
+    carve(carver, layers);
     return carver.bytes();
   }
 
@@ -558,6 +1032,8 @@ struct implementation<eviction::step, backend::cuda> {
       detail::fail(function, "metrics", detail::cat("one metric per layer (", layers.size(), ")"),
                    std::to_string(metrics.size()));
     detail::check_workspace(function, scratch, workspace_bytes(layers));
+    detail::checked_mul(function, "config.keep", static_cast<std::int64_t>(layers.size()) * layers[0].shape.kv_heads,
+                        std::max<std::int64_t>(cfg.head_target(), 0));
     auto set = std::make_unique<set_type>();
     for (std::size_t l = 0; l < layers.size(); ++l) {
       View::layout_policy::check(function, layers[l]);
@@ -565,6 +1041,17 @@ struct implementation<eviction::step, backend::cuda> {
           layers[l].shape.head_dim != layers[0].shape.head_dim)
         detail::fail(function, "layers", "every layer with layer 0's batch, kv heads and head_dim",
                      detail::cat("layer ", l, " differs"));
+      for (std::size_t other = 0; other < l; ++other) {
+        bool shared = false;
+        if constexpr (requires { layers[l].indptr; }) shared = layers[other].indptr == layers[l].indptr;
+        if constexpr (requires { layers[l].offsets; }) shared = layers[other].offsets == layers[l].offsets;
+        if (shared)
+          detail::fail(function, "layers", "a distinct cache per layer",
+                       detail::cat("layers ", other, " and ", l, " share their page tables / offsets"));
+        if (metrics[other].values == metrics[l].values)
+          detail::fail(function, "metrics", "a distinct metric buffer per layer",
+                       detail::cat("layers ", other, " and ", l, " share one"));
+      }
       if (metrics[l].values == nullptr)
         detail::fail(function, "metrics", "a metric buffer for every layer", detail::cat("null for layer ", l));
       eviction_detail::check_metric(function, metrics[l], detail::storage_slots(layers[l].storage));
@@ -574,40 +1061,91 @@ struct implementation<eviction::step, backend::cuda> {
       set->views[l] = layers[l];
       set->metrics[l] = metrics[l].values;
     }
+    // The compaction moves rows in 16-byte units (evict_compact): a row must be a whole number
+    // of them and the storage 16-byte aligned (sharded_eviction.cuh has an element fallback).
+    using store_type = cuda_detail::device_element_t<typename View::codec::element>;
+    const std::int64_t row_bytes = layers[0].shape.head_dim * static_cast<std::int64_t>(sizeof(store_type));
+    if (row_bytes % 16 != 0)
+      detail::fail(function, "layers", "head_dim · element size a multiple of 16 bytes on backend::cuda",
+                   detail::cat(layers[0].shape.head_dim, " · ", sizeof(store_type), " = ", row_bytes, " bytes"));
+    for (std::size_t l = 0; l < layers.size(); ++l)
+      if (reinterpret_cast<std::uintptr_t>(layers[l].storage.keys) % 16 != 0 ||
+          reinterpret_cast<std::uintptr_t>(layers[l].storage.values) % 16 != 0)
+        detail::fail(function, "layers", "keys and values 16-byte aligned on backend::cuda",
+                     detail::cat("layer ", l, " storage not aligned"));
     set->count = static_cast<int>(layers.size());
-    const std::int64_t kv_heads = layers[0].shape.kv_heads, batch = layers[0].batch;
+    const std::int64_t layer_count = static_cast<std::int64_t>(layers.size());
+    const std::int64_t kv_heads = layers[0].shape.kv_heads, batch = layers[0].batch, heads = layers[0].heads();
     const cuda_detail::evict_settings settings{static_cast<int>(cfg.scope), cfg.head_target(), cfg.sinks,
                                                cfg.protected_window, cfg.alpha, device_retrieval_heads, kv_heads,
-                                               batch, layers[0].heads()};
+                                               batch, heads, layer_count};
     workspace_carver carver(scratch);
-    const auto tables = cuda_detail::evict_scratch::carve(carver, static_cast<std::int64_t>(layers.size()),
-                                                          layers[0].heads());
-    detail::check_cuda(cudaMemsetAsync(tables.new_length, 0xff,
-                                       sizeof(std::int64_t) * layers.size() * layers[0].heads(), stream),
+    const cuda_detail::evict_scratch tables = carve(carver, layers, set->keys);
+    const std::int64_t units = settings.unit_count();
+    const bool pooled = cfg.scope != eviction::scope::per_head;
+    detail::check_cuda(cudaMemsetAsync(tables.new_length, 0xff, sizeof(std::int64_t) * layer_count * heads, stream),
                        function, "cudaMemsetAsync(new_length)");
     detail::check_cuda(cudaMemsetAsync(tables.report, 0, sizeof(eviction::report), stream), function,
                        "cudaMemsetAsync(report)");
-    const std::int64_t units = cfg.scope == eviction::scope::cross_layer ? batch
-                               : cfg.scope == eviction::scope::per_layer
-                                   ? batch * static_cast<std::int64_t>(layers.size())
-                                   : batch * static_cast<std::int64_t>(layers.size()) * kv_heads;
-    using store_type = cuda_detail::device_element_t<typename View::codec::element>;
-    const std::size_t stage_bytes =
-        std::size_t{cuda_detail::evict_stage_tokens} * 2 * static_cast<std::size_t>(layers[0].shape.head_dim) *
-        sizeof(store_type);
-    const auto kernel = cuda_detail::evict_units<View>;
-    detail::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(stage_bytes)),
+    if (pooled)
+      detail::check_cuda(cudaMemsetAsync(tables.histograms, 0,
+                                         sizeof(unsigned) * cuda_detail::evict_digit_passes * units *
+                                             cuda_detail::evict_bins,
+                                         stream),
+                         function, "cudaMemsetAsync(histograms)");
+    const auto head_grid = static_cast<unsigned>(layer_count * heads);
+    const auto unit_grid = static_cast<unsigned>(units);
+    constexpr int threads = cuda_detail::evict_threads;
+    constexpr std::size_t cached_bytes = sizeof(std::uint32_t) * cuda_detail::evict_cached_keys;
+    const auto prepare = cuda_detail::evict_prepare<View>;
+    detail::check_cuda(cudaFuncSetAttribute(prepare, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(cached_bytes)),
                        function, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-    kernel<<<static_cast<unsigned>(units), cuda_detail::evict_threads, stage_bytes, stream>>>(*set, settings, tables);
-    detail::check_launch(function, "evict_units");
-    cuda_detail::evict_close_up<View><<<static_cast<unsigned>(layers.size()), cuda_detail::evict_threads, 0, stream>>>(
-        *set, tables, layers[0].heads());
+    cuda_detail::evict_lines<View><<<static_cast<unsigned>(layer_count), threads, 0, stream>>>(*set, settings, tables);
+    detail::check_launch(function, "evict_lines");
+    cuda_detail::evict_pick<View><<<unit_grid, threads, 0, stream>>>(*set, settings, tables, -1);
+    detail::check_launch(function, "evict_pick");
+    prepare<<<head_grid, threads, cached_bytes, stream>>>(*set, settings, tables);
+    detail::check_launch(function, "evict_prepare");
+    cuda_detail::evict_pick<View><<<unit_grid, threads, 0, stream>>>(*set, settings, tables, 0);
+    detail::check_launch(function, "evict_pick");
+    if (pooled) {
+      for (int pass = 1; pass < cuda_detail::evict_digit_passes; ++pass) {
+        cuda_detail::evict_histogram<View><<<head_grid, threads, 0, stream>>>(*set, settings, tables, pass);
+        detail::check_launch(function, "evict_histogram");
+        cuda_detail::evict_pick<View><<<unit_grid, threads, 0, stream>>>(*set, settings, tables, pass);
+        detail::check_launch(function, "evict_pick");
+      }
+      cuda_detail::evict_histogram<View><<<head_grid, threads, 0, stream>>>(*set, settings, tables,
+                                                                           cuda_detail::evict_digit_passes);
+      detail::check_launch(function, "evict_histogram (ties)");
+    }
+    cuda_detail::evict_compact<View><<<head_grid, threads, 0, stream>>>(*set, settings, tables);
+    detail::check_launch(function, "evict_compact");
+    cuda_detail::evict_close_up<View><<<static_cast<unsigned>(layer_count), threads, 0, stream>>>(*set, tables, heads);
     detail::check_launch(function, "evict_close_up");
     if (report != nullptr)
       detail::check_cuda(cudaMemcpyAsync(report, tables.report, sizeof(eviction::report), cudaMemcpyDeviceToDevice,
                                          stream),
                          function, "cudaMemcpyAsync(report)");
+  }
+
+ private:
+  /// The scratch: the per-head and per-unit tables (for the scope with the most units:
+  /// per head; pool histograms for per layer's), then one key array per layer (one
+  /// uint32 per storage slot; `keys`, when given, receives their addresses).
+  template <class View>
+  static cuda_detail::evict_scratch carve(workspace_carver& carver, std::span<const View> layers,
+                                          std::uint32_t** keys = nullptr) {
+    const std::int64_t layer_count = static_cast<std::int64_t>(layers.size()), heads = layers[0].heads();
+    const cuda_detail::evict_scratch tables =
+        cuda_detail::evict_scratch::carve(carver, layer_count, heads, layer_count * heads, layer_count * layers[0].batch);
+    for (std::size_t l = 0; l < layers.size(); ++l) {
+      std::uint32_t* layer_keys =
+          carver.take<std::uint32_t>(detail::storage_slots(layers[l].storage) + 4 * (layers[l].heads() + 1));
+      if (keys != nullptr) keys[l] = layer_keys;
+    }
+    return tables;
   }
 };
 

@@ -12,9 +12,10 @@
 //   (units: active, pool); then 4 × [sharded_evict_histogram; C(pass);
 //   sharded_evict_decide (the pass's digit)]; sharded_evict_ties; C6;
 //   sharded_evict_compact (the head's share of the unit's ties: what the heads
-//   before it in (layer, head) order leave; the moving rows staged through
-//   shared memory, token order kept); sharded_evict_close_up (page tables closed
-//   up, pages freed in the CPU's order).
+//   before it in (layer, head) order leave; the one-rank step's layout: holes
+//   below K filled by the kept tokens of [K, tail), the protected tail shifted
+//   down behind them, token order not kept); sharded_evict_close_up (page tables
+//   closed up, pages freed in the CPU's order).
 //
 // Self-contained (its own layer set, key and close-up): it shares no scratch
 // layout with the one-GPU step (backend/cuda/eviction.cuh), which is free to change.
@@ -29,8 +30,10 @@
 //
 // Cost: 2 memsets, 12 launches (+1 close-up per call), 6 collectives. The
 // histogram passes read each candidate's metric and position (not K/V);
-// compaction stages up to 48 KB of moving rows per chunk (96 tokens of fp16 rows
-// of 128), one block per head; tokens before a head's first hole stay put.
+// compaction (one block per head) reads the metric and positions of the tokens
+// before the tail three times (tail, K, the walks), moves each kept token of
+// [K, tail) once, straight to its hole, and stages the tail's rows up to 48 KB a
+// chunk (96 tokens of fp16 rows of 128); kept tokens below K stay put.
 #pragma once
 
 #include <cub/block/block_reduce.cuh>
@@ -355,20 +358,29 @@ inline int sharded_stage_tokens(std::int64_t row_bytes) {
   return static_cast<int>(std::clamp<std::int64_t>(sharded_stage_budget / (2 * row_bytes), 1, sharded_threads));
 }
 
-/// Compacts this item's head: protected tokens, its floor, the pool above v*, and its
-/// share of the unit's ties (what the heads before it in (layer, head) order leave).
-/// `chunk` tokens at a time: their kept rows that move are staged in shared memory
-/// (read whole before any is written: a token only moves to a lower index), in
-/// 16-byte units when rows allow; tokens before the head's first hole do not move.
+/// Compacts this item's head to its protected tokens, its floor, the pool above v* and its
+/// share of the unit's ties (what the heads before it in (layer, head) order leave), in
+/// the one-rank step's layout (eviction/evict.hpp, "Layouts"; backend/cpu/eviction.hpp's
+/// compact(), which the CPU sharded step calls): the protected tail [tail, length) (tail =
+/// one past the last candidate) and the kept tokens below K (the kept count before the
+/// tail) stay; the kept tokens of [K, tail) fill the holes below K in order; the tail
+/// shifts down by tail − K. Token order is not kept. The keep decisions are made on the
+/// tokens as they were (a walk reads only tokens no move has written yet), ties ranked
+/// in token order across the walks. Movers go straight to their holes (sources ≥ K >
+/// destinations); the tail's rows are staged `chunk` tokens at a time in shared memory
+/// (read whole before written: a chunk's destinations may be its own sources), in
+/// 16-byte units when rows allow.
 template <class View>
 __global__ void __launch_bounds__(sharded_threads)
     sharded_evict_compact(const __grid_constant__ sharded_layer_set<View> set, const sharded_evict_settings s,
                           const sharded_evict_scratch scratch, int chunk) {
   using scan = cub::BlockScan<std::int64_t, sharded_threads>;
   using reduce = cub::BlockReduce<std::int64_t, sharded_threads>;
+  constexpr std::int64_t block = sharded_threads;
   __shared__ sharded_block_storage storage;
   __shared__ std::int64_t stage_from[sharded_threads], stage_to[sharded_threads];
-  __shared__ std::int64_t shared_before;
+  __shared__ std::int64_t shared_value;
+  __shared__ std::int32_t shared_compensation;
   extern __shared__ __align__(16) unsigned char stage[];
   const int tid = threadIdx.x;
   const std::int64_t item = blockIdx.x;
@@ -382,84 +394,181 @@ __global__ void __launch_bounds__(sharded_threads)
   std::int64_t mine = 0;
   for (std::int64_t k = unit_first + tid; k < own; k += sharded_threads) mine += static_cast<std::int64_t>(scratch.ties[k]);
   const std::int64_t before_sum = reduce(storage.reduce).Sum(mine);
-  if (tid == 0) shared_before = before_sum;
+  if (tid == 0) shared_value = before_sum;
   __syncthreads();
   const bool pool_none = unit.pool <= 0;
   const std::int64_t quota =
       pool_none ? 0
-                : std::clamp(unit.remaining - shared_before, std::int64_t{0}, static_cast<std::int64_t>(scratch.ties[own]));
+                : std::clamp(unit.remaining - shared_value, std::int64_t{0}, static_cast<std::int64_t>(scratch.ties[own]));
   const std::uint32_t floor_key = scratch.floor_key[item];
   const std::int64_t cutoff = scratch.floor_cutoff[item];
+  __syncthreads();  // shared_value read
 
   using store_type = device_element_t<typename View::codec::element>;
   const std::int64_t head_dim = r.cache->shape.head_dim;
   auto* keys = reinterpret_cast<unsigned char*>(r.cache->storage.keys);
   auto* values = reinterpret_cast<unsigned char*>(r.cache->storage.values);
+  std::int32_t* positions = r.cache->positions.slot_position;
   // Rows copied in 16-byte units when a row is a whole number of them and the storage starts 16-byte aligned.
   const std::int64_t row_bytes = head_dim * static_cast<std::int64_t>(sizeof(store_type));
   const bool wide = row_bytes % 16 == 0 && reinterpret_cast<std::uintptr_t>(keys) % 16 == 0 &&
                     reinterpret_cast<std::uintptr_t>(values) % 16 == 0;
   const std::int64_t unit_bytes = wide ? 16 : static_cast<std::int64_t>(sizeof(store_type));
   const std::int64_t row_units = row_bytes / unit_bytes;
-  // Copies unit e of the chunk's staged rows ([kept][K, V][row]) between the cache and the stage.
-  const auto copy_unit = [&](std::int64_t e, bool into_stage) {
-    const std::int64_t k = e / (2 * row_units), rest = e % (2 * row_units);
-    if (stage_from[k] == stage_to[k]) return;  // a token that keeps its slot
-    unsigned char* base = rest < row_units ? keys : values;
-    const std::int64_t offset = (rest % row_units) * unit_bytes;
-    unsigned char* cached = base + (into_stage ? stage_from[k] : stage_to[k]) * row_bytes + offset;
-    unsigned char* staged = stage + e * unit_bytes;
-    unsigned char* to = into_stage ? staged : cached;
-    const unsigned char* from = into_stage ? cached : staged;
+  const auto copy_one = [&](unsigned char* to, const unsigned char* from) {
     if (wide)
       *reinterpret_cast<uint4*>(to) = *reinterpret_cast<const uint4*>(from);
     else
       *reinterpret_cast<store_type*>(to) = *reinterpret_cast<const store_type*>(from);
   };
-  std::int64_t written = 0, ties_seen = 0;
-  for (std::int64_t c0 = 0; c0 < r.length; c0 += chunk) {
+  // Copies unit e of the chunk's staged rows ([token][K, V][row]) between the cache and the stage.
+  const auto copy_unit = [&](std::int64_t e, bool into_stage) {
+    const std::int64_t k = e / (2 * row_units), rest = e % (2 * row_units);
+    unsigned char* base = rest < row_units ? keys : values;
+    const std::int64_t offset = (rest % row_units) * unit_bytes;
+    unsigned char* cached = base + (into_stage ? stage_from[k] : stage_to[k]) * row_bytes + offset;
+    unsigned char* staged = stage + e * unit_bytes;
+    if (into_stage)
+      copy_one(staged, cached);
+    else
+      copy_one(cached, staged);
+  };
+
+  // Token i's verdict before its tie rank: kept whatever the rank (protected, floor, pool above v*), or a pool tie.
+  const auto judge = [&](std::int64_t i, bool& keep, bool& tie) {
+    keep = false, tie = false;
+    const std::int64_t slot = r.slot(i);
+    if (r.is_protected(s, i, slot)) {
+      keep = true;
+      return;
+    }
+    const std::uint32_t key = sharded_rank_key(r.metric[slot]);
+    if (in_floor(key, i, floor_key, cutoff)) {
+      keep = true;
+      return;
+    }
+    keep = !pool_none && key > unit.prefix;
+    tie = !pool_none && key == unit.prefix;
+  };
+  // Decides tokens c0 + tid of [c0, c0 + block) ∩ [·, end) (in_range), the pool ties ranked from `ties_before`
+  // (the walk's ties before c0): keep, tie, and `rank` — the token's exclusive rank among the block's
+  // tokens with keep == flag_kept, `flagged` their count; `block_ties` the block's ties. Every thread calls it.
+  const auto decide = [&](std::int64_t c0, std::int64_t end, std::int64_t ties_before, bool flag_kept, bool& in_range,
+                          bool& keep, bool& tie, std::int64_t& rank, std::int64_t& flagged, std::int64_t& block_ties) {
     const std::int64_t i = c0 + tid;
-    const bool valid = tid < chunk && i < r.length;
-    const std::int64_t slot = valid ? r.slot(i) : 0;
-    const bool candidate = valid && !r.is_protected(s, i, slot);
-    const std::uint32_t key = candidate ? sharded_rank_key(r.metric[slot]) : 0u;
-    const bool pool_candidate = candidate && !in_floor(key, i, floor_key, cutoff);
-    const bool pool_tie = pool_candidate && !pool_none && key == unit.prefix;
-    std::int64_t rank = 0, chunk_ties = 0;
-    scan(storage.scan).ExclusiveSum(pool_tie ? 1 : 0, rank, chunk_ties);
+    in_range = i < end;
+    keep = false, tie = false;
+    if (in_range) judge(i, keep, tie);
+    std::int64_t tie_rank = 0;
+    scan(storage.scan).ExclusiveSum(tie ? 1 : 0, tie_rank, block_ties);
     __syncthreads();
-    const bool pool_kept = pool_candidate && !pool_none && (key > unit.prefix || (pool_tie && ties_seen + rank < quota));
-    ties_seen += chunk_ties;
-    const bool keep = valid && (!candidate || !pool_candidate || pool_kept);
-    std::int64_t index = 0, kept_here = 0;
-    scan(storage.scan).ExclusiveSum(keep ? 1 : 0, index, kept_here);
+    if (tie) keep = ties_before + tie_rank < quota;
+    scan(storage.scan).ExclusiveSum(in_range && keep == flag_kept ? 1 : 0, rank, flagged);
     __syncthreads();
-    const bool moves = keep && written + index != i;
+  };
+
+  // The tail: one past the last candidate (protected tokens only from there on).
+  std::int64_t last = 0;
+  for (std::int64_t i = tid; i < r.length; i += sharded_threads)
+    if (!r.is_protected(s, i, r.slot(i))) last = i + 1;
+  const std::int64_t tail_max = reduce(storage.reduce).Reduce(last, [](std::int64_t x, std::int64_t y) { return x > y ? x : y; });
+  if (tid == 0) shared_value = tail_max;
+  __syncthreads();
+  const std::int64_t tail = shared_value;
+  // K: the kept tokens before the tail; then the ties below K (where the movers' walk starts).
+  std::int64_t K = 0, ties = 0;
+  for (std::int64_t c0 = 0; c0 < tail; c0 += block) {
+    bool in_range, keep, tie;
+    std::int64_t rank, flagged, block_ties;
+    decide(c0, tail, ties, true, in_range, keep, tie, rank, flagged, block_ties);
+    K += flagged, ties += block_ties;
+  }
+  std::int64_t ties_below_k = 0;
+  for (std::int64_t c0 = 0; c0 < K; c0 += block) {
+    bool in_range, keep, tie;
+    std::int64_t rank, flagged, block_ties;
+    decide(c0, K, ties_below_k, true, in_range, keep, tie, rank, flagged, block_ties);
+    ties_below_k += block_ties;
+  }
+  // The compensation token's new index: a stayer keeps it, a mover or the tail's shift sets it.
+  if (tid == 0)
+    shared_compensation = static_cast<std::int32_t>(r.compensation >= 0 && r.compensation < K ? r.compensation : -1);
+
+  // Movers: a block of [K, tail) at a time, its kept tokens listed by rank (stage_from), then as many
+  // holes below K, in order, from where the holes' walk stopped (stage_to); each mover goes to its hole.
+  std::int64_t hole_at = 0, hole_ties = 0, mover_ties = ties_below_k;
+  for (std::int64_t c0 = K; c0 < tail; c0 += block) {
+    bool in_range, keep, tie;
+    std::int64_t rank, movers, block_ties;
+    decide(c0, tail, mover_ties, true, in_range, keep, tie, rank, movers, block_ties);
+    mover_ties += block_ties;
+    if (in_range && keep) stage_from[rank] = c0 + tid;
+    for (std::int64_t got = 0; got < movers && hole_at < K;) {
+      bool hole_in_range, hole_keep, hole_tie;
+      std::int64_t hole_rank, holes, hole_block_ties;
+      decide(hole_at, K, hole_ties, false, hole_in_range, hole_keep, hole_tie, hole_rank, holes, hole_block_ties);
+      const bool hole = hole_in_range && !hole_keep;
+      if (hole && got + hole_rank < movers) stage_to[got + hole_rank] = hole_at + tid;
+      if (got + holes <= movers) {  // the whole block's holes taken
+        hole_at += block, hole_ties += hole_block_ties, got += holes;
+        continue;
+      }
+      // Some holes left for the next movers: resume after the last one taken, with the ties before it.
+      if (hole && got + hole_rank == movers - 1) shared_value = hole_at + tid + 1;
+      __syncthreads();
+      const std::int64_t resume = shared_value;
+      std::int64_t ignored = 0, ties_taken = 0;
+      scan(storage.scan).ExclusiveSum(hole_tie && hole_at + tid < resume ? 1 : 0, ignored, ties_taken);
+      __syncthreads();
+      hole_at = resume, hole_ties += ties_taken, got = movers;
+    }
+    __syncthreads();  // both lists complete
+    for (std::int64_t k = tid; k < movers; k += sharded_threads) {
+      const std::int64_t from = r.slot(stage_from[k]), to = r.slot(stage_to[k]);
+      if (stage_from[k] == r.compensation) shared_compensation = static_cast<std::int32_t>(stage_to[k]);
+      positions[to] = positions[from];
+      r.metric[to] = r.metric[from];
+      stage_from[k] = from, stage_to[k] = to;  // (this thread's own entries: slots from here on)
+    }
+    __syncthreads();
+    for (std::int64_t e = tid; e < movers * 2 * row_units; e += sharded_threads) {
+      const std::int64_t k = e / (2 * row_units), rest = e % (2 * row_units);
+      unsigned char* base = rest < row_units ? keys : values;
+      const std::int64_t offset = (rest % row_units) * unit_bytes;
+      copy_one(base + stage_to[k] * row_bytes + offset, base + stage_from[k] * row_bytes + offset);
+    }
+    __syncthreads();  // the lists are rewritten by the next block
+  }
+
+  // The tail shifts down by tail − K, `chunk` tokens at a time, staged.
+  const std::int64_t shift = tail - K;
+  for (std::int64_t c0 = tail; shift > 0 && c0 < r.length; c0 += chunk) {
+    const std::int64_t count = std::min<std::int64_t>(chunk, r.length - c0);
     std::int32_t position = 0;
     float value = 0.0f;
-    if (keep) {
-      stage_from[index] = slot;
-      stage_to[index] = moves ? r.slot(written + index) : slot;
-      if (moves) {
-        position = r.cache->positions.slot_position[slot];
-        value = r.metric[slot];
-      }
+    if (tid < count) {
+      stage_from[tid] = r.slot(c0 + tid);
+      stage_to[tid] = r.slot(c0 + tid - shift);
+      position = positions[stage_from[tid]];
+      value = r.metric[stage_from[tid]];
     }
-    if (__syncthreads_or(moves ? 1 : 0)) {  // (a barrier too) else nothing in this chunk moves
-      for (std::int64_t e = tid; e < kept_here * 2 * row_units; e += sharded_threads) copy_unit(e, true);
-      __syncthreads();
-      if (moves) {
-        r.cache->positions.slot_position[stage_to[index]] = position;
-        r.metric[stage_to[index]] = value;
-      }
-      for (std::int64_t e = tid; e < kept_here * 2 * row_units; e += sharded_threads) copy_unit(e, false);
-    }
-    if (keep && r.compensation == i) r.cache->compensation.index[r.head] = static_cast<std::int32_t>(written + index);
     __syncthreads();
-    written += kept_here;
+    for (std::int64_t e = tid; e < count * 2 * row_units; e += sharded_threads) copy_unit(e, true);
+    __syncthreads();  // the chunk read whole
+    if (tid < count) {
+      positions[stage_to[tid]] = position;
+      r.metric[stage_to[tid]] = value;
+    }
+    for (std::int64_t e = tid; e < count * 2 * row_units; e += sharded_threads) copy_unit(e, false);
+    __syncthreads();
   }
+  const std::int64_t written = K + (r.length - tail);
   for (std::int64_t i = written + tid; i < r.length; i += sharded_threads) r.metric[r.slot(i)] = 0.0f;  // freed slots read 0
+  __syncthreads();  // shared_compensation final
   if (tid == 0) {
+    r.cache->compensation.index[r.head] = r.compensation >= tail && r.compensation < r.length
+                                              ? static_cast<std::int32_t>(r.compensation - shift)
+                                              : shared_compensation;
     scratch.new_length[r.l * s.batch * s.local + r.head] = written;
     atomicAdd(reinterpret_cast<unsigned long long*>(&scratch.report->evicted_tokens),
               static_cast<unsigned long long>(r.length - written));
