@@ -509,26 +509,8 @@ void eviction_step(benchmark::State& state) {
                                  std::span<const kt::eviction::metric_output<kt::device_space>>(outputs), cfg,
                                  {scratch, scratch_bytes}, stream, report);
   };
-  kvtrim_bench::l2_flusher flusher;
-  cudaEvent_t start, stop;
-  cudaEventCreate(&start), cudaEventCreate(&stop);
-  restore();
-  step();  // warm-up
-  check(cudaStreamSynchronize(stream), "warm-up");
-  std::vector<double> seconds;
-  for (auto _ : state) {
-    restore();
-    flusher.flush(stream);
-    cudaEventRecord(start, stream);
-    step();
-    cudaEventRecord(stop, stream);
-    check(cudaEventSynchronize(stop), "timed step");
-    float milliseconds = 0;
-    cudaEventElapsedTime(&milliseconds, start, stop);
-    state.SetIterationTime(milliseconds / 1e3);
-    seconds.push_back(milliseconds / 1e3);
-  }
-  std::sort(seconds.begin(), seconds.end());
+  // restore() before each timed step (untimed): every step evicts from the same caches.
+  const std::vector<double> seconds = kvtrim_bench::timed_seconds(state, stream, step, restore);
   kt::eviction::report host_report{};
   check(cudaMemcpy(&host_report, report, sizeof host_report, cudaMemcpyDeviceToHost), "report");
   const double read_bytes = 8.0 * static_cast<double>(layers * heads * tokens);
@@ -541,7 +523,6 @@ void eviction_step(benchmark::State& state) {
   state.counters["freed_pages"] = static_cast<double>(host_report.freed_pages);
   for (std::int64_t l = 0; l < layers; ++l) cudaFree(memory[l]), cudaFree(saved[l]), cudaFree(metric[l]), cudaFree(saved_metric[l]);
   cudaFree(scratch), cudaFree(report);
-  cudaEventDestroy(start), cudaEventDestroy(stop);
   cudaStreamDestroy(stream);
 }
 
