@@ -94,9 +94,10 @@ std::pair<std::int32_t, float> compensation_for(std::int64_t head, std::int64_t 
   return {static_cast<std::int32_t>(length / 3), std::log(1.0f + 37.0f * static_cast<float>(head % 5))};
 }
 
-template <class Layout, class Element>
+/// Element: the inputs' and queries' type; Codec: how the cache stores them (plain: exactly).
+template <class Layout, class Element, class Codec = kt::codec::plain<Element>>
 struct harness {
-  using codec = kt::codec::plain<Element>;
+  using codec = Codec;
   using cpu_scheme = kt::scheme<Layout, kt::score::static_window, kt::budget::uniform, codec, kt::backend::cpu>;
   using host_view = typename Layout::template view<codec, kt::host_space>;
   using device_view = typename Layout::template view<codec, kt::device_space>;
@@ -228,9 +229,39 @@ struct harness {
     // to the storage type for P·V (FlashAttention's choice): |Σ δp·v| / Σ p ≤ u_s·V.
     // Multi-query: query t of a head of L tokens is the single-query case over its first L − n + 1 + t
     // tokens (the later ones enter with weight exactly 0), so n below is that count.
+    // Quantizing codecs (symmetric codes: no zero points): both backends read the same codes and steps;
+    // dequantizing x̂ = c·s costs each side ≤ 2u|x̂| (tests/cuda/codecs_test.cu), so the rows they see
+    // differ by ≤ 4u|x̂|; on the tensor cores each dequantized key and value is also rounded to fp16
+    // once (u_h), or — read as fragments — the query times the key steps and the weights times the
+    // value steps are (the same terms): logits move by ≤ (4u + u_h)·S, outputs by ≤ (4u + u_h)·V, and
+    // P is rounded to fp16 (u_s below). S and V come from the rows the codec decodes.
     const double u = kt::element_traits<float>::unit_roundoff;
-    const double u_s = kt::element_traits<Element>::unit_roundoff;
+    const double u_s = kt::codec::is_plain<Codec> ? kt::element_traits<Element>::unit_roundoff
+                                                  : kt::element_traits<kt::half>::unit_roundoff;
     const bool tensor_cores = c.group >= 4 || n_queries > 1;
+    const double codec_extra =
+        kt::codec::is_plain<Codec> ? 0.0 : 4.0 * u + (tensor_cores ? kt::element_traits<kt::half>::unit_roundoff : 0.0);
+    // What the cache holds, as floats: the inputs (plain codecs store them exactly) or the decoded rows.
+    std::vector<std::vector<float>> held_keys(static_cast<std::size_t>(heads)), held_values(held_keys.size());
+    for (std::int64_t head = 0; head < heads; ++head) {
+      const std::int64_t length = c.lengths[head], b = head / c.kv_heads, h = head % c.kv_heads;
+      auto& keys_of = held_keys[static_cast<std::size_t>(head)];
+      auto& values_of = held_values[static_cast<std::size_t>(head)];
+      keys_of.resize(static_cast<std::size_t>(length * c.head_dim));
+      values_of.resize(keys_of.size());
+      for (std::int64_t i = 0; i < length; ++i) {
+        float* key = keys_of.data() + i * c.head_dim;
+        float* value = values_of.data() + i * c.head_dim;
+        if constexpr (kt::codec::is_plain<Codec>) {
+          for (std::int64_t d = 0; d < c.head_dim; ++d)
+            key[d] = kt::to_float(data.keys[head](i, d)), value[d] = kt::to_float(data.values[head](i, d));
+        } else {
+          const std::int64_t slot = view.slot(b, h, i);
+          Codec::load_key(view.storage, head, slot, view.positions.slot_position[slot], key);
+          Codec::load_value(view.storage, head, slot, value);
+        }
+      }
+    }
     double worst_ratio = 0.0;
     for (std::int64_t b = 0; b < c.batch; ++b)
       for (std::int64_t t = 0; t < n_queries; ++t)
@@ -244,21 +275,23 @@ struct harness {
           }
           if (n == 0) continue;
           double largest_logit = 0.0, largest_value = 0.0;
-          const auto [bias_index, bias] = c.compensation ? compensation_for(head, n) : std::pair<std::int32_t, float>{-1, 0.0f};
+          const auto [bias_index, bias] =
+              c.compensation ? compensation_for(head, c.lengths[head]) : std::pair<std::int32_t, float>{-1, 0.0f};
           for (std::int64_t i = 0; i < n; ++i) {
             double magnitude = 0.0;
             for (std::int64_t d = 0; d < c.head_dim; ++d) {
+              const std::size_t at = static_cast<std::size_t>(i * c.head_dim + d);
               magnitude += std::abs(static_cast<double>(kt::to_float(queries(b, t, j, d))) *
-                                    static_cast<double>(kt::to_float(data.keys[head](i, d))));
-              largest_value = std::max(largest_value, std::abs(static_cast<double>(kt::to_float(data.values[head](i, d)))));
+                                    static_cast<double>(held_keys[head][at]));
+              largest_value = std::max(largest_value, std::abs(static_cast<double>(held_values[head][at])));
             }
             largest_logit = std::max(largest_logit, magnitude / std::sqrt(static_cast<double>(c.head_dim)) +
                                                         (i == bias_index ? std::abs(bias) : 0.0));
           }
-          const double logit_error = (static_cast<double>(c.head_dim) + 8.0) * u * largest_logit;
+          const double logit_error = ((static_cast<double>(c.head_dim) + 8.0) * u + codec_extra) * largest_logit;
           const double tolerance = 2.0 * std::expm1(2.0 * logit_error + 4.0 * u) * largest_value +
                                    (16.0 * std::sqrt(static_cast<double>(n) + 1.0) + 8.0) * u * largest_value +
-                                   (tensor_cores ? u_s * largest_value : 0.0);
+                                   (tensor_cores ? u_s * largest_value : 0.0) + codec_extra * largest_value;
           for (std::int64_t d = 0; d < c.head_dim; ++d) {
             const float got = gpu_out[row + static_cast<std::size_t>(d)];
             ASSERT_FALSE(std::isnan(got)) << "unwritten or NaN output at " << b << "," << t << "," << j << "," << d;
@@ -283,6 +316,7 @@ void run_case(const decode_case& c) {
 }
 
 class DecodeAttention : public ::testing::TestWithParam<decode_case> {};
+class MultiQueryDecodeCodecs : public ::testing::TestWithParam<decode_case> {};
 
 TEST_P(DecodeAttention, MatchesCpuReferenceFp16) {
   KVTRIM_SKIP_WITHOUT_GPU();
@@ -353,6 +387,26 @@ INSTANTIATE_TEST_SUITE_P(
         // small: blocks reading pieces of two heads and the merge (the sanitizer runs take these)
         decode_case{L::paged, 2, 2, 4, 64, 16, {300, 0, 33, 700}, true, 2},
         decode_case{L::flat, 1, 2, 16, 64, 0, {600, 70}, true, 8}),
+    [](const ::testing::TestParamInfo<decode_case>& info) {
+      return kt::detail::cat(name_of(info.param), "_", info.index);
+    });
+
+// int8 (KIVI key groups of 32, symmetric; pages of 32 so that a key group never straddles two pages):
+// several queries read the codes through dequantized fp16 tiles (the fragment readers hold one query
+// per row); one query (last case) through the fragments. Groups 1 (a tensor-core kernel the single
+// query never uses) to 16, D 64 / 128.
+TEST_P(MultiQueryDecodeCodecs, Int8MatchesCpuReference) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  SCOPED_TRACE(name_of(GetParam()));
+  harness<kt::layout::paged, kt::half, kt::codec::int8>(GetParam()).run();
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    SpeculativeTokens, MultiQueryDecodeCodecs,
+    ::testing::Values(decode_case{L::paged, 2, 2, 4, 128, 32, {0, 40, 4097, 300}, true, 4},
+                      decode_case{L::paged, 1, 2, 1, 64, 32, {33, 700}, true, 8},
+                      decode_case{L::paged, 1, 2, 16, 64, 32, {600, 70}, true, 8},
+                      decode_case{L::paged, 1, 2, 8, 128, 32, {1000, 100}, true, 1}),
     [](const ::testing::TestParamInfo<decode_case>& info) {
       return kt::detail::cat(name_of(info.param), "_", info.index);
     });
