@@ -902,6 +902,17 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, H
   });
 }
 
+/// Codecs the multi-query kernels read (through the tensor-core kernel's tiles: plain elements, or code
+/// bytes dequantized tile by tile); any other codec's own kernel holds one query per row and is refused.
+template <class CodecT>
+inline constexpr bool multi_query_codec = codec::is_plain<CodecT>;
+template <int Bits>
+inline constexpr bool multi_query_codec<codec::quantized<Bits>> = true;
+template <>
+inline constexpr bool multi_query_codec<codec::fp8> = true;
+template <class Inner>
+inline constexpr bool multi_query_codec<codec::layered<Inner>> = multi_query_codec<Inner>;
+
 /// Binds a runtime GQA group size to a compile-time constant (1, 2, 4, 8, 16).
 template <class Fn>
 void dispatch_decode_group(std::int64_t group, std::string_view function, Fn&& fn) {
@@ -1002,7 +1013,13 @@ struct implementation<stage::decode_attention, backend::cuda> {
                    "one query per sequence with an eviction metric (speculative queries may be rejected; the metric "
                    "sums the attention of accepted tokens)",
                    detail::cat(queries_per_sequence, " queries per sequence"));
-    attend_rows<true>(queries, cache, out, scratch, stream, metric);
+    if constexpr (cuda_detail::multi_query_codec<typename View::codec>)
+      attend_rows<true>(queries, cache, out, scratch, stream, metric);
+    else
+      detail::fail(function, "cache.codec",
+                   "codec::fp16 / bf16, int8, int4, fp8_e4m3 or layered over those for several queries per sequence "
+                   "on backend::cuda",
+                   detail::cat(View::codec::name, " with ", queries_per_sequence, " queries per sequence"));
   }
 
  private:
