@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "common/streaming.hpp"
 #include "common/tensors.hpp"
 #include "cuda/device_memory.cuh"
 
@@ -409,6 +410,123 @@ INSTANTIATE_TEST_SUITE_P(
                       decode_case{L::paged, 1, 2, 8, 128, 32, {1000, 100}, true, 1}),
     [](const ::testing::TestParamInfo<decode_case>& info) {
       return kt::detail::cat(name_of(info.param), "_", info.index);
+    });
+
+// layout::shared_paged (issue 11 b): an engine's head-shared page tensor, NHD and HND, built on the host by
+// the CPU scheme (StreamingLLM compress, then appends), its bytes copied to the device and bound there with
+// bind_pages; CUDA decode (one and several queries) against the CPU's over the host cache, within the
+// bound above (16-bit storage read exactly; every call on the tensor cores or CUDA cores as in decode_test).
+struct shared_paged_case {
+  kt::layout::shared_paged::order order;
+  std::int64_t batch, kv_heads, group, head_dim, page_size, tokens, keep, appended, queries;
+};
+
+class SharedPagedDecode : public ::testing::TestWithParam<shared_paged_case> {};
+
+TEST_P(SharedPagedDecode, MatchesCpuReference) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  using element = kt::half;
+  using codec = kt::codec::plain<element>;
+  using scheme = kt::scheme<kt::layout::shared_paged, kt::score::static_window, kt::budget::uniform, codec,
+                            kt::backend::cpu>;
+  using host_view = kt::layout::shared_paged::view<codec, kt::host_space>;
+  using device_view = kt::layout::shared_paged::view<codec, kt::device_space>;
+  const shared_paged_case& c = GetParam();
+  const kt::model_shape shape{.q_heads = c.kv_heads * c.group, .kv_heads = c.kv_heads, .head_dim = c.head_dim};
+  const std::int64_t held = c.keep + c.appended;
+  const kt::layout::shared_paged::pool_size pool{
+      c.batch * kt::layout::shared_paged::pages_for(held, c.page_size) + 2, c.page_size, c.order};
+  const std::size_t tensor_elements = static_cast<std::size_t>(2 * pool.pages * c.page_size * c.kv_heads * c.head_dim);
+  std::vector<element> tensor(tensor_elements);
+  host_block metadata(host_view::metadata_bytes(shape, c.batch, pool));
+  host_view view = host_view::bind_pages(tensor.data(), metadata.data, shape, c.batch, pool);
+
+  auto keys = kt::testing::random_tensor<element, 4>({c.batch, c.kv_heads, c.tokens + c.appended, c.head_dim}, 301);
+  auto values = kt::testing::random_tensor<element, 4>({c.batch, c.kv_heads, c.tokens + c.appended, c.head_dim}, 302);
+  const auto part = [&](const auto& x, std::int64_t first, std::int64_t count) {
+    auto v = x.cview();
+    v.data += first * v.strides[2];
+    v.extents[2] = count;
+    return v;
+  };
+  scheme::config cfg;
+  cfg.budget.keep = kt::keep_tokens{c.keep};
+  std::vector<std::byte> compress_scratch(scheme::compress_workspace(shape, c.batch, c.tokens, cfg));
+  scheme::compress(part(keys, 0, c.tokens), part(values, 0, c.tokens), view, cfg,
+                   {compress_scratch.data(), compress_scratch.size()});
+  if (c.appended > 0)
+    scheme::append(view, part(keys, c.tokens, c.appended), part(values, c.tokens, c.appended));
+  auto queries = kt::testing::random_tensor<element, 4>({c.batch, c.queries, shape.q_heads, c.head_dim}, 303, 2.0f);
+  auto cpu_out = kt::testing::make_tensor<float, 4>({c.batch, c.queries, shape.q_heads, c.head_dim});
+  scheme::attend(queries.cview(), view, cpu_out.view, {});
+
+  // The same bytes on the device: the engine's tensor and kvtrim's tables.
+  const std::size_t metadata_bytes = host_view::metadata_bytes(shape, c.batch, pool);
+  device_buffer<element> device_tensor(tensor_elements);
+  device_buffer<std::byte> device_metadata(metadata_bytes);
+  kt::testing::check(cudaMemcpy(device_tensor.data(), tensor.data(), tensor_elements * sizeof(element),
+                                cudaMemcpyHostToDevice), "cudaMemcpy H2D");
+  kt::testing::check(cudaMemcpy(device_metadata.data(), metadata.data, metadata_bytes, cudaMemcpyHostToDevice),
+                     "cudaMemcpy H2D");
+  const device_view gpu_view = device_view::bind_pages(device_tensor.data(), device_metadata.data(), shape, c.batch, pool);
+  kt::layout::shared_paged::check("decode_test", gpu_view);
+  kt::testing::device_tensor<element, 4> device_queries(queries);
+  const std::array<std::int64_t, 4> extents{c.batch, c.queries, shape.q_heads, c.head_dim};
+  device_buffer<float> device_out(static_cast<std::size_t>(c.batch * c.queries * shape.q_heads * c.head_dim));
+  device_out.fill_bytes(0xff);
+  using attention = kt::implementation<kt::stage::decode_attention, kt::backend::cuda>;
+  device_buffer<std::byte> scratch(attention::workspace_bytes(gpu_view, c.queries));
+  const kt::tensor_view<const element, 4, kt::device_space> query_view{device_queries.view.data,
+                                                                      device_queries.view.extents,
+                                                                      device_queries.view.strides};
+  attention::attend(query_view, gpu_view, kt::make_view<kt::device_space>(device_out.data(), extents),
+                    {scratch.data(), scratch.size()}, nullptr);
+  kt::testing::check(cudaDeviceSynchronize(), "attend");
+  const std::vector<float> gpu_out = device_out.download();
+
+  // decode_test's bound over the tokens query t sees (its kept tokens, then the appended ones).
+  std::vector<std::int64_t> kept = kt::testing::streaming_kept(c.tokens, 4, c.keep);
+  for (std::int64_t a = 0; a < c.appended; ++a) kept.push_back(c.tokens + a);
+  const double u = kt::element_traits<float>::unit_roundoff, u_s = kt::element_traits<element>::unit_roundoff;
+  const bool tensor_cores = c.group >= 4 || c.queries > 1;
+  for (std::int64_t b = 0; b < c.batch; ++b)
+    for (std::int64_t t = 0; t < c.queries; ++t)
+      for (std::int64_t j = 0; j < shape.q_heads; ++j) {
+        const std::int64_t h = j / c.group, n = held - c.queries + 1 + t;
+        double largest_logit = 0.0, largest_value = 0.0;
+        for (std::int64_t i = 0; i < n; ++i) {
+          double magnitude = 0.0;
+          for (std::int64_t d = 0; d < c.head_dim; ++d) {
+            magnitude += std::abs(static_cast<double>(kt::to_float(queries(b, t, j, d))) *
+                                  static_cast<double>(kt::to_float(keys(b, h, kept[i], d))));
+            largest_value = std::max(largest_value, std::abs(static_cast<double>(kt::to_float(values(b, h, kept[i], d)))));
+          }
+          largest_logit = std::max(largest_logit, magnitude / std::sqrt(static_cast<double>(c.head_dim)));
+        }
+        const double logit_error = (static_cast<double>(c.head_dim) + 8.0) * u * largest_logit;
+        const double tolerance = 2.0 * std::expm1(2.0 * logit_error + 4.0 * u) * largest_value +
+                                 (16.0 * std::sqrt(static_cast<double>(n) + 1.0) + 8.0) * u * largest_value +
+                                 (tensor_cores ? u_s * largest_value : 0.0);
+        for (std::int64_t d = 0; d < c.head_dim; ++d) {
+          const float got = gpu_out[static_cast<std::size_t>(((b * c.queries + t) * shape.q_heads + j) * c.head_dim + d)];
+          ASSERT_LE(std::abs(static_cast<double>(got) - cpu_out.view(b, t, j, d)), tolerance)
+              << "sequence " << b << ", query " << t << ", q head " << j << ", dim " << d;
+        }
+      }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Engines, SharedPagedDecode,
+    ::testing::Values(shared_paged_case{kt::layout::shared_paged::order::nhd, 2, 8, 4, 128, 16, 5000, 1200, 3, 1},
+                      shared_paged_case{kt::layout::shared_paged::order::hnd, 2, 8, 4, 128, 16, 5000, 1200, 3, 4},
+                      shared_paged_case{kt::layout::shared_paged::order::nhd, 1, 2, 1, 64, 32, 700, 300, 8, 8},
+                      shared_paged_case{kt::layout::shared_paged::order::hnd, 3, 1, 16, 256, 64, 400, 129, 1, 1},
+                      shared_paged_case{kt::layout::shared_paged::order::nhd, 1, 4, 2, 64, 16, 40000, 32768, 0, 1}),
+    [](const ::testing::TestParamInfo<shared_paged_case>& info) {
+      const shared_paged_case& c = info.param;
+      return kt::detail::cat(c.order == kt::layout::shared_paged::order::nhd ? "nhd" : "hnd", "_b", c.batch, "_kv",
+                             c.kv_heads, "_g", c.group, "_d", c.head_dim, "_p", c.page_size, "_n", c.keep + c.appended,
+                             "_q", c.queries);
     });
 
 TEST(MultiQueryDecodeErrors, RefusalsNameTheArgument) {

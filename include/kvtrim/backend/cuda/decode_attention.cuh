@@ -1065,7 +1065,8 @@ struct implementation<stage::decode_attention, backend::cuda> {
     cuda_detail::check_aligned16(function, "cache.storage.values",
                                  cuda_detail::codec_tiles<typename View::codec, 64>::value_rows(cache.storage));
     int page_shift = -1;
-    if constexpr (cuda_detail::is_paged_view<View>) page_shift = cuda_detail::power_of_two_shift(cache.page_size);
+    if constexpr (cuda_detail::is_paged_view<View> || cuda_detail::is_shared_paged_view<View>)
+      page_shift = cuda_detail::power_of_two_shift(cache.page_size);
 
     cuda_detail::dispatch_head_dim(cache.shape.head_dim, function, [&](auto head_dim_constant) {
       constexpr int head_dim = decltype(head_dim_constant)::value;

@@ -7,6 +7,9 @@
 //   contiguous  base(b, h) + i·token_stride
 //   paged       indices[indptr[head] + i / page]·page + i % page
 //   flat        offsets[head] + i
+//   shared_paged (an engine's pages: every kv head of a sequence in one page)
+//               page = indices[indptr[b] + i / page], then
+//               NHD (page·2·page + i % page)·kv_heads + h,  HND (page·2·kv_heads + h)·page + i % page
 // plus the head's compensation token (RazorAttention): its logical index and
 // logit bias (layout/detail/compensation.hpp), added after the 1/√D scale as
 // the CPU does.
@@ -47,6 +50,7 @@
 #include "kvtrim/layout/contiguous.hpp"
 #include "kvtrim/layout/flat.hpp"
 #include "kvtrim/layout/paged.hpp"
+#include "kvtrim/layout/shared_paged.hpp"
 
 namespace kvtrim::cuda_detail {
 
@@ -111,6 +115,28 @@ struct paged_rows {
   }
 };
 
+/// Token i of kv head h of a sequence in an engine's head-shared pages (layout::shared_paged):
+/// the page from the sequence's table, then the row of (offset, h) in the page's key half.
+struct shared_page_rows {
+  const std::int32_t* pages = nullptr;  // indices + indptr[b]
+  std::int64_t page_size = 1;
+  int page_shift = -1;
+  std::int64_t kv_heads = 1;
+  std::int64_t h = 0;
+  bool heads_outer = false;  // HND: [2][kv_heads][page_size] per page; NHD: [2][page_size][kv_heads]
+  __device__ __forceinline__ std::int64_t slot(std::int64_t i) const {
+    std::int64_t page, offset;
+    if (page_shift >= 0) {
+      page = __ldg(pages + (i >> page_shift));
+      offset = i & (page_size - 1);
+    } else {
+      page = __ldg(pages + i / page_size);
+      offset = i % page_size;
+    }
+    return heads_outer ? (page * 2 * kv_heads + h) * page_size + offset : (page * 2 * page_size + offset) * kv_heads + h;
+  }
+};
+
 /// log2(n) for a power of two, else −1 (host side, once per call).
 inline int power_of_two_shift(std::int64_t n) {
   if (n < 1 || (n & (n - 1)) != 0) return -1;
@@ -125,6 +151,8 @@ template <class View>
 inline constexpr bool is_paged_view = std::is_same_v<typename View::layout_policy, layout::paged>;
 template <class View>
 inline constexpr bool is_flat_view = std::is_same_v<typename View::layout_policy, layout::flat>;
+template <class View>
+inline constexpr bool is_shared_paged_view = std::is_same_v<typename View::layout_policy, layout::shared_paged>;
 
 /// The row locator of one flattened head (b·kv_heads + h) of any layout's view.
 template <class View>
@@ -135,6 +163,9 @@ __device__ __forceinline__ auto head_rows(const View& cache, std::int64_t head, 
     return strided_rows{cache.slot(b, h, 0), cache.map.token_stride};
   } else if constexpr (is_paged_view<View>) {
     return paged_rows{cache.indices + cache.indptr[head], cache.page_size, page_shift};
+  } else if constexpr (is_shared_paged_view<View>) {
+    return shared_page_rows{cache.indices + cache.indptr[b], cache.page_size, page_shift, cache.shape.kv_heads, h,
+                            cache.order == layout::shared_paged::order::hnd};
   } else {
     static_assert(is_flat_view<View>, "kvtrim: backend::cuda decode attention reads contiguous, paged and flat layouts");
     (void)page_shift;
