@@ -24,6 +24,7 @@
 #include "kvtrim/backend/cuda/pyramid.cuh"
 #include "kvtrim/backend/cuda/retrieval_head.cuh"
 #include "kvtrim/backend/cuda/select_top_k.cuh"
+#include "kvtrim/backend/cuda/shared_paged.cuh"
 #include "kvtrim/backend/cuda/sharded_eviction.cuh"
 #include "kvtrim/backend/cuda/snapkv.cuh"
 #include "kvtrim/backend/cuda/static_window.cuh"

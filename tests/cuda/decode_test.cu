@@ -412,10 +412,11 @@ INSTANTIATE_TEST_SUITE_P(
       return kt::detail::cat(name_of(info.param), "_", info.index);
     });
 
-// layout::shared_paged (issue 11 b): an engine's head-shared page tensor, NHD and HND, built on the host by
-// the CPU scheme (StreamingLLM compress, then appends), its bytes copied to the device and bound there with
-// bind_pages; CUDA decode (one and several queries) against the CPU's over the host cache, within the
-// bound above (16-bit storage read exactly; every call on the tensor cores or CUDA cores as in decode_test).
+// layout::shared_paged (issue 11 b): an engine's head-shared page tensor, NHD and HND, bound with bind_pages.
+// The CPU scheme and the CUDA scheme each compress (StreamingLLM) and append into their own tensor and
+// tables: the device's bytes must equal the CPU's; then CUDA decode (one and several queries) over the
+// device-built cache against the CPU's over the host cache, within the bound above (16-bit storage read
+// exactly; the tensor cores or the CUDA cores as in decode_test).
 struct shared_paged_case {
   kt::layout::shared_paged::order order;
   std::int64_t batch, kv_heads, group, head_dim, page_size, tokens, keep, appended, queries;
@@ -460,15 +461,54 @@ TEST_P(SharedPagedDecode, MatchesCpuReference) {
   auto cpu_out = kt::testing::make_tensor<float, 4>({c.batch, c.queries, shape.q_heads, c.head_dim});
   scheme::attend(queries.cview(), view, cpu_out.view, {});
 
-  // The same bytes on the device: the engine's tensor and kvtrim's tables.
+  // The same calls on the device (compress and append by the CUDA scheme, into a zeroed device tensor and
+  // freshly reset tables): the tensor and the tables must come out byte for byte as the CPU wrote them.
+  using cuda_scheme = kt::scheme<kt::layout::shared_paged, kt::score::static_window, kt::budget::uniform, codec,
+                                 kt::backend::cuda>;
   const std::size_t metadata_bytes = host_view::metadata_bytes(shape, c.batch, pool);
   device_buffer<element> device_tensor(tensor_elements);
   device_buffer<std::byte> device_metadata(metadata_bytes);
-  kt::testing::check(cudaMemcpy(device_tensor.data(), tensor.data(), tensor_elements * sizeof(element),
-                                cudaMemcpyHostToDevice), "cudaMemcpy H2D");
-  kt::testing::check(cudaMemcpy(device_metadata.data(), metadata.data, metadata_bytes, cudaMemcpyHostToDevice),
-                     "cudaMemcpy H2D");
-  const device_view gpu_view = device_view::bind_pages(device_tensor.data(), device_metadata.data(), shape, c.batch, pool);
+  kt::testing::check(cudaMemset(device_tensor.data(), 0, tensor_elements * sizeof(element)), "cudaMemset");
+  device_view gpu_view = device_view::bind_pages(device_tensor.data(), device_metadata.data(), shape, c.batch, pool);
+  kt::implementation<kt::layout::shared_paged, kt::backend::cuda>::reset(gpu_view);
+  {
+    kt::testing::device_tensor<element, 4> device_keys(keys), device_values(values);
+    const auto device_part = [&](const kt::testing::device_tensor<element, 4>& x, std::int64_t first,
+                                 std::int64_t count) {
+      kt::tensor_view<const element, 4, kt::device_space> v{x.view.data + first * x.view.strides[2], x.view.extents,
+                                                            x.view.strides};
+      v.extents[2] = count;
+      return v;
+    };
+    device_buffer<std::byte> device_scratch(cuda_scheme::compress_workspace(shape, c.batch, c.tokens, cfg));
+    cuda_scheme::compress(device_part(device_keys, 0, c.tokens), device_part(device_values, 0, c.tokens), gpu_view, cfg,
+                          {device_scratch.data(), device_scratch.size()});
+    if (c.appended > 0)
+      cuda_scheme::append(gpu_view, device_part(device_keys, c.tokens, c.appended),
+                          device_part(device_values, c.tokens, c.appended));
+    kt::check_status(gpu_view, nullptr);
+  }
+  {
+    const std::vector<std::byte> got_tensor =
+        kt::testing::download_bytes(device_tensor.data(), tensor_elements * sizeof(element));
+    EXPECT_EQ(std::memcmp(got_tensor.data(), tensor.data(), got_tensor.size()), 0)
+        << "the engine's tensor as the device wrote it differs from the CPU's";
+    const std::vector<std::byte> got = kt::testing::download_bytes(device_metadata.data(), metadata_bytes);
+    const auto* base = static_cast<const std::byte*>(metadata.data);
+    const auto same = [&](const void* host_pointer, std::size_t bytes, const char* what) {
+      const std::size_t offset = static_cast<std::size_t>(static_cast<const std::byte*>(host_pointer) - base);
+      EXPECT_EQ(std::memcmp(got.data() + offset, host_pointer, bytes), 0) << what;
+    };
+    same(view.indptr, (c.batch + 1) * 4, "indptr");
+    same(view.indices, pool.pages * 4, "indices");
+    same(view.last_page_len, c.batch * 4, "last_page_len");
+    same(view.free_pages, pool.pages * 4, "free_pages");
+    same(view.free_count, 4, "free_count");
+    same(view.positions.next_position, view.heads() * 8, "next_position");
+    for (std::int64_t b = 0; b < c.batch; ++b)  // positions of the rows the cache holds (the others are never written)
+      for (std::int64_t h = 0; h < c.kv_heads; ++h)
+        for (std::int64_t i = 0; i < held; ++i) same(view.positions.slot_position + view.slot(b, h, i), 4, "slot_position");
+  }
   kt::layout::shared_paged::check("decode_test", gpu_view);
   kt::testing::device_tensor<element, 4> device_queries(queries);
   const std::array<std::int64_t, 4> extents{c.batch, c.queries, shape.q_heads, c.head_dim};

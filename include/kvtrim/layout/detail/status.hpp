@@ -42,6 +42,8 @@ struct layout_status {
     flat_compact_buffer = 3,   // layout::flat::compact: the selection needs more slots than the buffer
     flat_append_buffer = 4,    // layout::flat::append(_head): too few free slots
     position_overflow = 5,     // append: positions would pass 2^31 − 1
+    shared_paged_compact_pool = 6,  // layout::shared_paged::compact: the selection needs more pages than the pool
+    shared_paged_append_pool = 7,   // layout::shared_paged::append: too few free pages
   };
 };
 
@@ -72,13 +74,22 @@ inline void raise_layout_status(const std::int64_t (&words)[layout_status::words
       fail("kvtrim::layout::flat::append", "cache",
            cat("a buffer with room for ", count, " more tokens", heads, " (", words[s::needed], " slots in all)"),
            cat(words[s::available], " free of ", words[s::pool], " (buffer exhausted)"));
+    case s::shared_paged_compact_pool:
+      fail("kvtrim::layout::shared_paged::compact", "cache",
+           cat("a pool of at least ", words[s::needed], " pages of ", words[s::unit], " tokens for this selection (",
+               count, " tokens)"),
+           cat(words[s::pool], " pages (pool exhausted)"));
+    case s::shared_paged_append_pool:
+      fail("kvtrim::layout::shared_paged::append", "cache",
+           cat("a pool with ", words[s::needed], " free pages for ", count, " more tokens per sequence"),
+           cat(words[s::available], " free of ", words[s::pool], " (pool exhausted)"));
     case s::position_overflow:
       fail("kvtrim::scheme::append", "new_keys",
            cat(count, " tokens whose positions fit in 32 bits after head ", words[s::target], "'s position ",
                words[s::available]),
            cat("positions up to ", words[s::available] + count - 1));
     default:
-      fail("kvtrim::check_status", "cache.status", "a failure code in [0, 5] (the cache's status words)",
+      fail("kvtrim::check_status", "cache.status", "a failure code in [0, 7] (the cache's status words)",
            std::to_string(words[s::code]));
   }
 }
