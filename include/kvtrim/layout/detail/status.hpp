@@ -42,8 +42,9 @@ struct layout_status {
     flat_compact_buffer = 3,   // layout::flat::compact: the selection needs more slots than the buffer
     flat_append_buffer = 4,    // layout::flat::append(_head): too few free slots
     position_overflow = 5,     // append: positions would pass 2^31 − 1
-    shared_paged_compact_pool = 6,  // layout::shared_paged::compact: the selection needs more pages than the pool
-    shared_paged_append_pool = 7,   // layout::shared_paged::append: too few free pages
+    // 6–8 are taken on main (non-finite input, input overflowing storage, Ada-KV over budget).
+    shared_paged_compact_pool = 9,  // layout::shared_paged::compact: the selection needs more pages than the pool
+    shared_paged_append_pool = 10,  // layout::shared_paged::append: too few free pages
   };
 };
 
@@ -89,7 +90,7 @@ inline void raise_layout_status(const std::int64_t (&words)[layout_status::words
                words[s::available]),
            cat("positions up to ", words[s::available] + count - 1));
     default:
-      fail("kvtrim::check_status", "cache.status", "a failure code in [0, 7] (the cache's status words)",
+      fail("kvtrim::check_status", "cache.status", "a failure code in [0, 5] or [9, 10] (the cache's status words)",
            std::to_string(words[s::code]));
   }
 }
