@@ -665,8 +665,12 @@ __global__ void __launch_bounds__(mass_threads, 3)
         if (tile_max == -INFINITY) continue;  // nothing visible yet
         const float shift = tile_max * c;
         // Rescale only when the max moved (the first visible tile: sum = 0 and
-        // 2^(−∞) = 0, no test needed).
-        float s = tile_max == raw_max[i][hh] ? sum[i][hh] : sum[i][hh] * mass_exp2(fmaf(raw_max[i][hh], c, -shift));
+        // 2^(−∞) = 0, no test needed). The factor is 2^(fl(m_old·c) − fl(m_new·c)):
+        // the running sum's terms were taken against the rounded old shift, so the
+        // rounded shifts are what must cancel. Its one rounding is ≤ u·(m_new − m_old)·c,
+        // and those differences telescope over a row (≤ u·(max − first max)·c in all),
+        // where 2^(m_old·c − fl(m_new·c)) would add u·|m_old·c| at every rescale.
+        float s = tile_max == raw_max[i][hh] ? sum[i][hh] : sum[i][hh] * mass_exp2(raw_max[i][hh] * c - shift);
         float even = 0.0f, odd = 0.0f;
 #pragma unroll
         for (int n = 0; n < 4; ++n) {

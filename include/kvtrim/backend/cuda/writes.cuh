@@ -398,11 +398,227 @@ void launch_write_rows(std::string_view function, const View& cache, const kv_vi
   }
 }
 
+// ---- The NaN/Inf rule on the device ------------------------------------------
+// The CPU refuses a non-finite key, value or window query (and a finite one its
+// fp16/bf16 storage would round to ±Inf) before writing anything, naming the
+// first in (argument, sequence, head, token, channel) order (core/scheme.hpp,
+// check_finite). On the device that scan is one launch before the call's
+// planning kernel: every thread checks its elements and offers the key of the
+// first bad one it meets to status[invalid_input] (an atomicMax of total − key,
+// so the smallest key wins and 0 means "none"); the scan's last block (a block
+// counter in status[scan_blocks]) decodes the winner and records the CPU's
+// failure. The planning kernel of the same call then sees status[invalid_input],
+// clears it and writes nothing (call_failed is set), so the cache keeps every
+// byte and kvtrim::check_status throws the CPU's error, word for word.
+// Cost: one read of every input (K and V of a prefill: ≈ 2·B·H·T·D·2 bytes);
+// compress_options::check_finite = false skips it for compress.
+
+/// One input tensor of a call, as the finiteness scan reads it.
+struct finite_input {
+  const void* data = nullptr;
+  std::int64_t extents[4] = {};
+  std::int64_t strides[4] = {};  // elements
+  std::int64_t first_key = 0;    // keys of the inputs before it
+  int storage = 0;               // layout_status::storage: also finite once rounded to it (0: no such check)
+  bool vectorised = false;       // 16-byte loads of 8 elements (contiguous, aligned channels)
+};
+
+/// The inputs of one call, in the CPU's order (keys, values, window queries).
+template <class KeyT, class QueryT>
+struct finite_scan {
+  finite_input inputs[3];
+  int count = 0;
+  int entry = 0;  // layout_status::entry
+  std::int64_t total = 0;  // Σ elements
+  std::int64_t* status = nullptr;
+  unsigned blocks = 0;
+};
+
+__device__ __forceinline__ bool overflows_storage(float x, int storage) {
+  if (storage == detail::layout_status::fp16) return isinf(__half2float(__float2half_rn(x)));
+  if (storage == detail::layout_status::bf16) return isinf(__bfloat162float(__float2bfloat16_rn(x)));
+  return false;
+}
+
+/// The element at (b, h, t, d) of input `in`, widened to float.
+template <class T>
+__device__ __forceinline__ float finite_input_at(const finite_input& in, std::int64_t b, std::int64_t h,
+                                                 std::int64_t t, std::int64_t d) {
+  return to_float(static_cast<const T*>(in.data)[b * in.strides[0] + h * in.strides[1] + t * in.strides[2] +
+                                                  d * in.strides[3]]);
+}
+
+/// The thread's part of one input: heads on the grid's y axis, tokens on x, a
+/// token's 8-element chunks (or elements) on consecutive lanes. Returns the key
+/// of the first bad element the thread met, or −1.
+template <class T>
+__device__ std::int64_t scan_finite_input(const finite_input& in) {
+  const std::int64_t kv = in.extents[1], tokens = in.extents[2], dim = in.extents[3];
+  const std::int64_t heads = in.extents[0] * kv;
+  const int units = static_cast<int>(in.vectorised ? dim / 8 : dim);
+  const int lanes = units < static_cast<int>(blockDim.x) ? units : static_cast<int>(blockDim.x);
+  const int rows_per_pass = static_cast<int>(blockDim.x) / lanes;
+  const int lane = static_cast<int>(threadIdx.x) % lanes, row = static_cast<int>(threadIdx.x) / lanes;
+  if (row >= rows_per_pass) return -1;
+  for (std::int64_t head = blockIdx.y; head < heads; head += gridDim.y) {
+    const std::int64_t b = head / kv, h = head % kv;
+    const T* base = static_cast<const T*>(in.data) + b * in.strides[0] + h * in.strides[1];
+    for (std::int64_t t = std::int64_t{blockIdx.x} * rows_per_pass + row; t < tokens;
+         t += std::int64_t{gridDim.x} * rows_per_pass)
+      for (int u = lane; u < units; u += lanes) {
+        float x[8];
+        int width = 1;
+        if (in.vectorised) {
+          load8(base + t * in.strides[2] + std::int64_t{u} * 8, x);
+          width = 8;
+        } else {
+          x[0] = to_float(base[t * in.strides[2] + std::int64_t{u} * in.strides[3]]);
+        }
+        for (int i = 0; i < width; ++i)
+          if (!isfinite(x[i]) || overflows_storage(x[i], in.storage))
+            return in.first_key + (head * tokens + t) * dim + std::int64_t{u} * width + i;
+      }
+  }
+  return -1;
+}
+
+template <class KeyT, class QueryT>
+__global__ void __launch_bounds__(256) scan_finite(const __grid_constant__ finite_scan<KeyT, QueryT> scan) {
+  using s = detail::layout_status;
+  std::int64_t key = -1;
+  for (int a = 0; a < scan.count && key < 0; ++a)
+    key = a < 2 ? scan_finite_input<KeyT>(scan.inputs[a]) : scan_finite_input<QueryT>(scan.inputs[a]);
+  auto* mark = reinterpret_cast<unsigned long long*>(scan.status + s::invalid_input);
+  if (key >= 0) atomicMax(mark, static_cast<unsigned long long>(scan.total - key));
+  // The last block to finish decodes the smallest key (threadFenceReduction's pattern).
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    auto* done = reinterpret_cast<unsigned long long*>(scan.status + s::scan_blocks);
+    last = atomicAdd(done, 1ull) == scan.blocks - 1;
+  }
+  __syncthreads();
+  if (!last || threadIdx.x != 0) return;
+  scan.status[s::scan_blocks] = 0;
+  const unsigned long long offered = atomicAdd(mark, 0ull);  // every block's offer is visible (fences above)
+  if (offered == 0) return;
+  std::int64_t first = scan.total - static_cast<std::int64_t>(offered);
+  int a = 0;
+  while (a + 1 < scan.count && first >= scan.inputs[a + 1].first_key) ++a;
+  const finite_input& in = scan.inputs[a];
+  first -= in.first_key;
+  const std::int64_t d = first % in.extents[3];
+  first /= in.extents[3];
+  const std::int64_t t = first % in.extents[2];
+  first /= in.extents[2];
+  const std::int64_t h = first % in.extents[1], b = first / in.extents[1];
+  const float x = a < 2 ? finite_input_at<KeyT>(in, b, h, t, d) : finite_input_at<QueryT>(in, b, h, t, d);
+  const bool finite = isfinite(x);
+  record_failure(scan.status, finite ? s::input_overflows_storage : s::non_finite_input, b, h, t, d,
+                 static_cast<std::int64_t>(__float_as_uint(x)),
+                 s::pack_input(scan.entry, a, finite ? in.storage : s::any));
+}
+
+/// The storage kind whose rounding an input of element type T must survive
+/// (none when T is the storage type itself, or the codec scales its input).
+template <class T, class Stored>
+int storage_check_for() {
+  using s = detail::layout_status;
+  if constexpr (std::is_same_v<device_element_t<T>, device_element_t<Stored>>)
+    return s::any;
+  else if constexpr (std::is_same_v<std::remove_const_t<Stored>, half>)
+    return s::fp16;
+  else if constexpr (std::is_same_v<std::remove_const_t<Stored>, bfloat16>)
+    return s::bf16;
+  else
+    return s::any;
+}
+
+template <class T>
+finite_input make_finite_input(const tensor_view<T, 4, device_space>& view, std::int64_t first_key, int storage) {
+  finite_input in;
+  in.data = view.data;
+  for (int k = 0; k < 4; ++k) in.extents[k] = view.extent(k), in.strides[k] = view.stride(k);
+  in.first_key = first_key;
+  in.storage = storage;
+  constexpr std::int64_t per_16_bytes = 16 / static_cast<std::int64_t>(sizeof(T));
+  in.vectorised = sizeof(T) <= 4 && reinterpret_cast<std::uintptr_t>(view.data) % 16 == 0 && view.stride(3) == 1 &&
+                  view.extent(3) % 8 == 0 && view.stride(0) % per_16_bytes == 0 &&
+                  view.stride(1) % per_16_bytes == 0 && view.stride(2) % per_16_bytes == 0;
+  return in;
+}
+
+/// Launches the scan of keys, values (element type KeyT, bound for the codec's
+/// storage `Stored`) and, when `queries.data` is set, window queries. Every
+/// ragged device call on `status` runs its planning kernel after this one.
+template <class Stored, class KeyT, class QueryT>
+void launch_scan_finite(std::string_view function, std::int64_t* status, int entry,
+                        const tensor_view<KeyT, 4, device_space>& keys, const tensor_view<KeyT, 4, device_space>& values,
+                        const tensor_view<QueryT, 4, device_space>& queries, cudaStream_t stream) {
+  finite_scan<device_element_t<KeyT>, device_element_t<QueryT>> scan;
+  const int storage = storage_check_for<KeyT, Stored>();
+  const auto elements = [](const auto& view) {
+    return view.extent(0) * view.extent(1) * view.extent(2) * view.extent(3);
+  };
+  scan.inputs[0] = make_finite_input(keys, 0, storage);
+  scan.inputs[1] = make_finite_input(values, elements(keys), storage);
+  scan.count = 2;
+  scan.total = elements(keys) + elements(values);
+  // The grid covers the keys' heads and tokens; the window queries (more heads,
+  // far fewer tokens) are walked by the same grid-stride loops.
+  const std::int64_t heads = std::max(keys.extent(0) * keys.extent(1), std::int64_t{1});
+  const std::int64_t tokens = std::max(keys.extent(2), std::int64_t{1});
+  if (queries.data != nullptr) {
+    scan.inputs[2] = make_finite_input(queries, scan.total, detail::layout_status::any);
+    scan.count = 3;
+    scan.total += elements(queries);
+  }
+  scan.entry = entry;
+  scan.status = status;
+  // Enough blocks to stream at memory speed (each thread ~4 chunks per head),
+  // few enough that the block counter and the grid stay small.
+  const std::int64_t rows_per_pass = std::max<std::int64_t>(1, 256 / std::max<std::int64_t>(1, keys.extent(3) / 8));
+  const dim3 grid(static_cast<unsigned>(std::clamp<std::int64_t>(ceil_div(tokens, 4 * rows_per_pass), 1, 1024)),
+                  static_cast<unsigned>(std::min<std::int64_t>(heads, 65535)));
+  scan.blocks = grid.x * grid.y;
+  scan_finite<<<grid, 256, 0, stream>>>(scan);
+  detail::check_launch(function, "scan_finite");
+}
+
+/// Compaction's planning, second step (all threads of its one block): a budget
+/// that refused on the device (compact_args::budget_refusal) is recorded as the
+/// CPU's error, and nothing is written. The budget resets its word every call.
+__device__ inline bool budget_refused(std::int64_t* status, const unsigned long long* refusal, std::int64_t budget,
+                                      std::int64_t kv_heads) {
+  if (refusal == nullptr) return false;
+  const unsigned long long word = __ldcg(refusal);
+  if (word == ~0ull) return false;
+  if (threadIdx.x == 0) {
+    const auto head = static_cast<std::int64_t>(word >> 32);
+    const auto protected_tokens = static_cast<std::int64_t>(word & 0xffffffffull);
+    record_failure(status, detail::layout_status::adaptive_over_budget, protected_tokens, budget, head / kv_heads,
+                   head % kv_heads, 0, 0);
+  }
+  return true;
+}
+
+/// Every planning kernel's first step (all threads of its one block): when this
+/// call's finiteness scan found a bad input, clear the mark and write nothing
+/// (the scan recorded the failure and set call_failed).
+__device__ inline bool input_refused(std::int64_t* status) {
+  using s = detail::layout_status;
+  if (status[s::invalid_input] == 0) return false;
+  __syncthreads();  // every thread has read the mark before thread 0 clears it
+  if (threadIdx.x == 0) status[s::invalid_input] = 0;
+  return true;
+}
+
 }  // namespace cuda_detail
 
 /// Throws the kvtrim::error a CPU call would have thrown when a device call on
 /// `cache` (layout::paged or layout::flat on backend::cuda) found the pool or
-/// buffer short, or positions past 2^31, since the last check; clears the
+/// buffer short, positions past 2^31, or a non-finite input, since the last check; clears the
 /// record. Synchronises `stream` (call it where a host sync is acceptable: after
 /// compress, every few decode steps, or after replaying a graph).
 template <class View>
