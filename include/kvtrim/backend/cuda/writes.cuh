@@ -448,11 +448,43 @@ __device__ __forceinline__ float finite_input_at(const finite_input& in, std::in
                                                   d * in.strides[3]]);
 }
 
+/// Whether any of the 16 bytes `raw` holds (8 elements of T) is NaN or ±Inf, from
+/// the exponent bits alone (all ones), without widening: the scan's common case.
+template <class T>
+__device__ __forceinline__ bool any_non_finite_bits(const uint4& raw) {
+  const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
+  bool bad = false;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (sizeof(T) == 4) {
+      bad |= (words[i] & 0x7f800000u) == 0x7f800000u;
+    } else {
+      constexpr unsigned mask = std::is_same_v<T, __half> ? 0x7c00u : 0x7f80u;
+      bad |= (words[i] & mask) == mask || (words[i] & (mask << 16)) == (mask << 16);
+    }
+  }
+  return bad;
+}
+
+/// The first element of chunk `u` of row (head, t) that breaks the rule, as a key
+/// (see scan_finite_input), or −1.
+template <class T>
+__device__ std::int64_t first_bad_in_chunk(const finite_input& in, const T* row, std::int64_t key_of_row, int u) {
+  float x[8];
+  load8(row + std::int64_t{u} * 8, x);
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+    if (!isfinite(x[i]) || overflows_storage(x[i], in.storage)) return key_of_row + std::int64_t{u} * 8 + i;
+  return -1;
+}
+
 /// The thread's part of one input: heads on the grid's y axis, tokens on x, a
-/// token's 8-element chunks (or elements) on consecutive lanes. Returns the key
-/// of the first bad element the thread met, or −1.
+/// token's 8-element chunks (or elements) on consecutive lanes; four rows' loads
+/// in flight per thread before any test. Returns the key of the first bad element
+/// the thread met (its lowest: it walks its elements in key order), or −1.
 template <class T>
 __device__ std::int64_t scan_finite_input(const finite_input& in) {
+  constexpr int in_flight = 4;
   const std::int64_t kv = in.extents[1], tokens = in.extents[2], dim = in.extents[3];
   const std::int64_t heads = in.extents[0] * kv;
   const int units = static_cast<int>(in.vectorised ? dim / 8 : dim);
@@ -460,23 +492,47 @@ __device__ std::int64_t scan_finite_input(const finite_input& in) {
   const int rows_per_pass = static_cast<int>(blockDim.x) / lanes;
   const int lane = static_cast<int>(threadIdx.x) % lanes, row = static_cast<int>(threadIdx.x) / lanes;
   if (row >= rows_per_pass) return -1;
+  const std::int64_t stride = std::int64_t{gridDim.x} * rows_per_pass;
+  // Storage overflow needs the widened value; finiteness alone reads the bits.
+  const bool bits_suffice = in.storage == detail::layout_status::any;
   for (std::int64_t head = blockIdx.y; head < heads; head += gridDim.y) {
     const std::int64_t b = head / kv, h = head % kv;
     const T* base = static_cast<const T*>(in.data) + b * in.strides[0] + h * in.strides[1];
-    for (std::int64_t t = std::int64_t{blockIdx.x} * rows_per_pass + row; t < tokens;
-         t += std::int64_t{gridDim.x} * rows_per_pass)
+    for (std::int64_t t0 = std::int64_t{blockIdx.x} * rows_per_pass + row; t0 < tokens; t0 += in_flight * stride)
       for (int u = lane; u < units; u += lanes) {
-        float x[8];
-        int width = 1;
         if (in.vectorised) {
-          load8(base + t * in.strides[2] + std::int64_t{u} * 8, x);
-          width = 8;
+          uint4 raw[in_flight];
+#pragma unroll
+          for (int k = 0; k < in_flight; ++k) {
+            const std::int64_t t = t0 + k * stride;
+            raw[k] = t < tokens ? __ldg(reinterpret_cast<const uint4*>(base + t * in.strides[2] + std::int64_t{u} * 8))
+                                : make_uint4(0u, 0u, 0u, 0u);
+          }
+#pragma unroll
+          for (int k = 0; k < in_flight; ++k) {
+            const std::int64_t t = t0 + k * stride;
+            if (t >= tokens) break;
+            const T* row_data = base + t * in.strides[2];
+            bool suspect = !bits_suffice;
+            if constexpr (sizeof(T) == 4)  // 8 floats are 32 bytes: the second 16 read here
+              suspect = suspect || any_non_finite_bits<T>(raw[k]) ||
+                        any_non_finite_bits<T>(__ldg(reinterpret_cast<const uint4*>(row_data + std::int64_t{u} * 8) + 1));
+            else
+              suspect = suspect || any_non_finite_bits<T>(raw[k]);
+            if (suspect) {
+              const std::int64_t key = first_bad_in_chunk(in, row_data, in.first_key + (head * tokens + t) * dim, u);
+              if (key >= 0) return key;
+            }
+          }
         } else {
-          x[0] = to_float(base[t * in.strides[2] + std::int64_t{u} * in.strides[3]]);
+#pragma unroll 1
+          for (int k = 0; k < in_flight; ++k) {
+            const std::int64_t t = t0 + k * stride;
+            if (t >= tokens) break;
+            const float x = to_float(base[t * in.strides[2] + std::int64_t{u} * in.strides[3]]);
+            if (!isfinite(x) || overflows_storage(x, in.storage)) return in.first_key + (head * tokens + t) * dim + u;
+          }
         }
-        for (int i = 0; i < width; ++i)
-          if (!isfinite(x[i]) || overflows_storage(x[i], in.storage))
-            return in.first_key + (head * tokens + t) * dim + std::int64_t{u} * width + i;
       }
   }
   return -1;
@@ -490,11 +546,13 @@ __global__ void __launch_bounds__(256) scan_finite(const __grid_constant__ finit
     key = a < 2 ? scan_finite_input<KeyT>(scan.inputs[a]) : scan_finite_input<QueryT>(scan.inputs[a]);
   auto* mark = reinterpret_cast<unsigned long long*>(scan.status + s::invalid_input);
   if (key >= 0) atomicMax(mark, static_cast<unsigned long long>(scan.total - key));
-  // The last block to finish decodes the smallest key (threadFenceReduction's pattern).
+  // The last block to finish decodes the smallest key (threadFenceReduction's
+  // pattern): the block's offers are ordered before its count by the barrier and
+  // thread 0's device-scope fence (cumulative).
   __shared__ bool last;
-  __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
+    __threadfence();
     auto* done = reinterpret_cast<unsigned long long*>(scan.status + s::scan_blocks);
     last = atomicAdd(done, 1ull) == scan.blocks - 1;
   }
@@ -576,10 +634,10 @@ void launch_scan_finite(std::string_view function, std::int64_t* status, int ent
   }
   scan.entry = entry;
   scan.status = status;
-  // Enough blocks to stream at memory speed (each thread ~4 chunks per head),
-  // few enough that the block counter and the grid stay small.
+  // Enough blocks to stream at memory speed (each thread 8 chunks per head, 4
+  // loads in flight), few enough that the block counter and the grid stay small.
   const std::int64_t rows_per_pass = std::max<std::int64_t>(1, 256 / std::max<std::int64_t>(1, keys.extent(3) / 8));
-  const dim3 grid(static_cast<unsigned>(std::clamp<std::int64_t>(ceil_div(tokens, 4 * rows_per_pass), 1, 1024)),
+  const dim3 grid(static_cast<unsigned>(std::clamp<std::int64_t>(ceil_div(tokens, 8 * rows_per_pass), 1, 1024)),
                   static_cast<unsigned>(std::min<std::int64_t>(heads, 65535)));
   scan.blocks = grid.x * grid.y;
   scan_finite<<<grid, 256, 0, stream>>>(scan);
