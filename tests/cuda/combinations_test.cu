@@ -372,24 +372,29 @@ void check_non_finite_refused(BudgetConfig budget) {
 
   const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
   struct bad_element {
-    const char* what;
-    std::vector<std::pair<int, std::size_t>> where;  // (0 keys, 1 values, 2 queries; element)
+    int argument;  // 0 keys, 1 values, 2 window queries
+    std::size_t element;
     float value;
   };
-  const std::vector<bad_element> cases = {
-      {"a NaN value in sequence 1, head 3 (of 8 heads)", {{1, kv_index(1, 3, 200, 77)}}, nan},
-      {"+Inf keys after a NaN value: the keys are named", {{1, kv_index(0, 0, 3, 1)}, {0, kv_index(1, 2, 5, 0)}}, inf},
-      {"the very first key element", {{0, kv_index(0, 0, 0, 0)}}, nan},
-      {"the very last value element", {{1, kv_index(batch - 1, kv_heads - 1, tokens - 1, head_dim - 1)}}, -inf},
-      {"a window query only", {{2, q_index(1, 13, window - 1, 127)}}, -inf},
-      {"two bad keys in one head: the lower token", {{0, kv_index(1, 1, 250, 3)}, {0, kv_index(1, 1, 17, 100)}}, nan},
+  struct bad_case {
+    const char* what;
+    std::vector<bad_element> where;
   };
-  for (const bad_element& c : cases) {
+  const std::vector<bad_case> cases = {
+      {"a NaN value in sequence 1, head 3 (of 8 heads)", {{1, kv_index(1, 3, 200, 77), nan}}},
+      {"a NaN value, then +Inf in a key: the keys are checked first",
+       {{1, kv_index(0, 0, 3, 1), nan}, {0, kv_index(1, 2, 5, 0), inf}}},
+      {"the very first key element", {{0, kv_index(0, 0, 0, 0), nan}}},
+      {"the very last value element", {{1, kv_index(batch - 1, kv_heads - 1, tokens - 1, head_dim - 1), -inf}}},
+      {"a window query only", {{2, q_index(1, 13, window - 1, 127), -inf}}},
+      {"two bad keys in one head: the lower token", {{0, kv_index(1, 1, 250, 3), nan}, {0, kv_index(1, 1, 17, 100), inf}}},
+  };
+  for (const bad_case& c : cases) {
     SCOPED_TRACE(c.what);
     inputs in = good;
-    for (const auto& [argument, element] : c.where) {
-      auto& tensor = argument == 0 ? in.keys : argument == 1 ? in.values : in.queries;
-      tensor[element] = kt::from_float<kt::half>(c.value);
+    for (const bad_element& e : c.where) {
+      auto& tensor = e.argument == 0 ? in.keys : e.argument == 1 ? in.values : in.queries;
+      tensor[e.element] = kt::from_float<kt::half>(e.value);
     }
     expect_refused(cpu_message([&] { cpu_compress(in); }), [&] { gpu_compress(in, true); });
   }
@@ -430,13 +435,42 @@ void check_non_finite_refused(BudgetConfig budget) {
     }
   }
 
-  // compress_options::check_finite = false skips the scan: the same NaN value is
-  // then stored as the engine asked (no refusal recorded).
+  // A NaN in a call that a host-side check of the device path then refuses (values
+  // with another token stride than the keys: the CUDA layouts copy rows of both with
+  // one stride): the scan runs after every host check, so nothing is recorded and
+  // the next good call goes through.
   {
     inputs in = good;
-    in.values[kv_index(1, 3, 200, 77)] = kt::from_float<kt::half>(nan);
+    in.keys[kv_index(0, 1, 2, 3)] = kt::from_float<kt::half>(nan);
+    device_buffer<kt::half> keys(in.keys), queries(in.queries);
+    const std::int64_t padded_row = head_dim + 8;
+    device_buffer<kt::half> padded_values(std::vector<kt::half>(static_cast<std::size_t>(batch * kv_heads * tokens * padded_row)));
+    const kt::tensor_view<const kt::half, 4, kt::device_space> values_view{
+        padded_values.data(), kv_extents, {kv_heads * tokens * padded_row, tokens * padded_row, padded_row, 1}};
+    kt::compress_options<kt::device_space> options;
+    auto view = gpu.view();
+    EXPECT_THROW(gpu_scheme::compress(kt::make_view<kt::device_space>(static_cast<const kt::half*>(keys.data()), kv_extents),
+                                      values_view,
+                                      kt::make_view<kt::device_space>(static_cast<const kt::half*>(queries.data()), q_extents),
+                                      view, gpu_cfg, options, kt::workspace{scratch.data(), scratch.size()}, cudaStream_t{}),
+                 kt::error);
+    kt::testing::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    EXPECT_NO_THROW(kt::check_status(gpu.view(), cudaStream_t{})) << "a call refused on the host recorded a device failure";
+    gpu_compress(good, true);
+    EXPECT_NO_THROW(kt::check_status(gpu.view(), cudaStream_t{})) << "a good call after it was refused";
+  }
+
+  // compress_options::check_finite = false skips the scan: a NaN in a value row of
+  // the observation window (which SnapKV always keeps) is then stored as the engine
+  // asked — the cache changes (the same compress of the good inputs is what it holds
+  // now) and no refusal is recorded.
+  {
+    inputs in = good;
+    in.values[kv_index(1, 3, tokens - 2, 77)] = kt::from_float<kt::half>(nan);
+    const std::vector<std::byte> before = whole();
     gpu_compress(in, false);
     EXPECT_NO_THROW(kt::check_status(gpu.view(), cudaStream_t{}));
+    EXPECT_FALSE(whole() == before) << "check_finite = false: the compress was refused anyway";
   }
 }
 

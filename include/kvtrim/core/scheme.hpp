@@ -472,7 +472,9 @@ struct scheme {
   }
 
   /// append() without the O(pages) validation of the cache's tables (layout::check still runs):
-  /// for engines that validated their view once and call this every decode step.
+  /// for engines that validated their view once and call this every decode step. On the
+  /// device it also skips the NaN/Inf scan of the new rows (one more launch per layer
+  /// and step); the host's check_finite still runs on the CPU.
   template <class KeyT>
   static void append_unchecked(cache_view& cache, tensor_view<KeyT, 4, space> new_keys,
                                tensor_view<KeyT, 4, space> new_values, stream_type stream = {}) {
@@ -480,8 +482,6 @@ struct scheme {
     layout::check(function, cache);
     check_append(function, cache, new_keys, new_values, {cache.batch, cache.shape.kv_heads, -1, cache.shape.head_dim},
                  -1);
-    check_finite_on_device(cache, detail::layout_status::append_unchecked, detail::as_const(new_keys),
-                           detail::as_const(new_values), stream);
     implementation<LayoutT, BackendT>::append(cache, detail::as_const(new_keys), detail::as_const(new_values), stream);
   }
 
@@ -596,7 +596,9 @@ struct scheme {
   }
 
   /// The device's NaN/Inf check of appended rows (where the layout has one; the
-  /// host's check_append did it on the CPU).
+  /// host's check_append did it on the CPU). Called last before the layout's append,
+  /// whose host checks it runs first: nothing can throw between the scan and the
+  /// planning kernel that honours it.
   template <class KeyT>
   static void check_finite_on_device(const cache_view& cache, int entry, const tensor_view<KeyT, 4, space>& keys,
                                      const tensor_view<KeyT, 4, space>& values, stream_type stream) {
@@ -729,13 +731,6 @@ struct scheme {
     const auto keys_in = detail::as_const(keys);
     const auto values_in = detail::as_const(values);
     const auto queries_in = detail::as_const(window_queries);
-    if constexpr (detail::checks_finite_on_device<implementation<LayoutT, BackendT>>) {
-      // The device's NaN/Inf check runs before any write; the layout's planning honours it.
-      if (options.check_finite)
-        implementation<LayoutT, BackendT>::template check_finite<typename detail::stored_element<CodecT>::type>(
-            cache, detail::layout_status::compress, keys_in, values_in,
-            ScorerT::needs_queries ? queries_in : decltype(queries_in){}, stream);
-    }
     const score_view<space> scores{parts.scores, {batch, shape.kv_heads, tokens},
                                    row_major_strides<3>({batch, shape.kv_heads, tokens})};
 
@@ -770,6 +765,14 @@ struct scheme {
       scorer_impl::compensation_rows(cfg.score, shape, keys_in, values_in, kept, options.start_position,
                                      parts.compensation, stream);
       args.compensation = &parts.compensation;
+    }
+    if constexpr (detail::checks_finite_on_device<implementation<LayoutT, BackendT>>) {
+      // The device's NaN/Inf scan, after every host-side check of the call (none can
+      // throw between it and compaction's planning kernel, which honours it).
+      if (options.check_finite)
+        implementation<LayoutT, BackendT>::template check_finite<typename detail::stored_element<CodecT>::type>(
+            cache, detail::layout_status::compress, keys_in, values_in,
+            ScorerT::needs_queries ? queries_in : decltype(queries_in){}, stream);
     }
     implementation<LayoutT, BackendT>::compact(cache, keys_in, values_in, kept, args, stream);
   }

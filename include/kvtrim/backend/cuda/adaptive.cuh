@@ -336,12 +336,13 @@ struct implementation<budget::adaptive, backend::cuda> {
   static void keep_counts(const budget::adaptive::config& cfg, const tensor_view<const float, 3, device_space>& scores,
                           std::int32_t* keep_counts, workspace scratch, cudaStream_t stream) {
     const std::int64_t batch = scores.extent(0), kv_heads = scores.extent(1), tokens = scores.extent(2);
-    if (batch == 0 || kv_heads == 0) return;
     workspace_carver carver(scratch);
     const auto state = cuda_detail::threshold_state::carve(carver, batch * kv_heads, batch);
     unsigned long long* refusal = carver.take<unsigned long long>(1);
+    // Reset every call, before anything else: compaction reads it (compact_args::budget_refusal).
     detail::check_cuda(cudaMemsetAsync(refusal, 0xff, sizeof *refusal, stream), function,
                        "cudaMemsetAsync(refusal_word)");
+    if (batch == 0 || kv_heads == 0) return;
     const cuda_detail::adaptive_rule rule{kv_heads,   budget::adaptive::head_budget(cfg, tokens),
                                           cfg.alpha,  cfg.kvpress_compatible,
                                           keep_counts, refusal};

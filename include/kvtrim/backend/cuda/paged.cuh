@@ -174,8 +174,13 @@ struct implementation<layout::paged, backend::cuda> {
                            const tensor_view<KeyT, 4, device_space>& keys,
                            const tensor_view<KeyT, 4, device_space>& values,
                            const tensor_view<QueryT, 4, device_space>& queries, cudaStream_t stream) {
-    cuda_detail::launch_scan_finite<Stored>("kvtrim::layout::paged::check_finite", cache.status, entry, keys, values,
-                                            queries, stream);
+    // The host checks compact / append make next, first: a scan whose call then threw
+    // would leave its mark for the next call.
+    const std::string_view function = entry == detail::layout_status::compress ? "kvtrim::layout::paged::compact"
+                                                                                : "kvtrim::layout::paged::append";
+    cuda_detail::check_rows(function, cache, keys, values);
+    check_heads(function, cache);
+    cuda_detail::launch_scan_finite<Stored>(function, cache.status, entry, keys, values, queries, stream);
   }
 
   /// Clears a freshly bound device cache (the owning cache calls it): every

@@ -480,8 +480,8 @@ __device__ std::int64_t first_bad_in_chunk(const finite_input& in, const T* row,
 
 /// The thread's part of one input: heads on the grid's y axis, tokens on x, a
 /// token's 8-element chunks (or elements) on consecutive lanes; four rows' loads
-/// in flight per thread before any test. Returns the key of the first bad element
-/// the thread met (its lowest: it walks its elements in key order), or −1.
+/// in flight per thread before any test. Returns the smallest key of a bad element
+/// the thread met (blocks of rows are walked in key order), or −1.
 template <class T>
 __device__ std::int64_t scan_finite_input(const finite_input& in) {
   constexpr int in_flight = 4;
@@ -498,7 +498,12 @@ __device__ std::int64_t scan_finite_input(const finite_input& in) {
   for (std::int64_t head = blockIdx.y; head < heads; head += gridDim.y) {
     const std::int64_t b = head / kv, h = head % kv;
     const T* base = static_cast<const T*>(in.data) + b * in.strides[0] + h * in.strides[1];
-    for (std::int64_t t0 = std::int64_t{blockIdx.x} * rows_per_pass + row; t0 < tokens; t0 += in_flight * stride)
+    for (std::int64_t t0 = std::int64_t{blockIdx.x} * rows_per_pass + row; t0 < tokens; t0 += in_flight * stride) {
+      // The block of rows t0, t0 + stride, … (in_flight of them): its smallest bad key.
+      // (With more units than lanes a thread's (u, row) order is not key order; every
+      // later block of rows has larger keys.)
+      std::int64_t found = -1;
+      const auto offer = [&found](std::int64_t key) { found = found < 0 || key < found ? key : found; };
       for (int u = lane; u < units; u += lanes) {
         if (in.vectorised) {
           uint4 raw[in_flight];
@@ -521,7 +526,7 @@ __device__ std::int64_t scan_finite_input(const finite_input& in) {
               suspect = suspect || any_non_finite_bits<T>(raw[k]);
             if (suspect) {
               const std::int64_t key = first_bad_in_chunk(in, row_data, in.first_key + (head * tokens + t) * dim, u);
-              if (key >= 0) return key;
+              if (key >= 0) offer(key);
             }
           }
         } else {
@@ -530,10 +535,12 @@ __device__ std::int64_t scan_finite_input(const finite_input& in) {
             const std::int64_t t = t0 + k * stride;
             if (t >= tokens) break;
             const float x = to_float(base[t * in.strides[2] + std::int64_t{u} * in.strides[3]]);
-            if (!isfinite(x) || overflows_storage(x, in.storage)) return in.first_key + (head * tokens + t) * dim + u;
+            if (!isfinite(x) || overflows_storage(x, in.storage)) offer(in.first_key + (head * tokens + t) * dim + u);
           }
         }
       }
+      if (found >= 0) return found;
+    }
   }
   return -1;
 }
