@@ -306,6 +306,11 @@ struct codec_metric_case {
   metric_codec codec;
 };
 
+std::string codec_metric_name(const ::testing::TestParamInfo<codec_metric_case>& info) {
+  static const char* const codecs[] = {"int8", "int4", "fp8", "layered_int8"};
+  return kt::detail::cat(codecs[static_cast<int>(info.param.codec)], "_", name_of(info.param.shape), "_", info.index);
+}
+
 class EvictionMetricCodecs : public ::testing::TestWithParam<codec_metric_case> {};
 
 TEST_P(EvictionMetricCodecs, MatchesCpuReference) {
@@ -339,11 +344,7 @@ INSTANTIATE_TEST_SUITE_P(
         codec_metric_case{metric_case{L::paged, 1, 2, 1, 64, 32, {5000, 333}, 0}, metric_codec::int4},
         codec_metric_case{metric_case{L::flat, 2, 2, 2, 128, 0, {1000, 257, 1, 64}, 7}, metric_codec::fp8},
         codec_metric_case{metric_case{L::flat, 1, 2, 8, 128, 0, {20000, 409}, 64}, metric_codec::layered_int8}),
-    [](const ::testing::TestParamInfo<codec_metric_case>& info) {
-      static const char* const codecs[] = {"int8", "int4", "fp8", "layered_int8"};
-      return kt::detail::cat(codecs[static_cast<int>(info.param.codec)], "_", name_of(info.param.shape), "_",
-                             info.index);
-    });
+    codec_metric_name);
 
 // ---- the prefill seed on the device, against the CPU's -------------------------
 //
@@ -373,7 +374,7 @@ void check_seed(std::int64_t batch, std::int64_t kv_heads, std::int64_t group, s
   const kt::layout::paged::pool_size pool{heads * ((keep + 15) / 16) + 3, 16};
   const std::size_t bytes = host_view::bytes(shape, batch, pool);
   host_block block(bytes);
-  const host_view view = host_view::bind(block.data, shape, batch, pool);
+  host_view view = host_view::bind(block.data, shape, batch, pool);
   std::vector<std::int64_t> offsets(static_cast<std::size_t>(heads + 1));
   std::vector<std::int32_t> kept(static_cast<std::size_t>(scheme::kept_tokens_capacity(shape, batch, tokens, cfg)));
   kt::compress_options<kt::host_space> options{.start_position = start, .kept_offsets = offsets.data(),
