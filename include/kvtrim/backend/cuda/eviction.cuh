@@ -111,6 +111,13 @@ struct metric_l2_hints {
   bool logits_in_l2 = true;
   /// Decode attention's K/V stream marks its lines evict_first while the metric is on.
   bool kv_evict_first = false;
+  /// The logits' range made the stream's L2 access-policy window (persisting hits) for
+  /// the attention kernel and the finisher, the stream's previous window restored after
+  /// (also when a launch throws). It keeps them resident only where the application has
+  /// set L2 aside for persisting lines (cudaDeviceSetLimit(cudaLimitPersistingL2CacheSize,
+  /// …): a device-wide choice kvtrim leaves to the engine); W's 33.5 MB of logits fit the
+  /// H200's largest set-aside. Not for stream capture (a stream attribute is set).
+  bool persisting_logits = false;
 };
 
 /// Floats per query head of the metric's logits: the line's longest length (every
@@ -163,6 +170,34 @@ void attend(tensor_view<QueryT, 3, device_space> queries, const View& cache, ten
   }
   const tensor_view<const std::remove_const_t<QueryT>, 3, device_space> const_queries{queries.data, queries.extents,
                                                                                        queries.strides};
+  // The persisting window over the logits, for this call's launches only (restored on exit).
+  struct stream_window {
+    cudaStream_t stream = nullptr;
+    cudaStreamAttrValue saved{};
+    bool set = false;
+    ~stream_window() {
+      if (set) cudaStreamSetAttribute(stream, cudaStreamAttributeAccessPolicyWindow, &saved);
+    }
+  } window{stream};
+  if (metric.enabled() && hints.persisting_logits) {
+    int device = 0, largest = 0;
+    ::kvtrim::detail::check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
+    ::kvtrim::detail::check_cuda(cudaDeviceGetAttribute(&largest, cudaDevAttrMaxAccessPolicyWindowSize, device),
+                                 function, "cudaDeviceGetAttribute(MaxAccessPolicyWindowSize)");
+    ::kvtrim::detail::check_cuda(
+        cudaStreamGetAttribute(stream, cudaStreamAttributeAccessPolicyWindow, &window.saved), function,
+        "cudaStreamGetAttribute(AccessPolicyWindow)");
+    cudaStreamAttrValue value{};
+    value.accessPolicyWindow.base_ptr = side.logits;
+    value.accessPolicyWindow.num_bytes = std::min<std::size_t>(
+        sizeof(float) * static_cast<std::size_t>(shape.group_size() * side.stride), static_cast<std::size_t>(largest));
+    value.accessPolicyWindow.hitRatio = 1.0f;
+    value.accessPolicyWindow.hitProp = cudaAccessPropertyPersisting;
+    value.accessPolicyWindow.missProp = cudaAccessPropertyStreaming;
+    ::kvtrim::detail::check_cuda(cudaStreamSetAttribute(stream, cudaStreamAttributeAccessPolicyWindow, &value),
+                                 function, "cudaStreamSetAttribute(AccessPolicyWindow)");
+    window.set = true;
+  }
   implementation<stage::decode_attention, backend::cuda>::attend(const_queries, cache, out,
                                                                  workspace{attention_scratch, attention_bytes}, stream,
                                                                  side);
