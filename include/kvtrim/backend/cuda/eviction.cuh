@@ -21,10 +21,14 @@
 // difference is fp32 rounding of exp2 in base 2 against exp in base e
 // (tests/cuda/eviction_test.cu bounds it).
 //
-// The eviction step (kvtrim::evict<backend::cuda>, below): codec::plain (fp16,
-// bf16, fp32: no slot runs, no side buffers) over paged and flat caches, the CPU
-// reference's result byte for byte, as a chain of whole-GPU kernels with no host
-// synchronisation (described where they start).
+// The eviction step (kvtrim::evict<backend::cuda>, below): every codec the device
+// stores — plain (fp16, bf16, fp32), int8 / int4 (KIVI runs evicted and moved whole,
+// a filling key group pinned), fp8, layered<C> (its fp16 rows pinned) — over paged
+// and flat caches, the CPU reference's result byte for byte, as a chain of
+// whole-GPU kernels with no host synchronisation (described where they start).
+//
+// The prefill seed (eviction::seed_metric, at the end): the observation window's
+// probabilities of the kept tokens, from the scorer's own row statistics.
 #pragma once
 
 #include <cub/block/block_scan.cuh>
