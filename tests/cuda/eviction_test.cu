@@ -705,7 +705,7 @@ TEST(EvictionStep, CudaEvictsWhatTheCpuEvictsInt8) {
   }
   {
     SCOPED_TRACE("flat, groups of 32 (U = 32)");
-    check_codec_eviction<kt::layout::flat, kt::codec::int8>(kivi8(32, true), 16, 200, 74);
+    check_codec_eviction<kt::layout::flat, kt::codec::int8>(kivi8(32, true), 16, 100, 74);
   }
   {
     SCOPED_TRACE("flat, per-token keys (U = 1)");

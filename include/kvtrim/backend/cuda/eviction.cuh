@@ -565,7 +565,7 @@ struct evict_shared {
 /// Block per head (blockIdx.x = l · heads_per_layer + head): keys, protected count, tail, floor.
 /// The walks take four consecutive tokens a thread (16-byte loads and stores).
 template <class View>
-__global__ void __launch_bounds__(evict_threads)
+__global__ void __launch_bounds__(evict_threads, 2)
     evict_prepare(const __grid_constant__ evict_layer_set<View> set, const evict_settings settings,
                   const evict_scratch scratch) {
   static_assert(evict_per_thread == 4 && evict_cached_keys % 4 == 0, "evict_prepare: 16-byte groups of keys");
@@ -867,7 +867,7 @@ __global__ void __launch_bounds__(evict_threads)
 /// which fill them in order; then the tail shifts down. Tokens move as stored
 /// (evict_mover), with their positions, metric and the codec's slot lists (evict_codec_moved).
 template <class View>
-__global__ void __launch_bounds__(evict_threads)
+__global__ void __launch_bounds__(evict_threads, 2)
     evict_compact(const __grid_constant__ evict_layer_set<View> set, const evict_settings settings,
                   const evict_scratch scratch) {
   constexpr int per_thread = evict_per_thread;
@@ -1084,7 +1084,21 @@ __global__ void __launch_bounds__(evict_threads)
     auto* old_indices = reinterpret_cast<std::int32_t*>(set.keys[blockIdx.x]);
     const std::int64_t page_size = cache.page_size, old_total = cache.indptr[heads_per_layer];
     const std::int32_t free_base = *cache.free_count;
-    for (std::int64_t k = threadIdx.x; k < old_total; k += evict_threads) old_indices[k] = cache.indices[k];
+    // (Four independent loads in flight a thread before their stores: 32 blocks only, so the
+    // copy and the moves below are latency-bound without them.)
+    for (std::int64_t k0 = threadIdx.x; k0 < old_total; k0 += 4 * evict_threads) {
+      std::int32_t entry[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const std::int64_t k = k0 + std::int64_t{u} * evict_threads;
+        entry[u] = k < old_total ? cache.indices[k] : 0;
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const std::int64_t k = k0 + std::int64_t{u} * evict_threads;
+        if (k < old_total) old_indices[k] = entry[u];
+      }
+    }
     // Per head: its new page count (kept pages first), where they go, where its freed pages go.
     std::int64_t written = 0, freed = 0;
     for (std::int64_t tile = 0; tile < heads_per_layer; tile += evict_threads) {
@@ -1106,15 +1120,29 @@ __global__ void __launch_bounds__(evict_threads)
       written += write_total, freed += freed_total;
     }
     __syncthreads();  // old_indices, page_write, page_freed visible to the block; every old table entry read
-    for (std::int64_t head = 0; head < heads_per_layer; ++head) {
+    // A warp per head (heads' entries go to disjoint places), four entries a lane in flight.
+    constexpr int warps = evict_threads / 32;
+    const int lane = threadIdx.x % 32;
+    for (std::int64_t head = threadIdx.x / 32; head < heads_per_layer; head += warps) {
       const std::int64_t old_begin = cache.indptr[head], old_count = cache.indptr[head + 1] - old_begin;
-      const std::int64_t pages = (head + 1 < heads_per_layer ? page_write[head + 1] : written) - page_write[head];
-      for (std::int64_t k = threadIdx.x; k < old_count; k += evict_threads) {
-        const std::int32_t page = old_indices[old_begin + k];
-        if (k < pages)
-          cache.indices[page_write[head] + k] = page;
-        else
-          cache.free_pages[free_base + page_freed[head] + (k - pages)] = page;
+      const std::int64_t write = page_write[head], freed_before = page_freed[head];
+      const std::int64_t pages = (head + 1 < heads_per_layer ? page_write[head + 1] : written) - write;
+      for (std::int64_t k0 = lane; k0 < old_count; k0 += 4 * 32) {
+        std::int32_t page[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const std::int64_t k = k0 + 32 * u;
+          page[u] = k < old_count ? old_indices[old_begin + k] : 0;
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const std::int64_t k = k0 + 32 * u;
+          if (k >= old_count) continue;
+          if (k < pages)
+            cache.indices[write + k] = page[u];
+          else
+            cache.free_pages[free_base + freed_before + (k - pages)] = page[u];
+        }
       }
     }
     __syncthreads();  // every thread has read indptr before it changes
