@@ -371,13 +371,24 @@ struct scattered_pages {
 /// decode attention through eviction::attend, with the metric side output (metric = 1)
 /// or without (metric = 0); metric = 2 stores the logits without the L2 evict_last policy
 /// (metric_l2_hints::logits_in_l2 off: what keeping them in L2 saves); metric = 3 also
-/// marks the K/V stream's lines evict_first (metric_l2_hints::kv_evict_first). The bytes counted
+/// marks the K/V stream's lines evict_first (metric_l2_hints::kv_evict_first); metric = 4 makes
+/// the logits a persisting L2 window (metric_l2_hints::persisting_logits) with the device's
+/// largest persisting set-aside for the row (cudaLimitPersistingL2CacheSize, reset after). The bytes counted
 /// are the cache's K/V only, so the rows' median_us give the metric's cost directly.
 void decode_attention_metric(benchmark::State& state) {
   using view_type = kt::layout::paged::view<kt::codec::fp16, kt::device_space>;
   const std::int64_t batch = state.range(0), tokens = state.range(1), page = 16;
   const bool with_metric = state.range(5) != 0;
-  const kt::eviction::metric_l2_hints hints{.logits_in_l2 = state.range(5) != 2, .kv_evict_first = state.range(5) == 3};
+  const kt::eviction::metric_l2_hints hints{.logits_in_l2 = state.range(5) != 2,
+                                            .kv_evict_first = state.range(5) == 3,
+                                            .persisting_logits = state.range(5) == 4};
+  if (hints.persisting_logits) {
+    int device = 0, largest = 0;
+    check(cudaGetDevice(&device), "cudaGetDevice");
+    check(cudaDeviceGetAttribute(&largest, cudaDevAttrMaxPersistingL2CacheSize, device), "MaxPersistingL2CacheSize");
+    check(cudaDeviceSetLimit(cudaLimitPersistingL2CacheSize, static_cast<std::size_t>(largest)), "set-aside");
+    state.counters["persisting_set_aside_MB"] = largest / 1e6;
+  }
   const kt::model_shape shape{.q_heads = state.range(2), .kv_heads = state.range(3), .head_dim = state.range(4)};
   const std::int64_t heads = batch * shape.kv_heads, pages_per_head = (tokens + page - 1) / page;
   const kt::layout::paged::pool_size pool{heads * pages_per_head, page};
@@ -416,6 +427,10 @@ void decode_attention_metric(benchmark::State& state) {
   if (measured_copy_bandwidth > 0) state.counters["fraction_of_copy"] = cache_bytes / median / measured_copy_bandwidth;
   cudaFree(queries), cudaFree(out), cudaFree(metric), cudaFree(scratch), cudaFree(memory);
   cudaStreamDestroy(stream);
+  if (hints.persisting_logits) {
+    check(cudaCtxResetPersistingL2Cache(), "cudaCtxResetPersistingL2Cache");
+    check(cudaDeviceSetLimit(cudaLimitPersistingL2CacheSize, 0), "set-aside off");
+  }
 }
 
 }  // namespace
@@ -427,6 +442,7 @@ BENCHMARK(decode_attention_metric)
     ->Args({8, 32768, 32, 8, 128, 1})
     ->Args({8, 32768, 32, 8, 128, 2})
     ->Args({8, 32768, 32, 8, 128, 3})
+    ->Args({8, 32768, 32, 8, 128, 4})
     ->Args({8, 4096, 32, 8, 128, 0})
     ->Args({8, 4096, 32, 8, 128, 1})
     ->UseManualTime()

@@ -629,7 +629,7 @@ void reset_codec_storage(std::string_view function, const typename CodecT::templ
 template <class CodecT>
 struct codec_slot_mover {
   typename CodecT::template storage<device_space> st;
-  std::int32_t* slot_position;
+  std::int32_t* slot_position;  // null: the caller moves positions itself (the eviction step)
 
   static constexpr bool quantized = !std::is_same_v<CodecT, codec::fp8>;
   __device__ std::int64_t row_bytes() const {
@@ -661,7 +661,7 @@ struct codec_slot_mover {
     }
     part -= 2 * w;
     if (part == 0) {
-      uint4 meta = make_uint4(static_cast<unsigned>(slot_position[slot]), 0u, 0u, 0u);
+      uint4 meta = make_uint4(slot_position ? static_cast<unsigned>(slot_position[slot]) : 0u, 0u, 0u, 0u);
       if constexpr (quantized) {
         meta.y = __float_as_uint(st.value_scales[slot]);
         if (st.asymmetric) meta.z = __float_as_uint(st.value_zeros[slot]);
@@ -693,7 +693,7 @@ struct codec_slot_mover {
     }
     part -= 2 * w;
     if (part == 0) {
-      slot_position[slot] = static_cast<std::int32_t>(value.x);
+      if (slot_position) slot_position[slot] = static_cast<std::int32_t>(value.x);
       if constexpr (quantized) {
         st.value_scales[slot] = __uint_as_float(value.y);
         if (st.asymmetric) st.value_zeros[slot] = __uint_as_float(value.z);
