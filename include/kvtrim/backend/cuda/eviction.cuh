@@ -22,7 +22,7 @@
 // (tests/cuda/eviction_test.cu bounds it).
 //
 // The eviction step (kvtrim::evict<backend::cuda>, below): every codec the device
-// stores — plain (fp16, bf16, fp32), int8 / int4 (KIVI runs evicted and moved whole,
+// stores — plain (fp16, bf16, fp32), int8 / int4 (slot runs of KIVI keys evicted and moved whole,
 // a filling key group pinned), fp8, layered<C> (its fp16 rows pinned) — over paged
 // and flat caches, the CPU reference's result byte for byte, as a chain of
 // whole-GPU kernels with no host synchronisation (described where they start).
@@ -115,12 +115,15 @@ struct metric_l2_hints {
   bool logits_in_l2 = true;
   /// Decode attention's K/V stream marks its lines evict_first while the metric is on.
   bool kv_evict_first = false;
-  /// The logits' range made the stream's L2 access-policy window (persisting hits) for
-  /// the attention kernel and the finisher, the stream's previous window restored after
-  /// (also when a launch throws). It keeps them resident only where the application has
-  /// set L2 aside for persisting lines (cudaDeviceSetLimit(cudaLimitPersistingL2CacheSize,
-  /// …): a device-wide choice kvtrim leaves to the engine); W's 33.5 MB of logits fit the
-  /// H200's largest set-aside. Not for stream capture (a stream attribute is set).
+  /// The logits' range made the stream's L2 access-policy window (persisting hits, the
+  /// hit ratio the set-aside covers) for the attention kernel and the finisher, the
+  /// stream's previous window restored after (also when a launch throws). It keeps them
+  /// resident only where the application has set L2 aside for persisting lines
+  /// (cudaDeviceSetLimit(cudaLimitPersistingL2CacheSize, …): a device-wide choice kvtrim
+  /// leaves to the engine). Needs logits_in_l2 (the finisher's discard then frees the
+  /// lines, so dead logits do not hold the set-aside) and a stream that is not capturing
+  /// (a stream attribute is set): refused otherwise. Measured at W: worse than the
+  /// default (docs/results.md), an experiment's switch, off by default.
   bool persisting_logits = false;
 };
 
@@ -184,7 +187,16 @@ void attend(tensor_view<QueryT, 3, device_space> queries, const View& cache, ten
     }
   } window{stream};
   if (metric.enabled() && hints.persisting_logits) {
+    if (!hints.logits_in_l2)
+      ::kvtrim::detail::fail(function, "hints.persisting_logits",
+                             "logits_in_l2 as well (its discard frees the persisting lines)", "logits_in_l2 = false");
+    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    ::kvtrim::detail::check_cuda(cudaStreamIsCapturing(stream, &capturing), function, "cudaStreamIsCapturing");
+    if (capturing != cudaStreamCaptureStatusNone)
+      ::kvtrim::detail::fail(function, "hints.persisting_logits", "a stream that is not capturing",
+                             "a capturing stream");
     int device = 0, largest = 0;
+    std::size_t set_aside = 0;
     ::kvtrim::detail::check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
     ::kvtrim::detail::check_cuda(cudaDeviceGetAttribute(&largest, cudaDevAttrMaxAccessPolicyWindowSize, device),
                                  function, "cudaDeviceGetAttribute(MaxAccessPolicyWindowSize)");
@@ -195,7 +207,11 @@ void attend(tensor_view<QueryT, 3, device_space> queries, const View& cache, ten
     value.accessPolicyWindow.base_ptr = side.logits;
     value.accessPolicyWindow.num_bytes = std::min<std::size_t>(
         sizeof(float) * static_cast<std::size_t>(shape.group_size() * side.stride), static_cast<std::size_t>(largest));
-    value.accessPolicyWindow.hitRatio = 1.0f;
+    ::kvtrim::detail::check_cuda(cudaDeviceGetLimit(&set_aside, cudaLimitPersistingL2CacheSize), function,
+                                 "cudaDeviceGetLimit(PersistingL2CacheSize)");
+    // More persisting bytes than the set-aside would evict each other: persist the share that fits.
+    value.accessPolicyWindow.hitRatio = static_cast<float>(std::min(
+        1.0, static_cast<double>(set_aside) / static_cast<double>(std::max<std::size_t>(value.accessPolicyWindow.num_bytes, 1))));
     value.accessPolicyWindow.hitProp = cudaAccessPropertyPersisting;
     value.accessPolicyWindow.missProp = cudaAccessPropertyStreaming;
     ::kvtrim::detail::check_cuda(cudaStreamSetAttribute(stream, cudaStreamAttributeAccessPolicyWindow, &value),
@@ -440,6 +456,17 @@ __device__ __forceinline__ void evict_histogram_add(unsigned* histogram, unsigne
   if (static_cast<unsigned>(__ffs(peers) - 1) == threadIdx.x % 32) atomicAdd(&histogram[bin], __popc(peers));
 }
 
+/// The codecs the device step moves (evict_mover below): an explicit list, so a codec that
+/// gains a device encode (device_encoded_codec) is refused here until its parts are listed.
+template <class C>
+inline constexpr bool evict_moves_codec = codec::is_plain<C>;
+template <int Bits>
+inline constexpr bool evict_moves_codec<codec::quantized<Bits>> = true;
+template <>
+inline constexpr bool evict_moves_codec<codec::fp8> = true;
+template <class Inner>
+inline constexpr bool evict_moves_codec<codec::layered<Inner>> = !codec::is_plain<Inner> && evict_moves_codec<Inner>;
+
 /// How the step moves a stored token as stored (the CPU's codec::move_slot), in 16-byte
 /// parts: codec::plain's key and value rows in 16-byte pieces; a quantizing codec's parts
 /// through codec_writes.cuh's codec_slot_mover (code words, per-token steps, its run's key
@@ -596,7 +623,8 @@ __global__ void __launch_bounds__(evict_threads, 2)
 
   // Keys, the protected tokens and items, and the tail (one past the last candidate item).
   // Items of one token read four tokens' metrics and positions a thread (16-byte loads); items
-  // of U > 1 tokens (KIVI runs: U consecutive slots, the run rule) sum their tokens' metrics
+  // of U > 1 tokens (slot runs of KIVI keys: U = the storage's slot_run, gcd(page size, key
+  // group) on paged, docs/composition.md §3; U consecutive slots) sum their tokens' metrics
   // in token order, as the CPU's item_key does, and are protected when a token is or when the
   // run is incomplete.
   std::int64_t mine_protected = 0, mine_protected_items = 0, mine_last = 0;
@@ -858,7 +886,7 @@ __global__ void __launch_bounds__(evict_threads)
 }
 
 /// Block per head: the keep decisions and the moves (eviction/evict.hpp, "Layouts"), in
-/// items (tokens, or KIVI runs of U tokens moved whole).
+/// items (tokens, or slot runs of U = storage.slot_run tokens, moved whole).
 /// K (kept items before the tail) is arithmetic: every candidate lies before the tail,
 /// and the head keeps its floor, its pool candidates above the threshold and its share
 /// of the threshold's ties. Then two walks, each thread taking evict_per_thread
@@ -1183,9 +1211,9 @@ struct implementation<eviction::step, backend::cuda> {
     static_assert(cuda_detail::is_paged_view<View> || cuda_detail::is_flat_view<View>,
                   "kvtrim::evict: eviction gives heads different lengths; use layout::paged or layout::flat");
     using codec_type = typename View::codec;
-    static_assert(codec::is_plain<codec_type> || cuda_detail::device_encoded_codec<codec_type>,
+    static_assert(cuda_detail::evict_moves_codec<codec_type>,
                   "kvtrim::evict on backend::cuda: codec::plain, int8, int4, fp8 or layered<int8 | int4 | fp8> "
-                  "(the codecs the device stores)");
+                  "(the codecs whose stored parts evict_mover moves; low_rank's bases and coefficients not yet)");
     cfg.validate(function);
     if (cfg.retrieval_heads != nullptr)
       detail::fail(function, "config.retrieval_heads",
