@@ -555,3 +555,62 @@ BENCHMARK(eviction_step)
     ->UseManualTime()
     ->Iterations(10)
     ->Unit(benchmark::kMicrosecond);
+
+// ---- issue 11: multi-query decode (speculative decoding: n new tokens per sequence) ----
+namespace {
+
+/// Workload W's contiguous fp16 cache attended by n = 1..8 new query tokens per sequence
+/// (queries [B, n, Hq, D]; the new tokens are the cache's last n): the same cache bytes as
+/// one query, read once for the Group × n query rows, so bytes/s is counted on the cache
+/// alone and should stay near n = 1's.
+void decode_attention_multi_query(benchmark::State& state) {
+  using scheme = kt::scheme<kt::layout::contiguous, kt::score::static_window, kt::budget::uniform, kt::codec::fp16,
+                            kt::backend::cuda>;
+  const std::int64_t batch = state.range(0), tokens = state.range(1), queries_per_sequence = state.range(5);
+  const kt::model_shape shape{.q_heads = state.range(2), .kv_heads = state.range(3), .head_dim = state.range(4)};
+  auto cache = scheme::make_cache(shape, batch, tokens, kt::codec::fp16::config{});
+  const std::int64_t cache_elements = batch * shape.kv_heads * tokens * shape.head_dim;
+  fill_random<<<1024, 256>>>(reinterpret_cast<__half*>(cache.view().storage.keys), cache_elements, 1);
+  fill_random<<<1024, 256>>>(reinterpret_cast<__half*>(cache.view().storage.values), cache_elements, 2);
+  *cache.view().length = tokens;
+
+  const std::int64_t query_elements = batch * queries_per_sequence * shape.q_heads * shape.head_dim;
+  __half *queries = nullptr, *out = nullptr;
+  check(cudaMalloc(&queries, query_elements * sizeof(__half)), "cudaMalloc");
+  check(cudaMalloc(&out, query_elements * sizeof(__half)), "cudaMalloc");
+  fill_random<<<64, 256>>>(queries, query_elements, 3);
+  const std::array<std::int64_t, 4> extents{batch, queries_per_sequence, shape.q_heads, shape.head_dim};
+  const auto query_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(queries), extents);
+  const auto out_view = kt::make_view<kt::device_space>(reinterpret_cast<kt::half*>(out), extents);
+
+  const std::size_t scratch_bytes = scheme::attend_workspace(cache.view(), queries_per_sequence);
+  void* scratch = nullptr;
+  check(cudaMalloc(&scratch, std::max<std::size_t>(scratch_bytes, 1)), "cudaMalloc");
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  const std::vector<double> seconds = kvtrim_bench::timed_seconds(
+      state, stream, [&] { scheme::attend(query_view, cache.view(), out_view, {scratch, scratch_bytes}, stream); });
+  const double cache_bytes = 2.0 * static_cast<double>(cache_elements) * sizeof(__half);
+  const double median = seconds[seconds.size() / 2];
+  state.SetBytesProcessed(static_cast<std::int64_t>(cache_bytes) * state.iterations());
+  state.counters["median_us"] = median * 1e6;
+  state.counters["cache_TBps"] = cache_bytes / median / 1e12;
+  if (measured_copy_bandwidth > 0) state.counters["fraction_of_copy"] = cache_bytes / median / measured_copy_bandwidth;
+  cudaFree(queries), cudaFree(out), cudaFree(scratch);
+  cudaStreamDestroy(stream);
+}
+
+}  // namespace
+
+// Workload W at 32k and 4k tokens, n = 1, 2, 4, 8 (n = 1 through the multi-query entry: the single-query kernel).
+BENCHMARK(decode_attention_multi_query)
+    ->ArgNames({"batch", "tokens", "q_heads", "kv_heads", "head_dim", "queries"})
+    ->Args({8, 32768, 32, 8, 128, 1})
+    ->Args({8, 32768, 32, 8, 128, 2})
+    ->Args({8, 32768, 32, 8, 128, 4})
+    ->Args({8, 32768, 32, 8, 128, 8})
+    ->Args({8, 4096, 32, 8, 128, 1})
+    ->Args({8, 4096, 32, 8, 128, 8})
+    ->UseManualTime()
+    ->Iterations(50)
+    ->Unit(benchmark::kMicrosecond);

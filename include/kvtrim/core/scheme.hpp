@@ -4,7 +4,7 @@
 //
 //   keys, values [B,H,T,D] ─► Scorer ─► scores [B,H,T] ─► Budget ─► keep counts [B·H]
 //        ─► select_top_k ─► selection (CSR, ascending tokens) ─► Layout::compact ─► cache
-//   append(new keys/values) ─► Layout::append;   attend(q [B,Hq,D]) ─► decode_attention
+//   append(new keys/values) ─► Layout::append;   attend(q [B,Hq,D] or [B,n,Hq,D]) ─► decode_attention
 //
 // Two optional scorer hooks (RazorAttention needs both): a scorer with
 // `sets_keep_counts` gives the keep counts instead of the budget (which must be
@@ -545,6 +545,38 @@ struct scheme {
     attend_checked_view(function, queries, cache, out, scratch, stream);
   }
 
+  /// Most new query tokens per sequence multi-query attend() takes (speculative decoding's drafts).
+  static constexpr std::int64_t max_queries_per_sequence = 8;
+
+  /// Scratch bytes multi-query attend() needs for n = queries_per_sequence new tokens per sequence.
+  static std::size_t attend_workspace(const cache_view& cache, std::int64_t queries_per_sequence) {
+    return implementation<stage::decode_attention, BackendT>::workspace_bytes(cache, queries_per_sequence);
+  }
+
+  /// Multi-query decode (speculative decoding): queries, out [B, n, Hq, D], n in
+  /// 1..8 new tokens per sequence, the same n for every sequence (a vLLM / FlashInfer
+  /// engine's flat [B·n, Hq, D] query rows are this view with strides {n·Hq·D, Hq·D, D, 1}).
+  /// The n new tokens must already be appended: they are the last n tokens of every head,
+  /// and query t sees the head's first L − n + 1 + t tokens (causal among the new tokens):
+  ///   out[b, t, j] = softmax_{i ≤ L − n + t}(q[b, t, j]·k_i / √D) · v_i.
+  /// n = 1 is attend() over [B, Hq, D].
+  template <class QueryT, class OutT>
+  static void attend(tensor_view<QueryT, 4, space> queries, const cache_view& cache, tensor_view<OutT, 4, space> out,
+                     workspace scratch, stream_type stream = {}) {
+    constexpr std::string_view function = "kvtrim::scheme::attend";
+    layout::validate(function, cache);
+    attend_checked_view(function, queries, cache, out, scratch, stream);
+  }
+
+  /// Multi-query attend() without the O(pages) validation of the cache's tables.
+  template <class QueryT, class OutT>
+  static void attend_unchecked(tensor_view<QueryT, 4, space> queries, const cache_view& cache,
+                               tensor_view<OutT, 4, space> out, workspace scratch, stream_type stream = {}) {
+    constexpr std::string_view function = "kvtrim::scheme::attend_unchecked";
+    layout::check(function, cache);
+    attend_checked_view(function, queries, cache, out, scratch, stream);
+  }
+
  private:
   template <class QueryT, class OutT>
   static void attend_checked_view(std::string_view function, tensor_view<QueryT, 3, space> queries,
@@ -554,6 +586,21 @@ struct scheme {
     detail::check_view(function, "queries", queries, {cache.batch, shape.q_heads, shape.head_dim}, true);
     detail::check_view(function, "out", out, {cache.batch, shape.q_heads, shape.head_dim}, true);
     detail::check_workspace(function, scratch, attend_workspace(cache));
+    implementation<stage::decode_attention, BackendT>::attend(detail::as_const(queries), cache, out, scratch, stream);
+  }
+
+  template <class QueryT, class OutT>
+  static void attend_checked_view(std::string_view function, tensor_view<QueryT, 4, space> queries,
+                                  const cache_view& cache, tensor_view<OutT, 4, space> out, workspace scratch,
+                                  stream_type stream) {
+    const model_shape& shape = cache.shape;
+    detail::check_view(function, "queries", queries, {cache.batch, -1, shape.q_heads, shape.head_dim}, true);
+    const std::int64_t queries_per_sequence = queries.extent(1);
+    if (queries_per_sequence < 1 || queries_per_sequence > max_queries_per_sequence)
+      detail::fail(function, "queries", detail::cat("1 to ", max_queries_per_sequence, " new tokens per sequence (axis 1)"),
+                   std::to_string(queries_per_sequence));
+    detail::check_view(function, "out", out, {cache.batch, queries_per_sequence, shape.q_heads, shape.head_dim}, true);
+    detail::check_workspace(function, scratch, attend_workspace(cache, queries_per_sequence));
     implementation<stage::decode_attention, BackendT>::attend(detail::as_const(queries), cache, out, scratch, stream);
   }
 
