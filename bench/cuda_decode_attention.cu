@@ -196,6 +196,23 @@ void codec_decode(benchmark::State& state) {
   cudaStreamDestroy(stream);
 }
 
+/// The host fit that low_rank's sequence bases would need per head at every
+/// compaction (the CPU's prepare_head: Eigen, singular values for the rank, then
+/// the basis): one head's `tokens` × head_dim keys → its top head_dim / 4 right
+/// singular vectors, timed on the host CPU of this run. The device path takes
+/// profile bases instead (codec_low_rank.cuh); a cuSOLVER fit is not measured.
+void low_rank_host_fit(benchmark::State& state) {
+  const std::int64_t tokens = state.range(0), dim = state.range(1);
+  std::mt19937_64 random(11);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  Eigen::MatrixXd rows(tokens, dim);
+  for (Eigen::Index i = 0; i < rows.size(); ++i) rows.data()[i] = normal(random);
+  for (auto _ : state) {
+    const Eigen::MatrixXd basis = kt::codec::low_rank::fit_basis(rows, dim / 4, 0.98, dim / 4);
+    benchmark::DoNotOptimize(basis.data());
+  }
+}
+
 /// Per-head lengths for `heads` heads of at most `tokens`: mode 0 every head
 /// full, 1 every head 30 %, 2 Ada-KV-like — fractions in [5 %, 90 %] drawn as
 /// 0.05 + 0.85·x^2.4 (x uniform; mean 0.30), then scaled so the total is
@@ -325,6 +342,7 @@ BENCHMARK(codec_decode<kt::codec::fp8>)->Name("codec_decode_fp8") KVTRIM_CODEC_R
 BENCHMARK(codec_decode<kt::codec::int4>)->Name("codec_decode_int4") KVTRIM_CODEC_ROWS(5);
 BENCHMARK(codec_decode<kt::codec::fp8>)->Name("codec_decode_fp8_fixed_scales") KVTRIM_CODEC_ROWS(6);
 BENCHMARK(codec_decode<kt::codec::low_rank>)->Name("codec_decode_low_rank") KVTRIM_CODEC_ROWS(7);
+BENCHMARK(low_rank_host_fit)->ArgNames({"tokens", "head_dim"})->Args({4096, 128})->Args({32768, 128})->Iterations(2)->Unit(benchmark::kMillisecond);
 // Pre-RoPE keys cost O(head_dim · r) products and head_dim / 2 rotations per token (compute-bound): fewer repetitions.
 BENCHMARK(codec_decode<kt::codec::low_rank>)
     ->Name("codec_decode_low_rank_pre_rope")

@@ -17,9 +17,11 @@
 // Encode (low_rank_encode_rows, one warp per token): c_j = Σ_d U_dj·x_d for
 // j < the head's rank, else 0, rounded to fp16 — the CPU's project(): the same
 // summation order (d ascending from 0), each product and sum rounded to fp32
-// separately (__fmul_rn / __fadd_rn: no contraction into an fma, which the
-// host's x86-64 build does not contract either), the same round-to-nearest-even
-// to fp16, so the stored coefficients are the CPU's bit for bit. At compaction
+// separately (__fmul_rn / __fadd_rn: no contraction into an fma), the same
+// round-to-nearest-even to fp16, so the stored coefficients are the CPU's bit
+// for bit — as long as the host build does not contract the CPU's
+// `sum += u·x` into an fma either (x86-64 without -march flags has no fma
+// instruction, the project's builds; with one, -ffp-contract=off keeps it). At compaction
 // every head's compaction_left becomes its kept count and pending_counts 0, as
 // the CPU's prepare_head leaves them. A head with no basis (rank 0) stores
 // zeros; NaN / Inf inputs are stored as the arithmetic gives them (the CPU
