@@ -478,7 +478,15 @@ struct harness {
     kt::testing::check(cudaMemcpy(device_block.data(), block.data, block.bytes, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
     std::int64_t host_length = 0;
     const device_view gpu = bind_device(device_block.data(), &host_length);
-    if constexpr (contiguous) host_length = *cpu.length;
+    if constexpr (contiguous) {
+      host_length = *cpu.length;
+      // A contiguous device view lays its positions out without the host length: copy the CPU's
+      // (pre-RoPE low_rank keys are rotated by them).
+      kt::testing::check(cudaMemcpy(gpu.positions.slot_position, cpu.positions.slot_position,
+                                    static_cast<std::size_t>(heads * cpu.map.head_stride) * sizeof(std::int32_t),
+                                    cudaMemcpyHostToDevice),
+                         "cudaMemcpy positions");
+    }
     kt::testing::device_tensor<kt::half, 3> device_queries(queries);
     device_buffer<float> device_out(static_cast<std::size_t>(c.batch * shape.q_heads * c.head_dim));
     device_out.fill_bytes(0xff);  // NaN: an unwritten output fails

@@ -192,10 +192,15 @@ __global__ void __launch_bounds__(low_rank_encode_threads)
       if (lane == 0) w.cache.positions.slot_position[slot] = static_cast<std::int32_t>(position_of_row(w, head, r));
       for (std::int64_t j = lane; j < r_max; j += 32) {
         float key_sum = 0.0f, value_sum = 0.0f;
-        for (std::int64_t d = 0; j < key_rank && d < dim; ++d)
-          key_sum = __fadd_rn(key_sum, __fmul_rn(key_basis[d * r_max + j], key[d]));
-        for (std::int64_t d = 0; j < value_rank && d < dim; ++d)
-          value_sum = __fadd_rn(value_sum, __fmul_rn(value_basis[d * r_max + j], value[d]));
+        // Unrolled so that the basis loads of several channels are in flight together; the
+        // additions stay in the CPU's order (d ascending).
+        if (j < key_rank)
+#pragma unroll 8
+          for (std::int64_t d = 0; d < dim; ++d) key_sum = __fadd_rn(key_sum, __fmul_rn(key_basis[d * r_max + j], key[d]));
+        if (j < value_rank)
+#pragma unroll 8
+          for (std::int64_t d = 0; d < dim; ++d)
+            value_sum = __fadd_rn(value_sum, __fmul_rn(value_basis[d * r_max + j], value[d]));
         key_coefficients[slot * r_max + j] = __float2half_rn(key_sum);
         value_coefficients[slot * r_max + j] = __float2half_rn(value_sum);
       }
@@ -279,8 +284,9 @@ struct low_rank_decode_layout {
   std::size_t value_tiles = 0;          // [2][tile][R] half
   std::size_t weights = 0;              // [tile][Group] float; after the loop: per-thread mixes
   std::size_t reduced = 0;              // [warps][Group] float (maxima, then sums)
-  std::size_t query = 0;                // post: [R][Group] projected; pre: [head_dim][Group] scaled
-  std::size_t key_basis = 0;            // pre: [head_dim][R] float
+  std::size_t query = 0;                // [head_dim][Group]: the scaled query
+  std::size_t projected = 0;            // post: [R][Group]: U_kᵀ q, scaled
+  std::size_t key_basis = 0;            // [head_dim][R] float: U_k; after the tiles, U_vᵀ ([R][head_dim])
   std::size_t bytes = 0;
   int key_stride = 0;                   // halves between staged key rows
 
@@ -301,9 +307,11 @@ struct low_rank_decode_layout {
     reduced = at;
     at += up16(std::size_t{low_rank_decode_warps} * group * 4);
     query = at;
-    at += up16(static_cast<std::size_t>(pre_rope ? head_dim : rank) * group * 4);
+    at += up16(static_cast<std::size_t>(head_dim) * group * 4);
+    projected = at;
+    at += pre_rope ? 0 : up16(static_cast<std::size_t>(rank) * group * 4);
     key_basis = at;
-    at += pre_rope ? up16(static_cast<std::size_t>(head_dim) * rank * 4) : 0;
+    at += up16(static_cast<std::size_t>(head_dim) * rank * 4);
     bytes = at;
   }
 };
@@ -357,6 +365,7 @@ __global__ void __launch_bounds__(low_rank_decode_threads)
   auto* weights = reinterpret_cast<float*>(shared + layout.weights);
   auto* reduced = reinterpret_cast<float*>(shared + layout.reduced);
   auto* query = reinterpret_cast<float*>(shared + layout.query);
+  auto* projected = reinterpret_cast<float*>(shared + layout.projected);
   auto* key_basis = reinterpret_cast<float*>(shared + layout.key_basis);
   const int rotary = !pre_rope ? 0 : store.rope.rotary_dim == 0 ? dim : static_cast<int>(store.rope.rotary_dim);
   const int pair_count = rotary / 2;
@@ -381,22 +390,26 @@ __global__ void __launch_bounds__(low_rank_decode_threads)
     low_rank_stage_tile(store, rows, begin, end, 0, layout, shared);
     copy_async_commit();
 
-    // The query: pre-RoPE scaled ([d][g]) with U_k staged; post-RoPE projected q̃_jg = Σ_d U_dj q_gd·scale.
-    const auto query_of = [&](int g, int d) {
+    // The scaled query ([d][g]) and U_k, staged (coalesced); post-RoPE: the projection
+    // q̃_jg = Σ_d U_dj q_gd·scale from them (four partial sums per thread).
+    for (int index = threadIdx.x; index < dim * Group; index += T) {
+      const int g = index % Group, d = index / Group;
       const auto* row = params.queries + b * params.query_batch_stride + (h * Group + g) * params.query_head_stride;
-      return to_float(row[d]) * params.query_scale;
-    };
-    if (pre_rope) {
-      for (int index = threadIdx.x; index < dim * Group; index += T) query[index] = query_of(index % Group, index / Group);
-      for (int index = threadIdx.x; index < dim * r; index += T) key_basis[index] = head_key_basis[index];
-    } else {
+      query[index] = to_float(row[d]) * params.query_scale;
+    }
+    for (int index = threadIdx.x; index < dim * r; index += T) key_basis[index] = head_key_basis[index];
+    __syncthreads();
+    if (!pre_rope)
       for (int index = threadIdx.x; index < r * Group; index += T) {
         const int j = index / Group, g = index % Group;
-        float sum = 0.0f;
-        for (int d = 0; j < key_rank && d < dim; ++d) sum = fmaf(head_key_basis[d * r + j], query_of(g, d), sum);
-        query[index] = sum;
+        float partial[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (j < key_rank)
+          for (int d = 0; d < dim; d += 4)  // head_dim is a multiple of 8
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              partial[e] = fmaf(key_basis[(d + e) * r + j], query[(d + e) * Group + g], partial[e]);
+        projected[index] = (partial[0] + partial[1]) + (partial[2] + partial[3]);
       }
-    }
     // Bookkeeping: the running maximum (the same in every thread), this thread's weight sums, its mix.
     float running_max[Group], sum[Group], mix[Group];
 #pragma unroll
@@ -428,7 +441,7 @@ __global__ void __launch_bounds__(low_rank_decode_threads)
             if constexpr (Group % 4 == 0) {
 #pragma unroll
               for (int g = 0; g < Group; g += 4) {
-                const float4 q = *reinterpret_cast<const float4*>(query + j * Group + g);
+                const float4 q = *reinterpret_cast<const float4*>(projected + j * Group + g);
                 dot[g] = fmaf(q.x, coefficient, dot[g]);
                 dot[g + 1] = fmaf(q.y, coefficient, dot[g + 1]);
                 dot[g + 2] = fmaf(q.z, coefficient, dot[g + 2]);
@@ -436,7 +449,7 @@ __global__ void __launch_bounds__(low_rank_decode_threads)
               }
             } else {
 #pragma unroll
-              for (int g = 0; g < Group; ++g) dot[g] = fmaf(query[j * Group + g], coefficient, dot[g]);
+              for (int g = 0; g < Group; ++g) dot[g] = fmaf(projected[j * Group + g], coefficient, dot[g]);
             }
           };
           if (r % 8 == 0) {
@@ -562,12 +575,19 @@ __global__ void __launch_bounds__(low_rank_decode_threads)
       weights[threadIdx.x * Group + g] = mixes ? mix[g] : 0.0f;
     }
     __syncthreads();
-    float* mixed = reinterpret_cast<float*>(shared + layout.key_tiles);  // [Group][R]: the key tiles are drained
+    // [Group][R] in the drained value tiles (T·R halves ≥ Group·R floats); U_v transposed
+    // ([R][head_dim]: the lift's lanes read consecutive channels) where U_k was.
+    float* mixed = reinterpret_cast<float*>(shared + layout.value_tiles);
+    float* value_basis = key_basis;
     for (int index = threadIdx.x; index < Group * r; index += T) {
       const int g = index / r, j = index % r;
       float total = 0.0f;
       for (int s = 0; s < subsets; ++s) total += weights[(s * r + j) * Group + g];
       mixed[index] = total;
+    }
+    for (int index = threadIdx.x; index < dim * r; index += T) {
+      const int d = index / r, j = index % r;
+      value_basis[j * dim + d] = head_value_basis[index];
     }
     __syncthreads();
     using out_type = std::remove_pointer_t<decltype(params.out)>;
@@ -577,7 +597,7 @@ __global__ void __launch_bounds__(low_rank_decode_threads)
 #pragma unroll
       for (int w = 0; w < low_rank_decode_warps; ++w) total_sum += reduced[w * Group + g];
       float lifted = 0.0f;
-      for (int j = 0; j < value_rank; ++j) lifted = fmaf(head_value_basis[d * r + j], mixed[g * r + j], lifted);
+      for (int j = 0; j < value_rank; ++j) lifted = fmaf(value_basis[j * dim + d], mixed[g * r + j], lifted);
       const float output = total_sum > 0.0f ? lifted / total_sum : 0.0f;
       if (whole) {
         params.out[b * params.out_batch_stride + (h * Group + g) * params.out_head_stride + d] = from_float<out_type>(output);
@@ -601,11 +621,21 @@ struct low_rank_decode_choice {
   static constexpr bool supported = true;
   static constexpr int threads = low_rank_decode_threads;
   static constexpr const char* kernel_name = "decode_attention_low_rank";
+  /// Above the multiprocessor's 227 KB (two tiles of 256 rows of R coefficients, U_k, the query):
+  /// a kvtrim::error naming the stored rank (R ≤ 64 fits at every head dim and group).
   template <class View>
   static std::size_t shared_bytes_for(const View& cache) {
-    return low_rank_decode_layout(static_cast<int>(cache.storage.head_dim), static_cast<int>(cache.storage.stored_rank),
-                                  Group, cache.storage.pre_rope)
-        .bytes;
+    const std::size_t bytes = low_rank_decode_layout(static_cast<int>(cache.storage.head_dim),
+                                                     static_cast<int>(cache.storage.stored_rank), Group,
+                                                     cache.storage.pre_rope)
+                                  .bytes;
+    if (bytes > std::size_t{227} * 1024)
+      detail::fail("kvtrim::scheme::attend", "config.codec.max_rank",
+                   "a stored rank whose decode tiles fit in 227 KB of shared memory on backend::cuda (≤ 64 at any "
+                   "head_dim)",
+                   detail::cat("stored rank ", cache.storage.stored_rank, " at head_dim ", cache.storage.head_dim,
+                               " (", bytes, " bytes)"));
+    return bytes;
   }
   template <class Params>
   static auto kernel() {
