@@ -22,9 +22,10 @@
 //
 // Codecs: write_rows copies the rows of codec::plain (fp16, bf16, fp32); the
 // quantizing codecs (int8, int4 with KIVI key groups, fp8) are encoded by
-// codec_writes.cuh's kernels in step 2 instead. low_rank and layered have no
-// device encode yet (issue 12), and naming them with backend::cuda is refused
-// at compile time (require_device_codec).
+// codec_writes.cuh's kernels in step 2 instead, layered<C> by C's and its fp16
+// rows, codec::low_rank by codec_low_rank.cuh (profile bases; a cache with
+// sequence bases is refused at run time before any launch: check_rows).
+// layered<low_rank> is refused at compile time (require_device_codec).
 #pragma once
 
 #include <cooperative_groups.h>
@@ -48,9 +49,9 @@ namespace cuda_detail {
 template <class CodecT>
 constexpr void require_device_codec() {
   static_assert(codec::is_plain<CodecT> || device_encoded_codec<CodecT>,
-                "kvtrim: backend::cuda writes caches with codec::fp16 / bf16 / fp32, int8, int4, fp8_e4m3 and "
-                "layered over those three; the device encode of low_rank (bases fitted per head from the kept rows, "
-                "coefficients Uᵀx, pre-RoPE keys rotated from stored positions) is not written yet (issue 12)");
+                "kvtrim: backend::cuda writes caches with codec::fp16 / bf16 / fp32, int8, int4, fp8_e4m3, "
+                "layered over those three, and low_rank (profile bases); layered<low_rank> has no device "
+                "reader (issue 12)");
 }
 
 /// Threads of a layout's planning kernel (one block).
@@ -348,6 +349,7 @@ void check_rows(std::string_view function, const View& cache, const kv_view<KeyT
   if (cache.shape.head_dim % 8 != 0)
     detail::fail(function, "shape.head_dim", "a multiple of 8 on backend::cuda", std::to_string(cache.shape.head_dim));
   check_same_strides(function, keys, values);
+  check_low_rank_writable(function, cache.storage);
   if constexpr (codec::is_plain<typename View::codec>) {
     check_aligned16(function, "cache.storage.keys", cache.storage.keys);
     check_aligned16(function, "cache.storage.values", cache.storage.values);
