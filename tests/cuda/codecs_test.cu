@@ -126,7 +126,8 @@ TEST(Fp8Conversion, HardwareMatchesCpuOnEveryBoundary) {
 enum class layout_kind { contiguous, paged, flat };
 enum class codec_kind { int8_groups, int8_groups_zero_point, int8_tokens_zero_point, int4_groups_zero_point,
                         int4_groups, fp8_head_amax, fp8_fixed, layered_int8, layered_fp8, low_rank_post_rope,
-                        low_rank_pre_rope, low_rank_pre_rope_interleaved };
+                        low_rank_pre_rope, low_rank_pre_rope_interleaved, low_rank_post_rope_rank_20,
+                        low_rank_pre_rope_rank_29 };
 
 struct codec_case {
   layout_kind layout;
@@ -141,7 +142,8 @@ std::string name_of(const codec_case& c) {
   static const char* const layouts[] = {"contiguous", "paged", "flat"};
   static const char* const codecs[] = {"int8_g32", "int8_g32_zero", "int8_token_zero", "int4_g32_zero", "int4_g32",
                                        "fp8_amax", "fp8_fixed",     "layered_int8",    "layered_fp8",
-                                       "low_rank_post", "low_rank_pre", "low_rank_pre_interleaved"};
+                                       "low_rank_post", "low_rank_pre", "low_rank_pre_interleaved",
+                                       "low_rank_post_r20", "low_rank_pre_r29"};
   return kt::detail::cat(layouts[static_cast<int>(c.layout)], "_", codecs[static_cast<int>(c.codec)], "_b", c.batch,
                          "_kv", c.kv_heads, "_g", c.group, "_d", c.head_dim,
                          c.layout == layout_kind::paged ? kt::detail::cat("_p", c.page_size) : std::string{},
@@ -250,7 +252,8 @@ typename CodecT::config config_of(codec_kind kind) {
     // Calibrated (profile) bases, installed per head before compaction (install_bases); the
     // stored rank (max_rank) is set from the head dim by the harness.
     config.source = kt::codec::basis_source::profile;
-    if (kind != codec_kind::low_rank_post_rope) config.keys = kt::codec::key_space::pre_rope;
+    if (kind != codec_kind::low_rank_post_rope && kind != codec_kind::low_rank_post_rope_rank_20)
+      config.keys = kt::codec::key_space::pre_rope;
     if (kind == codec_kind::low_rank_pre_rope_interleaved) {
       config.rope.pairs = kt::rope::pairing::interleaved;
       config.rope.rotary_dim = 32;  // partial rotary: channels 32.. are not rotated
@@ -301,7 +304,12 @@ struct harness {
       : c(c_), config(config_of<CodecT>(c_.codec)),
         shape{.q_heads = c_.kv_heads * c_.group, .kv_heads = c_.kv_heads, .head_dim = c_.head_dim},
         heads(c_.batch * c_.kv_heads) {
-    if constexpr (std::is_same_v<CodecT, kt::codec::low_rank>) config.max_rank = c_.head_dim / 4;  // r = head_dim / 4
+    if constexpr (std::is_same_v<CodecT, kt::codec::low_rank>) {
+      // r = head_dim / 4; ranks 20 and 29 (not multiples of 8) take the element-copy tiles and scalar dots.
+      config.max_rank = c_.codec == codec_kind::low_rank_post_rope_rank_20   ? 20
+                        : c_.codec == codec_kind::low_rank_pre_rope_rank_29 ? 29
+                                                                            : c_.head_dim / 4;
+    }
     for (std::int64_t head = 0; head < heads; ++head)
       kept.push_back(contiguous ? c.kept[0] : c.kept[static_cast<std::size_t>(head) % c.kept.size()]);
   }
@@ -694,7 +702,9 @@ TEST_P(CodecCache, EncodesBitIdenticallyAndAttendsWithinBound) {
     case codec_kind::layered_fp8: run_layout<kt::codec::layered<kt::codec::fp8>>(c); break;
     case codec_kind::low_rank_post_rope:
     case codec_kind::low_rank_pre_rope:
-    case codec_kind::low_rank_pre_rope_interleaved: run_layout<kt::codec::low_rank>(c); break;
+    case codec_kind::low_rank_pre_rope_interleaved:
+    case codec_kind::low_rank_post_rope_rank_20:
+    case codec_kind::low_rank_pre_rope_rank_29: run_layout<kt::codec::low_rank>(c); break;
   }
 }
 
@@ -743,7 +753,9 @@ INSTANTIATE_TEST_SUITE_P(
         codec_case{L::contiguous, K::low_rank_post_rope, 2, 2, 8, 128, 0, {4097}, false},
         codec_case{L::contiguous, K::low_rank_post_rope, 1, 1, 16, 64, 0, {1}, false},
         codec_case{L::contiguous, K::low_rank_pre_rope, 1, 2, 4, 128, 0, {17}, false},
-        codec_case{L::contiguous, K::low_rank_pre_rope_interleaved, 1, 2, 1, 64, 0, {4097}, false}),
+        codec_case{L::contiguous, K::low_rank_pre_rope_interleaved, 1, 2, 1, 64, 0, {4097}, false},
+        codec_case{L::flat, K::low_rank_post_rope_rank_20, 1, 2, 4, 128, 0, {300, 17}, true},
+        codec_case{L::paged, K::low_rank_pre_rope_rank_29, 1, 2, 2, 128, 16, {33, 257}, false}),
     [](const ::testing::TestParamInfo<codec_case>& info) { return kt::detail::cat(name_of(info.param), "_", info.index); });
 
 // ---- memory: kvtrim::stats counts what a device cache allocates --------------

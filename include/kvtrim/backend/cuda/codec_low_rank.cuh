@@ -90,17 +90,47 @@ struct codec_device<codec::low_rank> {
 
 // ---- host checks and bases ---------------------------------------------------
 
-/// Throws (before any launch) for a low-rank cache the device cannot write.
-template <class Storage>
-void check_low_rank_writable(std::string_view function, const Storage& store) {
-  if constexpr (std::is_same_v<Storage, codec::low_rank::storage<device_space>>) {
-    if (store.from_sequence)
+/// The most dynamic shared memory a block may opt in to on the current device (227 KB on H100/H200,
+/// 163 KB on A100): a host attribute query, no synchronisation.
+inline std::size_t device_shared_memory_limit(std::string_view function) {
+  int device = 0, bytes = 0;
+  detail::check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
+  detail::check_cuda(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), function,
+                     "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  return static_cast<std::size_t>(bytes);
+}
+
+inline std::size_t low_rank_decode_shared_bytes(int head_dim, int rank, int group, bool pre_rope);
+
+/// Throws unless decode attention's tiles for this stored rank, head dim and group fit in a block's
+/// shared memory (stored rank ≤ 64 at head_dim ≤ 128 for every group; at 256: ≤ 32, or 64 up to GQA 8).
+inline void check_low_rank_decodable(std::string_view function, const codec::low_rank::storage<device_space>& store,
+                                     std::int64_t group) {
+  const std::size_t bytes = low_rank_decode_shared_bytes(static_cast<int>(store.head_dim),
+                                                         static_cast<int>(store.stored_rank), static_cast<int>(group),
+                                                         store.pre_rope);
+  const std::size_t limit = device_shared_memory_limit(function);
+  if (bytes > limit)
+    detail::fail(function, "config.codec.max_rank",
+                 detail::cat("a stored rank whose decode tiles fit in this device's ", limit,
+                             " bytes of shared memory per block (≤ 64 at head_dim ≤ 128; ≤ 32 at 256, or 64 up to "
+                             "GQA 8)"),
+                 detail::cat("stored rank ", store.stored_rank, " at head_dim ", store.head_dim, ", GQA ", group, " (",
+                             bytes, " bytes)"));
+}
+
+/// Throws (before any launch) for a low-rank cache the device cannot write, or could not decode.
+template <class View>
+void check_low_rank_writable(std::string_view function, const View& cache) {
+  if constexpr (std::is_same_v<typename View::codec, codec::low_rank>) {
+    if (cache.storage.from_sequence)
       detail::fail(function, "config.codec.source",
                    "basis_source::profile on backend::cuda (bases fitted on the host and installed with "
                    "set_low_rank_basis; per-compaction sequence fits are not on the device)",
                    "basis_source::sequence");
+    check_low_rank_decodable(function, cache.storage, cache.shape.group_size());
   } else {
-    (void)function, (void)store;
+    (void)function, (void)cache;
   }
 }
 
@@ -315,6 +345,10 @@ struct low_rank_decode_layout {
     bytes = at;
   }
 };
+
+inline std::size_t low_rank_decode_shared_bytes(int head_dim, int rank, int group, bool pre_rope) {
+  return low_rank_decode_layout(head_dim, rank, group, pre_rope).bytes;
+}
 
 /// Stages tile `tile` of [begin, end) (rows of key and value coefficients) into buffer tile % 2.
 template <class Rows>
@@ -621,21 +655,13 @@ struct low_rank_decode_choice {
   static constexpr bool supported = true;
   static constexpr int threads = low_rank_decode_threads;
   static constexpr const char* kernel_name = "decode_attention_low_rank";
-  /// Above the multiprocessor's 227 KB (two tiles of 256 rows of R coefficients, U_k, the query):
-  /// a kvtrim::error naming the stored rank (R ≤ 64 fits at every head dim and group).
+  /// Two tiles of 256 rows of R coefficients, U_k, the query: above the device's opt-in limit a
+  /// kvtrim::error naming the stored rank (compaction and append refuse such caches first).
   template <class View>
   static std::size_t shared_bytes_for(const View& cache) {
-    const std::size_t bytes = low_rank_decode_layout(static_cast<int>(cache.storage.head_dim),
-                                                     static_cast<int>(cache.storage.stored_rank), Group,
-                                                     cache.storage.pre_rope)
-                                  .bytes;
-    if (bytes > std::size_t{227} * 1024)
-      detail::fail("kvtrim::scheme::attend", "config.codec.max_rank",
-                   "a stored rank whose decode tiles fit in 227 KB of shared memory on backend::cuda (≤ 64 at any "
-                   "head_dim)",
-                   detail::cat("stored rank ", cache.storage.stored_rank, " at head_dim ", cache.storage.head_dim,
-                               " (", bytes, " bytes)"));
-    return bytes;
+    check_low_rank_decodable("kvtrim::scheme::attend", cache.storage, Group);
+    return low_rank_decode_shared_bytes(static_cast<int>(cache.storage.head_dim),
+                                        static_cast<int>(cache.storage.stored_rank), Group, cache.storage.pre_rope);
   }
   template <class Params>
   static auto kernel() {

@@ -349,7 +349,7 @@ void check_rows(std::string_view function, const View& cache, const kv_view<KeyT
   if (cache.shape.head_dim % 8 != 0)
     detail::fail(function, "shape.head_dim", "a multiple of 8 on backend::cuda", std::to_string(cache.shape.head_dim));
   check_same_strides(function, keys, values);
-  check_low_rank_writable(function, cache.storage);
+  check_low_rank_writable(function, cache);
   if constexpr (codec::is_plain<typename View::codec>) {
     check_aligned16(function, "cache.storage.keys", cache.storage.keys);
     check_aligned16(function, "cache.storage.values", cache.storage.values);
