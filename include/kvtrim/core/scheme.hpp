@@ -69,6 +69,10 @@ void check_finite(std::string_view function, std::string_view argument, const te
     for (std::int64_t h = 0; h < view.extent(1); ++h)
       for (std::int64_t t = 0; t < view.extent(2); ++t)
         for (std::int64_t d = 0; d < view.extent(3); ++d) {
+          // The common case without conversions (a bit test for fp16/bf16): finite,
+          // and already in the storage type or needing no range check.
+          if constexpr (std::is_same_v<Stored, float> || std::is_same_v<Stored, std::remove_const_t<T>>)
+            if ((Eigen::numext::isfinite)(view(b, h, t, d))) continue;
           const float x = to_float(view(b, h, t, d));
           if (!std::isfinite(x))
             fail(function, argument, "finite values (NaN and Inf are refused for every codec)",

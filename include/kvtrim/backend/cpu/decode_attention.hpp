@@ -54,6 +54,7 @@
 #include <type_traits>
 
 #include "kvtrim/backend/cpu.hpp"
+#include "kvtrim/backend/cpu/detail/exp.hpp"
 #include "kvtrim/backend/cpu/detail/x86.hpp"
 #include "kvtrim/codec/hooks.hpp"
 #include "kvtrim/codec/plain.hpp"
@@ -208,7 +209,8 @@ struct implementation<stage::decode_attention, backend::cpu> {
       if (!eviction::outside_window(next, cache.positions.slot_position[slot], metric.protected_window)) continue;
       float sum = 0.0f;
       for (std::int64_t g = 0; g < group; ++g) {
-        const float probability = std::exp(state.logits[g * state.stride + i] - state.max_logit[g]) / state.denominator[g];
+        const float probability =
+            detail::cpu_exp(state.logits[g * state.stride + i] - state.max_logit[g]) / state.denominator[g];
         sum += eviction::metric_term(metric.kind, probability);
       }
       metric.values[slot] += sum * factor;
@@ -219,46 +221,47 @@ struct implementation<stage::decode_attention, backend::cpu> {
   static constexpr std::int64_t max_heads_at_once = 8;
 
   template <class View>
+  static constexpr bool has_bias = requires(const View& cache) { cache.logit_bias(0, 0, 0); };
+
+  template <class View>
   static float bias_of(const View& cache, std::int64_t b, std::int64_t h, std::int64_t i) {
-    if constexpr (requires { cache.logit_bias(b, h, i); })
+    if constexpr (has_bias<View>)
       return cache.logit_bias(b, h, i);
     else
       return 0.0f;
   }
 
-  /// One stored row → fp32: F16C / AVX2 when `fast`, else the portable loop (the same bits).
-  template <class T>
-  static void convert_row(bool fast, const T* in, float* out, std::int64_t count) {
-#if KVTRIM_X86_DISPATCH
-    if constexpr (std::is_same_v<T, half> || std::is_same_v<T, bfloat16>) {
-      if (fast) {
-        const auto* bits = reinterpret_cast<const std::uint16_t*>(in);
-        if constexpr (std::is_same_v<T, half>)
-          detail::x86::half_to_float(bits, out, count);
-        else
-          detail::x86::bfloat16_to_float(bits, out, count);
-        return;
-      }
-    }
-#endif
-    (void)fast;
-    detail::row_to_float(in, out, count);
-  }
-
   /// codec::plain: the group's query heads (up to 8 at a time) over blocks of
-  /// rows converted once.
+  /// rows. x86 with AVX2+FMA+F16C (detail/x86.hpp): the stored rows are read in
+  /// place, each converted in registers once per group; otherwise each block is
+  /// first converted to fp32 (portable loops, the same conversion bits).
   template <class View, class QueryT, class OutT>
   static void attend_plain(const tensor_view<QueryT, 3>& queries, const View& cache, const tensor_view<OutT, 3>& out,
                            std::int64_t b, std::int64_t h, group_state& state) {
+    using element = std::remove_cvref_t<decltype(*cache.storage.keys)>;
     const std::int64_t head_dim = cache.shape.head_dim;
     const std::int64_t group = cache.shape.group_size();
     const std::int64_t length = cache.head_length(b, h);
     const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-    const std::int64_t block = std::max<std::int64_t>(1, std::min<std::int64_t>(64, block_floats / head_dim));
     const auto& store = cache.storage;
-    const bool fast = detail::x86::has_avx2_fma_f16c();  // detail/x86.hpp: same math, AVX2+FMA+F16C loops
+#if KVTRIM_X86_DISPATCH
+    constexpr auto format = std::is_same_v<element, half>       ? detail::x86::row_format::fp16
+                            : std::is_same_v<element, bfloat16> ? detail::x86::row_format::bf16
+                                                                : detail::x86::row_format::fp32;
+    const bool fast = std::is_same_v<element, half> || std::is_same_v<element, bfloat16> ||
+                              std::is_same_v<element, float>
+                          ? detail::x86::has_avx2_fma_f16c()
+                          : false;
+#else
+    constexpr bool fast = false;
+#endif
+    // A block: 64 rows read in place, or as many as 16 KiB of converted fp32 rows hold.
+    const std::int64_t block = fast ? 64 : std::max<std::int64_t>(1, std::min<std::int64_t>(64, block_floats / head_dim));
 
-    alignas(64) std::array<float, block_floats> key_block, value_block;
+#if KVTRIM_X86_DISPATCH
+    std::array<const void*, 64> key_rows, next_key_rows;
+    const std::int64_t row_bytes = head_dim * static_cast<std::int64_t>(sizeof(element));
+#endif
     alignas(64) std::array<float, max_heads_at_once * max_head_dim> query, accumulator;
     std::array<float, max_heads_at_once * 64> logits;
     std::array<float, max_heads_at_once> max_logit, denominator;
@@ -275,44 +278,81 @@ struct implementation<stage::decode_attention, backend::cpu> {
       }
       for (std::int64_t i0 = 0; i0 < length; i0 += block) {
         const std::int64_t count = std::min(block, length - i0);
-        for (std::int64_t i = 0; i < count; ++i) {
-          const std::int64_t slot = cache.slot(b, h, i0 + i);
-          convert_row(fast, store.keys + slot * store.head_dim, key_block.data() + i * head_dim, head_dim);
-          convert_row(fast, store.values + slot * store.head_dim, value_block.data() + i * head_dim, head_dim);
+        const auto key_row = [&](std::int64_t i) { return store.keys + cache.slot(b, h, i0 + i) * store.head_dim; };
+        const auto value_row = [&](std::int64_t i) {
+          return store.values + cache.slot(b, h, i0 + i) * store.head_dim;
+        };
+#if KVTRIM_X86_DISPATCH
+        // The rows are read in place; while the dots run over this block's keys its
+        // values are fetched, while Σ p·v runs the next block's keys.
+        std::array<const void*, 64> value_rows;
+        std::int64_t next_count = 0;
+        if (fast) {
+          if (i0 == 0)
+            for (std::int64_t i = 0; i < count; ++i) key_rows[i] = key_row(i);
+          for (std::int64_t i = 0; i < count; ++i) value_rows[i] = value_row(i);
+          next_count = std::min(block, length - i0 - count);
+          for (std::int64_t i = 0; i < next_count; ++i) next_key_rows[i] = key_row(count + i);
+          detail::x86::dot_rows<format>(query.data(), heads, key_rows.data(), count, head_dim, logits.data(), 64,
+                                        {value_rows.data(), count, row_bytes});
+        } else
+#endif
+        {
+          alignas(64) std::array<float, block_floats> key_block;
+          for (std::int64_t i = 0; i < count; ++i)
+            detail::row_to_float(key_row(i), key_block.data() + i * head_dim, head_dim);
+          for (std::int64_t g = 0; g < heads; ++g)
+            for (std::int64_t i = 0; i < count; ++i)
+              logits[g * 64 + i] =
+                  detail::dot_lanes(query.data() + g * head_dim, key_block.data() + i * head_dim, head_dim);
         }
+#if KVTRIM_X86_DISPATCH
+        std::array<float, 64> bias;  // the layout's logit biases of the block, if it has any
+        if constexpr (has_bias<View>)
+          if (fast)
+            for (std::int64_t i = 0; i < count; ++i) bias[i] = bias_of(cache, b, h, i0 + i);
+#endif
         for (std::int64_t g = 0; g < heads; ++g) {
           float* s = logits.data() + g * 64;
           float block_max = -std::numeric_limits<float>::infinity();
 #if KVTRIM_X86_DISPATCH
           if (fast)
-            detail::x86::dot_rows(query.data() + g * head_dim, key_block.data(), count, head_dim, s);
+            block_max = detail::x86::scale_and_max(s, count, scale, has_bias<View> ? bias.data() : nullptr);
           else
 #endif
-            for (std::int64_t i = 0; i < count; ++i)
-              s[i] = detail::dot_lanes(query.data() + g * head_dim, key_block.data() + i * head_dim, head_dim);
-          for (std::int64_t i = 0; i < count; ++i) {
-            s[i] = s[i] * scale + bias_of(cache, b, h, i0 + i);
-            block_max = std::fmax(block_max, s[i]);
-          }
+            for (std::int64_t i = 0; i < count; ++i) {
+              s[i] = s[i] * scale + bias_of(cache, b, h, i0 + i);
+              block_max = std::fmax(block_max, s[i]);
+            }
           if (state.logits != nullptr) std::copy(s, s + count, state.logits + (g0 + g) * state.stride + i0);
           if (block_max > max_logit[g]) {  // rescale what was summed against the old max
-            const float factor = std::exp(max_logit[g] - block_max);
+            const float factor = detail::cpu_exp(max_logit[g] - block_max);
             denominator[g] *= factor;
             for (std::int64_t d = 0; d < head_dim; ++d) accumulator[g * head_dim + d] *= factor;
             max_logit[g] = block_max;
           }
+#if KVTRIM_X86_DISPATCH
+          if (fast) {
+            denominator[g] += detail::cpu_exp_shifted_sum_avx2(s, count, max_logit[g]);
+            continue;
+          }
+#endif
           for (std::int64_t i = 0; i < count; ++i) {
-            s[i] = std::exp(s[i] - max_logit[g]);
+            s[i] = detail::cpu_exp(s[i] - max_logit[g]);
             denominator[g] += s[i];
           }
         }
 #if KVTRIM_X86_DISPATCH
         if (fast) {
-          detail::x86::accumulate_rows(accumulator.data(), logits.data(), 64, heads, value_block.data(), count,
-                                       head_dim);
+          detail::x86::accumulate_rows<format>(accumulator.data(), logits.data(), 64, heads, value_rows.data(), count,
+                                               head_dim, {next_key_rows.data(), next_count, row_bytes});
+          std::swap(key_rows, next_key_rows);
           continue;
         }
 #endif
+        alignas(64) std::array<float, block_floats> value_block;
+        for (std::int64_t i = 0; i < count; ++i)
+          detail::row_to_float(value_row(i), value_block.data() + i * head_dim, head_dim);
         for (std::int64_t i = 0; i < count; ++i) {
           const float* v = value_block.data() + i * head_dim;
           for (std::int64_t g = 0; g < heads; ++g) {
@@ -369,7 +409,7 @@ struct implementation<stage::decode_attention, backend::cpu> {
       }
       if (state.logits != nullptr) std::copy(s.begin(), s.begin() + count, state.logits + g * state.stride + i0);
       if (block_max > max_logit) {  // fold the reader into the accumulator, rescaled; start a fresh reader
-        const float factor = std::exp(max_logit - block_max);
+        const float factor = detail::cpu_exp(max_logit - block_max);
         if (reader_used) {
           reader->finish(partial.data());
           for (std::int64_t d = 0; d < head_dim; ++d) accumulator[d] += partial[d];
@@ -382,7 +422,7 @@ struct implementation<stage::decode_attention, backend::cpu> {
         max_logit = block_max;
       }
       for (std::int64_t i = 0; i < count; ++i) {
-        const float weight = std::exp(s[i] - max_logit);
+        const float weight = detail::cpu_exp(s[i] - max_logit);
         denominator += weight;
         reader->accumulate(cache.slot(b, h, i0 + i), weight);
       }
