@@ -9,7 +9,9 @@
 //      conversions exact for every fp16 / bf16 bit pattern; q·k and Σ p·v within
 //      the summation bound; scale_and_max equal to fma(s, scale, bias) per
 //      element, its maximum ignoring NaN as std::fmax does.
-// Whole decode attention against the double oracle: decode_attention_test.cpp.
+//   3. Whole decode attention on both paths (vectorised, and portable with the
+//      switch x86::vector_paths_enabled off) within the double oracle's bound
+//      (tests/common/tolerance.hpp); every other shape: decode_attention_test.cpp.
 #include <gtest/gtest.h>
 
 #include <kvtrim/kvtrim.hpp>
@@ -22,6 +24,11 @@
 #include <limits>
 #include <random>
 #include <vector>
+
+#include "common/oracle.hpp"
+#include "common/streaming.hpp"
+#include "common/tensors.hpp"
+#include "common/tolerance.hpp"
 
 namespace {
 
@@ -266,6 +273,49 @@ TEST(DecodeAttentionX86, ScaleAndMaxEqualsTheScalarLoopAndIgnoresNaN) {
     }
   float all_nan[3] = {NAN, NAN, NAN};
   EXPECT_EQ(x86::scale_and_max(all_nan, 3, 1.0f, nullptr), -std::numeric_limits<float>::infinity());
+}
+
+// ---- whole decode attention, both paths --------------------------------------------
+namespace kts = kvtrim::testing;
+
+struct decode_case {
+  std::int64_t batch, kv_heads, group, head_dim, tokens;
+};
+
+/// Appends `tokens` tokens, attends once, returns the worst |error| / bound against the oracle.
+template <class Codec, class InputT>
+double decode_worst_ratio(const decode_case& c, std::uint64_t seed) {
+  using scheme = kts::streaming_scheme<Codec>;
+  const kvtrim::model_shape shape{.q_heads = c.kv_heads * c.group, .kv_heads = c.kv_heads, .head_dim = c.head_dim};
+  auto keys = kts::random_tensor<InputT, 4>({c.batch, c.kv_heads, c.tokens, c.head_dim}, seed, 1.0f);
+  auto values = kts::random_tensor<InputT, 4>({c.batch, c.kv_heads, c.tokens, c.head_dim}, seed + 1, 1.0f);
+  auto queries = kts::random_tensor<InputT, 3>({c.batch, shape.q_heads, c.head_dim}, seed + 2, 1.0f);
+  auto out = kts::make_tensor<float, 3>({c.batch, shape.q_heads, c.head_dim});
+  auto cache = scheme::make_cache(shape, c.batch, c.tokens, typename Codec::config{});
+  scheme::append(cache.view(), keys.view, values.view);
+  scheme::attend(queries.view, cache.view(), out.view, kvtrim::workspace{});
+  const auto every_token = [&](std::int64_t, std::int64_t) { return kts::kept_tokens{kts::all_tokens(c.tokens), {}}; };
+  const auto oracle = kts::oracle_attention(queries.view, keys.view, values.view, c.kv_heads, every_token);
+  const auto bounds = kts::attention_bounds(queries.view, keys.view, values.view, c.kv_heads, every_token, {});
+  return kts::check_against(out.view, oracle, bounds).worst_ratio;
+}
+
+TEST(DecodeAttentionX86, VectorisedAndPortablePathsWithinTheOracleBound) {
+  // Blocks of 64 rows with tails (65, 300), head dims with tails (24, 100), every
+  // GQA width the kernels specialise (1 … 8 heads at once), one token.
+  const decode_case cases[] = {{1, 2, 4, 128, 300}, {2, 1, 8, 64, 129}, {1, 3, 1, 100, 65}, {1, 2, 3, 24, 1},
+                               {1, 1, 5, 64, 70},   {1, 1, 6, 32, 64},  {1, 1, 7, 16, 3},   {1, 2, 2, 128, 200}};
+  for (const bool vectorised : {true, false}) {
+    x86::vector_paths_enabled() = vectorised;
+    for (const decode_case& c : cases) {
+      SCOPED_TRACE(kd::cat(vectorised ? "vectorised" : "portable", ", B", c.batch, " Hkv", c.kv_heads, " G", c.group,
+                           " D", c.head_dim, " T", c.tokens));
+      EXPECT_LE((decode_worst_ratio<kvtrim::codec::fp16, kvtrim::half>(c, 41)), 1.0) << "fp16";
+      EXPECT_LE((decode_worst_ratio<kvtrim::codec::bf16, kvtrim::bfloat16>(c, 42)), 1.0) << "bf16";
+      EXPECT_LE((decode_worst_ratio<kvtrim::codec::fp32, float>(c, 43)), 1.0) << "fp32";
+    }
+  }
+  x86::vector_paths_enabled() = true;
 }
 #endif
 

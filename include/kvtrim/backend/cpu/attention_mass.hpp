@@ -16,15 +16,21 @@
 // How it runs: per (sequence, kv head) unit — units on OpenMP threads
 // (backend/cpu.hpp) — the unit's keys are converted to fp32 once (K read once
 // for the whole GQA group), and the group's observed queries, stacked g-major
-// (rows (g, t)), are multiplied by Kᵀ with one Eigen matrix product per block
-// of `row_block` rows and `column_block` keys: logits[rows, keys ≤ the block's
-// last position]. Eigen's GEMM micro-kernel sums each dot over d in order from
-// zero, exactly as the scalar loop, when rows and columns fill its panels: rows
-// are padded to a multiple of 48, products are a multiple of 32 columns, depth
-// ≤ 512; remainders use the scalar loop (see attention_mass_column_block).
-// tests/cpu/cpu_speed_test.cpp checks the bits against the scalar reference. The softmax per row then runs on the
-// stored logits with each exp computed once (the scalar reference computed it
-// twice, with the same result).
+// (rows (g, t)), are multiplied by Kᵀ a block of `row_block` rows at a time:
+// logits[rows, keys ≤ the block's last position]. Each logit must be the
+// reference's sum over d in order from zero, one rounded product and one
+// rounded sum per step. Two ways compute exactly that:
+//   - x86 CPUs with AVX2 (detail/x86.hpp's attention_logits, chosen at run
+//     time): eight rows per vector, the block transposed to [d][row], compiled
+//     without FMA so nothing fuses — the reference's bits.
+//   - elsewhere, Eigen's matrix products, whose micro-kernel sums each dot over
+//     d in order from zero when rows and columns fill its panels: rows padded
+//     to a multiple of 48, products a multiple of 32 columns wide, depth ≤ 512;
+//     remainders use the scalar loop (see attention_mass_column_block).
+// tests/cpu/cpu_speed_test.cpp checks the bits against the scalar reference
+// (on this machine's path). The softmax per row then runs on the stored logits
+// with each exp computed once (the scalar reference computed it twice, with the
+// same result).
 #pragma once
 
 #include <Eigen/Core>

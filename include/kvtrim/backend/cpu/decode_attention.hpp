@@ -18,13 +18,18 @@
 // oracle of the tests) this changes only rounding: tests/cpu/decode_attention_test
 // and codec_attention_test bound it (a few fp32 ulps per term).
 //
+// exp is the backend's own (detail/exp.hpp: ≤ 1.01 ulp, eight lanes at a time
+// where the CPU has AVX2+FMA, the same bits one at a time elsewhere).
+//
 // Two paths:
 //   - codec::plain (fp16, bf16, fp32): all query heads of a kv head's group at
-//     once, so each key and value row is read and converted once per group;
-//     rows are converted a block at a time (branch-free fp16 → fp32, exact), dot
-//     products and Σ p·v run in vectorisable loops — on x86 CPUs with AVX2,
-//     FMA and F16C, the hand-vectorised forms in detail/x86.hpp (chosen at run
-//     time; the portable loops otherwise: same math, see there for rounding).
+//     once, so each key and value row is read and converted once per group.
+//     On x86 CPUs with AVX2, FMA and F16C (chosen at run time) the stored rows
+//     are read in place by detail/x86.hpp's loops — converted in registers,
+//     blocks of 64 rows, the next rows prefetched while the current ones are
+//     computed; elsewhere each block is first converted to fp32 (branch-free
+//     fp16 → fp32, exact) and the portable loops run over it: same math, see
+//     x86.hpp for rounding.
 //   - every other codec: through the codec's attention reader (codec/hooks.hpp),
 //     one query head at a time (low rank computes (q·U)·c and (Σ p·c)·Uᵀ without
 //     rebuilding keys; pre-RoPE codecs rotate key i by its position, read from

@@ -36,6 +36,7 @@
 // Define KVTRIM_NO_X86_DISPATCH in every translation unit or in none.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && \
@@ -52,13 +53,22 @@ namespace kvtrim::detail::x86 {
 
 #define KVTRIM_X86_AVX2 __attribute__((target("avx2,fma,f16c")))
 
-/// True when this CPU runs AVX2, FMA and F16C (asked once per process).
+/// The process-wide switch for the hand-vectorised paths (default on): tests turn
+/// it off to run the portable paths on a CPU that has AVX2. Flip it only while no
+/// kvtrim call runs.
+inline std::atomic<bool>& vector_paths_enabled() {
+  static std::atomic<bool> enabled{true};
+  return enabled;
+}
+
+/// True when this CPU runs AVX2, FMA and F16C (asked once per process) and the
+/// switch above is on.
 inline bool has_avx2_fma_f16c() {
   static const bool supported = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   }();
-  return supported;
+  return supported && vector_paths_enabled().load(std::memory_order_relaxed);
 }
 
 /// How a stored row's elements are laid out: the three plain codecs.
