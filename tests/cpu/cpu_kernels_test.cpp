@@ -1,7 +1,7 @@
 // The CPU backend's hand-vectorised pieces (issue 13) against their definitions:
 //   1. detail/exp.hpp: cpu_exp (one float) and cpu_exp8 (eight lanes) give the
 //      same bits for a dense sample of every float in [−104, 89] and for the
-//      special values; both are within 1.01 ulp of the correctly rounded exp
+//      special values; both are within 1.013 ulp of the correctly rounded exp
 //      (the whole range was checked once exhaustively, docs/results.md); the row
 //      helpers (cpu_exp_shifted, cpu_exp_shifted_sum_avx2) equal the scalar loop.
 //   2. detail/x86.hpp, decode attention's inner loops over stored rows read in
@@ -54,14 +54,14 @@ std::vector<float> sampled_floats(std::uint32_t stride) {
   return floats;
 }
 
-TEST(CpuExp, WithinOnePointZeroOneUlpOfExp) {
+TEST(CpuExp, WithinOnePointZeroOneThreeUlpOfExp) {
   double worst = 0.0;
   float worst_at = 0.0f;
   for (const float x : sampled_floats(4099)) {
     const double error = ulp_error(kd::cpu_exp(x), x);
     if (error > worst) worst = error, worst_at = x;
   }
-  EXPECT_LE(worst, 1.01) << "at x = " << worst_at;
+  EXPECT_LE(worst, 1.013) << "at x = " << worst_at;
   // Exact points and the range ends.
   EXPECT_EQ(kd::cpu_exp(0.0f), 1.0f);
   EXPECT_EQ(kd::cpu_exp(-0.0f), 1.0f);

@@ -261,16 +261,16 @@ std::vector<std::int32_t> top_k(const S* scores, std::int64_t tokens, std::int64
 
 // ---- the backend's exp against std::exp: scores within a bound, kept sets unchanged
 // The reference exp changed from std::exp (glibc: ≤ 0.51 ulp) to the backend's
-// (≤ 1.01 ulp, vectorised). Both exponentiate the same logits, so each e_j moves
-// relatively by ≤ 1.52·2⁻²³ ≈ 3.04u (u = 2⁻²⁴); Z = Σ e_j (left to right, ≤ T terms)
+// (≤ 1.013 ulp, vectorised). Both exponentiate the same logits, so each e_j moves
+// relatively by ≤ 1.523·2⁻²³ ≈ 3.05u (u = 2⁻²⁴); Z = Σ e_j (left to right, ≤ T terms)
 // by that plus both sums' roundings, ≤ 2(T − 1)u; p_j = e_j/Z by the two plus 2u for
 // the divisions; the scores are positive sums and means of p (over `rows` window
 // or observed rows, then pooling over `kernel`, then the G heads of a group), each
 // adding at most its own 2·(terms)u: relative bound
-//   δ = (2·3.04 + 2T + 2 + 2·(rows + kernel + G) + 8)·u.
+//   δ = (2·3.05 + 2T + 2 + 2·(rows + kernel + G) + 8)·u.
 // Kept sets (top-k, ties to the lower index) at three budgets must be the same.
 double exp_change_bound(std::int64_t tokens, std::int64_t rows, std::int64_t kernel, std::int64_t group) {
-  return (2.0 * 3.04 + 2.0 * static_cast<double>(tokens) + 2.0 +
+  return (2.0 * 3.05 + 2.0 * static_cast<double>(tokens) + 2.0 +
           2.0 * static_cast<double>(rows + kernel + group) + 8.0) * 0x1p-24;
 }
 

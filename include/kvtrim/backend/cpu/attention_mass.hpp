@@ -7,7 +7,7 @@
 //   l_j = (q_t · k_j) · (1/√D)   in fp32, the dot summed over d = 0, 1, …, D−1 in order,
 //   m   = max_j≤p l_j,  e_j = exp(l_j − m),  Z = Σ_{j≤p} e_j left to right,
 //   accumulator_g[j] += e_j / Z   (t in order; torch's fp32 softmax).
-// exp is the backend's own (detail/exp.hpp: ≤ 1.01 ulp, the same bits scalar or
+// exp is the backend's own (detail/exp.hpp: ≤ 1.013 ulp, the same bits scalar or
 // eight lanes at a time); until issue 13's last step it was std::exp (≤ 0.51 ulp in
 // glibc), a scalar call that took half of SnapKV's time. The scores moved by at
 // most a few ulps; cpu_speed_test bounds the difference and checks that the kept

@@ -18,7 +18,7 @@
 // oracle of the tests) this changes only rounding: tests/cpu/decode_attention_test
 // and codec_attention_test bound it (a few fp32 ulps per term).
 //
-// exp is the backend's own (detail/exp.hpp: ≤ 1.01 ulp, eight lanes at a time
+// exp is the backend's own (detail/exp.hpp: ≤ 1.013 ulp, eight lanes at a time
 // where the CPU has AVX2+FMA, the same bits one at a time elsewhere).
 //
 // Two paths:
