@@ -12,7 +12,12 @@
 // Empty heads (a budget of 0): the CPU refuses to attend over them; the GPU
 // writes zeros (paged / flat lengths live on the device). The reference for the
 // other heads comes from a second build of the same cache in which each empty
-// head holds one extra token (heads are attended independently).
+// head holds n extra tokens (heads are attended independently).
+//
+// Multi-query decode (speculative decoding, `queries` = n new tokens per
+// sequence, 1..8): queries [B, n, Hq, D], the new tokens the last n of every
+// head, query t seeing the head's first L − n + 1 + t tokens; every case runs
+// through that entry (n = 1 forwards to the single-query kernels).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -38,6 +43,7 @@ struct decode_case {
   std::int64_t page_size;             // paged only
   std::vector<std::int64_t> lengths;  // [batch · kv_heads] (contiguous: one length, repeated)
   bool compensation;                  // a compensation token with a logit bias in most heads (paged, flat)
+  std::int64_t queries = 1;           // multi-query: new tokens per sequence (every non-empty head holds ≥ n)
 };
 
 std::string name_of(const decode_case& c) {
@@ -46,7 +52,7 @@ std::string name_of(const decode_case& c) {
   for (std::size_t i = 0; i < c.lengths.size() && i < 4; ++i) lengths += kt::detail::cat("_", c.lengths[i]);
   return kt::detail::cat(layout, "_b", c.batch, "_kv", c.kv_heads, "_g", c.group, "_d", c.head_dim,
                          c.layout == layout_kind::paged ? kt::detail::cat("_p", c.page_size) : std::string{}, "_n",
-                         lengths, c.compensation ? "_bias" : "");
+                         lengths, c.compensation ? "_bias" : "", c.queries > 1 ? kt::detail::cat("_q", c.queries) : "");
 }
 
 /// 256-byte aligned host memory for a cache block.
@@ -88,9 +94,10 @@ std::pair<std::int32_t, float> compensation_for(std::int64_t head, std::int64_t 
   return {static_cast<std::int32_t>(length / 3), std::log(1.0f + 37.0f * static_cast<float>(head % 5))};
 }
 
-template <class Layout, class Element>
+/// Element: the inputs' and queries' type; Codec: how the cache stores them (plain: exactly).
+template <class Layout, class Element, class Codec = kt::codec::plain<Element>>
 struct harness {
-  using codec = kt::codec::plain<Element>;
+  using codec = Codec;
   using cpu_scheme = kt::scheme<Layout, kt::score::static_window, kt::budget::uniform, codec, kt::backend::cpu>;
   using host_view = typename Layout::template view<codec, kt::host_space>;
   using device_view = typename Layout::template view<codec, kt::device_space>;
@@ -159,8 +166,9 @@ struct harness {
   }
 
   void run() {
-    const head_data<Element> data = make_heads<Element>(c, 1);
-    auto queries = kt::testing::random_tensor<Element, 3>({c.batch, shape.q_heads, c.head_dim}, 7, 2.0f);
+    const std::int64_t n_queries = c.queries;
+    const head_data<Element> data = make_heads<Element>(c, n_queries);
+    auto queries = kt::testing::random_tensor<Element, 4>({c.batch, n_queries, shape.q_heads, c.head_dim}, 7, 2.0f);
     const bool any_empty = std::any_of(c.lengths.begin(), c.lengths.end(), [](std::int64_t n) { return n == 0; });
 
     // The cache the GPU reads, and the CPU's reference (over the same cache, or its twin with the empty heads filled).
@@ -170,10 +178,10 @@ struct harness {
     std::unique_ptr<host_block> twin_block;
     host_view reference_view = view;
     if (any_empty) {
-      twin_block = std::make_unique<host_block>(host_view::bytes(shape, c.batch, pool(1)));
-      reference_view = build(*twin_block, data, 1);
+      twin_block = std::make_unique<host_block>(host_view::bytes(shape, c.batch, pool(n_queries)));
+      reference_view = build(*twin_block, data, n_queries);
     }
-    auto cpu_out = kt::testing::make_tensor<float, 3>({c.batch, shape.q_heads, c.head_dim});
+    auto cpu_out = kt::testing::make_tensor<float, 4>({c.batch, n_queries, shape.q_heads, c.head_dim});
     cpu_scheme::attend(queries.cview(), reference_view, cpu_out.view, {});
 
     // The same bytes on the device, the same layout bound over them.
@@ -191,18 +199,18 @@ struct harness {
     }();
     Layout::check("decode_test", gpu_view);
 
-    kt::testing::device_tensor<Element, 3> device_queries(queries);
-    device_buffer<float> device_out(static_cast<std::size_t>(c.batch * shape.q_heads * c.head_dim));
+    kt::testing::device_tensor<Element, 4> device_queries(queries);
+    device_buffer<float> device_out(static_cast<std::size_t>(c.batch * n_queries * shape.q_heads * c.head_dim));
     device_out.fill_bytes(0xff);  // NaN: an unwritten output fails
     using attention = kt::implementation<kt::stage::decode_attention, kt::backend::cuda>;
-    device_buffer<std::byte> scratch(attention::workspace_bytes(gpu_view));
+    device_buffer<std::byte> scratch(attention::workspace_bytes(gpu_view, n_queries));
     cudaStream_t stream = nullptr;
     ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
-    const kt::tensor_view<const Element, 3, kt::device_space> query_view{device_queries.view.data, device_queries.view.extents,
+    const kt::tensor_view<const Element, 4, kt::device_space> query_view{device_queries.view.data, device_queries.view.extents,
                                                                         device_queries.view.strides};
     attention::attend(query_view, gpu_view,
-                      kt::make_view<kt::device_space>(device_out.data(),
-                                                      std::array<std::int64_t, 3>{c.batch, shape.q_heads, c.head_dim}),
+                      kt::make_view<kt::device_space>(
+                          device_out.data(), std::array<std::int64_t, 4>{c.batch, n_queries, shape.q_heads, c.head_dim}),
                       {scratch.data(), scratch.size()}, stream);
     ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
     cudaStreamDestroy(stream);
@@ -217,46 +225,82 @@ struct harness {
     // catch a misread page (16 of 32768 tokens move the output by ~5e-4·V), so — as the contiguous test —
     // the random-rounding model (Higham, Accuracy and Stability, §2.8: ~√n·u for independent roundings)
     // with a margin of 8 on each side: 16·√(n + 1)·u·V, plus 8u·V for the split merges' rescalings.
-    // The tensor-core path (16-bit storage, groups ≥ 4) also rounds each weight to the storage type for
-    // P·V (FlashAttention's choice): |Σ δp·v| / Σ p ≤ u_s·V.
+    // The tensor-core path (16-bit storage, groups ≥ 4, every multi-query call) also rounds each weight
+    // to the storage type for P·V (FlashAttention's choice): |Σ δp·v| / Σ p ≤ u_s·V.
+    // Multi-query: query t of a head of L tokens is the single-query case over its first L − n + 1 + t
+    // tokens (the later ones enter with weight exactly 0), so n below is that count.
+    // Quantizing codecs (symmetric codes: no zero points): both backends read the same codes and steps;
+    // dequantizing x̂ = c·s costs each side ≤ 2u|x̂| (tests/cuda/codecs_test.cu), so the rows they see
+    // differ by ≤ 4u|x̂|; on the tensor cores each dequantized key and value is also rounded to fp16
+    // once (u_h), or — read as fragments — the query times the key steps and the weights times the
+    // value steps are (the same terms): logits move by ≤ (4u + u_h)·S, outputs by ≤ (4u + u_h)·V, and
+    // P is rounded to fp16 (u_s below). S and V come from the rows the codec decodes.
     const double u = kt::element_traits<float>::unit_roundoff;
-    const double u_s = kt::element_traits<Element>::unit_roundoff;
-    const bool tensor_cores = c.group >= 4;
-    double worst_ratio = 0.0;
-    for (std::int64_t b = 0; b < c.batch; ++b)
-      for (std::int64_t j = 0; j < shape.q_heads; ++j) {
-        const std::int64_t head = b * c.kv_heads + j / c.group;
-        const std::int64_t n = c.lengths[head];
-        for (std::int64_t d = 0; d < c.head_dim; ++d) {
-          const float got = gpu_out[static_cast<std::size_t>((b * shape.q_heads + j) * c.head_dim + d)];
-          if (n == 0) ASSERT_EQ(got, 0.0f) << "empty head " << head << ": output " << j << "," << d << " should be 0";
-        }
-        if (n == 0) continue;
-        double largest_logit = 0.0, largest_value = 0.0;
-        const auto [bias_index, bias] = c.compensation ? compensation_for(head, n) : std::pair<std::int32_t, float>{-1, 0.0f};
-        for (std::int64_t i = 0; i < n; ++i) {
-          double magnitude = 0.0;
-          for (std::int64_t d = 0; d < c.head_dim; ++d) {
-            magnitude += std::abs(static_cast<double>(kt::to_float(queries(b, j, d))) *
-                                  static_cast<double>(kt::to_float(data.keys[head](i, d))));
-            largest_value = std::max(largest_value, std::abs(static_cast<double>(kt::to_float(data.values[head](i, d)))));
-          }
-          largest_logit = std::max(largest_logit, magnitude / std::sqrt(static_cast<double>(c.head_dim)) +
-                                                      (i == bias_index ? std::abs(bias) : 0.0));
-        }
-        const double logit_error = (static_cast<double>(c.head_dim) + 8.0) * u * largest_logit;
-        const double tolerance = 2.0 * std::expm1(2.0 * logit_error + 4.0 * u) * largest_value +
-                                 (16.0 * std::sqrt(static_cast<double>(n) + 1.0) + 8.0) * u * largest_value +
-                                 (tensor_cores ? u_s * largest_value : 0.0);
-        for (std::int64_t d = 0; d < c.head_dim; ++d) {
-          const float got = gpu_out[static_cast<std::size_t>((b * shape.q_heads + j) * c.head_dim + d)];
-          ASSERT_FALSE(std::isnan(got)) << "unwritten or NaN output at " << b << "," << j << "," << d;
-          const double error = std::abs(static_cast<double>(got) - cpu_out.view(b, j, d));
-          worst_ratio = std::max(worst_ratio, error / tolerance);
-          ASSERT_LE(error, tolerance) << "|cuda − cpu| at sequence " << b << ", q head " << j << ", dim " << d
-                                      << " (head of " << n << " tokens)";
+    const double u_s = kt::codec::is_plain<Codec> ? kt::element_traits<Element>::unit_roundoff
+                                                  : kt::element_traits<kt::half>::unit_roundoff;
+    const bool tensor_cores = c.group >= 4 || n_queries > 1;
+    const double codec_extra =
+        kt::codec::is_plain<Codec> ? 0.0 : 4.0 * u + (tensor_cores ? kt::element_traits<kt::half>::unit_roundoff : 0.0);
+    // What the cache holds, as floats: the inputs (plain codecs store them exactly) or the decoded rows.
+    std::vector<std::vector<float>> held_keys(static_cast<std::size_t>(heads)), held_values(held_keys.size());
+    for (std::int64_t head = 0; head < heads; ++head) {
+      const std::int64_t length = c.lengths[head], b = head / c.kv_heads, h = head % c.kv_heads;
+      auto& keys_of = held_keys[static_cast<std::size_t>(head)];
+      auto& values_of = held_values[static_cast<std::size_t>(head)];
+      keys_of.resize(static_cast<std::size_t>(length * c.head_dim));
+      values_of.resize(keys_of.size());
+      for (std::int64_t i = 0; i < length; ++i) {
+        float* key = keys_of.data() + i * c.head_dim;
+        float* value = values_of.data() + i * c.head_dim;
+        if constexpr (kt::codec::is_plain<Codec>) {
+          for (std::int64_t d = 0; d < c.head_dim; ++d)
+            key[d] = kt::to_float(data.keys[head](i, d)), value[d] = kt::to_float(data.values[head](i, d));
+        } else {
+          const std::int64_t slot = view.slot(b, h, i);
+          Codec::load_key(view.storage, head, slot, view.positions.slot_position[slot], key);
+          Codec::load_value(view.storage, head, slot, value);
         }
       }
+    }
+    double worst_ratio = 0.0;
+    for (std::int64_t b = 0; b < c.batch; ++b)
+      for (std::int64_t t = 0; t < n_queries; ++t)
+        for (std::int64_t j = 0; j < shape.q_heads; ++j) {
+          const std::int64_t head = b * c.kv_heads + j / c.group;
+          const std::int64_t n = c.lengths[head] == 0 ? 0 : c.lengths[head] - n_queries + 1 + t;
+          const std::size_t row = static_cast<std::size_t>(((b * n_queries + t) * shape.q_heads + j) * c.head_dim);
+          for (std::int64_t d = 0; d < c.head_dim; ++d) {
+            const float got = gpu_out[row + static_cast<std::size_t>(d)];
+            if (n == 0) ASSERT_EQ(got, 0.0f) << "empty head " << head << ": output " << t << "," << j << "," << d << " should be 0";
+          }
+          if (n == 0) continue;
+          double largest_logit = 0.0, largest_value = 0.0;
+          const auto [bias_index, bias] =
+              c.compensation ? compensation_for(head, c.lengths[head]) : std::pair<std::int32_t, float>{-1, 0.0f};
+          for (std::int64_t i = 0; i < n; ++i) {
+            double magnitude = 0.0;
+            for (std::int64_t d = 0; d < c.head_dim; ++d) {
+              const std::size_t at = static_cast<std::size_t>(i * c.head_dim + d);
+              magnitude += std::abs(static_cast<double>(kt::to_float(queries(b, t, j, d))) *
+                                    static_cast<double>(held_keys[head][at]));
+              largest_value = std::max(largest_value, std::abs(static_cast<double>(held_values[head][at])));
+            }
+            largest_logit = std::max(largest_logit, magnitude / std::sqrt(static_cast<double>(c.head_dim)) +
+                                                        (i == bias_index ? std::abs(bias) : 0.0));
+          }
+          const double logit_error = ((static_cast<double>(c.head_dim) + 8.0) * u + codec_extra) * largest_logit;
+          const double tolerance = 2.0 * std::expm1(2.0 * logit_error + 4.0 * u) * largest_value +
+                                   (16.0 * std::sqrt(static_cast<double>(n) + 1.0) + 8.0) * u * largest_value +
+                                   (tensor_cores ? u_s * largest_value : 0.0) + codec_extra * largest_value;
+          for (std::int64_t d = 0; d < c.head_dim; ++d) {
+            const float got = gpu_out[row + static_cast<std::size_t>(d)];
+            ASSERT_FALSE(std::isnan(got)) << "unwritten or NaN output at " << b << "," << t << "," << j << "," << d;
+            const double error = std::abs(static_cast<double>(got) - cpu_out.view(b, t, j, d));
+            worst_ratio = std::max(worst_ratio, error / tolerance);
+            ASSERT_LE(error, tolerance) << "|cuda − cpu| at sequence " << b << ", query " << t << ", q head " << j
+                                        << ", dim " << d << " (" << n << " tokens seen)";
+          }
+        }
     ::testing::Test::RecordProperty("worst_error_over_tolerance", std::to_string(worst_ratio));
   }
 };
@@ -272,6 +316,7 @@ void run_case(const decode_case& c) {
 }
 
 class DecodeAttention : public ::testing::TestWithParam<decode_case> {};
+class MultiQueryDecodeCodecs : public ::testing::TestWithParam<decode_case> {};
 
 TEST_P(DecodeAttention, MatchesCpuReferenceFp16) {
   KVTRIM_SKIP_WITHOUT_GPU();
@@ -311,6 +356,108 @@ INSTANTIATE_TEST_SUITE_P(
     [](const ::testing::TestParamInfo<decode_case>& info) {
       return kt::detail::cat(name_of(info.param), "_", info.index);
     });
+
+// Multi-query decode: n = 2..8 new tokens per sequence, every layout, GQA 1/2/4/8/16 (query rows Group × n
+// from 2 to 128: one to eight 16-row tiles), D 64/128/256, pages 16/32/64, lengths 0 (zeros), n (the first
+// query sees one token), 17, 4097, 32768 and heads 10× apart, compensation tokens.
+class MultiQueryDecode : public ::testing::TestWithParam<decode_case> {};
+
+TEST_P(MultiQueryDecode, MatchesCpuReferenceFp16) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  run_case<kt::half>(GetParam());
+}
+TEST_P(MultiQueryDecode, MatchesCpuReferenceBf16) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  run_case<kt::bfloat16>(GetParam());
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    SpeculativeTokens, MultiQueryDecode,
+    ::testing::Values(
+        decode_case{L::paged, 2, 4, 4, 128, 16, {0, 4, 17, 4097, 300, 3001, 31, 8}, true, 4},
+        decode_case{L::flat, 2, 2, 8, 64, 0, {10000, 1000, 8, 4097}, true, 8},
+        decode_case{L::paged, 1, 2, 1, 64, 32, {32768, 3277}, true, 2},
+        decode_case{L::flat, 1, 2, 16, 256, 0, {4097, 409}, true, 3},
+        decode_case{L::paged, 1, 2, 16, 128, 64, {513, 200}, true, 8},
+        decode_case{L::paged, 2, 2, 8, 256, 16, {1000, 100, 0, 17}, true, 5},
+        decode_case{L::flat, 1, 2, 2, 128, 0, {600, 70}, true, 6},
+        decode_case{L::contiguous, 2, 2, 4, 128, 0, {4097, 4097, 4097, 4097}, false, 8},
+        decode_case{L::contiguous, 1, 2, 16, 64, 0, {17, 17}, false, 5},
+        decode_case{L::contiguous, 2, 1, 1, 256, 0, {7, 7}, false, 7},
+        // small: blocks reading pieces of two heads and the merge (the sanitizer runs take these)
+        decode_case{L::paged, 2, 2, 4, 64, 16, {300, 0, 33, 700}, true, 2},
+        decode_case{L::flat, 1, 2, 16, 64, 0, {600, 70}, true, 8}),
+    [](const ::testing::TestParamInfo<decode_case>& info) {
+      return kt::detail::cat(name_of(info.param), "_", info.index);
+    });
+
+// int8 (KIVI key groups of 32, symmetric; pages of 32 so that a key group never straddles two pages):
+// several queries read the codes through dequantized fp16 tiles (the fragment readers hold one query
+// per row); one query (last case) through the fragments. Groups 1 (a tensor-core kernel the single
+// query never uses) to 16, D 64 / 128.
+TEST_P(MultiQueryDecodeCodecs, Int8MatchesCpuReference) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  SCOPED_TRACE(name_of(GetParam()));
+  harness<kt::layout::paged, kt::half, kt::codec::int8>(GetParam()).run();
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    SpeculativeTokens, MultiQueryDecodeCodecs,
+    ::testing::Values(decode_case{L::paged, 2, 2, 4, 128, 32, {0, 40, 4097, 300}, true, 4},
+                      decode_case{L::paged, 1, 2, 1, 64, 32, {33, 700}, true, 8},
+                      decode_case{L::paged, 1, 2, 16, 64, 32, {600, 70}, true, 8},
+                      decode_case{L::paged, 1, 2, 8, 128, 32, {1000, 100}, true, 1}),
+    [](const ::testing::TestParamInfo<decode_case>& info) {
+      return kt::detail::cat(name_of(info.param), "_", info.index);
+    });
+
+TEST(MultiQueryDecodeErrors, RefusalsNameTheArgument) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  using attention = kt::implementation<kt::stage::decode_attention, kt::backend::cuda>;
+  const kt::model_shape shape{.q_heads = 4, .kv_heads = 1, .head_dim = 64};
+  const std::array<std::int64_t, 4> extents{1, 3, 4, 64};
+  device_buffer<float> out(3 * 4 * 64);
+  const auto expect_error = [](auto&& call, const char* argument) {
+    try {
+      call();
+      ADD_FAILURE() << "expected kvtrim::error naming " << argument;
+    } catch (const kt::error& e) {
+      EXPECT_NE(std::string(e.what()).find(argument), std::string::npos) << e.what();
+    }
+  };
+  {  // fp32 storage: no tensor-core path for several query rows
+    using view_type = kt::layout::paged::view<kt::codec::fp32, kt::device_space>;
+    device_buffer<std::byte> memory(view_type::bytes(shape, 1, {4, 16}));
+    const view_type view = view_type::bind(memory.data(), shape, 1, {4, 16});
+    device_buffer<float> queries(3 * 4 * 64);
+    device_buffer<std::byte> scratch(attention::workspace_bytes(view, 3));
+    expect_error([&] {
+      attention::attend(kt::make_view<kt::device_space>(static_cast<const float*>(queries.data()), extents), view,
+                        kt::make_view<kt::device_space>(out.data(), extents), {scratch.data(), scratch.size()}, nullptr);
+    }, "cache.codec");
+  }
+  using view_type = kt::layout::flat::view<kt::codec::fp16, kt::device_space>;
+  device_buffer<std::byte> memory(view_type::bytes(shape, 1, {64}));
+  const view_type view = view_type::bind(memory.data(), shape, 1, {64});
+  device_buffer<kt::half> queries(9 * 4 * 64);
+  device_buffer<std::byte> scratch(attention::workspace_bytes(view, 8));
+  expect_error([&] {  // the eviction metric sums accepted queries' attention: one query
+    device_buffer<float> logits(64), lse(4);
+    kt::cuda_detail::decode_metric metric;
+    metric.logits = logits.data();
+    metric.lse = lse.data();
+    metric.stride = 64;
+    attention::attend(kt::make_view<kt::device_space>(static_cast<const kt::half*>(queries.data()), extents), view,
+                      kt::make_view<kt::device_space>(out.data(), extents), {scratch.data(), scratch.size()}, nullptr,
+                      metric);
+  }, "metric");
+  expect_error([&] {  // more than 8 new tokens
+    const std::array<std::int64_t, 4> nine{1, 9, 4, 64};
+    attention::attend(kt::make_view<kt::device_space>(static_cast<const kt::half*>(queries.data()), nine), view,
+                      kt::make_view<kt::device_space>(out.data(), nine), {scratch.data(), scratch.size()}, nullptr);
+  }, "queries");
+  EXPECT_EQ(attention::workspace_bytes(view, 9), 0u);
+}
 
 TEST(DecodeAttentionErrors, UnsupportedGroupNamesTheArgument) {
   KVTRIM_SKIP_WITHOUT_GPU();

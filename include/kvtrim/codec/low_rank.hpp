@@ -42,7 +42,7 @@
 // NaN or ±Inf inputs are an error. Fitting a basis (an SVD, Eigen) allocates;
 // it runs at compaction and at each refresh, never in a decode step without
 // one. Defaults: energy 0.98, max_rank head_dim/2, sequence bases, update_freq
-// 16, post-RoPE keys. Backends: cpu.
+// 16, post-RoPE keys. Backends: cpu; cuda with profile bases (backend/cuda/codec_low_rank.cuh).
 #pragma once
 
 #include <Eigen/Dense>

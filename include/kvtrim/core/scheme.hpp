@@ -4,7 +4,7 @@
 //
 //   keys, values [B,H,T,D] ─► Scorer ─► scores [B,H,T] ─► Budget ─► keep counts [B·H]
 //        ─► select_top_k ─► selection (CSR, ascending tokens) ─► Layout::compact ─► cache
-//   append(new keys/values) ─► Layout::append;   attend(q [B,Hq,D]) ─► decode_attention
+//   append(new keys/values) ─► Layout::append;   attend(q [B,Hq,D] or [B,n,Hq,D]) ─► decode_attention
 //
 // Two optional scorer hooks (RazorAttention needs both): a scorer with
 // `sets_keep_counts` gives the keep counts instead of the budget (which must be
@@ -38,6 +38,7 @@
 #include "kvtrim/core/view.hpp"
 #include "kvtrim/core/workspace.hpp"
 #include "kvtrim/layout/detail/positions.hpp"
+#include "kvtrim/layout/detail/status.hpp"
 
 namespace kvtrim {
 
@@ -109,6 +110,20 @@ struct stored_element<codec::layered<Inner>> {
   using type = half;
 };
 
+/// A budget implementation that reports its error from the device, through a
+/// word of its workspace that compaction reads (compact_args::budget_refusal).
+template <class Impl, class Config>
+concept refuses_on_device = requires(const Config& config, const model_shape& shape, std::int64_t count,
+                                     workspace scratch) {
+  { Impl::refusal_word(shape, count, scratch) } -> std::convertible_to<const unsigned long long*>;
+  { Impl::refused_budget(config, count) } -> std::convertible_to<std::int64_t>;
+};
+
+/// A device layout implementation that scans a call's inputs for NaN/Inf on the
+/// device and refuses the call through its status words (backend/cuda/writes.cuh).
+template <class Impl>
+concept checks_finite_on_device = requires { requires Impl::checks_finite_inputs; };
+
 template <class T, std::size_t Rank, class Space>
 tensor_view<const std::remove_const_t<T>, Rank, Space> as_const(const tensor_view<T, Rank, Space>& view) {
   return {view.data, view.extents, view.strides};
@@ -167,6 +182,13 @@ struct compress_options {
   std::int64_t* kept_offsets = nullptr;
   std::int32_t* kept_tokens = nullptr;
   std::int64_t kept_tokens_capacity = 0;
+  /// Refuse NaN/Inf keys, values and window queries (docs/composition.md §4). On
+  /// the host this is always done; on backend::cuda's paged and flat layouts it is
+  /// one device read of every input before the first write (≈ 0.3 ms for 1 GB of
+  /// prefill K/V on an H200), which engines that guarantee finite activations may skip.
+  /// (layout::contiguous on the device plans on the host and cannot refuse from
+  /// the device: its inputs are not checked.)
+  bool check_finite = true;
 };
 
 /// What a compress of T tokens needs from the cache, before any scoring.
@@ -453,11 +475,15 @@ struct scheme {
     layout::validate(function, cache, /*exclusive=*/true);
     check_append(function, cache, new_keys, new_values, {cache.batch, cache.shape.kv_heads, -1, cache.shape.head_dim},
                  -1);
+    check_finite_on_device(cache, detail::layout_status::append, detail::as_const(new_keys),
+                           detail::as_const(new_values), stream);
     implementation<LayoutT, BackendT>::append(cache, detail::as_const(new_keys), detail::as_const(new_values), stream);
   }
 
   /// append() without the O(pages) validation of the cache's tables (layout::check still runs):
-  /// for engines that validated their view once and call this every decode step.
+  /// for engines that validated their view once and call this every decode step. On the
+  /// device it also skips the NaN/Inf scan of the new rows (one more launch per layer
+  /// and step); the host's check_finite still runs on the CPU.
   template <class KeyT>
   static void append_unchecked(cache_view& cache, tensor_view<KeyT, 4, space> new_keys,
                                tensor_view<KeyT, 4, space> new_values, stream_type stream = {}) {
@@ -493,6 +519,12 @@ struct scheme {
     const auto values_in = as_head(new_values);
     check_append(function, cache, keys_in, values_in, {cache.batch, cache.shape.kv_heads, -1, cache.shape.head_dim},
                  b * cache.shape.kv_heads + h);
+    // The CPU checks the rows as a [1, 1, n, D] view (its error names sequence 0, kv head 0).
+    const auto row = [&](const tensor_view<KeyT, 2, space>& rows) {
+      return tensor_view<const std::remove_const_t<KeyT>, 4, space>{
+          rows.data, {1, 1, count, cache.shape.head_dim}, {0, 0, rows.strides[0], rows.strides[1]}};
+    };
+    check_finite_on_device(cache, detail::layout_status::append_head, row(new_keys), row(new_values), stream);
     implementation<LayoutT, BackendT>::append_head(cache, b, h, keys_in, values_in, stream);
   }
 
@@ -522,6 +554,38 @@ struct scheme {
     attend_checked_view(function, queries, cache, out, scratch, stream);
   }
 
+  /// Most new query tokens per sequence multi-query attend() takes (speculative decoding's drafts).
+  static constexpr std::int64_t max_queries_per_sequence = 8;
+
+  /// Scratch bytes multi-query attend() needs for n = queries_per_sequence new tokens per sequence.
+  static std::size_t attend_workspace(const cache_view& cache, std::int64_t queries_per_sequence) {
+    return implementation<stage::decode_attention, BackendT>::workspace_bytes(cache, queries_per_sequence);
+  }
+
+  /// Multi-query decode (speculative decoding): queries, out [B, n, Hq, D], n in
+  /// 1..8 new tokens per sequence, the same n for every sequence (a vLLM / FlashInfer
+  /// engine's flat [B·n, Hq, D] query rows are this view with strides {n·Hq·D, Hq·D, D, 1}).
+  /// The n new tokens must already be appended: they are the last n tokens of every head,
+  /// and query t sees the head's first L − n + 1 + t tokens (causal among the new tokens):
+  ///   out[b, t, j] = softmax_{i ≤ L − n + t}(q[b, t, j]·k_i / √D) · v_i.
+  /// n = 1 is attend() over [B, Hq, D].
+  template <class QueryT, class OutT>
+  static void attend(tensor_view<QueryT, 4, space> queries, const cache_view& cache, tensor_view<OutT, 4, space> out,
+                     workspace scratch, stream_type stream = {}) {
+    constexpr std::string_view function = "kvtrim::scheme::attend";
+    layout::validate(function, cache);
+    attend_checked_view(function, queries, cache, out, scratch, stream);
+  }
+
+  /// Multi-query attend() without the O(pages) validation of the cache's tables.
+  template <class QueryT, class OutT>
+  static void attend_unchecked(tensor_view<QueryT, 4, space> queries, const cache_view& cache,
+                               tensor_view<OutT, 4, space> out, workspace scratch, stream_type stream = {}) {
+    constexpr std::string_view function = "kvtrim::scheme::attend_unchecked";
+    layout::check(function, cache);
+    attend_checked_view(function, queries, cache, out, scratch, stream);
+  }
+
  private:
   template <class QueryT, class OutT>
   static void attend_checked_view(std::string_view function, tensor_view<QueryT, 3, space> queries,
@@ -531,6 +595,21 @@ struct scheme {
     detail::check_view(function, "queries", queries, {cache.batch, shape.q_heads, shape.head_dim}, true);
     detail::check_view(function, "out", out, {cache.batch, shape.q_heads, shape.head_dim}, true);
     detail::check_workspace(function, scratch, attend_workspace(cache));
+    implementation<stage::decode_attention, BackendT>::attend(detail::as_const(queries), cache, out, scratch, stream);
+  }
+
+  template <class QueryT, class OutT>
+  static void attend_checked_view(std::string_view function, tensor_view<QueryT, 4, space> queries,
+                                  const cache_view& cache, tensor_view<OutT, 4, space> out, workspace scratch,
+                                  stream_type stream) {
+    const model_shape& shape = cache.shape;
+    detail::check_view(function, "queries", queries, {cache.batch, -1, shape.q_heads, shape.head_dim}, true);
+    const std::int64_t queries_per_sequence = queries.extent(1);
+    if (queries_per_sequence < 1 || queries_per_sequence > max_queries_per_sequence)
+      detail::fail(function, "queries", detail::cat("1 to ", max_queries_per_sequence, " new tokens per sequence (axis 1)"),
+                   std::to_string(queries_per_sequence));
+    detail::check_view(function, "out", out, {cache.batch, queries_per_sequence, shape.q_heads, shape.head_dim}, true);
+    detail::check_workspace(function, scratch, attend_workspace(cache, queries_per_sequence));
     implementation<stage::decode_attention, BackendT>::attend(detail::as_const(queries), cache, out, scratch, stream);
   }
 
@@ -570,6 +649,18 @@ struct scheme {
         detail::check_finite<stored>(function, "new_values", values, "kv head");
       }
     }
+  }
+
+  /// The device's NaN/Inf check of appended rows (where the layout has one; the
+  /// host's check_append did it on the CPU). Called last before the layout's append,
+  /// whose host checks it runs first: nothing can throw between the scan and the
+  /// planning kernel that honours it.
+  template <class KeyT>
+  static void check_finite_on_device(const cache_view& cache, int entry, const tensor_view<KeyT, 4, space>& keys,
+                                     const tensor_view<KeyT, 4, space>& values, stream_type stream) {
+    if constexpr (detail::checks_finite_on_device<implementation<LayoutT, BackendT>>)
+      implementation<LayoutT, BackendT>::template check_finite<typename detail::stored_element<CodecT>::type>(
+          cache, entry, keys, values, tensor_view<KeyT, 4, space>{}, stream);
   }
 
   /// compress over all of a layer's heads on this device.
@@ -720,10 +811,24 @@ struct scheme {
     compact_args args;
     args.start_position = options.start_position;
     args.uniform_keep = BudgetT::ragged_heads || ScorerT::ragged_heads ? -1 : keep_bound;
+    if constexpr (!Ranks::sharded && detail::refuses_on_device<budget_impl, typename BudgetT::config>) {
+      // A budget that finds its error on the device (Ada-KV's paper form) leaves it
+      // in its workspace; the layout's compaction refuses instead of writing.
+      args.budget_refusal = budget_impl::refusal_word(shape, batch, parts.budget_scratch);
+      args.refused_budget = budget_impl::refused_budget(cfg.budget, tokens);
+    }
     if constexpr (detail::scorer_compensates<ScorerT>) {
       scorer_impl::compensation_rows(cfg.score, shape, keys_in, values_in, kept, options.start_position,
                                      parts.compensation, stream);
       args.compensation = &parts.compensation;
+    }
+    if constexpr (detail::checks_finite_on_device<implementation<LayoutT, BackendT>>) {
+      // The device's NaN/Inf scan, after every host-side check of the call (none can
+      // throw between it and compaction's planning kernel, which honours it).
+      if (options.check_finite)
+        implementation<LayoutT, BackendT>::template check_finite<typename detail::stored_element<CodecT>::type>(
+            cache, detail::layout_status::compress, keys_in, values_in,
+            ScorerT::needs_queries ? queries_in : decltype(queries_in){}, stream);
     }
     implementation<LayoutT, BackendT>::compact(cache, keys_in, values_in, kept, args, stream);
   }

@@ -40,6 +40,16 @@
 // is computed by one thread in a fixed order, so the result does not depend on
 // the thread count. No scratch: rows live on the stack.
 //
+// Multi-query decode (speculative decoding: n = 1..8 new tokens per sequence,
+// the same n for every sequence): queries [B, n, Hq, D]; the n new tokens are
+// already the last n tokens of every head, and query t of n sees the head's
+// first L − n + 1 + t tokens (itself and the tokens before it: causal among the
+// new ones). A head holding fewer than n tokens cannot hold its new tokens and
+// is refused. The plain path takes the group × n query rows (row r: token
+// r / group, head r % group) eight at a time over rows converted once; logits
+// past a row's last visible token are −∞ (weight 0). n = 1 is this path with
+// one token: the same arithmetic in the same order as before.
+//
 // Eviction metric (optional, eviction/metric.hpp): the same call can add each
 // token's c_i (Σ_g p², Σ_g p or their group means) to metric[slot] for tokens
 // older than the protected window. The probabilities are the ones this pass
@@ -56,6 +66,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 #include <type_traits>
 
 #include "kvtrim/backend/cpu.hpp"
@@ -143,6 +154,11 @@ struct implementation<stage::decode_attention, backend::cpu> {
            sizeof(float);
   }
 
+  template <class View>
+  static std::size_t workspace_bytes(const View&, std::int64_t /*queries_per_sequence*/) {
+    return 0;
+  }
+
   template <class View, class QueryT, class OutT>
   static void attend(const tensor_view<QueryT, 3>& queries, const View& cache, const tensor_view<OutT, 3>& out,
                      workspace scratch, backend::host_stream stream) {
@@ -153,12 +169,35 @@ struct implementation<stage::decode_attention, backend::cpu> {
   /// protected window to metric.values[slot] (eviction/metric.hpp).
   template <class View, class QueryT, class OutT>
   static void attend(const tensor_view<QueryT, 3>& queries, const View& cache, const tensor_view<OutT, 3>& out,
-                     workspace scratch, backend::host_stream, const eviction::metric_output<host_space>& metric) {
+                     workspace scratch, backend::host_stream stream, const eviction::metric_output<host_space>& metric) {
+    attend(one_token(queries), cache, one_token(out), scratch, stream, metric);
+  }
+
+  /// Multi-query decode: queries and out [B, n, Hq, D], query t of n seeing the
+  /// head's first L − n + 1 + t tokens. The metric needs n = 1: speculative
+  /// queries may yet be rejected, and the metric sums the attention of accepted ones.
+  template <class View, class QueryT, class OutT>
+  static void attend(const tensor_view<QueryT, 4>& queries, const View& cache, const tensor_view<OutT, 4>& out,
+                     workspace scratch, backend::host_stream,
+                     const eviction::metric_output<host_space>& metric = eviction::metric_output<host_space>{}) {
+    const std::int64_t queries_per_sequence = queries.extent(1);
+    if (metric.enabled() && queries_per_sequence != 1)
+      detail::fail("kvtrim::scheme::attend", "metric",
+                   "one query per sequence with an eviction metric (speculative queries may be rejected; the metric "
+                   "sums the attention of accepted tokens)",
+                   detail::cat(queries_per_sequence, " queries per sequence"));
     for (std::int64_t b = 0; b < cache.batch; ++b)  // refuse before any thread starts
       for (std::int64_t h = 0; h < cache.shape.kv_heads; ++h)
-        if (cache.head_length(b, h) < 1)
-          detail::fail("kvtrim::scheme::attend", "cache", detail::cat("at least one token in every head"),
-                       detail::cat("an empty head (sequence ", b, ", kv head ", h, ")"));
+        if (cache.head_length(b, h) < queries_per_sequence)
+          detail::fail("kvtrim::scheme::attend", "cache",
+                       queries_per_sequence == 1
+                           ? std::string("at least one token in every head")
+                           : detail::cat("at least ", queries_per_sequence,
+                                         " tokens in every head (the new tokens are the cache's last ",
+                                         queries_per_sequence, ")"),
+                       cache.head_length(b, h) == 0
+                           ? detail::cat("an empty head (sequence ", b, ", kv head ", h, ")")
+                           : detail::cat(cache.head_length(b, h), " tokens in sequence ", b, ", kv head ", h));
     const std::int64_t units = cache.batch * cache.shape.kv_heads;
     const std::int64_t thread_floats = metric.enabled() ? metric_thread_floats(cache) : 0;
     const std::int64_t threads =
@@ -173,12 +212,20 @@ struct implementation<stage::decode_attention, backend::cpu> {
       if constexpr (codec::is_plain<typename View::codec>)
         attend_plain(queries, cache, out, b, h, state);
       else
-        for (std::int64_t g = 0; g < cache.shape.group_size(); ++g) attend_generic(queries, cache, out, b, h, g, state);
+        for (std::int64_t t = 0; t < queries_per_sequence; ++t)
+          for (std::int64_t g = 0; g < cache.shape.group_size(); ++g)
+            attend_generic(queries, cache, out, b, h, t, g, state);
       if (metric.enabled()) add_metric(cache, metric, b, h, state);
     });
   }
 
  private:
+  /// A [B, Hq, D] view as [B, 1, Hq, D].
+  template <class T>
+  static tensor_view<T, 4> one_token(const tensor_view<T, 3>& view) {
+    return {view.data, {view.extent(0), 1, view.extent(1), view.extent(2)}, {view.stride(0), 0, view.stride(1), view.stride(2)}};
+  }
+
   /// Where a unit's logits go when the metric is asked for (logits null: not asked).
   struct group_state {
     float* logits = nullptr;  // [group][stride]: s_gi after scale and bias
@@ -236,16 +283,19 @@ struct implementation<stage::decode_attention, backend::cpu> {
       return 0.0f;
   }
 
-  /// codec::plain: the group's query heads (up to 8 at a time) over blocks of
-  /// rows. x86 with AVX2+FMA+F16C (detail/x86.hpp): the stored rows are read in
-  /// place, each converted in registers once per group; otherwise each block is
-  /// first converted to fp32 (portable loops, the same conversion bits).
+  /// codec::plain: the group × n query rows (up to 8 at a time; row r is query
+  /// token r / group of head r % group) over blocks of rows. x86 with
+  /// AVX2+FMA+F16C (detail/x86.hpp): the stored rows are read in place, each
+  /// converted in registers once per chunk of rows; otherwise each block is first
+  /// converted to fp32 (portable loops, the same conversion bits).
   template <class View, class QueryT, class OutT>
-  static void attend_plain(const tensor_view<QueryT, 3>& queries, const View& cache, const tensor_view<OutT, 3>& out,
+  static void attend_plain(const tensor_view<QueryT, 4>& queries, const View& cache, const tensor_view<OutT, 4>& out,
                            std::int64_t b, std::int64_t h, group_state& state) {
     using element = std::remove_cvref_t<decltype(*cache.storage.keys)>;
     const std::int64_t head_dim = cache.shape.head_dim;
     const std::int64_t group = cache.shape.group_size();
+    const std::int64_t queries_per_sequence = queries.extent(1);
+    const std::int64_t rows = group * queries_per_sequence;
     const std::int64_t length = cache.head_length(b, h);
     const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
     const auto& store = cache.storage;
@@ -270,19 +320,25 @@ struct implementation<stage::decode_attention, backend::cpu> {
     alignas(64) std::array<float, max_heads_at_once * max_head_dim> query, accumulator;
     std::array<float, max_heads_at_once * 64> logits;
     std::array<float, max_heads_at_once> max_logit, denominator;
+    std::array<std::int64_t, max_heads_at_once> visible;  // tokens [0, visible) of the head each row sees
 
-    for (std::int64_t g0 = 0; g0 < group; g0 += max_heads_at_once) {
-      const std::int64_t heads = std::min(max_heads_at_once, group - g0);
+    for (std::int64_t r0 = 0; r0 < rows; r0 += max_heads_at_once) {
+      const std::int64_t heads = std::min(max_heads_at_once, rows - r0);
+      const std::int64_t rows_end = r0 + heads;  // rows [r0, rows_end): their tokens' last visible token bounds the blocks
       for (std::int64_t g = 0; g < heads; ++g) {
+        const std::int64_t t = (r0 + g) / group, j = h * group + (r0 + g) % group;
         for (std::int64_t d = 0; d < head_dim; ++d) {
-          query[g * head_dim + d] = to_float(queries(b, h * group + g0 + g, d));
+          query[g * head_dim + d] = to_float(queries(b, t, j, d));
           accumulator[g * head_dim + d] = 0.0f;
         }
         max_logit[g] = -std::numeric_limits<float>::infinity();
         denominator[g] = 0.0f;
+        visible[g] = length - queries_per_sequence + 1 + t;
       }
-      for (std::int64_t i0 = 0; i0 < length; i0 += block) {
-        const std::int64_t count = std::min(block, length - i0);
+      // The chunk's last row sees the most tokens: blocks run to its visible length.
+      const std::int64_t read = length - queries_per_sequence + 1 + (rows_end - 1) / group;
+      for (std::int64_t i0 = 0; i0 < read; i0 += block) {
+        const std::int64_t count = std::min(block, read - i0);
         const auto key_row = [&](std::int64_t i) { return store.keys + cache.slot(b, h, i0 + i) * store.head_dim; };
         const auto value_row = [&](std::int64_t i) {
           return store.values + cache.slot(b, h, i0 + i) * store.head_dim;
@@ -296,7 +352,7 @@ struct implementation<stage::decode_attention, backend::cpu> {
           if (i0 == 0)
             for (std::int64_t i = 0; i < count; ++i) key_rows[i] = key_row(i);
           for (std::int64_t i = 0; i < count; ++i) value_rows[i] = value_row(i);
-          next_count = std::min(block, length - i0 - count);
+          next_count = std::min(block, read - i0 - count);
           for (std::int64_t i = 0; i < next_count; ++i) next_key_rows[i] = key_row(count + i);
           detail::x86::dot_rows<format>(query.data(), heads, key_rows.data(), count, head_dim, logits.data(), 64,
                                         {value_rows.data(), count, row_bytes});
@@ -319,17 +375,18 @@ struct implementation<stage::decode_attention, backend::cpu> {
 #endif
         for (std::int64_t g = 0; g < heads; ++g) {
           float* s = logits.data() + g * 64;
+          const std::int64_t seen = std::clamp<std::int64_t>(visible[g] - i0, 0, count);  // later ones: weight 0
           float block_max = -std::numeric_limits<float>::infinity();
 #if KVTRIM_X86_DISPATCH
           if (fast)
-            block_max = detail::x86::scale_and_max(s, count, scale, has_bias<View> ? bias.data() : nullptr);
+            block_max = detail::x86::scale_and_max(s, seen, scale, has_bias<View> ? bias.data() : nullptr);
           else
 #endif
-            for (std::int64_t i = 0; i < count; ++i) {
+            for (std::int64_t i = 0; i < seen; ++i) {
               s[i] = s[i] * scale + bias_of(cache, b, h, i0 + i);
               block_max = std::fmax(block_max, s[i]);
             }
-          if (state.logits != nullptr) std::copy(s, s + count, state.logits + (g0 + g) * state.stride + i0);
+          if (state.logits != nullptr) std::copy(s, s + count, state.logits + (r0 + g) * state.stride + i0);
           if (block_max > max_logit[g]) {  // rescale what was summed against the old max
             const float factor = detail::cpu_exp(max_logit[g] - block_max);
             denominator[g] *= factor;
@@ -338,14 +395,16 @@ struct implementation<stage::decode_attention, backend::cpu> {
           }
 #if KVTRIM_X86_DISPATCH
           if (fast) {
-            denominator[g] += detail::cpu_exp_shifted_sum_avx2(s, count, max_logit[g]);
+            denominator[g] += detail::cpu_exp_shifted_sum_avx2(s, seen, max_logit[g]);
+            std::fill(s + seen, s + count, 0.0f);
             continue;
           }
 #endif
-          for (std::int64_t i = 0; i < count; ++i) {
+          for (std::int64_t i = 0; i < seen; ++i) {
             s[i] = detail::cpu_exp(s[i] - max_logit[g]);
             denominator[g] += s[i];
           }
+          std::fill(s + seen, s + count, 0.0f);
         }
 #if KVTRIM_X86_DISPATCH
         if (fast) {
@@ -367,29 +426,31 @@ struct implementation<stage::decode_attention, backend::cpu> {
           }
         }
       }
-      for (std::int64_t g = 0; g < heads; ++g)
+      for (std::int64_t g = 0; g < heads; ++g) {
+        const std::int64_t t = (r0 + g) / group, j = h * group + (r0 + g) % group;
         for (std::int64_t d = 0; d < head_dim; ++d)
-          out(b, h * group + g0 + g, d) = from_float<OutT>(accumulator[g * head_dim + d] / denominator[g]);
-      if (state.logits != nullptr)
+          out(b, t, j, d) = from_float<OutT>(accumulator[g * head_dim + d] / denominator[g]);
+      }
+      if (state.logits != nullptr)  // n = 1: rows are the group's heads
         for (std::int64_t g = 0; g < heads; ++g) {
-          state.max_logit[g0 + g] = max_logit[g];
-          state.denominator[g0 + g] = denominator[g];
+          state.max_logit[r0 + g] = max_logit[g];
+          state.denominator[r0 + g] = denominator[g];
         }
     }
   }
 
-  /// Every other codec, through its attention reader: one query head.
+  /// Every other codec, through its attention reader: one query head of query token t.
   template <class View, class QueryT, class OutT>
-  static void attend_generic(const tensor_view<QueryT, 3>& queries, const View& cache, const tensor_view<OutT, 3>& out,
-                             std::int64_t b, std::int64_t h, std::int64_t g, group_state& state) {
+  static void attend_generic(const tensor_view<QueryT, 4>& queries, const View& cache, const tensor_view<OutT, 4>& out,
+                             std::int64_t b, std::int64_t h, std::int64_t t, std::int64_t g, group_state& state) {
     using codec_type = typename View::codec;
     const std::int64_t head_dim = cache.shape.head_dim;
     const std::int64_t j = h * cache.shape.group_size() + g;
     const std::int64_t head = b * cache.shape.kv_heads + h;
-    const std::int64_t length = cache.head_length(b, h);
+    const std::int64_t length = cache.head_length(b, h) - queries.extent(1) + 1 + t;  // the tokens query t sees
     const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
     std::array<float, max_head_dim> query{}, accumulator{}, partial{};
-    for (std::int64_t d = 0; d < head_dim; ++d) query[d] = to_float(queries(b, j, d));
+    for (std::int64_t d = 0; d < head_dim; ++d) query[d] = to_float(queries(b, t, j, d));
 
     // The two places that know the reader's interface.
     const auto make_reader = [&] { return codec::attention_reader<codec_type>(cache.storage, head, query.data(), head_dim); };
@@ -434,7 +495,8 @@ struct implementation<stage::decode_attention, backend::cpu> {
       reader_used = true;
     }
     reader->finish(partial.data());
-    for (std::int64_t d = 0; d < head_dim; ++d) out(b, j, d) = from_float<OutT>((accumulator[d] + partial[d]) / denominator);
+    for (std::int64_t d = 0; d < head_dim; ++d)
+      out(b, t, j, d) = from_float<OutT>((accumulator[d] + partial[d]) / denominator);
     if (state.logits != nullptr) {
       state.max_logit[g] = max_logit;
       state.denominator[g] = denominator;

@@ -1,7 +1,8 @@
 // kvtrim/backend/cuda/decode_attention.cuh — decode attention on the GPU: one
 // new query per query head over a compressed cache of any layout (contiguous,
 // paged, flat: decode_plan.cuh's row locators) with codec::fp16 / bf16 / fp32,
-// int8 / int4 (KIVI), fp8_e4m3 and layered over those.
+// int8 / int4 (KIVI), fp8_e4m3 and layered over those; codec::low_rank has its
+// own kernel (codec_low_rank.cuh) with the same partition, bias and merge.
 //
 // Memory-bound by design: the cache is read exactly once per step.
 //  * One kernel template over (layout addressing × head dim × group × storage
@@ -32,12 +33,22 @@
 //    the tiles as the pipeline's side data); layered codecs, KIVI runs shorter
 //    than 16 slots and head_dim 256 are dequantized tile by tile into fp16 K/V
 //    tiles that the mma loop reads as it reads 16-bit storage.
+//  * Multi-query decode (speculative decoding, attend over [B, n, Hq, D], n ≤ 8):
+//    the group's rows become Group × n query rows (row r: new token r / Group,
+//    query head r % Group) sharing every K/V tile the block loads; query t sees
+//    the head's first L − n + 1 + t tokens (logits past it are −∞). Always on
+//    the tensor cores (16-bit storage; code bytes through dequantized fp16 tiles:
+//    the fragment readers hold one query per row), one 16-row tile per warp:
+//    Group × 8 rows need up to 8 row tiles, i.e. up to 8 warps, each warp then
+//    reading more tokens of every tile (tensor_core_geometry). Not for fp32
+//    storage, nor with the eviction metric (speculative queries may be rejected).
 //  * Softmax is online (running max m, sum l, accumulator) in fp32, in base 2
 //    with log2(e)/√D folded into the query; the compensation bias (natural log)
 //    is added after the scale as the CPU does, times log2(e).
 // Same math as the CPU reference (backend/cpu/decode_attention.hpp), which
-// refuses empty heads; here an empty head's output is 0 (the lengths of paged
-// and flat caches live on the device: refusing would need a host sync).
+// refuses empty heads (and heads shorter than n); here an empty head's output
+// is 0, as is a query that sees no token (a paged / flat head shorter than n:
+// the lengths live on the device, refusing would need a host sync).
 #pragma once
 
 #include <algorithm>
@@ -87,8 +98,10 @@ template <class StoreT, int HeadDim, int RowStride, int TileTokens, int Stages, 
 struct kv_tile_stream {
   static constexpr int chunk_elements = 16 / static_cast<int>(sizeof(StoreT));
   static constexpr int chunks_per_row = HeadDim / chunk_elements;
-  static constexpr int chunks_per_thread = TileTokens * chunks_per_row / Threads;
-  static_assert(TileTokens * chunks_per_row % Threads == 0, "kv_tile_stream: chunks must split evenly over threads");
+  static constexpr int chunks = TileTokens * chunks_per_row;
+  // Fewer chunks than threads × k (short code rows, 256-thread multi-query blocks): the last threads copy fewer.
+  static constexpr bool even = chunks % Threads == 0;
+  static constexpr int chunks_per_thread = (chunks + Threads - 1) / Threads;
   static constexpr int tile_elements = TileTokens * RowStride;
   static constexpr std::size_t tiles_bytes = std::size_t{Stages} * 2 * tile_elements * sizeof(StoreT);
   static_assert(tiles_bytes % 16 == 0 && Side::bytes % 16 == 0, "kv_tile_stream: 16-byte aligned stages");
@@ -131,7 +144,9 @@ struct kv_tile_stream {
     for (int k = 0; k < chunks_per_thread; ++k) {
       const int chunk = threadIdx.x + k * Threads;
       const std::int64_t token = first + chunk / chunks_per_row;
-      source[k] = token < end ? rows.slot(token) * HeadDim + (chunk % chunks_per_row) * chunk_elements : -1;
+      source[k] = (even || chunk < chunks) && token < end
+                      ? rows.slot(token) * HeadDim + (chunk % chunks_per_row) * chunk_elements
+                      : -1;
     }
     side.resolve(rows, first, end);
   }
@@ -142,6 +157,7 @@ struct kv_tile_stream {
 #pragma unroll
     for (int k = 0; k < chunks_per_thread; ++k) {
       const int chunk = threadIdx.x + k * Threads;
+      if (!even && chunk >= chunks) continue;  // not a chunk of the tile
       const int offset = (chunk / chunks_per_row) * RowStride + (chunk % chunks_per_row) * chunk_elements;
       const bool valid = source[k] >= 0;
       if (hint.evict_first) {
@@ -272,42 +288,49 @@ struct decode_params {
   float query_scale;   // log2(e) / √head_dim
   int page_shift;      // paged: log2(page_size) or −1
   decode_metric metric;  // eviction metric side output (null logits: none)
+  int queries_per_sequence = 1;  // multi-query: n new tokens per sequence (query rows Group × n)
+  std::int64_t query_token_stride = 0, out_token_stride = 0;  // between a sequence's new tokens
 };
 
 /// Combines the block's partial softmax states of one segment (max, sum,
-/// unnormalised output per part and query head, in shared memory) and writes
-/// the output itself when the segment is the whole head, else the segment's
-/// normalised partial output and log-sum-exp (base 2) for merge_decode_partials.
-template <int HeadDim, int Group, int Parts, int Threads, class Params>
+/// unnormalised output per part and query row, in shared memory: `Rows` rows a
+/// part, Group of them at one query, else Group × params.queries_per_sequence in use) and
+/// writes the output itself when the segment is the whole head, else the
+/// segment's normalised partial output and log-sum-exp (base 2) for
+/// merge_decode_partials. Row r is query token r / Group of head r % Group; a
+/// row that saw no token (sum 0: multi-query over a head shorter than n) gets 0.
+template <int HeadDim, int Group, int Parts, int Threads, class Params, int Rows = Group>
 __device__ __forceinline__ void finish_segment(const Params& params, const float* shared_max, const float* shared_sum,
                                                const float* shared_accumulator, std::int64_t head, bool whole,
                                                std::int64_t partial_index) {
   constexpr float negative_infinity = -std::numeric_limits<float>::infinity();
   using out_type = std::remove_pointer_t<decltype(params.out)>;
   const std::int64_t b = head / params.cache.shape.kv_heads, h = head % params.cache.shape.kv_heads;
-  for (int index = threadIdx.x; index < Group * HeadDim; index += Threads) {
-    const int g = index / HeadDim;
+  const int rows = Rows == Group ? Group : Group * params.queries_per_sequence;
+  for (int index = threadIdx.x; index < rows * HeadDim; index += Threads) {
+    const int row = index / HeadDim;
+    const int t = row / Group, g = row % Group;
     const int d = index % HeadDim;
     float block_max = negative_infinity;
 #pragma unroll
-    for (int part = 0; part < Parts; ++part) block_max = fmaxf(block_max, shared_max[part * Group + g]);
+    for (int part = 0; part < Parts; ++part) block_max = fmaxf(block_max, shared_max[part * Rows + row]);
     float sum = 0.0f, output = 0.0f;
     if (block_max != negative_infinity) {
 #pragma unroll
       for (int part = 0; part < Parts; ++part) {
-        const float part_max = shared_max[part * Group + g];
+        const float part_max = shared_max[part * Rows + row];
         const float scale = part_max == negative_infinity ? 0.0f : exp2f(part_max - block_max);
-        sum += scale * shared_sum[part * Group + g];
-        output += scale * shared_accumulator[(part * Group + g) * HeadDim + d];
+        sum += scale * shared_sum[part * Rows + row];
+        output += scale * shared_accumulator[(part * Rows + row) * HeadDim + d];
       }
     }
     if (whole) {
-      params.out[b * params.out_batch_stride + (h * Group + g) * params.out_head_stride + d] =
-          from_float<out_type>(output / sum);
+      params.out[b * params.out_batch_stride + t * params.out_token_stride + (h * Group + g) * params.out_head_stride +
+                 d] = from_float<out_type>(sum > 0.0f ? output / sum : 0.0f);
       if (params.metric.logits != nullptr && d == 0)
         params.metric.lse[head * Group + g] = sum > 0.0f ? block_max + log2f(sum) : negative_infinity;
     } else {
-      const std::int64_t partial = partial_index * Group + g;
+      const std::int64_t partial = partial_index * rows + row;
       params.partial_out[partial * HeadDim + d] = sum > 0.0f ? output / sum : 0.0f;
       if (d == 0) params.partial_lse[partial] = sum > 0.0f ? block_max + log2f(sum) : negative_infinity;
     }
@@ -496,14 +519,21 @@ __global__ void __launch_bounds__(decode_threads) decode_attention_cuda_core(con
 // (rounding each dequantized element to fp16 once), and the same mma loop reads that.
 
 template <int HeadDim, class StoreT, int Group, int RowElements = HeadDim, bool Fragments = false,
-          class Side = no_tile_side>
+          class Side = no_tile_side, int Queries = 1>
 struct tensor_core_geometry {
+  /// Query rows: the group's heads at each of up to `Queries` new tokens, in 16-row mma tiles.
+  static constexpr int rows = Group * Queries;
+  static constexpr int row_tiles = (rows + 15) / 16;
   /// Four warps of 16 tokens: 64-token tiles, small enough that two blocks fit
   /// on a multiprocessor at head dims ≤ 128 — one block's prologue, segment
-  /// switch and epilogue then overlap the other's streaming.
-  static constexpr int warps = 4;
+  /// switch and epilogue then overlap the other's streaming. Several row tiles
+  /// (multi-query): a warp per row tile and token group, max(4, row tiles)
+  /// warps, each reading 16 · row tiles · 4 / warps tokens of every tile.
+  static constexpr int warps = row_tiles > 4 ? row_tiles : 4;
+  static constexpr int token_groups = warps / row_tiles;        // warps sharing a row tile
+  static constexpr int blocks_per_warp = 4 / token_groups;      // 16-token blocks a warp reads per tile
   static constexpr int threads = warps * 32;
-  static constexpr int tile_tokens = warps * 16;
+  static constexpr int tile_tokens = 64;
   static constexpr int row_stride = HeadDim + 8;  // elements of the mma tiles; +16 bytes per row
   static constexpr int tile_elements = tile_tokens * row_stride;
   /// Code bytes (quantizing codecs) are staged as stored, RowElements bytes a row, and either
@@ -524,8 +554,10 @@ struct tensor_core_geometry {
   template <class Rows>
   using stream = kv_tile_stream<StoreT, RowElements, stream_row_stride, tile_tokens, stages, threads, Rows, Side>;
   static constexpr std::size_t pipeline_bytes = stream<strided_rows>::bytes + dequant_bytes;
-  static constexpr std::size_t merge_bytes = std::size_t{warps} * Group * (HeadDim + 2) * sizeof(float);
+  static constexpr std::size_t merge_bytes = std::size_t{token_groups} * rows * (HeadDim + 2) * sizeof(float);
   static constexpr std::size_t shared_bytes = pipeline_bytes > merge_bytes ? pipeline_bytes : merge_bytes;
+  static_assert(rows <= 16 * row_tiles && token_groups * row_tiles == warps && blocks_per_warp * token_groups == 4,
+                "tensor-core decode: row tiles 1, 2, 4 or 8");
 };
 
 /// Two floats rounded to T and packed as one 32-bit register (low = first).
@@ -587,8 +619,10 @@ struct tensor_core_side<CodecT, HeadDim, Group, true> {
 /// fragment_decoder: scales folded into the query and the weights, tiles starting at a
 /// multiple of 16 tokens); otherwise 16-bit storage through ldmatrix, or code tiles
 /// dequantized to fp16 tiles first (layered codecs, KIVI runs shorter than 16 slots, head_dim 256).
-template <int HeadDim, int Group, class StoreT, class Params, bool Fragments = false>
-__global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::threads)
+/// Queries > 1: multi-query decode, up to Queries new tokens per sequence (params.queries_per_sequence of them).
+template <int HeadDim, int Group, class StoreT, class Params, bool Fragments = false, int Queries = 1>
+__global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, HeadDim, false, no_tile_side,
+                                                       Queries>::threads)
     decode_attention_tensor_core(const __grid_constant__ Params params) {
   wait_for_prerequisite_grid();  // paged / flat: the plan's partition
   allow_dependent_grid();        // the merge's blocks may be scheduled; they wait for this grid
@@ -596,12 +630,14 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
   using tiles = codec_tiles<codec_type, HeadDim>;
   using decoder = fragment_decoder<codec_type, HeadDim, Group>;
   using side_type = typename tensor_core_side<codec_type, HeadDim, Group, Fragments>::type;
-  using geometry = tensor_core_geometry<HeadDim, StoreT, Group, tiles::row_elements, Fragments, side_type>;
+  using geometry = tensor_core_geometry<HeadDim, StoreT, Group, tiles::row_elements, Fragments, side_type, Queries>;
   static_assert(!Fragments || decoder::supported, "tensor-core decode: no fragment decoder for this codec");
+  static_assert(!Fragments || Queries == 1, "tensor-core decode: the fragment decoders hold one query per row");
   // 16-bit storage as stored, or code bytes as fp16 (dequantized tiles or fragments).
   using mma_type = std::conditional_t<sizeof(StoreT) == 1, __half, StoreT>;
   static_assert(sizeof(mma_type) == 2 && Group <= 16, "tensor-core decode: 16-bit operands, groups of at most 16");
-  constexpr int row_blocks = Group > 8 ? 2 : 1;  // accumulator rows head_row and head_row + 8
+  constexpr int query_rows = geometry::rows;      // Group × Queries
+  constexpr int row_blocks = query_rows > 8 ? 2 : 1;  // accumulator rows head_row and head_row + 8
   constexpr int row_stride = geometry::row_stride;
   constexpr int code_stride = geometry::stream_row_stride;  // Fragments: bytes between staged code rows
   constexpr int k_steps = HeadDim / 16;
@@ -614,6 +650,12 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
   const int lane = threadIdx.x % 32;
   const int quad = lane % 4;
   const int head_row = lane / 4;  // this lane's accumulator rows: query heads head_row (+ 8) of the group when < G
+  // Multi-query: the warp's 16-row tile (rows first_row + head_row (+ 8)) and its share of every tile's tokens.
+  const int first_row = Queries == 1 ? 0 : (warp / geometry::token_groups) * 16;
+  const int token_group = Queries == 1 ? warp : warp % geometry::token_groups;
+  const int active_rows = Queries == 1 ? Group : Group * params.queries_per_sequence;
+  // Rows past Group × n: the warp only helps stream the tiles.
+  const bool warp_active = Queries == 1 || first_row < active_rows;
   const StoreT* keys = tiles::key_rows(cache.storage);
   const StoreT* values = tiles::value_rows(cache.storage);
   auto* dequantized = reinterpret_cast<__half*>(shared_memory + (geometry::pipeline_bytes - geometry::dequant_bytes));
@@ -658,10 +700,11 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
             float first_value = 0.0f, second_value = 0.0f;
-            const int row = head_row + 8 * rb;
-            if (row < Group) {
-              const auto* q =
-                  params.queries + b * params.query_batch_stride + (h * Group + row) * params.query_head_stride;
+            const int row = first_row + head_row + 8 * rb;  // query token row / Group, head row % Group
+            if (row < active_rows) {
+              const auto* q = params.queries + b * params.query_batch_stride +
+                              (row / Group) * params.query_token_stride +
+                              (h * Group + row % Group) * params.query_head_stride;
               const int dim = step * 16 + half * 8 + 2 * quad;
               first_value = to_float(q[dim]);
               second_value = to_float(q[dim + 1]);
@@ -678,134 +721,155 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
     float running_max[row_blocks], running_sum[row_blocks];  // max identical across the quad; sum: this lane's columns
 #pragma unroll
     for (int rb = 0; rb < row_blocks; ++rb) running_max[rb] = negative_infinity, running_sum[rb] = 0.0f;
+    // Multi-query: row r (new token t = r / Group) sees the head's tokens [0, L − n + 1 + t); rows past Group × n none.
+    [[maybe_unused]] std::int64_t visible[row_blocks];
+    if constexpr (Queries > 1) {
+      const std::int64_t length = params.partition.prefix(head + 1) - params.partition.prefix(head);
+#pragma unroll
+      for (int rb = 0; rb < row_blocks; ++rb) {
+        const int row = first_row + head_row + 8 * rb;
+        visible[rb] = row < active_rows ? length - params.queries_per_sequence + 1 + row / Group : 0;
+      }
+    }
 
     for (int tile = 0; tile < stream.tile_count; ++tile) {
       stream.wait(tile);
-      const std::int64_t first_token = stream.first_token(tile) + warp * 16;
-      [[maybe_unused]] const float* side_tile = stream.side_tile(tile);
-      const mma_type* key_rows = nullptr;
-      const mma_type* value_rows = nullptr;
-      float score_tile[2][4] = {};  // S for this warp's 16 tokens: [token block of 8][accumulator]
-      if constexpr (Fragments) {
+      // Code tiles without fragment readers: the whole block dequantizes the tile once, for every warp's rows.
+      if constexpr (geometry::dequantizes)
+        dequantize_tile<HeadDim, tiles::row_elements, geometry::tile_tokens, geometry::threads>(
+            reader, rows, stream.key_tile(tile), stream.value_tile(tile), stream.first_token(tile), end, dequantized,
+            dequantized + geometry::tile_elements, row_stride);
+      else
         (void)reader;
-        unsigned query_operand[k_steps][4];
-        fragments.block(side_tile, warp, first_token, end, lane, query_operand);
-        const std::uint8_t* key_codes = stream.key_tile(tile) + warp * 16 * code_stride;
+      // Each warp reads blocks_per_warp 16-token blocks of the tile (one at a single query).
 #pragma unroll
-        for (int block = 0; block < 2; ++block) {
-          unsigned key_operand[k_steps][2];
-          fragments.keys(key_codes + (block * 8 + lane / 4) * code_stride, first_token + block * 8, lane, key_operand);
-#pragma unroll
-          for (int step = 0; step < k_steps; ++step)
-            mma_16x8x16<mma_type>(score_tile[block], query_operand[step], key_operand[step][0], key_operand[step][1]);
-        }
-      } else {
-        if constexpr (geometry::dequantizes) {
-          dequantize_tile<HeadDim, tiles::row_elements, geometry::tile_tokens, geometry::threads>(
-              reader, rows, stream.key_tile(tile), stream.value_tile(tile), stream.first_token(tile), end, dequantized,
-              dequantized + geometry::tile_elements, row_stride);
-          key_rows = dequantized + warp * 16 * row_stride;
-          value_rows = dequantized + geometry::tile_elements + warp * 16 * row_stride;
-        } else {
+      for (int warp_block = 0; warp_block < (warp_active ? geometry::blocks_per_warp : 0); ++warp_block) {
+        const int warp_token = (token_group * geometry::blocks_per_warp + warp_block) * 16;  // in the tile
+        const std::int64_t first_token = stream.first_token(tile) + warp_token;
+        [[maybe_unused]] const float* side_tile = stream.side_tile(tile);
+        const mma_type* key_rows = nullptr;
+        const mma_type* value_rows = nullptr;
+        float score_tile[2][4] = {};  // S for this warp's 16 tokens: [token block of 8][accumulator]
+        if constexpr (Fragments) {
           (void)reader;
-          key_rows = stream.key_tile(tile) + warp * 16 * row_stride;
-          value_rows = stream.value_tile(tile) + warp * 16 * row_stride;
-        }
+          unsigned query_operand[k_steps][4];
+          fragments.block(side_tile, warp, first_token, end, lane, query_operand);
+          const std::uint8_t* key_codes = stream.key_tile(tile) + warp * 16 * code_stride;
 #pragma unroll
-        for (int step = 0; step < k_steps; ++step) {
-          unsigned key_fragment[4];
-          load_matrix_x4(key_fragment,
-                         key_rows + ((lane % 8) + (lane / 16) * 8) * row_stride + step * 16 + ((lane / 8) % 2) * 8);
-          const unsigned a[4] = {query_fragment[step][0][0], row_blocks > 1 ? query_fragment[step][row_blocks - 1][0] : 0u,
-                                 query_fragment[step][0][1], row_blocks > 1 ? query_fragment[step][row_blocks - 1][1] : 0u};
-          mma_16x8x16<mma_type>(score_tile[0], a, key_fragment[0], key_fragment[1]);
-          mma_16x8x16<mma_type>(score_tile[1], a, key_fragment[2], key_fragment[3]);
+          for (int block = 0; block < 2; ++block) {
+            unsigned key_operand[k_steps][2];
+            fragments.keys(key_codes + (block * 8 + lane / 4) * code_stride, first_token + block * 8, lane, key_operand);
+#pragma unroll
+            for (int step = 0; step < k_steps; ++step)
+              mma_16x8x16<mma_type>(score_tile[block], query_operand[step], key_operand[step][0], key_operand[step][1]);
+          }
+        } else {
+          if constexpr (geometry::dequantizes) {
+            key_rows = dequantized + warp_token * row_stride;
+            value_rows = dequantized + geometry::tile_elements + warp_token * row_stride;
+          } else {
+            key_rows = stream.key_tile(tile) + warp_token * row_stride;
+            value_rows = stream.value_tile(tile) + warp_token * row_stride;
+          }
+#pragma unroll
+          for (int step = 0; step < k_steps; ++step) {
+            unsigned key_fragment[4];
+            load_matrix_x4(key_fragment,
+                           key_rows + ((lane % 8) + (lane / 16) * 8) * row_stride + step * 16 + ((lane / 8) % 2) * 8);
+            const unsigned a[4] = {query_fragment[step][0][0], row_blocks > 1 ? query_fragment[step][row_blocks - 1][0] : 0u,
+                                   query_fragment[step][0][1], row_blocks > 1 ? query_fragment[step][row_blocks - 1][1] : 0u};
+            mma_16x8x16<mma_type>(score_tile[0], a, key_fragment[0], key_fragment[1]);
+            mma_16x8x16<mma_type>(score_tile[1], a, key_fragment[2], key_fragment[3]);
+          }
         }
-      }
 
-      float weight[row_blocks][4];
-      float rescale[row_blocks];
-#pragma unroll
-      for (int rb = 0; rb < row_blocks; ++rb) {
-        float score[4];
-#pragma unroll
-        for (int block = 0; block < 2; ++block)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int index = block * 8 + 2 * quad + e;  // the token's place in the warp's 16
-            const std::int64_t token = first_token + index;
-            float logit = 0.0f;
-            if constexpr (Fragments)
-              logit = fragments.score(score_tile[block][rb * 2 + e], rb, side_tile, warp * 16 + index);
-            else
-              logit = score_tile[block][rb * 2 + e] * params.query_scale;
-            score[block * 2 + e] = in_segment(token) ? logit + bias.at(token) : negative_infinity;
-          }
-        if (params.metric.logits != nullptr && head_row + 8 * rb < Group)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const std::int64_t token = first_token + (i / 2) * 8 + 2 * quad + i % 2;
-            if (in_segment(token))  // not token < end: [first, begin) belongs to another block's segment
-              store_metric_logit(params.metric.logits + (head_row + 8 * rb) * params.metric.stride + metric_line + token,
-                                 score[i], params.metric.keep_in_l2, metric_policy);
-          }
-        float tile_max = running_max[rb];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) tile_max = fmaxf(tile_max, score[i]);
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-        rescale[rb] = tile_max == negative_infinity ? 1.0f : exp2f(running_max[rb] - tile_max);
-        running_max[rb] = tile_max;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) weight[rb][i] = tile_max == negative_infinity ? 0.0f : exp2f(score[i] - tile_max);
-        running_sum[rb] = running_sum[rb] * rescale[rb] + (weight[rb][0] + weight[rb][1] + weight[rb][2] + weight[rb][3]);
-      }
-      // Rows 8..15 (accumulators 2, 3) hold query heads only at G = 16; below, they stay 0.
-#pragma unroll
-      for (int tile_index = 0; tile_index < output_tiles; ++tile_index)
-#pragma unroll
-        for (int i = 0; i < 2 * row_blocks; ++i) output[tile_index][i] *= rescale[row_blocks > 1 ? i / 2 : 0];
-      if constexpr (Fragments) {
-        // P' = P times each token's value step (zero points: Σ p z aside, rescaled as the output).
+        float weight[row_blocks][4];
+        float rescale[row_blocks];
 #pragma unroll
         for (int rb = 0; rb < row_blocks; ++rb) {
-          fragments.rescale(rb, rescale[rb]);
+          float score[4];
 #pragma unroll
-          for (int i = 0; i < 4; ++i)
-            weight[rb][i] = fragments.weight(weight[rb][i], rb, side_tile, warp * 16 + (i / 2) * 8 + 2 * quad + i % 2);
+          for (int block = 0; block < 2; ++block)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int index = block * 8 + 2 * quad + e;  // the token's place in the warp's 16
+              const std::int64_t token = first_token + index;
+              float logit = 0.0f;
+              if constexpr (Fragments)
+                logit = fragments.score(score_tile[block][rb * 2 + e], rb, side_tile, warp * 16 + index);
+              else
+                logit = score_tile[block][rb * 2 + e] * params.query_scale;
+              bool seen = in_segment(token);
+              if constexpr (Queries > 1) seen = seen && token < visible[rb];
+              score[block * 2 + e] = seen ? logit + bias.at(token) : negative_infinity;
+            }
+          if (Queries == 1 && params.metric.logits != nullptr && head_row + 8 * rb < Group)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const std::int64_t token = first_token + (i / 2) * 8 + 2 * quad + i % 2;
+              if (in_segment(token))  // not token < end: [first, begin) belongs to another block's segment
+                store_metric_logit(params.metric.logits + (head_row + 8 * rb) * params.metric.stride + metric_line + token,
+                                   score[i], params.metric.keep_in_l2, metric_policy);
+            }
+          float tile_max = running_max[rb];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) tile_max = fmaxf(tile_max, score[i]);
+          tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+          tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+          rescale[rb] = tile_max == negative_infinity ? 1.0f : exp2f(running_max[rb] - tile_max);
+          running_max[rb] = tile_max;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) weight[rb][i] = tile_max == negative_infinity ? 0.0f : exp2f(score[i] - tile_max);
+          running_sum[rb] = running_sum[rb] * rescale[rb] + (weight[rb][0] + weight[rb][1] + weight[rb][2] + weight[rb][3]);
         }
-      }
-
-      // P from S's accumulator layout is already the A operand of P·V.
-      const unsigned weight_fragment[4] = {
-          pack2<mma_type>(weight[0][0], weight[0][1]),
-          row_blocks > 1 ? pack2<mma_type>(weight[row_blocks - 1][0], weight[row_blocks - 1][1]) : 0u,
-          pack2<mma_type>(weight[0][2], weight[0][3]),
-          row_blocks > 1 ? pack2<mma_type>(weight[row_blocks - 1][2], weight[row_blocks - 1][3]) : 0u};
-      if constexpr (Fragments) {
-        unsigned value_operand[output_tiles][2];
-        fragments.values(stream.value_tile(tile) + warp * 16 * code_stride, code_stride, lane, value_operand);
+        // Rows 8..15 (accumulators 2, 3) hold query heads only at G = 16; below, they stay 0.
 #pragma unroll
         for (int tile_index = 0; tile_index < output_tiles; ++tile_index)
-          mma_16x8x16<mma_type>(output[tile_index], weight_fragment, value_operand[tile_index][0],
-                                value_operand[tile_index][1]);
-      } else {
 #pragma unroll
-        for (int pair = 0; pair < output_tiles / 2; ++pair) {
-          unsigned value_fragment[4];
-          load_matrix_x4_transposed(
-              value_fragment, value_rows + ((lane % 8) + ((lane / 8) % 2) * 8) * row_stride + pair * 16 + (lane / 16) * 8);
-          mma_16x8x16<mma_type>(output[2 * pair], weight_fragment, value_fragment[0], value_fragment[1]);
-          mma_16x8x16<mma_type>(output[2 * pair + 1], weight_fragment, value_fragment[2], value_fragment[3]);
+          for (int i = 0; i < 2 * row_blocks; ++i) output[tile_index][i] *= rescale[row_blocks > 1 ? i / 2 : 0];
+        if constexpr (Fragments) {
+          // P' = P times each token's value step (zero points: Σ p z aside, rescaled as the output).
+#pragma unroll
+          for (int rb = 0; rb < row_blocks; ++rb) {
+            fragments.rescale(rb, rescale[rb]);
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+              weight[rb][i] = fragments.weight(weight[rb][i], rb, side_tile, warp * 16 + (i / 2) * 8 + 2 * quad + i % 2);
+          }
+        }
+
+        // P from S's accumulator layout is already the A operand of P·V.
+        const unsigned weight_fragment[4] = {
+            pack2<mma_type>(weight[0][0], weight[0][1]),
+            row_blocks > 1 ? pack2<mma_type>(weight[row_blocks - 1][0], weight[row_blocks - 1][1]) : 0u,
+            pack2<mma_type>(weight[0][2], weight[0][3]),
+            row_blocks > 1 ? pack2<mma_type>(weight[row_blocks - 1][2], weight[row_blocks - 1][3]) : 0u};
+        if constexpr (Fragments) {
+          unsigned value_operand[output_tiles][2];
+          fragments.values(stream.value_tile(tile) + warp * 16 * code_stride, code_stride, lane, value_operand);
+#pragma unroll
+          for (int tile_index = 0; tile_index < output_tiles; ++tile_index)
+            mma_16x8x16<mma_type>(output[tile_index], weight_fragment, value_operand[tile_index][0],
+                                  value_operand[tile_index][1]);
+        } else {
+#pragma unroll
+          for (int pair = 0; pair < output_tiles / 2; ++pair) {
+            unsigned value_fragment[4];
+            load_matrix_x4_transposed(
+                value_fragment, value_rows + ((lane % 8) + ((lane / 8) % 2) * 8) * row_stride + pair * 16 + (lane / 16) * 8);
+            mma_16x8x16<mma_type>(output[2 * pair], weight_fragment, value_fragment[0], value_fragment[1]);
+            mma_16x8x16<mma_type>(output[2 * pair + 1], weight_fragment, value_fragment[2], value_fragment[3]);
+          }
         }
       }
       stream.release();
     }
     stream.drain();
 
-    auto* shared_max = reinterpret_cast<float*>(shared_memory);      // [warps][Group]
-    auto* shared_sum = shared_max + geometry::warps * Group;          // [warps][Group]
-    auto* shared_accumulator = shared_sum + geometry::warps * Group;  // [warps][Group][HeadDim]
+    constexpr int parts = geometry::token_groups;                  // partial states per row
+    auto* shared_max = reinterpret_cast<float*>(shared_memory);      // [parts][query_rows]
+    auto* shared_sum = shared_max + parts * query_rows;              // [parts][query_rows]
+    auto* shared_accumulator = shared_sum + parts * query_rows;      // [parts][query_rows][HeadDim]
 #pragma unroll
     for (int rb = 0; rb < row_blocks; ++rb) {
       float sum = running_sum[rb];
@@ -813,31 +877,42 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group>::
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
       [[maybe_unused]] float zero_sum = 0.0f;
       if constexpr (Fragments) zero_sum = fragments.zero_sum(rb);
-      const int row = head_row + 8 * rb;
-      if (row < Group) {
+      const int row = first_row + head_row + 8 * rb;
+      if (row < query_rows) {
 #pragma unroll
         for (int tile_index = 0; tile_index < output_tiles; ++tile_index)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             if constexpr (Fragments)
-              shared_accumulator[(warp * Group + row) * HeadDim + decoder::layout::value_channel(tile_index, 2 * quad + e)] =
+              shared_accumulator[(token_group * query_rows + row) * HeadDim + decoder::layout::value_channel(tile_index, 2 * quad + e)] =
                   fragments.output(output[tile_index][rb * 2 + e], zero_sum);
             else
-              shared_accumulator[(warp * Group + row) * HeadDim + tile_index * 8 + 2 * quad + e] =
+              shared_accumulator[(token_group * query_rows + row) * HeadDim + tile_index * 8 + 2 * quad + e] =
                   output[tile_index][rb * 2 + e];
           }
         if (quad == 0) {
-          shared_max[warp * Group + row] = running_max[rb];
-          shared_sum[warp * Group + row] = sum;
+          shared_max[token_group * query_rows + row] = running_max[rb];
+          shared_sum[token_group * query_rows + row] = sum;
         }
       }
     }
     __syncthreads();
-    finish_segment<HeadDim, Group, geometry::warps, geometry::threads>(params, shared_max, shared_sum,
-                                                                       shared_accumulator, head, whole, partial_index);
+    finish_segment<HeadDim, Group, parts, geometry::threads, Params, query_rows>(params, shared_max, shared_sum,
+                                                                          shared_accumulator, head, whole, partial_index);
     __syncthreads();  // the next segment's tiles overwrite this merge area
   });
 }
+
+/// Codecs the multi-query kernels read (through the tensor-core kernel's tiles: plain elements, or code
+/// bytes dequantized tile by tile); any other codec's own kernel holds one query per row and is refused.
+template <class CodecT>
+inline constexpr bool multi_query_codec = codec::is_plain<CodecT>;
+template <int Bits>
+inline constexpr bool multi_query_codec<codec::quantized<Bits>> = true;
+template <>
+inline constexpr bool multi_query_codec<codec::fp8> = true;
+template <class Inner>
+inline constexpr bool multi_query_codec<codec::layered<Inner>> = multi_query_codec<Inner>;
 
 /// Binds a runtime GQA group size to a compile-time constant (1, 2, 4, 8, 16).
 template <class Fn>
@@ -855,22 +930,24 @@ void dispatch_decode_group(std::int64_t group, std::string_view function, Fn&& f
 }
 
 /// The kernel, its block size and shared memory for one (head dim, group, storage) instantiation;
-/// Fragments (tensor cores over code bytes): the codec's fragment decoder, `Side` its staged steps.
+/// Fragments (tensor cores over code bytes): the codec's fragment decoder, `Side` its staged steps;
+/// Queries > 1: multi-query decode of up to that many new tokens per sequence.
 template <int HeadDim, int Group, class StoreT, int RowElements = HeadDim, bool Fragments = false,
-          class Side = no_tile_side>
+          class Side = no_tile_side, int Queries = 1>
 struct decode_kernel_choice {
-  // Groups ≥ 4 over 16-bit storage or code bytes run on the tensor cores; the rest on CUDA cores.
-  static constexpr bool tensor_cores = sizeof(StoreT) <= 2 && Group >= 4;
-  // fp32 storage at group 16 has no kernel: the CUDA-core lane groups hold at most head_dim / 8 heads.
-  static constexpr bool supported = tensor_cores || Group <= HeadDim / 8;
-  using tensor_geometry = tensor_core_geometry<HeadDim, StoreT, Group, RowElements, Fragments, Side>;
+  // Groups ≥ 4 (or several queries) over 16-bit storage or code bytes run on the tensor cores; the rest on CUDA cores.
+  static constexpr bool tensor_cores = sizeof(StoreT) <= 2 && (Group >= 4 || Queries > 1);
+  // fp32 storage at group 16 has no kernel: the CUDA-core lane groups hold at most head_dim / 8 heads;
+  // nor for several queries (fp32 storage has no tensor-core path).
+  static constexpr bool supported = tensor_cores || (Queries == 1 && Group <= HeadDim / 8);
+  using tensor_geometry = tensor_core_geometry<HeadDim, StoreT, Group, RowElements, Fragments, Side, Queries>;
   static constexpr int threads = tensor_cores ? tensor_geometry::threads : decode_threads;
   static constexpr std::size_t shared_bytes =
       tensor_cores ? tensor_geometry::shared_bytes : decode_geometry<HeadDim, StoreT, Group, RowElements>::shared_bytes;
   template <class Params>
   static auto kernel() {
     if constexpr (tensor_cores)
-      return decode_attention_tensor_core<HeadDim, Group, StoreT, Params, Fragments>;
+      return decode_attention_tensor_core<HeadDim, Group, StoreT, Params, Fragments, Queries>;
     else
       return decode_attention_cuda_core<HeadDim, Group, StoreT, Params>;
   }
@@ -887,9 +964,14 @@ struct implementation<stage::decode_attention, backend::cuda> {
   /// 0 for shapes attend refuses, so attend can name the argument.
   template <class View>
   static std::size_t workspace_bytes(const View& cache) {
-    if (!supported_shape(cache)) return 0;
+    return workspace_bytes(cache, 1);
+  }
+  /// Multi-query decode: partials for every query row (Group × n per head and block).
+  template <class View>
+  static std::size_t workspace_bytes(const View& cache, std::int64_t queries_per_sequence) {
+    if (!supported_shape(cache) || queries_per_sequence < 1 || queries_per_sequence > max_queries) return 0;
     workspace_carver carver;
-    carve(carver, cache);
+    carve(carver, cache, queries_per_sequence);
     return carver.bytes();
   }
 
@@ -908,21 +990,76 @@ struct implementation<stage::decode_attention, backend::cuda> {
   static void attend(const tensor_view<QueryT, 3, device_space>& queries, const View& cache,
                      const tensor_view<OutT, 3, device_space>& out, workspace scratch, cudaStream_t stream,
                      const cuda_detail::decode_metric& metric = {}) {
+    attend_rows<false>(one_token(queries), cache, one_token(out), scratch, stream, metric);
+  }
+
+  /// Multi-query decode: queries, out [B, n, Hq, D] (n ≤ 8, the cache's last n tokens being the
+  /// new ones): query t sees the head's first L − n + 1 + t tokens. n = 1 is the call above. The
+  /// eviction metric needs n = 1 (speculative queries may be rejected; the metric sums the
+  /// attention of accepted tokens).
+  template <class View, class QueryT, class OutT>
+  static void attend(const tensor_view<QueryT, 4, device_space>& queries, const View& cache,
+                     const tensor_view<OutT, 4, device_space>& out, workspace scratch, cudaStream_t stream,
+                     const cuda_detail::decode_metric& metric = {}) {
+    const std::int64_t queries_per_sequence = queries.extent(1);
+    if (queries_per_sequence < 1 || queries_per_sequence > max_queries)
+      detail::fail(function, "queries", detail::cat("1 to ", max_queries, " new tokens per sequence (axis 1)"),
+                   std::to_string(queries_per_sequence));
+    if (queries_per_sequence == 1) {
+      attend_rows<false>(queries, cache, out, scratch, stream, metric);
+      return;
+    }
+    if (metric.logits != nullptr)
+      detail::fail(function, "metric",
+                   "one query per sequence with an eviction metric (speculative queries may be rejected; the metric "
+                   "sums the attention of accepted tokens)",
+                   detail::cat(queries_per_sequence, " queries per sequence"));
+    if constexpr (cuda_detail::multi_query_codec<typename View::codec>)
+      attend_rows<true>(queries, cache, out, scratch, stream, metric);
+    else
+      detail::fail(function, "cache.codec",
+                   "codec::fp16 / bf16, int8, int4, fp8_e4m3 or layered over those for several queries per sequence "
+                   "on backend::cuda",
+                   detail::cat(View::codec::name, " with ", queries_per_sequence, " queries per sequence"));
+  }
+
+ private:
+  static constexpr std::int64_t max_queries = 8;
+
+  /// A [B, Hq, D] view as [B, 1, Hq, D].
+  template <class T>
+  static tensor_view<T, 4, device_space> one_token(const tensor_view<T, 3, device_space>& view) {
+    return {view.data, {view.extent(0), 1, view.extent(1), view.extent(2)}, {view.stride(0), 0, view.stride(1), view.stride(2)}};
+  }
+
+  /// The checks and the dispatch of both entries; MultiQuery: the Queries = 8 kernels (n ≥ 2),
+  /// which only a multi-query call instantiates.
+  template <bool MultiQuery, class View, class QueryT, class OutT>
+  static void attend_rows(const tensor_view<QueryT, 4, device_space>& queries, const View& cache,
+                          const tensor_view<OutT, 4, device_space>& out, workspace scratch, cudaStream_t stream,
+                          const cuda_detail::decode_metric& metric) {
     static_assert(codec::is_plain<typename View::codec> || cuda_detail::device_encoded_codec<typename View::codec>,
-                  "kvtrim: backend::cuda decode attention reads codec::fp16 / bf16 / fp32, int8, int4, fp8_e4m3 and "
-                  "layered over those three; low_rank ((Uᵀq)·c scores, U(Σp·c) outputs, RoPE from stored "
-                  "positions) is not written yet (issue 12)");
+                  "kvtrim: backend::cuda decode attention reads codec::fp16 / bf16 / fp32, int8, int4, fp8_e4m3, "
+                  "layered over those three, and low_rank (codec_low_rank.cuh); layered<low_rank> has no device "
+                  "reader (issue 12)");
     constexpr bool uniform = cuda_detail::is_contiguous_view<View>;
+    const std::int64_t queries_per_sequence = queries.extent(1);
     std::int64_t length = 0;  // contiguous: every head's length (host memory)
     if constexpr (uniform) {
       length = *cache.length;
       if (length < 1) detail::fail(function, "cache", "at least one token in every head", "an empty cache (length 0)");
+      if (length < queries_per_sequence)
+        detail::fail(function, "cache",
+                     detail::cat("at least ", queries_per_sequence, " tokens in every head (the new tokens are the "
+                                 "cache's last ", queries_per_sequence, ")"),
+                     detail::cat(length, " tokens"));
     }
     const std::int64_t heads = cache.batch * cache.shape.kv_heads;
     if (heads >= std::numeric_limits<std::int32_t>::max() ||
-        cache.batch * cache.shape.q_heads >= std::numeric_limits<std::int32_t>::max())
+        cache.batch * queries_per_sequence * cache.shape.q_heads >= std::numeric_limits<std::int32_t>::max())
       detail::fail(function, "cache", "fewer than 2^31 − 1 (sequence, head) pairs on backend::cuda",
-                   detail::cat("batch ", cache.batch, " × q_heads ", cache.shape.q_heads));
+                   detail::cat("batch ", cache.batch, " × queries ", queries_per_sequence, " × q_heads ",
+                               cache.shape.q_heads));
     // cp.async copies 16-byte chunks of rows (of 16-byte multiples: head_dim 64, 128, 256).
     cuda_detail::check_aligned16(function, "cache.storage.keys",
                                  cuda_detail::codec_tiles<typename View::codec, 64>::key_rows(cache.storage));
@@ -935,27 +1072,32 @@ struct implementation<stage::decode_attention, backend::cuda> {
       constexpr int head_dim = decltype(head_dim_constant)::value;
       cuda_detail::dispatch_decode_group(cache.shape.group_size(), function, [&](auto group_constant) {
         constexpr int group = decltype(group_constant)::value;
-        // Code bytes on the tensor cores: straight into the mma fragments where the codec's fragment
-        // decoder reads the storage (a runtime property: KIVI runs of whole warp blocks), else through
-        // dequantized fp16 tiles.
-        using decoder = cuda_detail::fragment_decoder<typename View::codec, head_dim, group>;
-        if constexpr (decoder::supported && group >= 4) {
-          if (decoder::always_reads || decoder::reads(cache.storage))
-            launch<head_dim, group, decoder::supported>(queries, cache, out, scratch, stream, metric, length, page_shift);
-          else if constexpr (!decoder::always_reads)
-            launch<head_dim, group, false>(queries, cache, out, scratch, stream, metric, length, page_shift);
+        if constexpr (MultiQuery) {
+          // Code bytes through dequantized fp16 tiles: the fragment decoders hold one query per row.
+          launch<head_dim, group, false, max_queries>(queries, cache, out, scratch, stream, metric, length, page_shift);
         } else {
-          launch<head_dim, group, false>(queries, cache, out, scratch, stream, metric, length, page_shift);
+          // Code bytes on the tensor cores: straight into the mma fragments where the codec's fragment
+          // decoder reads the storage (a runtime property: KIVI runs of whole warp blocks), else through
+          // dequantized fp16 tiles.
+          using decoder = cuda_detail::fragment_decoder<typename View::codec, head_dim, group>;
+          if constexpr (decoder::supported && group >= 4) {
+            if (decoder::always_reads || decoder::reads(cache.storage))
+              launch<head_dim, group, decoder::supported, 1>(queries, cache, out, scratch, stream, metric, length,
+                                                             page_shift);
+            else if constexpr (!decoder::always_reads)
+              launch<head_dim, group, false, 1>(queries, cache, out, scratch, stream, metric, length, page_shift);
+          } else {
+            launch<head_dim, group, false, 1>(queries, cache, out, scratch, stream, metric, length, page_shift);
+          }
         }
       });
     });
   }
 
- private:
   /// One kernel instantiation: its partition, launch and the merge of partials.
-  template <int head_dim, int group, bool fragments, class View, class QueryT, class OutT>
-  static void launch(const tensor_view<QueryT, 3, device_space>& queries, const View& cache,
-                     const tensor_view<OutT, 3, device_space>& out, workspace scratch, cudaStream_t stream,
+  template <int head_dim, int group, bool fragments, int queries_capacity, class View, class QueryT, class OutT>
+  static void launch(const tensor_view<QueryT, 4, device_space>& queries, const View& cache,
+                     const tensor_view<OutT, 4, device_space>& out, workspace scratch, cudaStream_t stream,
                      const cuda_detail::decode_metric& metric, std::int64_t length, int page_shift) {
     using query_type = cuda_detail::device_element_t<QueryT>;
     using out_type = cuda_detail::device_element_t<OutT>;
@@ -963,10 +1105,20 @@ struct implementation<stage::decode_attention, backend::cuda> {
     const std::int64_t heads = cache.batch * cache.shape.kv_heads;
     using tiles = cuda_detail::codec_tiles<typename View::codec, head_dim>;
     using store_type = typename tiles::stored;
-    using choice = cuda_detail::decode_kernel_choice<
-        head_dim, group, store_type, tiles::row_elements, fragments,
-        typename cuda_detail::tensor_core_side<typename View::codec, head_dim, group, fragments>::type>;
-    if constexpr (!choice::supported) {
+    // codec::low_rank: its own kernel (codec_low_rank.cuh), shared memory sized by the stored rank,
+    // one query per sequence.
+    using choice = std::conditional_t<
+        cuda_detail::is_low_rank<typename View::codec>, cuda_detail::low_rank_decode_choice<group>,
+        cuda_detail::decode_kernel_choice<
+            head_dim, group, store_type, tiles::row_elements, fragments,
+            typename cuda_detail::tensor_core_side<typename View::codec, head_dim, group, fragments>::type,
+            queries_capacity>>;
+    const std::int64_t queries_per_sequence = queries.extent(1);
+    if constexpr (queries_capacity > 1 && (!choice::supported || cuda_detail::is_low_rank<typename View::codec>)) {
+      detail::fail(function, "cache.codec",
+                   "fp16, bf16 or a quantizing codec's storage for multi-query decode on backend::cuda",
+                   detail::cat(View::codec::name, " storage"));
+    } else if constexpr (!choice::supported) {
       detail::fail(function, "cache.codec",
                    "fp16 or bf16 storage for a GQA group of 16 at head_dim 64 on backend::cuda",
                    detail::cat(View::codec::name, " storage"));
@@ -975,22 +1127,27 @@ struct implementation<stage::decode_attention, backend::cuda> {
           std::conditional_t<uniform, cuda_detail::uniform_partition, cuda_detail::planned_partition>;
       using params_type = cuda_detail::decode_params<View, partition_type, query_type, out_type>;
       const auto kernel = choice::template kernel<params_type>();
+      std::size_t shared_bytes = 0;
+      if constexpr (requires { choice::shared_bytes_for(cache); })
+        shared_bytes = choice::shared_bytes_for(cache);
+      else
+        shared_bytes = choice::shared_bytes;
       // Above 48 KB a kernel must opt in to dynamic shared memory (per device, so on every call;
       // it is a host-side attribute write, no synchronisation).
       detail::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              static_cast<int>(choice::shared_bytes)),
+                                              static_cast<int>(shared_bytes)),
                          function, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
       // One wave of blocks: this kernel's real occupancy (shared memory and registers differ per instantiation).
       int blocks_per_multiprocessor = 0;
       detail::check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_multiprocessor, kernel,
-                                                                       choice::threads, choice::shared_bytes),
+                                                                       choice::threads, shared_bytes),
                          function, "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
       const std::int64_t blocks =
           std::int64_t{backend::cuda::multiprocessor_count()} *
           std::clamp(blocks_per_multiprocessor, 1, cuda_detail::decode_max_blocks_per_multiprocessor);
 
       workspace_carver carver(scratch);
-      const scratch_tables tables = carve(carver, cache);
+      const scratch_tables tables = carve(carver, cache, queries_per_sequence);
       partition_type partition{};
       std::int64_t grid = blocks;
       bool merge = true;
@@ -1009,39 +1166,43 @@ struct implementation<stage::decode_attention, backend::cuda> {
                                partition,
                                reinterpret_cast<const query_type*>(queries.data),
                                queries.stride(0),
-                               queries.stride(1),
+                               queries.stride(2),
                                reinterpret_cast<out_type*>(out.data),
                                out.stride(0),
-                               out.stride(1),
+                               out.stride(2),
                                tables.partial_out,
                                tables.partial_lse,
                                static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(head_dim))),
                                page_shift,
-                               metric};
-      const char* kernel_name =
-          choice::tensor_cores ? "decode_attention_tensor_core" : "decode_attention_cuda_core";
+                               metric,
+                               static_cast<int>(queries_per_sequence),
+                               queries.stride(1),
+                               out.stride(1)};
+      const char* kernel_name = cuda_detail::is_low_rank<typename View::codec> ? "decode_attention_low_rank"
+                                : choice::tensor_cores                               ? "decode_attention_tensor_core"
+                                                                                     : "decode_attention_cuda_core";
       if constexpr (uniform) {
-        kernel<<<static_cast<unsigned>(grid), choice::threads, choice::shared_bytes, stream>>>(params);
+        kernel<<<static_cast<unsigned>(grid), choice::threads, shared_bytes, stream>>>(params);
         detail::check_launch(function, kernel_name);
       } else {
         cuda_detail::launch_dependent(kernel, dim3(static_cast<unsigned>(grid)), dim3(choice::threads),
-                                      choice::shared_bytes, stream, function, kernel_name, params);
+                                      shared_bytes, stream, function, kernel_name, params);
       }
       if (merge) {
-        const auto rows = static_cast<unsigned>(cache.batch * cache.shape.q_heads);
+        const auto rows = static_cast<unsigned>(cache.batch * queries_per_sequence * cache.shape.q_heads);
         cuda_detail::launch_dependent(cuda_detail::merge_decode_partials<head_dim, group, partition_type, out_type>,
                                       dim3(rows), dim3(head_dim), 0, stream, function, "merge_decode_partials",
                                       partition, static_cast<const float*>(tables.partial_out),
                                       static_cast<const float*>(tables.partial_lse), cache.shape.q_heads,
-                                      cache.shape.kv_heads, reinterpret_cast<out_type*>(out.data), out.stride(0),
-                                      out.stride(1), metric.lse);
+                                      cache.shape.kv_heads, queries_per_sequence, reinterpret_cast<out_type*>(out.data),
+                                      out.stride(0), out.stride(1), out.stride(2), metric.lse);
       }
     }
   }
 
   struct scratch_tables {
-    float* partial_out = nullptr;  // [(blocks + heads) · group][head_dim]
-    float* partial_lse = nullptr;  // [(blocks + heads) · group]
+    float* partial_out = nullptr;  // [(blocks + heads) · group · n][head_dim]
+    float* partial_lse = nullptr;  // [(blocks + heads) · group · n]
     cuda_detail::decode_line* line = nullptr;  // paged / flat: the plan's outputs
     std::int64_t* prefix = nullptr;            // [heads + 1]
     std::int32_t* first_head = nullptr;        // [blocks]
@@ -1054,11 +1215,11 @@ struct implementation<stage::decode_attention, backend::cuda> {
   }
 
   template <class View>
-  static scratch_tables carve(workspace_carver& carver, const View& cache) {
+  static scratch_tables carve(workspace_carver& carver, const View& cache, std::int64_t queries_per_sequence = 1) {
     const std::int64_t blocks =
         std::int64_t{backend::cuda::multiprocessor_count()} * cuda_detail::decode_max_blocks_per_multiprocessor;
     const std::int64_t heads = cache.batch * cache.shape.kv_heads;
-    const std::int64_t rows = (blocks + heads) * cache.shape.group_size();
+    const std::int64_t rows = (blocks + heads) * cache.shape.group_size() * queries_per_sequence;
     scratch_tables tables;
     tables.partial_out = carver.take<float>(rows * cache.shape.head_dim);
     tables.partial_lse = carver.take<float>(rows);

@@ -260,22 +260,26 @@ __device__ __forceinline__ void for_each_segment(const Partition& partition, Bod
   }
 }
 
-/// out[b, j] = Σ_s 2^(lse_s − max) o_s / Σ_s 2^(lse_s − max) over the blocks
-/// that read head b·kv_heads + j / Group; heads read by one block were written
-/// by it; empty heads (a budget of 0) get zeros. With an eviction metric
-/// (metric_lse non-null) the head's merged log-sum-exp goes to metric_lse[row].
+/// out[b, t, j] = Σ_s 2^(lse_s − max) o_s / Σ_s 2^(lse_s − max) over the blocks
+/// that read head b·kv_heads + j / Group (t: the new token, multi-query; a block's
+/// partials hold Group × queries rows, row t·Group + j % Group); heads read by one
+/// block were written by it; empty heads (a budget of 0) get zeros, as does a
+/// query that saw no token (every partial −∞: a head shorter than n). With an
+/// eviction metric (metric_lse non-null; one query) the head's merged
+/// log-sum-exp goes to metric_lse[head · Group + g].
 template <int HeadDim, int Group, class Partition, class OutT>
 __global__ void __launch_bounds__(HeadDim)
     merge_decode_partials(const __grid_constant__ Partition partition, const float* partial_out,
-                          const float* partial_lse, std::int64_t q_heads, std::int64_t kv_heads, OutT* out,
-                          std::int64_t out_batch_stride, std::int64_t out_head_stride, float* metric_lse) {
+                          const float* partial_lse, std::int64_t q_heads, std::int64_t kv_heads,
+                          std::int64_t queries, OutT* out, std::int64_t out_batch_stride,
+                          std::int64_t out_token_stride, std::int64_t out_head_stride, float* metric_lse) {
   wait_for_prerequisite_grid();  // the attention kernel's partials
-  const std::int64_t row = blockIdx.x;  // b · q_heads + j
-  const std::int64_t b = row / q_heads, j = row % q_heads;
+  const std::int64_t row = blockIdx.x;  // (b · queries + t) · q_heads + j
+  const std::int64_t b = row / (queries * q_heads), t = (row / q_heads) % queries, j = row % q_heads;
   const std::int64_t head = b * kv_heads + j / Group;
-  const int g = static_cast<int>(j % Group);
+  const std::int64_t query_row = t * Group + j % Group;  // the row within a partial's Group × queries
   const int d = threadIdx.x;
-  OutT* target = out + b * out_batch_stride + j * out_head_stride + d;
+  OutT* target = out + b * out_batch_stride + t * out_token_stride + j * out_head_stride + d;
   const decode_line line = partition.line();
   const std::int64_t head_begin = partition.prefix(head), head_end = partition.prefix(head + 1);
   if (head_end <= head_begin) {
@@ -284,20 +288,21 @@ __global__ void __launch_bounds__(HeadDim)
   }
   const std::int64_t first = head_begin / line.chunk, last = (head_end - 1) / line.chunk;
   if (first == last) return;  // one block read the whole head and wrote the output
+  const std::int64_t rows = Group * queries;
   float max_lse = -std::numeric_limits<float>::infinity();
   for (std::int64_t block = first; block <= last; ++block)
-    max_lse = fmaxf(max_lse, partial_lse[(block + head) * Group + g]);
+    max_lse = fmaxf(max_lse, partial_lse[(block + head) * rows + query_row]);
   float sum = 0.0f, output = 0.0f;
   for (std::int64_t block = first; block <= last; ++block) {
-    const std::int64_t index = (block + head) * Group + g;
+    const std::int64_t index = (block + head) * rows + query_row;
     const float lse = partial_lse[index];
     if (lse == -std::numeric_limits<float>::infinity()) continue;
     const float weight = exp2f(lse - max_lse);
     sum += weight;
     output += weight * partial_out[index * HeadDim + d];
   }
-  *target = from_float<OutT>(output / sum);
-  if (metric_lse != nullptr && d == 0) metric_lse[head * Group + g] = max_lse + log2f(sum);
+  *target = from_float<OutT>(sum > 0.0f ? output / sum : 0.0f);
+  if (metric_lse != nullptr && d == 0) metric_lse[head * Group + query_row] = max_lse + log2f(sum);
 }
 
 }  // namespace kvtrim::cuda_detail
