@@ -2,11 +2,13 @@
 // and the machine's memory bandwidth, measured in the same run (a STREAM-style
 // triad and a memcpy over arrays far larger than the last-level cache), so
 // every GB/s printed next to it can be read as a fraction of what the memory
-// system delivers.
+// system delivers (rows report it as "%triad" / "%copy" when those rows ran
+// first in the same process: the default order).
 #pragma once
 
 #include <benchmark/benchmark.h>
 
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -36,6 +38,18 @@ inline int threads() {
 #endif
 }
 
+/// The bandwidths measured by memory_triad and memory_copy in this run (bytes per
+/// second of real time; 0 until they ran), for rows that report a fraction of them.
+inline double triad_bytes_per_second = 0.0;
+inline double copy_bytes_per_second = 0.0;
+
+/// Adds "%triad" and "%copy" counters (bytes per second as a percentage of the
+/// bandwidths measured earlier in the same run), when those rows ran.
+inline void report_fraction_of_memory(benchmark::State& state, double bytes_per_second) {
+  if (triad_bytes_per_second > 0.0) state.counters["%triad"] = 100.0 * bytes_per_second / triad_bytes_per_second;
+  if (copy_bytes_per_second > 0.0) state.counters["%copy"] = 100.0 * bytes_per_second / copy_bytes_per_second;
+}
+
 /// a[i] = b[i] + s·c[i] over three arrays of `state.range(0)` MiB each: 3 streams of
 /// bytes per element (STREAM counts reads and writes, not write-allocate traffic).
 inline void memory_triad(benchmark::State& state) {
@@ -45,12 +59,15 @@ inline void memory_triad(benchmark::State& state) {
 #pragma omp parallel for schedule(static)
   for (std::int64_t i = 0; i < n; ++i) a[i] = 0.0f, b[i] = 1.0f, c[i] = 2.0f;
   const float s = 3.0f;
+  const auto start = std::chrono::steady_clock::now();
   for (auto _ : state) {
 #pragma omp parallel for schedule(static)
     for (std::int64_t i = 0; i < n; ++i) a[i] = b[i] + s * c[i];
     benchmark::DoNotOptimize(a.get());
     benchmark::ClobberMemory();
   }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  triad_bytes_per_second = 3.0 * static_cast<double>(n) * sizeof(float) * static_cast<double>(state.iterations()) / seconds;
   state.SetBytesProcessed(3 * n * static_cast<std::int64_t>(sizeof(float)) * state.iterations());
   state.counters["threads"] = threads();
 }
@@ -59,11 +76,14 @@ inline void memory_triad(benchmark::State& state) {
 inline void memory_copy(benchmark::State& state) {
   const std::size_t bytes = static_cast<std::size_t>(state.range(0)) << 20;
   std::vector<char> from(bytes, 1), to(bytes, 0);
+  const auto start = std::chrono::steady_clock::now();
   for (auto _ : state) {
     std::memcpy(to.data(), from.data(), bytes);
     benchmark::DoNotOptimize(to.data());
     benchmark::ClobberMemory();
   }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  copy_bytes_per_second = 2.0 * static_cast<double>(bytes) * static_cast<double>(state.iterations()) / seconds;
   state.SetBytesProcessed(2 * static_cast<std::int64_t>(bytes) * state.iterations());
 }
 

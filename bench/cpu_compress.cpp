@@ -6,11 +6,18 @@
 //   GB/s     prefill keys and values read, per second
 //   (the machine's memory bandwidth is measured in the same run: memory_triad)
 // H2O needs every prefill query, so its attention is quadratic: it runs at 1024 tokens.
+// RazorAttention (retrieval_head + by_scorer, 2 of 8 kv heads retrieval heads, the
+// paper's window W = max(4000, T/5), compensation tokens) compresses at 8192; its
+// offline calibration (razor_calibration) reads one layer's attention on the
+// paper's probe (N = 2500, R = 4: 10001 rows of 10001 keys, 32 query heads), 64
+// rows at a time, as an engine hands them over; counter rows/s.
 #include <kvtrim/kvtrim.hpp>
 
 #include "cpu_common.hpp"
 
+#include <algorithm>
 #include <array>
+#include <type_traits>
 #include <vector>
 
 namespace kt = kvtrim;
@@ -42,7 +49,11 @@ void compress(benchmark::State& state) {
   const std::int64_t tokens = state.range(0);
   const std::int64_t keep = tokens / 4;
   typename scheme::config cfg{};
-  cfg.budget.keep = kt::keep_tokens{keep};
+  if constexpr (std::is_same_v<Scorer, kt::score::retrieval_head>) {
+    cfg.score.retrieval = {true, false, false, false, false, true, false, false};  // 2 of 8 retrieval heads
+  } else {
+    cfg.budget.keep = kt::keep_tokens{keep};
+  }
   auto cache = [&] {
     if constexpr (std::is_same_v<Layout, kt::layout::flat>)
       return scheme::make_cache(shape, batch, kt::layout::flat::pool_size{batch * shape.kv_heads * tokens},
@@ -80,6 +91,29 @@ void compress(benchmark::State& state) {
   state.counters["threads"] = kvtrim_bench::threads();
 }
 
+/// One layer of RazorAttention's calibration on the paper's probe: the captured
+/// attention rows (a synthetic block, reused: the values do not change the work)
+/// go through calibration::accumulate, then the head scores are read.
+void razor_calibration(benchmark::State& state) {
+  using razor = kt::score::retrieval_head;
+  const razor::probe_config probe{};
+  const std::int64_t length = probe.length(), rows = 64;
+  std::vector<float> block(static_cast<std::size_t>(shape.q_heads * rows * length), 1.0f / static_cast<float>(length));
+  for (auto _ : state) {
+    razor::calibration calibration(1, shape, probe);
+    for (std::int64_t first = 0; first < length; first += rows) {
+      const std::int64_t count = std::min(rows, length - first);
+      calibration.accumulate(0,
+                             kt::tensor_view<const float, 3>(kt::make_view(
+                                 block.data(), std::array<std::int64_t, 3>{shape.q_heads, count, length})),
+                             first);
+    }
+    benchmark::DoNotOptimize(calibration.scores());
+  }
+  state.counters["rows/s"] =
+      benchmark::Counter(static_cast<double>(length * state.iterations()), benchmark::Counter::kIsRate);
+}
+
 using kt::budget::adaptive;
 using kt::budget::uniform;
 using kt::layout::contiguous;
@@ -99,5 +133,10 @@ BENCHMARK(compress<contiguous, kt::score::static_window, uniform>)
     ->Arg(8192)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
+BENCHMARK(compress<flat, kt::score::retrieval_head, kt::budget::by_scorer>)
+    ->Arg(8192)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK(razor_calibration)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 BENCHMARK_MAIN();

@@ -302,7 +302,10 @@ auto bench_pool(std::int64_t batch, std::int64_t kv_heads, std::int64_t tokens) 
 
 /// The whole compress of scheme<Layout, Scorer, Budget, fp16, cuda> at W, with the
 /// SnapKV scorer's 64 observation-window queries (RazorAttention reads none).
-template <class Layout, class Scorer, class Budget, bool Sharded = false>
+/// CheckFinite = false: compress_options::check_finite off (no NaN/Inf scan of
+/// K, V and the window queries before planning: what an engine that guarantees
+/// finite activations pays).
+template <class Layout, class Scorer, class Budget, bool Sharded = false, bool CheckFinite = true>
 void compress_scheme(benchmark::State& state) {
   using scheme = kt::scheme<Layout, Scorer, Budget, kt::codec::fp16, kt::backend::cuda>;
   const std::int64_t batch = state.range(0), kv_heads = state.range(1), tokens = state.range(2);
@@ -353,7 +356,8 @@ void compress_scheme(benchmark::State& state) {
   cudaStream_t stream;
   cudaStreamCreate(&stream);
   auto view = cache.view();
-  const kt::compress_options<kt::device_space> none{};
+  kt::compress_options<kt::device_space> none{};
+  none.check_finite = CheckFinite;
   const auto call = [&](const kt::compress_options<kt::device_space>& options) {
     if constexpr (Sharded)
       scheme::compress(key_view, value_view, query_view, view, cfg, options, shard, kt::comm::single_process{},
@@ -722,6 +726,15 @@ KVTRIM_COMPRESS_ROW(flat, snapkv, adaptive);
 KVTRIM_COMPRESS_ROW(paged, snapkv, adaptive);
 KVTRIM_COMPRESS_ROW(flat, retrieval_head, by_scorer);
 KVTRIM_COMPRESS_ROW(paged, retrieval_head, by_scorer);
+
+// issue 10 — the device's NaN/Inf scan (on by default on paged/flat) switched off.
+BENCHMARK(compress_scheme<kt::layout::paged, kt::score::snapkv, kt::budget::uniform, false, false>)
+    ->Name("compress/snapkv/uniform/paged/unchecked")
+    ->ArgNames({"batch", "kv_heads", "tokens", "q_heads", "head_dim"})
+    ->Args({8, 8, 32768, 32, 128})
+    ->UseManualTime()
+    ->Iterations(20)
+    ->Unit(benchmark::kMicrosecond);
 
 // issue 17 — a rank's share of W's compress (Ada-SnapKV, paged 16): one GPU on
 // `kv_heads` heads vs the sharded compress of those heads (comm::single_process).

@@ -2,7 +2,8 @@
 // layout: contiguous, paged (per-(sequence, kv head) page tables, pages
 // scattered through the pool) and flat (per-head regions), with uniform or
 // ragged (Ada-KV-like) per-head lengths; and over contiguous caches stored
-// with the quantizing codecs (int8, int4, fp8: codec_decode_*), encoded on the device.
+// with the quantizing codecs (int8, int4, fp8: codec_decode_*) and low_rank
+// (codec_decode_low_rank*, r = head_dim / 4), encoded on the device.
 //
 // Reports bytes of cache read per second and that rate as a fraction of a
 // device-to-device copy's bandwidth measured in the same run (bytes read +
@@ -88,7 +89,10 @@ void decode_attention(benchmark::State& state) {
 /// compaction (encode) is timed too, next to fp16's row copy in the same row set.
 /// codec arg: 0 fp16, 1 int8 (KIVI groups of 32), 2 int8 (zero points), 3 int4
 /// (KIVI, zero points), 4 fp8 e4m3 (head amax scales), 5 int4 (KIVI, symmetric),
-/// 6 fp8 e4m3 (fixed scales: no amax pass in the encode).
+/// 6 fp8 e4m3 (fixed scales: no amax pass in the encode), 7 low_rank at r =
+/// head_dim / 4 (post-RoPE keys; profile bases: one random orthonormal basis
+/// per head, fitted on the host with Eigen and installed before the
+/// compaction), 8 the same with pre-RoPE keys (keys rebuilt and rotated per token).
 template <class CodecT>
 void codec_decode(benchmark::State& state) {
   using scheme = kt::scheme<kt::layout::contiguous, kt::score::static_window, kt::budget::uniform, CodecT,
@@ -99,8 +103,27 @@ void codec_decode(benchmark::State& state) {
   if constexpr (requires { config.asymmetric; }) config.asymmetric = state.range(5) == 2 || state.range(5) == 3;
   if constexpr (requires { config.scales; })
     config.scales = state.range(5) == 6 ? kt::codec::fp8_scaling::fixed : kt::codec::fp8_scaling::head_amax;
+  if constexpr (std::is_same_v<CodecT, kt::codec::low_rank>) {
+    config.source = kt::codec::basis_source::profile;
+    config.max_rank = shape.head_dim / 4;
+    if (state.range(5) == 8) config.keys = kt::codec::key_space::pre_rope;
+  }
   auto cache = scheme::make_cache(shape, batch, tokens, config);
   const std::int64_t heads = batch * shape.kv_heads, elements = heads * tokens * shape.head_dim;
+  if constexpr (std::is_same_v<CodecT, kt::codec::low_rank>) {
+    const std::int64_t rank = shape.head_dim / 4;
+    std::mt19937_64 random(7);
+    std::normal_distribution<double> normal(0.0, 1.0);
+    Eigen::MatrixXd gaussian(shape.head_dim, rank);
+    for (Eigen::Index i = 0; i < gaussian.size(); ++i) gaussian.data()[i] = normal(random);
+    const Eigen::MatrixXd q =
+        Eigen::HouseholderQR<Eigen::MatrixXd>(gaussian).householderQ() * Eigen::MatrixXd::Identity(shape.head_dim, rank);
+    std::vector<float> basis(static_cast<std::size_t>(shape.head_dim * rank));
+    for (std::int64_t d = 0; d < shape.head_dim; ++d)
+      for (std::int64_t j = 0; j < rank; ++j) basis[static_cast<std::size_t>(d * rank + j)] = static_cast<float>(q(d, j));
+    for (std::int64_t head = 0; head < heads; ++head)
+      kt::cuda_detail::set_low_rank_basis(cache.view().storage, head, basis.data(), rank, basis.data(), rank, nullptr);
+  }
   __half *keys = nullptr, *values = nullptr;
   check(cudaMalloc(&keys, elements * sizeof(__half)), "cudaMalloc");
   check(cudaMalloc(&values, elements * sizeof(__half)), "cudaMalloc");
@@ -171,6 +194,23 @@ void codec_decode(benchmark::State& state) {
   cudaFree(queries), cudaFree(out), cudaFree(scratch), cudaFree(keys), cudaFree(values), cudaFree(device_offsets),
       cudaFree(device_kept);
   cudaStreamDestroy(stream);
+}
+
+/// The host fit that low_rank's sequence bases would need per head at every
+/// compaction (the CPU's prepare_head: Eigen, singular values for the rank, then
+/// the basis): one head's `tokens` × head_dim keys → its top head_dim / 4 right
+/// singular vectors, timed on the host CPU of this run. The device path takes
+/// profile bases instead (codec_low_rank.cuh); a cuSOLVER fit is not measured.
+void low_rank_host_fit(benchmark::State& state) {
+  const std::int64_t tokens = state.range(0), dim = state.range(1);
+  std::mt19937_64 random(11);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  Eigen::MatrixXd rows(tokens, dim);
+  for (Eigen::Index i = 0; i < rows.size(); ++i) rows.data()[i] = normal(random);
+  for (auto _ : state) {
+    const Eigen::MatrixXd basis = kt::codec::low_rank::fit_basis(rows, dim / 4, 0.98, dim / 4);
+    benchmark::DoNotOptimize(basis.data());
+  }
 }
 
 /// Per-head lengths for `heads` heads of at most `tokens`: mode 0 every head
@@ -301,6 +341,16 @@ BENCHMARK(codec_decode<kt::codec::int4>)->Name("codec_decode_int4_zero_point") K
 BENCHMARK(codec_decode<kt::codec::fp8>)->Name("codec_decode_fp8") KVTRIM_CODEC_ROWS(4);
 BENCHMARK(codec_decode<kt::codec::int4>)->Name("codec_decode_int4") KVTRIM_CODEC_ROWS(5);
 BENCHMARK(codec_decode<kt::codec::fp8>)->Name("codec_decode_fp8_fixed_scales") KVTRIM_CODEC_ROWS(6);
+BENCHMARK(codec_decode<kt::codec::low_rank>)->Name("codec_decode_low_rank") KVTRIM_CODEC_ROWS(7);
+BENCHMARK(low_rank_host_fit)->ArgNames({"tokens", "head_dim"})->Args({4096, 128})->Args({32768, 128})->Iterations(2)->Unit(benchmark::kMillisecond);
+// Pre-RoPE keys cost O(head_dim · r) products and head_dim / 2 rotations per token (compute-bound): fewer repetitions.
+BENCHMARK(codec_decode<kt::codec::low_rank>)
+    ->Name("codec_decode_low_rank_pre_rope")
+    ->ArgNames({"batch", "tokens", "q_heads", "kv_heads", "head_dim", "codec"})
+    ->Args({8, 32768, 32, 8, 128, 8})
+    ->UseManualTime()
+    ->Iterations(5)
+    ->Unit(benchmark::kMicrosecond);
 
 // Workload W (batch 8, 32 q heads, 8 kv heads, D 128) over paged (pages of 16, scattered) and flat caches.
 // lengths: 0 every head full, 1 every head 30 %, 2 Ada-KV-like 5–90 % (mean 30 %).
@@ -371,13 +421,24 @@ struct scattered_pages {
 /// decode attention through eviction::attend, with the metric side output (metric = 1)
 /// or without (metric = 0); metric = 2 stores the logits without the L2 evict_last policy
 /// (metric_l2_hints::logits_in_l2 off: what keeping them in L2 saves); metric = 3 also
-/// marks the K/V stream's lines evict_first (metric_l2_hints::kv_evict_first). The bytes counted
+/// marks the K/V stream's lines evict_first (metric_l2_hints::kv_evict_first); metric = 4 makes
+/// the logits a persisting L2 window (metric_l2_hints::persisting_logits) with the device's
+/// largest persisting set-aside for the row (cudaLimitPersistingL2CacheSize, reset after). The bytes counted
 /// are the cache's K/V only, so the rows' median_us give the metric's cost directly.
 void decode_attention_metric(benchmark::State& state) {
   using view_type = kt::layout::paged::view<kt::codec::fp16, kt::device_space>;
   const std::int64_t batch = state.range(0), tokens = state.range(1), page = 16;
   const bool with_metric = state.range(5) != 0;
-  const kt::eviction::metric_l2_hints hints{.logits_in_l2 = state.range(5) != 2, .kv_evict_first = state.range(5) == 3};
+  const kt::eviction::metric_l2_hints hints{.logits_in_l2 = state.range(5) != 2,
+                                            .kv_evict_first = state.range(5) == 3,
+                                            .persisting_logits = state.range(5) == 4};
+  if (hints.persisting_logits) {
+    int device = 0, largest = 0;
+    check(cudaGetDevice(&device), "cudaGetDevice");
+    check(cudaDeviceGetAttribute(&largest, cudaDevAttrMaxPersistingL2CacheSize, device), "MaxPersistingL2CacheSize");
+    check(cudaDeviceSetLimit(cudaLimitPersistingL2CacheSize, static_cast<std::size_t>(largest)), "set-aside");
+    state.counters["persisting_set_aside_MB"] = largest / 1e6;
+  }
   const kt::model_shape shape{.q_heads = state.range(2), .kv_heads = state.range(3), .head_dim = state.range(4)};
   const std::int64_t heads = batch * shape.kv_heads, pages_per_head = (tokens + page - 1) / page;
   const kt::layout::paged::pool_size pool{heads * pages_per_head, page};
@@ -416,6 +477,10 @@ void decode_attention_metric(benchmark::State& state) {
   if (measured_copy_bandwidth > 0) state.counters["fraction_of_copy"] = cache_bytes / median / measured_copy_bandwidth;
   cudaFree(queries), cudaFree(out), cudaFree(metric), cudaFree(scratch), cudaFree(memory);
   cudaStreamDestroy(stream);
+  if (hints.persisting_logits) {
+    check(cudaCtxResetPersistingL2Cache(), "cudaCtxResetPersistingL2Cache");
+    check(cudaDeviceSetLimit(cudaLimitPersistingL2CacheSize, 0), "set-aside off");
+  }
 }
 
 }  // namespace
@@ -427,6 +492,7 @@ BENCHMARK(decode_attention_metric)
     ->Args({8, 32768, 32, 8, 128, 1})
     ->Args({8, 32768, 32, 8, 128, 2})
     ->Args({8, 32768, 32, 8, 128, 3})
+    ->Args({8, 32768, 32, 8, 128, 4})
     ->Args({8, 4096, 32, 8, 128, 0})
     ->Args({8, 4096, 32, 8, 128, 1})
     ->UseManualTime()

@@ -9,6 +9,7 @@
 #include "kvtrim/backend/cuda/adaptive.cuh"
 #include "kvtrim/backend/cuda/codec_fp8.cuh"
 #include "kvtrim/backend/cuda/codec_layered.cuh"
+#include "kvtrim/backend/cuda/codec_low_rank.cuh"
 #include "kvtrim/backend/cuda/codec_quantized.cuh"
 #include "kvtrim/backend/cuda/codec_writes.cuh"
 #include "kvtrim/backend/cuda/common.cuh"

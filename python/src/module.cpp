@@ -125,9 +125,10 @@ class py_cache {
       const kp::scheme_key on_cpu{"cpu", s.layout, s.scorer, s.budget, s.codec};
       if (s.codec == "low_rank")
         kvtrim::detail::fail("kvtrim.Cache", "scheme",
-                             "a CUDA scheme without codec low_rank: low-rank bases, coefficients and RoPE after "
-                             "reconstruction are not written for CUDA (kvtrim::scheme refuses it at compile time; "
-                             "this scheme runs with device=\"cpu\")",
+                             "a CUDA scheme without codec low_rank: the C++ CUDA backend encodes and attends "
+                             "over low_rank with profile bases (codec_low_rank.cuh), but the Python CUDA list "
+                             "does not compile it nor install bases on the device (this scheme runs with "
+                             "device=\"cpu\")",
                              asked);
       if (schemes().count(on_cpu) != 0)
         kvtrim::detail::fail("kvtrim.Cache", "scheme",

@@ -2,7 +2,8 @@
 // precision:
 //   1. SnapKV / H2O scores (Eigen GEMM per GQA group, threads) are bit-identical
 //      to the scalar fp32 reference they replaced (kept here verbatim as
-//      scalar_reference_*), over random shapes, head dims 4..256, fp16 and fp32.
+//      scalar_*, with the backend's exp), over random shapes, head dims 4..1024,
+//      fp16 and fp32.
 //   2. The same scorers against a plain double-precision reimplementation: values
 //      within 1e-4 relative (fp32 softmax over ≤ 600 keys), and on inputs built
 //      with exact ties (keys drawn from a few distinct rows, so tied tokens have
@@ -12,6 +13,9 @@
 //      partition) equal the sort-based code they replaced, with ties, ±∞ and NaN.
 //   4. fp16 → fp32 row conversion equals Eigen's for all 65536 bit patterns.
 //   5. With OpenMP, 1 thread and 2 threads give the same bits.
+//   6. The reference's exp (the backend's own, detail/exp.hpp, since it replaced
+//      std::exp): scores within a derived bound of the std::exp reference's, and
+//      the same kept sets.
 #include <gtest/gtest.h>
 
 #include <kvtrim/kvtrim.hpp>
@@ -21,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <iostream>
 #include <limits>
 #include <random>
 #include <vector>
@@ -37,31 +42,49 @@ namespace kt = kvtrim;
 namespace kts = kvtrim::testing;
 
 // ---- the scalar fp32 reference the fast path replaced (verbatim math) ----------
-template <class KeyT, class QueryT>
+/// The exp of the reference: the backend's (detail/exp.hpp), and std::exp, which
+/// the reference used before the backend had its own (for the test that the
+/// change moved scores within a bound and kept every kept set).
+struct backend_exp {
+  float operator()(float x) const { return kt::detail::cpu_exp(x); }
+};
+struct std_exp {
+  float operator()(float x) const { return std::exp(x); }
+};
+
+template <class Exp = backend_exp, class KeyT, class QueryT>
 void scalar_accumulate(const kt::kv_view<const KeyT>& keys, const kt::window_view<const QueryT>& queries,
                        std::int64_t b, std::int64_t kv_head, std::int64_t q_head, std::int64_t first, float* logits,
                        float* accumulator) {
+  const Exp exp;
   const std::int64_t tokens = keys.extent(2), observed = queries.extent(2), head_dim = keys.extent(3);
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  std::vector<float> query(static_cast<std::size_t>(head_dim));
+  std::vector<float> query(static_cast<std::size_t>(head_dim)), exps(static_cast<std::size_t>(tokens));
+  std::vector<float> key_values(static_cast<std::size_t>(tokens * head_dim));  // the keys in fp32, converted once
+  for (std::int64_t j = 0; j < tokens; ++j)
+    for (std::int64_t d = 0; d < head_dim; ++d) key_values[j * head_dim + d] = kt::to_float(keys(b, kv_head, j, d));
   for (std::int64_t t = first; t < observed; ++t) {
     const std::int64_t position = tokens - observed + t;
     for (std::int64_t d = 0; d < head_dim; ++d) query[d] = kt::to_float(queries(b, q_head, t, d));
     float max_logit = -std::numeric_limits<float>::infinity();
     for (std::int64_t j = 0; j <= position; ++j) {
       float dot = 0.0f;
-      for (std::int64_t d = 0; d < head_dim; ++d) dot += query[d] * kt::to_float(keys(b, kv_head, j, d));
+      for (std::int64_t d = 0; d < head_dim; ++d) dot += query[d] * key_values[j * head_dim + d];
       logits[j] = dot * scale;
       max_logit = std::fmax(max_logit, logits[j]);
     }
+    // Each e_j stored before it is summed, as the fast path does: a compiler that
+    // contracts (-ffp-contract=fast, GCC's default with FMA targets) cannot fuse
+    // exp's last product into the sum here either.
+    for (std::int64_t j = 0; j <= position; ++j) exps[j] = exp(logits[j] - max_logit);
     float denominator = 0.0f;
-    for (std::int64_t j = 0; j <= position; ++j) denominator += std::exp(logits[j] - max_logit);
-    for (std::int64_t j = 0; j <= position; ++j) accumulator[j] += std::exp(logits[j] - max_logit) / denominator;
+    for (std::int64_t j = 0; j <= position; ++j) denominator += exps[j];
+    for (std::int64_t j = 0; j <= position; ++j) accumulator[j] += exps[j] / denominator;
   }
 }
 
 /// The old reduce_attention_mass + snapkv/h2o post-processing, scalar.
-template <class KeyT, class QueryT, class Row>
+template <class Exp, class KeyT, class QueryT, class Row>
 std::vector<float> scalar_mass(const kt::kv_view<const KeyT>& keys, const kt::window_view<const QueryT>& queries,
                                const kt::model_shape& shape, kt::score::group_reduction reduction, std::int64_t first,
                                std::int64_t length, Row&& query_head_row) {
@@ -73,7 +96,7 @@ std::vector<float> scalar_mass(const kt::kv_view<const KeyT>& keys, const kt::wi
       float* row = scores.data() + (b * shape.kv_heads + h) * tokens;
       for (std::int64_t g = 0; g < group; ++g) {
         std::fill(accumulator.begin(), accumulator.end(), 0.0f);
-        scalar_accumulate(keys, queries, b, h, h * group + g, first, logits.data(), accumulator.data());
+        scalar_accumulate<Exp>(keys, queries, b, h, h * group + g, first, logits.data(), accumulator.data());
         const std::vector<float> head_row = query_head_row(accumulator);
         for (std::int64_t j = 0; j < length; ++j) {
           if (g == 0)
@@ -90,11 +113,11 @@ std::vector<float> scalar_mass(const kt::kv_view<const KeyT>& keys, const kt::wi
   return scores;
 }
 
-template <class KeyT, class QueryT>
+template <class Exp = backend_exp, class KeyT, class QueryT>
 std::vector<float> scalar_snapkv(const kt::score::snapkv::config& cfg, const kt::model_shape& shape,
                                  const kt::kv_view<const KeyT>& keys, const kt::window_view<const QueryT>& queries) {
   const std::int64_t tokens = keys.extent(2), prefix = tokens - cfg.window;
-  auto scores = scalar_mass(keys, queries, shape, cfg.group, queries.extent(2) - cfg.window, prefix,
+  auto scores = scalar_mass<Exp>(keys, queries, shape, cfg.group, queries.extent(2) - cfg.window, prefix,
                             [&](std::vector<float> mass) {
                               if (cfg.reduction == kt::score::window_reduction::mean)
                                 for (std::int64_t j = 0; j < prefix; ++j) mass[j] /= static_cast<float>(cfg.window);
@@ -108,12 +131,12 @@ std::vector<float> scalar_snapkv(const kt::score::snapkv::config& cfg, const kt:
   return scores;
 }
 
-template <class KeyT, class QueryT>
+template <class Exp = backend_exp, class KeyT, class QueryT>
 std::vector<float> scalar_h2o(const kt::score::h2o::config& cfg, const kt::model_shape& shape,
                               const kt::kv_view<const KeyT>& keys, const kt::window_view<const QueryT>& queries) {
   const std::int64_t tokens = keys.extent(2);
   const std::int64_t recent = kt::score::h2o::recent_tokens(cfg, tokens);
-  auto scores = scalar_mass(keys, queries, shape, cfg.group, 0, tokens, [&](std::vector<float> mass) {
+  auto scores = scalar_mass<Exp>(keys, queries, shape, cfg.group, 0, tokens, [&](std::vector<float> mass) {
     if (cfg.normalisation == kt::score::h2o::normalisation::observed)
       for (std::int64_t j = 0; j < tokens; ++j) mass[j] /= static_cast<float>(tokens - j);
     return mass;
@@ -151,9 +174,12 @@ const mass_case mass_cases[] = {
     {1, 1, 8, 256, 130, 97}, {2, 3, 1, 16, 77, 20},    {1, 2, 3, 128, 33, 33},  {1, 1, 2, 1024, 40, 9},
 };
 
+/// Fast scores = the scalar reference's bits, over the mass cases with at most
+/// `max_tokens` tokens.
 template <class KeyT>
-void check_scorers_bitwise(std::uint64_t seed) {
+void check_scorers_bitwise(std::uint64_t seed, std::int64_t max_tokens = 1 << 30) {
   for (const mass_case& c : mass_cases) {
+    if (c.tokens > max_tokens) continue;
     SCOPED_TRACE(kt::detail::cat("B", c.batch, " Hkv", c.kv_heads, " G", c.group, " D", c.head_dim, " T", c.tokens,
                                  " nq", c.observed));
     const kt::model_shape shape{.q_heads = c.kv_heads * c.group, .kv_heads = c.kv_heads, .head_dim = c.head_dim};
@@ -180,6 +206,16 @@ void check_scorers_bitwise(std::uint64_t seed) {
 
 TEST(CpuSpeed, AttentionMassScorersBitIdenticalToScalarReferenceFp32) { check_scorers_bitwise<float>(101); }
 TEST(CpuSpeed, AttentionMassScorersBitIdenticalToScalarReferenceFp16) { check_scorers_bitwise<kt::half>(202); }
+#if KVTRIM_X86_DISPATCH
+// The same on the portable paths (Eigen's products, the scalar exp), which a CPU
+// without AVX2 takes: switched off here for the test's duration (shapes up to 300
+// tokens: the 520-token case adds seconds of scalar reference and no new path).
+TEST(CpuSpeed, AttentionMassScorersBitIdenticalToScalarReferenceOnThePortablePaths) {
+  kt::detail::x86::vector_paths_enabled() = false;
+  check_scorers_bitwise<kt::half>(303, 300);
+  kt::detail::x86::vector_paths_enabled() = true;
+}
+#endif
 
 // ---- double-precision reimplementation ------------------------------------------
 /// SnapKV in double, straight from the paper's formula (mean over window and group).
@@ -225,6 +261,68 @@ std::vector<std::int32_t> top_k(const S* scores, std::int64_t tokens, std::int64
   order.resize(static_cast<std::size_t>(keep));
   std::sort(order.begin(), order.end());
   return order;
+}
+
+// ---- the backend's exp against std::exp: scores within a bound, kept sets unchanged
+// The reference exp changed from std::exp (glibc: ≤ 0.51 ulp) to the backend's
+// (≤ 1.013 ulp, vectorised). Both exponentiate the same logits, so each e_j moves
+// relatively by ≤ 1.523·2⁻²³ ≈ 3.05u (u = 2⁻²⁴); Z = Σ e_j (left to right, ≤ T terms)
+// by that plus both sums' roundings, ≤ 2(T − 1)u; p_j = e_j/Z by the two plus 2u for
+// the divisions; the scores are positive sums and means of p (over `rows` window
+// or observed rows, then pooling over `kernel`, then the G heads of a group), each
+// adding at most its own 2·(terms)u: relative bound
+//   δ = (2·3.05 + 2T + 2 + 2·(rows + kernel + G) + 8)·u.
+// Kept sets (top-k, ties to the lower index) at three budgets must be the same.
+double exp_change_bound(std::int64_t tokens, std::int64_t rows, std::int64_t kernel, std::int64_t group) {
+  return (2.0 * 3.05 + 2.0 * static_cast<double>(tokens) + 2.0 +
+          2.0 * static_cast<double>(rows + kernel + group) + 8.0) * 0x1p-24;
+}
+
+void expect_close_and_same_kept(const std::vector<float>& now, const std::vector<float>& before, std::int64_t tokens,
+                                double bound, double& worst_ratio, std::int64_t& moved) {
+  ASSERT_EQ(now.size(), before.size());
+  for (std::size_t i = 0; i < now.size(); ++i) {
+    if (std::isinf(before[i])) {
+      ASSERT_EQ(now[i], before[i]) << "at " << i;
+      continue;
+    }
+    const double difference = std::abs(static_cast<double>(now[i]) - static_cast<double>(before[i]));
+    moved += difference > 0.0 ? 1 : 0;
+    const double ratio = difference / (bound * std::abs(static_cast<double>(before[i])) + 1e-37);
+    worst_ratio = std::max(worst_ratio, ratio);
+    EXPECT_LE(ratio, 1.0) << "score " << i << ": " << now[i] << " vs " << before[i];
+  }
+  for (std::int64_t head = 0; head < static_cast<std::int64_t>(now.size()) / tokens; ++head)
+    for (const std::int64_t keep : {tokens / 8 + 1, tokens / 3, tokens / 2})
+      EXPECT_EQ(top_k(now.data() + head * tokens, tokens, keep), top_k(before.data() + head * tokens, tokens, keep))
+          << "head " << head << " keep " << keep;
+}
+
+TEST(CpuSpeed, BackendExpMovesScoresWithinBoundAndKeepsTheKeptSets) {
+  double worst_ratio = 0.0;
+  std::int64_t moved = 0, compared = 0;
+  for (const mass_case& c : mass_cases) {
+    SCOPED_TRACE(kt::detail::cat("Hkv", c.kv_heads, " G", c.group, " D", c.head_dim, " T", c.tokens));
+    const kt::model_shape shape{.q_heads = c.kv_heads * c.group, .kv_heads = c.kv_heads, .head_dim = c.head_dim};
+    auto keys = kts::random_tensor<kt::half, 4>({c.batch, c.kv_heads, c.tokens, c.head_dim}, 303, 2.0f);
+    auto queries = kts::random_tensor<kt::half, 4>({c.batch, shape.q_heads, c.observed, c.head_dim}, 304, 2.0f);
+    kt::score::snapkv::config snap{};
+    snap.window = std::min<std::int64_t>(c.observed, c.tokens - 1);
+    snap.kernel = c.tokens > 20 ? 5 : 1;
+    const auto now = fast_scores<kt::score::snapkv>(snap, shape, keys.cview(), queries.cview());
+    expect_close_and_same_kept(now, scalar_snapkv<std_exp>(snap, shape, keys.cview(), queries.cview()), c.tokens,
+                               exp_change_bound(c.tokens, snap.window, snap.kernel, c.group), worst_ratio, moved);
+    compared += static_cast<std::int64_t>(now.size());
+    if (c.tokens > 300) continue;  // H2O's scalar reference is quadratic in T
+    auto all_queries = kts::random_tensor<kt::half, 4>({c.batch, shape.q_heads, c.tokens, c.head_dim}, 305, 2.0f);
+    const kt::score::h2o::config h2o{};
+    const auto heavy = fast_scores<kt::score::h2o>(h2o, shape, keys.cview(), all_queries.cview());
+    expect_close_and_same_kept(heavy, scalar_h2o<std_exp>(h2o, shape, keys.cview(), all_queries.cview()), c.tokens,
+                               exp_change_bound(c.tokens, c.tokens, 1, c.group), worst_ratio, moved);
+    compared += static_cast<std::int64_t>(heavy.size());
+  }
+  std::cout << "[exp change] " << moved << " of " << compared << " scores moved; worst |Δ| / bound " << worst_ratio
+            << "\n";
 }
 
 TEST(CpuSpeed, SnapKVAgainstDoublePrecisionValuesAndTies) {

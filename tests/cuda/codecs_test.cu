@@ -125,7 +125,9 @@ TEST(Fp8Conversion, HardwareMatchesCpuOnEveryBoundary) {
 
 enum class layout_kind { contiguous, paged, flat };
 enum class codec_kind { int8_groups, int8_groups_zero_point, int8_tokens_zero_point, int4_groups_zero_point,
-                        int4_groups, fp8_head_amax, fp8_fixed, layered_int8, layered_fp8 };
+                        int4_groups, fp8_head_amax, fp8_fixed, layered_int8, layered_fp8, low_rank_post_rope,
+                        low_rank_pre_rope, low_rank_pre_rope_interleaved, low_rank_post_rope_rank_20,
+                        low_rank_pre_rope_rank_29 };
 
 struct codec_case {
   layout_kind layout;
@@ -139,7 +141,9 @@ struct codec_case {
 std::string name_of(const codec_case& c) {
   static const char* const layouts[] = {"contiguous", "paged", "flat"};
   static const char* const codecs[] = {"int8_g32", "int8_g32_zero", "int8_token_zero", "int4_g32_zero", "int4_g32",
-                                       "fp8_amax", "fp8_fixed",     "layered_int8",    "layered_fp8"};
+                                       "fp8_amax", "fp8_fixed",     "layered_int8",    "layered_fp8",
+                                       "low_rank_post", "low_rank_pre", "low_rank_pre_interleaved",
+                                       "low_rank_post_r20", "low_rank_pre_r29"};
   return kt::detail::cat(layouts[static_cast<int>(c.layout)], "_", codecs[static_cast<int>(c.codec)], "_b", c.batch,
                          "_kv", c.kv_heads, "_g", c.group, "_d", c.head_dim,
                          c.layout == layout_kind::paged ? kt::detail::cat("_p", c.page_size) : std::string{},
@@ -173,7 +177,16 @@ std::vector<storage_range> ranges_of(const Storage& s, const std::byte* base) {
     if (p != nullptr)
       r.push_back({name, static_cast<const std::byte*>(p) - base, static_cast<std::size_t>(count) * element, element});
   };
-  if constexpr (requires { s.inner; }) {  // layered<C>: C's arrays, then the fp16 rows and maps
+  if constexpr (requires { s.key_coefficients; }) {  // low_rank: coefficients, bases, ranks, counters
+    add("key_coefficients", s.key_coefficients, s.slots * s.stored_rank, 2);
+    add("value_coefficients", s.value_coefficients, s.slots * s.stored_rank, 2);
+    add("key_bases", s.key_bases, s.heads * s.head_dim * s.stored_rank, 4);
+    add("value_bases", s.value_bases, s.heads * s.head_dim * s.stored_rank, 4);
+    add("key_ranks", s.key_ranks, s.heads, 4);
+    add("value_ranks", s.value_ranks, s.heads, 4);
+    add("compaction_left", s.compaction_left, s.heads, 8);
+    add("pending_counts", s.pending_counts, s.heads, 8);
+  } else if constexpr (requires { s.inner; }) {  // layered<C>: C's arrays, then the fp16 rows and maps
     r = ranges_of(s.inner, base);
     const std::int64_t rows = s.sinks + s.recent;
     add("layered.row_keys", s.row_keys, s.heads * rows * s.head_dim, 2);
@@ -207,7 +220,9 @@ std::vector<storage_range> ranges_of(const Storage& s, const std::byte* base) {
 /// dequantization x̂ = q·s + z rounds relative to |q·s| + |z| ≤ |x̂| + 2|z|.
 template <class Storage>
 float key_zero(const Storage& s, std::int64_t slot, std::int64_t d) {
-  if constexpr (requires { s.inner; }) {
+  if constexpr (requires { s.key_coefficients; }) {
+    return 0.0f;
+  } else if constexpr (requires { s.inner; }) {
     return s.slot_rows[slot] >= 0 ? 0.0f : key_zero(s.inner, slot, d);
   } else if constexpr (requires { s.residual_keys; }) {
     if (!s.asymmetric) return 0.0f;
@@ -220,7 +235,9 @@ float key_zero(const Storage& s, std::int64_t slot, std::int64_t d) {
 }
 template <class Storage>
 float value_zero(const Storage& s, std::int64_t slot) {
-  if constexpr (requires { s.inner; })
+  if constexpr (requires { s.key_coefficients; })
+    return 0.0f;
+  else if constexpr (requires { s.inner; })
     return s.slot_rows[slot] >= 0 ? 0.0f : value_zero(s.inner, slot);
   else if constexpr (requires { s.residual_keys; })
     return s.asymmetric ? s.value_zeros[slot] : 0.0f;
@@ -231,7 +248,18 @@ float value_zero(const Storage& s, std::int64_t slot) {
 template <class CodecT>
 typename CodecT::config config_of(codec_kind kind) {
   typename CodecT::config config{};
-  if constexpr (requires { config.inner; }) {
+  if constexpr (std::is_same_v<CodecT, kt::codec::low_rank>) {
+    // Calibrated (profile) bases, installed per head before compaction (install_bases); the
+    // stored rank (max_rank) is set from the head dim by the harness.
+    config.source = kt::codec::basis_source::profile;
+    if (kind != codec_kind::low_rank_post_rope && kind != codec_kind::low_rank_post_rope_rank_20)
+      config.keys = kt::codec::key_space::pre_rope;
+    if (kind == codec_kind::low_rank_pre_rope_interleaved) {
+      config.rope.pairs = kt::rope::pairing::interleaved;
+      config.rope.rotary_dim = 32;  // partial rotary: channels 32.. are not rotated
+      config.rope.theta = 500000.0;
+    }
+  } else if constexpr (requires { config.inner; }) {
     // 3 sinks and a ring of 40 (not a multiple of KIVI's 32): appends of 17 and 33 wrap it.
     config.inner = config_of<typename CodecT::inner_codec>(kind == codec_kind::layered_int8
                                                                ? codec_kind::int8_groups_zero_point
@@ -276,6 +304,12 @@ struct harness {
       : c(c_), config(config_of<CodecT>(c_.codec)),
         shape{.q_heads = c_.kv_heads * c_.group, .kv_heads = c_.kv_heads, .head_dim = c_.head_dim},
         heads(c_.batch * c_.kv_heads) {
+    if constexpr (std::is_same_v<CodecT, kt::codec::low_rank>) {
+      // r = head_dim / 4; ranks 20 and 29 (not multiples of 8) take the element-copy tiles and scalar dots.
+      config.max_rank = c_.codec == codec_kind::low_rank_post_rope_rank_20   ? 20
+                        : c_.codec == codec_kind::low_rank_pre_rope_rank_29 ? 29
+                                                                            : c_.head_dim / 4;
+    }
     for (std::int64_t head = 0; head < heads; ++head)
       kept.push_back(contiguous ? c.kept[0] : c.kept[static_cast<std::size_t>(head) % c.kept.size()]);
   }
@@ -305,6 +339,31 @@ struct harness {
       return device_view::bind_with_host_length(host_length, memory, shape, c.batch, pool(), config);
     else
       return device_view::bind(memory, shape, c.batch, pool(), config);
+  }
+
+  /// low_rank: random orthonormal bases (Q of a Householder QR) of ragged ranks — the stored rank,
+  /// one less, two less — per head, installed with the CPU's set_basis before the block is copied
+  /// (so both backends hold the same bases).
+  void install_bases(const host_view& cpu) const {
+    const std::int64_t stored = cpu.storage.stored_rank;
+    std::mt19937_64 random(71);
+    std::normal_distribution<double> normal(0.0, 1.0);
+    const auto basis = [&](std::int64_t rank) {
+      Eigen::MatrixXd gaussian(c.head_dim, rank);
+      for (Eigen::Index i = 0; i < gaussian.size(); ++i) gaussian.data()[i] = normal(random);
+      const Eigen::MatrixXd q = Eigen::HouseholderQR<Eigen::MatrixXd>(gaussian).householderQ() *
+                                Eigen::MatrixXd::Identity(c.head_dim, rank);
+      std::vector<float> rows(static_cast<std::size_t>(c.head_dim * rank));
+      for (std::int64_t d = 0; d < c.head_dim; ++d)
+        for (std::int64_t j = 0; j < rank; ++j) rows[static_cast<std::size_t>(d * rank + j)] = static_cast<float>(q(d, j));
+      return rows;
+    };
+    for (std::int64_t head = 0; head < heads; ++head) {
+      const std::int64_t key_rank = std::max<std::int64_t>(1, stored - head % 3);
+      const std::int64_t value_rank = std::max<std::int64_t>(1, stored - (head + 1) % 3);
+      const std::vector<float> keys = basis(key_rank), values = basis(value_rank);
+      kt::codec::low_rank::set_basis(cpu.storage, head, keys.data(), key_rank, values.data(), value_rank);
+    }
   }
 
   /// Every array of the codec's storage, byte for byte, and every held slot's position.
@@ -345,6 +404,75 @@ struct harness {
     }
   }
 
+  /// low_rank's bound for query head j of sequence b (returns false after a failed assertion).
+  /// Both backends read the same coefficients c (fp16) and bases U (fp32) and compute in fp32
+  /// (u = 2^-24), in different orders. A logit is a sum of D·R products q_d·U_dj·c_j (post-RoPE:
+  /// Σ_j (Σ_d q_d U_dj) c_j; pre-RoPE: Σ_d q_d (rotated Σ_j U_dj c_j), the rotation in double and
+  /// orthogonal on each pair, so an error in either member of a pair reaches both), times the
+  /// scale, plus the bias: each side is within γ_{D+R+4}·S of the exact value, with
+  /// S = Σ_d |q_d|·B_d / √D + |bias|, B_d = Σ_j |U_dj c_j| (pre-RoPE, rotated channels: the
+  /// pair's B_a + B_b), so the logits differ by δ ≤ (2(D + R) + 12)·u·S. The output
+  /// U_v (Σ_i p_i c^v_i) / Σ p_i: every lifted value is bounded by V = max_i,d Σ_j |U_v,dj c^v_ij|;
+  /// the weights differ by e^(2δ + 4u) − 1 (twice: numerator and sum, decode_test's argument), the
+  /// mixes by the sums' random-rounding model 16√(n + 1)·u·V (different orders over n tokens), the
+  /// lift (R terms) by 2R·u·V, and the final division and scale by 12u·V.
+  bool check_low_rank_attention(const host_view& cpu, const kt::testing::host_tensor<kt::half, 3>& queries,
+                                const std::vector<float>& gpu_out, const kt::testing::host_tensor<float, 3>& cpu_out,
+                                std::int64_t b, std::int64_t j, double& worst) const {
+    const auto& st = cpu.storage;
+    const std::int64_t h = j / c.group, head = b * c.kv_heads + h, n = cpu.head_length(b, h);
+    const std::int64_t dim = c.head_dim, r = st.stored_rank;
+    const float* key_basis = st.key_bases + head * dim * r;
+    const float* value_basis = st.value_bases + head * dim * r;
+    std::int32_t bias_index = -1;
+    float bias = 0.0f;
+    if constexpr (requires { cpu.compensation.index; }) bias_index = cpu.compensation.index[head], bias = cpu.compensation.bias[head];
+    const std::int64_t rotary = st.pre_rope ? st.rope.rotated(dim) : 0;
+    const auto partner = [&](std::int64_t d) -> std::int64_t {
+      if (d >= rotary) return -1;
+      if (st.rope.pairs == kt::rope::pairing::half_split) return d < rotary / 2 ? d + rotary / 2 : d - rotary / 2;
+      return d ^ 1;
+    };
+    double largest_logit = 0.0, largest_value = 0.0;
+    std::vector<double> key_terms(static_cast<std::size_t>(dim));
+    for (std::int64_t i = 0; i < n; ++i) {
+      const std::int64_t slot = cpu.slot(b, h, i);
+      for (std::int64_t d = 0; d < dim; ++d) {
+        double key_sum = 0.0, value_sum = 0.0;
+        for (std::int64_t k = 0; k < r; ++k) {
+          key_sum += std::abs(double{key_basis[d * r + k]} * static_cast<double>(static_cast<float>(st.key_coefficients[slot * r + k])));
+          value_sum += std::abs(double{value_basis[d * r + k]} * static_cast<double>(static_cast<float>(st.value_coefficients[slot * r + k])));
+        }
+        key_terms[static_cast<std::size_t>(d)] = key_sum;
+        largest_value = std::max(largest_value, value_sum);
+      }
+      double magnitude = 0.0;
+      for (std::int64_t d = 0; d < dim; ++d) {
+        const std::int64_t p = partner(d);
+        const double term = key_terms[static_cast<std::size_t>(d)] + (p >= 0 ? key_terms[static_cast<std::size_t>(p)] : 0.0);
+        magnitude += std::abs(static_cast<double>(kt::to_float(queries(b, j, d)))) * term;
+      }
+      largest_logit = std::max(largest_logit, magnitude / std::sqrt(static_cast<double>(dim)) +
+                                                  (i == bias_index ? std::abs(bias) : 0.0));
+    }
+    const double u = kt::element_traits<float>::unit_roundoff;
+    const double logit_error = (2.0 * static_cast<double>(dim + r) + 12.0) * u * largest_logit;
+    const double tolerance = 2.0 * std::expm1(2.0 * logit_error + 4.0 * u) * largest_value +
+                             (16.0 * std::sqrt(static_cast<double>(n) + 1.0) + 2.0 * static_cast<double>(r) + 12.0) * u *
+                                 largest_value;
+    for (std::int64_t d = 0; d < dim; ++d) {
+      const float got = gpu_out[static_cast<std::size_t>((b * shape.q_heads + j) * dim + d)];
+      EXPECT_FALSE(std::isnan(got)) << "unwritten or NaN output at " << b << "," << j << "," << d;
+      if (std::isnan(got)) return false;
+      const double error = std::abs(static_cast<double>(got) - cpu_out.view(b, j, d));
+      worst = std::max(worst, error / tolerance);
+      EXPECT_LE(error, tolerance) << "|cuda − cpu| at sequence " << b << ", q head " << j << ", dim " << d << " (head of "
+                                  << n << " tokens)";
+      if (error > tolerance) return false;
+    }
+    return true;
+  }
+
   /// Decode attention over the CPU's cache in `block`, its bytes copied to the device.
   void expect_attention_matches(const host_view& cpu, const host_block& block, const char* step) const {
     SCOPED_TRACE(step);
@@ -358,7 +486,15 @@ struct harness {
     kt::testing::check(cudaMemcpy(device_block.data(), block.data, block.bytes, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
     std::int64_t host_length = 0;
     const device_view gpu = bind_device(device_block.data(), &host_length);
-    if constexpr (contiguous) host_length = *cpu.length;
+    if constexpr (contiguous) {
+      host_length = *cpu.length;
+      // A contiguous device view lays its positions out without the host length: copy the CPU's
+      // (pre-RoPE low_rank keys are rotated by them).
+      kt::testing::check(cudaMemcpy(gpu.positions.slot_position, cpu.positions.slot_position,
+                                    static_cast<std::size_t>(heads * cpu.map.head_stride) * sizeof(std::int32_t),
+                                    cudaMemcpyHostToDevice),
+                         "cudaMemcpy positions");
+    }
     kt::testing::device_tensor<kt::half, 3> device_queries(queries);
     device_buffer<float> device_out(static_cast<std::size_t>(c.batch * shape.q_heads * c.head_dim));
     device_out.fill_bytes(0xff);  // NaN: an unwritten output fails
@@ -389,45 +525,51 @@ struct harness {
     // moves a logit by ≤ u_h·Σ_d |q_d s_d c̄_d|/√D ≤ u_h·S (|s c̄| = |k̂ − z| ≤ |k̂| + |z|; channels that
     // fall below fp16's normals lose ≤ 2^-25·|c̄|·2^-e each, far below u_h·S); the weights times the
     // values' steps p·s_t are rounded once: outputs move by ≤ u_h·max|v̂ − z| ≤ u_h·V. Same terms.
-    const double u = kt::element_traits<float>::unit_roundoff;
-    const double u_h = c.group >= 4 ? kt::element_traits<kt::half>::unit_roundoff : 0.0;
     double worst = 0.0;
-    for (std::int64_t b = 0; b < c.batch; ++b)
-      for (std::int64_t j = 0; j < shape.q_heads; ++j) {
-        const std::int64_t h = j / c.group, head = b * c.kv_heads + h;
-        const std::int64_t n = cpu.head_length(b, h);
-        double largest_logit = 0.0, largest_value = 0.0;
-        float key[kt::max_head_dim], value[kt::max_head_dim];
-        std::int32_t bias_index = -1;
-        float bias = 0.0f;
-        if constexpr (requires { cpu.compensation.index; }) bias_index = cpu.compensation.index[head], bias = cpu.compensation.bias[head];
-        for (std::int64_t i = 0; i < n; ++i) {
-          const std::int64_t slot = cpu.slot(b, h, i);
-          CodecT::load_key(cpu.storage, head, slot, cpu.positions.slot_position[slot], key);
-          CodecT::load_value(cpu.storage, head, slot, value);
-          double magnitude = 0.0;
-          const double zv = std::abs(value_zero(cpu.storage, slot));
-          for (std::int64_t d = 0; d < c.head_dim; ++d) {
-            magnitude += std::abs(static_cast<double>(kt::to_float(queries(b, j, d)))) *
-                         (std::abs(static_cast<double>(key[d])) + 2.0 * std::abs(key_zero(cpu.storage, slot, d)));
-            largest_value = std::max(largest_value, std::abs(static_cast<double>(value[d])) + 2.0 * zv);
+    if constexpr (std::is_same_v<CodecT, kt::codec::low_rank>) {
+      for (std::int64_t b = 0; b < c.batch; ++b)
+        for (std::int64_t j = 0; j < shape.q_heads; ++j)
+          if (!check_low_rank_attention(cpu, queries, gpu_out, cpu_out, b, j, worst)) return;
+    } else {
+      const double u = kt::element_traits<float>::unit_roundoff;
+      const double u_h = c.group >= 4 ? kt::element_traits<kt::half>::unit_roundoff : 0.0;
+      for (std::int64_t b = 0; b < c.batch; ++b)
+        for (std::int64_t j = 0; j < shape.q_heads; ++j) {
+          const std::int64_t h = j / c.group, head = b * c.kv_heads + h;
+          const std::int64_t n = cpu.head_length(b, h);
+          double largest_logit = 0.0, largest_value = 0.0;
+          float key[kt::max_head_dim], value[kt::max_head_dim];
+          std::int32_t bias_index = -1;
+          float bias = 0.0f;
+          if constexpr (requires { cpu.compensation.index; }) bias_index = cpu.compensation.index[head], bias = cpu.compensation.bias[head];
+          for (std::int64_t i = 0; i < n; ++i) {
+            const std::int64_t slot = cpu.slot(b, h, i);
+            CodecT::load_key(cpu.storage, head, slot, cpu.positions.slot_position[slot], key);
+            CodecT::load_value(cpu.storage, head, slot, value);
+            double magnitude = 0.0;
+            const double zv = std::abs(value_zero(cpu.storage, slot));
+            for (std::int64_t d = 0; d < c.head_dim; ++d) {
+              magnitude += std::abs(static_cast<double>(kt::to_float(queries(b, j, d)))) *
+                           (std::abs(static_cast<double>(key[d])) + 2.0 * std::abs(key_zero(cpu.storage, slot, d)));
+              largest_value = std::max(largest_value, std::abs(static_cast<double>(value[d])) + 2.0 * zv);
+            }
+            largest_logit = std::max(largest_logit, magnitude / std::sqrt(static_cast<double>(c.head_dim)) +
+                                                        (i == bias_index ? std::abs(bias) : 0.0));
           }
-          largest_logit = std::max(largest_logit, magnitude / std::sqrt(static_cast<double>(c.head_dim)) +
-                                                      (i == bias_index ? std::abs(bias) : 0.0));
+          const double logit_error = ((static_cast<double>(c.head_dim) + 12.0) * u + u_h) * largest_logit;
+          const double tolerance = 2.0 * std::expm1(2.0 * logit_error + 4.0 * u) * largest_value +
+                                   (16.0 * std::sqrt(static_cast<double>(n) + 1.0) + 12.0) * u * largest_value +
+                                   2.0 * u_h * largest_value;
+          for (std::int64_t d = 0; d < c.head_dim; ++d) {
+            const float got = gpu_out[static_cast<std::size_t>((b * shape.q_heads + j) * c.head_dim + d)];
+            ASSERT_FALSE(std::isnan(got)) << "unwritten or NaN output at " << b << "," << j << "," << d;
+            const double error = std::abs(static_cast<double>(got) - cpu_out.view(b, j, d));
+            worst = std::max(worst, error / tolerance);
+            ASSERT_LE(error, tolerance) << "|cuda − cpu| at sequence " << b << ", q head " << j << ", dim " << d << " (head of "
+                                        << n << " tokens)";
+          }
         }
-        const double logit_error = ((static_cast<double>(c.head_dim) + 12.0) * u + u_h) * largest_logit;
-        const double tolerance = 2.0 * std::expm1(2.0 * logit_error + 4.0 * u) * largest_value +
-                                 (16.0 * std::sqrt(static_cast<double>(n) + 1.0) + 12.0) * u * largest_value +
-                                 2.0 * u_h * largest_value;
-        for (std::int64_t d = 0; d < c.head_dim; ++d) {
-          const float got = gpu_out[static_cast<std::size_t>((b * shape.q_heads + j) * c.head_dim + d)];
-          ASSERT_FALSE(std::isnan(got)) << "unwritten or NaN output at " << b << "," << j << "," << d;
-          const double error = std::abs(static_cast<double>(got) - cpu_out.view(b, j, d));
-          worst = std::max(worst, error / tolerance);
-          ASSERT_LE(error, tolerance) << "|cuda − cpu| at sequence " << b << ", q head " << j << ", dim " << d << " (head of "
-                                      << n << " tokens)";
-        }
-      }
+    }
     ::testing::Test::RecordProperty(kt::detail::cat("worst_error_over_tolerance_", step), std::to_string(worst));
   }
 
@@ -464,6 +606,7 @@ struct harness {
 
     host_block block(host_view::bytes(shape, c.batch, pool(), config));
     host_view cpu = bind_host(block);
+    if constexpr (std::is_same_v<CodecT, kt::codec::low_rank>) install_bases(cpu);
     device_buffer<std::byte> device_block(block.bytes);
     kt::testing::check(cudaMemcpy(device_block.data(), block.data, block.bytes, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
     std::int64_t host_length = 0;
@@ -557,6 +700,11 @@ TEST_P(CodecCache, EncodesBitIdenticallyAndAttendsWithinBound) {
     case codec_kind::fp8_fixed: run_layout<kt::codec::fp8>(c); break;
     case codec_kind::layered_int8: run_layout<kt::codec::layered<kt::codec::int8>>(c); break;
     case codec_kind::layered_fp8: run_layout<kt::codec::layered<kt::codec::fp8>>(c); break;
+    case codec_kind::low_rank_post_rope:
+    case codec_kind::low_rank_pre_rope:
+    case codec_kind::low_rank_pre_rope_interleaved:
+    case codec_kind::low_rank_post_rope_rank_20:
+    case codec_kind::low_rank_pre_rope_rank_29: run_layout<kt::codec::low_rank>(c); break;
   }
 }
 
@@ -593,7 +741,21 @@ INSTANTIATE_TEST_SUITE_P(
         codec_case{L::contiguous, K::int4_groups, 1, 2, 8, 128, 0, {1}, false},
         codec_case{L::flat, K::int8_groups, 1, 3, 4, 64, 0, {17, 4097, 64}, true},
         codec_case{L::paged, K::int8_groups_zero_point, 1, 2, 4, 128, 8, {40, 17}, false},
-        codec_case{L::paged, K::fp8_head_amax, 1, 2, 4, 64, 16, {33, 1}, true}),
+        codec_case{L::paged, K::fp8_head_amax, 1, 2, 4, 64, 16, {33, 1}, true},
+        // low_rank (profile bases of ragged ranks r, r − 1, r − 2 per head; r = head_dim / 4):
+        // coefficients bit-identical to the CPU's encode, attention post- and pre-RoPE (the
+        // key rebuilt and rotated from its stored position), GQA 1–16, head_dim 64 / 128.
+        codec_case{L::paged, K::low_rank_post_rope, 2, 4, 4, 128, 16, {1, 17, 31, 33, 4097, 64, 32, 100}, true},
+        codec_case{L::paged, K::low_rank_pre_rope, 1, 2, 16, 64, 32, {4097, 33}, true},
+        codec_case{L::paged, K::low_rank_pre_rope, 1, 3, 1, 128, 16, {17, 1, 300}, false},
+        codec_case{L::flat, K::low_rank_post_rope, 2, 2, 1, 64, 0, {33, 1, 4097, 17}, true},
+        codec_case{L::flat, K::low_rank_pre_rope, 1, 4, 2, 128, 0, {31, 33, 17, 1}, false},
+        codec_case{L::contiguous, K::low_rank_post_rope, 2, 2, 8, 128, 0, {4097}, false},
+        codec_case{L::contiguous, K::low_rank_post_rope, 1, 1, 16, 64, 0, {1}, false},
+        codec_case{L::contiguous, K::low_rank_pre_rope, 1, 2, 4, 128, 0, {17}, false},
+        codec_case{L::contiguous, K::low_rank_pre_rope_interleaved, 1, 2, 1, 64, 0, {4097}, false},
+        codec_case{L::flat, K::low_rank_post_rope_rank_20, 1, 2, 4, 128, 0, {300, 17}, true},
+        codec_case{L::paged, K::low_rank_pre_rope_rank_29, 1, 2, 2, 128, 16, {33, 257}, false}),
     [](const ::testing::TestParamInfo<codec_case>& info) { return kt::detail::cat(name_of(info.param), "_", info.index); });
 
 // ---- memory: kvtrim::stats counts what a device cache allocates --------------
@@ -625,7 +787,9 @@ void expect_stats_count_the_allocation(const typename CodecT::config& config, co
   const device_view device = device_view::bind_with_host_length(&host_length, memory.data(), shape, batch, capacity, config);
   const auto* base = reinterpret_cast<const std::byte*>(memory.data());
   const void* first_array = [&]() -> const void* {
-    if constexpr (requires { device.storage.key_codes; })
+    if constexpr (requires { device.storage.key_coefficients; })
+      return device.storage.key_coefficients;
+    else if constexpr (requires { device.storage.key_codes; })
       return device.storage.key_codes;
     else
       return device.storage.keys;
@@ -650,10 +814,15 @@ TEST(CodecStats, BytesPerTokenAreWhatTheDeviceCacheAllocates) {
   expect_stats_count_the_allocation<kt::codec::int4>(int4_zero, "int4 KIVI zero points");
   expect_stats_count_the_allocation<kt::codec::fp8>({}, "fp8");
   expect_stats_count_the_allocation<kt::codec::fp16>({}, "fp16");
+  kt::codec::low_rank::config low_rank{};
+  low_rank.source = kt::codec::basis_source::profile;
+  low_rank.max_rank = 32;  // r = head_dim / 4
+  expect_stats_count_the_allocation<kt::codec::low_rank>(low_rank, "low_rank (profile bases, r = 32)");
   // The per-token figures of docs/codecs.md (head_dim 128, runs of 32).
   EXPECT_DOUBLE_EQ(kt::codec::bytes_per_token<kt::codec::int8>(int8_groups, 128, 32), 256.0 + 4.0 + 513.0 / 32.0);
   EXPECT_DOUBLE_EQ(kt::codec::bytes_per_token<kt::codec::int4>(int4_zero, 128, 32), 128.0 + 8.0 + 1025.0 / 32.0);
   EXPECT_DOUBLE_EQ(kt::codec::bytes_per_token<kt::codec::fp8>({}, 128, 1), 256.0);
+  EXPECT_DOUBLE_EQ(kt::codec::bytes_per_token<kt::codec::low_rank>(low_rank, 128, 1), 2.0 * 32 * 2);  // key and value fp16 coefficients
 }
 
 }  // namespace

@@ -28,9 +28,11 @@
 #include <array>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <optional>
 #include <random>
 #include <set>
+#include <string>
 #include <vector>
 
 #include "cuda/device_memory.cuh"
@@ -288,6 +290,278 @@ TEST(Combinations, KeyNormPyramidFlat) {
   combination<kt::layout::flat, kt::score::key_norm, kt::budget::pyramid>(kt::score::key_norm::config{}, pyramid_budget(),
                                                                           agreement::near_ties, true);
 }
+
+// ---- NaN / Inf on the device: refused before any write, the CPU's message ----
+// The CPU refuses a non-finite key, value or window query (or a finite value its
+// fp16 storage rounds to ±Inf) naming the first in (argument, sequence, head,
+// token, channel) order, before writing. The device scans the inputs before the
+// planning kernel and refuses through the status words: every byte of the cache
+// stays (compared whole after check_status), and check_status throws the CPU's
+// message word for word. One bad element among 2·4·257·128 per tensor, in one
+// head of many; two bad elements where the CPU's order decides which is named.
+namespace {
+
+std::size_t kv_index(std::int64_t b, std::int64_t h, std::int64_t t, std::int64_t d) {
+  return static_cast<std::size_t>(((b * kv_heads + h) * tokens + t) * head_dim + d);
+}
+std::size_t q_index(std::int64_t b, std::int64_t h, std::int64_t t, std::int64_t d) {
+  return static_cast<std::size_t>(((b * q_heads + h) * window + t) * head_dim + d);
+}
+
+template <class Layout, class Budget, class BudgetConfig>
+void check_non_finite_refused(BudgetConfig budget) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  using cpu_scheme = kt::scheme<Layout, kt::score::snapkv, Budget, kt::codec::fp16, kt::backend::cpu>;
+  using gpu_scheme = kt::scheme<Layout, kt::score::snapkv, Budget, kt::codec::fp16, kt::backend::cuda>;
+  typename cpu_scheme::config cpu_cfg;
+  cpu_cfg.score = snapkv_score();
+  cpu_cfg.budget = budget;
+  typename gpu_scheme::config gpu_cfg;
+  gpu_cfg.score = cpu_cfg.score;
+  gpu_cfg.budget = cpu_cfg.budget;
+  const std::array<std::int64_t, 4> kv_extents{batch, kv_heads, tokens, head_dim};
+  const std::array<std::int64_t, 4> q_extents{batch, q_heads, window, head_dim};
+  const inputs good(4321);
+  auto cpu = cpu_scheme::make_cache(shape, batch, pool<Layout>(), kt::codec::fp16::config{});
+  auto gpu = gpu_scheme::make_cache(shape, batch, pool<Layout>(), kt::codec::fp16::config{});
+  std::vector<std::byte> cpu_scratch(cpu_scheme::compress_workspace(shape, batch, tokens, cpu_cfg));
+  device_buffer<std::byte> scratch(gpu_scheme::compress_workspace(shape, batch, tokens, gpu_cfg));
+  const auto cpu_compress = [&](const inputs& in) {
+    auto view = cpu.view();
+    cpu_scheme::compress(kt::make_view(in.keys.data(), kv_extents), kt::make_view(in.values.data(), kv_extents),
+                         kt::make_view(in.queries.data(), q_extents), view, cpu_cfg,
+                         kt::workspace{cpu_scratch.data(), cpu_scratch.size()});
+  };
+  const auto gpu_compress = [&](const inputs& in, bool check_finite) {
+    device_buffer<kt::half> keys(in.keys), values(in.values), queries(in.queries);
+    kt::compress_options<kt::device_space> options;
+    options.check_finite = check_finite;
+    auto view = gpu.view();
+    gpu_scheme::compress(kt::make_view<kt::device_space>(static_cast<const kt::half*>(keys.data()), kv_extents),
+                         kt::make_view<kt::device_space>(static_cast<const kt::half*>(values.data()), kv_extents),
+                         kt::make_view<kt::device_space>(static_cast<const kt::half*>(queries.data()), q_extents), view,
+                         gpu_cfg, options, kt::workspace{scratch.data(), scratch.size()}, cudaStream_t{});
+    kt::testing::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  };
+  const auto whole = [&] { return kt::testing::download_bytes(gpu.data(), gpu.bytes()); };
+  const auto cpu_message = [](auto&& call) -> std::string {
+    try {
+      call();
+    } catch (const kt::error& e) {
+      return e.what();
+    }
+    return {};
+  };
+  // The device refused `call` exactly as the CPU did, and the cache kept every byte.
+  const auto expect_refused = [&](const std::string& expected, auto&& call) {
+    ASSERT_FALSE(expected.empty()) << "the CPU accepted the input";
+    const std::vector<std::byte> before = whole();
+    call();
+    try {
+      kt::check_status(gpu.view(), cudaStream_t{});
+      ADD_FAILURE() << "check_status did not throw; expected: " << expected;
+    } catch (const kt::error& e) {
+      EXPECT_EQ(std::string(e.what()), expected);
+    }
+    EXPECT_TRUE(whole() == before) << "a refused call changed the cache (status words included, after check_status)";
+  };
+
+  cpu_compress(good);
+  gpu_compress(good, true);
+  ASSERT_NO_THROW(kt::check_status(gpu.view(), cudaStream_t{}));
+
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  struct bad_element {
+    int argument;  // 0 keys, 1 values, 2 window queries
+    std::size_t element;
+    float value;
+  };
+  struct bad_case {
+    const char* what;
+    std::vector<bad_element> where;
+  };
+  const std::vector<bad_case> cases = {
+      {"a NaN value in sequence 1, head 3 (of 8 heads)", {{1, kv_index(1, 3, 200, 77), nan}}},
+      {"a NaN value, then +Inf in a key: the keys are checked first",
+       {{1, kv_index(0, 0, 3, 1), nan}, {0, kv_index(1, 2, 5, 0), inf}}},
+      {"the very first key element", {{0, kv_index(0, 0, 0, 0), nan}}},
+      {"the very last value element", {{1, kv_index(batch - 1, kv_heads - 1, tokens - 1, head_dim - 1), -inf}}},
+      {"a window query only", {{2, q_index(1, 13, window - 1, 127), -inf}}},
+      {"two bad keys in one head: the lower token", {{0, kv_index(1, 1, 250, 3), nan}, {0, kv_index(1, 1, 17, 100), inf}}},
+  };
+  for (const bad_case& c : cases) {
+    SCOPED_TRACE(c.what);
+    inputs in = good;
+    for (const bad_element& e : c.where) {
+      auto& tensor = e.argument == 0 ? in.keys : e.argument == 1 ? in.values : in.queries;
+      tensor[e.element] = kt::from_float<kt::half>(e.value);
+    }
+    expect_refused(cpu_message([&] { cpu_compress(in); }), [&] { gpu_compress(in, true); });
+  }
+
+  // Appends: one token per head with a NaN in one head's value row; a float row
+  // that fp16 storage rounds to +Inf (1e5 > 65504) through append_head.
+  {
+    const std::array<std::int64_t, 4> one{batch, kv_heads, 1, head_dim};
+    std::vector<kt::half> keys(good.keys.begin(), good.keys.begin() + batch * kv_heads * head_dim);
+    std::vector<kt::half> values = keys;
+    values[static_cast<std::size_t>((1 * kv_heads + 2) * head_dim + 9)] = kt::from_float<kt::half>(nan);
+    const std::string expected = cpu_message([&] {
+      cpu_scheme::append(cpu.view(), kt::make_view(keys.data(), one), kt::make_view(values.data(), one));
+    });
+    device_buffer<kt::half> device_keys(keys), device_values(values);
+    expect_refused(expected, [&] {
+      gpu_scheme::append(gpu.view(), kt::make_view<kt::device_space>(static_cast<const kt::half*>(device_keys.data()), one),
+                         kt::make_view<kt::device_space>(static_cast<const kt::half*>(device_values.data()), one),
+                         cudaStream_t{});
+      kt::testing::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    });
+    if constexpr (Layout::ragged_heads) {
+      const std::array<std::int64_t, 2> rows{3, head_dim};
+      std::vector<float> row_keys(3 * head_dim, 0.25f), row_values(3 * head_dim, -0.5f);
+      row_keys[static_cast<std::size_t>(2 * head_dim + 64)] = 1e5f;
+      const std::string overflow = cpu_message([&] {
+        cpu_scheme::append_head(cpu.view(), 1, 1, kt::make_view(row_keys.data(), rows), kt::make_view(row_values.data(), rows));
+      });
+      EXPECT_NE(overflow.find("fp16 storage"), std::string::npos) << overflow;
+      device_buffer<float> device_row_keys(row_keys), device_row_values(row_values);
+      expect_refused(overflow, [&] {
+        gpu_scheme::append_head(gpu.view(), 1, 1,
+                                kt::make_view<kt::device_space>(static_cast<const float*>(device_row_keys.data()), rows),
+                                kt::make_view<kt::device_space>(static_cast<const float*>(device_row_values.data()), rows),
+                                cudaStream_t{});
+        kt::testing::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+      });
+    }
+  }
+
+  // A NaN in a call that a host-side check of the device path then refuses (values
+  // with another token stride than the keys: the CUDA layouts copy rows of both with
+  // one stride): the scan runs after every host check, so nothing is recorded and
+  // the next good call goes through.
+  {
+    inputs in = good;
+    in.keys[kv_index(0, 1, 2, 3)] = kt::from_float<kt::half>(nan);
+    device_buffer<kt::half> keys(in.keys), queries(in.queries);
+    const std::int64_t padded_row = head_dim + 8;
+    device_buffer<kt::half> padded_values(std::vector<kt::half>(static_cast<std::size_t>(batch * kv_heads * tokens * padded_row)));
+    const kt::tensor_view<const kt::half, 4, kt::device_space> values_view{
+        padded_values.data(), kv_extents, {kv_heads * tokens * padded_row, tokens * padded_row, padded_row, 1}};
+    kt::compress_options<kt::device_space> options;
+    auto view = gpu.view();
+    EXPECT_THROW(gpu_scheme::compress(kt::make_view<kt::device_space>(static_cast<const kt::half*>(keys.data()), kv_extents),
+                                      values_view,
+                                      kt::make_view<kt::device_space>(static_cast<const kt::half*>(queries.data()), q_extents),
+                                      view, gpu_cfg, options, kt::workspace{scratch.data(), scratch.size()}, cudaStream_t{}),
+                 kt::error);
+    kt::testing::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    EXPECT_NO_THROW(kt::check_status(gpu.view(), cudaStream_t{})) << "a call refused on the host recorded a device failure";
+    gpu_compress(good, true);
+    EXPECT_NO_THROW(kt::check_status(gpu.view(), cudaStream_t{})) << "a good call after it was refused";
+  }
+
+  // compress_options::check_finite = false skips the scan: a NaN in a value row of
+  // the observation window (which SnapKV always keeps) is then stored as the engine
+  // asked — the cache changes (the same compress of the good inputs is what it holds
+  // now) and no refusal is recorded.
+  {
+    inputs in = good;
+    in.values[kv_index(1, 3, tokens - 2, 77)] = kt::from_float<kt::half>(nan);
+    const std::vector<std::byte> before = whole();
+    gpu_compress(in, false);
+    EXPECT_NO_THROW(kt::check_status(gpu.view(), cudaStream_t{}));
+    EXPECT_FALSE(whole() == before) << "check_finite = false: the compress was refused anyway";
+  }
+}
+
+}  // namespace
+
+TEST(Combinations, NonFiniteInputsAreRefusedIntactPaged) {
+  check_non_finite_refused<kt::layout::paged, kt::budget::uniform>(uniform_budget());
+}
+TEST(Combinations, NonFiniteInputsAreRefusedIntactFlat) {
+  check_non_finite_refused<kt::layout::flat, kt::budget::adaptive>(adaptive_budget());
+}
+
+// ---- Ada-KV's paper form on the device: a head protecting more than its budget ---
+// The CPU throws (budget::adaptive::guaranteed) for the first head, in (sequence,
+// head) order, whose protected tokens (scored +inf) exceed the per-head budget k.
+// The device's budget records that head in its workspace and the compaction's
+// planning refuses through the status words: the CPU's message, the cache intact.
+namespace {
+
+template <class Layout>
+void check_adaptive_refused() {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  using cpu_scheme = kt::scheme<Layout, kt::score::external, kt::budget::adaptive, kt::codec::fp16, kt::backend::cpu>;
+  using gpu_scheme = kt::scheme<Layout, kt::score::external, kt::budget::adaptive, kt::codec::fp16, kt::backend::cuda>;
+  const std::array<std::int64_t, 4> kv_extents{batch, kv_heads, tokens, head_dim};
+  const std::array<std::int64_t, 3> score_extents{batch, kv_heads, tokens};
+  const inputs in(777);
+  auto cpu = cpu_scheme::make_cache(shape, batch, pool<Layout>(), kt::codec::fp16::config{});
+  auto gpu = gpu_scheme::make_cache(shape, batch, pool<Layout>(), kt::codec::fp16::config{});
+  device_buffer<kt::half> keys(in.keys), values(in.values);
+  const auto compress_both = [&](const std::vector<float>& scores) -> std::string {
+    typename cpu_scheme::config cpu_cfg;
+    cpu_cfg.budget = adaptive_budget();
+    cpu_cfg.budget.keep = kt::keep_tokens{12};
+    cpu_cfg.score = kt::score::external::config::from(kt::make_view(scores.data(), score_extents));
+    std::vector<std::byte> cpu_scratch(cpu_scheme::compress_workspace(shape, batch, tokens, cpu_cfg));
+    std::string message;
+    try {
+      auto view = cpu.view();
+      cpu_scheme::compress(kt::make_view(in.keys.data(), kv_extents), kt::make_view(in.values.data(), kv_extents), view,
+                           cpu_cfg, kt::workspace{cpu_scratch.data(), cpu_scratch.size()});
+    } catch (const kt::error& e) {
+      message = e.what();
+    }
+    device_buffer<float> device_scores(scores);
+    typename gpu_scheme::config gpu_cfg;
+    gpu_cfg.budget = cpu_cfg.budget;
+    gpu_cfg.score = kt::score::external::config::from(
+        kt::make_view<kt::device_space>(static_cast<const float*>(device_scores.data()), score_extents));
+    device_buffer<std::byte> scratch(gpu_scheme::compress_workspace(shape, batch, tokens, gpu_cfg));
+    auto view = gpu.view();
+    gpu_scheme::compress(kt::make_view<kt::device_space>(static_cast<const kt::half*>(keys.data()), kv_extents),
+                         kt::make_view<kt::device_space>(static_cast<const kt::half*>(values.data()), kv_extents), view,
+                         gpu_cfg, kt::workspace{scratch.data(), scratch.size()}, cudaStream_t{});
+    kt::testing::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+    return message;
+  };
+  const float inf = std::numeric_limits<float>::infinity();
+  const auto protect = [&](std::vector<float>& scores, std::int64_t b, std::int64_t h, std::int64_t count) {
+    for (std::int64_t t = 0; t < count; ++t)
+      scores[static_cast<std::size_t>((b * kv_heads + h) * tokens + 3 * t + 1)] = inf;
+  };
+  // Heads protecting ≤ k tokens: accepted on both.
+  std::vector<float> fits = in.scores;
+  protect(fits, 0, 1, 12);
+  protect(fits, 1, 0, 5);
+  ASSERT_EQ(compress_both(fits), "");
+  ASSERT_NO_THROW(kt::check_status(gpu.view(), cudaStream_t{}));
+  // Sequence 1's kv heads 2 and 3 protect 20 and 30 > 12: the CPU names head 2.
+  std::vector<float> over = fits;
+  protect(over, 1, 2, 20);
+  protect(over, 1, 3, 30);
+  const std::vector<std::byte> before = kt::testing::download_bytes(gpu.data(), gpu.bytes());
+  const std::string expected = compress_both(over);
+  ASSERT_NE(expected.find("20 tokens the scorer protects"), std::string::npos) << expected;
+  try {
+    kt::check_status(gpu.view(), cudaStream_t{});
+    ADD_FAILURE() << "check_status did not throw; expected: " << expected;
+  } catch (const kt::error& e) {
+    EXPECT_EQ(std::string(e.what()), expected);
+  }
+  EXPECT_TRUE(kt::testing::download_bytes(gpu.data(), gpu.bytes()) == before) << "a refused compress changed the cache";
+  // The next call that fits is accepted again (the refusal word is per call).
+  ASSERT_EQ(compress_both(fits), "");
+  EXPECT_NO_THROW(kt::check_status(gpu.view(), cudaStream_t{}));
+}
+
+}  // namespace
+
+TEST(Combinations, AdaptiveHeadOverItsBudgetIsRefusedIntactFlat) { check_adaptive_refused<kt::layout::flat>(); }
+TEST(Combinations, AdaptiveHeadOverItsBudgetIsRefusedIntactPaged) { check_adaptive_refused<kt::layout::paged>(); }
 
 // ---- One past 2^31 elements: 64-bit indexing end to end ---------------------
 // Every layout at a size where the inputs AND the cache hold more than 2^31

@@ -569,6 +569,78 @@ INSTANTIATE_TEST_SUITE_P(
                              "_q", c.queries);
     });
 
+// A refused device call on an engine's tensor (issue 10's rule on layout::shared_paged): a NaN in
+// the appended values (the device's finiteness scan) and an append past the pool (the planning
+// kernel's check) each write nothing — the engine's page tensor and kvtrim's tables keep every byte
+// — and check_status throws the CPU's error; the cache then takes a valid append.
+TEST(SharedPagedDecodeErrors, RefusedCallsLeaveTheEnginesTensorAsItWas) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  using element = kt::half;
+  using codec = kt::codec::plain<element>;
+  using cuda_scheme = kt::scheme<kt::layout::shared_paged, kt::score::static_window, kt::budget::uniform, codec,
+                                 kt::backend::cuda>;
+  using device_view = kt::layout::shared_paged::view<codec, kt::device_space>;
+  const kt::model_shape shape{.q_heads = 8, .kv_heads = 2, .head_dim = 64};
+  const std::int64_t batch = 2, tokens = 100, keep = 40, page_size = 16;
+  const kt::layout::shared_paged::pool_size pool{batch * 3 + 1, page_size, kt::layout::shared_paged::order::hnd};
+  const std::size_t tensor_elements =
+      static_cast<std::size_t>(2 * pool.pages * page_size * shape.kv_heads * shape.head_dim);
+  const std::size_t metadata_bytes = device_view::metadata_bytes(shape, batch, pool);
+  device_buffer<element> tensor(tensor_elements);
+  device_buffer<std::byte> metadata(metadata_bytes);
+  kt::testing::check(cudaMemset(tensor.data(), 0, tensor_elements * sizeof(element)), "cudaMemset");
+  device_view view = device_view::bind_pages(tensor.data(), metadata.data(), shape, batch, pool);
+  kt::implementation<kt::layout::shared_paged, kt::backend::cuda>::reset(view);
+
+  auto keys = kt::testing::random_tensor<element, 4>({batch, shape.kv_heads, tokens, shape.head_dim}, 311);
+  auto values = kt::testing::random_tensor<element, 4>({batch, shape.kv_heads, tokens, shape.head_dim}, 312);
+  kt::testing::device_tensor<element, 4> device_keys(keys), device_values(values);
+  const auto part = [](const kt::testing::device_tensor<element, 4>& x, std::int64_t count) {
+    kt::tensor_view<const element, 4, kt::device_space> v{x.view.data, x.view.extents, x.view.strides};
+    v.extents[2] = count;
+    return v;
+  };
+  cuda_scheme::config cfg;
+  cfg.budget.keep = kt::keep_tokens{keep};
+  device_buffer<std::byte> scratch(cuda_scheme::compress_workspace(shape, batch, tokens, cfg));
+  cuda_scheme::compress(part(device_keys, tokens), part(device_values, tokens), view, cfg,
+                        {scratch.data(), scratch.size()});
+  kt::check_status(view, nullptr);
+  const std::vector<std::byte> tensor_before = kt::testing::download_bytes(tensor.data(), tensor_elements * sizeof(element));
+  const std::vector<std::byte> metadata_before = kt::testing::download_bytes(metadata.data(), metadata_bytes);
+  const auto expect_refused = [&](auto&& call, const char* argument, const char* expected) {
+    call();  // a device call does not throw: it records the failure and writes nothing
+    try {
+      kt::check_status(view, nullptr);
+      ADD_FAILURE() << "expected check_status to throw naming " << argument;
+    } catch (const kt::error& e) {
+      EXPECT_NE(std::string(e.what()).find(argument), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(expected), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(kt::testing::download_bytes(tensor.data(), tensor_elements * sizeof(element)), tensor_before)
+        << "the refused call wrote into the engine's page tensor";
+    // The tables, positions and free list as they were; the status words are back to zero after check_status.
+    std::vector<std::byte> metadata_after = kt::testing::download_bytes(metadata.data(), metadata_bytes);
+    EXPECT_EQ(metadata_after, metadata_before) << "the refused call changed kvtrim's tables";
+  };
+  {  // a NaN in sequence 1, kv head 1, token 2 of the appended values
+    auto bad = kt::testing::random_tensor<element, 4>({batch, shape.kv_heads, 3, shape.head_dim}, 313);
+    bad(1, 1, 2, 5) = kt::from_float<element>(std::numeric_limits<float>::quiet_NaN());
+    kt::testing::device_tensor<element, 4> device_bad(bad);
+    expect_refused([&] { cuda_scheme::append(view, part(device_bad, 3), part(device_bad, 3)); }, "new_keys",
+                   "finite values");
+  }
+  {  // 40 + 60 tokens need 7 pages per sequence; the pool has 7 in all
+    auto many = kt::testing::random_tensor<element, 4>({batch, shape.kv_heads, 60, shape.head_dim}, 314);
+    kt::testing::device_tensor<element, 4> device_many(many);
+    expect_refused([&] { cuda_scheme::append(view, part(device_many, 60), part(device_many, 60)); }, "cache",
+                   "pool exhausted");
+  }
+  // Still usable: a valid append of 8 tokens (within the free pages) passes its check.
+  cuda_scheme::append(view, part(device_keys, 8), part(device_values, 8));
+  kt::check_status(view, nullptr);
+}
+
 TEST(MultiQueryDecodeErrors, RefusalsNameTheArgument) {
   KVTRIM_SKIP_WITHOUT_GPU();
   using attention = kt::implementation<kt::stage::decode_attention, kt::backend::cuda>;

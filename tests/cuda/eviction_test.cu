@@ -55,19 +55,21 @@ struct host_block {
   }
 };
 
-template <class Layout, class Element>
+template <class Layout, class Element, class Codec = kt::codec::plain<Element>>
 struct harness {
-  using codec = kt::codec::plain<Element>;
+  using codec = Codec;
+  static constexpr bool plain = kt::codec::is_plain<Codec>;
   using cpu_scheme = kt::scheme<Layout, kt::score::static_window, kt::budget::uniform, codec, kt::backend::cpu>;
   using host_view = typename Layout::template view<codec, kt::host_space>;
   using device_view = typename Layout::template view<codec, kt::device_space>;
 
   const metric_case& c;
+  typename Codec::config config;
   kt::model_shape shape;
   std::int64_t heads;
 
-  explicit harness(const metric_case& c_)
-      : c(c_), shape{.q_heads = c_.kv_heads * c_.group, .kv_heads = c_.kv_heads, .head_dim = c_.head_dim},
+  explicit harness(const metric_case& c_, const typename Codec::config& config_ = {})
+      : c(c_), config(config_), shape{.q_heads = c_.kv_heads * c_.group, .kv_heads = c_.kv_heads, .head_dim = c_.head_dim},
         heads(c_.batch * c_.kv_heads) {}
 
   auto pool() const {
@@ -76,7 +78,9 @@ struct harness {
       for (const std::int64_t n : c.lengths) pages += (n + c.page_size - 1) / c.page_size;
       return kt::layout::paged::pool_size{pages, c.page_size};
     } else if constexpr (std::is_same_v<Layout, kt::layout::flat>) {
-      return kt::layout::flat::pool_size{std::accumulate(c.lengths.begin(), c.lengths.end(), std::int64_t{0}) + 7 * heads};
+      std::int64_t slots = 0;  // whole runs of 32 slots a head (KIVI groups), 7 spare slots at least
+      for (const std::int64_t n : c.lengths) slots += (n + 7 + 31) / 32 * 32;
+      return kt::layout::flat::pool_size{slots};
     } else {
       return c.lengths[0] + 3;
     }
@@ -88,9 +92,9 @@ struct harness {
     auto keys = kt::testing::random_tensor<Element, 4>({c.batch, c.kv_heads, longest, c.head_dim}, 11);
     auto values = kt::testing::random_tensor<Element, 4>({c.batch, c.kv_heads, longest, c.head_dim}, 12);
     auto queries = kt::testing::random_tensor<Element, 3>({c.batch, shape.q_heads, c.head_dim}, 13, 2.0f);
-    const std::size_t bytes = host_view::bytes(shape, c.batch, pool());
+    const std::size_t bytes = host_view::bytes(shape, c.batch, pool(), config);
     host_block block(bytes);
-    host_view view = host_view::bind(block.data, shape, c.batch, pool());
+    host_view view = host_view::bind(block.data, shape, c.batch, pool(), config);
     if constexpr (std::is_same_v<Layout, kt::layout::contiguous>) {
       cpu_scheme::append(view, keys.cview(), values.cview());
     } else {
@@ -128,11 +132,12 @@ struct harness {
     std::int64_t host_length = 0;
     const device_view gpu_view = [&] {
       if constexpr (std::is_same_v<Layout, kt::layout::contiguous>) {
-        device_view bound = device_view::bind_with_host_length(&host_length, device_block.data(), shape, c.batch, pool());
+        device_view bound =
+            device_view::bind_with_host_length(&host_length, device_block.data(), shape, c.batch, pool(), config);
         host_length = c.lengths[0];
         return bound;
       } else {
-        return device_view::bind(device_block.data(), shape, c.batch, pool());
+        return device_view::bind(device_block.data(), shape, c.batch, pool(), config);
       }
     }();
     // The memory block was copied whole, but a host contiguous view carves its length (one int64, 256 bytes
@@ -191,26 +196,38 @@ struct harness {
       //        a sum ≤ n: 2u·(|lse| + 1) with |lse| ≤ S + ln n): (n + 3(n/256 + 2) + 4)·u + 2u·(S + ln n + 1),
       // with S the largest |logit| including the compensation bias. A square doubles the
       // exponent error, the G-term group sum, factor and += add (G + 2)·u of c + M0 on each side.
+      // Quantizing codecs (symmetric codes here: k̂ = q·s, no zero points): S is taken over the
+      // keys as stored (load_key); each side's dequantization rounds every key element by
+      // ≤ 2u·|k̂| (the product, and the fp32 path's fold), moving a logit by ≤ 2u·S; groups ≥ 4
+      // read codes into the tensor cores, rounding the query times the run's steps (or the
+      // dequantized key) to fp16 once: ≤ u_h·S more on the GPU (codecs_test.cu's bound). A
+      // logit perturbation ε moves p's exponent by ≤ 2ε (the logit and the lse).
       const double u = kt::element_traits<float>::unit_roundoff;
+      const double u_h = !plain && c.group >= 4 ? kt::element_traits<kt::half>::unit_roundoff : 0.0;
+      const double cpu_codec = plain ? 0.0 : 2.0 * 2.0 * u, gpu_codec = plain ? 0.0 : 2.0 * (2.0 * u + u_h);
       double worst = 0.0;
       for (std::int64_t b = 0; b < c.batch; ++b)
         for (std::int64_t h = 0; h < c.kv_heads; ++h) {
           const std::int64_t head = b * c.kv_heads + h, n = c.lengths[head];
           double largest_logit = 0.0;
-          for (std::int64_t g = 0; g < c.group; ++g)
-            for (std::int64_t i = 0; i < n; ++i) {
+          for (std::int64_t i = 0; i < n; ++i) {
+            float stored[kt::max_head_dim];  // the key as stored (plain: the key itself)
+            const std::int64_t slot = view.slot(b, h, i);
+            Codec::load_key(view.storage, head, slot, view.positions.slot_position[slot], stored);
+            for (std::int64_t g = 0; g < c.group; ++g) {
               double magnitude = 0.0;
               for (std::int64_t d = 0; d < c.head_dim; ++d)
-                magnitude += std::abs(double(kt::to_float(queries(b, h * c.group + g, d))) *
-                                      double(kt::to_float(keys(b, h, i, d))));
+                magnitude += std::abs(double(kt::to_float(queries(b, h * c.group + g, d))) * double(stored[d]));
               largest_logit = std::max(largest_logit, magnitude / std::sqrt(double(c.head_dim)));
             }
+          }
           if constexpr (!std::is_same_v<Layout, kt::layout::contiguous>)
             if (view.compensation.index[head] >= 0) largest_logit += std::abs(double(view.compensation.bias[head]));
           const double dn = double(n), D = double(c.head_dim);
-          const double cpu_exponent = (D + 5.0) * u * largest_logit + (dn + 3.0 * (dn / 64.0 + 1.0) + 4.0) * u;
+          const double cpu_exponent = (D + 5.0) * u * largest_logit + (dn + 3.0 * (dn / 64.0 + 1.0) + 4.0) * u +
+                                      cpu_codec * largest_logit;
           const double gpu_exponent = (D + 8.0) * u * largest_logit + (dn + 3.0 * (dn / 256.0 + 2.0) + 4.0) * u +
-                                      2.0 * u * (largest_logit + std::log(dn) + 1.0);
+                                      2.0 * u * (largest_logit + std::log(dn) + 1.0) + gpu_codec * largest_logit;
           const double power = kind == ev::metric_kind::squared_sum ? 2.0 : 1.0;
           const double relative = std::expm1(power * (cpu_exponent + gpu_exponent));
           for (std::int64_t i = 0; i < n; ++i) {
@@ -279,6 +296,167 @@ INSTANTIATE_TEST_SUITE_P(
     });
 
 
+// The metric over quantizing codecs' caches (the same kernels' logits, whatever the codec):
+// KIVI int8 on the tensor cores (GQA 4), int4 on the CUDA cores (GQA 1, D 64), fp8 (GQA 2),
+// layered<int8> (fp16 rows for sinks and the newest tokens) with one long head (GQA 8).
+// Symmetric codes, so the bound above needs no zero points.
+enum class metric_codec { int8, int4, fp8, layered_int8 };
+struct codec_metric_case {
+  metric_case shape;
+  metric_codec codec;
+};
+
+std::string codec_metric_name(const ::testing::TestParamInfo<codec_metric_case>& info) {
+  static const char* const codecs[] = {"int8", "int4", "fp8", "layered_int8"};
+  return kt::detail::cat(codecs[static_cast<int>(info.param.codec)], "_", name_of(info.param.shape), "_", info.index);
+}
+
+class EvictionMetricCodecs : public ::testing::TestWithParam<codec_metric_case> {};
+
+TEST_P(EvictionMetricCodecs, MatchesCpuReference) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  const codec_metric_case& p = GetParam();
+  SCOPED_TRACE(name_of(p.shape));
+  kt::codec::int8::config int8_config{};  // KIVI groups of 32, symmetric
+  kt::codec::int4::config int4_config{};
+  kt::codec::layered<kt::codec::int8>::config layered_config{};
+  layered_config.sinks = 3;
+  layered_config.recent = 40;
+  switch (p.codec) {
+    case metric_codec::int8:
+      harness<kt::layout::paged, kt::half, kt::codec::int8>(p.shape, int8_config).run();
+      break;
+    case metric_codec::int4:
+      harness<kt::layout::paged, kt::half, kt::codec::int4>(p.shape, int4_config).run();
+      break;
+    case metric_codec::fp8: harness<kt::layout::flat, kt::half, kt::codec::fp8>(p.shape).run(); break;
+    case metric_codec::layered_int8:
+      harness<kt::layout::flat, kt::half, kt::codec::layered<kt::codec::int8>>(p.shape, layered_config).run();
+      break;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    AwkwardLengths, EvictionMetricCodecs,
+    ::testing::Values(
+        codec_metric_case{metric_case{L::paged, 2, 4, 4, 128, 16, {1, 17, 4097, 300, 3001, 31, 5, 64}, 64},
+                          metric_codec::int8},
+        codec_metric_case{metric_case{L::paged, 1, 2, 1, 64, 32, {5000, 333}, 0}, metric_codec::int4},
+        codec_metric_case{metric_case{L::flat, 2, 2, 2, 128, 0, {1000, 257, 1, 64}, 7}, metric_codec::fp8},
+        codec_metric_case{metric_case{L::flat, 1, 2, 8, 128, 0, {20000, 409}, 64}, metric_codec::layered_int8}),
+    codec_metric_name);
+
+// ---- the prefill seed on the device, against the CPU's -------------------------
+//
+// A SnapKV compress on the host (fp16, paged, start position 5) gives the cache and its
+// kept selection; both are copied to the device, and eviction::seed_metric runs on each
+// side from the same prompt keys and observation window. Bound, per kept token, derived
+// per side for each probability p_gq(t) = exp(l_t − m)/Σ_j exp(l_j − m) with S the largest
+// Σ_d |q_d k_d|/√D: a logit is off by ≤ (D + 3)·u·S (the dot product, 1/√D, and on the
+// GPU log2(e) folded in), so p's exponent by ≤ 2·((D + 3)·u·S + 2u·S) from the token's
+// logit and the row maximum (with the subtraction) and as much again through the
+// denominator, plus the denominator's T-term sum, its exp(2)f roundings and the GPU's
+// fold of ≤ 64 splits: ε ≤ 4·(D + 5)·u·S + (T + 136)·u. Squares double it; the G·w-term
+// accumulation and the factor add (G·w + 2)·u of the value on each side.
+void check_seed(std::int64_t batch, std::int64_t kv_heads, std::int64_t group, std::int64_t head_dim,
+                std::int64_t tokens, std::int64_t observed, std::int64_t window, std::int64_t keep, ev::metric_kind kind) {
+  using scheme = kt::scheme<kt::layout::paged, kt::score::snapkv, kt::budget::uniform, kt::codec::fp16, kt::backend::cpu>;
+  using host_view = kt::layout::paged::view<kt::codec::fp16, kt::host_space>;
+  using device_view = kt::layout::paged::view<kt::codec::fp16, kt::device_space>;
+  const kt::model_shape shape{.q_heads = kv_heads * group, .kv_heads = kv_heads, .head_dim = head_dim};
+  const std::int64_t heads = batch * kv_heads, start = 5;
+  auto keys = kt::testing::random_tensor<kt::half, 4>({batch, kv_heads, tokens, head_dim}, 131);
+  auto values = kt::testing::random_tensor<kt::half, 4>({batch, kv_heads, tokens, head_dim}, 132);
+  auto queries = kt::testing::random_tensor<kt::half, 4>({batch, shape.q_heads, observed, head_dim}, 133, 2.0f);
+  scheme::config cfg;
+  cfg.score.window = observed;
+  cfg.budget.keep = kt::keep_tokens{keep};
+  const kt::layout::paged::pool_size pool{heads * ((keep + 15) / 16) + 3, 16};
+  const std::size_t bytes = host_view::bytes(shape, batch, pool);
+  host_block block(bytes);
+  host_view view = host_view::bind(block.data, shape, batch, pool);
+  std::vector<std::int64_t> offsets(static_cast<std::size_t>(heads + 1));
+  std::vector<std::int32_t> kept(static_cast<std::size_t>(scheme::kept_tokens_capacity(shape, batch, tokens, cfg)));
+  kt::compress_options<kt::host_space> options{.start_position = start, .kept_offsets = offsets.data(),
+                                               .kept_tokens = kept.data(),
+                                               .kept_tokens_capacity = static_cast<std::int64_t>(kept.size())};
+  std::vector<std::byte> compress_scratch(scheme::compress_workspace(shape, batch, tokens, cfg));
+  scheme::compress(keys.cview(), values.cview(), queries.cview(), view, cfg, options,
+                   kt::workspace{compress_scratch.data(), compress_scratch.size()});
+  const std::int64_t slots = kt::detail::storage_slots(view.storage);
+  std::vector<float> cpu_metric(static_cast<std::size_t>(slots), 7.0f);  // seeding overwrites everything
+  ev::seed_metric(keys.cview(), queries.cview(), view, {offsets.data(), kept.data(), heads}, start,
+                  ev::metric_output<>{cpu_metric.data(), slots, kind, window});
+
+  device_buffer<std::byte> device_block(bytes);
+  kt::testing::check(cudaMemcpy(device_block.data(), block.data, bytes, cudaMemcpyHostToDevice), "H2D");
+  const device_view gpu_view = device_view::bind(device_block.data(), shape, batch, pool);
+  kt::testing::device_tensor<kt::half, 4> device_keys(keys), device_queries(queries);
+  device_buffer<std::int64_t> device_offsets(offsets);
+  device_buffer<std::int32_t> device_kept(kept);
+  device_buffer<float> gpu_metric(std::vector<float>(static_cast<std::size_t>(slots), 7.0f));
+  const kt::kv_view<const kt::half, kt::device_space> key_view{device_keys.view.data, device_keys.view.extents,
+                                                               device_keys.view.strides};
+  const kt::window_view<const kt::half, kt::device_space> query_view{
+      device_queries.view.data, device_queries.view.extents, device_queries.view.strides};
+  device_buffer<std::byte> scratch(ev::seed_workspace(key_view, query_view, gpu_view));
+  ev::seed_metric(key_view, query_view, gpu_view, kt::selection_view<kt::device_space>{device_offsets.data(), device_kept.data(), heads},
+                  start, ev::metric_output<kt::device_space>{gpu_metric.data(), slots, kind, window},
+                  {scratch.data(), scratch.size()}, nullptr);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  const std::vector<float> got = gpu_metric.download();
+
+  const double u = kt::element_traits<float>::unit_roundoff, D = double(head_dim);
+  const double power = kind == ev::metric_kind::squared_sum || kind == ev::metric_kind::squared_mean ? 2.0 : 1.0;
+  std::vector<bool> held(static_cast<std::size_t>(slots), false);
+  std::int64_t seeded = 0;
+  double worst = 0.0;
+  for (std::int64_t b = 0; b < batch; ++b)
+    for (std::int64_t h = 0; h < kv_heads; ++h) {
+      const std::int64_t head = b * kv_heads + h;
+      double largest_logit = 0.0;
+      for (std::int64_t g = 0; g < group; ++g)
+        for (std::int64_t q = 0; q < observed; ++q)
+          for (std::int64_t j = 0; j < tokens; ++j) {
+            double magnitude = 0.0;
+            for (std::int64_t d = 0; d < head_dim; ++d)
+              magnitude += std::abs(double(kt::to_float(queries(b, h * group + g, q, d))) *
+                                    double(kt::to_float(keys(b, h, j, d))));
+            largest_logit = std::max(largest_logit, magnitude / std::sqrt(D));
+          }
+      const double epsilon = 4.0 * (D + 5.0) * u * largest_logit + (double(tokens) + 136.0) * u;
+      const double relative = std::expm1(power * 2.0 * epsilon) + 2.0 * (double(group * observed) + 2.0) * u;
+      for (std::int64_t i = 0; i < view.head_length(b, h); ++i) {
+        const std::int64_t slot = view.slot(b, h, i);
+        held[slot] = true;
+        const double want = cpu_metric[slot], have = got[slot];
+        seeded += want != 0.0 ? 1 : 0;
+        const double bound = relative * std::abs(want) + 1e-38;
+        worst = std::max(worst, std::abs(have - want) / bound);
+        ASSERT_LE(std::abs(have - want), bound) << "head " << head << ", kept token " << i << " (prompt token "
+                                                << kept[offsets[head] + i] << "): cuda " << have << ", cpu " << want;
+      }
+    }
+  EXPECT_GT(seeded, 0) << "the case must seed some tokens";
+  for (std::int64_t slot = 0; slot < slots; ++slot)
+    if (!held[slot]) {
+      ASSERT_EQ(got[slot], 0.0f) << "slot " << slot << " holds no token: seeded 0";
+    }
+  ::testing::Test::RecordProperty("worst_error_over_bound", std::to_string(worst));
+}
+
+TEST(EvictionSeed, DeviceSeedMatchesCpuSeed) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  {
+    SCOPED_TRACE("GQA 4, D 128, 1500 prompt tokens, a window of 32 queries, L2");
+    check_seed(2, 2, 4, 128, 1500, 32, 20, 300, ev::metric_kind::squared_sum);
+  }
+  {
+    SCOPED_TRACE("GQA 1, D 64, 333 prompt tokens, a window of 70 queries (two row chunks), protected window 0, L1 mean");
+    check_seed(1, 2, 1, 64, 333, 70, 0, 100, ev::metric_kind::mean);
+  }
+}
+
 // ---- the eviction step: CPU and CUDA evict the same tokens, byte for byte -------
 
 float awkward_metric(std::mt19937_64& random) {
@@ -289,11 +467,17 @@ float awkward_metric(std::mt19937_64& random) {
   return k < static_cast<int>(std::size(table)) ? table[k] : std::uniform_real_distribution<float>(0.0f, 1.0f)(random);
 }
 
-template <class Layout>
+/// Builds `layers` caches on the host (rounds of 23 tokens per head so pages interleave, a
+/// compensation token in every third head, awkward metrics), copies their memory blocks to the
+/// device, evicts both copies (CPU reference, CUDA) and compares every byte of every block
+/// (codes, steps, the codecs' side buffers and slot lists, positions, page tables, free lists),
+/// every metric and the reports.
+template <class Layout, class Codec = kt::codec::fp16>
 void check_same_eviction(ev::scope scope, std::int64_t layers, std::int64_t batch, std::int64_t kv_heads,
                          std::int64_t longest, std::uint64_t seed, bool retrieval, std::int64_t shortest = 1,
-                         std::int64_t page_size = 16, std::int64_t head_dim = 64, std::int64_t window = 9) {
-  using codec = kt::codec::fp16;
+                         std::int64_t page_size = 16, std::int64_t head_dim = 64, std::int64_t window = 9,
+                         const typename Codec::config& codec_config = {}, std::int64_t keep = 60) {
+  using codec = Codec;
   using cpu_scheme = kt::scheme<Layout, kt::score::static_window, kt::budget::uniform, codec, kt::backend::cpu>;
   using host_view = typename Layout::template view<codec, kt::host_space>;
   using device_view = typename Layout::template view<codec, kt::device_space>;
@@ -301,10 +485,10 @@ void check_same_eviction(ev::scope scope, std::int64_t layers, std::int64_t batc
   const auto pool = [&] {
     if constexpr (std::is_same_v<Layout, kt::layout::paged>)
       return kt::layout::paged::pool_size{batch * kv_heads * ((longest + page_size - 1) / page_size) + 5, page_size};
-    else
-      return kt::layout::flat::pool_size{batch * kv_heads * (longest + 9)};
+    else  // whole runs of up to 32 slots (KIVI groups), and room for the appends' repacks
+      return kt::layout::flat::pool_size{batch * kv_heads * ((longest + 40 + 31) / 32 * 32)};
   }();
-  const std::size_t bytes = host_view::bytes(shape, batch, pool);
+  const std::size_t bytes = host_view::bytes(shape, batch, pool, codec_config);
   std::mt19937_64 random(seed);
   std::uniform_int_distribution<std::int64_t> length(shortest, longest);
   std::vector<std::unique_ptr<host_block>> blocks;
@@ -312,7 +496,7 @@ void check_same_eviction(ev::scope scope, std::int64_t layers, std::int64_t batc
   std::vector<std::vector<float>> metrics;
   for (std::int64_t l = 0; l < layers; ++l) {
     blocks.push_back(std::make_unique<host_block>(bytes));
-    host_views.push_back(host_view::bind(blocks.back()->data, shape, batch, pool));
+    host_views.push_back(host_view::bind(blocks.back()->data, shape, batch, pool, codec_config));
     auto keys = kt::testing::random_tensor<kt::half, 4>({batch, kv_heads, longest, shape.head_dim}, seed + 3 * l);
     auto values = kt::testing::random_tensor<kt::half, 4>({batch, kv_heads, longest, shape.head_dim}, seed + 3 * l + 1);
     // Rounds of 23 tokens per head, so pages interleave in the pool.
@@ -344,6 +528,10 @@ void check_same_eviction(ev::scope scope, std::int64_t layers, std::int64_t batc
           for (std::int64_t j = 0; 4 * j + 2 < pages; ++j) std::swap(table[4 * j + 1], table[4 * j + 2]);
         }
     }
+    for (std::int64_t head = 0; head < batch * kv_heads; ++head) {  // a compensation token in every third head
+      const std::int64_t n = host_views.back().head_length(head / kv_heads, head % kv_heads);
+      if (head % 3 == 1 && n > 2) host_views.back().compensation.index[head] = static_cast<std::int32_t>(n / 2);
+    }
     const std::int64_t slots = kt::detail::storage_slots(host_views.back().storage);
     metrics.emplace_back(static_cast<std::size_t>(slots), 0.0f);
     for (std::int64_t b = 0; b < batch; ++b)
@@ -357,11 +545,11 @@ void check_same_eviction(ev::scope scope, std::int64_t layers, std::int64_t batc
   std::vector<device_view> device_views;
   std::vector<ev::metric_output<kt::device_space>> device_outputs;
   std::vector<ev::metric_output<>> host_outputs;
-  ev::config cfg{.scope = scope, .keep = 60, .interval = 16, .sinks = 3, .protected_window = window, .alpha = 0.3};
+  ev::config cfg{.scope = scope, .keep = keep, .interval = 16, .sinks = 3, .protected_window = window, .alpha = 0.3};
   for (std::int64_t l = 0; l < layers; ++l) {
     device_blocks.push_back(std::make_unique<device_buffer<std::byte>>(bytes));
     kt::testing::check(cudaMemcpy(device_blocks.back()->data(), blocks[l]->data, bytes, cudaMemcpyHostToDevice), "H2D");
-    device_views.push_back(device_view::bind(device_blocks.back()->data(), shape, batch, pool));
+    device_views.push_back(device_view::bind(device_blocks.back()->data(), shape, batch, pool, codec_config));
     device_metrics.push_back(std::make_unique<device_buffer<float>>(metrics[l]));
     device_outputs.push_back({device_metrics.back()->data(), static_cast<std::int64_t>(metrics[l].size()),
                               ev::metric_kind::squared_sum, cfg.protected_window});
@@ -379,7 +567,7 @@ void check_same_eviction(ev::scope scope, std::int64_t layers, std::int64_t batc
                                  std::span<const ev::metric_output<kt::device_space>>(device_outputs), cfg,
                                  {scratch.data(), scratch.size()}, nullptr, device_report.data(), device_mask.data());
   };
-  if (head_dim * static_cast<std::int64_t>(sizeof(kt::half)) % 16 != 0) {
+  if (kt::codec::is_plain<Codec> && head_dim * static_cast<std::int64_t>(sizeof(kt::half)) % 16 != 0) {
     // Rows the device step does not move (16-byte units): refused before anything is written.
     EXPECT_THROW(device_evict(), kt::error);
     ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -470,6 +658,109 @@ TEST(EvictionStep, CudaEvictsWhatTheCpuEvictsFlat) {
   for (const ev::scope scope : {ev::scope::per_head, ev::scope::per_layer, ev::scope::cross_layer}) {
     SCOPED_TRACE(::testing::Message() << "scope " << int(scope));
     check_same_eviction<kt::layout::flat>(scope, 2, 3, 2, 1500, 43, scope == ev::scope::cross_layer);
+  }
+}
+
+// ---- the quantizing codecs: items of U tokens (KIVI runs), pins, codec parts moved ----
+//
+// KIVI key groups of 32 over pages of 16 (U = 16), groups of 8 (U = 8), flat's whole groups
+// (U = 32), per-token keys (U = 1), zero points, int4's packed codes, fp8, and layered<C>'s
+// fp16 rows (3 sinks, a ring of 40, pinned) over KIVI int8 and fp8: the tokens of a filling
+// group and of the fp16 rows are pinned, runs are evicted and moved whole, and the codecs'
+// slot lists (residual_slots, row_slots) follow the moves. Heads of 1 … 400 tokens built in
+// rounds of 23 (groups sealed across rounds, residual windows of every fill), every scope.
+
+template <class Layout, class Codec>
+void check_codec_eviction(const typename Codec::config& config, std::int64_t page_size, std::int64_t keep,
+                          std::uint64_t seed) {
+  for (const ev::scope scope : {ev::scope::per_head, ev::scope::per_layer, ev::scope::cross_layer}) {
+    SCOPED_TRACE(::testing::Message() << "scope " << int(scope));
+    check_same_eviction<Layout, Codec>(scope, 2, 2, 2, 400, seed, scope == ev::scope::cross_layer, 1, page_size, 64, 9,
+                                       config, keep);
+  }
+}
+
+kt::codec::int8::config kivi8(std::int64_t group, bool zero_points) {
+  kt::codec::int8::config c{};
+  c.key_group = group;
+  c.asymmetric = zero_points;
+  return c;
+}
+
+TEST(EvictionStep, CudaEvictsWhatTheCpuEvictsInt8) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  {
+    SCOPED_TRACE("paged, groups of 32 over pages of 16 (U = 16)");
+    check_codec_eviction<kt::layout::paged, kt::codec::int8>(kivi8(32, false), 16, 150, 71);
+  }
+  {
+    SCOPED_TRACE("paged, groups of 8 with zero points (U = 8)");
+    check_codec_eviction<kt::layout::paged, kt::codec::int8>(kivi8(8, true), 16, 90, 72);
+  }
+  {
+    SCOPED_TRACE("paged, per-token keys with zero points (U = 1)");
+    kt::codec::int8::config c = kivi8(32, true);
+    c.keys = kt::codec::key_scaling::per_token;
+    check_codec_eviction<kt::layout::paged, kt::codec::int8>(c, 16, 60, 73);
+  }
+  {
+    SCOPED_TRACE("flat, groups of 32 (U = 32)");
+    check_codec_eviction<kt::layout::flat, kt::codec::int8>(kivi8(32, true), 16, 100, 74);
+  }
+  {
+    SCOPED_TRACE("flat, per-token keys (U = 1)");
+    kt::codec::int8::config c = kivi8(32, false);
+    c.keys = kt::codec::key_scaling::per_token;
+    check_codec_eviction<kt::layout::flat, kt::codec::int8>(c, 16, 60, 75);
+  }
+}
+
+TEST(EvictionStep, CudaEvictsWhatTheCpuEvictsInt4) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  kt::codec::int4::config c{};
+  c.key_group = 32;
+  c.asymmetric = true;
+  {
+    SCOPED_TRACE("paged, groups of 32 with zero points over pages of 16 (U = 16)");
+    check_codec_eviction<kt::layout::paged, kt::codec::int4>(c, 16, 150, 81);
+  }
+  c.asymmetric = false;
+  {
+    SCOPED_TRACE("flat, symmetric groups of 32 (U = 32)");
+    check_codec_eviction<kt::layout::flat, kt::codec::int4>(c, 16, 200, 82);
+  }
+}
+
+TEST(EvictionStep, CudaEvictsWhatTheCpuEvictsFp8) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  check_codec_eviction<kt::layout::paged, kt::codec::fp8>({}, 16, 60, 91);
+  check_codec_eviction<kt::layout::flat, kt::codec::fp8>({}, 16, 60, 92);
+}
+
+TEST(EvictionStep, CudaEvictsWhatTheCpuEvictsLayered) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  kt::codec::layered<kt::codec::int8>::config int8_rows{};
+  int8_rows.inner = kivi8(8, true);
+  int8_rows.sinks = 3;
+  int8_rows.recent = 40;
+  {
+    SCOPED_TRACE("paged, layered<int8> (groups of 8, U = 8)");
+    check_codec_eviction<kt::layout::paged, kt::codec::layered<kt::codec::int8>>(int8_rows, 16, 120, 101);
+  }
+  {
+    SCOPED_TRACE("flat, layered<int8> (U = 8)");
+    check_codec_eviction<kt::layout::flat, kt::codec::layered<kt::codec::int8>>(int8_rows, 16, 120, 102);
+  }
+  kt::codec::layered<kt::codec::fp8>::config fp8_rows{};
+  fp8_rows.sinks = 3;
+  fp8_rows.recent = 40;
+  {
+    SCOPED_TRACE("paged, layered<fp8>");
+    check_codec_eviction<kt::layout::paged, kt::codec::layered<kt::codec::fp8>>(fp8_rows, 16, 100, 103);
+  }
+  {
+    SCOPED_TRACE("flat, layered<fp8>");
+    check_codec_eviction<kt::layout::flat, kt::codec::layered<kt::codec::fp8>>(fp8_rows, 16, 100, 104);
   }
 }
 

@@ -13,8 +13,10 @@
 //   own logit, the row max, and Z, a positive sum of terms each off by e^{δ_l}),
 //   and by e^{2δ_a} more for the exponent's own roundings (δ_a = 9·u·A/√D: the
 //   GPU exponentiates in base 2, 2^(l·log2(e)/√D − m'), see attention_mass.cuh;
-//   and by ≤ 2·(T/64)·u·A/√D more in the exponent for pass 1's online rescaling,
-//   whose factor 2^(m_old·c − fl(m_new·c)) ignores the rounding of fl(m_old·c);
+//   and by ≤ 2·u·A/√D more in the exponent for pass 1's online rescaling (its
+//   factors 2^(fl(m_old·c) − fl(m_new·c)) are each rounded once, by ≤ u·(m_new − m_old)·c
+//   in the base-2 exponent, and a row's running max of raw logits only grows within
+//   [−A, A]: ≤ u·2A·c, times ln 2 with c = log2(e)/√D);
 //   it flushes terms below 2⁻¹²⁶ to zero: < rows·2⁻¹²⁶ < 1e-35 absolute per score,
 //   inside the comparison's absolute floor of 1e-30),
 //   plus the rounding of Z's sums: ≤ T·u for the CPU's left-to-right sum over ≤ T
@@ -183,11 +185,12 @@ double mass_tolerance(const kt::testing::host_tensor<K, 4>& keys, const kt::test
   // (|l/√D|, |m| ≤ A/√D); the GPU's base-2 argument fma(l, fl(log2 e/√D), −fl(m'))
   // by ≤ 6·u·A/√D (the rounded constant, m′'s product, the fma): 9·u·A/√D apart.
   const double argument = 9.0 * u32 * a / std::sqrt(head_dim);
-  // Pass 1 rescales a row's running sum by 2^(m_old·c − fl(m_new·c)) while its terms
-  // were taken against fl(m_old·c): each rescale's factor is off relatively by
-  // ≤ ln 2 · u·log2(e)·A/√D = u·A/√D (that rounding), and a thread rescales at most
-  // once per 64-key tile: ≤ 2·(T/64)·u·A/√D with the fma's own rounding.
-  const double rescale = 2.0 * (tokens / 64.0) * u32 * a / std::sqrt(head_dim);
+  // Pass 1 rescales a row's running sum by 2^(fl(m_old·c) − fl(m_new·c)): the rounded
+  // shifts cancel exactly against its terms', leaving the subtraction's own rounding,
+  // ≤ u·(m_new − m_old)·c per rescale. The running max only grows, from ≥ −A/√D to
+  // ≤ A/√D, so a row's rescales add ≤ u·2·(A/√D)·log2(e) to the base-2 exponent in
+  // all: ≤ 2·u·A/√D in the natural one.
+  const double rescale = 2.0 * u32 * a / std::sqrt(head_dim);
   return std::expm1(3.0 * logit + 2.0 * argument + rescale) + (tokens + tokens * 9.0 / 64.0 + 96.0 + 8.0) * u32 +
          2.0 * u32 * static_cast<double>(rows + kernel + group + 8);
 }

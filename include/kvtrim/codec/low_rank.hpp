@@ -42,13 +42,14 @@
 // NaN or ±Inf inputs are an error. Fitting a basis (an SVD, Eigen) allocates;
 // it runs at compaction and at each refresh, never in a decode step without
 // one. Defaults: energy 0.98, max_rank head_dim/2, sequence bases, update_freq
-// 16, post-RoPE keys. Backends: cpu.
+// 16, post-RoPE keys. Backends: cpu; cuda with profile bases (backend/cuda/codec_low_rank.cuh).
 #pragma once
 
 #include <Eigen/Dense>
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -202,7 +203,9 @@ struct low_rank {
   /// Installs a head's bases: key_basis is head_dim × key_rank row-major with
   /// orthonormal columns (likewise values). Throws on a wrong shape or a basis
   /// that is not orthonormal to 1e-3.
-  static void set_basis(const storage<host_space>& store, std::int64_t head, const float* key_basis,
+  template <class Space>  // a template (host_space only) so that TUs that never call it skip its Eigen code
+    requires std::same_as<Space, host_space>
+  static void set_basis(const storage<Space>& store, std::int64_t head, const float* key_basis,
                         std::int64_t key_rank, const float* value_basis, std::int64_t value_rank) {
     constexpr std::string_view function = "kvtrim::codec::low_rank::set_basis";
     check_head(function, store, head);
@@ -213,7 +216,8 @@ struct low_rank {
   /// The basis a config picks for `rows` (one token per row): the top right
   /// singular vectors, as many as `fixed_rank` or as `energy` needs (≤
   /// stored_rank).
-  static Eigen::MatrixXd fit_basis(const Eigen::MatrixXd& rows, std::int64_t fixed_rank, double energy,
+  template <class Rows>  // a template so that only TUs that fit a basis compile Eigen's SVD
+  static Eigen::MatrixXd fit_basis(const Eigen::MatrixBase<Rows>& rows, std::int64_t fixed_rank, double energy,
                                    std::int64_t stored_rank) {
     if (rows.rows() == 0) return Eigen::MatrixXd(rows.cols(), 0);
     const std::vector<double> singular = analysis::singular_values(rows);
@@ -257,7 +261,9 @@ struct low_rank {
 
   /// Stores c = Uᵀk and c^v = U_vᵀv. `position` is checked (pre-RoPE keys are
   /// rotated by it when read) but not stored: the layout keeps positions.
-  static void encode(const storage<host_space>& store, std::int64_t head, std::int64_t slot, std::int64_t position,
+  template <class Space>  // a template (host_space only): refresh's SVD is compiled only where a TU encodes
+    requires std::same_as<Space, host_space>
+  static void encode(const storage<Space>& store, std::int64_t head, std::int64_t slot, std::int64_t position,
                      const float* key, const float* value) {
     constexpr std::string_view function = "kvtrim::codec::low_rank::encode";
     check_head(function, store, head);
@@ -419,7 +425,8 @@ struct low_rank {
     if (head < 0 || head >= store.heads) detail::fail_index(function, "head", head, store.heads);
   }
 
-  static void install(std::string_view function, std::string_view argument, const storage<host_space>& store,
+  template <class Space>
+  static void install(std::string_view function, std::string_view argument, const storage<Space>& store,
                       const float* basis, std::int64_t rank, float* bases, std::int32_t* ranks, std::int64_t head) {
     if (rank < 1 || rank > store.stored_rank)
       detail::fail(function, argument, detail::cat("a basis of rank 1 to ", store.stored_rank, " (the stored rank)"),
@@ -476,7 +483,8 @@ struct low_rank {
 
   /// Extends one basis with the principal directions the pending tokens have
   /// outside it, until the target rank (fixed) or energy is reached.
-  static void extend(const storage<host_space>& store, std::int64_t head, const float* pending, float* bases,
+  template <class Space>
+  static void extend(const storage<Space>& store, std::int64_t head, const float* pending, float* bases,
                      std::int32_t* ranks) {
     const std::int64_t count = store.pending_counts[head], dim = store.head_dim, r_max = store.stored_rank;
     const std::int64_t rank = ranks[head];
@@ -514,7 +522,8 @@ struct low_rank {
   }
 
   /// Every update_freq appended tokens: grow the bases, re-encode those tokens.
-  static void refresh(const storage<host_space>& store, std::int64_t head) {
+  template <class Space>
+  static void refresh(const storage<Space>& store, std::int64_t head) {
     const std::int64_t first = head * store.update_freq;
     extend(store, head, store.pending_keys + first * store.head_dim, store.key_bases, store.key_ranks);
     extend(store, head, store.pending_values + first * store.head_dim, store.value_bases, store.value_ranks);

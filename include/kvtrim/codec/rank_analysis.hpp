@@ -30,8 +30,13 @@
 
 namespace kvtrim::analysis {
 
+// The functions that run Eigen's SVD are templates (over the matrix expression)
+// so that only a translation unit that calls one compiles it: as inline
+// functions they cost every TU that includes kvtrim.hpp ~20 s of g++.
+
 /// Singular values of `rows` (one row per token), descending.
-inline std::vector<double> singular_values(const Eigen::MatrixXd& rows) {
+template <class Rows>
+std::vector<double> singular_values(const Eigen::MatrixBase<Rows>& rows) {
   if (rows.size() == 0) return {};
   Eigen::BDCSVD<Eigen::MatrixXd> svd(rows);
   const Eigen::VectorXd& values = svd.singularValues();
@@ -96,7 +101,8 @@ inline double stable_rank(const std::vector<double>& singular) {
 
 /// The first `rank` right singular vectors of `rows` as a D × rank matrix
 /// (orthonormal columns).
-inline Eigen::MatrixXd principal_basis(const Eigen::MatrixXd& rows, std::int64_t rank) {
+template <class Rows>
+Eigen::MatrixXd principal_basis(const Eigen::MatrixBase<Rows>& rows, std::int64_t rank) {
   Eigen::BDCSVD<Eigen::MatrixXd> svd(rows, Eigen::ComputeThinV);
   return svd.matrixV().leftCols(rank);
 }

@@ -38,6 +38,7 @@
 #include "kvtrim/core/view.hpp"
 #include "kvtrim/core/workspace.hpp"
 #include "kvtrim/layout/detail/positions.hpp"
+#include "kvtrim/layout/detail/status.hpp"
 
 namespace kvtrim {
 
@@ -67,7 +68,15 @@ void check_finite(std::string_view function, std::string_view argument, const te
                   std::string_view head_name) {
   for (std::int64_t b = 0; b < view.extent(0); ++b)
     for (std::int64_t h = 0; h < view.extent(1); ++h)
-      for (std::int64_t t = 0; t < view.extent(2); ++t)
+      for (std::int64_t t = 0; t < view.extent(2); ++t) {
+        // The common case without conversions (a bit test for fp16/bf16, branch-free
+        // over the row): every value finite, and already in the storage type or
+        // needing no range check. Otherwise the row is searched for the culprit.
+        if constexpr (std::is_same_v<Stored, float> || std::is_same_v<Stored, std::remove_const_t<T>>) {
+          bool finite = true;
+          for (std::int64_t d = 0; d < view.extent(3); ++d) finite &= (Eigen::numext::isfinite)(view(b, h, t, d));
+          if (finite) continue;
+        }
         for (std::int64_t d = 0; d < view.extent(3); ++d) {
           const float x = to_float(view(b, h, t, d));
           if (!std::isfinite(x))
@@ -82,6 +91,7 @@ void check_finite(std::string_view function, std::string_view argument, const te
                    cat(x, " at sequence ", b, ", ", head_name, " ", h, ", token ", t, ", channel ", d));
           }
         }
+      }
 }
 
 /// The element type a codec stores rows in when it stores them as they are
@@ -99,6 +109,20 @@ template <class Inner>
 struct stored_element<codec::layered<Inner>> {
   using type = half;
 };
+
+/// A budget implementation that reports its error from the device, through a
+/// word of its workspace that compaction reads (compact_args::budget_refusal).
+template <class Impl, class Config>
+concept refuses_on_device = requires(const Config& config, const model_shape& shape, std::int64_t count,
+                                     workspace scratch) {
+  { Impl::refusal_word(shape, count, scratch) } -> std::convertible_to<const unsigned long long*>;
+  { Impl::refused_budget(config, count) } -> std::convertible_to<std::int64_t>;
+};
+
+/// A device layout implementation that scans a call's inputs for NaN/Inf on the
+/// device and refuses the call through its status words (backend/cuda/writes.cuh).
+template <class Impl>
+concept checks_finite_on_device = requires { requires Impl::checks_finite_inputs; };
 
 template <class T, std::size_t Rank, class Space>
 tensor_view<const std::remove_const_t<T>, Rank, Space> as_const(const tensor_view<T, Rank, Space>& view) {
@@ -158,6 +182,13 @@ struct compress_options {
   std::int64_t* kept_offsets = nullptr;
   std::int32_t* kept_tokens = nullptr;
   std::int64_t kept_tokens_capacity = 0;
+  /// Refuse NaN/Inf keys, values and window queries (docs/composition.md §4). On
+  /// the host this is always done; on backend::cuda's paged and flat layouts it is
+  /// one device read of every input before the first write (≈ 0.3 ms for 1 GB of
+  /// prefill K/V on an H200), which engines that guarantee finite activations may skip.
+  /// (layout::contiguous on the device plans on the host and cannot refuse from
+  /// the device: its inputs are not checked.)
+  bool check_finite = true;
 };
 
 /// What a compress of T tokens needs from the cache, before any scoring.
@@ -444,11 +475,15 @@ struct scheme {
     layout::validate(function, cache, /*exclusive=*/true);
     check_append(function, cache, new_keys, new_values, {cache.batch, cache.shape.kv_heads, -1, cache.shape.head_dim},
                  -1);
+    check_finite_on_device(cache, detail::layout_status::append, detail::as_const(new_keys),
+                           detail::as_const(new_values), stream);
     implementation<LayoutT, BackendT>::append(cache, detail::as_const(new_keys), detail::as_const(new_values), stream);
   }
 
   /// append() without the O(pages) validation of the cache's tables (layout::check still runs):
-  /// for engines that validated their view once and call this every decode step.
+  /// for engines that validated their view once and call this every decode step. On the
+  /// device it also skips the NaN/Inf scan of the new rows (one more launch per layer
+  /// and step); the host's check_finite still runs on the CPU.
   template <class KeyT>
   static void append_unchecked(cache_view& cache, tensor_view<KeyT, 4, space> new_keys,
                                tensor_view<KeyT, 4, space> new_values, stream_type stream = {}) {
@@ -484,6 +519,12 @@ struct scheme {
     const auto values_in = as_head(new_values);
     check_append(function, cache, keys_in, values_in, {cache.batch, cache.shape.kv_heads, -1, cache.shape.head_dim},
                  b * cache.shape.kv_heads + h);
+    // The CPU checks the rows as a [1, 1, n, D] view (its error names sequence 0, kv head 0).
+    const auto row = [&](const tensor_view<KeyT, 2, space>& rows) {
+      return tensor_view<const std::remove_const_t<KeyT>, 4, space>{
+          rows.data, {1, 1, count, cache.shape.head_dim}, {0, 0, rows.strides[0], rows.strides[1]}};
+    };
+    check_finite_on_device(cache, detail::layout_status::append_head, row(new_keys), row(new_values), stream);
     implementation<LayoutT, BackendT>::append_head(cache, b, h, keys_in, values_in, stream);
   }
 
@@ -608,6 +649,18 @@ struct scheme {
         detail::check_finite<stored>(function, "new_values", values, "kv head");
       }
     }
+  }
+
+  /// The device's NaN/Inf check of appended rows (where the layout has one; the
+  /// host's check_append did it on the CPU). Called last before the layout's append,
+  /// whose host checks it runs first: nothing can throw between the scan and the
+  /// planning kernel that honours it.
+  template <class KeyT>
+  static void check_finite_on_device(const cache_view& cache, int entry, const tensor_view<KeyT, 4, space>& keys,
+                                     const tensor_view<KeyT, 4, space>& values, stream_type stream) {
+    if constexpr (detail::checks_finite_on_device<implementation<LayoutT, BackendT>>)
+      implementation<LayoutT, BackendT>::template check_finite<typename detail::stored_element<CodecT>::type>(
+          cache, entry, keys, values, tensor_view<KeyT, 4, space>{}, stream);
   }
 
   /// compress over all of a layer's heads on this device.
@@ -758,10 +811,24 @@ struct scheme {
     compact_args args;
     args.start_position = options.start_position;
     args.uniform_keep = BudgetT::ragged_heads || ScorerT::ragged_heads ? -1 : keep_bound;
+    if constexpr (!Ranks::sharded && detail::refuses_on_device<budget_impl, typename BudgetT::config>) {
+      // A budget that finds its error on the device (Ada-KV's paper form) leaves it
+      // in its workspace; the layout's compaction refuses instead of writing.
+      args.budget_refusal = budget_impl::refusal_word(shape, batch, parts.budget_scratch);
+      args.refused_budget = budget_impl::refused_budget(cfg.budget, tokens);
+    }
     if constexpr (detail::scorer_compensates<ScorerT>) {
       scorer_impl::compensation_rows(cfg.score, shape, keys_in, values_in, kept, options.start_position,
                                      parts.compensation, stream);
       args.compensation = &parts.compensation;
+    }
+    if constexpr (detail::checks_finite_on_device<implementation<LayoutT, BackendT>>) {
+      // The device's NaN/Inf scan, after every host-side check of the call (none can
+      // throw between it and compaction's planning kernel, which honours it).
+      if (options.check_finite)
+        implementation<LayoutT, BackendT>::template check_finite<typename detail::stored_element<CodecT>::type>(
+            cache, detail::layout_status::compress, keys_in, values_in,
+            ScorerT::needs_queries ? queries_in : decltype(queries_in){}, stream);
     }
     implementation<LayoutT, BackendT>::compact(cache, keys_in, values_in, kept, args, stream);
   }

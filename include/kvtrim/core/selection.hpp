@@ -39,6 +39,13 @@ struct compact_args {
   std::int64_t start_position = 0;  // position of prefill token 0
   std::int64_t uniform_keep = -1;   // tokens every head keeps when the budget is uniform, else −1
   const detail::compensation_rows* compensation = nullptr;  // null: no compensation tokens
+  /// A budget's refusal found on the device (backend memory; null: none). Ada-KV's
+  /// paper form cannot hold a head that protects more tokens than its budget
+  /// `refused_budget`: the word is (flattened head · 2^32 + its protected tokens)
+  /// of the first such head, ~0 when none. Compaction's planning then records the
+  /// CPU's error in the cache's status words and writes nothing.
+  const unsigned long long* budget_refusal = nullptr;
+  std::int64_t refused_budget = 0;
 };
 
 }  // namespace kvtrim

@@ -66,7 +66,7 @@
 // Defaults: scope cross_layer, keep 1024 per kv head, interval 16, sinks 4,
 // protected window 64 (vllm-kvcompress's), α = 0.2 (Ada-KV's safeguard).
 // Backends: cpu (backend/cpu/eviction.hpp), cuda (backend/cuda/eviction.cuh:
-// codec::plain over paged and flat, byte-identical to the CPU).
+// plain, int8, int4, fp8 and layered<C> over paged and flat, byte-identical to the CPU).
 #pragma once
 
 #include <cstdint>
@@ -134,3 +134,24 @@ constexpr bool due(std::int64_t decode_step, const config& cfg) {
 }
 
 }  // namespace kvtrim::eviction
+
+namespace kvtrim::eviction_detail {
+
+/// Whether the codec still holds token `i` (of `length`) of flattened head `head`
+/// in a side buffer that records slots by arrival — a filling KIVI key group
+/// (int8/int4), layered's fp16 rows. Such tokens move with move_slot but cannot
+/// be dropped without corrupting that buffer, so eviction protects them. (Host
+/// and device: backend/cpu/eviction.hpp and backend/cuda/eviction.cuh ask the same.)
+template <class Storage>
+KVTRIM_HOST_DEVICE bool codec_pins(const Storage& store, std::int64_t head, std::int64_t slot, std::int64_t i,
+                                   std::int64_t length) {
+  bool pinned = false;
+  if constexpr (requires { store.inner; }) pinned = codec_pins(store.inner, head, slot, i, length);
+  if constexpr (requires { store.slot_rows[slot]; })
+    if (store.slot_rows != nullptr && store.slot_rows[slot] >= 0) pinned = true;
+  if constexpr (requires { store.residual_count[head]; store.key_group; })
+    if (store.key_group != 0 && i >= length - store.residual_count[head]) pinned = true;
+  return pinned;
+}
+
+}  // namespace kvtrim::eviction_detail

@@ -36,7 +36,8 @@
 //
 // Defaults: squared_sum, protected window 64 (vllm-kvcompress's).
 // Backends: cpu (backend/cpu/decode_attention.hpp; seed: backend/cpu/eviction.hpp),
-// cuda (backend/cuda/decode_attention.cuh, a side output of the split-K kernel).
+// cuda (backend/cuda/decode_attention.cuh, a side output of the split-K kernel, every
+// codec; seed: backend/cuda/eviction.cuh).
 #pragma once
 
 #include <cstdint>

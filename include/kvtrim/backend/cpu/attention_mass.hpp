@@ -1,25 +1,36 @@
 // kvtrim/backend/cpu/attention_mass.hpp — CPU reference of the attention mass
 // shared by score::snapkv and score::h2o (see score/attention_mass.hpp).
 //
-// Math (unchanged from the scalar reference it replaced; the test
-// tests/cpu/cpu_speed_test.cpp keeps that scalar code and checks these bits
-// against it): for observed query t of query head g at position p = T − n_q + t,
+// Math (the scalar reference it replaced, kept in tests/cpu/cpu_speed_test.cpp,
+// which checks these bits against it): for observed query t of query head g at
+// position p = T − n_q + t,
 //   l_j = (q_t · k_j) · (1/√D)   in fp32, the dot summed over d = 0, 1, …, D−1 in order,
 //   m   = max_j≤p l_j,  e_j = exp(l_j − m),  Z = Σ_{j≤p} e_j left to right,
 //   accumulator_g[j] += e_j / Z   (t in order; torch's fp32 softmax).
+// exp is the backend's own (detail/exp.hpp: ≤ 1.013 ulp, the same bits scalar or
+// eight lanes at a time); until issue 13's last step it was std::exp (≤ 0.51 ulp in
+// glibc), a scalar call that took half of SnapKV's time. The scores moved by at
+// most a few ulps; cpu_speed_test bounds the difference and checks that the kept
+// sets did not change (docs/results.md, "CPU backend").
 //
 // How it runs: per (sequence, kv head) unit — units on OpenMP threads
 // (backend/cpu.hpp) — the unit's keys are converted to fp32 once (K read once
 // for the whole GQA group), and the group's observed queries, stacked g-major
-// (rows (g, t)), are multiplied by Kᵀ with one Eigen matrix product per block
-// of `row_block` rows and `column_block` keys: logits[rows, keys ≤ the block's
-// last position]. Eigen's GEMM micro-kernel sums each dot over d in order from
-// zero, exactly as the scalar loop, when rows and columns fill its panels: rows
-// are padded to a multiple of 48, products are a multiple of 32 columns, depth
-// ≤ 512; remainders use the scalar loop (see attention_mass_column_block).
-// tests/cpu/cpu_speed_test.cpp checks the bits against the scalar reference. The softmax per row then runs on the
-// stored logits with each exp computed once (the scalar reference computed it
-// twice, with the same result).
+// (rows (g, t)), are multiplied by Kᵀ a block of `row_block` rows at a time:
+// logits[rows, keys ≤ the block's last position]. Each logit must be the
+// reference's sum over d in order from zero, one rounded product and one
+// rounded sum per step. Two ways compute exactly that:
+//   - x86 CPUs with AVX2 (detail/x86.hpp's attention_logits, chosen at run
+//     time): eight rows per vector, the block transposed to [d][row], compiled
+//     without FMA so nothing fuses — the reference's bits.
+//   - elsewhere, Eigen's matrix products, whose micro-kernel sums each dot over
+//     d in order from zero when rows and columns fill its panels: rows padded
+//     to a multiple of 48, products a multiple of 32 columns wide, depth ≤ 512;
+//     remainders use the scalar loop (see attention_mass_column_block).
+// tests/cpu/cpu_speed_test.cpp checks the bits against the scalar reference
+// (on this machine's path). The softmax per row then runs on the stored logits
+// with each exp computed once (the scalar reference computed it twice, with the
+// same result).
 #pragma once
 
 #include <Eigen/Core>
@@ -29,8 +40,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "kvtrim/backend/cpu.hpp"
+#include "kvtrim/backend/cpu/detail/exp.hpp"
+#include "kvtrim/backend/cpu/detail/x86.hpp"
 #include "kvtrim/core/workspace.hpp"
 #include "kvtrim/core/element.hpp"
 #include "kvtrim/core/shape.hpp"
@@ -80,20 +94,20 @@ inline std::size_t attention_mass_workspace_bytes(const model_shape& shape, std:
 /// to accumulator[0..count) in the reference's arithmetic (see the header comment).
 inline void accumulate_softmax_row(float* logits, std::int64_t count, float scale, float* accumulator) {
   for (std::int64_t j = 0; j < count; ++j) logits[j] *= scale;
-  // max is exact whatever the order: eight lanes, then fold (vectorises).
+  // max is exact whatever the order: eight lanes, then fold (vectorises). A NaN
+  // logit is skipped, as std::fmax skips it (x > lane is false for NaN); a
+  // comparison, unlike fmax, compiles to maxps in a portable build.
   float lanes[8];
   for (float& lane : lanes) lane = -std::numeric_limits<float>::infinity();
   std::int64_t j = 0;
   for (; j + 8 <= count; j += 8)
-    for (int l = 0; l < 8; ++l) lanes[l] = std::fmax(lanes[l], logits[j + l]);
+    for (int l = 0; l < 8; ++l) lanes[l] = logits[j + l] > lanes[l] ? logits[j + l] : lanes[l];
   float max_logit = -std::numeric_limits<float>::infinity();
-  for (float lane : lanes) max_logit = std::fmax(max_logit, lane);
-  for (; j < count; ++j) max_logit = std::fmax(max_logit, logits[j]);
-  float denominator = 0.0f;  // left to right, as the reference
-  for (j = 0; j < count; ++j) {
-    logits[j] = std::exp(logits[j] - max_logit);
-    denominator += logits[j];
-  }
+  for (float lane : lanes) max_logit = lane > max_logit ? lane : max_logit;
+  for (; j < count; ++j) max_logit = logits[j] > max_logit ? logits[j] : max_logit;
+  cpu_exp_shifted(logits, count, max_logit);  // detail/exp.hpp: eight lanes where AVX2+FMA, the same bits
+  float denominator = 0.0f;                    // left to right, as the reference
+  for (j = 0; j < count; ++j) denominator += logits[j];
   for (j = 0; j < count; ++j) accumulator[j] += logits[j] / denominator;
 }
 
@@ -122,6 +136,9 @@ void reduce_attention_mass(const kv_view<const KeyT>& keys, const window_view<co
                                                scratch.bytes);
 
   const std::int64_t column_block = attention_mass_column_block(head_dim);
+#if KVTRIM_X86_DISPATCH
+  const bool vectorised_logits = x86::has_avx2_fma_f16c();  // x86.hpp's attention_logits: the same bits
+#endif
 
   cpu_parallel_for(units, threads, [&](std::int64_t unit, std::int64_t thread) {
     const std::int64_t b = unit / shape.kv_heads;
@@ -132,8 +149,16 @@ void reduce_attention_mass(const kv_view<const KeyT>& keys, const window_view<co
     float* accumulator = logits + attention_mass_round(attention_mass_row_block * tokens);
     float* spare = accumulator + attention_mass_round(tokens);
 
-    for (std::int64_t j = 0; j < tokens; ++j)  // K read once for the whole group
+    for (std::int64_t j = 0; j < tokens; ++j) {  // K read once for the whole group
+#if KVTRIM_X86_DISPATCH
+      if constexpr (std::is_same_v<std::remove_const_t<KeyT>, half>)  // F16C where the CPU has it: the same bits
+        if (keys.stride(3) == 1 && x86::has_avx2_fma_f16c()) {
+          x86::convert_row<x86::row_format::fp16>(&keys(b, h, j, 0), key_rows + j * head_dim, head_dim);
+          continue;
+        }
+#endif
       for (std::int64_t d = 0; d < head_dim; ++d) key_rows[j * head_dim + d] = to_float(keys(b, h, j, d));
+    }
     const Eigen::Map<const row_matrix> key_matrix(key_rows, tokens, head_dim);
 
     float* row = &scores(b, h, 0);
@@ -149,19 +174,10 @@ void reduce_attention_mass(const kv_view<const KeyT>& keys, const window_view<co
       }
     };
 
-    std::int64_t current_g = -1;
-    for (std::int64_t r0 = 0; r0 < rows; r0 += attention_mass_row_block) {
-      const std::int64_t count = std::min(attention_mass_row_block, rows - r0);
-      const std::int64_t padded = (count + attention_mass_row_pad - 1) / attention_mass_row_pad * attention_mass_row_pad;
-      std::int64_t columns = 0;  // the block's last position bounds the keys it reads (causal)
-      for (std::int64_t r = r0; r < r0 + count; ++r)
-        columns = std::max(columns, tokens - observed + first + r % per_query_head + 1);
-      std::fill(query_rows, query_rows + padded * head_dim, 0.0f);
-      for (std::int64_t r = 0; r < count; ++r) {
-        const std::int64_t g = (r0 + r) / per_query_head, t = first + (r0 + r) % per_query_head;
-        for (std::int64_t d = 0; d < head_dim; ++d)
-          query_rows[r * head_dim + d] = to_float(queries(b, h * group + g, t, d));
-      }
+    // logits[r, j] for r < count, j < columns from query_rows (row-major, `padded`
+    // rows) by Eigen's products, and the scalar loop where Eigen would sum in
+    // another order.
+    const auto eigen_logits = [&](std::int64_t count, std::int64_t padded, std::int64_t columns) {
       const Eigen::Map<const row_matrix> query_matrix(query_rows, padded, head_dim);
       const auto scalar_columns = [&](std::int64_t begin, std::int64_t end) {
         for (std::int64_t r = 0; r < count; ++r)
@@ -181,6 +197,36 @@ void reduce_attention_mass(const kv_view<const KeyT>& keys, const window_view<co
           logit_block.noalias() = query_matrix * key_matrix.middleRows(c0, gemm_width).transpose();
         }
         scalar_columns(c0 + gemm_width, c0 + width);
+      }
+    };
+
+    std::int64_t current_g = -1;
+    for (std::int64_t r0 = 0; r0 < rows; r0 += attention_mass_row_block) {
+      const std::int64_t count = std::min(attention_mass_row_block, rows - r0);
+      const std::int64_t padded = (count + attention_mass_row_pad - 1) / attention_mass_row_pad * attention_mass_row_pad;
+      std::int64_t columns = 0;  // the block's last position bounds the keys it reads (causal)
+      for (std::int64_t r = r0; r < r0 + count; ++r)
+        columns = std::max(columns, tokens - observed + first + r % per_query_head + 1);
+#if KVTRIM_X86_DISPATCH
+      if (vectorised_logits) {  // the block transposed, [d][row]; logits in AVX2 lanes of 8 rows
+        for (std::int64_t r = 0; r < attention_mass_row_block; ++r) {
+          const bool used = r < count;
+          const std::int64_t g = (r0 + r) / per_query_head, t = first + (r0 + r) % per_query_head;
+          for (std::int64_t d = 0; d < head_dim; ++d)
+            query_rows[d * attention_mass_row_block + r] = used ? to_float(queries(b, h * group + g, t, d)) : 0.0f;
+        }
+        x86::attention_logits(query_rows, attention_mass_row_block, count, key_rows, columns, head_dim, logits,
+                              tokens);
+      } else
+#endif
+      {
+        std::fill(query_rows, query_rows + padded * head_dim, 0.0f);
+        for (std::int64_t r = 0; r < count; ++r) {
+          const std::int64_t g = (r0 + r) / per_query_head, t = first + (r0 + r) % per_query_head;
+          for (std::int64_t d = 0; d < head_dim; ++d)
+            query_rows[r * head_dim + d] = to_float(queries(b, h * group + g, t, d));
+        }
+        eigen_logits(count, padded, columns);
       }
       for (std::int64_t r = 0; r < count; ++r) {
         const std::int64_t g = (r0 + r) / per_query_head, t = first + (r0 + r) % per_query_head;

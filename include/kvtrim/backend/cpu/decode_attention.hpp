@@ -18,13 +18,18 @@
 // oracle of the tests) this changes only rounding: tests/cpu/decode_attention_test
 // and codec_attention_test bound it (a few fp32 ulps per term).
 //
+// exp is the backend's own (detail/exp.hpp: ≤ 1.013 ulp, eight lanes at a time
+// where the CPU has AVX2+FMA, the same bits one at a time elsewhere).
+//
 // Two paths:
 //   - codec::plain (fp16, bf16, fp32): all query heads of a kv head's group at
-//     once, so each key and value row is read and converted once per group;
-//     rows are converted a block at a time (branch-free fp16 → fp32, exact), dot
-//     products and Σ p·v run in vectorisable loops — on x86 CPUs with AVX2,
-//     FMA and F16C, the hand-vectorised forms in detail/x86.hpp (chosen at run
-//     time; the portable loops otherwise: same math, see there for rounding).
+//     once, so each key and value row is read and converted once per group.
+//     On x86 CPUs with AVX2, FMA and F16C (chosen at run time) the stored rows
+//     are read in place by detail/x86.hpp's loops — converted in registers,
+//     blocks of 64 rows, the next rows prefetched while the current ones are
+//     computed; elsewhere each block is first converted to fp32 (branch-free
+//     fp16 → fp32, exact) and the portable loops run over it: same math, see
+//     x86.hpp for rounding.
 //   - every other codec: through the codec's attention reader (codec/hooks.hpp),
 //     one query head at a time (low rank computes (q·U)·c and (Σ p·c)·Uᵀ without
 //     rebuilding keys; pre-RoPE codecs rotate key i by its position, read from
@@ -65,6 +70,7 @@
 #include <type_traits>
 
 #include "kvtrim/backend/cpu.hpp"
+#include "kvtrim/backend/cpu/detail/exp.hpp"
 #include "kvtrim/backend/cpu/detail/x86.hpp"
 #include "kvtrim/codec/hooks.hpp"
 #include "kvtrim/codec/plain.hpp"
@@ -255,7 +261,8 @@ struct implementation<stage::decode_attention, backend::cpu> {
       if (!eviction::outside_window(next, cache.positions.slot_position[slot], metric.protected_window)) continue;
       float sum = 0.0f;
       for (std::int64_t g = 0; g < group; ++g) {
-        const float probability = std::exp(state.logits[g * state.stride + i] - state.max_logit[g]) / state.denominator[g];
+        const float probability =
+            detail::cpu_exp(state.logits[g * state.stride + i] - state.max_logit[g]) / state.denominator[g];
         sum += eviction::metric_term(metric.kind, probability);
       }
       metric.values[slot] += sum * factor;
@@ -266,48 +273,50 @@ struct implementation<stage::decode_attention, backend::cpu> {
   static constexpr std::int64_t max_heads_at_once = 8;
 
   template <class View>
+  static constexpr bool has_bias = requires(const View& cache) { cache.logit_bias(0, 0, 0); };
+
+  template <class View>
   static float bias_of(const View& cache, std::int64_t b, std::int64_t h, std::int64_t i) {
-    if constexpr (requires { cache.logit_bias(b, h, i); })
+    if constexpr (has_bias<View>)
       return cache.logit_bias(b, h, i);
     else
       return 0.0f;
   }
 
-  /// One stored row → fp32: F16C / AVX2 when `fast`, else the portable loop (the same bits).
-  template <class T>
-  static void convert_row(bool fast, const T* in, float* out, std::int64_t count) {
-#if KVTRIM_X86_DISPATCH
-    if constexpr (std::is_same_v<T, half> || std::is_same_v<T, bfloat16>) {
-      if (fast) {
-        const auto* bits = reinterpret_cast<const std::uint16_t*>(in);
-        if constexpr (std::is_same_v<T, half>)
-          detail::x86::half_to_float(bits, out, count);
-        else
-          detail::x86::bfloat16_to_float(bits, out, count);
-        return;
-      }
-    }
-#endif
-    (void)fast;
-    detail::row_to_float(in, out, count);
-  }
-
   /// codec::plain: the group × n query rows (up to 8 at a time; row r is query
-  /// token r / group of head r % group) over blocks of rows converted once.
+  /// token r / group of head r % group) over blocks of rows. x86 with
+  /// AVX2+FMA+F16C (detail/x86.hpp): the stored rows are read in place, each
+  /// converted in registers once per chunk of rows; otherwise each block is first
+  /// converted to fp32 (portable loops, the same conversion bits).
   template <class View, class QueryT, class OutT>
   static void attend_plain(const tensor_view<QueryT, 4>& queries, const View& cache, const tensor_view<OutT, 4>& out,
                            std::int64_t b, std::int64_t h, group_state& state) {
+    using element = std::remove_cvref_t<decltype(*cache.storage.keys)>;
     const std::int64_t head_dim = cache.shape.head_dim;
     const std::int64_t group = cache.shape.group_size();
     const std::int64_t queries_per_sequence = queries.extent(1);
     const std::int64_t rows = group * queries_per_sequence;
     const std::int64_t length = cache.head_length(b, h);
     const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-    const std::int64_t block = std::max<std::int64_t>(1, std::min<std::int64_t>(64, block_floats / head_dim));
     const auto& store = cache.storage;
-    const bool fast = detail::x86::has_avx2_fma_f16c();  // detail/x86.hpp: same math, AVX2+FMA+F16C loops
+#if KVTRIM_X86_DISPATCH
+    constexpr auto format = std::is_same_v<element, half>       ? detail::x86::row_format::fp16
+                            : std::is_same_v<element, bfloat16> ? detail::x86::row_format::bf16
+                                                                : detail::x86::row_format::fp32;
+    const bool fast = std::is_same_v<element, half> || std::is_same_v<element, bfloat16> ||
+                              std::is_same_v<element, float>
+                          ? detail::x86::has_avx2_fma_f16c()
+                          : false;
+#else
+    constexpr bool fast = false;
+#endif
+    // A block: 64 rows read in place, or as many as 16 KiB of converted fp32 rows hold.
+    const std::int64_t block = fast ? 64 : std::max<std::int64_t>(1, std::min<std::int64_t>(64, block_floats / head_dim));
 
-    alignas(64) std::array<float, block_floats> key_block, value_block;
+#if KVTRIM_X86_DISPATCH
+    std::array<const void*, 64> key_rows, next_key_rows;
+    const std::int64_t row_bytes = head_dim * static_cast<std::int64_t>(sizeof(element));
+#endif
     alignas(64) std::array<float, max_heads_at_once * max_head_dim> query, accumulator;
     std::array<float, max_heads_at_once * 64> logits;
     std::array<float, max_heads_at_once> max_logit, denominator;
@@ -326,49 +335,88 @@ struct implementation<stage::decode_attention, backend::cpu> {
         denominator[g] = 0.0f;
         visible[g] = length - queries_per_sequence + 1 + t;
       }
-      const std::int64_t read = length - queries_per_sequence + 1 + (rows_end - 1) / group;  // the chunk's last row's
+      // The chunk's last row sees the most tokens: blocks run to its visible length.
+      const std::int64_t read = length - queries_per_sequence + 1 + (rows_end - 1) / group;
       for (std::int64_t i0 = 0; i0 < read; i0 += block) {
         const std::int64_t count = std::min(block, read - i0);
-        for (std::int64_t i = 0; i < count; ++i) {
-          const std::int64_t slot = cache.slot(b, h, i0 + i);
-          convert_row(fast, store.keys + slot * store.head_dim, key_block.data() + i * head_dim, head_dim);
-          convert_row(fast, store.values + slot * store.head_dim, value_block.data() + i * head_dim, head_dim);
+        const auto key_row = [&](std::int64_t i) { return store.keys + cache.slot(b, h, i0 + i) * store.head_dim; };
+        const auto value_row = [&](std::int64_t i) {
+          return store.values + cache.slot(b, h, i0 + i) * store.head_dim;
+        };
+#if KVTRIM_X86_DISPATCH
+        // The rows are read in place; while the dots run over this block's keys its
+        // values are fetched, while Σ p·v runs the next block's keys.
+        std::array<const void*, 64> value_rows;
+        std::int64_t next_count = 0;
+        if (fast) {
+          if (i0 == 0)
+            for (std::int64_t i = 0; i < count; ++i) key_rows[i] = key_row(i);
+          for (std::int64_t i = 0; i < count; ++i) value_rows[i] = value_row(i);
+          next_count = std::min(block, read - i0 - count);
+          for (std::int64_t i = 0; i < next_count; ++i) next_key_rows[i] = key_row(count + i);
+          detail::x86::dot_rows<format>(query.data(), heads, key_rows.data(), count, head_dim, logits.data(), 64,
+                                        {value_rows.data(), count, row_bytes});
+        } else
+#endif
+        {
+          alignas(64) std::array<float, block_floats> key_block;
+          for (std::int64_t i = 0; i < count; ++i)
+            detail::row_to_float(key_row(i), key_block.data() + i * head_dim, head_dim);
+          for (std::int64_t g = 0; g < heads; ++g)
+            for (std::int64_t i = 0; i < count; ++i)
+              logits[g * 64 + i] =
+                  detail::dot_lanes(query.data() + g * head_dim, key_block.data() + i * head_dim, head_dim);
         }
+#if KVTRIM_X86_DISPATCH
+        std::array<float, 64> bias;  // the layout's logit biases of the block, if it has any
+        if constexpr (has_bias<View>)
+          if (fast)
+            for (std::int64_t i = 0; i < count; ++i) bias[i] = bias_of(cache, b, h, i0 + i);
+#endif
         for (std::int64_t g = 0; g < heads; ++g) {
           float* s = logits.data() + g * 64;
           const std::int64_t seen = std::clamp<std::int64_t>(visible[g] - i0, 0, count);  // later ones: weight 0
           float block_max = -std::numeric_limits<float>::infinity();
 #if KVTRIM_X86_DISPATCH
           if (fast)
-            detail::x86::dot_rows(query.data() + g * head_dim, key_block.data(), count, head_dim, s);
+            block_max = detail::x86::scale_and_max(s, seen, scale, has_bias<View> ? bias.data() : nullptr);
           else
 #endif
-            for (std::int64_t i = 0; i < count; ++i)
-              s[i] = detail::dot_lanes(query.data() + g * head_dim, key_block.data() + i * head_dim, head_dim);
-          for (std::int64_t i = 0; i < seen; ++i) {
-            s[i] = s[i] * scale + bias_of(cache, b, h, i0 + i);
-            block_max = std::fmax(block_max, s[i]);
-          }
+            for (std::int64_t i = 0; i < seen; ++i) {
+              s[i] = s[i] * scale + bias_of(cache, b, h, i0 + i);
+              block_max = std::fmax(block_max, s[i]);
+            }
           if (state.logits != nullptr) std::copy(s, s + count, state.logits + (r0 + g) * state.stride + i0);
           if (block_max > max_logit[g]) {  // rescale what was summed against the old max
-            const float factor = std::exp(max_logit[g] - block_max);
+            const float factor = detail::cpu_exp(max_logit[g] - block_max);
             denominator[g] *= factor;
             for (std::int64_t d = 0; d < head_dim; ++d) accumulator[g * head_dim + d] *= factor;
             max_logit[g] = block_max;
           }
+#if KVTRIM_X86_DISPATCH
+          if (fast) {
+            denominator[g] += detail::cpu_exp_shifted_sum_avx2(s, seen, max_logit[g]);
+            std::fill(s + seen, s + count, 0.0f);
+            continue;
+          }
+#endif
           for (std::int64_t i = 0; i < seen; ++i) {
-            s[i] = std::exp(s[i] - max_logit[g]);
+            s[i] = detail::cpu_exp(s[i] - max_logit[g]);
             denominator[g] += s[i];
           }
           std::fill(s + seen, s + count, 0.0f);
         }
 #if KVTRIM_X86_DISPATCH
         if (fast) {
-          detail::x86::accumulate_rows(accumulator.data(), logits.data(), 64, heads, value_block.data(), count,
-                                       head_dim);
+          detail::x86::accumulate_rows<format>(accumulator.data(), logits.data(), 64, heads, value_rows.data(), count,
+                                               head_dim, {next_key_rows.data(), next_count, row_bytes});
+          std::swap(key_rows, next_key_rows);
           continue;
         }
 #endif
+        alignas(64) std::array<float, block_floats> value_block;
+        for (std::int64_t i = 0; i < count; ++i)
+          detail::row_to_float(value_row(i), value_block.data() + i * head_dim, head_dim);
         for (std::int64_t i = 0; i < count; ++i) {
           const float* v = value_block.data() + i * head_dim;
           for (std::int64_t g = 0; g < heads; ++g) {
@@ -427,7 +475,7 @@ struct implementation<stage::decode_attention, backend::cpu> {
       }
       if (state.logits != nullptr) std::copy(s.begin(), s.begin() + count, state.logits + g * state.stride + i0);
       if (block_max > max_logit) {  // fold the reader into the accumulator, rescaled; start a fresh reader
-        const float factor = std::exp(max_logit - block_max);
+        const float factor = detail::cpu_exp(max_logit - block_max);
         if (reader_used) {
           reader->finish(partial.data());
           for (std::int64_t d = 0; d < head_dim; ++d) accumulator[d] += partial[d];
@@ -440,7 +488,7 @@ struct implementation<stage::decode_attention, backend::cpu> {
         max_logit = block_max;
       }
       for (std::int64_t i = 0; i < count; ++i) {
-        const float weight = std::exp(s[i] - max_logit);
+        const float weight = detail::cpu_exp(s[i] - max_logit);
         denominator += weight;
         reader->accumulate(cache.slot(b, h, i0 + i), weight);
       }

@@ -93,21 +93,6 @@ struct threshold_walk {
   }
 };
 
-/// Whether the codec still holds token `i` (of `length`) of flattened head `head`
-/// in a side buffer that records slots by arrival — a filling KIVI key group
-/// (int8/int4), layered's fp16 rows. Such tokens move with move_slot but cannot
-/// be dropped without corrupting that buffer, so eviction protects them.
-template <class Storage>
-bool codec_pins(const Storage& store, std::int64_t head, std::int64_t slot, std::int64_t i, std::int64_t length) {
-  bool pinned = false;
-  if constexpr (requires { store.inner; }) pinned = codec_pins(store.inner, head, slot, i, length);
-  if constexpr (requires { store.slot_rows[slot]; })
-    if (store.slot_rows != nullptr && store.slot_rows[slot] >= 0) pinned = true;
-  if constexpr (requires { store.residual_count[head]; store.key_group; })
-    if (store.key_group != 0 && i >= length - store.residual_count[head]) pinned = true;
-  return pinned;
-}
-
 /// The step over heads sharded across ranks (eviction/sharded.hpp): it composes this
 /// backend's per-head pieces with collectives between them.
 template <class Backend>

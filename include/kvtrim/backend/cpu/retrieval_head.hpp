@@ -6,8 +6,10 @@
 #include <cmath>
 #include <cstdint>
 #include <string_view>
+#include <type_traits>
 
 #include "kvtrim/backend/cpu.hpp"
+#include "kvtrim/backend/cpu/detail/x86.hpp"
 #include "kvtrim/core/implementation.hpp"
 #include "kvtrim/core/selection.hpp"
 #include "kvtrim/core/shape.hpp"
@@ -59,23 +61,28 @@ struct implementation<score::retrieval_head, backend::cpu> {
     const std::int64_t dropped = policy::dropped(cfg, tokens);
     const std::int64_t first = cfg.sinks;  // dropped tokens: [S, S + N_d) = [S, T − W)
     const std::int64_t head_dim = shape.head_dim;
-    std::array<double, max_head_dim> key_sum{}, value_sum{};
-    for (std::int64_t head = 0; head < kept.heads; ++head) {
+    // Heads on threads (backend/cpu.hpp); each sums its dropped rows in token order,
+    // so the means do not depend on the thread count. A refusal is the lowest head's.
+    detail::cpu_parallel_for(kept.heads, detail::cpu_threads(), [&](std::int64_t head, std::int64_t) {
       rows.index[head] = -1;
       rows.bias[head] = 0.0f;
       rows.position[head] = 0;
-      if (!cfg.compensation || dropped == 0 || kept.count(head) == tokens) continue;  // whole (retrieval) head
+      if (!cfg.compensation || dropped == 0 || kept.count(head) == tokens) return;  // whole (retrieval) head
       if (kept.tokens[kept.offsets[head] + first] != first)
         detail::fail("kvtrim::score::retrieval_head::compensate", "selection",
                      detail::cat("the placeholder token ", first, " kept at index ", first),
                      detail::cat("token ", kept.tokens[kept.offsets[head] + first], " in head ", head));
       const std::int64_t b = head / shape.kv_heads, h = head % shape.kv_heads;
-      for (std::int64_t d = 0; d < head_dim; ++d) key_sum[d] = value_sum[d] = 0.0;
-      for (std::int64_t t = first; t < first + dropped; ++t)
+      std::array<double, max_head_dim> key_sum{}, value_sum{};
+      std::array<float, max_head_dim> key_row{}, value_row{};
+      for (std::int64_t t = first; t < first + dropped; ++t) {
+        read_row(keys, b, h, t, key_row.data());
+        read_row(values, b, h, t, value_row.data());
         for (std::int64_t d = 0; d < head_dim; ++d) {
-          key_sum[d] += static_cast<double>(to_float(keys(b, h, t, d)));
-          value_sum[d] += static_cast<double>(to_float(values(b, h, t, d)));
+          key_sum[d] += static_cast<double>(key_row[d]);
+          value_sum[d] += static_cast<double>(value_row[d]);
         }
+      }
       for (std::int64_t d = 0; d < head_dim; ++d) {
         rows.keys[head * head_dim + d] = static_cast<float>(key_sum[d] / static_cast<double>(dropped));
         rows.values[head * head_dim + d] = static_cast<float>(value_sum[d] / static_cast<double>(dropped));
@@ -83,7 +90,21 @@ struct implementation<score::retrieval_head, backend::cpu> {
       rows.index[head] = static_cast<std::int32_t>(first);
       rows.bias[head] = static_cast<float>(std::log(static_cast<double>(dropped)));
       rows.position[head] = start_position + first + dropped - 1;
-    }
+    });
+  }
+
+ private:
+  /// Row t of (b, h) → fp32 (F16C for contiguous fp16 rows where the CPU has it: the same bits).
+  template <class KeyT>
+  static void read_row(const kv_view<KeyT>& view, std::int64_t b, std::int64_t h, std::int64_t t, float* out) {
+#if KVTRIM_X86_DISPATCH
+    if constexpr (std::is_same_v<std::remove_const_t<KeyT>, half>)
+      if (view.stride(3) == 1 && detail::x86::has_avx2_fma_f16c()) {
+        detail::x86::convert_row<detail::x86::row_format::fp16>(&view(b, h, t, 0), out, view.extent(3));
+        return;
+      }
+#endif
+    for (std::int64_t d = 0; d < view.extent(3); ++d) out[d] = to_float(view(b, h, t, d));
   }
 };
 

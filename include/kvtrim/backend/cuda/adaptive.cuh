@@ -22,13 +22,15 @@
 // floors are computed on the device (device_guaranteed below, the same double
 // arithmetic as the host's budget::adaptive::guaranteed).
 //
-// One difference, forced by "no device synchronisation": the paper form's error
-// (a head whose protected tokens exceed the per-head budget k) is data the host
-// never sees. The CPU throws; the device clamps that head's guarantee to k (it
-// keeps its k best protected tokens, lower index first), so the total stays
-// exactly H·k and the layout's capacity (planned from H·k) is never exceeded.
-// Callers who need the error run the check where the scores are known (the
-// scorer's protected window is a host-side configuration: window ≤ k).
+// The paper form's error (a head whose protected tokens exceed the per-head
+// budget k) is data the host never sees without a synchronisation. The CPU
+// throws; the device records the first such head (in (sequence, head) order) in
+// a word of the workspace (refusal_word) and clamps that head's guarantee to k,
+// so the counts stay exact and bounded; scheme::compress hands the word to the
+// layout's compaction (compact_args::budget_refusal), whose planning kernel then
+// records the CPU's error in the cache's status words and writes nothing:
+// kvtrim::check_status throws it, and the cache keeps every byte. (The sharded
+// form below still clamps only: a refusal on one rank would need a collective.)
 //
 // Sharded (tensor parallelism; docs/tensor-parallel.md, the CPU reference's
 // sharded keep_counts is the specification): F(v) is a sum over heads, so each
@@ -73,14 +75,22 @@ struct adaptive_rule {
   double alpha;
   bool kvpress_compatible;
   std::int32_t* keep_counts;
+  /// The paper form's refusal (compact_args::budget_refusal): the first head, in
+  /// (sequence, head) order, protecting more than k tokens. Null: clamp only (sharded).
+  unsigned long long* refusal = nullptr;
 
   __device__ long long target(std::int64_t) const { return static_cast<long long>(heads_per_group) * budget; }
 
   /// budget::adaptive::guaranteed, on the device (same double arithmetic), except
-  /// that protected tokens beyond k clamp to k instead of throwing (see above).
-  __device__ long long floor(std::int64_t, std::int64_t, std::uint32_t protected_tokens) const {
+  /// that protected tokens beyond k are reported (refusal) and clamp to k, so
+  /// the counts stay within H·k even though compaction will then write nothing.
+  __device__ long long floor(std::int64_t group, std::int64_t h, std::uint32_t protected_tokens) const {
     if (kvpress_compatible) return static_cast<long long>(::floor(alpha * static_cast<double>(budget)));
-    if (protected_tokens > budget) return budget;
+    if (protected_tokens > budget) {
+      if (refusal != nullptr)
+        atomicMin(refusal, static_cast<unsigned long long>(group * heads_per_group + h) << 32 | protected_tokens);
+      return budget;
+    }
     const long long rest = budget - protected_tokens;
     const long long floor = static_cast<long long>(::floor(alpha * static_cast<double>(rest)));
     return protected_tokens + floor > 1 ? protected_tokens + floor : 1;  // never an empty head
@@ -307,17 +317,35 @@ struct implementation<budget::adaptive, backend::cuda> {
                                      std::int64_t /*tokens*/) {
     workspace_carver carver;
     cuda_detail::threshold_state::carve(carver, batch * shape.kv_heads, batch);
+    carver.take<unsigned long long>(1);  // refusal_word
     return carver.bytes();
+  }
+
+  /// The word keep_counts leaves the paper form's refusal in (compact_args::budget_refusal):
+  /// flattened head · 2^32 + its protected tokens, ~0 when every head fits its budget.
+  static const unsigned long long* refusal_word(const model_shape& shape, std::int64_t batch, workspace scratch) {
+    workspace_carver carver(scratch);
+    cuda_detail::threshold_state::carve(carver, batch * shape.kv_heads, batch);
+    return carver.take<unsigned long long>(1);
+  }
+  /// The per-head budget k the refusal is measured against (compact_args::refused_budget).
+  static std::int64_t refused_budget(const budget::adaptive::config& cfg, std::int64_t tokens) {
+    return budget::adaptive::head_budget(cfg, tokens);
   }
 
   static void keep_counts(const budget::adaptive::config& cfg, const tensor_view<const float, 3, device_space>& scores,
                           std::int32_t* keep_counts, workspace scratch, cudaStream_t stream) {
     const std::int64_t batch = scores.extent(0), kv_heads = scores.extent(1), tokens = scores.extent(2);
-    if (batch == 0 || kv_heads == 0) return;
     workspace_carver carver(scratch);
     const auto state = cuda_detail::threshold_state::carve(carver, batch * kv_heads, batch);
-    const cuda_detail::adaptive_rule rule{kv_heads, budget::adaptive::head_budget(cfg, tokens), cfg.alpha,
-                                          cfg.kvpress_compatible, keep_counts};
+    unsigned long long* refusal = carver.take<unsigned long long>(1);
+    // Reset every call, before anything else: compaction reads it (compact_args::budget_refusal).
+    detail::check_cuda(cudaMemsetAsync(refusal, 0xff, sizeof *refusal, stream), function,
+                       "cudaMemsetAsync(refusal_word)");
+    if (batch == 0 || kv_heads == 0) return;
+    const cuda_detail::adaptive_rule rule{kv_heads,   budget::adaptive::head_budget(cfg, tokens),
+                                          cfg.alpha,  cfg.kvpress_compatible,
+                                          keep_counts, refusal};
     cuda_detail::find_thresholds(cuda_detail::rows_of(scores), batch * kv_heads, kv_heads, rule, state, stream,
                                  function);
   }

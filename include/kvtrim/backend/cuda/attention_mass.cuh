@@ -663,10 +663,17 @@ __global__ void __launch_bounds__(mass_threads, 3)
         const float tile_max =
             fmaxf(raw_max[i][hh], fmaxf(fmaxf(pair_max[0], pair_max[1]), fmaxf(pair_max[2], pair_max[3])));
         if (tile_max == -INFINITY) continue;  // nothing visible yet
-        const float shift = tile_max * c;
+        // __fmul_rn / __fsub_rn: never contracted into an fma (nvcc contracts a*b − c
+        // by default, which would bring back the unrounded old shift below).
+        const float shift = __fmul_rn(tile_max, c);
         // Rescale only when the max moved (the first visible tile: sum = 0 and
-        // 2^(−∞) = 0, no test needed).
-        float s = tile_max == raw_max[i][hh] ? sum[i][hh] : sum[i][hh] * mass_exp2(fmaf(raw_max[i][hh], c, -shift));
+        // 2^(−∞) = 0, no test needed). The factor is 2^(fl(m_old·c) − fl(m_new·c)):
+        // the running sum's terms were taken against the rounded old shift, so the
+        // rounded shifts are what must cancel. Its one rounding is ≤ u·(m_new − m_old)·c,
+        // and those differences telescope over a row (≤ u·(max − first max)·c in all),
+        // where 2^(m_old·c − fl(m_new·c)) would add u·|m_old·c| at every rescale.
+        float s = tile_max == raw_max[i][hh] ? sum[i][hh]
+                                             : sum[i][hh] * mass_exp2(__fsub_rn(__fmul_rn(raw_max[i][hh], c), shift));
         float even = 0.0f, odd = 0.0f;
 #pragma unroll
         for (int n = 0; n < 4; ++n) {
@@ -683,7 +690,7 @@ __global__ void __launch_bounds__(mass_threads, 3)
   for (int i = 0; i < 2; ++i)
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-      stats[i][hh] = make_float2(raw_max[i][hh] * c, sum[i][hh]);
+      stats[i][hh] = make_float2(__fmul_rn(raw_max[i][hh], c), sum[i][hh]);
 #pragma unroll
       for (int offset = 1; offset <= 2; offset *= 2) {
         const float2 other = make_float2(__shfl_xor_sync(0xffffffffu, stats[i][hh].x, offset),

@@ -43,6 +43,7 @@
 #include "kvtrim/backend/cuda/codec_layered.cuh"
 #include "kvtrim/backend/cuda/codec_quantized.cuh"
 #include "kvtrim/backend/cuda/common.cuh"
+#include "kvtrim/codec/low_rank.hpp"
 #include "kvtrim/core/selection.hpp"
 #include "kvtrim/layout/detail/status.hpp"
 
@@ -58,6 +59,21 @@ inline constexpr bool device_encoded_codec<codec::fp8> = true;
 /// layered<C>: C's device encode, plus its fp16 rows (layered_rows below).
 template <class Inner>
 inline constexpr bool device_encoded_codec<codec::layered<Inner>> = device_encoded_codec<Inner>;
+/// codec::low_rank: its own encode and decode (codec_low_rank.cuh, included at the end of this
+/// header); layered<low_rank> has no device reader.
+template <class C>
+inline constexpr bool is_low_rank = std::is_same_v<C, codec::low_rank>;
+template <>
+inline constexpr bool device_encoded_codec<codec::low_rank> = true;
+template <>
+inline constexpr bool device_encoded_codec<codec::layered<codec::low_rank>> = false;
+template <class View, class InT>
+struct codec_write;
+template <class View, class InT>
+void launch_low_rank_writes(std::string_view function, const codec_write<View, InT>& w, std::int64_t rows_bound,
+                            cudaStream_t stream);
+inline void launch_low_rank_reset(std::string_view function, const codec::low_rank::storage<device_space>& store,
+                           cudaStream_t stream);
 
 /// The quantizing codec that encodes a codec's tokens (layered<C>: C) and its storage.
 template <class C>
@@ -504,10 +520,10 @@ __global__ void __launch_bounds__(layered_threads) layered_rows(const __grid_con
   }
 }
 
-/// Launches the codec's write steps for `rows_bound` (a host-known bound on
+/// The quantizing codecs' write steps for `rows_bound` (a host-known bound on
 /// any head's rows) rows per head.
 template <class View, class InT>
-void launch_codec_writes(std::string_view function, const codec_write<View, InT>& w, std::int64_t rows_bound,
+void launch_quantized_writes(std::string_view function, const codec_write<View, InT>& w, std::int64_t rows_bound,
                          cudaStream_t stream) {
   using encoded = encoded_codec<typename View::codec>;
   using device = codec_device<typename encoded::type>;
@@ -553,6 +569,17 @@ void launch_codec_writes(std::string_view function, const codec_write<View, InT>
     layered_rows<View, InT><<<head_blocks, layered_threads, 0, stream>>>(w);
     detail::check_launch(function, "layered_rows");
   }
+}
+
+/// Launches the codec's write steps for `rows_bound` (a host-known bound on
+/// any head's rows) rows per head.
+template <class View, class InT>
+void launch_codec_writes(std::string_view function, const codec_write<View, InT>& w, std::int64_t rows_bound,
+                         cudaStream_t stream) {
+  if constexpr (is_low_rank<typename View::codec>)
+    launch_low_rank_writes(function, w, rows_bound, stream);
+  else
+    launch_quantized_writes(function, w, rows_bound, stream);
 }
 
 /// The codec_write of one call.
@@ -610,7 +637,9 @@ __global__ void codec_reset(const typename CodecT::template storage<device_space
 template <class CodecT>
 void reset_codec_storage(std::string_view function, const typename CodecT::template storage<device_space>& store,
                          cudaStream_t stream) {
-  if constexpr (device_encoded_codec<CodecT>) {
+  if constexpr (is_low_rank<CodecT>) {
+    launch_low_rank_reset(function, store, stream);
+  } else if constexpr (device_encoded_codec<CodecT>) {
     if constexpr (is_layered<CodecT>) reset_codec_storage<typename CodecT::inner_codec>(function, store.inner, stream);
     codec_reset<CodecT><<<256, 256, 0, stream>>>(store);
     detail::check_launch(function, "codec_reset");
@@ -629,7 +658,7 @@ void reset_codec_storage(std::string_view function, const typename CodecT::templ
 template <class CodecT>
 struct codec_slot_mover {
   typename CodecT::template storage<device_space> st;
-  std::int32_t* slot_position;
+  std::int32_t* slot_position;  // null: the caller moves positions itself (the eviction step)
 
   static constexpr bool quantized = !std::is_same_v<CodecT, codec::fp8>;
   __device__ std::int64_t row_bytes() const {
@@ -661,7 +690,7 @@ struct codec_slot_mover {
     }
     part -= 2 * w;
     if (part == 0) {
-      uint4 meta = make_uint4(static_cast<unsigned>(slot_position[slot]), 0u, 0u, 0u);
+      uint4 meta = make_uint4(slot_position ? static_cast<unsigned>(slot_position[slot]) : 0u, 0u, 0u, 0u);
       if constexpr (quantized) {
         meta.y = __float_as_uint(st.value_scales[slot]);
         if (st.asymmetric) meta.z = __float_as_uint(st.value_zeros[slot]);
@@ -693,7 +722,7 @@ struct codec_slot_mover {
     }
     part -= 2 * w;
     if (part == 0) {
-      slot_position[slot] = static_cast<std::int32_t>(value.x);
+      if (slot_position) slot_position[slot] = static_cast<std::int32_t>(value.x);
       if constexpr (quantized) {
         st.value_scales[slot] = __uint_as_float(value.y);
         if (st.asymmetric) st.value_zeros[slot] = __uint_as_float(value.z);
@@ -770,3 +799,6 @@ struct codec_slot_mover<codec::layered<Inner>> {
 };
 
 }  // namespace kvtrim::cuda_detail
+
+// codec::low_rank's device encode and decode use the write helpers above.
+#include "kvtrim/backend/cuda/codec_low_rank.cuh"

@@ -146,8 +146,8 @@ void launch_copy_rows(std::string_view function, layout::contiguous::view<CodecT
                       std::int64_t first_row, std::int64_t start_position, cudaStream_t stream) {
   static_assert(codec::is_plain<CodecT> || device_encoded_codec<CodecT>,
                 "kvtrim: backend::cuda stores layout::contiguous caches with codec::fp16 / bf16 / fp32, int8, int4, "
-                "fp8_e4m3 and layered over those three; the device encode of low_rank (bases fitted per head, "
-                "pre-RoPE keys) is not written yet (issue 12)");
+                "fp8_e4m3, layered over those three, and low_rank (profile bases); layered<low_rank> has no "
+                "device reader (issue 12)");
   if constexpr (codec::is_plain<CodecT>) {
     launch_plain_copy_rows(function, cache, keys, values, offsets, tokens, rows_per_head, first_row, start_position,
                            stream);
@@ -155,6 +155,7 @@ void launch_copy_rows(std::string_view function, layout::contiguous::view<CodecT
     if (cache.shape.head_dim % 8 != 0)
       detail::fail(function, "shape.head_dim", "a multiple of 8 on backend::cuda", std::to_string(cache.shape.head_dim));
     check_same_strides(function, keys, values);
+    check_low_rank_writable(function, cache);
     if (cache.heads() > 65535)
       detail::fail(function, "cache.batch", "batch · kv_heads ≤ 65535 on backend::cuda", std::to_string(cache.heads()));
     // Compaction with no rows still starts every head's key group afresh; next positions advance after this call.

@@ -1,7 +1,8 @@
 // kvtrim/backend/cuda/decode_attention.cuh — decode attention on the GPU: one
 // new query per query head over a compressed cache of any layout (contiguous,
 // paged, flat: decode_plan.cuh's row locators) with codec::fp16 / bf16 / fp32,
-// int8 / int4 (KIVI), fp8_e4m3 and layered over those.
+// int8 / int4 (KIVI), fp8_e4m3 and layered over those; codec::low_rank has its
+// own kernel (codec_low_rank.cuh) with the same partition, bias and merge.
 //
 // Memory-bound by design: the cache is read exactly once per step.
 //  * One kernel template over (layout addressing × head dim × group × storage
@@ -1038,9 +1039,9 @@ struct implementation<stage::decode_attention, backend::cuda> {
                           const tensor_view<OutT, 4, device_space>& out, workspace scratch, cudaStream_t stream,
                           const cuda_detail::decode_metric& metric) {
     static_assert(codec::is_plain<typename View::codec> || cuda_detail::device_encoded_codec<typename View::codec>,
-                  "kvtrim: backend::cuda decode attention reads codec::fp16 / bf16 / fp32, int8, int4, fp8_e4m3 and "
-                  "layered over those three; low_rank ((Uᵀq)·c scores, U(Σp·c) outputs, RoPE from stored "
-                  "positions) is not written yet (issue 12)");
+                  "kvtrim: backend::cuda decode attention reads codec::fp16 / bf16 / fp32, int8, int4, fp8_e4m3, "
+                  "layered over those three, and low_rank (codec_low_rank.cuh); layered<low_rank> has no device "
+                  "reader (issue 12)");
     constexpr bool uniform = cuda_detail::is_contiguous_view<View>;
     const std::int64_t queries_per_sequence = queries.extent(1);
     std::int64_t length = 0;  // contiguous: every head's length (host memory)
@@ -1105,12 +1106,16 @@ struct implementation<stage::decode_attention, backend::cuda> {
     const std::int64_t heads = cache.batch * cache.shape.kv_heads;
     using tiles = cuda_detail::codec_tiles<typename View::codec, head_dim>;
     using store_type = typename tiles::stored;
-    using choice = cuda_detail::decode_kernel_choice<
-        head_dim, group, store_type, tiles::row_elements, fragments,
-        typename cuda_detail::tensor_core_side<typename View::codec, head_dim, group, fragments>::type,
-        queries_capacity>;
+    // codec::low_rank: its own kernel (codec_low_rank.cuh), shared memory sized by the stored rank,
+    // one query per sequence.
+    using choice = std::conditional_t<
+        cuda_detail::is_low_rank<typename View::codec>, cuda_detail::low_rank_decode_choice<group>,
+        cuda_detail::decode_kernel_choice<
+            head_dim, group, store_type, tiles::row_elements, fragments,
+            typename cuda_detail::tensor_core_side<typename View::codec, head_dim, group, fragments>::type,
+            queries_capacity>>;
     const std::int64_t queries_per_sequence = queries.extent(1);
-    if constexpr (!choice::supported && queries_capacity > 1) {
+    if constexpr (queries_capacity > 1 && (!choice::supported || cuda_detail::is_low_rank<typename View::codec>)) {
       detail::fail(function, "cache.codec",
                    "fp16, bf16 or a quantizing codec's storage for multi-query decode on backend::cuda",
                    detail::cat(View::codec::name, " storage"));
@@ -1123,15 +1128,20 @@ struct implementation<stage::decode_attention, backend::cuda> {
           std::conditional_t<uniform, cuda_detail::uniform_partition, cuda_detail::planned_partition>;
       using params_type = cuda_detail::decode_params<View, partition_type, query_type, out_type>;
       const auto kernel = choice::template kernel<params_type>();
+      std::size_t shared_bytes = 0;
+      if constexpr (requires { choice::shared_bytes_for(cache); })
+        shared_bytes = choice::shared_bytes_for(cache);
+      else
+        shared_bytes = choice::shared_bytes;
       // Above 48 KB a kernel must opt in to dynamic shared memory (per device, so on every call;
       // it is a host-side attribute write, no synchronisation).
       detail::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              static_cast<int>(choice::shared_bytes)),
+                                              static_cast<int>(shared_bytes)),
                          function, "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
       // One wave of blocks: this kernel's real occupancy (shared memory and registers differ per instantiation).
       int blocks_per_multiprocessor = 0;
       detail::check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_multiprocessor, kernel,
-                                                                       choice::threads, choice::shared_bytes),
+                                                                       choice::threads, shared_bytes),
                          function, "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
       const std::int64_t blocks =
           std::int64_t{backend::cuda::multiprocessor_count()} *
@@ -1169,14 +1179,15 @@ struct implementation<stage::decode_attention, backend::cuda> {
                                static_cast<int>(queries_per_sequence),
                                queries.stride(1),
                                out.stride(1)};
-      const char* kernel_name =
-          choice::tensor_cores ? "decode_attention_tensor_core" : "decode_attention_cuda_core";
+      const char* kernel_name = cuda_detail::is_low_rank<typename View::codec> ? "decode_attention_low_rank"
+                                : choice::tensor_cores                               ? "decode_attention_tensor_core"
+                                                                                     : "decode_attention_cuda_core";
       if constexpr (uniform) {
-        kernel<<<static_cast<unsigned>(grid), choice::threads, choice::shared_bytes, stream>>>(params);
+        kernel<<<static_cast<unsigned>(grid), choice::threads, shared_bytes, stream>>>(params);
         detail::check_launch(function, kernel_name);
       } else {
         cuda_detail::launch_dependent(kernel, dim3(static_cast<unsigned>(grid)), dim3(choice::threads),
-                                      choice::shared_bytes, stream, function, kernel_name, params);
+                                      shared_bytes, stream, function, kernel_name, params);
       }
       if (merge) {
         const auto rows = static_cast<unsigned>(cache.batch * queries_per_sequence * cache.shape.q_heads);

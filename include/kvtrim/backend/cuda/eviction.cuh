@@ -21,10 +21,14 @@
 // difference is fp32 rounding of exp2 in base 2 against exp in base e
 // (tests/cuda/eviction_test.cu bounds it).
 //
-// The eviction step (kvtrim::evict<backend::cuda>, below): codec::plain (fp16,
-// bf16, fp32: no slot runs, no side buffers) over paged and flat caches, the CPU
-// reference's result byte for byte, as a chain of whole-GPU kernels with no host
-// synchronisation (described where they start).
+// The eviction step (kvtrim::evict<backend::cuda>, below): every codec the device
+// stores — plain (fp16, bf16, fp32), int8 / int4 (slot runs of KIVI keys evicted and moved whole,
+// a filling key group pinned), fp8, layered<C> (its fp16 rows pinned) — over paged
+// and flat caches, the CPU reference's result byte for byte, as a chain of
+// whole-GPU kernels with no host synchronisation (described where they start).
+//
+// The prefill seed (eviction::seed_metric, at the end): the observation window's
+// probabilities of the kept tokens, from the scorer's own row statistics.
 #pragma once
 
 #include <cub/block/block_scan.cuh>
@@ -37,9 +41,12 @@
 #include <string_view>
 #include <type_traits>
 
+#include "kvtrim/backend/cuda/attention_mass.cuh"
+#include "kvtrim/backend/cuda/codec_writes.cuh"
 #include "kvtrim/backend/cuda/common.cuh"
 #include "kvtrim/backend/cuda/decode_attention.cuh"
 #include "kvtrim/backend/cuda/decode_plan.cuh"
+#include "kvtrim/core/selection.hpp"
 #include "kvtrim/core/workspace.hpp"
 #include "kvtrim/eviction/evict.hpp"
 #include "kvtrim/eviction/metric.hpp"
@@ -108,6 +115,16 @@ struct metric_l2_hints {
   bool logits_in_l2 = true;
   /// Decode attention's K/V stream marks its lines evict_first while the metric is on.
   bool kv_evict_first = false;
+  /// The logits' range made the stream's L2 access-policy window (persisting hits, the
+  /// hit ratio the set-aside covers) for the attention kernel and the finisher, the
+  /// stream's previous window restored after (also when a launch throws). It keeps them
+  /// resident only where the application has set L2 aside for persisting lines
+  /// (cudaDeviceSetLimit(cudaLimitPersistingL2CacheSize, …): a device-wide choice kvtrim
+  /// leaves to the engine). Needs logits_in_l2 (the finisher's discard then frees the
+  /// lines, so dead logits do not hold the set-aside) and a stream that is not capturing
+  /// (a stream attribute is set): refused otherwise. Measured at W: worse than the
+  /// default (docs/results.md), an experiment's switch, off by default.
+  bool persisting_logits = false;
 };
 
 /// Floats per query head of the metric's logits: the line's longest length (every
@@ -160,6 +177,47 @@ void attend(tensor_view<QueryT, 3, device_space> queries, const View& cache, ten
   }
   const tensor_view<const std::remove_const_t<QueryT>, 3, device_space> const_queries{queries.data, queries.extents,
                                                                                        queries.strides};
+  // The persisting window over the logits, for this call's launches only (restored on exit).
+  struct stream_window {
+    cudaStream_t stream = nullptr;
+    cudaStreamAttrValue saved{};
+    bool set = false;
+    ~stream_window() {
+      if (set) cudaStreamSetAttribute(stream, cudaStreamAttributeAccessPolicyWindow, &saved);
+    }
+  } window{stream};
+  if (metric.enabled() && hints.persisting_logits) {
+    if (!hints.logits_in_l2)
+      ::kvtrim::detail::fail(function, "hints.persisting_logits",
+                             "logits_in_l2 as well (its discard frees the persisting lines)", "logits_in_l2 = false");
+    cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+    ::kvtrim::detail::check_cuda(cudaStreamIsCapturing(stream, &capturing), function, "cudaStreamIsCapturing");
+    if (capturing != cudaStreamCaptureStatusNone)
+      ::kvtrim::detail::fail(function, "hints.persisting_logits", "a stream that is not capturing",
+                             "a capturing stream");
+    int device = 0, largest = 0;
+    std::size_t set_aside = 0;
+    ::kvtrim::detail::check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
+    ::kvtrim::detail::check_cuda(cudaDeviceGetAttribute(&largest, cudaDevAttrMaxAccessPolicyWindowSize, device),
+                                 function, "cudaDeviceGetAttribute(MaxAccessPolicyWindowSize)");
+    ::kvtrim::detail::check_cuda(
+        cudaStreamGetAttribute(stream, cudaStreamAttributeAccessPolicyWindow, &window.saved), function,
+        "cudaStreamGetAttribute(AccessPolicyWindow)");
+    cudaStreamAttrValue value{};
+    value.accessPolicyWindow.base_ptr = side.logits;
+    value.accessPolicyWindow.num_bytes = std::min<std::size_t>(
+        sizeof(float) * static_cast<std::size_t>(shape.group_size() * side.stride), static_cast<std::size_t>(largest));
+    ::kvtrim::detail::check_cuda(cudaDeviceGetLimit(&set_aside, cudaLimitPersistingL2CacheSize), function,
+                                 "cudaDeviceGetLimit(PersistingL2CacheSize)");
+    // More persisting bytes than the set-aside would evict each other: persist the share that fits.
+    value.accessPolicyWindow.hitRatio = static_cast<float>(std::min(
+        1.0, static_cast<double>(set_aside) / static_cast<double>(std::max<std::size_t>(value.accessPolicyWindow.num_bytes, 1))));
+    value.accessPolicyWindow.hitProp = cudaAccessPropertyPersisting;
+    value.accessPolicyWindow.missProp = cudaAccessPropertyStreaming;
+    ::kvtrim::detail::check_cuda(cudaStreamSetAttribute(stream, cudaStreamAttributeAccessPolicyWindow, &value),
+                                 function, "cudaStreamSetAttribute(AccessPolicyWindow)");
+    window.set = true;
+  }
   implementation<stage::decode_attention, backend::cuda>::attend(const_queries, cache, out,
                                                                  workspace{attention_scratch, attention_bytes}, stream,
                                                                  side);
@@ -245,6 +303,7 @@ struct evict_settings {
   double alpha = 0.0;
   const std::uint8_t* retrieval = nullptr;  // device [layers · kv_heads] or null
   std::int64_t kv_heads = 0, batch = 0, heads_per_layer = 0, layers = 0;
+  std::int64_t run = 1;  // U: tokens per item (a KIVI codec's slot run; 1 otherwise), every layer's
 
   __host__ __device__ std::int64_t unit_count() const {
     return scope == 2 ? batch : scope == 1 ? batch * layers : batch * layers * kv_heads;
@@ -397,7 +456,72 @@ __device__ __forceinline__ void evict_histogram_add(unsigned* histogram, unsigne
   if (static_cast<unsigned>(__ffs(peers) - 1) == threadIdx.x % 32) atomicAdd(&histogram[bin], __popc(peers));
 }
 
-/// Block per layer: where each head's keys start in the layer's key array (lengths rounded up to 4).
+/// The codecs the device step moves (evict_mover below): an explicit list, so a codec that
+/// gains a device encode (device_encoded_codec) is refused here until its parts are listed.
+template <class C>
+inline constexpr bool evict_moves_codec = codec::is_plain<C>;
+template <int Bits>
+inline constexpr bool evict_moves_codec<codec::quantized<Bits>> = true;
+template <>
+inline constexpr bool evict_moves_codec<codec::fp8> = true;
+template <class Inner>
+inline constexpr bool evict_moves_codec<codec::layered<Inner>> = !codec::is_plain<Inner> && evict_moves_codec<Inner>;
+
+/// How the step moves a stored token as stored (the CPU's codec::move_slot), in 16-byte
+/// parts: codec::plain's key and value rows in 16-byte pieces; a quantizing codec's parts
+/// through codec_writes.cuh's codec_slot_mover (code words, per-token steps, its run's key
+/// steps and sealed flag when the slot starts a run, layered's slot → row entry) without the
+/// position, which the step moves itself along with the metric.
+template <class View, bool Plain = codec::is_plain<typename View::codec>>
+struct evict_mover {
+  uint4* keys;
+  uint4* values;
+  std::int64_t pieces;  // 16-byte pieces of a row
+  __device__ explicit evict_mover(const View& cache)
+      : keys(reinterpret_cast<uint4*>(cache.storage.keys)), values(reinterpret_cast<uint4*>(cache.storage.values)),
+        pieces(cache.shape.head_dim * static_cast<std::int64_t>(sizeof(*cache.storage.keys)) / 16) {}
+  __device__ std::int64_t parts() const { return 2 * pieces; }
+  __device__ uint4 load(std::int64_t slot, std::int64_t part) const {
+    return part < pieces ? keys[slot * pieces + part] : values[slot * pieces + part - pieces];
+  }
+  __device__ void store(std::int64_t slot, std::int64_t part, uint4 value) const {
+    (part < pieces ? keys[slot * pieces + part] : values[slot * pieces + part - pieces]) = value;
+  }
+};
+template <class View>
+struct evict_mover<View, false> {
+  codec_slot_mover<typename View::codec> codec;
+  __device__ explicit evict_mover(const View& cache) : codec{cache.storage, nullptr} {}
+  __device__ std::int64_t parts() const { return codec.parts(); }
+  __device__ uint4 load(std::int64_t slot, std::int64_t part) const { return codec.load(slot, part); }
+  __device__ void store(std::int64_t slot, std::int64_t part, uint4 value) const { codec.store(slot, part, value); }
+};
+
+/// Token i (of the head's `length`) of flattened head `head` moves from slot `from` to `to`:
+/// the codec's side buffers that remember slots follow it, as the CPU's move_slot leaves them
+/// — layered's row → slot map (row_slots[slot_rows[from]] = to), and a filling KIVI group's
+/// slot list, whose place p holds token length − count + p (the run rule, docs/composition.md
+/// §3: tokens enter the group in logical order; each thread updates its own place). Call it
+/// before any thread of the block stores over `from`'s slot_rows entry.
+template <class Storage>
+__device__ __forceinline__ void evict_codec_moved(const Storage& st, std::int64_t head, std::int64_t i,
+                                                  std::int64_t length, std::int64_t from, std::int64_t to) {
+  if constexpr (requires { st.inner; st.slot_rows; st.row_slots; }) {
+    evict_codec_moved(st.inner, head, i, length, from, to);
+    const std::int32_t row = st.slot_rows[from];
+    if (row >= 0) st.row_slots[head * (st.sinks + st.recent) + row] = to;
+  } else if constexpr (requires { st.residual_count; st.residual_slots; st.key_group; }) {
+    if (st.key_group == 0) return;
+    const std::int64_t count = st.residual_count[head], place = i - (length - count);
+    std::int64_t* slots = st.residual_slots + head * st.key_group;
+    if (place >= 0 && place < count && slots[place] == from) slots[place] = to;
+  } else {
+    (void)st, (void)head, (void)i, (void)length, (void)from, (void)to;
+  }
+}
+
+/// Block per layer: where each head's keys start in the layer's key array (one key per item:
+/// item counts rounded up to 4).
 template <class View>
 __global__ void __launch_bounds__(evict_threads)
     evict_lines(const __grid_constant__ evict_layer_set<View> set, const evict_settings settings,
@@ -411,8 +535,9 @@ __global__ void __launch_bounds__(evict_threads)
     const std::int64_t head = tile + threadIdx.x;
     const std::int64_t length =
         head < settings.heads_per_layer ? cache.head_length(head / settings.kv_heads, head % settings.kv_heads) : 0;
+    const std::int64_t items = (length + settings.run - 1) / settings.run;
     std::int64_t before = 0, total = 0;
-    scan(storage).ExclusiveSum((length + 3) / 4 * 4, before, total);
+    scan(storage).ExclusiveSum((items + 3) / 4 * 4, before, total);
     if (head < settings.heads_per_layer) line[head] = running + before;
     running += total;
     __syncthreads();
@@ -467,7 +592,7 @@ struct evict_shared {
 /// Block per head (blockIdx.x = l · heads_per_layer + head): keys, protected count, tail, floor.
 /// The walks take four consecutive tokens a thread (16-byte loads and stores).
 template <class View>
-__global__ void __launch_bounds__(evict_threads)
+__global__ void __launch_bounds__(evict_threads, 2)
     evict_prepare(const __grid_constant__ evict_layer_set<View> set, const evict_settings settings,
                   const evict_scratch scratch) {
   static_assert(evict_per_thread == 4 && evict_cached_keys % 4 == 0, "evict_prepare: 16-byte groups of keys");
@@ -484,46 +609,85 @@ __global__ void __launch_bounds__(evict_threads)
   const float* metric = set.metrics[l];
   uint4* keys = reinterpret_cast<uint4*>(set.keys[l] + scratch.line[l * (settings.heads_per_layer + 1) + head]);
   const std::int64_t length = cache.head_length(b, h), next = cache.positions.next_position[head];
+  const std::int64_t run = settings.run, items = (length + run - 1) / run;
   const std::int64_t compensation = cache.compensation.index[head];
   const evict_rows<View> rows{cache, b, h, length};
-  // Keys i0 … i0 + 3 (i0 a multiple of 4; past the length: protected).
-  const auto keys_at = [&](std::int64_t i0) { return i0 < evict_cached_keys ? cached_keys[i0 / 4] : keys[i0 / 4]; };
+  // Keys of items j0 … j0 + 3 (j0 a multiple of 4; past the head's items: protected).
+  const auto keys_at = [&](std::int64_t j0) { return j0 < evict_cached_keys ? cached_keys[j0 / 4] : keys[j0 / 4]; };
   const auto key_of = [](const uint4& four, int k) { return k == 0 ? four.x : k == 1 ? four.y : k == 2 ? four.z : four.w; };
+  // The CPU's token_protected: sinks, the window, the compensation token, a codec's pins.
+  const auto token_protected = [&](std::int64_t i, std::int64_t slot, std::int32_t position) {
+    return position < settings.sinks || !eviction::outside_window(next, position, settings.window) ||
+           compensation == i || eviction_detail::codec_pins(cache.storage, head, slot, i, length);
+  };
 
-  // Keys, the protected count and the tail (one past the last candidate).
-  std::int64_t mine_protected = 0, mine_last = 0;
-  for (std::int64_t c0 = 0; c0 < length; c0 += chunk) {
-    const std::int64_t i0 = c0 + std::int64_t{threadIdx.x} * 4;
-    if (i0 >= length) continue;
-    float value[4];
-    std::int32_t position[4];
-    std::int64_t slots[4];
-    rows.load4(i0, metric, value, position, slots);
+  // Keys, the protected tokens and items, and the tail (one past the last candidate item).
+  // Items of one token read four tokens' metrics and positions a thread (16-byte loads); items
+  // of U > 1 tokens (slot runs of KIVI keys: U = the storage's slot_run, gcd(page size, key
+  // group) on paged, docs/composition.md §3; U consecutive slots) sum their tokens' metrics
+  // in token order, as the CPU's item_key does, and are protected when a token is or when the
+  // run is incomplete.
+  std::int64_t mine_protected = 0, mine_protected_items = 0, mine_last = 0;
+  for (std::int64_t c0 = 0; c0 < items; c0 += chunk) {
+    const std::int64_t j0 = c0 + std::int64_t{threadIdx.x} * 4;
+    if (j0 >= items) continue;
     std::uint32_t key[4];
+    if (run == 1) {
+      float value[4];
+      std::int32_t position[4];
+      std::int64_t slots[4];
+      rows.load4(j0, metric, value, position, slots);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const std::int64_t i = i0 + k;
-      const bool is_protected = i >= length || position[k] < settings.sinks ||
-                                !eviction::outside_window(next, position[k], settings.window) || compensation == i;
-      key[k] = is_protected ? evict_protected_key : evict_rank_key(value[k]);
-      mine_protected += is_protected && i < length ? 1 : 0;
-      if (!is_protected) mine_last = i + 1;
+      for (int k = 0; k < 4; ++k) {
+        const std::int64_t i = j0 + k;
+        const bool is_protected = i >= length || token_protected(i, slots[k], position[k]);
+        key[k] = is_protected ? evict_protected_key : evict_rank_key(value[k]);
+        mine_protected += is_protected && i < length ? 1 : 0;
+        if (!is_protected) mine_last = i + 1;
+      }
+      mine_protected_items = mine_protected;
+    } else {
+#pragma unroll 1
+      for (int k = 0; k < 4; ++k) {
+        const std::int64_t j = j0 + k;
+        if (j >= items) {
+          key[k] = evict_protected_key;
+          continue;
+        }
+        const std::int64_t begin = j * run, end = begin + run < length ? begin + run : length;
+        const std::int64_t first = rows.slot(begin);  // the run's slots are consecutive
+        bool is_protected = end - begin < run;
+        float sum = 0.0f;
+        for (std::int64_t i = begin; i < end; ++i) {
+          const std::int64_t slot = first + (i - begin);
+          is_protected = is_protected || token_protected(i, slot, cache.positions.slot_position[slot]);
+          sum += metric[slot];
+        }
+        key[k] = is_protected ? evict_protected_key : evict_rank_key(sum);
+        mine_protected += is_protected ? end - begin : 0;
+        mine_protected_items += is_protected ? 1 : 0;
+        if (!is_protected) mine_last = j + 1;
+      }
     }
     const uint4 four = make_uint4(key[0], key[1], key[2], key[3]);
-    keys[i0 / 4] = four;
-    if (i0 < evict_cached_keys) cached_keys[i0 / 4] = four;
+    keys[j0 / 4] = four;
+    if (j0 < evict_cached_keys) cached_keys[j0 / 4] = four;
   }
-  std::int64_t protected_tokens = 0, ignored = 0, tail = 0;
+  std::int64_t protected_tokens = 0, protected_items = 0, ignored = 0, tail = 0;
   evict_scan(shared.scan).ExclusiveSum(mine_protected, ignored, protected_tokens);
+  __syncthreads();
+  evict_scan(shared.scan).ExclusiveSum(mine_protected_items, ignored, protected_items);
   __syncthreads();
   evict_scan(shared.scan).InclusiveScan(mine_last, ignored,
                                         [](std::int64_t x, std::int64_t y) { return x > y ? x : y; }, tail);
   __syncthreads();
 
-  const std::int64_t candidates = length - protected_tokens;
+  // The floor in items (the CPU's floor_of: room in tokens, whole runs of it).
+  const std::int64_t candidates = items - protected_items;
   const std::int64_t room = std::max<std::int64_t>(0, settings.head_target - protected_tokens);
   std::int64_t floor_count =
-      settings.scope == 0 ? room : static_cast<std::int64_t>(::floor(settings.alpha * static_cast<double>(room)));
+      (settings.scope == 0 ? room : static_cast<std::int64_t>(::floor(settings.alpha * static_cast<double>(room)))) /
+      run;
   if (protected_tokens == 0) floor_count = std::max<std::int64_t>(floor_count, 1);  // never an empty head
   floor_count = std::min(floor_count, candidates);
 
@@ -534,9 +698,9 @@ __global__ void __launch_bounds__(evict_threads)
     const int shift = evict_digit_shift(pass), bins = evict_digit_bins(pass);
     for (int k = threadIdx.x; k < evict_bins; k += evict_threads) shared.histogram[k] = 0;
     __syncthreads();
-    for (std::int64_t c0 = 0; c0 < length; c0 += chunk) {  // every lane of a warp in every iteration
+    for (std::int64_t c0 = 0; c0 < items; c0 += chunk) {  // every lane of a warp in every iteration
       const std::int64_t i0 = c0 + std::int64_t{threadIdx.x} * 4;
-      const uint4 four = i0 < length ? keys_at(i0) : make_uint4(evict_protected_key, evict_protected_key,
+      const uint4 four = i0 < items ? keys_at(i0) : make_uint4(evict_protected_key, evict_protected_key,
                                                                  evict_protected_key, evict_protected_key);
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
@@ -553,7 +717,7 @@ __global__ void __launch_bounds__(evict_threads)
     mask |= static_cast<std::uint32_t>(bins - 1) << shift;
   }
 
-  // Floor-kept candidates marked (ties: the first `remaining` in token order); the rest
+  // Floor-kept candidates marked (ties: the first `remaining` in item order); the rest
   // go to the unit's first-digit pool histogram (scopes with a pool only). Ties are ranked
   // only in chunks that have some.
   const bool pooled = settings.scope != 0;
@@ -563,9 +727,9 @@ __global__ void __launch_bounds__(evict_threads)
     using count_scan = cub::BlockScan<int, evict_threads>;
     auto& count_storage = reinterpret_cast<typename count_scan::TempStorage&>(shared.scan);
     std::int64_t ties_seen = 0;
-    for (std::int64_t c0 = 0; c0 < length; c0 += chunk) {
+    for (std::int64_t c0 = 0; c0 < items; c0 += chunk) {
       const std::int64_t i0 = c0 + std::int64_t{threadIdx.x} * 4;
-      const uint4 four = i0 < length ? keys_at(i0) : make_uint4(evict_protected_key, evict_protected_key,
+      const uint4 four = i0 < items ? keys_at(i0) : make_uint4(evict_protected_key, evict_protected_key,
                                                                  evict_protected_key, evict_protected_key);
       int my_ties = 0;
 #pragma unroll
@@ -588,7 +752,7 @@ __global__ void __launch_bounds__(evict_threads)
         marked[k] = floor_kept ? evict_floor_key : key;
         evict_histogram_add(shared.histogram, key >> evict_digit_shift(0), pooled && candidate && !floor_kept);
       }
-      if (i0 < length && (marked[0] != four.x || marked[1] != four.y || marked[2] != four.z || marked[3] != four.w))
+      if (i0 < items && (marked[0] != four.x || marked[1] != four.y || marked[2] != four.z || marked[3] != four.w))
         keys[i0 / 4] = make_uint4(marked[0], marked[1], marked[2], marked[3]);
       ties_seen += chunk_ties;
     }
@@ -632,15 +796,16 @@ __global__ void __launch_bounds__(evict_threads)
     const std::int64_t target = unit_heads * settings.head_target;
     const bool evicting = unit_heads > 0 && held > target;
     const std::int64_t pool_tokens =
-        settings.scope == 0 ? 0 : std::max<std::int64_t>(0, target - protected_total - floor_total);
-    const std::int64_t need = std::min(pool_tokens, candidates - floor_total);
+        settings.scope == 0 ? 0 : std::max<std::int64_t>(0, target - protected_total - floor_total * settings.run);
+    // In items (the CPU's run(): pool_tokens / run items; floors and candidates are items).
+    const std::int64_t need = std::min(pool_tokens / settings.run, candidates - floor_total);
     if (threadIdx.x == 0) {
       state = evict_unit_state{};
       state.evicting = evicting ? 1 : 0;
       state.none = need <= 0 ? 1 : 0;
       state.remaining = need;
       if (evicting) {
-        const std::int64_t kept = protected_total + floor_total + std::max<std::int64_t>(need, 0);
+        const std::int64_t kept = protected_total + (floor_total + std::max<std::int64_t>(need, 0)) * settings.run;
         auto* report = reinterpret_cast<unsigned long long*>(scratch.report);
         atomicAdd(report + 0, static_cast<unsigned long long>(held - kept));  // evicted_tokens
         atomicAdd(report + 2, 1ull);                                           // units_evicted
@@ -676,12 +841,12 @@ __global__ void __launch_bounds__(evict_threads)
   const std::int64_t unit = settings.unit_of(b, l, h);
   const evict_unit_state state = scratch.units[unit];
   if (state.evicting == 0 || state.none != 0) return;
-  const std::int64_t length = set.views[l].head_length(b, h);
+  const std::int64_t items = (set.views[l].head_length(b, h) + settings.run - 1) / settings.run;
   const uint4* keys = reinterpret_cast<const uint4*>(set.keys[l] + scratch.line[l * (settings.heads_per_layer + 1) + head]);
   const auto key_of = [](const uint4& four, int k) { return k == 0 ? four.x : k == 1 ? four.y : k == 2 ? four.z : four.w; };
   if (pass == evict_digit_passes) {
     std::int64_t ties = 0, above = 0, ties_total = 0, above_total = 0;
-    for (std::int64_t i0 = std::int64_t{threadIdx.x} * 4; i0 < length; i0 += chunk) {
+    for (std::int64_t i0 = std::int64_t{threadIdx.x} * 4; i0 < items; i0 += chunk) {
       const uint4 four = keys[i0 / 4];  // (keys past the length are protected)
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
@@ -703,9 +868,9 @@ __global__ void __launch_bounds__(evict_threads)
   const unsigned digit_mask = static_cast<unsigned>(evict_digit_bins(pass) - 1);
   for (int k = threadIdx.x; k < evict_bins; k += evict_threads) shared.histogram[k] = 0;
   __syncthreads();
-  for (std::int64_t c0 = 0; c0 < length; c0 += chunk) {  // every lane of a warp in every iteration
+  for (std::int64_t c0 = 0; c0 < items; c0 += chunk) {  // every lane of a warp in every iteration
     const std::int64_t i0 = c0 + std::int64_t{threadIdx.x} * 4;
-    const uint4 four = i0 < length ? keys[i0 / 4] : make_uint4(evict_protected_key, evict_protected_key,
+    const uint4 four = i0 < items ? keys[i0 / 4] : make_uint4(evict_protected_key, evict_protected_key,
                                                                evict_protected_key, evict_protected_key);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
@@ -720,15 +885,17 @@ __global__ void __launch_bounds__(evict_threads)
     if (shared.histogram[k] != 0) atomicAdd(histogram + k, shared.histogram[k]);
 }
 
-/// Block per head: the keep decisions and the moves (eviction/evict.hpp, "Layouts").
-/// K (kept tokens before the tail) is arithmetic: every candidate lies before the tail,
+/// Block per head: the keep decisions and the moves (eviction/evict.hpp, "Layouts"), in
+/// items (tokens, or slot runs of U = storage.slot_run tokens, moved whole).
+/// K (kept items before the tail) is arithmetic: every candidate lies before the tail,
 /// and the head keeps its floor, its pool candidates above the threshold and its share
 /// of the threshold's ties. Then two walks, each thread taking evict_per_thread
-/// consecutive tokens of a chunk: the holes below K (listed by rank in the key array,
-/// dead by then: index r < holes ≤ K, already read), and the kept tokens in [K, tail),
-/// which fill them in order; then the tail shifts down.
+/// consecutive items of a chunk: the holes below K (listed by rank in the key array,
+/// dead by then: index r < holes ≤ K, already read), and the kept items in [K, tail),
+/// which fill them in order; then the tail shifts down. Tokens move as stored
+/// (evict_mover), with their positions, metric and the codec's slot lists (evict_codec_moved).
 template <class View>
-__global__ void __launch_bounds__(evict_threads)
+__global__ void __launch_bounds__(evict_threads, 2)
     evict_compact(const __grid_constant__ evict_layer_set<View> set, const evict_settings settings,
                   const evict_scratch scratch) {
   constexpr int per_thread = evict_per_thread;
@@ -745,7 +912,8 @@ __global__ void __launch_bounds__(evict_threads)
   float* metric = set.metrics[l];
   std::int32_t* positions = cache.positions.slot_position;
   const std::int64_t index = l * settings.heads_per_layer + head;
-  const std::int64_t length = cache.head_length(b, h), tail = scratch.tail[index];
+  const std::int64_t run = settings.run;
+  const std::int64_t length = cache.head_length(b, h), tail = scratch.tail[index];  // tail: an item
   const std::int64_t compensation = cache.compensation.index[head];
   const bool pooled = state.none == 0;
 
@@ -833,15 +1001,14 @@ __global__ void __launch_bounds__(evict_threads)
   }
   __syncthreads();  // the hole list is visible to the block
 
-  using store_type = device_element_t<typename View::codec::element>;
-  const std::int64_t row_pieces = cache.shape.head_dim * static_cast<std::int64_t>(sizeof(store_type)) / 16;
-  auto* key_rows = reinterpret_cast<uint4*>(cache.storage.keys);
-  auto* value_rows = reinterpret_cast<uint4*>(cache.storage.values);
+  const evict_mover<View> mover(cache);
+  const std::int64_t parts = mover.parts();
   // The compensation token's new index: a stayer keeps it, a mover's thread or the tail's shift sets it.
   if (threadIdx.x == 0)
-    shared.compensation = static_cast<std::int32_t>(compensation >= 0 && compensation < K ? compensation : -1);
-  // Movers: kept tokens in [K, tail) fill the holes in order (sources ≥ K > destinations: no overlap).
-  // A chunk starting at K may start mid-group: its walk starts at the group holding K.
+    shared.compensation = static_cast<std::int32_t>(compensation >= 0 && compensation < K * run ? compensation : -1);
+  // Movers: kept items in [K, tail) fill the holes in order (sources ≥ K > destinations: no overlap).
+  // A chunk starting at K may start mid-group: its walk starts at the group holding K. An item's
+  // U tokens lie in consecutive slots (an aligned run), so its first slot locates all of them.
   std::int64_t movers = 0;
   for (std::int64_t c0 = K / per_thread * per_thread; c0 < tail; c0 += chunk) {
     bool kept[per_thread];
@@ -849,78 +1016,75 @@ __global__ void __launch_bounds__(evict_threads)
     decide(c0, K, tail, true, kept, rank, flagged);
 #pragma unroll
     for (int k = 0; k < per_thread; ++k) {
-      const std::int64_t i = c0 + std::int64_t{threadIdx.x} * per_thread + k;
-      if (i >= K && i < tail && kept[k]) {
-        const std::int64_t from = cache.slot(b, h, i);
+      const std::int64_t j = c0 + std::int64_t{threadIdx.x} * per_thread + k;
+      if (j >= K && j < tail && kept[k]) {
         const std::int64_t target = keys[movers + rank[k]];
-        const std::int64_t to = cache.slot(b, h, target);
-        positions[to] = positions[from];
-        metric[to] = metric[from];
+        const std::int64_t from = cache.slot(b, h, j * run), to = cache.slot(b, h, target * run);
+        for (std::int64_t t = 0; t < run; ++t) {  // items before the tail are whole runs
+          positions[to + t] = positions[from + t];
+          metric[to + t] = metric[from + t];
+          evict_codec_moved(cache.storage, head, j * run + t, length, from + t, to + t);
+          if (j * run + t == compensation) shared.compensation = static_cast<std::int32_t>(target * run + t);
+        }
         move_from[rank[k]] = from;
         move_to[rank[k]] = to;
-        if (i == compensation) shared.compensation = static_cast<std::int32_t>(target);
       }
     }
     __syncthreads();
-    for (std::int64_t e = threadIdx.x; e < flagged * row_pieces; e += evict_threads) {
-      const std::int64_t k = e / row_pieces, piece = e % row_pieces;
-      key_rows[move_to[k] * row_pieces + piece] = key_rows[move_from[k] * row_pieces + piece];
-      value_rows[move_to[k] * row_pieces + piece] = value_rows[move_from[k] * row_pieces + piece];
+    const std::int64_t item_parts = run * parts;
+    for (std::int64_t e = threadIdx.x; e < flagged * item_parts; e += evict_threads) {
+      const std::int64_t k = e / item_parts, t = e % item_parts / parts, part = e % parts;
+      mover.store(move_to[k] + t, part, mover.load(move_from[k] + t, part));
     }
     movers += flagged;
     __syncthreads();
   }
-  // The tail shifts down by tail − K, a chunk at a time, each read whole (registers) before written.
-  const std::int64_t shift = tail - K;
+  // The tail shifts down by (tail − K) items, a chunk of tokens at a time, each read whole
+  // (registers) before written.
+  const std::int64_t shift = (tail - K) * run;  // tokens
   if (shift > 0) {
-    constexpr int pieces_per_thread = 4;
-    // At most one token per thread: each thread moves one token's position and metric.
-    const std::int64_t tail_chunk =
-        std::clamp<std::int64_t>(evict_threads * pieces_per_thread / row_pieces, 1, evict_threads);
-    for (std::int64_t c0 = tail; c0 < length; c0 += tail_chunk) {
+    constexpr int staged_parts = 8;  // per thread
+    // At most one token per thread: each thread moves one token's position, metric and slot lists.
+    const std::int64_t tail_chunk = std::clamp<std::int64_t>(evict_threads * staged_parts / parts, 1, evict_threads);
+    for (std::int64_t c0 = tail * run; c0 < length; c0 += tail_chunk) {
       const std::int64_t count = std::min(tail_chunk, length - c0);
-      uint4 staged[pieces_per_thread][2];
+      uint4 staged[staged_parts];
       std::int32_t position = 0;
       float value = 0.0f;
+      std::int64_t to = 0;
 #pragma unroll
-      for (int p = 0; p < pieces_per_thread; ++p) {
+      for (int p = 0; p < staged_parts; ++p) {
         const std::int64_t e = threadIdx.x + std::int64_t{p} * evict_threads;
-        if (e < count * row_pieces) {
-          const std::int64_t from = cache.slot(b, h, c0 + e / row_pieces);
-          staged[p][0] = key_rows[from * row_pieces + e % row_pieces];
-          staged[p][1] = value_rows[from * row_pieces + e % row_pieces];
-        }
+        if (e < count * parts) staged[p] = mover.load(cache.slot(b, h, c0 + e / parts), e % parts);
       }
       if (threadIdx.x < count) {
-        const std::int64_t from = cache.slot(b, h, c0 + threadIdx.x);
+        const std::int64_t i = c0 + threadIdx.x, from = cache.slot(b, h, i);
+        to = cache.slot(b, h, i - shift);
         position = positions[from];
         value = metric[from];
+        evict_codec_moved(cache.storage, head, i, length, from, to);  // reads slot_rows[from] before any store
       }
       __syncthreads();
 #pragma unroll
-      for (int p = 0; p < pieces_per_thread; ++p) {
+      for (int p = 0; p < staged_parts; ++p) {
         const std::int64_t e = threadIdx.x + std::int64_t{p} * evict_threads;
-        if (e < count * row_pieces) {
-          const std::int64_t to = cache.slot(b, h, c0 + e / row_pieces - shift);
-          key_rows[to * row_pieces + e % row_pieces] = staged[p][0];
-          value_rows[to * row_pieces + e % row_pieces] = staged[p][1];
-        }
+        if (e < count * parts) mover.store(cache.slot(b, h, c0 + e / parts - shift), e % parts, staged[p]);
       }
       if (threadIdx.x < count) {
-        const std::int64_t to = cache.slot(b, h, c0 + threadIdx.x - shift);
         positions[to] = position;
         metric[to] = value;
       }
       __syncthreads();
     }
   }
-  const std::int64_t new_length = K + (length - tail);
+  const std::int64_t new_length = K * run + (length - tail * run);
   for (std::int64_t i = new_length + threadIdx.x; i < length; i += evict_threads)
     metric[cache.slot(b, h, i)] = 0.0f;  // freed slots read 0
   __syncthreads();
   if (threadIdx.x == 0) {
-    cache.compensation.index[head] =
-        compensation >= tail && compensation < length ? static_cast<std::int32_t>(compensation - shift) : shared.compensation;
+    cache.compensation.index[head] = compensation >= tail * run && compensation < length
+                                         ? static_cast<std::int32_t>(compensation - shift)
+                                         : shared.compensation;
     scratch.new_length[index] = new_length;
   }
 }
@@ -948,7 +1112,21 @@ __global__ void __launch_bounds__(evict_threads)
     auto* old_indices = reinterpret_cast<std::int32_t*>(set.keys[blockIdx.x]);
     const std::int64_t page_size = cache.page_size, old_total = cache.indptr[heads_per_layer];
     const std::int32_t free_base = *cache.free_count;
-    for (std::int64_t k = threadIdx.x; k < old_total; k += evict_threads) old_indices[k] = cache.indices[k];
+    // (Four independent loads in flight a thread before their stores: 32 blocks only, so the
+    // copy and the moves below are latency-bound without them.)
+    for (std::int64_t k0 = threadIdx.x; k0 < old_total; k0 += 4 * evict_threads) {
+      std::int32_t entry[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const std::int64_t k = k0 + std::int64_t{u} * evict_threads;
+        entry[u] = k < old_total ? cache.indices[k] : 0;
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const std::int64_t k = k0 + std::int64_t{u} * evict_threads;
+        if (k < old_total) old_indices[k] = entry[u];
+      }
+    }
     // Per head: its new page count (kept pages first), where they go, where its freed pages go.
     std::int64_t written = 0, freed = 0;
     for (std::int64_t tile = 0; tile < heads_per_layer; tile += evict_threads) {
@@ -970,15 +1148,29 @@ __global__ void __launch_bounds__(evict_threads)
       written += write_total, freed += freed_total;
     }
     __syncthreads();  // old_indices, page_write, page_freed visible to the block; every old table entry read
-    for (std::int64_t head = 0; head < heads_per_layer; ++head) {
+    // A warp per head (heads' entries go to disjoint places), four entries a lane in flight.
+    constexpr int warps = evict_threads / 32;
+    const int lane = threadIdx.x % 32;
+    for (std::int64_t head = threadIdx.x / 32; head < heads_per_layer; head += warps) {
       const std::int64_t old_begin = cache.indptr[head], old_count = cache.indptr[head + 1] - old_begin;
-      const std::int64_t pages = (head + 1 < heads_per_layer ? page_write[head + 1] : written) - page_write[head];
-      for (std::int64_t k = threadIdx.x; k < old_count; k += evict_threads) {
-        const std::int32_t page = old_indices[old_begin + k];
-        if (k < pages)
-          cache.indices[page_write[head] + k] = page;
-        else
-          cache.free_pages[free_base + page_freed[head] + (k - pages)] = page;
+      const std::int64_t write = page_write[head], freed_before = page_freed[head];
+      const std::int64_t pages = (head + 1 < heads_per_layer ? page_write[head + 1] : written) - write;
+      for (std::int64_t k0 = lane; k0 < old_count; k0 += 4 * 32) {
+        std::int32_t page[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const std::int64_t k = k0 + 32 * u;
+          page[u] = k < old_count ? old_indices[old_begin + k] : 0;
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const std::int64_t k = k0 + 32 * u;
+          if (k >= old_count) continue;
+          if (k < pages)
+            cache.indices[write + k] = page[u];
+          else
+            cache.free_pages[free_base + freed_before + (k - pages)] = page[u];
+        }
       }
     }
     __syncthreads();  // every thread has read indptr before it changes
@@ -1018,8 +1210,10 @@ struct implementation<eviction::step, backend::cuda> {
                     eviction::report* report = nullptr, const std::uint8_t* device_retrieval_heads = nullptr) {
     static_assert(cuda_detail::is_paged_view<View> || cuda_detail::is_flat_view<View>,
                   "kvtrim::evict: eviction gives heads different lengths; use layout::paged or layout::flat");
-    static_assert(codec::is_plain<typename View::codec>,
-                  "kvtrim::evict on backend::cuda moves codec::fp16 / bf16 / fp32 rows for now");
+    using codec_type = typename View::codec;
+    static_assert(cuda_detail::evict_moves_codec<codec_type>,
+                  "kvtrim::evict on backend::cuda: codec::plain, int8, int4, fp8 or layered<int8 | int4 | fp8> "
+                  "(the codecs whose stored parts evict_mover moves; low_rank's bases and coefficients not yet)");
     cfg.validate(function);
     if (cfg.retrieval_heads != nullptr)
       detail::fail(function, "config.retrieval_heads",
@@ -1061,24 +1255,13 @@ struct implementation<eviction::step, backend::cuda> {
       set->views[l] = layers[l];
       set->metrics[l] = metrics[l].values;
     }
-    // The compaction moves rows in 16-byte units (evict_compact): a row must be a whole number
-    // of them and the storage 16-byte aligned (sharded_eviction.cuh has an element fallback).
-    using store_type = cuda_detail::device_element_t<typename View::codec::element>;
-    const std::int64_t row_bytes = layers[0].shape.head_dim * static_cast<std::int64_t>(sizeof(store_type));
-    if (row_bytes % 16 != 0)
-      detail::fail(function, "layers", "head_dim · element size a multiple of 16 bytes on backend::cuda",
-                   detail::cat(layers[0].shape.head_dim, " · ", sizeof(store_type), " = ", row_bytes, " bytes"));
-    for (std::size_t l = 0; l < layers.size(); ++l)
-      if (reinterpret_cast<std::uintptr_t>(layers[l].storage.keys) % 16 != 0 ||
-          reinterpret_cast<std::uintptr_t>(layers[l].storage.values) % 16 != 0)
-        detail::fail(function, "layers", "keys and values 16-byte aligned on backend::cuda",
-                     detail::cat("layer ", l, " storage not aligned"));
+    check_rows(layers);
     set->count = static_cast<int>(layers.size());
     const std::int64_t layer_count = static_cast<std::int64_t>(layers.size());
     const std::int64_t kv_heads = layers[0].shape.kv_heads, batch = layers[0].batch, heads = layers[0].heads();
     const cuda_detail::evict_settings settings{static_cast<int>(cfg.scope), cfg.head_target(), cfg.sinks,
                                                cfg.protected_window, cfg.alpha, device_retrieval_heads, kv_heads,
-                                               batch, heads, layer_count};
+                                               batch, heads, layer_count, detail::storage_slot_run(layers[0].storage)};
     workspace_carver carver(scratch);
     const cuda_detail::evict_scratch tables = carve(carver, layers, set->keys);
     const std::int64_t units = settings.unit_count();
@@ -1131,6 +1314,59 @@ struct implementation<eviction::step, backend::cuda> {
   }
 
  private:
+  /// What the device moves (evict_mover), checked before anything is written:
+  ///  - codec::plain rows in 16-byte units: head_dim · element size a multiple of 16 and the
+  ///    storage 16-byte aligned (the sharded step, sharded_eviction.cuh, moves rows element by
+  ///    element);
+  ///  - a quantizing codec's code rows in 4-byte words and a KIVI run's key steps in 16-byte
+  ///    units (codec_slot_mover): code row bytes a multiple of 4, the arrays aligned;
+  ///  - one item size U for every layer (the storages' slot runs): the pool's whole runs are
+  ///    one count (the CPU takes the largest U of a unit; layers of one model share it).
+  template <class View>
+  static void check_rows(std::span<const View> layers) {
+    using codec_type = typename View::codec;
+    const std::int64_t head_dim = layers[0].shape.head_dim;
+    for (std::size_t l = 0; l < layers.size(); ++l)
+      if (detail::storage_slot_run(layers[l].storage) != detail::storage_slot_run(layers[0].storage))
+        detail::fail(function, "layers", "one slot run (codec::slot_alignment, page size) for every layer",
+                     detail::cat("layer ", l, ": ", detail::storage_slot_run(layers[l].storage), ", layer 0: ",
+                                 detail::storage_slot_run(layers[0].storage)));
+    if constexpr (codec::is_plain<codec_type>) {
+      using store_type = cuda_detail::device_element_t<typename codec_type::element>;
+      const std::int64_t row_bytes = head_dim * static_cast<std::int64_t>(sizeof(store_type));
+      if (row_bytes % 16 != 0)
+        detail::fail(function, "layers", "head_dim · element size a multiple of 16 bytes on backend::cuda",
+                     detail::cat(head_dim, " · ", sizeof(store_type), " = ", row_bytes, " bytes"));
+      for (std::size_t l = 0; l < layers.size(); ++l)
+        if (reinterpret_cast<std::uintptr_t>(layers[l].storage.keys) % 16 != 0 ||
+            reinterpret_cast<std::uintptr_t>(layers[l].storage.values) % 16 != 0)
+          detail::fail(function, "layers", "keys and values 16-byte aligned on backend::cuda",
+                       detail::cat("layer ", l, " storage not aligned"));
+    } else {
+      using encoded = cuda_detail::encoded_codec<codec_type>;
+      using inner_type = typename encoded::type;
+      std::int64_t row_bytes = head_dim;  // fp8
+      if constexpr (requires { inner_type::quantizer::row_bytes(head_dim); })
+        row_bytes = inner_type::quantizer::row_bytes(head_dim);
+      if (row_bytes % 4 != 0)
+        detail::fail(function, "layers",
+                     detail::cat("code rows of whole 4-byte words on backend::cuda (", codec_type::name, ")"),
+                     detail::cat("head_dim ", head_dim, ": ", row_bytes, " bytes a row"));
+      for (std::size_t l = 0; l < layers.size(); ++l) {
+        const auto& store = encoded::of(layers[l].storage);
+        bool aligned = reinterpret_cast<std::uintptr_t>(store.key_codes) % 16 == 0 &&
+                       reinterpret_cast<std::uintptr_t>(store.value_codes) % 16 == 0;
+        if constexpr (requires { store.key_group; store.key_zeros; })
+          if (store.key_group != 0)
+            aligned = aligned && reinterpret_cast<std::uintptr_t>(store.key_scales) % 16 == 0 &&
+                      (store.key_zeros == nullptr || reinterpret_cast<std::uintptr_t>(store.key_zeros) % 16 == 0);
+        if (!aligned)
+          detail::fail(function, "layers", "codec arrays 16-byte aligned (codec::bind) on backend::cuda",
+                       detail::cat("layer ", l, " storage not aligned"));
+      }
+    }
+  }
+
   /// The scratch: the per-head and per-unit tables (for the scope with the most units:
   /// per head; pool histograms for per layer's), then one key array per layer (one
   /// uint32 per storage slot; `keys`, when given, receives their addresses).
@@ -1166,3 +1402,175 @@ void evict(std::span<const View> layers, std::span<const eviction::metric_output
 }
 
 }  // namespace kvtrim
+
+// ---- the prefill seed on the device ----------------------------------------------
+
+namespace kvtrim::cuda_detail {
+
+inline constexpr int seed_warps = 8;
+
+/// One warp per kept token (blockIdx.x: the flattened head; warps stride over its kept tokens):
+/// metric[slot(i)] = factor · Σ_g Σ_{window queries q that see t} term(p_gq(t)), the token's
+/// key held in registers (HeadDim / 32 channels a lane), each query row's logit a warp
+/// reduction, p = 2^(l' − m') · (1/Z) with the row's (m', 1/Z) from the scorer's pass 1
+/// (attention_row_stats: the same base-2 softmax over all visible keys). Tokens the CPU does
+/// not seed (inside the protected window, the compensation token) and entries that are not a
+/// kept token of the head (past its length, outside [0, T): bad input) are left at 0.
+template <int HeadDim, class View, class KeyT, class QueryT>
+__global__ void __launch_bounds__(seed_warps * 32)
+    seed_decode_metric(const __grid_constant__ View cache,
+                       const __grid_constant__ attention_mass_parameters<KeyT, QueryT> p,
+                       const std::int64_t* kept_offsets, const std::int32_t* kept_tokens, std::int64_t start_position,
+                       float* metric, eviction::metric_kind kind, std::int64_t window) {
+  constexpr int per_lane = HeadDim / 32;
+  const std::int64_t head = blockIdx.x, b = head / p.kv_heads, h = head % p.kv_heads;
+  const int lane = threadIdx.x % 32;
+  const std::int64_t length = cache.head_length(b, h);
+  const std::int64_t offset = kept_offsets[head];
+  const std::int64_t count = std::min(kept_offsets[head + 1] - offset, length);
+  const std::int64_t next = cache.positions.next_position[head];
+  const std::int64_t compensation = cache.compensation.index[head];
+  const std::int64_t first_row = p.tokens - p.observed;  // window query q sees keys ≤ first_row + q
+  const std::int64_t row_chunks = p.group * p.chunks_per_head;
+  const float factor = eviction::metric_group_factor(kind, p.group);
+  for (std::int64_t i = std::int64_t{blockIdx.y} * seed_warps + threadIdx.x / 32; i < count;
+       i += std::int64_t{gridDim.y} * seed_warps) {
+    const std::int64_t t = kept_tokens[offset + i];
+    if (t < 0 || t >= p.tokens || i == compensation ||
+        !eviction::outside_window(next, start_position + t, window))
+      continue;  // warp-uniform
+    float key[per_lane];
+    const KeyT* key_row = p.keys + b * p.key_batch_stride + h * p.key_head_stride + t * p.key_token_stride;
+#pragma unroll
+    for (int c = 0; c < per_lane; ++c) key[c] = to_float(key_row[(lane + 32 * c) * p.key_channel_stride]);
+    float sum = 0.0f;
+    for (std::int64_t g = 0; g < p.group; ++g) {
+      const QueryT* query_rows = p.queries + b * p.query_batch_stride + (h * p.group + g) * p.query_head_stride;
+      for (std::int64_t q = t > first_row ? t - first_row : 0; q < p.observed; ++q) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int c = 0; c < per_lane; ++c)
+          dot += to_float(query_rows[q * p.query_token_stride + (lane + 32 * c) * p.query_channel_stride]) * key[c];
+#pragma unroll
+        for (int step = 16; step > 0; step /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, step);
+        const float2 stats = p.stats[(head * row_chunks + g * p.chunks_per_head + q / mass_tile) * mass_tile + q % mass_tile];
+        sum += eviction::metric_term(kind, exp2f(dot * p.log2_scale - stats.x) * stats.y);
+      }
+    }
+    if (lane == 0) metric[cache.slot(b, h, i)] = sum * factor;
+  }
+}
+
+}  // namespace kvtrim::cuda_detail
+
+namespace kvtrim::eviction {
+
+/// Scratch eviction::seed_metric needs on the device: the scorer's row statistics
+/// (attention_mass.cuh's pass 1: partial and final (m, Z) per window query row).
+template <class View, class KeyT, class QueryT>
+  requires std::same_as<typename View::space, device_space>
+std::size_t seed_workspace(const kv_view<const KeyT, device_space>& keys,
+                           const window_view<const QueryT, device_space>& window_queries, const View& cache) {
+  return cuda_detail::attention_mass_workspace_bytes(cache.shape, cache.batch, keys.extent(2),
+                                                     window_queries.extent(2), 0);
+}
+
+/// The prefill's metric on the device: the CPU reference's eviction::seed_metric
+/// (backend/cpu/eviction.hpp — every slot set to 0, then each kept token older than the
+/// protected window gets factor · Σ_g Σ_q term(p_gq(t)) over the observation window's
+/// causal softmax), on `stream`, no host synchronisation. `kept` is the selection
+/// compress wrote (compress_options' kept_offsets / kept_tokens, device memory).
+///
+/// Its own pass, not the scorer's: score::snapkv's column pass (attention_mass.cuh) sums
+/// p over the window per query head for every one of the T prompt tokens before the
+/// selection exists; the metric needs Σ p² (the L2 default), for the kept tokens only,
+/// at their slots — a second column sum and a kept-token map inside the scorer's kernel
+/// and scheme::compress's interface. What is shared is the expensive half: the row
+/// statistics (m, Z) of every window query over all T keys run through the scorer's own
+/// pass-1 kernels (tensor cores for fp16/bf16); the seed then costs one warp per kept
+/// token (G·w dot products of D), O(kept · G · w · D) instead of the scorer's
+/// O(T · G · w · D) — ~1/ratio of a second scoring pass.
+template <class View, class KeyT, class QueryT>
+  requires std::same_as<typename View::space, device_space>
+void seed_metric(const kv_view<const KeyT, device_space>& keys,
+                 const window_view<const QueryT, device_space>& window_queries, const View& cache,
+                 const selection_view<device_space>& kept, std::int64_t start_position,
+                 const metric_output<device_space>& metric, workspace scratch, cudaStream_t stream) {
+  constexpr std::string_view function = "kvtrim::eviction::seed_metric";
+  const model_shape& shape = cache.shape;
+  const std::int64_t tokens = keys.extent(2), observed = window_queries.extent(2);
+  ::kvtrim::detail::check_view(function, "keys", keys, {cache.batch, shape.kv_heads, -1, shape.head_dim}, true);
+  ::kvtrim::detail::check_view(function, "window_queries", window_queries,
+                               {cache.batch, shape.q_heads, -1, shape.head_dim}, true);
+  if (observed < 1 || observed > tokens)
+    ::kvtrim::detail::fail(function, "window_queries", ::kvtrim::detail::cat("1 to ", tokens, " observed queries"),
+                           std::to_string(observed));
+  if (tokens > 2147483647)
+    ::kvtrim::detail::fail(function, "keys", "fewer than 2^31 prompt tokens (kept tokens are int32)",
+                           std::to_string(tokens));
+  View::layout_policy::check(function, cache);
+  if (metric.values == nullptr) ::kvtrim::detail::fail(function, "metric", "a metric buffer", "null");
+  eviction_detail::check_metric(function, metric, ::kvtrim::detail::storage_slots(cache.storage));
+  if (kept.offsets == nullptr || kept.tokens == nullptr)
+    ::kvtrim::detail::fail(function, "kept", "the selection's offsets and tokens", "null");
+  if (kept.heads != cache.heads())
+    ::kvtrim::detail::fail(function, "kept", ::kvtrim::detail::cat("a selection over ", cache.heads(), " heads"),
+                           std::to_string(kept.heads));
+  ::kvtrim::detail::check_workspace(function, scratch, seed_workspace(keys, window_queries, cache));
+
+  using key_t = cuda_detail::device_element_t<KeyT>;
+  using query_t = cuda_detail::device_element_t<QueryT>;
+  const cuda_detail::mass_plan plan = cuda_detail::plan_attention_mass(shape, cache.batch, tokens, observed);
+  workspace_carver carver(scratch);
+  const cuda_detail::mass_scratch pieces = cuda_detail::carve_attention_mass(carver, plan, 0);
+  const auto aligned = [](const void* pointer) { return reinterpret_cast<std::uintptr_t>(pointer) % 16 == 0; };
+  const bool vector_loads = keys.stride(3) == 1 && window_queries.stride(3) == 1 && aligned(keys.data) &&
+                            aligned(window_queries.data) && keys.stride(0) % 8 == 0 && keys.stride(1) % 8 == 0 &&
+                            keys.stride(2) % 8 == 0 && window_queries.stride(0) % 8 == 0 &&
+                            window_queries.stride(1) % 8 == 0 && window_queries.stride(2) % 8 == 0;
+  const cuda_detail::attention_mass_parameters<key_t, query_t> p{
+      reinterpret_cast<const key_t*>(keys.data), keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
+      reinterpret_cast<const query_t*>(window_queries.data), window_queries.stride(0), window_queries.stride(1),
+      window_queries.stride(2), window_queries.stride(3), vector_loads, cache.batch, shape.kv_heads,
+      shape.group_size(), tokens, observed, 0, plan.chunks_per_head, plan.splits, plan.split_tiles, 0,
+      static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(shape.head_dim))), pieces.partial,
+      pieces.stats, nullptr};
+  if (plan.units * plan.row_chunks > 2147483647 || plan.splits > 65535)
+    ::kvtrim::detail::fail(function, "window_queries", "fewer row chunks than a grid holds",
+                           std::to_string(plan.units * plan.row_chunks));
+
+  cuda_detail::dispatch_head_dim(shape.head_dim, function, [&](auto head_dim_constant) {
+    constexpr int D = decltype(head_dim_constant)::value;
+    constexpr bool tensor_cores = cuda_detail::mass_uses_mma<key_t, query_t>;
+    constexpr std::size_t shared = tensor_cores ? cuda_detail::mass_mma_shared_bytes<key_t, D>()
+                                                : cuda_detail::mass_shared_bytes<key_t, query_t, D>();
+    const auto stats_kernel = [] {
+      if constexpr (tensor_cores)
+        return cuda_detail::attention_row_stats_mma<key_t, D>;
+      else
+        return cuda_detail::attention_row_stats<key_t, query_t, D>;
+    }();
+    ::kvtrim::detail::check_cuda(
+        cudaFuncSetAttribute(stats_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared), function,
+        "cudaFuncSetAttribute(attention_row_stats)");
+    ::kvtrim::detail::check_cuda(
+        cudaMemsetAsync(metric.values, 0, sizeof(float) * ::kvtrim::detail::storage_slots(cache.storage), stream),
+        function, "cudaMemsetAsync(metric)");
+    stats_kernel<<<dim3(static_cast<unsigned>(plan.units * plan.row_chunks), static_cast<unsigned>(plan.splits)),
+                   cuda_detail::mass_threads, shared, stream>>>(p);
+    ::kvtrim::detail::check_launch(function, "attention_row_stats");
+    cuda_detail::attention_fold_splits<key_t, query_t>
+        <<<static_cast<unsigned>(std::min<std::int64_t>(cuda_detail::ceil_div(plan.rows, 256), 65535)), 256, 0,
+           stream>>>(p);
+    ::kvtrim::detail::check_launch(function, "attention_fold_splits");
+    const auto warps_y = static_cast<unsigned>(
+        std::clamp<std::int64_t>(cuda_detail::ceil_div(tokens, cuda_detail::seed_warps), 1, 65535));
+    cuda_detail::seed_decode_metric<D, View, key_t, query_t>
+        <<<dim3(static_cast<unsigned>(cache.heads()), warps_y), cuda_detail::seed_warps * 32, 0, stream>>>(
+            cache, p, kept.offsets, kept.tokens, start_position, metric.values, metric.kind,
+            metric.protected_window);
+    ::kvtrim::detail::check_launch(function, "seed_decode_metric");
+  });
+}
+
+}  // namespace kvtrim::eviction

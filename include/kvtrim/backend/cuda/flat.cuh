@@ -63,8 +63,11 @@ __global__ void __launch_bounds__(plan_threads) flat_reset(const View cache, std
 template <class View>
 __global__ void __launch_bounds__(plan_threads)
     flat_plan_compact(const View cache, std::int64_t run, const std::int64_t* kept_offsets,
-                      detail::compensation_rows compensation, bool has_compensation, std::int64_t next_position) {
+                      detail::compensation_rows compensation, bool has_compensation, std::int64_t next_position,
+                      const unsigned long long* budget_refusal, std::int64_t refused_budget) {
   __shared__ typename plan_scan::TempStorage temp;
+  if (input_refused(cache.status)) return;
+  if (budget_refused(cache.status, budget_refusal, refused_budget, cache.shape.kv_heads)) return;
   const std::int64_t heads = cache.heads();
   const auto count = [&](std::int64_t head) { return kept_offsets[head + 1] - kept_offsets[head]; };
   const std::int64_t needed_runs = block_sum(temp, heads, [&](std::int64_t head) { return runs_for(count(head), run); });
@@ -101,6 +104,7 @@ __device__ void flat_plan_append(const View& cache, std::int64_t run, std::int64
   __shared__ typename plan_scan::TempStorage temp;
   __shared__ unsigned long long first_overflow;
   __shared__ int full;  // some growing head lacks `count` free slots in its region
+  if (input_refused(cache.status)) return;
   const std::int64_t heads = cache.heads();
   const auto grows = [&](std::int64_t head) { return target < 0 || head == target; };
   if (threadIdx.x == 0) first_overflow = ~0ull, full = 0;
@@ -216,6 +220,23 @@ __global__ void __launch_bounds__(plan_threads) flat_append(const __grid_constan
 
 template <>
 struct implementation<layout::flat, backend::cuda> {
+  /// The NaN/Inf rule on the device (writes.cuh, scan_finite): one launch before
+  /// the call's planning kernel, which then refuses the call when an input is
+  /// not finite (or would overflow the `Stored` storage). Called by scheme.
+  static constexpr bool checks_finite_inputs = true;
+  template <class Stored, class CodecT, class KeyT, class QueryT>
+  static void check_finite(const layout::flat::view<CodecT, device_space>& cache, int entry,
+                           const tensor_view<KeyT, 4, device_space>& keys,
+                           const tensor_view<KeyT, 4, device_space>& values,
+                           const tensor_view<QueryT, 4, device_space>& queries, cudaStream_t stream) {
+    // The host checks compact / append make next, first: a scan whose call then threw
+    // would leave its mark for the next call.
+    const std::string_view function = entry == detail::layout_status::compress ? "kvtrim::layout::flat::compact"
+                                                                                : "kvtrim::layout::flat::append";
+    cuda_detail::check_rows(function, cache, keys, values);
+    cuda_detail::launch_scan_finite<Stored>(function, cache.status, entry, keys, values, queries, stream);
+  }
+
   /// Clears a freshly bound device cache (the owning cache calls it): every
   /// head empty, the buffer split evenly, no repacks, no failure recorded.
   template <class CodecT>
@@ -238,7 +259,8 @@ struct implementation<layout::flat, backend::cuda> {
     cuda_detail::check_rows(function, cache, keys, values);
     const detail::compensation_rows rows = args.compensation != nullptr ? *args.compensation : detail::compensation_rows{};
     cuda_detail::flat_plan_compact<<<1, cuda_detail::plan_threads, 0, stream>>>(
-        cache, cache.run(), kept.offsets, rows, args.compensation != nullptr, args.start_position + keys.extent(2));
+        cache, cache.run(), kept.offsets, rows, args.compensation != nullptr, args.start_position + keys.extent(2),
+        args.budget_refusal, args.refused_budget);
     detail::check_launch(function, "flat_plan_compact");
     cuda_detail::launch_write_rows(function, cache, keys, values, kept.offsets, kept.tokens, args.compensation,
                                    args.start_position, 0, -1, keys.extent(2), stream);

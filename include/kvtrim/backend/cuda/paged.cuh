@@ -70,8 +70,11 @@ __global__ void __launch_bounds__(plan_threads) paged_reset(const View cache) {
 template <class View>
 __global__ void __launch_bounds__(plan_threads)
     paged_plan_compact(const View cache, const std::int64_t* kept_offsets, detail::compensation_rows compensation,
-                       bool has_compensation, std::int64_t next_position) {
+                       bool has_compensation, std::int64_t next_position, const unsigned long long* budget_refusal,
+                       std::int64_t refused_budget) {
   __shared__ typename plan_scan::TempStorage temp;
+  if (input_refused(cache.status)) return;
+  if (budget_refused(cache.status, budget_refusal, refused_budget, cache.shape.kv_heads)) return;
   const std::int64_t heads = cache.heads();
   const std::int64_t needed = block_sum(temp, heads, [&](std::int64_t head) {
     return layout::paged::pages_for(kept_offsets[head + 1] - kept_offsets[head], cache.page_size);
@@ -93,6 +96,7 @@ __global__ void __launch_bounds__(plan_threads) paged_plan_append(const View cac
                                                                   std::int64_t count) {
   __shared__ typename plan_scan::TempStorage temp;
   __shared__ unsigned long long first_overflow;  // lowest head whose positions would pass 2^31 − 1
+  if (input_refused(cache.status)) return;
   const std::int64_t heads = cache.heads();
   const std::int64_t page_size = cache.page_size;
   const auto grows = [&](std::int64_t head) { return target < 0 || head == target; };
@@ -161,6 +165,24 @@ __global__ void __launch_bounds__(plan_threads) paged_plan_append(const View cac
 
 template <>
 struct implementation<layout::paged, backend::cuda> {
+  /// The NaN/Inf rule on the device (writes.cuh, scan_finite): one launch before
+  /// the call's planning kernel, which then refuses the call when an input is
+  /// not finite (or would overflow the `Stored` storage). Called by scheme.
+  static constexpr bool checks_finite_inputs = true;
+  template <class Stored, class CodecT, class KeyT, class QueryT>
+  static void check_finite(const layout::paged::view<CodecT, device_space>& cache, int entry,
+                           const tensor_view<KeyT, 4, device_space>& keys,
+                           const tensor_view<KeyT, 4, device_space>& values,
+                           const tensor_view<QueryT, 4, device_space>& queries, cudaStream_t stream) {
+    // The host checks compact / append make next, first: a scan whose call then threw
+    // would leave its mark for the next call.
+    const std::string_view function = entry == detail::layout_status::compress ? "kvtrim::layout::paged::compact"
+                                                                                : "kvtrim::layout::paged::append";
+    cuda_detail::check_rows(function, cache, keys, values);
+    check_heads(function, cache);
+    cuda_detail::launch_scan_finite<Stored>(function, cache.status, entry, keys, values, queries, stream);
+  }
+
   /// Clears a freshly bound device cache (the owning cache calls it): every
   /// page free, in the CPU's order, no tokens, no failure recorded.
   template <class CodecT>
@@ -184,7 +206,8 @@ struct implementation<layout::paged, backend::cuda> {
     check_heads(function, cache);
     const detail::compensation_rows rows = args.compensation != nullptr ? *args.compensation : detail::compensation_rows{};
     cuda_detail::paged_plan_compact<<<1, cuda_detail::plan_threads, 0, stream>>>(
-        cache, kept.offsets, rows, args.compensation != nullptr, args.start_position + keys.extent(2));
+        cache, kept.offsets, rows, args.compensation != nullptr, args.start_position + keys.extent(2),
+        args.budget_refusal, args.refused_budget);
     detail::check_launch(function, "paged_plan_compact");
     cuda_detail::launch_write_rows(function, cache, keys, values, kept.offsets, kept.tokens, args.compensation,
                                    args.start_position, 0, -1, keys.extent(2), stream);

@@ -63,6 +63,7 @@ template <class View>
 __global__ void __launch_bounds__(plan_threads)
     shared_paged_plan_compact(const View cache, const std::int64_t* kept_offsets, std::int64_t next_position) {
   __shared__ typename plan_scan::TempStorage temp;
+  if (input_refused(cache.status)) return;
   const std::int64_t kv_heads = cache.shape.kv_heads;
   const std::int64_t needed = block_sum(temp, cache.batch, [&](std::int64_t b) {
     return layout::shared_paged::pages_for(kept_offsets[b * kv_heads + 1] - kept_offsets[b * kv_heads],
@@ -83,6 +84,7 @@ template <class View>
 __global__ void __launch_bounds__(plan_threads) shared_paged_plan_append(const View cache, std::int64_t count) {
   __shared__ typename plan_scan::TempStorage temp;
   __shared__ unsigned long long first_overflow;  // lowest head whose positions would pass 2^31 − 1
+  if (input_refused(cache.status)) return;
   const std::int64_t page_size = cache.page_size;
   const auto length = [&](std::int64_t b) {
     const std::int64_t pages = std::int64_t{cache.indptr[b + 1]} - cache.indptr[b];
@@ -144,6 +146,24 @@ __global__ void __launch_bounds__(plan_threads) shared_paged_plan_append(const V
 
 template <>
 struct implementation<layout::shared_paged, backend::cuda> {
+  /// The NaN/Inf rule on the device (writes.cuh, scan_finite), as layout::paged:
+  /// one launch before the call's planning kernel, which then refuses the call.
+  static constexpr bool checks_finite_inputs = true;
+  template <class Stored, class CodecT, class KeyT, class QueryT>
+  static void check_finite(const layout::shared_paged::view<CodecT, device_space>& cache, int entry,
+                           const tensor_view<KeyT, 4, device_space>& keys,
+                           const tensor_view<KeyT, 4, device_space>& values,
+                           const tensor_view<QueryT, 4, device_space>& queries, cudaStream_t stream) {
+    // The host checks compact / append make next, first: a scan whose call then threw
+    // would leave its mark for the next call.
+    const std::string_view function = entry == detail::layout_status::compress
+                                          ? "kvtrim::layout::shared_paged::compact"
+                                          : "kvtrim::layout::shared_paged::append";
+    cuda_detail::check_rows(function, cache, keys, values);
+    check_heads(function, cache);
+    cuda_detail::launch_scan_finite<Stored>(function, cache.status, entry, keys, values, queries, stream);
+  }
+
   /// Clears a freshly bound device cache's tables (the owning cache calls it): every page free,
   /// in the CPU's order. The page tensor is not touched (an engine's pages keep their bytes).
   template <class CodecT>

@@ -22,9 +22,10 @@
 //
 // Codecs: write_rows copies the rows of codec::plain (fp16, bf16, fp32); the
 // quantizing codecs (int8, int4 with KIVI key groups, fp8) are encoded by
-// codec_writes.cuh's kernels in step 2 instead. low_rank and layered have no
-// device encode yet (issue 12), and naming them with backend::cuda is refused
-// at compile time (require_device_codec).
+// codec_writes.cuh's kernels in step 2 instead, layered<C> by C's and its fp16
+// rows, codec::low_rank by codec_low_rank.cuh (profile bases; a cache with
+// sequence bases is refused at run time before any launch: check_rows).
+// layered<low_rank> is refused at compile time (require_device_codec).
 #pragma once
 
 #include <cooperative_groups.h>
@@ -48,9 +49,9 @@ namespace cuda_detail {
 template <class CodecT>
 constexpr void require_device_codec() {
   static_assert(codec::is_plain<CodecT> || device_encoded_codec<CodecT>,
-                "kvtrim: backend::cuda writes caches with codec::fp16 / bf16 / fp32, int8, int4, fp8_e4m3 and "
-                "layered over those three; the device encode of low_rank (bases fitted per head from the kept rows, "
-                "coefficients Uᵀx, pre-RoPE keys rotated from stored positions) is not written yet (issue 12)");
+                "kvtrim: backend::cuda writes caches with codec::fp16 / bf16 / fp32, int8, int4, fp8_e4m3, "
+                "layered over those three, and low_rank (profile bases); layered<low_rank> has no device "
+                "reader (issue 12)");
 }
 
 /// Threads of a layout's planning kernel (one block).
@@ -348,6 +349,7 @@ void check_rows(std::string_view function, const View& cache, const kv_view<KeyT
   if (cache.shape.head_dim % 8 != 0)
     detail::fail(function, "shape.head_dim", "a multiple of 8 on backend::cuda", std::to_string(cache.shape.head_dim));
   check_same_strides(function, keys, values);
+  check_low_rank_writable(function, cache);
   if constexpr (codec::is_plain<typename View::codec>) {
     check_aligned16(function, "cache.storage.keys", cache.storage.keys);
     check_aligned16(function, "cache.storage.values", cache.storage.values);
@@ -398,11 +400,292 @@ void launch_write_rows(std::string_view function, const View& cache, const kv_vi
   }
 }
 
+// ---- The NaN/Inf rule on the device ------------------------------------------
+// The CPU refuses a non-finite key, value or window query (and a finite one its
+// fp16/bf16 storage would round to ±Inf) before writing anything, naming the
+// first in (argument, sequence, head, token, channel) order (core/scheme.hpp,
+// check_finite). On the device that scan is one launch before the call's
+// planning kernel: every thread checks its elements and offers the key of the
+// first bad one it meets to status[invalid_input] (an atomicMax of total − key,
+// so the smallest key wins and 0 means "none"); the scan's last block (a block
+// counter in status[scan_blocks]) decodes the winner and records the CPU's
+// failure. The planning kernel of the same call then sees status[invalid_input],
+// clears it and writes nothing (call_failed is set), so the cache keeps every
+// byte and kvtrim::check_status throws the CPU's error, word for word.
+// Cost: one read of every input (K and V of a prefill: ≈ 2·B·H·T·D·2 bytes);
+// compress_options::check_finite = false skips it for compress.
+
+/// One input tensor of a call, as the finiteness scan reads it.
+struct finite_input {
+  const void* data = nullptr;
+  std::int64_t extents[4] = {};
+  std::int64_t strides[4] = {};  // elements
+  std::int64_t first_key = 0;    // keys of the inputs before it
+  int storage = 0;               // layout_status::storage: also finite once rounded to it (0: no such check)
+  bool vectorised = false;       // 16-byte loads of 8 elements (contiguous, aligned channels)
+};
+
+/// The inputs of one call, in the CPU's order (keys, values, window queries).
+template <class KeyT, class QueryT>
+struct finite_scan {
+  finite_input inputs[3];
+  int count = 0;
+  int entry = 0;  // layout_status::entry
+  std::int64_t total = 0;  // Σ elements
+  std::int64_t* status = nullptr;
+  unsigned blocks = 0;
+};
+
+__device__ __forceinline__ bool overflows_storage(float x, int storage) {
+  if (storage == detail::layout_status::fp16) return isinf(__half2float(__float2half_rn(x)));
+  if (storage == detail::layout_status::bf16) return isinf(__bfloat162float(__float2bfloat16_rn(x)));
+  return false;
+}
+
+/// The element at (b, h, t, d) of input `in`, widened to float.
+template <class T>
+__device__ __forceinline__ float finite_input_at(const finite_input& in, std::int64_t b, std::int64_t h,
+                                                 std::int64_t t, std::int64_t d) {
+  return to_float(static_cast<const T*>(in.data)[b * in.strides[0] + h * in.strides[1] + t * in.strides[2] +
+                                                  d * in.strides[3]]);
+}
+
+/// Whether any of the 16 bytes `raw` holds (8 elements of T) is NaN or ±Inf, from
+/// the exponent bits alone (all ones), without widening: the scan's common case.
+template <class T>
+__device__ __forceinline__ bool any_non_finite_bits(const uint4& raw) {
+  const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
+  bool bad = false;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (sizeof(T) == 4) {
+      bad |= (words[i] & 0x7f800000u) == 0x7f800000u;
+    } else {
+      constexpr unsigned mask = std::is_same_v<T, __half> ? 0x7c00u : 0x7f80u;
+      bad |= (words[i] & mask) == mask || (words[i] & (mask << 16)) == (mask << 16);
+    }
+  }
+  return bad;
+}
+
+/// The first element of chunk `u` of row (head, t) that breaks the rule, as a key
+/// (see scan_finite_input), or −1.
+template <class T>
+__device__ std::int64_t first_bad_in_chunk(const finite_input& in, const T* row, std::int64_t key_of_row, int u) {
+  float x[8];
+  load8(row + std::int64_t{u} * 8, x);
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+    if (!isfinite(x[i]) || overflows_storage(x[i], in.storage)) return key_of_row + std::int64_t{u} * 8 + i;
+  return -1;
+}
+
+/// The thread's part of one input: heads on the grid's y axis, tokens on x, a
+/// token's 8-element chunks (or elements) on consecutive lanes; four rows' loads
+/// in flight per thread before any test. Returns the smallest key of a bad element
+/// the thread met (blocks of rows are walked in key order), or −1.
+template <class T>
+__device__ std::int64_t scan_finite_input(const finite_input& in) {
+  constexpr int in_flight = 4;
+  const std::int64_t kv = in.extents[1], tokens = in.extents[2], dim = in.extents[3];
+  const std::int64_t heads = in.extents[0] * kv;
+  const int units = static_cast<int>(in.vectorised ? dim / 8 : dim);
+  const int lanes = units < static_cast<int>(blockDim.x) ? units : static_cast<int>(blockDim.x);
+  const int rows_per_pass = static_cast<int>(blockDim.x) / lanes;
+  const int lane = static_cast<int>(threadIdx.x) % lanes, row = static_cast<int>(threadIdx.x) / lanes;
+  if (row >= rows_per_pass) return -1;
+  const std::int64_t stride = std::int64_t{gridDim.x} * rows_per_pass;
+  // Storage overflow needs the widened value; finiteness alone reads the bits.
+  const bool bits_suffice = in.storage == detail::layout_status::any;
+  for (std::int64_t head = blockIdx.y; head < heads; head += gridDim.y) {
+    const std::int64_t b = head / kv, h = head % kv;
+    const T* base = static_cast<const T*>(in.data) + b * in.strides[0] + h * in.strides[1];
+    for (std::int64_t t0 = std::int64_t{blockIdx.x} * rows_per_pass + row; t0 < tokens; t0 += in_flight * stride) {
+      // The block of rows t0, t0 + stride, … (in_flight of them): its smallest bad key.
+      // (With more units than lanes a thread's (u, row) order is not key order; every
+      // later block of rows has larger keys.)
+      std::int64_t found = -1;
+      const auto offer = [&found](std::int64_t key) { found = found < 0 || key < found ? key : found; };
+      for (int u = lane; u < units; u += lanes) {
+        if (in.vectorised) {
+          uint4 raw[in_flight];
+#pragma unroll
+          for (int k = 0; k < in_flight; ++k) {
+            const std::int64_t t = t0 + k * stride;
+            raw[k] = t < tokens ? __ldg(reinterpret_cast<const uint4*>(base + t * in.strides[2] + std::int64_t{u} * 8))
+                                : make_uint4(0u, 0u, 0u, 0u);
+          }
+#pragma unroll
+          for (int k = 0; k < in_flight; ++k) {
+            const std::int64_t t = t0 + k * stride;
+            if (t >= tokens) break;
+            const T* row_data = base + t * in.strides[2];
+            bool suspect = !bits_suffice;
+            if constexpr (sizeof(T) == 4)  // 8 floats are 32 bytes: the second 16 read here
+              suspect = suspect || any_non_finite_bits<T>(raw[k]) ||
+                        any_non_finite_bits<T>(__ldg(reinterpret_cast<const uint4*>(row_data + std::int64_t{u} * 8) + 1));
+            else
+              suspect = suspect || any_non_finite_bits<T>(raw[k]);
+            if (suspect) {
+              const std::int64_t key = first_bad_in_chunk(in, row_data, in.first_key + (head * tokens + t) * dim, u);
+              if (key >= 0) offer(key);
+            }
+          }
+        } else {
+#pragma unroll 1
+          for (int k = 0; k < in_flight; ++k) {
+            const std::int64_t t = t0 + k * stride;
+            if (t >= tokens) break;
+            const float x = to_float(base[t * in.strides[2] + std::int64_t{u} * in.strides[3]]);
+            if (!isfinite(x) || overflows_storage(x, in.storage)) offer(in.first_key + (head * tokens + t) * dim + u);
+          }
+        }
+      }
+      if (found >= 0) return found;
+    }
+  }
+  return -1;
+}
+
+template <class KeyT, class QueryT>
+__global__ void __launch_bounds__(256) scan_finite(const __grid_constant__ finite_scan<KeyT, QueryT> scan) {
+  using s = detail::layout_status;
+  std::int64_t key = -1;
+  for (int a = 0; a < scan.count && key < 0; ++a)
+    key = a < 2 ? scan_finite_input<KeyT>(scan.inputs[a]) : scan_finite_input<QueryT>(scan.inputs[a]);
+  auto* mark = reinterpret_cast<unsigned long long*>(scan.status + s::invalid_input);
+  if (key >= 0) atomicMax(mark, static_cast<unsigned long long>(scan.total - key));
+  // The last block to finish decodes the smallest key (threadFenceReduction's
+  // pattern): the block's offers are ordered before its count by the barrier and
+  // thread 0's device-scope fence (cumulative).
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    auto* done = reinterpret_cast<unsigned long long*>(scan.status + s::scan_blocks);
+    last = atomicAdd(done, 1ull) == scan.blocks - 1;
+  }
+  __syncthreads();
+  if (!last || threadIdx.x != 0) return;
+  scan.status[s::scan_blocks] = 0;
+  const unsigned long long offered = atomicAdd(mark, 0ull);  // every block's offer is visible (fences above)
+  if (offered == 0) return;
+  std::int64_t first = scan.total - static_cast<std::int64_t>(offered);
+  int a = 0;
+  while (a + 1 < scan.count && first >= scan.inputs[a + 1].first_key) ++a;
+  const finite_input& in = scan.inputs[a];
+  first -= in.first_key;
+  const std::int64_t d = first % in.extents[3];
+  first /= in.extents[3];
+  const std::int64_t t = first % in.extents[2];
+  first /= in.extents[2];
+  const std::int64_t h = first % in.extents[1], b = first / in.extents[1];
+  const float x = a < 2 ? finite_input_at<KeyT>(in, b, h, t, d) : finite_input_at<QueryT>(in, b, h, t, d);
+  const bool finite = isfinite(x);
+  record_failure(scan.status, finite ? s::input_overflows_storage : s::non_finite_input, b, h, t, d,
+                 static_cast<std::int64_t>(__float_as_uint(x)),
+                 s::pack_input(scan.entry, a, finite ? in.storage : s::any));
+}
+
+/// The storage kind whose rounding an input of element type T must survive
+/// (none when T is the storage type itself, or the codec scales its input).
+template <class T, class Stored>
+int storage_check_for() {
+  using s = detail::layout_status;
+  if constexpr (std::is_same_v<device_element_t<T>, device_element_t<Stored>>)
+    return s::any;
+  else if constexpr (std::is_same_v<std::remove_const_t<Stored>, half>)
+    return s::fp16;
+  else if constexpr (std::is_same_v<std::remove_const_t<Stored>, bfloat16>)
+    return s::bf16;
+  else
+    return s::any;
+}
+
+template <class T>
+finite_input make_finite_input(const tensor_view<T, 4, device_space>& view, std::int64_t first_key, int storage) {
+  finite_input in;
+  in.data = view.data;
+  for (int k = 0; k < 4; ++k) in.extents[k] = view.extent(k), in.strides[k] = view.stride(k);
+  in.first_key = first_key;
+  in.storage = storage;
+  constexpr std::int64_t per_16_bytes = 16 / static_cast<std::int64_t>(sizeof(T));
+  in.vectorised = sizeof(T) <= 4 && reinterpret_cast<std::uintptr_t>(view.data) % 16 == 0 && view.stride(3) == 1 &&
+                  view.extent(3) % 8 == 0 && view.stride(0) % per_16_bytes == 0 &&
+                  view.stride(1) % per_16_bytes == 0 && view.stride(2) % per_16_bytes == 0;
+  return in;
+}
+
+/// Launches the scan of keys, values (element type KeyT, bound for the codec's
+/// storage `Stored`) and, when `queries.data` is set, window queries. Every
+/// ragged device call on `status` runs its planning kernel after this one.
+template <class Stored, class KeyT, class QueryT>
+void launch_scan_finite(std::string_view function, std::int64_t* status, int entry,
+                        const tensor_view<KeyT, 4, device_space>& keys, const tensor_view<KeyT, 4, device_space>& values,
+                        const tensor_view<QueryT, 4, device_space>& queries, cudaStream_t stream) {
+  finite_scan<device_element_t<KeyT>, device_element_t<QueryT>> scan;
+  const int storage = storage_check_for<KeyT, Stored>();
+  const auto elements = [](const auto& view) {
+    return view.extent(0) * view.extent(1) * view.extent(2) * view.extent(3);
+  };
+  scan.inputs[0] = make_finite_input(keys, 0, storage);
+  scan.inputs[1] = make_finite_input(values, elements(keys), storage);
+  scan.count = 2;
+  scan.total = elements(keys) + elements(values);
+  // The grid covers the keys' heads and tokens; the window queries (more heads,
+  // far fewer tokens) are walked by the same grid-stride loops.
+  const std::int64_t heads = std::max(keys.extent(0) * keys.extent(1), std::int64_t{1});
+  const std::int64_t tokens = std::max(keys.extent(2), std::int64_t{1});
+  if (queries.data != nullptr) {
+    scan.inputs[2] = make_finite_input(queries, scan.total, detail::layout_status::any);
+    scan.count = 3;
+    scan.total += elements(queries);
+  }
+  scan.entry = entry;
+  scan.status = status;
+  // Enough blocks to stream at memory speed (each thread 8 chunks per head, 4
+  // loads in flight), few enough that the block counter and the grid stay small.
+  const std::int64_t rows_per_pass = std::max<std::int64_t>(1, 256 / std::max<std::int64_t>(1, keys.extent(3) / 8));
+  const dim3 grid(static_cast<unsigned>(std::clamp<std::int64_t>(ceil_div(tokens, 8 * rows_per_pass), 1, 1024)),
+                  static_cast<unsigned>(std::min<std::int64_t>(heads, 65535)));
+  scan.blocks = grid.x * grid.y;
+  scan_finite<<<grid, 256, 0, stream>>>(scan);
+  detail::check_launch(function, "scan_finite");
+}
+
+/// Compaction's planning, second step (all threads of its one block): a budget
+/// that refused on the device (compact_args::budget_refusal) is recorded as the
+/// CPU's error, and nothing is written. The budget resets its word every call.
+__device__ inline bool budget_refused(std::int64_t* status, const unsigned long long* refusal, std::int64_t budget,
+                                      std::int64_t kv_heads) {
+  if (refusal == nullptr) return false;
+  const unsigned long long word = __ldcg(refusal);
+  if (word == ~0ull) return false;
+  if (threadIdx.x == 0) {
+    const auto head = static_cast<std::int64_t>(word >> 32);
+    const auto protected_tokens = static_cast<std::int64_t>(word & 0xffffffffull);
+    record_failure(status, detail::layout_status::adaptive_over_budget, protected_tokens, budget, head / kv_heads,
+                   head % kv_heads, 0, 0);
+  }
+  return true;
+}
+
+/// Every planning kernel's first step (all threads of its one block): when this
+/// call's finiteness scan found a bad input, clear the mark and write nothing
+/// (the scan recorded the failure and set call_failed).
+__device__ inline bool input_refused(std::int64_t* status) {
+  using s = detail::layout_status;
+  if (status[s::invalid_input] == 0) return false;
+  __syncthreads();  // every thread has read the mark before thread 0 clears it
+  if (threadIdx.x == 0) status[s::invalid_input] = 0;
+  return true;
+}
+
 }  // namespace cuda_detail
 
 /// Throws the kvtrim::error a CPU call would have thrown when a device call on
 /// `cache` (layout::paged or layout::flat on backend::cuda) found the pool or
-/// buffer short, or positions past 2^31, since the last check; clears the
+/// buffer short, positions past 2^31, or a non-finite input, since the last check; clears the
 /// record. Synchronises `stream` (call it where a host sync is acceptable: after
 /// compress, every few decode steps, or after replaying a graph).
 template <class View>

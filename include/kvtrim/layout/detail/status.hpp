@@ -16,6 +16,19 @@
 //   words[unit]      its unit (page_size, or the codec's slot run)
 //   words[call_failed]  1 when the latest call failed (its write kernels then do nothing)
 //   words[repack]    layout::flat: runs the latest append's repack needs (0: no repack)
+//   words[invalid_input]  set during a call by the device's finiteness check of its inputs
+//                    (backend/cuda/writes.cuh, scan_finite): ≠ 0 names the first non-finite
+//                    element (its last block records the failure); the call's planning kernel
+//                    then writes nothing and clears it
+//   words[scan_blocks]  the scan's blocks done so far (0 between calls)
+// A non-finite input (the CPU's NaN/Inf rule, docs/composition.md §4) is recorded as
+//   code = non_finite_input or input_overflows_storage, needed = sequence,
+//   available = head, count = token, target = channel, pool = the value's float bits,
+//   unit = the entry (bits 0–3), the argument (bits 4–7) and the storage (bits 8–11),
+// which is all raise_layout_status needs to rebuild the CPU's message. A budget's
+// refusal (budget::adaptive's paper form) is recorded by compaction's planning as
+//   code = adaptive_over_budget, needed = the head's protected tokens,
+//   available = the per-head budget, count = sequence, target = kv head.
 // The first failure since the last check is kept (a later one does not
 // overwrite it). kvtrim::check_status(cache, stream) (backend/cuda/writes.cuh)
 // synchronises, clears the words and throws the very kvtrim::error the CPU
@@ -23,6 +36,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 #include "kvtrim/core/error.hpp"
@@ -30,10 +44,12 @@
 namespace kvtrim::detail {
 
 struct layout_status {
-  static constexpr int words = 9;
+  static constexpr int words = 11;
   enum word : int {
     code = 0, needed = 1, available = 2, count = 3, target = 4, pool = 5, unit = 6, call_failed = 7,
     repack = 8,  // layout::flat: slots the latest append's repack needs (0: none), planning → repack kernel
+    invalid_input = 9,  // the finiteness scan → the planning kernel of the same call (0: every input finite)
+    scan_blocks = 10,   // blocks of the finiteness scan done (its last block records; back to 0 after)
   };
   enum failure : std::int64_t {
     none = 0,
@@ -42,10 +58,19 @@ struct layout_status {
     flat_compact_buffer = 3,   // layout::flat::compact: the selection needs more slots than the buffer
     flat_append_buffer = 4,    // layout::flat::append(_head): too few free slots
     position_overflow = 5,     // append: positions would pass 2^31 − 1
-    // 6–8 are taken on main (non-finite input, input overflowing storage, Ada-KV over budget).
+    non_finite_input = 6,      // compress / append: a key, value or window query is NaN or ±Inf
+    input_overflows_storage = 7,  // a finite input that rounds to ±Inf in the cache's fp16/bf16 storage
+    adaptive_over_budget = 8,  // budget::adaptive (paper form): a head protects more tokens than its budget
     shared_paged_compact_pool = 9,  // layout::shared_paged::compact: the selection needs more pages than the pool
     shared_paged_append_pool = 10,  // layout::shared_paged::append: too few free pages
   };
+  /// The entries and arguments a non-finite input is reported for (unit's fields).
+  enum entry : int { compress = 0, append = 1, append_unchecked = 2, append_head = 3 };
+  enum input : int { keys = 0, values = 1, window_queries = 2 };
+  enum storage : int { any = 0, fp16 = 1, bf16 = 2 };
+  static constexpr std::int64_t pack_input(int entry_id, int input_id, int storage_id) {
+    return entry_id | input_id << 4 | storage_id << 8;
+  }
 };
 
 /// Throws the kvtrim::error a CPU call would have thrown for the failure
@@ -89,10 +114,42 @@ inline void raise_layout_status(const std::int64_t (&words)[layout_status::words
            cat(count, " tokens whose positions fit in 32 bits after head ", words[s::target], "'s position ",
                words[s::available]),
            cat("positions up to ", words[s::available] + count - 1));
+    case s::non_finite_input:
+    case s::input_overflows_storage: {
+      const std::int64_t unit = words[s::unit];
+      const int entry_id = static_cast<int>(unit & 15), input_id = static_cast<int>(unit >> 4 & 15),
+                storage_id = static_cast<int>(unit >> 8 & 15);
+      static constexpr const char* entries[] = {"kvtrim::scheme::compress", "kvtrim::scheme::append",
+                                                "kvtrim::scheme::append_unchecked", "kvtrim::scheme::append_head"};
+      const bool appended = entry_id != s::compress;
+      static constexpr const char* compress_inputs[] = {"keys", "values", "window_queries"};
+      static constexpr const char* append_inputs[] = {"new_keys", "new_values"};
+      if (entry_id > 3 || input_id > (entry_id == s::compress ? 2 : 1) || storage_id > 2) break;
+      const auto bits = static_cast<std::uint32_t>(words[s::pool]);
+      float x;
+      std::memcpy(&x, &bits, sizeof x);
+      const std::string where = cat(x, " at sequence ", words[s::needed], ", ",
+                                    input_id == s::window_queries ? "query head" : "kv head", " ", words[s::available],
+                                    ", token ", words[s::count], ", channel ", words[s::target]);
+      const char* argument = appended ? append_inputs[input_id] : compress_inputs[input_id];
+      if (words[s::code] == s::non_finite_input)
+        fail(entries[entry_id], argument, "finite values (NaN and Inf are refused for every codec)", where);
+      // Storage 1 = fp16, 2 = bf16: the CPU's wording, with std::numeric_limits<Stored>::max().
+      fail(entries[entry_id], argument,
+           cat("finite values that stay finite in the cache's ", storage_id == s::fp16 ? "fp16" : "bf16",
+               " storage (|x| below ", storage_id == s::fp16 ? 65504.0 : 255.0 * 0x1p120, " after rounding)"),
+           where);
+    }
+    case s::adaptive_over_budget:
+      fail("kvtrim::budget::adaptive", "config.budget.keep",
+           cat("a per-head budget of at least the ", words[s::needed],
+               " tokens the scorer protects (scored +inf) in kv head ", words[s::target]),
+           cat(words[s::available], " tokens"));
     default:
-      fail("kvtrim::check_status", "cache.status", "a failure code in [0, 5] or [9, 10] (the cache's status words)",
-           std::to_string(words[s::code]));
+      break;
   }
+  fail("kvtrim::check_status", "cache.status", "a failure code in [0, 10] (the cache's status words)",
+       std::to_string(words[s::code]));
 }
 
 }  // namespace kvtrim::detail

@@ -12,8 +12,10 @@
 
 #include <array>
 #include <cstdint>
+#include <type_traits>
 
 #include "kvtrim/codec/hooks.hpp"
+#include "kvtrim/codec/plain.hpp"
 #include "kvtrim/core/element.hpp"
 #include "kvtrim/core/selection.hpp"
 #include "kvtrim/core/shape.hpp"
@@ -67,6 +69,12 @@ void write_token(const View& cache, std::int64_t head, std::int64_t slot, std::i
   cache.positions.slot_position[slot] = static_cast<std::int32_t>(position);
 }
 
+/// True when the codec is codec::plain<T> and the input rows are T already.
+template <class Codec, class KeyT>
+inline constexpr bool stores_input_as_is = false;
+template <class T, class KeyT>
+inline constexpr bool stores_input_as_is<codec::plain<T>, KeyT> = std::is_same_v<T, std::remove_const_t<KeyT>>;
+
 /// Rewrites flattened head `head` with its kept rows at logical indices 0, 1, …
 /// (ascending token order), after letting a stateful codec (low-rank bases, fp8
 /// scales, key groups) prepare the head from exactly those rows; sets the
@@ -79,6 +87,22 @@ void write_kept_head(const View& cache, const kept_source<KeyT>& source, std::in
   codec::prepare_head<typename View::codec>(cache.storage, head, source.sequence_length(), source.count(head), rows);
   std::array<float, max_head_dim> key{}, value{};
   for (std::int64_t i = 0; i < source.count(head); ++i) {
+    if constexpr (stores_input_as_is<typename View::codec, KeyT>) {
+      // codec::plain<T> with T the input's type: encode(to_float(x)) = x, bit for bit
+      // (finite inputs: scheme checks), so the row is copied without the round trip.
+      if (source.compensation == nullptr || source.compensation->index[head] != i) {
+        const std::int64_t token = source.kept.tokens[source.kept.offsets[head] + i];
+        const std::int64_t slot = cache.slot(b, h, i), head_dim = cache.storage.head_dim;
+        auto* key_row = cache.storage.keys + slot * head_dim;
+        auto* value_row = cache.storage.values + slot * head_dim;
+        for (std::int64_t d = 0; d < head_dim; ++d) {
+          key_row[d] = source.keys(b, h, token, d);
+          value_row[d] = source.values(b, h, token, d);
+        }
+        cache.positions.slot_position[slot] = static_cast<std::int32_t>(source.start_position + token);
+        continue;
+      }
+    }
     const std::int64_t position = source.row(b, h, head, i, key.data(), value.data());
     write_token(cache, head, cache.slot(b, h, i), position, key.data(), value.data());
   }

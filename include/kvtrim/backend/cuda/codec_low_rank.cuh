@@ -1,0 +1,672 @@
+// kvtrim/backend/cuda/codec_low_rank.cuh — codec::low_rank (r fp16
+// coefficients per token in a per-head orthonormal basis, codec/low_rank.hpp)
+// on the GPU: the device encode of every layout's compaction and append, the
+// flat layout's slot mover, the installation of a head's bases, and decode
+// attention over the coefficients.
+//
+// Bases: basis_source::profile only. The bases are fitted on the host (the
+// CPU's Eigen SVD: io/low_rank_profile.hpp's calibration, or the caller's) and
+// installed with set_low_rank_basis, which checks them exactly as the CPU's
+// set_basis does and copies them to the device (a setup step, not a hot path).
+// basis_source::sequence fits a basis per head at every compaction and grows it
+// every update_freq appended tokens (an SVD of the kept rows): a device fit
+// (cuSOLVER) is not written, and a host fit would need the kept rows on the
+// host (a synchronisation inside compress); such caches are refused with a
+// kvtrim::error before anything is written (check_low_rank_writable).
+//
+// Encode (low_rank_encode_rows, one warp per token): c_j = Σ_d U_dj·x_d for
+// j < the head's rank, else 0, rounded to fp16 — the CPU's project(): the same
+// summation order (d ascending from 0), each product and sum rounded to fp32
+// separately (__fmul_rn / __fadd_rn: no contraction into an fma), the same
+// round-to-nearest-even to fp16, so the stored coefficients are the CPU's bit
+// for bit — as long as the host build does not contract the CPU's
+// `sum += u·x` into an fma either (x86-64 without -march flags has no fma
+// instruction, the project's builds; with one, -ffp-contract=off keeps it). At compaction
+// every head's compaction_left becomes its kept count and pending_counts 0, as
+// the CPU's prepare_head leaves them. A head with no basis (rank 0) stores
+// zeros; NaN / Inf inputs are stored as the arithmetic gives them (the CPU
+// refuses both; a kernel cannot throw).
+//
+// Decode (decode_attention_low_rank, one kernel for every layout, group 1–16,
+// head_dim 64–256): a block reads a head's segment in tiles of 256 tokens; the
+// tiles' key and value coefficient rows stream into shared memory through a
+// double-buffered cp.async ring (16-byte chunks when the stored rank is a
+// multiple of 8, else element copies), and every thread scores one token for
+// all the group's query heads:
+//   post-RoPE: s_g = (Uᵀq_g)·c — the query projected once per segment
+//              (q̃_g = U_kᵀ q_g · log2(e)/√D, R·D products per query head);
+//   pre-RoPE:  the CPU's method per token: k̂ = U_k c (U_k staged in shared
+//              memory), rotated to the token's stored position (RoPE in double,
+//              as core/rope.hpp), then s_g = q_g·k̂ · log2(e)/√D;
+// plus the compensation bias (base 2). The softmax is online per tile with one
+// running maximum per query head shared by the block; the weights go to shared
+// memory and the values are mixed in coefficient space (m_g = Σ p·c^v, each
+// thread one coefficient of a token subset), lifted once per segment
+// (o_g = U_v m_g / Σ p) and written, or left as a partial for the split-K merge
+// (merge_decode_partials: lifting is linear, so partials lift before merging).
+// Everything is fp32 on CUDA cores (no tensor cores: at r = head_dim/4 there are
+// 4× fewer bytes per token than fp16 and the products per byte stay low).
+#pragma once
+
+#include <cuda_fp16.h>
+
+#include <Eigen/Dense>
+#include <algorithm>
+#include <cstdint>
+#include <string_view>
+#include <type_traits>
+#include <vector>
+
+#include "kvtrim/backend/cuda/codec_fragments.cuh"
+#include "kvtrim/backend/cuda/codec_writes.cuh"
+#include "kvtrim/backend/cuda/common.cuh"
+#include "kvtrim/backend/cuda/decode_plan.cuh"
+#include "kvtrim/codec/low_rank.hpp"
+
+namespace kvtrim::cuda_detail {
+
+template <class CodecT>
+struct codec_device;
+
+/// What decode_attention.cuh's codec_tiles names for every device codec; the
+/// low-rank kernel reads the coefficient rows itself (decode_attention_low_rank).
+template <>
+struct codec_device<codec::low_rank> {
+  using storage = codec::low_rank::storage<device_space>;
+  static constexpr bool key_groups = false;
+  static constexpr bool head_scales = false;
+  using stored = __half;
+  template <int HeadDim>
+  static constexpr int row_elements = HeadDim;  // unused: rows hold stored_rank coefficients
+  __host__ __device__ static const stored* key_rows(const storage& store) {
+    return reinterpret_cast<const stored*>(store.key_coefficients);
+  }
+  __host__ __device__ static const stored* value_rows(const storage& store) {
+    return reinterpret_cast<const stored*>(store.value_coefficients);
+  }
+  struct reader {};
+  __device__ static reader open(const storage&, std::int64_t) { return {}; }
+};
+
+// ---- host checks and bases ---------------------------------------------------
+
+/// The most dynamic shared memory a block may opt in to on the current device (227 KB on H100/H200,
+/// 163 KB on A100): a host attribute query, no synchronisation.
+inline std::size_t device_shared_memory_limit(std::string_view function) {
+  int device = 0, bytes = 0;
+  detail::check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
+  detail::check_cuda(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), function,
+                     "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+  return static_cast<std::size_t>(bytes);
+}
+
+inline std::size_t low_rank_decode_shared_bytes(int head_dim, int rank, int group, bool pre_rope);
+
+/// Throws unless decode attention's tiles for this stored rank, head dim and group fit in a block's
+/// shared memory (stored rank ≤ 64 at head_dim ≤ 128 for every group; at 256: ≤ 32, or 64 up to GQA 8).
+inline void check_low_rank_decodable(std::string_view function, const codec::low_rank::storage<device_space>& store,
+                                     std::int64_t group) {
+  const std::size_t bytes = low_rank_decode_shared_bytes(static_cast<int>(store.head_dim),
+                                                         static_cast<int>(store.stored_rank), static_cast<int>(group),
+                                                         store.pre_rope);
+  const std::size_t limit = device_shared_memory_limit(function);
+  if (bytes > limit)
+    detail::fail(function, "config.codec.max_rank",
+                 detail::cat("a stored rank whose decode tiles fit in this device's ", limit,
+                             " bytes of shared memory per block (≤ 64 at head_dim ≤ 128; ≤ 32 at 256, or 64 up to "
+                             "GQA 8)"),
+                 detail::cat("stored rank ", store.stored_rank, " at head_dim ", store.head_dim, ", GQA ", group, " (",
+                             bytes, " bytes)"));
+}
+
+/// Throws (before any launch) for a low-rank cache the device cannot write, or could not decode.
+template <class View>
+void check_low_rank_writable(std::string_view function, const View& cache) {
+  if constexpr (std::is_same_v<typename View::codec, codec::low_rank>) {
+    if (cache.storage.from_sequence)
+      detail::fail(function, "config.codec.source",
+                   "basis_source::profile on backend::cuda (bases fitted on the host and installed with "
+                   "set_low_rank_basis; per-compaction sequence fits are not on the device)",
+                   "basis_source::sequence");
+    check_low_rank_decodable(function, cache.storage, cache.shape.group_size());
+  } else {
+    (void)function, (void)cache;
+  }
+}
+
+/// Installs a head's bases in a device cache: key_basis is head_dim × key_rank
+/// row-major (host memory) with orthonormal columns, likewise values — the
+/// CPU's set_basis, with its checks, then a copy to the device on `stream`
+/// (synchronised: the host staging is freed on return; a setup step).
+inline void set_low_rank_basis(const codec::low_rank::storage<device_space>& store, std::int64_t head,
+                               const float* key_basis, std::int64_t key_rank, const float* value_basis,
+                               std::int64_t value_rank, cudaStream_t stream) {
+  constexpr std::string_view function = "kvtrim::cuda_detail::set_low_rank_basis";
+  if (head < 0 || head >= store.heads) detail::fail_index(function, "head", head, store.heads);
+  const std::int64_t dim = store.head_dim, r_max = store.stored_rank;
+  const auto padded = [&](std::string_view argument, const float* basis, std::int64_t rank) {
+    if (rank < 1 || rank > r_max)
+      detail::fail(function, argument, detail::cat("a basis of rank 1 to ", r_max, " (the stored rank)"),
+                   detail::cat("rank ", rank));
+    if (basis == nullptr) detail::fail(function, argument, "a head_dim × rank basis", "nullptr");
+    Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> columns(basis, dim, rank);
+    if (!columns.allFinite()) detail::fail(function, argument, "finite entries", "NaN or Inf");
+    const double deviation =
+        (columns.cast<double>().transpose() * columns.cast<double>() - Eigen::MatrixXd::Identity(rank, rank))
+            .cwiseAbs()
+            .maxCoeff();
+    if (deviation > 1e-3)
+      detail::fail(function, argument, "orthonormal columns (|UᵀU − I| ≤ 1e-3)", detail::cat("|UᵀU − I| = ", deviation));
+    // The CPU's write_basis: through double, rounded to float, columns from the rank on 0.
+    std::vector<float> out(static_cast<std::size_t>(dim * r_max), 0.0f);
+    for (std::int64_t d = 0; d < dim; ++d)
+      for (std::int64_t j = 0; j < rank; ++j)
+        out[static_cast<std::size_t>(d * r_max + j)] = static_cast<float>(static_cast<double>(columns(d, j)));
+    return out;
+  };
+  const std::vector<float> keys = padded("key_basis", key_basis, key_rank);
+  const std::vector<float> values = padded("value_basis", value_basis, value_rank);
+  const std::int32_t ranks[2] = {static_cast<std::int32_t>(key_rank), static_cast<std::int32_t>(value_rank)};
+  const std::size_t basis_bytes = keys.size() * sizeof(float);
+  detail::check_cuda(cudaMemcpyAsync(store.key_bases + head * dim * r_max, keys.data(), basis_bytes,
+                                     cudaMemcpyHostToDevice, stream),
+                     function, "cudaMemcpyAsync(key_bases)");
+  detail::check_cuda(cudaMemcpyAsync(store.value_bases + head * dim * r_max, values.data(), basis_bytes,
+                                     cudaMemcpyHostToDevice, stream),
+                     function, "cudaMemcpyAsync(value_bases)");
+  detail::check_cuda(cudaMemcpyAsync(store.key_ranks + head, ranks, 4, cudaMemcpyHostToDevice, stream), function,
+                     "cudaMemcpyAsync(key_ranks)");
+  detail::check_cuda(cudaMemcpyAsync(store.value_ranks + head, ranks + 1, 4, cudaMemcpyHostToDevice, stream),
+                     function, "cudaMemcpyAsync(value_ranks)");
+  detail::check_cuda(cudaStreamSynchronize(stream), function, "cudaStreamSynchronize");
+}
+
+// ---- encode -------------------------------------------------------------------
+
+inline constexpr int low_rank_encode_threads = 256;
+
+/// One warp per token: the row's key and value staged in shared memory (fp32, as the CPU's
+/// encode receives them), then lane j computes coefficients j, j + 32, … in the CPU's order.
+template <class View, class InT>
+__global__ void __launch_bounds__(low_rank_encode_threads)
+    low_rank_encode_rows(const __grid_constant__ codec_write<View, InT> w) {
+  if (write_failed(w)) return;
+  constexpr int warps = low_rank_encode_threads / 32;
+  extern __shared__ float staged_rows[];  // [warps][key, value][head_dim]
+  const auto& store = w.cache.storage;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const std::int64_t dim = store.head_dim, r_max = store.stored_rank;
+  float* key = staged_rows + warp * 2 * dim;
+  float* value = key + dim;
+  auto* key_coefficients = reinterpret_cast<__half*>(store.key_coefficients);
+  auto* value_coefficients = reinterpret_cast<__half*>(store.value_coefficients);
+  KVTRIM_FOR_EACH_WRITTEN_HEAD(w, head) {
+    const std::int64_t rows = rows_of(w, head), first = first_of(w, head);
+    const head_coordinates coordinates = coordinates_of(w, head);
+    // prepare_head's bookkeeping (compaction): update_freq is 0 for profile bases, so nothing else changes it.
+    if (is_compaction(w) && blockIdx.x == 0 && threadIdx.x == 0) {
+      store.compaction_left[head] = rows;
+      store.pending_counts[head] = 0;
+    }
+    const float* key_basis = store.key_bases + head * dim * r_max;
+    const float* value_basis = store.value_bases + head * dim * r_max;
+    const std::int64_t key_rank = store.key_ranks[head], value_rank = store.value_ranks[head];
+    for (std::int64_t r = blockIdx.x * std::int64_t{warps} + warp; r < rows; r += std::int64_t{gridDim.x} * warps) {
+      const std::int64_t slot = w.cache.slot(coordinates.b, coordinates.h, first + r);
+      const source_row<InT> source = row_of(w, head, r, coordinates);
+      for (std::int64_t d = lane; d < dim; d += 32) {
+        key[d] = source.key_at(d);
+        value[d] = source.value_at(d);
+      }
+      __syncwarp();
+      if (lane == 0) w.cache.positions.slot_position[slot] = static_cast<std::int32_t>(position_of_row(w, head, r));
+      for (std::int64_t j = lane; j < r_max; j += 32) {
+        float key_sum = 0.0f, value_sum = 0.0f;
+        // Unrolled so that the basis loads of several channels are in flight together; the
+        // additions stay in the CPU's order (d ascending).
+        if (j < key_rank)
+#pragma unroll 8
+          for (std::int64_t d = 0; d < dim; ++d) key_sum = __fadd_rn(key_sum, __fmul_rn(key_basis[d * r_max + j], key[d]));
+        if (j < value_rank)
+#pragma unroll 8
+          for (std::int64_t d = 0; d < dim; ++d)
+            value_sum = __fadd_rn(value_sum, __fmul_rn(value_basis[d * r_max + j], value[d]));
+        key_coefficients[slot * r_max + j] = __float2half_rn(key_sum);
+        value_coefficients[slot * r_max + j] = __float2half_rn(value_sum);
+      }
+      __syncwarp();  // the staged row is read before the next token overwrites it
+    }
+  }
+}
+
+/// launch_codec_writes' low-rank branch (codec_writes.cuh).
+template <class View, class InT>
+void launch_low_rank_writes(std::string_view function, const codec_write<View, InT>& w, std::int64_t rows_bound,
+                            cudaStream_t stream) {
+  const bool compaction = w.kept_offsets != nullptr;
+  if (rows_bound <= 0 && !compaction) return;
+  const std::int64_t heads = w.target >= 0 ? 1 : w.cache.heads();
+  constexpr int warps = low_rank_encode_threads / 32;
+  const dim3 grid(static_cast<unsigned>(std::clamp<std::int64_t>(ceil_div(std::max<std::int64_t>(rows_bound, 1), warps), 1, 4096)),
+                  static_cast<unsigned>(std::min<std::int64_t>(heads, 65535)));
+  const std::size_t shared = std::size_t{warps} * 2 * static_cast<std::size_t>(w.cache.shape.head_dim) * sizeof(float);
+  low_rank_encode_rows<View, InT><<<grid, low_rank_encode_threads, shared, stream>>>(w);
+  detail::check_launch(function, "low_rank_encode_rows");
+}
+
+/// What bind does to host memory: no basis, nothing pending (the owning cache's reset).
+template <class Storage>
+__global__ void low_rank_reset(const Storage store) {
+  const std::int64_t first = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x;
+  const std::int64_t stride = std::int64_t{gridDim.x} * blockDim.x;
+  const std::int64_t basis = store.heads * store.head_dim * store.stored_rank;
+  for (std::int64_t i = first; i < basis; i += stride) store.key_bases[i] = 0.0f, store.value_bases[i] = 0.0f;
+  for (std::int64_t head = first; head < store.heads; head += stride) {
+    store.key_ranks[head] = 0;
+    store.value_ranks[head] = 0;
+    store.compaction_left[head] = 0;
+    store.pending_counts[head] = 0;
+  }
+}
+
+inline void launch_low_rank_reset(std::string_view function, const codec::low_rank::storage<device_space>& store,
+                                  cudaStream_t stream) {
+  low_rank_reset<<<256, 256, 0, stream>>>(store);
+  detail::check_launch(function, "low_rank_reset");
+}
+
+/// layout::flat's repack: a slot's key and value coefficients and its position,
+/// one coefficient (or the position) per part (pending slots exist only for
+/// sequence bases, which the device refuses: nothing to fix up after a move).
+template <>
+struct codec_slot_mover<codec::low_rank> {
+  codec::low_rank::storage<device_space> st;
+  std::int32_t* slot_position;
+
+  __device__ std::int64_t parts() const { return 2 * st.stored_rank + 1; }
+  __device__ uint4 load(std::int64_t slot, std::int64_t part) const {
+    const std::int64_t r = st.stored_rank;
+    if (part == 2 * r) return make_uint4(static_cast<unsigned>(slot_position[slot]), 0u, 0u, 0u);
+    const auto* base = reinterpret_cast<const unsigned short*>(part < r ? st.key_coefficients : st.value_coefficients);
+    return make_uint4(base[slot * r + part % r], 0u, 0u, 0u);
+  }
+  __device__ void store(std::int64_t slot, std::int64_t part, uint4 value) const {
+    const std::int64_t r = st.stored_rank;
+    if (part == 2 * r) {
+      slot_position[slot] = static_cast<std::int32_t>(value.x);
+      return;
+    }
+    auto* base = reinterpret_cast<unsigned short*>(part < r ? st.key_coefficients : st.value_coefficients);
+    base[slot * r + part % r] = static_cast<unsigned short>(value.x);
+  }
+  __device__ void moved(std::int64_t, std::int64_t, std::int64_t, std::int64_t) const {}
+};
+
+// ---- decode attention -----------------------------------------------------------
+
+inline constexpr int low_rank_decode_threads = 256;  // = tokens per tile: one token per thread
+inline constexpr int low_rank_decode_warps = low_rank_decode_threads / 32;
+
+/// Shared memory of one block (bytes from the start), for stored rank R.
+struct low_rank_decode_layout {
+  std::size_t inverse_frequencies = 0;  // [head_dim / 2] double (pre-RoPE)
+  std::size_t key_tiles = 0;            // [2][tile][key_stride] half
+  std::size_t value_tiles = 0;          // [2][tile][R] half
+  std::size_t weights = 0;              // [tile][Group] float; after the loop: per-thread mixes
+  std::size_t reduced = 0;              // [warps][Group] float (maxima, then sums)
+  std::size_t query = 0;                // [head_dim][Group]: the scaled query
+  std::size_t projected = 0;            // post: [R][Group]: U_kᵀ q, scaled
+  std::size_t key_basis = 0;            // [head_dim][R] float: U_k; after the tiles, U_vᵀ ([R][head_dim])
+  std::size_t bytes = 0;
+  int key_stride = 0;                   // halves between staged key rows
+
+  __host__ __device__ static std::size_t up16(std::size_t n) { return (n + 15) / 16 * 16; }
+  __host__ __device__ low_rank_decode_layout(int head_dim, int rank, int group, bool pre_rope) {
+    // 16-byte chunks (rank % 8 == 0): rows of 8k halves, padded so that 8 consecutive rows'
+    // 16-byte reads (one quarter warp of LDS.128) fall in distinct banks (row stride 4·odd words).
+    key_stride = rank % 8 != 0 ? rank : (rank / 8) % 2 == 0 ? rank + 8 : rank;
+    std::size_t at = 0;
+    inverse_frequencies = at;
+    at += pre_rope ? up16(static_cast<std::size_t>(head_dim / 2) * 8) : 0;
+    key_tiles = at;
+    at += up16(std::size_t{2} * low_rank_decode_threads * key_stride * 2);
+    value_tiles = at;
+    at += up16(std::size_t{2} * low_rank_decode_threads * rank * 2);
+    weights = at;
+    at += up16(std::size_t{low_rank_decode_threads} * group * 4);
+    reduced = at;
+    at += up16(std::size_t{low_rank_decode_warps} * group * 4);
+    query = at;
+    at += up16(static_cast<std::size_t>(head_dim) * group * 4);
+    projected = at;
+    at += pre_rope ? 0 : up16(static_cast<std::size_t>(rank) * group * 4);
+    key_basis = at;
+    at += up16(static_cast<std::size_t>(head_dim) * rank * 4);
+    bytes = at;
+  }
+};
+
+inline std::size_t low_rank_decode_shared_bytes(int head_dim, int rank, int group, bool pre_rope) {
+  return low_rank_decode_layout(head_dim, rank, group, pre_rope).bytes;
+}
+
+/// Stages tile `tile` of [begin, end) (rows of key and value coefficients) into buffer tile % 2.
+template <class Rows>
+__device__ __forceinline__ void low_rank_stage_tile(const codec::low_rank::storage<device_space>& store,
+                                                    const Rows& rows, std::int64_t begin, std::int64_t end, int tile,
+                                                    const low_rank_decode_layout& layout, unsigned char* shared) {
+  const int r = static_cast<int>(store.stored_rank);
+  const std::int64_t first = begin + std::int64_t{tile} * low_rank_decode_threads;
+  if (first >= end) return;
+  const int count = static_cast<int>(end - first < low_rank_decode_threads ? end - first : low_rank_decode_threads);
+  auto* keys = reinterpret_cast<__half*>(shared + layout.key_tiles) + (tile % 2) * low_rank_decode_threads * layout.key_stride;
+  auto* values = reinterpret_cast<__half*>(shared + layout.value_tiles) + (tile % 2) * low_rank_decode_threads * r;
+  const auto* key_source = reinterpret_cast<const __half*>(store.key_coefficients);
+  const auto* value_source = reinterpret_cast<const __half*>(store.value_coefficients);
+  if (r % 8 == 0) {
+    const int chunks = r / 8;
+    for (int index = threadIdx.x; index < count * chunks; index += low_rank_decode_threads) {
+      const int t = index / chunks, c = index - t * chunks;
+      const std::int64_t at = rows.slot(first + t) * r + 8 * c;
+      copy_async16(keys + t * layout.key_stride + 8 * c, key_source + at, 16);
+      copy_async16(values + t * r + 8 * c, value_source + at, 16);
+    }
+  } else {
+    for (int index = threadIdx.x; index < count * r; index += low_rank_decode_threads) {
+      const int t = index / r, j = index - t * r;
+      const std::int64_t at = rows.slot(first + t) * r + j;
+      keys[t * layout.key_stride + j] = key_source[at];
+      values[t * r + j] = value_source[at];
+    }
+  }
+}
+
+template <int Group, class Params>
+__global__ void __launch_bounds__(low_rank_decode_threads)
+    decode_attention_low_rank(const __grid_constant__ Params params) {
+  wait_for_prerequisite_grid();  // paged / flat: the plan's partition
+  allow_dependent_grid();
+  constexpr float negative_infinity = -std::numeric_limits<float>::infinity();
+  constexpr int T = low_rank_decode_threads;
+  extern __shared__ __align__(16) unsigned char shared[];
+  const auto& cache = params.cache;
+  const auto& store = cache.storage;
+  const int dim = static_cast<int>(store.head_dim), r = static_cast<int>(store.stored_rank);
+  const bool pre_rope = store.pre_rope;
+  const low_rank_decode_layout layout(dim, r, Group, pre_rope);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  auto* inverse_frequencies = reinterpret_cast<double*>(shared + layout.inverse_frequencies);
+  auto* weights = reinterpret_cast<float*>(shared + layout.weights);
+  auto* reduced = reinterpret_cast<float*>(shared + layout.reduced);
+  auto* query = reinterpret_cast<float*>(shared + layout.query);
+  auto* projected = reinterpret_cast<float*>(shared + layout.projected);
+  auto* key_basis = reinterpret_cast<float*>(shared + layout.key_basis);
+  const int rotary = !pre_rope ? 0 : store.rope.rotary_dim == 0 ? dim : static_cast<int>(store.rope.rotary_dim);
+  const int pair_count = rotary / 2;
+  const bool half_split = store.rope.pairs == rope::pairing::half_split;
+  if (pre_rope)  // rope::inverse_frequencies: theta^(−2i / rotary_dim), in double
+    for (int i = threadIdx.x; i < pair_count; i += T)
+      inverse_frequencies[i] = pow(store.rope.theta, -2.0 * static_cast<double>(i) / static_cast<double>(rotary));
+  // Value mixing: thread = (subset, coefficient j); subsets split a tile's tokens.
+  const int subsets = T / r;
+  const int mix_j = threadIdx.x % r, mix_subset = threadIdx.x / r;
+  const bool mixes = mix_subset < subsets;
+
+  for_each_segment(params.partition, [&](std::int64_t head, std::int64_t begin, std::int64_t end, bool whole,
+                                         std::int64_t partial_index) {
+    const auto rows = head_rows(cache, head, params.page_shift);
+    const head_bias bias = compensation_of(cache, head);
+    const std::int64_t b = head / cache.shape.kv_heads, h = head % cache.shape.kv_heads;
+    const int key_rank = store.key_ranks[head], value_rank = store.value_ranks[head];
+    const float* head_key_basis = store.key_bases + head * static_cast<std::int64_t>(dim) * r;
+    const float* head_value_basis = store.value_bases + head * static_cast<std::int64_t>(dim) * r;
+    const int tiles = static_cast<int>((end - begin + T - 1) / T);
+    low_rank_stage_tile(store, rows, begin, end, 0, layout, shared);
+    copy_async_commit();
+
+    // The scaled query ([d][g]) and U_k, staged (coalesced); post-RoPE: the projection
+    // q̃_jg = Σ_d U_dj q_gd·scale from them (four partial sums per thread).
+    for (int index = threadIdx.x; index < dim * Group; index += T) {
+      const int g = index % Group, d = index / Group;
+      const auto* row = params.queries + b * params.query_batch_stride + (h * Group + g) * params.query_head_stride;
+      query[index] = to_float(row[d]) * params.query_scale;
+    }
+    for (int index = threadIdx.x; index < dim * r; index += T) key_basis[index] = head_key_basis[index];
+    __syncthreads();
+    if (!pre_rope)
+      for (int index = threadIdx.x; index < r * Group; index += T) {
+        const int j = index / Group, g = index % Group;
+        float partial[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (j < key_rank)
+          for (int d = 0; d < dim; d += 4)  // head_dim is a multiple of 8
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              partial[e] = fmaf(key_basis[(d + e) * r + j], query[(d + e) * Group + g], partial[e]);
+        projected[index] = (partial[0] + partial[1]) + (partial[2] + partial[3]);
+      }
+    // Bookkeeping: the running maximum (the same in every thread), this thread's weight sums, its mix.
+    float running_max[Group], sum[Group], mix[Group];
+#pragma unroll
+    for (int g = 0; g < Group; ++g) running_max[g] = negative_infinity, sum[g] = 0.0f, mix[g] = 0.0f;
+    const std::int64_t metric_line = params.metric.logits != nullptr ? params.partition.prefix(head) : 0;
+
+    for (int tile = 0; tile < tiles; ++tile) {
+      low_rank_stage_tile(store, rows, begin, end, tile + 1, layout, shared);
+      copy_async_commit();
+      copy_async_wait<1>();
+      __syncthreads();  // tile `tile` has landed for the whole block (and the query on the first)
+      const std::int64_t first = begin + std::int64_t{tile} * T;
+      const int count = static_cast<int>(end - first < T ? end - first : T);
+      const auto* keys = reinterpret_cast<const __half*>(shared + layout.key_tiles) + (tile % 2) * T * layout.key_stride;
+      const auto* values = reinterpret_cast<const __half*>(shared + layout.value_tiles) + (tile % 2) * T * r;
+
+      // 1. This thread's token: its score for every query head.
+      float score[Group];
+#pragma unroll
+      for (int g = 0; g < Group; ++g) score[g] = negative_infinity;
+      if (static_cast<int>(threadIdx.x) < count) {
+        const std::int64_t token = first + threadIdx.x;
+        const __half* c = keys + threadIdx.x * layout.key_stride;
+        float dot[Group];
+#pragma unroll
+        for (int g = 0; g < Group; ++g) dot[g] = 0.0f;
+        if (!pre_rope) {
+          const auto add = [&](int j, float coefficient) {
+            if constexpr (Group % 4 == 0) {
+#pragma unroll
+              for (int g = 0; g < Group; g += 4) {
+                const float4 q = *reinterpret_cast<const float4*>(projected + j * Group + g);
+                dot[g] = fmaf(q.x, coefficient, dot[g]);
+                dot[g + 1] = fmaf(q.y, coefficient, dot[g + 1]);
+                dot[g + 2] = fmaf(q.z, coefficient, dot[g + 2]);
+                dot[g + 3] = fmaf(q.w, coefficient, dot[g + 3]);
+              }
+            } else {
+#pragma unroll
+              for (int g = 0; g < Group; ++g) dot[g] = fmaf(projected[j * Group + g], coefficient, dot[g]);
+            }
+          };
+          if (r % 8 == 0) {
+            for (int j8 = 0; j8 < key_rank; j8 += 8) {
+              const uint4 raw = *reinterpret_cast<const uint4*>(c + j8);
+              const auto* pairs = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+              for (int i = 0; i < 4; ++i) {
+                const float2 two = __half22float2(pairs[i]);
+                add(j8 + 2 * i, two.x);  // beyond the key rank: coefficient 0 (and q̃ 0)
+                add(j8 + 2 * i + 1, two.y);
+              }
+            }
+          } else {
+            for (int j = 0; j < key_rank; ++j) add(j, __half2float(c[j]));
+          }
+        } else {
+          // The CPU's reader.dot: k̂_d = Σ_j U_dj c_j, rotated by the token's position, then q·k̂.
+          const auto component = [&](int d) {
+            float value = 0.0f;
+            const float* u = key_basis + d * r;
+            if (r % 8 == 0) {  // 16-byte reads: the row's (padded: conflict-free) and U's (broadcast)
+              for (int j8 = 0; j8 < key_rank; j8 += 8) {  // beyond the key rank: U's columns and c are 0
+                const uint4 raw = *reinterpret_cast<const uint4*>(c + j8);
+                const auto* pairs = reinterpret_cast<const __half2*>(&raw);
+                const float4 low = *reinterpret_cast<const float4*>(u + j8);
+                const float4 high = *reinterpret_cast<const float4*>(u + j8 + 4);
+                const float2 c01 = __half22float2(pairs[0]), c23 = __half22float2(pairs[1]);
+                const float2 c45 = __half22float2(pairs[2]), c67 = __half22float2(pairs[3]);
+                value = fmaf(low.x, c01.x, value), value = fmaf(low.y, c01.y, value);
+                value = fmaf(low.z, c23.x, value), value = fmaf(low.w, c23.y, value);
+                value = fmaf(high.x, c45.x, value), value = fmaf(high.y, c45.y, value);
+                value = fmaf(high.z, c67.x, value), value = fmaf(high.w, c67.y, value);
+              }
+            } else {
+              for (int j = 0; j < key_rank; ++j) value = fmaf(u[j], __half2float(c[j]), value);
+            }
+            return value;
+          };
+          const auto add = [&](int d, float k) {
+#pragma unroll
+            for (int g = 0; g < Group; ++g) dot[g] = fmaf(query[d * Group + g], k, dot[g]);
+          };
+          const double position = static_cast<double>(cache.positions.slot_position[rows.slot(token)]);
+          for (int i = 0; i < pair_count; ++i) {
+            const int a = half_split ? i : 2 * i, e = half_split ? i + pair_count : 2 * i + 1;
+            double sine, cosine;
+            sincos(position * inverse_frequencies[i], &sine, &cosine);
+            const double xa = component(a), xb = component(e);
+            add(a, static_cast<float>(xa * cosine - xb * sine));
+            add(e, static_cast<float>(xa * sine + xb * cosine));
+          }
+          for (int d = rotary; d < dim; ++d) add(d, component(d));
+        }
+        const float token_bias = bias.at(token);
+#pragma unroll
+        for (int g = 0; g < Group; ++g) score[g] = dot[g] + token_bias;
+        if (params.metric.logits != nullptr)
+#pragma unroll
+          for (int g = 0; g < Group; ++g) params.metric.logits[g * params.metric.stride + metric_line + token] = score[g];
+      }
+
+      // 2. The tile's maximum per query head: warps, then the block (every thread ends with it).
+      float tile_max[Group];
+#pragma unroll
+      for (int g = 0; g < Group; ++g) {
+        float m = score[g];
+#pragma unroll
+        for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+        if (lane == 0) reduced[warp * Group + g] = m;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int g = 0; g < Group; ++g) {
+        float m = running_max[g];
+#pragma unroll
+        for (int w = 0; w < low_rank_decode_warps; ++w) m = fmaxf(m, reduced[w * Group + g]);
+        tile_max[g] = m;
+      }
+      // 3. Weights 2^(s − m), the rescale of what was summed before.
+      float rescale[Group];
+#pragma unroll
+      for (int g = 0; g < Group; ++g) {
+        rescale[g] = tile_max[g] == negative_infinity ? 1.0f : exp2f(running_max[g] - tile_max[g]);
+        running_max[g] = tile_max[g];
+        const float p = score[g] == negative_infinity ? 0.0f : exp2f(score[g] - tile_max[g]);
+        sum[g] = sum[g] * rescale[g] + p;
+        weights[threadIdx.x * Group + g] = p;
+      }
+      __syncthreads();
+      // 4. Mix the values in coefficient space: this thread's coefficient over its subset's tokens.
+      if (mixes) {
+#pragma unroll
+        for (int g = 0; g < Group; ++g) mix[g] *= rescale[g];
+        for (int t = mix_subset; t < count; t += subsets) {
+          const float v = __half2float(values[t * r + mix_j]);
+          if constexpr (Group % 4 == 0) {
+#pragma unroll
+            for (int g = 0; g < Group; g += 4) {
+              const float4 p = *reinterpret_cast<const float4*>(weights + t * Group + g);
+              mix[g] = fmaf(p.x, v, mix[g]);
+              mix[g + 1] = fmaf(p.y, v, mix[g + 1]);
+              mix[g + 2] = fmaf(p.z, v, mix[g + 2]);
+              mix[g + 3] = fmaf(p.w, v, mix[g + 3]);
+            }
+          } else {
+#pragma unroll
+            for (int g = 0; g < Group; ++g) mix[g] = fmaf(weights[t * Group + g], v, mix[g]);
+          }
+        }
+      }
+      __syncthreads();  // the tile's buffers and weights are read before they are refilled
+    }
+    copy_async_wait<0>();
+
+    // The segment's state: sums over the block, mixes over the subsets, then lift and normalise.
+#pragma unroll
+    for (int g = 0; g < Group; ++g) {
+      float s = sum[g];
+#pragma unroll
+      for (int offset = 16; offset > 0; offset /= 2) s += __shfl_xor_sync(0xffffffffu, s, offset);
+      if (lane == 0) reduced[warp * Group + g] = s;
+      weights[threadIdx.x * Group + g] = mixes ? mix[g] : 0.0f;
+    }
+    __syncthreads();
+    // [Group][R] in the drained value tiles (T·R halves ≥ Group·R floats); U_v transposed
+    // ([R][head_dim]: the lift's lanes read consecutive channels) where U_k was.
+    float* mixed = reinterpret_cast<float*>(shared + layout.value_tiles);
+    float* value_basis = key_basis;
+    for (int index = threadIdx.x; index < Group * r; index += T) {
+      const int g = index / r, j = index % r;
+      float total = 0.0f;
+      for (int s = 0; s < subsets; ++s) total += weights[(s * r + j) * Group + g];
+      mixed[index] = total;
+    }
+    for (int index = threadIdx.x; index < dim * r; index += T) {
+      const int d = index / r, j = index % r;
+      value_basis[j * dim + d] = head_value_basis[index];
+    }
+    __syncthreads();
+    using out_type = std::remove_pointer_t<decltype(params.out)>;
+    for (int index = threadIdx.x; index < Group * dim; index += T) {
+      const int g = index / dim, d = index % dim;
+      float total_sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < low_rank_decode_warps; ++w) total_sum += reduced[w * Group + g];
+      float lifted = 0.0f;
+      for (int j = 0; j < value_rank; ++j) lifted = fmaf(value_basis[j * dim + d], mixed[g * r + j], lifted);
+      const float output = total_sum > 0.0f ? lifted / total_sum : 0.0f;
+      if (whole) {
+        params.out[b * params.out_batch_stride + (h * Group + g) * params.out_head_stride + d] = from_float<out_type>(output);
+        if (params.metric.logits != nullptr && d == 0)
+          params.metric.lse[head * Group + g] = total_sum > 0.0f ? running_max[g] + log2f(total_sum) : negative_infinity;
+      } else {
+        const std::int64_t partial = partial_index * Group + g;
+        params.partial_out[partial * dim + d] = output;
+        if (d == 0) params.partial_lse[partial] = total_sum > 0.0f ? running_max[g] + log2f(total_sum) : negative_infinity;
+      }
+    }
+    __syncthreads();  // the next segment reuses every buffer
+  });
+}
+
+/// decode_attention.cuh's kernel choice for low-rank caches: one kernel for every head dim;
+/// its shared memory depends on the stored rank (shared_bytes_for).
+template <int Group>
+struct low_rank_decode_choice {
+  static constexpr bool tensor_cores = false;
+  static constexpr bool supported = true;
+  static constexpr int threads = low_rank_decode_threads;
+  static constexpr const char* kernel_name = "decode_attention_low_rank";
+  /// Two tiles of 256 rows of R coefficients, U_k, the query: above the device's opt-in limit a
+  /// kvtrim::error naming the stored rank (compaction and append refuse such caches first).
+  template <class View>
+  static std::size_t shared_bytes_for(const View& cache) {
+    check_low_rank_decodable("kvtrim::scheme::attend", cache.storage, Group);
+    return low_rank_decode_shared_bytes(static_cast<int>(cache.storage.head_dim),
+                                        static_cast<int>(cache.storage.stored_rank), Group, cache.storage.pre_rope);
+  }
+  template <class Params>
+  static auto kernel() {
+    return decode_attention_low_rank<Group, Params>;
+  }
+};
+
+}  // namespace kvtrim::cuda_detail
