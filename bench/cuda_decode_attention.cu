@@ -378,6 +378,84 @@ BENCHMARK(ragged_decode<kt::layout::flat>)
     ->Iterations(50)
     ->Unit(benchmark::kMicrosecond);
 
+namespace {
+
+/// Decode attention over layout::shared_paged: an engine's own head-shared page
+/// tensor (FlashInfer / vLLM [pages, 2, page, kv_heads, D] for NHD, [pages, 2,
+/// kv_heads, page, D] for HND) bound with bind_pages, every sequence `tokens`
+/// long (a uniform budget), pages scattered through the pool or in order.
+/// Bytes: the K and V rows the sequences hold, as ragged_decode.
+void shared_paged_decode(benchmark::State& state) {
+  using view_type = kt::layout::shared_paged::view<kt::codec::fp16, kt::device_space>;
+  const std::int64_t batch = state.range(0), tokens = state.range(1), page = state.range(5);
+  const auto order = state.range(6) == 0 ? kt::layout::shared_paged::order::nhd : kt::layout::shared_paged::order::hnd;
+  const bool scattered = state.range(7) != 0;
+  const kt::model_shape shape{.q_heads = state.range(2), .kv_heads = state.range(3), .head_dim = state.range(4)};
+  const std::int64_t per_sequence = kt::layout::shared_paged::pages_for(tokens, page), pages = batch * per_sequence;
+  const kt::layout::shared_paged::pool_size pool{pages, page, order};
+  const std::int64_t tensor_elements = view_type::tensor_rows(shape, pool) * shape.head_dim;
+  __half* tensor = nullptr;
+  void* metadata = nullptr;
+  check(cudaMalloc(&tensor, tensor_elements * sizeof(__half)), "cudaMalloc(page tensor)");
+  check(cudaMalloc(&metadata, view_type::metadata_bytes(shape, batch, pool)), "cudaMalloc(metadata)");
+  const view_type view = view_type::bind_pages(reinterpret_cast<kt::half*>(tensor), metadata, shape, batch, pool);
+  std::vector<std::int32_t> permutation(static_cast<std::size_t>(pages));
+  std::iota(permutation.begin(), permutation.end(), 0);
+  if (scattered) std::shuffle(permutation.begin(), permutation.end(), std::mt19937_64(7));
+  std::vector<std::int32_t> indptr(static_cast<std::size_t>(batch + 1)), last(static_cast<std::size_t>(batch));
+  for (std::int64_t b = 0; b <= batch; ++b) indptr[b] = static_cast<std::int32_t>(b * per_sequence);
+  for (std::int64_t b = 0; b < batch; ++b) last[b] = static_cast<std::int32_t>((tokens - 1) % page + 1);
+  const std::int32_t no_free_pages = 0;
+  check(cudaMemcpy(view.indptr, indptr.data(), indptr.size() * 4, cudaMemcpyHostToDevice), "indptr");
+  check(cudaMemcpy(view.indices, permutation.data(), permutation.size() * 4, cudaMemcpyHostToDevice), "indices");
+  check(cudaMemcpy(view.last_page_len, last.data(), last.size() * 4, cudaMemcpyHostToDevice), "last_page_len");
+  check(cudaMemcpy(view.free_count, &no_free_pages, 4, cudaMemcpyHostToDevice), "free_count");
+  fill_random<<<1024, 256>>>(tensor, tensor_elements, 1);
+
+  const std::int64_t query_elements = batch * shape.q_heads * shape.head_dim;
+  __half *queries = nullptr, *out = nullptr;
+  check(cudaMalloc(&queries, query_elements * sizeof(__half)), "cudaMalloc");
+  check(cudaMalloc(&out, query_elements * sizeof(__half)), "cudaMalloc");
+  fill_random<<<64, 256>>>(queries, query_elements, 3);
+  const std::array<std::int64_t, 3> query_extents{batch, shape.q_heads, shape.head_dim};
+  const auto query_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(queries), query_extents);
+  const auto out_view = kt::make_view<kt::device_space>(reinterpret_cast<kt::half*>(out), query_extents);
+  using attention = kt::implementation<kt::stage::decode_attention, kt::backend::cuda>;
+  const std::size_t scratch_bytes = attention::workspace_bytes(view);
+  void* scratch = nullptr;
+  check(cudaMalloc(&scratch, std::max<std::size_t>(scratch_bytes, 1)), "cudaMalloc");
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  kt::layout::shared_paged::check("bench", view);
+  const std::vector<double> seconds = kvtrim_bench::timed_seconds(
+      state, stream, [&] { attention::attend(query_view, view, out_view, {scratch, scratch_bytes}, stream); });
+  const double cache_bytes =
+      2.0 * static_cast<double>(batch * shape.kv_heads * tokens * shape.head_dim) * sizeof(__half);
+  const double median = seconds[seconds.size() / 2];
+  state.SetBytesProcessed(static_cast<std::int64_t>(cache_bytes) * state.iterations());
+  state.counters["median_us"] = median * 1e6;
+  state.counters["cache_TBps"] = cache_bytes / median / 1e12;
+  if (measured_copy_bandwidth > 0) state.counters["fraction_of_copy"] = cache_bytes / median / measured_copy_bandwidth;
+  cudaFree(queries), cudaFree(out), cudaFree(scratch), cudaFree(tensor), cudaFree(metadata);
+  cudaStreamDestroy(stream);
+}
+
+}  // namespace
+
+// An engine's head-shared pages (layout::shared_paged, bound with no copy): W at 4k and 32k, NHD and HND,
+// pages of 16 scattered; 32k with pages in order, and pages of 64.
+BENCHMARK(shared_paged_decode)
+    ->Name("decode_attention_shared_paged")
+    ->ArgNames({"batch", "tokens", "q_heads", "kv_heads", "head_dim", "page", "hnd", "scattered"})
+    ->Args({8, 4096, 32, 8, 128, 16, 0, 1})
+    ->Args({8, 32768, 32, 8, 128, 16, 0, 1})
+    ->Args({8, 32768, 32, 8, 128, 16, 1, 1})
+    ->Args({8, 32768, 32, 8, 128, 16, 0, 0})
+    ->Args({8, 32768, 32, 8, 128, 64, 1, 1})
+    ->UseManualTime()
+    ->Iterations(50)
+    ->Unit(benchmark::kMicrosecond);
+
 BENCHMARK_MAIN();
 
 // ---- issue 16: the eviction metric's cost (eviction::attend with and without it) ----
