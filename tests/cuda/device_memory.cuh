@@ -6,6 +6,8 @@
 #include <kvtrim/cuda.cuh>
 
 #include <cstddef>
+#include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "common/tensors.hpp"
@@ -25,6 +27,16 @@ namespace kvtrim::testing {
 inline void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) throw kvtrim::error(std::string(what) + ": " + cudaGetErrorString(status));
 }
+
+/// 256-byte aligned host memory for a cache block.
+struct host_block {
+  std::unique_ptr<std::byte[]> raw;
+  void* data = nullptr;
+  explicit host_block(std::size_t bytes) : raw(new std::byte[bytes + 256]) {
+    const auto address = reinterpret_cast<std::uintptr_t>(raw.get());
+    data = raw.get() + ((256 - address % 256) % 256);
+  }
+};
 
 /// Owning device memory.
 template <class T>

@@ -28,6 +28,7 @@
 namespace kt = kvtrim;
 namespace ev = kvtrim::eviction;
 using kt::testing::device_buffer;
+using kt::testing::host_block;
 
 namespace {
 
@@ -45,15 +46,6 @@ std::string name_of(const metric_case& c) {
   return kt::detail::cat(layout, "_b", c.batch, "_kv", c.kv_heads, "_g", c.group, "_d", c.head_dim, "_n", c.lengths[0],
                          "_w", c.window);
 }
-
-struct host_block {
-  std::unique_ptr<std::byte[]> raw;
-  void* data = nullptr;
-  explicit host_block(std::size_t bytes) : raw(new std::byte[bytes + 256]) {
-    const auto address = reinterpret_cast<std::uintptr_t>(raw.get());
-    data = raw.get() + ((256 - address % 256) % 256);
-  }
-};
 
 template <class Layout, class Element, class Codec = kt::codec::plain<Element>>
 struct harness {

@@ -38,7 +38,7 @@ namespace kvtrim::analysis {
 template <class Rows>
 std::vector<double> singular_values(const Eigen::MatrixBase<Rows>& rows) {
   if (rows.size() == 0) return {};
-  Eigen::BDCSVD<Eigen::MatrixXd> svd(rows);
+  Eigen::BDCSVD<Eigen::MatrixXd> svd(rows.derived());  // derived(): no converting copy
   const Eigen::VectorXd& values = svd.singularValues();
   return std::vector<double>(values.data(), values.data() + values.size());
 }
@@ -103,7 +103,7 @@ inline double stable_rank(const std::vector<double>& singular) {
 /// (orthonormal columns).
 template <class Rows>
 Eigen::MatrixXd principal_basis(const Eigen::MatrixBase<Rows>& rows, std::int64_t rank) {
-  Eigen::BDCSVD<Eigen::MatrixXd> svd(rows, Eigen::ComputeThinV);
+  Eigen::BDCSVD<Eigen::MatrixXd> svd(rows.derived(), Eigen::ComputeThinV);
   return svd.matrixV().leftCols(rank);
 }
 

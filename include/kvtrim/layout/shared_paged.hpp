@@ -28,7 +28,8 @@
 // rows', stay unused — 4 bytes per key row against 2·2·head_dim bytes of K/V).
 //
 // Codecs: codec::plain (fp16, bf16, fp32): the engine's tensor is plain elements.
-// Backends: cpu (compress, append, decode attention), cuda (decode attention).
+// Backends: cpu and cuda (compress, append, decode attention; the device runs the
+// CPU's checks on the device and reports through check_status).
 #pragma once
 
 #include <algorithm>
@@ -250,7 +251,15 @@ struct shared_paged {
                    "a null metadata pointer");
     if (!std::same_as<typename View::space, host_space> && cache.status == nullptr)
       detail::fail(function, "cache.status", "non-null status words on a device view", "a null pointer");
-    const std::int64_t half_page = cache.page_size * cache.shape.kv_heads * cache.shape.head_dim;
+    // A hand-built view's sizes: products checked before they are used (bind checks its own).
+    if (detail::checked_mul(function, "cache.batch", cache.batch, cache.shape.kv_heads) >=
+        std::numeric_limits<std::int32_t>::max())
+      detail::fail(function, "cache.batch", "batch · kv_heads below 2^31 − 1",
+                   std::to_string(cache.batch * cache.shape.kv_heads));
+    const std::int64_t page_rows = detail::checked_mul(function, "cache.page_size", cache.page_size, cache.shape.kv_heads);
+    const std::int64_t half_page = detail::checked_mul(function, "cache.page_size", page_rows, cache.shape.head_dim);
+    detail::checked_mul(function, "cache.pages", detail::checked_mul(function, "cache.pages", 2 * cache.pages, page_rows),
+                        cache.shape.head_dim);
     if (cache.storage.keys == nullptr || cache.storage.values != cache.storage.keys + half_page)
       detail::fail(function, "cache.storage",
                    detail::cat("keys = the page tensor and values = keys + page_size·kv_heads·head_dim = keys + ",
@@ -259,11 +268,10 @@ struct shared_paged {
     if (cache.storage.head_dim != cache.shape.head_dim)
       detail::fail(function, "cache.storage.head_dim", std::to_string(cache.shape.head_dim),
                    std::to_string(cache.storage.head_dim));
-    const std::int64_t rows = 2 * cache.pages * cache.page_size * cache.shape.kv_heads;
-    if (cache.storage.slots != rows - cache.page_size * cache.shape.kv_heads)
+    const std::int64_t rows = 2 * cache.pages * page_rows;
+    if (cache.storage.slots != rows - page_rows)
       detail::fail(function, "cache.storage.slots",
-                   detail::cat("the page tensor's rows reachable from keys and values: ",
-                               rows - cache.page_size * cache.shape.kv_heads),
+                   detail::cat("the page tensor's rows reachable from keys and values: ", rows - page_rows),
                    std::to_string(cache.storage.slots));
   }
 

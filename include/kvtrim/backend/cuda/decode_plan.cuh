@@ -167,7 +167,8 @@ __device__ __forceinline__ auto head_rows(const View& cache, std::int64_t head, 
     return shared_page_rows{cache.indices + cache.indptr[b], cache.page_size, page_shift, cache.shape.kv_heads, h,
                             cache.order == layout::shared_paged::order::hnd};
   } else {
-    static_assert(is_flat_view<View>, "kvtrim: backend::cuda decode attention reads contiguous, paged and flat layouts");
+    static_assert(is_flat_view<View>,
+                  "kvtrim: backend::cuda decode attention reads contiguous, paged, shared_paged and flat layouts");
     (void)page_shift;
     return strided_rows{cache.offsets[head], 1};
   }

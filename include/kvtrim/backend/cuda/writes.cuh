@@ -684,7 +684,7 @@ __device__ inline bool input_refused(std::int64_t* status) {
 }  // namespace cuda_detail
 
 /// Throws the kvtrim::error a CPU call would have thrown when a device call on
-/// `cache` (layout::paged or layout::flat on backend::cuda) found the pool or
+/// `cache` (layout::paged, flat or shared_paged on backend::cuda) found the pool or
 /// buffer short, positions past 2^31, or a non-finite input, since the last check; clears the
 /// record. Synchronises `stream` (call it where a host sync is acceptable: after
 /// compress, every few decode steps, or after replaying a graph).

@@ -52,6 +52,13 @@ namespace kvtrim::detail::x86 {
 #if KVTRIM_X86_DISPATCH
 
 #define KVTRIM_X86_AVX2 __attribute__((target("avx2,fma,f16c")))
+// GCC's unroll hint; nvcc's front end parses these host functions too and warns
+// on a pragma it does not know (#1675-D), so CUDA translation units go without it.
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define KVTRIM_X86_UNROLL_8 _Pragma("GCC unroll 8")
+#else
+#define KVTRIM_X86_UNROLL_8
+#endif
 
 /// The process-wide switch for the hand-vectorised paths (default on): tests turn
 /// it off to run the portable paths on a CPU that has AVX2. Flip it only while no
@@ -168,25 +175,25 @@ template <row_format Format, int Heads, int Rows>
 KVTRIM_X86_AVX2 inline void dot_tile(const float* queries, const void* const* rows, std::int64_t i, std::int64_t dim,
                                      float* logits, std::int64_t stride) {
   __m256 sum[Rows][Heads];
-#pragma GCC unroll 8
+  KVTRIM_X86_UNROLL_8
   for (int r = 0; r < Rows; ++r)
-#pragma GCC unroll 8
+    KVTRIM_X86_UNROLL_8
     for (int g = 0; g < Heads; ++g) sum[r][g] = _mm256_setzero_ps();
   std::int64_t d = 0;
   for (; d + 8 <= dim; d += 8) {
     __m256 key[Rows];
-#pragma GCC unroll 8
+    KVTRIM_X86_UNROLL_8
     for (int r = 0; r < Rows; ++r) key[r] = load8<Format>(rows[i + r], d);
-#pragma GCC unroll 8
+    KVTRIM_X86_UNROLL_8
     for (int g = 0; g < Heads; ++g) {
       const __m256 query = _mm256_loadu_ps(queries + g * dim + d);
-#pragma GCC unroll 8
+      KVTRIM_X86_UNROLL_8
       for (int r = 0; r < Rows; ++r) sum[r][g] = _mm256_fmadd_ps(query, key[r], sum[r][g]);
     }
   }
-#pragma GCC unroll 8
+  KVTRIM_X86_UNROLL_8
   for (int r = 0; r < Rows; ++r)
-#pragma GCC unroll 8
+    KVTRIM_X86_UNROLL_8
     for (int g = 0; g < Heads; ++g) {
       float total = lane_sum(sum[r][g]);
       for (std::int64_t e = d; e < dim; ++e) total += queries[g * dim + e] * load1<Format>(rows[i + r], e);
@@ -235,24 +242,24 @@ KVTRIM_X86_AVX2 inline void accumulate_tile(float* accumulators, const float* we
                                             const void* const* rows, std::int64_t count, std::int64_t dim,
                                             std::int64_t d) {
   __m256 acc[Heads][Chunks];
-#pragma GCC unroll 8
+  KVTRIM_X86_UNROLL_8
   for (int g = 0; g < Heads; ++g)
-#pragma GCC unroll 8
+    KVTRIM_X86_UNROLL_8
     for (int c = 0; c < Chunks; ++c) acc[g][c] = _mm256_loadu_ps(accumulators + g * dim + d + 8 * c);
   for (std::int64_t i = 0; i < count; ++i) {
     __m256 value[Chunks];
-#pragma GCC unroll 8
+    KVTRIM_X86_UNROLL_8
     for (int c = 0; c < Chunks; ++c) value[c] = load8<Format>(rows[i], d + 8 * c);
-#pragma GCC unroll 8
+    KVTRIM_X86_UNROLL_8
     for (int g = 0; g < Heads; ++g) {
       const __m256 weight = _mm256_broadcast_ss(weights + g * weight_stride + i);
-#pragma GCC unroll 8
+      KVTRIM_X86_UNROLL_8
       for (int c = 0; c < Chunks; ++c) acc[g][c] = _mm256_fmadd_ps(weight, value[c], acc[g][c]);
     }
   }
-#pragma GCC unroll 8
+  KVTRIM_X86_UNROLL_8
   for (int g = 0; g < Heads; ++g)
-#pragma GCC unroll 8
+    KVTRIM_X86_UNROLL_8
     for (int c = 0; c < Chunks; ++c) _mm256_storeu_ps(accumulators + g * dim + d + 8 * c, acc[g][c]);
 }
 
@@ -317,13 +324,13 @@ KVTRIM_X86_AVX2_NO_FMA inline void logit_tile(const float* queries_t, std::int64
                                               std::int64_t rows, const float* keys, std::int64_t j, std::int64_t dim,
                                               float* logits, std::int64_t logit_stride) {
   __m256 sum[2][Keys];
-#pragma GCC unroll 8
+  KVTRIM_X86_UNROLL_8
   for (int k = 0; k < Keys; ++k) sum[0][k] = sum[1][k] = _mm256_setzero_ps();
   const float* key = keys + j * dim;
   for (std::int64_t d = 0; d < dim; ++d) {
     const __m256 low = _mm256_loadu_ps(queries_t + d * row_stride + r0);
     const __m256 high = _mm256_loadu_ps(queries_t + d * row_stride + r0 + 8);
-#pragma GCC unroll 8
+    KVTRIM_X86_UNROLL_8
     for (int k = 0; k < Keys; ++k) {
       const __m256 value = _mm256_broadcast_ss(key + k * dim + d);
       sum[0][k] = _mm256_add_ps(sum[0][k], _mm256_mul_ps(low, value));
@@ -331,7 +338,7 @@ KVTRIM_X86_AVX2_NO_FMA inline void logit_tile(const float* queries_t, std::int64
     }
   }
   alignas(32) float tile[Keys][16];
-#pragma GCC unroll 8
+  KVTRIM_X86_UNROLL_8
   for (int k = 0; k < Keys; ++k) {
     _mm256_store_ps(tile[k], sum[0][k]);
     _mm256_store_ps(tile[k] + 8, sum[1][k]);
@@ -368,6 +375,7 @@ KVTRIM_X86_AVX2_NO_FMA inline void attention_logits(const float* queries_t, std:
 }
 
 #undef KVTRIM_X86_AVX2_NO_FMA
+#undef KVTRIM_X86_UNROLL_8
 
 #undef KVTRIM_X86_AVX2
 
