@@ -232,6 +232,37 @@ std::vector<std::int64_t> head_lengths(std::int64_t heads, std::int64_t tokens, 
   return lengths;
 }
 
+/// Times one-query decode attention (fp16 queries and output, W's query heads)
+/// over a bound device `view` of `batch` sequences, and reports `cache_bytes` read
+/// per call: bytes/s, µs, TB/s and the fraction of the run's copy bandwidth.
+template <class View>
+void time_one_query_decode(benchmark::State& state, const View& view, std::int64_t batch, double cache_bytes) {
+  const kt::model_shape& shape = view.shape;
+  const std::int64_t query_elements = batch * shape.q_heads * shape.head_dim;
+  __half *queries = nullptr, *out = nullptr;
+  check(cudaMalloc(&queries, query_elements * sizeof(__half)), "cudaMalloc");
+  check(cudaMalloc(&out, query_elements * sizeof(__half)), "cudaMalloc");
+  fill_random<<<64, 256>>>(queries, query_elements, 3);
+  const std::array<std::int64_t, 3> query_extents{batch, shape.q_heads, shape.head_dim};
+  const auto query_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(queries), query_extents);
+  const auto out_view = kt::make_view<kt::device_space>(reinterpret_cast<kt::half*>(out), query_extents);
+  using attention = kt::implementation<kt::stage::decode_attention, kt::backend::cuda>;
+  const std::size_t scratch_bytes = attention::workspace_bytes(view);
+  void* scratch = nullptr;
+  check(cudaMalloc(&scratch, std::max<std::size_t>(scratch_bytes, 1)), "cudaMalloc");
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  const std::vector<double> seconds = kvtrim_bench::timed_seconds(
+      state, stream, [&] { attention::attend(query_view, view, out_view, {scratch, scratch_bytes}, stream); });
+  const double median = seconds[seconds.size() / 2];
+  state.SetBytesProcessed(static_cast<std::int64_t>(cache_bytes) * state.iterations());
+  state.counters["median_us"] = median * 1e6;
+  state.counters["cache_TBps"] = cache_bytes / median / 1e12;
+  if (measured_copy_bandwidth > 0) state.counters["fraction_of_copy"] = cache_bytes / median / measured_copy_bandwidth;
+  cudaFree(queries), cudaFree(out), cudaFree(scratch);
+  cudaStreamDestroy(stream);
+}
+
 /// Times attend over an fp16 cache of Layout (paged or flat) whose heads hold `lengths` tokens.
 template <class Layout>
 void ragged_decode(benchmark::State& state) {
@@ -280,32 +311,10 @@ void ragged_decode(benchmark::State& state) {
   fill_random<<<1024, 256>>>(reinterpret_cast<__half*>(view.storage.keys), slots * shape.head_dim, 1);
   fill_random<<<1024, 256>>>(reinterpret_cast<__half*>(view.storage.values), slots * shape.head_dim, 2);
 
-  const std::int64_t query_elements = batch * shape.q_heads * shape.head_dim;
-  __half *queries = nullptr, *out = nullptr;
-  check(cudaMalloc(&queries, query_elements * sizeof(__half)), "cudaMalloc");
-  check(cudaMalloc(&out, query_elements * sizeof(__half)), "cudaMalloc");
-  fill_random<<<64, 256>>>(queries, query_elements, 3);
-  const std::array<std::int64_t, 3> query_extents{batch, shape.q_heads, shape.head_dim};
-  const auto query_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(queries), query_extents);
-  const auto out_view = kt::make_view<kt::device_space>(reinterpret_cast<kt::half*>(out), query_extents);
-  using attention = kt::implementation<kt::stage::decode_attention, kt::backend::cuda>;
-  const std::size_t scratch_bytes = attention::workspace_bytes(view);
-  void* scratch = nullptr;
-  check(cudaMalloc(&scratch, std::max<std::size_t>(scratch_bytes, 1)), "cudaMalloc");
-  cudaStream_t stream;
-  cudaStreamCreate(&stream);
   Layout::check("bench", view);
-  const std::vector<double> seconds = kvtrim_bench::timed_seconds(
-      state, stream, [&] { attention::attend(query_view, view, out_view, {scratch, scratch_bytes}, stream); });
-  const double cache_bytes = 2.0 * static_cast<double>(held * shape.head_dim) * sizeof(__half);
-  const double median = seconds[seconds.size() / 2];
-  state.SetBytesProcessed(static_cast<std::int64_t>(cache_bytes) * state.iterations());
-  state.counters["median_us"] = median * 1e6;
-  state.counters["cache_TBps"] = cache_bytes / median / 1e12;
+  time_one_query_decode(state, view, batch, 2.0 * static_cast<double>(held * shape.head_dim) * sizeof(__half));
   state.counters["mean_tokens"] = static_cast<double>(held) / static_cast<double>(heads);
-  if (measured_copy_bandwidth > 0) state.counters["fraction_of_copy"] = cache_bytes / median / measured_copy_bandwidth;
-  cudaFree(queries), cudaFree(out), cudaFree(scratch), cudaFree(memory);
-  cudaStreamDestroy(stream);
+  cudaFree(memory);
 }
 
 }  // namespace
@@ -411,33 +420,10 @@ void shared_paged_decode(benchmark::State& state) {
   check(cudaMemcpy(view.last_page_len, last.data(), last.size() * 4, cudaMemcpyHostToDevice), "last_page_len");
   check(cudaMemcpy(view.free_count, &no_free_pages, 4, cudaMemcpyHostToDevice), "free_count");
   fill_random<<<1024, 256>>>(tensor, tensor_elements, 1);
-
-  const std::int64_t query_elements = batch * shape.q_heads * shape.head_dim;
-  __half *queries = nullptr, *out = nullptr;
-  check(cudaMalloc(&queries, query_elements * sizeof(__half)), "cudaMalloc");
-  check(cudaMalloc(&out, query_elements * sizeof(__half)), "cudaMalloc");
-  fill_random<<<64, 256>>>(queries, query_elements, 3);
-  const std::array<std::int64_t, 3> query_extents{batch, shape.q_heads, shape.head_dim};
-  const auto query_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(queries), query_extents);
-  const auto out_view = kt::make_view<kt::device_space>(reinterpret_cast<kt::half*>(out), query_extents);
-  using attention = kt::implementation<kt::stage::decode_attention, kt::backend::cuda>;
-  const std::size_t scratch_bytes = attention::workspace_bytes(view);
-  void* scratch = nullptr;
-  check(cudaMalloc(&scratch, std::max<std::size_t>(scratch_bytes, 1)), "cudaMalloc");
-  cudaStream_t stream;
-  cudaStreamCreate(&stream);
   kt::layout::shared_paged::check("bench", view);
-  const std::vector<double> seconds = kvtrim_bench::timed_seconds(
-      state, stream, [&] { attention::attend(query_view, view, out_view, {scratch, scratch_bytes}, stream); });
-  const double cache_bytes =
-      2.0 * static_cast<double>(batch * shape.kv_heads * tokens * shape.head_dim) * sizeof(__half);
-  const double median = seconds[seconds.size() / 2];
-  state.SetBytesProcessed(static_cast<std::int64_t>(cache_bytes) * state.iterations());
-  state.counters["median_us"] = median * 1e6;
-  state.counters["cache_TBps"] = cache_bytes / median / 1e12;
-  if (measured_copy_bandwidth > 0) state.counters["fraction_of_copy"] = cache_bytes / median / measured_copy_bandwidth;
-  cudaFree(queries), cudaFree(out), cudaFree(scratch), cudaFree(tensor), cudaFree(metadata);
-  cudaStreamDestroy(stream);
+  time_one_query_decode(state, view, batch,
+                        2.0 * static_cast<double>(batch * shape.kv_heads * tokens * shape.head_dim) * sizeof(__half));
+  cudaFree(tensor), cudaFree(metadata);
 }
 
 }  // namespace

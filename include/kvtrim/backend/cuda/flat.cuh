@@ -229,12 +229,10 @@ struct implementation<layout::flat, backend::cuda> {
                            const tensor_view<KeyT, 4, device_space>& keys,
                            const tensor_view<KeyT, 4, device_space>& values,
                            const tensor_view<QueryT, 4, device_space>& queries, cudaStream_t stream) {
-    // The host checks compact / append make next, first: a scan whose call then threw
-    // would leave its mark for the next call.
-    const std::string_view function = entry == detail::layout_status::compress ? "kvtrim::layout::flat::compact"
-                                                                                : "kvtrim::layout::flat::append";
-    cuda_detail::check_rows(function, cache, keys, values);
-    cuda_detail::launch_scan_finite<Stored>(function, cache.status, entry, keys, values, queries, stream);
+    cuda_detail::check_then_scan_finite<Stored>(entry == detail::layout_status::compress
+                                                    ? "kvtrim::layout::flat::compact"
+                                                    : "kvtrim::layout::flat::append",
+                                                cache, entry, keys, values, queries, stream);
   }
 
   /// Clears a freshly bound device cache (the owning cache calls it): every

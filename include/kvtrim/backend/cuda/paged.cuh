@@ -174,13 +174,10 @@ struct implementation<layout::paged, backend::cuda> {
                            const tensor_view<KeyT, 4, device_space>& keys,
                            const tensor_view<KeyT, 4, device_space>& values,
                            const tensor_view<QueryT, 4, device_space>& queries, cudaStream_t stream) {
-    // The host checks compact / append make next, first: a scan whose call then threw
-    // would leave its mark for the next call.
-    const std::string_view function = entry == detail::layout_status::compress ? "kvtrim::layout::paged::compact"
-                                                                                : "kvtrim::layout::paged::append";
-    cuda_detail::check_rows(function, cache, keys, values);
-    check_heads(function, cache);
-    cuda_detail::launch_scan_finite<Stored>(function, cache.status, entry, keys, values, queries, stream);
+    cuda_detail::check_then_scan_finite<Stored>(entry == detail::layout_status::compress
+                                                    ? "kvtrim::layout::paged::compact"
+                                                    : "kvtrim::layout::paged::append",
+                                                cache, entry, keys, values, queries, stream);
   }
 
   /// Clears a freshly bound device cache (the owning cache calls it): every
@@ -203,7 +200,7 @@ struct implementation<layout::paged, backend::cuda> {
     cuda_detail::require_device_codec<CodecT>();
     constexpr std::string_view function = "kvtrim::layout::paged::compact";
     cuda_detail::check_rows(function, cache, keys, values);
-    check_heads(function, cache);
+    cuda_detail::check_page_table_heads(function, cache);
     const detail::compensation_rows rows = args.compensation != nullptr ? *args.compensation : detail::compensation_rows{};
     cuda_detail::paged_plan_compact<<<1, cuda_detail::plan_threads, 0, stream>>>(
         cache, kept.offsets, rows, args.compensation != nullptr, args.start_position + keys.extent(2),
@@ -229,20 +226,13 @@ struct implementation<layout::paged, backend::cuda> {
   }
 
  private:
-  template <class View>
-  static void check_heads(std::string_view function, const View& cache) {
-    // write_rows strides over heads on the grid's y axis; the page tables are int32.
-    if (cache.heads() > std::int64_t{1} << 30)
-      detail::fail(function, "cache.batch", "batch · kv_heads ≤ 2^30 on backend::cuda", std::to_string(cache.heads()));
-  }
-
   template <class CodecT, class KeyT>
   static void grow_and_write(layout::paged::view<CodecT, device_space>& cache, const kv_view<KeyT, device_space>& keys,
                              const kv_view<KeyT, device_space>& values, std::int64_t target, cudaStream_t stream) {
     cuda_detail::require_device_codec<CodecT>();
     constexpr std::string_view function = "kvtrim::layout::paged::append";
     cuda_detail::check_rows(function, cache, keys, values);
-    check_heads(function, cache);
+    cuda_detail::check_page_table_heads(function, cache);
     const std::int64_t count = keys.extent(2);
     cuda_detail::paged_plan_append<<<1, cuda_detail::plan_threads, 0, stream>>>(cache, target, count);
     detail::check_launch(function, "paged_plan_append");

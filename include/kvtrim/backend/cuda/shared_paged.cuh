@@ -154,14 +154,10 @@ struct implementation<layout::shared_paged, backend::cuda> {
                            const tensor_view<KeyT, 4, device_space>& keys,
                            const tensor_view<KeyT, 4, device_space>& values,
                            const tensor_view<QueryT, 4, device_space>& queries, cudaStream_t stream) {
-    // The host checks compact / append make next, first: a scan whose call then threw
-    // would leave its mark for the next call.
-    const std::string_view function = entry == detail::layout_status::compress
-                                          ? "kvtrim::layout::shared_paged::compact"
-                                          : "kvtrim::layout::shared_paged::append";
-    cuda_detail::check_rows(function, cache, keys, values);
-    check_heads(function, cache);
-    cuda_detail::launch_scan_finite<Stored>(function, cache.status, entry, keys, values, queries, stream);
+    cuda_detail::check_then_scan_finite<Stored>(entry == detail::layout_status::compress
+                                                    ? "kvtrim::layout::shared_paged::compact"
+                                                    : "kvtrim::layout::shared_paged::append",
+                                                cache, entry, keys, values, queries, stream);
   }
 
   /// Clears a freshly bound device cache's tables (the owning cache calls it): every page free,
@@ -181,7 +177,7 @@ struct implementation<layout::shared_paged, backend::cuda> {
                       const compact_args& args, cudaStream_t stream) {
     constexpr std::string_view function = "kvtrim::layout::shared_paged::compact";
     cuda_detail::check_rows(function, cache, keys, values);
-    check_heads(function, cache);
+    cuda_detail::check_page_table_heads(function, cache);
     cuda_detail::shared_paged_plan_compact<<<1, cuda_detail::plan_threads, 0, stream>>>(
         cache, kept.offsets, args.start_position + keys.extent(2));
     detail::check_launch(function, "shared_paged_plan_compact");
@@ -195,19 +191,12 @@ struct implementation<layout::shared_paged, backend::cuda> {
                      const kv_view<KeyT, device_space>& new_values, cudaStream_t stream) {
     constexpr std::string_view function = "kvtrim::layout::shared_paged::append";
     cuda_detail::check_rows(function, cache, new_keys, new_values);
-    check_heads(function, cache);
+    cuda_detail::check_page_table_heads(function, cache);
     const std::int64_t count = new_keys.extent(2);
     cuda_detail::shared_paged_plan_append<<<1, cuda_detail::plan_threads, 0, stream>>>(cache, count);
     detail::check_launch(function, "shared_paged_plan_append");
     cuda_detail::launch_write_rows(function, cache, new_keys, new_values, nullptr, nullptr, nullptr, 0, count, -1,
                                    count, stream);
-  }
-
- private:
-  template <class View>
-  static void check_heads(std::string_view function, const View& cache) {
-    if (cache.heads() > std::int64_t{1} << 30)
-      detail::fail(function, "cache.batch", "batch · kv_heads ≤ 2^30 on backend::cuda", std::to_string(cache.heads()));
   }
 };
 

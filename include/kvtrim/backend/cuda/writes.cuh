@@ -653,6 +653,28 @@ void launch_scan_finite(std::string_view function, std::int64_t* status, int ent
   detail::check_launch(function, "scan_finite");
 }
 
+/// batch · kv_heads ≤ 2^30 for the page-table layouts: write_rows strides over
+/// heads on the grid's y axis and the page tables are int32.
+template <class View>
+void check_page_table_heads(std::string_view function, const View& cache) {
+  if (cache.heads() > std::int64_t{1} << 30)
+    detail::fail(function, "cache.batch", "batch · kv_heads ≤ 2^30 on backend::cuda", std::to_string(cache.heads()));
+}
+
+/// A ragged layout's `check_finite` hook (scheme calls it right before compact /
+/// append; `function` names that call): the host checks the call makes next,
+/// first — a scan whose call then threw would leave its mark for the next call —
+/// then the finiteness scan, which the call's planning kernel reads.
+template <class Stored, class View, class KeyT, class QueryT>
+void check_then_scan_finite(std::string_view function, const View& cache, int entry,
+                            const tensor_view<KeyT, 4, device_space>& keys,
+                            const tensor_view<KeyT, 4, device_space>& values,
+                            const tensor_view<QueryT, 4, device_space>& queries, cudaStream_t stream) {
+  check_rows(function, cache, keys, values);
+  if constexpr (requires { cache.indptr; }) check_page_table_heads(function, cache);
+  launch_scan_finite<Stored>(function, cache.status, entry, keys, values, queries, stream);
+}
+
 /// Compaction's planning, second step (all threads of its one block): a budget
 /// that refused on the device (compact_args::budget_refusal) is recorded as the
 /// CPU's error, and nothing is written. The budget resets its word every call.
