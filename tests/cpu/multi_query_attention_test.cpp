@@ -109,6 +109,21 @@ TEST_P(MultiQueryAttention, Bf16MatchesOracle) {
   expect_contiguous_within_bound<kt::codec::bf16, kt::bfloat16>(GetParam(), 63);
 }
 
+#if KVTRIM_X86_DISPATCH
+// The portable loops (what a CPU without AVX2/FMA/F16C runs) with n > 1: on an
+// x86 machine with AVX2 the cases above take the vectorised path; the switch
+// (backend/cpu/detail/x86.hpp) turns it off for this test's process.
+TEST_P(MultiQueryAttention, PortablePathsMatchOracle) {
+  struct restore_switch {
+    ~restore_switch() { kt::detail::x86::vector_paths_enabled() = true; }
+  } restore;
+  kt::detail::x86::vector_paths_enabled() = false;
+  expect_contiguous_within_bound<kt::codec::fp16, kt::half>(GetParam(), 64);
+  expect_contiguous_within_bound<kt::codec::bf16, kt::bfloat16>(GetParam(), 65);
+  expect_contiguous_within_bound<kt::codec::fp32, float>(GetParam(), 66);
+}
+#endif
+
 INSTANTIATE_TEST_SUITE_P(
     Shapes, MultiQueryAttention,
     testing::Values(
