@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <set>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -448,6 +449,39 @@ TEST(FlatLayout, HeadroomIsSpreadEvenlyAndRepackKeepsContents) {
   EXPECT_THROW(flat_scheme::append(cache.view(), two.cview(), two.cview()), kt::error);
   EXPECT_EQ(*view.repacks, 2);
   EXPECT_EQ(snapshot().size(), static_cast<std::size_t>(view.capacity));
+}
+
+// A flat buffer is sized for what a layer keeps in all — Ada-KV's H·k plus the
+// window, README's example — not for the per-head bound of an adaptive budget
+// (a head may take the whole context): compress must accept it, and only a
+// selection larger than the buffer is refused (by flat's compact). Found through
+// the Python README example when a scheme-level capacity check confused flat's
+// whole-buffer capacity with contiguous's per-head one.
+TEST(FlatLayout, BufferSmallerThanThePerHeadBoundTakesAnAdaptiveSelection) {
+  using scheme = kt::scheme<kt::layout::flat, kt::score::snapkv, kt::budget::adaptive, kt::codec::fp16,
+                            kt::backend::cpu>;
+  const kt::model_shape shape{.q_heads = 8, .kv_heads = 2, .head_dim = 64};
+  const std::int64_t tokens = 1024, window = 64;
+  const auto keys = kt::testing::random_tensor<kt::half, 4>({1, 2, tokens, 64}, 91);
+  const auto values = kt::testing::random_tensor<kt::half, 4>({1, 2, tokens, 64}, 92);
+  const auto queries = kt::testing::random_tensor<kt::half, 4>({1, 8, window, 64}, 93);
+  scheme::config cfg;
+  cfg.budget.keep = kt::keep_ratio{0.25};
+  const std::int64_t slots = shape.kv_heads * (tokens / 4 + window);  // 640 < 1024 tokens one head may take
+  auto cache = scheme::make_cache(shape, 1, kt::layout::flat::pool_size{slots}, kt::codec::fp16::config{});
+  std::vector<std::byte> scratch(scheme::compress_workspace(shape, 1, tokens, cfg));
+  scheme::compress(keys.cview(), values.cview(), queries.cview(), cache.view(), cfg,
+                   kt::workspace{scratch.data(), scratch.size()});
+  EXPECT_EQ(cache.view().tokens_held(), shape.kv_heads * tokens / 4);  // H·k in all, however the heads share it
+  auto small = scheme::make_cache(shape, 1, kt::layout::flat::pool_size{shape.kv_heads * tokens / 4 - 1},
+                                  kt::codec::fp16::config{});
+  try {
+    scheme::compress(keys.cview(), values.cview(), queries.cview(), small.view(), cfg,
+                     kt::workspace{scratch.data(), scratch.size()});
+    FAIL() << "511 slots cannot take 512 kept tokens";
+  } catch (const kt::error& failure) {
+    EXPECT_NE(std::string(failure.what()).find("buffer exhausted"), std::string::npos) << failure.what();
+  }
 }
 
 TEST(FlatLayout, ExhaustionIsAnError) {

@@ -739,7 +739,7 @@ struct scheme {
                                  " tokens are 32-bit)"),
                      std::to_string(options.start_position));
       const std::int64_t keep_bound = BudgetT::max_keep(cfg.budget, tokens);
-      if constexpr (!std::same_as<space, host_space> && requires { cache.capacity; }) {
+      if constexpr (!std::same_as<space, host_space> && !LayoutT::ragged_heads && requires { cache.capacity; }) {
         // Device contiguous caches advance positions on the device, unchecked: refuse
         // here a start position whose later appends (up to the capacity) would pass 2^31.
         if (options.start_position > detail::position_table::max_position - tokens - (cache.capacity - std::min(keep_bound, cache.capacity)) + 1)
@@ -747,7 +747,9 @@ struct scheme {
                        detail::cat("a position whose prefill and appends up to the capacity stay below 2^31"),
                        std::to_string(options.start_position));
       }
-      if constexpr (requires { cache.capacity; }) {  // contiguous (a paged pool is checked by its compact)
+      // Contiguous only: its capacity is per head. flat's is its whole buffer and a pool
+      // (paged, shared_paged) is checked by the layout's compact.
+      if constexpr (!LayoutT::ragged_heads && requires { cache.capacity; }) {
         if (keep_bound > cache.capacity)
           detail::fail(function, "config.budget.keep", detail::cat("at most the cache capacity = ", cache.capacity,
                                                                    " tokens per head"),
