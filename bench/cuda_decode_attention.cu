@@ -330,6 +330,10 @@ BENCHMARK(decode_attention)
     ->Args({8, 4096, 64, 8, 128})
     ->Args({8, 4097, 32, 8, 64})
     ->Args({8, 9830, 32, 8, 128})
+    // time vs tokens (docs/img/decode_layouts.png): W at 8k, 16k and 64k beside 4k and 32k
+    ->Args({8, 8192, 32, 8, 128})
+    ->Args({8, 16384, 32, 8, 128})
+    ->Args({8, 65536, 32, 8, 128})
     ->UseManualTime()
     ->Iterations(50)
     ->Unit(benchmark::kMicrosecond);
@@ -373,6 +377,10 @@ BENCHMARK(ragged_decode<kt::layout::paged>)
     // the cost of scattered pages: the same pool in order, and pages of 64
     ->Args({8, 32768, 32, 8, 128, 0, 16, 0})
     ->Args({8, 32768, 32, 8, 128, 0, 64, 1})
+    // time vs tokens (docs/img/decode_layouts.png), every head full
+    ->Args({8, 8192, 32, 8, 128, 0, 16, 1})
+    ->Args({8, 16384, 32, 8, 128, 0, 16, 1})
+    ->Args({8, 65536, 32, 8, 128, 0, 16, 1})
     ->UseManualTime()
     ->Iterations(50)
     ->Unit(benchmark::kMicrosecond);
@@ -383,6 +391,9 @@ BENCHMARK(ragged_decode<kt::layout::flat>)
     ->Args({8, 32768, 32, 8, 128, 0, 0, 0})
     ->Args({8, 32768, 32, 8, 128, 1, 0, 0})
     ->Args({8, 32768, 32, 8, 128, 2, 0, 0})
+    ->Args({8, 8192, 32, 8, 128, 0, 0, 0})
+    ->Args({8, 16384, 32, 8, 128, 0, 0, 0})
+    ->Args({8, 65536, 32, 8, 128, 0, 0, 0})
     ->UseManualTime()
     ->Iterations(50)
     ->Unit(benchmark::kMicrosecond);
@@ -438,6 +449,10 @@ BENCHMARK(shared_paged_decode)
     ->Args({8, 32768, 32, 8, 128, 16, 1, 1})
     ->Args({8, 32768, 32, 8, 128, 16, 0, 0})
     ->Args({8, 32768, 32, 8, 128, 64, 1, 1})
+    // time vs tokens (docs/img/decode_layouts.png), NHD pages of 16 scattered
+    ->Args({8, 8192, 32, 8, 128, 16, 0, 1})
+    ->Args({8, 16384, 32, 8, 128, 16, 0, 1})
+    ->Args({8, 65536, 32, 8, 128, 16, 0, 1})
     ->UseManualTime()
     ->Iterations(50)
     ->Unit(benchmark::kMicrosecond);

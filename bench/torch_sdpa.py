@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 SHAPES = [(8, 4096, 32, 8, 128), (8, 32768, 32, 8, 128), (1, 32768, 32, 8, 128),
           (8, 4096, 32, 32, 128), (8, 4096, 64, 8, 128), (8, 4097, 32, 8, 64),
-          (8, 9830, 32, 8, 128)]  # the last: 30 % of a 32k cache, the bytes of bench's ragged / 30 % caches
+          (8, 9830, 32, 8, 128),  # 30 % of a 32k cache, the bytes of bench's ragged / 30 % caches
+          (8, 8192, 32, 8, 128), (8, 16384, 32, 8, 128), (8, 65536, 32, 8, 128)]  # W's time vs tokens
 
 
 def time_sdpa(batch, tokens, q_heads, kv_heads, head_dim, repetitions=50):
