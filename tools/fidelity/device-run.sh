@@ -21,7 +21,10 @@
 # finished; default: none), FIDELITY_CHECKS (pytest arguments, run from python/tests while the
 # model trains, once the package is there; e.g. "test_cuda.py test_codecs.py"),
 # FIDELITY_DEMO=1 (also the demo's GPU part, examples/python/demo_gpu.py, while the model trains),
-# FIDELITY_STUDY_ARGS (more study.py arguments, e.g. "--prefix 256 --no-eviction" for a smoke run).
+# FIDELITY_STUDY_ARGS (more study.py arguments, e.g. "--prefix 256 --no-eviction" for a smoke run;
+# "--tasks needle,aware --merge F" to run some tasks and keep an earlier call's rows of the others),
+# FIDELITY_REUSE_MODEL=1 (a warm machine that trained the model in an earlier call: no training; with
+# FIDELITY_SITE=/tmp/fidelity-site no build either — a study split over calls of under 10 minutes each).
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 tools="$(dirname "$here")"
@@ -79,9 +82,14 @@ fi
 ) &
 checker=$!
 
-python3 "$tools/model/train.py" --out "$model" ${FIDELITY_STEPS:+--steps "$FIDELITY_STEPS"} \
-  --max-seconds "${FIDELITY_TRAIN_SECONDS:-1e9}" ${FIDELITY_TRAIN_ARGS:-} 2>&1 | tee "$out/train.log"
-trained=${PIPESTATUS[0]}
+if [ -n "${FIDELITY_REUSE_MODEL:-}" ] && [ -s "$model/train.json" ]; then
+  echo "reusing the model trained by an earlier call on this machine: $model"  # (a study split over calls)
+  trained=0
+else
+  python3 "$tools/model/train.py" --out "$model" ${FIDELITY_STEPS:+--steps "$FIDELITY_STEPS"} \
+    --max-seconds "${FIDELITY_TRAIN_SECONDS:-1e9}" ${FIDELITY_TRAIN_ARGS:-} 2>&1 | tee "$out/train.log"
+  trained=${PIPESTATUS[0]}
+fi
 cp "$model/train.json" "$out/" 2>/dev/null
 [ -n "$builder" ] && wait $builder
 echo "train: exit $trained; build: exit $(cat "$out/build.rc"), $((SECONDS - started)) s so far"

@@ -336,6 +336,11 @@ def main():
     parser.add_argument("--deadline", type=float, default=0.0,
                         help="seconds the whole study may take (0: no limit); each task gets its share, and H2O "
                              "points that would not fit are dropped (recorded as skipped)")
+    parser.add_argument("--tasks", default="lm,needle,aware",
+                        help="comma-separated tasks to run (lm, needle, aware): a study split over device calls")
+    parser.add_argument("--merge", default="",
+                        help="an earlier fidelity.json of the SAME model (same training record): its rows of the "
+                             "tasks not run now are kept, so calls that each run some tasks give one table")
     parser.add_argument("--no-eviction", dest="eviction", action="store_false",
                         help="skip the decode-time eviction rows (lm and needle tasks, 20%% and 50%%)")
     args = parser.parse_args()
@@ -347,6 +352,11 @@ def main():
     model, config = load_model(args.model, device)
     corpus = load_corpus(max_train_bytes=0)
     tasks = make_tasks(corpus.held_out, args.prefix, args.continuation, args.samples)
+    wanted = [name for name in args.tasks.split(",") if name]
+    unknown = sorted(set(wanted) - {t.name for t in tasks})
+    if unknown:
+        parser.error(f"--tasks: unknown {unknown}; the tasks are {[t.name for t in tasks]}")
+    tasks = [t for t in tasks if t.name in wanted]
     flags, razor = calibrate_razor(model, config, device)
     print(f"retrieval heads (layer: kv heads): {flags}", flush=True)
     T = args.prefix
@@ -354,9 +364,9 @@ def main():
     plan = with_gpu_twins(setups(flags, razor_recent, args.quick, config.rope_base), config.layers)
     shape = (config.q_heads, config.kv_heads, config.head_dim)
     fp16_bytes_per_token = config.layers * config.kv_heads * 2 * config.head_dim * 2
-    results = []
+    results, cuda_checks = earlier_rows(args, {t.name for t in tasks})
     pool = cf.ThreadPoolExecutor(args.threads)  # compress releases the GIL: layers and setups run side by side
-    cuda_checks = []  # one per GPU twin row: kept sets and metrics against the CPU row
+    # cuda_checks: one per GPU twin row (kept sets and metrics against the CPU row), earlier calls' included
     for task in tasks:
         ids = torch.tensor(np.array([np.frombuffer(e, dtype=np.uint8) for e in task.examples]), dtype=torch.long,
                            device=device)
@@ -462,8 +472,25 @@ def main():
             eviction_deadline = started + args.deadline - 20 if args.deadline else float("inf")
             results += decode_rows(task, model, config, ids, caps, T, device, (0.2, 0.5), eviction_deadline)
         write(args, config, T, fp16_bytes_per_token, razor, razor_recent, cuda_checks, corpus, started, device, results,
-              complete=task is tasks[-1])
+              complete=task is tasks[-1] and {r["task"] for r in results} >= {"lm", "needle", "aware"})
     pool.shutdown()
+
+
+def earlier_rows(args, running):
+    """The rows and backend checks of an earlier call (--merge) for the tasks not run now. Refused unless that call
+    studied the same trained model: rows of two trainings must never share a table."""
+    if not args.merge:
+        return [], []
+    with open(args.merge) as f:
+        earlier = json.load(f)
+    with open(os.path.join(args.model, "train.json")) as f:
+        training = json.load(f)
+    if earlier.get("training") != training:
+        raise SystemExit(f"--merge {args.merge}: it was not made with the model in {args.model} (training records differ)")
+    rows = [r for r in earlier["results"] if r["task"] not in running]
+    checks = [c for c in earlier.get("cuda_checks", []) if c.get("task") not in running]
+    print(f"--merge: {len(rows)} rows and {len(checks)} backend checks kept from {args.merge}", flush=True)
+    return rows, checks
 
 
 def write(args, config, T, fp16_bytes_per_token, razor, razor_recent, cuda_checks, corpus, started, device, results,
