@@ -20,6 +20,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "kvtrim/codec/low_rank.hpp"
@@ -200,9 +201,12 @@ struct low_rank_profile {
 
 /// Installs layer `layer`'s calibrated bases into every head (b, h) of a
 /// low_rank storage bound for `batch` sequences (flattened head b·kv_heads +
-/// h).
-inline void load_profile(const codec::low_rank::storage<host_space>& store, const low_rank_profile& profile,
-                         std::int64_t layer, std::int64_t batch) {
+/// h). A template (host storage only) so that a translation unit that includes
+/// this header without calling it does not compile set_basis's GEMM check.
+template <class Space>
+void load_profile(const codec::low_rank::storage<Space>& store, const low_rank_profile& profile, std::int64_t layer,
+                  std::int64_t batch) {
+  static_assert(std::is_same_v<Space, host_space>, "kvtrim::io::load_profile: bases are installed on the host");
   constexpr std::string_view function = "kvtrim::io::load_profile";
   profile.check(function, true);
   if (profile.head_dim != store.head_dim)
