@@ -55,6 +55,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <utility>
 
 #include "kvtrim/backend/cuda/codec_fragments.cuh"
@@ -114,7 +115,18 @@ struct kv_tile_stream {
   std::int64_t begin, end;
   int tile_count;
   Side side;
-  std::int64_t source[chunks_per_thread];  // element offsets of the next tile's rows to issue (−1: past the end)
+  // The next tile's rows, fetched (page ids in flight) but not yet turned into offsets: the
+  // arithmetic waits until issue(), a tile of compute later (decode_plan.cuh's row locators).
+  // Locators without fetch/slot_of (eviction's) resolve offsets at once.
+  static constexpr bool split_lookup = requires(const Rows& r, std::int64_t i) { r.slot_of(i, r.fetch(i)); };
+  struct plain_lookup {
+    std::int64_t source;  // the row's element offset, −1 past the end
+  };
+  struct deferred_lookup {
+    typename Rows::lookup fetched;
+  };
+  using row_lookup = std::conditional_t<split_lookup, deferred_lookup, plain_lookup>;
+  row_lookup lookups[chunks_per_thread];
   kv_copy_hint hint;     // copies carry hint.policy when hint.evict_first
 
   __device__ __forceinline__ kv_tile_stream(void* shared, const StoreT* keys_, const StoreT* values_, Rows rows_,
@@ -136,36 +148,59 @@ struct kv_tile_stream {
   }
   __device__ __forceinline__ const StoreT* value_tile(int tile) const { return key_tile(tile) + tile_elements; }
 
+  /// Whether chunk `k` of this thread holds a row of `tile`, and that row's token.
+  __device__ __forceinline__ bool chunk_token(int tile, int k, std::int64_t& token) const {
+    const int chunk = threadIdx.x + k * Threads;
+    token = first_token(tile) + chunk / chunks_per_row;
+    return (even || chunk < chunks) && token < end;
+  }
   /// Resolves the slots of this thread's rows of `tile` (page-table loads, issued together and
   /// left in flight: the tile after the one just issued is resolved while the block computes).
   __device__ __forceinline__ void resolve(int tile) {
-    const std::int64_t first = first_token(tile);
 #pragma unroll
     for (int k = 0; k < chunks_per_thread; ++k) {
-      const int chunk = threadIdx.x + k * Threads;
-      const std::int64_t token = first + chunk / chunks_per_row;
-      source[k] = (even || chunk < chunks) && token < end
-                      ? rows.slot(token) * HeadDim + (chunk % chunks_per_row) * chunk_elements
-                      : -1;
+      std::int64_t token;
+      const bool valid = chunk_token(tile, k, token);
+      if constexpr (split_lookup) {
+        lookups[k].fetched = valid ? rows.fetch(token) : typename Rows::lookup{};
+      } else {
+        const int chunk = threadIdx.x + k * Threads;
+        lookups[k].source = valid ? rows.slot(token) * HeadDim + (chunk % chunks_per_row) * chunk_elements : -1;
+      }
     }
-    side.resolve(rows, first, end);
+    side.resolve(rows, first_token(tile), end);
+  }
+  /// The element offset of chunk `k`'s row of `tile` (resolved before), −1 past the end.
+  __device__ __forceinline__ std::int64_t source(int tile, int k) const {
+    if constexpr (split_lookup) {
+      std::int64_t token;
+      if (!chunk_token(tile, k, token)) return -1;
+      const int chunk = threadIdx.x + k * Threads;
+      return rows.slot_of(token, lookups[k].fetched) * HeadDim + (chunk % chunks_per_row) * chunk_elements;
+    } else {
+      (void)tile;
+      return lookups[k].source;
+    }
   }
   /// Issues the copies of `tile` (resolved before), then resolves the next one.
   __device__ __forceinline__ void issue(int tile) {
     StoreT* key_destination = tiles + (tile % Stages) * 2 * tile_elements;
     StoreT* value_destination = key_destination + tile_elements;
+    std::int64_t sources[chunks_per_thread];
+#pragma unroll
+    for (int k = 0; k < chunks_per_thread; ++k) sources[k] = source(tile, k);
 #pragma unroll
     for (int k = 0; k < chunks_per_thread; ++k) {
       const int chunk = threadIdx.x + k * Threads;
       if (!even && chunk >= chunks) continue;  // not a chunk of the tile
       const int offset = (chunk / chunks_per_row) * RowStride + (chunk % chunks_per_row) * chunk_elements;
-      const bool valid = source[k] >= 0;
+      const bool valid = sources[k] >= 0;
       if (hint.evict_first) {
-        copy_async16(key_destination + offset, keys + (valid ? source[k] : 0), valid ? 16 : 0, hint.policy);
-        copy_async16(value_destination + offset, values + (valid ? source[k] : 0), valid ? 16 : 0, hint.policy);
+        copy_async16(key_destination + offset, keys + (valid ? sources[k] : 0), valid ? 16 : 0, hint.policy);
+        copy_async16(value_destination + offset, values + (valid ? sources[k] : 0), valid ? 16 : 0, hint.policy);
       } else {
-        copy_async16(key_destination + offset, keys + (valid ? source[k] : 0), valid ? 16 : 0);
-        copy_async16(value_destination + offset, values + (valid ? source[k] : 0), valid ? 16 : 0);
+        copy_async16(key_destination + offset, keys + (valid ? sources[k] : 0), valid ? 16 : 0);
+        copy_async16(value_destination + offset, values + (valid ? sources[k] : 0), valid ? 16 : 0);
       }
     }
     side.issue(side_tile(tile));

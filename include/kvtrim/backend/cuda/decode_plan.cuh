@@ -96,45 +96,57 @@ void launch_dependent(void (*kernel)(Parameters...), dim3 grid, dim3 block, std:
 
 // ---- addressing -------------------------------------------------------------
 
-/// Token i of a contiguous head: base + i·stride.
+// Every row locator answers slot(i) = slot_of(i, fetch(i)): fetch issues the
+// locator's loads (a page id), slot_of does the arithmetic. kv_tile_stream
+// fetches the rows of a tile one tile ahead and does the arithmetic only when it
+// issues the copies, so a warp never waits on a page-table load it just issued
+// (an in-order warp stalls at the first instruction that uses a load's result).
+
+/// Token i of a contiguous head: base + i·stride (nothing to fetch).
 struct strided_rows {
+  using lookup = int;
   std::int64_t base = 0;
   std::int64_t stride = 1;
+  __device__ __forceinline__ lookup fetch(std::int64_t) const { return 0; }
+  __device__ __forceinline__ std::int64_t slot_of(std::int64_t i, lookup) const { return base + i * stride; }
   __device__ __forceinline__ std::int64_t slot(std::int64_t i) const { return base + i * stride; }
 };
 
 /// Token i of a paged head: its page id from the head's page table, then the offset in the page.
 struct paged_rows {
+  using lookup = std::int32_t;  // the page id
   const std::int32_t* pages = nullptr;  // indices + indptr[head]
   std::int64_t page_size = 1;
   int page_shift = -1;  // log2(page_size) when a power of two (16/32/64: a shift, not a division)
-  __device__ __forceinline__ std::int64_t slot(std::int64_t i) const {
-    if (page_shift >= 0)
-      return (static_cast<std::int64_t>(__ldg(pages + (i >> page_shift))) << page_shift) + (i & (page_size - 1));
-    return static_cast<std::int64_t>(__ldg(pages + i / page_size)) * page_size + i % page_size;
+  __device__ __forceinline__ lookup fetch(std::int64_t i) const {
+    return __ldg(pages + (page_shift >= 0 ? i >> page_shift : i / page_size));
   }
+  __device__ __forceinline__ std::int64_t slot_of(std::int64_t i, lookup page) const {
+    if (page_shift >= 0) return (static_cast<std::int64_t>(page) << page_shift) + (i & (page_size - 1));
+    return static_cast<std::int64_t>(page) * page_size + i % page_size;
+  }
+  __device__ __forceinline__ std::int64_t slot(std::int64_t i) const { return slot_of(i, fetch(i)); }
 };
 
 /// Token i of kv head h of a sequence in an engine's head-shared pages (layout::shared_paged):
 /// the page from the sequence's table, then the row of (offset, h) in the page's key half.
 struct shared_page_rows {
+  using lookup = std::int32_t;  // the page id
   const std::int32_t* pages = nullptr;  // indices + indptr[b]
   std::int64_t page_size = 1;
   int page_shift = -1;
   std::int64_t kv_heads = 1;
   std::int64_t h = 0;
   bool heads_outer = false;  // HND: [2][kv_heads][page_size] per page; NHD: [2][page_size][kv_heads]
-  __device__ __forceinline__ std::int64_t slot(std::int64_t i) const {
-    std::int64_t page, offset;
-    if (page_shift >= 0) {
-      page = __ldg(pages + (i >> page_shift));
-      offset = i & (page_size - 1);
-    } else {
-      page = __ldg(pages + i / page_size);
-      offset = i % page_size;
-    }
+  __device__ __forceinline__ lookup fetch(std::int64_t i) const {
+    return __ldg(pages + (page_shift >= 0 ? i >> page_shift : i / page_size));
+  }
+  __device__ __forceinline__ std::int64_t slot_of(std::int64_t i, lookup page_id) const {
+    const std::int64_t page = page_id;
+    const std::int64_t offset = page_shift >= 0 ? i & (page_size - 1) : i % page_size;
     return heads_outer ? (page * 2 * kv_heads + h) * page_size + offset : (page * 2 * page_size + offset) * kv_heads + h;
   }
+  __device__ __forceinline__ std::int64_t slot(std::int64_t i) const { return slot_of(i, fetch(i)); }
 };
 
 /// log2(n) for a power of two, else −1 (host side, once per call).
