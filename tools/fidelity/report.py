@@ -19,9 +19,14 @@ ORDER = ["StreamingLLM", "H2O", "SnapKV", "Ada-SnapKV", "Pyramid-SnapKV", "key n
 
 
 def table_rows(data):
-    """The rows of the main table: the CPU backend's (GPU twins are compared in their own section), prefill
-    compression (the decode-loop rows have theirs)."""
-    return [r for r in data["results"] if r.get("backend", "cpu") == "cpu" and not r.get("family", "").startswith("decode")]
+    """The rows of the main table, prefill compression (the decode-loop rows have theirs): the CPU backend's,
+    and the CUDA backend's where a setup ran on CUDA alone (study.py --cpu-twins sampled; the twins that ran on
+    both are compared in their own section)."""
+    prefill = [r for r in data["results"] if not r.get("family", "").startswith("decode")]
+    cpu = [r for r in prefill if r.get("backend", "cpu") == "cpu"]
+    on_cpu = {(r["task"], r["setup"], r["fraction"]) for r in cpu if "skipped" not in r and "error" not in r}
+    return cpu + [r for r in prefill if r.get("backend", "cpu") == "cuda" and "skipped" not in r and "error" not in r
+                  and (r["task"], r["setup"], r["fraction"]) not in on_cpu]
 
 
 def merge_earlier(data, earlier):
@@ -111,7 +116,10 @@ def model_section(data):
                      f"({corpus['held_out_bytes'] / 1e6:.1f} MB) held out; list sha256 `{corpus['list_sha256'][:16]}…` |")
     lines.append(f"| study | {data['samples']} examples per task, {data['prefix_bytes']}-byte prompts, "
                  f"{data['continuation_bytes']}-byte lm continuations; {data['seconds']:.0f} s on {data['device']} "
-                 f"(kvtrim's CPU backend, {data['schemes_compiled']} schemes compiled"
+                 + ("(setups that CUDA compiles from kvtrim's CUDA backend, the rest and the 50 % / 100 % twins "
+                    "from its CPU backend, "
+                    if any(r.get("backend") == "cuda" for r in table_rows(data)) else "(kvtrim's CPU backend, ")
+                 + f"{data['schemes_compiled']} schemes compiled"
                  f"{', with CUDA' if data.get('kvtrim_has_cuda') else ''}) |")
     razor = data.get("razor", {})
     if razor:

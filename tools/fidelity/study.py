@@ -128,14 +128,22 @@ def setups(flags, razor_recent: Dict[float, float], quick: bool, rope_theta: flo
     return out
 
 
-def with_gpu_twins(plan: List[Setup], layers: int) -> List[Setup]:
-    """Each setup followed by its CUDA twin where kvtrim compiled the scheme for CUDA on the flat layout."""
+TWIN_FRACTIONS = (0.5, 1.0)  # --cpu-twins sampled: where both backends still run (1.0: the codec rows)
+
+
+def with_gpu_twins(plan: List[Setup], layers: int, cpu_twins: str = "all") -> List[Setup]:
+    """Each setup followed by its CUDA twin where kvtrim compiled the scheme for CUDA on the flat layout.
+    cpu_twins="sampled": where CUDA has the scheme, only its CUDA row runs, except at TWIN_FRACTIONS, where the
+    CPU row runs too and the two are compared (a study that fits one device call; an earlier run compared every
+    setup: 50 of 51 task runs had identical kept sets, the other one token of 206,424 from a near-tie)."""
     if not (kvtrim.has_cuda and torch.cuda.is_available()):
         return plan
     out = []
     for s in plan:
-        out.append(s)
-        if cuda_scheme(s, layers) is not None:
+        on_cuda = cuda_scheme(s, layers) is not None
+        if not on_cuda or cpu_twins == "all" or s.fraction in TWIN_FRACTIONS:
+            out.append(s)
+        if on_cuda:
             out.append(s.on("cuda"))
     return out
 
@@ -336,6 +344,9 @@ def main():
     parser.add_argument("--deadline", type=float, default=0.0,
                         help="seconds the whole study may take (0: no limit); each task gets its share, and H2O "
                              "points that would not fit are dropped (recorded as skipped)")
+    parser.add_argument("--cpu-twins", choices=("all", "sampled"), default="all",
+                        help="all: every setup on the CPU, and on CUDA too where compiled; sampled: CUDA alone where "
+                             "compiled, both backends at kept fractions 50%% and 100%% (compared)")
     parser.add_argument("--tasks", default="lm,needle,aware",
                         help="comma-separated tasks to run (lm, needle, aware): a study split over device calls")
     parser.add_argument("--merge", default="",
@@ -361,7 +372,7 @@ def main():
     print(f"retrieval heads (layer: kv heads): {flags}", flush=True)
     T = args.prefix
     razor_recent = razor_recent_fractions(flags, config, T)
-    plan = with_gpu_twins(setups(flags, razor_recent, args.quick, config.rope_base), config.layers)
+    plan = with_gpu_twins(setups(flags, razor_recent, args.quick, config.rope_base), config.layers, args.cpu_twins)
     shape = (config.q_heads, config.kv_heads, config.head_dim)
     fp16_bytes_per_token = config.layers * config.kv_heads * 2 * config.head_dim * 2
     results, cuda_checks = earlier_rows(args, {t.name for t in tasks})
