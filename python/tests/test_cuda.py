@@ -390,8 +390,8 @@ def test_one_token_views_whose_extent_one_strides_differ(layout):
 STATUS_SHAPE, STATUS_BATCH, STATUS_TOKENS, STATUS_KEEP = (8, 2, 64), 2, 45, 20
 
 
-def status_caches(layout, check="sync", capacity=None):
-    press = lambda: kvtrim.StreamingLLM(sinks=4, tokens=STATUS_KEEP)  # noqa: E731 - exact kept sets on both
+def status_caches(layout, check="sync", capacity=None, press=None):
+    press = press or (lambda: kvtrim.StreamingLLM(sinks=4, tokens=STATUS_KEEP))  # exact kept sets on both
     room = capacity or STATUS_BATCH * STATUS_SHAPE[1] * (STATUS_KEEP + 2 * PAGE_SIZE)
     make = lambda device, mode: kvtrim.Cache(press(), kvtrim.FP16(), layout, STATUS_SHAPE, STATUS_BATCH,  # noqa: E731
                                              room, device=device, page_size=PAGE_SIZE, check=mode)
@@ -486,6 +486,27 @@ def test_paged_pool_exhaustion_is_refused_with_the_cpus_error_and_the_cache_inta
     for cache, move in ((cpu, lambda x: x), (gpu, lambda x: x.cuda())):
         cache.compress(move(keys), move(values))
     assert snapshot(gpu) == snapshot(cpu)
+
+
+@pytest.mark.parametrize("layout", ["flat", "paged"])
+def test_adakv_paper_form_over_budget_is_refused_with_the_cpus_error(layout):
+    # Ada-KV's paper form (kvpress_compatible=False) refuses a head whose protected (+inf) tokens exceed
+    # the per-head budget; the device's budget records it and compaction refuses (combinations_test.cu).
+    press = lambda: kvtrim.AdaKV(kvtrim.ExternalScores(tokens=12), alpha=0.2, kvpress_compatible=False)  # noqa: E731
+    cpu, gpu = status_caches(layout, press=press)
+    keys, values = status_inputs(41, STATUS_TOKENS)
+    scores = torch.randn(STATUS_BATCH, STATUS_SHAPE[1], STATUS_TOKENS, generator=torch.Generator().manual_seed(42))
+    scores = torch.round(4 * scores) / 4  # quarters: ties broken alike on both backends
+    cpu.compress(keys, values, scores=scores)
+    gpu.compress(keys.cuda(), values.cuda(), scores=scores.cuda())
+    before = snapshot(gpu)
+    assert before == snapshot(cpu)
+    over = scores.clone()
+    over[1, 1, 1::3] = float("inf")  # 15 protected tokens in one head, over its budget of 12
+    expected = refusal(lambda: cpu.compress(keys, values, scores=over))
+    assert "tokens the scorer protects" in expected
+    assert refusal(lambda: gpu.compress(keys.cuda(), values.cuda(), scores=over.cuda())) == expected
+    assert snapshot(gpu) == before
 
 
 # ---- decode-time eviction on CUDA against its CPU twin (kvtrim.Eviction, eviction_cuda.cu) ------------
