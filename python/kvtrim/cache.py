@@ -60,6 +60,19 @@ class Cache:
     ``layout="contiguous"``, in the whole pool for ``"flat"`` and ``"paged"``
     (paged: rounded up to pages of ``page_size``). ``layer``/``layers`` place the
     cache in the model (Pyramid's schedule and RazorAttention's flags read them).
+
+    check (CUDA paged and flat caches): when a refusal the device finds — the pool or
+    buffer exhausted, positions past 2^31, a NaN/Inf input, Ada-KV's paper form over its
+    budget — raises kvtrim.Error. The device cannot throw: the refused call writes
+    nothing (the cache stays as it was) and records the failure in the cache's status
+    words. ``"sync"`` (the default) reads them at the end of every compress and append,
+    so the call that was refused raises, with the CPU's message: one stream
+    synchronisation per call. ``"deferred"`` never synchronises on the hot path (CUDA
+    graphs, an engine's decode loop): call ``check_status()`` where a sync is acceptable
+    (every few steps, after a graph replay); the inspection calls (head_lengths, kept,
+    positions, read, stats), which synchronise anyway, check first as well. Calls after
+    a refused one ran on the unchanged cache. CPU and contiguous caches raise from the
+    call itself whatever ``check`` says.
     """
 
     def __init__(
@@ -75,6 +88,7 @@ class Cache:
         layer: int = 0,
         layers: int = 1,
         page_size: int = 16,
+        check: str = "sync",
     ):
         if not isinstance(press, Press):
             raise _kvtrim.Error(f"kvtrim.Cache: argument 'press': expected a press (StreamingLLM(), SnapKV(), ...), got {press!r}")
@@ -94,6 +108,7 @@ class Cache:
         settings.device = device
         settings.layout = layout
         settings.page_size = page_size
+        settings.check = str(check)
         press._fill(settings, layer, layers)
         codec._fill(settings)
         self.press, self.codec, self.layout, self.device = press, codec, layout, device
@@ -174,6 +189,14 @@ class Cache:
             out = self._new_output(queries)
         self._impl.attend(queries, out, stream)
         return out
+
+    def check_status(self) -> None:
+        """Raises kvtrim.Error for the first refusal a CUDA paged/flat cache recorded since the last check.
+
+        Synchronises the stream of the cache's last call (then clears the record). Needed only with
+        ``check="deferred"``; a no-op for CPU and contiguous caches, whose calls raise at once.
+        """
+        self._impl.check_status()
 
     # ---- what the cache holds ------------------------------------------------------------------
 

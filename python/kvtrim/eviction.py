@@ -14,10 +14,14 @@
             eviction.step()                                           # kvtrim::evict over every layer
 
 The metric (eviction/metric.hpp: Σ over a GQA group of squared attention probabilities, tokens older
-than the protected window) lives in one float32 NumPy vector per layer, indexed by storage slot, owned
-here as an engine owns it beside its block tables. CPU caches on the paged layout with codec fp16 and
-StreamingLLM, SnapKV or AdaKV(SnapKV) prefill compression (python/src/eviction.hpp says why, and what
-the CUDA binding lacks).
+than the protected window) lives in one float32 vector per layer, indexed by storage slot, owned here as
+an engine owns it beside its block tables: a NumPy array for CPU caches, a torch tensor on the GPU for
+CUDA caches (device="cuda"). Caches on the paged layout with codec fp16 and StreamingLLM, SnapKV or
+AdaKV(SnapKV) prefill compression (python/src/eviction.hpp says why).
+
+On CUDA the same calls run on the device, on torch's current stream: seed and attend take float16
+tensors on the cache's GPU (NumPy arrays and other dtypes are converted there first) and synchronise
+nothing; step() waits for its own kernels, since it returns what the step did.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from . import _kvtrim
-from .cache import Cache
+from .cache import Cache, _torch_stream
 
 __all__ = ["Eviction"]
 
@@ -53,7 +57,17 @@ class Eviction:
         if kind not in _KINDS:
             raise _kvtrim.Error(f"kvtrim.Eviction: argument 'kind': expected one of {', '.join(map(repr, _KINDS))}, got {kind!r}")
         self.caches = list(caches)
-        self.metrics = [np.zeros(_kvtrim._eviction_metric_slots(c._impl), np.float32) for c in self.caches]
+        self.device = self.caches[0].device
+        if any(c.device != self.device for c in self.caches):
+            raise _kvtrim.Error(f"kvtrim.Eviction: argument 'caches': expected every layer's cache on one device, got "
+                                f"{[c.device for c in self.caches]}")
+        slots = [_kvtrim._eviction_metric_slots(c._impl) for c in self.caches]
+        if self.device == "cpu":
+            self.metrics = [np.zeros(n, np.float32) for n in slots]
+        else:
+            import torch
+
+            self.metrics = [torch.zeros(n, dtype=torch.float32, device="cuda") for n in slots]
         self._metric = _kvtrim.EvictionMetricSettings()
         self._metric.kind = kind
         self._metric.protected_window = protected_window
@@ -65,16 +79,28 @@ class Eviction:
 
     def seed(self, layer: int, keys, window_queries, start_position: int = 0) -> None:
         """The prefill's metric of ``layer`` from its last prompt queries (after that cache's compress, with the
-        same float32 prefill keys [B, H_kv, T, D] and window queries [B, H_q, w, D])."""
-        _kvtrim._eviction_seed(self.caches[layer]._impl, np.ascontiguousarray(keys, np.float32),
-                               np.ascontiguousarray(window_queries, np.float32), start_position, self.metrics[layer],
-                               self._metric)
+        same prefill keys [B, H_kv, T, D] and window queries [B, H_q, w, D]: float32 on the CPU, float16 on CUDA)."""
+        if self.device == "cpu":
+            _kvtrim._eviction_seed(self.caches[layer]._impl, np.ascontiguousarray(keys, np.float32),
+                                   np.ascontiguousarray(window_queries, np.float32), start_position,
+                                   self.metrics[layer], self._metric)
+            return
+        keys, window_queries = self._on_device(keys), self._on_device(window_queries)
+        _kvtrim._eviction_seed(self.caches[layer]._impl, keys, window_queries, start_position, self.metrics[layer],
+                               self._metric, _torch_stream(keys))
 
-    def attend(self, layer: int, queries) -> np.ndarray:
-        """Decode attention of ``layer`` ([B, H_q, D] float32) that also accumulates its metric."""
-        queries = np.ascontiguousarray(queries, np.float32)
-        out = np.empty_like(queries)
-        _kvtrim._eviction_attend(self.caches[layer]._impl, queries, out, self.metrics[layer], self._metric)
+    def attend(self, layer: int, queries):
+        """Decode attention of ``layer`` ([B, H_q, D]: float32 on the CPU, float16 on CUDA) that also
+        accumulates its metric; returns out like queries (a NumPy array, or a torch tensor on the GPU)."""
+        if self.device == "cpu":
+            queries = np.ascontiguousarray(queries, np.float32)
+            out = np.empty_like(queries)
+            _kvtrim._eviction_attend(self.caches[layer]._impl, queries, out, self.metrics[layer], self._metric)
+            return out
+        queries = self._on_device(queries)
+        out = queries.new_empty(queries.shape)
+        _kvtrim._eviction_attend(self.caches[layer]._impl, queries, out, self.metrics[layer], self._metric,
+                                 _torch_stream(queries))
         return out
 
     def due(self, decode_step: int) -> bool:
@@ -84,4 +110,17 @@ class Eviction:
     def step(self) -> dict:
         """One eviction step over every layer: what it did (evicted_tokens, freed_pages, units_evicted,
         units_over_target)."""
-        return _kvtrim._eviction_step([c._impl for c in self.caches], self.metrics, self._step)
+        if self.device == "cpu":
+            return _kvtrim._eviction_step([c._impl for c in self.caches], self.metrics, self._step)
+        return _kvtrim._eviction_step([c._impl for c in self.caches], self.metrics, self._step,
+                                      _torch_stream(self.metrics[0]))
+
+    @staticmethod
+    def _on_device(x):
+        """x as a contiguous float16 torch tensor on the GPU (the CUDA fp16 caches' input type)."""
+        import torch
+
+        x = torch.as_tensor(x)
+        if x.requires_grad:
+            x = x.detach()
+        return x.to(device="cuda", dtype=torch.float16).contiguous()

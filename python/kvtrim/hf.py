@@ -57,9 +57,9 @@ class KvtrimLayer(DynamicLayer):
     """One decoder layer's cache: the prompt's keys/values until compression, then a kvtrim cache."""
 
     def __init__(self, press: Press, codec: Codec, layout: str, layer_idx: int, layers: int, max_new_tokens: int,
-                 page_size: int = 16):
+                 page_size: int = 16, check: str = "sync"):
         super().__init__()
-        self.press, self.codec, self.layout = press, codec, layout
+        self.press, self.codec, self.layout, self.check = press, codec, layout, check
         self.layer_idx, self.layers, self.max_new_tokens, self.page_size = layer_idx, layers, max_new_tokens, page_size
         self.kvtrim: Optional[_KvtrimCache] = None
         self.pending = None  # (keys, values) of the prefill, until compress
@@ -110,7 +110,8 @@ class KvtrimLayer(DynamicLayer):
                 capacity += heads * self.page_size  # each head's last page may be partly filled
         device = "cuda" if keys.device.type == "cuda" else "cpu"
         self.kvtrim = _KvtrimCache(self.press, self.codec, self.layout, (q_heads, kv_heads, head_dim), batch, capacity,
-                                   device=device, layer=self.layer_idx, layers=self.layers, page_size=self.page_size)
+                                   device=device, layer=self.layer_idx, layers=self.layers, page_size=self.page_size,
+                                   check=self.check)
         window = self.press.window_queries
         queries = None
         if window:
@@ -147,15 +148,18 @@ class KvtrimCache(DynamicCache):
     """A transformers Cache (DynamicCache-like) whose layers compress with kvtrim after prefill.
 
     config: the model's config (num_hidden_layers). press/codec/layout: as for kvtrim.Cache.
-    max_new_tokens: the room every head keeps for generated tokens.
+    max_new_tokens: the room every head keeps for generated tokens. check: as for kvtrim.Cache ("sync": a
+    CUDA paged/flat cache's refusal raises from the call; "deferred": no synchronisation per layer and
+    decode step, call check_status() on kvtrim_caches() where a sync is acceptable).
     """
 
     def __init__(self, config, press: Press, codec: Optional[Codec] = None, layout: str = "contiguous",
-                 max_new_tokens: int = 256, page_size: int = 16):
+                 max_new_tokens: int = 256, page_size: int = 16, check: str = "sync"):
         layers_count = config.get_text_config(decoder=True).num_hidden_layers if hasattr(config, "get_text_config") \
             else config.num_hidden_layers
         codec = codec or FP16()
-        layers = [KvtrimLayer(press, codec, layout, i, layers_count, max_new_tokens, page_size) for i in range(layers_count)]
+        layers = [KvtrimLayer(press, codec, layout, i, layers_count, max_new_tokens, page_size, check)
+                  for i in range(layers_count)]
         _HFCache.__init__(self, layers=layers)  # not DynamicCache.__init__: its layers are built here
 
     def kvtrim_caches(self):

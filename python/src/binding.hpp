@@ -96,6 +96,12 @@ struct settings {
   std::int64_t layered_recent = 128;
   // layout::paged
   std::int64_t page_size = layout::paged::default_page_size;
+  // Device paged/flat caches: when a refusal the device recorded in the cache's status words
+  // (pool exhausted, positions past 2^31, NaN/Inf inputs, Ada-KV's paper form over budget)
+  // becomes kvtrim.Error. "sync": at the end of every compress and append (one stream
+  // synchronisation each); "deferred": at Cache.check_status() and at the next call that
+  // synchronises anyway (head_lengths, kept, positions, read, stats). See typed_cache::check_status.
+  std::string check = "sync";  // sync | deferred
 };
 
 // ---- arrays ----------------------------------------------------------------------
@@ -185,6 +191,11 @@ class cache_base {
   /// The dequantized keys and values [n, D] the head (b, h) holds, as float32.
   virtual std::pair<std::vector<float>, std::vector<float>> read_head(std::int64_t b, std::int64_t h) const = 0;
   virtual bool needs_scores() const = 0;
+  /// Throws, as kvtrim.Error with the CPU's message, a refusal a device paged/flat cache
+  /// recorded since the last check (kvtrim::check_status: synchronises the stream of the
+  /// cache's last call, clears the record). Nothing to do for CPU and contiguous caches,
+  /// whose calls throw at once.
+  virtual void check_status() const = 0;
   virtual std::size_t bytes() const = 0;
   virtual model_shape shape() const = 0;
   virtual std::int64_t batch() const = 0;
@@ -412,6 +423,9 @@ class scratch_buffer {
 /// Copies `bytes` of device memory to the host on `stream` and waits for that
 /// stream (defined in registry_cuda_contiguous.cu; host caches never call it).
 void copy_to_host(void* host, const void* device, std::size_t bytes, std::uintptr_t stream);
+/// kvtrim::check_status over a device cache's status words (defined in registry_cuda_contiguous.cu,
+/// so that the .cpp TUs need no CUDA header; host caches never call it).
+void check_device_status(std::int64_t* status, std::uintptr_t stream);
 
 namespace readback {
 
@@ -548,12 +562,14 @@ class typed_cache final : public cache_base {
   using scorer_type = typename Scheme::scorer;
   static constexpr bool on_host = std::same_as<space, host_space>;
   static constexpr bool external_scores = std::same_as<scorer_type, score::external>;
+  static constexpr bool has_status_words = !on_host && requires(const typename Scheme::cache& c) { c.view().status; };
   using host_view = typename layout_type::template view<codec_type, host_space>;
 
   typed_cache(const settings& s, const model_shape& shape, std::int64_t batch, std::int64_t capacity)
       : config_(validated(convert::config<Scheme>(s))),
         codec_config_(convert::codec(std::type_identity<codec_type>{}, s)),
-        cache_(Scheme::make_cache(shape, batch, convert::room<layout_type>(s, capacity), codec_config_)) {}
+        cache_(Scheme::make_cache(shape, batch, convert::room<layout_type>(s, capacity), codec_config_)),
+        check_each_call_(convert::pick<bool>("check", s.check, {{"sync", true}, {"deferred", false}})) {}
 
   void compress(const array& keys, const array& values, const array* window_queries, const array* scores,
                 std::uintptr_t stream) override {
@@ -587,6 +603,7 @@ class typed_cache final : public cache_base {
     Scheme::append(cache_.view(), as_view<4>(function, "keys", keys), as_view<4>(function, "values", values),
                    to_stream(stream));
     stream_ = stream;
+    if (check_each_call_) check_status();
   }
 
   void attend(const array& queries, const array& out, std::uintptr_t stream) override {
@@ -613,6 +630,7 @@ class typed_cache final : public cache_base {
   }
 
   std::vector<std::int64_t> head_lengths() const override {
+    check_status();
     return inspect([](const auto& view) {
       std::vector<std::int64_t> lengths;
       for (std::int64_t b = 0; b < view.batch; ++b)
@@ -624,12 +642,13 @@ class typed_cache final : public cache_base {
   /// The selection of the last compress (CSR over flattened heads), from
   /// compress's kept-index output (docs/composition.md §5); see run_compress.
   kept_indices kept() const override {
+    check_status();
     if constexpr (!on_host) {
       if (kept_.offsets.empty() && kept_on_device_) {
         // Read back once: offsets first (they say how many tokens follow).
         const auto heads = static_cast<std::size_t>(cache_.view().heads());
         kept_.offsets.resize(heads + 1);
-        const auto* device_offsets = static_cast<const std::int64_t*>(kept_scratch_.data());
+        const auto* device_offsets = static_cast<const std::int64_t*>(kept_scratch_[kept_active_].data());
         copy_to_host(kept_.offsets.data(), device_offsets, kept_.offsets.size() * sizeof(std::int64_t), stream_);
         kept_.tokens.resize(static_cast<std::size_t>(kept_.offsets.back()));
         copy_to_host(kept_.tokens.data(), kept_tokens_on_device(), kept_.tokens.size() * sizeof(std::int32_t),
@@ -642,6 +661,7 @@ class typed_cache final : public cache_base {
 
   /// Each held token's position in its sequence, per flattened head (CSR like kept()).
   std::vector<std::int32_t> positions() const override {
+    check_status();
     return inspect([](const auto& view) {
       std::vector<std::int32_t> result;
       for (std::int64_t b = 0; b < view.batch; ++b)
@@ -654,6 +674,7 @@ class typed_cache final : public cache_base {
   }
 
   stats_result stats() const override {
+    check_status();
     stats_result result = inspect([this](const auto& view) {
       stats_result r;
       const cache_stats s = kvtrim::stats(view, codec_config_);
@@ -681,6 +702,7 @@ class typed_cache final : public cache_base {
       detail::fail(function, "b", detail::cat("a sequence in [0, ", batch(), ")"), std::to_string(b));
     if (h < 0 || h >= shape().kv_heads)
       detail::fail(function, "h", detail::cat("a kv head in [0, ", shape().kv_heads, ")"), std::to_string(h));
+    check_status();
     return inspect([b, h](const auto& view) {
       const std::int64_t n = view.head_length(b, h), dim = view.shape.head_dim;
       std::vector<float> keys(static_cast<std::size_t>(n * dim)), values(keys.size());
@@ -700,6 +722,36 @@ class typed_cache final : public cache_base {
   typename Scheme::cache& owned() { return cache_; }
   /// The scheme's config as compress uses it (eviction.cpp seeds the metric with the scorer's window).
   const typename Scheme::config& scheme_config() const { return config_; }
+  /// The last compress's selection in the device memory compress wrote it to (eviction_cuda.cu
+  /// seeds the metric from it on the device, without a read-back).
+  selection_view<space> kept_on_device() const
+    requires(!on_host)
+  {
+    if (!kept_on_device_)
+      detail::fail("kvtrim.Eviction.seed", "cache", "a cache that was compressed", "no compress yet");
+    return {static_cast<const std::int64_t*>(kept_scratch_[kept_active_].data()), kept_tokens_on_device(),
+            cache_.view().heads()};
+  }
+  /// Scratch for the eviction binding's device calls on this cache (kept between calls: a
+  /// cudaMalloc per decode step would synchronise the device).
+  scratch_buffer<backend_type>& eviction_scratch() { return eviction_scratch_; }
+  /// Records that a call outside this class (the eviction binding) used the cache on `stream`,
+  /// so that read-back waits for it.
+  void used_on(std::uintptr_t stream) { stream_ = stream; }
+
+  /// Device paged and flat caches record what they refuse in status words instead of throwing
+  /// (layout/detail/status.hpp): a refused call wrote nothing, so the cache is as it was. With
+  /// check "sync" every compress and append checks them before returning — a refusal then
+  /// throws from the call that made it, exactly as on the CPU, for one stream synchronisation
+  /// per call (a D2H copy of 88 bytes and the wait for the stream's work). With "deferred"
+  /// nothing synchronises on the hot path (CUDA graphs, an engine's decode loop): the first
+  /// refusal since the last check throws from check_status() or from the next inspection call
+  /// (which synchronise anyway), and every call after the refused one ran on the cache as the
+  /// refused call left it (unchanged) — but kept() then describes the last compress called,
+  /// refused or not (which call was refused is not known without a synchronisation per call).
+  void check_status() const override {
+    if constexpr (has_status_words) check_device_status(cache_.view().status, stream_);
+  }
 
   std::size_t bytes() const override { return cache_.bytes(); }
   model_shape shape() const override { return cache_.view().shape; }
@@ -736,7 +788,7 @@ class typed_cache final : public cache_base {
 
   const std::int32_t* kept_tokens_on_device() const {
     const std::size_t heads = static_cast<std::size_t>(cache_.view().heads());
-    return reinterpret_cast<const std::int32_t*>(static_cast<const std::byte*>(kept_scratch_.data()) +
+    return reinterpret_cast<const std::int32_t*>(static_cast<const std::byte*>(kept_scratch_[kept_active_].data()) +
                                                  kept_offsets_bytes(heads));
   }
   static std::size_t kept_offsets_bytes(std::size_t heads) {
@@ -745,7 +797,10 @@ class typed_cache final : public cache_base {
 
   /// THE one call of Scheme::compress, with compress's kept-index output
   /// (docs/composition.md §5) in the backend's memory: on the host it is kept_
-  /// at once; on a device it stays there until kept() reads it back.
+  /// at once; on a device it stays there until kept() reads it back. A device
+  /// compress writes its selection into the kept buffer kept() is not reading
+  /// (two of them), so a compress refused on the device (check "sync") leaves
+  /// kept() as it was, as a CPU compress that throws does.
   void run_compress(tensor_view<const InputT, 4, space> k, tensor_view<const InputT, 4, space> v,
                     tensor_view<const InputT, 4, space> q, const typename Scheme::config& cfg, workspace scratch,
                     std::uintptr_t stream) {
@@ -762,10 +817,7 @@ class typed_cache final : public cache_base {
       options.kept_tokens = tokens.data();
     } else {
       const std::size_t kept_bytes = kept_offsets_bytes(heads) + sizeof(std::int32_t) * static_cast<std::size_t>(capacity);
-      // Growing the buffer frees the last selection: read it back first, so a
-      // compress that throws leaves kept() as it was.
-      if (kept_bytes > kept_scratch_.size() && kept_on_device_) static_cast<void>(kept());
-      const workspace buffer = kept_scratch_.get(kept_bytes);
+      const workspace buffer = kept_scratch_[1 - kept_active_].get(kept_bytes);
       options.kept_offsets = static_cast<std::int64_t*>(buffer.data);
       options.kept_tokens = reinterpret_cast<std::int32_t*>(static_cast<std::byte*>(buffer.data) + kept_offsets_bytes(heads));
     }
@@ -775,12 +827,14 @@ class typed_cache final : public cache_base {
     else
       Scheme::compress(k, v, cache_.view(), cfg, options, scratch, to_stream(stream));
     stream_ = stream;
+    if (check_each_call_) check_status();  // throws before the selection below is taken
     kept_ = {};
     if constexpr (on_host) {
       tokens.resize(static_cast<std::size_t>(offsets.back()));
       kept_.offsets = std::move(offsets);
       kept_.tokens = std::move(tokens);
     } else {
+      kept_active_ = 1 - kept_active_;
       kept_on_device_ = true;
     }
   }
@@ -831,9 +885,12 @@ class typed_cache final : public cache_base {
   typename Scheme::cache cache_;
   scratch_buffer<backend_type> compress_scratch_;
   scratch_buffer<backend_type> attend_scratch_;
-  mutable scratch_buffer<backend_type> kept_scratch_;  // device caches: compress's kept-index output
-  mutable kept_indices kept_;                          // read back lazily on a device
+  scratch_buffer<backend_type> eviction_scratch_;
+  scratch_buffer<backend_type> kept_scratch_[2];  // device caches: compress's kept-index output (run_compress)
+  int kept_active_ = 0;                           // the buffer of the last compress that was taken
+  mutable kept_indices kept_;                     // read back lazily on a device
   bool kept_on_device_ = false;
+  bool check_each_call_ = true;                   // settings::check: "sync"
   std::uintptr_t stream_ = 0;  // the stream of the last call that used the cache (read-back waits for it)
 };
 

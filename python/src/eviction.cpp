@@ -21,31 +21,31 @@ using supported = schemes<scheme<layout::paged, score::snapkv, budget::uniform, 
 template <class Scheme>
 using typed = typed_cache<Scheme, float>;
 
-/// Calls visit(typed<S>&) for the compiled scheme S that `cache` is; throws for any other.
+/// Calls visit(typed<S>&) for the compiled CPU scheme S that `cache` is; false for any other.
 template <class Visit, class... S>
-void with_scheme(cache_base& cache, Visit&& visit, schemes<S...>) {
-  const bool found = (... || [&] {
+bool with_scheme(cache_base& cache, Visit&& visit, schemes<S...>) {
+  return (... || [&] {
     auto* known = dynamic_cast<typed<S>*>(&cache);
     if (known != nullptr) visit(*known);
     return known != nullptr;
   }());
-  if (!found)
-    detail::fail(where, "cache",
-                 "a CPU cache on the paged layout with codec fp16 and StreamingLLM, SnapKV or AdaKV(SnapKV) "
-                 "(the schemes eviction is compiled for in Python)",
-                 cache.name());
 }
 template <class Visit>
-void with_scheme(cache_base& cache, Visit&& visit) {
-  with_scheme(cache, visit, supported{});
+bool with_scheme(cache_base& cache, Visit&& visit) {
+  return with_scheme(cache, visit, supported{});
 }
 
-eviction::metric_kind kind_of(const std::string& kind) {
-  return convert::pick<eviction::metric_kind>("kind", kind,
-                                              {{"squared_sum", eviction::metric_kind::squared_sum},
-                                               {"sum", eviction::metric_kind::sum},
-                                               {"squared_mean", eviction::metric_kind::squared_mean},
-                                               {"mean", eviction::metric_kind::mean}});
+/// A cache of none of the compiled schemes, CPU or CUDA.
+[[noreturn]] void unsupported(const cache_base& cache) { detail::fail(where, "cache", supported_schemes, cache.name()); }
+
+/// The device twin's call where kvtrim has CUDA, else false.
+template <class Call>
+bool on_device_call([[maybe_unused]] Call&& call) {
+#ifdef KVTRIM_PYTHON_CUDA
+  return call();
+#else
+  return false;
+#endif
 }
 
 template <std::size_t Rank>
@@ -74,26 +74,40 @@ eviction::metric_output<host_space> metric_of(const array& metric, const metric_
 
 }  // namespace
 
+eviction::metric_kind kind_of(const std::string& kind) {
+  return convert::pick<eviction::metric_kind>("kind", kind,
+                                              {{"squared_sum", eviction::metric_kind::squared_sum},
+                                               {"sum", eviction::metric_kind::sum},
+                                               {"squared_mean", eviction::metric_kind::squared_mean},
+                                               {"mean", eviction::metric_kind::mean}});
+}
+
 std::int64_t metric_slots(cache_base& cache) {
   std::int64_t slots = 0;
-  with_scheme(cache, [&](auto& known) { slots = detail::storage_slots(known.owned().view().storage); });
-  return slots;
+  if (with_scheme(cache, [&](auto& known) { slots = detail::storage_slots(known.owned().view().storage); }))
+    return slots;
+  if (on_device_call([&] { return on_device::metric_slots(cache, slots); })) return slots;
+  unsupported(cache);
 }
 
 void seed(cache_base& cache, const array& keys, const array& window_queries, std::int64_t start_position,
-          const array& metric, const metric_settings& settings) {
+          const array& metric, const metric_settings& settings, std::uintptr_t stream) {
+  if (on_device_call([&] { return on_device::seed(cache, keys, window_queries, start_position, metric, settings, stream); }))
+    return;
   const kept_indices kept = cache.kept();
-  with_scheme(cache, [&](auto& known) {
-    const selection_view<host_space> selection{kept.offsets.data(), kept.tokens.data(),
-                                               static_cast<std::int64_t>(kept.offsets.size()) - 1};
-    eviction::seed_metric(host_view<4>("keys", keys), host_view<4>("window_queries", window_queries),
-                          known.owned().view(), selection, start_position, metric_of(metric, settings));
-  });
+  if (!with_scheme(cache, [&](auto& known) {
+        const selection_view<host_space> selection{kept.offsets.data(), kept.tokens.data(),
+                                                   static_cast<std::int64_t>(kept.offsets.size()) - 1};
+        eviction::seed_metric(host_view<4>("keys", keys), host_view<4>("window_queries", window_queries),
+                              known.owned().view(), selection, start_position, metric_of(metric, settings));
+      }))
+    unsupported(cache);
 }
 
 void attend(cache_base& cache, const array& queries, const array& out, const array& metric,
-            const metric_settings& settings) {
-  with_scheme(cache, [&](auto& known) {
+            const metric_settings& settings, std::uintptr_t stream) {
+  if (on_device_call([&] { return on_device::attend(cache, queries, out, metric, settings, stream); })) return;
+  const bool found = with_scheme(cache, [&](auto& known) {
     const auto& view = known.owned().view();
     const auto output = metric_of(metric, settings);
     std::vector<std::byte> scratch(eviction::attend_workspace(view, output));
@@ -101,10 +115,11 @@ void attend(cache_base& cache, const array& queries, const array& out, const arr
     eviction::attend(host_view<3>("queries", queries), view, tensor_view<float, 3>{const_cast<float*>(o.data), o.extents, o.strides},
                      output, workspace{scratch.data(), scratch.size()});
   });
+  if (!found) unsupported(cache);
 }
 
 eviction::report step(const std::vector<cache_base*>& layers, const std::vector<array>& metrics,
-                      const step_settings& settings) {
+                      const step_settings& settings, std::uintptr_t stream) {
   if (layers.empty()) detail::fail(where, "caches", "one cache per layer", "none");
   if (metrics.size() != layers.size())
     detail::fail(where, "metrics", detail::cat("one metric per cache (", layers.size(), ")"),
@@ -120,7 +135,8 @@ eviction::report step(const std::vector<cache_base*>& layers, const std::vector<
   cfg.protected_window = settings.protected_window;
   cfg.alpha = settings.alpha;
   eviction::report report;
-  with_scheme(*layers.front(), [&](auto& first) {
+  if (on_device_call([&] { return on_device::step(layers, metrics, cfg, report, stream); })) return report;
+  const bool found = with_scheme(*layers.front(), [&](auto& first) {
     using known_type = std::remove_reference_t<decltype(first)>;
     using view_type = std::remove_cvref_t<decltype(first.owned().view())>;
     std::vector<view_type> views;
@@ -139,6 +155,7 @@ eviction::report step(const std::vector<cache_base*>& layers, const std::vector<
     report = evict<backend::cpu>(all, std::span<const eviction::metric_output<host_space>>(outputs), cfg,
                                  workspace{scratch.data(), scratch.size()});
   });
+  if (!found) unsupported(*layers.front());
   return report;
 }
 

@@ -2,17 +2,18 @@
 // prefill's seed, decode attention that accumulates the metric, and kvtrim::evict over every
 // layer's cache at once (kvtrim.Eviction in python/kvtrim/eviction.py drives them).
 //
-// CPU only, and for the schemes an engine evicts with today: layout::paged (its pages are freed;
-// flat's append repack does not move an engine-owned metric, eviction/metric.hpp), codec fp16,
-// with StreamingLLM, SnapKV or Ada-SnapKV prefill compression. What CUDA lacks for the same
-// binding: kvtrim::evict<backend::cuda> exists for plain codecs on paged and flat, and decode
-// attention writes the metric on the device, but no device seed_metric (the prefill's metric)
-// and no device run of the eviction step has been recorded yet (docs/eviction.md).
+// For the schemes an engine evicts with today: layout::paged (its pages are freed; flat's append
+// repack does not move an engine-owned metric, eviction/metric.hpp), codec fp16, with
+// StreamingLLM, SnapKV or Ada-SnapKV prefill compression — on the CPU (eviction.cpp: float32
+// NumPy arrays) and on CUDA (eviction_cuda.cu: the device seed_metric, eviction::attend and
+// kvtrim::evict<backend::cuda> on the caller's stream, float16 tensors, a float32 device metric).
+// The same Python API drives both; the cache's backend picks.
 // No nanobind here: module.cpp converts arrays (binding.hpp's `array`) and binds these.
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "binding.hpp"
@@ -39,12 +40,32 @@ struct step_settings {
 std::int64_t metric_slots(cache_base& cache);
 /// The prefill's metric: eviction::seed_metric over the selection of the cache's last compress.
 void seed(cache_base& cache, const array& keys, const array& window_queries, std::int64_t start_position,
-          const array& metric, const metric_settings& settings);
+          const array& metric, const metric_settings& settings, std::uintptr_t stream);
 /// Decode attention that also accumulates the metric (eviction::attend).
 void attend(cache_base& cache, const array& queries, const array& out, const array& metric,
-            const metric_settings& settings);
+            const metric_settings& settings, std::uintptr_t stream);
 /// One eviction step over every layer's cache (same scheme, batch and kv heads) and metric.
 eviction::report step(const std::vector<cache_base*>& layers, const std::vector<array>& metrics,
-                      const step_settings& settings);
+                      const step_settings& settings, std::uintptr_t stream);
+
+/// The schemes eviction is compiled for, in words (the error a cache of another scheme gets).
+inline constexpr std::string_view supported_schemes =
+    "a cache on the paged layout with codec fp16 and StreamingLLM, SnapKV or AdaKV(SnapKV), on the cpu or "
+    "(where kvtrim was built with CUDA) a cuda device (the schemes eviction is compiled for in Python)";
+
+/// The CUDA twins (eviction_cuda.cu, compiled only with CUDA): each returns false, doing nothing,
+/// where the cache (the first layer's for step) is not one of the CUDA schemes eviction is compiled for.
+namespace on_device {
+bool metric_slots(cache_base& cache, std::int64_t& slots);
+bool seed(cache_base& cache, const array& keys, const array& window_queries, std::int64_t start_position,
+          const array& metric, const metric_settings& settings, std::uintptr_t stream);
+bool attend(cache_base& cache, const array& queries, const array& out, const array& metric,
+            const metric_settings& settings, std::uintptr_t stream);
+bool step(const std::vector<cache_base*>& layers, const std::vector<array>& metrics, const eviction::config& cfg,
+          eviction::report& report, std::uintptr_t stream);
+}  // namespace on_device
+
+/// metric_settings' kind as eviction::metric_kind, and step_settings as eviction::config (eviction.cpp).
+eviction::metric_kind kind_of(const std::string& kind);
 
 }  // namespace kvtrim::python::evicting

@@ -329,7 +329,8 @@ NB_MODULE(_kvtrim, m) {
       .def_rw("rope_pairs", &kp::settings::rope_pairs)
       .def_rw("layered_sinks", &kp::settings::layered_sinks)
       .def_rw("layered_recent", &kp::settings::layered_recent)
-      .def_rw("page_size", &kp::settings::page_size);
+      .def_rw("page_size", &kp::settings::page_size)
+      .def_rw("check", &kp::settings::check);
 
   nb::class_<py_cache>(m, "CacheImpl", "One kvtrim cache of one compiled scheme (wrapped by kvtrim.Cache).")
       .def(nb::init<const kp::settings&, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t>(),
@@ -354,6 +355,10 @@ NB_MODULE(_kvtrim, m) {
         const std::size_t rows = keys.size() / dim;
         return nb::make_tuple(float_matrix(std::move(keys), rows, dim), float_matrix(std::move(values), rows, dim));
       }, nb::arg("b"), nb::arg("h"))
+      .def("check_status", [](py_cache& self) {
+        nb::gil_scoped_release release;  // it waits for the stream
+        self.impl().check_status();
+      }, "Raises kvtrim.Error for a refusal a device paged/flat cache recorded since the last check.")
       .def("stats", [](py_cache& self) {
         const kp::stats_result s = self.impl().stats();
         nb::dict result;
@@ -377,30 +382,31 @@ NB_MODULE(_kvtrim, m) {
       .def_prop_ro("needs_scores", [](py_cache& self) { return self.impl().needs_scores(); })
       .def_prop_ro("name", [](py_cache& self) { return self.impl().name(); });
 
-  // Decode-time eviction (issue 16; python/kvtrim/eviction.py wraps these; CPU, paged, fp16: eviction.hpp).
+  // Decode-time eviction (issue 16; python/kvtrim/eviction.py wraps these; CPU and CUDA, paged, fp16: eviction.hpp).
   namespace ke = kp::evicting;
   m.def("_eviction_metric_slots", [](py_cache& cache) { return ke::metric_slots(cache.impl()); }, nb::arg("cache"));
   m.def("_eviction_seed", [](py_cache& cache, const input_array& keys, const input_array& window_queries,
-                             std::int64_t start_position, const output_array& metric, const ke::metric_settings& settings) {
+                             std::int64_t start_position, const output_array& metric, const ke::metric_settings& settings,
+                             std::uintptr_t stream) {
     constexpr std::string_view function = "kvtrim.Eviction.seed";
     const auto k = to_array(function, "keys", keys, 4, "[batch, kv_heads, tokens, head_dim]");
     const auto q = to_array(function, "window_queries", window_queries, 4, "[batch, q_heads, window, head_dim]");
     const auto out = to_array(function, "metric", metric, 1, "[slots] of float32");
     nb::gil_scoped_release release;
-    ke::seed(cache.impl(), k, q, start_position, out, settings);
+    ke::seed(cache.impl(), k, q, start_position, out, settings, stream);
   }, nb::arg("cache"), nb::arg("keys"), nb::arg("window_queries"), nb::arg("start_position"), nb::arg("metric"),
-     nb::arg("settings"));
+     nb::arg("settings"), nb::arg("stream") = 0);
   m.def("_eviction_attend", [](py_cache& cache, const input_array& queries, const output_array& out,
-                               const output_array& metric, const ke::metric_settings& settings) {
+                               const output_array& metric, const ke::metric_settings& settings, std::uintptr_t stream) {
     constexpr std::string_view function = "kvtrim.Eviction.attend";
     const auto q = to_array(function, "queries", queries, 3, "[batch, q_heads, head_dim]");
     const auto o = to_array(function, "out", out, 3, "[batch, q_heads, head_dim]");
     const auto m = to_array(function, "metric", metric, 1, "[slots] of float32");
     nb::gil_scoped_release release;
-    ke::attend(cache.impl(), q, o, m, settings);
-  }, nb::arg("cache"), nb::arg("queries"), nb::arg("out"), nb::arg("metric"), nb::arg("settings"));
+    ke::attend(cache.impl(), q, o, m, settings, stream);
+  }, nb::arg("cache"), nb::arg("queries"), nb::arg("out"), nb::arg("metric"), nb::arg("settings"), nb::arg("stream") = 0);
   m.def("_eviction_step", [](const std::vector<py_cache*>& caches, const std::vector<output_array>& metrics,
-                             const ke::step_settings& settings) {
+                             const ke::step_settings& settings, std::uintptr_t stream) {
     std::vector<kp::cache_base*> layers;
     std::vector<kp::array> buffers;
     for (py_cache* cache : caches) {
@@ -412,7 +418,7 @@ NB_MODULE(_kvtrim, m) {
     kvtrim::eviction::report report;
     {
       nb::gil_scoped_release release;
-      report = ke::step(layers, buffers, settings);
+      report = ke::step(layers, buffers, settings, stream);
     }
     nb::dict result;
     result["evicted_tokens"] = report.evicted_tokens;
@@ -420,7 +426,7 @@ NB_MODULE(_kvtrim, m) {
     result["units_evicted"] = report.units_evicted;
     result["units_over_target"] = report.units_over_target;
     return result;
-  }, nb::arg("caches"), nb::arg("metrics"), nb::arg("settings"));
+  }, nb::arg("caches"), nb::arg("metrics"), nb::arg("settings"), nb::arg("stream") = 0);
   nb::class_<ke::metric_settings>(m, "EvictionMetricSettings")
       .def(nb::init<>())
       .def_rw("kind", &ke::metric_settings::kind)

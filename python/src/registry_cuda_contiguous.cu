@@ -30,4 +30,12 @@ void copy_to_host(void* host, const void* device, std::size_t bytes, std::uintpt
   detail::check_cuda(cudaStreamSynchronize(on), function, "cudaStreamSynchronize");
 }
 
+void check_device_status(std::int64_t* status, std::uintptr_t stream) {
+  /// kvtrim::check_status reads only the view's status words.
+  struct status_words {
+    std::int64_t* status;
+  };
+  kvtrim::check_status(status_words{status}, reinterpret_cast<cudaStream_t>(stream));
+}
+
 }  // namespace kvtrim::python

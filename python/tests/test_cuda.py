@@ -378,3 +378,236 @@ def test_one_token_views_whose_extent_one_strides_differ(layout):
             rows_k, rows_v = cache.read(b, h)
             assert np.array_equal(rows_k[-1], k[b, h, 0].float().cpu().numpy())
             assert np.array_equal(rows_v[-1], v[b, h, 0].float().cpu().numpy())
+
+
+# ---- refusals the device records in the cache's status words (kvtrim::check_status) ---------------
+#
+# A device paged/flat call that the CPU would refuse (a NaN/Inf input, the pool exhausted) writes
+# nothing and records the failure; the binding raises it as kvtrim.Error with the CPU's message —
+# after every compress/append (check="sync", the default) or at check_status() and the next
+# inspection call (check="deferred"). Either way the cache is as it was, and the next good call works.
+
+STATUS_SHAPE, STATUS_BATCH, STATUS_TOKENS, STATUS_KEEP = (8, 2, 64), 2, 45, 20
+
+
+def status_caches(layout, check="sync", capacity=None, press=None):
+    press = press or (lambda: kvtrim.StreamingLLM(sinks=4, tokens=STATUS_KEEP))  # exact kept sets on both
+    room = capacity or STATUS_BATCH * STATUS_SHAPE[1] * (STATUS_KEEP + 2 * PAGE_SIZE)
+    make = lambda device, mode: kvtrim.Cache(press(), kvtrim.FP16(), layout, STATUS_SHAPE, STATUS_BATCH,  # noqa: E731
+                                             room, device=device, page_size=PAGE_SIZE, check=mode)
+    return make("cpu", "sync"), make("cuda", check)
+
+
+def status_inputs(seed, tokens):
+    g = torch.Generator().manual_seed(seed)
+    shape = (STATUS_BATCH, STATUS_SHAPE[1], tokens, STATUS_SHAPE[2])
+    return torch.randn(*shape, generator=g).half(), torch.randn(*shape, generator=g).half()
+
+
+def snapshot(cache):
+    rows = [cache.read(b, h) for b in range(STATUS_BATCH) for h in range(STATUS_SHAPE[1])]
+    return {"lengths": cache.head_lengths().tolist(), "positions": positions_by_head(cache),
+            "kept": kept_by_head(cache), "rows": [(k.tobytes(), v.tobytes()) for k, v in rows]}
+
+
+def refusal(call):
+    with pytest.raises(kvtrim.Error) as raised:
+        call()
+    return str(raised.value)
+
+
+@pytest.mark.parametrize("layout", ["flat", "paged"])
+@pytest.mark.parametrize("check", ["sync", "deferred"])
+@pytest.mark.parametrize("entry", ["compress", "append"])
+def test_a_non_finite_input_is_refused_with_the_cpus_error_and_the_cache_intact(layout, check, entry):
+    cpu, gpu = status_caches(layout, check)
+    keys, values = status_inputs(11, STATUS_TOKENS)
+    for cache, move in ((cpu, lambda x: x), (gpu, lambda x: x.cuda())):
+        cache.compress(move(keys), move(values))
+    assert snapshot(gpu) == snapshot(cpu)
+    before = snapshot(gpu)
+    bad_keys, bad_values = status_inputs(12, STATUS_TOKENS if entry == "compress" else 3)
+    bad_keys[1, 1, bad_keys.shape[2] - 2, 37] = float("nan")  # one element of one head's keys
+    call = lambda cache, move: getattr(cache, entry)(move(bad_keys), move(bad_values))  # noqa: E731
+    expected = refusal(lambda: call(cpu, lambda x: x))
+    assert "NaN and Inf are refused" in expected
+    if check == "sync":
+        assert refusal(lambda: call(gpu, lambda x: x.cuda())) == expected
+    else:
+        call(gpu, lambda x: x.cuda())  # nothing synchronises: the refusal waits for the check
+        assert refusal(gpu.check_status) == expected
+        gpu.check_status()  # the record was cleared
+    assert snapshot(gpu) == before  # lengths, positions, kept selection, stored rows: every byte
+    good_keys, good_values = status_inputs(13, 2)
+    for cache, move in ((cpu, lambda x: x), (gpu, lambda x: x.cuda())):
+        cache.append(move(good_keys), move(good_values))
+    gpu.check_status()
+    assert snapshot(gpu) == snapshot(cpu)
+
+
+def test_a_deferred_refusal_surfaces_at_the_next_inspection():
+    cpu, gpu = status_caches("paged", "deferred")
+    keys, values = status_inputs(21, STATUS_TOKENS)
+    cpu.compress(keys, values)
+    gpu.compress(keys.cuda(), values.cuda())
+    bad_keys, bad_values = status_inputs(22, 1)
+    bad_values[0, 0, 0, 0] = float("inf")
+    expected = refusal(lambda: cpu.append(bad_keys, bad_values))
+    gpu.append(bad_keys.cuda(), bad_values.cuda())
+    assert refusal(gpu.head_lengths) == expected
+    assert gpu.head_lengths().tolist() == cpu.head_lengths().tolist()
+
+
+@pytest.mark.parametrize("check", ["sync", "deferred"])
+def test_paged_pool_exhaustion_is_refused_with_the_cpus_error_and_the_cache_intact(check):
+    # Exactly the compressed tokens' pages: each head holds STATUS_KEEP = 20 tokens, two pages of 16
+    # with 12 free slots in its last page, so 12 appended tokens fit and a 13th needs a page.
+    heads = STATUS_BATCH * STATUS_SHAPE[1]
+    cpu, gpu = status_caches("paged", check, capacity=heads * 2 * PAGE_SIZE)
+    keys, values = status_inputs(31, STATUS_TOKENS)
+    cpu.compress(keys, values)
+    gpu.compress(keys.cuda(), values.cuda())
+    fits_keys, fits_values = status_inputs(32, 2 * PAGE_SIZE - STATUS_KEEP)
+    for cache, move in ((cpu, lambda x: x), (gpu, lambda x: x.cuda())):
+        cache.append(move(fits_keys), move(fits_values))
+    gpu.check_status()
+    before = snapshot(gpu)
+    assert before == snapshot(cpu)
+    more_keys, more_values = status_inputs(33, 1)
+    expected = refusal(lambda: cpu.append(more_keys, more_values))
+    assert "pool exhausted" in expected
+    if check == "sync":
+        assert refusal(lambda: gpu.append(more_keys.cuda(), more_values.cuda())) == expected
+    else:
+        gpu.append(more_keys.cuda(), more_values.cuda())
+        assert refusal(gpu.check_status) == expected
+    assert snapshot(gpu) == before
+    # The cache still works: a new prompt replaces what it held.
+    for cache, move in ((cpu, lambda x: x), (gpu, lambda x: x.cuda())):
+        cache.compress(move(keys), move(values))
+    assert snapshot(gpu) == snapshot(cpu)
+
+
+@pytest.mark.parametrize("layout", ["flat", "paged"])
+def test_adakv_paper_form_over_budget_is_refused_with_the_cpus_error(layout):
+    # Ada-KV's paper form (kvpress_compatible=False) refuses a head whose protected (+inf) tokens exceed
+    # the per-head budget; the device's budget records it and compaction refuses (combinations_test.cu).
+    press = lambda: kvtrim.AdaKV(kvtrim.ExternalScores(tokens=12), alpha=0.2, kvpress_compatible=False)  # noqa: E731
+    cpu, gpu = status_caches(layout, press=press)
+    keys, values = status_inputs(41, STATUS_TOKENS)
+    scores = torch.randn(STATUS_BATCH, STATUS_SHAPE[1], STATUS_TOKENS, generator=torch.Generator().manual_seed(42))
+    scores = torch.round(4 * scores) / 4  # quarters: ties broken alike on both backends
+    cpu.compress(keys, values, scores=scores)
+    gpu.compress(keys.cuda(), values.cuda(), scores=scores.cuda())
+    before = snapshot(gpu)
+    assert before == snapshot(cpu)
+    over = scores.clone()
+    over[1, 1, 1::3] = float("inf")  # 15 protected tokens in one head, over its budget of 12
+    expected = refusal(lambda: cpu.compress(keys, values, scores=over))
+    assert "tokens the scorer protects" in expected
+    assert refusal(lambda: gpu.compress(keys.cuda(), values.cuda(), scores=over.cuda())) == expected
+    assert snapshot(gpu) == before
+
+
+# ---- decode-time eviction on CUDA against its CPU twin (kvtrim.Eviction, eviction_cuda.cu) ------------
+#
+# Both twins get the same fp16 inputs (the CPU's float32 are the fp16 values), StreamingLLM's prefill
+# compression (exact kept sets on both backends), then decode steps of append + Eviction.attend, with an
+# eviction step every INTERVAL steps. Checked at every step:
+#   - attention within test_cuda's fp16 bound (module docstring; n ≤ EV_KEEP tokens a head), plus the
+#     logits' own error through the softmax;
+#   - the metric, slot by slot (both backends hand out the same page ids, and set every slot that holds
+#     no token to 0), within the relative error of its terms: eviction_test.cu's first-order budgets
+#     with S ≤ max‖q‖·max‖k‖/√D (Cauchy–Schwarz bounds Σ_d |q_d k_d|) —
+#       seed   ε = 4(D + 5)·u·S + (T + 136)·u, p² off by ≤ expm1(4ε), its G·w-term sum by 2(G·w + 2)·u more;
+#       decode ε = (D + 5)·u·S + (n + 3(n/64 + 1) + 4)·u                          (the CPU's exponent error)
+#                + (D + 8)·u·S + (n + 3(n/256 + 2) + 4)·u + 2u·(S + ln n + 1)     (the GPU's),
+#              p² off by ≤ expm1(2ε), the group sum and += by 2(G + 2)·u of (contribution + start);
+#     every term is ≥ 0 and both are ≤ the metric, so each is a relative bound on the metric;
+#   - then the CPU's metric is copied into the device's (every step: each step's comparison starts
+#     from equal metrics), so both eviction steps see the same floats: the evicted sets, positions,
+#     stored rows (read back) and metrics must then be equal exactly, and the reports.
+EV_B, EV_HQ, EV_HKV, EV_D, EV_T, EV_LAYERS = 2, 8, 2, 64, 97, 2
+EV_WINDOW, EV_SINKS, EV_PROTECTED, EV_KEEP, EV_INTERVAL, EV_STEPS, EV_PAGE = 8, 2, 8, 48, 8, 24, 16
+
+
+def metric_relative_bound(queries, keys):
+    u, d, n, group = 2.0 ** -24, EV_D, EV_KEEP, EV_HQ // EV_HKV
+    norm = lambda arrays: max(np.linalg.norm(a.astype(np.float64), axis=-1).max() for a in arrays)  # noqa: E731
+    largest = norm(queries) * norm(keys) / np.sqrt(d)
+    seed = np.expm1(4 * (4 * (d + 5) * u * largest + (EV_T + 136) * u)) + 2 * (group * EV_WINDOW + 2) * u
+    cpu = (d + 5) * u * largest + (n + 3 * (n / 64 + 1) + 4) * u
+    gpu = (d + 8) * u * largest + (n + 3 * (n / 256 + 2) + 4) * u + 2 * u * (largest + np.log(n) + 1)
+    decode = np.expm1(2 * (cpu + gpu)) + 2 * 2 * (group + 2) * u
+    return max(seed, decode)
+
+
+@pytest.mark.parametrize("scope", ["per_head", "cross_layer"])
+def test_cuda_eviction_equals_its_cpu_twin(scope):
+    rng = np.random.default_rng(5)
+    half = lambda *shape: rng.standard_normal(shape).astype(np.float16)  # noqa: E731
+    keys = [half(EV_B, EV_HKV, EV_T, EV_D) for _ in range(EV_LAYERS)]
+    values = [half(EV_B, EV_HKV, EV_T, EV_D) for _ in range(EV_LAYERS)]
+    window = [half(EV_B, EV_HQ, EV_WINDOW, EV_D) for _ in range(EV_LAYERS)]
+    capacity = EV_B * EV_HKV * (EV_KEEP + EV_PAGE * 2)
+    twins = {}
+    for device in ("cpu", "cuda"):
+        caches = [kvtrim.Cache(kvtrim.StreamingLLM(sinks=EV_SINKS, tokens=EV_KEEP - EV_INTERVAL), kvtrim.FP16(),
+                               "paged", (EV_HQ, EV_HKV, EV_D), EV_B, capacity, device=device, layer=l,
+                               layers=EV_LAYERS, page_size=EV_PAGE) for l in range(EV_LAYERS)]
+        eviction = kvtrim.Eviction(caches, keep=EV_KEEP, interval=EV_INTERVAL, scope=scope, sinks=EV_SINKS,
+                                   protected_window=EV_PROTECTED)
+        for l, cache in enumerate(caches):
+            if device == "cpu":
+                cache.compress(keys[l].astype(np.float32), values[l].astype(np.float32))
+                eviction.seed(l, keys[l].astype(np.float32), window[l].astype(np.float32))
+            else:
+                cache.compress(torch.from_numpy(keys[l]).cuda(), torch.from_numpy(values[l]).cuda())
+                eviction.seed(l, torch.from_numpy(keys[l]).cuda(), torch.from_numpy(window[l]).cuda())
+        twins[device] = (caches, eviction)
+    (cpu_caches, cpu_eviction), (gpu_caches, gpu_eviction) = twins["cpu"], twins["cuda"]
+    seen_queries, seen_keys = list(window), list(keys)
+
+    def compare_metrics(steps):
+        relative = metric_relative_bound(seen_queries, seen_keys)
+        for l in range(EV_LAYERS):
+            want = cpu_eviction.metrics[l].astype(np.float64)
+            have = gpu_eviction.metrics[l].cpu().numpy().astype(np.float64)
+            assert np.count_nonzero(want) > 0
+            assert np.all(np.abs(have - want) <= relative * np.abs(want) + 1e-38), (l, steps)
+            gpu_eviction.metrics[l].copy_(torch.from_numpy(cpu_eviction.metrics[l]))
+
+    compare_metrics(0)
+    evicted = 0
+    for step in range(1, EV_STEPS + 1):
+        for l in range(EV_LAYERS):
+            k, v, q = half(EV_B, EV_HKV, 1, EV_D), half(EV_B, EV_HKV, 1, EV_D), half(EV_B, EV_HQ, EV_D)
+            seen_keys.append(k)
+            seen_queries.append(q)
+            cpu_caches[l].append(k.astype(np.float32), v.astype(np.float32))
+            gpu_caches[l].append(torch.from_numpy(k).cuda(), torch.from_numpy(v).cuda())
+            want = cpu_eviction.attend(l, q.astype(np.float32))
+            have = gpu_eviction.attend(l, torch.from_numpy(q).cuda()).float().cpu().numpy()
+            largest_value = max(np.abs(cpu_caches[l].read(b, h)[1]).max() for b in range(EV_B) for h in range(EV_HKV))
+            n = cpu_caches[l].head_lengths().max()
+            # test_cuda's fp16 bound, plus both backends' logit error (δ = (D + 8)·u·S each side, S by
+            # Cauchy–Schwarz as for the metric) through the softmax: ≤ expm1(2·2δ)·max|v|.
+            logit = (np.linalg.norm(q.astype(np.float64), axis=-1).max() *
+                     max(np.linalg.norm(a.astype(np.float64), axis=-1).max() for a in seen_keys) / np.sqrt(EV_D))
+            bound = (2 * (UNIT["fp16"] + UNIT["fp16"]) + (2 * n + EV_D + 5) * U32 +
+                     np.expm1(4 * (EV_D + 8) * U32 * logit)) * largest_value
+            assert np.all(np.abs(have - want) <= bound), (step, l)
+        compare_metrics(step)
+        if cpu_eviction.due(step):
+            want, have = cpu_eviction.step(), gpu_eviction.step()
+            assert have == want
+            evicted += want["evicted_tokens"]
+            for l in range(EV_LAYERS):
+                assert gpu_caches[l].head_lengths().tolist() == cpu_caches[l].head_lengths().tolist()
+                assert positions_by_head(gpu_caches[l]) == positions_by_head(cpu_caches[l])
+                for b in range(EV_B):
+                    for h in range(EV_HKV):
+                        got, expected = gpu_caches[l].read(b, h), cpu_caches[l].read(b, h)
+                        assert got[0].tobytes() == expected[0].tobytes() and got[1].tobytes() == expected[1].tobytes()
+                assert np.array_equal(gpu_eviction.metrics[l].cpu().numpy(), cpu_eviction.metrics[l])
+    assert evicted > 0

@@ -151,3 +151,56 @@ def test_external_scores_are_checked(rng):
         cache.compress(keys, values, scores=np.zeros((1, 2, 63), np.float32))
     with pytest.raises(kvtrim.Error, match=r"no compress yet"):
         cache.kept()  # a refused compress leaves the cache as it was
+
+
+def held(cache):
+    rows = [cache.read(0, h) for h in range(2)]
+    return (cache.head_lengths().tolist(), cache.positions().tolist(), [(k.tobytes(), v.tobytes()) for k, v in rows])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "flat", "paged"])
+@pytest.mark.parametrize("check", ["sync", "deferred"])
+def test_a_non_finite_input_is_refused_and_the_cache_kept(rng, layout, check):
+    # The CPU refuses at once whatever `check` says (it applies to device caches' status words); a
+    # refused call leaves every held row, position and the kept selection as they were.
+    cache = kvtrim.Cache(kvtrim.StreamingLLM(sinks=4, tokens=16), kvtrim.FP16(), layout, (4, 2, 16), 1, 96, check=check)
+    keys, values, _ = random_layer(rng, 1, 4, 2, 40, 16)
+    cache.compress(keys, values)
+    before, kept = held(cache), cache.kept()
+    bad = keys.copy()
+    bad[0, 1, 38, 5] = np.nan
+    with pytest.raises(kvtrim.Error, match=r"^kvtrim::scheme::compress: argument 'keys': expected finite values \(NaN and "
+                                           r"Inf are refused for every codec\), got nan at sequence 0, kv head 1, token 38, channel 5$"):
+        cache.compress(bad, values)
+    with pytest.raises(kvtrim.Error, match=r"kvtrim::scheme::append: argument 'new_keys': expected finite values"):
+        cache.append(bad[:, :, 37:39], values[:, :, 37:39])
+    cache.check_status()  # nothing recorded on a CPU cache
+    assert held(cache) == before
+    assert all(np.array_equal(a, b) for a, b in zip(cache.kept(), kept))
+    cache.append(keys[:, :, :2], values[:, :, :2])  # the next good call works
+    assert cache.head_lengths().tolist() == [18, 18]
+
+
+def test_check_names_its_choices():
+    with pytest.raises(kvtrim.Error, match=r"kvtrim.Settings: argument 'check': expected 'sync' or 'deferred', got 'never'"):
+        small_cache().__class__(kvtrim.StreamingLLM(tokens=4), kvtrim.FP16(), "paged", (4, 2, 16), 1, 32, check="never")
+
+
+@pytest.mark.parametrize("layout", ["flat", "paged"])
+def test_adakv_paper_form_over_budget_is_refused_and_the_cache_kept(rng, layout):
+    # The CPU half of test_cuda.py's device test: Ada-KV's paper form refuses a head whose protected
+    # (+inf) tokens exceed the per-head budget, naming it, and the refused compress changes nothing.
+    press = kvtrim.AdaKV(kvtrim.ExternalScores(tokens=4), alpha=0.2, kvpress_compatible=False)
+    cache = kvtrim.Cache(press, kvtrim.FP16(), layout, (4, 2, 16), 1, 96)
+    keys, values, _ = random_layer(rng, 1, 4, 2, 40, 16)
+    scores = rng.standard_normal((1, 2, 40)).astype(np.float32)
+    cache.compress(keys, values, scores=scores)
+    before, kept = held(cache), cache.kept()
+    over = scores.copy()
+    over[0, 1, 1::5] = np.inf  # 8 protected tokens in kv head 1, over its budget of 4
+    with pytest.raises(kvtrim.Error, match=r"^kvtrim::budget::adaptive: argument 'config.budget.keep': expected a per-head "
+                                           r"budget of at least the 8 tokens the scorer protects \(scored \+inf\) in kv "
+                                           r"head 1, got 4 tokens$"):
+        cache.compress(keys, values, scores=over)
+    assert held(cache) == before
+    assert all(np.array_equal(a, b) for a, b in zip(cache.kept(), kept))

@@ -121,7 +121,7 @@ def test_eviction_keeps_the_highest_metric_and_attention_is_unchanged(rng):
 
 def test_eviction_is_refused_for_schemes_it_is_not_compiled_for(rng):
     flat = kvtrim.Cache(kvtrim.SnapKV(window=4, tokens=8), kvtrim.FP16(), "flat", (HQ, HKV, D), 1, 64)
-    with pytest.raises(kvtrim.Error, match=r"kvtrim.Eviction: argument 'cache': expected a CPU cache on the paged "
+    with pytest.raises(kvtrim.Error, match=r"kvtrim.Eviction: argument 'cache': expected a cache on the paged "
                                            r"layout with codec fp16.*got scheme<layout::flat"):
         kvtrim.Eviction([flat], keep=16, interval=4)
     with pytest.raises(kvtrim.Error, match=r"argument 'scope': expected one of 'per_head', 'per_layer', 'cross_layer'"):
