@@ -5,9 +5,11 @@
 #pragma once
 
 #include <benchmark/benchmark.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -18,6 +20,16 @@ inline void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) {
     std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(status));
     std::exit(1);
+  }
+}
+
+/// Deterministic pseudo-random fill (a hash of the index), values in [-1, 1).
+static __global__ void fill_random(__half* data, std::int64_t count, std::uint32_t seed) {
+  for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < count;
+       i += std::int64_t{gridDim.x} * blockDim.x) {
+    std::uint32_t x = static_cast<std::uint32_t>(i) * 2654435761u ^ seed;
+    x ^= x >> 15, x *= 2246822519u, x ^= x >> 13, x *= 3266489917u, x ^= x >> 16;
+    data[i] = __float2half(static_cast<float>(x & 0xffff) / 32768.0f - 1.0f);
   }
 }
 
@@ -92,6 +104,16 @@ std::vector<double> timed_seconds(benchmark::State& state, cudaStream_t stream, 
   cudaEventDestroy(start), cudaEventDestroy(stop);
   std::sort(seconds.begin(), seconds.end());
   return seconds;
+}
+
+/// The counters every bandwidth row reports for `bytes` read per call, from timed_seconds'
+/// sorted `seconds`: bytes/s, median µs, TB/s and the fraction of the copy bandwidth.
+inline void report_bytes_read(benchmark::State& state, const std::vector<double>& seconds, double bytes) {
+  const double median = seconds[seconds.size() / 2];
+  state.SetBytesProcessed(static_cast<std::int64_t>(bytes) * state.iterations());
+  state.counters["median_us"] = median * 1e6;
+  state.counters["cache_TBps"] = bytes / median / 1e12;
+  if (measured_copy_bandwidth > 0) state.counters["fraction_of_copy"] = bytes / median / measured_copy_bandwidth;
 }
 
 }  // namespace kvtrim_bench

@@ -30,19 +30,10 @@
 namespace kt = kvtrim;
 using kvtrim_bench::check;
 using kvtrim_bench::device_copy;
+using kvtrim_bench::fill_random;
 using kvtrim_bench::measured_copy_bandwidth;
 
 namespace {
-
-/// Deterministic pseudo-random fill (a hash of the index), values in [-1, 1).
-__global__ void fill_random(__half* data, std::int64_t count, std::uint32_t seed) {
-  for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < count;
-       i += std::int64_t{gridDim.x} * blockDim.x) {
-    std::uint32_t x = static_cast<std::uint32_t>(i) * 2654435761u ^ seed;
-    x ^= x >> 15, x *= 2246822519u, x ^= x >> 13, x *= 3266489917u, x ^= x >> 16;
-    data[i] = __float2half(static_cast<float>(x & 0xffff) / 32768.0f - 1.0f);
-  }
-}
 
 void decode_attention(benchmark::State& state) {
   using scheme = kt::scheme<kt::layout::contiguous, kt::score::static_window, kt::budget::uniform, kt::codec::fp16,
