@@ -438,12 +438,15 @@ __device__ __forceinline__ void accumulate_head_metric(const Params& params, std
 /// merge_partial_element — the separate merge's arithmetic, so the outputs are the same
 /// bits. A block that read the head whole has already written its output. With the
 /// in-kernel metric, the block that now knows the head's lse accumulates its metric.
+/// `shared`: the block's dynamic shared memory, free once every thread is past finish_segment
+/// (one int of it carries the arrival's verdict; no static shared memory, so the kernels'
+/// occupancy is unchanged).
 template <int HeadDim, int Group, int Threads, class Params>
-__device__ __forceinline__ void complete_head(const Params& params, std::int64_t head, bool whole) {
+__device__ __forceinline__ void complete_head(const Params& params, std::int64_t head, bool whole, void* shared) {
   if (params.arrivals == nullptr) return;
   const bool metric_here = params.metric.values != nullptr;
   if (!whole) {
-    __shared__ int last_to_arrive;
+    int& last_to_arrive = *static_cast<int*>(shared);
     __threadfence();  // this thread's partial stores, visible on the device before the arrival
     __syncthreads();  // … for every thread of the block
     if (threadIdx.x == 0) {
@@ -671,7 +674,7 @@ __global__ void __launch_bounds__(decode_threads) decode_attention_cuda_core(con
     __syncthreads();
     finish_segment<HeadDim, Group, token_groups, decode_threads>(params, shared_max, shared_sum, shared_accumulator,
                                                                  head, whole, partial_index);
-    complete_head<HeadDim, Group, decode_threads>(params, head, whole);
+    complete_head<HeadDim, Group, decode_threads>(params, head, whole, shared_memory);
     __syncthreads();  // the next segment's tiles overwrite this merge area
   });
 }
@@ -1077,7 +1080,7 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, H
     __syncthreads();
     finish_segment<HeadDim, Group, parts, geometry::threads, Params, query_rows>(params, shared_max, shared_sum,
                                                                           shared_accumulator, head, whole, partial_index);
-    complete_head<HeadDim, Group, geometry::threads>(params, head, whole);
+    complete_head<HeadDim, Group, geometry::threads>(params, head, whole, shared_memory);
     __syncthreads();  // the next segment's tiles overwrite this merge area
   });
 }
@@ -1357,7 +1360,7 @@ struct implementation<stage::decode_attention, backend::cuda> {
         grid = cuda_detail::ceil_div(heads * length, chunk);
         merge = chunk % length != 0;  // else every block starts a head and reads whole heads
         if (in_kernel && merge) {
-          cuda_detail::reset_decode_arrivals<<<static_cast<unsigned>(cuda_detail::ceil_div(
+          cuda_detail::reset_decode_arrivals<><<<static_cast<unsigned>(cuda_detail::ceil_div(
                                                    heads, std::int64_t{cuda_detail::decode_plan_threads})),
                                                cuda_detail::decode_plan_threads, 0, stream>>>(arrivals, heads);
           detail::check_launch(function, "reset_decode_arrivals");

@@ -310,7 +310,8 @@ __device__ __forceinline__ void for_each_segment(const Partition& partition, Bod
 
 /// Zeroes the arrival counters of the in-kernel merge (contiguous caches, which have no
 /// plan kernel to do it): a programmatic primary of the attention kernel, which waits
-/// for it only before its first arrival.
+/// for it only before its first arrival. (A template: header-only, one definition per program.)
+template <int = 0>
 __global__ void __launch_bounds__(decode_plan_threads) reset_decode_arrivals(unsigned* arrivals, std::int64_t heads) {
   allow_dependent_grid();
   for (std::int64_t head = std::int64_t{blockIdx.x} * decode_plan_threads + threadIdx.x; head < heads;
