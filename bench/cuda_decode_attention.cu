@@ -750,14 +750,16 @@ namespace {
 /// Workload W (fp16, every head `tokens` long) over Layout — contiguous, paged (pages of 16,
 /// scattered) or flat — through eviction::attend: metric = 0 plain decode, 1 with the eviction
 /// metric (every token outside the protected window: positions 0, next = tokens); merge = 0 the
-/// separate merge (merge_decode_partials, and the finisher with the metric), 1 the in-kernel merge
-/// (metric_l2_hints::merge_in_kernel: the head's last block merges it and accumulates its metric).
+/// separate merge (merge_decode_partials; the finisher with the metric), 1 the in-kernel merge
+/// (metric_l2_hints::merge_in_kernel: the head's last block merges it; the finisher with the
+/// metric), 2 the in-kernel merge and metric (metric_in_kernel: that block also accumulates the
+/// head's metric, no finisher; without the metric the same as 1).
 /// The same rows in one run measure what the fused merge saves, and the metric's cost under each.
 template <class Layout>
 void decode_merge_modes(benchmark::State& state) {
   using view_type = typename Layout::template view<kt::codec::fp16, kt::device_space>;
   const std::int64_t batch = state.range(0), tokens = state.range(1);
-  const bool with_metric = state.range(5) != 0, in_kernel = state.range(6) != 0;
+  const bool with_metric = state.range(5) != 0;
   const kt::model_shape shape{.q_heads = state.range(2), .kv_heads = state.range(3), .head_dim = state.range(4)};
   const std::int64_t heads = batch * shape.kv_heads;
   void* memory = nullptr;
@@ -812,7 +814,8 @@ void decode_merge_modes(benchmark::State& state) {
   check(cudaMalloc(&scratch, std::max<std::size_t>(scratch_bytes, 1)), "cudaMalloc");
   cudaStream_t stream;
   cudaStreamCreate(&stream);
-  const kt::eviction::metric_l2_hints hints{.merge_in_kernel = in_kernel};
+  const kt::eviction::metric_l2_hints hints{.merge_in_kernel = state.range(6) >= 1,
+                                            .metric_in_kernel = state.range(6) == 2};
   const std::vector<double> seconds = kvtrim_bench::timed_seconds(state, stream, [&] {
     kt::eviction::attend(query_view, view, out_view, output, {scratch, scratch_bytes}, stream, hints);
   });
@@ -828,10 +831,10 @@ void decode_merge_modes(benchmark::State& state) {
 
 }  // namespace
 
-// W at 4k and 32k: plain / with the metric × separate / in-kernel merge, per layout.
+// W at 4k and 32k: plain / with the metric × separate merge / in-kernel merge / in-kernel merge and metric.
 #define KVTRIM_MERGE_MODE_ROWS                                                          \
   ->ArgNames({"batch", "tokens", "q_heads", "kv_heads", "head_dim", "metric", "merge"}) \
-      ->ArgsProduct({{8}, {4096, 32768}, {32}, {8}, {128}, {0, 1}, {0, 1}})            \
+      ->ArgsProduct({{8}, {4096, 32768}, {32}, {8}, {128}, {0, 1}, {0, 1, 2}})         \
       ->UseManualTime()                                                                 \
       ->Iterations(50)                                                                  \
       ->Unit(benchmark::kMicrosecond)

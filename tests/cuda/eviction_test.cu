@@ -182,36 +182,38 @@ struct harness {
           << "the metric side output changed the attention output";
       const std::vector<float> got_separate = gpu_metric.download();
 
-      // The in-kernel merge (metric_l2_hints::merge_in_kernel: the last block of a head merges it and
-      // accumulates its metric; no merge or finisher launch): the same arithmetic in the same order, so
-      // the same output bits and — the same lse, logits and formula — the same metric bits. Its scratch
-      // starts as garbage (the call zeroes its arrival counters), and a second call over the same
-      // scratch (the counters as the first call left them) must add the same contributions again.
-      device_buffer<float> fused_metric(initial), fused_out(gpu_out.size());
-      device_buffer<std::byte> fused_scratch(scratch.size());
-      fused_scratch.fill_bytes(0xa5);
-      fused_out.fill_bytes(0xff);
-      ev::attend(query_view, gpu_view, kt::make_view<kt::device_space>(fused_out.data(), out_extents), gpu_output_of(
-                 fused_metric.data()), {fused_scratch.data(), fused_scratch.size()}, stream, {.merge_in_kernel = true});
-      ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-      const std::vector<float> got_in_kernel = fused_metric.download(), fused = fused_out.download();
-      ASSERT_EQ(0, std::memcmp(fused.data(), with_metric.data(), fused.size() * sizeof(float)))
-          << "the in-kernel merge's output differs from the separate merge's";
-      std::int64_t metric_mismatches = 0;
-      for (std::size_t slot = 0; slot < got_in_kernel.size(); ++slot)
-        metric_mismatches += std::memcmp(&got_in_kernel[slot], &got_separate[slot], sizeof(float)) != 0;
-      EXPECT_EQ(metric_mismatches, 0) << "metric slots where the in-kernel metric's bits differ from the finisher's";
-      {
-        device_buffer<float> again(initial);
-        fused_out.fill_bytes(0xff);
-        ev::attend(query_view, gpu_view, kt::make_view<kt::device_space>(fused_out.data(), out_extents),
-                   gpu_output_of(again.data()), {fused_scratch.data(), fused_scratch.size()}, stream,
-                   {.merge_in_kernel = true});
-        ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-        const std::vector<float> second = again.download(), second_out = fused_out.download();
-        ASSERT_EQ(0, std::memcmp(second.data(), got_in_kernel.data(), second.size() * sizeof(float)))
-            << "a second in-kernel call over the same scratch accumulated differently";
-        ASSERT_EQ(0, std::memcmp(second_out.data(), fused.data(), fused.size() * sizeof(float)));
+      // The in-kernel merge (metric_l2_hints::merge_in_kernel: the last block of a head merges it; no
+      // merge launch), with the finisher or with the metric accumulated by that block too
+      // (metric_in_kernel: no finisher launch): the same arithmetic in the same order, so the same
+      // output bits and — the same lse, logits and formula — the same metric bits. The scratch starts
+      // as garbage (the call zeroes its arrival counters), and a second call over the same scratch
+      // (the counters as the first call left them) must add the same contributions again.
+      std::vector<float> got_in_kernel;
+      for (const bool metric_in_kernel : {false, true}) {
+        SCOPED_TRACE(metric_in_kernel ? "in-kernel merge and metric" : "in-kernel merge, finisher");
+        const ev::metric_l2_hints hints{.merge_in_kernel = true, .metric_in_kernel = metric_in_kernel};
+        device_buffer<std::byte> fused_scratch(scratch.size());
+        fused_scratch.fill_bytes(0xa5);
+        std::vector<float> first_metric;
+        for (int call = 0; call < 2; ++call) {
+          device_buffer<float> fused_metric(initial), fused_out(gpu_out.size());
+          fused_out.fill_bytes(0xff);
+          ev::attend(query_view, gpu_view, kt::make_view<kt::device_space>(fused_out.data(), out_extents),
+                     gpu_output_of(fused_metric.data()), {fused_scratch.data(), fused_scratch.size()}, stream, hints);
+          ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+          const std::vector<float> fused = fused_out.download(), fused_values = fused_metric.download();
+          ASSERT_EQ(0, std::memcmp(fused.data(), with_metric.data(), fused.size() * sizeof(float)))
+              << "call " << call << ": the in-kernel merge's output differs from the separate merge's";
+          std::int64_t metric_mismatches = 0;
+          for (std::size_t slot = 0; slot < fused_values.size(); ++slot)
+            metric_mismatches += std::memcmp(&fused_values[slot], &got_separate[slot], sizeof(float)) != 0;
+          EXPECT_EQ(metric_mismatches, 0) << "call " << call << ": metric slots whose bits differ from the finisher's";
+          if (call == 0) first_metric = fused_values;
+          else
+            ASSERT_EQ(0, std::memcmp(fused_values.data(), first_metric.data(), fused_values.size() * sizeof(float)))
+                << "a second call over the same scratch accumulated differently";
+        }
+        if (metric_in_kernel) got_in_kernel = first_metric;
       }
 
       for (int mode = 0; mode < 2; ++mode) {

@@ -410,21 +410,41 @@ __device__ __forceinline__ void accumulate_head_metric(const Params& params, std
 #pragma unroll
     for (int g = 0; g < Group; ++g) lse[g] = side.lse[head * Group + g];
     const int lane = threadIdx.x % 32;
-    // Whole warps over 32-float lines of the line, starting at the line holding line_begin.
-    for (std::int64_t base = line_begin / 32 * 32 + (threadIdx.x - lane); base < line_end; base += Threads) {
-      const std::int64_t x = base + lane;
-      if (x >= line_begin && x < line_end) {
-        const std::int64_t slot = rows.slot(x - line_begin);
-        const std::int64_t position = cache.positions.slot_position[slot];
+    // Whole warps over 32-float lines of the line, from the line holding line_begin; each warp
+    // takes `lines` consecutive lines a pass and issues all their loads before using any (one
+    // block walks the whole head here, so its memory parallelism is what bounds the pass).
+    constexpr int lines = Group >= 8 ? 1 : Group == 4 ? 2 : 4;
+    for (std::int64_t base = line_begin / 32 * 32 + (threadIdx.x - lane) * lines; base < line_end;
+         base += std::int64_t{Threads} * lines) {
+      bool inside[lines];
+      std::int64_t slot[lines];
+      float logit[lines][Group];
+      std::int32_t position[lines];
+#pragma unroll
+      for (int k = 0; k < lines; ++k) {
+        const std::int64_t x = base + k * 32 + lane;
+        inside[k] = x >= line_begin && x < line_end;
+        slot[k] = inside[k] ? rows.slot(x - line_begin) : 0;
+#pragma unroll
+        for (int g = 0; g < Group; ++g) logit[k][g] = inside[k] ? __ldcg(side.logits + g * side.stride + x) : 0.0f;
+      }
+#pragma unroll
+      for (int k = 0; k < lines; ++k) position[k] = inside[k] ? cache.positions.slot_position[slot[k]] : 0;
+#pragma unroll
+      for (int k = 0; k < lines; ++k) {
+        if (!inside[k]) continue;
         float sum = 0.0f;
 #pragma unroll
-        for (int g = 0; g < Group; ++g)
-          sum += eviction::metric_term(side.kind, exp2f(__ldcg(side.logits + g * side.stride + x) - lse[g]));
-        if (eviction::outside_window(next, position, side.window)) side.values[slot] += sum * factor;
+        for (int g = 0; g < Group; ++g) sum += eviction::metric_term(side.kind, exp2f(logit[k][g] - lse[g]));
+        if (eviction::outside_window(next, position[k], side.window)) side.values[slot[k]] += sum * factor;
       }
       __syncwarp();  // every lane has read its logits: the warp's lines are dead
-      if (side.keep_in_l2 && lane < Group && base >= line_begin && base + 32 <= line_end)
-        asm volatile("discard.global.L2 [%0], 128;\n" ::"l"(side.logits + lane * side.stride + base) : "memory");
+#pragma unroll
+      for (int k = 0; k < lines; ++k) {
+        const std::int64_t line = base + k * 32;
+        if (side.keep_in_l2 && lane < Group && line >= line_begin && line + 32 <= line_end)
+          asm volatile("discard.global.L2 [%0], 128;\n" ::"l"(side.logits + lane * side.stride + line) : "memory");
+      }
     }
   } else {
     (void)cache, (void)head;
@@ -440,9 +460,10 @@ __device__ __forceinline__ void accumulate_head_metric(const Params& params, std
 /// in-kernel metric, the block that now knows the head's lse accumulates its metric.
 /// `shared`: the block's dynamic shared memory, free once every thread is past finish_segment
 /// (one int of it carries the arrival's verdict; no static shared memory, so the kernels'
-/// occupancy is unchanged).
+/// occupancy is unchanged). Out of line: it runs once per segment, and inlined it raised
+/// the streaming loop's register count (ptxas, W's kernels).
 template <int HeadDim, int Group, int Threads, class Params>
-__device__ __forceinline__ void complete_head(const Params& params, std::int64_t head, bool whole, void* shared) {
+__device__ __noinline__ void complete_head(const Params& params, std::int64_t head, bool whole, void* shared) {
   if (params.arrivals == nullptr) return;
   const bool metric_here = params.metric.values != nullptr;
   if (!whole) {
