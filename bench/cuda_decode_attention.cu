@@ -734,3 +734,101 @@ BENCHMARK(decode_attention_multi_query)
     ->UseManualTime()
     ->Iterations(50)
     ->Unit(benchmark::kMicrosecond);
+
+// ---- issues 11 and 16: the split-K merge in the attention kernel against the separate merge ----
+namespace {
+
+/// Workload W (fp16, every head `tokens` long) over Layout — contiguous, paged (pages of 16,
+/// scattered) or flat — through eviction::attend: metric = 0 plain decode, 1 with the eviction
+/// metric (every token outside the protected window: positions 0, next = tokens); merge = 0 the
+/// separate merge (merge_decode_partials; the finisher with the metric), 1 the in-kernel merge
+/// (metric_l2_hints::merge_in_kernel: the head's last block merges it; the finisher with the
+/// metric), 2 the in-kernel merge and metric (metric_in_kernel: that block also accumulates the
+/// head's metric, no finisher; without the metric the same as 1).
+/// The same rows in one run measure what the fused merge saves, and the metric's cost under each.
+template <class Layout>
+void decode_merge_modes(benchmark::State& state) {
+  using view_type = typename Layout::template view<kt::codec::fp16, kt::device_space>;
+  const std::int64_t batch = state.range(0), tokens = state.range(1);
+  const bool with_metric = state.range(5) != 0;
+  const kt::model_shape shape{.q_heads = state.range(2), .kv_heads = state.range(3), .head_dim = state.range(4)};
+  const std::int64_t heads = batch * shape.kv_heads;
+  void* memory = nullptr;
+  std::int64_t host_length = tokens, slots = 0;
+  view_type view;
+  if constexpr (std::is_same_v<Layout, kt::layout::contiguous>) {
+    check(cudaMalloc(&memory, view_type::bytes(shape, batch, tokens)), "cudaMalloc(cache)");
+    view = view_type::bind_with_host_length(&host_length, memory, shape, batch, tokens);
+    host_length = tokens;
+    slots = heads * tokens;
+  } else if constexpr (std::is_same_v<Layout, kt::layout::paged>) {
+    const std::int64_t page = 16;
+    const kt::layout::paged::pool_size pool{heads * ((tokens + page - 1) / page), page};
+    check(cudaMalloc(&memory, view_type::bytes(shape, batch, pool)), "cudaMalloc(cache)");
+    view = view_type::bind(memory, shape, batch, pool);
+    scattered_pages(heads, tokens, page).upload(view);
+    slots = pool.pages * page;
+  } else {
+    const kt::layout::flat::pool_size pool{heads * tokens};
+    check(cudaMalloc(&memory, view_type::bytes(shape, batch, pool)), "cudaMalloc(cache)");
+    view = view_type::bind(memory, shape, batch, pool);
+    std::vector<std::int64_t> offsets(static_cast<std::size_t>(heads + 1)), lengths(static_cast<std::size_t>(heads), tokens);
+    for (std::int64_t head = 0; head <= heads; ++head) offsets[static_cast<std::size_t>(head)] = head * tokens;
+    check(cudaMemcpy(view.offsets, offsets.data(), offsets.size() * 8, cudaMemcpyHostToDevice), "offsets");
+    check(cudaMemcpy(view.lengths, lengths.data(), lengths.size() * 8, cudaMemcpyHostToDevice), "lengths");
+    check(cudaMemset(view.compensation.index, 0xff, heads * sizeof(std::int32_t)), "compensation");  // −1: none
+    slots = heads * tokens;
+  }
+  if constexpr (!std::is_same_v<Layout, kt::layout::paged>) {  // positions 0, next = tokens: all outside the window
+    check(cudaMemset(view.positions.slot_position, 0, slots * sizeof(std::int32_t)), "positions");
+    const std::vector<std::int64_t> next(static_cast<std::size_t>(heads), tokens);
+    check(cudaMemcpy(view.positions.next_position, next.data(), next.size() * 8, cudaMemcpyHostToDevice), "next");
+  }
+  fill_random<<<1024, 256>>>(reinterpret_cast<__half*>(view.storage.keys), slots * shape.head_dim, 1);
+  fill_random<<<1024, 256>>>(reinterpret_cast<__half*>(view.storage.values), slots * shape.head_dim, 2);
+  Layout::check("bench", view);
+
+  const std::int64_t query_elements = batch * shape.q_heads * shape.head_dim;
+  __half *queries = nullptr, *out = nullptr;
+  float* metric = nullptr;
+  check(cudaMalloc(&queries, query_elements * sizeof(__half)), "cudaMalloc");
+  check(cudaMalloc(&out, query_elements * sizeof(__half)), "cudaMalloc");
+  check(cudaMalloc(&metric, slots * sizeof(float)), "cudaMalloc(metric)");
+  check(cudaMemset(metric, 0, slots * sizeof(float)), "cudaMemset(metric)");
+  fill_random<<<64, 256>>>(queries, query_elements, 3);
+  const std::array<std::int64_t, 3> query_extents{batch, shape.q_heads, shape.head_dim};
+  const auto query_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(queries), query_extents);
+  const auto out_view = kt::make_view<kt::device_space>(reinterpret_cast<kt::half*>(out), query_extents);
+  const kt::eviction::metric_output<kt::device_space> output{with_metric ? metric : nullptr, slots};
+  const std::size_t scratch_bytes = kt::eviction::attend_workspace(view, output);
+  void* scratch = nullptr;
+  check(cudaMalloc(&scratch, std::max<std::size_t>(scratch_bytes, 1)), "cudaMalloc");
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  const kt::eviction::metric_l2_hints hints{.merge_in_kernel = state.range(6) >= 1,
+                                            .metric_in_kernel = state.range(6) == 2};
+  const std::vector<double> seconds = kvtrim_bench::timed_seconds(state, stream, [&] {
+    kt::eviction::attend(query_view, view, out_view, output, {scratch, scratch_bytes}, stream, hints);
+  });
+  const double cache_bytes = 2.0 * static_cast<double>(heads * tokens * shape.head_dim) * sizeof(__half);
+  const double median = seconds[seconds.size() / 2];
+  state.SetBytesProcessed(static_cast<std::int64_t>(cache_bytes) * state.iterations());
+  state.counters["median_us"] = median * 1e6;
+  state.counters["cache_TBps"] = cache_bytes / median / 1e12;
+  if (measured_copy_bandwidth > 0) state.counters["fraction_of_copy"] = cache_bytes / median / measured_copy_bandwidth;
+  cudaFree(queries), cudaFree(out), cudaFree(metric), cudaFree(scratch), cudaFree(memory);
+  cudaStreamDestroy(stream);
+}
+
+}  // namespace
+
+// W at 4k and 32k: plain / with the metric × separate merge / in-kernel merge / in-kernel merge and metric.
+#define KVTRIM_MERGE_MODE_ROWS                                                          \
+  ->ArgNames({"batch", "tokens", "q_heads", "kv_heads", "head_dim", "metric", "merge"}) \
+      ->ArgsProduct({{8}, {4096, 32768}, {32}, {8}, {128}, {0, 1}, {0, 1, 2}})         \
+      ->UseManualTime()                                                                 \
+      ->Iterations(50)                                                                  \
+      ->Unit(benchmark::kMicrosecond)
+BENCHMARK(decode_merge_modes<kt::layout::contiguous>)->Name("merge_modes_contiguous") KVTRIM_MERGE_MODE_ROWS;
+BENCHMARK(decode_merge_modes<kt::layout::paged>)->Name("merge_modes_paged") KVTRIM_MERGE_MODE_ROWS;
+BENCHMARK(decode_merge_modes<kt::layout::flat>)->Name("merge_modes_flat") KVTRIM_MERGE_MODE_ROWS;

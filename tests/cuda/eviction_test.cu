@@ -169,7 +169,10 @@ struct harness {
 
       device_buffer<float> gpu_metric(initial);
       device_buffer<float> gpu_out(static_cast<std::size_t>(c.batch * shape.q_heads * c.head_dim));
-      const ev::metric_output<kt::device_space> gpu_output{gpu_metric.data(), slots, kind, c.window};
+      const auto gpu_output_of = [&](float* values) {
+        return ev::metric_output<kt::device_space>{values, slots, kind, c.window};
+      };
+      const ev::metric_output<kt::device_space> gpu_output = gpu_output_of(gpu_metric.data());
       device_buffer<std::byte> scratch(ev::attend_workspace(gpu_view, gpu_output));
       ev::attend(query_view, gpu_view, kt::make_view<kt::device_space>(gpu_out.data(), out_extents), gpu_output,
                  {scratch.data(), scratch.size()}, stream);
@@ -177,7 +180,45 @@ struct harness {
       const std::vector<float> with_metric = gpu_out.download(), without = plain_out.download();
       ASSERT_EQ(0, std::memcmp(with_metric.data(), without.data(), with_metric.size() * sizeof(float)))
           << "the metric side output changed the attention output";
-      const std::vector<float> got = gpu_metric.download();
+      const std::vector<float> got_separate = gpu_metric.download();
+
+      // The in-kernel merge (metric_l2_hints::merge_in_kernel: the last block of a head merges it; no
+      // merge launch), with the finisher or with the metric accumulated by that block too
+      // (metric_in_kernel: no finisher launch): the same arithmetic in the same order, so the same
+      // output bits and — the same lse, logits and formula — the same metric bits. The scratch starts
+      // as garbage (the call zeroes its arrival counters), and a second call over the same scratch
+      // (the counters as the first call left them) must add the same contributions again.
+      std::vector<float> got_in_kernel;
+      for (const bool metric_in_kernel : {false, true}) {
+        SCOPED_TRACE(metric_in_kernel ? "in-kernel merge and metric" : "in-kernel merge, finisher");
+        const ev::metric_l2_hints hints{.merge_in_kernel = true, .metric_in_kernel = metric_in_kernel};
+        device_buffer<std::byte> fused_scratch(scratch.size());
+        fused_scratch.fill_bytes(0xa5);
+        std::vector<float> first_metric;
+        for (int call = 0; call < 2; ++call) {
+          device_buffer<float> fused_metric(initial), fused_out(gpu_out.size());
+          fused_out.fill_bytes(0xff);
+          ev::attend(query_view, gpu_view, kt::make_view<kt::device_space>(fused_out.data(), out_extents),
+                     gpu_output_of(fused_metric.data()), {fused_scratch.data(), fused_scratch.size()}, stream, hints);
+          ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+          const std::vector<float> fused = fused_out.download(), fused_values = fused_metric.download();
+          ASSERT_EQ(0, std::memcmp(fused.data(), with_metric.data(), fused.size() * sizeof(float)))
+              << "call " << call << ": the in-kernel merge's output differs from the separate merge's";
+          std::int64_t metric_mismatches = 0;
+          for (std::size_t slot = 0; slot < fused_values.size(); ++slot)
+            metric_mismatches += std::memcmp(&fused_values[slot], &got_separate[slot], sizeof(float)) != 0;
+          EXPECT_EQ(metric_mismatches, 0) << "call " << call << ": metric slots whose bits differ from the finisher's";
+          if (call == 0) first_metric = fused_values;
+          else
+            ASSERT_EQ(0, std::memcmp(fused_values.data(), first_metric.data(), fused_values.size() * sizeof(float)))
+                << "a second call over the same scratch accumulated differently";
+        }
+        if (metric_in_kernel) got_in_kernel = first_metric;
+      }
+
+      for (int mode = 0; mode < 2; ++mode) {
+      SCOPED_TRACE(mode == 0 ? "separate merge and finisher" : "in-kernel merge and metric");
+      const std::vector<float>& got = mode == 0 ? got_separate : got_in_kernel;
 
       // Bound, per token, from the two first-order error budgets (no safety factor).
       // Each backend computes p_gi with exponent error (natural-log units) at most
@@ -241,7 +282,9 @@ struct harness {
         if (!held[slot]) {
           ASSERT_EQ(got[slot], initial[slot]) << "slot " << slot;
         }
-      ::testing::Test::RecordProperty("worst_error_over_bound", std::to_string(worst));
+      ::testing::Test::RecordProperty(mode == 0 ? "worst_error_over_bound" : "worst_error_over_bound_in_kernel",
+                                      std::to_string(worst));
+      }
     }
     cudaStreamDestroy(stream);
   }
@@ -282,7 +325,9 @@ INSTANTIATE_TEST_SUITE_P(
         metric_case{L::paged, 1, 2, 8, 128, 16, {20000, 409}, 64},
         // contiguous: the uniform partition
         metric_case{L::contiguous, 2, 2, 4, 128, 0, {2049, 2049, 2049, 2049}, 64},
-        metric_case{L::contiguous, 1, 2, 2, 64, 0, {300, 300}, 3}),
+        metric_case{L::contiguous, 1, 2, 2, 64, 0, {300, 300}, 3},
+        // GQA 16 (both mma row blocks), D 256, heads 10× apart
+        metric_case{L::flat, 1, 2, 16, 256, 0, {4097, 409}, 64}),
     [](const ::testing::TestParamInfo<metric_case>& info) {
       return kt::detail::cat(name_of(info.param), "_", info.index);
     });
@@ -350,20 +395,29 @@ INSTANTIATE_TEST_SUITE_P(
 // denominator, plus the denominator's T-term sum, its exp(2)f roundings and the GPU's
 // fold of ≤ 64 splits: ε ≤ 4·(D + 5)·u·S + (T + 136)·u. Squares double it; the G·w-term
 // accumulation and the factor add (G·w + 2)·u of the value on each side.
+// Layout: paged (pages of 16) or flat; compensation: heads 1, 3, … get a compensation token
+// (RazorAttention) at kept index keep / 3 after compress, which both backends seed 0.
+template <class Layout = kt::layout::paged>
 void check_seed(std::int64_t batch, std::int64_t kv_heads, std::int64_t group, std::int64_t head_dim,
-                std::int64_t tokens, std::int64_t observed, std::int64_t window, std::int64_t keep, ev::metric_kind kind) {
-  using scheme = kt::scheme<kt::layout::paged, kt::score::snapkv, kt::budget::uniform, kt::codec::fp16, kt::backend::cpu>;
-  using host_view = kt::layout::paged::view<kt::codec::fp16, kt::host_space>;
-  using device_view = kt::layout::paged::view<kt::codec::fp16, kt::device_space>;
+                std::int64_t tokens, std::int64_t observed, std::int64_t window, std::int64_t keep, ev::metric_kind kind,
+                bool compensation = false) {
+  using scheme = kt::scheme<Layout, kt::score::snapkv, kt::budget::uniform, kt::codec::fp16, kt::backend::cpu>;
+  using host_view = typename Layout::template view<kt::codec::fp16, kt::host_space>;
+  using device_view = typename Layout::template view<kt::codec::fp16, kt::device_space>;
   const kt::model_shape shape{.q_heads = kv_heads * group, .kv_heads = kv_heads, .head_dim = head_dim};
   const std::int64_t heads = batch * kv_heads, start = 5;
   auto keys = kt::testing::random_tensor<kt::half, 4>({batch, kv_heads, tokens, head_dim}, 131);
   auto values = kt::testing::random_tensor<kt::half, 4>({batch, kv_heads, tokens, head_dim}, 132);
   auto queries = kt::testing::random_tensor<kt::half, 4>({batch, shape.q_heads, observed, head_dim}, 133, 2.0f);
-  scheme::config cfg;
+  typename scheme::config cfg;
   cfg.score.window = observed;
   cfg.budget.keep = kt::keep_tokens{keep};
-  const kt::layout::paged::pool_size pool{heads * ((keep + 15) / 16) + 3, 16};
+  const auto pool = [&] {
+    if constexpr (std::is_same_v<Layout, kt::layout::flat>)
+      return kt::layout::flat::pool_size{heads * keep + 8};
+    else
+      return kt::layout::paged::pool_size{heads * ((keep + 15) / 16) + 3, 16};
+  }();
   const std::size_t bytes = host_view::bytes(shape, batch, pool);
   host_block block(bytes);
   host_view view = host_view::bind(block.data, shape, batch, pool);
@@ -375,6 +429,15 @@ void check_seed(std::int64_t batch, std::int64_t kv_heads, std::int64_t group, s
   std::vector<std::byte> compress_scratch(scheme::compress_workspace(shape, batch, tokens, cfg));
   scheme::compress(keys.cview(), values.cview(), queries.cview(), view, cfg, options,
                    kt::workspace{compress_scratch.data(), compress_scratch.size()});
+  std::vector<std::int64_t> compensation_slots;
+  if (compensation)
+    for (std::int64_t head = 1; head < heads; head += 2) {
+      const std::int64_t b = head / kv_heads, h = head % kv_heads, index = view.head_length(b, h) / 3;
+      ASSERT_GT(view.head_length(b, h), index) << "head " << head << " keeps no token";
+      view.compensation.index[head] = static_cast<std::int32_t>(index);
+      view.compensation.bias[head] = std::log(40.0f);
+      compensation_slots.push_back(view.slot(b, h, index));
+    }
   const std::int64_t slots = kt::detail::storage_slots(view.storage);
   std::vector<float> cpu_metric(static_cast<std::size_t>(slots), 7.0f);  // seeding overwrites everything
   ev::seed_metric(keys.cview(), queries.cview(), view, {offsets.data(), kept.data(), heads}, start,
@@ -430,6 +493,10 @@ void check_seed(std::int64_t batch, std::int64_t kv_heads, std::int64_t group, s
       }
     }
   EXPECT_GT(seeded, 0) << "the case must seed some tokens";
+  for (const std::int64_t slot : compensation_slots) {
+    EXPECT_EQ(cpu_metric[slot], 0.0f) << "the CPU seeds the compensation token 0 (slot " << slot << ")";
+    EXPECT_EQ(got[slot], 0.0f) << "the compensation token is seeded 0 (slot " << slot << ")";
+  }
   for (std::int64_t slot = 0; slot < slots; ++slot)
     if (!held[slot]) {
       ASSERT_EQ(got[slot], 0.0f) << "slot " << slot << " holds no token: seeded 0";
@@ -446,6 +513,23 @@ TEST(EvictionSeed, DeviceSeedMatchesCpuSeed) {
   {
     SCOPED_TRACE("GQA 1, D 64, 333 prompt tokens, a window of 70 queries (two row chunks), protected window 0, L1 mean");
     check_seed(1, 2, 1, 64, 333, 70, 0, 100, ev::metric_kind::mean);
+  }
+}
+
+// Review E3 (issue 16): the flat layout, head dim 256 and the compensation token (seeded 0).
+TEST(EvictionSeed, DeviceSeedMatchesCpuSeedFlatHeadDim256Compensation) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  {
+    SCOPED_TRACE("flat, GQA 2, D 256, 700 prompt tokens, a window of 24 queries, compensation tokens, L2 mean");
+    check_seed<kt::layout::flat>(2, 2, 2, 256, 700, 24, 16, 200, ev::metric_kind::squared_mean, true);
+  }
+  {
+    SCOPED_TRACE("flat, GQA 4, D 128, 1500 prompt tokens, a window of 32 queries, L1");
+    check_seed<kt::layout::flat>(1, 2, 4, 128, 1500, 32, 20, 300, ev::metric_kind::sum);
+  }
+  {
+    SCOPED_TRACE("paged, GQA 8, D 256, 600 prompt tokens, a window of 16 queries, compensation tokens, L2");
+    check_seed<kt::layout::paged>(1, 2, 8, 256, 600, 16, 8, 150, ev::metric_kind::squared_sum, true);
   }
 }
 

@@ -251,8 +251,12 @@ inline constexpr int decode_plan_threads = 256;
 template <class View>
 __global__ void __launch_bounds__(decode_plan_threads)
     plan_decode_partition(const __grid_constant__ View cache, std::int64_t blocks, decode_line* line,
-                          std::int64_t* prefix, std::int32_t* first_head) {
+                          std::int64_t* prefix, std::int32_t* first_head, unsigned* arrivals) {
   allow_dependent_grid();  // the attention kernel's blocks may be scheduled; they wait for this plan
+  // In-kernel merge: every head's arrival counter starts the call at 0 (the attention kernel's
+  // griddepcontrol.wait makes these stores visible before any block arrives).
+  if (arrivals != nullptr)
+    for (std::int64_t head = threadIdx.x; head < cache.heads(); head += decode_plan_threads) arrivals[head] = 0;
   using scan = cub::BlockScan<std::int64_t, decode_plan_threads>;
   __shared__ typename scan::TempStorage scan_storage;
   __shared__ std::int64_t shared_chunk;
@@ -304,6 +308,47 @@ __device__ __forceinline__ void for_each_segment(const Partition& partition, Bod
   }
 }
 
+/// Zeroes the arrival counters of the in-kernel merge (contiguous caches, which have no
+/// plan kernel to do it): a programmatic primary of the attention kernel, which waits
+/// for it only before its first arrival. (A template: header-only, one definition per program.)
+template <int = 0>
+__global__ void __launch_bounds__(decode_plan_threads) reset_decode_arrivals(unsigned* arrivals, std::int64_t heads) {
+  allow_dependent_grid();
+  for (std::int64_t head = std::int64_t{blockIdx.x} * decode_plan_threads + threadIdx.x; head < heads;
+       head += std::int64_t{gridDim.x} * decode_plan_threads)
+    arrivals[head] = 0;
+}
+
+/// The merged output element d and log-sum-exp of query row `query_row` of a head read
+/// by blocks first..last (first < last): Σ_s 2^(lse_s − max) o_s / Σ_s 2^(lse_s − max).
+/// Both merges (merge_decode_partials, and the in-kernel merge of the head's last block
+/// to finish) run this very code, so their outputs agree bit for bit. L2Only: loads
+/// that bypass L1 (partials other blocks wrote during this kernel).
+struct merged_element {
+  float output;
+  float lse;
+};
+template <int HeadDim, bool L2Only>
+__device__ __forceinline__ merged_element merge_partial_element(const float* partial_out, const float* partial_lse,
+                                                                std::int64_t head, std::int64_t first,
+                                                                std::int64_t last, std::int64_t rows,
+                                                                std::int64_t query_row, int d) {
+  const auto load = [](const float* address) { return L2Only ? __ldcg(address) : *address; };
+  float max_lse = -std::numeric_limits<float>::infinity();
+  for (std::int64_t block = first; block <= last; ++block)
+    max_lse = fmaxf(max_lse, load(partial_lse + (block + head) * rows + query_row));
+  float sum = 0.0f, output = 0.0f;
+  for (std::int64_t block = first; block <= last; ++block) {
+    const std::int64_t index = (block + head) * rows + query_row;
+    const float lse = load(partial_lse + index);
+    if (lse == -std::numeric_limits<float>::infinity()) continue;
+    const float weight = exp2f(lse - max_lse);
+    sum += weight;
+    output = fmaf(weight, load(partial_out + index * HeadDim + d), output);
+  }
+  return {sum > 0.0f ? output / sum : 0.0f, max_lse + log2f(sum)};
+}
+
 /// out[b, t, j] = Σ_s 2^(lse_s − max) o_s / Σ_s 2^(lse_s − max) over the blocks
 /// that read head b·kv_heads + j / Group (t: the new token, multi-query; a block's
 /// partials hold Group × queries rows, row t·Group + j % Group); heads read by one
@@ -332,21 +377,10 @@ __global__ void __launch_bounds__(HeadDim)
   }
   const std::int64_t first = head_begin / line.chunk, last = (head_end - 1) / line.chunk;
   if (first == last) return;  // one block read the whole head and wrote the output
-  const std::int64_t rows = Group * queries;
-  float max_lse = -std::numeric_limits<float>::infinity();
-  for (std::int64_t block = first; block <= last; ++block)
-    max_lse = fmaxf(max_lse, partial_lse[(block + head) * rows + query_row]);
-  float sum = 0.0f, output = 0.0f;
-  for (std::int64_t block = first; block <= last; ++block) {
-    const std::int64_t index = (block + head) * rows + query_row;
-    const float lse = partial_lse[index];
-    if (lse == -std::numeric_limits<float>::infinity()) continue;
-    const float weight = exp2f(lse - max_lse);
-    sum += weight;
-    output += weight * partial_out[index * HeadDim + d];
-  }
-  *target = from_float<OutT>(sum > 0.0f ? output / sum : 0.0f);
-  if (metric_lse != nullptr && d == 0) metric_lse[head * Group + query_row] = max_lse + log2f(sum);
+  const merged_element merged = merge_partial_element<HeadDim, false>(partial_out, partial_lse, head, first, last,
+                                                                      Group * queries, query_row, d);
+  *target = from_float<OutT>(merged.output);
+  if (metric_lse != nullptr && d == 0) metric_lse[head * Group + query_row] = merged.lse;
 }
 
 }  // namespace kvtrim::cuda_detail
