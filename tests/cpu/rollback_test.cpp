@@ -276,13 +276,11 @@ TYPED_TEST(Rollback, TruncatedEqualsAppendingOnlyTheAccepted) {
 TYPED_TEST(Rollback, TruncatingTheWholeAppendRestoresTheTables) {
   using C = TypeParam;
   using scheme = typename C::scheme;
-  if constexpr (std::same_as<typename C::codec, kt::codec::int8> || std::same_as<typename C::codec, kt::codec::int4> ||
-                std::same_as<typename C::codec, kt::codec::layered<kt::codec::int8>>) {
-    GTEST_SKIP() << "covered with the horizon in TruncatedEqualsAppendingOnlyTheAccepted";
-  } else {
+  {
     auto cache = C::make(codec_config<typename C::codec>());
     std::vector<std::int64_t> prefix(batch * kv_heads, 0);
-    for (std::int64_t head = 0; head < batch * kv_heads; ++head) prefix[head] = C::ragged ? 3 + 5 * head : 13;
+    // ≤ 18 + 8 tokens: KIVI's first group of 32 never seals, so every n rolls back.
+    for (std::int64_t head = 0; head < batch * kv_heads; ++head) prefix[head] = C::ragged ? 3 + 3 * head : 13;
     append_rows<scheme>(cache.view(), prefix, 77);
     const auto& v = cache.view();
     const auto tables = [&] {

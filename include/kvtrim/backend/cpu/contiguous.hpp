@@ -60,21 +60,10 @@ struct implementation<layout::contiguous, backend::cpu> {
   template <class CodecT>
   static void truncate(layout::contiguous::view<CodecT, host_space>& cache,
                        const tensor_view<const std::int32_t, 1, host_space>& drop, backend::host_stream) {
-    check_equal_drops(cache.batch, drop);
+    detail::check_equal_drops(cache.batch, drop);
     detail::check_truncate(cache, drop);
     detail::forget_newest(cache, drop);
     *cache.length -= detail::drop_at(drop, 0);
-  }
-
-  /// layout::contiguous's own rule for truncate: one count for every sequence.
-  static void check_equal_drops(std::int64_t batch, const tensor_view<const std::int32_t, 1, host_space>& drop) {
-    for (std::int64_t b = 1; b < batch; ++b)
-      if (detail::drop_at(drop, b) != detail::drop_at(drop, 0) && detail::drop_at(drop, b) >= 0 &&
-          detail::drop_at(drop, 0) >= 0)
-        detail::fail("kvtrim::scheme::truncate", "drop",
-                     detail::cat("the same count for every sequence (layout::contiguous holds one length; ",
-                                 detail::drop_at(drop, 0), " for sequence 0)"),
-                     detail::cat(detail::drop_at(drop, b), " for sequence ", b));
   }
 };
 

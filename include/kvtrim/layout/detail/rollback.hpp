@@ -1,6 +1,6 @@
 // kvtrim/layout/detail/rollback.hpp — scheme::truncate on host views, shared by
 // the CPU backends of every layout: speculative decoding's rollback of rejected
-// draft tokens (docs/composition.md §7).
+// draft tokens (docs/composition.md §8).
 //
 // truncate removes the newest drop[b] tokens of every kv head of sequence b
 // (the drafts were appended to every head). The checks, all before the first
@@ -22,6 +22,17 @@ namespace kvtrim::detail {
 
 inline std::int64_t drop_at(const tensor_view<const std::int32_t, 1, host_space>& drop, std::int64_t b) {
   return drop.data[b * drop.strides[0]];
+}
+
+/// layout::contiguous's own rule for truncate: one count for every sequence
+/// (checked first; a negative count is left to check_truncate's wording).
+inline void check_equal_drops(std::int64_t batch, const tensor_view<const std::int32_t, 1, host_space>& drop) {
+  for (std::int64_t b = 1; b < batch; ++b)
+    if (drop_at(drop, b) != drop_at(drop, 0) && drop_at(drop, b) >= 0 && drop_at(drop, 0) >= 0)
+      fail("kvtrim::scheme::truncate", "drop",
+           cat("the same count for every sequence (layout::contiguous holds one length; ", drop_at(drop, 0),
+               " for sequence 0)"),
+           cat(drop_at(drop, b), " for sequence ", b));
 }
 
 /// Throws (fail_truncate) unless every drop count is one the cache can take back exactly.

@@ -91,7 +91,7 @@ struct layout_status {
   fail(function, "drop",
        cat("at most the ", limit, " newest tokens the codec can forget exactly in kv head ", h, " of sequence ", b,
            " (tokens already folded into a quantized key group or a refreshed basis cannot be taken back; "
-           "docs/composition.md §7)"),
+           "docs/composition.md §8)"),
        cat(drop, " for sequence ", b));
 }
 
