@@ -670,8 +670,107 @@ struct harness {
         if (heads > 1) EXPECT_GE(*cpu.repacks, 1) << "the case was meant to repack";
       }
     }
-    cudaStreamDestroy(stream);
     expect_attention_matches(cpu, block, "appended");
+    if constexpr (kt::cuda_detail::device_rollback_codec<CodecT>) roll_back_drafts(cpu, block, gpu, device_block, stream, seed);
+    cudaStreamDestroy(stream);
+  }
+
+  /// Every metadata array of the layout (page tables and free list, offsets and lengths, next
+  /// positions, compensation), byte for byte: the device replays the CPU's order.
+  void expect_same_tables(const host_view& cpu, const host_block& block, const device_buffer<std::byte>& device_block,
+                          const char* step) const {
+    SCOPED_TRACE(step);
+    const std::vector<std::byte> got = kt::testing::download_bytes(device_block.data(), block.bytes);
+    const auto same = [&](const void* array, std::int64_t count, std::size_t element, const char* name) {
+      const std::ptrdiff_t offset = static_cast<const std::byte*>(array) - block.data;
+      EXPECT_EQ(std::memcmp(got.data() + offset, block.data + offset, static_cast<std::size_t>(count) * element), 0) << name;
+    };
+    if constexpr (std::is_same_v<Layout, kt::layout::paged>) {
+      same(cpu.indptr, heads + 1, 4, "indptr");
+      same(cpu.indices, cpu.indptr[heads], 4, "indices");
+      same(cpu.last_page_len, heads, 4, "last_page_len");
+      same(cpu.free_count, 1, 4, "free_count");
+      same(cpu.free_pages, *cpu.free_count, 4, "free_pages");
+    } else if constexpr (std::is_same_v<Layout, kt::layout::flat>) {
+      same(cpu.offsets, heads + 1, 8, "offsets");
+      same(cpu.lengths, heads, 8, "lengths");
+    }
+    if constexpr (!contiguous) {
+      same(cpu.positions.next_position, heads, 8, "next_position");
+      same(cpu.compensation.index, heads, 4, "compensation.index");
+      same(cpu.compensation.bias, heads, 4, "compensation.bias");
+    }
+  }
+
+  /// scheme::truncate's rollback on both backends: rounds of n drafts appended to every head, then
+  /// per-sequence drops within what the codec can forget exactly (KIVI: the filling group),
+  /// compared byte for byte (storage, positions, tables, free list) after every step; then a drop
+  /// past the horizon, refused with the CPU's message and no byte changed.
+  void roll_back_drafts(const host_view& cpu_const, const host_block& block, device_view& gpu,
+                        const device_buffer<std::byte>& device_block, cudaStream_t stream, std::uint64_t seed) {
+    host_view cpu = cpu_const;
+    std::mt19937_64 random(seed);
+    const auto limit = [&](std::int64_t b) {
+      std::int64_t most = std::numeric_limits<std::int64_t>::max();
+      for (std::int64_t h = 0; h < c.kv_heads; ++h)
+        most = std::min({most, cpu.head_length(b, h), kt::codec::rollback_horizon<CodecT>(cpu.storage, b * c.kv_heads + h)});
+      return most;
+    };
+    for (std::int64_t round = 0; round < 6; ++round) {
+      const std::int64_t n = 1 + (round * 3) % 8;
+      const auto new_keys = kt::testing::random_tensor<kt::half, 4>({c.batch, c.kv_heads, n, c.head_dim}, ++seed);
+      const auto new_values = kt::testing::random_tensor<kt::half, 4>({c.batch, c.kv_heads, n, c.head_dim}, ++seed);
+      device_tensor<kt::half, 4> device_new_keys(new_keys), device_new_values(new_values);
+      kt::implementation<Layout, kt::backend::cpu>::append(cpu, new_keys.cview(), new_values.cview(), {});
+      kt::implementation<Layout, kt::backend::cuda>::append(gpu, kt::detail::as_const(device_new_keys.view),
+                                                            kt::detail::as_const(device_new_values.view), stream);
+      std::vector<std::int32_t> drop(static_cast<std::size_t>(c.batch));
+      std::int64_t common = n;
+      for (std::int64_t b = 0; b < c.batch; ++b) common = std::min(common, limit(b));
+      for (std::int64_t b = 0; b < c.batch; ++b) {
+        const std::int64_t most = std::min(n, limit(b));
+        drop[static_cast<std::size_t>(b)] = static_cast<std::int32_t>(
+            contiguous ? common : (round == 0 ? most : static_cast<std::int64_t>(random() % static_cast<std::uint64_t>(most + 1))));
+      }
+      kt::implementation<Layout, kt::backend::cpu>::truncate(cpu, {drop.data(), {c.batch}, {1}}, {});
+      device_buffer<std::int32_t> device_drop(drop);
+      kt::implementation<Layout, kt::backend::cuda>::truncate(gpu, {device_drop.data(), {c.batch}, {1}}, stream);
+      ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+      if constexpr (!contiguous) ASSERT_NO_THROW(kt::check_status(gpu, stream));
+      const std::string step = kt::detail::cat("truncate round ", round, " (n ", n, ", drop[0] ", drop[0], ")");
+      expect_same_bytes(cpu, block, gpu, device_block, step.c_str());
+      expect_same_tables(cpu, block, device_block, step.c_str());
+      if (::testing::Test::HasFailure()) return;
+    }
+    expect_attention_matches(cpu, block, "truncated");
+    // One past the limit of sequence 0 (its shortest head or the codec's horizon): refused alike.
+    std::vector<std::int32_t> drop(static_cast<std::size_t>(c.batch), 0);
+    drop[0] = static_cast<std::int32_t>(limit(0) + 1);
+    if constexpr (contiguous) std::fill(drop.begin(), drop.end(), drop[0]);
+    std::string cpu_message;
+    try {
+      kt::implementation<Layout, kt::backend::cpu>::truncate(cpu, {drop.data(), {c.batch}, {1}}, {});
+    } catch (const kt::error& e) {
+      cpu_message = e.what();
+    }
+    ASSERT_FALSE(cpu_message.empty()) << "the CPU accepted a drop past its limit";
+    const std::vector<std::byte> before = kt::testing::download_bytes(device_block.data(), block.bytes);
+    device_buffer<std::int32_t> device_drop(drop);
+    std::string gpu_message;
+    try {
+      kt::implementation<Layout, kt::backend::cuda>::truncate(gpu, {device_drop.data(), {c.batch}, {1}}, stream);
+      ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+      if constexpr (!contiguous) kt::check_status(gpu, stream);
+    } catch (const kt::error& e) {
+      gpu_message = e.what();
+    }
+    EXPECT_EQ(gpu_message, cpu_message);
+    const std::vector<std::byte> after = kt::testing::download_bytes(device_block.data(), block.bytes);
+    std::size_t kept = after.size();
+    if constexpr (!contiguous) kept = static_cast<std::size_t>(reinterpret_cast<const std::byte*>(gpu.status) -
+                                                               reinterpret_cast<const std::byte*>(device_block.data()));
+    EXPECT_EQ(std::memcmp(before.data(), after.data(), kept), 0) << "a refused truncate changed the device cache";
+    expect_same_bytes(cpu, block, gpu, device_block, "refused truncate");
   }
 };
 
@@ -823,6 +922,136 @@ TEST(CodecStats, BytesPerTokenAreWhatTheDeviceCacheAllocates) {
   EXPECT_DOUBLE_EQ(kt::codec::bytes_per_token<kt::codec::int4>(int4_zero, 128, 32), 128.0 + 8.0 + 1025.0 / 32.0);
   EXPECT_DOUBLE_EQ(kt::codec::bytes_per_token<kt::codec::fp8>({}, 128, 1), 256.0);
   EXPECT_DOUBLE_EQ(kt::codec::bytes_per_token<kt::codec::low_rank>(low_rank, 128, 1), 2.0 * 32 * 2);  // key and value fp16 coefficients
+}
+
+}  // namespace
+
+namespace {
+
+// ---- scheme::truncate on plain caches of every device-planned layout ---------------------------
+//
+// Both backends start from the same bytes (a host cache copied to the device) and run the same
+// appends (ragged per head where the layout allows) and rollbacks through scheme::truncate; after
+// every step the whole allocation but the status words must be equal byte for byte — storage,
+// positions, page tables, free list (in order), offsets, lengths — since the device replays the
+// CPU's order. Then a drop past a head's length: the CPU's message from check_status, no byte changed.
+
+template <class Layout>
+struct rollback_pools;
+template <>
+struct rollback_pools<kt::layout::paged> {
+  static kt::layout::paged::pool_size pool() { return {200, 4}; }
+};
+template <>
+struct rollback_pools<kt::layout::flat> {
+  static kt::layout::flat::pool_size pool() { return {900}; }
+};
+template <>
+struct rollback_pools<kt::layout::shared_paged> {
+  static kt::layout::shared_paged::pool_size pool() { return {120, 4, kt::layout::shared_paged::order::hnd}; }
+};
+
+template <class Layout>
+void expect_plain_rollback_matches_cpu() {
+  using codec = kt::codec::fp16;
+  using cpu_scheme = kt::scheme<Layout, kt::score::static_window, kt::budget::uniform, codec, kt::backend::cpu>;
+  using gpu_scheme = kt::scheme<Layout, kt::score::static_window, kt::budget::uniform, codec, kt::backend::cuda>;
+  using host_view = typename Layout::template view<codec, kt::host_space>;
+  using device_view = typename Layout::template view<codec, kt::device_space>;
+  const kt::model_shape shape{.q_heads = 4, .kv_heads = 2, .head_dim = 64};
+  const std::int64_t batch = 3, heads = batch * shape.kv_heads;
+  host_block block(host_view::bytes(shape, batch, rollback_pools<Layout>::pool()));
+  host_view cpu = host_view::bind(block.data, shape, batch, rollback_pools<Layout>::pool());
+  device_buffer<std::byte> device_block(block.bytes);
+  kt::testing::check(cudaMemcpy(device_block.data(), block.data, block.bytes, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
+  device_view gpu = device_view::bind(device_block.data(), shape, batch, rollback_pools<Layout>::pool());
+  const std::size_t compared = static_cast<std::size_t>(reinterpret_cast<const std::byte*>(gpu.status) -
+                                                        reinterpret_cast<const std::byte*>(device_block.data()));
+  const auto expect_same = [&](const std::string& step) {
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess) << step;
+    ASSERT_NO_THROW(kt::check_status(gpu, nullptr)) << step;
+    const std::vector<std::byte> got = kt::testing::download_bytes(device_block.data(), block.bytes);
+    for (std::size_t i = 0; i < compared; ++i)
+      ASSERT_EQ(got[i], block.data[i]) << step << ": first differing byte at offset " << i << " of " << compared;
+  };
+  std::mt19937_64 random(2026);
+  std::uint64_t seed = 500;
+  const auto append_both = [&](std::int64_t count, std::int64_t target) {
+    auto keys = kt::testing::random_tensor<kt::half, 4>({batch, shape.kv_heads, count, shape.head_dim}, ++seed);
+    auto values = kt::testing::random_tensor<kt::half, 4>({batch, shape.kv_heads, count, shape.head_dim}, ++seed);
+    device_tensor<kt::half, 4> device_keys(keys), device_values(values);
+    if (target < 0) {
+      cpu_scheme::append(cpu, keys.cview(), values.cview());
+      gpu_scheme::append(gpu, kt::detail::as_const(device_keys.view), kt::detail::as_const(device_values.view));
+    } else if constexpr (Layout::ragged_heads) {
+      const std::int64_t b = target / shape.kv_heads, h = target % shape.kv_heads;
+      const auto host_rows = [&](const kt::testing::host_tensor<kt::half, 4>& all) {
+        return kt::tensor_view<const kt::half, 2>{&all.view(b, h, 0, 0), {count, shape.head_dim},
+                                                  {all.view.strides[2], all.view.strides[3]}};
+      };
+      const auto device_rows = [&](const kt::tensor_view<kt::half, 4, kt::device_space>& all) {
+        return kt::tensor_view<const kt::half, 2, kt::device_space>{
+            all.data + b * all.strides[0] + h * all.strides[1], {count, shape.head_dim}, {all.strides[2], all.strides[3]}};
+      };
+      cpu_scheme::append_head(cpu, b, h, host_rows(keys), host_rows(values));
+      gpu_scheme::append_head(gpu, b, h, device_rows(device_keys.view), device_rows(device_values.view));
+    }
+  };
+  // A prefix: 13 tokens everywhere, then ragged extras per head (paged, flat).
+  append_both(13, -1);
+  if constexpr (Layout::ragged_heads)
+    for (std::int64_t head = 0; head < heads; ++head)
+      if (head % 3 != 0) append_both(1 + 5 * head, head);
+  expect_same("prefix");
+  for (std::int64_t round = 0; round < 10; ++round) {
+    const std::int64_t n = 1 + (round * 5) % 8;
+    append_both(n, -1);
+    std::vector<std::int32_t> drop(static_cast<std::size_t>(batch));
+    for (auto& d : drop) d = round % 4 == 0 ? static_cast<std::int32_t>(n) : static_cast<std::int32_t>(random() % (n + 1));
+    cpu_scheme::truncate(cpu, kt::tensor_view<const std::int32_t, 1>{drop.data(), {batch}, {1}});
+    device_buffer<std::int32_t> device_drop(drop);
+    gpu_scheme::truncate(gpu, kt::tensor_view<const std::int32_t, 1, kt::device_space>{device_drop.data(), {batch}, {1}});
+    expect_same(kt::detail::cat("round ", round, " (n ", n, ", drops ", drop[0], " ", drop[1], " ", drop[2], ")"));
+    if (::testing::Test::HasFatalFailure()) return;
+  }
+  // Refused: sequence 1 drops one more than its shortest head holds; sequence 0 a negative count comes first.
+  for (const std::vector<std::int32_t>& drop :
+       {std::vector<std::int32_t>{0, static_cast<std::int32_t>(cpu.head_length(1, 0) + 1), 0},
+        std::vector<std::int32_t>{-2, 1000, 0}}) {
+    std::string cpu_message;
+    try {
+      cpu_scheme::truncate(cpu, kt::tensor_view<const std::int32_t, 1>{drop.data(), {batch}, {1}});
+    } catch (const kt::error& e) {
+      cpu_message = e.what();
+    }
+    ASSERT_FALSE(cpu_message.empty());
+    device_buffer<std::int32_t> device_drop(drop);
+    gpu_scheme::truncate(gpu, kt::tensor_view<const std::int32_t, 1, kt::device_space>{device_drop.data(), {batch}, {1}});
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    try {
+      kt::check_status(gpu, nullptr);
+      ADD_FAILURE() << "check_status did not throw; expected: " << cpu_message;
+    } catch (const kt::error& e) {
+      EXPECT_EQ(std::string(e.what()), cpu_message);
+    }
+    expect_same("after a refused truncate");
+  }
+  // Further appends after the rollbacks behave alike.
+  append_both(7, -1);
+  expect_same("append after the rollbacks");
+}
+
+TEST(RollbackCuda, PagedFp16MatchesCpuByteForByte) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  expect_plain_rollback_matches_cpu<kt::layout::paged>();
+}
+TEST(RollbackCuda, FlatFp16MatchesCpuByteForByte) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  expect_plain_rollback_matches_cpu<kt::layout::flat>();
+}
+TEST(RollbackCuda, SharedPagedFp16MatchesCpuByteForByte) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  expect_plain_rollback_matches_cpu<kt::layout::shared_paged>();
 }
 
 }  // namespace

@@ -45,7 +45,7 @@ struct decode_case {
   std::int64_t page_size;             // paged only
   std::vector<std::int64_t> lengths;  // [batch · kv_heads] (contiguous: one length, repeated)
   bool compensation;                  // a compensation token with a logit bias in most heads (paged, flat)
-  std::int64_t queries = 1;           // multi-query: new tokens per sequence (every non-empty head holds ≥ n)
+  std::int64_t queries = 1;           // multi-query: new tokens per sequence (paged / flat heads may hold fewer: 1 ≤ L < n)
 };
 
 std::string name_of(const decode_case& c) {
@@ -136,6 +136,10 @@ struct harness {
       std::vector<std::int64_t> wanted(c.lengths.size()), done(c.lengths.size(), 0);
       for (std::size_t head = 0; head < wanted.size(); ++head)
         wanted[head] = c.lengths[head] > 0 ? c.lengths[head] : extra_for_empty;
+      // The CPU's twin (extra_for_empty = n): heads shorter than n are refused by the CPU's multi-query
+      // attend, so they hold n tokens there; their rows are replaced by short_head_reference.
+      if (extra_for_empty > 0)
+        for (std::size_t head = 0; head < wanted.size(); ++head) wanted[head] = std::max(wanted[head], extra_for_empty);
       for (bool more = true; more;) {
         more = false;
         for (std::int64_t head = 0; head < heads; ++head) {
@@ -157,11 +161,38 @@ struct harness {
     return view;
   }
 
+  /// The CPU reference for a head of 1 ≤ L < n tokens, which the CPU's multi-query attend refuses:
+  /// its last L queries are the multi-query case with n' = L over a cache holding the head alone
+  /// (query n − L + t' sees its first t' + 1 tokens, as the device's query n − L + t' does), written
+  /// into the rows of `out` for those queries of the head's q heads.
+  void short_head_reference(const head_data<Element>& data, const kt::testing::host_tensor<Element, 4>& queries,
+                            std::int64_t head, kt::testing::host_tensor<float, 4>& out) const {
+    using single = kt::scheme<kt::layout::flat, kt::score::static_window, kt::budget::uniform, codec, kt::backend::cpu>;
+    const std::int64_t length = c.lengths[head], n = c.queries, b = head / c.kv_heads, h = head % c.kv_heads;
+    const kt::model_shape one{.q_heads = c.group, .kv_heads = 1, .head_dim = c.head_dim};
+    auto cache = single::make_cache(one, std::int64_t{1}, kt::layout::flat::pool_size{length + 8});
+    single::append_head(cache.view(), 0, 0, rows_of(data.keys[head], 0, length), rows_of(data.values[head], 0, length));
+    if (c.compensation) {
+      const auto [index, bias] = compensation_for(head, length);
+      cache.view().compensation.index[0] = index;
+      cache.view().compensation.bias[0] = bias;
+    }
+    auto q = kt::testing::make_tensor<Element, 4>({1, length, c.group, c.head_dim});
+    for (std::int64_t t = 0; t < length; ++t)
+      for (std::int64_t g = 0; g < c.group; ++g)
+        for (std::int64_t d = 0; d < c.head_dim; ++d) q(0, t, g, d) = queries(b, n - length + t, h * c.group + g, d);
+    auto result = kt::testing::make_tensor<float, 4>({1, length, c.group, c.head_dim});
+    single::attend(q.cview(), cache.view(), result.view, {});
+    for (std::int64_t t = 0; t < length; ++t)
+      for (std::int64_t g = 0; g < c.group; ++g)
+        for (std::int64_t d = 0; d < c.head_dim; ++d) out(b, n - length + t, h * c.group + g, d) = result(0, t, g, d);
+  }
+
   void run() {
     const std::int64_t n_queries = c.queries;
     const head_data<Element> data = make_heads<Element>(c, n_queries);
     auto queries = kt::testing::random_tensor<Element, 4>({c.batch, n_queries, shape.q_heads, c.head_dim}, 7, 2.0f);
-    const bool any_empty = std::any_of(c.lengths.begin(), c.lengths.end(), [](std::int64_t n) { return n == 0; });
+    const bool any_empty = std::any_of(c.lengths.begin(), c.lengths.end(), [&](std::int64_t n) { return n < n_queries; });
 
     // The cache the GPU reads, and the CPU's reference (over the same cache, or its twin with the empty heads filled).
     const std::size_t bytes = host_view::bytes(shape, c.batch, pool(0));
@@ -175,6 +206,9 @@ struct harness {
     }
     auto cpu_out = kt::testing::make_tensor<float, 4>({c.batch, n_queries, shape.q_heads, c.head_dim});
     cpu_scheme::attend(queries.cview(), reference_view, cpu_out.view, {});
+    if constexpr (!std::is_same_v<Layout, kt::layout::contiguous>)
+      for (std::int64_t head = 0; head < heads; ++head)
+        if (c.lengths[head] >= 1 && c.lengths[head] < n_queries) short_head_reference(data, queries, head, cpu_out);
 
     // The same bytes on the device, the same layout bound over them.
     device_buffer<std::byte> device_block(bytes);
@@ -281,11 +315,12 @@ struct harness {
       for (std::int64_t t = 0; t < n_queries; ++t)
         for (std::int64_t j = 0; j < shape.q_heads; ++j) {
           const std::int64_t head = b * c.kv_heads + j / c.group;
-          const std::int64_t n = c.lengths[head] == 0 ? 0 : c.lengths[head] - n_queries + 1 + t;
+          // A head shorter than n (paged / flat): the first n − L queries see no token and output 0.
+          const std::int64_t n = c.lengths[head] == 0 ? 0 : std::max<std::int64_t>(0, c.lengths[head] - n_queries + 1 + t);
           const std::size_t row = static_cast<std::size_t>(((b * n_queries + t) * shape.q_heads + j) * c.head_dim);
           for (std::int64_t d = 0; d < c.head_dim; ++d) {
             const float got = gpu_out[row + static_cast<std::size_t>(d)];
-            if (n == 0) ASSERT_EQ(got, 0.0f) << "empty head " << head << ": output " << t << "," << j << "," << d << " should be 0";
+            if (n == 0) ASSERT_EQ(got, 0.0f) << "empty head or unseen query, head " << head << ": output " << t << "," << j << "," << d << " should be 0";
           }
           if (n == 0) continue;
           double largest_logit = 0.0, largest_value = 0.0;
@@ -405,7 +440,13 @@ INSTANTIATE_TEST_SUITE_P(
         decode_case{L::contiguous, 2, 1, 1, 256, 0, {7, 7}, false, 7},
         // small: blocks reading pieces of two heads and the merge (the sanitizer runs take these)
         decode_case{L::paged, 2, 2, 4, 64, 16, {300, 0, 33, 700}, true, 2},
-        decode_case{L::flat, 1, 2, 16, 64, 0, {600, 70}, true, 8}),
+        decode_case{L::flat, 1, 2, 16, 64, 0, {600, 70}, true, 8},
+        // review D3: heads of 1 ≤ L < n tokens next to long ones (the first n − L queries see nothing:
+        // output 0; the others their causal prefix), GQA 1 / 4 / 8, pages of 16, compensation on heads ≥ 2
+        decode_case{L::paged, 2, 2, 4, 128, 16, {1, 300, 5, 7}, true, 8},
+        decode_case{L::flat, 2, 2, 8, 64, 0, {3, 4097, 2, 1}, true, 6},
+        decode_case{L::paged, 1, 3, 1, 64, 16, {1, 2, 40}, false, 3},
+        decode_case{L::flat, 1, 2, 4, 256, 0, {7, 6}, true, 8}),
     [](const ::testing::TestParamInfo<decode_case>& info) {
       return kt::detail::cat(name_of(info.param), "_", info.index);
     });

@@ -41,6 +41,16 @@
 //       attention sees (the layered cache applies it to its fp16 rows).
 //   bytes_per_head(config, head_dim)
 //       Bytes a codec spends per head beyond its per-token bytes.
+//   rollback_horizon(storage, head) / drop_newest(storage, head, count, slot_of)
+//       Speculative decoding's rollback (scheme::truncate): how many of the
+//       head's newest tokens can be forgotten exactly (a codec whose newest
+//       tokens wait in an exact window — KIVI's fp16 residual, low_rank's
+//       pending refresh buffer — can forget those; a token already folded into
+//       shared state, a sealed key group, cannot), and forgetting them: the
+//       codec's per-head state returns to what it was before they were encoded.
+//       slot_of(k) is the slot of the k-th dropped token, newest first (k = 0
+//       is the newest). Codecs without per-head streaming state have neither:
+//       every stored token can be dropped, and dropping is the layout's alone.
 //
 // Storage: storage_bytes(cfg, slots, heads, head_dim, slot_run) and
 // bind<Space>(cfg, memory, slots, heads, head_dim, slot_run); every storage
@@ -51,6 +61,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string_view>
 
 #include "kvtrim/core/config.hpp"
@@ -93,6 +104,25 @@ void move_slot(const Storage& store, std::int64_t head, std::int64_t from, std::
     C::load_value(store, head, from, value.data());
     C::encode(store, head, to, position, key.data(), value.data());
   }
+}
+
+/// How many of head `head`'s newest tokens the codec can forget exactly
+/// (scheme::truncate's limit; unlimited for codecs without per-head streaming state).
+inline constexpr std::int64_t unlimited_rollback = std::numeric_limits<std::int64_t>::max();
+template <class C, class Storage>
+std::int64_t rollback_horizon(const Storage& store, std::int64_t head) {
+  if constexpr (requires { C::rollback_horizon(store, head); })
+    return C::rollback_horizon(store, head);
+  else
+    return unlimited_rollback;
+}
+
+/// Forgets head `head`'s newest `count` tokens (≤ rollback_horizon); slot_of(k)
+/// is the slot of the k-th dropped token, newest first. A no-op for codecs
+/// without per-head streaming state.
+template <class C, class Storage, class SlotOf>
+void drop_newest(const Storage& store, std::int64_t head, std::int64_t count, const SlotOf& slot_of) {
+  if constexpr (requires { C::drop_newest(store, head, count, slot_of); }) C::drop_newest(store, head, count, slot_of);
 }
 
 /// Bytes the codec spends per head beyond its per-token bytes (0 when it has no

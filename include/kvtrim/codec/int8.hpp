@@ -266,6 +266,19 @@ struct quantized {
     if (place + 1 == store.key_group) seal_group(store, head);
   }
 
+  /// scheme::truncate's limit: KIVI keys can forget exactly the tokens of the
+  /// head's filling group (still fp16 in the residual window); a sealed group's
+  /// shared per-channel scales cannot be undone. Per-token keys: no limit.
+  static std::int64_t rollback_horizon(const storage<host_space>& store, std::int64_t head) {
+    return store.key_group == 0 ? unlimited_rollback : store.residual_count[head];
+  }
+  /// Forgets the newest `count` (≤ rollback_horizon) tokens of the filling group:
+  /// their fp16 rows and slots become unused places of the window.
+  template <class SlotOf>
+  static void drop_newest(const storage<host_space>& store, std::int64_t head, std::int64_t count, const SlotOf&) {
+    if (store.key_group != 0) store.residual_count[head] -= count;
+  }
+
   /// The stored key, dequantized (a key of a filling group: its fp16 residual
   /// row, found by slot).
   template <MemorySpace Space>

@@ -148,8 +148,8 @@ struct layered {
       row = store.sinks + (order - store.sinks) % store.recent;
       if (order - store.sinks >= store.recent) {  // the ring is full: its oldest
                                                   // token crosses into Inner
-        const std::int64_t leaving = store.row_slots[head * rows(store) + row];
-        if (store.slot_rows[leaving] == row) store.slot_rows[leaving] = -1;
+        const std::int64_t leaving = store.row_slots[head * rows(store) + row];  // −1: a row freed by drop_newest
+        if (leaving >= 0 && store.slot_rows[leaving] == row) store.slot_rows[leaving] = -1;
       }
     }
     store.slot_rows[slot] = static_cast<std::int32_t>(row);
@@ -160,6 +160,33 @@ struct layered {
       store.row_values[at * store.head_dim + d] = half(value[d]);
     }
     store.row_slots[at] = slot;
+  }
+
+  /// scheme::truncate's limit: Inner's (the dropped tokens were encoded there
+  /// too), and no further back than the head's last compaction.
+  static std::int64_t rollback_horizon(const storage<host_space>& store, std::int64_t head) {
+    return std::min(store.arrived[head], codec::rollback_horizon<Inner>(store.inner, head));
+  }
+  /// Forgets the newest `count` tokens: Inner forgets them, their fp16 rows are
+  /// freed. A token the dropped ones pushed out of the ring when they arrived
+  /// stays read through Inner (its fp16 row was overwritten): until `count` more
+  /// tokens arrive, the ring holds up to `count` fewer fp16 tokens than a cache
+  /// that never saw the dropped ones; from then on both hold the same
+  /// (docs/policies/layered.md).
+  template <class SlotOf>
+  static void drop_newest(const storage<host_space>& store, std::int64_t head, std::int64_t count,
+                          const SlotOf& slot_of) {
+    codec::drop_newest<Inner>(store.inner, head, count, slot_of);
+    for (std::int64_t k = 0; k < count; ++k) {
+      const std::int64_t order = store.arrived[head] - 1 - k;
+      const std::int64_t slot = slot_of(k);
+      const std::int64_t row = order < store.sinks ? order
+                               : store.recent > 0 ? store.sinks + (order - store.sinks) % store.recent
+                                                  : -1;
+      if (row >= 0 && store.slot_rows[slot] == row) store.row_slots[head * rows(store) + row] = -1;
+      store.slot_rows[slot] = -1;
+    }
+    store.arrived[head] -= count;
   }
 
   static void load_key(const storage<host_space>& store, std::int64_t head, std::int64_t slot, std::int64_t position,

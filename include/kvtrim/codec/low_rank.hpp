@@ -293,6 +293,17 @@ struct low_rank {
     if (pending + 1 == store.update_freq) refresh(store, head);
   }
 
+  /// scheme::truncate's limit: the tokens appended since the last basis refresh
+  /// (still in the pending buffer); a refresh already extended the basis with the
+  /// ones before. No limit without refreshes (update_freq 0).
+  static std::int64_t rollback_horizon(const storage<host_space>& store, std::int64_t head) {
+    return store.update_freq == 0 ? unlimited_rollback : store.pending_counts[head];
+  }
+  template <class SlotOf>
+  static void drop_newest(const storage<host_space>& store, std::int64_t head, std::int64_t count, const SlotOf&) {
+    if (store.update_freq != 0) store.pending_counts[head] -= count;
+  }
+
   /// The key attention sees: U c, rotated to `position` for pre-RoPE bases.
   static void load_key(const storage<host_space>& store, std::int64_t head, std::int64_t slot, std::int64_t position,
                        float* out) {

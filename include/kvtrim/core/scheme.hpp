@@ -528,6 +528,31 @@ struct scheme {
     implementation<LayoutT, BackendT>::append_head(cache, b, h, keys_in, values_in, stream);
   }
 
+  // ---- rollback (speculative decoding) ----------------------------------------
+
+  /// Removes the newest drop[b] tokens of every kv head of sequence b: the draft
+  /// tokens a verifier rejected, after append(drafts) and a multi-query attend.
+  /// The cache then holds what it would hold had only the accepted tokens been
+  /// appended (docs/composition.md §7): the same tokens, positions and lengths;
+  /// paged layouts give emptied pages back to the free list (in the reverse of
+  /// append's order, so truncating a whole append restores the tables exactly).
+  /// Refused (kvtrim::error before any write; on a device-planned layout, status
+  /// words that check_status raises with the same message) when a drop is
+  /// negative, exceeds a head's length, or reaches past what the codec can
+  /// forget exactly (KIVI keys: the fp16 residual window; low_rank: the tokens
+  /// since the last basis refresh; layered: its inner codec's limit).
+  /// layout::contiguous holds one length: every drop must be equal. Dropped
+  /// slots keep their bytes (nothing reads them) until appends overwrite them.
+  static void truncate(cache_view& cache, tensor_view<const std::int32_t, 1, space> drop, stream_type stream = {}) {
+    constexpr std::string_view function = "kvtrim::scheme::truncate";
+    layout::validate(function, cache, /*exclusive=*/true);
+    detail::check_view(function, "drop", drop, {cache.batch});
+    implementation<LayoutT, BackendT>::truncate(cache, drop, stream);
+  }
+  static void truncate(cache_view& cache, tensor_view<std::int32_t, 1, space> drop, stream_type stream = {}) {
+    truncate(cache, detail::as_const(drop), stream);
+  }
+
   // ---- decode attention ------------------------------------------------------
 
   /// Scratch bytes attend() needs for this cache as it is now.

@@ -14,6 +14,7 @@
 #include "kvtrim/core/implementation.hpp"
 #include "kvtrim/core/selection.hpp"
 #include "kvtrim/layout/contiguous.hpp"
+#include "kvtrim/layout/detail/rollback.hpp"
 
 namespace kvtrim {
 
@@ -53,6 +54,16 @@ struct implementation<layout::contiguous, backend::cpu> {
       for (std::int64_t h = 0; h < cache.shape.kv_heads; ++h)
         detail::write_appended(cache, new_keys, new_values, b, h, length, count);
     *cache.length = length + count;
+  }
+
+  /// scheme::truncate: every head holds one length, so every sequence drops the same count.
+  template <class CodecT>
+  static void truncate(layout::contiguous::view<CodecT, host_space>& cache,
+                       const tensor_view<const std::int32_t, 1, host_space>& drop, backend::host_stream) {
+    detail::check_equal_drops(cache.batch, drop);
+    detail::check_truncate(cache, drop);
+    detail::forget_newest(cache, drop);
+    *cache.length -= detail::drop_at(drop, 0);
   }
 };
 

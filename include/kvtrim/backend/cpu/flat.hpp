@@ -14,6 +14,7 @@
 #include "kvtrim/backend/cpu/detail/writes.hpp"
 #include "kvtrim/core/implementation.hpp"
 #include "kvtrim/core/selection.hpp"
+#include "kvtrim/layout/detail/rollback.hpp"
 #include "kvtrim/layout/flat.hpp"
 
 namespace kvtrim {
@@ -55,6 +56,19 @@ struct implementation<layout::flat, backend::cpu> {
     const std::int64_t count = new_keys.extent(2);
     make_room(cache, b * cache.shape.kv_heads + h, count);
     write_next(cache, new_keys, new_values, b, h, count);
+  }
+
+  /// scheme::truncate: each head of sequence b gives back its newest drop[b]
+  /// tokens; regions stay where they are (the slots become headroom again).
+  template <class CodecT>
+  static void truncate(layout::flat::view<CodecT, host_space>& cache,
+                       const tensor_view<const std::int32_t, 1, host_space>& drop, backend::host_stream) {
+    detail::check_truncate(cache, drop);
+    detail::forget_newest(cache, drop);
+    for (std::int64_t head = 0; head < cache.heads(); ++head) {
+      cache.lengths[head] -= detail::drop_at(drop, head / cache.shape.kv_heads);
+      detail::drop_compensation_past(cache, head, cache.lengths[head]);
+    }
   }
 
   /// Moves every head to a fresh region: its tokens, `count` slots reserved when

@@ -10,14 +10,18 @@
 // kernels instead of the row copy.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "kvtrim/backend/cuda/codec_writes.cuh"
 #include "kvtrim/backend/cuda/common.cuh"
+#include "kvtrim/backend/cuda/rollback.cuh"
 #include "kvtrim/codec/plain.hpp"
 #include "kvtrim/core/implementation.hpp"
 #include "kvtrim/core/selection.hpp"
 #include "kvtrim/layout/contiguous.hpp"
+#include "kvtrim/layout/detail/rollback.hpp"
 
 namespace kvtrim {
 
@@ -225,6 +229,51 @@ struct implementation<layout::contiguous, backend::cuda> {
     cuda_detail::launch_update_next_positions<true>("kvtrim::scheme::append", cache.positions.next_position,
                                                     cache.heads(), count, stream);
     *cache.length += count;
+  }
+
+  /// scheme::truncate. The host-planned layout: its length is host memory, so the
+  /// drop counts (and a KIVI codec's filling-group counts) are read back and
+  /// checked on the host, in the CPU's order and words — one synchronisation,
+  /// as contiguous's scheduler-side length already implies.
+  template <class CodecT>
+  static void truncate(layout::contiguous::view<CodecT, device_space>& cache,
+                       const tensor_view<const std::int32_t, 1, device_space>& drop, cudaStream_t stream) {
+    cuda_detail::require_device_rollback<CodecT>();
+    constexpr std::string_view function = "kvtrim::scheme::truncate";
+    std::vector<std::int32_t> host(static_cast<std::size_t>(cache.batch));
+    detail::check_cuda(cudaMemcpy2DAsync(host.data(), sizeof(std::int32_t), drop.data,
+                                         static_cast<std::size_t>(drop.strides[0]) * sizeof(std::int32_t),
+                                         sizeof(std::int32_t), host.size(), cudaMemcpyDeviceToHost, stream),
+                       function, "cudaMemcpy2DAsync(drop)");
+    std::vector<std::int64_t> filling;
+    if constexpr (requires { cache.storage.residual_count; })
+      if (cache.storage.key_group != 0) {
+        filling.resize(static_cast<std::size_t>(cache.heads()));
+        detail::check_cuda(cudaMemcpyAsync(filling.data(), cache.storage.residual_count,
+                                           filling.size() * sizeof(std::int64_t), cudaMemcpyDeviceToHost, stream),
+                           function, "cudaMemcpyAsync(residual_count)");
+      }
+    detail::check_cuda(cudaStreamSynchronize(stream), function, "cudaStreamSynchronize");
+    const tensor_view<const std::int32_t, 1, host_space> counts{host.data(), {cache.batch}, {1}};
+    detail::check_equal_drops(cache.batch, counts);
+    using s = detail::layout_status;
+    for (std::int64_t b = 0; b < cache.batch; ++b) {
+      const std::int64_t d = host[static_cast<std::size_t>(b)];
+      if (d < 0) detail::fail_truncate(s::negative_drop, b, 0, d, 0);
+      for (std::int64_t h = 0; h < cache.shape.kv_heads; ++h) {
+        if (d > *cache.length) detail::fail_truncate(s::past_head_length, b, h, d, *cache.length);
+        const std::int64_t horizon =
+            filling.empty() ? d : filling[static_cast<std::size_t>(b * cache.shape.kv_heads + h)];
+        if (d > horizon) detail::fail_truncate(s::past_codec_horizon, b, h, d, horizon);
+      }
+    }
+    const std::int64_t count = host[0];
+    if (count == 0) return;
+    const auto blocks = static_cast<unsigned>(std::clamp<std::int64_t>(cuda_detail::ceil_div(cache.heads(), 256), 1, 1024));
+    cuda_detail::contiguous_truncate<<<blocks, 256, 0, stream>>>(cache.storage, cache.positions.next_position,
+                                                                  cache.heads(), count);
+    detail::check_launch(function, "contiguous_truncate");
+    *cache.length -= count;
   }
 };
 

@@ -25,6 +25,7 @@
 #include <string_view>
 
 #include "kvtrim/backend/cuda/common.cuh"
+#include "kvtrim/backend/cuda/rollback.cuh"
 #include "kvtrim/backend/cuda/writes.cuh"
 #include "kvtrim/core/implementation.hpp"
 #include "kvtrim/core/selection.hpp"
@@ -277,6 +278,18 @@ struct implementation<layout::flat, backend::cuda> {
                           const kv_view<KeyT, device_space>& new_keys, const kv_view<KeyT, device_space>& new_values,
                           cudaStream_t stream) {
     make_room_and_write(cache, new_keys, new_values, b * cache.shape.kv_heads + h, stream);
+  }
+
+  /// scheme::truncate (backend/cuda/rollback.cuh): one planning block checks and
+  /// applies, as the CPU; a refusal goes to the status words (check_status).
+  /// Regions stay where they are: the dropped slots become headroom again.
+  template <class CodecT>
+  static void truncate(layout::flat::view<CodecT, device_space>& cache,
+                       const tensor_view<const std::int32_t, 1, device_space>& drop, cudaStream_t stream) {
+    cuda_detail::require_device_rollback<CodecT>();
+    cuda_detail::flat_plan_truncate<<<1, cuda_detail::plan_threads, 0, stream>>>(cache,
+                                                                                  cuda_detail::make_drop_counts(drop));
+    detail::check_launch("kvtrim::scheme::truncate", "flat_plan_truncate");
   }
 
  private:

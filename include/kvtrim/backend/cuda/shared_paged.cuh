@@ -15,6 +15,7 @@
 #include <string_view>
 
 #include "kvtrim/backend/cuda/common.cuh"
+#include "kvtrim/backend/cuda/rollback.cuh"
 #include "kvtrim/backend/cuda/writes.cuh"
 #include "kvtrim/core/implementation.hpp"
 #include "kvtrim/core/selection.hpp"
@@ -197,6 +198,17 @@ struct implementation<layout::shared_paged, backend::cuda> {
     detail::check_launch(function, "shared_paged_plan_append");
     cuda_detail::launch_write_rows(function, cache, new_keys, new_values, nullptr, nullptr, nullptr, 0, count, -1,
                                    count, stream);
+  }
+
+  /// scheme::truncate (backend/cuda/rollback.cuh): one planning block checks and
+  /// applies, as the CPU; a refusal goes to the status words (check_status).
+  template <class CodecT>
+  static void truncate(layout::shared_paged::view<CodecT, device_space>& cache,
+                       const tensor_view<const std::int32_t, 1, device_space>& drop, cudaStream_t stream) {
+    cuda_detail::check_page_table_heads("kvtrim::scheme::truncate", cache);
+    cuda_detail::shared_paged_plan_truncate<<<1, cuda_detail::plan_threads, 0, stream>>>(
+        cache, cuda_detail::make_drop_counts(drop));
+    detail::check_launch("kvtrim::scheme::truncate", "shared_paged_plan_truncate");
   }
 };
 

@@ -63,7 +63,11 @@ struct layout_status {
     adaptive_over_budget = 8,  // budget::adaptive (paper form): a head protects more tokens than its budget
     shared_paged_compact_pool = 9,  // layout::shared_paged::compact: the selection needs more pages than the pool
     shared_paged_append_pool = 10,  // layout::shared_paged::append: too few free pages
+    truncate_refused = 11,  // scheme::truncate: needed = the limit, count = the drop, target = sequence,
+                            // available = kv head, unit = the rule (truncate_rule below)
   };
+  /// Which limit a refused truncate passed (words[unit] of truncate_refused).
+  enum truncate_rule : int { negative_drop = 0, past_head_length = 1, past_codec_horizon = 2 };
   /// The entries and arguments a non-finite input is reported for (unit's fields).
   enum entry : int { compress = 0, append = 1, append_unchecked = 2, append_head = 3 };
   enum input : int { keys = 0, values = 1, window_queries = 2 };
@@ -72,6 +76,24 @@ struct layout_status {
     return entry_id | input_id << 4 | storage_id << 8;
   }
 };
+
+/// scheme::truncate's refusal, worded once for the CPU's check and the device's
+/// status words: `rule` (layout_status::truncate_rule) says which limit sequence
+/// b's drop count passed in kv head h (`limit`: the head's length, or the tokens
+/// its codec can forget exactly).
+[[noreturn]] inline void fail_truncate(std::int64_t rule, std::int64_t b, std::int64_t h, std::int64_t drop,
+                                       std::int64_t limit) {
+  constexpr const char* function = "kvtrim::scheme::truncate";
+  if (rule == 0) fail(function, "drop", "a count ≥ 0 of tokens to remove per sequence", cat(drop, " for sequence ", b));
+  if (rule == 1)
+    fail(function, "drop", cat("at most the ", limit, " tokens kv head ", h, " of sequence ", b, " holds"),
+         cat(drop, " for sequence ", b));
+  fail(function, "drop",
+       cat("at most the ", limit, " newest tokens the codec can forget exactly in kv head ", h, " of sequence ", b,
+           " (tokens already folded into a quantized key group or a refreshed basis cannot be taken back; "
+           "docs/composition.md §8)"),
+       cat(drop, " for sequence ", b));
+}
 
 /// Throws the kvtrim::error a CPU call would have thrown for the failure
 /// recorded in `words` (a copy of a device cache's status words); returns
@@ -140,6 +162,9 @@ inline void raise_layout_status(const std::int64_t (&words)[layout_status::words
                " storage (|x| below ", storage_id == s::fp16 ? 65504.0 : 255.0 * 0x1p120, " after rounding)"),
            where);
     }
+    case s::truncate_refused:
+      if (words[s::unit] < 0 || words[s::unit] > 2) break;
+      fail_truncate(words[s::unit], words[s::target], words[s::available], count, words[s::needed]);
     case s::adaptive_over_budget:
       fail("kvtrim::budget::adaptive", "config.budget.keep",
            cat("a per-head budget of at least the ", words[s::needed],
@@ -148,7 +173,7 @@ inline void raise_layout_status(const std::int64_t (&words)[layout_status::words
     default:
       break;
   }
-  fail("kvtrim::check_status", "cache.status", "a failure code in [0, 10] (the cache's status words)",
+  fail("kvtrim::check_status", "cache.status", "a failure code in [0, 11] (the cache's status words)",
        std::to_string(words[s::code]));
 }
 
