@@ -320,7 +320,7 @@ struct harness {
 
   auto pool() const {
     if constexpr (std::is_same_v<Layout, kt::layout::paged>) {
-      std::int64_t pages = 2;
+      std::int64_t pages = 2 + 2 * heads;  // + 2 per head: the drafts of roll_back_drafts (ids above those used before)
       for (std::int64_t head = 0; head < heads; ++head) pages += (final_length(head) + c.page_size - 1) / c.page_size;
       return kt::layout::paged::pool_size{pages, c.page_size};
     } else if constexpr (std::is_same_v<Layout, kt::layout::flat>) {
@@ -329,7 +329,7 @@ struct harness {
       for (std::int64_t head = 0; head < heads; ++head) runs += (final_length(head) + 31) / 32;
       return kt::layout::flat::pool_size{runs * 32};
     } else {
-      return kept[0] + 51;  // capacity
+      return kept[0] + 51 + 32;  // capacity (+ 32: roll_back_drafts' drafts)
     }
   }
 
@@ -721,16 +721,36 @@ struct harness {
       const auto new_keys = kt::testing::random_tensor<kt::half, 4>({c.batch, c.kv_heads, n, c.head_dim}, ++seed);
       const auto new_values = kt::testing::random_tensor<kt::half, 4>({c.batch, c.kv_heads, n, c.head_dim}, ++seed);
       device_tensor<kt::half, 4> device_new_keys(new_keys), device_new_values(new_values);
-      kt::implementation<Layout, kt::backend::cpu>::append(cpu, new_keys.cview(), new_values.cview(), {});
-      kt::implementation<Layout, kt::backend::cuda>::append(gpu, kt::detail::as_const(device_new_keys.view),
-                                                            kt::detail::as_const(device_new_values.view), stream);
+      // flat keeps its case's tight buffer (its appends must repack): once the drafts no longer
+      // fit, both backends refuse them alike and the rounds end.
+      std::string cpu_refusal, gpu_refusal;
+      try {
+        kt::implementation<Layout, kt::backend::cpu>::append(cpu, new_keys.cview(), new_values.cview(), {});
+      } catch (const kt::error& e) {
+        cpu_refusal = e.what();
+      }
+      try {
+        kt::implementation<Layout, kt::backend::cuda>::append(gpu, kt::detail::as_const(device_new_keys.view),
+                                                              kt::detail::as_const(device_new_values.view), stream);
+        ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+        if constexpr (!contiguous) kt::check_status(gpu, stream);
+      } catch (const kt::error& e) {
+        gpu_refusal = e.what();
+      }
+      ASSERT_EQ(gpu_refusal, cpu_refusal) << "drafts of round " << round;
+      if (!cpu_refusal.empty()) {
+        ::testing::Test::RecordProperty("rollback_rounds", std::to_string(round));
+        break;
+      }
       std::vector<std::int32_t> drop(static_cast<std::size_t>(c.batch));
       std::int64_t common = n;
       for (std::int64_t b = 0; b < c.batch; ++b) common = std::min(common, limit(b));
       for (std::int64_t b = 0; b < c.batch; ++b) {
         const std::int64_t most = std::min(n, limit(b));
-        drop[static_cast<std::size_t>(b)] = static_cast<std::int32_t>(
-            contiguous ? common : (round == 0 ? most : static_cast<std::int64_t>(random() % static_cast<std::uint64_t>(most + 1))));
+        // Round 0 drops every draft it can; later rounds accept up to 2 more (the caches grow slowly).
+        const std::int64_t kept_drafts = round == 0 ? 0 : static_cast<std::int64_t>(random() % 3);
+        drop[static_cast<std::size_t>(b)] =
+            static_cast<std::int32_t>(contiguous ? common : std::max<std::int64_t>(0, most - kept_drafts));
       }
       kt::implementation<Layout, kt::backend::cpu>::truncate(cpu, {drop.data(), {c.batch}, {1}}, {});
       device_buffer<std::int32_t> device_drop(drop);
