@@ -13,12 +13,7 @@
 //  * Balanced split-K (decode_plan.cuh): a fixed grid of one wave of blocks,
 //    each reading the same number of tokens of the heads laid end to end; a
 //    plan kernel scans device-side lengths (paged, flat) so no host
-//    synchronisation is needed; partial softmax states are merged after —
-//    by merge_decode_partials (decode_merge::separate, the default), or by
-//    the head's last block to finish, found by a per-head arrival counter
-//    (decode_merge::in_kernel: no merge launch; with the eviction metric that
-//    block also accumulates the head's metric while its logits are in L2).
-//    Both run one merge routine, so their outputs are the same bits.
+//    synchronisation is needed; partial softmax states are merged after.
 //  * K/V tiles stream into shared memory through a cp.async pipeline
 //    (kv_tile_stream, shared by both kernels): several tiles in flight per
 //    block without spending registers on them, which is what keeps HBM busy.
@@ -60,7 +55,6 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <type_traits>
 #include <utility>
 
 #include "kvtrim/backend/cuda/codec_fragments.cuh"
@@ -71,7 +65,6 @@
 #include "kvtrim/codec/plain.hpp"
 #include "kvtrim/core/implementation.hpp"
 #include "kvtrim/core/workspace.hpp"
-#include "kvtrim/eviction/metric.hpp"
 
 namespace kvtrim {
 
@@ -121,18 +114,7 @@ struct kv_tile_stream {
   std::int64_t begin, end;
   int tile_count;
   Side side;
-  // The next tile's rows, fetched (page ids in flight) but not yet turned into offsets: the
-  // arithmetic waits until issue(), a tile of compute later (decode_plan.cuh's row locators).
-  // Locators without fetch/slot_of (eviction's) resolve offsets at once.
-  static constexpr bool split_lookup = requires(const Rows& r, std::int64_t i) { r.slot_of(i, r.fetch(i)); };
-  struct plain_lookup {
-    std::int64_t source;  // the row's element offset, −1 past the end
-  };
-  struct deferred_lookup {
-    typename Rows::lookup fetched;
-  };
-  using row_lookup = std::conditional_t<split_lookup, deferred_lookup, plain_lookup>;
-  row_lookup lookups[chunks_per_thread];
+  std::int64_t source[chunks_per_thread];  // element offsets of the next tile's rows to issue (−1: past the end)
   kv_copy_hint hint;     // copies carry hint.policy when hint.evict_first
 
   __device__ __forceinline__ kv_tile_stream(void* shared, const StoreT* keys_, const StoreT* values_, Rows rows_,
@@ -154,59 +136,36 @@ struct kv_tile_stream {
   }
   __device__ __forceinline__ const StoreT* value_tile(int tile) const { return key_tile(tile) + tile_elements; }
 
-  /// Whether chunk `k` of this thread holds a row of `tile`, and that row's token.
-  __device__ __forceinline__ bool chunk_token(int tile, int k, std::int64_t& token) const {
-    const int chunk = threadIdx.x + k * Threads;
-    token = first_token(tile) + chunk / chunks_per_row;
-    return (even || chunk < chunks) && token < end;
-  }
   /// Resolves the slots of this thread's rows of `tile` (page-table loads, issued together and
   /// left in flight: the tile after the one just issued is resolved while the block computes).
   __device__ __forceinline__ void resolve(int tile) {
+    const std::int64_t first = first_token(tile);
 #pragma unroll
     for (int k = 0; k < chunks_per_thread; ++k) {
-      std::int64_t token;
-      const bool valid = chunk_token(tile, k, token);
-      if constexpr (split_lookup) {
-        lookups[k].fetched = valid ? rows.fetch(token) : typename Rows::lookup{};
-      } else {
-        const int chunk = threadIdx.x + k * Threads;
-        lookups[k].source = valid ? rows.slot(token) * HeadDim + (chunk % chunks_per_row) * chunk_elements : -1;
-      }
-    }
-    side.resolve(rows, first_token(tile), end);
-  }
-  /// The element offset of chunk `k`'s row of `tile` (resolved before), −1 past the end.
-  __device__ __forceinline__ std::int64_t source(int tile, int k) const {
-    if constexpr (split_lookup) {
-      std::int64_t token;
-      if (!chunk_token(tile, k, token)) return -1;
       const int chunk = threadIdx.x + k * Threads;
-      return rows.slot_of(token, lookups[k].fetched) * HeadDim + (chunk % chunks_per_row) * chunk_elements;
-    } else {
-      (void)tile;
-      return lookups[k].source;
+      const std::int64_t token = first + chunk / chunks_per_row;
+      source[k] = (even || chunk < chunks) && token < end
+                      ? rows.slot(token) * HeadDim + (chunk % chunks_per_row) * chunk_elements
+                      : -1;
     }
+    side.resolve(rows, first, end);
   }
   /// Issues the copies of `tile` (resolved before), then resolves the next one.
   __device__ __forceinline__ void issue(int tile) {
     StoreT* key_destination = tiles + (tile % Stages) * 2 * tile_elements;
     StoreT* value_destination = key_destination + tile_elements;
-    std::int64_t sources[chunks_per_thread];
-#pragma unroll
-    for (int k = 0; k < chunks_per_thread; ++k) sources[k] = source(tile, k);
 #pragma unroll
     for (int k = 0; k < chunks_per_thread; ++k) {
       const int chunk = threadIdx.x + k * Threads;
       if (!even && chunk >= chunks) continue;  // not a chunk of the tile
       const int offset = (chunk / chunks_per_row) * RowStride + (chunk % chunks_per_row) * chunk_elements;
-      const bool valid = sources[k] >= 0;
+      const bool valid = source[k] >= 0;
       if (hint.evict_first) {
-        copy_async16(key_destination + offset, keys + (valid ? sources[k] : 0), valid ? 16 : 0, hint.policy);
-        copy_async16(value_destination + offset, values + (valid ? sources[k] : 0), valid ? 16 : 0, hint.policy);
+        copy_async16(key_destination + offset, keys + (valid ? source[k] : 0), valid ? 16 : 0, hint.policy);
+        copy_async16(value_destination + offset, values + (valid ? source[k] : 0), valid ? 16 : 0, hint.policy);
       } else {
-        copy_async16(key_destination + offset, keys + (valid ? sources[k] : 0), valid ? 16 : 0);
-        copy_async16(value_destination + offset, values + (valid ? sources[k] : 0), valid ? 16 : 0);
+        copy_async16(key_destination + offset, keys + (valid ? source[k] : 0), valid ? 16 : 0);
+        copy_async16(value_destination + offset, values + (valid ? source[k] : 0), valid ? 16 : 0);
       }
     }
     side.issue(side_tile(tile));
@@ -252,19 +211,6 @@ struct decode_metric {
   std::int64_t stride = 0;  // ≥ the line's length, a multiple of 32 (whole 128-byte lines per warp)
   bool keep_in_l2 = true;   // the evict_last store policy (false: plain stores; a benchmark's comparison)
   bool stream_kv_evict_first = false;  // the K/V stream's lines marked evict_first (a benchmark's comparison)
-  /// In-kernel metric (needs the in-kernel merge): the block that knows a head's final lse
-  /// (its last block to finish, or the one block that read it whole) adds the head's
-  /// c_i to values[slot] itself, from logits it and its siblings have just stored (L2
-  /// hits), so no finisher runs. Null: the finisher (eviction.cuh) does it after the merge.
-  float* values = nullptr;
-  eviction::metric_kind kind = eviction::metric_kind::squared_sum;
-  std::int64_t window = eviction::default_protected_window;
-};
-
-/// How decode attention merges a head's partial softmax states when several blocks read it.
-enum class decode_merge {
-  separate,   ///< merge_decode_partials, one more dependent launch after the attention kernel
-  in_kernel,  ///< the head's last block to finish merges (a per-head arrival counter); no merge launch
 };
 
 /// Stores one metric logit: with an L2 evict_last policy (`policy` from metric_store_policy) or plainly.
@@ -344,7 +290,6 @@ struct decode_params {
   decode_metric metric;  // eviction metric side output (null logits: none)
   int queries_per_sequence = 1;  // multi-query: n new tokens per sequence (query rows Group × n)
   std::int64_t query_token_stride = 0, out_token_stride = 0;  // between a sequence's new tokens
-  unsigned* arrivals = nullptr;  // [heads] in-kernel merge: blocks of the head done so far (null: separate merge)
 };
 
 /// Combines the block's partial softmax states of one segment (max, sum,
@@ -392,146 +337,6 @@ __device__ __forceinline__ void finish_segment(const Params& params, const float
   }
 }
 
-/// The in-kernel metric of one head whose final lse_g is in params.metric.lse:
-/// values[slot(i)] += factor · Σ_g term(2^(s_gi − lse_g)) for its tokens older than the
-/// window — accumulate_decode_metric's formula and order, per head. Logits are read past
-/// L1 (sibling blocks stored them); 128-byte lines wholly inside the head are discarded
-/// from L2 after use (a line shared with a neighbour head may still be needed by it).
-template <int Group, int Threads, class Params>
-__device__ __forceinline__ void accumulate_head_metric(const Params& params, std::int64_t head) {
-  const auto& cache = params.cache;
-  if constexpr (requires { cache.positions.slot_position; }) {
-    const decode_metric& side = params.metric;
-    const std::int64_t line_begin = params.partition.prefix(head), line_end = params.partition.prefix(head + 1);
-    const auto rows = head_rows(cache, head, params.page_shift);
-    const float factor = eviction::metric_group_factor(side.kind, Group);
-    const std::int64_t next = cache.positions.next_position[head];
-    float lse[Group];
-#pragma unroll
-    for (int g = 0; g < Group; ++g) lse[g] = side.lse[head * Group + g];
-    const int lane = threadIdx.x % 32;
-    // Whole warps over 32-float lines of the line, from the line holding line_begin; each warp
-    // takes `lines` consecutive lines a pass and issues all their loads before using any (one
-    // block walks the whole head here, so its memory parallelism is what bounds the pass).
-    constexpr int lines = Group >= 8 ? 1 : Group == 4 ? 2 : 4;
-    for (std::int64_t base = line_begin / 32 * 32 + (threadIdx.x - lane) * lines; base < line_end;
-         base += std::int64_t{Threads} * lines) {
-      bool inside[lines];
-      std::int64_t slot[lines];
-      float logit[lines][Group];
-      std::int32_t position[lines];
-#pragma unroll
-      for (int k = 0; k < lines; ++k) {
-        const std::int64_t x = base + k * 32 + lane;
-        inside[k] = x >= line_begin && x < line_end;
-        slot[k] = inside[k] ? rows.slot(x - line_begin) : 0;
-#pragma unroll
-        for (int g = 0; g < Group; ++g) logit[k][g] = inside[k] ? __ldcg(side.logits + g * side.stride + x) : 0.0f;
-      }
-#pragma unroll
-      for (int k = 0; k < lines; ++k) position[k] = inside[k] ? cache.positions.slot_position[slot[k]] : 0;
-#pragma unroll
-      for (int k = 0; k < lines; ++k) {
-        if (!inside[k]) continue;
-        float sum = 0.0f;
-#pragma unroll
-        for (int g = 0; g < Group; ++g) sum += eviction::metric_term(side.kind, exp2f(logit[k][g] - lse[g]));
-        if (eviction::outside_window(next, position[k], side.window)) side.values[slot[k]] += sum * factor;
-      }
-      __syncwarp();  // every lane has read its logits: the warp's lines are dead
-#pragma unroll
-      for (int k = 0; k < lines; ++k) {
-        const std::int64_t line = base + k * 32;
-        if (side.keep_in_l2 && lane < Group && line >= line_begin && line + 32 <= line_end)
-          asm volatile("discard.global.L2 [%0], 128;\n" ::"l"(side.logits + lane * side.stride + line) : "memory");
-      }
-    }
-  } else {
-    (void)cache, (void)head;
-  }
-}
-
-/// In-kernel merge (params.arrivals non-null), after finish_segment: a block that wrote a
-/// partial of `head` arrives on the head's counter (every thread's partial stores fenced
-/// at device scope before the atomic); the last of the head's blocks to arrive resets the
-/// counter for the next call, fences (acquire) and merges all of the head's partials with
-/// merge_partial_element — the separate merge's arithmetic, so the outputs are the same
-/// bits. A block that read the head whole has already written its output. With the
-/// in-kernel metric, the block that now knows the head's lse accumulates its metric.
-/// `shared`: the block's dynamic shared memory, free once every thread is past finish_segment
-/// (one int of it carries the arrival's verdict; no static shared memory, so the kernels'
-/// occupancy is unchanged). Out of line: it runs once per segment, and inlined it raised
-/// the streaming loop's register count (ptxas, W's kernels).
-template <int HeadDim, int Group, int Threads, class Params>
-__device__ __noinline__ void complete_head(const Params& params, std::int64_t head, bool whole, void* shared) {
-  if (params.arrivals == nullptr) return;
-  const bool metric_here = params.metric.values != nullptr;
-  if (!whole) {
-    int& last_to_arrive = *static_cast<int*>(shared);
-    __threadfence();  // this thread's partial stores, visible on the device before the arrival
-    __syncthreads();  // … for every thread of the block
-    if (threadIdx.x == 0) {
-      // Contiguous caches: the counters were zeroed by reset_decode_arrivals (this grid's
-      // programmatic primary); wait for it before the first arrival (no-op afterwards).
-      wait_for_prerequisite_grid();
-      const decode_line line = params.partition.line();
-      const std::int64_t first = params.partition.prefix(head) / line.chunk;
-      const std::int64_t last = (params.partition.prefix(head + 1) - 1) / line.chunk;
-      const unsigned blocks = static_cast<unsigned>(last - first + 1);
-      __threadfence();  // release, cumulative over the block's stores ordered before it by the barrier
-      const unsigned arrived = atomicAdd(params.arrivals + head, 1u) + 1u;
-      last_to_arrive = arrived == blocks;
-      if (arrived == blocks) {
-        params.arrivals[head] = 0;  // self-resetting: no other block touches it in this call
-        __threadfence();            // acquire: the siblings' partials are read after their arrivals
-      }
-    }
-    __syncthreads();
-    if (!last_to_arrive) return;
-    const decode_line line = params.partition.line();
-    const std::int64_t first = params.partition.prefix(head) / line.chunk;
-    const std::int64_t last = (params.partition.prefix(head + 1) - 1) / line.chunk;
-    using out_type = std::remove_pointer_t<decltype(params.out)>;
-    const std::int64_t b = head / params.cache.shape.kv_heads, h = head % params.cache.shape.kv_heads;
-    const int rows = Group * params.queries_per_sequence;
-    for (int index = threadIdx.x; index < rows * HeadDim; index += Threads) {
-      const int row = index / HeadDim, d = index % HeadDim;
-      const int t = row / Group, g = row % Group;
-      const merged_element merged = merge_partial_element<HeadDim, true>(params.partial_out, params.partial_lse, head,
-                                                                         first, last, rows, row, d);
-      params.out[b * params.out_batch_stride + t * params.out_token_stride + (h * Group + g) * params.out_head_stride +
-                 d] = from_float<out_type>(merged.output);
-      if (params.metric.logits != nullptr && d == 0) params.metric.lse[head * Group + row] = merged.lse;
-    }
-  }
-  if (metric_here) {
-    __syncthreads();  // the head's lse (this block's global stores) visible to the block
-    accumulate_head_metric<Group, Threads>(params, head);
-  }
-}
-
-/// In-kernel merge over a planned partition: no block's range holds an empty head, so
-/// block p writes the zero outputs of the empty heads p, p + grid, … (the separate merge's result).
-template <int HeadDim, int Group, int Threads, class Params>
-__device__ __forceinline__ void write_empty_heads(const Params& params) {
-  if constexpr (std::is_same_v<std::remove_cvref_t<decltype(params.partition)>, planned_partition>) {
-    if (params.arrivals == nullptr) return;
-    using out_type = std::remove_pointer_t<decltype(params.out)>;
-    const int rows = Group * params.queries_per_sequence;
-    for (std::int64_t head = blockIdx.x; head < params.partition.heads; head += gridDim.x) {
-      if (params.partition.prefix(head + 1) > params.partition.prefix(head)) continue;
-      const std::int64_t b = head / params.cache.shape.kv_heads, h = head % params.cache.shape.kv_heads;
-      for (int index = threadIdx.x; index < rows * HeadDim; index += Threads) {
-        const int row = index / HeadDim, d = index % HeadDim;
-        params.out[b * params.out_batch_stride + (row / Group) * params.out_token_stride +
-                   (h * Group + row % Group) * params.out_head_stride + d] = from_float<out_type>(0.0f);
-      }
-    }
-  } else {
-    (void)params;
-  }
-}
-
 // ---- CUDA-core kernel (groups 1 and 2, fp32 storage) -------------------------
 
 /// Compile-time geometry of one CUDA-core decode block.
@@ -555,9 +360,7 @@ struct decode_geometry {
 /// stream's shared-memory tiles.
 template <int HeadDim, int Group, class StoreT, class Params>
 __global__ void __launch_bounds__(decode_threads) decode_attention_cuda_core(const __grid_constant__ Params params) {
-  // Paged / flat: the plan's partition. Contiguous caches have no plan; with the in-kernel merge
-  // the grid's primary is reset_decode_arrivals, waited for only before the first arrival.
-  if constexpr (!std::is_same_v<decltype(Params::partition), uniform_partition>) wait_for_prerequisite_grid();
+  wait_for_prerequisite_grid();  // paged / flat: the plan's partition
   allow_dependent_grid();        // the merge's blocks may be scheduled; they wait for this grid
   using tiles = codec_tiles<typename decltype(Params::cache)::codec, HeadDim>;
   constexpr int row_elements = tiles::row_elements;
@@ -576,7 +379,6 @@ __global__ void __launch_bounds__(decode_threads) decode_attention_cuda_core(con
   const StoreT* keys = tiles::key_rows(cache.storage);
   const StoreT* values = tiles::value_rows(cache.storage);
 
-  write_empty_heads<HeadDim, Group, decode_threads>(params);
   for_each_segment(params.partition, [&](std::int64_t head, std::int64_t begin, std::int64_t end, bool whole,
                                          std::int64_t partial_index) {
     const auto rows = head_rows(cache, head, params.page_shift);
@@ -695,7 +497,6 @@ __global__ void __launch_bounds__(decode_threads) decode_attention_cuda_core(con
     __syncthreads();
     finish_segment<HeadDim, Group, token_groups, decode_threads>(params, shared_max, shared_sum, shared_accumulator,
                                                                  head, whole, partial_index);
-    complete_head<HeadDim, Group, decode_threads>(params, head, whole, shared_memory);
     __syncthreads();  // the next segment's tiles overwrite this merge area
   });
 }
@@ -823,9 +624,7 @@ template <int HeadDim, int Group, class StoreT, class Params, bool Fragments = f
 __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, HeadDim, false, no_tile_side,
                                                        Queries>::threads)
     decode_attention_tensor_core(const __grid_constant__ Params params) {
-  // Paged / flat: the plan's partition. Contiguous caches have no plan; with the in-kernel merge
-  // the grid's primary is reset_decode_arrivals, waited for only before the first arrival.
-  if constexpr (!std::is_same_v<decltype(Params::partition), uniform_partition>) wait_for_prerequisite_grid();
+  wait_for_prerequisite_grid();  // paged / flat: the plan's partition
   allow_dependent_grid();        // the merge's blocks may be scheduled; they wait for this grid
   using codec_type = typename decltype(Params::cache)::codec;
   using tiles = codec_tiles<codec_type, HeadDim>;
@@ -861,7 +660,6 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, H
   const StoreT* values = tiles::value_rows(cache.storage);
   auto* dequantized = reinterpret_cast<__half*>(shared_memory + (geometry::pipeline_bytes - geometry::dequant_bytes));
 
-  write_empty_heads<HeadDim, Group, geometry::threads>(params);
   for_each_segment(params.partition, [&](std::int64_t head, std::int64_t begin, std::int64_t end, bool whole,
                                          std::int64_t partial_index) {
     const auto rows = head_rows(cache, head, params.page_shift);
@@ -1101,7 +899,6 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, H
     __syncthreads();
     finish_segment<HeadDim, Group, parts, geometry::threads, Params, query_rows>(params, shared_max, shared_sum,
                                                                           shared_accumulator, head, whole, partial_index);
-    complete_head<HeadDim, Group, geometry::threads>(params, head, whole, shared_memory);
     __syncthreads();  // the next segment's tiles overwrite this merge area
   });
 }
@@ -1189,19 +986,12 @@ struct implementation<stage::decode_attention, backend::cuda> {
   }
 
   /// `metric`: the eviction metric's side output (backend/cuda/eviction.cuh), none by default.
-  /// `merge`: how heads read by several blocks are merged (cuda_detail::decode_merge; both
-  /// give the same bits). codec::low_rank always merges separately.
   template <class View, class QueryT, class OutT>
   static void attend(const tensor_view<QueryT, 3, device_space>& queries, const View& cache,
                      const tensor_view<OutT, 3, device_space>& out, workspace scratch, cudaStream_t stream,
-                     const cuda_detail::decode_metric& metric = {},
-                     cuda_detail::decode_merge merge = cuda_detail::decode_merge::separate) {
-    attend_rows<false>(one_token(queries), cache, one_token(out), scratch, stream, metric, merge);
+                     const cuda_detail::decode_metric& metric = {}) {
+    attend_rows<false>(one_token(queries), cache, one_token(out), scratch, stream, metric);
   }
-
-  /// Whether attend merges `cache`'s heads in the kernel when asked to (every codec but low_rank).
-  template <class View>
-  static constexpr bool merges_in_kernel = !cuda_detail::is_low_rank<typename View::codec>;
 
   /// Multi-query decode: queries, out [B, n, Hq, D] (n ≤ 8, the cache's last n tokens being the
   /// new ones): query t sees the head's first L − n + 1 + t tokens. n = 1 is the call above. The
@@ -1210,14 +1000,13 @@ struct implementation<stage::decode_attention, backend::cuda> {
   template <class View, class QueryT, class OutT>
   static void attend(const tensor_view<QueryT, 4, device_space>& queries, const View& cache,
                      const tensor_view<OutT, 4, device_space>& out, workspace scratch, cudaStream_t stream,
-                     const cuda_detail::decode_metric& metric = {},
-                     cuda_detail::decode_merge merge = cuda_detail::decode_merge::separate) {
+                     const cuda_detail::decode_metric& metric = {}) {
     const std::int64_t queries_per_sequence = queries.extent(1);
     if (queries_per_sequence < 1 || queries_per_sequence > max_queries)
       detail::fail(function, "queries", detail::cat("1 to ", max_queries, " new tokens per sequence (axis 1)"),
                    std::to_string(queries_per_sequence));
     if (queries_per_sequence == 1) {
-      attend_rows<false>(queries, cache, out, scratch, stream, metric, merge);
+      attend_rows<false>(queries, cache, out, scratch, stream, metric);
       return;
     }
     if (metric.logits != nullptr)
@@ -1226,7 +1015,7 @@ struct implementation<stage::decode_attention, backend::cuda> {
                    "sums the attention of accepted tokens)",
                    detail::cat(queries_per_sequence, " queries per sequence"));
     if constexpr (cuda_detail::multi_query_codec<typename View::codec>)
-      attend_rows<true>(queries, cache, out, scratch, stream, metric, merge);
+      attend_rows<true>(queries, cache, out, scratch, stream, metric);
     else
       detail::fail(function, "cache.codec",
                    "codec::fp16 / bf16, int8, int4, fp8_e4m3 or layered over those for several queries per sequence "
@@ -1248,7 +1037,7 @@ struct implementation<stage::decode_attention, backend::cuda> {
   template <bool MultiQuery, class View, class QueryT, class OutT>
   static void attend_rows(const tensor_view<QueryT, 4, device_space>& queries, const View& cache,
                           const tensor_view<OutT, 4, device_space>& out, workspace scratch, cudaStream_t stream,
-                          const cuda_detail::decode_metric& metric, cuda_detail::decode_merge merge) {
+                          const cuda_detail::decode_metric& metric) {
     static_assert(codec::is_plain<typename View::codec> || cuda_detail::device_encoded_codec<typename View::codec>,
                   "kvtrim: backend::cuda decode attention reads codec::fp16 / bf16 / fp32, int8, int4, fp8_e4m3, "
                   "layered over those three, and low_rank (codec_low_rank.cuh); layered<low_rank> has no device "
@@ -1286,7 +1075,7 @@ struct implementation<stage::decode_attention, backend::cuda> {
         constexpr int group = decltype(group_constant)::value;
         if constexpr (MultiQuery) {
           // Code bytes through dequantized fp16 tiles: the fragment decoders hold one query per row.
-          launch<head_dim, group, false, max_queries>(queries, cache, out, scratch, stream, metric, merge, length, page_shift);
+          launch<head_dim, group, false, max_queries>(queries, cache, out, scratch, stream, metric, length, page_shift);
         } else {
           // Code bytes on the tensor cores: straight into the mma fragments where the codec's fragment
           // decoder reads the storage (a runtime property: KIVI runs of whole warp blocks), else through
@@ -1294,12 +1083,12 @@ struct implementation<stage::decode_attention, backend::cuda> {
           using decoder = cuda_detail::fragment_decoder<typename View::codec, head_dim, group>;
           if constexpr (decoder::supported && group >= 4) {
             if (decoder::always_reads || decoder::reads(cache.storage))
-              launch<head_dim, group, decoder::supported, 1>(queries, cache, out, scratch, stream, metric, merge,
-                                                             length, page_shift);
+              launch<head_dim, group, decoder::supported, 1>(queries, cache, out, scratch, stream, metric, length,
+                                                             page_shift);
             else if constexpr (!decoder::always_reads)
-              launch<head_dim, group, false, 1>(queries, cache, out, scratch, stream, metric, merge, length, page_shift);
+              launch<head_dim, group, false, 1>(queries, cache, out, scratch, stream, metric, length, page_shift);
           } else {
-            launch<head_dim, group, false, 1>(queries, cache, out, scratch, stream, metric, merge, length, page_shift);
+            launch<head_dim, group, false, 1>(queries, cache, out, scratch, stream, metric, length, page_shift);
           }
         }
       });
@@ -1310,8 +1099,7 @@ struct implementation<stage::decode_attention, backend::cuda> {
   template <int head_dim, int group, bool fragments, int queries_capacity, class View, class QueryT, class OutT>
   static void launch(const tensor_view<QueryT, 4, device_space>& queries, const View& cache,
                      const tensor_view<OutT, 4, device_space>& out, workspace scratch, cudaStream_t stream,
-                     const cuda_detail::decode_metric& metric, cuda_detail::decode_merge merge_mode,
-                     std::int64_t length, int page_shift) {
+                     const cuda_detail::decode_metric& metric, std::int64_t length, int page_shift) {
     using query_type = cuda_detail::device_element_t<QueryT>;
     using out_type = cuda_detail::device_element_t<OutT>;
     constexpr bool uniform = cuda_detail::is_contiguous_view<View>;
@@ -1364,33 +1152,15 @@ struct implementation<stage::decode_attention, backend::cuda> {
       partition_type partition{};
       std::int64_t grid = blocks;
       bool merge = true;
-      // The in-kernel merge's arrival counters start every call at 0: zeroed by the plan kernel
-      // (paged / flat) or by reset_decode_arrivals (contiguous), both on the stream before the
-      // attention kernel, so no state survives between calls (the workspace may be reused);
-      // the merging block also resets its head's counter (the counters end every call at 0).
-      const bool in_kernel =
-          merges_in_kernel<View> && merge_mode == cuda_detail::decode_merge::in_kernel;
-      if (metric.values != nullptr && !in_kernel)
-        detail::fail(function, "metric.values", "the in-kernel merge (the in-kernel metric needs its lse)",
-                     "the separate merge");
-      unsigned* arrivals = in_kernel ? tables.arrivals : nullptr;
-      bool reset_launched = false;
       if constexpr (uniform) {
         const std::int64_t chunk = cuda_detail::decode_chunk(heads * length, blocks);
         partition = {heads, length, chunk};
         grid = cuda_detail::ceil_div(heads * length, chunk);
         merge = chunk % length != 0;  // else every block starts a head and reads whole heads
-        if (in_kernel && merge) {
-          cuda_detail::reset_decode_arrivals<><<<static_cast<unsigned>(cuda_detail::ceil_div(
-                                                   heads, std::int64_t{cuda_detail::decode_plan_threads})),
-                                               cuda_detail::decode_plan_threads, 0, stream>>>(arrivals, heads);
-          detail::check_launch(function, "reset_decode_arrivals");
-          reset_launched = true;
-        }
       } else {
         partition = {heads, tables.line, tables.prefix, tables.first_head};
         cuda_detail::plan_decode_partition<View><<<1, cuda_detail::decode_plan_threads, 0, stream>>>(
-            cache, blocks, tables.line, tables.prefix, tables.first_head, arrivals);
+            cache, blocks, tables.line, tables.prefix, tables.first_head);
         detail::check_launch(function, "plan_decode_partition");
       }
       const params_type params{cache,
@@ -1408,19 +1178,18 @@ struct implementation<stage::decode_attention, backend::cuda> {
                                metric,
                                static_cast<int>(queries_per_sequence),
                                queries.stride(1),
-                               out.stride(1),
-                               arrivals};
+                               out.stride(1)};
       const char* kernel_name = cuda_detail::is_low_rank<typename View::codec> ? "decode_attention_low_rank"
                                 : choice::tensor_cores                               ? "decode_attention_tensor_core"
                                                                                      : "decode_attention_cuda_core";
-      if (uniform && !reset_launched) {
+      if constexpr (uniform) {
         kernel<<<static_cast<unsigned>(grid), choice::threads, shared_bytes, stream>>>(params);
         detail::check_launch(function, kernel_name);
       } else {
         cuda_detail::launch_dependent(kernel, dim3(static_cast<unsigned>(grid)), dim3(choice::threads),
                                       shared_bytes, stream, function, kernel_name, params);
       }
-      if (merge && !in_kernel) {
+      if (merge) {
         const auto rows = static_cast<unsigned>(cache.batch * queries_per_sequence * cache.shape.q_heads);
         cuda_detail::launch_dependent(cuda_detail::merge_decode_partials<head_dim, group, partition_type, out_type>,
                                       dim3(rows), dim3(head_dim), 0, stream, function, "merge_decode_partials",
@@ -1438,7 +1207,6 @@ struct implementation<stage::decode_attention, backend::cuda> {
     cuda_detail::decode_line* line = nullptr;  // paged / flat: the plan's outputs
     std::int64_t* prefix = nullptr;            // [heads + 1]
     std::int32_t* first_head = nullptr;        // [blocks]
-    unsigned* arrivals = nullptr;              // [heads]: the in-kernel merge's arrival counters
   };
 
   template <class View>
@@ -1461,7 +1229,6 @@ struct implementation<stage::decode_attention, backend::cuda> {
       tables.prefix = carver.take<std::int64_t>(heads + 1);
       tables.first_head = carver.take<std::int32_t>(blocks);
     }
-    tables.arrivals = carver.take<unsigned>(heads);  // last: the plan's tables keep their places
     return tables;
   }
 };

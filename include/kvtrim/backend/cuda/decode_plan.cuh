@@ -96,57 +96,45 @@ void launch_dependent(void (*kernel)(Parameters...), dim3 grid, dim3 block, std:
 
 // ---- addressing -------------------------------------------------------------
 
-// Every row locator answers slot(i) = slot_of(i, fetch(i)): fetch issues the
-// locator's loads (a page id), slot_of does the arithmetic. kv_tile_stream
-// fetches the rows of a tile one tile ahead and does the arithmetic only when it
-// issues the copies, so a warp never waits on a page-table load it just issued
-// (an in-order warp stalls at the first instruction that uses a load's result).
-
-/// Token i of a contiguous head: base + i·stride (nothing to fetch).
+/// Token i of a contiguous head: base + i·stride.
 struct strided_rows {
-  using lookup = int;
   std::int64_t base = 0;
   std::int64_t stride = 1;
-  __device__ __forceinline__ lookup fetch(std::int64_t) const { return 0; }
-  __device__ __forceinline__ std::int64_t slot_of(std::int64_t i, lookup) const { return base + i * stride; }
   __device__ __forceinline__ std::int64_t slot(std::int64_t i) const { return base + i * stride; }
 };
 
 /// Token i of a paged head: its page id from the head's page table, then the offset in the page.
 struct paged_rows {
-  using lookup = std::int32_t;  // the page id
   const std::int32_t* pages = nullptr;  // indices + indptr[head]
   std::int64_t page_size = 1;
   int page_shift = -1;  // log2(page_size) when a power of two (16/32/64: a shift, not a division)
-  __device__ __forceinline__ lookup fetch(std::int64_t i) const {
-    return __ldg(pages + (page_shift >= 0 ? i >> page_shift : i / page_size));
+  __device__ __forceinline__ std::int64_t slot(std::int64_t i) const {
+    if (page_shift >= 0)
+      return (static_cast<std::int64_t>(__ldg(pages + (i >> page_shift))) << page_shift) + (i & (page_size - 1));
+    return static_cast<std::int64_t>(__ldg(pages + i / page_size)) * page_size + i % page_size;
   }
-  __device__ __forceinline__ std::int64_t slot_of(std::int64_t i, lookup page) const {
-    if (page_shift >= 0) return (static_cast<std::int64_t>(page) << page_shift) + (i & (page_size - 1));
-    return static_cast<std::int64_t>(page) * page_size + i % page_size;
-  }
-  __device__ __forceinline__ std::int64_t slot(std::int64_t i) const { return slot_of(i, fetch(i)); }
 };
 
 /// Token i of kv head h of a sequence in an engine's head-shared pages (layout::shared_paged):
 /// the page from the sequence's table, then the row of (offset, h) in the page's key half.
 struct shared_page_rows {
-  using lookup = std::int32_t;  // the page id
   const std::int32_t* pages = nullptr;  // indices + indptr[b]
   std::int64_t page_size = 1;
   int page_shift = -1;
   std::int64_t kv_heads = 1;
   std::int64_t h = 0;
   bool heads_outer = false;  // HND: [2][kv_heads][page_size] per page; NHD: [2][page_size][kv_heads]
-  __device__ __forceinline__ lookup fetch(std::int64_t i) const {
-    return __ldg(pages + (page_shift >= 0 ? i >> page_shift : i / page_size));
-  }
-  __device__ __forceinline__ std::int64_t slot_of(std::int64_t i, lookup page_id) const {
-    const std::int64_t page = page_id;
-    const std::int64_t offset = page_shift >= 0 ? i & (page_size - 1) : i % page_size;
+  __device__ __forceinline__ std::int64_t slot(std::int64_t i) const {
+    std::int64_t page, offset;
+    if (page_shift >= 0) {
+      page = __ldg(pages + (i >> page_shift));
+      offset = i & (page_size - 1);
+    } else {
+      page = __ldg(pages + i / page_size);
+      offset = i % page_size;
+    }
     return heads_outer ? (page * 2 * kv_heads + h) * page_size + offset : (page * 2 * page_size + offset) * kv_heads + h;
   }
-  __device__ __forceinline__ std::int64_t slot(std::int64_t i) const { return slot_of(i, fetch(i)); }
 };
 
 /// log2(n) for a power of two, else −1 (host side, once per call).
@@ -251,12 +239,8 @@ inline constexpr int decode_plan_threads = 256;
 template <class View>
 __global__ void __launch_bounds__(decode_plan_threads)
     plan_decode_partition(const __grid_constant__ View cache, std::int64_t blocks, decode_line* line,
-                          std::int64_t* prefix, std::int32_t* first_head, unsigned* arrivals) {
+                          std::int64_t* prefix, std::int32_t* first_head) {
   allow_dependent_grid();  // the attention kernel's blocks may be scheduled; they wait for this plan
-  // In-kernel merge: every head's arrival counter starts the call at 0 (the attention kernel's
-  // griddepcontrol.wait makes these stores visible before any block arrives).
-  if (arrivals != nullptr)
-    for (std::int64_t head = threadIdx.x; head < cache.heads(); head += decode_plan_threads) arrivals[head] = 0;
   using scan = cub::BlockScan<std::int64_t, decode_plan_threads>;
   __shared__ typename scan::TempStorage scan_storage;
   __shared__ std::int64_t shared_chunk;
@@ -308,47 +292,6 @@ __device__ __forceinline__ void for_each_segment(const Partition& partition, Bod
   }
 }
 
-/// Zeroes the arrival counters of the in-kernel merge (contiguous caches, which have no
-/// plan kernel to do it): a programmatic primary of the attention kernel, which waits
-/// for it only before its first arrival. (A template: header-only, one definition per program.)
-template <int = 0>
-__global__ void __launch_bounds__(decode_plan_threads) reset_decode_arrivals(unsigned* arrivals, std::int64_t heads) {
-  allow_dependent_grid();
-  for (std::int64_t head = std::int64_t{blockIdx.x} * decode_plan_threads + threadIdx.x; head < heads;
-       head += std::int64_t{gridDim.x} * decode_plan_threads)
-    arrivals[head] = 0;
-}
-
-/// The merged output element d and log-sum-exp of query row `query_row` of a head read
-/// by blocks first..last (first < last): Σ_s 2^(lse_s − max) o_s / Σ_s 2^(lse_s − max).
-/// Both merges (merge_decode_partials, and the in-kernel merge of the head's last block
-/// to finish) run this very code, so their outputs agree bit for bit. L2Only: loads
-/// that bypass L1 (partials other blocks wrote during this kernel).
-struct merged_element {
-  float output;
-  float lse;
-};
-template <int HeadDim, bool L2Only>
-__device__ __forceinline__ merged_element merge_partial_element(const float* partial_out, const float* partial_lse,
-                                                                std::int64_t head, std::int64_t first,
-                                                                std::int64_t last, std::int64_t rows,
-                                                                std::int64_t query_row, int d) {
-  const auto load = [](const float* address) { return L2Only ? __ldcg(address) : *address; };
-  float max_lse = -std::numeric_limits<float>::infinity();
-  for (std::int64_t block = first; block <= last; ++block)
-    max_lse = fmaxf(max_lse, load(partial_lse + (block + head) * rows + query_row));
-  float sum = 0.0f, output = 0.0f;
-  for (std::int64_t block = first; block <= last; ++block) {
-    const std::int64_t index = (block + head) * rows + query_row;
-    const float lse = load(partial_lse + index);
-    if (lse == -std::numeric_limits<float>::infinity()) continue;
-    const float weight = exp2f(lse - max_lse);
-    sum += weight;
-    output = fmaf(weight, load(partial_out + index * HeadDim + d), output);
-  }
-  return {sum > 0.0f ? output / sum : 0.0f, max_lse + log2f(sum)};
-}
-
 /// out[b, t, j] = Σ_s 2^(lse_s − max) o_s / Σ_s 2^(lse_s − max) over the blocks
 /// that read head b·kv_heads + j / Group (t: the new token, multi-query; a block's
 /// partials hold Group × queries rows, row t·Group + j % Group); heads read by one
@@ -377,10 +320,21 @@ __global__ void __launch_bounds__(HeadDim)
   }
   const std::int64_t first = head_begin / line.chunk, last = (head_end - 1) / line.chunk;
   if (first == last) return;  // one block read the whole head and wrote the output
-  const merged_element merged = merge_partial_element<HeadDim, false>(partial_out, partial_lse, head, first, last,
-                                                                      Group * queries, query_row, d);
-  *target = from_float<OutT>(merged.output);
-  if (metric_lse != nullptr && d == 0) metric_lse[head * Group + query_row] = merged.lse;
+  const std::int64_t rows = Group * queries;
+  float max_lse = -std::numeric_limits<float>::infinity();
+  for (std::int64_t block = first; block <= last; ++block)
+    max_lse = fmaxf(max_lse, partial_lse[(block + head) * rows + query_row]);
+  float sum = 0.0f, output = 0.0f;
+  for (std::int64_t block = first; block <= last; ++block) {
+    const std::int64_t index = (block + head) * rows + query_row;
+    const float lse = partial_lse[index];
+    if (lse == -std::numeric_limits<float>::infinity()) continue;
+    const float weight = exp2f(lse - max_lse);
+    sum += weight;
+    output += weight * partial_out[index * HeadDim + d];
+  }
+  *target = from_float<OutT>(sum > 0.0f ? output / sum : 0.0f);
+  if (metric_lse != nullptr && d == 0) metric_lse[head * Group + query_row] = max_lse + log2f(sum);
 }
 
 }  // namespace kvtrim::cuda_detail

@@ -125,15 +125,6 @@ struct metric_l2_hints {
   /// (a stream attribute is set): refused otherwise. Measured at W: worse than the
   /// default (docs/results.md), an experiment's switch, off by default.
   bool persisting_logits = false;
-  /// Decode attention's in-kernel merge (cuda_detail::decode_merge::in_kernel): the last
-  /// block of a head to finish merges it, no merge launch. Same outputs and metric, bit for
-  /// bit (tests/cuda/decode_test.cu, eviction_test.cu). codec::low_rank keeps both launches.
-  bool merge_in_kernel = false;
-  /// With merge_in_kernel: that block also accumulates the head's metric (its logits read
-  /// back right away), so the finisher (accumulate_decode_metric) is not launched either.
-  /// One block per head walks the head's whole line at the kernel's end (a tail the
-  /// finisher spreads over the GPU): measured against the finisher by the merge_modes rows.
-  bool metric_in_kernel = false;
 };
 
 /// Floats per query head of the metric's logits: the line's longest length (every
@@ -184,14 +175,6 @@ void attend(tensor_view<QueryT, 3, device_space> queries, const View& cache, ten
     side.logits = carver.take<float>(shape.group_size() * side.stride);
     side.lse = carver.take<float>(cache.heads() * shape.group_size());
   }
-  using decode = implementation<stage::decode_attention, backend::cuda>;
-  const bool in_kernel = hints.merge_in_kernel && decode::merges_in_kernel<View>;
-  const bool metric_in_kernel = in_kernel && hints.metric_in_kernel;
-  if (metric.enabled() && metric_in_kernel) {
-    side.values = metric.values;
-    side.kind = metric.kind;
-    side.window = metric.protected_window;
-  }
   const tensor_view<const std::remove_const_t<QueryT>, 3, device_space> const_queries{queries.data, queries.extents,
                                                                                        queries.strides};
   // The persisting window over the logits, for this call's launches only (restored on exit).
@@ -237,10 +220,8 @@ void attend(tensor_view<QueryT, 3, device_space> queries, const View& cache, ten
   }
   implementation<stage::decode_attention, backend::cuda>::attend(const_queries, cache, out,
                                                                  workspace{attention_scratch, attention_bytes}, stream,
-                                                                 side,
-                                                                 in_kernel ? cuda_detail::decode_merge::in_kernel
-                                                                           : cuda_detail::decode_merge::separate);
-  if (!metric.enabled() || metric_in_kernel) return;  // in-kernel: the heads' merging blocks accumulated it
+                                                                 side);
+  if (!metric.enabled()) return;
   int page_shift = -1;
   if constexpr (cuda_detail::is_paged_view<View>) page_shift = cuda_detail::power_of_two_shift(cache.page_size);
   // One resident wave of threads, grid-striding over the line (its length lives on the device).
