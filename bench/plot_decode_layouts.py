@@ -57,19 +57,23 @@ def kvtrim_series(benchmarks):
 
 
 def peer_series(benchmarks, copy_tbps):
-    """FlashInfer rows: one series per row name (its arguments other than tokens fixed)."""
+    """bench_peer_flashinfer_decode's rows (W's shape; its names carry no head_dim): FlashInfer's and kvtrim's
+    shared_paged decode on the same pages in that run, pages of 16, NHD — one series per row name."""
     series = defaultdict(dict)
     for b in benchmarks:
         row, f = b["name"].split("/")[0], fields(b["name"])
-        if not row.lower().startswith("flashinfer") or "tokens" not in f or not is_w(f):
+        if row not in ("flashinfer_batch_decode", "kvtrim_shared_paged_decode") or "tokens" not in f:
             continue
-        if "median_us" not in b:
+        if any(f.get(key) != value for key, value in W.items() if key != "head_dim") or "median_us" not in b:
             continue
-        rest = ", ".join(f"{k} {v}" for k, v in f.items() if k not in W and k != "tokens")
+        if f.get("page") != 16 or f.get("hnd") != 0:
+            continue
+        rest = "FlashInfer's run: the same NHD pages of 16"
         fraction = b.get("fraction_of_copy")
         if fraction is None and copy_tbps and "cache_TBps" in b:
             fraction = b["cache_TBps"] / copy_tbps
-        series[f"{row} ({rest})" if rest else row][f["tokens"]] = (b["median_us"], fraction)
+        label = "FlashInfer 0.7.4 batch decode" if row.startswith("flashinfer") else "kvtrim shared_paged"
+        series[f"{label} ({rest})"][f["tokens"]] = (b["median_us"], fraction)
     return series
 
 
@@ -98,10 +102,10 @@ def main():
     if args.flashinfer_json:
         series.update(peer_series(json.load(open(args.flashinfer_json))["benchmarks"], copy_tbps))
 
-    figure, (time_axis, copy_axis) = plt.subplots(1, 2, figsize=(13, 5))
+    figure, (time_axis, copy_axis) = plt.subplots(1, 2, figsize=(13, 6))
     for label, points in sorted(series.items()):
-        tokens = sorted(points)
-        peer = not label.startswith("kvtrim")
+        tokens = sorted(t for t in points if t & (t - 1) == 0)  # the sweep (powers of two), not the 30 % rows
+        peer = not label.startswith("kvtrim") or "FlashInfer's run" in label
         style = dict(marker="s" if peer else "o", linestyle="--" if peer else "-")
         time_axis.plot(tokens, [points[t][0] for t in tokens], label=label, **style)
         fractions = [(t, points[t][1]) for t in tokens if points[t][1] is not None]
@@ -115,10 +119,11 @@ def main():
     time_axis.set_ylabel("decode attention, median µs per call")
     copy_axis.set_ylabel(f"cache bytes/s, % of the measured copy ({copy_tbps:.2f} TB/s)" if copy_tbps else "% of copy")
     copy_axis.axhline(100, color="grey", linewidth=0.8)
-    time_axis.legend(fontsize=7)
+    handles, labels = time_axis.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     device = torch_rows[0].get("device", "GPU")
     figure.suptitle(f"Decode attention, fp16, batch 8 × 32 q heads / 8 kv heads × head dim 128 — {device}")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.16, 1, 1))
     figure.savefig(args.output, dpi=110)
     for label, points in sorted(series.items()):
         print(label, {t: round(points[t][0], 1) for t in sorted(points)})
