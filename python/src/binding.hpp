@@ -139,6 +139,26 @@ struct array {
   }
 };
 
+/// `given` as a Rank-d view of Element in Space (host: the cpu, device: a cuda device), or a
+/// kvtrim::error naming `function` and `argument` with what was expected and what came.
+template <std::size_t Rank, class Element, class Space>
+tensor_view<Element, Rank, Space> array_view(std::string_view function, std::string_view argument, const array& given) {
+  using stored = std::remove_const_t<Element>;
+  constexpr bool on_host = std::same_as<Space, host_space>;
+  if (given.rank != Rank || given.type != element_of<stored> || given.on_device == on_host)
+    detail::fail(function, argument,
+                 detail::cat("a ", Rank, "-d ", name_of(element_of<stored>), " array on the ",
+                             on_host ? "cpu" : "cuda device"),
+                 given.describe());
+  tensor_view<Element, Rank, Space> view;
+  view.data = static_cast<Element*>(given.data);
+  for (std::size_t axis = 0; axis < Rank; ++axis) {
+    view.extents[axis] = given.extents[axis];
+    view.strides[axis] = given.strides[axis];
+  }
+  return view;
+}
+
 /// Thrown where the C++ side does not offer something yet; module.cpp turns it into NotImplementedError.
 struct not_implemented : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -851,27 +871,10 @@ class typed_cache final : public cache_base {
     return cfg;
   }
 
-  template <std::size_t Rank, class Element>
-  static void check_array(std::string_view function, std::string_view argument, const array& given) {
-    const bool device_ok = given.on_device != on_host;
-    if (given.rank != Rank || given.type != element_of<Element> || !device_ok)
-      detail::fail(function, argument,
-                   detail::cat("a ", Rank, "-d ", name_of(element_of<Element>), " array on the ",
-                               on_host ? "cpu" : "cuda device"),
-                   given.describe());
-  }
-
   template <std::size_t Rank, class Element = InputT>
   static tensor_view<const Element, Rank, space> as_view(std::string_view function, std::string_view argument,
                                                          const array& given) {
-    check_array<Rank, Element>(function, argument, given);
-    tensor_view<const Element, Rank, space> view;
-    view.data = static_cast<const Element*>(given.data);
-    for (std::size_t axis = 0; axis < Rank; ++axis) {
-      view.extents[axis] = given.extents[axis];
-      view.strides[axis] = given.strides[axis];
-    }
-    return view;
+    return array_view<Rank, const Element, space>(function, argument, given);
   }
   template <std::size_t Rank>
   static tensor_view<InputT, Rank, space> as_mutable_view(std::string_view function, std::string_view argument,

@@ -11,28 +11,18 @@ namespace {
 
 constexpr std::string_view where = "kvtrim.Eviction";
 
-template <class... S>
-struct schemes {};
 /// The schemes the binding is compiled for (eviction.hpp: paged, fp16, three presses).
-using supported = schemes<scheme<layout::paged, score::snapkv, budget::uniform, codec::fp16, backend::cpu>,
-                          scheme<layout::paged, score::snapkv, budget::adaptive, codec::fp16, backend::cpu>,
-                          scheme<layout::paged, score::static_window, budget::uniform, codec::fp16, backend::cpu>>;
+using supported = scheme_list<scheme<layout::paged, score::snapkv, budget::uniform, codec::fp16, backend::cpu>,
+                            scheme<layout::paged, score::snapkv, budget::adaptive, codec::fp16, backend::cpu>,
+                            scheme<layout::paged, score::static_window, budget::uniform, codec::fp16, backend::cpu>>;
 
 template <class Scheme>
 using typed = typed_cache<Scheme, float>;
 
-/// Calls visit(typed<S>&) for the compiled CPU scheme S that `cache` is; false for any other.
-template <class Visit, class... S>
-bool with_scheme(cache_base& cache, Visit&& visit, schemes<S...>) {
-  return (... || [&] {
-    auto* known = dynamic_cast<typed<S>*>(&cache);
-    if (known != nullptr) visit(*known);
-    return known != nullptr;
-  }());
-}
+/// Calls visit(typed<S>&) for the compiled scheme S that `cache` is; false for any other.
 template <class Visit>
 bool with_scheme(cache_base& cache, Visit&& visit) {
-  return with_scheme(cache, visit, supported{});
+  return visit_scheme<typed>(cache, visit, supported{});
 }
 
 /// A cache of none of the compiled schemes, CPU or CUDA.
@@ -50,15 +40,7 @@ bool on_device_call([[maybe_unused]] Call&& call) {
 
 template <std::size_t Rank>
 tensor_view<const float, Rank> host_view(std::string_view argument, const array& given) {
-  if (given.rank != Rank || given.type != element_type::f32 || given.on_device)
-    detail::fail(where, argument, detail::cat("a ", Rank, "-d float32 array on the cpu"), given.describe());
-  tensor_view<const float, Rank> view;
-  view.data = static_cast<const float*>(given.data);
-  for (std::size_t axis = 0; axis < Rank; ++axis) {
-    view.extents[axis] = given.extents[axis];
-    view.strides[axis] = given.strides[axis];
-  }
-  return view;
+  return array_view<Rank, const float, host_space>(where, argument, given);
 }
 
 /// The metric buffer: a contiguous float32 vector of at least the cache's storage slots.

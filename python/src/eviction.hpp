@@ -65,6 +65,19 @@ bool step(const std::vector<cache_base*>& layers, const std::vector<array>& metr
           eviction::report& report, std::uintptr_t stream);
 }  // namespace on_device
 
+/// A list of compiled schemes; visit_scheme calls visit(Typed<S>&) for the one S that `cache` is
+/// (false for a cache of none of them). eviction.cpp's CPU list and eviction_cuda.cu's CUDA one.
+template <class... S>
+struct scheme_list {};
+template <template <class> class Typed, class Visit, class... S>
+bool visit_scheme(cache_base& cache, Visit&& visit, scheme_list<S...>) {
+  return (... || [&] {
+    auto* known = dynamic_cast<Typed<S>*>(&cache);
+    if (known != nullptr) visit(*known);
+    return known != nullptr;
+  }());
+}
+
 /// metric_settings' kind as eviction::metric_kind, and step_settings as eviction::config (eviction.cpp).
 eviction::metric_kind kind_of(const std::string& kind);
 

@@ -19,44 +19,24 @@ namespace {
 
 constexpr std::string_view where = "kvtrim.Eviction";
 
-template <class... S>
-struct schemes {};
 using fp16_input = cuda_list::input_of<codec::fp16>;
 /// eviction.cpp's list on backend::cuda.
-using supported = schemes<scheme<layout::paged, score::snapkv, budget::uniform, codec::fp16, backend::cuda>,
-                          scheme<layout::paged, score::snapkv, budget::adaptive, codec::fp16, backend::cuda>,
-                          scheme<layout::paged, score::static_window, budget::uniform, codec::fp16, backend::cuda>>;
+using supported = scheme_list<scheme<layout::paged, score::snapkv, budget::uniform, codec::fp16, backend::cuda>,
+                            scheme<layout::paged, score::snapkv, budget::adaptive, codec::fp16, backend::cuda>,
+                            scheme<layout::paged, score::static_window, budget::uniform, codec::fp16, backend::cuda>>;
 
 template <class Scheme>
 using typed = typed_cache<Scheme, fp16_input>;
 
-template <class Visit, class... S>
-bool with_scheme(cache_base& cache, Visit&& visit, schemes<S...>) {
-  return (... || [&] {
-    auto* known = dynamic_cast<typed<S>*>(&cache);
-    if (known != nullptr) visit(*known);
-    return known != nullptr;
-  }());
-}
+/// Calls visit(typed<S>&) for the compiled scheme S that `cache` is; false for any other.
 template <class Visit>
 bool with_scheme(cache_base& cache, Visit&& visit) {
-  return with_scheme(cache, visit, supported{});
+  return visit_scheme<typed>(cache, visit, supported{});
 }
 
 template <std::size_t Rank, class Element>
 tensor_view<Element, Rank, device_space> device_view(std::string_view argument, const array& given) {
-  if (given.rank != Rank || given.type != element_of<std::remove_const_t<Element>> || !given.on_device)
-    detail::fail(where, argument,
-                 detail::cat("a ", Rank, "-d ", name_of(element_of<std::remove_const_t<Element>>),
-                             " array on the cuda device"),
-                 given.describe());
-  tensor_view<Element, Rank, device_space> view;
-  view.data = static_cast<Element*>(given.data);
-  for (std::size_t axis = 0; axis < Rank; ++axis) {
-    view.extents[axis] = given.extents[axis];
-    view.strides[axis] = given.strides[axis];
-  }
-  return view;
+  return array_view<Rank, Element, device_space>(where, argument, given);
 }
 
 /// The metric buffer: a contiguous float32 device vector of at least the cache's storage slots.
