@@ -70,9 +70,11 @@ class Cache:
     synchronisation per call. ``"deferred"`` never synchronises on the hot path (CUDA
     graphs, an engine's decode loop): call ``check_status()`` where a sync is acceptable
     (every few steps, after a graph replay); the inspection calls (head_lengths, kept,
-    positions, read, stats), which synchronise anyway, check first as well. Calls after
-    a refused one ran on the unchanged cache. CPU and contiguous caches raise from the
-    call itself whatever ``check`` says.
+    positions, read, stats), which synchronise anyway, check first as well, and so does
+    CUDA ``Eviction.seed``. Calls after a refused one ran on the unchanged cache — but a
+    refused compress's selection is what ``kept()`` (and the eviction seed) describe once
+    its refusal has been raised: compress again before reading them. CPU and contiguous
+    caches raise from the call itself whatever ``check`` says.
     """
 
     def __init__(

@@ -61,6 +61,10 @@ bool metric_slots(cache_base& cache, std::int64_t& slots) {
 bool seed(cache_base& cache, const array& keys, const array& window_queries, std::int64_t start_position,
           const array& metric, const metric_settings& settings, std::uintptr_t stream) {
   return with_scheme(cache, [&](auto& known) {
+    // The seed reads the selection of the cache's last compress: a refusal that "deferred"
+    // checking has not raised yet must raise here, as the CPU twin raises through kept()
+    // (review M2), not seed from the refused call's selection.
+    known.check_status();
     const auto& view = known.owned().view();
     const auto k = device_view<4, const fp16_input>("keys", keys);
     const auto q = device_view<4, const fp16_input>("window_queries", window_queries);

@@ -1,6 +1,6 @@
 // scheme::truncate — speculative decoding's rollback of rejected drafts — on the
 // CPU reference, for every layout and the codecs with and without per-head
-// streaming state (docs/composition.md §7).
+// streaming state (docs/composition.md §8).
 //
 // The property: append n drafts, attend over them, truncate d_b ≤ n per
 // sequence, and the cache holds exactly what a cache that only ever appended

@@ -378,7 +378,7 @@ def main():
     plan = with_gpu_twins(setups(flags, razor_recent, args.quick, config.rope_base), config.layers, args.cpu_twins)
     shape = (config.q_heads, config.kv_heads, config.head_dim)
     fp16_bytes_per_token = config.layers * config.kv_heads * 2 * config.head_dim * 2
-    results, cuda_checks = earlier_rows(args, {t.name for t in tasks})
+    results, cuda_checks, tasks_done = earlier_rows(args, {t.name for t in tasks})
     pool = cf.ThreadPoolExecutor(args.threads)  # compress releases the GIL: layers and setups run side by side
     # cuda_checks: one per GPU twin row (kept sets and metrics against the CPU row), earlier calls' included
     for task in tasks:
@@ -477,7 +477,7 @@ def main():
             del layers, prefixes
             if len(results) % 16 == 0:  # a run killed mid-task keeps most of what it measured
                 write(args, config, T, fp16_bytes_per_token, razor, razor_recent, cuda_checks, corpus, started, device,
-                      results, complete=False)
+                      results, complete=False, tasks_done=tasks_done)
             print(f"[{time.time() - started:6.1f} s] {task.name:6s} {s.device:4s} {s.name[:40]:40s} {s.fraction:4.2f} kept "
                   f"{row['kept_fraction']:.3f} {row['bytes_per_token']:7.1f} B/token  acc {metrics['accuracy']:.3f} "
                   f"bpb {metrics['bits_per_byte']:.3f} needle {metrics['success']:.2f}  |attend diff| {worst:.1e}",
@@ -486,32 +486,41 @@ def main():
             eviction_deadline = started + args.deadline - 20 if args.deadline else float("inf")
             results += decode_rows(task, model, config, ids, caps, T, device, (0.2, 0.5), eviction_deadline,
                                    eviction_backend(args.eviction_backend))
+        tasks_done.append(task.name)
         write(args, config, T, fp16_bytes_per_token, razor, razor_recent, cuda_checks, corpus, started, device, results,
-              complete=task is tasks[-1] and {r["task"] for r in results} >= {"lm", "needle", "aware"})
+              complete=set(tasks_done) >= {"lm", "needle", "aware"}, tasks_done=tasks_done)
     pool.shutdown()
 
 
 def earlier_rows(args, running):
-    """The rows and backend checks of an earlier call (--merge) for the tasks not run now. Refused unless that call
-    studied the same trained model: rows of two trainings must never share a table."""
+    """The rows, backend checks and finished tasks of an earlier call (--merge) for the tasks not run now. Refused
+    unless that call studied the same trained model with the same study parameters (rows of two trainings or two
+    settings must never share a table); only tasks that call finished are kept (a call stopped mid-task keeps its
+    partial rows in its own file, not in the merged table)."""
     if not args.merge:
-        return [], []
+        return [], [], []
     with open(args.merge) as f:
         earlier = json.load(f)
     with open(os.path.join(args.model, "train.json")) as f:
         training = json.load(f)
     if earlier.get("training") != training:
         raise SystemExit(f"--merge {args.merge}: it was not made with the model in {args.model} (training records differ)")
-    rows = [r for r in earlier["results"] if r["task"] not in running]
-    checks = [c for c in earlier.get("cuda_checks", []) if c.get("task") not in running]
-    print(f"--merge: {len(rows)} rows and {len(checks)} backend checks kept from {args.merge}", flush=True)
-    return rows, checks
+    mine = {"prefix_bytes": args.prefix, "continuation_bytes": args.continuation, "samples": args.samples,
+            "cpu_twins": args.cpu_twins}
+    differing = {key: (earlier.get(key), value) for key, value in mine.items() if earlier.get(key) != value}
+    if differing:
+        raise SystemExit(f"--merge {args.merge}: its study parameters differ (earlier, now): {differing}")
+    done = [name for name in earlier.get("tasks_done", []) if name not in running]
+    rows = [r for r in earlier["results"] if r["task"] in done]
+    checks = [c for c in earlier.get("cuda_checks", []) if c.get("task") in done]
+    print(f"--merge: tasks {done} ({len(rows)} rows, {len(checks)} backend checks) kept from {args.merge}", flush=True)
+    return rows, checks, done
 
 
 def write(args, config, T, fp16_bytes_per_token, razor, razor_recent, cuda_checks, corpus, started, device, results,
-          complete):
+          complete, tasks_done):
     """Writes the results so far (after every task: a run stopped by its deadline keeps what it finished)."""
-    out = {"complete": complete, "model": config.to_dict(), "prefix_bytes": T, "continuation_bytes": args.continuation,
+    out = {"complete": complete, "tasks_done": list(tasks_done), "cpu_twins": args.cpu_twins, "model": config.to_dict(), "prefix_bytes": T, "continuation_bytes": args.continuation,
            "samples": args.samples, "fp16_bytes_per_token": fp16_bytes_per_token, "snapkv": {"window": SNAP_WINDOW, "kernel": SNAP_KERNEL},
            "razor": razor, "razor_recent_fraction": {str(k): v for k, v in razor_recent.items()},
            "missing": missing_schemes(), "cuda_checks": cuda_checks, "kvtrim_has_cuda": kvtrim.has_cuda,

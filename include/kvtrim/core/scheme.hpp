@@ -533,7 +533,7 @@ struct scheme {
   /// Removes the newest drop[b] tokens of every kv head of sequence b: the draft
   /// tokens a verifier rejected, after append(drafts) and a multi-query attend.
   /// The cache then holds what it would hold had only the accepted tokens been
-  /// appended (docs/composition.md §7): the same tokens, positions and lengths;
+  /// appended (docs/composition.md §8): the same tokens, positions and lengths;
   /// paged layouts give emptied pages back to the free list (in the reverse of
   /// append's order, so truncating a whole append restores the tables exactly).
   /// Refused (kvtrim::error before any write; on a device-planned layout, status

@@ -241,10 +241,18 @@ struct implementation<layout::contiguous, backend::cuda> {
     cuda_detail::require_device_rollback<CodecT>();
     constexpr std::string_view function = "kvtrim::scheme::truncate";
     std::vector<std::int32_t> host(static_cast<std::size_t>(cache.batch));
-    detail::check_cuda(cudaMemcpy2DAsync(host.data(), sizeof(std::int32_t), drop.data,
-                                         static_cast<std::size_t>(drop.strides[0]) * sizeof(std::int32_t),
-                                         sizeof(std::int32_t), host.size(), cudaMemcpyDeviceToHost, stream),
-                       function, "cudaMemcpy2DAsync(drop)");
+    // Any stride the view check accepts (0: one count for every sequence, which is contiguous's
+    // own rule; negative; larger than 1): one copy when the counts are adjacent, else one small
+    // copy per sequence (a pitched 2-D copy refuses pitches below its 4-byte row).
+    if (drop.strides[0] == 1 || cache.batch == 1)
+      detail::check_cuda(cudaMemcpyAsync(host.data(), drop.data, host.size() * sizeof(std::int32_t),
+                                         cudaMemcpyDeviceToHost, stream),
+                         function, "cudaMemcpyAsync(drop)");
+    else
+      for (std::int64_t b = 0; b < cache.batch; ++b)
+        detail::check_cuda(cudaMemcpyAsync(&host[static_cast<std::size_t>(b)], drop.data + b * drop.strides[0],
+                                           sizeof(std::int32_t), cudaMemcpyDeviceToHost, stream),
+                           function, "cudaMemcpyAsync(drop)");
     std::vector<std::int64_t> filling;
     if constexpr (requires { cache.storage.residual_count; })
       if (cache.storage.key_group != 0) {
