@@ -370,4 +370,38 @@ TEST(RollbackSharedPaged, SequencesDropDifferentCounts) {
   kt::layout::shared_paged::validate("test", cache.view(), true);
 }
 
+template <class Layout>
+void expect_dropped_compensation_leaves_the_head() {
+  // RazorAttention's compensation token (a kept slot with a logit bias) is a token like any
+  // other for truncate: dropped with the drafts, it leaves the head (index −1, bias 0); kept,
+  // it stays where it was (review L1: no test dropped one). The truncated cache then attends
+  // bit for bit as one that never held the drafts or the dropped bias.
+  using C = combo<Layout, kt::codec::fp16>;
+  using scheme = typename C::scheme;
+  auto got = C::make({});
+  auto want = C::make({});
+  auto got_view = got.view();
+  auto want_view = want.view();
+  append_rows<scheme>(got_view, std::vector<std::int64_t>(batch * kv_heads, 6), 41);
+  append_rows<scheme>(want_view, std::vector<std::int64_t>(batch * kv_heads, 6), 41);
+  append_rows<scheme>(got_view, std::vector<std::int64_t>(batch * kv_heads, 3), 42);  // the drafts
+  // Head 0: compensation at the newest draft (dropped below); head 3: at token 2 (kept).
+  got_view.compensation.index[0] = 8;
+  got_view.compensation.bias[0] = 1.5f;
+  for (auto* v : {&got_view, &want_view}) {
+    v->compensation.index[3] = 2;
+    v->compensation.bias[3] = 2.5f;
+  }
+  scheme::truncate(got_view, drops_view({3, 3, 3}));
+  EXPECT_EQ(got_view.compensation.index[0], -1) << "the dropped compensation token left head 0";
+  EXPECT_EQ(got_view.compensation.bias[0], 0.0f);
+  EXPECT_EQ(got_view.compensation.index[3], 2) << "head 3's compensation token was kept";
+  EXPECT_EQ(got_view.compensation.bias[3], 2.5f);
+  expect_same_tokens(got_view, want_view, "after dropping a compensation token");
+  expect_same_attention<scheme>(got_view, want_view, 1, 43, "after dropping a compensation token");
+}
+
+TEST(RollbackCompensation, DroppedTokenLeavesThePagedHead) { expect_dropped_compensation_leaves_the_head<kt::layout::paged>(); }
+TEST(RollbackCompensation, DroppedTokenLeavesTheFlatHead) { expect_dropped_compensation_leaves_the_head<kt::layout::flat>(); }
+
 }  // namespace
