@@ -119,20 +119,10 @@ eviction::report step(const std::vector<cache_base*>& layers, const std::vector<
   eviction::report report;
   if (on_device_call([&] { return on_device::step(layers, metrics, cfg, report, stream); })) return report;
   const bool found = with_scheme(*layers.front(), [&](auto& first) {
-    using known_type = std::remove_reference_t<decltype(first)>;
-    using view_type = std::remove_cvref_t<decltype(first.owned().view())>;
-    std::vector<view_type> views;
-    std::vector<eviction::metric_output<host_space>> outputs;
     const metric_settings metric{.protected_window = settings.protected_window};
-    for (std::size_t layer = 0; layer < layers.size(); ++layer) {
-      auto* same = dynamic_cast<known_type*>(layers[layer]);
-      if (same == nullptr)
-        detail::fail(where, "caches", detail::cat("every layer's cache of one scheme (", first.name(), ")"),
-                     detail::cat(layers[layer]->name(), " at layer ", layer));
-      views.push_back(same->owned().view());
-      outputs.push_back(metric_of(metrics[layer], metric));
-    }
-    const std::span<const view_type> all(views);
+    const auto [views, outputs] =
+        layer_views(first, layers, metrics, [&](const array& values) { return metric_of(values, metric); });
+    const std::span all(views);
     std::vector<std::byte> scratch(evict_workspace<backend::cpu>(all));
     report = evict<backend::cpu>(all, std::span<const eviction::metric_output<host_space>>(outputs), cfg,
                                  workspace{scratch.data(), scratch.size()});

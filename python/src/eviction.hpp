@@ -14,6 +14,8 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "binding.hpp"
@@ -76,6 +78,25 @@ bool visit_scheme(cache_base& cache, Visit&& visit, scheme_list<S...>) {
     if (known != nullptr) visit(*known);
     return known != nullptr;
   }());
+}
+
+/// Every layer's cache view (all of `first`'s scheme, else kvtrim::error naming the layer) and its
+/// metric output, for one eviction step over all layers (eviction.cpp's and eviction_cuda.cu's step).
+template <class Known, class MetricOf>
+auto layer_views(Known& first, const std::vector<cache_base*>& layers, const std::vector<array>& metrics,
+                 MetricOf&& metric_of) {
+  using view_type = std::remove_cvref_t<decltype(first.owned().view())>;
+  using output_type = std::remove_cvref_t<decltype(metric_of(metrics.front()))>;
+  std::pair<std::vector<view_type>, std::vector<output_type>> out;
+  for (std::size_t layer = 0; layer < layers.size(); ++layer) {
+    auto* same = dynamic_cast<Known*>(layers[layer]);
+    if (same == nullptr)
+      detail::fail("kvtrim.Eviction", "caches", detail::cat("every layer's cache of one scheme (", first.name(), ")"),
+                   detail::cat(layers[layer]->name(), " at layer ", layer));
+    out.first.push_back(same->owned().view());
+    out.second.push_back(metric_of(metrics[layer]));
+  }
+  return out;
 }
 
 /// metric_settings' kind as eviction::metric_kind, and step_settings as eviction::config (eviction.cpp).

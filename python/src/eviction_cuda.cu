@@ -91,19 +91,10 @@ bool step(const std::vector<cache_base*>& layers, const std::vector<array>& metr
           eviction::report& report, std::uintptr_t stream) {
   return with_scheme(*layers.front(), [&](auto& first) {
     using known_type = std::remove_reference_t<decltype(first)>;
-    using view_type = std::remove_cvref_t<decltype(first.owned().view())>;
-    std::vector<view_type> views;
-    std::vector<eviction::metric_output<device_space>> outputs;
     const metric_settings metric{.protected_window = cfg.protected_window};
-    for (std::size_t layer = 0; layer < layers.size(); ++layer) {
-      auto* same = dynamic_cast<known_type*>(layers[layer]);
-      if (same == nullptr)
-        detail::fail(where, "caches", detail::cat("every layer's cache of one scheme (", first.name(), ")"),
-                     detail::cat(layers[layer]->name(), " at layer ", layer));
-      views.push_back(same->owned().view());
-      outputs.push_back(metric_of(metrics[layer], metric));
-    }
-    const std::span<const view_type> all(views);
+    const auto [views, outputs] =
+        layer_views(first, layers, metrics, [&](const array& values) { return metric_of(values, metric); });
+    const std::span all(views);
     // The report lives on the device after the step's scratch (256-byte aligned), then comes back.
     const std::size_t step_bytes = (evict_workspace<backend::cuda>(all) + 255) / 256 * 256;
     const workspace scratch = first.eviction_scratch().get(step_bytes + sizeof(eviction::report));
