@@ -23,6 +23,11 @@
 //      sinks and newest tokens and the slot → row map, as the CPU's encode
 //      leaves them (below).
 // Step 3 reads the residual rows that step 4 rewrites, hence two launches.
+// When the inputs allow 16-byte loads (vector_rows: aligned bases and strides, head_dim 8 … 256 a power of
+// two; every tensor the engine passes), steps 1 and 2 read each row as the plain row copy does
+// (codec_head_amax8, codec_encode_rows8: head_dim / 8 lanes per row, 8 channels each, one store of codes per
+// lane), and at compaction steps 3–4 are one kernel, kivi_compact_groups (one warp per key group, the group's
+// keys in registers; head_dim a multiple of 64). Append (a filling group continued) keeps steps 3–4.
 // Every step reads its inputs through the same source as the plain writes
 // (kept tokens, the compensation row in place of its placeholder, appended
 // rows) and returns at once when the layout's planning kernel recorded a failure.
