@@ -1145,6 +1145,7 @@ void expect_captured_rollback_matches_uncaptured() {
     const auto keys = kt::testing::random_tensor<kt::half, 4>({batch, shape.kv_heads, 11, shape.head_dim}, ++seed);
     const auto values = kt::testing::random_tensor<kt::half, 4>({batch, shape.kv_heads, 11, shape.head_dim}, ++seed);
     device_tensor<kt::half, 4> device_keys(keys), device_values(values);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);  // the copies ran on the legacy stream; `stream` does not wait for it
     cpu_scheme::append(cpu, keys.cview(), values.cview());
     gpu_scheme::append(captured, kt::detail::as_const(device_keys.view), kt::detail::as_const(device_values.view), stream);
     gpu_scheme::append(plain, kt::detail::as_const(device_keys.view), kt::detail::as_const(device_values.view), stream);
@@ -1193,7 +1194,8 @@ void expect_captured_rollback_matches_uncaptured() {
     device_k.buffer.upload(drafts_k.storage);  // same extents, same dense layout: the graph's buffers
     device_v.buffer.upload(drafts_v.storage);
     device_drop.upload(drop);
-    captured_out.fill_bytes(0xff), plain_out.fill_bytes(0x7f);
+    captured_out.fill_bytes(0xff), plain_out.fill_bytes(0x7f);  // NaN, and a finite value: unwritten outputs fail
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);  // uploads and fills (legacy stream) land before the replay
     ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
     step(plain, plain_out, plain_scratch);
     ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
@@ -1260,6 +1262,7 @@ TEST(RollbackCuda, ContiguousRefusesACapturingStreamIntact) {
   ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
   const auto keys = kt::testing::random_tensor<kt::half, 4>({batch, shape.kv_heads, 6, shape.head_dim}, 5);
   device_tensor<kt::half, 4> device_keys(keys);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   gpu_scheme::append(view, kt::detail::as_const(device_keys.view), kt::detail::as_const(device_keys.view), stream);
   ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
   ASSERT_EQ(*view.length, 6);
@@ -1268,6 +1271,7 @@ TEST(RollbackCuda, ContiguousRefusesACapturingStreamIntact) {
                      "next_position");
   device_buffer<std::int32_t> device_drop(std::vector<std::int32_t>{2, 2});
   const kt::tensor_view<const std::int32_t, 1, kt::device_space> drop_view{device_drop.data(), {batch}, {1}};
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   cudaGraph_t graph = nullptr;
   ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
   std::string message;
