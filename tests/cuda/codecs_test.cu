@@ -671,7 +671,7 @@ struct harness {
       }
     }
     expect_attention_matches(cpu, block, "appended");
-    if constexpr (kt::cuda_detail::device_rollback_codec<CodecT>) roll_back_drafts(cpu, block, gpu, device_block, stream, seed);
+    roll_back_drafts(cpu, block, gpu, device_block, stream, seed);
     cudaStreamDestroy(stream);
   }
 
@@ -978,13 +978,16 @@ TEST(CodecStats, BytesPerTokenAreWhatTheDeviceCacheAllocates) {
 
 namespace {
 
-// ---- scheme::truncate on plain caches of every device-planned layout ---------------------------
+// ---- scheme::truncate on every device-planned layout ----------------------------------------
 //
 // Both backends start from the same bytes (a host cache copied to the device) and run the same
 // appends (ragged per head where the layout allows) and rollbacks through scheme::truncate; after
 // every step the whole allocation but the status words must be equal byte for byte — storage,
 // positions, page tables, free list (in order), offsets, lengths — since the device replays the
 // CPU's order. Then a drop past a head's length: the CPU's message from check_status, no byte changed.
+// Codecs: fp16, and layered<fp8> with 14 sinks and a ring of 3 (the 13-token prefix leaves the
+// drafts straddling the sinks' end, and drops longer than the ring free one row several times,
+// then appends wrap the ring over rows truncate freed).
 
 template <class Layout>
 struct rollback_pools;
@@ -1001,20 +1004,20 @@ struct rollback_pools<kt::layout::shared_paged> {
   static kt::layout::shared_paged::pool_size pool() { return {120, 4, kt::layout::shared_paged::order::hnd}; }
 };
 
-template <class Layout>
-void expect_plain_rollback_matches_cpu() {
-  using codec = kt::codec::fp16;
+template <class Layout, class Codec = kt::codec::fp16>
+void expect_rollback_matches_cpu(const typename Codec::config& config = {}) {
+  using codec = Codec;
   using cpu_scheme = kt::scheme<Layout, kt::score::static_window, kt::budget::uniform, codec, kt::backend::cpu>;
   using gpu_scheme = kt::scheme<Layout, kt::score::static_window, kt::budget::uniform, codec, kt::backend::cuda>;
   using host_view = typename Layout::template view<codec, kt::host_space>;
   using device_view = typename Layout::template view<codec, kt::device_space>;
   const kt::model_shape shape{.q_heads = 4, .kv_heads = 2, .head_dim = 64};
   const std::int64_t batch = 3, heads = batch * shape.kv_heads;
-  host_block block(host_view::bytes(shape, batch, rollback_pools<Layout>::pool()));
-  host_view cpu = host_view::bind(block.data, shape, batch, rollback_pools<Layout>::pool());
+  host_block block(host_view::bytes(shape, batch, rollback_pools<Layout>::pool(), config));
+  host_view cpu = host_view::bind(block.data, shape, batch, rollback_pools<Layout>::pool(), config);
   device_buffer<std::byte> device_block(block.bytes);
   kt::testing::check(cudaMemcpy(device_block.data(), block.data, block.bytes, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
-  device_view gpu = device_view::bind(device_block.data(), shape, batch, rollback_pools<Layout>::pool());
+  device_view gpu = device_view::bind(device_block.data(), shape, batch, rollback_pools<Layout>::pool(), config);
   const std::size_t compared = static_cast<std::size_t>(reinterpret_cast<const std::byte*>(gpu.status) -
                                                         reinterpret_cast<const std::byte*>(device_block.data()));
   const auto expect_same = [&](const std::string& step) {
@@ -1023,6 +1026,14 @@ void expect_plain_rollback_matches_cpu() {
     const std::vector<std::byte> got = kt::testing::download_bytes(device_block.data(), block.bytes);
     for (std::size_t i = 0; i < compared; ++i)
       ASSERT_EQ(got[i], block.data[i]) << step << ": first differing byte at offset " << i << " of " << compared;
+  };
+  // What sequence b can drop: its shortest head, and the codec's horizon (layered<fp8>: the tokens
+  // since the head's last compaction, here all of them — the same as the length).
+  const auto limit = [&](std::int64_t b) {
+    std::int64_t most = std::numeric_limits<std::int64_t>::max();
+    for (std::int64_t h = 0; h < shape.kv_heads; ++h)
+      most = std::min({most, cpu.head_length(b, h), kt::codec::rollback_horizon<codec>(cpu.storage, b * shape.kv_heads + h)});
+    return most;
   };
   std::mt19937_64 random(2026);
   std::uint64_t seed = 500;
@@ -1057,7 +1068,10 @@ void expect_plain_rollback_matches_cpu() {
     const std::int64_t n = 1 + (round * 5) % 8;
     append_both(n, -1);
     std::vector<std::int32_t> drop(static_cast<std::size_t>(batch));
-    for (auto& d : drop) d = round % 4 == 0 ? static_cast<std::int32_t>(n) : static_cast<std::int32_t>(random() % (n + 1));
+    for (std::size_t b = 0; b < drop.size(); ++b) {
+      const std::int64_t wanted = round % 4 == 0 ? n : static_cast<std::int64_t>(random() % (n + 1));
+      drop[b] = static_cast<std::int32_t>(std::min(wanted, limit(static_cast<std::int64_t>(b))));
+    }
     cpu_scheme::truncate(cpu, kt::tensor_view<const std::int32_t, 1>{drop.data(), {batch}, {1}});
     device_buffer<std::int32_t> device_drop(drop);
     gpu_scheme::truncate(gpu, kt::tensor_view<const std::int32_t, 1, kt::device_space>{device_drop.data(), {batch}, {1}});
@@ -1093,15 +1107,226 @@ void expect_plain_rollback_matches_cpu() {
 
 TEST(RollbackCuda, PagedFp16MatchesCpuByteForByte) {
   KVTRIM_SKIP_WITHOUT_GPU();
-  expect_plain_rollback_matches_cpu<kt::layout::paged>();
+  expect_rollback_matches_cpu<kt::layout::paged>();
 }
 TEST(RollbackCuda, FlatFp16MatchesCpuByteForByte) {
   KVTRIM_SKIP_WITHOUT_GPU();
-  expect_plain_rollback_matches_cpu<kt::layout::flat>();
+  expect_rollback_matches_cpu<kt::layout::flat>();
 }
 TEST(RollbackCuda, SharedPagedFp16MatchesCpuByteForByte) {
   KVTRIM_SKIP_WITHOUT_GPU();
-  expect_plain_rollback_matches_cpu<kt::layout::shared_paged>();
+  expect_rollback_matches_cpu<kt::layout::shared_paged>();
+}
+
+kt::codec::layered<kt::codec::fp8>::config small_ring() {
+  kt::codec::layered<kt::codec::fp8>::config config;
+  config.sinks = 14;  // the prefix holds 13: round 0's draft is a sink
+  config.recent = 3;  // drafts of up to 8: a drop frees a ring row several times over
+  config.inner.scales = kt::codec::fp8_scaling::fixed;
+  config.inner.key_scale = 0.01f;
+  config.inner.value_scale = 0.02f;
+  return config;
+}
+TEST(RollbackCuda, PagedLayeredSinksAndRingMatchCpuByteForByte) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  expect_rollback_matches_cpu<kt::layout::paged, kt::codec::layered<kt::codec::fp8>>(small_ring());
+}
+TEST(RollbackCuda, FlatLayeredSinksAndRingMatchCpuByteForByte) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  expect_rollback_matches_cpu<kt::layout::flat, kt::codec::layered<kt::codec::fp8>>(small_ring());
+}
+
+// ---- scheme::truncate in a CUDA graph --------------------------------------------------------
+//
+// A speculative step — append n drafts, a multi-query attend over them, truncate the rejected —
+// captured once and replayed with new drafts and new drop counts written into the graph's input
+// buffers between replays, against a second device cache that runs the same calls uncaptured and
+// the CPU: after every replay the two device allocations are equal byte for byte and equal to the
+// CPU's (storage, positions, tables, free list, lengths), the attention outputs bit for bit. The
+// last replay's drops are refused: status words with the CPU's message, both caches unchanged.
+
+template <class Layout>
+void expect_captured_rollback_matches_uncaptured() {
+  using codec = kt::codec::fp16;
+  using cpu_scheme = kt::scheme<Layout, kt::score::static_window, kt::budget::uniform, codec, kt::backend::cpu>;
+  using gpu_scheme = kt::scheme<Layout, kt::score::static_window, kt::budget::uniform, codec, kt::backend::cuda>;
+  using host_view = typename Layout::template view<codec, kt::host_space>;
+  using device_view = typename Layout::template view<codec, kt::device_space>;
+  const kt::model_shape shape{.q_heads = 4, .kv_heads = 2, .head_dim = 64};
+  const std::int64_t batch = 3, n = 5, replays = 8;
+  host_block block(host_view::bytes(shape, batch, rollback_pools<Layout>::pool()));
+  host_view cpu = host_view::bind(block.data, shape, batch, rollback_pools<Layout>::pool());
+  device_buffer<std::byte> captured_block(block.bytes), plain_block(block.bytes);
+  kt::testing::check(cudaMemcpy(captured_block.data(), block.data, block.bytes, cudaMemcpyHostToDevice), "H2D");
+  kt::testing::check(cudaMemcpy(plain_block.data(), block.data, block.bytes, cudaMemcpyHostToDevice), "H2D");
+  device_view captured = device_view::bind(captured_block.data(), shape, batch, rollback_pools<Layout>::pool());
+  device_view plain = device_view::bind(plain_block.data(), shape, batch, rollback_pools<Layout>::pool());
+  const std::size_t compared = static_cast<std::size_t>(reinterpret_cast<const std::byte*>(captured.status) -
+                                                        reinterpret_cast<const std::byte*>(captured_block.data()));
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+
+  // A prefix of 11 tokens, uncaptured, on all three.
+  std::uint64_t seed = 900;
+  {
+    const auto keys = kt::testing::random_tensor<kt::half, 4>({batch, shape.kv_heads, 11, shape.head_dim}, ++seed);
+    const auto values = kt::testing::random_tensor<kt::half, 4>({batch, shape.kv_heads, 11, shape.head_dim}, ++seed);
+    device_tensor<kt::half, 4> device_keys(keys), device_values(values);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);  // the copies ran on the legacy stream; `stream` does not wait for it
+    cpu_scheme::append(cpu, keys.cview(), values.cview());
+    gpu_scheme::append(captured, kt::detail::as_const(device_keys.view), kt::detail::as_const(device_values.view), stream);
+    gpu_scheme::append(plain, kt::detail::as_const(device_keys.view), kt::detail::as_const(device_values.view), stream);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  }
+
+  // The graph's inputs: drafts, queries, drop counts; its outputs: attention.
+  auto drafts_k = kt::testing::random_tensor<kt::half, 4>({batch, shape.kv_heads, n, shape.head_dim}, ++seed);
+  auto drafts_v = kt::testing::random_tensor<kt::half, 4>({batch, shape.kv_heads, n, shape.head_dim}, ++seed);
+  auto queries = kt::testing::random_tensor<kt::half, 4>({batch, n, shape.q_heads, shape.head_dim}, ++seed);
+  device_tensor<kt::half, 4> device_k(drafts_k), device_v(drafts_v), device_q(queries);
+  device_buffer<std::int32_t> device_drop(std::vector<std::int32_t>(static_cast<std::size_t>(batch), 0));
+  const std::size_t out_elements = static_cast<std::size_t>(batch * n * shape.q_heads * shape.head_dim);
+  device_buffer<float> captured_out(out_elements), plain_out(out_elements);
+  const std::size_t scratch_bytes = gpu_scheme::attend_workspace(captured, n);
+  ASSERT_GT(scratch_bytes, 0u);
+  device_buffer<std::byte> captured_scratch(scratch_bytes), plain_scratch(scratch_bytes);
+  const kt::tensor_view<const kt::half, 4, kt::device_space> query_view{device_q.view.data, device_q.view.extents,
+                                                                       device_q.view.strides};
+  const auto out_view = [&](device_buffer<float>& out) {
+    return kt::make_view<kt::device_space>(out.data(), std::array<std::int64_t, 4>{batch, n, shape.q_heads, shape.head_dim});
+  };
+  const kt::tensor_view<const std::int32_t, 1, kt::device_space> drop_view{device_drop.data(), {batch}, {1}};
+  const auto step = [&](device_view& cache, device_buffer<float>& out, device_buffer<std::byte>& scratch) {
+    gpu_scheme::append(cache, kt::detail::as_const(device_k.view), kt::detail::as_const(device_v.view), stream);
+    gpu_scheme::attend(query_view, cache, out_view(out), {scratch.data(), scratch.size()}, stream);
+    gpu_scheme::truncate(cache, drop_view, stream);
+  };
+  cudaGraph_t graph = nullptr;
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  step(captured, captured_out, captured_scratch);
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+
+  std::mt19937_64 random(77);
+  for (std::int64_t replay = 0; replay <= replays; ++replay) {
+    const bool refused = replay == replays;
+    drafts_k = kt::testing::random_tensor<kt::half, 4>({batch, shape.kv_heads, n, shape.head_dim}, ++seed);
+    drafts_v = kt::testing::random_tensor<kt::half, 4>({batch, shape.kv_heads, n, shape.head_dim}, ++seed);
+    std::vector<std::int32_t> drop(static_cast<std::size_t>(batch));
+    for (auto& d : drop) d = static_cast<std::int32_t>(random() % (n + 1));
+    if (replay == 0) drop = {static_cast<std::int32_t>(n), 0, static_cast<std::int32_t>(n)};
+    // The last replay: sequence 1 drops more than it holds (after the drafts), sequence 2 a valid count.
+    if (refused) drop[1] = static_cast<std::int32_t>(cpu.head_length(1, 0) + n + 1);
+    device_k.buffer.upload(drafts_k.storage);  // same extents, same dense layout: the graph's buffers
+    device_v.buffer.upload(drafts_v.storage);
+    device_drop.upload(drop);
+    captured_out.fill_bytes(0xff), plain_out.fill_bytes(0x7f);  // NaN, and a finite value: unwritten outputs fail
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);  // uploads and fills (legacy stream) land before the replay
+    ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+    step(plain, plain_out, plain_scratch);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    cpu_scheme::append(cpu, drafts_k.cview(), drafts_v.cview());
+    std::string cpu_message;
+    try {
+      cpu_scheme::truncate(cpu, kt::tensor_view<const std::int32_t, 1>{drop.data(), {batch}, {1}});
+    } catch (const kt::error& e) {
+      cpu_message = e.what();
+    }
+    SCOPED_TRACE(kt::detail::cat("replay ", replay, " (drops ", drop[0], " ", drop[1], " ", drop[2], ")"));
+    ASSERT_EQ(cpu_message.empty(), !refused);
+    for (device_view* cache : {&captured, &plain}) {
+      if (!refused) {
+        EXPECT_NO_THROW(kt::check_status(*cache, stream));
+        continue;
+      }
+      try {
+        kt::check_status(*cache, stream);
+        ADD_FAILURE() << "check_status did not throw; expected: " << cpu_message;
+      } catch (const kt::error& e) {
+        EXPECT_EQ(std::string(e.what()), cpu_message);
+      }
+    }
+    const std::vector<std::byte> got = kt::testing::download_bytes(captured_block.data(), block.bytes);
+    const std::vector<std::byte> want = kt::testing::download_bytes(plain_block.data(), block.bytes);
+    ASSERT_EQ(std::memcmp(got.data(), want.data(), compared), 0) << "captured and uncaptured caches differ";
+    ASSERT_EQ(std::memcmp(got.data(), block.data, compared), 0) << "the device caches differ from the CPU's";
+    const std::vector<float> captured_values = captured_out.download(), plain_values = plain_out.download();
+    ASSERT_EQ(std::memcmp(captured_values.data(), plain_values.data(), out_elements * sizeof(float)), 0)
+        << "captured and uncaptured attention differ";
+    for (const float x : captured_values) ASSERT_TRUE(std::isfinite(x)) << "an attention output was not written";
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+}
+
+TEST(RollbackCuda, PagedStepReplaysFromACudaGraph) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  expect_captured_rollback_matches_uncaptured<kt::layout::paged>();
+}
+TEST(RollbackCuda, FlatStepReplaysFromACudaGraph) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  expect_captured_rollback_matches_uncaptured<kt::layout::flat>();
+}
+TEST(RollbackCuda, SharedPagedStepReplaysFromACudaGraph) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  expect_captured_rollback_matches_uncaptured<kt::layout::shared_paged>();
+}
+
+/// layout::contiguous plans truncate on the host (its length is host memory): on a capturing
+/// stream it throws before enqueuing anything — the capture stays valid and goes on — and leaves
+/// the cache as it was; uncaptured, the same call truncates.
+TEST(RollbackCuda, ContiguousRefusesACapturingStreamIntact) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  using gpu_scheme = kt::scheme<kt::layout::contiguous, kt::score::static_window, kt::budget::uniform, kt::codec::fp16,
+                                kt::backend::cuda>;
+  const kt::model_shape shape{.q_heads = 4, .kv_heads = 2, .head_dim = 64};
+  const std::int64_t batch = 2, capacity = 32;
+  auto cache = gpu_scheme::make_cache(shape, batch, capacity, kt::codec::fp16::config{});
+  auto view = cache.view();
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  const auto keys = kt::testing::random_tensor<kt::half, 4>({batch, shape.kv_heads, 6, shape.head_dim}, 5);
+  device_tensor<kt::half, 4> device_keys(keys);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  gpu_scheme::append(view, kt::detail::as_const(device_keys.view), kt::detail::as_const(device_keys.view), stream);
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  ASSERT_EQ(*view.length, 6);
+  std::vector<std::int64_t> next_before(static_cast<std::size_t>(view.heads()));
+  kt::testing::check(cudaMemcpy(next_before.data(), view.positions.next_position, next_before.size() * 8, cudaMemcpyDeviceToHost),
+                     "next_position");
+  device_buffer<std::int32_t> device_drop(std::vector<std::int32_t>{2, 2});
+  const kt::tensor_view<const std::int32_t, 1, kt::device_space> drop_view{device_drop.data(), {batch}, {1}};
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  cudaGraph_t graph = nullptr;
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  std::string message;
+  try {
+    gpu_scheme::truncate(view, drop_view, stream);
+  } catch (const kt::error& e) {
+    message = e.what();
+  }
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  ASSERT_EQ(cudaStreamIsCapturing(stream, &status), cudaSuccess);
+  EXPECT_EQ(status, cudaStreamCaptureStatusActive) << "the refusal invalidated the capture";
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  EXPECT_NE(message.find("kvtrim::scheme::truncate"), std::string::npos) << message;
+  EXPECT_NE(message.find("stream"), std::string::npos) << message;
+  EXPECT_NE(message.find("capturing"), std::string::npos) << message;
+  if (graph) cudaGraphDestroy(graph);
+  EXPECT_EQ(*view.length, 6);
+  std::vector<std::int64_t> next_after(next_before.size());
+  kt::testing::check(cudaMemcpy(next_after.data(), view.positions.next_position, next_after.size() * 8, cudaMemcpyDeviceToHost),
+                     "next_position");
+  EXPECT_EQ(next_after, next_before);
+  gpu_scheme::truncate(view, drop_view, stream);
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  EXPECT_EQ(*view.length, 4);
+  kt::testing::check(cudaMemcpy(next_after.data(), view.positions.next_position, next_after.size() * 8, cudaMemcpyDeviceToHost),
+                     "next_position");
+  for (std::size_t head = 0; head < next_after.size(); ++head) EXPECT_EQ(next_after[head], next_before[head] - 2);
+  cudaStreamDestroy(stream);
 }
 
 }  // namespace

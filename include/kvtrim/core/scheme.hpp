@@ -543,6 +543,10 @@ struct scheme {
   /// since the last basis refresh; layered: its inner codec's limit).
   /// layout::contiguous holds one length: every drop must be equal. Dropped
   /// slots keep their bytes (nothing reads them) until appends overwrite them.
+  /// backend::cuda: paged, flat and shared_paged plan on the device (no
+  /// synchronisation, capturable in a CUDA graph); contiguous's length is host
+  /// memory, so it reads `drop` back (one synchronisation) and refuses a
+  /// capturing stream (docs/composition.md §8).
   static void truncate(cache_view& cache, tensor_view<const std::int32_t, 1, space> drop, stream_type stream = {}) {
     constexpr std::string_view function = "kvtrim::scheme::truncate";
     layout::validate(function, cache, /*exclusive=*/true);

@@ -736,8 +736,8 @@ __global__ void __launch_bounds__(layered_threads) layered_rows(const __grid_con
       for (std::int64_t order = arrived; order < replayed; ++order) {
         const std::int64_t row = row_of_order(order), slot = slot_of(w, head, first + order - arrived);
         if (row >= sinks && order - sinks >= recent) {
-          const std::int64_t leaving = row_slots[row];
-          if (store.slot_rows[leaving] == row) store.slot_rows[leaving] = -1;
+          const std::int64_t leaving = row_slots[row];  // −1: a row truncate freed (the CPU's check)
+          if (leaving >= 0 && store.slot_rows[leaving] == row) store.slot_rows[leaving] = -1;
         }
         store.slot_rows[slot] = static_cast<std::int32_t>(row);
         if (row >= 0) row_slots[row] = slot;

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "kvtrim/backend/cuda/codec_writes.cuh"
@@ -232,14 +233,27 @@ struct implementation<layout::contiguous, backend::cuda> {
   }
 
   /// scheme::truncate. The host-planned layout: its length is host memory, so the
-  /// drop counts (and a KIVI codec's filling-group counts) are read back and
+  /// drop counts (and the arrays that bound the codec's horizon: KIVI filling
+  /// groups, layered arrival counts, low_rank pending counts) are read back and
   /// checked on the host, in the CPU's order and words — one synchronisation,
-  /// as contiguous's scheduler-side length already implies.
+  /// whatever the counts (0 included: they are only known once read), as
+  /// contiguous's scheduler-side length already implies. Hence not capturable in a
+  /// CUDA graph: called on a capturing stream it throws (kvtrim::error naming
+  /// `stream`) before enqueuing anything, so the capture stays valid
+  /// (docs/composition.md §8; paged, flat and shared_paged plan on the device).
   template <class CodecT>
   static void truncate(layout::contiguous::view<CodecT, device_space>& cache,
                        const tensor_view<const std::int32_t, 1, device_space>& drop, cudaStream_t stream) {
-    cuda_detail::require_device_rollback<CodecT>();
+    cuda_detail::require_device_codec<CodecT>();
     constexpr std::string_view function = "kvtrim::scheme::truncate";
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    detail::check_cuda(cudaStreamIsCapturing(stream, &capture), function, "cudaStreamIsCapturing");
+    if (capture != cudaStreamCaptureStatusNone)
+      detail::fail(function, "stream",
+                   "a stream that is not capturing a CUDA graph (layout::contiguous reads drop back to the host: its "
+                   "one length is host memory; paged, flat and shared_paged truncate on the device)",
+                   "a capturing stream");
+    if (cache.batch == 0) return;
     std::vector<std::int32_t> host(static_cast<std::size_t>(cache.batch));
     // Any stride the view check accepts (0: one count for every sequence, which is contiguous's
     // own rule; negative; larger than 1): one copy when the counts are adjacent, else one small
@@ -253,14 +267,13 @@ struct implementation<layout::contiguous, backend::cuda> {
         detail::check_cuda(cudaMemcpyAsync(&host[static_cast<std::size_t>(b)], drop.data + b * drop.strides[0],
                                            sizeof(std::int32_t), cudaMemcpyDeviceToHost, stream),
                            function, "cudaMemcpyAsync(drop)");
-    std::vector<std::int64_t> filling;
-    if constexpr (requires { cache.storage.residual_count; })
-      if (cache.storage.key_group != 0) {
-        filling.resize(static_cast<std::size_t>(cache.heads()));
-        detail::check_cuda(cudaMemcpyAsync(filling.data(), cache.storage.residual_count,
-                                           filling.size() * sizeof(std::int64_t), cudaMemcpyDeviceToHost, stream),
-                           function, "cudaMemcpyAsync(residual_count)");
-      }
+    std::vector<const std::int64_t*> arrays;
+    cuda_detail::horizon_arrays(cache.storage, arrays);
+    std::vector<std::vector<std::int64_t>> bounds(arrays.size(), std::vector<std::int64_t>(static_cast<std::size_t>(cache.heads())));
+    for (std::size_t i = 0; i < arrays.size(); ++i)
+      detail::check_cuda(cudaMemcpyAsync(bounds[i].data(), arrays[i], bounds[i].size() * sizeof(std::int64_t),
+                                         cudaMemcpyDeviceToHost, stream),
+                         function, "cudaMemcpyAsync(codec horizon)");
     detail::check_cuda(cudaStreamSynchronize(stream), function, "cudaStreamSynchronize");
     const tensor_view<const std::int32_t, 1, host_space> counts{host.data(), {cache.batch}, {1}};
     detail::check_equal_drops(cache.batch, counts);
@@ -270,16 +283,16 @@ struct implementation<layout::contiguous, backend::cuda> {
       if (d < 0) detail::fail_truncate(s::negative_drop, b, 0, d, 0);
       for (std::int64_t h = 0; h < cache.shape.kv_heads; ++h) {
         if (d > *cache.length) detail::fail_truncate(s::past_head_length, b, h, d, *cache.length);
-        const std::int64_t horizon =
-            filling.empty() ? d : filling[static_cast<std::size_t>(b * cache.shape.kv_heads + h)];
+        std::int64_t horizon = std::numeric_limits<std::int64_t>::max();
+        for (const std::vector<std::int64_t>& bound : bounds)
+          horizon = std::min(horizon, bound[static_cast<std::size_t>(b * cache.shape.kv_heads + h)]);
         if (d > horizon) detail::fail_truncate(s::past_codec_horizon, b, h, d, horizon);
       }
     }
     const std::int64_t count = host[0];
     if (count == 0) return;
     const auto blocks = static_cast<unsigned>(std::clamp<std::int64_t>(cuda_detail::ceil_div(cache.heads(), 256), 1, 1024));
-    cuda_detail::contiguous_truncate<<<blocks, 256, 0, stream>>>(cache.storage, cache.positions.next_position,
-                                                                  cache.heads(), count);
+    cuda_detail::contiguous_truncate<<<blocks, 256, 0, stream>>>(cache, *cache.length, count);
     detail::check_launch(function, "contiguous_truncate");
     *cache.length -= count;
   }

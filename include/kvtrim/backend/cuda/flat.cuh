@@ -286,7 +286,7 @@ struct implementation<layout::flat, backend::cuda> {
   template <class CodecT>
   static void truncate(layout::flat::view<CodecT, device_space>& cache,
                        const tensor_view<const std::int32_t, 1, device_space>& drop, cudaStream_t stream) {
-    cuda_detail::require_device_rollback<CodecT>();
+    cuda_detail::require_device_codec<CodecT>();
     cuda_detail::flat_plan_truncate<<<1, cuda_detail::plan_threads, 0, stream>>>(cache,
                                                                                   cuda_detail::make_drop_counts(drop));
     detail::check_launch("kvtrim::scheme::truncate", "flat_plan_truncate");

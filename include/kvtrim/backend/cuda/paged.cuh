@@ -231,7 +231,7 @@ struct implementation<layout::paged, backend::cuda> {
   template <class CodecT>
   static void truncate(layout::paged::view<CodecT, device_space>& cache,
                        const tensor_view<const std::int32_t, 1, device_space>& drop, cudaStream_t stream) {
-    cuda_detail::require_device_rollback<CodecT>();
+    cuda_detail::require_device_codec<CodecT>();
     cuda_detail::check_page_table_heads("kvtrim::scheme::truncate", cache);
     cuda_detail::paged_plan_truncate<<<1, cuda_detail::plan_threads, 0, stream>>>(cache,
                                                                                    cuda_detail::make_drop_counts(drop));

@@ -13,14 +13,19 @@
 // list heads first to last, each from its last page — so CPU and GPU tables and
 // free lists stay identical. Nothing is read back: stream-ordered, capturable.
 //
-// Codecs on the device: plain, fp8, int8/int4 (KIVI or per-token keys).
-// layered and low_rank keep device state this file does not roll back yet: they
-// are refused at compile time (the CPU reference has them).
+// Codecs: every codec the device stores (plain, fp8, int8/int4 with KIVI or
+// per-token keys, layered<C> over those, low_rank), with the CPU's horizons
+// (codec::rollback_horizon): KIVI keys the filling group; low_rank the tokens
+// since the last basis refresh (the device has profile bases only: update_freq
+// 0, no limit); layered<C> C's, and no further back than the head's last
+// compaction. layered<C> then frees the fp16 rows of the dropped tokens as its
+// CPU drop_newest does (slots read through the layout before it shortens).
 #pragma once
 
 #include <cstdint>
 #include <limits>
 #include <string_view>
+#include <vector>
 
 #include "kvtrim/backend/cuda/writes.cuh"
 #include "kvtrim/codec/layered.hpp"
@@ -29,29 +34,43 @@
 
 namespace kvtrim::cuda_detail {
 
-template <class CodecT>
-inline constexpr bool device_rollback_codec =
-    !is_layered<CodecT> && !requires(const typename CodecT::template storage<device_space>& s) { s.pending_counts; };
-
-template <class CodecT>
-constexpr void require_device_rollback() {
-  static_assert(device_rollback_codec<CodecT>,
-                "kvtrim::scheme::truncate on backend::cuda: codec::plain, fp8, int8 and int4 (layered and low_rank "
-                "roll back on the CPU reference only for now)");
-}
-
 /// The codec's exact horizon for head `head` on the device (codec::rollback_horizon's device twin).
 template <class Store>
 __device__ std::int64_t rollback_horizon(const Store& store, std::int64_t head) {
-  if constexpr (requires { store.residual_count; store.key_group; })
-    return store.key_group == 0 ? std::numeric_limits<std::int64_t>::max() : store.residual_count[head];
-  else
-    return std::numeric_limits<std::int64_t>::max();
+  constexpr std::int64_t unlimited = std::numeric_limits<std::int64_t>::max();
+  if constexpr (requires { store.inner; store.arrived; }) {  // layered<C>
+    const std::int64_t inner = rollback_horizon(store.inner, head);
+    return store.arrived[head] < inner ? store.arrived[head] : inner;
+  } else if constexpr (requires { store.residual_count; store.key_group; }) {  // int8 / int4
+    return store.key_group == 0 ? unlimited : store.residual_count[head];
+  } else if constexpr (requires { store.pending_counts; store.update_freq; }) {  // low_rank
+    return store.update_freq == 0 ? unlimited : store.pending_counts[head];
+  } else {
+    return unlimited;
+  }
 }
-template <class Store>
-__device__ void drop_newest(const Store& store, std::int64_t head, std::int64_t count) {
-  if constexpr (requires { store.residual_count; store.key_group; })
+
+/// Forgets head `head`'s newest `count` tokens (≤ the horizon): codec::drop_newest's device
+/// twin, in the CPU's order. slot_of(k): the slot of the head's k-th newest token (k = 0: the
+/// newest), read through the layout's tables as they are before the truncation.
+template <class Store, class SlotOf>
+__device__ void drop_newest(const Store& store, std::int64_t head, std::int64_t count, const SlotOf& slot_of) {
+  if constexpr (requires { store.inner; store.arrived; }) {  // layered<C>: C forgets, then the fp16 rows go
+    drop_newest(store.inner, head, count, slot_of);
+    const std::int64_t sinks = store.sinks, recent = store.recent, arrived = store.arrived[head];
+    std::int64_t* row_slots = store.row_slots + head * (sinks + recent);
+    for (std::int64_t k = 0; k < count; ++k) {
+      const std::int64_t order = arrived - 1 - k, slot = slot_of(k);
+      const std::int64_t row = order < sinks ? order : recent > 0 ? sinks + (order - sinks) % recent : -1;
+      if (row >= 0 && store.slot_rows[slot] == row) row_slots[row] = -1;
+      store.slot_rows[slot] = -1;
+    }
+    store.arrived[head] = arrived - count;
+  } else if constexpr (requires { store.residual_count; store.key_group; }) {
     if (store.key_group != 0) store.residual_count[head] -= count;
+  } else if constexpr (requires { store.pending_counts; store.update_freq; }) {
+    if (store.update_freq != 0) store.pending_counts[head] -= count;
+  }
 }
 
 /// The drop count of sequence b.
@@ -105,12 +124,13 @@ __device__ bool truncate_refused(const View& cache, const drop_counts& drop, con
 template <class View, class Length>
 __device__ void forget_newest(const View& cache, const drop_counts& drop, const Length& length) {
   for (std::int64_t head = threadIdx.x; head < cache.heads(); head += blockDim.x) {
-    const std::int64_t d = drop(head / cache.shape.kv_heads);
+    const std::int64_t b = head / cache.shape.kv_heads, h = head % cache.shape.kv_heads, d = drop(b);
     if (d == 0) continue;
-    drop_newest(cache.storage, head, d);
+    const std::int64_t held = length(head);
+    drop_newest(cache.storage, head, d, [&](std::int64_t k) { return cache.slot(b, h, held - 1 - k); });
     cache.positions.next_position[head] -= d;
     if constexpr (requires { cache.compensation; })
-      if (cache.compensation.index[head] >= length(head) - d) {
+      if (cache.compensation.index[head] >= held - d) {
         cache.compensation.index[head] = -1;
         cache.compensation.bias[head] = 0.0f;
       }
@@ -184,14 +204,31 @@ __global__ void __launch_bounds__(plan_threads) flat_plan_truncate(const View ca
   if (threadIdx.x == 0) cache.status[detail::layout_status::call_failed] = 0;
 }
 
-/// layout::contiguous (host-planned: the checks ran on the host): every head drops `count`.
-template <class Store>
-__global__ void contiguous_truncate(const Store store, std::int64_t* next_position, std::int64_t heads,
-                                    std::int64_t count) {
-  for (std::int64_t head = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; head < heads;
+/// layout::contiguous (host-planned: the checks ran on the host): every head of
+/// `length` tokens drops `count`.
+template <class View>
+__global__ void contiguous_truncate(const View cache, std::int64_t length, std::int64_t count) {
+  for (std::int64_t head = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; head < cache.heads();
        head += std::int64_t{gridDim.x} * blockDim.x) {
-    drop_newest(store, head, count);
-    next_position[head] -= count;
+    const std::int64_t b = head / cache.shape.kv_heads, h = head % cache.shape.kv_heads;
+    drop_newest(cache.storage, head, count, [&](std::int64_t k) { return cache.slot(b, h, length - 1 - k); });
+    cache.positions.next_position[head] -= count;
+  }
+}
+
+/// The device arrays whose per-head minimum is the codec's horizon (none: no
+/// limit) — what a host-planned truncate reads back: layered<C> C's and its
+/// arrival counts; KIVI keys the filling groups' counts; low_rank with
+/// refreshes its pending counts.
+template <class Store>
+void horizon_arrays(const Store& store, std::vector<const std::int64_t*>& arrays) {
+  if constexpr (requires { store.inner; store.arrived; }) {
+    horizon_arrays(store.inner, arrays);
+    arrays.push_back(store.arrived);
+  } else if constexpr (requires { store.residual_count; store.key_group; }) {
+    if (store.key_group != 0) arrays.push_back(store.residual_count);
+  } else if constexpr (requires { store.pending_counts; store.update_freq; }) {
+    if (store.update_freq != 0) arrays.push_back(store.pending_counts);
   }
 }
 
