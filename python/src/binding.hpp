@@ -684,6 +684,7 @@ class typed_cache final : public cache_base {
                      "None");
       cfg.score = score::external::config::from(as_view<3, float>(function, "scores", *scores));
     }
+    require_device_bases("kvtrim::scheme::compress");
     const std::int64_t tokens = keys.extents[2];
     const std::size_t bytes = Scheme::compress_workspace(cache_.view().shape, cache_.view().batch, tokens, cfg);
     run_compress(k, v, q, cfg, compress_scratch_.get(bytes), stream);
@@ -691,6 +692,7 @@ class typed_cache final : public cache_base {
 
   void append(const array& keys, const array& values, std::uintptr_t stream) override {
     constexpr std::string_view function = "kvtrim.Cache.append";
+    require_device_bases("kvtrim::scheme::append");
     Scheme::append(cache_.view(), as_view<4>(function, "keys", keys), as_view<4>(function, "values", values),
                    to_stream(stream));
     stream_ = stream;
@@ -821,6 +823,7 @@ class typed_cache final : public cache_base {
           else
             set_device_low_rank_basis(store, b * s.kv_heads + h, k, key_rank, v, value_rank, stream);
         }
+      bases_installed_ = true;
       stream_ = stream;
     }
   }
@@ -1030,6 +1033,18 @@ class typed_cache final : public cache_base {
     }
   }
 
+  /// A device low-rank cache encodes a head without a basis as zeros (codec_low_rank.cuh: a kernel
+  /// cannot throw); the CPU's check_storage refuses it. The binding knows whether set_basis ran, so
+  /// a device cache refuses too, with the CPU's words, before anything is written.
+  void require_device_bases(std::string_view function) const {
+    if constexpr (low_rank_codec && !on_host)
+      if (!bases_installed_)
+        detail::fail(function, "cache.storage",
+                     "a basis for every head (basis_source::profile: call set_basis or load the profile's bases "
+                     "first)",
+                     "none for head 0");
+  }
+
   void check_head(std::string_view function, std::int64_t b, std::int64_t h) const {
     if (b < 0 || b >= batch())
       detail::fail(function, "b", detail::cat("a sequence in [0, ", batch(), ")"), std::to_string(b));
@@ -1138,6 +1153,7 @@ class typed_cache final : public cache_base {
   mutable kept_indices kept_;                     // read back lazily on a device
   bool kept_on_device_ = false;
   bool check_each_call_ = true;                   // settings::check: "sync"
+  bool bases_installed_ = false;                  // low-rank device caches: set_basis ran
   std::uintptr_t stream_ = 0;  // the stream of the last call that used the cache (read-back waits for it)
 };
 
