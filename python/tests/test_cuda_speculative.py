@@ -8,7 +8,8 @@ Every check compares a CUDA cache with its CPU twin fed the same inputs (test_cu
     message word for word and leave the cache as it was (paged/flat: from the status words, at once
     with check="sync", at check_status() with "deferred").
   - Multi-query attend [B, H_q, L, D] against the CPU's within test_cuda.py's decode bounds, row by row
-    (each row's visible tokens are a subset of the head's, so the bound over all of them holds).
+    (each row's visible tokens are a subset of the head's, so the bound over all of them holds), and
+    against test_speculative.py's float64 causal oracle within its bound plus those device terms.
   - LowRank(source="profile"): set_basis installs the same bases; the device encodes the CPU's
     coefficients bit for bit (codec_low_rank.cuh: the CPU's summation order, no fma), so read()
     and low_rank() agree exactly (RazorAttention's compensation row: its mean of doubles is summed
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 
 import kvtrim
+from test_speculative import causal_oracle
 from test_cuda import (BATCH, DIM, KV_HEADS, LAYER, LAYERS, Q_HEADS, QUANTIZING, RETRIEVAL, U32, UNIT, compare_kept,
                        inspect, make_press, quantized_attention_bound)
 
@@ -203,6 +205,13 @@ def test_multi_query_attend_on_cuda_equals_the_cpu(layout, codec, rows):
     gpu = host(outs["cuda"])
     assert gpu.shape == (BATCH, Q_HEADS, rows, DIM)
     assert_attend_close(codec, host(outs["cpu"]), gpu, queries, rows_held)
+    # And against the float64 causal oracle over the rows the device holds (read back): its bound plus the
+    # device's own roundings (decode_bound's storage-type terms).
+    want, bound = causal_oracle(cache, queries.float().numpy())
+    held = max(len(k) for k, _ in rows_held)
+    for i in range(rows):
+        error = np.abs(gpu[:, :, i] - want[:, :, i])
+        assert np.all(error <= bound[:, :, i] + decode_bound(codec, queries[:, :, i], rows_held, held)), f"row {i}"
     with pytest.raises(kvtrim.Error, match=r"kvtrim.Cache.attend: argument 'queries'.*with L = 1 to 8"):
         cache.attend(torch.zeros(BATCH, Q_HEADS, 9, DIM, dtype=DTYPES[codec], device="cuda"))
 
