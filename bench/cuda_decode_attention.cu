@@ -346,6 +346,26 @@ BENCHMARK(codec_decode<kt::codec::fp8>)->Name("codec_decode_fp8") KVTRIM_CODEC_R
 BENCHMARK(codec_decode<kt::codec::int4>)->Name("codec_decode_int4") KVTRIM_CODEC_ROWS(5);
 BENCHMARK(codec_decode<kt::codec::fp8>)->Name("codec_decode_fp8_fixed_scales") KVTRIM_CODEC_ROWS(6);
 BENCHMARK(codec_decode<kt::codec::low_rank>)->Name("codec_decode_low_rank") KVTRIM_CODEC_ROWS(7);
+// The A/B of the encode (issue 12): the same rows at GQA 4 with the element kernels that preceded the 16-byte
+// ones (kvtrim::cuda_detail::legacy_codec_encode; the bytes are the same), in the same run.
+template <class CodecT>
+void codec_legacy_encode(benchmark::State& state) {
+  kt::cuda_detail::legacy_codec_encode = true;
+  codec_decode<CodecT>(state);
+  kt::cuda_detail::legacy_codec_encode = false;
+}
+#define KVTRIM_LEGACY_ENCODE_ROWS(codec_id)                                                             \
+  ->ArgNames({"batch", "tokens", "q_heads", "kv_heads", "head_dim", "codec"})                           \
+      ->Args({8, 32768, 32, 8, 128, codec_id})                                                          \
+      ->UseManualTime()                                                                                 \
+      ->Iterations(50)                                                                                  \
+      ->Unit(benchmark::kMicrosecond)
+BENCHMARK(codec_legacy_encode<kt::codec::int8>)->Name("codec_legacy_encode_int8") KVTRIM_LEGACY_ENCODE_ROWS(1);
+BENCHMARK(codec_legacy_encode<kt::codec::int8>)->Name("codec_legacy_encode_int8_zero_point") KVTRIM_LEGACY_ENCODE_ROWS(2);
+BENCHMARK(codec_legacy_encode<kt::codec::int4>)->Name("codec_legacy_encode_int4_zero_point") KVTRIM_LEGACY_ENCODE_ROWS(3);
+BENCHMARK(codec_legacy_encode<kt::codec::fp8>)->Name("codec_legacy_encode_fp8") KVTRIM_LEGACY_ENCODE_ROWS(4);
+BENCHMARK(codec_legacy_encode<kt::codec::int4>)->Name("codec_legacy_encode_int4") KVTRIM_LEGACY_ENCODE_ROWS(5);
+BENCHMARK(codec_legacy_encode<kt::codec::fp8>)->Name("codec_legacy_encode_fp8_fixed_scales") KVTRIM_LEGACY_ENCODE_ROWS(6);
 BENCHMARK(low_rank_host_fit)->ArgNames({"tokens", "head_dim"})->Args({4096, 128})->Args({32768, 128})->Iterations(2)->Unit(benchmark::kMillisecond);
 // Pre-RoPE keys cost O(head_dim · r) products and head_dim / 2 rotations per token (compute-bound): fewer repetitions.
 BENCHMARK(codec_decode<kt::codec::low_rank>)

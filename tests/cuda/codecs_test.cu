@@ -832,6 +832,33 @@ TEST_P(CodecCache, EncodesBitIdenticallyAndAttendsWithinBound) {
 
 using L = layout_kind;
 using K = codec_kind;
+
+// The element kernels that the 16-byte encode replaced (kept for misaligned inputs, head_dim outside 8 … 256,
+// and the benchmark's A/B: cuda_detail::legacy_codec_encode) on a few of the cases below: the same bytes.
+TEST(CodecCacheLegacyKernels, EncodeBitIdentically) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  struct restore {
+    ~restore() { kt::cuda_detail::legacy_codec_encode = false; }
+  } restore_flag;
+  kt::cuda_detail::legacy_codec_encode = true;
+  const codec_case cases[] = {
+      {L::paged, K::int8_groups, 2, 4, 4, 128, 16, {1, 17, 31, 33, 4097, 64, 32, 100}, true},
+      {L::flat, K::int8_groups_zero_point, 2, 2, 2, 64, 0, {33, 1, 4097, 17}, true},
+      {L::contiguous, K::int4_groups, 1, 2, 8, 128, 0, {1}, false},
+      {L::paged, K::fp8_head_amax, 2, 2, 16, 128, 16, {31, 4097, 1, 17}, true},
+      {L::paged, K::int8_tokens_zero_point, 1, 3, 1, 64, 64, {17, 1, 300}, false},
+  };
+  for (const codec_case& c : cases) {
+    SCOPED_TRACE(name_of(c));
+    if (c.codec == K::fp8_head_amax)
+      run_layout<kt::codec::fp8>(c);
+    else if (c.codec == K::int4_groups)
+      run_layout<kt::codec::int4>(c);
+    else
+      run_layout<kt::codec::int8>(c);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(
     AwkwardLengths, CodecCache,
     ::testing::Values(

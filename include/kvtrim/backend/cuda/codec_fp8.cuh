@@ -67,6 +67,31 @@ struct codec_device<codec::fp8> {
       }
   }
 
+  /// encode_row for the 16-byte row kernel (codec_encode_rows8): channels 8·chunk .. 8·chunk + 7 of the key
+  /// and the value, converted two at a time (cvt.rn.satfinite.e4m3x2.f32, the instruction e4m3_of uses for
+  /// one: the same code per element; the first element in the low byte), each row's eight codes one store.
+  __device__ __forceinline__ static void encode8(const storage& store, std::int64_t head, std::int64_t slot,
+                                                 int /*lanes*/, int chunk, bool active, const float (&key)[8],
+                                                 const float (&value)[8]) {
+    if (!active) return;
+    const float key_scale = store.key_scales[head], value_scale = store.value_scales[head];
+    *reinterpret_cast<uint2*>(store.key_codes + slot * store.head_dim + 8 * chunk) = e4m3x8(key, key_scale);
+    *reinterpret_cast<uint2*>(store.value_codes + slot * store.head_dim + 8 * chunk) = e4m3x8(value, value_scale);
+  }
+  /// The codes of x[i] / scale (one IEEE division each, as the CPU), packed in memory order.
+  __device__ __forceinline__ static uint2 e4m3x8(const float (&x)[8], float scale) {
+    unsigned words[2];
+#pragma unroll
+    for (int w = 0; w < 2; ++w) {
+      const unsigned low = __nv_cvt_float2_to_fp8x2(
+          make_float2(__fdiv_rn(x[4 * w], scale), __fdiv_rn(x[4 * w + 1], scale)), __NV_SATFINITE, __NV_E4M3);
+      const unsigned high = __nv_cvt_float2_to_fp8x2(
+          make_float2(__fdiv_rn(x[4 * w + 2], scale), __fdiv_rn(x[4 * w + 3], scale)), __NV_SATFINITE, __NV_E4M3);
+      words[w] = low | high << 16;
+    }
+    return make_uint2(words[0], words[1]);
+  }
+
   // ---- decode attention's reader ----------------------------------------
   using stored = std::uint8_t;
   template <int HeadDim>

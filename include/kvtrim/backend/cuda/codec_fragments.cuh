@@ -90,18 +90,24 @@ struct no_tile_side {
 
 /// int8 / int4 steps a tile of TileTokens tokens needs, staged with its codes:
 /// floats [0, T) value steps, [T, 2T) value zero points, [2T, 3T) per-token key
-/// steps, [3T, 4T) their zero points, then per warp block of 16 tokens its KIVI
-/// run's head_dim key steps, then their zero points. Tokens past the segment's
-/// end get zero steps (their weights are 0; 0·garbage could be NaN). Blocks of
-/// the filling group (or past the end) copy no run steps: they are not read.
+/// steps, [3T, 4T) their zero points, then per block of 16 tokens its KIVI
+/// run's head_dim key steps, then their zero points, then per block the float
+/// offset of its run's steps (64-bit; −1: none staged) — a warp reading two blocks
+/// of one run scales its query once. Tokens past the segment's end get zero steps
+/// (their weights are 0; 0·garbage could be NaN). Blocks of the filling group (or
+/// past the end) copy no run steps: they are not read.
 template <int HeadDim, int TileTokens, int Threads>
 struct quantized_tile_side {
   static constexpr int blocks = TileTokens / 16;
   static constexpr int run_chunks = blocks * HeadDim / 4;  // 16-byte pieces of the tile's run steps
-  static_assert(run_chunks <= Threads && TileTokens <= Threads, "quantized_tile_side: one copy of each kind per thread");
+  static constexpr int run_copies = (run_chunks + Threads - 1) / Threads;  // per thread
+  static_assert(TileTokens <= Threads && run_chunks % Threads % (HeadDim / 4) == 0 && blocks <= Threads,
+                "quantized_tile_side: one copy of each per-token kind per thread, whole blocks per copy round");
   static constexpr int run_steps_at = 4 * TileTokens;
   static constexpr int run_zeros_at = run_steps_at + blocks * HeadDim;
-  static constexpr std::size_t bytes = std::size_t{4} * (run_zeros_at + blocks * HeadDim);
+  static constexpr int run_offsets_at = run_zeros_at + blocks * HeadDim;  // in floats; 8-byte slots
+  static constexpr std::size_t bytes = std::size_t{4} * run_offsets_at + std::size_t{8} * blocks;
+  static_assert(bytes % 16 == 0 && run_offsets_at % 2 == 0, "quantized_tile_side: aligned sections");
 
   const float* value_scales;
   const float* value_zeros;
@@ -112,18 +118,22 @@ struct quantized_tile_side {
   bool asymmetric;
   bool token_keys;          // keys scaled per token (no runs)
   std::int64_t token_slot = -1;   // threads < TileTokens: the slot of token first + threadIdx.x (−1: past the end)
-  std::int64_t run_offset = -1;   // threads < run_chunks: the float offset of its piece of run steps (−1: none)
+  std::int64_t run_offset[run_copies];  // the float offset of this thread's pieces of run steps (−1: none)
 
   template <class Rows>
   __device__ __forceinline__ void resolve(const Rows& rows, std::int64_t first, std::int64_t end) {
     const int t = threadIdx.x;
     if (t < TileTokens) token_slot = first + t < end ? rows.slot(first + t) : -1;
-    if (!token_keys && t < run_chunks) {
-      const int block = t / (HeadDim / 4), piece = t % (HeadDim / 4);
-      const std::int64_t block_first = first + 16 * block;
-      run_offset = block_first < end && block_first < sealed_end
-                       ? (rows.slot(block_first) >> run_shift) * HeadDim + 4 * piece
-                       : -1;
+#pragma unroll
+    for (int copy = 0; copy < run_copies; ++copy) {
+      const int chunk = t + copy * Threads;
+      run_offset[copy] = -1;
+      if (!token_keys && chunk < run_chunks) {
+        const int block = chunk / (HeadDim / 4), piece = chunk % (HeadDim / 4);
+        const std::int64_t block_first = first + 16 * block;
+        if (block_first < end && block_first < sealed_end)
+          run_offset[copy] = (rows.slot(block_first) >> run_shift) * HeadDim + 4 * piece;
+      }
     }
   }
   __device__ __forceinline__ void issue(float* side) const {
@@ -139,11 +149,26 @@ struct quantized_tile_side {
         if (asymmetric) copy_async4(side + 3 * TileTokens + t, key_zeros + slot, bytes);
       }
     }
-    if (t < run_chunks && run_offset >= 0) {
-      const int block = t / (HeadDim / 4), piece = t % (HeadDim / 4);
-      copy_async16(side + run_steps_at + block * HeadDim + 4 * piece, key_scales + run_offset, 16);
-      if (asymmetric) copy_async16(side + run_zeros_at + block * HeadDim + 4 * piece, key_zeros + run_offset, 16);
+    auto* block_runs = reinterpret_cast<std::int64_t*>(side + run_offsets_at);
+#pragma unroll
+    for (int copy = 0; copy < run_copies; ++copy) {
+      const int chunk = t + copy * Threads;
+      if (chunk >= run_chunks) continue;
+      const int block = chunk / (HeadDim / 4), piece = chunk % (HeadDim / 4);
+      // The block's run (its first piece's offset; −1: none): a plain store, read after the
+      // barrier that publishes the tile's copies (the stage is not read before it).
+      if (piece == 0) block_runs[block] = run_offset[copy];
+      if (run_offset[copy] < 0) continue;
+      copy_async16(side + run_steps_at + block * HeadDim + 4 * piece, key_scales + run_offset[copy], 16);
+      if (asymmetric)
+        copy_async16(side + run_zeros_at + block * HeadDim + 4 * piece, key_zeros + run_offset[copy], 16);
     }
+  }
+  /// Whether block `block` of a staged tile reads the same KIVI run as block − 1 (sealed, both).
+  __device__ __forceinline__ static bool same_run(const float* side, int block) {
+    const auto* block_runs = reinterpret_cast<const std::int64_t*>(side + run_offsets_at);
+    const std::int64_t run = block_runs[block];
+    return run >= 0 && run == block_runs[block - 1];
   }
 };
 
@@ -292,7 +317,7 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
   using quantizer = detail::integer_quantizer<Bits>;
   static constexpr int k_steps = layout::k_steps;
   static constexpr int row_blocks = Group > 8 ? 2 : 1;
-  static constexpr int tile_tokens = 64;
+  static constexpr int tile_tokens = 128;  // decode_attention.cuh's tensor_core_geometry with code fragments
   template <int Threads>
   using side = quantized_tile_side<HeadDim, tile_tokens, Threads>;
   using side_type = side<128>;
@@ -360,67 +385,88 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
 
   /// The query operand of the warp block of 16 tokens starting at `first`: a[step][4] (mma.cuh's A).
   /// A block past the segment's end (its scores are masked) reads codes with the plain query:
-  /// its run's steps were not staged.
-  __device__ __forceinline__ void block(const float* side_tile, int warp, std::int64_t first, std::int64_t end,
-                                        int lane, unsigned (&a)[k_steps][4]) {
+  /// its run's steps were not staged. Every branch packs straight into `a` (no intermediate
+  /// copy of the query: the ncu source counters showed 32 register moves per block from one).
+  /// `block_index`: the block's place in the tile (its staged run steps).
+  __device__ __forceinline__ void block(const float* side_tile, int block_index, std::int64_t first,
+                                        std::int64_t end, int lane, unsigned (&a)[k_steps][4]) {
     residual = store.key_group != 0 && first >= sealed_end;
-    float query_step[k_steps][row_blocks][4];
     if (store.key_group != 0 && !residual && first < end) {
-      // q'_d = q_d·s_d·2^e per row, e from the row's largest |q_d·s_d|; zero points: Σ_d q_d z_d.
-      // This lane's channels' steps (and zero points): 16-byte shared loads (16-byte aligned pieces).
-      const int quad = lane % 4;
-      const int at = warp * HeadDim + quad * layout::key_channels;
-      float steps[layout::key_channels], zeros[layout::key_channels];
+      // One branch on the zero points per block, not one per staged piece.
+      if (store.asymmetric)
+        scale_query<true>(side_tile, block_index, lane, a);
+      else
+        scale_query<false>(side_tile, block_index, lane, a);
+      return;
+    }
 #pragma unroll
-      for (int i = 0; i < layout::key_channels / 4; ++i) {
-        *reinterpret_cast<float4*>(steps + 4 * i) =
-            reinterpret_cast<const float4*>(side_tile + side_type::run_steps_at + at)[i];
-        if (store.asymmetric)
-          *reinterpret_cast<float4*>(zeros + 4 * i) =
-              reinterpret_cast<const float4*>(side_tile + side_type::run_zeros_at + at)[i];
-      }
+    for (int rb = 0; rb < row_blocks; ++rb) score_scale[rb] = 1.0f, score_offset[rb] = 0.0f;
 #pragma unroll
-      for (int rb = 0; rb < row_blocks; ++rb) {
-        float largest = 0.0f, zero_dot = 0.0f;
+    for (int s = 0; s < k_steps; ++s) {
+      a[s][0] = pack_halves(query[s][0][0], query[s][0][1]);
+      a[s][2] = pack_halves(query[s][0][2], query[s][0][3]);
+      a[s][1] = row_blocks > 1 ? pack_halves(query[s][row_blocks - 1][0], query[s][row_blocks - 1][1]) : 0u;
+      a[s][3] = row_blocks > 1 ? pack_halves(query[s][row_blocks - 1][2], query[s][row_blocks - 1][3]) : 0u;
+    }
+  }
+
+  /// KIVI: q'_d = q_d·s_d·2^e per row, e from the row's largest |q_d·s_d|; zero points: Σ_d q_d z_d.
+  /// Whether block `block_index` (> 0) of the tile reads with the query operand (and score steps)
+  /// of block_index − 1: per-token keys always (their operand is the plain query), KIVI blocks of
+  /// one sealed run.
+  __device__ __forceinline__ bool reuses_query(const float* side_tile, int block_index) const {
+    return store.key_group == 0 || side_type::same_run(side_tile, block_index);
+  }
+
+  template <bool Asymmetric>
+  __device__ __forceinline__ void scale_query(const float* side_tile, int block_index, int lane,
+                                              unsigned (&a)[k_steps][4]) {
+    // This lane's channels' steps (and zero points): 16-byte shared loads (16-byte aligned pieces).
+    const int quad = lane % 4;
+    const int at = block_index * HeadDim + quad * layout::key_channels;
+    float steps[layout::key_channels];
+    [[maybe_unused]] float zeros[Asymmetric ? layout::key_channels : 1];
 #pragma unroll
-        for (int s = 0; s < k_steps; ++s)
+    for (int i = 0; i < layout::key_channels / 4; ++i) {
+      *reinterpret_cast<float4*>(steps + 4 * i) =
+          reinterpret_cast<const float4*>(side_tile + side_type::run_steps_at + at)[i];
+      if constexpr (Asymmetric)
+        *reinterpret_cast<float4*>(zeros + 4 * i) =
+            reinterpret_cast<const float4*>(side_tile + side_type::run_zeros_at + at)[i];
+    }
+    float up[row_blocks];
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            query_step[s][rb][j] = query[s][rb][j] * steps[layout::key_offset(s, j)];
-            largest = fmaxf(largest, fabsf(query_step[s][rb][j]));
-            if (store.asymmetric) zero_dot = fmaf(query[s][rb][j], zeros[layout::key_offset(s, j)], zero_dot);
-          }
-        largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, 1));
-        largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, 2));
-        zero_dot += __shfl_xor_sync(0xffffffffu, zero_dot, 1);
-        zero_dot += __shfl_xor_sync(0xffffffffu, zero_dot, 2);
-        // 2^e with largest·2^e in [2^8, 2^9): exact powers of two (largest = 0 or below fp32's normals: e = 0).
-        const int exponent = (__float_as_int(largest) >> 23) & 0xFF;
-        const int e = exponent == 0 ? 0 : min(135 - exponent, 126);
-        const float up = __int_as_float((127 + e) << 23), down = __int_as_float((127 - e) << 23);
-#pragma unroll
-        for (int s = 0; s < k_steps; ++s)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) query_step[s][rb][j] *= up;
-        score_scale[rb] = down;
-        score_offset[rb] = zero_dot;
-      }
-    } else {
+    for (int rb = 0; rb < row_blocks; ++rb) {
+      float largest = 0.0f, zero_dot = 0.0f;
 #pragma unroll
       for (int s = 0; s < k_steps; ++s)
 #pragma unroll
-        for (int rb = 0; rb < row_blocks; ++rb)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) query_step[s][rb][j] = query[s][rb][j];
-#pragma unroll
-      for (int rb = 0; rb < row_blocks; ++rb) score_scale[rb] = 1.0f, score_offset[rb] = 0.0f;
+        for (int j = 0; j < 4; ++j) {
+          largest = fmaxf(largest, fabsf(query[s][rb][j] * steps[layout::key_offset(s, j)]));
+          if constexpr (Asymmetric) zero_dot = fmaf(query[s][rb][j], zeros[layout::key_offset(s, j)], zero_dot);
+        }
+      largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, 1));
+      largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, 2));
+      if constexpr (Asymmetric) {
+        zero_dot += __shfl_xor_sync(0xffffffffu, zero_dot, 1);
+        zero_dot += __shfl_xor_sync(0xffffffffu, zero_dot, 2);
+      }
+      // 2^e with largest·2^e in [2^8, 2^9): exact powers of two (largest = 0 or below fp32's normals: e = 0).
+      const int exponent = (__float_as_int(largest) >> 23) & 0xFF;
+      const int e = exponent == 0 ? 0 : min(135 - exponent, 126);
+      up[rb] = __int_as_float((127 + e) << 23);
+      score_scale[rb] = __int_as_float((127 - e) << 23);
+      score_offset[rb] = zero_dot;
     }
+    // (q·s)·2^e: the product is recomputed rather than kept (32 more live registers per row block);
+    // multiplying by the exact power of two rounds exactly as scaling the kept product would.
+    const auto scaled = [&](int s, int rb, int j) { return query[s][rb][j] * steps[layout::key_offset(s, j)] * up[rb]; };
 #pragma unroll
     for (int s = 0; s < k_steps; ++s) {
-      a[s][0] = pack_halves(query_step[s][0][0], query_step[s][0][1]);
-      a[s][2] = pack_halves(query_step[s][0][2], query_step[s][0][3]);
-      a[s][1] = row_blocks > 1 ? pack_halves(query_step[s][row_blocks - 1][0], query_step[s][row_blocks - 1][1]) : 0u;
-      a[s][3] = row_blocks > 1 ? pack_halves(query_step[s][row_blocks - 1][2], query_step[s][row_blocks - 1][3]) : 0u;
+      a[s][0] = pack_halves(scaled(s, 0, 0), scaled(s, 0, 1));
+      a[s][2] = pack_halves(scaled(s, 0, 2), scaled(s, 0, 3));
+      a[s][1] = row_blocks > 1 ? pack_halves(scaled(s, row_blocks - 1, 0), scaled(s, row_blocks - 1, 1)) : 0u;
+      a[s][3] = row_blocks > 1 ? pack_halves(scaled(s, row_blocks - 1, 2), scaled(s, row_blocks - 1, 3)) : 0u;
     }
   }
 
@@ -520,6 +566,7 @@ struct fragment_decoder<codec::fp8, HeadDim, Group> {
       query_fragment[s][3] = row_blocks > 1 ? pack_halves(q(head_row + 8, s, 2), q(head_row + 8, s, 3)) : 0u;
     }
   }
+  __device__ __forceinline__ bool reuses_query(const float*, int) const { return true; }
   __device__ __forceinline__ void block(const float*, int, std::int64_t, std::int64_t, int,
                                         unsigned (&a)[k_steps][4]) const {
 #pragma unroll

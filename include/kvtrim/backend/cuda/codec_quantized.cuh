@@ -93,6 +93,55 @@ struct codec_device<codec::quantized<Bits>> {
     }
   }
 
+  /// Stores the codes of channels 8·chunk .. 8·chunk + 7 of a row: int8 one 8-byte word, int4 one 4-byte word
+  /// (low nibble: even channel, as put_pair). Rows are row_bytes apart from an aligned base: aligned stores.
+  __device__ __forceinline__ static void put8(std::uint8_t* row, int chunk, const unsigned (&q)[8]) {
+    if constexpr (Bits == 8) {
+      *reinterpret_cast<uint2*>(row + 8 * chunk) =
+          make_uint2(q[0] | q[1] << 8 | q[2] << 16 | q[3] << 24, q[4] | q[5] << 8 | q[6] << 16 | q[7] << 24);
+    } else {
+      unsigned packed = 0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) packed |= q[i] << (4 * i);
+      *reinterpret_cast<unsigned*>(row + 4 * chunk) = packed;
+    }
+  }
+
+  /// One run per token, `lanes` consecutive lanes per row, this lane holding channels 8·chunk .. 8·chunk + 7
+  /// of it (x): the row's minimum and maximum by shuffles within the lanes (exact in any order), then this
+  /// lane's eight codes as one store; the chunk-0 lane stores the step. Every lane of the warp calls it
+  /// (the shuffles); a lane whose group has no row (active false) stores nothing.
+  __device__ __forceinline__ static void quantize8(const storage& store, const float (&x)[8], int lanes, int chunk,
+                                                   bool active, std::uint8_t* codes, float* scales, float* zeros,
+                                                   std::int64_t slot) {
+    float lowest = x[0], highest = x[0];
+#pragma unroll
+    for (int i = 1; i < 8; ++i) lowest = fminf(lowest, x[i]), highest = fmaxf(highest, x[i]);
+    for (int offset = lanes / 2; offset > 0; offset /= 2) {
+      lowest = fminf(lowest, __shfl_xor_sync(0xffffffffu, lowest, offset));
+      highest = fmaxf(highest, __shfl_xor_sync(0xffffffffu, highest, offset));
+    }
+    if (!active) return;
+    const step s = fit(lowest, highest, store.asymmetric);
+    unsigned q[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) q[i] = code(x[i], s, store.asymmetric);
+    put8(codes + slot * quantizer::row_bytes(store.head_dim), chunk, q);
+    if (chunk == 0) {
+      scales[slot] = s.scale;
+      if (store.asymmetric) zeros[slot] = s.zero;
+    }
+  }
+
+  /// encode_row for the 16-byte row kernel (codec_encode_rows8): `lanes` lanes per row, 8 channels each.
+  __device__ __forceinline__ static void encode8(const storage& store, std::int64_t /*head*/, std::int64_t slot,
+                                                 int lanes, int chunk, bool active, const float (&key)[8],
+                                                 const float (&value)[8]) {
+    quantize8(store, value, lanes, chunk, active, store.value_codes, store.value_scales, store.value_zeros, slot);
+    if (store.key_group == 0)
+      quantize8(store, key, lanes, chunk, active, store.key_codes, store.key_scales, store.key_zeros, slot);
+  }
+
   /// Row-wise encode: the value (and the key, when keys are scaled per token;
   /// KIVI keys go through the group kernels of codec_writes.cuh).
   __device__ static void encode_row(const storage& store, std::int64_t /*head*/, std::int64_t slot, int lane, int pairs,

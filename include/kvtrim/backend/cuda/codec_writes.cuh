@@ -23,6 +23,11 @@
 //      sinks and newest tokens and the slot → row map, as the CPU's encode
 //      leaves them (below).
 // Step 3 reads the residual rows that step 4 rewrites, hence two launches.
+// When the inputs allow 16-byte loads (vector_rows: aligned bases and strides, head_dim 8 … 256 a power of
+// two; every tensor the engine passes), steps 1 and 2 read each row as the plain row copy does
+// (codec_head_amax8, codec_encode_rows8: head_dim / 8 lanes per row, 8 channels each, one store of codes per
+// lane), and at compaction steps 3–4 are one kernel, kivi_compact_groups (one warp per key group, the group's
+// keys in registers; head_dim a multiple of 64). Append (a filling group continued) keeps steps 3–4.
 // Every step reads its inputs through the same source as the plain writes
 // (kept tokens, the compensation row in place of its placeholder, appended
 // rows) and returns at once when the layout's planning kernel recorded a failure.
@@ -229,6 +234,11 @@ __device__ __forceinline__ std::int64_t position_of_row(const codec_write<View, 
 
 inline constexpr int codec_write_threads = 256;
 
+/// Benchmarks only (bench/cuda_decode_attention.cu's codec_encode_legacy_* rows, an A/B in one run): true makes
+/// launch_quantized_writes use the element kernels (codec_head_amax, codec_encode_rows, kivi_seal_groups and
+/// kivi_fill_residual) where it would use the 16-byte ones. Both write the same bytes.
+inline bool legacy_codec_encode = false;
+
 // 1. fp8 head_amax scales (compaction), in three launches so that every head's
 // rows are read by many blocks: the scales are negated (a mark: scales are > 0),
 // each block reduces max|x| over a part of a head and raises the scale's bits
@@ -318,6 +328,109 @@ __global__ void __launch_bounds__(codec_write_threads) codec_encode_rows(const _
       if (lane == 0) w.cache.positions.slot_position[slot] = static_cast<std::int32_t>(position_of_row(w, head, r));
       using encoded = encoded_codec<typename View::codec>;
       codec_device<typename encoded::type>::encode_row(encoded::of(w.cache.storage), head, slot, lane, pairs, key, value);
+    }
+  }
+}
+
+// 2'. The same with 16-byte loads (the plain row copy's pattern): head_dim / 8 lanes per row (a power of two
+// ≤ 32), 8 channels each, so a warp encodes 32 / lanes rows at once; the row's reductions are shuffles within
+// its lanes, its codes one store per lane. Used when the inputs are 16-byte aligned (vector_rows).
+
+/// Whether the 16-byte kernels can read the call's rows: aligned bases and strides (keys and values share
+/// strides), and head_dim / 8 a power of two ≤ 32 (head_dim 8 … 256).
+template <class View, class InT>
+bool vector_rows(const codec_write<View, InT>& w) {
+  const std::int64_t vector_elements = 16 / static_cast<std::int64_t>(sizeof(InT));
+  const std::int64_t lanes = w.cache.shape.head_dim / 8;
+  return reinterpret_cast<std::uintptr_t>(w.keys) % 16 == 0 && reinterpret_cast<std::uintptr_t>(w.values) % 16 == 0 &&
+         w.batch_stride % vector_elements == 0 && w.head_stride % vector_elements == 0 &&
+         w.token_stride % vector_elements == 0 && w.cache.shape.head_dim % 8 == 0 && lanes >= 1 && lanes <= 32 &&
+         (lanes & (lanes - 1)) == 0;
+}
+
+/// Channels 8·chunk .. 8·chunk + 7 of row r's key (when `keys_too`, else zeros) and value.
+template <class View, class InT>
+__device__ __forceinline__ void load_row8(const codec_write<View, InT>& w, std::int64_t head, std::int64_t r,
+                                          head_coordinates at, int chunk, bool keys_too, float (&key)[8],
+                                          float (&value)[8]) {
+  if (is_compensation_row(w, head, r)) {  // fp32, no alignment promised: element loads
+    const std::int64_t first = head * w.cache.shape.head_dim + 8 * chunk;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      key[i] = keys_too ? w.compensation.keys[first + i] : 0.0f;
+      value[i] = w.compensation.values[first + i];
+    }
+    return;
+  }
+  const std::int64_t offset = source_offset(w, head, r, at) + 8 * chunk;
+  if (keys_too)
+    load8(w.keys + offset, key);
+  else
+#pragma unroll
+    for (int i = 0; i < 8; ++i) key[i] = 0.0f;
+  load8(w.values + offset, value);
+}
+
+template <class View, class InT>
+__global__ void __launch_bounds__(codec_write_threads) codec_encode_rows8(const __grid_constant__ codec_write<View, InT> w) {
+  if (write_failed(w)) return;
+  using encoded = encoded_codec<typename View::codec>;
+  using device = codec_device<typename encoded::type>;
+  const auto& store = encoded::of(w.cache.storage);
+  constexpr int warps = codec_write_threads / 32;
+  const int lane = threadIdx.x % 32;
+  const int lanes = static_cast<int>(w.cache.shape.head_dim / 8), per_warp = 32 / lanes, chunk = lane % lanes;
+  bool row_keys = true;  // as codec_encode_rows: KIVI keys are encoded by the group kernels
+  if constexpr (device::key_groups) row_keys = store.key_group == 0;
+  KVTRIM_FOR_EACH_WRITTEN_HEAD(w, head) {
+    const std::int64_t rows = rows_of(w, head), first = first_of(w, head);
+    const head_coordinates coordinates = coordinates_of(w, head);
+    // `base` is the same on every lane of the warp (the shuffles in encode8 need all 32).
+    for (std::int64_t base = (blockIdx.x * std::int64_t{warps} + threadIdx.x / 32) * per_warp; base < rows;
+         base += std::int64_t{gridDim.x} * warps * per_warp) {
+      const std::int64_t r = base + lane / lanes;
+      const bool active = r < rows;
+      float key[8] = {}, value[8] = {};
+      std::int64_t slot = 0;
+      if (active) {
+        slot = w.cache.slot(coordinates.b, coordinates.h, first + r);
+        load_row8(w, head, r, coordinates, chunk, row_keys, key, value);
+        if (chunk == 0) w.cache.positions.slot_position[slot] = static_cast<std::int32_t>(position_of_row(w, head, r));
+      }
+      device::encode8(store, head, slot, lanes, chunk, active, key, value);
+    }
+  }
+}
+
+/// codec_head_amax with the row kernel's 16-byte loads.
+template <class View, class InT>
+__global__ void __launch_bounds__(codec_write_threads) codec_head_amax8(const __grid_constant__ codec_write<View, InT> w) {
+  if (write_failed(w)) return;
+  using reduce = cub::BlockReduce<float, codec_write_threads>;
+  __shared__ typename reduce::TempStorage temp;
+  constexpr int warps = codec_write_threads / 32;
+  const int lane = threadIdx.x % 32;
+  const int lanes = static_cast<int>(w.cache.shape.head_dim / 8), per_warp = 32 / lanes, chunk = lane % lanes;
+  const auto& store = encoded_codec<typename View::codec>::of(w.cache.storage);
+  for (std::int64_t head = blockIdx.y; head < w.cache.heads(); head += gridDim.y) {
+    const std::int64_t rows = rows_of(w, head);
+    const head_coordinates coordinates = coordinates_of(w, head);
+    float key_amax = 0.0f, value_amax = 0.0f;
+    for (std::int64_t r = (blockIdx.x * std::int64_t{warps} + threadIdx.x / 32) * per_warp + lane / lanes; r < rows;
+         r += std::int64_t{gridDim.x} * warps * per_warp) {
+      float key[8], value[8];
+      load_row8(w, head, r, coordinates, chunk, true, key, value);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) key_amax = fmaxf(key_amax, fabsf(key[i])), value_amax = fmaxf(value_amax, fabsf(value[i]));
+    }
+    const auto max_op = [](float a, float b) { return fmaxf(a, b); };
+    key_amax = reduce(temp).Reduce(key_amax, max_op);
+    __syncthreads();
+    value_amax = reduce(temp).Reduce(value_amax, max_op);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      if (key_amax > 0.0f) atomicMax(reinterpret_cast<int*>(store.key_scales + head), __float_as_int(key_amax));
+      if (value_amax > 0.0f) atomicMax(reinterpret_cast<int*>(store.value_scales + head), __float_as_int(value_amax));
     }
   }
 }
@@ -451,6 +564,147 @@ __global__ void __launch_bounds__(kivi_threads) kivi_fill_residual(const __grid_
   }
 }
 
+// 3'–4'. KIVI key groups at compaction (no filling group before the call), in one kernel: one warp per
+// (head, group of key_group rows), each lane owning channel pairs 2·lane + 64·j, walking the group's rows
+// with coalesced 4-byte loads (a warp reads 128 contiguous bytes of a row per load). A group of ≤ 32 rows
+// stays in registers between its fit and its codes (its 32 loads in flight at once); a larger one is read
+// twice (the second time from cache). The group's rows (their input offsets and slots) are resolved once
+// per 32 by the warp's lanes into shared memory. The new filling group (the last rows % key_group rows)
+// and the last sealed group write the residual window as kivi_fill_residual does, so the result is the
+// CPU's: codes and steps of every sealed group, the filling group's fp16 keys, slots and unsealed runs, the
+// rows after it still the last sealed group's, the count.
+inline constexpr int kivi_chunk_rows = 32;
+
+/// Channels d, d + 1 of a key rounded to fp16 (as the residual window holds it; d even, the row aligned).
+template <class InT>
+__device__ __forceinline__ __half2 key_pair_half(const InT* key) {
+  if constexpr (std::is_same_v<InT, __half>) {
+    return *reinterpret_cast<const __half2*>(key);
+  } else if constexpr (std::is_same_v<InT, __nv_bfloat16>) {
+    return __floats2half2_rn(__bfloat162float(key[0]), __bfloat162float(key[1]));
+  } else {
+    const float2 pair = *reinterpret_cast<const float2*>(key);
+    return __floats2half2_rn(pair.x, pair.y);
+  }
+}
+
+template <class View, class InT>
+__global__ void __launch_bounds__(codec_write_threads) kivi_compact_groups(const __grid_constant__ codec_write<View, InT> w) {
+  if (write_failed(w)) return;
+  using device = codec_device<typename encoded_codec<typename View::codec>::type>;
+  const auto& store = encoded_codec<typename View::codec>::of(w.cache.storage);
+  const std::int64_t group = store.key_group, run = store.slot_run, head_dim = store.head_dim;
+  const std::int64_t row_bytes = device::quantizer::row_bytes(head_dim);
+  constexpr int warps = codec_write_threads / 32;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  __shared__ std::int64_t row_offset[warps][kivi_chunk_rows];  // the input offset of a row (−1: the compensation row)
+  __shared__ std::int64_t row_slot[warps][kivi_chunk_rows];
+  auto* residual = reinterpret_cast<__half2*>(store.residual_keys);
+  KVTRIM_FOR_EACH_WRITTEN_HEAD(w, head) {
+    const std::int64_t rows = rows_of(w, head), sealed = rows / group, filling = rows % group;
+    const std::int64_t groups = sealed + (filling > 0 ? 1 : 0);
+    const head_coordinates at = coordinates_of(w, head);
+    for (std::int64_t k = blockIdx.x * std::int64_t{warps} + warp; k < (groups > 0 ? groups : 1);
+         k += std::int64_t{gridDim.x} * warps) {
+      if (k == 0 && lane == 0) store.residual_count[head] = filling;
+      if (k >= groups) break;
+      const bool seal = k < sealed;
+      const std::int64_t base = k * group, count = seal ? group : filling;
+      // Residual places this group leaves: every one of the filling group, those from `filling` on of the
+      // last sealed group, none of the others.
+      const std::int64_t residual_from = !seal ? 0 : k == sealed - 1 ? filling : group;
+      std::int64_t resolved = -1;  // the first row of the 32 in row_offset / row_slot
+      unsigned run_starts = 0;     // bit p: row resolved + p starts a slot run (its place ≡ 0 mod run)
+      // Rows c0 .. c0 + 31 of the group; `first_visit`: also its slots' metadata (residual slots, run flags).
+      const auto resolve = [&](std::int64_t c0, bool first_visit) {
+        if (resolved == c0) return;
+        __syncwarp();  // the previous rows are read
+        const std::int64_t p = c0 + lane;
+        const bool starts = p < count && p % run == 0;
+        if (p < count) {
+          const std::int64_t r = base + p;
+          const std::int64_t slot = w.cache.slot(at.b, at.h, r);  // compaction: the head's row r is its index r
+          row_slot[warp][lane] = slot;
+          row_offset[warp][lane] = is_compensation_row(w, head, r) ? -1 : source_offset(w, head, r, at);
+          if (first_visit) {
+            if (p >= residual_from) store.residual_slots[head * group + p] = slot;
+            if (starts) store.run_sealed[slot / run] = seal ? 1 : 0;  // the run rule: slot ≡ p (mod run)
+          }
+        }
+        run_starts = __ballot_sync(0xffffffffu, starts);
+        resolved = c0;
+        __syncwarp();
+      };
+      // The key pair (channels d, d + 1) of row c0 + p, rounded to fp16.
+      const auto key_pair = [&](int p, std::int64_t d) -> __half2 {
+        const std::int64_t offset = row_offset[warp][p];
+        if (offset < 0) {
+          const float* compensation = w.compensation.keys + head * head_dim + d;
+          return __floats2half2_rn(compensation[0], compensation[1]);
+        }
+        return key_pair_half(w.keys + offset + d);
+      };
+      for (std::int64_t slice = 0; slice < head_dim; slice += 64) {
+        const std::int64_t d = slice + 2 * lane;
+        if (!seal) {  // the filling group: its fp16 keys into the residual window
+          for (std::int64_t c0 = 0; c0 < count; c0 += kivi_chunk_rows) {
+            resolve(c0, slice == 0);
+            const int n = static_cast<int>(count - c0 < kivi_chunk_rows ? count - c0 : kivi_chunk_rows);
+            for (int p = 0; p < n; ++p) residual[((head * group + c0 + p) * head_dim + d) / 2] = key_pair(p, d);
+          }
+          continue;
+        }
+        __half2 held[kivi_chunk_rows];
+        const auto load = [&](std::int64_t c0) {
+          const int n = static_cast<int>(count - c0 < kivi_chunk_rows ? count - c0 : kivi_chunk_rows);
+#pragma unroll
+          for (int p = 0; p < kivi_chunk_rows; ++p)
+            if (p < n) held[p] = key_pair(p, d);
+          return n;
+        };
+        float lowest[2] = {__int_as_float(0x7f800000), __int_as_float(0x7f800000)};
+        float highest[2] = {-lowest[0], -lowest[1]};
+        for (std::int64_t c0 = 0; c0 < count; c0 += kivi_chunk_rows) {
+          resolve(c0, slice == 0);
+          const int n = load(c0);
+#pragma unroll
+          for (int p = 0; p < kivi_chunk_rows; ++p)
+            if (p < n) {
+              const float2 x = __half22float2(held[p]);
+              lowest[0] = fminf(lowest[0], x.x), highest[0] = fmaxf(highest[0], x.x);
+              lowest[1] = fminf(lowest[1], x.y), highest[1] = fmaxf(highest[1], x.y);
+            }
+        }
+        const typename device::step steps[2] = {device::fit(lowest[0], highest[0], store.asymmetric),
+                                                device::fit(lowest[1], highest[1], store.asymmetric)};
+        for (std::int64_t c0 = 0; c0 < count; c0 += kivi_chunk_rows) {
+          int n = static_cast<int>(count - c0 < kivi_chunk_rows ? count - c0 : kivi_chunk_rows);
+          if (count > kivi_chunk_rows) {  // not held: read again
+            resolve(c0, false);
+            n = load(c0);
+          }
+#pragma unroll
+          for (int p = 0; p < kivi_chunk_rows; ++p)
+            if (p < n) {
+              const float2 x = __half22float2(held[p]);
+              const std::int64_t slot = row_slot[warp][p];
+              device::put_pair(store.key_codes + slot * row_bytes, d, device::code(x.x, steps[0], store.asymmetric),
+                               device::code(x.y, steps[1], store.asymmetric));
+              const std::int64_t place = c0 + p;
+              if (run_starts >> p & 1u) {
+                const std::int64_t to = slot / run * head_dim + d;
+                *reinterpret_cast<float2*>(store.key_scales + to) = make_float2(steps[0].scale, steps[1].scale);
+                if (store.asymmetric)
+                  *reinterpret_cast<float2*>(store.key_zeros + to) = make_float2(steps[0].zero, steps[1].zero);
+              }
+              if (place >= residual_from) residual[((head * group + place) * head_dim + d) / 2] = held[p];
+            }
+        }
+      }
+    }
+  }
+}
+
 // 5. layered<C>'s fp16 rows, one block per head. The CPU gives token o (its
 // order since compaction) row o when o < sinks, else sinks + (o − sinks) mod
 // recent, and once the ring is full clears the slot → row entry of the row's
@@ -532,6 +786,9 @@ void launch_quantized_writes(std::string_view function, const codec_write<View, 
   const std::int64_t heads = w.target >= 0 ? 1 : w.cache.heads();
   const auto head_blocks = static_cast<unsigned>(std::min<std::int64_t>(heads, 65535));
   if (rows_bound <= 0 && !compaction) return;
+  // The 16-byte kernels (codec_encode_rows8, codec_head_amax8, kivi_compact_groups) unless the inputs are not
+  // aligned for them (or a benchmark asks for the element kernels: legacy_codec_encode).
+  const bool vector = !legacy_codec_encode && vector_rows(w);
   if constexpr (device::head_scales) {
     if (compaction && device::head_amax(inner)) {
       using storage_type = std::remove_cvref_t<decltype(inner)>;
@@ -541,20 +798,40 @@ void launch_quantized_writes(std::string_view function, const codec_write<View, 
       const dim3 grid(
           static_cast<unsigned>(std::clamp<std::int64_t>(ceil_div(rows_bound * w.cache.shape.head_dim, 16 * 256), 1, 1024)),
           head_blocks);
-      codec_head_amax<View, InT><<<grid, codec_write_threads, 0, stream>>>(w);
-      detail::check_launch(function, "codec_head_amax");
+      if (vector) {
+        const std::int64_t per_block = codec_write_threads / (w.cache.shape.head_dim / 8);  // rows per pass of a block
+        const dim3 vector_grid(
+            static_cast<unsigned>(std::clamp<std::int64_t>(ceil_div(rows_bound, 4 * per_block), 1, 1024)), head_blocks);
+        codec_head_amax8<View, InT><<<vector_grid, codec_write_threads, 0, stream>>>(w);
+        detail::check_launch(function, "codec_head_amax8");
+      } else {
+        codec_head_amax<View, InT><<<grid, codec_write_threads, 0, stream>>>(w);
+        detail::check_launch(function, "codec_head_amax");
+      }
       fp8_finish_scales<storage_type><<<head_grid, 256, 0, stream>>>(inner);
       detail::check_launch(function, "fp8_finish_scales");
     }
   }
   constexpr int warps = codec_write_threads / 32;
-  if (rows_bound > 0) {
+  if (rows_bound > 0 && vector) {
+    const std::int64_t per_block = codec_write_threads / (w.cache.shape.head_dim / 8);  // rows per pass of a block
+    const dim3 grid(static_cast<unsigned>(std::clamp<std::int64_t>(ceil_div(rows_bound, per_block), 1, 4096)),
+                    head_blocks);
+    codec_encode_rows8<View, InT><<<grid, codec_write_threads, 0, stream>>>(w);
+    detail::check_launch(function, "codec_encode_rows8");
+  } else if (rows_bound > 0) {
     const dim3 grid(static_cast<unsigned>(std::clamp<std::int64_t>(ceil_div(rows_bound, warps), 1, 4096)), head_blocks);
     codec_encode_rows<View, InT><<<grid, codec_write_threads, 0, stream>>>(w);
     detail::check_launch(function, "codec_encode_rows");
   }
   if constexpr (device::key_groups) {
-    if (inner.key_group > 0) {
+    if (inner.key_group > 0 && compaction && vector && w.cache.shape.head_dim % 64 == 0) {
+      // One warp per (head, group); a head with no rows still gets one (its residual count).
+      const std::int64_t groups = std::max<std::int64_t>(ceil_div(rows_bound, inner.key_group), 1);
+      const dim3 grid(static_cast<unsigned>(std::clamp<std::int64_t>(ceil_div(groups, warps), 1, 4096)), head_blocks);
+      kivi_compact_groups<View, InT><<<grid, codec_write_threads, 0, stream>>>(w);
+      detail::check_launch(function, "kivi_compact_groups");
+    } else if (inner.key_group > 0) {
       const std::int64_t group = inner.key_group;
       // Groups sealed per head: at most (rc + rows) / G with rc < G.
       const dim3 grid(static_cast<unsigned>(std::clamp<std::int64_t>((rows_bound + group - 1) / group, 1, 4096)),

@@ -532,8 +532,14 @@ struct tensor_core_geometry {
   static constexpr int warps = row_tiles > 4 ? row_tiles : 4;
   static constexpr int token_groups = warps / row_tiles;        // warps sharing a row tile
   static constexpr int blocks_per_warp = 4 / token_groups;      // 16-token blocks a warp reads per tile
+  /// Code fragments: each warp merges two 16-token blocks into one softmax step (128-token
+  /// tiles). Their per-block work — the KIVI query scaling (once per run of 32 slots), the
+  /// masks, the running max's shuffles and the output's rescale — is what bounded them (ncu:
+  /// ~940 instructions per 16 tokens for int8 against ~510 for fp8 at W, issue-bound at two
+  /// warps per scheduler), and it is paid once per 32 tokens.
+  static constexpr int sub_blocks = Fragments ? 2 : 1;
   static constexpr int threads = warps * 32;
-  static constexpr int tile_tokens = 64;
+  static constexpr int tile_tokens = 64 * sub_blocks;
   static constexpr int row_stride = HeadDim + 8;  // elements of the mma tiles; +16 bytes per row
   static constexpr int tile_elements = tile_tokens * row_stride;
   /// Code bytes (quantizing codecs) are staged as stored, RowElements bytes a row, and either
@@ -605,6 +611,15 @@ __device__ __forceinline__ void dequantize_tile(const Reader& reader, const Rows
   __syncthreads();
 }
 
+/// The tile a fragment decoder's side data is laid out for (0: it stages none).
+template <class Decoder>
+constexpr int staged_tile_tokens() {
+  if constexpr (requires { Decoder::tile_tokens; })
+    return Decoder::tile_tokens;
+  else
+    return 0;
+}
+
 /// The per-tile side data the tensor-core kernel stages for a codec (code fragments only).
 template <class CodecT, int HeadDim, int Group, bool Fragments>
 struct tensor_core_side {
@@ -642,6 +657,9 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, H
   constexpr int code_stride = geometry::stream_row_stride;  // Fragments: bytes between staged code rows
   constexpr int k_steps = HeadDim / 16;
   constexpr int output_tiles = HeadDim / 8;
+  constexpr int sub_blocks = geometry::sub_blocks;  // 16-token blocks a warp merges into one softmax step
+  static_assert(!Fragments || staged_tile_tokens<decoder>() == 0 || staged_tile_tokens<decoder>() == geometry::tile_tokens,
+                "tensor-core decode: the fragment decoder's staged side data is laid out for the geometry's tiles");
   constexpr float negative_infinity = -std::numeric_limits<float>::infinity();
 
   extern __shared__ __align__(16) unsigned char shared_memory[];
@@ -744,26 +762,44 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, H
       // Each warp reads blocks_per_warp 16-token blocks of the tile (one at a single query).
 #pragma unroll
       for (int warp_block = 0; warp_block < (warp_active ? geometry::blocks_per_warp : 0); ++warp_block) {
-        const int warp_token = (token_group * geometry::blocks_per_warp + warp_block) * 16;  // in the tile
+        // The warp's sub_blocks consecutive 16-token blocks of the tile, one softmax step.
+        const int warp_token = (token_group * geometry::blocks_per_warp + warp_block) * 16 * sub_blocks;  // in the tile
         const std::int64_t first_token = stream.first_token(tile) + warp_token;
         [[maybe_unused]] const float* side_tile = stream.side_tile(tile);
-        const mma_type* key_rows = nullptr;
-        const mma_type* value_rows = nullptr;
-        float score_tile[2][4] = {};  // S for this warp's 16 tokens: [token block of 8][accumulator]
+        // logit[sb][rb][i]: token sb·16 + (i / 2)·8 + 2·quad + i % 2 of the warp's, row head_row + 8·rb
+        // (base 2, before masking and the compensation bias).
+        float logit[sub_blocks][row_blocks][4];
+        [[maybe_unused]] const mma_type* value_tile_rows = nullptr;  // 16-bit or dequantized tiles: the warp's V rows
         if constexpr (Fragments) {
           (void)reader;
           unsigned query_operand[k_steps][4];
-          fragments.block(side_tile, warp, first_token, end, lane, query_operand);
-          const std::uint8_t* key_codes = stream.key_tile(tile) + warp * 16 * code_stride;
 #pragma unroll
-          for (int block = 0; block < 2; ++block) {
-            unsigned key_operand[k_steps][2];
-            fragments.keys(key_codes + (block * 8 + lane / 4) * code_stride, first_token + block * 8, lane, key_operand);
+          for (int sb = 0; sb < sub_blocks; ++sb) {
+            const int block_index = warp_token / 16 + sb;
+            // A block of the previous one's KIVI run keeps its scaled query (and score steps).
+            if (sb == 0 || !fragments.reuses_query(side_tile, block_index))
+              fragments.block(side_tile, block_index, first_token + 16 * sb, end, lane, query_operand);
+            const std::uint8_t* key_codes = stream.key_tile(tile) + (warp_token + 16 * sb) * code_stride;
+            float score_tile[2][4] = {};  // S for the block's 16 tokens: [token block of 8][accumulator]
 #pragma unroll
-            for (int step = 0; step < k_steps; ++step)
-              mma_16x8x16<mma_type>(score_tile[block], query_operand[step], key_operand[step][0], key_operand[step][1]);
+            for (int block = 0; block < 2; ++block) {
+              unsigned key_operand[k_steps][2];
+              fragments.keys(key_codes + (block * 8 + lane / 4) * code_stride, first_token + 16 * sb + block * 8, lane,
+                             key_operand);
+#pragma unroll
+              for (int step = 0; step < k_steps; ++step)
+                mma_16x8x16<mma_type>(score_tile[block], query_operand[step], key_operand[step][0], key_operand[step][1]);
+            }
+#pragma unroll
+            for (int rb = 0; rb < row_blocks; ++rb)
+#pragma unroll
+              for (int i = 0; i < 4; ++i)
+                logit[sb][rb][i] = fragments.score(score_tile[i / 2][rb * 2 + i % 2], rb, side_tile,
+                                                   warp_token + 16 * sb + (i / 2) * 8 + 2 * quad + i % 2);
           }
         } else {
+          const mma_type* key_rows = nullptr;
+          const mma_type* value_rows = nullptr;
           if constexpr (geometry::dequantizes) {
             key_rows = dequantized + warp_token * row_stride;
             value_rows = dequantized + geometry::tile_elements + warp_token * row_stride;
@@ -771,6 +807,7 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, H
             key_rows = stream.key_tile(tile) + warp_token * row_stride;
             value_rows = stream.value_tile(tile) + warp_token * row_stride;
           }
+          float score_tile[2][4] = {};  // S for this warp's 16 tokens: [token block of 8][accumulator]
 #pragma unroll
           for (int step = 0; step < k_steps; ++step) {
             unsigned key_fragment[4];
@@ -781,46 +818,60 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, H
             mma_16x8x16<mma_type>(score_tile[0], a, key_fragment[0], key_fragment[1]);
             mma_16x8x16<mma_type>(score_tile[1], a, key_fragment[2], key_fragment[3]);
           }
+#pragma unroll
+          for (int rb = 0; rb < row_blocks; ++rb)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) logit[0][rb][i] = score_tile[i / 2][rb * 2 + i % 2] * params.query_scale;
+          value_tile_rows = value_rows;
         }
 
-        float weight[row_blocks][4];
+        constexpr int block_tokens = 16 * sub_blocks;
+        float weight[row_blocks][4 * sub_blocks];
         float rescale[row_blocks];
+        // The warp's tokens seen, as places in its block_tokens: [seen_from, seen_to) (32-bit compares
+        // per token; 64-bit ones were ~40 instructions a block), and the compensation token's place.
+        const auto place = [&](std::int64_t token) {
+          const std::int64_t offset = token - first_token;
+          return offset < 0 ? -1 : offset > block_tokens ? block_tokens : static_cast<int>(offset);
+        };
+        const int seen_from = Fragments ? place(begin) : 0, seen_to = place(end);
+        const int bias_place = place(bias.index);
 #pragma unroll
         for (int rb = 0; rb < row_blocks; ++rb) {
-          float score[4];
+          float score[4 * sub_blocks];
+          [[maybe_unused]] int visible_to = seen_to;
+          if constexpr (Queries > 1) visible_to = min(seen_to, place(visible[rb]));
 #pragma unroll
-          for (int block = 0; block < 2; ++block)
+          for (int sb = 0; sb < sub_blocks; ++sb)
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int index = block * 8 + 2 * quad + e;  // the token's place in the warp's 16
-              const std::int64_t token = first_token + index;
-              float logit = 0.0f;
-              if constexpr (Fragments)
-                logit = fragments.score(score_tile[block][rb * 2 + e], rb, side_tile, warp * 16 + index);
-              else
-                logit = score_tile[block][rb * 2 + e] * params.query_scale;
-              bool seen = in_segment(token);
-              if constexpr (Queries > 1) seen = seen && token < visible[rb];
-              score[block * 2 + e] = seen ? logit + bias.at(token) : negative_infinity;
+            for (int i = 0; i < 4; ++i) {
+              const int index = sb * 16 + (i / 2) * 8 + 2 * quad + i % 2;  // the token's place in the warp's
+              const bool seen = index >= seen_from && index < (Queries > 1 ? visible_to : seen_to);
+              score[4 * sb + i] =
+                  seen ? logit[sb][rb][i] + (index == bias_place ? bias.bias_log2 : 0.0f) : negative_infinity;
             }
           if (Queries == 1 && params.metric.logits != nullptr && head_row + 8 * rb < Group)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const std::int64_t token = first_token + (i / 2) * 8 + 2 * quad + i % 2;
+            for (int i = 0; i < 4 * sub_blocks; ++i) {
+              const std::int64_t token = first_token + (i / 4) * 16 + ((i % 4) / 2) * 8 + 2 * quad + i % 2;
               if (in_segment(token))  // not token < end: [first, begin) belongs to another block's segment
                 store_metric_logit(params.metric.logits + (head_row + 8 * rb) * params.metric.stride + metric_line + token,
                                    score[i], params.metric.keep_in_l2, metric_policy);
             }
           float tile_max = running_max[rb];
 #pragma unroll
-          for (int i = 0; i < 4; ++i) tile_max = fmaxf(tile_max, score[i]);
+          for (int i = 0; i < 4 * sub_blocks; ++i) tile_max = fmaxf(tile_max, score[i]);
           tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
           tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
           rescale[rb] = tile_max == negative_infinity ? 1.0f : exp2f(running_max[rb] - tile_max);
           running_max[rb] = tile_max;
+          float sum = 0.0f;
 #pragma unroll
-          for (int i = 0; i < 4; ++i) weight[rb][i] = tile_max == negative_infinity ? 0.0f : exp2f(score[i] - tile_max);
-          running_sum[rb] = running_sum[rb] * rescale[rb] + (weight[rb][0] + weight[rb][1] + weight[rb][2] + weight[rb][3]);
+          for (int i = 0; i < 4 * sub_blocks; ++i) {
+            weight[rb][i] = tile_max == negative_infinity ? 0.0f : exp2f(score[i] - tile_max);
+            sum += weight[rb][i];
+          }
+          running_sum[rb] = running_sum[rb] * rescale[rb] + sum;
         }
         // Rows 8..15 (accumulators 2, 3) hold query heads only at G = 16; below, they stay 0.
 #pragma unroll
@@ -833,32 +884,38 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, H
           for (int rb = 0; rb < row_blocks; ++rb) {
             fragments.rescale(rb, rescale[rb]);
 #pragma unroll
-            for (int i = 0; i < 4; ++i)
-              weight[rb][i] = fragments.weight(weight[rb][i], rb, side_tile, warp * 16 + (i / 2) * 8 + 2 * quad + i % 2);
+            for (int i = 0; i < 4 * sub_blocks; ++i)
+              weight[rb][i] = fragments.weight(weight[rb][i], rb, side_tile,
+                                               warp_token + (i / 4) * 16 + ((i % 4) / 2) * 8 + 2 * quad + i % 2);
           }
         }
 
-        // P from S's accumulator layout is already the A operand of P·V.
-        const unsigned weight_fragment[4] = {
-            pack2<mma_type>(weight[0][0], weight[0][1]),
-            row_blocks > 1 ? pack2<mma_type>(weight[row_blocks - 1][0], weight[row_blocks - 1][1]) : 0u,
-            pack2<mma_type>(weight[0][2], weight[0][3]),
-            row_blocks > 1 ? pack2<mma_type>(weight[row_blocks - 1][2], weight[row_blocks - 1][3]) : 0u};
-        if constexpr (Fragments) {
-          unsigned value_operand[output_tiles][2];
-          fragments.values(stream.value_tile(tile) + warp * 16 * code_stride, code_stride, lane, value_operand);
 #pragma unroll
-          for (int tile_index = 0; tile_index < output_tiles; ++tile_index)
-            mma_16x8x16<mma_type>(output[tile_index], weight_fragment, value_operand[tile_index][0],
-                                  value_operand[tile_index][1]);
-        } else {
+        for (int sb = 0; sb < sub_blocks; ++sb) {
+          // P from S's accumulator layout is already the A operand of P·V.
+          const unsigned weight_fragment[4] = {
+              pack2<mma_type>(weight[0][4 * sb], weight[0][4 * sb + 1]),
+              row_blocks > 1 ? pack2<mma_type>(weight[row_blocks - 1][4 * sb], weight[row_blocks - 1][4 * sb + 1]) : 0u,
+              pack2<mma_type>(weight[0][4 * sb + 2], weight[0][4 * sb + 3]),
+              row_blocks > 1 ? pack2<mma_type>(weight[row_blocks - 1][4 * sb + 2], weight[row_blocks - 1][4 * sb + 3])
+                             : 0u};
+          if constexpr (Fragments) {
+            unsigned value_operand[output_tiles][2];
+            fragments.values(stream.value_tile(tile) + (warp_token + 16 * sb) * code_stride, code_stride, lane,
+                             value_operand);
 #pragma unroll
-          for (int pair = 0; pair < output_tiles / 2; ++pair) {
-            unsigned value_fragment[4];
-            load_matrix_x4_transposed(
-                value_fragment, value_rows + ((lane % 8) + ((lane / 8) % 2) * 8) * row_stride + pair * 16 + (lane / 16) * 8);
-            mma_16x8x16<mma_type>(output[2 * pair], weight_fragment, value_fragment[0], value_fragment[1]);
-            mma_16x8x16<mma_type>(output[2 * pair + 1], weight_fragment, value_fragment[2], value_fragment[3]);
+            for (int tile_index = 0; tile_index < output_tiles; ++tile_index)
+              mma_16x8x16<mma_type>(output[tile_index], weight_fragment, value_operand[tile_index][0],
+                                    value_operand[tile_index][1]);
+          } else {
+#pragma unroll
+            for (int pair = 0; pair < output_tiles / 2; ++pair) {
+              unsigned value_fragment[4];
+              load_matrix_x4_transposed(value_fragment, value_tile_rows + ((lane % 8) + ((lane / 8) % 2) * 8) * row_stride +
+                                                            pair * 16 + (lane / 16) * 8);
+              mma_16x8x16<mma_type>(output[2 * pair], weight_fragment, value_fragment[0], value_fragment[1]);
+              mma_16x8x16<mma_type>(output[2 * pair + 1], weight_fragment, value_fragment[2], value_fragment[3]);
+            }
           }
         }
       }
