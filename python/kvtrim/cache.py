@@ -190,7 +190,9 @@ class Cache:
         [B, H_q, L, D] (speculative decoding's verification, 1 ≤ L ≤ 8): the L new tokens of every
         sequence, already appended, are the last L tokens of every head, and query row i attends
         causally to the head's first n − L + 1 + i tokens (n: the head's length). L = 1 equals the
-        [B, H_q, D] form. ``out`` (optional) must have the queries' shape.
+        [B, H_q, D] form. Any strides with a contiguous last axis: an engine's flat query rows
+        [B·L, H_q, D] are ``q.view(B, L, H_q, D).transpose(1, 2)``, no copy (and ``out`` likewise).
+        ``out`` (optional) must have the queries' shape.
         """
         queries, stream = self._input("queries", queries)
         if out is None:
