@@ -6,6 +6,10 @@
     cache.compress(keys, values, window_queries)   # [B, H_kv, T, D], [B, H_kv, T, D], [B, H_q, w, D]
     cache.append(new_keys, new_values)             # [B, H_kv, n, D]
     out = cache.attend(queries)                    # [B, H_q, D]
+    # speculative decoding: append L drafts, attend [B, H_q, L, D] (causal over them), roll back the rejected
+    cache.append(draft_keys, draft_values)         # [B, H_kv, L, D]
+    out = cache.attend(draft_queries)              # [B, H_q, L, D]
+    cache.truncate(rejected)                       # an int, or one count per sequence
 
 Errors from kvtrim (bad shapes, dtypes, devices, budgets) raise kvtrim.Error, a
 ValueError whose message is kvtrim's: function, argument, what was expected, what came.

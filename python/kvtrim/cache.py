@@ -185,12 +185,86 @@ class Cache:
         self._impl.append(keys, values, stream)
 
     def attend(self, queries, out=None):
-        """Decode attention of queries [B, H_q, D] over the cache; returns out [B, H_q, D]."""
+        """Decode attention over the cache: queries [B, H_q, D] → out [B, H_q, D], or [B, H_q, L, D] → [B, H_q, L, D].
+
+        [B, H_q, L, D] (speculative decoding's verification, 1 ≤ L ≤ 8): the L new tokens of every
+        sequence, already appended, are the last L tokens of every head, and query row i attends
+        causally to the head's first n − L + 1 + i tokens (n: the head's length). L = 1 equals the
+        [B, H_q, D] form. Any strides with a contiguous last axis: an engine's flat query rows
+        [B·L, H_q, D] are ``q.view(B, L, H_q, D).transpose(1, 2)``, no copy (and ``out`` likewise).
+        ``out`` (optional) must have the queries' shape.
+        """
         queries, stream = self._input("queries", queries)
         if out is None:
             out = self._new_output(queries)
         self._impl.attend(queries, out, stream)
         return out
+
+    def truncate(self, drop) -> None:
+        """Rolls back the newest ``drop[b]`` tokens of every kv head of sequence b (speculative decoding's rejected drafts).
+
+        drop: an int (the same count for every sequence), a sequence of B ints, a NumPy integer array
+        [B], or an int32 torch/CuPy tensor [B] (on the CPU, or on the cache's GPU for a CUDA cache:
+        read there, no copy). Afterwards the cache holds what it would hold had only the accepted
+        tokens been appended (kvtrim::scheme::truncate, docs/composition.md §8). Refused with
+        kvtrim.Error, the cache unchanged, for a negative count, a count past a head's length, past
+        what the codec can forget exactly (KIVI: the tokens of its fp16 residual group; LowRank with
+        sequence bases: those since the last basis refresh; Layered: its inner codec's and its recent
+        rows' limit), unequal counts on the contiguous layout, or a codec that does not roll back on
+        CUDA (Layered, LowRank). A CUDA paged/flat cache checks on the device (``check``).
+        """
+        stream = 0
+        batch = self._impl.batch
+        if isinstance(drop, (bool, np.bool_)):
+            raise _kvtrim.Error(f"kvtrim.Cache.truncate: argument 'drop': expected an int or [{batch}] int32 counts, got {drop!r}")
+        if isinstance(drop, (int, np.integer)):
+            drop = np.full(batch, _int32("drop", int(drop)), dtype=np.int32)
+        elif isinstance(drop, (list, tuple)):
+            if not all(isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) for x in drop):
+                raise _kvtrim.Error(f"kvtrim.Cache.truncate: argument 'drop': expected {batch} int counts, got {drop!r}")
+            drop = np.array([_int32("drop", int(x)) for x in drop], dtype=np.int32)
+        elif type(drop) is np.ndarray:
+            if drop.dtype.kind not in "iu":
+                raise _kvtrim.Error(f"kvtrim.Cache.truncate: argument 'drop': expected integer counts [{batch}], "
+                                    f"got {drop.dtype} {list(drop.shape)}")
+            if drop.dtype != np.int32:
+                if drop.size and (drop.min() < np.iinfo(np.int32).min or drop.max() > np.iinfo(np.int32).max):
+                    raise _kvtrim.Error(f"kvtrim.Cache.truncate: argument 'drop': expected counts that fit in int32, "
+                                        f"got {drop.min()} .. {drop.max()}")
+                drop = drop.astype(np.int32)
+        else:
+            library = _library(drop)
+            if library == "torch" and drop.is_cuda:
+                stream = _torch_stream(drop)
+            elif library == "cupy":
+                stream = _cupy_stream()
+            elif not hasattr(drop, "__dlpack__"):
+                raise _kvtrim.Error(f"kvtrim.Cache.truncate: argument 'drop': expected an int, a list of ints or an "
+                                    f"int32 array [{batch}], got {type(drop).__name__}")
+        self._impl.truncate(drop, stream)
+
+    def set_basis(self, key_bases, value_bases) -> None:
+        """Installs LowRank(source="profile") bases: key_bases, value_bases [H_kv, D, r] float32 (NumPy, host).
+
+        Basis h (D × r, orthonormal columns to 1e-3; r ≤ the stored rank: ``rank``, or ``max_rank``)
+        serves kv head h of every sequence; a token is stored as c = Uᵀx (fp16) and read as U c.
+        Call before compress (and again to replace them: tokens stored earlier keep their
+        coefficients). Key and value ranks may differ. Everything is checked before the first basis
+        is installed. On CUDA the bases are copied to the device (synchronised: a setup step).
+        """
+        stream = 0
+        if self.device == "cuda":
+            for x in (key_bases, value_bases):
+                if _library(x) == "torch" and x.is_cuda:
+                    stream = _torch_stream(x)
+        self._impl.set_basis(_host_float32(key_bases), _host_float32(value_bases), stream)
+
+    def low_rank(self, b: int, h: int) -> dict:
+        """LowRank storage of head (b, h): key_basis [D, r_k], value_basis [D, r_v] (float32) and the
+        key/value coefficients [n, r] (fp16 values as float32) of the n tokens read(b, h) gives, in its
+        order: read(b, h)'s keys are key_coefficients @ key_basisᵀ (post-RoPE keys; pre-RoPE keys are
+        then rotated to their positions)."""
+        return self._impl.low_rank(b, h)
 
     def check_status(self) -> None:
         """Raises kvtrim.Error for the first refusal a CUDA paged/flat cache recorded since the last check.
@@ -246,6 +320,22 @@ class Cache:
 
     def __repr__(self) -> str:
         return f"kvtrim.Cache({self.name}, shape={self.shape}, batch={self._impl.batch}, bytes={self.bytes})"
+
+
+def _int32(argument: str, value: int) -> int:
+    if not -(2**31) <= value < 2**31:
+        raise _kvtrim.Error(f"kvtrim.Cache.truncate: argument '{argument}': expected counts that fit in int32, got {value}")
+    return value
+
+
+def _host_float32(x):
+    """A host float32 array for set_basis (torch/CuPy tensors are copied to the host; bases are a setup step)."""
+    library = _library(x)
+    if library == "torch":
+        x = x.detach().cpu().numpy()
+    elif library == "cupy":
+        x = x.get()
+    return x
 
 
 def _torch_half_types():

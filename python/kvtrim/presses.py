@@ -421,8 +421,13 @@ class FP8(Codec):
 
 @dataclass
 class LowRank(Codec):
-    """Each token as ``rank`` fp16 coefficients in a per-head basis from the SVD of that head's keys (and
-    values) at compaction (codec::low_rank; Eigen Attention, Palu, ShadowKV). CPU only.
+    """Each token as ``rank`` fp16 coefficients in a per-head orthonormal basis (codec::low_rank; Eigen
+    Attention, Palu, ShadowKV): a token x is stored as c = Uᵀx and read as U c.
+
+    source: where the bases come from. ``"sequence"`` (CPU): fitted at every compress from the SVD of each
+    head's kept keys (and values), grown every ``update_freq`` appended tokens. ``"profile"`` (CPU and
+    CUDA): calibrated offline and installed with ``Cache.set_basis(key_bases, value_bases)`` before the
+    first compress (``rank`` or ``max_rank`` is then the most columns a basis may have; no refresh).
 
     rank: a fixed rank, or None for the smallest rank reaching ``energy`` (Eigen Attention's 0.98), at most
     ``max_rank`` (None: head_dim / 2; storage always holds max_rank coefficients per token).
@@ -439,6 +444,7 @@ class LowRank(Codec):
     rotary_dim: int = 0
     interleaved: bool = False
     update_freq: int = 16
+    source: str = "sequence"
     name = "low_rank"
 
     def __post_init__(self):
@@ -446,6 +452,8 @@ class LowRank(Codec):
             value = getattr(self, argument)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise _kvtrim.Error(f"kvtrim.LowRank: argument '{argument}': expected at least 1 or None, got {value!r}")
+        if self.source not in ("sequence", "profile"):
+            raise _kvtrim.Error(f"kvtrim.LowRank: argument 'source': expected 'sequence' or 'profile', got {self.source!r}")
 
     def _fill(self, s):
         s.codec = "low_rank"
@@ -457,6 +465,7 @@ class LowRank(Codec):
         s.rope_theta = self.rope_theta
         s.rotary_dim = self.rotary_dim
         s.rope_pairs = "interleaved" if self.interleaved else "half_split"
+        s.low_rank_source = self.source
 
 
 @dataclass

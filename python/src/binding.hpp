@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <cmath>
 #include <compare>
 #include <concepts>
 #include <cstddef>
@@ -91,6 +92,7 @@ struct settings {
   double rope_theta = 10000.0;
   std::int64_t rotary_dim = 0;
   std::string rope_pairs = "half_split";  // half_split | interleaved
+  std::string low_rank_source = "sequence";  // sequence (fitted at compaction) | profile (Cache.set_basis)
   // codec::layered<C>: fp16 rows for the first `layered_sinks` and the newest `layered_recent` tokens per head
   std::int64_t layered_sinks = 4;
   std::int64_t layered_recent = 128;
@@ -106,21 +108,23 @@ struct settings {
 
 // ---- arrays ----------------------------------------------------------------------
 
-enum class element_type { f32, f16, bf16 };
+enum class element_type { f32, f16, bf16, i32 };
 
 inline std::string_view name_of(element_type type) {
   switch (type) {
     case element_type::f32: return "float32";
     case element_type::f16: return "float16";
     case element_type::bf16: return "bfloat16";
+    case element_type::i32: return "int32";
   }
   return "?";
 }
 
 template <class T>
-inline constexpr element_type element_of = std::same_as<T, float>  ? element_type::f32
-                                           : std::same_as<T, half> ? element_type::f16
-                                                                   : element_type::bf16;
+inline constexpr element_type element_of = std::same_as<T, float>          ? element_type::f32
+                                           : std::same_as<T, half>         ? element_type::f16
+                                           : std::same_as<T, std::int32_t> ? element_type::i32
+                                                                           : element_type::bf16;
 
 /// One argument array: a DLPack tensor whose rank and element type module.cpp checked.
 struct array {
@@ -185,6 +189,15 @@ struct stats_result {
   std::string table;
 };
 
+/// One head's codec::low_rank storage (Cache.low_rank): its bases and the coefficients of the tokens it
+/// holds, in the order read() gives the tokens.
+struct low_rank_head {
+  std::int64_t head_dim = 0, tokens = 0;
+  std::int64_t key_rank = 0, value_rank = 0;
+  std::vector<float> key_basis, value_basis;                // [head_dim, rank], row-major
+  std::vector<float> key_coefficients, value_coefficients;  // [n, rank] (fp16 values, widened)
+};
+
 class cache_base {
  public:
   virtual ~cache_base() = default;
@@ -192,7 +205,16 @@ class cache_base {
   virtual void compress(const array& keys, const array& values, const array* window_queries, const array* scores,
                         std::uintptr_t stream) = 0;
   virtual void append(const array& keys, const array& values, std::uintptr_t stream) = 0;
+  /// queries, out: [B, Hq, D] (one new token per sequence) or [B, Hq, L, D] (L new tokens per
+  /// sequence, already appended; row i sees the first n − L + 1 + i tokens: scheme's multi-query attend).
   virtual void attend(const array& queries, const array& out, std::uintptr_t stream) = 0;
+  /// scheme::truncate: drop [B] int32 (host, or the cache's device) — the newest drop[b] tokens of every
+  /// kv head of sequence b leave the cache (speculative decoding's rejected drafts).
+  virtual void truncate(const array& drop, std::uintptr_t stream) = 0;
+  /// codec::low_rank with profile bases: installs key_bases / value_bases [Hkv, D, r] (host float32;
+  /// orthonormal columns) into every sequence's head h.
+  virtual void set_basis(const array& key_bases, const array& value_bases, std::uintptr_t stream) = 0;
+  virtual low_rank_head low_rank(std::int64_t b, std::int64_t h) const = 0;
   /// Host seconds per Scheme::attend call over `calls` calls made from C++ with the
   /// views converted once: the bare C++ cost that bench/python_overhead.py subtracts
   /// from the Python call's (issue 14's ≤ 20 µs). No synchronisation, like the
@@ -364,6 +386,9 @@ inline codec::low_rank::config codec(std::type_identity<codec::low_rank>, const 
   if (s.max_rank > 0) cfg.max_rank = s.max_rank;
   cfg.energy = s.energy;
   cfg.update_freq = s.update_freq;
+  cfg.source = pick<codec::basis_source>("low_rank_source", s.low_rank_source,
+                                         {{"sequence", codec::basis_source::sequence},
+                                          {"profile", codec::basis_source::profile}});
   cfg.keys = pick<codec::key_space>("key_space", s.key_space,
                                     {{"post_rope", codec::key_space::post_rope}, {"pre_rope", codec::key_space::pre_rope}});
   cfg.rope.theta = s.rope_theta;
@@ -446,6 +471,17 @@ void copy_to_host(void* host, const void* device, std::size_t bytes, std::uintpt
 /// kvtrim::check_status over a device cache's status words (defined in registry_cuda_contiguous.cu,
 /// so that the .cpp TUs need no CUDA header; host caches never call it).
 void check_device_status(std::int64_t* status, std::uintptr_t stream);
+/// Copies `bytes` of host memory to the device on `stream` (pageable: the host buffer may go once it returns).
+void copy_to_device(void* device, const void* host, std::size_t bytes, std::uintptr_t stream);
+/// cuda_detail::set_low_rank_basis (defined in registry_cuda_codecs.cu, which compiles the CUDA low-rank schemes).
+void set_device_low_rank_basis(const codec::low_rank::storage<device_space>& store, std::int64_t head,
+                               const float* key_basis, std::int64_t key_rank, const float* value_basis,
+                               std::int64_t value_rank, std::uintptr_t stream);
+
+/// Whether scheme::truncate runs for Codec in Space: everywhere on the host; registry_cuda.cuh says
+/// which codecs roll back on the device (backend/cuda/rollback.cuh refuses the others at compile time).
+template <class Codec, class Space>
+struct rolls_back : std::true_type {};
 
 namespace readback {
 
@@ -461,8 +497,7 @@ struct rebaser {
 };
 
 /// The codec storage of a device cache, over its host copy: every pointer moved, every
-/// count copied. One overload per codec family that runs on backend::cuda (low-rank
-/// does not: scheme refuses it at compile time).
+/// count copied. One overload per codec family that runs on backend::cuda.
 template <class T>
 typename codec::plain<T>::template storage<host_space> storage(
     std::type_identity<codec::plain<T>>, const typename codec::plain<T>::template storage<device_space>& d,
@@ -512,6 +547,34 @@ inline codec::fp8::storage<host_space> storage(std::type_identity<codec::fp8>,
   h.head_amax = d.head_amax;
   h.initial_key_scale = d.initial_key_scale;
   h.initial_value_scale = d.initial_value_scale;
+  return h;
+}
+inline codec::low_rank::storage<host_space> storage(std::type_identity<codec::low_rank>,
+                                                    const codec::low_rank::storage<device_space>& d,
+                                                    const rebaser& move) {
+  codec::low_rank::storage<host_space> h;
+  h.key_coefficients = move(d.key_coefficients);
+  h.value_coefficients = move(d.value_coefficients);
+  h.key_bases = move(d.key_bases);
+  h.value_bases = move(d.value_bases);
+  h.key_ranks = move(d.key_ranks);
+  h.value_ranks = move(d.value_ranks);
+  h.compaction_left = move(d.compaction_left);
+  h.pending_counts = move(d.pending_counts);
+  h.pending_slots = move(d.pending_slots);
+  h.pending_keys = move(d.pending_keys);
+  h.pending_values = move(d.pending_values);
+  h.head_dim = d.head_dim;
+  h.stored_rank = d.stored_rank;
+  h.slots = d.slots;
+  h.heads = d.heads;
+  h.slot_run = d.slot_run;
+  h.update_freq = d.update_freq;
+  h.fixed_rank = d.fixed_rank;
+  h.energy = d.energy;
+  h.from_sequence = d.from_sequence;
+  h.pre_rope = d.pre_rope;
+  h.rope = d.rope;
   return h;
 }
 template <class Inner>
@@ -582,6 +645,7 @@ class typed_cache final : public cache_base {
   using scorer_type = typename Scheme::scorer;
   static constexpr bool on_host = std::same_as<space, host_space>;
   static constexpr bool external_scores = std::same_as<scorer_type, score::external>;
+  static constexpr bool low_rank_codec = std::same_as<codec_type, codec::low_rank>;
   static constexpr bool has_status_words = !on_host && requires(const typename Scheme::cache& c) { c.view().status; };
   using host_view = typename layout_type::template view<codec_type, host_space>;
 
@@ -589,7 +653,14 @@ class typed_cache final : public cache_base {
       : config_(validated(convert::config<Scheme>(s))),
         codec_config_(convert::codec(std::type_identity<codec_type>{}, s)),
         cache_(Scheme::make_cache(shape, batch, convert::room<layout_type>(s, capacity), codec_config_)),
-        check_each_call_(convert::pick<bool>("check", s.check, {{"sync", true}, {"deferred", false}})) {}
+        check_each_call_(convert::pick<bool>("check", s.check, {{"sync", true}, {"deferred", false}})) {
+    if constexpr (low_rank_codec && !on_host)
+      if (cache_.view().storage.from_sequence)
+        detail::fail("kvtrim.Cache", "codec",
+                     "LowRank(source=\"profile\") on device=\"cuda\" (bases calibrated offline and installed with "
+                     "Cache.set_basis; kvtrim fits per-sequence bases on the CPU only)",
+                     "LowRank(source=\"sequence\")");
+  }
 
   void compress(const array& keys, const array& values, const array* window_queries, const array* scores,
                 std::uintptr_t stream) override {
@@ -613,6 +684,7 @@ class typed_cache final : public cache_base {
                      "None");
       cfg.score = score::external::config::from(as_view<3, float>(function, "scores", *scores));
     }
+    require_device_bases("kvtrim::scheme::compress");
     const std::int64_t tokens = keys.extents[2];
     const std::size_t bytes = Scheme::compress_workspace(cache_.view().shape, cache_.view().batch, tokens, cfg);
     run_compress(k, v, q, cfg, compress_scratch_.get(bytes), stream);
@@ -620,6 +692,7 @@ class typed_cache final : public cache_base {
 
   void append(const array& keys, const array& values, std::uintptr_t stream) override {
     constexpr std::string_view function = "kvtrim.Cache.append";
+    require_device_bases("kvtrim::scheme::append");
     Scheme::append(cache_.view(), as_view<4>(function, "keys", keys), as_view<4>(function, "values", values),
                    to_stream(stream));
     stream_ = stream;
@@ -628,11 +701,169 @@ class typed_cache final : public cache_base {
 
   void attend(const array& queries, const array& out, std::uintptr_t stream) override {
     constexpr std::string_view function = "kvtrim.Cache.attend";
-    const auto q = as_view<3>(function, "queries", queries);
-    const auto o = as_mutable_view<3>(function, "out", out);
-    const workspace scratch = attend_scratch_.get(Scheme::attend_workspace(cache_.view()));
+    if (queries.rank == 3) {
+      const auto q = as_view<3>(function, "queries", queries);
+      const auto o = as_mutable_view<3>(function, "out", out);
+      const workspace scratch = attend_scratch_.get(Scheme::attend_workspace(cache_.view()));
+      Scheme::attend(q, cache_.view(), o, scratch, to_stream(stream));
+      stream_ = stream;
+      return;
+    }
+    // [B, Hq, L, D] (the layout of compress's window_queries, and of an HF attention layer's
+    // queries): L new tokens per sequence, checked here in that order; the scheme reads the same
+    // elements as [B, L, Hq, D] (axes 1 and 2 swapped through the strides, no copy).
+    const model_shape s = shape();
+    const std::int64_t rows = queries.extents[2];
+    if (queries.rank != 4 || queries.extents[0] != batch() || queries.extents[1] != s.q_heads ||
+        queries.extents[3] != s.head_dim || rows < 1 || rows > Scheme::max_queries_per_sequence)
+      detail::fail(function, "queries",
+                   detail::cat("[", batch(), ", ", s.q_heads, ", ", s.head_dim, "] (one new token per sequence) or [",
+                               batch(), ", ", s.q_heads, ", L, ", s.head_dim, "] with L = 1 to ",
+                               Scheme::max_queries_per_sequence, " new tokens per sequence, already appended"),
+                   queries.describe());
+    if (out.rank != 4 || out.extents != queries.extents)
+      detail::fail(function, "out", detail::cat("an array of the queries' shape [", batch(), ", ", s.q_heads, ", ", rows,
+                                                ", ", s.head_dim, "]"),
+                   out.describe());
+    const auto q = tokens_major(as_view<4>(function, "queries", queries));
+    const auto o = tokens_major(as_mutable_view<4>(function, "out", out));
+    const workspace scratch = attend_scratch_.get(Scheme::attend_workspace(cache_.view(), rows));
     Scheme::attend(q, cache_.view(), o, scratch, to_stream(stream));
     stream_ = stream;
+  }
+
+  void truncate(const array& drop, std::uintptr_t stream) override {
+    constexpr std::string_view function = "kvtrim.Cache.truncate";
+    if constexpr (!truncatable) {
+      (void)drop, (void)stream;
+      detail::fail(function, "cache",
+                   "a scheme whose codec rolls back on its device (backend::cuda: FP16, BF16, FP32, KIVI, FP8; "
+                   "Layered and LowRank roll back on the CPU)",
+                   name());
+    } else {
+      const std::int64_t sequences = batch();
+      if (drop.rank != 1 || drop.type != element_type::i32 || drop.extents[0] != sequences)
+        detail::fail(function, "drop", detail::cat("an int32 array [", sequences, "] (one count per sequence)"),
+                     drop.describe());
+      if (drop.on_device && on_host)
+        detail::fail(function, "drop", detail::cat("an int32 array [", sequences, "] on the cpu"), drop.describe());
+      tensor_view<const std::int32_t, 1, space> counts{static_cast<const std::int32_t*>(drop.data), {sequences},
+                                                       {drop.strides[0]}};
+      if constexpr (!on_host) {
+        if (!drop.on_device) {  // host counts for a device cache: one small copy on the cache's stream
+          std::vector<std::int32_t> host(static_cast<std::size_t>(sequences));
+          for (std::int64_t b = 0; b < sequences; ++b)
+            host[static_cast<std::size_t>(b)] = static_cast<const std::int32_t*>(drop.data)[b * drop.strides[0]];
+          const workspace staged = truncate_scratch_.get(host.size() * sizeof(std::int32_t));
+          copy_to_device(staged.data, host.data(), host.size() * sizeof(std::int32_t), stream);
+          counts = {static_cast<const std::int32_t*>(staged.data), {sequences}, {1}};
+        }
+      }
+      Scheme::truncate(cache_.view(), counts, to_stream(stream));
+      stream_ = stream;
+      if (check_each_call_) check_status();
+    }
+  }
+
+  void set_basis(const array& key_bases, const array& value_bases, std::uintptr_t stream) override {
+    constexpr std::string_view function = "kvtrim.Cache.set_basis";
+    if constexpr (!low_rank_codec) {
+      (void)key_bases, (void)value_bases, (void)stream;
+      detail::fail(function, "cache", "a cache with codec LowRank(source=\"profile\")", name());
+    } else {
+      const auto& store = cache_.view().storage;
+      if (store.from_sequence)
+        detail::fail(function, "cache",
+                     "a cache with codec LowRank(source=\"profile\") (sequence bases are fitted at every compress)",
+                     "LowRank(source=\"sequence\")");
+      const model_shape s = shape();
+      // Every basis is checked before the first is installed, so a refused call leaves the cache as it was.
+      const auto gather = [&](std::string_view argument, const array& given) {
+        if (given.rank != 3 || given.type != element_type::f32 || given.on_device || given.extents[0] != s.kv_heads ||
+            given.extents[1] != s.head_dim || given.extents[2] < 1 || given.extents[2] > store.stored_rank)
+          detail::fail(function, argument,
+                       detail::cat("a float32 array [", s.kv_heads, ", ", s.head_dim, ", rank] on the cpu with rank 1 to ",
+                                   store.stored_rank, " (the stored rank): one basis per kv head"),
+                       given.describe());
+        const std::int64_t rank = given.extents[2];
+        std::vector<float> rows(static_cast<std::size_t>(s.kv_heads * s.head_dim * rank));
+        const auto* data = static_cast<const float*>(given.data);
+        for (std::int64_t h = 0; h < s.kv_heads; ++h)
+          for (std::int64_t d = 0; d < s.head_dim; ++d)
+            for (std::int64_t j = 0; j < rank; ++j)
+              rows[static_cast<std::size_t>((h * s.head_dim + d) * rank + j)] =
+                  data[h * given.strides[0] + d * given.strides[1] + j * given.strides[2]];
+        for (std::int64_t h = 0; h < s.kv_heads; ++h) {
+          const float* basis = rows.data() + h * s.head_dim * rank;
+          double deviation = 0.0;
+          for (std::int64_t i = 0; i < s.head_dim * rank; ++i)
+            if (!std::isfinite(basis[i]))
+              detail::fail(function, argument, "finite entries", detail::cat("NaN or Inf in kv head ", h, "'s basis"));
+          for (std::int64_t a = 0; a < rank; ++a)
+            for (std::int64_t c = 0; c < rank; ++c) {
+              double dot = 0.0;
+              for (std::int64_t d = 0; d < s.head_dim; ++d)
+                dot += static_cast<double>(basis[d * rank + a]) * static_cast<double>(basis[d * rank + c]);
+              deviation = std::max(deviation, std::abs(dot - (a == c ? 1.0 : 0.0)));
+            }
+          if (deviation > 1e-3)
+            detail::fail(function, argument, "orthonormal columns in every kv head's basis (|UᵀU − I| ≤ 1e-3)",
+                         detail::cat("|UᵀU − I| = ", deviation, " in kv head ", h));
+        }
+        return std::pair{std::move(rows), rank};
+      };
+      const auto [keys, key_rank] = gather("key_bases", key_bases);
+      const auto [values, value_rank] = gather("value_bases", value_bases);
+      for (std::int64_t b = 0; b < batch(); ++b)
+        for (std::int64_t h = 0; h < s.kv_heads; ++h) {
+          const float* k = keys.data() + h * s.head_dim * key_rank;
+          const float* v = values.data() + h * s.head_dim * value_rank;
+          if constexpr (on_host)
+            codec::low_rank::set_basis<host_space>(store, b * s.kv_heads + h, k, key_rank, v, value_rank);
+          else
+            set_device_low_rank_basis(store, b * s.kv_heads + h, k, key_rank, v, value_rank, stream);
+        }
+      bases_installed_ = true;
+      stream_ = stream;
+    }
+  }
+
+  low_rank_head low_rank(std::int64_t b, std::int64_t h) const override {
+    constexpr std::string_view function = "kvtrim.Cache.low_rank";
+    if constexpr (!low_rank_codec) {
+      (void)b, (void)h;
+      detail::fail(function, "cache", "a cache with codec LowRank", name());
+    } else {
+      check_head(function, b, h);
+      check_status();
+      return inspect([b, h](const auto& view) {
+        const auto& store = view.storage;
+        const std::int64_t head = b * view.shape.kv_heads + h, dim = store.head_dim, stored = store.stored_rank;
+        low_rank_head result;
+        result.head_dim = dim;
+        result.key_rank = store.key_ranks[head];
+        result.value_rank = store.value_ranks[head];
+        const auto basis = [&](const float* bases, std::int64_t rank) {
+          std::vector<float> out(static_cast<std::size_t>(dim * rank));
+          for (std::int64_t d = 0; d < dim; ++d)
+            for (std::int64_t j = 0; j < rank; ++j)
+              out[static_cast<std::size_t>(d * rank + j)] = bases[(head * dim + d) * stored + j];
+          return out;
+        };
+        result.key_basis = basis(store.key_bases, result.key_rank);
+        result.value_basis = basis(store.value_bases, result.value_rank);
+        const std::int64_t n = view.head_length(b, h);
+        result.tokens = n;
+        for (std::int64_t i = 0; i < n; ++i) {
+          const std::int64_t slot = view.slot(b, h, i);
+          for (std::int64_t j = 0; j < result.key_rank; ++j)
+            result.key_coefficients.push_back(static_cast<float>(store.key_coefficients[slot * stored + j]));
+          for (std::int64_t j = 0; j < result.value_rank; ++j)
+            result.value_coefficients.push_back(static_cast<float>(store.value_coefficients[slot * stored + j]));
+        }
+        return result;
+      });
+    }
   }
 
   double attend_seconds_from_cxx(const array& queries, const array& out, std::uintptr_t stream,
@@ -717,11 +948,7 @@ class typed_cache final : public cache_base {
   }
 
   std::pair<std::vector<float>, std::vector<float>> read_head(std::int64_t b, std::int64_t h) const override {
-    constexpr std::string_view function = "kvtrim.Cache.read";
-    if (b < 0 || b >= batch())
-      detail::fail(function, "b", detail::cat("a sequence in [0, ", batch(), ")"), std::to_string(b));
-    if (h < 0 || h >= shape().kv_heads)
-      detail::fail(function, "h", detail::cat("a kv head in [0, ", shape().kv_heads, ")"), std::to_string(h));
+    check_head("kvtrim.Cache.read", b, h);
     check_status();
     return inspect([b, h](const auto& view) {
       const std::int64_t n = view.head_length(b, h), dim = view.shape.head_dim;
@@ -804,6 +1031,37 @@ class typed_cache final : public cache_base {
       const host_view view = readback::view<layout_type, codec_type>(cache_.view(), move);
       return inspect_view(view);
     }
+  }
+
+  /// A device low-rank cache encodes a head without a basis as zeros (codec_low_rank.cuh: a kernel
+  /// cannot throw); the CPU's check_storage refuses it. The binding knows whether set_basis ran, so
+  /// a device cache refuses too, with the CPU's words, before anything is written.
+  void require_device_bases(std::string_view function) const {
+    if constexpr (low_rank_codec && !on_host)
+      if (!bases_installed_)
+        detail::fail(function, "cache.storage",
+                     "a basis for every head (basis_source::profile: call set_basis or load the profile's bases "
+                     "first)",
+                     "none for head 0");
+  }
+
+  void check_head(std::string_view function, std::int64_t b, std::int64_t h) const {
+    if (b < 0 || b >= batch())
+      detail::fail(function, "b", detail::cat("a sequence in [0, ", batch(), ")"), std::to_string(b));
+    if (h < 0 || h >= shape().kv_heads)
+      detail::fail(function, "h", detail::cat("a kv head in [0, ", shape().kv_heads, ")"), std::to_string(h));
+  }
+
+  /// scheme::truncate compiles for this scheme (and, on a device, its codec rolls back there).
+  static constexpr bool truncatable =
+      rolls_back<codec_type, space>::value &&
+      requires(typename Scheme::cache_view& c, tensor_view<const std::int32_t, 1, space> d) { Scheme::truncate(c, d); };
+
+  /// [B, Hq, L, D] seen as the scheme's [B, L, Hq, D] (axes 1 and 2 swapped; the same elements).
+  template <class Element>
+  static tensor_view<Element, 4, space> tokens_major(const tensor_view<Element, 4, space>& v) {
+    return {v.data, {v.extents[0], v.extents[2], v.extents[1], v.extents[3]},
+            {v.strides[0], v.strides[2], v.strides[1], v.strides[3]}};
   }
 
   const std::int32_t* kept_tokens_on_device() const {
@@ -889,11 +1147,13 @@ class typed_cache final : public cache_base {
   scratch_buffer<backend_type> compress_scratch_;
   scratch_buffer<backend_type> attend_scratch_;
   scratch_buffer<backend_type> eviction_scratch_;
+  scratch_buffer<backend_type> truncate_scratch_;  // device caches: host drop counts copied here
   scratch_buffer<backend_type> kept_scratch_[2];  // device caches: compress's kept-index output (run_compress)
   int kept_active_ = 0;                           // the buffer of the last compress that was taken
   mutable kept_indices kept_;                     // read back lazily on a device
   bool kept_on_device_ = false;
   bool check_each_call_ = true;                   // settings::check: "sync"
+  bool bases_installed_ = false;                  // low-rank device caches: set_basis ran
   std::uintptr_t stream_ = 0;  // the stream of the last call that used the cache (read-back waits for it)
 };
 

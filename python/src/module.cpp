@@ -61,7 +61,7 @@ std::string dtype_name(const nb::dlpack::dtype& type) {
 /// Rank, element type and device of one argument; what kvtrim checks itself (shape, strides) it checks.
 template <class Array>
 kp::array to_array(std::string_view function, std::string_view argument, const Array& given, std::size_t rank,
-                   std::string_view layout) {
+                   std::string_view layout, bool integers = false) {
   kp::array result;
   const nb::dlpack::dtype type = given.dtype();
   const auto code = static_cast<nb::dlpack::dtype_code>(type.code);
@@ -75,8 +75,13 @@ kp::array to_array(std::string_view function, std::string_view argument, const A
   const std::string came = kvtrim::detail::cat(dtype_name(type), " ", shape, " on ", device);
   if (given.ndim() != rank)
     kvtrim::detail::fail(function, argument, kvtrim::detail::cat("a ", rank, "-d array ", layout), came);
-  if (type.lanes != 1) kvtrim::detail::fail(function, argument, "float32, float16 or bfloat16 elements", came);
-  if (code == nb::dlpack::dtype_code::Float && type.bits == 32)
+  if (integers) {  // int32 counts (Cache.truncate's drop)
+    if (type.lanes != 1 || code != nb::dlpack::dtype_code::Int || type.bits != 32)
+      kvtrim::detail::fail(function, argument, kvtrim::detail::cat("int32 elements (", layout, ")"), came);
+    result.type = kp::element_type::i32;
+  } else if (type.lanes != 1) {
+    kvtrim::detail::fail(function, argument, "float32, float16 or bfloat16 elements", came);
+  } else if (code == nb::dlpack::dtype_code::Float && type.bits == 32)
     result.type = kp::element_type::f32;
   else if (code == nb::dlpack::dtype_code::Float && type.bits == 16)
     result.type = kp::element_type::f16;
@@ -125,17 +130,15 @@ class py_cache {
       const kp::scheme_key on_cpu{"cpu", s.layout, s.scorer, s.budget, s.codec};
       if (s.codec == "low_rank")
         kvtrim::detail::fail("kvtrim.Cache", "scheme",
-                             "a CUDA scheme without codec low_rank: the C++ CUDA backend encodes and attends "
-                             "over low_rank with profile bases (codec_low_rank.cuh), but the Python CUDA list "
-                             "does not compile it nor install bases on the device (this scheme runs with "
-                             "device=\"cpu\")",
+                             "a compiled CUDA low_rank scheme: LowRank(source=\"profile\") with StreamingLLM, SnapKV, "
+                             "Ada-SnapKV and RazorAttention on the flat layout (this scheme runs with device=\"cpu\")",
                              asked);
       if (schemes().count(on_cpu) != 0)
         kvtrim::detail::fail("kvtrim.Cache", "scheme",
                              kvtrim::detail::cat("a compiled CUDA scheme: fp16/bf16 take every scorer and budget; int8, "
                                                  "int4, fp8 and layered<int4> are compiled with StreamingLLM, SnapKV, "
-                                                 "Ada-SnapKV and RazorAttention on flat and paged layouts (this scheme "
-                                                 "runs with device=\"cpu\")"),
+                                                 "Ada-SnapKV and RazorAttention on flat and paged layouts, low_rank "
+                                                 "with those on flat (this scheme runs with device=\"cpu\")"),
                              asked);
     }
     if (found == schemes().end())
@@ -145,7 +148,8 @@ class py_cache {
                            "low_rank, layered<int8|int4>: every scorer and budget on flat, StreamingLLM/SnapKV/"
                            "Ada-SnapKV/RazorAttention on paged (not low_rank); CUDA: fp16/bf16 with every scorer "
                            "and budget, fp32 for StreamingLLM/uniform/contiguous, int8/int4/fp8/layered<int4> with "
-                           "StreamingLLM/SnapKV/Ada-SnapKV/RazorAttention on flat and paged)",
+                           "StreamingLLM/SnapKV/Ada-SnapKV/RazorAttention on flat and paged, low_rank (profile bases) "
+                           "with those on flat)",
                            asked);
     impl_ = found->second(s, kvtrim::model_shape{q_heads, kv_heads, head_dim}, batch, capacity);
   }
@@ -173,10 +177,28 @@ class py_cache {
 
   void attend(const input_array& queries, const output_array& out, std::uintptr_t stream) {
     constexpr std::string_view function = "kvtrim.Cache.attend";
-    const auto q = to_array(function, "queries", queries, 3, "[batch, q_heads, head_dim]");
-    const auto o = to_array(function, "out", out, 3, "[batch, q_heads, head_dim]");
+    // [B, Hq, D], or [B, Hq, L, D]: L new tokens per sequence (typed_cache::attend checks the rest).
+    const std::size_t rank = queries.ndim() == 4 ? 4 : 3;
+    constexpr std::string_view shapes = "[batch, q_heads, head_dim] or [batch, q_heads, new_tokens, head_dim]";
+    const auto q = to_array(function, "queries", queries, rank, shapes);
+    const auto o = to_array(function, "out", out, rank, "of the queries' rank");
     nb::gil_scoped_release release;
     impl_->attend(q, o, stream);
+  }
+
+  void truncate(const input_array& drop, std::uintptr_t stream) {
+    constexpr std::string_view function = "kvtrim.Cache.truncate";
+    const auto d = to_array(function, "drop", drop, 1, "[batch] counts", /*integers=*/true);
+    nb::gil_scoped_release release;
+    impl_->truncate(d, stream);
+  }
+
+  void set_basis(const input_array& key_bases, const input_array& value_bases, std::uintptr_t stream) {
+    constexpr std::string_view function = "kvtrim.Cache.set_basis";
+    const auto k = to_array(function, "key_bases", key_bases, 3, "[kv_heads, head_dim, rank]");
+    const auto v = to_array(function, "value_bases", value_bases, 3, "[kv_heads, head_dim, rank]");
+    nb::gil_scoped_release release;
+    impl_->set_basis(k, v, stream);
   }
 
   double attend_seconds_from_cxx(const input_array& queries, const output_array& out, std::uintptr_t stream,
@@ -327,6 +349,7 @@ NB_MODULE(_kvtrim, m) {
       .def_rw("rope_theta", &kp::settings::rope_theta)
       .def_rw("rotary_dim", &kp::settings::rotary_dim)
       .def_rw("rope_pairs", &kp::settings::rope_pairs)
+      .def_rw("low_rank_source", &kp::settings::low_rank_source)
       .def_rw("layered_sinks", &kp::settings::layered_sinks)
       .def_rw("layered_recent", &kp::settings::layered_recent)
       .def_rw("page_size", &kp::settings::page_size)
@@ -340,6 +363,20 @@ NB_MODULE(_kvtrim, m) {
            nb::arg("scores").none() = nb::none(), nb::arg("stream") = 0)
       .def("append", &py_cache::append, nb::arg("keys"), nb::arg("values"), nb::arg("stream") = 0)
       .def("attend", &py_cache::attend, nb::arg("queries"), nb::arg("out"), nb::arg("stream") = 0)
+      .def("truncate", &py_cache::truncate, nb::arg("drop"), nb::arg("stream") = 0)
+      .def("set_basis", &py_cache::set_basis, nb::arg("key_bases"), nb::arg("value_bases"), nb::arg("stream") = 0)
+      .def("low_rank", [](py_cache& self, std::int64_t b, std::int64_t h) {
+        kp::low_rank_head head = self.impl().low_rank(b, h);
+        const auto dim = static_cast<std::size_t>(head.head_dim);
+        const auto key_rank = static_cast<std::size_t>(head.key_rank), value_rank = static_cast<std::size_t>(head.value_rank);
+        const auto rows = static_cast<std::size_t>(head.tokens);
+        nb::dict result;
+        result["key_basis"] = float_matrix(std::move(head.key_basis), dim, key_rank);
+        result["value_basis"] = float_matrix(std::move(head.value_basis), dim, value_rank);
+        result["key_coefficients"] = float_matrix(std::move(head.key_coefficients), rows, key_rank);
+        result["value_coefficients"] = float_matrix(std::move(head.value_coefficients), rows, value_rank);
+        return result;
+      }, nb::arg("b"), nb::arg("h"))
       .def("_attend_seconds_from_cxx", &py_cache::attend_seconds_from_cxx, nb::arg("queries"), nb::arg("out"),
            nb::arg("stream"), nb::arg("calls"),
            "Host seconds per C++ Scheme::attend call, `calls` calls in a loop (bench/python_overhead.py's baseline).")

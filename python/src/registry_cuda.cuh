@@ -13,8 +13,8 @@
 // The quantizing codecs issue 12 runs on the device (int8 and int4 KIVI, fp8,
 // layered<int4>) with the presses the fidelity study and most users combine them
 // with — StreamingLLM, SnapKV, Ada-SnapKV, RazorAttention — on flat and paged:
-// 4 · 4 · 2 = 32 more (registry_cuda_codecs.cu), 111 in all. Low-rank is CPU only
-// (kvtrim::scheme refuses it on CUDA at compile time).
+// 4 · 4 · 2 = 32 more (registry_cuda_codecs.cu), and low_rank with profile bases (Cache.set_basis)
+// with the same four presses on flat: 4 more, 115 in all.
 // Inputs are the codec's element type (torch.float16 for FP16(), ...), read in
 // place from the caller's tensors on the caller's stream.
 // The list is compiled by nvcc in one translation unit per layout
@@ -30,6 +30,11 @@
 namespace kvtrim::python {
 
 template <> struct policy_name<backend::cuda> { static constexpr std::string_view value = "cuda"; };
+
+/// Cache.truncate on the device: the codecs backend/cuda/rollback.cuh rolls back (plain, fp8, int8,
+/// int4; it refuses layered and low_rank at compile time, and the binding then raises kvtrim.Error).
+template <class Codec>
+struct rolls_back<Codec, device_space> : std::bool_constant<cuda_detail::device_rollback_codec<Codec>> {};
 
 namespace cuda_list {
 
@@ -76,7 +81,7 @@ void add_razor(registry& into) {
 void add_contiguous(registry& into);  // registry_cuda_contiguous.cu
 void add_flat(registry& into);        // registry_cuda_flat.cu
 void add_paged(registry& into);       // registry_cuda_paged.cu
-void add_quantizing(registry& into);  // registry_cuda_codecs.cu
+void add_quantizing(registry& into);  // registry_cuda_codecs.cu (with low_rank)
 
 }  // namespace cuda_list
 }  // namespace kvtrim::python

@@ -30,6 +30,12 @@ void copy_to_host(void* host, const void* device, std::size_t bytes, std::uintpt
   detail::check_cuda(cudaStreamSynchronize(on), function, "cudaStreamSynchronize");
 }
 
+void copy_to_device(void* device, const void* host, std::size_t bytes, std::uintptr_t stream) {
+  if (bytes == 0) return;
+  detail::check_cuda(cudaMemcpyAsync(device, host, bytes, cudaMemcpyHostToDevice, reinterpret_cast<cudaStream_t>(stream)),
+                     "kvtrim.Cache (copying host counts to the device)", "cudaMemcpyAsync");
+}
+
 void check_device_status(std::int64_t* status, std::uintptr_t stream) {
   /// kvtrim::check_status reads only the view's status words.
   struct status_words {

@@ -69,10 +69,11 @@ LAYER, LAYERS = 3, 8  # where the cache sits in the model (Pyramid's schedule, R
 RETRIEVAL = [[False, True]] * LAYERS  # kv head 1 keeps everything; head 0 is compressed with a compensation token
 
 
-def cuda_schemes():
+def cuda_schemes(low_rank=False):
+    """The compiled CUDA list; low-rank schemes (which need bases first: test_cuda_speculative.py) only when asked."""
     if not kvtrim.has_cuda:
         return []
-    return [s[1:] for s in kvtrim.schemes() if s[0] == "cuda"]
+    return [s[1:] for s in kvtrim.schemes() if s[0] == "cuda" and (low_rank or s[4] != "low_rank")]
 
 
 def make_press(scorer, budget, ratio=0.6):
@@ -290,8 +291,8 @@ def quantized_attention_bound(codec, decode, rows, held):
 
 
 def test_the_cuda_list():
-    listed = set(cuda_schemes())
-    assert len(listed) == 111  # python/src/registry_cuda.cuh: 19 contiguous + 30 flat + 30 paged + 32 quantizing
+    listed = set(cuda_schemes(low_rank=True))
+    assert len(listed) == 115  # python/src/registry_cuda.cuh: 19 contiguous + 30 flat + 30 paged + 32 quantizing + 4 low-rank
     for layout in ("contiguous", "flat", "paged"):
         budgets = ("uniform", "pyramid") if layout == "contiguous" else ("uniform", "adaptive", "pyramid")
         for scorer in ("static_window", "snapkv", "h2o", "key_norm"):
@@ -308,7 +309,7 @@ def test_the_cuda_list():
                   for codec in QUANTIZING}
     assert quantizing <= listed
     assert {s for s in listed if s[3] in QUANTIZING} == quantizing
-    assert not any(codec == "low_rank" for (_, _, _, codec) in listed)
+    assert {s for s in listed if s[3] == "low_rank"} == {("flat", scorer, budget, "low_rank") for scorer, budget in presses}
 
 
 def test_cupy_arrays_into_a_ragged_cuda_cache():
@@ -351,7 +352,13 @@ def test_uncompiled_codec_schemes_on_cuda_are_refused_clearly():
                                            r"budget=adaptive codec=int8"):
         kvtrim.Cache(kvtrim.AdaKV(kvtrim.H2O(compression_ratio=0.5)), kvtrim.KIVI(), "flat", (4, 2, 64), 1, 256,
                      device="cuda")
-    with pytest.raises(kvtrim.Error, match=r"without codec low_rank.*got device=cuda layout=flat scorer=snapkv"):
+    with pytest.raises(kvtrim.Error, match=r"a compiled CUDA low_rank scheme: LowRank\(source=\"profile\"\) with "
+                                           r"StreamingLLM, SnapKV, Ada-SnapKV and RazorAttention on the flat layout.*"
+                                           r"got device=cuda layout=paged scorer=snapkv"):
+        kvtrim.Cache(kvtrim.SnapKV(compression_ratio=0.5), kvtrim.LowRank(rank=8, source="profile"), "paged",
+                     (4, 2, 64), 1, 256, device="cuda")
+    with pytest.raises(kvtrim.Error, match=r"kvtrim.Cache: argument 'codec': expected LowRank\(source=\"profile\"\) on "
+                                           r"device=\"cuda\".*got LowRank\(source=\"sequence\"\)"):
         kvtrim.Cache(kvtrim.SnapKV(compression_ratio=0.5), kvtrim.LowRank(rank=8), "flat", (4, 2, 64), 1, 256,
                      device="cuda")
 

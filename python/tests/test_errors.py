@@ -38,8 +38,9 @@ def test_wrong_rank_dtype_and_contiguity(rng):
         wide = np.repeat(keys, 2, axis=3)
         cache.compress(wide[..., ::2], values)
     cache.compress(keys, values)
-    with pytest.raises(kvtrim.Error, match=r"kvtrim.Cache.attend: argument 'queries': expected a 3-d array"):
-        cache.attend(np.zeros((1, 4, 1, 16), np.float32))
+    with pytest.raises(kvtrim.Error, match=r"kvtrim.Cache.attend: argument 'queries': expected a 3-d array "
+                                           r"\[batch, q_heads, head_dim\] or \[batch, q_heads, new_tokens, head_dim\]"):
+        cache.attend(np.zeros((1, 4, 16, 1, 1), np.float32))  # [B, H_q, L, D] is multi-query attend (test_speculative.py)
     with pytest.raises(kvtrim.Error, match=r"kvtrim::scheme::attend: argument 'out': expected shape \[1, 4, 16\], got \[1, 4, 8\]"):
         cache.attend(np.zeros((1, 4, 16), np.float32), out=np.zeros((1, 4, 8), np.float32))
     with pytest.raises(kvtrim.Error, match=r"argument 'out': expected a 3-d float32 array on the cpu, got float16"):
