@@ -31,10 +31,10 @@ namespace kvtrim::python {
 
 template <> struct policy_name<backend::cuda> { static constexpr std::string_view value = "cuda"; };
 
-/// Cache.truncate on the device: the codecs backend/cuda/rollback.cuh rolls back (plain, fp8, int8,
-/// int4; it refuses layered and low_rank at compile time, and the binding then raises kvtrim.Error).
+/// Cache.truncate on the device: backend/cuda/rollback.cuh rolls back every codec the device writes
+/// (plain, fp8, int8, int4, layered and low_rank).
 template <class Codec>
-struct rolls_back<Codec, device_space> : std::bool_constant<cuda_detail::device_rollback_codec<Codec>> {};
+struct rolls_back<Codec, device_space> : std::true_type {};
 
 namespace cuda_list {
 
