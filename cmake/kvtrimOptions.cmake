@@ -5,6 +5,7 @@ include(GNUInstallDirs)
 
 option(KVTRIM_BUILD_TESTS "Build kvtrim's tests" ${PROJECT_IS_TOP_LEVEL})
 option(KVTRIM_BUILD_CPU_TESTS "Build the CPU test suite (off in CUDA-only builds)" ON)
+option(KVTRIM_BUILD_CPU_PROGRAMS "Build the CPU-only benchmarks and examples (off in the cuda preset: the cpu presets build them)" ON)
 option(KVTRIM_SANITIZER_SUBSET "Sanitizer builds: compile the CPU suites that drive memory, not the value-only ones (tests/CMakeLists.txt)" OFF)
 option(KVTRIM_BUILD_BENCH "Build kvtrim's benchmarks" ${PROJECT_IS_TOP_LEVEL})
 option(KVTRIM_BUILD_EXAMPLES "Build kvtrim's examples" ${PROJECT_IS_TOP_LEVEL})

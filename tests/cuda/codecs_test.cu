@@ -7,6 +7,8 @@
 //    saturation range, signed zeros, fp32 subnormals and a million random
 //    finite floats: the same code, bit for bit. NaN: the hardware gives the NaN
 //    code, the CPU refuses the input.
+//  * IntegerCodes: int8 / int4 codes (x · 1/scale; the division only near a tie) against the CPU's division
+//    on constructed ties n + ½, their neighbouring floats and exact ties, scales of every binade: bit for bit.
 //  * CodecCache.*: (int8, int4, fp8, and layered<int8 | fp8>) one cache built twice from the same bytes — the CPU's host
 //    block after bind, copied to the device — then compacted (a ragged
 //    selection, compensation rows on some cases) and appended to (1, 17, 33
@@ -119,6 +121,78 @@ TEST(Fp8Conversion, HardwareMatchesCpuOnEveryBoundary) {
   const auto store = kt::codec::fp8::bind<kt::host_space>(config, aligned, 1, 1, 8, 1);
   float row[8] = {std::numeric_limits<float>::quiet_NaN()};
   EXPECT_THROW(kt::codec::fp8::encode(store, 0, 0, 0, row, row), kt::error);
+}
+
+// ---- int8 / int4 codes: the product with 1/scale against the CPU's division ----------
+
+/// (x, lowest, highest) → the code the device's fit and code give, as the 16-byte encode kernels call them.
+template <int Bits>
+__global__ void device_integer_codes(const float* x, const float* lowest, const float* highest, bool asymmetric,
+                                     unsigned* out, std::int64_t n) {
+  using device = kt::cuda_detail::codec_device<kt::codec::quantized<Bits>>;
+  for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < n; i += std::int64_t{gridDim.x} * blockDim.x)
+    out[i] = device::code(x[i], device::fit(lowest[i], highest[i], asymmetric), asymmetric);
+}
+
+/// code() multiplies by 1/scale and divides only near a rounding tie (codec_quantized.cuh derives the
+/// 2⁻¹² margin). Inputs built to sit on, and one or two ulps beside, every tie n + ½ of the code range, for
+/// scales of every binade, plus random rows and the range's ends: each code equals the CPU's, bit for bit.
+template <int Bits>
+void expect_codes_match_cpu(bool asymmetric) {
+  using quantizer = kt::detail::integer_quantizer<Bits>;
+  std::vector<float> x, lowest, highest;
+  const auto add = [&](float value, float low, float high) { x.push_back(value), lowest.push_back(low), highest.push_back(high); };
+  std::mt19937_64 random(Bits * 2 + (asymmetric ? 1 : 0));
+  std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
+  const int top = asymmetric ? quantizer::levels : quantizer::symmetric_max;
+  for (int exponent = -126; exponent <= 120; exponent += 3) {
+    const float amax = std::ldexp(1.0f + 0.37f * (unit(random) + 1.0f), exponent);
+    const float low = asymmetric ? -0.5f * amax : -amax, high = amax;
+    const typename quantizer::step step = quantizer::fit(low, high, asymmetric);
+    if (step.scale == 0.0f || !std::isfinite(step.scale)) continue;
+    for (int n = asymmetric ? 0 : -top; n < top; ++n) {
+      // x with (x − zero) / scale ≈ n + ½: the float nearest, and its neighbours.
+      const float tie = static_cast<float>((n + 0.5) * static_cast<double>(step.scale) + step.zero);
+      float below = tie, above = tie;
+      add(tie, low, high);
+      for (int k = 0; k < 2; ++k) {
+        below = std::nextafter(below, -INFINITY), above = std::nextafter(above, INFINITY);
+        add(below, low, high), add(above, low, high);
+      }
+      add(static_cast<float>(n * static_cast<double>(step.scale) + step.zero), low, high);
+    }
+    add(low, low, high), add(high, low, high), add(0.0f, low, high), add(-0.0f, low, high);
+    for (int i = 0; i < 64; ++i) add(amax * unit(random), low, high);
+  }
+  // Exactly representable ties: scale a power of two, so x = (n + ½)·scale is exact and the quotient is the tie.
+  for (const float amax : {static_cast<float>(top), static_cast<float>(top) * 0.25f, static_cast<float>(top) * 1024.0f}) {
+    const float low = asymmetric ? 0.0f : -amax;
+    const typename quantizer::step step = quantizer::fit(low, amax, asymmetric);
+    for (int n = asymmetric ? 0 : -top; n < top; ++n) add(static_cast<float>((n + 0.5) * step.scale) + step.zero, low, amax);
+  }
+  device_buffer<float> device_x(x), device_lowest(lowest), device_highest(highest);
+  device_buffer<unsigned> device_codes(x.size());
+  device_integer_codes<Bits><<<256, 256>>>(device_x.data(), device_lowest.data(), device_highest.data(), asymmetric,
+                                           device_codes.data(), static_cast<std::int64_t>(x.size()));
+  kt::testing::check(cudaDeviceSynchronize(), "device_integer_codes");
+  const std::vector<unsigned> got = device_codes.download();
+  std::int64_t mismatches = 0;
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const unsigned expected = quantizer::code(x[i], quantizer::fit(lowest[i], highest[i], asymmetric), asymmetric);
+    if (got[i] != expected && ++mismatches <= 8)
+      ADD_FAILURE() << "int" << Bits << (asymmetric ? " zero-point" : "") << " code(" << x[i] << ") over [" << lowest[i]
+                    << ", " << highest[i] << "]: device " << got[i] << ", cpu " << expected;
+  }
+  EXPECT_EQ(mismatches, 0) << "of " << x.size() << " inputs";
+  EXPECT_GT(x.size(), 10000u);
+}
+
+TEST(IntegerCodes, ProductWithReciprocalMatchesCpuDivisionAtEveryTie) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  expect_codes_match_cpu<8>(false);
+  expect_codes_match_cpu<8>(true);
+  expect_codes_match_cpu<4>(false);
+  expect_codes_match_cpu<4>(true);
 }
 
 // ---- caches built by both backends -------------------------------------------

@@ -84,6 +84,27 @@ struct integer_quantizer {
     const float q = std::clamp(std::nearbyint(x / s.scale), -float(symmetric_max), float(symmetric_max));
     return static_cast<unsigned>(static_cast<int>(q) + symmetric_offset);
   }
+  /// round(x / scale) — code()'s rounding of the IEEE quotient — from the product e = x · inverse, where
+  /// inverse = 1 / scale correctly rounded; the device encode's path (a division per channel is a subroutine
+  /// of ~20 instructions with a slow-path branch: most of the encode kernels' instructions, ncu 2026-12-03).
+  /// Why they agree: e and q = x / scale differ by at most |q|·(2⁻²⁴ + 2⁻²⁴ + 2⁻⁴⁸) ≤ 1.3·10⁻⁴ for
+  /// |q| < 1024, and the rounded quotient fl(q) from q by half an ulp below 1024, 2⁻¹⁵ = 3.1·10⁻⁵: together
+  /// < 1.7·10⁻⁴ < 2⁻¹² = 2.4·10⁻⁴. Rounding changes value only at n + ½, so when e lies farther than 2⁻¹²
+  /// from every n + ½, e and fl(q) round alike. Otherwise (a near-tie, |e| ≥ 1024, a non-finite e: x or
+  /// 1/scale out of range) the division decides. (A compiler that fuses e − floor(e) into one fma judges the
+  /// distance on the exact product, 3.1·10⁻⁵ from e: the margin still holds.) tests/cpu/codec_roundtrip_test.cpp
+  /// checks it against the division on ties of every binade; tests/cuda/codecs_test.cu the device's.
+  KVTRIM_HOST_DEVICE static float rounded_quotient(float x, float scale, float inverse) {
+    const float estimate = x * inverse;
+    const float from_tie = ::fabsf(estimate - ::floorf(estimate) - 0.5f);
+    if (::fabsf(estimate) < 1024.0f && from_tie > 0x1p-12f) return ::rintf(estimate);
+#ifdef __CUDA_ARCH__
+    return ::rintf(__fdiv_rn(x, scale));  // IEEE even where a user compiles with -use_fast_math
+#else
+    return ::rintf(x / scale);
+#endif
+  }
+
   KVTRIM_HOST_DEVICE static float value(unsigned code, step s, bool asymmetric) {
     if (asymmetric) return static_cast<float>(code) * s.scale + s.zero;
     return static_cast<float>(static_cast<int>(code) - symmetric_offset) * s.scale;

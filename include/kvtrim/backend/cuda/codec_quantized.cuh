@@ -38,24 +38,35 @@ template <int Bits>
 struct codec_device<codec::quantized<Bits>> {
   using storage = typename codec::quantized<Bits>::template storage<device_space>;
   using quantizer = detail::integer_quantizer<Bits>;
-  using step = typename quantizer::step;
+  /// The CPU's step (scale, zero point) and 1 / scale, which turns code()'s division per channel into a product.
+  struct step {
+    float scale = 0.0f;
+    float zero = 0.0f;
+    float inverse = 0.0f;  // __frcp_rn(scale); 0 when scale is 0 (code() never reads it then)
+  };
   static constexpr int bits = Bits;
   static constexpr bool key_groups = true;  // when the storage's key_group > 0
   static constexpr bool head_scales = false;
 
   // ---- quantization steps (the CPU's fit and code) ---------------------------
   __device__ __forceinline__ static step fit(float lowest, float highest, bool asymmetric) {
-    if (asymmetric) return {__fdiv_rn(highest - lowest, static_cast<float>(quantizer::levels)), lowest};
-    return {__fdiv_rn(fmaxf(fabsf(lowest), fabsf(highest)), static_cast<float>(quantizer::symmetric_max)), 0.0f};
+    const float scale = asymmetric ? __fdiv_rn(highest - lowest, static_cast<float>(quantizer::levels))
+                                   : __fdiv_rn(fmaxf(fabsf(lowest), fabsf(highest)), static_cast<float>(quantizer::symmetric_max));
+    return {scale, asymmetric ? lowest : 0.0f, scale != 0.0f ? __frcp_rn(scale) : 0.0f};
+  }
+  /// rint(x / s.scale) as the CPU rounds its IEEE quotient, from x · (1/s) (integer_quantizer::rounded_quotient
+  /// derives why the codes stay bit-identical).
+  __device__ __forceinline__ static float rounded_quotient(float x, step s) {
+    return quantizer::rounded_quotient(x, s.scale, s.inverse);
   }
   __device__ __forceinline__ static unsigned code(float x, step s, bool asymmetric) {
     if (asymmetric) {
       if (s.scale == 0.0f) return 0;
       return static_cast<unsigned>(
-          fminf(fmaxf(rintf(__fdiv_rn(x - s.zero, s.scale)), 0.0f), static_cast<float>(quantizer::levels)));
+          fminf(fmaxf(rounded_quotient(x - s.zero, s), 0.0f), static_cast<float>(quantizer::levels)));
     }
     if (s.scale == 0.0f) return quantizer::symmetric_offset;
-    const float q = fminf(fmaxf(rintf(__fdiv_rn(x, s.scale)), -static_cast<float>(quantizer::symmetric_max)),
+    const float q = fminf(fmaxf(rounded_quotient(x, s), -static_cast<float>(quantizer::symmetric_max)),
                           static_cast<float>(quantizer::symmetric_max));
     return static_cast<unsigned>(static_cast<int>(q) + quantizer::symmetric_offset);
   }

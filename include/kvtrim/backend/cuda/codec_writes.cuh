@@ -262,11 +262,27 @@ __global__ void fp8_finish_scales(const Storage store) {
   }
 }
 
+using head_amax_reduce = cub::BlockReduce<float, codec_write_threads>;
+/// The block's key and value maxima of |x| for `head`, merged into the head's scale slots (atomicMax on the
+/// float bits: non-negative floats order as their bits). Every thread of the block calls it.
+template <class Storage>
+__device__ __forceinline__ void publish_head_amax(typename head_amax_reduce::TempStorage& temp, const Storage& store,
+                                                  std::int64_t head, float key_amax, float value_amax) {
+  const auto max_op = [](float a, float b) { return fmaxf(a, b); };
+  key_amax = head_amax_reduce(temp).Reduce(key_amax, max_op);
+  __syncthreads();
+  value_amax = head_amax_reduce(temp).Reduce(value_amax, max_op);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    if (key_amax > 0.0f) atomicMax(reinterpret_cast<int*>(store.key_scales + head), __float_as_int(key_amax));
+    if (value_amax > 0.0f) atomicMax(reinterpret_cast<int*>(store.value_scales + head), __float_as_int(value_amax));
+  }
+}
+
 template <class View, class InT>
 __global__ void __launch_bounds__(codec_write_threads) codec_head_amax(const __grid_constant__ codec_write<View, InT> w) {
   if (write_failed(w)) return;
-  using reduce = cub::BlockReduce<float, codec_write_threads>;
-  __shared__ typename reduce::TempStorage temp;
+  __shared__ typename head_amax_reduce::TempStorage temp;
   constexpr int warps = codec_write_threads / 32;
   const int lane = threadIdx.x % 32;
   const auto& store = encoded_codec<typename View::codec>::of(w.cache.storage);
@@ -284,15 +300,7 @@ __global__ void __launch_bounds__(codec_write_threads) codec_head_amax(const __g
         value_amax = fmaxf(value_amax, fabsf(source.value_at(d)));
       }
     }
-    const auto max_op = [](float a, float b) { return fmaxf(a, b); };
-    key_amax = reduce(temp).Reduce(key_amax, max_op);
-    __syncthreads();
-    value_amax = reduce(temp).Reduce(value_amax, max_op);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      if (key_amax > 0.0f) atomicMax(reinterpret_cast<int*>(store.key_scales + head), __float_as_int(key_amax));
-      if (value_amax > 0.0f) atomicMax(reinterpret_cast<int*>(store.value_scales + head), __float_as_int(value_amax));
-    }
+    publish_head_amax(temp, store, head, key_amax, value_amax);
   }
 }
 
@@ -406,8 +414,7 @@ __global__ void __launch_bounds__(codec_write_threads) codec_encode_rows8(const 
 template <class View, class InT>
 __global__ void __launch_bounds__(codec_write_threads) codec_head_amax8(const __grid_constant__ codec_write<View, InT> w) {
   if (write_failed(w)) return;
-  using reduce = cub::BlockReduce<float, codec_write_threads>;
-  __shared__ typename reduce::TempStorage temp;
+  __shared__ typename head_amax_reduce::TempStorage temp;
   constexpr int warps = codec_write_threads / 32;
   const int lane = threadIdx.x % 32;
   const int lanes = static_cast<int>(w.cache.shape.head_dim / 8), per_warp = 32 / lanes, chunk = lane % lanes;
@@ -423,15 +430,7 @@ __global__ void __launch_bounds__(codec_write_threads) codec_head_amax8(const __
 #pragma unroll
       for (int i = 0; i < 8; ++i) key_amax = fmaxf(key_amax, fabsf(key[i])), value_amax = fmaxf(value_amax, fabsf(value[i]));
     }
-    const auto max_op = [](float a, float b) { return fmaxf(a, b); };
-    key_amax = reduce(temp).Reduce(key_amax, max_op);
-    __syncthreads();
-    value_amax = reduce(temp).Reduce(value_amax, max_op);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      if (key_amax > 0.0f) atomicMax(reinterpret_cast<int*>(store.key_scales + head), __float_as_int(key_amax));
-      if (value_amax > 0.0f) atomicMax(reinterpret_cast<int*>(store.value_scales + head), __float_as_int(value_amax));
-    }
+    publish_head_amax(temp, store, head, key_amax, value_amax);
   }
 }
 
