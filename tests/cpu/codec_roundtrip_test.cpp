@@ -11,6 +11,7 @@
 #include <random>
 #include <vector>
 
+#include "common/quantizer_ties.hpp"
 #include "common/structured.hpp"
 #include "common/tensors.hpp"
 
@@ -127,20 +128,16 @@ TEST(Int8, StepIsTheRangeOverTheLevels) {
 }
 
 /// integer_quantizer::rounded_quotient (the device encode's product with 1/scale, dividing only near a tie)
-/// against the CPU's rounding of the IEEE quotient, for int8 and int4, symmetric and zero-point steps: scales
-/// of every binade (subnormal ones too, whose reciprocal overflows), on every tie n + ½ of the code range (the
-/// float nearest it and 3 neighbours each side), exactly representable ties, whole steps, the range's ends and
-/// random inputs. Bit for bit; and the product path must decide most random inputs (else the test would pass
-/// on the division alone).
+/// evaluated on the host against the CPU's rounding of the IEEE quotient, on quantizer_tie_inputs (ties n + ½
+/// of every binade, their neighbouring floats, exact ties, random draws): bit for bit; and the product path
+/// must decide nearly every random input with a finite reciprocal (else the test would pass on the division).
 template <int Bits>
 void expect_product_rounding_matches_division(bool asymmetric) {
   using quantizer = kt::detail::integer_quantizer<Bits>;
-  std::mt19937_64 random(static_cast<std::uint64_t>(Bits * 2 + (asymmetric ? 1 : 0)));
-  std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
-  const int top = asymmetric ? quantizer::levels : quantizer::symmetric_max;
   std::int64_t checked = 0, mismatches = 0, random_inputs = 0, random_by_product = 0;
-  const auto check = [&](float x, const typename quantizer::step& step, bool is_random) {
-    const float shifted = x - step.zero;  // code()'s numerator
+  for (const quantizer_input& in : quantizer_tie_inputs<Bits>(asymmetric)) {
+    const typename quantizer::step step = quantizer::fit(in.lowest, in.highest, asymmetric);
+    const float shifted = in.x - step.zero;  // code()'s numerator
     const float inverse = 1.0f / step.scale;
     const float expected = std::nearbyint(shifted / step.scale);
     const float got = quantizer::rounded_quotient(shifted, step.scale, inverse);
@@ -148,36 +145,11 @@ void expect_product_rounding_matches_division(bool asymmetric) {
     if (std::bit_cast<std::uint32_t>(got) != std::bit_cast<std::uint32_t>(expected) && ++mismatches <= 8)
       ADD_FAILURE() << "int" << Bits << (asymmetric ? " zero-point" : "") << ": (" << shifted << ") / " << step.scale
                     << " rounds to " << expected << ", the product path gives " << got;
-    if (is_random && std::isfinite(inverse)) {  // a subnormal scale's reciprocal overflows: the division decides
+    if (in.random && std::isfinite(inverse)) {  // a subnormal scale's reciprocal overflows: the division decides
       const float estimate = shifted * inverse;
       ++random_inputs;
       random_by_product += std::fabs(estimate) < 1024.0f && std::fabs(estimate - std::floor(estimate) - 0.5f) > 0x1p-12f;
     }
-  };
-  for (int exponent = -140; exponent <= 127; ++exponent) {
-    const float amax = std::ldexp(1.0f + 0.49f * (unit(random) + 1.0f), exponent);
-    if (!std::isfinite(amax) || amax == 0.0f) continue;
-    const float low = asymmetric ? -0.5f * amax : -amax, high = amax;
-    const typename quantizer::step step = quantizer::fit(low, high, asymmetric);
-    if (step.scale == 0.0f || !std::isfinite(step.scale)) continue;
-    for (int n = asymmetric ? 0 : -top; n <= top; ++n) {
-      const float tie = static_cast<float>((n + 0.5) * static_cast<double>(step.scale) + step.zero);
-      float below = tie, above = tie;
-      check(tie, step, false);
-      for (int k = 0; k < 3; ++k) {
-        below = std::nextafter(below, -INFINITY), above = std::nextafter(above, INFINITY);
-        check(below, step, false), check(above, step, false);
-      }
-      check(static_cast<float>(n * static_cast<double>(step.scale) + step.zero), step, false);
-    }
-    for (const float x : {low, high, 0.0f, -0.0f}) check(x, step, false);
-    for (int i = 0; i < 256; ++i) check(amax * unit(random), step, true);
-  }
-  // Scales that are powers of two: (n + ½)·scale is exact, the quotient is the tie itself (half to even).
-  const auto range = static_cast<float>(top);
-  for (const float amax : {range, 0.25f * range, 1024.0f * range, 0x1p-100f * range}) {
-    const typename quantizer::step step = quantizer::fit(asymmetric ? 0.0f : -amax, amax, asymmetric);
-    for (int n = asymmetric ? 0 : -top; n < top; ++n) check(static_cast<float>((n + 0.5) * step.scale), step, false);
   }
   EXPECT_EQ(mismatches, 0) << "of " << checked;
   EXPECT_GT(checked, 50000);

@@ -35,6 +35,7 @@
 #include <string>
 #include <vector>
 
+#include "common/quantizer_ties.hpp"
 #include "common/tensors.hpp"
 #include "cuda/device_memory.cuh"
 
@@ -134,42 +135,15 @@ __global__ void device_integer_codes(const float* x, const float* lowest, const 
     out[i] = device::code(x[i], device::fit(lowest[i], highest[i], asymmetric), asymmetric);
 }
 
-/// code() multiplies by 1/scale and divides only near a rounding tie (codec_quantized.cuh derives the
-/// 2⁻¹² margin). Inputs built to sit on, and one or two ulps beside, every tie n + ½ of the code range, for
-/// scales of every binade, plus random rows and the range's ends: each code equals the CPU's, bit for bit.
+/// code() multiplies by 1/scale and divides only near a rounding tie (codec/int8.hpp derives the 2⁻¹² margin):
+/// on quantizer_tie_inputs (ties n + ½ of every binade, their neighbouring floats, exact ties, random draws)
+/// each device code equals the CPU's, bit for bit.
 template <int Bits>
 void expect_codes_match_cpu(bool asymmetric) {
   using quantizer = kt::detail::integer_quantizer<Bits>;
+  const std::vector<kt::testing::quantizer_input> inputs = kt::testing::quantizer_tie_inputs<Bits>(asymmetric);
   std::vector<float> x, lowest, highest;
-  const auto add = [&](float value, float low, float high) { x.push_back(value), lowest.push_back(low), highest.push_back(high); };
-  std::mt19937_64 random(Bits * 2 + (asymmetric ? 1 : 0));
-  std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
-  const int top = asymmetric ? quantizer::levels : quantizer::symmetric_max;
-  for (int exponent = -126; exponent <= 120; exponent += 3) {
-    const float amax = std::ldexp(1.0f + 0.37f * (unit(random) + 1.0f), exponent);
-    const float low = asymmetric ? -0.5f * amax : -amax, high = amax;
-    const typename quantizer::step step = quantizer::fit(low, high, asymmetric);
-    if (step.scale == 0.0f || !std::isfinite(step.scale)) continue;
-    for (int n = asymmetric ? 0 : -top; n < top; ++n) {
-      // x with (x − zero) / scale ≈ n + ½: the float nearest, and its neighbours.
-      const float tie = static_cast<float>((n + 0.5) * static_cast<double>(step.scale) + step.zero);
-      float below = tie, above = tie;
-      add(tie, low, high);
-      for (int k = 0; k < 2; ++k) {
-        below = std::nextafter(below, -INFINITY), above = std::nextafter(above, INFINITY);
-        add(below, low, high), add(above, low, high);
-      }
-      add(static_cast<float>(n * static_cast<double>(step.scale) + step.zero), low, high);
-    }
-    add(low, low, high), add(high, low, high), add(0.0f, low, high), add(-0.0f, low, high);
-    for (int i = 0; i < 64; ++i) add(amax * unit(random), low, high);
-  }
-  // Exactly representable ties: scale a power of two, so x = (n + ½)·scale is exact and the quotient is the tie.
-  for (const float amax : {static_cast<float>(top), static_cast<float>(top) * 0.25f, static_cast<float>(top) * 1024.0f}) {
-    const float low = asymmetric ? 0.0f : -amax;
-    const typename quantizer::step step = quantizer::fit(low, amax, asymmetric);
-    for (int n = asymmetric ? 0 : -top; n < top; ++n) add(static_cast<float>((n + 0.5) * step.scale) + step.zero, low, amax);
-  }
+  for (const auto& in : inputs) x.push_back(in.x), lowest.push_back(in.lowest), highest.push_back(in.highest);
   device_buffer<float> device_x(x), device_lowest(lowest), device_highest(highest);
   device_buffer<unsigned> device_codes(x.size());
   device_integer_codes<Bits><<<256, 256>>>(device_x.data(), device_lowest.data(), device_highest.data(), asymmetric,
@@ -184,7 +158,7 @@ void expect_codes_match_cpu(bool asymmetric) {
                     << ", " << highest[i] << "]: device " << got[i] << ", cpu " << expected;
   }
   EXPECT_EQ(mismatches, 0) << "of " << x.size() << " inputs";
-  EXPECT_GT(x.size(), 10000u);
+  EXPECT_GT(x.size(), 50000u);
 }
 
 TEST(IntegerCodes, ProductWithReciprocalMatchesCpuDivisionAtEveryTie) {
