@@ -89,17 +89,20 @@ struct integer_quantizer {
   /// of ~20 instructions with a slow-path branch: most of the encode kernels' instructions, ncu 2026-12-03).
   /// Why they agree: e and q = x / scale differ by at most |q|·(2⁻²⁴ + 2⁻²⁴ + 2⁻⁴⁸) ≤ 1.3·10⁻⁴ for
   /// |q| < 1024, and the rounded quotient fl(q) from q by half an ulp below 1024, 2⁻¹⁵ = 3.1·10⁻⁵: together
-  /// < 1.7·10⁻⁴ < 2⁻¹² = 2.4·10⁻⁴. Rounding changes value only at n + ½, so when e lies farther than 2⁻¹²
+  /// ≤ 1.83·10⁻⁴ < 2⁻¹² = 2.4·10⁻⁴. Rounding changes value only at n + ½, so when e lies farther than 2⁻¹²
   /// from every n + ½, e and fl(q) round alike. Otherwise (a near-tie, |e| ≥ 1024, a non-finite e: x or
   /// 1/scale out of range) the division decides. (A compiler that fuses e − floor(e) into one fma judges the
   /// distance on the exact product, 3.1·10⁻⁵ from e: the margin still holds.) tests/cpu/codec_roundtrip_test.cpp
-  /// checks it against the division on ties of every binade; tests/cuda/codecs_test.cu the device's.
+  /// samples it against the division (ties of every binade, quotients at distances around the
+  /// margin on both sides); tests/cuda/codecs_test.cu the device's codes. An inverse of 0 with a non-zero scale
+  /// (a scale above 2¹²⁶ flushed by -ftz) gives 0: fit() never makes such a scale.
   KVTRIM_HOST_DEVICE static float rounded_quotient(float x, float scale, float inverse) {
     const float estimate = x * inverse;
     const float from_tie = ::fabsf(estimate - ::floorf(estimate) - 0.5f);
     if (::fabsf(estimate) < 1024.0f && from_tie > 0x1p-12f) return ::rintf(estimate);
 #ifdef __CUDA_ARCH__
-    return ::rintf(__fdiv_rn(x, scale));  // IEEE even where a user compiles with -use_fast_math
+    return ::rintf(__fdiv_rn(x, scale));  // correctly rounded, never the approximate division (-use_fast_math);
+                                          // subnormals still flush under -ftz, as before
 #else
     return ::rintf(x / scale);
 #endif
