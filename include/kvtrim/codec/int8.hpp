@@ -84,6 +84,11 @@ struct integer_quantizer {
     const float q = std::clamp(std::nearbyint(x / s.scale), -float(symmetric_max), float(symmetric_max));
     return static_cast<unsigned>(static_cast<int>(q) + symmetric_offset);
   }
+  /// Whether the product e = x · (1/scale) rounds as the quotient does (rounded_quotient says why): |e| < 1024
+  /// and e farther than 2⁻¹² from every tie n + ½. False for a non-finite e.
+  KVTRIM_HOST_DEVICE static bool product_decides(float estimate) {
+    return ::fabsf(estimate) < 1024.0f && ::fabsf(estimate - ::floorf(estimate) - 0.5f) > 0x1p-12f;
+  }
   /// round(x / scale) — code()'s rounding of the IEEE quotient — from the product e = x · inverse, where
   /// inverse = 1 / scale correctly rounded; the device encode's path (a division per channel is a subroutine
   /// of ~20 instructions with a slow-path branch: most of the encode kernels' instructions, ncu 2026-12-03).
@@ -98,8 +103,7 @@ struct integer_quantizer {
   /// (a scale above 2¹²⁶ flushed by -ftz) gives 0: fit() never makes such a scale.
   KVTRIM_HOST_DEVICE static float rounded_quotient(float x, float scale, float inverse) {
     const float estimate = x * inverse;
-    const float from_tie = ::fabsf(estimate - ::floorf(estimate) - 0.5f);
-    if (::fabsf(estimate) < 1024.0f && from_tie > 0x1p-12f) return ::rintf(estimate);
+    if (product_decides(estimate)) return ::rintf(estimate);
 #ifdef __CUDA_ARCH__
     return ::rintf(__fdiv_rn(x, scale));  // correctly rounded, never the approximate division (-use_fast_math);
                                           // subnormals still flush under -ftz, as before

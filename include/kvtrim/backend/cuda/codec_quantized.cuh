@@ -54,19 +54,15 @@ struct codec_device<codec::quantized<Bits>> {
                                    : __fdiv_rn(fmaxf(fabsf(lowest), fabsf(highest)), static_cast<float>(quantizer::symmetric_max));
     return {scale, asymmetric ? lowest : 0.0f, scale != 0.0f ? __frcp_rn(scale) : 0.0f};
   }
-  /// rint(x / s.scale) as the CPU rounds its IEEE quotient, from x · (1/s) (integer_quantizer::rounded_quotient
-  /// derives why the codes stay bit-identical).
-  __device__ __forceinline__ static float rounded_quotient(float x, step s) {
-    return quantizer::rounded_quotient(x, s.scale, s.inverse);
-  }
+  /// The CPU's code(), rounding x · (1/s) where that equals rounding the quotient (integer_quantizer::rounded_quotient).
   __device__ __forceinline__ static unsigned code(float x, step s, bool asymmetric) {
     if (asymmetric) {
       if (s.scale == 0.0f) return 0;
       return static_cast<unsigned>(
-          fminf(fmaxf(rounded_quotient(x - s.zero, s), 0.0f), static_cast<float>(quantizer::levels)));
+          fminf(fmaxf(quantizer::rounded_quotient(x - s.zero, s.scale, s.inverse), 0.0f), static_cast<float>(quantizer::levels)));
     }
     if (s.scale == 0.0f) return quantizer::symmetric_offset;
-    const float q = fminf(fmaxf(rounded_quotient(x, s), -static_cast<float>(quantizer::symmetric_max)),
+    const float q = fminf(fmaxf(quantizer::rounded_quotient(x, s.scale, s.inverse), -static_cast<float>(quantizer::symmetric_max)),
                           static_cast<float>(quantizer::symmetric_max));
     return static_cast<unsigned>(static_cast<int>(q) + quantizer::symmetric_offset);
   }
