@@ -135,6 +135,23 @@ __global__ void device_integer_codes(const float* x, const float* lowest, const 
     out[i] = device::code(x[i], device::fit(lowest[i], highest[i], asymmetric), asymmetric);
 }
 
+/// The 16-byte kernels' batch: out[8·i + j] = the code of x[(i + j) mod n] with element i's step, eight numbers
+/// through one code_each<8> call, so near-tie numbers share a batch with decided ones (its fallback divides all).
+template <int Bits>
+__global__ void device_integer_codes8(const float* x, const float* lowest, const float* highest, bool asymmetric,
+                                      unsigned* out, std::int64_t n) {
+  using device = kt::cuda_detail::codec_device<kt::codec::quantized<Bits>>;
+  for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < n; i += std::int64_t{gridDim.x} * blockDim.x) {
+    const typename device::step s = device::fit(lowest[i], highest[i], asymmetric);
+    float batch[8];
+    typename device::step steps[8];
+    for (int j = 0; j < 8; ++j) batch[j] = x[(i + j) % n], steps[j] = s;
+    unsigned q[8];
+    device::code_each(batch, steps, asymmetric, q);
+    for (int j = 0; j < 8; ++j) out[8 * i + j] = q[j];
+  }
+}
+
 /// code() multiplies by 1/scale and divides only near a rounding tie (codec/int8.hpp derives the 2⁻¹² margin):
 /// on quantizer_tie_inputs (ties n + ½ of every binade, their neighbouring floats, exact ties, random draws)
 /// each device code equals the CPU's, bit for bit.
@@ -159,6 +176,25 @@ void expect_codes_match_cpu(bool asymmetric) {
   }
   EXPECT_EQ(mismatches, 0) << "of " << x.size() << " inputs";
   EXPECT_GT(x.size(), 50000u);
+
+  const auto n = static_cast<std::int64_t>(x.size());
+  device_buffer<unsigned> device_batches(x.size() * 8);
+  device_integer_codes8<Bits><<<256, 256>>>(device_x.data(), device_lowest.data(), device_highest.data(), asymmetric,
+                                            device_batches.data(), n);
+  kt::testing::check(cudaDeviceSynchronize(), "device_integer_codes8");
+  const std::vector<unsigned> batches = device_batches.download();
+  std::int64_t batch_mismatches = 0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    const auto s = quantizer::fit(lowest[i], highest[i], asymmetric);
+    for (std::int64_t j = 0; j < 8; ++j) {
+      const float value = x[(i + j) % n];
+      const unsigned expected = quantizer::code(value, s, asymmetric);
+      if (batches[8 * i + j] != expected && ++batch_mismatches <= 8)
+        ADD_FAILURE() << "int" << Bits << (asymmetric ? " zero-point" : "") << " batch code(" << value << ") over ["
+                      << lowest[i] << ", " << highest[i] << "]: device " << batches[8 * i + j] << ", cpu " << expected;
+    }
+  }
+  EXPECT_EQ(batch_mismatches, 0) << "of " << 8 * n << " batched codes";
 }
 
 TEST(IntegerCodes, ProductWithReciprocalMatchesCpuDivisionAtEveryTie) {

@@ -521,8 +521,9 @@ __global__ void __launch_bounds__(kivi_threads) kivi_seal_groups(const __grid_co
                                                 device::fit(lowest[1], highest[1], store.asymmetric)};
         for (std::int64_t p = 0; p < group; ++p) {
           const std::int64_t slot = slot_at(p);
-          device::put_pair(store.key_codes + slot * row_bytes, d, device::code(key(p, d), steps[0], store.asymmetric),
-                           device::code(key(p, d + 1), steps[1], store.asymmetric));
+          unsigned q[2];
+          device::code_each({key(p, d), key(p, d + 1)}, steps, store.asymmetric, q);
+          device::put_pair(store.key_codes + slot * row_bytes, d, q[0], q[1]);
           if (p % run == 0) {
             const std::int64_t at = slot / run * head_dim + d;
             store.key_scales[at] = steps[0].scale, store.key_scales[at + 1] = steps[1].scale;
@@ -687,8 +688,9 @@ __global__ void __launch_bounds__(codec_write_threads) kivi_compact_groups(const
             if (p < n) {
               const float2 x = __half22float2(held[p]);
               const std::int64_t slot = row_slot[warp][p];
-              device::put_pair(store.key_codes + slot * row_bytes, d, device::code(x.x, steps[0], store.asymmetric),
-                               device::code(x.y, steps[1], store.asymmetric));
+              unsigned q[2];
+              device::code_each({x.x, x.y}, steps, store.asymmetric, q);
+              device::put_pair(store.key_codes + slot * row_bytes, d, q[0], q[1]);
               const std::int64_t place = c0 + p;
               if (run_starts >> p & 1u) {
                 const std::int64_t to = slot / run * head_dim + d;
