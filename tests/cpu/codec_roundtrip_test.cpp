@@ -250,6 +250,44 @@ TEST(Fp8, EveryCodeRoundTripsAndRoundingIsToNearestEven) {
             0.0f);  // below half the least subnormal
 }
 
+/// detail::e4m3_quotient (the fp8 device encode's x · 1/scale, dividing only near an e4m3 midpoint) evaluated
+/// on the host against the CPU's to_e4m3(x / scale), on e4m3_quotient_inputs (every midpoint of every binade
+/// and its float neighbours, quotients across the margin, the subnormal and saturation ranges, zeros, FLT_MAX,
+/// random draws, scales of every binade including fp32 subnormals): the same code, bit for bit. The test
+/// would pass on the division alone, so it also asks that the product decides nearly every random input with
+/// a normal reciprocal and a finite product, and that the product's code was taken on many inputs where the
+/// product differs from the quotient (a margin of 0 fails here: see fp8.hpp).
+TEST(Fp8, DeviceProductRoundingMatchesTheDivision) {
+  namespace d = kt::detail;
+  std::int64_t checked = 0, mismatches = 0, random_inputs = 0, random_by_product = 0, differing_by_product = 0;
+  for (const e4m3_input& in : e4m3_quotient_inputs()) {
+    const float inverse = d::e4m3_inverse(in.scale);
+    const float quotient = in.x / in.scale;
+    const std::uint8_t expected = d::to_e4m3(quotient);
+    const std::uint8_t got = d::to_e4m3(d::e4m3_quotient(in.x, in.scale, inverse));
+    ++checked;
+    if (got != expected && ++mismatches <= 8)
+      ADD_FAILURE() << std::hexfloat << in.x << " / " << in.scale << " = " << quotient << ": e4m3 0x" << std::hex
+                    << int{expected} << ", the product path (" << std::hexfloat << in.x * inverse << ") gives 0x"
+                    << std::hex << int{got} << std::dec << std::defaultfloat;
+    const float product = in.x * inverse;
+    const bool decides = d::e4m3_product_decides(product);
+    if (in.random && std::isfinite(product)) ++random_inputs, random_by_product += decides;
+    differing_by_product += decides && std::bit_cast<std::uint32_t>(product) != std::bit_cast<std::uint32_t>(quotient);
+  }
+  EXPECT_EQ(mismatches, 0) << "of " << checked;
+  EXPECT_GT(checked, 2000000);
+  EXPECT_GT(random_by_product, random_inputs * 99 / 100) << "the product path decided too few random inputs";
+  EXPECT_GT(differing_by_product, 10000) << "too few inputs where the product differs from the quotient";
+  // The inverse: NaN where 1/scale is not a normal float, so that the division decides.
+  EXPECT_TRUE(std::isnan(d::e4m3_inverse(0.0f)));
+  EXPECT_TRUE(std::isnan(d::e4m3_inverse(0x1p+127f)));     // 2⁻¹²⁷: subnormal
+  EXPECT_TRUE(std::isnan(d::e4m3_inverse(0x1p-149f)));     // ∞
+  EXPECT_EQ(d::e4m3_inverse(0x1.8p-127f), 1.0f / 0x1.8p-127f);  // a subnormal scale with a normal inverse
+  EXPECT_EQ(d::e4m3_inverse(0.1f), 1.0f / 0.1f);
+  EXPECT_EQ(d::to_e4m3(d::e4m3_quotient(1.0f, 0.0f, d::e4m3_inverse(0.0f))), 0x7E);  // ∞ saturates, as 1 / 0
+}
+
 TEST(Fp8, WithinE4m3PrecisionWithHeadScales) {
   constexpr std::int64_t heads = 2, capacity = 64, dim = 32;
   bound_codec<kt::codec::fp8> codec({}, heads, capacity, dim);

@@ -6,7 +6,10 @@
 //    midpoint between neighbours and the float neighbours of both, the
 //    saturation range, signed zeros, fp32 subnormals and a million random
 //    finite floats: the same code, bit for bit. NaN: the hardware gives the NaN
-//    code, the CPU refuses the input.
+//    code, the CPU refuses the input. And the fp8 encode paths (encode8,
+//    encode_row: x · 1/scale, the division only near an e4m3 midpoint) against
+//    the CPU's division on constructed midpoints of every binade, their float
+//    neighbours and scales of every binade: bit for bit.
 //  * IntegerCodes: int8 / int4 codes (x · 1/scale; the division only near a tie) against the CPU's division
 //    on constructed ties n + ½, their neighbouring floats and exact ties, scales of every binade: bit for bit.
 //  * CodecCache.*: (int8, int4, fp8, and layered<int8 | fp8>) one cache built twice from the same bytes — the CPU's host
@@ -203,6 +206,80 @@ TEST(IntegerCodes, ProductWithReciprocalMatchesCpuDivisionAtEveryTie) {
   expect_codes_match_cpu<8>(true);
   expect_codes_match_cpu<4>(false);
   expect_codes_match_cpu<4>(true);
+}
+
+// ---- fp8 codes: the product with 1/scale against the CPU's division ---------------
+
+/// Group g (8 inputs sharing scales[g]) through the fp8 encode path: the 16-byte kernels' encode8 (e4m3x8,
+/// the two-at-a-time conversion) with keys x and values −x, head and slot g of a storage of head_dim 8.
+__global__ void device_fp8_encode8(kt::cuda_detail::codec_device<kt::codec::fp8>::storage store, const float* x,
+                                   std::int64_t groups) {
+  for (std::int64_t g = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; g < groups;
+       g += std::int64_t{gridDim.x} * blockDim.x) {
+    float key[8], value[8];
+    for (int i = 0; i < 8; ++i) key[i] = x[8 * g + i], value[i] = -x[8 * g + i];
+    kt::cuda_detail::codec_device<kt::codec::fp8>::encode8(store, g, g, 1, 0, true, key, value);
+  }
+}
+/// The same through the element kernels' encode_row: 4 lanes per group, one channel pair each.
+__global__ void device_fp8_encode_row(kt::cuda_detail::codec_device<kt::codec::fp8>::storage store, const float* x,
+                                      std::int64_t groups) {
+  for (std::int64_t t = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; t < 4 * groups;
+       t += std::int64_t{gridDim.x} * blockDim.x) {
+    const std::int64_t g = t / 4;
+    const int lane = static_cast<int>(t % 4);
+    float key[8] = {x[8 * g + 2 * lane], x[8 * g + 2 * lane + 1]}, value[8] = {-key[0], -key[1]};
+    kt::cuda_detail::codec_device<kt::codec::fp8>::encode_row(store, g, g, lane, 1, key, value);
+  }
+}
+
+/// The fp8 encode multiplies by 1/scale and divides only near an e4m3 midpoint (codec/fp8.hpp derives the
+/// 8-ulp margin): on e4m3_quotient_inputs (every midpoint of every binade and its float neighbours, quotients
+/// across the margin, the subnormal and saturation ranges, zeros, FLT_MAX, random draws, scales of every
+/// binade including fp32 subnormals) each code of both device encode paths equals the CPU's
+/// to_e4m3(x / scale), bit for bit.
+TEST(Fp8Conversion, ProductWithReciprocalMatchesCpuDivision) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  // Groups of 8 inputs with one scale (a run of inputs with the same scale, padded with zeros).
+  std::vector<float> x, scales;
+  for (const kt::testing::e4m3_input& in : kt::testing::e4m3_quotient_inputs()) {
+    if (x.size() % 8 != 0 && std::bit_cast<std::uint32_t>(scales.back()) != std::bit_cast<std::uint32_t>(in.scale))
+      while (x.size() % 8 != 0) x.push_back(0.0f);
+    if (x.size() % 8 == 0) scales.push_back(in.scale);
+    x.push_back(in.x);
+  }
+  while (x.size() % 8 != 0) x.push_back(0.0f);
+  const auto groups = static_cast<std::int64_t>(scales.size());
+  ASSERT_EQ(x.size(), 8 * scales.size());
+  std::vector<std::uint8_t> expected_keys(x.size()), expected_values(x.size());
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    expected_keys[i] = kt::detail::to_e4m3(x[i] / scales[i / 8]);
+    expected_values[i] = kt::detail::to_e4m3(-x[i] / scales[i / 8]);
+  }
+  device_buffer<float> device_x(x), device_scales(scales);
+  device_buffer<std::uint8_t> key_codes(x.size()), value_codes(x.size());
+  kt::cuda_detail::codec_device<kt::codec::fp8>::storage store;
+  store.key_codes = key_codes.data(), store.value_codes = value_codes.data();
+  store.key_scales = device_scales.data(), store.value_scales = device_scales.data();
+  store.head_dim = 8, store.slots = groups, store.heads = groups;
+  for (const bool row_kernel : {true, false}) {
+    key_codes.fill_bytes(0xAA), value_codes.fill_bytes(0xAA);
+    if (row_kernel)
+      device_fp8_encode8<<<256, 256>>>(store, device_x.data(), groups);
+    else
+      device_fp8_encode_row<<<256, 256>>>(store, device_x.data(), groups);
+    kt::testing::check(cudaDeviceSynchronize(), row_kernel ? "device_fp8_encode8" : "device_fp8_encode_row");
+    const std::vector<std::uint8_t> keys = key_codes.download(), values = value_codes.download();
+    std::int64_t mismatches = 0;
+    for (std::size_t i = 0; i < x.size(); ++i)
+      if ((keys[i] != expected_keys[i] || values[i] != expected_values[i]) && ++mismatches <= 8)
+        ADD_FAILURE() << (row_kernel ? "encode8" : "encode_row") << ": e4m3(" << std::hexfloat << x[i] << " / "
+                      << scales[i / 8] << ") device 0x" << std::hex << int{keys[i]} << " (−x: 0x" << int{values[i]}
+                      << "), cpu 0x" << int{expected_keys[i]} << " (0x" << int{expected_values[i]} << ")" << std::dec
+                      << std::defaultfloat;
+    EXPECT_EQ(mismatches, 0) << "of " << x.size() << " inputs";
+  }
+  EXPECT_GT(x.size(), 2000000u);
 }
 
 // ---- caches built by both backends -------------------------------------------

@@ -59,6 +59,105 @@ inline std::uint8_t to_e4m3(float x) {
                                    (static_cast<unsigned>(mantissa) - 8u));
 }
 
+/// The bits of float x, and the float of bits b, on host and device.
+KVTRIM_HOST_DEVICE inline std::uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  return std::bit_cast<std::uint32_t>(x);
+#endif
+}
+KVTRIM_HOST_DEVICE inline float bits_float(std::uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  return std::bit_cast<float>(b);
+#endif
+}
+
+// ---- e4m3(x / s) without a division per element (the device encode) --------
+// The CPU stores to_e4m3(q) with q = fl(x / s), the IEEE quotient. The device computes instead the product
+// p = fl(x · inv) with inv = fl(1 / s) (once per head, e4m3_inverse) and divides only where p might round
+// to another code than q (a division is a ~20-instruction subroutine with a slow-path branch, most of the
+// fp8 encode kernels' instructions, ncu). e4m3_quotient returns p or q; converting it gives to_e4m3(q).
+//
+// Error bound. With u = 2⁻²⁴, inv normal (e4m3_inverse makes it NaN otherwise) and no overflow:
+// inv = (1/s)(1 + δ₁), p = x·inv·(1 + δ₂) + η₂, q = (x/s)(1 + δ₃) + η₃ with |δᵢ| ≤ u and |ηᵢ| ≤ 2⁻¹⁵⁰ (an
+// underflowing result), so with Q = x/s exact
+//   |p − q| ≤ |Q|·(3u + u²) + 2⁻¹⁴⁹.
+// Rounding to e4m3 (ties to even) is monotone and steps only at the midpoints m between neighbouring e4m3
+// values: if every midpoint lies farther than |p − q| from p, no midpoint lies between p and q (nor on
+// either), and to_e4m3(p) = to_e4m3(q). e4m3_product_decides(p) checks that distance:
+//  * |p| ≥ 2⁻⁶ (e4m3 normals), p in the float binade [2ᵉ, 2ᵉ⁺¹), U = 2ᵉ⁻²³ its ulp. The e4m3 values there
+//    are 2ᵉ·(1 + j/8), the midpoints 2ᵉ·(1 + (2k+1)/16): the floats whose 20 low mantissa bits are 0x80000,
+//    so p is |low20(p) − 0x80000| ulps from the nearest one inside the binade. The nearest midpoints outside
+//    it, the top one of the binade below at 2ᵉ·(1 − 1/32) (e = −6: the subnormal midpoint 7.5·2⁻⁹ =
+//    2ᵉ·(1 − 1/16)) and 2ᵉ⁺¹·(1 + 1/16) above, are ≥ 2¹⁸ U from p: no power of two ≥ 2⁻⁶ is near a
+//    midpoint, so p and q straddling a binade edge are both far from any. (Above 2⁸ the "midpoints" are
+//    not real — to_e4m3 is constant there — and the test is merely conservative.) The bound: |Q| =
+//    |p|/((1+δ₁)(1+δ₂)) < 2ᵉ⁺¹(1 + 2.1u), so |p − q| < 2ᵉ⁺¹·3u·(1 + 3u) + 2⁻¹⁴⁹ < 3.01 U (U ≥ 2⁻²⁹
+//    here): a distance of 4 ulps would do. p decides when the distance exceeds e4m3_product_margin = 8
+//    ulps (the bound rounded up, with 2× slack); a fallback rate of 17 / 2²⁰ in the normal range.
+//    Saturation: to_e4m3 is constant (448, code 0x7E) from the midpoint 432 up (432 itself rounds to the
+//    even 448), through 448 … 464 and beyond, so 432 is the last midpoint that matters; and a q that
+//    overflows to ∞ while p is finite (the bound needs no overflow) has |p| ≫ 448: both saturate.
+//  * |p| < 2⁻⁶ (e4m3 subnormals, step 2⁻⁹; the first normal binade has the same step): midpoints
+//    (k + ½)·2⁻⁹, including 2⁻¹⁰ (the one midpoint that is a power of two, between 0 and 2⁻⁹). In units of
+//    2⁻⁹, t = |p|·2⁹ is exact and the distance |t − ⌊t⌋ − ½| is exact where it is below ¼ (Sterbenz); the
+//    bound in those units: |p − q|·2⁹ < 2⁻⁶(1 + 3u)·3u·2⁹ + 2⁻¹⁴⁰ < 1.5·10⁻⁶ < 2⁻¹⁹. p decides when the
+//    distance exceeds 2⁻¹⁶ (8× slack).
+//  * p not finite (x or inv out of range, or inv NaN): never decides; the division gives what it always
+//    gave (s = 0: ±∞ → 448, 0/0 = NaN → code 0x7F on the device).
+// Contraction: the device multiplies with __fmul_rn, which nvcc never fuses into an fma. On the host,
+// p = x * inverse is consumed only by float_bits (an integer view), fabsf, and the return value that
+// to_e4m3 converts to double — no addition takes the product, so there is no a·b + c to contract
+// (and |p|·2⁹ − ⌊t⌋, which could be fused, is exact either way: |p|·2⁹ is). x86-64 and CUDA evaluate
+// float expressions in float (FLT_EVAL_METHOD 0). tests/cpu/codec_roundtrip_test.cpp
+// (Fp8.DeviceProductRoundingMatchesTheDivision) checks it bit for bit against to_e4m3(x / s) on
+// e4m3_quotient_inputs (tests/common/quantizer_ties.hpp); tests/cuda/codecs_test.cu the device's codes.
+
+/// Ulps of p (in its binade) from the nearest e4m3 midpoint at or below which the division decides.
+inline constexpr std::uint32_t e4m3_product_margin = 8;
+
+/// Whether p = x · (1 / s) converts to the same e4m3 code as the quotient fl(x / s) (see above): false for a
+/// non-finite p, for p within e4m3_product_margin ulps of a normal midpoint, or within 2⁻¹⁶·2⁻⁹ of a
+/// subnormal one.
+KVTRIM_HOST_DEVICE inline bool e4m3_product_decides(float p) {
+  const std::uint32_t magnitude = float_bits(p) & 0x7FFFFFFFu;
+  if (magnitude >= 0x7F800000u) return false;  // ±∞, NaN
+  if (magnitude >= 0x3C800000u) {              // |p| ≥ 2⁻⁶: |low20 − 0x80000| > margin (unsigned wrap)
+    return (magnitude & 0xFFFFFu) - (0x80000u - e4m3_product_margin) > 2 * e4m3_product_margin;
+  }
+  const float t = ::fabsf(p) * 512.0f;  // exact
+  return ::fabsf(t - ::floorf(t) - 0.5f) > 0x1p-16f;
+}
+
+/// 1 / scale correctly rounded (__frcp_rn on the device, the host's `/`) where that is a normal float, else
+/// NaN (scale 0, ±∞, NaN, |scale| above about 2¹²⁶ — a subnormal inverse loses the error bound — or below
+/// about 2⁻¹²⁸: an infinite one),
+/// so that every product with it takes e4m3_quotient's division. Once per head.
+KVTRIM_HOST_DEVICE inline float e4m3_inverse(float scale) {
+#if defined(__CUDA_ARCH__)
+  const float inverse = __frcp_rn(scale);
+#else
+  const float inverse = 1.0f / scale;
+#endif
+  const std::uint32_t exponent = (float_bits(inverse) >> 23) & 0xFFu;
+  return exponent != 0u && exponent != 0xFFu ? inverse : bits_float(0x7FC00000u);
+}
+
+/// The float whose e4m3 code is the CPU's to_e4m3(x / scale): the product x · inverse where
+/// e4m3_product_decides says it converts alike, else the IEEE quotient itself. inverse: e4m3_inverse(scale).
+KVTRIM_HOST_DEVICE inline float e4m3_quotient(float x, float scale, float inverse) {
+#if defined(__CUDA_ARCH__)
+  const float product = __fmul_rn(x, inverse);  // never contracted
+  return e4m3_product_decides(product) ? product : __fdiv_rn(x, scale);  // correctly rounded, as the host's `/`
+#else
+  const float product = x * inverse;
+  return e4m3_product_decides(product) ? product : x / scale;
+#endif
+}
+
 /// The fp32 bits of e4m3fn code `bits` (exact: every e4m3 value is an fp32
 /// value); integer arithmetic only, so it runs on host and device.
 KVTRIM_HOST_DEVICE constexpr std::uint32_t e4m3_to_fp32_bits(std::uint8_t bits) {

@@ -7,10 +7,16 @@
 // nearest even, finite values beyond ±448 saturate to ±448 — the CPU's
 // detail::to_e4m3 on every finite input (tests/cuda/codecs_test.cu checks
 // every e4m3 value, the midpoints between neighbours and their float
-// neighbours, the saturation range, signed zeros and fp32 subnormals). x / s
-// is one IEEE division (__fdiv_rn, as the host's `/`), so the stored bytes
-// equal the CPU's. NaN: the CPU refuses it (kvtrim::error); the device cannot
-// throw from a kernel and stores the conversion's NaN code 0x7F.
+// neighbours, the saturation range, signed zeros and fp32 subnormals). The
+// converted float is detail::e4m3_quotient (codec/fp8.hpp): the product
+// x · inv with inv = __frcp_rn(s) (detail::e4m3_inverse, once per head and
+// row), or the IEEE division __fdiv_rn(x, s) (the host's `/`) where the
+// product lies within 8 ulps of an e4m3 midpoint (2⁻¹⁶ of the subnormal step
+// below 2⁻⁶) or is not finite — fp8.hpp derives why the codes then equal
+// to_e4m3(x / s), so the stored bytes equal the CPU's (tests/cuda/codecs_test.cu,
+// Fp8Conversion.ProductWithReciprocalMatchesCpuDivision). NaN: the CPU refuses it
+// (kvtrim::error); the device cannot throw from a kernel and stores the
+// conversion's NaN code 0x7F (as does a scale of 0 with x = 0).
 // Scales (fp8_scaling::head_amax): at compaction each head's scale becomes
 // max|x| / 448 over its kept rows (the division in double, rounded to float,
 // as the CPU), an all-zero head keeping its scale; fixed scales are left as
@@ -54,16 +60,17 @@ struct codec_device<codec::fp8> {
   __device__ static void encode_row(const storage& store, std::int64_t head, std::int64_t slot, int lane, int pairs,
                                     const float (&key)[8], const float (&value)[8]) {
     const float key_scale = store.key_scales[head], value_scale = store.value_scales[head];
+    const float key_inverse = detail::e4m3_inverse(key_scale), value_inverse = detail::e4m3_inverse(value_scale);
     std::uint8_t* key_row = store.key_codes + slot * store.head_dim;
     std::uint8_t* value_row = store.value_codes + slot * store.head_dim;
 #pragma unroll
     for (int j = 0; j < 4; ++j)
       if (j < pairs) {
         const std::int64_t d = 2 * lane + 64 * j;
-        key_row[d] = e4m3_of(__fdiv_rn(key[2 * j], key_scale));
-        key_row[d + 1] = e4m3_of(__fdiv_rn(key[2 * j + 1], key_scale));
-        value_row[d] = e4m3_of(__fdiv_rn(value[2 * j], value_scale));
-        value_row[d + 1] = e4m3_of(__fdiv_rn(value[2 * j + 1], value_scale));
+        key_row[d] = e4m3_of(detail::e4m3_quotient(key[2 * j], key_scale, key_inverse));
+        key_row[d + 1] = e4m3_of(detail::e4m3_quotient(key[2 * j + 1], key_scale, key_inverse));
+        value_row[d] = e4m3_of(detail::e4m3_quotient(value[2 * j], value_scale, value_inverse));
+        value_row[d + 1] = e4m3_of(detail::e4m3_quotient(value[2 * j + 1], value_scale, value_inverse));
       }
   }
 
@@ -75,18 +82,22 @@ struct codec_device<codec::fp8> {
                                                  const float (&value)[8]) {
     if (!active) return;
     const float key_scale = store.key_scales[head], value_scale = store.value_scales[head];
-    *reinterpret_cast<uint2*>(store.key_codes + slot * store.head_dim + 8 * chunk) = e4m3x8(key, key_scale);
-    *reinterpret_cast<uint2*>(store.value_codes + slot * store.head_dim + 8 * chunk) = e4m3x8(value, value_scale);
+    *reinterpret_cast<uint2*>(store.key_codes + slot * store.head_dim + 8 * chunk) =
+        e4m3x8(key, key_scale, detail::e4m3_inverse(key_scale));
+    *reinterpret_cast<uint2*>(store.value_codes + slot * store.head_dim + 8 * chunk) =
+        e4m3x8(value, value_scale, detail::e4m3_inverse(value_scale));
   }
-  /// The codes of x[i] / scale (one IEEE division each, as the CPU), packed in memory order.
-  __device__ __forceinline__ static uint2 e4m3x8(const float (&x)[8], float scale) {
+  /// The codes of x[i] / scale (the CPU's, through detail::e4m3_quotient: the product with 1/scale, the
+  /// division only near a midpoint), packed in memory order. inverse: detail::e4m3_inverse(scale).
+  __device__ __forceinline__ static uint2 e4m3x8(const float (&x)[8], float scale, float inverse) {
+    const auto quotient = [&](int i) { return detail::e4m3_quotient(x[i], scale, inverse); };
     unsigned words[2];
 #pragma unroll
     for (int w = 0; w < 2; ++w) {
-      const unsigned low = __nv_cvt_float2_to_fp8x2(
-          make_float2(__fdiv_rn(x[4 * w], scale), __fdiv_rn(x[4 * w + 1], scale)), __NV_SATFINITE, __NV_E4M3);
-      const unsigned high = __nv_cvt_float2_to_fp8x2(
-          make_float2(__fdiv_rn(x[4 * w + 2], scale), __fdiv_rn(x[4 * w + 3], scale)), __NV_SATFINITE, __NV_E4M3);
+      const unsigned low = __nv_cvt_float2_to_fp8x2(make_float2(quotient(4 * w), quotient(4 * w + 1)),
+                                                    __NV_SATFINITE, __NV_E4M3);
+      const unsigned high = __nv_cvt_float2_to_fp8x2(make_float2(quotient(4 * w + 2), quotient(4 * w + 3)),
+                                                     __NV_SATFINITE, __NV_E4M3);
       words[w] = low | high << 16;
     }
     return make_uint2(words[0], words[1]);
