@@ -87,16 +87,28 @@ struct codec_device<codec::fp8> {
     *reinterpret_cast<uint2*>(store.value_codes + slot * store.head_dim + 8 * chunk) =
         e4m3x8(value, value_scale, detail::e4m3_inverse(value_scale));
   }
-  /// The codes of x[i] / scale (the CPU's, through detail::e4m3_quotient: the product with 1/scale, the
-  /// division only near a midpoint), packed in memory order. inverse: detail::e4m3_inverse(scale).
+  /// The codes of x[i] / scale (the CPU's), packed in memory order: the eight products with 1/scale, or — when
+  /// any of them lies near an e4m3 midpoint (detail::e4m3_product_decides) — the eight IEEE quotients. One
+  /// branch for the eight, as codec_device<quantized>::code_each: a branch per element cost more than the
+  /// division it saved there (H200, 2026-12-03). inverse: detail::e4m3_inverse(scale).
   __device__ __forceinline__ static uint2 e4m3x8(const float (&x)[8], float scale, float inverse) {
-    const auto quotient = [&](int i) { return detail::e4m3_quotient(x[i], scale, inverse); };
+    float quotient[8];
+    bool decided = true;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      quotient[i] = __fmul_rn(x[i], inverse);  // detail::e4m3_quotient's product: never contracted
+      decided &= detail::e4m3_product_decides(quotient[i]);
+    }
+    if (!decided) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) quotient[i] = __fdiv_rn(x[i], scale);
+    }
     unsigned words[2];
 #pragma unroll
     for (int w = 0; w < 2; ++w) {
-      const unsigned low = __nv_cvt_float2_to_fp8x2(make_float2(quotient(4 * w), quotient(4 * w + 1)),
+      const unsigned low = __nv_cvt_float2_to_fp8x2(make_float2(quotient[4 * w], quotient[4 * w + 1]),
                                                     __NV_SATFINITE, __NV_E4M3);
-      const unsigned high = __nv_cvt_float2_to_fp8x2(make_float2(quotient(4 * w + 2), quotient(4 * w + 3)),
+      const unsigned high = __nv_cvt_float2_to_fp8x2(make_float2(quotient[4 * w + 2], quotient[4 * w + 3]),
                                                      __NV_SATFINITE, __NV_E4M3);
       words[w] = low | high << 16;
     }

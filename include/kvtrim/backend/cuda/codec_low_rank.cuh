@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(low_rank_encode_threads)
         value[d] = source.value_at(d);
       }
       __syncwarp();
-      if (lane == 0) w.cache.positions.slot_position[slot] = static_cast<std::int32_t>(position_of_row(w, head, r));
+      if (lane == 0) w.cache.positions.slot_position[slot] = static_cast<std::int32_t>(position_of_row(w, head, r, coordinates));
       for (std::int64_t j = lane; j < r_max; j += 32) {
         float key_sum = 0.0f, value_sum = 0.0f;
         // Unrolled so that the basis loads of several channels are in flight together; the

@@ -152,21 +152,26 @@ template <class View, class InT>
 __device__ __forceinline__ std::int64_t slot_of(const codec_write<View, InT>& w, std::int64_t head, std::int64_t index) {
   return w.cache.slot(head / w.cache.shape.kv_heads, head % w.cache.shape.kv_heads, index);
 }
-/// A head's (sequence, kv head), computed once per head by the kernels that visit many of its rows
-/// (64-bit divisions are emulated: dozens of instructions each).
+/// What a kernel visiting many rows of a head reads once for the head: its (sequence, kv head) (64-bit
+/// divisions are emulated: dozens of instructions each), where its kept tokens start and its compensation
+/// row (the compiler cannot hoist these loads past the kernel's stores itself).
 struct head_coordinates {
   std::int64_t b, h;
+  std::int64_t kept_first;        // compaction: kept_offsets[head]; else 0
+  std::int64_t compensation_row;  // the logical index of the head's compensation row, or −1
 };
 template <class View, class InT>
 __device__ __forceinline__ head_coordinates coordinates_of(const codec_write<View, InT>& w, std::int64_t head) {
-  return {head / w.cache.shape.kv_heads, head % w.cache.shape.kv_heads};
+  const bool compaction = is_compaction(w);
+  return {head / w.cache.shape.kv_heads, head % w.cache.shape.kv_heads, compaction ? w.kept_offsets[head] : 0,
+          compaction && w.has_compensation ? std::int64_t{w.compensation.index[head]} : -1};
 }
 /// Channel d of row r of the head's input: (key, value); returns nothing, fills both.
 template <class View, class InT>
 __device__ __forceinline__ std::int64_t source_offset(const codec_write<View, InT>& w, std::int64_t head,
                                                       std::int64_t r, head_coordinates at) {
   const std::int64_t b = at.b, h = at.h;
-  const std::int64_t token = is_compaction(w) ? std::int64_t{w.kept_tokens[w.kept_offsets[head] + r]} : r;
+  const std::int64_t token = is_compaction(w) ? std::int64_t{w.kept_tokens[at.kept_first + r]} : r;
   return b * w.batch_stride + h * w.head_stride + token * w.token_stride;
 }
 template <class View, class InT>
@@ -196,7 +201,7 @@ struct source_row {
 template <class View, class InT>
 __device__ __forceinline__ source_row<InT> row_of(const codec_write<View, InT>& w, std::int64_t head, std::int64_t r,
                                                   head_coordinates coordinates) {
-  if (is_compensation_row(w, head, r)) {
+  if (coordinates.compensation_row == r) {
     const std::int64_t at = head * w.cache.shape.head_dim;
     return {w.compensation.keys + at, w.compensation.values + at, nullptr, nullptr};
   }
@@ -221,10 +226,15 @@ __device__ __forceinline__ float source_value(const codec_write<View, InT>& w, s
 }
 template <class View, class InT>
 __device__ __forceinline__ std::int64_t position_of_row(const codec_write<View, InT>& w, std::int64_t head,
-                                                        std::int64_t r) {
+                                                        std::int64_t r, head_coordinates at) {
   if (!is_compaction(w)) return w.cache.positions.next_position[head] + w.next_shift + r;
-  if (is_compensation_row(w, head, r)) return w.compensation.position[head];
-  return w.start_position + w.kept_tokens[w.kept_offsets[head] + r];
+  if (at.compensation_row == r) return w.compensation.position[head];
+  return w.start_position + w.kept_tokens[at.kept_first + r];
+}
+template <class View, class InT>
+__device__ __forceinline__ std::int64_t position_of_row(const codec_write<View, InT>& w, std::int64_t head,
+                                                        std::int64_t r) {
+  return position_of_row(w, head, r, coordinates_of(w, head));
 }
 
 /// The heads a block visits: blockIdx.y, + gridDim.y, … (or the target only).
@@ -233,6 +243,10 @@ __device__ __forceinline__ std::int64_t position_of_row(const codec_write<View, 
        head += (w).target >= 0 ? (w).cache.heads() : std::int64_t{gridDim.y})
 
 inline constexpr int codec_write_threads = 256;
+/// Passes each warp of codec_encode_rows8 makes over a head's rows (when the head has that many). One pass per
+/// warp spent most of the kernel's instructions in its setup (ncu, H200 2026-12-03: ~680 warp instructions
+/// for the two rows a warp encoded, mostly index arithmetic and emulated divisions).
+inline constexpr int rows8_passes = 8;
 
 /// Benchmarks only (bench/cuda_decode_attention.cu's codec_encode_legacy_* rows, an A/B in one run): true makes
 /// launch_quantized_writes use the element kernels (codec_head_amax, codec_encode_rows, kivi_seal_groups and
@@ -333,7 +347,7 @@ __global__ void __launch_bounds__(codec_write_threads) codec_encode_rows(const _
             if (row_keys) key[2 * j + e] = source.key_at(d);
             value[2 * j + e] = source.value_at(d);
           }
-      if (lane == 0) w.cache.positions.slot_position[slot] = static_cast<std::int32_t>(position_of_row(w, head, r));
+      if (lane == 0) w.cache.positions.slot_position[slot] = static_cast<std::int32_t>(position_of_row(w, head, r, coordinates));
       using encoded = encoded_codec<typename View::codec>;
       codec_device<typename encoded::type>::encode_row(encoded::of(w.cache.storage), head, slot, lane, pairs, key, value);
     }
@@ -361,7 +375,7 @@ template <class View, class InT>
 __device__ __forceinline__ void load_row8(const codec_write<View, InT>& w, std::int64_t head, std::int64_t r,
                                           head_coordinates at, int chunk, bool keys_too, float (&key)[8],
                                           float (&value)[8]) {
-  if (is_compensation_row(w, head, r)) {  // fp32, no alignment promised: element loads
+  if (at.compensation_row == r) {  // fp32, no alignment promised: element loads
     const std::int64_t first = head * w.cache.shape.head_dim + 8 * chunk;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
@@ -387,7 +401,9 @@ __global__ void __launch_bounds__(codec_write_threads) codec_encode_rows8(const 
   const auto& store = encoded::of(w.cache.storage);
   constexpr int warps = codec_write_threads / 32;
   const int lane = threadIdx.x % 32;
-  const int lanes = static_cast<int>(w.cache.shape.head_dim / 8), per_warp = 32 / lanes, chunk = lane % lanes;
+  // lanes per row: a power of two (vector_rows), so shifts and masks, not the emulated integer division.
+  const int lanes = static_cast<int>(w.cache.shape.head_dim / 8), lanes_log2 = __ffs(lanes) - 1;
+  const int per_warp = 32 >> lanes_log2, chunk = lane & (lanes - 1);
   bool row_keys = true;  // as codec_encode_rows: KIVI keys are encoded by the group kernels
   if constexpr (device::key_groups) row_keys = store.key_group == 0;
   KVTRIM_FOR_EACH_WRITTEN_HEAD(w, head) {
@@ -396,14 +412,15 @@ __global__ void __launch_bounds__(codec_write_threads) codec_encode_rows8(const 
     // `base` is the same on every lane of the warp (the shuffles in encode8 need all 32).
     for (std::int64_t base = (blockIdx.x * std::int64_t{warps} + threadIdx.x / 32) * per_warp; base < rows;
          base += std::int64_t{gridDim.x} * warps * per_warp) {
-      const std::int64_t r = base + lane / lanes;
+      const std::int64_t r = base + (lane >> lanes_log2);
       const bool active = r < rows;
       float key[8] = {}, value[8] = {};
       std::int64_t slot = 0;
       if (active) {
         slot = w.cache.slot(coordinates.b, coordinates.h, first + r);
         load_row8(w, head, r, coordinates, chunk, row_keys, key, value);
-        if (chunk == 0) w.cache.positions.slot_position[slot] = static_cast<std::int32_t>(position_of_row(w, head, r));
+        if (chunk == 0)
+          w.cache.positions.slot_position[slot] = static_cast<std::int32_t>(position_of_row(w, head, r, coordinates));
       }
       device::encode8(store, head, slot, lanes, chunk, active, key, value);
     }
@@ -417,13 +434,14 @@ __global__ void __launch_bounds__(codec_write_threads) codec_head_amax8(const __
   __shared__ typename head_amax_reduce::TempStorage temp;
   constexpr int warps = codec_write_threads / 32;
   const int lane = threadIdx.x % 32;
-  const int lanes = static_cast<int>(w.cache.shape.head_dim / 8), per_warp = 32 / lanes, chunk = lane % lanes;
+  const int lanes = static_cast<int>(w.cache.shape.head_dim / 8), lanes_log2 = __ffs(lanes) - 1;  // as codec_encode_rows8
+  const int per_warp = 32 >> lanes_log2, chunk = lane & (lanes - 1);
   const auto& store = encoded_codec<typename View::codec>::of(w.cache.storage);
   for (std::int64_t head = blockIdx.y; head < w.cache.heads(); head += gridDim.y) {
     const std::int64_t rows = rows_of(w, head);
     const head_coordinates coordinates = coordinates_of(w, head);
     float key_amax = 0.0f, value_amax = 0.0f;
-    for (std::int64_t r = (blockIdx.x * std::int64_t{warps} + threadIdx.x / 32) * per_warp + lane / lanes; r < rows;
+    for (std::int64_t r = (blockIdx.x * std::int64_t{warps} + threadIdx.x / 32) * per_warp + (lane >> lanes_log2); r < rows;
          r += std::int64_t{gridDim.x} * warps * per_warp) {
       float key[8], value[8];
       load_row8(w, head, r, coordinates, chunk, true, key, value);
@@ -625,7 +643,7 @@ __global__ void __launch_bounds__(codec_write_threads) kivi_compact_groups(const
           const std::int64_t r = base + p;
           const std::int64_t slot = w.cache.slot(at.b, at.h, r);  // compaction: the head's row r is its index r
           row_slot[warp][lane] = slot;
-          row_offset[warp][lane] = is_compensation_row(w, head, r) ? -1 : source_offset(w, head, r, at);
+          row_offset[warp][lane] = at.compensation_row == r ? -1 : source_offset(w, head, r, at);
           if (first_visit) {
             if (p >= residual_from) store.residual_slots[head * group + p] = slot;
             if (starts) store.run_sealed[slot / run] = seal ? 1 : 0;  // the run rule: slot ≡ p (mod run)
@@ -658,9 +676,8 @@ __global__ void __launch_bounds__(codec_write_threads) kivi_compact_groups(const
         const auto load = [&](std::int64_t c0) {
           const int n = static_cast<int>(count - c0 < kivi_chunk_rows ? count - c0 : kivi_chunk_rows);
 #pragma unroll
-          for (int p = 0; p < kivi_chunk_rows; ++p)
-            if (p < n) held[p] = key_pair(p, d);
-          return n;
+          for (int p = 0; p < kivi_chunk_rows; ++p) held[p] = p < n ? key_pair(p, d) : __float2half2_rn(0.0f);  // zeros:
+          return n;                                                                  // code_each's batches read them
         };
         float lowest[2] = {__int_as_float(0x7f800000), __int_as_float(0x7f800000)};
         float highest[2] = {-lowest[0], -lowest[1]};
@@ -677,20 +694,32 @@ __global__ void __launch_bounds__(codec_write_threads) kivi_compact_groups(const
         }
         const typename device::step steps[2] = {device::fit(lowest[0], highest[0], store.asymmetric),
                                                 device::fit(lowest[1], highest[1], store.asymmetric)};
+        const typename device::step batch_steps[8] = {steps[0], steps[1], steps[0], steps[1],
+                                                      steps[0], steps[1], steps[0], steps[1]};
         for (std::int64_t c0 = 0; c0 < count; c0 += kivi_chunk_rows) {
           int n = static_cast<int>(count - c0 < kivi_chunk_rows ? count - c0 : kivi_chunk_rows);
           if (count > kivi_chunk_rows) {  // not held: read again
             resolve(c0, false);
             n = load(c0);
           }
+          // Four rows' pairs per code_each (one branch for eight codes); rows past n are load()'s zeros.
 #pragma unroll
-          for (int p = 0; p < kivi_chunk_rows; ++p)
-            if (p < n) {
-              const float2 x = __half22float2(held[p]);
+          for (int p0 = 0; p0 < kivi_chunk_rows; p0 += 4) {
+            if (p0 >= n) continue;
+            float x[8];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const float2 pair = __half22float2(held[p0 + i]);
+              x[2 * i] = pair.x, x[2 * i + 1] = pair.y;
+            }
+            unsigned q[8];
+            device::code_each(x, batch_steps, store.asymmetric, q);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const int p = p0 + i;
+              if (p >= n) continue;
               const std::int64_t slot = row_slot[warp][p];
-              unsigned q[2];
-              device::code_each({x.x, x.y}, steps, store.asymmetric, q);
-              device::put_pair(store.key_codes + slot * row_bytes, d, q[0], q[1]);
+              device::put_pair(store.key_codes + slot * row_bytes, d, q[2 * i], q[2 * i + 1]);
               const std::int64_t place = c0 + p;
               if (run_starts >> p & 1u) {
                 const std::int64_t to = slot / run * head_dim + d;
@@ -700,6 +729,7 @@ __global__ void __launch_bounds__(codec_write_threads) kivi_compact_groups(const
               }
               if (place >= residual_from) residual[((head * group + place) * head_dim + d) / 2] = held[p];
             }
+          }
         }
       }
     }
@@ -816,8 +846,9 @@ void launch_quantized_writes(std::string_view function, const codec_write<View, 
   constexpr int warps = codec_write_threads / 32;
   if (rows_bound > 0 && vector) {
     const std::int64_t per_block = codec_write_threads / (w.cache.shape.head_dim / 8);  // rows per pass of a block
-    const dim3 grid(static_cast<unsigned>(std::clamp<std::int64_t>(ceil_div(rows_bound, per_block), 1, 4096)),
-                    head_blocks);
+    const dim3 grid(
+        static_cast<unsigned>(std::clamp<std::int64_t>(ceil_div(rows_bound, rows8_passes * per_block), 1, 4096)),
+        head_blocks);
     codec_encode_rows8<View, InT><<<grid, codec_write_threads, 0, stream>>>(w);
     detail::check_launch(function, "codec_encode_rows8");
   } else if (rows_bound > 0) {
