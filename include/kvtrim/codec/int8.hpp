@@ -90,8 +90,9 @@ struct integer_quantizer {
     return ::fabsf(estimate) < 1024.0f && ::fabsf(estimate - ::floorf(estimate) - 0.5f) > 0x1p-12f;
   }
   /// round(x / scale) — code()'s rounding of the IEEE quotient — from the product e = x · inverse, where
-  /// inverse = 1 / scale correctly rounded; the device encode's path (a division per channel is a subroutine
-  /// of ~20 instructions with a slow-path branch: most of the encode kernels' instructions, ncu 2026-12-03).
+  /// inverse = 1 / scale correctly rounded: the rule the device encode follows per batch
+  /// (codec_device<quantized>::code_each takes the products when every number of the batch decides, else
+  /// divides them all — so each code is this function's).
   /// Why they agree: e and q = x / scale differ by at most |q|·(2⁻²⁴ + 2⁻²⁴ + 2⁻⁴⁸) ≤ 1.3·10⁻⁴ for
   /// |q| < 1024, and the rounded quotient fl(q) from q by half an ulp below 1024, 2⁻¹⁵ = 3.1·10⁻⁵: together
   /// ≤ 1.83·10⁻⁴ < 2⁻¹² = 2.4·10⁻⁴. Rounding changes value only at n + ½, so when e lies farther than 2⁻¹²
