@@ -8,7 +8,9 @@
 // stored bytes are identical: a run's minimum and maximum (exact in any
 // order), the scale as one IEEE division (__fdiv_rn, as the host's `/`),
 // codes rint(x / s) or rint((x − z) / s) (round half to even, as
-// std::nearbyint in the default rounding mode), clamped to the code range;
+// std::nearbyint in the default rounding mode), clamped to the code range —
+// the quotient taken as the product with 1/s where that rounds alike, else
+// the IEEE division (code_each; integer_quantizer::rounded_quotient's proof);
 // KIVI keys are rounded to fp16 (round to nearest even, as Eigen::half) before
 // their group is fitted. int4 stores two codes per byte (low nibble: even
 // channel): the device writes whole bytes from channel pairs, which is the
