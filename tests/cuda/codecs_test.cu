@@ -138,17 +138,33 @@ __global__ void device_integer_codes(const float* x, const float* lowest, const 
     out[i] = device::code(x[i], device::fit(lowest[i], highest[i], asymmetric), asymmetric);
 }
 
-/// The 16-byte kernels' batch: out[8·i + j] = the code of x[(i + j) mod n] with element i's step, eight numbers
-/// through one code_each<8> call, so near-tie numbers share a batch with decided ones (its fallback divides all).
+/// The range whose step codes number j of batch i (batch_range): odd j its own input's (x[(i + j) mod n]'s
+/// constructed near-tie step), j = 6 the range [0, 0] (scale 0: a constant channel), else input i's — mixed
+/// steps as kivi_compact_groups' two channels, and a scale-0 step in a batch that may fall back to the division.
+struct batch_range {
+  float lowest, highest;
+};
+__host__ __device__ inline batch_range range_in_batch(const float* lowest, const float* highest, std::int64_t i,
+                                                      int j, std::int64_t n) {
+  if (j == 6) return {0.0f, 0.0f};
+  const std::int64_t k = j % 2 == 1 ? (i + j) % n : i;
+  return {lowest[k], highest[k]};
+}
+
+/// The 16-byte kernels' batch: out[8·i + j] = the code of x[(i + j) mod n] with range_in_batch's step, eight
+/// numbers through one code_each<8> call, so near-tie numbers share a batch with decided ones (its fallback
+/// divides all).
 template <int Bits>
 __global__ void device_integer_codes8(const float* x, const float* lowest, const float* highest, bool asymmetric,
                                       unsigned* out, std::int64_t n) {
   using device = kt::cuda_detail::codec_device<kt::codec::quantized<Bits>>;
   for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < n; i += std::int64_t{gridDim.x} * blockDim.x) {
-    const typename device::step s = device::fit(lowest[i], highest[i], asymmetric);
     float batch[8];
     typename device::step steps[8];
-    for (int j = 0; j < 8; ++j) batch[j] = x[(i + j) % n], steps[j] = s;
+    for (int j = 0; j < 8; ++j) {
+      const batch_range range = range_in_batch(lowest, highest, i, j, n);
+      batch[j] = x[(i + j) % n], steps[j] = device::fit(range.lowest, range.highest, asymmetric);
+    }
     unsigned q[8];
     device::code_each(batch, steps, asymmetric, q);
     for (int j = 0; j < 8; ++j) out[8 * i + j] = q[j];
@@ -188,13 +204,14 @@ void expect_codes_match_cpu(bool asymmetric) {
   const std::vector<unsigned> batches = device_batches.download();
   std::int64_t batch_mismatches = 0;
   for (std::int64_t i = 0; i < n; ++i) {
-    const auto s = quantizer::fit(lowest[i], highest[i], asymmetric);
-    for (std::int64_t j = 0; j < 8; ++j) {
+    for (int j = 0; j < 8; ++j) {
+      const batch_range range = range_in_batch(lowest.data(), highest.data(), i, j, n);
       const float value = x[(i + j) % n];
-      const unsigned expected = quantizer::code(value, s, asymmetric);
+      const unsigned expected = quantizer::code(value, quantizer::fit(range.lowest, range.highest, asymmetric), asymmetric);
       if (batches[8 * i + j] != expected && ++batch_mismatches <= 8)
         ADD_FAILURE() << "int" << Bits << (asymmetric ? " zero-point" : "") << " batch code(" << value << ") over ["
-                      << lowest[i] << ", " << highest[i] << "]: device " << batches[8 * i + j] << ", cpu " << expected;
+                      << range.lowest << ", " << range.highest << "]: device " << batches[8 * i + j] << ", cpu "
+                      << expected;
     }
   }
   EXPECT_EQ(batch_mismatches, 0) << "of " << 8 * n << " batched codes";

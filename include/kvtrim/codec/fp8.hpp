@@ -78,8 +78,9 @@ KVTRIM_HOST_DEVICE inline float bits_float(std::uint32_t b) {
 // ---- e4m3(x / s) without a division per element (the device encode) --------
 // The CPU stores to_e4m3(q) with q = fl(x / s), the IEEE quotient. The device computes instead the product
 // p = fl(x · inv) with inv = fl(1 / s) (once per head, e4m3_inverse) and divides only where p might round
-// to another code than q (a division is a ~20-instruction subroutine with a slow-path branch, most of the
-// fp8 encode kernels' instructions, ncu). e4m3_quotient returns p or q; converting it gives to_e4m3(q).
+// to another code than q. e4m3_quotient returns p or q; converting it gives to_e4m3(q). (The division is
+// only a few instructions on sm_90; the gain is small and comes with one branch per eight codes, not one per
+// code: docs/results.md, "Encode, second round".)
 //
 // Error bound. With u = 2⁻²⁴, inv normal (e4m3_inverse makes it NaN otherwise) and no overflow:
 // inv = (1/s)(1 + δ₁), p = x·inv·(1 + δ₂) + η₂, q = (x/s)(1 + δ₃) + η₃ with |δᵢ| ≤ u and |ηᵢ| ≤ 2⁻¹⁵⁰ (an

@@ -12,7 +12,7 @@
 // x · inv with inv = __frcp_rn(s) (detail::e4m3_inverse, once per head and
 // row), or the IEEE division __fdiv_rn(x, s) (the host's `/`) where the
 // product lies within 8 ulps of an e4m3 midpoint (2⁻¹⁶ of the subnormal step
-// below 2⁻⁶) or is not finite — fp8.hpp derives why the codes then equal
+// below 2⁻⁶) or is not finite (e4m3x8: all eight divided when one is) — fp8.hpp derives why the codes then equal
 // to_e4m3(x / s), so the stored bytes equal the CPU's (tests/cuda/codecs_test.cu,
 // Fp8Conversion.ProductWithReciprocalMatchesCpuDivision). NaN: the CPU refuses it
 // (kvtrim::error); the device cannot throw from a kernel and stores the

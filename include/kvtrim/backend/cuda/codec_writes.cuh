@@ -592,6 +592,7 @@ __global__ void __launch_bounds__(kivi_threads) kivi_fill_residual(const __grid_
 // CPU's: codes and steps of every sealed group, the filling group's fp16 keys, slots and unsealed runs, the
 // rows after it still the last sealed group's, the count.
 inline constexpr int kivi_chunk_rows = 32;
+static_assert(kivi_chunk_rows % 4 == 0, "kivi_compact_groups codes four rows per code_each");
 
 /// Channels d, d + 1 of a key rounded to fp16 (as the residual window holds it; d even, the row aligned).
 template <class InT>
