@@ -37,8 +37,11 @@ namespace kvtrim::detail {
 
 inline constexpr double e4m3_max = 448.0;
 
-/// Nearest e4m3fn code (ties to even) of a finite x; beyond ±448 saturates.
+/// Nearest e4m3fn code (ties to even) of a finite x; beyond ±448 saturates. NaN (0 / 0: a zero input under a
+/// scale that rounded to 0) gives 0x7F, the code the device's conversion stores for the device's quotient
+/// (its NaN is positive; x86's 0/0 is negative, hence no sign), and never reaches a float-to-integer cast.
 inline std::uint8_t to_e4m3(float x) {
+  if (std::isnan(x)) return 0x7Fu;
   const unsigned sign = std::signbit(x) ? 0x80u : 0u;
   const double magnitude = std::fabs(static_cast<double>(x));
   if (magnitude >= e4m3_max) return static_cast<std::uint8_t>(sign | 0x7Eu);
