@@ -583,27 +583,47 @@ __global__ void __launch_bounds__(kivi_threads) kivi_fill_residual(const __grid_
 }
 
 // 3'–4'. KIVI key groups at compaction (no filling group before the call), in one kernel: one warp per
-// (head, group of key_group rows), each lane owning channel pairs 2·lane + 64·j, walking the group's rows
-// with coalesced 4-byte loads (a warp reads 128 contiguous bytes of a row per load). A group of ≤ 32 rows
-// stays in registers between its fit and its codes (its 32 loads in flight at once); a larger one is read
-// twice (the second time from cache). The group's rows (their input offsets and slots) are resolved once
-// per 32 by the warp's lanes into shared memory. The new filling group (the last rows % key_group rows)
-// and the last sealed group write the residual window as kivi_fill_residual does, so the result is the
-// CPU's: codes and steps of every sealed group, the filling group's fp16 keys, slots and unsealed runs, the
-// rows after it still the last sealed group's, the count.
+// (head, group of key_group rows). Each lane owns eight channels (8·chunk … 8·chunk + 7) of every
+// (32 / (head_dim / 8))-th row of the group, read with one 16-byte load (the row copy's pattern), so a row's
+// index work, code store and residual copy serve eight channels, not two. Two passes over the group: the
+// channels' minimum and maximum (this lane's rows, then shuffles across the sub-warps), then the codes from a
+// second read of the rows (from cache: the warp read them just before). The group's rows (their input offsets
+// and slots) are resolved once per 32 by the warp's lanes into shared memory. The new filling group (the last
+// rows % key_group rows) and the last sealed group write the residual window as kivi_fill_residual does, so
+// the result is the CPU's: codes and steps of every sealed group, the filling group's fp16 keys, slots and
+// unsealed runs, the rows after it still the last sealed group's, the count.
 inline constexpr int kivi_chunk_rows = 32;
-static_assert(kivi_chunk_rows % 4 == 0, "kivi_compact_groups codes four rows per code_each");
 
-/// Channels d, d + 1 of a key rounded to fp16 (as the residual window holds it; d even, the row aligned).
+/// Channels 8·chunk .. 8·chunk + 7 of a key row rounded to fp16 (as the residual window holds them), packed:
+/// one 16-byte load for fp16 inputs (the row and its base aligned: vector_rows).
 template <class InT>
-__device__ __forceinline__ __half2 key_pair_half(const InT* key) {
+__device__ __forceinline__ uint4 key8_half(const InT* key) {
   if constexpr (std::is_same_v<InT, __half>) {
-    return *reinterpret_cast<const __half2*>(key);
-  } else if constexpr (std::is_same_v<InT, __nv_bfloat16>) {
-    return __floats2half2_rn(__bfloat162float(key[0]), __bfloat162float(key[1]));
+    return __ldg(reinterpret_cast<const uint4*>(key));
   } else {
-    const float2 pair = *reinterpret_cast<const float2*>(key);
-    return __floats2half2_rn(pair.x, pair.y);
+    float x[8];
+    load8(key, x);
+    uint4 packed;
+    __half2* pairs = reinterpret_cast<__half2*>(&packed);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) pairs[i] = __floats2half2_rn(x[2 * i], x[2 * i + 1]);
+    return packed;
+  }
+}
+/// The same for the compensation row (fp32, no alignment promised: element loads).
+__device__ __forceinline__ uint4 compensation8_half(const float* key) {
+  uint4 packed;
+  __half2* pairs = reinterpret_cast<__half2*>(&packed);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) pairs[i] = __floats2half2_rn(key[2 * i], key[2 * i + 1]);
+  return packed;
+}
+__device__ __forceinline__ void widen_half8(const uint4& packed, float (&out)[8]) {
+  const __half2* pairs = reinterpret_cast<const __half2*>(&packed);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 pair = __half22float2(pairs[i]);
+    out[2 * i] = pair.x, out[2 * i + 1] = pair.y;
   }
 }
 
@@ -616,9 +636,13 @@ __global__ void __launch_bounds__(codec_write_threads) kivi_compact_groups(const
   const std::int64_t row_bytes = device::quantizer::row_bytes(head_dim);
   constexpr int warps = codec_write_threads / 32;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  // Eight channels per lane: `lanes` lanes cover a row (a power of two ≤ 32, vector_rows), and the warp's
+  // `split` = 32 / lanes sub-warps take every split-th row of the group.
+  const int lanes = static_cast<int>(head_dim / 8), lanes_log2 = __ffs(lanes) - 1;
+  const int split = 32 >> lanes_log2, chunk = lane & (lanes - 1), sub = lane >> lanes_log2;
   __shared__ std::int64_t row_offset[warps][kivi_chunk_rows];  // the input offset of a row (−1: the compensation row)
   __shared__ std::int64_t row_slot[warps][kivi_chunk_rows];
-  auto* residual = reinterpret_cast<__half2*>(store.residual_keys);
+  auto* residual = reinterpret_cast<uint4*>(store.residual_keys);  // 8 halves per lane and row
   KVTRIM_FOR_EACH_WRITTEN_HEAD(w, head) {
     const std::int64_t rows = rows_of(w, head), sealed = rows / group, filling = rows % group;
     const std::int64_t groups = sealed + (filling > 0 ? 1 : 0);
@@ -654,83 +678,70 @@ __global__ void __launch_bounds__(codec_write_threads) kivi_compact_groups(const
         resolved = c0;
         __syncwarp();
       };
-      // The key pair (channels d, d + 1) of row c0 + p, rounded to fp16.
-      const auto key_pair = [&](int p, std::int64_t d) -> __half2 {
+      // This lane's eight channels of row c0 + p, rounded to fp16.
+      const auto key8 = [&](int p) -> uint4 {
         const std::int64_t offset = row_offset[warp][p];
-        if (offset < 0) {
-          const float* compensation = w.compensation.keys + head * head_dim + d;
-          return __floats2half2_rn(compensation[0], compensation[1]);
-        }
-        return key_pair_half(w.keys + offset + d);
+        return offset < 0 ? compensation8_half(w.compensation.keys + head * head_dim + 8 * chunk)
+                          : key8_half(w.keys + offset + 8 * chunk);
       };
-      for (std::int64_t slice = 0; slice < head_dim; slice += 64) {
-        const std::int64_t d = slice + 2 * lane;
-        if (!seal) {  // the filling group: its fp16 keys into the residual window
-          for (std::int64_t c0 = 0; c0 < count; c0 += kivi_chunk_rows) {
-            resolve(c0, slice == 0);
-            const int n = static_cast<int>(count - c0 < kivi_chunk_rows ? count - c0 : kivi_chunk_rows);
-            for (int p = 0; p < n; ++p) residual[((head * group + c0 + p) * head_dim + d) / 2] = key_pair(p, d);
-          }
-          continue;
-        }
-        __half2 held[kivi_chunk_rows];
-        const auto load = [&](std::int64_t c0) {
-          const int n = static_cast<int>(count - c0 < kivi_chunk_rows ? count - c0 : kivi_chunk_rows);
-#pragma unroll
-          for (int p = 0; p < kivi_chunk_rows; ++p) held[p] = p < n ? key_pair(p, d) : __float2half2_rn(0.0f);  // zeros:
-          return n;                                                                  // code_each's batches read them
-        };
-        float lowest[2] = {__int_as_float(0x7f800000), __int_as_float(0x7f800000)};
-        float highest[2] = {-lowest[0], -lowest[1]};
+      const auto chunk_rows = [&](std::int64_t c0) {
+        return static_cast<int>(count - c0 < kivi_chunk_rows ? count - c0 : kivi_chunk_rows);
+      };
+      if (!seal) {  // the filling group: its fp16 keys into the residual window
         for (std::int64_t c0 = 0; c0 < count; c0 += kivi_chunk_rows) {
-          resolve(c0, slice == 0);
-          const int n = load(c0);
-#pragma unroll
-          for (int p = 0; p < kivi_chunk_rows; ++p)
-            if (p < n) {
-              const float2 x = __half22float2(held[p]);
-              lowest[0] = fminf(lowest[0], x.x), highest[0] = fmaxf(highest[0], x.x);
-              lowest[1] = fminf(lowest[1], x.y), highest[1] = fmaxf(highest[1], x.y);
-            }
+          resolve(c0, true);
+          const int n = chunk_rows(c0);
+          for (int p = sub; p < n; p += split) residual[((head * group + c0 + p) * head_dim) / 8 + chunk] = key8(p);
         }
-        const typename device::step steps[2] = {device::fit(lowest[0], highest[0], store.asymmetric),
-                                                device::fit(lowest[1], highest[1], store.asymmetric)};
-        const typename device::step batch_steps[8] = {steps[0], steps[1], steps[0], steps[1],
-                                                      steps[0], steps[1], steps[0], steps[1]};
-        for (std::int64_t c0 = 0; c0 < count; c0 += kivi_chunk_rows) {
-          int n = static_cast<int>(count - c0 < kivi_chunk_rows ? count - c0 : kivi_chunk_rows);
-          if (count > kivi_chunk_rows) {  // not held: read again
-            resolve(c0, false);
-            n = load(c0);
-          }
-          // Four rows' pairs per code_each (one branch for eight codes); rows past n are load()'s zeros.
+        continue;
+      }
+      // Pass 1: each channel's minimum and maximum over the group (this lane's rows, then across sub-warps).
+      float lowest[8], highest[8];
 #pragma unroll
-          for (int p0 = 0; p0 < kivi_chunk_rows; p0 += 4) {
-            if (p0 >= n) continue;
-            float x[8];
+      for (int i = 0; i < 8; ++i) lowest[i] = __int_as_float(0x7f800000), highest[i] = -lowest[i];
+      for (std::int64_t c0 = 0; c0 < count; c0 += kivi_chunk_rows) {
+        resolve(c0, true);
+        const int n = chunk_rows(c0);
+        for (int p = sub; p < n; p += split) {
+          float x[8];
+          widen_half8(key8(p), x);
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const float2 pair = __half22float2(held[p0 + i]);
-              x[2 * i] = pair.x, x[2 * i + 1] = pair.y;
+          for (int i = 0; i < 8; ++i) lowest[i] = fminf(lowest[i], x[i]), highest[i] = fmaxf(highest[i], x[i]);
+        }
+      }
+      for (int offset = lanes; offset < 32; offset *= 2)
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          lowest[i] = fminf(lowest[i], __shfl_xor_sync(0xffffffffu, lowest[i], offset));
+          highest[i] = fmaxf(highest[i], __shfl_xor_sync(0xffffffffu, highest[i], offset));
+        }
+      typename device::step steps[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) steps[i] = device::fit(lowest[i], highest[i], store.asymmetric);
+      // Pass 2: the codes (the rows read again, from cache), the steps at run starts, the residual rows.
+      for (std::int64_t c0 = 0; c0 < count; c0 += kivi_chunk_rows) {
+        resolve(c0, false);
+        const int n = chunk_rows(c0);
+        for (int p = sub; p < n; p += split) {
+          const uint4 packed = key8(p);
+          float x[8];
+          widen_half8(packed, x);
+          unsigned q[8];
+          device::code_each(x, steps, store.asymmetric, q);
+          const std::int64_t slot = row_slot[warp][p], place = c0 + p;
+          device::put8(store.key_codes + slot * row_bytes, chunk, q);
+          if (run_starts >> p & 1u) {
+            const std::int64_t to = slot / run * head_dim + 8 * chunk;
+            auto* scales = reinterpret_cast<float4*>(store.key_scales + to);
+            scales[0] = make_float4(steps[0].scale, steps[1].scale, steps[2].scale, steps[3].scale);
+            scales[1] = make_float4(steps[4].scale, steps[5].scale, steps[6].scale, steps[7].scale);
+            if (store.asymmetric) {
+              auto* zeros = reinterpret_cast<float4*>(store.key_zeros + to);
+              zeros[0] = make_float4(steps[0].zero, steps[1].zero, steps[2].zero, steps[3].zero);
+              zeros[1] = make_float4(steps[4].zero, steps[5].zero, steps[6].zero, steps[7].zero);
             }
-            unsigned q[8];
-            device::code_each(x, batch_steps, store.asymmetric, q);
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const int p = p0 + i;
-              if (p >= n) continue;
-              const std::int64_t slot = row_slot[warp][p];
-              device::put_pair(store.key_codes + slot * row_bytes, d, q[2 * i], q[2 * i + 1]);
-              const std::int64_t place = c0 + p;
-              if (run_starts >> p & 1u) {
-                const std::int64_t to = slot / run * head_dim + d;
-                *reinterpret_cast<float2*>(store.key_scales + to) = make_float2(steps[0].scale, steps[1].scale);
-                if (store.asymmetric)
-                  *reinterpret_cast<float2*>(store.key_zeros + to) = make_float2(steps[0].zero, steps[1].zero);
-              }
-              if (place >= residual_from) residual[((head * group + place) * head_dim + d) / 2] = held[p];
-            }
           }
+          if (place >= residual_from) residual[((head * group + place) * head_dim) / 8 + chunk] = packed;
         }
       }
     }
