@@ -60,33 +60,56 @@ struct codec_device<codec::quantized<Bits>> {
   /// (integer_quantizer::product_decides), else — if any of the n is near a tie — every quotient by the IEEE
   /// division. One branch for the lot, not one per number: a branch (and the division's call) per number costs
   /// more than the division saved (W 32k int8 encode 2624 µs against 1796 µs with the division, H200 2026-12-03).
+  ///
+  /// Branch-free otherwise, because ncu showed the encode kernels issue-bound (H200, 2026-12-03: 450 warp
+  /// instructions per 8 codes a lane, ~20 per code in product_decides' floor and the rounding, clamp and
+  /// conversion each behind a branch on `asymmetric`). Per number now:
+  ///  - e = (x − z) · (1/s): z is 0 for symmetric steps, and x − 0 = x exactly, so one expression for both;
+  ///  - the tie test as |e − rint(e)| < ½ − 2⁻¹² with rint(e) = (e + 1.5·2²³) − 1.5·2²³ (exact for |e| < 2²²,
+  ///    round to nearest even): for |e| < 1024 the same set as product_decides' |e − floor(e) − ½| > 2⁻¹²
+  ///    (both distances are exact there), accumulated with max.NaN so a NaN e (0 · ∞) sends the batch to the
+  ///    division, and max |e| < 1024 as product_decides;
+  ///  - the code as the low bits of the float clamp(e, lo, hi) + 1.5·2²³ + offset: rounding to nearest even
+  ///    in that addition is rint, and rint(clamp(e)) = clamp(rint(e)) since lo and hi are integers (a NaN
+  ///    clamps to lo in both orders, fmaxf dropping it) — the CPU's clamp(nearbyint(e)) + offset. A zero step
+  ///    (every number equal to the zero point, or a scale that underflowed) has 1/s = 0 and e = 0 → the zero
+  ///    code, and in the division branch its quotient is taken as 0, as the CPU's `scale == 0` return.
   template <int N>
   __device__ __forceinline__ static void code_each(const float (&x)[N], const step (&s)[N], bool asymmetric,
                                                unsigned (&q)[N]) {
+    constexpr float round_magic = 12582912.0f;  // 1.5 · 2²³: x + it, rounded, has rint(x) in its low bits
     float estimate[N];
-    bool decided = true;
+    float farthest = 0.0f, largest = 0.0f;  // max |e − rint(e)| (NaN if any e is), max |e|
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      estimate[i] = (asymmetric ? x[i] - s[i].zero : x[i]) * s[i].inverse;  // integer_quantizer::rounded_quotient's product
-      decided &= quantizer::product_decides(estimate[i]);
+      estimate[i] = __fmul_rn(__fsub_rn(x[i], s[i].zero), s[i].inverse);  // never contracted: the proof's product
+      const float nearest = __fsub_rn(__fadd_rn(estimate[i], round_magic), round_magic);
+      farthest = max_nan(farthest, fabsf(__fsub_rn(estimate[i], nearest)));
+      largest = fmaxf(largest, fabsf(estimate[i]));
     }
-    if (!decided) {
+    // farthest < ½ − 2⁻¹² is false for NaN.
+    if (!(farthest < 0.5f - 0x1p-12f && largest < 1024.0f)) {
 #pragma unroll
-      for (int i = 0; i < N; ++i) estimate[i] = __fdiv_rn(asymmetric ? x[i] - s[i].zero : x[i], s[i].scale);
+      for (int i = 0; i < N; ++i)
+        estimate[i] = s[i].scale == 0.0f ? 0.0f : rintf(__fdiv_rn(__fsub_rn(x[i], s[i].zero), s[i].scale));
     }
+    const float lowest = asymmetric ? 0.0f : -static_cast<float>(quantizer::symmetric_max);
+    const float highest = asymmetric ? static_cast<float>(quantizer::levels) : static_cast<float>(quantizer::symmetric_max);
+    const float biased = round_magic + (asymmetric ? 0.0f : static_cast<float>(quantizer::symmetric_offset));
 #pragma unroll
-    for (int i = 0; i < N; ++i) {
-      const float rounded = rintf(estimate[i]);
-      if (asymmetric) {
-        q[i] = s[i].scale == 0.0f ? 0u  // every number of the run equals the zero point
-                                  : static_cast<unsigned>(fminf(fmaxf(rounded, 0.0f), static_cast<float>(quantizer::levels)));
-      } else {
-        const float clamped = fminf(fmaxf(rounded, -static_cast<float>(quantizer::symmetric_max)),
-                                    static_cast<float>(quantizer::symmetric_max));
-        q[i] = s[i].scale == 0.0f ? quantizer::symmetric_offset
-                                  : static_cast<unsigned>(static_cast<int>(clamped) + quantizer::symmetric_offset);
-      }
-    }
+    for (int i = 0; i < N; ++i)
+      q[i] = __float_as_uint(__fadd_rn(fminf(fmaxf(estimate[i], lowest), highest), biased)) & quantizer_mask;
+  }
+  static constexpr unsigned quantizer_mask = (1u << Bits) - 1u;
+  /// max(a, b), NaN if either is (PTX max.NaN, sm_80+): fmaxf would drop a NaN.
+  __device__ __forceinline__ static float max_nan(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    float m;
+    asm("max.NaN.f32 %0, %1, %2;" : "=f"(m) : "f"(a), "f"(b));
+    return m;
+#else
+    return a != a || b != b ? __int_as_float(0x7fffffff) : fmaxf(a, b);
+#endif
   }
   /// The CPU's code() of one number (code_each of one).
   __device__ __forceinline__ static unsigned code(float x, step s, bool asymmetric) {
@@ -152,10 +175,14 @@ struct codec_device<codec::quantized<Bits>> {
     float lowest = x[0], highest = x[0];
 #pragma unroll
     for (int i = 1; i < 8; ++i) lowest = fminf(lowest, x[i]), highest = fmaxf(highest, x[i]);
-    for (int offset = lanes / 2; offset > 0; offset /= 2) {
-      lowest = fminf(lowest, __shfl_xor_sync(0xffffffffu, lowest, offset));
-      highest = fmaxf(highest, __shfl_xor_sync(0xffffffffu, highest, offset));
-    }
+    // Unrolled, each step behind a test of the (warp-uniform) lane count: a loop on `lanes` cost a dozen
+    // instructions of control per step.
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2)
+      if (offset < lanes) {
+        lowest = fminf(lowest, __shfl_xor_sync(0xffffffffu, lowest, offset));
+        highest = fmaxf(highest, __shfl_xor_sync(0xffffffffu, highest, offset));
+      }
     if (!active) return;
     const step s = fit(lowest, highest, store.asymmetric);
     const step each[8] = {s, s, s, s, s, s, s, s};
