@@ -84,10 +84,25 @@ struct integer_quantizer {
     const float q = std::clamp(std::nearbyint(x / s.scale), -float(symmetric_max), float(symmetric_max));
     return static_cast<unsigned>(static_cast<int>(q) + symmetric_offset);
   }
+  /// 1.5·2²³: for |e| < 2²², (e + it) − it is rint(e) (the addition rounds to an integer, to nearest even).
+  static constexpr float round_magic = 12582912.0f;
+  /// rint(e) for |e| < 2²² by round_magic: two additions, which the device encode does for every code
+  /// (no floor, no conversion). Written with __fadd_rn / __fsub_rn on the device so nothing reassociates.
+  KVTRIM_HOST_DEVICE static float nearest_integer(float e) {
+#ifdef __CUDA_ARCH__
+    return __fsub_rn(__fadd_rn(e, round_magic), round_magic);
+#else
+    return (e + round_magic) - round_magic;
+#endif
+  }
   /// Whether the product e = x · (1/scale) rounds as the quotient does (rounded_quotient says why): |e| < 1024
-  /// and e farther than 2⁻¹² from every tie n + ½. False for a non-finite e.
+  /// and e farther than 2⁻¹² from every tie n + ½, measured as |e − rint(e)| < ½ − 2⁻¹² — exact, since e and
+  /// rint(e) are multiples of e's ulp less than 2¹⁰ apart (an earlier form, |e − ⌊e⌋ − ½|, rounded e + 1 for
+  /// e in (−½, −¼): the two differ at e = −(½ − 2⁻¹² − 2⁻²⁵) alone, which both bounds accept). False for a
+  /// non-finite e (NaN compares false). codec_device<quantized>::code_each evaluates the same test for a batch
+  /// as max |e − rint(e)| (max.NaN: a NaN anywhere fails it) and max |e|.
   KVTRIM_HOST_DEVICE static bool product_decides(float estimate) {
-    return ::fabsf(estimate) < 1024.0f && ::fabsf(estimate - ::floorf(estimate) - 0.5f) > 0x1p-12f;
+    return ::fabsf(estimate) < 1024.0f && ::fabsf(estimate - nearest_integer(estimate)) < 0.5f - 0x1p-12f;
   }
   /// round(x / scale) — code()'s rounding of the IEEE quotient — from the product e = x · inverse, where
   /// inverse = 1 / scale correctly rounded: the rule the device encode follows per batch
@@ -97,8 +112,7 @@ struct integer_quantizer {
   /// |q| < 1024, and the rounded quotient fl(q) from q by half an ulp below 1024, 2⁻¹⁵ = 3.1·10⁻⁵: together
   /// ≤ 1.83·10⁻⁴ < 2⁻¹² = 2.4·10⁻⁴. Rounding changes value only at n + ½, so when e lies farther than 2⁻¹²
   /// from every n + ½, e and fl(q) round alike. Otherwise (a near-tie, |e| ≥ 1024, a non-finite e: x or
-  /// 1/scale out of range) the division decides. (A compiler that fuses e − floor(e) into one fma judges the
-  /// distance on the exact product, 3.1·10⁻⁵ from e: the margin still holds.) tests/cpu/codec_roundtrip_test.cpp
+  /// 1/scale out of range) the division decides. tests/cpu/codec_roundtrip_test.cpp
   /// samples it against the division (ties of every binade, quotients at distances around the
   /// margin on both sides); tests/cuda/codecs_test.cu the device's codes. An inverse of 0 with a non-zero scale
   /// (a scale above 2¹²⁶ flushed by -ftz) gives 0: fit() never makes such a scale.

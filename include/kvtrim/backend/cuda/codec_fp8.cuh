@@ -12,7 +12,8 @@
 // x · inv with inv = __frcp_rn(s) (detail::e4m3_inverse, once per head and
 // row), or the IEEE division __fdiv_rn(x, s) (the host's `/`) where the
 // product lies within 8 ulps of an e4m3 midpoint (2⁻¹⁶ of the subnormal step
-// below 2⁻⁶) or is not finite (e4m3x8: all eight divided when one is) — fp8.hpp derives why the codes then equal
+// below 2⁻⁶) or is not finite (e4m3x8: all eight divided when one is; no test at
+// all under a power-of-two scale, whose inverse is exact) — fp8.hpp derives why the codes then equal
 // to_e4m3(x / s), so the stored bytes equal the CPU's (tests/cuda/codecs_test.cu,
 // Fp8Conversion.ProductWithReciprocalMatchesCpuDivision). NaN: the CPU refuses it
 // (kvtrim::error); the device cannot throw from a kernel and stores the
@@ -90,23 +91,25 @@ struct codec_device<codec::fp8> {
   /// The codes of x[i] / scale (the CPU's), packed in memory order: the eight products with 1/scale, or — when
   /// any of them lies near an e4m3 midpoint (detail::e4m3_product_decides) — the eight IEEE quotients. One
   /// branch for the eight, as codec_device<quantized>::code_each: a branch per element cost more than the
-  /// division it saved there (H200, 2026-12-03). inverse: detail::e4m3_inverse(scale).
+  /// division it saved there (H200, 2026-12-03). Under a power-of-two scale the products are the quotients
+  /// (an exact inverse) and nothing is tested. inverse: detail::e4m3_inverse(scale).
   __device__ __forceinline__ static uint2 e4m3x8(const float (&x)[8], float scale, float inverse) {
     float quotient[8];
-    bool decided = true;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      quotient[i] = __fmul_rn(x[i], inverse);  // detail::e4m3_quotient's product: never contracted
-      decided &= detail::e4m3_product_decides(quotient[i]);
-    }
+    for (int i = 0; i < 8; ++i) quotient[i] = __fmul_rn(x[i], inverse);  // detail::e4m3_quotient's product: never contracted
     // A power-of-two scale (fixed scales usually are; 1.0 is the default) has an exact inverse, so each
-    // product is the correctly rounded x / scale itself — the quotient — and no test is needed. Without
-    // this, fp16 inputs under scale 1 sit exactly on e4m3 midpoints one time in 128 (their 4th–10th
-    // mantissa bits 1000000), and most warps divided.
+    // product is the correctly rounded x / scale itself — the quotient — and needs no test (the branch is the
+    // same for the whole warp: one head). Without this, fp16 inputs under scale 1 sit exactly on e4m3
+    // midpoints one time in 128 (their 4th–10th mantissa bits 1000000), and most warps divided.
     const bool exact = (__float_as_uint(scale) & 0x7FFFFFu) == 0u && inverse == inverse;
-    if (!decided && !exact) {
+    if (!exact) {
+      bool decided = true;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) quotient[i] = __fdiv_rn(x[i], scale);
+      for (int i = 0; i < 8; ++i) decided &= detail::e4m3_product_decides(quotient[i]);
+      if (!decided) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) quotient[i] = __fdiv_rn(x[i], scale);
+      }
     }
     unsigned words[2];
 #pragma unroll

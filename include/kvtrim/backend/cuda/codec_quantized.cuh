@@ -44,7 +44,7 @@ struct codec_device<codec::quantized<Bits>> {
   struct step {
     float scale = 0.0f;
     float zero = 0.0f;
-    float inverse = 0.0f;  // __frcp_rn(scale); 0 when scale is 0 (code_each() then ignores the product)
+    float inverse = 0.0f;  // __frcp_rn(scale); 0 when scale is 0: the product is then 0 (the zero code), or NaN (divides)
   };
   static constexpr int bits = Bits;
   static constexpr bool key_groups = true;  // when the storage's key_group > 0
@@ -62,13 +62,12 @@ struct codec_device<codec::quantized<Bits>> {
   /// more than the division saved (W 32k int8 encode 2624 µs against 1796 µs with the division, H200 2026-12-03).
   ///
   /// Branch-free otherwise, because ncu showed the encode kernels issue-bound (H200, 2026-12-03: 450 warp
-  /// instructions per 8 codes a lane, ~20 per code in product_decides' floor and the rounding, clamp and
-  /// conversion each behind a branch on `asymmetric`). Per number now:
+  /// instructions per 8 codes a lane; ~20 per code in a floor-based tie test and in the rounding, clamp and
+  /// conversion, each behind a branch on `asymmetric`). Per number now:
   ///  - e = (x − z) · (1/s): z is 0 for symmetric steps, and x − 0 = x exactly, so one expression for both;
-  ///  - the tie test as |e − rint(e)| < ½ − 2⁻¹² with rint(e) = (e + 1.5·2²³) − 1.5·2²³ (exact for |e| < 2²²,
-  ///    round to nearest even): for |e| < 1024 the same set as product_decides' |e − floor(e) − ½| > 2⁻¹²
-  ///    (both distances are exact there), accumulated with max.NaN so a NaN e (0 · ∞) sends the batch to the
-  ///    division, and max |e| < 1024 as product_decides;
+  ///  - the tie test integer_quantizer::product_decides for the batch at once: max |e − rint(e)| < ½ − 2⁻¹²
+  ///    (rint by nearest_integer's 1.5·2²³ addition), accumulated with max.NaN so a NaN e (0 · ∞) sends the
+  ///    batch to the division, and max |e| < 1024;
   ///  - the code as the low bits of the float clamp(e, lo, hi) + 1.5·2²³ + offset: rounding to nearest even
   ///    in that addition is rint, and rint(clamp(e)) = clamp(rint(e)) since lo and hi are integers (a NaN
   ///    clamps to lo in both orders, fmaxf dropping it) — the CPU's clamp(nearbyint(e)) + offset. A zero step
@@ -77,13 +76,13 @@ struct codec_device<codec::quantized<Bits>> {
   template <int N>
   __device__ __forceinline__ static void code_each(const float (&x)[N], const step (&s)[N], bool asymmetric,
                                                unsigned (&q)[N]) {
-    constexpr float round_magic = 12582912.0f;  // 1.5 · 2²³: x + it, rounded, has rint(x) in its low bits
+    constexpr float round_magic = quantizer::round_magic;  // x + it, rounded, has rint(x) in its low bits
     float estimate[N];
     float farthest = 0.0f, largest = 0.0f;  // max |e − rint(e)| (NaN if any e is), max |e|
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       estimate[i] = __fmul_rn(__fsub_rn(x[i], s[i].zero), s[i].inverse);  // never contracted: the proof's product
-      const float nearest = __fsub_rn(__fadd_rn(estimate[i], round_magic), round_magic);
+      const float nearest = quantizer::nearest_integer(estimate[i]);
       farthest = max_nan(farthest, fabsf(__fsub_rn(estimate[i], nearest)));
       largest = fmaxf(largest, fabsf(estimate[i]));
     }
