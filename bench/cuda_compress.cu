@@ -305,9 +305,13 @@ auto bench_pool(std::int64_t batch, std::int64_t kv_heads, std::int64_t tokens) 
 /// CheckFinite = false: compress_options::check_finite off (no NaN/Inf scan of
 /// K, V and the window queries before planning: what an engine that guarantees
 /// finite activations pays).
-template <class Layout, class Scorer, class Budget, bool Sharded = false, bool CheckFinite = true>
+/// CodecT (issue 12: what the device encode adds inside a compress): the kept rows are
+/// encoded by the compaction; a sixth argument picks the variant as in
+/// cuda_decode_attention.cu's codec rows (2, 3: zero points; 6: fp8 fixed scales).
+template <class Layout, class Scorer, class Budget, bool Sharded = false, bool CheckFinite = true,
+          class CodecT = kt::codec::fp16>
 void compress_scheme(benchmark::State& state) {
-  using scheme = kt::scheme<Layout, Scorer, Budget, kt::codec::fp16, kt::backend::cuda>;
+  using scheme = kt::scheme<Layout, Scorer, Budget, CodecT, kt::backend::cuda>;
   const std::int64_t batch = state.range(0), kv_heads = state.range(1), tokens = state.range(2);
   const kt::model_shape shape{.q_heads = state.range(3), .kv_heads = kv_heads, .head_dim = state.range(4)};
   const std::int64_t window = 64;
@@ -337,7 +341,13 @@ void compress_scheme(benchmark::State& state) {
   const auto key_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(keys), extents);
   const auto value_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(values), extents);
   const auto query_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(queries), query_extents);
-  auto cache = scheme::make_cache(shape, batch, bench_pool<Layout>(batch, kv_heads, tokens), kt::codec::fp16::config{});
+  typename CodecT::config codec_config{};
+  std::int64_t variant = 0;
+  if constexpr (!std::is_same_v<CodecT, kt::codec::fp16>) variant = state.range(5);
+  if constexpr (requires { codec_config.asymmetric; }) codec_config.asymmetric = variant == 2 || variant == 3;
+  if constexpr (requires { codec_config.scales; })
+    codec_config.scales = variant == 6 ? kt::codec::fp8_scaling::fixed : kt::codec::fp8_scaling::head_amax;
+  auto cache = scheme::make_cache(shape, batch, bench_pool<Layout>(batch, kv_heads, tokens), codec_config);
   const std::int64_t capacity = scheme::kept_tokens_capacity(shape, batch, tokens, cfg);
   std::int64_t* offsets = nullptr;
   std::int32_t* kept = nullptr;
@@ -374,7 +384,9 @@ void compress_scheme(benchmark::State& state) {
   check(cudaMemcpyAsync(&total_kept, offsets + batch * kv_heads, sizeof total_kept, cudaMemcpyDeviceToHost, stream),
         "cudaMemcpyAsync");
   check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
-  const double row_bytes = 2.0 * static_cast<double>(shape.head_dim) * sizeof(__half);  // a K row and a V row
+  // A K row and a V row as the codec stores them (codes, steps, KIVI's per-run key steps).
+  const double row_bytes =
+      kt::codec::bytes_per_token<CodecT>(codec_config, shape.head_dim, kt::codec::slot_alignment<CodecT>(codec_config));
   const double moved = static_cast<double>(elements) * 2.0 * sizeof(__half) + static_cast<double>(total_kept) * row_bytes;
   time_calls(state, moved, stream, [&] { call(none); });
   state.counters["kept_fraction"] = static_cast<double>(total_kept) / static_cast<double>(batch * kv_heads * tokens);
@@ -726,6 +738,23 @@ KVTRIM_COMPRESS_ROW(flat, snapkv, adaptive);
 KVTRIM_COMPRESS_ROW(paged, snapkv, adaptive);
 KVTRIM_COMPRESS_ROW(flat, retrieval_head, by_scorer);
 KVTRIM_COMPRESS_ROW(paged, retrieval_head, by_scorer);
+
+// issue 12 — the same compress with each codec's device encode in the compaction (SnapKV + uniform,
+// contiguous; compare with compress/snapkv/uniform/contiguous in the same run: the goal is ≤ 15 % added).
+// Last argument: 1 int8 (KIVI groups of 32), 5 int4 (KIVI), 4 fp8 (head amax scales), 6 fp8 (fixed scales).
+#define KVTRIM_COMPRESS_CODEC_ROW(C, name, variant)                                                   \
+  BENCHMARK(compress_scheme<kt::layout::contiguous, kt::score::snapkv, kt::budget::uniform, false, true, \
+                            kt::codec::C>)                                                             \
+      ->Name("compress/snapkv/uniform/contiguous/" name)                                              \
+      ->ArgNames({"batch", "kv_heads", "tokens", "q_heads", "head_dim", "codec"})                     \
+      ->Args({8, 8, 32768, 32, 128, variant})                                                          \
+      ->UseManualTime()                                                                                \
+      ->Iterations(20)                                                                                 \
+      ->Unit(benchmark::kMicrosecond)
+KVTRIM_COMPRESS_CODEC_ROW(int8, "int8", 1);
+KVTRIM_COMPRESS_CODEC_ROW(int4, "int4", 5);
+KVTRIM_COMPRESS_CODEC_ROW(fp8, "fp8", 4);
+KVTRIM_COMPRESS_CODEC_ROW(fp8, "fp8_fixed_scales", 6);
 
 // issue 10 — the device's NaN/Inf scan (on by default on paged/flat) switched off.
 BENCHMARK(compress_scheme<kt::layout::paged, kt::score::snapkv, kt::budget::uniform, false, false>)
