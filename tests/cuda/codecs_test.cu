@@ -1082,7 +1082,12 @@ INSTANTIATE_TEST_SUITE_P(
         codec_case{L::contiguous, K::low_rank_pre_rope, 1, 2, 4, 128, 0, {17}, false},
         codec_case{L::contiguous, K::low_rank_pre_rope_interleaved, 1, 2, 1, 64, 0, {4097}, false},
         codec_case{L::flat, K::low_rank_post_rope_rank_20, 1, 2, 4, 128, 0, {300, 17}, true},
-        codec_case{L::paged, K::low_rank_pre_rope_rank_29, 1, 2, 2, 128, 16, {33, 257}, false}),
+        codec_case{L::paged, K::low_rank_pre_rope_rank_29, 1, 2, 2, 128, 16, {33, 257}, false},
+        // The tensor-core kernel (post-RoPE, stored rank 16 / 32 / 64): r = 64 at head_dim 256 over
+        // ragged flat heads, GQA 16 (two row blocks) over 33 tiles, r = 16 with a partial tile.
+        codec_case{L::flat, K::low_rank_post_rope, 2, 2, 4, 256, 0, {4097, 33, 1, 300}, true},
+        codec_case{L::paged, K::low_rank_post_rope, 1, 2, 16, 128, 16, {4097, 129}, false},
+        codec_case{L::contiguous, K::low_rank_post_rope, 1, 2, 2, 64, 0, {300}, false}),
     [](const ::testing::TestParamInfo<codec_case>& info) { return kt::detail::cat(name_of(info.param), "_", info.index); });
 
 // ---- memory: kvtrim::stats counts what a device cache allocates --------------

@@ -44,8 +44,13 @@
 // thread one coefficient of a token subset), lifted once per segment
 // (o_g = U_v m_g / Σ p) and written, or left as a partial for the split-K merge
 // (merge_decode_partials: lifting is linear, so partials lift before merging).
-// Everything is fp32 on CUDA cores (no tensor cores: at r = head_dim/4 there are
-// 4× fewer bytes per token than fp16 and the products per byte stay low).
+// Everything is fp32 on CUDA cores. Post-RoPE caches of stored rank 16, 32 or 64
+// (r = head_dim / 4 at head dims 64, 128, 256) take decode_attention_low_rank_mma
+// instead: the same two products on the tensor cores (TF32 with the A operands
+// split into hi + lo, so fp32's precision), a warp per 32 tokens of 128-token
+// tiles, its own online softmax, a 3–4 stage cp.async ring — the CUDA-core
+// kernel issued ~700 warp instructions per 32 tokens and read at 43 % of the
+// copy bandwidth on its bytes (W, H200).
 #pragma once
 
 #include <cuda_fp16.h>
@@ -647,6 +652,388 @@ __global__ void __launch_bounds__(low_rank_decode_threads)
   });
 }
 
+// ---- decode attention on the tensor cores (post-RoPE, stored rank 16, 32 or 64) -----------------
+//
+// Post-RoPE low-rank decode is attention with head dimension r over the coefficients: s_g = q̃_g·c
+// and m_g = Σ p·c^v are two small products per tile, (G × r)·(r × tokens) and (G × tokens)·(tokens
+// × r). On CUDA cores they cost ~700 warp instructions per 32 tokens (the kernel above: 43 % of the
+// copy bandwidth on its bytes at W, H200); here each is a handful of mma.sync m16n8k8 TF32 per warp
+// and 32 tokens, so the kernel streams at memory speed. Precision is kept at fp32's: the B operands
+// (fp16 coefficients) are exact in TF32, and each A operand (q̃, the weights p) is split into
+// hi = tf32(x) and lo = tf32(x − hi) with two products each (|x − hi − lo| ≤ 2⁻²² |x|). The tensor
+// cores' fp32 accumulation may truncate, so each 32-token block's mix is accumulated from zero and
+// added to the running sums with a rounded fp32 add (the online softmax's rescale goes with it).
+// Layout per warp (mma.cuh's lane = 4·g + t): the warp owns 32 tokens of each 128-token tile (four
+// n-tiles of 8). Scores: lane t reads one contiguous piece of its token row — coefficients
+// w·(4i + t) + [0, w), w = min(8, r/4) — and the query operand uses the same permutation of k. Mix:
+// the k index of the P·V product runs over the n-tile's tokens in the order (2t, 2t + 1), so the
+// score accumulators become the A operand in place; output column N of j-tile n is coefficient
+// N·(r/8) + n, so lane g reads r/8 contiguous value coefficients of each of its two token rows.
+// Row strides are padded so that every shared read is conflict-free (derivation at low_rank_mma_layout).
+
+inline constexpr int low_rank_mma_threads = 128;  // 4 warps × 32 tokens of a 128-token tile
+inline constexpr int low_rank_mma_warps = low_rank_mma_threads / 32;
+inline constexpr int low_rank_mma_tile = 128;
+
+/// Whether the tensor-core kernel reads this storage (else decode_attention_low_rank).
+__host__ __device__ inline bool low_rank_mma_reads(std::int64_t stored_rank, bool pre_rope) {
+  return !pre_rope && (stored_rank == 16 || stored_rank == 32 || stored_rank == 64);
+}
+
+/// Shared memory of the tensor-core kernel (bytes from the start). Row strides (bytes): keys 2r,
+/// or 2r + 64 at r = 64 — a quarter warp's 16-byte reads cover two rows' 64 contiguous bytes, so the
+/// second row must start 64 bytes (mod 128) after the first; at r = 16 (8-byte reads, half warps:
+/// four rows of 32 bytes) and 32 the unpadded stride already does. Values 2r + 16: lanes read rows
+/// 2t and 2t + 1 of an n-tile at byte g·r/4 — the rows of one read phase are 2·stride apart, and
+/// 2·(2r + 16) ≡ 32 or 96 (mod 128) puts their r/4·(lanes of one row) = 32-byte spans in distinct banks.
+struct low_rank_mma_layout {
+  int rank = 0, key_stride = 0, value_stride = 0, stages = 0;
+  std::size_t stage_bytes = 0;
+  std::size_t query = 0;      // [head_dim][Group] float: the scaled query
+  std::size_t projected = 0;  // [R][Group] float: U_kᵀ q, scaled
+  std::size_t bytes = 0;
+
+  __host__ __device__ low_rank_mma_layout(int head_dim, int rank_, int group) : rank(rank_) {
+    key_stride = rank == 64 ? 2 * rank + 64 : 2 * rank;
+    value_stride = 2 * rank + 16;
+    stages = rank == 64 ? 3 : 4;
+    stage_bytes = static_cast<std::size_t>(low_rank_mma_tile) * static_cast<std::size_t>(key_stride + value_stride);
+    // After the last tile the stages hold the segment's finish: per warp (max, sum, mix) per row,
+    // the combined rows and mixes, and U_v transposed (low_rank_mma_segment).
+    const std::size_t finish = 4 * (static_cast<std::size_t>(low_rank_mma_warps) * group * (rank + 2) +
+                                    static_cast<std::size_t>(group) * (rank + 2) +
+                                    static_cast<std::size_t>(rank) * head_dim);
+    const std::size_t ring = static_cast<std::size_t>(stages) * stage_bytes;
+    query = (ring > finish ? ring : finish + 15) / 16 * 16;
+    projected = query + static_cast<std::size_t>(head_dim) * group * 4;
+    bytes = projected + static_cast<std::size_t>(rank) * group * 4;
+  }
+};
+
+/// hi = tf32(x) (round to nearest, ties away), lo = tf32(x − hi): x = hi + lo within 2⁻²² |x|.
+__device__ __forceinline__ void split_tf32(float x, unsigned& hi, unsigned& lo) {
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(hi) : "f"(x));
+  const float rest = x - __uint_as_float(hi);
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(lo) : "f"(rest));
+}
+/// c += a · b for one m16n8k8 tile, TF32 inputs, fp32 accumulators.
+__device__ __forceinline__ void mma_16x8x8_tf32(float (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3,
+                                                unsigned b0, unsigned b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+/// Shared halves → fp32 bit patterns (exact in TF32).
+template <int Count>
+__device__ __forceinline__ void load_halves_as_tf32(const unsigned char* source, unsigned (&out)[Count]) {
+  static_assert(Count == 2 || Count == 4 || Count == 8, "load_halves_as_tf32: 4, 8 or 16 bytes");
+  __half2 pairs[Count / 2];
+  if constexpr (Count == 8)
+    *reinterpret_cast<uint4*>(pairs) = *reinterpret_cast<const uint4*>(source);
+  else if constexpr (Count == 4)
+    *reinterpret_cast<uint2*>(pairs) = *reinterpret_cast<const uint2*>(source);
+  else
+    *reinterpret_cast<unsigned*>(pairs) = *reinterpret_cast<const unsigned*>(source);
+#pragma unroll
+  for (int i = 0; i < Count / 2; ++i) {
+    const float2 two = __half22float2(pairs[i]);
+    out[2 * i] = __float_as_uint(two.x), out[2 * i + 1] = __float_as_uint(two.y);
+  }
+}
+
+/// Stages tile `tile` of [begin, end) into stage tile % stages: key and value coefficient rows,
+/// zero-filled past the end (their weights are 0, and 0·garbage could be NaN in the product).
+template <class Rows>
+__device__ __forceinline__ void low_rank_mma_stage(const codec::low_rank::storage<device_space>& store,
+                                                   const Rows& rows, std::int64_t begin, std::int64_t end, int tile,
+                                                   const low_rank_mma_layout& layout, int chunk_shift,
+                                                   unsigned char* shared) {
+  const int r = layout.rank;
+  const std::int64_t first = begin + std::int64_t{tile} * low_rank_mma_tile;
+  unsigned char* stage = shared + static_cast<std::size_t>(tile % layout.stages) * layout.stage_bytes;
+  unsigned char* keys = stage;
+  unsigned char* values = stage + static_cast<std::size_t>(low_rank_mma_tile) * layout.key_stride;
+  const auto* key_source = reinterpret_cast<const unsigned char*>(store.key_coefficients);
+  const auto* value_source = reinterpret_cast<const unsigned char*>(store.value_coefficients);
+  const int chunks = low_rank_mma_tile << chunk_shift;  // 16-byte chunks of a tile's key rows (r / 8 a row)
+  for (int index = threadIdx.x; index < chunks; index += low_rank_mma_threads) {
+    const int t = index >> chunk_shift, c = index & ((1 << chunk_shift) - 1);
+    const bool valid = first + t < end;
+    const std::int64_t at = valid ? rows.slot(first + t) * (2 * r) + 16 * c : 0;
+    copy_async16(keys + t * layout.key_stride + 16 * c, key_source + at, valid ? 16 : 0);
+    copy_async16(values + t * layout.value_stride + 16 * c, value_source + at, valid ? 16 : 0);
+  }
+}
+
+template <int Group, int Rank, class Params>
+__device__ __forceinline__ void low_rank_mma_segment(const Params& params, unsigned char* shared,
+                                                     const low_rank_mma_layout& layout, std::int64_t head,
+                                                     std::int64_t begin, std::int64_t end, bool whole,
+                                                     std::int64_t partial_index) {
+  constexpr float negative_infinity = -std::numeric_limits<float>::infinity();
+  constexpr int T = low_rank_mma_threads;
+  constexpr int row_blocks = Group > 8 ? 2 : 1;
+  constexpr int k_steps = Rank / 8;          // score k-steps and mix j-tiles
+  constexpr int piece = Rank / 4 < 8 ? Rank / 4 : 8;  // contiguous key coefficients per lane read
+  constexpr int pieces = Rank / 4 / piece;   // key reads per lane and row
+  constexpr int value_piece = Rank / 8;      // value coefficients per lane and row
+  constexpr int chunk_shift = Rank == 16 ? 1 : Rank == 32 ? 2 : 3;
+  constexpr int stages = Rank == 64 ? 3 : 4;  // = low_rank_mma_layout::stages
+  const auto& cache = params.cache;
+  const auto& store = cache.storage;
+  const int dim = static_cast<int>(store.head_dim);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  auto* query = reinterpret_cast<float*>(shared + layout.query);
+  auto* projected = reinterpret_cast<float*>(shared + layout.projected);
+  const auto rows = head_rows(cache, head, params.page_shift);
+  const head_bias bias = compensation_of(cache, head);
+  const std::int64_t b = head / cache.shape.kv_heads, h = head % cache.shape.kv_heads;
+  const int key_rank = store.key_ranks[head], value_rank = store.value_ranks[head];
+  const float* head_key_basis = store.key_bases + head * static_cast<std::int64_t>(dim) * Rank;
+  const float* head_value_basis = store.value_bases + head * static_cast<std::int64_t>(dim) * Rank;
+  const int tiles = static_cast<int>((end - begin + low_rank_mma_tile - 1) / low_rank_mma_tile);
+  for (int tile = 0; tile < stages - 1; ++tile) {
+    if (tile < tiles) low_rank_mma_stage(store, rows, begin, end, tile, layout, chunk_shift, shared);
+    copy_async_commit();
+  }
+  // The scaled query and its projection q̃_jg = Σ_d U_dj q_gd·scale (the CUDA-core kernel's order).
+  for (int index = threadIdx.x; index < dim * Group; index += T) {
+    const int gg = index % Group, d = index / Group;
+    const auto* row = params.queries + b * params.query_batch_stride + (h * Group + gg) * params.query_head_stride;
+    query[index] = to_float(row[d]) * params.query_scale;
+  }
+  __syncthreads();
+  for (int index = threadIdx.x; index < Rank * Group; index += T) {
+    const int j = index / Group, gg = index % Group;
+    float partial[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (j < key_rank)
+      for (int d = 0; d < dim; d += 4)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          partial[e] = fmaf(__ldg(head_key_basis + (d + e) * Rank + j), query[(d + e) * Group + gg], partial[e]);
+    projected[index] = (partial[0] + partial[1]) + (partial[2] + partial[3]);
+  }
+  __syncthreads();
+  // The query operand (A, hi and lo) of every k-step: rows g, g + 8; k index t ↔ coefficient
+  // piece·(4i + t) + 2s', t + 4 ↔ the next one (i = s / (piece / 2), s' = s % (piece / 2)).
+  unsigned query_hi[k_steps][row_blocks][2], query_lo[k_steps][row_blocks][2];
+#pragma unroll
+  for (int s = 0; s < k_steps; ++s) {
+    const int j = piece * (4 * (s / (piece / 2)) + t) + 2 * (s % (piece / 2));
+#pragma unroll
+    for (int rb = 0; rb < row_blocks; ++rb) {
+      const int row = g + 8 * rb;
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+        split_tf32(row < Group ? projected[(j + e) * Group + row] : 0.0f, query_hi[s][rb][e], query_lo[s][rb][e]);
+    }
+  }
+  const std::int64_t metric_line = params.metric.logits != nullptr ? params.partition.prefix(head) : 0;
+  float running_max[row_blocks], row_sum[row_blocks], mix[k_steps][4];
+#pragma unroll
+  for (int rb = 0; rb < row_blocks; ++rb) running_max[rb] = negative_infinity, row_sum[rb] = 0.0f;
+#pragma unroll
+  for (int n = 0; n < k_steps; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) mix[n][i] = 0.0f;
+
+  for (int tile = 0; tile < tiles; ++tile) {
+    if (tile + stages - 1 < tiles)
+      low_rank_mma_stage(store, rows, begin, end, tile + stages - 1, layout, chunk_shift, shared);
+    copy_async_commit();
+    copy_async_wait<stages - 1>();
+    __syncthreads();
+    const unsigned char* stage = shared + static_cast<std::size_t>(tile % stages) * layout.stage_bytes;
+    const unsigned char* keys = stage + static_cast<std::size_t>(32 * warp) * layout.key_stride;
+    const unsigned char* values =
+        stage + static_cast<std::size_t>(low_rank_mma_tile) * layout.key_stride + static_cast<std::size_t>(32 * warp) * layout.value_stride;
+    const std::int64_t first = begin + std::int64_t{tile} * low_rank_mma_tile + 32 * warp;
+    // 1. Scores of the warp's 32 tokens (n-tile nt: tokens 8nt + 2t, + 1 in this lane's columns).
+    float score[4][4];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) score[nt][i] = 0.0f;
+      const unsigned char* row = keys + (8 * nt + g) * layout.key_stride;
+#pragma unroll
+      for (int i = 0; i < pieces; ++i) {
+        unsigned coefficient[piece];
+        load_halves_as_tf32<piece>(row + 2 * piece * (4 * i + t), coefficient);
+#pragma unroll
+        for (int sp = 0; sp < piece / 2; ++sp) {
+          const int s = i * (piece / 2) + sp;
+          const unsigned b0 = coefficient[2 * sp], b1 = coefficient[2 * sp + 1];
+          mma_16x8x8_tf32(score[nt], query_hi[s][0][0], row_blocks > 1 ? query_hi[s][row_blocks - 1][0] : 0u,
+                          query_hi[s][0][1], row_blocks > 1 ? query_hi[s][row_blocks - 1][1] : 0u, b0, b1);
+          mma_16x8x8_tf32(score[nt], query_lo[s][0][0], row_blocks > 1 ? query_lo[s][row_blocks - 1][0] : 0u,
+                          query_lo[s][0][1], row_blocks > 1 ? query_lo[s][row_blocks - 1][1] : 0u, b0, b1);
+        }
+      }
+      // Bias, the segment's end, the metric's logits (rows < Group).
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const std::int64_t token = first + 8 * nt + 2 * t + (i % 2);
+        const int row = g + 8 * (i / 2);
+        score[nt][i] = token < end ? score[nt][i] + bias.at(token) : negative_infinity;
+        if (params.metric.logits != nullptr && token < end && row < Group && (i < 2 || row_blocks > 1))
+          params.metric.logits[row * params.metric.stride + metric_line + token] = score[nt][i];
+      }
+    }
+    // 2. The online softmax per query row (a quad holds a row's 32 tokens).
+    float rescale[row_blocks];
+#pragma unroll
+    for (int rb = 0; rb < row_blocks; ++rb) {
+      float m = running_max[rb];
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) m = fmaxf(m, fmaxf(score[nt][2 * rb], score[nt][2 * rb + 1]));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+      rescale[rb] = m == negative_infinity ? 1.0f : exp2f(running_max[rb] - m);
+      running_max[rb] = m;
+      float added = 0.0f;
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float& x = score[nt][2 * rb + e];
+          x = x == negative_infinity ? 0.0f : exp2f(x - m);
+          added += x;
+        }
+      row_sum[rb] = row_sum[rb] * rescale[rb] + added;
+    }
+    // 3. The mix of the 32 tokens from zero: k index t ↔ token 8nt + 2t, t + 4 ↔ 8nt + 2t + 1.
+    float block_mix[k_steps][4];
+#pragma unroll
+    for (int n = 0; n < k_steps; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) block_mix[n][i] = 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      unsigned weight_hi[4], weight_lo[4];  // a0 (row g, token 2t), a1 (g + 8, 2t), a2 (g, 2t + 1), a3 (g + 8, 2t + 1)
+      split_tf32(score[nt][0], weight_hi[0], weight_lo[0]);
+      split_tf32(score[nt][1], weight_hi[2], weight_lo[2]);
+      if constexpr (row_blocks > 1) {
+        split_tf32(score[nt][2], weight_hi[1], weight_lo[1]);
+        split_tf32(score[nt][3], weight_hi[3], weight_lo[3]);
+      } else {
+        weight_hi[1] = weight_hi[3] = weight_lo[1] = weight_lo[3] = 0u;
+      }
+      unsigned first_row[value_piece], second_row[value_piece];
+      const unsigned char* row = values + (8 * nt + 2 * t) * layout.value_stride + 2 * value_piece * g;
+      load_halves_as_tf32<value_piece>(row, first_row);
+      load_halves_as_tf32<value_piece>(row + layout.value_stride, second_row);
+#pragma unroll
+      for (int n = 0; n < k_steps; ++n) {
+        mma_16x8x8_tf32(block_mix[n], weight_hi[0], weight_hi[1], weight_hi[2], weight_hi[3], first_row[n], second_row[n]);
+        mma_16x8x8_tf32(block_mix[n], weight_lo[0], weight_lo[1], weight_lo[2], weight_lo[3], first_row[n], second_row[n]);
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < k_steps; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) mix[n][i] = fmaf(mix[n][i], rescale[i / 2 < row_blocks ? i / 2 : 0], block_mix[n][i]);
+    __syncthreads();  // the stage is read before it is refilled
+  }
+  copy_async_wait<0>();
+  __syncthreads();
+
+  // The segment's state: each warp's (max, sum, mix) per row, combined over the warps, lifted.
+  auto* warp_max = reinterpret_cast<float*>(shared);                    // [warps][Group]
+  auto* warp_sum = warp_max + low_rank_mma_warps * Group;               // [warps][Group]
+  auto* warp_mix = warp_sum + low_rank_mma_warps * Group;               // [warps][Group][R]
+  auto* row_max = warp_mix + low_rank_mma_warps * Group * Rank;         // [Group]
+  auto* row_total = row_max + Group;                                    // [Group]
+  auto* mixed = row_total + Group;                                      // [Group][R]
+  auto* value_basis = mixed + Group * Rank;                             // [R][head_dim]
+#pragma unroll
+  for (int rb = 0; rb < row_blocks; ++rb) {
+    float s = row_sum[rb];
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    s += __shfl_xor_sync(0xffffffffu, s, 2);
+    const int row = g + 8 * rb;
+    if (row < Group) {
+      if (t == 0) warp_max[warp * Group + row] = running_max[rb], warp_sum[warp * Group + row] = s;
+#pragma unroll
+      for (int n = 0; n < k_steps; ++n)
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          warp_mix[(warp * Group + row) * Rank + (2 * t + e) * (Rank / 8) + n] = mix[n][2 * rb + e];
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < Group) {
+    const int row = threadIdx.x;
+    float m = negative_infinity;
+#pragma unroll
+    for (int w = 0; w < low_rank_mma_warps; ++w) m = fmaxf(m, warp_max[w * Group + row]);
+    float total = 0.0f;
+#pragma unroll
+    for (int w = 0; w < low_rank_mma_warps; ++w) {
+      const float wm = warp_max[w * Group + row];
+      total += wm == negative_infinity ? 0.0f : warp_sum[w * Group + row] * exp2f(wm - m);
+    }
+    row_max[row] = m, row_total[row] = total;
+  }
+  for (int index = threadIdx.x; index < Group * Rank; index += T) {
+    const int row = index / Rank, j = index % Rank;
+    float m = negative_infinity;
+#pragma unroll
+    for (int w = 0; w < low_rank_mma_warps; ++w) m = fmaxf(m, warp_max[w * Group + row]);
+    float total = 0.0f;
+#pragma unroll
+    for (int w = 0; w < low_rank_mma_warps; ++w) {
+      const float wm = warp_max[w * Group + row];
+      total += wm == negative_infinity ? 0.0f : warp_mix[(w * Group + row) * Rank + j] * exp2f(wm - m);
+    }
+    mixed[index] = total;
+  }
+  for (int index = threadIdx.x; index < dim * Rank; index += T) {
+    const int d = index / Rank, j = index % Rank;
+    value_basis[j * dim + d] = head_value_basis[index];
+  }
+  __syncthreads();
+  using out_type = std::remove_pointer_t<decltype(params.out)>;
+  for (int index = threadIdx.x; index < Group * dim; index += T) {
+    const int row = index / dim, d = index % dim;
+    const float total_sum = row_total[row];
+    float lifted = 0.0f;
+    for (int j = 0; j < value_rank; ++j) lifted = fmaf(value_basis[j * dim + d], mixed[row * Rank + j], lifted);
+    const float output = total_sum > 0.0f ? lifted / total_sum : 0.0f;
+    const float lse = total_sum > 0.0f ? row_max[row] + log2f(total_sum) : negative_infinity;
+    if (whole) {
+      params.out[b * params.out_batch_stride + (h * Group + row) * params.out_head_stride + d] = from_float<out_type>(output);
+      if (params.metric.logits != nullptr && d == 0) params.metric.lse[head * Group + row] = lse;
+    } else {
+      const std::int64_t partial = partial_index * Group + row;
+      params.partial_out[partial * dim + d] = output;
+      if (d == 0) params.partial_lse[partial] = lse;
+    }
+  }
+  __syncthreads();  // the next segment reuses every buffer
+}
+
+template <int Group, class Params>
+__global__ void __launch_bounds__(low_rank_mma_threads)
+    decode_attention_low_rank_mma(const __grid_constant__ Params params) {
+  wait_for_prerequisite_grid();  // paged / flat: the plan's partition
+  allow_dependent_grid();
+  extern __shared__ __align__(16) unsigned char shared[];
+  const auto& store = params.cache.storage;
+  const int rank = static_cast<int>(store.stored_rank);
+  const low_rank_mma_layout layout(static_cast<int>(store.head_dim), rank, Group);
+  for_each_segment(params.partition, [&](std::int64_t head, std::int64_t begin, std::int64_t end, bool whole,
+                                         std::int64_t partial_index) {
+    if (rank == 16)
+      low_rank_mma_segment<Group, 16>(params, shared, layout, head, begin, end, whole, partial_index);
+    else if (rank == 32)
+      low_rank_mma_segment<Group, 32>(params, shared, layout, head, begin, end, whole, partial_index);
+    else
+      low_rank_mma_segment<Group, 64>(params, shared, layout, head, begin, end, whole, partial_index);
+  });
+}
+
 /// decode_attention.cuh's kernel choice for low-rank caches: one kernel for every head dim;
 /// its shared memory depends on the stored rank (shared_bytes_for).
 template <int Group>
@@ -666,6 +1053,29 @@ struct low_rank_decode_choice {
   template <class Params>
   static auto kernel() {
     return decode_attention_low_rank<Group, Params>;
+  }
+  /// Post-RoPE caches of stored rank 16, 32 or 64: the tensor-core kernel (when its ring fits).
+  template <class View>
+  static bool tensor_cores_for(const View& cache) {
+    return low_rank_mma_reads(cache.storage.stored_rank, cache.storage.pre_rope) &&
+           low_rank_mma_layout(static_cast<int>(cache.storage.head_dim), static_cast<int>(cache.storage.stored_rank),
+                               Group)
+                   .bytes <= device_shared_memory_limit("kvtrim::scheme::attend");
+  }
+  template <class View>
+  static std::size_t shared_bytes_for_kernel(const View& cache) {
+    return tensor_cores_for(cache) ? low_rank_mma_layout(static_cast<int>(cache.storage.head_dim),
+                                                         static_cast<int>(cache.storage.stored_rank), Group)
+                                         .bytes
+                                   : shared_bytes_for(cache);
+  }
+  template <class View>
+  static int threads_for(const View& cache) {
+    return tensor_cores_for(cache) ? low_rank_mma_threads : low_rank_decode_threads;
+  }
+  template <class Params, class View>
+  static auto kernel_for(const View& cache) {
+    return tensor_cores_for(cache) ? decode_attention_low_rank_mma<Group, Params> : decode_attention_low_rank<Group, Params>;
   }
 };
 

@@ -1184,12 +1184,19 @@ struct implementation<stage::decode_attention, backend::cuda> {
       using partition_type =
           std::conditional_t<uniform, cuda_detail::uniform_partition, cuda_detail::planned_partition>;
       using params_type = cuda_detail::decode_params<View, partition_type, query_type, out_type>;
-      const auto kernel = choice::template kernel<params_type>();
+      // low_rank picks its kernel (tensor cores or CUDA cores), block size and shared memory from the storage.
+      auto kernel = choice::template kernel<params_type>();
+      int threads = choice::threads;
       std::size_t shared_bytes = 0;
-      if constexpr (requires { choice::shared_bytes_for(cache); })
+      if constexpr (requires { choice::template kernel_for<params_type>(cache); }) {
+        kernel = choice::template kernel_for<params_type>(cache);
+        threads = choice::threads_for(cache);
+        shared_bytes = choice::shared_bytes_for_kernel(cache);
+      } else if constexpr (requires { choice::shared_bytes_for(cache); }) {
         shared_bytes = choice::shared_bytes_for(cache);
-      else
+      } else {
         shared_bytes = choice::shared_bytes;
+      }
       // Above 48 KB a kernel must opt in to dynamic shared memory (per device, so on every call;
       // it is a host-side attribute write, no synchronisation).
       detail::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1198,7 +1205,7 @@ struct implementation<stage::decode_attention, backend::cuda> {
       // One wave of blocks: this kernel's real occupancy (shared memory and registers differ per instantiation).
       int blocks_per_multiprocessor = 0;
       detail::check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_multiprocessor, kernel,
-                                                                       choice::threads, shared_bytes),
+                                                                       threads, shared_bytes),
                          function, "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
       const std::int64_t blocks =
           std::int64_t{backend::cuda::multiprocessor_count()} *
@@ -1240,10 +1247,10 @@ struct implementation<stage::decode_attention, backend::cuda> {
                                 : choice::tensor_cores                               ? "decode_attention_tensor_core"
                                                                                      : "decode_attention_cuda_core";
       if constexpr (uniform) {
-        kernel<<<static_cast<unsigned>(grid), choice::threads, shared_bytes, stream>>>(params);
+        kernel<<<static_cast<unsigned>(grid), threads, shared_bytes, stream>>>(params);
         detail::check_launch(function, kernel_name);
       } else {
-        cuda_detail::launch_dependent(kernel, dim3(static_cast<unsigned>(grid)), dim3(choice::threads),
+        cuda_detail::launch_dependent(kernel, dim3(static_cast<unsigned>(grid)), dim3(threads),
                                       shared_bytes, stream, function, kernel_name, params);
       }
       if (merge) {
