@@ -48,7 +48,7 @@
 // (r = head_dim / 4 at head dims 64, 128, 256) take decode_attention_low_rank_mma
 // instead: the same two products on the tensor cores (TF32 with the A operands
 // split into hi + lo, so fp32's precision), a warp per 32 tokens of 128-token
-// tiles, its own online softmax, a 3–4 stage cp.async ring — the CUDA-core
+// tiles, its own online softmax, a 2–4 stage cp.async ring — the CUDA-core
 // kernel issued ~700 warp instructions per 32 tokens and read at 43 % of the
 // copy bandwidth on its bytes (W, H200).
 #pragma once
@@ -675,6 +675,10 @@ inline constexpr int low_rank_mma_threads = 128;  // 4 warps × 32 tokens of a 1
 inline constexpr int low_rank_mma_warps = low_rank_mma_threads / 32;
 inline constexpr int low_rank_mma_tile = 128;
 
+/// Ring stages per stored rank: 4 × 10 KB (r = 16), 3 × 18 KB (32), 2 × 42 KB (64) — with the
+/// query, three blocks of four warps per multiprocessor at r ≤ 32 (two at 64), each with its next
+/// tiles in flight.
+__host__ __device__ constexpr int low_rank_mma_stages(std::int64_t rank) { return rank == 16 ? 4 : rank == 32 ? 3 : 2; }
 /// Whether the tensor-core kernel reads this storage (else decode_attention_low_rank).
 __host__ __device__ inline bool low_rank_mma_reads(std::int64_t stored_rank, bool pre_rope) {
   return !pre_rope && (stored_rank == 16 || stored_rank == 32 || stored_rank == 64);
@@ -696,7 +700,7 @@ struct low_rank_mma_layout {
   __host__ __device__ low_rank_mma_layout(int head_dim, int rank_, int group) : rank(rank_) {
     key_stride = rank == 64 ? 2 * rank + 64 : 2 * rank;
     value_stride = 2 * rank + 16;
-    stages = rank == 64 ? 3 : 4;
+    stages = low_rank_mma_stages(rank);
     stage_bytes = static_cast<std::size_t>(low_rank_mma_tile) * static_cast<std::size_t>(key_stride + value_stride);
     // After the last tile the stages hold the segment's finish: per warp (max, sum, mix) per row,
     // the combined rows and mixes, and U_v transposed (low_rank_mma_segment).
@@ -780,7 +784,7 @@ __device__ __forceinline__ void low_rank_mma_segment(const Params& params, unsig
   constexpr int pieces = Rank / 4 / piece;   // key reads per lane and row
   constexpr int value_piece = Rank / 8;      // value coefficients per lane and row
   constexpr int chunk_shift = Rank == 16 ? 1 : Rank == 32 ? 2 : 3;
-  constexpr int stages = Rank == 64 ? 3 : 4;  // = low_rank_mma_layout::stages
+  constexpr int stages = low_rank_mma_stages(Rank);
   const auto& cache = params.cache;
   const auto& store = cache.storage;
   const int dim = static_cast<int>(store.head_dim);
@@ -830,7 +834,8 @@ __device__ __forceinline__ void low_rank_mma_segment(const Params& params, unsig
         split_tf32(row < Group ? projected[(j + e) * Group + row] : 0.0f, query_hi[s][rb][e], query_lo[s][rb][e]);
     }
   }
-  const std::int64_t metric_line = params.metric.logits != nullptr ? params.partition.prefix(head) : 0;
+  const bool metric = params.metric.logits != nullptr;
+  const std::int64_t metric_line = metric ? params.partition.prefix(head) : 0;
   float running_max[row_blocks], row_sum[row_blocks], mix[k_steps][4];
 #pragma unroll
   for (int rb = 0; rb < row_blocks; ++rb) running_max[rb] = negative_infinity, row_sum[rb] = 0.0f;
@@ -840,16 +845,21 @@ __device__ __forceinline__ void low_rank_mma_segment(const Params& params, unsig
     for (int i = 0; i < 4; ++i) mix[n][i] = 0.0f;
 
   for (int tile = 0; tile < tiles; ++tile) {
+    // One barrier per tile: once `tile` has landed and every warp is past tile − 1, the stage of
+    // tile − 1 takes tile + stages − 1 (groups stay one per tile, empty past the end).
+    copy_async_wait<stages - 2>();
+    __syncthreads();
     if (tile + stages - 1 < tiles)
       low_rank_mma_stage(store, rows, begin, end, tile + stages - 1, layout, chunk_shift, shared);
     copy_async_commit();
-    copy_async_wait<stages - 1>();
-    __syncthreads();
     const unsigned char* stage = shared + static_cast<std::size_t>(tile % stages) * layout.stage_bytes;
     const unsigned char* keys = stage + static_cast<std::size_t>(32 * warp) * layout.key_stride;
     const unsigned char* values =
         stage + static_cast<std::size_t>(low_rank_mma_tile) * layout.key_stride + static_cast<std::size_t>(32 * warp) * layout.value_stride;
     const std::int64_t first = begin + std::int64_t{tile} * low_rank_mma_tile + 32 * warp;
+    // The warp's tokens as offsets from `first`: valid below `left`, the compensation token at `biased`.
+    const int left = static_cast<int>(end - first < 32 ? (end - first > 0 ? end - first : 0) : 32);
+    const int biased = bias.index >= first && bias.index < first + 32 ? static_cast<int>(bias.index - first) : -1;
     // 1. Scores of the warp's 32 tokens (n-tile nt: tokens 8nt + 2t, + 1 in this lane's columns).
     float score[4][4];
 #pragma unroll
@@ -874,11 +884,11 @@ __device__ __forceinline__ void low_rank_mma_segment(const Params& params, unsig
       // Bias, the segment's end, the metric's logits (rows < Group).
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const std::int64_t token = first + 8 * nt + 2 * t + (i % 2);
+        const int offset = 8 * nt + 2 * t + (i % 2);
         const int row = g + 8 * (i / 2);
-        score[nt][i] = token < end ? score[nt][i] + bias.at(token) : negative_infinity;
-        if (params.metric.logits != nullptr && token < end && row < Group && (i < 2 || row_blocks > 1))
-          params.metric.logits[row * params.metric.stride + metric_line + token] = score[nt][i];
+        score[nt][i] = offset < left ? score[nt][i] + (offset == biased ? bias.bias_log2 : 0.0f) : negative_infinity;
+        if (metric && offset < left && row < Group && (i < 2 || row_blocks > 1))
+          params.metric.logits[row * params.metric.stride + metric_line + first + offset] = score[nt][i];
       }
     }
     // 2. The online softmax per query row (a quad holds a row's 32 tokens).
@@ -934,7 +944,6 @@ __device__ __forceinline__ void low_rank_mma_segment(const Params& params, unsig
     for (int n = 0; n < k_steps; ++n)
 #pragma unroll
       for (int i = 0; i < 4; ++i) mix[n][i] = fmaf(mix[n][i], rescale[i / 2 < row_blocks ? i / 2 : 0], block_mix[n][i]);
-    __syncthreads();  // the stage is read before it is refilled
   }
   copy_async_wait<0>();
   __syncthreads();
@@ -1014,23 +1023,17 @@ __device__ __forceinline__ void low_rank_mma_segment(const Params& params, unsig
   __syncthreads();  // the next segment reuses every buffer
 }
 
-template <int Group, class Params>
-__global__ void __launch_bounds__(low_rank_mma_threads)
+/// One kernel per stored rank (its registers: three blocks per multiprocessor at r ≤ 32).
+template <int Group, int Rank, class Params>
+__global__ void __launch_bounds__(low_rank_mma_threads, Rank == 64 ? 2 : 3)
     decode_attention_low_rank_mma(const __grid_constant__ Params params) {
   wait_for_prerequisite_grid();  // paged / flat: the plan's partition
   allow_dependent_grid();
   extern __shared__ __align__(16) unsigned char shared[];
-  const auto& store = params.cache.storage;
-  const int rank = static_cast<int>(store.stored_rank);
-  const low_rank_mma_layout layout(static_cast<int>(store.head_dim), rank, Group);
+  const low_rank_mma_layout layout(static_cast<int>(params.cache.storage.head_dim), Rank, Group);
   for_each_segment(params.partition, [&](std::int64_t head, std::int64_t begin, std::int64_t end, bool whole,
                                          std::int64_t partial_index) {
-    if (rank == 16)
-      low_rank_mma_segment<Group, 16>(params, shared, layout, head, begin, end, whole, partial_index);
-    else if (rank == 32)
-      low_rank_mma_segment<Group, 32>(params, shared, layout, head, begin, end, whole, partial_index);
-    else
-      low_rank_mma_segment<Group, 64>(params, shared, layout, head, begin, end, whole, partial_index);
+    low_rank_mma_segment<Group, Rank>(params, shared, layout, head, begin, end, whole, partial_index);
   });
 }
 
@@ -1075,7 +1078,11 @@ struct low_rank_decode_choice {
   }
   template <class Params, class View>
   static auto kernel_for(const View& cache) {
-    return tensor_cores_for(cache) ? decode_attention_low_rank_mma<Group, Params> : decode_attention_low_rank<Group, Params>;
+    if (!tensor_cores_for(cache)) return decode_attention_low_rank<Group, Params>;
+    const std::int64_t rank = cache.storage.stored_rank;
+    return rank == 16   ? decode_attention_low_rank_mma<Group, 16, Params>
+           : rank == 32 ? decode_attention_low_rank_mma<Group, 32, Params>
+                        : decode_attention_low_rank_mma<Group, 64, Params>;
   }
 };
 
