@@ -167,7 +167,9 @@ TEST(SlotRuns, ASealedGroupsScalesAreInEveryRunItCovers) {
       for (std::int64_t d = 0; d < dim; ++d) {
         EXPECT_GT(codec.store.key_scales[first * dim + d], 0.0f);
         EXPECT_EQ(codec.store.key_scales[first * dim + d], codec.store.key_scales[second * dim + d]);
-        if (asymmetric) EXPECT_EQ(codec.store.key_zeros[first * dim + d], codec.store.key_zeros[second * dim + d]);
+        if (asymmetric) {
+          EXPECT_EQ(codec.store.key_zeros[first * dim + d], codec.store.key_zeros[second * dim + d]);
+        }
         EXPECT_EQ(kt::codec::int8::key_step(codec.store, where.slot(h, 0), d),
                   kt::codec::int8::key_step(codec.store, where.slot(h, 31), d));
       }
