@@ -45,7 +45,7 @@
 // (o_g = U_v m_g / Σ p) and written, or left as a partial for the split-K merge
 // (merge_decode_partials: lifting is linear, so partials lift before merging).
 // Everything is fp32 on CUDA cores. Post-RoPE caches of stored rank 16, 32 or 64
-// (r = head_dim / 4 at head dims 64, 128, 256) take decode_attention_low_rank_mma
+// (any head dim; r = head_dim / 4 at 64, 128, 256) take decode_attention_low_rank_mma
 // instead: the same two products on the tensor cores (TF32 with the A operands
 // split into hi + lo, so fp32's precision), a warp per 32 tokens of 128-token
 // tiles, its own online softmax, a 2–4 stage cp.async ring — the CUDA-core
