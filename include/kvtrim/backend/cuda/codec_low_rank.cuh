@@ -107,21 +107,87 @@ inline std::size_t device_shared_memory_limit(std::string_view function) {
 
 inline std::size_t low_rank_decode_shared_bytes(int head_dim, int rank, int group, bool pre_rope);
 
-/// Throws unless decode attention's tiles for this stored rank, head dim and group fit in a block's
-/// shared memory (stored rank ≤ 64 at head_dim ≤ 128 for every group; at 256: ≤ 32, or 64 up to GQA 8).
-inline void check_low_rank_decodable(std::string_view function, const codec::low_rank::storage<device_space>& store,
-                                     std::int64_t group) {
-  const std::size_t bytes = low_rank_decode_shared_bytes(static_cast<int>(store.head_dim),
-                                                         static_cast<int>(store.stored_rank), static_cast<int>(group),
-                                                         store.pre_rope);
+// The tensor-core decode kernel's geometry (decode_attention_low_rank_mma, below).
+inline constexpr int low_rank_mma_threads = 128;  // 4 warps × 32 tokens of a 128-token tile
+inline constexpr int low_rank_mma_warps = low_rank_mma_threads / 32;
+inline constexpr int low_rank_mma_tile = 128;
+
+/// Ring stages per stored rank: 4 × 10 KB (r = 16), 3 × 18 KB (32), 2 × 42 KB (64) — with the
+/// query, three blocks of four warps per multiprocessor at r ≤ 32 (two at 64), each with its next
+/// tiles in flight.
+__host__ __device__ constexpr int low_rank_mma_stages(std::int64_t rank) { return rank == 16 ? 4 : rank == 32 ? 3 : 2; }
+/// Whether the tensor-core kernel reads this storage (else decode_attention_low_rank).
+__host__ __device__ inline bool low_rank_mma_reads(std::int64_t stored_rank, bool pre_rope) {
+  return !pre_rope && (stored_rank == 16 || stored_rank == 32 || stored_rank == 64);
+}
+
+/// Shared memory of the tensor-core kernel (bytes from the start). Row strides (bytes): keys 2r,
+/// or 2r + 64 at r = 64 — a quarter warp's 16-byte reads cover two rows' 64 contiguous bytes, so the
+/// second row must start 64 bytes (mod 128) after the first; at r = 16 (8-byte reads, half warps:
+/// four rows of 32 bytes) and 32 the unpadded stride already does. Values 2r + 16: lanes read rows
+/// 2t and 2t + 1 of an n-tile at byte g·r/4 — the rows of one read phase are 2·stride apart, and
+/// 2·(2r + 16) ≡ 32 or 96 (mod 128) puts their r/4·(lanes of one row) = 32-byte spans in distinct banks.
+struct low_rank_mma_layout {
+  int rank = 0, key_stride = 0, value_stride = 0, stages = 0;
+  std::size_t stage_bytes = 0;
+  std::size_t query = 0;      // [head_dim][Group] float: the scaled query
+  std::size_t projected = 0;  // [R][Group] float: U_kᵀ q, scaled
+  std::size_t bytes = 0;
+
+  __host__ __device__ low_rank_mma_layout(int head_dim, int rank_, int group) : rank(rank_) {
+    key_stride = rank == 64 ? 2 * rank + 64 : 2 * rank;
+    value_stride = 2 * rank + 16;
+    stages = low_rank_mma_stages(rank);
+    stage_bytes = static_cast<std::size_t>(low_rank_mma_tile) * static_cast<std::size_t>(key_stride + value_stride);
+    // After the last tile the stages hold the segment's finish: per warp (max, sum, mix) per row,
+    // the combined rows and mixes, and U_v transposed (low_rank_mma_segment).
+    const std::size_t finish = 4 * (static_cast<std::size_t>(low_rank_mma_warps) * group * (rank + 2) +
+                                    static_cast<std::size_t>(group) * (rank + 2) +
+                                    static_cast<std::size_t>(rank) * (head_dim + 1));
+    const std::size_t ring = static_cast<std::size_t>(stages) * stage_bytes;
+    query = (ring > finish ? ring : finish + 15) / 16 * 16;
+    projected = query + static_cast<std::size_t>(head_dim) * group * 4;
+    bytes = projected + static_cast<std::size_t>(rank) * group * 4;
+  }
+};
+
+/// The decode kernel a low-rank cache takes: the tensor-core kernel where it reads the storage and
+/// its shared memory fits (the device's opt-in limit, queried once), else the CUDA-core kernel.
+struct low_rank_decode_selection {
+  bool tensor_cores = false;
+  int threads = 0;
+  std::size_t shared_bytes = 0;
+  const char* kernel_name = nullptr;
+};
+inline constexpr int low_rank_decode_threads_cuda_cores = 256;
+inline low_rank_decode_selection select_low_rank_decode(const codec::low_rank::storage<device_space>& store,
+                                                        std::int64_t group, std::size_t limit) {
+  const int dim = static_cast<int>(store.head_dim), rank = static_cast<int>(store.stored_rank);
+  if (low_rank_mma_reads(store.stored_rank, store.pre_rope)) {
+    const std::size_t bytes = low_rank_mma_layout(dim, rank, static_cast<int>(group)).bytes;
+    if (bytes <= limit) return {true, low_rank_mma_threads, bytes, "decode_attention_low_rank_mma"};
+  }
+  return {false, low_rank_decode_threads_cuda_cores,
+          low_rank_decode_shared_bytes(dim, rank, static_cast<int>(group), store.pre_rope), "decode_attention_low_rank"};
+}
+
+/// Throws unless the decode kernel this cache takes fits its tiles in a block's shared memory
+/// (H200: post-RoPE ranks 16 / 32 / 64 on the tensor cores always; the CUDA-core kernel: stored
+/// rank ≤ 64 at head_dim ≤ 128 for every group, at 256 ≤ 32, or 64 up to GQA 8).
+/// Returns the selection (the kernel, its block and shared memory).
+inline low_rank_decode_selection check_low_rank_decodable(std::string_view function,
+                                                          const codec::low_rank::storage<device_space>& store,
+                                                          std::int64_t group) {
   const std::size_t limit = device_shared_memory_limit(function);
-  if (bytes > limit)
+  const low_rank_decode_selection selected = select_low_rank_decode(store, group, limit);
+  if (selected.shared_bytes > limit)
     detail::fail(function, "config.codec.max_rank",
                  detail::cat("a stored rank whose decode tiles fit in this device's ", limit,
-                             " bytes of shared memory per block (≤ 64 at head_dim ≤ 128; ≤ 32 at 256, or 64 up to "
-                             "GQA 8)"),
+                             " bytes of shared memory per block (post-RoPE ranks 16, 32, 64: tensor cores; "
+                             "otherwise ≤ 64 at head_dim ≤ 128; ≤ 32 at 256, or 64 up to GQA 8)"),
                  detail::cat("stored rank ", store.stored_rank, " at head_dim ", store.head_dim, ", GQA ", group, " (",
-                             bytes, " bytes)"));
+                             selected.shared_bytes, " bytes)"));
+  return selected;
 }
 
 /// Throws (before any launch) for a low-rank cache the device cannot write, or could not decode.
@@ -309,7 +375,7 @@ struct codec_slot_mover<codec::low_rank> {
 
 // ---- decode attention -----------------------------------------------------------
 
-inline constexpr int low_rank_decode_threads = 256;  // = tokens per tile: one token per thread
+inline constexpr int low_rank_decode_threads = low_rank_decode_threads_cuda_cores;  // = tokens per tile: one token per thread
 inline constexpr int low_rank_decode_warps = low_rank_decode_threads / 32;
 
 /// Shared memory of one block (bytes from the start), for stored rank R.
@@ -383,6 +449,24 @@ __device__ __forceinline__ void low_rank_stage_tile(const codec::low_rank::stora
       keys[t * layout.key_stride + j] = key_source[at];
       values[t * r + j] = value_source[at];
     }
+  }
+}
+
+/// One lifted output (query row `row` of the group, channel d) and its base-2 log-sum-exp: the output
+/// (and the metric's lse) when the block read the whole head, else the split-K partial that
+/// merge_decode_partials combines. Both low-rank kernels end here.
+template <int Group, class Params>
+__device__ __forceinline__ void low_rank_store_output(const Params& params, bool whole, std::int64_t b, std::int64_t h,
+                                                      std::int64_t head, std::int64_t partial_index, int dim, int row,
+                                                      int d, float output, float lse) {
+  using out_type = std::remove_pointer_t<decltype(params.out)>;
+  if (whole) {
+    params.out[b * params.out_batch_stride + (h * Group + row) * params.out_head_stride + d] = from_float<out_type>(output);
+    if (params.metric.logits != nullptr && d == 0) params.metric.lse[head * Group + row] = lse;
+  } else {
+    const std::int64_t partial = partial_index * Group + row;
+    params.partial_out[partial * dim + d] = output;
+    if (d == 0) params.partial_lse[partial] = lse;
   }
 }
 
@@ -629,7 +713,6 @@ __global__ void __launch_bounds__(low_rank_decode_threads)
       value_basis[j * dim + d] = head_value_basis[index];
     }
     __syncthreads();
-    using out_type = std::remove_pointer_t<decltype(params.out)>;
     for (int index = threadIdx.x; index < Group * dim; index += T) {
       const int g = index / dim, d = index % dim;
       float total_sum = 0.0f;
@@ -637,16 +720,8 @@ __global__ void __launch_bounds__(low_rank_decode_threads)
       for (int w = 0; w < low_rank_decode_warps; ++w) total_sum += reduced[w * Group + g];
       float lifted = 0.0f;
       for (int j = 0; j < value_rank; ++j) lifted = fmaf(value_basis[j * dim + d], mixed[g * r + j], lifted);
-      const float output = total_sum > 0.0f ? lifted / total_sum : 0.0f;
-      if (whole) {
-        params.out[b * params.out_batch_stride + (h * Group + g) * params.out_head_stride + d] = from_float<out_type>(output);
-        if (params.metric.logits != nullptr && d == 0)
-          params.metric.lse[head * Group + g] = total_sum > 0.0f ? running_max[g] + log2f(total_sum) : negative_infinity;
-      } else {
-        const std::int64_t partial = partial_index * Group + g;
-        params.partial_out[partial * dim + d] = output;
-        if (d == 0) params.partial_lse[partial] = total_sum > 0.0f ? running_max[g] + log2f(total_sum) : negative_infinity;
-      }
+      low_rank_store_output<Group>(params, whole, b, h, head, partial_index, dim, g, d, total_sum > 0.0f ? lifted / total_sum : 0.0f,
+                                   total_sum > 0.0f ? running_max[g] + log2f(total_sum) : negative_infinity);
     }
     __syncthreads();  // the next segment reuses every buffer
   });
@@ -671,49 +746,6 @@ __global__ void __launch_bounds__(low_rank_decode_threads)
 // N·(r/8) + n, so lane g reads r/8 contiguous value coefficients of each of its two token rows.
 // Row strides are padded so that every shared read is conflict-free (derivation at low_rank_mma_layout).
 
-inline constexpr int low_rank_mma_threads = 128;  // 4 warps × 32 tokens of a 128-token tile
-inline constexpr int low_rank_mma_warps = low_rank_mma_threads / 32;
-inline constexpr int low_rank_mma_tile = 128;
-
-/// Ring stages per stored rank: 4 × 10 KB (r = 16), 3 × 18 KB (32), 2 × 42 KB (64) — with the
-/// query, three blocks of four warps per multiprocessor at r ≤ 32 (two at 64), each with its next
-/// tiles in flight.
-__host__ __device__ constexpr int low_rank_mma_stages(std::int64_t rank) { return rank == 16 ? 4 : rank == 32 ? 3 : 2; }
-/// Whether the tensor-core kernel reads this storage (else decode_attention_low_rank).
-__host__ __device__ inline bool low_rank_mma_reads(std::int64_t stored_rank, bool pre_rope) {
-  return !pre_rope && (stored_rank == 16 || stored_rank == 32 || stored_rank == 64);
-}
-
-/// Shared memory of the tensor-core kernel (bytes from the start). Row strides (bytes): keys 2r,
-/// or 2r + 64 at r = 64 — a quarter warp's 16-byte reads cover two rows' 64 contiguous bytes, so the
-/// second row must start 64 bytes (mod 128) after the first; at r = 16 (8-byte reads, half warps:
-/// four rows of 32 bytes) and 32 the unpadded stride already does. Values 2r + 16: lanes read rows
-/// 2t and 2t + 1 of an n-tile at byte g·r/4 — the rows of one read phase are 2·stride apart, and
-/// 2·(2r + 16) ≡ 32 or 96 (mod 128) puts their r/4·(lanes of one row) = 32-byte spans in distinct banks.
-struct low_rank_mma_layout {
-  int rank = 0, key_stride = 0, value_stride = 0, stages = 0;
-  std::size_t stage_bytes = 0;
-  std::size_t query = 0;      // [head_dim][Group] float: the scaled query
-  std::size_t projected = 0;  // [R][Group] float: U_kᵀ q, scaled
-  std::size_t bytes = 0;
-
-  __host__ __device__ low_rank_mma_layout(int head_dim, int rank_, int group) : rank(rank_) {
-    key_stride = rank == 64 ? 2 * rank + 64 : 2 * rank;
-    value_stride = 2 * rank + 16;
-    stages = low_rank_mma_stages(rank);
-    stage_bytes = static_cast<std::size_t>(low_rank_mma_tile) * static_cast<std::size_t>(key_stride + value_stride);
-    // After the last tile the stages hold the segment's finish: per warp (max, sum, mix) per row,
-    // the combined rows and mixes, and U_v transposed (low_rank_mma_segment).
-    const std::size_t finish = 4 * (static_cast<std::size_t>(low_rank_mma_warps) * group * (rank + 2) +
-                                    static_cast<std::size_t>(group) * (rank + 2) +
-                                    static_cast<std::size_t>(rank) * head_dim);
-    const std::size_t ring = static_cast<std::size_t>(stages) * stage_bytes;
-    query = (ring > finish ? ring : finish + 15) / 16 * 16;
-    projected = query + static_cast<std::size_t>(head_dim) * group * 4;
-    bytes = projected + static_cast<std::size_t>(rank) * group * 4;
-  }
-};
-
 /// hi = tf32(x) (round to nearest, ties away), lo = tf32(x − hi): x = hi + lo within 2⁻²² |x|.
 __device__ __forceinline__ void split_tf32(float x, unsigned& hi, unsigned& lo) {
   asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(hi) : "f"(x));
@@ -733,7 +765,7 @@ __device__ __forceinline__ void mma_16x8x8_tf32(float (&c)[4], unsigned a0, unsi
 template <int Count>
 __device__ __forceinline__ void load_halves_as_tf32(const unsigned char* source, unsigned (&out)[Count]) {
   static_assert(Count == 2 || Count == 4 || Count == 8, "load_halves_as_tf32: 4, 8 or 16 bytes");
-  __half2 pairs[Count / 2];
+  alignas(16) __half2 pairs[Count / 2];
   if constexpr (Count == 8)
     *reinterpret_cast<uint4*>(pairs) = *reinterpret_cast<const uint4*>(source);
   else if constexpr (Count == 4)
@@ -812,7 +844,10 @@ __device__ __forceinline__ void low_rank_mma_segment(const Params& params, unsig
   for (int index = threadIdx.x; index < Rank * Group; index += T) {
     const int j = index / Group, gg = index % Group;
     float partial[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    // Four rows of U_k per step, four steps unrolled: sixteen independent loads in flight (one
+    // dependent load per step left the block's first ~8 µs to L2 latency at W).
     if (j < key_rank)
+#pragma unroll 4
       for (int d = 0; d < dim; d += 4)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
@@ -955,7 +990,7 @@ __device__ __forceinline__ void low_rank_mma_segment(const Params& params, unsig
   auto* row_max = warp_mix + low_rank_mma_warps * Group * Rank;         // [Group]
   auto* row_total = row_max + Group;                                    // [Group]
   auto* mixed = row_total + Group;                                      // [Group][R]
-  auto* value_basis = mixed + Group * Rank;                             // [R][head_dim]
+  auto* value_basis = mixed + Group * Rank;                             // [R][head_dim + 1]
 #pragma unroll
   for (int rb = 0; rb < row_blocks; ++rb) {
     float s = row_sum[rb];
@@ -998,27 +1033,21 @@ __device__ __forceinline__ void low_rank_mma_segment(const Params& params, unsig
     }
     mixed[index] = total;
   }
+  // U_v transposed, rows padded to head_dim + 1: consecutive lanes store consecutive j (stride
+  // head_dim + 1 floats: distinct banks), the lift's lanes read consecutive d.
+  const int basis_stride = dim + 1;
   for (int index = threadIdx.x; index < dim * Rank; index += T) {
     const int d = index / Rank, j = index % Rank;
-    value_basis[j * dim + d] = head_value_basis[index];
+    value_basis[j * basis_stride + d] = head_value_basis[index];
   }
   __syncthreads();
-  using out_type = std::remove_pointer_t<decltype(params.out)>;
   for (int index = threadIdx.x; index < Group * dim; index += T) {
     const int row = index / dim, d = index % dim;
     const float total_sum = row_total[row];
     float lifted = 0.0f;
-    for (int j = 0; j < value_rank; ++j) lifted = fmaf(value_basis[j * dim + d], mixed[row * Rank + j], lifted);
-    const float output = total_sum > 0.0f ? lifted / total_sum : 0.0f;
-    const float lse = total_sum > 0.0f ? row_max[row] + log2f(total_sum) : negative_infinity;
-    if (whole) {
-      params.out[b * params.out_batch_stride + (h * Group + row) * params.out_head_stride + d] = from_float<out_type>(output);
-      if (params.metric.logits != nullptr && d == 0) params.metric.lse[head * Group + row] = lse;
-    } else {
-      const std::int64_t partial = partial_index * Group + row;
-      params.partial_out[partial * dim + d] = output;
-      if (d == 0) params.partial_lse[partial] = lse;
-    }
+    for (int j = 0; j < value_rank; ++j) lifted = fmaf(value_basis[j * basis_stride + d], mixed[row * Rank + j], lifted);
+    low_rank_store_output<Group>(params, whole, b, h, head, partial_index, dim, row, d, total_sum > 0.0f ? lifted / total_sum : 0.0f,
+                                 total_sum > 0.0f ? row_max[row] + log2f(total_sum) : negative_infinity);
   }
   __syncthreads();  // the next segment reuses every buffer
 }
@@ -1045,40 +1074,20 @@ struct low_rank_decode_choice {
   static constexpr bool supported = true;
   static constexpr int threads = low_rank_decode_threads;
   static constexpr const char* kernel_name = "decode_attention_low_rank";
-  /// Two tiles of 256 rows of R coefficients, U_k, the query: above the device's opt-in limit a
-  /// kvtrim::error naming the stored rank (compaction and append refuse such caches first).
-  template <class View>
-  static std::size_t shared_bytes_for(const View& cache) {
-    check_low_rank_decodable("kvtrim::scheme::attend", cache.storage, Group);
-    return low_rank_decode_shared_bytes(static_cast<int>(cache.storage.head_dim),
-                                        static_cast<int>(cache.storage.stored_rank), Group, cache.storage.pre_rope);
-  }
   template <class Params>
   static auto kernel() {
     return decode_attention_low_rank<Group, Params>;
   }
-  /// Post-RoPE caches of stored rank 16, 32 or 64: the tensor-core kernel (when its ring fits).
+  /// The kernel this cache takes, its block and shared memory (one device query per launch): above
+  /// the device's opt-in limit a kvtrim::error naming the stored rank (compaction and append refuse
+  /// such caches first).
   template <class View>
-  static bool tensor_cores_for(const View& cache) {
-    return low_rank_mma_reads(cache.storage.stored_rank, cache.storage.pre_rope) &&
-           low_rank_mma_layout(static_cast<int>(cache.storage.head_dim), static_cast<int>(cache.storage.stored_rank),
-                               Group)
-                   .bytes <= device_shared_memory_limit("kvtrim::scheme::attend");
-  }
-  template <class View>
-  static std::size_t shared_bytes_for_kernel(const View& cache) {
-    return tensor_cores_for(cache) ? low_rank_mma_layout(static_cast<int>(cache.storage.head_dim),
-                                                         static_cast<int>(cache.storage.stored_rank), Group)
-                                         .bytes
-                                   : shared_bytes_for(cache);
-  }
-  template <class View>
-  static int threads_for(const View& cache) {
-    return tensor_cores_for(cache) ? low_rank_mma_threads : low_rank_decode_threads;
+  static low_rank_decode_selection select(const View& cache) {
+    return check_low_rank_decodable("kvtrim::scheme::attend", cache.storage, Group);
   }
   template <class Params, class View>
-  static auto kernel_for(const View& cache) {
-    if (!tensor_cores_for(cache)) return decode_attention_low_rank<Group, Params>;
+  static auto kernel_for(const low_rank_decode_selection& selected, const View& cache) {
+    if (!selected.tensor_cores) return decode_attention_low_rank<Group, Params>;
     const std::int64_t rank = cache.storage.stored_rank;
     return rank == 16   ? decode_attention_low_rank_mma<Group, 16, Params>
            : rank == 32 ? decode_attention_low_rank_mma<Group, 32, Params>

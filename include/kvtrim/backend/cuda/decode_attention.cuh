@@ -1188,12 +1188,13 @@ struct implementation<stage::decode_attention, backend::cuda> {
       auto kernel = choice::template kernel<params_type>();
       int threads = choice::threads;
       std::size_t shared_bytes = 0;
-      if constexpr (requires { choice::template kernel_for<params_type>(cache); }) {
-        kernel = choice::template kernel_for<params_type>(cache);
-        threads = choice::threads_for(cache);
-        shared_bytes = choice::shared_bytes_for_kernel(cache);
-      } else if constexpr (requires { choice::shared_bytes_for(cache); }) {
-        shared_bytes = choice::shared_bytes_for(cache);
+      const char* kernel_name = choice::tensor_cores ? "decode_attention_tensor_core" : "decode_attention_cuda_core";
+      if constexpr (requires { choice::select(cache); }) {
+        const auto selected = choice::select(cache);
+        kernel = choice::template kernel_for<params_type>(selected, cache);
+        threads = selected.threads;
+        shared_bytes = selected.shared_bytes;
+        kernel_name = selected.kernel_name;
       } else {
         shared_bytes = choice::shared_bytes;
       }
@@ -1243,9 +1244,6 @@ struct implementation<stage::decode_attention, backend::cuda> {
                                static_cast<int>(queries_per_sequence),
                                queries.stride(1),
                                out.stride(1)};
-      const char* kernel_name = cuda_detail::is_low_rank<typename View::codec> ? "decode_attention_low_rank"
-                                : choice::tensor_cores                               ? "decode_attention_tensor_core"
-                                                                                     : "decode_attention_cuda_core";
       if constexpr (uniform) {
         kernel<<<static_cast<unsigned>(grid), threads, shared_bytes, stream>>>(params);
         detail::check_launch(function, kernel_name);
