@@ -34,7 +34,26 @@
 // leaves every head ≥ interval tokens of headroom when the buffer allows; it
 // reports whether it did) or call eviction::make_room before append.
 //
-// Defaults: squared_sum, protected window 64 (vllm-kvcompress's).
+// One step late (metric_output::carry, optional): the device kernel has every
+// key of the head in shared memory at step t anyway; with the previous step's
+// queries q_{t−1} and its softmax normaliser kept in the carry, it recomputes
+// s_{t−1,i} = q_{t−1}·k_i (on otherwise idle tensor cores) and adds step t−1's
+// c_i to metric[slot] directly — no per-token logits written and read back
+// (the immediate mode's cost at W: docs/eviction.md). The price: after step t
+// the metric holds steps ≤ t − 1; eviction::flush_metric adds the pending step
+// (one more pass over the keys) where an eviction must see it. Tokens appended
+// since the previous step never count for it (they are inside its window:
+// positions ≥ its next position), tokens moved by an eviction carry their metric
+// and their keys, so the pending step lands on the slots they moved to; evicted
+// tokens lose it. Keys are read as they are stored at the later step: where a
+// codec rewrites a key after the fact (KIVI's residual keys requantized when their
+// group seals, layered<>'s recent rows re-encoded as they age) the late term uses
+// the key's newer form, within the codec's own bound of the immediate term. Else,
+// after a flush the metric equals the immediate mode's (bit for bit on the CPU,
+// within the stated bound on the device). The carry is engine-owned and zero-initialised (next = 0: nothing
+// pending); it belongs to one layer's cache.
+//
+// Defaults: squared_sum, protected window 64 (vllm-kvcompress's), immediate.
 // Backends: cpu (backend/cpu/decode_attention.hpp; seed: backend/cpu/eviction.hpp),
 // cuda (backend/cuda/decode_attention.cuh, a side output of the split-K kernel, every
 // codec; seed: backend/cuda/eviction.cuh).
@@ -58,6 +77,18 @@ enum class metric_kind : int {
 
 inline constexpr std::int64_t default_protected_window = 64;
 
+/// The one-step-late metric's state between decode steps (engine-owned, in the
+/// cache's memory space, zero-initialised before the first step; one per layer).
+template <MemorySpace Space = host_space>
+struct metric_carry {
+  float* queries = nullptr;         ///< [batch · q_heads · head_dim]: the previous step's queries, as floats
+  float* normaliser = nullptr;      ///< [batch · q_heads · 2]: its softmax normaliser per query head (CPU: max
+                                    ///< logit and denominator; CUDA: base-2 log-sum-exp and 0)
+  std::int64_t* next = nullptr;     ///< [batch · kv_heads]: each head's next position at that step; 0: none pending
+
+  KVTRIM_HOST_DEVICE bool enabled() const { return queries != nullptr; }
+};
+
 /// What decode attention accumulates into: one float per storage slot.
 template <MemorySpace Space = host_space>
 struct metric_output {
@@ -65,8 +96,10 @@ struct metric_output {
   std::int64_t slots = 0;   ///< entries of `values` (≥ the layout's storage slots)
   metric_kind kind = metric_kind::squared_sum;
   std::int64_t protected_window = default_protected_window;  ///< tokens with next − pos ≤ window do not accumulate
+  metric_carry<Space> carry{};  ///< set: one step late (the header's comment); empty: immediate
 
   KVTRIM_HOST_DEVICE bool enabled() const { return values != nullptr; }
+  KVTRIM_HOST_DEVICE bool deferred() const { return values != nullptr && carry.enabled(); }
 };
 
 /// Whether a token at `position` of a head whose next position is `next` is
@@ -102,5 +135,17 @@ void check_metric(std::string_view function, const eviction::metric_output<Space
   const int kind = static_cast<int>(metric.kind);
   if (kind < 0 || kind > 3)
     ::kvtrim::detail::fail(function, "metric.kind", "squared_sum, sum, squared_mean or mean", std::to_string(kind));
+  const auto& carry = metric.carry;
+  if (carry.queries != nullptr || carry.normaliser != nullptr || carry.next != nullptr) {
+    if (carry.queries == nullptr || carry.normaliser == nullptr || carry.next == nullptr)
+      ::kvtrim::detail::fail(function, "metric.carry", "queries, normaliser and next all set (or none: immediate)",
+                             ::kvtrim::detail::cat("queries ", carry.queries == nullptr ? "null" : "set", ", normaliser ",
+                                                   carry.normaliser == nullptr ? "null" : "set", ", next ",
+                                                   carry.next == nullptr ? "null" : "set"));
+    if (reinterpret_cast<std::uintptr_t>(carry.queries) % alignof(float) != 0 ||
+        reinterpret_cast<std::uintptr_t>(carry.normaliser) % alignof(float) != 0 ||
+        reinterpret_cast<std::uintptr_t>(carry.next) % alignof(std::int64_t) != 0)
+      ::kvtrim::detail::fail(function, "metric.carry", "arrays aligned to their element types", "a misaligned array");
+  }
 }
 }  // namespace kvtrim::eviction_detail

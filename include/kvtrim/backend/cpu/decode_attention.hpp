@@ -150,7 +150,7 @@ struct implementation<stage::decode_attention, backend::cpu> {
     if (!metric.enabled()) return 0;
     const std::int64_t units = cache.batch * cache.shape.kv_heads;
     return static_cast<std::size_t>(std::min(detail::cpu_threads(), std::max<std::int64_t>(units, 1)) *
-                                    metric_thread_floats(cache)) *
+                                    metric_thread_floats(cache, metric)) *
            sizeof(float);
   }
 
@@ -199,7 +199,7 @@ struct implementation<stage::decode_attention, backend::cpu> {
                            ? detail::cat("an empty head (sequence ", b, ", kv head ", h, ")")
                            : detail::cat(cache.head_length(b, h), " tokens in sequence ", b, ", kv head ", h));
     const std::int64_t units = cache.batch * cache.shape.kv_heads;
-    const std::int64_t thread_floats = metric.enabled() ? metric_thread_floats(cache) : 0;
+    const std::int64_t thread_floats = metric.enabled() ? metric_thread_floats(cache, metric) : 0;
     const std::int64_t threads =
         detail::cpu_threads_for(units, static_cast<std::size_t>(thread_floats) * sizeof(float), scratch.bytes);
     detail::cpu_parallel_for(units, threads, [&](std::int64_t unit, std::int64_t thread) {
@@ -209,13 +209,34 @@ struct implementation<stage::decode_attention, backend::cpu> {
         state.logits = static_cast<float*>(scratch.data) + thread * thread_floats;
         state.stride = logit_stride(cache);
       }
-      if constexpr (codec::is_plain<typename View::codec>)
-        attend_plain(queries, cache, out, b, h, state);
-      else
-        for (std::int64_t t = 0; t < queries_per_sequence; ++t)
-          for (std::int64_t g = 0; g < cache.shape.group_size(); ++g)
-            attend_generic(queries, cache, out, b, h, t, g, state);
-      if (metric.enabled()) add_metric(cache, metric, b, h, state);
+      // One step late: the previous step's c_i first, from its queries over the keys as they are now.
+      if (metric.deferred()) add_pending_metric(cache, metric, b, h, state);
+      attend_unit(queries, cache, out, b, h, state);
+      if (metric.deferred())
+        commit_metric_carry(queries, cache, metric, b, h, state);
+      else if (metric.enabled()) {
+        const std::int64_t head = b * cache.shape.kv_heads + h;
+        add_metric(cache, metric, b, h, state, cache.positions.next_position[head], state.max_logit.data(),
+                   state.denominator.data());
+      }
+    });
+  }
+
+  /// eviction::flush_metric: adds the one-step-late metric's pending step (metric.carry) to
+  /// metric.values and clears it (carry.next = 0), for every head that has one.
+  template <class View>
+  static void flush_metric(const View& cache, workspace scratch, const eviction::metric_output<host_space>& metric) {
+    const std::int64_t units = cache.batch * cache.shape.kv_heads;
+    const std::int64_t thread_floats = metric_thread_floats(cache, metric);
+    const std::int64_t threads =
+        detail::cpu_threads_for(units, static_cast<std::size_t>(thread_floats) * sizeof(float), scratch.bytes);
+    detail::cpu_parallel_for(units, threads, [&](std::int64_t unit, std::int64_t thread) {
+      const std::int64_t b = unit / cache.shape.kv_heads, h = unit % cache.shape.kv_heads;
+      group_state state{};
+      state.logits = static_cast<float*>(scratch.data) + thread * thread_floats;
+      state.stride = logit_stride(cache);
+      add_pending_metric(cache, metric, b, h, state);
+      metric.carry.next[b * cache.shape.kv_heads + h] = 0;
     });
   }
 
@@ -233,6 +254,57 @@ struct implementation<stage::decode_attention, backend::cpu> {
     std::array<float, 16> max_logit{}, denominator{};  // the final m_g, l_g (GQA groups ≤ 16 with a metric)
   };
 
+  template <class View, class QueryT, class OutT>
+  static void attend_unit(const tensor_view<QueryT, 4>& queries, const View& cache, const tensor_view<OutT, 4>& out,
+                          std::int64_t b, std::int64_t h, group_state& state) {
+    if constexpr (codec::is_plain<typename View::codec>)
+      attend_plain(queries, cache, out, b, h, state);
+    else
+      for (std::int64_t t = 0; t < queries.extent(1); ++t)
+        for (std::int64_t g = 0; g < cache.shape.group_size(); ++g) attend_generic(queries, cache, out, b, h, t, g, state);
+  }
+
+  /// The pending step of head (b, h), if any: its queries (metric.carry) attend over the head's
+  /// keys as they are now — the same code, so the same logits the step had for every token it saw
+  /// — into a discarded output; then c_i with the step's own normaliser and next position.
+  template <class View>
+  static void add_pending_metric(const View& cache, const eviction::metric_output<host_space>& metric, std::int64_t b,
+                                 std::int64_t h, group_state& state) {
+    const std::int64_t head = b * cache.shape.kv_heads + h;
+    const std::int64_t next = metric.carry.next[head];
+    if (next <= 0) return;
+    const std::int64_t q_heads = cache.shape.q_heads, head_dim = cache.shape.head_dim;
+    const tensor_view<const float, 4> previous{metric.carry.queries, {cache.batch, 1, q_heads, head_dim},
+                                              {q_heads * head_dim, 0, head_dim, 1}};
+    // The discarded output: this thread's q_heads × head_dim floats after its logits (every batch row onto them).
+    const tensor_view<float, 4> discarded{state.logits + cache.shape.group_size() * state.stride,
+                                          {cache.batch, 1, q_heads, head_dim}, {0, 0, head_dim, 1}};
+    attend_unit(previous, cache, discarded, b, h, state);
+    std::array<float, 16> max_logit{}, denominator{};
+    for (std::int64_t g = 0; g < cache.shape.group_size(); ++g) {
+      const std::int64_t row = b * q_heads + h * cache.shape.group_size() + g;
+      max_logit[g] = metric.carry.normaliser[2 * row];
+      denominator[g] = metric.carry.normaliser[2 * row + 1];
+    }
+    add_metric(cache, metric, b, h, state, next, max_logit.data(), denominator.data());
+  }
+
+  /// Keeps this step's queries, normaliser and next position for the next step's pending metric.
+  template <class View, class QueryT>
+  static void commit_metric_carry(const tensor_view<QueryT, 4>& queries, const View& cache,
+                                  const eviction::metric_output<host_space>& metric, std::int64_t b, std::int64_t h,
+                                  const group_state& state) {
+    const std::int64_t q_heads = cache.shape.q_heads, head_dim = cache.shape.head_dim;
+    for (std::int64_t g = 0; g < cache.shape.group_size(); ++g) {
+      const std::int64_t j = h * cache.shape.group_size() + g, row = b * q_heads + j;
+      for (std::int64_t d = 0; d < head_dim; ++d) metric.carry.queries[row * head_dim + d] = to_float(queries(b, 0, j, d));
+      metric.carry.normaliser[2 * row] = state.max_logit[g];
+      metric.carry.normaliser[2 * row + 1] = state.denominator[g];
+    }
+    const std::int64_t head = b * cache.shape.kv_heads + h;
+    metric.carry.next[head] = cache.positions.next_position[head];
+  }
+
   template <class View>
   static std::int64_t logit_stride(const View& cache) {
     std::int64_t longest = 0;
@@ -240,29 +312,30 @@ struct implementation<stage::decode_attention, backend::cpu> {
       for (std::int64_t h = 0; h < cache.shape.kv_heads; ++h) longest = std::max(longest, cache.head_length(b, h));
     return (longest + 63) / 64 * 64;
   }
+  /// A thread's logits (group × longest head) and, one step late, the pending pass's discarded output.
   template <class View>
-  static std::int64_t metric_thread_floats(const View& cache) {
+  static std::int64_t metric_thread_floats(const View& cache, const eviction::metric_output<host_space>& metric) {
     if (cache.shape.group_size() > 16)
       detail::fail("kvtrim::scheme::attend", "metric", "a GQA group of at most 16 query heads with an eviction metric",
                    std::to_string(cache.shape.group_size()));
-    return cache.shape.group_size() * logit_stride(cache);
+    return cache.shape.group_size() * logit_stride(cache) +
+           (metric.carry.enabled() ? cache.shape.q_heads * cache.shape.head_dim : 0);
   }
 
-  /// metric[slot(i)] += c_i for the unit's tokens older than the window, from the logits kept.
+  /// metric[slot(i)] += c_i for the unit's tokens older than the window of a step whose next
+  /// position was `next`, from the logits kept and that step's normaliser (m_g, l_g).
   template <class View>
   static void add_metric(const View& cache, const eviction::metric_output<host_space>& metric, std::int64_t b,
-                         std::int64_t h, const group_state& state) {
+                         std::int64_t h, const group_state& state, std::int64_t next, const float* max_logit,
+                         const float* denominator) {
     const std::int64_t group = cache.shape.group_size();
-    const std::int64_t head = b * cache.shape.kv_heads + h;
-    const std::int64_t next = cache.positions.next_position[head];
     const float factor = eviction::metric_group_factor(metric.kind, group);
     for (std::int64_t i = 0; i < cache.head_length(b, h); ++i) {
       const std::int64_t slot = cache.slot(b, h, i);
       if (!eviction::outside_window(next, cache.positions.slot_position[slot], metric.protected_window)) continue;
       float sum = 0.0f;
       for (std::int64_t g = 0; g < group; ++g) {
-        const float probability =
-            detail::cpu_exp(state.logits[g * state.stride + i] - state.max_logit[g]) / state.denominator[g];
+        const float probability = detail::cpu_exp(state.logits[g * state.stride + i] - max_logit[g]) / denominator[g];
         sum += eviction::metric_term(metric.kind, probability);
       }
       metric.values[slot] += sum * factor;

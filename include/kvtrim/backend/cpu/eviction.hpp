@@ -1,9 +1,10 @@
 // kvtrim/backend/cpu/eviction.hpp — CPU reference of decode-time eviction
 // (eviction/evict.hpp: the math; eviction/metric.hpp: the metric).
 //
-// Three entry points:
+// Four entry points:
 //   kvtrim::evict<backend::cpu>(layers, metrics, cfg, workspace)   the eviction step
 //   eviction::attend(queries, cache, out, metric, workspace)        decode attention + metric
+//   eviction::flush_metric(cache, metric, workspace)                the one-step-late metric's pending step
 //   eviction::seed_metric(keys, window_queries, cache, kept, …)     the prefill's metric
 //
 // The threshold is a radix select (radix_threshold below): four passes of a
@@ -521,6 +522,24 @@ void attend(tensor_view<QueryT, 3> queries, const View& cache, tensor_view<OutT,
   ::kvtrim::detail::check_workspace(function, scratch, attend_workspace(cache, metric));
   const tensor_view<const std::remove_const_t<QueryT>, 3> const_queries{queries.data, queries.extents, queries.strides};
   implementation<stage::decode_attention, backend::cpu>::attend(const_queries, cache, out, scratch, stream, metric);
+}
+
+/// The one-step-late metric's pending step (metric.carry, eviction/metric.hpp): adds the
+/// previous decode step's c_i to metric.values for every head that has one pending and
+/// clears it (carry.next = 0), so that an eviction sees every step. The keys are read
+/// once more (the cost of one decode step's key pass). Scratch: attend_workspace's.
+template <class View>
+  requires std::same_as<typename View::space, host_space>
+void flush_metric(const View& cache, const metric_output<host_space>& metric, workspace scratch,
+                  backend::host_stream = {}) {
+  constexpr std::string_view function = "kvtrim::eviction::flush_metric";
+  View::layout_policy::validate(function, cache);
+  if (!metric.deferred())
+    ::kvtrim::detail::fail(function, "metric", "a metric buffer with its carry (one step late)",
+                           metric.enabled() ? "no carry (immediate mode: nothing is pending)" : "no metric buffer");
+  eviction_detail::check_metric(function, metric, ::kvtrim::detail::storage_slots(cache.storage));
+  ::kvtrim::detail::check_workspace(function, scratch, attend_workspace(cache, metric));
+  implementation<stage::decode_attention, backend::cpu>::flush_metric(cache, scratch, metric);
 }
 
 /// The prefill's metric (vllm-kvcompress seeds it from the last queries of the
