@@ -318,6 +318,68 @@ TEST(Fp8, WithinE4m3PrecisionWithHeadScales) {
   }
 }
 
+/// head_amax on heads of tiny values: max|x| / 448 would be 0 (subnormal inputs: x / 0 = ±∞ saturates,
+/// 0 / 0 = NaN decodes to NaN) or a subnormal scale; the scale is floored at 2⁻¹²⁶ (detail::e4m3_head_scale).
+/// Head 0 holds fp32 subnormals and zeros, head 1 keys just below 448·2⁻¹²⁶ (a subnormal max|x| / 448) and
+/// values above the floor (unchanged: max|x| / 448), head 2 zeros (keeps its scale).
+TEST(Fp8, TinyHeadsTakeTheSmallestNormalScale) {
+  namespace kd = kt::detail;
+  constexpr std::int64_t heads = 3, capacity = 8, dim = 16;
+  bound_codec<kt::codec::fp8> codec({}, heads, capacity, dim);
+  auto keys = make_tensor<float, 4>({1, heads, capacity, dim});
+  auto values = make_tensor<float, 4>({1, heads, capacity, dim});
+  const float tiny[] = {1e-44f, -1e-44f, 3e-45f, -3e-45f, 0.0f, -0.0f, 0x1p-149f, -0x1p-149f};
+  const float small_keys[] = {0x1.9p-118f, -0x1.8p-120f, 0x1p-126f, 0x1p-130f, -0x1p-140f, 0.0f, 1e-44f, 0x1.2p-122f};
+  for (std::int64_t t = 0; t < capacity; ++t)
+    for (std::int64_t d = 0; d < dim; ++d) {
+      keys(0, 0, t, d) = tiny[(t + d) % 8];
+      values(0, 0, t, d) = tiny[(3 * t + d + 1) % 8];
+      keys(0, 1, t, d) = small_keys[(t + d) % 8];  // max 0x1.9p-118 = 400·2⁻¹²⁶
+      values(0, 1, t, d) = small_keys[(t + d) % 8] * 0x1p+20f;
+      keys(0, 2, t, d) = values(0, 2, t, d) = 0.0f;
+    }
+  for (std::int64_t head = 0; head < heads; ++head)
+    compact_head<kt::codec::fp8>(codec.store, keys, values, head, capacity);
+  EXPECT_EQ(kd::e4m3_min_scale, std::numeric_limits<float>::min());
+  EXPECT_EQ(codec.store.key_scales[0], 0x1p-126f);
+  EXPECT_EQ(codec.store.value_scales[0], 0x1p-126f);
+  EXPECT_EQ(codec.store.key_scales[1], 0x1p-126f);
+  EXPECT_EQ(codec.store.value_scales[1], static_cast<float>(0x1.9p-98 / 448.0));  // above the floor
+  EXPECT_EQ(codec.store.key_scales[2], 1.0f);  // all zero: the scale bound
+  EXPECT_EQ(codec.store.value_scales[2], 1.0f);
+  std::vector<float> key(dim), value(dim);
+  for (std::int64_t head = 0; head < heads; ++head) {
+    const float key_scale = codec.store.key_scales[head], value_scale = codec.store.value_scales[head];
+    // The device's product path (no division per element) stays open: a normal inverse.
+    EXPECT_FALSE(std::isnan(kd::e4m3_inverse(key_scale))) << head;
+    EXPECT_FALSE(std::isnan(kd::e4m3_inverse(value_scale))) << head;
+    for (std::int64_t t = 0; t < capacity; ++t) {
+      const std::int64_t slot = head * capacity + t;
+      kt::codec::fp8::load_key(codec.store, head, slot, t, key.data());
+      kt::codec::fp8::load_value(codec.store, head, slot, value.data());
+      for (std::int64_t d = 0; d < dim; ++d) {
+        const auto check = [&](float got, float x, float scale, std::uint8_t code, const char* what) {
+          SCOPED_TRACE(::testing::Message() << what << " head " << head << " token " << t << " channel " << d << " x "
+                                          << std::hexfloat << x);
+          ASSERT_TRUE(std::isfinite(got));
+          if (x == 0.0f) {
+            EXPECT_EQ(got, 0.0f);
+          }
+          const double q = std::abs(static_cast<double>(x) / scale);
+          if (scale == kd::e4m3_min_scale) {
+            EXPECT_LT(q, kd::e4m3_max);  // at the floor nothing saturates
+          }
+          EXPECT_LE(std::abs(static_cast<double>(got) - x), scale * std::max(q / 16.0, 0x1p-10));
+          // The device's encode (product with the inverse) gives the stored code.
+          EXPECT_EQ(kd::to_e4m3(kd::e4m3_quotient(x, scale, kd::e4m3_inverse(scale))), code);
+        };
+        check(key[d], keys(0, head, t, d), key_scale, codec.store.key_codes[slot * dim + d], "key");
+        check(value[d], values(0, head, t, d), value_scale, codec.store.value_codes[slot * dim + d], "value");
+      }
+    }
+  }
+}
+
 TEST(Fp8, LargerThanTheRangeSaturates) {
   bound_codec<kt::codec::fp8> codec({.scales = kt::codec::fp8_scaling::fixed, .key_scale = 0.5f}, 1, 4, 2);
   const float key[2] = {1000.0f, -300.0f}, value[2] = {1.0f, 2.0f};

@@ -305,7 +305,7 @@ enum class layout_kind { contiguous, paged, flat };
 enum class codec_kind { int8_groups, int8_groups_zero_point, int8_tokens_zero_point, int4_groups_zero_point,
                         int4_groups, fp8_head_amax, fp8_fixed, layered_int8, layered_fp8, low_rank_post_rope,
                         low_rank_pre_rope, low_rank_pre_rope_interleaved, low_rank_post_rope_rank_20,
-                        low_rank_pre_rope_rank_29 };
+                        low_rank_pre_rope_rank_29, fp8_head_amax_subnormal };
 
 struct codec_case {
   layout_kind layout;
@@ -321,7 +321,7 @@ std::string name_of(const codec_case& c) {
   static const char* const codecs[] = {"int8_g32", "int8_g32_zero", "int8_token_zero", "int4_g32_zero", "int4_g32",
                                        "fp8_amax", "fp8_fixed",     "layered_int8",    "layered_fp8",
                                        "low_rank_post", "low_rank_pre", "low_rank_pre_interleaved",
-                                       "low_rank_post_r20", "low_rank_pre_r29"};
+                                       "low_rank_post_r20", "low_rank_pre_r29", "fp8_amax_subnormal"};
   return kt::detail::cat(layouts[static_cast<int>(c.layout)], "_", codecs[static_cast<int>(c.codec)], "_b", c.batch,
                          "_kv", c.kv_heads, "_g", c.group, "_d", c.head_dim,
                          c.layout == layout_kind::paged ? kt::detail::cat("_p", c.page_size) : std::string{},
@@ -754,8 +754,13 @@ struct harness {
   void run() {
     std::int64_t tokens = 1;
     for (const std::int64_t k : kept) tokens = std::max(tokens, k + 40);
-    const auto keys = kt::testing::random_tensor<kt::half, 4>({c.batch, c.kv_heads, tokens, c.head_dim}, 31);
-    const auto values = kt::testing::random_tensor<kt::half, 4>({c.batch, c.kv_heads, tokens, c.head_dim}, 32);
+    auto keys = kt::testing::random_tensor<kt::half, 4>({c.batch, c.kv_heads, tokens, c.head_dim}, 31);
+    auto values = kt::testing::random_tensor<kt::half, 4>({c.batch, c.kv_heads, tokens, c.head_dim}, 32);
+    // fp8_head_amax_subnormal: head 0 all zeros but its compensation row (below), of fp32 subnormals.
+    const bool subnormal_head = c.codec == codec_kind::fp8_head_amax_subnormal;
+    if (subnormal_head)
+      for (std::int64_t t = 0; t < tokens; ++t)
+        for (std::int64_t d = 0; d < c.head_dim; ++d) keys(0, 0, t, d) = values(0, 0, t, d) = kt::half(0.0f);
     // The selection: a random ascending subset of kept[head] tokens per head.
     std::vector<std::int64_t> offsets{0};
     std::vector<std::int32_t> chosen;
@@ -778,6 +783,14 @@ struct harness {
       index.push_back(head % 2 == 0 && kept[head] >= 2 ? static_cast<std::int32_t>(kept[head] / 2) : -1);
       for (std::int64_t d = 0; d < c.head_dim; ++d)
         compensation_keys.push_back(normal(random)), compensation_values.push_back(normal(random));
+      if (subnormal_head && head == 0) {
+        // max|x| / 448 underflows to 0 in float (0 / 0 would store NaN codes): the scale floors at 2⁻¹²⁶.
+        static constexpr float tiny[] = {1e-44f, -3e-45f, 0.0f, -1e-44f, 3e-45f, -0.0f, 0x1p-149f};
+        for (std::int64_t d = 0; d < c.head_dim; ++d) {
+          compensation_keys[static_cast<std::size_t>(d)] = tiny[d % 7];
+          compensation_values[static_cast<std::size_t>(d)] = tiny[(d + 3) % 7];
+        }
+      }
       bias.push_back(std::log(1.0f + static_cast<float>(head)));
       position.push_back(5000 + head);
     }
@@ -817,6 +830,25 @@ struct harness {
         kt::selection_view<kt::device_space>{device_offsets.data(), device_chosen.data(), heads}, gpu_args, stream);
     ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
     expect_same_bytes(cpu, block, gpu, device_block, "compact");
+    if constexpr (std::is_same_v<CodecT, kt::codec::fp8>) {
+      if (subnormal_head) {
+        // Head 0 (the device's scales are these: expect_same_bytes): the floor, and every element
+        // within 2⁻¹²⁶·2⁻¹⁰ of an |x| ≤ 1e-44 (a multiple of 2⁻¹³⁵), so exactly 0.
+        ASSERT_GE(index[0], 0) << "the case needs a compensation row on head 0";
+        EXPECT_EQ(cpu.storage.key_scales[0], 0x1p-126f);
+        EXPECT_EQ(cpu.storage.value_scales[0], 0x1p-126f);
+        std::vector<float> key(static_cast<std::size_t>(c.head_dim)), value(key.size());
+        for (std::int64_t i = 0; i < cpu.head_length(0, 0); ++i) {
+          const std::int64_t slot = cpu.slot(0, 0, i);
+          CodecT::load_key(cpu.storage, 0, slot, cpu.positions.slot_position[slot], key.data());
+          CodecT::load_value(cpu.storage, 0, slot, value.data());
+          for (std::int64_t d = 0; d < c.head_dim; ++d) {
+            EXPECT_EQ(key[static_cast<std::size_t>(d)], 0.0f) << "token " << i << " channel " << d;
+            EXPECT_EQ(value[static_cast<std::size_t>(d)], 0.0f) << "token " << i << " channel " << d;
+          }
+        }
+      }
+    }
     expect_attention_matches(cpu, block, "compact");
 
     // Appends of 1, 17 and 33 tokens to every head, then 97 to head 1.
@@ -997,6 +1029,7 @@ TEST_P(CodecCache, EncodesBitIdenticallyAndAttendsWithinBound) {
     case codec_kind::int4_groups:
     case codec_kind::int4_groups_zero_point: run_layout<kt::codec::int4>(c); break;
     case codec_kind::fp8_head_amax:
+    case codec_kind::fp8_head_amax_subnormal:
     case codec_kind::fp8_fixed: run_layout<kt::codec::fp8>(c); break;
     case codec_kind::layered_int8: run_layout<kt::codec::layered<kt::codec::int8>>(c); break;
     case codec_kind::layered_fp8: run_layout<kt::codec::layered<kt::codec::fp8>>(c); break;
@@ -1069,6 +1102,9 @@ INSTANTIATE_TEST_SUITE_P(
         codec_case{L::flat, K::int8_groups, 1, 3, 4, 64, 0, {17, 4097, 64}, true},
         codec_case{L::paged, K::int8_groups_zero_point, 1, 2, 4, 128, 8, {40, 17}, false},
         codec_case{L::paged, K::fp8_head_amax, 1, 2, 4, 64, 16, {33, 1}, true},
+        // fp8 head_amax over a head of zeros and one compensation row of fp32 subnormals: max|x| / 448
+        // underflows, the scale floors at 2⁻¹²⁶ on both sides (no NaN codes; detail::e4m3_head_scale).
+        codec_case{L::paged, K::fp8_head_amax_subnormal, 1, 2, 4, 64, 16, {33, 17}, true},
         // low_rank (profile bases of ragged ranks r, r − 1, r − 2 per head; r = head_dim / 4):
         // coefficients bit-identical to the CPU's encode, attention post- and pre-RoPE (the
         // key rebuilt and rotated from its stored position), GQA 1–16, head_dim 64 / 128.

@@ -10,7 +10,8 @@
 // Finite values beyond ±448·s saturate to ±448·s, as vLLM's conversion does;
 // NaN and ±Inf are an error (kvtrim::error naming head, slot and channel).
 // Scales: fp8_scaling::head_amax (default) sets each head's scale at compaction
-// to max|x| / 448 over its kept tokens, so the prefill uses the whole range and
+// to max|x| / 448 over its kept tokens (at least 2^−126, the smallest normal
+// float: detail::e4m3_head_scale), so the prefill uses the whole range and
 // later larger tokens saturate; fp8_scaling::fixed uses key_scale / value_scale
 // for every head (vLLM's default 1.0, or its calibrated k_scale / v_scale).
 // fp8::set_head_scales installs per-head calibrated scales.
@@ -37,9 +38,28 @@ namespace kvtrim::detail {
 
 inline constexpr double e4m3_max = 448.0;
 
+/// The smallest scale fp8_scaling::head_amax sets: 2⁻¹²⁶, the smallest normal float. A head whose max|x| is
+/// positive but below 448·2⁻¹²⁶ (subnormal or tiny values) would get max|x| / 448 subnormal, or 0 once it
+/// underflows (then x / 0 = ±∞ saturates and 0 / 0 = NaN is stored as code 0x7F, which decodes to NaN). At the
+/// floor every such head is stored finitely and within the bound above with s = 2⁻¹²⁶: x / 2⁻¹²⁶ is exact and
+/// below 448 in magnitude (nothing saturates), the decode code·2⁻¹²⁶ is exact (a subnormal scale would round
+/// it), and e4m3_inverse(2⁻¹²⁶) = 2¹²⁶ is normal, so the device keeps its product path (below about 2⁻¹²⁸ the
+/// inverse is infinite, e4m3_inverse's NaN: a division per element).
+inline constexpr float e4m3_min_scale = 0x1p-126f;
+static_assert(e4m3_min_scale == std::numeric_limits<float>::min());
+
+/// fp8_scaling::head_amax's scale of a head whose max|x| is amax > 0: amax / 448 in double, rounded to float,
+/// at least e4m3_min_scale. The CPU's prepare_head and the device's fp8_finish_scales both call it, so the
+/// scales (and every code under them) are bit-identical.
+KVTRIM_HOST_DEVICE inline float e4m3_head_scale(double amax) {
+  const float scale = static_cast<float>(amax / e4m3_max);
+  return scale < e4m3_min_scale ? e4m3_min_scale : scale;
+}
+
 /// Nearest e4m3fn code (ties to even) of a finite x; beyond ±448 saturates. NaN (0 / 0: a zero input under a
-/// scale that rounded to 0) gives 0x7F, the code the device's conversion stores for the device's quotient
-/// (its NaN is positive; x86's 0/0 is negative, hence no sign), and never reaches a float-to-integer cast.
+/// zero scale, which head_amax no longer sets: e4m3_head_scale) gives 0x7F, the code the device's conversion
+/// stores for the device's quotient (its NaN is positive; x86's 0/0 is negative, hence no sign), and never
+/// reaches a float-to-integer cast.
 inline std::uint8_t to_e4m3(float x) {
   if (std::isnan(x)) return 0x7Fu;
   const unsigned sign = std::signbit(x) ? 0x80u : 0u;
@@ -270,7 +290,7 @@ struct fp8 {
   }
 
   /// head_amax: the head's scales become max|x| / 448 over the tokens it is
-  /// about to hold.
+  /// about to hold, at least 2⁻¹²⁶ (detail::e4m3_head_scale).
   template <class Rows>
   static void prepare_head(const storage<host_space>& store, std::int64_t head, std::int64_t /*sequence_length*/,
                            std::int64_t count, const Rows& rows) {
@@ -287,8 +307,8 @@ struct fp8 {
       }
     }
     // An all-zero head keeps its scale: any scale stores zeros exactly.
-    if (key_amax > 0.0f) store.key_scales[head] = static_cast<float>(key_amax / detail::e4m3_max);
-    if (value_amax > 0.0f) store.value_scales[head] = static_cast<float>(value_amax / detail::e4m3_max);
+    if (key_amax > 0.0f) store.key_scales[head] = detail::e4m3_head_scale(key_amax);
+    if (value_amax > 0.0f) store.value_scales[head] = detail::e4m3_head_scale(value_amax);
   }
 
   // --- element operations -------------------------------------------------

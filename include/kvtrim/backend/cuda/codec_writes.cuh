@@ -258,7 +258,8 @@ inline bool legacy_codec_encode = false;
 // each block reduces max|x| over a part of a head and raises the scale's bits
 // to it with atomicMax (any positive float's bits exceed a negative one's, and
 // order like the floats), then a mark still negative means an all-zero head,
-// which keeps its scale, and a maximum becomes max / 448 (in double, as the CPU).
+// which keeps its scale, and a maximum becomes max / 448 (in double, at least
+// 2⁻¹²⁶: detail::e4m3_head_scale, the CPU's own call).
 template <class Storage>
 __global__ void fp8_mark_scales(const Storage store) {
   for (std::int64_t head = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; head < store.heads;
@@ -272,7 +273,7 @@ __global__ void fp8_finish_scales(const Storage store) {
   for (std::int64_t head = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; head < store.heads;
        head += std::int64_t{gridDim.x} * blockDim.x) {
     float* scales[2] = {store.key_scales + head, store.value_scales + head};
-    for (float* scale : scales) *scale = *scale < 0.0f ? -*scale : static_cast<float>(static_cast<double>(*scale) / 448.0);
+    for (float* scale : scales) *scale = *scale < 0.0f ? -*scale : detail::e4m3_head_scale(*scale);
   }
 }
 
