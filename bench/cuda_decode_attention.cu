@@ -513,10 +513,7 @@ struct scattered_pages {
 /// (metric_l2_hints::logits_in_l2 off: what keeping them in L2 saves); metric = 3 also
 /// marks the K/V stream's lines evict_first (metric_l2_hints::kv_evict_first); metric = 4 makes
 /// the logits a persisting L2 window (metric_l2_hints::persisting_logits) with the device's
-/// largest persisting set-aside for the row (cudaLimitPersistingL2CacheSize, reset after); metric = 5
-/// accumulates one step late (metric_output::carry: the kernel adds the previous step's metric, no
-/// logits; every repetition after the first has a step pending); metric = 6 is metric 5 plus
-/// eviction::flush_metric after each step (the flush's cost: row 6 − row 5). The bytes counted
+/// largest persisting set-aside for the row (cudaLimitPersistingL2CacheSize, reset after). The bytes counted
 /// are the cache's K/V only, so the rows' median_us give the metric's cost directly.
 void decode_attention_metric(benchmark::State& state) {
   using view_type = kt::layout::paged::view<kt::codec::fp16, kt::device_space>;
@@ -553,18 +550,7 @@ void decode_attention_metric(benchmark::State& state) {
   const std::array<std::int64_t, 3> query_extents{batch, shape.q_heads, shape.head_dim};
   const auto query_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(queries), query_extents);
   const auto out_view = kt::make_view<kt::device_space>(reinterpret_cast<kt::half*>(out), query_extents);
-  const bool late = state.range(5) >= 5, flush = state.range(5) == 6;
-  float *carry_queries = nullptr, *carry_lse = nullptr;
-  std::int64_t* carry_next = nullptr;
-  if (late) {
-    check(cudaMalloc(&carry_queries, query_elements * sizeof(float)), "cudaMalloc(carry)");
-    check(cudaMalloc(&carry_lse, 2 * batch * shape.q_heads * sizeof(float)), "cudaMalloc(carry)");
-    check(cudaMalloc(&carry_next, heads * sizeof(std::int64_t)), "cudaMalloc(carry)");
-    check(cudaMemset(carry_next, 0, heads * sizeof(std::int64_t)), "cudaMemset(carry)");
-  }
-  const kt::eviction::metric_output<kt::device_space> output{
-      with_metric ? metric : nullptr, pool.pages * page, kt::eviction::metric_kind::squared_sum,
-      kt::eviction::default_protected_window, {carry_queries, carry_lse, carry_next}};
+  const kt::eviction::metric_output<kt::device_space> output{with_metric ? metric : nullptr, pool.pages * page};
   const std::size_t scratch_bytes = kt::eviction::attend_workspace(view, output);
   void* scratch = nullptr;
   check(cudaMalloc(&scratch, std::max<std::size_t>(scratch_bytes, 1)), "cudaMalloc");
@@ -572,7 +558,6 @@ void decode_attention_metric(benchmark::State& state) {
   cudaStreamCreate(&stream);
   const std::vector<double> seconds = kvtrim_bench::timed_seconds(state, stream, [&] {
     kt::eviction::attend(query_view, view, out_view, output, {scratch, scratch_bytes}, stream, hints);
-    if (flush) kt::eviction::flush_metric<const kt::half, kt::half>(view, output, {scratch, scratch_bytes}, stream);
   });
   const double cache_bytes = 2.0 * static_cast<double>(heads * tokens * shape.head_dim) * sizeof(__half);
   const double median = seconds[seconds.size() / 2];
@@ -581,7 +566,6 @@ void decode_attention_metric(benchmark::State& state) {
   state.counters["cache_TBps"] = cache_bytes / median / 1e12;
   if (measured_copy_bandwidth > 0) state.counters["fraction_of_copy"] = cache_bytes / median / measured_copy_bandwidth;
   cudaFree(queries), cudaFree(out), cudaFree(metric), cudaFree(scratch), cudaFree(memory);
-  cudaFree(carry_queries), cudaFree(carry_lse), cudaFree(carry_next);
   cudaStreamDestroy(stream);
   if (hints.persisting_logits) {
     check(cudaCtxResetPersistingL2Cache(), "cudaCtxResetPersistingL2Cache");
@@ -599,11 +583,8 @@ BENCHMARK(decode_attention_metric)
     ->Args({8, 32768, 32, 8, 128, 2})
     ->Args({8, 32768, 32, 8, 128, 3})
     ->Args({8, 32768, 32, 8, 128, 4})
-    ->Args({8, 32768, 32, 8, 128, 5})
-    ->Args({8, 32768, 32, 8, 128, 6})
     ->Args({8, 4096, 32, 8, 128, 0})
     ->Args({8, 4096, 32, 8, 128, 1})
-    ->Args({8, 4096, 32, 8, 128, 5})
     ->UseManualTime()
     ->Iterations(50)
     ->Unit(benchmark::kMicrosecond);

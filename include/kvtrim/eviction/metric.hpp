@@ -53,6 +53,11 @@
 // within the stated bound on the device). The carry is engine-owned and zero-initialised (next = 0: nothing
 // pending); it belongs to one layer's cache.
 //
+// Backends for one step late: cpu (the specification). On cuda eviction::attend
+// refuses a carry: the device kernel that recomputes the previous step's logits was
+// built (branch wip/deferred-metric-cuda) and measured slower than the immediate
+// metric at W (docs/eviction.md, 2026-12-03).
+//
 // Defaults: squared_sum, protected window 64 (vllm-kvcompress's), immediate.
 // Backends: cpu (backend/cpu/decode_attention.hpp; seed: backend/cpu/eviction.hpp),
 // cuda (backend/cuda/decode_attention.cuh, a side output of the split-K kernel, every

@@ -65,7 +65,6 @@
 #include "kvtrim/codec/plain.hpp"
 #include "kvtrim/core/implementation.hpp"
 #include "kvtrim/core/workspace.hpp"
-#include "kvtrim/eviction/metric.hpp"
 
 namespace kvtrim {
 
@@ -206,26 +205,12 @@ struct kv_tile_stream {
 /// The logits are stored with an L2 evict_last policy: the finishing kernel reads
 /// them back and discards the lines (discard.global.L2), so those that stayed
 /// resident are never written back (at W most do not: docs/results.md, issue 16).
-///
-/// One step late (eviction::metric_output::carry; the Deferred tensor-core kernels): no
-/// logits; the kernel recomputes the previous step's logits s'_gi = q'_g·k_i from the
-/// carry's queries on the same mma as this step's (the A operand's free rows 8..15 at
-/// G ≤ 8, a second operand at G = 16) and adds factor · Σ_g term(2^(s'_gi − lse'_g)) to
-/// values[slot] for the tokens older than the window at that step (positions < next − window);
-/// this step's lse still goes to `lse`, for eviction.cuh's commit of the carry.
 struct decode_metric {
-  float* logits = nullptr;  // [Group][stride], null: no metric (or one step late)
-  float* lse = nullptr;     // [heads · Group], null: not written
+  float* logits = nullptr;  // [Group][stride], null: no metric
+  float* lse = nullptr;     // [heads · Group]
   std::int64_t stride = 0;  // ≥ the line's length, a multiple of 32 (whole 128-byte lines per warp)
   bool keep_in_l2 = true;   // the evict_last store policy (false: plain stores; a benchmark's comparison)
   bool stream_kv_evict_first = false;  // the K/V stream's lines marked evict_first (a benchmark's comparison)
-  // One step late: the carry (read) and the metric (read-modify-write).
-  float* values = nullptr;                    // [slots]
-  const float* carry_queries = nullptr;       // [batch · q_heads][head_dim]
-  const float* carry_lse = nullptr;           // [batch · q_heads][2]: base-2 lse at [row][0]
-  const std::int64_t* carry_next = nullptr;   // [heads]: next position at the previous step, ≤ 0: none pending
-  std::int64_t window = 0;
-  eviction::metric_kind kind = eviction::metric_kind::squared_sum;
 };
 
 /// Stores one metric logit: with an L2 evict_last policy (`policy` from metric_store_policy) or plainly.
@@ -340,10 +325,9 @@ __device__ __forceinline__ void finish_segment(const Params& params, const float
       }
     }
     if (whole) {
-      if (params.out != nullptr)  // null: eviction::flush_metric's pass (the metric only)
-        params.out[b * params.out_batch_stride + t * params.out_token_stride + (h * Group + g) * params.out_head_stride +
-                   d] = from_float<out_type>(sum > 0.0f ? output / sum : 0.0f);
-      if (params.metric.lse != nullptr && d == 0)
+      params.out[b * params.out_batch_stride + t * params.out_token_stride + (h * Group + g) * params.out_head_stride +
+                 d] = from_float<out_type>(sum > 0.0f ? output / sum : 0.0f);
+      if (params.metric.logits != nullptr && d == 0)
         params.metric.lse[head * Group + g] = sum > 0.0f ? block_max + log2f(sum) : negative_infinity;
     } else {
       const std::int64_t partial = partial_index * rows + row;
@@ -627,43 +611,6 @@ __device__ __forceinline__ void dequantize_tile(const Reader& reader, const Rows
   __syncthreads();
 }
 
-/// One step late (decode_metric): a warp's 16 tokens [first_token, + seen_to) get the previous
-/// step's c_i. Lane (head_row, quad) holds the logits of rows head_row (+ 8) for tokens
-/// (i / 2)·8 + 2·quad + i % 2; the group's terms are summed across head_row (xor 4, 8, 16),
-/// then lane head_row = j < 4 adds token j's sum, if the token was older than that step's
-/// window (its position < next − window: tokens appended since are excluded by it too).
-template <int Group, class Rows, class Positions>
-__device__ __forceinline__ void add_previous_step_metric(const decode_metric& metric, const float (&logit)[2][4],
-                                                         const float (&lse)[2], const Rows& rows,
-                                                         const Positions& positions, std::int64_t next,
-                                                         std::int64_t first_token, int seen_to, int bias_place,
-                                                         float bias_log2, int lane) {
-  const int quad = lane % 4, head_row = lane / 4;
-  float term[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int index = (i / 2) * 8 + 2 * quad + i % 2;
-    term[i] = 0.0f;
-#pragma unroll
-    for (int rb = 0; rb < (Group > 8 ? 2 : 1); ++rb)
-      if (head_row + 8 * rb < Group && index < seen_to)
-        term[i] += eviction::metric_term(
-            metric.kind, exp2f(logit[rb][i] + (index == bias_place ? bias_log2 : 0.0f) - lse[rb]));
-#pragma unroll
-    for (int offset = 4; offset < 32 && offset < 4 * Group; offset *= 2)
-      term[i] += __shfl_xor_sync(0xffffffffu, term[i], offset);
-  }
-  if (head_row < 4) {
-    const float sum = head_row == 0 ? term[0] : head_row == 1 ? term[1] : head_row == 2 ? term[2] : term[3];
-    const int index = (head_row / 2) * 8 + 2 * quad + head_row % 2;
-    if (index < seen_to) {
-      const std::int64_t slot = rows.slot(first_token + index);
-      if (eviction::outside_window(next, positions.slot_position[slot], metric.window))
-        metric.values[slot] += sum * eviction::metric_group_factor(metric.kind, Group);
-    }
-  }
-}
-
 /// The tile a fragment decoder's side data is laid out for (0: it stages none).
 template <class Decoder>
 constexpr int staged_tile_tokens() {
@@ -688,9 +635,7 @@ struct tensor_core_side<CodecT, HeadDim, Group, true> {
 /// multiple of 16 tokens); otherwise 16-bit storage through ldmatrix, or code tiles
 /// dequantized to fp16 tiles first (layered codecs, KIVI runs shorter than 16 slots, head_dim 256).
 /// Queries > 1: multi-query decode, up to Queries new tokens per sequence (params.queries_per_sequence of them).
-/// Deferred: the eviction metric one step late (decode_metric), 16-bit or dequantized tiles, one query.
-template <int HeadDim, int Group, class StoreT, class Params, bool Fragments = false, int Queries = 1,
-          bool Deferred = false>
+template <int HeadDim, int Group, class StoreT, class Params, bool Fragments = false, int Queries = 1>
 __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, HeadDim, false, no_tile_side,
                                                        Queries>::threads)
     decode_attention_tensor_core(const __grid_constant__ Params params) {
@@ -703,8 +648,6 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, H
   using geometry = tensor_core_geometry<HeadDim, StoreT, Group, tiles::row_elements, Fragments, side_type, Queries>;
   static_assert(!Fragments || decoder::supported, "tensor-core decode: no fragment decoder for this codec");
   static_assert(!Fragments || Queries == 1, "tensor-core decode: the fragment decoders hold one query per row");
-  static_assert(!Deferred || (!Fragments && Queries == 1),
-                "tensor-core decode: the one-step-late metric reads 16-bit or dequantized tiles at one query");
   // 16-bit storage as stored, or code bytes as fp16 (dequantized tiles or fragments).
   using mma_type = std::conditional_t<sizeof(StoreT) == 1, __half, StoreT>;
   static_assert(sizeof(mma_type) == 2 && Group <= 16, "tensor-core decode: 16-bit operands, groups of at most 16");
@@ -776,7 +719,7 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, H
           for (int half = 0; half < 2; ++half) {
             float first_value = 0.0f, second_value = 0.0f;
             const int row = first_row + head_row + 8 * rb;  // query token row / Group, head row % Group
-            if (row < active_rows && params.queries != nullptr) {  // null: flush_metric's pass
+            if (row < active_rows) {
               const auto* q = params.queries + b * params.query_batch_stride +
                               (row / Group) * params.query_token_stride +
                               (h * Group + row % Group) * params.query_head_stride;
@@ -786,30 +729,6 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, H
             }
             query_fragment[step][rb][half] = pack2<mma_type>(first_value, second_value);
           }
-    }
-
-    // One step late: the previous step's queries (rows head_row + 8·rb of the group), their lse,
-    // and the step's next position (≤ 0: nothing pending for this head).
-    [[maybe_unused]] unsigned previous_fragment[Deferred ? k_steps : 1][2][2];
-    [[maybe_unused]] float previous_lse[2] = {0.0f, 0.0f};
-    [[maybe_unused]] std::int64_t pending_next = 0;
-    if constexpr (Deferred) {
-      pending_next = params.metric.carry_next[head];
-      const std::int64_t first_row_index = b * cache.shape.q_heads + h * Group;
-#pragma unroll
-      for (int rb = 0; rb < 2; ++rb) {
-        const int row = head_row + 8 * rb;
-        const bool held = pending_next > 0 && row < Group;
-        const float* q = params.metric.carry_queries + (first_row_index + (held ? row : 0)) * HeadDim;
-        if (held) previous_lse[rb] = params.metric.carry_lse[2 * (first_row_index + row)];
-#pragma unroll
-        for (int step = 0; step < k_steps; ++step)
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const int dim = step * 16 + half * 8 + 2 * quad;
-            previous_fragment[step][rb][half] = held ? pack2<mma_type>(q[dim], q[dim + 1]) : 0u;
-          }
-      }
     }
 
     float output[output_tiles][4];  // [0..1]: row head_row, [2..3]: row head_row + 8
@@ -850,7 +769,6 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, H
         // logit[sb][rb][i]: token sb·16 + (i / 2)·8 + 2·quad + i % 2 of the warp's, row head_row + 8·rb
         // (base 2, before masking and the compensation bias).
         float logit[sub_blocks][row_blocks][4];
-        [[maybe_unused]] float previous_logit[2][4];  // Deferred: the previous step's, rows head_row + 8·rb
         [[maybe_unused]] const mma_type* value_tile_rows = nullptr;  // 16-bit or dequantized tiles: the warp's V rows
         if constexpr (Fragments) {
           (void)reader;
@@ -890,39 +808,20 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, H
             value_rows = stream.value_tile(tile) + warp_token * row_stride;
           }
           float score_tile[2][4] = {};  // S for this warp's 16 tokens: [token block of 8][accumulator]
-          [[maybe_unused]] float previous_tile[2][4] = {};  // Deferred at G = 16: the previous queries' S
 #pragma unroll
           for (int step = 0; step < k_steps; ++step) {
             unsigned key_fragment[4];
             load_matrix_x4(key_fragment,
                            key_rows + ((lane % 8) + (lane / 16) * 8) * row_stride + step * 16 + ((lane / 8) % 2) * 8);
-            // Rows 8..15 are free below G = 16: one step late, the previous queries ride there.
-            unsigned upper[2] = {0u, 0u};
-            if constexpr (row_blocks > 1)
-              upper[0] = query_fragment[step][row_blocks - 1][0], upper[1] = query_fragment[step][row_blocks - 1][1];
-            else if constexpr (Deferred)
-              upper[0] = previous_fragment[step][0][0], upper[1] = previous_fragment[step][0][1];
-            const unsigned a[4] = {query_fragment[step][0][0], upper[0], query_fragment[step][0][1], upper[1]};
+            const unsigned a[4] = {query_fragment[step][0][0], row_blocks > 1 ? query_fragment[step][row_blocks - 1][0] : 0u,
+                                   query_fragment[step][0][1], row_blocks > 1 ? query_fragment[step][row_blocks - 1][1] : 0u};
             mma_16x8x16<mma_type>(score_tile[0], a, key_fragment[0], key_fragment[1]);
             mma_16x8x16<mma_type>(score_tile[1], a, key_fragment[2], key_fragment[3]);
-            if constexpr (Deferred && row_blocks > 1) {
-              const unsigned previous[4] = {previous_fragment[step][0][0], previous_fragment[step][1][0],
-                                            previous_fragment[step][0][1], previous_fragment[step][1][1]};
-              mma_16x8x16<mma_type>(previous_tile[0], previous, key_fragment[0], key_fragment[1]);
-              mma_16x8x16<mma_type>(previous_tile[1], previous, key_fragment[2], key_fragment[3]);
-            }
           }
 #pragma unroll
           for (int rb = 0; rb < row_blocks; ++rb)
 #pragma unroll
             for (int i = 0; i < 4; ++i) logit[0][rb][i] = score_tile[i / 2][rb * 2 + i % 2] * params.query_scale;
-          if constexpr (Deferred)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              previous_logit[0][i] =
-                  (row_blocks > 1 ? previous_tile[i / 2][i % 2] : score_tile[i / 2][2 + i % 2]) * params.query_scale;
-              previous_logit[1][i] = row_blocks > 1 ? previous_tile[i / 2][2 + i % 2] * params.query_scale : 0.0f;
-            }
           value_tile_rows = value_rows;
         }
 
@@ -937,10 +836,6 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, H
         };
         const int seen_from = Fragments ? place(begin) : 0, seen_to = place(end);
         const int bias_place = place(bias.index);
-        if constexpr (Deferred)
-          if (pending_next > 0)
-            add_previous_step_metric<Group>(params.metric, previous_logit, previous_lse, rows, cache.positions,
-                                            pending_next, first_token, seen_to, bias_place, bias.bias_log2, lane);
 #pragma unroll
         for (int rb = 0; rb < row_blocks; ++rb) {
           float score[4 * sub_blocks];
@@ -1113,13 +1008,6 @@ struct decode_kernel_choice {
     else
       return decode_attention_cuda_core<HeadDim, Group, StoreT, Params>;
   }
-  /// The eviction metric one step late (tensor cores, tiles as 16-bit rows, one query).
-  static constexpr bool deferrable = tensor_cores && !Fragments && Queries == 1;
-  template <class Params>
-  static auto deferred_kernel() {
-    static_assert(deferrable);
-    return decode_attention_tensor_core<HeadDim, Group, StoreT, Params, false, 1, true>;
-  }
 };
 
 }  // namespace cuda_detail
@@ -1160,27 +1048,6 @@ struct implementation<stage::decode_attention, backend::cuda> {
                      const tensor_view<OutT, 3, device_space>& out, workspace scratch, cudaStream_t stream,
                      const cuda_detail::decode_metric& metric = {}) {
     attend_rows<false>(one_token(queries), cache, one_token(out), scratch, stream, metric);
-  }
-
-  /// attend() with the eviction metric one step late (`metric`: no logits; values, carry, lse
-  /// set — eviction.cuh): groups 4, 8, 16 over 16-bit storage or any code bytes but low_rank's,
-  /// read as fp16 tiles; refused otherwise.
-  template <class View, class QueryT, class OutT>
-  static void attend_deferred(const tensor_view<QueryT, 3, device_space>& queries, const View& cache,
-                              const tensor_view<OutT, 3, device_space>& out, workspace scratch, cudaStream_t stream,
-                              const cuda_detail::decode_metric& metric) {
-    attend_rows<false, true>(one_token(queries), cache, one_token(out), scratch, stream, metric);
-  }
-  /// The one-step-late metric's pending step alone (eviction::flush_metric): the Deferred kernel
-  /// with no query and no output; QueryT / OutT pick the instantiation attend_deferred built.
-  template <class QueryT, class OutT, class View>
-  static void add_pending_metric(const View& cache, workspace scratch, cudaStream_t stream,
-                                 const cuda_detail::decode_metric& metric) {
-    const tensor_view<const QueryT, 4, device_space> queries{nullptr, {cache.batch, 1, cache.shape.q_heads, cache.shape.head_dim},
-                                                             {0, 0, 0, 0}};
-    const tensor_view<OutT, 4, device_space> out{nullptr, {cache.batch, 1, cache.shape.q_heads, cache.shape.head_dim},
-                                                 {0, 0, 0, 0}};
-    attend_rows<false, true>(queries, cache, out, scratch, stream, metric);
   }
 
   /// Multi-query decode: queries, out [B, n, Hq, D] (n ≤ 8, the cache's last n tokens being the
@@ -1224,7 +1091,7 @@ struct implementation<stage::decode_attention, backend::cuda> {
 
   /// The checks and the dispatch of both entries; MultiQuery: the Queries = 8 kernels (n ≥ 2),
   /// which only a multi-query call instantiates.
-  template <bool MultiQuery, bool Deferred = false, class View, class QueryT, class OutT>
+  template <bool MultiQuery, class View, class QueryT, class OutT>
   static void attend_rows(const tensor_view<QueryT, 4, device_space>& queries, const View& cache,
                           const tensor_view<OutT, 4, device_space>& out, workspace scratch, cudaStream_t stream,
                           const cuda_detail::decode_metric& metric) {
@@ -1266,16 +1133,6 @@ struct implementation<stage::decode_attention, backend::cuda> {
         if constexpr (MultiQuery) {
           // Code bytes through dequantized fp16 tiles: the fragment decoders hold one query per row.
           launch<head_dim, group, false, max_queries>(queries, cache, out, scratch, stream, metric, length, page_shift);
-        } else if constexpr (Deferred) {
-          using store_type = typename cuda_detail::codec_tiles<typename View::codec, head_dim>::stored;
-          if constexpr (!cuda_detail::is_low_rank<typename View::codec> &&
-                        cuda_detail::decode_kernel_choice<head_dim, group, store_type>::deferrable)
-            launch<head_dim, group, false, 1, true>(queries, cache, out, scratch, stream, metric, length, page_shift);
-          else
-            detail::fail(function, "metric.carry",
-                         "a GQA group of 4, 8 or 16 over fp16 / bf16 or int8 / int4 / fp8 / layered storage for the "
-                         "eviction metric one step late on backend::cuda (else the immediate metric)",
-                         detail::cat("group ", group, ", ", View::codec::name, " storage"));
         } else {
           // Code bytes on the tensor cores: straight into the mma fragments where the codec's fragment
           // decoder reads the storage (a runtime property: KIVI runs of whole warp blocks), else through
@@ -1296,8 +1153,7 @@ struct implementation<stage::decode_attention, backend::cuda> {
   }
 
   /// One kernel instantiation: its partition, launch and the merge of partials.
-  template <int head_dim, int group, bool fragments, int queries_capacity, bool deferred = false, class View,
-            class QueryT, class OutT>
+  template <int head_dim, int group, bool fragments, int queries_capacity, class View, class QueryT, class OutT>
   static void launch(const tensor_view<QueryT, 4, device_space>& queries, const View& cache,
                      const tensor_view<OutT, 4, device_space>& out, workspace scratch, cudaStream_t stream,
                      const cuda_detail::decode_metric& metric, std::int64_t length, int page_shift) {
@@ -1330,7 +1186,6 @@ struct implementation<stage::decode_attention, backend::cuda> {
       using params_type = cuda_detail::decode_params<View, partition_type, query_type, out_type>;
       // low_rank picks its kernel (tensor cores or CUDA cores), block size and shared memory from the storage.
       auto kernel = choice::template kernel<params_type>();
-      if constexpr (deferred) kernel = choice::template deferred_kernel<params_type>();
       int threads = choice::threads;
       std::size_t shared_bytes = 0;
       const char* kernel_name = choice::tensor_cores ? "decode_attention_tensor_core" : "decode_attention_cuda_core";
@@ -1396,7 +1251,7 @@ struct implementation<stage::decode_attention, backend::cuda> {
         cuda_detail::launch_dependent(kernel, dim3(static_cast<unsigned>(grid)), dim3(threads),
                                       shared_bytes, stream, function, kernel_name, params);
       }
-      if (merge && out.data != nullptr) {  // no output: flush_metric's pass, whose metric the kernel added
+      if (merge) {
         const auto rows = static_cast<unsigned>(cache.batch * queries_per_sequence * cache.shape.q_heads);
         cuda_detail::launch_dependent(cuda_detail::merge_decode_partials<head_dim, group, partition_type, out_type>,
                                       dim3(rows), dim3(head_dim), 0, stream, function, "merge_decode_partials",

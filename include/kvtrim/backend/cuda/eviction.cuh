@@ -21,14 +21,6 @@
 // difference is fp32 rounding of exp2 in base 2 against exp in base e
 // (tests/cuda/eviction_test.cu bounds it).
 //
-// One step late (metric_output::carry, eviction/metric.hpp): no logits and no
-// finisher — the attention kernel itself (decode_attention.cuh's Deferred
-// tensor-core instantiation) recomputes the previous step's logits from the
-// carried queries on the mma it runs anyway and adds their c_i to metric[slot];
-// commit_metric_carry then keeps this step's queries, lse and next positions.
-// Per token: the position (4 B) and the metric (8 B); eviction::flush_metric
-// runs the same kernel with no query and no output for the pending step.
-//
 // The eviction step (kvtrim::evict<backend::cuda>, below): every codec the device
 // stores — plain (fp16, bf16, fp32), int8 / int4 (slot runs of KIVI keys evicted and moved whole,
 // a filling key group pinned), fp8, layered<C> (its fp16 rows pinned) — over paged
@@ -112,28 +104,6 @@ __global__ void __launch_bounds__(metric_threads)
   }
 }
 
-/// One step late (metric_output::carry): after this step's attention (and merge), keeps its
-/// queries (as floats), its lse (base 2) and every head's next position for the next step's
-/// kernel. A block per query row; it waits for the merge, which waited for the attention
-/// kernel, so the carry the attention kernel read is no longer in use.
-template <int Group, class View, class QueryT>
-__global__ void commit_metric_carry(const __grid_constant__ View cache, const QueryT* queries,
-                                    std::int64_t query_batch_stride, std::int64_t query_head_stride, const float* lse,
-                                    float* carry_queries, float* carry_lse, std::int64_t* carry_next) {
-  wait_for_prerequisite_grid();
-  const std::int64_t row = blockIdx.x;  // b · q_heads + j
-  const std::int64_t q_heads = cache.shape.q_heads, head_dim = cache.shape.head_dim;
-  const std::int64_t b = row / q_heads, j = row % q_heads;
-  const std::int64_t head = b * cache.shape.kv_heads + j / Group;
-  for (std::int64_t d = threadIdx.x; d < head_dim; d += blockDim.x)
-    carry_queries[row * head_dim + d] = to_float(queries[b * query_batch_stride + j * query_head_stride + d]);
-  if (threadIdx.x == 0) {
-    carry_lse[2 * row] = lse[head * Group + j % Group];
-    carry_lse[2 * row + 1] = 0.0f;
-    if (j % Group == 0) carry_next[head] = cache.positions.next_position[head];
-  }
-}
-
 }  // namespace kvtrim::cuda_detail
 
 namespace kvtrim::eviction {
@@ -173,36 +143,14 @@ std::size_t attend_workspace(const View& cache, const metric_output<device_space
   carver.take<std::byte>(static_cast<std::int64_t>(
       implementation<stage::decode_attention, backend::cuda>::workspace_bytes(cache)));
   if (metric.enabled()) {
-    if (!metric.deferred()) carver.take<float>(cache.shape.group_size() * metric_logit_stride(cache));
+    carver.take<float>(cache.shape.group_size() * metric_logit_stride(cache));
     carver.take<float>(cache.heads() * cache.shape.group_size());
   }
   return carver.bytes();
 }
 
-}  // namespace kvtrim::eviction
-
-namespace kvtrim::eviction_detail {
-/// The decode kernel's side output for the metric one step late (lse: this step's, for the commit).
-template <class View>
-cuda_detail::decode_metric deferred_side(const View&, const eviction::metric_output<device_space>& metric, float* lse) {
-  cuda_detail::decode_metric side{};
-  side.lse = lse;
-  side.values = metric.values;
-  side.carry_queries = metric.carry.queries;
-  side.carry_lse = metric.carry.normaliser;
-  side.carry_next = metric.carry.next;
-  side.window = metric.protected_window;
-  side.kind = metric.kind;
-  return side;
-}
-}  // namespace kvtrim::eviction_detail
-
-namespace kvtrim::eviction {
-
 /// Decode attention plus the eviction metric (eviction/metric.hpp), on `stream`:
-/// no host synchronisation, capturable in a CUDA graph. With metric.carry set, one step
-/// late (eviction/metric.hpp): the kernel adds the previous step's c_i and this step's
-/// queries, lse and next positions go to the carry (groups 4, 8, 16; not low_rank).
+/// no host synchronisation, capturable in a CUDA graph.
 template <class View, class QueryT, class OutT>
   requires std::same_as<typename View::space, device_space>
 void attend(tensor_view<QueryT, 3, device_space> queries, const View& cache, tensor_view<OutT, 3, device_space> out,
@@ -214,33 +162,16 @@ void attend(tensor_view<QueryT, 3, device_space> queries, const View& cache, ten
   ::kvtrim::detail::check_view(function, "queries", queries, {cache.batch, shape.q_heads, shape.head_dim}, true);
   ::kvtrim::detail::check_view(function, "out", out, {cache.batch, shape.q_heads, shape.head_dim}, true);
   eviction_detail::check_metric(function, metric, ::kvtrim::detail::storage_slots(cache.storage));
+  if (metric.carry.enabled())
+    ::kvtrim::detail::fail(function, "metric.carry",
+                           "no carry on backend::cuda (the one-step-late metric runs on backend::cpu; on the "
+                           "device the metric is immediate)",
+                           "a carry");
   ::kvtrim::detail::check_workspace(function, scratch, attend_workspace(cache, metric));
 
   workspace_carver carver(scratch);
   const std::size_t attention_bytes = implementation<stage::decode_attention, backend::cuda>::workspace_bytes(cache);
   std::byte* attention_scratch = carver.take<std::byte>(static_cast<std::int64_t>(attention_bytes));
-  const tensor_view<const std::remove_const_t<QueryT>, 3, device_space> const_queries{queries.data, queries.extents,
-                                                                                       queries.strides};
-  if (metric.deferred()) {
-    // One step late: the attention kernel adds the previous step's metric; this step's is carried.
-    if (hints.persisting_logits || hints.kv_evict_first)
-      ::kvtrim::detail::fail(function, "hints", "no L2 hints with the metric one step late (it writes no logits)",
-                             hints.persisting_logits ? "persisting_logits" : "kv_evict_first");
-    const cuda_detail::decode_metric side = eviction_detail::deferred_side(cache, metric, carver.take<float>(cache.heads() * shape.group_size()));
-    implementation<stage::decode_attention, backend::cuda>::attend_deferred(
-        const_queries, cache, out, workspace{attention_scratch, attention_bytes}, stream, side);
-    cuda_detail::dispatch_decode_group(shape.group_size(), function, [&](auto group_constant) {
-      constexpr int group = decltype(group_constant)::value;
-      using query_type = cuda_detail::device_element_t<std::remove_const_t<QueryT>>;
-      cuda_detail::launch_dependent(cuda_detail::commit_metric_carry<group, View, query_type>,
-                                    dim3(static_cast<unsigned>(cache.batch * shape.q_heads)), dim3(128), 0, stream,
-                                    function, "commit_metric_carry", cache,
-                                    reinterpret_cast<const query_type*>(queries.data), queries.stride(0),
-                                    queries.stride(1), static_cast<const float*>(side.lse), metric.carry.queries,
-                                    metric.carry.normaliser, metric.carry.next);
-    });
-    return;
-  }
   cuda_detail::decode_metric side{};
   if (metric.enabled()) {
     side.stride = metric_logit_stride(cache);
@@ -249,6 +180,8 @@ void attend(tensor_view<QueryT, 3, device_space> queries, const View& cache, ten
     side.logits = carver.take<float>(shape.group_size() * side.stride);
     side.lse = carver.take<float>(cache.heads() * shape.group_size());
   }
+  const tensor_view<const std::remove_const_t<QueryT>, 3, device_space> const_queries{queries.data, queries.extents,
+                                                                                       queries.strides};
   // The persisting window over the logits, for this call's launches only (restored on exit).
   struct stream_window {
     cudaStream_t stream = nullptr;
@@ -1643,32 +1576,6 @@ void seed_metric(const kv_view<const KeyT, device_space>& keys,
             metric.protected_window);
     ::kvtrim::detail::check_launch(function, "seed_decode_metric");
   });
-}
-
-/// The one-step-late metric's pending step (eviction/metric.hpp): adds it to metric.values
-/// for every head that has one, then clears the carry (next = 0), on `stream` (capturable).
-/// QueryT / OutT: the element types attend was called with (the same kernel instantiation).
-/// Scratch: attend_workspace's.
-template <class QueryT, class OutT, class View>
-  requires std::same_as<typename View::space, device_space>
-void flush_metric(const View& cache, const metric_output<device_space>& metric, workspace scratch,
-                  cudaStream_t stream) {
-  constexpr std::string_view function = "kvtrim::eviction::flush_metric";
-  View::layout_policy::check(function, cache);
-  if (!metric.deferred())
-    ::kvtrim::detail::fail(function, "metric", "a metric buffer with its carry (one step late)",
-                           metric.enabled() ? "no carry (immediate mode: nothing is pending)" : "no metric buffer");
-  eviction_detail::check_metric(function, metric, ::kvtrim::detail::storage_slots(cache.storage));
-  ::kvtrim::detail::check_workspace(function, scratch, attend_workspace(cache, metric));
-  workspace_carver carver(scratch);
-  const std::size_t attention_bytes = implementation<stage::decode_attention, backend::cuda>::workspace_bytes(cache);
-  std::byte* attention_scratch = carver.take<std::byte>(static_cast<std::int64_t>(attention_bytes));
-  cuda_detail::decode_metric side = eviction_detail::deferred_side(cache, metric, nullptr);
-  implementation<stage::decode_attention, backend::cuda>::add_pending_metric<std::remove_const_t<QueryT>, OutT>(
-      cache, workspace{attention_scratch, attention_bytes}, stream, side);
-  ::kvtrim::detail::check_cuda(
-      cudaMemsetAsync(metric.carry.next, 0, sizeof(std::int64_t) * static_cast<std::size_t>(cache.heads()), stream),
-      function, "cudaMemsetAsync(carry.next)");
 }
 
 }  // namespace kvtrim::eviction
