@@ -359,6 +359,16 @@ void one_step_late_equals_immediate(std::int64_t group, std::int64_t pool_tokens
 TEST(EvictionMetric, OneStepLateEqualsImmediateFp16Paged) {
   one_step_late_equals_immediate<kt::layout::paged, kt::codec::fp16>(4, 160);
 }
+// The same on the portable loops (the x86 kernels switched off): the pending pass mirrors either.
+TEST(EvictionMetric, OneStepLateEqualsImmediatePortableBf16Flat) {
+#if KVTRIM_X86_DISPATCH
+  kt::detail::x86::vector_paths_enabled().store(false);
+#endif
+  one_step_late_equals_immediate<kt::layout::flat, kt::codec::bf16>(16, 160);
+#if KVTRIM_X86_DISPATCH
+  kt::detail::x86::vector_paths_enabled().store(true);
+#endif
+}
 // Codecs whose stored keys never change after the write (fp8 here; not KIVI's int8 / int4,
 // whose residual keys are requantized when their group seals, nor layered<>, whose recent
 // rows are re-encoded as they age: there the pending pass reads the keys as they are now,

@@ -264,9 +264,9 @@ struct implementation<stage::decode_attention, backend::cpu> {
         for (std::int64_t g = 0; g < cache.shape.group_size(); ++g) attend_generic(queries, cache, out, b, h, t, g, state);
   }
 
-  /// The pending step of head (b, h), if any: its queries (metric.carry) attend over the head's
-  /// keys as they are now — the same code, so the same logits the step had for every token it saw
-  /// — into a discarded output; then c_i with the step's own normaliser and next position.
+  /// The pending step of head (b, h), if any: the logits of its queries (metric.carry) over the
+  /// head's keys as they are now — computed by the same arithmetic attend uses, so a token the
+  /// step saw gets the logit it had then — and c_i with the step's own normaliser and next position.
   template <class View>
   static void add_pending_metric(const View& cache, const eviction::metric_output<host_space>& metric, std::int64_t b,
                                  std::int64_t h, group_state& state) {
@@ -274,12 +274,7 @@ struct implementation<stage::decode_attention, backend::cpu> {
     const std::int64_t next = metric.carry.next[head];
     if (next <= 0) return;
     const std::int64_t q_heads = cache.shape.q_heads, head_dim = cache.shape.head_dim;
-    const tensor_view<const float, 4> previous{metric.carry.queries, {cache.batch, 1, q_heads, head_dim},
-                                              {q_heads * head_dim, 0, head_dim, 1}};
-    // The discarded output: this thread's q_heads × head_dim floats after its logits (every batch row onto them).
-    const tensor_view<float, 4> discarded{state.logits + cache.shape.group_size() * state.stride,
-                                          {cache.batch, 1, q_heads, head_dim}, {0, 0, head_dim, 1}};
-    attend_unit(previous, cache, discarded, b, h, state);
+    pending_logits(metric.carry.queries + (b * q_heads + h * cache.shape.group_size()) * head_dim, cache, b, h, state);
     std::array<float, 16> max_logit{}, denominator{};
     for (std::int64_t g = 0; g < cache.shape.group_size(); ++g) {
       const std::int64_t row = b * q_heads + h * cache.shape.group_size() + g;
@@ -305,6 +300,78 @@ struct implementation<stage::decode_attention, backend::cpu> {
     metric.carry.next[head] = cache.positions.next_position[head];
   }
 
+  /// state.logits[g·stride + i] = s_gi (after scale and bias) for the group's queries `previous`
+  /// ([group][head_dim] floats) over every token of head (b, h): attend_plain's dot products and
+  /// scaling (the same x86 kernels or portable loops, in blocks of the same rows) or the codec
+  /// reader's dot as attend_generic takes it; no softmax, no values (half a decode step).
+  template <class View>
+  static void pending_logits(const float* previous, const View& cache, std::int64_t b, std::int64_t h,
+                             group_state& state) {
+    const std::int64_t head_dim = cache.shape.head_dim, group = cache.shape.group_size();
+    const std::int64_t length = cache.head_length(b, h);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+    if constexpr (codec::is_plain<typename View::codec>) {
+      using element = std::remove_cvref_t<decltype(*cache.storage.keys)>;
+      const auto& store = cache.storage;
+#if KVTRIM_X86_DISPATCH
+      constexpr auto format = std::is_same_v<element, half>       ? detail::x86::row_format::fp16
+                              : std::is_same_v<element, bfloat16> ? detail::x86::row_format::bf16
+                                                                  : detail::x86::row_format::fp32;
+      const bool fast = std::is_same_v<element, half> || std::is_same_v<element, bfloat16> ||
+                                std::is_same_v<element, float>
+                            ? detail::x86::has_avx2_fma_f16c()
+                            : false;
+      std::array<const void*, 64> key_rows;
+      std::array<float, 64> bias;
+#else
+      constexpr bool fast = false;
+#endif
+      const std::int64_t block =
+          fast ? 64 : std::max<std::int64_t>(1, std::min<std::int64_t>(64, block_floats / head_dim));
+      alignas(64) std::array<float, max_heads_at_once * max_head_dim> query;
+      std::array<float, max_heads_at_once * 64> logits;
+      for (std::int64_t r0 = 0; r0 < group; r0 += max_heads_at_once) {
+        const std::int64_t heads = std::min(max_heads_at_once, group - r0);
+        std::copy(previous + r0 * head_dim, previous + (r0 + heads) * head_dim, query.begin());
+        for (std::int64_t i0 = 0; i0 < length; i0 += block) {
+          const std::int64_t count = std::min(block, length - i0);
+          const auto key_row = [&](std::int64_t i) { return store.keys + cache.slot(b, h, i0 + i) * store.head_dim; };
+#if KVTRIM_X86_DISPATCH
+          if (fast) {
+            for (std::int64_t i = 0; i < count; ++i) key_rows[i] = key_row(i);
+            detail::x86::dot_rows<format>(query.data(), heads, key_rows.data(), count, head_dim, logits.data(), 64);
+            if constexpr (has_bias<View>)
+              for (std::int64_t i = 0; i < count; ++i) bias[i] = bias_of(cache, b, h, i0 + i);
+            for (std::int64_t g = 0; g < heads; ++g) {
+              float* s = logits.data() + g * 64;
+              detail::x86::scale_and_max(s, count, scale, has_bias<View> ? bias.data() : nullptr);
+              std::copy(s, s + count, state.logits + (r0 + g) * state.stride + i0);
+            }
+            continue;
+          }
+#endif
+          alignas(64) std::array<float, block_floats> key_block;
+          for (std::int64_t i = 0; i < count; ++i) detail::row_to_float(key_row(i), key_block.data() + i * head_dim, head_dim);
+          for (std::int64_t g = 0; g < heads; ++g)
+            for (std::int64_t i = 0; i < count; ++i)
+              state.logits[(r0 + g) * state.stride + i0 + i] =
+                  detail::dot_lanes(query.data() + g * head_dim, key_block.data() + i * head_dim, head_dim) * scale +
+                  bias_of(cache, b, h, i0 + i);
+        }
+      }
+    } else {
+      const std::int64_t head = b * cache.shape.kv_heads + h;
+      std::array<float, max_head_dim> query{};
+      for (std::int64_t g = 0; g < group; ++g) {
+        std::copy(previous + g * head_dim, previous + (g + 1) * head_dim, query.begin());
+        auto reader = codec::attention_reader<typename View::codec>(cache.storage, head, query.data(), head_dim);
+        for (std::int64_t i = 0; i < length; ++i)
+          state.logits[g * state.stride + i] =
+              reader.dot(cache.slot(b, h, i), codec::position_of(cache, b, h, i)) * scale + bias_of(cache, b, h, i);
+      }
+    }
+  }
+
   template <class View>
   static std::int64_t logit_stride(const View& cache) {
     std::int64_t longest = 0;
@@ -312,14 +379,13 @@ struct implementation<stage::decode_attention, backend::cpu> {
       for (std::int64_t h = 0; h < cache.shape.kv_heads; ++h) longest = std::max(longest, cache.head_length(b, h));
     return (longest + 63) / 64 * 64;
   }
-  /// A thread's logits (group × longest head) and, one step late, the pending pass's discarded output.
+  /// A thread's logits (group × longest head), for this step's or the pending one's.
   template <class View>
-  static std::int64_t metric_thread_floats(const View& cache, const eviction::metric_output<host_space>& metric) {
+  static std::int64_t metric_thread_floats(const View& cache, const eviction::metric_output<host_space>&) {
     if (cache.shape.group_size() > 16)
       detail::fail("kvtrim::scheme::attend", "metric", "a GQA group of at most 16 query heads with an eviction metric",
                    std::to_string(cache.shape.group_size()));
-    return cache.shape.group_size() * logit_stride(cache) +
-           (metric.carry.enabled() ? cache.shape.q_heads * cache.shape.head_dim : 0);
+    return cache.shape.group_size() * logit_stride(cache);
   }
 
   /// metric[slot(i)] += c_i for the unit's tokens older than the window of a step whose next
