@@ -314,13 +314,8 @@ struct implementation<stage::decode_attention, backend::cpu> {
       using element = std::remove_cvref_t<decltype(*cache.storage.keys)>;
       const auto& store = cache.storage;
 #if KVTRIM_X86_DISPATCH
-      constexpr auto format = std::is_same_v<element, half>       ? detail::x86::row_format::fp16
-                              : std::is_same_v<element, bfloat16> ? detail::x86::row_format::bf16
-                                                                  : detail::x86::row_format::fp32;
-      const bool fast = std::is_same_v<element, half> || std::is_same_v<element, bfloat16> ||
-                                std::is_same_v<element, float>
-                            ? detail::x86::has_avx2_fma_f16c()
-                            : false;
+      constexpr auto format = x86_format<element>;
+      const bool fast = x86_path<element>();
       std::array<const void*, 64> key_rows;
       std::array<float, 64> bias;
 #else
@@ -379,6 +374,22 @@ struct implementation<stage::decode_attention, backend::cpu> {
       for (std::int64_t h = 0; h < cache.shape.kv_heads; ++h) longest = std::max(longest, cache.head_length(b, h));
     return (longest + 63) / 64 * 64;
   }
+#if KVTRIM_X86_DISPATCH
+  /// The x86 kernels' row format for a plain codec's element, and whether they run on this CPU
+  /// (attend_plain and pending_logits choose alike, so their logits agree bit for bit).
+  template <class Element>
+  static constexpr auto x86_format = std::is_same_v<Element, half>       ? detail::x86::row_format::fp16
+                                     : std::is_same_v<Element, bfloat16> ? detail::x86::row_format::bf16
+                                                                         : detail::x86::row_format::fp32;
+  template <class Element>
+  static bool x86_path() {
+    if constexpr (std::is_same_v<Element, half> || std::is_same_v<Element, bfloat16> || std::is_same_v<Element, float>)
+      return detail::x86::has_avx2_fma_f16c();
+    else
+      return false;
+  }
+#endif
+
   /// A thread's logits (group × longest head), for this step's or the pending one's.
   template <class View>
   static std::int64_t metric_thread_floats(const View& cache, const eviction::metric_output<host_space>&) {
@@ -439,13 +450,8 @@ struct implementation<stage::decode_attention, backend::cpu> {
     const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
     const auto& store = cache.storage;
 #if KVTRIM_X86_DISPATCH
-    constexpr auto format = std::is_same_v<element, half>       ? detail::x86::row_format::fp16
-                            : std::is_same_v<element, bfloat16> ? detail::x86::row_format::bf16
-                                                                : detail::x86::row_format::fp32;
-    const bool fast = std::is_same_v<element, half> || std::is_same_v<element, bfloat16> ||
-                              std::is_same_v<element, float>
-                          ? detail::x86::has_avx2_fma_f16c()
-                          : false;
+    constexpr auto format = x86_format<element>;
+    const bool fast = x86_path<element>();
 #else
     constexpr bool fast = false;
 #endif
