@@ -20,6 +20,7 @@
 #include <cstring>
 #include <limits>
 #include <map>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <set>
@@ -207,8 +208,14 @@ TEST(EvictionMetric, SeedFromThePrefillWindowMatchesDoubleOracle) {
                    kt::workspace{scratch.data(), scratch.size()});
   const std::int64_t slots = cache.view().pages * cache.view().page_size;
   std::vector<float> metric(static_cast<std::size_t>(slots), 7.0f);  // seeding overwrites everything
-  const ev::metric_output<> output{metric.data(), slots, ev::metric_kind::squared_sum, window};
+  // A carry left by an earlier request (one step late): the new prefill drops what it held pending.
+  std::vector<float> carry_queries(static_cast<std::size_t>(batch * shape.q_heads * shape.head_dim), 1.0f),
+      carry_normaliser(static_cast<std::size_t>(2 * batch * shape.q_heads), 1.0f);
+  std::vector<std::int64_t> carry_next(static_cast<std::size_t>(batch * kv_heads), 99);
+  const ev::metric_output<> output{metric.data(), slots, ev::metric_kind::squared_sum, window,
+                                   {carry_queries.data(), carry_normaliser.data(), carry_next.data()}};
   ev::seed_metric(keys.cview(), queries.cview(), cache.view(), {offsets.data(), kept.data(), batch * kv_heads}, 5, output);
+  for (const std::int64_t next : carry_next) EXPECT_EQ(next, 0) << "seeding clears the carry's pending steps";
 
   // Oracle in double: p of window query q over the keys it sees (causal), squared, summed
   // over the window and the group. Bound: per probability the exponent error of
@@ -377,6 +384,91 @@ TEST(EvictionMetric, OneStepLateEqualsImmediateFp8Flat) {
   one_step_late_equals_immediate<kt::layout::flat, kt::codec::fp8>(2, 160);
 }
 
+/// A step pending through an eviction lands on the slots its tokens moved to: twin late caches,
+/// B evicted without a flush and then flushed, C only flushed; every token B keeps has, by
+/// position, C's metric bit for bit. One head has nothing pending (next = 0): its metric stays.
+/// Kind mean (the group factor).
+TEST(EvictionMetric, OneStepLatePendingStepFollowsEvictedTokens) {
+  using scheme = eviction_scheme<kt::layout::paged, kt::codec::fp16>;
+  using view_type = scheme::cache_view;
+  const std::int64_t batch = 2, kv_heads = 2, group = 4, head_dim = 32, tokens = 150, window = 6;
+  const kt::model_shape shape{.q_heads = kv_heads * group, .kv_heads = kv_heads, .head_dim = head_dim};
+  const kt::layout::paged::pool_size pool{batch * kv_heads * kt::layout::paged::pages_for(tokens + 20, 16), 16};
+  auto keys = kts::random_tensor<float, 4>({batch, kv_heads, tokens + 2, head_dim}, 21, 1.0f);
+  auto values = kts::random_tensor<float, 4>({batch, kv_heads, tokens + 2, head_dim}, 22, 1.0f);
+  auto queries = kts::random_tensor<float, 3>({batch, shape.q_heads, head_dim}, 23, 1.0f);
+  auto out = kts::make_tensor<float, 3>({batch, shape.q_heads, head_dim});
+  struct twin {
+    kt::cache<scheme> cache;
+    std::vector<float> metric, carry_queries, carry_normaliser;
+    std::vector<std::int64_t> carry_next;
+    ev::metric_output<> output;
+  };
+  const auto make = [&] {
+    auto t = std::make_unique<twin>(twin{scheme::make_cache(shape, batch, pool, kt::codec::fp16::config{}), {}, {}, {}, {}, {}});
+    const kt::tensor_view<float, 4> k{keys.view.data, {batch, kv_heads, tokens, head_dim}, keys.view.strides};
+    const kt::tensor_view<float, 4> v{values.view.data, {batch, kv_heads, tokens, head_dim}, values.view.strides};
+    scheme::append(t->cache.view(), k, v);
+    const std::int64_t slots = kt::detail::storage_slots(t->cache.view().storage);
+    t->metric.assign(static_cast<std::size_t>(slots), 0.0f);
+    t->carry_queries.assign(static_cast<std::size_t>(batch * shape.q_heads * head_dim), 0.0f);
+    t->carry_normaliser.assign(static_cast<std::size_t>(2 * batch * shape.q_heads), 0.0f);
+    t->carry_next.assign(static_cast<std::size_t>(batch * kv_heads), 0);
+    t->output = {t->metric.data(), slots, ev::metric_kind::mean, window,
+                 {t->carry_queries.data(), t->carry_normaliser.data(), t->carry_next.data()}};
+    return t;
+  };
+  auto b_twin = make(), c_twin = make();
+  for (auto* t : {b_twin.get(), c_twin.get()}) {
+    kts::scratch_buffer scratch(ev::attend_workspace(t->cache.view(), t->output));
+    for (int step = 0; step < 3; ++step) {  // metrics to rank by, then one step pending
+      const kt::tensor_view<float, 4> k{&keys(0, 0, tokens + std::min(step, 1), 0), {batch, kv_heads, 1, head_dim},
+                                        keys.view.strides};
+      const kt::tensor_view<float, 4> v{&values(0, 0, tokens + std::min(step, 1), 0), {batch, kv_heads, 1, head_dim},
+                                        values.view.strides};
+      if (step < 2) scheme::append(t->cache.view(), k, v);
+      ev::attend(queries.view, t->cache.view(), out.view, t->output, scratch.get());
+    }
+    t->carry_next[3] = 0;  // the last head: nothing pending
+  }
+  const std::vector<float> before = b_twin->metric;
+  const ev::config cfg{.scope = ev::scope::per_head, .keep = 120, .interval = 8, .protected_window = window};
+  {
+    const std::array<view_type, 1> views{b_twin->cache.view()};
+    const std::array<ev::metric_output<>, 1> outputs{b_twin->output};
+    kts::scratch_buffer scratch(kt::evict_workspace<kt::backend::cpu>(std::span<const view_type>(views)));
+    const auto report = kt::evict<kt::backend::cpu>(std::span<const view_type>(views),
+                                                    std::span<const ev::metric_output<>>(outputs), cfg, scratch.get());
+    ASSERT_GT(report.evicted_tokens, 0);
+  }
+  for (auto* t : {b_twin.get(), c_twin.get()}) {
+    kts::scratch_buffer scratch(ev::attend_workspace(t->cache.view(), t->output));
+    ev::flush_metric(t->cache.view(), t->output, scratch.get());
+  }
+  std::int64_t moved = 0, compared = 0;
+  for (std::int64_t b = 0; b < batch; ++b)
+    for (std::int64_t h = 0; h < kv_heads; ++h) {
+      const auto c_view = c_twin->cache.view();
+      std::map<std::int32_t, std::int64_t> c_slot_of;  // position → C's slot (C was never evicted)
+      for (std::int64_t i = 0; i < c_view.head_length(b, h); ++i)
+        c_slot_of[c_view.positions.slot_position[c_view.slot(b, h, i)]] = c_view.slot(b, h, i);
+      const auto b_view = b_twin->cache.view();
+      for (std::int64_t i = 0; i < b_view.head_length(b, h); ++i) {
+        const std::int64_t slot = b_view.slot(b, h, i);
+        const std::int32_t position = b_view.positions.slot_position[slot];
+        const std::int64_t c_slot = c_slot_of.at(position);
+        moved += slot != c_slot;
+        ++compared;
+        ASSERT_EQ(std::bit_cast<std::uint32_t>(b_twin->metric[slot]), std::bit_cast<std::uint32_t>(c_twin->metric[c_slot]))
+            << "head " << b << "," << h << ", position " << position;
+        if (b * kv_heads + h == 3)
+          EXPECT_EQ(c_twin->metric[c_slot], before[c_slot]) << "a head with nothing pending gains nothing";
+      }
+    }
+  EXPECT_GT(moved, 0) << "the eviction must move tokens for the test to mean anything";
+  EXPECT_GT(compared, 0);
+}
+
 TEST(EvictionMetric, OneStepLateRefusals) {
   using scheme = eviction_scheme<kt::layout::paged, kt::codec::fp16>;
   const kt::model_shape shape{.q_heads = 4, .kv_heads = 2, .head_dim = 32};
@@ -387,6 +479,20 @@ TEST(EvictionMetric, OneStepLateRefusals) {
   partial.carry.queries = queries.data();  // normaliser and next missing
   kts::scratch_buffer scratch(1 << 20);
   EXPECT_THROW(ev::flush_metric(cache.view(), partial, scratch.get()), kt::error);
+  auto queries_in = kts::make_tensor<float, 3>({1, 4, 32});
+  auto out = kts::make_tensor<float, 3>({1, 4, 32});
+  EXPECT_THROW(ev::attend(queries_in.view, cache.view(), out.view, partial, scratch.get()), kt::error)
+      << "a partial carry";
+  ev::metric_output<> carry_only{};
+  carry_only.carry = {queries.data(), normaliser.data(), nullptr};
+  std::vector<std::int64_t> next(2, 0);
+  carry_only.carry.next = next.data();
+  try {
+    ev::attend(queries_in.view, cache.view(), out.view, carry_only, scratch.get());
+    ADD_FAILURE() << "a carry without a metric buffer must throw";
+  } catch (const kt::error& e) {
+    EXPECT_NE(std::string(e.what()).find("metric.values"), std::string::npos) << e.what();
+  }
   const ev::metric_output<> immediate{metric.data(), static_cast<std::int64_t>(metric.size())};
   try {
     ev::flush_metric(cache.view(), immediate, scratch.get());

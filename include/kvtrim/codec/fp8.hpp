@@ -224,7 +224,9 @@ struct fp8 {
 
   struct config {
     fp8_scaling scales = fp8_scaling::head_amax;
-    float key_scale = 1.0f;  // every head's scale before compaction, or always (fixed)
+    // Every head's scale before compaction, or always (fixed): finite and > 0; below 2⁻¹²⁶
+    // (subnormal) it is kept as given, unlike head_amax's floor, and the device divides.
+    float key_scale = 1.0f;
     float value_scale = 1.0f;
 
     void validate(std::string_view function) const {

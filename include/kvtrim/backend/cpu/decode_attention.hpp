@@ -200,6 +200,7 @@ struct implementation<stage::decode_attention, backend::cpu> {
                            : detail::cat(cache.head_length(b, h), " tokens in sequence ", b, ", kv head ", h));
     const std::int64_t units = cache.batch * cache.shape.kv_heads;
     const std::int64_t thread_floats = metric.enabled() ? metric_thread_floats(cache, metric) : 0;
+    const std::int64_t stride = metric.enabled() ? logit_stride(cache) : 0;
     const std::int64_t threads =
         detail::cpu_threads_for(units, static_cast<std::size_t>(thread_floats) * sizeof(float), scratch.bytes);
     detail::cpu_parallel_for(units, threads, [&](std::int64_t unit, std::int64_t thread) {
@@ -207,7 +208,7 @@ struct implementation<stage::decode_attention, backend::cpu> {
       group_state state{};
       if (metric.enabled()) {
         state.logits = static_cast<float*>(scratch.data) + thread * thread_floats;
-        state.stride = logit_stride(cache);
+        state.stride = stride;
       }
       // One step late: the previous step's c_i first, from its queries over the keys as they are now.
       if (metric.deferred()) add_pending_metric(cache, metric, b, h, state);
@@ -228,13 +229,14 @@ struct implementation<stage::decode_attention, backend::cpu> {
   static void flush_metric(const View& cache, workspace scratch, const eviction::metric_output<host_space>& metric) {
     const std::int64_t units = cache.batch * cache.shape.kv_heads;
     const std::int64_t thread_floats = metric_thread_floats(cache, metric);
+    const std::int64_t stride = logit_stride(cache);
     const std::int64_t threads =
         detail::cpu_threads_for(units, static_cast<std::size_t>(thread_floats) * sizeof(float), scratch.bytes);
     detail::cpu_parallel_for(units, threads, [&](std::int64_t unit, std::int64_t thread) {
       const std::int64_t b = unit / cache.shape.kv_heads, h = unit % cache.shape.kv_heads;
       group_state state{};
       state.logits = static_cast<float*>(scratch.data) + thread * thread_floats;
-      state.stride = logit_stride(cache);
+      state.stride = stride;
       add_pending_metric(cache, metric, b, h, state);
       metric.carry.next[b * cache.shape.kv_heads + h] = 0;
     });
@@ -272,7 +274,8 @@ struct implementation<stage::decode_attention, backend::cpu> {
                                  std::int64_t h, group_state& state) {
     const std::int64_t head = b * cache.shape.kv_heads + h;
     const std::int64_t next = metric.carry.next[head];
-    if (next <= 0) return;
+    // Nothing pending, or a carry the head cannot have left (its tokens were replaced: metric.hpp).
+    if (next <= 0 || next > cache.positions.next_position[head]) return;
     const std::int64_t q_heads = cache.shape.q_heads, head_dim = cache.shape.head_dim;
     pending_logits(metric.carry.queries + (b * q_heads + h * cache.shape.group_size()) * head_dim, cache, b, h, state);
     std::array<float, 16> max_logit{}, denominator{};

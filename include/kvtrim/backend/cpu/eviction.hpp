@@ -519,6 +519,7 @@ void attend(tensor_view<QueryT, 3> queries, const View& cache, tensor_view<OutT,
   ::kvtrim::detail::check_view(function, "queries", queries, {cache.batch, shape.q_heads, shape.head_dim}, true);
   ::kvtrim::detail::check_view(function, "out", out, {cache.batch, shape.q_heads, shape.head_dim}, true);
   eviction_detail::check_metric(function, metric, ::kvtrim::detail::storage_slots(cache.storage));
+  if (metric.enabled()) eviction_detail::check_metric_group(function, cache.shape);
   ::kvtrim::detail::check_workspace(function, scratch, attend_workspace(cache, metric));
   const tensor_view<const std::remove_const_t<QueryT>, 3> const_queries{queries.data, queries.extents, queries.strides};
   implementation<stage::decode_attention, backend::cpu>::attend(const_queries, cache, out, scratch, stream, metric);
@@ -534,10 +535,11 @@ void flush_metric(const View& cache, const metric_output<host_space>& metric, wo
                   backend::host_stream = {}) {
   constexpr std::string_view function = "kvtrim::eviction::flush_metric";
   View::layout_policy::validate(function, cache);
+  eviction_detail::check_metric(function, metric, ::kvtrim::detail::storage_slots(cache.storage));
   if (!metric.deferred())
     ::kvtrim::detail::fail(function, "metric", "a metric buffer with its carry (one step late)",
                            metric.enabled() ? "no carry (immediate mode: nothing is pending)" : "no metric buffer");
-  eviction_detail::check_metric(function, metric, ::kvtrim::detail::storage_slots(cache.storage));
+  eviction_detail::check_metric_group(function, cache.shape);
   ::kvtrim::detail::check_workspace(function, scratch, attend_workspace(cache, metric));
   implementation<stage::decode_attention, backend::cpu>::flush_metric(cache, scratch, metric);
 }
@@ -550,7 +552,8 @@ void flush_metric(const View& cache, const metric_output<host_space>& metric, wo
 /// p the causal softmax of window query q (at position T − w + q) over all T
 /// prefill keys, exactly the probabilities score::snapkv's window attention
 /// takes (backend/cpu/attention_mass.hpp's arithmetic: l = (q·k)/√D, max, exp,
-/// sum left to right). The compensation token (RazorAttention) is seeded 0.
+/// sum left to right). The compensation token (RazorAttention) is seeded 0. With a
+/// carry (one step late) every head's pending step is dropped (carry.next = 0).
 /// `kept` is the selection compress wrote (compress_options); the cache is the
 /// one it filled. This is a second pass over the window (O(B·Hq·w·T·D), the
 /// scorer's cost): handing the scorer's probabilities over needs a hook in
@@ -590,6 +593,8 @@ void seed_metric(const kv_view<const KeyT>& keys, const window_view<const QueryT
         ::kvtrim::detail::fail(function, "kept", ::kvtrim::detail::cat("tokens in [0, ", tokens, ")"),
                                ::kvtrim::detail::cat(kept.tokens[i], " for head ", head));
   std::fill_n(metric.values, ::kvtrim::detail::storage_slots(cache.storage), 0.0f);
+  // A new prefill: no decode step of the tokens it replaced is pending (one step late).
+  if (metric.carry.next != nullptr) std::fill_n(metric.carry.next, cache.heads(), std::int64_t{0});
 
   const std::int64_t group = shape.group_size(), head_dim = shape.head_dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));

@@ -20,8 +20,9 @@
 // conversion's NaN code 0x7F (as does a scale of 0 with x = 0).
 // Scales (fp8_scaling::head_amax): at compaction each head's scale becomes
 // max|x| / 448 over its kept rows (the division in double, rounded to float,
-// as the CPU), an all-zero head keeping its scale; fixed scales are left as
-// bound.
+// at least 2⁻¹²⁶: detail::e4m3_head_scale, the CPU's own call), an all-zero
+// head keeping its scale; fixed scales are left as bound (a subnormal one is
+// legal: its reciprocal is not normal, so every element takes the division).
 // Decode: x̂ = e4m3→f32(c) · s, the exact conversion then one rounding, as the CPU.
 #pragma once
 
