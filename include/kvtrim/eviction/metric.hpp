@@ -72,10 +72,12 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <string_view>
 
 #include "kvtrim/core/config.hpp"
 #include "kvtrim/core/error.hpp"
+#include "kvtrim/core/shape.hpp"
 #include "kvtrim/core/view.hpp"
 
 namespace kvtrim::eviction {
