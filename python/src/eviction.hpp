@@ -38,14 +38,34 @@ struct step_settings {
   double alpha = 0.2;
 };
 
+/// One array of the one-step-late metric's carry as module.cpp hands it over: it checked the
+/// rank (1), the element type (float32 or int64, as the field wants), the device (the cpu) and
+/// contiguity; the extent against the cache is checked here (eviction.cpp), which knows the shape.
+struct carry_vector {
+  void* data = nullptr;
+  std::int64_t size = 0;  // elements
+  bool given = false;
+};
+/// The one-step-late metric's carry (eviction/metric.hpp's metric_carry), one layer's: queries
+/// [B·Hq·D] float32, normaliser [B·Hq·2] float32, next [B·Hkv] int64. None given: immediate mode;
+/// some but not all: refused. CPU caches only (CUDA eviction::attend refuses a carry).
+struct carry_arrays {
+  carry_vector queries, normaliser, next;
+  bool any() const { return queries.given || normaliser.given || next.given; }
+};
+
 /// Floats the metric of `cache` needs (one per storage slot).
 std::int64_t metric_slots(cache_base& cache);
-/// The prefill's metric: eviction::seed_metric over the selection of the cache's last compress.
+/// The prefill's metric: eviction::seed_metric over the selection of the cache's last compress
+/// (with a carry: its pending step is dropped, carry.next = 0).
 void seed(cache_base& cache, const array& keys, const array& window_queries, std::int64_t start_position,
-          const array& metric, const metric_settings& settings, std::uintptr_t stream);
-/// Decode attention that also accumulates the metric (eviction::attend).
+          const array& metric, const metric_settings& settings, std::uintptr_t stream, const carry_arrays& carry = {});
+/// Decode attention that also accumulates the metric (eviction::attend); with a carry, one step
+/// late: the previous step's metric is added, this step's is kept in the carry.
 void attend(cache_base& cache, const array& queries, const array& out, const array& metric,
-            const metric_settings& settings, std::uintptr_t stream);
+            const metric_settings& settings, std::uintptr_t stream, const carry_arrays& carry = {});
+/// The one-step-late metric's pending step (eviction::flush_metric; CPU caches only).
+void flush_metric(cache_base& cache, const array& metric, const metric_settings& settings, const carry_arrays& carry);
 /// One eviction step over every layer's cache (same scheme, batch and kv heads) and metric.
 eviction::report step(const std::vector<cache_base*>& layers, const std::vector<array>& metrics,
                       const step_settings& settings, std::uintptr_t stream);

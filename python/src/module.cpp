@@ -111,6 +111,36 @@ kp::array to_array(std::string_view function, std::string_view argument, const A
   return result;
 }
 
+/// One array of the one-step-late eviction metric's carry (eviction.hpp's carry_vector): a contiguous
+/// 1-d float32 (queries, normaliser) or int64 (next) array on the cpu, else kvtrim::error; None: not given.
+kp::evicting::carry_vector to_carry(std::string_view function, std::string_view argument,
+                                    const std::optional<output_array>& given, bool int64) {
+  if (!given) return {};
+  const output_array& a = *given;
+  const nb::dlpack::dtype type = a.dtype();
+  const auto code = static_cast<nb::dlpack::dtype_code>(type.code);
+  const bool on_cpu = a.device_type() == nb::device::cpu::value;
+  const bool typed = type.lanes == 1 && (int64 ? code == nb::dlpack::dtype_code::Int && type.bits == 64
+                                               : code == nb::dlpack::dtype_code::Float && type.bits == 32);
+  if (a.ndim() != 1 || !typed || !on_cpu || (a.shape(0) > 1 && a.stride(0) != 1)) {
+    std::string shape = "[";
+    for (std::size_t axis = 0; axis < a.ndim(); ++axis) shape += (axis ? ", " : "") + std::to_string(a.shape(axis));
+    shape += "]";
+    const bool contiguous = a.ndim() != 1 || a.shape(0) <= 1 || a.stride(0) == 1;
+    kvtrim::detail::fail(function, argument,
+                         kvtrim::detail::cat("a contiguous 1-d ", int64 ? "int64" : "float32", " array on the cpu"),
+                         kvtrim::detail::cat(dtype_name(type), " ", shape, contiguous ? "" : " (strided)", " on ",
+                                             on_cpu ? "cpu" : "another device"));
+  }
+  return {const_cast<void*>(static_cast<const void*>(a.data())), static_cast<std::int64_t>(a.shape(0)), true};
+}
+kp::evicting::carry_arrays to_carry(std::string_view function, const std::optional<output_array>& queries,
+                                    const std::optional<output_array>& normaliser,
+                                    const std::optional<output_array>& next) {
+  return {to_carry(function, "carry_queries", queries, false), to_carry(function, "carry_normaliser", normaliser, false),
+          to_carry(function, "carry_next", next, true)};
+}
+
 /// The Python-side object: one kvtrim cache of one compiled scheme.
 class py_cache {
  public:
@@ -422,26 +452,47 @@ NB_MODULE(_kvtrim, m) {
   // Decode-time eviction (issue 16; python/kvtrim/eviction.py wraps these; CPU and CUDA, paged, fp16: eviction.hpp).
   namespace ke = kp::evicting;
   m.def("_eviction_metric_slots", [](py_cache& cache) { return ke::metric_slots(cache.impl()); }, nb::arg("cache"));
+  // carry_*: the metric one step late (CPU caches only; eviction.hpp's carry_arrays): all three or none.
   m.def("_eviction_seed", [](py_cache& cache, const input_array& keys, const input_array& window_queries,
                              std::int64_t start_position, const output_array& metric, const ke::metric_settings& settings,
-                             std::uintptr_t stream) {
+                             std::uintptr_t stream, const std::optional<output_array>& carry_queries,
+                             const std::optional<output_array>& carry_normaliser,
+                             const std::optional<output_array>& carry_next) {
     constexpr std::string_view function = "kvtrim.Eviction.seed";
     const auto k = to_array(function, "keys", keys, 4, "[batch, kv_heads, tokens, head_dim]");
     const auto q = to_array(function, "window_queries", window_queries, 4, "[batch, q_heads, window, head_dim]");
     const auto out = to_array(function, "metric", metric, 1, "[slots] of float32");
+    const auto carry = to_carry(function, carry_queries, carry_normaliser, carry_next);
     nb::gil_scoped_release release;
-    ke::seed(cache.impl(), k, q, start_position, out, settings, stream);
+    ke::seed(cache.impl(), k, q, start_position, out, settings, stream, carry);
   }, nb::arg("cache"), nb::arg("keys"), nb::arg("window_queries"), nb::arg("start_position"), nb::arg("metric"),
-     nb::arg("settings"), nb::arg("stream") = 0);
+     nb::arg("settings"), nb::arg("stream") = 0, nb::arg("carry_queries") = nb::none(),
+     nb::arg("carry_normaliser") = nb::none(), nb::arg("carry_next") = nb::none());
   m.def("_eviction_attend", [](py_cache& cache, const input_array& queries, const output_array& out,
-                               const output_array& metric, const ke::metric_settings& settings, std::uintptr_t stream) {
+                               const output_array& metric, const ke::metric_settings& settings, std::uintptr_t stream,
+                               const std::optional<output_array>& carry_queries,
+                               const std::optional<output_array>& carry_normaliser,
+                               const std::optional<output_array>& carry_next) {
     constexpr std::string_view function = "kvtrim.Eviction.attend";
     const auto q = to_array(function, "queries", queries, 3, "[batch, q_heads, head_dim]");
     const auto o = to_array(function, "out", out, 3, "[batch, q_heads, head_dim]");
     const auto m = to_array(function, "metric", metric, 1, "[slots] of float32");
+    const auto carry = to_carry(function, carry_queries, carry_normaliser, carry_next);
     nb::gil_scoped_release release;
-    ke::attend(cache.impl(), q, o, m, settings, stream);
-  }, nb::arg("cache"), nb::arg("queries"), nb::arg("out"), nb::arg("metric"), nb::arg("settings"), nb::arg("stream") = 0);
+    ke::attend(cache.impl(), q, o, m, settings, stream, carry);
+  }, nb::arg("cache"), nb::arg("queries"), nb::arg("out"), nb::arg("metric"), nb::arg("settings"), nb::arg("stream") = 0,
+     nb::arg("carry_queries") = nb::none(), nb::arg("carry_normaliser") = nb::none(), nb::arg("carry_next") = nb::none());
+  m.def("_eviction_flush_metric", [](py_cache& cache, const output_array& metric, const ke::metric_settings& settings,
+                                     const std::optional<output_array>& carry_queries,
+                                     const std::optional<output_array>& carry_normaliser,
+                                     const std::optional<output_array>& carry_next) {
+    constexpr std::string_view function = "kvtrim.Eviction.flush";
+    const auto m = to_array(function, "metric", metric, 1, "[slots] of float32");
+    const auto carry = to_carry(function, carry_queries, carry_normaliser, carry_next);
+    nb::gil_scoped_release release;
+    ke::flush_metric(cache.impl(), m, settings, carry);
+  }, nb::arg("cache"), nb::arg("metric"), nb::arg("settings"), nb::arg("carry_queries").none(),
+     nb::arg("carry_normaliser").none(), nb::arg("carry_next").none());
   m.def("_eviction_step", [](const std::vector<py_cache*>& caches, const std::vector<output_array>& metrics,
                              const ke::step_settings& settings, std::uintptr_t stream) {
     std::vector<kp::cache_base*> layers;
