@@ -10,16 +10,27 @@
     model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
 
 What happens: at prefill every layer attends over the whole prompt as usual
-(torch's SDPA, causal), then kvtrim compresses the layer's keys and values — with
-the prompt's last queries for SnapKV/H2O — into a kvtrim cache sized for the
+(torch's SDPA, causal) and keeps the prompt's keys, values and last queries; at the
+next step (or when ``kvtrim_caches()`` asks) kvtrim compresses them — with those
+queries for SnapKV/H2O — into a kvtrim cache sized for the
 kept tokens plus ``max_new_tokens`` (ragged per-head budgets in a flat or paged
 layout: only the kept tokens are stored, no masking). The prompt's full keys and
 values are dropped. At every decode step the layer appends the new token's key
 and value to its kvtrim cache and kvtrim's decode attention computes the output.
 
-Limits: one sequence or a batch of equal-length prompts without padding; one
-token per step after prefill (no beam search, no assisted decoding); kvtrim's
-softmax scale is 1/√head_dim (Llama's). On the GPU the CUDA list is available
+After prefill a step may feed 1 to 8 tokens (kvtrim's multi-query decode,
+causal among the step's tokens): assisted generation with at most 7 candidates
+(``prompt_lookup_num_tokens`` ≤ 7, or an assistant model with
+``num_assistant_tokens`` ≤ 7 and ``num_assistant_tokens_schedule="constant"``: the
+heuristic schedule grows it) verifies its candidates in one step, and ``crop``
+rolls the rejected ones back (``kvtrim.Cache.truncate``). Tokens generated since the
+compression can be cropped; the compressed prompt cannot (its dropped tokens are
+gone). Compression waits for the step after the prefill because assisted
+generation's prefill carries the first drafts, whose rejected tail it crops
+before anything is compressed.
+
+Limits: one sequence or a batch of equal-length prompts without padding; no
+beam search; kvtrim's softmax scale is 1/√head_dim (Llama's). On the GPU the CUDA list is available
 (every scorer and budget on every layout with FP16/BF16, RazorAttention on flat and
 paged; kvtrim.schemes() lists it — KIVI runs with a CPU model until issue 12), and
 the model's head_dim must be one the CUDA decode is compiled for (64, 128, 256). Written against transformers' layered Cache API (CacheLayerMixin,
@@ -63,7 +74,10 @@ class KvtrimLayer(DynamicLayer):
         self.layer_idx, self.layers, self.max_new_tokens, self.page_size = layer_idx, layers, max_new_tokens, page_size
         self.kvtrim: Optional[_KvtrimCache] = None
         self.pending = None  # (keys, values) of the prefill, until compress
+        self.pending_queries = None  # the prefill's last queries (SnapKV/H2O's window), until compress
         self.seen = 0        # tokens processed (positions), not tokens held
+        self.appended = 0    # tokens appended since the compression (what crop may take back)
+        self.step_tokens = 0  # tokens of the last update after compression (the queries attention gets)
 
     def lazy_initialization(self, key_states, value_states=None):
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -76,17 +90,23 @@ class KvtrimLayer(DynamicLayer):
             self.lazy_initialization(key_states)
         _active.layer = self
         count = key_states.shape[-2]
-        if self.kvtrim is None:
-            if self.pending is not None:
-                raise NotImplementedError("kvtrim.hf: a second prefill chunk before compression (chunked prefill)")
+        if self.kvtrim is None and self.pending is None:
             self.pending = (key_states, value_states)
             self.seen += count
             return key_states, value_states  # prefill attends over the whole prompt
-        if count != 1:
-            raise NotImplementedError(f"kvtrim.hf: {count} tokens in one step after prefill (one per step is supported)")
+        if self.kvtrim is None:  # the first step after the prefill (and its crops): compress it now
+            if count > MAX_STEP_TOKENS:
+                raise NotImplementedError(f"kvtrim.hf: a second prefill chunk of {count} tokens (chunked prefill)")
+            self.compress()
+        if not 1 <= count <= MAX_STEP_TOKENS:
+            raise NotImplementedError(
+                f"kvtrim.hf: {count} tokens in one step after prefill (1 to {MAX_STEP_TOKENS}: kvtrim's multi-query "
+                f"decode; for assisted generation keep num_assistant_tokens <= {MAX_STEP_TOKENS - 1})")
         k, v = self._cast(key_states), self._cast(value_states)
         self.kvtrim.append(k, v)
         self.seen += count
+        self.appended += count
+        self.step_tokens = count
         return key_states, value_states
 
     def _cast(self, x):
@@ -96,10 +116,19 @@ class KvtrimLayer(DynamicLayer):
         want = torch.float32 if self.kvtrim.device == "cpu" else _TORCH_DTYPES[self.kvtrim._dtype]
         return (x if x.dtype == want else x.to(want)).contiguous()
 
-    def compress(self, query_states):
-        """Compresses the pending prefill with kvtrim (called by the attention function after prefill attention)."""
+    def hold_queries(self, query_states):
+        """Keeps the prefill's queries the press needs (its window, plus the most a crop may cut from it
+        before compression: a step's drafts, MAX_STEP_TOKENS - 1), until compress."""
+        window = self.press.window_queries
+        if window > 0:
+            query_states = query_states[:, :, -(window + MAX_STEP_TOKENS - 1):]
+        self.pending_queries = query_states if window else query_states[:, :, :0]
+
+    def compress(self):
+        """Compresses the pending prefill with kvtrim (at the first update after the prefill, or on demand)."""
         keys, values = self.pending
         batch, kv_heads, tokens, head_dim = keys.shape
+        query_states = self.pending_queries
         q_heads = query_states.shape[1]
         heads = batch * kv_heads
         if self.layout == "contiguous":
@@ -118,7 +147,7 @@ class KvtrimLayer(DynamicLayer):
             queries = query_states if window < 0 else query_states[:, :, -window:]
             queries = self._cast(queries)
         self.kvtrim.compress(self._cast(keys), self._cast(values), queries)
-        self.pending = None
+        self.pending = self.pending_queries = None
 
     def get_seq_length(self, *args, **kwargs) -> int:
         return self.seen
@@ -131,8 +160,40 @@ class KvtrimLayer(DynamicLayer):
     def get_max_cache_shape(self, *args, **kwargs) -> int:
         return -1
 
-    def crop(self, max_length: int) -> None:
-        raise NotImplementedError("kvtrim.hf: cropping a compressed cache")
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drops the newest tokens: ``-n`` removes n (transformers 5's form, what assisted generation calls
+        with its rejected candidates); a positive value is the length to keep (transformers 4's form); 0 does
+        nothing. After the compression only tokens appended since then can be dropped (kvtrim.Cache.truncate
+        on every head); before it, the pending prompt is cut like a DynamicLayer's."""
+        if tokens_to_remove < 0:
+            drop = -tokens_to_remove
+        elif tokens_to_remove == 0:
+            return
+        else:
+            drop = self.seen - tokens_to_remove
+        if drop <= 0:
+            return
+        if drop > self.seen:
+            raise ValueError(f"kvtrim.hf: cropping {drop} tokens from a cache of {self.seen}")
+        if self.kvtrim is None:
+            if self.pending is not None:  # the held query rows are the last ones: the dropped tokens' rows end them
+                keys, values = self.pending
+                held, window = self.pending_queries.shape[2], self.press.window_queries
+                if window > 0 and held - drop < min(window, keys.shape[2] - drop):
+                    raise NotImplementedError(
+                        f"kvtrim.hf: cropping {drop} prompt tokens before compression would leave the press fewer "
+                        f"than its window of {window} queries ({held} held)")
+                self.pending = (keys[..., :-drop, :], values[..., :-drop, :])
+                self.pending_queries = self.pending_queries[:, :, :max(0, held - drop)]
+            self.seen -= drop
+            return
+        if drop > self.appended:
+            raise NotImplementedError(
+                f"kvtrim.hf: cropping {drop} tokens, {self.appended} of them appended since the compression (the "
+                f"compressed prompt's dropped tokens are gone; only generated tokens can be rolled back)")
+        self.kvtrim.truncate(drop)
+        self.seen -= drop
+        self.appended -= drop
 
     def reorder_cache(self, beam_idx) -> None:
         raise NotImplementedError("kvtrim.hf: beam search over a compressed cache")
@@ -163,15 +224,19 @@ class KvtrimCache(DynamicCache):
         _HFCache.__init__(self, layers=layers)  # not DynamicCache.__init__: its layers are built here
 
     def kvtrim_caches(self):
-        """The kvtrim.Cache of every layer (None before prefill)."""
+        """The kvtrim.Cache of every layer (None before prefill; a prefill not yet compressed is compressed now)."""
+        for layer in self.layers:
+            if layer.kvtrim is None and layer.pending is not None:
+                layer.compress()
         return [layer.kvtrim for layer in self.layers]
 
     def bytes(self) -> int:
         """Bytes the kvtrim caches allocated, all layers together."""
-        return sum(layer.kvtrim.bytes for layer in self.layers if layer.kvtrim is not None)
+        return sum(c.bytes for c in self.kvtrim_caches() if c is not None)
 
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_STEP_TOKENS = 8  # kvtrim's multi-query decode: 1 to 8 new tokens per sequence and step
 
 
 def kvtrim_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -186,11 +251,17 @@ def kvtrim_attention(module, query, key, value, attention_mask, scaling=None, dr
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         output = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        layer.compress(query)
+        layer.hold_queries(query)  # compression at the next update, after any crop of the drafts
         return output
-    queries = layer._cast(query[:, :, 0])  # [B, H_q, D]
-    out = layer.kvtrim.attend(queries)
-    return out.to(query.dtype).unsqueeze(1), None  # [B, 1, H_q, D]
+    count = query.shape[2]  # query: [B, H_q, L, D], the L tokens the last update appended
+    if count != layer.step_tokens:
+        raise RuntimeError(f"kvtrim.hf: attention over {count} queries after an update of {layer.step_tokens} tokens")
+    if count == 1:
+        out = layer.kvtrim.attend(layer._cast(query[:, :, 0]))  # [B, H_q, D]
+        return out.to(query.dtype).unsqueeze(1), None  # [B, 1, H_q, D]
+    # Speculative verification: query row i attends to the head's tokens up to the i-th new one.
+    out = layer.kvtrim.attend(layer._cast(query))  # [B, H_q, L, D]
+    return out.to(query.dtype).transpose(1, 2), None  # [B, L, H_q, D]
 
 
 def register() -> None:

@@ -82,3 +82,141 @@ def test_adakv_on_the_gpu_in_a_ragged_layout(layout):
         # Read back from the device: H·k after compress (Ada-KV's exact total), then one token per head per step.
         assert layer.head_lengths().sum() == 2 * 40 + 2 * 11
         assert layer.stats()["kept"] == layer.head_lengths().tolist()
+
+
+# ---- assisted generation: several tokens per step after prefill, and crop ----------------------------------
+
+def repetitive_prompt(model, tokens=80):
+    # A phrase of 10 tokens repeated: prompt lookup finds its n-grams and drafts candidates from them.
+    phrase = torch.randint(1, model.config.vocab_size, (10,), generator=torch.Generator().manual_seed(5))
+    return phrase.repeat(tokens // 10).unsqueeze(0)
+
+
+class StepRecorder:
+    """Counts the tokens of every update after compression and every crop of layer 0."""
+
+    def __init__(self, monkeypatch):
+        self.steps, self.crops = [], []
+        update, crop = hf.KvtrimLayer.update, hf.KvtrimLayer.crop
+        recorder = self
+
+        def recording_update(layer, key_states, *args, **kwargs):
+            if layer.layer_idx == 0 and layer.kvtrim is not None:
+                recorder.steps.append(key_states.shape[-2])
+            return update(layer, key_states, *args, **kwargs)
+
+        def recording_crop(layer, tokens_to_remove):
+            if layer.layer_idx == 0:
+                recorder.crops.append(tokens_to_remove)
+            return crop(layer, tokens_to_remove)
+
+        monkeypatch.setattr(hf.KvtrimLayer, "update", recording_update)
+        monkeypatch.setattr(hf.KvtrimLayer, "crop", recording_crop)
+
+
+def generate(model, ids, cache, new=16, **kwargs):
+    with torch.no_grad():
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             pad_token_id=0, **kwargs)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "flat", "paged"])
+def test_prompt_lookup_verifies_several_tokens_per_step_and_crops_the_rejected(monkeypatch, layout):
+    # Keeping every token, assisted greedy generation must give greedy generation's tokens: the
+    # candidates are verified by kvtrim's multi-query decode (query row i sees the head up to the
+    # i-th new token) and the rejected ones are truncated. The steps must really carry several
+    # tokens and the crops must really drop some, or the test proves nothing.
+    model = tiny_llama()
+    ids = repetitive_prompt(model)
+    reference = generate(model, ids, DynamicCache())
+    hf.enable(model)
+    recorder = StepRecorder(monkeypatch)
+    cache = hf.KvtrimCache(model.config, kvtrim.StreamingLLM(compression_ratio=0.0), kvtrim.FP32(), layout,
+                           max_new_tokens=24)
+    assert generate(model, ids, cache, prompt_lookup_num_tokens=4) == reference
+    assert max(recorder.steps) > 1, recorder.steps
+    assert any(c < 0 for c in recorder.crops), recorder.crops
+    accepted = cache.get_seq_length() - ids.shape[1]
+    for layer in cache.kvtrim_caches():  # every head holds the prompt and exactly the accepted tokens
+        assert (layer.head_lengths() == ids.shape[1] + accepted).all()
+        assert all(l.appended == accepted for l in cache.layers)
+
+
+def test_prompt_lookup_over_a_compressed_cache_equals_one_token_per_step():
+    # SnapKV at 50 %: the same compressed cache decoded one token per step, or by prompt lookup's
+    # verified drafts with rollbacks, gives the same tokens and the same held lengths.
+    model = tiny_llama()
+    ids = repetitive_prompt(model)
+    hf.enable(model)
+    press = kvtrim.AdaKV(kvtrim.SnapKV(window=8, compression_ratio=0.5))
+    one = hf.KvtrimCache(model.config, press, kvtrim.FP32(), "flat", max_new_tokens=24)
+    drafted = hf.KvtrimCache(model.config, press, kvtrim.FP32(), "flat", max_new_tokens=24)
+    assert generate(model, ids, drafted, prompt_lookup_num_tokens=3) == generate(model, ids, one)
+    for a, b in zip(one.kvtrim_caches(), drafted.kvtrim_caches()):
+        assert (a.head_lengths() == b.head_lengths()).all()
+        kept_a, kept_b = a.kept(), b.kept()
+        assert all((x == y).all() for x, y in zip(kept_a, kept_b))
+
+
+def feed(model, cache, ids):
+    with torch.no_grad():
+        return model(ids, past_key_values=cache, use_cache=True).logits
+
+
+def test_crop_takes_back_generated_tokens_only():
+    model = tiny_llama()
+    hf.enable(model)
+    ids = prompt(model, tokens=40)
+    cache = hf.KvtrimCache(model.config, kvtrim.SnapKV(window=8, compression_ratio=0.5), kvtrim.FP32(), "contiguous",
+                           max_new_tokens=16)
+    feed(model, cache, ids)
+    held = [c.head_lengths().copy() for c in cache.kvtrim_caches()]
+    draft = torch.randint(1, 128, (1, 5), generator=torch.Generator().manual_seed(9))
+    logits = feed(model, cache, draft)
+    assert logits.shape[1] == 5 and cache.get_seq_length() == 45
+    cache.crop(-3)  # transformers 5: remove 3
+    assert cache.get_seq_length() == 42
+    for before, c in zip(held, cache.kvtrim_caches()):
+        assert (c.head_lengths() == before + 2).all()
+    cache.crop(0)  # nothing
+    cache.crop(41)  # transformers 4: keep 41 positions
+    assert cache.get_seq_length() == 41
+    with pytest.raises(NotImplementedError, match="compressed prompt"):
+        cache.crop(-2)  # one generated token left: the second would be a prompt token
+    assert cache.get_seq_length() == 41  # refused before any layer changed
+    for before, c in zip(held, cache.kvtrim_caches()):
+        assert (c.head_lengths() == before + 1).all()
+
+
+def test_crop_then_continue_equals_never_having_drafted():
+    # Feeding a draft, cropping it whole and feeding the true token gives the logits of feeding the
+    # true token directly (the cache is as if the draft never came).
+    model = tiny_llama()
+    hf.enable(model)
+    ids = prompt(model, tokens=40)
+    press = kvtrim.SnapKV(window=8, compression_ratio=0.5)
+    plain = hf.KvtrimCache(model.config, press, kvtrim.FP32(), "paged", max_new_tokens=16)
+    drafted = hf.KvtrimCache(model.config, press, kvtrim.FP32(), "paged", max_new_tokens=16)
+    feed(model, plain, ids)
+    feed(model, drafted, ids)
+    feed(model, drafted, torch.tensor([[7, 8, 9, 10]]))
+    drafted.crop(-4)
+    token = torch.tensor([[11]])
+    assert torch.equal(feed(model, plain, token), feed(model, drafted, token))
+
+
+def test_more_than_eight_tokens_per_step_is_refused():
+    model = tiny_llama()
+    hf.enable(model)
+    cache = hf.KvtrimCache(model.config, kvtrim.StreamingLLM(compression_ratio=0.0), kvtrim.FP32(), "contiguous",
+                           max_new_tokens=16)
+    feed(model, cache, prompt(model, tokens=20))
+    nine = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 9]])
+    with pytest.raises(NotImplementedError, match="chunked prefill"):  # the step after the prefill
+        feed(model, cache, nine)
+    feed(model, cache, torch.tensor([[3]]))
+    with pytest.raises(NotImplementedError, match="1 to 8"):
+        feed(model, cache, nine)
+    assert cache.get_seq_length() == 21  # refused in the first layer's update, nothing appended
+    assert all((c.head_lengths() == 21).all() for c in cache.kvtrim_caches())
