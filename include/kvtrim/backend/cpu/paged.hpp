@@ -70,10 +70,8 @@ struct implementation<layout::paged, backend::cpu> {
 
   /// scheme::truncate: each head of sequence b gives back its newest drop[b]
   /// tokens. Pages left empty return to the free list, heads in increasing
-  /// order, each head's from its last page to its first: the reverse of the
-  /// order append popped them, so truncating all n tokens of an append of n
-  /// restores the tables and the free list byte for byte. Page lists shift left
-  /// in `indices` over the pages earlier heads gave back.
+  /// order (detail::shorten_page_list: truncating all n tokens of an append of
+  /// n restores the tables and the free list byte for byte).
   template <class CodecT>
   static void truncate(layout::paged::view<CodecT, host_space>& cache,
                        const tensor_view<const std::int32_t, 1, host_space>& drop, backend::host_stream) {
@@ -82,16 +80,7 @@ struct implementation<layout::paged, backend::cpu> {
     const std::int64_t kv_heads = cache.shape.kv_heads;
     std::int64_t returned = 0;  // pages the heads before this one gave back
     for (std::int64_t head = 0; head < cache.heads(); ++head) {
-      const std::int64_t begin = cache.indptr[head] + returned;  // indptr[head] was moved left already
-      const std::int64_t end = cache.indptr[head + 1];
-      const std::int64_t length = end == begin ? 0 : (end - begin - 1) * cache.page_size + cache.last_page_len[head];
-      const std::int64_t kept = length - detail::drop_at(drop, head / kv_heads);
-      const std::int64_t kept_pages = layout::paged::pages_for(kept, cache.page_size);
-      for (std::int64_t k = end; k-- > begin + kept_pages;) cache.free_pages[(*cache.free_count)++] = cache.indices[k];
-      for (std::int64_t k = begin; k < begin + kept_pages; ++k) cache.indices[k - returned] = cache.indices[k];
-      returned += end - begin - kept_pages;
-      cache.indptr[head + 1] = static_cast<std::int32_t>(end - returned);
-      cache.last_page_len[head] = static_cast<std::int32_t>(kept == 0 ? 0 : (kept - 1) % cache.page_size + 1);
+      const std::int64_t kept = detail::shorten_page_list(cache, head, detail::drop_at(drop, head / kv_heads), returned);
       detail::drop_compensation_past(cache, head, kept);
     }
   }

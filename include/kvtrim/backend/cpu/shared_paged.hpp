@@ -70,26 +70,15 @@ struct implementation<layout::shared_paged, backend::cpu> {
   /// scheme::truncate: sequence b gives back its newest drop[b] tokens (every
   /// kv head: they share pages). Pages left empty return to kvtrim's free list
   /// (this layout's tables and free list are kvtrim's; the engine's page tensor
-  /// is only storage), sequences in increasing order, each from its last page to
-  /// its first — the reverse of append's order, as layout::paged.
+  /// is only storage), sequences in increasing order (detail::shorten_page_list,
+  /// as layout::paged).
   template <class CodecT>
   static void truncate(layout::shared_paged::view<CodecT, host_space>& cache,
                        const tensor_view<const std::int32_t, 1, host_space>& drop, backend::host_stream) {
     detail::check_truncate(cache, drop);
     detail::forget_newest(cache, drop);
-    std::int64_t returned = 0;
-    for (std::int64_t b = 0; b < cache.batch; ++b) {
-      const std::int64_t begin = cache.indptr[b] + returned;  // indptr[b] was moved left already
-      const std::int64_t end = cache.indptr[b + 1];
-      const std::int64_t length = end == begin ? 0 : (end - begin - 1) * cache.page_size + cache.last_page_len[b];
-      const std::int64_t kept = length - detail::drop_at(drop, b);
-      const std::int64_t kept_pages = layout::shared_paged::pages_for(kept, cache.page_size);
-      for (std::int64_t k = end; k-- > begin + kept_pages;) cache.free_pages[(*cache.free_count)++] = cache.indices[k];
-      for (std::int64_t k = begin; k < begin + kept_pages; ++k) cache.indices[k - returned] = cache.indices[k];
-      returned += end - begin - kept_pages;
-      cache.indptr[b + 1] = static_cast<std::int32_t>(end - returned);
-      cache.last_page_len[b] = static_cast<std::int32_t>(kept == 0 ? 0 : (kept - 1) % cache.page_size + 1);
-    }
+    std::int64_t returned = 0;  // pages the sequences before this one gave back
+    for (std::int64_t b = 0; b < cache.batch; ++b) detail::shorten_page_list(cache, b, detail::drop_at(drop, b), returned);
   }
 
  private:

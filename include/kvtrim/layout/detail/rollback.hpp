@@ -70,6 +70,30 @@ void forget_newest(const View& cache, const tensor_view<const std::int32_t, 1, h
   }
 }
 
+/// Shortens page list `list` of a paged view (layout::paged: one list per kv head;
+/// shared_paged: one per sequence) by `drop` tokens, for truncate's walk over the
+/// lists in increasing order: `returned` is how many pages the lists before it gave
+/// back (its indptr entry was moved left by that much already). Pages left empty go
+/// to the free list from the list's last page to its first — the reverse of the
+/// order append popped them, so truncating all n tokens of an append of n restores
+/// the tables and the free list byte for byte — and the kept pages shift left over
+/// the earlier lists' returned entries. Returns the list's new length in tokens;
+/// `returned` grows by the pages this list gave back.
+template <class View>
+std::int64_t shorten_page_list(const View& cache, std::int64_t list, std::int64_t drop, std::int64_t& returned) {
+  const std::int64_t begin = cache.indptr[list] + returned;  // indptr[list] was moved left already
+  const std::int64_t end = cache.indptr[list + 1];
+  const std::int64_t length = end == begin ? 0 : (end - begin - 1) * cache.page_size + cache.last_page_len[list];
+  const std::int64_t kept = length - drop;
+  const std::int64_t kept_pages = (kept + cache.page_size - 1) / cache.page_size;
+  for (std::int64_t k = end; k-- > begin + kept_pages;) cache.free_pages[(*cache.free_count)++] = cache.indices[k];
+  for (std::int64_t k = begin; k < begin + kept_pages; ++k) cache.indices[k - returned] = cache.indices[k];
+  returned += end - begin - kept_pages;
+  cache.indptr[list + 1] = static_cast<std::int32_t>(end - returned);
+  cache.last_page_len[list] = static_cast<std::int32_t>(kept == 0 ? 0 : (kept - 1) % cache.page_size + 1);
+  return kept;
+}
+
 /// A compensation token among the dropped ones leaves the head with it
 /// (paged, flat: the table must name a token the head holds).
 template <class View>
