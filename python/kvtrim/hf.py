@@ -10,9 +10,8 @@
     model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
 
 What happens: at prefill every layer attends over the whole prompt as usual
-(torch's SDPA, causal) and keeps the prompt's keys, values and last queries; at the
-next step (or when ``kvtrim_caches()`` asks) kvtrim compresses them — with those
-queries for SnapKV/H2O — into a kvtrim cache sized for the
+(torch's SDPA, causal), then kvtrim compresses the layer's keys and values — with
+the prompt's last queries for SnapKV/H2O — into a kvtrim cache sized for the
 kept tokens plus ``max_new_tokens`` (ragged per-head budgets in a flat or paged
 layout: only the kept tokens are stored, no masking). The prompt's full keys and
 values are dropped. At every decode step the layer appends the new token's key
@@ -25,9 +24,12 @@ causal among the step's tokens): assisted generation with at most 7 candidates
 heuristic schedule grows it) verifies its candidates in one step, and ``crop``
 rolls the rejected ones back (``kvtrim.Cache.truncate``). Tokens generated since the
 compression can be cropped; the compressed prompt cannot (its dropped tokens are
-gone). Compression waits for the step after the prefill because assisted
-generation's prefill carries the first drafts, whose rejected tail it crops
-before anything is compressed.
+gone) — and assisted generation's prefill carries the first drafts, whose
+rejected tail it crops at once. So pass ``KvtrimCache(..., assisted=True)`` for
+assisted generation: each layer then compresses at the step after the prefill
+(or when ``kvtrim_caches()`` asks), after that crop, holding the prompt's full
+keys and values of every layer until then (by default a layer compresses right
+after its prefill attention, so the full prompt of only one layer is alive).
 
 Limits: one sequence or a batch of equal-length prompts without padding; no
 beam search; kvtrim's softmax scale is 1/√head_dim (Llama's). On the GPU the CUDA list is available
@@ -68,9 +70,10 @@ class KvtrimLayer(DynamicLayer):
     """One decoder layer's cache: the prompt's keys/values until compression, then a kvtrim cache."""
 
     def __init__(self, press: Press, codec: Codec, layout: str, layer_idx: int, layers: int, max_new_tokens: int,
-                 page_size: int = 16, check: str = "sync"):
+                 page_size: int = 16, check: str = "sync", assisted: bool = False):
         super().__init__()
         self.press, self.codec, self.layout, self.check = press, codec, layout, check
+        self.assisted = assisted  # compression waits for the step after the prefill (its drafts' crop first)
         self.layer_idx, self.layers, self.max_new_tokens, self.page_size = layer_idx, layers, max_new_tokens, page_size
         self.kvtrim: Optional[_KvtrimCache] = None
         self.pending = None  # (keys, values) of the prefill, until compress
@@ -190,7 +193,8 @@ class KvtrimLayer(DynamicLayer):
         if drop > self.appended:
             raise NotImplementedError(
                 f"kvtrim.hf: cropping {drop} tokens, {self.appended} of them appended since the compression (the "
-                f"compressed prompt's dropped tokens are gone; only generated tokens can be rolled back)")
+                f"compressed prompt's dropped tokens are gone; only generated tokens can be rolled back"
+                + ("" if self.assisted else "; for assisted generation pass KvtrimCache(..., assisted=True)") + ")")
         self.kvtrim.truncate(drop)
         self.seen -= drop
         self.appended -= drop
@@ -211,15 +215,17 @@ class KvtrimCache(DynamicCache):
     config: the model's config (num_hidden_layers). press/codec/layout: as for kvtrim.Cache.
     max_new_tokens: the room every head keeps for generated tokens. check: as for kvtrim.Cache ("sync": a
     CUDA paged/flat cache's refusal raises from the call; "deferred": no synchronisation per layer and
-    decode step, call check_status() on kvtrim_caches() where a sync is acceptable).
+    decode step, call check_status() on kvtrim_caches() where a sync is acceptable). assisted: for assisted
+    generation (an assistant model or prompt_lookup_num_tokens): each layer compresses at the step after the
+    prefill, after generate's crop of the prefill's rejected drafts (the module docstring says what it costs).
     """
 
     def __init__(self, config, press: Press, codec: Optional[Codec] = None, layout: str = "contiguous",
-                 max_new_tokens: int = 256, page_size: int = 16, check: str = "sync"):
+                 max_new_tokens: int = 256, page_size: int = 16, check: str = "sync", assisted: bool = False):
         layers_count = config.get_text_config(decoder=True).num_hidden_layers if hasattr(config, "get_text_config") \
             else config.num_hidden_layers
         codec = codec or FP16()
-        layers = [KvtrimLayer(press, codec, layout, i, layers_count, max_new_tokens, page_size, check)
+        layers = [KvtrimLayer(press, codec, layout, i, layers_count, max_new_tokens, page_size, check, assisted)
                   for i in range(layers_count)]
         _HFCache.__init__(self, layers=layers)  # not DynamicCache.__init__: its layers are built here
 
@@ -251,7 +257,9 @@ def kvtrim_attention(module, query, key, value, attention_mask, scaling=None, dr
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         output = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        layer.hold_queries(query)  # compression at the next update, after any crop of the drafts
+        layer.hold_queries(query)
+        if not layer.assisted:  # else at the next update, after the crop of the prefill's drafts
+            layer.compress()
         return output
     count = query.shape[2]  # query: [B, H_q, L, D], the L tokens the last update appended
     if count != layer.step_tokens:

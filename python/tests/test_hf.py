@@ -133,7 +133,7 @@ def test_prompt_lookup_verifies_several_tokens_per_step_and_crops_the_rejected(m
     hf.enable(model)
     recorder = StepRecorder(monkeypatch)
     cache = hf.KvtrimCache(model.config, kvtrim.StreamingLLM(compression_ratio=0.0), kvtrim.FP32(), layout,
-                           max_new_tokens=24)
+                           max_new_tokens=24, assisted=True)
     assert generate(model, ids, cache, prompt_lookup_num_tokens=4) == reference
     assert max(recorder.steps) > 1, recorder.steps
     assert any(c < 0 for c in recorder.crops), recorder.crops
@@ -151,12 +151,23 @@ def test_prompt_lookup_over_a_compressed_cache_equals_one_token_per_step():
     hf.enable(model)
     press = kvtrim.AdaKV(kvtrim.SnapKV(window=8, compression_ratio=0.5))
     one = hf.KvtrimCache(model.config, press, kvtrim.FP32(), "flat", max_new_tokens=24)
-    drafted = hf.KvtrimCache(model.config, press, kvtrim.FP32(), "flat", max_new_tokens=24)
+    drafted = hf.KvtrimCache(model.config, press, kvtrim.FP32(), "flat", max_new_tokens=24, assisted=True)
     assert generate(model, ids, drafted, prompt_lookup_num_tokens=3) == generate(model, ids, one)
     for a, b in zip(one.kvtrim_caches(), drafted.kvtrim_caches()):
         assert (a.head_lengths() == b.head_lengths()).all()
         kept_a, kept_b = a.kept(), b.kept()
         assert all((x == y).all() for x, y in zip(kept_a, kept_b))
+
+
+def test_assisted_generation_without_assisted_true_is_refused_clearly():
+    # By default a layer compresses right after its prefill attention, so the drafts the prefill
+    # carried are compressed with the prompt and cannot be cropped: the error says what to pass.
+    model = tiny_llama()
+    hf.enable(model)
+    cache = hf.KvtrimCache(model.config, kvtrim.SnapKV(window=8, compression_ratio=0.5), kvtrim.FP32(), "flat",
+                           max_new_tokens=24)
+    with pytest.raises(NotImplementedError, match=r"assisted=True"):
+        generate(model, repetitive_prompt(model), cache, prompt_lookup_num_tokens=4)
 
 
 def feed(model, cache, ids):
@@ -209,12 +220,15 @@ def test_crop_then_continue_equals_never_having_drafted():
 def test_more_than_eight_tokens_per_step_is_refused():
     model = tiny_llama()
     hf.enable(model)
+    nine = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 9]])
+    deferred = hf.KvtrimCache(model.config, kvtrim.StreamingLLM(compression_ratio=0.0), kvtrim.FP32(), "contiguous",
+                              max_new_tokens=16, assisted=True)
+    feed(model, deferred, prompt(model, tokens=20))
+    with pytest.raises(NotImplementedError, match="chunked prefill"):  # the step after a prefill not yet compressed
+        feed(model, deferred, nine)
     cache = hf.KvtrimCache(model.config, kvtrim.StreamingLLM(compression_ratio=0.0), kvtrim.FP32(), "contiguous",
                            max_new_tokens=16)
     feed(model, cache, prompt(model, tokens=20))
-    nine = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 9]])
-    with pytest.raises(NotImplementedError, match="chunked prefill"):  # the step after the prefill
-        feed(model, cache, nine)
     feed(model, cache, torch.tensor([[3]]))
     with pytest.raises(NotImplementedError, match="1 to 8"):
         feed(model, cache, nine)
