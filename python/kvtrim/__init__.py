@@ -42,7 +42,7 @@ from .presses import (
 )
 
 if has_profiles:
-    from ._kvtrim import Profile
+    from ._kvtrim import LowRankProfile, Profile
 
 __version__ = "0.1.0"
 
@@ -50,4 +50,4 @@ __all__ = [
     "Error", "Settings", "Probe", "Calibration", "Cache", "schemes", "Eviction", "has_cuda", "has_profiles",
     "Press", "StreamingLLM", "SnapKV", "H2O", "ObservedAttention", "KeyNorm", "Knorm", "ExternalScores", "AdaKV", "Pyramid",
     "RazorAttention", "Codec", "FP16", "BF16", "FP32", "KIVI", "FP8", "LowRank", "Layered",
-] + (["Profile"] if has_profiles else [])
+] + (["Profile", "LowRankProfile"] if has_profiles else [])

@@ -114,6 +114,7 @@ class Cache:
         press._fill(settings, layer, layers)
         codec._fill(settings)
         self.press, self.codec, self.layout, self.device = press, codec, layout, device
+        self.layer, self.layers = layer, layers
         self.shape = (q_heads, kv_heads, head_dim)
         self.settings = settings
         self._impl = _kvtrim.CacheImpl(settings, q_heads, kv_heads, head_dim, batch, capacity)
@@ -258,6 +259,40 @@ class Cache:
                 if _library(x) == "torch" and x.is_cuda:
                     stream = _torch_stream(x)
         self._impl.set_basis(_host_float32(key_bases), _host_float32(value_bases), stream)
+
+    def load_low_rank_profile(self, profile, layer: Optional[int] = None) -> None:
+        """Installs layer ``layer`` (default: this cache's ``layer``) of a kvtrim.LowRankProfile into every head.
+
+        The profile's bases of kv head h serve head h of every sequence, as ``set_basis`` would install
+        them, but each head keeps its own calibrated ranks (each ≤ the stored rank: ``rank``, else
+        ``max_rank``, else head_dim / 2). For LowRank(source="profile") caches; call before compress.
+        The profile must match the cache: its head_dim and kv_heads, and its key space — a pre_rope
+        profile (calibrated from pre-RoPE keys) loads only into a LowRank(pre_rope=True) cache, a
+        post_rope one only into pre_rope=False. Everything (those, the layer, every head's ranks and
+        orthonormality) is checked before the first basis is installed: a refused call raises
+        kvtrim.Error and leaves the cache as it was. On CUDA the bases are copied to the device per
+        head through set_basis's path (synchronised: a setup step).
+
+            profile = kvtrim.LowRankProfile.load("llama-8b.low_rank.json")
+            caches = [kvtrim.Cache(press, kvtrim.LowRank(rank=32, source="profile"), "flat", shape, batch,
+                                   capacity, layer=l, layers=profile.layers) for l in range(profile.layers)]
+            for cache in caches:
+                cache.load_low_rank_profile(profile)
+        """
+        function = "kvtrim.Cache.load_low_rank_profile"
+        profile_type = getattr(_kvtrim, "LowRankProfile", None)
+        if profile_type is None:
+            raise _kvtrim.Error(f"{function}: argument 'profile': expected a kvtrim.LowRankProfile, got "
+                                f"{type(profile).__name__} (this kvtrim was built without nlohmann-json: no profiles)")
+        if not isinstance(profile, profile_type):
+            raise _kvtrim.Error(f"{function}: argument 'profile': expected a kvtrim.LowRankProfile, got "
+                                f"{type(profile).__name__}")
+        if layer is None:
+            layer = self.layer
+        if isinstance(layer, (bool, np.bool_)) or not isinstance(layer, (int, np.integer)):
+            raise _kvtrim.Error(f"{function}: argument 'layer': expected a layer of the profile in "
+                                f"[0, {profile.layers}), got {layer!r}")
+        self._impl.load_low_rank_profile(profile, int(layer))
 
     def low_rank(self, b: int, h: int) -> dict:
         """LowRank storage of head (b, h): key_basis [D, r_k], value_basis [D, r_v] (float32) and the

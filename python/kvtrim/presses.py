@@ -426,8 +426,9 @@ class LowRank(Codec):
 
     source: where the bases come from. ``"sequence"`` (CPU): fitted at every compress from the SVD of each
     head's kept keys (and values), grown every ``update_freq`` appended tokens. ``"profile"`` (CPU and
-    CUDA): calibrated offline and installed with ``Cache.set_basis(key_bases, value_bases)`` before the
-    first compress (``rank`` or ``max_rank`` is then the most columns a basis may have; no refresh).
+    CUDA): calibrated offline and installed with ``Cache.set_basis(key_bases, value_bases)`` or, from a
+    kvtrim.LowRankProfile (calibrate_layer, save, load; ranks per head), ``Cache.load_low_rank_profile``
+    before the first compress (``rank`` or ``max_rank`` is then the most columns a basis may have; no refresh).
 
     rank: a fixed rank, or None for the smallest rank reaching ``energy`` (Eigen Attention's 0.98), at most
     ``max_rank`` (None: head_dim / 2; storage always holds max_rank coefficients per token).

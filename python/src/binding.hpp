@@ -26,6 +26,7 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -198,6 +199,42 @@ struct low_rank_head {
   std::vector<float> key_coefficients, value_coefficients;  // [n, rank] (fp16 values, widened)
 };
 
+/// One kv head's bases as Cache.set_basis and Cache.load_low_rank_profile hand them to a cache: head_dim × rank,
+/// row-major, host memory (owned by the caller for the call).
+struct head_bases {
+  const float* key_basis = nullptr;
+  std::int64_t key_rank = 0;
+  std::size_t key_entries = 0;  // elements behind key_basis (head_dim · key_rank when well formed)
+  const float* value_basis = nullptr;
+  std::int64_t value_rank = 0;
+  std::size_t value_entries = 0;
+};
+
+/// One layer of an io::low_rank_profile for Cache.load_low_rank_profile (module.cpp fills it from the profile;
+/// this header includes no JSON): the profile's sizes and key space, and layer `layer`'s bases, one per kv head
+/// (empty when `layer` is not one of the profile's layers: the cache refuses it).
+struct profile_layer {
+  std::int64_t layers = 0, kv_heads = 0, head_dim = 0;
+  std::int64_t layer = 0;
+  bool pre_rope = false;
+  std::vector<head_bases> heads;
+};
+
+/// max |UᵀU − I| over a head_dim × rank row-major basis (in double), or no value when an entry is NaN or Inf.
+inline std::optional<double> basis_deviation(const float* basis, std::int64_t head_dim, std::int64_t rank) {
+  for (std::int64_t i = 0; i < head_dim * rank; ++i)
+    if (!std::isfinite(basis[i])) return std::nullopt;
+  double deviation = 0.0;
+  for (std::int64_t a = 0; a < rank; ++a)
+    for (std::int64_t c = 0; c < rank; ++c) {
+      double dot = 0.0;
+      for (std::int64_t d = 0; d < head_dim; ++d)
+        dot += static_cast<double>(basis[d * rank + a]) * static_cast<double>(basis[d * rank + c]);
+      deviation = std::max(deviation, std::abs(dot - (a == c ? 1.0 : 0.0)));
+    }
+  return deviation;
+}
+
 class cache_base {
  public:
   virtual ~cache_base() = default;
@@ -214,6 +251,10 @@ class cache_base {
   /// codec::low_rank with profile bases: installs key_bases / value_bases [Hkv, D, r] (host float32;
   /// orthonormal columns) into every sequence's head h.
   virtual void set_basis(const array& key_bases, const array& value_bases, std::uintptr_t stream) = 0;
+  /// codec::low_rank with profile bases: installs the profile layer's bases of kv head h (ranks may differ from
+  /// head to head, each ≤ the stored rank) into every sequence's head h — io::load_profile's checks, all made
+  /// before the first basis is installed, then set_basis's per-head path (host or device).
+  virtual void load_low_rank_profile(const profile_layer& profile, std::uintptr_t stream) = 0;
   virtual low_rank_head low_rank(std::int64_t b, std::int64_t h) const = 0;
   /// Host seconds per Scheme::attend call over `calls` calls made from C++ with the
   /// views converted once: the bare C++ cost that bench/python_overhead.py subtracts
@@ -794,37 +835,79 @@ class typed_cache final : public cache_base {
               rows[static_cast<std::size_t>((h * s.head_dim + d) * rank + j)] =
                   data[h * given.strides[0] + d * given.strides[1] + j * given.strides[2]];
         for (std::int64_t h = 0; h < s.kv_heads; ++h) {
-          const float* basis = rows.data() + h * s.head_dim * rank;
-          double deviation = 0.0;
-          for (std::int64_t i = 0; i < s.head_dim * rank; ++i)
-            if (!std::isfinite(basis[i]))
-              detail::fail(function, argument, "finite entries", detail::cat("NaN or Inf in kv head ", h, "'s basis"));
-          for (std::int64_t a = 0; a < rank; ++a)
-            for (std::int64_t c = 0; c < rank; ++c) {
-              double dot = 0.0;
-              for (std::int64_t d = 0; d < s.head_dim; ++d)
-                dot += static_cast<double>(basis[d * rank + a]) * static_cast<double>(basis[d * rank + c]);
-              deviation = std::max(deviation, std::abs(dot - (a == c ? 1.0 : 0.0)));
-            }
-          if (deviation > 1e-3)
+          const std::optional<double> deviation = basis_deviation(rows.data() + h * s.head_dim * rank, s.head_dim, rank);
+          if (!deviation)
+            detail::fail(function, argument, "finite entries", detail::cat("NaN or Inf in kv head ", h, "'s basis"));
+          if (*deviation > 1e-3)
             detail::fail(function, argument, "orthonormal columns in every kv head's basis (|UᵀU − I| ≤ 1e-3)",
-                         detail::cat("|UᵀU − I| = ", deviation, " in kv head ", h));
+                         detail::cat("|UᵀU − I| = ", *deviation, " in kv head ", h));
         }
         return std::pair{std::move(rows), rank};
       };
       const auto [keys, key_rank] = gather("key_bases", key_bases);
       const auto [values, value_rank] = gather("value_bases", value_bases);
-      for (std::int64_t b = 0; b < batch(); ++b)
-        for (std::int64_t h = 0; h < s.kv_heads; ++h) {
-          const float* k = keys.data() + h * s.head_dim * key_rank;
-          const float* v = values.data() + h * s.head_dim * value_rank;
-          if constexpr (on_host)
-            codec::low_rank::set_basis<host_space>(store, b * s.kv_heads + h, k, key_rank, v, value_rank);
-          else
-            set_device_low_rank_basis(store, b * s.kv_heads + h, k, key_rank, v, value_rank, stream);
-        }
-      bases_installed_ = true;
-      stream_ = stream;
+      std::vector<head_bases> heads(static_cast<std::size_t>(s.kv_heads));
+      const auto per_head = static_cast<std::size_t>(s.head_dim);
+      for (std::int64_t h = 0; h < s.kv_heads; ++h)
+        heads[static_cast<std::size_t>(h)] = {keys.data() + h * s.head_dim * key_rank, key_rank,
+                                              per_head * static_cast<std::size_t>(key_rank),
+                                              values.data() + h * s.head_dim * value_rank, value_rank,
+                                              per_head * static_cast<std::size_t>(value_rank)};
+      install_bases(heads, stream);
+    }
+  }
+
+  void load_low_rank_profile(const profile_layer& profile, std::uintptr_t stream) override {
+    constexpr std::string_view function = "kvtrim.Cache.load_low_rank_profile";
+    if constexpr (!low_rank_codec) {
+      (void)profile, (void)stream;
+      detail::fail(function, "cache", "a cache with codec LowRank(source=\"profile\")", name());
+    } else {
+      const auto& store = cache_.view().storage;
+      if (store.from_sequence)
+        detail::fail(function, "cache",
+                     "a cache with codec LowRank(source=\"profile\") (sequence bases are fitted at every compress)",
+                     "LowRank(source=\"sequence\")");
+      // io::load_profile's checks, in its words, every one before the first basis is installed (a refused call
+      // leaves the cache as it was; io::load_profile itself would refuse a head's rank only on reaching it).
+      if (profile.layer < 0 || profile.layer >= profile.layers)
+        detail::fail(function, "layer", detail::cat("a layer of the profile in [0, ", profile.layers, ")"),
+                     std::to_string(profile.layer));
+      const model_shape s = shape();
+      if (profile.head_dim != s.head_dim)
+        detail::fail(function, "profile.head_dim", detail::cat("the cache's head_dim = ", s.head_dim),
+                     std::to_string(profile.head_dim));
+      if (profile.kv_heads != s.kv_heads || static_cast<std::int64_t>(profile.heads.size()) != s.kv_heads)
+        detail::fail(function, "profile.kv_heads", detail::cat("the cache's kv_heads = ", s.kv_heads),
+                     std::to_string(profile.kv_heads));
+      if (profile.pre_rope != store.pre_rope)
+        detail::fail(function, "profile.keys",
+                     store.pre_rope ? "pre_rope bases (the cache's codec is LowRank(pre_rope=True))"
+                                    : "post_rope bases (the cache's codec is LowRank(pre_rope=False))",
+                     profile.pre_rope ? "pre_rope" : "post_rope");
+      for (std::int64_t h = 0; h < s.kv_heads; ++h) {
+        const head_bases& head = profile.heads[static_cast<std::size_t>(h)];
+        const auto check = [&](std::string_view which, const float* basis, std::int64_t rank, std::size_t entries) {
+          const std::string argument =
+              detail::cat("profile.bases[layer ", profile.layer, ", kv_head ", h, "].", which, "_basis");
+          if (rank < 1 || rank > store.stored_rank || basis == nullptr ||
+              entries != static_cast<std::size_t>(s.head_dim * rank))
+            detail::fail(function, argument,
+                         detail::cat("a basis of rank 1 to ", store.stored_rank,
+                                     " (the cache's stored rank: LowRank's rank, else max_rank, else head_dim / 2) with ",
+                                     s.head_dim, " × rank entries"),
+                         rank == 0 ? std::string("rank 0 (no basis: the layer was not calibrated)")
+                                   : detail::cat("rank ", rank, " with ", entries, " entries"));
+          const std::optional<double> deviation = basis_deviation(basis, s.head_dim, rank);
+          if (!deviation) detail::fail(function, argument, "finite entries", "NaN or Inf");
+          if (*deviation > 1e-3)
+            detail::fail(function, argument, "orthonormal columns (|UᵀU − I| ≤ 1e-3)",
+                         detail::cat("|UᵀU − I| = ", *deviation));
+        };
+        check("key", head.key_basis, head.key_rank, head.key_entries);
+        check("value", head.value_basis, head.value_rank, head.value_entries);
+      }
+      install_bases(profile.heads, stream);
     }
   }
 
@@ -1031,6 +1114,27 @@ class typed_cache final : public cache_base {
       const host_view view = readback::view<layout_type, codec_type>(cache_.view(), move);
       return inspect_view(view);
     }
+  }
+
+  /// Installs kv head h's bases (checked by the caller) into head (b, h) of every sequence b: codec::low_rank's
+  /// set_basis on the host (io::load_profile's per-head call), cuda_detail::set_low_rank_basis on a device.
+  void install_bases(const std::vector<head_bases>& heads, std::uintptr_t stream)
+    requires low_rank_codec
+  {
+    const auto& store = cache_.view().storage;
+    const std::int64_t kv_heads = shape().kv_heads;
+    for (std::int64_t b = 0; b < batch(); ++b)
+      for (std::int64_t h = 0; h < kv_heads; ++h) {
+        const head_bases& head = heads[static_cast<std::size_t>(h)];
+        if constexpr (on_host)
+          codec::low_rank::set_basis<host_space>(store, b * kv_heads + h, head.key_basis, head.key_rank,
+                                                 head.value_basis, head.value_rank);
+        else
+          set_device_low_rank_basis(store, b * kv_heads + h, head.key_basis, head.key_rank, head.value_basis,
+                                    head.value_rank, stream);
+      }
+    bases_installed_ = true;
+    stream_ = stream;
   }
 
   /// A device low-rank cache encodes a head without a basis as zeros (codec_low_rank.cuh: a kernel

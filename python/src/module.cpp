@@ -24,6 +24,7 @@
 
 #if __has_include(<nlohmann/json.hpp>)
 #define KVTRIM_PYTHON_PROFILES 1
+#include <kvtrim/io/low_rank_profile.hpp>
 #include <kvtrim/io/profile.hpp>
 #endif
 
@@ -303,6 +304,145 @@ nb::tuple direct_run(const typename Scheme::config& cfg, nb::ndarray<const float
                         vector_array(std::move(lengths)));
 }
 
+#ifdef KVTRIM_PYTHON_PROFILES
+// ---- kvtrim.LowRankProfile (io::low_rank_profile) and Cache.load_low_rank_profile ----
+
+using low_rank_profile = kvtrim::io::low_rank_profile;
+
+void check_profile_layer(std::string_view function, const low_rank_profile& profile, std::int64_t layer) {
+  if (layer < 0 || layer >= profile.layers)
+    kvtrim::detail::fail(function, "layer", kvtrim::detail::cat("a layer of the profile in [0, ", profile.layers, ")"),
+                         std::to_string(layer));
+}
+void check_profile_head(std::string_view function, const low_rank_profile& profile, std::int64_t layer,
+                        std::int64_t kv_head) {
+  check_profile_layer(function, profile, layer);
+  if (kv_head < 0 || kv_head >= profile.kv_heads)
+    kvtrim::detail::fail(function, "kv_head", kvtrim::detail::cat("a kv head in [0, ", profile.kv_heads, ")"),
+                         std::to_string(kv_head));
+}
+
+std::string path_of(nb::handle path) {  // str or os.PathLike
+  return nb::cast<std::string>(nb::module_::import_("os").attr("fspath")(path));
+}
+
+/// One sample array of calibrate_layer: [batch, kv_heads, tokens, head_dim] of float32, float16 or bfloat16 on
+/// the cpu, with at least one token.
+kp::array sample_array(std::string_view function, std::string_view argument, const low_rank_profile& profile,
+                       const input_array& given) {
+  const kp::array a = to_array(function, argument, given, 4, "[batch, kv_heads, tokens, head_dim]");
+  if (a.on_device || a.extents[1] != profile.kv_heads || a.extents[3] != profile.head_dim || a.extents[0] < 1 ||
+      a.extents[2] < 1)
+    kvtrim::detail::fail(function, argument,
+                         kvtrim::detail::cat("an array [batch, ", profile.kv_heads, ", tokens, ", profile.head_dim,
+                                             "] on the cpu (the profile's kv_heads and head_dim; at least one token)"),
+                         a.describe());
+  return a;
+}
+
+/// `a` as a view of T, every element finite (a NaN would make every basis of its head NaN).
+template <class T>
+kvtrim::tensor_view<const T, 4> sample_view(std::string_view function, std::string_view argument, const kp::array& a) {
+  const kvtrim::tensor_view<const T, 4> view{static_cast<const T*>(a.data),
+                                             {a.extents[0], a.extents[1], a.extents[2], a.extents[3]},
+                                             {a.strides[0], a.strides[1], a.strides[2], a.strides[3]}};
+  for (std::int64_t b = 0; b < a.extents[0]; ++b)
+    for (std::int64_t h = 0; h < a.extents[1]; ++h)
+      for (std::int64_t t = 0; t < a.extents[2]; ++t)
+        for (std::int64_t d = 0; d < a.extents[3]; ++d)
+          if (!std::isfinite(kvtrim::to_float(view(b, h, t, d))))
+            kvtrim::detail::fail(function, argument, "finite entries",
+                                 kvtrim::detail::cat("NaN or Inf at [", b, ", ", h, ", ", t, ", ", d, "]"));
+  return view;
+}
+
+void calibrate_profile_layer(low_rank_profile& self, std::int64_t layer, const input_array& sample_keys,
+                             const input_array& sample_values, nb::handle codec) {
+  constexpr std::string_view function = "kvtrim.LowRankProfile.calibrate_layer";
+  check_profile_layer(function, self, layer);
+  // The codec's rank / energy / max_rank as a Cache with that codec reads them: LowRank._fill → settings →
+  // convert::codec (binding.hpp), the Cache constructor's conversion.
+  const nb::object low_rank_type = nb::module_::import_("kvtrim.presses").attr("LowRank");
+  const int is_low_rank = PyObject_IsInstance(codec.ptr(), low_rank_type.ptr());
+  if (is_low_rank < 0) throw nb::python_error();
+  if (is_low_rank == 0)
+    kvtrim::detail::fail(function, "codec", "a kvtrim.LowRank codec (its rank, energy and max_rank pick the ranks)",
+                         nb::repr(codec).c_str());
+  kp::settings settings;
+  codec.attr("_fill")(nb::cast(&settings, nb::rv_policy::reference));
+  const kvtrim::codec::low_rank::config cfg =
+      kp::convert::codec(std::type_identity<kvtrim::codec::low_rank>{}, settings);
+  cfg.validate(function, self.head_dim);
+  const bool pre_rope = self.keys == kvtrim::codec::key_space::pre_rope;
+  if ((cfg.keys == kvtrim::codec::key_space::pre_rope) != pre_rope)
+    kvtrim::detail::fail(function, "codec",
+                         pre_rope ? "LowRank(pre_rope=True), as the profile's pre_rope keys"
+                                  : "LowRank(pre_rope=False), as the profile's post_rope keys",
+                         pre_rope ? "LowRank(pre_rope=False)" : "LowRank(pre_rope=True)");
+  const kp::array keys = sample_array(function, "sample_keys", self, sample_keys);
+  const kp::array values = sample_array(function, "sample_values", self, sample_values);
+  if (values.type != keys.type || values.extents != keys.extents)
+    kvtrim::detail::fail(function, "sample_values",
+                         kvtrim::detail::cat("the sample keys' element type and shape, ", kp::name_of(keys.type), " [",
+                                             keys.extents[0], ", ", keys.extents[1], ", ", keys.extents[2], ", ",
+                                             keys.extents[3], "]"),
+                         values.describe());
+  const auto calibrate = [&]<class T>(std::type_identity<T>) {
+    const auto k = sample_view<T>(function, "sample_keys", keys);
+    const auto v = sample_view<T>(function, "sample_values", values);
+    nb::gil_scoped_release release;
+    self.calibrate_layer(layer, k, v, cfg);  // the samples widened exactly to double, as from float32
+  };
+  switch (keys.type) {
+    case kp::element_type::f16: calibrate(std::type_identity<kvtrim::half>{}); break;
+    case kp::element_type::bf16: calibrate(std::type_identity<kvtrim::bfloat16>{}); break;
+    default: calibrate(std::type_identity<float>{}); break;
+  }
+}
+
+/// Layer `layer` of `profile` as the cache's load_low_rank_profile takes it (pointers into the profile).
+kp::profile_layer profile_layer_of(const low_rank_profile& profile, std::int64_t layer) {
+  kp::profile_layer result;
+  result.layers = profile.layers;
+  result.kv_heads = profile.kv_heads;
+  result.head_dim = profile.head_dim;
+  result.layer = layer;
+  result.pre_rope = profile.keys == kvtrim::codec::key_space::pre_rope;
+  if (layer < 0 || layer >= profile.layers) return result;  // the cache refuses the layer
+  for (std::int64_t h = 0; h < profile.kv_heads; ++h) {
+    const low_rank_profile::head_basis& basis = profile.at(layer, h);
+    result.heads.push_back({basis.key_basis.data(), basis.key_rank, basis.key_basis.size(), basis.value_basis.data(),
+                            basis.value_rank, basis.value_basis.size()});
+  }
+  return result;
+}
+
+/// One basis for LowRankProfile.set_bases: float32 [head_dim, rank] on the cpu, 1 ≤ rank ≤ head_dim, finite,
+/// orthonormal columns (the codec's 1e-3); returned row-major.
+std::vector<float> profile_basis(std::string_view function, std::string_view argument, const low_rank_profile& profile,
+                                 const input_array& given) {
+  const kp::array a = to_array(function, argument, given, 2, "[head_dim, rank]");
+  if (a.type != kp::element_type::f32 || a.on_device || a.extents[0] != profile.head_dim || a.extents[1] < 1 ||
+      a.extents[1] > profile.head_dim)
+    kvtrim::detail::fail(function, argument,
+                         kvtrim::detail::cat("a float32 array [", profile.head_dim, ", rank] on the cpu with rank 1 to ",
+                                             profile.head_dim),
+                         a.describe());
+  const std::int64_t dim = a.extents[0], rank = a.extents[1];
+  std::vector<float> rows(static_cast<std::size_t>(dim * rank));
+  const auto* data = static_cast<const float*>(a.data);
+  for (std::int64_t d = 0; d < dim; ++d)
+    for (std::int64_t j = 0; j < rank; ++j)
+      rows[static_cast<std::size_t>(d * rank + j)] = data[d * a.strides[0] + j * a.strides[1]];
+  const std::optional<double> deviation = kp::basis_deviation(rows.data(), dim, rank);
+  if (!deviation) kvtrim::detail::fail(function, argument, "finite entries", "NaN or Inf");
+  if (*deviation > 1e-3)
+    kvtrim::detail::fail(function, argument, "orthonormal columns (|UᵀU − I| ≤ 1e-3)",
+                         kvtrim::detail::cat("|UᵀU − I| = ", *deviation));
+  return rows;
+}
+#endif
+
 }  // namespace
 
 NB_MODULE(_kvtrim, m) {
@@ -407,6 +547,14 @@ NB_MODULE(_kvtrim, m) {
         result["value_coefficients"] = float_matrix(std::move(head.value_coefficients), rows, value_rank);
         return result;
       }, nb::arg("b"), nb::arg("h"))
+#ifdef KVTRIM_PYTHON_PROFILES
+      .def("load_low_rank_profile", [](py_cache& self, const low_rank_profile& profile, std::int64_t layer,
+                                       std::uintptr_t stream) {
+        const kp::profile_layer bases = profile_layer_of(profile, layer);
+        nb::gil_scoped_release release;
+        self.impl().load_low_rank_profile(bases, stream);
+      }, nb::arg("profile"), nb::arg("layer"), nb::arg("stream") = 0)
+#endif
       .def("_attend_seconds_from_cxx", &py_cache::attend_seconds_from_cxx, nb::arg("queries"), nb::arg("out"),
            nb::arg("stream"), nb::arg("calls"),
            "Host seconds per C++ Scheme::attend call, `calls` calls in a loop (bench/python_overhead.py's baseline).")
@@ -653,5 +801,92 @@ NB_MODULE(_kvtrim, m) {
                   },
                   nb::arg("flags"), nb::arg("q_heads"), nb::arg("head_dim"),
                   "A profile holding only retrieval-head flags [layer][kv head] (RazorAttention without calibration data).");
+
+  nb::class_<low_rank_profile>(
+      m, "LowRankProfile",
+      "Offline-calibrated low-rank bases for LowRank(source=\"profile\") caches (kvtrim::io::low_rank_profile,\n"
+      "versioned JSON): one orthonormal key basis [head_dim, r_k] and value basis [head_dim, r_v] per (layer, kv head),\n"
+      "ranks free to differ from head to head.\n\n"
+      "Workflow (Palu / Eigen Attention style): capture sample K/V [B, H_kv, T, D] of each layer from a few prompts ->\n"
+      "calibrate_layer(layer, keys, values, LowRank(...)) -> save(path); at serving time LowRankProfile.load(path) ->\n"
+      "Cache(press, LowRank(..., source=\"profile\"), ..., layer=l).load_low_rank_profile(profile) -> compress,\n"
+      "append, attend. A pre_rope profile is calibrated from pre-RoPE keys and loads only into LowRank(pre_rope=True)\n"
+      "caches (a post_rope one only into pre_rope=False caches).")
+      .def(nb::new_([](std::int64_t layers, std::int64_t kv_heads, std::int64_t head_dim, bool pre_rope) {
+             return low_rank_profile::empty(layers, kv_heads, head_dim,
+                                            pre_rope ? kt::codec::key_space::pre_rope : kt::codec::key_space::post_rope);
+           }),
+           nb::arg("layers"), nb::arg("kv_heads"), nb::arg("head_dim"), nb::arg("pre_rope") = false,
+           "An empty profile (no bases yet: every head's ranks are 0 until calibrate_layer or set_bases).")
+      .def("calibrate_layer", &calibrate_profile_layer, nb::arg("layer"), nb::arg("sample_keys"),
+           nb::arg("sample_values"), nb::arg("codec"),
+           "Fits layer `layer`'s bases from sample keys/values [B, kv_heads, T, head_dim] (float32, on the cpu; all\n"
+           "B·T tokens of a kv head stacked): the top right singular vectors of each head's samples, as many as the\n"
+           "codec's fixed `rank`, or the fewest reaching its `energy` (at most `max_rank`, else head_dim / 2) -- the\n"
+           "fit LowRank(source=\"sequence\") makes at compress. `codec`: the kvtrim.LowRank the serving caches use\n"
+           "(its pre_rope must match the profile's). Replaces the layer's bases.")
+      .def("set_bases",
+           [](low_rank_profile& self, std::int64_t layer, std::int64_t kv_head, const input_array& key_basis,
+              const input_array& value_basis) {
+             constexpr std::string_view function = "kvtrim.LowRankProfile.set_bases";
+             check_profile_head(function, self, layer, kv_head);
+             std::vector<float> keys = profile_basis(function, "key_basis", self, key_basis);
+             std::vector<float> values = profile_basis(function, "value_basis", self, value_basis);
+             low_rank_profile::head_basis& basis = self.at(layer, kv_head);
+             basis.key_rank = static_cast<std::int64_t>(keys.size()) / self.head_dim;
+             basis.key_basis = std::move(keys);
+             basis.value_rank = static_cast<std::int64_t>(values.size()) / self.head_dim;
+             basis.value_basis = std::move(values);
+           },
+           nb::arg("layer"), nb::arg("kv_head"), nb::arg("key_basis"), nb::arg("value_basis"),
+           "Sets one head's bases: key_basis [head_dim, r_k], value_basis [head_dim, r_v] (float32, orthonormal\n"
+           "columns to 1e-3; bases computed elsewhere, or a head's rank changed by hand).")
+      .def("bases",
+           [](const low_rank_profile& self, std::int64_t layer, std::int64_t kv_head) {
+             check_profile_head("kvtrim.LowRankProfile.bases", self, layer, kv_head);
+             const low_rank_profile::head_basis& basis = self.at(layer, kv_head);
+             const auto dim = static_cast<std::size_t>(self.head_dim);
+             return nb::make_tuple(float_matrix(basis.key_basis, dim, static_cast<std::size_t>(basis.key_rank)),
+                                   float_matrix(basis.value_basis, dim, static_cast<std::size_t>(basis.value_rank)));
+           },
+           nb::arg("layer"), nb::arg("kv_head"),
+           "(key_basis [head_dim, r_k], value_basis [head_dim, r_v]) of one head, float32 copies (rank 0: not\n"
+           "calibrated yet).")
+      .def("to_json",
+           [](const low_rank_profile& self) {
+             self.check("kvtrim.LowRankProfile.to_json", true);  // what from_json would refuse is not written
+             return self.to_json().dump();
+           },
+           "The profile as JSON text (save's format). Every (layer, kv head) must have its bases.")
+      .def_static("from_json",
+                  [](const std::string& text) {
+                    nlohmann::json parsed;
+                    try {
+                      parsed = nlohmann::json::parse(text);
+                    } catch (const nlohmann::json::exception& e) {
+                      kt::detail::fail("kvtrim.LowRankProfile.from_json", "text", "valid JSON", e.what());
+                    }
+                    return low_rank_profile::from_json(parsed);
+                  },
+                  nb::arg("text"), "A profile from to_json's text (its format, version, shape and ranks checked).")
+      .def("save",
+           [](const low_rank_profile& self, nb::handle path) {
+             self.check("kvtrim.LowRankProfile.save", true);  // what load would refuse is not written
+             self.save(path_of(path));
+           },
+           nb::arg("path"),
+           "Writes the profile as JSON (float32 bases written exactly: load gives them back bit for bit). Every\n"
+           "(layer, kv head) must have its bases (calibrate every layer first).")
+      .def_static("load", [](nb::handle path) { return low_rank_profile::load(path_of(path)); }, nb::arg("path"),
+                  "Reads a profile save wrote (its format, version, shape and ranks checked).")
+      .def_prop_ro("layers", [](const low_rank_profile& self) { return self.layers; })
+      .def_prop_ro("kv_heads", [](const low_rank_profile& self) { return self.kv_heads; })
+      .def_prop_ro("head_dim", [](const low_rank_profile& self) { return self.head_dim; })
+      .def_prop_ro("pre_rope", [](const low_rank_profile& self) { return self.keys == kt::codec::key_space::pre_rope; })
+      .def("__repr__", [](const low_rank_profile& self) {
+        return kt::detail::cat("kvtrim.LowRankProfile(layers=", self.layers, ", kv_heads=", self.kv_heads,
+                               ", head_dim=", self.head_dim, ", pre_rope=",
+                               self.keys == kt::codec::key_space::pre_rope ? "True" : "False", ")");
+      });
 #endif
 }
