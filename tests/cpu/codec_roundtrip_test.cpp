@@ -2,6 +2,8 @@
 // decode), with the bounds each codec's math promises, and its bad inputs.
 #include <gtest/gtest.h>
 
+#include <kvtrim/io/low_rank_profile.hpp>
+
 #include <Eigen/Dense>
 #include <bit>
 #include <cmath>
@@ -565,6 +567,35 @@ TEST(LowRank, BadRanksAndBases) {
   EXPECT_EQ(out[0], 0.5f);
   EXPECT_EQ(out[1], -2.0f);
   EXPECT_EQ(out[2], 0.0f);  // outside the basis
+}
+
+// A refused basis installation leaves every head's bases as they were: set_basis checks the value
+// basis before writing the key basis, and io::load_profile checks every head before the first.
+TEST(LowRank, RefusedBasesLeaveTheStorageAsItWas) {
+  bound_codec<kt::codec::low_rank> codec({.rank = 2, .source = kt::codec::basis_source::profile}, 2, 4, 3);
+  const float identity2[6] = {1, 0, 0, 1, 0, 0}, other2[6] = {0, 1, 1, 0, 0, 0}, skewed[6] = {1, 1, 0, 1, 0, 0};
+  for (std::int64_t head = 0; head < 2; ++head)
+    kt::codec::low_rank::set_basis(codec.store, head, identity2, 2, identity2, 2);
+  const std::vector<std::byte> before = codec.memory;
+  // A valid key basis with an invalid value basis: nothing written.
+  EXPECT_THROW(kt::codec::low_rank::set_basis(codec.store, 0, other2, 2, skewed, 2), kt::error);
+  EXPECT_TRUE(codec.memory == before) << "set_basis wrote the key basis of a refused call";
+  // A profile whose head 1 is not orthonormal: head 0 (valid, different) is not installed either.
+  auto profile = kt::io::low_rank_profile::empty(1, 2, 3);
+  profile.at(0, 0) = {.key_rank = 2, .key_basis = {other2, other2 + 6}, .value_rank = 2, .value_basis = {other2, other2 + 6}};
+  profile.at(0, 1) = {.key_rank = 2, .key_basis = {skewed, skewed + 6}, .value_rank = 2, .value_basis = {identity2, identity2 + 6}};
+  try {
+    kt::io::load_profile(codec.store, profile, 0, 1);
+    ADD_FAILURE() << "a non-orthonormal basis was accepted";
+  } catch (const kt::error& e) {
+    EXPECT_NE(std::string(e.what()).find("kv head 1"), std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(codec.memory == before) << "load_profile installed a head of a refused profile";
+  // The same profile with head 1 repaired installs both heads.
+  profile.at(0, 1).key_basis = {identity2, identity2 + 6};
+  kt::io::load_profile(codec.store, profile, 0, 1);
+  EXPECT_EQ(codec.store.key_bases[0 * 3 * 2 + 0 * 2 + 1], 1.0f);  // head 0's first column is other2's (0, 1, 0)
+  EXPECT_EQ(codec.store.key_bases[0 * 3 * 2 + 1 * 2 + 0], 1.0f);
 }
 
 TEST(Rope, MatchesTheFormulaAndInverts) {

@@ -202,15 +202,38 @@ struct low_rank {
 
   /// Installs a head's bases: key_basis is head_dim × key_rank row-major with
   /// orthonormal columns (likewise values). Throws on a wrong shape or a basis
-  /// that is not orthonormal to 1e-3.
+  /// that is not orthonormal to 1e-3 — both bases checked before either is
+  /// written, so a refused call leaves the head as it was.
   template <class Space>  // a template (host_space only) so that TUs that never call it skip its Eigen code
     requires std::same_as<Space, host_space>
   static void set_basis(const storage<Space>& store, std::int64_t head, const float* key_basis,
                         std::int64_t key_rank, const float* value_basis, std::int64_t value_rank) {
     constexpr std::string_view function = "kvtrim::codec::low_rank::set_basis";
     check_head(function, store, head);
-    install(function, "key_basis", store, key_basis, key_rank, store.key_bases, store.key_ranks, head);
-    install(function, "value_basis", store, value_basis, value_rank, store.value_bases, store.value_ranks, head);
+    check_basis(function, "key_basis", store, key_basis, key_rank);
+    check_basis(function, "value_basis", store, value_basis, value_rank);
+    write_basis(store, columns_of(store, key_basis, key_rank), store.key_bases, store.key_ranks, head);
+    write_basis(store, columns_of(store, value_basis, value_rank), store.value_bases, store.value_ranks, head);
+  }
+
+  /// Throws unless `basis` (head_dim × rank, row-major) is one set_basis accepts:
+  /// rank 1 to the stored rank, finite, orthonormal columns to 1e-3. Writes nothing
+  /// (io::load_profile checks every head with it before installing the first).
+  template <class Space>
+    requires std::same_as<Space, host_space>
+  static void check_basis(std::string_view function, std::string_view argument, const storage<Space>& store,
+                          const float* basis, std::int64_t rank) {
+    if (rank < 1 || rank > store.stored_rank)
+      detail::fail(function, argument, detail::cat("a basis of rank 1 to ", store.stored_rank, " (the stored rank)"),
+                   detail::cat("rank ", rank));
+    if (basis == nullptr) detail::fail(function, argument, "a head_dim × rank basis", "nullptr");
+    const auto columns = columns_of(store, basis, rank);
+    if (!columns.allFinite()) detail::fail(function, argument, "finite entries", "NaN or Inf");
+    const double deviation =
+        (columns.transpose() * columns - Eigen::MatrixXd::Identity(rank, rank)).cwiseAbs().maxCoeff();
+    if (deviation > 1e-3)
+      detail::fail(function, argument, "orthonormal columns (|UᵀU − I| ≤ 1e-3)",
+                   detail::cat("|UᵀU − I| = ", deviation));
   }
 
   /// The basis a config picks for `rows` (one token per row): the top right
@@ -436,24 +459,11 @@ struct low_rank {
     if (head < 0 || head >= store.heads) detail::fail_index(function, "head", head, store.heads);
   }
 
-  template <class Space>
-  static void install(std::string_view function, std::string_view argument, const storage<Space>& store,
-                      const float* basis, std::int64_t rank, float* bases, std::int32_t* ranks, std::int64_t head) {
-    if (rank < 1 || rank > store.stored_rank)
-      detail::fail(function, argument, detail::cat("a basis of rank 1 to ", store.stored_rank, " (the stored rank)"),
-                   detail::cat("rank ", rank));
-    if (basis == nullptr) detail::fail(function, argument, "a head_dim × rank basis", "nullptr");
-    Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> columns(
-        basis, store.head_dim, rank);
-    if (!columns.allFinite()) detail::fail(function, argument, "finite entries", "NaN or Inf");
-    const double deviation =
-        (columns.cast<double>().transpose() * columns.cast<double>() - Eigen::MatrixXd::Identity(rank, rank))
-            .cwiseAbs()
-            .maxCoeff();
-    if (deviation > 1e-3)
-      detail::fail(function, argument, "orthonormal columns (|UᵀU − I| ≤ 1e-3)",
-                   detail::cat("|UᵀU − I| = ", deviation));
-    write_basis(store, columns.cast<double>(), bases, ranks, head);
+  /// A head_dim × rank row-major basis as double columns (finite or not: check_basis decides).
+  static Eigen::MatrixXd columns_of(const storage<host_space>& store, const float* basis, std::int64_t rank) {
+    return Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(basis, store.head_dim,
+                                                                                                 rank)
+        .cast<double>();
   }
 
   static void write_basis(const storage<host_space>& store, const Eigen::MatrixXd& basis, float* bases,

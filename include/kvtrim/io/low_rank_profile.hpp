@@ -218,6 +218,14 @@ void load_profile(const codec::low_rank::storage<Space>& store, const low_rank_p
   if ((profile.keys == codec::key_space::pre_rope) != store.pre_rope)
     detail::fail(function, "profile.keys", store.pre_rope ? "pre_rope bases" : "post_rope bases",
                  profile.keys == codec::key_space::pre_rope ? "pre_rope" : "post_rope");
+  // Every head's bases checked before the first is installed: a refused call leaves the storage as it was.
+  for (std::int64_t h = 0; h < profile.kv_heads; ++h) {
+    const auto& basis = profile.at(layer, h);
+    codec::low_rank::check_basis(function, detail::cat("profile.key_basis (layer ", layer, ", kv head ", h, ")"), store,
+                                 basis.key_basis.data(), basis.key_rank);
+    codec::low_rank::check_basis(function, detail::cat("profile.value_basis (layer ", layer, ", kv head ", h, ")"),
+                                 store, basis.value_basis.data(), basis.value_rank);
+  }
   for (std::int64_t b = 0; b < batch; ++b)
     for (std::int64_t h = 0; h < profile.kv_heads; ++h) {
       const auto& basis = profile.at(layer, h);
