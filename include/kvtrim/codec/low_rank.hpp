@@ -460,7 +460,10 @@ struct low_rank {
   }
 
   /// A head_dim × rank row-major basis as double columns (finite or not: check_basis decides).
-  static Eigen::MatrixXd columns_of(const storage<host_space>& store, const float* basis, std::int64_t rank) {
+  /// A template for set_basis's reason (only TUs that install bases compile it).
+  template <class Space>
+    requires std::same_as<Space, host_space>
+  static Eigen::MatrixXd columns_of(const storage<Space>& store, const float* basis, std::int64_t rank) {
     return Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>(basis, store.head_dim,
                                                                                                  rank)
         .cast<double>();
