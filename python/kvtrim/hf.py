@@ -125,19 +125,25 @@ class KvtrimLayer(DynamicLayer):
         window = self.press.window_queries
         if window > 0:
             query_states = query_states[:, :, -(window + MAX_STEP_TOKENS - 1):]
-        self.pending_queries = query_states if window else query_states[:, :, :0]
+        # A copy: a view would keep the whole prefill's queries alive until compress.
+        self.pending_queries = (query_states if window else query_states[:, :, :0]).clone()
 
     def compress(self):
         """Compresses the pending prefill with kvtrim (at the first update after the prefill, or on demand)."""
+        if self.pending_queries is None:
+            raise RuntimeError("kvtrim.hf: the prefill ran without kvtrim's attention (call kvtrim.hf.enable(model))")
         keys, values = self.pending
         batch, kv_heads, tokens, head_dim = keys.shape
         query_states = self.pending_queries
         q_heads = query_states.shape[1]
         heads = batch * kv_heads
+        # Assisted generation may append a full step of drafts in its last steps (prompt lookup does not cap
+        # them at the tokens left): MAX_STEP_TOKENS - 1 more per head.
+        room = self.max_new_tokens + (MAX_STEP_TOKENS - 1 if self.assisted else 0)
         if self.layout == "contiguous":
-            capacity = self.press.max_keep(tokens) + self.max_new_tokens
+            capacity = self.press.max_keep(tokens) + room
         else:
-            capacity = self.press.total_keep(tokens, heads) + heads * self.max_new_tokens
+            capacity = self.press.total_keep(tokens, heads) + heads * room
             if self.layout == "paged":
                 capacity += heads * self.page_size  # each head's last page may be partly filled
         device = "cuda" if keys.device.type == "cuda" else "cpu"
@@ -167,35 +173,50 @@ class KvtrimLayer(DynamicLayer):
         """Drops the newest tokens: ``-n`` removes n (transformers 5's form, what assisted generation calls
         with its rejected candidates); a positive value is the length to keep (transformers 4's form); 0 does
         nothing. After the compression only tokens appended since then can be dropped (kvtrim.Cache.truncate
-        on every head); before it, the pending prompt is cut like a DynamicLayer's."""
+        on every head, which also refuses what the codec cannot forget exactly: KIVI's tokens already sealed
+        into a group, LowRank's before its last basis refresh, Layered's inner limit — and on CUDA, Layered
+        and LowRank caches); before it, the pending prompt is cut like a DynamicLayer's."""
+        drop = self._crop_count(tokens_to_remove)
+        self._check_crop(drop)
+        self._apply_crop(drop)
+
+    def _crop_count(self, tokens_to_remove: int) -> int:
         if tokens_to_remove < 0:
-            drop = -tokens_to_remove
-        elif tokens_to_remove == 0:
-            return
-        else:
-            drop = self.seen - tokens_to_remove
+            return -tokens_to_remove
+        return 0 if tokens_to_remove == 0 else max(0, self.seen - tokens_to_remove)
+
+    def _check_crop(self, drop: int) -> None:
+        """Raises for a crop this layer cannot take (nothing changed); kvtrim.Cache.truncate's own checks
+        (the codec's rollback limit) come in _apply_crop."""
         if drop <= 0:
             return
         if drop > self.seen:
             raise ValueError(f"kvtrim.hf: cropping {drop} tokens from a cache of {self.seen}")
         if self.kvtrim is None:
-            if self.pending is not None:  # the held query rows are the last ones: the dropped tokens' rows end them
-                keys, values = self.pending
+            if self.pending is not None:
                 held, window = self.pending_queries.shape[2], self.press.window_queries
-                if window > 0 and held - drop < min(window, keys.shape[2] - drop):
+                if window > 0 and held - drop < min(window, self.pending[0].shape[2] - drop):
                     raise NotImplementedError(
                         f"kvtrim.hf: cropping {drop} prompt tokens before compression would leave the press fewer "
                         f"than its window of {window} queries ({held} held)")
-                self.pending = (keys[..., :-drop, :], values[..., :-drop, :])
-                self.pending_queries = self.pending_queries[:, :, :max(0, held - drop)]
-            self.seen -= drop
             return
         if drop > self.appended:
             raise NotImplementedError(
                 f"kvtrim.hf: cropping {drop} tokens, {self.appended} of them appended since the compression (the "
                 f"compressed prompt's dropped tokens are gone; only generated tokens can be rolled back"
                 + ("" if self.assisted else "; for assisted generation pass KvtrimCache(..., assisted=True)") + ")")
-        self.kvtrim.truncate(drop)
+
+    def _apply_crop(self, drop: int) -> None:
+        if drop <= 0:
+            return
+        if self.kvtrim is None:
+            if self.pending is not None:  # the held query rows are the last ones: the dropped tokens' rows end them
+                keys, values = self.pending
+                self.pending = (keys[..., :-drop, :], values[..., :-drop, :])
+                self.pending_queries = self.pending_queries[:, :, :max(0, self.pending_queries.shape[2] - drop)]
+            self.seen -= drop
+            return
+        self.kvtrim.truncate(drop)  # raises, this layer unchanged, past the codec's rollback limit
         self.seen -= drop
         self.appended -= drop
 
@@ -228,6 +249,17 @@ class KvtrimCache(DynamicCache):
         layers = [KvtrimLayer(press, codec, layout, i, layers_count, max_new_tokens, page_size, check, assisted)
                   for i in range(layers_count)]
         _HFCache.__init__(self, layers=layers)  # not DynamicCache.__init__: its layers are built here
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Every layer's crop (KvtrimLayer.crop), each checked before the first is applied, so a refused crop
+        changes nothing — but for kvtrim.Cache.truncate's refusal of what a codec cannot forget, which
+        comes per layer (earlier layers already cropped: the cache is then unusable for generation). On
+        CUDA with check="deferred" truncate's device-side refusals surface at check_status()."""
+        drops = [layer._crop_count(tokens_to_remove) for layer in self.layers]
+        for layer, drop in zip(self.layers, drops):
+            layer._check_crop(drop)
+        for layer, drop in zip(self.layers, drops):
+            layer._apply_crop(drop)
 
     def kvtrim_caches(self):
         """The kvtrim.Cache of every layer (None before prefill; a prefill not yet compressed is compressed now)."""

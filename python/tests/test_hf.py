@@ -93,11 +93,11 @@ def repetitive_prompt(model, tokens=80):
 
 
 class StepRecorder:
-    """Counts the tokens of every update after compression and every crop of layer 0."""
+    """Counts the tokens of every update after compression and every crop (tokens dropped) of layer 0."""
 
     def __init__(self, monkeypatch):
         self.steps, self.crops = [], []
-        update, crop = hf.KvtrimLayer.update, hf.KvtrimLayer.crop
+        update, crop = hf.KvtrimLayer.update, hf.KvtrimLayer._apply_crop
         recorder = self
 
         def recording_update(layer, key_states, *args, **kwargs):
@@ -105,13 +105,13 @@ class StepRecorder:
                 recorder.steps.append(key_states.shape[-2])
             return update(layer, key_states, *args, **kwargs)
 
-        def recording_crop(layer, tokens_to_remove):
+        def recording_crop(layer, drop):
             if layer.layer_idx == 0:
-                recorder.crops.append(tokens_to_remove)
-            return crop(layer, tokens_to_remove)
+                recorder.crops.append(drop)
+            return crop(layer, drop)
 
         monkeypatch.setattr(hf.KvtrimLayer, "update", recording_update)
-        monkeypatch.setattr(hf.KvtrimLayer, "crop", recording_crop)
+        monkeypatch.setattr(hf.KvtrimLayer, "_apply_crop", recording_crop)
 
 
 def generate(model, ids, cache, new=16, **kwargs):
@@ -132,15 +132,17 @@ def test_prompt_lookup_verifies_several_tokens_per_step_and_crops_the_rejected(m
     reference = generate(model, ids, DynamicCache())
     hf.enable(model)
     recorder = StepRecorder(monkeypatch)
+    # The cache's room is generate's max_new_tokens: prompt lookup's last drafts may run past it, which
+    # assisted=True makes room for.
     cache = hf.KvtrimCache(model.config, kvtrim.StreamingLLM(compression_ratio=0.0), kvtrim.FP32(), layout,
-                           max_new_tokens=24, assisted=True)
-    assert generate(model, ids, cache, prompt_lookup_num_tokens=4) == reference
+                           max_new_tokens=16, assisted=True)
+    assert generate(model, ids, cache, prompt_lookup_num_tokens=7) == reference
     assert max(recorder.steps) > 1, recorder.steps
-    assert any(c < 0 for c in recorder.crops), recorder.crops
+    assert any(c > 0 for c in recorder.crops), recorder.crops
     accepted = cache.get_seq_length() - ids.shape[1]
     for layer in cache.kvtrim_caches():  # every head holds the prompt and exactly the accepted tokens
         assert (layer.head_lengths() == ids.shape[1] + accepted).all()
-        assert all(l.appended == accepted for l in cache.layers)
+    assert all(l.seen == ids.shape[1] + accepted for l in cache.layers)
 
 
 def test_prompt_lookup_over_a_compressed_cache_equals_one_token_per_step():
@@ -150,9 +152,12 @@ def test_prompt_lookup_over_a_compressed_cache_equals_one_token_per_step():
     ids = repetitive_prompt(model)
     hf.enable(model)
     press = kvtrim.AdaKV(kvtrim.SnapKV(window=8, compression_ratio=0.5))
-    one = hf.KvtrimCache(model.config, press, kvtrim.FP32(), "flat", max_new_tokens=24)
-    drafted = hf.KvtrimCache(model.config, press, kvtrim.FP32(), "flat", max_new_tokens=24, assisted=True)
+    one = hf.KvtrimCache(model.config, press, kvtrim.FP32(), "flat", max_new_tokens=16)
+    drafted = hf.KvtrimCache(model.config, press, kvtrim.FP32(), "flat", max_new_tokens=16, assisted=True)
     assert generate(model, ids, drafted, prompt_lookup_num_tokens=3) == generate(model, ids, one)
+    # The comparison needs both caches compressed over the same tokens: the prefill's drafts all rejected
+    # (the next test covers accepted ones).
+    assert all(l.seen - l.appended == ids.shape[1] for l in drafted.layers)
     for a, b in zip(one.kvtrim_caches(), drafted.kvtrim_caches()):
         assert (a.head_lengths() == b.head_lengths()).all()
         kept_a, kept_b = a.kept(), b.kept()
@@ -173,6 +178,45 @@ def test_assisted_generation_without_assisted_true_is_refused_clearly():
 def feed(model, cache, ids):
     with torch.no_grad():
         return model(ids, past_key_values=cache, use_cache=True).logits
+
+
+def test_drafts_of_the_prefill_partly_accepted_are_compressed_with_the_prompt():
+    # assisted=True: a prefill of prompt + 3 drafts, 1 rejected (crop −1), then the next token: the
+    # cache compresses prompt + 2 tokens, as a cache fed those 42 tokens directly (same kept sets,
+    # window queries included; the logits within fp32 reassociation of the longer prefill's SDPA).
+    model = tiny_llama()
+    hf.enable(model)
+    ids = prompt(model, tokens=40)
+    drafts = torch.tensor([[5, 6, 7]])
+    press = kvtrim.SnapKV(window=8, compression_ratio=0.5)
+    direct = hf.KvtrimCache(model.config, press, kvtrim.FP32(), "flat", max_new_tokens=16)
+    drafted = hf.KvtrimCache(model.config, press, kvtrim.FP32(), "flat", max_new_tokens=16, assisted=True)
+    feed(model, direct, torch.cat([ids, drafts[:, :2]], dim=1))
+    feed(model, drafted, torch.cat([ids, drafts], dim=1))
+    drafted.crop(-1)
+    assert drafted.get_seq_length() == 42 and all(l.kvtrim is None for l in drafted.layers)
+    token = torch.tensor([[11]])
+    expected, got = feed(model, direct, token), feed(model, drafted, token)
+    assert torch.allclose(expected, got, rtol=0, atol=1e-5), (expected - got).abs().max()
+    for a, b in zip(direct.kvtrim_caches(), drafted.kvtrim_caches()):
+        assert all((x == y).all() for x, y in zip(a.kept(), b.kept()))
+        assert (a.head_lengths() == b.head_lengths()).all()
+
+
+def test_a_crop_before_compression_past_the_held_window_is_refused_intact():
+    # The prefill keeps SnapKV's 8 window queries plus 7 spare rows: cropping 9 prompt tokens before
+    # compression would leave fewer than the window; refused with nothing changed.
+    model = tiny_llama()
+    hf.enable(model)
+    cache = hf.KvtrimCache(model.config, kvtrim.SnapKV(window=8, compression_ratio=0.5), kvtrim.FP32(), "flat",
+                           max_new_tokens=16, assisted=True)
+    feed(model, cache, prompt(model, tokens=40))
+    with pytest.raises(NotImplementedError, match="window of 8"):
+        cache.crop(-9)
+    assert cache.get_seq_length() == 40
+    assert all(l.pending[0].shape[2] == 40 and l.pending_queries.shape[2] == 15 for l in cache.layers)
+    cache.crop(-7)  # the spare rows
+    assert cache.get_seq_length() == 33 and all(l.pending_queries.shape[2] == 8 for l in cache.layers)
 
 
 def test_crop_takes_back_generated_tokens_only():
