@@ -806,17 +806,23 @@ class typed_cache final : public cache_base {
     }
   }
 
+  /// The storage of a LowRank(source="profile") cache (low_rank codecs only), else a kvtrim error naming `function`.
+  const auto& profile_storage(std::string_view function) const {
+    const auto& store = cache_.view().storage;
+    if (store.from_sequence)
+      detail::fail(function, "cache",
+                   "a cache with codec LowRank(source=\"profile\") (sequence bases are fitted at every compress)",
+                   "LowRank(source=\"sequence\")");
+    return store;
+  }
+
   void set_basis(const array& key_bases, const array& value_bases, std::uintptr_t stream) override {
     constexpr std::string_view function = "kvtrim.Cache.set_basis";
     if constexpr (!low_rank_codec) {
       (void)key_bases, (void)value_bases, (void)stream;
       detail::fail(function, "cache", "a cache with codec LowRank(source=\"profile\")", name());
     } else {
-      const auto& store = cache_.view().storage;
-      if (store.from_sequence)
-        detail::fail(function, "cache",
-                     "a cache with codec LowRank(source=\"profile\") (sequence bases are fitted at every compress)",
-                     "LowRank(source=\"sequence\")");
+      const auto& store = profile_storage(function);
       const model_shape s = shape();
       // Every basis is checked before the first is installed, so a refused call leaves the cache as it was.
       const auto gather = [&](std::string_view argument, const array& given) {
@@ -863,13 +869,9 @@ class typed_cache final : public cache_base {
       (void)profile, (void)stream;
       detail::fail(function, "cache", "a cache with codec LowRank(source=\"profile\")", name());
     } else {
-      const auto& store = cache_.view().storage;
-      if (store.from_sequence)
-        detail::fail(function, "cache",
-                     "a cache with codec LowRank(source=\"profile\") (sequence bases are fitted at every compress)",
-                     "LowRank(source=\"sequence\")");
+      const auto& store = profile_storage(function);
       // io::load_profile's checks, in its words, every one before the first basis is installed (a refused call
-      // leaves the cache as it was; io::load_profile itself would refuse a head's rank only on reaching it).
+      // leaves the cache as it was), here for the device caches io::load_profile cannot take.
       if (profile.layer < 0 || profile.layer >= profile.layers)
         detail::fail(function, "layer", detail::cat("a layer of the profile in [0, ", profile.layers, ")"),
                      std::to_string(profile.layer));
