@@ -4,6 +4,8 @@ Builds a small random Llama from a LlamaConfig (no downloads), then generates
   1. with transformers' own DynamicCache (the reference),
   2. with kvtrim keeping every token (fp32 storage): the same greedy tokens,
   3. with Ada-KV over SnapKV keeping half of the prompt in a flat (ragged) layout,
+  4. the same by prompt lookup decoding (assisted generation: drafts verified by
+     kvtrim's multi-query decode, the rejected ones cropped), on a repetitive prompt,
 and prints the tokens and the bytes each cache holds. On a GPU (and a kvtrim
 built with CUDA) it also runs StreamingLLM in a contiguous fp16 cache and Ada-KV
 over SnapKV in a paged fp16 cache on the device.
@@ -33,11 +35,26 @@ def tiny_llama(seed=0, dtype=torch.float32, device="cpu", head_dim=None):
     return LlamaForCausalLM(config).to(dtype=dtype, device=device).eval()
 
 
-def generate(model, input_ids, new_tokens, cache):
+def generate(model, input_ids, new_tokens, cache, **kwargs):
     with torch.no_grad():
         out = model.generate(input_ids, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=0)
+                             do_sample=False, pad_token_id=0, **kwargs)
     return out[0, input_ids.shape[1]:].tolist()
+
+
+def prompt_lookup(model, input_ids, new_tokens, press, codec, layout):
+    """One token a step and prompt lookup decoding over the same kvtrim scheme: (tokens, tokens, drafted steps)."""
+    one = kvtrim.hf.KvtrimCache(model.config, press, codec, layout=layout, max_new_tokens=new_tokens)
+    expected = generate(model, input_ids, new_tokens, one)
+    drafted = kvtrim.hf.KvtrimCache(model.config, press, codec, layout=layout, max_new_tokens=new_tokens, assisted=True)
+    forwards = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: forwards.append(kwargs["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    try:
+        tokens = generate(model, input_ids, new_tokens, drafted, prompt_lookup_num_tokens=4)
+    finally:
+        hook.remove()
+    return expected, tokens, sum(n > 1 for n in forwards[1:])
 
 
 def main():
@@ -69,6 +86,14 @@ def main():
     agreement = sum(a == b for a, b in zip(tokens, reference)) / len(reference)
     print(f"  agreement with the reference: {agreement:.0%}")
 
+    # A phrase of 16 tokens repeated: prompt lookup drafts its continuations from the prompt.
+    phrase = torch.randint(1, model.config.vocab_size, (16,), generator=torch.Generator().manual_seed(2))
+    repetitive = phrase.repeat((args.tokens + 15) // 16)[: args.tokens].unsqueeze(0)
+    expected, tokens, drafted = prompt_lookup(model, repetitive, args.new, press, kvtrim.FP16(), "flat")
+    print("kvtrim, Ada-KV + SnapKV, 50%, flat fp16, prompt lookup:", tokens)
+    print(f"  {drafted} steps verified several drafts at once;",
+          "equal to one token a step" if tokens == expected else "DIFFERENT from one token a step")
+
     if torch.cuda.is_available() and kvtrim.has_cuda:
         gpu = tiny_llama(dtype=torch.float16, device="cuda", head_dim=64)
         ids = input_ids.cuda()
@@ -88,6 +113,11 @@ def main():
               [c.head_lengths().tolist() for c in ragged.kvtrim_caches()])
         print(f"  bytes allocated on the GPU: {ragged.bytes()}; agreement with DynamicCache: "
               f"{sum(a == b for a, b in zip(tokens, reference)) / len(reference):.0%}")
+        expected, tokens, drafted = prompt_lookup(gpu, repetitive.cuda(), args.new, press, kvtrim.FP16(), "paged")
+        print("GPU fp16, Ada-KV + SnapKV 50%, paged, prompt lookup:", tokens)
+        print(f"  {drafted} steps verified several drafts at once;",
+              "equal to one token a step" if tokens == expected else "different from one token a step (fp16 "
+              "multi-query decode rounds in another order than one query at a time)")
 
 
 if __name__ == "__main__":
