@@ -216,7 +216,10 @@ class KvtrimLayer(DynamicLayer):
                 self.pending_queries = self.pending_queries[:, :, :max(0, self.pending_queries.shape[2] - drop)]
             self.seen -= drop
             return
-        self.kvtrim.truncate(drop)  # raises, this layer unchanged, past the codec's rollback limit
+        if self.kvtrim.device == "cuda":  # counts on the GPU: truncate runs on torch's current stream, after append
+            self.kvtrim.truncate(torch.full((self.kvtrim._impl.batch,), drop, dtype=torch.int32, device=self.device))
+        else:
+            self.kvtrim.truncate(drop)  # raises, this layer unchanged, past the codec's rollback limit
         self.seen -= drop
         self.appended -= drop
 
