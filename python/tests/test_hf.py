@@ -278,3 +278,25 @@ def test_more_than_eight_tokens_per_step_is_refused():
         feed(model, cache, nine)
     assert cache.get_seq_length() == 21  # refused in the first layer's update, nothing appended
     assert all((c.head_lengths() == 21).all() for c in cache.kvtrim_caches())
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and kvtrim.has_cuda), reason="needs a GPU and kvtrim built with CUDA")
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_prompt_lookup_on_the_gpu(monkeypatch, layout):
+    # The CUDA path of assisted generation: multi-query decode on the device, truncate with counts on
+    # the GPU (torch's current stream). Every token kept, so each head must hold the prompt and exactly
+    # the accepted tokens (fp16 multi-query decode rounds in another order than one query at a time, so
+    # the tokens themselves are not compared with greedy's here; the CPU tests compare them in fp32).
+    model = tiny_llama(torch.float16, "cuda", head_dim=64)
+    ids = repetitive_prompt(model).cuda()
+    hf.enable(model)
+    recorder = StepRecorder(monkeypatch)
+    cache = hf.KvtrimCache(model.config, kvtrim.StreamingLLM(compression_ratio=0.0), kvtrim.FP16(), layout,
+                           max_new_tokens=16, assisted=True)
+    tokens = generate(model, ids, cache, prompt_lookup_num_tokens=4)
+    assert len(tokens) == 16
+    assert max(recorder.steps) > 1 and any(c > 0 for c in recorder.crops), (recorder.steps, recorder.crops)
+    accepted = cache.get_seq_length() - ids.shape[1]
+    for layer in cache.kvtrim_caches():
+        assert layer.device == "cuda"
+        assert (layer.head_lengths() == ids.shape[1] + accepted).all()
