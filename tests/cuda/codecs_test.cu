@@ -38,6 +38,7 @@
 #include <string>
 #include <vector>
 
+#include "common/low_rank_bases.hpp"
 #include "common/quantizer_ties.hpp"
 #include "common/tensors.hpp"
 #include "cuda/device_memory.cuh"
@@ -519,30 +520,8 @@ struct harness {
       return device_view::bind(memory, shape, c.batch, pool(), config);
   }
 
-  /// low_rank: random orthonormal bases (Q of a Householder QR) of ragged ranks — the stored rank,
-  /// one less, two less — per head, installed with the CPU's set_basis before the block is copied
-  /// (so both backends hold the same bases).
-  void install_bases(const host_view& cpu) const {
-    const std::int64_t stored = cpu.storage.stored_rank;
-    std::mt19937_64 random(71);
-    std::normal_distribution<double> normal(0.0, 1.0);
-    const auto basis = [&](std::int64_t rank) {
-      Eigen::MatrixXd gaussian(c.head_dim, rank);
-      for (Eigen::Index i = 0; i < gaussian.size(); ++i) gaussian.data()[i] = normal(random);
-      const Eigen::MatrixXd q = Eigen::HouseholderQR<Eigen::MatrixXd>(gaussian).householderQ() *
-                                Eigen::MatrixXd::Identity(c.head_dim, rank);
-      std::vector<float> rows(static_cast<std::size_t>(c.head_dim * rank));
-      for (std::int64_t d = 0; d < c.head_dim; ++d)
-        for (std::int64_t j = 0; j < rank; ++j) rows[static_cast<std::size_t>(d * rank + j)] = static_cast<float>(q(d, j));
-      return rows;
-    };
-    for (std::int64_t head = 0; head < heads; ++head) {
-      const std::int64_t key_rank = std::max<std::int64_t>(1, stored - head % 3);
-      const std::int64_t value_rank = std::max<std::int64_t>(1, stored - (head + 1) % 3);
-      const std::vector<float> keys = basis(key_rank), values = basis(value_rank);
-      kt::codec::low_rank::set_basis(cpu.storage, head, keys.data(), key_rank, values.data(), value_rank);
-    }
-  }
+  /// low_rank: random orthonormal bases of ragged ranks per head (common/low_rank_bases.hpp).
+  void install_bases(const host_view& cpu) const { kt::testing::install_random_bases(cpu.storage, heads, c.head_dim); }
 
   /// Every array of the codec's storage, byte for byte, and every held slot's position.
   void expect_same_bytes(const host_view& cpu, const host_block& block, const device_view& gpu,

@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "common/low_rank_bases.hpp"
 #include "common/tensors.hpp"
 #include "cuda/device_memory.cuh"
 
@@ -51,6 +52,7 @@ template <class Layout, class Element, class Codec = kt::codec::plain<Element>>
 struct harness {
   using codec = Codec;
   static constexpr bool plain = kt::codec::is_plain<Codec>;
+  static constexpr bool low_rank = std::is_same_v<Codec, kt::codec::low_rank>;
   using cpu_scheme = kt::scheme<Layout, kt::score::static_window, kt::budget::uniform, codec, kt::backend::cpu>;
   using host_view = typename Layout::template view<codec, kt::host_space>;
   using device_view = typename Layout::template view<codec, kt::device_space>;
@@ -87,6 +89,7 @@ struct harness {
     const std::size_t bytes = host_view::bytes(shape, c.batch, pool(), config);
     host_block block(bytes);
     host_view view = host_view::bind(block.data, shape, c.batch, pool(), config);
+    if constexpr (low_rank) kt::testing::install_random_bases(view.storage, heads, c.head_dim);
     if constexpr (std::is_same_v<Layout, kt::layout::contiguous>) {
       cpu_scheme::append(view, keys.cview(), values.cview());
     } else {
@@ -196,29 +199,51 @@ struct harness {
       // logit perturbation ε moves p's exponent by ≤ 2ε (the logit and the lse).
       const double u = kt::element_traits<float>::unit_roundoff;
       const double u_h = !plain && c.group >= 4 ? kt::element_traits<kt::half>::unit_roundoff : 0.0;
-      const double cpu_codec = plain ? 0.0 : 2.0 * 2.0 * u, gpu_codec = plain ? 0.0 : 2.0 * (2.0 * u + u_h);
+      // (low_rank: no dequantization beyond the D + R products counted below; its kernels read no fp16 operand.)
+      const double cpu_codec = plain || low_rank ? 0.0 : 2.0 * 2.0 * u,
+                   gpu_codec = plain || low_rank ? 0.0 : 2.0 * (2.0 * u + u_h);
       double worst = 0.0;
       for (std::int64_t b = 0; b < c.batch; ++b)
         for (std::int64_t h = 0; h < c.kv_heads; ++h) {
           const std::int64_t head = b * c.kv_heads + h, n = c.lengths[head];
           double largest_logit = 0.0;
           for (std::int64_t i = 0; i < n; ++i) {
-            float stored[kt::max_head_dim];  // the key as stored (plain: the key itself)
+            // |k_d| per channel: the key as stored (plain: the key itself); low_rank (post-RoPE keys):
+            // B_d = Σ_j |U_dj c_j|, the magnitudes of the D·R products either side sums.
+            double stored[kt::max_head_dim];
             const std::int64_t slot = view.slot(b, h, i);
-            Codec::load_key(view.storage, head, slot, view.positions.slot_position[slot], stored);
+            if constexpr (low_rank) {
+              const auto& st = view.storage;
+              const std::int64_t r = st.stored_rank;
+              const float* basis = st.key_bases + head * c.head_dim * r;
+              for (std::int64_t d = 0; d < c.head_dim; ++d) {
+                stored[d] = 0.0;
+                for (std::int64_t j = 0; j < r; ++j)
+                  stored[d] += std::abs(double(basis[d * r + j]) * double(kt::to_float(st.key_coefficients[slot * r + j])));
+              }
+            } else {
+              float key[kt::max_head_dim];
+              Codec::load_key(view.storage, head, slot, view.positions.slot_position[slot], key);
+              for (std::int64_t d = 0; d < c.head_dim; ++d) stored[d] = key[d];
+            }
             for (std::int64_t g = 0; g < c.group; ++g) {
               double magnitude = 0.0;
               for (std::int64_t d = 0; d < c.head_dim; ++d)
-                magnitude += std::abs(double(kt::to_float(queries(b, h * c.group + g, d))) * double(stored[d]));
+                magnitude += std::abs(double(kt::to_float(queries(b, h * c.group + g, d))) * stored[d]);
               largest_logit = std::max(largest_logit, magnitude / std::sqrt(double(c.head_dim)));
             }
           }
           if constexpr (!std::is_same_v<Layout, kt::layout::contiguous>)
             if (view.compensation.index[head] >= 0) largest_logit += std::abs(double(view.compensation.bias[head]));
+          // low_rank: each side sums D + R products in fp32 (codecs_test.cu's low-rank bound: the two
+          // logits within (2(D + R) + 12)·u·S), so D + R + 6 per side in place of D + 5 and D + 8.
           const double dn = double(n), D = double(c.head_dim);
-          const double cpu_exponent = (D + 5.0) * u * largest_logit + (dn + 3.0 * (dn / 64.0 + 1.0) + 4.0) * u +
+          double R = 0.0;
+          if constexpr (low_rank) R = double(view.storage.stored_rank);
+          const double cpu_dot = low_rank ? D + R + 6.0 : D + 5.0, gpu_dot = low_rank ? D + R + 6.0 : D + 8.0;
+          const double cpu_exponent = cpu_dot * u * largest_logit + (dn + 3.0 * (dn / 64.0 + 1.0) + 4.0) * u +
                                       cpu_codec * largest_logit;
-          const double gpu_exponent = (D + 8.0) * u * largest_logit + (dn + 3.0 * (dn / 256.0 + 2.0) + 4.0) * u +
+          const double gpu_exponent = gpu_dot * u * largest_logit + (dn + 3.0 * (dn / 256.0 + 2.0) + 4.0) * u +
                                       2.0 * u * (largest_logit + std::log(dn) + 1.0) + gpu_codec * largest_logit;
           const double power = kind == ev::metric_kind::squared_sum ? 2.0 : 1.0;
           const double relative = std::expm1(power * (cpu_exponent + gpu_exponent));
@@ -292,16 +317,18 @@ INSTANTIATE_TEST_SUITE_P(
 
 // The metric over quantizing codecs' caches (the same kernels' logits, whatever the codec):
 // KIVI int8 on the tensor cores (GQA 4), int4 on the CUDA cores (GQA 1, D 64), fp8 (GQA 2),
-// layered<int8> (fp16 rows for sinks and the newest tokens) with one long head (GQA 8).
+// layered<int8> (fp16 rows for sinks and the newest tokens) with one long head (GQA 8);
+// low_rank (post-RoPE, profile bases of ragged ranks): rank 32 at D 128 takes the tensor-core
+// kernel, rank 20 the CUDA-core one.
 // Symmetric codes, so the bound above needs no zero points.
-enum class metric_codec { int8, int4, fp8, layered_int8 };
+enum class metric_codec { int8, int4, fp8, layered_int8, low_rank_r32, low_rank_r20 };
 struct codec_metric_case {
   metric_case shape;
   metric_codec codec;
 };
 
 std::string codec_metric_name(const ::testing::TestParamInfo<codec_metric_case>& info) {
-  static const char* const codecs[] = {"int8", "int4", "fp8", "layered_int8"};
+  static const char* const codecs[] = {"int8", "int4", "fp8", "layered_int8", "low_rank_r32", "low_rank_r20"};
   return kt::detail::cat(codecs[static_cast<int>(info.param.codec)], "_", name_of(info.param.shape), "_", info.index);
 }
 
@@ -316,6 +343,9 @@ TEST_P(EvictionMetricCodecs, MatchesCpuReference) {
   kt::codec::layered<kt::codec::int8>::config layered_config{};
   layered_config.sinks = 3;
   layered_config.recent = 40;
+  kt::codec::low_rank::config low_rank_config{};
+  low_rank_config.source = kt::codec::basis_source::profile;
+  low_rank_config.max_rank = p.codec == metric_codec::low_rank_r20 ? 20 : 32;
   switch (p.codec) {
     case metric_codec::int8:
       harness<kt::layout::paged, kt::half, kt::codec::int8>(p.shape, int8_config).run();
@@ -327,6 +357,12 @@ TEST_P(EvictionMetricCodecs, MatchesCpuReference) {
     case metric_codec::layered_int8:
       harness<kt::layout::flat, kt::half, kt::codec::layered<kt::codec::int8>>(p.shape, layered_config).run();
       break;
+    case metric_codec::low_rank_r32:
+      harness<kt::layout::paged, kt::half, kt::codec::low_rank>(p.shape, low_rank_config).run();
+      break;
+    case metric_codec::low_rank_r20:
+      harness<kt::layout::flat, kt::half, kt::codec::low_rank>(p.shape, low_rank_config).run();
+      break;
   }
 }
 
@@ -337,7 +373,10 @@ INSTANTIATE_TEST_SUITE_P(
                           metric_codec::int8},
         codec_metric_case{metric_case{L::paged, 1, 2, 1, 64, 32, {5000, 333}, 0}, metric_codec::int4},
         codec_metric_case{metric_case{L::flat, 2, 2, 2, 128, 0, {1000, 257, 1, 64}, 7}, metric_codec::fp8},
-        codec_metric_case{metric_case{L::flat, 1, 2, 8, 128, 0, {20000, 409}, 64}, metric_codec::layered_int8}),
+        codec_metric_case{metric_case{L::flat, 1, 2, 8, 128, 0, {20000, 409}, 64}, metric_codec::layered_int8},
+        codec_metric_case{metric_case{L::paged, 2, 3, 4, 128, 16, {4097, 1, 17, 300, 33, 129}, 64},
+                          metric_codec::low_rank_r32},
+        codec_metric_case{metric_case{L::flat, 1, 3, 2, 128, 0, {1000, 31, 257}, 7}, metric_codec::low_rank_r20}),
     codec_metric_name);
 
 // ---- the prefill seed on the device, against the CPU's -------------------------

@@ -538,6 +538,8 @@ __global__ void __launch_bounds__(low_rank_decode_threads)
 #pragma unroll
     for (int g = 0; g < Group; ++g) running_max[g] = negative_infinity, sum[g] = 0.0f, mix[g] = 0.0f;
     const std::int64_t metric_line = params.metric.logits != nullptr ? params.partition.prefix(head) : 0;
+    const std::uint64_t metric_policy =
+        params.metric.logits != nullptr && params.metric.keep_in_l2 ? metric_store_policy() : 0;
 
     for (int tile = 0; tile < tiles; ++tile) {
       low_rank_stage_tile(store, rows, begin, end, tile + 1, layout, shared);
@@ -632,7 +634,9 @@ __global__ void __launch_bounds__(low_rank_decode_threads)
         for (int g = 0; g < Group; ++g) score[g] = dot[g] + token_bias;
         if (params.metric.logits != nullptr)
 #pragma unroll
-          for (int g = 0; g < Group; ++g) params.metric.logits[g * params.metric.stride + metric_line + token] = score[g];
+          for (int g = 0; g < Group; ++g)
+            store_metric_logit(params.metric.logits + g * params.metric.stride + metric_line + token, score[g],
+                               params.metric.keep_in_l2, metric_policy);
       }
 
       // 2. The tile's maximum per query head: warps, then the block (every thread ends with it).
@@ -871,6 +875,7 @@ __device__ __forceinline__ void low_rank_mma_segment(const Params& params, unsig
   }
   const bool metric = params.metric.logits != nullptr;
   const std::int64_t metric_line = metric ? params.partition.prefix(head) : 0;
+  const std::uint64_t metric_policy = metric && params.metric.keep_in_l2 ? metric_store_policy() : 0;
   float running_max[row_blocks], row_sum[row_blocks], mix[k_steps][4];
 #pragma unroll
   for (int rb = 0; rb < row_blocks; ++rb) running_max[rb] = negative_infinity, row_sum[rb] = 0.0f;
@@ -923,7 +928,8 @@ __device__ __forceinline__ void low_rank_mma_segment(const Params& params, unsig
         const int row = g + 8 * (i / 2);
         score[nt][i] = offset < left ? score[nt][i] + (offset == biased ? bias.bias_log2 : 0.0f) : negative_infinity;
         if (metric && offset < left && row < Group && (i < 2 || row_blocks > 1))
-          params.metric.logits[row * params.metric.stride + metric_line + first + offset] = score[nt][i];
+          store_metric_logit(params.metric.logits + row * params.metric.stride + metric_line + first + offset,
+                             score[nt][i], params.metric.keep_in_l2, metric_policy);
       }
     }
     // 2. The online softmax per query row (a quad holds a row's 32 tokens).
@@ -1066,18 +1072,12 @@ __global__ void __launch_bounds__(low_rank_mma_threads, Rank == 64 ? 2 : 3)
   });
 }
 
-/// decode_attention.cuh's kernel choice for low-rank caches: one kernel for every head dim;
-/// its shared memory depends on the stored rank (shared_bytes_for).
+/// decode_attention.cuh's kernel choice for low-rank caches, made per call from the storage:
+/// the tensor-core kernel for post-RoPE ranks 16/32/64, else the CUDA-core one (select), and
+/// the instantiation of the chosen kernel for the stored rank (kernel_for).
 template <int Group>
 struct low_rank_decode_choice {
-  static constexpr bool tensor_cores = false;
   static constexpr bool supported = true;
-  static constexpr int threads = low_rank_decode_threads;
-  static constexpr const char* kernel_name = "decode_attention_low_rank";
-  template <class Params>
-  static auto kernel() {
-    return decode_attention_low_rank<Group, Params>;
-  }
   /// The kernel this cache takes, its block and shared memory (one device query per launch): above
   /// the device's opt-in limit a kvtrim::error naming the stored rank (compaction and append refuse
   /// such caches first).

@@ -183,4 +183,26 @@ inline void check_aligned16(std::string_view function, std::string_view argument
     detail::fail(function, argument, "16-byte aligned rows on backend::cuda", "a misaligned pointer");
 }
 
+// L2 cache policies of the decode kernels (plain, fragment and low-rank alike), here so that
+// every kernel writing the eviction metric's logits stores them the same way.
+
+/// Stores one metric logit: with an L2 evict_last policy (`policy` from metric_store_policy) or plainly.
+__device__ __forceinline__ void store_metric_logit(float* address, float value, bool keep_in_l2,
+                                                   std::uint64_t policy) {
+  if (keep_in_l2)
+    asm volatile("st.global.L2::cache_hint.f32 [%0], %1, %2;\n" ::"l"(address), "f"(value), "l"(policy) : "memory");
+  else
+    *address = value;
+}
+__device__ __forceinline__ std::uint64_t kv_stream_policy() {
+  std::uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+__device__ __forceinline__ std::uint64_t metric_store_policy() {
+  std::uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+
 }  // namespace kvtrim::cuda_detail

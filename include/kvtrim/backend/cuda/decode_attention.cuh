@@ -213,25 +213,6 @@ struct decode_metric {
   bool stream_kv_evict_first = false;  // the K/V stream's lines marked evict_first (a benchmark's comparison)
 };
 
-/// Stores one metric logit: with an L2 evict_last policy (`policy` from metric_store_policy) or plainly.
-__device__ __forceinline__ void store_metric_logit(float* address, float value, bool keep_in_l2,
-                                                   std::uint64_t policy) {
-  if (keep_in_l2)
-    asm volatile("st.global.L2::cache_hint.f32 [%0], %1, %2;\n" ::"l"(address), "f"(value), "l"(policy) : "memory");
-  else
-    *address = value;
-}
-__device__ __forceinline__ std::uint64_t kv_stream_policy() {
-  std::uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
-__device__ __forceinline__ std::uint64_t metric_store_policy() {
-  std::uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
-
 /// How decode attention stages and reads a codec's rows: `stored` elements,
 /// `row_elements` of them per row, and a per-head reader giving a lane the 8
 /// channels first_dim.. of a staged row as floats. codec::plain: its rows as
@@ -1184,11 +1165,12 @@ struct implementation<stage::decode_attention, backend::cuda> {
       using partition_type =
           std::conditional_t<uniform, cuda_detail::uniform_partition, cuda_detail::planned_partition>;
       using params_type = cuda_detail::decode_params<View, partition_type, query_type, out_type>;
-      // low_rank picks its kernel (tensor cores or CUDA cores), block size and shared memory from the storage.
-      auto kernel = choice::template kernel<params_type>();
-      int threads = choice::threads;
+      // low_rank picks its kernel (tensor cores or CUDA cores), block size and shared memory from the
+      // storage; every other codec's choice is fixed at compile time.
+      void (*kernel)(params_type) = nullptr;
+      int threads = 0;
       std::size_t shared_bytes = 0;
-      const char* kernel_name = choice::tensor_cores ? "decode_attention_tensor_core" : "decode_attention_cuda_core";
+      const char* kernel_name = nullptr;
       if constexpr (requires { choice::select(cache); }) {
         const auto selected = choice::select(cache);
         kernel = choice::template kernel_for<params_type>(selected, cache);
@@ -1196,7 +1178,10 @@ struct implementation<stage::decode_attention, backend::cuda> {
         shared_bytes = selected.shared_bytes;
         kernel_name = selected.kernel_name;
       } else {
+        kernel = choice::template kernel<params_type>();
+        threads = choice::threads;
         shared_bytes = choice::shared_bytes;
+        kernel_name = choice::tensor_cores ? "decode_attention_tensor_core" : "decode_attention_cuda_core";
       }
       // Above 48 KB a kernel must opt in to dynamic shared memory (per device, so on every call;
       // it is a host-side attribute write, no synchronisation).
