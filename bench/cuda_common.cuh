@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <numeric>
+#include <random>
 #include <vector>
 
 namespace kvtrim_bench {
@@ -115,5 +117,39 @@ inline void report_bytes_read(benchmark::State& state, const std::vector<double>
   state.counters["cache_TBps"] = bytes / median / 1e12;
   if (measured_copy_bandwidth > 0) state.counters["fraction_of_copy"] = bytes / median / measured_copy_bandwidth;
 }
+
+/// Page tables of `heads` full heads of `tokens` tokens over pages of `page` scattered
+/// through the pool (a fixed shuffle), positions 0 … tokens − 1 in every head and next
+/// position `tokens`: the layout's tables for W's benchmarks, uploaded into a paged view.
+struct scattered_pages {
+  std::vector<std::int32_t> indices, indptr, last, positions;
+  std::vector<std::int64_t> next;
+  scattered_pages(std::int64_t heads, std::int64_t tokens, std::int64_t page) {
+    const std::int64_t pages_per_head = (tokens + page - 1) / page;
+    indices.resize(static_cast<std::size_t>(heads * pages_per_head));
+    std::iota(indices.begin(), indices.end(), 0);
+    std::shuffle(indices.begin(), indices.end(), std::mt19937_64(7));
+    indptr.resize(static_cast<std::size_t>(heads + 1));
+    last.assign(static_cast<std::size_t>(heads), static_cast<std::int32_t>((tokens - 1) % page + 1));
+    for (std::int64_t head = 0; head <= heads; ++head) indptr[head] = static_cast<std::int32_t>(head * pages_per_head);
+    positions.assign(indices.size() * static_cast<std::size_t>(page), 0);
+    for (std::int64_t head = 0; head < heads; ++head)
+      for (std::int64_t i = 0; i < tokens; ++i)
+        positions[static_cast<std::size_t>(indices[head * pages_per_head + i / page] * page + i % page)] =
+            static_cast<std::int32_t>(i);
+    next.assign(static_cast<std::size_t>(heads), tokens);
+  }
+  template <class View>
+  void upload(const View& view) const {
+    check(cudaMemcpy(view.indptr, indptr.data(), indptr.size() * 4, cudaMemcpyHostToDevice), "indptr");
+    check(cudaMemcpy(view.indices, indices.data(), indices.size() * 4, cudaMemcpyHostToDevice), "indices");
+    check(cudaMemcpy(view.last_page_len, last.data(), last.size() * 4, cudaMemcpyHostToDevice), "last_page_len");
+    check(cudaMemset(view.free_count, 0, sizeof(std::int32_t)), "free_count");
+    check(cudaMemcpy(view.positions.slot_position, positions.data(), positions.size() * 4, cudaMemcpyHostToDevice),
+          "positions");
+    check(cudaMemcpy(view.positions.next_position, next.data(), next.size() * 8, cudaMemcpyHostToDevice), "next");
+    check(cudaMemset(view.compensation.index, 0xff, next.size() * sizeof(std::int32_t)), "compensation");
+  }
+};
 
 }  // namespace kvtrim_bench
