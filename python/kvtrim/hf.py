@@ -43,6 +43,7 @@ transformers are not installed in CI).
 from __future__ import annotations
 
 import math
+import operator
 import threading
 from typing import Optional
 
@@ -181,6 +182,9 @@ class KvtrimLayer(DynamicLayer):
         self._apply_crop(drop)
 
     def _crop_count(self, tokens_to_remove: int) -> int:
+        # An int, or a 0-d integer tensor (what transformers 5.17's assisted decoding passes): a plain int,
+        # so `seen` and get_seq_length() stay ints (a tensor there would leak into every later comparison).
+        tokens_to_remove = operator.index(tokens_to_remove)
         if tokens_to_remove < 0:
             return -tokens_to_remove
         return 0 if tokens_to_remove == 0 else max(0, self.seen - tokens_to_remove)

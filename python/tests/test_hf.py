@@ -242,6 +242,12 @@ def test_crop_takes_back_generated_tokens_only():
     assert cache.get_seq_length() == 41  # refused before any layer changed
     for before, c in zip(held, cache.kvtrim_caches()):
         assert (c.head_lengths() == before + 1).all()
+    cache.crop(torch.tensor(-1))  # a 0-d int64 tensor, as transformers 5.17's assisted decoding passes it
+    assert type(cache.get_seq_length()) is int and cache.get_seq_length() == 40
+    for before, c in zip(held, cache.kvtrim_caches()):
+        assert (c.head_lengths() == before).all()
+    with pytest.raises(TypeError):
+        cache.crop(torch.tensor(-1.0))  # not a count
 
 
 def test_crop_then_continue_equals_never_having_drafted():
