@@ -712,6 +712,17 @@ TEST(EvictionStep, CudaEvictsWhatTheCpuEvictsPagesOfOne) {
     check_same_eviction<kt::layout::paged>(scope, 2, 2, 2, 300, 59, false, 1, 1);
   }
 }
+// Pages of 12 tokens (a multiple of four, not a power of two: four aligned tokens share a page,
+// slots found by division) and of 6 (neither: every 16-byte load checks its four slots), heads
+// of up to 700 tokens across pages.
+TEST(EvictionStep, CudaEvictsWhatTheCpuEvictsPagesOfTwelveAndSix) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  for (const std::int64_t page : {12, 6})
+    for (const ev::scope scope : {ev::scope::per_head, ev::scope::cross_layer}) {
+      SCOPED_TRACE(::testing::Message() << "page " << page << ", scope " << int(scope));
+      check_same_eviction<kt::layout::paged>(scope, 2, 2, 2, 700, 71 + page, scope == ev::scope::cross_layer, 1, page);
+    }
+}
 // Head dims whose fp16 rows are not whole 16-byte units: 12 (24 bytes) is refused with
 // kvtrim::error and nothing written; 8 (16 bytes, one unit a row: 2048 / 1 tail rows per
 // chunk before the cap) is moved, the tail in chunks of at most one token per thread.

@@ -553,19 +553,54 @@ __global__ void __launch_bounds__(evict_threads)
 /// A head's rows as the chunked walks read them: token i's slot, and four consecutive
 /// tokens' metrics and positions (one 16-byte load each where their slots are consecutive
 /// and aligned: within a page of a paged cache).
+/// Slots without the layout's generic arithmetic: a paged head's table and, for pages of a
+/// power of two, shifts — View::slot divides by the page size in 64 bits (a ~70-instruction
+/// sequence), four times per four tokens, which made it most of the step's first pass.
 template <class View>
 struct evict_rows {
   const View& cache;
   std::int64_t b, h, length;
-  __device__ __forceinline__ std::int64_t slot(std::int64_t i) const { return cache.slot(b, h, i); }
+  const std::int32_t* table = nullptr;  // paged: the head's page table
+  std::int64_t first = 0;               // flat: the head's first slot
+  int page_shift = -1;                  // paged: log2(page size), −1 when not a power of two
+  /// paged: four tokens from a multiple of 4 share a page (pages of a multiple of 4 tokens);
+  /// flat: every head's slots are consecutive.
+  bool runs_of_four = false;
+
+  __device__ evict_rows(const View& cache_, std::int64_t b_, std::int64_t h_, std::int64_t length_)
+      : cache(cache_), b(b_), h(h_), length(length_) {
+    const std::int64_t head = b * cache.shape.kv_heads + h;
+    if constexpr (is_paged_view<View>) {
+      table = cache.indices + cache.indptr[head];
+      const std::int64_t page = cache.page_size;
+      if (page > 0 && (page & (page - 1)) == 0) page_shift = __ffsll(static_cast<long long>(page)) - 1;
+      runs_of_four = page % 4 == 0;
+    } else if constexpr (is_flat_view<View>) {
+      first = cache.offsets[head];
+      runs_of_four = true;
+    }
+  }
+  __device__ __forceinline__ std::int64_t slot(std::int64_t i) const {
+    if constexpr (is_paged_view<View>) {
+      if (page_shift >= 0)
+        return (static_cast<std::int64_t>(table[i >> page_shift]) << page_shift) | (i & ((std::int64_t{1} << page_shift) - 1));
+      return static_cast<std::int64_t>(table[i / cache.page_size]) * cache.page_size + i % cache.page_size;
+    } else if constexpr (is_flat_view<View>) {
+      return first + i;
+    } else {
+      return cache.slot(b, h, i);
+    }
+  }
+  /// i0: a multiple of 4.
   __device__ __forceinline__ void load4(std::int64_t i0, const float* metric, float (&value)[4],
                                         std::int32_t (&position)[4], std::int64_t (&slots)[4]) const {
     slots[0] = i0 < length ? slot(i0) : 0;
     // (the metric is the engine's buffer: its alignment is checked, not assumed)
-    // (all four slots checked: with pages of one token, i0 + 1 and i0 + 2 may lie anywhere
-    // even when i0 + 3 follows i0 by three)
-    const bool whole = i0 + 3 < length && slots[0] % 4 == 0 && slot(i0 + 1) == slots[0] + 1 &&
-                       slot(i0 + 2) == slots[0] + 2 && slot(i0 + 3) == slots[0] + 3 &&
+    // (otherwise all four slots checked: with pages of one token, i0 + 1 and i0 + 2 may lie
+    // anywhere even when i0 + 3 follows i0 by three)
+    const bool whole = i0 + 3 < length && slots[0] % 4 == 0 &&
+                       (runs_of_four || (slot(i0 + 1) == slots[0] + 1 && slot(i0 + 2) == slots[0] + 2 &&
+                                         slot(i0 + 3) == slots[0] + 3)) &&
                        reinterpret_cast<std::uintptr_t>(metric) % 16 == 0 &&
                        reinterpret_cast<std::uintptr_t>(cache.positions.slot_position) % 16 == 0;
     if (whole) {
@@ -632,12 +667,17 @@ __global__ void __launch_bounds__(evict_threads, 2)
   // group) on paged, docs/composition.md §3; U consecutive slots) sum their tokens' metrics
   // in token order, as the CPU's item_key does, and are protected when a token is or when the
   // run is incomplete.
+  // The floor threshold's first digit is counted here, from the keys in registers (a pass over
+  // the keys fewer): every lane of a warp takes every iteration (evict_histogram_add is warp-wide).
+  for (int k = threadIdx.x; k < evict_bins; k += evict_threads) shared.histogram[k] = 0;
+  __syncthreads();
   std::int64_t mine_protected = 0, mine_protected_items = 0, mine_last = 0;
   for (std::int64_t c0 = 0; c0 < items; c0 += chunk) {
     const std::int64_t j0 = c0 + std::int64_t{threadIdx.x} * 4;
-    if (j0 >= items) continue;
-    std::uint32_t key[4];
-    if (run == 1) {
+    std::uint32_t key[4] = {evict_protected_key, evict_protected_key, evict_protected_key, evict_protected_key};
+    if (j0 >= items) {
+      // past the head's items: protected, nothing stored
+    } else if (run == 1) {
       float value[4];
       std::int32_t position[4];
       std::int64_t slots[4];
@@ -674,9 +714,14 @@ __global__ void __launch_bounds__(evict_threads, 2)
         if (!is_protected) mine_last = j + 1;
       }
     }
-    const uint4 four = make_uint4(key[0], key[1], key[2], key[3]);
-    keys[j0 / 4] = four;
-    if (j0 < evict_cached_keys) cached_keys[j0 / 4] = four;
+    if (j0 < items) {
+      const uint4 four = make_uint4(key[0], key[1], key[2], key[3]);
+      keys[j0 / 4] = four;
+      if (j0 < evict_cached_keys) cached_keys[j0 / 4] = four;
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      evict_histogram_add(shared.histogram, key[k] >> evict_digit_shift(0), key[k] != evict_protected_key);
   }
   std::int64_t protected_tokens = 0, protected_items = 0, ignored = 0, tail = 0;
   evict_scan(shared.scan).ExclusiveSum(mine_protected, ignored, protected_tokens);
@@ -696,14 +741,17 @@ __global__ void __launch_bounds__(evict_threads, 2)
   if (protected_tokens == 0) floor_count = std::max<std::int64_t>(floor_count, 1);  // never an empty head
   floor_count = std::min(floor_count, candidates);
 
-  // The floor threshold: three digit passes over the head's candidates.
+  // The floor threshold: three digit passes over the head's candidates (the first's histogram
+  // came with the keys; the scans above ended in barriers, so it is complete).
   std::uint32_t prefix = 0, mask = 0;
   std::int64_t remaining = floor_count;
   for (int pass = 0; pass < evict_digit_passes && floor_count > 0; ++pass) {
     const int shift = evict_digit_shift(pass), bins = evict_digit_bins(pass);
-    for (int k = threadIdx.x; k < evict_bins; k += evict_threads) shared.histogram[k] = 0;
-    __syncthreads();
-    for (std::int64_t c0 = 0; c0 < items; c0 += chunk) {  // every lane of a warp in every iteration
+    if (pass > 0) {
+      for (int k = threadIdx.x; k < evict_bins; k += evict_threads) shared.histogram[k] = 0;
+      __syncthreads();
+    }
+    for (std::int64_t c0 = 0; pass > 0 && c0 < items; c0 += chunk) {  // every lane of a warp in every iteration
       const std::int64_t i0 = c0 + std::int64_t{threadIdx.x} * 4;
       const uint4 four = i0 < items ? keys_at(i0) : make_uint4(evict_protected_key, evict_protected_key,
                                                                  evict_protected_key, evict_protected_key);
@@ -984,9 +1032,13 @@ __global__ void __launch_bounds__(evict_threads, 2)
       my_flags += i0 + k >= begin && i0 + k < end && kept[k] == flag_kept ? 1 : 0;
     }
     ties_seen += chunk_ties;
+    // Ranked only in chunks that flag some (the holes walk meets a hole in few of its chunks).
     int flags_before = 0;
-    count_scan(count_storage).ExclusiveSum(my_flags, flags_before, flagged);
-    __syncthreads();
+    flagged = 0;
+    if (__syncthreads_or(my_flags)) {
+      count_scan(count_storage).ExclusiveSum(my_flags, flags_before, flagged);
+      __syncthreads();
+    }
 #pragma unroll
     for (int k = 0; k < per_thread; ++k) flag_rank[k] += flags_before;
   };
