@@ -267,14 +267,19 @@ namespace kvtrim::cuda_detail {
 //                pool threshold per call (11 + 11 + 10 bits: three passes);
 //   histogram    one block per head: the next digit's histogram of the pool
 //                candidates that match the digits fixed so far (unit-wide atomics);
-//   count ties   one block per head: its candidates equal to the threshold;
+//                the last also lists the last digits of up to evict_tie_list matches;
+//   count ties   one block per head: its candidates equal to the threshold and above
+//                it (from that list, or a walk over its keys where it overflowed);
 //   compact      one block per head: the keep decisions (tie ranks in (head
 //                ordinal, token) order from the per-head tie counts), then the
 //                moves of eviction/evict.hpp's "Layouts": kept tokens at K or
 //                later fill the holes below K (their list is written by rank into
 //                the key array, which is dead by then), the protected tail shifts
 //                down behind them (staged: a chunk is read whole before written);
-//   close up     one block per layer: page tables and free list (the CPU's order).
+//   close up     paged: each head's old table entries copied aside (block per head),
+//                the new tables' places and free-list places (block per layer: scans
+//                over its heads, the CPU's order), the entries moved (block per head);
+//                flat: the lengths.
 // Scratch: one uint32 per storage slot of each layer plus O(layers · heads).
 
 inline constexpr int evict_threads = 512;
@@ -291,6 +296,10 @@ inline constexpr int evict_digit_passes = 3;
 inline constexpr int evict_bins = 2048;
 __host__ __device__ constexpr int evict_digit_shift(int pass) { return pass == 0 ? 21 : pass == 1 ? 10 : 0; }
 __host__ __device__ constexpr int evict_digit_bins(int pass) { return pass == 2 ? 1024 : 2048; }
+/// Pool candidates matching the threshold's first two digits that the last digit pass lists per
+/// head (their last digits): a head with no more resolves its ties and count above from the list
+/// once the last digit is picked; only heads with more read their keys again.
+inline constexpr int evict_tie_list = 8;
 
 /// Every layer's view, metric and key array, by value (kernel parameters, up to ~31 KB).
 template <class View>
@@ -347,11 +356,16 @@ struct evict_scratch {
   std::int64_t* floor_count = nullptr;
   std::int64_t* candidates = nullptr;
   std::int64_t* tail = nullptr;        // first token of the protected tail
-  std::int64_t* pool_ties = nullptr;   // pool candidates equal to the pool threshold
-  std::int64_t* pool_above = nullptr;  // pool candidates above it
+  // pool candidates equal to the pool threshold, and above it (after the last digit pass: those
+  // matching its first two digits, and those above them)
+  std::int64_t* pool_ties = nullptr;
+  std::int64_t* pool_above = nullptr;
+  std::uint16_t* pool_last_digits = nullptr;  // [layers · heads_per_layer · evict_tie_list]
   std::int64_t* new_length = nullptr;  // −1: untouched
   std::int64_t* page_write = nullptr;  // close-up: the head's first entry in the closed-up page table
-  std::int64_t* page_freed = nullptr;  // close-up: pages freed by the layer's heads before this one
+  std::int64_t* page_freed = nullptr;  // close-up: where the head's first freed page goes in the free list
+  std::int64_t* page_old_begin = nullptr;  // close-up: the head's first entry in the old page table
+  std::int64_t* page_old_count = nullptr;  // close-up: and its entries
   // per layer, [layers · (heads_per_layer + 1)]: each head's first key in the layer's key array
   // (lengths rounded up to 4: every head's keys start 16-byte aligned)
   std::int64_t* line = nullptr;
@@ -374,6 +388,9 @@ struct evict_scratch {
     s.new_length = carver.template take<std::int64_t>(count);
     s.page_write = carver.template take<std::int64_t>(count);
     s.page_freed = carver.template take<std::int64_t>(count);
+    s.page_old_begin = carver.template take<std::int64_t>(count);
+    s.page_old_count = carver.template take<std::int64_t>(count);
+    s.pool_last_digits = carver.template take<std::uint16_t>(count * evict_tie_list);
     s.line = carver.template take<std::int64_t>(layers * (heads_per_layer + 1));
     s.units = carver.template take<evict_unit_state>(units);
     s.histograms = carver.template take<unsigned>(evict_digit_passes * pooled_units * evict_bins);
@@ -624,6 +641,8 @@ struct evict_rows {
 struct evict_shared {
   typename evict_scan::TempStorage scan;
   unsigned histogram[evict_bins];
+  unsigned listed;                               // the last digit pass's matches listed so far
+  std::uint16_t last_digits[evict_tie_list];
   int digit;
   std::int64_t remaining;
   std::int32_t compensation;
@@ -897,10 +916,31 @@ __global__ void __launch_bounds__(evict_threads)
   const std::int64_t items = (set.views[l].head_length(b, h) + settings.run - 1) / settings.run;
   const uint4* keys = reinterpret_cast<const uint4*>(set.keys[l] + scratch.line[l * (settings.heads_per_layer + 1) + head]);
   const auto key_of = [](const uint4& four, int k) { return k == 0 ? four.x : k == 1 ? four.y : k == 2 ? four.z : four.w; };
+  const std::int64_t index = l * settings.heads_per_layer + head;
   if (pass == evict_digit_passes) {
+    // The last digit pass left the head's matches of the first two digits (their count in
+    // pool_ties, those above them in pool_above) and, up to evict_tie_list of them, their last
+    // digits: enough unless it had more.
+    const std::int64_t matched = scratch.pool_ties[index];
+    if (matched <= evict_tie_list) {
+      if (threadIdx.x == 0) {
+        const unsigned digit = state.prefix & static_cast<unsigned>(evict_digit_bins(evict_digit_passes - 1) - 1);
+        std::int64_t ties = 0, above = scratch.pool_above[index];
+        for (std::int64_t t = 0; t < matched; ++t) {
+          const unsigned last = scratch.pool_last_digits[index * evict_tie_list + t];
+          ties += last == digit ? 1 : 0;
+          above += last > digit ? 1 : 0;
+        }
+        scratch.pool_ties[index] = ties;
+        scratch.pool_above[index] = above;
+      }
+      return;
+    }
     std::int64_t ties = 0, above = 0, ties_total = 0, above_total = 0;
+    uint4 next = threadIdx.x * std::int64_t{4} < items ? keys[threadIdx.x] : uint4{};
     for (std::int64_t i0 = std::int64_t{threadIdx.x} * 4; i0 < items; i0 += chunk) {
-      const uint4 four = keys[i0 / 4];  // (keys past the length are protected)
+      const uint4 four = next;  // (keys past the length are protected)
+      if (i0 + chunk < items) next = keys[(i0 + chunk) / 4];
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const std::uint32_t key = key_of(four, k);
@@ -912,27 +952,59 @@ __global__ void __launch_bounds__(evict_threads)
     __syncthreads();
     evict_scan(shared.scan).ExclusiveSum(above, above, above_total);
     if (threadIdx.x == 0) {
-      scratch.pool_ties[l * settings.heads_per_layer + head] = ties_total;
-      scratch.pool_above[l * settings.heads_per_layer + head] = above_total;
+      scratch.pool_ties[index] = ties_total;
+      scratch.pool_above[index] = above_total;
     }
     return;
   }
   const int shift = evict_digit_shift(pass);
   const unsigned digit_mask = static_cast<unsigned>(evict_digit_bins(pass) - 1);
+  const bool last_pass = pass == evict_digit_passes - 1;
   for (int k = threadIdx.x; k < evict_bins; k += evict_threads) shared.histogram[k] = 0;
+  if (threadIdx.x == 0) shared.listed = 0;
   __syncthreads();
+  std::int64_t matched = 0, above = 0;  // the last pass: matches of the first two digits, candidates above them
+  const auto keys_at = [&](std::int64_t i0) {
+    return i0 < items ? keys[i0 / 4]
+                      : make_uint4(evict_protected_key, evict_protected_key, evict_protected_key, evict_protected_key);
+  };
+  uint4 next = keys_at(std::int64_t{threadIdx.x} * 4);  // a chunk ahead
   for (std::int64_t c0 = 0; c0 < items; c0 += chunk) {  // every lane of a warp in every iteration
     const std::int64_t i0 = c0 + std::int64_t{threadIdx.x} * 4;
-    const uint4 four = i0 < items ? keys[i0 / 4] : make_uint4(evict_protected_key, evict_protected_key,
-                                                               evict_protected_key, evict_protected_key);
+    const uint4 four = next;
+    next = keys_at(i0 + chunk);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const std::uint32_t key = key_of(four, k);
-      evict_histogram_add(shared.histogram, (key >> shift) & digit_mask,
-                          evict_candidate(key) && (key & state.mask) == state.prefix);
+      const bool match = evict_candidate(key) && (key & state.mask) == state.prefix;
+      evict_histogram_add(shared.histogram, (key >> shift) & digit_mask, match);
+      if (last_pass) {  // (block-uniform: every lane of the warp is here)
+        above += evict_candidate(key) && (key & state.mask) > state.prefix ? 1 : 0;
+        matched += match ? 1 : 0;
+        // One shared atomic per warp with matches (a degenerate metric may match every key).
+        const unsigned lanes = __ballot_sync(0xffffffffu, match);
+        if (lanes != 0) {
+          const unsigned lane = threadIdx.x % 32;
+          unsigned base = 0;
+          if (lane == static_cast<unsigned>(__ffs(lanes) - 1)) base = atomicAdd(&shared.listed, __popc(lanes));
+          base = __shfl_sync(0xffffffffu, base, __ffs(lanes) - 1);
+          const unsigned at = base + __popc(lanes & ((1u << lane) - 1u));
+          if (match && at < static_cast<unsigned>(evict_tie_list))
+            shared.last_digits[at] = static_cast<std::uint16_t>(key & digit_mask);
+        }
+      }
     }
   }
   __syncthreads();
+  if (last_pass) {
+    std::int64_t matched_total = 0, above_total = 0;
+    evict_scan(shared.scan).ExclusiveSum(matched, matched, matched_total);
+    __syncthreads();
+    evict_scan(shared.scan).ExclusiveSum(above, above, above_total);
+    if (threadIdx.x == 0) scratch.pool_ties[index] = matched_total, scratch.pool_above[index] = above_total;
+    if (threadIdx.x < evict_tie_list && threadIdx.x < matched_total)
+      scratch.pool_last_digits[index * evict_tie_list + threadIdx.x] = shared.last_digits[threadIdx.x];
+  }
   unsigned* histogram = scratch.histograms + (pass * std::int64_t{settings.unit_count()} + unit) * evict_bins;
   for (int k = threadIdx.x; k < evict_bins; k += evict_threads)
     if (shared.histogram[k] != 0) atomicAdd(histogram + k, shared.histogram[k]);
@@ -1001,12 +1073,17 @@ __global__ void __launch_bounds__(evict_threads, 2)
   auto& count_storage = reinterpret_cast<typename count_scan::TempStorage&>(shared.scan);
   static_assert(sizeof(typename count_scan::TempStorage) <= sizeof(typename evict_scan::TempStorage));
   std::int64_t ties_seen = 0;
-  const auto decide = [&](std::int64_t c0, std::int64_t begin, std::int64_t end, bool flag_kept,
+  // This thread's four keys of the chunk at c0 (protected outside [begin, end)); the walks load
+  // them a chunk ahead (one load in flight across the chunk's barriers).
+  const auto load_keys = [&](std::int64_t c0, std::int64_t begin, std::int64_t end) {
+    const std::int64_t i0 = c0 + std::int64_t{threadIdx.x} * per_thread;
+    return i0 < end && i0 + per_thread > begin
+               ? reinterpret_cast<const uint4*>(keys)[i0 / 4]
+               : make_uint4(evict_protected_key, evict_protected_key, evict_protected_key, evict_protected_key);
+  };
+  const auto decide = [&](const uint4& four, std::int64_t c0, std::int64_t begin, std::int64_t end, bool flag_kept,
                           bool (&kept)[per_thread], int (&flag_rank)[per_thread], int& flagged) {
     const std::int64_t i0 = c0 + std::int64_t{threadIdx.x} * per_thread;
-    const uint4 four = i0 < end && i0 + per_thread > begin ? reinterpret_cast<const uint4*>(keys)[i0 / 4]
-                                : make_uint4(evict_protected_key, evict_protected_key, evict_protected_key,
-                                             evict_protected_key);
     const std::uint32_t key[per_thread] = {four.x, four.y, four.z, four.w};
     bool tie[per_thread];
     int my_ties = 0;
@@ -1043,12 +1120,16 @@ __global__ void __launch_bounds__(evict_threads, 2)
     for (int k = 0; k < per_thread; ++k) flag_rank[k] += flags_before;
   };
 
-  // The holes below K, by rank (each chunk's keys are read before the scans, so before any write).
+  // The holes below K, by rank (each chunk's keys are read before the scans, so before any write;
+  // the writes go below the chunk's end, the next chunk's keys lie past it).
   std::int64_t holes = 0;
+  uint4 next_keys = load_keys(0, 0, K);
   for (std::int64_t c0 = 0; c0 < K; c0 += chunk) {
     bool kept[per_thread];
     int rank[per_thread], flagged;
-    decide(c0, 0, K, false, kept, rank, flagged);
+    const uint4 four = next_keys;
+    next_keys = load_keys(c0 + chunk, 0, K);
+    decide(four, c0, 0, K, false, kept, rank, flagged);
 #pragma unroll
     for (int k = 0; k < per_thread; ++k) {
       const std::int64_t i = c0 + std::int64_t{threadIdx.x} * per_thread + k;
@@ -1067,10 +1148,13 @@ __global__ void __launch_bounds__(evict_threads, 2)
   // A chunk starting at K may start mid-group: its walk starts at the group holding K. An item's
   // U tokens lie in consecutive slots (an aligned run), so its first slot locates all of them.
   std::int64_t movers = 0;
+  next_keys = load_keys(K / per_thread * per_thread, K, tail);
   for (std::int64_t c0 = K / per_thread * per_thread; c0 < tail; c0 += chunk) {
     bool kept[per_thread];
     int rank[per_thread], flagged;
-    decide(c0, K, tail, true, kept, rank, flagged);
+    const uint4 four = next_keys;
+    next_keys = load_keys(c0 + chunk, K, tail);
+    decide(four, c0, K, tail, true, kept, rank, flagged);
 #pragma unroll
     for (int k = 0; k < per_thread; ++k) {
       const std::int64_t j = c0 + std::int64_t{threadIdx.x} * per_thread + k;
@@ -1146,11 +1230,25 @@ __global__ void __launch_bounds__(evict_threads, 2)
   }
 }
 
-/// One block per layer: lengths from new_length (−1: unchanged); paged: pages past a head's
-/// new length pushed on the free list (head order, page-table order: the CPU's), the page
-/// tables closed up. The old table is copied to the layer's key array (dead by now) first, so
-/// every entry moves in parallel; two scans over the heads give each its place in the new
-/// table and in the free list.
+/// Close-up threads a block (the per-head copy and moves: ~2k entries a head at 32k tokens).
+inline constexpr int evict_close_threads = 256;
+
+/// Paged, block per head (before evict_close_up rewrites the tables): the head's old page-table
+/// entries copied to the layer's key array (dead by now), at the same places, so that
+/// evict_close_up_move can read them while the table is rewritten in place.
+template <class View>
+__global__ void __launch_bounds__(evict_close_threads)
+    evict_close_up_copy(const __grid_constant__ evict_layer_set<View> set, std::int64_t heads_per_layer) {
+  const View& cache = set.views[blockIdx.x / heads_per_layer];
+  const std::int64_t head = blockIdx.x % heads_per_layer, begin = cache.indptr[head], end = cache.indptr[head + 1];
+  auto* old_indices = reinterpret_cast<std::int32_t*>(set.keys[blockIdx.x / heads_per_layer]);
+  for (std::int64_t k = begin + threadIdx.x; k < end; k += evict_close_threads) old_indices[k] = cache.indices[k];
+}
+
+/// One block per layer: lengths from new_length (−1: unchanged); paged: each head's place in
+/// the closed-up page table and, for the pages past its new length, in the free list (head
+/// order, page-table order: the CPU's), two scans over the heads; then the new indptr,
+/// last_page_len and free count. The entries themselves move in evict_close_up_move.
 template <class View>
 __global__ void __launch_bounds__(evict_threads)
     evict_close_up(const __grid_constant__ evict_layer_set<View> set, const evict_scratch scratch,
@@ -1164,27 +1262,9 @@ __global__ void __launch_bounds__(evict_threads)
     static_assert(is_paged_view<View>, "kvtrim::evict: layout::paged or layout::flat");
     using scan = cub::BlockScan<std::int64_t, evict_threads>;
     __shared__ typename scan::TempStorage storage;
-    std::int64_t* page_write = scratch.page_write + blockIdx.x * heads_per_layer;
-    std::int64_t* page_freed = scratch.page_freed + blockIdx.x * heads_per_layer;
-    auto* old_indices = reinterpret_cast<std::int32_t*>(set.keys[blockIdx.x]);
-    const std::int64_t page_size = cache.page_size, old_total = cache.indptr[heads_per_layer];
+    const std::int64_t first = blockIdx.x * heads_per_layer;
+    const std::int64_t page_size = cache.page_size;
     const std::int32_t free_base = *cache.free_count;
-    // (Four independent loads in flight a thread before their stores: 32 blocks only, so the
-    // copy and the moves below are latency-bound without them.)
-    for (std::int64_t k0 = threadIdx.x; k0 < old_total; k0 += 4 * evict_threads) {
-      std::int32_t entry[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const std::int64_t k = k0 + std::int64_t{u} * evict_threads;
-        entry[u] = k < old_total ? cache.indices[k] : 0;
-      }
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const std::int64_t k = k0 + std::int64_t{u} * evict_threads;
-        if (k < old_total) old_indices[k] = entry[u];
-      }
-    }
-    // Per head: its new page count (kept pages first), where they go, where its freed pages go.
     std::int64_t written = 0, freed = 0;
     for (std::int64_t tile = 0; tile < heads_per_layer; tile += evict_threads) {
       const std::int64_t head = tile + threadIdx.x;
@@ -1195,45 +1275,24 @@ __global__ void __launch_bounds__(evict_threads)
         const std::int64_t length = lengths[head] < 0 ? old_length : lengths[head];
         lengths[head] = length;  // resolved (this thread's own entry)
         pages = (length + page_size - 1) / page_size;
+        scratch.page_old_begin[first + head] = cache.indptr[head];
+        scratch.page_old_count[first + head] = old_count;
       }
       std::int64_t write_before = 0, write_total = 0, freed_before = 0, freed_total = 0;
       scan(storage).ExclusiveSum(pages, write_before, write_total);
       __syncthreads();
       scan(storage).ExclusiveSum(old_count - pages, freed_before, freed_total);
       __syncthreads();
-      if (head < heads_per_layer) page_write[head] = written + write_before, page_freed[head] = freed + freed_before;
+      if (head < heads_per_layer)
+        scratch.page_write[first + head] = written + write_before,
+        scratch.page_freed[first + head] = free_base + freed + freed_before;
       written += write_total, freed += freed_total;
     }
-    __syncthreads();  // old_indices, page_write, page_freed visible to the block; every old table entry read
-    // A warp per head (heads' entries go to disjoint places), four entries a lane in flight.
-    constexpr int warps = evict_threads / 32;
-    const int lane = threadIdx.x % 32;
-    for (std::int64_t head = threadIdx.x / 32; head < heads_per_layer; head += warps) {
-      const std::int64_t old_begin = cache.indptr[head], old_count = cache.indptr[head + 1] - old_begin;
-      const std::int64_t write = page_write[head], freed_before = page_freed[head];
-      const std::int64_t pages = (head + 1 < heads_per_layer ? page_write[head + 1] : written) - write;
-      for (std::int64_t k0 = lane; k0 < old_count; k0 += 4 * 32) {
-        std::int32_t page[4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const std::int64_t k = k0 + 32 * u;
-          page[u] = k < old_count ? old_indices[old_begin + k] : 0;
-        }
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const std::int64_t k = k0 + 32 * u;
-          if (k >= old_count) continue;
-          if (k < pages)
-            cache.indices[write + k] = page[u];
-          else
-            cache.free_pages[free_base + freed_before + (k - pages)] = page[u];
-        }
-      }
-    }
-    __syncthreads();  // every thread has read indptr before it changes
+    __syncthreads();  // every thread has read indptr before it changes; page_write visible to the block
     for (std::int64_t head = threadIdx.x; head < heads_per_layer; head += evict_threads) {
       const std::int64_t length = lengths[head];
-      cache.indptr[head + 1] = static_cast<std::int32_t>(head + 1 < heads_per_layer ? page_write[head + 1] : written);
+      cache.indptr[head + 1] =
+          static_cast<std::int32_t>(head + 1 < heads_per_layer ? scratch.page_write[first + head + 1] : written);
       cache.last_page_len[head] = static_cast<std::int32_t>(length == 0 ? 0 : (length - 1) % page_size + 1);
     }
     if (threadIdx.x == 0) {
@@ -1241,6 +1300,27 @@ __global__ void __launch_bounds__(evict_threads)
       atomicAdd(reinterpret_cast<unsigned long long*>(&scratch.report->freed_pages),
                 static_cast<unsigned long long>(freed));
     }
+  }
+}
+
+/// Paged, block per head (after evict_close_up): the head's kept pages to its place in the
+/// closed-up table, the rest to its place in the free list, from evict_close_up_copy's copy.
+template <class View>
+__global__ void __launch_bounds__(evict_close_threads)
+    evict_close_up_move(const __grid_constant__ evict_layer_set<View> set, const evict_scratch scratch,
+                        std::int64_t heads_per_layer) {
+  const std::int64_t l = blockIdx.x / heads_per_layer, index = blockIdx.x;
+  const View& cache = set.views[l];
+  const auto* old_indices = reinterpret_cast<const std::int32_t*>(set.keys[l]);
+  const std::int64_t old_begin = scratch.page_old_begin[index], old_count = scratch.page_old_count[index];
+  const std::int64_t write = scratch.page_write[index], freed_at = scratch.page_freed[index];
+  const std::int64_t pages = (scratch.new_length[index] + cache.page_size - 1) / cache.page_size;
+  for (std::int64_t k = threadIdx.x; k < old_count; k += evict_close_threads) {
+    const std::int32_t page = old_indices[old_begin + k];
+    if (k < pages)
+      cache.indices[write + k] = page;
+    else
+      cache.free_pages[freed_at + (k - pages)] = page;
   }
 }
 
@@ -1362,8 +1442,17 @@ struct implementation<eviction::step, backend::cuda> {
     }
     cuda_detail::evict_compact<View><<<head_grid, threads, 0, stream>>>(*set, settings, tables);
     detail::check_launch(function, "evict_compact");
+    if constexpr (cuda_detail::is_paged_view<View>) {
+      cuda_detail::evict_close_up_copy<View><<<head_grid, cuda_detail::evict_close_threads, 0, stream>>>(*set, heads);
+      detail::check_launch(function, "evict_close_up_copy");
+    }
     cuda_detail::evict_close_up<View><<<static_cast<unsigned>(layer_count), threads, 0, stream>>>(*set, tables, heads);
     detail::check_launch(function, "evict_close_up");
+    if constexpr (cuda_detail::is_paged_view<View>) {
+      cuda_detail::evict_close_up_move<View><<<head_grid, cuda_detail::evict_close_threads, 0, stream>>>(*set, tables,
+                                                                                                         heads);
+      detail::check_launch(function, "evict_close_up_move");
+    }
     if (report != nullptr)
       detail::check_cuda(cudaMemcpyAsync(report, tables.report, sizeof(eviction::report), cudaMemcpyDeviceToDevice,
                                          stream),
