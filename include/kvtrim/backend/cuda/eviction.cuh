@@ -937,7 +937,9 @@ __global__ void __launch_bounds__(evict_threads)
       return;
     }
     std::int64_t ties = 0, above = 0, ties_total = 0, above_total = 0;
-    uint4 next = threadIdx.x * std::int64_t{4} < items ? keys[threadIdx.x] : uint4{};
+    uint4 next = threadIdx.x * std::int64_t{4} < items ? keys[threadIdx.x]
+                                                      : make_uint4(evict_protected_key, evict_protected_key,
+                                                                   evict_protected_key, evict_protected_key);
     for (std::int64_t i0 = std::int64_t{threadIdx.x} * 4; i0 < items; i0 += chunk) {
       const uint4 four = next;  // (keys past the length are protected)
       if (i0 + chunk < items) next = keys[(i0 + chunk) / 4];
@@ -1041,6 +1043,7 @@ __global__ void __launch_bounds__(evict_threads, 2)
   const std::int64_t length = cache.head_length(b, h), tail = scratch.tail[index];  // tail: an item
   const std::int64_t compensation = cache.compensation.index[head];
   const bool pooled = state.none == 0;
+  const evict_rows<View> rows{cache, b, h, length};  // slots without View::slot's 64-bit division
 
   // Pool ties kept before this head: the unit's heads of lower ordinal (l·kv_heads + h).
   std::int64_t tie_offset = 0;
@@ -1085,36 +1088,43 @@ __global__ void __launch_bounds__(evict_threads, 2)
                           bool (&kept)[per_thread], int (&flag_rank)[per_thread], int& flagged) {
     const std::int64_t i0 = c0 + std::int64_t{threadIdx.x} * per_thread;
     const std::uint32_t key[per_thread] = {four.x, four.y, four.z, four.w};
-    bool tie[per_thread];
-    int my_ties = 0;
+    bool tie[per_thread], valid[per_thread];
+    int my_ties = 0, my_flags = 0;  // flags: of the tokens that are not ties
 #pragma unroll
     for (int k = 0; k < per_thread; ++k) {
-      const bool valid = i0 + k >= begin && i0 + k < end;
-      const bool candidate = valid && evict_candidate(key[k]);
+      valid[k] = i0 + k >= begin && i0 + k < end;
+      const bool candidate = valid[k] && evict_candidate(key[k]);
       tie[k] = candidate && pooled && key[k] == state.prefix;
-      kept[k] = valid && (!candidate || (pooled && key[k] > state.prefix));
+      kept[k] = valid[k] && (!candidate || (pooled && key[k] > state.prefix));
       my_ties += tie[k] ? 1 : 0;
+      my_flags += valid[k] && !tie[k] && kept[k] == flag_kept ? 1 : 0;
     }
-    int ties_before = 0, chunk_ties = 0;
-    if (__syncthreads_or(my_ties)) {  // ties are rare: rank them only when the chunk has some
-      count_scan(count_storage).ExclusiveSum(my_ties, ties_before, chunk_ties);
-      __syncthreads();
-    }
-    std::int64_t running = tie_offset + ties_seen + ties_before;
-    int my_flags = 0;
+    // One scan for both counts (ties in the high half, flags in the low: each ≤ 2048 a chunk, so
+    // the low half never carries). Ties are rare: a chunk without any has its flags final here;
+    // one with some resolves them in rank order and scans its flags again.
+    int packed_before = 0, packed_total = 0;
+    count_scan(count_storage).ExclusiveSum((my_ties << 16) | my_flags, packed_before, packed_total);
+    __syncthreads();
+    const int ties_before = packed_before >> 16, chunk_ties = packed_total >> 16;
+    int flags_before = packed_before & 0xffff;
+    flagged = packed_total & 0xffff;
+    if (chunk_ties != 0) {  // (block-uniform)
+      std::int64_t running = tie_offset + ties_seen + ties_before;
+      my_flags = 0;
 #pragma unroll
-    for (int k = 0; k < per_thread; ++k) {
-      if (tie[k]) kept[k] = running++ < state.remaining;
-      flag_rank[k] = my_flags;
-      my_flags += i0 + k >= begin && i0 + k < end && kept[k] == flag_kept ? 1 : 0;
-    }
-    ties_seen += chunk_ties;
-    // Ranked only in chunks that flag some (the holes walk meets a hole in few of its chunks).
-    int flags_before = 0;
-    flagged = 0;
-    if (__syncthreads_or(my_flags)) {
+      for (int k = 0; k < per_thread; ++k) {
+        if (tie[k]) kept[k] = running++ < state.remaining;
+        my_flags += valid[k] && kept[k] == flag_kept ? 1 : 0;
+      }
       count_scan(count_storage).ExclusiveSum(my_flags, flags_before, flagged);
       __syncthreads();
+    }
+    ties_seen += chunk_ties;
+    int mine = 0;
+#pragma unroll
+    for (int k = 0; k < per_thread; ++k) {
+      flag_rank[k] = mine;
+      mine += valid[k] && kept[k] == flag_kept ? 1 : 0;
     }
 #pragma unroll
     for (int k = 0; k < per_thread; ++k) flag_rank[k] += flags_before;
@@ -1160,7 +1170,7 @@ __global__ void __launch_bounds__(evict_threads, 2)
       const std::int64_t j = c0 + std::int64_t{threadIdx.x} * per_thread + k;
       if (j >= K && j < tail && kept[k]) {
         const std::int64_t target = keys[movers + rank[k]];
-        const std::int64_t from = cache.slot(b, h, j * run), to = cache.slot(b, h, target * run);
+        const std::int64_t from = rows.slot(j * run), to = rows.slot(target * run);
         for (std::int64_t t = 0; t < run; ++t) {  // items before the tail are whole runs
           positions[to + t] = positions[from + t];
           metric[to + t] = metric[from + t];
@@ -1172,9 +1182,10 @@ __global__ void __launch_bounds__(evict_threads, 2)
       }
     }
     __syncthreads();
-    const std::int64_t item_parts = run * parts;
-    for (std::int64_t e = threadIdx.x; e < flagged * item_parts; e += evict_threads) {
-      const std::int64_t k = e / item_parts, t = e % item_parts / parts, part = e % parts;
+    // (32-bit: flagged ≤ 2048 items of run · parts ≤ a few thousand 16-byte parts)
+    const unsigned item_parts = static_cast<unsigned>(run * parts), parts32 = static_cast<unsigned>(parts);
+    for (unsigned e = threadIdx.x; e < static_cast<unsigned>(flagged) * item_parts; e += evict_threads) {
+      const unsigned k = e / item_parts, t = e % item_parts / parts32, part = e % parts32;
       mover.store(move_to[k] + t, part, mover.load(move_from[k] + t, part));
     }
     movers += flagged;
@@ -1193,14 +1204,15 @@ __global__ void __launch_bounds__(evict_threads, 2)
       std::int32_t position = 0;
       float value = 0.0f;
       std::int64_t to = 0;
+      const unsigned parts32 = static_cast<unsigned>(parts), count_parts = static_cast<unsigned>(count * parts);
 #pragma unroll
       for (int p = 0; p < staged_parts; ++p) {
-        const std::int64_t e = threadIdx.x + std::int64_t{p} * evict_threads;
-        if (e < count * parts) staged[p] = mover.load(cache.slot(b, h, c0 + e / parts), e % parts);
+        const unsigned e = threadIdx.x + p * evict_threads;  // < 8 · 512
+        if (e < count_parts) staged[p] = mover.load(rows.slot(c0 + e / parts32), e % parts32);
       }
       if (threadIdx.x < count) {
-        const std::int64_t i = c0 + threadIdx.x, from = cache.slot(b, h, i);
-        to = cache.slot(b, h, i - shift);
+        const std::int64_t i = c0 + threadIdx.x, from = rows.slot(i);
+        to = rows.slot(i - shift);
         position = positions[from];
         value = metric[from];
         evict_codec_moved(cache.storage, head, i, length, from, to);  // reads slot_rows[from] before any store
@@ -1208,8 +1220,8 @@ __global__ void __launch_bounds__(evict_threads, 2)
       __syncthreads();
 #pragma unroll
       for (int p = 0; p < staged_parts; ++p) {
-        const std::int64_t e = threadIdx.x + std::int64_t{p} * evict_threads;
-        if (e < count * parts) mover.store(cache.slot(b, h, c0 + e / parts - shift), e % parts, staged[p]);
+        const unsigned e = threadIdx.x + p * evict_threads;
+        if (e < count_parts) mover.store(rows.slot(c0 + e / parts32 - shift), e % parts32, staged[p]);
       }
       if (threadIdx.x < count) {
         positions[to] = position;
@@ -1220,7 +1232,7 @@ __global__ void __launch_bounds__(evict_threads, 2)
   }
   const std::int64_t new_length = K * run + (length - tail * run);
   for (std::int64_t i = new_length + threadIdx.x; i < length; i += evict_threads)
-    metric[cache.slot(b, h, i)] = 0.0f;  // freed slots read 0
+    metric[rows.slot(i)] = 0.0f;  // freed slots read 0
   __syncthreads();
   if (threadIdx.x == 0) {
     cache.compensation.index[head] = compensation >= tail * run && compensation < length
