@@ -84,7 +84,10 @@ void decode_attention(benchmark::State& state) {
 /// 6 fp8 e4m3 (fixed scales: no amax pass in the encode), 7 low_rank at r =
 /// head_dim / 4 (post-RoPE keys; profile bases: one random orthonormal basis
 /// per head, fitted on the host with Eigen and installed before the
-/// compaction), 8 the same with pre-RoPE keys (keys rebuilt and rotated per token).
+/// compaction), 8 the same with pre-RoPE keys (keys rebuilt and rotated per token),
+/// 9 low_rank with sequence bases (the codec's default source: fitted on the
+/// device to every head's rows at each compaction, low_rank_fit.cuh; max_rank
+/// head_dim / 4, energy 0.98): encode_us then includes the fit.
 template <class CodecT>
 void codec_decode(benchmark::State& state) {
   using scheme = kt::scheme<kt::layout::contiguous, kt::score::static_window, kt::budget::uniform, CodecT,
@@ -96,13 +99,13 @@ void codec_decode(benchmark::State& state) {
   if constexpr (requires { config.scales; })
     config.scales = state.range(5) == 6 ? kt::codec::fp8_scaling::fixed : kt::codec::fp8_scaling::head_amax;
   if constexpr (std::is_same_v<CodecT, kt::codec::low_rank>) {
-    config.source = kt::codec::basis_source::profile;
+    config.source = state.range(5) == 9 ? kt::codec::basis_source::sequence : kt::codec::basis_source::profile;
     config.max_rank = shape.head_dim / 4;
     if (state.range(5) == 8) config.keys = kt::codec::key_space::pre_rope;
   }
   auto cache = scheme::make_cache(shape, batch, tokens, config);
   const std::int64_t heads = batch * shape.kv_heads, elements = heads * tokens * shape.head_dim;
-  if constexpr (std::is_same_v<CodecT, kt::codec::low_rank>) {
+  if constexpr (std::is_same_v<CodecT, kt::codec::low_rank>) if (state.range(5) != 9) {
     const std::int64_t rank = shape.head_dim / 4;
     std::mt19937_64 random(7);
     std::normal_distribution<double> normal(0.0, 1.0);
@@ -192,7 +195,8 @@ void codec_decode(benchmark::State& state) {
 /// compaction (the CPU's prepare_head: Eigen, singular values for the rank, then
 /// the basis): one head's `tokens` × head_dim keys → its top head_dim / 4 right
 /// singular vectors, timed on the host CPU of this run. The device path takes
-/// profile bases instead (codec_low_rank.cuh); a cuSOLVER fit is not measured.
+/// device fits them itself (low_rank_fit.cuh: codec_decode_low_rank_sequence's
+/// encode_us, every head of W at once); this row is what a host fit would cost instead.
 void low_rank_host_fit(benchmark::State& state) {
   const std::int64_t tokens = state.range(0), dim = state.range(1);
   std::mt19937_64 random(11);
@@ -203,6 +207,92 @@ void low_rank_host_fit(benchmark::State& state) {
     const Eigen::MatrixXd basis = kt::codec::low_rank::fit_basis(rows, dim / 4, 0.98, dim / 4);
     benchmark::DoNotOptimize(basis.data());
   }
+}
+
+/// Decode-time appends to a low_rank cache with sequence bases (update_freq 16, max_rank head_dim / 4):
+/// after a compaction of `tokens` rows per head (timed once as fit_us), 16 appends of one token to every
+/// head, the 16th filling the pending buffers so that every head's bases are refreshed on the device
+/// (low_rank_append_refreshing); an iteration times the 16 (median reported per append and for the 16).
+void low_rank_sequence_append(benchmark::State& state) {
+  using scheme = kt::scheme<kt::layout::contiguous, kt::score::static_window, kt::budget::uniform, kt::codec::low_rank,
+                            kt::backend::cuda>;
+  const std::int64_t batch = state.range(0), tokens = state.range(1);
+  const kt::model_shape shape{.q_heads = 4 * state.range(2), .kv_heads = state.range(2), .head_dim = state.range(3)};
+  kt::codec::low_rank::config config{};
+  config.max_rank = shape.head_dim / 4;
+  constexpr std::int64_t steps = 16;
+  const std::int64_t iterations = 12;  // 10 timed + warm-up + one spare
+  auto cache = scheme::make_cache(shape, batch, tokens + steps * iterations, config);
+  const std::int64_t heads = batch * shape.kv_heads, elements = heads * tokens * shape.head_dim;
+  __half *keys = nullptr, *values = nullptr, *new_keys = nullptr, *new_values = nullptr;
+  check(cudaMalloc(&keys, elements * sizeof(__half)), "cudaMalloc");
+  check(cudaMalloc(&values, elements * sizeof(__half)), "cudaMalloc");
+  check(cudaMalloc(&new_keys, heads * shape.head_dim * sizeof(__half)), "cudaMalloc");
+  check(cudaMalloc(&new_values, heads * shape.head_dim * sizeof(__half)), "cudaMalloc");
+  fill_random<<<1024, 256>>>(keys, elements, 1);
+  fill_random<<<1024, 256>>>(values, elements, 2);
+  fill_random<<<64, 256>>>(new_keys, heads * shape.head_dim, 4);
+  fill_random<<<64, 256>>>(new_values, heads * shape.head_dim, 5);
+  std::vector<std::int64_t> offsets(static_cast<std::size_t>(heads + 1));
+  for (std::int64_t head = 0; head <= heads; ++head) offsets[head] = head * tokens;
+  std::vector<std::int32_t> kept(static_cast<std::size_t>(heads * tokens));
+  for (std::int64_t i = 0; i < heads * tokens; ++i) kept[i] = static_cast<std::int32_t>(i % tokens);
+  std::int64_t* device_offsets = nullptr;
+  std::int32_t* device_kept = nullptr;
+  check(cudaMalloc(&device_offsets, offsets.size() * 8), "cudaMalloc");
+  check(cudaMalloc(&device_kept, kept.size() * 4), "cudaMalloc");
+  check(cudaMemcpy(device_offsets, offsets.data(), offsets.size() * 8, cudaMemcpyHostToDevice), "offsets");
+  check(cudaMemcpy(device_kept, kept.data(), kept.size() * 4, cudaMemcpyHostToDevice), "kept");
+  const auto key_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(keys),
+                                                         std::array<std::int64_t, 4>{batch, shape.kv_heads, tokens, shape.head_dim});
+  const auto value_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(values),
+                                                           std::array<std::int64_t, 4>{batch, shape.kv_heads, tokens, shape.head_dim});
+  const std::array<std::int64_t, 4> one{batch, shape.kv_heads, 1, shape.head_dim};
+  const auto new_key_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(new_keys), one);
+  const auto new_value_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(new_values), one);
+  kt::compact_args args;
+  args.uniform_keep = tokens;
+  cudaStream_t stream;
+  cudaStreamCreate(&stream);
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start), cudaEventCreate(&stop);
+  const auto compact = [&] {
+    kt::implementation<kt::layout::contiguous, kt::backend::cuda>::compact(
+        cache.view(), key_view, value_view, kt::selection_view<kt::device_space>{device_offsets, device_kept, heads},
+        args, stream);
+  };
+  compact();  // warm-up: creates the cuSOLVER handle and its buffer
+  cudaEventRecord(start, stream);
+  compact();
+  cudaEventRecord(stop, stream);
+  check(cudaEventSynchronize(stop), "compact");
+  float fit_ms = 0.0f;
+  cudaEventElapsedTime(&fit_ms, start, stop);
+  const auto sixteen = [&] {
+    for (std::int64_t step = 0; step < steps; ++step)
+      kt::implementation<kt::layout::contiguous, kt::backend::cuda>::append(cache.view(), new_key_view, new_value_view,
+                                                                          stream);
+  };
+  sixteen();  // warm-up
+  std::vector<double> seconds;
+  for (auto _ : state) {
+    cudaEventRecord(start, stream);
+    sixteen();
+    cudaEventRecord(stop, stream);
+    check(cudaEventSynchronize(stop), "append");
+    float ms = 0.0f;
+    cudaEventElapsedTime(&ms, start, stop);
+    state.SetIterationTime(ms * 1e-3);
+    seconds.push_back(ms * 1e-3);
+  }
+  std::sort(seconds.begin(), seconds.end());
+  state.counters["fit_us"] = fit_ms * 1e3;
+  state.counters["sixteen_appends_us"] = seconds[seconds.size() / 2] * 1e6;
+  state.counters["append_us"] = seconds[seconds.size() / 2] * 1e6 / steps;
+  cudaEventDestroy(start), cudaEventDestroy(stop);
+  cudaFree(keys), cudaFree(values), cudaFree(new_keys), cudaFree(new_values), cudaFree(device_offsets),
+      cudaFree(device_kept);
+  cudaStreamDestroy(stream);
 }
 
 /// Per-head lengths for `heads` heads of at most `tokens`: mode 0 every head
@@ -367,6 +457,14 @@ BENCHMARK(codec_legacy_encode<kt::codec::int4>)->Name("codec_legacy_encode_int4_
 BENCHMARK(codec_legacy_encode<kt::codec::fp8>)->Name("codec_legacy_encode_fp8") KVTRIM_LEGACY_ENCODE_ROWS(4);
 BENCHMARK(codec_legacy_encode<kt::codec::int4>)->Name("codec_legacy_encode_int4") KVTRIM_LEGACY_ENCODE_ROWS(5);
 BENCHMARK(codec_legacy_encode<kt::codec::fp8>)->Name("codec_legacy_encode_fp8_fixed_scales") KVTRIM_LEGACY_ENCODE_ROWS(6);
+BENCHMARK(codec_decode<kt::codec::low_rank>)->Name("codec_decode_low_rank_sequence") KVTRIM_CODEC_ROWS(9);
+BENCHMARK(low_rank_sequence_append)
+    ->ArgNames({"batch", "tokens", "kv_heads", "head_dim"})
+    ->Args({8, 4096, 8, 128})
+    ->Args({8, 32768, 8, 128})
+    ->UseManualTime()
+    ->Iterations(10)
+    ->Unit(benchmark::kMicrosecond);
 BENCHMARK(low_rank_host_fit)->ArgNames({"tokens", "head_dim"})->Args({4096, 128})->Args({32768, 128})->Iterations(2)->Unit(benchmark::kMillisecond);
 // Pre-RoPE keys cost O(head_dim · r) products and head_dim / 2 rotations per token (compute-bound): fewer repetitions.
 BENCHMARK(codec_decode<kt::codec::low_rank>)

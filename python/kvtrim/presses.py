@@ -424,9 +424,9 @@ class LowRank(Codec):
     """Each token as ``rank`` fp16 coefficients in a per-head orthonormal basis (codec::low_rank; Eigen
     Attention, Palu, ShadowKV): a token x is stored as c = Uᵀx and read as U c.
 
-    source: where the bases come from. ``"sequence"`` (CPU): fitted at every compress from the SVD of each
-    head's kept keys (and values), grown every ``update_freq`` appended tokens. ``"profile"`` (CPU and
-    CUDA): calibrated offline and installed with ``Cache.set_basis(key_bases, value_bases)`` or, from a
+    source: where the bases come from. ``"sequence"``: fitted at every compress from the SVD of each
+    head's kept keys (and values), grown every ``update_freq`` appended tokens (CPU: Eigen; CUDA: on the
+    device, update_freq ≤ 32, equal to the CPU's bases up to rounding and sign). ``"profile"``: calibrated offline and installed with ``Cache.set_basis(key_bases, value_bases)`` or, from a
     kvtrim.LowRankProfile (calibrate_layer, save, load; ranks per head), ``Cache.load_low_rank_profile``
     before the first compress (``rank`` or ``max_rank`` is then the most columns a basis may have; no refresh).
 

@@ -695,12 +695,8 @@ class typed_cache final : public cache_base {
         codec_config_(convert::codec(std::type_identity<codec_type>{}, s)),
         cache_(Scheme::make_cache(shape, batch, convert::room<layout_type>(s, capacity), codec_config_)),
         check_each_call_(convert::pick<bool>("check", s.check, {{"sync", true}, {"deferred", false}})) {
-    if constexpr (low_rank_codec && !on_host)
-      if (cache_.view().storage.from_sequence)
-        detail::fail("kvtrim.Cache", "codec",
-                     "LowRank(source=\"profile\") on device=\"cuda\" (bases calibrated offline and installed with "
-                     "Cache.set_basis; kvtrim fits per-sequence bases on the CPU only)",
-                     "LowRank(source=\"sequence\")");
+    // LowRank(source="sequence") on CUDA: bases fitted on the device (low_rank_fit.cuh); its update_freq
+    // limit (≤ 32) is checked by the first compress, before anything is written.
   }
 
   void compress(const array& keys, const array& values, const array* window_queries, const array* scores,
@@ -1139,12 +1135,12 @@ class typed_cache final : public cache_base {
     stream_ = stream;
   }
 
-  /// A device low-rank cache encodes a head without a basis as zeros (codec_low_rank.cuh: a kernel
-  /// cannot throw); the CPU's check_storage refuses it. The binding knows whether set_basis ran, so
+  /// A device low-rank cache with profile bases encodes a head without a basis as zeros (codec_low_rank.cuh:
+  /// a kernel cannot throw); the CPU's check_storage refuses it. The binding knows whether set_basis ran, so
   /// a device cache refuses too, with the CPU's words, before anything is written.
   void require_device_bases(std::string_view function) const {
     if constexpr (low_rank_codec && !on_host)
-      if (!bases_installed_)
+      if (!bases_installed_ && !cache_.view().storage.from_sequence)  // sequence bases: fitted by compress
         detail::fail(function, "cache.storage",
                      "a basis for every head (basis_source::profile: call set_basis or load the profile's bases "
                      "first)",

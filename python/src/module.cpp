@@ -161,7 +161,7 @@ class py_cache {
       const kp::scheme_key on_cpu{"cpu", s.layout, s.scorer, s.budget, s.codec};
       if (s.codec == "low_rank")
         kvtrim::detail::fail("kvtrim.Cache", "scheme",
-                             "a compiled CUDA low_rank scheme: LowRank(source=\"profile\") with StreamingLLM, SnapKV, "
+                             "a compiled CUDA low_rank scheme: LowRank (profile or sequence bases) with StreamingLLM, SnapKV, "
                              "Ada-SnapKV and RazorAttention on the flat layout (this scheme runs with device=\"cpu\")",
                              asked);
       if (schemes().count(on_cpu) != 0)

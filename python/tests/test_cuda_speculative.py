@@ -258,6 +258,126 @@ def low_rank_attention_bound(queries, stored, kv_heads, compensated=()):
     return bound
 
 
+def structured_rows(rng, basis, count, new_direction):
+    """count rows x = Σ_j a_j σ_j u_j + 10⁻³·noise over a head's 5 orthonormal directions u_j (basis[:, :5]),
+    σ = (10, 8, 6, 4, 0.2), a_j standard normal: energy 100 : 64 : 36 : 16 : 0.04, so the 0.98 energy
+    rule picks rank 4 with wide margins (3 directions hold 0.926 of it, 4 hold 0.9998; a sample of ~100
+    rows moves each share by ~10 %, far from either boundary), and the gaps between σ² (36 vs 16, 16 vs
+    0.04) fix the top-3 and top-4 subspaces far above any rounding. new_direction: plus σ = 8 along
+    basis[:, 5], orthogonal to the five (a basis refresh must add it)."""
+    sigma = np.array([10.0, 8.0, 6.0, 4.0, 0.2] + ([8.0] if new_direction else []))
+    coefficients = rng.standard_normal((count, len(sigma))) * sigma
+    return coefficients @ basis[:, :len(sigma)].T + 1e-3 * rng.standard_normal((count, DIM))
+
+
+def projector_distance(a, b):
+    """max |A Aᵀ − B Bᵀ| over entries, for orthonormal columns: 0 for the same subspace whatever the signs."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return np.abs(a @ a.T - b @ b.T).max()
+
+
+@pytest.mark.parametrize("rank", [None, 3], ids=["energy", "fixed3"])
+def test_sequence_low_rank_on_cuda_fits_the_cpus_bases(rank):
+    """LowRank(source="sequence") on CUDA: the device fits every head's bases at compress (Gram matrices,
+    cuSOLVER) and grows them every 16 appended tokens (a Jacobi refresh per head), the CPU with Eigen's SVD.
+
+    Same data on both backends (structured_rows: well-separated spectra); compared after the compress and
+    after appends of 1, 17 (a refresh inside the call) and 2 tokens, where half the heads gain a new strong
+    direction (energy: rank 4 → 5 at the refresh; fixed rank 3: stays 3):
+      - ranks identical, and as designed;
+      - subspaces: projector_distance ≤ 64·r·2⁻²⁴ — each basis entry is a double rounded to float
+        (≤ 2⁻²⁴ relative), so each projector entry Σ_j u_dj u_ej moves by ≤ 2r·2⁻²⁴ per side; the
+        eigen-solvers' own error (Davis–Kahan: ‖ΔG‖/gap, ‖ΔG‖ ~ T·2⁻⁵³·‖G‖, gap ≥ 0.5·‖G‖ here) is ~10⁻¹³;
+        ×16 margin for the refresh's Gram–Schmidt in another order;
+      - read() rows U c: per element ≤ Σ_j |U_dj|·(2⁻¹⁰|c_j| + 2⁻²⁴) + the projector bound·‖x‖ —
+        each coefficient c_j = fp16(u_jᵀx) may round to neighbouring fp16 values on the two sides
+        (≤ one ulp, 2⁻¹⁰|c_j|), and the subspaces differ by the bound above, which moves U Uᵀx by
+        ≤ bound·√D·‖x‖ (‖x‖ ≤ ‖U c‖ + 1: the designed rows leave ≤ 0.2·|a| + noise outside the basis);
+      - decode attention: |gpu − cpu| ≤ low_rank_attention_bound over the CPU's storage (fp32 roundings)
+        + 2(e^(2δ) − 1)·V + max|Δv|, δ = max_i Σ_d |q_d||Δk_id|/√D from the rows' measured differences.
+    """
+    rng = np.random.default_rng(17)
+    tokens = 120
+    bases = {(b, h, kind): np.linalg.qr(rng.standard_normal((DIM, 6)))[0]
+             for b in range(BATCH) for h in range(KV_HEADS) for kind in ("k", "v")}
+    gains = {(b, h): (b + h) % 2 == 0 for b in range(BATCH) for h in range(KV_HEADS)}
+
+    def rows(count, appended):
+        out = np.empty((2, BATCH, KV_HEADS, count, DIM), dtype=np.float32)
+        for b in range(BATCH):
+            for h in range(KV_HEADS):
+                for i, kind in enumerate(("k", "v")):
+                    out[i, b, h] = structured_rows(rng, bases[(b, h, kind)], count, appended and gains[(b, h)])
+        return torch.from_numpy(out[0]), torch.from_numpy(out[1])
+
+    keys, values = rows(tokens, False)
+    appends = [rows(n, True) for n in (1, 17, 2)]
+    codec = kvtrim.LowRank(rank=rank, max_rank=16)
+    caches = {device: kvtrim.Cache(kvtrim.StreamingLLM(sinks=4, compression_ratio=0.2), codec, "flat",
+                                   (Q_HEADS, KV_HEADS, DIM), BATCH, BATCH * KV_HEADS * (tokens + 40), device=device)
+              for device in ("cpu", "cuda")}
+
+    def compare(step, expected_ranks):
+        cpu, gpu = inspect(caches["cpu"]), inspect(caches["cuda"])
+        assert np.array_equal(gpu["lengths"], cpu["lengths"]) and gpu["positions"] == cpu["positions"], step
+        for b in range(BATCH):
+            for h in range(KV_HEADS):
+                c, g = caches["cpu"].low_rank(b, h), caches["cuda"].low_rank(b, h)
+                head = b * KV_HEADS + h
+                for kind, (rows_c, rows_g) in (("key", (cpu["rows"][head][0], gpu["rows"][head][0])),
+                                              ("value", (cpu["rows"][head][1], gpu["rows"][head][1]))):
+                    u_c, u_g = c[f"{kind}_basis"], g[f"{kind}_basis"]
+                    r = u_c.shape[1]
+                    assert u_g.shape == u_c.shape, f"{step}: head {head} {kind} rank cuda {u_g.shape[1]}, cpu {r}"
+                    assert r == expected_ranks(b, h), f"{step}: head {head} {kind} rank {r} (the data's design)"
+                    subspace = 64 * r * U32
+                    assert projector_distance(u_c, u_g) <= subspace, f"{step}: head {head} {kind}"
+                    coefficients = np.maximum(np.abs(c[f"{kind}_coefficients"]), np.abs(g[f"{kind}_coefficients"]))
+                    norms = np.linalg.norm(rows_c.astype(np.float64), axis=1, keepdims=True)
+                    bound = ((coefficients * 2.0 ** -10 + U32) @ np.abs(u_c).T.astype(np.float64)
+                             + subspace * np.sqrt(DIM) * (norms + 1.0))
+                    error = np.abs(rows_g.astype(np.float64) - rows_c.astype(np.float64))
+                    assert np.all(error <= bound), f"{step}: head {head} {kind} rows, worst {(error / bound).max():.3f}"
+
+    grown = rank is None
+    for device, cache in caches.items():
+        cache.compress(on(device, keys), on(device, values))
+    compare("compress", lambda b, h: 3 if rank == 3 else 4)
+    for n, (new_keys, new_values) in zip((1, 17, 2), appends):
+        for device, cache in caches.items():
+            cache.append(on(device, new_keys), on(device, new_values))
+        after_refresh = n != 1
+        compare(f"append {n}", lambda b, h: 3 if rank == 3 else (5 if after_refresh and grown and gains[(b, h)] else 4))
+
+    queries = torch.from_numpy(rng.standard_normal((BATCH, Q_HEADS, DIM)).astype(np.float32))
+    outs = {device: host(cache.attend(on(device, queries))) for device, cache in caches.items()}
+    stored = [caches["cpu"].low_rank(b, h) for b in range(BATCH) for h in range(KV_HEADS)]
+    cpu, gpu = inspect(caches["cpu"]), inspect(caches["cuda"])
+    q = queries.numpy().astype(np.float64)
+    bound = low_rank_attention_bound(queries.numpy(), stored, KV_HEADS)
+    group = Q_HEADS // KV_HEADS
+    for b in range(BATCH):
+        for j in range(Q_HEADS):
+            head = b * KV_HEADS + j // group
+            (ck, cv), (gk, gv) = cpu["rows"][head], gpu["rows"][head]
+            delta = (np.abs(gk.astype(np.float64) - ck) @ np.abs(q[b, j])).max() / np.sqrt(DIM)
+            largest_value = np.abs(cv).max()
+            bound[b, j, 0] += 2 * np.expm1(2 * delta) * largest_value + np.abs(gv.astype(np.float64) - cv).max()
+    error = np.abs(outs["cuda"] - outs["cpu"])
+    assert np.all(error <= bound), f"worst {(error / bound).max():.3f} of the bound"
+
+
+def test_sequence_low_rank_on_cuda_refuses_refreshes_past_32_tokens():
+    cache = kvtrim.Cache(kvtrim.StreamingLLM(sinks=4, compression_ratio=0.2), kvtrim.LowRank(max_rank=16, update_freq=33),
+                         "flat", (Q_HEADS, KV_HEADS, DIM), BATCH, BATCH * KV_HEADS * 64, device="cuda")
+    keys, values = (torch.randn(BATCH, KV_HEADS, 40, DIM, device="cuda") for _ in range(2))
+    before = inspect(cache)
+    with pytest.raises(kvtrim.Error, match=r"argument 'config.codec.update_freq': expected at most 32 appended tokens "
+                                           r"between refreshes of sequence bases on backend::cuda.*got 33"):
+        cache.compress(keys, values)
+    same_state(before, inspect(cache))
+
+
 @pytest.mark.parametrize("scorer,budget", PRESSES, ids=lambda x: str(x))
 def test_profile_low_rank_on_cuda_equals_the_cpu(scorer, budget):
     keys, values, new_keys, new_values, queries = make_inputs(31, torch.float32)

@@ -42,7 +42,8 @@
 // NaN or ±Inf inputs are an error. Fitting a basis (an SVD, Eigen) allocates;
 // it runs at compaction and at each refresh, never in a decode step without
 // one. Defaults: energy 0.98, max_rank head_dim/2, sequence bases, update_freq
-// 16, post-RoPE keys. Backends: cpu; cuda with profile bases (backend/cuda/codec_low_rank.cuh).
+// 16, post-RoPE keys. Backends: cpu; cuda (backend/cuda/codec_low_rank.cuh; sequence bases
+// fitted on the device, backend/cuda/low_rank_fit.cuh, with update_freq ≤ 32).
 #pragma once
 
 #include <Eigen/Dense>

@@ -4,15 +4,14 @@
 // flat layout's slot mover, the installation of a head's bases, and decode
 // attention over the coefficients.
 //
-// Bases: basis_source::profile only. The bases are fitted on the host (the
-// CPU's Eigen SVD: io/low_rank_profile.hpp's calibration, or the caller's) and
+// Bases: both sources. basis_source::profile: fitted on the host (the CPU's
+// Eigen SVD: io/low_rank_profile.hpp's calibration, or the caller's) and
 // installed with set_low_rank_basis, which checks them exactly as the CPU's
 // set_basis does and copies them to the device (a setup step, not a hot path).
-// basis_source::sequence fits a basis per head at every compaction and grows it
-// every update_freq appended tokens (an SVD of the kept rows): a device fit
-// (cuSOLVER) is not written, and a host fit would need the kept rows on the
-// host (a synchronisation inside compress); such caches are refused with a
-// kvtrim::error before anything is written (check_low_rank_writable).
+// basis_source::sequence (the codec's default): fitted on the device at every
+// compaction and grown every update_freq appended tokens, by the CPU's rules
+// (low_rank_fit.cuh: Gram matrices in double, cuSOLVER's batched eigen-solver,
+// a Jacobi refresh in one block per head); update_freq ≤ 32 on the device.
 //
 // Encode (low_rank_encode_rows, one warp per token): c_j = Σ_d U_dj·x_d for
 // j < the head's rank, else 0, rounded to fp16 — the CPU's project(): the same
@@ -22,8 +21,8 @@
 // for bit — as long as the host build does not contract the CPU's
 // `sum += u·x` into an fma either (x86-64 without -march flags has no fma
 // instruction, the project's builds; with one, -ffp-contract=off keeps it). At compaction
-// every head's compaction_left becomes its kept count and pending_counts 0, as
-// the CPU's prepare_head leaves them. A head with no basis (rank 0) stores
+// every head's pending_counts becomes 0 and its compaction_left its kept count
+// (0 with refreshes: the CPU's encodes count it down), as the CPU leaves them. A head with no basis (rank 0) stores
 // zeros; NaN / Inf inputs are stored as the arithmetic gives them (the CPU
 // refuses both; a kernel cannot throw).
 //
@@ -66,6 +65,7 @@
 #include "kvtrim/backend/cuda/codec_writes.cuh"
 #include "kvtrim/backend/cuda/common.cuh"
 #include "kvtrim/backend/cuda/decode_plan.cuh"
+#include "kvtrim/backend/cuda/low_rank_fit.cuh"
 #include "kvtrim/codec/low_rank.hpp"
 
 namespace kvtrim::cuda_detail {
@@ -194,11 +194,11 @@ inline low_rank_decode_selection check_low_rank_decodable(std::string_view funct
 template <class View>
 void check_low_rank_writable(std::string_view function, const View& cache) {
   if constexpr (std::is_same_v<typename View::codec, codec::low_rank>) {
-    if (cache.storage.from_sequence)
-      detail::fail(function, "config.codec.source",
-                   "basis_source::profile on backend::cuda (bases fitted on the host and installed with "
-                   "set_low_rank_basis; per-compaction sequence fits are not on the device)",
-                   "basis_source::sequence");
+    if (cache.storage.from_sequence && cache.storage.update_freq > low_rank_device_max_update_freq)
+      detail::fail(function, "config.codec.update_freq",
+                   detail::cat("at most ", low_rank_device_max_update_freq,
+                               " appended tokens between refreshes of sequence bases on backend::cuda (or 0: never)"),
+                   std::to_string(cache.storage.update_freq));
     check_low_rank_decodable(function, cache.storage, cache.shape.group_size());
   } else {
     (void)function, (void)cache;
@@ -274,9 +274,10 @@ __global__ void __launch_bounds__(low_rank_encode_threads)
   KVTRIM_FOR_EACH_WRITTEN_HEAD(w, head) {
     const std::int64_t rows = rows_of(w, head), first = first_of(w, head);
     const head_coordinates coordinates = coordinates_of(w, head);
-    // prepare_head's bookkeeping (compaction): update_freq is 0 for profile bases, so nothing else changes it.
+    // prepare_head's bookkeeping (compaction) and what the compaction's encodes leave: with refreshes
+    // (sequence bases, update_freq > 0) each encode counts compaction_left down, so it ends at 0.
     if (is_compaction(w) && blockIdx.x == 0 && threadIdx.x == 0) {
-      store.compaction_left[head] = rows;
+      store.compaction_left[head] = store.update_freq > 0 ? 0 : rows;
       store.pending_counts[head] = 0;
     }
     const float* key_basis = store.key_bases + head * dim * r_max;
@@ -316,6 +317,12 @@ void launch_low_rank_writes(std::string_view function, const codec_write<View, I
                             cudaStream_t stream) {
   const bool compaction = w.kept_offsets != nullptr;
   if (rows_bound <= 0 && !compaction) return;
+  const auto& store = w.cache.storage;
+  if (store.from_sequence && compaction) launch_low_rank_fit(function, w, rows_bound, stream);  // then encode
+  if (store.from_sequence && !compaction && store.update_freq > 0) {
+    launch_low_rank_append_refreshing(function, w, stream);  // encodes, remembers and refreshes
+    return;
+  }
   const std::int64_t heads = w.target >= 0 ? 1 : w.cache.heads();
   constexpr int warps = low_rank_encode_threads / 32;
   const dim3 grid(static_cast<unsigned>(std::clamp<std::int64_t>(ceil_div(std::max<std::int64_t>(rows_bound, 1), warps), 1, 4096)),
@@ -347,8 +354,8 @@ inline void launch_low_rank_reset(std::string_view function, const codec::low_ra
 }
 
 /// layout::flat's repack: a slot's key and value coefficients and its position,
-/// one coefficient (or the position) per part (pending slots exist only for
-/// sequence bases, which the device refuses: nothing to fix up after a move).
+/// one coefficient (or the position) per part; the pending slots of sequence
+/// bases move with their head (move_slot's fix-up).
 template <>
 struct codec_slot_mover<codec::low_rank> {
   codec::low_rank::storage<device_space> st;
@@ -370,7 +377,12 @@ struct codec_slot_mover<codec::low_rank> {
     auto* base = reinterpret_cast<unsigned short*>(part < r ? st.key_coefficients : st.value_coefficients);
     base[slot * r + part % r] = static_cast<unsigned short>(value.x);
   }
-  __device__ void moved(std::int64_t, std::int64_t, std::int64_t, std::int64_t) const {}
+  __device__ void moved(std::int64_t head, std::int64_t from, std::int64_t to, std::int64_t length) const {
+    if (st.update_freq == 0 || from == to) return;
+    std::int64_t* slots = st.pending_slots + head * st.update_freq;
+    for (std::int64_t p = 0; p < st.pending_counts[head]; ++p)
+      if (slots[p] >= from && slots[p] < from + length) slots[p] += to - from;
+  }
 };
 
 // ---- decode attention -----------------------------------------------------------

@@ -151,7 +151,7 @@ void launch_copy_rows(std::string_view function, layout::contiguous::view<CodecT
                       std::int64_t first_row, std::int64_t start_position, cudaStream_t stream) {
   static_assert(codec::is_plain<CodecT> || device_encoded_codec<CodecT>,
                 "kvtrim: backend::cuda stores layout::contiguous caches with codec::fp16 / bf16 / fp32, int8, int4, "
-                "fp8_e4m3, layered over those three, and low_rank (profile bases); layered<low_rank> has no "
+                "fp8_e4m3, layered over those three, and low_rank; layered<low_rank> has no "
                 "device reader (issue 12)");
   if constexpr (codec::is_plain<CodecT>) {
     launch_plain_copy_rows(function, cache, keys, values, offsets, tokens, rows_per_head, first_row, start_position,

@@ -16,8 +16,7 @@
 // Codecs: every codec the device stores (plain, fp8, int8/int4 with KIVI or
 // per-token keys, layered<C> over those, low_rank), with the CPU's horizons
 // (codec::rollback_horizon): KIVI keys the filling group; low_rank the tokens
-// since the last basis refresh (the device has profile bases only: update_freq
-// 0, no limit); layered<C> C's, and no further back than the head's last
+// since the last basis refresh (profile bases, or update_freq 0: no limit); layered<C> C's, and no further back than the head's last
 // compaction. layered<C> then frees the fp16 rows of the dropped tokens as its
 // CPU drop_newest does (slots read through the layout before it shortens).
 #pragma once

@@ -23,8 +23,9 @@
 // Codecs: write_rows copies the rows of codec::plain (fp16, bf16, fp32); the
 // quantizing codecs (int8, int4 with KIVI key groups, fp8) are encoded by
 // codec_writes.cuh's kernels in step 2 instead, layered<C> by C's and its fp16
-// rows, codec::low_rank by codec_low_rank.cuh (profile bases; a cache with
-// sequence bases is refused at run time before any launch: check_rows).
+// rows, codec::low_rank by codec_low_rank.cuh (profile bases, or sequence
+// bases fitted on the device: low_rank_fit.cuh; update_freq > 32 is refused at
+// run time before any launch: check_rows).
 // layered<low_rank> is refused at compile time (require_device_codec).
 #pragma once
 
@@ -50,7 +51,7 @@ template <class CodecT>
 constexpr void require_device_codec() {
   static_assert(codec::is_plain<CodecT> || device_encoded_codec<CodecT>,
                 "kvtrim: backend::cuda writes caches with codec::fp16 / bf16 / fp32, int8, int4, fp8_e4m3, "
-                "layered over those three, and low_rank (profile bases); layered<low_rank> has no device "
+                "layered over those three, and low_rank; layered<low_rank> has no device "
                 "reader (issue 12)");
 }
 

@@ -1,0 +1,795 @@
+// kvtrim/backend/cuda/low_rank_fit.cuh — codec::low_rank's sequence bases
+// (basis_source::sequence, the codec's default) fitted on the GPU: at every
+// compaction and at every basis refresh of an append, with the CPU's rules
+// (codec/low_rank.hpp: fit_basis, extend, refresh) and no host round trip.
+//
+// Math. The right singular vectors of a head's T × D rows X are the
+// eigenvectors of its Gram matrix G = XᵀX, with σ_i² = λ_i. On the device:
+//   compaction: G per (head, keys | values) in double (low_rank_gram_mma on the
+//     FP64 tensor cores up to head_dim 128, low_rank_gram beyond: every input
+//     is fp16/bf16/fp32, so each product of two of them is exact in double and
+//     only the sums round, relative 2⁻⁵³ per addition — the squared condition
+//     number of the Gram route costs nothing the CPU's rank rule can see: its
+//     floor σ_i > σ_0·10⁻⁷ is λ_i > λ_0·10⁻¹⁴, two orders above the Gram's
+//     rounding), then every head's eigen-decomposition in one
+//     cusolverDnXsyevBatched call (double), then the CPU's rank rule
+//     (analysis::rank_for_energy on σ = √max(λ, 0), capped by the stored rank
+//     and by the "meaningful" directions σ_i > σ_0·10⁻⁷) and the basis: the
+//     eigenvectors of the `rank` largest eigenvalues, rounded to float
+//     (low_rank_pick_basis).
+//   refresh (every update_freq appended tokens of a head): the residual R of the
+//     pending rows outside the basis, the eigen-decomposition of the small Gram
+//     R·Rᵀ (update_freq × update_freq ≤ 32 × 32, parallel cyclic Jacobi in double
+//     in one block, low_rank_jacobi), right singular vectors v = Rᵀw / σ, the
+//     CPU's growth rule and its two Gram–Schmidt passes per new column; then the
+//     pending rows are encoded again with the grown bases.
+// Bases from the device and from the CPU (Eigen's BDCSVD) agree to rounding
+// where the spectrum has gaps; signs and the order of exactly equal singular
+// values may differ (tests/cuda/codecs_test.cu compares subspaces, lifted rows
+// and attention, not bytes).
+//
+// Why cuSOLVER for the compaction and a Jacobi kernel for the refresh: a
+// compaction fits every head at once (one batched call over 2·B·H matrices of
+// D × D, the library's job); a refresh is due for the heads whose pending
+// buffer just filled, a data-dependent subset known only on the device, inside
+// an append that must stay capturable in a CUDA graph, on matrices of at most
+// 32 × 32 — one block per head decides and solves in place.
+//
+// Resources: the fit's Gram matrices, eigenvalues and cuSOLVER's workspace
+// (2·B·H·D·(D + 1) doubles + the solver's) live in a per-(host thread, device)
+// buffer with the cuSOLVER handle (low_rank_solver), created by the first
+// compaction of a sequence-basis cache on that thread and grown when a larger
+// one comes (cudaMalloc / cudaFree: run one such compaction before capturing a
+// graph). A refresh needs nothing but shared memory. Sequence bases on the device
+// take update_freq ≤ 32 (low_rank_device_max_update_freq); larger ones are
+// refused before anything is written.
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <cusolverDn.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string_view>
+#include <vector>
+
+#include "kvtrim/backend/cuda.hpp"
+#include "kvtrim/backend/cuda/codec_writes.cuh"
+#include "kvtrim/backend/cuda/common.cuh"
+#include "kvtrim/codec/low_rank.hpp"
+
+namespace kvtrim::cuda_detail {
+
+/// The largest update_freq the device refreshes (the Jacobi matrix and the pending rows live in one block's
+/// shared memory: 32 rows of D ≤ 256 doubles twice, ~150 KB).
+inline constexpr std::int64_t low_rank_device_max_update_freq = 32;
+
+// ---- the cuSOLVER handle and the fit's buffer -----------------------------------
+
+inline const char* cusolver_status_name(cusolverStatus_t status) {
+  switch (status) {
+    case CUSOLVER_STATUS_SUCCESS: return "CUSOLVER_STATUS_SUCCESS";
+    case CUSOLVER_STATUS_NOT_INITIALIZED: return "CUSOLVER_STATUS_NOT_INITIALIZED";
+    case CUSOLVER_STATUS_ALLOC_FAILED: return "CUSOLVER_STATUS_ALLOC_FAILED";
+    case CUSOLVER_STATUS_INVALID_VALUE: return "CUSOLVER_STATUS_INVALID_VALUE";
+    case CUSOLVER_STATUS_ARCH_MISMATCH: return "CUSOLVER_STATUS_ARCH_MISMATCH";
+    case CUSOLVER_STATUS_EXECUTION_FAILED: return "CUSOLVER_STATUS_EXECUTION_FAILED";
+    case CUSOLVER_STATUS_INTERNAL_ERROR: return "CUSOLVER_STATUS_INTERNAL_ERROR";
+    case CUSOLVER_STATUS_NOT_SUPPORTED: return "CUSOLVER_STATUS_NOT_SUPPORTED";
+    default: return "cusolverStatus_t (other)";
+  }
+}
+
+inline void check_cusolver(cusolverStatus_t status, std::string_view function, std::string_view call) {
+  if (status != CUSOLVER_STATUS_SUCCESS) detail::fail_call(function, call, cusolver_status_name(status));
+}
+
+/// One host thread's cuSOLVER handle on one device, and the device (and host) memory of its fits.
+class low_rank_solver {
+ public:
+  /// The calling thread's solver for the current device (created on first use).
+  static low_rank_solver& current(std::string_view function) {
+    thread_local std::map<int, std::unique_ptr<low_rank_solver>> solvers;
+    int device = 0;
+    detail::check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
+    std::unique_ptr<low_rank_solver>& solver = solvers[device];
+    if (!solver) solver.reset(new low_rank_solver(function));
+    return *solver;
+  }
+
+  low_rank_solver(const low_rank_solver&) = delete;
+  low_rank_solver& operator=(const low_rank_solver&) = delete;
+  ~low_rank_solver() {
+    // At thread exit (possibly after the context is gone): errors cannot be reported and are ignored.
+    if (device_memory_ != nullptr) (void)cudaFree(device_memory_);
+    if (params_ != nullptr) (void)cusolverDnDestroyParams(params_);
+    if (handle_ != nullptr) (void)cusolverDnDestroy(handle_);
+  }
+
+  cusolverDnHandle_t handle() const { return handle_; }
+  cusolverDnParams_t params() const { return params_; }
+
+  /// At least `bytes` of device memory (kept; grown with cudaFree + cudaMalloc, which wait for the
+  /// work that may still use the old block).
+  void* device_memory(std::string_view function, std::size_t bytes) {
+    if (bytes > device_bytes_) {
+      if (device_memory_ != nullptr) detail::check_cuda(cudaFree(device_memory_), function, "cudaFree(low_rank fit)");
+      device_memory_ = nullptr;
+      device_bytes_ = 0;
+      detail::check_cuda(cudaMalloc(&device_memory_, bytes), function, "cudaMalloc(low_rank fit)");
+      device_bytes_ = bytes;
+    }
+    return device_memory_;
+  }
+  void* host_memory(std::size_t bytes) {
+    if (host_memory_.size() < bytes) host_memory_.resize(bytes);
+    return host_memory_.empty() ? nullptr : host_memory_.data();
+  }
+
+ private:
+  explicit low_rank_solver(std::string_view function) {
+    check_cusolver(cusolverDnCreate(&handle_), function, "cusolverDnCreate");
+    check_cusolver(cusolverDnCreateParams(&params_), function, "cusolverDnCreateParams");
+  }
+  cusolverDnHandle_t handle_ = nullptr;
+  cusolverDnParams_t params_ = nullptr;
+  void* device_memory_ = nullptr;
+  std::size_t device_bytes_ = 0;
+  std::vector<std::byte> host_memory_;
+};
+
+// ---- compaction: Gram matrices ------------------------------------------------------
+
+inline constexpr int low_rank_gram_threads = 256;
+inline constexpr int low_rank_gram_rows = 32;  // rows staged per chunk
+
+/// Stages rows [first, first + low_rank_gram_rows) of the head's keys (or values) as `Staged` in shared memory
+/// (row stride `stride`, zeros past the rows and the head dim): a warp per row, so each row's source is resolved
+/// once (row_of: the kept token, the compensation row) and its channels are read by consecutive lanes.
+template <class Staged, class View, class InT>
+__device__ __forceinline__ void stage_gram_rows(const codec_write<View, InT>& w, std::int64_t head,
+                                                const head_coordinates& coordinates, std::int64_t rows,
+                                                std::int64_t first, bool values, int stride, Staged* staged) {
+  const std::int64_t dim = w.cache.shape.head_dim;
+  const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
+  for (int r = warp; r < low_rank_gram_rows; r += low_rank_gram_threads / 32) {
+    Staged* out = staged + r * stride;
+    if (first + r < rows) {
+      const source_row<InT> source = row_of(w, head, first + r, coordinates);
+      for (int d = lane; d < stride; d += 32)
+        out[d] = d < dim ? static_cast<Staged>(values ? source.value_at(d) : source.key_at(d)) : Staged{0};
+    } else {
+      for (int d = lane; d < stride; d += 32) out[d] = Staged{0};
+    }
+  }
+}
+
+/// head_dim > 128 (low_rank_gram_mma below for ≤ 128):
+/// gram[kind · heads + head] (column-major D × D, lower triangle) += Σ_r x_r x_rᵀ over the head's kept rows
+/// (kind = blockIdx.z: 0 keys, 1 values), the compensation row in place of its placeholder. Each thread owns
+/// 8 × 8 tiles of the lower triangle (tile rows ≥ tile columns), accumulates them in double registers over
+/// the chunks of 32 rows its block visits (blockIdx.x, + gridDim.x, …) and adds them once (atomicAdd).
+template <class View, class InT>
+__global__ void __launch_bounds__(low_rank_gram_threads)
+    low_rank_gram(const __grid_constant__ codec_write<View, InT> w, double* gram) {
+  if (write_failed(w)) return;
+  extern __shared__ float staged[];  // [low_rank_gram_rows][padded]
+  const std::int64_t dim = w.cache.shape.head_dim, heads = w.cache.heads();
+  const int padded = static_cast<int>((dim + 7) / 8 * 8), tiles = padded / 8;
+  const int pairs = tiles * (tiles + 1) / 2;
+  const bool values = blockIdx.z == 1;
+  for (std::int64_t head = blockIdx.y; head < heads; head += gridDim.y) {
+    const std::int64_t rows = rows_of(w, head);
+    const head_coordinates coordinates = coordinates_of(w, head);
+    double* out = gram + (std::int64_t{values} * heads + head) * dim * dim;
+    for (int first_pair = 0; first_pair < pairs; first_pair += low_rank_gram_threads) {
+      const int pair = first_pair + static_cast<int>(threadIdx.x);
+      // Tile pair → (tile row ti ≥ tile column tj): pair = ti(ti + 1)/2 + tj.
+      int ti = 0;
+      while ((ti + 1) * (ti + 2) / 2 <= pair) ++ti;
+      const int tj = pair - ti * (ti + 1) / 2;
+      double sums[8][8] = {};
+      for (std::int64_t chunk = blockIdx.x; chunk * low_rank_gram_rows < rows; chunk += gridDim.x) {
+        const std::int64_t first = chunk * low_rank_gram_rows;
+        __syncthreads();  // the previous chunk is read
+        stage_gram_rows(w, head, coordinates, rows, first, values, padded, staged);
+        __syncthreads();
+        if (pair < pairs) {
+          for (int r = 0; r < low_rank_gram_rows; ++r) {
+            const float* row = staged + r * padded;
+            double a[8], b[8];
+#pragma unroll
+            for (int k = 0; k < 8; ++k) a[k] = row[ti * 8 + k], b[k] = row[tj * 8 + k];
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+#pragma unroll
+              for (int j = 0; j < 8; ++j) sums[i][j] = fma(a[i], b[j], sums[i][j]);
+          }
+        }
+      }
+      if (pair < pairs) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            const int row = ti * 8 + i, column = tj * 8 + j;
+            if (row < dim && column <= row) atomicAdd(out + row + column * dim, sums[i][j]);
+          }
+      }
+    }
+  }
+}
+
+/// low_rank_gram on the FP64 tensor cores, for head_dim ≤ 128 (≤ 16 tiles of 8): the rows staged as double
+/// (row stride D + 4 doubles: a quarter warp's four rows fall in distinct banks), then per 4 rows one
+/// mma.m8n8k4.f64 per 8 × 8 tile of the lower triangle — C[m][n] += Σ_k X[r+k][8ti+m]·X[r+k][8tj+n], A and B
+/// fragments alike (lane: row r + lane%4, column 8t + lane/4), so a warp loads each tile column's fragment
+/// once per 4 rows. Warp w owns tile rows w and 15 − w (w + 1 and 16 − w tiles: the same work for every
+/// warp at D = 128). Sums of exact products in double, as low_rank_gram (the order differs).
+inline constexpr int low_rank_gram_mma_tiles = 16;
+template <class View, class InT>
+__global__ void __launch_bounds__(low_rank_gram_threads)
+    low_rank_gram_mma(const __grid_constant__ codec_write<View, InT> w, double* gram) {
+  if (write_failed(w)) return;
+  extern __shared__ double staged_doubles[];  // [low_rank_gram_rows][stride]
+  const std::int64_t dim = w.cache.shape.head_dim, heads = w.cache.heads();
+  const int tiles = static_cast<int>((dim + 7) / 8), stride = tiles * 8 + 4;
+  const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
+  const int row_a = warp, row_b = 2 * low_rank_gram_mma_tiles - 1 - warp;
+  const bool has_a = row_a < tiles, has_b = row_b < tiles;
+  const bool values = blockIdx.z == 1;
+  for (std::int64_t head = blockIdx.y; head < heads; head += gridDim.y) {
+    const std::int64_t rows = rows_of(w, head);
+    const head_coordinates coordinates = coordinates_of(w, head);
+    double sums_a[low_rank_gram_mma_tiles][2] = {}, sums_b[low_rank_gram_mma_tiles][2] = {};
+    // A chunk's rows in registers: warp w holds rows w, w + 8, w + 16, w + 24, lane ℓ channels ℓ + 32c. The next
+    // chunk is loaded while the tensor cores work on this one (a warp per row, loaded one after the other,
+    // left the kernel waiting on global memory: 13.8 ms at W).
+    constexpr int rows_per_warp = low_rank_gram_rows / (low_rank_gram_threads / 32);
+    float next[rows_per_warp][4];
+    const auto load_chunk = [&](std::int64_t first) {
+#pragma unroll
+      for (int i = 0; i < rows_per_warp; ++i) {
+        const std::int64_t r = first + warp + 8 * i;
+        const bool valid = r < rows;
+        const source_row<InT> source = valid ? row_of(w, head, r, coordinates) : source_row<InT>{};
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int d = lane + 32 * c;
+          next[i][c] = valid && d < dim ? (values ? source.value_at(d) : source.key_at(d)) : 0.0f;
+        }
+      }
+    };
+    std::int64_t chunk = blockIdx.x;
+    if (chunk * low_rank_gram_rows < rows) load_chunk(chunk * low_rank_gram_rows);
+    for (; chunk * low_rank_gram_rows < rows; chunk += gridDim.x) {
+      __syncthreads();  // the previous chunk is read
+#pragma unroll
+      for (int i = 0; i < rows_per_warp; ++i)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          if (lane + 32 * c < tiles * 8) staged_doubles[(warp + 8 * i) * stride + lane + 32 * c] = next[i][c];
+      __syncthreads();
+      const std::int64_t following = (chunk + gridDim.x) * low_rank_gram_rows;
+      if (following < rows) load_chunk(following);
+#pragma unroll 1
+      for (int k = 0; k < low_rank_gram_rows; k += 4) {
+        const double* base = staged_doubles + (k + lane % 4) * stride + lane / 4;
+        double fragments[low_rank_gram_mma_tiles];
+#pragma unroll
+        for (int t = 0; t < low_rank_gram_mma_tiles; ++t) fragments[t] = t < tiles ? base[t * 8] : 0.0;
+        const double a = has_a ? base[row_a * 8] : 0.0, b = has_b ? base[row_b * 8] : 0.0;
+#pragma unroll
+        for (int t = 0; t < low_rank_gram_mma_tiles; ++t) {
+          if (has_a && t <= row_a)
+            asm volatile("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};"
+                         : "+d"(sums_a[t][0]), "+d"(sums_a[t][1])
+                         : "d"(a), "d"(fragments[t]));
+          if (has_b && t <= row_b)
+            asm volatile("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};"
+                         : "+d"(sums_b[t][0]), "+d"(sums_b[t][1])
+                         : "d"(b), "d"(fragments[t]));
+        }
+      }
+    }
+    // C fragment: row lane/4 of the tile row, columns 2·(lane%4) + {0, 1} of the tile column.
+    double* out = gram + (std::int64_t{values} * heads + head) * dim * dim;
+    const auto add = [&](int tile_row, int t, const double (&sums)[2]) {
+      const std::int64_t row = tile_row * 8 + lane / 4;
+      for (int e = 0; e < 2; ++e) {
+        const std::int64_t column = t * 8 + 2 * (lane % 4) + e;
+        if (row < dim && column <= row) atomicAdd(out + row + column * dim, sums[e]);
+      }
+    };
+#pragma unroll
+    for (int t = 0; t < low_rank_gram_mma_tiles; ++t) {
+      if (has_a && t <= row_a) add(row_a, t, sums_a[t]);
+      if (has_b && t <= row_b) add(row_b, t, sums_b[t]);
+    }
+  }
+}
+
+/// CPU's analysis::rank_for_energy on σ² = the eigenvalues, descending (λ_desc(k) = lambda[dim − 1 − k]).
+__device__ inline std::int64_t device_rank_for_energy(const double* lambda, std::int64_t dim, std::int64_t count,
+                                                      double threshold) {
+  const auto squared = [&](std::int64_t k) { return fmax(lambda[dim - 1 - k], 0.0); };
+  if (count == 0 || squared(0) == 0.0) return 0;
+  double total = 0.0;
+  for (std::int64_t k = 0; k < count; ++k) total += squared(k);
+  double running = 0.0;
+  for (std::int64_t k = 0; k < count; ++k) {
+    running += squared(k);
+    if (running / total >= threshold * (1.0 - 1e-12)) return k + 1;
+  }
+  return count;
+}
+
+/// One block per (kind, head): the CPU's fit_basis rank rule on the eigenvalues (ascending, as cuSOLVER
+/// returns them) and the basis (eigenvectors of the `rank` largest, float; columns from the rank on 0).
+template <class View, class InT>
+__global__ void low_rank_pick_basis(const __grid_constant__ codec_write<View, InT> w, const double* vectors,
+                                    const double* eigenvalues, const int* info) {
+  if (write_failed(w)) return;
+  const auto& store = w.cache.storage;
+  const std::int64_t dim = store.head_dim, r_max = store.stored_rank, heads = w.cache.heads();
+  __shared__ std::int64_t chosen;
+  for (std::int64_t matrix = blockIdx.x; matrix < 2 * heads; matrix += gridDim.x) {
+    const bool values = matrix >= heads;
+    const std::int64_t head = values ? matrix - heads : matrix;
+    const double* lambda = eigenvalues + matrix * dim;
+    if (threadIdx.x == 0) {
+      // The CPU's SVD has min(T, D) singular values; the Gram has D eigenvalues, the extra ones ≈ 0.
+      const std::int64_t count = std::min(rows_of(w, head), dim);
+      std::int64_t rank = 0;
+      if (count > 0 && info[matrix] == 0) {
+        rank = store.fixed_rank > 0 ? store.fixed_rank : device_rank_for_energy(lambda, dim, count, store.energy);
+        // σ_i > σ_0·10⁻⁷ ⇔ λ_i > λ_0·10⁻¹⁴ (σ ≥ 0).
+        const double floor = fmax(lambda[dim - 1], 0.0) * 1e-14;
+        std::int64_t meaningful = 0;
+        while (meaningful < count && fmax(lambda[dim - 1 - meaningful], 0.0) > floor) ++meaningful;
+        rank = std::min({rank, r_max, meaningful});
+      }
+      // info ≠ 0 (the solver did not converge; not seen on positive semi-definite Grams): rank 0, the head
+      // stores zeros rather than a wrong basis.
+      chosen = rank;
+    }
+    __syncthreads();
+    const std::int64_t rank = chosen;
+    float* bases = (values ? store.value_bases : store.key_bases) + head * dim * r_max;
+    const double* matrix_vectors = vectors + matrix * dim * dim;
+    for (std::int64_t i = threadIdx.x; i < dim * r_max; i += blockDim.x) {
+      const std::int64_t d = i / r_max, j = i % r_max;
+      bases[i] = j < rank ? static_cast<float>(matrix_vectors[d + dim * (dim - 1 - j)]) : 0.0f;
+    }
+    if (threadIdx.x == 0) (values ? store.value_ranks : store.key_ranks)[head] = static_cast<std::int32_t>(rank);
+    __syncthreads();  // `chosen` is read before the next matrix's
+  }
+}
+
+/// Bytes of the fit's device buffer before cuSOLVER's workspace: Gram matrices (then eigenvectors),
+/// eigenvalues, info words.
+inline std::size_t low_rank_fit_bytes(std::int64_t heads, std::int64_t dim) {
+  const auto up256 = [](std::size_t n) { return (n + 255) / 256 * 256; };
+  const std::size_t matrices = static_cast<std::size_t>(2 * heads);
+  return up256(matrices * static_cast<std::size_t>(dim * dim) * sizeof(double)) +
+         up256(matrices * static_cast<std::size_t>(dim) * sizeof(double)) + up256(matrices * sizeof(int));
+}
+
+/// Compaction of a sequence-basis cache: fit every head's key and value bases to its kept rows on `stream`,
+/// before the rows are encoded (launch_low_rank_writes). `rows_bound`: a host bound on any head's rows.
+template <class View, class InT>
+void launch_low_rank_fit(std::string_view function, const codec_write<View, InT>& w, std::int64_t rows_bound,
+                         cudaStream_t stream) {
+  const std::int64_t heads = w.cache.heads(), dim = w.cache.shape.head_dim;
+  const std::int64_t matrices = 2 * heads;
+  low_rank_solver& solver = low_rank_solver::current(function);
+  check_cusolver(cusolverDnSetStream(solver.handle(), stream), function, "cusolverDnSetStream");
+  std::size_t solver_device = 0, solver_host = 0;
+  check_cusolver(cusolverDnXsyevBatched_bufferSize(solver.handle(), solver.params(), CUSOLVER_EIG_MODE_VECTOR,
+                                                   CUBLAS_FILL_MODE_LOWER, dim, CUDA_R_64F, nullptr, dim, CUDA_R_64F,
+                                                   nullptr, CUDA_R_64F, &solver_device, &solver_host, matrices),
+                 function, "cusolverDnXsyevBatched_bufferSize");
+  const std::size_t gram_bytes = static_cast<std::size_t>(matrices * dim * dim) * sizeof(double);
+  const std::size_t ours = low_rank_fit_bytes(heads, dim);
+  auto* memory = static_cast<std::byte*>(solver.device_memory(function, ours + solver_device));
+  auto* gram = reinterpret_cast<double*>(memory);
+  auto* eigenvalues = reinterpret_cast<double*>(memory + (gram_bytes + 255) / 256 * 256);
+  auto* info = reinterpret_cast<int*>(reinterpret_cast<std::byte*>(eigenvalues) +
+                                      (static_cast<std::size_t>(matrices * dim) * sizeof(double) + 255) / 256 * 256);
+  void* workspace = memory + ours;
+  void* host_workspace = solver.host_memory(solver_host);
+
+  detail::check_cuda(cudaMemsetAsync(gram, 0, gram_bytes, stream), function, "cudaMemsetAsync(gram)");
+  const std::int64_t head_blocks = std::min<std::int64_t>(heads, 65535);
+  // ~4 blocks per multiprocessor over both kinds (132 on the H200), each walking several chunks.
+  const std::int64_t chunks = std::max<std::int64_t>(ceil_div(std::max<std::int64_t>(rows_bound, 1), low_rank_gram_rows), 1);
+  const std::int64_t per_head = std::clamp<std::int64_t>(ceil_div(528, 2 * head_blocks), 1, chunks);
+  const dim3 grid(static_cast<unsigned>(per_head), static_cast<unsigned>(head_blocks), 2);
+  if (dim <= 8 * low_rank_gram_mma_tiles) {
+    const std::size_t shared =
+        static_cast<std::size_t>(low_rank_gram_rows * ((dim + 7) / 8 * 8 + 4)) * sizeof(double);  // ≤ 33.8 KB
+    low_rank_gram_mma<View, InT><<<grid, low_rank_gram_threads, shared, stream>>>(w, gram);
+    detail::check_launch(function, "low_rank_gram_mma");
+  } else {
+    const std::size_t shared = static_cast<std::size_t>(low_rank_gram_rows * ((dim + 7) / 8 * 8)) * sizeof(float);
+    low_rank_gram<View, InT><<<grid, low_rank_gram_threads, shared, stream>>>(w, gram);
+    detail::check_launch(function, "low_rank_gram");
+  }
+  check_cusolver(cusolverDnXsyevBatched(solver.handle(), solver.params(), CUSOLVER_EIG_MODE_VECTOR,
+                                        CUBLAS_FILL_MODE_LOWER, dim, CUDA_R_64F, gram, dim, CUDA_R_64F, eigenvalues,
+                                        CUDA_R_64F, workspace, solver_device, host_workspace, solver_host, info,
+                                        matrices),
+                 function, "cusolverDnXsyevBatched");
+  low_rank_pick_basis<View, InT>
+      <<<static_cast<unsigned>(std::min<std::int64_t>(matrices, 65535)), 256, 0, stream>>>(w, gram, eigenvalues, info);
+  detail::check_launch(function, "low_rank_pick_basis");
+}
+
+// ---- append: the pending buffer and the refresh -----------------------------------------
+
+/// Shared memory of low_rank_append_refreshing (doubles unless noted), for update_freq n ≤ 32 (padded to even m).
+struct low_rank_refresh_layout {
+  std::size_t rows = 0;       // [n][D]: the pending rows, then their residual
+  std::size_t columns = 0;    // [n][max(D, r_max)]: P·U, then the new columns
+  std::size_t gram = 0;       // [m][m]
+  std::size_t vectors = 0;    // [m][m]
+  std::size_t scratch = 0;    // [256]: dots and reductions
+  std::size_t staged = 0;     // float [2][D]: the row being appended
+  std::size_t bytes = 0;
+  int even = 0;
+
+  __host__ __device__ low_rank_refresh_layout(std::int64_t n, std::int64_t dim, std::int64_t r_max) {
+    even = static_cast<int>(n + (n & 1));
+    const std::int64_t wide = dim > r_max ? dim : r_max;
+    std::size_t at = 0;
+    rows = at;
+    at += static_cast<std::size_t>(n * dim) * 8;
+    columns = at;
+    at += static_cast<std::size_t>(n * wide) * 8;
+    gram = at;
+    at += static_cast<std::size_t>(even * even) * 8;
+    vectors = at;
+    at += static_cast<std::size_t>(even * even) * 8;
+    scratch = at;
+    at += 256 * 8;
+    staged = at;
+    at += static_cast<std::size_t>(2 * dim) * 4;
+    bytes = (at + 15) / 16 * 16;
+  }
+};
+
+inline constexpr int low_rank_refresh_threads = 256;
+
+/// Block-wide Σ of one double per thread, to every thread (scratch: ≥ 8 doubles, not in use).
+__device__ inline double block_sum_double(double value, double* scratch) {
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  __syncthreads();  // scratch free
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = value;
+  __syncthreads();
+  double total = 0.0;
+  for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) total += scratch[w];
+  return total;
+}
+
+/// Eigen-decomposition of the symmetric m × m `gram` (m even, row-major) by parallel cyclic Jacobi:
+/// each sweep is m − 1 rounds of m/2 disjoint rotations (the circle method), each rotation the symmetric
+/// Schur step of Golub & Van Loan (8.4.2) that zeroes gram[p][q]. On return gram's diagonal holds the
+/// eigenvalues and `vectors`' columns the eigenvectors. Stops when the off-diagonal mass is below
+/// 10⁻³⁰ of the diagonal's (double's rounding floor) or after 30 sweeps.
+__device__ inline void low_rank_jacobi(double* gram, double* vectors, int m, double* scratch) {
+  for (int i = threadIdx.x; i < m * m; i += blockDim.x) vectors[i] = (i / m == i % m) ? 1.0 : 0.0;
+  __shared__ int rotation_p[16], rotation_q[16];
+  __shared__ double rotation_c[16], rotation_s[16];
+  for (int sweep = 0; sweep < 30; ++sweep) {
+    __syncthreads();
+    double off = 0.0, diagonal = 0.0;
+    for (int i = threadIdx.x; i < m * m; i += blockDim.x) {
+      const double x = gram[i];
+      if (i / m == i % m)
+        diagonal += x * x;
+      else
+        off += x * x;
+    }
+    off = block_sum_double(off, scratch);
+    diagonal = block_sum_double(diagonal, scratch);
+    if (off <= 1e-30 * diagonal || off == 0.0) break;
+    for (int round = 0; round < m - 1; ++round) {
+      __syncthreads();
+      if (threadIdx.x < m / 2) {
+        const int k = threadIdx.x;
+        int p = k == 0 ? m - 1 : (round + k) % (m - 1);
+        int q = k == 0 ? round : (round - k + (m - 1)) % (m - 1);
+        if (p > q) {
+          const int t = p;
+          p = q, q = t;
+        }
+        const double apq = gram[p * m + q];
+        double c = 1.0, s = 0.0;
+        if (apq != 0.0) {
+          const double tau = (gram[q * m + q] - gram[p * m + p]) / (2.0 * apq);
+          const double t = (tau >= 0.0 ? 1.0 : -1.0) / (fabs(tau) + sqrt(1.0 + tau * tau));
+          c = 1.0 / sqrt(1.0 + t * t);
+          s = t * c;
+        }
+        rotation_p[k] = p, rotation_q[k] = q, rotation_c[k] = c, rotation_s[k] = s;
+      }
+      __syncthreads();
+      // Rows: G ← JᵀG (rows p and q of every pair; pairs are disjoint).
+      for (int i = threadIdx.x; i < (m / 2) * m; i += blockDim.x) {
+        const int k = i / m, column = i % m;
+        const int p = rotation_p[k], q = rotation_q[k];
+        const double c = rotation_c[k], s = rotation_s[k];
+        const double gp = gram[p * m + column], gq = gram[q * m + column];
+        gram[p * m + column] = c * gp - s * gq;
+        gram[q * m + column] = s * gp + c * gq;
+      }
+      __syncthreads();
+      // Columns: G ← GJ, and the vectors V ← VJ.
+      for (int i = threadIdx.x; i < (m / 2) * m; i += blockDim.x) {
+        const int k = i / m, row = i % m;
+        const int p = rotation_p[k], q = rotation_q[k];
+        const double c = rotation_c[k], s = rotation_s[k];
+        const double gp = gram[row * m + p], gq = gram[row * m + q];
+        gram[row * m + p] = c * gp - s * gq;
+        gram[row * m + q] = s * gp + c * gq;
+        const double vp = vectors[row * m + p], vq = vectors[row * m + q];
+        vectors[row * m + p] = c * vp - s * vq;
+        vectors[row * m + q] = s * vp + c * vq;
+      }
+    }
+  }
+  __syncthreads();
+}
+
+/// codec::low_rank::extend on the device, for one head and one of its two bases, by the whole block:
+/// `pending` the head's n pending rows (fp32, as given). Every thread returns after the block's last write.
+__device__ inline void low_rank_extend(const codec::low_rank::storage<device_space>& store, std::int64_t head,
+                                       const float* pending, float* all_bases, std::int32_t* ranks,
+                                       const low_rank_refresh_layout& layout, std::byte* shared) {
+  const int n = static_cast<int>(store.update_freq), m = layout.even;
+  const std::int64_t dim = store.head_dim, r_max = store.stored_rank;
+  const std::int64_t rank = ranks[head];
+  if (rank >= r_max) return;
+  auto* rows = reinterpret_cast<double*>(shared + layout.rows);
+  auto* columns = reinterpret_cast<double*>(shared + layout.columns);
+  auto* gram = reinterpret_cast<double*>(shared + layout.gram);
+  auto* vectors = reinterpret_cast<double*>(shared + layout.vectors);
+  auto* scratch = reinterpret_cast<double*>(shared + layout.scratch);
+  float* basis = all_bases + head * dim * r_max;
+  __syncthreads();  // shared memory is free
+  double total = 0.0;
+  for (std::int64_t i = threadIdx.x; i < n * dim; i += blockDim.x) {
+    rows[i] = pending[i];
+    total += rows[i] * rows[i];
+  }
+  total = block_sum_double(total, scratch);
+  // P·U (n × rank), then the residual R = P − (P·U)·Uᵀ in place.
+  for (std::int64_t i = threadIdx.x; i < n * rank; i += blockDim.x) {
+    const std::int64_t row = i / rank, j = i % rank;
+    double sum = 0.0;
+    for (std::int64_t d = 0; d < dim; ++d) sum += rows[row * dim + d] * static_cast<double>(basis[d * r_max + j]);
+    columns[i] = sum;
+  }
+  __syncthreads();
+  double missed = 0.0;
+  for (std::int64_t i = threadIdx.x; i < n * dim; i += blockDim.x) {
+    const std::int64_t row = i / dim, d = i % dim;
+    double x = rows[i];
+    for (std::int64_t j = 0; j < rank; ++j) x -= columns[row * rank + j] * static_cast<double>(basis[d * r_max + j]);
+    rows[i] = x;
+    missed += x * x;
+  }
+  missed = block_sum_double(missed, scratch);
+  if (total == 0.0 || missed <= total * 1e-12) return;
+  // R·Rᵀ (m × m; the padding row and column, when n is odd, are 0 and never rotate).
+  for (int i = threadIdx.x; i < m * m; i += blockDim.x) {
+    const int a = i / m, b = i % m;
+    double sum = 0.0;
+    if (a < n && b < n)
+      for (std::int64_t d = 0; d < dim; ++d) sum += rows[a * dim + d] * rows[b * dim + d];
+    gram[i] = sum;
+  }
+  low_rank_jacobi(gram, vectors, m, scratch);
+  // The singular values σ = √max(λ, 0), descending (the padding index excluded): order[] in scratch.
+  __shared__ int order[32];
+  __shared__ int added;
+  if (threadIdx.x == 0) {
+    int count = 0;
+    for (int a = 0; a < n; ++a) order[count++] = a;
+    for (int a = 1; a < count; ++a)  // insertion sort, descending by eigenvalue (n ≤ 32)
+      for (int b = a; b > 0 && gram[order[b] * m + order[b]] > gram[order[b - 1] * m + order[b - 1]]; --b) {
+        const int t = order[b];
+        order[b] = order[b - 1], order[b - 1] = t;
+      }
+    const auto sigma = [&](int k) { return sqrt(fmax(gram[order[k] * m + order[k]], 0.0)); };
+    // The CPU's rule (extend): BDCSVD of R has min(n, D) singular values.
+    const std::int64_t singular = std::min<std::int64_t>(n, dim);
+    const std::int64_t target = store.fixed_rank > 0 ? store.fixed_rank : r_max;
+    std::int64_t add = 0;
+    double still_missed = missed;
+    while (rank + add < target && add < singular && sigma(static_cast<int>(add)) > sigma(0) * 1e-7) {
+      if (store.fixed_rank == 0 && (total - still_missed) >= store.energy * total) break;
+      const double s = sigma(static_cast<int>(add));
+      still_missed -= s * s;
+      ++add;
+    }
+    added = static_cast<int>(add);
+  }
+  __syncthreads();
+  const int add = added;
+  if (add == 0) return;
+  // New column a: v = Rᵀw_a / σ_a, then twice v −= G(Gᵀv) over the columns before it (the basis's rank
+  // columns, in float, and the new ones, in double), then v / ‖v‖ (codec::low_rank::extend's steps).
+  double* grown = columns;  // [add][dim], P·U is no longer needed
+  for (int a = 0; a < add; ++a) {
+    const int e = order[a];
+    const double s = sqrt(fmax(gram[e * m + e], 0.0));
+    for (std::int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
+      double sum = 0.0;
+      for (int row = 0; row < n; ++row) sum += rows[row * dim + d] * vectors[row * m + e];
+      grown[a * dim + d] = sum / s;
+    }
+    for (int pass = 0; pass < 2; ++pass) {
+      __syncthreads();
+      // Gᵀv: one dot per earlier column (rank + a ≤ r_max ≤ 256 = the block's threads).
+      const std::int64_t earlier = rank + a;
+      double dot = 0.0;
+      if (threadIdx.x < earlier) {
+        const std::int64_t j = threadIdx.x;
+        for (std::int64_t d = 0; d < dim; ++d)
+          dot += (j < rank ? static_cast<double>(basis[d * r_max + j]) : grown[(j - rank) * dim + d]) * grown[a * dim + d];
+      }
+      __syncthreads();
+      if (threadIdx.x < earlier) scratch[threadIdx.x] = dot;
+      __syncthreads();
+      for (std::int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
+        double x = grown[a * dim + d];
+        for (std::int64_t j = 0; j < earlier; ++j)
+          x -= (j < rank ? static_cast<double>(basis[d * r_max + j]) : grown[(j - rank) * dim + d]) * scratch[j];
+        grown[a * dim + d] = x;
+      }
+    }
+    double norm = 0.0;
+    for (std::int64_t d = threadIdx.x; d < dim; d += blockDim.x) norm += grown[a * dim + d] * grown[a * dim + d];
+    norm = sqrt(block_sum_double(norm, scratch));
+    for (std::int64_t d = threadIdx.x; d < dim; d += blockDim.x) grown[a * dim + d] /= norm;
+    __syncthreads();
+  }
+  for (std::int64_t i = threadIdx.x; i < add * dim; i += blockDim.x) {
+    const std::int64_t a = i / dim, d = i % dim;
+    basis[d * r_max + rank + a] = static_cast<float>(grown[i]);
+  }
+  if (threadIdx.x == 0) ranks[head] = static_cast<std::int32_t>(rank + add);
+  __syncthreads();
+}
+
+/// c = Uᵀx for one row by the whole block: threads [0, 128) the key, [128, 256) the value; within a half,
+/// groups of r_max threads (128 / r_max of them, at least 1) sum consecutive slices of the channels, then
+/// coefficient j adds the groups' partial sums in order and rounds to fp16 once. (Sequence bases only:
+/// their coefficients are not the CPU's bit for bit anyway, since the bases are not; profile bases keep
+/// low_rank_encode_rows and its CPU order.) A warp per coefficient slice keeps many basis loads in flight:
+/// the loop over all D channels by one thread per coefficient was latency-bound (~40 µs an append at W).
+__device__ inline void low_rank_project_row(const codec::low_rank::storage<device_space>& store, std::int64_t head,
+                                            std::int64_t slot, const float* key, const float* value) {
+  const int dim = static_cast<int>(store.head_dim), r_max = static_cast<int>(store.stored_rank);
+  constexpr int half_block = low_rank_refresh_threads / 2;
+  __shared__ float partial_sums[2][half_block];
+  const bool is_value = threadIdx.x >= half_block;
+  const int t = static_cast<int>(threadIdx.x) % half_block;
+  const int groups = r_max <= half_block ? half_block / r_max : 1;
+  const int group = t / r_max, per_group = (dim + groups - 1) / groups;
+  const float* basis = (is_value ? store.value_bases : store.key_bases) + head * dim * r_max;
+  const float* x = is_value ? value : key;
+  const int rank = is_value ? store.value_ranks[head] : store.key_ranks[head];
+  auto* coefficients = reinterpret_cast<__half*>(is_value ? store.value_coefficients : store.key_coefficients);
+  if (r_max <= half_block) {
+    if (group < groups) {
+      const int j = t % r_max, begin = group * per_group, end = min(dim, begin + per_group);
+      float sum = 0.0f;
+      if (j < rank)
+#pragma unroll 8
+        for (int d = begin; d < end; ++d) sum = fmaf(basis[d * r_max + j], x[d], sum);
+      partial_sums[is_value][t] = sum;
+    }
+    __syncthreads();
+    if (t < r_max) {
+      float sum = 0.0f;
+      for (int g = 0; g < groups; ++g) sum += partial_sums[is_value][g * r_max + t];
+      coefficients[slot * r_max + t] = __float2half_rn(sum);
+    }
+  } else {
+    for (int j = t; j < r_max; j += half_block) {
+      float sum = 0.0f;
+      if (j < rank)
+#pragma unroll 8
+        for (int d = 0; d < dim; ++d) sum = fmaf(basis[d * r_max + j], x[d], sum);
+      coefficients[slot * r_max + j] = __float2half_rn(sum);
+    }
+  }
+  __syncthreads();  // partial_sums is free again
+}
+
+/// Append to a sequence-basis cache with refreshes (update_freq > 0): one block per head, its rows in order,
+/// as codec::low_rank::encode does token by token — project with the current bases; past the compaction's
+/// rows, remember the row (slot, fp32 key and value) in the pending buffer; when it holds update_freq rows,
+/// extend both bases (low_rank_extend) and encode the pending rows again.
+template <class View, class InT>
+__global__ void __launch_bounds__(low_rank_refresh_threads)
+    low_rank_append_refreshing(const __grid_constant__ codec_write<View, InT> w) {
+  if (write_failed(w)) return;
+  extern __shared__ __align__(16) std::byte refresh_shared[];
+  const auto& store = w.cache.storage;
+  const std::int64_t dim = store.head_dim, n = store.update_freq;
+  const low_rank_refresh_layout layout(n, dim, store.stored_rank);
+  auto* key = reinterpret_cast<float*>(refresh_shared + layout.staged);
+  float* value = key + dim;
+  __shared__ std::int64_t slot_shared, left_shared, pending_shared;
+  KVTRIM_FOR_EACH_WRITTEN_HEAD(w, head) {
+    const std::int64_t rows = rows_of(w, head), first = first_of(w, head);
+    const head_coordinates coordinates = coordinates_of(w, head);
+    for (std::int64_t r = 0; r < rows; ++r) {
+      __syncthreads();  // the previous row's staging and counters are read
+      const source_row<InT> source = row_of(w, head, r, coordinates);
+      for (std::int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
+        key[d] = source.key_at(d);
+        value[d] = source.value_at(d);
+      }
+      if (threadIdx.x == 0) {
+        const std::int64_t slot = w.cache.slot(coordinates.b, coordinates.h, first + r);
+        w.cache.positions.slot_position[slot] = static_cast<std::int32_t>(position_of_row(w, head, r, coordinates));
+        slot_shared = slot;
+        left_shared = store.compaction_left[head];
+        pending_shared = store.pending_counts[head];
+      }
+      __syncthreads();
+      const std::int64_t slot = slot_shared;
+      low_rank_project_row(store, head, slot, key, value);
+      if (left_shared > 0) {  // part of the compaction its basis was fitted to
+        if (threadIdx.x == 0) store.compaction_left[head] = left_shared - 1;
+        continue;
+      }
+      const std::int64_t at = head * n + pending_shared;
+      for (std::int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
+        store.pending_keys[at * dim + d] = key[d];
+        store.pending_values[at * dim + d] = value[d];
+      }
+      if (threadIdx.x == 0) {
+        store.pending_slots[at] = slot;
+        store.pending_counts[head] = pending_shared + 1;
+      }
+      if (pending_shared + 1 < n) continue;
+      __syncthreads();  // the pending buffer is complete (global writes of this block, visible after the barrier)
+      const float* pending_keys = store.pending_keys + head * n * dim;
+      const float* pending_values = store.pending_values + head * n * dim;
+      low_rank_extend(store, head, pending_keys, store.key_bases, store.key_ranks, layout, refresh_shared);
+      low_rank_extend(store, head, pending_values, store.value_bases, store.value_ranks, layout, refresh_shared);
+      __syncthreads();  // the grown bases and ranks are written
+      for (std::int64_t i = 0; i < n; ++i)
+        low_rank_project_row(store, head, store.pending_slots[head * n + i], pending_keys + i * dim,
+                             pending_values + i * dim);
+      __syncthreads();
+      if (threadIdx.x == 0) store.pending_counts[head] = 0;
+    }
+  }
+}
+
+/// Launches the refreshing append (one block per written head).
+template <class View, class InT>
+void launch_low_rank_append_refreshing(std::string_view function, const codec_write<View, InT>& w,
+                                       cudaStream_t stream) {
+  const auto& store = w.cache.storage;
+  const low_rank_refresh_layout layout(store.update_freq, store.head_dim, store.stored_rank);
+  const auto kernel = low_rank_append_refreshing<View, InT>;
+  detail::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(layout.bytes)),
+                     function, "cudaFuncSetAttribute(low_rank_append_refreshing)");
+  const std::int64_t heads = w.target >= 0 ? 1 : w.cache.heads();
+  kernel<<<dim3(1, static_cast<unsigned>(std::min<std::int64_t>(heads, 65535))), low_rank_refresh_threads, layout.bytes,
+           stream>>>(w);
+  detail::check_launch(function, "low_rank_append_refreshing");
+}
+
+}  // namespace kvtrim::cuda_detail
