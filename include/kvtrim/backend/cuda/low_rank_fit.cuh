@@ -5,8 +5,7 @@
 //
 // Math. The right singular vectors of a head's T × D rows X are the
 // eigenvectors of its Gram matrix G = XᵀX, with σ_i² = λ_i. On the device:
-//   compaction: G per (head, keys | values) in double (low_rank_gram_mma on the
-//     FP64 tensor cores up to head_dim 128, low_rank_gram beyond: every input
+//   compaction: G per (head, keys | values) in double (low_rank_gram: every input
 //     is fp16/bf16/fp32, so each product of two of them is exact in double and
 //     only the sums round, relative 2⁻⁵³ per addition — the squared condition
 //     number of the Gram route costs nothing the CPU's rank rule can see: its
@@ -167,7 +166,6 @@ __device__ __forceinline__ void stage_gram_rows(const codec_write<View, InT>& w,
   }
 }
 
-/// head_dim > 128 (low_rank_gram_mma below for ≤ 128):
 /// gram[kind · heads + head] (column-major D × D, lower triangle) += Σ_r x_r x_rᵀ over the head's kept rows
 /// (kind = blockIdx.z: 0 keys, 1 values), the compensation row in place of its placeholder. Each thread owns
 /// 8 × 8 tiles of the lower triangle (tile rows ≥ tile columns), accumulates them in double registers over
@@ -219,95 +217,6 @@ __global__ void __launch_bounds__(low_rank_gram_threads)
             if (row < dim && column <= row) atomicAdd(out + row + column * dim, sums[i][j]);
           }
       }
-    }
-  }
-}
-
-/// low_rank_gram on the FP64 tensor cores, for head_dim ≤ 128 (≤ 16 tiles of 8): the rows staged as double
-/// (row stride D + 4 doubles: a quarter warp's four rows fall in distinct banks), then per 4 rows one
-/// mma.m8n8k4.f64 per 8 × 8 tile of the lower triangle — C[m][n] += Σ_k X[r+k][8ti+m]·X[r+k][8tj+n], A and B
-/// fragments alike (lane: row r + lane%4, column 8t + lane/4), so a warp loads each tile column's fragment
-/// once per 4 rows. Warp w owns tile rows w and 15 − w (w + 1 and 16 − w tiles: the same work for every
-/// warp at D = 128). Sums of exact products in double, as low_rank_gram (the order differs).
-inline constexpr int low_rank_gram_mma_tiles = 16;
-template <class View, class InT>
-__global__ void __launch_bounds__(low_rank_gram_threads)
-    low_rank_gram_mma(const __grid_constant__ codec_write<View, InT> w, double* gram) {
-  if (write_failed(w)) return;
-  extern __shared__ double staged_doubles[];  // [low_rank_gram_rows][stride]
-  const std::int64_t dim = w.cache.shape.head_dim, heads = w.cache.heads();
-  const int tiles = static_cast<int>((dim + 7) / 8), stride = tiles * 8 + 4;
-  const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
-  const int row_a = warp, row_b = 2 * low_rank_gram_mma_tiles - 1 - warp;
-  const bool has_a = row_a < tiles, has_b = row_b < tiles;
-  const bool values = blockIdx.z == 1;
-  for (std::int64_t head = blockIdx.y; head < heads; head += gridDim.y) {
-    const std::int64_t rows = rows_of(w, head);
-    const head_coordinates coordinates = coordinates_of(w, head);
-    double sums_a[low_rank_gram_mma_tiles][2] = {}, sums_b[low_rank_gram_mma_tiles][2] = {};
-    // A chunk's rows in registers: warp w holds rows w, w + 8, w + 16, w + 24, lane ℓ channels ℓ + 32c. The next
-    // chunk is loaded while the tensor cores work on this one (a warp per row, loaded one after the other,
-    // left the kernel waiting on global memory: 13.8 ms at W).
-    constexpr int rows_per_warp = low_rank_gram_rows / (low_rank_gram_threads / 32);
-    float next[rows_per_warp][4];
-    const auto load_chunk = [&](std::int64_t first) {
-#pragma unroll
-      for (int i = 0; i < rows_per_warp; ++i) {
-        const std::int64_t r = first + warp + 8 * i;
-        const bool valid = r < rows;
-        const source_row<InT> source = valid ? row_of(w, head, r, coordinates) : source_row<InT>{};
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int d = lane + 32 * c;
-          next[i][c] = valid && d < dim ? (values ? source.value_at(d) : source.key_at(d)) : 0.0f;
-        }
-      }
-    };
-    std::int64_t chunk = blockIdx.x;
-    if (chunk * low_rank_gram_rows < rows) load_chunk(chunk * low_rank_gram_rows);
-    for (; chunk * low_rank_gram_rows < rows; chunk += gridDim.x) {
-      __syncthreads();  // the previous chunk is read
-#pragma unroll
-      for (int i = 0; i < rows_per_warp; ++i)
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-          if (lane + 32 * c < tiles * 8) staged_doubles[(warp + 8 * i) * stride + lane + 32 * c] = next[i][c];
-      __syncthreads();
-      const std::int64_t following = (chunk + gridDim.x) * low_rank_gram_rows;
-      if (following < rows) load_chunk(following);
-#pragma unroll 1
-      for (int k = 0; k < low_rank_gram_rows; k += 4) {
-        const double* base = staged_doubles + (k + lane % 4) * stride + lane / 4;
-        double fragments[low_rank_gram_mma_tiles];
-#pragma unroll
-        for (int t = 0; t < low_rank_gram_mma_tiles; ++t) fragments[t] = t < tiles ? base[t * 8] : 0.0;
-        const double a = has_a ? base[row_a * 8] : 0.0, b = has_b ? base[row_b * 8] : 0.0;
-#pragma unroll
-        for (int t = 0; t < low_rank_gram_mma_tiles; ++t) {
-          if (has_a && t <= row_a)
-            asm volatile("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};"
-                         : "+d"(sums_a[t][0]), "+d"(sums_a[t][1])
-                         : "d"(a), "d"(fragments[t]));
-          if (has_b && t <= row_b)
-            asm volatile("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};"
-                         : "+d"(sums_b[t][0]), "+d"(sums_b[t][1])
-                         : "d"(b), "d"(fragments[t]));
-        }
-      }
-    }
-    // C fragment: row lane/4 of the tile row, columns 2·(lane%4) + {0, 1} of the tile column.
-    double* out = gram + (std::int64_t{values} * heads + head) * dim * dim;
-    const auto add = [&](int tile_row, int t, const double (&sums)[2]) {
-      const std::int64_t row = tile_row * 8 + lane / 4;
-      for (int e = 0; e < 2; ++e) {
-        const std::int64_t column = t * 8 + 2 * (lane % 4) + e;
-        if (row < dim && column <= row) atomicAdd(out + row + column * dim, sums[e]);
-      }
-    };
-#pragma unroll
-    for (int t = 0; t < low_rank_gram_mma_tiles; ++t) {
-      if (has_a && t <= row_a) add(row_a, t, sums_a[t]);
-      if (has_b && t <= row_b) add(row_b, t, sums_b[t]);
     }
   }
 }
@@ -408,16 +317,9 @@ void launch_low_rank_fit(std::string_view function, const codec_write<View, InT>
   const std::int64_t chunks = std::max<std::int64_t>(ceil_div(std::max<std::int64_t>(rows_bound, 1), low_rank_gram_rows), 1);
   const std::int64_t per_head = std::clamp<std::int64_t>(ceil_div(528, 2 * head_blocks), 1, chunks);
   const dim3 grid(static_cast<unsigned>(per_head), static_cast<unsigned>(head_blocks), 2);
-  if (dim <= 8 * low_rank_gram_mma_tiles) {
-    const std::size_t shared =
-        static_cast<std::size_t>(low_rank_gram_rows * ((dim + 7) / 8 * 8 + 4)) * sizeof(double);  // ≤ 33.8 KB
-    low_rank_gram_mma<View, InT><<<grid, low_rank_gram_threads, shared, stream>>>(w, gram);
-    detail::check_launch(function, "low_rank_gram_mma");
-  } else {
-    const std::size_t shared = static_cast<std::size_t>(low_rank_gram_rows * ((dim + 7) / 8 * 8)) * sizeof(float);
-    low_rank_gram<View, InT><<<grid, low_rank_gram_threads, shared, stream>>>(w, gram);
-    detail::check_launch(function, "low_rank_gram");
-  }
+  const std::size_t shared = static_cast<std::size_t>(low_rank_gram_rows * ((dim + 7) / 8 * 8)) * sizeof(float);
+  low_rank_gram<View, InT><<<grid, low_rank_gram_threads, shared, stream>>>(w, gram);
+  detail::check_launch(function, "low_rank_gram");
   check_cusolver(cusolverDnXsyevBatched(solver.handle(), solver.params(), CUSOLVER_EIG_MODE_VECTOR,
                                         CUBLAS_FILL_MODE_LOWER, dim, CUDA_R_64F, gram, dim, CUDA_R_64F, eigenvalues,
                                         CUDA_R_64F, workspace, solver_device, host_workspace, solver_host, info,
