@@ -22,6 +22,11 @@
 //    byte, and every slot's position.
 //    Then decode attention over the CPU-encoded cache (its bytes copied to the
 //    device) against the CPU's attend, within the bound derived below.
+//  * SequenceBasisCache.*: low_rank with basis_source::sequence, the same harness with bases fitted by
+//    each backend (compaction and refreshes): ranks, counters, pending slots and raw rows exactly, the
+//    fitted subspaces and lifted rows within bounds derived from the rows' spectral gaps, attention over
+//    the device's own cache ("low_rank with sequence bases" below). SequenceBasisRefusal: update_freq
+//    above the device's 32 refused before any write.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -39,6 +44,7 @@
 #include <vector>
 
 #include "common/low_rank_bases.hpp"
+#include "common/low_rank_sequence.hpp"
 #include "common/quantizer_ties.hpp"
 #include "common/tensors.hpp"
 #include "cuda/device_memory.cuh"
@@ -306,7 +312,16 @@ enum class layout_kind { contiguous, paged, flat };
 enum class codec_kind { int8_groups, int8_groups_zero_point, int8_tokens_zero_point, int4_groups_zero_point,
                         int4_groups, fp8_head_amax, fp8_fixed, layered_int8, layered_fp8, low_rank_post_rope,
                         low_rank_pre_rope, low_rank_pre_rope_interleaved, low_rank_post_rope_rank_20,
-                        low_rank_pre_rope_rank_29, fp8_head_amax_subnormal };
+                        low_rank_pre_rope_rank_29, fp8_head_amax_subnormal,
+                        // basis_source::sequence: bases fitted by each backend (energy 0.98 or config.rank = 20;
+                        // update_freq 16, or 0: frozen after compaction)
+                        low_rank_sequence_post_rope, low_rank_sequence_pre_rope, low_rank_sequence_pre_rope_rank_20,
+                        low_rank_sequence_frozen };
+
+constexpr bool sequence_bases(codec_kind kind) {
+  return kind == codec_kind::low_rank_sequence_post_rope || kind == codec_kind::low_rank_sequence_pre_rope ||
+         kind == codec_kind::low_rank_sequence_pre_rope_rank_20 || kind == codec_kind::low_rank_sequence_frozen;
+}
 
 struct codec_case {
   layout_kind layout;
@@ -322,7 +337,9 @@ std::string name_of(const codec_case& c) {
   static const char* const codecs[] = {"int8_g32", "int8_g32_zero", "int8_token_zero", "int4_g32_zero", "int4_g32",
                                        "fp8_amax", "fp8_fixed",     "layered_int8",    "layered_fp8",
                                        "low_rank_post", "low_rank_pre", "low_rank_pre_interleaved",
-                                       "low_rank_post_r20", "low_rank_pre_r29", "fp8_amax_subnormal"};
+                                       "low_rank_post_r20", "low_rank_pre_r29", "fp8_amax_subnormal",
+                                       "low_rank_seq_post", "low_rank_seq_pre", "low_rank_seq_pre_r20",
+                                       "low_rank_seq_frozen"};
   return kt::detail::cat(layouts[static_cast<int>(c.layout)], "_", codecs[static_cast<int>(c.codec)], "_b", c.batch,
                          "_kv", c.kv_heads, "_g", c.group, "_d", c.head_dim,
                          c.layout == layout_kind::paged ? kt::detail::cat("_p", c.page_size) : std::string{},
@@ -428,6 +445,17 @@ template <class CodecT>
 typename CodecT::config config_of(codec_kind kind) {
   typename CodecT::config config{};
   if constexpr (std::is_same_v<CodecT, kt::codec::low_rank>) {
+    if (sequence_bases(kind)) {
+      // Bases fitted by each backend at compaction and grown every 16 appended tokens (the default
+      // update_freq), or never (frozen: update_freq 0); ranks by energy 0.98 (the stored rank, max_rank,
+      // is head_dim / 4: set by the harness), or fixed at 20.
+      config.source = kt::codec::basis_source::sequence;
+      if (kind == codec_kind::low_rank_sequence_pre_rope || kind == codec_kind::low_rank_sequence_pre_rope_rank_20)
+        config.keys = kt::codec::key_space::pre_rope;
+      if (kind == codec_kind::low_rank_sequence_pre_rope_rank_20) config.rank = 20;
+      if (kind == codec_kind::low_rank_sequence_frozen) config.update_freq = 0;
+      return config;
+    }
     // Calibrated (profile) bases, installed per head before compaction (install_bases); the
     // stored rank (max_rank) is set from the head dim by the harness.
     config.source = kt::codec::basis_source::profile;
@@ -462,6 +490,322 @@ typename CodecT::config config_of(codec_kind kind) {
 }
 
 
+// ---- low_rank with sequence bases: the device's fits against the CPU's ---------------------------------
+//
+// With basis_source::sequence each backend fits its own bases (the CPU: Eigen's BDCSVD; the device: Gram
+// matrices and eigen-solvers in double), so bases and coefficients agree only to rounding, and a basis
+// may differ in sign: the harness compares, instead of bytes,
+//   * every counter and raw copy exactly: key/value ranks, compaction_left, pending_counts, the pending
+//     slots and the pending raw fp32 rows (copies of the inputs), positions and the layout's tables;
+//   * the fitted subspaces: ‖U_cpu U_cpuᵀ − U_gpu U_gpuᵀ‖₂ for every prefix of the basis (the rank after
+//     the compaction and after each refresh that added columns) within low_rank_fit_bounds' bound (tests/
+//     common/low_rank_sequence.hpp: each solver's error from the rows' spectral gaps, Davis–Kahan /
+//     Wedin, and the float storage of both bases, ≈ 4u√r at compaction; a refresh adds sin θ ≤
+//     √2·‖X_p‖₂·E / gap to the distance E it starts from, measured at the previous comparison), and the
+//     device's basis columns past its rank are 0;
+//   * every held token's lifted rows x̂ = U c (load_key / load_value on a host copy of the device's
+//     bytes) within lifted_row_bound, and coefficients past the rank 0;
+//   * decode attention over the device's own cache against the CPU's attention over the CPU's cache,
+//     within a bound built from the lifted rows' measured differences (expect_sequence_attention_within).
+// The rows (low_rank_sequence_rows) have spectral gaps and energy margins that make every rank decision
+// and every fitted subspace well-posed; low_rank_fit_bounds checks those premises on the actual numbers
+// and the test reports an unmet one as a failure of the test's data, not of the device.
+
+using low_rank_store = kt::codec::low_rank::storage<kt::host_space>;
+
+/// Each flattened head's held tokens in logical order: their slots and positions (the CPU's; the device's
+/// positions and tables are compared equal separately).
+struct held_tokens {
+  std::vector<std::vector<std::int64_t>> slots;
+  std::vector<std::vector<std::int32_t>> positions;
+};
+
+/// The storage of a copy of a cache's bytes: `s`'s arrays at the same offsets from `to` as from `from`.
+low_rank_store rebased(const low_rank_store& s, const std::byte* from, std::byte* to) {
+  low_rank_store out = s;
+  const auto move = [&](auto*& p) {
+    using pointer = std::remove_reference_t<decltype(p)>;
+    if (p != nullptr) p = reinterpret_cast<pointer>(to + (reinterpret_cast<const std::byte*>(p) - from));
+  };
+  move(out.key_coefficients), move(out.value_coefficients), move(out.key_bases), move(out.value_bases);
+  move(out.key_ranks), move(out.value_ranks), move(out.compaction_left), move(out.pending_counts);
+  move(out.pending_slots), move(out.pending_keys), move(out.pending_values);
+  return out;
+}
+
+/// State of one sequence-basis case: its rows, the replayed fits and their bounds, what each head was given.
+struct sequence_run {
+  sequence_run(std::int64_t head_dim, const kt::testing::low_rank_fit_bounds::settings& settings)
+      : rows(head_dim, settings.fixed_rank, 2024), bounds(settings),
+        appended(static_cast<std::size_t>(settings.heads), 0) {}
+  kt::testing::low_rank_sequence_rows rows;
+  kt::testing::low_rank_fit_bounds bounds;
+  std::vector<std::int64_t> appended;  // per head: tokens appended since the compaction (the next one's t)
+  std::uint64_t salt = 0;              // the noise of each append call
+  std::vector<std::string> premises;   // unmet premises of the test's data
+  std::size_t reported = 0;            // premises reported so far
+  double worst_basis = 0.0, worst_row = 0.0, worst_attention = 0.0;  // measured / tolerance
+};
+
+/// ‖U_a U_aᵀ − U_b U_bᵀ‖₂ for the first `rank` columns of two head_dim × stored row-major float bases,
+/// in double (each entry's rounding ≤ γ_r, the eigen-solver's ≤ D·u_d: the sequence_slack below).
+double basis_distance(const float* a, const float* b, std::int64_t dim, std::int64_t stored, std::int64_t rank) {
+  if (rank <= 0) return 0.0;
+  Eigen::MatrixXd ua(dim, rank), ub(dim, rank);
+  for (std::int64_t d = 0; d < dim; ++d)
+    for (std::int64_t j = 0; j < rank; ++j) {
+      ua(d, j) = static_cast<double>(a[d * stored + j]);
+      ub(d, j) = static_cast<double>(b[d * stored + j]);
+    }
+  const Eigen::MatrixXd difference = ua * ua.transpose() - ub * ub.transpose();
+  return Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd>(difference, Eigen::EigenvaluesOnly).eigenvalues().cwiseAbs().maxCoeff();
+}
+
+/// The bound on ‖x̂_a − x̂_b‖₂ for one token's lifted rows x̂_s = fl(U_s c_s), c_s = fl16(fl32(U_sᵀx)), from
+/// two stores given the same input row x (‖x‖₂ ≤ largest_row) and bases at distance M = ‖U_a U_aᵀ −
+/// U_b U_bᵀ‖₂ (the largest over the prefixes a token may have been encoded with — coefficients past the
+/// rank at its encode are 0, so it is lifted through that prefix — each measured, and at most its bound:
+/// a basis past its bound fails there, and its rows here too). Writing c_s = U_sᵀx + δ_s:
+///   U_a c_a − U_b c_b = (U_a U_aᵀ − U_b U_bᵀ) x + U_a δ_a − U_b δ_b, the first ≤ M·‖x‖;
+///   |δ_s,j| ≤ u_h|c_s,j| + 2⁻²⁵ (fp16 rounding, normal or subnormal) + (1 + u_h)·γ_D·Σ_d|U_dj x_d| (the fp32
+///     dot, any order), Σ_d|U_dj x_d| ≤ ‖U_j‖‖x‖ ≤ (1 + u)‖x‖: ‖δ_s‖₂ ≤ u_h‖c_s‖ + 2⁻²⁵√r + 1.001γ_D√r‖x‖;
+///   ‖U_s‖₂ ≤ 1 + u√r (float columns of an orthonormal basis);
+///   the lift's fp32 sum of r products: per element ≤ γ_r Σ_j|U_dj c_j|, in 2-norm ≤ γ_r‖U‖_F‖c‖ ≤ γ_r√r(1 + u)‖c‖;
+///   pre-RoPE keys: the rotation (double, both sides the same angles) keeps the difference's norm and
+///     rounds each side to float once more: ≤ 1.001u‖x̂_s‖.
+double lifted_row_bound(double distance, double largest_row, double coefficients_a, double coefficients_b,
+                        std::int64_t rank, std::int64_t dim, double rotated) {
+  const double u = kt::element_traits<float>::unit_roundoff, u_h = kt::element_traits<kt::half>::unit_roundoff;
+  const double r = static_cast<double>(rank), d = static_cast<double>(dim);
+  const double gamma_d = d * u / (1.0 - d * u), gamma_r = r * u / (1.0 - r * u);
+  return distance * largest_row +
+         (1.0 + u * std::sqrt(r)) * (u_h * (coefficients_a + coefficients_b) + 2.0 * 0x1p-25 * std::sqrt(r) +
+                                     2.0 * 1.001 * gamma_d * std::sqrt(r) * largest_row) +
+         (1.0 + u) * gamma_r * std::sqrt(r) * (coefficients_a + coefficients_b) + 1.001 * u * rotated;
+}
+
+/// The slack of a measured basis distance (basis_distance's own rounding in double).
+double sequence_slack(std::int64_t dim, std::int64_t stored) {
+  return 4.0 * static_cast<double>(dim) * static_cast<double>(stored) * 0x1p-53;
+}
+
+double norm_of(const float* x, std::int64_t n) {
+  double sum = 0.0;
+  for (std::int64_t i = 0; i < n; ++i) sum += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+  return std::sqrt(sum);
+}
+double coefficient_norm(const kt::half* c, std::int64_t rank) {
+  double sum = 0.0;
+  for (std::int64_t j = 0; j < rank; ++j) sum += static_cast<double>(static_cast<float>(c[j])) * static_cast<double>(static_cast<float>(c[j]));
+  return std::sqrt(sum);
+}
+
+/// One step's comparison of a sequence-basis store (`gpu`: a host copy of the device's bytes) with the
+/// CPU's, head by head (see the section's comment).
+void expect_sequence_storage_matches(const low_rank_store& cpu, const low_rank_store& gpu, const held_tokens& held,
+                                     sequence_run& run) {
+  const std::int64_t dim = cpu.head_dim, r_max = cpu.stored_rank, update_freq = cpu.update_freq;
+  const double slack = sequence_slack(dim, r_max);
+  for (std::int64_t head = 0; head < cpu.heads; ++head) {
+    SCOPED_TRACE(kt::detail::cat("head ", head));
+    EXPECT_EQ(gpu.key_ranks[head], cpu.key_ranks[head]) << "key rank";
+    EXPECT_EQ(gpu.value_ranks[head], cpu.value_ranks[head]) << "value rank";
+    EXPECT_EQ(gpu.compaction_left[head], cpu.compaction_left[head]) << "compaction_left";
+    EXPECT_EQ(gpu.pending_counts[head], cpu.pending_counts[head]) << "pending_counts";
+    if (update_freq > 0) {
+      const std::int64_t count = cpu.pending_counts[head], first = head * update_freq;
+      for (int kind = 0; kind < 2; ++kind) {  // the test's mirror is the CPU's buffer (a premise of the bounds)
+        const auto& mirror = run.bounds.pending(head, kind);
+        const float* rows = (kind == 0 ? cpu.pending_keys : cpu.pending_values) + first * dim;
+        bool same = static_cast<std::int64_t>(mirror.size()) == count;
+        for (std::int64_t i = 0; same && i < count; ++i)
+          same = std::memcmp(mirror[static_cast<std::size_t>(i)].data(), rows + i * dim, static_cast<std::size_t>(dim) * 4) == 0;
+        if (!same) run.premises.push_back(kt::detail::cat("head ", head, ": the test's pending rows are not the CPU's"));
+      }
+      if (gpu.pending_counts[head] == count) {
+        for (std::int64_t i = 0; i < count; ++i)
+          EXPECT_EQ(gpu.pending_slots[first + i], cpu.pending_slots[first + i]) << "pending slot " << i;
+        const std::size_t bytes = static_cast<std::size_t>(count * dim) * sizeof(float);
+        EXPECT_EQ(std::memcmp(gpu.pending_keys + first * dim, cpu.pending_keys + first * dim, bytes), 0)
+            << "pending_keys: the raw rows differ";
+        EXPECT_EQ(std::memcmp(gpu.pending_values + first * dim, cpu.pending_values + first * dim, bytes), 0)
+            << "pending_values: the raw rows differ";
+      }
+    }
+    // Bases: the subspace of every prefix, and zeros past the rank. A distance past its bound (a failure,
+    // reported) goes on as the bound, both into the next refresh's bound and into the lifted rows': the
+    // later bounds stay a correct device's, so a wrong basis keeps failing rather than widening them.
+    double distance[2] = {0.0, 0.0};  // the largest over the prefixes
+    bool same_ranks = true;
+    for (int kind = 0; kind < 2; ++kind) {
+      const char* name = kind == 0 ? "key" : "value";
+      const float* cpu_basis = (kind == 0 ? cpu.key_bases : cpu.value_bases) + head * dim * r_max;
+      const float* gpu_basis = (kind == 0 ? gpu.key_bases : gpu.value_bases) + head * dim * r_max;
+      const std::int64_t cpu_rank = (kind == 0 ? cpu.key_ranks : cpu.value_ranks)[head];
+      const std::int64_t gpu_rank = (kind == 0 ? gpu.key_ranks : gpu.value_ranks)[head];
+      std::int64_t nonzero = 0;
+      for (std::int64_t d = 0; d < dim; ++d)
+        for (std::int64_t j = std::clamp<std::int64_t>(gpu_rank, 0, r_max); j < r_max; ++j)
+          nonzero += gpu_basis[d * r_max + j] != 0.0f;
+      EXPECT_EQ(nonzero, 0) << "device " << name << " basis entries past its rank " << gpu_rank;
+      const auto& prefixes = run.bounds.replay(head, kind, cpu_basis, cpu_rank, run.premises);
+      if (gpu_rank != cpu_rank) {
+        same_ranks = false;
+        continue;
+      }
+      bool replayed = false;
+      for (std::size_t i = 0; i < prefixes.size(); ++i) {
+        if (prefixes[i].rank > cpu_rank) continue;  // a replay that disagrees with the CPU: a premise, reported
+        replayed = replayed || prefixes[i].rank == cpu_rank;
+        const double measured = basis_distance(cpu_basis, gpu_basis, dim, r_max, prefixes[i].rank);
+        const double tolerance = prefixes[i].tolerance + slack;
+        run.bounds.measured(head, kind, i, std::min(measured, tolerance));
+        distance[kind] = std::max(distance[kind], std::min(measured, tolerance));
+        run.worst_basis = std::max(run.worst_basis, measured / tolerance);
+        EXPECT_LE(measured, tolerance) << name << " subspace of the first " << prefixes[i].rank
+                                       << " columns: ‖U_cpu U_cpuᵀ − U_gpu U_gpuᵀ‖₂";
+      }
+      // No bound for the whole basis (the replay missed a premise, reported): the rows' bound takes the
+      // measured distance, so that they add no failure of their own.
+      if (!replayed) distance[kind] = std::max(distance[kind], basis_distance(cpu_basis, gpu_basis, dim, r_max, cpu_rank));
+    }
+    if (!same_ranks) continue;
+    // Lifted rows of every held token, and the coefficients past the ranks: 0.
+    const std::int64_t key_rank = cpu.key_ranks[head], value_rank = cpu.value_ranks[head];
+    std::array<float, kt::max_head_dim> key_cpu{}, key_gpu{}, value_cpu{}, value_gpu{};
+    std::int64_t failures = 0, nonzero = 0;
+    for (std::size_t i = 0; i < held.slots[static_cast<std::size_t>(head)].size() && failures < 4; ++i) {
+      const std::int64_t slot = held.slots[static_cast<std::size_t>(head)][i];
+      const std::int32_t position = held.positions[static_cast<std::size_t>(head)][i];
+      const kt::half* gpu_keys = gpu.key_coefficients + slot * r_max;
+      const kt::half* gpu_values = gpu.value_coefficients + slot * r_max;
+      for (std::int64_t j = key_rank; j < r_max; ++j) nonzero += static_cast<float>(gpu_keys[j]) != 0.0f;
+      for (std::int64_t j = value_rank; j < r_max; ++j) nonzero += static_cast<float>(gpu_values[j]) != 0.0f;
+      kt::codec::low_rank::load_key(cpu, head, slot, position, key_cpu.data());
+      kt::codec::low_rank::load_key(gpu, head, slot, position, key_gpu.data());
+      kt::codec::low_rank::load_value(cpu, head, slot, value_cpu.data());
+      kt::codec::low_rank::load_value(gpu, head, slot, value_gpu.data());
+      const auto check = [&](const char* name, const float* a, const float* b, double bound) {
+        double sum = 0.0;
+        for (std::int64_t d = 0; d < dim; ++d) sum += (static_cast<double>(a[d]) - b[d]) * (static_cast<double>(a[d]) - b[d]);
+        const double difference = std::sqrt(sum);
+        run.worst_row = std::max(run.worst_row, difference / bound);
+        if (difference > bound && ++failures <= 4)
+          ADD_FAILURE() << name << " of token " << i << " (slot " << slot << ", position " << position
+                        << "): ‖cpu − cuda‖₂ = " << difference << " > " << bound;
+      };
+      const double rotated = cpu.pre_rope ? norm_of(key_cpu.data(), dim) + norm_of(key_gpu.data(), dim) : 0.0;
+      check("lifted key", key_cpu.data(), key_gpu.data(),
+            lifted_row_bound(distance[0], run.bounds.largest_row(head, 0),
+                             coefficient_norm(cpu.key_coefficients + slot * r_max, key_rank),
+                             coefficient_norm(gpu_keys, key_rank), key_rank, dim, rotated));
+      check("lifted value", value_cpu.data(), value_gpu.data(),
+            lifted_row_bound(distance[1], run.bounds.largest_row(head, 1),
+                             coefficient_norm(cpu.value_coefficients + slot * r_max, value_rank),
+                             coefficient_norm(gpu_values, value_rank), value_rank, dim, 0.0));
+    }
+    EXPECT_EQ(nonzero, 0) << "device coefficients past the head's ranks (" << key_rank << ", " << value_rank << ")";
+  }
+}
+
+/// Decode attention over the device's own cache (gpu_out) against the CPU's over the CPU's (cpu_out), per
+/// query head j of sequence b over its head's n tokens. Let ℓ_s,i be the exact logit of side s's stored
+/// (U, c) and k̃_s,i its load_key row. Each side's kernel is within (D + R + 6)u·S_s of ℓ_s
+/// (check_low_rank_attention's argument, per side), and load_key within (γ_R + 2u)·S_s of ℓ_s·√D / q (the
+/// lift's γ_R Σ_j|U c|, the rotation's u on each of a pair), so the logits differ by
+///   δ ≤ L + (2(D + R) + 12)u·S + 2(γ_R + 2u)·S,  L = max_i Σ_d |q_d|·|k̃_cpu,id − k̃_gpu,id| / √D (measured),
+/// S = max over both sides of max_i Σ_d |q_d|·B_d / √D + |bias_i| (B_d = Σ_j|U_dj c_ij|, a rotated pair's
+/// B_a + B_b). The outputs Σ_i w_i v̂_i (normalised weights w) then differ by the weights, whose ratios are
+/// within e^(±(2δ + 4u)) (twice: numerator and sum), times V = max over both sides of max_i,d Σ_j|U_v,dj
+/// c^v_ij|, by the values' difference ≤ Δv + 2γ_R·V (Δv = max_i,d |ṽ_cpu − ṽ_gpu| measured, load_value's
+/// rounding on each side), and by the kernels' mixes, lifts and divisions:
+///   |out_cpu − out_gpu| ≤ 2·expm1(2δ + 4u)·V + Δv + 2γ_R·V + (16√(n + 1) + 2R + 12)·u·V.
+void expect_sequence_attention_within(const low_rank_store& cpu, const low_rank_store& gpu, const held_tokens& held,
+                                      const std::vector<std::int32_t>& bias_index, const std::vector<float>& bias,
+                                      const kt::testing::host_tensor<kt::half, 3>& queries, const std::vector<float>& gpu_out,
+                                      const kt::testing::host_tensor<float, 3>& cpu_out, std::int64_t kv_heads,
+                                      std::int64_t group, sequence_run& run) {
+  const std::int64_t dim = cpu.head_dim, r = cpu.stored_rank, q_heads = kv_heads * group;
+  const double u = kt::element_traits<float>::unit_roundoff;
+  const double gamma_r = static_cast<double>(r) * u / (1.0 - static_cast<double>(r) * u);
+  const std::int64_t rotary = cpu.pre_rope ? cpu.rope.rotated(dim) : 0;
+  const auto partner = [&](std::int64_t d) -> std::int64_t {
+    if (d >= rotary) return -1;
+    if (cpu.rope.pairs == kt::rope::pairing::half_split) return d < rotary / 2 ? d + rotary / 2 : d - rotary / 2;
+    return d ^ 1;
+  };
+  for (std::int64_t head = 0; head < cpu.heads; ++head) {
+    const std::int64_t b = head / kv_heads, h = head % kv_heads;
+    const auto& slots = held.slots[static_cast<std::size_t>(head)];
+    const auto n = static_cast<std::int64_t>(slots.size());
+    ASSERT_TRUE(gpu.key_ranks[head] >= 0 && gpu.key_ranks[head] <= r && gpu.value_ranks[head] >= 0 && gpu.value_ranks[head] <= r)
+        << "device ranks of head " << head << " outside [0, " << r << "]: " << gpu.key_ranks[head] << ", " << gpu.value_ranks[head];
+    // Per token: the lifted rows of both sides, and each side's Σ_j|U c| per channel (keys) and its largest (values).
+    std::vector<float> keys[2], values[2];
+    std::vector<double> key_terms[2];
+    double largest_value = 0.0, value_difference = 0.0;
+    for (int side = 0; side < 2; ++side) {
+      const low_rank_store& st = side == 0 ? cpu : gpu;
+      keys[side].resize(static_cast<std::size_t>(n * dim)), values[side].resize(keys[side].size());
+      key_terms[side].resize(keys[side].size());
+      const float* key_basis = st.key_bases + head * dim * r;
+      const float* value_basis = st.value_bases + head * dim * r;
+      for (std::int64_t i = 0; i < n; ++i) {
+        const std::int64_t slot = slots[static_cast<std::size_t>(i)];
+        kt::codec::low_rank::load_key(st, head, slot, held.positions[static_cast<std::size_t>(head)][static_cast<std::size_t>(i)],
+                                      keys[side].data() + i * dim);
+        kt::codec::low_rank::load_value(st, head, slot, values[side].data() + i * dim);
+        for (std::int64_t d = 0; d < dim; ++d) {
+          double key_sum = 0.0, value_sum = 0.0;
+          for (std::int64_t k = 0; k < st.key_ranks[head]; ++k)
+            key_sum += std::abs(static_cast<double>(key_basis[d * r + k]) * static_cast<double>(static_cast<float>(st.key_coefficients[slot * r + k])));
+          for (std::int64_t k = 0; k < st.value_ranks[head]; ++k)
+            value_sum += std::abs(static_cast<double>(value_basis[d * r + k]) * static_cast<double>(static_cast<float>(st.value_coefficients[slot * r + k])));
+          key_terms[side][static_cast<std::size_t>(i * dim + d)] = key_sum;
+          largest_value = std::max(largest_value, value_sum);
+        }
+      }
+    }
+    for (std::size_t e = 0; e < values[0].size(); ++e)
+      value_difference = std::max(value_difference, std::abs(static_cast<double>(values[0][e]) - values[1][e]));
+    for (std::int64_t g = 0; g < group; ++g) {
+      const std::int64_t j = h * group + g;
+      double largest_logit = 0.0, key_difference = 0.0;
+      for (std::int64_t i = 0; i < n; ++i) {
+        const double extra = i == bias_index[static_cast<std::size_t>(head)] ? std::abs(static_cast<double>(bias[static_cast<std::size_t>(head)])) : 0.0;
+        double difference = 0.0;
+        for (std::int64_t d = 0; d < dim; ++d)
+          difference += std::abs(static_cast<double>(kt::to_float(queries(b, j, d)))) *
+                        std::abs(static_cast<double>(keys[0][static_cast<std::size_t>(i * dim + d)]) - keys[1][static_cast<std::size_t>(i * dim + d)]);
+        key_difference = std::max(key_difference, difference / std::sqrt(static_cast<double>(dim)));
+        for (int side = 0; side < 2; ++side) {
+          double magnitude = 0.0;
+          for (std::int64_t d = 0; d < dim; ++d) {
+            const std::int64_t p = partner(d);
+            const double term = key_terms[side][static_cast<std::size_t>(i * dim + d)] +
+                                (p >= 0 ? key_terms[side][static_cast<std::size_t>(i * dim + p)] : 0.0);
+            magnitude += std::abs(static_cast<double>(kt::to_float(queries(b, j, d)))) * term;
+          }
+          largest_logit = std::max(largest_logit, magnitude / std::sqrt(static_cast<double>(dim)) + extra);
+        }
+      }
+      const double logit_error = key_difference + (2.0 * static_cast<double>(dim + r) + 12.0) * u * largest_logit +
+                                 2.0 * (gamma_r + 2.0 * u) * largest_logit;
+      const double tolerance = 2.0 * std::expm1(2.0 * logit_error + 4.0 * u) * largest_value + value_difference +
+                               2.0 * gamma_r * largest_value +
+                               (16.0 * std::sqrt(static_cast<double>(n) + 1.0) + 2.0 * static_cast<double>(r) + 12.0) * u * largest_value;
+      for (std::int64_t d = 0; d < dim; ++d) {
+        const float got = gpu_out[static_cast<std::size_t>((b * q_heads + j) * dim + d)];
+        ASSERT_FALSE(std::isnan(got)) << "unwritten or NaN output at " << b << "," << j << "," << d;
+        const double error = std::abs(static_cast<double>(got) - cpu_out.view(b, j, d));
+        run.worst_attention = std::max(run.worst_attention, error / tolerance);
+        ASSERT_LE(error, tolerance) << "|cuda − cpu| at sequence " << b << ", q head " << j << ", dim " << d << " (head of " << n
+                                    << " tokens; logits within " << logit_error << ", values within " << value_difference << ")";
+      }
+    }
+  }
+}
+
 /// Tokens append_head adds to head 1 (paged, flat): 3 KIVI groups and one token, more than the
 /// even share of a flat buffer's spare runs, so flat caches repack.
 constexpr std::int64_t head_appended = 97;
@@ -478,6 +822,7 @@ struct harness {
   kt::model_shape shape;
   std::int64_t heads;
   std::vector<std::int64_t> kept;  // per head
+  std::unique_ptr<sequence_run> sequence;  // low_rank with basis_source::sequence: the fits' comparison
 
   explicit harness(const codec_case& c_)
       : c(c_), config(config_of<CodecT>(c_.codec)),
@@ -488,6 +833,16 @@ struct harness {
       config.max_rank = c_.codec == codec_kind::low_rank_post_rope_rank_20   ? 20
                         : c_.codec == codec_kind::low_rank_pre_rope_rank_29 ? 29
                                                                             : c_.head_dim / 4;
+      if (sequence_bases(c_.codec)) {
+        kt::testing::low_rank_fit_bounds::settings settings;
+        settings.heads = heads;
+        settings.head_dim = c_.head_dim;
+        settings.stored_rank = config.stored_rank(c_.head_dim);
+        settings.fixed_rank = config.rank.value_or(0);
+        settings.energy = config.energy;
+        settings.update_freq = config.update_freq;
+        sequence = std::make_unique<sequence_run>(c_.head_dim, settings);
+      }
     }
     for (std::int64_t head = 0; head < heads; ++head)
       kept.push_back(contiguous ? c.kept[0] : c.kept[static_cast<std::size_t>(head) % c.kept.size()]);
@@ -545,7 +900,13 @@ struct harness {
                       << at / range.element << ": device 0x" << std::hex << device << ", cpu 0x" << expected << std::dec;
       }
     }
-    // Positions (the device view's own table: a contiguous device view lays it out without the host length).
+    expect_same_positions(cpu, got, gpu, device_base);
+  }
+
+  /// Every held slot's position: the device view's own table (a contiguous device view lays it out
+  /// without the host length) in `got`, the device block's bytes.
+  void expect_same_positions(const host_view& cpu, const std::vector<std::byte>& got, const device_view& gpu,
+                             const std::byte* device_base) const {
     const std::ptrdiff_t positions = reinterpret_cast<const std::byte*>(gpu.positions.slot_position) - device_base;
     std::int64_t wrong_positions = 0;
     for (std::int64_t head = 0; head < heads; ++head) {
@@ -558,6 +919,167 @@ struct harness {
           ADD_FAILURE() << "position of head " << head << " token " << i << ": device " << device_position << ", cpu "
                         << cpu.positions.slot_position[slot];
       }
+    }
+  }
+
+  /// After each step: expect_same_bytes, or for sequence bases expect_sequence_state.
+  void expect_same_state(const host_view& cpu, const host_block& block, const device_view& gpu,
+                         const device_buffer<std::byte>& device_block, const char* step) const {
+    if constexpr (std::is_same_v<CodecT, kt::codec::low_rank>) {
+      if (sequence) {
+        expect_sequence_state(cpu, block, gpu, device_block, step);
+        return;
+      }
+    }
+    expect_same_bytes(cpu, block, gpu, device_block, step);
+  }
+
+  /// Sequence bases: positions and tables byte for byte, the storage as expect_sequence_storage_matches
+  /// compares it, and decode attention over the device's cache (see the section "low_rank with sequence
+  /// bases"); then any premise of the test's data the step found unmet.
+  void expect_sequence_state(const host_view& cpu, const host_block& block, const device_view& gpu,
+                             const device_buffer<std::byte>& device_block, const char* step) const {
+    SCOPED_TRACE(step);
+    std::vector<std::byte> got = kt::testing::download_bytes(device_block.data(), block.bytes);
+    expect_same_positions(cpu, got, gpu, reinterpret_cast<const std::byte*>(device_block.data()));
+    expect_same_tables(cpu, block, device_block, step);
+    held_tokens held;
+    for (std::int64_t head = 0; head < heads; ++head) {
+      const std::int64_t b = head / c.kv_heads, h = head % c.kv_heads;
+      held.slots.emplace_back(), held.positions.emplace_back();
+      for (std::int64_t i = 0; i < cpu.head_length(b, h); ++i) {
+        const std::int64_t slot = cpu.slot(b, h, i);
+        held.slots.back().push_back(slot);
+        held.positions.back().push_back(cpu.positions.slot_position[slot]);
+      }
+    }
+    const low_rank_store device_storage = rebased(cpu.storage, block.data, got.data());
+    expect_sequence_storage_matches(cpu.storage, device_storage, held, *sequence);
+    expect_sequence_attention(cpu, gpu, device_storage, held);
+    for (; sequence->reported < sequence->premises.size(); ++sequence->reported)
+      ADD_FAILURE() << "the test's data misses its premise (a test error, not the device's): "
+                    << sequence->premises[sequence->reported];
+  }
+
+  /// Decode attention over the device's own cache (gpu) against the CPU's over the CPU's
+  /// (expect_sequence_attention_within derives the bound).
+  void expect_sequence_attention(const host_view& cpu, const device_view& gpu, const low_rank_store& device_storage,
+                                 const held_tokens& held) const {
+    for (std::int64_t head = 0; head < heads; ++head)
+      if (cpu.head_length(head / c.kv_heads, head % c.kv_heads) < 1) return;  // the CPU refuses empty heads
+    auto queries = kt::testing::random_tensor<kt::half, 3>({c.batch, shape.q_heads, c.head_dim}, 77);
+    auto cpu_out = kt::testing::make_tensor<float, 3>({c.batch, shape.q_heads, c.head_dim});
+    kt::implementation<kt::stage::decode_attention, kt::backend::cpu>::attend(queries.cview(), cpu, cpu_out.view, {}, {});
+    kt::testing::device_tensor<kt::half, 3> device_queries(queries);
+    device_buffer<float> device_out(static_cast<std::size_t>(c.batch * shape.q_heads * c.head_dim));
+    device_out.fill_bytes(0xff);  // NaN: an unwritten output fails
+    using attention = kt::implementation<kt::stage::decode_attention, kt::backend::cuda>;
+    device_buffer<std::byte> scratch(attention::workspace_bytes(gpu));
+    const kt::tensor_view<const kt::half, 3, kt::device_space> query_view{device_queries.view.data, device_queries.view.extents,
+                                                                         device_queries.view.strides};
+    attention::attend(query_view, gpu,
+                      kt::make_view<kt::device_space>(device_out.data(),
+                                                      std::array<std::int64_t, 3>{c.batch, shape.q_heads, c.head_dim}),
+                      {scratch.data(), scratch.size()}, nullptr);
+    kt::testing::check(cudaDeviceSynchronize(), "attend");
+    std::vector<std::int32_t> bias_index(static_cast<std::size_t>(heads), -1);
+    std::vector<float> bias(static_cast<std::size_t>(heads), 0.0f);
+    if constexpr (requires { cpu.compensation.index; })
+      for (std::int64_t head = 0; head < heads; ++head)
+        bias_index[static_cast<std::size_t>(head)] = cpu.compensation.index[head],
+        bias[static_cast<std::size_t>(head)] = cpu.compensation.bias[head];
+    expect_sequence_attention_within(cpu.storage, device_storage, held, bias_index, bias, queries, device_out.download(),
+                                     cpu_out, c.kv_heads, c.group, *sequence);
+  }
+
+  /// Sequence bases: the compaction's rows (low_rank_sequence_rows) in place of the random ones — kept
+  /// rows where the selection keeps, decoys elsewhere and under a compensation row (which takes the kept
+  /// row instead) — and the fitted rows handed to the bounds.
+  void fill_sequence_rows(kt::testing::host_tensor<kt::half, 4>& keys, kt::testing::host_tensor<kt::half, 4>& values,
+                          const std::vector<std::int64_t>& offsets, const std::vector<std::int32_t>& chosen,
+                          const std::vector<std::int32_t>& index, std::vector<float>& compensation_keys,
+                          std::vector<float>& compensation_values) const {
+    const std::int64_t tokens = keys.view.extents[2], dim = c.head_dim;
+    for (std::int64_t head = 0; head < heads; ++head) {
+      const std::int64_t b = head / c.kv_heads, h = head % c.kv_heads, count = kept[static_cast<std::size_t>(head)];
+      const std::int32_t replaced = c.compensation ? index[static_cast<std::size_t>(head)] : -1;
+      for (int kind = 0; kind < 2; ++kind) {
+        kt::testing::host_tensor<kt::half, 4>& x = kind == 0 ? keys : values;
+        float* compensation = (kind == 0 ? compensation_keys : compensation_values).data() + head * dim;
+        const std::vector<float> decoys = sequence->rows.decoy_rows(head, kind, tokens);
+        for (std::int64_t t = 0; t < tokens; ++t)
+          for (std::int64_t d = 0; d < dim; ++d) x(b, h, t, d) = kt::half(decoys[static_cast<std::size_t>(t * dim + d)]);
+        const std::vector<float> rows = sequence->rows.kept_rows(head, kind, count);
+        std::vector<float> fitted(rows.size());
+        for (std::int64_t i = 0; i < count; ++i) {
+          const float* row = rows.data() + i * dim;
+          float* out = fitted.data() + i * dim;
+          if (i == replaced) {
+            std::copy_n(row, dim, compensation);
+            std::copy_n(row, dim, out);
+            continue;
+          }
+          const std::int64_t token = chosen[static_cast<std::size_t>(offsets[static_cast<std::size_t>(head)] + i)];
+          for (std::int64_t d = 0; d < dim; ++d) {
+            x(b, h, token, d) = kt::half(row[d]);
+            out[d] = kt::to_float(x(b, h, token, d));
+          }
+        }
+        sequence->bounds.compacted(head, kind, fitted, count);
+      }
+      sequence->appended[static_cast<std::size_t>(head)] = 0;
+    }
+  }
+
+  struct row_pair {
+    kt::testing::host_tensor<kt::half, 4> keys, values;
+  };
+  /// Rows to append, [batch, kv_heads, count, head_dim]: random (seeds seed + 1, seed + 2), or for
+  /// sequence bases each head's next appended rows (every head, or only `target`).
+  row_pair rows_to_append(std::int64_t count, std::uint64_t& seed, std::int64_t target) const {
+    row_pair rows{kt::testing::random_tensor<kt::half, 4>({c.batch, c.kv_heads, count, c.head_dim}, seed + 1),
+                  kt::testing::random_tensor<kt::half, 4>({c.batch, c.kv_heads, count, c.head_dim}, seed + 2)};
+    seed += 2;
+    if (!sequence) return rows;
+    ++sequence->salt;
+    for (std::int64_t head = 0; head < heads; ++head) {
+      if (target >= 0 && head != target) continue;
+      const std::int64_t b = head / c.kv_heads, h = head % c.kv_heads;
+      for (std::int64_t i = 0; i < count; ++i)
+        for (int kind = 0; kind < 2; ++kind) {
+          const std::vector<float> row =
+              sequence->rows.appended_row(head, kind, sequence->appended[static_cast<std::size_t>(head)] + i, sequence->salt);
+          for (std::int64_t d = 0; d < c.head_dim; ++d)
+            (kind == 0 ? rows.keys : rows.values)(b, h, i, d) = kt::half(row[static_cast<std::size_t>(d)]);
+        }
+    }
+    return rows;
+  }
+
+  /// Sequence bases: the CPU took `rows` (every head, or only `target`), in encode order.
+  void record_appended(const row_pair& rows, std::int64_t count, std::int64_t target) const {
+    if (!sequence) return;
+    std::array<float, kt::max_head_dim> key{}, value{};
+    for (std::int64_t head = 0; head < heads; ++head) {
+      if (target >= 0 && head != target) continue;
+      const std::int64_t b = head / c.kv_heads, h = head % c.kv_heads;
+      for (std::int64_t i = 0; i < count; ++i) {
+        for (std::int64_t d = 0; d < c.head_dim; ++d)
+          key[static_cast<std::size_t>(d)] = kt::to_float(rows.keys(b, h, i, d)),
+          value[static_cast<std::size_t>(d)] = kt::to_float(rows.values(b, h, i, d));
+        sequence->bounds.appended(head, key.data(), value.data());
+      }
+      sequence->appended[static_cast<std::size_t>(head)] += count;
+    }
+  }
+
+  /// Sequence bases: truncate dropped drop[b] tokens of every head of sequence b.
+  void record_dropped(const std::vector<std::int32_t>& drop) const {
+    if (!sequence) return;
+    for (std::int64_t head = 0; head < heads; ++head) {
+      const std::int32_t count = drop[static_cast<std::size_t>(head / c.kv_heads)];
+      sequence->bounds.dropped(head, count, sequence->premises);
+      sequence->appended[static_cast<std::size_t>(head)] -= count;
     }
   }
 
@@ -773,10 +1295,13 @@ struct harness {
       bias.push_back(std::log(1.0f + static_cast<float>(head)));
       position.push_back(5000 + head);
     }
+    if (sequence) fill_sequence_rows(keys, values, offsets, chosen, index, compensation_keys, compensation_values);
 
     host_block block(host_view::bytes(shape, c.batch, pool(), config));
     host_view cpu = bind_host(block);
-    if constexpr (std::is_same_v<CodecT, kt::codec::low_rank>) install_bases(cpu);
+    if constexpr (std::is_same_v<CodecT, kt::codec::low_rank>) {
+      if (!sequence) install_bases(cpu);
+    }
     device_buffer<std::byte> device_block(block.bytes);
     kt::testing::check(cudaMemcpy(device_block.data(), block.data, block.bytes, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
     std::int64_t host_length = 0;
@@ -808,7 +1333,7 @@ struct harness {
         gpu, kt::detail::as_const(device_keys.view), kt::detail::as_const(device_values.view),
         kt::selection_view<kt::device_space>{device_offsets.data(), device_chosen.data(), heads}, gpu_args, stream);
     ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-    expect_same_bytes(cpu, block, gpu, device_block, "compact");
+    expect_same_state(cpu, block, gpu, device_block, "compact");
     if constexpr (std::is_same_v<CodecT, kt::codec::fp8>) {
       if (subnormal_head) {
         // Head 0 (the device's scales are these: expect_same_bytes): the floor, and every element
@@ -828,30 +1353,34 @@ struct harness {
         }
       }
     }
-    expect_attention_matches(cpu, block, "compact");
+    if (!sequence) expect_attention_matches(cpu, block, "compact");
 
     // Appends of 1, 17 and 33 tokens to every head, then 97 to head 1.
     std::uint64_t seed = 40;
     for (const std::int64_t count : appended) {
-      const auto new_keys = kt::testing::random_tensor<kt::half, 4>({c.batch, c.kv_heads, count, c.head_dim}, ++seed);
-      const auto new_values = kt::testing::random_tensor<kt::half, 4>({c.batch, c.kv_heads, count, c.head_dim}, ++seed);
+      const row_pair rows = rows_to_append(count, seed, -1);
+      const auto& new_keys = rows.keys;
+      const auto& new_values = rows.values;
       device_tensor<kt::half, 4> device_new_keys(new_keys), device_new_values(new_values);
       kt::implementation<Layout, kt::backend::cpu>::append(cpu, new_keys.cview(), new_values.cview(), {});
+      record_appended(rows, count, -1);
       kt::implementation<Layout, kt::backend::cuda>::append(gpu, kt::detail::as_const(device_new_keys.view),
                                                             kt::detail::as_const(device_new_values.view), stream);
       ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-      expect_same_bytes(cpu, block, gpu, device_block, kt::detail::cat("append ", count).c_str());
+      expect_same_state(cpu, block, gpu, device_block, kt::detail::cat("append ", count).c_str());
     }
     if constexpr (!contiguous) {
       const std::int64_t target = 1 % heads, b = target / c.kv_heads, h = target % c.kv_heads;
-      const auto new_keys = kt::testing::random_tensor<kt::half, 4>({c.batch, c.kv_heads, head_appended, c.head_dim}, ++seed);
-      const auto new_values = kt::testing::random_tensor<kt::half, 4>({c.batch, c.kv_heads, head_appended, c.head_dim}, ++seed);
+      const row_pair rows = rows_to_append(head_appended, seed, target);
+      const auto& new_keys = rows.keys;
+      const auto& new_values = rows.values;
       device_tensor<kt::half, 4> device_new_keys(new_keys), device_new_values(new_values);
       kt::implementation<Layout, kt::backend::cpu>::append_head(cpu, b, h, new_keys.cview(), new_values.cview(), {});
+      record_appended(rows, head_appended, target);
       kt::implementation<Layout, kt::backend::cuda>::append_head(gpu, b, h, kt::detail::as_const(device_new_keys.view),
                                                                  kt::detail::as_const(device_new_values.view), stream);
       ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-      expect_same_bytes(cpu, block, gpu, device_block, "append_head 97");
+      expect_same_state(cpu, block, gpu, device_block, "append_head 97");
       if constexpr (std::is_same_v<Layout, kt::layout::flat>) {
         std::int64_t repacks = 0;
         kt::testing::check(cudaMemcpy(&repacks, gpu.repacks, sizeof repacks, cudaMemcpyDeviceToHost), "repacks");
@@ -859,9 +1388,14 @@ struct harness {
         if (heads > 1) EXPECT_GE(*cpu.repacks, 1) << "the case was meant to repack";
       }
     }
-    expect_attention_matches(cpu, block, "appended");
+    if (!sequence) expect_attention_matches(cpu, block, "appended");
     roll_back_drafts(cpu, block, gpu, device_block, stream, seed);
     cudaStreamDestroy(stream);
+    if (sequence) {
+      ::testing::Test::RecordProperty("worst_basis_distance_over_tolerance", std::to_string(sequence->worst_basis));
+      ::testing::Test::RecordProperty("worst_lifted_row_over_tolerance", std::to_string(sequence->worst_row));
+      ::testing::Test::RecordProperty("worst_attention_over_tolerance", std::to_string(sequence->worst_attention));
+    }
   }
 
   /// Every metadata array of the layout (page tables and free list, offsets and lengths, next
@@ -907,8 +1441,9 @@ struct harness {
     };
     for (std::int64_t round = 0; round < 6; ++round) {
       const std::int64_t n = 1 + (round * 3) % 8;
-      const auto new_keys = kt::testing::random_tensor<kt::half, 4>({c.batch, c.kv_heads, n, c.head_dim}, ++seed);
-      const auto new_values = kt::testing::random_tensor<kt::half, 4>({c.batch, c.kv_heads, n, c.head_dim}, ++seed);
+      const row_pair rows = rows_to_append(n, seed, -1);
+      const auto& new_keys = rows.keys;
+      const auto& new_values = rows.values;
       device_tensor<kt::half, 4> device_new_keys(new_keys), device_new_values(new_values);
       // flat keeps its case's tight buffer (its appends must repack): once the drafts no longer
       // fit, both backends refuse them alike and the rounds end.
@@ -931,6 +1466,7 @@ struct harness {
         ::testing::Test::RecordProperty("rollback_rounds", std::to_string(round));
         break;
       }
+      record_appended(rows, n, -1);
       std::vector<std::int32_t> drop(static_cast<std::size_t>(c.batch));
       std::int64_t common = n;
       for (std::int64_t b = 0; b < c.batch; ++b) common = std::min(common, limit(b));
@@ -942,6 +1478,7 @@ struct harness {
             static_cast<std::int32_t>(contiguous ? common : std::max<std::int64_t>(0, most - kept_drafts));
       }
       kt::implementation<Layout, kt::backend::cpu>::truncate(cpu, {drop.data(), {c.batch}, {1}}, {});
+      record_dropped(drop);
       device_buffer<std::int32_t> device_drop(drop);
       // Contiguous takes one count for every sequence: odd rounds hand it as a stride-0 view (one
       // device int read for all), as an engine would (review M1: a pitched copy refused that).
@@ -950,11 +1487,11 @@ struct harness {
       ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
       if constexpr (!contiguous) ASSERT_NO_THROW(kt::check_status(gpu, stream));
       const std::string step = kt::detail::cat("truncate round ", round, " (n ", n, ", drop[0] ", drop[0], ")");
-      expect_same_bytes(cpu, block, gpu, device_block, step.c_str());
+      expect_same_state(cpu, block, gpu, device_block, step.c_str());
       expect_same_tables(cpu, block, device_block, step.c_str());
       if (::testing::Test::HasFailure()) return;
     }
-    expect_attention_matches(cpu, block, "truncated");
+    if (!sequence) expect_attention_matches(cpu, block, "truncated");
     // One past the limit of sequence 0 (its shortest head or the codec's horizon): refused alike.
     std::vector<std::int32_t> drop(static_cast<std::size_t>(c.batch), 0);
     drop[0] = static_cast<std::int32_t>(limit(0) + 1);
@@ -982,7 +1519,7 @@ struct harness {
     if constexpr (!contiguous) kept = static_cast<std::size_t>(reinterpret_cast<const std::byte*>(gpu.status) -
                                                                reinterpret_cast<const std::byte*>(device_block.data()));
     EXPECT_EQ(std::memcmp(before.data(), after.data(), kept), 0) << "a refused truncate changed the device cache";
-    expect_same_bytes(cpu, block, gpu, device_block, "refused truncate");
+    expect_same_state(cpu, block, gpu, device_block, "refused truncate");
   }
 };
 
@@ -1016,7 +1553,11 @@ TEST_P(CodecCache, EncodesBitIdenticallyAndAttendsWithinBound) {
     case codec_kind::low_rank_pre_rope:
     case codec_kind::low_rank_pre_rope_interleaved:
     case codec_kind::low_rank_post_rope_rank_20:
-    case codec_kind::low_rank_pre_rope_rank_29: run_layout<kt::codec::low_rank>(c); break;
+    case codec_kind::low_rank_pre_rope_rank_29:
+    case codec_kind::low_rank_sequence_post_rope:
+    case codec_kind::low_rank_sequence_pre_rope:
+    case codec_kind::low_rank_sequence_pre_rope_rank_20:
+    case codec_kind::low_rank_sequence_frozen: run_layout<kt::codec::low_rank>(c); break;
   }
 }
 
@@ -1107,6 +1648,130 @@ INSTANTIATE_TEST_SUITE_P(
         // the tensor-core kernel's do (107 KB), so compaction accepts it and the mma kernel reads it.
         codec_case{L::contiguous, K::low_rank_post_rope, 1, 1, 16, 256, 0, {4097}, false}),
     [](const ::testing::TestParamInfo<codec_case>& info) { return kt::detail::cat(name_of(info.param), "_", info.index); });
+
+// ---- low_rank with sequence bases: fitted by each backend ---------------------------------------------
+//
+// The harness above with basis_source::sequence (see "low_rank with sequence bases"): per head the CPU's
+// and the device's fits hold the same ranks and counters, subspaces and lifted rows within the derived
+// bounds after the compaction, after every append (1, 17 and 33 tokens: refreshes inside a call, the
+// tokens after them encoded with the grown basis; 97 to one head: six refreshes, a flat repack moving
+// pending slots) and after every rollback round (drops within the pending count), and decode attention
+// over the device's cache stays within the bound from the measured lifted rows.
+
+class SequenceBasisCache : public ::testing::TestWithParam<codec_case> {};
+
+TEST_P(SequenceBasisCache, FitsTheCpuSubspacesAndAttendsWithinBound) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  const codec_case& c = GetParam();
+  SCOPED_TRACE(name_of(c));
+  run_layout<kt::codec::low_rank>(c);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    StructuredRows, SequenceBasisCache,
+    ::testing::Values(
+        // Energy 0.98, post-RoPE, head_dim 128 (stored rank 32: the tensor-core decode), GQA 4. Heads keep
+        // 1 (rank 1: one row; its first refresh adds every other direction), 17, 4097 (a compensation row)
+        // and 33 tokens; their appended keys carry 0, 1, 2, 0 new directions, their values 2, 0, 1, 2.
+        codec_case{L::paged, K::low_rank_sequence_post_rope, 2, 2, 4, 128, 16, {1, 17, 4097, 33}, true},
+        // pre-RoPE keys, head_dim 64 (stored rank 16), GQA 1; flat runs repack during the appends.
+        codec_case{L::flat, K::low_rank_sequence_pre_rope, 1, 4, 1, 64, 0, {33, 1, 17, 300}, true},
+        // config.rank = 20 (not a multiple of 8), pre-RoPE: heads keeping 17 and 1 (< 20: the meaningful
+        // cap gives ranks 17 and 1; refreshes grow them to 20), and 300 (rank 20 = the stored rank: never
+        // extended); compensation rows on the heads of 17 and 300.
+        codec_case{L::paged, K::low_rank_sequence_pre_rope_rank_20, 1, 3, 2, 128, 16, {17, 1, 300}, true},
+        // contiguous: one length for every head, with refreshes; and update_freq 0 (bases frozen at the
+        // compaction, no rollback horizon) on contiguous and flat.
+        codec_case{L::contiguous, K::low_rank_sequence_post_rope, 1, 2, 4, 128, 0, {17}, false},
+        codec_case{L::contiguous, K::low_rank_sequence_frozen, 1, 2, 1, 64, 0, {4097}, false},
+        codec_case{L::flat, K::low_rank_sequence_frozen, 1, 2, 2, 128, 0, {4097, 1}, true},
+        // head_dim 256 (stored rank 64): 528 Gram tile pairs, more than the block's 256 threads (two passes).
+        codec_case{L::paged, K::low_rank_sequence_post_rope, 1, 2, 2, 256, 16, {300, 1}, true}),
+    [](const ::testing::TestParamInfo<codec_case>& info) { return kt::detail::cat(name_of(info.param), "_", info.index); });
+
+/// A refresh on the device holds at most 32 pending rows (low_rank_device_max_update_freq): update_freq 33
+/// with sequence bases is refused by compact and by append with a kvtrim::error naming
+/// config.codec.update_freq, before anything is written (every byte of the device block as before, the
+/// contiguous host length too); update_freq 32 is accepted.
+template <class Layout>
+void expect_update_freq_above_32_refused() {
+  using host_view = typename Layout::template view<kt::codec::low_rank, kt::host_space>;
+  using device_view = typename Layout::template view<kt::codec::low_rank, kt::device_space>;
+  constexpr bool contiguous = std::is_same_v<Layout, kt::layout::contiguous>;
+  const kt::model_shape shape{.q_heads = 4, .kv_heads = 2, .head_dim = 64};
+  const std::int64_t batch = 1, heads = 2, tokens = 24, keep = 8;
+  const auto pool = [] {
+    if constexpr (std::is_same_v<Layout, kt::layout::paged>)
+      return kt::layout::paged::pool_size{8, 16};
+    else
+      return std::int64_t{64};  // contiguous: the capacity
+  }();
+  const auto keys = kt::testing::random_tensor<kt::half, 4>({batch, shape.kv_heads, tokens, shape.head_dim}, 5);
+  const auto values = kt::testing::random_tensor<kt::half, 4>({batch, shape.kv_heads, tokens, shape.head_dim}, 6);
+  device_tensor<kt::half, 4> device_keys(keys), device_values(values);
+  std::vector<std::int64_t> offsets{0, keep, 2 * keep};
+  std::vector<std::int32_t> chosen;
+  for (std::int64_t head = 0; head < heads; ++head)
+    for (std::int64_t i = 0; i < keep; ++i) chosen.push_back(static_cast<std::int32_t>(2 * i + head));
+  device_buffer<std::int64_t> device_offsets(offsets);
+  device_buffer<std::int32_t> device_chosen(chosen);
+  const kt::selection_view<kt::device_space> selection{device_offsets.data(), device_chosen.data(), heads};
+  kt::compact_args args;
+  if constexpr (contiguous) args.uniform_keep = keep;
+  for (const std::int64_t update_freq : {33, 32}) {
+    SCOPED_TRACE(kt::detail::cat("update_freq ", update_freq));
+    kt::codec::low_rank::config config{};
+    config.source = kt::codec::basis_source::sequence;
+    config.update_freq = update_freq;
+    config.max_rank = 16;
+    host_block block(host_view::bytes(shape, batch, pool, config));
+    (void)host_view::bind(block.data, shape, batch, pool, config);  // empty tables, no bases
+    device_buffer<std::byte> device_block(block.bytes);
+    kt::testing::check(cudaMemcpy(device_block.data(), block.data, block.bytes, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
+    std::int64_t host_length = 0;
+    device_view gpu = [&] {
+      if constexpr (contiguous)
+        return device_view::bind_with_host_length(&host_length, device_block.data(), shape, batch, pool, config);
+      else
+        return device_view::bind(device_block.data(), shape, batch, pool, config);
+    }();
+    const auto compact = [&] {
+      kt::implementation<Layout, kt::backend::cuda>::compact(gpu, kt::detail::as_const(device_keys.view),
+                                                             kt::detail::as_const(device_values.view), selection, args, nullptr);
+    };
+    const auto append = [&] {
+      kt::implementation<Layout, kt::backend::cuda>::append(gpu, kt::detail::as_const(device_keys.view),
+                                                            kt::detail::as_const(device_values.view), nullptr);
+    };
+    if (update_freq == 32) {
+      EXPECT_NO_THROW(compact());
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      continue;
+    }
+    const std::vector<std::byte> before = kt::testing::download_bytes(device_block.data(), block.bytes);
+    for (const bool compaction : {true, false}) {
+      std::string message;
+      try {
+        compaction ? compact() : append();
+      } catch (const kt::error& e) {
+        message = e.what();
+      }
+      const char* call = compaction ? "compact" : "append";
+      EXPECT_NE(message.find("config.codec.update_freq"), std::string::npos) << call << ": " << message;
+      EXPECT_NE(message.find("33"), std::string::npos) << call << ": " << message;
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      const std::vector<std::byte> after = kt::testing::download_bytes(device_block.data(), block.bytes);
+      EXPECT_EQ(std::memcmp(before.data(), after.data(), before.size()), 0) << call << " wrote to the refused cache";
+      EXPECT_EQ(host_length, 0) << call;
+    }
+  }
+}
+
+TEST(SequenceBasisRefusal, UpdateFreqAbove32IsRefusedBeforeAnyWrite) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  expect_update_freq_above_32_refused<kt::layout::paged>();
+  expect_update_freq_above_32_refused<kt::layout::contiguous>();
+}
 
 // ---- memory: kvtrim::stats counts what a device cache allocates --------------
 
