@@ -1685,7 +1685,7 @@ INSTANTIATE_TEST_SUITE_P(
         codec_case{L::contiguous, K::low_rank_sequence_post_rope, 1, 2, 4, 128, 0, {17}, false},
         codec_case{L::contiguous, K::low_rank_sequence_frozen, 1, 2, 1, 64, 0, {4097}, false},
         codec_case{L::flat, K::low_rank_sequence_frozen, 1, 2, 2, 128, 0, {4097, 1}, true},
-        // head_dim 256 (stored rank 64): 528 Gram tile pairs, more than the block's 256 threads (two passes).
+        // head_dim 256 (stored rank 64): 528 Gram tile pairs over the block's 256 threads (three passes).
         codec_case{L::paged, K::low_rank_sequence_post_rope, 1, 2, 2, 256, 16, {300, 1}, true}),
     [](const ::testing::TestParamInfo<codec_case>& info) { return kt::detail::cat(name_of(info.param), "_", info.index); });
 

@@ -199,6 +199,18 @@ void check_low_rank_writable(std::string_view function, const View& cache) {
                    detail::cat("at most ", low_rank_device_max_update_freq,
                                " appended tokens between refreshes of sequence bases on backend::cuda (or 0: never)"),
                    std::to_string(cache.storage.update_freq));
+    if (cache.storage.from_sequence && cache.storage.update_freq > 0) {
+      // The refresh holds update_freq rows of head_dim doubles twice in one block's shared memory.
+      const std::size_t needed =
+          low_rank_refresh_layout(cache.storage.update_freq, cache.shape.head_dim, cache.storage.stored_rank).bytes +
+          low_rank_refresh_static_bytes;
+      const std::size_t limit = device_shared_memory_limit(function);
+      if (needed > limit)
+        detail::fail(function, "config.codec.update_freq",
+                     detail::cat("an update_freq whose refresh fits in this device's ", limit,
+                                 " bytes of shared memory per block at head_dim ", cache.shape.head_dim),
+                     detail::cat(cache.storage.update_freq, " (", needed, " bytes)"));
+    }
     check_low_rank_decodable(function, cache.storage, cache.shape.group_size());
   } else {
     (void)function, (void)cache;

@@ -161,6 +161,7 @@ void launch_copy_rows(std::string_view function, layout::contiguous::view<CodecT
       detail::fail(function, "shape.head_dim", "a multiple of 8 on backend::cuda", std::to_string(cache.shape.head_dim));
     check_same_strides(function, keys, values);
     check_low_rank_writable(function, cache);
+    if (tokens != nullptr) prepare_low_rank_fit(function, cache);  // a compaction: the fit's memory first
     if (cache.heads() > 65535)
       detail::fail(function, "cache.batch", "batch · kv_heads ≤ 65535 on backend::cuda", std::to_string(cache.heads()));
     // Compaction with no rows still starts every head's key group afresh; next positions advance after this call.

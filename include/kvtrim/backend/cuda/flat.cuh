@@ -256,6 +256,7 @@ struct implementation<layout::flat, backend::cuda> {
     cuda_detail::require_device_codec<CodecT>();
     constexpr std::string_view function = "kvtrim::layout::flat::compact";
     cuda_detail::check_rows(function, cache, keys, values);
+    cuda_detail::prepare_low_rank_fit(function, cache);  // sequence bases: the fit's memory, before any write
     const detail::compensation_rows rows = args.compensation != nullptr ? *args.compensation : detail::compensation_rows{};
     cuda_detail::flat_plan_compact<<<1, cuda_detail::plan_threads, 0, stream>>>(
         cache, cache.run(), kept.offsets, rows, args.compensation != nullptr, args.start_position + keys.extent(2),

@@ -7,10 +7,8 @@
 // eigenvectors of its Gram matrix G = XᵀX, with σ_i² = λ_i. On the device:
 //   compaction: G per (head, keys | values) in double (low_rank_gram: every input
 //     is fp16/bf16/fp32, so each product of two of them is exact in double and
-//     only the sums round, relative 2⁻⁵³ per addition — the squared condition
-//     number of the Gram route costs nothing the CPU's rank rule can see: its
-//     floor σ_i > σ_0·10⁻⁷ is λ_i > λ_0·10⁻¹⁴, two orders above the Gram's
-//     rounding), then every head's eigen-decomposition in one
+//     only the sums round, relative 2⁻⁵³ per addition), then every head's
+//     eigen-decomposition in one
 //     cusolverDnXsyevBatched call (double), then the CPU's rank rule
 //     (analysis::rank_for_energy on σ = √max(λ, 0), capped by the stored rank
 //     and by the "meaningful" directions σ_i > σ_0·10⁻⁷) and the basis: the
@@ -25,7 +23,13 @@
 // Bases from the device and from the CPU (Eigen's BDCSVD) agree to rounding
 // where the spectrum has gaps; signs and the order of exactly equal singular
 // values may differ (tests/cuda/codecs_test.cu compares subspaces, lifted rows
-// and attention, not bytes).
+// and attention, not bytes). Known divergence: the CPU's "meaningful" floor
+// σ_i > σ_0·10⁻⁷ is λ_i > λ_0·10⁻¹⁴ on the Gram, about where the Gram route's
+// own error sits (~D·2⁻⁵³·λ_0: 1.4·10⁻¹⁴·λ_0 at D = 128), so for rows that are
+// exactly rank-deficient with T ≥ D and a fixed rank (or energy 1) above their
+// rank, the device may keep noise directions the CPU drops. The Gram's sums
+// are added with atomics in no fixed order, so two runs may differ in the last
+// bits of a basis (and, at an energy threshold's edge, in a rank).
 //
 // Why cuSOLVER for the compaction and a Jacobi kernel for the refresh: a
 // compaction fits every head at once (one batched call over 2·B·H matrices of
@@ -35,11 +39,15 @@
 // 32 × 32 — one block per head decides and solves in place.
 //
 // Resources: the fit's Gram matrices, eigenvalues and cuSOLVER's workspace
-// (2·B·H·D·(D + 1) doubles + the solver's) live in a per-(host thread, device)
-// buffer with the cuSOLVER handle (low_rank_solver), created by the first
-// compaction of a sequence-basis cache on that thread and grown when a larger
-// one comes (cudaMalloc / cudaFree: run one such compaction before capturing a
-// graph). A refresh needs nothing but shared memory. Sequence bases on the device
+// (2·B·H·D·(D + 1) doubles + the solver's; not counted by kvtrim::stats) live in
+// a per-(host thread, device) buffer with the cuSOLVER handle (low_rank_solver),
+// created and grown by prepare_low_rank_fit, which every layout's compaction
+// calls with its host checks, before anything is written (cudaMalloc / cudaFree:
+// a failure is a clean refusal). Calls on several streams from one thread are
+// ordered on the buffer by an event; under graph capture that ordering is not
+// recorded (capture one stream's compactions, and never a compaction larger
+// than the buffer already is: a later growth frees what the graph points to).
+// A refresh needs nothing but shared memory. Sequence bases on the device
 // take update_freq ≤ 32 (low_rank_device_max_update_freq); larger ones are
 // refused before anything is written.
 #pragma once
@@ -53,6 +61,8 @@
 #include <map>
 #include <memory>
 #include <string_view>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "kvtrim/backend/cuda.hpp"
@@ -101,12 +111,7 @@ class low_rank_solver {
 
   low_rank_solver(const low_rank_solver&) = delete;
   low_rank_solver& operator=(const low_rank_solver&) = delete;
-  ~low_rank_solver() {
-    // At thread exit (possibly after the context is gone): errors cannot be reported and are ignored.
-    if (device_memory_ != nullptr) (void)cudaFree(device_memory_);
-    if (params_ != nullptr) (void)cusolverDnDestroyParams(params_);
-    if (handle_ != nullptr) (void)cusolverDnDestroy(handle_);
-  }
+  ~low_rank_solver() { release(); }
 
   cusolverDnHandle_t handle() const { return handle_; }
   cusolverDnParams_t params() const { return params_; }
@@ -128,11 +133,55 @@ class low_rank_solver {
     return host_memory_.empty() ? nullptr : host_memory_.data();
   }
 
+  /// cuSOLVER's workspace for `matrices` eigen-decompositions of dim × dim (device, host bytes).
+  std::pair<std::size_t, std::size_t> workspace_bytes(std::string_view function, std::int64_t dim,
+                                                      std::int64_t matrices) const {
+    std::size_t device = 0, host = 0;
+    check_cusolver(cusolverDnXsyevBatched_bufferSize(handle_, params_, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER,
+                                                     dim, CUDA_R_64F, nullptr, dim, CUDA_R_64F, nullptr, CUDA_R_64F,
+                                                     &device, &host, matrices),
+                   function, "cusolverDnXsyevBatched_bufferSize");
+    return {device, host};
+  }
+
+  /// Orders this call's use of the buffer after the previous call's, whatever stream that was on (not
+  /// while `stream` is being captured: an event recorded outside a capture cannot be waited on inside it).
+  void wait_for_previous_use(std::string_view function, cudaStream_t stream) {
+    if (used_ && !capturing(function, stream))
+      detail::check_cuda(cudaStreamWaitEvent(stream, last_use_, 0), function, "cudaStreamWaitEvent(low_rank fit)");
+  }
+  void record_use(std::string_view function, cudaStream_t stream) {
+    if (capturing(function, stream)) return;
+    detail::check_cuda(cudaEventRecord(last_use_, stream), function, "cudaEventRecord(low_rank fit)");
+    used_ = true;
+  }
+
  private:
   explicit low_rank_solver(std::string_view function) {
-    check_cusolver(cusolverDnCreate(&handle_), function, "cusolverDnCreate");
-    check_cusolver(cusolverDnCreateParams(&params_), function, "cusolverDnCreateParams");
+    try {
+      check_cusolver(cusolverDnCreate(&handle_), function, "cusolverDnCreate");
+      check_cusolver(cusolverDnCreateParams(&params_), function, "cusolverDnCreateParams");
+      detail::check_cuda(cudaEventCreateWithFlags(&last_use_, cudaEventDisableTiming), function, "cudaEventCreate");
+    } catch (...) {
+      release();
+      throw;
+    }
   }
+  void release() {
+    // At thread exit (possibly after the context is gone): errors cannot be reported and are ignored.
+    if (device_memory_ != nullptr) (void)cudaFree(device_memory_);
+    if (last_use_ != nullptr) (void)cudaEventDestroy(last_use_);
+    if (params_ != nullptr) (void)cusolverDnDestroyParams(params_);
+    if (handle_ != nullptr) (void)cusolverDnDestroy(handle_);
+    device_memory_ = nullptr, last_use_ = nullptr, params_ = nullptr, handle_ = nullptr;
+  }
+  static bool capturing(std::string_view function, cudaStream_t stream) {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    detail::check_cuda(cudaStreamIsCapturing(stream, &status), function, "cudaStreamIsCapturing");
+    return status != cudaStreamCaptureStatusNone;
+  }
+  cudaEvent_t last_use_ = nullptr;
+  bool used_ = false;
   cusolverDnHandle_t handle_ = nullptr;
   cusolverDnParams_t params_ = nullptr;
   void* device_memory_ = nullptr;
@@ -287,8 +336,26 @@ inline std::size_t low_rank_fit_bytes(std::int64_t heads, std::int64_t dim) {
          up256(matrices * static_cast<std::size_t>(dim) * sizeof(double)) + up256(matrices * sizeof(int));
 }
 
+/// What a compaction's fit needs before its layout writes anything (the solver, its buffer grown to
+/// `heads` heads of `dim`): every fallible host step, so that the launches after the layout's planning
+/// kernel cannot throw for want of memory. Called by every layout's compaction with its host checks.
+template <class View>
+void prepare_low_rank_fit(std::string_view function, const View& cache) {
+  if constexpr (std::is_same_v<typename View::codec, codec::low_rank>) {
+    if (!cache.storage.from_sequence) return;
+    const std::int64_t heads = cache.heads(), dim = cache.shape.head_dim;
+    low_rank_solver& solver = low_rank_solver::current(function);
+    const auto [device, host] = solver.workspace_bytes(function, dim, 2 * heads);
+    (void)solver.device_memory(function, low_rank_fit_bytes(heads, dim) + device);
+    (void)solver.host_memory(host);
+  } else {
+    (void)function, (void)cache;
+  }
+}
+
 /// Compaction of a sequence-basis cache: fit every head's key and value bases to its kept rows on `stream`,
 /// before the rows are encoded (launch_low_rank_writes). `rows_bound`: a host bound on any head's rows.
+/// prepare_low_rank_fit ran with the call's host checks: nothing here allocates.
 template <class View, class InT>
 void launch_low_rank_fit(std::string_view function, const codec_write<View, InT>& w, std::int64_t rows_bound,
                          cudaStream_t stream) {
@@ -296,11 +363,7 @@ void launch_low_rank_fit(std::string_view function, const codec_write<View, InT>
   const std::int64_t matrices = 2 * heads;
   low_rank_solver& solver = low_rank_solver::current(function);
   check_cusolver(cusolverDnSetStream(solver.handle(), stream), function, "cusolverDnSetStream");
-  std::size_t solver_device = 0, solver_host = 0;
-  check_cusolver(cusolverDnXsyevBatched_bufferSize(solver.handle(), solver.params(), CUSOLVER_EIG_MODE_VECTOR,
-                                                   CUBLAS_FILL_MODE_LOWER, dim, CUDA_R_64F, nullptr, dim, CUDA_R_64F,
-                                                   nullptr, CUDA_R_64F, &solver_device, &solver_host, matrices),
-                 function, "cusolverDnXsyevBatched_bufferSize");
+  const auto [solver_device, solver_host] = solver.workspace_bytes(function, dim, matrices);
   const std::size_t gram_bytes = static_cast<std::size_t>(matrices * dim * dim) * sizeof(double);
   const std::size_t ours = low_rank_fit_bytes(heads, dim);
   auto* memory = static_cast<std::byte*>(solver.device_memory(function, ours + solver_device));
@@ -311,6 +374,7 @@ void launch_low_rank_fit(std::string_view function, const codec_write<View, InT>
   void* workspace = memory + ours;
   void* host_workspace = solver.host_memory(solver_host);
 
+  solver.wait_for_previous_use(function, stream);
   detail::check_cuda(cudaMemsetAsync(gram, 0, gram_bytes, stream), function, "cudaMemsetAsync(gram)");
   const std::int64_t head_blocks = std::min<std::int64_t>(heads, 65535);
   // ~4 blocks per multiprocessor over both kinds (132 on the H200), each walking several chunks.
@@ -328,6 +392,7 @@ void launch_low_rank_fit(std::string_view function, const codec_write<View, InT>
   low_rank_pick_basis<View, InT>
       <<<static_cast<unsigned>(std::min<std::int64_t>(matrices, 65535)), 256, 0, stream>>>(w, gram, eigenvalues, info);
   detail::check_launch(function, "low_rank_pick_basis");
+  solver.record_use(function, stream);
 }
 
 // ---- append: the pending buffer and the refresh -----------------------------------------
@@ -364,6 +429,9 @@ struct low_rank_refresh_layout {
 };
 
 inline constexpr int low_rank_refresh_threads = 256;
+/// What low_rank_append_refreshing declares statically (partial sums, rotations, the order of singular
+/// values, counters: ~1.6 KB), rounded up: the dynamic part may take the device's opt-in limit minus this.
+inline constexpr std::size_t low_rank_refresh_static_bytes = 2048;
 
 /// Block-wide Σ of one double per thread, to every thread (scratch: ≥ 8 doubles, not in use).
 __device__ inline double block_sum_double(double value, double* scratch) {
@@ -685,8 +753,15 @@ void launch_low_rank_append_refreshing(std::string_view function, const codec_wr
   const auto& store = w.cache.storage;
   const low_rank_refresh_layout layout(store.update_freq, store.head_dim, store.stored_rank);
   const auto kernel = low_rank_append_refreshing<View, InT>;
+  // The same value from every thread and call (the opt-in limit less the static part; check_low_rank_writable
+  // refused a layout larger than that before the call wrote anything), so concurrent callers cannot undo
+  // each other's setting.
+  int device = 0, limit = 0;
+  detail::check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
+  detail::check_cuda(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), function,
+                     "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
   detail::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(layout.bytes)),
+                                          limit - static_cast<int>(low_rank_refresh_static_bytes)),
                      function, "cudaFuncSetAttribute(low_rank_append_refreshing)");
   const std::int64_t heads = w.target >= 0 ? 1 : w.cache.heads();
   kernel<<<dim3(1, static_cast<unsigned>(std::min<std::int64_t>(heads, 65535))), low_rank_refresh_threads, layout.bytes,

@@ -201,6 +201,7 @@ struct implementation<layout::paged, backend::cuda> {
     cuda_detail::require_device_codec<CodecT>();
     constexpr std::string_view function = "kvtrim::layout::paged::compact";
     cuda_detail::check_rows(function, cache, keys, values);
+    cuda_detail::prepare_low_rank_fit(function, cache);  // sequence bases: the fit's memory, before any write
     cuda_detail::check_page_table_heads(function, cache);
     const detail::compensation_rows rows = args.compensation != nullptr ? *args.compensation : detail::compensation_rows{};
     cuda_detail::paged_plan_compact<<<1, cuda_detail::plan_threads, 0, stream>>>(

@@ -178,6 +178,7 @@ struct implementation<layout::shared_paged, backend::cuda> {
                       const compact_args& args, cudaStream_t stream) {
     constexpr std::string_view function = "kvtrim::layout::shared_paged::compact";
     cuda_detail::check_rows(function, cache, keys, values);
+    cuda_detail::prepare_low_rank_fit(function, cache);  // sequence bases: the fit's memory, before any write
     cuda_detail::check_page_table_heads(function, cache);
     cuda_detail::shared_paged_plan_compact<<<1, cuda_detail::plan_threads, 0, stream>>>(
         cache, kept.offsets, args.start_position + keys.extent(2));
