@@ -66,15 +66,59 @@
 #include <vector>
 
 #include "kvtrim/backend/cuda.hpp"
-#include "kvtrim/backend/cuda/codec_writes.cuh"
-#include "kvtrim/backend/cuda/common.cuh"
 #include "kvtrim/codec/low_rank.hpp"
 
+// What codec_low_rank.cuh's host checks need, ahead of codec_writes.cuh: that header includes
+// codec_low_rank.cuh at its end, which includes this one, so a TU that includes this header first
+// reaches codec_low_rank.cuh's checks before the rest of this file.
 namespace kvtrim::cuda_detail {
 
 /// The largest update_freq the device refreshes (the Jacobi matrix and the pending rows live in one block's
 /// shared memory: 32 rows of D ≤ 256 doubles twice, ~150 KB).
 inline constexpr std::int64_t low_rank_device_max_update_freq = 32;
+
+/// Shared memory of low_rank_append_refreshing (doubles unless noted), for update_freq n ≤ 32 (padded to even m).
+struct low_rank_refresh_layout {
+  std::size_t rows = 0;       // [n][D]: the pending rows, then their residual
+  std::size_t columns = 0;    // [n][max(D, r_max)]: P·U, then the new columns
+  std::size_t gram = 0;       // [m][m]
+  std::size_t vectors = 0;    // [m][m]
+  std::size_t scratch = 0;    // [256]: dots and reductions
+  std::size_t staged = 0;     // float [2][D]: the row being appended
+  std::size_t bytes = 0;
+  int even = 0;
+
+  __host__ __device__ low_rank_refresh_layout(std::int64_t n, std::int64_t dim, std::int64_t r_max) {
+    even = static_cast<int>(n + (n & 1));
+    const std::int64_t wide = dim > r_max ? dim : r_max;
+    std::size_t at = 0;
+    rows = at;
+    at += static_cast<std::size_t>(n * dim) * 8;
+    columns = at;
+    at += static_cast<std::size_t>(n * wide) * 8;
+    gram = at;
+    at += static_cast<std::size_t>(even * even) * 8;
+    vectors = at;
+    at += static_cast<std::size_t>(even * even) * 8;
+    scratch = at;
+    at += 256 * 8;
+    staged = at;
+    at += static_cast<std::size_t>(2 * dim) * 4;
+    bytes = (at + 15) / 16 * 16;
+  }
+};
+
+/// What low_rank_append_refreshing declares statically (partial sums, rotations, the order of singular
+/// values, counters: ~1.6 KB), rounded up: the dynamic part may take the device's opt-in limit minus this.
+inline constexpr std::size_t low_rank_refresh_static_bytes = 2048;
+
+}  // namespace kvtrim::cuda_detail
+
+#include "kvtrim/backend/cuda/codec_writes.cuh"
+#include "kvtrim/backend/cuda/common.cuh"
+#include "kvtrim/codec/low_rank.hpp"
+
+namespace kvtrim::cuda_detail {
 
 // ---- the cuSOLVER handle and the fit's buffer -----------------------------------
 
@@ -397,41 +441,7 @@ void launch_low_rank_fit(std::string_view function, const codec_write<View, InT>
 
 // ---- append: the pending buffer and the refresh -----------------------------------------
 
-/// Shared memory of low_rank_append_refreshing (doubles unless noted), for update_freq n ≤ 32 (padded to even m).
-struct low_rank_refresh_layout {
-  std::size_t rows = 0;       // [n][D]: the pending rows, then their residual
-  std::size_t columns = 0;    // [n][max(D, r_max)]: P·U, then the new columns
-  std::size_t gram = 0;       // [m][m]
-  std::size_t vectors = 0;    // [m][m]
-  std::size_t scratch = 0;    // [256]: dots and reductions
-  std::size_t staged = 0;     // float [2][D]: the row being appended
-  std::size_t bytes = 0;
-  int even = 0;
-
-  __host__ __device__ low_rank_refresh_layout(std::int64_t n, std::int64_t dim, std::int64_t r_max) {
-    even = static_cast<int>(n + (n & 1));
-    const std::int64_t wide = dim > r_max ? dim : r_max;
-    std::size_t at = 0;
-    rows = at;
-    at += static_cast<std::size_t>(n * dim) * 8;
-    columns = at;
-    at += static_cast<std::size_t>(n * wide) * 8;
-    gram = at;
-    at += static_cast<std::size_t>(even * even) * 8;
-    vectors = at;
-    at += static_cast<std::size_t>(even * even) * 8;
-    scratch = at;
-    at += 256 * 8;
-    staged = at;
-    at += static_cast<std::size_t>(2 * dim) * 4;
-    bytes = (at + 15) / 16 * 16;
-  }
-};
-
 inline constexpr int low_rank_refresh_threads = 256;
-/// What low_rank_append_refreshing declares statically (partial sums, rotations, the order of singular
-/// values, counters: ~1.6 KB), rounded up: the dynamic part may take the device's opt-in limit minus this.
-inline constexpr std::size_t low_rank_refresh_static_bytes = 2048;
 
 /// Block-wide Σ of one double per thread, to every thread (scratch: ≥ 8 doubles, not in use).
 __device__ inline double block_sum_double(double value, double* scratch) {
