@@ -118,6 +118,27 @@ inline void report_bytes_read(benchmark::State& state, const std::vector<double>
   if (measured_copy_bandwidth > 0) state.counters["fraction_of_copy"] = bytes / median / measured_copy_bandwidth;
 }
 
+/// A compaction's selection that keeps every token: `heads` heads of `tokens` tokens each (offsets
+/// head · tokens, tokens 0 … tokens − 1 in every head), in device memory (freed at scope exit) for
+/// selection_view<device_space>{offsets, tokens, heads}.
+struct every_token_selection {
+  std::int64_t* offsets = nullptr;  // [heads + 1]
+  std::int32_t* tokens = nullptr;   // [heads · tokens]
+  every_token_selection(std::int64_t heads, std::int64_t count) {
+    std::vector<std::int64_t> host_offsets(static_cast<std::size_t>(heads + 1));
+    for (std::int64_t head = 0; head <= heads; ++head) host_offsets[static_cast<std::size_t>(head)] = head * count;
+    std::vector<std::int32_t> host_tokens(static_cast<std::size_t>(heads * count));
+    for (std::int64_t i = 0; i < heads * count; ++i) host_tokens[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(i % count);
+    check(cudaMalloc(&offsets, host_offsets.size() * 8), "cudaMalloc");
+    check(cudaMalloc(&tokens, std::max<std::size_t>(host_tokens.size(), 1) * 4), "cudaMalloc");
+    check(cudaMemcpy(offsets, host_offsets.data(), host_offsets.size() * 8, cudaMemcpyHostToDevice), "offsets");
+    check(cudaMemcpy(tokens, host_tokens.data(), host_tokens.size() * 4, cudaMemcpyHostToDevice), "kept");
+  }
+  every_token_selection(const every_token_selection&) = delete;
+  every_token_selection& operator=(const every_token_selection&) = delete;
+  ~every_token_selection() { cudaFree(offsets), cudaFree(tokens); }
+};
+
 /// Page tables of `heads` full heads of `tokens` tokens over pages of `page` scattered
 /// through the pool (a fixed shuffle), positions 0 … tokens − 1 in every head and next
 /// position `tokens`: the layout's tables for W's benchmarks, uploaded into a paged view.

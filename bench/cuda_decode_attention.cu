@@ -124,16 +124,7 @@ void codec_decode(benchmark::State& state) {
   check(cudaMalloc(&values, elements * sizeof(__half)), "cudaMalloc");
   fill_random<<<1024, 256>>>(keys, elements, 1);
   fill_random<<<1024, 256>>>(values, elements, 2);
-  std::vector<std::int64_t> offsets(static_cast<std::size_t>(heads + 1));
-  for (std::int64_t head = 0; head <= heads; ++head) offsets[head] = head * tokens;
-  std::vector<std::int32_t> kept(static_cast<std::size_t>(heads * tokens));
-  for (std::int64_t i = 0; i < heads * tokens; ++i) kept[i] = static_cast<std::int32_t>(i % tokens);
-  std::int64_t* device_offsets = nullptr;
-  std::int32_t* device_kept = nullptr;
-  check(cudaMalloc(&device_offsets, offsets.size() * 8), "cudaMalloc");
-  check(cudaMalloc(&device_kept, kept.size() * 4), "cudaMalloc");
-  check(cudaMemcpy(device_offsets, offsets.data(), offsets.size() * 8, cudaMemcpyHostToDevice), "offsets");
-  check(cudaMemcpy(device_kept, kept.data(), kept.size() * 4, cudaMemcpyHostToDevice), "kept");
+  const kvtrim_bench::every_token_selection every_token(heads, tokens);
   const std::array<std::int64_t, 4> kv_extents{batch, shape.kv_heads, tokens, shape.head_dim};
   const auto key_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(keys), kv_extents);
   const auto value_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(values), kv_extents);
@@ -143,8 +134,8 @@ void codec_decode(benchmark::State& state) {
   cudaStreamCreate(&stream);
   const auto compact = [&] {
     kt::implementation<kt::layout::contiguous, kt::backend::cuda>::compact(
-        cache.view(), key_view, value_view, kt::selection_view<kt::device_space>{device_offsets, device_kept, heads},
-        args, stream);
+        cache.view(), key_view, value_view,
+        kt::selection_view<kt::device_space>{every_token.offsets, every_token.tokens, heads}, args, stream);
   };
   // The compaction (encode) alone: events around 10 calls after a warm-up, median.
   std::vector<double> encode_seconds;
@@ -186,8 +177,7 @@ void codec_decode(benchmark::State& state) {
   state.counters["cache_TBps"] = cache_bytes / median / 1e12;
   state.counters["encode_us"] = encode_seconds[encode_seconds.size() / 2] * 1e6;
   if (measured_copy_bandwidth > 0) state.counters["fraction_of_copy"] = cache_bytes / median / measured_copy_bandwidth;
-  cudaFree(queries), cudaFree(out), cudaFree(scratch), cudaFree(keys), cudaFree(values), cudaFree(device_offsets),
-      cudaFree(device_kept);
+  cudaFree(queries), cudaFree(out), cudaFree(scratch), cudaFree(keys), cudaFree(values);
   cudaStreamDestroy(stream);
 }
 
@@ -233,16 +223,7 @@ void low_rank_sequence_append(benchmark::State& state) {
   fill_random<<<1024, 256>>>(values, elements, 2);
   fill_random<<<64, 256>>>(new_keys, heads * shape.head_dim, 4);
   fill_random<<<64, 256>>>(new_values, heads * shape.head_dim, 5);
-  std::vector<std::int64_t> offsets(static_cast<std::size_t>(heads + 1));
-  for (std::int64_t head = 0; head <= heads; ++head) offsets[head] = head * tokens;
-  std::vector<std::int32_t> kept(static_cast<std::size_t>(heads * tokens));
-  for (std::int64_t i = 0; i < heads * tokens; ++i) kept[i] = static_cast<std::int32_t>(i % tokens);
-  std::int64_t* device_offsets = nullptr;
-  std::int32_t* device_kept = nullptr;
-  check(cudaMalloc(&device_offsets, offsets.size() * 8), "cudaMalloc");
-  check(cudaMalloc(&device_kept, kept.size() * 4), "cudaMalloc");
-  check(cudaMemcpy(device_offsets, offsets.data(), offsets.size() * 8, cudaMemcpyHostToDevice), "offsets");
-  check(cudaMemcpy(device_kept, kept.data(), kept.size() * 4, cudaMemcpyHostToDevice), "kept");
+  const kvtrim_bench::every_token_selection every_token(heads, tokens);
   const auto key_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(keys),
                                                          std::array<std::int64_t, 4>{batch, shape.kv_heads, tokens, shape.head_dim});
   const auto value_view = kt::make_view<kt::device_space>(reinterpret_cast<const kt::half*>(values),
@@ -258,8 +239,8 @@ void low_rank_sequence_append(benchmark::State& state) {
   cudaEventCreate(&start), cudaEventCreate(&stop);
   const auto compact = [&] {
     kt::implementation<kt::layout::contiguous, kt::backend::cuda>::compact(
-        cache.view(), key_view, value_view, kt::selection_view<kt::device_space>{device_offsets, device_kept, heads},
-        args, stream);
+        cache.view(), key_view, value_view,
+        kt::selection_view<kt::device_space>{every_token.offsets, every_token.tokens, heads}, args, stream);
   };
   compact();  // warm-up: creates the cuSOLVER handle and its buffer
   cudaEventRecord(start, stream);
@@ -290,8 +271,7 @@ void low_rank_sequence_append(benchmark::State& state) {
   state.counters["sixteen_appends_us"] = seconds[seconds.size() / 2] * 1e6;
   state.counters["append_us"] = seconds[seconds.size() / 2] * 1e6 / steps;
   cudaEventDestroy(start), cudaEventDestroy(stop);
-  cudaFree(keys), cudaFree(values), cudaFree(new_keys), cudaFree(new_values), cudaFree(device_offsets),
-      cudaFree(device_kept);
+  cudaFree(keys), cudaFree(values), cudaFree(new_keys), cudaFree(new_values);
   cudaStreamDestroy(stream);
 }
 

@@ -14,14 +14,19 @@
 //   * compaction rows whose coefficients on the u_j are orthogonal columns (√T·Q, QᵀQ = I) — the
 //     singular values are exactly √T·√(D·f_j), whatever the random draw — or, for heads keeping
 //     T < m rows, row i = √D·u_i (the fit takes all T rows' directions: the "meaningful" cap);
-//   * appended rows (the t-th token appended to the head since compaction) in aligned blocks of 16 =
-//     update_freq, whose coefficients are again orthogonal within the block, so that a refresh's pending
-//     rows have exactly designed singular values. Some heads' appended rows carry k = 1 or 2 NEW
+//   * appended rows (the t-th token appended to the head since compaction) in aligned blocks of n =
+//     update_freq (16 unless the case sets another), whose coefficients are again orthogonal within the
+//     block (√n·Q), so that a refresh's pending rows have exactly designed singular values. Some heads' appended rows carry k = 1 or 2 NEW
 //     directions w_k (energy 30 %, or 30 % and 15 %; the old part the rest): a refresh of energy 0.98
 //     adds exactly those (after the first: ≤ 0.85 captured, after all: 1 − ~10⁻⁶); others carry none
 //     (the refresh adds nothing: 1 − ~10⁻⁶ captured ≥ 0.98). A head that kept one row (rank 1, its
 //     row along u_0) adds every other direction at its first refresh, the smallest ≥ 5.5 % of the rows'
 //     energy (the margin before the last column added: ≥ 0.035).
+//     A refresh period n shorter than the m + k directions (update_freq 1, 3) cannot hold orthogonal
+//     columns: appended row t is then one direction, √D·(m + k directions)[t mod (m + k)] plus noise. A
+//     block's residual is its rows along directions the basis lacks (each √D·√(times it occurs), the
+//     rest noise: a gap of ~10³ at the cut), and the captured energy before each addition is a multiple
+//     of 1/n (0, 1/3, 2/3) up to 10⁻⁶, and ≥ 1 − 10⁻⁵ after the last: margins ≥ 0.3 and ≈ 0.02.
 //   * with a fixed rank r (config.rank), m = r directions of equal energy and no new ones: heads keeping
 //     ≥ r rows hold exactly those (rank r = the stored rank: never extended); heads keeping T < r rows
 //     hold their T directions and grow at each refresh by min(r − rank, 16) columns: all of a pending
@@ -30,6 +35,15 @@
 //     values are all of the data's scale and the cut lies against the noise.
 // Tokens that compaction does not keep, and the token a compensation row replaces, are "decoys" (a strong
 // direction of their own): a fit over the wrong rows gives another subspace.
+// Exactly rank-deficient rows (exact_rank r > 0; bases frozen after the compaction, update_freq 0): every
+// kept and appended row is Σ_j c_j·u_j/16 over r directions u_j = s ⊙ h_j (s a per-head ±1 pattern, h_j
+// distinct rows of the D × D Sylvester Hadamard matrix, D a power of 2: exactly orthogonal) with integer
+// c_j ∈ [−8, 8]: every element is an integer multiple of 1/16 below 8r/16 in magnitude, exact in fp16, so the
+// rows the backends are given span exactly r dimensions (no noise) and their Gram matrix in double is
+// exact. The CPU's singular values past r are then ~10⁻¹⁶·σ_0, the device's eigenvalues past r its
+// solver's rounding (~D·2⁻⁵³·λ_0, next to the "meaningful" floor 10⁻¹⁴·λ_0: the header's documented
+// divergence, which the energy rule and a fixed rank ≤ r never reach). Random c gives energy fractions
+// ≈ 1/r each, so energy 0.98 picks rank r (the cumulative at r − 1 is ≈ 1 − 1/r).
 //
 // low_rank_fit_bounds replays the CPU's rules (low_rank::fit_basis, extend) on the rows the CPU was given,
 // checks the premises above on the actual numbers (every rank decision with margins, every cut with a
@@ -43,6 +57,7 @@
 #include <Eigen/Dense>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
@@ -79,14 +94,19 @@ inline Eigen::MatrixXd orthonormal_columns(std::int64_t rows, std::int64_t cols,
 /// The rows of the structured heads described at the top (kind 0: keys, 1: values).
 class low_rank_sequence_rows {
  public:
-  /// Appended rows come in aligned blocks of this many tokens: the refresh period (update_freq 16).
-  static constexpr std::int64_t block = 16;
   /// Noise per element (the rows' elements are ~1).
   static constexpr double noise = 1e-3;
 
   /// fixed_rank 0: energy-chosen ranks; else every head's data spans fixed_rank directions of equal energy.
-  low_rank_sequence_rows(std::int64_t head_dim, std::int64_t fixed_rank, std::uint64_t seed)
-      : dim_(head_dim), fixed_rank_(fixed_rank), seed_(seed) {}
+  /// `block`: the refresh period (update_freq) the appended rows are designed for (with a fixed rank: at
+  /// most that rank, the orthonormal rows' dimension).
+  /// `exact_rank` > 0: the exactly rank-deficient rows above (spanning that many directions).
+  low_rank_sequence_rows(std::int64_t head_dim, std::int64_t fixed_rank, std::uint64_t seed, std::int64_t block = 16,
+                         std::int64_t exact_rank = 0)
+      : dim_(head_dim), fixed_rank_(fixed_rank), seed_(seed), block_(block > 0 ? block : 16), exact_rank_(exact_rank) {}
+
+  /// The refresh period the appended rows are designed for.
+  std::int64_t block() const { return block_; }
 
   /// m: the directions of a head's compaction rows.
   std::int64_t old_directions(std::int64_t head, int kind) const {
@@ -99,6 +119,7 @@ class low_rank_sequence_rows {
 
   /// The `count` rows a head keeps at compaction, row-major count × head_dim.
   std::vector<float> kept_rows(std::int64_t head, int kind, std::int64_t count) const {
+    if (exact_rank_ > 0) return exact_rows(head, kind, count, mixed_seed({seed_, 8, hash(head), hash(kind), hash(count)}));
     const std::int64_t m = old_directions(head, kind);
     const Eigen::MatrixXd directions = directions_of(head, kind);
     const std::vector<double> fractions = old_fractions(m);
@@ -118,29 +139,34 @@ class low_rank_sequence_rows {
   /// The head's t-th appended token since its compaction (t counts the tokens it holds beyond the kept
   /// ones: a truncation gives its indices back). `salt` varies the noise between calls.
   std::vector<float> appended_row(std::int64_t head, int kind, std::int64_t t, std::uint64_t salt) const {
+    if (exact_rank_ > 0) return exact_rows(head, kind, 1, mixed_seed({seed_, 9, hash(head), hash(kind), hash(t), salt}));
     const std::int64_t m = old_directions(head, kind), k = new_directions(head, kind);
     const Eigen::MatrixXd directions = directions_of(head, kind);
-    const std::int64_t in_block = t % block;
+    const std::int64_t block = block_, in_block = t % block;
     Eigen::MatrixXd row = Eigen::MatrixXd::Zero(1, dim_);
     const double d = static_cast<double>(dim_);
     if (fixed_rank_ > 0) {
-      // Orthonormal rows: 16 coefficient rows of √m·Qᵀ (Q: m × 16, orthonormal columns); each row has
-      // energy m·(D/m) = D.
+      // Orthonormal rows: n = block coefficient rows of √m·Qᵀ (Q: m × n, orthonormal columns; m ≥ n); each
+      // row has energy m·(D/m) = D.
       const Eigen::MatrixXd q = orthonormal_columns(m, block, mixed_seed({seed_, 5, hash(head), hash(kind), hash(t / block)}));
       for (std::int64_t j = 0; j < m; ++j)
         row += std::sqrt(static_cast<double>(m)) * q(j, in_block) * std::sqrt(d / static_cast<double>(m)) * directions.col(j).transpose();
+    } else if (block < m + k) {
+      // One direction per row (a period too short for orthogonal columns): the (t mod (m + k))-th.
+      row = std::sqrt(d) * directions.col(t % (m + k)).transpose();
     } else {
-      // Orthogonal columns: 4·Q (Q: 16 × (m + k), orthonormal columns), so a block's singular values are
-      // 4·√(D·g_j) exactly, with g the appended rows' energy fractions.
+      // Orthogonal columns: √n·Q (Q: n × (m + k), orthonormal columns, n = block), so a block's singular
+      // values are √n·√(D·g_j) exactly, with g the appended rows' energy fractions (n = 16: 4·Q).
       const Eigen::MatrixXd q = orthonormal_columns(block, m + k, mixed_seed({seed_, 4, hash(head), hash(kind), hash(t / block)}));
+      const double scale = std::sqrt(static_cast<double>(block));
       const double old_part = k == 0 ? 1.0 : k == 1 ? 0.7 : 0.55;
       const std::vector<double> fractions = old_fractions(m);
       for (std::int64_t j = 0; j < m; ++j)
-        row += 4.0 * q(in_block, j) * std::sqrt(d * old_part * fractions[static_cast<std::size_t>(j)]) *
+        row += scale * q(in_block, j) * std::sqrt(d * old_part * fractions[static_cast<std::size_t>(j)]) *
                directions.col(j).transpose();
       static constexpr double new_fractions[] = {0.30, 0.15};
       for (std::int64_t j = 0; j < k; ++j)
-        row += 4.0 * q(in_block, m + j) * std::sqrt(d * new_fractions[j]) * directions.col(m + j).transpose();
+        row += scale * q(in_block, m + j) * std::sqrt(d * new_fractions[j]) * directions.col(m + j).transpose();
     }
     std::mt19937_64 random(mixed_seed({seed_, 6, hash(head), hash(kind), hash(t), salt}));
     return with_noise(row, random);
@@ -173,6 +199,35 @@ class low_rank_sequence_rows {
     return orthonormal_columns(dim_, old_directions(head, kind) + 3, mixed_seed({seed_, 1, hash(head), hash(kind)}));
   }
 
+  /// `count` exactly rank-deficient rows (the design above), row-major, from `seed`'s coefficients.
+  std::vector<float> exact_rows(std::int64_t head, int kind, std::int64_t count, std::uint64_t seed) const {
+    // The head's directions: r distinct Hadamard rows (a seeded shuffle of 0 … D − 1) and a ±1 pattern.
+    std::mt19937_64 pick(mixed_seed({seed_, 10, hash(head), hash(kind)}));
+    std::vector<std::int64_t> order(static_cast<std::size_t>(dim_));
+    for (std::int64_t i = 0; i < dim_; ++i) order[static_cast<std::size_t>(i)] = i;
+    std::shuffle(order.begin(), order.end(), pick);
+    std::vector<int> sign(static_cast<std::size_t>(dim_));
+    for (int& s : sign) s = (pick() & 1) != 0 ? 1 : -1;
+    // Sylvester: H[a][d] = (−1)^popcount(a & d).
+    const auto hadamard = [](std::int64_t a, std::int64_t d) {
+      return (std::popcount(static_cast<std::uint64_t>(a & d)) & 1) != 0 ? -1 : 1;
+    };
+    std::mt19937_64 random(seed);
+    std::uniform_int_distribution<int> coefficient(-8, 8);
+    std::vector<float> out(static_cast<std::size_t>(count * dim_));
+    for (std::int64_t i = 0; i < count; ++i) {
+      std::vector<int> c(static_cast<std::size_t>(exact_rank_));
+      for (int& x : c) x = coefficient(random);
+      for (std::int64_t d = 0; d < dim_; ++d) {
+        int sum = 0;
+        for (std::int64_t j = 0; j < exact_rank_; ++j)
+          sum += c[static_cast<std::size_t>(j)] * hadamard(order[static_cast<std::size_t>(j)], d);
+        out[static_cast<std::size_t>(i * dim_ + d)] = static_cast<float>(sign[static_cast<std::size_t>(d)] * sum) / 16.0f;
+      }
+    }
+    return out;
+  }
+
   std::vector<float> with_noise(const Eigen::MatrixXd& rows, std::mt19937_64& random) const {
     std::normal_distribution<double> normal(0.0, noise);
     std::vector<float> out(static_cast<std::size_t>(rows.size()));
@@ -185,6 +240,8 @@ class low_rank_sequence_rows {
   std::int64_t dim_;
   std::int64_t fixed_rank_;
   std::uint64_t seed_;
+  std::int64_t block_;
+  std::int64_t exact_rank_;
 };
 
 /// Replays codec::low_rank's sequence fits (prepare_head's fit_basis at compaction, extend at each refresh)
@@ -401,7 +458,7 @@ class low_rank_fit_bounds {
   ///     else its bound),
   ///     the two residuals differ by ‖ΔR‖₂ = ‖X_p ΔP‖₂ ≤ ‖X_p‖₂·E. Their top-`add` right singular
   ///     subspaces V differ by sin θ ≤ √2·‖ΔR‖ / (δ − 2‖ΔR‖) (Wedin; δ = s_{add−1} − s_add, s_add = 0 past
-  ///     the last), plus each solver's own error: the CPU's BDCSVD as at compaction (c = 8(16 + D)); the
+  ///     the last), plus each solver's own error: the CPU's BDCSVD as at compaction (c = 8(n + D), n = update_freq); the
   ///     device's Jacobi on R·Rᵀ in double, ‖Δ(R Rᵀ)‖ ≤ (γ_D + 8·32·u_d)·‖R‖_F², Davis–Kahan on
   ///     s_{add−1}² − s_add², times (1 + s_0 / s_{add−1}) for v = Rᵀw / s. Then each side's new columns
   ///     W = fl(Gram–Schmidt(V against U)): V lies in the range of I − U Uᵀ, so ‖UᵀV‖ ≤ ‖UᵀU − I‖ ≤
@@ -454,7 +511,7 @@ class low_rank_fit_bounds {
     const double delta_r = x_norm * e + 4.0 * static_cast<double>(dim) * ud * x_norm;  // + R's own rounding
     const double last = s[static_cast<std::size_t>(add - 1)], next = add < n ? s[static_cast<std::size_t>(add)] : 0.0;
     const double gap = last - next;
-    const double svd_error = 8.0 * (16.0 + static_cast<double>(dim)) * ud * s[0];
+    const double svd_error = 8.0 * (static_cast<double>(s_.update_freq) + static_cast<double>(dim)) * ud * s[0];
     const double jacobi_error = (static_cast<double>(dim) * ud + 8.0 * 32.0 * ud) * residual.squaredNorm();
     const double jacobi_gap = last * last - next * next;
     if (gap <= 4.0 * (delta_r + svd_error) || jacobi_gap <= 4.0 * jacobi_error) {

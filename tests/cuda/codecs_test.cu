@@ -25,8 +25,10 @@
 //  * SequenceBasisCache.*: low_rank with basis_source::sequence, the same harness with bases fitted by
 //    each backend (compaction and refreshes): ranks, counters, pending slots and raw rows exactly, the
 //    fitted subspaces and lifted rows within bounds derived from the rows' spectral gaps, attention over
-//    the device's own cache ("low_rank with sequence bases" below). SequenceBasisRefusal: update_freq
-//    above the device's 32 refused before any write.
+//    the device's own cache ("low_rank with sequence bases" below); refresh periods 1, 3, 31, 32 (70-token
+//    appends), exactly rank-deficient rows, and on paged / flat two refused compactions leaving every byte.
+//    SequenceBasisRefusal: update_freq above the device's 32 refused before any write.
+//    SequenceBasisStreams: two caches compacted on two streams back to back match each compacted alone.
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -41,6 +43,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "common/low_rank_bases.hpp"
@@ -330,6 +333,11 @@ struct codec_case {
   std::int64_t page_size;          // paged only
   std::vector<std::int64_t> kept;  // per head (contiguous: kept[0] for every head)
   bool compensation;               // paged / flat
+  // Sequence bases only (the defaults: the codec kind's configuration and rows, appends of 1, 17, 33):
+  std::int64_t update_freq = -1;           // config.update_freq (−1: the kind's); the appended rows' period
+  std::int64_t rank = 0;                   // config.rank (0: the kind's)
+  std::int64_t exact_rank = 0;             // rows spanning exactly this many directions (low_rank_sequence_rows)
+  std::vector<std::int64_t> appends = {};  // tokens per append call to every head (empty: 1, 17, 33)
 };
 
 std::string name_of(const codec_case& c) {
@@ -340,10 +348,19 @@ std::string name_of(const codec_case& c) {
                                        "low_rank_post_r20", "low_rank_pre_r29", "fp8_amax_subnormal",
                                        "low_rank_seq_post", "low_rank_seq_pre", "low_rank_seq_pre_r20",
                                        "low_rank_seq_frozen"};
+  std::string appends;
+  for (std::size_t i = 0; i < c.appends.size(); ++i) {
+    std::size_t same = 1;
+    while (i + same < c.appends.size() && c.appends[i + same] == c.appends[i]) ++same;
+    appends += same > 1 ? kt::detail::cat("_a", c.appends[i], "x", same) : kt::detail::cat("_a", c.appends[i]);
+    i += same - 1;
+  }
   return kt::detail::cat(layouts[static_cast<int>(c.layout)], "_", codecs[static_cast<int>(c.codec)], "_b", c.batch,
                          "_kv", c.kv_heads, "_g", c.group, "_d", c.head_dim,
                          c.layout == layout_kind::paged ? kt::detail::cat("_p", c.page_size) : std::string{},
-                         c.compensation ? "_bias" : "");
+                         c.compensation ? "_bias" : "", c.update_freq >= 0 ? kt::detail::cat("_uf", c.update_freq) : std::string{},
+                         c.rank > 0 ? kt::detail::cat("_r", c.rank) : std::string{},
+                         c.exact_rank > 0 ? kt::detail::cat("_exact", c.exact_rank) : std::string{}, appends);
 }
 
 struct host_block {
@@ -535,8 +552,8 @@ low_rank_store rebased(const low_rank_store& s, const std::byte* from, std::byte
 
 /// State of one sequence-basis case: its rows, the replayed fits and their bounds, what each head was given.
 struct sequence_run {
-  sequence_run(std::int64_t head_dim, const kt::testing::low_rank_fit_bounds::settings& settings)
-      : rows(head_dim, settings.fixed_rank, 2024), bounds(settings),
+  sequence_run(std::int64_t head_dim, const kt::testing::low_rank_fit_bounds::settings& settings, std::int64_t exact_rank)
+      : rows(head_dim, settings.fixed_rank, 2024, settings.update_freq, exact_rank), bounds(settings),
         appended(static_cast<std::size_t>(settings.heads), 0) {}
   kt::testing::low_rank_sequence_rows rows;
   kt::testing::low_rank_fit_bounds bounds;
@@ -815,9 +832,10 @@ struct harness {
   using host_view = typename Layout::template view<CodecT, kt::host_space>;
   using device_view = typename Layout::template view<CodecT, kt::device_space>;
   static constexpr bool contiguous = std::is_same_v<Layout, kt::layout::contiguous>;
-  static constexpr std::array<std::int64_t, 3> appended{1, 17, 33};
 
   const codec_case& c;
+  std::vector<std::int64_t> appended;  // tokens per append call to every head: the case's, or 1, 17, 33
+  std::int64_t appended_total;
   typename CodecT::config config;
   kt::model_shape shape;
   std::int64_t heads;
@@ -825,7 +843,9 @@ struct harness {
   std::unique_ptr<sequence_run> sequence;  // low_rank with basis_source::sequence: the fits' comparison
 
   explicit harness(const codec_case& c_)
-      : c(c_), config(config_of<CodecT>(c_.codec)),
+      : c(c_), appended(c_.appends.empty() ? std::vector<std::int64_t>{1, 17, 33} : c_.appends),
+        appended_total(std::accumulate(appended.begin(), appended.end(), std::int64_t{0})),
+        config(config_of<CodecT>(c_.codec)),
         shape{.q_heads = c_.kv_heads * c_.group, .kv_heads = c_.kv_heads, .head_dim = c_.head_dim},
         heads(c_.batch * c_.kv_heads) {
     if constexpr (std::is_same_v<CodecT, kt::codec::low_rank>) {
@@ -834,6 +854,8 @@ struct harness {
                         : c_.codec == codec_kind::low_rank_pre_rope_rank_29 ? 29
                                                                             : c_.head_dim / 4;
       if (sequence_bases(c_.codec)) {
+        if (c_.update_freq >= 0) config.update_freq = c_.update_freq;
+        if (c_.rank > 0) config.rank = c_.rank;
         kt::testing::low_rank_fit_bounds::settings settings;
         settings.heads = heads;
         settings.head_dim = c_.head_dim;
@@ -841,7 +863,7 @@ struct harness {
         settings.fixed_rank = config.rank.value_or(0);
         settings.energy = config.energy;
         settings.update_freq = config.update_freq;
-        sequence = std::make_unique<sequence_run>(c_.head_dim, settings);
+        sequence = std::make_unique<sequence_run>(c_.head_dim, settings, c_.exact_rank);
       }
     }
     for (std::int64_t head = 0; head < heads; ++head)
@@ -849,7 +871,7 @@ struct harness {
   }
 
   std::int64_t final_length(std::int64_t head) const {
-    return kept[head] + 51 + (!contiguous && head == 1 % heads ? head_appended : 0);
+    return kept[head] + appended_total + (!contiguous && head == 1 % heads ? head_appended : 0);
   }
 
   auto pool() const {
@@ -863,7 +885,7 @@ struct harness {
       for (std::int64_t head = 0; head < heads; ++head) runs += (final_length(head) + 31) / 32;
       return kt::layout::flat::pool_size{runs * 32};
     } else {
-      return kept[0] + 51 + 32;  // capacity (+ 32: roll_back_drafts' drafts)
+      return kept[0] + appended_total + 32;  // capacity (+ 32: roll_back_drafts' drafts)
     }
   }
 
@@ -967,10 +989,29 @@ struct harness {
                                  const held_tokens& held) const {
     for (std::int64_t head = 0; head < heads; ++head)
       if (cpu.head_length(head / c.kv_heads, head % c.kv_heads) < 1) return;  // the CPU refuses empty heads
-    auto queries = kt::testing::random_tensor<kt::half, 3>({c.batch, shape.q_heads, c.head_dim}, 77);
-    auto cpu_out = kt::testing::make_tensor<float, 3>({c.batch, shape.q_heads, c.head_dim});
-    kt::implementation<kt::stage::decode_attention, kt::backend::cpu>::attend(queries.cview(), cpu, cpu_out.view, {}, {});
-    kt::testing::device_tensor<kt::half, 3> device_queries(queries);
+    const attention_outputs out = attend_both(cpu, gpu);
+    std::vector<std::int32_t> bias_index(static_cast<std::size_t>(heads), -1);
+    std::vector<float> bias(static_cast<std::size_t>(heads), 0.0f);
+    if constexpr (requires { cpu.compensation.index; })
+      for (std::int64_t head = 0; head < heads; ++head)
+        bias_index[static_cast<std::size_t>(head)] = cpu.compensation.index[head],
+        bias[static_cast<std::size_t>(head)] = cpu.compensation.bias[head];
+    expect_sequence_attention_within(cpu.storage, device_storage, held, bias_index, bias, out.queries, out.gpu, out.cpu,
+                                     c.kv_heads, c.group, *sequence);
+  }
+
+  /// Decode attention on both backends with the same random queries (seed 77): the CPU's attend over `cpu`
+  /// and the device's over `gpu` (the output NaN-filled first: an unwritten element fails the comparison).
+  struct attention_outputs {
+    kt::testing::host_tensor<kt::half, 3> queries;
+    kt::testing::host_tensor<float, 3> cpu;
+    std::vector<float> gpu;
+  };
+  attention_outputs attend_both(const host_view& cpu, const device_view& gpu) const {
+    attention_outputs out{kt::testing::random_tensor<kt::half, 3>({c.batch, shape.q_heads, c.head_dim}, 77),
+                          kt::testing::make_tensor<float, 3>({c.batch, shape.q_heads, c.head_dim}), {}};
+    kt::implementation<kt::stage::decode_attention, kt::backend::cpu>::attend(out.queries.cview(), cpu, out.cpu.view, {}, {});
+    kt::testing::device_tensor<kt::half, 3> device_queries(out.queries);
     device_buffer<float> device_out(static_cast<std::size_t>(c.batch * shape.q_heads * c.head_dim));
     device_out.fill_bytes(0xff);  // NaN: an unwritten output fails
     using attention = kt::implementation<kt::stage::decode_attention, kt::backend::cuda>;
@@ -982,14 +1023,8 @@ struct harness {
                                                       std::array<std::int64_t, 3>{c.batch, shape.q_heads, c.head_dim}),
                       {scratch.data(), scratch.size()}, nullptr);
     kt::testing::check(cudaDeviceSynchronize(), "attend");
-    std::vector<std::int32_t> bias_index(static_cast<std::size_t>(heads), -1);
-    std::vector<float> bias(static_cast<std::size_t>(heads), 0.0f);
-    if constexpr (requires { cpu.compensation.index; })
-      for (std::int64_t head = 0; head < heads; ++head)
-        bias_index[static_cast<std::size_t>(head)] = cpu.compensation.index[head],
-        bias[static_cast<std::size_t>(head)] = cpu.compensation.bias[head];
-    expect_sequence_attention_within(cpu.storage, device_storage, held, bias_index, bias, queries, device_out.download(),
-                                     cpu_out, c.kv_heads, c.group, *sequence);
+    out.gpu = device_out.download();
+    return out;
   }
 
   /// Sequence bases: the compaction's rows (low_rank_sequence_rows) in place of the random ones — kept
@@ -1157,10 +1192,6 @@ struct harness {
     SCOPED_TRACE(step);
     for (std::int64_t head = 0; head < heads; ++head)
       if (cpu.head_length(head / c.kv_heads, head % c.kv_heads) < 1) return;  // the CPU refuses empty heads
-    auto queries = kt::testing::random_tensor<kt::half, 3>({c.batch, shape.q_heads, c.head_dim}, 77);
-    auto cpu_out = kt::testing::make_tensor<float, 3>({c.batch, shape.q_heads, c.head_dim});
-    kt::implementation<kt::stage::decode_attention, kt::backend::cpu>::attend(queries.cview(), cpu, cpu_out.view, {}, {});
-
     device_buffer<std::byte> device_block(block.bytes);
     kt::testing::check(cudaMemcpy(device_block.data(), block.data, block.bytes, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
     std::int64_t host_length = 0;
@@ -1174,19 +1205,10 @@ struct harness {
                                     cudaMemcpyHostToDevice),
                          "cudaMemcpy positions");
     }
-    kt::testing::device_tensor<kt::half, 3> device_queries(queries);
-    device_buffer<float> device_out(static_cast<std::size_t>(c.batch * shape.q_heads * c.head_dim));
-    device_out.fill_bytes(0xff);  // NaN: an unwritten output fails
-    using attention = kt::implementation<kt::stage::decode_attention, kt::backend::cuda>;
-    device_buffer<std::byte> scratch(attention::workspace_bytes(gpu));
-    const kt::tensor_view<const kt::half, 3, kt::device_space> query_view{device_queries.view.data, device_queries.view.extents,
-                                                                         device_queries.view.strides};
-    attention::attend(query_view, gpu,
-                      kt::make_view<kt::device_space>(device_out.data(),
-                                                      std::array<std::int64_t, 3>{c.batch, shape.q_heads, c.head_dim}),
-                      {scratch.data(), scratch.size()}, nullptr);
-    kt::testing::check(cudaDeviceSynchronize(), "attend");
-    const std::vector<float> gpu_out = device_out.download();
+    const attention_outputs out = attend_both(cpu, gpu);
+    const auto& queries = out.queries;
+    const auto& cpu_out = out.cpu;
+    const std::vector<float>& gpu_out = out.gpu;
 
     // Tolerance, per query head over its n tokens. Both backends read the same codes and steps and
     // compute in fp32 (u = 2^-24). Dequantizing x̂ = q·s + z costs each side ≤ 2u(|q·s| + |z|) ≤
@@ -1355,7 +1377,7 @@ struct harness {
     }
     if (!sequence) expect_attention_matches(cpu, block, "compact");
 
-    // Appends of 1, 17 and 33 tokens to every head, then 97 to head 1.
+    // Appends to every head (1, 17 and 33 tokens, or the case's), then 97 to head 1.
     std::uint64_t seed = 40;
     for (const std::int64_t count : appended) {
       const row_pair rows = rows_to_append(count, seed, -1);
@@ -1390,12 +1412,113 @@ struct harness {
     }
     if (!sequence) expect_attention_matches(cpu, block, "appended");
     roll_back_drafts(cpu, block, gpu, device_block, stream, seed);
+    if constexpr (!contiguous) {
+      if (sequence && !::testing::Test::HasFailure())
+        refuse_compactions_intact(cpu, block, gpu, device_block, stream, keys, values, gpu_args);
+    }
     cudaStreamDestroy(stream);
     if (sequence) {
       ::testing::Test::RecordProperty("worst_basis_distance_over_tolerance", std::to_string(sequence->worst_basis));
       ::testing::Test::RecordProperty("worst_lifted_row_over_tolerance", std::to_string(sequence->worst_row));
       ::testing::Test::RecordProperty("worst_attention_over_tolerance", std::to_string(sequence->worst_attention));
     }
+  }
+
+  /// Sequence bases on the device-planned layouts (paged, flat): two compactions the device refuses, on the
+  /// cache as the steps before left it (bases fitted, grown by refreshes, rows pending, a repack, rollbacks):
+  ///   * a NaN in a kept key (head 0's first kept token): the finiteness scan scheme::compress runs first
+  ///     (check_finite), which the compaction's planning kernel honours;
+  ///   * every token of every head kept (heads × tokens past the pool's slots): the planner's refusal, with
+  ///     the CPU's message (its own compact throws on the same selection).
+  /// Either way the fit's kernels (Gram, eigenvector pick) and the encode must leave the cache alone: every
+  /// byte of the device block before the status words (coefficients, bases, ranks, compaction_left, pending
+  /// counts, slots and rows, tables, lengths, positions) as before the call, check_status throws (and clears
+  /// the record), and the state still matches the CPU's (which refused or was not called).
+  void refuse_compactions_intact(const host_view& cpu, const host_block& block, device_view& gpu,
+                                 const device_buffer<std::byte>& device_block, cudaStream_t stream,
+                                 const kt::testing::host_tensor<kt::half, 4>& keys,
+                                 const kt::testing::host_tensor<kt::half, 4>& values, const kt::compact_args& compaction) {
+    const std::int64_t tokens = keys.view.extents[2];
+    // The compaction's start position, no compensation rows (their indices name the first selection's tokens).
+    kt::compact_args args = compaction;
+    args.compensation = nullptr;
+    const std::size_t before_status = static_cast<std::size_t>(reinterpret_cast<const std::byte*>(gpu.status) -
+                                                               reinterpret_cast<const std::byte*>(device_block.data()));
+    const auto refused_intact = [&](const char* what, const kt::testing::host_tensor<kt::half, 4>& new_keys,
+                                    const std::vector<std::int64_t>& offsets, const std::vector<std::int32_t>& chosen,
+                                    bool scan) -> std::string {
+      SCOPED_TRACE(what);
+      EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+      const std::vector<std::byte> before = kt::testing::download_bytes(device_block.data(), block.bytes);
+      device_tensor<kt::half, 4> device_keys(new_keys), device_values(values);
+      device_buffer<std::int64_t> device_offsets(offsets);
+      device_buffer<std::int32_t> device_chosen(chosen);
+      if (scan)  // as scheme::compress does it, right before the compaction
+        kt::implementation<Layout, kt::backend::cuda>::template check_finite<
+            typename kt::detail::stored_element<CodecT>::type>(gpu, kt::detail::layout_status::compress,
+                                                               kt::detail::as_const(device_keys.view),
+                                                               kt::detail::as_const(device_values.view),
+                                                               kt::tensor_view<const kt::half, 4, kt::device_space>{}, stream);
+      kt::implementation<Layout, kt::backend::cuda>::compact(
+          gpu, kt::detail::as_const(device_keys.view), kt::detail::as_const(device_values.view),
+          kt::selection_view<kt::device_space>{device_offsets.data(), device_chosen.data(), heads}, args, stream);
+      EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+      const std::vector<std::byte> after = kt::testing::download_bytes(device_block.data(), block.bytes);
+      std::size_t first = before_status;
+      for (std::size_t i = 0; i < before_status && first == before_status; ++i)
+        if (before[i] != after[i]) first = i;
+      EXPECT_EQ(first, before_status) << "a refused compaction changed the device cache (first byte " << first
+                                      << " of " << before_status << ")";
+      std::string message;
+      try {
+        kt::check_status(gpu, stream);
+      } catch (const kt::error& e) {
+        message = e.what();
+      }
+      EXPECT_FALSE(message.empty()) << "check_status did not throw: the compaction was not refused";
+      EXPECT_NO_THROW(kt::check_status(gpu, stream)) << "check_status clears the record";
+      expect_same_state(cpu, block, gpu, device_block, what);
+      return message;
+    };
+    std::vector<std::int64_t> offsets{0};
+    std::vector<std::int32_t> chosen;
+    // The compaction's own selection is not kept by the harness: any selection that keeps head 0's token 0
+    // does (the scan reads every input row; a kept one makes the refusal the compaction's).
+    for (std::int64_t head = 0; head < heads; ++head) {
+      chosen.push_back(0);
+      offsets.push_back(static_cast<std::int64_t>(chosen.size()));
+    }
+    kt::testing::host_tensor<kt::half, 4> poisoned = keys;
+    poisoned.view.data = poisoned.storage.data();
+    poisoned(0, 0, 0, 0) = kt::from_float<kt::half>(std::numeric_limits<float>::quiet_NaN());
+    (void)refused_intact("a NaN in a kept key", poisoned, offsets, chosen, true);
+    // Every token of every head: past the pool.
+    offsets.assign(1, 0), chosen.clear();
+    for (std::int64_t head = 0; head < heads; ++head) {
+      for (std::int64_t t = 0; t < tokens; ++t) chosen.push_back(static_cast<std::int32_t>(t));
+      offsets.push_back(static_cast<std::int64_t>(chosen.size()));
+    }
+    const auto capacity = [&] {
+      if constexpr (std::is_same_v<Layout, kt::layout::paged>)
+        return pool().pages * pool().page_size;
+      else
+        return pool().slots;
+    }();
+    ASSERT_GT(heads * tokens, capacity) << "the test's selection was meant to overflow the pool";
+    std::string cpu_message;
+    try {
+      // The CPU's cache itself (a view: the same block): it refuses before writing, its strong guarantee, so
+      // the state the device is compared with afterwards is the one before the call.
+      host_view cpu_view = cpu;
+      kt::implementation<Layout, kt::backend::cpu>::compact(
+          cpu_view, keys.cview(), values.cview(), kt::selection_view<kt::host_space>{offsets.data(), chosen.data(), heads},
+          args, {});
+    } catch (const kt::error& e) {
+      cpu_message = e.what();
+    }
+    ASSERT_FALSE(cpu_message.empty()) << "the CPU accepted a selection past its pool";
+    const std::string message = refused_intact("every token of every head", keys, offsets, chosen, false);
+    EXPECT_EQ(message, cpu_message);
   }
 
   /// Every metadata array of the layout (page tables and free list, offsets and lengths, next
@@ -1656,7 +1779,11 @@ INSTANTIATE_TEST_SUITE_P(
 // bounds after the compaction, after every append (1, 17 and 33 tokens: refreshes inside a call, the
 // tokens after them encoded with the grown basis; 97 to one head: six refreshes, a flat repack moving
 // pending slots) and after every rollback round (drops within the pending count), and decode attention
-// over the device's cache stays within the bound from the measured lifted rows.
+// over the device's cache stays within the bound from the measured lifted rows. On paged and flat the
+// harness then has the device refuse two compactions of that cache (a NaN in a kept key, a selection past
+// the pool) and checks every byte of it unchanged (refuse_compactions_intact). The premises of the rows
+// (margins, gaps) were checked for every case below with the CPU alone; a miss is reported as the test
+// data's, not the device's.
 
 class SequenceBasisCache : public ::testing::TestWithParam<codec_case> {};
 
@@ -1686,7 +1813,31 @@ INSTANTIATE_TEST_SUITE_P(
         codec_case{L::contiguous, K::low_rank_sequence_frozen, 1, 2, 1, 64, 0, {4097}, false},
         codec_case{L::flat, K::low_rank_sequence_frozen, 1, 2, 2, 128, 0, {4097, 1}, true},
         // head_dim 256 (stored rank 64): 528 Gram tile pairs over the block's 256 threads (three passes).
-        codec_case{L::paged, K::low_rank_sequence_post_rope, 1, 2, 2, 256, 16, {300, 1}, true}),
+        codec_case{L::paged, K::low_rank_sequence_post_rope, 1, 2, 2, 256, 16, {300, 1}, true},
+        // Refresh periods other than 16 (the appended rows' blocks follow the period: low_rank_sequence_rows).
+        // update_freq 1: a refresh after every token (a 1 × 1 residual, Jacobi on 2 × 2 with a zero pad), 51
+        // per head over the appends and 97 more on head 1; rows of one direction each (the period is shorter
+        // than a head's m + k directions).
+        codec_case{L::paged, K::low_rank_sequence_post_rope, 1, 3, 4, 128, 16, {1, 17, 33}, true, 1},
+        // update_freq 3 (odd: Jacobi on 4 × 4 with a zero pad), pre-RoPE, flat repacks moving pending slots.
+        codec_case{L::flat, K::low_rank_sequence_pre_rope, 1, 4, 1, 64, 0, {33, 1, 17, 300}, true, 3},
+        // update_freq 31 (odd, Jacobi 32 × 32 with a zero pad): one refresh inside the 33-token append.
+        codec_case{L::paged, K::low_rank_sequence_post_rope, 2, 2, 4, 128, 16, {1, 4097, 33, 17}, true, 31},
+        // update_freq 32, the largest refresh (32 × 32 Jacobi; at head_dim 256 the largest shared layout, ~151 KB):
+        // 70 tokens in ONE append call (two refreshes inside the call, the rows after each encoded with the
+        // grown bases, 6 left pending), then 97 to head 1 (three more).
+        codec_case{L::paged, K::low_rank_sequence_post_rope, 1, 2, 2, 256, 16, {300, 1}, true, 32, 0, 0, {70}},
+        // ... and the same 70 tokens one call at a time (flat: its repacks move 32 pending slots).
+        codec_case{L::flat, K::low_rank_sequence_post_rope, 1, 3, 2, 128, 0, {33, 1, 17}, false, 32, 0, 0,
+                   std::vector<std::int64_t>(70, 1)},
+        // Exactly rank-deficient rows, T ≥ D: every kept and appended row spans exactly 12 of 64 (or 128)
+        // dimensions, exact in fp16 (low_rank_sequence_rows' exact_rank: Hadamard directions, integer
+        // coefficients / 16), bases frozen at the compaction. Energy 0.98 picks rank 12 (the cumulative
+        // at 11 ≈ 0.92) on both backends, below the meaningful floor's noise; a fixed rank 12 = r (the
+        // edge: every direction the rows have, none of the noise the header documents above it) agrees too.
+        codec_case{L::contiguous, K::low_rank_sequence_frozen, 1, 2, 2, 64, 0, {200}, false, -1, 0, 12},
+        codec_case{L::paged, K::low_rank_sequence_frozen, 1, 2, 4, 64, 16, {200, 300}, true, -1, 12, 12},
+        codec_case{L::flat, K::low_rank_sequence_frozen, 1, 2, 1, 128, 0, {129, 200}, true, -1, 0, 12}),
     [](const ::testing::TestParamInfo<codec_case>& info) { return kt::detail::cat(name_of(info.param), "_", info.index); });
 
 /// A refresh on the device holds at most 32 pending rows (low_rank_device_max_update_freq): update_freq 33
@@ -1771,6 +1922,215 @@ TEST(SequenceBasisRefusal, UpdateFreqAbove32IsRefusedBeforeAnyWrite) {
   KVTRIM_SKIP_WITHOUT_GPU();
   expect_update_freq_above_32_refused<kt::layout::paged>();
   expect_update_freq_above_32_refused<kt::layout::contiguous>();
+}
+
+// ---- sequence bases: two caches compacted on two streams from one host thread -----------------------
+//
+// Both compactions use the calling thread's one cuSOLVER handle and fit buffer (low_rank_fit.cuh): the Gram
+// matrices, eigenvalues and workspace of the second must not be written while the first's solver still
+// reads them (the header orders them with an event). Caches A and B (paged, energy 0.98, head_dim 128,
+// 8 heads keeping all of their 1024 tokens: structured rows of two seeds) are compacted alone, one after the
+// other on one stream, then fresh copies on two non-blocking streams back to back with no synchronisation
+// between. Each together-run against its alone-run:
+//   * every byte of the cache but the bases and coefficients identical: ranks, compaction_left, pending
+//     counts, positions, page tables, status words;
+//   * the bases: two device fits of the same rows differ only in the Gram's atomics order (the header: the
+//     last bits are run to run nondeterministic), each within sin θ_gpu + φ(r) of the rows' exact subspace,
+//     so ‖P_alone − P_together‖₂ ≤ 2(sin θ_gpu + φ(r)) ≤ 2·(low_rank_fit_bounds' compaction tolerance, which
+//     is sin θ_cpu + sin θ_gpu + 2φ(r)) + the distance's own rounding (sequence_slack);
+//   * every token's lifted rows within lifted_row_bound at the measured distance (both sides the same input
+//     rows; it bounds any two stores).
+// And each together-run against the CPU with the harness's comparison (expect_sequence_storage_matches).
+// A fit that read another fit's Gram or eigenvectors gives a subspace at distance ~1: far past the bound.
+TEST(SequenceBasisStreams, TwoCachesOnTwoStreamsMatchEachAlone) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  using host_view = kt::layout::paged::view<kt::codec::low_rank, kt::host_space>;
+  using device_view = kt::layout::paged::view<kt::codec::low_rank, kt::device_space>;
+  const kt::model_shape shape{.q_heads = 8, .kv_heads = 4, .head_dim = 128};
+  const std::int64_t batch = 2, heads = batch * shape.kv_heads, tokens = 1024, dim = shape.head_dim;
+  const kt::layout::paged::pool_size pool{heads * tokens / 16 + 2, 16};
+  kt::codec::low_rank::config config{};
+  config.source = kt::codec::basis_source::sequence;
+  config.max_rank = dim / 4;
+  kt::testing::low_rank_fit_bounds::settings settings;
+  settings.heads = heads, settings.head_dim = dim, settings.stored_rank = config.stored_rank(dim);
+  settings.energy = config.energy, settings.update_freq = config.update_freq;
+  std::vector<std::int64_t> offsets{0};
+  std::vector<std::int32_t> chosen;
+  for (std::int64_t head = 0; head < heads; ++head) {
+    for (std::int64_t t = 0; t < tokens; ++t) chosen.push_back(static_cast<std::int32_t>(t));
+    offsets.push_back(static_cast<std::int64_t>(chosen.size()));
+  }
+  device_buffer<std::int64_t> device_offsets(offsets);
+  device_buffer<std::int32_t> device_chosen(chosen);
+  const kt::selection_view<kt::device_space> selection{device_offsets.data(), device_chosen.data(), heads};
+  kt::compact_args args;
+  args.start_position = 3;
+
+  // One cache's inputs, its CPU compaction, and the bounds' record of the rows it fitted.
+  struct cache_case {
+    kt::testing::host_tensor<kt::half, 4> keys, values;
+    std::unique_ptr<host_block> block;
+    host_view cpu;
+    std::unique_ptr<sequence_run> run;
+    held_tokens held;
+  };
+  const auto make_case = [&](std::uint64_t seed) {
+    cache_case k{kt::testing::make_tensor<kt::half, 4>({batch, shape.kv_heads, tokens, dim}),
+                 kt::testing::make_tensor<kt::half, 4>({batch, shape.kv_heads, tokens, dim}), nullptr, {}, nullptr, {}};
+    k.run = std::make_unique<sequence_run>(dim, settings, 0);
+    const kt::testing::low_rank_sequence_rows rows(dim, 0, seed);
+    for (std::int64_t head = 0; head < heads; ++head) {
+      const std::int64_t b = head / shape.kv_heads, h = head % shape.kv_heads;
+      for (int kind = 0; kind < 2; ++kind) {
+        const std::vector<float> kept = rows.kept_rows(head, kind, tokens);
+        std::vector<float> fitted(kept.size());
+        for (std::int64_t t = 0; t < tokens; ++t)
+          for (std::int64_t d = 0; d < dim; ++d) {
+            kt::half& x = (kind == 0 ? k.keys : k.values)(b, h, t, d);
+            x = kt::half(kept[static_cast<std::size_t>(t * dim + d)]);
+            fitted[static_cast<std::size_t>(t * dim + d)] = kt::to_float(x);
+          }
+        k.run->bounds.compacted(head, kind, fitted, tokens);
+      }
+    }
+    k.block = std::make_unique<host_block>(host_view::bytes(shape, batch, pool, config));
+    k.cpu = host_view::bind(k.block->data, shape, batch, pool, config);
+    return k;
+  };
+  cache_case a = make_case(31), b = make_case(32);
+  // The device blocks start as the CPU's bound bytes (the harness's convention), before its compaction.
+  const auto upload = [&](const cache_case& k) {
+    auto memory = std::make_unique<device_buffer<std::byte>>(k.block->bytes);
+    kt::testing::check(cudaMemcpy(memory->data(), k.block->data, k.block->bytes, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
+    return memory;
+  };
+  const auto a_alone = upload(a), b_alone = upload(b), a_together = upload(a), b_together = upload(b);
+  for (cache_case* k : {&a, &b}) {
+    kt::implementation<kt::layout::paged, kt::backend::cpu>::compact(
+        k->cpu, k->keys.cview(), k->values.cview(), kt::selection_view<kt::host_space>{offsets.data(), chosen.data(), heads},
+        args, {});
+    for (std::int64_t head = 0; head < heads; ++head) {
+      const std::int64_t bb = head / shape.kv_heads, h = head % shape.kv_heads;
+      k->held.slots.emplace_back(), k->held.positions.emplace_back();
+      for (std::int64_t i = 0; i < k->cpu.head_length(bb, h); ++i) {
+        k->held.slots.back().push_back(k->cpu.slot(bb, h, i));
+        k->held.positions.back().push_back(k->cpu.positions.slot_position[k->cpu.slot(bb, h, i)]);
+      }
+    }
+  }
+  device_tensor<kt::half, 4> a_keys(a.keys), a_values(a.values), b_keys(b.keys), b_values(b.values);
+  const auto compact = [&](const device_buffer<std::byte>& memory, const device_tensor<kt::half, 4>& keys,
+                           const device_tensor<kt::half, 4>& values, cudaStream_t stream) {
+    device_view gpu = device_view::bind(memory.data(), shape, batch, pool, config);
+    kt::implementation<kt::layout::paged, kt::backend::cuda>::compact(
+        gpu, kt::detail::as_const(keys.view), kt::detail::as_const(values.view), selection, args, stream);
+  };
+  cudaStream_t first = nullptr, second = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&first, cudaStreamNonBlocking), cudaSuccess);
+  ASSERT_EQ(cudaStreamCreateWithFlags(&second, cudaStreamNonBlocking), cudaSuccess);
+  // Alone: one at a time on one stream.
+  compact(*a_alone, a_keys, a_values, first);
+  ASSERT_EQ(cudaStreamSynchronize(first), cudaSuccess);
+  compact(*b_alone, b_keys, b_values, first);
+  ASSERT_EQ(cudaStreamSynchronize(first), cudaSuccess);
+  // Together: back to back on two streams, no synchronisation between.
+  compact(*a_together, a_keys, a_values, first);
+  compact(*b_together, b_keys, b_values, second);
+  ASSERT_EQ(cudaStreamSynchronize(first), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(second), cudaSuccess);
+  cudaStreamDestroy(first), cudaStreamDestroy(second);
+
+  const double slack = sequence_slack(dim, settings.stored_rank);
+  const std::int64_t r_max = settings.stored_rank;
+  const struct {
+    const char* name;
+    cache_case* k;
+    const device_buffer<std::byte>* alone;
+    const device_buffer<std::byte>* together;
+  } pairs[] = {{"cache A (first stream)", &a, a_alone.get(), a_together.get()},
+               {"cache B (second stream)", &b, b_alone.get(), b_together.get()}};
+  for (const auto& pair : pairs) {
+    SCOPED_TRACE(pair.name);
+    cache_case& k = *pair.k;
+    std::vector<std::byte> alone = kt::testing::download_bytes(pair.alone->data(), k.block->bytes);
+    std::vector<std::byte> together = kt::testing::download_bytes(pair.together->data(), k.block->bytes);
+    // Every byte but the bases and the coefficients, exactly.
+    const std::vector<storage_range> ranges = ranges_of(k.cpu.storage, k.block->data);
+    std::vector<char> fitted(k.block->bytes, 0);
+    for (const storage_range& range : ranges)
+      if (std::string_view(range.name).ends_with("_bases") || std::string_view(range.name).ends_with("_coefficients"))
+        std::fill_n(fitted.begin() + range.offset, range.bytes, char{1});
+    std::int64_t differing = 0, first_difference = -1;
+    for (std::size_t i = 0; i < alone.size(); ++i)
+      if (fitted[i] == 0 && alone[i] != together[i] && differing++ == 0) first_difference = static_cast<std::int64_t>(i);
+    std::string where = "the layout's tables, positions or status";
+    for (const storage_range& range : ranges)
+      if (first_difference >= range.offset && first_difference < range.offset + static_cast<std::ptrdiff_t>(range.bytes))
+        where = range.name;
+    EXPECT_EQ(differing, 0) << "bytes outside the bases and coefficients differ from the compaction alone; the first at "
+                            << first_difference << " (" << where << ")";
+    const low_rank_store alone_store = rebased(k.cpu.storage, k.block->data, alone.data());
+    const low_rank_store together_store = rebased(k.cpu.storage, k.block->data, together.data());
+    // Against the CPU, as the harness compares (its replay also gives the compaction's tolerance).
+    expect_sequence_storage_matches(k.cpu.storage, together_store, k.held, *k.run);
+    for (std::int64_t head = 0; head < heads; ++head) {
+      double distance[2] = {0.0, 0.0};
+      std::int64_t rank[2] = {0, 0};
+      bool same_ranks = true;
+      for (int kind = 0; kind < 2; ++kind) {
+        const char* name = kind == 0 ? "key" : "value";
+        const float* cpu_basis = (kind == 0 ? k.cpu.storage.key_bases : k.cpu.storage.value_bases) + head * dim * r_max;
+        const std::int64_t cpu_rank = (kind == 0 ? k.cpu.storage.key_ranks : k.cpu.storage.value_ranks)[head];
+        rank[kind] = (kind == 0 ? together_store.key_ranks : together_store.value_ranks)[head];
+        const std::int64_t alone_rank = (kind == 0 ? alone_store.key_ranks : alone_store.value_ranks)[head];
+        EXPECT_EQ(rank[kind], alone_rank) << name << " rank of head " << head;
+        if (rank[kind] != alone_rank || rank[kind] < 0 || rank[kind] > r_max) {
+          same_ranks = false;
+          continue;
+        }
+        const auto& prefixes = k.run->bounds.replay(head, kind, cpu_basis, cpu_rank, k.run->premises);
+        if (prefixes.empty() || prefixes.back().rank != rank[kind]) continue;  // a premise or a rank: reported
+        const double tolerance = 2.0 * prefixes.back().tolerance + slack;
+        const double measured = basis_distance(
+            (kind == 0 ? alone_store.key_bases : alone_store.value_bases) + head * dim * r_max,
+            (kind == 0 ? together_store.key_bases : together_store.value_bases) + head * dim * r_max, dim, r_max, rank[kind]);
+        EXPECT_LE(measured, tolerance) << name << " subspace of head " << head
+                                       << ": ‖U_alone U_aloneᵀ − U_together U_togetherᵀ‖₂";
+        distance[kind] = std::min(measured, tolerance);
+      }
+      if (!same_ranks) continue;
+      std::array<float, kt::max_head_dim> key_alone{}, key_together{}, value_alone{}, value_together{};
+      std::int64_t failures = 0;
+      for (std::size_t i = 0; i < k.held.slots[static_cast<std::size_t>(head)].size() && failures < 4; ++i) {
+        const std::int64_t slot = k.held.slots[static_cast<std::size_t>(head)][i];
+        const std::int32_t position = k.held.positions[static_cast<std::size_t>(head)][i];
+        kt::codec::low_rank::load_key(alone_store, head, slot, position, key_alone.data());
+        kt::codec::low_rank::load_key(together_store, head, slot, position, key_together.data());
+        kt::codec::low_rank::load_value(alone_store, head, slot, value_alone.data());
+        kt::codec::low_rank::load_value(together_store, head, slot, value_together.data());
+        const auto check = [&](const char* name, const float* x, const float* y, double bound) {
+          double sum = 0.0;
+          for (std::int64_t d = 0; d < dim; ++d) sum += (static_cast<double>(x[d]) - y[d]) * (static_cast<double>(x[d]) - y[d]);
+          if (std::sqrt(sum) > bound && ++failures <= 4)
+            ADD_FAILURE() << name << " of head " << head << " token " << i << ": ‖alone − together‖₂ = " << std::sqrt(sum)
+                          << " > " << bound;
+        };
+        const auto coefficients = [&](const low_rank_store& st, int kind) {
+          return coefficient_norm((kind == 0 ? st.key_coefficients : st.value_coefficients) + slot * r_max, rank[kind]);
+        };
+        check("lifted key", key_alone.data(), key_together.data(),
+              lifted_row_bound(distance[0], k.run->bounds.largest_row(head, 0), coefficients(alone_store, 0),
+                               coefficients(together_store, 0), rank[0], dim, 0.0));
+        check("lifted value", value_alone.data(), value_together.data(),
+              lifted_row_bound(distance[1], k.run->bounds.largest_row(head, 1), coefficients(alone_store, 1),
+                               coefficients(together_store, 1), rank[1], dim, 0.0));
+      }
+    }
+    for (; k.run->reported < k.run->premises.size(); ++k.run->reported)
+      ADD_FAILURE() << "the test's data misses its premise (a test error, not the device's): "
+                    << k.run->premises[k.run->reported];
+  }
 }
 
 // ---- memory: kvtrim::stats counts what a device cache allocates --------------

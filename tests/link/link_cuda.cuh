@@ -61,8 +61,52 @@ std::int64_t compress_and_append() {
   return *cache.view().length;
 }
 
+/// codec::low_rank with sequence bases (the codec's default: fitted on the device by cuSOLVER at compaction,
+/// refreshed by a kernel at append): compress_and_append's scheme over rows that all equal 1.0586 (bytes
+/// 0x3c, so every fit has rank 1). What the caller needs to check that the fit ran and that the cuSOLVER
+/// solver is one object per thread in the whole program: low_rank_solver::current is an inline function
+/// whose thread_local map is a static of that function — one per program, whichever TU calls it (a copy
+/// per TU would create a second handle and buffer, and the cross-stream event ordering would break).
+struct low_rank_fit_seen {
+  std::int64_t length = 0;               // tokens per head after compress + append
+  std::int32_t key_rank = -1;            // head 0's fitted key rank (1)
+  const void* solver = nullptr;          // &low_rank_solver::current(): the calling thread's solver
+  const void* handle = nullptr;          // its cusolverDnHandle_t
+};
+
+inline low_rank_fit_seen low_rank_sequence_fit() {
+  using scheme = streaming<kt::codec::low_rank>;
+  typename scheme::config cfg;
+  cfg.budget.keep = kt::keep_tokens{keep};
+  auto cache = scheme::make_cache(shape, batch, keep + appended, kt::codec::low_rank::config{});
+  const std::array<std::int64_t, 4> extents{batch, shape.kv_heads, tokens, shape.head_dim};
+  const std::array<std::int64_t, 4> new_extents{batch, shape.kv_heads, appended, shape.head_dim};
+  const std::size_t rows = static_cast<std::size_t>(batch * shape.kv_heads * tokens * shape.head_dim);
+  device_bytes keys(rows * sizeof(kt::half)), values(rows * sizeof(kt::half));
+  kt::detail::check_cuda(cudaMemset(keys.data, 0x3c, rows * sizeof(kt::half)), "link test", "cudaMemset");
+  kt::detail::check_cuda(cudaMemset(values.data, 0x3c, rows * sizeof(kt::half)), "link test", "cudaMemset");
+  device_bytes scratch(scheme::compress_workspace(shape, batch, tokens, cfg));
+  scheme::compress(kt::make_view<kt::device_space>(static_cast<kt::half*>(keys.data), extents),
+                   kt::make_view<kt::device_space>(static_cast<kt::half*>(values.data), extents), cache.view(), cfg,
+                   kt::workspace{scratch.data, scheme::compress_workspace(shape, batch, tokens, cfg)});
+  scheme::append(cache.view(), kt::make_view<kt::device_space>(static_cast<kt::half*>(keys.data), new_extents),
+                 kt::make_view<kt::device_space>(static_cast<kt::half*>(values.data), new_extents));
+  kt::detail::check_cuda(cudaDeviceSynchronize(), "link test", "cudaDeviceSynchronize");
+  low_rank_fit_seen seen;
+  seen.length = *cache.view().length;
+  kt::detail::check_cuda(cudaMemcpy(&seen.key_rank, cache.view().storage.key_ranks, sizeof seen.key_rank,
+                                    cudaMemcpyDeviceToHost),
+                         "link test", "cudaMemcpy(key_ranks)");
+  kt::cuda_detail::low_rank_solver& solver = kt::cuda_detail::low_rank_solver::current("link test");
+  seen.solver = &solver;
+  seen.handle = static_cast<const void*>(solver.handle());
+  return seen;
+}
+
 std::int64_t fp16_in_a();   // link_cuda_a.cu
 std::int64_t fp16_in_b();   // link_cuda_b.cu
 std::int64_t bf16_in_b();   // link_cuda_b.cu: a second combination (fp32 rows stored as bf16)
+low_rank_fit_seen low_rank_in_a();  // link_cuda_a.cu
+low_rank_fit_seen low_rank_in_b();  // link_cuda_b.cu
 
 }  // namespace link_test

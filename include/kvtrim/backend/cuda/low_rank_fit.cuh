@@ -463,6 +463,13 @@ __device__ inline void low_rank_jacobi(double* gram, double* vectors, int m, dou
   for (int i = threadIdx.x; i < m * m; i += blockDim.x) vectors[i] = (i / m == i % m) ? 1.0 : 0.0;
   __shared__ int rotation_p[16], rotation_q[16];
   __shared__ double rotation_c[16], rotation_s[16];
+  // Rotation k on one pair of entries (rows p, q of a column, or columns p, q of a row): (x_p, x_q) ←
+  // (c·x_p − s·x_q, s·x_p + c·x_q).
+  const auto rotate = [&](double* p, double* q, int k) {
+    const double c = rotation_c[k], s = rotation_s[k], xp = *p, xq = *q;
+    *p = c * xp - s * xq;
+    *q = s * xp + c * xq;
+  };
   for (int sweep = 0; sweep < 30; ++sweep) {
     __syncthreads();
     double off = 0.0, diagonal = 0.0;
@@ -500,24 +507,14 @@ __device__ inline void low_rank_jacobi(double* gram, double* vectors, int m, dou
       // Rows: G ← JᵀG (rows p and q of every pair; pairs are disjoint).
       for (int i = threadIdx.x; i < (m / 2) * m; i += blockDim.x) {
         const int k = i / m, column = i % m;
-        const int p = rotation_p[k], q = rotation_q[k];
-        const double c = rotation_c[k], s = rotation_s[k];
-        const double gp = gram[p * m + column], gq = gram[q * m + column];
-        gram[p * m + column] = c * gp - s * gq;
-        gram[q * m + column] = s * gp + c * gq;
+        rotate(gram + rotation_p[k] * m + column, gram + rotation_q[k] * m + column, k);
       }
       __syncthreads();
       // Columns: G ← GJ, and the vectors V ← VJ.
       for (int i = threadIdx.x; i < (m / 2) * m; i += blockDim.x) {
         const int k = i / m, row = i % m;
-        const int p = rotation_p[k], q = rotation_q[k];
-        const double c = rotation_c[k], s = rotation_s[k];
-        const double gp = gram[row * m + p], gq = gram[row * m + q];
-        gram[row * m + p] = c * gp - s * gq;
-        gram[row * m + q] = s * gp + c * gq;
-        const double vp = vectors[row * m + p], vq = vectors[row * m + q];
-        vectors[row * m + p] = c * vp - s * vq;
-        vectors[row * m + q] = s * vp + c * vq;
+        rotate(gram + row * m + rotation_p[k], gram + row * m + rotation_q[k], k);
+        rotate(vectors + row * m + rotation_p[k], vectors + row * m + rotation_q[k], k);
       }
     }
   }
@@ -693,9 +690,13 @@ __device__ inline void low_rank_project_row(const codec::low_rank::storage<devic
 }
 
 /// Append to a sequence-basis cache with refreshes (update_freq > 0): one block per head, its rows in order,
-/// as codec::low_rank::encode does token by token — project with the current bases; past the compaction's
-/// rows, remember the row (slot, fp32 key and value) in the pending buffer; when it holds update_freq rows,
-/// extend both bases (low_rank_extend) and encode the pending rows again.
+/// as codec::low_rank::encode does token by token — project with the current bases, remember the row (slot,
+/// fp32 key and value) in the pending buffer; when it holds update_freq rows, extend both bases
+/// (low_rank_extend) and encode the pending rows again. The CPU's encode first counts compaction_left down
+/// (rows of the compaction the basis was fitted to); on the device that count is 0 whenever update_freq > 0:
+/// its only writers are low_rank_reset (0) and the compaction's encode (0 with refreshes: every kept row was
+/// encoded by it; a CPU cache's bytes hold 0 too after every call, its compaction counting its own rows
+/// down), so an append never meets a row of the compaction and does not read the count.
 template <class View, class InT>
 __global__ void __launch_bounds__(low_rank_refresh_threads)
     low_rank_append_refreshing(const __grid_constant__ codec_write<View, InT> w) {
@@ -706,7 +707,7 @@ __global__ void __launch_bounds__(low_rank_refresh_threads)
   const low_rank_refresh_layout layout(n, dim, store.stored_rank);
   auto* key = reinterpret_cast<float*>(refresh_shared + layout.staged);
   float* value = key + dim;
-  __shared__ std::int64_t slot_shared, left_shared, pending_shared;
+  __shared__ std::int64_t slot_shared, pending_shared;
   KVTRIM_FOR_EACH_WRITTEN_HEAD(w, head) {
     const std::int64_t rows = rows_of(w, head), first = first_of(w, head);
     const head_coordinates coordinates = coordinates_of(w, head);
@@ -721,16 +722,11 @@ __global__ void __launch_bounds__(low_rank_refresh_threads)
         const std::int64_t slot = w.cache.slot(coordinates.b, coordinates.h, first + r);
         w.cache.positions.slot_position[slot] = static_cast<std::int32_t>(position_of_row(w, head, r, coordinates));
         slot_shared = slot;
-        left_shared = store.compaction_left[head];
         pending_shared = store.pending_counts[head];
       }
       __syncthreads();
       const std::int64_t slot = slot_shared;
       low_rank_project_row(store, head, slot, key, value);
-      if (left_shared > 0) {  // part of the compaction its basis was fitted to
-        if (threadIdx.x == 0) store.compaction_left[head] = left_shared - 1;
-        continue;
-      }
       const std::int64_t at = head * n + pending_shared;
       for (std::int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
         store.pending_keys[at * dim + d] = key[d];
