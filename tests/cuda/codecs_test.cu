@@ -1504,7 +1504,10 @@ struct harness {
       else
         return pool().slots;
     }();
-    ASSERT_GT(heads * tokens, capacity) << "the test's selection was meant to overflow the pool";
+    // Cases whose pool holds every input token (the longer appends' headroom: uf1, the one-token-a-call
+    // uf32 case, the rank-deficient rows) cannot be overflowed by a selection of input tokens; they keep
+    // the NaN refusal above. The others (most paged and flat cases) run this one.
+    if (heads * tokens <= capacity) return;
     std::string cpu_message;
     try {
       // The CPU's cache itself (a view: the same block): it refuses before writing, its strong guarantee, so
