@@ -69,6 +69,19 @@ __device__ __forceinline__ void copy_async16(void* shared_destination, const voi
   asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(destination),
                "l"(global_source), "r"(bytes), "l"(policy));
 }
+/// A whole 16-byte copy at immediate offsets from two base addresses (no source size: nothing
+/// zero-filled), so that a thread's copies of one tile need no address arithmetic
+/// (kv_tile_stream::issue_affine); `policy`: with an L2 eviction-priority policy.
+template <int SharedOffset, long long GlobalOffset>
+__device__ __forceinline__ void copy_async16_at(unsigned shared_base, const void* global_base) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0+%2], [%1+%3], 16;\n" ::"r"(shared_base), "l"(global_base),
+               "n"(SharedOffset), "n"(GlobalOffset));
+}
+template <int SharedOffset, long long GlobalOffset>
+__device__ __forceinline__ void copy_async16_at(unsigned shared_base, const void* global_base, std::uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0+%2], [%1+%3], 16, 16, %4;\n" ::"r"(shared_base),
+               "l"(global_base), "n"(SharedOffset), "n"(GlobalOffset), "l"(policy));
+}
 /// 4-byte asynchronous copy (through L1: .cg takes only 16 bytes); `bytes` = 0 zero-fills.
 __device__ __forceinline__ void copy_async4(void* shared_destination, const void* global_source, int bytes) {
   const auto destination = static_cast<unsigned>(__cvta_generic_to_shared(shared_destination));
