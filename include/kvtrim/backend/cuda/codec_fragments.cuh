@@ -12,8 +12,8 @@
 //        bringing the row's largest |q'_d| to [2^8, 2^9) so no channel leaves
 //        fp16's normal range), and s_t = 2^-e·(q'·c̄_t) + Σ_d q_d z_d: the run's
 //        zero points are one constant per query head. A warp's 16 tokens are
-//        one run: tiles start at a multiple of 16 tokens (tokens before the
-//        segment are read and masked) and runs are multiples of 16 slots
+//        one run: tiles start at a multiple of a warp's step of 32 tokens
+//        (tokens before the segment are read and masked) and runs are multiples of 16 slots
 //        (host dispatch; other runs take the dequantize-tile path). The
 //        filling group's keys are fp16 in the head's residual window: its
 //        blocks (the last length − residual_count tokens, whole groups) read

@@ -718,9 +718,11 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, H
                                          std::int64_t partial_index) {
     const auto rows = head_rows(cache, head, params.page_shift);
     const std::int64_t b = head / cache.shape.kv_heads, h = head % cache.shape.kv_heads;
-    // Fragments: tiles start at a multiple of 16 tokens, so that a warp's 16 tokens are one KIVI
-    // run; the tokens before `begin` are read and masked.
-    const std::int64_t first = Fragments ? begin & ~std::int64_t{15} : begin;
+    // Fragments: tiles start at a multiple of a warp's step (16 · sub_blocks tokens), so that a
+    // warp's 16-token blocks are whole KIVI runs and, for runs of 32 or more, both blocks of a step
+    // are one run (its query is scaled once: ncu at W saw 44 % of steps scaling twice with tiles
+    // at multiples of 16 — a partition cut at 16 mod 32); the tokens before `begin` are read and masked.
+    const std::int64_t first = Fragments ? begin & ~std::int64_t{16 * geometry::sub_blocks - 1} : begin;
     const auto in_segment = [&](std::int64_t token) { return (!Fragments || token >= begin) && token < end; };
     side_type side{};
     [[maybe_unused]] decoder fragments;
