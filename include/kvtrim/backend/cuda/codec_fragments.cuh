@@ -12,8 +12,8 @@
 //        bringing the row's largest |q'_d| to [2^8, 2^9) so no channel leaves
 //        fp16's normal range), and s_t = 2^-e·(q'·c̄_t) + Σ_d q_d z_d: the run's
 //        zero points are one constant per query head. A warp's 16 tokens are
-//        one run: tiles start at a multiple of 16 tokens (tokens before the
-//        segment are read and masked) and runs are multiples of 16 slots
+//        one run: tiles start at a multiple of a warp's step of 32 tokens
+//        (tokens before the segment are read and masked) and runs are multiples of 16 slots
 //        (host dispatch; other runs take the dequantize-tile path). The
 //        filling group's keys are fp16 in the head's residual window: its
 //        blocks (the last length − residual_count tokens, whole groups) read
@@ -68,6 +68,19 @@ __device__ __forceinline__ void copy_async16(void* shared_destination, const voi
   const auto destination = static_cast<unsigned>(__cvta_generic_to_shared(shared_destination));
   asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(destination),
                "l"(global_source), "r"(bytes), "l"(policy));
+}
+/// A whole 16-byte copy at immediate offsets from two base addresses (no source size: nothing
+/// zero-filled), so that a thread's copies of one tile need no address arithmetic
+/// (kv_tile_stream::issue_affine); `policy`: with an L2 eviction-priority policy.
+template <int SharedOffset, long long GlobalOffset>
+__device__ __forceinline__ void copy_async16_at(unsigned shared_base, const void* global_base) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0+%2], [%1+%3], 16;\n" ::"r"(shared_base), "l"(global_base),
+               "n"(SharedOffset), "n"(GlobalOffset));
+}
+template <int SharedOffset, long long GlobalOffset>
+__device__ __forceinline__ void copy_async16_at(unsigned shared_base, const void* global_base, std::uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0+%2], [%1+%3], 16, 16, %4;\n" ::"r"(shared_base),
+               "l"(global_base), "n"(SharedOffset), "n"(GlobalOffset), "l"(policy));
 }
 /// 4-byte asynchronous copy (through L1: .cg takes only 16 bytes); `bytes` = 0 zero-fills.
 __device__ __forceinline__ void copy_async4(void* shared_destination, const void* global_source, int bytes) {

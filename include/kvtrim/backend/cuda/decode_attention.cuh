@@ -150,8 +150,63 @@ struct kv_tile_stream {
     }
     side.resolve(rows, first, end);
   }
-  /// Issues the copies of `tile` (resolved before), then resolves the next one.
+  /// Affine rows (contiguous, flat: slot = base + token·stride) of stride 1, whole chunks per
+  /// thread in every round of rows: a thread's chunks of a tile lie at fixed distances from its
+  /// first one, in global and in shared memory alike, so a whole tile's copies are two addresses
+  /// and immediate offsets. ncu at W (fp8, 2026-12-04): the generic path spends ~300 of ~830 warp
+  /// instructions per tile on per-chunk slots, bounds, zero-fill sizes and both policy forms of
+  /// every copy. Measured (docs/results.md, 2026-12-04): int8 / int4 KIVI decode 4–6 % faster,
+  /// fp16 / fp8 unchanged (not issue-bound); the same whole-tile form for paged tiles (slots
+  /// still resolved per row) made paged decode 1–5 % slower, so paged keeps the generic path.
+  static constexpr bool affine_copies = requires { Rows::affine; } && even && Threads % chunks_per_row == 0;
+  static constexpr int rows_per_round = Threads / chunks_per_row;  // rows one round of chunks covers
+
+  /// Whether `tile` can be copied by issue_affine: stride-1 rows, every row of it before `end`.
+  __device__ __forceinline__ bool affine_tile(int tile) const {
+    if constexpr (affine_copies)
+      return rows.stride == 1 && first_token(tile) + TileTokens <= end;
+    else
+      return false;
+  }
+  /// The copies of a whole stride-1 tile: two base addresses, then every chunk at immediate offsets.
+  template <bool Hinted>
+  __device__ __forceinline__ void issue_affine(int tile) {
+    const int row = threadIdx.x / chunks_per_row, column = (threadIdx.x % chunks_per_row) * chunk_elements;
+    const std::int64_t offset = (rows.slot(first_token(tile)) + row) * HeadDim + column;
+    const unsigned key_destination = static_cast<unsigned>(
+        __cvta_generic_to_shared(tiles + (tile % Stages) * 2 * tile_elements + row * RowStride + column));
+    const StoreT* key_source = keys + offset;
+    const StoreT* value_source = values + offset;
+    [&]<int... k>(std::integer_sequence<int, k...>) {
+      constexpr long long global_step = std::int64_t{rows_per_round} * HeadDim * sizeof(StoreT);
+      constexpr int shared_step = rows_per_round * RowStride * static_cast<int>(sizeof(StoreT));
+      constexpr int value_tile = tile_elements * static_cast<int>(sizeof(StoreT));
+      if constexpr (Hinted) {
+        (copy_async16_at<k * shared_step, k * global_step>(key_destination, key_source, hint.policy), ...);
+        (copy_async16_at<value_tile + k * shared_step, k * global_step>(key_destination, value_source, hint.policy),
+         ...);
+      } else {
+        (copy_async16_at<k * shared_step, k * global_step>(key_destination, key_source), ...);
+        (copy_async16_at<value_tile + k * shared_step, k * global_step>(key_destination, value_source), ...);
+      }
+    }(std::make_integer_sequence<int, chunks_per_thread>{});
+  }
+
+  /// Issues the copies of `tile` (resolved before), then resolves the next one. Affine rows
+  /// resolve nothing ahead: whole tiles need no slots, the last one resolves when issued.
   __device__ __forceinline__ void issue(int tile) {
+    if constexpr (affine_copies) {
+      if (affine_tile(tile)) {
+        if (hint.evict_first)
+          issue_affine<true>(tile);
+        else
+          issue_affine<false>(tile);
+        side.resolve(rows, first_token(tile), end);
+        side.issue(side_tile(tile));
+        return;
+      }
+      resolve(tile);
+    }
     StoreT* key_destination = tiles + (tile % Stages) * 2 * tile_elements;
     StoreT* value_destination = key_destination + tile_elements;
 #pragma unroll
@@ -169,11 +224,11 @@ struct kv_tile_stream {
       }
     }
     side.issue(side_tile(tile));
-    if (tile + 1 < tile_count) resolve(tile + 1);
+    if (!affine_copies && tile + 1 < tile_count) resolve(tile + 1);
   }
   /// Requests the first Stages − 1 tiles (empty groups keep the group count uniform).
   __device__ __forceinline__ void start() {
-    if (tile_count > 0) resolve(0);
+    if (!affine_copies && tile_count > 0) resolve(0);
 #pragma unroll
     for (int tile = 0; tile < Stages - 1; ++tile) {
       if (tile < tile_count) issue(tile);
@@ -663,9 +718,11 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, H
                                          std::int64_t partial_index) {
     const auto rows = head_rows(cache, head, params.page_shift);
     const std::int64_t b = head / cache.shape.kv_heads, h = head % cache.shape.kv_heads;
-    // Fragments: tiles start at a multiple of 16 tokens, so that a warp's 16 tokens are one KIVI
-    // run; the tokens before `begin` are read and masked.
-    const std::int64_t first = Fragments ? begin & ~std::int64_t{15} : begin;
+    // Fragments: tiles start at a multiple of a warp's step (16 · sub_blocks tokens), so that a
+    // warp's 16-token blocks are whole KIVI runs and, for runs of 32 or more, both blocks of a step
+    // are one run (its query is scaled once: ncu at W saw 44 % of steps scaling twice with tiles
+    // at multiples of 16 — a partition cut at 16 mod 32); the tokens before `begin` are read and masked.
+    const std::int64_t first = Fragments ? begin & ~std::int64_t{16 * geometry::sub_blocks - 1} : begin;
     const auto in_segment = [&](std::int64_t token) { return (!Fragments || token >= begin) && token < end; };
     side_type side{};
     [[maybe_unused]] decoder fragments;

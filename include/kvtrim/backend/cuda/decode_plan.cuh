@@ -98,6 +98,9 @@ void launch_dependent(void (*kernel)(Parameters...), dim3 grid, dim3 block, std:
 
 /// Token i of a contiguous head: base + i·stride.
 struct strided_rows {
+  /// Slots are affine in the token (kv_tile_stream copies whole tiles of stride-1 rows by
+  /// immediate offsets from one address, with no per-row slot arithmetic).
+  static constexpr bool affine = true;
   std::int64_t base = 0;
   std::int64_t stride = 1;
   __device__ __forceinline__ std::int64_t slot(std::int64_t i) const { return base + i * stride; }
