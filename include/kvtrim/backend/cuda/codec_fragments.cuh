@@ -266,7 +266,10 @@ struct fragment_layout {
 
   /// B operands of P·V (output tiles × 2 registers) from the warp's 16 value rows
   /// (`rows`, `row_stride` bytes apart): tokens 2t, 2t + 1 (first register) and
-  /// 2t + 8, 2t + 9 (second) at channels value_channel(j, g).
+  /// 2t + 8, 2t + 9 (second) at channels value_channel(j, g). Subtract = false (integer
+  /// codes): the biased halves 1024 + code as they are, the bias subtracted once per row
+  /// from the output (fragment_decoder::zero_sum) instead of once per code.
+  template <bool Subtract = true>
   __device__ __forceinline__ static void value_fragments(const std::uint8_t* rows, int row_stride, int lane,
                                                          unsigned bias, unsigned (&b)[output_tiles][2]) {
     const int quad = lane % 4, column = lane / 4;
@@ -285,8 +288,9 @@ struct fragment_layout {
           const unsigned low = __byte_perm(first, second, 0x5410u), high = __byte_perm(first, second, 0x7632u);
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
-            b[8 * w + k][half] = subtract_halves(biased_nibbles(low, k), bias);
-            b[8 * w + 4 + k][half] = subtract_halves(biased_nibbles(high, k), bias);
+            b[8 * w + k][half] = Subtract ? subtract_halves(biased_nibbles(low, k), bias) : biased_nibbles(low, k);
+            b[8 * w + 4 + k][half] =
+                Subtract ? subtract_halves(biased_nibbles(high, k), bias) : biased_nibbles(high, k);
           }
         } else {
           // Channels 4w..4w + 3: bytes interleaved (first, second) pairwise.
@@ -295,10 +299,13 @@ struct fragment_layout {
             e4m3_pairs(low, b[4 * w][half], b[4 * w + 1][half]);
             e4m3_pairs(high, b[4 * w + 2][half], b[4 * w + 3][half]);
           } else {
-            b[4 * w][half] = subtract_halves(biased_halves(low, 0x4140u), bias);
-            b[4 * w + 1][half] = subtract_halves(biased_halves(low, 0x4342u), bias);
-            b[4 * w + 2][half] = subtract_halves(biased_halves(high, 0x4140u), bias);
-            b[4 * w + 3][half] = subtract_halves(biased_halves(high, 0x4342u), bias);
+            const auto convert = [&](unsigned word, unsigned selector) {
+              return Subtract ? subtract_halves(biased_halves(word, selector), bias) : biased_halves(word, selector);
+            };
+            b[4 * w][half] = convert(low, 0x4140u);
+            b[4 * w + 1][half] = convert(low, 0x4342u);
+            b[4 * w + 2][half] = convert(high, 0x4140u);
+            b[4 * w + 3][half] = convert(high, 0x4342u);
           }
         }
       }
@@ -359,9 +366,11 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
   std::int64_t head;
   std::int64_t sealed_end;
   unsigned bias;  // half2(1024 + code offset)
+  float value_bias;  // 1024 + code offset: the value operands are the biased halves (value_fragments<false>)
   float query[k_steps][row_blocks][4];  // this lane's query channels (key_offset order), × log2(e)/√D
   float query_sum[row_blocks];          // Σ_d q_d over the whole row (per-token key zero points)
   float value_zero_sum[row_blocks];     // Σ_t p_t z_t of this lane's tokens (rescaled with the softmax)
+  float weight_sum[row_blocks];         // Σ_t p'_t of this lane's fp16 weights (rescaled with the softmax)
   // The current warp block:
   bool residual = false;     // keys from the fp16 residual window (the filling group)
   float score_scale[row_blocks];
@@ -373,7 +382,8 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
                                        const QueryT* queries, std::int64_t head_stride, float query_scale, int lane) {
     store = store_, head = head_;
     sealed_end = store.key_group == 0 ? length : length - store.residual_count[head];
-    bias = repeat_half(1024.0f + (store.asymmetric ? 0.0f : static_cast<float>(quantizer::symmetric_offset)));
+    value_bias = 1024.0f + (store.asymmetric ? 0.0f : static_cast<float>(quantizer::symmetric_offset));
+    bias = repeat_half(value_bias);
     const int quad = lane % 4, head_row = lane / 4;
 #pragma unroll
     for (int rb = 0; rb < row_blocks; ++rb) {
@@ -393,6 +403,7 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
       query_sum[rb] = sum;
       value_zero_sum[rb] = 0.0f;
+      weight_sum[rb] = 0.0f;
     }
   }
 
@@ -519,23 +530,34 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
     }
     return fmaf(accumulator, score_scale[rb], score_offset[rb]);
   }
-  /// p' = p·s_t for the P·V product; Σ p z kept aside.
+  /// p' = p·s_t for the P·V product, rounded to the fp16 the product reads (the kernel's pack
+  /// keeps it exactly); Σ p' kept for the value bias, Σ p z aside.
+  /// The P·V product reads the biased codes 1024 + b = c̄ + β (β = 1024 + offset), so it sums
+  /// Σ p'(c̄ + β) = Σ p' c̄ + β Σ p': zero_sum subtracts β Σ p' once per row — one fp32 product in
+  /// place of a half2 subtraction per two codes (64 a warp step at head_dim 128). The
+  /// accumulator then carries β Σ p' ≈ 1151 Σ p' beside Σ p' c̄ (|c̄| ≤ 127): its fp32 rounding,
+  /// ~β·2⁻²⁴ of a step per addition, stays orders below the codec's half-step error.
   __device__ __forceinline__ float weight(float p, int rb, const float* side_tile, int index) {
     if (store.asymmetric) value_zero_sum[rb] = fmaf(p, side_tile[tile_tokens + index], value_zero_sum[rb]);
-    return p * side_tile[index];
+    const float scaled = __half2float(__float2half_rn(p * side_tile[index]));
+    weight_sum[rb] += scaled;
+    return scaled;
   }
-  __device__ __forceinline__ void rescale(int rb, float factor) { value_zero_sum[rb] *= factor; }
+  __device__ __forceinline__ void rescale(int rb, float factor) {
+    value_zero_sum[rb] *= factor;
+    weight_sum[rb] *= factor;
+  }
   /// The output of row block rb at a channel: the P·V accumulator plus Σ p z (this lane's part: summed over the quad).
   __device__ __forceinline__ float output(float accumulator, float zero_sum) const { return accumulator + zero_sum; }
   __device__ __forceinline__ float zero_sum(int rb) const {
-    float sum = value_zero_sum[rb];
+    float sum = fmaf(-value_bias, weight_sum[rb], value_zero_sum[rb]);
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     return sum;
   }
   __device__ __forceinline__ void values(const std::uint8_t* rows, int row_stride, int lane,
                                          unsigned (&b)[layout::output_tiles][2]) const {
-    layout::value_fragments(rows, row_stride, lane, bias, b);
+    layout::template value_fragments<false>(rows, row_stride, lane, bias, b);
   }
 };
 

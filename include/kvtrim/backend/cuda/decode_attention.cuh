@@ -90,7 +90,9 @@ struct kv_copy_hint {
 /// 16-byte chunks; the slots of its rows of the next tile are resolved (for
 /// paged caches: independent page-table loads, issued together) right after
 /// the current tile's copies are issued, so their latency hides behind the
-/// block's compute instead of delaying the next tile's copies. `Side`: per-tile
+/// block's compute instead of delaying the next tile's copies. Affine rows
+/// (contiguous, flat) resolve nothing ahead: whole stride-1 tiles are copied by
+/// immediate offsets (issue_affine), other tiles resolve when issued. `Side`: per-tile
 /// data a codec stages with the rows (codec_fragments.cuh: quantized_tile_side),
 /// after the K/V tiles of each stage.
 template <class StoreT, int HeadDim, int RowStride, int TileTokens, int Stages, int Threads, class Rows,
@@ -158,7 +160,7 @@ struct kv_tile_stream {
   /// every copy. Measured (docs/results.md, 2026-12-04): int8 / int4 KIVI decode 4–6 % faster,
   /// fp16 / fp8 unchanged (not issue-bound); the same whole-tile form for paged tiles (slots
   /// still resolved per row) made paged decode 1–5 % slower, so paged keeps the generic path.
-  static constexpr bool affine_copies = requires { Rows::affine; } && even && Threads % chunks_per_row == 0;
+  static constexpr bool affine_copies = requires { requires Rows::affine; } && even && Threads % chunks_per_row == 0;
   static constexpr int rows_per_round = Threads / chunks_per_row;  // rows one round of chunks covers
 
   /// Whether `tile` can be copied by issue_affine: stride-1 rows, every row of it before `end`.
@@ -180,14 +182,18 @@ struct kv_tile_stream {
     [&]<int... k>(std::integer_sequence<int, k...>) {
       constexpr long long global_step = std::int64_t{rows_per_round} * HeadDim * sizeof(StoreT);
       constexpr int shared_step = rows_per_round * RowStride * static_cast<int>(sizeof(StoreT));
-      constexpr int value_tile = tile_elements * static_cast<int>(sizeof(StoreT));
+      constexpr int values_at = tile_elements * static_cast<int>(sizeof(StoreT));  // the value tile, in bytes
+      static_assert(global_step % 16 == 0 && shared_step % 16 == 0 && values_at % 16 == 0 &&
+                        values_at + (chunks_per_thread - 1) * std::int64_t{shared_step} < (std::int64_t{1} << 30) &&
+                        (chunks_per_thread - 1) * global_step < (std::int64_t{1} << 30),
+                    "kv_tile_stream: whole-tile copies at 16-byte aligned immediate offsets within PTX's range");
       if constexpr (Hinted) {
         (copy_async16_at<k * shared_step, k * global_step>(key_destination, key_source, hint.policy), ...);
-        (copy_async16_at<value_tile + k * shared_step, k * global_step>(key_destination, value_source, hint.policy),
+        (copy_async16_at<values_at + k * shared_step, k * global_step>(key_destination, value_source, hint.policy),
          ...);
       } else {
         (copy_async16_at<k * shared_step, k * global_step>(key_destination, key_source), ...);
-        (copy_async16_at<value_tile + k * shared_step, k * global_step>(key_destination, value_source), ...);
+        (copy_async16_at<values_at + k * shared_step, k * global_step>(key_destination, value_source), ...);
       }
     }(std::make_integer_sequence<int, chunks_per_thread>{});
   }
@@ -668,7 +674,7 @@ struct tensor_core_side<CodecT, HeadDim, Group, true> {
 
 /// Fragments: quantized codes read straight into the mma operands (codec_fragments.cuh's
 /// fragment_decoder: scales folded into the query and the weights, tiles starting at a
-/// multiple of 16 tokens); otherwise 16-bit storage through ldmatrix, or code tiles
+/// multiple of a warp's 32-token step, up to 31 tokens before a segment read and masked); otherwise 16-bit storage through ldmatrix, or code tiles
 /// dequantized to fp16 tiles first (layered codecs, KIVI runs shorter than 16 slots, head_dim 256).
 /// Queries > 1: multi-query decode, up to Queries new tokens per sequence (params.queries_per_sequence of them).
 template <int HeadDim, int Group, class StoreT, class Params, bool Fragments = false, int Queries = 1>
