@@ -24,6 +24,7 @@
 #include <cstring>
 #include <memory>
 #include <numeric>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -46,6 +47,7 @@ struct decode_case {
   std::vector<std::int64_t> lengths;  // [batch · kv_heads] (contiguous: one length, repeated)
   bool compensation;                  // a compensation token with a logit bias in most heads (paged, flat)
   std::int64_t queries = 1;           // multi-query: new tokens per sequence (paged / flat heads may hold fewer: 1 ≤ L < n)
+  bool nhd = false;                   // contiguous only: the map is [batch, token, kv_head] (token_stride = kv_heads)
 };
 
 std::string name_of(const decode_case& c) {
@@ -54,7 +56,8 @@ std::string name_of(const decode_case& c) {
   for (std::size_t i = 0; i < c.lengths.size() && i < 4; ++i) lengths += kt::detail::cat("_", c.lengths[i]);
   return kt::detail::cat(layout, "_b", c.batch, "_kv", c.kv_heads, "_g", c.group, "_d", c.head_dim,
                          c.layout == layout_kind::paged ? kt::detail::cat("_p", c.page_size) : std::string{}, "_n",
-                         lengths, c.compensation ? "_bias" : "", c.queries > 1 ? kt::detail::cat("_q", c.queries) : "");
+                         lengths, c.compensation ? "_bias" : "", c.queries > 1 ? kt::detail::cat("_q", c.queries) : "",
+                         c.nhd ? "_nhd" : "");
 }
 
 /// The tokens of every head: rows [length, D], normal(0, 1), one seed per head.
@@ -97,10 +100,11 @@ struct harness {
   const decode_case& c;
   kt::model_shape shape;
   std::int64_t heads;
+  typename codec::config codec_config;  // how the cache is stored (an NHD int8 cache: per-token keys)
 
-  explicit harness(const decode_case& c_)
+  explicit harness(const decode_case& c_, typename codec::config codec_config_ = {})
       : c(c_), shape{.q_heads = c_.kv_heads * c_.group, .kv_heads = c_.kv_heads, .head_dim = c_.head_dim},
-        heads(c_.batch * c_.kv_heads) {}
+        heads(c_.batch * c_.kv_heads), codec_config(codec_config_) {}
 
   auto pool(std::int64_t extra) const {
     if constexpr (std::is_same_v<Layout, kt::layout::paged>) {
@@ -115,11 +119,42 @@ struct harness {
     }
   }
 
+  /// The map a contiguous view of `capacity` slots gets: heads-major as bound, or [batch, token, kv_head]
+  /// (token stride = kv_heads, head stride = 1: an engine's NHD cache) when the case asks for it.
+  void apply_map(auto& view, std::int64_t capacity) const {
+    if constexpr (std::is_same_v<Layout, kt::layout::contiguous>) {
+      if (c.nhd) {
+        // tokens_major assumes heads of exactly `capacity` slots (codecs with a slot run of 1)
+        if (kt::layout::contiguous::head_stride_for<codec>(capacity, codec_config) != capacity)
+          throw std::logic_error("decode_test: an NHD map needs a codec without slot runs");
+        view.map = kt::layout::contiguous::mapping::tokens_major(c.kv_heads, capacity);
+      }
+    } else {
+      (void)view, (void)capacity;
+      if (c.nhd) throw std::logic_error("decode_test: nhd is a contiguous-only case");
+    }
+  }
+
+  /// The same layout bound over the device copy of the cache's block (a contiguous view's one
+  /// length in the host int64 `host_length`, set to the case's length).
+  device_view bind_device(void* memory, std::int64_t* host_length) const {
+    if constexpr (std::is_same_v<Layout, kt::layout::contiguous>) {
+      device_view bound = device_view::bind_with_host_length(host_length, memory, shape, c.batch, pool(0), codec_config);
+      apply_map(bound, pool(0));
+      *host_length = c.lengths[0];
+      return bound;
+    } else {
+      (void)host_length;
+      return device_view::bind(memory, shape, c.batch, pool(0), codec_config);
+    }
+  }
+
   /// Builds the cache in `block` through the CPU backend: every head's tokens
   /// (its length, plus `extra_for_empty` for empty heads), appended in rounds.
   host_view build(host_block& block, const head_data<Element>& data, std::int64_t extra_for_empty) const {
-    host_view view = host_view::bind(block.data, shape, c.batch, pool(extra_for_empty));
+    host_view view = host_view::bind(block.data, shape, c.batch, pool(extra_for_empty), codec_config);
     if constexpr (std::is_same_v<Layout, kt::layout::contiguous>) {
+      apply_map(view, pool(extra_for_empty));
       const std::int64_t n = c.lengths[0];
       auto keys = kt::testing::make_tensor<Element, 4>({c.batch, c.kv_heads, n, c.head_dim});
       auto values = kt::testing::make_tensor<Element, 4>({c.batch, c.kv_heads, n, c.head_dim});
@@ -195,13 +230,13 @@ struct harness {
     const bool any_empty = std::any_of(c.lengths.begin(), c.lengths.end(), [&](std::int64_t n) { return n < n_queries; });
 
     // The cache the GPU reads, and the CPU's reference (over the same cache, or its twin with the empty heads filled).
-    const std::size_t bytes = host_view::bytes(shape, c.batch, pool(0));
+    const std::size_t bytes = host_view::bytes(shape, c.batch, pool(0), codec_config);
     host_block block(bytes);
     const host_view view = build(block, data, 0);
     std::unique_ptr<host_block> twin_block;
     host_view reference_view = view;
     if (any_empty) {
-      twin_block = std::make_unique<host_block>(host_view::bytes(shape, c.batch, pool(n_queries)));
+      twin_block = std::make_unique<host_block>(host_view::bytes(shape, c.batch, pool(n_queries), codec_config));
       reference_view = build(*twin_block, data, n_queries);
     }
     auto cpu_out = kt::testing::make_tensor<float, 4>({c.batch, n_queries, shape.q_heads, c.head_dim});
@@ -214,15 +249,7 @@ struct harness {
     device_buffer<std::byte> device_block(bytes);
     kt::testing::check(cudaMemcpy(device_block.data(), block.data, bytes, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
     std::int64_t host_length = 0;
-    const device_view gpu_view = [&] {
-      if constexpr (std::is_same_v<Layout, kt::layout::contiguous>) {
-        device_view bound = device_view::bind_with_host_length(&host_length, device_block.data(), shape, c.batch, pool(0));
-        host_length = c.lengths[0];
-        return bound;
-      } else {
-        return device_view::bind(device_block.data(), shape, c.batch, pool(0));
-      }
-    }();
+    const device_view gpu_view = bind_device(device_block.data(), &host_length);
     Layout::check("decode_test", gpu_view);
 
     kt::testing::device_tensor<Element, 4> device_queries(queries);
@@ -384,6 +411,165 @@ INSTANTIATE_TEST_SUITE_P(
         decode_case{L::flat, 4, 8, 4, 128, 0, {0, 1, 17, 255, 256, 257, 511, 513, 700, 1000, 3, 0, 2000, 129, 64, 65,
                                                4097, 10, 300, 30, 0, 1, 777, 7770, 250, 260, 100, 1000, 33, 333, 3333, 16},
                     true}),
+    [](const ::testing::TestParamInfo<decode_case>& info) {
+      return kt::detail::cat(name_of(info.param), "_", info.index);
+    });
+
+// review (a): contiguous caches whose map is [batch, token, kv_head] ("NHD": token stride = kv_heads,
+// head stride = 1), so kv_tile_stream's tiles have stride ≠ 1 and take the generic path; lengths 4097
+// and 300 (not multiples of 64 / 128: a partial last tile), GQA 1 (CUDA cores) and 8 / 16 (tensor cores).
+INSTANTIATE_TEST_SUITE_P(
+    NhdMap, DecodeAttention,
+    ::testing::Values(decode_case{L::contiguous, 2, 4, 1, 128, 0, {4097, 4097, 4097, 4097, 4097, 4097, 4097, 4097}, false, 1, true},
+                      decode_case{L::contiguous, 1, 2, 8, 128, 0, {4097, 4097}, false, 1, true},
+                      decode_case{L::contiguous, 1, 8, 1, 64, 0, {300, 300, 300, 300, 300, 300, 300, 300}, false, 1, true},
+                      decode_case{L::contiguous, 2, 2, 8, 64, 0, {300, 300, 300, 300}, false, 1, true},
+                      decode_case{L::contiguous, 1, 2, 16, 256, 0, {300, 300}, false, 1, true}),
+    [](const ::testing::TestParamInfo<decode_case>& info) {
+      return kt::detail::cat(name_of(info.param), "_", info.index);
+    });
+
+// int8 over an NHD contiguous map: KIVI key groups need token_stride 1 (layout::contiguous::check refuses
+// a map that splits a key group's slot run), so these caches scale keys per token (symmetric, slot run 1).
+// One query at GQA 8 reads the codes through the fragment decoder; GQA 1 (one query) the CUDA-core reader;
+// four queries at GQA 4 the dequantized fp16 tiles. Lengths 4097 and 300.
+class NhdDecodeCodecs : public ::testing::TestWithParam<decode_case> {};
+
+TEST_P(NhdDecodeCodecs, Int8PerTokenKeysMatchesCpuReference) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  SCOPED_TRACE(name_of(GetParam()));
+  kt::codec::int8::config per_token;
+  per_token.keys = kt::codec::key_scaling::per_token;
+  harness<kt::layout::contiguous, kt::half, kt::codec::int8>(GetParam(), per_token).run();
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    NhdMap, NhdDecodeCodecs,
+    ::testing::Values(decode_case{L::contiguous, 1, 2, 8, 128, 0, {4097, 4097}, false, 1, true},
+                      decode_case{L::contiguous, 2, 2, 8, 64, 0, {300, 300, 300, 300}, false, 1, true},
+                      decode_case{L::contiguous, 1, 4, 1, 128, 0, {300, 300, 300, 300}, false, 1, true},
+                      decode_case{L::contiguous, 1, 2, 4, 128, 0, {300, 300}, false, 4, true}),
+    [](const ::testing::TestParamInfo<decode_case>& info) {
+      return kt::detail::cat(name_of(info.param), "_", info.index);
+    });
+
+// review (b): decode_metric.stream_kv_evict_first (the K/V stream's cp.async with an L2 evict_first
+// cache-hint policy, issue_affine<true> on whole stride-1 tiles) changes where lines live in L2, never
+// what is read: the same decode with the eviction metric on, the hint off and on, gives bit-identical
+// outputs, metric logits and lse (decode attention's side output, called directly) and bit-identical
+// outputs and accumulated metric through eviction::attend (metric_l2_hints::kv_evict_first).
+template <class Layout>
+void evict_first_is_bit_identical(const decode_case& c) {
+  SCOPED_TRACE(name_of(c));
+  using element = kt::half;
+  const harness<Layout, element> h(c);
+  const head_data<element> data = make_heads<element>(c, 0);
+  const std::size_t bytes = harness<Layout, element>::host_view::bytes(h.shape, c.batch, h.pool(0));
+  host_block block(bytes);
+  h.build(block, data, 0);
+  device_buffer<std::byte> device_block(bytes);
+  kt::testing::check(cudaMemcpy(device_block.data(), block.data, bytes, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
+  std::int64_t host_length = 0;
+  const auto gpu_view = h.bind_device(device_block.data(), &host_length);
+  Layout::check("decode_test", gpu_view);
+
+  const std::int64_t q_heads = h.shape.q_heads, group = c.group;
+  auto queries = kt::testing::random_tensor<element, 3>({c.batch, q_heads, c.head_dim}, 7, 2.0f);
+  kt::testing::device_tensor<element, 3> device_queries(queries);
+  const kt::tensor_view<const element, 3, kt::device_space> query_view{device_queries.view.data, device_queries.view.extents,
+                                                                      device_queries.view.strides};
+  const std::array<std::int64_t, 3> out_extents{c.batch, q_heads, c.head_dim};
+  const std::size_t out_count = static_cast<std::size_t>(c.batch * q_heads * c.head_dim);
+  using attention = kt::implementation<kt::stage::decode_attention, kt::backend::cuda>;
+  const std::int64_t stride = kt::eviction::metric_logit_stride(gpu_view);
+  const std::int64_t slots = kt::detail::storage_slots(gpu_view.storage);
+  std::int64_t line = 0;  // the partition's line: every head's tokens, head after head
+  for (const std::int64_t n : c.lengths) line += n;
+  ASSERT_LE(line, stride);
+
+  struct result {
+    std::vector<float> out, logits, lse, eviction_out, metric;
+  };
+  const auto decode = [&](bool evict_first) {
+    result r;
+    cudaStream_t stream = nullptr;
+    kt::testing::check(cudaStreamCreate(&stream), "cudaStreamCreate");
+    {  // decode attention with the metric side output
+      device_buffer<float> out(out_count), logits(static_cast<std::size_t>(group * stride)),
+          lse(static_cast<std::size_t>(h.heads * group));
+      out.fill_bytes(0xff), logits.fill_bytes(0xff), lse.fill_bytes(0xff);  // NaN where nothing is written
+      device_buffer<std::byte> scratch(attention::workspace_bytes(gpu_view));
+      kt::cuda_detail::decode_metric side;
+      side.logits = logits.data();
+      side.lse = lse.data();
+      side.stride = stride;
+      side.stream_kv_evict_first = evict_first;
+      attention::attend(query_view, gpu_view, kt::make_view<kt::device_space>(out.data(), out_extents),
+                        {scratch.data(), scratch.size()}, stream, side);
+      kt::testing::check(cudaStreamSynchronize(stream), "decode attention");
+      r.out = out.download(), r.logits = logits.download(), r.lse = lse.download();
+    }
+    {  // eviction::attend: decode attention and the metric's accumulation
+      device_buffer<float> out(out_count), metric(static_cast<std::size_t>(slots));
+      out.fill_bytes(0xff), metric.fill_bytes(0);
+      const kt::eviction::metric_output<kt::device_space> output{metric.data(), slots};
+      device_buffer<std::byte> scratch(kt::eviction::attend_workspace(gpu_view, output));
+      kt::eviction::attend(query_view, gpu_view, kt::make_view<kt::device_space>(out.data(), out_extents), output,
+                           {scratch.data(), scratch.size()}, stream,
+                           kt::eviction::metric_l2_hints{.kv_evict_first = evict_first});
+      kt::testing::check(cudaStreamSynchronize(stream), "eviction::attend");
+      r.eviction_out = out.download(), r.metric = metric.download();
+    }
+    cudaStreamDestroy(stream);
+    return r;
+  };
+  const result plain = decode(false), hinted = decode(true);
+  const auto same_bits = [](const std::vector<float>& a, const std::vector<float>& b, const char* what) {
+    ASSERT_EQ(a.size(), b.size()) << what;
+    for (std::size_t i = 0; i < a.size(); ++i)
+      ASSERT_EQ(std::memcmp(&a[i], &b[i], sizeof(float)), 0)
+          << what << "[" << i << "]: " << a[i] << " without the hint, " << b[i] << " with it";
+  };
+  // What was written is a decode: finite outputs, every place of the line a finite logit, finite lse.
+  for (const float x : plain.out) ASSERT_TRUE(std::isfinite(x)) << "unwritten or non-finite output";
+  for (const float x : plain.eviction_out) ASSERT_TRUE(std::isfinite(x)) << "unwritten or non-finite output (eviction::attend)";
+  for (const float x : plain.lse) ASSERT_TRUE(std::isfinite(x)) << "unwritten or non-finite lse";
+  for (std::int64_t g = 0; g < group; ++g)
+    for (std::int64_t x = 0; x < line; ++x)
+      ASSERT_TRUE(std::isfinite(plain.logits[static_cast<std::size_t>(g * stride + x)])) << "logit " << g << "," << x;
+  bool accumulated = false;
+  for (const float x : plain.metric) accumulated = accumulated || x > 0.0f;
+  EXPECT_TRUE(accumulated) << "the metric accumulated nothing (tokens older than the protected window)";
+  same_bits(plain.out, hinted.out, "out");
+  same_bits(plain.logits, hinted.logits, "logits");
+  same_bits(plain.lse, hinted.lse, "lse");
+  same_bits(plain.eviction_out, hinted.eviction_out, "eviction::attend out");
+  same_bits(plain.metric, hinted.metric, "metric");
+}
+
+class DecodeEvictFirst : public ::testing::TestWithParam<decode_case> {};
+
+TEST_P(DecodeEvictFirst, HintedKvStreamIsBitIdentical) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  const decode_case& c = GetParam();
+  if (c.layout == layout_kind::contiguous)
+    evict_first_is_bit_identical<kt::layout::contiguous>(c);
+  else if (c.layout == layout_kind::flat)
+    evict_first_is_bit_identical<kt::layout::flat>(c);
+  else
+    evict_first_is_bit_identical<kt::layout::paged>(c);
+}
+
+// Contiguous heads-major caches of a few thousand tokens (whole stride-1 tiles: issue_affine<true>, and
+// a partial last tile), GQA 1 (CUDA cores) and 8 (tensor cores); a flat cache of ragged heads; and an
+// NHD map (stride ≠ 1: the generic path, hint on).
+INSTANTIATE_TEST_SUITE_P(
+    MetricOn, DecodeEvictFirst,
+    ::testing::Values(decode_case{L::contiguous, 2, 2, 8, 128, 0, {3001, 3001, 3001, 3001}, false},
+                      decode_case{L::contiguous, 1, 2, 1, 64, 0, {4096, 4096}, false},
+                      decode_case{L::contiguous, 1, 2, 4, 256, 0, {2000, 2000}, false},
+                      decode_case{L::flat, 2, 2, 8, 128, 0, {3001, 1000, 4097, 17}, false},
+                      decode_case{L::contiguous, 1, 2, 8, 128, 0, {4097, 4097}, false, 1, true}),
     [](const ::testing::TestParamInfo<decode_case>& info) {
       return kt::detail::cat(name_of(info.param), "_", info.index);
     });

@@ -74,7 +74,11 @@ struct low_rank_fit_seen {
   const void* handle = nullptr;          // its cusolverDnHandle_t
 };
 
-inline low_rank_fit_seen low_rank_sequence_fit() {
+// Internal linkage (an unnamed namespace): each TU calls its own copy of this helper, so the linker cannot
+// fold the two TUs' calls into one function and make the solver's address agree whatever low_rank_solver
+// does; the two copies agree only if low_rank_solver::current is one function with one static per program.
+namespace {
+low_rank_fit_seen low_rank_sequence_fit() {
   using scheme = streaming<kt::codec::low_rank>;
   typename scheme::config cfg;
   cfg.budget.keep = kt::keep_tokens{keep};
@@ -102,6 +106,7 @@ inline low_rank_fit_seen low_rank_sequence_fit() {
   seen.handle = static_cast<const void*>(solver.handle());
   return seen;
 }
+}  // namespace
 
 std::int64_t fp16_in_a();   // link_cuda_a.cu
 std::int64_t fp16_in_b();   // link_cuda_b.cu
