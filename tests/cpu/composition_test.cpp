@@ -169,7 +169,9 @@ void defaults_work_for_every_codec() {
         const std::int64_t head = b * shape.kv_heads + h;
         std::vector<std::int32_t> expected;
         for (std::int64_t k = offsets[head]; k < offsets[head + 1]; ++k) {
-          if (k > offsets[head]) EXPECT_LT(kept[k - 1], kept[k]) << "kept tokens ascend";
+          if (k > offsets[head]) {
+            EXPECT_LT(kept[k - 1], kept[k]) << "kept tokens ascend";
+          }
           expected.push_back(100 + kept[static_cast<std::size_t>(k)]);
         }
         for (std::int32_t i = 0; i < 6; ++i) expected.push_back(100 + prefill + i);

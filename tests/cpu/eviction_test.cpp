@@ -461,8 +461,9 @@ TEST(EvictionMetric, OneStepLatePendingStepFollowsEvictedTokens) {
         ++compared;
         ASSERT_EQ(std::bit_cast<std::uint32_t>(b_twin->metric[slot]), std::bit_cast<std::uint32_t>(c_twin->metric[c_slot]))
             << "head " << b << "," << h << ", position " << position;
-        if (b * kv_heads + h == 3)
+        if (b * kv_heads + h == 3) {
           EXPECT_EQ(c_twin->metric[c_slot], before[c_slot]) << "a head with nothing pending gains nothing";
+        }
       }
     }
   EXPECT_GT(moved, 0) << "the eviction must move tokens for the test to mean anything";
