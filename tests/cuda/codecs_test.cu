@@ -363,6 +363,11 @@ std::string name_of(const codec_case& c) {
                          c.exact_rank > 0 ? kt::detail::cat("_exact", c.exact_rank) : std::string{}, appends);
 }
 
+/// gtest's name for case `info.index` of a suite: the case's name and its index.
+std::string case_name(const ::testing::TestParamInfo<codec_case>& info) {
+  return kt::detail::cat(name_of(info.param), "_", info.index);
+}
+
 struct host_block {
   std::unique_ptr<std::byte[]> raw;
   std::byte* data = nullptr;
@@ -611,6 +616,12 @@ double norm_of(const float* x, std::int64_t n) {
   for (std::int64_t i = 0; i < n; ++i) sum += static_cast<double>(x[i]) * static_cast<double>(x[i]);
   return std::sqrt(sum);
 }
+/// ‖x − y‖₂ of two rows of n floats, in double.
+double row_distance(const float* x, const float* y, std::int64_t n) {
+  double sum = 0.0;
+  for (std::int64_t i = 0; i < n; ++i) sum += (static_cast<double>(x[i]) - y[i]) * (static_cast<double>(x[i]) - y[i]);
+  return std::sqrt(sum);
+}
 double coefficient_norm(const kt::half* c, std::int64_t rank) {
   double sum = 0.0;
   for (std::int64_t j = 0; j < rank; ++j) sum += static_cast<double>(static_cast<float>(c[j])) * static_cast<double>(static_cast<float>(c[j]));
@@ -703,9 +714,7 @@ void expect_sequence_storage_matches(const low_rank_store& cpu, const low_rank_s
       kt::codec::low_rank::load_value(cpu, head, slot, value_cpu.data());
       kt::codec::low_rank::load_value(gpu, head, slot, value_gpu.data());
       const auto check = [&](const char* name, const float* a, const float* b, double bound) {
-        double sum = 0.0;
-        for (std::int64_t d = 0; d < dim; ++d) sum += (static_cast<double>(a[d]) - b[d]) * (static_cast<double>(a[d]) - b[d]);
-        const double difference = std::sqrt(sum);
+        const double difference = row_distance(a, b, dim);
         run.worst_row = std::max(run.worst_row, difference / bound);
         if (difference > bound && ++failures <= 4)
           ADD_FAILURE() << name << " of token " << i << " (slot " << slot << ", position " << position
@@ -1773,7 +1782,7 @@ INSTANTIATE_TEST_SUITE_P(
         // r = 64 at head_dim 256 with GQA 16: the CUDA-core kernel's tiles do not fit (242 KB),
         // the tensor-core kernel's do (107 KB), so compaction accepts it and the mma kernel reads it.
         codec_case{L::contiguous, K::low_rank_post_rope, 1, 1, 16, 256, 0, {4097}, false}),
-    [](const ::testing::TestParamInfo<codec_case>& info) { return kt::detail::cat(name_of(info.param), "_", info.index); });
+    case_name);
 
 // ---- low_rank with sequence bases: fitted by each backend ---------------------------------------------
 //
@@ -1841,7 +1850,7 @@ INSTANTIATE_TEST_SUITE_P(
         codec_case{L::contiguous, K::low_rank_sequence_frozen, 1, 2, 2, 64, 0, {200}, false, -1, 0, 12},
         codec_case{L::paged, K::low_rank_sequence_frozen, 1, 2, 4, 64, 16, {200, 300}, true, -1, 12, 12},
         codec_case{L::flat, K::low_rank_sequence_frozen, 1, 2, 1, 128, 0, {129, 200}, true, -1, 0, 12}),
-    [](const ::testing::TestParamInfo<codec_case>& info) { return kt::detail::cat(name_of(info.param), "_", info.index); });
+    case_name);
 
 /// A refresh on the device holds at most 32 pending rows (low_rank_device_max_update_freq): update_freq 33
 /// with sequence bases is refused by compact and by append with a kvtrim::error naming
@@ -2113,10 +2122,9 @@ TEST(SequenceBasisStreams, TwoCachesOnTwoStreamsMatchEachAlone) {
         kt::codec::low_rank::load_value(alone_store, head, slot, value_alone.data());
         kt::codec::low_rank::load_value(together_store, head, slot, value_together.data());
         const auto check = [&](const char* name, const float* x, const float* y, double bound) {
-          double sum = 0.0;
-          for (std::int64_t d = 0; d < dim; ++d) sum += (static_cast<double>(x[d]) - y[d]) * (static_cast<double>(x[d]) - y[d]);
-          if (std::sqrt(sum) > bound && ++failures <= 4)
-            ADD_FAILURE() << name << " of head " << head << " token " << i << ": ‖alone − together‖₂ = " << std::sqrt(sum)
+          const double difference = row_distance(x, y, dim);
+          if (difference > bound && ++failures <= 4)
+            ADD_FAILURE() << name << " of head " << head << " token " << i << ": ‖alone − together‖₂ = " << difference
                           << " > " << bound;
         };
         const auto coefficients = [&](const low_rank_store& st, int kind) {

@@ -60,6 +60,11 @@ std::string name_of(const decode_case& c) {
                          c.nhd ? "_nhd" : "");
 }
 
+/// gtest's name for case `info.index` of a suite: the case's name and its index.
+std::string case_name(const ::testing::TestParamInfo<decode_case>& info) {
+  return kt::detail::cat(name_of(info.param), "_", info.index);
+}
+
 /// The tokens of every head: rows [length, D], normal(0, 1), one seed per head.
 template <class Element>
 struct head_data {
@@ -411,9 +416,7 @@ INSTANTIATE_TEST_SUITE_P(
         decode_case{L::flat, 4, 8, 4, 128, 0, {0, 1, 17, 255, 256, 257, 511, 513, 700, 1000, 3, 0, 2000, 129, 64, 65,
                                                4097, 10, 300, 30, 0, 1, 777, 7770, 250, 260, 100, 1000, 33, 333, 3333, 16},
                     true}),
-    [](const ::testing::TestParamInfo<decode_case>& info) {
-      return kt::detail::cat(name_of(info.param), "_", info.index);
-    });
+    case_name);
 
 // review (a): contiguous caches whose map is [batch, token, kv_head] ("NHD": token stride = kv_heads,
 // head stride = 1), so kv_tile_stream's tiles have stride ≠ 1 and take the generic path; lengths 4097
@@ -425,9 +428,7 @@ INSTANTIATE_TEST_SUITE_P(
                       decode_case{L::contiguous, 1, 8, 1, 64, 0, {300, 300, 300, 300, 300, 300, 300, 300}, false, 1, true},
                       decode_case{L::contiguous, 2, 2, 8, 64, 0, {300, 300, 300, 300}, false, 1, true},
                       decode_case{L::contiguous, 1, 2, 16, 256, 0, {300, 300}, false, 1, true}),
-    [](const ::testing::TestParamInfo<decode_case>& info) {
-      return kt::detail::cat(name_of(info.param), "_", info.index);
-    });
+    case_name);
 
 // int8 over an NHD contiguous map: KIVI key groups need token_stride 1 (layout::contiguous::check refuses
 // a map that splits a key group's slot run), so these caches scale keys per token (symmetric, slot run 1).
@@ -449,9 +450,7 @@ INSTANTIATE_TEST_SUITE_P(
                       decode_case{L::contiguous, 2, 2, 8, 64, 0, {300, 300, 300, 300}, false, 1, true},
                       decode_case{L::contiguous, 1, 4, 1, 128, 0, {300, 300, 300, 300}, false, 1, true},
                       decode_case{L::contiguous, 1, 2, 4, 128, 0, {300, 300}, false, 4, true}),
-    [](const ::testing::TestParamInfo<decode_case>& info) {
-      return kt::detail::cat(name_of(info.param), "_", info.index);
-    });
+    case_name);
 
 // review (b): decode_metric.stream_kv_evict_first (the K/V stream's cp.async with an L2 evict_first
 // cache-hint policy, issue_affine<true> on whole stride-1 tiles) changes where lines live in L2, never
@@ -570,9 +569,7 @@ INSTANTIATE_TEST_SUITE_P(
                       decode_case{L::contiguous, 1, 2, 4, 256, 0, {2000, 2000}, false},
                       decode_case{L::flat, 2, 2, 8, 128, 0, {3001, 1000, 4097, 17}, false},
                       decode_case{L::contiguous, 1, 2, 8, 128, 0, {4097, 4097}, false, 1, true}),
-    [](const ::testing::TestParamInfo<decode_case>& info) {
-      return kt::detail::cat(name_of(info.param), "_", info.index);
-    });
+    case_name);
 
 // Multi-query decode: n = 2..8 new tokens per sequence, every layout, GQA 1/2/4/8/16 (query rows Group × n
 // from 2 to 128: one to eight 16-row tiles), D 64/128/256, pages 16/32/64, lengths 0 (zeros), n (the first
@@ -610,9 +607,7 @@ INSTANTIATE_TEST_SUITE_P(
         decode_case{L::flat, 2, 2, 8, 64, 0, {3, 4097, 2, 1}, true, 6},
         decode_case{L::paged, 1, 3, 1, 64, 16, {1, 2, 40}, false, 3},
         decode_case{L::flat, 1, 2, 4, 256, 0, {7, 6}, true, 8}),
-    [](const ::testing::TestParamInfo<decode_case>& info) {
-      return kt::detail::cat(name_of(info.param), "_", info.index);
-    });
+    case_name);
 
 // int8 (KIVI key groups of 32, symmetric; pages of 32 so that a key group never straddles two pages):
 // several queries read the codes through dequantized fp16 tiles (the fragment readers hold one query
@@ -630,9 +625,7 @@ INSTANTIATE_TEST_SUITE_P(
                       decode_case{L::paged, 1, 2, 1, 64, 32, {33, 700}, true, 8},
                       decode_case{L::paged, 1, 2, 16, 64, 32, {600, 70}, true, 8},
                       decode_case{L::paged, 1, 2, 8, 128, 32, {1000, 100}, true, 1}),
-    [](const ::testing::TestParamInfo<decode_case>& info) {
-      return kt::detail::cat(name_of(info.param), "_", info.index);
-    });
+    case_name);
 
 TEST(MultiQueryDecodeErrors, RefusalsNameTheArgument) {
   KVTRIM_SKIP_WITHOUT_GPU();

@@ -116,7 +116,6 @@ inline constexpr std::size_t low_rank_refresh_static_bytes = 2048;
 
 #include "kvtrim/backend/cuda/codec_writes.cuh"
 #include "kvtrim/backend/cuda/common.cuh"
-#include "kvtrim/codec/low_rank.hpp"
 
 namespace kvtrim::cuda_detail {
 
