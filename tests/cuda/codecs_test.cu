@@ -1749,7 +1749,7 @@ INSTANTIATE_TEST_SUITE_P(
         codec_case{L::flat, K::layered_int8, 2, 2, 1, 64, 0, {33, 1, 100, 41}, false},
         codec_case{L::contiguous, K::layered_fp8, 1, 2, 8, 128, 0, {45}, false},
         // Tensor-core fragments (groups ≥ 4, head_dim ≤ 128): split-K segments starting inside a
-        // warp block (tiles start at a multiple of 16 tokens, the tokens before are masked), a
+        // warp step (tiles start at a multiple of 32 tokens, the tokens before are masked), a
         // one-token head (its group still filling: fp16 residual keys), ragged heads with
         // compensation rows; pages of 8 (runs of 8 slots: the dequantize-tile path instead).
         codec_case{L::contiguous, K::int8_groups, 2, 2, 4, 128, 0, {4097}, false},
@@ -1760,6 +1760,14 @@ INSTANTIATE_TEST_SUITE_P(
         // fp8 head_amax over a head of zeros and one compensation row of fp32 subnormals: max|x| / 448
         // underflows, the scale floors at 2⁻¹²⁶ on both sides (no NaN codes; detail::e4m3_head_scale).
         codec_case{L::paged, K::fp8_head_amax_subnormal, 1, 2, 4, 64, 16, {33, 17}, true},
+        // Groups 4 and 8 take the transposed products (tokens as mma rows, heads as columns; a lane
+        // holds heads 2t, 2t + 1): fp8 filling all 8 columns, int4 KIVI over ragged flat heads with a
+        // filling group and compensation rows, int8 zero points over runs of 16 (pages of 16), per-token
+        // keys with zero points at head_dim 64.
+        codec_case{L::contiguous, K::fp8_head_amax, 1, 2, 8, 128, 0, {4097}, false},
+        codec_case{L::flat, K::int4_groups, 2, 2, 4, 128, 0, {4097, 33, 1, 300}, true},
+        codec_case{L::paged, K::int8_groups_zero_point, 1, 2, 8, 128, 16, {4097, 100}, true},
+        codec_case{L::contiguous, K::int8_tokens_zero_point, 1, 2, 8, 64, 0, {4097}, false},
         // low_rank (profile bases of ragged ranks r, r − 1, r − 2 per head; r = head_dim / 4):
         // coefficients bit-identical to the CPU's encode, attention post- and pre-RoPE (the
         // key rebuilt and rotated from its stored position), GQA 1–16, head_dim 64 / 128.

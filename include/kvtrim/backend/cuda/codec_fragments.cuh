@@ -41,6 +41,15 @@
 //  * Per-token steps (values, per-token keys) and the KIVI runs' steps of a
 //    tile are staged in shared memory with the codes, by the same cp.async
 //    pipeline (quantized_tile_side), so no global latency sits in the loop.
+//  * Groups ≤ 8 take the products transposed (decode_attention.cuh): Sᵀ = K·Qᵀ
+//    with the codes as A (tokens g and g + 8 of a 16-token block: the same
+//    bytes key_fragments reads for two 8-token blocks) and the query as B (the
+//    A registers 0 and 2 below: rows 8–15 were padding), and Oᵀ = Vᵀ·Pᵀ with the
+//    value operands as A (value_fragments' registers of output tiles 2m, 2m + 1)
+//    — half the mma of the row form. A lane's accumulators then hold query
+//    heads 2t, 2t + 1 (columns) instead of head g (a row): the per-head score
+//    steps and sums have column forms (columns, column_score, column_zero_sum;
+//    weight and rescale take the column as their row block index).
 #pragma once
 
 #include <cuda_fp16.h>
@@ -369,12 +378,18 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
   float value_bias;  // 1024 + code offset: the value operands are the biased halves (value_fragments<false>)
   float query[k_steps][row_blocks][4];  // this lane's query channels (key_offset order), × log2(e)/√D
   float query_sum[row_blocks];          // Σ_d q_d over the whole row (per-token key zero points)
-  float value_zero_sum[row_blocks];     // Σ_t p_t z_t of this lane's tokens (rescaled with the softmax)
-  float weight_sum[row_blocks];         // Σ_t p'_t of this lane's fp16 weights (rescaled with the softmax)
-  // The current warp block:
+  // Per row block, or in the transposed product per column e (query head 2t + e): Σ_t p_t z_t and
+  // Σ_t p'_t of this lane's tokens and fp16 weights (rescaled with the softmax).
+  static constexpr int lane_heads = 2;  // ≥ row_blocks
+  float value_zero_sum[lane_heads];
+  float weight_sum[lane_heads];
+  float column_query_sum[2];  // transposed: query_sum of heads 2t, 2t + 1
+  // The current warp block (row form; column_* the transposed product's heads 2t, 2t + 1):
   bool residual = false;     // keys from the fp16 residual window (the filling group)
   float score_scale[row_blocks];
   float score_offset[row_blocks];
+  float column_scale[2];
+  float column_offset[2];
 
   /// `queries`: the group's first query row; `length`: the head's.
   template <class QueryT>
@@ -402,8 +417,21 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
       query_sum[rb] = sum;
-      value_zero_sum[rb] = 0.0f;
-      weight_sum[rb] = 0.0f;
+    }
+#pragma unroll
+    for (int e = 0; e < lane_heads; ++e) value_zero_sum[e] = 0.0f, weight_sum[e] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 2; ++e) column_query_sum[e] = __shfl_sync(0xffffffffu, query_sum[0], column_lane(lane, e));
+  }
+
+  /// Transposed product: the lane holding head 2t + e's row state (the quad of row 2t + e).
+  __device__ __forceinline__ static int column_lane(int lane, int e) { return 8 * (lane % 4) + 4 * e; }
+  /// Transposed product, after `block`: this lane's columns' score steps (warp-uniform call).
+  __device__ __forceinline__ void columns(int lane) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      column_scale[e] = __shfl_sync(0xffffffffu, score_scale[0], column_lane(lane, e));
+      column_offset[e] = __shfl_sync(0xffffffffu, score_offset[0], column_lane(lane, e));
     }
   }
 
@@ -530,6 +558,15 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
     }
     return fmaf(accumulator, score_scale[rb], score_offset[rb]);
   }
+  /// `score` for the transposed product's column e (query head 2t + e).
+  __device__ __forceinline__ float column_score(float accumulator, int e, const float* side_tile, int index) const {
+    if (store.key_group == 0) {
+      const float step = side_tile[2 * tile_tokens + index];
+      const float zero = store.asymmetric ? side_tile[3 * tile_tokens + index] : 0.0f;
+      return fmaf(accumulator, step, zero * column_query_sum[e]);
+    }
+    return fmaf(accumulator, column_scale[e], column_offset[e]);
+  }
   /// p' = p·s_t for the P·V product, rounded to the fp16 the product reads (the kernel's pack
   /// keeps it exactly); Σ p' kept for the value bias, Σ p z aside.
   /// The P·V product reads the biased codes 1024 + b = c̄ + β (β = 1024 + offset), so it sums
@@ -553,6 +590,14 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
     float sum = fmaf(-value_bias, weight_sum[rb], value_zero_sum[rb]);
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    return sum;
+  }
+  /// Transposed product: column e's part summed over the lanes holding that head (the eight g).
+  __device__ __forceinline__ float column_zero_sum(int e) const {
+    float sum = fmaf(-value_bias, weight_sum[e], value_zero_sum[e]);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 8);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 16);
     return sum;
   }
   __device__ __forceinline__ void values(const std::uint8_t* rows, int row_stride, int lane,
@@ -613,9 +658,14 @@ struct fragment_decoder<codec::fp8, HeadDim, Group> {
     layout::key_fragments(row, lane % 4, 0u, b);
   }
   __device__ __forceinline__ float score(float accumulator, int, const float*, int) const { return accumulator * key_scale; }
+  __device__ __forceinline__ void columns(int) const {}
+  __device__ __forceinline__ float column_score(float accumulator, int, const float*, int) const {
+    return accumulator * key_scale;
+  }
   __device__ __forceinline__ float weight(float p, int, const float*, int) const { return p; }
   __device__ __forceinline__ void rescale(int, float) const {}
   __device__ __forceinline__ float zero_sum(int) const { return 0.0f; }
+  __device__ __forceinline__ float column_zero_sum(int) const { return 0.0f; }
   __device__ __forceinline__ float output(float accumulator, float) const { return accumulator * value_scale; }
   __device__ __forceinline__ void values(const std::uint8_t* rows, int row_stride, int lane,
                                          unsigned (&b)[layout::output_tiles][2]) const {

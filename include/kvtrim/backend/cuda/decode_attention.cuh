@@ -700,6 +700,10 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, H
   constexpr int k_steps = HeadDim / 16;
   constexpr int output_tiles = HeadDim / 8;
   constexpr int sub_blocks = geometry::sub_blocks;  // 16-token blocks a warp merges into one softmax step
+  // Code fragments at groups ≤ 8: the transposed products (tokens as mma rows, heads as columns).
+  constexpr bool transposed = Fragments && Group <= 8 && Queries == 1;
+  constexpr int output_registers = transposed ? output_tiles / 2 : output_tiles;  // 16 × 8 accumulator tiles
+  constexpr int lane_heads = transposed ? 2 : row_blocks;  // softmax states a lane keeps: heads 2t, 2t + 1 or rows
   static_assert(!Fragments || staged_tile_tokens<decoder>() == 0 || staged_tile_tokens<decoder>() == geometry::tile_tokens,
                 "tensor-core decode: the fragment decoder's staged side data is laid out for the geometry's tiles");
   constexpr float negative_infinity = -std::numeric_limits<float>::infinity();
@@ -775,14 +779,17 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, H
           }
     }
 
-    float output[output_tiles][4];  // [0..1]: row head_row, [2..3]: row head_row + 8
+    // Row form: [0..1] row head_row, [2..3] row head_row + 8. Transposed: Oᵀ tile m, [2r + e] the channel
+    // of row-form output tile 2m + r for query head 2t + e.
+    float output[output_registers][4];
 #pragma unroll
-    for (int tile = 0; tile < output_tiles; ++tile)
+    for (int tile = 0; tile < output_registers; ++tile)
 #pragma unroll
       for (int i = 0; i < 4; ++i) output[tile][i] = 0.0f;
-    float running_max[row_blocks], running_sum[row_blocks];  // max identical across the quad; sum: this lane's columns
+    // Max identical across the lanes sharing the row (the quad; transposed, the column); sum: this lane's tokens.
+    float running_max[lane_heads], running_sum[lane_heads];
 #pragma unroll
-    for (int rb = 0; rb < row_blocks; ++rb) running_max[rb] = negative_infinity, running_sum[rb] = 0.0f;
+    for (int rb = 0; rb < lane_heads; ++rb) running_max[rb] = negative_infinity, running_sum[rb] = 0.0f;
     // Multi-query: row r (new token t = r / Group) sees the head's tokens [0, L − n + 1 + t); rows past Group × n none.
     [[maybe_unused]] std::int64_t visible[row_blocks];
     if constexpr (Queries > 1) {
@@ -806,159 +813,272 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, H
       // Each warp reads blocks_per_warp 16-token blocks of the tile (one at a single query).
 #pragma unroll
       for (int warp_block = 0; warp_block < (warp_active ? geometry::blocks_per_warp : 0); ++warp_block) {
-        // The warp's sub_blocks consecutive 16-token blocks of the tile, one softmax step.
-        const int warp_token = (token_group * geometry::blocks_per_warp + warp_block) * 16 * sub_blocks;  // in the tile
-        const std::int64_t first_token = stream.first_token(tile) + warp_token;
-        [[maybe_unused]] const float* side_tile = stream.side_tile(tile);
-        // logit[sb][rb][i]: token sb·16 + (i / 2)·8 + 2·quad + i % 2 of the warp's, row head_row + 8·rb
-        // (base 2, before masking and the compensation bias).
-        float logit[sub_blocks][row_blocks][4];
-        [[maybe_unused]] const mma_type* value_tile_rows = nullptr;  // 16-bit or dequantized tiles: the warp's V rows
-        if constexpr (Fragments) {
-          (void)reader;
-          unsigned query_operand[k_steps][4];
+        if constexpr (transposed) {
+          // Sᵀ = K·Qᵀ and Oᵀ = Vᵀ·Pᵀ: the warp's tokens as the 16 mma rows, the group's heads as the 8
+          // columns — half the mma of the row form below and no padding rows in its operands (ncu, int8
+          // at W: 107 register moves a 32-token step re-zeroed them). A lane holds tokens g and g + 8 of
+          // each 16-token block (g = head_row) for query heads 2t and 2t + 1 (t = quad; column e = i % 2).
+          const int warp_token = (token_group * geometry::blocks_per_warp + warp_block) * 16 * sub_blocks;
+          const std::int64_t first_token = stream.first_token(tile) + warp_token;
+          const float* side_tile = stream.side_tile(tile);
+          // logit[sb][i]: token sb·16 + (i / 2)·8 + g of the warp's, head 2t + i % 2 (base 2, unmasked).
+          float logit[sub_blocks][4];
+          unsigned query_operand[k_steps][4];  // registers 0 and 2: the B operand (Qᵀ), 1 and 3 unused
 #pragma unroll
           for (int sb = 0; sb < sub_blocks; ++sb) {
             const int block_index = warp_token / 16 + sb;
-            // A block of the previous one's KIVI run keeps its scaled query (and score steps).
-            if (sb == 0 || !fragments.reuses_query(side_tile, block_index))
+            if (sb == 0 || !fragments.reuses_query(side_tile, block_index)) {
               fragments.block(side_tile, block_index, first_token + 16 * sb, end, lane, query_operand);
+              fragments.columns(lane);
+            }
             const std::uint8_t* key_codes = stream.key_tile(tile) + (warp_token + 16 * sb) * code_stride;
-            float score_tile[2][4] = {};  // S for the block's 16 tokens: [token block of 8][accumulator]
+            unsigned key_operand[2][k_steps][2];  // tokens g and g + 8: the A operand's rows
 #pragma unroll
-            for (int block = 0; block < 2; ++block) {
-              unsigned key_operand[k_steps][2];
-              fragments.keys(key_codes + (block * 8 + lane / 4) * code_stride, first_token + 16 * sb + block * 8, lane,
-                             key_operand);
+            for (int block = 0; block < 2; ++block)
+              fragments.keys(key_codes + (block * 8 + head_row) * code_stride, first_token + 16 * sb + block * 8,
+                             lane, key_operand[block]);
+            float score_tile[4] = {};
 #pragma unroll
-              for (int step = 0; step < k_steps; ++step)
-                mma_16x8x16<mma_type>(score_tile[block], query_operand[step], key_operand[step][0], key_operand[step][1]);
+            for (int step = 0; step < k_steps; ++step) {
+              const unsigned a[4] = {key_operand[0][step][0], key_operand[1][step][0], key_operand[0][step][1],
+                                     key_operand[1][step][1]};
+              mma_16x8x16<mma_type>(score_tile, a, query_operand[step][0], query_operand[step][2]);
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+              logit[sb][i] = fragments.column_score(score_tile[i], i % 2, side_tile,
+                                                    warp_token + 16 * sb + (i / 2) * 8 + head_row);
+          }
+
+          constexpr int block_tokens = 16 * sub_blocks;
+          const auto place = [&](std::int64_t token) {
+            const std::int64_t offset = token - first_token;
+            return offset < 0 ? -1 : offset > block_tokens ? block_tokens : static_cast<int>(offset);
+          };
+          const int seen_from = place(begin), seen_to = place(end), bias_place = place(bias.index);
+          float weight[sub_blocks][4];
+          float rescale[2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int column = 2 * quad + e;  // the query head
+            const bool head_valid = Group == 8 || column < Group;
+            float tile_max = running_max[e];
+#pragma unroll
+            for (int sb = 0; sb < sub_blocks; ++sb)
+#pragma unroll
+              for (int r = 0; r < 2; ++r) {
+                const int index = sb * 16 + r * 8 + head_row;  // the token's place in the warp's
+                const bool seen = head_valid && index >= seen_from && index < seen_to;
+                float& score = logit[sb][2 * r + e];
+                score = seen ? score + (index == bias_place ? bias.bias_log2 : 0.0f) : negative_infinity;
+                if (params.metric.logits != nullptr && head_valid) {
+                  const std::int64_t token = first_token + index;
+                  if (in_segment(token))  // not token < end: [first, begin) belongs to another block's segment
+                    store_metric_logit(params.metric.logits + column * params.metric.stride + metric_line + token,
+                                       score, params.metric.keep_in_l2, metric_policy);
+                }
+                tile_max = fmaxf(tile_max, score);
+              }
+            // The head's tokens are spread over the eight lanes of its column (lanes t, t + 4, …).
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 4));
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 8));
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 16));
+            rescale[e] = tile_max == negative_infinity ? 1.0f : exp2f(running_max[e] - tile_max);
+            running_max[e] = tile_max;
+            float sum = 0.0f;
+#pragma unroll
+            for (int sb = 0; sb < sub_blocks; ++sb)
+#pragma unroll
+              for (int r = 0; r < 2; ++r) {
+                float& w = weight[sb][2 * r + e];
+                w = tile_max == negative_infinity ? 0.0f : exp2f(logit[sb][2 * r + e] - tile_max);
+                sum += w;
+              }
+            running_sum[e] = running_sum[e] * rescale[e] + sum;
+            fragments.rescale(e, rescale[e]);
+          }
+#pragma unroll
+          for (int tile_index = 0; tile_index < output_registers; ++tile_index)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) output[tile_index][i] *= rescale[i % 2];
+          // P' = P times each token's value step (zero points: Σ p z aside, rescaled as the output).
+#pragma unroll
+          for (int sb = 0; sb < sub_blocks; ++sb)
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+              weight[sb][i] = fragments.weight(weight[sb][i], i % 2, side_tile,
+                                               warp_token + 16 * sb + (i / 2) * 8 + head_row);
+#pragma unroll
+          for (int sb = 0; sb < sub_blocks; ++sb) {
+            // Pᵀ as the B operand: the 8 × 8 (token, head) tiles of the weights, transposed across the warp.
+            const unsigned weights_low = transpose_matrix(pack2<mma_type>(weight[sb][0], weight[sb][1]));
+            const unsigned weights_high = transpose_matrix(pack2<mma_type>(weight[sb][2], weight[sb][3]));
+            unsigned value_operand[output_tiles][2];
+            fragments.values(stream.value_tile(tile) + (warp_token + 16 * sb) * code_stride, code_stride, lane,
+                             value_operand);
+            // Vᵀ as the A operand: rows g and g + 8 of tile m are output tiles 2m and 2m + 1 of the row form.
+#pragma unroll
+            for (int tile_index = 0; tile_index < output_registers; ++tile_index) {
+              const unsigned a[4] = {value_operand[2 * tile_index][0], value_operand[2 * tile_index + 1][0],
+                                     value_operand[2 * tile_index][1], value_operand[2 * tile_index + 1][1]};
+              mma_16x8x16<mma_type>(output[tile_index], a, weights_low, weights_high);
+            }
+          }
+        } else {
+          // The warp's sub_blocks consecutive 16-token blocks of the tile, one softmax step.
+          const int warp_token = (token_group * geometry::blocks_per_warp + warp_block) * 16 * sub_blocks;  // in the tile
+          const std::int64_t first_token = stream.first_token(tile) + warp_token;
+          [[maybe_unused]] const float* side_tile = stream.side_tile(tile);
+          // logit[sb][rb][i]: token sb·16 + (i / 2)·8 + 2·quad + i % 2 of the warp's, row head_row + 8·rb
+          // (base 2, before masking and the compensation bias).
+          float logit[sub_blocks][row_blocks][4];
+          [[maybe_unused]] const mma_type* value_tile_rows = nullptr;  // 16-bit or dequantized tiles: the warp's V rows
+          if constexpr (Fragments) {
+            (void)reader;
+            unsigned query_operand[k_steps][4];
+#pragma unroll
+            for (int sb = 0; sb < sub_blocks; ++sb) {
+              const int block_index = warp_token / 16 + sb;
+              // A block of the previous one's KIVI run keeps its scaled query (and score steps).
+              if (sb == 0 || !fragments.reuses_query(side_tile, block_index))
+                fragments.block(side_tile, block_index, first_token + 16 * sb, end, lane, query_operand);
+              const std::uint8_t* key_codes = stream.key_tile(tile) + (warp_token + 16 * sb) * code_stride;
+              float score_tile[2][4] = {};  // S for the block's 16 tokens: [token block of 8][accumulator]
+#pragma unroll
+              for (int block = 0; block < 2; ++block) {
+                unsigned key_operand[k_steps][2];
+                fragments.keys(key_codes + (block * 8 + lane / 4) * code_stride, first_token + 16 * sb + block * 8, lane,
+                               key_operand);
+#pragma unroll
+                for (int step = 0; step < k_steps; ++step)
+                  mma_16x8x16<mma_type>(score_tile[block], query_operand[step], key_operand[step][0], key_operand[step][1]);
+              }
+#pragma unroll
+              for (int rb = 0; rb < row_blocks; ++rb)
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+                  logit[sb][rb][i] = fragments.score(score_tile[i / 2][rb * 2 + i % 2], rb, side_tile,
+                                                     warp_token + 16 * sb + (i / 2) * 8 + 2 * quad + i % 2);
+            }
+          } else {
+            const mma_type* key_rows = nullptr;
+            const mma_type* value_rows = nullptr;
+            if constexpr (geometry::dequantizes) {
+              key_rows = dequantized + warp_token * row_stride;
+              value_rows = dequantized + geometry::tile_elements + warp_token * row_stride;
+            } else {
+              key_rows = stream.key_tile(tile) + warp_token * row_stride;
+              value_rows = stream.value_tile(tile) + warp_token * row_stride;
+            }
+            float score_tile[2][4] = {};  // S for this warp's 16 tokens: [token block of 8][accumulator]
+#pragma unroll
+            for (int step = 0; step < k_steps; ++step) {
+              unsigned key_fragment[4];
+              load_matrix_x4(key_fragment,
+                             key_rows + ((lane % 8) + (lane / 16) * 8) * row_stride + step * 16 + ((lane / 8) % 2) * 8);
+              const unsigned a[4] = {query_fragment[step][0][0], row_blocks > 1 ? query_fragment[step][row_blocks - 1][0] : 0u,
+                                     query_fragment[step][0][1], row_blocks > 1 ? query_fragment[step][row_blocks - 1][1] : 0u};
+              mma_16x8x16<mma_type>(score_tile[0], a, key_fragment[0], key_fragment[1]);
+              mma_16x8x16<mma_type>(score_tile[1], a, key_fragment[2], key_fragment[3]);
             }
 #pragma unroll
             for (int rb = 0; rb < row_blocks; ++rb)
 #pragma unroll
-              for (int i = 0; i < 4; ++i)
-                logit[sb][rb][i] = fragments.score(score_tile[i / 2][rb * 2 + i % 2], rb, side_tile,
-                                                   warp_token + 16 * sb + (i / 2) * 8 + 2 * quad + i % 2);
+              for (int i = 0; i < 4; ++i) logit[0][rb][i] = score_tile[i / 2][rb * 2 + i % 2] * params.query_scale;
+            value_tile_rows = value_rows;
           }
-        } else {
-          const mma_type* key_rows = nullptr;
-          const mma_type* value_rows = nullptr;
-          if constexpr (geometry::dequantizes) {
-            key_rows = dequantized + warp_token * row_stride;
-            value_rows = dequantized + geometry::tile_elements + warp_token * row_stride;
-          } else {
-            key_rows = stream.key_tile(tile) + warp_token * row_stride;
-            value_rows = stream.value_tile(tile) + warp_token * row_stride;
-          }
-          float score_tile[2][4] = {};  // S for this warp's 16 tokens: [token block of 8][accumulator]
-#pragma unroll
-          for (int step = 0; step < k_steps; ++step) {
-            unsigned key_fragment[4];
-            load_matrix_x4(key_fragment,
-                           key_rows + ((lane % 8) + (lane / 16) * 8) * row_stride + step * 16 + ((lane / 8) % 2) * 8);
-            const unsigned a[4] = {query_fragment[step][0][0], row_blocks > 1 ? query_fragment[step][row_blocks - 1][0] : 0u,
-                                   query_fragment[step][0][1], row_blocks > 1 ? query_fragment[step][row_blocks - 1][1] : 0u};
-            mma_16x8x16<mma_type>(score_tile[0], a, key_fragment[0], key_fragment[1]);
-            mma_16x8x16<mma_type>(score_tile[1], a, key_fragment[2], key_fragment[3]);
-          }
-#pragma unroll
-          for (int rb = 0; rb < row_blocks; ++rb)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) logit[0][rb][i] = score_tile[i / 2][rb * 2 + i % 2] * params.query_scale;
-          value_tile_rows = value_rows;
-        }
 
-        constexpr int block_tokens = 16 * sub_blocks;
-        float weight[row_blocks][4 * sub_blocks];
-        float rescale[row_blocks];
-        // The warp's tokens seen, as places in its block_tokens: [seen_from, seen_to) (32-bit compares
-        // per token; 64-bit ones were ~40 instructions a block), and the compensation token's place.
-        const auto place = [&](std::int64_t token) {
-          const std::int64_t offset = token - first_token;
-          return offset < 0 ? -1 : offset > block_tokens ? block_tokens : static_cast<int>(offset);
-        };
-        const int seen_from = Fragments ? place(begin) : 0, seen_to = place(end);
-        const int bias_place = place(bias.index);
-#pragma unroll
-        for (int rb = 0; rb < row_blocks; ++rb) {
-          float score[4 * sub_blocks];
-          [[maybe_unused]] int visible_to = seen_to;
-          if constexpr (Queries > 1) visible_to = min(seen_to, place(visible[rb]));
-#pragma unroll
-          for (int sb = 0; sb < sub_blocks; ++sb)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const int index = sb * 16 + (i / 2) * 8 + 2 * quad + i % 2;  // the token's place in the warp's
-              const bool seen = index >= seen_from && index < (Queries > 1 ? visible_to : seen_to);
-              score[4 * sb + i] =
-                  seen ? logit[sb][rb][i] + (index == bias_place ? bias.bias_log2 : 0.0f) : negative_infinity;
-            }
-          if (Queries == 1 && params.metric.logits != nullptr && head_row + 8 * rb < Group)
-#pragma unroll
-            for (int i = 0; i < 4 * sub_blocks; ++i) {
-              const std::int64_t token = first_token + (i / 4) * 16 + ((i % 4) / 2) * 8 + 2 * quad + i % 2;
-              if (in_segment(token))  // not token < end: [first, begin) belongs to another block's segment
-                store_metric_logit(params.metric.logits + (head_row + 8 * rb) * params.metric.stride + metric_line + token,
-                                   score[i], params.metric.keep_in_l2, metric_policy);
-            }
-          float tile_max = running_max[rb];
-#pragma unroll
-          for (int i = 0; i < 4 * sub_blocks; ++i) tile_max = fmaxf(tile_max, score[i]);
-          tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-          tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-          rescale[rb] = tile_max == negative_infinity ? 1.0f : exp2f(running_max[rb] - tile_max);
-          running_max[rb] = tile_max;
-          float sum = 0.0f;
-#pragma unroll
-          for (int i = 0; i < 4 * sub_blocks; ++i) {
-            weight[rb][i] = tile_max == negative_infinity ? 0.0f : exp2f(score[i] - tile_max);
-            sum += weight[rb][i];
-          }
-          running_sum[rb] = running_sum[rb] * rescale[rb] + sum;
-        }
-        // Rows 8..15 (accumulators 2, 3) hold query heads only at G = 16; below, they stay 0.
-#pragma unroll
-        for (int tile_index = 0; tile_index < output_tiles; ++tile_index)
-#pragma unroll
-          for (int i = 0; i < 2 * row_blocks; ++i) output[tile_index][i] *= rescale[row_blocks > 1 ? i / 2 : 0];
-        if constexpr (Fragments) {
-          // P' = P times each token's value step (zero points: Σ p z aside, rescaled as the output).
+          constexpr int block_tokens = 16 * sub_blocks;
+          float weight[row_blocks][4 * sub_blocks];
+          float rescale[row_blocks];
+          // The warp's tokens seen, as places in its block_tokens: [seen_from, seen_to) (32-bit compares
+          // per token; 64-bit ones were ~40 instructions a block), and the compensation token's place.
+          const auto place = [&](std::int64_t token) {
+            const std::int64_t offset = token - first_token;
+            return offset < 0 ? -1 : offset > block_tokens ? block_tokens : static_cast<int>(offset);
+          };
+          const int seen_from = Fragments ? place(begin) : 0, seen_to = place(end);
+          const int bias_place = place(bias.index);
 #pragma unroll
           for (int rb = 0; rb < row_blocks; ++rb) {
-            fragments.rescale(rb, rescale[rb]);
+            float score[4 * sub_blocks];
+            [[maybe_unused]] int visible_to = seen_to;
+            if constexpr (Queries > 1) visible_to = min(seen_to, place(visible[rb]));
 #pragma unroll
-            for (int i = 0; i < 4 * sub_blocks; ++i)
-              weight[rb][i] = fragments.weight(weight[rb][i], rb, side_tile,
-                                               warp_token + (i / 4) * 16 + ((i % 4) / 2) * 8 + 2 * quad + i % 2);
+            for (int sb = 0; sb < sub_blocks; ++sb)
+#pragma unroll
+              for (int i = 0; i < 4; ++i) {
+                const int index = sb * 16 + (i / 2) * 8 + 2 * quad + i % 2;  // the token's place in the warp's
+                const bool seen = index >= seen_from && index < (Queries > 1 ? visible_to : seen_to);
+                score[4 * sb + i] =
+                    seen ? logit[sb][rb][i] + (index == bias_place ? bias.bias_log2 : 0.0f) : negative_infinity;
+              }
+            if (Queries == 1 && params.metric.logits != nullptr && head_row + 8 * rb < Group)
+#pragma unroll
+              for (int i = 0; i < 4 * sub_blocks; ++i) {
+                const std::int64_t token = first_token + (i / 4) * 16 + ((i % 4) / 2) * 8 + 2 * quad + i % 2;
+                if (in_segment(token))  // not token < end: [first, begin) belongs to another block's segment
+                  store_metric_logit(params.metric.logits + (head_row + 8 * rb) * params.metric.stride + metric_line + token,
+                                     score[i], params.metric.keep_in_l2, metric_policy);
+              }
+            float tile_max = running_max[rb];
+#pragma unroll
+            for (int i = 0; i < 4 * sub_blocks; ++i) tile_max = fmaxf(tile_max, score[i]);
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+            rescale[rb] = tile_max == negative_infinity ? 1.0f : exp2f(running_max[rb] - tile_max);
+            running_max[rb] = tile_max;
+            float sum = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 4 * sub_blocks; ++i) {
+              weight[rb][i] = tile_max == negative_infinity ? 0.0f : exp2f(score[i] - tile_max);
+              sum += weight[rb][i];
+            }
+            running_sum[rb] = running_sum[rb] * rescale[rb] + sum;
           }
-        }
+          // Rows 8..15 (accumulators 2, 3) hold query heads only at G = 16; below, they stay 0.
+#pragma unroll
+          for (int tile_index = 0; tile_index < output_tiles; ++tile_index)
+#pragma unroll
+            for (int i = 0; i < 2 * row_blocks; ++i) output[tile_index][i] *= rescale[row_blocks > 1 ? i / 2 : 0];
+          if constexpr (Fragments) {
+            // P' = P times each token's value step (zero points: Σ p z aside, rescaled as the output).
+#pragma unroll
+            for (int rb = 0; rb < row_blocks; ++rb) {
+              fragments.rescale(rb, rescale[rb]);
+#pragma unroll
+              for (int i = 0; i < 4 * sub_blocks; ++i)
+                weight[rb][i] = fragments.weight(weight[rb][i], rb, side_tile,
+                                                 warp_token + (i / 4) * 16 + ((i % 4) / 2) * 8 + 2 * quad + i % 2);
+            }
+          }
 
 #pragma unroll
-        for (int sb = 0; sb < sub_blocks; ++sb) {
-          // P from S's accumulator layout is already the A operand of P·V.
-          const unsigned weight_fragment[4] = {
-              pack2<mma_type>(weight[0][4 * sb], weight[0][4 * sb + 1]),
-              row_blocks > 1 ? pack2<mma_type>(weight[row_blocks - 1][4 * sb], weight[row_blocks - 1][4 * sb + 1]) : 0u,
-              pack2<mma_type>(weight[0][4 * sb + 2], weight[0][4 * sb + 3]),
-              row_blocks > 1 ? pack2<mma_type>(weight[row_blocks - 1][4 * sb + 2], weight[row_blocks - 1][4 * sb + 3])
-                             : 0u};
-          if constexpr (Fragments) {
-            unsigned value_operand[output_tiles][2];
-            fragments.values(stream.value_tile(tile) + (warp_token + 16 * sb) * code_stride, code_stride, lane,
-                             value_operand);
+          for (int sb = 0; sb < sub_blocks; ++sb) {
+            // P from S's accumulator layout is already the A operand of P·V.
+            const unsigned weight_fragment[4] = {
+                pack2<mma_type>(weight[0][4 * sb], weight[0][4 * sb + 1]),
+                row_blocks > 1 ? pack2<mma_type>(weight[row_blocks - 1][4 * sb], weight[row_blocks - 1][4 * sb + 1]) : 0u,
+                pack2<mma_type>(weight[0][4 * sb + 2], weight[0][4 * sb + 3]),
+                row_blocks > 1 ? pack2<mma_type>(weight[row_blocks - 1][4 * sb + 2], weight[row_blocks - 1][4 * sb + 3])
+                               : 0u};
+            if constexpr (Fragments) {
+              unsigned value_operand[output_tiles][2];
+              fragments.values(stream.value_tile(tile) + (warp_token + 16 * sb) * code_stride, code_stride, lane,
+                               value_operand);
 #pragma unroll
-            for (int tile_index = 0; tile_index < output_tiles; ++tile_index)
-              mma_16x8x16<mma_type>(output[tile_index], weight_fragment, value_operand[tile_index][0],
-                                    value_operand[tile_index][1]);
-          } else {
+              for (int tile_index = 0; tile_index < output_tiles; ++tile_index)
+                mma_16x8x16<mma_type>(output[tile_index], weight_fragment, value_operand[tile_index][0],
+                                      value_operand[tile_index][1]);
+            } else {
 #pragma unroll
-            for (int pair = 0; pair < output_tiles / 2; ++pair) {
-              unsigned value_fragment[4];
-              load_matrix_x4_transposed(value_fragment, value_tile_rows + ((lane % 8) + ((lane / 8) % 2) * 8) * row_stride +
-                                                            pair * 16 + (lane / 16) * 8);
-              mma_16x8x16<mma_type>(output[2 * pair], weight_fragment, value_fragment[0], value_fragment[1]);
-              mma_16x8x16<mma_type>(output[2 * pair + 1], weight_fragment, value_fragment[2], value_fragment[3]);
+              for (int pair = 0; pair < output_tiles / 2; ++pair) {
+                unsigned value_fragment[4];
+                load_matrix_x4_transposed(value_fragment, value_tile_rows + ((lane % 8) + ((lane / 8) % 2) * 8) * row_stride +
+                                                              pair * 16 + (lane / 16) * 8);
+                mma_16x8x16<mma_type>(output[2 * pair], weight_fragment, value_fragment[0], value_fragment[1]);
+                mma_16x8x16<mma_type>(output[2 * pair + 1], weight_fragment, value_fragment[2], value_fragment[3]);
+              }
             }
           }
         }
@@ -971,29 +1091,55 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, H
     auto* shared_max = reinterpret_cast<float*>(shared_memory);      // [parts][query_rows]
     auto* shared_sum = shared_max + parts * query_rows;              // [parts][query_rows]
     auto* shared_accumulator = shared_sum + parts * query_rows;      // [parts][query_rows][HeadDim]
+    if constexpr (transposed) {
+      // Head 2t + e's state is spread over its column's eight lanes (g = 0..7), channel rows g and g + 8.
 #pragma unroll
-    for (int rb = 0; rb < row_blocks; ++rb) {
-      float sum = running_sum[rb];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      [[maybe_unused]] float zero_sum = 0.0f;
-      if constexpr (Fragments) zero_sum = fragments.zero_sum(rb);
-      const int row = first_row + head_row + 8 * rb;
-      if (row < query_rows) {
+      for (int e = 0; e < 2; ++e) {
+        float sum = running_sum[e];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 8);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 16);
+        const float zero_sum = fragments.column_zero_sum(e);
+        const int row = 2 * quad + e;
+        if (row < query_rows) {
 #pragma unroll
-        for (int tile_index = 0; tile_index < output_tiles; ++tile_index)
+          for (int tile_index = 0; tile_index < output_registers; ++tile_index)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            if constexpr (Fragments)
-              shared_accumulator[(token_group * query_rows + row) * HeadDim + decoder::layout::value_channel(tile_index, 2 * quad + e)] =
-                  fragments.output(output[tile_index][rb * 2 + e], zero_sum);
-            else
-              shared_accumulator[(token_group * query_rows + row) * HeadDim + tile_index * 8 + 2 * quad + e] =
-                  output[tile_index][rb * 2 + e];
+            for (int r = 0; r < 2; ++r)
+              shared_accumulator[(token_group * query_rows + row) * HeadDim +
+                                 decoder::layout::value_channel(2 * tile_index + r, head_row)] =
+                  fragments.output(output[tile_index][2 * r + e], zero_sum);
+          if (head_row == 0) {
+            shared_max[token_group * query_rows + row] = running_max[e];
+            shared_sum[token_group * query_rows + row] = sum;
           }
-        if (quad == 0) {
-          shared_max[token_group * query_rows + row] = running_max[rb];
-          shared_sum[token_group * query_rows + row] = sum;
+        }
+      }
+    } else {
+#pragma unroll
+      for (int rb = 0; rb < row_blocks; ++rb) {
+        float sum = running_sum[rb];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        [[maybe_unused]] float zero_sum = 0.0f;
+        if constexpr (Fragments) zero_sum = fragments.zero_sum(rb);
+        const int row = first_row + head_row + 8 * rb;
+        if (row < query_rows) {
+#pragma unroll
+          for (int tile_index = 0; tile_index < output_tiles; ++tile_index)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              if constexpr (Fragments)
+                shared_accumulator[(token_group * query_rows + row) * HeadDim + decoder::layout::value_channel(tile_index, 2 * quad + e)] =
+                    fragments.output(output[tile_index][rb * 2 + e], zero_sum);
+              else
+                shared_accumulator[(token_group * query_rows + row) * HeadDim + tile_index * 8 + 2 * quad + e] =
+                    output[tile_index][rb * 2 + e];
+            }
+          if (quad == 0) {
+            shared_max[token_group * query_rows + row] = running_max[rb];
+            shared_sum[token_group * query_rows + row] = sum;
+          }
         }
       }
     }

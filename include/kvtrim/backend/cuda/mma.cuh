@@ -11,6 +11,7 @@
 // 24–31 point at: an A fragment when lanes address rows (lane mod 16) at k offset
 // 8·(lane / 16); two B fragments (16 columns) of a [columns][k] row-major tile
 // when lanes address column (lane mod 8) + 8·(lane / 16) at k offset 8·((lane / 8) mod 2).
+// movmatrix (transpose_matrix) transposes an 8 × 8 tile held in C's row layout.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -31,6 +32,15 @@ __device__ __forceinline__ void load_matrix_x4_transposed(unsigned (&fragment)[4
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(fragment[0]), "=r"(fragment[1]), "=r"(fragment[2]), "=r"(fragment[3])
                : "r"(address));
+}
+
+/// The 8 × 8 matrix of 16-bit pairs a warp holds in fragment layout (lane 4·g + t: row g, columns
+/// 2t, 2t + 1), transposed in the same layout: lane 4·g + t receives elements (2t, g) and (2t + 1, g).
+/// Turns an accumulator tile's rows into a B operand's columns (decode's transposed product).
+__device__ __forceinline__ unsigned transpose_matrix(unsigned pair) {
+  unsigned transposed;
+  asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(transposed) : "r"(pair));
+  return transposed;
 }
 
 /// c += a · b for one m16n8k16 tile, 16-bit inputs, fp32 accumulators.
