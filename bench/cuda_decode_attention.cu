@@ -401,11 +401,13 @@ BENCHMARK(decode_attention)
     ->Unit(benchmark::kMicrosecond);
 
 // Issue 12: workload W at 32k tokens with each codec, fp16 first (the same encode-by-compaction path);
-// then GQA 2 (16 q heads: the CUDA-core kernel for every storage) on the same cache.
+// then GQA 2 (16 q heads) and GQA 1 (8 q heads) on the same cache: fp16 on the CUDA cores there,
+// int8 / int4 / fp8 on the tensor-core fragments at every group, low_rank in its own kernels.
 #define KVTRIM_CODEC_ROWS(codec_id)                                                                     \
   ->ArgNames({"batch", "tokens", "q_heads", "kv_heads", "head_dim", "codec"})                           \
       ->Args({8, 32768, 32, 8, 128, codec_id})                                                          \
       ->Args({8, 32768, 16, 8, 128, codec_id})                                                          \
+      ->Args({8, 32768, 8, 8, 128, codec_id})                                                           \
       ->UseManualTime()                                                                                 \
       ->Iterations(50)                                                                                  \
       ->Unit(benchmark::kMicrosecond)

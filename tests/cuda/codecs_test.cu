@@ -1228,8 +1228,11 @@ struct harness {
     // the dot product, scale, log2(e), bias) + 4u·S (the keys), the weights by e^(2δ + 4u), the output by
     // (e^(2δ + 4u) − 1)·V twice, plus the sums' random-rounding model 16√(n + 1)·u·V + 8u·V
     // (decode_test) and 4u·V for the values.
-    // Groups ≥ 4 run on the tensor cores: each dequantized key and value is rounded to fp16 once
-    // (u_h = 2^-11: logits move by ≤ u_h·S, outputs by ≤ u_h·V) and the weights P too (≤ u_h·V).
+    // On the tensor cores (int8 / int4 / fp8 fragments at every group; dequantized tiles at groups
+    // ≥ 4) each dequantized key and value is rounded to fp16 once (u_h = 2^-11: logits move by ≤
+    // u_h·S, outputs by ≤ u_h·V) and the weights P too (≤ u_h·V). Counted for every case: the
+    // CUDA-core cases left (layered codecs and short KIVI runs at groups 1–2) round none of them,
+    // so there it is a looser bound.
     // Read as fragments (codec_fragments.cuh) the codes stay exact and the roundings move: the
     // query times the run's key steps (q_d·s_d·2^e, or q_d alone) is rounded to fp16 once, which
     // moves a logit by ≤ u_h·Σ_d |q_d s_d c̄_d|/√D ≤ u_h·S (|s c̄| = |k̂ − z| ≤ |k̂| + |z|; channels that
@@ -1242,7 +1245,7 @@ struct harness {
           if (!check_low_rank_attention(cpu, queries, gpu_out, cpu_out, b, j, worst)) return;
     } else {
       const double u = kt::element_traits<float>::unit_roundoff;
-      const double u_h = c.group >= 4 ? kt::element_traits<kt::half>::unit_roundoff : 0.0;
+      const double u_h = kt::element_traits<kt::half>::unit_roundoff;
       for (std::int64_t b = 0; b < c.batch; ++b)
         for (std::int64_t j = 0; j < shape.q_heads; ++j) {
           const std::int64_t h = j / c.group, head = b * c.kv_heads + h;
@@ -1748,7 +1751,7 @@ INSTANTIATE_TEST_SUITE_P(
         codec_case{L::paged, K::layered_int8, 1, 2, 4, 128, 16, {4097, 17}, true},
         codec_case{L::flat, K::layered_int8, 2, 2, 1, 64, 0, {33, 1, 100, 41}, false},
         codec_case{L::contiguous, K::layered_fp8, 1, 2, 8, 128, 0, {45}, false},
-        // Tensor-core fragments (groups ≥ 4, head_dim ≤ 128): split-K segments starting inside a
+        // Tensor-core fragments (every group, head_dim ≤ 128): split-K segments starting inside a
         // warp step (tiles start at a multiple of 32 tokens, the tokens before are masked), a
         // one-token head (its group still filling: fp16 residual keys), ragged heads with
         // compensation rows; pages of 8 (runs of 8 slots: the dequantize-tile path instead).
@@ -1768,6 +1771,15 @@ INSTANTIATE_TEST_SUITE_P(
         codec_case{L::flat, K::int4_groups, 2, 2, 4, 128, 0, {4097, 33, 1, 300}, true},
         codec_case{L::paged, K::int8_groups_zero_point, 1, 2, 8, 128, 16, {4097, 100}, true},
         codec_case{L::contiguous, K::int8_tokens_zero_point, 1, 2, 8, 64, 0, {4097}, false},
+        // Groups 2 and 1 on the transposed product too (2 or 1 of its 8 columns): int4 zero points over
+        // pages of 16 with compensation rows, fp8 over a contiguous batch, symmetric int8 KIVI over
+        // sealed runs and a filling group, per-token keys; layered at group 2 (CUDA cores).
+        codec_case{L::paged, K::int4_groups_zero_point, 1, 3, 2, 128, 16, {4097, 33, 1}, true},
+        codec_case{L::contiguous, K::fp8_head_amax, 2, 2, 2, 128, 0, {4097}, false},
+        codec_case{L::flat, K::int8_groups, 1, 3, 2, 128, 0, {4097, 1, 70}, true},
+        codec_case{L::contiguous, K::int8_groups, 1, 3, 1, 128, 0, {4097}, false},
+        codec_case{L::paged, K::int8_tokens_zero_point, 1, 2, 2, 128, 32, {300, 4097}, false},
+        codec_case{L::paged, K::layered_int8, 1, 2, 2, 64, 16, {300, 17}, true},
         // low_rank (profile bases of ragged ranks r, r − 1, r − 2 per head; r = head_dim / 4):
         // coefficients bit-identical to the CPU's encode, attention post- and pre-RoPE (the
         // key rebuilt and rotated from its stored position), GQA 1–16, head_dim 64 / 128.

@@ -296,7 +296,8 @@ struct harness {
     const double u = kt::element_traits<float>::unit_roundoff;
     const double u_s = kt::codec::is_plain<Codec> ? kt::element_traits<Element>::unit_roundoff
                                                   : kt::element_traits<kt::half>::unit_roundoff;
-    const bool tensor_cores = c.group >= 4 || n_queries > 1;
+    // Code bytes go into the tensor-core fragments at every group (int8 / int4 / fp8).
+    const bool tensor_cores = c.group >= 4 || n_queries > 1 || !kt::codec::is_plain<Codec>;
     const double codec_extra =
         kt::codec::is_plain<Codec> ? 0.0 : 4.0 * u + (tensor_cores ? kt::element_traits<kt::half>::unit_roundoff : 0.0);
     // What the cache holds, as floats: the inputs (plain codecs store them exactly) or the decoded rows.

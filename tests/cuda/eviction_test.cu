@@ -193,12 +193,13 @@ struct harness {
       // exponent error, the G-term group sum, factor and += add (G + 2)·u of c + M0 on each side.
       // Quantizing codecs (symmetric codes here: k̂ = q·s, no zero points): S is taken over the
       // keys as stored (load_key); each side's dequantization rounds every key element by
-      // ≤ 2u·|k̂| (the product, and the fp32 path's fold), moving a logit by ≤ 2u·S; groups ≥ 4
-      // read codes into the tensor cores, rounding the query times the run's steps (or the
-      // dequantized key) to fp16 once: ≤ u_h·S more on the GPU (codecs_test.cu's bound). A
+      // ≤ 2u·|k̂| (the product, and the fp32 path's fold), moving a logit by ≤ 2u·S; codes read
+      // into the tensor cores (fragments at every group, dequantized tiles at groups ≥ 4) round the
+      // query times the run's steps (or the dequantized key) to fp16 once: ≤ u_h·S more on the GPU
+      // (codecs_test.cu's bound; counted for every codec, a looser bound on the CUDA-core ones). A
       // logit perturbation ε moves p's exponent by ≤ 2ε (the logit and the lse).
       const double u = kt::element_traits<float>::unit_roundoff;
-      const double u_h = !plain && c.group >= 4 ? kt::element_traits<kt::half>::unit_roundoff : 0.0;
+      const double u_h = !plain ? kt::element_traits<kt::half>::unit_roundoff : 0.0;
       // (low_rank: no dequantization beyond the D + R products counted below; its kernels read no fp16 operand.)
       const double cpu_codec = plain || low_rank ? 0.0 : 2.0 * 2.0 * u,
                    gpu_codec = plain || low_rank ? 0.0 : 2.0 * (2.0 * u + u_h);
@@ -316,7 +317,7 @@ INSTANTIATE_TEST_SUITE_P(
 
 
 // The metric over quantizing codecs' caches (the same kernels' logits, whatever the codec):
-// KIVI int8 on the tensor cores (GQA 4), int4 on the CUDA cores (GQA 1, D 64), fp8 (GQA 2),
+// KIVI int8 (GQA 4), int4 (GQA 1, D 64) and fp8 (GQA 2) on the tensor-core fragments (every group),
 // layered<int8> (fp16 rows for sinks and the newest tokens) with one long head (GQA 8);
 // low_rank (post-RoPE, profile bases of ragged ranks): rank 32 at D 128 takes the tensor-core
 // kernel, rank 20 the CUDA-core one.

@@ -1,5 +1,5 @@
 // kvtrim/backend/cuda/codec_fragments.cuh — quantized K/V read straight into
-// tensor-core fragments (decode attention, groups ≥ 4): int8 / int4 (KIVI
+// tensor-core fragments (decode attention, every GQA group): int8 / int4 (KIVI
 // per-channel key groups or per-token keys; symmetric or zero points) and
 // fp8 e4m3, head_dim ≤ 128.
 //
@@ -41,7 +41,7 @@
 //  * Per-token steps (values, per-token keys) and the KIVI runs' steps of a
 //    tile are staged in shared memory with the codes, by the same cp.async
 //    pipeline (quantized_tile_side), so no global latency sits in the loop.
-//  * Groups ≤ 8 take the products transposed (decode_attention.cuh): Sᵀ = K·Qᵀ
+//  * Groups 1–8 take the products transposed (decode_attention.cuh): Sᵀ = K·Qᵀ
 //    with the codes as A (tokens g and g + 8 of a 16-token block: the same
 //    bytes key_fragments reads for two 8-token blocks) and the query as B (the
 //    A registers 0 and 2 below: rows 8–15 were padding), and Oᵀ = Vᵀ·Pᵀ with the
@@ -64,10 +64,14 @@ namespace kvtrim::cuda_detail {
 
 // ---- cp.async (shared by the decode pipeline) --------------------------------
 
-/// 16-byte asynchronous global → shared copy; `bytes` = 0 zero-fills the destination.
+/// 16-byte asynchronous global → shared copy; `bytes` = 0 zero-fills the destination. No L2
+/// prefetch size: paged tiles (this path, with partial tiles, the KIVI run steps and the low-rank
+/// rows) are faster without `.L2::256B` (H200, W 32k, pages of 16: 322 → 316 µs, shared_paged
+/// 337 → 335; low-rank and the codecs unchanged; 2026-12-04); whole affine tiles (copy_async16_at)
+/// were slower without it (contiguous 278 → 280 µs, flat 279 → 284), so they keep it.
 __device__ __forceinline__ void copy_async16(void* shared_destination, const void* global_source, int bytes) {
   const auto destination = static_cast<unsigned>(__cvta_generic_to_shared(shared_destination));
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(destination), "l"(global_source), "r"(bytes));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(destination), "l"(global_source), "r"(bytes));
 }
 /// The same copy with an L2 eviction-priority policy (createpolicy): the eviction metric's
 /// K/V stream marks its lines evict_first so the metric's logits stay resident

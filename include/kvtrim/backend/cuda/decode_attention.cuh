@@ -17,22 +17,21 @@
 //  * K/V tiles stream into shared memory through a cp.async pipeline
 //    (kv_tile_stream, shared by both kernels): several tiles in flight per
 //    block without spending registers on them, which is what keeps HBM busy.
-//  * CUDA cores (groups 1, 2, and fp32 storage): `lanes_per_token = head_dim / 8`
+//  * CUDA cores (16-bit storage at groups 1, 2; fp32): `lanes_per_token = head_dim / 8`
 //    lanes share a token row, each reading 8 elements from shared memory; the
 //    Group dot products finish with one transposed shuffle reduction
 //    (lane_group_sum). Tensor cores (16-bit storage, groups 4, 8, 16): mma.sync
 //    m16n8k16 with the group's query heads as the 16 rows.
 //  * Codecs (codec_tiles): the tiles hold rows as stored — plain elements, or a
-//    quantizing codec's code bytes. Groups 1 and 2 (CUDA cores): each lane
-//    dequantizes its 8 channels in registers after the shared-memory stage
-//    (codec_device<C>::reader: fp8 by the exact conversion times the head's
-//    scale; int8 / int4 by their per-token or per-channel-run steps, KIVI's
-//    filling group from the fp16 residual window). Groups ≥ 4 (tensor cores):
-//    int8 / int4 / fp8 codes go straight into the mma fragments, their steps
+//    quantizing codec's code bytes. int8 / int4 / fp8 codes go straight into
+//    tensor-core mma fragments at every group (1–8 as the transposed product,
+//    tokens as the mma rows; 16 with the heads as the rows), their steps
 //    folded into the query and the weights (codec_fragments.cuh, staged with
 //    the tiles as the pipeline's side data); layered codecs, KIVI runs shorter
 //    than 16 slots and head_dim 256 are dequantized tile by tile into fp16 K/V
-//    tiles that the mma loop reads as it reads 16-bit storage.
+//    tiles that the mma loop reads as it reads 16-bit storage (groups ≥ 4), or,
+//    at groups 1 and 2, on the CUDA cores: each lane dequantizes its 8 channels
+//    in registers after the shared-memory stage (codec_device<C>::reader).
 //  * Multi-query decode (speculative decoding, attend over [B, n, Hq, D], n ≤ 8):
 //    the group's rows become Group × n query rows (row r: new token r / Group,
 //    query head r % Group) sharing every K/V tile the block loads; query t sees
@@ -379,7 +378,7 @@ __device__ __forceinline__ void finish_segment(const Params& params, const float
   }
 }
 
-// ---- CUDA-core kernel (groups 1 and 2, fp32 storage) -------------------------
+// ---- CUDA-core kernel (groups 1 and 2 of 16-bit, layered or short-run storage; fp32) ----
 
 /// Compile-time geometry of one CUDA-core decode block.
 template <int HeadDim, class StoreT, int Group, int RowElements = HeadDim>
@@ -543,7 +542,7 @@ __global__ void __launch_bounds__(decode_threads) decode_attention_cuda_core(con
   });
 }
 
-// ---- tensor-core kernel (16-bit storage, groups 4, 8 and 16) ------------------
+// ---- tensor-core kernel (16-bit storage at groups 4, 8, 16; code fragments at every group) ----
 //
 // At G ≥ 4 the CUDA-core kernel spends 2·G fp32 FMAs per cached element and
 // can no longer keep up with HBM (half the copy bandwidth at G = 8). Here the
@@ -556,7 +555,9 @@ __global__ void __launch_bounds__(decode_threads) decode_attention_cuda_core(con
 // attention weights P are rounded to the storage type (fp16/bf16) for the P·V
 // product — FlashAttention's choice; the softmax itself stays in fp32.
 // Quantizing codecs (1-byte code tiles), Fragments: the codes become mma
-// operands in registers (codec_fragments.cuh). Otherwise, after a tile lands,
+// operands in registers (codec_fragments.cuh); at groups 1–8 the products are
+// transposed — Sᵀ = K·Qᵀ, Oᵀ = Vᵀ·Pᵀ, tokens as the 16 rows and the heads as the
+// 8 columns, Pᵀ by movmatrix — so no rows are padding. Otherwise, after a tile lands,
 // the block dequantizes it through the codec's reader into one fp16 K/V tile
 // (rounding each dequantized element to fp16 once), and the same mma loop reads that.
 
@@ -1182,8 +1183,9 @@ void dispatch_decode_group(std::int64_t group, std::string_view function, Fn&& f
 template <int HeadDim, int Group, class StoreT, int RowElements = HeadDim, bool Fragments = false,
           class Side = no_tile_side, int Queries = 1>
 struct decode_kernel_choice {
-  // Groups ≥ 4 (or several queries) over 16-bit storage or code bytes run on the tensor cores; the rest on CUDA cores.
-  static constexpr bool tensor_cores = sizeof(StoreT) <= 2 && (Group >= 4 || Queries > 1);
+  // Groups ≥ 4 (or several queries) over 16-bit storage or code bytes, and code fragments at every
+  // group (their transposed product), run on the tensor cores; the rest on CUDA cores.
+  static constexpr bool tensor_cores = sizeof(StoreT) <= 2 && (Group >= 4 || Queries > 1 || Fragments);
   // fp32 storage at group 16 has no kernel: the CUDA-core lane groups hold at most head_dim / 8 heads;
   // nor for several queries (fp32 storage has no tensor-core path).
   static constexpr bool supported = tensor_cores || (Queries == 1 && Group <= HeadDim / 8);
@@ -1328,7 +1330,11 @@ struct implementation<stage::decode_attention, backend::cuda> {
           // decoder reads the storage (a runtime property: KIVI runs of whole warp blocks), else through
           // dequantized fp16 tiles.
           using decoder = cuda_detail::fragment_decoder<typename View::codec, head_dim, group>;
-          if constexpr (decoder::supported && group >= 4) {
+          // Every group: below 16 the transposed product, whose unused columns cost nothing the group-4
+          // case does not pay (the CUDA-core kernel it replaces at groups 1 and 2 dequantized every
+          // element per lane: int8 at W's bytes 511 µs at group 1 and 566 at group 2, against 226 at
+          // group 4 on the fragments; H200 2026-12-04).
+          if constexpr (decoder::supported) {
             if (decoder::always_reads || decoder::reads(cache.storage))
               launch<head_dim, group, decoder::supported, 1>(queries, cache, out, scratch, stream, metric, length,
                                                              page_shift);
