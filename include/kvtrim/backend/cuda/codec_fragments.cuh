@@ -553,23 +553,24 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
   }
 
   /// The logit (base 2, before the compensation bias) of a token from its accumulator;
-  /// `index` its place in the tile (side data).
+  /// `index` its place in the tile (side data), row block rb's steps.
   __device__ __forceinline__ float score(float accumulator, int rb, const float* side_tile, int index) const {
-    if (store.key_group == 0) {
-      const float step = side_tile[2 * tile_tokens + index];
-      const float zero = store.asymmetric ? side_tile[3 * tile_tokens + index] : 0.0f;
-      return fmaf(accumulator, step, zero * query_sum[rb]);
-    }
-    return fmaf(accumulator, score_scale[rb], score_offset[rb]);
+    return logit(accumulator, side_tile, index, query_sum[rb], score_scale[rb], score_offset[rb]);
   }
   /// `score` for the transposed product's column e (query head 2t + e).
   __device__ __forceinline__ float column_score(float accumulator, int e, const float* side_tile, int index) const {
+    return logit(accumulator, side_tile, index, column_query_sum[e], column_scale[e], column_offset[e]);
+  }
+  /// Per-token keys: the token's step and zero point (times the head's Σ_d q_d); KIVI runs: the
+  /// run's score step and offset of the head.
+  __device__ __forceinline__ float logit(float accumulator, const float* side_tile, int index, float head_query_sum,
+                                         float scale, float offset) const {
     if (store.key_group == 0) {
       const float step = side_tile[2 * tile_tokens + index];
       const float zero = store.asymmetric ? side_tile[3 * tile_tokens + index] : 0.0f;
-      return fmaf(accumulator, step, zero * column_query_sum[e]);
+      return fmaf(accumulator, step, zero * head_query_sum);
     }
-    return fmaf(accumulator, column_scale[e], column_offset[e]);
+    return fmaf(accumulator, scale, offset);
   }
   /// p' = p·s_t for the P·V product, rounded to the fp16 the product reads (the kernel's pack
   /// keeps it exactly); Σ p' kept for the value bias, Σ p z aside.
