@@ -17,6 +17,10 @@
 //   factors 2^(fl(m_old·c) − fl(m_new·c)) are each rounded once, by ≤ u·(m_new − m_old)·c
 //   in the base-2 exponent, and a row's running max of raw logits only grows within
 //   [−A, A]: ≤ u·2A·c, times ln 2 with c = log2(e)/√D);
+//   the wgmma pass 2 (sm_90a builds, attention_mass_wgmma.cuh) subtracts one value per
+//   row, L = fl(m' + fl(log2 Z₂)), instead of multiplying by 1/Z: ≤ u·(|m'| + 3·log2 T)
+//   more in the base-2 exponent (|m'| ≤ log2(e)·A/√D; log2f is within 1 ulp and
+//   1 ≤ Z₂ ≤ T), i.e. ≤ u·(A/√D + 2.1·log2 T) in the natural one;
 //   it flushes terms below 2⁻¹²⁶ to zero: < rows·2⁻¹²⁶ < 1e-35 absolute per score,
 //   inside the comparison's absolute floor of 1e-30),
 //   plus the rounding of Z's sums: ≤ T·u for the CPU's left-to-right sum over ≤ T
@@ -191,7 +195,9 @@ double mass_tolerance(const kt::testing::host_tensor<K, 4>& keys, const kt::test
   // ≤ A/√D, so a row's rescales add ≤ u·2·(A/√D)·log2(e) to the base-2 exponent in
   // all: ≤ 2·u·A/√D in the natural one.
   const double rescale = 2.0 * u32 * a / std::sqrt(head_dim);
-  return std::expm1(3.0 * logit + 2.0 * argument + rescale) + (tokens + tokens * 9.0 / 64.0 + 96.0 + 8.0) * u32 +
+  // The wgmma pass 2's L = fl(m' + fl(log2 Z₂)) (header comment).
+  const double row_lse = u32 * (a / std::sqrt(head_dim) + 2.1 * std::log2(std::max(tokens, 2.0)));
+  return std::expm1(3.0 * logit + 2.0 * argument + rescale + row_lse) + (tokens + tokens * 9.0 / 64.0 + 96.0 + 8.0) * u32 +
          2.0 * u32 * static_cast<double>(rows + kernel + group + 8);
 }
 
@@ -286,8 +292,57 @@ INSTANTIATE_TEST_SUITE_P(
         snapkv_case{2, 1, 16, 256, 4097, 64, 5, 64, kt::score::pooling::avg, kt::score::window_reduction::sum},
         snapkv_case{1, 2, 1, 256, 1000, 100, 1, 100},
         // 32768: many key splits
-        snapkv_case{1, 2, 4, 128, 32768, 64, 5, 64}, snapkv_case{1, 1, 16, 64, 32768, 64, 5, 64}),
+        snapkv_case{1, 2, 4, 128, 32768, 64, 5, 64}, snapkv_case{1, 1, 16, 64, 32768, 64, 5, 64},
+        // The wgmma passes' chunk counts (sm_90a): two partial chunks per head (window 100,
+        // G 2: 4 resident chunks at D 128), a full block of 8 chunks at D 64, 8 chunks at
+        // D 128 (pass 1 in two row groups, pass 2 on mma.sync), one chunk at D 128 over
+        // many key tiles per pass-2 block
+        snapkv_case{2, 2, 2, 128, 4097, 100, 5, 100}, snapkv_case{1, 2, 8, 64, 4097, 64, 7, 64},
+        snapkv_case{2, 1, 8, 128, 1000, 64, 5, 70, kt::score::pooling::max}, snapkv_case{1, 3, 1, 128, 32768, 64, 5, 64}),
     [](const ::testing::TestParamInfo<snapkv_case>& info) { return describe(info.param) + "_" + std::to_string(info.index); });
+
+// In an sm_90a build (KVTRIM_CUDA_WGMMA) on a compute capability 9.0 device, SnapKV's
+// usual shapes take the wgmma passes: a fallback that silently kept the mma.sync passes
+// would still pass every comparison above.
+TEST(SnapKVScores, HopperBuildsChooseTheWgmmaPasses) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+#if !defined(KVTRIM_CUDA_WGMMA)
+  GTEST_SKIP() << "not an sm_90a build: the mma.sync passes only";
+#else
+  namespace kc = kt::cuda_detail;
+  if (!kc::wgmma_device("test")) GTEST_SKIP() << "not a compute capability 9.0 device";
+  float lse = 0.0f;  // only its address is taken
+  const auto choose = [&](const kt::model_shape& shape, std::int64_t window, bool vector_loads) {
+    const kc::mass_plan plan = kc::plan_attention_mass(shape, 8, 32768, window);
+    kc::attention_mass_parameters<__half, __half> p{};
+    p.vector_loads = vector_loads;
+    const auto chosen = kc::choose_mass_kernels<__half, __half, 128>("test", p, plan, &lse, 32768 - window);
+    return std::tuple{chosen, p, plan};
+  };
+  {  // W: 4 row chunks of 64 per kv head, both passes
+    const auto [chosen, p, plan] = choose({.q_heads = 32, .kv_heads = 8, .head_dim = 128}, 64, true);
+    EXPECT_TRUE(chosen.wgmma_rows);
+    EXPECT_TRUE(chosen.wgmma_columns);
+    EXPECT_EQ(p.lse, &lse);
+    EXPECT_GE(p.column_tiles, 1);
+    EXPECT_EQ(chosen.rows_grid.x, plan.units);  // one row group
+    EXPECT_EQ(chosen.columns_blocks, plan.units * kc::ceil_div(kc::ceil_div(32768 - 64, 64), p.column_tiles));
+  }
+  {  // 8 row chunks at D 128: pass 1 in two row groups, pass 2 on mma.sync (no L needed)
+    const auto [chosen, p, plan] = choose({.q_heads = 64, .kv_heads = 8, .head_dim = 128}, 64, true);
+    EXPECT_TRUE(chosen.wgmma_rows);
+    EXPECT_FALSE(chosen.wgmma_columns);
+    EXPECT_EQ(p.lse, nullptr);
+    EXPECT_EQ(chosen.rows_grid.x, plan.units * 2);
+  }
+  {  // strided or unaligned rows: the mma.sync passes
+    const auto [chosen, p, plan] = choose({.q_heads = 32, .kv_heads = 8, .head_dim = 128}, 64, false);
+    EXPECT_FALSE(chosen.wgmma_rows);
+    EXPECT_FALSE(chosen.wgmma_columns);
+    EXPECT_EQ(chosen.rows_grid.x, plan.units * plan.row_chunks);
+  }
+#endif
+}
 
 TEST(SnapKVScores, Fp32AndMixedInputsUseTheFp32Product) {
   KVTRIM_SKIP_WITHOUT_GPU();

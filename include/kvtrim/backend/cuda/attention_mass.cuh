@@ -96,6 +96,8 @@ struct attention_mass_parameters {
   float2* partial;              // [units · G · chunks · 64, splits]: (max, Σexp) per split
   float2* stats;                // [units · G · chunks · 64]: (m, 1/Z), the reciprocal taken once per row
   float* mass;                  // [B, Hq, length]
+  float* lse;                   // [units · G · chunks · 64]: L = m + log2 Z (the wgmma pass 2), or null
+  std::int64_t column_tiles;    // key tiles per block of the wgmma pass 2
 };
 
 /// Rows of one unit's row chunk `chunk` (g-major: chunk = g · chunks_per_head + c).
@@ -349,6 +351,7 @@ __global__ void attention_fold_splits(const __grid_constant__ attention_mass_par
       if (part.x > -INFINITY) z += part.y * exp2f(part.x - m);
     }
     p.stats[row] = make_float2(m, 1.0f / z);
+    if (p.lse != nullptr) p.lse[row] = m + log2f(z);
   }
 }
 
@@ -877,6 +880,13 @@ __global__ void __launch_bounds__(mass_threads, 3)
   }
 }
 
+}  // namespace kvtrim::cuda_detail
+
+// The same two passes on Hopper's warpgroup MMA, where the build targets sm_90a alone.
+#include "kvtrim/backend/cuda/attention_mass_wgmma.cuh"
+
+namespace kvtrim::cuda_detail {
+
 /// What the finish does per query head before the group reduction.
 enum class mass_finish_kind { snapkv, h2o };
 
@@ -968,6 +978,7 @@ inline mass_plan plan_attention_mass(const model_shape& shape, std::int64_t batc
 struct mass_scratch {
   float2* partial = nullptr;
   float2* stats = nullptr;
+  float* lse = nullptr;
   float* mass = nullptr;
 };
 
@@ -976,6 +987,7 @@ inline mass_scratch carve_attention_mass(workspace_carver& carver, const mass_pl
   constexpr std::string_view function = "kvtrim::score::attention_mass (backend::cuda)";
   scratch.partial = carver.take<float2>(detail::checked_mul(function, "tokens", plan.rows, plan.splits));
   scratch.stats = carver.take<float2>(plan.rows);
+  scratch.lse = carver.take<float>(plan.rows);
   scratch.mass = carver.take<float>(detail::checked_mul(function, "tokens", plan.q_heads, std::max<std::int64_t>(length, 1)));
   return scratch;
 }
@@ -985,6 +997,111 @@ inline std::size_t attention_mass_workspace_bytes(const model_shape& shape, std:
   workspace_carver carver;
   carve_attention_mass(carver, plan_attention_mass(shape, batch, tokens, per_head_queries), length);
   return carver.bytes();
+}
+
+/// Which kernels run the two passes of one call and their grids, chosen and checked
+/// before anything is launched (a refused call launches nothing). The wgmma passes
+/// (attention_mass_wgmma.cuh) where the build has them, for 16-bit inputs of one type
+/// with 16-byte rows and head dim 64 or 128; pass 2 also needs the group's row chunks
+/// to fit a block (G · ⌈n_q / 64⌉ ≤ 4 at D = 128, 8 at D = 64: SnapKV's windows).
+struct mass_kernels {
+  bool wgmma_rows = false, wgmma_columns = false;
+  dim3 rows_grid;
+  unsigned columns_blocks = 0;
+};
+
+template <class KeyT, class QueryT, int HeadDim>
+mass_kernels choose_mass_kernels(std::string_view function, attention_mass_parameters<KeyT, QueryT>& p,
+                                 const mass_plan& plan, float* lse, std::int64_t length) {
+  mass_kernels kernels;
+#if defined(KVTRIM_CUDA_WGMMA)
+  if constexpr (mass_uses_mma<KeyT, QueryT> && wgmma_mass_head_dim<HeadDim>) {
+    kernels.wgmma_rows = p.vector_loads && wgmma_device(function);
+    kernels.wgmma_columns = kernels.wgmma_rows && plan.row_chunks <= wgmma_mass_chunks<HeadDim>;
+  }
+#endif
+  (void)lse;
+  std::int64_t row_blocks = plan.units * plan.row_chunks;
+#if defined(KVTRIM_CUDA_WGMMA)
+  if constexpr (mass_uses_mma<KeyT, QueryT> && wgmma_mass_head_dim<HeadDim>) {
+    if (kernels.wgmma_rows) row_blocks = plan.units * ceil_div(plan.row_chunks, wgmma_mass_chunks<HeadDim>);
+  }
+#endif
+  if (row_blocks > 2147483647 || plan.splits > 65535)
+    detail::fail(function, "keys", "fewer row chunks than a grid holds", std::to_string(row_blocks));
+  kernels.rows_grid = dim3(static_cast<unsigned>(row_blocks), static_cast<unsigned>(plan.splits));
+  const std::int64_t key_tiles = ceil_div(length, mass_tile);
+  std::int64_t column_blocks = plan.units * key_tiles;
+#if defined(KVTRIM_CUDA_WGMMA)
+  if (kernels.wgmma_columns) {
+    p.column_tiles = wgmma_column_tiles(plan.units, key_tiles);
+    p.lse = lse;
+    column_blocks = plan.units * ceil_div(key_tiles, p.column_tiles);
+  }
+#endif
+  if (column_blocks > 2147483647)
+    detail::fail(function, "keys", "fewer key tiles than a grid holds", std::to_string(column_blocks));
+  kernels.columns_blocks = static_cast<unsigned>(column_blocks);
+  return kernels;
+}
+
+/// Pass 1 and the fold of its splits into (m, 1/Z) (and L, where pass 2 is wgmma's).
+template <class KeyT, class QueryT, int HeadDim>
+void launch_attention_row_stats(std::string_view function, const attention_mass_parameters<KeyT, QueryT>& p,
+                                const mass_kernels& kernels, const mass_plan& plan, cudaStream_t stream) {
+  constexpr bool tensor_cores = mass_uses_mma<KeyT, QueryT>;
+  const auto launch = [&](auto kernel, std::size_t shared) {
+    detail::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared), function,
+                       "cudaFuncSetAttribute(attention_row_stats)");
+    kernel<<<kernels.rows_grid, mass_threads, shared, stream>>>(p);
+  };
+  bool launched = false;
+#if defined(KVTRIM_CUDA_WGMMA)
+  if constexpr (tensor_cores && wgmma_mass_head_dim<HeadDim>) {
+    if (kernels.wgmma_rows) {
+      launch(attention_row_stats_wgmma<KeyT, HeadDim>, wgmma_row_stats_shared_bytes<HeadDim>());
+      launched = true;
+    }
+  }
+#endif
+  if (!launched) {
+    if constexpr (tensor_cores)
+      launch(attention_row_stats_mma<KeyT, HeadDim>, mass_mma_shared_bytes<KeyT, HeadDim>());
+    else
+      launch(attention_row_stats<KeyT, QueryT, HeadDim>, mass_shared_bytes<KeyT, QueryT, HeadDim>());
+  }
+  detail::check_launch(function, "attention_row_stats");
+  attention_fold_splits<KeyT, QueryT>
+      <<<static_cast<unsigned>(std::min<std::int64_t>(ceil_div(plan.rows, 256), 65535)), 256, 0, stream>>>(p);
+  detail::check_launch(function, "attention_fold_splits");
+}
+
+/// Pass 2: the per-query-head column sums into p.mass.
+template <class KeyT, class QueryT, int HeadDim>
+void launch_attention_column_mass(std::string_view function, const attention_mass_parameters<KeyT, QueryT>& p,
+                                  const mass_kernels& kernels, cudaStream_t stream) {
+  constexpr bool tensor_cores = mass_uses_mma<KeyT, QueryT>;
+  const auto launch = [&](auto kernel, std::size_t shared) {
+    detail::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared), function,
+                       "cudaFuncSetAttribute(attention_column_mass)");
+    kernel<<<kernels.columns_blocks, mass_threads, shared, stream>>>(p);
+  };
+  bool launched = false;
+#if defined(KVTRIM_CUDA_WGMMA)
+  if constexpr (tensor_cores && wgmma_mass_head_dim<HeadDim>) {
+    if (kernels.wgmma_columns) {
+      launch(attention_column_mass_wgmma<KeyT, HeadDim>, wgmma_column_mass_shared_bytes<HeadDim>());
+      launched = true;
+    }
+  }
+#endif
+  if (!launched) {
+    if constexpr (tensor_cores)
+      launch(attention_column_mass_mma<KeyT, HeadDim>, mass_mma_shared_bytes<KeyT, HeadDim>());
+    else
+      launch(attention_column_mass<KeyT, QueryT, HeadDim>, mass_shared_bytes<KeyT, QueryT, HeadDim>());
+  }
+  detail::check_launch(function, "attention_column_mass");
 }
 
 /// Runs both passes and the finish: scores(b, h, ·) from keys and the observed
@@ -1019,40 +1136,14 @@ void attention_mass_scores(std::string_view function, const kv_view<KeyT, device
       reinterpret_cast<const query_t*>(queries.data), queries.stride(0), queries.stride(1), queries.stride(2),
       queries.stride(3), vector_loads, batch, shape.kv_heads, shape.group_size(), tokens, observed, first,
       plan.chunks_per_head, plan.splits, plan.split_tiles, length,
-      static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(head_dim))), pieces.partial, pieces.stats, pieces.mass};
+      static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(head_dim))), pieces.partial, pieces.stats,
+      pieces.mass, nullptr, 0};
 
   dispatch_head_dim(head_dim, function, [&](auto head_dim_constant) {
     constexpr int D = decltype(head_dim_constant)::value;
-    constexpr bool tensor_cores = mass_uses_mma<key_t, query_t>;
-    constexpr std::size_t shared = tensor_cores ? mass_mma_shared_bytes<key_t, D>() : mass_shared_bytes<key_t, query_t, D>();
-    const auto stats_kernel = [] {
-      if constexpr (tensor_cores) return attention_row_stats_mma<key_t, D>;
-      else return attention_row_stats<key_t, query_t, D>;
-    }();
-    const auto mass_kernel = [] {
-      if constexpr (tensor_cores) return attention_column_mass_mma<key_t, D>;
-      else return attention_column_mass<key_t, query_t, D>;
-    }();
-    detail::check_cuda(cudaFuncSetAttribute(stats_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared),
-                       function, "cudaFuncSetAttribute(attention_row_stats)");
-    detail::check_cuda(cudaFuncSetAttribute(mass_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared),
-                       function, "cudaFuncSetAttribute(attention_column_mass)");
-    // Both grids are checked before the first launch (a refused call launches nothing).
-    if (plan.units * plan.row_chunks > 2147483647 || plan.splits > 65535)
-      detail::fail(function, "keys", "fewer row chunks than a grid holds", std::to_string(plan.units * plan.row_chunks));
-    const std::int64_t mass_blocks = plan.units * ceil_div(length, mass_tile);
-    if (mass_blocks > 2147483647)
-      detail::fail(function, "keys", "fewer key tiles than a grid holds", std::to_string(mass_blocks));
-    stats_kernel<<<dim3(static_cast<unsigned>(plan.units * plan.row_chunks), static_cast<unsigned>(plan.splits)),
-                   mass_threads, shared, stream>>>(p);
-    detail::check_launch(function, "attention_row_stats");
-    attention_fold_splits<key_t, query_t>
-        <<<static_cast<unsigned>(std::min<std::int64_t>(ceil_div(plan.rows, 256), 65535)), 256, 0, stream>>>(p);
-    detail::check_launch(function, "attention_fold_splits");
-    if (length > 0) {
-      mass_kernel<<<static_cast<unsigned>(mass_blocks), mass_threads, shared, stream>>>(p);
-      detail::check_launch(function, "attention_column_mass");
-    }
+    const mass_kernels kernels = choose_mass_kernels<key_t, query_t, D>(function, p, plan, pieces.lse, length);
+    launch_attention_row_stats<key_t, query_t, D>(function, p, kernels, plan, stream);
+    if (length > 0) launch_attention_column_mass<key_t, query_t, D>(function, p, kernels, stream);
   });
 
   finish.mass = pieces.mass;

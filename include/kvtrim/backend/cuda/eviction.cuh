@@ -1686,41 +1686,23 @@ void seed_metric(const kv_view<const KeyT, device_space>& keys,
                             aligned(window_queries.data) && keys.stride(0) % 8 == 0 && keys.stride(1) % 8 == 0 &&
                             keys.stride(2) % 8 == 0 && window_queries.stride(0) % 8 == 0 &&
                             window_queries.stride(1) % 8 == 0 && window_queries.stride(2) % 8 == 0;
-  const cuda_detail::attention_mass_parameters<key_t, query_t> p{
+  cuda_detail::attention_mass_parameters<key_t, query_t> p{
       reinterpret_cast<const key_t*>(keys.data), keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
       reinterpret_cast<const query_t*>(window_queries.data), window_queries.stride(0), window_queries.stride(1),
       window_queries.stride(2), window_queries.stride(3), vector_loads, cache.batch, shape.kv_heads,
       shape.group_size(), tokens, observed, 0, plan.chunks_per_head, plan.splits, plan.split_tiles, 0,
       static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(shape.head_dim))), pieces.partial,
-      pieces.stats, nullptr};
-  if (plan.units * plan.row_chunks > 2147483647 || plan.splits > 65535)
-    ::kvtrim::detail::fail(function, "window_queries", "fewer row chunks than a grid holds",
-                           std::to_string(plan.units * plan.row_chunks));
+      pieces.stats, nullptr, nullptr, 0};
 
   cuda_detail::dispatch_head_dim(shape.head_dim, function, [&](auto head_dim_constant) {
     constexpr int D = decltype(head_dim_constant)::value;
-    constexpr bool tensor_cores = cuda_detail::mass_uses_mma<key_t, query_t>;
-    constexpr std::size_t shared = tensor_cores ? cuda_detail::mass_mma_shared_bytes<key_t, D>()
-                                                : cuda_detail::mass_shared_bytes<key_t, query_t, D>();
-    const auto stats_kernel = [] {
-      if constexpr (tensor_cores)
-        return cuda_detail::attention_row_stats_mma<key_t, D>;
-      else
-        return cuda_detail::attention_row_stats<key_t, query_t, D>;
-    }();
-    ::kvtrim::detail::check_cuda(
-        cudaFuncSetAttribute(stats_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared), function,
-        "cudaFuncSetAttribute(attention_row_stats)");
+    // Pass 1 only (no column pass: length 0); its grid is checked before anything runs.
+    const cuda_detail::mass_kernels kernels =
+        cuda_detail::choose_mass_kernels<key_t, query_t, D>(function, p, plan, nullptr, 0);
     ::kvtrim::detail::check_cuda(
         cudaMemsetAsync(metric.values, 0, sizeof(float) * ::kvtrim::detail::storage_slots(cache.storage), stream),
         function, "cudaMemsetAsync(metric)");
-    stats_kernel<<<dim3(static_cast<unsigned>(plan.units * plan.row_chunks), static_cast<unsigned>(plan.splits)),
-                   cuda_detail::mass_threads, shared, stream>>>(p);
-    ::kvtrim::detail::check_launch(function, "attention_row_stats");
-    cuda_detail::attention_fold_splits<key_t, query_t>
-        <<<static_cast<unsigned>(std::min<std::int64_t>(cuda_detail::ceil_div(plan.rows, 256), 65535)), 256, 0,
-           stream>>>(p);
-    ::kvtrim::detail::check_launch(function, "attention_fold_splits");
+    cuda_detail::launch_attention_row_stats<key_t, query_t, D>(function, p, kernels, plan, stream);
     const auto warps_y = static_cast<unsigned>(
         std::clamp<std::int64_t>(cuda_detail::ceil_div(tokens, cuda_detail::seed_warps), 1, 65535));
     cuda_detail::seed_decode_metric<D, View, key_t, query_t>
