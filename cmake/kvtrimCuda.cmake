@@ -35,13 +35,15 @@ if(KVTRIM_HAS_CUDA)
   target_link_libraries(kvtrim_cuda INTERFACE kvtrim::kvtrim CUDA::cudart CUDA::cusolver)
   target_compile_definitions(kvtrim_cuda INTERFACE KVTRIM_HAS_CUDA=1)
   # Hopper's warpgroup MMA (backend/cuda/wgmma.cuh: the SnapKV/H2O passes) for targets
-  # whose only CUDA architecture is sm_90a. The host pass cannot tell sm_90 code from
-  # sm_90a code, so the build says it; KVTRIM_CUDA_WGMMA=OFF keeps the mma.sync passes.
+  # whose only CUDA architecture is sm_90a (90a, 90a-real, or 90a-virtual: CI's PTX-only
+  # build, which still assembles nothing for other devices). The host pass cannot tell
+  # sm_90 code from sm_90a code, so the build says it; KVTRIM_CUDA_WGMMA=OFF keeps the
+  # mma.sync passes.
   option(KVTRIM_CUDA_WGMMA "Use wgmma kernels where a target's CUDA_ARCHITECTURES is 90a alone" ON)
   if(KVTRIM_CUDA_WGMMA)
     set(_kvtrim_archs "$<TARGET_PROPERTY:CUDA_ARCHITECTURES>")
     target_compile_definitions(kvtrim_cuda INTERFACE
-      "$<$<AND:$<COMPILE_LANGUAGE:CUDA>,$<OR:$<STREQUAL:${_kvtrim_archs},90a>,$<STREQUAL:${_kvtrim_archs},90a-real>>>:KVTRIM_CUDA_WGMMA=1>")
+      "$<$<AND:$<COMPILE_LANGUAGE:CUDA>,$<OR:$<STREQUAL:${_kvtrim_archs},90a>,$<STREQUAL:${_kvtrim_archs},90a-real>,$<STREQUAL:${_kvtrim_archs},90a-virtual>>>:KVTRIM_CUDA_WGMMA=1>")
   endif()
   if("cuda_std_20" IN_LIST CMAKE_CUDA_COMPILE_FEATURES)
     target_compile_features(kvtrim_cuda INTERFACE cuda_std_20)

@@ -54,6 +54,8 @@
 #include <string_view>
 #include <type_traits>
 
+#include "kvtrim/backend/cuda/attention_mass_base.cuh"
+#include "kvtrim/backend/cuda/attention_mass_wgmma.cuh"  // Hopper's passes (sm_90a builds only)
 #include "kvtrim/backend/cuda/common.cuh"
 #include "kvtrim/backend/cuda/mma.cuh"
 #include "kvtrim/core/shape.hpp"
@@ -62,68 +64,6 @@
 #include "kvtrim/score/attention_mass.hpp"
 
 namespace kvtrim::cuda_detail {
-
-/// Query rows and keys per tile product; threads per block of both passes.
-inline constexpr int mass_tile = 64;
-inline constexpr int mass_threads = 128;
-/// Row stride of the fp32 path's logit tile in shared memory: with the rotated
-/// column order of pass 1, the 32 rows a warp reads land in 32 different banks.
-inline constexpr int mass_logit_stride = mass_tile + 4;
-/// Pass 1 aims at this many blocks before it stops splitting keys: ~10 waves of
-/// 3 blocks on 132 SMs (an H200), so the last partial wave costs a few per cent
-/// (1024 left 2.6 waves: a third of the last wave idle).
-inline constexpr std::int64_t mass_target_blocks = 4096;
-inline constexpr std::int64_t mass_max_splits = 64;
-
-__host__ __device__ __forceinline__ std::int64_t mass_ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
-__host__ __device__ __forceinline__ std::int64_t mass_min(std::int64_t a, std::int64_t b) { return a < b ? a : b; }
-
-/// What the two passes and the finish read (FlashInfer-style parameters by value).
-template <class KeyT, class QueryT>
-struct attention_mass_parameters {
-  const KeyT* keys;  // [B, H, T, D] strided
-  std::int64_t key_batch_stride, key_head_stride, key_token_stride, key_channel_stride;
-  const QueryT* queries;  // [B, Hq, n_q, D] strided
-  std::int64_t query_batch_stride, query_head_stride, query_token_stride, query_channel_stride;
-  bool vector_loads;  // channel strides 1, rows 16-byte aligned
-  std::int64_t batch, kv_heads, group, tokens, observed;
-  std::int64_t first;           // first observed query that counts: t ∈ [first, observed)
-  std::int64_t chunks_per_head; // ⌈(observed − first) / 64⌉ row chunks per query head
-  std::int64_t splits;          // key splits of pass 1
-  std::int64_t split_tiles;     // key tiles per split
-  std::int64_t length;          // keys whose mass is needed: [0, length)
-  float log2_scale;             // log2(e)/√D: logits in base-2 units (see the header)
-  float2* partial;              // [units · G · chunks · 64, splits]: (max, Σexp) per split
-  float2* stats;                // [units · G · chunks · 64]: (m, 1/Z), the reciprocal taken once per row
-  float* mass;                  // [B, Hq, length]
-  float* lse;                   // [units · G · chunks · 64]: L = m + log2 Z (the wgmma pass 2), or null
-  std::int64_t column_tiles;    // key tiles per block of the wgmma pass 2
-};
-
-/// Rows of one unit's row chunk `chunk` (g-major: chunk = g · chunks_per_head + c).
-struct row_chunk {
-  std::int64_t g, t0, count;  // query head in the group, first observed query, rows
-  std::int64_t last_position; // position of its last row: keys ≤ this are visible to some row
-};
-
-template <class Parameters>
-__device__ __forceinline__ row_chunk chunk_rows(const Parameters& p, std::int64_t chunk) {
-  row_chunk rows;
-  rows.g = chunk / p.chunks_per_head;
-  rows.t0 = p.first + (chunk % p.chunks_per_head) * mass_tile;
-  rows.count = mass_min(std::int64_t{mass_tile}, p.observed - rows.t0);
-  rows.last_position = p.tokens - p.observed + rows.t0 + rows.count - 1;
-  return rows;
-}
-
-/// Row chunks [this, chunks_per_head) of every query head see the key tile at
-/// j0 (causal; every head has one: the chunk of the last query sees every key).
-template <class Parameters>
-__device__ __forceinline__ std::int64_t first_chunk_seeing(const Parameters& p, std::int64_t j0) {
-  std::int64_t first = 0;
-  while (first + 1 < p.chunks_per_head && chunk_rows(p, first).last_position < j0) ++first;
-  return first;
-}
 
 /// The shared-memory element type of the tile product: the 16-bit input type
 /// itself when keys and queries share it (tensor cores), else fp32.
@@ -153,18 +93,6 @@ constexpr std::size_t mass_shared_bytes() {
 template <class T, int HeadDim>
 constexpr std::size_t mass_mma_shared_bytes() {
   return 3 * std::size_t{mass_tile} * mass_row_stride<T, HeadDim> * sizeof(T) + mass_tile * sizeof(float2);
-}
-
-/// cp.async of 16 bytes global → shared (sm_80+), zero-filled when !valid:
-/// the next tile loads while the current one is multiplied.
-__device__ __forceinline__ void mass_async_copy16(void* shared, const void* global, bool valid) {
-  const auto address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void mass_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int Pending>
-__device__ __forceinline__ void mass_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(Pending));
 }
 
 /// Stages rows [row0, row0 + 64) ∩ [0, rows) of a [rows, D] matrix (row stride,
@@ -516,23 +444,6 @@ struct mass_mma {
   }
 };
 
-/// (max, Σexp) of two parts of a row.
-__device__ __forceinline__ float2 mass_merge_stats(float2 a, float2 b) {
-  const float m = fmaxf(a.x, b.x);
-  if (m == -INFINITY) return make_float2(-INFINITY, 0.0f);
-  return make_float2(m, (a.x > -INFINITY ? a.y * exp2f(a.x - m) : 0.0f) + (b.x > -INFINITY ? b.y * exp2f(b.x - m) : 0.0f));
-}
-
-/// 2^x on the MUFU unit with subnormal results flushed to zero (ex2.approx.ftz:
-/// 2 ulp, like exp2f, without exp2f's rescaling around subnormals). A flushed
-/// term is a probability below 2⁻¹²⁶ of its row: every score it could reach
-/// moves by less than rows · 2⁻¹²⁶ < 10⁻³⁵ in absolute terms.
-__device__ __forceinline__ float mass_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 /// cp.async staging of 64-row tiles of one [rows, D] 16-bit matrix whose rows
 /// are 16-byte aligned with channel stride 1 (p.vector_loads). A thread's rows
 /// (r0, r0 + rows_per_pass, …) and 16-byte channel chunk are the same for every
@@ -880,13 +791,6 @@ __global__ void __launch_bounds__(mass_threads, 3)
   }
 }
 
-}  // namespace kvtrim::cuda_detail
-
-// The same two passes on Hopper's warpgroup MMA, where the build targets sm_90a alone.
-#include "kvtrim/backend/cuda/attention_mass_wgmma.cuh"
-
-namespace kvtrim::cuda_detail {
-
 /// What the finish does per query head before the group reduction.
 enum class mass_finish_kind { snapkv, h2o };
 
@@ -967,7 +871,18 @@ inline mass_plan plan_attention_mass(const model_shape& shape, std::int64_t batc
   plan.row_chunks = shape.group_size() * plan.chunks_per_head;
   plan.rows = plan.units * plan.row_chunks * mass_tile;
   const std::int64_t key_tiles = ceil_div(tokens, mass_tile);
-  const std::int64_t wanted = ceil_div(mass_target_blocks, std::max<std::int64_t>(plan.units * plan.row_chunks, 1));
+  std::int64_t row_blocks = plan.units * plan.row_chunks, target = mass_target_blocks;
+#if defined(KVTRIM_CUDA_WGMMA)
+  // The wgmma pass 1 (16-bit inputs, head dim 64 or 128) takes 8 or 4 row chunks a
+  // block: its splits are planned for those blocks, ~2048 of them (each loads its Q
+  // chunks once, so fewer and longer splits than the mma.sync pass's 4096 blocks);
+  // the other passes on the same plan (strided inputs) just split finer.
+  if (shape.head_dim == 64 || shape.head_dim == 128) {
+    row_blocks = plan.units * ceil_div(plan.row_chunks, shape.head_dim == 64 ? wgmma_mass_chunks<64> : wgmma_mass_chunks<128>);
+    target = wgmma_row_target_blocks;
+  }
+#endif
+  const std::int64_t wanted = ceil_div(target, std::max<std::int64_t>(row_blocks, 1));
   plan.splits = std::max<std::int64_t>(1, std::min({wanted, key_tiles, mass_max_splits}));
   plan.split_tiles = ceil_div(key_tiles, plan.splits);
   plan.splits = ceil_div(key_tiles, plan.split_tiles);
@@ -1020,7 +935,7 @@ mass_kernels choose_mass_kernels(std::string_view function, attention_mass_param
     kernels.wgmma_columns = kernels.wgmma_rows && plan.row_chunks <= wgmma_mass_chunks<HeadDim>;
   }
 #endif
-  (void)lse;
+  (void)p, (void)lse;  // used by the wgmma passes only
   std::int64_t row_blocks = plan.units * plan.row_chunks;
 #if defined(KVTRIM_CUDA_WGMMA)
   if constexpr (mass_uses_mma<KeyT, QueryT> && wgmma_mass_head_dim<HeadDim>) {

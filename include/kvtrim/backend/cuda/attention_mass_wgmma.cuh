@@ -41,6 +41,8 @@
 #include <string_view>
 #include <utility>
 
+#include "kvtrim/backend/cuda/attention_mass_base.cuh"
+#include "kvtrim/backend/cuda/common.cuh"
 #include "kvtrim/backend/cuda/wgmma.cuh"
 
 namespace kvtrim::cuda_detail {
@@ -49,6 +51,9 @@ namespace kvtrim::cuda_detail {
 /// either head dim, so two blocks fit an SM with their K stages.
 template <int HeadDim>
 inline constexpr int wgmma_mass_chunks = HeadDim == 64 ? 8 : 4;
+/// Pass 1 aims at this many blocks (~8 waves of 2 blocks on 132 SMs) before it stops
+/// splitting keys (plan_attention_mass): each block loads its Q chunks once.
+inline constexpr std::int64_t wgmma_row_target_blocks = 2048;
 /// Pass 2 aims at this many blocks (~8 waves of 2 blocks on 132 SMs) before it gives
 /// a block more key tiles: each block loads the group's Q once.
 inline constexpr std::int64_t wgmma_column_target_blocks = 2048;
