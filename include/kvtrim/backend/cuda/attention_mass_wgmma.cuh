@@ -103,6 +103,38 @@ __device__ __forceinline__ void wgmma_tile_product_rs(float (&d)[32], const unsi
   wgmma_commit();
 }
 
+/// Chunks 0 … chunks − 1 (≤ ChunksMax) through two accumulators: chunk i's product
+/// (issue) is in flight while chunk i − 1's logits are read (consume). Every step
+/// waits right after the issue it may leave pending, so on every path the
+/// accumulator read and the one the next issue overwrites have retired — ptxas
+/// checks that per path (a wait under a separate branch on the same condition made
+/// it serialise every wgmma, C7514).
+template <int ChunksMax, class Issue, class Consume>
+__device__ __forceinline__ void wgmma_chunk_pipeline(int chunks, float (&accumulator)[2][32], Issue&& issue,
+                                                     Consume&& consume) {
+  [&]<int... I>(std::integer_sequence<int, I...>) {
+    (
+        [&] {
+          constexpr int i = I;
+          if constexpr (i == 0) {
+            issue(std::integral_constant<int, 0>{}, accumulator[0]);  // chunks ≥ 1
+          } else {
+            if (i < ChunksMax && i < chunks) {
+              issue(std::integral_constant<int, i < ChunksMax ? i : 0>{}, accumulator[i & 1]);
+              wgmma_wait<1>();
+            } else {
+              wgmma_wait<0>();
+            }
+            if (i - 1 < chunks) {
+              wgmma_settle(accumulator[(i - 1) & 1]);
+              consume(std::integral_constant<int, i - 1>{}, accumulator[(i - 1) & 1]);
+            }
+          }
+        }(),
+        ...);
+  }(std::make_integer_sequence<int, ChunksMax + 1>{});
+}
+
 /// Pass 1 (see the header). grid.x = units · row groups (the groups of one unit
 /// adjacent: they share the unit's K through L2), grid.y = key splits. Writes every
 /// row of its chunks' partial (max·c, Σ) for its split, as attention_row_stats does.
@@ -219,32 +251,10 @@ __global__ void __launch_bounds__(mass_threads, 2)
     const unsigned k_tile = k_tiles + static_cast<unsigned>((t - tile_begin) & 1) * tile_bytes;
     const std::int64_t j0 = t * mass_tile;
     const bool masked = j0 + mass_tile - 1 > first_position;
-    // Chunk i's product is issued before chunk i − 1's logits are read.
-    [&]<int... I>(std::integer_sequence<int, I...>) {
-      (
-          [&] {
-            constexpr int i = I;
-            // Every step waits, right after the issue it may leave pending: on every path
-            // the accumulator read here and the one the next issue overwrites have retired,
-            // which ptxas checks per path (a wait under a separate branch on the same
-            // condition made it serialise every wgmma, C7514).
-            if constexpr (i == 0) {
-              wgmma_tile_product_ss<T, HeadDim>(accumulator[i & 1], q_tiles + i * tile_bytes, k_tile);  // chunks ≥ 1
-            } else {
-              if (i < chunks_max && i < chunks) {
-                wgmma_tile_product_ss<T, HeadDim>(accumulator[i & 1], q_tiles + i * tile_bytes, k_tile);
-                wgmma_wait<1>();
-              } else {
-                wgmma_wait<0>();
-              }
-              if (i - 1 < chunks) {
-                wgmma_settle(accumulator[(i - 1) & 1]);
-                update(std::integral_constant<int, i - 1>{}, accumulator[(i - 1) & 1], j0, masked);
-              }
-            }
-          }(),
-          ...);
-    }(std::make_integer_sequence<int, chunks_max + 1>{});
+    wgmma_chunk_pipeline<chunks_max>(
+        chunks, accumulator,
+        [&](auto i, float(&d)[32]) { wgmma_tile_product_ss<T, HeadDim>(d, q_tiles + i * tile_bytes, k_tile); },
+        [&](auto i, const float(&d)[32]) { update(i, d, j0, masked); });
   }
 
   // (max·c, Σ) per row, folded over the 4 threads of a row; the row's first thread writes.
@@ -382,31 +392,10 @@ __global__ void __launch_bounds__(mass_threads, 2)
         }
       }
     };
-    [&]<int... I>(std::integer_sequence<int, I...>) {
-      (
-          [&] {
-            constexpr int i = I;
-            // Every step waits, right after the issue it may leave pending: on every path
-            // the accumulator read here and the one the next issue overwrites have retired,
-            // which ptxas checks per path (a wait under a separate branch on the same
-            // condition made it serialise every wgmma, C7514).
-            if constexpr (i == 0) {
-              wgmma_tile_product_rs<T, HeadDim>(accumulator[i & 1], held, q_tiles + i * tile_bytes);  // chunks ≥ 1
-            } else {
-              if (i < chunks_max && i < chunks) {
-                wgmma_tile_product_rs<T, HeadDim>(accumulator[i & 1], held, q_tiles + i * tile_bytes);
-                wgmma_wait<1>();
-              } else {
-                wgmma_wait<0>();
-              }
-              if (i - 1 < chunks) {
-                wgmma_settle(accumulator[(i - 1) & 1]);
-                accumulate(i - 1, accumulator[(i - 1) & 1]);
-              }
-            }
-          }(),
-          ...);
-    }(std::make_integer_sequence<int, chunks_max + 1>{});
+    wgmma_chunk_pipeline<chunks_max>(
+        chunks, accumulator,
+        [&](auto i, float(&d)[32]) { wgmma_tile_product_rs<T, HeadDim>(d, held, q_tiles + i * tile_bytes); },
+        [&](auto i, const float(&d)[32]) { accumulate(i, d); });
   }
 #endif
 }
