@@ -57,6 +57,7 @@
 #include <cstring>
 #include <iostream>
 #include <numeric>
+#include <random>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -303,6 +304,93 @@ INSTANTIATE_TEST_SUITE_P(
         snapkv_case{2, 1, 8, 128, 1000, 64, 5, 70, kt::score::pooling::max},
         snapkv_case{4, 4, 2, 64, 32768, 64, 5, 64}, snapkv_case{3, 4, 1, 128, 32768, 64, 5, 64}),
     [](const ::testing::TestParamInfo<snapkv_case>& info) { return describe(info.param) + "_" + std::to_string(info.index); });
+
+#if defined(KVTRIM_CUDA_WGMMA)
+// The wgmma primitives alone (backend/cuda/wgmma.cuh), so a failure of the passes can be
+// told apart from one of their layouts: A and B (64 × D, row-major in global memory)
+// staged into swizzled tiles by the loader, S = A·Bᵀ once with both operands in shared
+// memory (SS) and once with A's fragments loaded by ldmatrix (RS), each accumulator
+// element written where the documented fragment layout says it belongs.
+template <class T, int HeadDim>
+__global__ void wgmma_product_probe(const T* a, const T* b, float* ss, float* rs) {
+#if defined(__CUDA_ARCH__) && !KVTRIM_WGMMA_DEVICE_PASS
+  __trap();  // not sm_90a code (see wgmma.cuh)
+#else
+  namespace kc = kvtrim::cuda_detail;
+  extern __shared__ __align__(1024) unsigned char probe_shared[];
+  const unsigned a_tile = kc::shared_address(kc::wgmma_aligned_shared(probe_shared));
+  const unsigned b_tile = a_tile + kc::swizzled_tile_bytes<HeadDim>;
+  kc::swizzled_loader<T, HeadDim>(a, HeadDim).load(a_tile, 0, 0, 64);
+  kc::swizzled_loader<T, HeadDim>(b, HeadDim).load(b_tile, 0, 0, 64);
+  kc::mass_async_commit();
+  kc::mass_async_wait<0>();
+  kc::fence_shared_for_wgmma();
+  __syncthreads();
+  const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
+  float d[32];
+  kc::wgmma_tile_product_ss<T, HeadDim>(d, a_tile, b_tile);
+  kc::wgmma_wait<0>();
+  kc::wgmma_settle(d);
+  const auto store = [&](float* out) {
+    for (int n = 0; n < 8; ++n)
+      for (int hh = 0; hh < 2; ++hh)
+        for (int e = 0; e < 2; ++e)
+          out[(16 * warp + lane / 4 + 8 * hh) * 64 + 8 * n + 2 * (lane % 4) + e] = d[4 * n + 2 * hh + e];
+  };
+  store(ss);
+  unsigned held[HeadDim / 16][4];
+  for (int s = 0; s < HeadDim / 16; ++s) kc::load_swizzled_rows(held[s], a_tile, 16 * warp, s);
+  kc::wgmma_tile_product_rs<T, HeadDim>(d, held, b_tile);
+  kc::wgmma_wait<0>();
+  kc::wgmma_settle(d);
+  store(rs);
+#endif
+}
+
+template <int HeadDim>
+void expect_wgmma_products_match() {
+  SCOPED_TRACE(kt::detail::cat("head dim ", HeadDim));
+  std::mt19937 rng(31 + HeadDim);
+  std::uniform_real_distribution<float> uniform(-2.0f, 2.0f);
+  std::vector<__half> a(64 * HeadDim), b(64 * HeadDim);
+  for (auto& x : a) x = __float2half(uniform(rng));
+  for (auto& x : b) x = __float2half(uniform(rng));
+  device_buffer<__half> device_a(a.size()), device_b(b.size());
+  device_a.upload(a), device_b.upload(b);
+  device_buffer<float> ss(64 * 64), rs(64 * 64);
+  ss.fill_bytes(0xff), rs.fill_bytes(0xff);  // NaN: an element the layout misses fails
+  const std::size_t shared = 1024 + 2 * kvtrim::cuda_detail::swizzled_tile_bytes<HeadDim>;
+  kt::testing::check(cudaFuncSetAttribute(wgmma_product_probe<__half, HeadDim>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)),
+                     "cudaFuncSetAttribute");
+  wgmma_product_probe<__half, HeadDim><<<1, 128, shared>>>(device_a.data(), device_b.data(), ss.data(), rs.data());
+  kt::testing::check(cudaDeviceSynchronize(), "wgmma_product_probe");
+  const auto got_ss = ss.download(), got_rs = rs.download();
+  for (int r = 0; r < 64; ++r)
+    for (int c = 0; c < 64; ++c) {
+      double exact = 0.0, magnitude = 0.0;
+      for (int k = 0; k < HeadDim; ++k) {
+        const double product = static_cast<double>(__half2float(a[r * HeadDim + k])) * __half2float(b[c * HeadDim + k]);
+        exact += product, magnitude += std::abs(product);
+      }
+      // fp16 products are exact in fp32; the D additions, ≤ 2u each (tensor-core adds).
+      const double allowed = 2.0 * HeadDim * u32 * magnitude + 1e-30;
+      ASSERT_LE(std::abs(got_ss[r * 64 + c] - exact), allowed) << "SS (" << r << ", " << c << ")";
+      ASSERT_LE(std::abs(got_rs[r * 64 + c] - exact), allowed) << "RS (" << r << ", " << c << ")";
+    }
+}
+#endif
+
+TEST(SnapKVScores, WgmmaProductsFollowTheirLayouts) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+#if !defined(KVTRIM_CUDA_WGMMA)
+  GTEST_SKIP() << "not an sm_90a build";
+#else
+  if (!kvtrim::cuda_detail::wgmma_device("test")) GTEST_SKIP() << "not a compute capability 9.0 device";
+  expect_wgmma_products_match<64>();
+  expect_wgmma_products_match<128>();
+#endif
+}
 
 // In an sm_90a build (KVTRIM_CUDA_WGMMA) on a compute capability 9.0 device, SnapKV's
 // usual shapes take the wgmma passes: a fallback that silently kept the mma.sync passes
