@@ -21,9 +21,10 @@
 // rather than a plain count; a head of select_top_k is a group of one head
 // with floor 0. Everything below is written for groups.
 //
-// A head of at most resident_select_tokens (40960) takes one launch after the
-// offsets: select_resident keeps its keys in shared memory and runs the steps
-// below there (see its comment). Longer heads, and budget::adaptive's groups:
+// A head of at most resident_select_tokens (40960, where the device's shared memory
+// holds them) takes one launch after the offsets: select_resident keeps its keys in
+// shared memory and runs the steps below there (see its comment). Longer heads, and
+// budget::adaptive's groups:
 // Steps (all on the stream, no host round trip; 7 launches and one memset):
 //   1. keep_offsets: offsets = exclusive scan of the clamped keep counts (one
 //      block, cub::BlockScan);
@@ -497,34 +498,29 @@ __global__ void __launch_bounds__(Threads) keep_offsets(const std::int32_t* keep
 // block's shared memory as its 32-bit keys (160 KB at 40960): one launch loads them
 // once and runs the same four digit decisions and the same ordered compaction on
 // them there. Same rule, same output, bit for bit (tests/cuda/budgets_test.cu).
+// Counts fit 16 bits (≤ 40960 tokens): a packed (above, ties) pair is one word.
 
 inline constexpr std::int64_t resident_select_tokens = 40960;
 inline constexpr int resident_select_threads = 512;
 
-/// Shared-memory word of key j: one pad word per 32, so the compaction's contiguous
-/// runs (thread t reads j = t·S + i) fall in different banks.
-__device__ __forceinline__ int resident_slot(int j) { return j + j / 32; }
 inline std::size_t resident_select_shared_bytes(std::int64_t tokens) {
-  return static_cast<std::size_t>(tokens + tokens / 32 + 1) * sizeof(std::uint32_t);
+  return static_cast<std::size_t>(tokens) * sizeof(std::uint32_t);
 }
 
 template <int Threads>
 __global__ void __launch_bounds__(Threads) select_resident(score_rows scores, const std::int32_t* keep_counts,
                                                            const std::int64_t* offsets, std::int32_t* kept_tokens) {
   static_assert(Threads >= radix_bins && Threads % 32 == 0);
-  using block_scan = cub::BlockScan<long long, Threads>;
-  using pair_scan = cub::BlockScan<unsigned long long, Threads>;
+  constexpr int warps = Threads / 32;
+  using block_scan = cub::BlockScan<int, Threads>;
   extern __shared__ std::uint32_t resident_keys[];
-  __shared__ std::uint32_t warp_bins[Threads / 32][radix_bins];  // one histogram per warp
-  __shared__ union {
-    typename block_scan::TempStorage bins;
-    typename pair_scan::TempStorage pairs;
-  } storage;
-  __shared__ long long chosen_above, chosen_ties;
+  __shared__ std::uint32_t warp_bins[warps][radix_bins];  // one histogram per warp
+  __shared__ typename block_scan::TempStorage scan_storage;
+  __shared__ int chosen_above, chosen_ties;
+  __shared__ unsigned warp_counts[warps];  // packed (above << 16 | ties) of each warp's segment
 
-  // 32-bit token indices (tokens ≤ resident_select_tokens): fewer registers at 1024 threads.
   const std::int64_t head = blockIdx.x;
-  const int tokens = static_cast<int>(scores.tokens);
+  const int tokens = static_cast<int>(scores.tokens);  // ≤ resident_select_tokens
   const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
   const float* row = scores.row(head);
   // 1. The keys, 8 loads in flight per thread (a load, a store, a load … waits a
@@ -540,25 +536,26 @@ __global__ void __launch_bounds__(Threads) select_resident(score_rows scores, co
 #pragma unroll
     for (int i = 0; i < batch; ++i) {
       const int j = base + static_cast<int>(threadIdx.x) + i * Threads;
-      if (j < tokens) resident_keys[resident_slot(j)] = rank_key(values[i]);
+      if (j < tokens) resident_keys[j] = rank_key(values[i]);
     }
   }
-  const long long count = keep_counts[head];
-  const long long target = count < 0 ? 0 : (count > tokens ? tokens : count);
+  const int count = keep_counts[head];
+  const int target = count < 0 ? 0 : (count > tokens ? tokens : count);
 
   // 2. The four digits of v*, most significant first: F(v) = tokens with key ≥ v,
   //    the largest digit whose F still reaches the target (decide_group's rule with
   //    one head and floor 0).
   std::uint32_t prefix = 0;
-  long long above = 0, ties = 0;  // tokens above the prefix's range; at its digit
+  int above = 0, ties = 0;  // tokens above the prefix's range; at its last digit
   for (int pass = 0; pass < radix_passes; ++pass) {
     const int shift = 32 - radix_bits * (pass + 1);
     const std::uint32_t high_mask = pass == 0 ? 0u : ~0u << (32 - radix_bits * pass);
-    for (int b = static_cast<int>(threadIdx.x); b < Threads / 32 * radix_bins; b += Threads) warp_bins[b / radix_bins][b % radix_bins] = 0;
+    for (int b = static_cast<int>(threadIdx.x); b < warps * radix_bins; b += Threads)
+      warp_bins[b / radix_bins][b % radix_bins] = 0;
     __syncthreads();  // the bins are zero (and, in pass 0, every key is stored)
     for (int base = 0; base < tokens; base += Threads) {  // the same trip count for every lane
       const int j = base + static_cast<int>(threadIdx.x);
-      const std::uint32_t key = j < tokens ? resident_keys[resident_slot(j)] : 0u;
+      const std::uint32_t key = j < tokens ? resident_keys[j] : 0u;
       const bool counted = j < tokens && ((key ^ prefix) & high_mask) == 0;
       const unsigned counting = __ballot_sync(0xffffffffu, counted);
       if (counted) {
@@ -571,19 +568,19 @@ __global__ void __launch_bounds__(Threads) select_resident(score_rows scores, co
     }
     __syncthreads();
     // Thread t < 256 holds digit 255 − t; inclusive sums from the top digit down.
-    long long bin = 0;
+    int bin = 0;
     if (threadIdx.x < radix_bins) {
       const int digit = radix_bins - 1 - static_cast<int>(threadIdx.x);
-#pragma unroll 8
-      for (int w = 0; w < Threads / 32; ++w) bin += warp_bins[w][digit];
+#pragma unroll
+      for (int w = 0; w < warps; ++w) bin += static_cast<int>(warp_bins[w][digit]);
     }
-    long long at_or_above = 0;
-    block_scan(storage.bins).InclusiveSum(bin, at_or_above);
+    int at_or_above = 0;
+    block_scan(scan_storage).InclusiveSum(bin, at_or_above);
     // F at digit 255 − t is above + at_or_above(t); it grows with t, and t = 255
-    // (digit 0) reaches the target (the previous digits were chosen for that).
-    const int short_digits =
-        __syncthreads_count(threadIdx.x < radix_bins && above + at_or_above < target);
-    const int chosen = short_digits < radix_bins ? short_digits : radix_bins - 1;
+    // (digit 0) reaches the target: above + the prefix's range ≥ target holds at
+    // the start (tokens ≥ target) and every choice keeps it.
+    const int short_digits = __syncthreads_count(threadIdx.x < radix_bins && above + at_or_above < target);
+    const int chosen = short_digits < radix_bins ? short_digits : radix_bins - 1;  // (never clamps: see above)
     if (static_cast<int>(threadIdx.x) == chosen) chosen_above = above + at_or_above - bin, chosen_ties = bin;
     __syncthreads();
     above = chosen_above, ties = chosen_ties;
@@ -591,31 +588,57 @@ __global__ void __launch_bounds__(Threads) select_resident(score_rows scores, co
     __syncthreads();  // chosen_* and the scan storage are read before the next pass writes them
   }
 
-  // 3. Kept: every key above v* and the first target − above (in token order) at v*;
-  //    each thread a contiguous run of tokens, one block scan orders the runs.
+  // 3. Kept: every key above v* and the first target − above (in token order) at v*.
+  //    Each warp walks its own contiguous segment 32 tokens at a time (lane = token):
+  //    counted by ballots, the warps' counts summed in order, then walked again to
+  //    write — shared-memory reads and output stores both consecutive across lanes.
   const std::uint32_t threshold = prefix;
-  long long ties_kept = target - above;
+  int ties_kept = target - above;
   ties_kept = ties_kept < 0 ? 0 : (ties_kept > ties ? ties : ties_kept);
-  const int run = (tokens + Threads - 1) / Threads;
-  const int first = static_cast<int>(threadIdx.x) * run;
-  const int last = first + run < tokens ? first + run : tokens;
-  unsigned long long mine = 0;
-  for (int j = first; j < last; ++j) mine += selection_flags(resident_keys[resident_slot(j)], threshold);
-  unsigned long long before = 0;
-  pair_scan(storage.pairs).ExclusiveSum(mine, before);
-  std::int32_t* out = kept_tokens + offsets[head];
-  for (int j = first; j < last; ++j) {
-    const std::uint32_t key = resident_keys[resident_slot(j)];
-    const long long kept_above = static_cast<long long>(before >> 32);
-    const long long kept_ties = static_cast<long long>(before & 0xffffffffull);
-    if (key > threshold) {
-      out[kept_above + (kept_ties < ties_kept ? kept_ties : ties_kept)] = j;
-      before += 1ull << 32;
-    } else if (key == threshold) {
-      if (kept_ties < ties_kept) out[kept_above + kept_ties] = j;
-      before += 1ull;
-    }
+  const int segment = ((tokens + warps - 1) / warps + 31) / 32 * 32;
+  const int begin = warp * segment, end = begin + segment < tokens ? begin + segment : tokens;
+  unsigned mine = 0;
+  for (int base = begin; base < end; base += 32) {  // warp-uniform
+    const int j = base + lane;
+    const std::uint32_t key = j < end ? resident_keys[j] : 0u;
+    mine += static_cast<unsigned>(__popc(__ballot_sync(0xffffffffu, j < end && key > threshold))) << 16;
+    mine += static_cast<unsigned>(__popc(__ballot_sync(0xffffffffu, j < end && key == threshold)));
   }
+  if (lane == 0) warp_counts[warp] = mine;
+  __syncthreads();
+  unsigned before = 0;
+  for (int w = 0; w < warp; ++w) before += warp_counts[w];
+  int above_before = static_cast<int>(before >> 16), ties_before = static_cast<int>(before & 0xffffu);
+  std::int32_t* out = kept_tokens + offsets[head];
+  const unsigned lanes_below = (1u << lane) - 1u;
+  for (int base = begin; base < end; base += 32) {
+    const int j = base + lane;
+    const std::uint32_t key = j < end ? resident_keys[j] : 0u;
+    const bool is_above = j < end && key > threshold, is_tie = j < end && key == threshold;
+    const unsigned above_lanes = __ballot_sync(0xffffffffu, is_above), tie_lanes = __ballot_sync(0xffffffffu, is_tie);
+    const int a = above_before + __popc(above_lanes & lanes_below), t = ties_before + __popc(tie_lanes & lanes_below);
+    if (is_above)
+      out[a + (t < ties_kept ? t : ties_kept)] = j;
+    else if (is_tie && t < ties_kept)
+      out[a + t] = j;
+    above_before += __popc(above_lanes), ties_before += __popc(tie_lanes);
+  }
+}
+
+/// Whether a head of `tokens` takes select_resident on the current device: its keys
+/// and the kernel's static shared memory within the device's per-block opt-in limit
+/// (227 KB on Hopper; 163 KB on an A100 and 99 KB on sm_86/89, where longer heads
+/// take the multi-launch search). Host queries only, no synchronisation.
+inline bool resident_select_fits(std::int64_t tokens, std::string_view function) {
+  if (tokens > resident_select_tokens) return false;
+  int device = 0, limit = 0;
+  detail::check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
+  detail::check_cuda(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), function,
+                     "cudaDeviceGetAttribute(shared memory per block)");
+  cudaFuncAttributes attributes{};
+  detail::check_cuda(cudaFuncGetAttributes(&attributes, select_resident<resident_select_threads>), function,
+                     "cudaFuncGetAttributes(select_resident)");
+  return attributes.sharedSizeBytes + resident_select_shared_bytes(tokens) <= static_cast<std::size_t>(limit);
 }
 
 inline unsigned grid_for(std::int64_t items) {
@@ -644,13 +667,11 @@ struct implementation<stage::select_top_k, backend::cuda> {
     cuda_detail::keep_offsets<offset_threads><<<1, offset_threads, 0, stream>>>(keep_counts, offsets, heads, tokens);
     detail::check_launch(function, "keep_offsets");
     if (heads == 0 || tokens == 0) return;
-    if (tokens <= cuda_detail::resident_select_tokens && heads <= 2147483647) {
+    if (heads <= 2147483647 && cuda_detail::resident_select_fits(tokens, function)) {
       constexpr int threads = cuda_detail::resident_select_threads;
       const std::size_t shared = cuda_detail::resident_select_shared_bytes(tokens);
       detail::check_cuda(cudaFuncSetAttribute(cuda_detail::select_resident<threads>,
-                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              static_cast<int>(cuda_detail::resident_select_shared_bytes(
-                                                  cuda_detail::resident_select_tokens))),
+                                              cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)),
                          function, "cudaFuncSetAttribute(select_resident)");
       cuda_detail::select_resident<threads><<<static_cast<unsigned>(heads), threads, shared, stream>>>(
           cuda_detail::rows_of(scores), keep_counts, offsets, kept_tokens);
