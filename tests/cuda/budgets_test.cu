@@ -387,7 +387,10 @@ INSTANTIATE_TEST_SUITE_P(sizes, budgets,
                                            std::make_tuple(3, 8, 17), std::make_tuple(2, 32, 1),
                                            std::make_tuple(3, 8, 4097), std::make_tuple(2, 32, 4097),
                                            std::make_tuple(1, 1, 32768), std::make_tuple(3, 8, 32768),
-                                           std::make_tuple(2, 32, 32768)),
+                                           std::make_tuple(2, 32, 32768),
+                                           // select_top_k's resident path ends at 40960 tokens; past it the
+                                           // multi-launch threshold search runs
+                                           std::make_tuple(2, 3, 40960), std::make_tuple(1, 2, 40961)),
                          [](const auto& info) {
                            return kt::detail::cat("b", std::get<0>(info.param), "_h", std::get<1>(info.param), "_t",
                                                   std::get<2>(info.param));

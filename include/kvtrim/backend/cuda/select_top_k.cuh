@@ -21,6 +21,10 @@
 // rather than a plain count; a head of select_top_k is a group of one head
 // with floor 0. Everything below is written for groups.
 //
+// A head of at most resident_select_tokens (40960, where the device's shared memory
+// holds them) takes one launch after the offsets: select_resident keeps its keys in
+// shared memory and runs the steps below there (see its comment). Longer heads, and
+// budget::adaptive's groups:
 // Steps (all on the stream, no host round trip; 7 launches and one memset):
 //   1. keep_offsets: offsets = exclusive scan of the clamped keep counts (one
 //      block, cub::BlockScan);
@@ -486,6 +490,157 @@ __global__ void __launch_bounds__(Threads) keep_offsets(const std::int32_t* keep
   }
 }
 
+// ---- One block per head, its keys resident in shared memory --------------------
+// The threshold search above is 4 launches of short kernels whose last block
+// decides for the head, then a count and a compaction: 6 launches over the scores
+// and a serial decision at the end of each, ~93 µs at W (64 heads of 32768, H200,
+// 2026-12-01) for 8 MB of scores. A head of up to resident_select_tokens fits in one
+// block's shared memory as its 32-bit keys (160 KB at 40960): one launch loads them
+// once and runs the same four digit decisions and the same ordered compaction on
+// them there. Same rule, same output, bit for bit (tests/cuda/budgets_test.cu).
+// Counts fit 16 bits (≤ 40960 tokens): a packed (above, ties) pair is one word.
+
+inline constexpr std::int64_t resident_select_tokens = 40960;
+inline constexpr int resident_select_threads = 512;
+
+inline std::size_t resident_select_shared_bytes(std::int64_t tokens) {
+  return static_cast<std::size_t>(tokens) * sizeof(std::uint32_t);
+}
+
+template <int Threads>
+__global__ void __launch_bounds__(Threads) select_resident(score_rows scores, const std::int32_t* keep_counts,
+                                                           const std::int64_t* offsets, std::int32_t* kept_tokens) {
+  static_assert(Threads >= radix_bins && Threads % 32 == 0);
+  constexpr int warps = Threads / 32;
+  using block_scan = cub::BlockScan<int, Threads>;
+  extern __shared__ std::uint32_t resident_keys[];
+  __shared__ std::uint32_t warp_bins[warps][radix_bins];  // one histogram per warp
+  __shared__ typename block_scan::TempStorage scan_storage;
+  __shared__ int chosen_above, chosen_ties;
+  __shared__ unsigned warp_counts[warps];  // packed (above << 16 | ties) of each warp's segment
+
+  const std::int64_t head = blockIdx.x;
+  const int tokens = static_cast<int>(scores.tokens);  // ≤ resident_select_tokens
+  const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
+  const float* row = scores.row(head);
+  // 1. The keys, 8 loads in flight per thread (a load, a store, a load … waits a
+  //    memory latency per token).
+  constexpr int batch = 8;
+  for (int base = 0; base < tokens; base += Threads * batch) {
+    float values[batch];
+#pragma unroll
+    for (int i = 0; i < batch; ++i) {
+      const int j = base + static_cast<int>(threadIdx.x) + i * Threads;
+      values[i] = j < tokens ? row[j * scores.token_stride] : 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < batch; ++i) {
+      const int j = base + static_cast<int>(threadIdx.x) + i * Threads;
+      if (j < tokens) resident_keys[j] = rank_key(values[i]);
+    }
+  }
+  const int count = keep_counts[head];
+  const int target = count < 0 ? 0 : (count > tokens ? tokens : count);
+
+  // 2. The four digits of v*, most significant first: F(v) = tokens with key ≥ v,
+  //    the largest digit whose F still reaches the target (decide_group's rule with
+  //    one head and floor 0).
+  std::uint32_t prefix = 0;
+  int above = 0, ties = 0;  // tokens above the prefix's range; at its last digit
+  for (int pass = 0; pass < radix_passes; ++pass) {
+    const int shift = 32 - radix_bits * (pass + 1);
+    const std::uint32_t high_mask = pass == 0 ? 0u : ~0u << (32 - radix_bits * pass);
+    for (int b = static_cast<int>(threadIdx.x); b < warps * radix_bins; b += Threads)
+      warp_bins[b / radix_bins][b % radix_bins] = 0;
+    __syncthreads();  // the bins are zero (and, in pass 0, every key is stored)
+    for (int base = 0; base < tokens; base += Threads) {  // the same trip count for every lane
+      const int j = base + static_cast<int>(threadIdx.x);
+      const std::uint32_t key = j < tokens ? resident_keys[j] : 0u;
+      const bool counted = j < tokens && ((key ^ prefix) & high_mask) == 0;
+      const unsigned counting = __ballot_sync(0xffffffffu, counted);
+      if (counted) {
+        // Lanes with the same digit add once (their count): equal scores would
+        // otherwise serialise 32 atomics on one bin.
+        const std::uint32_t digit = (key >> shift) & (radix_bins - 1);
+        const unsigned peers = __match_any_sync(counting, digit);
+        if (lane == __ffs(peers) - 1) atomicAdd(&warp_bins[warp][digit], static_cast<std::uint32_t>(__popc(peers)));
+      }
+    }
+    __syncthreads();
+    // Thread t < 256 holds digit 255 − t; inclusive sums from the top digit down.
+    int bin = 0;
+    if (threadIdx.x < radix_bins) {
+      const int digit = radix_bins - 1 - static_cast<int>(threadIdx.x);
+#pragma unroll
+      for (int w = 0; w < warps; ++w) bin += static_cast<int>(warp_bins[w][digit]);
+    }
+    int at_or_above = 0;
+    block_scan(scan_storage).InclusiveSum(bin, at_or_above);
+    // F at digit 255 − t is above + at_or_above(t); it grows with t, and t = 255
+    // (digit 0) reaches the target: above + the prefix's range ≥ target holds at
+    // the start (tokens ≥ target) and every choice keeps it.
+    const int short_digits = __syncthreads_count(threadIdx.x < radix_bins && above + at_or_above < target);
+    const int chosen = short_digits < radix_bins ? short_digits : radix_bins - 1;  // (never clamps: see above)
+    if (static_cast<int>(threadIdx.x) == chosen) chosen_above = above + at_or_above - bin, chosen_ties = bin;
+    __syncthreads();
+    above = chosen_above, ties = chosen_ties;
+    prefix |= static_cast<std::uint32_t>(radix_bins - 1 - chosen) << shift;
+    __syncthreads();  // chosen_* and the scan storage are read before the next pass writes them
+  }
+
+  // 3. Kept: every key above v* and the first target − above (in token order) at v*.
+  //    Each warp walks its own contiguous segment 32 tokens at a time (lane = token):
+  //    counted by ballots, the warps' counts summed in order, then walked again to
+  //    write — shared-memory reads and output stores both consecutive across lanes.
+  const std::uint32_t threshold = prefix;
+  int ties_kept = target - above;
+  ties_kept = ties_kept < 0 ? 0 : (ties_kept > ties ? ties : ties_kept);
+  const int segment = ((tokens + warps - 1) / warps + 31) / 32 * 32;
+  const int begin = warp * segment, end = begin + segment < tokens ? begin + segment : tokens;
+  unsigned mine = 0;
+  for (int base = begin; base < end; base += 32) {  // warp-uniform
+    const int j = base + lane;
+    const std::uint32_t key = j < end ? resident_keys[j] : 0u;
+    mine += static_cast<unsigned>(__popc(__ballot_sync(0xffffffffu, j < end && key > threshold))) << 16;
+    mine += static_cast<unsigned>(__popc(__ballot_sync(0xffffffffu, j < end && key == threshold)));
+  }
+  if (lane == 0) warp_counts[warp] = mine;
+  __syncthreads();
+  unsigned before = 0;
+  for (int w = 0; w < warp; ++w) before += warp_counts[w];
+  int above_before = static_cast<int>(before >> 16), ties_before = static_cast<int>(before & 0xffffu);
+  std::int32_t* out = kept_tokens + offsets[head];
+  const unsigned lanes_below = (1u << lane) - 1u;
+  for (int base = begin; base < end; base += 32) {
+    const int j = base + lane;
+    const std::uint32_t key = j < end ? resident_keys[j] : 0u;
+    const bool is_above = j < end && key > threshold, is_tie = j < end && key == threshold;
+    const unsigned above_lanes = __ballot_sync(0xffffffffu, is_above), tie_lanes = __ballot_sync(0xffffffffu, is_tie);
+    const int a = above_before + __popc(above_lanes & lanes_below), t = ties_before + __popc(tie_lanes & lanes_below);
+    if (is_above)
+      out[a + (t < ties_kept ? t : ties_kept)] = j;
+    else if (is_tie && t < ties_kept)
+      out[a + t] = j;
+    above_before += __popc(above_lanes), ties_before += __popc(tie_lanes);
+  }
+}
+
+/// Whether a head of `tokens` takes select_resident on the current device: its keys
+/// and the kernel's static shared memory within the device's per-block opt-in limit
+/// (227 KB on Hopper; 163 KB on an A100 and 99 KB on sm_86/89, where longer heads
+/// take the multi-launch search). Host queries only, no synchronisation.
+inline bool resident_select_fits(std::int64_t tokens, std::string_view function) {
+  if (tokens > resident_select_tokens) return false;
+  int device = 0, limit = 0;
+  detail::check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
+  detail::check_cuda(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), function,
+                     "cudaDeviceGetAttribute(shared memory per block)");
+  cudaFuncAttributes attributes{};
+  detail::check_cuda(cudaFuncGetAttributes(&attributes, select_resident<resident_select_threads>), function,
+                     "cudaFuncGetAttributes(select_resident)");
+  return attributes.sharedSizeBytes + resident_select_shared_bytes(tokens) <= static_cast<std::size_t>(limit);
+}
+
 inline unsigned grid_for(std::int64_t items) {
   return static_cast<unsigned>(std::clamp<std::int64_t>(ceil_div(items, 256), 1, 65535));
 }
@@ -512,6 +667,17 @@ struct implementation<stage::select_top_k, backend::cuda> {
     cuda_detail::keep_offsets<offset_threads><<<1, offset_threads, 0, stream>>>(keep_counts, offsets, heads, tokens);
     detail::check_launch(function, "keep_offsets");
     if (heads == 0 || tokens == 0) return;
+    if (heads <= 2147483647 && cuda_detail::resident_select_fits(tokens, function)) {
+      constexpr int threads = cuda_detail::resident_select_threads;
+      const std::size_t shared = cuda_detail::resident_select_shared_bytes(tokens);
+      detail::check_cuda(cudaFuncSetAttribute(cuda_detail::select_resident<threads>,
+                                              cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)),
+                         function, "cudaFuncSetAttribute(select_resident)");
+      cuda_detail::select_resident<threads><<<static_cast<unsigned>(heads), threads, shared, stream>>>(
+          cuda_detail::rows_of(scores), keep_counts, offsets, kept_tokens);
+      detail::check_launch(function, "select_resident");
+      return;
+    }
 
     workspace_carver carver(scratch);
     const auto state = cuda_detail::threshold_state::carve(carver, heads, heads);
