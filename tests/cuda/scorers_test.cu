@@ -320,8 +320,8 @@ __global__ void wgmma_product_probe(const T* a, const T* b, float* ss, float* rs
   extern __shared__ __align__(1024) unsigned char probe_shared[];
   const unsigned a_tile = kc::shared_address(kc::wgmma_aligned_shared(probe_shared));
   const unsigned b_tile = a_tile + kc::swizzled_tile_bytes<HeadDim>;
-  kc::swizzled_loader<T, HeadDim>(a, HeadDim).load(a_tile, 0, 0, 64);
-  kc::swizzled_loader<T, HeadDim>(b, HeadDim).load(b_tile, 0, 0, 64);
+  kc::swizzled_loader<T, HeadDim>(a, HeadDim, static_cast<int>(threadIdx.x)).load(a_tile, 0, 0, 64);
+  kc::swizzled_loader<T, HeadDim>(b, HeadDim, static_cast<int>(threadIdx.x)).load(b_tile, 0, 0, 64);
   kc::mass_async_commit();
   kc::mass_async_wait<0>();
   kc::fence_shared_for_wgmma();
@@ -417,7 +417,10 @@ TEST(SnapKVScores, HopperBuildsChooseTheWgmmaPasses) {
     EXPECT_EQ(p.lse, &lse);
     EXPECT_GE(p.column_tiles, 1);
     EXPECT_EQ(chosen.rows_grid.x, plan.units);  // one row group
-    EXPECT_EQ(chosen.columns_blocks, plan.units * kc::ceil_div(kc::ceil_div(32768 - 64, 64), p.column_tiles));
+    EXPECT_EQ(chosen.rows_grid.y, kc::ceil_div(plan.splits, std::int64_t{kc::wgmma_mass_warpgroups}));  // 4 splits a block
+    EXPECT_EQ(chosen.columns_blocks,
+              plan.units * kc::ceil_div(kc::ceil_div(kc::ceil_div(32768 - 64, 64), p.column_tiles),
+                                        std::int64_t{kc::wgmma_mass_warpgroups}));
   }
   {  // 8 row chunks at D 128: pass 1 in two row groups, pass 2 on mma.sync (no L needed)
     const auto [chosen, p, plan] = choose({.q_heads = 64, .kv_heads = 8, .head_dim = 128}, 64, true);
@@ -431,6 +434,7 @@ TEST(SnapKVScores, HopperBuildsChooseTheWgmmaPasses) {
     EXPECT_FALSE(chosen.wgmma_rows);
     EXPECT_FALSE(chosen.wgmma_columns);
     EXPECT_EQ(chosen.rows_grid.x, plan.units * plan.row_chunks);
+    EXPECT_EQ(chosen.rows_grid.y, plan.splits);
   }
 #endif
 }

@@ -874,9 +874,9 @@ inline mass_plan plan_attention_mass(const model_shape& shape, std::int64_t batc
   std::int64_t row_blocks = plan.units * plan.row_chunks, target = mass_target_blocks;
 #if defined(KVTRIM_CUDA_WGMMA)
   // The wgmma pass 1 (16-bit inputs, head dim 64 or 128) takes 8 or 4 row chunks a
-  // block: its splits are planned for those blocks, ~2048 of them (each loads its Q
-  // chunks once, so fewer and longer splits than the mma.sync pass's 4096 blocks);
-  // the other passes on the same plan (strided inputs) just split finer.
+  // block: its splits are planned for those blocks, ~2048 warpgroup splits (a block
+  // loads its Q chunks once for four, so fewer and longer splits than the mma.sync
+  // pass's 4096 blocks); the other passes on the same plan (strided inputs) just split finer.
   if (shape.head_dim == 64 || shape.head_dim == 128) {
     row_blocks = plan.units * ceil_div(plan.row_chunks, shape.head_dim == 64 ? wgmma_mass_chunks<64> : wgmma_mass_chunks<128>);
     target = wgmma_row_target_blocks;
@@ -944,14 +944,18 @@ mass_kernels choose_mass_kernels(std::string_view function, attention_mass_param
 #endif
   if (row_blocks > 2147483647 || plan.splits > 65535)
     detail::fail(function, "keys", "fewer row chunks than a grid holds", std::to_string(row_blocks));
-  kernels.rows_grid = dim3(static_cast<unsigned>(row_blocks), static_cast<unsigned>(plan.splits));
+  std::int64_t split_blocks = plan.splits;
+#if defined(KVTRIM_CUDA_WGMMA)
+  if (kernels.wgmma_rows) split_blocks = ceil_div(plan.splits, std::int64_t{wgmma_mass_warpgroups});
+#endif
+  kernels.rows_grid = dim3(static_cast<unsigned>(row_blocks), static_cast<unsigned>(split_blocks));
   const std::int64_t key_tiles = ceil_div(length, mass_tile);
   std::int64_t column_blocks = plan.units * key_tiles;
 #if defined(KVTRIM_CUDA_WGMMA)
   if (kernels.wgmma_columns) {
     p.column_tiles = wgmma_column_tiles(plan.units, key_tiles);
     p.lse = lse;
-    column_blocks = plan.units * ceil_div(key_tiles, p.column_tiles);
+    column_blocks = plan.units * ceil_div(ceil_div(key_tiles, p.column_tiles), std::int64_t{wgmma_mass_warpgroups});
   }
 #endif
   if (column_blocks > 2147483647)
@@ -965,25 +969,25 @@ template <class KeyT, class QueryT, int HeadDim>
 void launch_attention_row_stats(std::string_view function, const attention_mass_parameters<KeyT, QueryT>& p,
                                 const mass_kernels& kernels, const mass_plan& plan, cudaStream_t stream) {
   constexpr bool tensor_cores = mass_uses_mma<KeyT, QueryT>;
-  const auto launch = [&](auto kernel, std::size_t shared) {
+  const auto launch = [&](auto kernel, std::size_t shared, int threads) {
     detail::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared), function,
                        "cudaFuncSetAttribute(attention_row_stats)");
-    kernel<<<kernels.rows_grid, mass_threads, shared, stream>>>(p);
+    kernel<<<kernels.rows_grid, threads, shared, stream>>>(p);
   };
   bool launched = false;
 #if defined(KVTRIM_CUDA_WGMMA)
   if constexpr (tensor_cores && wgmma_mass_head_dim<HeadDim>) {
     if (kernels.wgmma_rows) {
-      launch(attention_row_stats_wgmma<KeyT, HeadDim>, wgmma_row_stats_shared_bytes<HeadDim>());
+      launch(attention_row_stats_wgmma<KeyT, HeadDim>, wgmma_row_stats_shared_bytes<HeadDim>(), wgmma_mass_threads);
       launched = true;
     }
   }
 #endif
   if (!launched) {
     if constexpr (tensor_cores)
-      launch(attention_row_stats_mma<KeyT, HeadDim>, mass_mma_shared_bytes<KeyT, HeadDim>());
+      launch(attention_row_stats_mma<KeyT, HeadDim>, mass_mma_shared_bytes<KeyT, HeadDim>(), mass_threads);
     else
-      launch(attention_row_stats<KeyT, QueryT, HeadDim>, mass_shared_bytes<KeyT, QueryT, HeadDim>());
+      launch(attention_row_stats<KeyT, QueryT, HeadDim>, mass_shared_bytes<KeyT, QueryT, HeadDim>(), mass_threads);
   }
   detail::check_launch(function, "attention_row_stats");
   attention_fold_splits<KeyT, QueryT>
@@ -996,25 +1000,25 @@ template <class KeyT, class QueryT, int HeadDim>
 void launch_attention_column_mass(std::string_view function, const attention_mass_parameters<KeyT, QueryT>& p,
                                   const mass_kernels& kernels, cudaStream_t stream) {
   constexpr bool tensor_cores = mass_uses_mma<KeyT, QueryT>;
-  const auto launch = [&](auto kernel, std::size_t shared) {
+  const auto launch = [&](auto kernel, std::size_t shared, int threads) {
     detail::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared), function,
                        "cudaFuncSetAttribute(attention_column_mass)");
-    kernel<<<kernels.columns_blocks, mass_threads, shared, stream>>>(p);
+    kernel<<<kernels.columns_blocks, threads, shared, stream>>>(p);
   };
   bool launched = false;
 #if defined(KVTRIM_CUDA_WGMMA)
   if constexpr (tensor_cores && wgmma_mass_head_dim<HeadDim>) {
     if (kernels.wgmma_columns) {
-      launch(attention_column_mass_wgmma<KeyT, HeadDim>, wgmma_column_mass_shared_bytes<HeadDim>());
+      launch(attention_column_mass_wgmma<KeyT, HeadDim>, wgmma_column_mass_shared_bytes<HeadDim>(), wgmma_mass_threads);
       launched = true;
     }
   }
 #endif
   if (!launched) {
     if constexpr (tensor_cores)
-      launch(attention_column_mass_mma<KeyT, HeadDim>, mass_mma_shared_bytes<KeyT, HeadDim>());
+      launch(attention_column_mass_mma<KeyT, HeadDim>, mass_mma_shared_bytes<KeyT, HeadDim>(), mass_threads);
     else
-      launch(attention_column_mass<KeyT, QueryT, HeadDim>, mass_shared_bytes<KeyT, QueryT, HeadDim>());
+      launch(attention_column_mass<KeyT, QueryT, HeadDim>, mass_shared_bytes<KeyT, QueryT, HeadDim>(), mass_threads);
   }
   detail::check_launch(function, "attention_column_mass");
 }

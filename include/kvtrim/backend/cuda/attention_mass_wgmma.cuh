@@ -10,18 +10,20 @@
 // instruction covers a 64 × 64 × 16 product, so the issue slots go to the exponentials
 // (the passes' other bound: one MUFU.EX2 per logit).
 //
-// Shapes (one warpgroup of 128 threads per block, two blocks per SM):
+// Shapes (four warpgroups of 128 threads per block, one block per SM; each warpgroup
+// runs its own K stream through its own two stages, on the block's one copy of Q):
 //   pass 1  attention_row_stats_wgmma: block = (kv head unit, group of ≤ I row chunks,
-//           key split). The block's Q chunks stay in shared memory (I · 16 KB at D = 128)
-//           and every K tile of the split is multiplied against each of them:
+//           4 key splits). The block's Q chunks stay in shared memory (I · 16 KB at
+//           D = 128) and every K tile of a split is multiplied against each of them:
 //           S = Q·Kᵀ, m64n64k16 with both operands in shared memory (descriptors). K is
-//           read from L2 once per block for all I chunks — the mma.sync pass 1 read it
+//           read from L2 once per split for all I chunks — the mma.sync pass 1 read it
 //           once per chunk, which at wgmma's rate would cost ~4× the L2 bandwidth.
-//   pass 2  attention_column_mass_wgmma: block = (unit, run of key tiles), every row
-//           chunk of the group resident (G · chunks ≤ I), Sᵀ = K·Qᵀ with the K tile as the
-//           register operand (ldmatrix once per tile) and each Q chunk from shared memory:
-//           a key's mass is a sum across a thread's own columns and the 4 threads of
-//           its row, no reduction across warps.
+//   pass 2  attention_column_mass_wgmma: block = (unit, 4 runs of key tiles), every row
+//           chunk of the group resident (G · chunks ≤ I), Sᵀ = K·Qᵀ with both operands
+//           in shared memory: a key's mass is a sum across a thread's own columns and
+//           the 4 threads of its row, no reduction across warps. (The K tile as a
+//           register operand saved shared-memory reads but took 32 registers a thread,
+//           which four warpgroups an SM cannot afford.)
 // The accumulators are double-buffered: chunk i + 1's product is issued before chunk
 // i's accumulator is read (wgmma.wait_group 1), so the exponentials of one chunk run
 // under the tensor work of the next.
@@ -48,24 +50,31 @@
 namespace kvtrim::cuda_detail {
 
 /// Row chunks (64 query rows each) a block keeps in shared memory: 64 KB of Q at
-/// either head dim, so two blocks fit an SM with their K stages.
+/// either head dim, shared by the block's warpgroups.
 template <int HeadDim>
 inline constexpr int wgmma_mass_chunks = HeadDim == 64 ? 8 : 4;
-/// Pass 1 aims at this many blocks (~8 waves of 2 blocks on 132 SMs) before it stops
-/// splitting keys (plan_attention_mass): each block loads its Q chunks once.
+/// Warpgroups of a block: each runs its own key split (pass 1) or run of key tiles
+/// (pass 2) through its own two K stages, all four on the block's one copy of Q. Four
+/// per SM is what hides the exponentials' dependent chains: with one warpgroup a
+/// block and two blocks an SM (two warps a scheduler) ncu saw the schedulers idle
+/// 55 % of cycles, stalled on fixed-latency dependencies, MUFU 38 % busy (H200, W).
+inline constexpr int wgmma_mass_warpgroups = 4;
+inline constexpr int wgmma_mass_threads = 128 * wgmma_mass_warpgroups;
+/// Pass 1 aims at this many warpgroup splits (~4 waves of 4 on 132 SMs) before it
+/// stops splitting keys (plan_attention_mass).
 inline constexpr std::int64_t wgmma_row_target_blocks = 2048;
-/// Pass 2 aims at this many blocks (~8 waves of 2 blocks on 132 SMs) before it gives
-/// a block more key tiles: each block loads the group's Q once.
+/// Pass 2 aims at this many warpgroup runs (~4 waves) before it gives a run more key tiles.
 inline constexpr std::int64_t wgmma_column_target_blocks = 2048;
 
 template <int HeadDim>
 inline constexpr bool wgmma_mass_head_dim = HeadDim == 64 || HeadDim == 128;
 
 /// 1024 bytes to align the tiles by hand (the swizzle's period), the resident Q
-/// chunks, two K stages; pass 2 adds its rows' L in thread order.
+/// chunks, two K stages per warpgroup (193 KB at D 128); pass 2 adds its rows' L in
+/// thread order.
 template <int HeadDim>
 constexpr std::size_t wgmma_row_stats_shared_bytes() {
-  return 1024 + std::size_t{wgmma_mass_chunks<HeadDim> + 2} * swizzled_tile_bytes<HeadDim>;
+  return 1024 + std::size_t{wgmma_mass_chunks<HeadDim> + 2 * wgmma_mass_warpgroups} * swizzled_tile_bytes<HeadDim>;
 }
 template <int HeadDim>
 constexpr std::size_t wgmma_column_mass_shared_bytes() {
@@ -136,10 +145,11 @@ __device__ __forceinline__ void wgmma_chunk_pipeline(int chunks, float (&accumul
 }
 
 /// Pass 1 (see the header). grid.x = units · row groups (the groups of one unit
-/// adjacent: they share the unit's K through L2), grid.y = key splits. Writes every
-/// row of its chunks' partial (max·c, Σ) for its split, as attention_row_stats does.
+/// adjacent: they share the unit's K through L2), grid.y = key splits / warpgroups:
+/// warpgroup w of block y runs split 4y + w. Each writes every row of its chunks'
+/// partial (max·c, Σ) for its split, as attention_row_stats does.
 template <class T, int HeadDim>
-__global__ void __launch_bounds__(mass_threads, 2)
+__global__ void __launch_bounds__(wgmma_mass_threads, 1)
     attention_row_stats_wgmma(const __grid_constant__ attention_mass_parameters<T, T> p) {
 #if defined(__CUDA_ARCH__) && !KVTRIM_WGMMA_DEVICE_PASS
   __trap();  // not sm_90a code: the host never launches it (see wgmma.cuh)
@@ -147,8 +157,9 @@ __global__ void __launch_bounds__(mass_threads, 2)
   constexpr int chunks_max = wgmma_mass_chunks<HeadDim>;
   constexpr unsigned tile_bytes = swizzled_tile_bytes<HeadDim>;
   extern __shared__ __align__(1024) unsigned char wgmma_mass_shared[];
+  const int warpgroup = static_cast<int>(threadIdx.x / 128), thread = static_cast<int>(threadIdx.x % 128);
   const unsigned q_tiles = shared_address(wgmma_aligned_shared(wgmma_mass_shared));
-  const unsigned k_tiles = q_tiles + chunks_max * tile_bytes;  // two stages
+  const unsigned k_tiles = q_tiles + (chunks_max + 2 * warpgroup) * tile_bytes;  // this warpgroup's two stages
 
   // Grid indices fit in 32 bits (the host checks the grid).
   const unsigned row_chunks = static_cast<unsigned>(p.group * p.chunks_per_head);
@@ -156,7 +167,8 @@ __global__ void __launch_bounds__(mass_threads, 2)
   const unsigned unit = blockIdx.x / row_groups, chunk0 = blockIdx.x % row_groups * chunks_max;
   const int chunks = static_cast<int>(row_chunks - chunk0 < chunks_max ? row_chunks - chunk0 : chunks_max);
   const std::int64_t b = unit / static_cast<unsigned>(p.kv_heads), h = unit % static_cast<unsigned>(p.kv_heads);
-  const std::int64_t split = blockIdx.y;
+  // A split ≥ p.splits has no tiles (p.splits · split_tiles covers the keys) and writes nothing.
+  const std::int64_t split = std::int64_t{blockIdx.y} * wgmma_mass_warpgroups + warpgroup;
 
   std::int64_t last_position = -1, first_position = p.tokens;  // over the block's rows
   for (int i = 0; i < chunks; ++i) {
@@ -168,19 +180,25 @@ __global__ void __launch_bounds__(mass_threads, 2)
   const std::int64_t visible = mass_min(p.tokens, last_position + 1);
   const std::int64_t tile_begin = split * p.split_tiles;
   const std::int64_t tile_end = mass_min(mass_ceil_div(visible, mass_tile), (split + 1) * p.split_tiles);
-  const swizzled_loader<T, HeadDim> keys(p.keys + b * p.key_batch_stride + h * p.key_head_stride, p.key_token_stride);
-  if (tile_begin < tile_end) {  // (a split past the block's last visible key loads nothing and writes (−∞, 0))
+  const swizzled_loader<T, HeadDim> keys(p.keys + b * p.key_batch_stride + h * p.key_head_stride, p.key_token_stride,
+                                         thread);
+  {  // the block's Q chunks (chunk i by warpgroup i mod 4), then this warpgroup's first K tile
     const swizzled_loader<T, HeadDim> queries(
-        p.queries + b * p.query_batch_stride + h * p.group * p.query_head_stride, p.query_token_stride);
-    for (int i = 0; i < chunks; ++i) {
+        p.queries + b * p.query_batch_stride + h * p.group * p.query_head_stride, p.query_token_stride, thread);
+    for (int i = warpgroup; i < chunks; i += wgmma_mass_warpgroups) {
       const row_chunk rows = chunk_rows(p, chunk0 + i);
       queries.load(q_tiles + i * tile_bytes, rows.g * p.query_head_stride, rows.t0, rows.t0 + rows.count);
     }
-    keys.load(k_tiles, 0, tile_begin * mass_tile, p.tokens);
+    // (a split past the block's last visible key loads no K and writes (−∞, 0))
+    if (tile_begin < tile_end) keys.load(k_tiles, 0, tile_begin * mass_tile, p.tokens);
     mass_async_commit();
+    mass_async_wait<0>();
+    fence_shared_for_wgmma();
+    __syncthreads();  // every warpgroup's Q chunks are staged; from here each warpgroup syncs alone
   }
 
-  const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
+  // The accumulator's rows follow the warp's place in its warpgroup.
+  const int warp = static_cast<int>(thread / 32), lane = static_cast<int>(thread % 32);
   const int quad_row = lane / 4, quad_column = 2 * (lane % 4);
   const float c = p.log2_scale;
   // Per chunk and row of this thread (rows 16·warp + quad_row + 8·hh): the raw running
@@ -242,7 +260,7 @@ __global__ void __launch_bounds__(mass_threads, 2)
   for (std::int64_t t = tile_begin; t < tile_end; ++t) {
     mass_async_wait<0>();
     fence_shared_for_wgmma();
-    __syncthreads();  // Q and tile t are staged; every warp waited for its products of tile t − 1
+    warpgroup_barrier(warpgroup);  // tile t is staged; every warp waited for its products of tile t − 1
     if (t + 1 < tile_end) {
       keys.load(k_tiles + static_cast<unsigned>((t + 1 - tile_begin) & 1) * tile_bytes, 0, (t + 1) * mass_tile,
                 p.tokens);
@@ -258,6 +276,7 @@ __global__ void __launch_bounds__(mass_threads, 2)
   }
 
   // (max·c, Σ) per row, folded over the 4 threads of a row; the row's first thread writes.
+  if (split >= p.splits) return;
 #pragma unroll
   for (int i = 0; i < chunks_max; ++i) {
     if (i >= chunks) break;
@@ -281,52 +300,64 @@ __global__ void __launch_bounds__(mass_threads, 2)
 #endif
 }
 
-/// Pass 2 (see the header). grid.x = units · key runs of p.column_tiles tiles; every
-/// row chunk of the unit's group is resident (the host checks G · chunks ≤ the
-/// chunks a block holds). Each (query head, key) mass is written once.
+/// Pass 2 (see the header). grid.x = units · ⌈runs / 4⌉ with runs of p.column_tiles
+/// key tiles: warpgroup w of a unit's block y takes run 4y + w. Every row chunk of
+/// the unit's group is resident (the host checks G · chunks ≤ the chunks a block
+/// holds). Each (query head, key) mass is written once.
 template <class T, int HeadDim>
-__global__ void __launch_bounds__(mass_threads, 2)
+__global__ void __launch_bounds__(wgmma_mass_threads, 1)
     attention_column_mass_wgmma(const __grid_constant__ attention_mass_parameters<T, T> p) {
 #if defined(__CUDA_ARCH__) && !KVTRIM_WGMMA_DEVICE_PASS
   __trap();  // not sm_90a code: the host never launches it (see wgmma.cuh)
 #else
   constexpr int chunks_max = wgmma_mass_chunks<HeadDim>;
-  constexpr int steps = HeadDim / 16;
   constexpr unsigned tile_bytes = swizzled_tile_bytes<HeadDim>;
   extern __shared__ __align__(1024) unsigned char wgmma_mass_shared[];
+  const int warpgroup = static_cast<int>(threadIdx.x / 128), thread = static_cast<int>(threadIdx.x % 128);
   unsigned char* aligned = wgmma_aligned_shared(wgmma_mass_shared);
   const unsigned q_tiles = shared_address(aligned);
-  const unsigned k_tiles = q_tiles + chunks_max * tile_bytes;  // two stages
+  const unsigned k_tiles = q_tiles + (chunks_max + 2 * warpgroup) * tile_bytes;  // this warpgroup's two stages
   // L of chunk i's row 8n + 2t + e at [i][t][n][e]: a thread's 16 rows are 64 contiguous bytes.
-  float* row_lse = reinterpret_cast<float*>(aligned + (chunks_max + 2) * tile_bytes);
+  float* row_lse = reinterpret_cast<float*>(aligned + (chunks_max + 2 * wgmma_mass_warpgroups) * tile_bytes);
 
   const unsigned key_tiles = static_cast<unsigned>(mass_ceil_div(p.length, mass_tile));
   const unsigned runs = static_cast<unsigned>(mass_ceil_div(key_tiles, p.column_tiles));
-  const unsigned unit = blockIdx.x / runs, run = blockIdx.x % runs;
+  const unsigned unit_blocks = (runs + wgmma_mass_warpgroups - 1) / wgmma_mass_warpgroups;
+  const unsigned unit = blockIdx.x / unit_blocks;
+  const unsigned run = blockIdx.x % unit_blocks * wgmma_mass_warpgroups + static_cast<unsigned>(warpgroup);
   const std::int64_t b = unit / static_cast<unsigned>(p.kv_heads), h = unit % static_cast<unsigned>(p.kv_heads);
   const int chunks = static_cast<int>(p.group * p.chunks_per_head);
   const int chunks_per_head = static_cast<int>(p.chunks_per_head);  // ≤ chunks ≤ 8
+  // A run ≥ runs starts past the last key tile: no tiles, nothing written.
   const std::int64_t tile_begin = std::int64_t{run} * p.column_tiles;
   const std::int64_t tile_end = mass_min(tile_begin + p.column_tiles, key_tiles);
 
-  const swizzled_loader<T, HeadDim> queries(
-      p.queries + b * p.query_batch_stride + h * p.group * p.query_head_stride, p.query_token_stride);
-  for (int i = 0; i < chunks; ++i) {
-    const row_chunk rows = chunk_rows(p, i);
-    queries.load(q_tiles + i * tile_bytes, rows.g * p.query_head_stride, rows.t0, rows.t0 + rows.count);
-  }
-  const swizzled_loader<T, HeadDim> keys(p.keys + b * p.key_batch_stride + h * p.key_head_stride, p.key_token_stride);
-  keys.load(k_tiles, 0, tile_begin * mass_tile, p.tokens);
-  mass_async_commit();
-  // Rows past a chunk's count get L = +∞: 2^(l·c − ∞) = 0, no test per logit.
-  for (int x = static_cast<int>(threadIdx.x); x < chunks * mass_tile; x += mass_threads) {
-    const int i = x / mass_tile, r = x % mass_tile;
-    const float lse = r < chunk_rows(p, i).count ? p.lse[(std::int64_t{unit} * chunks + i) * mass_tile + r] : INFINITY;
-    row_lse[i * mass_tile + ((r % 8) / 2) * 16 + (r / 8) * 2 + r % 2] = lse;
+  const swizzled_loader<T, HeadDim> keys(p.keys + b * p.key_batch_stride + h * p.key_head_stride, p.key_token_stride,
+                                         thread);
+  {  // the group's Q chunks (chunk i by warpgroup i mod 4), their rows' L, this warpgroup's first K tile
+    const swizzled_loader<T, HeadDim> queries(
+        p.queries + b * p.query_batch_stride + h * p.group * p.query_head_stride, p.query_token_stride, thread);
+    for (int i = warpgroup; i < chunks; i += wgmma_mass_warpgroups) {
+      const row_chunk rows = chunk_rows(p, i);
+      queries.load(q_tiles + i * tile_bytes, rows.g * p.query_head_stride, rows.t0, rows.t0 + rows.count);
+    }
+    if (tile_begin < tile_end) keys.load(k_tiles, 0, tile_begin * mass_tile, p.tokens);
+    mass_async_commit();
+    // Rows past a chunk's count get L = +∞: 2^(l·c − ∞) = 0, no test per logit.
+    for (int x = static_cast<int>(threadIdx.x); x < chunks * mass_tile; x += wgmma_mass_threads) {
+      const int i = x / mass_tile, r = x % mass_tile;
+      const float lse =
+          r < chunk_rows(p, i).count ? p.lse[(std::int64_t{unit} * chunks + i) * mass_tile + r] : INFINITY;
+      row_lse[i * mass_tile + ((r % 8) / 2) * 16 + (r / 8) * 2 + r % 2] = lse;
+    }
+    mass_async_wait<0>();
+    fence_shared_for_wgmma();
+    __syncthreads();  // Q and L are staged; from here each warpgroup syncs alone
   }
   const std::int64_t first_position = p.tokens - p.observed + p.first;  // of the first chunk's first row
 
-  const int warp = static_cast<int>(threadIdx.x / 32), lane = static_cast<int>(threadIdx.x % 32);
+  // The accumulator's rows (keys) follow the warp's place in its warpgroup.
+  const int warp = static_cast<int>(thread / 32), lane = static_cast<int>(thread % 32);
   const int quad_row = lane / 4, quad_column = 2 * (lane % 4);
   const float c = p.log2_scale;
   float accumulator[2][32];
@@ -339,23 +370,22 @@ __global__ void __launch_bounds__(mass_threads, 2)
   for (std::int64_t t = tile_begin; t < tile_end; ++t) {
     mass_async_wait<0>();
     fence_shared_for_wgmma();
-    __syncthreads();  // Q, L and tile t are staged; every warp has read tile t − 1's stage
+    warpgroup_barrier(warpgroup);  // tile t is staged; every warp's products of tile t − 1 have retired
     if (t + 1 < tile_end) {
       keys.load(k_tiles + static_cast<unsigned>((t + 1 - tile_begin) & 1) * tile_bytes, 0, (t + 1) * mass_tile,
                 p.tokens);
       mass_async_commit();
     }
     const unsigned k_tile = k_tiles + static_cast<unsigned>((t - tile_begin) & 1) * tile_bytes;
-    unsigned held[steps][4];  // this warp's 16 keys of the tile: wgmma's A operand
-#pragma unroll
-    for (int s = 0; s < steps; ++s) load_swizzled_rows(held[s], k_tile, 16 * warp, s);
     const std::int64_t j0 = t * mass_tile;
     const std::int64_t key[2] = {j0 + 16 * warp + quad_row, j0 + 16 * warp + quad_row + 8};
-    const bool masked = j0 + mass_tile - 1 > first_position;
 
     // Chunk i's terms Σ_r 2^(l·c − L_r) for this thread's two keys, into head_mass;
-    // written when chunk i is its query head's last.
-    const auto accumulate = [&](int i, const float (&d)[32]) {
+    // written when chunk i is its query head's last. Only the tiles that reach the
+    // window's rows (Masked) test causality: the others run one fma, one ex2 and one
+    // add per logit.
+    const auto accumulate = [&](auto masked_constant, int i, const float (&d)[32]) {
+      constexpr bool masked = decltype(masked_constant)::value;
       float lse[16];
 #pragma unroll
       for (int x = 0; x < 4; ++x) {
@@ -363,16 +393,22 @@ __global__ void __launch_bounds__(mass_threads, 2)
         lse[4 * x] = four.x, lse[4 * x + 1] = four.y, lse[4 * x + 2] = four.z, lse[4 * x + 3] = four.w;
       }
       const int chunk_in_head = i % chunks_per_head;
-      const std::int64_t row0_position = p.tokens - p.observed + p.first + chunk_in_head * mass_tile;
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
+        // Row 8n + e (of this thread's columns) sees the key iff 8n + e ≥ ahead.
+        int ahead = 0;
+        if constexpr (masked) {
+          const std::int64_t row0_position = p.tokens - p.observed + p.first + chunk_in_head * mass_tile;
+          const std::int64_t distance = key[hh] - row0_position - quad_column;
+          ahead = distance <= 0 ? 0 : static_cast<int>(mass_min(distance, std::int64_t{64}));
+        }
         float even = 0.0f, odd = 0.0f;
 #pragma unroll
         for (int n = 0; n < 8; ++n)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             float term = mass_exp2(fmaf(d[4 * n + 2 * hh + e], c, -lse[2 * n + e]));
-            if (masked && key[hh] > row0_position + 8 * n + quad_column + e) term = 0.0f;
+            if constexpr (masked) term = 8 * n + e < ahead ? 0.0f : term;
             if (e == 0)
               even += term;
             else
@@ -392,10 +428,14 @@ __global__ void __launch_bounds__(mass_threads, 2)
         }
       }
     };
-    wgmma_chunk_pipeline<chunks_max>(
-        chunks, accumulator,
-        [&](auto i, float(&d)[32]) { wgmma_tile_product_rs<T, HeadDim>(d, held, q_tiles + i * tile_bytes); },
-        [&](auto i, const float(&d)[32]) { accumulate(i, d); });
+    // Sᵀ = K·Qᵀ: the K tile is the A operand (rows = keys), chunk i's Q the B operand.
+    const auto issue = [&](auto i, float(&d)[32]) { wgmma_tile_product_ss<T, HeadDim>(d, k_tile, q_tiles + i * tile_bytes); };
+    if (j0 + mass_tile - 1 > first_position)
+      wgmma_chunk_pipeline<chunks_max>(chunks, accumulator, issue,
+                                       [&](auto i, const float(&d)[32]) { accumulate(std::true_type{}, i, d); });
+    else
+      wgmma_chunk_pipeline<chunks_max>(chunks, accumulator, issue,
+                                       [&](auto i, const float(&d)[32]) { accumulate(std::false_type{}, i, d); });
   }
 #endif
 }
@@ -413,8 +453,8 @@ inline bool wgmma_device(std::string_view function) {
   return major == 9 && minor == 0;
 }
 
-/// How many key tiles a pass-2 block takes: enough blocks to fill the GPU several
-/// times over, then longer runs (each block loads the group's Q once).
+/// How many key tiles a pass-2 warpgroup takes: enough runs to fill the GPU several
+/// times over, then longer runs (each block loads the group's Q once for four runs).
 inline std::int64_t wgmma_column_tiles(std::int64_t units, std::int64_t key_tiles) {
   const std::int64_t total = units * key_tiles;
   return std::max<std::int64_t>(1, total / wgmma_column_target_blocks);

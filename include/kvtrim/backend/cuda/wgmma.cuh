@@ -90,6 +90,12 @@ __device__ __forceinline__ void wgmma_wait() {
 /// cp.async) visible to the async proxy that wgmma reads through; then a barrier.
 __device__ __forceinline__ void fence_shared_for_wgmma() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
+/// Synchronises the 128 threads of one warpgroup (named barrier 1 + `warpgroup`; 0 is
+/// __syncthreads'): the warpgroups of a block then run their own K streams.
+__device__ __forceinline__ void warpgroup_barrier(int warpgroup) {
+  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + warpgroup) : "memory");
+}
+
 /// Pins the accumulator registers after a wgmma_wait: the empty volatile asm "writes"
 /// them, so no read of them is scheduled above the wait (the wait names no registers).
 __device__ __forceinline__ void wgmma_settle(float (&d)[32]) {
@@ -150,7 +156,7 @@ __device__ __forceinline__ void wgmma_64x64x16_rs(float (&d)[32], const unsigned
 #undef KVTRIM_WGMMA_D32_LIST
 
 /// cp.async staging of 64-row tiles of a [rows, D] 16-bit matrix (channel stride 1,
-/// rows 16-byte aligned) into the swizzled layout, by the 128 threads of a block.
+/// rows 16-byte aligned) into the swizzled layout, by the 128 threads of a warpgroup.
 /// A thread's 16-byte chunk and its rows (r0, r0 + 128/(D/8), …) are fixed, and so is
 /// its swizzled chunk (the rows it owns are ≡ r0 mod 8): one base offset, then a
 /// constant step per row it copies. Rows past the end are zero-filled.
@@ -168,10 +174,11 @@ struct swizzled_loader {
   int r0;
   unsigned offset;  // swizzled byte offset of (r0, chunk) in a tile
 
-  __device__ __forceinline__ swizzled_loader(const T* base, std::int64_t row_stride_)
+  /// `thread`: this thread's index in the warpgroup that loads (0 … 127).
+  __device__ __forceinline__ swizzled_loader(const T* base, std::int64_t row_stride_, int thread)
       : matrix(base), row_stride(row_stride_) {
-    r0 = static_cast<int>(threadIdx.x) / chunks;
-    const int chunk = static_cast<int>(threadIdx.x) % chunks;
+    r0 = thread / chunks;
+    const int chunk = thread % chunks;
     thread_row = base + r0 * row_stride + chunk * 8;
     offset = swizzled_offset(r0, chunk);
   }
