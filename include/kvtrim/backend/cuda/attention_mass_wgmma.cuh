@@ -453,11 +453,15 @@ inline bool wgmma_device(std::string_view function) {
   return major == 9 && minor == 0;
 }
 
-/// How many key tiles a pass-2 warpgroup takes: enough runs to fill the GPU several
-/// times over, then longer runs (each block loads the group's Q once for four runs).
+/// How many key tiles a pass-2 warpgroup takes: a unit's keys in ⌈target / units⌉
+/// equal runs (enough to fill the GPU several times over), never fewer than one
+/// tile. Rounding the tiles per run up keeps the runs of a unit a multiple of four
+/// where the division allows it, so no block of four warpgroups idles three of them
+/// (W: 511 tiles in 32 runs of 16, 512 blocks; the floor of total / target gave runs
+/// of 15 and 576 blocks, a fifth wave 36 % full).
 inline std::int64_t wgmma_column_tiles(std::int64_t units, std::int64_t key_tiles) {
-  const std::int64_t total = units * key_tiles;
-  return std::max<std::int64_t>(1, total / wgmma_column_target_blocks);
+  const std::int64_t runs_per_unit = std::max<std::int64_t>(1, (wgmma_column_target_blocks + units - 1) / units);
+  return std::max<std::int64_t>(1, (key_tiles + runs_per_unit - 1) / runs_per_unit);
 }
 
 }  // namespace kvtrim::cuda_detail
