@@ -429,6 +429,15 @@ TEST(SnapKVScores, HopperBuildsChooseTheWgmmaPasses) {
     EXPECT_EQ(p.lse, nullptr);
     EXPECT_EQ(chosen.rows_grid.x, plan.units * 2);
   }
+  {  // a large batch (2048 units at 4k tokens): four splits and runs a unit, none of a block's warpgroups idle
+    const kc::mass_plan plan = kc::plan_attention_mass({.q_heads = 32, .kv_heads = 8, .head_dim = 128}, 256, 4096, 64);
+    EXPECT_EQ(plan.splits % kc::wgmma_mass_warpgroups, 0);
+    EXPECT_GE(plan.splits, kc::wgmma_mass_warpgroups);
+    const std::int64_t key_tiles = kc::ceil_div(4096 - 64, 64);
+    const std::int64_t runs = kc::ceil_div(key_tiles, kc::wgmma_column_tiles(plan.units, key_tiles));
+    EXPECT_EQ(runs % kc::wgmma_mass_warpgroups, 0);
+    EXPECT_GE(runs, kc::wgmma_mass_warpgroups);
+  }
   {  // strided or unaligned rows: the mma.sync passes
     const auto [chosen, p, plan] = choose({.q_heads = 32, .kv_heads = 8, .head_dim = 128}, 64, false);
     EXPECT_FALSE(chosen.wgmma_rows);

@@ -882,7 +882,14 @@ inline mass_plan plan_attention_mass(const model_shape& shape, std::int64_t batc
     target = wgmma_row_target_blocks;
   }
 #endif
-  const std::int64_t wanted = ceil_div(target, std::max<std::int64_t>(row_blocks, 1));
+  std::int64_t wanted = ceil_div(target, std::max<std::int64_t>(row_blocks, 1));
+#if defined(KVTRIM_CUDA_WGMMA)
+  // A wgmma block runs four splits, one a warpgroup, and holds an SM alone: a
+  // multiple of four, at least four (where the keys have that many tiles), so
+  // large batches (≥ 2048 row blocks: one split each) do not idle three of four.
+  if (shape.head_dim == 64 || shape.head_dim == 128)
+    wanted = ceil_div(std::max<std::int64_t>(wanted, wgmma_mass_warpgroups), wgmma_mass_warpgroups) * wgmma_mass_warpgroups;
+#endif
   plan.splits = std::max<std::int64_t>(1, std::min({wanted, key_tiles, mass_max_splits}));
   plan.split_tiles = ceil_div(key_tiles, plan.splits);
   plan.splits = ceil_div(key_tiles, plan.split_tiles);

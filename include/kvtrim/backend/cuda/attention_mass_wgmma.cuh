@@ -144,6 +144,22 @@ __device__ __forceinline__ void wgmma_chunk_pipeline(int chunks, float (&accumul
   }(std::make_integer_sequence<int, ChunksMax + 1>{});
 }
 
+/// Starts the cp.async copies of a unit's row chunks chunk0 … chunk0 + chunks − 1 into
+/// the block's resident Q tiles (tile i for chunk chunk0 + i), spread over the
+/// warpgroups (tile i by warpgroup i mod 4); the caller commits, waits and syncs the block.
+template <class T, int HeadDim>
+__device__ __forceinline__ void stage_row_chunks(const attention_mass_parameters<T, T>& p, std::int64_t b,
+                                                 std::int64_t h, unsigned q_tiles, unsigned chunk0, int chunks) {
+  const int warpgroup = static_cast<int>(threadIdx.x / 128);
+  const swizzled_loader<T, HeadDim> queries(p.queries + b * p.query_batch_stride + h * p.group * p.query_head_stride,
+                                            p.query_token_stride, static_cast<int>(threadIdx.x % 128));
+  for (int i = warpgroup; i < chunks; i += wgmma_mass_warpgroups) {
+    const row_chunk rows = chunk_rows(p, chunk0 + i);
+    queries.load(q_tiles + i * swizzled_tile_bytes<HeadDim>, rows.g * p.query_head_stride, rows.t0,
+                 rows.t0 + rows.count);
+  }
+}
+
 /// Pass 1 (see the header). grid.x = units · row groups (the groups of one unit
 /// adjacent: they share the unit's K through L2), grid.y = key splits / warpgroups:
 /// warpgroup w of block y runs split 4y + w. Each writes every row of its chunks'
@@ -183,12 +199,7 @@ __global__ void __launch_bounds__(wgmma_mass_threads, 1)
   const swizzled_loader<T, HeadDim> keys(p.keys + b * p.key_batch_stride + h * p.key_head_stride, p.key_token_stride,
                                          thread);
   {  // the block's Q chunks (chunk i by warpgroup i mod 4), then this warpgroup's first K tile
-    const swizzled_loader<T, HeadDim> queries(
-        p.queries + b * p.query_batch_stride + h * p.group * p.query_head_stride, p.query_token_stride, thread);
-    for (int i = warpgroup; i < chunks; i += wgmma_mass_warpgroups) {
-      const row_chunk rows = chunk_rows(p, chunk0 + i);
-      queries.load(q_tiles + i * tile_bytes, rows.g * p.query_head_stride, rows.t0, rows.t0 + rows.count);
-    }
+    stage_row_chunks<T, HeadDim>(p, b, h, q_tiles, chunk0, chunks);
     // (a split past the block's last visible key loads no K and writes (−∞, 0))
     if (tile_begin < tile_end) keys.load(k_tiles, 0, tile_begin * mass_tile, p.tokens);
     mass_async_commit();
@@ -335,12 +346,7 @@ __global__ void __launch_bounds__(wgmma_mass_threads, 1)
   const swizzled_loader<T, HeadDim> keys(p.keys + b * p.key_batch_stride + h * p.key_head_stride, p.key_token_stride,
                                          thread);
   {  // the group's Q chunks (chunk i by warpgroup i mod 4), their rows' L, this warpgroup's first K tile
-    const swizzled_loader<T, HeadDim> queries(
-        p.queries + b * p.query_batch_stride + h * p.group * p.query_head_stride, p.query_token_stride, thread);
-    for (int i = warpgroup; i < chunks; i += wgmma_mass_warpgroups) {
-      const row_chunk rows = chunk_rows(p, i);
-      queries.load(q_tiles + i * tile_bytes, rows.g * p.query_head_stride, rows.t0, rows.t0 + rows.count);
-    }
+    stage_row_chunks<T, HeadDim>(p, b, h, q_tiles, 0, chunks);
     if (tile_begin < tile_end) keys.load(k_tiles, 0, tile_begin * mass_tile, p.tokens);
     mass_async_commit();
     // Rows past a chunk's count get L = +∞: 2^(l·c − ∞) = 0, no test per logit.
@@ -453,11 +459,17 @@ inline bool wgmma_device(std::string_view function) {
   return major == 9 && minor == 0;
 }
 
-/// How many key tiles a pass-2 warpgroup takes: enough runs to fill the GPU several
-/// times over, then longer runs (each block loads the group's Q once for four runs).
+/// How many key tiles a pass-2 warpgroup takes: a unit's keys in ⌈target / units⌉
+/// runs rounded up to a multiple of four (at least four: a block runs four, one a
+/// warpgroup, and holds an SM alone), never fewer than one tile a run. Rounding the
+/// tiles per run up keeps the runs of a unit a multiple of four where the division
+/// allows it, so no block idles warpgroups (W: 511 tiles in 32 runs of 16, 512
+/// blocks; the floor of total / target gave runs of 15 and 576 blocks, a fifth wave
+/// 36 % full; large batches, ≥ 2048 units, got one run a unit and three idle warpgroups).
 inline std::int64_t wgmma_column_tiles(std::int64_t units, std::int64_t key_tiles) {
-  const std::int64_t total = units * key_tiles;
-  return std::max<std::int64_t>(1, total / wgmma_column_target_blocks);
+  const std::int64_t wanted = std::max<std::int64_t>(wgmma_mass_warpgroups, (wgmma_column_target_blocks + units - 1) / units);
+  const std::int64_t runs_per_unit = (wanted + wgmma_mass_warpgroups - 1) / wgmma_mass_warpgroups * wgmma_mass_warpgroups;
+  return std::max<std::int64_t>(1, (key_tiles + runs_per_unit - 1) / runs_per_unit);
 }
 
 }  // namespace kvtrim::cuda_detail
