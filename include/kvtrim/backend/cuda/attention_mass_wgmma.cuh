@@ -467,9 +467,9 @@ inline bool wgmma_device(std::string_view function) {
 /// blocks; the floor of total / target gave runs of 15 and 576 blocks, a fifth wave
 /// 36 % full; large batches, ≥ 2048 units, got one run a unit and three idle warpgroups).
 inline std::int64_t wgmma_column_tiles(std::int64_t units, std::int64_t key_tiles) {
-  const std::int64_t wanted = std::max<std::int64_t>(wgmma_mass_warpgroups, (wgmma_column_target_blocks + units - 1) / units);
-  const std::int64_t runs_per_unit = (wanted + wgmma_mass_warpgroups - 1) / wgmma_mass_warpgroups * wgmma_mass_warpgroups;
-  return std::max<std::int64_t>(1, (key_tiles + runs_per_unit - 1) / runs_per_unit);
+  const std::int64_t wanted = std::max<std::int64_t>(wgmma_mass_warpgroups, mass_ceil_div(wgmma_column_target_blocks, units));
+  const std::int64_t runs_per_unit = mass_ceil_div(wanted, wgmma_mass_warpgroups) * wgmma_mass_warpgroups;
+  return std::max<std::int64_t>(1, mass_ceil_div(key_tiles, runs_per_unit));
 }
 
 }  // namespace kvtrim::cuda_detail
