@@ -841,6 +841,64 @@ TYPED_TEST(EvictionStep, OtherCodecs) {
   check_eviction_step<TypeParam, kt::codec::layered<kt::codec::int8>>(ev::scope::cross_layer, layered_config, 13);
 }
 
+/// low_rank with sequence bases (rank 4, a refresh every 16 appends): the tokens appended since
+/// a head's last refresh sit in its pending buffer by slot, so they are pinned like KIVI's
+/// filling group — with a window (9) shorter than update_freq, some of them are otherwise
+/// the lowest-metric candidates. Everything kept is compared bit for bit with the oracle.
+kt::codec::low_rank::config low_rank_sequence_config() {
+  kt::codec::low_rank::config config{};
+  config.rank = 4;
+  config.update_freq = 16;
+  return config;
+}
+
+TYPED_TEST(EvictionStep, LowRankPinsItsPendingTokens) {
+  for (const ev::scope scope : {ev::scope::per_head, ev::scope::cross_layer}) {
+    SCOPED_TRACE(::testing::Message() << "scope " << int(scope));
+    check_eviction_step<TypeParam, kt::codec::low_rank>(scope, low_rank_sequence_config(), 17);
+  }
+}
+
+/// After a step, each head's pending buffer still names its newest pending_counts tokens in
+/// arrival order: the refresh re-encodes every entry into the slot it names, and scheme::truncate
+/// rolls back as many tokens as it counts. Unpinned (before 2026-12-05) an evicted pending token
+/// left its slot in the buffer — on a paged cache a slot whose page another head may take next —
+/// and its count: 46 stale entries in the cross-layer step of this case (window 4 < update_freq 16).
+TYPED_TEST(EvictionStep, LowRankPendingBufferNamesTheNewestTokens) {
+  using model_type = model<TypeParam, kt::codec::low_rank>;
+  const kt::model_shape shape{.q_heads = 6, .kv_heads = 3, .head_dim = 16};
+  for (const ev::scope scope : {ev::scope::per_head, ev::scope::cross_layer}) {
+    SCOPED_TRACE(::testing::Message() << "scope " << int(scope));
+    model_type m(shape, 2, 3, 150, 21, low_rank_sequence_config());
+    const ev::config cfg{.scope = scope, .keep = 60, .interval = 16, .sinks = 3, .protected_window = 4, .alpha = 0.3};
+    for (auto& output : m.outputs) output.protected_window = cfg.protected_window;
+    // The case must offer pending tokens older than the window, or it tests nothing.
+    std::int64_t exposed = 0;
+    for (const auto& cache : m.views)
+      for (std::int64_t head = 0; head < cache.heads(); ++head)
+        exposed += std::max<std::int64_t>(0, cache.storage.pending_counts[head] - cfg.protected_window);
+    ASSERT_GT(exposed, 0);
+
+    kts::scratch_buffer scratch(kt::evict_workspace<kt::backend::cpu>(std::span<const typename model_type::view_type>(m.views)));
+    const ev::report report = kt::evict<kt::backend::cpu>(std::span<const typename model_type::view_type>(m.views),
+                                                          std::span<const ev::metric_output<>>(m.outputs), cfg,
+                                                          scratch.get());
+    EXPECT_GT(report.evicted_tokens, 0);
+    for (std::int64_t l = 0; l < m.layers; ++l) {
+      const auto& cache = m.views[l];
+      const auto& store = cache.storage;
+      for (std::int64_t b = 0; b < m.batch; ++b)
+        for (std::int64_t h = 0; h < shape.kv_heads; ++h) {
+          const std::int64_t head = b * shape.kv_heads + h, n = cache.head_length(b, h);
+          ASSERT_LE(store.pending_counts[head], n) << "layer " << l << ", head " << head;
+          for (std::int64_t p = 0; p < store.pending_counts[head]; ++p)
+            EXPECT_EQ(store.pending_slots[head * store.update_freq + p], cache.slot(b, h, n - store.pending_counts[head] + p))
+                << "layer " << l << ", head " << head << ", pending entry " << p;
+        }
+    }
+  }
+}
+
 TYPED_TEST(EvictionStep, RefusesBadInputAndChangesNothing) {
   using model_type = model<TypeParam, kt::codec::fp32>;
   model_type m({.q_heads = 2, .kv_heads = 2, .head_dim = 16}, 1, 2, 100, 5);

@@ -139,9 +139,13 @@ namespace kvtrim::eviction_detail {
 
 /// Whether the codec still holds token `i` (of `length`) of flattened head `head`
 /// in a side buffer that records slots by arrival — a filling KIVI key group
-/// (int8/int4), layered's fp16 rows. Such tokens move with move_slot but cannot
-/// be dropped without corrupting that buffer, so eviction protects them. (Host
-/// and device: backend/cpu/eviction.hpp and backend/cuda/eviction.cuh ask the same.)
+/// (int8/int4), layered's fp16 rows, low_rank's tokens appended since its last basis
+/// refresh (pending_slots: the refresh re-encodes each into the slot it recorded, so
+/// an evicted one would be written over whichever token later took its slot). Such
+/// tokens move with move_slot but cannot be dropped without corrupting that buffer,
+/// so eviction protects them. They are a head's newest tokens (appends arrive in
+/// token order, and eviction keeps that order), hence the test by index. (Host and
+/// device: backend/cpu/eviction.hpp and backend/cuda/eviction.cuh ask the same.)
 template <class Storage>
 KVTRIM_HOST_DEVICE bool codec_pins(const Storage& store, std::int64_t head, std::int64_t slot, std::int64_t i,
                                    std::int64_t length) {
@@ -151,6 +155,8 @@ KVTRIM_HOST_DEVICE bool codec_pins(const Storage& store, std::int64_t head, std:
     if (store.slot_rows != nullptr && store.slot_rows[slot] >= 0) pinned = true;
   if constexpr (requires { store.residual_count[head]; store.key_group; })
     if (store.key_group != 0 && i >= length - store.residual_count[head]) pinned = true;
+  if constexpr (requires { store.pending_counts[head]; store.update_freq; })
+    if (store.update_freq != 0 && i >= length - store.pending_counts[head]) pinned = true;
   return pinned;
 }
 
