@@ -6,6 +6,11 @@
 // streaming state (KIVI's filling key group, fp8's head scales, low_rank's pending
 // tokens and basis refreshes, layered's fp16 ring) and the plain ones.
 //
+// The prompt is appended as it is, or compressed (SnapKV over an 8-query window with
+// Ada-KV or uniform budgets: the kept tokens compress reports are the reference's,
+// the metric is seeded from the window) — default configs of several policies meeting
+// the codecs' state in one cache.
+//
 // Each call is tested elsewhere on its own; what breaks in an engine is their
 // sequence — a side buffer that remembers slots, a count that an eviction or a
 // rollback did not update (tests/cpu/eviction_test.cpp's LowRank* cases came from
@@ -27,6 +32,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <random>
@@ -47,11 +53,14 @@ constexpr std::int64_t layers = 2, batch = 2, kv_heads = 2, head_dim = 16, rank 
 const kt::model_shape shape{.q_heads = 4, .kv_heads = kv_heads, .head_dim = head_dim};
 constexpr std::int64_t heads = batch * kv_heads;
 
-template <class Layout, class Codec>
+/// Prompt: appended as it is (static_window: no compress), or compressed by Scorer and Budget
+/// (SnapKV's window queries, the kept tokens reported by compress, the metric seeded from the window).
+template <class Layout, class Codec, class Scorer = kt::score::static_window, class Budget = kt::budget::uniform>
 struct combo {
   using layout = Layout;
   using codec = Codec;
-  using scheme = kt::scheme<Layout, kt::score::static_window, kt::budget::uniform, Codec, kt::backend::cpu>;
+  using scheme = kt::scheme<Layout, Scorer, Budget, Codec, kt::backend::cpu>;
+  static constexpr bool compressed_prompt = !std::same_as<Scorer, kt::score::static_window>;
   static auto make() {
     if constexpr (std::same_as<Layout, kt::layout::paged>)
       return scheme::make_cache(shape, batch, kt::layout::paged::pool_size{heads * 14 + 6, page_size}, config());
@@ -108,7 +117,13 @@ using combos = ::testing::Types<
     combo<kt::layout::paged, kt::codec::fp8>, combo<kt::layout::paged, kt::codec::low_rank>,
     combo<kt::layout::paged, kt::codec::layered<kt::codec::int8>>, combo<kt::layout::flat, kt::codec::fp16>,
     combo<kt::layout::flat, kt::codec::int8>, combo<kt::layout::flat, kt::codec::fp8>,
-    combo<kt::layout::flat, kt::codec::low_rank>, combo<kt::layout::flat, kt::codec::layered<kt::codec::int8>>>;
+    combo<kt::layout::flat, kt::codec::low_rank>, combo<kt::layout::flat, kt::codec::layered<kt::codec::int8>>,
+    combo<kt::layout::paged, kt::codec::int8, kt::score::snapkv, kt::budget::adaptive>,
+    combo<kt::layout::paged, kt::codec::low_rank, kt::score::snapkv, kt::budget::adaptive>,
+    combo<kt::layout::paged, kt::codec::layered<kt::codec::int8>, kt::score::snapkv, kt::budget::uniform>,
+    combo<kt::layout::flat, kt::codec::fp8, kt::score::snapkv, kt::budget::adaptive>,
+    combo<kt::layout::flat, kt::codec::int4, kt::score::snapkv, kt::budget::uniform>,
+    combo<kt::layout::flat, kt::codec::low_rank, kt::score::snapkv, kt::budget::uniform>>;
 TYPED_TEST_SUITE(EngineLife, combos);
 
 TYPED_TEST(EngineLife, EveryHeldTokenDecodesToItsOwnRowThroughAppendsEvictionsAndRollbacks) {
@@ -210,7 +225,13 @@ TYPED_TEST(EngineLife, EveryHeldTokenDecodesToItsOwnRowThroughAppendsEvictionsAn
             if (i >= n - unsettled) continue;
             for (const bool value : {false, true}) {
               const auto got = kts::cached_row(cache, b, h, i, value);
-              const auto& want = (value ? record.value : record.key).at(position);
+              auto want = (value ? record.value : record.key).at(position);
+              if constexpr (std::same_as<typename C::codec, kt::codec::fp8>) {
+                // head_amax scales come from the compressed prompt; a later token beyond ±448·s
+                // saturates there (codec/fp8.hpp, as vLLM's conversion does).
+                const double limit = 448.0 * (value ? cache.storage.value_scales : cache.storage.key_scales)[head];
+                for (float& x : want) x = static_cast<float>(std::clamp(double(x), -limit, limit));
+              }
               for (std::int64_t d = 0; d < head_dim; ++d) {
                 const double error = std::abs(double(got[d]) - double(want[d]));
                 ASSERT_LE(error, C::bound(want[d], largest))
@@ -229,11 +250,53 @@ TYPED_TEST(EngineLife, EveryHeldTokenDecodesToItsOwnRowThroughAppendsEvictionsAn
       }
     };
 
-    // The prompt: ragged heads (an empty one included where the draw gives 0).
-    for (std::int64_t l = 0; l < layers; ++l) {
-      std::vector<std::int64_t> prompt(heads);
-      for (auto& n : prompt) n = static_cast<std::int64_t>(random() % 40);
-      append(l, prompt);
+    if constexpr (C::compressed_prompt) {
+      // The prompt of 60 tokens compressed to ~24 a head (SnapKV over an 8-query window), its
+      // kept tokens recorded at their positions, the metric seeded from the window.
+      constexpr std::int64_t tokens = 60, observed = 8;
+      typename scheme::config cfg;
+      cfg.score.window = observed;
+      cfg.budget.keep = kt::keep_tokens{24};
+      for (std::int64_t l = 0; l < layers; ++l) {
+        auto keys = kts::make_tensor<float, 4>({batch, kv_heads, tokens, head_dim});
+        auto values = kts::make_tensor<float, 4>({batch, kv_heads, tokens, head_dim});
+        for (std::int64_t head = 0; head < heads; ++head)
+          for (std::int64_t t = 0; t < tokens; ++t) {
+            const auto key = row_of(2 * (l * heads + head)), value = row_of(2 * (l * heads + head) + 1);
+            for (std::int64_t d = 0; d < head_dim; ++d) {
+              keys.view(head / kv_heads, head % kv_heads, t, d) = key[d];
+              values.view(head / kv_heads, head % kv_heads, t, d) = value[d];
+              largest = std::max({largest, double(std::abs(key[d])), double(std::abs(value[d]))});
+            }
+          }
+        auto queries = kts::random_tensor<float, 4>({batch, shape.q_heads, observed, head_dim}, seed * 100 + l);
+        std::vector<std::int64_t> offsets(heads + 1);
+        std::vector<std::int32_t> kept(static_cast<std::size_t>(scheme::kept_tokens_capacity(shape, batch, tokens, cfg)));
+        const kt::compress_options<kt::host_space> options{.start_position = 3, .kept_offsets = offsets.data(),
+                                                           .kept_tokens = kept.data(),
+                                                           .kept_tokens_capacity = static_cast<std::int64_t>(kept.size())};
+        kts::scratch_buffer scratch(scheme::compress_workspace(shape, batch, tokens, cfg));
+        scheme::compress(keys.view, values.view, queries.view, views[l], cfg, options, scratch.get());
+        for (std::int64_t head = 0; head < heads; ++head)
+          for (std::int64_t k = offsets[head]; k < offsets[head + 1]; ++k) {
+            const std::int64_t t = kept[static_cast<std::size_t>(k)];
+            auto& record = rows[static_cast<std::size_t>(l * heads + head)];
+            for (const bool value : {false, true}) {
+              std::vector<float> row(head_dim);
+              for (std::int64_t d = 0; d < head_dim; ++d)
+                row[d] = (value ? values : keys).view(head / kv_heads, head % kv_heads, t, d);
+              (value ? record.value : record.key)[static_cast<std::int32_t>(3 + t)] = row;
+            }
+          }
+        ev::seed_metric(keys.cview(), queries.cview(), views[l], {offsets.data(), kept.data(), heads}, 3, outputs[l]);
+      }
+    } else {
+      // The prompt: ragged heads (an empty one included where the draw gives 0).
+      for (std::int64_t l = 0; l < layers; ++l) {
+        std::vector<std::int64_t> prompt(heads);
+        for (auto& n : prompt) n = static_cast<std::int64_t>(random() % 40);
+        append(l, prompt);
+      }
     }
     check("after the prompt");
 
