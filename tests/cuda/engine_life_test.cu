@@ -81,6 +81,7 @@ TYPED_TEST(EngineLifeCuda, DeviceCacheEqualsCpuCacheAfterEveryCall) {
   using device_view = typename C::device_view;
   using cpu = kt::scheme<Layout, kt::score::static_window, kt::budget::uniform, typename C::codec, kt::backend::cpu>;
   using gpu = kt::scheme<Layout, kt::score::static_window, kt::budget::uniform, typename C::codec, kt::backend::cuda>;
+  KVTRIM_SKIP_WITHOUT_GPU();
   std::mt19937_64 random(20261205);
   cudaStream_t stream = nullptr;
   ASSERT_EQ(cudaStreamCreate(&stream), cudaSuccess);
