@@ -844,7 +844,9 @@ TYPED_TEST(EvictionStep, OtherCodecs) {
 /// low_rank with sequence bases (rank 4, a refresh every 16 appends): the tokens appended since
 /// a head's last refresh sit in its pending buffer by slot, so they are pinned like KIVI's
 /// filling group — with a window (9) shorter than update_freq, some of them are otherwise
-/// the lowest-metric candidates. Everything kept is compared bit for bit with the oracle.
+/// the lowest-metric candidates. Everything kept is compared bit for bit with the oracle —
+/// which asks the same codec_pins, so this checks the moves of low_rank tokens (coefficients,
+/// positions, metrics), not the pin: the next test checks the pin on its own.
 kt::codec::low_rank::config low_rank_sequence_config() {
   kt::codec::low_rank::config config{};
   config.rank = 4;

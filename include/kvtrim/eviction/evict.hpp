@@ -84,6 +84,11 @@ enum class scope : int {
   cross_layer = 2,  ///< one threshold over every layer and kv head of a sequence (vllm-kvcompress)
 };
 
+/// Protected tokens are kept whatever the target: sinks, the window, the compensation token
+/// and the codecs' pins (up to key_group − 1 for KIVI, update_freq − 1 for low_rank's sequence
+/// bases, layered's fp16 rows). With keep − interval below their sum a head keeps more than
+/// the target (the step counts it in report::units_over_target) and a tight pool may run out
+/// at the next appends: size keep − interval above sinks + protected_window + the codec's pins.
 struct config {
   eviction::scope scope = scope::cross_layer;
   std::int64_t keep = 1024;      ///< tokens per kv head on average: the cap between evictions

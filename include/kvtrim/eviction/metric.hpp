@@ -62,11 +62,13 @@
 //
 // The metric buffer itself is the engine's too, and only kvtrim::evict and seeding
 // zero the slots they free. scheme::truncate does not know the buffer: rolling back
-// speculative drafts is harmless (they sit inside the protected window, metric 0:
-// tests/cpu/engine_life_test.cpp checks every free slot after every call), but a
-// rollback reaching tokens older than the window leaves their metric in the freed
-// slots, and the next token appended there would start from it — zero those slots
-// (values[slot] = 0 for the dropped tokens' slots, read before the truncate).
+// the drafts of the current step is harmless (appended after the last attend that
+// took the metric — multi-query attends take none — they hold 0;
+// tests/cpu/engine_life_test.cpp checks the free slots after every call), but a
+// rollback reaching tokens that an earlier step's metric attend counted leaves their
+// metric in the freed slots, and the next token appended there would start from it —
+// zero those slots (values[slot] = 0 for the dropped tokens' slots, read before the
+// truncate).
 //
 // Backends for one step late: cpu (the specification). On cuda eviction::attend
 // refuses a carry: the device kernel that recomputes the previous step's logits was
