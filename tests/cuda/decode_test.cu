@@ -416,7 +416,15 @@ INSTANTIATE_TEST_SUITE_P(
         // 32 ragged heads (0 to 7770 tokens): heads over one to ~30 blocks and blocks over several heads
         decode_case{L::flat, 4, 8, 4, 128, 0, {0, 1, 17, 255, 256, 257, 511, 513, 700, 1000, 3, 0, 2000, 129, 64, 65,
                                                4097, 10, 300, 30, 0, 1, 777, 7770, 250, 260, 100, 1000, 33, 333, 3333, 16},
-                    true}),
+                    true},
+        // the same 32 ragged heads at GQA 2 (CUDA cores: whole tiles by bulk copies on sm_90, the stages'
+        // transaction barriers set up afresh for each of a block's heads, partial last tiles on cp.async)
+        decode_case{L::flat, 4, 8, 2, 128, 0, {0, 1, 17, 255, 256, 257, 511, 513, 700, 1000, 3, 0, 2000, 129, 64, 65,
+                                               4097, 10, 300, 30, 0, 1, 777, 7770, 250, 260, 100, 1000, 33, 333, 3333, 16},
+                    true},
+        // D 256 (32-token tiles, 3 stages) at GQA 2 over a flat cache: segments of 8 and more whole tiles, so every
+        // stage's transaction barrier passes phases 0, 1 and 2 (parity back to 0), then a partial last tile
+        decode_case{L::flat, 2, 2, 2, 256, 0, {4097, 700, 1, 300}, true}),
     case_name);
 
 // review (a): contiguous caches whose map is [batch, token, kv_head] ("NHD": token stride = kv_heads,

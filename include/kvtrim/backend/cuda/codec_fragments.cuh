@@ -95,6 +95,91 @@ __device__ __forceinline__ void copy_async16_at(unsigned shared_base, const void
   asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0+%2], [%1+%3], 16, 16, %4;\n" ::"r"(shared_base),
                "l"(global_base), "n"(SharedOffset), "n"(GlobalOffset), "l"(policy));
 }
+// ---- bulk copies and transaction barriers (sm_90: the decode pipeline's whole affine tiles) ----
+
+/// Whether kv_tile_stream moves whole stride-1 tiles of unpadded rows by bulk copies (the Tensor
+/// Memory Accelerator: one instruction per K or V tile, the bytes counted on an mbarrier) instead
+/// of 16-byte cp.async chunks. Define KVTRIM_CUDA_BULK_COPIES=0 to keep cp.async (benchmarks
+/// compare the two); architectures before sm_90 always do. One value per program: translation
+/// units built with different values give the same kernel names different bodies.
+#ifndef KVTRIM_CUDA_BULK_COPIES
+#define KVTRIM_CUDA_BULK_COPIES 1
+#endif
+
+/// A shared-memory mbarrier expecting one arrival per phase plus the bytes its bulk copies bring.
+__device__ __forceinline__ void transaction_barrier_init(unsigned barrier) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(barrier) : "memory");
+#endif
+}
+/// Makes the barriers' initialisation visible to the async proxy (the bulk copies' completions).
+__device__ __forceinline__ void transaction_barrier_init_fence() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void transaction_barrier_invalidate(unsigned barrier) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.inval.shared::cta.b64 [%0];\n" ::"r"(barrier) : "memory");
+#endif
+}
+/// The phase's one arrival, announcing `bytes` that bulk copies will complete on it.
+__device__ __forceinline__ void transaction_barrier_expect(unsigned barrier, unsigned bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(barrier), "r"(bytes) : "memory");
+#else
+  __trap();  // only kv_tile_stream::bulk_copies calls it, never true below sm_90
+#endif
+}
+/// Waits until the phase of parity `parity` has completed (every expected byte landed).
+__device__ __forceinline__ void transaction_barrier_wait(unsigned barrier, unsigned parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{\n"
+      ".reg .pred landed;\n"
+      "wait_for_phase:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 landed, [%0], %1;\n"
+      "@!landed bra wait_for_phase;\n"
+      "}\n" ::"r"(barrier),
+      "r"(parity)
+      : "memory");
+#else
+  __trap();  // only kv_tile_stream::bulk_copies calls it, never true below sm_90
+#endif
+}
+/// Orders this thread's earlier generic-proxy accesses of shared memory (reads of a stage, a
+/// previous segment's cp.async zero-fill or merge stores) before its bulk copies into it.
+__device__ __forceinline__ void fence_shared_for_bulk_copies() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+/// A bulk global → shared copy of `bytes` (a multiple of 16, both addresses 16-byte aligned),
+/// completing its bytes on `barrier`; `policy`: with an L2 eviction-priority policy.
+__device__ __forceinline__ void copy_bulk(unsigned shared_destination, const void* global_source, unsigned bytes,
+                                          unsigned barrier) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   shared_destination),
+               "l"(global_source), "r"(bytes), "r"(barrier)
+               : "memory");
+#else
+  __trap();  // only kv_tile_stream::bulk_copies calls it, never true below sm_90
+#endif
+}
+__device__ __forceinline__ void copy_bulk(unsigned shared_destination, const void* global_source, unsigned bytes,
+                                          unsigned barrier, std::uint64_t policy) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n" ::"r"(
+          shared_destination),
+      "l"(global_source), "r"(bytes), "r"(barrier), "l"(policy)
+      : "memory");
+#else
+  __trap();  // only kv_tile_stream::bulk_copies calls it, never true below sm_90
+#endif
+}
+
 /// 4-byte asynchronous copy (through L1: .cg takes only 16 bytes); `bytes` = 0 zero-fills.
 __device__ __forceinline__ void copy_async4(void* shared_destination, const void* global_source, int bytes) {
   const auto destination = static_cast<unsigned>(__cvta_generic_to_shared(shared_destination));

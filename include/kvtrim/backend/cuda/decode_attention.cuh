@@ -17,6 +17,9 @@
 //  * K/V tiles stream into shared memory through a cp.async pipeline
 //    (kv_tile_stream, shared by both kernels): several tiles in flight per
 //    block without spending registers on them, which is what keeps HBM busy.
+//    Whole stride-1 tiles of unpadded rows (the CUDA-core kernel) go by bulk
+//    copies on sm_90, the K and the V tile an instruction each, waited for on
+//    an mbarrier.
 //  * CUDA cores (16-bit storage at groups 1, 2; fp32): `lanes_per_token = head_dim / 8`
 //    lanes share a token row, each reading 8 elements from shared memory; the
 //    Group dot products finish with one transposed shuffle reduction
@@ -73,6 +76,12 @@ inline constexpr int decode_warps = 8;
 inline constexpr int decode_threads = decode_warps * 32;
 /// Tokens each lane group handles per tile.
 inline constexpr int decode_unroll = 4;
+/// Blocks of the CUDA-core decode kernel an SM must hold (its __launch_bounds__ minimum): 1, as
+/// ever, lets ptxas take 178 registers at GQA 4 (one 256-thread block an SM); 2 caps them at 128
+/// (two blocks, spills) — an experiment's switch for KVTRIM_CUDA_DECODE_CUDA_CORE_GROUPS = 4.
+#ifndef KVTRIM_CUDA_DECODE_CUDA_CORE_MIN_BLOCKS
+#define KVTRIM_CUDA_DECODE_CUDA_CORE_MIN_BLOCKS 1
+#endif
 
 /// An L2 eviction-priority hint for a K/V tile stream's copies: with the eviction metric
 /// on, its K/V lines may be marked evict_first (`policy` from kv_stream_policy) so the
@@ -84,7 +93,8 @@ struct kv_copy_hint {
 
 /// A head's tokens [begin, end) as K/V tiles of TileTokens rows in a
 /// `Stages`-deep ring of shared memory ([stage][keys, values][token][RowStride]),
-/// filled by cp.async: tile t + Stages − 1 is requested while tile t is read.
+/// filled by cp.async (BulkCopies: whole unpadded stride-1 tiles by bulk copies, see bulk_copies):
+/// tile t + Stages − 1 is requested while tile t is read.
 /// Rows past `end` are zero-filled. Every thread moves the same number of
 /// 16-byte chunks; the slots of its rows of the next tile are resolved (for
 /// paged caches: independent page-table loads, issued together) right after
@@ -95,7 +105,7 @@ struct kv_copy_hint {
 /// data a codec stages with the rows (codec_fragments.cuh: quantized_tile_side),
 /// after the K/V tiles of each stage.
 template <class StoreT, int HeadDim, int RowStride, int TileTokens, int Stages, int Threads, class Rows,
-          class Side = no_tile_side>
+          class Side = no_tile_side, bool BulkCopies = false>
 struct kv_tile_stream {
   static constexpr int chunk_elements = 16 / static_cast<int>(sizeof(StoreT));
   static constexpr int chunks_per_row = HeadDim / chunk_elements;
@@ -162,6 +172,55 @@ struct kv_tile_stream {
   static constexpr bool affine_copies = requires { requires Rows::affine; } && even && Threads % chunks_per_row == 0;
   static constexpr int rows_per_round = Threads / chunks_per_row;  // rows one round of chunks covers
 
+  /// Whole affine tiles of unpadded rows (RowStride = HeadDim: the CUDA-core kernel, fp16 / bf16 at
+  /// groups 1–2, fp32, and the code tiles it dequantizes) by bulk copies (sm_90,
+  /// KVTRIM_CUDA_BULK_COPIES): the K tile and the V tile are each one contiguous block in global and
+  /// in shared memory, so a tile is two instructions of one thread and its bytes are counted on a
+  /// transaction barrier per stage, not 2·chunks_per_thread cp.async a thread, and the L2 is asked
+  /// for exactly the tile's bytes (the cp.async copies' .L2::256B prefetch asks for ~1.5× at W).
+  /// Measured on the H200 (docs/results.md, 2026-12-05): fp16 at W's 32k tokens 3.6 % faster at GQA 2,
+  /// 2.1 % at GQA 1 (1.3 % slower at GQA 1 over 4k tokens). Padded rows (the tensor-core kernels'
+  /// 16-byte row padding that keeps ldmatrix free of bank conflicts) would need a copy per row:
+  /// tried, 3.8 % slower for fp16 at GQA 4 and 45–59 % slower for the int8 / int4 / fp8 fragment
+  /// tiles — the bulk-copy unit's rate in copies, not bytes, bounds 256- and 128-byte rows. Those
+  /// stay on cp.async (a swizzled tensor map would be their bulk form), as do partial last tiles
+  /// and paged rows.
+  static constexpr bool packed_rows = RowStride == HeadDim;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  static constexpr bool bulk_copies = false;
+#else
+  static constexpr bool bulk_copies = BulkCopies && KVTRIM_CUDA_BULK_COPIES != 0 && affine_copies && packed_rows &&
+                                      tile_elements * sizeof(StoreT) % 16 == 0;
+#endif
+  static constexpr unsigned bulk_copy_bytes = static_cast<unsigned>(tile_elements * sizeof(StoreT));  // K or V tile
+  static_assert(!bulk_copies || 2 * std::size_t{bulk_copy_bytes} < (std::size_t{1} << 20),
+                "kv_tile_stream: a tile's bytes within an mbarrier's transaction count");
+  static_assert(!bulk_copies || Side::bytes == 0,
+                "kv_tile_stream: bulk tiles skip the block barrier that cp.async side data needs");
+
+  /// The transaction barrier of `stage` (static shared memory: the dynamic area is the tiles,
+  /// and a kernel's merge reuses it).
+  __device__ __forceinline__ static unsigned barrier_address(int stage) {
+    __shared__ alignas(8) std::uint64_t barriers[Stages];
+    return static_cast<unsigned>(__cvta_generic_to_shared(barriers + stage));
+  }
+  /// The bulk copies of a whole stride-1 tile: thread 0 arrives on the stage's barrier with the
+  /// tile's byte count and copies the K tile, thread 1 the V tile.
+  __device__ __forceinline__ void issue_bulk(int tile) {
+    const int stage = tile % Stages;
+    const unsigned barrier = barrier_address(stage);
+    if (threadIdx.x >= 2) return;
+    if (threadIdx.x == 0) transaction_barrier_expect(barrier, 2 * bulk_copy_bytes);
+    fence_shared_for_bulk_copies();
+    const StoreT* source = (threadIdx.x == 0 ? keys : values) + rows.slot(first_token(tile)) * HeadDim;
+    const auto destination =
+        static_cast<unsigned>(__cvta_generic_to_shared(tiles + (stage * 2 + threadIdx.x) * tile_elements));
+    if (hint.evict_first)
+      copy_bulk(destination, source, bulk_copy_bytes, barrier, hint.policy);
+    else
+      copy_bulk(destination, source, bulk_copy_bytes, barrier);
+  }
+
   /// Whether `tile` can be copied by issue_affine: stride-1 rows, every row of it before `end`.
   __device__ __forceinline__ bool affine_tile(int tile) const {
     if constexpr (affine_copies)
@@ -202,7 +261,9 @@ struct kv_tile_stream {
   __device__ __forceinline__ void issue(int tile) {
     if constexpr (affine_copies) {
       if (affine_tile(tile)) {
-        if (hint.evict_first)
+        if constexpr (bulk_copies)
+          issue_bulk(tile);
+        else if (hint.evict_first)
           issue_affine<true>(tile);
         else
           issue_affine<false>(tile);
@@ -231,8 +292,18 @@ struct kv_tile_stream {
     side.issue(side_tile(tile));
     if (!affine_copies && tile + 1 < tile_count) resolve(tile + 1);
   }
-  /// Requests the first Stages − 1 tiles (empty groups keep the group count uniform).
+  /// Requests the first Stages − 1 tiles (empty groups keep the group count uniform). Bulk copies:
+  /// first the stages' transaction barriers, fresh for the segment (drain invalidates them), so a
+  /// tile's phase parity is (tile / Stages) & 1.
   __device__ __forceinline__ void start() {
+    if constexpr (bulk_copies) {
+      if (threadIdx.x == 0) {
+#pragma unroll
+        for (int stage = 0; stage < Stages; ++stage) transaction_barrier_init(barrier_address(stage));
+        transaction_barrier_init_fence();
+      }
+      __syncthreads();
+    }
     if (!affine_copies && tile_count > 0) resolve(0);
 #pragma unroll
     for (int tile = 0; tile < Stages - 1; ++tile) {
@@ -240,11 +311,19 @@ struct kv_tile_stream {
       copy_async_commit();
     }
   }
-  /// Requests tile + Stages − 1, then waits until `tile` has landed for the whole block.
+  /// Requests tile + Stages − 1, then waits until `tile` has landed for the whole block. A bulk
+  /// tile is waited for on its barrier by every thread (which also makes its bytes visible to
+  /// each), so without cp.async side data no block barrier is needed.
   __device__ __forceinline__ void wait(int tile) {
     if (tile + Stages - 1 < tile_count) issue(tile + Stages - 1);
     copy_async_commit();
     copy_async_wait<Stages - 1>();
+    if constexpr (bulk_copies) {
+      if (affine_tile(tile)) {
+        transaction_barrier_wait(barrier_address(tile % Stages), static_cast<unsigned>(tile / Stages) & 1u);
+        if constexpr (Side::bytes == 0) return;
+      }
+    }
     __syncthreads();
   }
   /// After reading `tile`: its stage may be refilled.
@@ -253,6 +332,12 @@ struct kv_tile_stream {
   __device__ __forceinline__ void drain() {
     copy_async_wait<0>();
     __syncthreads();
+    if constexpr (bulk_copies) {  // every bulk tile was waited for: the barriers are idle
+      if (threadIdx.x == 0) {
+#pragma unroll
+        for (int stage = 0; stage < Stages; ++stage) transaction_barrier_invalidate(barrier_address(stage));
+      }
+    }
   }
 };
 
@@ -390,8 +475,10 @@ struct decode_geometry {
   /// Tiles in flight: 3 for 16-bit storage (96 KB: two blocks per SM), 2 for fp32,
   /// 4 for code bytes (8-bit: 64 KB at head_dim 128; int4 half that).
   static constexpr int stages = sizeof(StoreT) == 2 ? 3 : sizeof(StoreT) == 1 ? 4 : 2;
+  /// Whole tiles by bulk copies (kv_tile_stream::bulk_copies): measured for this kernel only.
   template <class Rows>
-  using stream = kv_tile_stream<StoreT, RowElements, RowElements, tile_tokens, stages, decode_threads, Rows>;
+  using stream = kv_tile_stream<StoreT, RowElements, RowElements, tile_tokens, stages, decode_threads, Rows,
+                                no_tile_side, true>;
   static constexpr std::size_t pipeline_bytes = stream<strided_rows>::bytes;
   static constexpr std::size_t merge_bytes = std::size_t{token_groups} * Group * (HeadDim + 2) * sizeof(float);
   static constexpr std::size_t shared_bytes = pipeline_bytes > merge_bytes ? pipeline_bytes : merge_bytes;
@@ -400,7 +487,12 @@ struct decode_geometry {
 /// One block: one range of the partition. Lane groups read their rows from the
 /// stream's shared-memory tiles.
 template <int HeadDim, int Group, class StoreT, class Params>
-__global__ void __launch_bounds__(decode_threads) decode_attention_cuda_core(const __grid_constant__ Params params) {
+#if KVTRIM_CUDA_DECODE_CUDA_CORE_MIN_BLOCKS > 1
+__global__ void __launch_bounds__(decode_threads, KVTRIM_CUDA_DECODE_CUDA_CORE_MIN_BLOCKS)
+#else  // the bare bound: ptxas allocates differently with an explicit minimum of 1 (GQA 1, D 128: 106 registers, not 64)
+__global__ void __launch_bounds__(decode_threads)
+#endif
+    decode_attention_cuda_core(const __grid_constant__ Params params) {
   wait_for_prerequisite_grid();  // paged / flat: the plan's partition
   allow_dependent_grid();        // the merge's blocks may be scheduled; they wait for this grid
   using tiles = codec_tiles<typename decltype(Params::cache)::codec, HeadDim>;
@@ -1162,6 +1254,19 @@ inline constexpr bool multi_query_codec<codec::fp8> = true;
 template <class Inner>
 inline constexpr bool multi_query_codec<codec::layered<Inner>> = multi_query_codec<Inner>;
 
+/// The largest GQA group whose 16-bit (or dequantized code) decode runs on the CUDA-core kernel
+/// (unpadded 64-token tiles, 8 warps, whole tiles by bulk copies) rather than the tensor-core one
+/// (padded tiles for ldmatrix, 4 warps). On the H200 (2026-12-05) the CUDA-core kernel read W's
+/// 32k fp16 cache at GQA 1 in 265–271 µs against the tensor-core kernel's 282 at GQA 4; whether it
+/// keeps that at GQA 4 (4× its FMA and shuffle work: ~35 % of the issue rate by count) is what
+/// building with -DKVTRIM_CUDA_DECODE_CUDA_CORE_GROUPS=4 measures (scripts/device-ab). At most
+/// head_dim / 8 (a lane group's heads) at every head dim the kernels take: 8.
+#ifndef KVTRIM_CUDA_DECODE_CUDA_CORE_GROUPS
+#define KVTRIM_CUDA_DECODE_CUDA_CORE_GROUPS 2
+#endif
+static_assert(KVTRIM_CUDA_DECODE_CUDA_CORE_GROUPS >= 1 && KVTRIM_CUDA_DECODE_CUDA_CORE_GROUPS <= 8,
+              "KVTRIM_CUDA_DECODE_CUDA_CORE_GROUPS: 1 to 8 (the CUDA-core lane groups hold head_dim / 8 heads)");
+
 /// Binds a runtime GQA group size to a compile-time constant (1, 2, 4, 8, 16).
 template <class Fn>
 void dispatch_decode_group(std::int64_t group, std::string_view function, Fn&& fn) {
@@ -1183,9 +1288,11 @@ void dispatch_decode_group(std::int64_t group, std::string_view function, Fn&& f
 template <int HeadDim, int Group, class StoreT, int RowElements = HeadDim, bool Fragments = false,
           class Side = no_tile_side, int Queries = 1>
 struct decode_kernel_choice {
-  // Groups ≥ 4 (or several queries) over 16-bit storage or code bytes, and code fragments at every
-  // group (their transposed product), run on the tensor cores; the rest on CUDA cores.
-  static constexpr bool tensor_cores = sizeof(StoreT) <= 2 && (Group >= 4 || Queries > 1 || Fragments);
+  // 16-bit storage at groups above KVTRIM_CUDA_DECODE_CUDA_CORE_GROUPS (2), code bytes at groups ≥ 4,
+  // several queries, and code fragments at every group (their transposed product) run on the tensor
+  // cores; the rest on CUDA cores.
+  static constexpr int cuda_core_groups = sizeof(StoreT) == 2 ? KVTRIM_CUDA_DECODE_CUDA_CORE_GROUPS : 2;
+  static constexpr bool tensor_cores = sizeof(StoreT) <= 2 && (Group > cuda_core_groups || Queries > 1 || Fragments);
   // fp32 storage at group 16 has no kernel: the CUDA-core lane groups hold at most head_dim / 8 heads;
   // nor for several queries (fp32 storage has no tensor-core path).
   static constexpr bool supported = tensor_cores || (Queries == 1 && Group <= HeadDim / 8);
