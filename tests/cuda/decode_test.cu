@@ -424,7 +424,15 @@ INSTANTIATE_TEST_SUITE_P(
                     true},
         // D 256 (32-token tiles, 3 stages) at GQA 2 over a flat cache: segments of 8 and more whole tiles, so every
         // stage's transaction barrier passes phases 0, 1 and 2 (parity back to 0), then a partial last tile
-        decode_case{L::flat, 2, 2, 2, 256, 0, {4097, 700, 1, 300}, true}),
+        decode_case{L::flat, 2, 2, 2, 256, 0, {4097, 700, 1, 300}, true},
+        // Tensor-core kernel, swizzled 16-bit tiles (whole stride-1 tiles by tensor maps on sm_90, the rest by
+        // cp.async into the same layout): W's shape at GQA 4 over a contiguous cache (split-K segments starting
+        // mid-head, whole tiles then a partial one per segment; heads of 4096 rows end on a tile boundary)
+        decode_case{L::contiguous, 2, 4, 4, 128, 0, {4096, 4096, 4096, 4096, 4096, 4096, 4096, 4096}, false},
+        // D 64 (two 64-element panels a tile, 4 stages) at GQA 4, contiguous, heads not a multiple of 64
+        decode_case{L::contiguous, 1, 2, 4, 64, 0, {1000, 1000}, false},
+        // D 64 at GQA 16, flat heads one short of, at, and one past a tile, and a long one
+        decode_case{L::flat, 2, 2, 16, 64, 0, {63, 64, 65, 4160}, true}),
     case_name);
 
 // review (a): contiguous caches whose map is [batch, token, kv_head] ("NHD": token stride = kv_heads,
@@ -721,5 +729,36 @@ TEST(DecodeAttentionErrors, Fp32StorageAtGroupSixteenIsRefused) {
     EXPECT_NE(std::string(e.what()).find("cache.codec"), std::string::npos) << e.what();
   }
 }
+
+// The tensor-core kernel's whole tiles come by tensor maps only where the host could encode them; a
+// failed encoding falls back to cp.async silently (same results), so the tests above pass either
+// way. This says which: on compute capability 9.0 and above the maps must encode (fp16 and bf16
+// storage, head dims 64 and 128, 64-row boxes), and an impossible row count (past the copies'
+// signed 32-bit coordinates) must fall back; below 9.0 nothing encodes.
+#if KVTRIM_CUDA_TENSOR_MAP_TILES == 1
+TEST(DecodeAttentionTensorMaps, EncodeWhereTheDeviceCopiesByTensorMaps) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  int device = 0, major = 0;
+  ASSERT_EQ(cudaGetDevice(&device), cudaSuccess);
+  ASSERT_EQ(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), cudaSuccess);
+  const std::int64_t slots = 4097;
+  device_buffer<std::uint16_t> keys(slots * 128), values(slots * 128);
+  const int expected = major >= 9 ? 1 : 0;
+  for (const int head_dim : {64, 128}) {
+    EXPECT_EQ(kt::cuda_detail::encode_kv_tile_maps<__half>(keys.data(), values.data(), slots, head_dim, 64, "test").valid,
+              expected)
+        << "fp16, head_dim " << head_dim;
+    EXPECT_EQ(
+        kt::cuda_detail::encode_kv_tile_maps<__nv_bfloat16>(keys.data(), values.data(), slots, head_dim, 64, "test").valid,
+        expected)
+        << "bf16, head_dim " << head_dim;
+  }
+  EXPECT_EQ(kt::cuda_detail::encode_kv_tile_maps<__half>(keys.data(), values.data(), std::int64_t{1} << 31, 128, 64,
+                                                         "test")
+                .valid,
+            0);
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);  // a refused lookup or encoding leaves no error behind
+}
+#endif
 
 }  // namespace

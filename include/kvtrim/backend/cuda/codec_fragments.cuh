@@ -180,6 +180,48 @@ __device__ __forceinline__ void copy_bulk(unsigned shared_destination, const voi
 #endif
 }
 
+// ---- tensor-map copies (sm_90: the tensor-core decode kernel's whole 16-bit tiles) ----
+
+/// A 2-D tensor-map copy (cp.async.bulk.tensor, tile mode) of the box at element coordinates
+/// (x: the contiguous dimension, y: rows) of the tensor `tensor_map` describes (the generic
+/// address of a CUtensorMap in kernel-parameter, constant or global memory, 64-byte aligned)
+/// into shared memory at `shared_destination`, laid out as the map says (its swizzle), its bytes
+/// completing on `barrier`. Box rows past the tensor's end arrive as zeros.
+__device__ __forceinline__ void copy_tensor_2d(unsigned shared_destination, const void* tensor_map, int x, int y,
+                                               unsigned barrier) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          shared_destination),
+      "l"(tensor_map), "r"(x), "r"(y), "r"(barrier)
+      : "memory");
+#else
+  __trap();  // only kv_tile_stream's tensor-map copies call it, compiled out below sm_90
+#endif
+}
+/// The same with an L2 eviction-priority policy (createpolicy).
+__device__ __forceinline__ void copy_tensor_2d(unsigned shared_destination, const void* tensor_map, int x, int y,
+                                               unsigned barrier, std::uint64_t policy) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%2, "
+      "%3}], [%4], %5;\n" ::"r"(shared_destination),
+      "l"(tensor_map), "r"(x), "r"(y), "r"(barrier), "l"(policy)
+      : "memory");
+#else
+  __trap();  // only kv_tile_stream's tensor-map copies call it, compiled out below sm_90
+#endif
+}
+/// Brings a tensor map (generic address, as for copy_tensor_2d) into the descriptor cache ahead of
+/// its first copy.
+__device__ __forceinline__ void prefetch_tensor_map(const void* tensor_map) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(tensor_map) : "memory");
+#else
+  (void)tensor_map;
+#endif
+}
+
 /// 4-byte asynchronous copy (through L1: .cg takes only 16 bytes); `bytes` = 0 zero-fills.
 __device__ __forceinline__ void copy_async4(void* shared_destination, const void* global_source, int bytes) {
   const auto destination = static_cast<unsigned>(__cvta_generic_to_shared(shared_destination));

@@ -19,7 +19,9 @@
 //    block without spending registers on them, which is what keeps HBM busy.
 //    Whole stride-1 tiles of unpadded rows (the CUDA-core kernel) go by bulk
 //    copies on sm_90, the K and the V tile an instruction each, waited for on
-//    an mbarrier.
+//    an mbarrier; the tensor-core kernel's 16-bit tiles (head dims 64, 128) sit
+//    unpadded in 128-byte-swizzled panels, whole stride-1 tiles copied by 2-D
+//    tensor maps (a copy per 64-channel panel) on the same barriers.
 //  * CUDA cores (16-bit storage at groups 1, 2; fp32): `lanes_per_token = head_dim / 8`
 //    lanes share a token row, each reading 8 elements from shared memory; the
 //    Group dot products finish with one transposed shuffle reduction
@@ -57,7 +59,11 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <numeric>
 #include <utility>
+
+#include <cuda.h>  // CUtensorMap and its enums (types only: the encoder comes from the runtime, see encode_kv_tile_maps)
+#include <cudaTypedefs.h>
 
 #include "kvtrim/backend/cuda/codec_fragments.cuh"
 #include "kvtrim/backend/cuda/codec_writes.cuh"
@@ -83,6 +89,32 @@ inline constexpr int decode_unroll = 4;
 #define KVTRIM_CUDA_DECODE_CUDA_CORE_MIN_BLOCKS 1
 #endif
 
+/// The tensor-core kernel's 16-bit K/V tiles (fp16 / bf16 storage, not code bytes) in unpadded,
+/// 128-byte-swizzled shared memory (tensor_core_geometry::swizzled), whole stride-1 tiles copied by
+/// tensor maps on sm_90 (kv_tile_stream::issue_mapped: one cp.async.bulk.tensor per 64-element
+/// panel of the K and of the V tile instead of 16-byte cp.async chunks). 1: on; 0: today's padded
+/// rows and cp.async (benchmarks compare the two); 2: the swizzled layout with cp.async only (no
+/// tensor maps: the layout's share of a difference). Devices below compute capability 9.0, code
+/// compiled below sm_90 and maps that fail to encode keep cp.async into the same layout. One value
+/// per program: translation units built with different values give the same kernels different bodies.
+#ifndef KVTRIM_CUDA_TENSOR_MAP_TILES
+#define KVTRIM_CUDA_TENSOR_MAP_TILES 1
+#endif
+/// The L2 promotion of the tensor maps' copies (0, 64, 128 or 256 bytes): an experiment's knob.
+#ifndef KVTRIM_CUDA_TENSOR_MAP_L2_PROMOTION
+#define KVTRIM_CUDA_TENSOR_MAP_L2_PROMOTION 256
+#endif
+
+/// Tensor maps of a cache's K and V storage for the tensor-core kernel's whole tiles: each a 2-D
+/// map over all the storage's rows (dim 0: head_dim elements, contiguous; dim 1: rows), boxes of
+/// 64 × 64 elements (one panel of a swizzled tile), 128-byte swizzle. Built on the host per attend
+/// call (encode_kv_tile_maps); `valid` 0: none (the kernel copies every tile by cp.async).
+struct kv_tile_maps {
+  CUtensorMap keys;
+  CUtensorMap values;
+  int valid;
+};
+
 /// An L2 eviction-priority hint for a K/V tile stream's copies: with the eviction metric
 /// on, its K/V lines may be marked evict_first (`policy` from kv_stream_policy) so the
 /// metric's logits stay resident (decode_metric.stream_kv_evict_first).
@@ -103,9 +135,15 @@ struct kv_copy_hint {
 /// (contiguous, flat) resolve nothing ahead: whole stride-1 tiles are copied by
 /// immediate offsets (issue_affine), other tiles resolve when issued. `Side`: per-tile
 /// data a codec stages with the rows (codec_fragments.cuh: quantized_tile_side),
-/// after the K/V tiles of each stage.
+/// after the K/V tiles of each stage. `Swizzled` (16-bit rows, RowStride = HeadDim, a multiple
+/// of 64): each K or V tile is HeadDim / 64 panels of [TileTokens rows][128 bytes], the 16-byte
+/// chunk q of a panel's row r at r·128 + (q ⊕ r mod 8)·16 — the layout a tensor map's 128-byte
+/// swizzle writes (PTX ISA, "Tensor-map swizzle modes": address bits [4:6] ⊕ bits [7:9] of a
+/// 1024-byte aligned panel) — so that whole tiles can come by tensor-map copies (issue_mapped)
+/// and every other copy writes the same layout; 8 rows at one logical chunk lie in 8 different
+/// 16-byte bank groups, as the padding made them. The stages start at a 1024-byte boundary.
 template <class StoreT, int HeadDim, int RowStride, int TileTokens, int Stages, int Threads, class Rows,
-          class Side = no_tile_side, bool BulkCopies = false>
+          class Side = no_tile_side, bool BulkCopies = false, bool Swizzled = false>
 struct kv_tile_stream {
   static constexpr int chunk_elements = 16 / static_cast<int>(sizeof(StoreT));
   static constexpr int chunks_per_row = HeadDim / chunk_elements;
@@ -116,7 +154,17 @@ struct kv_tile_stream {
   static constexpr int tile_elements = TileTokens * RowStride;
   static constexpr std::size_t tiles_bytes = std::size_t{Stages} * 2 * tile_elements * sizeof(StoreT);
   static_assert(tiles_bytes % 16 == 0 && Side::bytes % 16 == 0, "kv_tile_stream: 16-byte aligned stages");
-  static constexpr std::size_t bytes = tiles_bytes + Stages * Side::bytes;
+  /// Swizzled tiles: 64-element panels of TileTokens 128-byte rows.
+  static constexpr int panels = Swizzled ? HeadDim / 64 : 1;
+  static constexpr int panel_bytes = TileTokens * 128;
+  static_assert(!Swizzled || (sizeof(StoreT) == 2 && RowStride == HeadDim && HeadDim % 64 == 0 && TileTokens % 8 == 0 &&
+                              TileTokens <= 256 && Side::bytes == 0 && !BulkCopies),
+                "kv_tile_stream: swizzled tiles are 16-bit rows of 64-element panels, at most 256 rows (a tensor "
+                "map's box), without side data");
+  /// Swizzled: slack for rounding the shared memory up to a 1024-byte boundary (the swizzle is a
+  /// function of the address bits; dynamic shared memory is only 16-byte aligned).
+  static constexpr std::size_t alignment_slack = Swizzled ? 1024 : 0;
+  static constexpr std::size_t bytes = alignment_slack + tiles_bytes + Stages * Side::bytes;
 
   StoreT* tiles;
   const StoreT* keys;
@@ -127,13 +175,32 @@ struct kv_tile_stream {
   Side side;
   std::int64_t source[chunks_per_thread];  // element offsets of the next tile's rows to issue (−1: past the end)
   kv_copy_hint hint;     // copies carry hint.policy when hint.evict_first
+  const kv_tile_maps* maps;  // tensor maps of the storage (kernel parameters), null: none (see tensor_map_copies)
 
+  /// `shared`: the stream's `bytes` of shared memory (Swizzled: rounded up to 1024 bytes here).
   __device__ __forceinline__ kv_tile_stream(void* shared, const StoreT* keys_, const StoreT* values_, Rows rows_,
                                             std::int64_t begin_, std::int64_t end_, Side side_ = {},
-                                            kv_copy_hint hint_ = {})
-      : tiles(static_cast<StoreT*>(shared)), keys(keys_), values(values_), rows(rows_), begin(begin_), end(end_),
+                                            kv_copy_hint hint_ = {}, const kv_tile_maps* maps_ = nullptr)
+      : tiles(aligned_tiles(shared)), keys(keys_), values(values_), rows(rows_), begin(begin_), end(end_),
         tile_count(end_ > begin_ ? static_cast<int>((end_ - begin_ + TileTokens - 1) / TileTokens) : 0),
-        side(side_), hint(hint_) {}
+        side(side_), hint(hint_), maps(tensor_map_copies ? maps_ : nullptr) {}
+
+  __device__ __forceinline__ static StoreT* aligned_tiles(void* shared) {
+    if constexpr (Swizzled) {
+      const auto address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+      return reinterpret_cast<StoreT*>(static_cast<unsigned char*>(shared) + ((1024u - address % 1024u) % 1024u));
+    } else {
+      return static_cast<StoreT*>(shared);
+    }
+  }
+  /// Byte offset of (row, 16-byte chunk of the row) in a K or V tile: rows RowStride elements
+  /// apart, or Swizzled, panel chunk / 8, its row `row`, chunk (chunk mod 8) ⊕ (row mod 8).
+  __host__ __device__ static constexpr int tile_offset(int row, int chunk) {
+    if constexpr (Swizzled)
+      return (chunk / 8) * panel_bytes + row * 128 + (((chunk % 8) ^ (row % 8)) * 16);
+    else
+      return row * RowStride * static_cast<int>(sizeof(StoreT)) + chunk * 16;
+  }
 
   /// The side data of `tile` (floats, after every stage's K/V tiles).
   __device__ __forceinline__ float* side_tile(int tile) const {
@@ -197,6 +264,31 @@ struct kv_tile_stream {
                 "kv_tile_stream: a tile's bytes within an mbarrier's transaction count");
   static_assert(!bulk_copies || Side::bytes == 0,
                 "kv_tile_stream: bulk tiles skip the block barrier that cp.async side data needs");
+  /// Whole affine stride-1 tiles of swizzled rows by tensor-map copies (sm_90,
+  /// KVTRIM_CUDA_TENSOR_MAP_TILES = 1, and the kernel passed maps): the padded rows' bulk form.
+  /// Per-row bulk copies of padded rows were 3.8 % slower for fp16 at GQA 4 (the bulk unit's rate
+  /// in copies bounds 256-byte rows); a tensor map moves a 64-row × 128-byte panel a copy, 2·D/64
+  /// copies a tile, into the swizzle that keeps ldmatrix free of bank conflicts without padding.
+  /// The bytes complete on the stage's transaction barrier as bulk_copies' do. Code compiled
+  /// below sm_90 never issues them (the maps are ignored: cp.async, same layout).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  static constexpr bool tensor_map_copies = false;
+#else
+  static constexpr bool tensor_map_copies = Swizzled && KVTRIM_CUDA_TENSOR_MAP_TILES == 1 && affine_copies;
+#endif
+  static constexpr unsigned tile_bytes = static_cast<unsigned>(tile_elements * sizeof(StoreT));  // a K or V tile
+  static constexpr int mapped_copies = 2 * panels;  // one a panel of the K tile and of the V tile
+  static_assert(!tensor_map_copies || (2 * std::size_t{tile_bytes} < (std::size_t{1} << 20) && mapped_copies <= 32),
+                "kv_tile_stream: a tile's bytes within an mbarrier's transaction count, its copies within a warp");
+  /// Whether tiles may complete on the stages' transaction barriers (the same for every thread).
+  __device__ __forceinline__ bool barrier_copies() const {
+    if constexpr (bulk_copies)
+      return true;
+    else if constexpr (tensor_map_copies)
+      return maps != nullptr;
+    else
+      return false;
+  }
 
   /// The transaction barrier of `stage` (static shared memory: the dynamic area is the tiles,
   /// and a kernel's merge reuses it).
@@ -221,6 +313,27 @@ struct kv_tile_stream {
       copy_bulk(destination, source, bulk_copy_bytes, barrier);
   }
 
+  /// The tensor-map copies of a whole stride-1 tile: thread 0 arrives on the stage's barrier with
+  /// both tiles' bytes, then threads 0 … mapped_copies − 1 (of warp 0) copy a panel each — threads
+  /// [0, panels) the K tile's, the rest the V tile's — at element coordinates (64·panel, first
+  /// slot). The host encodes maps only where every slot fits the coordinates' 32 bits.
+  __device__ __forceinline__ void issue_mapped(int tile) {
+    const int stage = tile % Stages;
+    const unsigned barrier = barrier_address(stage);
+    if (threadIdx.x >= mapped_copies) return;
+    if (threadIdx.x == 0) transaction_barrier_expect(barrier, 2 * tile_bytes);
+    fence_shared_for_bulk_copies();
+    const int is_value = threadIdx.x >= panels ? 1 : 0, panel = threadIdx.x % panels;
+    const void* map = is_value ? &maps->values : &maps->keys;
+    const auto destination = static_cast<unsigned>(__cvta_generic_to_shared(tiles)) +
+                             static_cast<unsigned>((stage * 2 + is_value) * tile_bytes + panel * panel_bytes);
+    const int row = static_cast<int>(rows.slot(first_token(tile)));
+    if (hint.evict_first)
+      copy_tensor_2d(destination, map, panel * 64, row, barrier, hint.policy);
+    else
+      copy_tensor_2d(destination, map, panel * 64, row, barrier);
+  }
+
   /// Whether `tile` can be copied by issue_affine: stride-1 rows, every row of it before `end`.
   __device__ __forceinline__ bool affine_tile(int tile) const {
     if constexpr (affine_copies)
@@ -228,30 +341,51 @@ struct kv_tile_stream {
     else
       return false;
   }
-  /// The copies of a whole stride-1 tile: two base addresses, then every chunk at immediate offsets.
+  /// Swizzled: a thread's rows row0 + k·rows_per_round repeat their swizzle (row mod 8) every
+  /// `swizzle_period` rounds, so a whole tile's copies take that many shared base addresses.
+  static constexpr int swizzle_period = Swizzled ? 8 / std::gcd(rows_per_round, 8) : 1;
+  /// The copies of a whole stride-1 tile: two global base addresses and swizzle_period shared ones,
+  /// then every chunk at immediate offsets.
   template <bool Hinted>
   __device__ __forceinline__ void issue_affine(int tile) {
-    const int row = threadIdx.x / chunks_per_row, column = (threadIdx.x % chunks_per_row) * chunk_elements;
-    const std::int64_t offset = (rows.slot(first_token(tile)) + row) * HeadDim + column;
-    const unsigned key_destination = static_cast<unsigned>(
-        __cvta_generic_to_shared(tiles + (tile % Stages) * 2 * tile_elements + row * RowStride + column));
+    const int row = threadIdx.x / chunks_per_row, chunk = threadIdx.x % chunks_per_row;
+    const std::int64_t offset = (rows.slot(first_token(tile)) + row) * HeadDim + chunk * chunk_elements;
+    unsigned key_destination[swizzle_period];
+    if constexpr (Swizzled) {
+      const unsigned key_tile_address = static_cast<unsigned>(__cvta_generic_to_shared(tiles)) +
+                                        static_cast<unsigned>((tile % Stages) * 2 * tile_elements * sizeof(StoreT));
+#pragma unroll
+      for (int j = 0; j < swizzle_period; ++j)
+        key_destination[j] = key_tile_address + static_cast<unsigned>(tile_offset(row + j * rows_per_round, chunk));
+    } else {
+      key_destination[0] = static_cast<unsigned>(__cvta_generic_to_shared(
+          tiles + (tile % Stages) * 2 * tile_elements + row * RowStride + chunk * chunk_elements));
+    }
     const StoreT* key_source = keys + offset;
     const StoreT* value_source = values + offset;
     [&]<int... k>(std::integer_sequence<int, k...>) {
       constexpr long long global_step = std::int64_t{rows_per_round} * HeadDim * sizeof(StoreT);
-      constexpr int shared_step = rows_per_round * RowStride * static_cast<int>(sizeof(StoreT));
+      // Between rounds k and k + swizzle_period (same swizzle): their rows' distance in bytes.
+      constexpr int shared_step = tile_offset(swizzle_period * rows_per_round, 0);
       constexpr int values_at = tile_elements * static_cast<int>(sizeof(StoreT));  // the value tile, in bytes
       static_assert(global_step % 16 == 0 && shared_step % 16 == 0 && values_at % 16 == 0 &&
                         values_at + (chunks_per_thread - 1) * std::int64_t{shared_step} < (std::int64_t{1} << 30) &&
                         (chunks_per_thread - 1) * global_step < (std::int64_t{1} << 30),
                     "kv_tile_stream: whole-tile copies at 16-byte aligned immediate offsets within PTX's range");
       if constexpr (Hinted) {
-        (copy_async16_at<k * shared_step, k * global_step>(key_destination, key_source, hint.policy), ...);
-        (copy_async16_at<values_at + k * shared_step, k * global_step>(key_destination, value_source, hint.policy),
+        (copy_async16_at<(k / swizzle_period) * shared_step, k * global_step>(key_destination[k % swizzle_period],
+                                                                             key_source, hint.policy),
+         ...);
+        (copy_async16_at<values_at + (k / swizzle_period) * shared_step, k * global_step>(
+             key_destination[k % swizzle_period], value_source, hint.policy),
          ...);
       } else {
-        (copy_async16_at<k * shared_step, k * global_step>(key_destination, key_source), ...);
-        (copy_async16_at<values_at + k * shared_step, k * global_step>(key_destination, value_source), ...);
+        (copy_async16_at<(k / swizzle_period) * shared_step, k * global_step>(key_destination[k % swizzle_period],
+                                                                             key_source),
+         ...);
+        (copy_async16_at<values_at + (k / swizzle_period) * shared_step, k * global_step>(
+             key_destination[k % swizzle_period], value_source),
+         ...);
       }
     }(std::make_integer_sequence<int, chunks_per_thread>{});
   }
@@ -263,6 +397,8 @@ struct kv_tile_stream {
       if (affine_tile(tile)) {
         if constexpr (bulk_copies)
           issue_bulk(tile);
+        else if (barrier_copies())
+          issue_mapped(tile);
         else if (hint.evict_first)
           issue_affine<true>(tile);
         else
@@ -279,7 +415,12 @@ struct kv_tile_stream {
     for (int k = 0; k < chunks_per_thread; ++k) {
       const int chunk = threadIdx.x + k * Threads;
       if (!even && chunk >= chunks) continue;  // not a chunk of the tile
-      const int offset = (chunk / chunks_per_row) * RowStride + (chunk % chunks_per_row) * chunk_elements;
+      int offset;  // in elements
+      if constexpr (Swizzled)
+        offset = static_cast<int>(static_cast<unsigned>(tile_offset(chunk / chunks_per_row, chunk % chunks_per_row)) /
+                                  sizeof(StoreT));
+      else
+        offset = (chunk / chunks_per_row) * RowStride + (chunk % chunks_per_row) * chunk_elements;
       const bool valid = source[k] >= 0;
       if (hint.evict_first) {
         copy_async16(key_destination + offset, keys + (valid ? source[k] : 0), valid ? 16 : 0, hint.policy);
@@ -296,7 +437,12 @@ struct kv_tile_stream {
   /// first the stages' transaction barriers, fresh for the segment (drain invalidates them), so a
   /// tile's phase parity is (tile / Stages) & 1.
   __device__ __forceinline__ void start() {
-    if constexpr (bulk_copies) {
+    if (barrier_copies()) {
+      // Each thread's earlier generic-proxy writes to this shared memory (a previous segment's
+      // cp.async tiles and zero-fill, the merge's stores), ordered before the async proxy's copies
+      // into it by every writer, as for async-proxy reads of generic writes; the issuing threads
+      // fence again before each copy (the stage's reads since).
+      fence_shared_for_bulk_copies();
       if (threadIdx.x == 0) {
 #pragma unroll
         for (int stage = 0; stage < Stages; ++stage) transaction_barrier_init(barrier_address(stage));
@@ -318,7 +464,7 @@ struct kv_tile_stream {
     if (tile + Stages - 1 < tile_count) issue(tile + Stages - 1);
     copy_async_commit();
     copy_async_wait<Stages - 1>();
-    if constexpr (bulk_copies) {
+    if (barrier_copies()) {
       if (affine_tile(tile)) {
         transaction_barrier_wait(barrier_address(tile % Stages), static_cast<unsigned>(tile / Stages) & 1u);
         if constexpr (Side::bytes == 0) return;
@@ -332,7 +478,7 @@ struct kv_tile_stream {
   __device__ __forceinline__ void drain() {
     copy_async_wait<0>();
     __syncthreads();
-    if constexpr (bulk_copies) {  // every bulk tile was waited for: the barriers are idle
+    if (barrier_copies()) {  // every bulk tile was waited for: the barriers are idle
       if (threadIdx.x == 0) {
 #pragma unroll
         for (int stage = 0; stage < Stages; ++stage) transaction_barrier_invalidate(barrier_address(stage));
@@ -416,6 +562,12 @@ struct decode_params {
   decode_metric metric;  // eviction metric side output (null logits: none)
   int queries_per_sequence = 1;  // multi-query: n new tokens per sequence (query rows Group × n)
   std::int64_t query_token_stride = 0, out_token_stride = 0;  // between a sequence's new tokens
+#if KVTRIM_CUDA_TENSOR_MAP_TILES == 1
+  /// The tensor-core kernel's swizzled 16-bit tiles: tensor maps of the K/V storage (valid 0: none).
+  /// Inside the __grid_constant__ parameter, so the copies read them where they are (64-byte aligned).
+  /// Only in builds that use them: without, the parameter (and ptxas's allocation) is as before.
+  kv_tile_maps tile_maps{};
+#endif
 };
 
 /// Combines the block's partial softmax states of one segment (max, sum,
@@ -653,6 +805,12 @@ __global__ void __launch_bounds__(decode_threads)
 // the block dequantizes it through the codec's reader into one fp16 K/V tile
 // (rounding each dequantized element to fp16 once), and the same mma loop reads that.
 
+/// The tensor-core kernel's stage budget at head dims ≤ 128 (bytes of shared memory for its tiles:
+/// 110592 leaves two blocks an SM); an experiment's knob (73728: two stages, room for three blocks).
+#ifndef KVTRIM_CUDA_DECODE_TC_SHARED_BUDGET
+#define KVTRIM_CUDA_DECODE_TC_SHARED_BUDGET 110592
+#endif
+
 template <int HeadDim, class StoreT, int Group, int RowElements = HeadDim, bool Fragments = false,
           class Side = no_tile_side, int Queries = 1>
 struct tensor_core_geometry {
@@ -682,18 +840,30 @@ struct tensor_core_geometry {
   /// the lanes' 16-byte reads of 8 rows fall in distinct banks, Side staged with them) or
   /// dequantized tile by tile into one fp16 K/V tile the mma reads (dequant_bytes, after the ring).
   static constexpr bool dequantizes = sizeof(StoreT) == 1 && !Fragments;
-  static constexpr int stream_row_stride = Fragments ? RowElements + 16 : dequantizes ? RowElements : row_stride;
+  /// 16-bit storage (fp16 / bf16 rows as stored, at every group and query count) at head dims 64 and
+  /// 128: unpadded rows in 128-byte-swizzled panels (kv_tile_stream's Swizzled layout; whole affine
+  /// tiles by tensor maps on sm_90), unless KVTRIM_CUDA_TENSOR_MAP_TILES = 0. Code bytes (fragments,
+  /// dequantized tiles) keep their padded rows, and so does head dim 256: its kernels sit at 255
+  /// registers, and swizzled tiles made ptxas spill at GQA 4 (104 bytes, none padded) — three
+  /// stages of swizzled 256-channel tiles would fit its 200 KB.
+  static constexpr bool swizzled = KVTRIM_CUDA_TENSOR_MAP_TILES != 0 && sizeof(StoreT) == 2 && !Fragments &&
+                                   RowElements == HeadDim && (HeadDim == 64 || HeadDim == 128);
+  static constexpr int stream_row_stride =
+      Fragments ? RowElements + 16 : dequantizes ? RowElements : swizzled ? HeadDim : row_stride;
   static constexpr std::size_t dequant_bytes = dequantizes ? std::size_t{2} * tile_elements * 2 : 0;
   static constexpr std::size_t stage_bytes =
       std::size_t{2} * tile_tokens * stream_row_stride * sizeof(StoreT) + Side::bytes;
   /// As many stages as fit in 108 KB of shared memory (two blocks per SM) at head dims ≤ 128,
   /// 200 KB at 256 (one block), between 2 and 4 (6 for code fragments: their tiles are small,
-  /// and more of them in flight is what keeps HBM busy).
-  static constexpr std::size_t shared_budget = HeadDim <= 128 ? 110592 : 204800;
-  static constexpr int stages = static_cast<int>(
-      std::clamp<std::size_t>((shared_budget - dequant_bytes) / stage_bytes, 2, Fragments ? 6 : 4));
+  /// and more of them in flight is what keeps HBM busy). Swizzled tiles set 1 KB of it aside for
+  /// aligning the stages (D 128: 3 stages, as padded rows; D 64: 4).
+  static constexpr std::size_t shared_budget = HeadDim <= 128 ? KVTRIM_CUDA_DECODE_TC_SHARED_BUDGET : 204800;
+  static constexpr std::size_t alignment_slack = swizzled ? 1024 : 0;
+  static constexpr int stages = static_cast<int>(std::clamp<std::size_t>(
+      (shared_budget - dequant_bytes - alignment_slack) / stage_bytes, 2, Fragments ? 6 : 4));
   template <class Rows>
-  using stream = kv_tile_stream<StoreT, RowElements, stream_row_stride, tile_tokens, stages, threads, Rows, Side>;
+  using stream = kv_tile_stream<StoreT, RowElements, stream_row_stride, tile_tokens, stages, threads, Rows, Side,
+                                false, swizzled>;
   static constexpr std::size_t pipeline_bytes = stream<strided_rows>::bytes + dequant_bytes;
   static constexpr std::size_t merge_bytes = std::size_t{token_groups} * rows * (HeadDim + 2) * sizeof(float);
   static constexpr std::size_t shared_bytes = pipeline_bytes > merge_bytes ? pipeline_bytes : merge_bytes;
@@ -770,9 +940,20 @@ struct tensor_core_side<CodecT, HeadDim, Group, true> {
 /// multiple of a warp's 32-token step, up to 31 tokens before a segment read and masked); otherwise 16-bit storage through ldmatrix, or code tiles
 /// dequantized to fp16 tiles first (layered codecs, KIVI runs shorter than 16 slots, head_dim 256).
 /// Queries > 1: multi-query decode, up to Queries new tokens per sequence (params.queries_per_sequence of them).
+/// KVTRIM_CUDA_DECODE_TC_MIN_BLOCKS (an experiment's knob; undefined: the bare launch bound, as
+/// ever): the blocks an SM must hold at head dims ≤ 128 and one query, e.g. 3 caps a 128-thread
+/// block at 168 registers (ncu at W, fp16 GQA 4: 8 warps an SM, 0.6 eligible warps a scheduler);
+/// head dim 256 (one block an SM by its shared memory) and multi-query (256-thread blocks) keep a
+/// minimum of 1 (ptxas: 3 blocks spilled 364–700 bytes at D 256). Pair it with a
+/// KVTRIM_CUDA_DECODE_TC_SHARED_BUDGET whose stages leave room for that many blocks (73728: two).
 template <int HeadDim, int Group, class StoreT, class Params, bool Fragments = false, int Queries = 1>
-__global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, HeadDim, false, no_tile_side,
-                                                       Queries>::threads)
+__global__ void
+#if defined(KVTRIM_CUDA_DECODE_TC_MIN_BLOCKS)
+__launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, HeadDim, false, no_tile_side, Queries>::threads,
+                  HeadDim <= 128 && Queries == 1 ? KVTRIM_CUDA_DECODE_TC_MIN_BLOCKS : 1)
+#else
+__launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, HeadDim, false, no_tile_side, Queries>::threads)
+#endif
     decode_attention_tensor_core(const __grid_constant__ Params params) {
   wait_for_prerequisite_grid();  // paged / flat: the plan's partition
   allow_dependent_grid();        // the merge's blocks may be scheduled; they wait for this grid
@@ -816,6 +997,39 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, H
   const StoreT* keys = tiles::key_rows(cache.storage);
   const StoreT* values = tiles::value_rows(cache.storage);
   auto* dequantized = reinterpret_cast<__half*>(shared_memory + (geometry::pipeline_bytes - geometry::dequant_bytes));
+  // Tensor maps of the K/V storage (whole swizzled tiles on sm_90; the stream ignores them elsewhere).
+  const kv_tile_maps* tile_maps = nullptr;
+  if constexpr (geometry::swizzled && KVTRIM_CUDA_TENSOR_MAP_TILES == 1) {
+    if (params.tile_maps.valid != 0) {
+      tile_maps = &params.tile_maps;
+      if (threadIdx.x == 0) {
+        prefetch_tensor_map(&tile_maps->keys);
+        prefetch_tensor_map(&tile_maps->values);
+      }
+    }
+  }
+  // Swizzled tiles: a lane's ldmatrix row address. K (k-step s, not transposed): matrices 0–3 are
+  // (tokens 0–7, chunk 2s), (0–7, 2s + 1), (8–15, 2s), (8–15, 2s + 1) of the warp's 16 tokens; V
+  // (channel pair p, transposed): (0–7, 2p), (8–15, 2p), (0–7, 2p + 1), (8–15, 2p + 1); lanes
+  // 8m … 8m + 7 address the rows of matrix m, as the padded addresses below. Chunk c of row r lies in
+  // panel c / 8 at r·128 + ((c mod 8) ⊕ (r mod 8))·16; the warp's tokens start at a multiple of 16,
+  // so r mod 8 = lane mod 8 and (c mod 8) ⊕ (r mod 8) = 2·(s mod 4) ⊕ a per-lane term. The tiles are
+  // 1024-byte aligned, so bits 4–6 of a row's address at the per-lane term are that term alone and
+  // step s's address is it ⊕ 32·(s mod 4) plus the panel: one base a tile and an XOR a k-step
+  // (ptxas held the four per-lane offsets 2·(s mod 4) ⊕ term as loop invariants: 4 more registers each).
+  constexpr int panel_bytes = geometry::tile_tokens * 128;
+  const int key_lane_bytes = ((lane % 8) + (lane / 16) * 8) * 128 + ((((lane / 8) % 2) ^ (lane % 8)) * 16);
+  const int value_lane_bytes = ((lane % 8) + ((lane / 8) % 2) * 8) * 128 + (((lane / 16) ^ (lane % 8)) * 16);
+  [[maybe_unused]] const auto swizzled_key_row = [&](const StoreT* key_tile, int warp_token, int step) {
+    const unsigned row = static_cast<unsigned>(__cvta_generic_to_shared(key_tile)) +
+                         static_cast<unsigned>(warp_token * 128 + key_lane_bytes);
+    return (row ^ static_cast<unsigned>(32 * (step % 4))) + static_cast<unsigned>((step / 4) * panel_bytes);
+  };
+  [[maybe_unused]] const auto swizzled_value_row = [&](const StoreT* value_tile, int warp_token, int pair) {
+    const unsigned row = static_cast<unsigned>(__cvta_generic_to_shared(value_tile)) +
+                         static_cast<unsigned>(warp_token * 128 + value_lane_bytes);
+    return (row ^ static_cast<unsigned>(32 * (pair % 4))) + static_cast<unsigned>((pair / 4) * panel_bytes);
+  };
 
   for_each_segment(params.partition, [&](std::int64_t head, std::int64_t begin, std::int64_t end, bool whole,
                                          std::int64_t partial_index) {
@@ -840,7 +1054,7 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, H
     const bool kv_hinted = params.metric.logits != nullptr && params.metric.stream_kv_evict_first;
     const kv_copy_hint hint{kv_hinted, kv_hinted ? kv_stream_policy() : 0};
     typename geometry::template stream<std::remove_const_t<decltype(rows)>> stream(shared_memory, keys, values, rows,
-                                                                                   first, end, side, hint);
+                                                                                   first, end, side, hint, tile_maps);
     stream.start();
     const head_bias bias = compensation_of(cache, head);
     const typename tiles::reader reader = tiles::open(cache.storage, head);
@@ -1067,8 +1281,11 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, H
 #pragma unroll
             for (int step = 0; step < k_steps; ++step) {
               unsigned key_fragment[4];
-              load_matrix_x4(key_fragment,
-                             key_rows + ((lane % 8) + (lane / 16) * 8) * row_stride + step * 16 + ((lane / 8) % 2) * 8);
+              if constexpr (geometry::swizzled)
+                load_matrix_x4_at(key_fragment, swizzled_key_row(stream.key_tile(tile), warp_token, step));
+              else
+                load_matrix_x4(key_fragment, key_rows + ((lane % 8) + (lane / 16) * 8) * row_stride + step * 16 +
+                                                 ((lane / 8) % 2) * 8);
               const unsigned a[4] = {query_fragment[step][0][0], row_blocks > 1 ? query_fragment[step][row_blocks - 1][0] : 0u,
                                      query_fragment[step][0][1], row_blocks > 1 ? query_fragment[step][row_blocks - 1][1] : 0u};
               mma_16x8x16<mma_type>(score_tile[0], a, key_fragment[0], key_fragment[1]);
@@ -1167,8 +1384,12 @@ __global__ void __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, H
 #pragma unroll
               for (int pair = 0; pair < output_tiles / 2; ++pair) {
                 unsigned value_fragment[4];
-                load_matrix_x4_transposed(value_fragment, value_tile_rows + ((lane % 8) + ((lane / 8) % 2) * 8) * row_stride +
-                                                              pair * 16 + (lane / 16) * 8);
+                if constexpr (geometry::swizzled)
+                  load_matrix_x4_transposed_at(value_fragment, swizzled_value_row(stream.value_tile(tile), warp_token, pair));
+                else
+                  load_matrix_x4_transposed(value_fragment, value_tile_rows +
+                                                                ((lane % 8) + ((lane / 8) % 2) * 8) * row_stride +
+                                                                pair * 16 + (lane / 16) * 8);
                 mma_16x8x16<mma_type>(output[2 * pair], weight_fragment, value_fragment[0], value_fragment[1]);
                 mma_16x8x16<mma_type>(output[2 * pair + 1], weight_fragment, value_fragment[2], value_fragment[3]);
               }
@@ -1266,6 +1487,68 @@ inline constexpr bool multi_query_codec<codec::layered<Inner>> = multi_query_cod
 #endif
 static_assert(KVTRIM_CUDA_DECODE_CUDA_CORE_GROUPS >= 1 && KVTRIM_CUDA_DECODE_CUDA_CORE_GROUPS <= 8,
               "KVTRIM_CUDA_DECODE_CUDA_CORE_GROUPS: 1 to 8 (the CUDA-core lane groups hold head_dim / 8 heads)");
+
+/// The driver's cuTensorMapEncodeTiled through the runtime (no libcuda link), looked up once;
+/// null where the driver has none (a failed lookup's error is cleared: check_launch must not see it).
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encoder = [] {
+    void* function = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+#if CUDART_VERSION >= 12050
+    const cudaError_t status =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &function, 12000, cudaEnableDefault, &found);
+#else
+    const cudaError_t status = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &function, cudaEnableDefault, &found);
+#endif
+    if (status != cudaSuccess || found != cudaDriverEntryPointSuccess || function == nullptr) {
+      (void)cudaGetLastError();
+      return static_cast<PFN_cuTensorMapEncodeTiled_v12000>(nullptr);
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(function);
+  }();
+  return encoder;
+}
+
+/// Tensor maps of 16-bit K/V storage of `slots` rows of `head_dim` elements for kv_tile_stream's
+/// tensor-map copies: boxes of 64 elements × `box_rows` rows landing as one 128-byte-swizzled
+/// panel. Host only (no synchronisation: capturable). Where a map cannot be made — no encoder, a
+/// device below compute capability 9.0 (no tensor-map copies), more rows than the copies' signed
+/// 32-bit coordinates reach, the driver refusing the encoding — `valid` stays 0 and the kernel
+/// copies every tile by cp.async into the same layout.
+template <class StoreT>
+kv_tile_maps encode_kv_tile_maps(const void* keys, const void* values, std::int64_t slots, int head_dim, int box_rows,
+                                 std::string_view function) {
+  static_assert(sizeof(StoreT) == 2, "encode_kv_tile_maps: 16-bit storage");
+  kv_tile_maps maps{};
+  int device = 0, major = 0;
+  detail::check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
+  detail::check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), function,
+                     "cudaDeviceGetAttribute(compute capability)");
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (major < 9 || encode == nullptr || slots < 1 || slots > std::numeric_limits<std::int32_t>::max() ||
+      head_dim % 64 != 0)
+    return maps;
+  const CUtensorMapDataType type =
+      std::is_same_v<StoreT, __nv_bfloat16> ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  constexpr int promotion_bytes = KVTRIM_CUDA_TENSOR_MAP_L2_PROMOTION;
+  static_assert(promotion_bytes == 0 || promotion_bytes == 64 || promotion_bytes == 128 || promotion_bytes == 256,
+                "KVTRIM_CUDA_TENSOR_MAP_L2_PROMOTION: 0, 64, 128 or 256");
+  const CUtensorMapL2promotion promotion = promotion_bytes == 256   ? CU_TENSOR_MAP_L2_PROMOTION_L2_256B
+                                           : promotion_bytes == 128 ? CU_TENSOR_MAP_L2_PROMOTION_L2_128B
+                                           : promotion_bytes == 64  ? CU_TENSOR_MAP_L2_PROMOTION_L2_64B
+                                                                    : CU_TENSOR_MAP_L2_PROMOTION_NONE;
+  const cuuint64_t extents[2] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(slots)};
+  const cuuint64_t row_bytes[1] = {static_cast<cuuint64_t>(head_dim) * sizeof(StoreT)};  // dim 1's stride
+  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(box_rows)};  // 64 elements: the swizzle's 128 bytes
+  const cuuint32_t element_strides[2] = {1, 1};
+  const auto encode_one = [&](CUtensorMap& map, const void* storage) {
+    return encode(&map, type, 2, const_cast<void*>(storage), extents, row_bytes, box, element_strides,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, promotion,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  };
+  maps.valid = encode_one(maps.keys, keys) && encode_one(maps.values, values) ? 1 : 0;
+  return maps;
+}
 
 /// Binds a runtime GQA group size to a compile-time constant (1, 2, 4, 8, 16).
 template <class Fn>
@@ -1535,7 +1818,7 @@ struct implementation<stage::decode_attention, backend::cuda> {
             cache, blocks, tables.line, tables.prefix, tables.first_head);
         detail::check_launch(function, "plan_decode_partition");
       }
-      const params_type params{cache,
+      params_type params{cache,
                                partition,
                                reinterpret_cast<const query_type*>(queries.data),
                                queries.stride(0),
@@ -1551,6 +1834,16 @@ struct implementation<stage::decode_attention, backend::cuda> {
                                static_cast<int>(queries_per_sequence),
                                queries.stride(1),
                                out.stride(1)};
+      // Whole stride-1 tiles of 16-bit storage by tensor maps (the kernel's swizzled tiles; contiguous
+      // caches whose tokens are adjacent rows, flat caches). Anything else: cp.async, same layout.
+      if constexpr (choice_maps_tiles<choice, View>()) {
+        bool adjacent_tokens = true;
+        if constexpr (uniform) adjacent_tokens = cache.map.token_stride == 1;
+        if (adjacent_tokens)
+          params.tile_maps = cuda_detail::encode_kv_tile_maps<store_type>(
+              tiles::key_rows(cache.storage), tiles::value_rows(cache.storage), cache.storage.slots, head_dim,
+              choice::tensor_geometry::tile_tokens, function);
+      }
       if constexpr (uniform) {
         kernel<<<static_cast<unsigned>(grid), threads, shared_bytes, stream>>>(params);
         detail::check_launch(function, kernel_name);
@@ -1568,6 +1861,19 @@ struct implementation<stage::decode_attention, backend::cuda> {
                                       out.stride(0), out.stride(1), out.stride(2), metric.lse);
       }
     }
+  }
+
+  /// Whether a kernel choice reads whole tiles by tensor maps where the device can
+  /// (KVTRIM_CUDA_TENSOR_MAP_TILES = 1, the tensor-core kernel's swizzled tiles, plain 16-bit storage
+  /// of affine rows: contiguous or flat).
+  template <class Choice, class View>
+  static constexpr bool choice_maps_tiles() {
+    if constexpr (KVTRIM_CUDA_TENSOR_MAP_TILES == 1 && codec::is_plain<typename View::codec> &&
+                  (cuda_detail::is_contiguous_view<View> || cuda_detail::is_flat_view<View>) &&
+                  requires { Choice::tensor_geometry::swizzled; })
+      return Choice::tensor_cores && Choice::tensor_geometry::swizzled;
+    else
+      return false;
   }
 
   struct scratch_tables {

@@ -33,6 +33,17 @@ __device__ __forceinline__ void load_matrix_x4_transposed(unsigned (&fragment)[4
                : "=r"(fragment[0]), "=r"(fragment[1]), "=r"(fragment[2]), "=r"(fragment[3])
                : "r"(address));
 }
+/// The same at a shared-memory address (swizzled tiles compute their addresses in that space).
+__device__ __forceinline__ void load_matrix_x4_at(unsigned (&fragment)[4], unsigned shared_address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(fragment[0]), "=r"(fragment[1]), "=r"(fragment[2]), "=r"(fragment[3])
+               : "r"(shared_address));
+}
+__device__ __forceinline__ void load_matrix_x4_transposed_at(unsigned (&fragment)[4], unsigned shared_address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(fragment[0]), "=r"(fragment[1]), "=r"(fragment[2]), "=r"(fragment[3])
+               : "r"(shared_address));
+}
 
 /// The 8 × 8 matrix of 16-bit pairs a warp holds in fragment layout (lane 4·g + t: row g, columns
 /// 2t, 2t + 1), transposed in the same layout: lane 4·g + t receives elements (2t, g) and (2t + 1, g).
