@@ -23,7 +23,8 @@
 //
 // A head of at most resident_select_tokens (40960, where the device's shared memory
 // holds them) takes one launch after the offsets: select_resident keeps its keys in
-// shared memory and runs the steps below there (see its comment). Longer heads, and
+// shared memory — of one block, or split over a thread-block cluster of up to 8 on
+// sm_90 — and runs the steps below there (see its comment). Longer heads, and
 // budget::adaptive's groups:
 // Steps (all on the stream, no host round trip; 7 launches and one memset):
 //   1. keep_offsets: offsets = exclusive scan of the clamped keep counts (one
@@ -45,6 +46,7 @@
 
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
+#include <cooperative_groups.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -490,53 +492,113 @@ __global__ void __launch_bounds__(Threads) keep_offsets(const std::int32_t* keep
   }
 }
 
-// ---- One block per head, its keys resident in shared memory --------------------
+// ---- A head's keys resident in shared memory: one block, or a cluster of blocks ----
 // The threshold search above is 4 launches of short kernels whose last block
 // decides for the head, then a count and a compaction: 6 launches over the scores
 // and a serial decision at the end of each, ~93 µs at W (64 heads of 32768, H200,
-// 2026-12-01) for 8 MB of scores. A head of up to resident_select_tokens fits in one
-// block's shared memory as its 32-bit keys (160 KB at 40960): one launch loads them
-// once and runs the same four digit decisions and the same ordered compaction on
-// them there. Same rule, same output, bit for bit (tests/cuda/budgets_test.cu).
-// Counts fit 16 bits (≤ 40960 tokens): a packed (above, ties) pair is one word.
+// 2026-12-01) for 8 MB of scores. A head of up to resident_select_tokens fits in
+// shared memory as its 32-bit keys (160 KB at 40960): one launch loads them once and
+// runs the same four digit decisions and the same ordered compaction on them there.
+// Same rule, same output, bit for bit (tests/cuda/budgets_test.cu).
+//
+// One block a head left W's 64 heads on 64 of 132 SMs, latency-bound at ~64 µs
+// whatever the batch (H200 and H100, 2026-12-05). On sm_90 a head's keys are split
+// over a thread-block cluster of `blocks_per_head` blocks (plan_resident_select:
+// up to 8, so that heads × blocks fill about two blocks an SM), each holding a
+// contiguous share of the tokens: every pass, each block's 256-bin histogram of its
+// share, then every block sums the cluster's histograms through distributed shared
+// memory and takes the same decision; the compaction orders the blocks by rank as
+// it orders the warps within a block. Counts within a warp's segment fit 16 bits
+// (≤ 40960 tokens): a packed (above, ties) pair is one word; across blocks, ints.
 
 inline constexpr std::int64_t resident_select_tokens = 40960;
 inline constexpr int resident_select_threads = 512;
+inline constexpr int resident_select_max_blocks = 8;  // the portable cluster size
+/// 0: one block a head on every device (benchmarks compare the two; one value per program).
+#ifndef KVTRIM_CUDA_SELECT_CLUSTERS
+#define KVTRIM_CUDA_SELECT_CLUSTERS 1
+#endif
 
-inline std::size_t resident_select_shared_bytes(std::int64_t tokens) {
-  return static_cast<std::size_t>(tokens) * sizeof(std::uint32_t);
+/// Tokens of a head one block of `blocks_per_head` holds: whole warps' worth (the last block fewer).
+__host__ __device__ inline std::int64_t resident_select_share(std::int64_t tokens, int blocks_per_head) {
+  return blocks_per_head == 1 ? tokens : ((tokens + blocks_per_head - 1) / blocks_per_head + 31) / 32 * 32;
 }
+inline std::size_t resident_select_shared_bytes(std::int64_t tokens, int blocks_per_head = 1) {
+  return static_cast<std::size_t>(resident_select_share(tokens, blocks_per_head)) * sizeof(std::uint32_t);
+}
+
+/// The blocks that share a head: a cluster (sm_90, blocks_per_head > 1) or the block alone.
+struct head_blocks {
+  int count;
+  __device__ __forceinline__ void sync() const {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (count > 1) {
+      cooperative_groups::this_cluster().sync();  // also orders this block's shared stores for its peers
+      return;
+    }
+#else
+    if (count > 1) __trap();  // plan_resident_select launches clusters only into sm_90 code
+#endif
+    __syncthreads();
+  }
+  /// `local`, a variable of this block's shared memory, in the block of cluster rank `rank`.
+  template <class T>
+  __device__ __forceinline__ const T* peer(const T* local, int rank) const {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (count > 1) return cooperative_groups::this_cluster().map_shared_rank(const_cast<T*>(local), rank);
+#endif
+    (void)rank;
+    return local;
+  }
+};
 
 template <int Threads>
 __global__ void __launch_bounds__(Threads) select_resident(score_rows scores, const std::int32_t* keep_counts,
-                                                           const std::int64_t* offsets, std::int32_t* kept_tokens) {
+                                                           const std::int64_t* offsets, std::int32_t* kept_tokens,
+                                                           int blocks_per_head) {
   static_assert(Threads >= radix_bins && Threads % 32 == 0);
   constexpr int warps = Threads / 32;
   using block_scan = cub::BlockScan<int, Threads>;
   extern __shared__ std::uint32_t resident_keys[];
   __shared__ std::uint32_t warp_bins[warps][radix_bins];  // one histogram per warp
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __shared__ std::uint32_t block_bins[radix_bins];  // the block's histogram, read by its cluster
+  __shared__ int block_counts[2];                   // the block's (above, ties), read by its cluster
+#else
+  std::uint32_t* const block_bins = nullptr;  // never read below sm_90 (one block a head)
+  int* const block_counts = nullptr;
+#endif
   __shared__ typename block_scan::TempStorage scan_storage;
   __shared__ int chosen_above, chosen_ties;
   __shared__ unsigned warp_counts[warps];  // packed (above << 16 | ties) of each warp's segment
 
-  const std::int64_t head = blockIdx.x;
+  const head_blocks cluster{blocks_per_head};
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ < 900
+  if (blocks_per_head > 1) __trap();  // plan_resident_select launches clusters only into sm_90 code
+#endif
+  // A cluster's blocks are consecutive in x: block rank = blockIdx.x % blocks_per_head.
+  const std::int64_t head = blockIdx.x / blocks_per_head;
+  const int rank = static_cast<int>(blockIdx.x % blocks_per_head);
   const int tokens = static_cast<int>(scores.tokens);  // ≤ resident_select_tokens
+  const int share = static_cast<int>(resident_select_share(tokens, blocks_per_head));
+  const int first = rank * share < tokens ? rank * share : tokens;          // this block's tokens [first, first + local)
+  const int local = tokens - first < share ? tokens - first : share;
   const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
-  const float* row = scores.row(head);
+  const float* row = scores.row(head) + std::int64_t{first} * scores.token_stride;
   // 1. The keys, 8 loads in flight per thread (a load, a store, a load … waits a
   //    memory latency per token).
   constexpr int batch = 8;
-  for (int base = 0; base < tokens; base += Threads * batch) {
+  for (int base = 0; base < local; base += Threads * batch) {
     float values[batch];
 #pragma unroll
     for (int i = 0; i < batch; ++i) {
       const int j = base + static_cast<int>(threadIdx.x) + i * Threads;
-      values[i] = j < tokens ? row[j * scores.token_stride] : 0.0f;
+      values[i] = j < local ? row[j * scores.token_stride] : 0.0f;
     }
 #pragma unroll
     for (int i = 0; i < batch; ++i) {
       const int j = base + static_cast<int>(threadIdx.x) + i * Threads;
-      if (j < tokens) resident_keys[j] = rank_key(values[i]);
+      if (j < local) resident_keys[j] = rank_key(values[i]);
     }
   }
   const int count = keep_counts[head];
@@ -544,7 +606,8 @@ __global__ void __launch_bounds__(Threads) select_resident(score_rows scores, co
 
   // 2. The four digits of v*, most significant first: F(v) = tokens with key ≥ v,
   //    the largest digit whose F still reaches the target (decide_group's rule with
-  //    one head and floor 0).
+  //    one head and floor 0). Every block of the head sums the same histograms in the
+  //    same order, so all take the same decision.
   std::uint32_t prefix = 0;
   int above = 0, ties = 0;  // tokens above the prefix's range; at its last digit
   for (int pass = 0; pass < radix_passes; ++pass) {
@@ -553,10 +616,10 @@ __global__ void __launch_bounds__(Threads) select_resident(score_rows scores, co
     for (int b = static_cast<int>(threadIdx.x); b < warps * radix_bins; b += Threads)
       warp_bins[b / radix_bins][b % radix_bins] = 0;
     __syncthreads();  // the bins are zero (and, in pass 0, every key is stored)
-    for (int base = 0; base < tokens; base += Threads) {  // the same trip count for every lane
+    for (int base = 0; base < local; base += Threads) {  // the same trip count for every lane
       const int j = base + static_cast<int>(threadIdx.x);
-      const std::uint32_t key = j < tokens ? resident_keys[j] : 0u;
-      const bool counted = j < tokens && ((key ^ prefix) & high_mask) == 0;
+      const std::uint32_t key = j < local ? resident_keys[j] : 0u;
+      const bool counted = j < local && ((key ^ prefix) & high_mask) == 0;
       const unsigned counting = __ballot_sync(0xffffffffu, counted);
       if (counted) {
         // Lanes with the same digit add once (their count): equal scores would
@@ -567,12 +630,20 @@ __global__ void __launch_bounds__(Threads) select_resident(score_rows scores, co
       }
     }
     __syncthreads();
-    // Thread t < 256 holds digit 255 − t; inclusive sums from the top digit down.
+    // Thread t < 256 holds digit 255 − t: the block's count, then the head's (a cluster's sum).
+    const int digit = radix_bins - 1 - static_cast<int>(threadIdx.x);
     int bin = 0;
     if (threadIdx.x < radix_bins) {
-      const int digit = radix_bins - 1 - static_cast<int>(threadIdx.x);
 #pragma unroll
       for (int w = 0; w < warps; ++w) bin += static_cast<int>(warp_bins[w][digit]);
+    }
+    if (blocks_per_head > 1) {  // uniform over the grid
+      if (threadIdx.x < radix_bins) block_bins[digit] = static_cast<std::uint32_t>(bin);
+      cluster.sync();  // every block's histogram is complete and visible to its cluster
+      if (threadIdx.x < radix_bins) {
+        bin = 0;
+        for (int r = 0; r < blocks_per_head; ++r) bin += static_cast<int>(cluster.peer(block_bins, r)[digit]);
+      }
     }
     int at_or_above = 0;
     block_scan(scan_storage).InclusiveSum(bin, at_or_above);
@@ -582,21 +653,24 @@ __global__ void __launch_bounds__(Threads) select_resident(score_rows scores, co
     const int short_digits = __syncthreads_count(threadIdx.x < radix_bins && above + at_or_above < target);
     const int chosen = short_digits < radix_bins ? short_digits : radix_bins - 1;  // (never clamps: see above)
     if (static_cast<int>(threadIdx.x) == chosen) chosen_above = above + at_or_above - bin, chosen_ties = bin;
-    __syncthreads();
+    // chosen_* are written before this and read after it; the scan storage and (by the cluster) block_bins are
+    // read before it and written again only after the next pass's barriers.
+    cluster.sync();
     above = chosen_above, ties = chosen_ties;
     prefix |= static_cast<std::uint32_t>(radix_bins - 1 - chosen) << shift;
-    __syncthreads();  // chosen_* and the scan storage are read before the next pass writes them
   }
 
   // 3. Kept: every key above v* and the first target − above (in token order) at v*.
-  //    Each warp walks its own contiguous segment 32 tokens at a time (lane = token):
-  //    counted by ballots, the warps' counts summed in order, then walked again to
-  //    write — shared-memory reads and output stores both consecutive across lanes.
+  //    Each warp walks its own contiguous segment of the block's share 32 tokens at a
+  //    time (lane = token): counted by ballots, the warps' counts summed in order and
+  //    the blocks' by rank, then walked again to write — shared-memory reads and
+  //    output stores both consecutive across lanes.
   const std::uint32_t threshold = prefix;
   int ties_kept = target - above;
   ties_kept = ties_kept < 0 ? 0 : (ties_kept > ties ? ties : ties_kept);
-  const int segment = ((tokens + warps - 1) / warps + 31) / 32 * 32;
-  const int begin = warp * segment, end = begin + segment < tokens ? begin + segment : tokens;
+  const int segment = ((local + warps - 1) / warps + 31) / 32 * 32;
+  const int begin = warp * segment < local ? warp * segment : local;
+  const int end = begin + segment < local ? begin + segment : local;
   unsigned mine = 0;
   for (int base = begin; base < end; base += 32) {  // warp-uniform
     const int j = base + lane;
@@ -606,9 +680,24 @@ __global__ void __launch_bounds__(Threads) select_resident(score_rows scores, co
   }
   if (lane == 0) warp_counts[warp] = mine;
   __syncthreads();
-  unsigned before = 0;
-  for (int w = 0; w < warp; ++w) before += warp_counts[w];
-  int above_before = static_cast<int>(before >> 16), ties_before = static_cast<int>(before & 0xffffu);
+  int above_before = 0, ties_before = 0;  // kept candidates of the head's earlier blocks, then warps
+  if (blocks_per_head > 1) {
+    if (threadIdx.x == 0) {
+      int block_above = 0, block_ties = 0;
+      for (int w = 0; w < warps; ++w)
+        block_above += static_cast<int>(warp_counts[w] >> 16), block_ties += static_cast<int>(warp_counts[w] & 0xffffu);
+      block_counts[0] = block_above, block_counts[1] = block_ties;
+    }
+    cluster.sync();  // every block's counts are visible to its cluster
+    for (int r = 0; r < rank; ++r) {
+      const int* counts = cluster.peer(block_counts, r);
+      above_before += counts[0], ties_before += counts[1];
+    }
+    // No block leaves (its shared memory with it) while a peer may still read its counts.
+    cluster.sync();
+  }
+  for (int w = 0; w < warp; ++w)
+    above_before += static_cast<int>(warp_counts[w] >> 16), ties_before += static_cast<int>(warp_counts[w] & 0xffffu);
   std::int32_t* out = kept_tokens + offsets[head];
   const unsigned lanes_below = (1u << lane) - 1u;
   for (int base = begin; base < end; base += 32) {
@@ -618,27 +707,75 @@ __global__ void __launch_bounds__(Threads) select_resident(score_rows scores, co
     const unsigned above_lanes = __ballot_sync(0xffffffffu, is_above), tie_lanes = __ballot_sync(0xffffffffu, is_tie);
     const int a = above_before + __popc(above_lanes & lanes_below), t = ties_before + __popc(tie_lanes & lanes_below);
     if (is_above)
-      out[a + (t < ties_kept ? t : ties_kept)] = j;
+      out[a + (t < ties_kept ? t : ties_kept)] = first + j;
     else if (is_tie && t < ties_kept)
-      out[a + t] = j;
+      out[a + t] = first + j;
     above_before += __popc(above_lanes), ties_before += __popc(tie_lanes);
   }
 }
 
-/// Whether a head of `tokens` takes select_resident on the current device: its keys
-/// and the kernel's static shared memory within the device's per-block opt-in limit
-/// (227 KB on Hopper; 163 KB on an A100 and 99 KB on sm_86/89, where longer heads
-/// take the multi-launch search). Host queries only, no synchronisation.
-inline bool resident_select_fits(std::int64_t tokens, std::string_view function) {
-  if (tokens > resident_select_tokens) return false;
-  int device = 0, limit = 0;
+/// How select_resident runs on the current device, if at all (host queries only, no synchronisation):
+/// resident when one block's share of a head (its keys) and the kernel's static shared memory fit
+/// the device's per-block opt-in limit (227 KB on Hopper; 163 KB on an A100 and 99 KB on
+/// sm_86/89, where longer heads take the multi-launch search); over a cluster of `blocks_per_head`
+/// where the kernel's code is sm_90 (binary and PTX: pre-sm_90 PTX compiled by the driver has no
+/// clusters) and heads alone would leave SMs idle — about two blocks an SM, each with at least
+/// 2048 tokens (below that one block's load and four passes are already short), fewer where the
+/// device cannot co-schedule such a cluster (MPS, green contexts: cudaOccupancyMaxActiveClusters).
+struct resident_select_plan {
+  bool resident = false;
+  int blocks_per_head = 1;
+  std::size_t shared_bytes = 0;  // one block's keys
+};
+
+inline resident_select_plan plan_resident_select(std::int64_t heads, std::int64_t tokens, std::string_view function) {
+  constexpr int threads = resident_select_threads;
+  const auto kernel = select_resident<threads>;
+  resident_select_plan plan;
+  if (tokens > resident_select_tokens || heads > 2147483647) return plan;
+  int device = 0, limit = 0, multiprocessors = 0;
   detail::check_cuda(cudaGetDevice(&device), function, "cudaGetDevice");
   detail::check_cuda(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), function,
                      "cudaDeviceGetAttribute(shared memory per block)");
+  detail::check_cuda(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device), function,
+                     "cudaDeviceGetAttribute(multiprocessors)");
   cudaFuncAttributes attributes{};
-  detail::check_cuda(cudaFuncGetAttributes(&attributes, select_resident<resident_select_threads>), function,
-                     "cudaFuncGetAttributes(select_resident)");
-  return attributes.sharedSizeBytes + resident_select_shared_bytes(tokens) <= static_cast<std::size_t>(limit);
+  detail::check_cuda(cudaFuncGetAttributes(&attributes, kernel), function, "cudaFuncGetAttributes(select_resident)");
+  if (attributes.sharedSizeBytes + resident_select_shared_bytes(tokens) > static_cast<std::size_t>(limit)) return plan;
+  // The whole opt-in, the same value on every call: a smaller one set by a later call would
+  // undercut a launch still pending or captured in a graph.
+  detail::check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          limit - static_cast<int>(attributes.sharedSizeBytes)),
+                     function, "cudaFuncSetAttribute(select_resident)");
+  plan.resident = true;
+  if (KVTRIM_CUDA_SELECT_CLUSTERS != 0 && attributes.binaryVersion >= 90 && attributes.ptxVersion >= 90) {
+    const std::int64_t by_machine = 2 * std::int64_t{multiprocessors} / std::max<std::int64_t>(heads, 1);
+    int blocks = static_cast<int>(std::clamp<std::int64_t>(std::min(by_machine, tokens / 2048), 1,
+                                                           resident_select_max_blocks));
+    for (; blocks > 1; blocks /= 2) {
+      if (heads * blocks > 2147483647) continue;
+      cudaLaunchConfig_t config{};
+      config.gridDim = dim3(static_cast<unsigned>(heads * blocks));
+      config.blockDim = dim3(threads);
+      config.dynamicSmemBytes = resident_select_shared_bytes(tokens, blocks);
+      cudaLaunchAttribute cluster{};
+      cluster.id = cudaLaunchAttributeClusterDimension;
+      cluster.val.clusterDim.x = static_cast<unsigned>(blocks);
+      cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
+      config.attrs = &cluster;
+      config.numAttrs = 1;
+      int clusters = 0;
+      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+        (void)cudaGetLastError();  // a device or context that will not say: one block a head, as before clusters
+        blocks = 1;
+        break;
+      }
+      if (clusters > 0) break;
+    }
+    plan.blocks_per_head = blocks;
+  }
+  plan.shared_bytes = resident_select_shared_bytes(tokens, plan.blocks_per_head);
+  return plan;
 }
 
 inline unsigned grid_for(std::int64_t items) {
@@ -667,14 +804,22 @@ struct implementation<stage::select_top_k, backend::cuda> {
     cuda_detail::keep_offsets<offset_threads><<<1, offset_threads, 0, stream>>>(keep_counts, offsets, heads, tokens);
     detail::check_launch(function, "keep_offsets");
     if (heads == 0 || tokens == 0) return;
-    if (heads <= 2147483647 && cuda_detail::resident_select_fits(tokens, function)) {
-      constexpr int threads = cuda_detail::resident_select_threads;
-      const std::size_t shared = cuda_detail::resident_select_shared_bytes(tokens);
-      detail::check_cuda(cudaFuncSetAttribute(cuda_detail::select_resident<threads>,
-                                              cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)),
-                         function, "cudaFuncSetAttribute(select_resident)");
-      cuda_detail::select_resident<threads><<<static_cast<unsigned>(heads), threads, shared, stream>>>(
-          cuda_detail::rows_of(scores), keep_counts, offsets, kept_tokens);
+    if (const auto plan = cuda_detail::plan_resident_select(heads, tokens, function); plan.resident) {
+      cudaLaunchConfig_t config{};
+      config.gridDim = dim3(static_cast<unsigned>(heads * plan.blocks_per_head));
+      config.blockDim = dim3(cuda_detail::resident_select_threads);
+      config.dynamicSmemBytes = plan.shared_bytes;
+      config.stream = stream;
+      cudaLaunchAttribute cluster{};
+      cluster.id = cudaLaunchAttributeClusterDimension;
+      cluster.val.clusterDim.x = static_cast<unsigned>(plan.blocks_per_head);
+      cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
+      config.attrs = &cluster;
+      config.numAttrs = plan.blocks_per_head > 1 ? 1 : 0;  // one block a head: a plain launch
+      detail::check_cuda(cudaLaunchKernelEx(&config, cuda_detail::select_resident<cuda_detail::resident_select_threads>,
+                                            cuda_detail::rows_of(scores), keep_counts,
+                                            static_cast<const std::int64_t*>(offsets), kept_tokens, plan.blocks_per_head),
+                         function, "cudaLaunchKernelEx(select_resident)");
       detail::check_launch(function, "select_resident");
       return;
     }
