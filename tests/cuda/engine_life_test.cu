@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "common/low_rank_bases.hpp"
 #include "common/tensors.hpp"
 #include "cuda/device_memory.cuh"
 
@@ -50,8 +51,21 @@ struct life_case {
       cfg.inner.key_group = 8;
       cfg.recent = 6;
       cfg.sinks = 2;
+    } else if constexpr (std::same_as<Codec, kt::codec::low_rank>) {
+      // Calibrated bases (installed on the CPU before the prompt, copied with the block): the
+      // device encodes their coefficients byte for byte as the CPU does. Sequence bases are not
+      // compared here: the device fits and refreshes them with its own solver (low_rank_fit.cuh:
+      // equal to rounding, not in bytes); eviction_test.cu evicts CPU-built sequence caches.
+      cfg.source = kt::codec::basis_source::profile;
     }
     return cfg;
+  }
+  /// What a freshly bound CPU cache needs before its first append.
+  static void prepare(const host_view& view, std::uint64_t seed) {
+    if constexpr (std::same_as<Codec, kt::codec::low_rank>)
+      kt::testing::install_random_bases(view.storage, heads, head_dim, seed);
+    else
+      (void)view, (void)seed;
   }
   static auto pool() {
     if constexpr (std::same_as<Layout, kt::layout::paged>)
@@ -63,6 +77,8 @@ struct life_case {
   /// differs only in fp32 rounding (eviction_test.cu's bound: ~1e-4 relative at these sizes);
   /// quantized codes reach the tensor cores as fp16 (query × step rounded once: ≤ 2·u_h·S in the
   /// exponent, ~2e-2 relative with |logits| ≲ 10) — both bounds taken at 2.5× for the output.
+  /// low_rank: both sides in fp32 from identical coefficients (codecs_test.cu's bound is far
+  /// tighter), held here to the quantized codecs' gross bound.
   static constexpr double relative = kt::codec::is_plain<Codec> ? 1e-3 : 5e-2;
 };
 
@@ -71,7 +87,9 @@ class EngineLifeCuda : public ::testing::Test {};
 using cases = ::testing::Types<life_case<kt::layout::paged, kt::codec::fp16>, life_case<kt::layout::paged, kt::codec::int8>,
                                life_case<kt::layout::paged, kt::codec::fp8>,
                                life_case<kt::layout::paged, kt::codec::layered<kt::codec::int8>>,
-                               life_case<kt::layout::flat, kt::codec::fp16>, life_case<kt::layout::flat, kt::codec::int8>>;
+                               life_case<kt::layout::paged, kt::codec::low_rank>,
+                               life_case<kt::layout::flat, kt::codec::fp16>, life_case<kt::layout::flat, kt::codec::int8>,
+                               life_case<kt::layout::flat, kt::codec::low_rank>>;
 TYPED_TEST_SUITE(EngineLifeCuda, cases);
 
 TYPED_TEST(EngineLifeCuda, DeviceCacheEqualsCpuCacheAfterEveryCall) {
@@ -102,6 +120,7 @@ TYPED_TEST(EngineLifeCuda, DeviceCacheEqualsCpuCacheAfterEveryCall) {
   for (std::int64_t l = 0; l < layers; ++l) {
     blocks.push_back(std::make_unique<host_block>(bytes));
     cpu_views.push_back(host_view::bind(blocks.back()->data, shape, batch, C::pool(), config));
+    C::prepare(cpu_views.back(), 300 + static_cast<std::uint64_t>(l));
     auto keys = kt::testing::random_tensor<kt::half, 4>({batch, kv_heads, 40, head_dim}, 100 + l);
     auto values = kt::testing::random_tensor<kt::half, 4>({batch, kv_heads, 40, head_dim}, 200 + l);
     std::vector<std::int64_t> wanted(heads), done(heads, 0);

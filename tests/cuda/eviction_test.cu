@@ -575,6 +575,9 @@ void check_same_eviction(ev::scope scope, std::int64_t layers, std::int64_t batc
   for (std::int64_t l = 0; l < layers; ++l) {
     blocks.push_back(std::make_unique<host_block>(bytes));
     host_views.push_back(host_view::bind(blocks.back()->data, shape, batch, pool, codec_config));
+    if constexpr (std::is_same_v<Codec, kt::codec::low_rank>)  // calibrated bases: installed before any append
+      if (codec_config.source == kt::codec::basis_source::profile)
+        kt::testing::install_random_bases(host_views.back().storage, batch * kv_heads, head_dim, seed + l);
     auto keys = kt::testing::random_tensor<kt::half, 4>({batch, kv_heads, longest, shape.head_dim}, seed + 3 * l);
     auto values = kt::testing::random_tensor<kt::half, 4>({batch, kv_heads, longest, shape.head_dim}, seed + 3 * l + 1);
     // Rounds of 23 tokens per head, so pages interleave in the pool.
@@ -660,6 +663,15 @@ void check_same_eviction(ev::scope scope, std::int64_t layers, std::int64_t batc
     return;
   }
 
+  // low_rank's pending slots before the step: the case must move some pending tokens (the
+  // device's fix-up of their entries is what the byte comparison then checks).
+  std::vector<std::vector<std::int64_t>> pending_before;
+  if constexpr (std::is_same_v<Codec, kt::codec::low_rank>)
+    for (const host_view& view : host_views)
+      if (view.storage.update_freq > 0)
+        pending_before.emplace_back(view.storage.pending_slots,
+                                    view.storage.pending_slots + view.storage.heads * view.storage.update_freq);
+
   ev::config host_cfg = cfg;
   host_cfg.retrieval_heads = mask.data();
   std::vector<std::byte> host_scratch(kt::evict_workspace<kt::backend::cpu>(std::span<const host_view>(host_views)));
@@ -675,6 +687,19 @@ void check_same_eviction(ev::scope scope, std::int64_t layers, std::int64_t batc
   EXPECT_EQ(got_report.units_evicted, host_report.units_evicted);
   EXPECT_EQ(got_report.units_over_target, host_report.units_over_target);
   EXPECT_GT(host_report.evicted_tokens, 0) << "the case must evict something";
+  if constexpr (std::is_same_v<Codec, kt::codec::low_rank>)
+    if (!pending_before.empty()) {
+      std::int64_t moved = 0;  // pending entries the CPU's move_slot rewrote
+      for (std::size_t l = 0; l < host_views.size(); ++l) {
+        const auto& store = host_views[l].storage;
+        for (std::int64_t head = 0; head < store.heads; ++head)
+          for (std::int64_t p = 0; p < store.pending_counts[head]; ++p) {
+            const std::size_t at = static_cast<std::size_t>(head * store.update_freq + p);
+            moved += store.pending_slots[at] != pending_before[l][at] ? 1 : 0;
+          }
+      }
+      EXPECT_GT(moved, 0) << "the case must move pending tokens (low_rank's sequence bases)";
+    }
   for (std::int64_t l = 0; l < layers; ++l) {
     const auto device_bytes = kt::testing::download_bytes(device_blocks[l]->data(), bytes);
     std::size_t first_difference = bytes;
@@ -861,6 +886,46 @@ TEST(EvictionStep, CudaEvictsWhatTheCpuEvictsLayered) {
     SCOPED_TRACE("flat, layered<fp8>");
     check_codec_eviction<kt::layout::flat, kt::codec::layered<kt::codec::fp8>>(fp8_rows, 16, 100, 104);
   }
+}
+
+// low_rank: key and value coefficient rows moved as stored (16-byte parts at stored rank 32,
+// 2-byte parts at 20), bases left in place. Sequence bases refreshed every 16 appended tokens
+// (the CPU builds the caches: rounds of 23 tokens leave 0–15 pending a head) under a window of
+// 5, shorter than update_freq, so the pending tokens are pinned by codec_pins alone and their
+// pending_slots entries must follow the tail's shift; profile bases (ragged ranks per head, no
+// pending buffer).
+TEST(EvictionStep, CudaEvictsWhatTheCpuEvictsLowRank) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  const auto low_rank = [](kt::codec::basis_source source, std::int64_t max_rank) {
+    kt::codec::low_rank::config c{};
+    c.source = source;
+    c.max_rank = max_rank;
+    c.update_freq = 16;
+    return c;
+  };
+  using kt::codec::basis_source;
+  const struct {
+    const char* what;
+    bool paged;
+    kt::codec::low_rank::config config;
+    std::uint64_t seed;
+  } cases[] = {
+      {"paged, sequence bases, stored rank 32 (16-byte parts)", true, low_rank(basis_source::sequence, 32), 111},
+      {"flat, sequence bases, stored rank 20 (2-byte parts)", false, low_rank(basis_source::sequence, 20), 112},
+      {"paged, profile bases, stored rank 20", true, low_rank(basis_source::profile, 20), 113},
+      {"flat, profile bases, stored rank 32", false, low_rank(basis_source::profile, 32), 114},
+  };
+  for (const auto& c : cases)
+    for (const ev::scope scope : {ev::scope::per_head, ev::scope::per_layer, ev::scope::cross_layer}) {
+      SCOPED_TRACE(::testing::Message() << c.what << ", scope " << int(scope));
+      const bool retrieval = scope == ev::scope::cross_layer;
+      if (c.paged)
+        check_same_eviction<kt::layout::paged, kt::codec::low_rank>(scope, 2, 2, 2, 400, c.seed, retrieval, 1, 16, 64,
+                                                                    5, c.config, 60);
+      else
+        check_same_eviction<kt::layout::flat, kt::codec::low_rank>(scope, 2, 2, 2, 400, c.seed, retrieval, 1, 16, 64,
+                                                                   5, c.config, 60);
+    }
 }
 
 }  // namespace

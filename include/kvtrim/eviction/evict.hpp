@@ -66,7 +66,7 @@
 // Defaults: scope cross_layer, keep 1024 per kv head, interval 16, sinks 4,
 // protected window 64 (vllm-kvcompress's), α = 0.2 (Ada-KV's safeguard).
 // Backends: cpu (backend/cpu/eviction.hpp), cuda (backend/cuda/eviction.cuh:
-// plain, int8, int4, fp8 and layered<C> over paged and flat, byte-identical to the CPU).
+// plain, int8, int4, fp8, low_rank and layered<C> over paged and flat, byte-identical to the CPU).
 #pragma once
 
 #include <cstdint>

@@ -365,34 +365,63 @@ inline void launch_low_rank_reset(std::string_view function, const codec::low_ra
   detail::check_launch(function, "low_rank_reset");
 }
 
-/// layout::flat's repack: a slot's key and value coefficients and its position,
-/// one coefficient (or the position) per part; the pending slots of sequence
-/// bases move with their head (move_slot's fix-up).
+/// A stored token of codec::low_rank, as stored: its key and value coefficient rows —
+/// 16-byte parts when the stored rank is a multiple of 8 and both arrays are 16-byte
+/// aligned (the decode's own staging condition, so a row is whole 16-byte units), one
+/// coefficient (2 bytes) a part otherwise — then its position when slot_position is given
+/// (layout::flat's repack, through grid_move). The eviction step passes no slot_position:
+/// it moves positions itself, with the metric. Bases are per head and stay; the pending
+/// slots of sequence bases follow a head's move (moved, the flat repack's range fix-up;
+/// the eviction step fixes each moved token's entry instead: eviction.cuh's
+/// evict_codec_moved).
 template <>
 struct codec_slot_mover<codec::low_rank> {
-  codec::low_rank::storage<device_space> st;
-  std::int32_t* slot_position;
+  // (the fields the moves use, not the whole storage)
+  unsigned short* key_coefficients;    // fp16 bits, [slots, stored_rank]
+  unsigned short* value_coefficients;
+  std::int64_t* pending_slots;         // [heads, update_freq] (sequence bases with refresh)
+  const std::int64_t* pending_counts;  // [heads]
+  std::int64_t stored_rank;
+  std::int64_t update_freq;
+  std::int32_t* slot_position;  // null: the caller moves positions itself (the eviction step)
+  bool vectors;                 // 16-byte parts (else 2-byte)
+  std::int64_t row_parts;       // parts of one coefficient row
 
-  __device__ std::int64_t parts() const { return 2 * st.stored_rank + 1; }
+  __host__ __device__ codec_slot_mover(const codec::low_rank::storage<device_space>& store,
+                                       std::int32_t* slot_position_)
+      : key_coefficients(reinterpret_cast<unsigned short*>(store.key_coefficients)),
+        value_coefficients(reinterpret_cast<unsigned short*>(store.value_coefficients)),
+        pending_slots(store.pending_slots),
+        pending_counts(store.pending_counts),
+        stored_rank(store.stored_rank),
+        update_freq(store.update_freq),
+        slot_position(slot_position_),
+        vectors(store.stored_rank % 8 == 0 && reinterpret_cast<std::uintptr_t>(store.key_coefficients) % 16 == 0 &&
+                reinterpret_cast<std::uintptr_t>(store.value_coefficients) % 16 == 0),
+        row_parts(vectors ? store.stored_rank / 8 : store.stored_rank) {}
+
+  __device__ std::int64_t parts() const { return 2 * row_parts + (slot_position != nullptr ? 1 : 0); }
   __device__ uint4 load(std::int64_t slot, std::int64_t part) const {
-    const std::int64_t r = st.stored_rank;
-    if (part == 2 * r) return make_uint4(static_cast<unsigned>(slot_position[slot]), 0u, 0u, 0u);
-    const auto* base = reinterpret_cast<const unsigned short*>(part < r ? st.key_coefficients : st.value_coefficients);
-    return make_uint4(base[slot * r + part % r], 0u, 0u, 0u);
+    if (part == 2 * row_parts) return make_uint4(static_cast<unsigned>(slot_position[slot]), 0u, 0u, 0u);
+    const unsigned short* row = (part < row_parts ? key_coefficients : value_coefficients) + slot * stored_rank;
+    if (vectors) return reinterpret_cast<const uint4*>(row)[part % row_parts];
+    return make_uint4(row[part % row_parts], 0u, 0u, 0u);
   }
   __device__ void store(std::int64_t slot, std::int64_t part, uint4 value) const {
-    const std::int64_t r = st.stored_rank;
-    if (part == 2 * r) {
+    if (part == 2 * row_parts) {
       slot_position[slot] = static_cast<std::int32_t>(value.x);
       return;
     }
-    auto* base = reinterpret_cast<unsigned short*>(part < r ? st.key_coefficients : st.value_coefficients);
-    base[slot * r + part % r] = static_cast<unsigned short>(value.x);
+    unsigned short* row = (part < row_parts ? key_coefficients : value_coefficients) + slot * stored_rank;
+    if (vectors)
+      reinterpret_cast<uint4*>(row)[part % row_parts] = value;
+    else
+      row[part % row_parts] = static_cast<unsigned short>(value.x);
   }
   __device__ void moved(std::int64_t head, std::int64_t from, std::int64_t to, std::int64_t length) const {
-    if (st.update_freq == 0 || from == to) return;
-    std::int64_t* slots = st.pending_slots + head * st.update_freq;
-    for (std::int64_t p = 0; p < st.pending_counts[head]; ++p)
+    if (update_freq == 0 || from == to) return;
+    std::int64_t* slots = pending_slots + head * update_freq;
+    for (std::int64_t p = 0; p < pending_counts[head]; ++p)
       if (slots[p] >= from && slots[p] < from + length) slots[p] += to - from;
   }
 };

@@ -486,14 +486,20 @@ template <int Bits>
 inline constexpr bool evict_moves_codec<codec::quantized<Bits>> = true;
 template <>
 inline constexpr bool evict_moves_codec<codec::fp8> = true;
+template <>
+inline constexpr bool evict_moves_codec<codec::low_rank> = true;
+/// (layered<low_rank> has no device encode or reader: not a device cache.)
 template <class Inner>
-inline constexpr bool evict_moves_codec<codec::layered<Inner>> = !codec::is_plain<Inner> && evict_moves_codec<Inner>;
+inline constexpr bool evict_moves_codec<codec::layered<Inner>> =
+    !codec::is_plain<Inner> && evict_moves_codec<Inner> && device_encoded_codec<codec::layered<Inner>>;
 
 /// How the step moves a stored token as stored (the CPU's codec::move_slot), in 16-byte
 /// parts: codec::plain's key and value rows in 16-byte pieces; a quantizing codec's parts
 /// through codec_writes.cuh's codec_slot_mover (code words, per-token steps, its run's key
-/// steps and sealed flag when the slot starts a run, layered's slot → row entry) without the
-/// position, which the step moves itself along with the metric.
+/// steps and sealed flag when the slot starts a run, layered's slot → row entry), low_rank's
+/// through codec_low_rank.cuh's (key and value coefficient rows: 16-byte pieces at ranks
+/// that are multiples of 8, coefficients otherwise), without the position, which the step
+/// moves itself along with the metric.
 template <class View, bool Plain = codec::is_plain<typename View::codec>>
 struct evict_mover {
   uint4* keys;
@@ -521,10 +527,14 @@ struct evict_mover<View, false> {
 
 /// Token i (of the head's `length`) of flattened head `head` moves from slot `from` to `to`:
 /// the codec's side buffers that remember slots follow it, as the CPU's move_slot leaves them
-/// — layered's row → slot map (row_slots[slot_rows[from]] = to), and a filling KIVI group's
+/// — layered's row → slot map (row_slots[slot_rows[from]] = to); a filling KIVI group's
 /// slot list, whose place p holds token length − count + p (the run rule, docs/composition.md
-/// §3: tokens enter the group in logical order; each thread updates its own place). Call it
-/// before any thread of the block stores over `from`'s slot_rows entry.
+/// §3: tokens enter the group in logical order); low_rank's pending slots (sequence bases),
+/// likewise: place p holds token length − count + p, the tokens appended since the last
+/// refresh in arrival order, which eviction keeps (they are pinned, so they lie in the tail,
+/// which shifts down in order). Each thread updates its own token's place: no search, and no
+/// race between threads whose sources and destinations overlap. Call it before any thread of
+/// the block stores over `from`'s slot_rows entry.
 template <class Storage>
 __device__ __forceinline__ void evict_codec_moved(const Storage& st, std::int64_t head, std::int64_t i,
                                                   std::int64_t length, std::int64_t from, std::int64_t to) {
@@ -536,6 +546,11 @@ __device__ __forceinline__ void evict_codec_moved(const Storage& st, std::int64_
     if (st.key_group == 0) return;
     const std::int64_t count = st.residual_count[head], place = i - (length - count);
     std::int64_t* slots = st.residual_slots + head * st.key_group;
+    if (place >= 0 && place < count && slots[place] == from) slots[place] = to;
+  } else if constexpr (requires { st.pending_counts; st.pending_slots; st.update_freq; }) {
+    if (st.update_freq == 0) return;  // profile bases, or no refresh: no pending buffer
+    const std::int64_t count = st.pending_counts[head], place = i - (length - count);
+    std::int64_t* slots = st.pending_slots + head * st.update_freq;
     if (place >= 0 && place < count && slots[place] == from) slots[place] = to;
   } else {
     (void)st, (void)head, (void)i, (void)length, (void)from, (void)to;
@@ -1361,8 +1376,8 @@ struct implementation<eviction::step, backend::cuda> {
                   "kvtrim::evict: eviction gives heads different lengths; use layout::paged or layout::flat");
     using codec_type = typename View::codec;
     static_assert(cuda_detail::evict_moves_codec<codec_type>,
-                  "kvtrim::evict on backend::cuda: codec::plain, int8, int4, fp8 or layered<int8 | int4 | fp8> "
-                  "(the codecs whose stored parts evict_mover moves; low_rank's bases and coefficients not yet)");
+                  "kvtrim::evict on backend::cuda: codec::plain, int8, int4, fp8, low_rank or "
+                  "layered<int8 | int4 | fp8> (the codecs whose stored parts evict_mover moves)");
     cfg.validate(function);
     if (cfg.retrieval_heads != nullptr)
       detail::fail(function, "config.retrieval_heads",
@@ -1478,6 +1493,8 @@ struct implementation<eviction::step, backend::cuda> {
   ///    element);
   ///  - a quantizing codec's code rows in 4-byte words and a KIVI run's key steps in 16-byte
   ///    units (codec_slot_mover): code row bytes a multiple of 4, the arrays aligned;
+  ///  - low_rank's coefficient rows: any rank and alignment (the mover takes 16-byte parts where
+  ///    it can, 2-byte ones otherwise), nothing to refuse;
   ///  - one item size U for every layer (the storages' slot runs): the pool's whole runs are
   ///    one count (the CPU takes the largest U of a unit; layers of one model share it).
   template <class View>
@@ -1500,6 +1517,8 @@ struct implementation<eviction::step, backend::cuda> {
             reinterpret_cast<std::uintptr_t>(layers[l].storage.values) % 16 != 0)
           detail::fail(function, "layers", "keys and values 16-byte aligned on backend::cuda",
                        detail::cat("layer ", l, " storage not aligned"));
+    } else if constexpr (cuda_detail::is_low_rank<codec_type>) {
+      // (evict_mover's low_rank parts fit any stored rank: nothing to check)
     } else {
       using encoded = cuda_detail::encoded_codec<codec_type>;
       using inner_type = typename encoded::type;
