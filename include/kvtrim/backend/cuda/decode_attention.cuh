@@ -84,7 +84,8 @@ inline constexpr int decode_threads = decode_warps * 32;
 inline constexpr int decode_unroll = 4;
 /// Blocks of the CUDA-core decode kernel an SM must hold (its __launch_bounds__ minimum): 1, as
 /// ever, lets ptxas take 178 registers at GQA 4 (one 256-thread block an SM); 2 caps them at 128
-/// (two blocks, spills) — an experiment's switch for KVTRIM_CUDA_DECODE_CUDA_CORE_GROUPS = 4.
+/// (two blocks, spills) — an experiment's switch for KVTRIM_CUDA_DECODE_CUDA_CORE_GROUPS = 4 (measured:
+/// 301 µs at W against 370 with one block, both slower than the tensor-core kernel's 275).
 #ifndef KVTRIM_CUDA_DECODE_CUDA_CORE_MIN_BLOCKS
 #define KVTRIM_CUDA_DECODE_CUDA_CORE_MIN_BLOCKS 1
 #endif
@@ -1478,9 +1479,10 @@ inline constexpr bool multi_query_codec<codec::layered<Inner>> = multi_query_cod
 /// The largest GQA group whose 16-bit (or dequantized code) decode runs on the CUDA-core kernel
 /// (unpadded 64-token tiles, 8 warps, whole tiles by bulk copies) rather than the tensor-core one
 /// (padded tiles for ldmatrix, 4 warps). On the H200 (2026-12-05) the CUDA-core kernel read W's
-/// 32k fp16 cache at GQA 1 in 265–271 µs against the tensor-core kernel's 282 at GQA 4; whether it
-/// keeps that at GQA 4 (4× its FMA and shuffle work: ~35 % of the issue rate by count) is what
-/// building with -DKVTRIM_CUDA_DECODE_CUDA_CORE_GROUPS=4 measures (scripts/device-ab). At most
+/// 32k fp16 cache at GQA 1 in 265–271 µs against the tensor-core kernel's 282 at GQA 4. It does not
+/// keep that at GQA 4 (4× its FMA and shuffle work): built with -DKVTRIM_CUDA_DECODE_CUDA_CORE_GROUPS=4,
+/// W at GQA 4 took 370 µs (301 with KVTRIM_CUDA_DECODE_CUDA_CORE_MIN_BLOCKS=2) against the
+/// tensor-core kernel's 275 in the same call (H200, 2026-12-05, docs/results.md): 2 stays. At most
 /// head_dim / 8 (a lane group's heads) at every head dim the kernels take: 8.
 #ifndef KVTRIM_CUDA_DECODE_CUDA_CORE_GROUPS
 #define KVTRIM_CUDA_DECODE_CUDA_CORE_GROUPS 2
