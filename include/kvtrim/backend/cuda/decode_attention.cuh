@@ -260,8 +260,8 @@ struct kv_tile_stream {
   static constexpr bool bulk_copies = BulkCopies && KVTRIM_CUDA_BULK_COPIES != 0 && affine_copies && packed_rows &&
                                       tile_elements * sizeof(StoreT) % 16 == 0;
 #endif
-  static constexpr unsigned bulk_copy_bytes = static_cast<unsigned>(tile_elements * sizeof(StoreT));  // K or V tile
-  static_assert(!bulk_copies || 2 * std::size_t{bulk_copy_bytes} < (std::size_t{1} << 20),
+  static constexpr unsigned tile_bytes = static_cast<unsigned>(tile_elements * sizeof(StoreT));  // a K or V tile
+  static_assert(!bulk_copies || 2 * std::size_t{tile_bytes} < (std::size_t{1} << 20),
                 "kv_tile_stream: a tile's bytes within an mbarrier's transaction count");
   static_assert(!bulk_copies || Side::bytes == 0,
                 "kv_tile_stream: bulk tiles skip the block barrier that cp.async side data needs");
@@ -277,7 +277,6 @@ struct kv_tile_stream {
 #else
   static constexpr bool tensor_map_copies = Swizzled && KVTRIM_CUDA_TENSOR_MAP_TILES == 1 && affine_copies;
 #endif
-  static constexpr unsigned tile_bytes = static_cast<unsigned>(tile_elements * sizeof(StoreT));  // a K or V tile
   static constexpr int mapped_copies = 2 * panels;  // one a panel of the K tile and of the V tile
   static_assert(!tensor_map_copies || (2 * std::size_t{tile_bytes} < (std::size_t{1} << 20) && mapped_copies <= 32),
                 "kv_tile_stream: a tile's bytes within an mbarrier's transaction count, its copies within a warp");
@@ -297,42 +296,51 @@ struct kv_tile_stream {
     __shared__ alignas(8) std::uint64_t barriers[Stages];
     return static_cast<unsigned>(__cvta_generic_to_shared(barriers + stage));
   }
-  /// The bulk copies of a whole stride-1 tile: thread 0 arrives on the stage's barrier with the
-  /// tile's byte count and copies the K tile, thread 1 the V tile.
-  __device__ __forceinline__ void issue_bulk(int tile) {
+  /// The copies of a whole stride-1 tile that complete on its stage's transaction barrier: thread 0
+  /// arrives on the barrier with both tiles' bytes, then threads [0, Issuers) each run
+  /// `copy(key_tile, barrier, hinted)` — key_tile the stage's K tile in shared memory (the V tile
+  /// follows it), `hinted` whether the copies carry the stream's L2 policy.
+  template <int Issuers, class Copy>
+  __device__ __forceinline__ void issue_on_barrier(int tile, Copy copy) {
+    if (threadIdx.x >= Issuers) return;
     const int stage = tile % Stages;
     const unsigned barrier = barrier_address(stage);
-    if (threadIdx.x >= 2) return;
-    if (threadIdx.x == 0) transaction_barrier_expect(barrier, 2 * bulk_copy_bytes);
+    if (threadIdx.x == 0) transaction_barrier_expect(barrier, 2 * tile_bytes);
     fence_shared_for_bulk_copies();
-    const StoreT* source = (threadIdx.x == 0 ? keys : values) + rows.slot(first_token(tile)) * HeadDim;
-    const auto destination =
-        static_cast<unsigned>(__cvta_generic_to_shared(tiles + (stage * 2 + threadIdx.x) * tile_elements));
-    if (hint.evict_first)
-      copy_bulk(destination, source, bulk_copy_bytes, barrier, hint.policy);
-    else
-      copy_bulk(destination, source, bulk_copy_bytes, barrier);
+    copy(static_cast<unsigned>(__cvta_generic_to_shared(tiles)) + static_cast<unsigned>(stage * 2 * tile_bytes),
+         barrier);
   }
-
-  /// The tensor-map copies of a whole stride-1 tile: thread 0 arrives on the stage's barrier with
-  /// both tiles' bytes, then threads 0 … mapped_copies − 1 (of warp 0) copy a panel each — threads
+  /// Bulk copies: thread 0 copies the K tile, then the V tile. One thread issues both: two lanes
+  /// issuing one each were serialised by the compiler anyway (a uniform-datapath copy takes one
+  /// lane's operands at a time), and compute-sanitizer's racecheck reported their two copies as a
+  /// write-write hazard at the copy instruction (128 on a flat GQA 2 case whose blocks read pieces
+  /// of two heads, H200 2026-12-05; memcheck and the values clean).
+  __device__ __forceinline__ void issue_bulk(int tile) {
+    issue_on_barrier<1>(tile, [&](unsigned key_tile, unsigned barrier) {
+      const std::int64_t offset = rows.slot(first_token(tile)) * HeadDim;
+      if (hint.evict_first) {
+        copy_bulk(key_tile, keys + offset, tile_bytes, barrier, hint.policy);
+        copy_bulk(key_tile + tile_bytes, values + offset, tile_bytes, barrier, hint.policy);
+      } else {
+        copy_bulk(key_tile, keys + offset, tile_bytes, barrier);
+        copy_bulk(key_tile + tile_bytes, values + offset, tile_bytes, barrier);
+      }
+    });
+  }
+  /// Tensor-map copies: threads 0 … mapped_copies − 1 (of warp 0) copy a panel each — threads
   /// [0, panels) the K tile's, the rest the V tile's — at element coordinates (64·panel, first
   /// slot). The host encodes maps only where every slot fits the coordinates' 32 bits.
   __device__ __forceinline__ void issue_mapped(int tile) {
-    const int stage = tile % Stages;
-    const unsigned barrier = barrier_address(stage);
-    if (threadIdx.x >= mapped_copies) return;
-    if (threadIdx.x == 0) transaction_barrier_expect(barrier, 2 * tile_bytes);
-    fence_shared_for_bulk_copies();
-    const int is_value = threadIdx.x >= panels ? 1 : 0, panel = threadIdx.x % panels;
-    const void* map = is_value ? &maps->values : &maps->keys;
-    const auto destination = static_cast<unsigned>(__cvta_generic_to_shared(tiles)) +
-                             static_cast<unsigned>((stage * 2 + is_value) * tile_bytes + panel * panel_bytes);
-    const int row = static_cast<int>(rows.slot(first_token(tile)));
-    if (hint.evict_first)
-      copy_tensor_2d(destination, map, panel * 64, row, barrier, hint.policy);
-    else
-      copy_tensor_2d(destination, map, panel * 64, row, barrier);
+    issue_on_barrier<mapped_copies>(tile, [&](unsigned key_tile, unsigned barrier) {
+      const int is_value = threadIdx.x >= panels ? 1 : 0, panel = threadIdx.x % panels;
+      const void* map = is_value ? &maps->values : &maps->keys;
+      const unsigned destination = key_tile + static_cast<unsigned>(is_value * tile_bytes + panel * panel_bytes);
+      const int row = static_cast<int>(rows.slot(first_token(tile)));
+      if (hint.evict_first)
+        copy_tensor_2d(destination, map, panel * 64, row, barrier, hint.policy);
+      else
+        copy_tensor_2d(destination, map, panel * 64, row, barrier);
+    });
   }
 
   /// Whether `tile` can be copied by issue_affine: stride-1 rows, every row of it before `end`.

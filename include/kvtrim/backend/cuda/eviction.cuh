@@ -525,6 +525,15 @@ struct evict_mover<View, false> {
   __device__ void store(std::int64_t slot, std::int64_t part, uint4 value) const { codec.store(slot, part, value); }
 };
 
+/// A slot list whose place p holds token length − count + p of the head (a filling KIVI group's
+/// residual slots, low_rank's pending slots): token i moved from slot `from` to `to` updates its
+/// own place, if it has one.
+__device__ __forceinline__ void move_listed_slot(std::int64_t* slots, std::int64_t count, std::int64_t i,
+                                                 std::int64_t length, std::int64_t from, std::int64_t to) {
+  const std::int64_t place = i - (length - count);
+  if (place >= 0 && place < count && slots[place] == from) slots[place] = to;
+}
+
 /// Token i (of the head's `length`) of flattened head `head` moves from slot `from` to `to`:
 /// the codec's side buffers that remember slots follow it, as the CPU's move_slot leaves them
 /// — layered's row → slot map (row_slots[slot_rows[from]] = to); a filling KIVI group's
@@ -544,14 +553,10 @@ __device__ __forceinline__ void evict_codec_moved(const Storage& st, std::int64_
     if (row >= 0) st.row_slots[head * (st.sinks + st.recent) + row] = to;
   } else if constexpr (requires { st.residual_count; st.residual_slots; st.key_group; }) {
     if (st.key_group == 0) return;
-    const std::int64_t count = st.residual_count[head], place = i - (length - count);
-    std::int64_t* slots = st.residual_slots + head * st.key_group;
-    if (place >= 0 && place < count && slots[place] == from) slots[place] = to;
+    move_listed_slot(st.residual_slots + head * st.key_group, st.residual_count[head], i, length, from, to);
   } else if constexpr (requires { st.pending_counts; st.pending_slots; st.update_freq; }) {
     if (st.update_freq == 0) return;  // profile bases, or no refresh: no pending buffer
-    const std::int64_t count = st.pending_counts[head], place = i - (length - count);
-    std::int64_t* slots = st.pending_slots + head * st.update_freq;
-    if (place >= 0 && place < count && slots[place] == from) slots[place] = to;
+    move_listed_slot(st.pending_slots + head * st.update_freq, st.pending_counts[head], i, length, from, to);
   } else {
     (void)st, (void)head, (void)i, (void)length, (void)from, (void)to;
   }

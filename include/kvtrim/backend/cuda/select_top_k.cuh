@@ -536,10 +536,8 @@ struct head_blocks {
       cooperative_groups::this_cluster().sync();  // also orders this block's shared stores for its peers
       return;
     }
-#else
-    if (count > 1) __trap();  // plan_resident_select launches clusters only into sm_90 code
 #endif
-    __syncthreads();
+    __syncthreads();  // below sm_90 count is 1: select_resident traps otherwise
   }
   /// `local`, a variable of this block's shared memory, in the block of cluster rank `rank`.
   template <class T>
