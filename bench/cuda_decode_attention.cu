@@ -557,8 +557,8 @@ namespace {
 /// Workload W over a paged fp16 cache (pages of 16, scattered), every head `tokens` long:
 /// decode attention through eviction::attend, with the metric side output (metric = 1)
 /// or without (metric = 0); metric = 2 stores the logits without the L2 evict_last policy
-/// (metric_l2_hints::logits_in_l2 off: what keeping them in L2 saves); metric = 3 also
-/// marks the K/V stream's lines evict_first (metric_l2_hints::kv_evict_first); metric = 4 makes
+/// (metric_l2_hints::logits_in_l2 off: what keeping them in L2 saves); (metric = 3, the K/V
+/// stream's lines marked evict_first, was removed with that hint on 2026-12-05); metric = 4 makes
 /// the logits a persisting L2 window (metric_l2_hints::persisting_logits) with the device's
 /// largest persisting set-aside for the row (cudaLimitPersistingL2CacheSize, reset after). The bytes counted
 /// are the cache's K/V only, so the rows' median_us give the metric's cost directly.
@@ -567,7 +567,6 @@ void decode_attention_metric(benchmark::State& state) {
   const std::int64_t batch = state.range(0), tokens = state.range(1), page = 16;
   const bool with_metric = state.range(5) != 0;
   const kt::eviction::metric_l2_hints hints{.logits_in_l2 = state.range(5) != 2,
-                                            .kv_evict_first = state.range(5) == 3,
                                             .persisting_logits = state.range(5) == 4};
   if (hints.persisting_logits) {
     int device = 0, largest = 0;
@@ -628,7 +627,6 @@ BENCHMARK(decode_attention_metric)
     ->Args({8, 32768, 32, 8, 128, 0})
     ->Args({8, 32768, 32, 8, 128, 1})
     ->Args({8, 32768, 32, 8, 128, 2})
-    ->Args({8, 32768, 32, 8, 128, 3})
     ->Args({8, 32768, 32, 8, 128, 4})
     ->Args({8, 4096, 32, 8, 128, 0})
     ->Args({8, 4096, 32, 8, 128, 1})

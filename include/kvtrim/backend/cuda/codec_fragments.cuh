@@ -73,27 +73,17 @@ __device__ __forceinline__ void copy_async16(void* shared_destination, const voi
   const auto destination = static_cast<unsigned>(__cvta_generic_to_shared(shared_destination));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(destination), "l"(global_source), "r"(bytes));
 }
-/// The same copy with an L2 eviction-priority policy (createpolicy): the eviction metric's
-/// K/V stream marks its lines evict_first so the metric's logits stay resident
-/// (decode_attention.cuh: kv_copy_hint, decode_metric).
-__device__ __forceinline__ void copy_async16(void* shared_destination, const void* global_source, int bytes,
-                                             std::uint64_t policy) {
-  const auto destination = static_cast<unsigned>(__cvta_generic_to_shared(shared_destination));
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(destination),
-               "l"(global_source), "r"(bytes), "l"(policy));
-}
 /// A whole 16-byte copy at immediate offsets from two base addresses (no source size: nothing
 /// zero-filled), so that a thread's copies of one tile need no address arithmetic
-/// (kv_tile_stream::issue_affine); `policy`: with an L2 eviction-priority policy.
+/// (kv_tile_stream::issue_affine). No L2 eviction-priority policy (cache_hint) form: ptxas 13.0
+/// gave the hinted cp.async of the eviction metric's K/V stream (removed 2026-12-05) an
+/// undefined, odd uniform register as its memory descriptor in ~80 decode kernels (D 64, code
+/// bytes, three blocks an SM) — "an illegal instruction was encountered" where one ran
+/// (docs/results.md, "The K/V evict_first hint removed").
 template <int SharedOffset, long long GlobalOffset>
 __device__ __forceinline__ void copy_async16_at(unsigned shared_base, const void* global_base) {
   asm volatile("cp.async.cg.shared.global.L2::256B [%0+%2], [%1+%3], 16;\n" ::"r"(shared_base), "l"(global_base),
                "n"(SharedOffset), "n"(GlobalOffset));
-}
-template <int SharedOffset, long long GlobalOffset>
-__device__ __forceinline__ void copy_async16_at(unsigned shared_base, const void* global_base, std::uint64_t policy) {
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0+%2], [%1+%3], 16, 16, %4;\n" ::"r"(shared_base),
-               "l"(global_base), "n"(SharedOffset), "n"(GlobalOffset), "l"(policy));
 }
 // ---- bulk copies and transaction barriers (sm_90: the decode pipeline's whole affine tiles) ----
 
@@ -155,7 +145,7 @@ __device__ __forceinline__ void fence_shared_for_bulk_copies() {
 #endif
 }
 /// A bulk global → shared copy of `bytes` (a multiple of 16, both addresses 16-byte aligned),
-/// completing its bytes on `barrier`; `policy`: with an L2 eviction-priority policy.
+/// completing its bytes on `barrier`.
 __device__ __forceinline__ void copy_bulk(unsigned shared_destination, const void* global_source, unsigned bytes,
                                           unsigned barrier) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -163,18 +153,6 @@ __device__ __forceinline__ void copy_bulk(unsigned shared_destination, const voi
                    shared_destination),
                "l"(global_source), "r"(bytes), "r"(barrier)
                : "memory");
-#else
-  __trap();  // only kv_tile_stream::bulk_copies calls it, never true below sm_90
-#endif
-}
-__device__ __forceinline__ void copy_bulk(unsigned shared_destination, const void* global_source, unsigned bytes,
-                                          unsigned barrier, std::uint64_t policy) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n" ::"r"(
-          shared_destination),
-      "l"(global_source), "r"(bytes), "r"(barrier), "l"(policy)
-      : "memory");
 #else
   __trap();  // only kv_tile_stream::bulk_copies calls it, never true below sm_90
 #endif
@@ -194,19 +172,6 @@ __device__ __forceinline__ void copy_tensor_2d(unsigned shared_destination, cons
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
           shared_destination),
       "l"(tensor_map), "r"(x), "r"(y), "r"(barrier)
-      : "memory");
-#else
-  __trap();  // only kv_tile_stream's tensor-map copies call it, compiled out below sm_90
-#endif
-}
-/// The same with an L2 eviction-priority policy (createpolicy).
-__device__ __forceinline__ void copy_tensor_2d(unsigned shared_destination, const void* tensor_map, int x, int y,
-                                               unsigned barrier, std::uint64_t policy) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%2, "
-      "%3}], [%4], %5;\n" ::"r"(shared_destination),
-      "l"(tensor_map), "r"(x), "r"(y), "r"(barrier), "l"(policy)
       : "memory");
 #else
   __trap();  // only kv_tile_stream's tensor-map copies call it, compiled out below sm_90

@@ -194,11 +194,6 @@ __device__ __forceinline__ void store_metric_logit(float* address, float value, 
   else
     *address = value;
 }
-__device__ __forceinline__ std::uint64_t kv_stream_policy() {
-  std::uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
 __device__ __forceinline__ std::uint64_t metric_store_policy() {
   std::uint64_t policy;
   asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));

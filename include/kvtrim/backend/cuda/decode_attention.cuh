@@ -116,14 +116,6 @@ struct kv_tile_maps {
   int valid;
 };
 
-/// An L2 eviction-priority hint for a K/V tile stream's copies: with the eviction metric
-/// on, its K/V lines may be marked evict_first (`policy` from kv_stream_policy) so the
-/// metric's logits stay resident (decode_metric.stream_kv_evict_first).
-struct kv_copy_hint {
-  bool evict_first = false;
-  std::uint64_t policy = 0;
-};
-
 /// A head's tokens [begin, end) as K/V tiles of TileTokens rows in a
 /// `Stages`-deep ring of shared memory ([stage][keys, values][token][RowStride]),
 /// filled by cp.async (BulkCopies: whole unpadded stride-1 tiles by bulk copies, see bulk_copies):
@@ -175,16 +167,15 @@ struct kv_tile_stream {
   int tile_count;
   Side side;
   std::int64_t source[chunks_per_thread];  // element offsets of the next tile's rows to issue (−1: past the end)
-  kv_copy_hint hint;     // copies carry hint.policy when hint.evict_first
   const kv_tile_maps* maps;  // tensor maps of the storage (kernel parameters), null: none (see tensor_map_copies)
 
   /// `shared`: the stream's `bytes` of shared memory (Swizzled: rounded up to 1024 bytes here).
   __device__ __forceinline__ kv_tile_stream(void* shared, const StoreT* keys_, const StoreT* values_, Rows rows_,
                                             std::int64_t begin_, std::int64_t end_, Side side_ = {},
-                                            kv_copy_hint hint_ = {}, const kv_tile_maps* maps_ = nullptr)
+                                            const kv_tile_maps* maps_ = nullptr)
       : tiles(aligned_tiles(shared)), keys(keys_), values(values_), rows(rows_), begin(begin_), end(end_),
         tile_count(end_ > begin_ ? static_cast<int>((end_ - begin_ + TileTokens - 1) / TileTokens) : 0),
-        side(side_), hint(hint_), maps(tensor_map_copies ? maps_ : nullptr) {}
+        side(side_), maps(tensor_map_copies ? maps_ : nullptr) {}
 
   __device__ __forceinline__ static StoreT* aligned_tiles(void* shared) {
     if constexpr (Swizzled) {
@@ -298,8 +289,7 @@ struct kv_tile_stream {
   }
   /// The copies of a whole stride-1 tile that complete on its stage's transaction barrier: thread 0
   /// arrives on the barrier with both tiles' bytes, then threads [0, Issuers) each run
-  /// `copy(key_tile, barrier, hinted)` — key_tile the stage's K tile in shared memory (the V tile
-  /// follows it), `hinted` whether the copies carry the stream's L2 policy.
+  /// `copy(key_tile, barrier)` — key_tile the stage's K tile in shared memory (the V tile follows it).
   template <int Issuers, class Copy>
   __device__ __forceinline__ void issue_on_barrier(int tile, Copy copy) {
     if (threadIdx.x >= Issuers) return;
@@ -318,13 +308,8 @@ struct kv_tile_stream {
   __device__ __forceinline__ void issue_bulk(int tile) {
     issue_on_barrier<1>(tile, [&](unsigned key_tile, unsigned barrier) {
       const std::int64_t offset = rows.slot(first_token(tile)) * HeadDim;
-      if (hint.evict_first) {
-        copy_bulk(key_tile, keys + offset, tile_bytes, barrier, hint.policy);
-        copy_bulk(key_tile + tile_bytes, values + offset, tile_bytes, barrier, hint.policy);
-      } else {
-        copy_bulk(key_tile, keys + offset, tile_bytes, barrier);
-        copy_bulk(key_tile + tile_bytes, values + offset, tile_bytes, barrier);
-      }
+      copy_bulk(key_tile, keys + offset, tile_bytes, barrier);
+      copy_bulk(key_tile + tile_bytes, values + offset, tile_bytes, barrier);
     });
   }
   /// Tensor-map copies: threads 0 … mapped_copies − 1 (of warp 0) copy a panel each — threads
@@ -336,10 +321,7 @@ struct kv_tile_stream {
       const void* map = is_value ? &maps->values : &maps->keys;
       const unsigned destination = key_tile + static_cast<unsigned>(is_value * tile_bytes + panel * panel_bytes);
       const int row = static_cast<int>(rows.slot(first_token(tile)));
-      if (hint.evict_first)
-        copy_tensor_2d(destination, map, panel * 64, row, barrier, hint.policy);
-      else
-        copy_tensor_2d(destination, map, panel * 64, row, barrier);
+      copy_tensor_2d(destination, map, panel * 64, row, barrier);
     });
   }
 
@@ -355,7 +337,6 @@ struct kv_tile_stream {
   static constexpr int swizzle_period = Swizzled ? 8 / std::gcd(rows_per_round, 8) : 1;
   /// The copies of a whole stride-1 tile: two global base addresses and swizzle_period shared ones,
   /// then every chunk at immediate offsets.
-  template <bool Hinted>
   __device__ __forceinline__ void issue_affine(int tile) {
     const int row = threadIdx.x / chunks_per_row, chunk = threadIdx.x % chunks_per_row;
     const std::int64_t offset = (rows.slot(first_token(tile)) + row) * HeadDim + chunk * chunk_elements;
@@ -381,21 +362,12 @@ struct kv_tile_stream {
                         values_at + (chunks_per_thread - 1) * std::int64_t{shared_step} < (std::int64_t{1} << 30) &&
                         (chunks_per_thread - 1) * global_step < (std::int64_t{1} << 30),
                     "kv_tile_stream: whole-tile copies at 16-byte aligned immediate offsets within PTX's range");
-      if constexpr (Hinted) {
-        (copy_async16_at<(k / swizzle_period) * shared_step, k * global_step>(key_destination[k % swizzle_period],
-                                                                             key_source, hint.policy),
-         ...);
-        (copy_async16_at<values_at + (k / swizzle_period) * shared_step, k * global_step>(
-             key_destination[k % swizzle_period], value_source, hint.policy),
-         ...);
-      } else {
-        (copy_async16_at<(k / swizzle_period) * shared_step, k * global_step>(key_destination[k % swizzle_period],
-                                                                             key_source),
-         ...);
-        (copy_async16_at<values_at + (k / swizzle_period) * shared_step, k * global_step>(
-             key_destination[k % swizzle_period], value_source),
-         ...);
-      }
+      (copy_async16_at<(k / swizzle_period) * shared_step, k * global_step>(key_destination[k % swizzle_period],
+                                                                           key_source),
+       ...);
+      (copy_async16_at<values_at + (k / swizzle_period) * shared_step, k * global_step>(
+           key_destination[k % swizzle_period], value_source),
+       ...);
     }(std::make_integer_sequence<int, chunks_per_thread>{});
   }
 
@@ -408,10 +380,8 @@ struct kv_tile_stream {
           issue_bulk(tile);
         else if (barrier_copies())
           issue_mapped(tile);
-        else if (hint.evict_first)
-          issue_affine<true>(tile);
         else
-          issue_affine<false>(tile);
+          issue_affine(tile);
         side.resolve(rows, first_token(tile), end);
         side.issue(side_tile(tile));
         return;
@@ -431,13 +401,8 @@ struct kv_tile_stream {
       else
         offset = (chunk / chunks_per_row) * RowStride + (chunk % chunks_per_row) * chunk_elements;
       const bool valid = source[k] >= 0;
-      if (hint.evict_first) {
-        copy_async16(key_destination + offset, keys + (valid ? source[k] : 0), valid ? 16 : 0, hint.policy);
-        copy_async16(value_destination + offset, values + (valid ? source[k] : 0), valid ? 16 : 0, hint.policy);
-      } else {
-        copy_async16(key_destination + offset, keys + (valid ? source[k] : 0), valid ? 16 : 0);
-        copy_async16(value_destination + offset, values + (valid ? source[k] : 0), valid ? 16 : 0);
-      }
+      copy_async16(key_destination + offset, keys + (valid ? source[k] : 0), valid ? 16 : 0);
+      copy_async16(value_destination + offset, values + (valid ? source[k] : 0), valid ? 16 : 0);
     }
     side.issue(side_tile(tile));
     if (!affine_copies && tile + 1 < tile_count) resolve(tile + 1);
@@ -510,7 +475,6 @@ struct decode_metric {
   float* lse = nullptr;     // [heads · Group]
   std::int64_t stride = 0;  // ≥ the line's length, a multiple of 32 (whole 128-byte lines per warp)
   bool keep_in_l2 = true;   // the evict_last store policy (false: plain stores; a benchmark's comparison)
-  bool stream_kv_evict_first = false;  // the K/V stream's lines marked evict_first (a benchmark's comparison)
 };
 
 /// How decode attention stages and reads a codec's rows: `stored` elements,
@@ -676,11 +640,8 @@ __global__ void __launch_bounds__(decode_threads)
   for_each_segment(params.partition, [&](std::int64_t head, std::int64_t begin, std::int64_t end, bool whole,
                                          std::int64_t partial_index) {
     const auto rows = head_rows(cache, head, params.page_shift);
-    // With the eviction metric, optionally: K/V lines evict_first, so the metric's logits stay in L2.
-    const bool kv_hinted = params.metric.logits != nullptr && params.metric.stream_kv_evict_first;
-    const kv_copy_hint hint{kv_hinted, kv_hinted ? kv_stream_policy() : 0};
     typename geometry::template stream<std::remove_const_t<decltype(rows)>> stream(shared_memory, keys, values, rows,
-                                                                                   begin, end, {}, hint);
+                                                                                   begin, end);
     stream.start();
     const head_bias bias = compensation_of(cache, head);
     const std::int64_t b = head / cache.shape.kv_heads, h = head % cache.shape.kv_heads;
@@ -1059,11 +1020,8 @@ __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, HeadDim, false, n
                      params.queries + b * params.query_batch_stride + h * Group * params.query_head_stride,
                      params.query_head_stride, params.query_scale, lane);
     }
-    // With the eviction metric, optionally: K/V lines evict_first, so the metric's logits stay in L2.
-    const bool kv_hinted = params.metric.logits != nullptr && params.metric.stream_kv_evict_first;
-    const kv_copy_hint hint{kv_hinted, kv_hinted ? kv_stream_policy() : 0};
     typename geometry::template stream<std::remove_const_t<decltype(rows)>> stream(shared_memory, keys, values, rows,
-                                                                                   first, end, side, hint, tile_maps);
+                                                                                   first, end, side, tile_maps);
     stream.start();
     const head_bias bias = compensation_of(cache, head);
     const typename tiles::reader reader = tiles::open(cache.storage, head);

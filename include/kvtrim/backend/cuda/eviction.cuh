@@ -13,8 +13,8 @@
 // protected window and discards the logits' L2 lines once read, so logits that
 // stayed resident are never written back. At W they mostly do not stay (1 GB of
 // K/V streams through the 50 MB L2; measured in docs/results.md: +16.7 % with
-// the policy, +14.0 % with the K/V stream also marked evict_first, which is off
-// by default until a device test has run with it). Per token the finisher moves
+// the policy; marking the K/V stream evict_first as well, +14.0 %, was removed:
+// ptxas 13.0 miscompiled its hinted copies, see codec_fragments.cuh). Per token the finisher moves
 // the position (4 B), the metric (8 B read + write) and the logits (4·G B, from
 // L2 or HBM) and never reads K or V. Same rule and
 // formulas as the CPU reference (backend/cpu/decode_attention.hpp): the
@@ -113,8 +113,6 @@ namespace kvtrim::eviction {
 struct metric_l2_hints {
   /// The logits stored with the L2 evict_last policy and discarded after use (the default).
   bool logits_in_l2 = true;
-  /// Decode attention's K/V stream marks its lines evict_first while the metric is on.
-  bool kv_evict_first = false;
   /// The logits' range made the stream's L2 access-policy window (persisting hits, the
   /// hit ratio the set-aside covers) for the attention kernel and the finisher, the
   /// stream's previous window restored after (also when a launch throws). It keeps them
@@ -176,7 +174,6 @@ void attend(tensor_view<QueryT, 3, device_space> queries, const View& cache, ten
   if (metric.enabled()) {
     side.stride = metric_logit_stride(cache);
     side.keep_in_l2 = hints.logits_in_l2;
-    side.stream_kv_evict_first = hints.kv_evict_first;
     side.logits = carver.take<float>(shape.group_size() * side.stride);
     side.lse = carver.take<float>(cache.heads() * shape.group_size());
   }
