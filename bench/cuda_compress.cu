@@ -308,8 +308,11 @@ auto bench_pool(std::int64_t batch, std::int64_t kv_heads, std::int64_t tokens) 
 /// CodecT (issue 12: what the device encode adds inside a compress): the kept rows are
 /// encoded by the compaction; a sixth argument picks the variant as in
 /// cuda_decode_attention.cu's codec rows (2, 3: zero points; 6: fp8 fixed scales).
+/// GivenLse (issue 10, SnapKV): the window queries' softmax normalisers handed in
+/// (config.score.lse, as an engine's prefill attention has them; made once before
+/// timing by kvtrim's own pass 1): the scorer runs its second pass over K only.
 template <class Layout, class Scorer, class Budget, bool Sharded = false, bool CheckFinite = true,
-          class CodecT = kt::codec::fp16>
+          class CodecT = kt::codec::fp16, bool GivenLse = false>
 void compress_scheme(benchmark::State& state) {
   using scheme = kt::scheme<Layout, Scorer, Budget, CodecT, kt::backend::cuda>;
   const std::int64_t batch = state.range(0), kv_heads = state.range(1), tokens = state.range(2);
@@ -347,6 +350,21 @@ void compress_scheme(benchmark::State& state) {
   if constexpr (requires { codec_config.asymmetric; }) codec_config.asymmetric = variant == 2 || variant == 3;
   if constexpr (requires { codec_config.scales; })
     codec_config.scales = variant == 6 ? kt::codec::fp8_scaling::fixed : kt::codec::fp8_scaling::head_amax;
+  float* lse = nullptr;
+  if constexpr (GivenLse) {
+    static_assert(std::is_same_v<Scorer, kt::score::snapkv>, "given normalisers are SnapKV's (and H2O's)");
+    const std::array<std::int64_t, 3> lse_extents{batch, shape.q_heads, window};
+    check(cudaMalloc(&lse, sizeof(float) * batch * shape.q_heads * window), "cudaMalloc");
+    const std::size_t lse_bytes = kt::cuda_detail::attention_row_lse_workspace_bytes(shape, batch, tokens, window);
+    void* lse_scratch = nullptr;
+    check(cudaMalloc(&lse_scratch, std::max<std::size_t>(lse_bytes, 1)), "cudaMalloc");
+    const kt::tensor_view<float, 3, kt::device_space> lse_view{lse, lse_extents, kt::row_major_strides(lse_extents)};
+    kt::cuda_detail::attention_row_lse("bench compress_scheme", key_view, query_view, shape, 0, lse_view,
+                                       {lse_scratch, lse_bytes}, nullptr);
+    check(cudaDeviceSynchronize(), "attention_row_lse");
+    cudaFree(lse_scratch);
+    cfg.score = cfg.score.with_lse(lse_view);
+  }
   auto cache = scheme::make_cache(shape, batch, bench_pool<Layout>(batch, kv_heads, tokens), codec_config);
   const std::int64_t capacity = scheme::kept_tokens_capacity(shape, batch, tokens, cfg);
   std::int64_t* offsets = nullptr;
@@ -391,6 +409,7 @@ void compress_scheme(benchmark::State& state) {
   time_calls(state, moved, stream, [&] { call(none); });
   state.counters["kept_fraction"] = static_cast<double>(total_kept) / static_cast<double>(batch * kv_heads * tokens);
   cudaFree(keys), cudaFree(values), cudaFree(queries), cudaFree(scratch), cudaFree(offsets), cudaFree(kept);
+  if (lse != nullptr) cudaFree(lse);
   cudaStreamDestroy(stream);
 }
 
@@ -755,6 +774,25 @@ KVTRIM_COMPRESS_CODEC_ROW(int8, "int8", 1);
 KVTRIM_COMPRESS_CODEC_ROW(int4, "int4", 5);
 KVTRIM_COMPRESS_CODEC_ROW(fp8, "fp8", 4);
 KVTRIM_COMPRESS_CODEC_ROW(fp8, "fp8_fixed_scales", 6);
+
+// issue 10 — SnapKV with the prefill's softmax normalisers given (pass 2 only); compare with
+// compress/snapkv/uniform/contiguous and /paged in the same run.
+BENCHMARK(compress_scheme<kt::layout::contiguous, kt::score::snapkv, kt::budget::uniform, false, true, kt::codec::fp16,
+                          true>)
+    ->Name("compress/snapkv/uniform/contiguous/given_lse")
+    ->ArgNames({"batch", "kv_heads", "tokens", "q_heads", "head_dim"})
+    ->Args({8, 8, 32768, 32, 128})
+    ->UseManualTime()
+    ->Iterations(20)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(compress_scheme<kt::layout::paged, kt::score::snapkv, kt::budget::uniform, false, true, kt::codec::fp16,
+                          true>)
+    ->Name("compress/snapkv/uniform/paged/given_lse")
+    ->ArgNames({"batch", "kv_heads", "tokens", "q_heads", "head_dim"})
+    ->Args({8, 8, 32768, 32, 128})
+    ->UseManualTime()
+    ->Iterations(20)
+    ->Unit(benchmark::kMicrosecond);
 
 // issue 10 — the device's NaN/Inf scan (on by default on paged/flat) switched off.
 BENCHMARK(compress_scheme<kt::layout::paged, kt::score::snapkv, kt::budget::uniform, false, false>)

@@ -8,6 +8,9 @@
 // of keys and values written) and that rate as a fraction of a device-to-device
 // copy measured in the same run; and the tensor-core work rate (the two passes
 // each multiply every window query by every key: 2 · 2·B·Hq·w·T·D flops).
+// The /given_lse rows hand the scorer the window queries' softmax normalisers, as an
+// engine's prefill attention has them (config.lse; computed once before timing by
+// kvtrim's own pass 1): pass 2 alone runs (one pass's flops).
 //
 //   bench_cuda_scorers --benchmark_format=json > scorers.json
 #include <kvtrim/cuda.cuh>
@@ -71,6 +74,23 @@ struct workload {
   }
 };
 
+/// The window queries' natural-log normalisers [B, Hq, w] (what FlashAttention's
+/// softmax_lse would hand over), made once by kvtrim's own pass 1; free with cudaFree.
+kt::tensor_view<const float, 3, kt::device_space> prefill_lse(const workload& w) {
+  const std::array<std::int64_t, 3> extents{w.batch, w.shape.q_heads, w.window};
+  float* lse = nullptr;
+  check(cudaMalloc(&lse, w.batch * w.shape.q_heads * w.window * sizeof(float)), "cudaMalloc(lse)");
+  const std::size_t bytes = kt::cuda_detail::attention_row_lse_workspace_bytes(w.shape, w.batch, w.tokens, w.window);
+  void* scratch = nullptr;
+  check(cudaMalloc(&scratch, std::max<std::size_t>(bytes, 1)), "cudaMalloc(lse scratch)");
+  const kt::tensor_view<float, 3, kt::device_space> out{lse, extents, kt::row_major_strides(extents)};
+  kt::cuda_detail::attention_row_lse("bench prefill_lse", w.key_view(w.keys), w.query_view(), w.shape, 0, out,
+                                     {scratch, bytes}, nullptr);
+  check(cudaDeviceSynchronize(), "prefill_lse");
+  cudaFree(scratch);
+  return {lse, extents, kt::row_major_strides(extents)};
+}
+
 template <class Run>
 std::vector<double> time_calls(benchmark::State& state, cudaStream_t stream, Run&& run) {
   return kvtrim_bench::timed_seconds(state, stream, run);
@@ -84,10 +104,12 @@ void report(benchmark::State& state, double bytes, double median, double flops) 
   state.counters["tensor_TFLOPs"] = flops / median / 1e12;
 }
 
+template <bool GivenLse>
 void snapkv_score(benchmark::State& state) {
   const workload w(state);
   using impl = kt::implementation<kt::score::snapkv, kt::backend::cuda>;
-  const kt::score::snapkv::config cfg{.window = w.window};
+  kt::score::snapkv::config cfg{.window = w.window};
+  if constexpr (GivenLse) cfg = cfg.with_lse(prefill_lse(w));
   float* scores = nullptr;
   check(cudaMalloc(&scores, w.batch * w.shape.kv_heads * w.tokens * sizeof(float)), "cudaMalloc(scores)");
   const std::size_t scratch_bytes = impl::workspace_bytes(cfg, w.shape, w.batch, w.tokens);
@@ -103,17 +125,19 @@ void snapkv_score(benchmark::State& state) {
   });
   const double bytes = static_cast<double>(w.key_elements() + w.query_elements()) * sizeof(__half) +
                        static_cast<double>(w.batch * w.shape.kv_heads * w.tokens) * sizeof(float);
-  report(state, bytes, seconds[seconds.size() / 2], w.flops());
-  cudaFree(scores), cudaFree(scratch);
+  report(state, bytes, seconds[seconds.size() / 2], GivenLse ? w.flops() / 2 : w.flops());
+  cudaFree(scores), cudaFree(scratch), cudaFree(const_cast<float*>(cfg.lse));
   cudaStreamDestroy(stream);
 }
 
+template <bool GivenLse>
 void snapkv_compress(benchmark::State& state) {
   const workload w(state);
   using scheme = kt::scheme<kt::layout::contiguous, kt::score::snapkv, kt::budget::uniform, kt::codec::fp16,
                             kt::backend::cuda>;
   scheme::config cfg;
   cfg.score.window = w.window;
+  if constexpr (GivenLse) cfg.score = cfg.score.with_lse(prefill_lse(w));
   cfg.budget.keep = kt::keep_ratio{0.3};
   const std::int64_t capacity = kt::budget::uniform::max_keep(cfg.budget, w.tokens);
   auto cache = scheme::make_cache(w.shape, w.batch, capacity, kt::codec::fp16::config{});
@@ -129,8 +153,8 @@ void snapkv_compress(benchmark::State& state) {
   const double kept = static_cast<double>(w.batch * w.shape.kv_heads * capacity * w.shape.head_dim);
   const double bytes = static_cast<double>(2 * w.key_elements() + w.query_elements()) * sizeof(__half) +
                        2.0 * kept * sizeof(__half);
-  report(state, bytes, seconds[seconds.size() / 2], w.flops());
-  cudaFree(scratch);
+  report(state, bytes, seconds[seconds.size() / 2], GivenLse ? w.flops() / 2 : w.flops());
+  cudaFree(scratch), cudaFree(const_cast<float*>(cfg.score.lse));
   cudaStreamDestroy(stream);
 }
 
@@ -138,7 +162,8 @@ void snapkv_compress(benchmark::State& state) {
 
 BENCHMARK(device_copy)->UseManualTime()->Iterations(20)->Unit(benchmark::kMicrosecond);
 // batch, tokens, q heads, kv heads, head dim, window: W, then shorter and GQA-8 variants.
-BENCHMARK(snapkv_score)
+BENCHMARK(snapkv_score<false>)
+    ->Name("snapkv_score")
     ->ArgNames({"batch", "tokens", "q_heads", "kv_heads", "head_dim", "window"})
     ->Args({8, 32768, 32, 8, 128, 64})
     ->Args({8, 4096, 32, 8, 128, 64})
@@ -147,7 +172,24 @@ BENCHMARK(snapkv_score)
     ->UseManualTime()
     ->Iterations(20)
     ->Unit(benchmark::kMicrosecond);
-BENCHMARK(snapkv_compress)
+// Issue 10: the normalisers given (pass 2 only), at W and W with GQA 8.
+BENCHMARK(snapkv_score<true>)
+    ->Name("snapkv_score/given_lse")
+    ->ArgNames({"batch", "tokens", "q_heads", "kv_heads", "head_dim", "window"})
+    ->Args({8, 32768, 32, 8, 128, 64})
+    ->Args({8, 32768, 64, 8, 128, 64})
+    ->UseManualTime()
+    ->Iterations(20)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(snapkv_compress<false>)
+    ->Name("snapkv_compress")
+    ->ArgNames({"batch", "tokens", "q_heads", "kv_heads", "head_dim", "window"})
+    ->Args({8, 32768, 32, 8, 128, 64})
+    ->UseManualTime()
+    ->Iterations(10)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(snapkv_compress<true>)
+    ->Name("snapkv_compress/given_lse")
     ->ArgNames({"batch", "tokens", "q_heads", "kv_heads", "head_dim", "window"})
     ->Args({8, 32768, 32, 8, 128, 64})
     ->UseManualTime()

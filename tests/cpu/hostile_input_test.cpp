@@ -441,6 +441,34 @@ TEST(HostileConfigs, SnapkvWindowAndKernel) {
                  "at least config.score.window = 9 observed queries", "8 queries");
 }
 
+// Given softmax normalisers (issue 10, score/attention_mass.hpp): extents of another
+// call and negative strides are refused before anything is written.
+TEST(HostileConfigs, GivenNormalisersOfAnotherCall) {
+  paged_setup s;
+  auto lse = kts::random_tensor<float, 3>({batch, shape.q_heads, 8}, 10);  // the 8 window queries' rows
+  using lse_view = kt::tensor_view<const float, 3>;
+  auto cfg = s.cfg;
+  cfg.score = cfg.score.with_lse(lse_view{lse.view.data, {batch, shape.q_heads, 7}, lse.view.strides});
+  expect_refused(s.cache, [&] { s.compress(s.cache.view(), cfg); }, "kvtrim::score::snapkv", "config.score.lse",
+                 "normalisers of extents [2, 4, 8] (batch, q heads, observed queries of window_queries)", "[2, 4, 7]");
+  cfg.score = cfg.score.with_lse(lse_view{lse.view.data, {batch, shape.kv_heads, 8}, lse.view.strides});
+  expect_refused(s.cache, [&] { s.compress(s.cache.view(), cfg); }, "kvtrim::score::snapkv", "config.score.lse",
+                 "normalisers of extents [2, 4, 8]", "[2, 2, 8]");
+  cfg.score = cfg.score.with_lse(lse_view{lse.view.data + 7, {batch, shape.q_heads, 8}, {32, 8, -1}});
+  expect_refused(s.cache, [&] { s.compress(s.cache.view(), cfg); }, compress_fn, "config.score.lse",
+                 "non-negative strides", "stride -1 on axis 2");
+  cfg.score = cfg.score.with_lse(lse.cview());
+  EXPECT_NO_THROW(s.compress(s.cache.view(), cfg));
+
+  flat_setup f;
+  auto h2o_lse = kts::random_tensor<float, 3>({batch, shape.q_heads, tokens}, 11);
+  auto h2o_cfg = f.cfg;
+  h2o_cfg.score = h2o_cfg.score.with_lse(h2o_lse.cview());
+  h2o_cfg.score.lse_extents = {batch, shape.q_heads, tokens - 8};  // SnapKV's window, not every prefill query
+  expect_refused(f.cache, [&] { f.compress(h2o_cfg); }, "kvtrim::score::h2o", "config.score.lse",
+                 "normalisers of extents [2, 4, 40]", "[2, 4, 32]");
+}
+
 TEST(HostileConfigs, AdaptiveAlphaAndKeep) {
   paged_setup s;
   for (const double alpha : {-0.1, 1.5, std::numeric_limits<double>::quiet_NaN()}) {

@@ -41,6 +41,10 @@
 //   CPU score lies within twice the tolerance of the CPU threshold (the k-th
 //   score: the GPU's scores of both tokens may each be off by the tolerance).
 //   That is checked, and the number of such swapped tokens is printed (≈ 0).
+// - Given normalisers (config.lse, score/attention_mass.hpp): both backends compute
+//   exp(l/√D − L) from the same float L (tests/common/given_lse.hpp: double, rounded
+//   once), no max and no Z; the GPU skips pass 1. given_lse_tolerance derives the
+//   bound; a few rows are poisoned (NaN, ±∞): both backends must drop them alike.
 // - key norm: both sum squares in double and round once to float: equal, or 1 ulp
 //   apart when the exact norm is within D·2⁻⁵³ of a float rounding boundary.
 // - retrieval_head scores and keep counts: the same integer-valued function,
@@ -56,6 +60,7 @@
 #include <cmath>
 #include <cstring>
 #include <iostream>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <string>
@@ -63,6 +68,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/given_lse.hpp"
 #include "common/tensors.hpp"
 #include "cuda/device_memory.cuh"
 
@@ -232,6 +238,55 @@ void compare_mass(const std::vector<float>& cpu, const std::vector<float>& gpu, 
   }
 }
 
+/// The relative bound with the normalisers given. Both backends compute
+/// p = exp(l/√D − L) from the same float L (no max, no Z, no online rescaling, no
+/// L of their own). With a = A/√D (A as in mass_tolerance), |L| ≤ a + ln T (L ≤ the
+/// row's largest logit + ln T, ≥ its own key's logit) and |l/√D − L| ≤ 2a + ln T:
+///  - the logits differ by δ_l = 3·D·u·A/√D, as in mass_tolerance (each probability
+///    now depends on its own logit only: no max, no Z);
+///  - the exponent's roundings: the CPU's fl(fl(l·fl(1/√D)) − L) ≤ u·(a + a + (2a + ln T))
+///    (the constant, the product, the difference); the GPU's l·fl(log2 e/√D) − fl(L·log2 e)
+///    (L·log2 e in double, rounded once; the product and the difference one fma, or two
+///    roundings on the fp32 path), in natural units ≤ u·(a + a + (a + ln T) + (2a + ln T)):
+///    ≤ u·(9a + 3 ln T) apart, taken as u·(10a + 3 ln T);
+///  - exp: 1.013 ulp (CPU) and 2 ulp (ex2.approx): ≤ 8u;
+///  - the mass, window mean, pooling and group reduction: as mass_tolerance.
+template <class K, class Q>
+double given_lse_tolerance(const kt::testing::host_tensor<K, 4>& keys, const kt::testing::host_tensor<Q, 4>& queries,
+                           std::int64_t first_query, std::int64_t rows, std::int64_t kernel, std::int64_t group) {
+  const double head_dim = static_cast<double>(keys.view.extent(3));
+  const double tokens = static_cast<double>(keys.view.extent(2));
+  const double a = largest_norm(keys) * largest_norm(queries, first_query) / std::sqrt(head_dim);
+  const double logit = 3.0 * head_dim * u32 * a;
+  const double argument = u32 * (10.0 * a + 3.0 * std::log(std::max(tokens, 2.0)));
+  return std::expm1(logit + argument) + 8.0 * u32 + 2.0 * u32 * static_cast<double>(rows + kernel + group + 8);
+}
+
+/// The CPU's and the GPU's scores of scorer S with the same given normalisers `lse`
+/// (host float [B, Hq, n_q]), compared with given_lse_tolerance.
+template <class S, class K, class Q>
+void compare_given_lse(typename S::config cfg, const kt::model_shape& shape, const kt::testing::host_tensor<K, 4>& keys,
+                       const kt::testing::host_tensor<Q, 4>& queries, const kt::testing::host_tensor<float, 3>& lse,
+                       double tolerance, std::int64_t keep, const std::string& what) {
+  const std::int64_t heads = keys.view.extent(0) * shape.kv_heads, tokens = keys.view.extent(2);
+  kt::testing::device_tensor<float, 3> device_lse(lse);
+  const auto cpu = cpu_scores<S>(cfg.with_lse(lse.cview()), shape, keys, queries);
+  const auto gpu = gpu_scores<S>(cfg.with_lse(kt::detail::as_const(device_lse.view)), shape, keys, queries);
+  mass_report report;
+  compare_mass(cpu, gpu, heads, tokens, tolerance, keep, report);
+  std::cout << "[" << what << ", normalisers given] tolerance " << tolerance << ", worst |Δ|/tolerance "
+            << report.worst_ratio << ", kept-set swaps " << report.sets.swapped << " (tokens in the band "
+            << report.sets.band << ")\n";
+}
+
+/// Poisons three rows of `lse` that a scorer reads (observed queries ≥ first).
+void poison_rows(kt::testing::host_tensor<float, 3>& lse, std::int64_t first) {
+  const std::int64_t batch = lse.view.extent(0), q_heads = lse.view.extent(1), observed = lse.view.extent(2);
+  lse(0, 0, observed - 1) = std::numeric_limits<float>::quiet_NaN();
+  lse(batch - 1, q_heads - 1, first) = -std::numeric_limits<float>::infinity();
+  if (observed - first > 2) lse(0, q_heads - 1, first + 1) = std::numeric_limits<float>::infinity();
+}
+
 // ---- SnapKV ------------------------------------------------------------------
 
 struct snapkv_case {
@@ -271,7 +326,36 @@ void run_snapkv(const snapkv_case& c) {
             << report.sets.band << ")\n";
 }
 
+/// run_snapkv with the normalisers given (strided like the inputs where the case is).
+template <class K, class Q>
+void run_snapkv_given_lse(const snapkv_case& c) {
+  SCOPED_TRACE(describe(c));
+  const kt::model_shape shape{.q_heads = c.kv_heads * c.group, .kv_heads = c.kv_heads, .head_dim = c.head_dim};
+  const std::array<std::int64_t, 4> padding = c.strided ? std::array<std::int64_t, 4>{1, 1, 3, 8} : std::array<std::int64_t, 4>{};
+  const auto keys = kt::testing::random_tensor<K, 4>({c.batch, c.kv_heads, c.tokens, c.head_dim}, 21, 1.0f, padding);
+  const auto queries = kt::testing::random_tensor<Q, 4>({c.batch, shape.q_heads, c.observed, c.head_dim}, 22, 1.0f, padding);
+  const std::int64_t first = c.observed - c.window;
+  auto lse = kt::testing::reference_lse(keys.cview(), queries.cview(), first,
+                                        c.strided ? std::array<std::int64_t, 3>{1, 2, 5} : std::array<std::int64_t, 3>{});
+  poison_rows(lse, first);
+  const kt::score::snapkv::config cfg{.window = c.window, .kernel = c.kernel, .pooling = c.pooling,
+                                      .reduction = c.reduction, .group = c.group_reduction};
+  compare_given_lse<kt::score::snapkv>(cfg, shape, keys, queries, lse,
+                                       given_lse_tolerance(keys, queries, first, c.window, c.kernel, c.group),
+                                       std::max<std::int64_t>(c.window + 1, c.tokens * 3 / 10),
+                                       "snapkv " + describe(c));
+}
+
 class SnapKVScores : public ::testing::TestWithParam<snapkv_case> {};
+
+TEST_P(SnapKVScores, GivenLseMatchesCpuFp16) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  run_snapkv_given_lse<kt::half, kt::half>(GetParam());
+}
+TEST_P(SnapKVScores, GivenLseMatchesCpuBf16) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  run_snapkv_given_lse<kt::bfloat16, kt::bfloat16>(GetParam());
+}
 
 TEST_P(SnapKVScores, MatchesCpuFp16) {
   KVTRIM_SKIP_WITHOUT_GPU();
@@ -454,6 +538,29 @@ TEST(SnapKVScores, Fp32AndMixedInputsUseTheFp32Product) {
   run_snapkv<kt::half, float>(snapkv_case{1, 2, 2, 128, 129, 64, 5, 64});
 }
 
+TEST(SnapKVScores, GivenLseFp32AndMixedInputsUseTheFp32Product) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  run_snapkv_given_lse<float, float>(snapkv_case{2, 2, 4, 64, 300, 16, 5, 20});
+  run_snapkv_given_lse<kt::half, float>(snapkv_case{1, 2, 2, 128, 129, 64, 5, 64});
+}
+
+// Normalisers for another call's shape are refused before anything runs, naming config.score.lse.
+TEST(SnapKVScores, GivenLseOfTheWrongExtentsNamesTheLse) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  const kt::model_shape shape{.q_heads = 2, .kv_heads = 1, .head_dim = 64};
+  const auto keys = kt::testing::random_tensor<kt::half, 4>({1, 1, 100, 64}, 1);
+  const auto queries = kt::testing::random_tensor<kt::half, 4>({1, 2, 16, 64}, 2);
+  device_buffer<float> lse(2 * 15);
+  const kt::tensor_view<const float, 3, kt::device_space> view{lse.data(), {1, 2, 15}, {30, 15, 1}};
+  try {
+    (void)gpu_scores<kt::score::snapkv>(kt::score::snapkv::config{.window = 16}.with_lse(view), shape, keys, queries);
+    FAIL() << "expected kvtrim::error";
+  } catch (const kt::error& e) {
+    EXPECT_NE(std::string(e.what()).find("config.score.lse"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("got [1, 2, 15]"), std::string::npos) << e.what();
+  }
+}
+
 TEST(SnapKVScores, WindowAsLongAsThePrefillNamesTheWindow) {
   KVTRIM_SKIP_WITHOUT_GPU();
   const kt::model_shape shape{.q_heads = 2, .kv_heads = 1, .head_dim = 64};
@@ -500,7 +607,33 @@ void run_h2o(const h2o_case& c) {
             << ", kept-set swaps " << report.sets.swapped << " (tokens in the band " << report.sets.band << ")\n";
 }
 
+template <class K>
+void run_h2o_given_lse(const h2o_case& c) {
+  SCOPED_TRACE(describe(c));
+  const kt::model_shape shape{.q_heads = c.kv_heads * c.group, .kv_heads = c.kv_heads, .head_dim = c.head_dim};
+  const auto keys = kt::testing::random_tensor<K, 4>({c.batch, c.kv_heads, c.tokens, c.head_dim}, 31);
+  const auto queries = kt::testing::random_tensor<K, 4>({c.batch, shape.q_heads, c.tokens, c.head_dim}, 32);
+  auto lse = kt::testing::reference_lse(keys.cview(), queries.cview());
+  poison_rows(lse, 0);
+  kt::score::h2o::config cfg;
+  cfg.protect_recent = c.protect_recent;
+  cfg.normalisation = c.observed_normalisation ? kt::score::h2o::normalisation::observed : kt::score::h2o::normalisation::none;
+  cfg.group = c.group_reduction;
+  compare_given_lse<kt::score::h2o>(cfg, shape, keys, queries, lse,
+                                    given_lse_tolerance(keys, queries, 0, c.tokens, 1, c.group),
+                                    std::max<std::int64_t>(1, c.tokens / 5), "h2o " + describe(c));
+}
+
 class H2OScores : public ::testing::TestWithParam<h2o_case> {};
+
+TEST_P(H2OScores, GivenLseMatchesCpuFp16) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  run_h2o_given_lse<kt::half>(GetParam());
+}
+TEST_P(H2OScores, GivenLseMatchesCpuBf16) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  run_h2o_given_lse<kt::bfloat16>(GetParam());
+}
 
 TEST_P(H2OScores, MatchesCpuFp16) {
   KVTRIM_SKIP_WITHOUT_GPU();

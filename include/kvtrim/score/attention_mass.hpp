@@ -8,12 +8,48 @@
 // kv head (scores are per kv head: kvtrim never caches repeated KV per query head).
 //
 // The knobs and small pieces of math here are shared by every backend.
+//
+// Given normalisers (issue 10). An engine's prefill attention already computed
+// every prompt query's softmax normaliser (FlashAttention's `softmax_lse`,
+// FlashInfer's `return_lse`). Both scorers' configs take it, as score::external
+// takes scores: a pointer, the extents the caller thinks it has and the strides
+// (elements), in the memory space of the backend that runs (host memory for
+// backend::cpu, device memory for backend::cuda, written before the call on its
+// stream); `config::with_lse(view)` fills them from a tensor_view. Then
+//   A_g[t, j] = exp(q_{g,t}·k_j/√D − L_g[t])
+// and nothing else is computed per row: on the GPU, pass 1 of the two passes over
+// K (backend/cuda/attention_mass.cuh) is skipped, ≈ 40 % of a SnapKV compress.
+//   Tensor: [batch, q_heads, n_q] float, n_q = the observed queries handed to the
+//   call (window_queries' extent 2: SnapKV reads the last `window` rows of it, the
+//   earlier ones are not read; H2O every prefill query). Extents are checked
+//   against the call when it runs (never at plan time: plan_capacity and the
+//   workspace size need no normalisers); a mismatch names config.score.lse.
+//   Value: the natural-log normaliser L_g[t] = ln Σ_{j ≤ p_t} exp(q_{g,t}·k_j/√D)
+//   over every key up to the query's position p_t (causal), with kvtrim's scale
+//   1/√D — FlashAttention's softmax_lse convention. FlashInfer's LSE is in base 2
+//   (log2 Σ 2^(q·k·log2(e)/√D)): multiply it by ln 2 first. An engine that runs
+//   its attention with another softmax scale (a model-specific one) has other
+//   normalisers: they must not be handed in.
+//   Not checked: that the values are the right ones (that needs the pass they
+//   replace). A normaliser below the true one makes probabilities above 1 (scores
+//   may reach +∞, which every budget treats as a protected token, as
+//   score::external's +∞); one above it makes them smaller. Only their ranking matters.
+//   Non-finite values (NaN, ±∞: no real prompt row has one — every query sees at
+//   least its own key, so its normaliser is finite): the row contributes nothing,
+//   as FlashAttention's +∞ for a row with no keys would in exact arithmetic, on
+//   both backends alike. A device kernel cannot throw, and the CPU refusing what a
+//   device call reads silently would make the backends disagree; so neither refuses
+//   and neither reaches undefined behaviour (no NaN reaches a score).
+// Null (the default): the normalisers are computed, as the papers do.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <string_view>
 
 #include "kvtrim/core/config.hpp"
+#include "kvtrim/core/error.hpp"
+#include "kvtrim/core/view.hpp"
 
 namespace kvtrim::score {
 
@@ -44,6 +80,28 @@ constexpr std::string_view to_string(pooling kind) { return kind == pooling::avg
 }  // namespace kvtrim::score
 
 namespace kvtrim::detail {
+
+/// The given normalisers' knob check (config.validate): non-negative strides.
+inline void validate_given_lse(std::string_view function, const std::array<std::int64_t, 3>& strides) {
+  for (std::size_t axis = 0; axis < 3; ++axis)
+    if (strides[axis] < 0)
+      fail(function, "config.score.lse", "non-negative strides",
+           cat("stride ", strides[axis], " on axis ", axis));
+}
+
+/// The given normalisers against the call (when given): [batch, q_heads, observed],
+/// non-negative strides (again: a scorer called without a scheme has not validated).
+inline void check_given_lse(std::string_view function, const float* lse, const std::array<std::int64_t, 3>& extents,
+                            const std::array<std::int64_t, 3>& strides, std::int64_t batch, std::int64_t q_heads,
+                            std::int64_t observed) {
+  if (lse == nullptr) return;
+  validate_given_lse(function, strides);
+  if (extents != std::array<std::int64_t, 3>{batch, q_heads, observed})
+    fail(function, "config.score.lse",
+         cat("normalisers of extents [", batch, ", ", q_heads, ", ", observed,
+             "] (batch, q heads, observed queries of window_queries)"),
+         cat("[", extents[0], ", ", extents[1], ", ", extents[2], "]"));
+}
 
 /// Pooled value at token i of row[0, length) with an odd `kernel` (the same
 /// arithmetic order on every backend: left to right, then one division).

@@ -19,15 +19,21 @@
 // queries ([B, Hq, T, D], after RoPE); fewer is a kvtrim::error (a partial sum
 // would silently favour late keys). Cost O(T²·D) per query head: a prefill-time,
 // reference-grade scorer.
+// Given normalisers: config.lse (with_lse(view)), [B, Hq, T], the prefill
+// attention's softmax_lse of every query: the GPU then skips its first pass over K
+// (score/attention_mass.hpp says which values, and what happens to non-finite ones).
 // Defaults: recent = 10% of the prompt (the paper's recent ratio), no
 // normalisation, mean over the group. kvpress ObservedAttention: normalisation
 // observed, protect_recent = false (see kvtrim/kvpress.hpp).
 // Backends: cpu, cuda.
 #pragma once
 
+#include <array>
+#include <concepts>
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <type_traits>
 
 #include "kvtrim/core/error.hpp"
 #include "kvtrim/core/keep.hpp"
@@ -50,8 +56,26 @@ struct h2o {
     bool protect_recent = true;            ///< false: no window (kvpress ObservedAttention)
     h2o::normalisation normalisation = h2o::normalisation::none;
     score::group_reduction group = score::group_reduction::mean;
+    /// Given softmax normalisers (score/attention_mass.hpp, "Given normalisers"):
+    /// [batch, q_heads, n_q] ln Σ exp(q·k/√D), the backend's memory; null: computed.
+    const float* lse = nullptr;
+    std::array<std::int64_t, 3> lse_extents{};  ///< what the caller holds (checked against the call)
+    std::array<std::int64_t, 3> lse_strides{};  ///< elements
+
+    /// This config with the normalisers held in `view` (any memory space: the
+    /// caller matches it to the backend).
+    template <class T, MemorySpace Space>
+      requires std::same_as<std::remove_const_t<T>, float>
+    config with_lse(const tensor_view<T, 3, Space>& view) const {
+      config out = *this;
+      out.lse = view.data;
+      out.lse_extents = view.extents;
+      out.lse_strides = view.strides;
+      return out;
+    }
 
     void validate(std::string_view function) const {
+      detail::validate_given_lse(function, lse_strides);
       if (protect_recent) detail::check_keep(function, "config.score.recent", recent);
     }
   };

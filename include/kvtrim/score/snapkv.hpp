@@ -23,12 +23,19 @@
 // max pooling.
 // Queries: `window_queries` [B, Hq, n_q, D] are the last n_q ≥ window queries of
 // the prefill (after RoPE); SnapKV reads the last `window` of them.
+// Given normalisers: config.lse (with_lse(view)), [B, Hq, n_q], the prefill
+// attention's softmax_lse of those queries (only the last `window` rows are read):
+// the GPU then skips its first pass over K (score/attention_mass.hpp says which
+// values, and what happens to non-finite ones).
 // Backends: cpu, cuda.
 #pragma once
 
+#include <array>
+#include <concepts>
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <type_traits>
 
 #include "kvtrim/core/error.hpp"
 #include "kvtrim/score/attention_mass.hpp"
@@ -46,8 +53,26 @@ struct snapkv {
     score::pooling pooling = score::pooling::avg;
     score::window_reduction reduction = score::window_reduction::mean;
     score::group_reduction group = score::group_reduction::mean;
+    /// Given softmax normalisers (score/attention_mass.hpp, "Given normalisers"):
+    /// [batch, q_heads, n_q] ln Σ exp(q·k/√D), the backend's memory; null: computed.
+    const float* lse = nullptr;
+    std::array<std::int64_t, 3> lse_extents{};  ///< what the caller holds (checked against the call)
+    std::array<std::int64_t, 3> lse_strides{};  ///< elements
+
+    /// This config with the normalisers held in `view` (any memory space: the
+    /// caller matches it to the backend).
+    template <class T, MemorySpace Space>
+      requires std::same_as<std::remove_const_t<T>, float>
+    config with_lse(const tensor_view<T, 3, Space>& view) const {
+      config out = *this;
+      out.lse = view.data;
+      out.lse_extents = view.extents;
+      out.lse_strides = view.strides;
+      return out;
+    }
 
     void validate(std::string_view function) const {
+      detail::validate_given_lse(function, lse_strides);
       if (window < 1)
         detail::fail(function, "config.score.window", "an observation window of at least 1 query",
                      std::to_string(window));

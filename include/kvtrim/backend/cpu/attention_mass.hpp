@@ -31,6 +31,11 @@
 // (on this machine's path). The softmax per row then runs on the stored logits
 // with each exp computed once (the scalar reference computed it twice, with the
 // same result).
+//
+// Given normalisers (score/attention_mass.hpp): for a row whose L is given,
+//   accumulator_g[j] += exp(fl(l_j · (1/√D)) − L)
+// with the same exp and nothing else (no max, no Z, no division); a non-finite L
+// adds nothing (the rule both backends follow).
 #pragma once
 
 #include <Eigen/Core>
@@ -111,17 +116,30 @@ inline void accumulate_softmax_row(float* logits, std::int64_t count, float scal
   for (j = 0; j < count; ++j) accumulator[j] += logits[j] / denominator;
 }
 
+/// One row with its normaliser given (natural log, the scaled logits' LSE): adds
+/// exp(l·scale − lse) to accumulator[0..count); nothing when lse is not finite
+/// (score/attention_mass.hpp: such a row contributes nothing, on every backend).
+inline void accumulate_given_row(float* logits, std::int64_t count, float scale, float lse, float* accumulator) {
+  if (!std::isfinite(lse)) return;
+  for (std::int64_t j = 0; j < count; ++j) logits[j] *= scale;
+  cpu_exp_shifted(logits, count, lse);
+  for (std::int64_t j = 0; j < count; ++j) accumulator[j] += logits[j];
+}
+
 /// The loop SnapKV and H2O share. For every (sequence b, kv head h): for each query
 /// head of h's group, accumulate its attention over observed queries [first, n_q)
 /// (causal: query t sees keys j ≤ T − n_q + t), let
 /// `query_head_row(accumulator, spare)` turn that into the query head's scores over
 /// tokens [0, length) (returning a pointer to them; `spare` is a free row of T floats
 /// of the same thread), and reduce the group into scores(b, h, 0 .. length): mean =
-/// sum then one division, or max. Scratch: attention_mass_workspace_bytes.
+/// sum then one division, or max. `given` ([B, Hq, n_q], checked by the caller):
+/// the rows' normalisers when its data is set, else computed. Scratch:
+/// attention_mass_workspace_bytes.
 template <class KeyT, class QueryT, class QueryHeadRow>
 void reduce_attention_mass(const kv_view<const KeyT>& keys, const window_view<const QueryT>& queries,
                            const model_shape& shape, const score_view<>& scores, score::group_reduction reduction,
-                           std::int64_t first, std::int64_t length, workspace scratch, QueryHeadRow&& query_head_row) {
+                           std::int64_t first, std::int64_t length, workspace scratch, QueryHeadRow&& query_head_row,
+                           const tensor_view<const float, 3>& given = {}) {
   using row_matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   const std::int64_t tokens = keys.extent(2);
   const std::int64_t head_dim = keys.extent(3);
@@ -235,7 +253,11 @@ void reduce_attention_mass(const kv_view<const KeyT>& keys, const window_view<co
           current_g = g;
           std::fill(accumulator, accumulator + tokens, 0.0f);
         }
-        accumulate_softmax_row(logits + r * tokens, tokens - observed + t + 1, scale, accumulator);
+        if (given.data != nullptr)
+          accumulate_given_row(logits + r * tokens, tokens - observed + t + 1, scale, given(b, h * group + g, t),
+                               accumulator);
+        else
+          accumulate_softmax_row(logits + r * tokens, tokens - observed + t + 1, scale, accumulator);
       }
     }
     if (current_g >= 0) finish_query_head(current_g);

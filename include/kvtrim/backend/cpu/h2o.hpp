@@ -26,13 +26,16 @@ struct implementation<score::h2o, backend::cpu> {
                     workspace scratch, backend::host_stream) {
     const std::int64_t tokens = keys.extent(2);
     score::h2o::check("kvtrim::score::h2o", tokens, queries.extent(2));
+    detail::check_given_lse("kvtrim::score::h2o", cfg.lse, cfg.lse_extents, cfg.lse_strides, scores.extent(0),
+                            shape.q_heads, queries.extent(2));
     const std::int64_t recent = score::h2o::recent_tokens(cfg, tokens);
     detail::reduce_attention_mass(keys, queries, shape, scores, cfg.group, 0, tokens,
                                   scratch, [&](float* mass, float*) {
                                     if (cfg.normalisation == score::h2o::normalisation::observed)
                                       for (std::int64_t j = 0; j < tokens; ++j) mass[j] /= static_cast<float>(tokens - j);
                                     return mass;
-                                  });
+                                  },
+                                  tensor_view<const float, 3>{cfg.lse, cfg.lse_extents, cfg.lse_strides});
     for (std::int64_t b = 0; b < scores.extent(0); ++b)  // the recent window is always kept
       for (std::int64_t h = 0; h < shape.kv_heads; ++h)
         for (std::int64_t j = tokens - recent; j < tokens; ++j) scores(b, h, j) = std::numeric_limits<float>::infinity();

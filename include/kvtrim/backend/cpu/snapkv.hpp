@@ -27,6 +27,8 @@ struct implementation<score::snapkv, backend::cpu> {
                     workspace scratch, backend::host_stream) {
     const std::int64_t tokens = keys.extent(2);
     score::snapkv::check("kvtrim::score::snapkv", cfg, tokens, queries.extent(2));
+    detail::check_given_lse("kvtrim::score::snapkv", cfg.lse, cfg.lse_extents, cfg.lse_strides, scores.extent(0),
+                            shape.q_heads, queries.extent(2));
     const std::int64_t window = cfg.window;
     const std::int64_t prefix = tokens - window;
     detail::reduce_attention_mass(keys, queries, shape, scores, cfg.group, queries.extent(2) - window, prefix,
@@ -36,7 +38,8 @@ struct implementation<score::snapkv, backend::cpu> {
                                     for (std::int64_t j = 0; j < prefix; ++j)
                                       pooled[j] = detail::pool_at(mass, prefix, j, cfg.kernel, cfg.pooling);
                                     return pooled;
-                                  });
+                                  },
+                                  tensor_view<const float, 3>{cfg.lse, cfg.lse_extents, cfg.lse_strides});
     for (std::int64_t b = 0; b < scores.extent(0); ++b)  // the window is always kept
       for (std::int64_t h = 0; h < shape.kv_heads; ++h)
         for (std::int64_t j = prefix; j < tokens; ++j) scores(b, h, j) = std::numeric_limits<float>::infinity();

@@ -41,6 +41,17 @@
 // includes it). Tiles that every row of a chunk sees whole (all but a head's last
 // one or two) skip the per-key causal test.
 //
+// Given normalisers (score/attention_mass.hpp: the engine's prefill computed each
+// row's L = ln Z, natural log of the scaled logits): pass 1 and the fold are
+// replaced by attention_given_stats, one thread per row, which writes what the fold
+// would have: (m, 1/Z) = (L·log2(e), 1) and, for the wgmma pass 2, L' = L·log2(e)
+// (rounded once: the product in double), so pass 2 computes 2^(l·log2(e)/√D − L')
+// = exp(l/√D − L). A non-finite L becomes m = L' = +∞ (1/Z = 1): every term of the
+// row is 2^(−∞) = 0, the CPU's "contributes nothing". Rows past a chunk's queries
+// are left as the fold leaves them (never read: the pass-2 kernels substitute
+// (+∞, 1) for them). Pass 2 and the finish are unchanged; the workspace too (its
+// partials are then unused). At workload W this drops one of the two ~400 µs passes.
+//
 // Scratch (the scheme's two-phase workspace): partial (max, sum) per (row,
 // split), the final (m, Z) per row, and the per-query-head mass [B, Hq, length].
 // No allocation, no synchronisation, one stream; 64-bit offsets throughout.
@@ -280,6 +291,33 @@ __global__ void attention_fold_splits(const __grid_constant__ attention_mass_par
     }
     p.stats[row] = make_float2(m, 1.0f / z);
     if (p.lse != nullptr) p.lse[row] = m + log2f(z);
+  }
+}
+
+/// The rows' normalisers from the caller (instead of pass 1 and the fold): the
+/// fold's row order, (unit = b·kv_heads + h, chunk = g·chunks_per_head + c, r),
+/// query head h·G + g, observed query t = first + 64c + r.
+struct given_lse_rows {
+  const float* data;  // [B, Hq, n_q], natural log
+  std::int64_t batch_stride, head_stride, query_stride;
+};
+
+template <class KeyT, class QueryT>
+__global__ void attention_given_stats(const __grid_constant__ attention_mass_parameters<KeyT, QueryT> p,
+                                      const given_lse_rows given) {
+  const std::int64_t row_chunks = p.group * p.chunks_per_head;
+  const std::int64_t rows = p.batch * p.kv_heads * row_chunks * mass_tile;
+  for (std::int64_t row = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; row < rows;
+       row += std::int64_t{gridDim.x} * blockDim.x) {
+    const std::int64_t in_chunk = row % mass_tile, unit = row / mass_tile / row_chunks;
+    const row_chunk chunk = chunk_rows(p, (row / mass_tile) % row_chunks);
+    if (in_chunk >= chunk.count) continue;  // as the fold: rows without a query are never read
+    const std::int64_t b = unit / p.kv_heads, h = unit % p.kv_heads;
+    const float lse = given.data[b * given.batch_stride + (h * p.group + chunk.g) * given.head_stride +
+                                 (chunk.t0 + in_chunk) * given.query_stride];
+    const float m = isfinite(lse) ? static_cast<float>(static_cast<double>(lse) * 1.4426950408889634) : INFINITY;
+    p.stats[row] = make_float2(m, 1.0f);
+    if (p.lse != nullptr) p.lse[row] = m;
   }
 }
 
@@ -1030,45 +1068,66 @@ void launch_attention_column_mass(std::string_view function, const attention_mas
   detail::check_launch(function, "attention_column_mass");
 }
 
-/// Runs both passes and the finish: scores(b, h, ·) from keys and the observed
-/// queries [first, n_q). `finish` carries the scorer's step; its mass, scores
-/// and shape fields are filled here.
+/// The parameters of one call's passes (keys, the observed queries [first, n_q),
+/// the scratch pieces), as attention_mass_scores and attention_row_lse set them up.
 template <class KeyT, class QueryT>
-void attention_mass_scores(std::string_view function, const kv_view<KeyT, device_space>& keys,
-                           const window_view<QueryT, device_space>& queries, const model_shape& shape,
-                           const score_view<device_space>& scores, std::int64_t first, std::int64_t length,
-                           mass_finish_parameters finish, workspace scratch, cudaStream_t stream) {
+attention_mass_parameters<device_element_t<KeyT>, device_element_t<QueryT>> make_mass_parameters(
+    std::string_view function, const kv_view<KeyT, device_space>& keys,
+    const window_view<QueryT, device_space>& queries, const model_shape& shape, std::int64_t batch,
+    std::int64_t first, std::int64_t length, const mass_plan& plan, const mass_scratch& pieces) {
   using key_t = device_element_t<KeyT>;
   using query_t = device_element_t<QueryT>;
-  const std::int64_t batch = scores.extent(0), tokens = keys.extent(2), observed = queries.extent(2);
-  const std::int64_t head_dim = keys.extent(3);
+  const std::int64_t tokens = keys.extent(2), observed = queries.extent(2), head_dim = keys.extent(3);
   if (keys.extent(0) != batch || keys.extent(1) != shape.kv_heads || queries.extent(0) != batch ||
       queries.extent(1) != shape.q_heads || queries.extent(3) != head_dim || head_dim != shape.head_dim)
     detail::fail(function, "window_queries", "[batch, q_heads, n_q, head_dim] queries matching the keys",
                  detail::cat("[", queries.extent(0), ", ", queries.extent(1), ", ", observed, ", ", queries.extent(3), "]"));
-  const mass_plan plan = plan_attention_mass(shape, batch, tokens, observed - first);
-  const std::size_t needed = attention_mass_workspace_bytes(shape, batch, tokens, observed - first, length);
-  detail::check_workspace(function, scratch, needed);
-  workspace_carver carver(scratch);
-  const mass_scratch pieces = carve_attention_mass(carver, plan, length);
-
   const auto aligned = [](const void* pointer) { return reinterpret_cast<std::uintptr_t>(pointer) % 16 == 0; };
   const bool vector_loads = keys.stride(3) == 1 && queries.stride(3) == 1 && aligned(keys.data) &&
                             aligned(queries.data) && keys.stride(0) % 8 == 0 && keys.stride(1) % 8 == 0 &&
                             keys.stride(2) % 8 == 0 && queries.stride(0) % 8 == 0 && queries.stride(1) % 8 == 0 &&
                             queries.stride(2) % 8 == 0;
-  attention_mass_parameters<key_t, query_t> p{
+  return attention_mass_parameters<key_t, query_t>{
       reinterpret_cast<const key_t*>(keys.data), keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
       reinterpret_cast<const query_t*>(queries.data), queries.stride(0), queries.stride(1), queries.stride(2),
       queries.stride(3), vector_loads, batch, shape.kv_heads, shape.group_size(), tokens, observed, first,
       plan.chunks_per_head, plan.splits, plan.split_tiles, length,
       static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(head_dim))), pieces.partial, pieces.stats,
       pieces.mass, nullptr, 0};
+}
+
+/// Runs both passes and the finish: scores(b, h, ·) from keys and the observed
+/// queries [first, n_q). `finish` carries the scorer's step; its mass, scores
+/// and shape fields are filled here. `given` ([B, Hq, n_q] device floats, checked
+/// by the caller): the rows' normalisers when its data is set (pass 1 is skipped).
+template <class KeyT, class QueryT>
+void attention_mass_scores(std::string_view function, const kv_view<KeyT, device_space>& keys,
+                           const window_view<QueryT, device_space>& queries, const model_shape& shape,
+                           const score_view<device_space>& scores, std::int64_t first, std::int64_t length,
+                           mass_finish_parameters finish, workspace scratch, cudaStream_t stream,
+                           const tensor_view<const float, 3, device_space>& given = {}) {
+  using key_t = device_element_t<KeyT>;
+  using query_t = device_element_t<QueryT>;
+  const std::int64_t batch = scores.extent(0), tokens = keys.extent(2), observed = queries.extent(2);
+  const std::int64_t head_dim = keys.extent(3);
+  const mass_plan plan = plan_attention_mass(shape, batch, tokens, observed - first);
+  const std::size_t needed = attention_mass_workspace_bytes(shape, batch, tokens, observed - first, length);
+  detail::check_workspace(function, scratch, needed);
+  workspace_carver carver(scratch);
+  const mass_scratch pieces = carve_attention_mass(carver, plan, length);
+  auto p = make_mass_parameters(function, keys, queries, shape, batch, first, length, plan, pieces);
 
   dispatch_head_dim(head_dim, function, [&](auto head_dim_constant) {
     constexpr int D = decltype(head_dim_constant)::value;
     const mass_kernels kernels = choose_mass_kernels<key_t, query_t, D>(function, p, plan, pieces.lse, length);
-    launch_attention_row_stats<key_t, query_t, D>(function, p, kernels, plan, stream);
+    if (given.data != nullptr) {
+      attention_given_stats<key_t, query_t>
+          <<<static_cast<unsigned>(std::min<std::int64_t>(ceil_div(plan.rows, 256), 65535)), 256, 0, stream>>>(
+              p, given_lse_rows{given.data, given.stride(0), given.stride(1), given.stride(2)});
+      detail::check_launch(function, "attention_given_stats");
+    } else {
+      launch_attention_row_stats<key_t, query_t, D>(function, p, kernels, plan, stream);
+    }
     if (length > 0) launch_attention_column_mass<key_t, query_t, D>(function, p, kernels, stream);
   });
 
@@ -1082,6 +1141,59 @@ void attention_mass_scores(std::string_view function, const kv_view<KeyT, device
   attention_mass_finish<0><<<static_cast<unsigned>(std::min<std::int64_t>(ceil_div(batch * shape.kv_heads * tokens, 256), 65535)),
                               256, 0, stream>>>(finish);
   detail::check_launch(function, "attention_mass_finish");
+}
+
+/// The fold's L' rows (base 2) as natural-log normalisers out[b, h·G + g, t] for the
+/// observed queries t ≥ first (the inverse of attention_given_stats's mapping).
+template <class KeyT, class QueryT>
+__global__ void attention_rows_to_lse(const __grid_constant__ attention_mass_parameters<KeyT, QueryT> p, float* out,
+                                      std::int64_t batch_stride, std::int64_t head_stride, std::int64_t query_stride) {
+  const std::int64_t row_chunks = p.group * p.chunks_per_head;
+  const std::int64_t rows = p.batch * p.kv_heads * row_chunks * mass_tile;
+  for (std::int64_t row = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; row < rows;
+       row += std::int64_t{gridDim.x} * blockDim.x) {
+    const std::int64_t in_chunk = row % mass_tile, unit = row / mass_tile / row_chunks;
+    const row_chunk chunk = chunk_rows(p, (row / mass_tile) % row_chunks);
+    if (in_chunk >= chunk.count) continue;
+    const std::int64_t b = unit / p.kv_heads, h = unit % p.kv_heads;
+    out[b * batch_stride + (h * p.group + chunk.g) * head_stride + (chunk.t0 + in_chunk) * query_stride] =
+        static_cast<float>(static_cast<double>(p.lse[row]) * 0.6931471805599453);
+  }
+}
+
+/// Scratch bytes of attention_row_lse (the attention mass workspace of the same call).
+inline std::size_t attention_row_lse_workspace_bytes(const model_shape& shape, std::int64_t batch,
+                                                     std::int64_t tokens, std::int64_t per_head_queries) {
+  return attention_mass_workspace_bytes(shape, batch, tokens, per_head_queries, 0);
+}
+
+/// Pass 1 and the fold alone: the natural-log normaliser of every observed query
+/// [first, n_q) into out[b, q head, t] (device floats [B, Hq, n_q]; rows t < first are
+/// not written) — what an engine's prefill hands to config.lse, computed by kvtrim's
+/// own pass (benchmarks use it to make their given normalisers; an engine has its own).
+template <class KeyT, class QueryT>
+void attention_row_lse(std::string_view function, const kv_view<KeyT, device_space>& keys,
+                       const window_view<QueryT, device_space>& queries, const model_shape& shape, std::int64_t first,
+                       const tensor_view<float, 3, device_space>& out, workspace scratch, cudaStream_t stream) {
+  using key_t = device_element_t<KeyT>;
+  using query_t = device_element_t<QueryT>;
+  const std::int64_t batch = keys.extent(0), tokens = keys.extent(2), observed = queries.extent(2);
+  detail::check_given_lse(function, out.data, out.extents, out.strides, batch, shape.q_heads, observed);
+  const mass_plan plan = plan_attention_mass(shape, batch, tokens, observed - first);
+  detail::check_workspace(function, scratch, attention_row_lse_workspace_bytes(shape, batch, tokens, observed - first));
+  workspace_carver carver(scratch);
+  const mass_scratch pieces = carve_attention_mass(carver, plan, 0);
+  auto p = make_mass_parameters(function, keys, queries, shape, batch, first, 0, plan, pieces);
+  dispatch_head_dim(keys.extent(3), function, [&](auto head_dim_constant) {
+    constexpr int D = decltype(head_dim_constant)::value;
+    const mass_kernels kernels = choose_mass_kernels<key_t, query_t, D>(function, p, plan, pieces.lse, 0);
+    p.lse = pieces.lse;  // the fold writes L' for every row
+    launch_attention_row_stats<key_t, query_t, D>(function, p, kernels, plan, stream);
+  });
+  attention_rows_to_lse<key_t, query_t>
+      <<<static_cast<unsigned>(std::min<std::int64_t>(ceil_div(plan.rows, 256), 65535)), 256, 0, stream>>>(
+          p, out.data, out.stride(0), out.stride(1), out.stride(2));
+  detail::check_launch(function, "attention_rows_to_lse");
 }
 
 }  // namespace kvtrim::cuda_detail

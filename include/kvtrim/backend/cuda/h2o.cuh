@@ -10,6 +10,7 @@
 // the group reduction and +∞ for the protected recent tokens
 // (cuda_detail::attention_mass_scores, backend/cuda/attention_mass.cuh).
 // Cost O(T²·D) per query head, as on the CPU: a prefill-time scorer.
+// Given normalisers (config.lse): pass 1 is skipped (attention_mass.cuh).
 // Scratch: the attention mass workspace for T queries per query head.
 #pragma once
 
@@ -38,6 +39,8 @@ struct implementation<score::h2o, backend::cuda> {
     constexpr std::string_view function = "kvtrim::score::h2o";
     const std::int64_t tokens = keys.extent(2);
     score::h2o::check(function, tokens, queries.extent(2));
+    detail::check_given_lse(function, cfg.lse, cfg.lse_extents, cfg.lse_strides, scores.extent(0), shape.q_heads,
+                            queries.extent(2));
     cuda_detail::mass_finish_parameters finish{};
     finish.kind = cuda_detail::mass_finish_kind::h2o;
     finish.window_divisor = 1.0f;
@@ -46,7 +49,9 @@ struct implementation<score::h2o, backend::cuda> {
     finish.observed_normalisation = cfg.normalisation == score::h2o::normalisation::observed;
     finish.reduction = cfg.group;
     finish.protected_from = tokens - score::h2o::recent_tokens(cfg, tokens);  // the recent window is always kept
-    cuda_detail::attention_mass_scores(function, keys, queries, shape, scores, 0, tokens, finish, scratch, stream);
+    cuda_detail::attention_mass_scores(function, keys, queries, shape, scores, 0, tokens, finish, scratch, stream,
+                                       tensor_view<const float, 3, device_space>{cfg.lse, cfg.lse_extents,
+                                                                                 cfg.lse_strides});
   }
 };
 

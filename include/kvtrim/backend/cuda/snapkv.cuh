@@ -8,6 +8,7 @@
 // (backend/cuda/attention_mass.cuh) with SnapKV's finish. q·k runs on tensor
 // cores when keys and queries are both fp16 or both bf16; each K tile is read
 // once for the whole GQA group per pass.
+// Given normalisers (config.lse): pass 1 is skipped (attention_mass.cuh).
 // Scratch: the attention mass workspace for `window` queries per query head.
 #pragma once
 
@@ -38,6 +39,8 @@ struct implementation<score::snapkv, backend::cuda> {
     constexpr std::string_view function = "kvtrim::score::snapkv";
     const std::int64_t tokens = keys.extent(2);
     score::snapkv::check(function, cfg, tokens, queries.extent(2));
+    detail::check_given_lse(function, cfg.lse, cfg.lse_extents, cfg.lse_strides, scores.extent(0), shape.q_heads,
+                            queries.extent(2));
     const std::int64_t prefix = tokens - cfg.window;
     cuda_detail::mass_finish_parameters finish{};
     finish.kind = cuda_detail::mass_finish_kind::snapkv;
@@ -48,7 +51,9 @@ struct implementation<score::snapkv, backend::cuda> {
     finish.reduction = cfg.group;
     finish.protected_from = prefix;  // the window is always kept
     cuda_detail::attention_mass_scores(function, keys, queries, shape, scores, queries.extent(2) - cfg.window, prefix,
-                                       finish, scratch, stream);
+                                       finish, scratch, stream,
+                                       tensor_view<const float, 3, device_space>{cfg.lse, cfg.lse_extents,
+                                                                                 cfg.lse_strides});
   }
 };
 
