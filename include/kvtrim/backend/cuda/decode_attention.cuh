@@ -775,14 +775,34 @@ __global__ void __launch_bounds__(decode_threads)
 // the block dequantizes it through the codec's reader into one fp16 K/V tile
 // (rounding each dequantized element to fp16 once), and the same mma loop reads that.
 
-/// The tensor-core kernel's stage budget at head dims ≤ 128 (bytes of shared memory for its tiles:
-/// 110592 leaves two blocks an SM); an experiment's knob (73728: two stages, room for three blocks).
-#ifndef KVTRIM_CUDA_DECODE_TC_SHARED_BUDGET
-#define KVTRIM_CUDA_DECODE_TC_SHARED_BUDGET 110592
+/// The blocks an SM a tensor-core decode kernel is built for: its launch bound (registers ≤ 65536 /
+/// (128 · blocks): 168 at three) and its stage budget (shared memory per block). Three for the
+/// kernels measured faster so (TC3_PLACEHOLDER), two for the others — one block's prologue, segment
+/// switch and epilogue then overlap the other's streaming. Head dim 256 (one block an SM by its
+/// shared memory: 200 KB of stages) and multi-query (256-thread blocks) keep their bare bound.
+/// KVTRIM_CUDA_DECODE_TC_BLOCKS (an experiment's knob) sets every kernel at head dims ≤ 128 and
+/// one query to that many (2 or 3), so that benchmarks can compare the two for any codec or layout.
+template <class View, class StoreT, int HeadDim, int Group, bool Fragments, int Queries>
+constexpr int tensor_core_blocks() {
+  if constexpr (HeadDim > 128 || Queries > 1) {
+    return 1;
+  } else {
+#if defined(KVTRIM_CUDA_DECODE_TC_BLOCKS)
+    static_assert(KVTRIM_CUDA_DECODE_TC_BLOCKS == 2 || KVTRIM_CUDA_DECODE_TC_BLOCKS == 3,
+                  "KVTRIM_CUDA_DECODE_TC_BLOCKS: 2 or 3 blocks an SM");
+    return KVTRIM_CUDA_DECODE_TC_BLOCKS;
+#else
+    using codec_type = typename View::codec;
+    constexpr bool paged_rows = is_paged_view<View> || is_shared_paged_view<View>;
+    constexpr bool int4_fragments = Fragments && std::is_same_v<codec_type, codec::quantized<4>> && Group <= 4;
+    constexpr bool paged_16_bit = !Fragments && sizeof(StoreT) == 2 && paged_rows && Group <= 4;
+    return int4_fragments || paged_16_bit ? 3 : 2;
 #endif
+  }
+}
 
 template <int HeadDim, class StoreT, int Group, int RowElements = HeadDim, bool Fragments = false,
-          class Side = no_tile_side, int Queries = 1>
+          class Side = no_tile_side, int Queries = 1, int Blocks = 2>
 struct tensor_core_geometry {
   /// Query rows: the group's heads at each of up to `Queries` new tokens, in 16-row mma tiles.
   static constexpr int rows = Group * Queries;
@@ -823,11 +843,11 @@ struct tensor_core_geometry {
   static constexpr std::size_t dequant_bytes = dequantizes ? std::size_t{2} * tile_elements * 2 : 0;
   static constexpr std::size_t stage_bytes =
       std::size_t{2} * tile_tokens * stream_row_stride * sizeof(StoreT) + Side::bytes;
-  /// As many stages as fit in 108 KB of shared memory (two blocks per SM) at head dims ≤ 128,
-  /// 200 KB at 256 (one block), between 2 and 4 (6 for code fragments: their tiles are small,
-  /// and more of them in flight is what keeps HBM busy). Swizzled tiles set 1 KB of it aside for
-  /// aligning the stages (D 128: 3 stages, as padded rows; D 64: 4).
-  static constexpr std::size_t shared_budget = HeadDim <= 128 ? KVTRIM_CUDA_DECODE_TC_SHARED_BUDGET : 204800;
+  /// As many stages as fit in 108 KB of shared memory (two blocks per SM; 72 KB for three) at head
+  /// dims ≤ 128, 200 KB at 256 (one block), between 2 and 4 (6 for code fragments: their tiles are
+  /// small, and more of them in flight is what keeps HBM busy). Swizzled tiles set 1 KB of it aside
+  /// for aligning the stages (D 128: 3 stages, as padded rows; D 64: 4).
+  static constexpr std::size_t shared_budget = HeadDim > 128 ? 204800 : Blocks >= 3 ? 73728 : 110592;
   static constexpr std::size_t alignment_slack = swizzled ? 1024 : 0;
   static constexpr int stages = static_cast<int>(std::clamp<std::size_t>(
       (shared_budget - dequant_bytes - alignment_slack) / stage_bytes, 2, Fragments ? 6 : 4));
@@ -910,20 +930,12 @@ struct tensor_core_side<CodecT, HeadDim, Group, true> {
 /// multiple of a warp's 32-token step, up to 31 tokens before a segment read and masked); otherwise 16-bit storage through ldmatrix, or code tiles
 /// dequantized to fp16 tiles first (layered codecs, KIVI runs shorter than 16 slots, head_dim 256).
 /// Queries > 1: multi-query decode, up to Queries new tokens per sequence (params.queries_per_sequence of them).
-/// KVTRIM_CUDA_DECODE_TC_MIN_BLOCKS (an experiment's knob; undefined: the bare launch bound, as
-/// ever): the blocks an SM must hold at head dims ≤ 128 and one query, e.g. 3 caps a 128-thread
-/// block at 168 registers (ncu at W, fp16 GQA 4: 8 warps an SM, 0.6 eligible warps a scheduler);
-/// head dim 256 (one block an SM by its shared memory) and multi-query (256-thread blocks) keep a
-/// minimum of 1 (ptxas: 3 blocks spilled 364–700 bytes at D 256). Pair it with a
-/// KVTRIM_CUDA_DECODE_TC_SHARED_BUDGET whose stages leave room for that many blocks (73728: two).
+/// Blocks an SM: tensor_core_blocks (its launch bound and stage budget; ptxas spilled 364–700
+/// bytes at D 256 with three).
 template <int HeadDim, int Group, class StoreT, class Params, bool Fragments = false, int Queries = 1>
-__global__ void
-#if defined(KVTRIM_CUDA_DECODE_TC_MIN_BLOCKS)
-__launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, HeadDim, false, no_tile_side, Queries>::threads,
-                  HeadDim <= 128 && Queries == 1 ? KVTRIM_CUDA_DECODE_TC_MIN_BLOCKS : 1)
-#else
-__launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, HeadDim, false, no_tile_side, Queries>::threads)
-#endif
+__global__ void __launch_bounds__(
+    tensor_core_geometry<HeadDim, StoreT, Group, HeadDim, false, no_tile_side, Queries>::threads,
+    tensor_core_blocks<std::remove_const_t<decltype(Params::cache)>, StoreT, HeadDim, Group, Fragments, Queries>())
     decode_attention_tensor_core(const __grid_constant__ Params params) {
   wait_for_prerequisite_grid();  // paged / flat: the plan's partition
   allow_dependent_grid();        // the merge's blocks may be scheduled; they wait for this grid
@@ -931,7 +943,9 @@ __launch_bounds__(tensor_core_geometry<HeadDim, StoreT, Group, HeadDim, false, n
   using tiles = codec_tiles<codec_type, HeadDim>;
   using decoder = fragment_decoder<codec_type, HeadDim, Group>;
   using side_type = typename tensor_core_side<codec_type, HeadDim, Group, Fragments>::type;
-  using geometry = tensor_core_geometry<HeadDim, StoreT, Group, tiles::row_elements, Fragments, side_type, Queries>;
+  using geometry = tensor_core_geometry<HeadDim, StoreT, Group, tiles::row_elements, Fragments, side_type, Queries,
+                                        tensor_core_blocks<std::remove_const_t<decltype(Params::cache)>, StoreT, HeadDim,
+                                                           Group, Fragments, Queries>()>;
   static_assert(!Fragments || decoder::supported, "tensor-core decode: no fragment decoder for this codec");
   static_assert(!Fragments || Queries == 1, "tensor-core decode: the fragment decoders hold one query per row");
   // 16-bit storage as stored, or code bytes as fp16 (dequantized tiles or fragments).
@@ -1537,7 +1551,7 @@ void dispatch_decode_group(std::int64_t group, std::string_view function, Fn&& f
 /// Fragments (tensor cores over code bytes): the codec's fragment decoder, `Side` its staged steps;
 /// Queries > 1: multi-query decode of up to that many new tokens per sequence.
 template <int HeadDim, int Group, class StoreT, int RowElements = HeadDim, bool Fragments = false,
-          class Side = no_tile_side, int Queries = 1>
+          class Side = no_tile_side, int Queries = 1, int Blocks = 2>
 struct decode_kernel_choice {
   // 16-bit storage at groups above KVTRIM_CUDA_DECODE_CUDA_CORE_GROUPS (2), code bytes at groups ≥ 4,
   // several queries, and code fragments at every group (their transposed product) run on the tensor
@@ -1547,7 +1561,7 @@ struct decode_kernel_choice {
   // fp32 storage at group 16 has no kernel: the CUDA-core lane groups hold at most head_dim / 8 heads;
   // nor for several queries (fp32 storage has no tensor-core path).
   static constexpr bool supported = tensor_cores || (Queries == 1 && Group <= HeadDim / 8);
-  using tensor_geometry = tensor_core_geometry<HeadDim, StoreT, Group, RowElements, Fragments, Side, Queries>;
+  using tensor_geometry = tensor_core_geometry<HeadDim, StoreT, Group, RowElements, Fragments, Side, Queries, Blocks>;
   static constexpr int threads = tensor_cores ? tensor_geometry::threads : decode_threads;
   static constexpr std::size_t shared_bytes =
       tensor_cores ? tensor_geometry::shared_bytes : decode_geometry<HeadDim, StoreT, Group, RowElements>::shared_bytes;
@@ -1724,7 +1738,8 @@ struct implementation<stage::decode_attention, backend::cuda> {
         cuda_detail::decode_kernel_choice<
             head_dim, group, store_type, tiles::row_elements, fragments,
             typename cuda_detail::tensor_core_side<typename View::codec, head_dim, group, fragments>::type,
-            queries_capacity>>;
+            queries_capacity,
+            cuda_detail::tensor_core_blocks<View, store_type, head_dim, group, fragments, queries_capacity>()>>;
     const std::int64_t queries_per_sequence = queries.extent(1);
     if constexpr (queries_capacity > 1 && (!choice::supported || cuda_detail::is_low_rank<typename View::codec>)) {
       detail::fail(function, "cache.codec",
