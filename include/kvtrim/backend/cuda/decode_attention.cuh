@@ -776,12 +776,16 @@ __global__ void __launch_bounds__(decode_threads)
 // (rounding each dequantized element to fp16 once), and the same mma loop reads that.
 
 /// The blocks an SM a tensor-core decode kernel is built for: its launch bound (registers ≤ 65536 /
-/// (128 · blocks): 168 at three) and its stage budget (shared memory per block). Three for the
-/// kernels measured faster so (TC3_PLACEHOLDER), two for the others — one block's prologue, segment
-/// switch and epilogue then overlap the other's streaming. Head dim 256 (one block an SM by its
-/// shared memory: 200 KB of stages) and multi-query (256-thread blocks) keep their bare bound.
-/// KVTRIM_CUDA_DECODE_TC_BLOCKS (an experiment's knob) sets every kernel at head dims ≤ 128 and
-/// one query to that many (2 or 3), so that benchmarks can compare the two for any codec or layout.
+/// (128 · blocks): 168 at three) and its stage budget (shared memory per block: 108 KB at two, 72 KB
+/// at three). Three for int4 code fragments at groups ≤ 4 (KIVI and zero points, every layout):
+/// 9–10 % faster at W's 32k tokens, GQA 1, 2 and 4, H100, 2026-12-05 (docs/results.md), despite
+/// 80 bytes of spills at GQA 2–4. Two for the rest — one block's prologue, segment switch and
+/// epilogue then overlap the other's streaming: three were no faster for int8 (spills), fp8, fp16
+/// contiguous or flat, and for paged / shared_paged fp16 0.6 % faster at 32k but 2–5 % slower at
+/// 4k–8k on the H100 (−8 % at 32k in an H200 build that set every kernel to three, not re-measured
+/// there). Head dim 256 (one block an SM by its shared memory: 200 KB of stages) and multi-query
+/// (256-thread blocks) keep their bare bound. KVTRIM_CUDA_DECODE_TC_BLOCKS (an experiment's knob)
+/// sets every kernel at head dims ≤ 128 and one query to 2 or 3, so that a benchmark can compare.
 template <class View, class StoreT, int HeadDim, int Group, bool Fragments, int Queries>
 constexpr int tensor_core_blocks() {
   if constexpr (HeadDim > 128 || Queries > 1) {
@@ -792,11 +796,7 @@ constexpr int tensor_core_blocks() {
                   "KVTRIM_CUDA_DECODE_TC_BLOCKS: 2 or 3 blocks an SM");
     return KVTRIM_CUDA_DECODE_TC_BLOCKS;
 #else
-    using codec_type = typename View::codec;
-    constexpr bool paged_rows = is_paged_view<View> || is_shared_paged_view<View>;
-    constexpr bool int4_fragments = Fragments && std::is_same_v<codec_type, codec::quantized<4>> && Group <= 4;
-    constexpr bool paged_16_bit = !Fragments && sizeof(StoreT) == 2 && paged_rows && Group <= 4;
-    return int4_fragments || paged_16_bit ? 3 : 2;
+    return Fragments && std::is_same_v<typename View::codec, codec::quantized<4>> && Group <= 4 ? 3 : 2;
 #endif
   }
 }
