@@ -158,13 +158,18 @@ class Cache:
 
     # ---- the pipeline --------------------------------------------------------------------
 
-    def compress(self, keys, values, window_queries=None, scores=None) -> None:
+    def compress(self, keys, values, window_queries=None, scores=None, lse=None) -> None:
         """Scores the prefill's keys/values [B, H_kv, T, D], keeps each head's budget, replaces what the cache held.
 
         window_queries [B, H_q, w, D]: the last prefill queries (SnapKV reads its
         window of them; H2O all T). Ignored by scorers that read none.
         scores [B, H_kv, T] float32, on the cache's device: the caller's scores
         (ExternalScores only; higher keeps first, +inf always kept). Ignored otherwise.
+        lse [B, H_q, w] float32, on the cache's device: the prefill attention's softmax
+        normalisers of window_queries (FlashAttention's softmax_lse: ln of the sum of
+        exp(q.k / sqrt(D)) over every key up to the query; FlashInfer's base-2 LSE times ln 2).
+        SnapKV and H2O then skip computing them (on CUDA, one of their two passes over
+        the keys); other scorers refuse it. None: computed.
         """
         keys, stream = self._input("keys", keys)
         values, _ = self._input("values", values)
@@ -177,7 +182,9 @@ class Cache:
                 scores = None
             elif type(scores) is not np.ndarray and _library(scores) == "torch" and scores.requires_grad:
                 scores = scores.detach()
-        self._impl.compress(keys, values, window_queries, scores, stream)
+        if lse is not None:
+            lse, _ = self._input("lse", lse)
+        self._impl.compress(keys, values, window_queries, scores, lse, stream)
 
     def append(self, keys, values) -> None:
         """Appends keys/values [B, H_kv, n, D] after what every head holds."""

@@ -239,8 +239,10 @@ class cache_base {
  public:
   virtual ~cache_base() = default;
   /// `scores` [B, H_kv, T] float32: the caller's scores (score::external only; null otherwise).
+  /// `lse` [B, H_q, n_q] float32: the prefill's softmax normalisers of window_queries (SnapKV, H2O:
+  /// score/attention_mass.hpp, "Given normalisers"; null: computed).
   virtual void compress(const array& keys, const array& values, const array* window_queries, const array* scores,
-                        std::uintptr_t stream) = 0;
+                        const array* lse, std::uintptr_t stream) = 0;
   virtual void append(const array& keys, const array& values, std::uintptr_t stream) = 0;
   /// queries, out: [B, Hq, D] (one new token per sequence) or [B, Hq, L, D] (L new tokens per
   /// sequence, already appended; row i sees the first n − L + 1 + i tokens: scheme's multi-query attend).
@@ -700,7 +702,7 @@ class typed_cache final : public cache_base {
   }
 
   void compress(const array& keys, const array& values, const array* window_queries, const array* scores,
-                std::uintptr_t stream) override {
+                const array* lse, std::uintptr_t stream) override {
     constexpr std::string_view function = "kvtrim.Cache.compress";
     const auto k = as_view<4>(function, "keys", keys);
     const auto v = as_view<4>(function, "values", values);
@@ -720,6 +722,14 @@ class typed_cache final : public cache_base {
                      detail::cat("the caller's scores [", batch(), ", ", shape().kv_heads, ", tokens] (ExternalScores)"),
                      "None");
       cfg.score = score::external::config::from(as_view<3, float>(function, "scores", *scores));
+    }
+    if (lse != nullptr) {
+      if constexpr (requires { cfg.score.with_lse(as_view<3, float>(function, "lse", *lse)); })
+        cfg.score = cfg.score.with_lse(as_view<3, float>(function, "lse", *lse));
+      else
+        detail::fail(function, "lse",
+                     "None: only SnapKV and H2O take the prefill's softmax normalisers",
+                     detail::cat("normalisers for ", policy_name<scorer_type>::value));
     }
     require_device_bases("kvtrim::scheme::compress");
     const std::int64_t tokens = keys.extents[2];

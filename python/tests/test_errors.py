@@ -205,3 +205,13 @@ def test_adakv_paper_form_over_budget_is_refused_and_the_cache_kept(rng, layout)
         cache.compress(keys, values, scores=over)
     assert held(cache) == before
     assert all(np.array_equal(a, b) for a, b in zip(cache.kept(), kept))
+
+
+def test_given_normalisers_are_checked(rng):
+    keys, values, queries = random_layer(rng, 1, 4, 2, 64, 16)
+    cache = small_cache(press=kvtrim.SnapKV(window=8, compression_ratio=0.5))
+    with pytest.raises(kvtrim.Error, match=r"argument 'config.score.lse': expected normalisers of extents \[1, 4, 64\]"):
+        cache.compress(keys, values, queries, lse=np.zeros((1, 4, 8), np.float32))
+    streaming = small_cache(press=kvtrim.StreamingLLM(tokens=16))
+    with pytest.raises(kvtrim.Error, match=r"argument 'lse': expected None: only SnapKV and H2O take the prefill's softmax normalisers"):
+        streaming.compress(keys, values, lse=np.zeros((1, 4, 64), np.float32))

@@ -151,3 +151,42 @@ def test_strided_inputs_are_read_in_place(rng):
         cache.compress(k, v)
         outs.append(cache.attend(queries))
     assert np.array_equal(outs[0], outs[1])
+
+
+def prefill_lse(keys, window_queries):
+    """The prefill attention's softmax normalisers (ln of the sum of exp(q.k / sqrt(D)) over the
+    keys each observed query sees, causal), in double: what FlashAttention returns as softmax_lse."""
+    batch, kv_heads, tokens, dim = keys.shape
+    q_heads, observed = window_queries.shape[1], window_queries.shape[2]
+    lse = np.empty((batch, q_heads, observed), np.float32)
+    for b in range(batch):
+        for g in range(q_heads):
+            logits = window_queries[b, g].astype(np.float64) @ keys[b, g // (q_heads // kv_heads)].astype(np.float64).T
+            logits /= np.sqrt(dim)
+            for t in range(observed):
+                row = logits[t, :tokens - observed + t + 1]
+                top = row.max()
+                lse[b, g, t] = top + np.log(np.exp(row - top).sum())
+    return lse
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "flat", "paged"])
+def test_snapkv_with_the_prefills_normalisers_keeps_what_it_computes(rng, layout):
+    batch, q_heads, kv_heads, tokens, dim, window, ratio = 2, 8, 2, 100, 16, 8, 0.6
+    keys, values, window_queries = random_layer(rng, batch, q_heads, kv_heads, tokens, dim, window=window + 3)
+    press = kvtrim.SnapKV(window=window, kernel=5, compression_ratio=ratio)
+    keep = resolve_keep(tokens, compression_ratio=ratio)
+    cache = kvtrim.Cache(press, kvtrim.FP32(), layout, (q_heads, kv_heads, dim), batch, capacity_for(layout, batch, kv_heads, keep))
+    cache.compress(keys, values, window_queries, lse=prefill_lse(keys, window_queries))
+    for b in range(batch):
+        scores = snapkv_scores(keys[b], window_queries[b], window, 5)
+        for h in range(kv_heads):
+            assert kept_tokens(cache, keys, b, h) == top_k(list(scores[h]), keep), (b, h)
+    # Normalisers 50 too large in query head 0's rows scale its probabilities by e^-50: kv head 0
+    # then ranks as its other three query heads alone do, so the given values are what the scores
+    # are made of (not recomputed).
+    shifted = prefill_lse(keys, window_queries)
+    shifted[0, 0] += 50.0
+    cache.compress(keys, values, window_queries, lse=shifted)
+    scores = snapkv_scores(keys[0, :1], window_queries[0, 1:4], window, 5)
+    assert kept_tokens(cache, keys, 0, 0) == top_k(list(scores[0]), keep)
