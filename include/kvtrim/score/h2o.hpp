@@ -75,7 +75,7 @@ struct h2o {
     }
 
     void validate(std::string_view function) const {
-      detail::validate_given_lse(function, lse_strides);
+      detail::validate_given_lse(function, lse, lse_strides);
       if (protect_recent) detail::check_keep(function, "config.score.recent", recent);
     }
   };

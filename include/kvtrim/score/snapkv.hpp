@@ -72,7 +72,7 @@ struct snapkv {
     }
 
     void validate(std::string_view function) const {
-      detail::validate_given_lse(function, lse_strides);
+      detail::validate_given_lse(function, lse, lse_strides);
       if (window < 1)
         detail::fail(function, "config.score.window", "an observation window of at least 1 query",
                      std::to_string(window));

@@ -48,9 +48,10 @@
 // (rounded once: the product in double), so pass 2 computes 2^(l·log2(e)/√D − L')
 // = exp(l/√D − L). A non-finite L becomes m = L' = +∞ (1/Z = 1): every term of the
 // row is 2^(−∞) = 0, the CPU's "contributes nothing". Rows past a chunk's queries
-// are left as the fold leaves them (never read: the pass-2 kernels substitute
-// (+∞, 1) for them). Pass 2 and the finish are unchanged; the workspace too (its
-// partials are then unused). At workload W this drops one of the two ~400 µs passes.
+// are left as the fold leaves them (never read: the mma and wgmma passes substitute
+// +∞ for them, the scalar pass loops over the chunk's queries only). Pass 2 and the
+// finish are unchanged; the workspace too (its partials are then unused). At W on
+// the H100 the score takes 45 % less time, a contiguous compress 33 % (docs/results.md).
 //
 // Scratch (the scheme's two-phase workspace): partial (max, sum) per (row,
 // split), the final (m, Z) per row, and the per-query-head mass [B, Hq, length].
@@ -302,20 +303,33 @@ struct given_lse_rows {
   std::int64_t batch_stride, head_stride, query_stride;
 };
 
+/// Where plan row `row` lives in a [B, Hq, n_q] tensor of the observed queries (the fold's
+/// row order, as above); `observed` false for the rows past a chunk's queries.
+struct mass_row_place {
+  std::int64_t batch, query_head, query;
+  bool observed;
+};
+template <class KeyT, class QueryT>
+__device__ __forceinline__ mass_row_place place_of_mass_row(const attention_mass_parameters<KeyT, QueryT>& p,
+                                                             std::int64_t row) {
+  const std::int64_t row_chunks = p.group * p.chunks_per_head;
+  const std::int64_t in_chunk = row % mass_tile, unit = row / mass_tile / row_chunks;
+  const row_chunk chunk = chunk_rows(p, (row / mass_tile) % row_chunks);
+  return {unit / p.kv_heads, (unit % p.kv_heads) * p.group + chunk.g, chunk.t0 + in_chunk, in_chunk < chunk.count};
+}
+
 template <class KeyT, class QueryT>
 __global__ void attention_given_stats(const __grid_constant__ attention_mass_parameters<KeyT, QueryT> p,
                                       const given_lse_rows given) {
-  const std::int64_t row_chunks = p.group * p.chunks_per_head;
-  const std::int64_t rows = p.batch * p.kv_heads * row_chunks * mass_tile;
+  const std::int64_t rows = p.batch * p.kv_heads * p.group * p.chunks_per_head * mass_tile;
   for (std::int64_t row = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; row < rows;
        row += std::int64_t{gridDim.x} * blockDim.x) {
-    const std::int64_t in_chunk = row % mass_tile, unit = row / mass_tile / row_chunks;
-    const row_chunk chunk = chunk_rows(p, (row / mass_tile) % row_chunks);
-    if (in_chunk >= chunk.count) continue;  // as the fold: rows without a query are never read
-    const std::int64_t b = unit / p.kv_heads, h = unit % p.kv_heads;
-    const float lse = given.data[b * given.batch_stride + (h * p.group + chunk.g) * given.head_stride +
-                                 (chunk.t0 + in_chunk) * given.query_stride];
-    const float m = isfinite(lse) ? static_cast<float>(static_cast<double>(lse) * 1.4426950408889634) : INFINITY;
+    const mass_row_place place = place_of_mass_row(p, row);
+    if (!place.observed) continue;  // as the fold: rows without a query are never read
+    const float lse = given.data[place.batch * given.batch_stride + place.query_head * given.head_stride +
+                                 place.query * given.query_stride];
+    // Rounded once from the double product (+∞ past FLT_MAX, as the CPU's float arithmetic gives).
+    const float m = isfinite(lse) ? __double2float_rn(static_cast<double>(lse) * 1.4426950408889634) : INFINITY;
     p.stats[row] = make_float2(m, 1.0f);
     if (p.lse != nullptr) p.lse[row] = m;
   }
@@ -900,6 +914,11 @@ struct mass_plan {
   std::int64_t units, chunks_per_head, row_chunks, rows, splits, split_tiles, q_heads;
 };
 
+/// The blocks of a launch with one thread per plan row (256 a block, grid-strided).
+inline unsigned mass_row_blocks(const mass_plan& plan) {
+  return static_cast<unsigned>(std::min<std::int64_t>(ceil_div(plan.rows, 256), 65535));
+}
+
 inline mass_plan plan_attention_mass(const model_shape& shape, std::int64_t batch, std::int64_t tokens,
                                      std::int64_t per_head_queries) {
   mass_plan plan;
@@ -1036,7 +1055,7 @@ void launch_attention_row_stats(std::string_view function, const attention_mass_
   }
   detail::check_launch(function, "attention_row_stats");
   attention_fold_splits<KeyT, QueryT>
-      <<<static_cast<unsigned>(std::min<std::int64_t>(ceil_div(plan.rows, 256), 65535)), 256, 0, stream>>>(p);
+      <<<mass_row_blocks(plan), 256, 0, stream>>>(p);
   detail::check_launch(function, "attention_fold_splits");
 }
 
@@ -1068,20 +1087,30 @@ void launch_attention_column_mass(std::string_view function, const attention_mas
   detail::check_launch(function, "attention_column_mass");
 }
 
-/// The parameters of one call's passes (keys, the observed queries [first, n_q),
-/// the scratch pieces), as attention_mass_scores and attention_row_lse set them up.
+/// Throws unless keys [B, kv_heads, T, D] and the observed queries [B, q_heads, n_q, D] match
+/// the shape: before anything is sized from them (the workspace check would name the wrong argument).
 template <class KeyT, class QueryT>
-attention_mass_parameters<device_element_t<KeyT>, device_element_t<QueryT>> make_mass_parameters(
-    std::string_view function, const kv_view<KeyT, device_space>& keys,
-    const window_view<QueryT, device_space>& queries, const model_shape& shape, std::int64_t batch,
-    std::int64_t first, std::int64_t length, const mass_plan& plan, const mass_scratch& pieces) {
-  using key_t = device_element_t<KeyT>;
-  using query_t = device_element_t<QueryT>;
-  const std::int64_t tokens = keys.extent(2), observed = queries.extent(2), head_dim = keys.extent(3);
+void check_mass_inputs(std::string_view function, const kv_view<KeyT, device_space>& keys,
+                       const window_view<QueryT, device_space>& queries, const model_shape& shape, std::int64_t batch) {
+  const std::int64_t head_dim = keys.extent(3);
   if (keys.extent(0) != batch || keys.extent(1) != shape.kv_heads || queries.extent(0) != batch ||
       queries.extent(1) != shape.q_heads || queries.extent(3) != head_dim || head_dim != shape.head_dim)
     detail::fail(function, "window_queries", "[batch, q_heads, n_q, head_dim] queries matching the keys",
-                 detail::cat("[", queries.extent(0), ", ", queries.extent(1), ", ", observed, ", ", queries.extent(3), "]"));
+                 detail::cat("[", queries.extent(0), ", ", queries.extent(1), ", ", queries.extent(2), ", ",
+                             queries.extent(3), "]"));
+}
+
+/// The parameters of one call's passes (keys, the observed queries [first, n_q),
+/// the scratch pieces; inputs checked by check_mass_inputs), as attention_mass_scores
+/// and attention_row_lse set them up.
+template <class KeyT, class QueryT>
+attention_mass_parameters<device_element_t<KeyT>, device_element_t<QueryT>> make_mass_parameters(
+    const kv_view<KeyT, device_space>& keys, const window_view<QueryT, device_space>& queries,
+    const model_shape& shape, std::int64_t batch, std::int64_t first, std::int64_t length, const mass_plan& plan,
+    const mass_scratch& pieces) {
+  using key_t = device_element_t<KeyT>;
+  using query_t = device_element_t<QueryT>;
+  const std::int64_t tokens = keys.extent(2), observed = queries.extent(2), head_dim = keys.extent(3);
   const auto aligned = [](const void* pointer) { return reinterpret_cast<std::uintptr_t>(pointer) % 16 == 0; };
   const bool vector_loads = keys.stride(3) == 1 && queries.stride(3) == 1 && aligned(keys.data) &&
                             aligned(queries.data) && keys.stride(0) % 8 == 0 && keys.stride(1) % 8 == 0 &&
@@ -1110,20 +1139,20 @@ void attention_mass_scores(std::string_view function, const kv_view<KeyT, device
   using query_t = device_element_t<QueryT>;
   const std::int64_t batch = scores.extent(0), tokens = keys.extent(2), observed = queries.extent(2);
   const std::int64_t head_dim = keys.extent(3);
+  check_mass_inputs(function, keys, queries, shape, batch);
   const mass_plan plan = plan_attention_mass(shape, batch, tokens, observed - first);
   const std::size_t needed = attention_mass_workspace_bytes(shape, batch, tokens, observed - first, length);
   detail::check_workspace(function, scratch, needed);
   workspace_carver carver(scratch);
   const mass_scratch pieces = carve_attention_mass(carver, plan, length);
-  auto p = make_mass_parameters(function, keys, queries, shape, batch, first, length, plan, pieces);
+  auto p = make_mass_parameters(keys, queries, shape, batch, first, length, plan, pieces);
 
   dispatch_head_dim(head_dim, function, [&](auto head_dim_constant) {
     constexpr int D = decltype(head_dim_constant)::value;
     const mass_kernels kernels = choose_mass_kernels<key_t, query_t, D>(function, p, plan, pieces.lse, length);
     if (given.data != nullptr) {
-      attention_given_stats<key_t, query_t>
-          <<<static_cast<unsigned>(std::min<std::int64_t>(ceil_div(plan.rows, 256), 65535)), 256, 0, stream>>>(
-              p, given_lse_rows{given.data, given.stride(0), given.stride(1), given.stride(2)});
+      attention_given_stats<key_t, query_t><<<mass_row_blocks(plan), 256, 0, stream>>>(
+          p, given_lse_rows{given.data, given.stride(0), given.stride(1), given.stride(2)});
       detail::check_launch(function, "attention_given_stats");
     } else {
       launch_attention_row_stats<key_t, query_t, D>(function, p, kernels, plan, stream);
@@ -1148,16 +1177,13 @@ void attention_mass_scores(std::string_view function, const kv_view<KeyT, device
 template <class KeyT, class QueryT>
 __global__ void attention_rows_to_lse(const __grid_constant__ attention_mass_parameters<KeyT, QueryT> p, float* out,
                                       std::int64_t batch_stride, std::int64_t head_stride, std::int64_t query_stride) {
-  const std::int64_t row_chunks = p.group * p.chunks_per_head;
-  const std::int64_t rows = p.batch * p.kv_heads * row_chunks * mass_tile;
+  const std::int64_t rows = p.batch * p.kv_heads * p.group * p.chunks_per_head * mass_tile;
   for (std::int64_t row = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; row < rows;
        row += std::int64_t{gridDim.x} * blockDim.x) {
-    const std::int64_t in_chunk = row % mass_tile, unit = row / mass_tile / row_chunks;
-    const row_chunk chunk = chunk_rows(p, (row / mass_tile) % row_chunks);
-    if (in_chunk >= chunk.count) continue;
-    const std::int64_t b = unit / p.kv_heads, h = unit % p.kv_heads;
-    out[b * batch_stride + (h * p.group + chunk.g) * head_stride + (chunk.t0 + in_chunk) * query_stride] =
-        static_cast<float>(static_cast<double>(p.lse[row]) * 0.6931471805599453);
+    const mass_row_place place = place_of_mass_row(p, row);
+    if (!place.observed) continue;
+    out[place.batch * batch_stride + place.query_head * head_stride + place.query * query_stride] =
+        __double2float_rn(static_cast<double>(p.lse[row]) * 0.6931471805599453);
   }
 }
 
@@ -1178,21 +1204,22 @@ void attention_row_lse(std::string_view function, const kv_view<KeyT, device_spa
   using key_t = device_element_t<KeyT>;
   using query_t = device_element_t<QueryT>;
   const std::int64_t batch = keys.extent(0), tokens = keys.extent(2), observed = queries.extent(2);
-  detail::check_given_lse(function, out.data, out.extents, out.strides, batch, shape.q_heads, observed);
+  check_mass_inputs(function, keys, queries, shape, batch);
+  if (out.data == nullptr) detail::fail(function, "out", "a device tensor [batch, q_heads, n_q] of floats", "null");
+  detail::check_given_lse(function, out.data, out.extents, out.strides, batch, shape.q_heads, observed, "out");
   const mass_plan plan = plan_attention_mass(shape, batch, tokens, observed - first);
   detail::check_workspace(function, scratch, attention_row_lse_workspace_bytes(shape, batch, tokens, observed - first));
   workspace_carver carver(scratch);
   const mass_scratch pieces = carve_attention_mass(carver, plan, 0);
-  auto p = make_mass_parameters(function, keys, queries, shape, batch, first, 0, plan, pieces);
+  auto p = make_mass_parameters(keys, queries, shape, batch, first, 0, plan, pieces);
   dispatch_head_dim(keys.extent(3), function, [&](auto head_dim_constant) {
     constexpr int D = decltype(head_dim_constant)::value;
     const mass_kernels kernels = choose_mass_kernels<key_t, query_t, D>(function, p, plan, pieces.lse, 0);
     p.lse = pieces.lse;  // the fold writes L' for every row
     launch_attention_row_stats<key_t, query_t, D>(function, p, kernels, plan, stream);
   });
-  attention_rows_to_lse<key_t, query_t>
-      <<<static_cast<unsigned>(std::min<std::int64_t>(ceil_div(plan.rows, 256), 65535)), 256, 0, stream>>>(
-          p, out.data, out.stride(0), out.stride(1), out.stride(2));
+  attention_rows_to_lse<key_t, query_t><<<mass_row_blocks(plan), 256, 0, stream>>>(p, out.data, out.stride(0),
+                                                                                  out.stride(1), out.stride(2));
   detail::check_launch(function, "attention_rows_to_lse");
 }
 

@@ -302,9 +302,9 @@ struct kv_tile_stream {
   }
   /// Bulk copies: thread 0 copies the K tile, then the V tile. One thread issues both: two lanes
   /// issuing one each were serialised by the compiler anyway (a uniform-datapath copy takes one
-  /// lane's operands at a time), and compute-sanitizer's racecheck reported their two copies as a
-  /// write-write hazard at the copy instruction (128 on a flat GQA 2 case whose blocks read pieces
-  /// of two heads, H200 2026-12-05; memcheck and the values clean).
+  /// lane's operands at a time; no speed change, H100 2026-12-05). racecheck reports write-write
+  /// hazards at these copies with one issuer as with two — it does not order bulk copies by their
+  /// mbarrier; builds without bulk copies report none (docs/device-testing.md).
   __device__ __forceinline__ void issue_bulk(int tile) {
     issue_on_barrier<1>(tile, [&](unsigned key_tile, unsigned barrier) {
       const std::int64_t offset = rows.slot(first_token(tile)) * HeadDim;
@@ -801,8 +801,9 @@ constexpr int tensor_core_blocks() {
   }
 }
 
-template <int HeadDim, class StoreT, int Group, int RowElements = HeadDim, bool Fragments = false,
-          class Side = no_tile_side, int Queries = 1, int Blocks = 2>
+/// `Blocks`: tensor_core_blocks of the kernel (no default: the host's launch and the kernel must
+/// size the stages alike).
+template <int HeadDim, class StoreT, int Group, int RowElements, bool Fragments, class Side, int Queries, int Blocks>
 struct tensor_core_geometry {
   /// Query rows: the group's heads at each of up to `Queries` new tokens, in 16-row mma tiles.
   static constexpr int rows = Group * Queries;
@@ -934,7 +935,7 @@ struct tensor_core_side<CodecT, HeadDim, Group, true> {
 /// bytes at D 256 with three).
 template <int HeadDim, int Group, class StoreT, class Params, bool Fragments = false, int Queries = 1>
 __global__ void __launch_bounds__(
-    tensor_core_geometry<HeadDim, StoreT, Group, HeadDim, false, no_tile_side, Queries>::threads,
+    tensor_core_geometry<HeadDim, StoreT, Group, HeadDim, false, no_tile_side, Queries, 2>::threads,  // any Blocks
     tensor_core_blocks<std::remove_const_t<decltype(Params::cache)>, StoreT, HeadDim, Group, Fragments, Queries>())
     decode_attention_tensor_core(const __grid_constant__ Params params) {
   wait_for_prerequisite_grid();  // paged / flat: the plan's partition
@@ -1550,8 +1551,7 @@ void dispatch_decode_group(std::int64_t group, std::string_view function, Fn&& f
 /// The kernel, its block size and shared memory for one (head dim, group, storage) instantiation;
 /// Fragments (tensor cores over code bytes): the codec's fragment decoder, `Side` its staged steps;
 /// Queries > 1: multi-query decode of up to that many new tokens per sequence.
-template <int HeadDim, int Group, class StoreT, int RowElements = HeadDim, bool Fragments = false,
-          class Side = no_tile_side, int Queries = 1, int Blocks = 2>
+template <int HeadDim, int Group, class StoreT, int RowElements, bool Fragments, class Side, int Queries, int Blocks>
 struct decode_kernel_choice {
   // 16-bit storage at groups above KVTRIM_CUDA_DECODE_CUDA_CORE_GROUPS (2), code bytes at groups ≥ 4,
   // several queries, and code fragments at every group (their transposed product) run on the tensor
