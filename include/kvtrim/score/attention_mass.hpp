@@ -83,6 +83,15 @@ constexpr std::string_view to_string(pooling kind) { return kind == pooling::avg
 
 namespace kvtrim::detail {
 
+/// `cfg` with the normalisers held in `view` (score::snapkv / h2o config::with_lse).
+template <class Config, class T, MemorySpace Space>
+Config with_given_lse(Config cfg, const tensor_view<T, 3, Space>& view) {
+  cfg.lse = view.data;
+  cfg.lse_extents = view.extents;
+  cfg.lse_strides = view.strides;
+  return cfg;
+}
+
 /// The given normalisers' knob check (config.validate): non-negative strides (the
 /// strides of no normalisers are not read). `argument`: what the error names.
 inline void validate_given_lse(std::string_view function, const float* lse, const std::array<std::int64_t, 3>& strides,

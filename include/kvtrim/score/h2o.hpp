@@ -67,11 +67,7 @@ struct h2o {
     template <class T, MemorySpace Space>
       requires std::same_as<std::remove_const_t<T>, float>
     config with_lse(const tensor_view<T, 3, Space>& view) const {
-      config out = *this;
-      out.lse = view.data;
-      out.lse_extents = view.extents;
-      out.lse_strides = view.strides;
-      return out;
+      return detail::with_given_lse(*this, view);
     }
 
     void validate(std::string_view function) const {
