@@ -93,11 +93,13 @@ __device__ __forceinline__ unsigned shared_address(const void* pointer) {
 /// S (+)= A·Bᵀ over the head dim: HeadDim/16 k-steps, A and B swizzled tiles.
 template <class T, int HeadDim>
 __device__ __forceinline__ void wgmma_tile_product_ss(float (&d)[32], unsigned a_tile, unsigned b_tile) {
+  const unsigned a = swizzled_descriptor_low(a_tile), b = swizzled_descriptor_low(b_tile);
   wgmma_fence();
-  wgmma_64x64x16_ss<T, false>(d, swizzled_descriptor(a_tile, 0), swizzled_descriptor(b_tile, 0));
+  wgmma_64x64x16_ss<T, false>(d, swizzled_descriptor_from_low(a), swizzled_descriptor_from_low(b));
 #pragma unroll
   for (int s = 1; s < HeadDim / 16; ++s)
-    wgmma_64x64x16_ss<T, true>(d, swizzled_descriptor(a_tile, s), swizzled_descriptor(b_tile, s));
+    wgmma_64x64x16_ss<T, true>(d, swizzled_descriptor_from_low(a + swizzled_step_offset(s)),
+                               swizzled_descriptor_from_low(b + swizzled_step_offset(s)));
   wgmma_commit();
 }
 
@@ -105,12 +107,22 @@ __device__ __forceinline__ void wgmma_tile_product_ss(float (&d)[32], unsigned a
 template <class T, int HeadDim>
 __device__ __forceinline__ void wgmma_tile_product_rs(float (&d)[32], const unsigned (&a)[HeadDim / 16][4],
                                                       unsigned b_tile) {
+  const unsigned b = swizzled_descriptor_low(b_tile);
   wgmma_fence();
-  wgmma_64x64x16_rs<T, false>(d, a[0], swizzled_descriptor(b_tile, 0));
+  wgmma_64x64x16_rs<T, false>(d, a[0], swizzled_descriptor_from_low(b));
 #pragma unroll
-  for (int s = 1; s < HeadDim / 16; ++s) wgmma_64x64x16_rs<T, true>(d, a[s], swizzled_descriptor(b_tile, s));
+  for (int s = 1; s < HeadDim / 16; ++s)
+    wgmma_64x64x16_rs<T, true>(d, a[s], swizzled_descriptor_from_low(b + swizzled_step_offset(s)));
   wgmma_commit();
 }
+
+/// `value` as lane 0 holds it, which the compiler then knows to be warp-uniform: shared
+/// addresses derived from it live in uniform registers, where wgmma reads its
+/// descriptors (a per-thread tile address cost two R2UR and a vector add a wgmma;
+/// ~20 % of pass 2's issue slots with the descriptors' masks, ncu on the H100).
+__device__ __forceinline__ unsigned warp_uniform(unsigned value) { return __shfl_sync(0xffffffffu, value, 0); }
+/// This thread's warpgroup (threadIdx.x / 128), warp-uniform.
+__device__ __forceinline__ int uniform_warpgroup() { return static_cast<int>(warp_uniform(threadIdx.x / 128)); }
 
 /// Chunks 0 … chunks − 1 (≤ ChunksMax) through two accumulators: chunk i's product
 /// (issue) is in flight while chunk i − 1's logits are read (consume). Every step
@@ -173,7 +185,7 @@ __global__ void __launch_bounds__(wgmma_mass_threads, 1)
   constexpr int chunks_max = wgmma_mass_chunks<HeadDim>;
   constexpr unsigned tile_bytes = swizzled_tile_bytes<HeadDim>;
   extern __shared__ __align__(1024) unsigned char wgmma_mass_shared[];
-  const int warpgroup = static_cast<int>(threadIdx.x / 128), thread = static_cast<int>(threadIdx.x % 128);
+  const int warpgroup = uniform_warpgroup(), thread = static_cast<int>(threadIdx.x % 128);
   const unsigned q_tiles = shared_address(wgmma_aligned_shared(wgmma_mass_shared));
   const unsigned k_tiles = q_tiles + (chunks_max + 2 * warpgroup) * tile_bytes;  // this warpgroup's two stages
 
@@ -273,11 +285,14 @@ __global__ void __launch_bounds__(wgmma_mass_threads, 1)
     fence_shared_for_wgmma();
     warpgroup_barrier(warpgroup);  // tile t is staged; every warp waited for its products of tile t − 1
     if (t + 1 < tile_end) {
-      keys.load(k_tiles + static_cast<unsigned>((t + 1 - tile_begin) & 1) * tile_bytes, 0, (t + 1) * mass_tile,
-                p.tokens);
+      const unsigned next = k_tiles + static_cast<unsigned>((t + 1 - tile_begin) & 1) * tile_bytes;
+      if ((t + 2) * mass_tile <= p.tokens)
+        keys.load_whole(next, 0, (t + 1) * mass_tile);
+      else
+        keys.load(next, 0, (t + 1) * mass_tile, p.tokens);
       mass_async_commit();
     }
-    const unsigned k_tile = k_tiles + static_cast<unsigned>((t - tile_begin) & 1) * tile_bytes;
+    const unsigned k_tile = warp_uniform(k_tiles + static_cast<unsigned>((t - tile_begin) & 1) * tile_bytes);
     const std::int64_t j0 = t * mass_tile;
     const bool masked = j0 + mass_tile - 1 > first_position;
     wgmma_chunk_pipeline<chunks_max>(
@@ -324,7 +339,7 @@ __global__ void __launch_bounds__(wgmma_mass_threads, 1)
   constexpr int chunks_max = wgmma_mass_chunks<HeadDim>;
   constexpr unsigned tile_bytes = swizzled_tile_bytes<HeadDim>;
   extern __shared__ __align__(1024) unsigned char wgmma_mass_shared[];
-  const int warpgroup = static_cast<int>(threadIdx.x / 128), thread = static_cast<int>(threadIdx.x % 128);
+  const int warpgroup = uniform_warpgroup(), thread = static_cast<int>(threadIdx.x % 128);
   unsigned char* aligned = wgmma_aligned_shared(wgmma_mass_shared);
   const unsigned q_tiles = shared_address(aligned);
   const unsigned k_tiles = q_tiles + (chunks_max + 2 * warpgroup) * tile_bytes;  // this warpgroup's two stages
@@ -378,11 +393,14 @@ __global__ void __launch_bounds__(wgmma_mass_threads, 1)
     fence_shared_for_wgmma();
     warpgroup_barrier(warpgroup);  // tile t is staged; every warp's products of tile t − 1 have retired
     if (t + 1 < tile_end) {
-      keys.load(k_tiles + static_cast<unsigned>((t + 1 - tile_begin) & 1) * tile_bytes, 0, (t + 1) * mass_tile,
-                p.tokens);
+      const unsigned next = k_tiles + static_cast<unsigned>((t + 1 - tile_begin) & 1) * tile_bytes;
+      if ((t + 2) * mass_tile <= p.tokens)
+        keys.load_whole(next, 0, (t + 1) * mass_tile);
+      else
+        keys.load(next, 0, (t + 1) * mass_tile, p.tokens);
       mass_async_commit();
     }
-    const unsigned k_tile = k_tiles + static_cast<unsigned>((t - tile_begin) & 1) * tile_bytes;
+    const unsigned k_tile = warp_uniform(k_tiles + static_cast<unsigned>((t - tile_begin) & 1) * tile_bytes);
     const std::int64_t j0 = t * mass_tile;
     const std::int64_t key[2] = {j0 + 16 * warp + quad_row, j0 + 16 * warp + quad_row + 8};
 

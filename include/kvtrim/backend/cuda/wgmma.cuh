@@ -58,13 +58,27 @@ __device__ __forceinline__ unsigned swizzled_offset(int row, int chunk) {
   return static_cast<unsigned>((chunk / 8) * swizzled_panel_bytes + row * 128 + (((chunk % 8) ^ (row % 8)) * 16));
 }
 
-/// The matrix descriptor of k-step `step` (16 channels) of the swizzled tile at
-/// shared address `tile`: start address, leading byte offset (unused by K-major
-/// swizzled layouts, 1 by convention), stride byte offset 1024 (8 rows), 128-byte swizzle.
+/// The matrix descriptor of k-step `step` (16 channels) of the swizzled tile at shared
+/// address `tile`: start address, leading byte offset (unused by K-major swizzled
+/// layouts, 1 by convention), stride byte offset 1024 (8 rows), 128-byte swizzle.
+/// Built as two 32-bit words: the low one (start, leading offset) from
+/// swizzled_descriptor_low, the high one a constant. Shared addresses are below 2^18
+/// (228 KB), so the start field (address >> 4, 14 bits) needs no mask and a k-step's
+/// offset adds to a tile's low word without a carry out of the field: a loop over
+/// k-steps builds the tile's word once and adds a constant per step (the masked 64-bit
+/// form cost five uniform-datapath instructions a wgmma, ~20 % of pass 2's issue slots).
+__device__ __forceinline__ unsigned swizzled_descriptor_low(unsigned tile) { return (tile >> 4) | (1u << 16); }
+/// What k-step `step` adds to a tile's low descriptor word: the step's byte offset in
+/// the tile, in 16-byte units.
+__host__ __device__ constexpr unsigned swizzled_step_offset(int step) {
+  return static_cast<unsigned>(((step / 4) * swizzled_panel_bytes + (step % 4) * 32) >> 4);
+}
+__device__ __forceinline__ std::uint64_t swizzled_descriptor_from_low(unsigned low) {
+  constexpr unsigned high = (1024u >> 4) | (1u << 30);  // stride byte offset; bits 62–63: 128-byte swizzle
+  return (static_cast<std::uint64_t>(high) << 32) | low;
+}
 __device__ __forceinline__ std::uint64_t swizzled_descriptor(unsigned tile, int step) {
-  const unsigned start = tile + static_cast<unsigned>((step / 4) * swizzled_panel_bytes + (step % 4) * 32);
-  return static_cast<std::uint64_t>((start >> 4) & 0x3FFF) | (std::uint64_t{1} << 16) | (std::uint64_t{1024 >> 4} << 32) |
-         (std::uint64_t{1} << 62);
+  return swizzled_descriptor_from_low(swizzled_descriptor_low(tile) + swizzled_step_offset(step));
 }
 
 /// ldmatrix.x4 of the A fragment of rows [row0, row0 + 16) × k-step `step` of a swizzled
@@ -194,6 +208,18 @@ struct swizzled_loader {
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(target),
                    "l"(valid ? source + k * step : matrix), "r"(valid ? 16 : 0));
     }
+  }
+  /// load() for a tile whose 64 rows all exist (row0 + 64 ≤ rows): no bounds tests
+  /// and no pointer selects — the per-row form spent ~200 instructions a tile on
+  /// them, a fifth of pass 2's issue slots (ncu, H100, 2026-12-05).
+  __device__ __forceinline__ void load_whole(unsigned tile, std::int64_t shift, std::int64_t row0) const {
+    const char* source = reinterpret_cast<const char*>(thread_row + shift + row0 * row_stride);
+    const std::int64_t step_bytes = rows_per_pass * row_stride * static_cast<std::int64_t>(sizeof(T));
+    const unsigned target = tile + offset;
+#pragma unroll
+    for (int k = 0; k < passes; ++k)
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(target + static_cast<unsigned>(k * rows_per_pass * 128)),
+                   "l"(source + k * step_bytes));
   }
 };
 
