@@ -879,7 +879,7 @@ inline constexpr int finish_stage_width = 1280;
 /// division repeated per neighbour, took 67 µs at W on the H100 against ~14 µs of
 /// bytes; staging one row at a time, 128 µs: a memory latency per row and block.)
 template <int Unused>
-__global__ void __launch_bounds__(256) attention_mass_finish(const __grid_constant__ mass_finish_parameters p) {
+__global__ void __launch_bounds__(256, 3) attention_mass_finish(const __grid_constant__ mass_finish_parameters p) {
   __shared__ float staged[finish_stage_rows][finish_stage_width];
   constexpr int per_thread = static_cast<int>(finish_tile / 256);
   constexpr int loads = finish_stage_width / 256;
@@ -914,32 +914,44 @@ __global__ void __launch_bounds__(256) attention_mass_finish(const __grid_consta
         reduced[k] = fmaxf(reduced[k], value);
     };
     if (stage) {
+      // Tile-relative 32-bit indices: token j0 + jl is staged at jl − (s0 − j0); its
+      // window [max(0, j − half), min(length − 1, j + half)] is staged at
+      // [max(0, jr − half), min(staged_count − 1, jr + half)] with jr = j − s0.
+      const int visible = static_cast<int>(
+          mass_min(mass_min(p.tokens, p.protected_from) - j0, finish_tile));  // tokens of the tile to score
+      const int lead = static_cast<int>(j0 - s0), half_width = static_cast<int>(half);
+      // x / window_divisor: by a power of two that is x · 2⁻ᵏ, the same rounding of the same quotient.
+      const float divisor = p.window_divisor, inverse = 1.0f / divisor;
+      const bool power_of_two = (__float_as_uint(divisor) & 0x807fffffu) == 0 && divisor != 0.0f && isfinite(divisor);
       for (std::int64_t g0 = 0; g0 < p.group; g0 += finish_stage_rows) {
         const int count = static_cast<int>(p.group - g0 < finish_stage_rows ? p.group - g0 : finish_stage_rows);
+        const float* const first_row = rows + g0 * p.length + s0;
         float loaded[finish_stage_rows][loads];
 #pragma unroll
         for (int r = 0; r < finish_stage_rows; ++r)
 #pragma unroll
           for (int x = 0; x < loads; ++x) {
             const int i = t + 256 * x;
-            loaded[r][x] = r < count && i < staged_count ? rows[(g0 + r) * p.length + s0 + i] : 0.0f;
+            loaded[r][x] = r < count && i < staged_count ? first_row[r * p.length + i] : 0.0f;
           }
         __syncthreads();  // every thread is done with the previous rows' values
 #pragma unroll
         for (int r = 0; r < finish_stage_rows; ++r)
 #pragma unroll
           for (int x = 0; x < loads; ++x)
-            if (r < count && t + 256 * x < staged_count) staged[r][t + 256 * x] = loaded[r][x] / p.window_divisor;
+            if (r < count && t + 256 * x < staged_count)
+              staged[r][t + 256 * x] = power_of_two ? loaded[r][x] * inverse : loaded[r][x] / divisor;
         __syncthreads();
 #pragma unroll 1
         for (int r = 0; r < count; ++r) {
 #pragma unroll
           for (int k = 0; k < per_thread; ++k) {
-            const std::int64_t j = j0 + t + 256 * k;
-            if (j >= p.tokens || j >= p.protected_from) continue;
+            const int jl = t + 256 * k;
+            if (jl >= visible) continue;
             // pool_at over row / window_divisor (the division per element first, as the CPU).
-            const int first = static_cast<int>((j - half < 0 ? 0 : j - half) - s0);
-            const int last = static_cast<int>((j + half >= p.length ? p.length - 1 : j + half) - s0);
+            const int jr = jl + lead;
+            const int first = jr - half_width < 0 ? 0 : jr - half_width;
+            const int last = jr + half_width < staged_count ? jr + half_width : staged_count - 1;
             float value;
             if (p.pooling == score::pooling::avg) {
               float sum = 0.0f;
