@@ -387,11 +387,16 @@ INSTANTIATE_TEST_SUITE_P(
         snapkv_case{2, 2, 2, 128, 4097, 100, 5, 100}, snapkv_case{1, 2, 8, 64, 4097, 64, 7, 64},
         snapkv_case{2, 1, 8, 128, 1000, 64, 5, 70, kt::score::pooling::max},
         snapkv_case{4, 4, 2, 64, 32768, 64, 5, 64}, snapkv_case{3, 4, 1, 128, 32768, 64, 5, 64},
-        // Pooling wider than the finish's staged halo (half-width > 1536: the row is read
-        // from global memory, not staged), avg and max, one head's windows crossing the
-        // 1024-token tiles
+        // The finish's paths (attention_mass_finish stages a 1024-token tile and its pooling
+        // halo when they fit 1280 values, four query heads at a time): kernels so wide that
+        // every tile reads global memory (avg, max); a kernel of half-width 150 that the
+        // first and last tiles stage (the row's ends clip the halo) and the middle ones
+        // read; a group of 6 (a second, partial batch of rows) with max pooling and reduction
         snapkv_case{1, 1, 4, 64, 4097, 16, 3201, 16},
-        snapkv_case{2, 2, 2, 64, 4097, 16, 3333, 16, kt::score::pooling::max}),
+        snapkv_case{2, 2, 2, 64, 4097, 16, 3333, 16, kt::score::pooling::max},
+        snapkv_case{1, 1, 4, 64, 4081, 16, 301, 16},
+        snapkv_case{2, 1, 6, 64, 2100, 32, 5, 32, kt::score::pooling::max, kt::score::window_reduction::mean,
+                    kt::score::group_reduction::max}),
     [](const ::testing::TestParamInfo<snapkv_case>& info) { return describe(info.param) + "_" + std::to_string(info.index); });
 
 #if defined(KVTRIM_CUDA_WGMMA)

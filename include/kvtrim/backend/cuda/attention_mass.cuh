@@ -27,7 +27,7 @@
 //           (no atomics: the block owns its key tile);
 //   finish  attention_mass_finish: the scorer's per-query-head step, pooling over
 //           neighbouring tokens and the group reduction, per (kv head, tile of 1024
-//           tokens), the query heads' rows staged in shared memory four at a time.
+//           tokens), SnapKV's query-head rows staged in shared memory four at a time.
 // Both passes use one tile product: Q[64 × D] · K[64 × D]ᵀ on tensor cores
 // (mma.sync m16n8k16, fp32 accumulators, the logits kept in registers: the
 // *_mma kernels) when keys and queries share a 16-bit type; a plain fp32 loop in
@@ -865,9 +865,10 @@ struct mass_finish_parameters {
 /// Tokens a block of attention_mass_finish scores: 256 threads, four tokens each.
 inline constexpr std::int64_t finish_tile = 1024;
 /// Query heads' rows a block stages at once, and the values of each it holds (5 KB):
-/// its tile and the pooling halo either side (half-width ≤ 128; kvpress's default
-/// kernel is 5, Ada-KV's 7). Wider kernels read the rows from global memory instead,
-/// the same values in the same order.
+/// its tile and the pooling halo either side, clipped to the row — every tile for
+/// half-widths ≤ 128 (kvpress's default kernel is 5, Ada-KV's 7). A tile whose values
+/// exceed 1280 reads the rows from global memory instead, the same values in the same
+/// order; so does H2O (no pooling: one read per value).
 inline constexpr int finish_stage_rows = 4;
 inline constexpr int finish_stage_width = 1280;
 
@@ -920,7 +921,10 @@ __global__ void __launch_bounds__(256, 3) attention_mass_finish(const __grid_con
       // [max(0, jr − half), min(staged_count − 1, jr + half)] with jr = j − s0.
       const int visible = static_cast<int>(
           mass_min(mass_min(p.tokens, p.protected_from) - j0, finish_tile));  // tokens of the tile to score
-      const int lead = static_cast<int>(j0 - s0), half_width = static_cast<int>(half);
+      // (A half-width past the staged values clips to them: any kernel stages where the
+      // row is short, and windows never reach past [0, staged_count).)
+      const int lead = static_cast<int>(j0 - s0),
+                half_width = static_cast<int>(mass_min(half, std::int64_t{finish_stage_width}));
       // x / window_divisor: by a power of two that is x · 2⁻ᵏ, the same rounding of the same quotient.
       const float divisor = p.window_divisor, inverse = 1.0f / divisor;
       const bool power_of_two = (__float_as_uint(divisor) & 0x807fffffu) == 0 && divisor != 0.0f && isfinite(divisor);

@@ -58,11 +58,12 @@ __device__ __forceinline__ unsigned swizzled_offset(int row, int chunk) {
   return static_cast<unsigned>((chunk / 8) * swizzled_panel_bytes + row * 128 + (((chunk % 8) ^ (row % 8)) * 16));
 }
 
-/// The matrix descriptor of k-step `step` (16 channels) of the swizzled tile at shared
+/// wgmma's matrix descriptor of k-step s (16 channels) of the swizzled tile at shared
 /// address `tile`: start address, leading byte offset (unused by K-major swizzled
 /// layouts, 1 by convention), stride byte offset 1024 (8 rows), 128-byte swizzle.
-/// Built as two 32-bit words: the low one (start, leading offset) from
-/// swizzled_descriptor_low, the high one a constant. Shared addresses are below 2^18
+/// Built as two 32-bit words: the low one (start, leading offset) is
+/// swizzled_descriptor_low(tile) + swizzled_step_offset(s), the high one a constant
+/// (swizzled_descriptor_from_low). Shared addresses are below 2^18
 /// (228 KB), so the start field (address >> 4, 14 bits) needs no mask and a k-step's
 /// offset adds to a tile's low word without a carry out of the field: a loop over
 /// k-steps builds the tile's word once and adds a constant per step (the masked 64-bit
@@ -76,9 +77,6 @@ __host__ __device__ constexpr unsigned swizzled_step_offset(int step) {
 __device__ __forceinline__ std::uint64_t swizzled_descriptor_from_low(unsigned low) {
   constexpr unsigned high = (1024u >> 4) | (1u << 30);  // stride byte offset; bits 62–63: 128-byte swizzle
   return (static_cast<std::uint64_t>(high) << 32) | low;
-}
-__device__ __forceinline__ std::uint64_t swizzled_descriptor(unsigned tile, int step) {
-  return swizzled_descriptor_from_low(swizzled_descriptor_low(tile) + swizzled_step_offset(step));
 }
 
 /// ldmatrix.x4 of the A fragment of rows [row0, row0 + 16) × k-step `step` of a swizzled
