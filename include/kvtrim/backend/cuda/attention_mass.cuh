@@ -915,6 +915,21 @@ __global__ void __launch_bounds__(256, 3) attention_mass_finish(const __grid_con
       else
         reduced[k] = fmaxf(reduced[k], value);
     };
+    // pool_at over the values at(first … last) (row / window_divisor, the division per
+    // element first, as the CPU), whichever memory holds them.
+    const auto pool = [&](auto first, auto last, auto&& at) {
+      if (p.pooling == score::pooling::avg) {
+        float sum = 0.0f;
+        for (auto i = first; i <= last; ++i) sum += at(i);
+        return sum / static_cast<float>(p.kernel);
+      }
+      float value = at(first);
+      for (auto i = first + 1; i <= last; ++i) {
+        const float v = at(i);
+        value = v > value ? v : value;
+      }
+      return value;
+    };
     if (stage) {
       // Tile-relative 32-bit indices: token j0 + jl is staged at jl − (s0 − j0); its
       // window [max(0, j − half), min(length − 1, j + half)] is staged at
@@ -925,9 +940,6 @@ __global__ void __launch_bounds__(256, 3) attention_mass_finish(const __grid_con
       // row is short, and windows never reach past [0, staged_count).)
       const int lead = static_cast<int>(j0 - s0),
                 half_width = static_cast<int>(mass_min(half, std::int64_t{finish_stage_width}));
-      // x / window_divisor: by a power of two that is x · 2⁻ᵏ, the same rounding of the same quotient.
-      const float divisor = p.window_divisor, inverse = 1.0f / divisor;
-      const bool power_of_two = (__float_as_uint(divisor) & 0x807fffffu) == 0 && divisor != 0.0f && isfinite(divisor);
       for (std::int64_t g0 = 0; g0 < p.group; g0 += finish_stage_rows) {
         const int count = static_cast<int>(p.group - g0 < finish_stage_rows ? p.group - g0 : finish_stage_rows);
         const float* const first_row = rows + g0 * p.length + s0;
@@ -945,7 +957,7 @@ __global__ void __launch_bounds__(256, 3) attention_mass_finish(const __grid_con
 #pragma unroll
           for (int x = 0; x < loads; ++x)
             if (r < count && t + 256 * x < staged_count)
-              staged[r][t + 256 * x] = power_of_two ? loaded[r][x] * inverse : loaded[r][x] / divisor;
+              staged[r][t + 256 * x] = loaded[r][x] / p.window_divisor;
         __syncthreads();
 #pragma unroll 1
         for (int r = 0; r < count; ++r) {
@@ -953,20 +965,10 @@ __global__ void __launch_bounds__(256, 3) attention_mass_finish(const __grid_con
           for (int k = 0; k < per_thread; ++k) {
             const int jl = t + 256 * k;
             if (jl >= visible) continue;
-            // pool_at over row / window_divisor (the division per element first, as the CPU).
             const int jr = jl + lead;
             const int first = jr - half_width < 0 ? 0 : jr - half_width;
             const int last = jr + half_width < staged_count ? jr + half_width : staged_count - 1;
-            float value;
-            if (p.pooling == score::pooling::avg) {
-              float sum = 0.0f;
-              for (int i = first; i <= last; ++i) sum += staged[r][i];
-              value = sum / static_cast<float>(p.kernel);
-            } else {
-              value = staged[r][first];
-              for (int i = first + 1; i <= last; ++i) value = staged[r][i] > value ? staged[r][i] : value;
-            }
-            reduce(g0 + r, k, value);
+            reduce(g0 + r, k, pool(first, last, [&](int i) { return staged[r][i]; }));
           }
         }
       }
@@ -977,25 +979,13 @@ __global__ void __launch_bounds__(256, 3) attention_mass_finish(const __grid_con
         for (int k = 0; k < per_thread; ++k) {
           const std::int64_t j = j0 + t + 256 * k;
           if (j >= p.tokens || j >= p.protected_from) continue;
-          float value;
           if (snapkv) {  // a kernel wider than the staged halo
             const std::int64_t first = j - half < 0 ? 0 : j - half;
             const std::int64_t last = j + half >= p.length ? p.length - 1 : j + half;
-            if (p.pooling == score::pooling::avg) {
-              float sum = 0.0f;
-              for (std::int64_t i = first; i <= last; ++i) sum += row[i] / p.window_divisor;
-              value = sum / static_cast<float>(p.kernel);
-            } else {
-              value = row[first] / p.window_divisor;
-              for (std::int64_t i = first + 1; i <= last; ++i) {
-                const float v = row[i] / p.window_divisor;
-                value = v > value ? v : value;
-              }
-            }
+            reduce(g, k, pool(first, last, [&](std::int64_t i) { return row[i] / p.window_divisor; }));
           } else {
-            value = p.observed_normalisation ? row[j] / static_cast<float>(p.tokens - j) : row[j];
+            reduce(g, k, p.observed_normalisation ? row[j] / static_cast<float>(p.tokens - j) : row[j]);
           }
-          reduce(g, k, value);
         }
       }
     }

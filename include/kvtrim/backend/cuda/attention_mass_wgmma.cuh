@@ -285,11 +285,8 @@ __global__ void __launch_bounds__(wgmma_mass_threads, 1)
     fence_shared_for_wgmma();
     warpgroup_barrier(warpgroup);  // tile t is staged; every warp waited for its products of tile t − 1
     if (t + 1 < tile_end) {
-      const unsigned next = k_tiles + static_cast<unsigned>((t + 1 - tile_begin) & 1) * tile_bytes;
-      if ((t + 2) * mass_tile <= p.tokens)
-        keys.load_whole(next, 0, (t + 1) * mass_tile);
-      else
-        keys.load(next, 0, (t + 1) * mass_tile, p.tokens);
+      keys.load_tile(k_tiles + static_cast<unsigned>((t + 1 - tile_begin) & 1) * tile_bytes, (t + 1) * mass_tile,
+                     p.tokens);
       mass_async_commit();
     }
     const unsigned k_tile = warp_uniform(k_tiles + static_cast<unsigned>((t - tile_begin) & 1) * tile_bytes);
@@ -393,11 +390,8 @@ __global__ void __launch_bounds__(wgmma_mass_threads, 1)
     fence_shared_for_wgmma();
     warpgroup_barrier(warpgroup);  // tile t is staged; every warp's products of tile t − 1 have retired
     if (t + 1 < tile_end) {
-      const unsigned next = k_tiles + static_cast<unsigned>((t + 1 - tile_begin) & 1) * tile_bytes;
-      if ((t + 2) * mass_tile <= p.tokens)
-        keys.load_whole(next, 0, (t + 1) * mass_tile);
-      else
-        keys.load(next, 0, (t + 1) * mass_tile, p.tokens);
+      keys.load_tile(k_tiles + static_cast<unsigned>((t + 1 - tile_begin) & 1) * tile_bytes, (t + 1) * mass_tile,
+                     p.tokens);
       mass_async_commit();
     }
     const unsigned k_tile = warp_uniform(k_tiles + static_cast<unsigned>((t - tile_begin) & 1) * tile_bytes);

@@ -219,6 +219,13 @@ struct swizzled_loader {
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(target + static_cast<unsigned>(k * rows_per_pass * 128)),
                    "l"(source + k * step_bytes));
   }
+  /// Rows [row0, row0 + 64) ∩ [0, rows): load_whole where all 64 exist, else load.
+  __device__ __forceinline__ void load_tile(unsigned tile, std::int64_t row0, std::int64_t rows) const {
+    if (row0 + swizzled_rows <= rows)
+      load_whole(tile, 0, row0);
+    else
+      load(tile, 0, row0, rows);
+  }
 };
 
 }  // namespace kvtrim::cuda_detail
