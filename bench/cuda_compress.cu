@@ -49,6 +49,7 @@
 #include <benchmark/benchmark.h>
 
 #include "cuda_common.cuh"
+#include "cuda_prefill_lse.cuh"
 
 #include <cub/device/device_segmented_sort.cuh>
 #include <cub/device/device_select.cuh>
@@ -65,6 +66,7 @@
 #include <cstdio>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <thread>
 #include <vector>
@@ -350,20 +352,10 @@ void compress_scheme(benchmark::State& state) {
   if constexpr (requires { codec_config.asymmetric; }) codec_config.asymmetric = variant == 2 || variant == 3;
   if constexpr (requires { codec_config.scales; })
     codec_config.scales = variant == 6 ? kt::codec::fp8_scaling::fixed : kt::codec::fp8_scaling::head_amax;
-  float* lse = nullptr;
+  std::optional<kvtrim_bench::prefill_lse> lse;
   if constexpr (GivenLse) {
     static_assert(std::is_same_v<Scorer, kt::score::snapkv>, "given normalisers are SnapKV's (and H2O's)");
-    const std::array<std::int64_t, 3> lse_extents{batch, shape.q_heads, window};
-    check(cudaMalloc(&lse, sizeof(float) * batch * shape.q_heads * window), "cudaMalloc");
-    const std::size_t lse_bytes = kt::cuda_detail::attention_row_lse_workspace_bytes(shape, batch, tokens, window);
-    void* lse_scratch = nullptr;
-    check(cudaMalloc(&lse_scratch, std::max<std::size_t>(lse_bytes, 1)), "cudaMalloc");
-    const kt::tensor_view<float, 3, kt::device_space> lse_view{lse, lse_extents, kt::row_major_strides(lse_extents)};
-    kt::cuda_detail::attention_row_lse("bench compress_scheme", key_view, query_view, shape, 0, lse_view,
-                                       {lse_scratch, lse_bytes}, nullptr);
-    check(cudaDeviceSynchronize(), "attention_row_lse");
-    cudaFree(lse_scratch);
-    cfg.score = cfg.score.with_lse(lse_view);
+    cfg.score = cfg.score.with_lse(lse.emplace(key_view, query_view, shape).view());
   }
   auto cache = scheme::make_cache(shape, batch, bench_pool<Layout>(batch, kv_heads, tokens), codec_config);
   const std::int64_t capacity = scheme::kept_tokens_capacity(shape, batch, tokens, cfg);
@@ -409,7 +401,6 @@ void compress_scheme(benchmark::State& state) {
   time_calls(state, moved, stream, [&] { call(none); });
   state.counters["kept_fraction"] = static_cast<double>(total_kept) / static_cast<double>(batch * kv_heads * tokens);
   cudaFree(keys), cudaFree(values), cudaFree(queries), cudaFree(scratch), cudaFree(offsets), cudaFree(kept);
-  if (lse != nullptr) cudaFree(lse);
   cudaStreamDestroy(stream);
 }
 

@@ -18,9 +18,11 @@
 #include <benchmark/benchmark.h>
 
 #include "cuda_common.cuh"
+#include "cuda_prefill_lse.cuh"
 
 #include <algorithm>
 #include <cstdio>
+#include <optional>
 #include <vector>
 
 namespace kt = kvtrim;
@@ -74,23 +76,6 @@ struct workload {
   }
 };
 
-/// The window queries' natural-log normalisers [B, Hq, w] (what FlashAttention's
-/// softmax_lse would hand over), made once by kvtrim's own pass 1; free with cudaFree.
-kt::tensor_view<const float, 3, kt::device_space> prefill_lse(const workload& w) {
-  const std::array<std::int64_t, 3> extents{w.batch, w.shape.q_heads, w.window};
-  float* lse = nullptr;
-  check(cudaMalloc(&lse, w.batch * w.shape.q_heads * w.window * sizeof(float)), "cudaMalloc(lse)");
-  const std::size_t bytes = kt::cuda_detail::attention_row_lse_workspace_bytes(w.shape, w.batch, w.tokens, w.window);
-  void* scratch = nullptr;
-  check(cudaMalloc(&scratch, std::max<std::size_t>(bytes, 1)), "cudaMalloc(lse scratch)");
-  const kt::tensor_view<float, 3, kt::device_space> out{lse, extents, kt::row_major_strides(extents)};
-  kt::cuda_detail::attention_row_lse("bench prefill_lse", w.key_view(w.keys), w.query_view(), w.shape, 0, out,
-                                     {scratch, bytes}, nullptr);
-  check(cudaDeviceSynchronize(), "prefill_lse");
-  cudaFree(scratch);
-  return {lse, extents, kt::row_major_strides(extents)};
-}
-
 template <class Run>
 std::vector<double> time_calls(benchmark::State& state, cudaStream_t stream, Run&& run) {
   return kvtrim_bench::timed_seconds(state, stream, run);
@@ -109,7 +94,8 @@ void snapkv_score(benchmark::State& state) {
   const workload w(state);
   using impl = kt::implementation<kt::score::snapkv, kt::backend::cuda>;
   kt::score::snapkv::config cfg{.window = w.window};
-  if constexpr (GivenLse) cfg = cfg.with_lse(prefill_lse(w));
+  std::optional<kvtrim_bench::prefill_lse> lse;
+  if constexpr (GivenLse) cfg = cfg.with_lse(lse.emplace(w.key_view(w.keys), w.query_view(), w.shape).view());
   float* scores = nullptr;
   check(cudaMalloc(&scores, w.batch * w.shape.kv_heads * w.tokens * sizeof(float)), "cudaMalloc(scores)");
   const std::size_t scratch_bytes = impl::workspace_bytes(cfg, w.shape, w.batch, w.tokens);
@@ -126,7 +112,7 @@ void snapkv_score(benchmark::State& state) {
   const double bytes = static_cast<double>(w.key_elements() + w.query_elements()) * sizeof(__half) +
                        static_cast<double>(w.batch * w.shape.kv_heads * w.tokens) * sizeof(float);
   report(state, bytes, seconds[seconds.size() / 2], GivenLse ? w.flops() / 2 : w.flops());
-  cudaFree(scores), cudaFree(scratch), cudaFree(const_cast<float*>(cfg.lse));
+  cudaFree(scores), cudaFree(scratch);
   cudaStreamDestroy(stream);
 }
 
@@ -137,7 +123,9 @@ void snapkv_compress(benchmark::State& state) {
                             kt::backend::cuda>;
   scheme::config cfg;
   cfg.score.window = w.window;
-  if constexpr (GivenLse) cfg.score = cfg.score.with_lse(prefill_lse(w));
+  std::optional<kvtrim_bench::prefill_lse> lse;
+  if constexpr (GivenLse)
+    cfg.score = cfg.score.with_lse(lse.emplace(w.key_view(w.keys), w.query_view(), w.shape).view());
   cfg.budget.keep = kt::keep_ratio{0.3};
   const std::int64_t capacity = kt::budget::uniform::max_keep(cfg.budget, w.tokens);
   auto cache = scheme::make_cache(w.shape, w.batch, capacity, kt::codec::fp16::config{});
@@ -154,7 +142,7 @@ void snapkv_compress(benchmark::State& state) {
   const double bytes = static_cast<double>(2 * w.key_elements() + w.query_elements()) * sizeof(__half) +
                        2.0 * kept * sizeof(__half);
   report(state, bytes, seconds[seconds.size() / 2], GivenLse ? w.flops() / 2 : w.flops());
-  cudaFree(scratch), cudaFree(const_cast<float*>(cfg.score.lse));
+  cudaFree(scratch);
   cudaStreamDestroy(stream);
 }
 
