@@ -480,6 +480,37 @@ def test_h2o_integer_recent_window_is_a_token_count(layer):
     assert not np.array_equal(kept(12), kept(0.1))  # 12 tokens, not the default fraction
 
 
+@pytest.mark.parametrize("arguments,message", [
+    (dict(keep=32, interval=0), r"kvtrim.Eviction: argument 'interval': expected at least one decode step \(an int\), got 0"),
+    (dict(keep=32, interval=16.5), r"argument 'interval': .*got 16.5"),
+    (dict(keep=32, interval=True), r"argument 'interval': .*got True"),
+    (dict(keep=2**63), r"kvtrim.Eviction: argument 'keep': expected an integer in \[-2\^63, 2\^63\), got 9223372036854775808"),
+    (dict(keep=32, sinks=4.0), r"kvtrim.Eviction: argument 'sinks': expected an integer"),
+    (dict(keep=32, alpha="0.2"), r"kvtrim.Eviction: argument 'alpha': expected a number, got '0.2'"),
+])
+def test_eviction_settings_are_checked_at_construction(arguments, message):
+    # interval=0 used to build, then raise ZeroDivisionError from due(); the others nanobind's TypeError.
+    cache = kvtrim.Cache(kvtrim.SnapKV(window=W, compression_ratio=0.5), kvtrim.FP16(), "paged", (HQ, H, D), B, 256)
+    with pytest.raises(kvtrim.Error, match=message):
+        kvtrim.Eviction([cache], **arguments)
+
+
+def test_eviction_takes_numpy_integers_and_byte_swapped_arrays(layer):
+    keys, values, window_queries, *_ = layer
+
+    def steps(cast, **arguments):
+        cache = kvtrim.Cache(kvtrim.SnapKV(window=W, compression_ratio=0.5), kvtrim.FP16(), "paged", (HQ, H, D), B, 256)
+        cache.compress(keys, values, window_queries)
+        eviction = kvtrim.Eviction([cache], **arguments)
+        eviction.seed(0, cast(keys), cast(window_queries))
+        out = eviction.attend(0, cast(window_queries[:, :, -1]))
+        return out, eviction.metrics[0].copy(), eviction.due(16)
+
+    want = steps(lambda x: x, keep=32, interval=16)
+    got = steps(lambda x: x.astype(">f4"), keep=np.int64(32), interval=np.int32(16))
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[2] == want[2]
+
+
 # ---- threads and the garbage collector ---------------------------------------------------------------------
 
 
