@@ -10,6 +10,7 @@ type in place (torch.float16 for FP16(), ...).
 
 from __future__ import annotations
 
+import operator
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -100,19 +101,22 @@ class Cache:
         if layout not in _LAYOUTS:
             raise _kvtrim.Error(f"kvtrim.Cache: argument 'layout': expected one of {', '.join(map(repr, _LAYOUTS))}, got {layout!r}")
         try:
-            q_heads, kv_heads, head_dim = (int(x) for x in shape)
+            # operator.index: ints and NumPy integers; int() would turn 16.5 into 16 or "16" into 16.
+            q_heads, kv_heads, head_dim = (_int64("shape", operator.index(x)) for x in shape)
         except (TypeError, ValueError):
             raise _kvtrim.Error(f"kvtrim.Cache: argument 'shape': expected (q_heads, kv_heads, head_dim), got {shape!r}") from None
+        batch, capacity = (_size_argument(name, value) for name, value in (("batch", batch), ("capacity", capacity)))
         device = str(device)
         if device.startswith("cuda"):
             device = "cuda"
         settings = _kvtrim.Settings()
-        settings.device = device
-        settings.layout = layout
-        settings.page_size = page_size
-        settings.check = str(check)
-        press._fill(settings, layer, layers)
-        codec._fill(settings)
+        knobs = _Knobs(settings)
+        knobs.device = device
+        knobs.layout = layout
+        knobs.page_size = page_size
+        knobs.check = str(check)
+        press._fill(knobs, layer, layers)
+        codec._fill(knobs)
         self.press, self.codec, self.layout, self.device = press, codec, layout, device
         self.layer, self.layers = layer, layers
         self.shape = (q_heads, kv_heads, head_dim)
@@ -122,11 +126,17 @@ class Cache:
 
     # ---- arrays ------------------------------------------------------------------------
 
-    def _input(self, argument: str, x):
-        """Widens 16-bit host arrays to float32 (CPU caches); returns (array, stream)."""
+    def _input(self, function: str, argument: str, x):
+        """Widens 16-bit host arrays to float32 (CPU caches); returns (array, stream).
+
+        A NumPy array in the other byte order ('>f4' on a little-endian host) is swapped into a
+        native copy first (exact, like the widening; DLPack carries no byte order, so nanobind
+        would refuse it with a message that names neither the call nor the argument), and one whose
+        elements are no numbers at all (object, str, void) is refused here, in kvtrim's words.
+        """
         if type(x) is np.ndarray:  # the hot path of a CPU cache: nothing to do for float32
-            if self.device == "cpu" and x.dtype != np.float32 and x.dtype.name in ("float16", "bfloat16"):
-                x = x.astype(np.float32)  # exact; bfloat16 from ml_dtypes
+            if x.dtype != np.float32:
+                x = _numpy_input(function, argument, x, widen=self.device == "cpu")
             return x, 0
         library = _library(x)
         if library == "torch":
@@ -140,7 +150,7 @@ class Cache:
         if library == "cupy":
             return x, _cupy_stream()
         if not hasattr(x, "__dlpack__"):
-            raise _kvtrim.Error(f"kvtrim.Cache: argument '{argument}': expected a NumPy array, torch tensor or CuPy "
+            raise _kvtrim.Error(f"{function}: argument '{argument}': expected a NumPy array, torch tensor or CuPy "
                                 f"array (DLPack), got {type(x).__name__}")
         return x, 0
 
@@ -171,25 +181,34 @@ class Cache:
         SnapKV and H2O then skip computing them (on CUDA, one of their two passes over
         the keys); other scorers refuse it. None: computed.
         """
-        keys, stream = self._input("keys", keys)
-        values, _ = self._input("values", values)
+        function = "kvtrim.Cache.compress"
+        keys, stream = self._input(function, "keys", keys)
+        values, _ = self._input(function, "values", values)
         if window_queries is not None:
-            window_queries, _ = self._input("window_queries", window_queries)
+            window_queries, _ = self._input(function, "window_queries", window_queries)
             if not self._impl.needs_queries:
                 window_queries = None
         if scores is not None:
             if not self._impl.needs_scores:
                 scores = None
-            elif type(scores) is not np.ndarray and _library(scores) == "torch" and scores.requires_grad:
-                scores = scores.detach()
+            elif type(scores) is np.ndarray:
+                if scores.dtype != np.float32:  # float32 only (not widened): byte order and non-numbers here
+                    scores = _numpy_input(function, "scores", scores, widen=False)
+            elif _library(scores) == "torch":
+                if scores.requires_grad:
+                    scores = scores.detach()
+            elif _library(scores) != "cupy" and not hasattr(scores, "__dlpack__"):
+                raise _kvtrim.Error(f"{function}: argument 'scores': expected a NumPy array, torch tensor or CuPy "
+                                    f"array (DLPack), got {type(scores).__name__}")
         if lse is not None:
-            lse, _ = self._input("lse", lse)
+            lse, _ = self._input(function, "lse", lse)
         self._impl.compress(keys, values, window_queries, scores, lse, stream)
 
     def append(self, keys, values) -> None:
         """Appends keys/values [B, H_kv, n, D] after what every head holds."""
-        keys, stream = self._input("keys", keys)
-        values, _ = self._input("values", values)
+        function = "kvtrim.Cache.append"
+        keys, stream = self._input(function, "keys", keys)
+        values, _ = self._input(function, "values", values)
         self._impl.append(keys, values, stream)
 
     def attend(self, queries, out=None):
@@ -202,9 +221,11 @@ class Cache:
         [B·L, H_q, D] are ``q.view(B, L, H_q, D).transpose(1, 2)``, no copy (and ``out`` likewise).
         ``out`` (optional) must have the queries' shape.
         """
-        queries, stream = self._input("queries", queries)
+        queries, stream = self._input("kvtrim.Cache.attend", "queries", queries)
         if out is None:
             out = self._new_output(queries)
+        elif type(out) is np.ndarray:
+            _numpy_output("kvtrim.Cache.attend", "out", out)
         self._impl.attend(queries, out, stream)
         return out
 
@@ -265,7 +286,7 @@ class Cache:
             for x in (key_bases, value_bases):
                 if _library(x) == "torch" and x.is_cuda:
                     stream = _torch_stream(x)
-        self._impl.set_basis(_host_float32(key_bases), _host_float32(value_bases), stream)
+        self._impl.set_basis(_host_float32(key_bases, "key_bases"), _host_float32(value_bases, "value_bases"), stream)
 
     def load_low_rank_profile(self, profile, layer: Optional[int] = None) -> None:
         """Installs layer ``layer`` (default: this cache's ``layer``) of a kvtrim.LowRankProfile into every head.
@@ -364,19 +385,101 @@ class Cache:
         return f"kvtrim.Cache({self.name}, shape={self.shape}, batch={self._impl.batch}, bytes={self.bytes})"
 
 
+def _describe(x: np.ndarray) -> str:
+    """A NumPy array as kvtrim's messages describe arrays: dtype, shape and device."""
+    return f"{x.dtype} [{', '.join(map(str, x.shape))}] on cpu"
+
+
+def _numpy_input(function: str, argument: str, x: np.ndarray, widen: bool) -> np.ndarray:
+    """A NumPy input that is not float32: float16/bfloat16 widened to float32 (``widen``: CPU caches), the
+    other byte order swapped into a native copy, non-numbers refused; the rest (float64, int32, ...) goes on
+    to the binding, which names what it expected."""
+    if widen and x.dtype.name in ("float16", "bfloat16"):
+        return x.astype(np.float32)  # exact; bfloat16 from ml_dtypes; any byte order
+    if x.dtype.kind not in "biufc" and x.dtype.name != "bfloat16":
+        raise _kvtrim.Error(f"{function}: argument '{argument}': expected float32, float16 or bfloat16 elements, "
+                            f"got {_describe(x)}")
+    if not x.dtype.isnative:
+        return x.astype(x.dtype.newbyteorder("="))  # exact: the same values in this host's byte order
+    return x
+
+
+def _numpy_output(function: str, argument: str, x: np.ndarray) -> None:
+    """A NumPy array kvtrim writes into: refused unless writable and in this host's byte order (writing
+    native floats into '>f4' memory would leave byte-swapped garbage; nanobind's own refusal names neither
+    the call nor the argument)."""
+    if not x.flags.writeable:
+        raise _kvtrim.Error(f"{function}: argument '{argument}': expected a writable array (kvtrim writes the "
+                            f"result into it), got a read-only {_describe(x)}")
+    if not x.dtype.isnative:
+        raise _kvtrim.Error(f"{function}: argument '{argument}': expected an array in this host's byte order "
+                            f"(kvtrim writes native floats into it), got {_describe(x)}")
+
+
+def _int64(argument: str, value: int) -> int:
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(argument)
+    return value
+
+
+def _size_argument(argument: str, value) -> int:
+    """batch / capacity as an int64 (NumPy integers too), else kvtrim.Error (kvtrim checks the range)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError(argument)
+        return _int64(argument, operator.index(value))
+    except (TypeError, ValueError):
+        raise _kvtrim.Error(f"kvtrim.Cache: argument '{argument}': expected an integer (int64), got {value!r}") from None
+
+
+# Settings fields under the names the presses and codecs take them by (the rest are the same).
+_KNOB_ARGUMENTS = {"keep_tokens": "tokens", "recent_tokens": "recent", "recent_ratio": "recent",
+                   "pyramid_window": "window", "key_group": "group", "fp8_key_scale": "key_scale",
+                   "fp8_value_scale": "value_scale", "layered_sinks": "sinks", "layered_recent": "recent"}
+
+
+class _Knobs:
+    """The Settings a press and a codec fill (their ``_fill``), refusing in kvtrim's words what a field cannot
+    hold — an int past int64 (``tokens=2**63``), a str for a number — where nanobind's TypeError names neither
+    the call nor the argument. Reads go through to the Settings."""
+
+    __slots__ = ("_settings",)
+
+    def __init__(self, settings):
+        object.__setattr__(self, "_settings", settings)
+
+    def __getattr__(self, name):
+        return getattr(self._settings, name)
+
+    def __setattr__(self, name, value):
+        try:
+            setattr(self._settings, name, value)
+        except TypeError:
+            current = getattr(self._settings, name)
+            expected = ("True or False" if isinstance(current, bool)
+                        else "an integer in [-2^63, 2^63)" if isinstance(current, int)
+                        else "a number" if isinstance(current, float)
+                        else "a list of integers in [-2^63, 2^63)" if isinstance(current, list)
+                        else "a string")
+            raise _kvtrim.Error(f"kvtrim.Cache: argument '{_KNOB_ARGUMENTS.get(name, name)}': expected {expected}, "
+                                f"got {value!r}") from None
+
+
 def _int32(argument: str, value: int) -> int:
     if not -(2**31) <= value < 2**31:
         raise _kvtrim.Error(f"kvtrim.Cache.truncate: argument '{argument}': expected counts that fit in int32, got {value}")
     return value
 
 
-def _host_float32(x):
+def _host_float32(x, argument: str):
     """A host float32 array for set_basis (torch/CuPy tensors are copied to the host; bases are a setup step)."""
     library = _library(x)
     if library == "torch":
         x = x.detach().cpu().numpy()
     elif library == "cupy":
         x = x.get()
+    elif type(x) is np.ndarray and x.dtype != np.float32:
+        x = _numpy_input("kvtrim.Cache.set_basis", argument, x, widen=False)  # byte order; non-numbers refused
     return x
 
 

@@ -39,6 +39,7 @@ cache's tokens (compress without seed, truncate) call seed() or ``clear(layer)``
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import numpy as np
@@ -101,13 +102,23 @@ class Eviction:
                 self.carries.append({"queries": np.zeros(batch * q_heads * head_dim, np.float32),
                                      "normaliser": np.zeros(batch * q_heads * 2, np.float32),
                                      "next": np.zeros(batch * kv_heads, np.int64)})
+        # interval divides decode steps (due()): 0 would raise ZeroDivisionError there, not kvtrim.Error here.
+        if isinstance(interval, (bool, np.bool_)) or not isinstance(interval, numbers.Integral) or interval < 1:
+            raise _kvtrim.Error(f"kvtrim.Eviction: argument 'interval': expected at least one decode step (an int), "
+                                f"got {interval!r}")
         self._metric = _kvtrim.EvictionMetricSettings()
-        self._metric.kind = kind
-        self._metric.protected_window = protected_window
         self._step = _kvtrim.EvictionStepSettings()
-        for name, value in (("scope", scope), ("keep", keep), ("interval", interval), ("sinks", sinks),
-                            ("protected_window", protected_window), ("alpha", alpha)):
-            setattr(self._step, name, value)
+        # kvtrim::evict checks the values (at the first step); what the settings cannot hold at all (an int past
+        # int64, a float for a count) is refused here in kvtrim's words, not as nanobind's TypeError.
+        for settings, name, value in ((self._metric, "kind", kind), (self._metric, "protected_window", protected_window),
+                                      (self._step, "scope", scope), (self._step, "keep", keep),
+                                      (self._step, "interval", interval), (self._step, "sinks", sinks),
+                                      (self._step, "protected_window", protected_window), (self._step, "alpha", alpha)):
+            try:
+                setattr(settings, name, value)
+            except TypeError:
+                expected = "a number" if name == "alpha" else "an integer in [-2^63, 2^63)"
+                raise _kvtrim.Error(f"kvtrim.Eviction: argument '{name}': expected {expected}, got {value!r}") from None
         self.keep, self.interval = keep, interval
 
     def seed(self, layer: int, keys, window_queries, start_position: int = 0) -> None:

@@ -13,6 +13,8 @@ The configurations follow include/kvtrim/kvpress.hpp (docs/kvpress.md): with
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
@@ -42,10 +44,25 @@ __all__ = [
 ]
 
 
+def _integer(function: str, argument: str, value, expected: str, at_least: Optional[int] = None) -> int:
+    """``value`` as a Python int: ints and NumPy integers (a budget computed with NumPy is one), not bools,
+    floats or strings (int(16.5) would be 16: a knob silently changed); else kvtrim.Error."""
+    if not isinstance(value, bool):
+        try:
+            result = operator.index(value)
+        except TypeError:
+            pass
+        else:
+            if at_least is None or result >= at_least:
+                return result
+    raise _kvtrim.Error(f"{function}: argument '{argument}': expected {expected}, got {value!r}")
+
+
 def _check_budget(compression_ratio: float, tokens: Optional[int]) -> None:
-    if tokens is not None and (not isinstance(tokens, int) or tokens < 1):
-        raise _kvtrim.Error(f"kvtrim press: argument 'tokens': expected a token budget of at least 1, got {tokens!r}")
-    if not (0.0 <= compression_ratio < 1.0):
+    if tokens is not None:
+        _integer("kvtrim press", "tokens", tokens, "a token budget of at least 1", at_least=1)
+    if (isinstance(compression_ratio, bool) or not isinstance(compression_ratio, numbers.Real)
+            or not (0.0 <= compression_ratio < 1.0)):
         raise _kvtrim.Error(
             "kvtrim press: argument 'compression_ratio': expected a compression ratio in [0, 1) "
             f"(kvpress's assertion), got {compression_ratio!r}"
@@ -149,11 +166,20 @@ class H2O(Press):
 
     def __post_init__(self):
         _check_budget(self.compression_ratio, self.tokens)
+        # An int is a token count (NumPy's too), at least 1: 0 or -3 would read as "no count" and fall
+        # back to the default fraction; a float is a fraction of the prompt, in (0, 1] (kvtrim checks it).
+        if isinstance(self.recent, numbers.Integral) and not isinstance(self.recent, bool):
+            _integer("kvtrim.H2O", "recent", self.recent,
+                     "a recent window of at least 1 token (an int) or a fraction of the prompt in (0, 1] (a float)",
+                     at_least=1)
+        elif isinstance(self.recent, bool) or not isinstance(self.recent, numbers.Real):
+            raise _kvtrim.Error(f"kvtrim.H2O: argument 'recent': expected a recent window of at least 1 token (an int) "
+                                f"or a fraction of the prompt in (0, 1] (a float), got {self.recent!r}")
 
     def _fill(self, s, layer, layers):
         super()._fill(s, layer, layers)
-        if isinstance(self.recent, int) and not isinstance(self.recent, bool):
-            s.recent_tokens = self.recent
+        if isinstance(self.recent, numbers.Integral) and not isinstance(self.recent, bool):
+            s.recent_tokens = int(self.recent)
         else:
             s.recent_tokens = 0
             s.recent_ratio = float(self.recent)
@@ -384,6 +410,8 @@ class KIVI(Codec):
     def __post_init__(self):
         if self.bits not in (4, 8):
             raise _kvtrim.Error(f"kvtrim.KIVI: argument 'bits': expected 8 or 4, got {self.bits!r}")
+        # kvtrim checks the upper bound; a group below 1 would otherwise surface as a pool-size overflow.
+        _integer("kvtrim.KIVI", "group", self.group, "a group of at least 1 token (KIVI: 32)", at_least=1)
 
     @property
     def name(self):
@@ -451,15 +479,15 @@ class LowRank(Codec):
     def __post_init__(self):
         for argument in ("rank", "max_rank"):
             value = getattr(self, argument)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise _kvtrim.Error(f"kvtrim.LowRank: argument '{argument}': expected at least 1 or None, got {value!r}")
+            if value is not None:
+                _integer("kvtrim.LowRank", argument, value, "at least 1 or None", at_least=1)
         if self.source not in ("sequence", "profile"):
             raise _kvtrim.Error(f"kvtrim.LowRank: argument 'source': expected 'sequence' or 'profile', got {self.source!r}")
 
     def _fill(self, s):
         s.codec = "low_rank"
-        s.rank = 0 if self.rank is None else self.rank
-        s.max_rank = 0 if self.max_rank is None else self.max_rank
+        s.rank = 0 if self.rank is None else int(self.rank)
+        s.max_rank = 0 if self.max_rank is None else int(self.max_rank)
         s.energy = self.energy
         s.update_freq = self.update_freq
         s.key_space = "pre_rope" if self.pre_rope else "post_rope"

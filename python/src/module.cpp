@@ -17,6 +17,9 @@
 
 #include <Python.h>
 
+#include <algorithm>
+#include <functional>
+#include <mutex>
 #include <optional>
 
 #include "binding.hpp"
@@ -143,6 +146,14 @@ kp::evicting::carry_arrays to_carry(std::string_view function, const std::option
 }
 
 /// The Python-side object: one kvtrim cache of one compiled scheme.
+///
+/// Every call into the cache runs with the GIL released (a decode step of one layer may overlap
+/// another layer's on other threads) and with this cache's mutex held: the typed cache has no lock
+/// of its own (its scratch buffers, its kept-index record and its storage are shared by every call),
+/// so two Python threads on one cache would otherwise race — an attend reading what a compress is
+/// rewriting, two attends sharing one scratch buffer, kept() copying the selection a compress is
+/// replacing. The mutex is taken after the GIL is released, never while holding it, so a thread
+/// waiting for it never blocks one that needs the GIL to return.
 class py_cache {
  public:
   py_cache(const kp::settings& s, std::int64_t q_heads, std::int64_t kv_heads, std::int64_t head_dim,
@@ -198,6 +209,7 @@ class py_cache {
     std::optional<kp::array> l;
     if (lse) l = to_array(function, "lse", *lse, 3, "[batch, q_heads, window] of float32 softmax normalisers");
     nb::gil_scoped_release release;
+    const auto held = lock();
     impl_->compress(k, v, q ? &*q : nullptr, s ? &*s : nullptr, l ? &*l : nullptr, stream);
   }
 
@@ -206,6 +218,7 @@ class py_cache {
     const auto k = to_array(function, "keys", keys, 4, "[batch, kv_heads, new_tokens, head_dim]");
     const auto v = to_array(function, "values", values, 4, "[batch, kv_heads, new_tokens, head_dim]");
     nb::gil_scoped_release release;
+    const auto held = lock();
     impl_->append(k, v, stream);
   }
 
@@ -217,6 +230,7 @@ class py_cache {
     const auto q = to_array(function, "queries", queries, rank, shapes);
     const auto o = to_array(function, "out", out, rank, "of the queries' rank");
     nb::gil_scoped_release release;
+    const auto held = lock();
     impl_->attend(q, o, stream);
   }
 
@@ -224,6 +238,7 @@ class py_cache {
     constexpr std::string_view function = "kvtrim.Cache.truncate";
     const auto d = to_array(function, "drop", drop, 1, "[batch] counts", /*integers=*/true);
     nb::gil_scoped_release release;
+    const auto held = lock();
     impl_->truncate(d, stream);
   }
 
@@ -232,6 +247,7 @@ class py_cache {
     const auto k = to_array(function, "key_bases", key_bases, 3, "[kv_heads, head_dim, rank]");
     const auto v = to_array(function, "value_bases", value_bases, 3, "[kv_heads, head_dim, rank]");
     nb::gil_scoped_release release;
+    const auto held = lock();
     impl_->set_basis(k, v, stream);
   }
 
@@ -241,14 +257,27 @@ class py_cache {
     const auto q = to_array(function, "queries", queries, 3, "[batch, q_heads, head_dim]");
     const auto o = to_array(function, "out", out, 3, "[batch, q_heads, head_dim]");
     nb::gil_scoped_release release;
+    const auto held = lock();
     return impl_->attend_seconds_from_cxx(q, o, stream, calls);
   }
 
   kp::cache_base& impl() { return *impl_; }
+  /// This cache's lock (see the class comment): take it only with the GIL released.
+  std::unique_lock<std::mutex> lock() { return std::unique_lock<std::mutex>(mutex_); }
 
  private:
   std::unique_ptr<kp::cache_base> impl_;
+  std::mutex mutex_;
 };
+
+/// `call(cache.impl())` with the GIL released and the cache's lock held (py_cache's comment); its result is
+/// a C++ value, turned into Python objects by the caller once the GIL is back.
+template <class Call>
+auto locked(py_cache& cache, Call&& call) {
+  nb::gil_scoped_release release;
+  const auto held = cache.lock();
+  return call(cache.impl());
+}
 
 nb::ndarray<nb::numpy, float> float_matrix(std::vector<float> data, std::size_t rows, std::size_t columns) {
   auto* owned = new std::vector<float>(std::move(data));
@@ -539,7 +568,7 @@ NB_MODULE(_kvtrim, m) {
       .def("truncate", &py_cache::truncate, nb::arg("drop"), nb::arg("stream") = 0)
       .def("set_basis", &py_cache::set_basis, nb::arg("key_bases"), nb::arg("value_bases"), nb::arg("stream") = 0)
       .def("low_rank", [](py_cache& self, std::int64_t b, std::int64_t h) {
-        kp::low_rank_head head = self.impl().low_rank(b, h);
+        kp::low_rank_head head = locked(self, [&](kp::cache_base& impl) { return impl.low_rank(b, h); });
         const auto dim = static_cast<std::size_t>(head.head_dim);
         const auto key_rank = static_cast<std::size_t>(head.key_rank), value_rank = static_cast<std::size_t>(head.value_rank);
         const auto rows = static_cast<std::size_t>(head.tokens);
@@ -554,31 +583,33 @@ NB_MODULE(_kvtrim, m) {
       .def("load_low_rank_profile", [](py_cache& self, const low_rank_profile& profile, std::int64_t layer,
                                        std::uintptr_t stream) {
         const kp::profile_layer bases = profile_layer_of(profile, layer);
-        nb::gil_scoped_release release;
-        self.impl().load_low_rank_profile(bases, stream);
+        locked(self, [&](kp::cache_base& impl) { impl.load_low_rank_profile(bases, stream); });
       }, nb::arg("profile"), nb::arg("layer"), nb::arg("stream") = 0)
 #endif
       .def("_attend_seconds_from_cxx", &py_cache::attend_seconds_from_cxx, nb::arg("queries"), nb::arg("out"),
            nb::arg("stream"), nb::arg("calls"),
            "Host seconds per C++ Scheme::attend call, `calls` calls in a loop (bench/python_overhead.py's baseline).")
-      .def("head_lengths", [](py_cache& self) { return vector_array(self.impl().head_lengths()); })
+      .def("head_lengths", [](py_cache& self) {
+        return vector_array(locked(self, [](kp::cache_base& impl) { return impl.head_lengths(); }));
+      })
       .def("kept", [](py_cache& self) {
-        auto kept = self.impl().kept();
+        auto kept = locked(self, [](kp::cache_base& impl) { return impl.kept(); });
         return nb::make_tuple(vector_array(std::move(kept.offsets)), vector_array(std::move(kept.tokens)));
       })
-      .def("positions", [](py_cache& self) { return vector_array(self.impl().positions()); })
+      .def("positions", [](py_cache& self) {
+        return vector_array(locked(self, [](kp::cache_base& impl) { return impl.positions(); }));
+      })
       .def("read", [](py_cache& self, std::int64_t b, std::int64_t h) {
-        auto [keys, values] = self.impl().read_head(b, h);
+        auto [keys, values] = locked(self, [&](kp::cache_base& impl) { return impl.read_head(b, h); });
         const auto dim = static_cast<std::size_t>(self.impl().shape().head_dim);
         const std::size_t rows = keys.size() / dim;
         return nb::make_tuple(float_matrix(std::move(keys), rows, dim), float_matrix(std::move(values), rows, dim));
       }, nb::arg("b"), nb::arg("h"))
       .def("check_status", [](py_cache& self) {
-        nb::gil_scoped_release release;  // it waits for the stream
-        self.impl().check_status();
+        locked(self, [](kp::cache_base& impl) { impl.check_status(); });  // it waits for the stream: GIL released
       }, "Raises kvtrim.Error for a refusal a device paged/flat cache recorded since the last check.")
       .def("stats", [](py_cache& self) {
-        const kp::stats_result s = self.impl().stats();
+        const kp::stats_result s = locked(self, [](kp::cache_base& impl) { return impl.stats(); });
         nb::dict result;
         result["codec"] = s.codec;
         result["head_dim"] = s.head_dim;
@@ -602,7 +633,9 @@ NB_MODULE(_kvtrim, m) {
 
   // Decode-time eviction (issue 16; python/kvtrim/eviction.py wraps these; CPU and CUDA, paged, fp16: eviction.hpp).
   namespace ke = kp::evicting;
-  m.def("_eviction_metric_slots", [](py_cache& cache) { return ke::metric_slots(cache.impl()); }, nb::arg("cache"));
+  m.def("_eviction_metric_slots", [](py_cache& cache) {
+    return locked(cache, [](kp::cache_base& impl) { return ke::metric_slots(impl); });
+  }, nb::arg("cache"));
   // carry_*: the metric one step late (CPU caches only; eviction.hpp's carry_arrays): all three or none.
   m.def("_eviction_seed", [](py_cache& cache, const input_array& keys, const input_array& window_queries,
                              std::int64_t start_position, const output_array& metric, const ke::metric_settings& settings,
@@ -615,6 +648,7 @@ NB_MODULE(_kvtrim, m) {
     const auto out = to_array(function, "metric", metric, 1, "[slots] of float32");
     const auto carry = to_carry(function, carry_queries, carry_normaliser, carry_next);
     nb::gil_scoped_release release;
+    const auto held = cache.lock();
     ke::seed(cache.impl(), k, q, start_position, out, settings, stream, carry);
   }, nb::arg("cache"), nb::arg("keys"), nb::arg("window_queries"), nb::arg("start_position"), nb::arg("metric"),
      nb::arg("settings"), nb::arg("stream") = 0, nb::arg("carry_queries") = nb::none(),
@@ -630,6 +664,7 @@ NB_MODULE(_kvtrim, m) {
     const auto m = to_array(function, "metric", metric, 1, "[slots] of float32");
     const auto carry = to_carry(function, carry_queries, carry_normaliser, carry_next);
     nb::gil_scoped_release release;
+    const auto held = cache.lock();
     ke::attend(cache.impl(), q, o, m, settings, stream, carry);
   }, nb::arg("cache"), nb::arg("queries"), nb::arg("out"), nb::arg("metric"), nb::arg("settings"), nb::arg("stream") = 0,
      nb::arg("carry_queries") = nb::none(), nb::arg("carry_normaliser") = nb::none(), nb::arg("carry_next") = nb::none());
@@ -641,6 +676,7 @@ NB_MODULE(_kvtrim, m) {
     const auto m = to_array(function, "metric", metric, 1, "[slots] of float32");
     const auto carry = to_carry(function, carry_queries, carry_normaliser, carry_next);
     nb::gil_scoped_release release;
+    const auto held = cache.lock();
     ke::flush_metric(cache.impl(), m, settings, carry);
   }, nb::arg("cache"), nb::arg("metric"), nb::arg("settings"), nb::arg("carry_queries").none(),
      nb::arg("carry_normaliser").none(), nb::arg("carry_next").none());
@@ -657,6 +693,14 @@ NB_MODULE(_kvtrim, m) {
     kvtrim::eviction::report report;
     {
       nb::gil_scoped_release release;
+      // Every layer's lock (py_cache's comment), each cache once, in address order: two steps over
+      // overlapping lists of caches cannot deadlock.
+      std::vector<py_cache*> distinct(caches.begin(), caches.end());
+      std::sort(distinct.begin(), distinct.end(), std::less<py_cache*>());
+      distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+      std::vector<std::unique_lock<std::mutex>> held;
+      held.reserve(distinct.size());
+      for (py_cache* cache : distinct) held.push_back(cache->lock());
       report = ke::step(layers, buffers, settings, stream);
     }
     nb::dict result;
