@@ -134,9 +134,11 @@ class Cache:
         would refuse it with a message that names neither the call nor the argument), and one whose
         elements are no numbers at all (object, str, void) is refused here, in kvtrim's words.
         """
-        if type(x) is np.ndarray:  # the hot path of a CPU cache: nothing to do for float32
+        if type(x) is np.ndarray:  # the hot path of a CPU cache: nothing to do for aligned float32
             if x.dtype != np.float32:
                 x = _numpy_input(function, argument, x, widen=self.device == "cpu")
+            if not x.flags.aligned:  # kvtrim reads elements at their type's alignment (C++): an aligned copy
+                x = x.copy()
             return x, 0
         library = _library(x)
         if library == "torch":
@@ -194,6 +196,8 @@ class Cache:
             elif type(scores) is np.ndarray:
                 if scores.dtype != np.float32:  # float32 only (not widened): byte order and non-numbers here
                     scores = _numpy_input(function, "scores", scores, widen=False)
+                if not scores.flags.aligned:
+                    scores = scores.copy()
             elif _library(scores) == "torch":
                 if scores.requires_grad:
                     scores = scores.detach()
@@ -414,6 +418,9 @@ def _numpy_output(function: str, argument: str, x: np.ndarray) -> None:
     if not x.dtype.isnative:
         raise _kvtrim.Error(f"{function}: argument '{argument}': expected an array in this host's byte order "
                             f"(kvtrim writes native floats into it), got {_describe(x)}")
+    if not x.flags.aligned:
+        raise _kvtrim.Error(f"{function}: argument '{argument}': expected an array aligned to its elements "
+                            f"(kvtrim writes whole floats into it), got an unaligned {_describe(x)}")
 
 
 def _int64(argument: str, value: int) -> int:

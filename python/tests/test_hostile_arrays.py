@@ -203,13 +203,23 @@ def test_unreadable_layouts_are_refused(layer, bad, message):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_unaligned_arrays_equal_aligned(layer, dtype):
-    # float16 is widened into an aligned copy; float32 is read in place (x86-64 loads need no alignment).
+    # Inputs one byte off their elements' alignment are read through aligned copies (float16 is widened
+    # into one anyway): C++ reads floats only at their alignment.
     clean = [x.astype(dtype).astype(np.float32) for x in layer]
     want, want_state = run(snapkv_cache(), *clean)
-    out = unaligned(np.zeros((B, HQ, D), np.float32))
-    got, got_state = run(snapkv_cache(), *[unaligned(x.astype(dtype)) for x in layer], out=out)
-    assert got is out and np.array_equal(out, want)
+    got, got_state = run(snapkv_cache(), *[unaligned(x.astype(dtype)) for x in layer])
+    assert np.array_equal(got, want)
     assert_same_state(got_state, want_state)
+
+
+def test_unaligned_output_is_refused(layer):
+    keys, values, window_queries, _, _, queries = layer
+    cache = snapkv_cache()
+    cache.compress(keys, values, window_queries)
+    out = unaligned(np.zeros((B, HQ, D), np.float32))
+    with pytest.raises(kvtrim.Error, match=r"kvtrim.Cache.attend: argument 'out': expected an array aligned"):
+        cache.attend(queries, out=out)
+    assert np.array_equal(out, np.zeros_like(out))
 
 
 # ---- wrong dtypes, ranks, sizes ----------------------------------------------------------------------
