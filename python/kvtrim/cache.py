@@ -170,7 +170,7 @@ class Cache:
 
     # ---- the pipeline --------------------------------------------------------------------
 
-    def compress(self, keys, values, window_queries=None, scores=None, lse=None) -> None:
+    def compress(self, keys, values, window_queries=None, scores=None, lse=None, lengths=None) -> None:
         """Scores the prefill's keys/values [B, H_kv, T, D], keeps each head's budget, replaces what the cache held.
 
         window_queries [B, H_q, w, D]: the last prefill queries (SnapKV reads its
@@ -182,6 +182,11 @@ class Cache:
         exp(q.k / sqrt(D)) over every key up to the query; FlashInfer's base-2 LSE times ln 2).
         SnapKV and H2O then skip computing them (on CUDA, one of their two passes over
         the keys); other scorers refuse it. None: computed.
+        lengths (CPU caches): each sequence's prompt length in a right-padded batch, B
+        integers in [1, T] (a list, tuple or NumPy array): sequence b's prompt is tokens
+        [0, lengths[b]) (the padding is never read), its window_queries the last w queries
+        of its own prompt, and it ends up exactly as if compressed alone
+        (docs/composition.md, "Prompts of different lengths in one batch"). None: all T.
         """
         function = "kvtrim.Cache.compress"
         keys, stream = self._input(function, "keys", keys)
@@ -206,7 +211,9 @@ class Cache:
                                     f"array (DLPack), got {type(scores).__name__}")
         if lse is not None:
             lse, _ = self._input(function, "lse", lse)
-        self._impl.compress(keys, values, window_queries, scores, lse, stream)
+        if lengths is not None:
+            lengths = _lengths_argument(function, lengths)
+        self._impl.compress(keys, values, window_queries, scores, lse, lengths, stream)
 
     def append(self, keys, values) -> None:
         """Appends keys/values [B, H_kv, n, D] after what every head holds."""
@@ -421,6 +428,24 @@ def _numpy_output(function: str, argument: str, x: np.ndarray) -> None:
     if not x.flags.aligned:
         raise _kvtrim.Error(f"{function}: argument '{argument}': expected an array aligned to its elements "
                             f"(kvtrim writes whole floats into it), got an unaligned {_describe(x)}")
+
+
+def _lengths_argument(function: str, lengths) -> list:
+    """Prompt lengths as a list of int64 (ints, NumPy integers, a 1-D integer array); kvtrim checks the values."""
+    try:
+        if isinstance(lengths, np.ndarray):
+            if lengths.ndim != 1 or lengths.dtype.kind not in "iu":
+                raise TypeError("lengths")
+            lengths = lengths.tolist()
+        values = []
+        for x in lengths:
+            if isinstance(x, bool):  # operator.index(True) is 1
+                raise TypeError("lengths")
+            values.append(_int64("lengths", operator.index(x)))
+        return values
+    except (TypeError, ValueError):
+        raise _kvtrim.Error(f"{function}: argument 'lengths': expected one integer prompt length per sequence "
+                            f"(a list or a 1-D integer array), got {lengths!r}") from None
 
 
 def _int64(argument: str, value: int) -> int:

@@ -241,8 +241,10 @@ class cache_base {
   /// `scores` [B, H_kv, T] float32: the caller's scores (score::external only; null otherwise).
   /// `lse` [B, H_q, n_q] float32: the prefill's softmax normalisers of window_queries (SnapKV, H2O:
   /// score/attention_mass.hpp, "Given normalisers"; null: computed).
+  /// `lengths` (host, B entries; null: every sequence has all T tokens): each sequence's prompt
+  /// length in a right-padded batch (compress_options::sequence_lengths, CPU caches).
   virtual void compress(const array& keys, const array& values, const array* window_queries, const array* scores,
-                        const array* lse, std::uintptr_t stream) = 0;
+                        const array* lse, const std::vector<std::int64_t>* lengths, std::uintptr_t stream) = 0;
   virtual void append(const array& keys, const array& values, std::uintptr_t stream) = 0;
   /// queries, out: [B, Hq, D] (one new token per sequence) or [B, Hq, L, D] (L new tokens per
   /// sequence, already appended; row i sees the first n − L + 1 + i tokens: scheme's multi-query attend).
@@ -702,8 +704,11 @@ class typed_cache final : public cache_base {
   }
 
   void compress(const array& keys, const array& values, const array* window_queries, const array* scores,
-                const array* lse, std::uintptr_t stream) override {
+                const array* lse, const std::vector<std::int64_t>* lengths, std::uintptr_t stream) override {
     constexpr std::string_view function = "kvtrim.Cache.compress";
+    if (lengths != nullptr && static_cast<std::int64_t>(lengths->size()) != batch())
+      detail::fail(function, "lengths", detail::cat(batch(), " prompt lengths (one per sequence)"),
+                   detail::cat(lengths->size(), " lengths"));
     const auto k = as_view<4>(function, "keys", keys);
     const auto v = as_view<4>(function, "values", values);
     tensor_view<const InputT, 4, space> q{};
@@ -734,7 +739,7 @@ class typed_cache final : public cache_base {
     require_device_bases("kvtrim::scheme::compress");
     const std::int64_t tokens = keys.extents[2];
     const std::size_t bytes = Scheme::compress_workspace(cache_.view().shape, cache_.view().batch, tokens, cfg);
-    run_compress(k, v, q, cfg, compress_scratch_.get(bytes), stream);
+    run_compress(k, v, q, cfg, compress_scratch_.get(bytes), stream, lengths != nullptr ? lengths->data() : nullptr);
   }
 
   void append(const array& keys, const array& values, std::uintptr_t stream) override {
@@ -1193,8 +1198,9 @@ class typed_cache final : public cache_base {
   /// kept() as it was, as a CPU compress that throws does.
   void run_compress(tensor_view<const InputT, 4, space> k, tensor_view<const InputT, 4, space> v,
                     tensor_view<const InputT, 4, space> q, const typename Scheme::config& cfg, workspace scratch,
-                    std::uintptr_t stream) {
+                    std::uintptr_t stream, const std::int64_t* lengths = nullptr) {
     compress_options<space> options;
+    options.sequence_lengths = lengths;
     const auto& view = cache_.view();
     const auto heads = static_cast<std::size_t>(view.batch * view.shape.kv_heads);
     const std::int64_t capacity = Scheme::kept_tokens_capacity(view.shape, view.batch, k.extent(2), cfg);

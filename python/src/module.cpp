@@ -198,7 +198,7 @@ class py_cache {
 
   void compress(const input_array& keys, const input_array& values, const std::optional<input_array>& window_queries,
                 const std::optional<input_array>& scores, const std::optional<input_array>& lse,
-                std::uintptr_t stream) {
+                const std::optional<std::vector<std::int64_t>>& lengths, std::uintptr_t stream) {
     constexpr std::string_view function = "kvtrim.Cache.compress";
     const auto k = to_array(function, "keys", keys, 4, "[batch, kv_heads, tokens, head_dim]");
     const auto v = to_array(function, "values", values, 4, "[batch, kv_heads, tokens, head_dim]");
@@ -210,7 +210,8 @@ class py_cache {
     if (lse) l = to_array(function, "lse", *lse, 3, "[batch, q_heads, window] of float32 softmax normalisers");
     nb::gil_scoped_release release;
     const auto held = lock();
-    impl_->compress(k, v, q ? &*q : nullptr, s ? &*s : nullptr, l ? &*l : nullptr, stream);
+    impl_->compress(k, v, q ? &*q : nullptr, s ? &*s : nullptr, l ? &*l : nullptr, lengths ? &*lengths : nullptr,
+                    stream);
   }
 
   void append(const input_array& keys, const input_array& values, std::uintptr_t stream) {
@@ -562,7 +563,8 @@ NB_MODULE(_kvtrim, m) {
            nb::arg("settings"), nb::arg("q_heads"), nb::arg("kv_heads"), nb::arg("head_dim"), nb::arg("batch"),
            nb::arg("capacity"))
       .def("compress", &py_cache::compress, nb::arg("keys"), nb::arg("values"), nb::arg("window_queries").none(),
-           nb::arg("scores").none() = nb::none(), nb::arg("lse").none() = nb::none(), nb::arg("stream") = 0)
+           nb::arg("scores").none() = nb::none(), nb::arg("lse").none() = nb::none(),
+           nb::arg("lengths").none() = nb::none(), nb::arg("stream") = 0)
       .def("append", &py_cache::append, nb::arg("keys"), nb::arg("values"), nb::arg("stream") = 0)
       .def("attend", &py_cache::attend, nb::arg("queries"), nb::arg("out"), nb::arg("stream") = 0)
       .def("truncate", &py_cache::truncate, nb::arg("drop"), nb::arg("stream") = 0)

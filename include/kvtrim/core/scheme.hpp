@@ -65,10 +65,10 @@ inline constexpr bool layout_stores_compensation = requires { requires L::compen
 /// on the device).
 template <class Stored = float, class T>
 void check_finite(std::string_view function, std::string_view argument, const tensor_view<T, 4, host_space>& view,
-                  std::string_view head_name) {
+                  std::string_view head_name, const std::int64_t* lengths = nullptr) {
   for (std::int64_t b = 0; b < view.extent(0); ++b)
     for (std::int64_t h = 0; h < view.extent(1); ++h)
-      for (std::int64_t t = 0; t < view.extent(2); ++t) {
+      for (std::int64_t t = 0; t < (lengths != nullptr ? lengths[b] : view.extent(2)); ++t) {
         // The common case without conversions (a bit test for fp16/bf16, branch-free
         // over the row): every value finite, and already in the storage type or
         // needing no range check. Otherwise the row is searched for the culprit.
@@ -154,6 +154,41 @@ workspace carve_scratch(workspace_carver& carver, const Config& config, const mo
     return workspace{};
   }
 }
+
+/// Sequence b of a [B, ·, T, ·] view, its first `tokens` along axis 2 (a view of
+/// the same memory; an empty view stays empty).
+template <class T, MemorySpace Space>
+tensor_view<T, 4, Space> first_tokens(const tensor_view<T, 4, Space>& view, std::int64_t b, std::int64_t tokens) {
+  if (view.data == nullptr) return view;
+  return {view.data + b * view.strides[0], {1, view.extents[1], tokens, view.extents[3]}, view.strides};
+}
+
+/// Scorers whose queries are the prefill's own, one per token (H2O), not a window.
+template <class ScorerT>
+inline constexpr bool observes_every_query = requires { requires ScorerT::observes_every_query; };
+
+/// A scorer's config for sequence b alone (of T_b = `tokens` tokens): per-sequence
+/// inputs it holds — given softmax normalisers (SnapKV's window rows; H2O's first
+/// T_b, one per prefill query), external scores — read at sequence b's rows
+/// (compress_options::sequence_lengths; their extents were checked for the whole batch first).
+template <class ScorerT, class Config>
+Config sequence_score_config(const Config& config, std::int64_t b, std::int64_t tokens) {
+  Config result = config;
+  if constexpr (requires { result.lse; result.lse_extents; result.lse_strides; }) {
+    if (result.lse != nullptr) {
+      result.lse += b * config.lse_strides[0];
+      result.lse_extents[0] = 1;
+      if constexpr (observes_every_query<ScorerT>) result.lse_extents[2] = tokens;
+    }
+  }
+  if constexpr (requires { result.scores; result.extents; result.strides; }) {
+    if (result.scores != nullptr) {
+      result.scores += b * config.strides[0];
+      result.extents = {1, config.extents[1], tokens};
+    }
+  }
+  return result;
+}
 }  // namespace detail
 
 /// The runtime knobs of a compress call: the scorer's and the budget's. The
@@ -189,6 +224,19 @@ struct compress_options {
   /// (layout::contiguous on the device plans on the host and cannot refuse from
   /// the device: its inputs are not checked.)
   bool check_finite = true;
+  /// Prefill lengths of a padded batch (host memory, one per sequence, each in
+  /// [1, T]; null: every sequence has all T tokens). Sequence b's prompt is tokens
+  /// [0, T_b) of keys and values (right padding: the rest is never read, NaN or not)
+  /// and its window queries are the last w queries of its own prompt, which the
+  /// caller gathers. Every policy sees T_b tokens, so the result equals compressing
+  /// each sequence alone into a one-sequence cache (budgets from T_b, SnapKV's window
+  /// and RazorAttention's recent window at the end of each prompt, given normalisers
+  /// and external scores read at each sequence's rows), and the cache holds them
+  /// side by side; plan_capacity and the workspace for T = max T_b suffice.
+  /// Backend::cpu only so far (backend::cuda refuses it), not sharded; on
+  /// layout::contiguous every sequence must keep the same count (its heads share
+  /// one length), e.g. budget::uniform with keep_tokens ≤ min T_b.
+  const std::int64_t* sequence_lengths = nullptr;
 };
 
 /// What a compress of T tokens needs from the cache, before any scoring.
@@ -795,12 +843,16 @@ struct scheme {
                                    options.kept_tokens_capacity));
       }
       if constexpr (Ranks::sharded) ranks.shard.validate(function, shape.kv_heads);
+      if (options.sequence_lengths != nullptr) check_sequence_lengths<Ranks>(function, cache, cfg, options, tokens,
+                                                                             window_queries.extent(2));
       detail::check_workspace(function, scratch, workspace_needed(shape, batch, tokens, cfg, ranks));
       if constexpr (std::same_as<space, host_space>) {
         using stored = typename detail::stored_element<CodecT>::type;
-        detail::check_finite<stored>(function, "keys", keys, "kv head");
-        detail::check_finite<stored>(function, "values", values, "kv head");
-        if constexpr (ScorerT::needs_queries) detail::check_finite(function, "window_queries", window_queries, "query head");
+        detail::check_finite<stored>(function, "keys", keys, "kv head", options.sequence_lengths);
+        detail::check_finite<stored>(function, "values", values, "kv head", options.sequence_lengths);
+        if constexpr (ScorerT::needs_queries)
+          detail::check_finite(function, "window_queries", window_queries, "query head",
+                               detail::observes_every_query<ScorerT> ? options.sequence_lengths : nullptr);
       }
     };
     if constexpr (Ranks::sharded && std::same_as<space, host_space>)
@@ -822,26 +874,40 @@ struct scheme {
                                    row_major_strides<3>({batch, shape.kv_heads, tokens})};
 
     using scorer_impl = implementation<ScorerT, BackendT>;
-    if constexpr (detail::needs_scratch<scorer_impl, typename ScorerT::config>)
-      scorer_impl::score(cfg.score, shape, keys_in, values_in, queries_in, scores, parts.score_scratch, stream);
-    else
-      scorer_impl::score(cfg.score, shape, keys_in, values_in, queries_in, scores, stream);
     using budget_impl = implementation<BudgetT, BackendT>;
-    if constexpr (detail::scorer_sets_keep_counts<ScorerT>)
-      scorer_impl::keep_counts(cfg.score, shape, detail::as_const(scores), parts.keep_counts, stream);
-    else if constexpr (Ranks::sharded)
-      budget_impl::keep_counts(cfg.budget, detail::as_const(scores), ranks.shard, ranks.comm, parts.keep_counts,
-                               parts.budget_scratch, stream);
-    else if constexpr (detail::needs_scratch<budget_impl, typename BudgetT::config>)
-      budget_impl::keep_counts(cfg.budget, detail::as_const(scores), parts.keep_counts, parts.budget_scratch, stream);
-    else
-      budget_impl::keep_counts(cfg.budget, detail::as_const(scores), parts.keep_counts, stream);
+    std::int64_t uniform_keep = keep_bound;
+    if (options.sequence_lengths != nullptr) {  // host memory only (check_sequence_lengths)
+      // Each sequence alone over its own T_b tokens (a dense [1, H, T_b] score block),
+      // its rows then set into the batch's scores with NaN past T_b: NaN ranks below
+      // every score and ties keep the lower index (select_top_k), and every budget
+      // keeps at most T_b, so the one selection below never reaches a padded token.
+      const std::int64_t* lengths = options.sequence_lengths;
+      for (std::int64_t b = 0; b < batch; ++b) {
+        const std::int64_t length = lengths[b];
+        const score_view<space> sequence_scores{parts.sequence_scores, {1, shape.kv_heads, length},
+                                                row_major_strides<3>({1, shape.kv_heads, length})};
+        const std::int64_t sequence_queries = detail::observes_every_query<ScorerT> ? length : queries_in.extent(2);
+        score_and_count(detail::sequence_score_config<ScorerT>(cfg.score, b, length), cfg.budget, shape,
+                        detail::first_tokens(keys_in, b, length), detail::first_tokens(values_in, b, length),
+                        detail::first_tokens(queries_in, b, sequence_queries), sequence_scores,
+                        parts.keep_counts + b * shape.kv_heads, parts, ranks, stream);
+        for (std::int64_t h = 0; h < shape.kv_heads; ++h) {
+          float* row = parts.scores + (b * shape.kv_heads + h) * tokens;
+          std::copy_n(parts.sequence_scores + h * length, length, row);
+          std::fill(row + length, row + tokens, std::numeric_limits<float>::quiet_NaN());
+        }
+      }
+      uniform_keep = BudgetT::max_keep(cfg.budget, lengths[0]);  // equal for every sequence (checked)
+    } else {
+      score_and_count(cfg.score, cfg.budget, shape, keys_in, values_in, queries_in, scores, parts.keep_counts, parts,
+                      ranks, stream);
+    }
     implementation<stage::select_top_k, BackendT>::select(detail::as_const(scores), parts.keep_counts, parts.offsets,
                                                           parts.tokens, parts.select_scratch, stream);
     const selection_view<space> kept{parts.offsets, parts.tokens, heads};
     compact_args args;
     args.start_position = options.start_position;
-    args.uniform_keep = BudgetT::ragged_heads || ScorerT::ragged_heads ? -1 : keep_bound;
+    args.uniform_keep = BudgetT::ragged_heads || ScorerT::ragged_heads ? -1 : uniform_keep;
     if constexpr (!Ranks::sharded && detail::refuses_on_device<budget_impl, typename BudgetT::config>) {
       // A budget that finds its error on the device (Ada-KV's paper form) leaves it
       // in its workspace; the layout's compaction refuses instead of writing.
@@ -849,8 +915,23 @@ struct scheme {
       args.refused_budget = budget_impl::refused_budget(cfg.budget, tokens);
     }
     if constexpr (detail::scorer_compensates<ScorerT>) {
-      scorer_impl::compensation_rows(cfg.score, shape, keys_in, values_in, kept, options.start_position,
-                                     parts.compensation, stream);
+      if (options.sequence_lengths != nullptr) {
+        // Each sequence's compensation rows from its own T_b tokens and its heads' selection.
+        for (std::int64_t b = 0; b < batch; ++b) {
+          const std::int64_t first = b * shape.kv_heads, length = options.sequence_lengths[b];
+          const detail::compensation_rows rows{parts.compensation.index + first,
+                                               parts.compensation.keys + first * shape.head_dim,
+                                               parts.compensation.values + first * shape.head_dim,
+                                               parts.compensation.bias + first, parts.compensation.position + first};
+          scorer_impl::compensation_rows(cfg.score, shape, detail::first_tokens(keys_in, b, length),
+                                         detail::first_tokens(values_in, b, length),
+                                         selection_view<space>{parts.offsets + first, parts.tokens, shape.kv_heads},
+                                         options.start_position, rows, stream);
+        }
+      } else {
+        scorer_impl::compensation_rows(cfg.score, shape, keys_in, values_in, kept, options.start_position,
+                                       parts.compensation, stream);
+      }
       args.compensation = &parts.compensation;
     }
     if constexpr (detail::checks_finite_on_device<implementation<LayoutT, BackendT>>) {
@@ -864,8 +945,80 @@ struct scheme {
     implementation<LayoutT, BackendT>::compact(cache, keys_in, values_in, kept, args, stream);
   }
 
+  /// compress_options::sequence_lengths, checked before anything is written.
+  template <class Ranks>
+  static void check_sequence_lengths(std::string_view function, const cache_view& cache, const config& cfg,
+                                     const compress_options<space>& options, std::int64_t tokens,
+                                     std::int64_t window) {
+    constexpr std::string_view argument = "options.sequence_lengths";
+    if constexpr (!std::same_as<space, host_space>)
+      detail::fail(function, argument, "null on backend::cuda (per-sequence prefill lengths run on the CPU so far)",
+                   "lengths given");
+    if constexpr (Ranks::sharded)
+      detail::fail(function, argument, "null in a sharded compress (per-sequence lengths are not sharded yet)",
+                   "lengths given");
+    const std::int64_t* lengths = options.sequence_lengths;
+    const std::int64_t batch = cache.batch;
+    for (std::int64_t b = 0; b < batch; ++b) {
+      if (lengths[b] < 1 || lengths[b] > tokens)
+        detail::fail(function, argument, detail::cat("a prefill length in [1, ", tokens, "] (the keys' tokens) per sequence"),
+                     detail::cat(lengths[b], " for sequence ", b));
+      if (ScorerT::needs_queries && !detail::observes_every_query<ScorerT> && window > lengths[b])
+        detail::fail(function, argument,
+                     detail::cat("at least the ", window, " window queries' tokens for every sequence"),
+                     detail::cat(lengths[b], " for sequence ", b));
+    }
+    // Per-sequence inputs a scorer holds are sliced per sequence: their whole extents first.
+    if constexpr (requires { cfg.score.lse; cfg.score.lse_extents; }) {
+      const std::array<std::int64_t, 3> expected{batch, cache.shape.q_heads, window};
+      if (cfg.score.lse != nullptr && cfg.score.lse_extents != expected)
+        detail::fail(function, "config.score.lse",
+                     detail::cat("normalisers of extents [", batch, ", ", cache.shape.q_heads, ", ", window, "]"),
+                     detail::cat("[", cfg.score.lse_extents[0], ", ", cfg.score.lse_extents[1], ", ",
+                                 cfg.score.lse_extents[2], "]"));
+    }
+    if constexpr (requires { ScorerT::check(function, cfg.score, batch, cache.shape.kv_heads, tokens); })
+      ScorerT::check(function, cfg.score, batch, cache.shape.kv_heads, tokens);
+    if constexpr (!LayoutT::ragged_heads && requires { cache.capacity; }) {
+      // One length for every head of the cache: every sequence must keep as many.
+      for (std::int64_t b = 1; b < batch; ++b)
+        if (BudgetT::max_keep(cfg.budget, lengths[b]) != BudgetT::max_keep(cfg.budget, lengths[0]))
+          detail::fail(function, argument,
+                       detail::cat("lengths whose budgets keep equally many tokens on ", LayoutT::name,
+                                   " (one length for every head): ", BudgetT::max_keep(cfg.budget, lengths[0]),
+                                   " for sequence 0"),
+                       detail::cat(BudgetT::max_keep(cfg.budget, lengths[b]), " for sequence ", b, " (",
+                                   lengths[b], " tokens)"));
+    }
+  }
+
+  /// The scorer's scores of a batch (or of one sequence: a one-sequence batch) and the
+  /// keep counts of its heads: the budget's, or the scorer's own (RazorAttention).
+  template <class ScoreConfig, class KeysView, class QueriesView, class Parts, class Ranks>
+  static void score_and_count(const ScoreConfig& score_config, const typename BudgetT::config& budget_config,
+                              const model_shape& shape, const KeysView& keys, const KeysView& values,
+                              const QueriesView& queries, const score_view<space>& scores, std::int32_t* keep_counts,
+                              const Parts& parts, const Ranks& ranks, stream_type stream) {
+    using scorer_impl = implementation<ScorerT, BackendT>;
+    using budget_impl = implementation<BudgetT, BackendT>;
+    if constexpr (detail::needs_scratch<scorer_impl, typename ScorerT::config>)
+      scorer_impl::score(score_config, shape, keys, values, queries, scores, parts.score_scratch, stream);
+    else
+      scorer_impl::score(score_config, shape, keys, values, queries, scores, stream);
+    if constexpr (detail::scorer_sets_keep_counts<ScorerT>)
+      scorer_impl::keep_counts(score_config, shape, detail::as_const(scores), keep_counts, stream);
+    else if constexpr (Ranks::sharded)
+      budget_impl::keep_counts(budget_config, detail::as_const(scores), ranks.shard, ranks.comm, keep_counts,
+                               parts.budget_scratch, stream);
+    else if constexpr (detail::needs_scratch<budget_impl, typename BudgetT::config>)
+      budget_impl::keep_counts(budget_config, detail::as_const(scores), keep_counts, parts.budget_scratch, stream);
+    else
+      budget_impl::keep_counts(budget_config, detail::as_const(scores), keep_counts, stream);
+  }
+
   struct compress_parts {
     float* scores = nullptr;
+    float* sequence_scores = nullptr;  // [H, T]: one sequence's scores (compress_options::sequence_lengths)
     std::int32_t* keep_counts = nullptr;
     std::int64_t* offsets = nullptr;
     std::int32_t* tokens = nullptr;
@@ -882,6 +1035,8 @@ struct scheme {
     const std::int64_t heads = batch * shape.kv_heads;
     compress_parts parts;
     parts.scores = carver.template take<float>(heads * tokens);
+    if constexpr (std::same_as<space, host_space>)  // compress_options::sequence_lengths (host only)
+      parts.sequence_scores = carver.template take<float>(shape.kv_heads * tokens);
     parts.keep_counts = carver.template take<std::int32_t>(heads);
     parts.offsets = carver.template take<std::int64_t>(heads + 1);
     parts.tokens = carver.template take<std::int32_t>(

@@ -45,6 +45,8 @@ struct h2o {
   static constexpr std::string_view name = "score::h2o";
   static constexpr bool needs_queries = true;
   static constexpr bool ragged_heads = false;
+  /// Its queries are the prefill's own, one per token (not a window of the last w).
+  static constexpr bool observes_every_query = true;
 
   enum class normalisation {
     none,      ///< H2O: Σ over queries

@@ -1,0 +1,103 @@
+"""Cache.compress(..., lengths=): prompts of different lengths in one right-padded batch (CPU caches).
+
+The definition is the oracle: sequence b must end up exactly as if its first lengths[b] tokens had
+been compressed alone into a one-sequence cache — the same kept tokens, positions, stored rows and
+attention output, bit for bit. The padding holds NaN, so reading any of it would be refused or
+would poison the output.
+"""
+
+import numpy as np
+import pytest
+
+import kvtrim
+
+HQ, H, D = 4, 2, 16
+LENGTHS = [45, 12, 70]
+T = max(LENGTHS)
+
+
+def padded(rng, rows):
+    x = rng.standard_normal((len(LENGTHS), rows, T, D), dtype=np.float32)
+    for b, n in enumerate(LENGTHS):
+        x[b, :, n:] = np.nan
+    return x
+
+
+def make(press, codec, layout, batch):
+    # capacity: slots per head (contiguous) or in the whole pool (flat, paged: room for KIVI's 32-slot runs)
+    capacity = 16 if layout == "contiguous" else batch * H * 160
+    return kvtrim.Cache(press, codec, layout=layout, shape=(HQ, H, D), batch=batch, capacity=capacity)
+
+
+CASES = [
+    ("SnapKV+AdaKV paged", lambda: kvtrim.AdaKV(kvtrim.SnapKV(window=4, compression_ratio=0.6)), kvtrim.FP16(), "paged"),
+    ("SnapKV flat KIVI", lambda: kvtrim.SnapKV(window=4, compression_ratio=0.5), kvtrim.KIVI(bits=8), "flat"),
+    ("H2O paged", lambda: kvtrim.H2O(compression_ratio=0.5), kvtrim.FP16(), "paged"),
+    ("StreamingLLM contiguous", lambda: kvtrim.StreamingLLM(sinks=2, tokens=10), kvtrim.FP16(), "contiguous"),
+    ("KeyNorm+Pyramid flat", lambda: kvtrim.Pyramid(kvtrim.KeyNorm(compression_ratio=0.5)), kvtrim.FP32(), "flat"),
+]
+
+
+@pytest.mark.parametrize("name,press,codec,layout", CASES, ids=[c[0] for c in CASES])
+def test_each_sequence_as_if_compressed_alone(rng, name, press, codec, layout):
+    keys, values = padded(rng, H), padded(rng, H)
+    needs_every_query = name.startswith("H2O")
+    if needs_every_query:
+        window_queries = padded(rng, HQ)
+    else:
+        window_queries = rng.standard_normal((len(LENGTHS), HQ, 4, D), dtype=np.float32)
+    queries = rng.standard_normal((len(LENGTHS), HQ, D), dtype=np.float32)
+
+    together = make(press(), codec, layout, len(LENGTHS))
+    together.compress(keys, values, window_queries, lengths=np.array(LENGTHS))
+    out = together.attend(queries)
+    offsets, kept = together.kept()
+    lengths_held = together.head_lengths()
+    assert np.isfinite(out).all(), "a padded token was read"
+
+    for b, n in enumerate(LENGTHS):
+        alone = make(press(), codec, layout, 1)
+        own_queries = window_queries[b:b + 1, :, :n] if needs_every_query else window_queries[b:b + 1]
+        alone.compress(np.ascontiguousarray(keys[b:b + 1, :, :n]), np.ascontiguousarray(values[b:b + 1, :, :n]),
+                       np.ascontiguousarray(own_queries))
+        alone_out = alone.attend(queries[b:b + 1])
+        alone_offsets, alone_kept = alone.kept()
+        for h in range(H):
+            head = b * H + h
+            assert lengths_held[head] == alone.head_lengths()[h]
+            assert kept[offsets[head]:offsets[head + 1]].tolist() == \
+                alone_kept[alone_offsets[h]:alone_offsets[h + 1]].tolist(), f"sequence {b}, head {h}"
+            for got, want in zip(together.read(b, h), alone.read(0, h)):
+                assert np.array_equal(got, want)
+        assert np.array_equal(out[b], alone_out[0]), f"sequence {b}: attention differs from compressing it alone"
+
+
+def test_lengths_are_checked_and_a_refusal_leaves_the_cache(rng):
+    keys, values = padded(rng, H), padded(rng, H)
+    window_queries = rng.standard_normal((len(LENGTHS), HQ, 4, D), dtype=np.float32)
+    cache = make(kvtrim.SnapKV(window=4, compression_ratio=0.5), kvtrim.FP16(), "paged", len(LENGTHS))
+    cache.compress(keys, values, window_queries, lengths=LENGTHS)
+    before = (cache.head_lengths().copy(), cache.positions().copy(), [cache.read(b, h) for b in range(3) for h in range(H)])
+    for bad, message in [([45, 12], "argument 'lengths': expected 3 prompt lengths"),
+                         ([45, 0, 70], "argument 'options.sequence_lengths'.*0 for sequence 1"),
+                         ([45, 12, 71], "argument 'options.sequence_lengths'.*71 for sequence 2"),
+                         ([45, 3, 70], "argument 'options.sequence_lengths'.*window queries"),
+                         ([45, 12.5, 70], "argument 'lengths': expected one integer prompt length"),
+                         ([45, True, 70], "argument 'lengths': expected one integer prompt length"),
+                         (np.array([[45, 12, 70]]), "argument 'lengths': expected one integer prompt length"),
+                         ([45, 2**63, 70], "argument 'lengths': expected one integer prompt length")]:
+        with pytest.raises(kvtrim.Error, match=message):
+            cache.compress(keys, values, window_queries, lengths=bad)
+        assert np.array_equal(cache.head_lengths(), before[0])
+        assert np.array_equal(cache.positions(), before[1])
+        for (got_k, got_v), (want_k, want_v) in zip([cache.read(b, h) for b in range(3) for h in range(H)], before[2]):
+            assert np.array_equal(got_k, want_k) and np.array_equal(got_v, want_v)
+
+
+def test_without_lengths_the_padding_is_refused(rng):
+    # The same batch without lengths reads every token: the NaN padding is refused by name.
+    keys, values = padded(rng, H), padded(rng, H)
+    window_queries = rng.standard_normal((len(LENGTHS), HQ, 4, D), dtype=np.float32)
+    cache = make(kvtrim.SnapKV(window=4, compression_ratio=0.5), kvtrim.FP16(), "paged", len(LENGTHS))
+    with pytest.raises(kvtrim.Error, match="keys.*finite values"):
+        cache.compress(keys, values, window_queries)

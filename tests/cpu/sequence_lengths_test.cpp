@@ -1,0 +1,383 @@
+// compress_options::sequence_lengths: a padded batch whose prompts have different
+// lengths (an engine batching prefills of several requests), on backend::cpu.
+//
+// The oracle is the definition: sequence b of the batch must end up exactly as if
+// its first T_b tokens had been compressed alone into a one-sequence cache of the
+// same scheme — same kept tokens (the selection output, token for token), same
+// positions, same compensation token, and decode attention over its heads equal
+// bit for bit (the same rows in the same order through the same code). Padded
+// tokens (t ≥ T_b) hold NaN in keys, values and H2O's queries: a read of any of
+// them would be refused as non-finite or poison the outputs. Every scorer (SnapKV
+// with and without given normalisers, H2O, key norm, static windows, RazorAttention,
+// external scores) and budget (uniform, Ada-KV, pyramid, per-head) appears, over
+// paged, flat, shared_paged and contiguous (which needs one kept count for all).
+// Refusals name options.sequence_lengths and leave the cache as it was.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "common/tensors.hpp"
+
+namespace {
+
+using namespace kvtrim;
+using namespace kvtrim::testing;
+
+constexpr float nan_value = std::numeric_limits<float>::quiet_NaN();
+
+/// The batch's inputs: [B, H, T, D] keys and values with NaN past each T_b, window
+/// queries [B, Hq, w, D] (H2O: [B, Hq, T, D], NaN past T_b), decode queries [B, Hq, D].
+struct padded_batch {
+  model_shape shape;
+  std::vector<std::int64_t> lengths;
+  std::int64_t tokens = 0, window = 0;
+  host_tensor<float, 4> keys, values, queries;
+  host_tensor<float, 3> decode_queries;
+
+  padded_batch(model_shape shape_, std::vector<std::int64_t> lengths_, std::int64_t window_, bool every_query,
+               std::uint64_t seed)
+      : shape(shape_), lengths(std::move(lengths_)), window(window_) {
+    tokens = *std::max_element(lengths.begin(), lengths.end());
+    const std::int64_t batch = static_cast<std::int64_t>(lengths.size());
+    keys = random_tensor<float, 4>({batch, shape.kv_heads, tokens, shape.head_dim}, seed);
+    values = random_tensor<float, 4>({batch, shape.kv_heads, tokens, shape.head_dim}, seed + 1);
+    const std::int64_t query_rows = every_query ? tokens : window;
+    queries = random_tensor<float, 4>({batch, shape.q_heads, query_rows, shape.head_dim}, seed + 2);
+    decode_queries = random_tensor<float, 3>({batch, shape.q_heads, shape.head_dim}, seed + 3);
+    for (std::int64_t b = 0; b < batch; ++b)
+      for (std::int64_t t = lengths[static_cast<std::size_t>(b)]; t < tokens; ++t)
+        for (std::int64_t d = 0; d < shape.head_dim; ++d) {
+          for (std::int64_t h = 0; h < shape.kv_heads; ++h) keys(b, h, t, d) = values(b, h, t, d) = nan_value;
+          if (every_query)
+            for (std::int64_t h = 0; h < shape.q_heads; ++h) queries(b, h, t, d) = nan_value;
+        }
+  }
+  std::int64_t batch() const { return static_cast<std::int64_t>(lengths.size()); }
+  std::int64_t length(std::int64_t b) const { return lengths[static_cast<std::size_t>(b)]; }
+
+  /// Sequence b's own inputs, dense: [1, H, T_b, D] and its queries.
+  host_tensor<float, 4> keys_of(std::int64_t b) const { return first(keys, b, length(b)); }
+  host_tensor<float, 4> values_of(std::int64_t b) const { return first(values, b, length(b)); }
+  host_tensor<float, 4> queries_of(std::int64_t b, bool every_query) const {
+    return first(queries, b, every_query ? length(b) : window);
+  }
+  host_tensor<float, 3> decode_queries_of(std::int64_t b) const {
+    auto out = make_tensor<float, 3>({1, shape.q_heads, shape.head_dim});
+    for (std::int64_t h = 0; h < shape.q_heads; ++h)
+      for (std::int64_t d = 0; d < shape.head_dim; ++d) out(0, h, d) = decode_queries(b, h, d);
+    return out;
+  }
+  static host_tensor<float, 4> first(const host_tensor<float, 4>& from, std::int64_t b, std::int64_t count) {
+    auto out = make_tensor<float, 4>({1, from.view.extent(1), count, from.view.extent(3)});
+    for (std::int64_t h = 0; h < from.view.extent(1); ++h)
+      for (std::int64_t t = 0; t < count; ++t)
+        for (std::int64_t d = 0; d < from.view.extent(3); ++d) out(0, h, t, d) = from(b, h, t, d);
+    return out;
+  }
+};
+
+/// Sequence b's first `count` entries along the last axis of a [B, X, ·] tensor, dense [1, X, count].
+host_tensor<float, 3> sequence_rows(const host_tensor<float, 3>& from, std::int64_t b, std::int64_t count) {
+  auto out = make_tensor<float, 3>({1, from.view.extent(1), count});
+  for (std::int64_t x = 0; x < from.view.extent(1); ++x)
+    for (std::int64_t i = 0; i < count; ++i) out(0, x, i) = from(b, x, i);
+  return out;
+}
+
+/// What a compress left: per head its kept tokens and positions, and the attention output.
+struct outcome {
+  std::vector<std::vector<std::int32_t>> kept;       // [B·H]
+  std::vector<std::vector<std::int32_t>> positions;  // [B·H]
+  std::vector<float> attention;                      // [B, Hq, D]
+};
+
+template <class Scheme, class Cache>
+outcome run(Cache& cache, const typename Scheme::config& cfg, const tensor_view<const float, 4>& keys,
+            const tensor_view<const float, 4>& values, const tensor_view<const float, 4>& queries,
+            const tensor_view<const float, 3>& decode_queries, const std::int64_t* lengths) {
+  const model_shape shape = cache.view().shape;
+  const std::int64_t batch = keys.extent(0), tokens = keys.extent(2), heads = batch * shape.kv_heads;
+  std::vector<std::int64_t> offsets(static_cast<std::size_t>(heads + 1));
+  std::vector<std::int32_t> kept(static_cast<std::size_t>(Scheme::kept_tokens_capacity(shape, batch, tokens, cfg)));
+  compress_options<host_space> options;
+  options.kept_offsets = offsets.data();
+  options.kept_tokens = kept.data();
+  options.kept_tokens_capacity = static_cast<std::int64_t>(kept.size());
+  options.start_position = 5;
+  options.sequence_lengths = lengths;
+  std::vector<std::byte> scratch(Scheme::compress_workspace(shape, batch, tokens, cfg));
+  auto view = cache.view();
+  if constexpr (Scheme::scorer::needs_queries)
+    Scheme::compress(keys, values, queries, view, cfg, options, {scratch.data(), scratch.size()});
+  else
+    Scheme::compress(keys, values, view, cfg, options, {scratch.data(), scratch.size()});
+  outcome result;
+  for (std::int64_t head = 0; head < heads; ++head) {
+    result.kept.emplace_back(kept.begin() + offsets[static_cast<std::size_t>(head)],
+                             kept.begin() + offsets[static_cast<std::size_t>(head) + 1]);
+    result.positions.push_back(head_positions(view, head / shape.kv_heads, head % shape.kv_heads));
+  }
+  std::vector<std::byte> attend_scratch(Scheme::attend_workspace(view));
+  result.attention.assign(static_cast<std::size_t>(batch * shape.q_heads * shape.head_dim), 0.0f);
+  const auto out = make_view(result.attention.data(), std::array<std::int64_t, 3>{batch, shape.q_heads, shape.head_dim});
+  Scheme::attend(decode_queries, view, out, {attend_scratch.data(), attend_scratch.size()});
+  return result;
+}
+
+/// Compresses the padded batch with its lengths and each sequence alone; they must agree.
+/// `make(batch)` makes an empty cache; `sequence_config(cfg, b)` the config for sequence b
+/// alone (per-sequence inputs the config holds, sliced by the test itself).
+template <class Scheme, class Make, class SequenceConfig>
+void expect_each_sequence_as_if_alone(const padded_batch& in, const typename Scheme::config& cfg, Make&& make,
+                                      SequenceConfig&& sequence_config) {
+  constexpr bool every_query = requires { requires Scheme::scorer::observes_every_query; };
+  const model_shape shape = in.shape;
+  auto cache = make(in.batch());
+  const outcome together = run<Scheme>(cache, cfg, in.keys.cview(), in.values.cview(), in.queries.cview(),
+                                       in.decode_queries.cview(), in.lengths.data());
+  for (std::int64_t b = 0; b < in.batch(); ++b) {
+    SCOPED_TRACE("sequence " + std::to_string(b) + " of " + std::to_string(in.length(b)) + " tokens");
+    const auto keys = in.keys_of(b), values = in.values_of(b), queries = in.queries_of(b, every_query);
+    const auto decode = in.decode_queries_of(b);
+    auto single = make(1);
+    const outcome alone = run<Scheme>(single, sequence_config(cfg, b), keys.cview(), values.cview(), queries.cview(),
+                                      decode.cview(), nullptr);
+    for (std::int64_t h = 0; h < shape.kv_heads; ++h) {
+      const auto head = static_cast<std::size_t>(b * shape.kv_heads + h);
+      EXPECT_EQ(together.kept[head], alone.kept[static_cast<std::size_t>(h)]) << "kept tokens of kv head " << h;
+      EXPECT_EQ(together.positions[head], alone.positions[static_cast<std::size_t>(h)]) << "positions of kv head " << h;
+    }
+    const std::size_t row = static_cast<std::size_t>(shape.q_heads * shape.head_dim);
+    for (std::size_t i = 0; i < row; ++i) {
+      const float a = together.attention[static_cast<std::size_t>(b) * row + i], e = alone.attention[i];
+      ASSERT_TRUE(std::isfinite(a)) << "output " << i << " (a padded token was read)";
+      EXPECT_EQ(std::memcmp(&a, &e, sizeof a), 0) << "output " << i << ": " << a << " vs " << e << " alone";
+    }
+  }
+}
+
+const auto same_config = [](const auto& cfg, std::int64_t) { return cfg; };
+
+const model_shape shape{.q_heads = 8, .kv_heads = 2, .head_dim = 16};
+const std::vector<std::int64_t> prompt_lengths{61, 17, 93, 40};
+
+template <class Scheme>
+auto paged_maker(std::int64_t page = 8) {
+  return [page](std::int64_t batch) {
+    return Scheme::make_cache(shape, batch, layout::paged::pool_size{batch * shape.kv_heads * 20, page},
+                              typename Scheme::codec::config{});
+  };
+}
+template <class Scheme>
+auto flat_maker() {
+  return [](std::int64_t batch) {
+    return Scheme::make_cache(shape, batch, layout::flat::pool_size{batch * shape.kv_heads * 160},
+                              typename Scheme::codec::config{});
+  };
+}
+
+TEST(SequenceLengths, SnapKVWithAdaKVOnPagedAsIfEachSequenceWereAlone) {
+  using scheme = kvtrim::scheme<layout::paged, score::snapkv, budget::adaptive, codec::fp16, backend::cpu>;
+  const padded_batch in(shape, prompt_lengths, 4, false, 10);
+  scheme::config cfg;
+  cfg.score.window = 4;
+  cfg.budget.keep = keep_ratio{0.4};  // 6 of sequence 1's 17 tokens a head: above its 4 protected
+  expect_each_sequence_as_if_alone<scheme>(in, cfg, paged_maker<scheme>(), same_config);
+}
+
+TEST(SequenceLengths, SnapKVWithTheirOwnNormalisersOnFlat) {
+  using scheme = kvtrim::scheme<layout::flat, score::snapkv, budget::uniform, codec::int8, backend::cpu>;
+  const padded_batch in(shape, prompt_lengths, 6, false, 20);
+  // Normalisers [B, Hq, w], strided; each sequence's rows are its own (made up: any finite values rank).
+  auto lse = random_tensor<float, 3>({in.batch(), shape.q_heads, 6}, 21, 1.0f, {0, 1, 2});
+  scheme::config cfg;
+  cfg.score.window = 6;
+  cfg.score = cfg.score.with_lse(lse.cview());
+  cfg.budget.keep = keep_ratio{0.3};
+  std::vector<host_tensor<float, 3>> own;
+  for (std::int64_t b = 0; b < in.batch(); ++b) own.push_back(sequence_rows(lse, b, 6));
+  expect_each_sequence_as_if_alone<scheme>(in, cfg, flat_maker<scheme>(), [&](scheme::config c, std::int64_t b) {
+    c.score = c.score.with_lse(own[static_cast<std::size_t>(b)].cview());
+    return c;
+  });
+}
+
+TEST(SequenceLengths, H2OObservesEachSequencesOwnQueries) {
+  using scheme = kvtrim::scheme<layout::paged, score::h2o, budget::pyramid, codec::fp16, backend::cpu>;
+  const padded_batch in(shape, prompt_lengths, 0, true, 30);
+  scheme::config cfg;
+  cfg.budget.keep = keep_ratio{0.5};
+  cfg.budget.layer = 2;
+  cfg.budget.layers = 6;
+  expect_each_sequence_as_if_alone<scheme>(in, cfg, paged_maker<scheme>(16), same_config);
+}
+
+TEST(SequenceLengths, ObservedAttentionWithGivenNormalisersOfEveryQuery) {
+  using scheme = kvtrim::scheme<layout::flat, score::h2o, budget::adaptive, codec::fp32, backend::cpu>;
+  const padded_batch in(shape, prompt_lengths, 0, true, 40);
+  auto lse = random_tensor<float, 3>({in.batch(), shape.q_heads, in.tokens}, 41, 2.0f);
+  for (std::int64_t b = 0; b < in.batch(); ++b)
+    for (std::int64_t h = 0; h < shape.q_heads; ++h)
+      for (std::int64_t t = in.length(b); t < in.tokens; ++t) lse(b, h, t) = nan_value;  // padding: never read
+  scheme::config cfg;
+  cfg.score.normalisation = score::h2o::normalisation::observed;
+  cfg.score.protect_recent = false;
+  cfg.score = cfg.score.with_lse(lse.cview());
+  cfg.budget.keep = keep_ratio{0.25};
+  std::vector<host_tensor<float, 3>> own;
+  for (std::int64_t b = 0; b < in.batch(); ++b) own.push_back(sequence_rows(lse, b, in.length(b)));
+  expect_each_sequence_as_if_alone<scheme>(in, cfg, flat_maker<scheme>(), [&](scheme::config c, std::int64_t b) {
+    c.score = c.score.with_lse(own[static_cast<std::size_t>(b)].cview());
+    return c;
+  });
+}
+
+TEST(SequenceLengths, KeyNormAndStaticWindowsWithPerHeadBudgets) {
+  {
+    using scheme = kvtrim::scheme<layout::paged, score::key_norm, budget::per_head, codec::int4, backend::cpu>;
+    const padded_batch in(shape, prompt_lengths, 0, false, 50);
+    scheme::config cfg;
+    cfg.budget.lengths = {9, 30};  // sequence 1 (17 tokens) keeps all of them in head 1
+    cfg.budget.kv_heads = shape.kv_heads;
+    expect_each_sequence_as_if_alone<scheme>(in, cfg, paged_maker<scheme>(32), same_config);
+  }
+  {
+    using scheme = kvtrim::scheme<layout::flat, score::static_window, budget::uniform, codec::bf16, backend::cpu>;
+    const padded_batch in(shape, prompt_lengths, 0, false, 60);
+    scheme::config cfg;
+    cfg.score.sinks = 3;
+    cfg.score.windows = {5, 12};
+    cfg.budget.keep = keep_ratio{0.5};
+    expect_each_sequence_as_if_alone<scheme>(in, cfg, flat_maker<scheme>(), same_config);
+  }
+}
+
+TEST(SequenceLengths, RazorAttentionCompensatesFromEachSequencesOwnDroppedTokens) {
+  using scheme = kvtrim::scheme<layout::paged, score::retrieval_head, budget::by_scorer, codec::fp16, backend::cpu>;
+  const padded_batch in(shape, prompt_lengths, 0, false, 70);
+  scheme::config cfg;
+  cfg.score.retrieval = {false, true};
+  cfg.score.sinks = 2;
+  cfg.score.min_recent = 6;
+  cfg.score.recent_fraction = 0.1;
+  expect_each_sequence_as_if_alone<scheme>(in, cfg, paged_maker<scheme>(), same_config);
+}
+
+TEST(SequenceLengths, ExternalScoresAreReadAtEachSequencesRows) {
+  using scheme = kvtrim::scheme<layout::shared_paged, score::external, budget::uniform, codec::fp16, backend::cpu>;
+  const padded_batch in(shape, prompt_lengths, 0, false, 80);
+  auto given = random_tensor<float, 3>({in.batch(), shape.kv_heads, in.tokens}, 81, 1.0f, {0, 0, 3});
+  for (std::int64_t b = 0; b < in.batch(); ++b)
+    for (std::int64_t h = 0; h < shape.kv_heads; ++h)
+      for (std::int64_t t = in.length(b); t < in.tokens; ++t) given(b, h, t) = 1e30f;  // padding ranks first if read
+  scheme::config cfg;
+  cfg.score = score::external::config::from(given.cview());
+  cfg.budget.keep = keep_ratio{0.35};
+  std::vector<host_tensor<float, 3>> own;
+  for (std::int64_t b = 0; b < in.batch(); ++b) own.push_back(sequence_rows(given, b, in.length(b)));
+  const auto make = [](std::int64_t batch) {
+    return scheme::make_cache(shape, batch, layout::shared_paged::pool_size{batch * 16, 4, layout::shared_paged::order::hnd},
+                              codec::fp16::config{});
+  };
+  expect_each_sequence_as_if_alone<scheme>(in, cfg, make, [&](scheme::config c, std::int64_t b) {
+    c.score = score::external::config::from(own[static_cast<std::size_t>(b)].cview());
+    return c;
+  });
+}
+
+TEST(SequenceLengths, ContiguousTakesLengthsThatKeepEquallyMany) {
+  using scheme = kvtrim::scheme<layout::contiguous, score::snapkv, budget::uniform, codec::fp16, backend::cpu>;
+  const padded_batch in(shape, prompt_lengths, 4, false, 90);
+  scheme::config cfg;
+  cfg.score.window = 4;
+  cfg.budget.keep = keep_tokens{12};  // ≤ every T_b: every head keeps 12
+  expect_each_sequence_as_if_alone<scheme>(
+      in, cfg, [](std::int64_t batch) { return scheme::make_cache(shape, batch, 12, codec::fp16::config{}); },
+      same_config);
+}
+
+/// A refused call names `argument` and leaves every byte of the cache as it was.
+template <class Scheme, class Cache>
+void expect_refused_intact(Cache& cache, const typename Scheme::config& cfg, const padded_batch& in,
+                           const std::vector<std::int64_t>& lengths, const std::string& argument,
+                           const std::string& got) {
+  const auto bytes = [&] {
+    const auto view = cache.view();
+    const auto* first = reinterpret_cast<const unsigned char*>(cache.data());
+    (void)view;
+    return std::vector<unsigned char>(first, first + cache.bytes());
+  };
+  const auto before = bytes();
+  compress_options<host_space> options;
+  options.sequence_lengths = lengths.data();
+  std::vector<std::byte> scratch(Scheme::compress_workspace(in.shape, in.batch(), in.tokens, cfg));
+  auto view = cache.view();
+  try {
+    Scheme::compress(in.keys.cview(), in.values.cview(), in.queries.cview(), view, cfg, options,
+                     {scratch.data(), scratch.size()});
+    ADD_FAILURE() << "expected kvtrim::error naming " << argument;
+  } catch (const kvtrim::error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find(argument), std::string::npos) << what;
+    EXPECT_NE(what.find(got), std::string::npos) << what;
+  }
+  EXPECT_EQ(bytes(), before) << "a refused compress changed the cache";
+}
+
+TEST(SequenceLengths, BadLengthsAreRefusedBeforeAnyWrite) {
+  using scheme = kvtrim::scheme<layout::paged, score::snapkv, budget::uniform, codec::fp16, backend::cpu>;
+  const padded_batch in(shape, prompt_lengths, 8, false, 100);
+  scheme::config cfg;
+  cfg.score.window = 8;
+  cfg.budget.keep = keep_ratio{0.5};
+  auto cache = paged_maker<scheme>()(in.batch());
+  // A first compress, so that "as it was" is a cache holding tokens.
+  run<scheme>(cache, cfg, in.keys.cview(), in.values.cview(), in.queries.cview(), in.decode_queries.cview(),
+              in.lengths.data());
+  expect_refused_intact<scheme>(cache, cfg, in, {61, 0, 93, 40}, "options.sequence_lengths", "0 for sequence 1");
+  expect_refused_intact<scheme>(cache, cfg, in, {61, 17, 94, 40}, "options.sequence_lengths", "94 for sequence 2");
+  expect_refused_intact<scheme>(cache, cfg, in, {61, 7, 93, 40}, "options.sequence_lengths", "7 for sequence 1");
+  // A NaN inside a prompt (not in its padding) is still refused, naming where it is.
+  padded_batch poisoned = in;
+  poisoned.keys(3, 1, 39, 2) = nan_value;
+  auto cache2 = paged_maker<scheme>()(in.batch());
+  expect_refused_intact<scheme>(cache2, cfg, poisoned, in.lengths, "keys", "sequence 3, kv head 1, token 39");
+}
+
+TEST(SequenceLengths, ContiguousRefusesLengthsThatKeepDifferentCounts) {
+  using scheme = kvtrim::scheme<layout::contiguous, score::snapkv, budget::uniform, codec::fp16, backend::cpu>;
+  const padded_batch in(shape, prompt_lengths, 4, false, 110);
+  scheme::config cfg;
+  cfg.score.window = 4;
+  cfg.budget.keep = keep_ratio{0.5};  // 30 of 61 but 8 of 17
+  auto cache = scheme::make_cache(shape, in.batch(), 48, codec::fp16::config{});
+  expect_refused_intact<scheme>(cache, cfg, in, in.lengths, "options.sequence_lengths", "8 for sequence 1");
+}
+
+TEST(SequenceLengths, AllEqualLengthsGiveTheUnpaddedCompress) {
+  // Lengths all T: the same call as without them, bit for bit.
+  using scheme = kvtrim::scheme<layout::flat, score::snapkv, budget::adaptive, codec::fp16, backend::cpu>;
+  const padded_batch in(shape, {33, 33, 33}, 5, false, 120);
+  scheme::config cfg;
+  cfg.score.window = 5;
+  cfg.budget.keep = keep_ratio{0.3};
+  auto with = flat_maker<scheme>()(3);
+  auto without = flat_maker<scheme>()(3);
+  const outcome a = run<scheme>(with, cfg, in.keys.cview(), in.values.cview(), in.queries.cview(),
+                                in.decode_queries.cview(), in.lengths.data());
+  const outcome b = run<scheme>(without, cfg, in.keys.cview(), in.values.cview(), in.queries.cview(),
+                                in.decode_queries.cview(), nullptr);
+  EXPECT_EQ(a.kept, b.kept);
+  EXPECT_EQ(a.positions, b.positions);
+  EXPECT_EQ(std::memcmp(a.attention.data(), b.attention.data(), a.attention.size() * sizeof(float)), 0);
+}
+
+}  // namespace
