@@ -174,6 +174,7 @@ struct not_implemented : std::runtime_error {
 struct kept_indices {
   std::vector<std::int64_t> offsets;  // [B·H + 1]
   std::vector<std::int32_t> tokens;   // ascending per head
+  std::vector<std::int64_t> sequence_lengths;  // the compress's prompt lengths (empty: every sequence all T)
 };
 
 struct stats_result {
@@ -1229,6 +1230,7 @@ class typed_cache final : public cache_base {
       tokens.resize(static_cast<std::size_t>(offsets.back()));
       kept_.offsets = std::move(offsets);
       kept_.tokens = std::move(tokens);
+      if (lengths != nullptr) kept_.sequence_lengths.assign(lengths, lengths + view.batch);
     } else {
       kept_active_ = 1 - kept_active_;
       kept_on_device_ = true;

@@ -173,7 +173,8 @@ void seed(cache_base& cache, const array& keys, const array& window_queries, std
         output.carry = carry_of(function, view, carry,
                                 {{"metric", &metric}, {"keys", &keys}, {"window_queries", &window_queries}});
         eviction::seed_metric(host_view<4>("keys", keys), host_view<4>("window_queries", window_queries), view,
-                              selection, start_position, output);
+                              selection, start_position, output,
+                              kept.sequence_lengths.empty() ? nullptr : kept.sequence_lengths.data());
       })) {
     if (carry.any()) carry_refused(function, cache);
     unsupported(cache);

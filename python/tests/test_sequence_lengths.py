@@ -55,6 +55,7 @@ def test_each_sequence_as_if_compressed_alone(rng, name, press, codec, layout):
     lengths_held = together.head_lengths()
     assert np.isfinite(out).all(), "a padded token was read"
 
+    alone_positions, appended = {}, {}
     for b, n in enumerate(LENGTHS):
         alone = make(press(), codec, layout, 1)
         own_queries = window_queries[b:b + 1, :, :n] if needs_every_query else window_queries[b:b + 1]
@@ -70,6 +71,24 @@ def test_each_sequence_as_if_compressed_alone(rng, name, press, codec, layout):
             for got, want in zip(together.read(b, h), alone.read(0, h)):
                 assert np.array_equal(got, want)
         assert np.array_equal(out[b], alone_out[0]), f"sequence {b}: attention differs from compressing it alone"
+        # Two decode steps appended: positions continue from each prompt's own end.
+        new = rng.standard_normal((1, H, 2, D), dtype=np.float32)
+        alone.append(new, new)
+        alone_positions[b] = (alone.positions(), alone.head_lengths().copy(), alone.attend(queries[b:b + 1])[0])
+        appended[b] = new
+    batch_new = np.concatenate([appended[b] for b in range(len(LENGTHS))])
+    together.append(batch_new, batch_new)
+    out = together.attend(queries)
+    positions, held = together.positions(), together.head_lengths()
+    starts = np.concatenate([[0], np.cumsum(held)])
+    for b in range(len(LENGTHS)):
+        alone_pos, alone_held, alone_out = alone_positions[b]
+        alone_starts = np.concatenate([[0], np.cumsum(alone_held)])
+        for h in range(H):
+            head = b * H + h
+            assert positions[starts[head]:starts[head + 1]].tolist() == \
+                alone_pos[alone_starts[h]:alone_starts[h + 1]].tolist(), f"sequence {b}, head {h} after appends"
+        assert np.array_equal(out[b], alone_out), f"sequence {b}: attention after appends"
 
 
 def test_lengths_are_checked_and_a_refusal_leaves_the_cache(rng):
@@ -101,3 +120,26 @@ def test_without_lengths_the_padding_is_refused(rng):
     cache = make(kvtrim.SnapKV(window=4, compression_ratio=0.5), kvtrim.FP16(), "paged", len(LENGTHS))
     with pytest.raises(kvtrim.Error, match="keys.*finite values"):
         cache.compress(keys, values, window_queries)
+
+
+def test_eviction_seed_reads_each_prompt(rng):
+    # The metric seeded from a padded batch holds exactly the values each sequence's own seed holds
+    # (slots differ between the caches; the multiset of non-zero values does not).
+    keys, values = padded(rng, H), padded(rng, H)
+    window_queries = rng.standard_normal((len(LENGTHS), HQ, 4, D), dtype=np.float32)
+    press = lambda: kvtrim.SnapKV(window=4, compression_ratio=0.5)
+    together = make(press(), kvtrim.FP16(), "paged", len(LENGTHS))
+    together.compress(keys, values, window_queries, lengths=LENGTHS)
+    eviction = kvtrim.Eviction([together], keep=40, protected_window=2)
+    eviction.seed(0, keys, window_queries)
+    got = eviction.metrics[0]
+    assert np.isfinite(got).all()
+    want = []
+    for b, n in enumerate(LENGTHS):
+        alone = make(press(), kvtrim.FP16(), "paged", 1)
+        alone.compress(np.ascontiguousarray(keys[b:b + 1, :, :n]), np.ascontiguousarray(values[b:b + 1, :, :n]),
+                       window_queries[b:b + 1])
+        own = kvtrim.Eviction([alone], keep=40, protected_window=2)
+        own.seed(0, np.ascontiguousarray(keys[b:b + 1, :, :n]), window_queries[b:b + 1])
+        want.append(own.metrics[0][own.metrics[0] != 0])
+    assert np.array_equal(np.sort(got[got != 0]), np.sort(np.concatenate(want)))

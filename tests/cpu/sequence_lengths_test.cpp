@@ -14,6 +14,9 @@
 // Refusals name options.sequence_lengths and leave the cache as it was.
 #include <gtest/gtest.h>
 
+#include <kvtrim/backend/cpu/eviction.hpp>
+#include <kvtrim/kvtrim.hpp>
+
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -22,6 +25,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common/tensors.hpp"
@@ -40,6 +44,7 @@ struct padded_batch {
   std::vector<std::int64_t> lengths;
   std::int64_t tokens = 0, window = 0;
   host_tensor<float, 4> keys, values, queries;
+  host_tensor<float, 4> new_keys, new_values;  // [B, H, 2, D]: two decode steps' tokens, appended after compress
   host_tensor<float, 3> decode_queries;
 
   padded_batch(model_shape shape_, std::vector<std::int64_t> lengths_, std::int64_t window_, bool every_query,
@@ -52,6 +57,8 @@ struct padded_batch {
     const std::int64_t query_rows = every_query ? tokens : window;
     queries = random_tensor<float, 4>({batch, shape.q_heads, query_rows, shape.head_dim}, seed + 2);
     decode_queries = random_tensor<float, 3>({batch, shape.q_heads, shape.head_dim}, seed + 3);
+    new_keys = random_tensor<float, 4>({batch, shape.kv_heads, 2, shape.head_dim}, seed + 4);
+    new_values = random_tensor<float, 4>({batch, shape.kv_heads, 2, shape.head_dim}, seed + 5);
     for (std::int64_t b = 0; b < batch; ++b)
       for (std::int64_t t = lengths[static_cast<std::size_t>(b)]; t < tokens; ++t)
         for (std::int64_t d = 0; d < shape.head_dim; ++d) {
@@ -69,6 +76,8 @@ struct padded_batch {
   host_tensor<float, 4> queries_of(std::int64_t b, bool every_query) const {
     return first(queries, b, every_query ? length(b) : window);
   }
+  host_tensor<float, 4> new_keys_of(std::int64_t b) const { return first(new_keys, b, 2); }
+  host_tensor<float, 4> new_values_of(std::int64_t b) const { return first(new_values, b, 2); }
   host_tensor<float, 3> decode_queries_of(std::int64_t b) const {
     auto out = make_tensor<float, 3>({1, shape.q_heads, shape.head_dim});
     for (std::int64_t h = 0; h < shape.q_heads; ++h)
@@ -92,17 +101,21 @@ host_tensor<float, 3> sequence_rows(const host_tensor<float, 3>& from, std::int6
   return out;
 }
 
-/// What a compress left: per head its kept tokens and positions, and the attention output.
+/// What a compress left: per head its kept tokens and positions, and the attention output;
+/// then, after appending two tokens to every head, the positions and attention again.
 struct outcome {
   std::vector<std::vector<std::int32_t>> kept;       // [B·H]
   std::vector<std::vector<std::int32_t>> positions;  // [B·H]
   std::vector<float> attention;                      // [B, Hq, D]
+  std::vector<std::vector<std::int32_t>> appended_positions;
+  std::vector<float> appended_attention;
 };
 
 template <class Scheme, class Cache>
 outcome run(Cache& cache, const typename Scheme::config& cfg, const tensor_view<const float, 4>& keys,
             const tensor_view<const float, 4>& values, const tensor_view<const float, 4>& queries,
-            const tensor_view<const float, 3>& decode_queries, const std::int64_t* lengths) {
+            const tensor_view<const float, 3>& decode_queries, const std::int64_t* lengths,
+            const tensor_view<const float, 4>& new_keys = {}, const tensor_view<const float, 4>& new_values = {}) {
   const model_shape shape = cache.view().shape;
   const std::int64_t batch = keys.extent(0), tokens = keys.extent(2), heads = batch * shape.kv_heads;
   std::vector<std::int64_t> offsets(static_cast<std::size_t>(heads + 1));
@@ -125,10 +138,19 @@ outcome run(Cache& cache, const typename Scheme::config& cfg, const tensor_view<
                              kept.begin() + offsets[static_cast<std::size_t>(head) + 1]);
     result.positions.push_back(head_positions(view, head / shape.kv_heads, head % shape.kv_heads));
   }
-  std::vector<std::byte> attend_scratch(Scheme::attend_workspace(view));
-  result.attention.assign(static_cast<std::size_t>(batch * shape.q_heads * shape.head_dim), 0.0f);
-  const auto out = make_view(result.attention.data(), std::array<std::int64_t, 3>{batch, shape.q_heads, shape.head_dim});
-  Scheme::attend(decode_queries, view, out, {attend_scratch.data(), attend_scratch.size()});
+  const auto attend = [&](std::vector<float>& attention) {
+    std::vector<std::byte> attend_scratch(Scheme::attend_workspace(view));
+    attention.assign(static_cast<std::size_t>(batch * shape.q_heads * shape.head_dim), 0.0f);
+    const auto out = make_view(attention.data(), std::array<std::int64_t, 3>{batch, shape.q_heads, shape.head_dim});
+    Scheme::attend(decode_queries, view, out, {attend_scratch.data(), attend_scratch.size()});
+  };
+  attend(result.attention);
+  if (new_keys.data != nullptr) {
+    Scheme::append(view, new_keys, new_values);
+    for (std::int64_t head = 0; head < heads; ++head)
+      result.appended_positions.push_back(head_positions(view, head / shape.kv_heads, head % shape.kv_heads));
+    attend(result.appended_attention);
+  }
   return result;
 }
 
@@ -142,25 +164,32 @@ void expect_each_sequence_as_if_alone(const padded_batch& in, const typename Sch
   const model_shape shape = in.shape;
   auto cache = make(in.batch());
   const outcome together = run<Scheme>(cache, cfg, in.keys.cview(), in.values.cview(), in.queries.cview(),
-                                       in.decode_queries.cview(), in.lengths.data());
+                                       in.decode_queries.cview(), in.lengths.data(), in.new_keys.cview(),
+                                       in.new_values.cview());
   for (std::int64_t b = 0; b < in.batch(); ++b) {
     SCOPED_TRACE("sequence " + std::to_string(b) + " of " + std::to_string(in.length(b)) + " tokens");
     const auto keys = in.keys_of(b), values = in.values_of(b), queries = in.queries_of(b, every_query);
     const auto decode = in.decode_queries_of(b);
+    const auto new_keys = in.new_keys_of(b), new_values = in.new_values_of(b);
     auto single = make(1);
     const outcome alone = run<Scheme>(single, sequence_config(cfg, b), keys.cview(), values.cview(), queries.cview(),
-                                      decode.cview(), nullptr);
+                                      decode.cview(), nullptr, new_keys.cview(), new_values.cview());
     for (std::int64_t h = 0; h < shape.kv_heads; ++h) {
       const auto head = static_cast<std::size_t>(b * shape.kv_heads + h);
       EXPECT_EQ(together.kept[head], alone.kept[static_cast<std::size_t>(h)]) << "kept tokens of kv head " << h;
       EXPECT_EQ(together.positions[head], alone.positions[static_cast<std::size_t>(h)]) << "positions of kv head " << h;
+      EXPECT_EQ(together.appended_positions[head], alone.appended_positions[static_cast<std::size_t>(h)])
+          << "positions of kv head " << h << " after two appends (they continue from start + T_b)";
     }
     const std::size_t row = static_cast<std::size_t>(shape.q_heads * shape.head_dim);
-    for (std::size_t i = 0; i < row; ++i) {
-      const float a = together.attention[static_cast<std::size_t>(b) * row + i], e = alone.attention[i];
-      ASSERT_TRUE(std::isfinite(a)) << "output " << i << " (a padded token was read)";
-      EXPECT_EQ(std::memcmp(&a, &e, sizeof a), 0) << "output " << i << ": " << a << " vs " << e << " alone";
-    }
+    for (const auto& [got, want, when] : {std::tuple{&together.attention, &alone.attention, "after compress"},
+                                          std::tuple{&together.appended_attention, &alone.appended_attention,
+                                                     "after two appends"}})
+      for (std::size_t i = 0; i < row; ++i) {
+        const float a = (*got)[static_cast<std::size_t>(b) * row + i], e = (*want)[i];
+        ASSERT_TRUE(std::isfinite(a)) << when << ", output " << i << " (a padded token was read)";
+        EXPECT_EQ(std::memcmp(&a, &e, sizeof a), 0) << when << ", output " << i << ": " << a << " vs " << e << " alone";
+      }
   }
 }
 
@@ -300,8 +329,56 @@ TEST(SequenceLengths, ContiguousTakesLengthsThatKeepEquallyMany) {
   cfg.score.window = 4;
   cfg.budget.keep = keep_tokens{12};  // ≤ every T_b: every head keeps 12
   expect_each_sequence_as_if_alone<scheme>(
-      in, cfg, [](std::int64_t batch) { return scheme::make_cache(shape, batch, 12, codec::fp16::config{}); },
+      in, cfg, [](std::int64_t batch) { return scheme::make_cache(shape, batch, 16, codec::fp16::config{}); },
       same_config);
+}
+
+/// The decode-time eviction metric seeded from a padded batch (its window queries at the end of each
+/// prompt) equals each sequence's seed alone, slot for slot (the same arithmetic: bit for bit).
+TEST(SequenceLengths, EvictionSeedReadsEachSequencesOwnPrompt) {
+  using scheme = kvtrim::scheme<layout::paged, score::snapkv, budget::adaptive, codec::fp16, backend::cpu>;
+  const padded_batch in(shape, prompt_lengths, 4, false, 130);
+  scheme::config cfg;
+  cfg.score.window = 4;
+  cfg.budget.keep = keep_ratio{0.5};
+  // The metric of one cache after a compress with the kept output: [slots], and the cache's view.
+  const auto seeded = [&](auto& cache, const tensor_view<const float, 4>& keys, const tensor_view<const float, 4>& values,
+                          const tensor_view<const float, 4>& queries, const std::int64_t* lengths) {
+    auto view = cache.view();
+    const std::int64_t batch = keys.extent(0), heads = batch * shape.kv_heads;
+    std::vector<std::int64_t> offsets(static_cast<std::size_t>(heads + 1));
+    std::vector<std::int32_t> kept(
+        static_cast<std::size_t>(scheme::kept_tokens_capacity(shape, batch, keys.extent(2), cfg)));
+    compress_options<host_space> options;
+    options.kept_offsets = offsets.data();
+    options.kept_tokens = kept.data();
+    options.kept_tokens_capacity = static_cast<std::int64_t>(kept.size());
+    options.sequence_lengths = lengths;
+    std::vector<std::byte> scratch(scheme::compress_workspace(shape, batch, keys.extent(2), cfg));
+    scheme::compress(keys, values, queries, view, cfg, options, {scratch.data(), scratch.size()});
+    const std::int64_t slots = kvtrim::detail::storage_slots(view.storage);
+    std::vector<float> metric(static_cast<std::size_t>(slots), -1.0f);
+    const eviction::metric_output<> output{metric.data(), slots, eviction::metric_kind::squared_sum, 2};
+    eviction::seed_metric(keys, queries, view, {offsets.data(), kept.data(), heads}, 0, output, lengths);
+    return metric;
+  };
+  auto together = paged_maker<scheme>()(in.batch());
+  const auto metric = seeded(together, in.keys.cview(), in.values.cview(), in.queries.cview(), in.lengths.data());
+  for (std::int64_t b = 0; b < in.batch(); ++b) {
+    const auto keys = in.keys_of(b), values = in.values_of(b), queries = in.queries_of(b, false);
+    auto alone = paged_maker<scheme>()(1);
+    const auto own = seeded(alone, keys.cview(), values.cview(), queries.cview(), nullptr);
+    for (std::int64_t h = 0; h < shape.kv_heads; ++h) {
+      ASSERT_EQ(together.view().head_length(b, h), alone.view().head_length(0, h));
+      for (std::int64_t i = 0; i < alone.view().head_length(0, h); ++i) {
+        const float got = metric[static_cast<std::size_t>(together.view().slot(b, h, i))];
+        const float want = own[static_cast<std::size_t>(alone.view().slot(0, h, i))];
+        ASSERT_TRUE(std::isfinite(got)) << "sequence " << b << ", head " << h << ", token " << i;
+        EXPECT_EQ(std::memcmp(&got, &want, sizeof got), 0)
+            << "sequence " << b << ", head " << h << ", token " << i << ": " << got << " vs " << want << " alone";
+      }
+    }
+  }
 }
 
 /// A refused call names `argument` and leaves every byte of the cache as it was.

@@ -132,14 +132,17 @@ TEST(Workspace, MisalignedBaseThrows) {
 }
 
 TEST(Workspace, SizeCoversEveryPieceAtItsAlignment) {
-  // Scores (T floats per head), keep counts, CSR offsets and kept tokens, and the
-  // selection's scratch (T int32 per thread that selects at once: min(threads,
-  // heads)), each starting on a 256-byte boundary.
+  // Scores (T floats per head), one sequence's scores (T floats per kv head: the
+  // per-sequence scoring of compress_options::sequence_lengths), keep counts, CSR
+  // offsets and kept tokens, and the selection's scratch (T int32 per thread that
+  // selects at once: min(threads, heads)), each starting on a 256-byte boundary.
   setup s;
   const std::int64_t heads = s.batch * s.shape.kv_heads, keep = 75;
   const auto aligned = [](std::size_t bytes) { return (bytes + 255) / 256 * 256; };
   const std::int64_t selecting_threads = std::min(kt::detail::cpu_threads(), heads);
-  const std::size_t expected = aligned(heads * s.tokens * sizeof(float)) + aligned(heads * sizeof(std::int32_t)) +
+  const std::size_t expected = aligned(heads * s.tokens * sizeof(float)) +
+                               aligned(s.shape.kv_heads * s.tokens * sizeof(float)) +
+                               aligned(heads * sizeof(std::int32_t)) +
                                aligned((heads + 1) * sizeof(std::int64_t)) +
                                aligned(heads * keep * sizeof(std::int32_t)) +
                                selecting_threads * ((s.tokens + 63) / 64 * 64) * sizeof(std::int32_t);

@@ -907,6 +907,7 @@ struct scheme {
     const selection_view<space> kept{parts.offsets, parts.tokens, heads};
     compact_args args;
     args.start_position = options.start_position;
+    args.sequence_lengths = options.sequence_lengths;
     args.uniform_keep = BudgetT::ragged_heads || ScorerT::ragged_heads ? -1 : uniform_keep;
     if constexpr (!Ranks::sharded && detail::refuses_on_device<budget_impl, typename BudgetT::config>) {
       // A budget that finds its error on the device (Ada-KV's paper form) leaves it

@@ -46,6 +46,10 @@ struct compact_args {
   /// CPU's error in the cache's status words and writes nothing.
   const unsigned long long* budget_refusal = nullptr;
   std::int64_t refused_budget = 0;
+  /// A right-padded batch's prompt lengths (host memory, one per sequence; null: every
+  /// sequence has all the keys' tokens): each head's next position is start + its T_b
+  /// (compress_options::sequence_lengths; backend::cpu).
+  const std::int64_t* sequence_lengths = nullptr;
 };
 
 }  // namespace kvtrim

@@ -555,14 +555,17 @@ void flush_metric(const View& cache, const metric_output<host_space>& metric, wo
 /// sum left to right). The compensation token (RazorAttention) is seeded 0. With a
 /// carry (one step late) every head's pending step is dropped (carry.next = 0).
 /// `kept` is the selection compress wrote (compress_options); the cache is the
-/// one it filled. This is a second pass over the window (O(B·Hq·w·T·D), the
-/// scorer's cost): handing the scorer's probabilities over needs a hook in
-/// scheme::compress (docs/eviction.md).
+/// one it filled. `sequence_lengths`: the ones compress took (a right-padded batch,
+/// compress_options::sequence_lengths; null: every sequence has all T): sequence b's
+/// window queries sit at the end of its own T_b tokens, and only those are read.
+/// This is a second pass over the window (O(B·Hq·w·T·D), the scorer's cost):
+/// handing the scorer's probabilities over needs a hook in scheme::compress
+/// (docs/eviction.md).
 template <class View, class KeyT, class QueryT>
   requires std::same_as<typename View::space, host_space>
 void seed_metric(const kv_view<const KeyT>& keys, const window_view<const QueryT>& window_queries, const View& cache,
                  const selection_view<host_space>& kept, std::int64_t start_position,
-                 const metric_output<host_space>& metric) {
+                 const metric_output<host_space>& metric, const std::int64_t* sequence_lengths = nullptr) {
   constexpr std::string_view function = "kvtrim::eviction::seed_metric";
   const model_shape& shape = cache.shape;
   const std::int64_t tokens = keys.extent(2), observed = window_queries.extent(2);
@@ -572,6 +575,14 @@ void seed_metric(const kv_view<const KeyT>& keys, const window_view<const QueryT
   if (observed < 1 || observed > tokens)
     ::kvtrim::detail::fail(function, "window_queries", ::kvtrim::detail::cat("1 to ", tokens, " observed queries"),
                            std::to_string(observed));
+  // Sequence b's prompt: its first prompt(b) tokens.
+  const auto prompt = [&](std::int64_t b) { return sequence_lengths != nullptr ? sequence_lengths[b] : tokens; };
+  for (std::int64_t b = 0; sequence_lengths != nullptr && b < cache.batch; ++b)
+    if (prompt(b) < observed || prompt(b) > tokens)
+      ::kvtrim::detail::fail(function, "sequence_lengths",
+                             ::kvtrim::detail::cat("prompt lengths in [", observed, ", ", tokens,
+                                                   "] (the window queries', the keys' tokens)"),
+                             ::kvtrim::detail::cat(prompt(b), " for sequence ", b));
   View::layout_policy::validate(function, cache);
   if (metric.values == nullptr) ::kvtrim::detail::fail(function, "metric", "a metric buffer", "null");
   eviction_detail::check_metric(function, metric, ::kvtrim::detail::storage_slots(cache.storage));
@@ -589,8 +600,9 @@ void seed_metric(const kv_view<const KeyT>& keys, const window_view<const QueryT
     ::kvtrim::detail::fail(function, "kept", "offsets from 0 or more", std::to_string(kept.offsets[0]));
   for (std::int64_t head = 0; head < cache.heads(); ++head)
     for (std::int64_t i = kept.offsets[head]; i < kept.offsets[head + 1]; ++i)
-      if (kept.tokens[i] < 0 || kept.tokens[i] >= tokens)
-        ::kvtrim::detail::fail(function, "kept", ::kvtrim::detail::cat("tokens in [0, ", tokens, ")"),
+      if (kept.tokens[i] < 0 || kept.tokens[i] >= prompt(head / shape.kv_heads))
+        ::kvtrim::detail::fail(function, "kept",
+                               ::kvtrim::detail::cat("tokens in [0, ", prompt(head / shape.kv_heads), ")"),
                                ::kvtrim::detail::cat(kept.tokens[i], " for head ", head));
   std::fill_n(metric.values, ::kvtrim::detail::storage_slots(cache.storage), 0.0f);
   // A new prefill: no decode step of the tokens it replaced is pending (one step late).
@@ -609,7 +621,7 @@ void seed_metric(const kv_view<const KeyT>& keys, const window_view<const QueryT
       for (std::int64_t g = 0; g < group; ++g)
         for (std::int64_t q = 0; q < observed; ++q) {
           for (std::int64_t d = 0; d < head_dim; ++d) query[d] = to_float(window_queries(b, h * group + g, q, d));
-          const std::int64_t visible = tokens - observed + q + 1;
+          const std::int64_t visible = prompt(b) - observed + q + 1;
           float max_logit = -std::numeric_limits<float>::infinity(), denominator = 0.0f;
           const auto logit = [&](std::int64_t j) {
             float dot = 0.0f;

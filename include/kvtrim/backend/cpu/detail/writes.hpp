@@ -32,14 +32,18 @@ struct kept_source {
   selection_view<host_space> kept;
   std::int64_t start_position = 0;
   const compensation_rows* compensation = nullptr;
+  const std::int64_t* sequence_lengths = nullptr;  // a padded batch's prompt lengths (null: all keys.extent(2))
 
   kept_source(const kv_view<KeyT>& keys_in, const kv_view<KeyT>& values_in, const selection_view<host_space>& kept_in,
               const compact_args& args)
       : keys(keys_in), values(values_in), kept(kept_in), start_position(args.start_position),
-        compensation(args.compensation) {}
+        compensation(args.compensation), sequence_lengths(args.sequence_lengths) {}
 
   std::int64_t count(std::int64_t head) const { return kept.count(head); }
-  std::int64_t sequence_length() const { return keys.extent(2); }
+  /// The prefill length of flattened head `head`'s sequence.
+  std::int64_t sequence_length(std::int64_t head) const {
+    return sequence_lengths != nullptr ? sequence_lengths[head / keys.extent(1)] : keys.extent(2);
+  }
 
   /// Fills key/value (head_dim floats) for kept row i of (b, h); returns its position.
   std::int64_t row(std::int64_t b, std::int64_t h, std::int64_t head, std::int64_t i, float* key,
@@ -84,7 +88,8 @@ void write_kept_head(const View& cache, const kept_source<KeyT>& source, std::in
   const std::int64_t b = head / cache.shape.kv_heads;
   const std::int64_t h = head % cache.shape.kv_heads;
   const auto rows = [&](std::int64_t i, float* key, float* value) { source.row(b, h, head, i, key, value); };
-  codec::prepare_head<typename View::codec>(cache.storage, head, source.sequence_length(), source.count(head), rows);
+  codec::prepare_head<typename View::codec>(cache.storage, head, source.sequence_length(head), source.count(head),
+                                            rows);
   std::array<float, max_head_dim> key{}, value{};
   for (std::int64_t i = 0; i < source.count(head); ++i) {
     if constexpr (stores_input_as_is<typename View::codec, KeyT>) {
@@ -106,7 +111,7 @@ void write_kept_head(const View& cache, const kept_source<KeyT>& source, std::in
     const std::int64_t position = source.row(b, h, head, i, key.data(), value.data());
     write_token(cache, head, cache.slot(b, h, i), position, key.data(), value.data());
   }
-  cache.positions.next_position[head] = source.start_position + source.sequence_length();
+  cache.positions.next_position[head] = source.start_position + source.sequence_length(head);
 }
 
 /// Writes tokens 0..count−1 of input head (b, h) to the head's logical indices
