@@ -429,6 +429,23 @@ TEST(SequenceLengths, BadLengthsAreRefusedBeforeAnyWrite) {
   expect_refused_intact<scheme>(cache2, cfg, poisoned, in.lengths, "keys", "sequence 3, kv head 1, token 39");
 }
 
+TEST(SequenceLengths, H2OQueriesShortOfThePaddedBatchAreRefused) {
+  // H2O reads each prompt's first T_b queries: fewer than T would be read past their end.
+  using scheme = kvtrim::scheme<layout::paged, score::h2o, budget::uniform, codec::fp16, backend::cpu>;
+  const padded_batch in(shape, prompt_lengths, 0, true, 140);
+  scheme::config cfg;
+  cfg.budget.keep = keep_ratio{0.5};
+  padded_batch short_queries = in;
+  auto batch_short = make_tensor<float, 4>({in.batch(), shape.q_heads, in.tokens - 1, shape.head_dim});
+  for (std::int64_t b = 0; b < in.batch(); ++b)
+    for (std::int64_t h = 0; h < shape.q_heads; ++h)
+      for (std::int64_t t = 0; t + 1 < in.tokens; ++t)
+        for (std::int64_t d = 0; d < shape.head_dim; ++d) batch_short(b, h, t, d) = in.queries(b, h, t, d);
+  short_queries.queries = std::move(batch_short);
+  auto cache = paged_maker<scheme>()(in.batch());
+  expect_refused_intact<scheme>(cache, cfg, short_queries, in.lengths, "window_queries", "all 93 prefill queries");
+}
+
 TEST(SequenceLengths, ContiguousRefusesLengthsThatKeepDifferentCounts) {
   using scheme = kvtrim::scheme<layout::contiguous, score::snapkv, budget::uniform, codec::fp16, backend::cpu>;
   const padded_batch in(shape, prompt_lengths, 4, false, 110);

@@ -960,6 +960,12 @@ struct scheme {
                    "lengths given");
     const std::int64_t* lengths = options.sequence_lengths;
     const std::int64_t batch = cache.batch;
+    // H2O's queries are sliced to each prompt's first T_b: all T must be there (its own check,
+    // per sequence, would only see the slices).
+    if (detail::observes_every_query<ScorerT> && window != tokens)
+      detail::fail(function, "window_queries",
+                   detail::cat("all ", tokens, " prefill queries (", ScorerT::name, " observes every query)"),
+                   detail::cat(window, " queries"));
     for (std::int64_t b = 0; b < batch; ++b) {
       if (lengths[b] < 1 || lengths[b] > tokens)
         detail::fail(function, argument, detail::cat("a prefill length in [1, ", tokens, "] (the keys' tokens) per sequence"),
