@@ -185,7 +185,8 @@ class Cache:
         lengths (CPU caches): each sequence's prompt length in a right-padded batch, B
         integers in [1, T] (a list, tuple or NumPy array): sequence b's prompt is tokens
         [0, lengths[b]) (the padding is never read), its window_queries the last w queries
-        of its own prompt, and it ends up exactly as if compressed alone
+        of its own prompt (H2O: all T padded queries, of which it reads the first lengths[b]),
+        and it ends up exactly as if compressed alone
         (docs/composition.md, "Prompts of different lengths in one batch"). None: all T.
         """
         function = "kvtrim.Cache.compress"

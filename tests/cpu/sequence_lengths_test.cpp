@@ -322,6 +322,69 @@ TEST(SequenceLengths, ExternalScoresAreReadAtEachSequencesRows) {
   });
 }
 
+TEST(SequenceLengths, StatefulCodecsAsIfEachSequenceWereAlone) {
+  // Codecs whose per-head state is fitted at compaction: layered<int8>'s fp16 sinks and recent
+  // ring, fp8's head amax scales, low_rank's sequence bases (refreshed every 2 appends).
+  {
+    using scheme = kvtrim::scheme<layout::flat, score::snapkv, budget::adaptive, codec::layered<codec::int8>, backend::cpu>;
+    const padded_batch in(shape, prompt_lengths, 4, false, 200);
+    scheme::config cfg;
+    cfg.score.window = 4;
+    cfg.budget.keep = keep_ratio{0.5};
+    scheme::codec::config codec_cfg;
+    codec_cfg.recent = 5;
+    codec_cfg.sinks = 2;
+    expect_each_sequence_as_if_alone<scheme>(in, cfg, [&](std::int64_t batch) {
+      return scheme::make_cache(shape, batch, layout::flat::pool_size{batch * shape.kv_heads * 160}, codec_cfg);
+    }, same_config);
+  }
+  {
+    using scheme = kvtrim::scheme<layout::paged, score::key_norm, budget::uniform, codec::fp8, backend::cpu>;
+    const padded_batch in(shape, prompt_lengths, 0, false, 210);
+    scheme::config cfg;
+    cfg.budget.keep = keep_ratio{0.6};
+    expect_each_sequence_as_if_alone<scheme>(in, cfg, paged_maker<scheme>(), same_config);
+  }
+  {
+    using scheme = kvtrim::scheme<layout::paged, score::snapkv, budget::uniform, codec::low_rank, backend::cpu>;
+    const padded_batch in(shape, prompt_lengths, 4, false, 220);
+    scheme::config cfg;
+    cfg.score.window = 4;
+    cfg.budget.keep = keep_ratio{0.6};
+    scheme::codec::config codec_cfg;
+    codec_cfg.update_freq = 2;
+    expect_each_sequence_as_if_alone<scheme>(in, cfg, [&](std::int64_t batch) {
+      return scheme::make_cache(shape, batch, layout::paged::pool_size{batch * shape.kv_heads * 20, 8}, codec_cfg);
+    }, same_config);
+  }
+}
+
+TEST(SequenceLengths, NonFiniteExternalScoresOnRealTokensStillRankAheadOfThePadding) {
+  // NaN (ranked as −∞), ±∞ on real tokens and +∞ in the padding: the padding scores NaN in the
+  // batch's selection whatever it held, and every real token ranks ahead of it (ties: lower index).
+  using scheme = kvtrim::scheme<layout::paged, score::external, budget::adaptive, codec::fp16, backend::cpu>;
+  const padded_batch in(shape, prompt_lengths, 0, false, 230);
+  auto given = random_tensor<float, 3>({in.batch(), shape.kv_heads, in.tokens}, 231, 1.0f);
+  for (std::int64_t b = 0; b < in.batch(); ++b)
+    for (std::int64_t h = 0; h < shape.kv_heads; ++h)
+      for (std::int64_t t = 0; t < in.tokens; ++t) {
+        if (t >= in.length(b)) given(b, h, t) = std::numeric_limits<float>::infinity();
+        else if (t % 3 == 0) given(b, h, t) = nan_value;
+        else if (t % 5 == 1) given(b, h, t) = -std::numeric_limits<float>::infinity();
+        else if (t % 7 == 2) given(b, h, t) = std::numeric_limits<float>::infinity();
+      }
+  scheme::config cfg;
+  cfg.score = score::external::config::from(given.cview());
+  cfg.budget.keep = keep_ratio{0.9};
+  cfg.budget.kvpress_compatible = true;
+  std::vector<host_tensor<float, 3>> own;
+  for (std::int64_t b = 0; b < in.batch(); ++b) own.push_back(sequence_rows(given, b, in.length(b)));
+  expect_each_sequence_as_if_alone<scheme>(in, cfg, paged_maker<scheme>(32), [&](scheme::config c, std::int64_t b) {
+    c.score = score::external::config::from(own[static_cast<std::size_t>(b)].cview());
+    return c;
+  });
+}
+
 TEST(SequenceLengths, ContiguousTakesLengthsThatKeepEquallyMany) {
   using scheme = kvtrim::scheme<layout::contiguous, score::snapkv, budget::uniform, codec::fp16, backend::cpu>;
   const padded_batch in(shape, prompt_lengths, 4, false, 90);
@@ -387,9 +450,7 @@ void expect_refused_intact(Cache& cache, const typename Scheme::config& cfg, con
                            const std::vector<std::int64_t>& lengths, const std::string& argument,
                            const std::string& got) {
   const auto bytes = [&] {
-    const auto view = cache.view();
     const auto* first = reinterpret_cast<const unsigned char*>(cache.data());
-    (void)view;
     return std::vector<unsigned char>(first, first + cache.bytes());
   };
   const auto before = bytes();
@@ -444,6 +505,49 @@ TEST(SequenceLengths, H2OQueriesShortOfThePaddedBatchAreRefused) {
   short_queries.queries = std::move(batch_short);
   auto cache = paged_maker<scheme>()(in.batch());
   expect_refused_intact<scheme>(cache, cfg, short_queries, in.lengths, "window_queries", "all 93 prefill queries");
+}
+
+TEST(SequenceLengths, BudgetsKeepingMoreOfAShorterPromptAreRefused) {
+  // PyramidKV's deep layers keep more of a short prompt than of a long one (the schedule's minimum
+  // 2B − M shrinks as T grows): keep_tokens 10, β 2, layer 1 of 2 keeps 8 of 12 tokens but 5 of 40.
+  // The selection's buffers hold what T keeps (kept_tokens_capacity, the workspace): refused.
+  using scheme = kvtrim::scheme<layout::paged, score::key_norm, budget::pyramid, codec::fp16, backend::cpu>;
+  const padded_batch in(shape, {12, 40}, 0, false, 150);
+  scheme::config cfg;
+  cfg.budget.keep = keep_tokens{10};
+  cfg.budget.beta = 2;
+  cfg.budget.layer = 1;
+  cfg.budget.layers = 2;
+  ASSERT_GT(budget::pyramid::max_keep(cfg.budget, 12), budget::pyramid::max_keep(cfg.budget, 40));
+  auto cache = paged_maker<scheme>()(in.batch());
+  expect_refused_intact<scheme>(cache, cfg, in, in.lengths, "options.sequence_lengths", "for sequence 0 (12 tokens)");
+}
+
+TEST(SequenceLengths, APolicysRefusalNamesTheSequence) {
+  // Pyramid's window must fit each sequence's own per-head budget: sequence 1 (17 tokens) cannot
+  // hold it; the error says which sequence, and nothing was written.
+  using scheme = kvtrim::scheme<layout::paged, score::key_norm, budget::pyramid, codec::fp16, backend::cpu>;
+  const padded_batch in(shape, prompt_lengths, 0, false, 160);
+  scheme::config cfg;
+  cfg.budget.keep = keep_ratio{0.3};
+  cfg.budget.window = 8;
+  auto cache = paged_maker<scheme>()(in.batch());
+  run<scheme>(cache, [&] {
+    auto ok = cfg;
+    ok.budget.window = 2;
+    return ok;
+  }(), in.keys.cview(), in.values.cview(), {}, in.decode_queries.cview(), in.lengths.data());
+  expect_refused_intact<scheme>(cache, cfg, in, in.lengths, "config.budget.window", "(sequence 1 of the padded batch");
+  // Ada-KV's paper form refuses a head whose protected tokens (SnapKV's window of 4) exceed its
+  // budget: 20 % of sequence 1's 17 tokens is 3 — found while scoring, inside the per-sequence pass.
+  using adaptive_scheme = kvtrim::scheme<layout::paged, score::snapkv, budget::adaptive, codec::fp16, backend::cpu>;
+  const padded_batch windowed(shape, prompt_lengths, 4, false, 161);
+  adaptive_scheme::config adaptive;
+  adaptive.score.window = 4;
+  adaptive.budget.keep = keep_ratio{0.2};
+  auto adaptive_cache = paged_maker<adaptive_scheme>()(windowed.batch());
+  expect_refused_intact<adaptive_scheme>(adaptive_cache, adaptive, windowed, windowed.lengths, "config.budget.keep",
+                                         "(sequence 1 of the padded batch: its 17 tokens alone)");
 }
 
 TEST(SequenceLengths, ContiguousRefusesLengthsThatKeepDifferentCounts) {

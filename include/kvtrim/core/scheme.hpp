@@ -171,6 +171,9 @@ inline constexpr bool observes_every_query = requires { requires ScorerT::observ
 /// inputs it holds — given softmax normalisers (SnapKV's window rows; H2O's first
 /// T_b, one per prefill query), external scores — read at sequence b's rows
 /// (compress_options::sequence_lengths; their extents were checked for the whole batch first).
+/// A scorer whose config holds another per-sequence tensor must be sliced here too
+/// (and its extents checked in scheme::check_sequence_lengths), else every sequence
+/// would read sequence 0's rows.
 template <class ScorerT, class Config>
 Config sequence_score_config(const Config& config, std::int64_t b, std::int64_t tokens) {
   Config result = config;
@@ -232,8 +235,9 @@ struct compress_options {
   /// each sequence alone into a one-sequence cache (budgets from T_b, SnapKV's window
   /// and RazorAttention's recent window at the end of each prompt, given normalisers
   /// and external scores read at each sequence's rows), and the cache holds them
-  /// side by side; plan_capacity and the workspace for T = max T_b suffice.
-  /// Backend::cpu only so far (backend::cuda refuses it), not sharded; on
+  /// side by side; plan_capacity and the workspace for T = max T_b suffice (a length
+  /// whose budget keeps more than T's — PyramidKV's deep layers — is refused).
+  /// H2O takes all T padded queries. Backend::cpu only so far (backend::cuda refuses it), not sharded; on
   /// layout::contiguous every sequence must keep the same count (its heads share
   /// one length), e.g. budget::uniform with keep_tokens ≤ min T_b.
   const std::int64_t* sequence_lengths = nullptr;
@@ -886,18 +890,28 @@ struct scheme {
         const std::int64_t length = lengths[b];
         const score_view<space> sequence_scores{parts.sequence_scores, {1, shape.kv_heads, length},
                                                 row_major_strides<3>({1, shape.kv_heads, length})};
-        const std::int64_t sequence_queries = detail::observes_every_query<ScorerT> ? length : queries_in.extent(2);
-        score_and_count(detail::sequence_score_config<ScorerT>(cfg.score, b, length), cfg.budget, shape,
-                        detail::first_tokens(keys_in, b, length), detail::first_tokens(values_in, b, length),
-                        detail::first_tokens(queries_in, b, sequence_queries), sequence_scores,
-                        parts.keep_counts + b * shape.kv_heads, parts, ranks, stream);
+        auto sequence_queries = decltype(queries_in){};
+        if constexpr (ScorerT::needs_queries)
+          sequence_queries = detail::first_tokens(
+              queries_in, b, detail::observes_every_query<ScorerT> ? length : queries_in.extent(2));
+        try {
+          score_and_count(detail::sequence_score_config<ScorerT>(cfg.score, b, length), cfg.budget, shape,
+                          detail::first_tokens(keys_in, b, length), detail::first_tokens(values_in, b, length),
+                          sequence_queries, sequence_scores, parts.keep_counts + b * shape.kv_heads, parts, ranks,
+                          stream);
+        } catch (const error& e) {  // only scratch is written so far: name the sequence the policy refused
+          throw error(detail::cat(e.what(), " (sequence ", b, " of the padded batch: its ", length, " tokens alone)"));
+        }
         for (std::int64_t h = 0; h < shape.kv_heads; ++h) {
           float* row = parts.scores + (b * shape.kv_heads + h) * tokens;
           std::copy_n(parts.sequence_scores + h * length, length, row);
           std::fill(row + length, row + tokens, std::numeric_limits<float>::quiet_NaN());
         }
       }
-      uniform_keep = BudgetT::max_keep(cfg.budget, lengths[0]);  // equal for every sequence (checked)
+      // One count for every head only when every sequence keeps as many (contiguous checks it).
+      uniform_keep = BudgetT::max_keep(cfg.budget, lengths[0]);
+      for (std::int64_t b = 1; b < batch; ++b)
+        if (BudgetT::max_keep(cfg.budget, lengths[b]) != uniform_keep) uniform_keep = -1;
     } else {
       score_and_count(cfg.score, cfg.budget, shape, keys_in, values_in, queries_in, scores, parts.keep_counts, parts,
                       ranks, stream);
@@ -960,6 +974,14 @@ struct scheme {
                    "lengths given");
     const std::int64_t* lengths = options.sequence_lengths;
     const std::int64_t batch = cache.batch;
+    // What the budget keeps of sequence b alone (a budget refusing its length says which sequence).
+    const auto keep_of = [&](std::int64_t b) {
+      try {
+        return BudgetT::max_keep(cfg.budget, lengths[b]);
+      } catch (const error& e) {
+        throw error(detail::cat(e.what(), " (sequence ", b, " of the padded batch: its ", lengths[b], " tokens alone)"));
+      }
+    };
     // H2O's queries are sliced to each prompt's first T_b: all T must be there (its own check,
     // per sequence, would only see the slices).
     if (detail::observes_every_query<ScorerT> && window != tokens)
@@ -974,6 +996,14 @@ struct scheme {
         detail::fail(function, argument,
                      detail::cat("at least the ", window, " window queries' tokens for every sequence"),
                      detail::cat(lengths[b], " for sequence ", b));
+      // The selection's buffers (kept_tokens_capacity, the workspace) hold max_keep(T) a head;
+      // a budget may keep more of a shorter prompt (PyramidKV's deep layers: 2B − M shrinks as
+      // T grows), which they could not hold.
+      if (keep_of(b) > BudgetT::max_keep(cfg.budget, tokens))
+        detail::fail(function, argument,
+                     detail::cat("lengths whose budgets keep at most the ", BudgetT::max_keep(cfg.budget, tokens),
+                                 " tokens a head that T = ", tokens, " keeps (the selection's buffers hold that many)"),
+                     detail::cat(keep_of(b), " for sequence ", b, " (", lengths[b], " tokens)"));
     }
     // Per-sequence inputs a scorer holds are sliced per sequence: their whole extents first.
     if constexpr (requires { cfg.score.lse; cfg.score.lse_extents; }) {
@@ -989,13 +1019,11 @@ struct scheme {
     if constexpr (!LayoutT::ragged_heads && requires { cache.capacity; }) {
       // One length for every head of the cache: every sequence must keep as many.
       for (std::int64_t b = 1; b < batch; ++b)
-        if (BudgetT::max_keep(cfg.budget, lengths[b]) != BudgetT::max_keep(cfg.budget, lengths[0]))
+        if (keep_of(b) != keep_of(0))
           detail::fail(function, argument,
                        detail::cat("lengths whose budgets keep equally many tokens on ", LayoutT::name,
-                                   " (one length for every head): ", BudgetT::max_keep(cfg.budget, lengths[0]),
-                                   " for sequence 0"),
-                       detail::cat(BudgetT::max_keep(cfg.budget, lengths[b]), " for sequence ", b, " (",
-                                   lengths[b], " tokens)"));
+                                   " (one length for every head): ", keep_of(0), " for sequence 0"),
+                       detail::cat(keep_of(b), " for sequence ", b, " (", lengths[b], " tokens)"));
     }
   }
 
