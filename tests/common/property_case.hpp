@@ -145,6 +145,7 @@ struct case_data {
   host_tensor<float, 3> given;         // score::external's caller-given scores [B, H, T] (strided)
   std::int64_t shared_order = 0;       // layout::shared_paged: 0 NHD, 1 HND
   bool key_runs_per_token = false;     // int8/int4 key_scaling::per_token: a key's run is its row, not its channel
+  bool tight_flat = false;             // layout::flat sized to what the case needs, so append_head repacks
 };
 
 inline kt::kv_view<const float> rows(const host_tensor<float, 4>& x, std::int64_t begin, std::int64_t count) {
@@ -494,6 +495,19 @@ auto make_planned_cache(const case_data& c, const typename Scheme::config& cfg,
     (void)codec_config;
     return std::make_unique<engine_pages<Scheme>>(c.shape, c.batch, pool);
   } else if constexpr (std::is_same_v<layout, kt::layout::flat>) {
+    if (c.tight_flat) {
+      // Whole runs of the codec's slot run G for each head's kept and appended tokens:
+      // ⌈(c_h + a_h)/G⌉ ≤ ⌈c_h/G⌉ + ⌈a_h/G⌉, and flat_slots(G) bounds Σ⌈c_h/G⌉·G (Ada-KV too).
+      // Compaction spreads the spare slots evenly, so a head that grows alone repacks.
+      const std::int64_t run = kt::codec::slot_alignment<typename Scheme::codec>(codec_config);
+      std::vector<std::int64_t> appended(static_cast<std::size_t>(heads), 0);
+      for (const append_op& op : c.appends)
+        for (std::int64_t head = 0; head < heads; ++head)
+          if (op.b < 0 || head == op.b * c.shape.kv_heads + op.h) appended[static_cast<std::size_t>(head)] += op.count;
+      std::int64_t slots = plan.flat_slots(run);
+      for (const std::int64_t a : appended) slots += (a + run - 1) / run * run;
+      return Scheme::make_cache(c.shape, c.batch, kt::layout::flat::pool_size{slots}, codec_config);
+    }
     // 64 is a multiple of every codec's slot run here (KIVI groups of 32), so this bounds the plan for any run.
     return Scheme::make_cache(c.shape, c.batch, kt::layout::flat::pool_size{plan.flat_slots(64) + heads * (c.tail + 64)},
                               codec_config);
@@ -601,6 +615,8 @@ void check_attention(const typename Scheme::cache_view& view, const case_data& c
 /// a second generator, so they never shift the case's own.
 struct property_defaults {
   static constexpr bool validate_after_attend = false;
+  static bool tight_flat(rng&) { return false; }
+  static float tail_scale(rng&) { return 1.0f; }
   template <class C>
   static typename C::config codec_config(rng&) { return codec_model<C>::config(); }
   template <class BudgetConfig>
@@ -669,6 +685,7 @@ void run_case(std::uint64_t seed) {
   c.start = start_kind == 0 ? 0 : start_kind == 1 ? pick(r, 1, 5000) : last_start;
 
   if constexpr (std::is_same_v<layout, kt::layout::shared_paged>) c.shared_order = pick(extra, 0, 1);
+  if constexpr (std::is_same_v<layout, kt::layout::flat>) c.tight_flat = Variant::tight_flat(extra);
 
   // Configs.
   typename Scheme::config cfg;
@@ -703,12 +720,21 @@ void run_case(std::uint64_t seed) {
     c.keys = random_tensor<float, 4>(extents, seed * 3 + 1);
     c.values = random_tensor<float, 4>(extents, seed * 3 + 2);
   }
+  // Appended tokens larger than the prefill (fp8 saturates past the compaction's amax,
+  // KIVI's later groups get their own scales).
+  if (const float scale = Variant::tail_scale(extra); scale != 1.0f) {
+    for (host_tensor<float, 4>* x : {&c.keys, &c.values})
+      for_each_index(x->view.extents, [&](std::int64_t b, std::int64_t h, std::int64_t t, std::int64_t d) {
+        if (t >= c.tokens) (*x)(b, h, t, d) *= scale;
+      });
+  }
   const std::int64_t observed = std::max<std::int64_t>(1, smodel::window_queries(r, cfg.score, c.tokens));
   c.window = random_tensor<float, 4>({c.batch, c.shape.q_heads, observed, c.shape.head_dim}, seed * 3 + 3);
   c.queries = random_tensor<float, 3>({c.batch, c.shape.q_heads, c.shape.head_dim}, seed * 7 + 5);
   const auto prefill_keys = rows(c.keys, 0, c.tokens), prefill_values = rows(c.values, 0, c.tokens);
   SCOPED_TRACE(kt::detail::cat("B=", c.batch, " Hq=", c.shape.q_heads, " H=", c.shape.kv_heads, " D=", c.shape.head_dim,
                                " T=", c.tokens, " start=", c.start, " page=", c.page_size, " appends=", c.appends.size(),
+                               c.tight_flat ? " tight" : "",
                                std::is_same_v<layout, kt::layout::shared_paged> ? (c.shared_order ? " HND" : " NHD") : "",
                                describe_codec(codec_config)));
 
@@ -848,6 +874,9 @@ void run_case(std::uint64_t seed) {
     }
     check_contents<Scheme>(view, model, when);
   }
+#ifdef PROPERTY_CASE_DEBUG
+  if constexpr (std::is_same_v<layout, kt::layout::flat>) std::printf("repacks %lld tight %d\n", static_cast<long long>(*view.repacks), int(c.tight_flat));
+#endif
   if (!c.appends.empty()) {
     check_attention<Scheme>(view, c, model, all_k, all_v, "attend after the appends");
     if constexpr (Variant::validate_after_attend) {

@@ -84,6 +84,8 @@ namespace {
 /// The codec configs and budget forms this file draws on top of property_test's cases.
 struct product_variant : property_defaults {
   static constexpr bool validate_after_attend = true;
+  static bool tight_flat(rng& r) { return coin(r); }
+  static float tail_scale(rng& r) { return std::array<float, 4>{1.0f, 1.0f, 3.0f, 8.0f}[static_cast<std::size_t>(pick(r, 0, 3))]; }
 
   template <class Config>
   static void draw_quantized(Config& cfg, rng& r) {
