@@ -617,6 +617,7 @@ struct property_defaults {
   static constexpr bool validate_after_attend = false;
   static bool tight_flat(rng&) { return false; }
   static float tail_scale(rng&) { return 1.0f; }
+  static std::int64_t head_dim(rng&, std::int64_t drawn, bool /*structured*/) { return drawn; }
   template <class C>
   static typename C::config codec_config(rng&) { return codec_model<C>::config(); }
   template <class BudgetConfig>
@@ -665,6 +666,7 @@ void run_case(std::uint64_t seed) {
   c.shape.q_heads = c.shape.kv_heads * group;
   c.shape.head_dim = std::int64_t{16} << pick(r, 0, 2);
   c.batch = pick(r, 1, 3);
+  c.shape.head_dim = Variant::head_dim(extra, c.shape.head_dim, cmodel::structured);
   const std::int64_t least = std::max(smodel::min_tokens(), cmodel::structured ? std::int64_t{8} : std::int64_t{1});
   c.tokens = coin(r, 0.15) ? pick(r, least, 6) : pick(r, least, 200);
   c.page_size = std::int64_t{8} << pick(r, 0, 2);

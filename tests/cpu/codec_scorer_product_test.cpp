@@ -85,6 +85,14 @@ namespace {
 struct product_variant : property_defaults {
   static constexpr bool validate_after_attend = true;
   static bool tight_flat(rng& r) { return coin(r); }
+  /// Half the cases: a head_dim that is no power of two (odd ones too: int4 packs two
+  /// codes a byte; the AVX2 loops take 8 lanes), ≥ 8 for low rank's rank 4.
+  static std::int64_t head_dim(rng& r, std::int64_t drawn, bool structured) {
+    constexpr std::array<std::int64_t, 15> dims{2, 3, 7, 8, 12, 20, 24, 33, 40, 48, 72, 80, 96, 100, 128};
+    if (!coin(r)) return drawn;
+    const std::int64_t dim = dims[static_cast<std::size_t>(pick(r, 0, 14))];
+    return structured && dim < 8 ? 8 : dim;
+  }
   static float tail_scale(rng& r) { return std::array<float, 4>{1.0f, 1.0f, 3.0f, 8.0f}[static_cast<std::size_t>(pick(r, 0, 3))]; }
 
   template <class Config>
