@@ -47,6 +47,8 @@
 // 14 scorer × budget pairs over fp32 spread over the three layouts, the 8
 // codecs for paged × SnapKV × Ada-KV, RazorAttention on flat with 4 codecs, and a
 // diagonal of 5 mixed ones — 31 schemes. Fixed seeds: a failure names its seed.
+// The case itself (models, checks, run_case) is tests/common/property_case.hpp,
+// shared with codec_scorer_product_test.cpp.
 #include <gtest/gtest.h>
 
 #include "common/property_case.hpp"
