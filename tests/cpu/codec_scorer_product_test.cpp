@@ -130,8 +130,8 @@ struct product_variant : property_defaults {
   static void tweak_budget(BudgetConfig& cfg, rng& r, const budget_inputs& in) {
     if constexpr (std::is_same_v<BudgetConfig, kt::budget::pyramid::config>) {
       if (in.min_keep == 1) cfg.kvpress_compatible = coin(r);
-      // The paper schedule gives a deep layer 0 tokens when B_l < 1 with no window
-      // (DISABLED_PyramidPaperScheduleEmptiesDeepLayers below): draw the widest layer then.
+      // The paper schedule gives a deep layer 0 tokens when B_l < 1 with no window, which
+      // compress refuses (PyramidPaperScheduleEmptyingALayerIsRefused below): draw the widest layer then.
       if (kt::budget::pyramid::layer_keep(cfg, in.tokens) < 1) cfg.layer = 0;
     }
   }
@@ -219,14 +219,13 @@ TEST(CodecScorerProduct, RetrievalHead) {
                     scheme<paged, razor, by_scorer, low_rank>, scheme<paged, razor, by_scorer, layered>>(15000, cases);
 }
 
-// Known defect, not fixed here (a design choice between the exact total and a floor): with
-// the defaults (window 0, β = 20) and a small per-head budget, the paper schedule rounds a
-// deep layer's B_l < 1 down to 0, compress leaves every head of that layer empty, and attend
-// then refuses the cache. keep.hpp and adaptive.hpp promise budgets never go below one token
-// (pyramid's kvpress form clamps to [1, T]); the paper form's exact total L·k
-// (budgets_test's PaperScheduleKeepsTheTotalExactlyAndFallsWithDepth, e.g. T = 97, k = 4,
-// L = 80) depends on those zeros.
-TEST(CodecScorerProduct, DISABLED_PyramidPaperScheduleEmptiesDeepLayers) {
+// Found by this product: with the defaults (window 0, β = 20) and a small per-head budget,
+// the paper schedule rounds a deep layer's B_l < 1 down to 0; compress used to leave every
+// head of that layer empty, which attend then refused. The schedule keeps its zeros (its
+// exact total L·k depends on them: budgets_test's PaperScheduleKeepsTheTotalExactlyAndFallsWithDepth,
+// e.g. T = 97, k = 4, L = 80), and compress refuses a budget that keeps no token a head,
+// before anything is written — as keep.hpp, adaptive.hpp and per_head never go below one.
+TEST(CodecScorerProduct, PyramidPaperScheduleEmptyingALayerIsRefused) {
   using pyramid_scheme = scheme<contiguous, static_window, pyr, fp32>;
   const kt::model_shape shape{.q_heads = 1, .kv_heads = 1, .head_dim = 4};
   constexpr std::int64_t tokens = 10;
@@ -234,16 +233,28 @@ TEST(CodecScorerProduct, DISABLED_PyramidPaperScheduleEmptiesDeepLayers) {
   cfg.budget.keep = kt::keep_tokens{1};  // B = 1: B_l = 1.95, 1.57, 1.19, 0.81, 0.43, 0.05 → 2, 2, 1, 1, 0, 0
   cfg.budget.layers = 6;
   cfg.budget.layer = 5;
-  EXPECT_GE(kt::budget::pyramid::layer_keep(cfg.budget, tokens), 1);
-  std::vector<float> rows(static_cast<std::size_t>(tokens * 4), 0.5f), query(4, 1.0f), out(4);
+  ASSERT_EQ(kt::budget::pyramid::layer_keep(cfg.budget, tokens), 0);  // the schedule itself (exact total L·k)
+  std::vector<float> rows(static_cast<std::size_t>(tokens * 4), 0.5f);
   auto cache = pyramid_scheme::make_cache(shape, 1, tokens, fp32::config{});
+  const std::vector<unsigned char> before(static_cast<const unsigned char*>(cache.data()),
+                                          static_cast<const unsigned char*>(cache.data()) + cache.bytes());
   std::vector<std::byte> scratch(pyramid_scheme::compress_workspace(shape, 1, tokens, cfg));
   const std::array<std::int64_t, 4> extents{1, 1, tokens, 4};
-  ASSERT_NO_THROW(pyramid_scheme::compress(kt::make_view(rows.data(), extents), kt::make_view(rows.data(), extents),
+  try {
+    pyramid_scheme::compress(kt::make_view(rows.data(), extents), kt::make_view(rows.data(), extents), cache.view(),
+                             cfg, kt::workspace{scratch.data(), scratch.size()});
+    ADD_FAILURE() << "a layer whose schedule keeps no token was accepted (its heads would be empty)";
+  } catch (const kt::error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("kvtrim::scheme::compress: argument 'config.budget'"), std::string::npos) << what;
+    EXPECT_NE(what.find("got 0 of 10 tokens a head"), std::string::npos) << what;
+  }
+  EXPECT_TRUE(std::equal(before.begin(), before.end(), static_cast<const unsigned char*>(cache.data())))
+      << "a refused compress changed the cache";
+  cfg.budget.layer = 3;  // 1 token: accepted
+  scratch.resize(pyramid_scheme::compress_workspace(shape, 1, tokens, cfg));
+  EXPECT_NO_THROW(pyramid_scheme::compress(kt::make_view(rows.data(), extents), kt::make_view(rows.data(), extents),
                                            cache.view(), cfg, kt::workspace{scratch.data(), scratch.size()}));
-  EXPECT_NO_THROW(pyramid_scheme::attend(kt::make_view(query.data(), std::array<std::int64_t, 3>{1, 1, 4}), cache.view(),
-                                         kt::make_view(out.data(), std::array<std::int64_t, 3>{1, 1, 4}),
-                                         kt::workspace{}));
 }
 
 }  // namespace

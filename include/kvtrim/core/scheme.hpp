@@ -820,6 +820,14 @@ struct scheme {
                                  " tokens are 32-bit)"),
                      std::to_string(options.start_position));
       const std::int64_t keep_bound = BudgetT::max_keep(cfg.budget, tokens);
+      // A head left empty cannot be attended (decode attention refuses it): a budget that
+      // fixes every head's count must keep one token at least. PyramidKV's paper schedule
+      // rounds a deep layer's B_l < 1 down to 0 (its exact total L·k counts on it).
+      if (!BudgetT::ragged_heads && !ScorerT::ragged_heads && keep_bound < 1)
+        detail::fail(function, "config.budget",
+                     detail::cat("a budget that keeps at least one token a head (", BudgetT::name,
+                                 "; for PyramidKV's paper schedule: a larger keep, a window, or a smaller beta)"),
+                     detail::cat("0 of ", tokens, " tokens a head"));
       if constexpr (!std::same_as<space, host_space> && !LayoutT::ragged_heads && requires { cache.capacity; }) {
         // Device contiguous caches advance positions on the device, unchecked: refuse
         // here a start position whose later appends (up to the capacity) would pass 2^31.
