@@ -101,6 +101,22 @@ host_tensor<float, 3> sequence_rows(const host_tensor<float, 3>& from, std::int6
   return out;
 }
 
+/// `sequence_rows` for every sequence, the first count(b) entries each.
+template <class Count>
+std::vector<host_tensor<float, 3>> rows_per_sequence(const host_tensor<float, 3>& from, Count&& count) {
+  std::vector<host_tensor<float, 3>> rows;
+  for (std::int64_t b = 0; b < from.view.extent(0); ++b) rows.push_back(sequence_rows(from, b, count(b)));
+  return rows;
+}
+
+/// The config for sequence b alone of a scorer given each sequence's own normalisers.
+auto with_own_normalisers(const std::vector<host_tensor<float, 3>>& own) {
+  return [&own](auto cfg, std::int64_t b) {
+    cfg.score = cfg.score.with_lse(own[static_cast<std::size_t>(b)].cview());
+    return cfg;
+  };
+}
+
 /// What a compress left: per head its kept tokens and positions, and the attention output;
 /// then, after appending two tokens to every head, the positions and attention again.
 struct outcome {
@@ -231,12 +247,8 @@ TEST(SequenceLengths, SnapKVWithTheirOwnNormalisersOnFlat) {
   cfg.score.window = 6;
   cfg.score = cfg.score.with_lse(lse.cview());
   cfg.budget.keep = keep_ratio{0.3};
-  std::vector<host_tensor<float, 3>> own;
-  for (std::int64_t b = 0; b < in.batch(); ++b) own.push_back(sequence_rows(lse, b, 6));
-  expect_each_sequence_as_if_alone<scheme>(in, cfg, flat_maker<scheme>(), [&](scheme::config c, std::int64_t b) {
-    c.score = c.score.with_lse(own[static_cast<std::size_t>(b)].cview());
-    return c;
-  });
+  const auto own = rows_per_sequence(lse, [](std::int64_t) { return std::int64_t{6}; });
+  expect_each_sequence_as_if_alone<scheme>(in, cfg, flat_maker<scheme>(), with_own_normalisers(own));
 }
 
 TEST(SequenceLengths, H2OObservesEachSequencesOwnQueries) {
@@ -261,12 +273,8 @@ TEST(SequenceLengths, ObservedAttentionWithGivenNormalisersOfEveryQuery) {
   cfg.score.protect_recent = false;
   cfg.score = cfg.score.with_lse(lse.cview());
   cfg.budget.keep = keep_ratio{0.25};
-  std::vector<host_tensor<float, 3>> own;
-  for (std::int64_t b = 0; b < in.batch(); ++b) own.push_back(sequence_rows(lse, b, in.length(b)));
-  expect_each_sequence_as_if_alone<scheme>(in, cfg, flat_maker<scheme>(), [&](scheme::config c, std::int64_t b) {
-    c.score = c.score.with_lse(own[static_cast<std::size_t>(b)].cview());
-    return c;
-  });
+  const auto own = rows_per_sequence(lse, [&](std::int64_t b) { return in.length(b); });
+  expect_each_sequence_as_if_alone<scheme>(in, cfg, flat_maker<scheme>(), with_own_normalisers(own));
 }
 
 TEST(SequenceLengths, KeyNormAndStaticWindowsWithPerHeadBudgets) {
@@ -310,8 +318,7 @@ TEST(SequenceLengths, ExternalScoresAreReadAtEachSequencesRows) {
   scheme::config cfg;
   cfg.score = score::external::config::from(given.cview());
   cfg.budget.keep = keep_ratio{0.35};
-  std::vector<host_tensor<float, 3>> own;
-  for (std::int64_t b = 0; b < in.batch(); ++b) own.push_back(sequence_rows(given, b, in.length(b)));
+  const auto own = rows_per_sequence(given, [&](std::int64_t b) { return in.length(b); });
   const auto make = [](std::int64_t batch) {
     return scheme::make_cache(shape, batch, layout::shared_paged::pool_size{batch * 16, 4, layout::shared_paged::order::hnd},
                               codec::fp16::config{});
@@ -377,8 +384,7 @@ TEST(SequenceLengths, NonFiniteExternalScoresOnRealTokensStillRankAheadOfThePadd
   cfg.score = score::external::config::from(given.cview());
   cfg.budget.keep = keep_ratio{0.9};
   cfg.budget.kvpress_compatible = true;
-  std::vector<host_tensor<float, 3>> own;
-  for (std::int64_t b = 0; b < in.batch(); ++b) own.push_back(sequence_rows(given, b, in.length(b)));
+  const auto own = rows_per_sequence(given, [&](std::int64_t b) { return in.length(b); });
   expect_each_sequence_as_if_alone<scheme>(in, cfg, paged_maker<scheme>(32), [&](scheme::config c, std::int64_t b) {
     c.score = score::external::config::from(own[static_cast<std::size_t>(b)].cview());
     return c;
