@@ -898,7 +898,7 @@ struct scheme {
         const std::int64_t length = lengths[b];
         const score_view<space> sequence_scores{parts.sequence_scores, {1, shape.kv_heads, length},
                                                 row_major_strides<3>({1, shape.kv_heads, length})};
-        auto sequence_queries = decltype(queries_in){};
+        std::remove_const_t<decltype(queries_in)> sequence_queries{};  // (nvcc's front end refuses `auto x = T{}` here)
         if constexpr (ScorerT::needs_queries)
           sequence_queries = detail::first_tokens(
               queries_in, b, detail::observes_every_query<ScorerT> ? length : queries_in.extent(2));
