@@ -24,6 +24,7 @@
 #include "kvtrim/backend/cuda/per_head.cuh"
 #include "kvtrim/backend/cuda/pyramid.cuh"
 #include "kvtrim/backend/cuda/retrieval_head.cuh"
+#include "kvtrim/backend/cuda/padded_batch.cuh"
 #include "kvtrim/backend/cuda/select_top_k.cuh"
 #include "kvtrim/backend/cuda/shared_paged.cuh"
 #include "kvtrim/backend/cuda/sharded_eviction.cuh"

@@ -61,6 +61,7 @@
 #include "kvtrim/backend/cpu/flat.hpp"
 #include "kvtrim/backend/cpu/h2o.hpp"
 #include "kvtrim/backend/cpu/key_norm.hpp"
+#include "kvtrim/backend/cpu/padded_batch.hpp"
 #include "kvtrim/backend/cpu/paged.hpp"
 #include "kvtrim/backend/cpu/shared_paged.hpp"
 #include "kvtrim/backend/cpu/per_head.hpp"

@@ -27,6 +27,12 @@ namespace stage {
 struct select_top_k {
   static constexpr std::string_view name = "stage::select_top_k";
 };
+/// A right-padded batch (compress_options::sequence_lengths): each sequence's
+/// scores set into the batch's rows (NaN past its T_b), and on the device the
+/// per-sequence values compaction and the finiteness scan read.
+struct padded_batch {
+  static constexpr std::string_view name = "stage::padded_batch";
+};
 /// One new query per query head attends over the compressed cache.
 struct decode_attention {
   static constexpr std::string_view name = "stage::decode_attention";

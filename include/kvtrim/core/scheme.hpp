@@ -237,9 +237,13 @@ struct compress_options {
   /// and external scores read at each sequence's rows), and the cache holds them
   /// side by side; plan_capacity and the workspace for T = max T_b suffice (a length
   /// whose budget keeps more than T's — PyramidKV's deep layers — is refused).
-  /// H2O takes all T padded queries. Backend::cpu only so far (backend::cuda refuses it), not sharded; on
+  /// H2O takes all T padded queries. Both backends, not sharded; on
   /// layout::contiguous every sequence must keep the same count (its heads share
-  /// one length), e.g. budget::uniform with keep_tokens ≤ min T_b.
+  /// one length), e.g. budget::uniform with keep_tokens ≤ min T_b. backend::cuda runs
+  /// the scorer and the budget once per sequence (host-side slices of the same
+  /// device tensors, no copy) and the selection and compaction once; the lengths
+  /// stay host memory and reach the device as kernel parameters (capturable in a
+  /// CUDA graph, with the lengths of the capture).
   const std::int64_t* sequence_lengths = nullptr;
 };
 
@@ -887,8 +891,11 @@ struct scheme {
 
     using scorer_impl = implementation<ScorerT, BackendT>;
     using budget_impl = implementation<BudgetT, BackendT>;
+    using padded_impl = implementation<stage::padded_batch, BackendT>;
+    constexpr bool budget_refuses_on_device =
+        !Ranks::sharded && detail::refuses_on_device<budget_impl, typename BudgetT::config>;
     std::int64_t uniform_keep = keep_bound;
-    if (options.sequence_lengths != nullptr) {  // host memory only (check_sequence_lengths)
+    if (options.sequence_lengths != nullptr) {  // host memory on both backends (check_sequence_lengths)
       // Each sequence alone over its own T_b tokens (a dense [1, H, T_b] score block),
       // its rows then set into the batch's scores with NaN past T_b: NaN ranks below
       // every score and ties keep the lower index (select_top_k), and every budget
@@ -910,10 +917,19 @@ struct scheme {
         } catch (const error& e) {  // only scratch is written so far: name the sequence the policy refused
           throw error(detail::cat(e.what(), " (sequence ", b, " of the padded batch: its ", length, " tokens alone)"));
         }
-        for (std::int64_t h = 0; h < shape.kv_heads; ++h) {
-          float* row = parts.scores + (b * shape.kv_heads + h) * tokens;
-          std::copy_n(parts.sequence_scores + h * length, length, row);
-          std::fill(row + length, row + tokens, std::numeric_limits<float>::quiet_NaN());
+        padded_impl::place_scores(parts.sequence_scores, parts.scores + b * shape.kv_heads * tokens, shape.kv_heads,
+                                  length, tokens, stream);
+        if constexpr (!std::same_as<space, host_space>) {
+          // What the device's kernels after this loop read of sequence b (padded_batch.cuh).
+          const unsigned long long* sequence_refusal = nullptr;
+          std::int64_t head_budget = 0;
+          if constexpr (budget_refuses_on_device) {
+            sequence_refusal = budget_impl::refusal_word(shape, 1, parts.budget_scratch);
+            head_budget = budget_impl::refused_budget(cfg.budget, length);
+          }
+          padded_impl::record(parts.sequences, b, length, options.start_position + length, head_budget,
+                              sequence_refusal, budget_refuses_on_device ? parts.batch_refusal : nullptr,
+                              shape.kv_heads, stream);
         }
       }
       // One count for every head only when every sequence keeps as many (contiguous checks it).
@@ -930,11 +946,16 @@ struct scheme {
     compact_args args;
     args.start_position = options.start_position;
     args.sequence_lengths = options.sequence_lengths;
+    if constexpr (!std::same_as<space, host_space>)
+      if (options.sequence_lengths != nullptr) args.sequences = parts.sequences;
     args.uniform_keep = BudgetT::ragged_heads || ScorerT::ragged_heads ? -1 : uniform_keep;
-    if constexpr (!Ranks::sharded && detail::refuses_on_device<budget_impl, typename BudgetT::config>) {
+    if constexpr (budget_refuses_on_device) {
       // A budget that finds its error on the device (Ada-KV's paper form) leaves it
-      // in its workspace; the layout's compaction refuses instead of writing.
-      args.budget_refusal = budget_impl::refusal_word(shape, batch, parts.budget_scratch);
+      // in its workspace; the layout's compaction refuses instead of writing. (A padded
+      // batch's: the fold of every sequence's word, with each sequence's own budget.)
+      args.budget_refusal = options.sequence_lengths != nullptr
+                                ? parts.batch_refusal
+                                : budget_impl::refusal_word(shape, batch, parts.budget_scratch);
       args.refused_budget = budget_impl::refused_budget(cfg.budget, tokens);
     }
     if constexpr (detail::scorer_compensates<ScorerT>) {
@@ -960,10 +981,16 @@ struct scheme {
     if constexpr (detail::checks_finite_on_device<implementation<LayoutT, BackendT>>) {
       // The device's NaN/Inf scan, after every host-side check of the call (none can
       // throw between it and compaction's planning kernel, which honours it).
-      if (options.check_finite)
+      if (options.check_finite) {
+        detail::finite_lengths prompt_lengths{};  // a padded batch: each sequence's prompt only
+        if (options.sequence_lengths != nullptr) {
+          prompt_lengths.tokens = parts.sequences.length;
+          if (detail::observes_every_query<ScorerT>) prompt_lengths.queries = parts.sequences.length;
+        }
         implementation<LayoutT, BackendT>::template check_finite<typename detail::stored_element<CodecT>::type>(
             cache, detail::layout_status::compress, keys_in, values_in,
-            ScorerT::needs_queries ? queries_in : decltype(queries_in){}, stream);
+            ScorerT::needs_queries ? queries_in : decltype(queries_in){}, stream, prompt_lengths);
+      }
     }
     implementation<LayoutT, BackendT>::compact(cache, keys_in, values_in, kept, args, stream);
   }
@@ -974,9 +1001,6 @@ struct scheme {
                                      const compress_options<space>& options, std::int64_t tokens,
                                      std::int64_t window) {
     constexpr std::string_view argument = "options.sequence_lengths";
-    if constexpr (!std::same_as<space, host_space>)
-      detail::fail(function, argument, "null on backend::cuda (per-sequence prefill lengths run on the CPU so far)",
-                   "lengths given");
     if constexpr (Ranks::sharded)
       detail::fail(function, argument, "null in a sharded compress (per-sequence lengths are not sharded yet)",
                    "lengths given");
@@ -1062,6 +1086,8 @@ struct scheme {
   struct compress_parts {
     float* scores = nullptr;
     float* sequence_scores = nullptr;  // [H, T]: one sequence's scores (compress_options::sequence_lengths)
+    detail::sequence_table sequences{};          // device: [B] each (padded_batch.cuh)
+    unsigned long long* batch_refusal = nullptr;  // device: the padded batch's budget refusal word
     std::int32_t* keep_counts = nullptr;
     std::int64_t* offsets = nullptr;
     std::int32_t* tokens = nullptr;
@@ -1078,8 +1104,15 @@ struct scheme {
     const std::int64_t heads = batch * shape.kv_heads;
     compress_parts parts;
     parts.scores = carver.template take<float>(heads * tokens);
-    if constexpr (std::same_as<space, host_space>)  // compress_options::sequence_lengths (host only)
-      parts.sequence_scores = carver.template take<float>(shape.kv_heads * tokens);
+    // compress_options::sequence_lengths: one sequence's scores (H·T floats, 1/B of the
+    // batch's) and, on the device, the per-sequence table the kernels after the loop read.
+    parts.sequence_scores = carver.template take<float>(shape.kv_heads * tokens);
+    if constexpr (!std::same_as<space, host_space>) {
+      parts.sequences.length = carver.template take<std::int64_t>(batch);
+      parts.sequences.next_position = carver.template take<std::int64_t>(batch);
+      parts.sequences.head_budget = carver.template take<std::int64_t>(batch);
+      parts.batch_refusal = carver.template take<unsigned long long>(1);
+    }
     parts.keep_counts = carver.template take<std::int32_t>(heads);
     parts.offsets = carver.template take<std::int64_t>(heads + 1);
     parts.tokens = carver.template take<std::int32_t>(

@@ -32,6 +32,25 @@ struct compensation_rows {
   float* bias = nullptr;             // [heads]: its logit bias (ln N_dropped)
   std::int64_t* position = nullptr;  // [heads]: its position (the last dropped token's)
 };
+/// A right-padded batch's per-sequence values on backend::cuda
+/// (compress_options::sequence_lengths), device memory the compress fills on its
+/// stream before compaction (the lengths themselves are host memory: the device
+/// cannot read them). All null: every sequence has all the keys' tokens.
+struct sequence_table {
+  std::int64_t* length = nullptr;         // [B]: T_b (the finiteness scan reads tokens [0, T_b))
+  std::int64_t* next_position = nullptr;  // [B]: start + T_b, every head's next position after compaction
+  std::int64_t* head_budget = nullptr;    // [B]: the budget's per-head k of T_b (a device refusal's message)
+
+  KVTRIM_HOST_DEVICE bool given() const { return length != nullptr; }
+};
+
+/// The device finiteness scan's per-sequence bounds in a padded batch (device
+/// memory, [B]; null: every token): keys and values read tokens [0, tokens[b]),
+/// the queries [0, queries[b]) (H2O's per-token queries; a window is never padded).
+struct finite_lengths {
+  const std::int64_t* tokens = nullptr;
+  const std::int64_t* queries = nullptr;
+};
 }  // namespace detail
 
 /// What Layout::compact needs besides the rows and the selection.
@@ -48,8 +67,10 @@ struct compact_args {
   std::int64_t refused_budget = 0;
   /// A right-padded batch's prompt lengths (host memory, one per sequence; null: every
   /// sequence has all the keys' tokens): each head's next position is start + its T_b
-  /// (compress_options::sequence_lengths; backend::cpu).
+  /// (compress_options::sequence_lengths). backend::cpu reads these; backend::cuda's
+  /// kernels read `sequences` (the same values, filled on the device by the compress).
   const std::int64_t* sequence_lengths = nullptr;
+  detail::sequence_table sequences{};
 };
 
 }  // namespace kvtrim

@@ -181,6 +181,16 @@ __global__ void update_next_positions(std::int64_t* next_position, std::int64_t 
     next_position[head] = Advance ? next_position[head] + value : value;
 }
 
+/// next_position[head] = next_by_sequence[head / kv_heads] (a padded batch's start + T_b).
+/// (A template, so that every translation unit that includes this header may define it.)
+template <int Unused>
+__global__ void set_next_positions_by_sequence(std::int64_t* next_position, std::int64_t heads, std::int64_t kv_heads,
+                                               const std::int64_t* next_by_sequence) {
+  for (std::int64_t head = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; head < heads;
+       head += std::int64_t{gridDim.x} * blockDim.x)
+    next_position[head] = next_by_sequence[head / kv_heads];
+}
+
 template <bool Advance>
 void launch_update_next_positions(std::string_view function, std::int64_t* next_position, std::int64_t heads,
                                   std::int64_t value, cudaStream_t stream) {
@@ -216,8 +226,15 @@ struct implementation<layout::contiguous, backend::cuda> {
                    std::to_string(uniform_keep));
     cuda_detail::launch_copy_rows(function, cache, keys, values, kept.offsets, kept.tokens, uniform_keep, 0,
                                   args.start_position, stream);
-    cuda_detail::launch_update_next_positions<false>(function, cache.positions.next_position, cache.heads(),
-                                                     args.start_position + keys.extent(2), stream);
+    if (args.sequences.given()) {  // a padded batch: start + T_b per sequence
+      const auto blocks = static_cast<unsigned>(std::clamp<std::int64_t>(cuda_detail::ceil_div(cache.heads(), 256), 1, 1024));
+      cuda_detail::set_next_positions_by_sequence<0><<<blocks, 256, 0, stream>>>(
+          cache.positions.next_position, cache.heads(), cache.shape.kv_heads, args.sequences.next_position);
+      detail::check_launch(function, "set_next_positions_by_sequence");
+    } else {
+      cuda_detail::launch_update_next_positions<false>(function, cache.positions.next_position, cache.heads(),
+                                                       args.start_position + keys.extent(2), stream);
+    }
     *cache.length = uniform_keep;
   }
 

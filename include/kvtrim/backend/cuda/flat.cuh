@@ -65,10 +65,11 @@ template <class View>
 __global__ void __launch_bounds__(plan_threads)
     flat_plan_compact(const View cache, std::int64_t run, const std::int64_t* kept_offsets,
                       detail::compensation_rows compensation, bool has_compensation, std::int64_t next_position,
-                      const unsigned long long* budget_refusal, std::int64_t refused_budget) {
+                      const unsigned long long* budget_refusal, std::int64_t refused_budget,
+                      detail::sequence_table sequences) {
   __shared__ typename plan_scan::TempStorage temp;
   if (input_refused(cache.status)) return;
-  if (budget_refused(cache.status, budget_refusal, refused_budget, cache.shape.kv_heads)) return;
+  if (budget_refused(cache.status, budget_refusal, refused_budget, cache.shape.kv_heads, sequences)) return;
   const std::int64_t heads = cache.heads();
   const auto count = [&](std::int64_t head) { return kept_offsets[head + 1] - kept_offsets[head]; };
   const std::int64_t needed_runs = block_sum(temp, heads, [&](std::int64_t head) { return runs_for(count(head), run); });
@@ -88,7 +89,8 @@ __global__ void __launch_bounds__(plan_threads)
         const bool compensated = has_compensation && compensation.index[head] >= 0;
         cache.compensation.index[head] = compensated ? compensation.index[head] : -1;
         cache.compensation.bias[head] = compensated ? compensation.bias[head] : 0.0f;
-        cache.positions.next_position[head] = next_position;
+        cache.positions.next_position[head] =
+            compacted_next_position(next_position, sequences, head, cache.shape.kv_heads);
       });
   if (threadIdx.x == 0) {
     cache.offsets[heads] = cache.capacity;
@@ -229,11 +231,12 @@ struct implementation<layout::flat, backend::cuda> {
   static void check_finite(const layout::flat::view<CodecT, device_space>& cache, int entry,
                            const tensor_view<KeyT, 4, device_space>& keys,
                            const tensor_view<KeyT, 4, device_space>& values,
-                           const tensor_view<QueryT, 4, device_space>& queries, cudaStream_t stream) {
+                           const tensor_view<QueryT, 4, device_space>& queries, cudaStream_t stream,
+                           const detail::finite_lengths& lengths = {}) {
     cuda_detail::check_then_scan_finite<Stored>(entry == detail::layout_status::compress
                                                     ? "kvtrim::layout::flat::compact"
                                                     : "kvtrim::layout::flat::append",
-                                                cache, entry, keys, values, queries, stream);
+                                                cache, entry, keys, values, queries, stream, lengths);
   }
 
   /// Clears a freshly bound device cache (the owning cache calls it): every
@@ -260,7 +263,7 @@ struct implementation<layout::flat, backend::cuda> {
     const detail::compensation_rows rows = args.compensation != nullptr ? *args.compensation : detail::compensation_rows{};
     cuda_detail::flat_plan_compact<<<1, cuda_detail::plan_threads, 0, stream>>>(
         cache, cache.run(), kept.offsets, rows, args.compensation != nullptr, args.start_position + keys.extent(2),
-        args.budget_refusal, args.refused_budget);
+        args.budget_refusal, args.refused_budget, args.sequences);
     detail::check_launch(function, "flat_plan_compact");
     cuda_detail::launch_write_rows(function, cache, keys, values, kept.offsets, kept.tokens, args.compensation,
                                    args.start_position, 0, -1, keys.extent(2), stream);

@@ -36,7 +36,7 @@ namespace cuda_detail {
 template <class View>
 __device__ void paged_fill(const View& cache, typename plan_scan::TempStorage& temp, const std::int64_t* kept,
                            const detail::compensation_rows* compensation, std::int64_t next_position,
-                           std::int64_t used_pages) {
+                           std::int64_t used_pages, const detail::sequence_table& sequences = {}) {
   const std::int64_t heads = cache.heads();
   const std::int64_t page_size = cache.page_size;
   const auto count = [&](std::int64_t head) { return kept != nullptr ? kept[head + 1] - kept[head] : std::int64_t{0}; };
@@ -50,7 +50,8 @@ __device__ void paged_fill(const View& cache, typename plan_scan::TempStorage& t
         const bool compensated = compensation != nullptr && compensation->index[head] >= 0;
         cache.compensation.index[head] = compensated ? compensation->index[head] : -1;
         cache.compensation.bias[head] = compensated ? compensation->bias[head] : 0.0f;
-        cache.positions.next_position[head] = next_position;
+        cache.positions.next_position[head] =
+            compacted_next_position(next_position, sequences, head, cache.shape.kv_heads);
       });
   for (std::int64_t k = threadIdx.x; k < cache.pages; k += blockDim.x) {
     cache.indices[k] = static_cast<std::int32_t>(k < used_pages ? k : 0);
@@ -72,10 +73,10 @@ template <class View>
 __global__ void __launch_bounds__(plan_threads)
     paged_plan_compact(const View cache, const std::int64_t* kept_offsets, detail::compensation_rows compensation,
                        bool has_compensation, std::int64_t next_position, const unsigned long long* budget_refusal,
-                       std::int64_t refused_budget) {
+                       std::int64_t refused_budget, detail::sequence_table sequences) {
   __shared__ typename plan_scan::TempStorage temp;
   if (input_refused(cache.status)) return;
-  if (budget_refused(cache.status, budget_refusal, refused_budget, cache.shape.kv_heads)) return;
+  if (budget_refused(cache.status, budget_refusal, refused_budget, cache.shape.kv_heads, sequences)) return;
   const std::int64_t heads = cache.heads();
   const std::int64_t needed = block_sum(temp, heads, [&](std::int64_t head) {
     return layout::paged::pages_for(kept_offsets[head + 1] - kept_offsets[head], cache.page_size);
@@ -86,7 +87,7 @@ __global__ void __launch_bounds__(plan_threads)
                      kept_offsets[heads], -1, cache.pages, cache.page_size);
     return;
   }
-  paged_fill(cache, temp, kept_offsets, has_compensation ? &compensation : nullptr, next_position, needed);
+  paged_fill(cache, temp, kept_offsets, has_compensation ? &compensation : nullptr, next_position, needed, sequences);
   if (threadIdx.x == 0) cache.status[detail::layout_status::call_failed] = 0;
 }
 
@@ -174,11 +175,12 @@ struct implementation<layout::paged, backend::cuda> {
   static void check_finite(const layout::paged::view<CodecT, device_space>& cache, int entry,
                            const tensor_view<KeyT, 4, device_space>& keys,
                            const tensor_view<KeyT, 4, device_space>& values,
-                           const tensor_view<QueryT, 4, device_space>& queries, cudaStream_t stream) {
+                           const tensor_view<QueryT, 4, device_space>& queries, cudaStream_t stream,
+                           const detail::finite_lengths& lengths = {}) {
     cuda_detail::check_then_scan_finite<Stored>(entry == detail::layout_status::compress
                                                     ? "kvtrim::layout::paged::compact"
                                                     : "kvtrim::layout::paged::append",
-                                                cache, entry, keys, values, queries, stream);
+                                                cache, entry, keys, values, queries, stream, lengths);
   }
 
   /// Clears a freshly bound device cache (the owning cache calls it): every
@@ -206,7 +208,7 @@ struct implementation<layout::paged, backend::cuda> {
     const detail::compensation_rows rows = args.compensation != nullptr ? *args.compensation : detail::compensation_rows{};
     cuda_detail::paged_plan_compact<<<1, cuda_detail::plan_threads, 0, stream>>>(
         cache, kept.offsets, rows, args.compensation != nullptr, args.start_position + keys.extent(2),
-        args.budget_refusal, args.refused_budget);
+        args.budget_refusal, args.refused_budget, args.sequences);
     detail::check_launch(function, "paged_plan_compact");
     cuda_detail::launch_write_rows(function, cache, keys, values, kept.offsets, kept.tokens, args.compensation,
                                    args.start_position, 0, -1, keys.extent(2), stream);

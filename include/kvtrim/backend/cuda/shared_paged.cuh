@@ -29,7 +29,8 @@ namespace cuda_detail {
 /// pages in sequence order for the count of its kv head 0, next positions `next_position`.
 template <class View>
 __device__ void shared_paged_fill(const View& cache, typename plan_scan::TempStorage& temp, const std::int64_t* kept,
-                                  std::int64_t next_position, std::int64_t used_pages) {
+                                  std::int64_t next_position, std::int64_t used_pages,
+                                  const detail::sequence_table& sequences = {}) {
   const std::int64_t kv_heads = cache.shape.kv_heads;
   const std::int64_t page_size = cache.page_size;
   const auto count = [&](std::int64_t b) {
@@ -44,7 +45,7 @@ __device__ void shared_paged_fill(const View& cache, typename plan_scan::TempSto
         cache.last_page_len[b] = static_cast<std::int32_t>(tokens == 0 ? 0 : (tokens - 1) % page_size + 1);
       });
   for (std::int64_t head = threadIdx.x; head < cache.heads(); head += blockDim.x)
-    cache.positions.next_position[head] = next_position;
+    cache.positions.next_position[head] = compacted_next_position(next_position, sequences, head, kv_heads);
   for (std::int64_t k = threadIdx.x; k < cache.pages; k += blockDim.x) {
     cache.indices[k] = static_cast<std::int32_t>(k < used_pages ? k : 0);
     cache.free_pages[k] = static_cast<std::int32_t>(cache.pages - 1 - k);
@@ -62,7 +63,8 @@ __global__ void __launch_bounds__(plan_threads) shared_paged_reset(const View ca
 /// Compaction's planning block: the CPU's pool check, then the reset and the page tables.
 template <class View>
 __global__ void __launch_bounds__(plan_threads)
-    shared_paged_plan_compact(const View cache, const std::int64_t* kept_offsets, std::int64_t next_position) {
+    shared_paged_plan_compact(const View cache, const std::int64_t* kept_offsets, std::int64_t next_position,
+                              detail::sequence_table sequences) {
   __shared__ typename plan_scan::TempStorage temp;
   if (input_refused(cache.status)) return;
   const std::int64_t kv_heads = cache.shape.kv_heads;
@@ -76,7 +78,7 @@ __global__ void __launch_bounds__(plan_threads)
                      kept_offsets[cache.heads()], -1, cache.pages, cache.page_size);
     return;
   }
-  shared_paged_fill(cache, temp, kept_offsets, next_position, needed);
+  shared_paged_fill(cache, temp, kept_offsets, next_position, needed, sequences);
   if (threadIdx.x == 0) cache.status[detail::layout_status::call_failed] = 0;
 }
 
@@ -154,11 +156,12 @@ struct implementation<layout::shared_paged, backend::cuda> {
   static void check_finite(const layout::shared_paged::view<CodecT, device_space>& cache, int entry,
                            const tensor_view<KeyT, 4, device_space>& keys,
                            const tensor_view<KeyT, 4, device_space>& values,
-                           const tensor_view<QueryT, 4, device_space>& queries, cudaStream_t stream) {
+                           const tensor_view<QueryT, 4, device_space>& queries, cudaStream_t stream,
+                           const detail::finite_lengths& lengths = {}) {
     cuda_detail::check_then_scan_finite<Stored>(entry == detail::layout_status::compress
                                                     ? "kvtrim::layout::shared_paged::compact"
                                                     : "kvtrim::layout::shared_paged::append",
-                                                cache, entry, keys, values, queries, stream);
+                                                cache, entry, keys, values, queries, stream, lengths);
   }
 
   /// Clears a freshly bound device cache's tables (the owning cache calls it): every page free,
@@ -181,7 +184,7 @@ struct implementation<layout::shared_paged, backend::cuda> {
     cuda_detail::prepare_low_rank_fit(function, cache);  // sequence bases: the fit's memory, before any write
     cuda_detail::check_page_table_heads(function, cache);
     cuda_detail::shared_paged_plan_compact<<<1, cuda_detail::plan_threads, 0, stream>>>(
-        cache, kept.offsets, args.start_position + keys.extent(2));
+        cache, kept.offsets, args.start_position + keys.extent(2), args.sequences);
     detail::check_launch(function, "shared_paged_plan_compact");
     cuda_detail::launch_write_rows(function, cache, keys, values, kept.offsets, kept.tokens, nullptr,
                                    args.start_position, 0, -1, keys.extent(2), stream);

@@ -424,6 +424,7 @@ struct finite_input {
   std::int64_t first_key = 0;    // keys of the inputs before it
   int storage = 0;               // layout_status::storage: also finite once rounded to it (0: no such check)
   bool vectorised = false;       // 16-byte loads of 8 elements (contiguous, aligned channels)
+  const std::int64_t* lengths = nullptr;  // [B] device: read tokens [0, lengths[b]) only (a padded batch)
 };
 
 /// The inputs of one call, in the CPU's order (keys, values, window queries).
@@ -501,7 +502,9 @@ __device__ std::int64_t scan_finite_input(const finite_input& in) {
   for (std::int64_t head = blockIdx.y; head < heads; head += gridDim.y) {
     const std::int64_t b = head / kv, h = head % kv;
     const T* base = static_cast<const T*>(in.data) + b * in.strides[0] + h * in.strides[1];
-    for (std::int64_t t0 = std::int64_t{blockIdx.x} * rows_per_pass + row; t0 < tokens; t0 += in_flight * stride) {
+    // A padded batch's sequence b: its prompt only (the padding is never read, NaN or not).
+    const std::int64_t rows = in.lengths != nullptr && in.lengths[b] < tokens ? in.lengths[b] : tokens;
+    for (std::int64_t t0 = std::int64_t{blockIdx.x} * rows_per_pass + row; t0 < rows; t0 += in_flight * stride) {
       // The block of rows t0, t0 + stride, … (in_flight of them): its smallest bad key.
       // (With more units than lanes a thread's (u, row) order is not key order; every
       // later block of rows has larger keys.)
@@ -513,13 +516,13 @@ __device__ std::int64_t scan_finite_input(const finite_input& in) {
 #pragma unroll
           for (int k = 0; k < in_flight; ++k) {
             const std::int64_t t = t0 + k * stride;
-            raw[k] = t < tokens ? __ldg(reinterpret_cast<const uint4*>(base + t * in.strides[2] + std::int64_t{u} * 8))
+            raw[k] = t < rows ? __ldg(reinterpret_cast<const uint4*>(base + t * in.strides[2] + std::int64_t{u} * 8))
                                 : make_uint4(0u, 0u, 0u, 0u);
           }
 #pragma unroll
           for (int k = 0; k < in_flight; ++k) {
             const std::int64_t t = t0 + k * stride;
-            if (t >= tokens) break;
+            if (t >= rows) break;
             const T* row_data = base + t * in.strides[2];
             bool suspect = !bits_suffice;
             if constexpr (sizeof(T) == 4)  // 8 floats are 32 bytes: the second 16 read here
@@ -536,7 +539,7 @@ __device__ std::int64_t scan_finite_input(const finite_input& in) {
 #pragma unroll 1
           for (int k = 0; k < in_flight; ++k) {
             const std::int64_t t = t0 + k * stride;
-            if (t >= tokens) break;
+            if (t >= rows) break;
             const float x = to_float(base[t * in.strides[2] + std::int64_t{u} * in.strides[3]]);
             if (!isfinite(x) || overflows_storage(x, in.storage)) offer(in.first_key + (head * tokens + t) * dim + u);
           }
@@ -623,7 +626,8 @@ finite_input make_finite_input(const tensor_view<T, 4, device_space>& view, std:
 template <class Stored, class KeyT, class QueryT>
 void launch_scan_finite(std::string_view function, std::int64_t* status, int entry,
                         const tensor_view<KeyT, 4, device_space>& keys, const tensor_view<KeyT, 4, device_space>& values,
-                        const tensor_view<QueryT, 4, device_space>& queries, cudaStream_t stream) {
+                        const tensor_view<QueryT, 4, device_space>& queries, cudaStream_t stream,
+                        const detail::finite_lengths& lengths = {}) {
   finite_scan<device_element_t<KeyT>, device_element_t<QueryT>> scan;
   const int storage = storage_check_for<KeyT, Stored>();
   const auto elements = [](const auto& view) {
@@ -631,6 +635,7 @@ void launch_scan_finite(std::string_view function, std::int64_t* status, int ent
   };
   scan.inputs[0] = make_finite_input(keys, 0, storage);
   scan.inputs[1] = make_finite_input(values, elements(keys), storage);
+  scan.inputs[0].lengths = scan.inputs[1].lengths = lengths.tokens;
   scan.count = 2;
   scan.total = elements(keys) + elements(values);
   // The grid covers the keys' heads and tokens; the window queries (more heads,
@@ -639,6 +644,7 @@ void launch_scan_finite(std::string_view function, std::int64_t* status, int ent
   const std::int64_t tokens = std::max(keys.extent(2), std::int64_t{1});
   if (queries.data != nullptr) {
     scan.inputs[2] = make_finite_input(queries, scan.total, detail::layout_status::any);
+    scan.inputs[2].lengths = lengths.queries;
     scan.count = 3;
     scan.total += elements(queries);
   }
@@ -670,27 +676,41 @@ template <class Stored, class View, class KeyT, class QueryT>
 void check_then_scan_finite(std::string_view function, const View& cache, int entry,
                             const tensor_view<KeyT, 4, device_space>& keys,
                             const tensor_view<KeyT, 4, device_space>& values,
-                            const tensor_view<QueryT, 4, device_space>& queries, cudaStream_t stream) {
+                            const tensor_view<QueryT, 4, device_space>& queries, cudaStream_t stream,
+                            const detail::finite_lengths& lengths = {}) {
   check_rows(function, cache, keys, values);
   if constexpr (requires { cache.indptr; }) check_page_table_heads(function, cache);
-  launch_scan_finite<Stored>(function, cache.status, entry, keys, values, queries, stream);
+  launch_scan_finite<Stored>(function, cache.status, entry, keys, values, queries, stream, lengths);
 }
 
 /// Compaction's planning, second step (all threads of its one block): a budget
 /// that refused on the device (compact_args::budget_refusal) is recorded as the
 /// CPU's error, and nothing is written. The budget resets its word every call.
+/// With a padded batch's `sequences`, the word names the first refusing sequence's head
+/// (flattened over the batch) and the budget is that sequence's own (of its T_b tokens),
+/// recorded with T_b so the message names the sequence as the CPU's does.
 __device__ inline bool budget_refused(std::int64_t* status, const unsigned long long* refusal, std::int64_t budget,
-                                      std::int64_t kv_heads) {
+                                      std::int64_t kv_heads, const detail::sequence_table& sequences = {}) {
   if (refusal == nullptr) return false;
   const unsigned long long word = __ldcg(refusal);
   if (word == ~0ull) return false;
   if (threadIdx.x == 0) {
     const auto head = static_cast<std::int64_t>(word >> 32);
     const auto protected_tokens = static_cast<std::int64_t>(word & 0xffffffffull);
-    record_failure(status, detail::layout_status::adaptive_over_budget, protected_tokens, budget, head / kv_heads,
-                   head % kv_heads, 0, 0);
+    const std::int64_t b = head / kv_heads;
+    record_failure(status, detail::layout_status::adaptive_over_budget, protected_tokens,
+                   sequences.given() ? sequences.head_budget[b] : budget, b, head % kv_heads, 0,
+                   sequences.given() ? sequences.length[b] : 0);
   }
   return true;
+}
+
+/// Head `head`'s next position after a compaction: start + T, or start + T_b of its
+/// sequence in a padded batch (compact_args::sequences).
+__device__ __forceinline__ std::int64_t compacted_next_position(std::int64_t start_plus_tokens,
+                                                                const detail::sequence_table& sequences,
+                                                                std::int64_t head, std::int64_t kv_heads) {
+  return sequences.given() ? sequences.next_position[head / kv_heads] : start_plus_tokens;
 }
 
 /// Every planning kernel's first step (all threads of its one block): when this

@@ -28,7 +28,8 @@
 // which is all raise_layout_status needs to rebuild the CPU's message. A budget's
 // refusal (budget::adaptive's paper form) is recorded by compaction's planning as
 //   code = adaptive_over_budget, needed = the head's protected tokens,
-//   available = the per-head budget, count = sequence, target = kv head.
+//   available = the per-head budget, count = sequence, target = kv head,
+//   unit = the sequence's T_b in a padded batch (compress_options::sequence_lengths), else 0.
 // The first failure since the last check is kept (a later one does not
 // overwrite it). kvtrim::check_status(cache, stream) (backend/cuda/writes.cuh)
 // synchronises, clears the words and throws the very kvtrim::error the CPU
@@ -166,10 +167,14 @@ inline void raise_layout_status(const std::int64_t (&words)[layout_status::words
       if (words[s::unit] < 0 || words[s::unit] > 2) break;
       fail_truncate(words[s::unit], words[s::target], words[s::available], count, words[s::needed]);
     case s::adaptive_over_budget:
+      // A padded batch (unit = T_b): the CPU's message ends naming the sequence refused.
       fail("kvtrim::budget::adaptive", "config.budget.keep",
            cat("a per-head budget of at least the ", words[s::needed],
                " tokens the scorer protects (scored +inf) in kv head ", words[s::target]),
-           cat(words[s::available], " tokens"));
+           cat(words[s::available], " tokens",
+               words[s::unit] > 0 ? cat(" (sequence ", count, " of the padded batch: its ", words[s::unit],
+                                        " tokens alone)")
+                                  : std::string{}));
     default:
       break;
   }
