@@ -638,32 +638,6 @@ TEST(LayoutsCuda, PositionsPast32BitsAreRefusedIntact) {
   }
 }
 
-/// compress_options::sequence_lengths is the CPU reference's so far: the device refuses it on the host,
-/// naming it, before enqueuing anything (the cache's bytes unchanged, nothing recorded in its status).
-TEST(LayoutsCuda, SequenceLengthsAreRefusedBeforeAnything) {
-  KVTRIM_SKIP_WITHOUT_GPU();
-  auto gpu = paged_gpu::make_cache(small_shape, std::int64_t{2}, kt::layout::paged::pool_size{8, 16}, kt::codec::fp16::config{});
-  const auto keys = kt::testing::random_tensor<kt::half, 4>({2, 2, 20, 64}, 12);
-  device_tensor<kt::half, 4> device_keys(keys);
-  paged_gpu::config cfg;
-  cfg.budget.keep = kt::keep_tokens{6};
-  device_buffer<std::byte> scratch(paged_gpu::compress_workspace(small_shape, 2, 20, cfg));
-  const std::int64_t lengths[2] = {20, 11};
-  kt::compress_options<kt::device_space> options;
-  options.sequence_lengths = lengths;
-  const snapshot<decltype(gpu)> before(gpu);
-  auto view = gpu.view();
-  try {
-    paged_gpu::compress(device_keys.view, device_keys.view, view, cfg, options, {scratch.data(), scratch.size()}, nullptr);
-    FAIL() << "expected kvtrim::error naming options.sequence_lengths";
-  } catch (const kt::error& e) {
-    EXPECT_NE(std::string(e.what()).find("argument 'options.sequence_lengths'"), std::string::npos) << e.what();
-  }
-  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  const snapshot<decltype(gpu)> after(gpu);
-  EXPECT_EQ(before.bytes, after.bytes) << "a refused call changed the cache (status words included)";
-}
-
 /// One append captured in a CUDA graph, replayed across page boundaries and
 /// past the pool's end: the planning kernel decides everything on the device.
 TEST(LayoutsCuda, AppendsReplayFromACudaGraph) {
