@@ -313,8 +313,11 @@ auto bench_pool(std::int64_t batch, std::int64_t kv_heads, std::int64_t tokens) 
 /// GivenLse (issue 10, SnapKV): the window queries' softmax normalisers handed in
 /// (config.score.lse, as an engine's prefill attention has them; made once before
 /// timing by kvtrim's own pass 1): the scorer runs its second pass over K only.
+/// Padded: 0 every sequence all T tokens; 1 a right-padded batch whose lengths are all T
+/// (compress_options::sequence_lengths: the per-sequence launches' cost on the same work);
+/// 2 lengths spread from T down to T/2 + (T/2)/B (bytes moved counted over each prompt only).
 template <class Layout, class Scorer, class Budget, bool Sharded = false, bool CheckFinite = true,
-          class CodecT = kt::codec::fp16, bool GivenLse = false>
+          class CodecT = kt::codec::fp16, bool GivenLse = false, int Padded = 0>
 void compress_scheme(benchmark::State& state) {
   using scheme = kt::scheme<Layout, Scorer, Budget, CodecT, kt::backend::cuda>;
   const std::int64_t batch = state.range(0), kv_heads = state.range(1), tokens = state.range(2);
@@ -376,8 +379,12 @@ void compress_scheme(benchmark::State& state) {
   cudaStream_t stream;
   cudaStreamCreate(&stream);
   auto view = cache.view();
+  std::vector<std::int64_t> lengths(static_cast<std::size_t>(batch), tokens);
+  if constexpr (Padded == 2)
+    for (std::int64_t b = 0; b < batch; ++b) lengths[static_cast<std::size_t>(b)] = tokens - b * (tokens / 2) / batch;
   kt::compress_options<kt::device_space> none{};
   none.check_finite = CheckFinite;
+  if constexpr (Padded != 0) none.sequence_lengths = lengths.data();
   const auto call = [&](const kt::compress_options<kt::device_space>& options) {
     if constexpr (Sharded)
       scheme::compress(key_view, value_view, query_view, view, cfg, options, shard, kt::comm::single_process{},
@@ -388,7 +395,9 @@ void compress_scheme(benchmark::State& state) {
       scheme::compress(key_view, value_view, view, cfg, options, {scratch, bytes}, stream);
   };
   // The kept total (for the bytes written), from one call with the selection output.
-  call(kt::compress_options<kt::device_space>{0, offsets, kept, capacity});
+  kt::compress_options<kt::device_space> with_output{0, offsets, kept, capacity};
+  with_output.sequence_lengths = none.sequence_lengths;
+  call(with_output);
   if constexpr (Layout::ragged_heads) kt::check_status(view, stream);
   std::int64_t total_kept = 0;
   check(cudaMemcpyAsync(&total_kept, offsets + batch * kv_heads, sizeof total_kept, cudaMemcpyDeviceToHost, stream),
@@ -397,7 +406,9 @@ void compress_scheme(benchmark::State& state) {
   // A K row and a V row as the codec stores them (codes, steps, KIVI's per-run key steps).
   const double row_bytes =
       kt::codec::bytes_per_token<CodecT>(codec_config, shape.head_dim, kt::codec::slot_alignment<CodecT>(codec_config));
-  const double moved = static_cast<double>(elements) * 2.0 * sizeof(__half) + static_cast<double>(total_kept) * row_bytes;
+  double prompt_elements = 0;  // K and V elements of the prompts (a padded batch's padding is never read)
+  for (const std::int64_t length : lengths) prompt_elements += static_cast<double>(length * kv_heads * shape.head_dim);
+  const double moved = prompt_elements * 2.0 * sizeof(__half) + static_cast<double>(total_kept) * row_bytes;
   time_calls(state, moved, stream, [&] { call(none); });
   state.counters["kept_fraction"] = static_cast<double>(total_kept) / static_cast<double>(batch * kv_heads * tokens);
   cudaFree(keys), cudaFree(values), cudaFree(queries), cudaFree(scratch), cudaFree(offsets), cudaFree(kept);
@@ -779,6 +790,26 @@ BENCHMARK(compress_scheme<kt::layout::contiguous, kt::score::snapkv, kt::budget:
 BENCHMARK(compress_scheme<kt::layout::paged, kt::score::snapkv, kt::budget::uniform, false, true, kt::codec::fp16,
                           true>)
     ->Name("compress/snapkv/uniform/paged/given_lse")
+    ->ArgNames({"batch", "kv_heads", "tokens", "q_heads", "head_dim"})
+    ->Args({8, 8, 32768, 32, 128})
+    ->UseManualTime()
+    ->Iterations(20)
+    ->Unit(benchmark::kMicrosecond);
+
+// issue 10 — a right-padded batch (compress_options::sequence_lengths) with given normalisers: lengths
+// all T (the B per-sequence scorer and budget launches against the batched call in the row above),
+// and spread from T down to ~T/2.
+BENCHMARK(compress_scheme<kt::layout::paged, kt::score::snapkv, kt::budget::uniform, false, true, kt::codec::fp16,
+                          true, 1>)
+    ->Name("compress/snapkv/uniform/paged/given_lse/padded_all_T")
+    ->ArgNames({"batch", "kv_heads", "tokens", "q_heads", "head_dim"})
+    ->Args({8, 8, 32768, 32, 128})
+    ->UseManualTime()
+    ->Iterations(20)
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(compress_scheme<kt::layout::paged, kt::score::snapkv, kt::budget::uniform, false, true, kt::codec::fp16,
+                          true, 2>)
+    ->Name("compress/snapkv/uniform/paged/given_lse/padded_spread")
     ->ArgNames({"batch", "kv_heads", "tokens", "q_heads", "head_dim"})
     ->Args({8, 8, 32768, 32, 128})
     ->UseManualTime()

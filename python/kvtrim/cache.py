@@ -182,7 +182,7 @@ class Cache:
         exp(q.k / sqrt(D)) over every key up to the query; FlashInfer's base-2 LSE times ln 2).
         SnapKV and H2O then skip computing them (on CUDA, one of their two passes over
         the keys); other scorers refuse it. None: computed.
-        lengths (CPU caches): each sequence's prompt length in a right-padded batch, B
+        lengths (CPU and CUDA caches; host integers): each sequence's prompt length in a right-padded batch, B
         integers in [1, T] (a list, tuple or NumPy array): sequence b's prompt is tokens
         [0, lengths[b]) (the padding is never read), its window_queries the last w queries
         of its own prompt (H2O: all T padded queries, of which it reads the first lengths[b]),

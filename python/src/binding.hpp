@@ -243,7 +243,7 @@ class cache_base {
   /// `lse` [B, H_q, n_q] float32: the prefill's softmax normalisers of window_queries (SnapKV, H2O:
   /// score/attention_mass.hpp, "Given normalisers"; null: computed).
   /// `lengths` (host, B entries; null: every sequence has all T tokens): each sequence's prompt
-  /// length in a right-padded batch (compress_options::sequence_lengths, CPU caches).
+  /// length in a right-padded batch (compress_options::sequence_lengths, CPU and CUDA caches).
   virtual void compress(const array& keys, const array& values, const array* window_queries, const array* scores,
                         const array* lse, const std::vector<std::int64_t>* lengths, std::uintptr_t stream) = 0;
   virtual void append(const array& keys, const array& values, std::uintptr_t stream) = 0;
@@ -1076,6 +1076,9 @@ class typed_cache final : public cache_base {
     return {static_cast<const std::int64_t*>(kept_scratch_[kept_active_].data()), kept_tokens_on_device(),
             cache_.view().heads()};
   }
+  /// Whether the last compress of this device cache took a padded batch's lengths (the
+  /// device seed_metric reads every sequence as T tokens: eviction_cuda.cu refuses it).
+  bool padded_on_device() const { return padded_on_device_; }
   /// Scratch for the eviction binding's device calls on this cache (kept between calls: a
   /// cudaMalloc per decode step would synchronise the device).
   scratch_buffer<backend_type>& eviction_scratch() { return eviction_scratch_; }
@@ -1234,6 +1237,7 @@ class typed_cache final : public cache_base {
     } else {
       kept_active_ = 1 - kept_active_;
       kept_on_device_ = true;
+      padded_on_device_ = lengths != nullptr;
     }
   }
 
@@ -1272,6 +1276,7 @@ class typed_cache final : public cache_base {
   int kept_active_ = 0;                           // the buffer of the last compress that was taken
   mutable kept_indices kept_;                     // read back lazily on a device
   bool kept_on_device_ = false;
+  bool padded_on_device_ = false;  // the last device compress took lengths (padded_on_device)
   bool check_each_call_ = true;                   // settings::check: "sync"
   bool bases_installed_ = false;                  // low-rank device caches: set_basis ran
   std::uintptr_t stream_ = 0;  // the stream of the last call that used the cache (read-back waits for it)

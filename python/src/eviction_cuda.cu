@@ -65,6 +65,11 @@ bool seed(cache_base& cache, const array& keys, const array& window_queries, std
     // checking has not raised yet must raise here, as the CPU twin raises through kept()
     // (review M2), not seed from the refused call's selection.
     known.check_status();
+    if (known.padded_on_device())
+      detail::fail("kvtrim.Eviction.seed", "cache",
+                   "a CUDA cache compressed without lengths (the device seed reads every sequence as all T "
+                   "tokens; a padded batch's seed runs on CPU caches so far)",
+                   "a compress with lengths");
     const auto& view = known.owned().view();
     const auto k = device_view<4, const fp16_input>("keys", keys);
     const auto q = device_view<4, const fp16_input>("window_queries", window_queries);

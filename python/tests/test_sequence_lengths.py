@@ -1,4 +1,4 @@
-"""Cache.compress(..., lengths=): prompts of different lengths in one right-padded batch (CPU caches).
+"""Cache.compress(..., lengths=): prompts of different lengths in one right-padded batch (CPU and CUDA caches).
 
 The definition is the oracle: sequence b must end up exactly as if its first lengths[b] tokens had
 been compressed alone into a one-sequence cache — the same kept tokens, positions, stored rows and
@@ -143,3 +143,75 @@ def test_eviction_seed_reads_each_prompt(rng):
         own.seed(0, np.ascontiguousarray(keys[b:b + 1, :, :n]), window_queries[b:b + 1])
         want.append(own.metrics[0][own.metrics[0] != 0])
     assert np.array_equal(np.sort(got[got != 0]), np.sort(np.concatenate(want)))
+
+
+# --- CUDA caches (skipped without torch, a GPU or a CUDA build) ----------------------------------
+# The same oracle on the device: the batch with lengths against each sequence compressed alone on the
+# device. The same kernels run on the same slices (the scorer and budget of a padded batch are launched
+# per sequence over views of its first lengths[b] tokens), so kept tokens, lengths, positions, stored
+# rows and attention are equal bit for bit. HD = 64: the device kernels' head dims.
+CUDA_CASES = [
+    ("SnapKV+AdaKV paged", lambda: kvtrim.AdaKV(kvtrim.SnapKV(window=4, compression_ratio=0.6)), "paged"),
+    ("H2O flat", lambda: kvtrim.H2O(compression_ratio=0.5), "flat"),
+    ("StreamingLLM contiguous", lambda: kvtrim.StreamingLLM(sinks=2, tokens=10), "contiguous"),
+]
+
+
+def cuda_or_skip():
+    torch = pytest.importorskip("torch")
+    if not (torch.cuda.is_available() and kvtrim.has_cuda):
+        pytest.skip("needs a GPU and kvtrim built with CUDA")
+    return torch
+
+
+@pytest.mark.parametrize("name,press,layout", CUDA_CASES, ids=[c[0] for c in CUDA_CASES])
+def test_cuda_each_sequence_as_if_compressed_alone(rng, name, press, layout):
+    torch = cuda_or_skip()
+    hd = 64
+    keys = torch.randn(len(LENGTHS), H, T, hd, dtype=torch.float16, device="cuda")
+    values = torch.randn_like(keys)
+    for b, n in enumerate(LENGTHS):
+        keys[b, :, n:] = float("nan")
+        values[b, :, n:] = float("nan")
+    every_query = name.startswith("H2O")
+    window_queries = torch.randn(len(LENGTHS), HQ, T if every_query else 4, hd, dtype=torch.float16, device="cuda")
+    if every_query:
+        for b, n in enumerate(LENGTHS):
+            window_queries[b, :, n:] = float("nan")
+    queries = torch.randn(len(LENGTHS), HQ, hd, dtype=torch.float16, device="cuda")
+
+    def cache(batch):
+        capacity = 16 if layout == "contiguous" else batch * H * 160
+        return kvtrim.Cache(press(), kvtrim.FP16(), layout=layout, shape=(HQ, H, hd), batch=batch,
+                            capacity=capacity, device="cuda")
+
+    together = cache(len(LENGTHS))
+    together.compress(keys, values, window_queries, lengths=LENGTHS)
+    out = together.attend(queries).cpu()
+    offsets, kept = together.kept()
+    held = together.head_lengths()
+    assert torch.isfinite(out.float()).all(), "a padded token was read"
+    for b, n in enumerate(LENGTHS):
+        alone = cache(1)
+        own = window_queries[b:b + 1, :, :n] if every_query else window_queries[b:b + 1]
+        alone.compress(keys[b:b + 1, :, :n].contiguous(), values[b:b + 1, :, :n].contiguous(), own.contiguous())
+        alone_offsets, alone_kept = alone.kept()
+        for h in range(H):
+            head = b * H + h
+            assert held[head] == alone.head_lengths()[h]
+            assert kept[offsets[head]:offsets[head + 1]].tolist() == \
+                alone_kept[alone_offsets[h]:alone_offsets[h + 1]].tolist(), f"sequence {b}, head {h}"
+        assert torch.equal(out[b], alone.attend(queries[b:b + 1]).cpu()[0]), f"sequence {b}: attention"
+
+
+def test_cuda_eviction_seed_after_lengths_is_refused(rng):
+    torch = cuda_or_skip()
+    hd = 64
+    keys = torch.randn(len(LENGTHS), H, T, hd, dtype=torch.float16, device="cuda")
+    window_queries = torch.randn(len(LENGTHS), HQ, 4, hd, dtype=torch.float16, device="cuda")
+    cache = kvtrim.Cache(kvtrim.SnapKV(window=4, compression_ratio=0.5), kvtrim.FP16(), layout="paged",
+                         shape=(HQ, H, hd), batch=len(LENGTHS), capacity=len(LENGTHS) * H * 160, device="cuda")
+    cache.compress(keys, keys, window_queries, lengths=LENGTHS)
+    eviction = kvtrim.Eviction([cache], keep=40, protected_window=2)
+    with pytest.raises(kvtrim.Error, match="compressed without lengths"):
+        eviction.seed(0, keys, window_queries)
