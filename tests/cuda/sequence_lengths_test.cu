@@ -1072,4 +1072,52 @@ TEST(SequenceLengthsCuda, AdaKVPaperFormRefusalNamesTheSequence) {
   fill<snapkv_paged::gpu>(cache, fits, in, device);  // the refusal is per call
 }
 
+TEST(SequenceLengthsCuda, AdaKVRefusalOfTwoSequencesNamesTheFirst) {
+  // Sequences 1 (17 tokens: 3 < 4) and 2 (19: 3 < 4) both refuse: the CPU stops at sequence 1,
+  // so the device's fold must keep the first refusing sequence, not the last.
+  KVTRIM_SKIP_WITHOUT_GPU();
+  const padded_batch in(shape, {37, 17, 19}, 4, false, 151);
+  snapkv_paged::gpu::config cfg;
+  cfg.score.window = 4;
+  cfg.budget.keep = kt::keep_ratio{0.2};
+  const device_batch device(in);
+  auto cache = paged_maker(in)(std::type_identity<snapkv_paged::gpu>{}, in.batch());
+  snapkv_paged::gpu::config fits = cfg;
+  fits.budget.keep = kt::keep_ratio{0.5};
+  fill<snapkv_paged::gpu>(cache, fits, in, device);
+  expect_refused_on_the_device<snapkv_paged>(cache, cfg, in, device.of(in, -1));
+}
+
+TEST(SequenceLengthsCuda, ScorerScratchOfTheBatchHoldsEverySequenceAlone) {
+  // Host arithmetic only (no GPU): the device attention-mass plan picks its key splits from the
+  // row blocks, so one sequence of T_b < T alone can need more scratch than the batch's (B, T)
+  // — found by review at H2O, B = 2, T = 1088, T_b = 961 (Llama-3-8B heads). The compress
+  // workspace must hold every (1, t ≤ T) call the padded batch's per-sequence loop makes.
+  const auto holds_every_sequence = [](auto scorer_impl, const auto& config, const kt::model_shape& heads,
+                                       std::int64_t batch, std::int64_t tokens, std::int64_t first) {
+    using impl = decltype(scorer_impl);
+    const std::size_t carved = std::max(impl::workspace_bytes(config, heads, batch, tokens),
+                                        impl::sequence_workspace_bytes(config, heads, tokens));
+    for (std::int64_t t = first; t <= tokens; ++t)
+      if (impl::workspace_bytes(config, heads, 1, t) > carved) {
+        ADD_FAILURE() << "batch " << batch << ", T " << tokens << ": a sequence of " << t << " tokens needs "
+                      << impl::workspace_bytes(config, heads, 1, t) << " bytes, the carve holds " << carved;
+        return;
+      }
+  };
+  const kt::model_shape llama{.q_heads = 32, .kv_heads = 8, .head_dim = 128};
+  const kt::model_shape narrow{.q_heads = 4, .kv_heads = 4, .head_dim = 128};
+  const kt::model_shape small{.q_heads = 8, .kv_heads = 2, .head_dim = 64};
+  kt::score::snapkv::config snapkv;
+  snapkv.window = 64;
+  for (const kt::model_shape& heads : {llama, narrow, small})
+    for (const std::int64_t batch : {1, 2, 3, 8})
+      for (const std::int64_t tokens : {1088, 2048, 2160, 4097}) {
+        holds_every_sequence(kt::implementation<kt::score::h2o, kt::backend::cuda>{}, kt::score::h2o::config{}, heads,
+                             batch, tokens, 1);
+        holds_every_sequence(kt::implementation<kt::score::snapkv, kt::backend::cuda>{}, snapkv, heads, batch, tokens,
+                             snapkv.window);
+      }
+}
+
 }  // namespace

@@ -1068,6 +1068,19 @@ inline std::size_t attention_mass_workspace_bytes(const model_shape& shape, std:
   return carver.bytes();
 }
 
+/// The largest of bytes_of(t) over 1 ≤ t ≤ tokens, for a scorer whose plan's only
+/// dependence on t is through ⌈t/64⌉ (key tiles; H2O's query chunks) and whose other
+/// terms grow with t: the largest t of each tile count, t = min(64k, tokens), is the
+/// largest of its tile count. A padded batch's per-sequence calls (1, T_b) can need more
+/// than the batch's (B, T): fewer row blocks plan more splits, each a row of `partial`.
+template <class BytesOf>
+std::size_t largest_sequence_workspace(std::int64_t tokens, const BytesOf& bytes_of) {
+  std::size_t largest = 0;
+  for (std::int64_t t = mass_tile; t < tokens + mass_tile; t += mass_tile)
+    largest = std::max(largest, bytes_of(std::min(t, tokens)));
+  return largest;
+}
+
 /// Which kernels run the two passes of one call and their grids, chosen and checked
 /// before anything is launched (a refused call launches nothing). The wgmma passes
 /// (attention_mass_wgmma.cuh) where the build has them, for 16-bit inputs of one type

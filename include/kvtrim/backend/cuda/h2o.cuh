@@ -32,6 +32,12 @@ struct implementation<score::h2o, backend::cuda> {
     return cuda_detail::attention_mass_workspace_bytes(shape, batch, tokens, tokens, tokens);
   }
 
+  /// Enough for every sequence of a padded batch alone, (1, t ≤ tokens) (scheme's carve).
+  static std::size_t sequence_workspace_bytes(const score::h2o::config& cfg, const model_shape& shape,
+                                              std::int64_t tokens) {
+    return cuda_detail::largest_sequence_workspace(tokens, [&](std::int64_t t) { return workspace_bytes(cfg, shape, 1, t); });
+  }
+
   template <class KeyT, class QueryT>
   static void score(const score::h2o::config& cfg, const model_shape& shape, const kv_view<KeyT, device_space>& keys,
                     const kv_view<KeyT, device_space>&, const window_view<QueryT, device_space>& queries,
