@@ -410,7 +410,9 @@ void compress_scheme(benchmark::State& state) {
   for (const std::int64_t length : lengths) prompt_elements += static_cast<double>(length * kv_heads * shape.head_dim);
   const double moved = prompt_elements * 2.0 * sizeof(__half) + static_cast<double>(total_kept) * row_bytes;
   time_calls(state, moved, stream, [&] { call(none); });
-  state.counters["kept_fraction"] = static_cast<double>(total_kept) / static_cast<double>(batch * kv_heads * tokens);
+  double prompt_tokens = 0;  // a padded batch: of its prompts' tokens
+  for (const std::int64_t length : lengths) prompt_tokens += static_cast<double>(length * kv_heads);
+  state.counters["kept_fraction"] = static_cast<double>(total_kept) / prompt_tokens;
   cudaFree(keys), cudaFree(values), cudaFree(queries), cudaFree(scratch), cudaFree(offsets), cudaFree(kept);
   cudaStreamDestroy(stream);
 }
