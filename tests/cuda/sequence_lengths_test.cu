@@ -1048,6 +1048,26 @@ TEST(SequenceLengthsCuda, NaNInAPromptIsRefusedOnTheDeviceButNotInThePadding) {
   }
 }
 
+TEST(SequenceLengthsCuda, NaNInAnH2OPromptsQueriesIsRefusedButNotInItsPadding) {
+  // H2O's queries are per token, NaN past each T_b (the scan's query bound, finite_lengths::queries):
+  // every good call reads past none of it; a NaN in sequence 2's query 30 (< 64) is refused naming it.
+  KVTRIM_SKIP_WITHOUT_GPU();
+  using pair = schemes<kt::layout::paged, kt::score::h2o, kt::budget::pyramid, kt::codec::fp16>;
+  const padded_batch in(shape, prompt_lengths, 0, true, 160);
+  pair::gpu::config cfg;
+  cfg.budget.keep = kt::keep_ratio{0.5};
+  cfg.budget.layer = 2;
+  cfg.budget.layers = 6;
+  const device_batch device(in);
+  auto cache = paged_maker(in)(std::type_identity<pair::gpu>{}, in.batch());
+  fill<pair::gpu>(cache, cfg, in, device);
+  padded_batch poisoned(shape, prompt_lengths, 0, true, 160);  // `in` again, then one NaN
+  poisoned.queries(2, 3, 30, 7) = kt::from_float<half>(nan_value);
+  const device_batch bad(poisoned);
+  expect_refused_on_the_device<pair>(cache, cfg, poisoned, bad.of(poisoned, -1));
+  fill<pair::gpu>(cache, cfg, in, device);  // the next good call is accepted
+}
+
 TEST(SequenceLengthsCuda, AdaKVPaperFormRefusalNamesTheSequence) {
   // SnapKV protects its window of 4 (scored +inf); 20 % of sequence 1's 17 tokens is 3 < 4.
   // The CPU refuses in its per-sequence pass naming sequence 1; the device's budget runs on
