@@ -1068,44 +1068,32 @@ TEST(SequenceLengthsCuda, NaNInAnH2OPromptsQueriesIsRefusedButNotInItsPadding) {
   fill<pair::gpu>(cache, cfg, in, device);  // the next good call is accepted
 }
 
-TEST(SequenceLengthsCuda, AdaKVPaperFormRefusalNamesTheSequence) {
-  // SnapKV protects its window of 4 (scored +inf); 20 % of sequence 1's 17 tokens is 3 < 4.
-  // The CPU refuses in its per-sequence pass naming sequence 1; the device's budget runs on
-  // sequence 1's slice, records the head, and the compaction refuses the whole call.
+TEST(SequenceLengthsCuda, AdaKVPaperFormRefusalNamesTheFirstRefusingSequence) {
+  // SnapKV protects its window of 4 (scored +inf); 20 % of a 17- or 19-token prompt is 3 < 4.
+  // The CPU refuses in its per-sequence pass at the first such sequence; the device's budget runs
+  // on each sequence's slice and the fold keeps the first refusal, which the compaction reports.
+  // Lengths {37, 17, 64}: sequence 1 alone refuses; {37, 17, 19}: sequences 1 and 2 both do, so a
+  // fold that kept the last would name sequence 2.
   KVTRIM_SKIP_WITHOUT_GPU();
-  const padded_batch in(shape, prompt_lengths, 4, false, 150);
-  snapkv_paged::gpu::config cfg;
-  cfg.score.window = 4;
-  cfg.budget.keep = kt::keep_ratio{0.2};
-  const device_batch device(in);
-  auto cache = paged_maker(in)(std::type_identity<snapkv_paged::gpu>{}, in.batch());
-  snapkv_paged::gpu::config fits = cfg;
-  fits.budget.keep = kt::keep_ratio{0.5};
-  fill<snapkv_paged::gpu>(cache, fits, in, device);
-  expect_refused_on_the_device<snapkv_paged>(cache, cfg, in, device.of(in, -1));
-  // The CPU's wording, to catch a refusal naming another sequence or budget.
-  auto cpu = snapkv_paged::cpu::make_cache(shape, in.batch(),
-                                           kt::layout::paged::pool_size{cache.view().pages, cache.view().page_size},
-                                           kt::codec::fp16::config{});
-  const std::string expected = cpu_message<snapkv_paged::cpu>(cfg, in, in.lengths, cpu, in.queries.cview());
-  EXPECT_NE(expected.find("(sequence 1 of the padded batch: its 17 tokens alone)"), std::string::npos) << expected;
-  fill<snapkv_paged::gpu>(cache, fits, in, device);  // the refusal is per call
-}
-
-TEST(SequenceLengthsCuda, AdaKVRefusalOfTwoSequencesNamesTheFirst) {
-  // Sequences 1 (17 tokens: 3 < 4) and 2 (19: 3 < 4) both refuse: the CPU stops at sequence 1,
-  // so the device's fold must keep the first refusing sequence, not the last.
-  KVTRIM_SKIP_WITHOUT_GPU();
-  const padded_batch in(shape, {37, 17, 19}, 4, false, 151);
-  snapkv_paged::gpu::config cfg;
-  cfg.score.window = 4;
-  cfg.budget.keep = kt::keep_ratio{0.2};
-  const device_batch device(in);
-  auto cache = paged_maker(in)(std::type_identity<snapkv_paged::gpu>{}, in.batch());
-  snapkv_paged::gpu::config fits = cfg;
-  fits.budget.keep = kt::keep_ratio{0.5};
-  fill<snapkv_paged::gpu>(cache, fits, in, device);
-  expect_refused_on_the_device<snapkv_paged>(cache, cfg, in, device.of(in, -1));
+  for (const std::vector<std::int64_t>& lengths : {prompt_lengths, std::vector<std::int64_t>{37, 17, 19}}) {
+    SCOPED_TRACE(::testing::PrintToString(lengths));
+    const padded_batch in(shape, lengths, 4, false, 150);
+    snapkv_paged::gpu::config cfg;
+    cfg.score.window = 4;
+    cfg.budget.keep = kt::keep_ratio{0.2};
+    const device_batch device(in);
+    auto cache = paged_maker(in)(std::type_identity<snapkv_paged::gpu>{}, in.batch());
+    snapkv_paged::gpu::config fits = cfg;
+    fits.budget.keep = kt::keep_ratio{0.5};
+    fill<snapkv_paged::gpu>(cache, fits, in, device);
+    expect_refused_on_the_device<snapkv_paged>(cache, cfg, in, device.of(in, -1));  // the CPU's words exactly
+    auto cpu = snapkv_paged::cpu::make_cache(shape, in.batch(),
+                                             kt::layout::paged::pool_size{cache.view().pages, cache.view().page_size},
+                                             kt::codec::fp16::config{});
+    const std::string expected = cpu_message<snapkv_paged::cpu>(cfg, in, in.lengths, cpu, in.queries.cview());
+    EXPECT_NE(expected.find("(sequence 1 of the padded batch: its 17 tokens alone)"), std::string::npos) << expected;
+    fill<snapkv_paged::gpu>(cache, fits, in, device);  // the refusal is per call
+  }
 }
 
 TEST(SequenceLengthsCuda, ScorerScratchOfTheBatchHoldsEverySequenceAlone) {
