@@ -2,8 +2,8 @@
 
 The definition is the oracle: sequence b must end up exactly as if its first lengths[b] tokens had
 been compressed alone into a one-sequence cache — the same kept tokens, positions, stored rows and
-attention output, bit for bit. The padding holds NaN, so reading any of it would be refused or
-would poison the output.
+attention output, bit for bit on the CPU (on CUDA, attention within the decode's fp16 bound: see
+below). The padding holds NaN, so reading any of it would be refused or would poison the output.
 """
 
 import numpy as np
@@ -148,8 +148,8 @@ def test_eviction_seed_reads_each_prompt(rng):
 # --- CUDA caches (skipped without torch, a GPU or a CUDA build) ----------------------------------
 # The same oracle on the device: the batch with lengths against each sequence compressed alone on the
 # device. The same kernels run on the same slices (the scorer and budget of a padded batch are launched
-# per sequence over views of its first lengths[b] tokens), so kept tokens, lengths, positions, stored
-# rows and attention are equal bit for bit. HD = 64: the device kernels' head dims.
+# per sequence over views of its first lengths[b] tokens), so kept tokens and lengths are equal;
+# attention within the decode's fp16 bound (below). HD = 64: the device kernels' head dims.
 CUDA_CASES = [
     ("SnapKV+AdaKV paged", lambda: kvtrim.AdaKV(kvtrim.SnapKV(window=4, compression_ratio=0.6)), "paged"),
     ("H2O flat", lambda: kvtrim.H2O(compression_ratio=0.5), "flat"),
@@ -201,7 +201,12 @@ def test_cuda_each_sequence_as_if_compressed_alone(rng, name, press, layout):
             assert held[head] == alone.head_lengths()[h]
             assert kept[offsets[head]:offsets[head + 1]].tolist() == \
                 alone_kept[alone_offsets[h]:alone_offsets[h + 1]].tolist(), f"sequence {b}, head {h}"
-        assert torch.equal(out[b], alone.attend(queries[b:b + 1]).cpu()[0]), f"sequence {b}: attention"
+        # Decode splits a batch cache's heads at other points than a one-sequence cache's (fp32 sums in
+        # another order, each output then rounded to fp16): within combinations_test's fp16 bound,
+        # 2^-9·max|v| ≈ 2e-3·max|v| (a padded token read or a row misplaced moves it by O(max|v| / kept)).
+        bound = 2.0 ** -9 * values[b, :, :n].float().abs().max().item()
+        difference = (out[b].float() - alone.attend(queries[b:b + 1]).cpu()[0].float()).abs().max().item()
+        assert difference <= bound, f"sequence {b}: attention differs by {difference} > {bound}"
 
 
 def test_cuda_eviction_seed_after_lengths_is_refused(rng):
