@@ -144,28 +144,16 @@ concept shards_heads = requires(const Config& config, std::int64_t count, const 
   { Impl::sharded_workspace_bytes(config, count, count, count, shard) } -> std::convertible_to<std::size_t>;
 };
 
-/// A scorer's scratch for a compress of [batch, ·, tokens]: also enough for its
-/// per-sequence calls on (1, t ≤ tokens) (compress_options::sequence_lengths), which a
-/// scorer whose split plan is not monotone in (batch, tokens) — the device attention
-/// mass: splits = target blocks / row blocks — says through sequence_workspace_bytes.
-template <class Impl, class Config>
-workspace carve_scorer_scratch(workspace_carver& carver, const Config& config, const model_shape& shape,
-                               std::int64_t batch, std::int64_t tokens) {
-  if constexpr (needs_scratch<Impl, Config>) {
-    std::size_t bytes = Impl::workspace_bytes(config, shape, batch, tokens);
-    if constexpr (requires { { Impl::sequence_workspace_bytes(config, shape, tokens) } -> std::convertible_to<std::size_t>; })
-      bytes = std::max(bytes, Impl::sequence_workspace_bytes(config, shape, tokens));
-    return workspace{carver.template take<std::byte>(static_cast<std::int64_t>(bytes)), bytes};
-  } else {
-    return workspace{};
-  }
-}
-
 template <class Impl, class Config>
 workspace carve_scratch(workspace_carver& carver, const Config& config, const model_shape& shape,
                         std::int64_t batch, std::int64_t tokens) {
   if constexpr (needs_scratch<Impl, Config>) {
-    const std::size_t bytes = Impl::workspace_bytes(config, shape, batch, tokens);
+    std::size_t bytes = Impl::workspace_bytes(config, shape, batch, tokens);
+    // Also enough for a padded batch's per-sequence calls on (1, t ≤ tokens)
+    // (compress_options::sequence_lengths), for a scorer whose split plan is not monotone
+    // in (batch, tokens) — the device attention mass: splits = target blocks / row blocks.
+    if constexpr (requires { { Impl::sequence_workspace_bytes(config, shape, tokens) } -> std::convertible_to<std::size_t>; })
+      bytes = std::max(bytes, Impl::sequence_workspace_bytes(config, shape, tokens));
     return workspace{carver.template take<std::byte>(static_cast<std::int64_t>(bytes)), bytes};
   } else {
     return workspace{};
@@ -1138,7 +1126,7 @@ struct scheme {
     parts.select_scratch = workspace{carver.template take<std::byte>(static_cast<std::int64_t>(select_bytes)),
                                      select_bytes};
     parts.score_scratch =
-        detail::carve_scorer_scratch<implementation<ScorerT, BackendT>>(carver, cfg.score, shape, batch, tokens);
+        detail::carve_scratch<implementation<ScorerT, BackendT>>(carver, cfg.score, shape, batch, tokens);
     parts.budget_scratch = carve_budget_scratch(carver, shape, batch, tokens, cfg, shard);
     if constexpr (detail::scorer_compensates<ScorerT>) {
       parts.compensation.index = carver.template take<std::int32_t>(heads);
