@@ -394,10 +394,13 @@ INSTANTIATE_TEST_SUITE_P(
 // accumulation and the factor add (G·w + 2)·u of the value on each side.
 // Layout: paged (pages of 16) or flat; compensation: heads 1, 3, … get a compensation token
 // (RazorAttention) at kept index keep / 3 after compress, which both backends seed 0.
+// `lengths` (a right-padded batch, compress_options::sequence_lengths; empty: every sequence
+// all T): the padding (tokens ≥ T_b of keys and values) holds NaN, compress and both seeds take
+// the lengths, and the bound above is taken per sequence with T_b for T (its own softmax).
 template <class Layout = kt::layout::paged>
 void check_seed(std::int64_t batch, std::int64_t kv_heads, std::int64_t group, std::int64_t head_dim,
                 std::int64_t tokens, std::int64_t observed, std::int64_t window, std::int64_t keep, ev::metric_kind kind,
-                bool compensation = false) {
+                bool compensation = false, const std::vector<std::int64_t>& lengths = {}) {
   using scheme = kt::scheme<Layout, kt::score::snapkv, kt::budget::uniform, kt::codec::fp16, kt::backend::cpu>;
   using host_view = typename Layout::template view<kt::codec::fp16, kt::host_space>;
   using device_view = typename Layout::template view<kt::codec::fp16, kt::device_space>;
@@ -406,6 +409,14 @@ void check_seed(std::int64_t batch, std::int64_t kv_heads, std::int64_t group, s
   auto keys = kt::testing::random_tensor<kt::half, 4>({batch, kv_heads, tokens, head_dim}, 131);
   auto values = kt::testing::random_tensor<kt::half, 4>({batch, kv_heads, tokens, head_dim}, 132);
   auto queries = kt::testing::random_tensor<kt::half, 4>({batch, shape.q_heads, observed, head_dim}, 133, 2.0f);
+  ASSERT_TRUE(lengths.empty() || std::ssize(lengths) == batch) << "one length per sequence";
+  const std::int64_t* sequence_lengths = lengths.empty() ? nullptr : lengths.data();
+  const auto prompt = [&](std::int64_t b) { return lengths.empty() ? tokens : lengths[b]; };
+  for (std::int64_t b = 0; b < batch; ++b)  // the padding: a read of it poisons the metric
+    for (std::int64_t h = 0; h < kv_heads; ++h)
+      for (std::int64_t t = prompt(b); t < tokens; ++t)
+        for (std::int64_t d = 0; d < head_dim; ++d)
+          keys(b, h, t, d) = values(b, h, t, d) = kt::half(std::numeric_limits<float>::quiet_NaN());
   typename scheme::config cfg;
   cfg.score.window = observed;
   cfg.budget.keep = kt::keep_tokens{keep};
@@ -422,7 +433,8 @@ void check_seed(std::int64_t batch, std::int64_t kv_heads, std::int64_t group, s
   std::vector<std::int32_t> kept(static_cast<std::size_t>(scheme::kept_tokens_capacity(shape, batch, tokens, cfg)));
   kt::compress_options<kt::host_space> options{.start_position = start, .kept_offsets = offsets.data(),
                                                .kept_tokens = kept.data(),
-                                               .kept_tokens_capacity = static_cast<std::int64_t>(kept.size())};
+                                               .kept_tokens_capacity = static_cast<std::int64_t>(kept.size()),
+                                               .sequence_lengths = sequence_lengths};
   std::vector<std::byte> compress_scratch(scheme::compress_workspace(shape, batch, tokens, cfg));
   scheme::compress(keys.cview(), values.cview(), queries.cview(), view, cfg, options,
                    kt::workspace{compress_scratch.data(), compress_scratch.size()});
@@ -438,7 +450,7 @@ void check_seed(std::int64_t batch, std::int64_t kv_heads, std::int64_t group, s
   const std::int64_t slots = kt::detail::storage_slots(view.storage);
   std::vector<float> cpu_metric(static_cast<std::size_t>(slots), 7.0f);  // seeding overwrites everything
   ev::seed_metric(keys.cview(), queries.cview(), view, {offsets.data(), kept.data(), heads}, start,
-                  ev::metric_output<>{cpu_metric.data(), slots, kind, window});
+                  ev::metric_output<>{cpu_metric.data(), slots, kind, window}, sequence_lengths);
 
   device_buffer<std::byte> device_block(bytes);
   kt::testing::check(cudaMemcpy(device_block.data(), block.data, bytes, cudaMemcpyHostToDevice), "H2D");
@@ -451,17 +463,17 @@ void check_seed(std::int64_t batch, std::int64_t kv_heads, std::int64_t group, s
                                                                device_keys.view.strides};
   const kt::window_view<const kt::half, kt::device_space> query_view{
       device_queries.view.data, device_queries.view.extents, device_queries.view.strides};
-  device_buffer<std::byte> scratch(ev::seed_workspace(key_view, query_view, gpu_view));
+  device_buffer<std::byte> scratch(ev::seed_workspace(key_view, query_view, gpu_view, sequence_lengths));
   ev::seed_metric(key_view, query_view, gpu_view, kt::selection_view<kt::device_space>{device_offsets.data(), device_kept.data(), heads},
                   start, ev::metric_output<kt::device_space>{gpu_metric.data(), slots, kind, window},
-                  {scratch.data(), scratch.size()}, nullptr);
+                  {scratch.data(), scratch.size()}, nullptr, sequence_lengths);
   ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   const std::vector<float> got = gpu_metric.download();
 
   const double u = kt::element_traits<float>::unit_roundoff, D = double(head_dim);
   const double power = kind == ev::metric_kind::squared_sum || kind == ev::metric_kind::squared_mean ? 2.0 : 1.0;
   std::vector<bool> held(static_cast<std::size_t>(slots), false);
-  std::int64_t seeded = 0;
+  std::vector<std::int64_t> seeded(static_cast<std::size_t>(batch), 0);
   double worst = 0.0;
   for (std::int64_t b = 0; b < batch; ++b)
     for (std::int64_t h = 0; h < kv_heads; ++h) {
@@ -469,27 +481,28 @@ void check_seed(std::int64_t batch, std::int64_t kv_heads, std::int64_t group, s
       double largest_logit = 0.0;
       for (std::int64_t g = 0; g < group; ++g)
         for (std::int64_t q = 0; q < observed; ++q)
-          for (std::int64_t j = 0; j < tokens; ++j) {
+          for (std::int64_t j = 0; j < prompt(b); ++j) {
             double magnitude = 0.0;
             for (std::int64_t d = 0; d < head_dim; ++d)
               magnitude += std::abs(double(kt::to_float(queries(b, h * group + g, q, d))) *
                                     double(kt::to_float(keys(b, h, j, d))));
             largest_logit = std::max(largest_logit, magnitude / std::sqrt(D));
           }
-      const double epsilon = 4.0 * (D + 5.0) * u * largest_logit + (double(tokens) + 136.0) * u;
+      const double epsilon = 4.0 * (D + 5.0) * u * largest_logit + (double(prompt(b)) + 136.0) * u;
       const double relative = std::expm1(power * 2.0 * epsilon) + 2.0 * (double(group * observed) + 2.0) * u;
       for (std::int64_t i = 0; i < view.head_length(b, h); ++i) {
         const std::int64_t slot = view.slot(b, h, i);
         held[slot] = true;
         const double want = cpu_metric[slot], have = got[slot];
-        seeded += want != 0.0 ? 1 : 0;
+        seeded[b] += want != 0.0 ? 1 : 0;
         const double bound = relative * std::abs(want) + 1e-38;
         worst = std::max(worst, std::abs(have - want) / bound);
         ASSERT_LE(std::abs(have - want), bound) << "head " << head << ", kept token " << i << " (prompt token "
                                                 << kept[offsets[head] + i] << "): cuda " << have << ", cpu " << want;
       }
     }
-  EXPECT_GT(seeded, 0) << "the case must seed some tokens";
+  for (std::int64_t b = 0; b < batch; ++b)
+    EXPECT_GT(seeded[b], 0) << "the case must seed some tokens of sequence " << b << " (" << prompt(b) << " tokens)";
   for (const std::int64_t slot : compensation_slots) {
     EXPECT_EQ(cpu_metric[slot], 0.0f) << "the CPU seeds the compensation token 0 (slot " << slot << ")";
     EXPECT_EQ(got[slot], 0.0f) << "the compensation token is seeded 0 (slot " << slot << ")";
@@ -528,6 +541,185 @@ TEST(EvictionSeed, DeviceSeedMatchesCpuSeedFlatHeadDim256Compensation) {
     SCOPED_TRACE("paged, GQA 8, D 256, 600 prompt tokens, a window of 16 queries, compensation tokens, L2");
     check_seed<kt::layout::paged>(1, 2, 8, 256, 600, 16, 8, 150, ev::metric_kind::squared_sum, true);
   }
+}
+
+// A right-padded batch (compress_options::sequence_lengths): each sequence seeded from the window
+// at the end of its own T_b tokens, its padding NaN (never read), against the CPU seed with the
+// same lengths. Lengths: all T, one more than the window (SnapKV's compress needs a token to
+// score: its first window query at position 1), and an awkward 4097 (one token into a 65th key
+// tile); the device runs pass 1 per sequence on batch-1 views of its first T_b keys (so a kept
+// token's visible queries start at T_b − w, not T − w).
+TEST(EvictionSeed, PaddedBatchSeedsEachSequenceFromItsOwnWindow) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  {
+    SCOPED_TRACE("paged, 3 sequences of 4160, 33, 4097 tokens, GQA 4, D 128, a window of 32 queries, L2");
+    check_seed(3, 2, 4, 128, 4160, 32, 20, 300, ev::metric_kind::squared_sum, false, {4160, 33, 4097});
+  }
+  {
+    SCOPED_TRACE("flat, 4 sequences of 333, 25, 701, 65 tokens, GQA 4, D 128, a window of 24, compensation, L1 mean");
+    check_seed<kt::layout::flat>(4, 2, 4, 128, 701, 24, 16, 200, ev::metric_kind::mean, true, {333, 25, 701, 65});
+  }
+  {
+    SCOPED_TRACE("paged, 2 sequences of 71 and 600 tokens, GQA 8, D 256, a window of 70 (two row chunks), compensation");
+    check_seed<kt::layout::paged>(2, 2, 8, 256, 600, 70, 8, 150, ev::metric_kind::squared_mean, true, {71, 600});
+  }
+}
+
+// Lengths outside [w, T] are refused on the host, before anything is enqueued, with the CPU's
+// message word for word (which names the function, `sequence_lengths`, the length and its
+// sequence); the metric keeps its 7s on both sides. seed_workspace, sized from the lengths,
+// refuses them too. Without a GPU the device views point at host copies the refused call must
+// never touch (anything it enqueued would fail for want of a device, with another message), so
+// this test runs on every machine; with one, they are device buffers.
+TEST(EvictionSeed, PaddedBatchLengthsOutsideTheWindowAndTheKeysAreRefused) {
+  using scheme = kt::scheme<kt::layout::paged, kt::score::snapkv, kt::budget::uniform, kt::codec::fp16, kt::backend::cpu>;
+  using host_view = kt::layout::paged::view<kt::codec::fp16, kt::host_space>;
+  using device_view = kt::layout::paged::view<kt::codec::fp16, kt::device_space>;
+  const kt::model_shape shape{.q_heads = 8, .kv_heads = 2, .head_dim = 128};
+  const std::int64_t batch = 3, tokens = 100, observed = 32, heads = batch * shape.kv_heads;
+  const std::vector<std::int64_t> good{100, 33, 77};
+  const auto keys = kt::testing::random_tensor<kt::half, 4>({batch, shape.kv_heads, tokens, shape.head_dim}, 141);
+  const auto values = kt::testing::random_tensor<kt::half, 4>({batch, shape.kv_heads, tokens, shape.head_dim}, 142);
+  const auto queries = kt::testing::random_tensor<kt::half, 4>({batch, shape.q_heads, observed, shape.head_dim}, 143);
+  typename scheme::config cfg;
+  cfg.score.window = observed;
+  cfg.budget.keep = kt::keep_tokens{40};
+  const kt::layout::paged::pool_size pool{heads * 3 + 3, 16};
+  const std::size_t bytes = host_view::bytes(shape, batch, pool);
+  host_block block(bytes);
+  host_view view = host_view::bind(block.data, shape, batch, pool);
+  std::vector<std::int64_t> offsets(static_cast<std::size_t>(heads + 1));
+  std::vector<std::int32_t> kept(static_cast<std::size_t>(scheme::kept_tokens_capacity(shape, batch, tokens, cfg)));
+  const kt::compress_options<kt::host_space> options{.kept_offsets = offsets.data(), .kept_tokens = kept.data(),
+                                                     .kept_tokens_capacity = static_cast<std::int64_t>(kept.size()),
+                                                     .sequence_lengths = good.data()};
+  std::vector<std::byte> compress_scratch(scheme::compress_workspace(shape, batch, tokens, cfg));
+  scheme::compress(keys.cview(), values.cview(), queries.cview(), view, cfg, options,
+                   kt::workspace{compress_scratch.data(), compress_scratch.size()});
+  const std::int64_t slots = kt::detail::storage_slots(view.storage);
+  const std::vector<float> sevens(static_cast<std::size_t>(slots), 7.0f);
+  std::vector<float> cpu_metric = sevens, host_metric = sevens;
+
+  int devices = 0;
+  const bool gpu = cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0;
+  std::vector<std::unique_ptr<device_buffer<std::byte>>> owned;
+  const auto place = [&](const void* host, std::size_t size) -> void* {
+    if (!gpu) return const_cast<void*>(host);
+    owned.push_back(std::make_unique<device_buffer<std::byte>>(size));
+    kt::testing::check(cudaMemcpy(owned.back()->data(), host, size, cudaMemcpyHostToDevice), "H2D");
+    return owned.back()->data();
+  };
+  const auto* device_keys = static_cast<const kt::half*>(place(keys.storage.data(), keys.storage.size() * sizeof(kt::half)));
+  const auto* device_queries =
+      static_cast<const kt::half*>(place(queries.storage.data(), queries.storage.size() * sizeof(kt::half)));
+  const kt::kv_view<const kt::half, kt::device_space> key_view{device_keys, keys.view.extents, keys.view.strides};
+  const kt::window_view<const kt::half, kt::device_space> query_view{device_queries, queries.view.extents,
+                                                                     queries.view.strides};
+  const device_view gpu_view = device_view::bind(place(block.data, bytes), shape, batch, pool);
+  const kt::selection_view<kt::device_space> gpu_kept{
+      static_cast<const std::int64_t*>(place(offsets.data(), offsets.size() * sizeof(std::int64_t))),
+      static_cast<const std::int32_t*>(place(kept.data(), kept.size() * sizeof(std::int32_t))), heads};
+  auto* gpu_metric = static_cast<float*>(place(host_metric.data(), host_metric.size() * sizeof(float)));
+  std::vector<std::byte> scratch_bytes(ev::seed_workspace(key_view, query_view, gpu_view, good.data()));
+  void* scratch = place(scratch_bytes.data(), scratch_bytes.size());
+  const auto device_metric = [&] {
+    if (!gpu) return host_metric;
+    std::vector<float> now(host_metric.size());
+    kt::testing::check(cudaMemcpy(now.data(), gpu_metric, now.size() * sizeof(float), cudaMemcpyDeviceToHost), "D2H");
+    return now;
+  };
+  const auto message_of = [](auto&& call) {
+    try {
+      call();
+    } catch (const kt::error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+
+  for (const auto& [lengths, refused] : std::vector<std::pair<std::vector<std::int64_t>, std::int64_t>>{
+           {{100, 31, 77}, 1},    // shorter than the window
+           {{100, 33, 101}, 2},   // past T
+           {{0, 33, 77}, 0},      // empty
+           {{-1, 33, 77}, 0}}) {  // negative
+    SCOPED_TRACE(::testing::Message() << "lengths " << lengths[0] << ", " << lengths[1] << ", " << lengths[2]);
+    const std::string cpu = message_of([&] {
+      ev::seed_metric(keys.cview(), queries.cview(), view, {offsets.data(), kept.data(), heads}, 0,
+                      ev::metric_output<>{cpu_metric.data(), slots}, lengths.data());
+    });
+    const std::string device = message_of([&] {
+      ev::seed_metric(key_view, query_view, gpu_view, gpu_kept, 0,
+                      ev::metric_output<kt::device_space>{gpu_metric, slots},
+                      {scratch, scratch_bytes.size()}, nullptr, lengths.data());
+    });
+    EXPECT_EQ(device, cpu) << "the CPU's message, word for word";
+    EXPECT_NE(device.find("kvtrim::eviction::seed_metric: argument 'sequence_lengths'"), std::string::npos) << device;
+    EXPECT_NE(device.find(kt::detail::cat("prompt lengths in [", observed, ", ", tokens, "]")), std::string::npos)
+        << device;
+    EXPECT_NE(device.find(kt::detail::cat(lengths[refused], " for sequence ", refused)), std::string::npos) << device;
+    const std::string sizing = message_of([&] { (void)ev::seed_workspace(key_view, query_view, gpu_view, lengths.data()); });
+    EXPECT_NE(sizing.find("kvtrim::eviction::seed_workspace: argument 'sequence_lengths'"), std::string::npos)
+        << sizing;
+    EXPECT_EQ(cpu_metric, sevens) << "the CPU's metric is unchanged";
+    EXPECT_EQ(device_metric(), sevens) << "the device's metric is unchanged (nothing was enqueued)";
+  }
+}
+
+// Host arithmetic only (no GPU): with lengths, the seed's pass 1 runs per sequence, (1, T_b), in
+// seed_workspace's scratch, which must hold each sequence's own batch-1 seed_workspace (its first
+// T_b keys and its window alone), for every T_b in [w, T]. The (B, T) size alone would not do:
+// the plan's key splits grow as the row blocks shrink (not monotone in (batch, tokens)), and the
+// sweep must hold such a case — at D 256 (G 8, w 65, B 2, T 4097: 2146432 bytes alone against
+// the batch's 1540352), where the sm_90a wgmma plan does not apply, so any build has it.
+TEST(EvictionSeed, WorkspaceWithLengthsHoldsEverySequenceAlone) {
+  using device_view = kt::layout::paged::view<kt::codec::fp16, kt::device_space>;
+  const auto keys_of = [](const kt::model_shape& shape, std::int64_t batch, std::int64_t tokens) {
+    return kt::kv_view<const kt::half, kt::device_space>{
+        nullptr, {batch, shape.kv_heads, tokens, shape.head_dim},
+        {shape.kv_heads * tokens * shape.head_dim, tokens * shape.head_dim, shape.head_dim, 1}};
+  };
+  const auto window_of = [](const kt::model_shape& shape, std::int64_t batch, std::int64_t observed) {
+    return kt::window_view<const kt::half, kt::device_space>{
+        nullptr, {batch, shape.q_heads, observed, shape.head_dim},
+        {shape.q_heads * observed * shape.head_dim, observed * shape.head_dim, shape.head_dim, 1}};
+  };
+  const auto cache_of = [](const kt::model_shape& shape, std::int64_t batch) {
+    device_view view;  // seed_workspace reads the shape and batch only
+    view.shape = shape;
+    view.batch = batch;
+    return view;
+  };
+  std::int64_t batch_size_short = 0;
+  for (const kt::model_shape& shape : {kt::model_shape{.q_heads = 8, .kv_heads = 2, .head_dim = 128},
+                                       kt::model_shape{.q_heads = 32, .kv_heads = 8, .head_dim = 128},
+                                       kt::model_shape{.q_heads = 32, .kv_heads = 4, .head_dim = 128},
+                                       kt::model_shape{.q_heads = 32, .kv_heads = 4, .head_dim = 256}})
+    for (const std::int64_t observed : {32, 65, 129})
+      for (const std::int64_t batch : {2, 3})
+        for (const std::int64_t tokens : {1088, 4097, 5633}) {
+          const auto keys = keys_of(shape, batch, tokens);
+          const auto window = window_of(shape, batch, observed);
+          const auto cache = cache_of(shape, batch);
+          const std::size_t whole = ev::seed_workspace(keys, window, cache);
+          for (std::int64_t length = observed; length <= tokens; ++length) {
+            std::vector<std::int64_t> lengths(static_cast<std::size_t>(batch), length);
+            lengths[0] = tokens;  // T_b = T, then the others at `length`
+            const std::size_t given = ev::seed_workspace(keys, window, cache, lengths.data());
+            for (const std::int64_t own : {tokens, length}) {
+              const std::size_t alone =
+                  ev::seed_workspace(keys_of(shape, 1, own), window_of(shape, 1, observed), cache_of(shape, 1));
+              if (alone > given) {
+                ADD_FAILURE() << "q_heads " << shape.q_heads << ", kv_heads " << shape.kv_heads << ", D "
+                              << shape.head_dim << ", w " << observed << ", B " << batch << ", T " << tokens
+                              << ": a sequence of " << own << " tokens alone needs " << alone
+                              << " bytes, seed_workspace with the lengths gives " << given;
+                return;
+              }
+              batch_size_short += alone > whole ? 1 : 0;
+            }
+          }
+        }
+  EXPECT_GT(batch_size_short, 0) << "the sweep must hold a sequence the batch's (B, T) size is too small for";
 }
 
 // ---- the eviction step: CPU and CUDA evict the same tokens, byte for byte -------

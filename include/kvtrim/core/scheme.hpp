@@ -160,14 +160,6 @@ workspace carve_scratch(workspace_carver& carver, const Config& config, const mo
   }
 }
 
-/// Sequence b of a [B, ·, T, ·] view, its first `tokens` along axis 2 (a view of
-/// the same memory; an empty view stays empty).
-template <class T, MemorySpace Space>
-tensor_view<T, 4, Space> first_tokens(const tensor_view<T, 4, Space>& view, std::int64_t b, std::int64_t tokens) {
-  if (view.data == nullptr) return view;
-  return {view.data + b * view.strides[0], {1, view.extents[1], tokens, view.extents[3]}, view.strides};
-}
-
 /// Scorers whose queries are the prefill's own, one per token (H2O), not a window.
 template <class ScorerT>
 inline constexpr bool observes_every_query = requires { requires ScorerT::observes_every_query; };

@@ -173,5 +173,14 @@ void check_view(std::string_view function, std::string_view argument,
     fail(function, argument, "a contiguous last axis (stride 1)", cat("stride ", view.strides[Rank - 1]));
 }
 
+/// Sequence b of a [B, ·, T, ·] view, its first `tokens` along axis 2 (a view of
+/// the same memory; an empty view stays empty): a right-padded batch's sequence
+/// as a batch of one (scheme::compress's and eviction::seed_metric's sequence_lengths).
+template <class T, MemorySpace Space>
+tensor_view<T, 4, Space> first_tokens(const tensor_view<T, 4, Space>& view, std::int64_t b, std::int64_t tokens) {
+  if (view.data == nullptr) return view;
+  return {view.data + b * view.strides[0], {1, view.extents[1], tokens, view.extents[3]}, view.strides};
+}
+
 }  // namespace detail
 }  // namespace kvtrim

@@ -177,6 +177,18 @@ void check_metric(std::string_view function, const eviction::metric_output<Space
       ::kvtrim::detail::fail(function, "metric.carry", "arrays aligned to their element types", "a misaligned array");
   }
 }
+/// Throws unless a padded batch's prompt lengths (host memory, `batch` entries; null: every
+/// sequence has all `tokens`) each hold the `observed` window queries at their end and fit the
+/// keys: eviction::seed_metric's and seed_workspace's `sequence_lengths`, on both backends.
+inline void check_seed_lengths(std::string_view function, const std::int64_t* sequence_lengths, std::int64_t batch,
+                               std::int64_t observed, std::int64_t tokens) {
+  for (std::int64_t b = 0; sequence_lengths != nullptr && b < batch; ++b)
+    if (sequence_lengths[b] < observed || sequence_lengths[b] > tokens)
+      ::kvtrim::detail::fail(function, "sequence_lengths",
+                             ::kvtrim::detail::cat("prompt lengths in [", observed, ", ", tokens,
+                                                   "] (the window queries', the keys' tokens)"),
+                             ::kvtrim::detail::cat(sequence_lengths[b], " for sequence ", b));
+}
 /// Throws unless the GQA group fits the metric's per-group state (at most 16 query heads).
 inline void check_metric_group(std::string_view function, const model_shape& shape) {
   if (shape.group_size() > 16)

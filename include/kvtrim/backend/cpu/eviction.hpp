@@ -577,12 +577,7 @@ void seed_metric(const kv_view<const KeyT>& keys, const window_view<const QueryT
                            std::to_string(observed));
   // Sequence b's prompt: its first prompt(b) tokens.
   const auto prompt = [&](std::int64_t b) { return sequence_lengths != nullptr ? sequence_lengths[b] : tokens; };
-  for (std::int64_t b = 0; sequence_lengths != nullptr && b < cache.batch; ++b)
-    if (prompt(b) < observed || prompt(b) > tokens)
-      ::kvtrim::detail::fail(function, "sequence_lengths",
-                             ::kvtrim::detail::cat("prompt lengths in [", observed, ", ", tokens,
-                                                   "] (the window queries', the keys' tokens)"),
-                             ::kvtrim::detail::cat(prompt(b), " for sequence ", b));
+  eviction_detail::check_seed_lengths(function, sequence_lengths, cache.batch, observed, tokens);
   View::layout_policy::validate(function, cache);
   if (metric.values == nullptr) ::kvtrim::detail::fail(function, "metric", "a metric buffer", "null");
   eviction_detail::check_metric(function, metric, ::kvtrim::detail::storage_slots(cache.storage));

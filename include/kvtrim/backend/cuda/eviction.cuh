@@ -39,6 +39,7 @@
 #include <memory>
 #include <span>
 #include <string_view>
+#include <tuple>
 #include <type_traits>
 
 #include "kvtrim/backend/cuda/attention_mass.cuh"
@@ -1588,21 +1589,25 @@ namespace kvtrim::cuda_detail {
 
 inline constexpr int seed_warps = 8;
 
-/// One warp per kept token (blockIdx.x: the flattened head; warps stride over its kept tokens):
+/// One warp per kept token (blockIdx.x: a head of p's batch, the sequences from
+/// `first_sequence` on — the whole batch, or one sequence of a padded batch whose p reads
+/// its first T_b keys and its window as a batch of one; warps stride over its kept tokens):
 /// metric[slot(i)] = factor · Σ_g Σ_{window queries q that see t} term(p_gq(t)), the token's
 /// key held in registers (HeadDim / 32 channels a lane), each query row's logit a warp
 /// reduction, p = 2^(l' − m') · (1/Z) with the row's (m', 1/Z) from the scorer's pass 1
 /// (attention_row_stats: the same base-2 softmax over all visible keys). Tokens the CPU does
 /// not seed (inside the protected window, the compensation token) and entries that are not a
-/// kept token of the head (past its length, outside [0, T): bad input) are left at 0.
+/// kept token of the head (past its length, outside [0, p.tokens) — T, or T_b — bad input
+/// the CPU refuses, found only in device memory here) are left at 0.
 template <int HeadDim, class View, class KeyT, class QueryT>
 __global__ void __launch_bounds__(seed_warps * 32)
     seed_decode_metric(const __grid_constant__ View cache,
                        const __grid_constant__ attention_mass_parameters<KeyT, QueryT> p,
                        const std::int64_t* kept_offsets, const std::int32_t* kept_tokens, std::int64_t start_position,
-                       float* metric, eviction::metric_kind kind, std::int64_t window) {
+                       float* metric, eviction::metric_kind kind, std::int64_t window, std::int64_t first_sequence) {
   constexpr int per_lane = HeadDim / 32;
-  const std::int64_t head = blockIdx.x, b = head / p.kv_heads, h = head % p.kv_heads;
+  const std::int64_t unit = blockIdx.x, in_batch = unit / p.kv_heads, h = unit % p.kv_heads;
+  const std::int64_t b = first_sequence + in_batch, head = b * p.kv_heads + h;  // the cache's
   const int lane = threadIdx.x % 32;
   const std::int64_t length = cache.head_length(b, h);
   const std::int64_t offset = kept_offsets[head];
@@ -1619,12 +1624,12 @@ __global__ void __launch_bounds__(seed_warps * 32)
         !eviction::outside_window(next, start_position + t, window))
       continue;  // warp-uniform
     float key[per_lane];
-    const KeyT* key_row = p.keys + b * p.key_batch_stride + h * p.key_head_stride + t * p.key_token_stride;
+    const KeyT* key_row = p.keys + in_batch * p.key_batch_stride + h * p.key_head_stride + t * p.key_token_stride;
 #pragma unroll
     for (int c = 0; c < per_lane; ++c) key[c] = to_float(key_row[(lane + 32 * c) * p.key_channel_stride]);
     float sum = 0.0f;
     for (std::int64_t g = 0; g < p.group; ++g) {
-      const QueryT* query_rows = p.queries + b * p.query_batch_stride + (h * p.group + g) * p.query_head_stride;
+      const QueryT* query_rows = p.queries + in_batch * p.query_batch_stride + (h * p.group + g) * p.query_head_stride;
       for (std::int64_t q = t > first_row ? t - first_row : 0; q < p.observed; ++q) {
         float dot = 0.0f;
 #pragma unroll
@@ -1632,7 +1637,7 @@ __global__ void __launch_bounds__(seed_warps * 32)
           dot += to_float(query_rows[q * p.query_token_stride + (lane + 32 * c) * p.query_channel_stride]) * key[c];
 #pragma unroll
         for (int step = 16; step > 0; step /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, step);
-        const float2 stats = p.stats[(head * row_chunks + g * p.chunks_per_head + q / mass_tile) * mass_tile + q % mass_tile];
+        const float2 stats = p.stats[(unit * row_chunks + g * p.chunks_per_head + q / mass_tile) * mass_tile + q % mass_tile];
         sum += eviction::metric_term(kind, exp2f(dot * p.log2_scale - stats.x) * stats.y);
       }
     }
@@ -1640,25 +1645,87 @@ __global__ void __launch_bounds__(seed_warps * 32)
   }
 }
 
+/// The seed's pass 1 over `batch` sequences from `first` on `tokens` prompt keys: the whole
+/// batch, or (`sequence`) one sequence of a padded batch, a batch of one on its first T_b
+/// keys. One plan sizes and runs it (seed_workspace and seed_metric cannot disagree).
+struct seed_pass {
+  std::int64_t first, batch, tokens;
+  bool sequence;
+
+  mass_plan plan(const model_shape& shape, std::int64_t observed) const {
+    return plan_attention_mass(shape, batch, tokens, observed);
+  }
+
+  /// Its parameters over views of the same memory (no copy) and `scratch`, which every pass
+  /// of one seed uses from its start (they run in stream order).
+  template <class KeyT, class QueryT>
+  auto parameters(const kv_view<const KeyT, device_space>& keys, const window_view<const QueryT, device_space>& window,
+                  const model_shape& shape, const mass_plan& plan, workspace scratch) const {
+    workspace_carver carver(scratch);
+    const mass_scratch pieces = carve_attention_mass(carver, plan, 0);
+    if (!sequence) return make_mass_parameters(keys, window, shape, batch, 0, 0, plan, pieces);
+    return make_mass_parameters(::kvtrim::detail::first_tokens(keys, first, tokens),
+                                ::kvtrim::detail::first_tokens(window, first, window.extent(2)), shape, 1, 0, 0, plan,
+                                pieces);
+  }
+};
+
+/// Calls visit(seed_pass) for each pass of a seed: the batch, or each sequence b of a padded
+/// batch (`sequence_lengths`, host) on its first T_b keys.
+template <class Visit>
+void for_each_seed_pass(std::int64_t batch, std::int64_t tokens, const std::int64_t* sequence_lengths, Visit&& visit) {
+  if (sequence_lengths == nullptr) {
+    visit(seed_pass{0, batch, tokens, false});
+    return;
+  }
+  for (std::int64_t b = 0; b < batch; ++b) visit(seed_pass{b, 1, sequence_lengths[b], true});
+}
+
 }  // namespace kvtrim::cuda_detail
 
 namespace kvtrim::eviction {
 
 /// Scratch eviction::seed_metric needs on the device: the scorer's row statistics
-/// (attention_mass.cuh's pass 1: partial and final (m, Z) per window query row).
+/// (attention_mass.cuh's pass 1: partial and final (m, Z) per window query row). With
+/// `sequence_lengths` (host, the ones seed_metric takes) each sequence's pass runs alone,
+/// (1, T_b), in the same scratch: the largest of those, exact for the given lengths. Not
+/// the (B, T) size: the pass's split plan is not monotone in (batch, tokens) — one sequence
+/// has fewer row blocks, so more key splits, each a row of `partial` (scheme.hpp's
+/// carve_scratch and cuda_detail::largest_sequence_workspace, the compress side).
 template <class View, class KeyT, class QueryT>
   requires std::same_as<typename View::space, device_space>
 std::size_t seed_workspace(const kv_view<const KeyT, device_space>& keys,
-                           const window_view<const QueryT, device_space>& window_queries, const View& cache) {
-  return cuda_detail::attention_mass_workspace_bytes(cache.shape, cache.batch, keys.extent(2),
-                                                     window_queries.extent(2), 0);
+                           const window_view<const QueryT, device_space>& window_queries, const View& cache,
+                           const std::int64_t* sequence_lengths = nullptr) {
+  eviction_detail::check_seed_lengths("kvtrim::eviction::seed_workspace", sequence_lengths, cache.batch,
+                                      window_queries.extent(2), keys.extent(2));
+  std::size_t bytes = 0;
+  const auto hold = [&](const cuda_detail::seed_pass& pass) {
+    workspace_carver carver;
+    cuda_detail::carve_attention_mass(carver, pass.plan(cache.shape, window_queries.extent(2)), 0);
+    bytes = std::max(bytes, carver.bytes());
+  };
+  cuda_detail::for_each_seed_pass(cache.batch, keys.extent(2), sequence_lengths, hold);
+  return bytes;
 }
 
 /// The prefill's metric on the device: the CPU reference's eviction::seed_metric
 /// (backend/cpu/eviction.hpp — every slot set to 0, then each kept token older than the
 /// protected window gets factor · Σ_g Σ_q term(p_gq(t)) over the observation window's
-/// causal softmax), on `stream`, no host synchronisation. `kept` is the selection
-/// compress wrote (compress_options' kept_offsets / kept_tokens, device memory).
+/// causal softmax), on `stream`, no host synchronisation, no allocation (capturable in a
+/// CUDA graph, the lengths baked at capture). `kept` is the selection compress wrote
+/// (compress_options' kept_offsets / kept_tokens, device memory).
+///
+/// `sequence_lengths` (host memory, `batch` entries; null: every sequence has all T) are the
+/// ones compress took (a right-padded batch, compress_options::sequence_lengths), as on the
+/// CPU: sequence b's window queries sit at the end of its own T_b tokens (query q at prompt
+/// position T_b − w + q sees keys 0..T_b − w + q) and only its first T_b keys are read
+/// (padding may hold NaN). Lengths outside [w, T] are refused on the host before anything
+/// is enqueued, with the CPU's message. A kept token ≥ T_b (or < 0, or past its head's
+/// length), which the CPU refuses, lies in device memory: it is not read and its slot
+/// stays 0, as for the batch without lengths (tokens ≥ T). With lengths the pass runs per
+/// sequence (memset once, then B × (pass 1 on batch-1 views of its first T_b tokens, no copy,
+/// + the seed for its kv heads)): B launch pairs instead of one, each 1/B of the work.
 ///
 /// Its own pass, not the scorer's: score::snapkv's column pass (attention_mass.cuh) sums
 /// p over the window per query head for every one of the T prompt tokens before the
@@ -1674,7 +1741,8 @@ template <class View, class KeyT, class QueryT>
 void seed_metric(const kv_view<const KeyT, device_space>& keys,
                  const window_view<const QueryT, device_space>& window_queries, const View& cache,
                  const selection_view<device_space>& kept, std::int64_t start_position,
-                 const metric_output<device_space>& metric, workspace scratch, cudaStream_t stream) {
+                 const metric_output<device_space>& metric, workspace scratch, cudaStream_t stream,
+                 const std::int64_t* sequence_lengths = nullptr) {
   constexpr std::string_view function = "kvtrim::eviction::seed_metric";
   const model_shape& shape = cache.shape;
   const std::int64_t tokens = keys.extent(2), observed = window_queries.extent(2);
@@ -1684,6 +1752,7 @@ void seed_metric(const kv_view<const KeyT, device_space>& keys,
   if (observed < 1 || observed > tokens)
     ::kvtrim::detail::fail(function, "window_queries", ::kvtrim::detail::cat("1 to ", tokens, " observed queries"),
                            std::to_string(observed));
+  eviction_detail::check_seed_lengths(function, sequence_lengths, cache.batch, observed, tokens);
   if (tokens > 2147483647)
     ::kvtrim::detail::fail(function, "keys", "fewer than 2^31 prompt tokens (kept tokens are int32)",
                            std::to_string(tokens));
@@ -1695,42 +1764,36 @@ void seed_metric(const kv_view<const KeyT, device_space>& keys,
   if (kept.heads != cache.heads())
     ::kvtrim::detail::fail(function, "kept", ::kvtrim::detail::cat("a selection over ", cache.heads(), " heads"),
                            std::to_string(kept.heads));
-  ::kvtrim::detail::check_workspace(function, scratch, seed_workspace(keys, window_queries, cache));
+  ::kvtrim::detail::check_workspace(function, scratch,
+                                    seed_workspace(keys, window_queries, cache, sequence_lengths));
 
   using key_t = cuda_detail::device_element_t<KeyT>;
   using query_t = cuda_detail::device_element_t<QueryT>;
-  const cuda_detail::mass_plan plan = cuda_detail::plan_attention_mass(shape, cache.batch, tokens, observed);
-  workspace_carver carver(scratch);
-  const cuda_detail::mass_scratch pieces = cuda_detail::carve_attention_mass(carver, plan, 0);
-  const auto aligned = [](const void* pointer) { return reinterpret_cast<std::uintptr_t>(pointer) % 16 == 0; };
-  const bool vector_loads = keys.stride(3) == 1 && window_queries.stride(3) == 1 && aligned(keys.data) &&
-                            aligned(window_queries.data) && keys.stride(0) % 8 == 0 && keys.stride(1) % 8 == 0 &&
-                            keys.stride(2) % 8 == 0 && window_queries.stride(0) % 8 == 0 &&
-                            window_queries.stride(1) % 8 == 0 && window_queries.stride(2) % 8 == 0;
-  cuda_detail::attention_mass_parameters<key_t, query_t> p{
-      reinterpret_cast<const key_t*>(keys.data), keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
-      reinterpret_cast<const query_t*>(window_queries.data), window_queries.stride(0), window_queries.stride(1),
-      window_queries.stride(2), window_queries.stride(3), vector_loads, cache.batch, shape.kv_heads,
-      shape.group_size(), tokens, observed, 0, plan.chunks_per_head, plan.splits, plan.split_tiles, 0,
-      static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(shape.head_dim))), pieces.partial,
-      pieces.stats, nullptr, nullptr, 0};
-
   cuda_detail::dispatch_head_dim(shape.head_dim, function, [&](auto head_dim_constant) {
     constexpr int D = decltype(head_dim_constant)::value;
-    // Pass 1 only (no column pass: length 0); its grid is checked before anything runs.
-    const cuda_detail::mass_kernels kernels =
-        cuda_detail::choose_mass_kernels<key_t, query_t, D>(function, p, plan, nullptr, 0);
+    // Pass 1 only (no column pass: length 0). Every pass's grid is checked before anything runs.
+    const auto prepare = [&](const cuda_detail::seed_pass& pass) {
+      const cuda_detail::mass_plan plan = pass.plan(shape, observed);
+      auto p = pass.parameters(keys, window_queries, shape, plan, scratch);
+      const cuda_detail::mass_kernels kernels =
+          cuda_detail::choose_mass_kernels<key_t, query_t, D>(function, p, plan, nullptr, 0);
+      return std::tuple{plan, p, kernels};
+    };
+    cuda_detail::for_each_seed_pass(cache.batch, tokens, sequence_lengths, prepare);
     ::kvtrim::detail::check_cuda(
         cudaMemsetAsync(metric.values, 0, sizeof(float) * ::kvtrim::detail::storage_slots(cache.storage), stream),
         function, "cudaMemsetAsync(metric)");
-    cuda_detail::launch_attention_row_stats<key_t, query_t, D>(function, p, kernels, plan, stream);
-    const auto warps_y = static_cast<unsigned>(
-        std::clamp<std::int64_t>(cuda_detail::ceil_div(tokens, cuda_detail::seed_warps), 1, 65535));
-    cuda_detail::seed_decode_metric<D, View, key_t, query_t>
-        <<<dim3(static_cast<unsigned>(cache.heads()), warps_y), cuda_detail::seed_warps * 32, 0, stream>>>(
-            cache, p, kept.offsets, kept.tokens, start_position, metric.values, metric.kind,
-            metric.protected_window);
-    ::kvtrim::detail::check_launch(function, "seed_decode_metric");
+    cuda_detail::for_each_seed_pass(cache.batch, tokens, sequence_lengths, [&](const cuda_detail::seed_pass& pass) {
+      const auto [plan, p, kernels] = prepare(pass);
+      cuda_detail::launch_attention_row_stats<key_t, query_t, D>(function, p, kernels, plan, stream);
+      const auto warps_y = static_cast<unsigned>(
+          std::clamp<std::int64_t>(cuda_detail::ceil_div(pass.tokens, cuda_detail::seed_warps), 1, 65535));
+      cuda_detail::seed_decode_metric<D, View, key_t, query_t>
+          <<<dim3(static_cast<unsigned>(pass.batch * shape.kv_heads), warps_y), cuda_detail::seed_warps * 32, 0,
+             stream>>>(cache, p, kept.offsets, kept.tokens, start_position, metric.values, metric.kind,
+                       metric.protected_window, pass.first);
+      ::kvtrim::detail::check_launch(function, "seed_decode_metric");
+    });
   });
 }
 
