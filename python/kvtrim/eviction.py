@@ -124,6 +124,9 @@ class Eviction:
     def seed(self, layer: int, keys, window_queries, start_position: int = 0) -> None:
         """The prefill's metric of ``layer`` from its last prompt queries (after that cache's compress, with the
         same prefill keys [B, H_kv, T, D] and window queries [B, H_q, w, D]: float32 on the CPU, float16 on CUDA).
+        After a compress with ``lengths=`` (a right-padded batch), CPU or CUDA, each sequence is seeded with
+        the lengths that compress took: its window queries are the last w of its own prompt, and only its
+        first lengths[b] keys are read (the padding may hold NaN).
         One step late: also drops the layer's pending step (its carry's next = 0), as the C++ seed_metric does."""
         if self.device == "cpu":
             _kvtrim._eviction_seed(self.caches[layer]._impl, np.ascontiguousarray(keys, np.float32),

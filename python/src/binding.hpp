@@ -1076,9 +1076,12 @@ class typed_cache final : public cache_base {
     return {static_cast<const std::int64_t*>(kept_scratch_[kept_active_].data()), kept_tokens_on_device(),
             cache_.view().heads()};
   }
-  /// Whether the last compress of this device cache took a padded batch's lengths (the
-  /// device seed_metric reads every sequence as T tokens: eviction_cuda.cu refuses it).
-  bool padded_on_device() const { return padded_on_device_; }
+  /// The prompt lengths (host) the last compress took, a right-padded batch's; null without.
+  /// Kept on both backends, so the eviction seed reads each sequence's own window (on a device
+  /// without a read-back: eviction_cuda.cu passes them to the device seed_metric).
+  const std::int64_t* sequence_lengths() const {
+    return kept_.sequence_lengths.empty() ? nullptr : kept_.sequence_lengths.data();
+  }
   /// Scratch for the eviction binding's device calls on this cache (kept between calls: a
   /// cudaMalloc per decode step would synchronise the device).
   scratch_buffer<backend_type>& eviction_scratch() { return eviction_scratch_; }
@@ -1229,15 +1232,14 @@ class typed_cache final : public cache_base {
     stream_ = stream;
     if (check_each_call_) check_status();  // throws before the selection below is taken
     kept_ = {};
+    if (lengths != nullptr) kept_.sequence_lengths.assign(lengths, lengths + view.batch);
     if constexpr (on_host) {
       tokens.resize(static_cast<std::size_t>(offsets.back()));
       kept_.offsets = std::move(offsets);
       kept_.tokens = std::move(tokens);
-      if (lengths != nullptr) kept_.sequence_lengths.assign(lengths, lengths + view.batch);
     } else {
       kept_active_ = 1 - kept_active_;
       kept_on_device_ = true;
-      padded_on_device_ = lengths != nullptr;
     }
   }
 
@@ -1276,7 +1278,6 @@ class typed_cache final : public cache_base {
   int kept_active_ = 0;                           // the buffer of the last compress that was taken
   mutable kept_indices kept_;                     // read back lazily on a device
   bool kept_on_device_ = false;
-  bool padded_on_device_ = false;  // the last device compress took lengths (padded_on_device)
   bool check_each_call_ = true;                   // settings::check: "sync"
   bool bases_installed_ = false;                  // low-rank device caches: set_basis ran
   std::uintptr_t stream_ = 0;  // the stream of the last call that used the cache (read-back waits for it)

@@ -56,8 +56,9 @@ struct carry_arrays {
 
 /// Floats the metric of `cache` needs (one per storage slot).
 std::int64_t metric_slots(cache_base& cache);
-/// The prefill's metric: eviction::seed_metric over the selection of the cache's last compress
-/// (with a carry: its pending step is dropped, carry.next = 0).
+/// The prefill's metric: eviction::seed_metric over the selection of the cache's last compress,
+/// with the prompt lengths it took (a padded batch; CPU and CUDA caches) (with a carry: its
+/// pending step is dropped, carry.next = 0).
 void seed(cache_base& cache, const array& keys, const array& window_queries, std::int64_t start_position,
           const array& metric, const metric_settings& settings, std::uintptr_t stream, const carry_arrays& carry = {});
 /// Decode attention that also accumulates the metric (eviction::attend); with a carry, one step

@@ -64,18 +64,17 @@ bool seed(cache_base& cache, const array& keys, const array& window_queries, std
     // The seed reads the selection of the cache's last compress: a refusal that "deferred"
     // checking has not raised yet must raise here, as the CPU twin raises through kept()
     // (review M2), not seed from the refused call's selection.
+    // A padded batch's compress (lengths=): each sequence is seeded from the window at the end
+    // of its own prompt, with the lengths that compress took, as the CPU twin does.
     known.check_status();
-    if (known.padded_on_device())
-      detail::fail("kvtrim.Eviction.seed", "cache",
-                   "a CUDA cache compressed without lengths (the device seed reads every sequence as all T "
-                   "tokens; a padded batch's seed runs on CPU caches so far)",
-                   "a compress with lengths");
     const auto& view = known.owned().view();
     const auto k = device_view<4, const fp16_input>("keys", keys);
     const auto q = device_view<4, const fp16_input>("window_queries", window_queries);
     const auto output = metric_of(metric, settings);
-    const workspace scratch = known.eviction_scratch().get(eviction::seed_workspace(k, q, view));
-    eviction::seed_metric(k, q, view, known.kept_on_device(), start_position, output, scratch, to_stream(stream));
+    const std::int64_t* lengths = known.sequence_lengths();
+    const workspace scratch = known.eviction_scratch().get(eviction::seed_workspace(k, q, view, lengths));
+    eviction::seed_metric(k, q, view, known.kept_on_device(), start_position, output, scratch, to_stream(stream),
+                          lengths);
     known.used_on(stream);
   });
 }

@@ -209,14 +209,46 @@ def test_cuda_each_sequence_as_if_compressed_alone(rng, name, press, layout):
         assert difference <= bound, f"sequence {b}: attention differs by {difference} > {bound}"
 
 
-def test_cuda_eviction_seed_after_lengths_is_refused(rng):
+def test_cuda_eviction_seed_after_lengths_equals_the_cpu_seed(rng):
+    # A CUDA cache compressed with lengths seeds (from the host lengths its compress took) the metric a
+    # CPU cache compressed with the same lengths seeds: each sequence from the window at the end of its
+    # own prompt, the NaN padding never read. StreamingLLM keeps the same tokens on both backends (static
+    # windows: the identical CSR, checked first) and both paged caches hand out the same pages (as in
+    # test_cuda's eviction twin), so the metrics compare slot by slot, within test_cuda's seed bound
+    # (metric_relative_bound, from eviction_test.cu's derivation): each probability's exponent off by
+    # eps <= 4(D + 5)u*S + (T + 136)u with S <= max|q|*max|k|/sqrt(D) (Cauchy-Schwarz, prompts only) and
+    # T = max T_b (the bound grows with T_b), p^2 by expm1(4 eps), the G*w-term sum by 2(G*w + 2)u more.
     torch = cuda_or_skip()
-    hd = 64
-    keys = torch.randn(len(LENGTHS), H, T, hd, dtype=torch.float16, device="cuda")
-    window_queries = torch.randn(len(LENGTHS), HQ, 4, hd, dtype=torch.float16, device="cuda")
-    cache = kvtrim.Cache(kvtrim.SnapKV(window=4, compression_ratio=0.5), kvtrim.FP16(), layout="paged",
-                         shape=(HQ, H, hd), batch=len(LENGTHS), capacity=len(LENGTHS) * H * 160, device="cuda")
-    cache.compress(keys, keys, window_queries, lengths=LENGTHS)
-    eviction = kvtrim.Eviction([cache], keep=40, protected_window=2)
-    with pytest.raises(kvtrim.Error, match="compressed without lengths"):
-        eviction.seed(0, keys, window_queries)
+    hd, window = 64, 4
+    half = lambda *shape: rng.standard_normal(shape).astype(np.float16)  # noqa: E731
+    keys, values, window_queries = half(len(LENGTHS), H, T, hd), half(len(LENGTHS), H, T, hd), \
+        half(len(LENGTHS), HQ, window, hd)
+    for b, n in enumerate(LENGTHS):
+        keys[b, :, n:] = np.nan
+        values[b, :, n:] = np.nan
+    seeded = {}
+    for device in ("cpu", "cuda"):
+        cache = kvtrim.Cache(kvtrim.StreamingLLM(sinks=2, tokens=10), kvtrim.FP16(), layout="paged",
+                             shape=(HQ, H, hd), batch=len(LENGTHS), capacity=len(LENGTHS) * H * 160, device=device)
+        eviction = kvtrim.Eviction([cache], keep=40, protected_window=2)
+        if device == "cpu":
+            cache.compress(keys.astype(np.float32), values.astype(np.float32), lengths=LENGTHS)
+            eviction.seed(0, keys.astype(np.float32), window_queries.astype(np.float32))
+            metric = eviction.metrics[0]
+        else:
+            cache.compress(torch.from_numpy(keys).cuda(), torch.from_numpy(values).cuda(), lengths=LENGTHS)
+            eviction.seed(0, torch.from_numpy(keys).cuda(), torch.from_numpy(window_queries).cuda())
+            metric = eviction.metrics[0].cpu().numpy()
+        seeded[device] = (cache.kept(), cache.head_lengths(), metric.astype(np.float64))
+    (cpu_kept, cpu_held, want), (gpu_kept, gpu_held, have) = seeded["cpu"], seeded["cuda"]
+    assert [k.tolist() for k in gpu_kept] == [k.tolist() for k in cpu_kept]
+    assert gpu_held.tolist() == cpu_held.tolist()
+    assert np.isfinite(have).all(), "a padded key was read"
+    assert np.count_nonzero(want) > 0 and np.array_equal(have != 0, want != 0)
+
+    u, group = 2.0 ** -24, HQ // H
+    prompt_keys = [keys[b, :, :n].astype(np.float64) for b, n in enumerate(LENGTHS)]
+    largest = (np.linalg.norm(window_queries.astype(np.float64), axis=-1).max() *
+               max(np.linalg.norm(k, axis=-1).max() for k in prompt_keys) / np.sqrt(hd))
+    relative = np.expm1(4 * (4 * (hd + 5) * u * largest + (T + 136) * u)) + 2 * (group * window + 2) * u
+    assert np.all(np.abs(have - want) <= relative * np.abs(want) + 1e-38)
