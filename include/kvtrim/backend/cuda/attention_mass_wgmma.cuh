@@ -378,11 +378,10 @@ __global__ void __launch_bounds__(wgmma_mass_threads, 1)
   const int warp = static_cast<int>(thread / 32), lane = static_cast<int>(thread % 32);
   const int quad_row = lane / 4, quad_column = 2 * (lane % 4);
   const float c = p.log2_scale;
-  float accumulator[2][32];
+  // One accumulator: the K fragments (below) hold the registers a second one would take.
+  float accumulator[32];
 #pragma unroll
-  for (int x = 0; x < 2; ++x)
-#pragma unroll
-    for (int e = 0; e < 32; ++e) accumulator[x][e] = 0.0f;
+  for (int e = 0; e < 32; ++e) accumulator[e] = 0.0f;
   float head_mass[2] = {0.0f, 0.0f};  // this thread's two keys, the current query head
 
   for (std::int64_t t = tile_begin; t < tile_end; ++t) {
@@ -446,14 +445,33 @@ __global__ void __launch_bounds__(wgmma_mass_threads, 1)
         }
       }
     };
-    // Sᵀ = K·Qᵀ: the K tile is the A operand (rows = keys), chunk i's Q the B operand.
-    const auto issue = [&](auto i, float(&d)[32]) { wgmma_tile_product_ss<T, HeadDim>(d, k_tile, q_tiles + i * tile_bytes); };
+    // Sᵀ = K·Qᵀ: the K tile is the A operand (rows = keys) in registers, chunk i's Q the B
+    // operand. Each warp reads its 16 keys once a tile (ldmatrix) instead of wgmma reading
+    // the shared K tile once a chunk: 5 bytes of shared memory a logit instead of 8, where
+    // L1's wavefronts were pass 2's busiest unit (ncu, H100, W with given normalisers: 71 %).
+    // The chunks then run one at a time (issue, wait, accumulate): a chunk's exponentials
+    // overlap the other warpgroups' products, not this warpgroup's next one. Measured
+    // against both operands in shared memory and two accumulators (H100, W, given
+    // normalisers, 2026-12-06, medians): snapkv_score 394 → 352 µs, the whole SnapKV compress
+    // 668 → 631 µs; the two-accumulator form of the same (128 registers, 48 bytes of
+    // spills) 372 µs (docs/results.md).
+    unsigned key_fragments[HeadDim / 16][4];
+#pragma unroll
+    for (int s = 0; s < HeadDim / 16; ++s) load_swizzled_rows(key_fragments[s], k_tile, 16 * warp, s);
+    const auto run_chunks = [&](auto masked) {
+#pragma unroll
+      for (int i = 0; i < chunks_max; ++i) {
+        if (i >= chunks) break;
+        wgmma_tile_product_rs<T, HeadDim>(accumulator, key_fragments, q_tiles + i * tile_bytes);
+        wgmma_wait<0>();
+        wgmma_settle(accumulator);
+        accumulate(masked, i, accumulator);
+      }
+    };
     if (j0 + mass_tile - 1 > first_position)
-      wgmma_chunk_pipeline<chunks_max>(chunks, accumulator, issue,
-                                       [&](auto i, const float(&d)[32]) { accumulate(std::true_type{}, i, d); });
+      run_chunks(std::true_type{});
     else
-      wgmma_chunk_pipeline<chunks_max>(chunks, accumulator, issue,
-                                       [&](auto i, const float(&d)[32]) { accumulate(std::false_type{}, i, d); });
+      run_chunks(std::false_type{});
   }
 #endif
 }
