@@ -252,3 +252,39 @@ def test_cuda_eviction_seed_after_lengths_equals_the_cpu_seed(rng):
                max(np.linalg.norm(k, axis=-1).max() for k in prompt_keys) / np.sqrt(hd))
     relative = np.expm1(4 * (4 * (hd + 5) * u * largest + (T + 136) * u)) + 2 * (group * window + 2) * u
     assert np.all(np.abs(have - want) <= relative * np.abs(want) + 1e-38)
+
+
+def test_cuda_eviction_seed_after_a_compress_without_lengths_reads_every_sequence_whole(rng):
+    # The seed takes the lengths of the cache's *last* compress: after a padded compress, a compress of
+    # whole prompts (no lengths) must clear them, or the CUDA seed would read each window at the old
+    # T_b. Both backends run the same two compresses and seed from the second's keys: the metrics
+    # compare slot by slot within the seed bound of the test above (T the whole prompt).
+    torch = cuda_or_skip()
+    hd, window = 64, 4
+    half = lambda *shape: rng.standard_normal(shape).astype(np.float16)  # noqa: E731
+    padded_keys, padded_values = half(len(LENGTHS), H, T, hd), half(len(LENGTHS), H, T, hd)
+    for b, n in enumerate(LENGTHS):
+        padded_keys[b, :, n:] = np.nan
+        padded_values[b, :, n:] = np.nan
+    keys, values, window_queries = half(len(LENGTHS), H, T, hd), half(len(LENGTHS), H, T, hd), \
+        half(len(LENGTHS), HQ, window, hd)
+    seeded = {}
+    for device in ("cpu", "cuda"):
+        cache = kvtrim.Cache(kvtrim.StreamingLLM(sinks=2, tokens=10), kvtrim.FP16(), layout="paged",
+                             shape=(HQ, H, hd), batch=len(LENGTHS), capacity=len(LENGTHS) * H * 160, device=device)
+        eviction = kvtrim.Eviction([cache], keep=40, protected_window=2)
+        as_input = (lambda a: a.astype(np.float32)) if device == "cpu" else (lambda a: torch.from_numpy(a).cuda())
+        cache.compress(as_input(padded_keys), as_input(padded_values), lengths=LENGTHS)
+        cache.compress(as_input(keys), as_input(values))
+        eviction.seed(0, as_input(keys), as_input(window_queries))
+        metric = eviction.metrics[0] if device == "cpu" else eviction.metrics[0].cpu().numpy()
+        seeded[device] = (cache.kept(), metric.astype(np.float64))
+    (cpu_kept, want), (gpu_kept, have) = seeded["cpu"], seeded["cuda"]
+    assert [k.tolist() for k in gpu_kept] == [k.tolist() for k in cpu_kept]
+    assert np.isfinite(have).all() and np.count_nonzero(want) > 0
+    assert np.array_equal(have != 0, want != 0)
+    u, group = 2.0 ** -24, HQ // H
+    largest = (np.linalg.norm(window_queries.astype(np.float64), axis=-1).max() *
+               np.linalg.norm(keys.astype(np.float64), axis=-1).max() / np.sqrt(hd))
+    relative = np.expm1(4 * (4 * (hd + 5) * u * largest + (T + 136) * u)) + 2 * (group * window + 2) * u
+    assert np.all(np.abs(have - want) <= relative * np.abs(want) + 1e-38)

@@ -179,7 +179,7 @@ void check_metric(std::string_view function, const eviction::metric_output<Space
 }
 /// Throws unless a padded batch's prompt lengths (host memory, `batch` entries; null: every
 /// sequence has all `tokens`) each hold the `observed` window queries at their end and fit the
-/// keys: eviction::seed_metric's and seed_workspace's `sequence_lengths`, on both backends.
+/// keys: eviction::seed_metric's `sequence_lengths`, on both backends.
 inline void check_seed_lengths(std::string_view function, const std::int64_t* sequence_lengths, std::int64_t batch,
                                std::int64_t observed, std::int64_t tokens) {
   for (std::int64_t b = 0; sequence_lengths != nullptr && b < batch; ++b)

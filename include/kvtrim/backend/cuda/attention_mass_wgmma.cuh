@@ -19,14 +19,17 @@
 //           read from L2 once per split for all I chunks — the mma.sync pass 1 read it
 //           once per chunk, which at wgmma's rate would cost ~4× the L2 bandwidth.
 //   pass 2  attention_column_mass_wgmma: block = (unit, 4 runs of key tiles), every row
-//           chunk of the group resident (G · chunks ≤ I), Sᵀ = K·Qᵀ with both operands
-//           in shared memory: a key's mass is a sum across a thread's own columns and
-//           the 4 threads of its row, no reduction across warps. (The K tile as a
-//           register operand saved shared-memory reads but took 32 registers a thread,
-//           which four warpgroups an SM cannot afford.)
-// The accumulators are double-buffered: chunk i + 1's product is issued before chunk
-// i's accumulator is read (wgmma.wait_group 1), so the exponentials of one chunk run
-// under the tensor work of the next.
+//           chunk of the group resident (G · chunks ≤ I), Sᵀ = K·Qᵀ with the K tile in
+//           registers (each warp's 16 keys by ldmatrix, once a tile) and Q in shared
+//           memory: a key's mass is a sum across a thread's own columns and the 4
+//           threads of its row, no reduction across warps. The fragments take the
+//           registers of a second accumulator, so pass 2's chunks run one at a time
+//           (issue, wait, exponentiate); its exponentials overlap the other warpgroups'
+//           products. Both operands in shared memory with two accumulators was 11 %
+//           slower at W (L1's wavefronts its busiest unit; docs/results.md, 2026-12-06).
+// Pass 1's accumulators are double-buffered: chunk i + 1's product is issued before
+// chunk i's accumulator is read (wgmma.wait_group 1), so the exponentials of one chunk
+// run under the tensor work of the next.
 //
 // Pass 2's probabilities use one value per row, L = m' + log2 Z (written by the fold):
 // p = 2^(l·c − L), one fma and one MUFU.EX2 per logit, where the mma.sync pass

@@ -1655,6 +1655,12 @@ struct seed_pass {
   mass_plan plan(const model_shape& shape, std::int64_t observed) const {
     return plan_attention_mass(shape, batch, tokens, observed);
   }
+  /// Its scratch: pass 1's statistics.
+  std::size_t bytes(const model_shape& shape, std::int64_t observed) const {
+    workspace_carver carver;
+    carve_attention_mass(carver, plan(shape, observed), 0);
+    return carver.bytes();
+  }
 
   /// Its parameters over views of the same memory (no copy) and `scratch`, which every pass
   /// of one seed uses from its start (they run in stream order).
@@ -1686,26 +1692,32 @@ void for_each_seed_pass(std::int64_t batch, std::int64_t tokens, const std::int6
 namespace kvtrim::eviction {
 
 /// Scratch eviction::seed_metric needs on the device: the scorer's row statistics
-/// (attention_mass.cuh's pass 1: partial and final (m, Z) per window query row). With
-/// `sequence_lengths` (host, the ones seed_metric takes) each sequence's pass runs alone,
-/// (1, T_b), in the same scratch: the largest of those, exact for the given lengths. Not
-/// the (B, T) size: the pass's split plan is not monotone in (batch, tokens) — one sequence
-/// has fewer row blocks, so more key splits, each a row of `partial` (scheme.hpp's
-/// carve_scratch and cuda_detail::largest_sequence_workspace, the compress side).
+/// (attention_mass.cuh's pass 1: partial and final (m, Z) per window query row).
+///  * With `sequence_lengths` (host, the ones seed_metric will take): exactly what a seed
+///    with them needs — each sequence's pass runs alone, (1, T_b), in the same scratch, so
+///    the largest of those. Not the (B, T) size: the pass's split plan is not monotone in
+///    (batch, tokens) — one sequence has fewer row blocks, so more key splits, each a row
+///    of `partial` (as for compress: scheme.hpp's carve_scratch).
+///  * Without: enough for a seed of the whole batch *and* for one with any lengths in
+///    [w, T] (like compress_workspace), so an engine sizes its scratch once per (B, T, w).
+/// Refuses nothing (lengths outside [w, T] are sized as if clamped): seed_metric checks its
+/// arguments, under its own name, before it checks the scratch.
 template <class View, class KeyT, class QueryT>
   requires std::same_as<typename View::space, device_space>
 std::size_t seed_workspace(const kv_view<const KeyT, device_space>& keys,
                            const window_view<const QueryT, device_space>& window_queries, const View& cache,
                            const std::int64_t* sequence_lengths = nullptr) {
-  eviction_detail::check_seed_lengths("kvtrim::eviction::seed_workspace", sequence_lengths, cache.batch,
-                                      window_queries.extent(2), keys.extent(2));
-  std::size_t bytes = 0;
-  const auto hold = [&](const cuda_detail::seed_pass& pass) {
-    workspace_carver carver;
-    cuda_detail::carve_attention_mass(carver, pass.plan(cache.shape, window_queries.extent(2)), 0);
-    bytes = std::max(bytes, carver.bytes());
+  const std::int64_t tokens = keys.extent(2), observed = window_queries.extent(2);
+  const auto pass_bytes = [&](std::int64_t batch, std::int64_t pass_tokens) {
+    return cuda_detail::seed_pass{0, batch, pass_tokens, false}.bytes(cache.shape, observed);
   };
-  cuda_detail::for_each_seed_pass(cache.batch, keys.extent(2), sequence_lengths, hold);
+  if (sequence_lengths == nullptr)
+    return std::max(pass_bytes(cache.batch, tokens),
+                    cuda_detail::largest_sequence_workspace(tokens, [&](std::int64_t t) { return pass_bytes(1, t); }));
+  std::size_t bytes = 0;
+  for (std::int64_t b = 0; b < cache.batch; ++b)
+    bytes = std::max(bytes, pass_bytes(1, std::max({std::int64_t{1}, std::min(observed, tokens),
+                                                    std::min(sequence_lengths[b], tokens)})));
   return bytes;
 }
 
@@ -1725,7 +1737,8 @@ std::size_t seed_workspace(const kv_view<const KeyT, device_space>& keys,
 /// length), which the CPU refuses, lies in device memory: it is not read and its slot
 /// stays 0, as for the batch without lengths (tokens ≥ T). With lengths the pass runs per
 /// sequence (memset once, then B × (pass 1 on batch-1 views of its first T_b tokens, no copy,
-/// + the seed for its kv heads)): B launch pairs instead of one, each 1/B of the work.
+/// + the seed for its kv heads)): three launches a sequence instead of three in all (pass 1
+/// and its fold, the seed), each 1/B of the work.
 ///
 /// Its own pass, not the scorer's: score::snapkv's column pass (attention_mass.cuh) sums
 /// p over the window per query head for every one of the T prompt tokens before the
@@ -1764,8 +1777,11 @@ void seed_metric(const kv_view<const KeyT, device_space>& keys,
   if (kept.heads != cache.heads())
     ::kvtrim::detail::fail(function, "kept", ::kvtrim::detail::cat("a selection over ", cache.heads(), " heads"),
                            std::to_string(kept.heads));
-  ::kvtrim::detail::check_workspace(function, scratch,
-                                    seed_workspace(keys, window_queries, cache, sequence_lengths));
+  std::size_t needed = 0;  // the exact need of these passes (seed_workspace without lengths is a bound)
+  cuda_detail::for_each_seed_pass(cache.batch, tokens, sequence_lengths, [&](const cuda_detail::seed_pass& pass) {
+    needed = std::max(needed, pass.bytes(shape, observed));
+  });
+  ::kvtrim::detail::check_workspace(function, scratch, needed);
 
   using key_t = cuda_detail::device_element_t<KeyT>;
   using query_t = cuda_detail::device_element_t<QueryT>;
