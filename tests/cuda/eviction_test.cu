@@ -717,8 +717,9 @@ TEST(EvictionSeed, WorkspaceWithLengthsHoldsEverySequenceAlone) {
               return;
             }
             for (const std::int64_t own : {tokens, length}) {
-              const std::size_t alone =
-                  ev::seed_workspace(keys_of(shape, 1, own), window_of(shape, 1, observed), cache_of(shape, 1));
+              const std::int64_t alone_lengths[1] = {own};  // exactly its own (1, T_b) pass
+              const std::size_t alone = ev::seed_workspace(keys_of(shape, 1, own), window_of(shape, 1, observed),
+                                                           cache_of(shape, 1), alone_lengths);
               if (alone > given) {
                 ADD_FAILURE() << "q_heads " << shape.q_heads << ", kv_heads " << shape.kv_heads << ", D "
                               << shape.head_dim << ", w " << observed << ", B " << batch << ", T " << tokens
