@@ -396,7 +396,14 @@ INSTANTIATE_TEST_SUITE_P(
         snapkv_case{2, 2, 2, 64, 4097, 16, 3333, 16, kt::score::pooling::max},
         snapkv_case{1, 1, 4, 64, 4081, 16, 301, 16},
         snapkv_case{2, 1, 6, 64, 2100, 32, 5, 32, kt::score::pooling::max, kt::score::window_reduction::mean,
-                    kt::score::group_reduction::max}),
+                    kt::score::group_reduction::max},
+        // The finish's compiled interior path (half-widths 0–4, tiles whose windows stay in
+        // the row): kernels 3, 9 and 1 with interior tiles, rows of odd length (the scalar
+        // stores) and of a multiple of 4 (float4 stores), a partial second batch of rows
+        snapkv_case{2, 2, 4, 128, 5003, 64, 3, 64},
+        snapkv_case{1, 2, 6, 64, 3071, 32, 9, 32, kt::score::pooling::max, kt::score::window_reduction::mean,
+                    kt::score::group_reduction::max},
+        snapkv_case{1, 1, 4, 64, 3000, 16, 1, 16, kt::score::pooling::avg, kt::score::window_reduction::sum}),
     [](const ::testing::TestParamInfo<snapkv_case>& info) { return describe(info.param) + "_" + std::to_string(info.index); });
 
 #if defined(KVTRIM_CUDA_WGMMA)

@@ -872,17 +872,32 @@ inline constexpr std::int64_t finish_tile = 1024;
 inline constexpr int finish_stage_rows = 4;
 inline constexpr int finish_stage_width = 1280;
 
+/// SnapKV's pooling half-widths with a compiled interior path (kernels 1, 3, 5, 7, 9:
+/// kvpress's default 5, Ada-KV's 7); wider kernels, H2O and the tiles at a row's ends
+/// take the general path.
+inline constexpr int finish_compiled_half_widths = 4;
+/// The interior path's staged row: the tile at [pad, pad + 1024) and ≤ pad values of halo
+/// either side, so each thread's 4 tokens and their windows are three aligned float4 reads.
+inline constexpr int finish_interior_pad = 4;
+
 /// The CPU's per-query-head step and group reduction, in the CPU's order of
 /// operations, for the tokens [1024·x, 1024·(x + 1)) of units y, y + gridDim.y, ….
+/// `Half` ≥ 0: SnapKV with pooling half-width Half; a tile whose windows all lie inside
+/// the row (and none of whose tokens is protected) takes the interior path: each
+/// thread pools 4 consecutive tokens from 12 staged values in registers, the window's
+/// sum in the CPU's order (first to last) and the same one division, with no bounds.
+/// Other tiles, and `Half` = −1, take the general path below.
 /// SnapKV's pooling reads each mass `kernel` times: the block stages four query
 /// heads' values mass / window_divisor at once in shared memory (the quotient the CPU
 /// takes per read), every load in flight together, so each element is loaded and
 /// divided once. (One thread per token with 64-bit index arithmetic, every read and
 /// division repeated per neighbour, took 67 µs at W on the H100 against ~14 µs of
 /// bytes; staging one row at a time, 128 µs: a memory latency per row and block.)
-template <int Unused>
+template <int Half>
 __global__ void __launch_bounds__(256, 3) attention_mass_finish(const __grid_constant__ mass_finish_parameters p) {
-  __shared__ float staged[finish_stage_rows][finish_stage_width];
+  static_assert(Half >= -1 && Half <= finish_compiled_half_widths && Half <= finish_interior_pad);
+  static_assert(finish_tile + 2 * finish_interior_pad <= finish_stage_width);
+  __shared__ __align__(16) float staged[finish_stage_rows][finish_stage_width];
   constexpr int per_thread = static_cast<int>(finish_tile / 256);
   constexpr int loads = finish_stage_width / 256;
   const std::int64_t units = p.batch * p.kv_heads;
@@ -930,6 +945,75 @@ __global__ void __launch_bounds__(256, 3) attention_mass_finish(const __grid_con
       }
       return value;
     };
+    if constexpr (Half >= 0) {
+      // Block-uniform: every window of the tile inside [0, length), every token scored.
+      const bool interior = j0 - Half >= 0 && j0 + finish_tile + Half <= p.length &&
+                            j0 + finish_tile <= mass_min(p.tokens, p.protected_from);
+      if (interior) {
+        constexpr int pad = finish_interior_pad, staged_values = static_cast<int>(finish_tile) + 2 * pad;
+        constexpr int interior_loads = (staged_values + 255) / 256;
+        static_assert(per_thread == 4, "a thread's 4 tokens are one float4 of the staged row");
+        const int first_token = 4 * t;  // this thread's tokens: j0 + first_token + i, i < 4
+        for (std::int64_t g0 = 0; g0 < p.group; g0 += finish_stage_rows) {
+          const int count = static_cast<int>(p.group - g0 < finish_stage_rows ? p.group - g0 : finish_stage_rows);
+          float loaded[finish_stage_rows][interior_loads];
+#pragma unroll
+          for (int r = 0; r < finish_stage_rows; ++r)
+#pragma unroll
+            for (int x = 0; x < interior_loads; ++x) {
+              const int i = t + 256 * x;
+              const std::int64_t j = j0 - pad + i;  // staged at i; outside [0, length) never read
+              loaded[r][x] = r < count && i < staged_values && j >= 0 && j < p.length
+                                 ? rows[(g0 + r) * p.length + j]
+                                 : 0.0f;
+            }
+          __syncthreads();  // every thread is done with the previous rows' values
+#pragma unroll
+          for (int r = 0; r < finish_stage_rows; ++r)
+#pragma unroll
+            for (int x = 0; x < interior_loads; ++x)
+              if (r < count && t + 256 * x < staged_values) staged[r][t + 256 * x] = loaded[r][x] / p.window_divisor;
+          __syncthreads();
+#pragma unroll 1
+          for (int r = 0; r < count; ++r) {
+            // Staged [first_token, first_token + 12): token first_token + i at value pad + i,
+            // its window at pad + i − Half … pad + i + Half.
+            float v[12];
+#pragma unroll
+            for (int q = 0; q < 3; ++q) {
+              const float4 four = *reinterpret_cast<const float4*>(&staged[r][first_token + 4 * q]);
+              v[4 * q] = four.x, v[4 * q + 1] = four.y, v[4 * q + 2] = four.z, v[4 * q + 3] = four.w;
+            }
+#pragma unroll
+            for (int i = 0; i < per_thread; ++i) {
+              float value;
+              if (p.pooling == score::pooling::avg) {
+                float sum = 0.0f;
+#pragma unroll
+                for (int d = -Half; d <= Half; ++d) sum += v[pad + i + d];
+                value = sum / static_cast<float>(2 * Half + 1);
+              } else {
+                value = v[pad + i - Half];
+#pragma unroll
+                for (int d = -Half + 1; d <= Half; ++d) value = v[pad + i + d] > value ? v[pad + i + d] : value;
+              }
+              reduce(g0 + r, i, value);
+            }
+          }
+        }
+        float* const tile_out = out + j0 + first_token;
+        float results[per_thread];
+#pragma unroll
+        for (int i = 0; i < per_thread; ++i) results[i] = mean ? reduced[i] / static_cast<float>(p.group) : reduced[i];
+        if ((reinterpret_cast<std::uintptr_t>(out) & 15u) == 0) {  // block-uniform (j0 and first_token are ×4)
+          *reinterpret_cast<float4*>(tile_out) = make_float4(results[0], results[1], results[2], results[3]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < per_thread; ++i) tile_out[i] = results[i];
+        }
+        continue;
+      }
+    }
     if (stage) {
       // Tile-relative 32-bit indices: token j0 + jl is staged at jl − (s0 − j0); its
       // window [max(0, j − half), min(length − 1, j + half)] is staged at
@@ -1273,7 +1357,16 @@ void attention_mass_scores(std::string_view function, const kv_view<KeyT, device
   if (tokens > 0 && batch * shape.kv_heads > 0) {
     const dim3 grid(static_cast<unsigned>(ceil_div(tokens, finish_tile)),
                     static_cast<unsigned>(std::min<std::int64_t>(batch * shape.kv_heads, 65535)));
-    attention_mass_finish<0><<<grid, 256, 0, stream>>>(finish);
+    const std::int64_t half = finish.kind == mass_finish_kind::snapkv ? finish.kernel / 2 : -1;
+    switch (half) {  // a compiled interior path for the common kernels (finish_compiled_half_widths)
+      case 0: attention_mass_finish<0><<<grid, 256, 0, stream>>>(finish); break;
+      case 1: attention_mass_finish<1><<<grid, 256, 0, stream>>>(finish); break;
+      case 2: attention_mass_finish<2><<<grid, 256, 0, stream>>>(finish); break;
+      case 3: attention_mass_finish<3><<<grid, 256, 0, stream>>>(finish); break;
+      case 4: attention_mass_finish<4><<<grid, 256, 0, stream>>>(finish); break;
+      default: attention_mass_finish<-1><<<grid, 256, 0, stream>>>(finish); break;
+    }
+    static_assert(finish_compiled_half_widths == 4, "the cases above");
   }
   detail::check_launch(function, "attention_mass_finish");
 }
