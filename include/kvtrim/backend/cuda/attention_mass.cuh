@@ -27,7 +27,9 @@
 //           (no atomics: the block owns its key tile);
 //   finish  attention_mass_finish: the scorer's per-query-head step, pooling over
 //           neighbouring tokens and the group reduction, per (kv head, tile of 1024
-//           tokens), SnapKV's query-head rows staged in shared memory four at a time.
+//           tokens), SnapKV's query-head rows staged in shared memory four at a time;
+//           kernels 1–9 compiled for tiles whose windows stay inside the row (each
+//           thread pools 4 consecutive tokens from registers).
 // Both passes use one tile product: Q[64 × D] · K[64 × D]ᵀ on tensor cores
 // (mma.sync m16n8k16, fp32 accumulators, the logits kept in registers: the
 // *_mma kernels) when keys and queries share a 16-bit type; a plain fp32 loop in
