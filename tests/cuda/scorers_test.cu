@@ -398,13 +398,83 @@ INSTANTIATE_TEST_SUITE_P(
         snapkv_case{2, 1, 6, 64, 2100, 32, 5, 32, kt::score::pooling::max, kt::score::window_reduction::mean,
                     kt::score::group_reduction::max},
         // The finish's compiled interior path (half-widths 0–4, tiles whose windows stay in
-        // the row): kernels 3, 9 and 1 with interior tiles, rows of odd length (the scalar
-        // stores) and of a multiple of 4 (float4 stores), a partial second batch of rows
+        // the row): kernels 3, 9 and 1 with interior tiles, rows of odd length (units after the
+        // first take the scalar stores) and of a multiple of 4 (float4 stores), a partial second
+        // batch of rows (FinishInteriorPathIsTheGeneralPathBitForBit compares the paths bit for bit)
         snapkv_case{2, 2, 4, 128, 5003, 64, 3, 64},
         snapkv_case{1, 2, 6, 64, 3071, 32, 9, 32, kt::score::pooling::max, kt::score::window_reduction::mean,
                     kt::score::group_reduction::max},
         snapkv_case{1, 1, 4, 64, 3000, 16, 1, 16, kt::score::pooling::avg, kt::score::window_reduction::sum}),
     [](const ::testing::TestParamInfo<snapkv_case>& info) { return describe(info.param) + "_" + std::to_string(info.index); });
+
+// The finish's compiled interior path (attention_mass_finish<Half>, Half = kernel / 2) against
+// its general path (<-1>) on the same mass rows, bit for bit — the tolerance of the cases above
+// would not see a reordered sum. Rows with ±0, ±∞, NaN, subnormals and the extremes among
+// ordinary values; a window divisor that is not a power of two; both poolings and both group
+// reductions; kernels 1–9; a group of 6 (a partial second batch of staged rows); fewer grid rows
+// than units (a block runs a second unit); the scores offset by one float (scalar stores) and
+// aligned (float4 stores).
+template <int Half>
+void launch_finish(const kvtrim::cuda_detail::mass_finish_parameters& p, dim3 grid) {
+  kvtrim::cuda_detail::attention_mass_finish<Half><<<grid, 256>>>(p);
+  kt::testing::check(cudaGetLastError(), "attention_mass_finish");
+}
+
+TEST(SnapKVScores, FinishInteriorPathIsTheGeneralPathBitForBit) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  namespace kc = kt::cuda_detail;
+  constexpr std::int64_t batch = 2, kv_heads = 2, group = 6, tokens = 4000, window = 37, length = tokens - window;
+  constexpr std::int64_t units = batch * kv_heads;
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> uniform(-1.0f, 3.0f);
+  const float specials[] = {0.0f, -0.0f, std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                            std::numeric_limits<float>::quiet_NaN(), 1e-40f, -1e-42f, std::numeric_limits<float>::min(),
+                            std::numeric_limits<float>::max(), -std::numeric_limits<float>::max()};
+  std::vector<float> mass(static_cast<std::size_t>(units * group * length));
+  for (auto& x : mass) x = rng() % 64 == 0 ? specials[rng() % std::size(specials)] : uniform(rng);
+  device_buffer<float> device_mass(mass.size());
+  device_mass.upload(mass);
+  device_buffer<float> general(static_cast<std::size_t>(units * tokens + 1)), interior(general.size());
+  const dim3 grid(static_cast<unsigned>((tokens + kc::finish_tile - 1) / kc::finish_tile), 3);  // 3 < 4 units
+  int interior_launches = 0;
+  for (int half = 0; half <= kc::finish_compiled_half_widths; ++half)
+    for (const auto pooling : {kt::score::pooling::avg, kt::score::pooling::max})
+      for (const auto reduction : {kt::score::group_reduction::mean, kt::score::group_reduction::max})
+        for (const std::int64_t offset : {0, 1}) {
+          SCOPED_TRACE(kt::detail::cat("kernel ", 2 * half + 1, pooling == kt::score::pooling::max ? " max" : " avg",
+                                       reduction == kt::score::group_reduction::max ? ", group max" : ", group mean",
+                                       ", scores offset by ", offset));
+          kc::mass_finish_parameters p{};
+          p.mass = device_mass.data();
+          p.batch = batch, p.kv_heads = kv_heads, p.group = group, p.tokens = tokens, p.length = length;
+          p.kind = kc::mass_finish_kind::snapkv;
+          p.window_divisor = static_cast<float>(window);
+          p.kernel = 2 * half + 1;
+          p.pooling = pooling;
+          p.reduction = reduction;
+          p.protected_from = length;
+          general.fill_bytes(0xff), interior.fill_bytes(0xff);
+          p.scores = general.data() + offset;
+          launch_finish<-1>(p, grid);
+          p.scores = interior.data() + offset;
+          switch (half) {
+            case 0: launch_finish<0>(p, grid); break;
+            case 1: launch_finish<1>(p, grid); break;
+            case 2: launch_finish<2>(p, grid); break;
+            case 3: launch_finish<3>(p, grid); break;
+            default: launch_finish<4>(p, grid); break;
+          }
+          ++interior_launches;
+          kt::testing::check(cudaDeviceSynchronize(), "attention_mass_finish");
+          const auto want = general.download(), got = interior.download();
+          std::int64_t differing = 0, first = -1;
+          for (std::size_t i = 0; i < want.size(); ++i)
+            if (std::memcmp(&want[i], &got[i], sizeof(float)) != 0 && differing++ == 0) first = static_cast<std::int64_t>(i);
+          EXPECT_EQ(differing, 0) << "first at element " << first << " (unit " << (first - offset) / tokens << ", token "
+                                  << (first - offset) % tokens << "): general " << want[first] << ", interior " << got[first];
+        }
+  EXPECT_EQ(interior_launches, 40);
+}
 
 #if defined(KVTRIM_CUDA_WGMMA)
 // The wgmma primitives alone (backend/cuda/wgmma.cuh), so a failure of the passes can be

@@ -964,7 +964,7 @@ __global__ void __launch_bounds__(256, 3) attention_mass_finish(const __grid_con
 #pragma unroll
             for (int x = 0; x < interior_loads; ++x) {
               const int i = t + 256 * x;
-              const std::int64_t j = j0 - pad + i;  // staged at i; outside [0, length) never read
+              const std::int64_t j = j0 - pad + i;  // staged at i; outside [0, length) zero-filled, never pooled
               loaded[r][x] = r < count && i < staged_values && j >= 0 && j < p.length
                                  ? rows[(g0 + r) * p.length + j]
                                  : 0.0f;
@@ -1359,7 +1359,10 @@ void attention_mass_scores(std::string_view function, const kv_view<KeyT, device
   if (tokens > 0 && batch * shape.kv_heads > 0) {
     const dim3 grid(static_cast<unsigned>(ceil_div(tokens, finish_tile)),
                     static_cast<unsigned>(std::min<std::int64_t>(batch * shape.kv_heads, 65535)));
-    const std::int64_t half = finish.kind == mass_finish_kind::snapkv ? finish.kernel / 2 : -1;
+    // (SnapKV's kernels are odd — score::snapkv refuses others — and the interior path divides
+    // by 2·Half + 1; an even one would take the general path.)
+    const std::int64_t half =
+        finish.kind == mass_finish_kind::snapkv && finish.kernel % 2 == 1 ? finish.kernel / 2 : -1;
     switch (half) {  // a compiled interior path for the common kernels (finish_compiled_half_widths)
       case 0: attention_mass_finish<0><<<grid, 256, 0, stream>>>(finish); break;
       case 1: attention_mass_finish<1><<<grid, 256, 0, stream>>>(finish); break;
