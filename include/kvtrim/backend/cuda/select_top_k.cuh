@@ -560,10 +560,13 @@ __global__ void __launch_bounds__(Threads) select_resident(score_rows scores, co
   extern __shared__ std::uint32_t resident_keys[];
   __shared__ std::uint32_t warp_bins[warps][radix_bins];  // one histogram per warp
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  __shared__ std::uint32_t block_bins[radix_bins];  // the block's histogram, read by its cluster
+  // The block's histogram, read by its cluster: one buffer per pass parity, so a pass's
+  // buffer is written again two passes later, after a cluster barrier every peer reaches only
+  // once it has read it — the passes need one cluster barrier each, not two.
+  __shared__ std::uint32_t block_bins[2][radix_bins];
   __shared__ int block_counts[2];                   // the block's (above, ties), read by its cluster
 #else
-  std::uint32_t* const block_bins = nullptr;  // never read below sm_90 (one block a head)
+  std::uint32_t (*const block_bins)[radix_bins] = nullptr;  // never read below sm_90 (one block a head)
   int* const block_counts = nullptr;
 #endif
   __shared__ typename block_scan::TempStorage scan_storage;
@@ -636,11 +639,11 @@ __global__ void __launch_bounds__(Threads) select_resident(score_rows scores, co
       for (int w = 0; w < warps; ++w) bin += static_cast<int>(warp_bins[w][digit]);
     }
     if (blocks_per_head > 1) {  // uniform over the grid
-      if (threadIdx.x < radix_bins) block_bins[digit] = static_cast<std::uint32_t>(bin);
+      if (threadIdx.x < radix_bins) block_bins[pass & 1][digit] = static_cast<std::uint32_t>(bin);
       cluster.sync();  // every block's histogram is complete and visible to its cluster
       if (threadIdx.x < radix_bins) {
         bin = 0;
-        for (int r = 0; r < blocks_per_head; ++r) bin += static_cast<int>(cluster.peer(block_bins, r)[digit]);
+        for (int r = 0; r < blocks_per_head; ++r) bin += static_cast<int>(cluster.peer(block_bins[pass & 1], r)[digit]);
       }
     }
     int at_or_above = 0;
@@ -651,9 +654,11 @@ __global__ void __launch_bounds__(Threads) select_resident(score_rows scores, co
     const int short_digits = __syncthreads_count(threadIdx.x < radix_bins && above + at_or_above < target);
     const int chosen = short_digits < radix_bins ? short_digits : radix_bins - 1;  // (never clamps: see above)
     if (static_cast<int>(threadIdx.x) == chosen) chosen_above = above + at_or_above - bin, chosen_ties = bin;
-    // chosen_* are written before this and read after it; the scan storage and (by the cluster) block_bins are
-    // read before it and written again only after the next pass's barriers.
-    cluster.sync();
+    // chosen_* are written before this and read after it; the scan storage is read before it and
+    // written again only after the next pass's barriers. The block's own barrier: block_bins[pass & 1]
+    // is written again in pass + 2, after pass + 1's cluster barrier, which each peer reaches only
+    // after its reads of this pass (a cluster barrier is a GPU-scope fence on sm_90: MEMBAR.ALL.GPU).
+    __syncthreads();
     above = chosen_above, ties = chosen_ties;
     prefix |= static_cast<std::uint32_t>(radix_bins - 1 - chosen) << shift;
   }
