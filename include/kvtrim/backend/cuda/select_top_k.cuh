@@ -655,9 +655,11 @@ __global__ void __launch_bounds__(Threads) select_resident(score_rows scores, co
     const int chosen = short_digits < radix_bins ? short_digits : radix_bins - 1;  // (never clamps: see above)
     if (static_cast<int>(threadIdx.x) == chosen) chosen_above = above + at_or_above - bin, chosen_ties = bin;
     // chosen_* are written before this and read after it; the scan storage is read before it and
-    // written again only after the next pass's barriers. The block's own barrier: block_bins[pass & 1]
-    // is written again in pass + 2, after pass + 1's cluster barrier, which each peer reaches only
-    // after its reads of this pass (a cluster barrier is a GPU-scope fence on sm_90: MEMBAR.ALL.GPU).
+    // written again only after the next pass's barriers. A block barrier suffices here:
+    // block_bins[pass & 1] is written again in pass + 2, after pass + 1's cluster barrier, which each
+    // peer arrives at only after its reads of this pass. That relies on the cluster barrier's arrive
+    // being a release and its wait an acquire (a relaxed arrive would break it). Each costs a
+    // GPU-scope fence on sm_90 (MEMBAR.ALL.GPU), hence one a pass instead of two.
     __syncthreads();
     above = chosen_above, ties = chosen_ties;
     prefix |= static_cast<std::uint32_t>(radix_bins - 1 - chosen) << shift;
