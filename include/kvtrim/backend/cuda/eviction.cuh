@@ -1655,11 +1655,9 @@ struct seed_pass {
   mass_plan plan(const model_shape& shape, std::int64_t observed) const {
     return plan_attention_mass(shape, batch, tokens, observed);
   }
-  /// Its scratch: pass 1's statistics.
+  /// Its scratch: pass 1's statistics (no column pass: length 0).
   std::size_t bytes(const model_shape& shape, std::int64_t observed) const {
-    workspace_carver carver;
-    carve_attention_mass(carver, plan(shape, observed), 0);
-    return carver.bytes();
+    return attention_mass_workspace_bytes(shape, batch, tokens, observed, 0);
   }
 
   /// Its parameters over views of the same memory (no copy) and `scratch`, which every pass
