@@ -420,11 +420,13 @@ void launch_finish(const kvtrim::cuda_detail::mass_finish_parameters& p, dim3 gr
   kt::testing::check(cudaGetLastError(), "attention_mass_finish");
 }
 
-TEST(SnapKVScores, FinishInteriorPathIsTheGeneralPathBitForBit) {
-  KVTRIM_SKIP_WITHOUT_GPU();
+// Two configurations: a window of 37 and a group of 6 (the interior path divides, as the
+// general one), and a window of 64 and a group of 4 (it multiplies by the exact reciprocals).
+void finish_paths_bit_for_bit(std::int64_t group, std::int64_t window) {
+  SCOPED_TRACE(kt::detail::cat("group ", group, ", window ", window));
   namespace kc = kt::cuda_detail;
-  constexpr std::int64_t batch = 2, kv_heads = 2, group = 6, tokens = 4000, window = 37, length = tokens - window;
-  constexpr std::int64_t units = batch * kv_heads;
+  const std::int64_t batch = 2, kv_heads = 2, tokens = 4000, length = tokens - window;
+  const std::int64_t units = batch * kv_heads;
   std::mt19937 rng(7);
   std::uniform_real_distribution<float> uniform(-1.0f, 3.0f);
   const float specials[] = {0.0f, -0.0f, std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
@@ -474,6 +476,65 @@ TEST(SnapKVScores, FinishInteriorPathIsTheGeneralPathBitForBit) {
                                   << (first - offset) % tokens << "): general " << want[first] << ", interior " << got[first];
         }
   EXPECT_EQ(interior_launches, 40);
+}
+
+TEST(SnapKVScores, FinishInteriorPathIsTheGeneralPathBitForBit) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  finish_paths_bit_for_bit(6, 37);
+  finish_paths_bit_for_bit(4, 64);
+}
+
+// The finish's quotients without div.rn (attention_mass.cuh): divide_by<d> for the
+// interior path's pooling divisors d = 1, 3, 5, 7, 9, and x · (1/d) where exact_reciprocal(d),
+// against x / d, on every one of the 2^32 floats (NaN against NaN: the device's is canonical).
+template <int Divisor>
+__device__ float finish_quotient(float x) {
+  return kvtrim::cuda_detail::divide_by<Divisor>(x);
+}
+__global__ void count_quotient_mismatches(float runtime_divisor, unsigned long long* mismatches) {
+  namespace kc = kvtrim::cuda_detail;
+  const bool product = kc::exact_reciprocal(runtime_divisor);
+  const float reciprocal = 1.0f / runtime_divisor;
+  unsigned long long local[6] = {};
+  const std::uint64_t stride = std::uint64_t{gridDim.x} * blockDim.x;
+  for (std::uint64_t bits = std::uint64_t{blockIdx.x} * blockDim.x + threadIdx.x; bits <= 0xffffffffull; bits += stride) {
+    const float x = __uint_as_float(static_cast<unsigned>(bits));
+    const auto differ = [](float a, float b) {
+      return !(a != a && b != b) && __float_as_uint(a) != __float_as_uint(b);
+    };
+    local[0] += differ(finish_quotient<1>(x), x / 1.0f);
+    local[1] += differ(finish_quotient<3>(x), x / 3.0f);
+    local[2] += differ(finish_quotient<5>(x), x / 5.0f);
+    local[3] += differ(finish_quotient<7>(x), x / 7.0f);
+    local[4] += differ(finish_quotient<9>(x), x / 9.0f);
+    local[5] += !product || differ(x * reciprocal, x / runtime_divisor);
+  }
+  for (int i = 0; i < 6; ++i)
+    if (local[i] != 0) atomicAdd(&mismatches[i], local[i]);
+}
+
+TEST(SnapKVScores, FinishQuotientsAreTheDivisionsForEveryFloat) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  namespace kc = kt::cuda_detail;
+  device_buffer<unsigned long long> mismatches(6);
+  for (const float divisor : {64.0f, 32.0f, 4.0f, 1.0f, 0.5f}) {
+    SCOPED_TRACE(kt::detail::cat("runtime divisor ", divisor));
+    mismatches.fill_bytes(0);
+    count_quotient_mismatches<<<1024, 256>>>(divisor, mismatches.data());
+    kt::testing::check(cudaDeviceSynchronize(), "count_quotient_mismatches");
+    const auto counts = mismatches.download();
+    EXPECT_EQ(counts[0], 0u) << "x / 1";
+    EXPECT_EQ(counts[1], 0u) << "x / 3";
+    EXPECT_EQ(counts[2], 0u) << "x / 5";
+    EXPECT_EQ(counts[3], 0u) << "x / 7";
+    EXPECT_EQ(counts[4], 0u) << "x / 9";
+    EXPECT_EQ(counts[5], 0u) << "x · (1/d) against x / d";
+  }
+  // Not a power of two, or 1/d not normal: the finish divides.
+  for (const float divisor : {37.0f, 6.0f, 0.0f, -4.0f, 0x1p127f, std::numeric_limits<float>::infinity()})
+    EXPECT_FALSE(kc::exact_reciprocal_host(divisor)) << divisor;
+  for (const float divisor : {1.0f, 4.0f, 64.0f, 0x1p126f, 0x1p-126f})
+    EXPECT_TRUE(kc::exact_reciprocal_host(divisor)) << divisor;
 }
 
 #if defined(KVTRIM_CUDA_WGMMA)

@@ -65,6 +65,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <string_view>
 #include <type_traits>
@@ -882,12 +883,50 @@ inline constexpr int finish_compiled_half_widths = 4;
 /// either side, so each thread's 4 tokens and their windows are three aligned float4 reads.
 inline constexpr int finish_interior_pad = 4;
 
+/// Whether 1/d is exact and normal: d a positive power of two in [2⁻¹²⁶, 2¹²⁶]. Then x · (1/d)
+/// and x / d are the same real number rounded once, the same float for every x (±0, ±∞,
+/// NaN, subnormal results included): the finish multiplies instead of dividing (a window
+/// of 64 or 32, a group of 4 or 8, kvpress's and Ada-KV's defaults).
+__host__ __device__ constexpr bool exact_reciprocal_bits(std::uint32_t bits) {
+  return (bits & 0x007fffffu) == 0 && bits >= 0x00800000u && bits <= 0x7e800000u;
+}
+__device__ __forceinline__ bool exact_reciprocal(float d) { return exact_reciprocal_bits(__float_as_uint(d)); }
+/// exact_reciprocal on the host (tests).
+inline bool exact_reciprocal_host(float d) {
+  std::uint32_t bits = 0;
+  std::memcpy(&bits, &d, sizeof bits);
+  return exact_reciprocal_bits(bits);
+}
+
+/// x / Divisor rounded as the division rounds it, without div.rn's range check and slow
+/// path (a compile-time odd divisor: SnapKV's pooling kernels 3, 5, 7, 9): q = x·r with
+/// r = RN(1/d), then one correction q + r·(x − q·d), the remainder exact by the fma.
+/// Equal to x / d for every float x — checked exhaustively for d = 3, 5, 7, 9 on the
+/// device (tests/cuda/scorers_test.cu, FinishQuotientsAreTheDivisionsForEveryFloat) —
+/// once ±0 and ±∞ take x·r (the correction would give +0 for −0 and NaN for ∞).
+template <int Divisor>
+__device__ __forceinline__ float divide_by(float x) {
+  static_assert(Divisor >= 1);
+  if constexpr ((Divisor & (Divisor - 1)) == 0) {
+    return x * (1.0f / static_cast<float>(Divisor));
+  } else {
+    constexpr float reciprocal = 1.0f / static_cast<float>(Divisor);
+    const float quotient = x * reciprocal;
+    const float corrected = fmaf(fmaf(-quotient, static_cast<float>(Divisor), x), reciprocal, quotient);
+    return x == 0.0f || fabsf(x) == INFINITY ? quotient : corrected;
+  }
+}
+
 /// The CPU's per-query-head step and group reduction, in the CPU's order of
 /// operations, for the tokens [1024·x, 1024·(x + 1)) of units y, y + gridDim.y, ….
 /// `Half` ≥ 0: SnapKV with pooling half-width Half; a tile whose windows all lie inside
 /// the row (and none of whose tokens is protected) takes the interior path: each
 /// thread pools 4 consecutive tokens from 12 staged values in registers, the window's
-/// sum in the CPU's order (first to last) and the same one division, with no bounds.
+/// sum in the CPU's order (first to last) and the same one quotient, with no bounds
+/// (divide_by: the division's float without div.rn's checks; mass / window and the
+/// group mean as products where the reciprocal is exact — the path ran issue-bound, and
+/// the divisions' slow-path checks and the 64-bit bounds of its loads were ~60 % of its
+/// instructions: 38.3 → 28.6 µs at W on the H100, ncu, 2026-12-06).
 /// Other tiles, and `Half` = −1, take the general path below.
 /// SnapKV's pooling reads each mass `kernel` times: the block stages four query
 /// heads' values mass / window_divisor at once in shared memory (the quotient the CPU
@@ -956,25 +995,39 @@ __global__ void __launch_bounds__(256, 3) attention_mass_finish(const __grid_con
         constexpr int interior_loads = (staged_values + 255) / 256;
         static_assert(per_thread == 4, "a thread's 4 tokens are one float4 of the staged row");
         const int first_token = 4 * t;  // this thread's tokens: j0 + first_token + i, i < 4
+        static_assert(interior_loads == 5 && pad >= Half, "the loads' bounds below");
+        // mass / window as a product where 1/window is exact (block-uniform).
+        const bool window_product = exact_reciprocal(p.window_divisor);
+        const float window_reciprocal = 1.0f / p.window_divisor;
         for (std::int64_t g0 = 0; g0 < p.group; g0 += finish_stage_rows) {
           const int count = static_cast<int>(p.group - g0 < finish_stage_rows ? p.group - g0 : finish_stage_rows);
+          // Staged value i is token j0 − pad + i. Only i in [pad − Half, pad + 1024 + Half) is
+          // pooled, and those tokens lie in [0, length) (interior): the loads test only
+          // that, on the thread index, and the others stage 0 (never read).
+          const float* const group_rows = rows + g0 * p.length;
+          const std::int64_t first_staged = j0 - pad + t;  // < 0 only where t < pad − Half: not loaded
           float loaded[finish_stage_rows][interior_loads];
 #pragma unroll
           for (int r = 0; r < finish_stage_rows; ++r)
 #pragma unroll
             for (int x = 0; x < interior_loads; ++x) {
-              const int i = t + 256 * x;
-              const std::int64_t j = j0 - pad + i;  // staged at i; outside [0, length) zero-filled, never pooled
-              loaded[r][x] = r < count && i < staged_values && j >= 0 && j < p.length
-                                 ? rows[(g0 + r) * p.length + j]
-                                 : 0.0f;
+              const bool pooled = x == 0 ? t >= pad - Half : x < interior_loads - 1 || t < pad + Half;
+              loaded[r][x] = r < count && pooled ? group_rows[first_staged + r * p.length + 256 * x] : 0.0f;
             }
           __syncthreads();  // every thread is done with the previous rows' values
+          if (window_product) {
 #pragma unroll
-          for (int r = 0; r < finish_stage_rows; ++r)
+            for (int r = 0; r < finish_stage_rows; ++r)
 #pragma unroll
-            for (int x = 0; x < interior_loads; ++x)
-              if (r < count && t + 256 * x < staged_values) staged[r][t + 256 * x] = loaded[r][x] / p.window_divisor;
+              for (int x = 0; x < interior_loads; ++x)
+                if (r < count && t + 256 * x < staged_values) staged[r][t + 256 * x] = loaded[r][x] * window_reciprocal;
+          } else {
+#pragma unroll
+            for (int r = 0; r < finish_stage_rows; ++r)
+#pragma unroll
+              for (int x = 0; x < interior_loads; ++x)
+                if (r < count && t + 256 * x < staged_values) staged[r][t + 256 * x] = loaded[r][x] / p.window_divisor;
+          }
           __syncthreads();
 #pragma unroll 1
           for (int r = 0; r < count; ++r) {
@@ -993,7 +1046,7 @@ __global__ void __launch_bounds__(256, 3) attention_mass_finish(const __grid_con
                 float sum = 0.0f;
 #pragma unroll
                 for (int d = -Half; d <= Half; ++d) sum += v[pad + i + d];
-                value = sum / static_cast<float>(2 * Half + 1);
+                value = divide_by<2 * Half + 1>(sum);
               } else {
                 value = v[pad + i - Half];
 #pragma unroll
@@ -1005,8 +1058,17 @@ __global__ void __launch_bounds__(256, 3) attention_mass_finish(const __grid_con
         }
         float* const tile_out = out + j0 + first_token;
         float results[per_thread];
+        const float group = static_cast<float>(p.group);
+        if (!mean) {
 #pragma unroll
-        for (int i = 0; i < per_thread; ++i) results[i] = mean ? reduced[i] / static_cast<float>(p.group) : reduced[i];
+          for (int i = 0; i < per_thread; ++i) results[i] = reduced[i];
+        } else if (exact_reciprocal(group)) {
+#pragma unroll
+          for (int i = 0; i < per_thread; ++i) results[i] = reduced[i] * (1.0f / group);
+        } else {
+#pragma unroll
+          for (int i = 0; i < per_thread; ++i) results[i] = reduced[i] / group;
+        }
         if ((reinterpret_cast<std::uintptr_t>(out) & 15u) == 0) {  // block-uniform (j0 and first_token are ×4)
           *reinterpret_cast<float4*>(tile_out) = make_float4(results[0], results[1], results[2], results[3]);
         } else {
