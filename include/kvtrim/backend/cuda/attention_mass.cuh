@@ -943,54 +943,27 @@ __global__ void __launch_bounds__(256, 3) attention_mass_finish(const __grid_con
   constexpr int loads = finish_stage_width / 256;
   const std::int64_t units = p.batch * p.kv_heads;
   const std::int64_t j0 = std::int64_t{blockIdx.x} * finish_tile;
-  const bool snapkv = p.kind == mass_finish_kind::snapkv;
-  const std::int64_t half = snapkv ? p.kernel / 2 : 0;
-  // The rows' values the tile's pooling windows read: [s0, s1) ∩ [0, length).
-  const std::int64_t s0 = j0 - half < 0 ? 0 : j0 - half;
-  const std::int64_t s1 = j0 + finish_tile + half < p.length ? j0 + finish_tile + half : p.length;
-  const int staged_count = static_cast<int>(s1 > s0 ? s1 - s0 : 0);
-  const bool stage = snapkv && s1 - s0 <= finish_stage_width;  // block-uniform
   const bool mean = p.reduction == score::group_reduction::mean;
   const int t = static_cast<int>(threadIdx.x);
-  for (std::int64_t unit = blockIdx.y; unit < units; unit += gridDim.y) {
-    float* const out = p.scores + unit * p.tokens;
-    if (j0 >= p.protected_from) {  // the whole tile is protected (block-uniform)
-#pragma unroll
-      for (int k = 0; k < per_thread; ++k)
-        if (j0 + t + 256 * k < p.tokens) out[j0 + t + 256 * k] = INFINITY;
-      continue;
-    }
-    const float* const rows = p.mass + unit * p.group * p.length;
-    float reduced[per_thread] = {};
-    // Query head g's value at token j into the reduction (g in order: the CPU's).
-    const auto reduce = [&](std::int64_t g, int k, float value) {
-      if (g == 0)
-        reduced[k] = value;
-      else if (mean)
-        reduced[k] += value;
-      else
-        reduced[k] = fmaxf(reduced[k], value);
-    };
-    // pool_at over the values at(first … last) (row / window_divisor, the division per
-    // element first, as the CPU), whichever memory holds them.
-    const auto pool = [&](auto first, auto last, auto&& at) {
-      if (p.pooling == score::pooling::avg) {
-        float sum = 0.0f;
-        for (auto i = first; i <= last; ++i) sum += at(i);
-        return sum / static_cast<float>(p.kernel);
-      }
-      float value = at(first);
-      for (auto i = first + 1; i <= last; ++i) {
-        const float v = at(i);
-        value = v > value ? v : value;
-      }
-      return value;
-    };
-    if constexpr (Half >= 0) {
-      // Block-uniform: every window of the tile inside [0, length), every token scored.
-      const bool interior = j0 - Half >= 0 && j0 + finish_tile + Half <= p.length &&
-                            j0 + finish_tile <= mass_min(p.tokens, p.protected_from);
-      if (interior) {
+  // Query head g's value at token j into the reduction (g in order: the CPU's).
+  const auto reduce = [&](float (&reduced)[per_thread], std::int64_t g, int k, float value) {
+    if (g == 0)
+      reduced[k] = value;
+    else if (mean)
+      reduced[k] += value;
+    else
+      reduced[k] = fmaxf(reduced[k], value);
+  };
+  if constexpr (Half >= 0) {
+    // Block-uniform and the same for every unit: every window of the tile inside [0, length),
+    // every token scored. Decided before the general path's set-up, which interior blocks skip.
+    const bool interior = j0 - Half >= 0 && j0 + finish_tile + Half <= p.length &&
+                          j0 + finish_tile <= mass_min(p.tokens, p.protected_from);
+    if (interior) {
+      for (std::int64_t unit = blockIdx.y; unit < units; unit += gridDim.y) {
+        float* const out = p.scores + unit * p.tokens;
+        const float* const rows = p.mass + unit * p.group * p.length;
+        float reduced[per_thread] = {};
         constexpr int pad = finish_interior_pad, staged_values = static_cast<int>(finish_tile) + 2 * pad;
         constexpr int interior_loads = (staged_values + 255) / 256;
         static_assert(per_thread == 4, "a thread's 4 tokens are one float4 of the staged row");
@@ -1052,7 +1025,7 @@ __global__ void __launch_bounds__(256, 3) attention_mass_finish(const __grid_con
 #pragma unroll
                 for (int d = -Half + 1; d <= Half; ++d) value = v[pad + i + d] > value ? v[pad + i + d] : value;
               }
-              reduce(g0 + r, i, value);
+              reduce(reduced, g0 + r, i, value);
             }
           }
         }
@@ -1075,9 +1048,42 @@ __global__ void __launch_bounds__(256, 3) attention_mass_finish(const __grid_con
 #pragma unroll
           for (int i = 0; i < per_thread; ++i) tile_out[i] = results[i];
         }
-        continue;
       }
+      return;
     }
+  }
+  const bool snapkv = p.kind == mass_finish_kind::snapkv;
+  const std::int64_t half = snapkv ? p.kernel / 2 : 0;
+  // The rows' values the tile's pooling windows read: [s0, s1) ∩ [0, length).
+  const std::int64_t s0 = j0 - half < 0 ? 0 : j0 - half;
+  const std::int64_t s1 = j0 + finish_tile + half < p.length ? j0 + finish_tile + half : p.length;
+  const int staged_count = static_cast<int>(s1 > s0 ? s1 - s0 : 0);
+  const bool stage = snapkv && s1 - s0 <= finish_stage_width;  // block-uniform
+  for (std::int64_t unit = blockIdx.y; unit < units; unit += gridDim.y) {
+    float* const out = p.scores + unit * p.tokens;
+    if (j0 >= p.protected_from) {  // the whole tile is protected (block-uniform)
+#pragma unroll
+      for (int k = 0; k < per_thread; ++k)
+        if (j0 + t + 256 * k < p.tokens) out[j0 + t + 256 * k] = INFINITY;
+      continue;
+    }
+    const float* const rows = p.mass + unit * p.group * p.length;
+    float reduced[per_thread] = {};
+    // pool_at over the values at(first … last) (row / window_divisor, the division per
+    // element first, as the CPU), whichever memory holds them.
+    const auto pool = [&](auto first, auto last, auto&& at) {
+      if (p.pooling == score::pooling::avg) {
+        float sum = 0.0f;
+        for (auto i = first; i <= last; ++i) sum += at(i);
+        return sum / static_cast<float>(p.kernel);
+      }
+      float value = at(first);
+      for (auto i = first + 1; i <= last; ++i) {
+        const float v = at(i);
+        value = v > value ? v : value;
+      }
+      return value;
+    };
     if (stage) {
       // Tile-relative 32-bit indices: token j0 + jl is staged at jl − (s0 − j0); its
       // window [max(0, j − half), min(length − 1, j + half)] is staged at
@@ -1116,7 +1122,7 @@ __global__ void __launch_bounds__(256, 3) attention_mass_finish(const __grid_con
             const int jr = jl + lead;
             const int first = jr - half_width < 0 ? 0 : jr - half_width;
             const int last = jr + half_width < staged_count ? jr + half_width : staged_count - 1;
-            reduce(g0 + r, k, pool(first, last, [&](int i) { return staged[r][i]; }));
+            reduce(reduced, g0 + r, k, pool(first, last, [&](int i) { return staged[r][i]; }));
           }
         }
       }
@@ -1130,9 +1136,9 @@ __global__ void __launch_bounds__(256, 3) attention_mass_finish(const __grid_con
           if (snapkv) {  // a kernel wider than the staged halo
             const std::int64_t first = j - half < 0 ? 0 : j - half;
             const std::int64_t last = j + half >= p.length ? p.length - 1 : j + half;
-            reduce(g, k, pool(first, last, [&](std::int64_t i) { return row[i] / p.window_divisor; }));
+            reduce(reduced, g, k, pool(first, last, [&](std::int64_t i) { return row[i] / p.window_divisor; }));
           } else {
-            reduce(g, k, p.observed_normalisation ? row[j] / static_cast<float>(p.tokens - j) : row[j]);
+            reduce(reduced, g, k, p.observed_normalisation ? row[j] / static_cast<float>(p.tokens - j) : row[j]);
           }
         }
       }
