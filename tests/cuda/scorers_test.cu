@@ -57,6 +57,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <iostream>
@@ -410,22 +411,28 @@ INSTANTIATE_TEST_SUITE_P(
 // The finish's compiled interior path (attention_mass_finish<Half>, Half = kernel / 2) against
 // its general path (<-1>) on the same mass rows, bit for bit — the tolerance of the cases above
 // would not see a reordered sum. Rows with ±0, ±∞, NaN, subnormals and the extremes among
-// ordinary values; a window divisor that is not a power of two; both poolings and both group
-// reductions; kernels 1–9; a group of 6 (a partial second batch of staged rows); fewer grid rows
-// than units (a block runs a second unit); the scores offset by one float (scalar stores) and
-// aligned (float4 stores).
+// ordinary values; window divisors that are not (37: the interior path divides) and are (64: it
+// multiplies by the exact reciprocal) powers of two; both poolings and both group reductions;
+// kernels 1–9; groups of 6 (a partial second batch of staged rows; divided) and 4 (multiplied);
+// fewer grid rows than units (a block runs a second unit); the scores offset by one float (scalar
+// stores) and aligned (float4 stores); rows ending exactly where the last interior tile's windows
+// end (3072 + 4 values, allocated to the byte) and the protected tokens starting exactly at a tile's
+// end. A control launches each <Half> with kernel 2·Half + 3: its interior tiles then differ from
+// the general path, which shows they ran.
 template <int Half>
 void launch_finish(const kvtrim::cuda_detail::mass_finish_parameters& p, dim3 grid) {
   kvtrim::cuda_detail::attention_mass_finish<Half><<<grid, 256>>>(p);
   kt::testing::check(cudaGetLastError(), "attention_mass_finish");
 }
 
-// Two configurations: a window of 37 and a group of 6 (the interior path divides, as the
-// general one), and a window of 64 and a group of 4 (it multiplies by the exact reciprocals).
-void finish_paths_bit_for_bit(std::int64_t group, std::int64_t window) {
-  SCOPED_TRACE(kt::detail::cat("group ", group, ", window ", window));
+// One configuration: `tokens` prompt tokens, `window` observed, the scores protected from
+// token `protected_from` (≤ length = tokens − window) on.
+void finish_paths_bit_for_bit(std::int64_t group, std::int64_t window, std::int64_t tokens,
+                              std::int64_t protected_from) {
+  SCOPED_TRACE(kt::detail::cat("group ", group, ", window ", window, ", tokens ", tokens, ", protected from ",
+                               protected_from));
   namespace kc = kt::cuda_detail;
-  const std::int64_t batch = 2, kv_heads = 2, tokens = 4000, length = tokens - window;
+  const std::int64_t batch = 2, kv_heads = 2, length = tokens - window;
   const std::int64_t units = batch * kv_heads;
   std::mt19937 rng(7);
   std::uniform_real_distribution<float> uniform(-1.0f, 3.0f);
@@ -454,7 +461,7 @@ void finish_paths_bit_for_bit(std::int64_t group, std::int64_t window) {
           p.kernel = 2 * half + 1;
           p.pooling = pooling;
           p.reduction = reduction;
-          p.protected_from = length;
+          p.protected_from = protected_from;
           general.fill_bytes(0xff), interior.fill_bytes(0xff);
           p.scores = general.data() + offset;
           launch_finish<-1>(p, grid);
@@ -474,14 +481,39 @@ void finish_paths_bit_for_bit(std::int64_t group, std::int64_t window) {
             if (std::memcmp(&want[i], &got[i], sizeof(float)) != 0 && differing++ == 0) first = static_cast<std::int64_t>(i);
           EXPECT_EQ(differing, 0) << "first at element " << first << " (unit " << (first - offset) / tokens << ", token "
                                   << (first - offset) % tokens << "): general " << want[first] << ", interior " << got[first];
+          if (pooling == kt::score::pooling::avg && offset == 0) {
+            // The control: kernel 2·Half + 3 on <Half>'s interior tiles (Half-wide windows) differs
+            // from the general path's; equal results would mean no interior tile ran.
+            p.kernel = 2 * half + 3;
+            p.scores = general.data();
+            launch_finish<-1>(p, grid);
+            p.scores = interior.data();
+            switch (half) {
+              case 0: launch_finish<0>(p, grid); break;
+              case 1: launch_finish<1>(p, grid); break;
+              case 2: launch_finish<2>(p, grid); break;
+              case 3: launch_finish<3>(p, grid); break;
+              default: launch_finish<4>(p, grid); break;
+            }
+            kt::testing::check(cudaDeviceSynchronize(), "attention_mass_finish");
+            const auto general_scores = general.download(), interior_scores = interior.download();
+            std::int64_t control_differing = 0;
+            for (std::size_t i = 0; i < general_scores.size(); ++i)
+              control_differing += std::memcmp(&general_scores[i], &interior_scores[i], sizeof(float)) != 0;
+            EXPECT_GT(control_differing, 0) << "no interior tile ran";
+          }
         }
   EXPECT_EQ(interior_launches, 40);
 }
 
 TEST(SnapKVScores, FinishInteriorPathIsTheGeneralPathBitForBit) {
   KVTRIM_SKIP_WITHOUT_GPU();
-  finish_paths_bit_for_bit(6, 37);
-  finish_paths_bit_for_bit(4, 64);
+  finish_paths_bit_for_bit(6, 37, 4000, 4000 - 37);
+  finish_paths_bit_for_bit(4, 64, 4000, 4000 - 64);
+  // The last interior tile's windows end exactly at the rows' (and the allocation's) end:
+  // length 3076 = 3072 + the widest half-width; then protected tokens from 3072, a tile's end.
+  finish_paths_bit_for_bit(4, 64, 3140, 3076);
+  finish_paths_bit_for_bit(4, 64, 4000, 3072);
 }
 
 // The finish's quotients without div.rn (attention_mass.cuh): divide_by<d> for the
@@ -491,7 +523,8 @@ template <int Divisor>
 __device__ float finish_quotient(float x) {
   return kvtrim::cuda_detail::divide_by<Divisor>(x);
 }
-__global__ void count_quotient_mismatches(float runtime_divisor, unsigned long long* mismatches) {
+__global__ void count_quotient_mismatches(float runtime_divisor, bool compile_time_divisors,
+                                          unsigned long long* mismatches) {
   namespace kc = kvtrim::cuda_detail;
   const bool product = kc::exact_reciprocal(runtime_divisor);
   const float reciprocal = 1.0f / runtime_divisor;
@@ -502,11 +535,13 @@ __global__ void count_quotient_mismatches(float runtime_divisor, unsigned long l
     const auto differ = [](float a, float b) {
       return !(a != a && b != b) && __float_as_uint(a) != __float_as_uint(b);
     };
-    local[0] += differ(finish_quotient<1>(x), x / 1.0f);
-    local[1] += differ(finish_quotient<3>(x), x / 3.0f);
-    local[2] += differ(finish_quotient<5>(x), x / 5.0f);
-    local[3] += differ(finish_quotient<7>(x), x / 7.0f);
-    local[4] += differ(finish_quotient<9>(x), x / 9.0f);
+    if (compile_time_divisors) {
+      local[0] += differ(finish_quotient<1>(x), x / 1.0f);
+      local[1] += differ(finish_quotient<3>(x), x / 3.0f);
+      local[2] += differ(finish_quotient<5>(x), x / 5.0f);
+      local[3] += differ(finish_quotient<7>(x), x / 7.0f);
+      local[4] += differ(finish_quotient<9>(x), x / 9.0f);
+    }
     local[5] += !product || differ(x * reciprocal, x / runtime_divisor);
   }
   for (int i = 0; i < 6; ++i)
@@ -517,10 +552,12 @@ TEST(SnapKVScores, FinishQuotientsAreTheDivisionsForEveryFloat) {
   KVTRIM_SKIP_WITHOUT_GPU();
   namespace kc = kt::cuda_detail;
   device_buffer<unsigned long long> mismatches(6);
-  for (const float divisor : {64.0f, 32.0f, 4.0f, 1.0f, 0.5f}) {
+  bool first = true;
+  for (const float divisor : {64.0f, 32.0f, 4.0f, 1.0f, 0.5f, 0x1p126f, 0x1p-126f}) {
     SCOPED_TRACE(kt::detail::cat("runtime divisor ", divisor));
     mismatches.fill_bytes(0);
-    count_quotient_mismatches<<<1024, 256>>>(divisor, mismatches.data());
+    count_quotient_mismatches<<<1024, 256>>>(divisor, first, mismatches.data());
+    first = false;
     kt::testing::check(cudaDeviceSynchronize(), "count_quotient_mismatches");
     const auto counts = mismatches.download();
     EXPECT_EQ(counts[0], 0u) << "x / 1";
@@ -531,10 +568,11 @@ TEST(SnapKVScores, FinishQuotientsAreTheDivisionsForEveryFloat) {
     EXPECT_EQ(counts[5], 0u) << "x · (1/d) against x / d";
   }
   // Not a power of two, or 1/d not normal: the finish divides.
-  for (const float divisor : {37.0f, 6.0f, 0.0f, -4.0f, 0x1p127f, std::numeric_limits<float>::infinity()})
-    EXPECT_FALSE(kc::exact_reciprocal_host(divisor)) << divisor;
-  for (const float divisor : {1.0f, 4.0f, 64.0f, 0x1p126f, 0x1p-126f})
-    EXPECT_TRUE(kc::exact_reciprocal_host(divisor)) << divisor;
+  const auto exact = [](float d) { return kc::exact_reciprocal_bits(std::bit_cast<std::uint32_t>(d)); };
+  for (const float divisor : {37.0f, 6.0f, 0.0f, -0.0f, -4.0f, 0x1p127f, 0x1p-127f, 1e-40f,
+                              std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN()})
+    EXPECT_FALSE(exact(divisor)) << divisor;
+  for (const float divisor : {1.0f, 4.0f, 64.0f, 0.5f, 0x1p126f, 0x1p-126f}) EXPECT_TRUE(exact(divisor)) << divisor;
 }
 
 #if defined(KVTRIM_CUDA_WGMMA)

@@ -65,7 +65,6 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <string_view>
 #include <type_traits>
@@ -886,27 +885,28 @@ inline constexpr int finish_interior_pad = 4;
 /// Whether 1/d is exact and normal: d a positive power of two in [2⁻¹²⁶, 2¹²⁶]. Then x · (1/d)
 /// and x / d are the same real number rounded once, the same float for every x (±0, ±∞,
 /// NaN, subnormal results included): the finish multiplies instead of dividing (a window
-/// of 64 or 32, a group of 4 or 8, kvpress's and Ada-KV's defaults).
+/// of 64 or 32, a group of 4 or 8, kvpress's and Ada-KV's defaults). Conservative at the top:
+/// 2¹²⁷ would do too.
 __host__ __device__ constexpr bool exact_reciprocal_bits(std::uint32_t bits) {
   return (bits & 0x007fffffu) == 0 && bits >= 0x00800000u && bits <= 0x7e800000u;
 }
 __device__ __forceinline__ bool exact_reciprocal(float d) { return exact_reciprocal_bits(__float_as_uint(d)); }
-/// exact_reciprocal on the host (tests).
-inline bool exact_reciprocal_host(float d) {
-  std::uint32_t bits = 0;
-  std::memcpy(&bits, &d, sizeof bits);
-  return exact_reciprocal_bits(bits);
-}
 
 /// x / Divisor rounded as the division rounds it, without div.rn's range check and slow
 /// path (a compile-time odd divisor: SnapKV's pooling kernels 3, 5, 7, 9): q = x·r with
 /// r = RN(1/d), then one correction q + r·(x − q·d), the remainder exact by the fma.
 /// Equal to x / d for every float x — checked exhaustively for d = 3, 5, 7, 9 on the
 /// device (tests/cuda/scorers_test.cu, FinishQuotientsAreTheDivisionsForEveryFloat) —
-/// once ±0 and ±∞ take x·r (the correction would give +0 for −0 and NaN for ∞).
+/// once ±0 and ±∞ take x·r (the correction would give +0 for −0 and NaN for ∞). Only
+/// those divisors (and powers of two, where x·(1/d) is exact) are allowed: another odd
+/// divisor would need its own exhaustive check. (The general path divides with `/`; a
+/// build with -prec-div=false or --use_fast_math makes that an approximation, and the
+/// two paths may then differ by an ulp, where IEEE builds agree bit for bit.)
 template <int Divisor>
 __device__ __forceinline__ float divide_by(float x) {
-  static_assert(Divisor >= 1);
+  static_assert(Divisor >= 1 && ((Divisor & (Divisor - 1)) == 0 || Divisor == 3 || Divisor == 5 || Divisor == 7 ||
+                                 Divisor == 9),
+                "divide_by is checked for 3, 5, 7, 9 and powers of two only");
   if constexpr ((Divisor & (Divisor - 1)) == 0) {
     return x * (1.0f / static_cast<float>(Divisor));
   } else {
@@ -922,8 +922,8 @@ __device__ __forceinline__ float divide_by(float x) {
 /// `Half` ≥ 0: SnapKV with pooling half-width Half; a tile whose windows all lie inside
 /// the row (and none of whose tokens is protected) takes the interior path: each
 /// thread pools 4 consecutive tokens from 12 staged values in registers, the window's
-/// sum in the CPU's order (first to last) and the same one quotient, with no bounds
-/// (divide_by: the division's float without div.rn's checks; mass / window and the
+/// sum in the CPU's order (first to last) and the same one quotient, with no bounds in the
+/// pooling (divide_by: the division's float without div.rn's checks; mass / window and the
 /// group mean as products where the reciprocal is exact — the path ran issue-bound, and
 /// the divisions' slow-path checks and the 64-bit bounds of its loads were ~60 % of its
 /// instructions: 38.3 → 28.6 µs at W on the H100, ncu, 2026-12-06).
@@ -960,23 +960,26 @@ __global__ void __launch_bounds__(256, 3) attention_mass_finish(const __grid_con
     const bool interior = j0 - Half >= 0 && j0 + finish_tile + Half <= p.length &&
                           j0 + finish_tile <= mass_min(p.tokens, p.protected_from);
     if (interior) {
+      constexpr int pad = finish_interior_pad, staged_values = static_cast<int>(finish_tile) + 2 * pad;
+      constexpr int interior_loads = (staged_values + 255) / 256;
+      static_assert(per_thread == 4, "a thread's 4 tokens are one float4 of the staged row");
+      const int first_token = 4 * t;  // this thread's tokens: j0 + first_token + i, i < 4
+      static_assert(interior_loads == 5 && pad >= Half, "the loads' bounds below");
+      // mass / window and the group mean as products where the reciprocal is exact (block-uniform).
+      const bool window_product = exact_reciprocal(p.window_divisor);
+      const float window_reciprocal = window_product ? 1.0f / p.window_divisor : 0.0f;
+      const float group = static_cast<float>(p.group);
+      const bool group_product = exact_reciprocal(group);
+      const float group_reciprocal = group_product ? 1.0f / group : 0.0f;
       for (std::int64_t unit = blockIdx.y; unit < units; unit += gridDim.y) {
         float* const out = p.scores + unit * p.tokens;
         const float* const rows = p.mass + unit * p.group * p.length;
         float reduced[per_thread] = {};
-        constexpr int pad = finish_interior_pad, staged_values = static_cast<int>(finish_tile) + 2 * pad;
-        constexpr int interior_loads = (staged_values + 255) / 256;
-        static_assert(per_thread == 4, "a thread's 4 tokens are one float4 of the staged row");
-        const int first_token = 4 * t;  // this thread's tokens: j0 + first_token + i, i < 4
-        static_assert(interior_loads == 5 && pad >= Half, "the loads' bounds below");
-        // mass / window as a product where 1/window is exact (block-uniform).
-        const bool window_product = exact_reciprocal(p.window_divisor);
-        const float window_reciprocal = 1.0f / p.window_divisor;
         for (std::int64_t g0 = 0; g0 < p.group; g0 += finish_stage_rows) {
           const int count = static_cast<int>(p.group - g0 < finish_stage_rows ? p.group - g0 : finish_stage_rows);
           // Staged value i is token j0 − pad + i. Only i in [pad − Half, pad + 1024 + Half) is
           // pooled, and those tokens lie in [0, length) (interior): the loads test only
-          // that, on the thread index, and the others stage 0 (never read).
+          // that, on the thread index, and the others stage 0 (read by the float4s, never pooled).
           const float* const group_rows = rows + g0 * p.length;
           const std::int64_t first_staged = j0 - pad + t;  // < 0 only where t < pad − Half: not loaded
           float loaded[finish_stage_rows][interior_loads];
@@ -1031,13 +1034,12 @@ __global__ void __launch_bounds__(256, 3) attention_mass_finish(const __grid_con
         }
         float* const tile_out = out + j0 + first_token;
         float results[per_thread];
-        const float group = static_cast<float>(p.group);
         if (!mean) {
 #pragma unroll
           for (int i = 0; i < per_thread; ++i) results[i] = reduced[i];
-        } else if (exact_reciprocal(group)) {
+        } else if (group_product) {
 #pragma unroll
-          for (int i = 0; i < per_thread; ++i) results[i] = reduced[i] * (1.0f / group);
+          for (int i = 0; i < per_thread; ++i) results[i] = reduced[i] * group_reciprocal;
         } else {
 #pragma unroll
           for (int i = 0; i < per_thread; ++i) results[i] = reduced[i] / group;
@@ -1427,8 +1429,8 @@ void attention_mass_scores(std::string_view function, const kv_view<KeyT, device
   if (tokens > 0 && batch * shape.kv_heads > 0) {
     const dim3 grid(static_cast<unsigned>(ceil_div(tokens, finish_tile)),
                     static_cast<unsigned>(std::min<std::int64_t>(batch * shape.kv_heads, 65535)));
-    // (SnapKV's kernels are odd — score::snapkv refuses others — and the interior path divides
-    // by 2·Half + 1; an even one would take the general path.)
+    // (SnapKV's kernels are odd — score::snapkv refuses others — and the interior path takes
+    // divide_by<2·Half + 1>, the quotient by the kernel; an even one would take the general path.)
     const std::int64_t half =
         finish.kind == mass_finish_kind::snapkv && finish.kernel % 2 == 1 ? finish.kernel / 2 : -1;
     switch (half) {  // a compiled interior path for the common kernels (finish_compiled_half_widths)
