@@ -28,6 +28,14 @@ __host__ __device__ __forceinline__ std::int64_t mass_ceil_div(std::int64_t a, s
 __host__ __device__ __forceinline__ std::int64_t mass_min(std::int64_t a, std::int64_t b) { return a < b ? a : b; }
 
 /// What the two passes and the finish read (FlashInfer-style parameters by value).
+/// The rows' normalisers from the caller (instead of pass 1 and the fold): the
+/// fold's row order, (unit = b·kv_heads + h, chunk = g·chunks_per_head + c, r),
+/// query head h·G + g, observed query t = first + 64c + r.
+struct given_lse_rows {
+  const float* data;  // [B, Hq, n_q], natural log
+  std::int64_t batch_stride, head_stride, query_stride;
+};
+
 template <class KeyT, class QueryT>
 struct attention_mass_parameters {
   const KeyT* keys;  // [B, H, T, D] strided
@@ -47,6 +55,8 @@ struct attention_mass_parameters {
   float* mass;                  // [B, Hq, length]
   float* lse;                   // [units · G · chunks · 64]: L = m + log2 Z (the wgmma pass 2), or null
   std::int64_t column_tiles;    // key tiles per block of the wgmma pass 2
+  given_lse_rows given;         // the caller's normalisers, which the wgmma pass 2 stages in place of
+                                // `lse` (data null: it reads `lse`)
 };
 
 /// Rows of one unit's row chunk `chunk` (g-major: chunk = g · chunks_per_head + c).
@@ -63,6 +73,33 @@ __device__ __forceinline__ row_chunk chunk_rows(const Parameters& p, std::int64_
   rows.count = mass_min(std::int64_t{mass_tile}, p.observed - rows.t0);
   rows.last_position = p.tokens - p.observed + rows.t0 + rows.count - 1;
   return rows;
+}
+
+/// Where plan row `row` lives in a [B, Hq, n_q] tensor of the observed queries (the fold's
+/// row order, as given_lse_rows); `observed` false for the rows past a chunk's queries.
+struct mass_row_place {
+  std::int64_t batch, query_head, query;
+  bool observed;
+};
+template <class Parameters>
+__device__ __forceinline__ mass_row_place place_of_mass_row(const Parameters& p, std::int64_t row) {
+  const std::int64_t row_chunks = p.group * p.chunks_per_head;
+  const std::int64_t in_chunk = row % mass_tile, unit = row / mass_tile / row_chunks;
+  const row_chunk chunk = chunk_rows(p, (row / mass_tile) % row_chunks);
+  return {unit / p.kv_heads, (unit % p.kv_heads) * p.group + chunk.g, chunk.t0 + in_chunk, in_chunk < chunk.count};
+}
+
+/// A caller's natural-log normaliser in the passes' base 2: rounded once from the double
+/// product (+∞ past FLT_MAX, as the CPU's float arithmetic gives; ±∞ and NaN give +∞).
+__device__ __forceinline__ float given_lse_base2(float lse) {
+  return isfinite(lse) ? __double2float_rn(static_cast<double>(lse) * 1.4426950408889634) : INFINITY;
+}
+/// The caller's normaliser of plan row `row` (an observed one), in base 2.
+template <class Parameters>
+__device__ __forceinline__ float given_row_lse(const Parameters& p, std::int64_t row) {
+  const mass_row_place place = place_of_mass_row(p, row);
+  return given_lse_base2(p.given.data[place.batch * p.given.batch_stride + place.query_head * p.given.head_stride +
+                                      place.query * p.given.query_stride]);
 }
 
 /// Row chunks [this, chunks_per_head) of every query head see the key tile at

@@ -367,8 +367,9 @@ __global__ void __launch_bounds__(wgmma_mass_threads, 1)
     // Rows past a chunk's count get L = +∞: 2^(l·c − ∞) = 0, no test per logit.
     for (int x = static_cast<int>(threadIdx.x); x < chunks * mass_tile; x += wgmma_mass_threads) {
       const int i = x / mass_tile, r = x % mass_tile;
-      const float lse =
-          r < chunk_rows(p, i).count ? p.lse[(std::int64_t{unit} * chunks + i) * mass_tile + r] : INFINITY;
+      const std::int64_t row = (std::int64_t{unit} * chunks + i) * mass_tile + r;
+      const float lse = r < chunk_rows(p, i).count ? (p.given.data != nullptr ? given_row_lse(p, row) : p.lse[row])
+                                                    : INFINITY;
       row_lse[i * mass_tile + ((r % 8) / 2) * 16 + (r / 8) * 2 + r % 2] = lse;
     }
     mass_async_wait<0>();
