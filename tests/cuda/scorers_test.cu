@@ -297,6 +297,7 @@ struct snapkv_case {
   kt::score::window_reduction reduction = kt::score::window_reduction::mean;
   kt::score::group_reduction group_reduction = kt::score::group_reduction::mean;
   bool strided = false;
+  bool strided_lse = false;  // the given normalisers padded, the inputs not (the wgmma passes' reads)
 };
 
 std::string describe(const snapkv_case& c) {
@@ -304,7 +305,7 @@ std::string describe(const snapkv_case& c) {
                          c.window, "_k", c.kernel, "_q", c.observed, c.pooling == kt::score::pooling::max ? "_maxpool" : "",
                          c.reduction == kt::score::window_reduction::sum ? "_sum" : "",
                          c.group_reduction == kt::score::group_reduction::max ? "_groupmax" : "",
-                         c.strided ? "_strided" : "");
+                         c.strided ? "_strided" : "", c.strided_lse ? "_stridedlse" : "");
 }
 
 template <class K, class Q>
@@ -337,7 +338,8 @@ void run_snapkv_given_lse(const snapkv_case& c) {
   const auto queries = kt::testing::random_tensor<Q, 4>({c.batch, shape.q_heads, c.observed, c.head_dim}, 22, 1.0f, padding);
   const std::int64_t first = c.observed - c.window;
   auto lse = kt::testing::reference_lse(keys.cview(), queries.cview(), first,
-                                        c.strided ? std::array<std::int64_t, 3>{1, 2, 5} : std::array<std::int64_t, 3>{});
+                                        c.strided || c.strided_lse ? std::array<std::int64_t, 3>{1, 2, 5}
+                                                                   : std::array<std::int64_t, 3>{});
   poison_rows(lse, first);
   const kt::score::snapkv::config cfg{.window = c.window, .kernel = c.kernel, .pooling = c.pooling,
                                       .reduction = c.reduction, .group = c.group_reduction};
@@ -405,7 +407,11 @@ INSTANTIATE_TEST_SUITE_P(
         snapkv_case{2, 2, 4, 128, 5003, 64, 3, 64},
         snapkv_case{1, 2, 6, 64, 3071, 32, 9, 32, kt::score::pooling::max, kt::score::window_reduction::mean,
                     kt::score::group_reduction::max},
-        snapkv_case{1, 1, 4, 64, 3000, 16, 1, 16, kt::score::pooling::avg, kt::score::window_reduction::sum}),
+        snapkv_case{1, 1, 4, 64, 3000, 16, 1, 16, kt::score::pooling::avg, kt::score::window_reduction::sum},
+        // Contiguous inputs (the wgmma passes on sm_90a) with padded given normalisers: pass 2
+        // reads the caller's strided rows itself (given_row_lse)
+        snapkv_case{2, 2, 4, 128, 4097, 100, 5, 100, kt::score::pooling::avg, kt::score::window_reduction::mean,
+                    kt::score::group_reduction::mean, false, true}),
     [](const ::testing::TestParamInfo<snapkv_case>& info) { return describe(info.param) + "_" + std::to_string(info.index); });
 
 // The finish's compiled interior path (attention_mass_finish<Half>, Half = kernel / 2) against
@@ -423,6 +429,16 @@ template <int Half>
 void launch_finish(const kvtrim::cuda_detail::mass_finish_parameters& p, dim3 grid) {
   kvtrim::cuda_detail::attention_mass_finish<Half><<<grid, 256>>>(p);
   kt::testing::check(cudaGetLastError(), "attention_mass_finish");
+}
+/// attention_mass_finish<half> for a runtime half-width 0–4 (the compiled interior paths).
+void launch_finish_interior(int half, const kvtrim::cuda_detail::mass_finish_parameters& p, dim3 grid) {
+  switch (half) {
+    case 0: launch_finish<0>(p, grid); break;
+    case 1: launch_finish<1>(p, grid); break;
+    case 2: launch_finish<2>(p, grid); break;
+    case 3: launch_finish<3>(p, grid); break;
+    default: launch_finish<4>(p, grid); break;
+  }
 }
 
 // One configuration: `tokens` prompt tokens, `window` observed, the scores protected from
@@ -466,13 +482,7 @@ void finish_paths_bit_for_bit(std::int64_t group, std::int64_t window, std::int6
           p.scores = general.data() + offset;
           launch_finish<-1>(p, grid);
           p.scores = interior.data() + offset;
-          switch (half) {
-            case 0: launch_finish<0>(p, grid); break;
-            case 1: launch_finish<1>(p, grid); break;
-            case 2: launch_finish<2>(p, grid); break;
-            case 3: launch_finish<3>(p, grid); break;
-            default: launch_finish<4>(p, grid); break;
-          }
+          launch_finish_interior(half, p, grid);
           ++interior_launches;
           kt::testing::check(cudaDeviceSynchronize(), "attention_mass_finish");
           const auto want = general.download(), got = interior.download();
@@ -488,13 +498,7 @@ void finish_paths_bit_for_bit(std::int64_t group, std::int64_t window, std::int6
             p.scores = general.data();
             launch_finish<-1>(p, grid);
             p.scores = interior.data();
-            switch (half) {
-              case 0: launch_finish<0>(p, grid); break;
-              case 1: launch_finish<1>(p, grid); break;
-              case 2: launch_finish<2>(p, grid); break;
-              case 3: launch_finish<3>(p, grid); break;
-              default: launch_finish<4>(p, grid); break;
-            }
+            launch_finish_interior(half, p, grid);
             kt::testing::check(cudaDeviceSynchronize(), "attention_mass_finish");
             const auto general_scores = general.download(), interior_scores = interior.download();
             std::int64_t control_differing = 0;

@@ -46,15 +46,16 @@
 //
 // Given normalisers (score/attention_mass.hpp: the engine's prefill computed each
 // row's L = ln Z, natural log of the scaled logits): pass 1 and the fold are
-// replaced by attention_given_stats, one thread per row, which writes what the fold
-// would have: (m, 1/Z) = (L·log2(e), 1) and, for the wgmma pass 2, L' = L·log2(e)
-// (rounded once: the product in double), so pass 2 computes 2^(l·log2(e)/√D − L')
-// = exp(l/√D − L). A non-finite L becomes m = L' = +∞ (1/Z = 1): every term of the
-// row is 2^(−∞) = 0, the CPU's "contributes nothing". Rows past a chunk's queries
-// are left as the fold leaves them (never read: the mma and wgmma passes substitute
-// +∞ for them, the scalar pass loops over the chunk's queries only). Pass 2 and the
-// finish are unchanged; the workspace too (its partials are then unused). At W on
-// the H100 the score takes 45 % less time, a contiguous compress 33 % (docs/results.md).
+// replaced by the base-2 form of L: m = L' = L·log2(e) (rounded once: the product in
+// double, given_lse_base2), so pass 2 computes 2^(l·log2(e)/√D − L') = exp(l/√D − L).
+// The wgmma pass 2 computes it itself while it stages its rows' L' (given_row_lse);
+// before the scalar and mma.sync passes, attention_given_stats writes what the fold
+// would have, (m, 1/Z) = (L', 1), one thread per row. A non-finite L becomes +∞ (1/Z = 1):
+// every term of the row is 2^(−∞) = 0, the CPU's "contributes nothing". Rows past a
+// chunk's queries are never read (the mma and wgmma passes substitute +∞ for them, the
+// scalar pass loops over the chunk's queries only). The finish is unchanged; the
+// workspace too (its partials are then unused). At W on the H100 the score takes 45 %
+// less time, a contiguous compress 33 % (docs/results.md).
 //
 // Scratch (the scheme's two-phase workspace): partial (max, sum) per (row,
 // split), the final (m, Z) per row, and the per-query-head mass [B, Hq, length].
@@ -298,19 +299,15 @@ __global__ void attention_fold_splits(const __grid_constant__ attention_mass_par
   }
 }
 
-
+/// The caller's normalisers (p.given) as the fold's (m, 1/Z) = (L', 1) rows, for the scalar
+/// and mma.sync column passes (the wgmma pass 2 reads p.given itself).
 template <class KeyT, class QueryT>
-__global__ void attention_given_stats(const __grid_constant__ attention_mass_parameters<KeyT, QueryT> p,
-                                      const given_lse_rows given) {
+__global__ void attention_given_stats(const __grid_constant__ attention_mass_parameters<KeyT, QueryT> p) {
   const std::int64_t rows = p.batch * p.kv_heads * p.group * p.chunks_per_head * mass_tile;
   for (std::int64_t row = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; row < rows;
        row += std::int64_t{gridDim.x} * blockDim.x) {
-    const mass_row_place place = place_of_mass_row(p, row);
-    if (!place.observed) continue;  // as the fold: rows without a query are never read
-    const float m = given_lse_base2(given.data[place.batch * given.batch_stride + place.query_head * given.head_stride +
-                                               place.query * given.query_stride]);
-    p.stats[row] = make_float2(m, 1.0f);
-    if (p.lse != nullptr) p.lse[row] = m;
+    if (!place_of_mass_row(p, row).observed) continue;  // as the fold: rows without a query are never read
+    p.stats[row] = make_float2(given_row_lse(p, row), 1.0f);
   }
 }
 
@@ -1386,13 +1383,12 @@ void attention_mass_scores(std::string_view function, const kv_view<KeyT, device
     constexpr int D = decltype(head_dim_constant)::value;
     const mass_kernels kernels = choose_mass_kernels<key_t, query_t, D>(function, p, plan, pieces.lse, length);
     if (given.data != nullptr) {
-      const given_lse_rows rows{given.data, given.stride(0), given.stride(1), given.stride(2)};
-      if (kernels.wgmma_columns && length > 0) {
-        // The wgmma pass 2 stages the caller's normalisers itself (its rows' L, once a block):
-        // no (m, 1/Z) rows for it to read, one launch fewer (3.6 µs at W on the H100).
-        p.given = rows;
-      } else {
-        attention_given_stats<key_t, query_t><<<mass_row_blocks(plan), 256, 0, stream>>>(p, rows);
+      // Read by pass 2 only (none runs for length 0). The wgmma pass 2 stages the caller's
+      // normalisers itself (its rows' L', once a block): one launch fewer than the (m, 1/Z)
+      // rows the other passes read (3.6 µs at W on the H100).
+      p.given = given_lse_rows{given.data, given.stride(0), given.stride(1), given.stride(2)};
+      if (!kernels.wgmma_columns && length > 0) {
+        attention_given_stats<key_t, query_t><<<mass_row_blocks(plan), 256, 0, stream>>>(p);
         detail::check_launch(function, "attention_given_stats");
       }
     } else {

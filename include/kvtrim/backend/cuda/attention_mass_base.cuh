@@ -1,8 +1,9 @@
 // kvtrim/backend/cuda/attention_mass_base.cuh — what the SnapKV / H2O attention-mass
 // passes share, whichever instructions multiply (attention_mass.cuh: fp32 loops and
 // mma.sync; attention_mass_wgmma.cuh: Hopper's wgmma): the tile sizes, the parameters
-// by value, the row chunks and their causal extents, the base-2 exponential, the merge
-// of two (max, Σexp) parts and the cp.async helpers. attention_mass.cuh explains the math.
+// by value, the row chunks and their causal extents, where a row lives in a caller's
+// [B, Hq, n_q] normalisers and their base-2 form, the base-2 exponential, the merge of
+// two (max, Σexp) parts and the cp.async helpers. attention_mass.cuh explains the math.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -27,7 +28,6 @@ inline constexpr std::int64_t mass_max_splits = 64;
 __host__ __device__ __forceinline__ std::int64_t mass_ceil_div(std::int64_t a, std::int64_t b) { return (a + b - 1) / b; }
 __host__ __device__ __forceinline__ std::int64_t mass_min(std::int64_t a, std::int64_t b) { return a < b ? a : b; }
 
-/// What the two passes and the finish read (FlashInfer-style parameters by value).
 /// The rows' normalisers from the caller (instead of pass 1 and the fold): the
 /// fold's row order, (unit = b·kv_heads + h, chunk = g·chunks_per_head + c, r),
 /// query head h·G + g, observed query t = first + 64c + r.
@@ -36,6 +36,7 @@ struct given_lse_rows {
   std::int64_t batch_stride, head_stride, query_stride;
 };
 
+/// What the two passes and the finish read (FlashInfer-style parameters by value).
 template <class KeyT, class QueryT>
 struct attention_mass_parameters {
   const KeyT* keys;  // [B, H, T, D] strided

@@ -31,7 +31,8 @@
 // chunk i's accumulator is read (wgmma.wait_group 1), so the exponentials of one chunk
 // run under the tensor work of the next.
 //
-// Pass 2's probabilities use one value per row, L = m' + log2 Z (written by the fold):
+// Pass 2's probabilities use one value per row, L = m' + log2 Z (written by the fold, or
+// computed from the caller's normalisers as the rows are staged: given_row_lse):
 // p = 2^(l·c − L), one fma and one MUFU.EX2 per logit, where the mma.sync pass
 // multiplies by 1/Z — one product per logit and two values per row to load. L's
 // rounding moves the exponent by ≤ u·(|m'| + 3·log2 T) (tests/cuda/scorers_test.cu
