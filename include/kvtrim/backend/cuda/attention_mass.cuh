@@ -964,19 +964,18 @@ __global__ void __launch_bounds__(256, 3) attention_mass_finish(const __grid_con
               loaded[r][x] = r < count && pooled ? group_rows[first_staged + r * p.length + 256 * x] : 0.0f;
             }
           __syncthreads();  // every thread is done with the previous rows' values
-          if (window_product) {
+          // The branch outside the loops: each loop one multiplication or one division an element.
+          const auto stage_divided = [&](auto&& divided) {
 #pragma unroll
             for (int r = 0; r < finish_stage_rows; ++r)
 #pragma unroll
               for (int x = 0; x < interior_loads; ++x)
-                if (r < count && t + 256 * x < staged_values) staged[r][t + 256 * x] = loaded[r][x] * window_reciprocal;
-          } else {
-#pragma unroll
-            for (int r = 0; r < finish_stage_rows; ++r)
-#pragma unroll
-              for (int x = 0; x < interior_loads; ++x)
-                if (r < count && t + 256 * x < staged_values) staged[r][t + 256 * x] = loaded[r][x] / p.window_divisor;
-          }
+                if (r < count && t + 256 * x < staged_values) staged[r][t + 256 * x] = divided(loaded[r][x]);
+          };
+          if (window_product)
+            stage_divided([&](float value) { return value * window_reciprocal; });
+          else
+            stage_divided([&](float value) { return value / p.window_divisor; });
           __syncthreads();
 #pragma unroll 1
           for (int r = 0; r < count; ++r) {
@@ -1007,16 +1006,16 @@ __global__ void __launch_bounds__(256, 3) attention_mass_finish(const __grid_con
         }
         float* const tile_out = out + j0 + first_token;
         float results[per_thread];
-        if (!mean) {
+        const auto finish_reduced = [&](auto&& finished) {
 #pragma unroll
-          for (int i = 0; i < per_thread; ++i) results[i] = reduced[i];
-        } else if (group_product) {
-#pragma unroll
-          for (int i = 0; i < per_thread; ++i) results[i] = reduced[i] * group_reciprocal;
-        } else {
-#pragma unroll
-          for (int i = 0; i < per_thread; ++i) results[i] = reduced[i] / group;
-        }
+          for (int i = 0; i < per_thread; ++i) results[i] = finished(reduced[i]);
+        };
+        if (!mean)
+          finish_reduced([](float value) { return value; });
+        else if (group_product)
+          finish_reduced([&](float value) { return value * group_reciprocal; });
+        else
+          finish_reduced([&](float value) { return value / group; });
         if ((reinterpret_cast<std::uintptr_t>(out) & 15u) == 0) {  // block-uniform (j0 and first_token are ×4)
           *reinterpret_cast<float4*>(tile_out) = make_float4(results[0], results[1], results[2], results[3]);
         } else {
