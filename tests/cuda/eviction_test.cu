@@ -181,6 +181,16 @@ struct harness {
       ASSERT_EQ(0, std::memcmp(with_metric.data(), without.data(), with_metric.size() * sizeof(float)))
           << "the metric side output changed the attention output";
       const std::vector<float> got = gpu_metric.download();
+      {  // The logits stored plainly (no L2 policy): the same floats, so the same metric bit for bit.
+        device_buffer<float> plain_metric(initial);
+        const ev::metric_output<kt::device_space> plain_output{plain_metric.data(), slots, kind, c.window};
+        ev::attend(query_view, gpu_view, kt::make_view<kt::device_space>(gpu_out.data(), out_extents), plain_output,
+                   {scratch.data(), scratch.size()}, stream, ev::metric_l2_hints{.logits_in_l2 = false});
+        ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+        const std::vector<float> plain_got = plain_metric.download();
+        ASSERT_EQ(0, std::memcmp(plain_got.data(), got.data(), got.size() * sizeof(float)))
+            << "plain logit stores gave another metric than evict_last ones";
+      }
 
       // Bound, per token, from the two first-order error budgets (no safety factor).
       // Each backend computes p_gi with exponent error (natural-log units) at most
@@ -310,14 +320,17 @@ INSTANTIATE_TEST_SUITE_P(
         metric_case{L::contiguous, 2, 2, 4, 128, 0, {2049, 2049, 2049, 2049}, 64},
         metric_case{L::contiguous, 1, 2, 2, 64, 0, {300, 300}, 3},
         // GQA 16 (both mma row blocks), D 256, heads 10× apart
-        metric_case{L::flat, 1, 2, 16, 256, 0, {4097, 409}, 64}),
+        metric_case{L::flat, 1, 2, 16, 256, 0, {4097, 409}, 64},
+        // A line longer than the finisher's grid takes in one pass (2048 threads an SM × 4 places:
+        // 1.08 M places on 132 SMs), so its grid-stride loop turns
+        metric_case{L::flat, 1, 2, 1, 64, 0, {600001, 530000}, 64}),
     [](const ::testing::TestParamInfo<metric_case>& info) {
       return kt::detail::cat(name_of(info.param), "_", info.index);
     });
 
 
 // The metric over quantizing codecs' caches (the same kernels' logits, whatever the codec):
-// KIVI int8 (GQA 4), int4 (GQA 1, D 64) and fp8 (GQA 2) on the tensor-core fragments (every group),
+// KIVI int8 (GQA 4 and 16), int4 (GQA 1, D 64) and fp8 (GQA 2) on the tensor-core fragments (every group),
 // layered<int8> (fp16 rows for sinks and the newest tokens) with one long head (GQA 8);
 // low_rank (post-RoPE, profile bases of ragged ranks): rank 32 at D 128 takes the tensor-core
 // kernel, rank 20 the CUDA-core one.
@@ -377,7 +390,10 @@ INSTANTIATE_TEST_SUITE_P(
         codec_metric_case{metric_case{L::flat, 1, 2, 8, 128, 0, {20000, 409}, 64}, metric_codec::layered_int8},
         codec_metric_case{metric_case{L::paged, 2, 3, 4, 128, 16, {4097, 1, 17, 300, 33, 129}, 64},
                           metric_codec::low_rank_r32},
-        codec_metric_case{metric_case{L::flat, 1, 3, 2, 128, 0, {1000, 31, 257}, 7}, metric_codec::low_rank_r20}),
+        codec_metric_case{metric_case{L::flat, 1, 3, 2, 128, 0, {1000, 31, 257}, 7}, metric_codec::low_rank_r20},
+        // GQA 16: the row form over code fragments (tiles from a multiple of 32 before the segment),
+        // head prefixes on the line odd and even
+        codec_metric_case{metric_case{L::paged, 1, 3, 16, 128, 16, {4097, 409, 33}, 64}, metric_codec::int8}),
     codec_metric_name);
 
 // ---- the prefill seed on the device, against the CPU's -------------------------

@@ -187,12 +187,24 @@ inline void check_aligned16(std::string_view function, std::string_view argument
 // every kernel writing the eviction metric's logits stores them the same way.
 
 /// Stores one metric logit: with an L2 evict_last policy (`policy` from metric_store_policy) or plainly.
+/// No "memory" clobber: nothing in the kernel that stores a logit reads it back (the finisher is a
+/// later launch), so the store need not order the kernel's other loads and stores — with the clobber
+/// the compiler could not move a shared-memory read of the next block across it.
 __device__ __forceinline__ void store_metric_logit(float* address, float value, bool keep_in_l2,
                                                    std::uint64_t policy) {
   if (keep_in_l2)
-    asm volatile("st.global.L2::cache_hint.f32 [%0], %1, %2;\n" ::"l"(address), "f"(value), "l"(policy) : "memory");
+    asm volatile("st.global.L2::cache_hint.f32 [%0], %1, %2;\n" ::"l"(address), "f"(value), "l"(policy));
   else
     *address = value;
+}
+/// Stores the logits of two consecutive tokens at an 8-byte aligned `address`, as store_metric_logit.
+__device__ __forceinline__ void store_metric_logit_pair(float* address, float first, float second, bool keep_in_l2,
+                                                        std::uint64_t policy) {
+  if (keep_in_l2)
+    asm volatile("st.global.L2::cache_hint.v2.f32 [%0], {%1, %2}, %3;\n" ::"l"(address), "f"(first), "f"(second),
+                 "l"(policy));
+  else
+    *reinterpret_cast<float2*>(address) = make_float2(first, second);
 }
 __device__ __forceinline__ std::uint64_t metric_store_policy() {
   std::uint64_t policy;

@@ -1025,7 +1025,6 @@ __global__ void __launch_bounds__(
     // are one run (its query is scaled once: ncu at W saw 44 % of steps scaling twice with tiles
     // at multiples of 16 — a partition cut at 16 mod 32); the tokens before `begin` are read and masked.
     const std::int64_t first = Fragments ? begin & ~std::int64_t{16 * geometry::sub_blocks - 1} : begin;
-    const auto in_segment = [&](std::int64_t token) { return (!Fragments || token >= begin) && token < end; };
     side_type side{};
     [[maybe_unused]] decoder fragments;
     if constexpr (Fragments) {
@@ -1160,12 +1159,12 @@ __global__ void __launch_bounds__(
                 const bool seen = head_valid && index >= seen_from && index < seen_to;
                 float& score = logit[sb][2 * r + e];
                 score = seen ? score + (index == bias_place ? bias.bias_log2 : 0.0f) : negative_infinity;
-                if (params.metric.logits != nullptr && head_valid) {
-                  const std::int64_t token = first_token + index;
-                  if (in_segment(token))  // not token < end: [first, begin) belongs to another block's segment
-                    store_metric_logit(params.metric.logits + column * params.metric.stride + metric_line + token,
-                                       score, params.metric.keep_in_l2, metric_policy);
-                }
+                // Tokens of the segment only ([first, begin) belongs to another block's): `seen`, which
+                // is in_segment(first_token + index) in 32-bit places.
+                if (params.metric.logits != nullptr && seen)
+                  store_metric_logit(params.metric.logits + column * params.metric.stride + metric_line + first_token +
+                                         index,
+                                     score, params.metric.keep_in_l2, metric_policy);
                 tile_max = fmaxf(tile_max, score);
               }
             // The head's tokens are spread over the eight lanes of its column (lanes t, t + 4, …).
@@ -1305,14 +1304,32 @@ __global__ void __launch_bounds__(
                 score[4 * sb + i] =
                     seen ? logit[sb][rb][i] + (index == bias_place ? bias.bias_log2 : 0.0f) : negative_infinity;
               }
-            if (Queries == 1 && params.metric.logits != nullptr && head_row + 8 * rb < Group)
+            if (Queries == 1 && params.metric.logits != nullptr && head_row + 8 * rb < Group) {
+              // The segment's tokens only ([first, begin) belongs to another block's segment): places in
+              // [seen_from, seen_to), which is in_segment in 32-bit compares. A lane holds tokens 2·quad and
+              // 2·quad + 1 of each 8: one 8-byte store for both where their address is 8-byte aligned (tested
+              // on the address: eviction::attend's logits and stride make it the line place's parity, but a
+              // hand-built decode_metric need not).
+              float* const step_logits =
+                  params.metric.logits + (head_row + 8 * rb) * params.metric.stride + metric_line + first_token;
+              const bool pairs_aligned = (reinterpret_cast<std::uintptr_t>(step_logits) & 7) == 0;
 #pragma unroll
-              for (int i = 0; i < 4 * sub_blocks; ++i) {
-                const std::int64_t token = first_token + (i / 4) * 16 + ((i % 4) / 2) * 8 + 2 * quad + i % 2;
-                if (in_segment(token))  // not token < end: [first, begin) belongs to another block's segment
-                  store_metric_logit(params.metric.logits + (head_row + 8 * rb) * params.metric.stride + metric_line + token,
-                                     score[i], params.metric.keep_in_l2, metric_policy);
+              for (int pair = 0; pair < 2 * sub_blocks; ++pair) {
+                const int index = (pair / 2) * 16 + (pair % 2) * 8 + 2 * quad;
+                const bool first_seen = index >= seen_from && index < seen_to;
+                const bool second_seen = index + 1 >= seen_from && index + 1 < seen_to;
+                if (pairs_aligned && first_seen && second_seen) {
+                  store_metric_logit_pair(step_logits + index, score[2 * pair], score[2 * pair + 1],
+                                          params.metric.keep_in_l2, metric_policy);
+                } else {
+                  if (first_seen)
+                    store_metric_logit(step_logits + index, score[2 * pair], params.metric.keep_in_l2, metric_policy);
+                  if (second_seen)
+                    store_metric_logit(step_logits + index + 1, score[2 * pair + 1], params.metric.keep_in_l2,
+                                       metric_policy);
+                }
               }
+            }
             float tile_max = running_max[rb];
 #pragma unroll
             for (int i = 0; i < 4 * sub_blocks; ++i) tile_max = fmaxf(tile_max, score[i]);
