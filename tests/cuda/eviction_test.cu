@@ -321,8 +321,8 @@ INSTANTIATE_TEST_SUITE_P(
         metric_case{L::contiguous, 1, 2, 2, 64, 0, {300, 300}, 3},
         // GQA 16 (both mma row blocks), D 256, heads 10× apart
         metric_case{L::flat, 1, 2, 16, 256, 0, {4097, 409}, 64},
-        // A line longer than the finisher's grid takes in one pass (2048 threads an SM × 4 places:
-        // 1.08 M places on 132 SMs), so its grid-stride loop turns
+        // A line longer than the finisher's grid takes in one pass (2048 threads an SM, a place each:
+        // 270 k places on 132 SMs), so its grid-stride loop turns several times
         metric_case{L::flat, 1, 2, 1, 64, 0, {600001, 530000}, 64}),
     [](const ::testing::TestParamInfo<metric_case>& info) {
       return kt::detail::cat(name_of(info.param), "_", info.index);

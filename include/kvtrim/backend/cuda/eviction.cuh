@@ -8,8 +8,8 @@
 // very float its softmax uses) at the token's place on the partition's line
 // (consecutive tokens, consecutive floats, whatever the layout), with an L2
 // evict_last policy; finish_segment / the merge write each head's final lse_g;
-// accumulate_decode_metric below — one more dependent launch, a warp per 4 runs
-// of 32 places of the line — adds c_i to metric[slot] for tokens older than the
+// accumulate_decode_metric below — one more dependent launch, a warp per 32
+// places of the line — adds c_i to metric[slot] for tokens older than the
 // protected window and discards the logits' L2 lines once read, so logits that
 // stayed resident are never written back. At W they mostly do not stay (1 GB of
 // K/V streams through the 50 MB L2; measured in docs/results.md: +16.7 % with
@@ -70,67 +70,43 @@ __device__ __forceinline__ std::int64_t head_at(const planned_partition& partiti
   return head;
 }
 
-/// Places of the line a thread of accumulate_decode_metric takes per pass. A place's loads (its
-/// logits, its slot's position and metric) wait on nothing but the slot, so the thread issues all
-/// of them before it uses the first: this many places' memory in flight a thread, where one place
-/// a thread was a chain (position → metric → store) each pass — 24–26 µs at W, half the copy rate.
-inline constexpr int metric_places_per_thread = 4;
-
 /// metric[slot(i)] += factor · Σ_g term(2^(s_gi − lse_g)) for every token older than
-/// the protected window, over the partition's line (grid-stride; a warp takes
-/// metric_places_per_thread runs of 32 consecutive places, so its G logit reads are whole 128-byte
-/// lines, which it discards from L2 once read: the logits are dead, never written back to HBM).
+/// the protected window, over the partition's line (grid-stride; a warp takes 32
+/// consecutive places, so its G logit reads are whole 128-byte lines, which it
+/// discards from L2 once read: the logits are dead, never written back to HBM).
+/// One place a thread a pass is the fastest form measured (H100, W: 29.5–31 µs; four places a
+/// thread with every load issued first took 33–37.5 µs at 64–80 registers, two places at 32
+/// registers no better: fewer resident threads hold no more loads in flight; docs/results.md).
 template <int Group, class View, class Partition>
 __global__ void __launch_bounds__(metric_threads)
     accumulate_decode_metric(const __grid_constant__ View cache, const __grid_constant__ Partition partition,
                              decode_metric side, float* metric, eviction::metric_kind kind, std::int64_t window,
                              int page_shift) {
   wait_for_prerequisite_grid();  // the attention kernel's logits and the merge's lse
-  constexpr int places = metric_places_per_thread;
   const decode_line line = partition.line();
   const float factor = eviction::metric_group_factor(kind, Group);
   const int lane = threadIdx.x % 32;
-  for (std::int64_t base = std::int64_t{blockIdx.x} * metric_threads * places; base < line.total;
-       base += std::int64_t{gridDim.x} * metric_threads * places) {
-    const std::int64_t warp_first = base + (threadIdx.x - lane) * places;  // the warp's places·32 places
-    std::int64_t slot[places], head[places];
+  for (std::int64_t base = std::int64_t{blockIdx.x} * metric_threads; base < line.total;
+       base += std::int64_t{gridDim.x} * metric_threads) {
+    const std::int64_t x = base + threadIdx.x;
+    if (x < line.total) {
+      const std::int64_t head = head_at(partition, line, x);
+      const std::int64_t slot = head_rows(cache, head, page_shift).slot(x - partition.prefix(head));
+      // Loads first, the window test after: the loads do not wait for the position.
+      const std::int64_t position = cache.positions.slot_position[slot];
+      const std::int64_t next = cache.positions.next_position[head];
+      float sum = 0.0f;
 #pragma unroll
-    for (int k = 0; k < places; ++k) {
-      const std::int64_t x = warp_first + 32 * k + lane;
-      head[k] = x < line.total ? head_at(partition, line, x) : 0;
-      slot[k] = x < line.total ? head_rows(cache, head[k], page_shift).slot(x - partition.prefix(head[k])) : 0;
-    }
-    // Every load of the pass, then the sums and the stores (distinct places are distinct slots).
-    std::int64_t position[places], next[places];
-    float value[places], sum[places];
-#pragma unroll
-    for (int k = 0; k < places; ++k) {
-      const std::int64_t x = warp_first + 32 * k + lane;
-      sum[k] = 0.0f;
-      if (x < line.total) {
-        position[k] = cache.positions.slot_position[slot[k]];
-        next[k] = cache.positions.next_position[head[k]];
-        value[k] = metric[slot[k]];
-#pragma unroll
-        for (int g = 0; g < Group; ++g)
-          sum[k] += eviction::metric_term(kind,
-                                          exp2f(side.logits[g * side.stride + x] - side.lse[head[k] * Group + g]));
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < places; ++k) {
-      const std::int64_t x = warp_first + 32 * k + lane;
-      if (x < line.total && eviction::outside_window(next[k], position[k], window))
-        metric[slot[k]] = value[k] + sum[k] * factor;
+      for (int g = 0; g < Group; ++g)
+        sum += eviction::metric_term(kind, exp2f(side.logits[g * side.stride + x] - side.lse[head * Group + g]));
+      if (eviction::outside_window(next, position, window)) metric[slot] += sum * factor;
     }
     __syncwarp();  // every lane has read its logits: the warp's lines are dead
-    // discard needs whole 128-byte lines: the workspace guarantees 16-byte alignment only.
-    if (side.keep_in_l2 && lane < Group && reinterpret_cast<std::uintptr_t>(side.logits) % 128 == 0)
-#pragma unroll
-      for (int k = 0; k < places; ++k)
-        if (warp_first + 32 * k < line.total)
-          asm volatile("discard.global.L2 [%0], 128;\n" ::"l"(side.logits + lane * side.stride + warp_first + 32 * k)
-                       : "memory");
+    const std::int64_t warp_first = base + (threadIdx.x - lane);
+    // discard needs whole 128-byte lines: a caller's workspace is only 16-byte aligned.
+    if (side.keep_in_l2 && lane < Group && warp_first < line.total &&
+        reinterpret_cast<std::uintptr_t>(side.logits) % 128 == 0)
+      asm volatile("discard.global.L2 [%0], 128;\n" ::"l"(side.logits + lane * side.stride + warp_first) : "memory");
   }
 }
 
@@ -256,8 +232,7 @@ void attend(tensor_view<QueryT, 3, device_space> queries, const View& cache, ten
   if (!metric.enabled()) return;
   int page_shift = -1;
   if constexpr (cuda_detail::is_paged_view<View>) page_shift = cuda_detail::power_of_two_shift(cache.page_size);
-  // 2048 threads an SM (one resident wave where registers allow it), grid-striding over the line
-  // (its length lives on the device).
+  // One resident wave of threads, grid-striding over the line (its length lives on the device).
   const unsigned blocks = static_cast<unsigned>(backend::cuda::multiprocessor_count()) * (2048 / cuda_detail::metric_threads);
   cuda_detail::dispatch_decode_group(shape.group_size(), function, [&](auto group_constant) {
     constexpr int group = decltype(group_constant)::value;
