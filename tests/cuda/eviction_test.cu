@@ -1,9 +1,10 @@
 // Decode-time eviction on backend::cuda (issue 16): the eviction metric the
 // split-K decode kernel writes as a side output, against the CPU reference
 // (backend/cpu/decode_attention.hpp, the specification), over paged, flat and
-// contiguous caches, GQA groups 1, 2 (CUDA cores), 4, 8 (tensor cores), head
-// dims 64 / 128, lengths that cut across blocks and the merge, compensation
-// tokens, and every metric kind. The attention output with the metric must be
+// contiguous caches, GQA groups 1, 2 (CUDA cores for 16-bit storage), 4, 8, 16
+// (tensor cores; code fragments at every group), head dims 64 / 128 / 256,
+// lengths that cut across blocks and the merge, compensation tokens, every
+// metric kind, and workspaces only 16-byte aligned. The attention output with the metric must be
 // bit-identical to the output without it (the side output changes nothing).
 //
 // The caches are built on the host with the CPU backend and their memory block
@@ -190,6 +191,18 @@ struct harness {
         const std::vector<float> plain_got = plain_metric.download();
         ASSERT_EQ(0, std::memcmp(plain_got.data(), got.data(), got.size() * sizeof(float)))
             << "plain logit stores gave another metric than evict_last ones";
+      }
+      {  // A workspace only 16-byte aligned (all attend asks for): the logits land off a 128-byte line,
+         // where the finisher's discard.global.L2 (whole lines only) must not run. Same metric bit for bit.
+        device_buffer<std::byte> wider(scratch.size() + 16);
+        device_buffer<float> offset_metric(initial);
+        const ev::metric_output<kt::device_space> offset_output{offset_metric.data(), slots, kind, c.window};
+        ev::attend(query_view, gpu_view, kt::make_view<kt::device_space>(gpu_out.data(), out_extents), offset_output,
+                   {wider.data() + 16, scratch.size()}, stream);
+        ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+        const std::vector<float> offset_got = offset_metric.download();
+        ASSERT_EQ(0, std::memcmp(offset_got.data(), got.data(), got.size() * sizeof(float)))
+            << "a workspace 16 bytes past a 128-byte line gave another metric";
       }
 
       // Bound, per token, from the two first-order error budgets (no safety factor).

@@ -103,7 +103,9 @@ __global__ void __launch_bounds__(metric_threads)
     }
     __syncwarp();  // every lane has read its logits: the warp's lines are dead
     const std::int64_t warp_first = base + (threadIdx.x - lane);
-    if (side.keep_in_l2 && lane < Group && warp_first < line.total)
+    // discard needs whole 128-byte lines: a caller's workspace is only 16-byte aligned.
+    if (side.keep_in_l2 && lane < Group && warp_first < line.total &&
+        reinterpret_cast<std::uintptr_t>(side.logits) % 128 == 0)
       asm volatile("discard.global.L2 [%0], 128;\n" ::"l"(side.logits + lane * side.stride + warp_first) : "memory");
   }
 }
