@@ -193,7 +193,8 @@ struct harness {
             << "plain logit stores gave another metric than evict_last ones";
       }
       {  // A workspace only 16-byte aligned (all attend asks for): the logits land off a 128-byte line,
-         // where the finisher's discard.global.L2 (whole lines only) must not run. Same metric bit for bit.
+         // where the finisher's discard.global.L2 (whole lines only) must not run: no fault, and the same
+         // metric bit for bit (a smoke test: an unaligned discard is undefined, not certain to show).
         device_buffer<std::byte> wider(scratch.size() + 16);
         device_buffer<float> offset_metric(initial);
         const ev::metric_output<kt::device_space> offset_output{offset_metric.data(), slots, kind, c.window};

@@ -468,8 +468,9 @@ struct kv_tile_stream {
 /// head's final log-sum-exp (base 2) at lse[head·Group + g], so that
 /// p_gi = 2^(s_gi − lse_g) once the split-K merge has run. No K/V is read for it.
 /// The logits are stored with an L2 evict_last policy: the finishing kernel reads
-/// them back and discards the lines (discard.global.L2), so those that stayed
-/// resident are never written back (at W most do not: docs/results.md, issue 16).
+/// them back and discards the lines (discard.global.L2, where the logits are 128-byte
+/// aligned), so those that stayed resident are never written back (at W most do not:
+/// docs/results.md, issue 16).
 struct decode_metric {
   float* logits = nullptr;  // [Group][stride], null: no metric
   float* lse = nullptr;     // [heads · Group]

@@ -73,7 +73,9 @@ __device__ __forceinline__ std::int64_t head_at(const planned_partition& partiti
 /// metric[slot(i)] += factor · Σ_g term(2^(s_gi − lse_g)) for every token older than
 /// the protected window, over the partition's line (grid-stride; a warp takes 32
 /// consecutive places, so its G logit reads are whole 128-byte lines, which it
-/// discards from L2 once read: the logits are dead, never written back to HBM).
+/// discards from L2 once read where the logits are 128-byte aligned — attend's workspace
+/// need only be 16-byte aligned, and a discard covers whole lines — so dead logits are
+/// not written back to HBM).
 /// One place a thread a pass is the fastest form measured (H100, W: 29.5–31 µs; four places a
 /// thread with every load issued first took 33–37.5 µs at 64–80 registers, two places at 32
 /// registers no better: fewer resident threads hold no more loads in flight; docs/results.md).
@@ -126,7 +128,8 @@ struct metric_l2_hints {
   /// (cudaDeviceSetLimit(cudaLimitPersistingL2CacheSize, …): a device-wide choice kvtrim
   /// leaves to the engine). Needs logits_in_l2 (the finisher's discard then frees the
   /// lines, so dead logits do not hold the set-aside) and a stream that is not capturing
-  /// (a stream attribute is set): refused otherwise. Measured at W: worse than the
+  /// (a stream attribute is set): refused otherwise. With a workspace that leaves the logits
+  /// off a 128-byte line the finisher does not discard, and the lines age out instead. Measured at W: worse than the
   /// default (docs/results.md), an experiment's switch, off by default.
   bool persisting_logits = false;
 };
