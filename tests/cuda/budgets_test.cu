@@ -388,6 +388,9 @@ INSTANTIATE_TEST_SUITE_P(sizes, budgets,
                                            std::make_tuple(3, 8, 4097), std::make_tuple(2, 32, 4097),
                                            std::make_tuple(1, 1, 32768), std::make_tuple(3, 8, 32768),
                                            std::make_tuple(2, 32, 32768),
+                                           // select_resident writes the offsets itself up to 1024 heads
+                                           // (resident_offsets_heads); past it keep_offsets runs first
+                                           std::make_tuple(32, 32, 17), std::make_tuple(33, 32, 17),
                                            // select_top_k's resident path ends at 40960 tokens; past it the
                                            // multi-launch threshold search runs
                                            std::make_tuple(2, 3, 40960), std::make_tuple(1, 2, 40961)),

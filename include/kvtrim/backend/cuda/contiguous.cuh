@@ -48,6 +48,19 @@ struct row_copy {
   std::int32_t* slot_position;
   const std::int64_t* next_position;
   std::int64_t start_position;
+  // A compaction's new next positions, written by the same launch (not read by it: compact's
+  // slot positions come from start_position): next_position_out[head] = next_by_sequence[b]
+  // where given (a padded batch), else next_value. Null: none (append advances them after).
+  std::int64_t* next_position_out = nullptr;
+  const std::int64_t* next_by_sequence = nullptr;
+  std::int64_t next_value = 0;
+};
+
+/// A compaction's next positions, for launch_copy_rows to write in its own launch.
+struct next_positions_update {
+  std::int64_t* out = nullptr;  // null: the caller updates them
+  const std::int64_t* by_sequence = nullptr;
+  std::int64_t value = 0;
 };
 
 template <class InT, class StoreT, bool Vectorised>
@@ -56,6 +69,8 @@ __global__ void copy_rows(const __grid_constant__ row_copy<InT, StoreT> copy) {
   const std::int64_t head = blockIdx.y;  // b · kv_heads + h
   const std::int64_t b = head / copy.kv_heads;
   const std::int64_t h = head % copy.kv_heads;
+  if (copy.next_position_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0)
+    copy.next_position_out[head] = copy.next_by_sequence != nullptr ? copy.next_by_sequence[b] : copy.next_value;
   for (std::int64_t flat = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x;
        flat < copy.rows_per_head * chunks_per_row; flat += std::int64_t{gridDim.x} * blockDim.x) {
     const std::int64_t row = flat / chunks_per_row;
@@ -93,12 +108,14 @@ __global__ void copy_rows(const __grid_constant__ row_copy<InT, StoreT> copy) {
   }
 }
 
-/// Launches copy_rows for `rows_per_head` rows of every head (codec::plain).
+/// Launches copy_rows for `rows_per_head` rows of every head (codec::plain); true when it
+/// launched (and so wrote `next`, if given): none with no rows.
 template <class KeyT, class CodecT>
-void launch_plain_copy_rows(std::string_view function, layout::contiguous::view<CodecT, device_space>& cache,
+bool launch_plain_copy_rows(std::string_view function, layout::contiguous::view<CodecT, device_space>& cache,
                             const kv_view<KeyT, device_space>& keys, const kv_view<KeyT, device_space>& values,
                             const std::int64_t* offsets, const std::int32_t* tokens, std::int64_t rows_per_head,
-                            std::int64_t first_row, std::int64_t start_position, cudaStream_t stream) {
+                            std::int64_t first_row, std::int64_t start_position, cudaStream_t stream,
+                            next_positions_update next = {}) {
   using in_type = device_element_t<KeyT>;
   using store_type = device_element_t<typename CodecT::element>;
   const std::int64_t head_dim = cache.shape.head_dim;
@@ -107,7 +124,7 @@ void launch_plain_copy_rows(std::string_view function, layout::contiguous::view<
   check_same_strides(function, keys, values);
   check_aligned16(function, "cache.storage.keys", cache.storage.keys);
   check_aligned16(function, "cache.storage.values", cache.storage.values);
-  if (rows_per_head == 0) return;
+  if (rows_per_head == 0) return false;
   row_copy<in_type, store_type> copy{reinterpret_cast<const in_type*>(keys.data),
                                      reinterpret_cast<const in_type*>(values.data),
                                      keys.stride(0),
@@ -124,7 +141,10 @@ void launch_plain_copy_rows(std::string_view function, layout::contiguous::view<
                                      head_dim,
                                      cache.positions.slot_position,
                                      cache.positions.next_position,
-                                     start_position};
+                                     start_position,
+                                     next.out,
+                                     next.by_sequence,
+                                     next.value};
   // 16-byte loads need 16-byte aligned rows: an aligned base and strides that keep it so.
   const std::int64_t vector_elements = 16 / static_cast<std::int64_t>(sizeof(in_type));
   const bool aligned = reinterpret_cast<std::uintptr_t>(keys.data) % 16 == 0 &&
@@ -140,22 +160,25 @@ void launch_plain_copy_rows(std::string_view function, layout::contiguous::view<
   else
     copy_rows<in_type, store_type, false><<<grid, 256, 0, stream>>>(copy);
   detail::check_launch(function, "copy_rows");
+  return true;
 }
 
 /// Writes `rows_per_head` rows of every head: copy_rows for codec::plain, the
-/// codec's device encode (codec_writes.cuh) for int8 / int4 / fp8.
+/// codec's device encode (codec_writes.cuh) for int8 / int4 / fp8. True when the launch also
+/// wrote `next` (codec::plain with rows); otherwise the caller updates the next positions.
 template <class KeyT, class CodecT>
-void launch_copy_rows(std::string_view function, layout::contiguous::view<CodecT, device_space>& cache,
+bool launch_copy_rows(std::string_view function, layout::contiguous::view<CodecT, device_space>& cache,
                       const kv_view<KeyT, device_space>& keys, const kv_view<KeyT, device_space>& values,
                       const std::int64_t* offsets, const std::int32_t* tokens, std::int64_t rows_per_head,
-                      std::int64_t first_row, std::int64_t start_position, cudaStream_t stream) {
+                      std::int64_t first_row, std::int64_t start_position, cudaStream_t stream,
+                      next_positions_update next = {}) {
   static_assert(codec::is_plain<CodecT> || device_encoded_codec<CodecT>,
                 "kvtrim: backend::cuda stores layout::contiguous caches with codec::fp16 / bf16 / fp32, int8, int4, "
                 "fp8_e4m3, layered over those three, and low_rank; layered<low_rank> has no "
                 "device reader (issue 12)");
   if constexpr (codec::is_plain<CodecT>) {
-    launch_plain_copy_rows(function, cache, keys, values, offsets, tokens, rows_per_head, first_row, start_position,
-                           stream);
+    return launch_plain_copy_rows(function, cache, keys, values, offsets, tokens, rows_per_head, first_row,
+                                  start_position, stream, next);
   } else {
     if (cache.shape.head_dim % 8 != 0)
       detail::fail(function, "shape.head_dim", "a multiple of 8 on backend::cuda", std::to_string(cache.shape.head_dim));
@@ -165,11 +188,12 @@ void launch_copy_rows(std::string_view function, layout::contiguous::view<CodecT
     if (cache.heads() > 65535)
       detail::fail(function, "cache.batch", "batch · kv_heads ≤ 65535 on backend::cuda", std::to_string(cache.heads()));
     // Compaction with no rows still starts every head's key group afresh; next positions advance after this call.
-    if (rows_per_head == 0 && tokens == nullptr) return;
+    if (rows_per_head == 0 && tokens == nullptr) return false;
     launch_codec_writes(function,
                         make_codec_write(cache, keys, values, offsets, tokens, nullptr, start_position, rows_per_head,
                                          -1, first_row, 0),
                         rows_per_head, stream);
+    return false;
   }
 }
 
@@ -224,14 +248,19 @@ struct implementation<layout::contiguous, backend::cuda> {
     if (uniform_keep < 0 || uniform_keep > cache.capacity)
       detail::fail(function, "selection", detail::cat("one keep count in [0, capacity = ", cache.capacity, "] for every head"),
                    std::to_string(uniform_keep));
-    cuda_detail::launch_copy_rows(function, cache, keys, values, kept.offsets, kept.tokens, uniform_keep, 0,
-                                  args.start_position, stream);
-    if (args.sequences.given()) {  // a padded batch: start + T_b per sequence
+    // The new next positions: start + T_b per sequence for a padded batch, else start + T.
+    const cuda_detail::next_positions_update next{
+        cache.positions.next_position, args.sequences.given() ? args.sequences.next_position : nullptr,
+        args.start_position + keys.extent(2)};
+    // codec::plain writes them in the row copy's launch (one launch fewer, issue 10); else a kernel after.
+    const bool positions_written = cuda_detail::launch_copy_rows(
+        function, cache, keys, values, kept.offsets, kept.tokens, uniform_keep, 0, args.start_position, stream, next);
+    if (!positions_written && args.sequences.given()) {
       const auto blocks = static_cast<unsigned>(std::clamp<std::int64_t>(cuda_detail::ceil_div(cache.heads(), 256), 1, 1024));
       cuda_detail::set_next_positions_by_sequence<0><<<blocks, 256, 0, stream>>>(
           cache.positions.next_position, cache.heads(), cache.shape.kv_heads, args.sequences.next_position);
       detail::check_launch(function, "set_next_positions_by_sequence");
-    } else {
+    } else if (!positions_written) {
       cuda_detail::launch_update_next_positions<false>(function, cache.positions.next_position, cache.heads(),
                                                        args.start_position + keys.extent(2), stream);
     }

@@ -22,7 +22,8 @@
 // with floor 0. Everything below is written for groups.
 //
 // A head of at most resident_select_tokens (40960, where the device's shared memory
-// holds them) takes one launch after the offsets: select_resident keeps its keys in
+// holds them) takes one launch (which also writes the offsets, up to 1024 heads; more
+// heads take keep_offsets' scan first): select_resident keeps its keys in
 // shared memory — of one block, or split over a thread-block cluster of up to 8 on
 // sm_90 — and runs the steps below there (see its comment). Longer heads, and
 // budget::adaptive's groups:
@@ -514,6 +515,10 @@ __global__ void __launch_bounds__(Threads) keep_offsets(const std::int32_t* keep
 inline constexpr std::int64_t resident_select_tokens = 40960;
 inline constexpr int resident_select_threads = 512;
 inline constexpr int resident_select_max_blocks = 8;  // the portable cluster size
+/// Up to this many heads select_resident computes the kept lists' offsets itself (each block
+/// sums the counts before its head: O(heads) loads a block, a few µs of L2 traffic at this
+/// bound) instead of a keep_offsets launch first (~3 µs of a launch at W).
+inline constexpr std::int64_t resident_offsets_heads = 1024;
 /// 0: one block a head on every device (benchmarks compare the two; one value per program).
 #ifndef KVTRIM_CUDA_SELECT_CLUSTERS
 #define KVTRIM_CUDA_SELECT_CLUSTERS 1
@@ -550,10 +555,13 @@ struct head_blocks {
   }
 };
 
+/// `offsets_here`: the kernel also writes `offsets` (keep_offsets' output) — each block sums the
+/// clamped counts of the heads before its own, so the separate scan launch is saved (heads ≤
+/// resident_offsets_heads: that sum is O(heads) a block); otherwise it reads them.
 template <int Threads>
 __global__ void __launch_bounds__(Threads) select_resident(score_rows scores, const std::int32_t* keep_counts,
-                                                           const std::int64_t* offsets, std::int32_t* kept_tokens,
-                                                           int blocks_per_head) {
+                                                           std::int64_t* offsets, std::int32_t* kept_tokens,
+                                                           int blocks_per_head, bool offsets_here) {
   static_assert(Threads >= radix_bins && Threads % 32 == 0);
   constexpr int warps = Threads / 32;
   using block_scan = cub::BlockScan<int, Threads>;
@@ -586,6 +594,23 @@ __global__ void __launch_bounds__(Threads) select_resident(score_rows scores, co
   const int local = tokens - first < share ? tokens - first : share;
   const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
   const float* row = scores.row(head) + std::int64_t{first} * scores.token_stride;
+  // 0. The head's place in kept_tokens: Σ clamp(keep_counts[h'], 0, tokens) over h' < head (the
+  //    same sum keep_offsets' scan makes); block rank 0 also writes offsets[head + 1].
+  std::int64_t head_offset = 0;
+  if (offsets_here) {  // uniform over the grid
+    using block_reduce = cub::BlockReduce<long long, Threads>;
+    __shared__ typename block_reduce::TempStorage reduce_storage;
+    __shared__ long long head_prefix;
+    long long partial = 0;
+    for (std::int64_t other = threadIdx.x; other < head; other += Threads) {
+      const int c = keep_counts[other];
+      partial += c < 0 ? 0 : (c > scores.tokens ? scores.tokens : c);
+    }
+    const long long total = block_reduce(reduce_storage).Sum(partial);
+    if (threadIdx.x == 0) head_prefix = total;
+    __syncthreads();
+    head_offset = head_prefix;
+  }
   // 1. The keys, 8 loads in flight per thread (a load, a store, a load … waits a
   //    memory latency per token).
   constexpr int batch = 8;
@@ -604,6 +629,12 @@ __global__ void __launch_bounds__(Threads) select_resident(score_rows scores, co
   }
   const int count = keep_counts[head];
   const int target = count < 0 ? 0 : (count > tokens ? tokens : count);
+  if (offsets_here) {
+    if (rank == 0 && threadIdx.x == 0) offsets[head + 1] = head_offset + target;
+    if (head == 0 && rank == 0 && threadIdx.x == 0) offsets[0] = 0;
+  } else {
+    head_offset = offsets[head];
+  }
 
   // 2. The four digits of v*, most significant first: F(v) = tokens with key ≥ v,
   //    the largest digit whose F still reaches the target (decide_group's rule with
@@ -703,7 +734,7 @@ __global__ void __launch_bounds__(Threads) select_resident(score_rows scores, co
   }
   for (int w = 0; w < warp; ++w)
     above_before += static_cast<int>(warp_counts[w] >> 16), ties_before += static_cast<int>(warp_counts[w] & 0xffffu);
-  std::int32_t* out = kept_tokens + offsets[head];
+  std::int32_t* out = kept_tokens + head_offset;
   const unsigned lanes_below = (1u << lane) - 1u;
   for (int base = begin; base < end; base += 32) {
     const int j = base + lane;
@@ -806,10 +837,15 @@ struct implementation<stage::select_top_k, backend::cuda> {
     const std::int64_t tokens = scores.extent(2);
     const std::int64_t heads = scores.extent(0) * scores.extent(1);
     constexpr int offset_threads = 1024;
-    cuda_detail::keep_offsets<offset_threads><<<1, offset_threads, 0, stream>>>(keep_counts, offsets, heads, tokens);
-    detail::check_launch(function, "keep_offsets");
+    const auto plan = heads == 0 || tokens == 0 ? cuda_detail::resident_select_plan{}
+                                                : cuda_detail::plan_resident_select(heads, tokens, function);
+    const bool offsets_here = plan.resident && heads <= cuda_detail::resident_offsets_heads;
+    if (!offsets_here) {
+      cuda_detail::keep_offsets<offset_threads><<<1, offset_threads, 0, stream>>>(keep_counts, offsets, heads, tokens);
+      detail::check_launch(function, "keep_offsets");
+    }
     if (heads == 0 || tokens == 0) return;
-    if (const auto plan = cuda_detail::plan_resident_select(heads, tokens, function); plan.resident) {
+    if (plan.resident) {
       cudaLaunchConfig_t config{};
       config.gridDim = dim3(static_cast<unsigned>(heads * plan.blocks_per_head));
       config.blockDim = dim3(cuda_detail::resident_select_threads);
@@ -822,8 +858,8 @@ struct implementation<stage::select_top_k, backend::cuda> {
       config.attrs = &cluster;
       config.numAttrs = plan.blocks_per_head > 1 ? 1 : 0;  // one block a head: a plain launch
       detail::check_cuda(cudaLaunchKernelEx(&config, cuda_detail::select_resident<cuda_detail::resident_select_threads>,
-                                            cuda_detail::rows_of(scores), keep_counts,
-                                            static_cast<const std::int64_t*>(offsets), kept_tokens, plan.blocks_per_head),
+                                            cuda_detail::rows_of(scores), keep_counts, offsets, kept_tokens,
+                                            plan.blocks_per_head, offsets_here),
                          function, "cudaLaunchKernelEx(select_resident)");
       detail::check_launch(function, "select_resident");
       return;
