@@ -108,10 +108,11 @@ __global__ void copy_rows(const __grid_constant__ row_copy<InT, StoreT> copy) {
   }
 }
 
-/// Launches copy_rows for `rows_per_head` rows of every head (codec::plain); true when it
-/// launched (and so wrote `next`, if given): none with no rows.
+/// Launches copy_rows for `rows_per_head` rows of every head (codec::plain); true when that launch
+/// wrote `next`: given, with rows, and a compaction (`tokens` non-null — append's rows read the
+/// next positions, so the kernel must not write them there).
 template <class KeyT, class CodecT>
-bool launch_plain_copy_rows(std::string_view function, layout::contiguous::view<CodecT, device_space>& cache,
+[[nodiscard]] bool launch_plain_copy_rows(std::string_view function, layout::contiguous::view<CodecT, device_space>& cache,
                             const kv_view<KeyT, device_space>& keys, const kv_view<KeyT, device_space>& values,
                             const std::int64_t* offsets, const std::int32_t* tokens, std::int64_t rows_per_head,
                             std::int64_t first_row, std::int64_t start_position, cudaStream_t stream,
@@ -125,6 +126,7 @@ bool launch_plain_copy_rows(std::string_view function, layout::contiguous::view<
   check_aligned16(function, "cache.storage.keys", cache.storage.keys);
   check_aligned16(function, "cache.storage.values", cache.storage.values);
   if (rows_per_head == 0) return false;
+  const bool writes_next = next.out != nullptr && tokens != nullptr;
   row_copy<in_type, store_type> copy{reinterpret_cast<const in_type*>(keys.data),
                                      reinterpret_cast<const in_type*>(values.data),
                                      keys.stride(0),
@@ -142,7 +144,7 @@ bool launch_plain_copy_rows(std::string_view function, layout::contiguous::view<
                                      cache.positions.slot_position,
                                      cache.positions.next_position,
                                      start_position,
-                                     next.out,
+                                     writes_next ? next.out : nullptr,
                                      next.by_sequence,
                                      next.value};
   // 16-byte loads need 16-byte aligned rows: an aligned base and strides that keep it so.
@@ -160,14 +162,14 @@ bool launch_plain_copy_rows(std::string_view function, layout::contiguous::view<
   else
     copy_rows<in_type, store_type, false><<<grid, 256, 0, stream>>>(copy);
   detail::check_launch(function, "copy_rows");
-  return true;
+  return writes_next;
 }
 
 /// Writes `rows_per_head` rows of every head: copy_rows for codec::plain, the
 /// codec's device encode (codec_writes.cuh) for int8 / int4 / fp8. True when the launch also
 /// wrote `next` (codec::plain with rows); otherwise the caller updates the next positions.
 template <class KeyT, class CodecT>
-bool launch_copy_rows(std::string_view function, layout::contiguous::view<CodecT, device_space>& cache,
+[[nodiscard]] bool launch_copy_rows(std::string_view function, layout::contiguous::view<CodecT, device_space>& cache,
                       const kv_view<KeyT, device_space>& keys, const kv_view<KeyT, device_space>& values,
                       const std::int64_t* offsets, const std::int32_t* tokens, std::int64_t rows_per_head,
                       std::int64_t first_row, std::int64_t start_position, cudaStream_t stream,
@@ -272,8 +274,8 @@ struct implementation<layout::contiguous, backend::cuda> {
                      const kv_view<KeyT, device_space>& new_values, cudaStream_t stream) {
     const std::int64_t count = new_keys.extent(2);
     layout::contiguous::check_room("kvtrim::scheme::append", cache, count);
-    cuda_detail::launch_copy_rows("kvtrim::scheme::append", cache, new_keys, new_values, nullptr, nullptr, count,
-                                  *cache.length, 0, stream);
+    (void)cuda_detail::launch_copy_rows("kvtrim::scheme::append", cache, new_keys, new_values, nullptr, nullptr, count,
+                                        *cache.length, 0, stream);
     cuda_detail::launch_update_next_positions<true>("kvtrim::scheme::append", cache.positions.next_position,
                                                     cache.heads(), count, stream);
     *cache.length += count;
