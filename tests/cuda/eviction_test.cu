@@ -4,8 +4,9 @@
 // contiguous caches, GQA groups 1, 2 (CUDA cores for 16-bit storage), 4, 8, 16
 // (tensor cores; code fragments at every group), head dims 64 / 128 / 256,
 // lengths that cut across blocks and the merge, compensation tokens, every
-// metric kind, and workspaces only 16-byte aligned. The attention output with the metric must be
-// bit-identical to the output without it (the side output changes nothing).
+// metric kind, and workspaces only 16-byte aligned. The attention output with
+// the metric must be bit-identical to the output without it (the side output
+// changes nothing).
 //
 // The caches are built on the host with the CPU backend and their memory block
 // copied to the device (as tests/cuda/decode_test.cu does); the metric buffer

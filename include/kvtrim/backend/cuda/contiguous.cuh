@@ -28,6 +28,14 @@ namespace kvtrim {
 
 namespace cuda_detail {
 
+/// A compaction's new next positions: out[head] = by_sequence[b] where given (a padded batch),
+/// else value.
+struct next_positions_update {
+  std::int64_t* out = nullptr;  // null: the caller updates them
+  const std::int64_t* by_sequence = nullptr;
+  std::int64_t value = 0;
+};
+
 /// Where rows come from and go to. `tokens`/`offsets` null: row r reads token r.
 template <class InT, class StoreT>
 struct row_copy {
@@ -49,18 +57,8 @@ struct row_copy {
   const std::int64_t* next_position;
   std::int64_t start_position;
   // A compaction's new next positions, written by the same launch (not read by it: compact's
-  // slot positions come from start_position): next_position_out[head] = next_by_sequence[b]
-  // where given (a padded batch), else next_value. Null: none (append advances them after).
-  std::int64_t* next_position_out = nullptr;
-  const std::int64_t* next_by_sequence = nullptr;
-  std::int64_t next_value = 0;
-};
-
-/// A compaction's next positions, for launch_copy_rows to write in its own launch.
-struct next_positions_update {
-  std::int64_t* out = nullptr;  // null: the caller updates them
-  const std::int64_t* by_sequence = nullptr;
-  std::int64_t value = 0;
+  // slot positions come from start_position). out null: none (append advances them after).
+  next_positions_update next;
 };
 
 template <class InT, class StoreT, bool Vectorised>
@@ -69,8 +67,8 @@ __global__ void copy_rows(const __grid_constant__ row_copy<InT, StoreT> copy) {
   const std::int64_t head = blockIdx.y;  // b · kv_heads + h
   const std::int64_t b = head / copy.kv_heads;
   const std::int64_t h = head % copy.kv_heads;
-  if (copy.next_position_out != nullptr && blockIdx.x == 0 && threadIdx.x == 0)
-    copy.next_position_out[head] = copy.next_by_sequence != nullptr ? copy.next_by_sequence[b] : copy.next_value;
+  if (copy.next.out != nullptr && blockIdx.x == 0 && threadIdx.x == 0)
+    copy.next.out[head] = copy.next.by_sequence != nullptr ? copy.next.by_sequence[b] : copy.next.value;
   for (std::int64_t flat = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x;
        flat < copy.rows_per_head * chunks_per_row; flat += std::int64_t{gridDim.x} * blockDim.x) {
     const std::int64_t row = flat / chunks_per_row;
@@ -144,9 +142,7 @@ template <class KeyT, class CodecT>
                                      cache.positions.slot_position,
                                      cache.positions.next_position,
                                      start_position,
-                                     writes_next ? next.out : nullptr,
-                                     next.by_sequence,
-                                     next.value};
+                                     {writes_next ? next.out : nullptr, next.by_sequence, next.value}};
   // 16-byte loads need 16-byte aligned rows: an aligned base and strides that keep it so.
   const std::int64_t vector_elements = 16 / static_cast<std::int64_t>(sizeof(in_type));
   const bool aligned = reinterpret_cast<std::uintptr_t>(keys.data) % 16 == 0 &&
@@ -257,14 +253,16 @@ struct implementation<layout::contiguous, backend::cuda> {
     // codec::plain writes them in the row copy's launch (one launch fewer, issue 10); else a kernel after.
     const bool positions_written = cuda_detail::launch_copy_rows(
         function, cache, keys, values, kept.offsets, kept.tokens, uniform_keep, 0, args.start_position, stream, next);
-    if (!positions_written && args.sequences.given()) {
-      const auto blocks = static_cast<unsigned>(std::clamp<std::int64_t>(cuda_detail::ceil_div(cache.heads(), 256), 1, 1024));
-      cuda_detail::set_next_positions_by_sequence<0><<<blocks, 256, 0, stream>>>(
-          cache.positions.next_position, cache.heads(), cache.shape.kv_heads, args.sequences.next_position);
-      detail::check_launch(function, "set_next_positions_by_sequence");
-    } else if (!positions_written) {
-      cuda_detail::launch_update_next_positions<false>(function, cache.positions.next_position, cache.heads(),
-                                                       args.start_position + keys.extent(2), stream);
+    if (!positions_written) {
+      if (next.by_sequence != nullptr) {
+        const auto blocks =
+            static_cast<unsigned>(std::clamp<std::int64_t>(cuda_detail::ceil_div(cache.heads(), 256), 1, 1024));
+        cuda_detail::set_next_positions_by_sequence<0><<<blocks, 256, 0, stream>>>(
+            next.out, cache.heads(), cache.shape.kv_heads, next.by_sequence);
+        detail::check_launch(function, "set_next_positions_by_sequence");
+      } else {
+        cuda_detail::launch_update_next_positions<false>(function, next.out, cache.heads(), next.value, stream);
+      }
     }
     *cache.length = uniform_keep;
   }

@@ -129,8 +129,8 @@ struct metric_l2_hints {
   /// leaves to the engine). Needs logits_in_l2 (the finisher's discard then frees the
   /// lines, so dead logits do not hold the set-aside) and a stream that is not capturing
   /// (a stream attribute is set): refused otherwise. With a workspace that leaves the logits
-  /// off a 128-byte line the finisher does not discard, and the lines age out instead. Measured at W: worse than the
-  /// default (docs/results.md), an experiment's switch, off by default.
+  /// off a 128-byte line the finisher does not discard, and the lines age out instead.
+  /// Measured at W: worse than the default (docs/results.md), an experiment's switch, off by default.
   bool persisting_logits = false;
 };
 
