@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds here (nvcc, sm_90a, 2 cores: ~25 min) the binaries the pending diffs of docs/unverified need on
+# Builds here (nvcc, sm_90a, 2 cores: 15 min with a warm ccache, ~25 without) the binaries the pending diffs of docs/unverified need on
 # the GPU, each from main with its diff applied in a throw-away worktree, and packs them gzipped into
 # .device/pending (git-ignored) with run-pending.sh's inputs, for one device call (no build there):
 #   run(command="bash docs/unverified/run-pending.sh pmtests pmab h200 pmsan tests ab san l2ab",
