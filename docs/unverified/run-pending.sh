@@ -25,6 +25,10 @@ table() {
     sed -E 's/batch:8.kv_heads:8.tokens:32768.q_heads:32.head_dim:128.//; s/q_heads:32.kv_heads:8.head_dim:128.//; s/.iterations:[0-9]+.manual_time//' |
     sort -s -k1,1 | awk '{a[$1]=a[$1]" "$2} END {for (k in a) print k, a[k]}' | sort
 }
+run_tests() {  # label seconds: kvtrim_cuda_tests_<label>, its summary in the log
+  timeout "$2" "./kvtrim_cuda_tests_$1" > "$OUT/tests-$1.txt" 2>&1; log "tests $1 rc=$? $((SECONDS - S))s"
+  summary "$OUT/tests-$1.txt" 20
+}
 sanitize() {  # tool binary filter label
   timeout 150 compute-sanitizer --tool "$1" "./$2" --gtest_filter="$3" > "$OUT/$1-$4.txt" 2>&1
   log "$1 $4 rc=$? $((SECONDS - S))s $(grep -hE 'RACECHECK SUMMARY|ERROR SUMMARY|PASSED|FAILED' "$OUT/$1-$4.txt" | tr '\n' ' ')"
@@ -36,7 +40,7 @@ SELECT_CASES='sizes/budgets.select_top_k_matches_cpu/b3_h8_t4097:sizes/budgets.s
 PAGED_CASES='AwkwardLengths/EvictionMetric.MatchesCpuReferenceFp16/paged_b2_kv2_g4_d128_n4097_w64_5:AwkwardLengths/DecodeAttention.MatchesCpuReferenceFp16/*paged*:SpeculativeTokens/MultiQueryDecode.MatchesCpuReferenceFp16/*paged*:*SharedPagedDecode*:DecodeAttentionTensorMaps.*'
 
 pmtests() {
-  timeout 240 ./kvtrim_cuda_tests_pm > "$OUT/tests-pm.txt" 2>&1; log "tests pm rc=$? $((SECONDS - S))s"; summary "$OUT/tests-pm.txt" 20
+  run_tests pm 240
 }
 pmab() {
   for r in 1 2; do for v in base pm; do
@@ -63,9 +67,7 @@ pmsan() {
   sanitize racecheck kvtrim_cuda_tests_pm 'AwkwardLengths/DecodeAttention.MatchesCpuReferenceFp16/*paged*p8*:AwkwardLengths/DecodeAttention.MatchesCpuReferenceFp16/*paged_b2_kv4_g4*:*SharedPagedDecode*hnd_b2_kv4*' pm
 }
 tests() {
-  for v in late push; do
-    timeout 120 ./kvtrim_cuda_tests_$v > "$OUT/tests-$v.txt" 2>&1; log "tests $v rc=$? $((SECONDS - S))s"; summary "$OUT/tests-$v.txt" 20
-  done
+  for v in late push; do run_tests $v 120; done
 }
 ab() {
   for r in 1 2; do for v in base late push; do
