@@ -3,12 +3,14 @@
 # .device/pending (its header has the call). Stages, run in the order given:
 #   pmtests  paged-tensor-maps: decode, shared_paged and eviction tests
 #   pmab     decode A/B, main against paged-tensor-maps (paged, shared_paged, flat and contiguous rows)
-#   h200     on an H200 only: issue 10's compress rows, torch's and kvpress's compress, torch SDPA
+#   sdpa     torch SDPA on W (any card: the peer of the decode rows)
+#   h200     on an H200 only: issue 10's compress rows, torch's and kvpress's compress
 #   pmsan    paged-tensor-maps under memcheck (paged cases) and racecheck (pages of 8 and 16)
 #   tests    the select diffs' tests (budgets, contiguous pipeline)
 #   ab       compress A/B: main, select-offsets-late, select-cluster-push, and select_resident under ncu
 #   san      the select diffs under memcheck, racecheck and synccheck
 #   l2ab     the tensor maps' L2 promotion: 256 (pm), 0 and 128 bytes
+#   tc3ab    decode A/B, main against main with every tensor-core kernel at three blocks an SM (when built)
 # Everything it prints goes to $OUT/log.txt, the raw outputs next to it.
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$repo/.device/pending" || exit 1
@@ -42,13 +44,16 @@ PAGED_CASES='AwkwardLengths/EvictionMetric.MatchesCpuReferenceFp16/paged_b2_kv2_
 pmtests() {
   run_tests pm 240
 }
-pmab() {
-  for r in 1 2; do for v in base pm; do
-    timeout 80 ./bench_cuda_decode_attention_$v --benchmark_filter="$DECODE_ROWS" > "$OUT/decode-$v-$r.txt" 2>&1
+# decode_ab LABEL VARIANT...: the decode rows of each built bench_cuda_decode_attention_VARIANT, two rounds alternating.
+decode_ab() {
+  local label=$1; shift
+  for r in 1 2; do for v in "$@"; do
+    [ -e bench_cuda_decode_attention_$v ] && timeout 80 ./bench_cuda_decode_attention_$v --benchmark_filter="$DECODE_ROWS" > "$OUT/$label-$v-$r.txt" 2>&1
   done; done
-  log "pmab $((SECONDS - S))s"
-  for v in base pm; do echo "== decode $v"; table "$OUT"/decode-$v-*.txt; done | tee -a "$OUT/log.txt"
+  log "$label $((SECONDS - S))s"
+  for v in "$@"; do echo "== $label $v"; table "$OUT"/$label-$v-*.txt; done | tee -a "$OUT/log.txt"
 }
+pmab() { decode_ab pmab base pm; }
 h200() {
   case "$name" in *H200*) ;; *) log "not an H200: h200 stage skipped"; return;; esac
   for r in 1 2; do
@@ -59,6 +64,9 @@ h200() {
   python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)" >> "$OUT/gpu.txt" 2>&1
   (cd "$repo" && timeout 150 python3 bench/torch_compress.py --kvpress-wheel .whl/kvpress-0.5.4-py3-none-any.whl) > "$OUT/torch_compress.txt" 2>&1
   log "torch_compress rc=$? $((SECONDS - S))s"; grep -E '"row"|median_us' "$OUT/torch_compress.txt" | paste - - | tee -a "$OUT/log.txt"
+}
+sdpa() {  # torch SDPA on W's contiguous cache (issue 11's peer), on any card
+  python3 -c "import torch; print(torch.__version__)" >> "$OUT/gpu.txt" 2>&1
   (cd "$repo" && timeout 60 python3 bench/torch_sdpa.py) > "$OUT/torch_sdpa.txt" 2>&1
   log "torch_sdpa rc=$? $((SECONDS - S))s"; grep -E '"tokens"|median_us|"head_dim"' "$OUT/torch_sdpa.txt" | paste - - - | tee -a "$OUT/log.txt"
 }
@@ -100,12 +108,7 @@ san() {
     sanitize $tool kvtrim_cuda_tests_$v "$SELECT_CASES" $v
   done; done
 }
-l2ab() {
-  for r in 1 2; do for v in pm l2_0 l2_128; do
-    [ -e bench_cuda_decode_attention_$v ] && timeout 80 ./bench_cuda_decode_attention_$v --benchmark_filter="$DECODE_ROWS" > "$OUT/l2-$v-$r.txt" 2>&1
-  done; done
-  log "l2ab $((SECONDS - S))s"
-  for v in pm l2_0 l2_128; do echo "== L2 promotion $v"; table "$OUT"/l2-$v-*.txt; done | tee -a "$OUT/log.txt"
-}
+l2ab() { decode_ab l2ab pm l2_0 l2_128; }
+tc3ab() { decode_ab tc3ab base tc3; }
 for stage in "$@"; do "$stage"; done
 log "done $((SECONDS - S))s"
