@@ -594,23 +594,10 @@ __global__ void __launch_bounds__(Threads) select_resident(score_rows scores, co
   const int local = tokens - first < share ? tokens - first : share;
   const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
   const float* row = scores.row(head) + std::int64_t{first} * scores.token_stride;
-  // 0. The head's place in kept_tokens: Σ clamp(keep_counts[h'], 0, tokens) over h' < head (the
-  //    same sum keep_offsets' scan makes); block rank 0 also writes offsets[head + 1].
-  std::int64_t head_offset = 0;
-  if (offsets_here) {  // uniform over the grid
-    using block_reduce = cub::BlockReduce<long long, Threads>;
-    __shared__ typename block_reduce::TempStorage reduce_storage;
-    __shared__ long long head_prefix;
-    long long partial = 0;
-    for (std::int64_t other = threadIdx.x; other < head; other += Threads) {
-      const int c = keep_counts[other];
-      partial += c < 0 ? 0 : (c > scores.tokens ? scores.tokens : c);
-    }
-    const long long total = block_reduce(reduce_storage).Sum(partial);
-    if (threadIdx.x == 0) head_prefix = total;
-    __syncthreads();
-    head_offset = head_prefix;
-  }
+  // 0. The head's place in kept_tokens, Σ clamp(keep_counts[h'], 0, tokens) over h' < head (the
+  //    same sum keep_offsets' scan makes), is needed only by the compaction (step 3): the first
+  //    count a thread sums is loaded now and used there, so its latency hides behind the passes.
+  const int first_count = offsets_here && threadIdx.x < head ? keep_counts[threadIdx.x] : 0;
   // 1. The keys, 8 loads in flight per thread (a load, a store, a load … waits a
   //    memory latency per token).
   constexpr int batch = 8;
@@ -629,12 +616,6 @@ __global__ void __launch_bounds__(Threads) select_resident(score_rows scores, co
   }
   const int count = keep_counts[head];
   const int target = count < 0 ? 0 : (count > tokens ? tokens : count);
-  if (offsets_here) {
-    if (rank == 0 && threadIdx.x == 0) offsets[head + 1] = head_offset + target;
-    if (head == 0 && rank == 0 && threadIdx.x == 0) offsets[0] = 0;
-  } else {
-    head_offset = offsets[head];
-  }
 
   // 2. The four digits of v*, most significant first: F(v) = tokens with key ≥ v,
   //    the largest digit whose F still reaches the target (decide_group's rule with
@@ -734,6 +715,25 @@ __global__ void __launch_bounds__(Threads) select_resident(score_rows scores, co
   }
   for (int w = 0; w < warp; ++w)
     above_before += static_cast<int>(warp_counts[w] >> 16), ties_before += static_cast<int>(warp_counts[w] & 0xffffu);
+  std::int64_t head_offset = 0;
+  if (offsets_here) {  // uniform over the grid
+    using block_reduce = cub::BlockReduce<long long, Threads>;
+    __shared__ typename block_reduce::TempStorage reduce_storage;
+    __shared__ long long head_prefix;
+    const auto clamped = [&](long long c) { return c < 0 ? 0 : (c > tokens ? tokens : c); };
+    long long partial = clamped(first_count);
+    for (std::int64_t other = threadIdx.x + Threads; other < head; other += Threads) partial += clamped(keep_counts[other]);
+    const long long total = block_reduce(reduce_storage).Sum(partial);
+    if (threadIdx.x == 0) {
+      head_prefix = total;
+      if (rank == 0) offsets[head + 1] = total + target;
+      if (rank == 0 && head == 0) offsets[0] = 0;
+    }
+    __syncthreads();
+    head_offset = head_prefix;
+  } else {
+    head_offset = offsets[head];
+  }
   std::int32_t* out = kept_tokens + head_offset;
   const unsigned lanes_below = (1u << lane) - 1u;
   for (int base = begin; base < end; base += 32) {
