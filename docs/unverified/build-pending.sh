@@ -1,15 +1,11 @@
 #!/usr/bin/env bash
-# Builds here (nvcc, sm_90a, 2 cores: 15 min with a warm ccache, ~25 without) the binaries the pending diffs of docs/unverified need on
-# the GPU, each from main with its diff applied in a throw-away worktree, and packs them gzipped into
-# .device/pending (git-ignored) with run-pending.sh's inputs, for one device call (no build there):
-#   run(command="bash docs/unverified/run-pending.sh pmtests pmab sdpa h200 pmsan tc3ab tests ab san l2ab",
-#       carry=[".device/pending", ".whl"], kind="nvidia-h200")
-# (stages in order of value; a call stops at its limit, and a warm machine takes the rest in a second
-# call). .whl holds kvpress 0.5.4 for the H200 stage: pip download kvpress==0.5.4 --no-deps -d .whl.
-# Variants: base (main), late / push (the select diffs), pm (paged-tensor-maps) and pm with the tensor
-# maps' L2 promotion at 0 and 128 bytes (an untried knob); tc3 (main with every tensor-core decode kernel at three blocks an SM,
-# -DKVTRIM_CUDA_DECODE_TC_BLOCKS=3: once −8 % for paged at 32k on an H200, never re-measured) is built only when named. Skip ones by listing the wanted ones:
-#   docs/unverified/build-pending.sh base pm
+# Builds here (nvcc, sm_90a, 2 cores: ~5 min a variant with a warm ccache) the binaries that pending device work
+# needs, each from main (with a docs/unverified diff applied, for a diff's variant) in a throw-away worktree, and packs
+# them gzipped into .device/pending (git-ignored) for run-pending.sh, so that one device call runs them (no build there):
+#   run(command="bash docs/unverified/run-pending.sh sdpa h200", carry=[".device/pending", ".whl"], kind="nvidia-h200")
+# .whl holds kvpress 0.5.4 for the h200 stage: pip download kvpress==0.5.4 --no-deps -d .whl.
+# Variants: base (main's compress and decode benches). A new diff gets a line here, `build NAME DIFF TEST_FILTER CUDA_FLAGS TARGET...`, and a stage in
+# run-pending.sh (its decode_ab, run_tests and sanitize helpers). Build only some: build-pending.sh base
 set -euo pipefail
 root=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
 cd "$root"
@@ -18,7 +14,7 @@ work=/tmp/kvtrim-pending
 mkdir -p "$out" "$work"
 cp -L /usr/lib/x86_64-linux-gnu/libbenchmark.so.1debian "$out/"
 variants=("$@")
-[ ${#variants[@]} -gt 0 ] || variants=(base late push pm l2_0 l2_128)
+[ ${#variants[@]} -gt 0 ] || variants=(base)
 
 # build NAME DIFF TEST_FILTER CUDA_FLAGS TARGET... : binaries NAME's targets, gzipped into $out.
 build() {
@@ -42,13 +38,7 @@ build() {
 for variant in "${variants[@]}"; do
   case $variant in
     base) build base "" none "" bench_cuda_compress bench_cuda_decode_attention ;;
-    late) build late select-offsets-late.diff 'budgets_test|contiguous_pipeline_test' "" bench_cuda_compress kvtrim_cuda_tests ;;
-    push) build push select-cluster-push.diff 'budgets_test|contiguous_pipeline_test' "" bench_cuda_compress kvtrim_cuda_tests ;;
-    pm) build pm paged-tensor-maps.diff 'decode_test|shared_paged_test|eviction_test' "" bench_cuda_decode_attention kvtrim_cuda_tests ;;
-    tc3) build tc3 "" none "-DKVTRIM_CUDA_DECODE_TC_BLOCKS=3" bench_cuda_decode_attention ;;
-    l2_0|l2_128) build "$variant" paged-tensor-maps.diff none "-DKVTRIM_CUDA_TENSOR_MAP_L2_PROMOTION=${variant#l2_}" \
-                   bench_cuda_decode_attention ;;
-    *) echo "build-pending.sh: unknown variant $variant (base late push pm l2_0 l2_128 tc3)" >&2; exit 2 ;;
+    *) echo "build-pending.sh: unknown variant $variant (base)" >&2; exit 2 ;;
   esac
 done
 du -sh "$out"
