@@ -4,7 +4,8 @@
 # them gzipped into .device/pending (git-ignored) for run-pending.sh, so that one device call runs them (no build there):
 #   run(command="bash docs/unverified/run-pending.sh sdpa h200", carry=[".device/pending", ".whl"], kind="nvidia-h200")
 # .whl holds kvpress 0.5.4 for the h200 stage: pip download kvpress==0.5.4 --no-deps -d .whl.
-# Variants: base (main's compress and decode benches). A new diff gets a line here, `build NAME DIFF TEST_FILTER CUDA_FLAGS TARGET...`, and a stage in
+# Variants: base (main's compress and decode benches); hs (decode-head-splits.diff: its decode bench and the decode,
+# eviction and codec tests). A new diff gets a line here, `build NAME DIFF TEST_FILTER CUDA_FLAGS TARGET...`, and a stage in
 # run-pending.sh (its decode_ab, run_tests and sanitize helpers). Build only some: build-pending.sh base
 set -euo pipefail
 root=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
@@ -38,7 +39,8 @@ build() {
 for variant in "${variants[@]}"; do
   case $variant in
     base) build base "" none "" bench_cuda_compress bench_cuda_decode_attention ;;
-    *) echo "build-pending.sh: unknown variant $variant (base)" >&2; exit 2 ;;
+    hs) build hs decode-head-splits.diff 'decode_test|eviction_test|codecs_test' "" bench_cuda_decode_attention kvtrim_cuda_tests ;;
+    *) echo "build-pending.sh: unknown variant $variant (base hs)" >&2; exit 2 ;;
   esac
 done
 du -sh "$out"

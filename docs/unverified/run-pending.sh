@@ -3,6 +3,9 @@
 # has the call). Stages, run in the order given:
 #   sdpa     torch SDPA on W (any card: the peer of the decode rows)
 #   h200     on an H200 only: issue 10's compress rows, torch's and kvpress's compress
+#   hstests  decode-head-splits.diff: decode, eviction and codec tests
+#   hsab     decode A/B, main against decode-head-splits (every contiguous row, the codecs at W)
+#   hsmem    decode-head-splits under memcheck (contiguous decode cases) and racecheck (the new ones)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
 # Everything it prints goes to $OUT/log.txt, the raw outputs next to it.
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -55,6 +58,14 @@ sdpa() {  # torch SDPA on W's contiguous cache (issue 11's peer), on any card
   python3 -c "import torch; print(torch.__version__)" >> "$OUT/gpu.txt" 2>&1
   (cd "$repo" && timeout 60 python3 bench/torch_sdpa.py) > "$OUT/torch_sdpa.txt" 2>&1
   log "torch_sdpa rc=$? $((SECONDS - S))s"; grep -E '"tokens"|median_us|"head_dim"' "$OUT/torch_sdpa.txt" | paste - - - | tee -a "$OUT/log.txt"
+}
+hstests() { run_tests hs 200; }
+hsab() {
+  DECODE_ROWS='device_copy|^decode_attention/|^codec_decode_(fp16|int8|int4|fp8)/batch:8/tokens:32768/q_heads:32/' decode_ab hsab base hs
+}
+hsmem() {
+  sanitize memcheck kvtrim_cuda_tests_hs '*DecodeAttention*contiguous*:*MultiQueryDecode*contiguous*' hs
+  sanitize racecheck kvtrim_cuda_tests_hs '*DecodeAttention*contiguous_b4_kv8*:*DecodeAttention*contiguous_b32_kv8*' hs
 }
 for stage in "$@"; do "$stage"; done
 log "done $((SECONDS - S))s"
