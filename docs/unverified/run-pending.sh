@@ -4,9 +4,9 @@
 #   sdpa     torch SDPA on W (any card: the peer of the decode rows)
 #   h200     on an H200 only: issue 10's compress rows, torch's and kvpress's compress
 #   hstests  decode-head-splits.diff: decode, eviction and codec tests
-#   hsab     decode A/B, main against decode-head-splits (every contiguous row, the codecs at W)
-#   hsquick  the three above in ~3 min: the contiguous cases of the tests, one A/B round, memcheck on the new cases
-#   hsmem    decode-head-splits under memcheck (contiguous decode cases) and racecheck (the new ones)
+#   hsab     decode A/B, main against decode-head-splits (every contiguous row, paged / flat / shared_paged, codecs at W)
+#   hsquick  the three above in ~3 min: the contiguous and DecodeAttention cases of the tests, one A/B round, memcheck on the new cases
+#   hsmem    decode-head-splits under memcheck (contiguous decode cases, the new ones) and racecheck (the new ones)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
 # Everything it prints goes to $OUT/log.txt, the raw outputs next to it.
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -62,20 +62,20 @@ sdpa() {  # torch SDPA on W's contiguous cache (issue 11's peer), on any card
 }
 hstests() { run_tests hs 200; }
 hsab() {
-  DECODE_ROWS='device_copy|^decode_attention/|^codec_decode_(fp16|int8|int4|fp8)/batch:8/tokens:32768/q_heads:32/' decode_ab hsab base hs
+  DECODE_ROWS="$DECODE_ROWS|^decode_attention/|^codec_decode_(fp16|int8|int4|fp8)/batch:8/tokens:32768/q_heads:32/" decode_ab hsab base hs
 }
 hsmem() {
-  sanitize memcheck kvtrim_cuda_tests_hs '*DecodeAttention*contiguous*:*MultiQueryDecode*contiguous*' hs
-  sanitize racecheck kvtrim_cuda_tests_hs '*DecodeAttention*contiguous_b4_kv8*:*DecodeAttention*contiguous_b32_kv8*' hs
+  sanitize memcheck kvtrim_cuda_tests_hs '*DecodeAttention*contiguous*:*MultiQueryDecode*contiguous*:*DecodeAttention*_b4_kv8_g4*:*DecodeAttention*_b32_kv8_g4*' hs
+  sanitize racecheck kvtrim_cuda_tests_hs '*DecodeAttention*_b4_kv8_g4*:*DecodeAttention*_b32_kv8_g4*' hs
 }
 hsquick() {
-  timeout 100 ./kvtrim_cuda_tests_hs --gtest_filter='*contiguous*' > "$OUT/tests-hs.txt" 2>&1; log "tests hs contiguous rc=$? $((SECONDS - S))s"
+  timeout 100 ./kvtrim_cuda_tests_hs --gtest_filter='*contiguous*:*DecodeAttention*' > "$OUT/tests-hs.txt" 2>&1; log "tests hs contiguous rc=$? $((SECONDS - S))s"
   summary "$OUT/tests-hs.txt" 20
   for v in base hs; do
-    timeout 40 ./bench_cuda_decode_attention_$v --benchmark_filter='device_copy|^decode_attention/|^codec_decode_(fp16|int8)/batch:8/tokens:32768/q_heads:32/' > "$OUT/hsq-$v.txt" 2>&1
+    timeout 40 ./bench_cuda_decode_attention_$v --benchmark_filter='device_copy|^decode_attention/|^decode_attention_paged/batch:8/tokens:(4096|32768)/.*lengths:0/page:16/scattered:1|^codec_decode_(fp16|int8)/batch:8/tokens:32768/q_heads:32/' > "$OUT/hsq-$v.txt" 2>&1
   done
   for v in base hs; do echo "== hsquick $v"; table "$OUT/hsq-$v.txt"; done | tee -a "$OUT/log.txt"
-  sanitize memcheck kvtrim_cuda_tests_hs '*DecodeAttention*contiguous_b4_kv8*:*DecodeAttention*contiguous_b32_kv8*:*DecodeAttention*contiguous_b2_kv4_g4*' hs
+  sanitize memcheck kvtrim_cuda_tests_hs '*DecodeAttention*_b4_kv8_g4*:*DecodeAttention*_b32_kv8_g4*:*DecodeAttention*contiguous_b2_kv4_g4*' hs
 }
 for stage in "$@"; do "$stage"; done
 log "done $((SECONDS - S))s"
