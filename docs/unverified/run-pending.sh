@@ -24,8 +24,10 @@ table() {
     sed -E 's/batch:8.kv_heads:8.tokens:32768.q_heads:32.head_dim:128.//; s/q_heads:32.kv_heads:8.head_dim:128.//; s/.iterations:[0-9]+.manual_time//' |
     sort -s -k1,1 | awk '{a[$1]=a[$1]" "$2} END {for (k in a) print k, a[k]}' | sort
 }
-run_tests() {  # label seconds: kvtrim_cuda_tests_<label>, its summary in the log
-  timeout "$2" "./kvtrim_cuda_tests_$1" > "$OUT/tests-$1.txt" 2>&1; log "tests $1 rc=$? $((SECONDS - S))s"
+run_tests() {  # label seconds [gtest filter]: kvtrim_cuda_tests_<label>, its summary in the log
+  local filter=(); [ -z "${3:-}" ] || filter=(--gtest_filter="$3")
+  timeout "$2" "./kvtrim_cuda_tests_$1" "${filter[@]}" > "$OUT/tests-$1.txt" 2>&1
+  log "tests $1 ${3:-} rc=$? $((SECONDS - S))s"
   summary "$OUT/tests-$1.txt" 20
 }
 sanitize() {  # tool binary filter label
@@ -35,10 +37,11 @@ sanitize() {  # tool binary filter label
 
 DECODE_ROWS='device_copy|^decode_attention/batch:8/tokens:32768/q_heads:32/kv_heads:8/head_dim:128/it|^decode_attention_paged/batch:8/tokens:(4096|32768)/.*lengths:0/page:(16|64)/scattered:1|^decode_attention_paged/batch:8/tokens:32768/.*lengths:2/page:16/scattered:1|^decode_attention_shared_paged/batch:8/tokens:(4096|32768)/.*page:16/hnd:0/scattered:1|^decode_attention_shared_paged/batch:8/tokens:32768/.*page:(16|64)/hnd:1/scattered:1|^decode_attention_flat/batch:8/tokens:32768/.*lengths:0'
 
-# decode_ab LABEL VARIANT...: the decode rows of each built bench_cuda_decode_attention_VARIANT, two rounds alternating.
+# decode_ab LABEL VARIANT...: the decode rows of each built bench_cuda_decode_attention_VARIANT, $ROUNDS (default
+# two) rounds alternating.
 decode_ab() {
   local label=$1; shift
-  for r in 1 2; do for v in "$@"; do
+  for r in $(seq "${ROUNDS:-2}"); do for v in "$@"; do
     [ -e bench_cuda_decode_attention_$v ] && timeout 80 ./bench_cuda_decode_attention_$v --benchmark_filter="$DECODE_ROWS" > "$OUT/$label-$v-$r.txt" 2>&1
   done; done
   log "$label $((SECONDS - S))s"
@@ -69,12 +72,9 @@ hsmem() {
   sanitize racecheck kvtrim_cuda_tests_hs '*DecodeAttention*_b4_kv8_g4*:*DecodeAttention*_b32_kv8_g4*' hs
 }
 hsquick() {
-  timeout 100 ./kvtrim_cuda_tests_hs --gtest_filter='*contiguous*:*DecodeAttention*' > "$OUT/tests-hs.txt" 2>&1; log "tests hs contiguous rc=$? $((SECONDS - S))s"
-  summary "$OUT/tests-hs.txt" 20
-  for v in base hs; do
-    timeout 40 ./bench_cuda_decode_attention_$v --benchmark_filter='device_copy|^decode_attention/|^decode_attention_paged/batch:8/tokens:(4096|32768)/.*lengths:0/page:16/scattered:1|^codec_decode_(fp16|int8)/batch:8/tokens:32768/q_heads:32/' > "$OUT/hsq-$v.txt" 2>&1
-  done
-  for v in base hs; do echo "== hsquick $v"; table "$OUT/hsq-$v.txt"; done | tee -a "$OUT/log.txt"
+  run_tests hs 100 '*contiguous*:*DecodeAttention*'
+  ROUNDS=1 DECODE_ROWS='device_copy|^decode_attention/|^decode_attention_paged/batch:8/tokens:(4096|32768)/.*lengths:0/page:16/scattered:1|^codec_decode_(fp16|int8)/batch:8/tokens:32768/q_heads:32/' \
+    decode_ab hsquick base hs
   sanitize memcheck kvtrim_cuda_tests_hs '*DecodeAttention*_b4_kv8_g4*:*DecodeAttention*_b32_kv8_g4*:*DecodeAttention*contiguous_b2_kv4_g4*' hs
 }
 for stage in "$@"; do "$stage"; done
