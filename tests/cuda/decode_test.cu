@@ -431,6 +431,15 @@ INSTANTIATE_TEST_SUITE_P(
         decode_case{L::contiguous, 2, 4, 4, 128, 0, {4096, 4096, 4096, 4096, 4096, 4096, 4096, 4096}, false},
         // D 64 (two 64-element panels a tile, 4 stages) at GQA 4, contiguous, heads not a multiple of 64
         decode_case{L::contiguous, 1, 2, 4, 64, 0, {1000, 1000}, false},
+        // Contiguous heads that a whole number of blocks splits evenly (uniform_decode_chunk; on 132
+        // multiprocessors at two blocks each, where the balanced chunks of 497 and 311 tokens would straddle
+        // heads): 32 heads of 4096 tokens, 8 blocks of 512 a head, each block one segment; 256 heads of 320
+        // tokens, one whole head a block and no merge
+        decode_case{L::contiguous, 4, 8, 4, 128, 0, std::vector<std::int64_t>(32, 4096), false},
+        decode_case{L::contiguous, 32, 8, 4, 128, 0, std::vector<std::int64_t>(256, 320), false},
+        // the same through the plan kernel, which finds every head equal: paged (pages of 16) and flat
+        decode_case{L::paged, 4, 8, 4, 128, 16, std::vector<std::int64_t>(32, 4096), false},
+        decode_case{L::flat, 32, 8, 4, 128, 0, std::vector<std::int64_t>(256, 320), false},
         // D 64 at GQA 16, flat heads one short of, at, and one past a tile, and a long one
         decode_case{L::flat, 2, 2, 16, 64, 0, {63, 64, 65, 4160}, true}),
     case_name);

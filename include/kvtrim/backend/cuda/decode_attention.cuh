@@ -1809,7 +1809,7 @@ struct implementation<stage::decode_attention, backend::cuda> {
       std::int64_t grid = blocks;
       bool merge = true;
       if constexpr (uniform) {
-        const std::int64_t chunk = cuda_detail::decode_chunk(heads * length, blocks);
+        const std::int64_t chunk = cuda_detail::uniform_decode_chunk(heads, length, blocks);
         partition = {heads, length, chunk};
         grid = cuda_detail::ceil_div(heads * length, chunk);
         merge = chunk % length != 0;  // else every block starts a head and reads whole heads

@@ -20,7 +20,8 @@
 // of a fixed grid of P blocks (one wave of the GPU) reads the tokens
 // [p·C, min(T, (p+1)·C)) with C = max(min_chunk, ⌈T / P⌉): every block reads the
 // same number of bytes whatever the heads' lengths, so a ragged cache costs
-// what its bytes cost. A block's range meets one or more heads; each piece
+// what its bytes cost. Heads of one length that a whole number of blocks splits
+// evenly take C = length / s instead (uniform_decode_chunk), so no block straddles two. A block's range meets one or more heads; each piece
 // (segment) is one online softmax whose state goes to the workspace as a
 // partial (output, log-sum-exp) at index p + head — along the line each
 // segment boundary moves p, head or both forward, so p + head is unique — or,
@@ -214,6 +215,20 @@ __host__ __device__ inline std::int64_t decode_chunk(std::int64_t total, std::in
   return even > decode_min_chunk ? even : decode_min_chunk;
 }
 
+/// Heads of one length (contiguous caches; paged and flat ones whose plan finds every head equal): when
+/// a whole number s of blocks a head fills at least 15/16 of the wave and cuts the length into equal
+/// chunks of at least decode_min_chunk, C = length / s, so that every block reads one piece of one head —
+/// one segment, one pipeline fill and one partial (s = 1: whole heads, and for contiguous caches no
+/// merge) — as cuDNN's decode splits W (4 × 8192 tokens a head); otherwise the balanced C of
+/// decode_chunk, whose block ranges may straddle two heads.
+__host__ __device__ inline std::int64_t uniform_decode_chunk(std::int64_t heads, std::int64_t length,
+                                                             std::int64_t blocks) {
+  for (std::int64_t splits = heads > 0 ? blocks / heads : 0; splits >= 1 && splits * heads * 16 >= blocks * 15;
+       --splits)
+    if (length % splits == 0 && length / splits >= decode_min_chunk) return length / splits;
+  return decode_chunk(heads * length, blocks);
+}
+
 /// Contiguous: every head holds `length` tokens (host-known), so the line is arithmetic.
 struct uniform_partition {
   std::int64_t heads = 0;
@@ -237,8 +252,8 @@ struct planned_partition {
 
 inline constexpr int decode_plan_threads = 256;
 
-/// One block: prefix[] = exclusive scan of the heads' lengths, T, C = max(min_chunk, ⌈T / blocks⌉),
-/// and first_head[p] for every block p whose range starts inside the line.
+/// One block: prefix[] = exclusive scan of the heads' lengths, T, C = max(min_chunk, ⌈T / blocks⌉) (heads of
+/// one length: uniform_decode_chunk), and first_head[p] for every block p whose range starts inside the line.
 template <class View>
 __global__ void __launch_bounds__(decode_plan_threads)
     plan_decode_partition(const __grid_constant__ View cache, std::int64_t blocks, decode_line* line,
@@ -249,6 +264,10 @@ __global__ void __launch_bounds__(decode_plan_threads)
   __shared__ std::int64_t shared_chunk;
   const std::int64_t heads = cache.heads();
   std::int64_t running = 0;  // Σ lengths of the tiles before this one (every thread holds it)
+  // Every head as long as the first (a full or uniformly compressed paged cache): the chunk that splits
+  // heads evenly, as for contiguous caches (uniform_decode_chunk).
+  const std::int64_t first_length = heads > 0 ? cache.head_length(0, 0) : 0;
+  bool equal_lengths = true;
   for (std::int64_t tile = 0; tile < heads; tile += decode_plan_threads) {
     const std::int64_t head = tile + threadIdx.x;
     const std::int64_t length =
@@ -257,11 +276,13 @@ __global__ void __launch_bounds__(decode_plan_threads)
     scan(scan_storage).ExclusiveSum(length, before, tile_total);
     if (head < heads) prefix[head] = running + before;
     running += tile_total;
-    __syncthreads();  // scan_storage is reused by the next tile
+    // Also the barrier before scan_storage is reused by the next tile.
+    equal_lengths = __syncthreads_and(head >= heads || length == first_length) && equal_lengths;
   }
   if (threadIdx.x == 0) {
     prefix[heads] = running;
-    const std::int64_t chunk = decode_chunk(running, blocks);
+    const std::int64_t chunk =
+        equal_lengths ? uniform_decode_chunk(heads, first_length, blocks) : decode_chunk(running, blocks);
     *line = {running, chunk};
     shared_chunk = chunk;
   }
