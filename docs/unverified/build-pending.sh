@@ -4,8 +4,8 @@
 # them gzipped into .device/pending (git-ignored) for run-pending.sh, so that one device call runs them (no build there):
 #   run(command="bash docs/unverified/run-pending.sh sdpa h200", carry=[".device/pending", ".whl"], kind="nvidia-h200")
 # .whl holds kvpress 0.5.4 for the h200 stage: pip download kvpress==0.5.4 --no-deps -d .whl.
-# Variants: base (main's compress and decode benches); hs (decode-head-splits.diff: its decode bench and the decode,
-# eviction and codec tests). A new diff gets a line here, `build NAME DIFF TEST_FILTER CUDA_FLAGS TARGET...`, and a stage in
+# Variants: base (main's compress and decode benches); peer (bench_peer_flashinfer_decode: FlashInfer 0.7.4's paged
+# decode and kvtrim's shared_paged decode in one binary). A new diff gets a line here, `build NAME DIFF TEST_FILTER CUDA_FLAGS TARGET...`, and a stage in
 # run-pending.sh (its decode_ab, run_tests and sanitize helpers). Build only some: build-pending.sh base
 set -euo pipefail
 root=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
@@ -25,7 +25,8 @@ build() {
   git worktree add -q --detach "$tree" HEAD
   [ -z "$diff" ] || git -C "$tree" apply "$root/docs/unverified/$diff"
   cmake --preset cuda -S "$tree" -B "$tree/build" -DCMAKE_CUDA_ARCHITECTURES=90a \
-    -DKVTRIM_CUDA_TEST_FILTER="$filter" -DCMAKE_CUDA_FLAGS="$flags" > "$work/$name.configure.log"
+    -DKVTRIM_CUDA_TEST_FILTER="$filter" -DCMAKE_CUDA_FLAGS="$flags" \
+    ${KVTRIM_FLASHINFER_INCLUDE:+-DKVTRIM_FLASHINFER_INCLUDE=$KVTRIM_FLASHINFER_INCLUDE} > "$work/$name.configure.log"
   ninja -C "$tree/build" "$@" > "$work/$name.build.log"
   for target in "$@"; do
     local binary
@@ -39,8 +40,10 @@ build() {
 for variant in "${variants[@]}"; do
   case $variant in
     base) build base "" none "" bench_cuda_compress bench_cuda_decode_attention ;;
-    hs) build hs decode-head-splits.diff 'decode_test|eviction_test|codecs_test' "" bench_cuda_decode_attention kvtrim_cuda_tests ;;
-    *) echo "build-pending.sh: unknown variant $variant (base hs)" >&2; exit 2 ;;
+    # FlashInfer's decode next to kvtrim's on the same pages (issue 11): its headers from scripts/peer-flashinfer.
+    peer) [ -d "$root/.peers/flashinfer/include" ] || scripts/peer-flashinfer
+        KVTRIM_FLASHINFER_INCLUDE="$root/.peers/flashinfer/include" build peer "" none "" bench_peer_flashinfer_decode ;;
+    *) echo "build-pending.sh: unknown variant $variant (base peer)" >&2; exit 2 ;;
   esac
 done
 du -sh "$out"

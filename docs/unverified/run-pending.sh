@@ -3,10 +3,9 @@
 # has the call). Stages, run in the order given:
 #   sdpa     torch SDPA on W (any card: the peer of the decode rows)
 #   h200     on an H200 only: issue 10's compress rows, torch's and kvpress's compress
-#   hstests  decode-head-splits.diff: decode, eviction and codec tests
-#   hsab     decode A/B, main against decode-head-splits (every contiguous row, paged / flat / shared_paged, codecs at W)
-#   hsquick  the three above in ~3 min: the contiguous and DecodeAttention cases of the tests, one A/B round, memcheck on the new cases
-#   hsmem    decode-head-splits under memcheck (contiguous decode cases, the new ones) and racecheck (the new ones)
+#   flashinfer FlashInfer 0.7.4's paged decode and kvtrim's shared_paged decode on the same pages, two rounds (issue 11)
+#   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
+#            for contiguous, flat and paged (where paged's extra time at 4k goes)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
 # Everything it prints goes to $OUT/log.txt, the raw outputs next to it.
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -63,19 +62,33 @@ sdpa() {  # torch SDPA on W's contiguous cache (issue 11's peer), on any card
   (cd "$repo" && timeout 60 python3 bench/torch_sdpa.py) > "$OUT/torch_sdpa.txt" 2>&1
   log "torch_sdpa rc=$? $((SECONDS - S))s"; grep -E '"tokens"|median_us|"head_dim"' "$OUT/torch_sdpa.txt" | paste - - - | tee -a "$OUT/log.txt"
 }
-hstests() { run_tests hs 200; }
-hsab() {
-  DECODE_ROWS="$DECODE_ROWS|^decode_attention/|^codec_decode_(fp16|int8|int4|fp8)/batch:8/tokens:32768/q_heads:32/" decode_ab hsab base hs
+flashinfer() {
+  for r in 1 2; do
+    timeout 120 ./bench_peer_flashinfer_decode_peer > "$OUT/flashinfer-$r.txt" 2>&1
+    log "flashinfer $r rc=$? $((SECONDS - S))s"
+  done
+  grep -hE '^(flashinfer|kvtrim)' "$OUT"/flashinfer-*.txt | awk '{print $1, $2}' | sed -E 's/.iterations:50.manual_time//' |
+    sort -s -k1,1 | awk '{a[$1]=a[$1]" "$2} END {for (k in a) print k, a[k]}' | sort -t/ -k3,3n | tee -a "$OUT/log.txt"
+  grep -h "check failed\|beyond" "$OUT"/flashinfer-*.txt | head -3 | tee -a "$OUT/log.txt"
 }
-hsmem() {
-  sanitize memcheck kvtrim_cuda_tests_hs '*DecodeAttention*contiguous*:*MultiQueryDecode*contiguous*:*DecodeAttention*_b4_kv8_g4*:*DecodeAttention*_b32_kv8_g4*' hs
-  sanitize racecheck kvtrim_cuda_tests_hs '*DecodeAttention*_b4_kv8_g4*:*DecodeAttention*_b32_kv8_g4*' hs
-}
-hsquick() {
-  run_tests hs 100 '*contiguous*:*DecodeAttention*'
-  ROUNDS=1 DECODE_ROWS='device_copy|^decode_attention/|^decode_attention_paged/batch:8/tokens:(4096|32768)/.*lengths:0/page:16/scattered:1|^codec_decode_(fp16|int8)/batch:8/tokens:32768/q_heads:32/' \
-    decode_ab hsquick base hs
-  sanitize memcheck kvtrim_cuda_tests_hs '*DecodeAttention*_b4_kv8_g4*:*DecodeAttention*_b32_kv8_g4*:*DecodeAttention*contiguous_b2_kv4_g4*' hs
+diag() {
+  ROUNDS=1 DECODE_ROWS='device_copy|^decode_attention/batch:8/tokens:4096/q_heads:32/kv_heads:8/head_dim:128/it|^decode_attention_(paged|flat)/batch:8/tokens:(4096|32768)/.*lengths:0/page:(0|16)/scattered:(0|1)' \
+    decode_ab diag base
+  local rows=('^decode_attention/batch:8/tokens:4096/q_heads:32/kv_heads:8/head_dim:128/it'
+    '^decode_attention_flat/batch:8/tokens:4096/' '^decode_attention_paged/batch:8/tokens:4096/.*page:16/scattered:1'
+    '^decode_attention_paged/batch:8/tokens:32768/.*lengths:0/page:16/scattered:1' '^decode_attention_flat/batch:8/tokens:32768/.*lengths:0/')
+  local i=0
+  for row in "${rows[@]}"; do
+    i=$((i + 1))
+    timeout 90 ncu --clock-control none --metrics gpu__time_duration.sum --launch-skip 30 --launch-count 12 \
+      -k 'regex:plan_decode|decode_attention|merge_decode' --print-summary per-kernel \
+      ./bench_cuda_decode_attention_base --benchmark_filter="$row" > "$OUT/ncu-$i.txt" 2>&1
+    log "ncu $row rc=$? $((SECONDS - S))s"
+    grep -E '^  [^ ]|gpu__time_duration' "$OUT/ncu-$i.txt" | sed -E 's/[<(].*//; s/.*:://' | paste - - | awk '{print $1, "min/max/avg us", $(NF-2), $(NF-1), $NF}' | tee -a "$OUT/log.txt"
+  done
 }
 for stage in "$@"; do "$stage"; done
 log "done $((SECONDS - S))s"
+# Only a few files come back from a device call: the raw outputs travel as one archive next to log.txt.
+(cd "$OUT" && find . -maxdepth 1 -type f ! -name log.txt ! -name gpu.txt ! -name raw.tar.gz -printf '%f\n' > .raw-list &&
+  tar czf raw.tar.gz -T .raw-list && xargs rm -f < .raw-list; rm -f .raw-list)
