@@ -4,6 +4,10 @@
 #   sdpa     torch SDPA on W (any card: the peer of the decode rows)
 #   h200     on an H200 only: issue 10's compress rows, torch's and kvpress's compress
 #   flashinfer FlashInfer 0.7.4's paged decode and kvtrim's shared_paged decode on the same pages, two rounds (issue 11)
+#   bptests  block-plan.diff: decode, eviction, codec, shared_paged and engine-life tests
+#   bpab     decode A/B, main against block-plan (paged / flat / shared_paged at 4k and 32k, contiguous, codecs)
+#   bpmem    block-plan under memcheck (paged / flat decode cases, the eviction metric) and racecheck (paged, flat)
+#   bpquick  the three above in ~3 min
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
@@ -61,6 +65,18 @@ sdpa() {  # torch SDPA on W's contiguous cache (issue 11's peer), on any card
   python3 -c "import torch; print(torch.__version__)" >> "$OUT/gpu.txt" 2>&1
   (cd "$repo" && timeout 60 python3 bench/torch_sdpa.py) > "$OUT/torch_sdpa.txt" 2>&1
   log "torch_sdpa rc=$? $((SECONDS - S))s"; grep -E '"tokens"|median_us|"head_dim"' "$OUT/torch_sdpa.txt" | paste - - - | tee -a "$OUT/log.txt"
+}
+BP_ROWS='device_copy|^decode_attention/batch:8/tokens:(4096|32768)/q_heads:32/kv_heads:8/head_dim:128/it|^decode_attention_(paged|flat)/batch:8/tokens:(4096|8192|32768)/.*page:(0|16|64)/scattered:(0|1)|^decode_attention_shared_paged/batch:8/tokens:(4096|32768)/.*page:16/hnd:0/scattered:1|^codec_decode_(int8|fp8)/batch:8/tokens:32768/q_heads:32/|^decode_attention_metric'
+bptests() { run_tests bp 240; }
+bpab() { DECODE_ROWS="$BP_ROWS" decode_ab bpab base bp; }
+bpmem() {
+  sanitize memcheck kvtrim_cuda_tests_bp '*DecodeAttention*paged*Fp16*:*DecodeAttention*flat*Fp16*:*EvictionMetric*Fp16*:*SharedPagedDecode*' bp
+  sanitize racecheck kvtrim_cuda_tests_bp '*DecodeAttention*paged_b2_kv4_g4*Fp16*:*DecodeAttention*flat_b4_kv8_g4*Fp16*:*DecodeAttention*b33*Fp16*' bp
+}
+bpquick() {
+  run_tests bp 120 '*DecodeAttention*:*SharedPaged*:*EvictionMetric*'
+  ROUNDS=1 DECODE_ROWS="$BP_ROWS" decode_ab bpquick base bp
+  sanitize memcheck kvtrim_cuda_tests_bp '*DecodeAttention*paged_b2_kv4_g4*Fp16*:*DecodeAttention*flat_b4_kv8_g4*Fp16*:*DecodeAttention*b33*Fp16*' bp
 }
 flashinfer() {
   for r in 1 2; do
