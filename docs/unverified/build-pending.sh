@@ -44,7 +44,7 @@ for variant in "${variants[@]}"; do
     peer) [ -d "$root/.peers/flashinfer/include" ] || scripts/peer-flashinfer
         KVTRIM_FLASHINFER_INCLUDE="$root/.peers/flashinfer/include" build peer "" none "" bench_peer_flashinfer_decode ;;
     # block-plan.diff (issue 11): the decode tests that cover it and its decode bench.
-    bp) build bp block-plan.diff 'decode_test|eviction_test|codecs_test|shared_paged_test|engine_life_test' "" \
+    bp) build bp block-plan.diff 'decode_test|eviction_test|shared_paged_test' "" \
           bench_cuda_decode_attention kvtrim_cuda_tests ;;
     *) echo "build-pending.sh: unknown variant $variant (base peer bp)" >&2; exit 2 ;;
   esac

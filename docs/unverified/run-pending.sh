@@ -4,7 +4,7 @@
 #   sdpa     torch SDPA on W (any card: the peer of the decode rows)
 #   h200     on an H200 only: issue 10's compress rows, torch's and kvpress's compress
 #   flashinfer FlashInfer 0.7.4's paged decode and kvtrim's shared_paged decode on the same pages, two rounds (issue 11)
-#   bptests  block-plan.diff: decode, eviction, codec, shared_paged and engine-life tests
+#   bptests  block-plan.diff: decode, eviction and shared_paged tests
 #   bpab     decode A/B, main against block-plan (paged / flat / shared_paged at 4k and 32k, contiguous, codecs)
 #   bpmem    block-plan under memcheck (paged / flat decode cases, the eviction metric) and racecheck (paged, flat)
 #   bpquick  the three above in ~3 min
@@ -70,13 +70,13 @@ BP_ROWS='device_copy|^decode_attention/batch:8/tokens:(4096|32768)/q_heads:32/kv
 bptests() { run_tests bp 240; }
 bpab() { DECODE_ROWS="$BP_ROWS" decode_ab bpab base bp; }
 bpmem() {
-  sanitize memcheck kvtrim_cuda_tests_bp '*DecodeAttention*paged*Fp16*:*DecodeAttention*flat*Fp16*:*EvictionMetric*Fp16*:*SharedPagedDecode*' bp
-  sanitize racecheck kvtrim_cuda_tests_bp '*DecodeAttention*paged_b2_kv4_g4*Fp16*:*DecodeAttention*flat_b4_kv8_g4*Fp16*:*DecodeAttention*b33*Fp16*' bp
+  sanitize memcheck kvtrim_cuda_tests_bp '*DecodeAttention.MatchesCpuReferenceFp16/paged*:*DecodeAttention.MatchesCpuReferenceFp16/flat*:*EvictionMetric.MatchesCpuReferenceFp16*:*SharedPagedDecode*' bp
+  sanitize racecheck kvtrim_cuda_tests_bp '*DecodeAttention.MatchesCpuReferenceFp16/paged_b2_kv4_g4*:*DecodeAttention.MatchesCpuReferenceFp16/flat_b4_kv8_g4*:*DecodeAttention.MatchesCpuReferenceFp16/*_b33_*' bp
 }
 bpquick() {
-  run_tests bp 120 '*DecodeAttention*:*SharedPaged*:*EvictionMetric*'
+  run_tests bp 110 '*DecodeAttention.*:*SharedPaged*:*EvictionMetric.*Fp16*'
   ROUNDS=1 DECODE_ROWS="$BP_ROWS" decode_ab bpquick base bp
-  sanitize memcheck kvtrim_cuda_tests_bp '*DecodeAttention*paged_b2_kv4_g4*Fp16*:*DecodeAttention*flat_b4_kv8_g4*Fp16*:*DecodeAttention*b33*Fp16*' bp
+  sanitize memcheck kvtrim_cuda_tests_bp '*DecodeAttention.MatchesCpuReferenceFp16/paged_b2_kv4_g4*:*DecodeAttention.MatchesCpuReferenceFp16/flat_b4_kv8_g4*:*DecodeAttention.MatchesCpuReferenceFp16/*_b33_*' bp
 }
 flashinfer() {
   for r in 1 2; do
