@@ -21,9 +21,10 @@ name=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader); echo "
 S=$SECONDS
 log() { echo "$*" | tee -a "$OUT/log.txt"; }
 summary() { grep -E '^\[  (PASSED|FAILED) |FAILED  \]|tests? ran' "$1" | head -"${2:-12}" | tee -a "$OUT/log.txt"; }
-# Medians of each row across the given outputs, one line a row (W's shape left out of the names).
+# Medians of each row across the given outputs, one line a row (W's shape left out of the names); rows
+# matching $ROWS (default: kvtrim's own benches).
 table() {
-  grep -hE '^(compress|device_copy|select|decode)' "$@" | awk '{print $1, $2}' |
+  grep -hE "${ROWS:-^(compress|device_copy|select|decode)}" "$@" | awk '{print $1, $2}' |
     sed -E 's/batch:8.kv_heads:8.tokens:32768.q_heads:32.head_dim:128.//; s/q_heads:32.kv_heads:8.head_dim:128.//; s/.iterations:[0-9]+.manual_time//' |
     sort -s -k1,1 | awk '{a[$1]=a[$1]" "$2} END {for (k in a) print k, a[k]}' | sort
 }
@@ -83,8 +84,7 @@ flashinfer() {
     timeout 120 ./bench_peer_flashinfer_decode_peer > "$OUT/flashinfer-$r.txt" 2>&1
     log "flashinfer $r rc=$? $((SECONDS - S))s"
   done
-  grep -hE '^(flashinfer|kvtrim)' "$OUT"/flashinfer-*.txt | awk '{print $1, $2}' | sed -E 's/.iterations:50.manual_time//' |
-    sort -s -k1,1 | awk '{a[$1]=a[$1]" "$2} END {for (k in a) print k, a[k]}' | sort -t/ -k3,3n | tee -a "$OUT/log.txt"
+  ROWS='^(flashinfer|kvtrim)' table "$OUT"/flashinfer-*.txt | tee -a "$OUT/log.txt"
   grep -h "check failed\|beyond" "$OUT"/flashinfer-*.txt | head -3 | tee -a "$OUT/log.txt"
 }
 diag() {

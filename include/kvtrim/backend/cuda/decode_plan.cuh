@@ -21,7 +21,8 @@
 // [p·C, min(T, (p+1)·C)) with C = max(min_chunk, ⌈T / P⌉): every block reads the
 // same number of bytes whatever the heads' lengths, so a ragged cache costs
 // what its bytes cost. Heads of one length that a whole number of blocks splits
-// evenly take C = length / s instead (uniform_decode_chunk), so no block straddles two. A block's range meets one or more heads; each piece
+// evenly take C = length / s instead (uniform_decode_chunk), so no block
+// straddles two. A block's range meets one or more heads; each piece
 // (segment) is one online softmax whose state goes to the workspace as a
 // partial (output, log-sum-exp) at index p + head — along the line each
 // segment boundary moves p, head or both forward, so p + head is unique — or,
