@@ -43,10 +43,7 @@ for variant in "${variants[@]}"; do
     # FlashInfer's decode next to kvtrim's on the same pages (issue 11): its headers from scripts/peer-flashinfer.
     peer) [ -d "$root/.peers/flashinfer/include" ] || scripts/peer-flashinfer
         KVTRIM_FLASHINFER_INCLUDE="$root/.peers/flashinfer/include" build peer "" none "" bench_peer_flashinfer_decode ;;
-    # block-plan.diff (issue 11): the decode tests that cover it and its decode bench.
-    bp) build bp block-plan.diff 'decode_test|eviction_test|shared_paged_test' "" \
-          bench_cuda_decode_attention kvtrim_cuda_tests ;;
-    *) echo "build-pending.sh: unknown variant $variant (base peer bp)" >&2; exit 2 ;;
+    *) echo "build-pending.sh: unknown variant $variant (base peer)" >&2; exit 2 ;;
   esac
 done
 du -sh "$out"

@@ -4,10 +4,6 @@
 #   sdpa     torch SDPA on W (any card: the peer of the decode rows)
 #   h200     on an H200 only: issue 10's compress rows, torch's and kvpress's compress
 #   flashinfer FlashInfer 0.7.4's paged decode and kvtrim's shared_paged decode on the same pages, two rounds (issue 11)
-#   bptests  block-plan.diff: decode, eviction and shared_paged tests
-#   bpab     decode A/B, main against block-plan (paged / flat / shared_paged at 4k and 32k, contiguous, codecs)
-#   bpmem    block-plan under memcheck (paged / flat decode cases, the eviction metric) and racecheck (paged, flat)
-#   bpquick  the three above in ~3 min
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
@@ -20,7 +16,6 @@ export LD_LIBRARY_PATH="$PWD:${LD_LIBRARY_PATH:-}"
 name=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader); echo "$name" | tee -a "$OUT/gpu.txt"
 S=$SECONDS
 log() { echo "$*" | tee -a "$OUT/log.txt"; }
-summary() { grep -E '^\[  (PASSED|FAILED) |FAILED  \]|tests? ran' "$1" | head -"${2:-12}" | tee -a "$OUT/log.txt"; }
 # Medians of each row across the given outputs, one line a row (W's shape left out of the names); rows
 # matching $ROWS (default: kvtrim's own benches).
 table() {
@@ -28,11 +23,15 @@ table() {
     sed -E 's/batch:8.kv_heads:8.tokens:32768.q_heads:32.head_dim:128.//; s/q_heads:32.kv_heads:8.head_dim:128.//; s/.iterations:[0-9]+.manual_time//' |
     sort -s -k1,1 | awk '{a[$1]=a[$1]" "$2} END {for (k in a) print k, a[k]}' | sort
 }
-run_tests() {  # label seconds [gtest filter]: kvtrim_cuda_tests_<label>, its summary in the log
+run_tests() {  # label seconds [gtest filter]: kvtrim_cuda_tests_<label> in 8 shards at once (the CPU reference
+  # is the slow part: 160 decode / eviction / shared_paged tests took ~140 s so, >110 s for 28 one at a time)
   local filter=(); [ -z "${3:-}" ] || filter=(--gtest_filter="$3")
-  timeout "$2" "./kvtrim_cuda_tests_$1" "${filter[@]}" > "$OUT/tests-$1.txt" 2>&1
-  log "tests $1 ${3:-} rc=$? $((SECONDS - S))s"
-  summary "$OUT/tests-$1.txt" 20
+  for i in 0 1 2 3 4 5 6 7; do
+    GTEST_TOTAL_SHARDS=8 GTEST_SHARD_INDEX=$i timeout "$2" "./kvtrim_cuda_tests_$1" "${filter[@]}" > "$OUT/tests-$1-$i.txt" 2>&1 &
+  done
+  wait
+  log "tests $1 ${3:-} $((SECONDS - S))s: $(cat "$OUT"/tests-$1-*.txt | grep -c '^\[       OK') passed, $(cat "$OUT"/tests-$1-*.txt | grep -c '^\[  FAILED  \] .*(') failed"
+  grep -h 'FAILED  \] .*(' "$OUT"/tests-$1-*.txt | head -20 | tee -a "$OUT/log.txt"
 }
 sanitize() {  # tool binary filter label
   timeout 150 compute-sanitizer --tool "$1" "./$2" --gtest_filter="$3" > "$OUT/$1-$4.txt" 2>&1
@@ -67,18 +66,9 @@ sdpa() {  # torch SDPA on W's contiguous cache (issue 11's peer), on any card
   (cd "$repo" && timeout 60 python3 bench/torch_sdpa.py) > "$OUT/torch_sdpa.txt" 2>&1
   log "torch_sdpa rc=$? $((SECONDS - S))s"; grep -E '"tokens"|median_us|"head_dim"' "$OUT/torch_sdpa.txt" | paste - - - | tee -a "$OUT/log.txt"
 }
-BP_ROWS='device_copy|^decode_attention/batch:8/tokens:(4096|32768)/q_heads:32/kv_heads:8/head_dim:128/it|^decode_attention_(paged|flat)/batch:8/tokens:(4096|8192|32768)/.*page:(0|16|64)/scattered:(0|1)|^decode_attention_shared_paged/batch:8/tokens:(4096|32768)/.*page:16/hnd:0/scattered:1|^codec_decode_(int8|fp8)/batch:8/tokens:32768/q_heads:32/|^decode_attention_metric'
-bptests() { run_tests bp 240; }
-bpab() { DECODE_ROWS="$BP_ROWS" decode_ab bpab base bp; }
-bpmem() {
-  sanitize memcheck kvtrim_cuda_tests_bp '*DecodeAttention.MatchesCpuReferenceFp16/paged*:*DecodeAttention.MatchesCpuReferenceFp16/flat*:*EvictionMetric.MatchesCpuReferenceFp16*:*SharedPagedDecode*' bp
-  sanitize racecheck kvtrim_cuda_tests_bp '*DecodeAttention.MatchesCpuReferenceFp16/paged_b2_kv4_g4*:*DecodeAttention.MatchesCpuReferenceFp16/flat_b4_kv8_g4*:*DecodeAttention.MatchesCpuReferenceFp16/*_b33_*' bp
-}
-bpquick() {
-  run_tests bp 110 '*DecodeAttention.*:*SharedPaged*:*EvictionMetric.*Fp16*'
-  ROUNDS=1 DECODE_ROWS="$BP_ROWS" decode_ab bpquick base bp
-  sanitize memcheck kvtrim_cuda_tests_bp '*DecodeAttention.MatchesCpuReferenceFp16/paged_b2_kv4_g4*:*DecodeAttention.MatchesCpuReferenceFp16/flat_b4_kv8_g4*:*DecodeAttention.MatchesCpuReferenceFp16/*_b33_*' bp
-}
+# Every layout at 4k / 8k / 32k, the codecs and the metric: the rows a decode change's A/B wants
+# (DECODE_ROWS="$LAYOUT_ROWS" decode_ab LABEL base VARIANT).
+LAYOUT_ROWS='device_copy|^decode_attention/batch:8/tokens:(4096|32768)/q_heads:32/kv_heads:8/head_dim:128/it|^decode_attention_(paged|flat)/batch:8/tokens:(4096|8192|32768)/.*page:(0|16|64)/scattered:(0|1)|^decode_attention_shared_paged/batch:8/tokens:(4096|32768)/.*page:16/hnd:0/scattered:1|^codec_decode_(int8|fp8)/batch:8/tokens:32768/q_heads:32/|^decode_attention_metric'
 flashinfer() {
   for r in 1 2; do
     timeout 120 ./bench_peer_flashinfer_decode_peer > "$OUT/flashinfer-$r.txt" 2>&1

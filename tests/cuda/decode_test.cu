@@ -388,6 +388,12 @@ TEST_P(DecodeAttention, MatchesCpuReferenceBf16) {
 }
 
 using L = layout_kind;
+/// n heads of 0 to 1336 tokens in no order (every 11th empty), for caches with many heads.
+std::vector<std::int64_t> ragged_lengths(std::int64_t n) {
+  std::vector<std::int64_t> lengths(static_cast<std::size_t>(n));
+  for (std::int64_t i = 0; i < n; ++i) lengths[static_cast<std::size_t>(i)] = i % 11 == 0 ? 0 : (i * 389) % 1337;
+  return lengths;
+}
 INSTANTIATE_TEST_SUITE_P(
     AwkwardLengths, DecodeAttention,
     ::testing::Values(
@@ -437,11 +443,19 @@ INSTANTIATE_TEST_SUITE_P(
         // tokens, one whole head a block and no merge
         decode_case{L::contiguous, 4, 8, 4, 128, 0, std::vector<std::int64_t>(32, 4096), false},
         decode_case{L::contiguous, 32, 8, 4, 128, 0, std::vector<std::int64_t>(256, 320), false},
-        // the same through the plan kernel, which finds every head equal: paged (pages of 16) and flat
+        // the same through the plan (in the attention blocks), which finds every head equal: paged (pages of
+        // 16) and flat
         decode_case{L::paged, 4, 8, 4, 128, 16, std::vector<std::int64_t>(32, 4096), false},
         decode_case{L::flat, 32, 8, 4, 128, 0, std::vector<std::int64_t>(256, 320), false},
         // D 64 at GQA 16, flat heads one short of, at, and one past a tile, and a long one
-        decode_case{L::flat, 2, 2, 16, 64, 0, {63, 64, 65, 4160}, true}),
+        decode_case{L::flat, 2, 2, 16, 64, 0, {63, 64, 65, 4160}, true},
+        // Past decode_block_plan_heads (256) the plan kernel plans instead of the attention blocks: 264
+        // ragged heads (0 to 1336 tokens, empty ones among them) and 264 equal ones over pages of 16
+        decode_case{L::flat, 33, 8, 4, 128, 0, ragged_lengths(264), true},
+        decode_case{L::paged, 33, 8, 4, 128, 16, std::vector<std::int64_t>(264, 320), false},
+        // 256 ragged heads, the most the attention blocks plan themselves: every lane of the plan's scan holds
+        // 8 heads, and blocks span several heads
+        decode_case{L::flat, 32, 8, 4, 128, 0, ragged_lengths(256), true}),
     case_name);
 
 // review (a): contiguous caches whose map is [batch, token, kv_head] ("NHD": token stride = kv_heads,

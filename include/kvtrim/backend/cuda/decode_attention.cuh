@@ -12,8 +12,9 @@
 //  * GQA: a block reads a head's K/V tiles once for all `Group` query heads.
 //  * Balanced split-K (decode_plan.cuh): a fixed grid of one wave of blocks,
 //    each reading the same number of tokens of the heads laid end to end; a
-//    plan kernel scans device-side lengths (paged, flat) so no host
-//    synchronisation is needed; partial softmax states are merged after.
+//    plan (a kernel, or up to 256 heads each block itself) scans device-side
+//    lengths (paged, flat) so no host synchronisation is needed; partial
+//    softmax states are merged after.
 //  * K/V tiles stream into shared memory through a cp.async pipeline
 //    (kv_tile_stream, shared by both kernels): several tiles in flight per
 //    block without spending registers on them, which is what keeps HBM busy.
@@ -619,8 +620,9 @@ __global__ void __launch_bounds__(decode_threads, KVTRIM_CUDA_DECODE_CUDA_CORE_M
 __global__ void __launch_bounds__(decode_threads)
 #endif
     decode_attention_cuda_core(const __grid_constant__ Params params) {
-  wait_for_prerequisite_grid();  // paged / flat: the plan's partition
+  wait_for_prerequisite_grid();  // paged / flat: the plan's partition (or the lengths, planned here)
   allow_dependent_grid();        // the merge's blocks may be scheduled; they wait for this grid
+  const auto partition = block_planned_partition(params.partition, params.cache);
   using tiles = codec_tiles<typename decltype(Params::cache)::codec, HeadDim>;
   constexpr int row_elements = tiles::row_elements;
   using geometry = decode_geometry<HeadDim, StoreT, Group, row_elements>;
@@ -638,7 +640,7 @@ __global__ void __launch_bounds__(decode_threads)
   const StoreT* keys = tiles::key_rows(cache.storage);
   const StoreT* values = tiles::value_rows(cache.storage);
 
-  for_each_segment(params.partition, [&](std::int64_t head, std::int64_t begin, std::int64_t end, bool whole,
+  for_each_segment(partition, [&](std::int64_t head, std::int64_t begin, std::int64_t end, bool whole,
                                          std::int64_t partial_index) {
     const auto rows = head_rows(cache, head, params.page_shift);
     typename geometry::template stream<std::remove_const_t<decltype(rows)>> stream(shared_memory, keys, values, rows,
@@ -648,7 +650,7 @@ __global__ void __launch_bounds__(decode_threads)
     const std::int64_t b = head / cache.shape.kv_heads, h = head % cache.shape.kv_heads;
     const typename tiles::reader reader = tiles::open(cache.storage, head);
     // The metric's logits go to the head's place on the line (eviction metric only).
-    const std::int64_t metric_line = params.metric.logits != nullptr ? params.partition.prefix(head) : 0;
+    const std::int64_t metric_line = params.metric.logits != nullptr ? partition.prefix(head) : 0;
     const std::uint64_t metric_policy =
         params.metric.logits != nullptr && params.metric.keep_in_l2 ? metric_store_policy() : 0;
 
@@ -939,8 +941,9 @@ __global__ void __launch_bounds__(
     tensor_core_geometry<HeadDim, StoreT, Group, HeadDim, false, no_tile_side, Queries, 2>::threads,  // any Blocks
     tensor_core_blocks<std::remove_const_t<decltype(Params::cache)>, StoreT, HeadDim, Group, Fragments, Queries>())
     decode_attention_tensor_core(const __grid_constant__ Params params) {
-  wait_for_prerequisite_grid();  // paged / flat: the plan's partition
+  wait_for_prerequisite_grid();  // paged / flat: the plan's partition (or the lengths, planned here)
   allow_dependent_grid();        // the merge's blocks may be scheduled; they wait for this grid
+  const auto partition = block_planned_partition(params.partition, params.cache);
   using codec_type = typename decltype(Params::cache)::codec;
   using tiles = codec_tiles<codec_type, HeadDim>;
   using decoder = fragment_decoder<codec_type, HeadDim, Group>;
@@ -1017,7 +1020,7 @@ __global__ void __launch_bounds__(
     return (row ^ static_cast<unsigned>(32 * (pair % 4))) + static_cast<unsigned>((pair / 4) * panel_bytes);
   };
 
-  for_each_segment(params.partition, [&](std::int64_t head, std::int64_t begin, std::int64_t end, bool whole,
+  for_each_segment(partition, [&](std::int64_t head, std::int64_t begin, std::int64_t end, bool whole,
                                          std::int64_t partial_index) {
     const auto rows = head_rows(cache, head, params.page_shift);
     const std::int64_t b = head / cache.shape.kv_heads, h = head % cache.shape.kv_heads;
@@ -1029,7 +1032,7 @@ __global__ void __launch_bounds__(
     side_type side{};
     [[maybe_unused]] decoder fragments;
     if constexpr (Fragments) {
-      const std::int64_t length = params.partition.prefix(head + 1) - params.partition.prefix(head);
+      const std::int64_t length = partition.prefix(head + 1) - partition.prefix(head);
       side = decoder::template make_side<geometry::threads>(cache.storage, head, length);
       fragments.open(cache.storage, head, length,
                      params.queries + b * params.query_batch_stride + h * Group * params.query_head_stride,
@@ -1041,7 +1044,7 @@ __global__ void __launch_bounds__(
     const head_bias bias = compensation_of(cache, head);
     const typename tiles::reader reader = tiles::open(cache.storage, head);
     // The metric's logits go to the head's place on the line (eviction metric only).
-    const std::int64_t metric_line = params.metric.logits != nullptr ? params.partition.prefix(head) : 0;
+    const std::int64_t metric_line = params.metric.logits != nullptr ? partition.prefix(head) : 0;
     const std::uint64_t metric_policy =
         params.metric.logits != nullptr && params.metric.keep_in_l2 ? metric_store_policy() : 0;
 
@@ -1082,7 +1085,7 @@ __global__ void __launch_bounds__(
     // Multi-query: row r (new token t = r / Group) sees the head's tokens [0, L − n + 1 + t); rows past Group × n none.
     [[maybe_unused]] std::int64_t visible[row_blocks];
     if constexpr (Queries > 1) {
-      const std::int64_t length = params.partition.prefix(head + 1) - params.partition.prefix(head);
+      const std::int64_t length = partition.prefix(head + 1) - partition.prefix(head);
 #pragma unroll
       for (int rb = 0; rb < row_blocks; ++rb) {
         const int row = first_row + head_row + 8 * rb;
@@ -1616,7 +1619,7 @@ struct implementation<stage::decode_attention, backend::cuda> {
 
   /// Where attend laid a paged / flat cache's heads on the partition's line (the eviction
   /// metric's logits are indexed by it): the plan's tables in `scratch`, filled on the
-  /// stream by attend's plan kernel.
+  /// stream by attend's plan kernel or its attention blocks.
   template <class View>
   static cuda_detail::planned_partition planned_partition(const View& cache, workspace scratch) {
     workspace_carver carver(scratch);
@@ -1814,10 +1817,17 @@ struct implementation<stage::decode_attention, backend::cuda> {
         grid = cuda_detail::ceil_div(heads * length, chunk);
         merge = chunk % length != 0;  // else every block starts a head and reads whole heads
       } else {
-        partition = {heads, tables.line, tables.prefix, tables.first_head};
-        cuda_detail::plan_decode_partition<View><<<1, cuda_detail::decode_plan_threads, 0, stream>>>(
-            cache, blocks, tables.line, tables.prefix, tables.first_head);
-        detail::check_launch(function, "plan_decode_partition");
+        // Up to decode_block_plan_heads heads the attention kernel's blocks plan themselves
+        // (block_planned_partition: one launch fewer on the critical path); the low-rank kernels read
+        // the plan kernel's tables.
+        const bool in_block =
+            heads <= cuda_detail::decode_block_plan_heads && !cuda_detail::is_low_rank<typename View::codec>;
+        partition = {heads, tables.line, tables.prefix, tables.first_head, in_block};
+        if (!in_block) {
+          cuda_detail::plan_decode_partition<View><<<1, cuda_detail::decode_plan_threads, 0, stream>>>(
+              cache, blocks, tables.line, tables.prefix, tables.first_head);
+          detail::check_launch(function, "plan_decode_partition");
+        }
       }
       params_type params{cache,
                                partition,

@@ -34,7 +34,8 @@
 // Where the lengths live on the device (paged, flat), a one-block plan kernel
 // scans them (CUB BlockScan) into prefix[], T and C, and for each block its
 // first head — no host synchronisation, so attend stays capturable in a CUDA
-// graph. Contiguous caches have one host-known length n: prefix[head] = head·n
+// graph; up to decode_block_plan_heads heads each attention block makes the
+// same plan itself instead (plan_in_block), one launch fewer. Contiguous caches have one host-known length n: prefix[head] = head·n
 // is arithmetic and no plan kernel runs.
 #pragma once
 
@@ -58,7 +59,7 @@ namespace kvtrim::cuda_detail {
 
 // ---- programmatic dependent launch -----------------------------------------
 //
-// plan → attention → merge run back to back on one stream; each later kernel is
+// (plan →) attention → merge run back to back on one stream; each later kernel is
 // launched with programmatic stream serialisation (Hopper), so its blocks are
 // scheduled while the earlier kernel drains and wait at griddepcontrol.wait —
 // which returns once the earlier grid has finished and its writes are visible —
@@ -240,15 +241,23 @@ struct uniform_partition {
   __device__ __forceinline__ std::int64_t first_head(std::int64_t block) const { return block * chunk / length; }
 };
 
-/// Paged / flat: the plan kernel's scan of the device-side lengths.
+/// Paged / flat: the plan's scan of the device-side lengths — by the plan kernel, or (in_block) by
+/// every block of the attention kernel itself (block_planned_partition), which then reads these
+/// tables from its shared memory and leaves the global ones for the merge and the eviction finisher.
 struct planned_partition {
   std::int64_t heads = 0;
   const decode_line* line_ = nullptr;      // [1]
   const std::int64_t* prefix_ = nullptr;   // [heads + 1]
   const std::int32_t* first_head_ = nullptr;  // [blocks]: the head holding token p·C (valid while p·C < T)
+  bool in_block = false;  // heads ≤ decode_block_plan_heads and the kernel plans in its blocks: no plan kernel
+  /// The block first_head_[0] belongs to: 0 for the tables of every block, blockIdx.x for a block's own
+  /// plan (one entry: its own first head).
+  std::int64_t first_head_block = 0;
   __device__ __forceinline__ decode_line line() const { return *line_; }
   __device__ __forceinline__ std::int64_t prefix(std::int64_t head) const { return prefix_[head]; }
-  __device__ __forceinline__ std::int64_t first_head(std::int64_t block) const { return first_head_[block]; }
+  __device__ __forceinline__ std::int64_t first_head(std::int64_t block) const {
+    return first_head_[block - first_head_block];
+  }
 };
 
 inline constexpr int decode_plan_threads = 256;
@@ -295,6 +304,109 @@ __global__ void __launch_bounds__(decode_plan_threads)
     const std::int64_t end_block = std::min<std::int64_t>(blocks, (prefix[head + 1] + chunk - 1) / chunk);
     for (std::int64_t block = first_block; block < end_block; ++block) first_head[block] = static_cast<std::int32_t>(head);
   }
+}
+
+// ---- the plan inside the attention kernel ------------------------------------
+//
+// The plan kernel is one more launch on decode's critical path: its grid must complete (and the
+// attention kernel's blocks see its writes) before any block knows its range, then each block's
+// first loads (line, first head, prefix) depend on it. Up to decode_block_plan_heads heads every
+// attention block instead reads the lengths itself (a few hundred bytes, L2-resident after the first
+// block) and scans them in one warp into its shared memory, with the same T, C and first heads as
+// the kernel (the same decode_chunk / uniform_decode_chunk). Block 0 also writes prefix[] and the
+// line to the workspace, and block p its first_head[p], where the merge and the eviction finisher
+// (launched after this grid) read them as before.
+
+/// Heads the in-block plan takes: 8 a lane of one warp's scan; its tables are ~2 KB of shared memory a block.
+inline constexpr std::int64_t decode_block_plan_heads = 256;
+
+/// One block's copy of the plan (shared memory; no initialisers, as __shared__ storage needs).
+struct decode_block_plan {
+  std::int64_t prefix[decode_block_plan_heads + 1];
+  alignas(decode_line) unsigned char line[sizeof(decode_line)];
+  std::int32_t first_head;
+};
+
+/// The plan of `partition.heads` (≤ decode_block_plan_heads) heads for a grid of gridDim.x blocks, into
+/// `plan`; returns the partition reading it. Every thread of the block calls it (it holds two barriers).
+template <class View>
+__device__ planned_partition plan_in_block(const planned_partition& partition, const View& cache,
+                                           decode_block_plan& plan) {
+  constexpr int per_lane = static_cast<int>(decode_block_plan_heads / 32);
+  const std::int64_t heads = partition.heads;
+  const std::int64_t blocks = gridDim.x;
+  for (std::int64_t head = threadIdx.x; head < heads; head += blockDim.x)
+    plan.prefix[head + 1] = cache.head_length(head / cache.shape.kv_heads, head % cache.shape.kv_heads);
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const int lane = static_cast<int>(threadIdx.x);
+    // Lane 0 alone reads head 0's length (it rewrites that entry below).
+    const std::int64_t first_length = __shfl_sync(~0u, lane == 0 && heads > 0 ? plan.prefix[1] : 0, 0);
+    std::int64_t inclusive[per_lane];  // Σ lengths of this lane's heads up to and including each
+    std::int64_t sum = 0;
+    bool equal = true;
+#pragma unroll
+    for (int k = 0; k < per_lane; ++k) {
+      const std::int64_t head = std::int64_t{lane} * per_lane + k;
+      const std::int64_t length = head < heads ? plan.prefix[head + 1] : 0;
+      equal = equal && (head >= heads || length == first_length);
+      sum += length;
+      inclusive[k] = sum;
+    }
+    std::int64_t scanned = sum;  // the warp's inclusive scan of the lanes' sums
+#pragma unroll
+    for (int offset = 1; offset < 32; offset *= 2) {
+      const std::int64_t other = __shfl_up_sync(~0u, scanned, offset);
+      if (lane >= offset) scanned += other;
+    }
+    const std::int64_t before = scanned - sum;
+    const std::int64_t total = __shfl_sync(~0u, scanned, 31);
+    const std::int64_t chunk = __all_sync(~0u, equal) ? uniform_decode_chunk(heads, first_length, blocks)
+                                                       : decode_chunk(total, blocks);
+    // Each lane rewrites only its own heads' entries (read above by the same lane): no hazard.
+    const std::int64_t start = std::int64_t{blockIdx.x} * chunk;
+    std::int32_t found = -1;
+#pragma unroll
+    for (int k = 0; k < per_lane; ++k) {
+      const std::int64_t head = std::int64_t{lane} * per_lane + k;
+      const std::int64_t head_begin = before + (k > 0 ? inclusive[k - 1] : 0);
+      if (head < heads) {
+        plan.prefix[head + 1] = before + inclusive[k];
+        if (head_begin <= start && start < before + inclusive[k]) found = static_cast<std::int32_t>(head);
+      }
+    }
+    // At most one head holds token `start` (non-empty heads are disjoint on the line); none when start ≥ T.
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) found = max(found, __shfl_xor_sync(~0u, found, offset));
+    if (lane == 0) {
+      plan.prefix[0] = 0;
+      *reinterpret_cast<decode_line*>(plan.line) = {total, chunk};
+      plan.first_head = found < 0 ? 0 : found;
+    }
+  }
+  __syncthreads();
+  // The workspace's tables for the merge and the eviction finisher (they run after this grid); the
+  // plan kernel writes them otherwise.
+  if (blockIdx.x == 0) {
+    auto* prefix = const_cast<std::int64_t*>(partition.prefix_);
+    for (std::int64_t head = threadIdx.x; head <= heads; head += blockDim.x) prefix[head] = plan.prefix[head];
+    if (threadIdx.x == 0) *const_cast<decode_line*>(partition.line_) = *reinterpret_cast<const decode_line*>(plan.line);
+  }
+  const decode_line& line = *reinterpret_cast<const decode_line*>(plan.line);
+  if (threadIdx.x == 0 && std::int64_t{blockIdx.x} * line.chunk < line.total)
+    const_cast<std::int32_t*>(partition.first_head_)[blockIdx.x] = plan.first_head;
+  return {heads, &line, plan.prefix, &plan.first_head, false, std::int64_t{blockIdx.x}};
+}
+
+/// The partition an attention block reads: a planned one whose plan is in the block (in_block) is
+/// planned here into shared memory; every other one as given.
+template <class Partition, class View>
+__device__ __forceinline__ Partition block_planned_partition(const Partition& partition, const View& cache) {
+  if constexpr (std::is_same_v<Partition, planned_partition>) {
+    __shared__ decode_block_plan plan;
+    if (partition.in_block) return plan_in_block(partition, cache, plan);
+  }
+  return partition;
 }
 
 /// Calls body(head, begin, end, whole, partial_index) for every piece of a
