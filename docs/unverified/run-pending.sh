@@ -4,6 +4,8 @@
 #   sdpa     torch SDPA on W (any card: the peer of the decode rows)
 #   h200     on an H200 only: issue 10's compress rows, torch's and kvpress's compress
 #   flashinfer FlashInfer 0.7.4's paged decode and kvtrim's shared_paged decode on the same pages, two rounds (issue 11)
+#   prof4k   ncu --set full of the tensor-core attention kernel at W's 4k for contiguous, flat and paged 16: the
+#            details page and the per-SASS-instruction source counters of each (why paged pays ~5 µs more at 4k)
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
@@ -91,6 +93,22 @@ diag() {
       ./bench_cuda_decode_attention_base --benchmark_filter="$row" > "$OUT/ncu-$i.txt" 2>&1
     log "ncu $row rc=$? $((SECONDS - S))s"
     grep -E '^  [^ ]|gpu__time_duration' "$OUT/ncu-$i.txt" | sed -E 's/[<(].*//; s/.*:://' | paste - - | awk '{print $1, "min/max/avg us", $(NF-2), $(NF-1), $NF}' | tee -a "$OUT/log.txt"
+  done
+}
+prof4k() {
+  local names=(contiguous flat paged)
+  local rows=('^decode_attention/batch:8/tokens:4096/q_heads:32/kv_heads:8/head_dim:128/it'
+    '^decode_attention_flat/batch:8/tokens:4096/.*lengths:0/' '^decode_attention_paged/batch:8/tokens:4096/.*lengths:0/page:16/scattered:1')
+  for i in 0 1 2; do
+    timeout 150 ncu --set full --clock-control none --import-source no --launch-skip 20 --launch-count 1 \
+      -k 'regex:decode_attention_tensor_core' -o "$OUT/prof-${names[i]}" \
+      ./bench_cuda_decode_attention_base --benchmark_filter="${rows[i]}" > "$OUT/prof-${names[i]}-run.txt" 2>&1
+    log "prof ${names[i]} rc=$? $((SECONDS - S))s"
+    ncu -i "$OUT/prof-${names[i]}.ncu-rep" --page details > "$OUT/prof-${names[i]}-details.txt" 2>&1
+    ncu -i "$OUT/prof-${names[i]}.ncu-rep" --page source --csv --print-source sass > "$OUT/prof-${names[i]}-sass.csv" 2>&1
+    rm -f "$OUT/prof-${names[i]}.ncu-rep"
+    grep -E 'Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|Eligible Warps|No Eligible|Warp Cycles Per Issued' \
+      "$OUT/prof-${names[i]}-details.txt" | head -12 | tee -a "$OUT/log.txt"
   done
 }
 for stage in "$@"; do "$stage"; done
