@@ -100,7 +100,7 @@ prof4k() {
   local rows=('^decode_attention/batch:8/tokens:4096/q_heads:32/kv_heads:8/head_dim:128/it'
     '^decode_attention_flat/batch:8/tokens:4096/.*lengths:0/' '^decode_attention_paged/batch:8/tokens:4096/.*lengths:0/page:16/scattered:1')
   for i in 0 1 2; do
-    timeout 150 ncu --set full --clock-control none --import-source no --launch-skip 20 --launch-count 1 \
+    timeout 70 ncu --set full --clock-control none --import-source no --launch-skip 5 --launch-count 1 \
       -k 'regex:decode_attention_tensor_core' -o "$OUT/prof-${names[i]}" \
       ./bench_cuda_decode_attention_base --benchmark_filter="${rows[i]}" > "$OUT/prof-${names[i]}-run.txt" 2>&1
     log "prof ${names[i]} rc=$? $((SECONDS - S))s"
