@@ -43,7 +43,9 @@ for variant in "${variants[@]}"; do
     # FlashInfer's decode next to kvtrim's on the same pages (issue 11): its headers from scripts/peer-flashinfer.
     peer) [ -d "$root/.peers/flashinfer/include" ] || scripts/peer-flashinfer
         KVTRIM_FLASHINFER_INCLUDE="$root/.peers/flashinfer/include" build peer "" none "" bench_peer_flashinfer_decode ;;
-    *) echo "build-pending.sh: unknown variant $variant (base peer)" >&2; exit 2 ;;
+    # main's codec tests (paged / flat codecs through the in-block plan): kvtrim_cuda_tests_codecs
+    codecs) build codecs "" 'codecs_test' "" kvtrim_cuda_tests ;;
+    *) echo "build-pending.sh: unknown variant $variant (base peer codecs)" >&2; exit 2 ;;
   esac
 done
 du -sh "$out"

@@ -18,21 +18,32 @@ export LD_LIBRARY_PATH="$PWD:${LD_LIBRARY_PATH:-}"
 name=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader); echo "$name" | tee -a "$OUT/gpu.txt"
 S=$SECONDS
 log() { echo "$*" | tee -a "$OUT/log.txt"; }
-# Medians of each row across the given outputs, one line a row (W's shape left out of the names); rows
+# Each row's median across the given outputs, one line a row (W's shape left out of the names); rows
 # matching $ROWS (default: kvtrim's own benches).
 table() {
-  grep -hE "${ROWS:-^(compress|device_copy|select|decode)}" "$@" | awk '{print $1, $2}' |
+  # median_us (the rows' own counter; the second column is Google Benchmark's mean), else the time column
+  grep -hE "${ROWS:-^(compress|device_copy|select|decode)}" "$@" |
+    awk '{m = $2; for (i = 3; i <= NF; ++i) if ($i ~ /^median_us=/) m = substr($i, 11); print $1, m}' |
     sed -E 's/batch:8.kv_heads:8.tokens:32768.q_heads:32.head_dim:128.//; s/q_heads:32.kv_heads:8.head_dim:128.//; s/.iterations:[0-9]+.manual_time//' |
     sort -s -k1,1 | awk '{a[$1]=a[$1]" "$2} END {for (k in a) print k, a[k]}' | sort
 }
 run_tests() {  # label seconds [gtest filter]: kvtrim_cuda_tests_<label> in 8 shards at once (the CPU reference
-  # is the slow part: 160 decode / eviction / shared_paged tests took ~140 s so, >110 s for 28 one at a time)
+  # is the slow part: one process got through 28 decode tests in 110 s, 8 shards through 160 in ~140 s)
   local filter=(); [ -z "${3:-}" ] || filter=(--gtest_filter="$3")
+  local pids=() i
   for i in 0 1 2 3 4 5 6 7; do
     GTEST_TOTAL_SHARDS=8 GTEST_SHARD_INDEX=$i timeout "$2" "./kvtrim_cuda_tests_$1" "${filter[@]}" > "$OUT/tests-$1-$i.txt" 2>&1 &
+    pids+=($!)
   done
-  wait
-  log "tests $1 ${3:-} $((SECONDS - S))s: $(cat "$OUT"/tests-$1-*.txt | grep -c '^\[       OK') passed, $(cat "$OUT"/tests-$1-*.txt | grep -c '^\[  FAILED  \] .*(') failed"
+  # Each shard's exit status (124: its time ran out; a crash prints no FAILED line) and its PASSED count;
+  # the total is checked against the binary's own list.
+  local codes=() passed=0 listed
+  for i in 0 1 2 3 4 5 6 7; do
+    wait "${pids[i]}"; codes+=($?)
+    passed=$((passed + $(grep -oE '^\[  PASSED  \] [0-9]+' "$OUT/tests-$1-$i.txt" | grep -oE '[0-9]+$' || echo 0)))
+  done
+  listed=$("./kvtrim_cuda_tests_$1" "${filter[@]}" --gtest_list_tests | grep -c '^  ')
+  log "tests $1 ${3:-} $((SECONDS - S))s: $passed of $listed passed; shard rc ${codes[*]}"
   grep -h 'FAILED  \] .*(' "$OUT"/tests-$1-*.txt | head -20 | tee -a "$OUT/log.txt"
 }
 sanitize() {  # tool binary filter label

@@ -319,6 +319,8 @@ __global__ void __launch_bounds__(decode_plan_threads)
 
 /// Heads the in-block plan takes: 8 a lane of one warp's scan; its tables are ~2 KB of shared memory a block.
 inline constexpr std::int64_t decode_block_plan_heads = 256;
+static_assert(decode_block_plan_heads % 32 == 0 && decode_block_plan_heads <= 32 * 32,
+              "decode_block_plan_heads: whole heads a lane of plan_in_block's one-warp scan (its per-lane arrays)");
 
 /// One block's copy of the plan (shared memory; no initialisers, as __shared__ storage needs).
 struct decode_block_plan {
