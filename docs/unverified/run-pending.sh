@@ -6,6 +6,8 @@
 #   flashinfer FlashInfer 0.7.4's paged decode and kvtrim's shared_paged decode on the same pages, two rounds (issue 11)
 #   prof4k   ncu --set full of the tensor-core attention kernel at W's 4k for contiguous, flat and paged 16: the
 #            details page and the per-SASS-instruction source counters of each (why paged pays ~5 µs more at 4k)
+#   codecs   main's codec tests (build-pending.sh codecs): paged / flat int8 / int4 / fp8 / layered decode through
+#            the in-block plan, then memcheck on the paged / flat CodecCache cases
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
@@ -47,7 +49,7 @@ run_tests() {  # label seconds [gtest filter]: kvtrim_cuda_tests_<label> in 8 sh
   grep -h 'FAILED  \] .*(' "$OUT"/tests-$1-*.txt | head -20 | tee -a "$OUT/log.txt"
 }
 sanitize() {  # tool binary filter label
-  timeout 150 compute-sanitizer --tool "$1" "./$2" --gtest_filter="$3" > "$OUT/$1-$4.txt" 2>&1
+  timeout "${SANITIZE_SECONDS:-150}" compute-sanitizer --tool "$1" "./$2" --gtest_filter="$3" > "$OUT/$1-$4.txt" 2>&1
   log "$1 $4 rc=$? $((SECONDS - S))s $(grep -hE 'RACECHECK SUMMARY|ERROR SUMMARY|PASSED|FAILED' "$OUT/$1-$4.txt" | tr '\n' ' ')"
 }
 
@@ -105,6 +107,10 @@ diag() {
     log "ncu $row rc=$? $((SECONDS - S))s"
     grep -E '^  [^ ]|gpu__time_duration' "$OUT/ncu-$i.txt" | sed -E 's/[<(].*//; s/.*:://' | paste - - | awk '{print $1, "min/max/avg us", $(NF-2), $(NF-1), $NF}' | tee -a "$OUT/log.txt"
   done
+}
+codecs() {
+  run_tests codecs 80
+  sanitize memcheck kvtrim_cuda_tests_codecs '*CodecCache.*paged*:*CodecCache.*flat*' codecs
 }
 prof4k() {
   local names=(contiguous flat paged)
