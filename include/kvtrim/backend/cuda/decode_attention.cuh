@@ -641,7 +641,7 @@ __global__ void __launch_bounds__(decode_threads)
   const StoreT* values = tiles::value_rows(cache.storage);
 
   for_each_segment(partition, [&](std::int64_t head, std::int64_t begin, std::int64_t end, bool whole,
-                                         std::int64_t partial_index) {
+                                  std::int64_t partial_index) {
     const auto rows = head_rows(cache, head, params.page_shift);
     typename geometry::template stream<std::remove_const_t<decltype(rows)>> stream(shared_memory, keys, values, rows,
                                                                                    begin, end);
@@ -1021,7 +1021,7 @@ __global__ void __launch_bounds__(
   };
 
   for_each_segment(partition, [&](std::int64_t head, std::int64_t begin, std::int64_t end, bool whole,
-                                         std::int64_t partial_index) {
+                                  std::int64_t partial_index) {
     const auto rows = head_rows(cache, head, params.page_shift);
     const std::int64_t b = head / cache.shape.kv_heads, h = head % cache.shape.kv_heads;
     // Fragments: tiles start at a multiple of a warp's step (16 · sub_blocks tokens), so that a

@@ -35,8 +35,9 @@
 // scans them (CUB BlockScan) into prefix[], T and C, and for each block its
 // first head — no host synchronisation, so attend stays capturable in a CUDA
 // graph; up to decode_block_plan_heads heads each attention block makes the
-// same plan itself instead (plan_in_block), one launch fewer. Contiguous caches have one host-known length n: prefix[head] = head·n
-// is arithmetic and no plan kernel runs.
+// same plan itself instead (plan_in_block), one launch fewer. Contiguous
+// caches have one host-known length n: prefix[head] = head·n is arithmetic
+// and no plan kernel runs.
 #pragma once
 
 #include <cub/block/block_scan.cuh>
