@@ -45,7 +45,9 @@ for variant in "${variants[@]}"; do
         KVTRIM_FLASHINFER_INCLUDE="$root/.peers/flashinfer/include" build peer "" none "" bench_peer_flashinfer_decode ;;
     # main's codec tests (paged / flat codecs through the in-block plan): kvtrim_cuda_tests_codecs
     codecs) build codecs "" 'codecs_test' "" kvtrim_cuda_tests ;;
-    *) echo "build-pending.sh: unknown variant $variant (base peer codecs)" >&2; exit 2 ;;
+    # merge-one-trip.diff (issue 11): the split-K merge loads up to 8 partials' lse and outputs at once
+    merge) build merge merge-one-trip.diff 'decode_test|eviction_test|shared_paged_test' "" bench_cuda_decode_attention kvtrim_cuda_tests ;;
+    *) echo "build-pending.sh: unknown variant $variant (base peer codecs merge)" >&2; exit 2 ;;
   esac
 done
 du -sh "$out"

@@ -8,6 +8,8 @@
 #            details page and the per-SASS-instruction source counters of each (why paged pays ~5 µs more at 4k)
 #   codecs   main's codec tests (build-pending.sh codecs): paged / flat int8 / int4 / fp8 / layered decode through
 #            the in-block plan, then memcheck on the paged / flat CodecCache cases
+#   profcodecs ncu --set full of the fragment kernel at W 32k for fp8, int8 and fp16 (issue 12: fp8 1.73x, int8 1.63x fp16)
+#   merge    merge-one-trip.diff: its tests, memcheck and the layout rows against base, three rounds
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
@@ -128,7 +130,33 @@ prof4k() {
       "$OUT/prof-${names[i]}-details.txt" | head -12 | tee -a "$OUT/log.txt"
   done
 }
-for stage in "$@"; do "$stage"; done
+merge() {  # merge-one-trip.diff (issue 11): decode / eviction / shared_paged tests, memcheck on the merge's cases, A/B
+  run_tests merge 150
+  sanitize memcheck kvtrim_cuda_tests_merge '*DecodeAttention*Fp16*:*SharedPaged*:*EvictionMetric*Fp16*' merge
+  ROUNDS=${ROUNDS:-3} DECODE_ROWS="$LAYOUT_ROWS" decode_ab merge base merge
+}
+profcodecs() {  # ncu --set full of the fragment kernel at W 32k: fp8 (1.73x fp16, goal 1.8x) and int8 (1.63x)
+  local names=(fp8 int8 fp16)
+  local rows=('^codec_decode_fp8/batch:8/tokens:32768/q_heads:32/' '^codec_decode_int8/batch:8/tokens:32768/q_heads:32/'
+    '^codec_decode_fp16/batch:8/tokens:32768/q_heads:32/')
+  for i in 0 1 2; do
+    timeout 90 ncu --set full --clock-control none --import-source no --launch-skip 5 --launch-count 1 \
+      -k 'regex:decode_attention_tensor_core' -o "$OUT/prof-${names[i]}" \
+      ./bench_cuda_decode_attention_base --benchmark_filter="${rows[i]}" > "$OUT/prof-${names[i]}-run.txt" 2>&1
+    log "prof ${names[i]} rc=$? $((SECONDS - S))s"
+    ncu -i "$OUT/prof-${names[i]}.ncu-rep" --page details > "$OUT/prof-${names[i]}-details.txt" 2>&1
+    ncu -i "$OUT/prof-${names[i]}.ncu-rep" --page source --csv --print-source sass > "$OUT/prof-${names[i]}-sass.csv" 2>&1
+    rm -f "$OUT/prof-${names[i]}.ncu-rep"
+    grep -E 'Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|Eligible Warps|No Eligible|Warp Cycles Per Issued' \
+      "$OUT/prof-${names[i]}-details.txt" | head -12 | tee -a "$OUT/log.txt"
+  done
+}
+# DEADLINE (seconds since the start): stages that would begin after it are skipped, so the archive below
+# is still made within the call's limit.
+for stage in "$@"; do
+  if [ -n "${DEADLINE:-}" ] && [ $((SECONDS - S)) -ge "$DEADLINE" ]; then log "skipped $stage: past DEADLINE"; continue; fi
+  "$stage"
+done
 log "done $((SECONDS - S))s"
 # Only a few files come back from a device call: the raw outputs travel as one archive next to log.txt.
 (cd "$OUT" && find . -maxdepth 1 -type f ! -name log.txt ! -name gpu.txt ! -name raw.tar.gz -printf '%f\n' > .raw-list &&

@@ -432,6 +432,9 @@ __device__ __forceinline__ void for_each_segment(const Partition& partition, Bod
   }
 }
 
+/// Partials of a head the merge loads in one go (more: two passes, the lse first).
+inline constexpr int merge_loads_at_once = 8;
+
 /// out[b, t, j] = Σ_s 2^(lse_s − max) o_s / Σ_s 2^(lse_s − max) over the blocks
 /// that read head b·kv_heads + j / Group (t: the new token, multi-query; a block's
 /// partials hold Group × queries rows, row t·Group + j % Group); heads read by one
@@ -461,17 +464,42 @@ __global__ void __launch_bounds__(HeadDim)
   const std::int64_t first = head_begin / line.chunk, last = (head_end - 1) / line.chunk;
   if (first == last) return;  // one block read the whole head and wrote the output
   const std::int64_t rows = Group * queries;
-  float max_lse = -std::numeric_limits<float>::infinity();
-  for (std::int64_t block = first; block <= last; ++block)
-    max_lse = fmaxf(max_lse, partial_lse[(block + head) * rows + query_row]);
-  float sum = 0.0f, output = 0.0f;
-  for (std::int64_t block = first; block <= last; ++block) {
-    const std::int64_t index = (block + head) * rows + query_row;
-    const float lse = partial_lse[index];
-    if (lse == -std::numeric_limits<float>::infinity()) continue;
-    const float weight = exp2f(lse - max_lse);
-    sum += weight;
-    output += weight * partial_out[index * HeadDim + d];
+  constexpr float negative_infinity = -std::numeric_limits<float>::infinity();
+  float max_lse = negative_infinity, sum = 0.0f, output = 0.0f;
+  if (last - first < merge_loads_at_once) {
+    // Up to merge_loads_at_once partials (W: 4–5 a head): every lse and output loaded at once, one
+    // round trip after the attention grid instead of two (the loop below reads the outputs only once
+    // the maximum is known); the same operations in the same order, so the same bits.
+    const int count = static_cast<int>(last - first) + 1;
+    float lse[merge_loads_at_once], value[merge_loads_at_once];
+#pragma unroll
+    for (int i = 0; i < merge_loads_at_once; ++i)
+      if (i < count) {
+        const std::int64_t index = (first + i + head) * rows + query_row;
+        lse[i] = partial_lse[index];
+        value[i] = partial_out[index * HeadDim + d];  // unused (possibly never written) where lse[i] is −∞
+      }
+#pragma unroll
+    for (int i = 0; i < merge_loads_at_once; ++i)
+      if (i < count) max_lse = fmaxf(max_lse, lse[i]);
+#pragma unroll
+    for (int i = 0; i < merge_loads_at_once; ++i)
+      if (i < count && lse[i] != negative_infinity) {
+        const float weight = exp2f(lse[i] - max_lse);
+        sum += weight;
+        output += weight * value[i];
+      }
+  } else {
+    for (std::int64_t block = first; block <= last; ++block)
+      max_lse = fmaxf(max_lse, partial_lse[(block + head) * rows + query_row]);
+    for (std::int64_t block = first; block <= last; ++block) {
+      const std::int64_t index = (block + head) * rows + query_row;
+      const float lse = partial_lse[index];
+      if (lse == negative_infinity) continue;
+      const float weight = exp2f(lse - max_lse);
+      sum += weight;
+      output += weight * partial_out[index * HeadDim + d];
+    }
   }
   *target = from_float<OutT>(sum > 0.0f ? output / sum : 0.0f);
   if (metric_lse != nullptr && d == 0) metric_lse[head * Group + query_row] = max_lse + log2f(sum);
