@@ -4,12 +4,13 @@
 #   sdpa     torch SDPA on W (any card: the peer of the decode rows)
 #   h200     on an H200 only: issue 10's compress rows, torch's and kvpress's compress
 #   flashinfer FlashInfer 0.7.4's paged decode and kvtrim's shared_paged decode on the same pages, two rounds (issue 11)
+#   profcursor ncu --set full of paged 16 at 4k with paged-tile-cursor.diff
 #   prof4k   ncu --set full of the tensor-core attention kernel at W's 4k for contiguous, flat and paged 16: the
 #            details page and the per-SASS-instruction source counters of each (why paged pays ~5 µs more at 4k)
 #   codecs   main's codec tests (build-pending.sh codecs): paged / flat int8 / int4 / fp8 / layered decode through
 #            the in-block plan, then memcheck on the paged / flat CodecCache cases
 #   profcodecs ncu --set full of the fragment kernel at W 32k for fp8, int8 and fp16 (issue 12: fp8 1.73x, int8 1.63x fp16)
-#   merge    merge-one-trip.diff: its tests, memcheck and the layout rows against base, three rounds
+#   cursor   paged-tile-cursor.diff: its tests, memcheck, and the layout rows against main, three rounds
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
@@ -96,7 +97,7 @@ flashinfer() {
 }
 diag() {
   ROUNDS=1 DECODE_ROWS='device_copy|^decode_attention/batch:8/tokens:4096/q_heads:32/kv_heads:8/head_dim:128/it|^decode_attention_(paged|flat)/batch:8/tokens:(4096|32768)/.*lengths:0/page:(0|16)/scattered:(0|1)' \
-    decode_ab diag base
+    decode_ab diag main
   local rows=('^decode_attention/batch:8/tokens:4096/q_heads:32/kv_heads:8/head_dim:128/it'
     '^decode_attention_flat/batch:8/tokens:4096/' '^decode_attention_paged/batch:8/tokens:4096/.*page:16/scattered:1'
     '^decode_attention_paged/batch:8/tokens:32768/.*lengths:0/page:16/scattered:1' '^decode_attention_flat/batch:8/tokens:32768/.*lengths:0/')
@@ -105,7 +106,7 @@ diag() {
     i=$((i + 1))
     timeout 90 ncu --clock-control none --metrics gpu__time_duration.sum --launch-skip 30 --launch-count 12 \
       -k 'regex:plan_decode|decode_attention|merge_decode' --print-summary per-kernel \
-      ./bench_cuda_decode_attention_base --benchmark_filter="$row" > "$OUT/ncu-$i.txt" 2>&1
+      ./bench_cuda_decode_attention_main --benchmark_filter="$row" > "$OUT/ncu-$i.txt" 2>&1
     log "ncu $row rc=$? $((SECONDS - S))s"
     grep -E '^  [^ ]|gpu__time_duration' "$OUT/ncu-$i.txt" | sed -E 's/[<(].*//; s/.*:://' | paste - - | awk '{print $1, "min/max/avg us", $(NF-2), $(NF-1), $NF}' | tee -a "$OUT/log.txt"
   done
@@ -114,42 +115,37 @@ codecs() {
   run_tests codecs 80
   sanitize memcheck kvtrim_cuda_tests_codecs '*CodecCache.*paged*:*CodecCache.*flat*' codecs
 }
-prof4k() {
-  local names=(contiguous flat paged)
-  local rows=('^decode_attention/batch:8/tokens:4096/q_heads:32/kv_heads:8/head_dim:128/it'
-    '^decode_attention_flat/batch:8/tokens:4096/.*lengths:0/' '^decode_attention_paged/batch:8/tokens:4096/.*lengths:0/page:16/scattered:1')
-  for i in 0 1 2; do
-    timeout 70 ncu --set full --clock-control none --import-source no --launch-skip 5 --launch-count 1 \
-      -k 'regex:decode_attention_tensor_core' -o "$OUT/prof-${names[i]}" \
-      ./bench_cuda_decode_attention_base --benchmark_filter="${rows[i]}" > "$OUT/prof-${names[i]}-run.txt" 2>&1
-    log "prof ${names[i]} rc=$? $((SECONDS - S))s"
-    ncu -i "$OUT/prof-${names[i]}.ncu-rep" --page details > "$OUT/prof-${names[i]}-details.txt" 2>&1
-    ncu -i "$OUT/prof-${names[i]}.ncu-rep" --page source --csv --print-source sass > "$OUT/prof-${names[i]}-sass.csv" 2>&1
-    rm -f "$OUT/prof-${names[i]}.ncu-rep"
-    grep -E 'Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|Eligible Warps|No Eligible|Warp Cycles Per Issued' \
-      "$OUT/prof-${names[i]}-details.txt" | head -12 | tee -a "$OUT/log.txt"
-  done
+# profile NAME ROW [VARIANT]: ncu --set full of the tensor-core attention kernel in one launch of bench row ROW
+# (bench_cuda_decode_attention_VARIANT, default main): the details page and the per-SASS source counters.
+profile() {
+  local bench=./bench_cuda_decode_attention_${3:-main}
+  timeout 90 ncu --set full --clock-control none --import-source no --launch-skip 5 --launch-count 1 \
+    -k 'regex:decode_attention_tensor_core' -o "$OUT/prof-$1" "$bench" --benchmark_filter="$2" > "$OUT/prof-$1-run.txt" 2>&1
+  log "prof $1 rc=$? $((SECONDS - S))s"
+  ncu -i "$OUT/prof-$1.ncu-rep" --page details > "$OUT/prof-$1-details.txt" 2>&1
+  ncu -i "$OUT/prof-$1.ncu-rep" --page source --csv --print-source sass > "$OUT/prof-$1-sass.csv" 2>&1
+  rm -f "$OUT/prof-$1.ncu-rep"
+  grep -E 'Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|Eligible Warps|No Eligible|Warp Cycles Per Issued' \
+    "$OUT/prof-$1-details.txt" | head -12 | tee -a "$OUT/log.txt"
 }
-merge() {  # merge-one-trip.diff (issue 11): decode / eviction / shared_paged tests, memcheck on the merge's cases, A/B
-  run_tests merge 150
-  sanitize memcheck kvtrim_cuda_tests_merge '*DecodeAttention*Fp16*:*SharedPaged*:*EvictionMetric*Fp16*' merge
-  ROUNDS=${ROUNDS:-3} DECODE_ROWS="$LAYOUT_ROWS" decode_ab merge base merge
+prof4k() {  # contiguous, flat and paged 16 at W 4k (where paged's remaining time goes)
+  profile contiguous '^decode_attention/batch:8/tokens:4096/q_heads:32/kv_heads:8/head_dim:128/it'
+  profile flat '^decode_attention_flat/batch:8/tokens:4096/.*lengths:0/'
+  profile paged '^decode_attention_paged/batch:8/tokens:4096/.*lengths:0/page:16/scattered:1'
 }
-profcodecs() {  # ncu --set full of the fragment kernel at W 32k: fp8 (1.73x fp16, goal 1.8x) and int8 (1.63x)
-  local names=(fp8 int8 fp16)
-  local rows=('^codec_decode_fp8/batch:8/tokens:32768/q_heads:32/' '^codec_decode_int8/batch:8/tokens:32768/q_heads:32/'
-    '^codec_decode_fp16/batch:8/tokens:32768/q_heads:32/')
-  for i in 0 1 2; do
-    timeout 90 ncu --set full --clock-control none --import-source no --launch-skip 5 --launch-count 1 \
-      -k 'regex:decode_attention_tensor_core' -o "$OUT/prof-${names[i]}" \
-      ./bench_cuda_decode_attention_base --benchmark_filter="${rows[i]}" > "$OUT/prof-${names[i]}-run.txt" 2>&1
-    log "prof ${names[i]} rc=$? $((SECONDS - S))s"
-    ncu -i "$OUT/prof-${names[i]}.ncu-rep" --page details > "$OUT/prof-${names[i]}-details.txt" 2>&1
-    ncu -i "$OUT/prof-${names[i]}.ncu-rep" --page source --csv --print-source sass > "$OUT/prof-${names[i]}-sass.csv" 2>&1
-    rm -f "$OUT/prof-${names[i]}.ncu-rep"
-    grep -E 'Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|Eligible Warps|No Eligible|Warp Cycles Per Issued' \
-      "$OUT/prof-${names[i]}-details.txt" | head -12 | tee -a "$OUT/log.txt"
-  done
+profcursor() {  # paged 16 at W 4k with paged-tile-cursor.diff
+  profile paged-cursor '^decode_attention_paged/batch:8/tokens:4096/.*lengths:0/page:16/scattered:1' cursor
+}
+cursor() {  # paged-tile-cursor.diff (issue 11): decode / eviction / shared_paged / codecs tests, memcheck and racecheck
+  # on paged cases, the layout rows against main
+  run_tests cursor 150
+  SANITIZE_SECONDS=${SANITIZE_SECONDS:-150} sanitize memcheck kvtrim_cuda_tests_cursor '*SharedPaged*:*EvictionMetric*Fp16*:*MultiQueryDecode.*Fp16*:*CodecCache*paged*' cursor
+  ROUNDS=${ROUNDS:-3} DECODE_ROWS="$LAYOUT_ROWS|^codec_decode_(int8|fp8)/" decode_ab cursor main cursor
+}
+profcodecs() {  # the fragment kernel at W 32k: fp8 (1.73x fp16, goal 1.8x) and int8 (1.63x), and fp16
+  profile fp8 '^codec_decode_fp8/batch:8/tokens:32768/q_heads:32/'
+  profile int8 '^codec_decode_int8/batch:8/tokens:32768/q_heads:32/'
+  profile fp16 '^codec_decode_fp16/batch:8/tokens:32768/q_heads:32/'
 }
 # DEADLINE (seconds since the start): stages that would begin after it are skipped, so the archive below
 # is still made within the call's limit.

@@ -477,7 +477,7 @@ __global__ void __launch_bounds__(HeadDim)
       if (i < count) {
         const std::int64_t index = (first + i + head) * rows + query_row;
         lse[i] = partial_lse[index];
-        value[i] = partial_out[index * HeadDim + d];  // unused (possibly never written) where lse[i] is −∞
+        value[i] = partial_out[index * HeadDim + d];  // written by every block of the head (0 where it saw no token); unused where lse[i] is −∞
       }
 #pragma unroll
     for (int i = 0; i < merge_loads_at_once; ++i)
