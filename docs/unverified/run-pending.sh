@@ -4,13 +4,12 @@
 #   sdpa     torch SDPA on W (any card: the peer of the decode rows)
 #   h200     on an H200 only: issue 10's compress rows, torch's and kvpress's compress
 #   flashinfer FlashInfer 0.7.4's paged decode and kvtrim's shared_paged decode on the same pages, two rounds (issue 11)
-#   profcursor ncu --set full of paged 16 at 4k with paged-tile-cursor.diff
 #   prof4k   ncu --set full of the tensor-core attention kernel at W's 4k for contiguous, flat and paged 16: the
 #            details page and the per-SASS-instruction source counters of each (why paged pays ~5 µs more at 4k)
 #   codecs   main's codec tests (build-pending.sh codecs): paged / flat int8 / int4 / fp8 / layered decode through
 #            the in-block plan, then memcheck on the paged / flat CodecCache cases
 #   profcodecs ncu --set full of the fragment kernel at W 32k for fp8, int8 and fp16 (issue 12: fp8 1.73x, int8 1.63x fp16)
-#   cursor   paged-tile-cursor.diff: its tests, memcheck, and the layout rows against main, three rounds
+#   fp8chunk fp8-balanced-chunk.diff: its codec tests, memcheck on fp8, the codec rows against main
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
@@ -133,14 +132,12 @@ prof4k() {  # contiguous, flat and paged 16 at W 4k (where paged's remaining tim
   profile flat '^decode_attention_flat/batch:8/tokens:4096/.*lengths:0/'
   profile paged '^decode_attention_paged/batch:8/tokens:4096/.*lengths:0/page:16/scattered:1'
 }
-profcursor() {  # paged 16 at W 4k with paged-tile-cursor.diff
-  profile paged-cursor '^decode_attention_paged/batch:8/tokens:4096/.*lengths:0/page:16/scattered:1' cursor
-}
-cursor() {  # paged-tile-cursor.diff (issue 11): decode / eviction / shared_paged / codecs tests, memcheck and racecheck
-  # on paged cases, the layout rows against main
-  run_tests cursor 150
-  SANITIZE_SECONDS=${SANITIZE_SECONDS:-150} sanitize memcheck kvtrim_cuda_tests_cursor '*SharedPaged*:*EvictionMetric*Fp16*:*MultiQueryDecode.*Fp16*:*CodecCache*paged*' cursor
-  ROUNDS=${ROUNDS:-3} DECODE_ROWS="$LAYOUT_ROWS|^codec_decode_(int8|fp8)/" decode_ab cursor main cursor
+fp8chunk() {  # fp8-balanced-chunk.diff (issue 12): codec tests, memcheck on the fp8 cases, codec rows against main
+  run_tests fp8chunk 150
+  sanitize memcheck kvtrim_cuda_tests_fp8chunk '*CodecCache*fp8*:*CodecCache*Fp8*' fp8chunk
+  ROUNDS=${ROUNDS:-3} DECODE_ROWS='device_copy|^codec_decode_|^decode_attention/batch:8/tokens:(4096|32768)/q_heads:32/kv_heads:8/head_dim:128/it' \
+    decode_ab fp8chunk main fp8chunk
+  for v in main fp8chunk; do echo "== codecs $v"; ROWS='^codec_decode_' table "$OUT"/fp8chunk-$v-*.txt; done | tee -a "$OUT/log.txt"
 }
 profcodecs() {  # the fragment kernel at W 32k: fp8 (1.73x fp16, goal 1.8x) and int8 (1.63x), and fp16
   profile fp8 '^codec_decode_fp8/batch:8/tokens:32768/q_heads:32/'
