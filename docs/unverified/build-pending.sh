@@ -47,9 +47,7 @@ for variant in "${variants[@]}"; do
     codecs) build codecs "" 'codecs_test' "" kvtrim_cuda_tests ;;
     # main (for A/Bs against a diff's variant): bench_cuda_decode_attention_main
     main) build main "" none "" bench_cuda_decode_attention ;;
-    # fp8-balanced-chunk.diff (issue 12): fp8 fragments at the balanced decode chunk
-    fp8chunk) build fp8chunk fp8-balanced-chunk.diff 'codecs_test' "" bench_cuda_decode_attention kvtrim_cuda_tests ;;
-    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main fp8chunk)" >&2; exit 2 ;;
+    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main)" >&2; exit 2 ;;
   esac
 done
 du -sh "$out"

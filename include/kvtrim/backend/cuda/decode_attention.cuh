@@ -1812,7 +1812,14 @@ struct implementation<stage::decode_attention, backend::cuda> {
       std::int64_t grid = blocks;
       bool merge = true;
       if constexpr (uniform) {
-        const std::int64_t chunk = cuda_detail::uniform_decode_chunk(heads, length, blocks);
+        // fp8 code fragments take the balanced chunk (every slot of the wave; blocks may straddle two
+        // heads) instead of whole-head splits that leave a few slots empty (W on 132 SMs: 256 of 264):
+        // the kernel is latency-bound, not at the copy rate, so the last 3 % of blocks are worth more
+        // than a second segment's start (H100, 2026-12-07: W 32k 208.6 -> 205.2 µs, three rounds; docs/results.md).
+        // int8 measured the other way (its segment start opens a KIVI run: 228.5 -> 221 µs with the splits).
+        constexpr bool balanced = fragments && std::is_same_v<typename View::codec, codec::fp8>;
+        const std::int64_t chunk = balanced ? cuda_detail::decode_chunk(heads * length, blocks)
+                                            : cuda_detail::uniform_decode_chunk(heads, length, blocks);
         partition = {heads, length, chunk};
         grid = cuda_detail::ceil_div(heads * length, chunk);
         merge = chunk % length != 0;  // else every block starts a head and reads whole heads
