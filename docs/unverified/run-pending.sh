@@ -9,6 +9,7 @@
 #   codecs   main's codec tests (build-pending.sh codecs): paged / flat int8 / int4 / fp8 / layered decode through
 #            the in-block plan, then memcheck on the paged / flat CodecCache cases
 #   profcodecs ncu --set full of the fragment kernel at W 32k for fp8, int8 and fp16 (issue 12: fp8 1.73x, int8 1.63x fp16)
+#   rows     one build's layout and codec rows (ROWS_VARIANT, default main), two rounds
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
@@ -130,6 +131,10 @@ prof4k() {  # contiguous, flat and paged 16 at W 4k (where paged's remaining tim
   profile contiguous '^decode_attention/batch:8/tokens:4096/q_heads:32/kv_heads:8/head_dim:128/it'
   profile flat '^decode_attention_flat/batch:8/tokens:4096/.*lengths:0/'
   profile paged '^decode_attention_paged/batch:8/tokens:4096/.*lengths:0/page:16/scattered:1'
+}
+rows() {  # one build's layout and codec rows (bench_cuda_decode_attention_$ROWS_VARIANT, default main), two rounds
+  ROUNDS=${ROUNDS:-2} DECODE_ROWS="$LAYOUT_ROWS|^codec_decode_" decode_ab rows "${ROWS_VARIANT:-main}"
+  echo "== codecs" | tee -a "$OUT/log.txt"; ROWS='^codec_decode_' table "$OUT"/rows-*.txt | tee -a "$OUT/log.txt"
 }
 profcodecs() {  # the fragment kernel at W 32k: fp8 (1.73x fp16, goal 1.8x) and int8 (1.63x), and fp16
   profile fp8 '^codec_decode_fp8/batch:8/tokens:32768/q_heads:32/'
