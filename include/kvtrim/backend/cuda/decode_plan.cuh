@@ -478,7 +478,8 @@ __global__ void __launch_bounds__(HeadDim)
       if (i < count) {
         const std::int64_t index = (first + i + head) * rows + query_row;
         lse[i] = partial_lse[index];
-        value[i] = partial_out[index * HeadDim + d];  // written by every block of the head (0 where it saw no token); unused where lse[i] is −∞
+        // Every block of a split head writes its partial (0 where it saw no token); unused where lse[i] is −∞.
+        value[i] = partial_out[index * HeadDim + d];
       }
 #pragma unroll
     for (int i = 0; i < merge_loads_at_once; ++i)
