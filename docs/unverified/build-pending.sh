@@ -47,7 +47,11 @@ for variant in "${variants[@]}"; do
     codecs) build codecs "" 'codecs_test' "" kvtrim_cuda_tests ;;
     # main (for A/Bs against a diff's variant): bench_cuda_decode_attention_main
     main) build main "" none "" bench_cuda_decode_attention ;;
-    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main)" >&2; exit 2 ;;
+    # Diagnostics (wrong values, same data flow): the code-fragment conversions replaced by one mask per register,
+    # keys only / keys and values, to bound what fp8 / int8 decode could gain from 8-bit mma (issue 12).
+    diagk) build diagk diag-cheap-conversions.diff none "-DKVTRIM_DIAG_CHEAP_KEYS=1" bench_cuda_decode_attention ;;
+    diagkv) build diagkv diag-cheap-conversions.diff none "-DKVTRIM_DIAG_CHEAP_KEYS=1 -DKVTRIM_DIAG_CHEAP_VALUES=1" bench_cuda_decode_attention ;;
+    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main diagk diagkv)" >&2; exit 2 ;;
   esac
 done
 du -sh "$out"

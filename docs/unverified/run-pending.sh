@@ -10,6 +10,7 @@
 #            the in-block plan, then memcheck on the paged / flat CodecCache cases
 #   profcodecs ncu --set full of the fragment kernel at W 32k for fp8, int8 and fp16 (issue 12: fp8 1.75x, int8 1.64x fp16)
 #   rows     one build's layout and codec rows (ROWS_VARIANT, default main), two rounds
+#   diagconv main against the diagnostic builds diagk / diagkv (conversions replaced by masks), W 32k codec rows
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
@@ -140,6 +141,11 @@ profcodecs() {  # the fragment kernel at W 32k: fp8 (1.75x fp16 on 2026-12-07, g
   profile fp8 '^codec_decode_fp8/batch:8/tokens:32768/q_heads:32/'
   profile int8 '^codec_decode_int8/batch:8/tokens:32768/q_heads:32/'
   profile fp16 '^codec_decode_fp16/batch:8/tokens:32768/q_heads:32/'
+}
+diagconv() {  # the code-fragment conversions' share (issue 12): main (fp8chunk) against diagk / diagkv, whose
+  # conversions are one mask a register (wrong values, the same loads and mma), W 32k, three rounds
+  ROUNDS=3 DECODE_ROWS='device_copy|^codec_decode_(fp16|fp8|int8|int4|int8_zero_point|int4_zero_point)/batch:8/tokens:32768/q_heads:32/kv_heads:8/head_dim:128/' \
+    decode_ab diagconv fp8chunk diagk diagkv
 }
 # DEADLINE (seconds since the start): stages that would begin after it are skipped, so the archive below
 # is still made within the call's limit.
