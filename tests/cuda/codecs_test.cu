@@ -1780,6 +1780,11 @@ INSTANTIATE_TEST_SUITE_P(
         codec_case{L::contiguous, K::int8_groups, 1, 3, 1, 128, 0, {4097}, false},
         codec_case{L::paged, K::int8_tokens_zero_point, 1, 2, 2, 128, 32, {300, 4097}, false},
         codec_case{L::paged, K::layered_int8, 1, 2, 2, 64, 16, {300, 17}, true},
+        // int4 KIVI at head_dim 64 and groups 4 and 1: each head's run scaling split between its column's
+        // lane and a padding lane (codec_fragments.cuh's split_query; k-steps 0–1 and 2–3), symmetric over
+        // ragged flat heads with a filling group and compensation rows, zero points over pages of 32.
+        codec_case{L::flat, K::int4_groups, 1, 2, 4, 64, 0, {4097, 33, 1}, true},
+        codec_case{L::paged, K::int4_groups_zero_point, 2, 2, 1, 64, 32, {300, 4097}, false},
         // low_rank (profile bases of ragged ranks r, r − 1, r − 2 per head; r = head_dim / 4):
         // coefficients bit-identical to the CPU's encode, attention post- and pre-RoPE (the
         // key rebuilt and rotated from its stored position), GQA 1–16, head_dim 64 / 128.

@@ -209,7 +209,7 @@ struct no_tile_side {
 /// int8 / int4 steps a tile of TileTokens tokens needs, staged with its codes:
 /// floats [0, T) value steps, [T, 2T) value zero points, [2T, 3T) per-token key
 /// steps, [3T, 4T) their zero points, then per block of 16 tokens its KIVI
-/// run's head_dim key steps, then their zero points, then per block the float
+/// run's head_dim key steps (padded per quad: staged_at), then their zero points, then per block the float
 /// offset of its run's steps (64-bit; −1: none staged) — a warp reading two blocks
 /// of one run scales its query once. Tokens past the segment's end get zero steps
 /// (their weights are 0; 0·garbage could be NaN). Blocks of the filling group (or
@@ -221,9 +221,14 @@ struct quantized_tile_side {
   static constexpr int run_copies = (run_chunks + Threads - 1) / Threads;  // per thread
   static_assert(TileTokens <= Threads && run_chunks % Threads % (HeadDim / 4) == 0 && blocks <= Threads,
                 "quantized_tile_side: one copy of each per-token kind per thread, whole blocks per copy round");
+  /// Floats of padding after each quad's pieces of a block's run steps (staged_at): 16 bytes at head
+  /// dim 128, where the quads' pieces lie 128 bytes apart (4-way bank conflicts); none at 64 (2-way),
+  /// where the padding would cost int8 a pipeline stage.
+  static constexpr int quad_padding = HeadDim >= 128 ? 4 : 0;
+  static constexpr int staged_block = HeadDim + 4 * quad_padding;  // floats a block's run steps take
   static constexpr int run_steps_at = 4 * TileTokens;
-  static constexpr int run_zeros_at = run_steps_at + blocks * HeadDim;
-  static constexpr int run_offsets_at = run_zeros_at + blocks * HeadDim;  // in floats; 8-byte slots
+  static constexpr int run_zeros_at = run_steps_at + blocks * staged_block;
+  static constexpr int run_offsets_at = run_zeros_at + blocks * staged_block;  // in floats; 8-byte slots
   static constexpr std::size_t bytes = std::size_t{4} * run_offsets_at + std::size_t{8} * blocks;
   static_assert(bytes % 16 == 0 && run_offsets_at % 2 == 0, "quantized_tile_side: aligned sections");
 
@@ -277,10 +282,20 @@ struct quantized_tile_side {
       // barrier that publishes the tile's copies (the stage is not read before it).
       if (piece == 0) block_runs[block] = run_offset[copy];
       if (run_offset[copy] < 0) continue;
-      copy_async16(side + run_steps_at + block * HeadDim + 4 * piece, key_scales + run_offset[copy], 16);
-      if (asymmetric)
-        copy_async16(side + run_zeros_at + block * HeadDim + 4 * piece, key_zeros + run_offset[copy], 16);
+      const int staged = staged_at(block, piece);
+      copy_async16(side + run_steps_at + staged, key_scales + run_offset[copy], 16);
+      if (asymmetric) copy_async16(side + run_zeros_at + staged, key_zeros + run_offset[copy], 16);
     }
+  }
+  /// Where piece p (channels 4p .. 4p + 3) of block b's run steps is staged, in floats: the pieces a
+  /// lane of quad t reads (channels [t·D/4, (t + 1)·D/4), fragment_layout's key piece) are followed
+  /// by quad_padding, so that the four quads' i-th 16-byte loads fall in distinct banks (one
+  /// wavefront) rather than four addresses D bytes apart in the same banks (ncu, int4 at W: 4–7-way
+  /// conflicts), while the copies read and write runs of adjacent pieces (a permuted staging that
+  /// needed no padding split each eight-thread copy over four lines: int8 +7 % at W).
+  static constexpr int quad_pieces = HeadDim / 16;
+  __host__ __device__ static constexpr int staged_at(int block, int piece) {
+    return block * staged_block + 4 * piece + quad_padding * (piece / quad_pieces);
   }
   /// Whether block `block` of a staged tile reads the same KIVI run as block − 1 (sealed, both).
   __device__ __forceinline__ static bool same_run(const float* side, int block) {
@@ -297,9 +312,33 @@ struct quantized_tile_side {
 __device__ __forceinline__ unsigned biased_halves(unsigned word, unsigned selector) {
   return __byte_perm(word, 0x64646464u, selector);
 }
+/// (word & Mask) | exponent in one lop3: written as C++, ptxas splits it into an AND and an OR of
+/// two immediates (ncu, int4 at W: two LOP3 per converted register, 19 M of the kernel's 90 M
+/// instructions). `exponent` = 0x64006400 (the fp16 exponent of 1024, both halves), kept in a register.
+template <unsigned Mask>
+__device__ __forceinline__ unsigned masked_or(unsigned word, unsigned exponent) {
+  unsigned result;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(result) : "r"(word), "n"(Mask), "r"(exponent));  // (a & b) | c
+  return result;
+}
+/// The fp16 exponent bits of 1024 in both halves, from a half2(1024 + offset) bias (offset < 1024):
+/// derived from the runtime bias so that it stays one register rather than an immediate.
+__device__ __forceinline__ unsigned exponent_of_1024(unsigned bias) { return bias & 0xFC00FC00u; }
+/// half2(64 + offset) from the bias half2(1024 + offset): 1024 + 16·n (an odd nibble masked in place)
+/// times 1/16 minus it is n − offset.
+__device__ __forceinline__ unsigned odd_nibble_bias(unsigned bias) {
+  const __half2 result = __hsub2(*reinterpret_cast<const __half2*>(&bias), __float2half2_rn(960.0f));
+  return *reinterpret_cast<const unsigned*>(&result);
+}
+/// x / 16 − odd_bias for the halves 1024 + 16·n of an odd nibble: n − offset, exactly (one fma).
+__device__ __forceinline__ unsigned sixteenth_minus(unsigned biased, unsigned odd_bias) {
+  const __half2 result = __hfma2(*reinterpret_cast<const __half2*>(&biased), __float2half2_rn(0.0625f),
+                                 __hneg2(*reinterpret_cast<const __half2*>(&odd_bias)));
+  return *reinterpret_cast<const unsigned*>(&result);
+}
 /// Nibbles k and k + 4 of `word` as fp16 1024 + n (bits 4k.. and 16 + 4k..).
-__device__ __forceinline__ unsigned biased_nibbles(unsigned word, int k) {
-  return ((word >> (4 * k)) & 0x000F000Fu) | 0x64006400u;
+__device__ __forceinline__ unsigned biased_nibbles(unsigned word, int k, unsigned exponent) {
+  return masked_or<0x000F000Fu>(k == 0 ? word : word >> (4 * k), exponent);
 }
 __device__ __forceinline__ unsigned subtract_halves(unsigned biased, unsigned bias) {
   const __half2 result = __hsub2(*reinterpret_cast<const __half2*>(&biased), *reinterpret_cast<const __half2*>(&bias));
@@ -355,6 +394,8 @@ struct fragment_layout {
                                                        unsigned (&b)[k_steps][2]) {
     unsigned words[key_bytes / 4];
     load_shared_words<key_bytes>(row + quad * key_bytes, words);
+    [[maybe_unused]] const unsigned exponent = exponent_of_1024(bias);
+    [[maybe_unused]] const unsigned odd_bias = odd_nibble_bias(bias);
 #pragma unroll
     for (int s = 0; s < k_steps; ++s) {
       if constexpr (Fp8) {
@@ -363,8 +404,12 @@ struct fragment_layout {
         b[s][0] = subtract_halves(biased_halves(words[s], 0x4140u), bias);
         b[s][1] = subtract_halves(biased_halves(words[s], 0x4342u), bias);
       } else {
-        b[s][0] = subtract_halves(biased_nibbles(words[s / 2], 2 * (s % 2)), bias);
-        b[s][1] = subtract_halves(biased_nibbles(words[s / 2], 2 * (s % 2) + 1), bias);
+        // Nibbles 4h .. 4h + 3 and 16 + 4h .. (k = 2·(s % 2) + r) of word s / 2 with one shift a word:
+        // the even nibbles of the word (or of it shifted by 8) masked in place give 1024 + n, the odd
+        // ones masked in place 1024 + 16·n, which one fma brings to n − offset (both exact in fp16).
+        const unsigned word = s % 2 == 0 ? words[s / 2] : words[s / 2] >> 8;
+        b[s][0] = subtract_halves(masked_or<0x000F000Fu>(word, exponent), bias);
+        b[s][1] = sixteenth_minus(masked_or<0x00F000F0u>(word, exponent), odd_bias);
       }
     }
   }
@@ -378,6 +423,7 @@ struct fragment_layout {
   __device__ __forceinline__ static void value_fragments(const std::uint8_t* rows, int row_stride, int lane,
                                                          unsigned bias, unsigned (&b)[output_tiles][2]) {
     const int quad = lane % 4, column = lane / 4;
+    [[maybe_unused]] const unsigned exponent = exponent_of_1024(bias);
     unsigned words[4][value_bytes / 4];  // rows 2t, 2t + 1, 2t + 8, 2t + 9
 #pragma unroll
     for (int r = 0; r < 4; ++r)
@@ -388,14 +434,28 @@ struct fragment_layout {
 #pragma unroll
       for (int w = 0; w < value_bytes / 4; ++w) {
         const unsigned first = words[2 * half][w], second = words[2 * half + 1][w];
-        if constexpr (Bits == 4) {
+        if constexpr (Bits == 4 && !Subtract) {
+          // Channels 8w..8w + 7: the low 16 bits of both rows, then the high ones; one shift for each.
+          // Even nibbles masked in place are 1024 + n, odd ones 1024 + 16·n: the output tiles of odd
+          // channels (odd j) carry 16× the codes, and fragment_decoder::output divides them once.
+          const unsigned low = __byte_perm(first, second, 0x5410u), high = __byte_perm(first, second, 0x7632u);
+          const unsigned low8 = low >> 8, high8 = high >> 8;
+          b[8 * w][half] = masked_or<0x000F000Fu>(low, exponent);
+          b[8 * w + 1][half] = masked_or<0x00F000F0u>(low, exponent);
+          b[8 * w + 2][half] = masked_or<0x000F000Fu>(low8, exponent);
+          b[8 * w + 3][half] = masked_or<0x00F000F0u>(low8, exponent);
+          b[8 * w + 4][half] = masked_or<0x000F000Fu>(high, exponent);
+          b[8 * w + 5][half] = masked_or<0x00F000F0u>(high, exponent);
+          b[8 * w + 6][half] = masked_or<0x000F000Fu>(high8, exponent);
+          b[8 * w + 7][half] = masked_or<0x00F000F0u>(high8, exponent);
+        } else if constexpr (Bits == 4) {
           // Channels 8w..8w + 7: the low 16 bits of both rows, then the high ones.
           const unsigned low = __byte_perm(first, second, 0x5410u), high = __byte_perm(first, second, 0x7632u);
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
-            b[8 * w + k][half] = Subtract ? subtract_halves(biased_nibbles(low, k), bias) : biased_nibbles(low, k);
-            b[8 * w + 4 + k][half] =
-                Subtract ? subtract_halves(biased_nibbles(high, k), bias) : biased_nibbles(high, k);
+            const unsigned low_k = biased_nibbles(low, k, exponent), high_k = biased_nibbles(high, k, exponent);
+            b[8 * w + k][half] = Subtract ? subtract_halves(low_k, bias) : low_k;
+            b[8 * w + 4 + k][half] = Subtract ? subtract_halves(high_k, bias) : high_k;
           }
         } else {
           // Channels 4w..4w + 3: bytes interleaved (first, second) pairwise.
@@ -428,6 +488,7 @@ template <class CodecT, int HeadDim, int Group>
 struct fragment_decoder {
   static constexpr bool supported = false;
   static constexpr bool always_reads = false;
+  static constexpr bool skips_unit_rescale = false;
 };
 
 /// int8 / int4: KIVI runs or per-token keys, per-token values, symmetric or zero points.
@@ -443,6 +504,11 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
   static constexpr int k_steps = layout::k_steps;
   static constexpr int row_blocks = Group > 8 ? 2 : 1;
   static constexpr int tile_tokens = 128;  // decode_attention.cuh's tensor_core_geometry with code fragments
+  /// Whether the transposed product skips the output's rescale when no lane's running maximum moved
+  /// (a warp vote in place of 32 multiplications by 1): int4 issues ~1200 instructions a 32-token
+  /// step and is issue-bound there; int8 and fp8 wait on memory, and the vote's branch slowed them
+  /// (H100, W 32k, 2026-12-07: int4 −11 % with the conversions below, int8 +6 %, fp8 +1.5 %).
+  static constexpr bool skips_unit_rescale = Bits == 4;
   template <int Threads>
   using side = quantized_tile_side<HeadDim, tile_tokens, Threads>;
   using side_type = side<128>;
@@ -496,16 +562,20 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
     value_bias = 1024.0f + (store.asymmetric ? 0.0f : static_cast<float>(quantizer::symmetric_offset));
     bias = repeat_half(value_bias);
     const int quad = lane % 4, head_row = lane / 4;
+    // split_query: lanes 16–31 (columns 4–7, padding) hold the query of head lane / 4 − 4 with its two
+    // halves of k-steps swapped (scale_query's half of that head).
+    const bool back = split_query && lane >= 16;
 #pragma unroll
     for (int rb = 0; rb < row_blocks; ++rb) {
-      const int row = head_row + 8 * rb;
+      const int row = (back ? head_row - 4 : head_row) + 8 * rb;
       float sum = 0.0f;
 #pragma unroll
       for (int s = 0; s < k_steps; ++s)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
+          const int step = back ? (s + k_steps / 2) % k_steps : s;
           const float q = row < Group ? to_float(queries[row * head_stride + quad * layout::key_channels +
-                                                         layout::key_offset(s, j)]) * query_scale
+                                                         layout::key_offset(step, j)]) * query_scale
                                       : 0.0f;
           query[s][rb][j] = q;
           sum += q;
@@ -566,33 +636,50 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
     return store.key_group == 0 || side_type::same_run(side_tile, block_index);
   }
 
+  /// int4 at groups of at most 4 (the transposed product, query heads as mma columns 0–7): columns
+  /// 4–7 are padding, so each head's run scaling is split between the lane of its column (k-steps of
+  /// the first half) and the padding lane 16 above it (the second half; open() stored its query with
+  /// the halves swapped), each half's operand then passed across — the products, maxima, conversions
+  /// and step loads halved for 9 shuffles more. H100, W 32k (2026-12-07): int4 zero points −1.5 % at
+  /// GQA 4, −2.8 % at GQA 1, symmetric int4 unchanged; int8, which waits on memory rather than on
+  /// issue, was 0.3–1.3 % slower with it, so it keeps the whole row per lane.
+  static constexpr bool split_query = Bits == 4 && Group <= 4;
+
   template <bool Asymmetric>
   __device__ __forceinline__ void scale_query(const float* side_tile, int block_index, int lane,
                                               unsigned (&a)[k_steps][4]) {
-    // This lane's channels' steps (and zero points): 16-byte shared loads (16-byte aligned pieces).
+    // This lane's channels' steps (and zero points): 16-byte shared loads (16-byte aligned pieces) —
+    // of its half of the k-steps when split (the back lane's: the second half, staged after the first).
     const int quad = lane % 4;
-    const int at = block_index * HeadDim + quad * layout::key_channels;
-    float steps[layout::key_channels];
-    [[maybe_unused]] float zeros[Asymmetric ? layout::key_channels : 1];
+    static_assert(side_type::quad_pieces == layout::key_channels / 4, "scale_query: a quad's pieces of the run steps");
+    constexpr int own_steps = split_query ? k_steps / 2 : k_steps;
+    constexpr int own_channels = split_query ? layout::key_channels / 2 : layout::key_channels;
+    const int first_piece = quad * side_type::quad_pieces + (split_query && lane >= 16 ? own_channels / 4 : 0);
+    float steps[own_channels];
+    [[maybe_unused]] float zeros[Asymmetric ? own_channels : 1];
 #pragma unroll
-    for (int i = 0; i < layout::key_channels / 4; ++i) {
-      *reinterpret_cast<float4*>(steps + 4 * i) =
-          reinterpret_cast<const float4*>(side_tile + side_type::run_steps_at + at)[i];
+    for (int i = 0; i < own_channels / 4; ++i) {
+      const int at = side_type::staged_at(block_index, first_piece + i);
+      *reinterpret_cast<float4*>(steps + 4 * i) = *reinterpret_cast<const float4*>(side_tile + side_type::run_steps_at + at);
       if constexpr (Asymmetric)
         *reinterpret_cast<float4*>(zeros + 4 * i) =
-            reinterpret_cast<const float4*>(side_tile + side_type::run_zeros_at + at)[i];
+            *reinterpret_cast<const float4*>(side_tile + side_type::run_zeros_at + at);
     }
     float up[row_blocks];
 #pragma unroll
     for (int rb = 0; rb < row_blocks; ++rb) {
       float largest = 0.0f, zero_dot = 0.0f;
 #pragma unroll
-      for (int s = 0; s < k_steps; ++s)
+      for (int s = 0; s < own_steps; ++s)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           largest = fmaxf(largest, fabsf(query[s][rb][j] * steps[layout::key_offset(s, j)]));
           if constexpr (Asymmetric) zero_dot = fmaf(query[s][rb][j], zeros[layout::key_offset(s, j)], zero_dot);
         }
+      if constexpr (split_query) {
+        largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, 16));
+        if constexpr (Asymmetric) zero_dot += __shfl_xor_sync(0xffffffffu, zero_dot, 16);
+      }
       largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, 1));
       largest = fmaxf(largest, __shfl_xor_sync(0xffffffffu, largest, 2));
       if constexpr (Asymmetric) {
@@ -610,11 +697,21 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
     // multiplying by the exact power of two rounds exactly as scaling the kept product would.
     const auto scaled = [&](int s, int rb, int j) { return query[s][rb][j] * steps[layout::key_offset(s, j)] * up[rb]; };
 #pragma unroll
-    for (int s = 0; s < k_steps; ++s) {
+    for (int s = 0; s < own_steps; ++s) {
       a[s][0] = pack_halves(scaled(s, 0, 0), scaled(s, 0, 1));
       a[s][2] = pack_halves(scaled(s, 0, 2), scaled(s, 0, 3));
       a[s][1] = row_blocks > 1 ? pack_halves(scaled(s, row_blocks - 1, 0), scaled(s, row_blocks - 1, 1)) : 0u;
       a[s][3] = row_blocks > 1 ? pack_halves(scaled(s, row_blocks - 1, 2), scaled(s, row_blocks - 1, 3)) : 0u;
+    }
+    if constexpr (split_query) {
+      // The column lane takes the second half from the padding lane; the padding lane's column (4–7,
+      // masked) gets the first half in the second half's place.
+#pragma unroll
+      for (int s = 0; s < own_steps; ++s) {
+        a[own_steps + s][0] = __shfl_xor_sync(0xffffffffu, a[s][0], 16);
+        a[own_steps + s][2] = __shfl_xor_sync(0xffffffffu, a[s][2], 16);
+        a[own_steps + s][1] = a[own_steps + s][3] = 0u;
+      }
     }
   }
 
@@ -670,7 +767,8 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
   /// Σ p'(c̄ + β) = Σ p' c̄ + β Σ p': zero_sum subtracts β Σ p' once per row — one fp32 product in
   /// place of a half2 subtraction per two codes (64 a warp step at head_dim 128). The
   /// accumulator then carries β Σ p' ≈ 1151 Σ p' beside Σ p' c̄ (|c̄| ≤ 127): its fp32 rounding,
-  /// ~β·2⁻²⁴ of a step per addition, stays orders below the codec's half-step error.
+  /// ~β·2⁻²⁴ of a step per addition, stays orders below the codec's half-step error. (int4's odd
+  /// output tiles carry 1024 + 16·code, at most 1264 a step, and are divided by 16 once: less.)
   __device__ __forceinline__ float weight(float p, int rb, const float* side_tile, int index) {
     if (store.asymmetric) value_zero_sum[rb] = fmaf(p, side_tile[tile_tokens + index], value_zero_sum[rb]);
     const float scaled = __half2float(__float2half_rn(p * side_tile[index]));
@@ -681,17 +779,29 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
     value_zero_sum[rb] *= factor;
     weight_sum[rb] *= factor;
   }
-  /// The output of row block rb at a channel: the P·V accumulator plus Σ p z (this lane's part: summed over the quad).
-  __device__ __forceinline__ float output(float accumulator, float zero_sum) const { return accumulator + zero_sum; }
-  __device__ __forceinline__ float zero_sum(int rb) const {
-    float sum = fmaf(-value_bias, weight_sum[rb], value_zero_sum[rb]);
+  /// int4's value operands of odd output tiles j (odd channels within their word's nibbles) are
+  /// 1024 + 16·code (value_fragments<false>): their accumulators hold Σ p'(1024 + 16·c̄ + 16·offset).
+  static constexpr bool sixteenfold_odd_tiles = Bits == 4;
+  /// The output of row block rb at output tile j's channel: the P·V accumulator (odd tiles of int4
+  /// divided by 16, exactly) plus Σ p z minus the bias times Σ p' (`zero_sum`: zero_sum(rb, j % 2);
+  /// this lane's part summed over the quad).
+  __device__ __forceinline__ float output(float accumulator, float zero_sum, int j) const {
+    return sixteenfold_odd_tiles && j % 2 != 0 ? fmaf(accumulator, 0.0625f, zero_sum) : accumulator + zero_sum;
+  }
+  /// The value bias the accumulators of output tiles of parity `odd` carry per unit of Σ p': 1024 + offset,
+  /// or (1024 + 16·offset) / 16 = 64 + offset for int4's odd tiles.
+  __device__ __forceinline__ float carried_bias(int odd) const {
+    return sixteenfold_odd_tiles && odd ? value_bias - 960.0f : value_bias;
+  }
+  __device__ __forceinline__ float zero_sum(int rb, int odd = 0) const {
+    float sum = fmaf(-carried_bias(odd), weight_sum[rb], value_zero_sum[rb]);
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     return sum;
   }
   /// Transposed product: column e's part summed over the lanes holding that head (the eight g).
-  __device__ __forceinline__ float column_zero_sum(int e) const {
-    float sum = fmaf(-value_bias, weight_sum[e], value_zero_sum[e]);
+  __device__ __forceinline__ float column_zero_sum(int e, int odd = 0) const {
+    float sum = fmaf(-carried_bias(odd), weight_sum[e], value_zero_sum[e]);
     sum += __shfl_xor_sync(0xffffffffu, sum, 4);
     sum += __shfl_xor_sync(0xffffffffu, sum, 8);
     sum += __shfl_xor_sync(0xffffffffu, sum, 16);
@@ -712,6 +822,7 @@ struct fragment_decoder<codec::fp8, HeadDim, Group> {
   using storage = codec::fp8::storage<device_space>;
   static constexpr int k_steps = layout::k_steps;
   static constexpr int row_blocks = Group > 8 ? 2 : 1;
+  static constexpr bool skips_unit_rescale = false;  // see the integer codecs' decoder
   template <int Threads>
   using side = no_tile_side;
 
@@ -761,9 +872,10 @@ struct fragment_decoder<codec::fp8, HeadDim, Group> {
   }
   __device__ __forceinline__ float weight(float p, int, const float*, int) const { return p; }
   __device__ __forceinline__ void rescale(int, float) const {}
-  __device__ __forceinline__ float zero_sum(int) const { return 0.0f; }
-  __device__ __forceinline__ float column_zero_sum(int) const { return 0.0f; }
-  __device__ __forceinline__ float output(float accumulator, float) const { return accumulator * value_scale; }
+  static constexpr bool sixteenfold_odd_tiles = false;
+  __device__ __forceinline__ float zero_sum(int, int = 0) const { return 0.0f; }
+  __device__ __forceinline__ float column_zero_sum(int, int = 0) const { return 0.0f; }
+  __device__ __forceinline__ float output(float accumulator, float, int) const { return accumulator * value_scale; }
   __device__ __forceinline__ void values(const std::uint8_t* rows, int row_stride, int lane,
                                          unsigned (&b)[layout::output_tiles][2]) const {
     layout::value_fragments(rows, row_stride, lane, 0u, b);

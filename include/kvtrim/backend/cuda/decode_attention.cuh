@@ -1189,10 +1189,15 @@ __global__ void __launch_bounds__(
             running_sum[e] = running_sum[e] * rescale[e] + sum;
             fragments.rescale(e, rescale[e]);
           }
+          // Once a head's first tiles are seen its running maximum rarely moves: where the decoder asks
+          // (decoder::skips_unit_rescale), a warp whose lanes all rescale by exactly 1 skips the 32
+          // multiplications by 1 (bit-identical) for one vote.
+          if (!decoder::skips_unit_rescale || __any_sync(0xffffffffu, rescale[0] != 1.0f || rescale[1] != 1.0f)) {
 #pragma unroll
-          for (int tile_index = 0; tile_index < output_registers; ++tile_index)
+            for (int tile_index = 0; tile_index < output_registers; ++tile_index)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) output[tile_index][i] *= rescale[i % 2];
+              for (int i = 0; i < 4; ++i) output[tile_index][i] *= rescale[i % 2];
+          }
           // P' = P times each token's value step (zero points: Σ p z aside, rescaled as the output).
 #pragma unroll
           for (int sb = 0; sb < sub_blocks; ++sb)
@@ -1416,7 +1421,9 @@ __global__ void __launch_bounds__(
         sum += __shfl_xor_sync(0xffffffffu, sum, 4);
         sum += __shfl_xor_sync(0xffffffffu, sum, 8);
         sum += __shfl_xor_sync(0xffffffffu, sum, 16);
-        const float zero_sum = fragments.column_zero_sum(e);
+        // Per parity of the output tile (int4's odd tiles carry their codes 16-fold: the decoder's bias).
+        const float zero_sum[2] = {fragments.column_zero_sum(e, 0),
+                                   decoder::sixteenfold_odd_tiles ? fragments.column_zero_sum(e, 1) : 0.0f};
         const int row = 2 * quad + e;
         if (row < query_rows) {
 #pragma unroll
@@ -1425,7 +1432,8 @@ __global__ void __launch_bounds__(
             for (int r = 0; r < 2; ++r)
               shared_accumulator[(token_group * query_rows + row) * HeadDim +
                                  decoder::layout::value_channel(2 * tile_index + r, head_row)] =
-                  fragments.output(output[tile_index][2 * r + e], zero_sum);
+                  fragments.output(output[tile_index][2 * r + e], zero_sum[decoder::sixteenfold_odd_tiles ? r : 0],
+                                   2 * tile_index + r);
           if (head_row == 0) {
             shared_max[token_group * query_rows + row] = running_max[e];
             shared_sum[token_group * query_rows + row] = sum;
@@ -1438,8 +1446,11 @@ __global__ void __launch_bounds__(
         float sum = running_sum[rb];
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        [[maybe_unused]] float zero_sum = 0.0f;
-        if constexpr (Fragments) zero_sum = fragments.zero_sum(rb);
+        [[maybe_unused]] float zero_sum[2] = {};  // per parity of the output tile (decoder::output)
+        if constexpr (Fragments) {
+          zero_sum[0] = fragments.zero_sum(rb, 0);
+          if constexpr (decoder::sixteenfold_odd_tiles) zero_sum[1] = fragments.zero_sum(rb, 1);
+        }
         const int row = first_row + head_row + 8 * rb;
         if (row < query_rows) {
 #pragma unroll
@@ -1448,7 +1459,7 @@ __global__ void __launch_bounds__(
             for (int e = 0; e < 2; ++e) {
               if constexpr (Fragments)
                 shared_accumulator[(token_group * query_rows + row) * HeadDim + decoder::layout::value_channel(tile_index, 2 * quad + e)] =
-                    fragments.output(output[tile_index][rb * 2 + e], zero_sum);
+                    fragments.output(output[tile_index][rb * 2 + e], zero_sum[tile_index % 2], tile_index);
               else
                 shared_accumulator[(token_group * query_rows + row) * HeadDim + tile_index * 8 + 2 * quad + e] =
                     output[tile_index][rb * 2 + e];
