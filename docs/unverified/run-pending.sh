@@ -147,6 +147,34 @@ diagconv() {  # the code-fragment conversions' share (issue 12): main (fp8chunk)
   ROUNDS=3 DECODE_ROWS='device_copy|^codec_decode_(fp16|fp8|int8|int4|int8_zero_point|int4_zero_point)/batch:8/tokens:32768/q_heads:32/kv_heads:8/head_dim:128/' \
     decode_ab diagconv fp8chunk diagk diagkv
 }
+int4ops() {  # int4-ops / int4-values (issue 12): the codec rows of main (fp8chunk), int4nv and int4v, three rounds; int4v's tests
+  ROUNDS=3 DECODE_ROWS='device_copy|^codec_decode_(fp16|fp8|int8|int4|int8_zero_point|int4_zero_point)/|^decode_attention/batch:8/tokens:(4096|32768)/q_heads:32/kv_heads:8/head_dim:128/it' \
+    decode_ab int4ops fp8chunk int4v
+  echo "== codecs" | tee -a "$OUT/log.txt"; for v in fp8chunk int4v; do echo "-- $v"; ROWS='^codec_decode_' table "$OUT"/int4ops-$v-*.txt; done | tee -a "$OUT/log.txt"
+  [ -e kvtrim_cuda_tests_int4v ] && run_tests int4v 150
+  profile int4v '^codec_decode_int4/batch:8/tokens:32768/q_heads:32/' int4v
+  SANITIZE_SECONDS=240 sanitize memcheck kvtrim_cuda_tests_int4v '*CodecCache*int4*:*CodecCache*int8*:*EvictionMetricCodecs*' int4v
+  SANITIZE_SECONDS=150 sanitize racecheck kvtrim_cuda_tests_int4v '*CodecCache*int4*g4*:*CodecCache*int4*g16*:*CodecCache*int8*g4*' int4v
+}
+int4final() {  # int4-values (int4v) and int4-split (int4q) against main (fp8chunk): codec rows three rounds, both test binaries, sanitizers
+  ROUNDS=3 DECODE_ROWS='device_copy|^codec_decode_(fp16|fp8|int8|int4|int8_zero_point|int4_zero_point)/|^decode_attention/batch:8/tokens:(4096|32768)/q_heads:32/kv_heads:8/head_dim:128/it' \
+    decode_ab final fp8chunk int4v int4q
+  echo "== codecs" | tee -a "$OUT/log.txt"; for v in fp8chunk int4v int4q; do echo "-- $v"; ROWS='^codec_decode_' table "$OUT"/final-$v-*.txt; done | tee -a "$OUT/log.txt"
+  run_tests int4q 150
+  [ -e kvtrim_cuda_tests_int4v ] && run_tests int4v 150
+  SANITIZE_SECONDS=240 sanitize memcheck kvtrim_cuda_tests_int4q '*CodecCache*int4*:*CodecCache*int8*:*EvictionMetricCodecs*' int4q
+  SANITIZE_SECONDS=150 sanitize racecheck kvtrim_cuda_tests_int4q '*CodecCache*int4*g4*:*CodecCache*int4*g16*:*CodecCache*int8*g4*' int4q
+  profile int4q '^codec_decode_int4/batch:8/tokens:32768/q_heads:32/' int4q
+  [ -e kvtrim_cuda_tests_int4v ] && SANITIZE_SECONDS=200 sanitize memcheck kvtrim_cuda_tests_int4v '*CodecCache*int4*:*CodecCache*int8*:*EvictionMetricCodecs*' int4v
+}
+int4landed() {  # the landed int4-split.diff (split for int4 only): codec rows against main (fp8chunk), tests, sanitizers
+  ROUNDS=3 DECODE_ROWS='device_copy|^codec_decode_(fp16|fp8|int8|int4|int8_zero_point|int4_zero_point)/|^decode_attention/batch:8/tokens:(4096|32768)/q_heads:32/kv_heads:8/head_dim:128/it' \
+    decode_ab landed fp8chunk int4q
+  echo "== codecs" | tee -a "$OUT/log.txt"; for v in fp8chunk int4q; do echo "-- $v"; ROWS='^codec_decode_' table "$OUT"/landed-$v-*.txt; done | tee -a "$OUT/log.txt"
+  run_tests int4q 150
+  SANITIZE_SECONDS=240 sanitize memcheck kvtrim_cuda_tests_int4q '*CodecCache*int4*:*CodecCache*int8*:*EvictionMetricCodecs*' int4q
+  SANITIZE_SECONDS=150 sanitize racecheck kvtrim_cuda_tests_int4q '*CodecCache*int4*g4*:*CodecCache*int4*g16*:*CodecCache*int8*g4*:*CodecCache*int4*g1_d64*' int4q
+}
 # DEADLINE (seconds since the start): stages that would begin after it are skipped, so the archive below
 # is still made within the call's limit.
 for stage in "$@"; do

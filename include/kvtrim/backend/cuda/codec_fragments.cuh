@@ -29,8 +29,11 @@
 //  * Conversions: a code byte b becomes the fp16 1024 + b by placing 0x64 above
 //    it (prmt / lop3), then one half2 subtraction of 1024 + offset: two
 //    integer instructions and one fp16 one per two channels, no int → float
-//    conversion. int4 nibbles likewise (shift, mask | 0x6400). fp8: one cvt per
-//    two channels.
+//    conversion. int4 nibbles: one lop3 (mask | 0x6400) a register and one shift a
+//    word; the odd nibbles, masked in place, are 1024 + 16·n — one half2 fma
+//    (×1/16) for keys, and for values the 16-fold codes go into P·V and their
+//    output channels are divided by 16 once (fragment_decoder::output). fp8: one
+//    cvt per two channels.
 //  * Fragment layouts (mma.cuh): a lane of quad t reads, for the S = Q·Kᵀ
 //    product, one contiguous piece of each key row — channels [t·D/4,
 //    (t+1)·D/4) — and the A (query) and B (key) operands use the same
@@ -292,7 +295,7 @@ struct quantized_tile_side {
   /// by quad_padding, so that the four quads' i-th 16-byte loads fall in distinct banks (one
   /// wavefront) rather than four addresses D bytes apart in the same banks (ncu, int4 at W: 4–7-way
   /// conflicts), while the copies read and write runs of adjacent pieces (a permuted staging that
-  /// needed no padding split each eight-thread copy over four lines: int8 +7 % at W).
+  /// needed no padding split each eight-thread copy over four lines: int8 +6 % at W).
   static constexpr int quad_pieces = HeadDim / 16;
   __host__ __device__ static constexpr int staged_at(int block, int piece) {
     return block * staged_block + 4 * piece + quad_padding * (piece / quad_pieces);
@@ -404,7 +407,7 @@ struct fragment_layout {
         b[s][0] = subtract_halves(biased_halves(words[s], 0x4140u), bias);
         b[s][1] = subtract_halves(biased_halves(words[s], 0x4342u), bias);
       } else {
-        // Nibbles 4h .. 4h + 3 and 16 + 4h .. (k = 2·(s % 2) + r) of word s / 2 with one shift a word:
+        // Nibble k = 2·(s % 2) + r (bits 4k .. 4k + 3 and 16 + 4k ..) of word s / 2, one shift a word:
         // the even nibbles of the word (or of it shifted by 8) masked in place give 1024 + n, the odd
         // ones masked in place 1024 + 16·n, which one fma brings to n − offset (both exact in fp16).
         const unsigned word = s % 2 == 0 ? words[s / 2] : words[s / 2] >> 8;
@@ -506,8 +509,8 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
   static constexpr int tile_tokens = 128;  // decode_attention.cuh's tensor_core_geometry with code fragments
   /// Whether the transposed product skips the output's rescale when no lane's running maximum moved
   /// (a warp vote in place of 32 multiplications by 1): int4 issues ~1200 instructions a 32-token
-  /// step and is issue-bound there; int8 and fp8 wait on memory, and the vote's branch slowed them
-  /// (H100, W 32k, 2026-12-07: int4 −11 % with the conversions below, int8 +6 %, fp8 +1.5 %).
+  /// step and is issue-bound there; fp8 and int8 wait on memory, and the vote's branch cost fp8 ~1.5 %
+  /// (H100, W 32k, 2026-12-07; int8 was not measured with the vote alone).
   static constexpr bool skips_unit_rescale = Bits == 4;
   template <int Threads>
   using side = quantized_tile_side<HeadDim, tile_tokens, Threads>;
@@ -640,10 +643,11 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
   /// 4–7 are padding, so each head's run scaling is split between the lane of its column (k-steps of
   /// the first half) and the padding lane 16 above it (the second half; open() stored its query with
   /// the halves swapped), each half's operand then passed across — the products, maxima, conversions
-  /// and step loads halved for 9 shuffles more. H100, W 32k (2026-12-07): int4 zero points −1.5 % at
+  /// and step loads halved for 8–10 shuffles more (head dim 128; 5–6 at 64). H100, W 32k (2026-12-07): int4 zero points −1.5 % at
   /// GQA 4, −2.8 % at GQA 1, symmetric int4 unchanged; int8, which waits on memory rather than on
   /// issue, was 0.3–1.3 % slower with it, so it keeps the whole row per lane.
   static constexpr bool split_query = Bits == 4 && Group <= 4;
+  static_assert(!split_query || k_steps % 4 == 0, "split_query: halves of whole k-step pairs (a word's nibbles)");
 
   template <bool Asymmetric>
   __device__ __forceinline__ void scale_query(const float* side_tile, int block_index, int lane,

@@ -1190,8 +1190,8 @@ __global__ void __launch_bounds__(
             fragments.rescale(e, rescale[e]);
           }
           // Once a head's first tiles are seen its running maximum rarely moves: where the decoder asks
-          // (decoder::skips_unit_rescale), a warp whose lanes all rescale by exactly 1 skips the 32
-          // multiplications by 1 (bit-identical) for one vote.
+          // (decoder::skips_unit_rescale), a warp whose lanes all rescale by exactly 1 skips the 16 or 32
+          // (head dim 64 / 128) multiplications by 1 (bit-identical) for one vote.
           if (!decoder::skips_unit_rescale || __any_sync(0xffffffffu, rescale[0] != 1.0f || rescale[1] != 1.0f)) {
 #pragma unroll
             for (int tile_index = 0; tile_index < output_registers; ++tile_index)
