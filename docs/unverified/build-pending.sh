@@ -47,19 +47,7 @@ for variant in "${variants[@]}"; do
     codecs) build codecs "" 'codecs_test' "" kvtrim_cuda_tests ;;
     # main (for A/Bs against a diff's variant): bench_cuda_decode_attention_main
     main) build main "" none "" bench_cuda_decode_attention ;;
-    # Diagnostics (wrong values, same data flow): the code-fragment conversions replaced by one mask per register,
-    # keys only / keys and values, to bound what fp8 / int8 decode could gain from 8-bit mma (issue 12).
-    diagk) build diagk diag-cheap-conversions.diff none "-DKVTRIM_DIAG_CHEAP_KEYS=1" bench_cuda_decode_attention ;;
-    diagkv) build diagkv diag-cheap-conversions.diff none "-DKVTRIM_DIAG_CHEAP_KEYS=1 -DKVTRIM_DIAG_CHEAP_VALUES=1" bench_cuda_decode_attention ;;
-    # int4-ops.diff (issue 12): one lop3 a nibble register, one shift a key word, KIVI run steps staged per quad
-    # without bank conflicts, the output rescale skipped by a vote when no maximum moved.
-    int4ops) build int4ops int4-ops.diff 'codecs_test|eviction_test' "" bench_cuda_decode_attention kvtrim_cuda_tests ;;
-    int4nv) build int4nv int4-ops-novote.diff none "" bench_cuda_decode_attention ;;  # the same without the vote
-    # int4-values.diff: int4-ops.diff plus int4 value operands with one shift a word (odd tiles 16-fold)
-    int4v) build int4v int4-values.diff 'codecs_test|eviction_test' "" bench_cuda_decode_attention kvtrim_cuda_tests ;;
-    # int4-split.diff: int4-values.diff plus KIVI run scaling split over the padding lanes at groups ≤ 4
-    int4q) build int4q int4-split.diff 'codecs_test|eviction_test' "" bench_cuda_decode_attention kvtrim_cuda_tests ;;
-    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main diagk diagkv int4ops int4nv int4v int4q)" >&2; exit 2 ;;
+    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main)" >&2; exit 2 ;;
   esac
 done
 du -sh "$out"

@@ -10,7 +10,7 @@
 #            the in-block plan, then memcheck on the paged / flat CodecCache cases
 #   profcodecs ncu --set full of the fragment kernel at W 32k for fp8, int8 and fp16 (issue 12: fp8 1.75x, int8 1.64x fp16)
 #   rows     one build's layout and codec rows (ROWS_VARIANT, default main), two rounds
-#   diagconv main against the diagnostic builds diagk / diagkv (conversions replaced by masks), W 32k codec rows
+#   profint4 ncu --set full of the fragment kernel at W 32k for int4 and int4 zero points
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
@@ -141,39 +141,6 @@ profcodecs() {  # the fragment kernel at W 32k: fp8 (1.75x fp16 on 2026-12-07, g
   profile fp8 '^codec_decode_fp8/batch:8/tokens:32768/q_heads:32/'
   profile int8 '^codec_decode_int8/batch:8/tokens:32768/q_heads:32/'
   profile fp16 '^codec_decode_fp16/batch:8/tokens:32768/q_heads:32/'
-}
-diagconv() {  # the code-fragment conversions' share (issue 12): main (fp8chunk) against diagk / diagkv, whose
-  # conversions are one mask a register (wrong values, the same loads and mma), W 32k, three rounds
-  ROUNDS=3 DECODE_ROWS='device_copy|^codec_decode_(fp16|fp8|int8|int4|int8_zero_point|int4_zero_point)/batch:8/tokens:32768/q_heads:32/kv_heads:8/head_dim:128/' \
-    decode_ab diagconv fp8chunk diagk diagkv
-}
-int4ops() {  # int4-ops / int4-values (issue 12): the codec rows of main (fp8chunk), int4nv and int4v, three rounds; int4v's tests
-  ROUNDS=3 DECODE_ROWS='device_copy|^codec_decode_(fp16|fp8|int8|int4|int8_zero_point|int4_zero_point)/|^decode_attention/batch:8/tokens:(4096|32768)/q_heads:32/kv_heads:8/head_dim:128/it' \
-    decode_ab int4ops fp8chunk int4v
-  echo "== codecs" | tee -a "$OUT/log.txt"; for v in fp8chunk int4v; do echo "-- $v"; ROWS='^codec_decode_' table "$OUT"/int4ops-$v-*.txt; done | tee -a "$OUT/log.txt"
-  [ -e kvtrim_cuda_tests_int4v ] && run_tests int4v 150
-  profile int4v '^codec_decode_int4/batch:8/tokens:32768/q_heads:32/' int4v
-  SANITIZE_SECONDS=240 sanitize memcheck kvtrim_cuda_tests_int4v '*CodecCache*int4*:*CodecCache*int8*:*EvictionMetricCodecs*' int4v
-  SANITIZE_SECONDS=150 sanitize racecheck kvtrim_cuda_tests_int4v '*CodecCache*int4*g4*:*CodecCache*int4*g16*:*CodecCache*int8*g4*' int4v
-}
-int4final() {  # int4-values (int4v) and int4-split (int4q) against main (fp8chunk): codec rows three rounds, both test binaries, sanitizers
-  ROUNDS=3 DECODE_ROWS='device_copy|^codec_decode_(fp16|fp8|int8|int4|int8_zero_point|int4_zero_point)/|^decode_attention/batch:8/tokens:(4096|32768)/q_heads:32/kv_heads:8/head_dim:128/it' \
-    decode_ab final fp8chunk int4v int4q
-  echo "== codecs" | tee -a "$OUT/log.txt"; for v in fp8chunk int4v int4q; do echo "-- $v"; ROWS='^codec_decode_' table "$OUT"/final-$v-*.txt; done | tee -a "$OUT/log.txt"
-  run_tests int4q 150
-  [ -e kvtrim_cuda_tests_int4v ] && run_tests int4v 150
-  SANITIZE_SECONDS=240 sanitize memcheck kvtrim_cuda_tests_int4q '*CodecCache*int4*:*CodecCache*int8*:*EvictionMetricCodecs*' int4q
-  SANITIZE_SECONDS=150 sanitize racecheck kvtrim_cuda_tests_int4q '*CodecCache*int4*g4*:*CodecCache*int4*g16*:*CodecCache*int8*g4*' int4q
-  profile int4q '^codec_decode_int4/batch:8/tokens:32768/q_heads:32/' int4q
-  [ -e kvtrim_cuda_tests_int4v ] && SANITIZE_SECONDS=200 sanitize memcheck kvtrim_cuda_tests_int4v '*CodecCache*int4*:*CodecCache*int8*:*EvictionMetricCodecs*' int4v
-}
-int4landed() {  # the landed int4-split.diff (split for int4 only): codec rows against main (fp8chunk), tests, sanitizers
-  ROUNDS=3 DECODE_ROWS='device_copy|^codec_decode_(fp16|fp8|int8|int4|int8_zero_point|int4_zero_point)/|^decode_attention/batch:8/tokens:(4096|32768)/q_heads:32/kv_heads:8/head_dim:128/it' \
-    decode_ab landed fp8chunk int4q
-  echo "== codecs" | tee -a "$OUT/log.txt"; for v in fp8chunk int4q; do echo "-- $v"; ROWS='^codec_decode_' table "$OUT"/landed-$v-*.txt; done | tee -a "$OUT/log.txt"
-  run_tests int4q 150
-  SANITIZE_SECONDS=240 sanitize memcheck kvtrim_cuda_tests_int4q '*CodecCache*int4*:*CodecCache*int8*:*EvictionMetricCodecs*' int4q
-  SANITIZE_SECONDS=150 sanitize racecheck kvtrim_cuda_tests_int4q '*CodecCache*int4*g4*:*CodecCache*int4*g16*:*CodecCache*int8*g4*:*CodecCache*int4*g1_d64*' int4q
 }
 # DEADLINE (seconds since the start): stages that would begin after it are skipped, so the archive below
 # is still made within the call's limit.
