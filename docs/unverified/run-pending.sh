@@ -142,6 +142,10 @@ profcodecs() {  # the fragment kernel at W 32k: fp8 (1.75x fp16 on 2026-12-07, g
   profile int8 '^codec_decode_int8/batch:8/tokens:32768/q_heads:32/'
   profile fp16 '^codec_decode_fp16/batch:8/tokens:32768/q_heads:32/'
 }
+profint4() {  # the fragment kernel at W 32k for int4 and int4 zero points (issue 12: issue-bound; 2.03x / 1.92x fp16 on 2026-12-07)
+  profile int4 '^codec_decode_int4/batch:8/tokens:32768/q_heads:32/'
+  profile int4zp '^codec_decode_int4_zero_point/batch:8/tokens:32768/q_heads:32/'
+}
 # DEADLINE (seconds since the start): stages that would begin after it are skipped, so the archive below
 # is still made within the call's limit.
 for stage in "$@"; do
