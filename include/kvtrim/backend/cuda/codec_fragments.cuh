@@ -339,10 +339,6 @@ __device__ __forceinline__ unsigned sixteenth_minus(unsigned biased, unsigned od
                                  __hneg2(*reinterpret_cast<const __half2*>(&odd_bias)));
   return *reinterpret_cast<const unsigned*>(&result);
 }
-/// Nibbles k and k + 4 of `word` as fp16 1024 + n (bits 4k.. and 16 + 4k..).
-__device__ __forceinline__ unsigned biased_nibbles(unsigned word, int k, unsigned exponent) {
-  return masked_or<0x000F000Fu>(k == 0 ? word : word >> (4 * k), exponent);
-}
 __device__ __forceinline__ unsigned subtract_halves(unsigned biased, unsigned bias) {
   const __half2 result = __hsub2(*reinterpret_cast<const __half2*>(&biased), *reinterpret_cast<const __half2*>(&bias));
   return *reinterpret_cast<const unsigned*>(&result);
@@ -419,10 +415,9 @@ struct fragment_layout {
 
   /// B operands of P·V (output tiles × 2 registers) from the warp's 16 value rows
   /// (`rows`, `row_stride` bytes apart): tokens 2t, 2t + 1 (first register) and
-  /// 2t + 8, 2t + 9 (second) at channels value_channel(j, g). Subtract = false (integer
-  /// codes): the biased halves 1024 + code as they are, the bias subtracted once per row
-  /// from the output (fragment_decoder::zero_sum) instead of once per code.
-  template <bool Subtract = true>
+  /// 2t + 8, 2t + 9 (second) at channels value_channel(j, g). Integer codes go in as the
+  /// biased halves 1024 + code (int4's odd channels 1024 + 16·code), the bias subtracted once
+  /// per row from the output (fragment_decoder::zero_sum) instead of once per code.
   __device__ __forceinline__ static void value_fragments(const std::uint8_t* rows, int row_stride, int lane,
                                                          unsigned bias, unsigned (&b)[output_tiles][2]) {
     const int quad = lane % 4, column = lane / 4;
@@ -437,7 +432,7 @@ struct fragment_layout {
 #pragma unroll
       for (int w = 0; w < value_bytes / 4; ++w) {
         const unsigned first = words[2 * half][w], second = words[2 * half + 1][w];
-        if constexpr (Bits == 4 && !Subtract) {
+        if constexpr (Bits == 4) {
           // Channels 8w..8w + 7: the low 16 bits of both rows, then the high ones; one shift for each.
           // Even nibbles masked in place are 1024 + n, odd ones 1024 + 16·n: the output tiles of odd
           // channels (odd j) carry 16× the codes, and fragment_decoder::output divides them once.
@@ -451,15 +446,6 @@ struct fragment_layout {
           b[8 * w + 5][half] = masked_or<0x00F000F0u>(high, exponent);
           b[8 * w + 6][half] = masked_or<0x000F000Fu>(high8, exponent);
           b[8 * w + 7][half] = masked_or<0x00F000F0u>(high8, exponent);
-        } else if constexpr (Bits == 4) {
-          // Channels 8w..8w + 7: the low 16 bits of both rows, then the high ones.
-          const unsigned low = __byte_perm(first, second, 0x5410u), high = __byte_perm(first, second, 0x7632u);
-#pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const unsigned low_k = biased_nibbles(low, k, exponent), high_k = biased_nibbles(high, k, exponent);
-            b[8 * w + k][half] = Subtract ? subtract_halves(low_k, bias) : low_k;
-            b[8 * w + 4 + k][half] = Subtract ? subtract_halves(high_k, bias) : high_k;
-          }
         } else {
           // Channels 4w..4w + 3: bytes interleaved (first, second) pairwise.
           const unsigned low = __byte_perm(first, second, 0x5140u), high = __byte_perm(first, second, 0x7362u);
@@ -467,13 +453,10 @@ struct fragment_layout {
             e4m3_pairs(low, b[4 * w][half], b[4 * w + 1][half]);
             e4m3_pairs(high, b[4 * w + 2][half], b[4 * w + 3][half]);
           } else {
-            const auto convert = [&](unsigned word, unsigned selector) {
-              return Subtract ? subtract_halves(biased_halves(word, selector), bias) : biased_halves(word, selector);
-            };
-            b[4 * w][half] = convert(low, 0x4140u);
-            b[4 * w + 1][half] = convert(low, 0x4342u);
-            b[4 * w + 2][half] = convert(high, 0x4140u);
-            b[4 * w + 3][half] = convert(high, 0x4342u);
+            b[4 * w][half] = biased_halves(low, 0x4140u);
+            b[4 * w + 1][half] = biased_halves(low, 0x4342u);
+            b[4 * w + 2][half] = biased_halves(high, 0x4140u);
+            b[4 * w + 3][half] = biased_halves(high, 0x4342u);
           }
         }
       }
@@ -540,7 +523,7 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
   std::int64_t head;
   std::int64_t sealed_end;
   unsigned bias;  // half2(1024 + code offset)
-  float value_bias;  // 1024 + code offset: the value operands are the biased halves (value_fragments<false>)
+  float value_bias;  // 1024 + code offset: the value operands are the biased halves (value_fragments)
   float query[k_steps][row_blocks][4];  // this lane's query channels (key_offset order), × log2(e)/√D
   float query_sum[row_blocks];          // Σ_d q_d over the whole row (per-token key zero points)
   // Per row block, or in the transposed product per column e (query head 2t + e): Σ_t p_t z_t and
@@ -784,7 +767,7 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
     weight_sum[rb] *= factor;
   }
   /// int4's value operands of odd output tiles j (odd channels within their word's nibbles) are
-  /// 1024 + 16·code (value_fragments<false>): their accumulators hold Σ p'(1024 + 16·c̄ + 16·offset).
+  /// 1024 + 16·code (value_fragments): their accumulators hold Σ p'(1024 + 16·c̄ + 16·offset).
   static constexpr bool sixteenfold_odd_tiles = Bits == 4;
   /// The output of row block rb at output tile j's channel: the P·V accumulator (odd tiles of int4
   /// divided by 16, exactly) plus Σ p z minus the bias times Σ p' (`zero_sum`: zero_sum(rb, j % 2);
@@ -813,7 +796,7 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
   }
   __device__ __forceinline__ void values(const std::uint8_t* rows, int row_stride, int lane,
                                          unsigned (&b)[layout::output_tiles][2]) const {
-    layout::template value_fragments<false>(rows, row_stride, lane, bias, b);
+    layout::value_fragments(rows, row_stride, lane, bias, b);
   }
 };
 
