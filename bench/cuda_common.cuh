@@ -14,6 +14,8 @@
 #include <cstdlib>
 #include <numeric>
 #include <random>
+#include <string>
+#include <string_view>
 #include <vector>
 
 namespace kvtrim_bench {
@@ -35,16 +37,62 @@ static __global__ void fill_random(__half* data, std::int64_t count, std::uint32
   }
 }
 
-/// A 256 MiB memset before each timed repetition, so caches are read from HBM
-/// as in a real step (the H200's L2 is 50 MiB).
+/// Reads `count` 16-byte words and folds them into one word that is stored only if it matches an
+/// impossible value (so the loads are kept): a flush that leaves the L2 full of clean lines.
+__global__ void read_flush_kernel(const uint4* data, std::size_t count, unsigned* sink) {
+  unsigned folded = 0;
+  for (std::size_t i = blockIdx.x * std::size_t{blockDim.x} + threadIdx.x; i < count;
+       i += std::size_t{gridDim.x} * blockDim.x) {
+    const uint4 v = data[i];
+    folded ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (folded == 0x9e3779b9u) *sink = folded;
+}
+
+/// How the L2 is emptied before each timed repetition (KVTRIM_BENCH_FLUSH, read once):
+///  * "read" (the default): a kernel reads a 256 MiB buffer, so the timed call finds the L2 full
+///    of clean lines, as a decode step does after the layer's GEMMs have streamed their weights.
+///  * "memset": a 256 MiB cudaMemsetAsync (this bench's method until 2026-12-07). The memset's last
+///    ~50 MB stay dirty in the L2 and are written back while the timed call reads its cache: a
+///    fixed cost of extra HBM traffic in every row, largest as a share of the rows that read the
+///    fewest bytes (4k caches, quantized codecs). Kept so that earlier tables can be reproduced.
+/// The torch peers (bench/torch_*.py) take the same variable and flush the same way.
+enum class flush_mode { read, memset };
+inline flush_mode bench_flush_mode() {
+  static const flush_mode mode = [] {
+    const char* value = std::getenv("KVTRIM_BENCH_FLUSH");
+    if (value == nullptr || std::string_view(value) == "read") return flush_mode::read;
+    if (std::string_view(value) == "memset") return flush_mode::memset;
+    std::fprintf(stderr, "KVTRIM_BENCH_FLUSH=%s: expected read or memset\n", value);
+    std::exit(2);
+  }();
+  return mode;
+}
+inline const char* bench_flush_name() { return bench_flush_mode() == flush_mode::read ? "read" : "memset"; }
+
+/// Empties the L2 (the H200's is 50 MiB) before each timed repetition, so caches are read from
+/// HBM as in a real step: bench_flush_mode's way, over a 256 MiB buffer.
 struct l2_flusher {
   void* buffer = nullptr;
+  unsigned* sink = nullptr;
   std::size_t bytes = 256u << 20;
-  l2_flusher() { check(cudaMalloc(&buffer, bytes), "cudaMalloc(flush)"); }
-  ~l2_flusher() { cudaFree(buffer); }
+  l2_flusher() {
+    check(cudaMalloc(&buffer, bytes), "cudaMalloc(flush)");
+    check(cudaMalloc(&sink, sizeof(unsigned)), "cudaMalloc(flush sink)");
+    check(cudaMemset(buffer, 0, bytes), "cudaMemset(flush)");
+    check(cudaDeviceSynchronize(), "flush buffer");
+  }
+  ~l2_flusher() { cudaFree(buffer), cudaFree(sink); }
   l2_flusher(const l2_flusher&) = delete;
   l2_flusher& operator=(const l2_flusher&) = delete;
-  void flush(cudaStream_t stream) { check(cudaMemsetAsync(buffer, 0, bytes, stream), "cudaMemsetAsync(flush)"); }
+  void flush(cudaStream_t stream) {
+    if (bench_flush_mode() == flush_mode::memset) {
+      check(cudaMemsetAsync(buffer, 0, bytes, stream), "cudaMemsetAsync(flush)");
+    } else {
+      read_flush_kernel<<<1024, 512, 0, stream>>>(static_cast<const uint4*>(buffer), bytes / sizeof(uint4), sink);
+      check(cudaGetLastError(), "read_flush_kernel");
+    }
+  }
 };
 
 /// Bytes/s of a 1 GiB device-to-device copy (read + write), set by device_copy.
@@ -73,6 +121,7 @@ inline void device_copy(benchmark::State& state) {
   measured_copy_bandwidth = 2.0 * static_cast<double>(bytes) / seconds[seconds.size() / 2];
   state.SetBytesProcessed(static_cast<std::int64_t>(2 * bytes) * state.iterations());
   state.counters["copy_TBps"] = measured_copy_bandwidth / 1e12;
+  state.SetLabel(std::string("flush=") + bench_flush_name());  // the L2 flush every timed row of this run used
   cudaFree(source), cudaFree(target);
   cudaEventDestroy(start), cudaEventDestroy(stop);
 }

@@ -2,7 +2,7 @@
 // 32 query heads, 8 kv heads, head dim 128, fp16, 32k tokens, keep 30%.
 //
 // Rows (CUDA events around each call; L2 flushed before every repetition with
-// a 256 MiB memset, so inputs come from HBM as after a prefill):
+// cuda_common.cuh's l2_flusher (KVTRIM_BENCH_FLUSH), so inputs come from HBM as after a prefill):
 //   device_copy                      the copy bandwidth of this run (read + write)
 //   select_top_k                     the selection stage alone on [8, 8, 32k] scores
 //   select_segmented_sort_baseline   the selection as it was before issue 10

@@ -9,7 +9,7 @@
 // device-to-device copy's bandwidth measured in the same run (bytes read +
 // written), the ceiling for a kernel that must read the whole cache once.
 // Timed with CUDA events around each launch; L2 is flushed before every
-// repetition (a 256 MiB memset) so the cache is read from HBM, as in decode.
+// repetition (cuda_common.cuh's l2_flusher: KVTRIM_BENCH_FLUSH) so the cache is read from HBM, as in decode.
 //
 //   bench_cuda_decode_attention --benchmark_format=json > decode.json
 // bench/compare_torch.py joins this with bench/torch_sdpa.py's timings.

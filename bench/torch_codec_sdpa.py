@@ -5,14 +5,16 @@ bench/cuda_decode_attention.cu's codec_decode rows (issue 12). Same storage as
 kvtrim's codecs on workload W: int8 / int4 codes with KIVI's per-channel key
 scales per group of 32 tokens (zero points for codec 2 and 3) and per-token
 value scales, fp8 e4m3 codes with one scale per head. Timed like
-bench/torch_sdpa.py: CUDA events around dequantize + SDPA, a 256 MiB memset
-flushing L2 before each, median of 50.
+bench/torch_sdpa.py: CUDA events around dequantize + SDPA, the L2 flushed before each
+(bench/l2_flush.py), median of 50.
 Prints JSON: [{"codec", "batch", "tokens", "q_heads", "kv_heads", "head_dim", "median_us", ...}]."""
 import json
 import sys
 
 import torch
 import torch.nn.functional as F
+
+from l2_flush import L2Flush
 
 SHAPES = [(8, 32768, 32, 8, 128), (8, 32768, 16, 8, 128)]
 GROUP = 32
@@ -71,7 +73,7 @@ def time_codec(codec, batch, tokens, q_heads, kv_heads, head_dim, repetitions=50
     device = "cuda"
     q = torch.randn(batch, q_heads, 1, head_dim, device=device, dtype=torch.float16)
     cache = make_cache(codec, batch, tokens, kv_heads, head_dim, device)
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    flush = L2Flush(device)
 
     def run():
         k, v = dequantize(codec, cache)
@@ -82,7 +84,7 @@ def time_codec(codec, batch, tokens, q_heads, kv_heads, head_dim, repetitions=50
     torch.cuda.synchronize()
     times = []
     for _ in range(repetitions):
-        flush.zero_()
+        flush()
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         run()

@@ -3,7 +3,7 @@
 heads, 8 kv heads, head dim 128, fp16, 32k tokens, keep 30%, SnapKV's
 observation window 64 and pooling kernel 5.
 
-Rows (CUDA events around each call, a 256 MiB memset flushing L2 first, median):
+Rows (CUDA events around each call, the L2 flushed (bench/l2_flush.py) first, median):
   torch_snapkv_compress      SnapKV in plain torch, kvpress's math: window
                              attention (repeat_kv, fp32 softmax), mean over the
                              window, avg_pool1d, mean over the group, window
@@ -33,17 +33,19 @@ import zipfile
 import torch
 import torch.nn.functional as F
 
+from l2_flush import L2Flush
+
 BATCH, Q_HEADS, KV_HEADS, HEAD_DIM, TOKENS, KEEP, WINDOW, KERNEL = 8, 32, 8, 128, 32768, 0.3, 64, 5
 
 
 def timed(call, repetitions=20):
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    flush = L2Flush("cuda")
     for _ in range(2):
         call()
     torch.cuda.synchronize()
     times = []
     for _ in range(repetitions):
-        flush.zero_()
+        flush()
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         call()

@@ -2,13 +2,15 @@
 """torch.nn.functional.scaled_dot_product_attention(enable_gqa=True) on the
 shapes of bench/cuda_decode_attention.cu: one fp16 query per head against a
 [batch, kv_heads, tokens, head_dim] cache. Timed like the C++ benchmark: CUDA
-events around each call, a 256 MiB memset flushing L2 before each, median of 50.
+events around each call, the L2 flushed (bench/l2_flush.py) before each, median of 50.
 Prints JSON: [{"batch", "tokens", "q_heads", "kv_heads", "head_dim", "median_us", "cache_TBps"}]."""
 import json
 import sys
 
 import torch
 import torch.nn.functional as F
+
+from l2_flush import L2Flush
 
 SHAPES = [(8, 4096, 32, 8, 128), (8, 32768, 32, 8, 128), (1, 32768, 32, 8, 128),
           (8, 4096, 32, 32, 128), (8, 4096, 64, 8, 128), (8, 4097, 32, 8, 64),
@@ -21,13 +23,13 @@ def time_sdpa(batch, tokens, q_heads, kv_heads, head_dim, repetitions=50):
     q = torch.randn(batch, q_heads, 1, head_dim, device=device, dtype=torch.float16)
     k = torch.randn(batch, kv_heads, tokens, head_dim, device=device, dtype=torch.float16)
     v = torch.randn_like(k)
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+    flush = L2Flush(device)
     for _ in range(3):
         F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     torch.cuda.synchronize()
     times = []
     for _ in range(repetitions):
-        flush.zero_()
+        flush()
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
