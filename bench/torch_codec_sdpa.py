@@ -14,7 +14,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from l2_flush import L2Flush
+from l2_flush import MODE as FLUSH_MODE, L2Flush
 
 SHAPES = [(8, 32768, 32, 8, 128), (8, 32768, 16, 8, 128)]
 GROUP = 32
@@ -96,7 +96,7 @@ def time_codec(codec, batch, tokens, q_heads, kv_heads, head_dim, repetitions=50
     stored = sum(t.numel() * t.element_size() for t in cache.values() if isinstance(t, torch.Tensor))
     return {"codec": codec, "batch": batch, "tokens": tokens, "q_heads": q_heads, "kv_heads": kv_heads,
             "head_dim": head_dim, "median_us": median * 1e6, "stored_bytes": stored,
-            "torch": torch.__version__, "device": torch.cuda.get_device_name()}
+            "torch": torch.__version__, "device": torch.cuda.get_device_name(), "flush": FLUSH_MODE}
 
 
 if __name__ == "__main__":

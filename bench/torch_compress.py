@@ -33,7 +33,7 @@ import zipfile
 import torch
 import torch.nn.functional as F
 
-from l2_flush import L2Flush
+from l2_flush import MODE as FLUSH_MODE, L2Flush
 
 BATCH, Q_HEADS, KV_HEADS, HEAD_DIM, TOKENS, KEEP, WINDOW, KERNEL = 8, 32, 8, 128, 32768, 0.3, 64, 5
 
@@ -105,7 +105,7 @@ def main():
     queries = torch.randn(BATCH, Q_HEADS, WINDOW, HEAD_DIM, device="cuda", dtype=torch.float16)
     kept = int(TOKENS * KEEP)
     scores = snapkv_scores(queries, keys).float()
-    info = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "batch": BATCH, "q_heads": Q_HEADS,
+    info = {"torch": torch.__version__, "device": torch.cuda.get_device_name(), "flush": FLUSH_MODE, "batch": BATCH, "q_heads": Q_HEADS,
             "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "tokens": TOKENS, "keep": KEEP}
     rows = [
         {"row": "torch_snapkv_compress",

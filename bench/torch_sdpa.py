@@ -10,7 +10,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from l2_flush import L2Flush
+from l2_flush import MODE as FLUSH_MODE, L2Flush
 
 SHAPES = [(8, 4096, 32, 8, 128), (8, 32768, 32, 8, 128), (1, 32768, 32, 8, 128),
           (8, 4096, 32, 32, 128), (8, 4096, 64, 8, 128), (8, 4097, 32, 8, 64),
@@ -41,7 +41,7 @@ def time_sdpa(batch, tokens, q_heads, kv_heads, head_dim, repetitions=50):
     cache_bytes = 2 * k.numel() * k.element_size()
     return {"batch": batch, "tokens": tokens, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": head_dim,
             "median_us": median * 1e6, "cache_TBps": cache_bytes / median / 1e12,
-            "torch": torch.__version__, "device": torch.cuda.get_device_name()}
+            "torch": torch.__version__, "device": torch.cuda.get_device_name(), "flush": FLUSH_MODE}
 
 
 if __name__ == "__main__":

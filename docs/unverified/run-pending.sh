@@ -11,6 +11,7 @@
 #   profcodecs ncu --set full of the fragment kernel at W 32k for fp8, int8 and fp16 (issue 12: fp8 1.75x, int8 1.64x fp16)
 #   rows     one build's layout and codec rows (ROWS_VARIANT, default main), two rounds
 #   profint4 ncu --set full of the fragment kernel at W 32k for int4 and int4 zero points
+#   flush    the rows and torch's under both L2 flushes (KVTRIM_BENCH_FLUSH memset / read)
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
@@ -145,6 +146,23 @@ profcodecs() {  # the fragment kernel at W 32k: fp8 (1.75x fp16 on 2026-12-07, g
 profint4() {  # the fragment kernel at W 32k for int4 and int4 zero points (issue 12: issue-bound; 2.03x / 1.92x fp16 on 2026-12-07)
   profile int4 '^codec_decode_int4/batch:8/tokens:32768/q_heads:32/'
   profile int4zp '^codec_decode_int4_zero_point/batch:8/tokens:32768/q_heads:32/'
+}
+# The L2 flush's share of every ratio: the same binary's rows and torch's under KVTRIM_BENCH_FLUSH=memset
+# (the method before 2026-12-07: ~50 MB left dirty in the L2) and =read (clean lines), alternating, two rounds.
+FLUSH_ROWS='device_copy|^decode_attention/batch:8/tokens:(4096|32768)/q_heads:32/kv_heads:8/head_dim:128/it|^decode_attention_paged/batch:8/tokens:(4096|32768)/.*lengths:0/page:16/scattered:1|^decode_attention_flat/batch:8/tokens:(4096|32768)/|^decode_attention_shared_paged/batch:8/tokens:(4096|32768)/.*page:16/hnd:0/scattered:1|^codec_decode_[a-z0-9_]+/batch:8/tokens:32768/q_heads:32/|^decode_attention_metric/batch:8/tokens:32768'
+flush() {
+  local r mode
+  for r in 1 2; do for mode in memset read; do
+    KVTRIM_BENCH_FLUSH=$mode timeout 150 ./bench_cuda_decode_attention_${FLUSH_VARIANT:-base} --benchmark_filter="$FLUSH_ROWS" > "$OUT/flush-$mode-$r.txt" 2>&1
+    log "flush $mode $r rc=$? $((SECONDS - S))s"
+  done; done
+  for mode in memset read; do echo "== flush $mode"; table "$OUT"/flush-$mode-*.txt; done | tee -a "$OUT/log.txt"
+  for mode in memset read; do
+    (cd "$repo" && KVTRIM_BENCH_FLUSH=$mode timeout 90 python3 bench/torch_sdpa.py) > "$OUT/torch_sdpa-$mode.txt" 2>&1
+    log "torch_sdpa $mode rc=$? $((SECONDS - S))s"; grep -E '"tokens"|median_us|"head_dim"' "$OUT/torch_sdpa-$mode.txt" | paste - - - | tee -a "$OUT/log.txt"
+    (cd "$repo" && KVTRIM_BENCH_FLUSH=$mode timeout 90 python3 bench/torch_codec_sdpa.py) > "$OUT/torch_codec-$mode.txt" 2>&1
+    log "torch_codec_sdpa $mode rc=$? $((SECONDS - S))s"; grep -E '"codec"|median_us' "$OUT/torch_codec-$mode.txt" | paste - - | tee -a "$OUT/log.txt"
+  done
 }
 # DEADLINE (seconds since the start): stages that would begin after it are skipped, so the archive below
 # is still made within the call's limit.
