@@ -47,7 +47,9 @@ for variant in "${variants[@]}"; do
     codecs) build codecs "" 'codecs_test' "" kvtrim_cuda_tests ;;
     # main (for A/Bs against a diff's variant): bench_cuda_decode_attention_main
     main) build main "" none "" bench_cuda_decode_attention ;;
-    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main)" >&2; exit 2 ;;
+    # int4 KIVI run steps read from one base address a block (issue 12): its bench and codec tests
+    int4base) build int4base int4-staged-base.diff 'codecs_test' "" bench_cuda_decode_attention kvtrim_cuda_tests ;;
+    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main int4base)" >&2; exit 2 ;;
   esac
 done
 du -sh "$out"
