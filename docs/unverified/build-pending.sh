@@ -49,7 +49,10 @@ for variant in "${variants[@]}"; do
     main) build main "" none "" bench_cuda_decode_attention ;;
     # int4 KIVI run steps read from one base address a block (issue 12): its bench and codec tests
     int4base) build int4base int4-staged-base.diff 'codecs_test' "" bench_cuda_decode_attention kvtrim_cuda_tests ;;
-    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main int4base)" >&2; exit 2 ;;
+    # The eviction metric's in-kernel logit stores, diagnosed (issue 16): 1 no footprint, 2 none (bench only)
+    metricdiag1) build metricdiag1 metric-store-diag.diff none "-DKVTRIM_DIAG_METRIC_STORES=1" bench_cuda_decode_attention ;;
+    metricdiag2) build metricdiag2 metric-store-diag.diff none "-DKVTRIM_DIAG_METRIC_STORES=2" bench_cuda_decode_attention ;;
+    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main int4base metricdiag1 metricdiag2)" >&2; exit 2 ;;
   esac
 done
 du -sh "$out"
