@@ -47,15 +47,13 @@ for variant in "${variants[@]}"; do
     codecs) build codecs "" 'codecs_test' "" kvtrim_cuda_tests ;;
     # main (for A/Bs against a diff's variant): bench_cuda_decode_attention_main
     main) build main "" none "" bench_cuda_decode_attention ;;
-    # int4 KIVI run steps read from one base address a block (issue 12): its bench and codec tests
-    int4base) build int4base int4-staged-base.diff 'codecs_test' "" bench_cuda_decode_attention kvtrim_cuda_tests ;;
     # The eviction metric's in-kernel logit stores, diagnosed (issue 16): 1 no footprint, 2 none (bench only)
     metricdiag1) build metricdiag1 metric-store-diag.diff none "-DKVTRIM_DIAG_METRIC_STORES=1" bench_cuda_decode_attention ;;
     metricdiag2) build metricdiag2 metric-store-diag.diff none "-DKVTRIM_DIAG_METRIC_STORES=2" bench_cuda_decode_attention ;;
     # A segment's first tiles requested before the decoder's query loads; flat offsets / compensation warmed in the
     # plan's round trip (issues 11, 12): its bench, decode and codec tests
     segstart) build segstart segment-start.diff 'decode_test|codecs_test' "" bench_cuda_decode_attention kvtrim_cuda_tests ;;
-    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main int4base metricdiag1 metricdiag2 segstart)" >&2; exit 2 ;;
+    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main metricdiag1 metricdiag2 segstart)" >&2; exit 2 ;;
   esac
 done
 du -sh "$out"

@@ -12,7 +12,6 @@
 #   rows     one build's layout and codec rows (ROWS_VARIANT, default main), two rounds
 #   profint4 ncu --set full of the fragment kernel at W 32k for int4 and int4 zero points
 #   flush    the rows and torch's under both L2 flushes (KVTRIM_BENCH_FLUSH memset / read)
-#   int4ab   int4-staged-base.diff against base: codec rows, its codec tests and sanitizers
 #   metricdiag the metric rows of metric-store-diag.diff's two builds against base
 #   segstart segment-start.diff against base: layout and codec rows, decode and codec tests, memcheck
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
@@ -166,15 +165,6 @@ flush() {
     (cd "$repo" && KVTRIM_BENCH_FLUSH=$mode timeout 90 python3 bench/torch_codec_sdpa.py) > "$OUT/torch_codec-$mode.txt" 2>&1
     log "torch_codec_sdpa $mode rc=$? $((SECONDS - S))s"; grep -E '"codec"|median_us' "$OUT/torch_codec-$mode.txt" | paste - - | tee -a "$OUT/log.txt"
   done
-}
-# int4-staged-base.diff (build-pending.sh int4base): the codec rows against base, three rounds; its codec tests,
-# memcheck on the int4 / int8 KIVI CodecCache cases and racecheck on two int4 ones.
-int4ab() {
-  ROUNDS=3 DECODE_ROWS='device_copy|^codec_decode_(fp16|fp8|int8|int8_zero_point|int4|int4_zero_point)/batch:8/tokens:32768/' decode_ab int4ab base int4base
-  for v in base int4base; do echo "== int4ab codecs $v"; ROWS='^codec_decode_' table "$OUT"/int4ab-$v-*.txt; done | tee -a "$OUT/log.txt"
-  run_tests int4base 100
-  sanitize memcheck kvtrim_cuda_tests_int4base '*CodecCache*int4*:*CodecCache*int8*' int4base
-  sanitize racecheck kvtrim_cuda_tests_int4base '*CodecCache*contiguous_int4_g32_b*:*CodecCache*paged_int4_g32_zero*' int4base
 }
 # metric-store-diag.diff: the eviction metric's rows with the logits stored without footprint (1) or not at all (2).
 metricdiag() {

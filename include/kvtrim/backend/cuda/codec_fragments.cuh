@@ -644,13 +644,16 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
     const int first_piece = quad * side_type::quad_pieces + (split_query && lane >= 16 ? own_channels / 4 : 0);
     float steps[own_channels];
     [[maybe_unused]] float zeros[Asymmetric ? own_channels : 1];
+    // The lane's pieces lie within its quad's (first_piece + i < (quad + 1)·quad_pieces), so piece
+    // first_piece + i is staged 4·i floats after piece first_piece: one address, then immediate
+    // offsets (ncu, int4 at W: per-piece staged_at took ~30 IMAD / LEA a 32-token step).
+    const float* own_pieces = side_tile + side_type::run_steps_at + side_type::staged_at(block_index, first_piece);
 #pragma unroll
     for (int i = 0; i < own_channels / 4; ++i) {
-      const int at = side_type::staged_at(block_index, first_piece + i);
-      *reinterpret_cast<float4*>(steps + 4 * i) = *reinterpret_cast<const float4*>(side_tile + side_type::run_steps_at + at);
+      *reinterpret_cast<float4*>(steps + 4 * i) = *reinterpret_cast<const float4*>(own_pieces + 4 * i);
       if constexpr (Asymmetric)
-        *reinterpret_cast<float4*>(zeros + 4 * i) =
-            *reinterpret_cast<const float4*>(side_tile + side_type::run_zeros_at + at);
+        *reinterpret_cast<float4*>(zeros + 4 * i) = *reinterpret_cast<const float4*>(
+            own_pieces + (side_type::run_zeros_at - side_type::run_steps_at) + 4 * i);
     }
     float up[row_blocks];
 #pragma unroll
