@@ -53,7 +53,9 @@ for variant in "${variants[@]}"; do
     # A segment's first tiles requested before the decoder's query loads; flat offsets / compensation warmed in the
     # plan's round trip (issues 11, 12): its bench, decode and codec tests
     segstart) build segstart segment-start.diff 'decode_test|codecs_test' "" bench_cuda_decode_attention kvtrim_cuda_tests ;;
-    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main metricdiag1 metricdiag2 segstart)" >&2; exit 2 ;;
+    # The metric's logits stored after the step's P·V (issue 16): its bench and eviction tests, ptxas spill warnings
+    metriclate) build metriclate metric-late-store.diff 'eviction_test' "-Xptxas -warn-spills" bench_cuda_decode_attention kvtrim_cuda_tests ;;
+    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main metricdiag1 metricdiag2 segstart metriclate)" >&2; exit 2 ;;
   esac
 done
 du -sh "$out"

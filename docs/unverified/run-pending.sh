@@ -14,6 +14,7 @@
 #   flush    the rows and torch's under both L2 flushes (KVTRIM_BENCH_FLUSH memset / read)
 #   metricdiag the metric rows of metric-store-diag.diff's two builds against base
 #   segstart segment-start.diff against base: layout and codec rows, decode and codec tests, memcheck
+#   metriclate metric-late-store.diff against base: metric rows, eviction tests, memcheck
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
@@ -178,6 +179,15 @@ segstart() {
   for v in base segstart; do echo "== segstart codecs $v"; ROWS='^codec_decode_' table "$OUT"/segstart-$v-*.txt; done | tee -a "$OUT/log.txt"
   run_tests segstart 150
   sanitize memcheck kvtrim_cuda_tests_segstart '*DecodeAttention*flat_b2_kv4_g4*:*DecodeAttention*paged_b2_kv4_g4*:*CodecCache*flat*fp8*:*CodecCache*paged*int8*' segstart
+}
+# metric-late-store.diff (build-pending.sh metriclate): the metric and plain decode rows against base, three rounds;
+# its eviction tests, memcheck on the fp16 metric cases.
+metriclate() {
+  ROUNDS=3 DECODE_ROWS='device_copy|^decode_attention_metric/batch:8/tokens:(4096|32768)|^decode_attention_paged/batch:8/tokens:(4096|32768)/.*lengths:0/page:16/scattered:1|^codec_decode_(int8|int4)/batch:8/tokens:32768/q_heads:32/' \
+    decode_ab metriclate base metriclate
+  for v in base metriclate; do echo "== metriclate codecs $v"; ROWS='^codec_decode_' table "$OUT"/metriclate-$v-*.txt; done | tee -a "$OUT/log.txt"
+  run_tests metriclate 150
+  sanitize memcheck kvtrim_cuda_tests_metriclate '*EvictionMetric*Fp16*' metriclate
 }
 # DEADLINE (seconds since the start): stages that would begin after it are skipped, so the archive below
 # is still made within the call's limit.
