@@ -183,9 +183,8 @@ segstart() {
 # metric-late-store.diff (build-pending.sh metriclate): the metric and plain decode rows against base, three rounds;
 # its eviction tests, memcheck on the fp16 metric cases.
 metriclate() {
-  ROUNDS=3 DECODE_ROWS='device_copy|^decode_attention_metric/batch:8/tokens:(4096|32768)|^decode_attention_paged/batch:8/tokens:(4096|32768)/.*lengths:0/page:16/scattered:1|^codec_decode_(int8|int4)/batch:8/tokens:32768/q_heads:32/' \
+  ROUNDS=3 DECODE_ROWS='device_copy|^decode_attention_metric/batch:8/tokens:(4096|32768)|^decode_attention_paged/batch:8/tokens:(4096|32768)/.*lengths:0/page:16/scattered:1|^decode_attention/batch:8/tokens:(4096|32768)/q_heads:32/kv_heads:8/head_dim:128/it' \
     decode_ab metriclate base metriclate
-  for v in base metriclate; do echo "== metriclate codecs $v"; ROWS='^codec_decode_' table "$OUT"/metriclate-$v-*.txt; done | tee -a "$OUT/log.txt"
   run_tests metriclate 150
   sanitize memcheck kvtrim_cuda_tests_metriclate '*EvictionMetric*Fp16*' metriclate
 }
