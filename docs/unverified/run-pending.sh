@@ -15,6 +15,7 @@
 #   metricdiag the metric rows of metric-store-diag.diff's two builds against base
 #   segstart segment-start.diff against base: layout and codec rows, decode and codec tests, memcheck
 #   metriclate metric-late-store.diff against base: metric rows, eviction tests, memcheck
+#   compressflush issue 10's compress rows and torch's / kvpress's under both flushes (any card)
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
@@ -187,6 +188,18 @@ metriclate() {
     decode_ab metriclate base metriclate
   run_tests metriclate 150
   sanitize memcheck kvtrim_cuda_tests_metriclate '*EvictionMetric*Fp16*' metriclate
+}
+# Issue 10's compress rows and torch's / kvpress's pipelines under both L2 flushes, on any card (the ratios the
+# H200 stage measures, here on whatever card came).
+compressflush() {
+  local mode
+  for mode in memset read; do
+    KVTRIM_BENCH_FLUSH=$mode timeout 90 ./bench_cuda_compress_base --benchmark_filter='device_copy|^compress/(snapkv|retrieval_head)/[a-z_]+/(contiguous|flat|paged)/(given_lse/)?batch' > "$OUT/compress-$mode.txt" 2>&1
+    log "compress $mode rc=$? $((SECONDS - S))s"
+    (cd "$repo" && KVTRIM_BENCH_FLUSH=$mode timeout 150 python3 bench/torch_compress.py --kvpress-wheel .whl/kvpress-0.5.4-py3-none-any.whl) > "$OUT/torch_compress-$mode.txt" 2>&1
+    log "torch_compress $mode rc=$? $((SECONDS - S))s"; grep -E '"row"|median_us' "$OUT/torch_compress-$mode.txt" | paste - - | tee -a "$OUT/log.txt"
+  done
+  for mode in memset read; do echo "== compress $mode"; table "$OUT"/compress-$mode.txt; done | tee -a "$OUT/log.txt"
 }
 # DEADLINE (seconds since the start): stages that would begin after it are skipped, so the archive below
 # is still made within the call's limit.
