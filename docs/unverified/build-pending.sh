@@ -50,12 +50,9 @@ for variant in "${variants[@]}"; do
     # The eviction metric's in-kernel logit stores, diagnosed (issue 16): 1 no footprint, 2 none (bench only)
     metricdiag1) build metricdiag1 metric-store-diag.diff none "-DKVTRIM_DIAG_METRIC_STORES=1" bench_cuda_decode_attention ;;
     metricdiag2) build metricdiag2 metric-store-diag.diff none "-DKVTRIM_DIAG_METRIC_STORES=2" bench_cuda_decode_attention ;;
-    # A segment's first tiles requested before the decoder's query loads; flat offsets / compensation warmed in the
-    # plan's round trip (issues 11, 12): its bench, decode and codec tests
-    segstart) build segstart segment-start.diff 'decode_test|codecs_test' "" bench_cuda_decode_attention kvtrim_cuda_tests ;;
     # The metric's logits stored after the step's P·V (issue 16): its bench and eviction tests, ptxas spill warnings
     metriclate) build metriclate metric-late-store.diff 'eviction_test' "-Xptxas -warn-spills" bench_cuda_decode_attention kvtrim_cuda_tests ;;
-    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main metricdiag1 metricdiag2 segstart metriclate)" >&2; exit 2 ;;
+    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main metricdiag1 metricdiag2 metriclate)" >&2; exit 2 ;;
   esac
 done
 du -sh "$out"

@@ -13,7 +13,6 @@
 #   profint4 ncu --set full of the fragment kernel at W 32k for int4 and int4 zero points
 #   flush    the rows and torch's under both L2 flushes (KVTRIM_BENCH_FLUSH memset / read)
 #   metricdiag the metric rows of metric-store-diag.diff's two builds against base
-#   segstart segment-start.diff against base: layout and codec rows, decode and codec tests, memcheck
 #   metriclate metric-late-store.diff against base: metric rows, eviction tests, memcheck
 #   compressflush issue 10's compress rows and torch's / kvpress's under both flushes (any card)
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
@@ -171,15 +170,6 @@ flush() {
 # metric-store-diag.diff: the eviction metric's rows with the logits stored without footprint (1) or not at all (2).
 metricdiag() {
   ROUNDS=2 DECODE_ROWS='device_copy|^decode_attention_metric/batch:8/tokens:32768' decode_ab metricdiag base metricdiag1 metricdiag2
-}
-# segment-start.diff (build-pending.sh segstart): the layout and codec rows against base, three rounds; its decode
-# and codec tests; memcheck on flat / paged decode with compensation and on the flat / paged codec caches.
-segstart() {
-  ROUNDS=3 DECODE_ROWS='device_copy|^decode_attention/batch:8/tokens:(4096|32768)/q_heads:32/kv_heads:8/head_dim:128/it|^decode_attention_paged/batch:8/tokens:(4096|32768)/.*lengths:0/page:16/scattered:1|^decode_attention_flat/batch:8/tokens:(4096|32768)/|^codec_decode_(fp16|fp8|int8|int4)/batch:8/tokens:32768/q_heads:32/' \
-    decode_ab segstart base segstart
-  for v in base segstart; do echo "== segstart codecs $v"; ROWS='^codec_decode_' table "$OUT"/segstart-$v-*.txt; done | tee -a "$OUT/log.txt"
-  run_tests segstart 150
-  sanitize memcheck kvtrim_cuda_tests_segstart '*DecodeAttention*flat_b2_kv4_g4*:*DecodeAttention*paged_b2_kv4_g4*:*CodecCache*flat*fp8*:*CodecCache*paged*int8*' segstart
 }
 # metric-late-store.diff (build-pending.sh metriclate): the metric and plain decode rows against base, three rounds;
 # its eviction tests, memcheck on the fp16 metric cases.
