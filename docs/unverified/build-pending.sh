@@ -52,7 +52,9 @@ for variant in "${variants[@]}"; do
     metricdiag2) build metricdiag2 metric-store-diag.diff none "-DKVTRIM_DIAG_METRIC_STORES=2" bench_cuda_decode_attention ;;
     # The metric's logits stored after the step's P·V (issue 16): its bench and eviction tests, ptxas spill warnings
     metriclate) build metriclate metric-late-store.diff 'eviction_test' "-Xptxas -warn-spills" bench_cuda_decode_attention kvtrim_cuda_tests ;;
-    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main metricdiag1 metricdiag2 metriclate)" >&2; exit 2 ;;
+    # main's decode, codec and eviction tests (a final run of what landed): kvtrim_cuda_tests_final
+    final) build final "" 'decode_test|codecs_test|eviction_test' "" kvtrim_cuda_tests ;;
+    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main metricdiag1 metricdiag2 metriclate final)" >&2; exit 2 ;;
   esac
 done
 du -sh "$out"

@@ -15,6 +15,7 @@
 #   metricdiag the metric rows of metric-store-diag.diff's two builds against base
 #   metriclate metric-late-store.diff against base: metric rows, eviction tests, memcheck
 #   compressflush issue 10's compress rows and torch's / kvpress's under both flushes (any card)
+#   final    main's decode, codec and eviction tests with memcheck and racecheck
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
@@ -190,6 +191,12 @@ compressflush() {
     log "torch_compress $mode rc=$? $((SECONDS - S))s"; grep -E '"row"|median_us' "$OUT/torch_compress-$mode.txt" | paste - - | tee -a "$OUT/log.txt"
   done
   for mode in memset read; do echo "== compress $mode"; table "$OUT"/compress-$mode.txt; done | tee -a "$OUT/log.txt"
+}
+# build-pending.sh final: main's decode, codec and eviction tests, memcheck on a cross-section, racecheck on two.
+final() {
+  run_tests final 200
+  sanitize memcheck kvtrim_cuda_tests_final '*CodecCache*contiguous_int4_g32_b*:*CodecCache*paged_fp8*:*CodecCache*flat_int8*:*DecodeAttention*flat_b2_kv4_g4*:*EvictionMetric*Fp16*' final
+  sanitize racecheck kvtrim_cuda_tests_final '*CodecCache*contiguous_int4_g32_b*:*CodecCache*paged_fp8_amax_b2*' final
 }
 # DEADLINE (seconds since the start): stages that would begin after it are skipped, so the archive below
 # is still made within the call's limit.
