@@ -47,14 +47,9 @@ for variant in "${variants[@]}"; do
     codecs) build codecs "" 'codecs_test' "" kvtrim_cuda_tests ;;
     # main (for A/Bs against a diff's variant): bench_cuda_decode_attention_main
     main) build main "" none "" bench_cuda_decode_attention ;;
-    # The eviction metric's in-kernel logit stores, diagnosed (issue 16): 1 no footprint, 2 none (bench only)
-    metricdiag1) build metricdiag1 metric-store-diag.diff none "-DKVTRIM_DIAG_METRIC_STORES=1" bench_cuda_decode_attention ;;
-    metricdiag2) build metricdiag2 metric-store-diag.diff none "-DKVTRIM_DIAG_METRIC_STORES=2" bench_cuda_decode_attention ;;
-    # The metric's logits stored after the step's P·V (issue 16): its bench and eviction tests, ptxas spill warnings
-    metriclate) build metriclate metric-late-store.diff 'eviction_test' "-Xptxas -warn-spills" bench_cuda_decode_attention kvtrim_cuda_tests ;;
     # main's decode, codec and eviction tests (a final run of what landed): kvtrim_cuda_tests_final
     final) build final "" 'decode_test|codecs_test|eviction_test' "" kvtrim_cuda_tests ;;
-    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main metricdiag1 metricdiag2 metriclate final)" >&2; exit 2 ;;
+    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main final)" >&2; exit 2 ;;
   esac
 done
 du -sh "$out"

@@ -12,8 +12,6 @@
 #   rows     one build's layout and codec rows (ROWS_VARIANT, default main), two rounds
 #   profint4 ncu --set full of the fragment kernel at W 32k for int4 and int4 zero points
 #   flush    the rows and torch's under both L2 flushes (KVTRIM_BENCH_FLUSH memset / read)
-#   metricdiag the metric rows of metric-store-diag.diff's two builds against base
-#   metriclate metric-late-store.diff against base: metric rows, eviction tests, memcheck
 #   compressflush issue 10's compress rows and torch's / kvpress's under both flushes (any card)
 #   final    main's decode, codec and eviction tests with memcheck and racecheck
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
@@ -167,18 +165,6 @@ flush() {
     (cd "$repo" && KVTRIM_BENCH_FLUSH=$mode timeout 90 python3 bench/torch_codec_sdpa.py) > "$OUT/torch_codec-$mode.txt" 2>&1
     log "torch_codec_sdpa $mode rc=$? $((SECONDS - S))s"; grep -E '"codec"|median_us' "$OUT/torch_codec-$mode.txt" | paste - - | tee -a "$OUT/log.txt"
   done
-}
-# metric-store-diag.diff: the eviction metric's rows with the logits stored without footprint (1) or not at all (2).
-metricdiag() {
-  ROUNDS=2 DECODE_ROWS='device_copy|^decode_attention_metric/batch:8/tokens:32768' decode_ab metricdiag base metricdiag1 metricdiag2
-}
-# metric-late-store.diff (build-pending.sh metriclate): the metric and plain decode rows against base, three rounds;
-# its eviction tests, memcheck on the fp16 metric cases.
-metriclate() {
-  ROUNDS=3 DECODE_ROWS='device_copy|^decode_attention_metric/batch:8/tokens:(4096|32768)|^decode_attention_paged/batch:8/tokens:(4096|32768)/.*lengths:0/page:16/scattered:1|^decode_attention/batch:8/tokens:(4096|32768)/q_heads:32/kv_heads:8/head_dim:128/it' \
-    decode_ab metriclate base metriclate
-  run_tests metriclate 150
-  sanitize memcheck kvtrim_cuda_tests_metriclate '*EvictionMetric*Fp16*' metriclate
 }
 # Issue 10's compress rows and torch's / kvpress's pipelines under both L2 flushes, on any card (the ratios the
 # H200 stage measures, here on whatever card came).
