@@ -158,7 +158,7 @@ flush() {
     KVTRIM_BENCH_FLUSH=$mode timeout 150 ./bench_cuda_decode_attention_${FLUSH_VARIANT:-base} --benchmark_filter="$FLUSH_ROWS" > "$OUT/flush-$mode-$r.txt" 2>&1
     log "flush $mode $r rc=$? $((SECONDS - S))s"
   done; done
-  for mode in memset read; do echo "== flush $mode"; table "$OUT"/flush-$mode-*.txt; done | tee -a "$OUT/log.txt"
+  for mode in memset read; do echo "== flush $mode"; table "$OUT"/flush-$mode-*.txt; ROWS='^codec_decode_' table "$OUT"/flush-$mode-*.txt; done | tee -a "$OUT/log.txt"
   for mode in memset read; do
     (cd "$repo" && KVTRIM_BENCH_FLUSH=$mode timeout 90 python3 bench/torch_sdpa.py) > "$OUT/torch_sdpa-$mode.txt" 2>&1
     log "torch_sdpa $mode rc=$? $((SECONDS - S))s"; grep -E '"tokens"|median_us|"head_dim"' "$OUT/torch_sdpa-$mode.txt" | paste - - - | tee -a "$OUT/log.txt"
@@ -180,7 +180,7 @@ compressflush() {
 }
 # build-pending.sh final: main's decode, codec and eviction tests, memcheck on a cross-section, racecheck on two.
 final() {
-  run_tests final 200
+  run_tests final 300
   sanitize memcheck kvtrim_cuda_tests_final '*CodecCache*contiguous_int4_g32_b*:*CodecCache*paged_fp8*:*CodecCache*flat_int8*:*DecodeAttention*flat_b2_kv4_g4*:*EvictionMetric*Fp16*' final
   sanitize racecheck kvtrim_cuda_tests_final '*CodecCache*contiguous_int4_g32_b*:*CodecCache*paged_fp8_amax_b2*' final
 }
