@@ -180,7 +180,7 @@ compressflush() {
 }
 # build-pending.sh final: main's decode, codec and eviction tests, memcheck on a cross-section, racecheck on two.
 final() {
-  run_tests final 300
+  run_tests final 220
   sanitize memcheck kvtrim_cuda_tests_final '*CodecCache*contiguous_int4_g32_b*:*CodecCache*paged_fp8*:*CodecCache*flat_int8*:*DecodeAttention*flat_b2_kv4_g4*:*EvictionMetric*Fp16*' final
   sanitize racecheck kvtrim_cuda_tests_final '*CodecCache*contiguous_int4_g32_b*:*CodecCache*paged_fp8_amax_b2*' final
 }
