@@ -48,7 +48,7 @@ for variant in "${variants[@]}"; do
     # main (for A/Bs against a diff's variant): bench_cuda_decode_attention_main
     main) build main "" none "" bench_cuda_decode_attention ;;
     # main's decode, codec and eviction tests (a final run of what landed): kvtrim_cuda_tests_final
-    final) build final "" 'decode_test|codecs_test|eviction_test' "" kvtrim_cuda_tests ;;
+    final) build final "" "${FINAL_TESTS:-decode_test|codecs_test|eviction_test}" "" kvtrim_cuda_tests ;;
     *) echo "build-pending.sh: unknown variant $variant (base peer codecs main final)" >&2; exit 2 ;;
   esac
 done
