@@ -49,7 +49,9 @@ for variant in "${variants[@]}"; do
     main) build main "" none "" bench_cuda_decode_attention ;;
     # main's decode, codec and eviction tests (a final run of what landed): kvtrim_cuda_tests_final
     final) build final "" "${FINAL_TESTS:-decode_test|codecs_test|eviction_test}" "" kvtrim_cuda_tests ;;
-    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main final)" >&2; exit 2 ;;
+    # int8 at GQA 16 (row form over code fragments): odd output tiles given the value bias; codec tests
+    int8g16) build int8g16 int8-g16-bias.diff 'codecs_test' "" kvtrim_cuda_tests ;;
+    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main final int8g16)" >&2; exit 2 ;;
   esac
 done
 du -sh "$out"

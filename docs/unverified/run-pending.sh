@@ -14,7 +14,7 @@
 #   flush    the rows and torch's under both L2 flushes (KVTRIM_BENCH_FLUSH memset / read)
 #   compressflush issue 10's compress rows and torch's / kvpress's under both flushes (any card)
 #   final    main's decode, codec and eviction tests with memcheck and racecheck
-#   codecfix the codec tests of a FINAL_TESTS=codecs_test final build, memcheck on the GQA 16 cases
+#   int8g16  int8-g16-bias.diff: the codec tests and memcheck on the GQA 16 cases (a correctness fix waiting)
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
@@ -185,10 +185,11 @@ final() {
   sanitize memcheck kvtrim_cuda_tests_final '*CodecCache*contiguous_int4_g32_b*:*CodecCache*paged_fp8*:*CodecCache*flat_int8*:*EvictionMetricCodecs*' final
   [ "${FINAL_RACECHECK:-0}" = 0 ] || sanitize racecheck kvtrim_cuda_tests_final '*CodecCache*contiguous_int4_g32_b*:*CodecCache*paged_fp8_amax_b2*' final
 }
-# FINAL_TESTS=codecs_test build-pending.sh final: the codec tests, memcheck on the GQA 16 int8 cases.
-codecfix() {
-  run_tests final 150
-  sanitize memcheck kvtrim_cuda_tests_final '*CodecCache*_g16_*' codecfix
+# int8-g16-bias.diff (build-pending.sh int8g16): the codec tests (the two new int8 GQA 16 cases among them) and
+# memcheck on every GQA 16 codec case. Land the diff when they pass.
+int8g16() {
+  run_tests int8g16 150
+  sanitize memcheck kvtrim_cuda_tests_int8g16 '*CodecCache*_g16_*' int8g16
 }
 # DEADLINE (seconds since the start): stages that would begin after it are skipped, so the archive below
 # is still made within the call's limit.

@@ -1785,11 +1785,6 @@ INSTANTIATE_TEST_SUITE_P(
         // ragged flat heads with a filling group and compensation rows, zero points over pages of 32.
         codec_case{L::flat, K::int4_groups, 1, 2, 4, 64, 0, {4097, 33, 1}, true},
         codec_case{L::paged, K::int4_groups_zero_point, 2, 2, 1, 64, 32, {300, 4097}, false},
-        // int8 at GQA 16: the row form over code fragments, whose odd output tiles need the same value
-        // bias as the even ones (they were given none: no int8 case at GQA 16 before), symmetric KIVI
-        // over pages of 16 with compensation rows, zero points over a contiguous batch.
-        codec_case{L::paged, K::int8_groups, 1, 2, 16, 128, 16, {4097, 33, 1}, true},
-        codec_case{L::contiguous, K::int8_groups_zero_point, 2, 1, 16, 64, 0, {300}, false},
         // low_rank (profile bases of ragged ranks r, r − 1, r − 2 per head; r = head_dim / 4):
         // coefficients bit-identical to the CPU's encode, attention post- and pre-RoPE (the
         // key rebuilt and rotated from its stored position), GQA 1–16, head_dim 64 / 128.
