@@ -14,7 +14,8 @@
 #   flush    the rows and torch's under both L2 flushes (KVTRIM_BENCH_FLUSH memset / read)
 #   compressflush issue 10's compress rows and torch's / kvpress's under both flushes (any card)
 #   final    main's decode, codec and eviction tests with memcheck and racecheck
-#   int8g16  int8-g16-bias.diff: the codec tests and memcheck on the GQA 16 cases (a correctness fix waiting)
+#   int8g16  int8-g16-bias.diff: the codec tests, memcheck on the GQA 16 cases and racecheck on two (a correctness fix waiting)
+#   stages   diag-stages.diff: main's decode against every kernel capped at two stages (codec and fp16 rows, W 32k)
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
@@ -188,8 +189,15 @@ final() {
 # int8-g16-bias.diff (build-pending.sh int8g16): the codec tests (the two new int8 GQA 16 cases among them) and
 # memcheck on every GQA 16 codec case. Land the diff when they pass.
 int8g16() {
-  run_tests int8g16 150
-  sanitize memcheck kvtrim_cuda_tests_int8g16 '*CodecCache*_g16_*' int8g16
+  run_tests int8g16 300
+  SANITIZE_SECONDS=240 sanitize memcheck kvtrim_cuda_tests_int8g16 '*CodecCache*_g16_*' int8g16
+  SANITIZE_SECONDS=120 sanitize racecheck kvtrim_cuda_tests_int8g16 '*CodecCache*int8_g32_b1_kv2_g16*:*EveryGroup*int8_g32_zero*g16*' int8g16
+}
+# diag-stages.diff (build-pending.sh main stages2): every decode kernel capped at two stages against main, the
+# codec and fp16 rows at W 32k, three rounds (what a stage buys: int8 at D 128 has two, fp8 and fp16 three).
+stages() {
+  ROUNDS=3 DECODE_ROWS='device_copy|^decode_attention/batch:8/tokens:32768/q_heads:32/kv_heads:8/head_dim:128/it|^codec_decode_(fp16|int8|int8_zero_point|fp8|int4|int4_zero_point|low_rank)/batch:8/tokens:32768/q_heads:32/' \
+    ROWS='^(device_copy|decode|codec_decode)' decode_ab stages main stages2
 }
 # DEADLINE (seconds since the start): stages that would begin after it are skipped, so the archive below
 # is still made within the call's limit.
