@@ -16,6 +16,8 @@
 #   final    main's decode, codec and eviction tests with memcheck and racecheck
 #   int8g16  int8-g16-bias.diff: the codec tests, memcheck on the GQA 16 cases and racecheck on two (a correctness fix waiting)
 #   stages   diag-stages.diff: main's decode against every kernel capped at two stages (codec and fp16 rows, W 32k)
+#   stageslayouts the same two builds over the layout rows, the metric and the codecs at GQA 2 and 1
+#   stagesrest the same two builds over every decode_attention row and multi-query
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
@@ -198,6 +200,16 @@ int8g16() {
 stages() {
   ROUNDS=3 DECODE_ROWS='device_copy|^decode_attention/batch:8/tokens:32768/q_heads:32/kv_heads:8/head_dim:128/it|^codec_decode_(fp16|int8|int8_zero_point|fp8|int4|int4_zero_point|low_rank)/batch:8/tokens:32768/q_heads:32/' \
     ROWS='^(device_copy|decode|codec_decode)' decode_ab stages main stages2
+}
+# The same two builds over every layout (4k / 8k / 32k), the metric and the codec rows at GQA 2 and 1, two rounds.
+stageslayouts() {
+  DECODE_ROWS="$LAYOUT_ROWS|^codec_decode_(fp16|int8|fp8|int4)/batch:8/tokens:32768/q_heads:(16|8)/" \
+    ROWS='^(device_copy|decode|codec_decode)' decode_ab stageslayouts main stages2
+}
+# The same two builds over the rest: every decode_attention row (D 64, batch 1, GQA 1 and 8) and multi-query, three rounds.
+stagesrest() {
+  ROUNDS=3 DECODE_ROWS='device_copy|^decode_attention/|^decode_attention_multi_query' \
+    ROWS='^(device_copy|decode)' decode_ab stagesrest main stages2
 }
 # DEADLINE (seconds since the start): stages that would begin after it are skipped, so the archive below
 # is still made within the call's limit.

@@ -1785,6 +1785,11 @@ INSTANTIATE_TEST_SUITE_P(
         // ragged flat heads with a filling group and compensation rows, zero points over pages of 32.
         codec_case{L::flat, K::int4_groups, 1, 2, 4, 64, 0, {4097, 33, 1}, true},
         codec_case{L::paged, K::int4_groups_zero_point, 2, 2, 1, 64, 32, {300, 4097}, false},
+        // int8 at GQA 16: the row form over code fragments, whose odd output tiles need the same value
+        // bias as the even ones (they were given none: no int8 case at GQA 16 before), symmetric KIVI
+        // over pages of 16 with compensation rows, zero points over a contiguous batch.
+        codec_case{L::paged, K::int8_groups, 1, 2, 16, 128, 16, {4097, 33, 1}, true},
+        codec_case{L::contiguous, K::int8_groups_zero_point, 2, 1, 16, 64, 0, {300}, false},
         // low_rank (profile bases of ragged ranks r, r − 1, r − 2 per head; r = head_dim / 4):
         // coefficients bit-identical to the CPU's encode, attention post- and pre-RoPE (the
         // key rebuilt and rotated from its stored position), GQA 1–16, head_dim 64 / 128.
@@ -1808,6 +1813,35 @@ INSTANTIATE_TEST_SUITE_P(
         // the tensor-core kernel's do (107 KB), so compaction accepts it and the mma kernel reads it.
         codec_case{L::contiguous, K::low_rank_post_rope, 1, 1, 16, 256, 0, {4097}, false}),
     case_name);
+
+// Every quantizing codec at every GQA group (1, 2, 4, 8, 16): the group picks the kernel form (the row or
+// the transposed product over code fragments, CUDA cores or dequantized tiles for layered codecs) and
+// each form finishes the value bias its own way, so one case per (codec, group) pair: int8's bias at GQA
+// 16 went wrong in 150dbbf unseen, as no hand-picked case had that pair. Layout, head dim, page size,
+// compensation rows and the order of ragged lengths rotate with the pair (every layout meets every codec
+// and every group); lengths 4097 (split-K segments, sealed runs and a filling group), 33 and 1.
+std::vector<codec_case> every_codec_every_group() {
+  const K kinds[] = {K::int8_groups,   K::int8_groups_zero_point, K::int8_tokens_zero_point,
+                     K::int4_groups,   K::int4_groups_zero_point, K::fp8_head_amax,
+                     K::fp8_fixed,     K::layered_int8,           K::layered_fp8};
+  const std::int64_t groups[] = {1, 2, 4, 8, 16};
+  const std::vector<std::int64_t> ragged[] = {{4097, 33, 1}, {1, 4097, 33}, {33, 1, 4097}};
+  std::vector<codec_case> cases;
+  for (int k = 0; k < 9; ++k)
+    for (int g = 0; g < 5; ++g) {
+      const int turn = k + g;
+      const auto layout = static_cast<layout_kind>(turn % 3);
+      const std::int64_t head_dim = (k + 2 * g) % 2 == 0 ? 128 : 64;
+      if (layout == L::contiguous)
+        cases.push_back({layout, kinds[k], 2, 1, groups[g], head_dim, 0, {g % 2 == 0 ? 4097 : 300}, false});
+      else
+        cases.push_back({layout, kinds[k], 1, 3, groups[g], head_dim, layout == L::paged ? (turn % 2 ? 32 : 16) : 0,
+                         ragged[g % 3], turn % 2 == 0});
+    }
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(EveryGroup, CodecCache, ::testing::ValuesIn(every_codec_every_group()), case_name);
 
 // ---- low_rank with sequence bases: fitted by each backend ---------------------------------------------
 //

@@ -1427,9 +1427,11 @@ __global__ void __launch_bounds__(
         sum += __shfl_xor_sync(0xffffffffu, sum, 4);
         sum += __shfl_xor_sync(0xffffffffu, sum, 8);
         sum += __shfl_xor_sync(0xffffffffu, sum, 16);
-        // Per parity of the output tile (int4's odd tiles carry their codes 16-fold: the decoder's bias).
-        const float zero_sum[2] = {fragments.column_zero_sum(e, 0),
-                                   decoder::sixteenfold_odd_tiles ? fragments.column_zero_sum(e, 1) : 0.0f};
+        // Per parity of the output tile (int4's odd tiles carry their codes 16-fold: the decoder's bias;
+        // other codecs' tiles of both parities carry the same).
+        float zero_sum[2];
+        zero_sum[0] = fragments.column_zero_sum(e, 0);
+        zero_sum[1] = decoder::sixteenfold_odd_tiles ? fragments.column_zero_sum(e, 1) : zero_sum[0];
         const int row = 2 * quad + e;
         if (row < query_rows) {
 #pragma unroll
@@ -1438,8 +1440,7 @@ __global__ void __launch_bounds__(
             for (int r = 0; r < 2; ++r)
               shared_accumulator[(token_group * query_rows + row) * HeadDim +
                                  decoder::layout::value_channel(2 * tile_index + r, head_row)] =
-                  fragments.output(output[tile_index][2 * r + e], zero_sum[decoder::sixteenfold_odd_tiles ? r : 0],
-                                   2 * tile_index + r);
+                  fragments.output(output[tile_index][2 * r + e], zero_sum[r], 2 * tile_index + r);
           if (head_row == 0) {
             shared_max[token_group * query_rows + row] = running_max[e];
             shared_sum[token_group * query_rows + row] = sum;
@@ -1452,10 +1453,13 @@ __global__ void __launch_bounds__(
         float sum = running_sum[rb];
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        [[maybe_unused]] float zero_sum[2] = {};  // per parity of the output tile (decoder::output)
+        // Per parity of the output tile (decoder::output), as in the transposed form above: int4's odd
+        // tiles carry their own bias, every other codec's odd tiles the even tiles' (until 2026-12-07 they
+        // got 0 here — int8 KIVI at GQA 16 lost β·Σp' on its odd tiles; no case had it).
+        [[maybe_unused]] float zero_sum[2] = {};
         if constexpr (Fragments) {
           zero_sum[0] = fragments.zero_sum(rb, 0);
-          if constexpr (decoder::sixteenfold_odd_tiles) zero_sum[1] = fragments.zero_sum(rb, 1);
+          zero_sum[1] = decoder::sixteenfold_odd_tiles ? fragments.zero_sum(rb, 1) : zero_sum[0];
         }
         const int row = first_row + head_row + 8 * rb;
         if (row < query_rows) {
