@@ -847,14 +847,22 @@ struct tensor_core_geometry {
   static constexpr std::size_t dequant_bytes = dequantizes ? std::size_t{2} * tile_elements * 2 : 0;
   static constexpr std::size_t stage_bytes =
       std::size_t{2} * tile_tokens * stream_row_stride * sizeof(StoreT) + Side::bytes;
-  /// As many stages as fit in 108 KB of shared memory (two blocks per SM; 72 KB for three) at head
-  /// dims ≤ 128, 200 KB at 256 (one block), between 2 and 4 (6 for code fragments: their tiles are
-  /// small, and more of them in flight is what keeps HBM busy). Swizzled tiles set 1 KB of it aside
-  /// for aligning the stages (D 128: 3 stages, as padded rows; D 64: 4).
+  /// Head dim 128 with tiles read as stored (16-bit rows, code fragments): two stages — one tile
+  /// in flight while one is read, 32–48 KB a stage. Three (fp16, fp8; int8 and int4 had two by
+  /// their side data) were nowhere faster and up to 2.4 % slower: H100, 2026-12-07 (docs/results.md),
+  /// paged / shared_paged 16 at W 4k −2 %, contiguous 4k −1 %, fp8 GQA 2 −2.2 %, 32k −0.3 to −0.6 %,
+  /// multi-query −0.2 %. Elsewhere as many stages as fit in 108 KB of shared memory (two blocks per
+  /// SM; 72 KB for three) at head dims ≤ 128, 200 KB at 256 (one block), between 2 and 4 (6 for code
+  /// fragments): head dim 64's tiles are half the bytes, and two of them cost it 12 % (W 4k, 33.2 →
+  /// 37.2 µs, the same run); dequantized tiles were not measured at two. Swizzled tiles set 1 KB of
+  /// the budget aside for aligning the stages (D 64: 4 stages).
   static constexpr std::size_t shared_budget = HeadDim > 128 ? 204800 : Blocks >= 3 ? 73728 : 110592;
   static constexpr std::size_t alignment_slack = swizzled ? 1024 : 0;
-  static constexpr int stages = static_cast<int>(std::clamp<std::size_t>(
-      (shared_budget - dequant_bytes - alignment_slack) / stage_bytes, 2, Fragments ? 6 : 4));
+  static constexpr int stages =
+      HeadDim == 128 && !dequantizes
+          ? 2
+          : static_cast<int>(std::clamp<std::size_t>((shared_budget - dequant_bytes - alignment_slack) / stage_bytes,
+                                                      2, Fragments ? 6 : 4));
   template <class Rows>
   using stream = kv_tile_stream<StoreT, RowElements, stream_row_stride, tile_tokens, stages, threads, Rows, Side,
                                 false, swizzled>;
