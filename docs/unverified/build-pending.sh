@@ -56,7 +56,11 @@ for variant in "${variants[@]}"; do
                build twostagesbench two-stages.diff none "" bench_cuda_decode_attention ;;
     # diagnostic: main's codec tests without the GQA 16 value-bias fix (the int8 GQA 16 cases must fail)
     nofix) build nofix diag-nofix.diff 'codecs_test' "" kvtrim_cuda_tests ;;
-    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main final stages2 twostages nofix)" >&2; exit 2 ;;
+    # diagnostic: the low-rank tensor-core decode at two stages for every rank (r = 32 has three)
+    lr2) build lr2 diag-low-rank-stages.diff none "-DKVTRIM_DIAG_LOW_RANK_STAGES=2" bench_cuda_decode_attention ;;
+    # diagnostic: every cp.async of the decode (paged tiles, KIVI run steps, partial tiles) with the L2::256B prefetch
+    pf256) build pf256 diag-copy-prefetch.diff none "-DKVTRIM_DIAG_COPY_PREFETCH" bench_cuda_decode_attention ;;
+    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main final stages2 twostages nofix lr2 pf256)" >&2; exit 2 ;;
   esac
 done
 du -sh "$out"

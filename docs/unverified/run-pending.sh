@@ -18,6 +18,11 @@
 #   stages   diag-stages.diff: main's decode against every kernel capped at two stages (codec and fp16 rows, W 32k)
 #   stageslayouts the same two builds over the layout rows, the metric and the codecs at GQA 2 and 1
 #   stagesrest the same two builds over every decode_attention row and multi-query
+#   twostages two-stages.diff: tests, memcheck and racecheck
+#   twostagesbench two-stages.diff: the bench against main (every layout, the codecs, decode_attention, multi-query)
+#   nofix    diag-nofix.diff: the GQA 16 codec cases without the fix (they must fail)
+#   lr2      diag-low-rank-stages.diff: low-rank decode at two stages against main
+#   pf256    diag-copy-prefetch.diff: the L2::256B prefetch on every generic cp.async against main (layout rows)
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
@@ -210,6 +215,32 @@ stageslayouts() {
 stagesrest() {
   ROUNDS=3 DECODE_ROWS='device_copy|^decode_attention/|^decode_attention_multi_query' \
     ROWS='^(device_copy|decode)' decode_ab stagesrest main stages2
+}
+# two-stages.diff (build-pending.sh main twostages): decode, codec, eviction and shared_paged tests; memcheck on the head
+# dim 128 decode (fp16 at groups 4–16, multi-query, shared pages), fp8 and int4 at GQA 8 codec cases; racecheck on
+# three; the bench against main, three rounds of every layout and the codecs.
+twostages() {
+  run_tests twostages 300
+  SANITIZE_SECONDS=240 sanitize memcheck kvtrim_cuda_tests_twostages '*DecodeAttention.MatchesCpuReferenceFp16/*_d128_*:*MultiQueryDecode.MatchesCpuReferenceFp16/*_d128_*:*SharedPagedDecode*:*CodecCache*fp8*_d128*:*CodecCache*int4*_g8_d128*' twostages
+  SANITIZE_SECONDS=150 sanitize racecheck kvtrim_cuda_tests_twostages '*AwkwardLengths/DecodeAttention.MatchesCpuReferenceFp16/*contiguous*_d128_*:*CodecCache*contiguous_fp8_amax_b1_kv2_g8_d128*' twostages
+}
+twostagesbench() {
+  ROUNDS=3 DECODE_ROWS="$LAYOUT_ROWS|^codec_decode_(fp16|int8|fp8|int4|int4_zero_point)/batch:8/tokens:32768/|^decode_attention/|^decode_attention_multi_query" \
+    ROWS='^(device_copy|decode|codec_decode)' decode_ab twostages main twostagesbench
+}
+# diag-nofix.diff (build-pending.sh nofix): the codec tests without main's GQA 16 fix — the int8 GQA 16 cases must fail.
+nofix() {
+  run_tests nofix 120 '*CodecCache*_g16_*'
+}
+# diag-low-rank-stages.diff (build-pending.sh main lr2): low-rank decode at two stages against main's three (r = 32).
+lr2() {
+  ROUNDS=3 DECODE_ROWS='device_copy|^codec_decode_(fp16|low_rank)[a-z_]*/batch:8/tokens:32768/' \
+    ROWS='^(device_copy|codec_decode)' decode_ab lr2 main lr2
+}
+# diag-copy-prefetch.diff (build-pending.sh main pf256): the L2::256B prefetch on every generic cp.async (paged tiles
+# above all) against main: the paged / shared_paged rows at 4k and 32k, two rounds.
+pf256() {
+  DECODE_ROWS="$LAYOUT_ROWS" ROWS='^(device_copy|decode|codec_decode)' decode_ab pf256 main pf256
 }
 # DEADLINE (seconds since the start): stages that would begin after it are skipped, so the archive below
 # is still made within the call's limit.
