@@ -60,7 +60,10 @@ for variant in "${variants[@]}"; do
     lr2) build lr2 diag-low-rank-stages.diff none "-DKVTRIM_DIAG_LOW_RANK_STAGES=2" bench_cuda_decode_attention ;;
     # diagnostic: every cp.async of the decode (paged tiles, KIVI run steps, partial tiles) with the L2::256B prefetch
     pf256) build pf256 diag-copy-prefetch.diff none "-DKVTRIM_DIAG_COPY_PREFETCH" bench_cuda_decode_attention ;;
-    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main final stages2 twostages nofix lr2 pf256)" >&2; exit 2 ;;
+    # HEAD as it is (a branch under test): its codec and eviction tests and its decode bench
+    head) build head "" 'codecs_test|eviction_test' "" kvtrim_cuda_tests
+          build headbench "" none "" bench_cuda_decode_attention ;;
+    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main final stages2 twostages nofix lr2 pf256 head)" >&2; exit 2 ;;
   esac
 done
 du -sh "$out"

@@ -22,6 +22,7 @@
 #   twostagesbench two-stages.diff: the bench against main (every layout, the codecs, decode_attention, multi-query)
 #   nofix    diag-nofix.diff: the GQA 16 codec cases without the fix (they must fail)
 #   lr2      diag-low-rank-stages.diff: low-rank decode at two stages against main
+#   occupancy grid size, registers and occupancy limits of main's and two-stages' tensor-core kernel (ncu)
 #   pf256    diag-copy-prefetch.diff: the L2::256B prefetch on every generic cp.async against main (layout rows)
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
@@ -241,6 +242,21 @@ lr2() {
 # above all) against main: the paged / shared_paged rows at 4k and 32k, two rounds.
 pf256() {
   DECODE_ROWS="$LAYOUT_ROWS" ROWS='^(device_copy|decode|codec_decode)' decode_ab pf256 main pf256
+}
+# Each build's tensor-core kernel at W 4k and 32k (fp16 contiguous, paged 16) and fp8 at 32k: grid size, registers and
+# the occupancy limits (does the smaller shared memory let a third block onto an SM, and so grow the grid?).
+occupancy() {
+  local rows=('^decode_attention/batch:8/tokens:4096/q_heads:32/kv_heads:8/head_dim:128/it'
+    '^decode_attention/batch:8/tokens:32768/q_heads:32/kv_heads:8/head_dim:128/it'
+    '^decode_attention_paged/batch:8/tokens:4096/.*lengths:0/page:16/scattered:1'
+    '^codec_decode_fp8/batch:8/tokens:32768/q_heads:32/' '^codec_decode_int4/batch:8/tokens:32768/q_heads:32/')
+  local v row i=0
+  for v in main twostagesbench; do for row in "${rows[@]}"; do
+    i=$((i + 1))
+    timeout 60 ncu --metrics launch__grid_size,launch__registers_per_thread,launch__shared_mem_per_block_dynamic,launch__occupancy_limit_registers,launch__occupancy_limit_shared_mem,sm__warps_active.avg.pct_of_peak_sustained_active,gpu__time_duration.sum \
+      --launch-skip 20 --launch-count 1 -k 'regex:decode_attention_tensor_core' ./bench_cuda_decode_attention_$v --benchmark_filter="$row" > "$OUT/occupancy-$i.txt" 2>&1
+    log "occupancy $v $row rc=$? $(grep -E 'launch__|sm__warps|gpu__time' "$OUT/occupancy-$i.txt" | awk '{print $1 "=" $NF}' | sed 's/launch__//' | tr '\n' ' ')"
+  done; done
 }
 # DEADLINE (seconds since the start): stages that would begin after it are skipped, so the archive below
 # is still made within the call's limit.

@@ -1788,7 +1788,7 @@ INSTANTIATE_TEST_SUITE_P(
         // int8 at GQA 16: the row form over code fragments, whose odd output tiles need the same value
         // bias as the even ones (they were given none: no int8 case at GQA 16 before), symmetric KIVI
         // over pages of 16 with compensation rows, zero points over a contiguous batch.
-        codec_case{L::paged, K::int8_groups, 1, 2, 16, 128, 16, {4097, 33, 1}, true},
+        codec_case{L::paged, K::int8_groups, 1, 3, 16, 128, 16, {4097, 33, 1}, true},
         codec_case{L::contiguous, K::int8_groups_zero_point, 2, 1, 16, 64, 0, {300}, false},
         // low_rank (profile bases of ragged ranks r, r − 1, r − 2 per head; r = head_dim / 4):
         // coefficients bit-identical to the CPU's encode, attention post- and pre-RoPE (the
@@ -1817,9 +1817,11 @@ INSTANTIATE_TEST_SUITE_P(
 // Every quantizing codec at every GQA group (1, 2, 4, 8, 16): the group picks the kernel form (the row or
 // the transposed product over code fragments, CUDA cores or dequantized tiles for layered codecs) and
 // each form finishes the value bias its own way, so one case per (codec, group) pair: int8's bias at GQA
-// 16 went wrong in 150dbbf unseen, as no hand-picked case had that pair. Layout, head dim, page size,
-// compensation rows and the order of ragged lengths rotate with the pair (every layout meets every codec
-// and every group); lengths 4097 (split-K segments, sealed runs and a filling group), 33 and 1.
+// 16 went wrong in 150dbbf unseen, as no hand-picked case had that pair. Layout (k + g mod 3) and head dim
+// (k + g mod 2) turn with the pair, so every codec meets every layout at both head dims and every group
+// meets every layout; page size with the codec, compensation rows and the order of the ragged lengths with
+// the group (paged and flat: three heads of 4097 — split-K segments, sealed runs and a filling group — 33
+// and 1 tokens; contiguous: 4097 or 300 tokens a head).
 std::vector<codec_case> every_codec_every_group() {
   const K kinds[] = {K::int8_groups,   K::int8_groups_zero_point, K::int8_tokens_zero_point,
                      K::int4_groups,   K::int4_groups_zero_point, K::fp8_head_amax,
@@ -1831,12 +1833,12 @@ std::vector<codec_case> every_codec_every_group() {
     for (int g = 0; g < 5; ++g) {
       const int turn = k + g;
       const auto layout = static_cast<layout_kind>(turn % 3);
-      const std::int64_t head_dim = (k + 2 * g) % 2 == 0 ? 128 : 64;
+      const std::int64_t head_dim = turn % 2 == 0 ? 128 : 64;
       if (layout == L::contiguous)
         cases.push_back({layout, kinds[k], 2, 1, groups[g], head_dim, 0, {g % 2 == 0 ? 4097 : 300}, false});
       else
-        cases.push_back({layout, kinds[k], 1, 3, groups[g], head_dim, layout == L::paged ? (turn % 2 ? 32 : 16) : 0,
-                         ragged[g % 3], turn % 2 == 0});
+        cases.push_back({layout, kinds[k], 1, 3, groups[g], head_dim, layout == L::paged ? (k % 2 ? 32 : 16) : 0,
+                         ragged[g % 3], g % 2 == 0});
     }
   return cases;
 }

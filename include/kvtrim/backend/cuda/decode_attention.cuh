@@ -780,7 +780,7 @@ __global__ void __launch_bounds__(decode_threads)
 
 /// The blocks an SM a tensor-core decode kernel is built for: its launch bound (registers ≤ 65536 /
 /// (128 · blocks): 168 at three) and its stage budget (shared memory per block: 108 KB at two, 72 KB
-/// at three). Three for int4 code fragments at groups ≤ 4 (KIVI and zero points, every layout):
+/// at three; head dim 128 takes two stages whatever the budget, tensor_core_geometry::stages). Three for int4 code fragments at groups ≤ 4 (KIVI and zero points, every layout):
 /// 9–10 % faster at W's 32k tokens, GQA 1, 2 and 4, H100, 2026-12-05 (docs/results.md), despite
 /// 80 bytes of spills at GQA 2–4. Two for the rest — one block's prologue, segment switch and
 /// epilogue then overlap the other's streaming: three were no faster for int8 (spills), fp8, fp16
@@ -848,14 +848,17 @@ struct tensor_core_geometry {
   static constexpr std::size_t stage_bytes =
       std::size_t{2} * tile_tokens * stream_row_stride * sizeof(StoreT) + Side::bytes;
   /// Head dim 128 with tiles read as stored (16-bit rows, code fragments): two stages — one tile
-  /// in flight while one is read, 32–48 KB a stage. Three (fp16, fp8; int8 and int4 had two by
-  /// their side data) were nowhere faster and up to 2.4 % slower: H100, 2026-12-07 (docs/results.md),
-  /// paged / shared_paged 16 at W 4k −2 %, contiguous 4k −1 %, fp8 GQA 2 −2.2 %, 32k −0.3 to −0.6 %,
-  /// multi-query −0.2 %. Elsewhere as many stages as fit in 108 KB of shared memory (two blocks per
-  /// SM; 72 KB for three) at head dims ≤ 128, 200 KB at 256 (one block), between 2 and 4 (6 for code
-  /// fragments): head dim 64's tiles are half the bytes, and two of them cost it 12 % (W 4k, 33.2 →
-  /// 37.2 µs, the same run); dequantized tiles were not measured at two. Swizzled tiles set 1 KB of
-  /// the budget aside for aligning the stages (D 64: 4 stages).
+  /// in flight while one is read, 31–47 KB a stage. Three (fp16, fp8; int4 at groups 8 and 16) were
+  /// nowhere clearly faster and up to 2.4 % slower — H100, 2026-12-07, two calls on two machines
+  /// (docs/results.md): paged / shared_paged 16 at W 4k −1.5 to −2.4 %, contiguous 4k −1 to −1.2 %,
+  /// fp8 −1.2 to −2.2 %, 32k −0.2 to −0.7 %, multi-query −0.1 to −0.9 %; pages of 64 at 32k −0.1 % in
+  /// one call, +1.3 % in the other (main itself 371–375 µs there). The grid and occupancy did not
+  /// change (ncu: two blocks an SM, bound by registers either way). int8, and int4 at groups ≤ 4, had
+  /// two already (their KIVI side data); int4 at groups 8 and 16 was not measured at either. Elsewhere
+  /// as many stages as fit in 108 KB of shared memory (two blocks per SM; 72 KB for three) at head dims
+  /// ≤ 128, 200 KB at 256 (one block), between 2 and 4 (6 for code fragments): head dim 64's tiles are
+  /// half the bytes, and two of them cost it 12 % (W 4k, 33.2 → 37.2 µs); dequantized tiles were not
+  /// measured at two. Swizzled tiles set 1 KB of the budget aside for aligning the stages (D 64: 4).
   static constexpr std::size_t shared_budget = HeadDim > 128 ? 204800 : Blocks >= 3 ? 73728 : 110592;
   static constexpr std::size_t alignment_slack = swizzled ? 1024 : 0;
   static constexpr int stages =
@@ -1463,7 +1466,7 @@ __global__ void __launch_bounds__(
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
         // Per parity of the output tile (decoder::output), as in the transposed form above: int4's odd
         // tiles carry their own bias, every other codec's odd tiles the even tiles' (until 2026-12-07 they
-        // got 0 here — int8 KIVI at GQA 16 lost β·Σp' on its odd tiles; no case had it).
+        // got 0 here — int8 at GQA 16 lost β·Σp' on its odd tiles, and Σp·z with zero points; no case had it).
         [[maybe_unused]] float zero_sum[2] = {};
         if constexpr (Fragments) {
           zero_sum[0] = fragments.zero_sum(rb, 0);
