@@ -49,21 +49,10 @@ for variant in "${variants[@]}"; do
     main) build main "" none "" bench_cuda_decode_attention ;;
     # main's decode, codec and eviction tests (a final run of what landed): kvtrim_cuda_tests_final
     final) build final "" "${FINAL_TESTS:-decode_test|codecs_test|eviction_test}" "" kvtrim_cuda_tests ;;
-    # diagnostic: every decode kernel capped at two stages (what a stage buys fp8 / fp16; int8 at D 128 has two)
-    stages2) build stages2 diag-stages.diff none "-DKVTRIM_DIAG_FRAGMENT_STAGES=2 -DKVTRIM_DIAG_TILE_STAGES=2" bench_cuda_decode_attention ;;
-    # two stages at head dim 128 (tiles as stored): the decode, codec, eviction and shared_paged tests, and the bench
-    twostages) build twostages two-stages.diff 'decode_test|codecs_test|eviction_test|shared_paged_test' "" kvtrim_cuda_tests
-               build twostagesbench two-stages.diff none "" bench_cuda_decode_attention ;;
-    # diagnostic: main's codec tests without the GQA 16 value-bias fix (the int8 GQA 16 cases must fail)
-    nofix) build nofix diag-nofix.diff 'codecs_test' "" kvtrim_cuda_tests ;;
-    # diagnostic: the low-rank tensor-core decode at two stages for every rank (r = 32 has three)
-    lr2) build lr2 diag-low-rank-stages.diff none "-DKVTRIM_DIAG_LOW_RANK_STAGES=2" bench_cuda_decode_attention ;;
-    # diagnostic: every cp.async of the decode (paged tiles, KIVI run steps, partial tiles) with the L2::256B prefetch
-    pf256) build pf256 diag-copy-prefetch.diff none "-DKVTRIM_DIAG_COPY_PREFETCH" bench_cuda_decode_attention ;;
     # HEAD as it is (a branch under test): its codec and eviction tests and its decode bench
     head) build head "" 'codecs_test|eviction_test' "" kvtrim_cuda_tests
           build headbench "" none "" bench_cuda_decode_attention ;;
-    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main final stages2 twostages nofix lr2 pf256 head)" >&2; exit 2 ;;
+    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main final head)" >&2; exit 2 ;;
   esac
 done
 du -sh "$out"

@@ -14,19 +14,14 @@
 #   flush    the rows and torch's under both L2 flushes (KVTRIM_BENCH_FLUSH memset / read)
 #   compressflush issue 10's compress rows and torch's / kvpress's under both flushes (any card)
 #   final    main's decode, codec and eviction tests with memcheck and racecheck
-#   int8g16  int8-g16-bias.diff: the codec tests, memcheck on the GQA 16 cases and racecheck on two (a correctness fix waiting)
-#   stages   diag-stages.diff: main's decode against every kernel capped at two stages (codec and fp16 rows, W 32k)
-#   stageslayouts the same two builds over the layout rows, the metric and the codecs at GQA 2 and 1
-#   stagesrest the same two builds over every decode_attention row and multi-query
-#   twostages two-stages.diff: tests, memcheck and racecheck
-#   twostagesbench two-stages.diff: the bench against main (every layout, the codecs, decode_attention, multi-query)
-#   nofix    diag-nofix.diff: the GQA 16 codec cases without the fix (they must fail)
-#   lr2      diag-low-rank-stages.diff: low-rank decode at two stages against main
-#   occupancy grid size, registers and occupancy limits of main's and two-stages' tensor-core kernel (ncu)
-#   pf256    diag-copy-prefetch.diff: the L2::256B prefetch on every generic cp.async against main (layout rows)
+#   occupancy grid size, registers and occupancy limits of the tensor-core kernel in OCCUPANCY_VARIANTS (ncu)
+#   headtests the branch under test (build-pending.sh head): codec and eviction tests, memcheck, racecheck
+#   headbench its bench against main and ncu's occupancy of the low-rank kernel
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
+# A stage is a shell function: never name one after a command its helpers call (a stage `head` once shadowed
+# the `head` that run_tests pipes into and re-ran the tests until the call timed out).
 # Everything it prints goes to $OUT/log.txt, the raw outputs next to it.
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$repo/.device/pending" || exit 1
@@ -194,55 +189,6 @@ final() {
   sanitize memcheck kvtrim_cuda_tests_final '*CodecCache*contiguous_int4_g32_b*:*CodecCache*paged_fp8*:*CodecCache*flat_int8*:*EvictionMetricCodecs*' final
   [ "${FINAL_RACECHECK:-0}" = 0 ] || sanitize racecheck kvtrim_cuda_tests_final '*CodecCache*contiguous_int4_g32_b*:*CodecCache*paged_fp8_amax_b2*' final
 }
-# int8-g16-bias.diff (build-pending.sh int8g16): the codec tests (the two new int8 GQA 16 cases among them) and
-# memcheck on every GQA 16 codec case. Land the diff when they pass.
-int8g16() {
-  run_tests int8g16 300
-  SANITIZE_SECONDS=240 sanitize memcheck kvtrim_cuda_tests_int8g16 '*CodecCache*_g16_*' int8g16
-  SANITIZE_SECONDS=120 sanitize racecheck kvtrim_cuda_tests_int8g16 '*CodecCache*int8_g32_b1_kv2_g16*:*EveryGroup*int8_g32_zero*g16*' int8g16
-}
-# diag-stages.diff (build-pending.sh main stages2): every decode kernel capped at two stages against main, the
-# codec and fp16 rows at W 32k, three rounds (what a stage buys: int8 at D 128 has two, fp8 and fp16 three).
-stages() {
-  ROUNDS=3 DECODE_ROWS='device_copy|^decode_attention/batch:8/tokens:32768/q_heads:32/kv_heads:8/head_dim:128/it|^codec_decode_(fp16|int8|int8_zero_point|fp8|int4|int4_zero_point|low_rank)/batch:8/tokens:32768/q_heads:32/' \
-    ROWS='^(device_copy|decode|codec_decode)' decode_ab stages main stages2
-}
-# The same two builds over every layout (4k / 8k / 32k), the metric and the codec rows at GQA 2 and 1, two rounds.
-stageslayouts() {
-  DECODE_ROWS="$LAYOUT_ROWS|^codec_decode_(fp16|int8|fp8|int4)/batch:8/tokens:32768/q_heads:(16|8)/" \
-    ROWS='^(device_copy|decode|codec_decode)' decode_ab stageslayouts main stages2
-}
-# The same two builds over the rest: every decode_attention row (D 64, batch 1, GQA 1 and 8) and multi-query, three rounds.
-stagesrest() {
-  ROUNDS=3 DECODE_ROWS='device_copy|^decode_attention/|^decode_attention_multi_query' \
-    ROWS='^(device_copy|decode)' decode_ab stagesrest main stages2
-}
-# two-stages.diff (build-pending.sh main twostages): decode, codec, eviction and shared_paged tests; memcheck on the head
-# dim 128 decode (fp16 at groups 4–16, multi-query, shared pages), fp8 and int4 at GQA 8 codec cases; racecheck on
-# three; the bench against main, three rounds of every layout and the codecs.
-twostages() {
-  run_tests twostages 300
-  SANITIZE_SECONDS=240 sanitize memcheck kvtrim_cuda_tests_twostages '*DecodeAttention.MatchesCpuReferenceFp16/*_d128_*:*MultiQueryDecode.MatchesCpuReferenceFp16/*_d128_*:*SharedPagedDecode*:*CodecCache*fp8*_d128*:*CodecCache*int4*_g8_d128*' twostages
-  SANITIZE_SECONDS=150 sanitize racecheck kvtrim_cuda_tests_twostages '*AwkwardLengths/DecodeAttention.MatchesCpuReferenceFp16/*contiguous*_d128_*:*CodecCache*contiguous_fp8_amax_b1_kv2_g8_d128*' twostages
-}
-twostagesbench() {
-  ROUNDS=3 DECODE_ROWS="$LAYOUT_ROWS|^codec_decode_(fp16|int8|fp8|int4|int4_zero_point)/batch:8/tokens:32768/|^decode_attention/|^decode_attention_multi_query" \
-    ROWS='^(device_copy|decode|codec_decode)' decode_ab twostages main twostagesbench
-}
-# diag-nofix.diff (build-pending.sh nofix): the codec tests without main's GQA 16 fix — the int8 GQA 16 cases must fail.
-nofix() {
-  run_tests nofix 120 '*CodecCache*_g16_*'
-}
-# diag-low-rank-stages.diff (build-pending.sh main lr2): low-rank decode at two stages against main's three (r = 32).
-lr2() {
-  ROUNDS=3 DECODE_ROWS='device_copy|^codec_decode_(fp16|low_rank)[a-z_]*/batch:8/tokens:32768/' \
-    ROWS='^(device_copy|codec_decode)' decode_ab lr2 main lr2
-}
-# diag-copy-prefetch.diff (build-pending.sh main pf256): the L2::256B prefetch on every generic cp.async (paged tiles
-# above all) against main: the paged / shared_paged rows at 4k and 32k, two rounds.
-pf256() {
-  DECODE_ROWS="$LAYOUT_ROWS" ROWS='^(device_copy|decode|codec_decode)' decode_ab pf256 main pf256
-}
 # Each build's tensor-core kernel at W 4k and 32k (fp16 contiguous, paged 16) and fp8 at 32k: grid size, registers and
 # the occupancy limits (does the smaller shared memory let a third block onto an SM, and so grow the grid?).
 occupancy() {
@@ -251,11 +197,31 @@ occupancy() {
     '^decode_attention_paged/batch:8/tokens:4096/.*lengths:0/page:16/scattered:1'
     '^codec_decode_fp8/batch:8/tokens:32768/q_heads:32/' '^codec_decode_int4/batch:8/tokens:32768/q_heads:32/')
   local v row i=0
-  for v in main twostagesbench; do for row in "${rows[@]}"; do
+  for v in ${OCCUPANCY_VARIANTS:-main headbench}; do for row in "${rows[@]}"; do
     i=$((i + 1))
     timeout 60 ncu --metrics launch__grid_size,launch__registers_per_thread,launch__shared_mem_per_block_dynamic,launch__occupancy_limit_registers,launch__occupancy_limit_shared_mem,sm__warps_active.avg.pct_of_peak_sustained_active,gpu__time_duration.sum \
       --launch-skip 20 --launch-count 1 -k 'regex:decode_attention_tensor_core' ./bench_cuda_decode_attention_$v --benchmark_filter="$row" > "$OUT/occupancy-$i.txt" 2>&1
     log "occupancy $v $row rc=$? $(grep -E 'launch__|sm__warps|gpu__time' "$OUT/occupancy-$i.txt" | awk '{print $1 "=" $NF}' | sed 's/launch__//' | tr '\n' ' ')"
+  done; done
+}
+# build-pending.sh head (the branch under test: decode at two stages, low-rank r = 32 at two, EveryGroup turned):
+# codec and eviction tests, memcheck on the low-rank and head dim 128 int4 / fp8 codec cases, racecheck on two
+# low-rank tensor-core cases; the bench against main (low-rank, codecs, layouts), two rounds; ncu's grid and
+# occupancy of the low-rank kernel in both.
+headtests() {
+  run_tests head 300
+  SANITIZE_SECONDS=200 sanitize memcheck kvtrim_cuda_tests_head '*CodecCache*low_rank_post*:*SequenceBasisCache*post*:*EveryGroup*int4*_d128*:*EveryGroup*fp8*_d128*:*EvictionStep*LowRank*' head
+  SANITIZE_SECONDS=120 sanitize racecheck kvtrim_cuda_tests_head '*CodecCache*contiguous_low_rank_post_b2_kv2_g8_d128*:*CodecCache*paged_low_rank_post_b1_kv2_g16_d128*' head
+}
+headbench() {
+  DECODE_ROWS="$LAYOUT_ROWS|^codec_decode_[a-z0-9_]+/batch:8/tokens:32768/" ROWS='^(device_copy|decode|codec_decode)' \
+    decode_ab head main headbench
+  local v row i=100
+  for v in main headbench; do for row in '^codec_decode_low_rank/batch:8/tokens:32768/q_heads:32/' '^codec_decode_low_rank/batch:8/tokens:32768/q_heads:8/'; do
+    i=$((i + 1))
+    timeout 60 ncu --metrics launch__grid_size,launch__registers_per_thread,launch__shared_mem_per_block_dynamic,launch__occupancy_limit_registers,launch__occupancy_limit_shared_mem,gpu__time_duration.sum \
+      --launch-skip 20 --launch-count 1 -k 'regex:low_rank' ./bench_cuda_decode_attention_$v --benchmark_filter="$row" > "$OUT/occupancy-$i.txt" 2>&1
+    log "occupancy $v $row rc=$? $(grep -E 'launch__|gpu__time|decode_attention_low' "$OUT/occupancy-$i.txt" | awk '{print $1 "=" $NF}' | sed 's/launch__//' | tr '\n' ' ')"
   done; done
 }
 # DEADLINE (seconds since the start): stages that would begin after it are skipped, so the archive below

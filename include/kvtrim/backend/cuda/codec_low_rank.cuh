@@ -114,10 +114,11 @@ inline constexpr int low_rank_mma_tile = 128;
 
 /// Ring stages per stored rank: 4 × 10 KB (r = 16), 2 × 18 KB (32), 2 × 42 KB (64) — with the
 /// query, three blocks of four warps per multiprocessor at r ≤ 32 (two at 64), each with its next
-/// tile in flight. r = 32 had three: two are 9–11 % faster (H100, 2026-12-07, W 32k: 141.4 → 128.4
-/// µs at GQA 4, 140.6 → 125.0 at GQA 2, 141.4 → 127.2 at GQA 1; sequence bases alike;
-/// docs/results.md), as the tensor-core attention kernels were at head dim 128 (decode_attention.cuh,
-/// tensor_core_geometry::stages). r = 16 was not measured at two.
+/// tile in flight. r = 32 had three: two are 7.6–11 % faster (H100s, 2026-12-07, W 32k: 141.4 → 128.5
+/// and 135.0 → 124.8 µs at GQA 4 on two machines, 140.5 → 124.9 at GQA 2, 141.5 → 127.2 at GQA 1;
+/// sequence bases alike; the grid and occupancy unchanged; docs/results.md), as the tensor-core
+/// attention kernels were at head dim 128 (decode_attention.cuh, tensor_core_geometry::stages). r = 16
+/// was not measured at two.
 __host__ __device__ constexpr int low_rank_mma_stages(std::int64_t rank) { return rank == 16 ? 4 : 2; }
 /// Whether the tensor-core kernel reads this storage (else decode_attention_low_rank).
 __host__ __device__ inline bool low_rank_mma_reads(std::int64_t stored_rank, bool pre_rope) {
