@@ -778,17 +778,17 @@ __global__ void __launch_bounds__(decode_threads)
 // the block dequantizes it through the codec's reader into one fp16 K/V tile
 // (rounding each dequantized element to fp16 once), and the same mma loop reads that.
 
-/// The blocks an SM a tensor-core decode kernel is built for: its launch bound (registers ≤ 65536 /
-/// (128 · blocks): 168 at three) and its stage budget (shared memory per block: 108 KB at two, 72 KB
-/// at three; head dim 128 takes two stages whatever the budget, tensor_core_geometry::stages). Three for int4 code fragments at groups ≤ 4 (KIVI and zero points, every layout):
-/// 9–10 % faster at W's 32k tokens, GQA 1, 2 and 4, H100, 2026-12-05 (docs/results.md), despite
-/// 80 bytes of spills at GQA 2–4. Two for the rest — one block's prologue, segment switch and
-/// epilogue then overlap the other's streaming: three were no faster for int8 (spills), fp8, fp16
-/// contiguous or flat, and for paged / shared_paged fp16 0.6 % faster at 32k but 2–5 % slower at
-/// 4k–8k on the H100 (−8 % at 32k in an H200 build that set every kernel to three, not re-measured
-/// there). Head dim 256 (one block an SM by its shared memory: 200 KB of stages) and multi-query
-/// (256-thread blocks) keep their bare bound. KVTRIM_CUDA_DECODE_TC_BLOCKS (an experiment's knob)
-/// sets every kernel at head dims ≤ 128 and one query to 2 or 3, so that a benchmark can compare.
+/// The blocks an SM a tensor-core decode kernel is built for: its launch bound (registers ≤ 65536 / (128 ·
+/// blocks): 168 at three) and its stage budget (shared memory per block: 108 KB at two, 72 KB at three;
+/// head dim 128 takes two stages whatever the budget, tensor_core_geometry::stages). Three for int4 code
+/// fragments at groups ≤ 4 (KIVI and zero points, every layout): 9–10 % faster at W's 32k tokens, GQA 1, 2
+/// and 4, H100, 2026-12-05 (docs/results.md), despite 80 bytes of spills at GQA 2–4. Two for the rest — one
+/// block's prologue, segment switch and epilogue then overlap the other's streaming: three were no faster
+/// for int8 (spills), fp8, fp16 contiguous or flat, and for paged / shared_paged fp16 0.6 % faster at 32k
+/// but 2–5 % slower at 4k–8k on the H100 (−8 % at 32k in an H200 build that set every kernel to three, not
+/// re-measured there). Head dim 256 (one block an SM by its shared memory: 200 KB of stages) and
+/// multi-query (256-thread blocks) keep their bare bound. KVTRIM_CUDA_DECODE_TC_BLOCKS (an experiment's
+/// knob) sets every kernel at head dims ≤ 128 and one query to 2 or 3, so that a benchmark can compare.
 template <class View, class StoreT, int HeadDim, int Group, bool Fragments, int Queries>
 constexpr int tensor_core_blocks() {
   if constexpr (HeadDim > 128 || Queries > 1) {
