@@ -850,15 +850,15 @@ struct tensor_core_geometry {
   /// Head dim 128 with tiles read as stored (16-bit rows, code fragments): two stages — one tile in flight
   /// while one is read, 31–47 KB a stage. Three (fp16, fp8; int4 at groups 8 and 16) were nowhere clearly
   /// faster and up to 2.5 % slower — H100s, 2026-12-07, three machines (docs/results.md): paged /
-  /// shared_paged 16 at W 4k −1.5 to −2.5 %, contiguous 4k −0.4 to −1.2 %, fp8 −1.2 to −2.6 %, 32k −0.2 to
-  /// −0.7 %, multi-query −0.1 to −0.9 %; pages of 64 at 32k −0.1 and −0.25 % on two machines, +1.3 % on the
-  /// third (main itself 371–375 µs there). The grid and occupancy did not change (ncu: two blocks an SM,
-  /// bound by registers either way). int8, and int4 at groups ≤ 4, had two already (their KIVI side data);
-  /// int4 at groups 8 and 16 was not measured at either. Elsewhere as many stages as fit in 108 KB of shared
-  /// memory (two blocks per SM; 72 KB for three) at head dims ≤ 128, 200 KB at 256 (one block), between 2 and
-  /// 4 (6 for code fragments): head dim 64's tiles are half the bytes, and two of them cost it 12 % (W 4k,
-  /// 33.2 → 37.2 µs); dequantized tiles were not measured at two. Swizzled tiles set 1 KB of the budget aside
-  /// for aligning the stages (D 64: 4).
+  /// shared_paged 16 at W 4k −1.5 to −2.5 %, contiguous 4k −0.4 to −1.2 %, fp8 −0.4 to −2.6 %, the 32k rows
+  /// −0.6 to +0.35 % (flat), multi-query −0.1 to −0.9 %; pages of 64 at 32k −0.1 and −0.25 % on two machines,
+  /// +1.3 % on the third (main itself 371–375 µs there). The grid and occupancy did not change (ncu: two
+  /// blocks an SM, bound by registers either way). int8, and int4 at groups ≤ 4, had two already (their KIVI
+  /// side data); int4 at groups 8 and 16 was not measured at either. Elsewhere as many stages as fit in
+  /// 108 KB of shared memory (two blocks per SM; 72 KB for three) at head dims ≤ 128, 200 KB at 256 (one
+  /// block), between 2 and 4 (6 for code fragments): head dim 64's tiles are half the bytes, and two of them
+  /// cost it 12 % (W 4k, 33.2 → 37.2 µs); dequantized tiles were not measured at two. Swizzled tiles set 1 KB
+  /// of the budget aside for aligning the stages (D 64: 4).
   static constexpr std::size_t shared_budget = HeadDim > 128 ? 204800 : Blocks >= 3 ? 73728 : 110592;
   static constexpr std::size_t alignment_slack = swizzled ? 1024 : 0;
   static constexpr int stages =
