@@ -189,8 +189,15 @@ final() {
   sanitize memcheck kvtrim_cuda_tests_final '*CodecCache*contiguous_int4_g32_b*:*CodecCache*paged_fp8*:*CodecCache*flat_int8*:*EvictionMetricCodecs*' final
   [ "${FINAL_RACECHECK:-0}" = 0 ] || sanitize racecheck kvtrim_cuda_tests_final '*CodecCache*contiguous_int4_g32_b*:*CodecCache*paged_fp8_amax_b2*' final
 }
-# Each build's tensor-core kernel at W 4k and 32k (fp16 contiguous, paged 16) and fp8 at 32k: grid size, registers and
-# the occupancy limits (does the smaller shared memory let a third block onto an SM, and so grow the grid?).
+# launch_limits LABEL VARIANT KERNEL_REGEX ROW: ncu's grid size, registers, dynamic shared memory, occupancy limits
+# and time of one launch of the matching kernel in bench_cuda_decode_attention_VARIANT's row, one log line.
+launch_limits() {
+  timeout 60 ncu --metrics launch__grid_size,launch__registers_per_thread,launch__shared_mem_per_block_dynamic,launch__occupancy_limit_registers,launch__occupancy_limit_shared_mem,sm__warps_active.avg.pct_of_peak_sustained_active,gpu__time_duration.sum \
+    --launch-skip 20 --launch-count 1 -k "regex:$3" "./bench_cuda_decode_attention_$2" --benchmark_filter="$4" > "$OUT/occupancy-$1.txt" 2>&1
+  log "occupancy $2 $4 rc=$? $(grep -E 'launch__|sm__warps|gpu__time' "$OUT/occupancy-$1.txt" | awk '{print $1 "=" $NF}' | sed 's/launch__//' | tr '\n' ' ')"
+}
+# Each build's tensor-core kernel at W 4k and 32k (fp16 contiguous, paged 16) and fp8 / int4 at 32k (does the smaller
+# shared memory let a third block onto an SM, and so grow the grid?).
 occupancy() {
   local rows=('^decode_attention/batch:8/tokens:4096/q_heads:32/kv_heads:8/head_dim:128/it'
     '^decode_attention/batch:8/tokens:32768/q_heads:32/kv_heads:8/head_dim:128/it'
@@ -198,10 +205,7 @@ occupancy() {
     '^codec_decode_fp8/batch:8/tokens:32768/q_heads:32/' '^codec_decode_int4/batch:8/tokens:32768/q_heads:32/')
   local v row i=0
   for v in ${OCCUPANCY_VARIANTS:-main headbench}; do for row in "${rows[@]}"; do
-    i=$((i + 1))
-    timeout 60 ncu --metrics launch__grid_size,launch__registers_per_thread,launch__shared_mem_per_block_dynamic,launch__occupancy_limit_registers,launch__occupancy_limit_shared_mem,sm__warps_active.avg.pct_of_peak_sustained_active,gpu__time_duration.sum \
-      --launch-skip 20 --launch-count 1 -k 'regex:decode_attention_tensor_core' ./bench_cuda_decode_attention_$v --benchmark_filter="$row" > "$OUT/occupancy-$i.txt" 2>&1
-    log "occupancy $v $row rc=$? $(grep -E 'launch__|sm__warps|gpu__time' "$OUT/occupancy-$i.txt" | awk '{print $1 "=" $NF}' | sed 's/launch__//' | tr '\n' ' ')"
+    i=$((i + 1)); launch_limits "$i" "$v" decode_attention_tensor_core "$row"
   done; done
 }
 # build-pending.sh head (the branch under test: decode at two stages, low-rank r = 32 at two, EveryGroup turned):
@@ -218,10 +222,7 @@ headbench() {
     decode_ab head main headbench
   local v row i=100
   for v in main headbench; do for row in '^codec_decode_low_rank/batch:8/tokens:32768/q_heads:32/' '^codec_decode_low_rank/batch:8/tokens:32768/q_heads:8/'; do
-    i=$((i + 1))
-    timeout 60 ncu --metrics launch__grid_size,launch__registers_per_thread,launch__shared_mem_per_block_dynamic,launch__occupancy_limit_registers,launch__occupancy_limit_shared_mem,gpu__time_duration.sum \
-      --launch-skip 20 --launch-count 1 -k 'regex:low_rank' ./bench_cuda_decode_attention_$v --benchmark_filter="$row" > "$OUT/occupancy-$i.txt" 2>&1
-    log "occupancy $v $row rc=$? $(grep -E 'launch__|gpu__time|decode_attention_low' "$OUT/occupancy-$i.txt" | awk '{print $1 "=" $NF}' | sed 's/launch__//' | tr '\n' ' ')"
+    i=$((i + 1)); launch_limits "$i" "$v" low_rank "$row"
   done; done
 }
 # DEADLINE (seconds since the start): stages that would begin after it are skipped, so the archive below
