@@ -419,6 +419,22 @@ BENCHMARK(codec_decode<kt::codec::fp8>)->Name("codec_decode_fp8") KVTRIM_CODEC_R
 BENCHMARK(codec_decode<kt::codec::int4>)->Name("codec_decode_int4") KVTRIM_CODEC_ROWS(5);
 BENCHMARK(codec_decode<kt::codec::fp8>)->Name("codec_decode_fp8_fixed_scales") KVTRIM_CODEC_ROWS(6);
 BENCHMARK(codec_decode<kt::codec::low_rank>)->Name("codec_decode_low_rank") KVTRIM_CODEC_ROWS(7);
+// Other model shapes (each its own kernel: the stage and block counts are chosen per group and
+// head dim): GQA 8 and 16 at head dim 128 (64 / 128 q heads over 8 kv heads, as Llama 3 70B's
+// GQA 8), GQA 4 and 8 at head dim 64; W's batch and tokens otherwise.
+#define KVTRIM_CODEC_SHAPE_ROWS(codec_id)                                                               \
+  ->ArgNames({"batch", "tokens", "q_heads", "kv_heads", "head_dim", "codec"})                           \
+      ->Args({8, 32768, 64, 8, 128, codec_id})                                                          \
+      ->Args({8, 32768, 128, 8, 128, codec_id})                                                         \
+      ->Args({8, 32768, 32, 8, 64, codec_id})                                                           \
+      ->Args({8, 32768, 64, 8, 64, codec_id})                                                           \
+      ->UseManualTime()                                                                                 \
+      ->Iterations(50)                                                                                  \
+      ->Unit(benchmark::kMicrosecond)
+BENCHMARK(codec_decode<kt::codec::fp16>)->Name("codec_shapes_fp16") KVTRIM_CODEC_SHAPE_ROWS(0);
+BENCHMARK(codec_decode<kt::codec::int8>)->Name("codec_shapes_int8") KVTRIM_CODEC_SHAPE_ROWS(1);
+BENCHMARK(codec_decode<kt::codec::int4>)->Name("codec_shapes_int4") KVTRIM_CODEC_SHAPE_ROWS(5);
+BENCHMARK(codec_decode<kt::codec::fp8>)->Name("codec_shapes_fp8") KVTRIM_CODEC_SHAPE_ROWS(4);
 // The A/B of the encode (issue 12): the same rows at GQA 4 with the element kernels that preceded the 16-byte
 // ones (kvtrim::cuda_detail::legacy_codec_encode; the bytes are the same), in the same run.
 template <class CodecT>
