@@ -51,7 +51,7 @@
 //    value operands as A (value_fragments' registers of output tiles 2m, 2m + 1)
 //    — half the mma of the row form. A lane's accumulators then hold query
 //    heads 2t, 2t + 1 (columns) instead of head g (a row): the per-head score
-//    steps and sums have column forms (columns, column_score, column_zero_sum;
+//    steps and sums have column forms (columns, column_score, column_zero_sums;
 //    weight and rescale take the column as their row block index).
 #pragma once
 
@@ -773,8 +773,7 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
   /// 1024 + 16·code (value_fragments): their accumulators hold Σ p'(1024 + 16·c̄ + 16·offset).
   static constexpr bool sixteenfold_odd_tiles = Bits == 4;
   /// The output of row block rb at output tile j's channel: the P·V accumulator (odd tiles of int4
-  /// divided by 16, exactly) plus Σ p z minus the bias times Σ p' (`zero_sum`: zero_sum(rb, j % 2);
-  /// this lane's part summed over the quad).
+  /// divided by 16, exactly) plus Σ p z minus the bias times Σ p' (`zero_sum`: zero_sums(rb)[j % 2]).
   __device__ __forceinline__ float output(float accumulator, float zero_sum, int j) const {
     return sixteenfold_odd_tiles && j % 2 != 0 ? fmaf(accumulator, 0.0625f, zero_sum) : accumulator + zero_sum;
   }
@@ -783,19 +782,32 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
   __device__ __forceinline__ float carried_bias(int odd) const {
     return sixteenfold_odd_tiles && odd ? value_bias - 960.0f : value_bias;
   }
-  __device__ __forceinline__ float zero_sum(int rb, int odd = 0) const {
-    float sum = fmaf(-carried_bias(odd), weight_sum[rb], value_zero_sum[rb]);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    return sum;
+  /// Row block rb's `output` argument per output-tile parity — sums[j % 2] for tile j: Σ p z − bias·Σ p',
+  /// this lane's part summed over the quad. Only int4's odd tiles carry a bias of their own; every
+  /// other codec's odd tiles take the even tiles' sum (an epilogue that chose per parity itself once
+  /// gave int8's odd tiles 0 at GQA 16, 2026-12-07).
+  __device__ __forceinline__ void zero_sums(int rb, float (&sums)[2]) const {
+#pragma unroll
+    for (int odd = 0; odd < (sixteenfold_odd_tiles ? 2 : 1); ++odd) {
+      float sum = fmaf(-carried_bias(odd), weight_sum[rb], value_zero_sum[rb]);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      sums[odd] = sum;
+    }
+    if constexpr (!sixteenfold_odd_tiles) sums[1] = sums[0];
   }
-  /// Transposed product: column e's part summed over the lanes holding that head (the eight g).
-  __device__ __forceinline__ float column_zero_sum(int e, int odd = 0) const {
-    float sum = fmaf(-carried_bias(odd), weight_sum[e], value_zero_sum[e]);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 4);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 8);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 16);
-    return sum;
+  /// Transposed product: zero_sums of column e (query head 2t + e), summed over the lanes holding
+  /// that head (the eight g).
+  __device__ __forceinline__ void column_zero_sums(int e, float (&sums)[2]) const {
+#pragma unroll
+    for (int odd = 0; odd < (sixteenfold_odd_tiles ? 2 : 1); ++odd) {
+      float sum = fmaf(-carried_bias(odd), weight_sum[e], value_zero_sum[e]);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 8);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 16);
+      sums[odd] = sum;
+    }
+    if constexpr (!sixteenfold_odd_tiles) sums[1] = sums[0];
   }
   __device__ __forceinline__ void values(const std::uint8_t* rows, int row_stride, int lane,
                                          unsigned (&b)[layout::output_tiles][2]) const {
@@ -862,9 +874,8 @@ struct fragment_decoder<codec::fp8, HeadDim, Group> {
   }
   __device__ __forceinline__ float weight(float p, int, const float*, int) const { return p; }
   __device__ __forceinline__ void rescale(int, float) const {}
-  static constexpr bool sixteenfold_odd_tiles = false;
-  __device__ __forceinline__ float zero_sum(int, int = 0) const { return 0.0f; }
-  __device__ __forceinline__ float column_zero_sum(int, int = 0) const { return 0.0f; }
+  __device__ __forceinline__ void zero_sums(int, float (&sums)[2]) const { sums[0] = sums[1] = 0.0f; }
+  __device__ __forceinline__ void column_zero_sums(int, float (&sums)[2]) const { sums[0] = sums[1] = 0.0f; }
   __device__ __forceinline__ float output(float accumulator, float, int) const { return accumulator * value_scale; }
   __device__ __forceinline__ void values(const std::uint8_t* rows, int row_stride, int lane,
                                          unsigned (&b)[layout::output_tiles][2]) const {

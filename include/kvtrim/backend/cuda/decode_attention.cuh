@@ -1438,11 +1438,8 @@ __global__ void __launch_bounds__(
         sum += __shfl_xor_sync(0xffffffffu, sum, 4);
         sum += __shfl_xor_sync(0xffffffffu, sum, 8);
         sum += __shfl_xor_sync(0xffffffffu, sum, 16);
-        // Per parity of the output tile (int4's odd tiles carry their codes 16-fold: the decoder's bias;
-        // other codecs' tiles of both parities carry the same).
-        float zero_sum[2];
-        zero_sum[0] = fragments.column_zero_sum(e, 0);
-        zero_sum[1] = decoder::sixteenfold_odd_tiles ? fragments.column_zero_sum(e, 1) : zero_sum[0];
+        float zero_sum[2];  // per parity of the output tile (the decoder's rule: column_zero_sums)
+        fragments.column_zero_sums(e, zero_sum);
         const int row = 2 * quad + e;
         if (row < query_rows) {
 #pragma unroll
@@ -1464,14 +1461,8 @@ __global__ void __launch_bounds__(
         float sum = running_sum[rb];
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        // Per parity of the output tile (decoder::output), as in the transposed form above: int4's odd
-        // tiles carry their own bias, every other codec's odd tiles the even tiles' (until 2026-12-07 they
-        // got 0 here — int8 at GQA 16 lost β·Σp' on its odd tiles, and Σp·z with zero points; no case had it).
-        [[maybe_unused]] float zero_sum[2] = {};
-        if constexpr (Fragments) {
-          zero_sum[0] = fragments.zero_sum(rb, 0);
-          zero_sum[1] = decoder::sixteenfold_odd_tiles ? fragments.zero_sum(rb, 1) : zero_sum[0];
-        }
+        [[maybe_unused]] float zero_sum[2] = {};  // per parity of the output tile (the decoder's zero_sums)
+        if constexpr (Fragments) fragments.zero_sums(rb, zero_sum);
         const int row = first_row + head_row + 8 * rb;
         if (row < query_rows) {
 #pragma unroll
