@@ -52,7 +52,11 @@ for variant in "${variants[@]}"; do
     # HEAD as it is (a branch under test): its codec and eviction tests and its decode bench
     head) build head "" 'codecs_test|eviction_test' "" kvtrim_cuda_tests
           build headbench "" none "" bench_cuda_decode_attention ;;
-    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main final head)" >&2; exit 2 ;;
+    # Three blocks an SM for int4 / fp8 fragments at groups ≤ 8 and every fragment kernel at head dim 64
+    # (blocks3.diff): its decode bench (against headbench) and its codec / eviction tests
+    blocks3) build blocks3 blocks3.diff none "" bench_cuda_decode_attention
+             build b3tests blocks3.diff 'codecs_test|eviction_test' "" kvtrim_cuda_tests ;;
+    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main final head blocks3)" >&2; exit 2 ;;
   esac
 done
 du -sh "$out"
