@@ -52,6 +52,8 @@ for variant in "${variants[@]}"; do
     # HEAD as it is (a branch under test): its codec and eviction tests and its decode bench
     head) build head "" 'codecs_test|eviction_test' "" kvtrim_cuda_tests
           build headbench "" none "" bench_cuda_decode_attention ;;
+    # HEAD's decode bench alone (the base of an A/B whose tests another variant builds)
+    headbench) build headbench "" none "" bench_cuda_decode_attention ;;
     # Three blocks an SM for int4 / fp8 fragments at groups ≤ 8 and every fragment kernel at head dim 64
     # (blocks3.diff): its decode bench (against headbench) and its codec / eviction tests
     blocks3) build blocks3 blocks3.diff none "" bench_cuda_decode_attention
