@@ -781,7 +781,7 @@ __global__ void __launch_bounds__(decode_threads)
 /// The blocks an SM a tensor-core decode kernel is built for: its launch bound (registers ≤ 65536 / (128 ·
 /// blocks): 168 at three) and its stage budget (shared memory per block: 108 KB at two, 72 KB at three;
 /// head dim 128 takes two stages whatever the budget, tensor_core_geometry::stages). Three for every code-
-/// fragment kernel at head dim 64 and for int4 at head dim 128 up to GQA 8; two for the rest — one block's
+/// fragment kernel up to GQA 8 at head dim 64, and for int4's at 128; two for the rest (GQA 16 unmeasured) — one block's
 /// prologue, segment switch and epilogue then overlap the other's streaming. H100, batch 8, 32k tokens, 8 kv
 /// heads (docs/results.md): int4 at groups ≤ 4 −9 to −10 % (2026-12-05; 80 bytes of spills at GQA 2–4),
 /// int4 at GQA 8 −2.8 %, head dim 64 int8 −15 % (GQA 4) / −12 % (GQA 8), int4 GQA 8 −14 %, fp8 −2.7 / −4.2 %
@@ -801,7 +801,7 @@ constexpr int tensor_core_blocks() {
                   "KVTRIM_CUDA_DECODE_TC_BLOCKS: 2 or 3 blocks an SM");
     return KVTRIM_CUDA_DECODE_TC_BLOCKS;
 #else
-    return Fragments && (HeadDim == 64 || (std::is_same_v<typename View::codec, codec::quantized<4>> && Group <= 8)) ? 3 : 2;
+    return Fragments && Group <= 8 && (HeadDim == 64 || std::is_same_v<typename View::codec, codec::quantized<4>>) ? 3 : 2;
 #endif
   }
 }
