@@ -787,24 +787,20 @@ struct fragment_decoder<codec::quantized<Bits>, HeadDim, Group> {
   /// other codec's odd tiles take the even tiles' sum (an epilogue that chose per parity itself once
   /// gave int8's odd tiles 0 at GQA 16, 2026-12-07).
   __device__ __forceinline__ void zero_sums(int rb, float (&sums)[2]) const {
-#pragma unroll
-    for (int odd = 0; odd < (sixteenfold_odd_tiles ? 2 : 1); ++odd) {
-      float sum = fmaf(-carried_bias(odd), weight_sum[rb], value_zero_sum[rb]);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      sums[odd] = sum;
-    }
-    if constexpr (!sixteenfold_odd_tiles) sums[1] = sums[0];
+    parity_sums<1, 2>(weight_sum[rb], value_zero_sum[rb], sums);
   }
   /// Transposed product: zero_sums of column e (query head 2t + e), summed over the lanes holding
   /// that head (the eight g).
   __device__ __forceinline__ void column_zero_sums(int e, float (&sums)[2]) const {
+    parity_sums<4, 8, 16>(weight_sum[e], value_zero_sum[e], sums);
+  }
+  /// Σ p z − bias·Σ p' per parity from this lane's parts, summed over the lanes `LaneMasks` reach.
+  template <unsigned... LaneMasks>
+  __device__ __forceinline__ void parity_sums(float weights, float zeros, float (&sums)[2]) const {
 #pragma unroll
     for (int odd = 0; odd < (sixteenfold_odd_tiles ? 2 : 1); ++odd) {
-      float sum = fmaf(-carried_bias(odd), weight_sum[e], value_zero_sum[e]);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 4);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 8);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 16);
+      float sum = fmaf(-carried_bias(odd), weights, zeros);
+      ((sum += __shfl_xor_sync(0xffffffffu, sum, LaneMasks)), ...);
       sums[odd] = sum;
     }
     if constexpr (!sixteenfold_odd_tiles) sums[1] = sums[0];
