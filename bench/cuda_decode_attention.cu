@@ -421,13 +421,16 @@ BENCHMARK(codec_decode<kt::codec::fp8>)->Name("codec_decode_fp8_fixed_scales") K
 BENCHMARK(codec_decode<kt::codec::low_rank>)->Name("codec_decode_low_rank") KVTRIM_CODEC_ROWS(7);
 // Other model shapes (each its own kernel: the stage and block counts are chosen per group and
 // head dim): GQA 8 and 16 at head dim 128 (64 / 128 q heads over 8 kv heads, as Llama 3 70B's
-// GQA 8), GQA 4 and 8 at head dim 64; W's batch and tokens otherwise.
+// GQA 8), GQA 4 and 8 at head dim 64; W's batch, at 32k tokens and (fewer stages matter most there) 4k.
 #define KVTRIM_CODEC_SHAPE_ROWS(codec_id)                                                               \
   ->ArgNames({"batch", "tokens", "q_heads", "kv_heads", "head_dim", "codec"})                           \
       ->Args({8, 32768, 64, 8, 128, codec_id})                                                          \
       ->Args({8, 32768, 128, 8, 128, codec_id})                                                         \
       ->Args({8, 32768, 32, 8, 64, codec_id})                                                           \
       ->Args({8, 32768, 64, 8, 64, codec_id})                                                           \
+      ->Args({8, 4096, 64, 8, 128, codec_id})                                                           \
+      ->Args({8, 4096, 32, 8, 64, codec_id})                                                            \
+      ->Args({8, 4096, 64, 8, 64, codec_id})                                                            \
       ->UseManualTime()                                                                                 \
       ->Iterations(50)                                                                                  \
       ->Unit(benchmark::kMicrosecond)

@@ -54,11 +54,10 @@ for variant in "${variants[@]}"; do
           build headbench "" none "" bench_cuda_decode_attention ;;
     # HEAD's decode bench alone (the base of an A/B whose tests another variant builds)
     headbench) build headbench "" none "" bench_cuda_decode_attention ;;
-    # Three blocks an SM for int4 / fp8 fragments at groups ≤ 8 and every fragment kernel at head dim 64
-    # (blocks3.diff): its decode bench (against headbench) and its codec / eviction tests
-    blocks3) build blocks3 blocks3.diff none "" bench_cuda_decode_attention
-             build b3tests blocks3.diff 'codecs_test|eviction_test' "" kvtrim_cuda_tests ;;
-    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main final head blocks3)" >&2; exit 2 ;;
+    # The decode bench with the blocks rule before 2026-12-07 18:40 (oldrule.diff: three blocks an SM for int4
+    # fragments at groups <= 4 only), against `main` (HEAD's rule) on the codec rows at 4k and 32k
+    oldrule) build oldrule oldrule.diff none "" bench_cuda_decode_attention ;;
+    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main final head headbench oldrule)" >&2; exit 2 ;;
   esac
 done
 du -sh "$out"

@@ -17,8 +17,8 @@
 #   occupancy grid size, registers and occupancy limits of the tensor-core kernel in OCCUPANCY_VARIANTS (ncu)
 #   headtests the branch under test (build-pending.sh head): codec and eviction tests, memcheck, racecheck
 #   headbench its bench against main and ncu's occupancy of the low-rank kernel
-#   b3bench  every codec row of HEAD and of blocks3.diff (three blocks an SM), three rounds; ncu's occupancy
-#   b3tests  blocks3's (B3_LABEL's) codec and eviction tests, memcheck and racecheck on the kernels it changes
+#   b3bench  every codec row under the blocks rule before / after 2026-12-07 18:40 (oldrule, main), three rounds
+#   b3tests  the codec and eviction tests of B3_LABEL (default final), memcheck and racecheck where the rule changed
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
@@ -227,30 +227,31 @@ headbench() {
     i=$((i + 1)); launch_limits "$i" "$v" low_rank "$row"
   done; done
 }
-# build-pending.sh headbench blocks3: every codec row (W at GQA 4 / 2 / 1, codec_shapes_* at GQA 8 / 16 and head dim
-# 64) of HEAD and of blocks3.diff, ROUNDS (default three) alternating; ncu's grid and occupancy where it changes.
-CODEC_ROWS='device_copy|^codec_(decode|shapes)_(fp16|int8|int8_zero_point|int4|int4_zero_point|fp8|fp8_fixed_scales)/batch:8/tokens:32768/'
+# Every codec row (W at GQA 4 / 2 / 1, codec_shapes_* at GQA 8 / 16 and head dim 64, 32k and 4k) of the benches
+# B3_VARIANTS (default: build-pending.sh oldrule main — the blocks rule before and after 2026-12-07 18:40), ROUNDS
+# (default three) alternating; ncu's grid and occupancy where the rule changed (B3_OCCUPANCY=0: not).
+CODEC_ROWS='device_copy|^codec_(decode|shapes)_(fp16|int8|int8_zero_point|int4|int4_zero_point|fp8|fp8_fixed_scales)/batch:8/tokens:(4096|32768)/'
 b3bench() {
-  local r v
-  for r in $(seq "${ROUNDS:-3}"); do for v in ${B3_VARIANTS:-headbench blocks3}; do
+  local r v row
+  for r in $(seq "${ROUNDS:-3}"); do for v in ${B3_VARIANTS:-oldrule main}; do
     timeout 150 ./bench_cuda_decode_attention_$v --benchmark_filter="$CODEC_ROWS" > "$OUT/b3-$v-$r.txt" 2>&1
     log "b3 $v $r rc=$? $((SECONDS - S))s"
   done; done
-  for v in ${B3_VARIANTS:-headbench blocks3}; do echo "== b3 $v"; ROWS='^(device_copy|codec_)' table "$OUT"/b3-$v-*.txt; done | tee -a "$OUT/log.txt"
+  for v in ${B3_VARIANTS:-oldrule main}; do echo "== b3 $v"; ROWS='^(device_copy|codec_)' table "$OUT"/b3-$v-*.txt; done | tee -a "$OUT/log.txt"
   [ "${B3_OCCUPANCY:-1}" = 1 ] || return 0
   local i=200
-  for v in ${B3_VARIANTS:-headbench blocks3}; do for row in '^codec_decode_fp8/batch:8/tokens:32768/q_heads:32/' \
+  for v in ${B3_VARIANTS:-oldrule main}; do for row in '^codec_decode_fp8/batch:8/tokens:32768/q_heads:32/' \
       '^codec_shapes_int4/batch:8/tokens:32768/q_heads:64/kv_heads:8/head_dim:128/' '^codec_shapes_int8/batch:8/tokens:32768/q_heads:32/kv_heads:8/head_dim:64/'; do
     i=$((i + 1)); launch_limits "$i" "$v" decode_attention_tensor_core "$row"
   done; done
 }
 # Its codec and eviction tests (the decoders' zero_sums included), memcheck on the kernels whose block count it
 # changes and on int8 at GQA 16 (the parity rule), racecheck on two.
-# B3_LABEL: the test binary (kvtrim_cuda_tests_<label>; default b3tests, or final: what landed). gtest filters take
+# B3_LABEL: the test binary (kvtrim_cuda_tests_<label>; default final: build-pending.sh final, what landed). gtest filters take
 # * and ? only: the head dim 64 fragment kernels (three blocks up to GQA 8) by group, int4 at GQA 8 / 128, the
 # GQA 16 int8 / int4 cases (the parity rule), the metric over codecs; low-rank and layered (not fragments) left out.
 b3tests() {
-  local label=${B3_LABEL:-b3tests}
+  local label=${B3_LABEL:-final}
   run_tests "$label" 300
   SANITIZE_SECONDS=240 sanitize memcheck "kvtrim_cuda_tests_$label" "${B3_MEMCHECK:-*CodecCache*_g1_d64*:*CodecCache*_g2_d64*:*CodecCache*_g4_d64*:*CodecCache*_g8_d64*:*CodecCache*int4*_g8_d128*:*CodecCache*int8*_g16_*:*CodecCache*int4*_g16_*:*EvictionMetricCodecs*-*low_rank*:*layered*}" "$label"
   SANITIZE_SECONDS=150 sanitize racecheck "kvtrim_cuda_tests_$label" "${B3_RACECHECK:-*EveryGroup*int8_g32_b1_kv3_g2_d64*:*EveryGroup*int4_g32_zero_b1_kv3_g8_d64*:*EveryGroup*int4_g32_b*_g8_d128*}" "$label"

@@ -417,7 +417,7 @@ struct fragment_layout {
   /// (`rows`, `row_stride` bytes apart): tokens 2t, 2t + 1 (first register) and
   /// 2t + 8, 2t + 9 (second) at channels value_channel(j, g). Integer codes go in as the
   /// biased halves 1024 + code (int4's odd channels 1024 + 16·code), the bias subtracted once
-  /// per row from the output (fragment_decoder::zero_sum) instead of once per code.
+  /// per row from the output (fragment_decoder::zero_sums) instead of once per code.
   __device__ __forceinline__ static void value_fragments(const std::uint8_t* rows, int row_stride, int lane,
                                                          unsigned bias, unsigned (&b)[output_tiles][2]) {
     const int quad = lane % 4, column = lane / 4;
