@@ -54,10 +54,7 @@ for variant in "${variants[@]}"; do
           build headbench "" none "" bench_cuda_decode_attention ;;
     # HEAD's decode bench alone (the base of an A/B whose tests another variant builds)
     headbench) build headbench "" none "" bench_cuda_decode_attention ;;
-    # The decode bench with the blocks rule before 2026-12-07 18:40 (oldrule.diff: three blocks an SM for int4
-    # fragments at groups <= 4 only), against `main` (HEAD's rule) on the codec rows at 4k and 32k
-    oldrule) build oldrule oldrule.diff none "" bench_cuda_decode_attention ;;
-    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main final head headbench oldrule)" >&2; exit 2 ;;
+    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main final head headbench)" >&2; exit 2 ;;
   esac
 done
 du -sh "$out"

@@ -17,7 +17,7 @@
 #   occupancy grid size, registers and occupancy limits of the tensor-core kernel in OCCUPANCY_VARIANTS (ncu)
 #   headtests the branch under test (build-pending.sh head): codec and eviction tests, memcheck, racecheck
 #   headbench its bench against main and ncu's occupancy of the low-rank kernel
-#   b3bench  every codec row under the blocks rule before / after 2026-12-07 18:40 (oldrule, main), three rounds
+#   b3bench  every codec row (W, codec_shapes_* at 4k and 32k) of the benches B3_VARIANTS names, three rounds
 #   b3tests  the codec and eviction tests of B3_LABEL (default final), memcheck and racecheck where the rule changed
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
@@ -228,19 +228,19 @@ headbench() {
   done; done
 }
 # Every codec row (W at GQA 4 / 2 / 1, codec_shapes_* at GQA 8 / 16 and head dim 64, 32k and 4k) of the benches
-# B3_VARIANTS (default: build-pending.sh oldrule main — the blocks rule before and after 2026-12-07 18:40), ROUNDS
-# (default three) alternating; ncu's grid and occupancy where the rule changed (B3_OCCUPANCY=0: not).
+# B3_VARIANTS (bench_cuda_decode_attention_<variant>, e.g. "main headbench"), ROUNDS (default three) alternating;
+# ncu's grid and occupancy of fp8 at W, int4 at GQA 8 and int8 at head dim 64 (B3_OCCUPANCY=0: not).
 CODEC_ROWS='device_copy|^codec_(decode|shapes)_(fp16|int8|int8_zero_point|int4|int4_zero_point|fp8|fp8_fixed_scales)/batch:8/tokens:(4096|32768)/'
 b3bench() {
   local r v row
-  for r in $(seq "${ROUNDS:-3}"); do for v in ${B3_VARIANTS:-oldrule main}; do
+  for r in $(seq "${ROUNDS:-3}"); do for v in ${B3_VARIANTS:?b3bench: name the benches to compare}; do
     timeout 150 ./bench_cuda_decode_attention_$v --benchmark_filter="$CODEC_ROWS" > "$OUT/b3-$v-$r.txt" 2>&1
     log "b3 $v $r rc=$? $((SECONDS - S))s"
   done; done
-  for v in ${B3_VARIANTS:-oldrule main}; do echo "== b3 $v"; ROWS='^(device_copy|codec_)' table "$OUT"/b3-$v-*.txt; done | tee -a "$OUT/log.txt"
+  for v in ${B3_VARIANTS:?b3bench: name the benches to compare}; do echo "== b3 $v"; ROWS='^(device_copy|codec_)' table "$OUT"/b3-$v-*.txt; done | tee -a "$OUT/log.txt"
   [ "${B3_OCCUPANCY:-1}" = 1 ] || return 0
   local i=200
-  for v in ${B3_VARIANTS:-oldrule main}; do for row in '^codec_decode_fp8/batch:8/tokens:32768/q_heads:32/' \
+  for v in ${B3_VARIANTS:?b3bench: name the benches to compare}; do for row in '^codec_decode_fp8/batch:8/tokens:32768/q_heads:32/' \
       '^codec_shapes_int4/batch:8/tokens:32768/q_heads:64/kv_heads:8/head_dim:128/' '^codec_shapes_int8/batch:8/tokens:32768/q_heads:32/kv_heads:8/head_dim:64/'; do
     i=$((i + 1)); launch_limits "$i" "$v" decode_attention_tensor_core "$row"
   done; done

@@ -780,18 +780,18 @@ __global__ void __launch_bounds__(decode_threads)
 
 /// The blocks an SM a tensor-core decode kernel is built for: its launch bound (registers ≤ 65536 / (128 ·
 /// blocks): 168 at three) and its stage budget (shared memory per block: 108 KB at two, 72 KB at three;
-/// head dim 128 takes two stages whatever the budget, tensor_core_geometry::stages). Three for the code-
-/// fragment kernels up to GQA 8 at head dim 64 and int4's at 128; two for the rest (GQA 16 unmeasured) —
-/// one block's prologue, segment switch and epilogue then overlap the other's streaming. H100, batch 8, 32k
-/// tokens, 8 kv heads (docs/results.md): int4 at groups ≤ 4 −9 to −10 % (2026-12-05; 80 bytes of spills at
-/// GQA 2–4); int4 at GQA 8 −2.8 % (84 bytes of spills contiguous, 124 paged), and at head dim 64 int8 −15 %
-/// (GQA 4) / −12 % (GQA 8), int4 GQA 8 −14 %, fp8 −2.7 / −4.2 % (2026-12-07; contiguous caches). Three were
-/// slower or no faster for fp8 at head dim 128 (+1.6 to +2.5 % at GQA 1–8), int8 at 128 (spills), fp16
-/// contiguous or flat, and for paged / shared_paged fp16 0.6 % faster at 32k but 2–5 % slower at 4k–8k on
-/// the H100 (−8 % at 32k in an H200 build that set every kernel to three, not re-measured there). Head dim
-/// 256 (one block an SM by its shared memory: 200 KB of stages) and multi-query (256-thread blocks) keep
-/// their bare bound. KVTRIM_CUDA_DECODE_TC_BLOCKS (an experiment's knob) sets every kernel at head dims
-/// ≤ 128 and one query to 2 or 3, so that a benchmark can compare.
+/// head dim 128 takes two stages whatever the budget, tensor_core_geometry::stages). Three for int4 code
+/// fragments at groups ≤ 4 (KIVI and zero points, every layout): 9–10 % faster at W's 32k tokens, GQA 1, 2
+/// and 4, H100, 2026-12-05 (docs/results.md), despite 80 bytes of spills at GQA 2–4. Two for the rest — one
+/// block's prologue, segment switch and epilogue then overlap the other's streaming. Where three paid at 32k
+/// they cost at 4k (H100, batch 8, 8 kv heads, contiguous, 2026-12-07): head dim 64 int8 −15 / −12 % at 32k
+/// (GQA 4 / 8) but +11 / +15 % at 4k, int4 at GQA 8 −14 % / +17 % (head dim 64) and −2 % / +33 % (128) — a
+/// choice by length the launch does not make yet (docs/results.md); fp8 at head dim 64 −3 % / 0, at 128 +1.6
+/// to +2.5 % at 32k; int8 at 128 spills; fp16 contiguous or flat no faster, and paged / shared_paged fp16
+/// 0.6 % faster at 32k but 2–5 % slower at 4k–8k (−8 % at 32k in an H200 build that set every kernel to
+/// three, not re-measured there). Head dim 256 (one block an SM by its shared memory: 200 KB of stages) and
+/// multi-query (256-thread blocks) keep their bare bound. KVTRIM_CUDA_DECODE_TC_BLOCKS (an experiment's
+/// knob) sets every kernel at head dims ≤ 128 and one query to 2 or 3, so that a benchmark can compare.
 template <class View, class StoreT, int HeadDim, int Group, bool Fragments, int Queries>
 constexpr int tensor_core_blocks() {
   if constexpr (HeadDim > 128 || Queries > 1) {
@@ -802,8 +802,7 @@ constexpr int tensor_core_blocks() {
                   "KVTRIM_CUDA_DECODE_TC_BLOCKS: 2 or 3 blocks an SM");
     return KVTRIM_CUDA_DECODE_TC_BLOCKS;
 #else
-    constexpr bool int4 = std::is_same_v<typename View::codec, codec::quantized<4>>;
-    return Fragments && Group <= 8 && (HeadDim == 64 || int4) ? 3 : 2;
+    return Fragments && std::is_same_v<typename View::codec, codec::quantized<4>> && Group <= 4 ? 3 : 2;
 #endif
   }
 }
