@@ -17,8 +17,8 @@
 #   occupancy grid size, registers and occupancy limits of the tensor-core kernel in OCCUPANCY_VARIANTS (ncu)
 #   headtests the branch under test (build-pending.sh head): codec and eviction tests, memcheck, racecheck
 #   headbench its bench against main and ncu's occupancy of the low-rank kernel
-#   b3bench  every codec row (W, codec_shapes_* at 4k and 32k) of the benches B3_VARIANTS names, three rounds
-#   b3tests  the codec and eviction tests of B3_LABEL (default final), memcheck and racecheck where the rule changed
+#   codecrows every codec row (W, codec_shapes_* at 4k and 32k) of the benches CODEC_VARIANTS names, three rounds
+#   codectests the codec and eviction tests of CODEC_TESTS (default final), memcheck and racecheck on fragment kernels
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
@@ -228,33 +228,32 @@ headbench() {
   done; done
 }
 # Every codec row (W at GQA 4 / 2 / 1, codec_shapes_* at GQA 8 / 16 and head dim 64, 32k and 4k) of the benches
-# B3_VARIANTS (bench_cuda_decode_attention_<variant>, e.g. "main headbench"), ROUNDS (default three) alternating;
-# ncu's grid and occupancy of fp8 at W, int4 at GQA 8 and int8 at head dim 64 (B3_OCCUPANCY=0: not).
+# CODEC_VARIANTS (bench_cuda_decode_attention_<variant>, e.g. "main headbench"), ROUNDS (default three) alternating;
+# ncu's grid and occupancy of fp8 at W, int4 at GQA 8 and int8 at head dim 64 (CODEC_OCCUPANCY=0: not).
 CODEC_ROWS='device_copy|^codec_(decode|shapes)_(fp16|int8|int8_zero_point|int4|int4_zero_point|fp8|fp8_fixed_scales)/batch:8/tokens:(4096|32768)/'
-b3bench() {
+codecrows() {
   local r v row
-  for r in $(seq "${ROUNDS:-3}"); do for v in ${B3_VARIANTS:?b3bench: name the benches to compare}; do
-    timeout 150 ./bench_cuda_decode_attention_$v --benchmark_filter="$CODEC_ROWS" > "$OUT/b3-$v-$r.txt" 2>&1
-    log "b3 $v $r rc=$? $((SECONDS - S))s"
+  for r in $(seq "${ROUNDS:-3}"); do for v in ${CODEC_VARIANTS:?codecrows: name the benches to compare}; do
+    timeout 150 ./bench_cuda_decode_attention_$v --benchmark_filter="$CODEC_ROWS" > "$OUT/codecrows-$v-$r.txt" 2>&1
+    log "codecrows $v $r rc=$? $((SECONDS - S))s"
   done; done
-  for v in ${B3_VARIANTS:?b3bench: name the benches to compare}; do echo "== b3 $v"; ROWS='^(device_copy|codec_)' table "$OUT"/b3-$v-*.txt; done | tee -a "$OUT/log.txt"
-  [ "${B3_OCCUPANCY:-1}" = 1 ] || return 0
+  for v in ${CODEC_VARIANTS:?codecrows: name the benches to compare}; do echo "== codecrows $v"; ROWS='^(device_copy|codec_)' table "$OUT"/codecrows-$v-*.txt; done | tee -a "$OUT/log.txt"
+  [ "${CODEC_OCCUPANCY:-1}" = 1 ] || return 0
   local i=200
-  for v in ${B3_VARIANTS:?b3bench: name the benches to compare}; do for row in '^codec_decode_fp8/batch:8/tokens:32768/q_heads:32/' \
+  for v in ${CODEC_VARIANTS:?codecrows: name the benches to compare}; do for row in '^codec_decode_fp8/batch:8/tokens:32768/q_heads:32/' \
       '^codec_shapes_int4/batch:8/tokens:32768/q_heads:64/kv_heads:8/head_dim:128/' '^codec_shapes_int8/batch:8/tokens:32768/q_heads:32/kv_heads:8/head_dim:64/'; do
     i=$((i + 1)); launch_limits "$i" "$v" decode_attention_tensor_core "$row"
   done; done
 }
-# Its codec and eviction tests (the decoders' zero_sums included), memcheck on the kernels whose block count it
-# changes and on int8 at GQA 16 (the parity rule), racecheck on two.
-# B3_LABEL: the test binary (kvtrim_cuda_tests_<label>; default final: build-pending.sh final, what landed). gtest filters take
-# * and ? only: the head dim 64 fragment kernels (three blocks up to GQA 8) by group, int4 at GQA 8 / 128, the
-# GQA 16 int8 / int4 cases (the parity rule), the metric over codecs; low-rank and layered (not fragments) left out.
-b3tests() {
-  local label=${B3_LABEL:-final}
+# The codec and eviction tests of CODEC_TESTS (kvtrim_cuda_tests_<label>; default final: build-pending.sh final with
+# FINAL_TESTS='codecs_test|eviction_test'), memcheck on the code-fragment kernels at head dim 64 (by group: gtest's
+# filters take * and ? only), int4 at GQA 8 and 128, the int8 / int4 GQA 16 cases (the decoders' parity rule) and
+# the metric over codecs (low-rank and layered, not fragments, left out), racecheck on three of them.
+codectests() {
+  local label=${CODEC_TESTS:-final}
   run_tests "$label" 300
-  SANITIZE_SECONDS=240 sanitize memcheck "kvtrim_cuda_tests_$label" "${B3_MEMCHECK:-*CodecCache*_g1_d64*:*CodecCache*_g2_d64*:*CodecCache*_g4_d64*:*CodecCache*_g8_d64*:*CodecCache*int4*_g8_d128*:*CodecCache*int8*_g16_*:*CodecCache*int4*_g16_*:*EvictionMetricCodecs*-*low_rank*:*layered*}" "$label"
-  SANITIZE_SECONDS=150 sanitize racecheck "kvtrim_cuda_tests_$label" "${B3_RACECHECK:-*EveryGroup*int8_g32_b1_kv3_g2_d64*:*EveryGroup*int4_g32_zero_b1_kv3_g8_d64*:*EveryGroup*int4_g32_b*_g8_d128*}" "$label"
+  SANITIZE_SECONDS=240 sanitize memcheck "kvtrim_cuda_tests_$label" "${CODEC_MEMCHECK:-*CodecCache*_g1_d64*:*CodecCache*_g2_d64*:*CodecCache*_g4_d64*:*CodecCache*_g8_d64*:*CodecCache*int4*_g8_d128*:*CodecCache*int8*_g16_*:*CodecCache*int4*_g16_*:*EvictionMetricCodecs*-*low_rank*:*layered*}" "$label"
+  SANITIZE_SECONDS=150 sanitize racecheck "kvtrim_cuda_tests_$label" "${CODEC_RACECHECK:-*EveryGroup*int8_g32_b1_kv3_g2_d64*:*EveryGroup*int4_g32_zero_b1_kv3_g8_d64*:*EveryGroup*int4_g32_b*_g8_d128*}" "$label"
 }
 # DEADLINE (seconds since the start): stages that would begin after it are skipped, so the archive below
 # is still made within the call's limit.
