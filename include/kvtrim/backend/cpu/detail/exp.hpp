@@ -144,6 +144,25 @@ KVTRIM_EXP_AVX2 inline float cpu_exp_shifted_sum_avx2(float* values, std::int64_
   return x86::lane_sum(sum);
 }
 
+/// probabilities[i] = exp(logits[i] − shift) / divisor for i < count, eight at a
+/// time (the last few through a padded vector): the same bits as the scalar loop
+/// (cpu_exp8's, and the division is IEEE's correctly rounded one in both forms).
+KVTRIM_EXP_AVX2 inline void cpu_exp_shifted_divided_avx2(const float* logits, float* probabilities, std::int64_t count,
+                                                         float shift, float divisor) {
+  const __m256 subtrahend = _mm256_set1_ps(shift);
+  const __m256 divisors = _mm256_set1_ps(divisor);
+  std::int64_t i = 0;
+  for (; i + 8 <= count; i += 8)
+    _mm256_storeu_ps(probabilities + i,
+                     _mm256_div_ps(cpu_exp8(_mm256_sub_ps(_mm256_loadu_ps(logits + i), subtrahend)), divisors));
+  if (i < count) {
+    alignas(32) float tail[8] = {};
+    for (std::int64_t j = i; j < count; ++j) tail[j - i] = logits[j];
+    _mm256_store_ps(tail, _mm256_div_ps(cpu_exp8(_mm256_sub_ps(_mm256_load_ps(tail), subtrahend)), divisors));
+    for (std::int64_t j = i; j < count; ++j) probabilities[j] = tail[j - i];
+  }
+}
+
 #undef KVTRIM_EXP_AVX2
 
 #endif
@@ -158,6 +177,21 @@ inline void cpu_exp_shifted(float* values, std::int64_t count, float shift) {
   }
 #endif
   for (std::int64_t i = 0; i < count; ++i) values[i] = cpu_exp(values[i] - shift);
+}
+
+/// probabilities[i] = exp(logits[i] − shift) / divisor for i < count — a softmax's
+/// probabilities from its logits, maximum and denominator (the eviction metric's
+/// p = exp(s − m) / l): eight lanes on CPUs with AVX2+FMA, else one at a time — the
+/// same bits either way.
+inline void cpu_exp_shifted_divided(const float* logits, float* probabilities, std::int64_t count, float shift,
+                                    float divisor) {
+#if KVTRIM_X86_DISPATCH
+  if (x86::has_avx2_fma_f16c()) {
+    cpu_exp_shifted_divided_avx2(logits, probabilities, count, shift, divisor);
+    return;
+  }
+#endif
+  for (std::int64_t i = 0; i < count; ++i) probabilities[i] = cpu_exp(logits[i] - shift) / divisor;
 }
 
 }  // namespace kvtrim::detail
