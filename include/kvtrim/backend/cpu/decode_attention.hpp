@@ -56,7 +56,9 @@
 // computes: every logit s_gi (after scale and bias, the very float the
 // softmax used) is kept in the workspace, and once the head's final max m_g and
 // sum l_g are known, p_gi = exp(s_gi − m_g) / l_g — the CUDA kernel does the
-// same after its split-K merge. Scratch: per thread, group × head length floats.
+// same after its split-K merge (here eight tokens at a time where the CPU has
+// AVX2+FMA, the same bits: add_metric). Scratch: per thread, group × head
+// length floats.
 #pragma once
 
 #include <algorithm>
@@ -407,11 +409,13 @@ struct implementation<stage::decode_attention, backend::cpu> {
   ///
   /// Tokens go in tiles of 64: first each query head's p_gi = cpu_exp(s_gi − m_g) / l_g over the
   /// tile's row of logits (detail::cpu_exp_shifted_divided: eight lanes where the CPU has AVX2+FMA,
-  /// the scalar cpu_exp's bits either way), then per token its c_i, summed over g in order as
-  /// before. The exp and the division are the whole cost (one scalar exp and division per (token,
-  /// query head) made the metric cost 2.6× the attention); the sums stay here, in code compiled
-  /// for the caller's target: in an AVX2+FMA function the compiler could fuse p·p + sum into an
-  /// FMA (GCC contracts by default), which rounds once where the reference rounds twice.
+  /// the scalar cpu_exp's bits either way), then per token its c_i, summed over g in g's order
+  /// from 0. The exp and the division were the cost: one scalar cpu_exp (eight std::fma calls
+  /// without an FMA target) and one division per (token, query head) made the immediate metric
+  /// cost 2.6× the attention itself (docs/eviction.md, "The metric on the CPU"). The sums stay
+  /// in this function, compiled with the caller's flags: inside an AVX2+FMA function GCC would
+  /// fuse p·p + sum into one FMA (it contracts by default), rounding once where the reference
+  /// rounds twice.
   template <class View>
   static void add_metric(const View& cache, const eviction::metric_output<host_space>& metric, std::int64_t b,
                          std::int64_t h, const group_state& state, std::int64_t next, const float* max_logit,
