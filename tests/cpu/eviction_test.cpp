@@ -384,6 +384,129 @@ TEST(EvictionMetric, OneStepLateEqualsImmediateFp8Flat) {
   one_step_late_equals_immediate<kt::layout::flat, kt::codec::fp8>(2, 160);
 }
 
+/// The metric against its definition, bit for bit. Keys and queries are multiples of 1/2 in
+/// [−1, 1] at head dim 64, so every q·k is exact in fp32 whatever the order of its sum or an
+/// FMA, and so is the scale (1/8): the logits s_gi are known exactly. The step's normaliser
+/// (m_g, l_g) is read from the one-step-late carry (the order of l's sum is the attention's,
+/// not the metric's). Then c_i is metric.hpp's arithmetic written out here: p = cpu_exp(s − m) / l,
+/// Σ_g of p² or p from 0 in g's order, times 1/G for the mean kinds, added to the slot, for
+/// tokens outside the window. The immediate metric after every step, and the one-step-late
+/// metric one step behind and after a flush, must equal it exactly — every kind, GQA 1, 4 and
+/// 16 (two chunks of 8 rows), heads of 1–134 tokens against tiles of 64, a window cutting heads,
+/// plain paged fp16 and flat fp32, on the vector paths and on the portable ones.
+template <class Layout, class Codec>
+void metric_equals_its_definition() {
+  using scheme = eviction_scheme<Layout, Codec>;
+  using element = std::remove_cvref_t<decltype(*std::declval<typename scheme::cache_view>().storage.keys)>;
+  const std::int64_t batch = 2, kv_heads = 2, head_dim = 64, steps = 5, window = 5;
+  const std::int64_t prefill_lengths[] = {1, 130, 64, 59};  // per flattened head
+  const std::int64_t capacity = 130 + steps;
+  std::mt19937_64 random(23);
+  std::uniform_int_distribution<int> halves(-2, 2);
+  const auto exact_value = [&] { return 0.5f * static_cast<float>(halves(random)); };
+  for (const std::int64_t group : {1, 4, 16})
+    for (const ev::metric_kind kind :
+         {ev::metric_kind::squared_sum, ev::metric_kind::sum, ev::metric_kind::squared_mean, ev::metric_kind::mean}) {
+      const kt::model_shape shape{.q_heads = kv_heads * group, .kv_heads = kv_heads, .head_dim = head_dim};
+      const auto pool = [&] {
+        if constexpr (std::is_same_v<Layout, kt::layout::paged>)
+          return kt::layout::paged::pool_size{batch * kv_heads * kt::layout::paged::pages_for(capacity, 16), 16};
+        else
+          return kt::layout::flat::pool_size{batch * kv_heads * capacity};
+      }();
+      std::vector<kt::cache<scheme>> caches;  // [0]: immediate, [1]: one step late
+      for (int c = 0; c < 2; ++c) caches.push_back(scheme::make_cache(shape, batch, pool, typename Codec::config{}));
+      std::vector<std::vector<float>> keys(static_cast<std::size_t>(batch * kv_heads));  // [head][token · D]
+      const auto append = [&](std::int64_t b, std::int64_t h, std::int64_t count) {
+        std::vector<element> rows(static_cast<std::size_t>(count * head_dim)), values(rows.size());
+        for (std::size_t e = 0; e < rows.size(); ++e) {
+          const float key = exact_value();
+          keys[static_cast<std::size_t>(b * kv_heads + h)].push_back(key);
+          rows[e] = kt::from_float<element>(key);
+          values[e] = kt::from_float<element>(exact_value());
+        }
+        const kt::tensor_view<element, 2> k{rows.data(), {count, head_dim}, {head_dim, 1}};
+        const kt::tensor_view<element, 2> v{values.data(), {count, head_dim}, {head_dim, 1}};
+        for (auto& cache : caches) scheme::append_head(cache.view(), b, h, k, v);
+      };
+      for (std::int64_t b = 0; b < batch; ++b)
+        for (std::int64_t h = 0; h < kv_heads; ++h) append(b, h, prefill_lengths[b * kv_heads + h]);
+
+      const std::int64_t slots = kt::detail::storage_slots(caches[0].view().storage);
+      std::vector<float> immediate_values(static_cast<std::size_t>(slots), 0.0f), late_values = immediate_values;
+      std::vector<float> carry_queries(static_cast<std::size_t>(batch * shape.q_heads * head_dim), 0.0f);
+      std::vector<float> carry_normaliser(static_cast<std::size_t>(2 * batch * shape.q_heads), 0.0f);
+      std::vector<std::int64_t> carry_next(static_cast<std::size_t>(batch * kv_heads), 0);
+      const ev::metric_output<> immediate{immediate_values.data(), slots, kind, window};
+      const ev::metric_output<> late{late_values.data(), slots, kind, window,
+                                     {carry_queries.data(), carry_normaliser.data(), carry_next.data()}};
+      std::vector<float> expected(static_cast<std::size_t>(slots), 0.0f);
+      const bool squared = kind == ev::metric_kind::squared_sum || kind == ev::metric_kind::squared_mean;
+      const bool mean = kind == ev::metric_kind::squared_mean || kind == ev::metric_kind::mean;
+      const float factor = mean ? 1.0f / static_cast<float>(group) : 1.0f;
+      const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+      std::vector<float> queries(static_cast<std::size_t>(batch * shape.q_heads * head_dim));
+      std::vector<float> out(queries.size()), late_out(queries.size());
+      const std::array<std::int64_t, 3> extents{batch, shape.q_heads, head_dim};
+      for (std::int64_t step = 1; step <= steps; ++step) {
+        if (step > 1)
+          for (std::int64_t b = 0; b < batch; ++b)
+            for (std::int64_t h = 0; h < kv_heads; ++h) append(b, h, 1);
+        for (float& x : queries) x = exact_value();
+        kts::scratch_buffer scratch(std::max(ev::attend_workspace(caches[0].view(), immediate),
+                                             ev::attend_workspace(caches[1].view(), late)));
+        ev::attend(kt::make_view(queries.data(), extents), caches[0].view(), kt::make_view(out.data(), extents),
+                   immediate, scratch.get());
+        ev::attend(kt::make_view(queries.data(), extents), caches[1].view(), kt::make_view(late_out.data(), extents),
+                   late, scratch.get());
+        ASSERT_EQ(0, std::memcmp(late_values.data(), expected.data(), expected.size() * sizeof(float)))
+            << "G " << group << ", kind " << int(kind) << ", step " << step << ": late = the definition one step before";
+        const auto view = caches[0].view();
+        for (std::int64_t b = 0; b < batch; ++b)
+          for (std::int64_t h = 0; h < kv_heads; ++h) {
+            const std::vector<float>& head_keys = keys[static_cast<std::size_t>(b * kv_heads + h)];
+            const std::int64_t next = kt::next_position(view, b, h);
+            for (std::int64_t i = 0; i < view.head_length(b, h); ++i) {
+              const std::int64_t slot = view.slot(b, h, i);
+              if (next - view.positions.slot_position[slot] <= window) continue;
+              float sum = 0.0f;
+              for (std::int64_t g = 0; g < group; ++g) {
+                const std::int64_t row = b * shape.q_heads + h * group + g;
+                double dot = 0.0;  // exact: multiples of 1/4, at most 64 in magnitude
+                for (std::int64_t d = 0; d < head_dim; ++d)
+                  dot += double(queries[static_cast<std::size_t>(row * head_dim + d)]) *
+                         double(head_keys[static_cast<std::size_t>(i * head_dim + d)]);
+                const float logit = static_cast<float>(dot) * scale;
+                const float max_logit = carry_normaliser[static_cast<std::size_t>(2 * row)];
+                const float denominator = carry_normaliser[static_cast<std::size_t>(2 * row + 1)];
+                const float p = kt::detail::cpu_exp(logit - max_logit) / denominator;
+                sum += squared ? p * p : p;
+              }
+              expected[static_cast<std::size_t>(slot)] += sum * factor;
+            }
+          }
+        ASSERT_EQ(0, std::memcmp(immediate_values.data(), expected.data(), expected.size() * sizeof(float)))
+            << "G " << group << ", kind " << int(kind) << ", step " << step << ": immediate = the definition";
+      }
+      kts::scratch_buffer scratch(ev::attend_workspace(caches[1].view(), late));
+      ev::flush_metric(caches[1].view(), late, scratch.get());
+      EXPECT_EQ(0, std::memcmp(late_values.data(), expected.data(), expected.size() * sizeof(float)))
+          << "G " << group << ", kind " << int(kind) << ": flushed = the definition";
+      EXPECT_GT(*std::max_element(expected.begin(), expected.end()), 0.0f) << "the test must accumulate";
+    }
+}
+
+TEST(EvictionMetric, EqualsItsDefinitionBitForBit) {
+  metric_equals_its_definition<kt::layout::paged, kt::codec::fp16>();
+  metric_equals_its_definition<kt::layout::flat, kt::codec::fp32>();
+#if KVTRIM_X86_DISPATCH
+  kt::detail::x86::vector_paths_enabled().store(false);  // the portable loops and the scalar exp
+  metric_equals_its_definition<kt::layout::paged, kt::codec::fp16>();
+  metric_equals_its_definition<kt::layout::flat, kt::codec::fp32>();
+  kt::detail::x86::vector_paths_enabled().store(true);
+#endif
+}
+
 /// A step pending through an eviction lands on the slots its tokens moved to: twin late caches,
 /// B evicted without a flush and then flushed, C only flushed; every token B keeps has, by
 /// position, C's metric bit for bit. One head has nothing pending (next = 0): its metric stays.
