@@ -294,12 +294,12 @@ lrbench() {
   for v in lrbase lrencode; do echo "== compress $v"; ROWS='^compress' table "$OUT"/lrcompress-$v-*.txt; done | tee -a "$OUT/log.txt"
   for v in lrbase lrencode; do
     timeout 200 ncu --clock-control none -k 'regex:low_rank_(gram|encode_rows|pick_basis)' \
-      --metrics gpu__time_duration.sum --launch-skip 3 --launch-count 12 \
+      --metrics gpu__time_duration.sum --print-units base --launch-skip 3 --launch-count 12 \
       ./bench_cuda_decode_attention_$v --benchmark_filter='^codec_decode_low_rank_sequence/batch:8/tokens:32768/q_heads:32/' \
       > "$OUT/lrncu-$v.txt" 2>&1
     log "lrncu $v rc=$? $((SECONDS - S))s"
     awk '/Context [0-9]+, Stream/ && match($0, /low_rank_[a-z_]+/) {name = substr($0, RSTART, RLENGTH)} /gpu__time_duration/ {print name, $NF}' "$OUT/lrncu-$v.txt" |
-      awk '{n[$1]++; t[$1] += $2} END {for (k in n) printf "%s x%d mean %.1f us\n", k, n[k], t[k] / n[k]}' | tee -a "$OUT/log.txt"
+      awk '{n[$1]++; t[$1] += $2} END {for (k in n) printf "%s x%d mean %.1f us\n", k, n[k], t[k] / n[k] / 1000}' | tee -a "$OUT/log.txt"
   done
 }
 # DEADLINE (seconds since the start): stages that would begin after it are skipped, so the archive below
