@@ -298,7 +298,7 @@ lrbench() {
       ./bench_cuda_decode_attention_$v --benchmark_filter='^codec_decode_low_rank_sequence/batch:8/tokens:32768/q_heads:32/' \
       > "$OUT/lrncu-$v.txt" 2>&1
     log "lrncu $v rc=$? $((SECONDS - S))s"
-    awk '/Context [0-9]+, Stream/ && match($0, /low_rank_[a-z_]+/) {name = substr($0, RSTART, RLENGTH)} /gpu__time_duration/ {print name, $NF}' "$OUT/lrncu-$v.txt" |
+    awk '/Context [0-9]+, Stream/ && match($0, /low_rank_[a-z_]+/) {name = substr($0, RSTART, RLENGTH)} /gpu__time_duration/ {v = $NF; gsub(",", "", v); print name, v}' "$OUT/lrncu-$v.txt" |
       awk '{n[$1]++; t[$1] += $2} END {for (k in n) printf "%s x%d mean %.1f us\n", k, n[k], t[k] / n[k] / 1000}' | tee -a "$OUT/log.txt"
   done
 }
