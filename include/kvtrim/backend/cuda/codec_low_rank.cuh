@@ -35,8 +35,10 @@
 //   post-RoPE: s_g = (Uᵀq_g)·c — the query projected once per segment
 //              (q̃_g = U_kᵀ q_g · log2(e)/√D, R·D products per query head);
 //   pre-RoPE:  the CPU's method per token: k̂ = U_k c (U_k staged in shared
-//              memory), rotated to the token's stored position (RoPE in double,
-//              as core/rope.hpp), then s_g = q_g·k̂ · log2(e)/√D;
+//              memory; sixteen channels at a time), rotated to the token's
+//              stored position (the angle in double as core/rope.hpp, reduced
+//              to [−π, π] and its sine and cosine in float: rope_sincos), then
+//              s_g = q_g·k̂ · log2(e)/√D;
 // plus the compensation bias (base 2). The softmax is online per tile with one
 // running maximum per query head shared by the block; the weights go to shared
 // memory and the values are mixed in coefficient space (m_g = Σ p·c^v, each
@@ -631,6 +633,23 @@ __device__ __forceinline__ void low_rank_store_output(const Params& params, bool
   }
 }
 
+/// sin and cos of a RoPE angle (position · theta^(−2i/rotary_dim), in double as the CPU forms it), for
+/// the pre-RoPE keys' rotation. The CPU takes std::sin / std::cos of the double angle; here the angle is
+/// reduced to [−π, π] in double (Cody–Waite with 2π = hi + lo: exact for the angles positions of 2^31
+/// and frequencies ≤ 1 reach, up to one rounding of the small result) and rounded to float (absolute
+/// error ≤ 2^−23 = 2u below 4, u = 2^−24), then the hardware's sine and cosine (__sincosf: absolute error
+/// ≤ 2^−21.41 and 2^−21.19 ≈ 7.0u on [−π, π], CUDA's programming guide). Each is within 9.1u of the CPU's —
+/// codecs_test.cu's pre-RoPE bound counts 10u per sine and cosine, and RopeSincos checks it — for a
+/// fraction of double sincos's cost (~60 double operations a pair at the FP64 units' rate before).
+__device__ __forceinline__ void rope_sincos(double angle, float& sine, float& cosine) {
+  constexpr double inverse_two_pi = 0.15915494309189533577;
+  constexpr double two_pi_hi = 6.28318530717958623200;   // the double nearest 2π
+  constexpr double two_pi_lo = 2.44929359829470635445e-16;  // 2π − two_pi_hi
+  const double turns = rint(angle * inverse_two_pi);
+  const double reduced = fma(-turns, two_pi_lo, fma(-turns, two_pi_hi, angle));
+  __sincosf(static_cast<float>(reduced), &sine, &cosine);
+}
+
 template <int Group, class Params>
 __global__ void __launch_bounds__(low_rank_decode_threads)
     decode_attention_low_rank(const __grid_constant__ Params params) {
@@ -753,42 +772,85 @@ __global__ void __launch_bounds__(low_rank_decode_threads)
             for (int j = 0; j < key_rank; ++j) add(j, __half2float(c[j]));
           }
         } else {
-          // The CPU's reader.dot: k̂_d = Σ_j U_dj c_j, rotated by the token's position, then q·k̂.
-          const auto component = [&](int d) {
-            float value = 0.0f;
-            const float* u = key_basis + d * r;
+          // The CPU's reader.dot: k̂_d = Σ_j U_dj c_j (j ascending, one fma chain a channel, as before),
+          // rotated by the token's position, then q·k̂. Sixteen channels are rebuilt at once — eight
+          // rotation pairs (a, e), or sixteen unrotated channels — so each 16-byte piece of the row is
+          // read once per sixteen channels instead of once per channel (the row's reads were two
+          // thirds of this loop's shared-memory wavefronts: per channel one conflict-free 512-byte
+          // warp read of c against two broadcasts of U).
+          const auto rebuild = [&](const int (&channel)[16], int count, float (&k)[16]) {
+#pragma unroll
+            for (int m = 0; m < 16; ++m) k[m] = 0.0f;
             if (r % 8 == 0) {  // 16-byte reads: the row's (padded: conflict-free) and U's (broadcast)
               for (int j8 = 0; j8 < key_rank; j8 += 8) {  // beyond the key rank: U's columns and c are 0
                 const uint4 raw = *reinterpret_cast<const uint4*>(c + j8);
                 const auto* pairs = reinterpret_cast<const __half2*>(&raw);
-                const float4 low = *reinterpret_cast<const float4*>(u + j8);
-                const float4 high = *reinterpret_cast<const float4*>(u + j8 + 4);
                 const float2 c01 = __half22float2(pairs[0]), c23 = __half22float2(pairs[1]);
                 const float2 c45 = __half22float2(pairs[2]), c67 = __half22float2(pairs[3]);
-                value = fmaf(low.x, c01.x, value), value = fmaf(low.y, c01.y, value);
-                value = fmaf(low.z, c23.x, value), value = fmaf(low.w, c23.y, value);
-                value = fmaf(high.x, c45.x, value), value = fmaf(high.y, c45.y, value);
-                value = fmaf(high.z, c67.x, value), value = fmaf(high.w, c67.y, value);
+#pragma unroll
+                for (int m = 0; m < 16; ++m) {
+                  if (m >= count) break;
+                  const float* u = key_basis + channel[m] * r + j8;
+                  const float4 low = *reinterpret_cast<const float4*>(u);
+                  const float4 high = *reinterpret_cast<const float4*>(u + 4);
+                  float value = k[m];
+                  value = fmaf(low.x, c01.x, value), value = fmaf(low.y, c01.y, value);
+                  value = fmaf(low.z, c23.x, value), value = fmaf(low.w, c23.y, value);
+                  value = fmaf(high.x, c45.x, value), value = fmaf(high.y, c45.y, value);
+                  value = fmaf(high.z, c67.x, value), value = fmaf(high.w, c67.y, value);
+                  k[m] = value;
+                }
               }
             } else {
-              for (int j = 0; j < key_rank; ++j) value = fmaf(u[j], __half2float(c[j]), value);
+              for (int j = 0; j < key_rank; ++j) {
+                const float coefficient = __half2float(c[j]);
+#pragma unroll
+                for (int m = 0; m < 16; ++m) {
+                  if (m >= count) break;
+                  k[m] = fmaf(key_basis[channel[m] * r + j], coefficient, k[m]);
+                }
+              }
             }
-            return value;
           };
           const auto add = [&](int d, float k) {
 #pragma unroll
             for (int g = 0; g < Group; ++g) dot[g] = fmaf(query[d * Group + g], k, dot[g]);
           };
           const double position = static_cast<double>(cache.positions.slot_position[rows.slot(token)]);
-          for (int i = 0; i < pair_count; ++i) {
-            const int a = half_split ? i : 2 * i, e = half_split ? i + pair_count : 2 * i + 1;
-            double sine, cosine;
-            sincos(position * inverse_frequencies[i], &sine, &cosine);
-            const double xa = component(a), xb = component(e);
-            add(a, static_cast<float>(xa * cosine - xb * sine));
-            add(e, static_cast<float>(xa * sine + xb * cosine));
+          int channel[16];
+          float k[16];
+          for (int i0 = 0; i0 < pair_count; i0 += 8) {
+            const int pairs_here = pair_count - i0 < 8 ? pair_count - i0 : 8;
+#pragma unroll
+            for (int m = 0; m < 8; ++m) {
+              const int i = i0 + (m < pairs_here ? m : 0);
+              channel[m] = half_split ? i : 2 * i;
+              channel[8 + m] = half_split ? i + pair_count : 2 * i + 1;
+            }
+            // Members a of the pairs in k[0, 8), their partners e in k[8, 16) (a tail chunk rebuilds
+            // its first pair again in the unused places: its results are not read).
+            rebuild(channel, 16, k);
+#pragma unroll
+            for (int m = 0; m < 8; ++m) {
+              if (m >= pairs_here) break;
+              float sine, cosine;
+              rope_sincos(position * inverse_frequencies[i0 + m], sine, cosine);
+              const float xa = k[m], xb = k[8 + m];
+              add(channel[m], fmaf(xa, cosine, -xb * sine));
+              add(channel[8 + m], fmaf(xa, sine, xb * cosine));
+            }
           }
-          for (int d = rotary; d < dim; ++d) add(d, component(d));
+          for (int d0 = rotary; d0 < dim; d0 += 16) {  // channels past the rotary dims: as rebuilt
+            const int count = dim - d0 < 16 ? dim - d0 : 16;
+#pragma unroll
+            for (int m = 0; m < 16; ++m) channel[m] = d0 + (m < count ? m : 0);
+            rebuild(channel, count, k);
+#pragma unroll
+            for (int m = 0; m < 16; ++m) {
+              if (m >= count) break;
+              add(d0 + m, k[m]);
+            }
+          }
         }
         const float token_bias = bias.at(token);
 #pragma unroll
