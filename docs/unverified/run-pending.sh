@@ -22,6 +22,8 @@
 #   lrtests  low-rank-encode.diff's codec and eviction tests, memcheck and racecheck on the low-rank caches
 #   lrbench  its encode / fit / append against lrbase (main's kernels), the low-rank rows inside a SnapKV compress,
 #            ncu's time of each fit and encode kernel
+#   prtests  branch prerope (the pre-RoPE low-rank decode): codec tests, memcheck on the pre-RoPE cases
+#   prbench  its pre-RoPE and post-RoPE decode rows against lrencode's
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
@@ -301,6 +303,21 @@ lrbench() {
     awk '/Context [0-9]+, Stream/ && match($0, /low_rank_[a-z_]+/) {name = substr($0, RSTART, RLENGTH)} /gpu__time_duration/ {v = $NF; gsub(",", "", v); print name, v}' "$OUT/lrncu-$v.txt" |
       awk '{n[$1]++; t[$1] += $2} END {for (k in n) printf "%s x%d mean %.1f us\n", k, n[k], t[k] / n[k] / 1000}' | tee -a "$OUT/log.txt"
   done
+}
+# Branch prerope (build-pending.sh prerope: the pre-RoPE low-rank decode, over low-rank-encode.diff): its codec tests,
+# memcheck on the pre-RoPE cases and RopeSincos, then its decode rows against lrencode's (the same tree before it).
+prtests() {
+  run_tests prerope 240
+  SANITIZE_SECONDS=240 sanitize memcheck kvtrim_cuda_tests_prerope '*RopeSincos*:*CodecCache*low_rank_pre*:*SequenceBasisCache*seq_pre*' prerope
+}
+PR_ROWS='device_copy|^codec_decode_(fp16|low_rank|low_rank_pre_rope)/batch:8/tokens:32768/q_heads:32/'
+prbench() {
+  local r v
+  for r in 1 2; do for v in lrencode prerope; do
+    timeout 120 ./bench_cuda_decode_attention_$v --benchmark_filter="$PR_ROWS" > "$OUT/prbench-$v-$r.txt" 2>&1
+    log "prbench $v $r rc=$? $((SECONDS - S))s"
+  done; done
+  for v in lrencode prerope; do echo "== $v"; ROWS='^(device_copy|codec_)' table "$OUT"/prbench-$v-*.txt; done | tee -a "$OUT/log.txt"
 }
 # DEADLINE (seconds since the start): stages that would begin after it are skipped, so the archive below
 # is still made within the call's limit.
