@@ -539,11 +539,14 @@ typename CodecT::config config_of(codec_kind kind) {
     config.source = kt::codec::basis_source::profile;
     if (kind != codec_kind::low_rank_post_rope && kind != codec_kind::low_rank_post_rope_rank_20)
       config.keys = kt::codec::key_space::pre_rope;
+    // Partial rotaries whose pairs (20, 18) and unrotated channels (88 / 24, 92 / 28 at head dims 128 / 64) are
+    // not whole chunks of the pre-RoPE kernel's eight pairs and sixteen channels.
     if (kind == codec_kind::low_rank_pre_rope_interleaved) {
       config.rope.pairs = kt::rope::pairing::interleaved;
-      config.rope.rotary_dim = 32;  // partial rotary: channels 32.. are not rotated
+      config.rope.rotary_dim = 40;  // partial rotary: channels 40.. are not rotated
       config.rope.theta = 500000.0;
     }
+    if (kind == codec_kind::low_rank_pre_rope_rank_29) config.rope.rotary_dim = 36;  // half-split, partial
   } else if constexpr (requires { config.inner; }) {
     // 3 sinks and a ring of 40 (not a multiple of KIVI's 32): appends of 17 and 33 wrap it.
     config.inner = config_of<typename CodecT::inner_codec>(kind == codec_kind::layered_int8

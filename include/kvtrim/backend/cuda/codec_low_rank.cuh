@@ -633,6 +633,45 @@ __device__ __forceinline__ void low_rank_store_output(const Params& params, bool
   }
 }
 
+/// Pre-RoPE keys: channels channel[0, count) of one token's k̂ = U c (U: [head_dim][r] floats in shared memory,
+/// c: the token's staged coefficient row), each one fmaf chain over j ascending — the CPU's reader order.
+/// Beyond the key rank U's columns and c are 0, so the 16-byte path may read up to the next multiple of 8.
+__device__ __forceinline__ void low_rank_rebuild_channels(const __half* c, const float* key_basis, int r, int key_rank,
+                                                          const int (&channel)[16], int count, float (&k)[16]) {
+#pragma unroll
+  for (int m = 0; m < 16; ++m) k[m] = 0.0f;
+  if (r % 8 == 0) {  // 16-byte reads: the row's (padded: conflict-free) and U's (broadcast)
+    for (int j8 = 0; j8 < key_rank; j8 += 8) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(c + j8);
+      const auto* pairs = reinterpret_cast<const __half2*>(&raw);
+      const float2 c01 = __half22float2(pairs[0]), c23 = __half22float2(pairs[1]);
+      const float2 c45 = __half22float2(pairs[2]), c67 = __half22float2(pairs[3]);
+#pragma unroll
+      for (int m = 0; m < 16; ++m) {
+        if (m >= count) break;
+        const float* u = key_basis + channel[m] * r + j8;
+        const float4 low = *reinterpret_cast<const float4*>(u);
+        const float4 high = *reinterpret_cast<const float4*>(u + 4);
+        float value = k[m];
+        value = fmaf(low.x, c01.x, value), value = fmaf(low.y, c01.y, value);
+        value = fmaf(low.z, c23.x, value), value = fmaf(low.w, c23.y, value);
+        value = fmaf(high.x, c45.x, value), value = fmaf(high.y, c45.y, value);
+        value = fmaf(high.z, c67.x, value), value = fmaf(high.w, c67.y, value);
+        k[m] = value;
+      }
+    }
+  } else {
+    for (int j = 0; j < key_rank; ++j) {
+      const float coefficient = __half2float(c[j]);
+#pragma unroll
+      for (int m = 0; m < 16; ++m) {
+        if (m >= count) break;
+        k[m] = fmaf(key_basis[channel[m] * r + j], coefficient, k[m]);
+      }
+    }
+  }
+}
+
 /// sin and cos of a RoPE angle (position · theta^(−2i/rotary_dim), in double as the CPU forms it), for
 /// the pre-RoPE keys' rotation. The CPU takes std::sin / std::cos of the double angle; here the angle is
 /// reduced to [−π, π] in double (Cody–Waite with 2π = hi + lo: exact for the angles positions of 2^31
@@ -640,7 +679,11 @@ __device__ __forceinline__ void low_rank_store_output(const Params& params, bool
 /// error ≤ 2^−23 = 2u below 4, u = 2^−24), then the hardware's sine and cosine (__sincosf: absolute error
 /// ≤ 2^−21.41 and 2^−21.19 ≈ 7.0u on [−π, π], CUDA's programming guide). Each is within 9.1u of the CPU's —
 /// codecs_test.cu's pre-RoPE bound counts 10u per sine and cosine, and RopeSincos checks it — for a
-/// fraction of double sincos's cost (~60 double operations a pair at the FP64 units' rate before).
+/// fraction of double sincos's cost (~60 double operations a pair at the FP64 units' rate before). Both
+/// sides' angles are the same double only where the device's pow gives the CPU's theta^(−2i/dim) (CUDA's
+/// pow is within 2 ulp, glibc's nearly correctly rounded): an ulp of a frequency near 1 moves the angle
+/// at position p by up to p·2^−52 — 8u at p = 2^31, 2^−13 u at 32k, less at the tests' positions (< 2^13)
+/// — as before this change.
 __device__ __forceinline__ void rope_sincos(double angle, float& sine, float& cosine) {
   constexpr double inverse_two_pi = 0.15915494309189533577;
   constexpr double two_pi_hi = 6.28318530717958623200;   // the double nearest 2π
@@ -778,40 +821,6 @@ __global__ void __launch_bounds__(low_rank_decode_threads)
           // read once per sixteen channels instead of once per channel (the row's reads were two
           // thirds of this loop's shared-memory wavefronts: per channel one conflict-free 512-byte
           // warp read of c against two broadcasts of U).
-          const auto rebuild = [&](const int (&channel)[16], int count, float (&k)[16]) {
-#pragma unroll
-            for (int m = 0; m < 16; ++m) k[m] = 0.0f;
-            if (r % 8 == 0) {  // 16-byte reads: the row's (padded: conflict-free) and U's (broadcast)
-              for (int j8 = 0; j8 < key_rank; j8 += 8) {  // beyond the key rank: U's columns and c are 0
-                const uint4 raw = *reinterpret_cast<const uint4*>(c + j8);
-                const auto* pairs = reinterpret_cast<const __half2*>(&raw);
-                const float2 c01 = __half22float2(pairs[0]), c23 = __half22float2(pairs[1]);
-                const float2 c45 = __half22float2(pairs[2]), c67 = __half22float2(pairs[3]);
-#pragma unroll
-                for (int m = 0; m < 16; ++m) {
-                  if (m >= count) break;
-                  const float* u = key_basis + channel[m] * r + j8;
-                  const float4 low = *reinterpret_cast<const float4*>(u);
-                  const float4 high = *reinterpret_cast<const float4*>(u + 4);
-                  float value = k[m];
-                  value = fmaf(low.x, c01.x, value), value = fmaf(low.y, c01.y, value);
-                  value = fmaf(low.z, c23.x, value), value = fmaf(low.w, c23.y, value);
-                  value = fmaf(high.x, c45.x, value), value = fmaf(high.y, c45.y, value);
-                  value = fmaf(high.z, c67.x, value), value = fmaf(high.w, c67.y, value);
-                  k[m] = value;
-                }
-              }
-            } else {
-              for (int j = 0; j < key_rank; ++j) {
-                const float coefficient = __half2float(c[j]);
-#pragma unroll
-                for (int m = 0; m < 16; ++m) {
-                  if (m >= count) break;
-                  k[m] = fmaf(key_basis[channel[m] * r + j], coefficient, k[m]);
-                }
-              }
-            }
-          };
           const auto add = [&](int d, float k) {
 #pragma unroll
             for (int g = 0; g < Group; ++g) dot[g] = fmaf(query[d * Group + g], k, dot[g]);
@@ -829,7 +838,7 @@ __global__ void __launch_bounds__(low_rank_decode_threads)
             }
             // Members a of the pairs in k[0, 8), their partners e in k[8, 16) (a tail chunk rebuilds
             // its first pair again in the unused places: its results are not read).
-            rebuild(channel, 16, k);
+            low_rank_rebuild_channels(c, key_basis, r, key_rank, channel, 16, k);
 #pragma unroll
             for (int m = 0; m < 8; ++m) {
               if (m >= pairs_here) break;
@@ -844,7 +853,7 @@ __global__ void __launch_bounds__(low_rank_decode_threads)
             const int count = dim - d0 < 16 ? dim - d0 : 16;
 #pragma unroll
             for (int m = 0; m < 16; ++m) channel[m] = d0 + (m < count ? m : 0);
-            rebuild(channel, count, k);
+            low_rank_rebuild_channels(c, key_basis, r, key_rank, channel, count, k);
 #pragma unroll
             for (int m = 0; m < 16; ++m) {
               if (m >= count) break;
