@@ -328,7 +328,7 @@ both() {
   SANITIZE_SECONDS=270 sanitize memcheck kvtrim_cuda_tests_prerope '*RopeSincos*:*CodecCache*low_rank*:*SequenceBasisCache*' prerope &
   SANITIZE_SECONDS=270 sanitize racecheck kvtrim_cuda_tests_prerope '*CodecCache*contiguous_low_rank_post_b2_kv2_g8_d128*:*CodecCache*low_rank_pre_r29*:*SequenceBasisCache*contiguous_low_rank_seq_post_b1_kv2_g4_d128_3:*SequenceBasisCache*paged_low_rank_seq_post_b1_kv2_g2_d256_p16_bias_6' prerope &
   run_tests prerope 240
-  run_tests lrencode 150 'Evict*'
+  run_tests lrencode 150 '*Evict*'
   SANITIZE_SECONDS=120 sanitize memcheck kvtrim_cuda_tests_lrencode '*EvictionStep*LowRank*:*EvictionMetricCodecs*low_rank*' lrencode-eviction
   wait
   log "tests and sanitizers done $((SECONDS - S))s"
