@@ -287,13 +287,9 @@ __device__ __forceinline__ void dmma_8x8x4(double (&d)[2], double a, double b) {
 /// fragment of a tile row (Xᵀ) and the B fragment of a tile column (X): one 8-byte shared load each — and adds
 /// them once (atomicAdd). The CUDA-core form this replaces converted every staged float to double again for
 /// each 8 × 8 tile it fed and kept only 136 of 256 threads busy at head dim 128.
-// Blocks an SM the Gram kernel is compiled for: 1 (152 registers, no spills) or 2 (128 registers, ~100 bytes
-// of spills; one block can stage while the other multiplies). Unmeasured: docs/unverified builds both.
-#ifndef KVTRIM_LOW_RANK_GRAM_MIN_BLOCKS
-#define KVTRIM_LOW_RANK_GRAM_MIN_BLOCKS 1
-#endif
+// One block an SM: 152 registers, no spills. Two (128 registers) spill ~100 bytes; not measured against one.
 template <class View, class InT>
-__global__ void __launch_bounds__(low_rank_gram_threads, KVTRIM_LOW_RANK_GRAM_MIN_BLOCKS)
+__global__ void __launch_bounds__(low_rank_gram_threads, 1)
     low_rank_gram(const __grid_constant__ codec_write<View, InT> w, double* gram) {
   if (write_failed(w)) return;
   extern __shared__ double staged[];  // [low_rank_gram_rows][low_rank_gram_stride(dim)]
