@@ -49,6 +49,7 @@
 #include <benchmark/benchmark.h>
 
 #include "cuda_common.cuh"
+#include "cuda_low_rank_bases.cuh"
 #include "cuda_prefill_lse.cuh"
 
 #include <cub/device/device_segmented_sort.cuh>
@@ -309,7 +310,9 @@ auto bench_pool(std::int64_t batch, std::int64_t kv_heads, std::int64_t tokens) 
 /// finite activations pays).
 /// CodecT (issue 12: what the device encode adds inside a compress): the kept rows are
 /// encoded by the compaction; a sixth argument picks the variant as in
-/// cuda_decode_attention.cu's codec rows (2, 3: zero points; 6: fp8 fixed scales).
+/// cuda_decode_attention.cu's codec rows (2, 3: zero points; 6: fp8 fixed scales; 7: low_rank at r =
+/// head_dim / 4 with profile bases, installed before timing; 9: low_rank with sequence bases, fitted on
+/// the device inside every compress).
 /// GivenLse (issue 10, SnapKV): the window queries' softmax normalisers handed in
 /// (config.score.lse, as an engine's prefill attention has them; made once before
 /// timing by kvtrim's own pass 1): the scorer runs its second pass over K only.
@@ -355,12 +358,20 @@ void compress_scheme(benchmark::State& state) {
   if constexpr (requires { codec_config.asymmetric; }) codec_config.asymmetric = variant == 2 || variant == 3;
   if constexpr (requires { codec_config.scales; })
     codec_config.scales = variant == 6 ? kt::codec::fp8_scaling::fixed : kt::codec::fp8_scaling::head_amax;
+  if constexpr (std::is_same_v<CodecT, kt::codec::low_rank>) {
+    codec_config.source = variant == 9 ? kt::codec::basis_source::sequence : kt::codec::basis_source::profile;
+    codec_config.max_rank = shape.head_dim / 4;
+  }
   std::optional<kvtrim_bench::prefill_lse> lse;
   if constexpr (GivenLse) {
     static_assert(std::is_same_v<Scorer, kt::score::snapkv>, "given normalisers are SnapKV's (and H2O's)");
     cfg.score = cfg.score.with_lse(lse.emplace(key_view, query_view, shape).view());
   }
   auto cache = scheme::make_cache(shape, batch, bench_pool<Layout>(batch, kv_heads, tokens), codec_config);
+  if constexpr (std::is_same_v<CodecT, kt::codec::low_rank>)
+    if (variant != 9)
+      kvtrim_bench::install_random_low_rank_bases(cache.view().storage, batch * kv_heads, shape.head_dim,
+                                                  shape.head_dim / 4);
   const std::int64_t capacity = scheme::kept_tokens_capacity(shape, batch, tokens, cfg);
   std::int64_t* offsets = nullptr;
   std::int32_t* kept = nullptr;
@@ -764,7 +775,8 @@ KVTRIM_COMPRESS_ROW(paged, retrieval_head, by_scorer);
 
 // issue 12 — the same compress with each codec's device encode in the compaction (SnapKV + uniform,
 // contiguous; compare with compress/snapkv/uniform/contiguous in the same run: the goal is ≤ 15 % added).
-// Last argument: 1 int8 (KIVI groups of 32), 5 int4 (KIVI), 4 fp8 (head amax scales), 6 fp8 (fixed scales).
+// Last argument: 1 int8 (KIVI groups of 32), 5 int4 (KIVI), 4 fp8 (head amax scales), 6 fp8 (fixed scales),
+// 7 low_rank (r = 32, profile bases), 9 low_rank (sequence bases: the fit inside the compress).
 #define KVTRIM_COMPRESS_CODEC_ROW(C, name, variant)                                                   \
   BENCHMARK(compress_scheme<kt::layout::contiguous, kt::score::snapkv, kt::budget::uniform, false, true, \
                             kt::codec::C>)                                                             \
@@ -778,6 +790,8 @@ KVTRIM_COMPRESS_CODEC_ROW(int8, "int8", 1);
 KVTRIM_COMPRESS_CODEC_ROW(int4, "int4", 5);
 KVTRIM_COMPRESS_CODEC_ROW(fp8, "fp8", 4);
 KVTRIM_COMPRESS_CODEC_ROW(fp8, "fp8_fixed_scales", 6);
+KVTRIM_COMPRESS_CODEC_ROW(low_rank, "low_rank", 7);
+KVTRIM_COMPRESS_CODEC_ROW(low_rank, "low_rank_sequence", 9);
 
 // issue 10 — SnapKV with the prefill's softmax normalisers given (pass 2 only); compare with
 // compress/snapkv/uniform/contiguous and /paged in the same run.

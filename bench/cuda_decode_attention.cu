@@ -18,6 +18,7 @@
 #include <benchmark/benchmark.h>
 
 #include "cuda_common.cuh"
+#include "cuda_low_rank_bases.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -105,20 +106,9 @@ void codec_decode(benchmark::State& state) {
   }
   auto cache = scheme::make_cache(shape, batch, tokens, config);
   const std::int64_t heads = batch * shape.kv_heads, elements = heads * tokens * shape.head_dim;
-  if constexpr (std::is_same_v<CodecT, kt::codec::low_rank>) if (state.range(5) != 9) {
-    const std::int64_t rank = shape.head_dim / 4;
-    std::mt19937_64 random(7);
-    std::normal_distribution<double> normal(0.0, 1.0);
-    Eigen::MatrixXd gaussian(shape.head_dim, rank);
-    for (Eigen::Index i = 0; i < gaussian.size(); ++i) gaussian.data()[i] = normal(random);
-    const Eigen::MatrixXd q =
-        Eigen::HouseholderQR<Eigen::MatrixXd>(gaussian).householderQ() * Eigen::MatrixXd::Identity(shape.head_dim, rank);
-    std::vector<float> basis(static_cast<std::size_t>(shape.head_dim * rank));
-    for (std::int64_t d = 0; d < shape.head_dim; ++d)
-      for (std::int64_t j = 0; j < rank; ++j) basis[static_cast<std::size_t>(d * rank + j)] = static_cast<float>(q(d, j));
-    for (std::int64_t head = 0; head < heads; ++head)
-      kt::cuda_detail::set_low_rank_basis(cache.view().storage, head, basis.data(), rank, basis.data(), rank, nullptr);
-  }
+  if constexpr (std::is_same_v<CodecT, kt::codec::low_rank>)
+    if (state.range(5) != 9)
+      kvtrim_bench::install_random_low_rank_bases(cache.view().storage, heads, shape.head_dim, shape.head_dim / 4);
   __half *keys = nullptr, *values = nullptr;
   check(cudaMalloc(&keys, elements * sizeof(__half)), "cudaMalloc");
   check(cudaMalloc(&values, elements * sizeof(__half)), "cudaMalloc");
@@ -203,17 +193,22 @@ void low_rank_host_fit(benchmark::State& state) {
 /// after a compaction of `tokens` rows per head (timed once as fit_us), 16 appends of one token to every
 /// head, the 16th filling the pending buffers so that every head's bases are refreshed on the device
 /// (low_rank_append_refreshing); an iteration times the 16 (median reported per append and for the 16).
-void low_rank_sequence_append(benchmark::State& state) {
+/// Profile: the same appends to a cache with profile bases (installed before the compaction, no fit, no
+/// refresh): each append encodes one row a head through low_rank_encode_rows, as every decode step does.
+template <bool Profile>
+void low_rank_append(benchmark::State& state) {
   using scheme = kt::scheme<kt::layout::contiguous, kt::score::static_window, kt::budget::uniform, kt::codec::low_rank,
                             kt::backend::cuda>;
   const std::int64_t batch = state.range(0), tokens = state.range(1);
   const kt::model_shape shape{.q_heads = 4 * state.range(2), .kv_heads = state.range(2), .head_dim = state.range(3)};
   kt::codec::low_rank::config config{};
   config.max_rank = shape.head_dim / 4;
+  if constexpr (Profile) config.source = kt::codec::basis_source::profile;
   constexpr std::int64_t steps = 16;
   const std::int64_t iterations = 12;  // 10 timed + warm-up + one spare
   auto cache = scheme::make_cache(shape, batch, tokens + steps * iterations, config);
   const std::int64_t heads = batch * shape.kv_heads, elements = heads * tokens * shape.head_dim;
+  if constexpr (Profile) kvtrim_bench::install_random_low_rank_bases(cache.view().storage, heads, shape.head_dim, shape.head_dim / 4);
   __half *keys = nullptr, *values = nullptr, *new_keys = nullptr, *new_values = nullptr;
   check(cudaMalloc(&keys, elements * sizeof(__half)), "cudaMalloc");
   check(cudaMalloc(&values, elements * sizeof(__half)), "cudaMalloc");
@@ -459,13 +454,16 @@ BENCHMARK(codec_legacy_encode<kt::codec::fp8>)->Name("codec_legacy_encode_fp8") 
 BENCHMARK(codec_legacy_encode<kt::codec::int4>)->Name("codec_legacy_encode_int4") KVTRIM_LEGACY_ENCODE_ROWS(5);
 BENCHMARK(codec_legacy_encode<kt::codec::fp8>)->Name("codec_legacy_encode_fp8_fixed_scales") KVTRIM_LEGACY_ENCODE_ROWS(6);
 BENCHMARK(codec_decode<kt::codec::low_rank>)->Name("codec_decode_low_rank_sequence") KVTRIM_CODEC_ROWS(9);
-BENCHMARK(low_rank_sequence_append)
-    ->ArgNames({"batch", "tokens", "kv_heads", "head_dim"})
-    ->Args({8, 4096, 8, 128})
-    ->Args({8, 32768, 8, 128})
-    ->UseManualTime()
-    ->Iterations(10)
-    ->Unit(benchmark::kMicrosecond);
+// The appends after a compaction of 4k and of 32k tokens per head (W's heads).
+#define KVTRIM_APPEND_ROWS                                                                                   \
+  ->ArgNames({"batch", "tokens", "kv_heads", "head_dim"})                                                   \
+      ->Args({8, 4096, 8, 128})                                                                             \
+      ->Args({8, 32768, 8, 128})                                                                            \
+      ->UseManualTime()                                                                                     \
+      ->Iterations(10)                                                                                      \
+      ->Unit(benchmark::kMicrosecond)
+BENCHMARK(low_rank_append<false>)->Name("low_rank_sequence_append") KVTRIM_APPEND_ROWS;
+BENCHMARK(low_rank_append<true>)->Name("low_rank_profile_append") KVTRIM_APPEND_ROWS;
 BENCHMARK(low_rank_host_fit)->ArgNames({"tokens", "head_dim"})->Args({4096, 128})->Args({32768, 128})->Iterations(2)->Unit(benchmark::kMillisecond);
 // Pre-RoPE keys cost O(head_dim · r) products and head_dim / 2 rotations per token (compute-bound): fewer repetitions.
 BENCHMARK(codec_decode<kt::codec::low_rank>)

@@ -63,7 +63,10 @@ for variant in "${variants[@]}"; do
     lrbase) build lrbase low-rank-bench.diff none "" bench_cuda_decode_attention bench_cuda_compress ;;
     # the Gram kernel at two blocks an SM (128 registers, ~100 bytes of spills) instead of one (152, none)
     lrgram2) build lrgram2 low-rank-encode.diff none "-DKVTRIM_LOW_RANK_GRAM_MIN_BLOCKS=2" bench_cuda_decode_attention ;;
-    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main final head headbench lrencode lrbase lrgram2)" >&2; exit 2 ;;
+    # HEAD (branch prerope: the pre-RoPE low-rank decode over low-rank-encode.diff): its codec tests and decode bench
+    # (its base: lrencode's bench, the same tree before the pre-RoPE change)
+    prerope) build prerope "" 'codecs_test' "" kvtrim_cuda_tests bench_cuda_decode_attention ;;
+    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main final head headbench lrencode lrbase lrgram2 prerope)" >&2; exit 2 ;;
   esac
 done
 du -sh "$out"

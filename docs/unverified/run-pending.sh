@@ -22,6 +22,9 @@
 #   lrtests  low-rank-encode.diff's codec and eviction tests, memcheck and racecheck on the low-rank caches
 #   lrbench  its encode / fit / append against lrbase (main's kernels), the low-rank rows inside a SnapKV compress,
 #            ncu's time of each fit and encode kernel
+#   prtests  branch prerope (the pre-RoPE low-rank decode): codec tests, memcheck on the pre-RoPE cases
+#   prbench  its pre-RoPE and post-RoPE decode rows against lrencode's
+#   both     prerope's and lrencode's tests with the sanitizers beside them, then prbench and one round of lrbench
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
@@ -301,6 +304,51 @@ lrbench() {
     awk '/Context [0-9]+, Stream/ && match($0, /low_rank_[a-z_]+/) {name = substr($0, RSTART, RLENGTH)} /gpu__time_duration/ {v = $NF; gsub(",", "", v); print name, v}' "$OUT/lrncu-$v.txt" |
       awk '{n[$1]++; t[$1] += $2} END {for (k in n) printf "%s x%d mean %.1f us\n", k, n[k], t[k] / n[k] / 1000}' | tee -a "$OUT/log.txt"
   done
+}
+# Branch prerope (build-pending.sh prerope: the pre-RoPE low-rank decode, over low-rank-encode.diff): its codec tests,
+# memcheck on the pre-RoPE cases and RopeSincos, then its decode rows against lrencode's (the same tree before it).
+prtests() {
+  run_tests prerope 240
+  SANITIZE_SECONDS=240 sanitize memcheck kvtrim_cuda_tests_prerope '*RopeSincos*:*CodecCache*low_rank_pre*:*SequenceBasisCache*seq_pre*' prerope
+}
+PR_ROWS='device_copy|^codec_decode_(fp16|low_rank|low_rank_pre_rope)/batch:8/tokens:32768/q_heads:32/'
+prbench() {
+  local r v
+  for r in 1 2; do for v in ${PR_BASE:-lrencode} prerope; do
+    timeout 120 ./bench_cuda_decode_attention_$v --benchmark_filter="$PR_ROWS" > "$OUT/prbench-$v-$r.txt" 2>&1
+    log "prbench $v $r rc=$? $((SECONDS - S))s"
+  done; done
+  for v in ${PR_BASE:-lrencode} prerope; do echo "== $v"; ROWS='^(device_copy|codec_)' table "$OUT"/prbench-$v-*.txt; done | tee -a "$OUT/log.txt"
+}
+# One call for both branches when machines are scarce: prerope's codec tests (they include lrencode's codec tests:
+# prerope is lrencode plus the pre-RoPE decode) and lrencode's eviction tests, with memcheck and racecheck running
+# beside them (correctness only: the GPU and the 16 cores shared), then the benches alone, each skipped past
+# $BENCH_DEADLINE (default 420 s): prbench, then one round of lrbench's rows (no ncu).
+both() {
+  SANITIZE_SECONDS=270 sanitize memcheck kvtrim_cuda_tests_prerope '*RopeSincos*:*CodecCache*low_rank*:*SequenceBasisCache*' prerope &
+  SANITIZE_SECONDS=270 sanitize racecheck kvtrim_cuda_tests_prerope '*CodecCache*contiguous_low_rank_post_b2_kv2_g8_d128*:*CodecCache*low_rank_pre_r29*:*SequenceBasisCache*contiguous_low_rank_seq_post_b1_kv2_g4_d128_3:*SequenceBasisCache*paged_low_rank_seq_post_b1_kv2_g2_d256_p16_bias_6' prerope &
+  run_tests prerope 240
+  run_tests lrencode 150 '*Evict*'
+  SANITIZE_SECONDS=120 sanitize memcheck kvtrim_cuda_tests_lrencode '*EvictionStep*LowRank*:*EvictionMetricCodecs*low_rank*' lrencode-eviction
+  wait
+  log "tests and sanitizers done $((SECONDS - S))s"
+  # (the 64 MiB a call carries: lrbase's decode bench is the base — its decode kernels are lrencode's, the encode
+  # diff touches none — and prerope's carries lrencode's encode; lrencode's compress bench alone: fp16 beside low_rank)
+  [ $((SECONDS - S)) -lt "${BENCH_DEADLINE:-420}" ] && PR_BASE=lrbase prbench
+  [ $((SECONDS - S)) -lt "${BENCH_DEADLINE:-420}" ] || { log "lrbench skipped: past BENCH_DEADLINE"; return 0; }
+  local v
+  for v in lrbase prerope; do
+    timeout 100 ./bench_cuda_decode_attention_$v --benchmark_filter="$LR_ROWS" > "$OUT/lrbench-$v-1.txt" 2>&1
+    log "lrbench $v rc=$? $((SECONDS - S))s"
+    echo "== $v (encode_us, fit_us, append_us)"
+    grep -hE '^(codec_decode|low_rank_)' "$OUT"/lrbench-$v-1.txt |
+      awk '{s = $1; for (i = 2; i <= NF; ++i) if ($i ~ /^(encode_us|fit_us|append_us|median_us)=/) s = s " " $i; print s}' | sort | tee -a "$OUT/log.txt"
+  done
+  if [ $((SECONDS - S)) -lt 530 ]; then
+    timeout $((570 - (SECONDS - S))) ./bench_cuda_compress_lrencode --benchmark_filter='^compress/snapkv/uniform/contiguous/(batch|low_rank)' > "$OUT/lrcompress-lrencode-1.txt" 2>&1
+    log "lrcompress lrencode rc=$? $((SECONDS - S))s"
+    echo "== compress lrencode"; ROWS='^compress' table "$OUT"/lrcompress-lrencode-1.txt | tee -a "$OUT/log.txt"
+  fi
 }
 # DEADLINE (seconds since the start): stages that would begin after it are skipped, so the archive below
 # is still made within the call's limit.

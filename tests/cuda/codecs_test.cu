@@ -137,6 +137,62 @@ TEST(Fp8Conversion, HardwareMatchesCpuOnEveryBoundary) {
   EXPECT_THROW(kt::codec::fp8::encode(store, 0, 0, 0, row, row), kt::error);
 }
 
+// ---- pre-RoPE keys: the device's sine and cosine of a rotation angle ------------------
+
+__global__ void device_rope_sincos(const double* angles, float* sines, float* cosines, std::int64_t n) {
+  for (std::int64_t i = blockIdx.x * std::int64_t{blockDim.x} + threadIdx.x; i < n; i += std::int64_t{gridDim.x} * blockDim.x)
+    kt::cuda_detail::rope_sincos(angles[i], sines[i], cosines[i]);
+}
+
+/// rope_sincos (decode_attention_low_rank's pre-RoPE keys) within 10u (u = 2^-24) of the double sine and
+/// cosine the CPU rotates by (core/rope.hpp), absolute: the bound codecs' pre-RoPE attention tolerance
+/// counts (rotation_extra). Angles as the CPU forms them, position · theta^(−2i/dim) in double, for Llama's
+/// and Llama 3's bases, every pair of head dims 64 and 128 and a partial rotary of 32, at positions from 0
+/// to 2^31 − 1 (int32 slot positions): small and large, near multiples of 2π and π/2, and random ones.
+TEST(RopeSincos, WithinTenUnitsOfTheCpusDoubleSineAndCosine) {
+  KVTRIM_SKIP_WITHOUT_GPU();
+  std::vector<double> angles;
+  std::vector<std::int64_t> positions = {0, 1, 2, 3, 5, 7, 16, 17, 31, 33, 100, 4095, 4096, 4097, 32767, 32768, 65535,
+                                         131071, 1000000, 1048575, 16777215, 16777216, 100000000, 2147483646, 2147483647};
+  std::mt19937_64 random(11);
+  for (int i = 0; i < 4000; ++i) positions.push_back(static_cast<std::int64_t>(random() % 2147483648ull));
+  for (const double theta : {10000.0, 500000.0})
+    for (const std::int64_t dim : {32, 64, 128}) {
+      kt::rope rope;
+      rope.theta = theta;
+      const double* inverse = rope.inverse_frequencies(dim);
+      for (const std::int64_t position : positions)
+        for (std::int64_t i = 0; i < dim / 2; ++i) angles.push_back(static_cast<double>(position) * inverse[i]);
+    }
+  // Angles next to the reduction's edges: k·2π ± a few ulps, (k + ½)·2π (the round-half case), k·π/2.
+  for (const double k : {1.0, 2.0, 3.0, 1000.0, 123456.0, 1e8, 3.4e8}) {
+    const double two_pi_k = k * 6.283185307179586;
+    for (const double x : {two_pi_k, std::nextafter(two_pi_k, 0.0), std::nextafter(two_pi_k, 1e300), two_pi_k + 3.141592653589793,
+                           two_pi_k - 3.141592653589793, two_pi_k + 1.5707963267948966, two_pi_k - 1.5707963267948966})
+      angles.push_back(x), angles.push_back(-x);
+  }
+  const auto n = static_cast<std::int64_t>(angles.size());
+  device_buffer<double> device_angles(angles);
+  device_buffer<float> device_sines(angles.size()), device_cosines(angles.size());
+  device_rope_sincos<<<256, 256>>>(device_angles.data(), device_sines.data(), device_cosines.data(), n);
+  kt::testing::check(cudaDeviceSynchronize(), "device_rope_sincos");
+  const std::vector<float> sines = device_sines.download(), cosines = device_cosines.download();
+  const double u = kt::element_traits<float>::unit_roundoff, bound = 10.0 * u;
+  double worst = 0.0;
+  std::int64_t failures = 0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    const auto at = static_cast<std::size_t>(i);
+    const double error = std::max(std::abs(static_cast<double>(sines[at]) - std::sin(angles[at])),
+                                  std::abs(static_cast<double>(cosines[at]) - std::cos(angles[at])));
+    worst = std::max(worst, error);
+    if (!(error <= bound) && ++failures <= 8)
+      ADD_FAILURE() << "angle " << angles[at] << ": sin " << sines[at] << " (cpu " << std::sin(angles[at]) << "), cos "
+                    << cosines[at] << " (cpu " << std::cos(angles[at]) << ")";
+  }
+  EXPECT_EQ(failures, 0) << "of " << n << " angles";
+  ::testing::Test::RecordProperty("worst_error_in_u", std::to_string(worst / u));
+}
+
 // ---- int8 / int4 codes: the product with 1/scale against the CPU's division ----------
 
 /// (x, lowest, highest) → the code the device's fit and code give, as the 16-byte encode kernels call them.
@@ -483,11 +539,14 @@ typename CodecT::config config_of(codec_kind kind) {
     config.source = kt::codec::basis_source::profile;
     if (kind != codec_kind::low_rank_post_rope && kind != codec_kind::low_rank_post_rope_rank_20)
       config.keys = kt::codec::key_space::pre_rope;
+    // Partial rotaries whose pairs (20, 18) and unrotated channels (88 / 24, 92 / 28 at head dims 128 / 64) are
+    // not whole chunks of the pre-RoPE kernel's eight pairs and sixteen channels.
     if (kind == codec_kind::low_rank_pre_rope_interleaved) {
       config.rope.pairs = kt::rope::pairing::interleaved;
-      config.rope.rotary_dim = 32;  // partial rotary: channels 32.. are not rotated
+      config.rope.rotary_dim = 40;  // partial rotary: channels 40.. are not rotated
       config.rope.theta = 500000.0;
     }
+    if (kind == codec_kind::low_rank_pre_rope_rank_29) config.rope.rotary_dim = 36;  // half-split, partial
   } else if constexpr (requires { config.inner; }) {
     // 3 sinks and a ring of 40 (not a multiple of KIVI's 32): appends of 17 and 33 wrap it.
     config.inner = config_of<typename CodecT::inner_codec>(kind == codec_kind::layered_int8
@@ -582,6 +641,15 @@ double basis_distance(const float* a, const float* b, std::int64_t dim, std::int
   const Eigen::MatrixXd difference = ua * ua.transpose() - ub * ub.transpose();
   return Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd>(difference, Eigen::EigenvaluesOnly).eigenvalues().cwiseAbs().maxCoeff();
 }
+
+/// The device's pre-RoPE rotation beyond the CPU's, in units of u = 2^-24 of S (the pair's B_a + B_b):
+/// the CPU rotates in double with exact-to-double sine and cosine and rounds once; the kernel's
+/// rope_sincos is within 10u of each (the reduced angle's rounding to float, ≤ 2u, and __sincosf's
+/// ≤ 2^-21.19 ≈ 7.0u on [−π, π]; RopeSincos checks 10u) and it rotates in float (two more roundings of
+/// each rotated channel):
+/// |Δk_a| ≤ (10u + 2u)·(|x_a| + |x_b|), so 12u·S more on the device's logits, plus 1u for the
+/// CPU's own rounding of the rotated channel that the bounds' constants above did not name.
+double rotation_extra(bool pre_rope) { return pre_rope ? 13.0 : 0.0; }
 
 /// The bound on ‖x̂_a − x̂_b‖₂ for one token's lifted rows x̂_s = fl(U_s c_s), c_s = fl16(fl32(U_sᵀx)), from
 /// two stores given the same input row x (‖x‖₂ ≤ largest_row) and bases at distance M = ‖U_a U_aᵀ −
@@ -815,7 +883,7 @@ void expect_sequence_attention_within(const low_rank_store& cpu, const low_rank_
           largest_logit = std::max(largest_logit, magnitude / std::sqrt(static_cast<double>(dim)) + extra);
         }
       }
-      const double logit_error = key_difference + (2.0 * static_cast<double>(dim + r) + 12.0) * u * largest_logit +
+      const double logit_error = key_difference + (2.0 * static_cast<double>(dim + r) + 12.0 + rotation_extra(gpu.pre_rope)) * u * largest_logit +
                                  2.0 * (gamma_r + 2.0 * u) * largest_logit;
       const double tolerance = 2.0 * std::expm1(2.0 * logit_error + 4.0 * u) * largest_value + value_difference +
                                2.0 * gamma_r * largest_value +
@@ -1179,7 +1247,7 @@ struct harness {
                                                   (i == bias_index ? std::abs(bias) : 0.0));
     }
     const double u = kt::element_traits<float>::unit_roundoff;
-    const double logit_error = (2.0 * static_cast<double>(dim + r) + 12.0) * u * largest_logit;
+    const double logit_error = (2.0 * static_cast<double>(dim + r) + 12.0 + rotation_extra(st.pre_rope)) * u * largest_logit;
     const double tolerance = 2.0 * std::expm1(2.0 * logit_error + 4.0 * u) * largest_value +
                              (16.0 * std::sqrt(static_cast<double>(n) + 1.0) + 2.0 * static_cast<double>(r) + 12.0) * u *
                                  largest_value;

@@ -13,7 +13,7 @@
 // (low_rank_fit.cuh: Gram matrices in double, cuSOLVER's batched eigen-solver,
 // a Jacobi refresh in one block per head); update_freq ≤ 32 on the device.
 //
-// Encode (low_rank_encode_rows, one warp per token): c_j = Σ_d U_dj·x_d for
+// Encode (low_rank_encode_rows, a warp per eight rows, a lane per coefficient): c_j = Σ_d U_dj·x_d for
 // j < the head's rank, else 0, rounded to fp16 — the CPU's project(): the same
 // summation order (d ascending from 0), each product and sum rounded to fp32
 // separately (__fmul_rn / __fadd_rn: no contraction into an fma), the same
@@ -35,8 +35,10 @@
 //   post-RoPE: s_g = (Uᵀq_g)·c — the query projected once per segment
 //              (q̃_g = U_kᵀ q_g · log2(e)/√D, R·D products per query head);
 //   pre-RoPE:  the CPU's method per token: k̂ = U_k c (U_k staged in shared
-//              memory), rotated to the token's stored position (RoPE in double,
-//              as core/rope.hpp), then s_g = q_g·k̂ · log2(e)/√D;
+//              memory; sixteen channels at a time), rotated to the token's
+//              stored position (the angle in double as core/rope.hpp, reduced
+//              to [−π, π] and its sine and cosine in float: rope_sincos), then
+//              s_g = q_g·k̂ · log2(e)/√D;
 // plus the compensation bias (base 2). The softmax is online per tile with one
 // running maximum per query head shared by the block; the weights go to shared
 // memory and the values are mixed in coefficient space (m_g = Σ p·c^v, each
@@ -270,23 +272,95 @@ inline void set_low_rank_basis(const codec::low_rank::storage<device_space>& sto
 
 // ---- encode -------------------------------------------------------------------
 
-inline constexpr int low_rank_encode_threads = 256;
+inline constexpr int low_rank_encode_threads = 128;
+/// Rows a warp encodes together. Each coefficient is a chain of head_dim dependent additions in the CPU's
+/// order (d ascending, no fma), so a warp that encodes one row at a time waits on that chain; eight rows
+/// give every lane eight independent chains, and each basis element it loads serves all eight.
+inline constexpr int low_rank_encode_rows_per_warp = 8;
+/// Batches of rows each warp takes per head (when the head has that many): the per-head setup (its
+/// coordinates, ranks, basis pointers) is paid once for up to 32 rows.
+inline constexpr int low_rank_encode_passes = 4;
+static_assert(32 % low_rank_encode_rows_per_warp == 0, "low_rank_encode_rows: a lane stages one row of the batch");
 
-/// One warp per token: the row's key and value staged in shared memory (fp32, as the CPU's
-/// encode receives them), then lane j computes coefficients j, j + 32, … in the CPU's order.
+/// A block's staged rows: [warps][keys, values][head_dim / 4 rounded up][rows_per_warp] float4s — the rows'
+/// four-channel pieces interleaved, so the eight rows' pieces of channels 4q..4q + 3 lie at constant offsets
+/// (one address per q, immediate offsets for the rows).
+inline std::size_t low_rank_encode_shared_bytes(std::int64_t head_dim) {
+  const std::size_t quads = static_cast<std::size_t>((head_dim + 3) / 4);
+  return std::size_t{low_rank_encode_threads / 32} * 2 * quads * low_rank_encode_rows_per_warp * sizeof(float4);
+}
+
+/// One part (keys or values) of a batch: coefficients first_coefficient + lane (lanes of one pass of 32) of the
+/// batch's first Rows staged rows, each sum in the CPU's order and rounding (d ascending from 0, __fmul_rn then
+/// __fadd_rn), stored for the first `count` rows. Rows: the batch's count rounded up to 1, 2, 4 or 8, so that a
+/// one-token append computes one row, not eight.
+template <int Rows>
+__device__ __forceinline__ void low_rank_encode_part(const float4* rows_staged, const float* basis, std::int64_t rank,
+                                                     std::int64_t r_max, std::int64_t dim, std::int64_t slot,
+                                                     int count, int lane, __half* coefficients) {
+  constexpr int batch = low_rank_encode_rows_per_warp;  // the staged layout's row stride
+  const int whole_pieces = static_cast<int>(dim / 4);
+  for (std::int64_t first_coefficient = 0; first_coefficient < r_max; first_coefficient += 32) {  // warp-uniform
+    const std::int64_t j = first_coefficient + lane;
+    float sums[Rows];
+#pragma unroll
+    for (int t = 0; t < Rows; ++t) sums[t] = 0.0f;
+    if (j < rank) {
+      const float* column = basis + j;
+      int q = 0;
+      for (; q < whole_pieces; ++q, column += 4 * r_max) {
+        const float u0 = __ldg(column), u1 = __ldg(column + r_max), u2 = __ldg(column + 2 * r_max),
+                    u3 = __ldg(column + 3 * r_max);
+#pragma unroll
+        for (int t = 0; t < Rows; ++t) {
+          const float4 x = rows_staged[q * batch + t];
+          float sum = sums[t];
+          sum = __fadd_rn(sum, __fmul_rn(u0, x.x));
+          sum = __fadd_rn(sum, __fmul_rn(u1, x.y));
+          sum = __fadd_rn(sum, __fmul_rn(u2, x.z));
+          sum = __fadd_rn(sum, __fmul_rn(u3, x.w));
+          sums[t] = sum;
+        }
+      }
+      for (std::int64_t d = 4 * std::int64_t{q}; d < dim; ++d, column += r_max) {  // head_dim % 4 channels
+        const float u = __ldg(column);
+#pragma unroll
+        for (int t = 0; t < Rows; ++t)
+          sums[t] = __fadd_rn(sums[t], __fmul_rn(u, reinterpret_cast<const float*>(rows_staged + q * batch + t)[d % 4]));
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < Rows; ++t) {
+      const std::int64_t row_slot = __shfl_sync(0xffffffffu, slot, t);
+      if (t < count && j < r_max) coefficients[row_slot * r_max + j] = __float2half_rn(sums[t]);
+    }
+  }
+}
+
+/// Eight rows per warp: their keys and values staged in shared memory (fp32, as the CPU's encode receives
+/// them), then lane j computes coefficient j (j + 32, … for stored ranks above 32) of all eight rows, each
+/// in the CPU's order and rounding (low_rank_encode_part). The basis element U[d][j] is loaded once per d
+/// for the eight rows; the rows' channels are shared-memory broadcasts, four channels per 16-byte load.
+/// ~2.75 instructions per multiply-add (PTX) against ~7 for one row at a time, and eight independent
+/// chains of dependent additions a lane instead of one. Five blocks an SM: without a minimum ptxas 13.0 chose 80
+/// registers and spilled ~60 bytes; with 5, 96 registers and no spills (20 warps an SM).
 template <class View, class InT>
-__global__ void __launch_bounds__(low_rank_encode_threads)
+__global__ void __launch_bounds__(low_rank_encode_threads, 5)
     low_rank_encode_rows(const __grid_constant__ codec_write<View, InT> w) {
   if (write_failed(w)) return;
-  constexpr int warps = low_rank_encode_threads / 32;
-  extern __shared__ float staged_rows[];  // [warps][key, value][head_dim]
+  constexpr int warps = low_rank_encode_threads / 32, batch = low_rank_encode_rows_per_warp;
+  extern __shared__ float4 staged_storage[];
   const auto& store = w.cache.storage;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
   const std::int64_t dim = store.head_dim, r_max = store.stored_rank;
-  float* key = staged_rows + warp * 2 * dim;
-  float* value = key + dim;
+  // Piece p (channels 4p..4p + 3) of staged row t of a part: float4 p·batch + t of the part.
+  const int pieces = static_cast<int>((dim + 3) / 4);
+  float4* staged = staged_storage + std::int64_t{warp} * 2 * pieces * batch;
   auto* key_coefficients = reinterpret_cast<__half*>(store.key_coefficients);
   auto* value_coefficients = reinterpret_cast<__half*>(store.value_coefficients);
+  // Lane l stages row l % batch (its source resolved once a batch), pieces l / batch, + 32 / batch, …: the
+  // eight rows' sources are looked up at once, and consecutive lanes write consecutive float4s.
+  const int staged_row = lane % batch, first_piece = lane / batch;
   KVTRIM_FOR_EACH_WRITTEN_HEAD(w, head) {
     const std::int64_t rows = rows_of(w, head), first = first_of(w, head);
     const head_coordinates coordinates = coordinates_of(w, head);
@@ -296,33 +370,60 @@ __global__ void __launch_bounds__(low_rank_encode_threads)
       store.compaction_left[head] = store.update_freq > 0 ? 0 : rows;
       store.pending_counts[head] = 0;
     }
+    const std::int64_t key_rank = store.key_ranks[head], value_rank = store.value_ranks[head];
     const float* key_basis = store.key_bases + head * dim * r_max;
     const float* value_basis = store.value_bases + head * dim * r_max;
-    const std::int64_t key_rank = store.key_ranks[head], value_rank = store.value_ranks[head];
-    for (std::int64_t r = blockIdx.x * std::int64_t{warps} + warp; r < rows; r += std::int64_t{gridDim.x} * warps) {
-      const std::int64_t slot = w.cache.slot(coordinates.b, coordinates.h, first + r);
-      const source_row<InT> source = row_of(w, head, r, coordinates);
-      for (std::int64_t d = lane; d < dim; d += 32) {
-        key[d] = source.key_at(d);
-        value[d] = source.value_at(d);
+    for (std::int64_t r0 = (std::int64_t{blockIdx.x} * warps + warp) * batch; r0 < rows;
+         r0 += std::int64_t{gridDim.x} * warps * batch) {
+      const int count = static_cast<int>(min(std::int64_t{batch}, rows - r0));
+      // Lane t < count resolves row r0 + t's slot (and writes its position); the stores take it by shuffle.
+      std::int64_t slot = 0;
+      if (lane < count) {
+        slot = w.cache.slot(coordinates.b, coordinates.h, first + r0 + lane);
+        w.cache.positions.slot_position[slot] = static_cast<std::int32_t>(position_of_row(w, head, r0 + lane, coordinates));
+      }
+      {  // stage (rows past `count`: zeros, computed on only when count rounds up, never stored)
+        float4* keys_staged = staged + staged_row;
+        float4* values_staged = keys_staged + pieces * batch;
+        if (staged_row < count) {
+          const source_row<InT> source = row_of(w, head, r0 + staged_row, coordinates);
+          for (int p = first_piece; p < pieces; p += 32 / batch) {
+            float key[4], value[4];
+            if (source.key != nullptr && 4 * p + 4 <= dim) {  // an input row's whole piece: one branch, not eight
+#pragma unroll
+              for (int i = 0; i < 4; ++i) key[i] = to_float(source.key[4 * p + i]), value[i] = to_float(source.value[4 * p + i]);
+            } else {
+#pragma unroll
+              for (int i = 0; i < 4; ++i) {
+                const int d = 4 * p + i;
+                key[i] = d < dim ? source.key_at(d) : 0.0f;
+                value[i] = d < dim ? source.value_at(d) : 0.0f;
+              }
+            }
+            keys_staged[p * batch] = make_float4(key[0], key[1], key[2], key[3]);
+            values_staged[p * batch] = make_float4(value[0], value[1], value[2], value[3]);
+          }
+        } else {
+          for (int p = first_piece; p < pieces; p += 32 / batch)
+            keys_staged[p * batch] = values_staged[p * batch] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        }
       }
       __syncwarp();
-      if (lane == 0) w.cache.positions.slot_position[slot] = static_cast<std::int32_t>(position_of_row(w, head, r, coordinates));
-      for (std::int64_t j = lane; j < r_max; j += 32) {
-        float key_sum = 0.0f, value_sum = 0.0f;
-        // Unrolled so that the basis loads of several channels are in flight together; the
-        // additions stay in the CPU's order (d ascending).
-        if (j < key_rank)
-#pragma unroll 8
-          for (std::int64_t d = 0; d < dim; ++d) key_sum = __fadd_rn(key_sum, __fmul_rn(key_basis[d * r_max + j], key[d]));
-        if (j < value_rank)
-#pragma unroll 8
-          for (std::int64_t d = 0; d < dim; ++d)
-            value_sum = __fadd_rn(value_sum, __fmul_rn(value_basis[d * r_max + j], value[d]));
-        key_coefficients[slot * r_max + j] = __float2half_rn(key_sum);
-        value_coefficients[slot * r_max + j] = __float2half_rn(value_sum);
+      for (int part = 0; part < 2; ++part) {
+        const float4* rows_staged = staged + part * pieces * batch;
+        const float* basis = part == 0 ? key_basis : value_basis;
+        const std::int64_t rank = part == 0 ? key_rank : value_rank;
+        __half* coefficients = part == 0 ? key_coefficients : value_coefficients;
+        if (count == 1)
+          low_rank_encode_part<1>(rows_staged, basis, rank, r_max, dim, slot, count, lane, coefficients);
+        else if (count == 2)
+          low_rank_encode_part<2>(rows_staged, basis, rank, r_max, dim, slot, count, lane, coefficients);
+        else if (count <= 4)
+          low_rank_encode_part<4>(rows_staged, basis, rank, r_max, dim, slot, count, lane, coefficients);
+        else
+          low_rank_encode_part<batch>(rows_staged, basis, rank, r_max, dim, slot, count, lane, coefficients);
       }
-      __syncwarp();  // the staged row is read before the next token overwrites it
+      __syncwarp();  // the staged rows are read before the next batch overwrites them
     }
   }
 }
@@ -340,10 +441,15 @@ void launch_low_rank_writes(std::string_view function, const codec_write<View, I
     return;
   }
   const std::int64_t heads = w.target >= 0 ? 1 : w.cache.heads();
-  constexpr int warps = low_rank_encode_threads / 32;
-  const dim3 grid(static_cast<unsigned>(std::clamp<std::int64_t>(ceil_div(std::max<std::int64_t>(rows_bound, 1), warps), 1, 4096)),
+  constexpr std::int64_t rows_per_block =
+      std::int64_t{low_rank_encode_threads / 32} * low_rank_encode_rows_per_warp * low_rank_encode_passes;
+  const dim3 grid(static_cast<unsigned>(std::clamp<std::int64_t>(ceil_div(std::max<std::int64_t>(rows_bound, 1), rows_per_block), 1, 4096)),
                   static_cast<unsigned>(std::min<std::int64_t>(heads, 65535)));
-  const std::size_t shared = std::size_t{warps} * 2 * static_cast<std::size_t>(w.cache.shape.head_dim) * sizeof(float);
+  const std::size_t shared = low_rank_encode_shared_bytes(w.cache.shape.head_dim);
+  if (shared > 48 * 1024)
+    detail::check_cuda(cudaFuncSetAttribute(low_rank_encode_rows<View, InT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(shared)),
+                       function, "cudaFuncSetAttribute(low_rank_encode_rows)");
   low_rank_encode_rows<View, InT><<<grid, low_rank_encode_threads, shared, stream>>>(w);
   detail::check_launch(function, "low_rank_encode_rows");
 }
@@ -527,6 +633,66 @@ __device__ __forceinline__ void low_rank_store_output(const Params& params, bool
   }
 }
 
+/// Pre-RoPE keys: channels channel[0, count) of one token's k̂ = U c (U: [head_dim][r] floats in shared memory,
+/// c: the token's staged coefficient row), each one fmaf chain over j ascending — the CPU's reader order.
+/// Beyond the key rank U's columns and c are 0, so the 16-byte path may read up to the next multiple of 8.
+__device__ __forceinline__ void low_rank_rebuild_channels(const __half* c, const float* key_basis, int r, int key_rank,
+                                                          const int (&channel)[16], int count, float (&k)[16]) {
+#pragma unroll
+  for (int m = 0; m < 16; ++m) k[m] = 0.0f;
+  if (r % 8 == 0) {  // 16-byte reads: the row's (padded: conflict-free) and U's (broadcast)
+    for (int j8 = 0; j8 < key_rank; j8 += 8) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(c + j8);
+      const auto* pairs = reinterpret_cast<const __half2*>(&raw);
+      const float2 c01 = __half22float2(pairs[0]), c23 = __half22float2(pairs[1]);
+      const float2 c45 = __half22float2(pairs[2]), c67 = __half22float2(pairs[3]);
+#pragma unroll
+      for (int m = 0; m < 16; ++m) {
+        if (m >= count) break;
+        const float* u = key_basis + channel[m] * r + j8;
+        const float4 low = *reinterpret_cast<const float4*>(u);
+        const float4 high = *reinterpret_cast<const float4*>(u + 4);
+        float value = k[m];
+        value = fmaf(low.x, c01.x, value), value = fmaf(low.y, c01.y, value);
+        value = fmaf(low.z, c23.x, value), value = fmaf(low.w, c23.y, value);
+        value = fmaf(high.x, c45.x, value), value = fmaf(high.y, c45.y, value);
+        value = fmaf(high.z, c67.x, value), value = fmaf(high.w, c67.y, value);
+        k[m] = value;
+      }
+    }
+  } else {
+    for (int j = 0; j < key_rank; ++j) {
+      const float coefficient = __half2float(c[j]);
+#pragma unroll
+      for (int m = 0; m < 16; ++m) {
+        if (m >= count) break;
+        k[m] = fmaf(key_basis[channel[m] * r + j], coefficient, k[m]);
+      }
+    }
+  }
+}
+
+/// sin and cos of a RoPE angle (position · theta^(−2i/rotary_dim), in double as the CPU forms it), for
+/// the pre-RoPE keys' rotation. The CPU takes std::sin / std::cos of the double angle; here the angle is
+/// reduced to [−π, π] in double (Cody–Waite with 2π = hi + lo: exact for the angles positions of 2^31
+/// and frequencies ≤ 1 reach, up to one rounding of the small result) and rounded to float (absolute
+/// error ≤ 2^−23 = 2u below 4, u = 2^−24), then the hardware's sine and cosine (__sincosf: absolute error
+/// ≤ 2^−21.41 and 2^−21.19 ≈ 7.0u on [−π, π], CUDA's programming guide). Each is within 9.1u of the CPU's —
+/// codecs_test.cu's pre-RoPE bound counts 10u per sine and cosine, and RopeSincos checks it — for a
+/// fraction of double sincos's cost (~60 double operations a pair at the FP64 units' rate before). Both
+/// sides' angles are the same double only where the device's pow gives the CPU's theta^(−2i/dim) (CUDA's
+/// pow is within 2 ulp, glibc's nearly correctly rounded): an ulp of a frequency near 1 moves the angle
+/// at position p by up to p·2^−52 — 8u at p = 2^31, 2^−13 u at 32k, less at the tests' positions (< 2^13)
+/// — as before this change.
+__device__ __forceinline__ void rope_sincos(double angle, float& sine, float& cosine) {
+  constexpr double inverse_two_pi = 0.15915494309189533577;
+  constexpr double two_pi_hi = 6.28318530717958623200;   // the double nearest 2π
+  constexpr double two_pi_lo = 2.44929359829470635445e-16;  // 2π − two_pi_hi
+  const double turns = rint(angle * inverse_two_pi);
+  const double reduced = fma(-turns, two_pi_lo, fma(-turns, two_pi_hi, angle));
+  __sincosf(static_cast<float>(reduced), &sine, &cosine);
+}
+
 template <int Group, class Params>
 __global__ void __launch_bounds__(low_rank_decode_threads)
     decode_attention_low_rank(const __grid_constant__ Params params) {
@@ -649,42 +815,51 @@ __global__ void __launch_bounds__(low_rank_decode_threads)
             for (int j = 0; j < key_rank; ++j) add(j, __half2float(c[j]));
           }
         } else {
-          // The CPU's reader.dot: k̂_d = Σ_j U_dj c_j, rotated by the token's position, then q·k̂.
-          const auto component = [&](int d) {
-            float value = 0.0f;
-            const float* u = key_basis + d * r;
-            if (r % 8 == 0) {  // 16-byte reads: the row's (padded: conflict-free) and U's (broadcast)
-              for (int j8 = 0; j8 < key_rank; j8 += 8) {  // beyond the key rank: U's columns and c are 0
-                const uint4 raw = *reinterpret_cast<const uint4*>(c + j8);
-                const auto* pairs = reinterpret_cast<const __half2*>(&raw);
-                const float4 low = *reinterpret_cast<const float4*>(u + j8);
-                const float4 high = *reinterpret_cast<const float4*>(u + j8 + 4);
-                const float2 c01 = __half22float2(pairs[0]), c23 = __half22float2(pairs[1]);
-                const float2 c45 = __half22float2(pairs[2]), c67 = __half22float2(pairs[3]);
-                value = fmaf(low.x, c01.x, value), value = fmaf(low.y, c01.y, value);
-                value = fmaf(low.z, c23.x, value), value = fmaf(low.w, c23.y, value);
-                value = fmaf(high.x, c45.x, value), value = fmaf(high.y, c45.y, value);
-                value = fmaf(high.z, c67.x, value), value = fmaf(high.w, c67.y, value);
-              }
-            } else {
-              for (int j = 0; j < key_rank; ++j) value = fmaf(u[j], __half2float(c[j]), value);
-            }
-            return value;
-          };
+          // The CPU's reader.dot: k̂_d = Σ_j U_dj c_j (j ascending, one fma chain a channel, as before),
+          // rotated by the token's position, then q·k̂. Sixteen channels are rebuilt at once — eight
+          // rotation pairs (a, e), or sixteen unrotated channels — so each 16-byte piece of the row is
+          // read once per sixteen channels instead of once per channel (the row's reads were two
+          // thirds of this loop's shared-memory wavefronts: per channel one conflict-free 512-byte
+          // warp read of c against two broadcasts of U).
           const auto add = [&](int d, float k) {
 #pragma unroll
             for (int g = 0; g < Group; ++g) dot[g] = fmaf(query[d * Group + g], k, dot[g]);
           };
           const double position = static_cast<double>(cache.positions.slot_position[rows.slot(token)]);
-          for (int i = 0; i < pair_count; ++i) {
-            const int a = half_split ? i : 2 * i, e = half_split ? i + pair_count : 2 * i + 1;
-            double sine, cosine;
-            sincos(position * inverse_frequencies[i], &sine, &cosine);
-            const double xa = component(a), xb = component(e);
-            add(a, static_cast<float>(xa * cosine - xb * sine));
-            add(e, static_cast<float>(xa * sine + xb * cosine));
+          int channel[16];
+          float k[16];
+          for (int i0 = 0; i0 < pair_count; i0 += 8) {
+            const int pairs_here = pair_count - i0 < 8 ? pair_count - i0 : 8;
+#pragma unroll
+            for (int m = 0; m < 8; ++m) {
+              const int i = i0 + (m < pairs_here ? m : 0);
+              channel[m] = half_split ? i : 2 * i;
+              channel[8 + m] = half_split ? i + pair_count : 2 * i + 1;
+            }
+            // Members a of the pairs in k[0, 8), their partners e in k[8, 16) (a tail chunk rebuilds
+            // its first pair again in the unused places: its results are not read).
+            low_rank_rebuild_channels(c, key_basis, r, key_rank, channel, 16, k);
+#pragma unroll
+            for (int m = 0; m < 8; ++m) {
+              if (m >= pairs_here) break;
+              float sine, cosine;
+              rope_sincos(position * inverse_frequencies[i0 + m], sine, cosine);
+              const float xa = k[m], xb = k[8 + m];
+              add(channel[m], fmaf(xa, cosine, -xb * sine));
+              add(channel[8 + m], fmaf(xa, sine, xb * cosine));
+            }
           }
-          for (int d = rotary; d < dim; ++d) add(d, component(d));
+          for (int d0 = rotary; d0 < dim; d0 += 16) {  // channels past the rotary dims: as rebuilt
+            const int count = dim - d0 < 16 ? dim - d0 : 16;
+#pragma unroll
+            for (int m = 0; m < 16; ++m) channel[m] = d0 + (m < count ? m : 0);
+            low_rank_rebuild_channels(c, key_basis, r, key_rank, channel, count, k);
+#pragma unroll
+            for (int m = 0; m < 16; ++m) {
+              if (m >= count) break;
+              add(d0 + m, k[m]);
+            }
+          }
         }
         const float token_bias = bias.at(token);
 #pragma unroll

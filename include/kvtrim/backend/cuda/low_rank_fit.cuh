@@ -258,56 +258,98 @@ __device__ __forceinline__ void stage_gram_rows(const codec_write<View, InT>& w,
   }
 }
 
+/// The staged rows' stride in doubles: the head dim rounded up to 16 (whole 2 × 2 blocks of 8 × 8 tiles, the
+/// columns past the head dim zero) plus 4, so that the four rows and four columns a half-warp's fragment load
+/// touches fall in 16 different 8-byte bank pairs (stride ≡ 4 mod 16).
+inline constexpr int low_rank_gram_stride(std::int64_t head_dim) { return static_cast<int>((head_dim + 15) / 16 * 16 + 4); }
+inline std::size_t low_rank_gram_shared_bytes(std::int64_t head_dim) {
+  return static_cast<std::size_t>(low_rank_gram_rows) * static_cast<std::size_t>(low_rank_gram_stride(head_dim)) *
+         sizeof(double);
+}
+/// 2 × 2 blocks of 8 × 8 tiles a warp accumulates at once (8 doubles a block and lane).
+inline constexpr int low_rank_gram_blocks_per_warp = 5;
+
+/// D += A·B on the FP64 tensor cores (mma m8n8k4: A 8 × 4, row lane / 4, column lane % 4; B 4 × 8, row lane % 4,
+/// column lane / 4; D 8 × 8, row lane / 4, columns 2(lane % 4) + 0, 1). Every product and sum in double, as
+/// the CUDA cores' fma: the Gram's inputs are fp16 / bf16 / fp32, so each product is exact and only sums round.
+__device__ __forceinline__ void dmma_8x8x4(double (&d)[2], double a, double b) {
+  asm volatile("mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
+               : "+d"(d[0]), "+d"(d[1])
+               : "d"(a), "d"(b));
+}
+
 /// gram[kind · heads + head] (column-major D × D, lower triangle) += Σ_r x_r x_rᵀ over the head's kept rows
-/// (kind = blockIdx.z: 0 keys, 1 values), the compensation row in place of its placeholder. Each thread owns
-/// 8 × 8 tiles of the lower triangle (tile rows ≥ tile columns), accumulates them in double registers over
-/// the chunks of 32 rows its block visits (blockIdx.x, + gridDim.x, …) and adds them once (atomicAdd).
+/// (kind = blockIdx.z: 0 keys, 1 values), the compensation row in place of its placeholder, on the FP64 tensor
+/// cores. The lower triangle's 8 × 8 tiles are taken in 2 × 2 blocks (block row ≥ block column; a diagonal
+/// block's upper tile is skipped); each warp owns up to low_rank_gram_blocks_per_warp blocks a pass (one pass
+/// at head dim ≤ 128: 36 blocks over 8 warps; four at 256), accumulates them over the chunks of 32 rows its
+/// thread block visits (blockIdx.x, + gridDim.x, …) — four rows an mma, the staged rows read as the A
+/// fragment of a tile row (Xᵀ) and the B fragment of a tile column (X): one 8-byte shared load each — and adds
+/// them once (atomicAdd). The CUDA-core form this replaces converted every staged float to double again for
+/// each 8 × 8 tile it fed and kept only 136 of 256 threads busy at head dim 128.
+// One block an SM: 152 registers, no spills. Two (128 registers) spill ~100 bytes; not measured against one.
 template <class View, class InT>
-__global__ void __launch_bounds__(low_rank_gram_threads)
+__global__ void __launch_bounds__(low_rank_gram_threads, 1)
     low_rank_gram(const __grid_constant__ codec_write<View, InT> w, double* gram) {
   if (write_failed(w)) return;
-  extern __shared__ float staged[];  // [low_rank_gram_rows][padded]
+  extern __shared__ double staged[];  // [low_rank_gram_rows][low_rank_gram_stride(dim)]
+  constexpr int warps = low_rank_gram_threads / 32, per_warp = low_rank_gram_blocks_per_warp;
   const std::int64_t dim = w.cache.shape.head_dim, heads = w.cache.heads();
-  const int padded = static_cast<int>((dim + 7) / 8 * 8), tiles = padded / 8;
-  const int pairs = tiles * (tiles + 1) / 2;
+  const int stride = low_rank_gram_stride(dim), block_rows = stride / 16;  // 2 × 2 tile blocks per side
+  const int blocks = block_rows * (block_rows + 1) / 2;
+  const int lane = static_cast<int>(threadIdx.x % 32), warp = static_cast<int>(threadIdx.x / 32);
+  const int fragment_row = lane % 4, fragment_column = lane / 4;  // the A / B fragment's (row, channel) in a tile
   const bool values = blockIdx.z == 1;
   for (std::int64_t head = blockIdx.y; head < heads; head += gridDim.y) {
     const std::int64_t rows = rows_of(w, head);
     const head_coordinates coordinates = coordinates_of(w, head);
     double* out = gram + (std::int64_t{values} * heads + head) * dim * dim;
-    for (int first_pair = 0; first_pair < pairs; first_pair += low_rank_gram_threads) {
-      const int pair = first_pair + static_cast<int>(threadIdx.x);
-      // Tile pair → (tile row ti ≥ tile column tj): pair = ti(ti + 1)/2 + tj.
-      int ti = 0;
-      while ((ti + 1) * (ti + 2) / 2 <= pair) ++ti;
-      const int tj = pair - ti * (ti + 1) / 2;
-      double sums[8][8] = {};
+    if (std::int64_t{blockIdx.x} * low_rank_gram_rows >= rows) continue;  // no chunk for this block: nothing to add
+    for (int first_block = 0; first_block < blocks; first_block += warps * per_warp) {
+      // This warp's blocks first_block + warp + warps·i: block index → (block row bi ≥ block column bj).
+      int block_row[per_warp], block_column[per_warp];
+#pragma unroll
+      for (int i = 0; i < per_warp; ++i) {
+        const int index = first_block + warp + warps * i;
+        int bi = 0;
+        while ((bi + 1) * (bi + 2) / 2 <= index) ++bi;
+        block_row[i] = bi, block_column[i] = index - bi * (bi + 1) / 2;
+      }
+      double sums[per_warp][2][2][2] = {};  // [block][tile row][tile column][the lane's two entries]
       for (std::int64_t chunk = blockIdx.x; chunk * low_rank_gram_rows < rows; chunk += gridDim.x) {
-        const std::int64_t first = chunk * low_rank_gram_rows;
         __syncthreads();  // the previous chunk is read
-        stage_gram_rows(w, head, coordinates, rows, first, values, padded, staged);
+        stage_gram_rows(w, head, coordinates, rows, chunk * low_rank_gram_rows, values, stride, staged);
         __syncthreads();
-        if (pair < pairs) {
-          for (int r = 0; r < low_rank_gram_rows; ++r) {
-            const float* row = staged + r * padded;
-            double a[8], b[8];
+#pragma unroll 1
+        for (int step = 0; step < low_rank_gram_rows / 4; ++step) {
+          const double* fragment_base = staged + (4 * step + fragment_row) * stride + fragment_column;
 #pragma unroll
-            for (int k = 0; k < 8; ++k) a[k] = row[ti * 8 + k], b[k] = row[tj * 8 + k];
-#pragma unroll
-            for (int i = 0; i < 8; ++i)
-#pragma unroll
-              for (int j = 0; j < 8; ++j) sums[i][j] = fma(a[i], b[j], sums[i][j]);
+          for (int i = 0; i < per_warp; ++i) {
+            if (first_block + warp + warps * i >= blocks) break;  // warp-uniform
+            const double a0 = fragment_base[16 * block_row[i]], a1 = fragment_base[16 * block_row[i] + 8];
+            const bool diagonal = block_row[i] == block_column[i];
+            const double b0 = diagonal ? a0 : fragment_base[16 * block_column[i]];
+            const double b1 = diagonal ? a1 : fragment_base[16 * block_column[i] + 8];
+            dmma_8x8x4(sums[i][0][0], a0, b0);
+            if (!diagonal) dmma_8x8x4(sums[i][0][1], a0, b1);  // a diagonal block's upper tile: not needed
+            dmma_8x8x4(sums[i][1][0], a1, b0);
+            dmma_8x8x4(sums[i][1][1], a1, b1);
           }
         }
       }
-      if (pair < pairs) {
 #pragma unroll
-        for (int i = 0; i < 8; ++i)
+      for (int i = 0; i < per_warp; ++i) {
+        if (first_block + warp + warps * i >= blocks) break;
 #pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            const int row = ti * 8 + i, column = tj * 8 + j;
-            if (row < dim && column <= row) atomicAdd(out + row + column * dim, sums[i][j]);
-          }
+        for (int ti = 0; ti < 2; ++ti)
+#pragma unroll
+          for (int tj = 0; tj < 2; ++tj)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int row = 16 * block_row[i] + 8 * ti + lane / 4;
+              const int column = 16 * block_column[i] + 8 * tj + 2 * (lane % 4) + e;
+              if (row < dim && column <= row) atomicAdd(out + row + std::int64_t{column} * dim, sums[i][ti][tj][e]);
+            }
       }
     }
   }
@@ -424,7 +466,11 @@ void launch_low_rank_fit(std::string_view function, const codec_write<View, InT>
   const std::int64_t chunks = std::max<std::int64_t>(ceil_div(std::max<std::int64_t>(rows_bound, 1), low_rank_gram_rows), 1);
   const std::int64_t per_head = std::clamp<std::int64_t>(ceil_div(528, 2 * head_blocks), 1, chunks);
   const dim3 grid(static_cast<unsigned>(per_head), static_cast<unsigned>(head_blocks), 2);
-  const std::size_t shared = static_cast<std::size_t>(low_rank_gram_rows * ((dim + 7) / 8 * 8)) * sizeof(float);
+  const std::size_t shared = low_rank_gram_shared_bytes(dim);
+  if (shared > 48 * 1024)  // head dim 256: 66,560 bytes
+    detail::check_cuda(cudaFuncSetAttribute(low_rank_gram<View, InT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(shared)),
+                       function, "cudaFuncSetAttribute(low_rank_gram)");
   low_rank_gram<View, InT><<<grid, low_rank_gram_threads, shared, stream>>>(w, gram);
   detail::check_launch(function, "low_rank_gram");
   check_cusolver(cusolverDnXsyevBatched(solver.handle(), solver.params(), CUSOLVER_EIG_MODE_VECTOR,
