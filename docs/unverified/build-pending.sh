@@ -54,19 +54,7 @@ for variant in "${variants[@]}"; do
           build headbench "" none "" bench_cuda_decode_attention ;;
     # HEAD's decode bench alone (the base of an A/B whose tests another variant builds)
     headbench) build headbench "" none "" bench_cuda_decode_attention ;;
-    # low-rank-encode.diff (issue 12): the low-rank encode a warp per eight rows and the Gram matrices on the FP64
-    # tensor cores; its codec and eviction tests, the decode bench (encode_us of codec_decode_low_rank*, the
-    # one-token appends of low_rank_profile_append) and the compress bench (low_rank rows inside a compress)
-    lrencode) build lrencode low-rank-encode.diff 'codecs_test|eviction_test' "" kvtrim_cuda_tests \
-                bench_cuda_decode_attention bench_cuda_compress ;;
-    # the base of its A/B: main's kernels with the diff's bench rows (low-rank-bench.diff: bench/ only)
-    lrbase) build lrbase low-rank-bench.diff none "" bench_cuda_decode_attention bench_cuda_compress ;;
-    # the Gram kernel at two blocks an SM (128 registers, ~100 bytes of spills) instead of one (152, none)
-    lrgram2) build lrgram2 low-rank-encode.diff none "-DKVTRIM_LOW_RANK_GRAM_MIN_BLOCKS=2" bench_cuda_decode_attention ;;
-    # HEAD (branch prerope: the pre-RoPE low-rank decode over low-rank-encode.diff): its codec tests and decode bench
-    # (its base: lrencode's bench, the same tree before the pre-RoPE change)
-    prerope) build prerope "" 'codecs_test' "" kvtrim_cuda_tests bench_cuda_decode_attention ;;
-    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main final head headbench lrencode lrbase lrgram2 prerope)" >&2; exit 2 ;;
+    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main final head headbench)" >&2; exit 2 ;;
   esac
 done
 du -sh "$out"

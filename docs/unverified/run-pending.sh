@@ -19,12 +19,6 @@
 #   headbench its bench against main and ncu's occupancy of the low-rank kernel
 #   codecrows every codec row (W, codec_shapes_* at 4k and 32k) of the benches CODEC_VARIANTS names, three rounds
 #   codectests the codec and eviction tests of CODEC_TESTS (default final), memcheck and racecheck on fragment kernels
-#   lrtests  low-rank-encode.diff's codec and eviction tests, memcheck and racecheck on the low-rank caches
-#   lrbench  its encode / fit / append against lrbase (main's kernels), the low-rank rows inside a SnapKV compress,
-#            ncu's time of each fit and encode kernel
-#   prtests  branch prerope (the pre-RoPE low-rank decode): codec tests, memcheck on the pre-RoPE cases
-#   prbench  its pre-RoPE and post-RoPE decode rows against lrencode's
-#   both     prerope's and lrencode's tests with the sanitizers beside them, then prbench and one round of lrbench
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
@@ -260,95 +254,6 @@ codectests() {
   run_tests "$label" 300
   SANITIZE_SECONDS=240 sanitize memcheck "kvtrim_cuda_tests_$label" "${CODEC_MEMCHECK:-*CodecCache*_g1_d64*:*CodecCache*_g2_d64*:*CodecCache*_g4_d64*:*CodecCache*_g8_d64*:*CodecCache*int4*_g8_d128*:*CodecCache*int8*_g16_*:*CodecCache*int4*_g16_*:*EvictionMetricCodecs*-*low_rank*:*layered*}" "$label"
   SANITIZE_SECONDS=150 sanitize racecheck "kvtrim_cuda_tests_$label" "${CODEC_RACECHECK:-*EveryGroup*int8_g32_b1_kv3_g2_d64*:*EveryGroup*int4_g32_zero_b1_kv3_g8_d64*:*EveryGroup*int4_g32_b*_g8_d128*}" "$label"
-}
-# low-rank-encode.diff (build-pending.sh lrencode): its codec and eviction tests, memcheck on every low-rank cache
-# (profile bases: the new encode's coefficient bytes against the CPU's; sequence bases: the Gram on the FP64 tensor
-# cores, then the encode; the eviction step's low-rank moves) and racecheck on the staged rows (warp-private,
-# __syncwarp) and the Gram's block-shared chunks (head dim 128: one pass; 256: four passes).
-lrtests() {
-  run_tests lrencode 300
-  SANITIZE_SECONDS=300 sanitize memcheck kvtrim_cuda_tests_lrencode '*CodecCache*low_rank*:*SequenceBasisCache*:*EvictionStep*LowRank*:*EvictionMetricCodecs*low_rank*' lrencode
-  SANITIZE_SECONDS=200 sanitize racecheck kvtrim_cuda_tests_lrencode '*CodecCache*contiguous_low_rank_post_b2_kv2_g8_d128*:*CodecCache*low_rank_post_r20*:*SequenceBasisCache*contiguous_low_rank_seq_post_b1_kv2_g4_d128_3:*SequenceBasisCache*paged_low_rank_seq_post_b1_kv2_g2_d256_p16_bias_6' lrencode
-}
-# Its benches against the base (lrbase: main's kernels, the same bench rows), two rounds alternating: encode_us of
-# the compactions of every token of W (fp16's row copy; low_rank with profile bases: the encode; with sequence
-# bases: Gram + cuSOLVER + pick + encode; lrgram2 if built: the Gram at two blocks an SM), the one-token appends
-# (profile bases: the encode at count 1; sequence: the refreshing kernel, unchanged), then the low-rank rows inside
-# a whole SnapKV compress beside fp16's (issue 12: <= 15 % added), and ncu's time of our fit / encode kernels
-# (four compactions after the first; cuSOLVER's share is encode_us minus theirs).
-LR_ROWS='^(codec_decode_(fp16|low_rank|low_rank_sequence)/batch:8/tokens:32768/q_heads:32/|low_rank_(profile|sequence)_append/)'
-lrbench() {
-  local r v
-  for r in 1 2; do for v in lrbase lrencode lrgram2; do
-    [ -e bench_cuda_decode_attention_$v ] || continue
-    timeout 150 ./bench_cuda_decode_attention_$v --benchmark_filter="$LR_ROWS" > "$OUT/lrbench-$v-$r.txt" 2>&1
-    log "lrbench $v $r rc=$? $((SECONDS - S))s"
-  done; done
-  for v in lrbase lrencode lrgram2; do
-    [ -e bench_cuda_decode_attention_$v ] || continue
-    echo "== $v (encode_us, fit_us, append_us)"
-    grep -hE '^(codec_decode|low_rank_)' "$OUT"/lrbench-$v-*.txt |
-      awk '{s = $1; for (i = 2; i <= NF; ++i) if ($i ~ /^(encode_us|fit_us|append_us|median_us)=/) s = s " " $i; print s}' | sort
-  done | tee -a "$OUT/log.txt"
-  for r in 1 2; do for v in lrbase lrencode; do
-    timeout 240 ./bench_cuda_compress_$v --benchmark_filter='^compress/snapkv/uniform/contiguous/(batch|low_rank)' > "$OUT/lrcompress-$v-$r.txt" 2>&1
-    log "lrcompress $v $r rc=$? $((SECONDS - S))s"
-  done; done
-  for v in lrbase lrencode; do echo "== compress $v"; ROWS='^compress' table "$OUT"/lrcompress-$v-*.txt; done | tee -a "$OUT/log.txt"
-  for v in lrbase lrencode; do
-    timeout 200 ncu --clock-control none -k 'regex:low_rank_(gram|encode_rows|pick_basis)' \
-      --metrics gpu__time_duration.sum --print-units base --launch-skip 3 --launch-count 12 \
-      ./bench_cuda_decode_attention_$v --benchmark_filter='^codec_decode_low_rank_sequence/batch:8/tokens:32768/q_heads:32/' \
-      > "$OUT/lrncu-$v.txt" 2>&1
-    log "lrncu $v rc=$? $((SECONDS - S))s"
-    awk '/Context [0-9]+, Stream/ && match($0, /low_rank_[a-z_]+/) {name = substr($0, RSTART, RLENGTH)} /gpu__time_duration/ {v = $NF; gsub(",", "", v); print name, v}' "$OUT/lrncu-$v.txt" |
-      awk '{n[$1]++; t[$1] += $2} END {for (k in n) printf "%s x%d mean %.1f us\n", k, n[k], t[k] / n[k] / 1000}' | tee -a "$OUT/log.txt"
-  done
-}
-# Branch prerope (build-pending.sh prerope: the pre-RoPE low-rank decode, over low-rank-encode.diff): its codec tests,
-# memcheck on the pre-RoPE cases and RopeSincos, then its decode rows against lrencode's (the same tree before it).
-prtests() {
-  run_tests prerope 240
-  SANITIZE_SECONDS=240 sanitize memcheck kvtrim_cuda_tests_prerope '*RopeSincos*:*CodecCache*low_rank_pre*:*SequenceBasisCache*seq_pre*' prerope
-}
-PR_ROWS='device_copy|^codec_decode_(fp16|low_rank|low_rank_pre_rope)/batch:8/tokens:32768/q_heads:32/'
-prbench() {
-  local r v
-  for r in 1 2; do for v in ${PR_BASE:-lrencode} prerope; do
-    timeout 120 ./bench_cuda_decode_attention_$v --benchmark_filter="$PR_ROWS" > "$OUT/prbench-$v-$r.txt" 2>&1
-    log "prbench $v $r rc=$? $((SECONDS - S))s"
-  done; done
-  for v in ${PR_BASE:-lrencode} prerope; do echo "== $v"; ROWS='^(device_copy|codec_)' table "$OUT"/prbench-$v-*.txt; done | tee -a "$OUT/log.txt"
-}
-# One call for both branches when machines are scarce: prerope's codec tests (they include lrencode's codec tests:
-# prerope is lrencode plus the pre-RoPE decode) and lrencode's eviction tests, with memcheck and racecheck running
-# beside them (correctness only: the GPU and the 16 cores shared), then the benches alone, each skipped past
-# $BENCH_DEADLINE (default 420 s): prbench, then one round of lrbench's rows (no ncu).
-both() {
-  SANITIZE_SECONDS=270 sanitize memcheck kvtrim_cuda_tests_prerope '*RopeSincos*:*CodecCache*low_rank*:*SequenceBasisCache*' prerope &
-  SANITIZE_SECONDS=270 sanitize racecheck kvtrim_cuda_tests_prerope '*CodecCache*contiguous_low_rank_post_b2_kv2_g8_d128*:*CodecCache*low_rank_pre_r29*:*SequenceBasisCache*contiguous_low_rank_seq_post_b1_kv2_g4_d128_3:*SequenceBasisCache*paged_low_rank_seq_post_b1_kv2_g2_d256_p16_bias_6' prerope &
-  run_tests prerope 240
-  run_tests lrencode 150 '*Evict*'
-  SANITIZE_SECONDS=120 sanitize memcheck kvtrim_cuda_tests_lrencode '*EvictionStep*LowRank*:*EvictionMetricCodecs*low_rank*' lrencode-eviction
-  wait
-  log "tests and sanitizers done $((SECONDS - S))s"
-  # (the 64 MiB a call carries: lrbase's decode bench is the base — its decode kernels are lrencode's, the encode
-  # diff touches none — and prerope's carries lrencode's encode; lrencode's compress bench alone: fp16 beside low_rank)
-  [ $((SECONDS - S)) -lt "${BENCH_DEADLINE:-420}" ] && PR_BASE=lrbase prbench
-  [ $((SECONDS - S)) -lt "${BENCH_DEADLINE:-420}" ] || { log "lrbench skipped: past BENCH_DEADLINE"; return 0; }
-  local v
-  for v in lrbase prerope; do
-    timeout 100 ./bench_cuda_decode_attention_$v --benchmark_filter="$LR_ROWS" > "$OUT/lrbench-$v-1.txt" 2>&1
-    log "lrbench $v rc=$? $((SECONDS - S))s"
-    echo "== $v (encode_us, fit_us, append_us)"
-    grep -hE '^(codec_decode|low_rank_)' "$OUT"/lrbench-$v-1.txt |
-      awk '{s = $1; for (i = 2; i <= NF; ++i) if ($i ~ /^(encode_us|fit_us|append_us|median_us)=/) s = s " " $i; print s}' | sort | tee -a "$OUT/log.txt"
-  done
-  if [ $((SECONDS - S)) -lt 530 ]; then
-    timeout $((570 - (SECONDS - S))) ./bench_cuda_compress_lrencode --benchmark_filter='^compress/snapkv/uniform/contiguous/(batch|low_rank)' > "$OUT/lrcompress-lrencode-1.txt" 2>&1
-    log "lrcompress lrencode rc=$? $((SECONDS - S))s"
-    echo "== compress lrencode"; ROWS='^compress' table "$OUT"/lrcompress-lrencode-1.txt | tee -a "$OUT/log.txt"
-  fi
 }
 # DEADLINE (seconds since the start): stages that would begin after it are skipped, so the archive below
 # is still made within the call's limit.
