@@ -54,7 +54,10 @@ for variant in "${variants[@]}"; do
           build headbench "" none "" bench_cuda_decode_attention ;;
     # HEAD's decode bench alone (the base of an A/B whose tests another variant builds)
     headbench) build headbench "" none "" bench_cuda_decode_attention ;;
-    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main final head headbench)" >&2; exit 2 ;;
+    # pre-rope-mma.diff (issue 12): pre-RoPE low-rank decode on the tensor cores; its codec tests and decode bench
+    # (the base: `main`'s decode bench)
+    prmma) build prmma pre-rope-mma.diff 'codecs_test' "" kvtrim_cuda_tests bench_cuda_decode_attention ;;
+    *) echo "build-pending.sh: unknown variant $variant (base peer codecs main final head headbench prmma)" >&2; exit 2 ;;
   esac
 done
 du -sh "$out"

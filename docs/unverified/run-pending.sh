@@ -19,6 +19,7 @@
 #   headbench its bench against main and ncu's occupancy of the low-rank kernel
 #   codecrows every codec row (W, codec_shapes_* at 4k and 32k) of the benches CODEC_VARIANTS names, three rounds
 #   codectests the codec and eviction tests of CODEC_TESTS (default final), memcheck and racecheck on fragment kernels
+#   prmma    pre-rope-mma.diff: codec tests, memcheck, racecheck, pre-RoPE decode rows against main's, ncu
 #   diag     main's decode: flat 4k, paged unscattered, and ncu's time of each kernel (plan, attention, merge) at 4k
 #            for contiguous, flat and paged (where paged's extra time at 4k goes)
 # A diff's stages use run_tests (its test binary), sanitize (compute-sanitizer) and decode_ab (bench A/B).
@@ -254,6 +255,25 @@ codectests() {
   run_tests "$label" 300
   SANITIZE_SECONDS=240 sanitize memcheck "kvtrim_cuda_tests_$label" "${CODEC_MEMCHECK:-*CodecCache*_g1_d64*:*CodecCache*_g2_d64*:*CodecCache*_g4_d64*:*CodecCache*_g8_d64*:*CodecCache*int4*_g8_d128*:*CodecCache*int8*_g16_*:*CodecCache*int4*_g16_*:*EvictionMetricCodecs*-*low_rank*:*layered*}" "$label"
   SANITIZE_SECONDS=150 sanitize racecheck "kvtrim_cuda_tests_$label" "${CODEC_RACECHECK:-*EveryGroup*int8_g32_b1_kv3_g2_d64*:*EveryGroup*int4_g32_zero_b1_kv3_g8_d64*:*EveryGroup*int4_g32_b*_g8_d128*}" "$label"
+}
+# pre-rope-mma.diff (build-pending.sh prmma main): codec tests (every pre-RoPE case at stored rank 16 / 32 / 64 now on
+# the tensor cores; ranks 20 and 29 on the CUDA cores) with memcheck and racecheck beside them, then the pre-RoPE and
+# post-RoPE decode rows against main's, two rounds, and ncu's summary of the new kernel.
+prmma() {
+  SANITIZE_SECONDS=270 sanitize memcheck kvtrim_cuda_tests_prmma '*RopeSincos*:*CodecCache*low_rank*:*SequenceBasisCache*seq_pre*' prmma &
+  SANITIZE_SECONDS=270 sanitize racecheck kvtrim_cuda_tests_prmma '*CodecCache*contiguous_low_rank_pre_b1_kv2_g4_d128*:*CodecCache*contiguous_low_rank_pre_interleaved*:*CodecCache*paged_low_rank_pre_b1_kv2_g16_d64*' prmma &
+  run_tests prmma 240
+  wait
+  local r v
+  for r in 1 2; do for v in main prmma; do
+    timeout 120 ./bench_cuda_decode_attention_$v --benchmark_filter='device_copy|^codec_decode_(fp16|low_rank|low_rank_pre_rope)/batch:8/tokens:32768/q_heads:32/' > "$OUT/prmma-$v-$r.txt" 2>&1
+    log "prmma bench $v $r rc=$? $((SECONDS - S))s"
+  done; done
+  for v in main prmma; do echo "== $v"; ROWS='^(device_copy|codec_)' table "$OUT"/prmma-$v-*.txt; done | tee -a "$OUT/log.txt"
+  timeout 150 ncu --clock-control none -k regex:decode_attention_low_rank --launch-skip 2 --launch-count 1 --section SpeedOfLight \
+    --section WarpStateStats --section InstructionStats --section Occupancy --section LaunchStats \
+    ./bench_cuda_decode_attention_prmma --benchmark_filter='^codec_decode_low_rank_pre_rope/' > "$OUT/prmma-ncu.txt" 2>&1
+  grep -E 'Duration|Registers Per|Executed Instructions  |Theoretical Occupancy|Warp Cycles Per Issued|Throughput' "$OUT/prmma-ncu.txt" | tee -a "$OUT/log.txt"
 }
 # DEADLINE (seconds since the start): stages that would begin after it are skipped, so the archive below
 # is still made within the call's limit.
